@@ -1,0 +1,36 @@
+"""Validated, model-independent examples: the output of `alignkit.data.formats`.
+
+Every text is normalised to a list of chat messages (`{"role": ..., "content": ...}`), so that
+tokenization has one path. A plain-string record becomes a single user turn (prompt) and a
+single assistant turn (completion); `plain_text=True` remembers that, so tokenizers without a
+chat template can concatenate the raw strings exactly as given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Message = dict  # {"role": "system" | "user" | "assistant" | "tool", "content": str}
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One preference pair: a shared prompt and two completions, chosen preferred to rejected."""
+
+    prompt: tuple  # tuple[Message, ...]: the conversation before the completions (>= 1 message)
+    chosen: tuple  # tuple[Message, ...]: the preferred completion (>= 1 message, ends with assistant)
+    rejected: tuple  # tuple[Message, ...]: the dispreferred completion
+    source: str  # where it came from, "path:line" or "path:row N", for error messages
+    plain_text: bool = False  # the record held plain strings, not message lists
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One supervised example: a prompt and the completion to imitate."""
+
+    prompt: tuple  # tuple[Message, ...], may be empty for pure language modelling
+    completion: tuple  # tuple[Message, ...], >= 1 message
+    source: str
+    plain_text: bool = False
