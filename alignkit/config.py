@@ -1,0 +1,396 @@
+"""Typed run configuration: dataclasses, YAML files and `key=value` overrides.
+
+The docstring line under each field is the single source of help: `alignkit train --help-config`
+and the README's config reference are both generated from it (`python -m alignkit.config`).
+Unknown keys are errors that suggest the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from alignkit.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "smollm2-135m-instruct"
+    """A local model directory, a Hugging Face hub id, or the bundled default `smollm2-135m-instruct`."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype. `auto`: float32 weights for training (bf16 compute comes from `train.precision`)."""
+    device: str = "auto"
+    """`auto` (cuda > mps > cpu), `cpu`, `cuda`, `cuda:N` or `mps`."""
+    attn_implementation: Optional[str] = None
+    """Attention kernel passed to transformers (`sdpa`, `eager`, `flash_attention_2`); default `sdpa`."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository to run (only for models you trust)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights; the base model then serves as the reference."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: Union[str, list] = "all-linear"
+    """Module names to adapt, or `all-linear` for every linear layer but the output head."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training data: a .jsonl/.json/.parquet/.csv file, a `datasets` directory, or a hub dataset id."""
+    eval: Optional[str] = None
+    """Held-out data in the same forms; if unset, `eval_fraction` of `train` is held out."""
+    eval_fraction: float = 0.05
+    """Fraction of the training records held out for evaluation when `eval` is unset (0 disables)."""
+    split: Optional[str] = None
+    """Split to read from a `datasets` directory or hub dataset (default `train`)."""
+    columns: dict = field(default_factory=dict)
+    """Map canonical field names to your column names, e.g. `{prompt: question, chosen: good}`."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """`error` stops at the first invalid record; `skip` skips invalid records and reports how many."""
+    max_length: int = 1024
+    """Maximum tokens of prompt + completion; longer examples keep the prompt's end and the completion's start."""
+    max_prompt_length: Optional[int] = None
+    """Maximum prompt tokens kept when truncating (default: half of `max_length`)."""
+    limit: Optional[int] = None
+    """Use only the first N records of the training data (quick experiments)."""
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 5e-6
+    """Peak learning rate of AdamW."""
+    batch_size: int = 8
+    """Examples (pairs for preference losses) per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the effective batch is `batch_size * grad_accum`."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when `max_steps` is set)."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps with linear learning-rate warmup from 0."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to 0, or constant."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: `auto` is bf16 autocast on GPUs that support it, else fp32."""
+    disable_dropout: bool = True
+    """Set dropout to 0 in the policy (as DPO implementations do: dropout makes log-ratios noisy)."""
+    logprob_chunk_size: int = 1024
+    """Completion positions per chunk when applying the LM head, so [tokens, vocab] logits never exist at once."""
+    eval_every: int = 0
+    """Evaluate on the held-out split every N steps (0: only at the end)."""
+    eval_batch_size: Optional[int] = None
+    """Micro-batch size for evaluation and the reference pass (default: `batch_size`)."""
+    save_every: int = 0
+    """Write a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Number of most recent step checkpoints kept on disk."""
+    log_every: int = 1
+    """Print and log metrics every N steps."""
+    shuffle: bool = True
+    """Shuffle the training examples each epoch (seeded)."""
+    tensorboard: bool = True
+    """Also write TensorBoard events when `tensorboard` is installed."""
+
+
+@dataclass
+class RunConfig:
+    recipe: Literal["sft", "dpo"] = "dpo"
+    """`sft` (supervised fine-tuning) or `dpo` (the DPO family: choose the loss under `loss`)."""
+    output_dir: str = "runs/alignkit"
+    """Run directory: checkpoints, metrics.jsonl, the final model."""
+    seed: int = 0
+    """Seed for data order, initialisation of new weights and sampling."""
+    reference: Literal["cached", "live"] = "cached"
+    """`cached`: reference log-probs computed once before training and stored on disk; `live`: a frozen reference model stays in memory."""
+    cache_dir: Optional[str] = None
+    """Where cached reference log-probs and converted models go (default `$ALIGNKIT_CACHE` or `~/.cache/alignkit`)."""
+    loss: dict = field(default_factory=lambda: {"name": "dpo"})
+    """Loss name and hyper-parameters, e.g. `{name: dpo, beta: 0.1}`; `alignkit losses` lists them."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field documentation: the string literal under each field, read from the source.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Return {field name: docstring line} for a dataclass whose fields carry string docstrings."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+
+
+def iter_fields(cls: type = RunConfig, prefix: str = ""):
+    """Yield (dotted key, type, default, doc) for every leaf field, depth first."""
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield key, tp, default, docs.get(f.name, "")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        name = " | ".join(_type_name(a) for a in args)
+        return name + " (optional)" if len(args) < len(typing.get_args(tp)) else name
+    return getattr(tp, "__name__", str(tp))
+
+
+def format_help(markdown: bool = False) -> str:
+    """The config reference, as terminal text or a Markdown table."""
+    rows = list(iter_fields())
+    if markdown:
+        out = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, tp, default, doc in rows:
+            out.append(f"| `{key}` | {_type_name(tp)} | `{default!r}` | {doc} |")
+        return "\n".join(out)
+    out = []
+    for key, tp, default, doc in rows:
+        out.append(f"  {key} ({_type_name(tp)}, default {default!r})\n      {doc}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from dicts, with type checks and suggestions.
+
+
+def _valid_keys(cls: type = RunConfig) -> list[str]:
+    keys = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        keys.append(f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += [f"{f.name}.{k}" for k in _valid_keys(hints[f.name])]
+    return keys
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _valid_keys(), n=1, cutoff=0.5)
+    if not close:  # a misspelt leaf name under the right section, or the right leaf in another one
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in _valid_keys()}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    return ConfigError(
+        f"{where}unknown config key `{key}`.{hint} "
+        "Run `alignkit train --help-config` for the list of keys."
+    )
+
+
+def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check (and gently coerce) one value against its annotation; raise ConfigError if it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{where}`{key}` must be one of {', '.join(map(str, choices))}; got {value!r}."
+            )
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads `5e-6` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    expected = {str: str, int: int, float: float, bool: bool, dict: dict, list: list}.get(tp)
+    if expected is None:
+        return value
+    if isinstance(value, bool) and expected is not bool:
+        ok = False
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ConfigError(
+            f"{where}`{key}` must be a {expected.__name__}; got {value!r} ({type(value).__name__})."
+        )
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}`{prefix.rstrip('.') or 'config'}` must be a mapping; got {data!r}.")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise _unknown_key_error(key, where)
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v or {}, key + ".", where)
+        else:
+            kwargs[k] = _check_value(v, tp, key, where)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `key.sub=value` override; the value is read as YAML (`3`, `1e-5`, `true`, `[a, b]`)."""
+    if "=" not in text:
+        raise ConfigError(f"override `{text}` must look like `key=value` (for example `train.max_steps=10`).")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override `{text}`: the value is not valid YAML ({e}).") from None
+    return key.strip(), value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise ConfigError(f"override `{key}`: `{p}` is not a section.")
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Build a RunConfig from an optional YAML file, then `key=value` overrides applied in order.
+
+    `base` holds defaults that sit under the file (recipes and the demo use it)."""
+    data: dict = dict(base or {})
+    where = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} not found.")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values.")
+        data = _merge(data, loaded)
+        where = f"{path}: "
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "loss" or key.startswith("loss."):
+            _set_dotted(data, key, value)  # loss params are checked against the loss's signature later
+            continue
+        if key not in _valid_keys() or key in ("model", "lora", "data", "train"):
+            raise _unknown_key_error(key, "override: ")
+        _set_dotted(data, key, value)
+    cfg = _build(RunConfig, data, "", where)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    t = cfg.train
+    positive = {
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.logprob_chunk_size": t.logprob_chunk_size,
+        "data.max_length": cfg.data.max_length,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"`{key}` must be positive; got {v}.")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"`train.max_steps` must be positive; got {t.max_steps}.")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"`train.warmup_ratio` must be in [0, 1); got {t.warmup_ratio}.")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"`data.eval_fraction` must be in [0, 1); got {cfg.data.eval_fraction}.")
+    if len(t.adam_betas) != 2:
+        raise ConfigError(f"`train.adam_betas` must be two numbers; got {t.adam_betas}.")
+    mpl = cfg.data.max_prompt_length
+    if mpl is not None and not 0 < mpl < cfg.data.max_length:
+        raise ConfigError(
+            f"`data.max_prompt_length` ({mpl}) must be positive and below `data.max_length` ({cfg.data.max_length})."
+        )
+    if not isinstance(cfg.loss, dict) or "name" not in cfg.loss:
+        raise ConfigError("`loss` must be a mapping with a `name`, e.g. `loss: {name: dpo, beta: 0.1}`.")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+if __name__ == "__main__":  # python -m alignkit.config  -> the README's config reference
+    print(format_help(markdown=True))

@@ -1,0 +1,164 @@
+"""Examples -> token ids: chat templates, completion masks, EOS and truncation.
+
+A prompt and its completion are tokenized separately, the prompt rendered with the chat
+template's generation prompt, so the completion tokens are exactly what the model would have to
+generate after that prompt (the same split TRL and most DPO implementations use). Only completion
+tokens are scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alignkit.data.examples import PreferenceExample, SFTExample
+from alignkit.errors import DataError
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list  # list[int]
+    chosen_ids: list
+    rejected_ids: list
+    index: int  # position in the loaded data set (keys the reference cache)
+    truncated: bool = False
+
+
+@dataclass
+class TokenizedSFT:
+    prompt_ids: list
+    completion_ids: list
+    index: int
+    truncated: bool = False
+
+
+@dataclass
+class TokenizeStats:
+    examples: int = 0
+    truncated: int = 0
+    truncated_sources: list = field(default_factory=list)  # first few, for the report
+
+    def summary(self, max_length: int) -> str:
+        if not self.truncated:
+            return f"tokenized {self.examples} examples; none longer than max_length={max_length}"
+        where = ", ".join(self.truncated_sources[:3])
+        return (
+            f"tokenized {self.examples} examples; truncated {self.truncated} "
+            f"({100 * self.truncated / max(self.examples, 1):.1f}%) to max_length={max_length} "
+            f"(kept the prompt's end and the completion's start; e.g. {where}). "
+            "Raise `data.max_length` to keep more."
+        )
+
+
+def _fallback_render(messages) -> str:
+    # Models without a chat template (base models) get a plain, documented layout.
+    return "".join(f"{m['role']}: {m['content']}\n\n" for m in messages)
+
+
+def render_texts(tokenizer, prompt, completion, plain_text: bool) -> tuple[str, str]:
+    """Return (prompt text, completion text) for one prompt and one completion.
+
+    With a chat template, the completion text is the full rendered conversation minus the rendered
+    prompt (with generation prompt), cut just after the end-of-turn token: templates often add a
+    newline after it that generation never produces."""
+    if tokenizer.chat_template is None:
+        if plain_text:
+            return prompt[-1]["content"] if prompt else "", completion[-1]["content"]
+        return _fallback_render(prompt) + "assistant: ", "".join(
+            m["content"] + "\n\n" for m in completion
+        ).rstrip("\n")
+    prompt_text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+    if not full.startswith(prompt_text):
+        raise DataError(
+            "the chat template does not render the prompt as a prefix of prompt + completion, so the "
+            "completion cannot be isolated. This happens with templates that rewrite earlier turns "
+            f"(for example by stripping reasoning). Prompt rendered as: {prompt_text[-200:]!r}"
+        )
+    completion_text = full[len(prompt_text):]
+    eos = tokenizer.eos_token
+    if eos and eos in completion_text:
+        completion_text = completion_text[: completion_text.rindex(eos) + len(eos)]
+    return prompt_text, completion_text
+
+
+def _encode(tokenizer, prompt_text: str, completion_text: str) -> tuple[list, list]:
+    # With a chat template the special tokens (BOS included) are in the rendered text already.
+    templated = tokenizer.chat_template is not None
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"] if prompt_text else []
+    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    eos_id = tokenizer.eos_token_id
+    if eos_id is not None and (not completion_ids or completion_ids[-1] != eos_id):
+        completion_ids = completion_ids + [eos_id]
+    return list(prompt_ids), list(completion_ids)
+
+
+def truncate(prompt: list, completions: list, max_length: int, max_prompt_length: int | None):
+    """Fit prompt + each completion into `max_length` tokens.
+
+    The prompt keeps its end (the latest turns matter most) and completions keep their start.
+    The prompt is cut first, down to `max_prompt_length` (default max_length // 2) when needed."""
+    longest = max(len(c) for c in completions)
+    if len(prompt) + longest <= max_length:
+        return prompt, completions, False
+    max_prompt = max_prompt_length if max_prompt_length is not None else max_length // 2
+    keep = min(len(prompt), max(max_prompt, max_length - longest))
+    prompt = prompt[len(prompt) - keep:]
+    room = max_length - len(prompt)
+    return prompt, [c[:room] for c in completions], True
+
+
+def tokenize_pairs(examples: list, tokenizer, max_length: int, max_prompt_length: int | None = None):
+    """Tokenize PreferenceExamples; returns (list[TokenizedPair], TokenizeStats)."""
+    out, stats = [], TokenizeStats()
+    for i, ex in enumerate(examples):
+        assert isinstance(ex, PreferenceExample)
+        p_text, c_text = render_texts(tokenizer, ex.prompt, ex.chosen, ex.plain_text)
+        p_text2, r_text = render_texts(tokenizer, ex.prompt, ex.rejected, ex.plain_text)
+        assert p_text == p_text2
+        prompt, chosen = _encode(tokenizer, p_text, c_text)
+        _, rejected = _encode(tokenizer, p_text, r_text)
+        prompt, (chosen, rejected), cut = truncate(prompt, [chosen, rejected], max_length, max_prompt_length)
+        stats.examples += 1
+        if cut:
+            stats.truncated += 1
+            stats.truncated_sources.append(ex.source)
+        out.append(TokenizedPair(prompt, chosen, rejected, index=i, truncated=cut))
+    return out, stats
+
+
+def tokenize_sft(examples: list, tokenizer, max_length: int, max_prompt_length: int | None = None):
+    """Tokenize SFTExamples; returns (list[TokenizedSFT], TokenizeStats)."""
+    out, stats = [], TokenizeStats()
+    for i, ex in enumerate(examples):
+        assert isinstance(ex, SFTExample)
+        p_text, c_text = render_texts(tokenizer, ex.prompt, ex.completion, ex.plain_text)
+        prompt, completion = _encode(tokenizer, p_text, c_text)
+        prompt, (completion,), cut = truncate(prompt, [completion], max_length, max_prompt_length)
+        stats.examples += 1
+        if cut:
+            stats.truncated += 1
+            stats.truncated_sources.append(ex.source)
+        out.append(TokenizedSFT(prompt, completion, index=i, truncated=cut))
+    return out, stats
+
+
+def explain(tokenizer, prompt_ids: list, completion_ids: list, label: str = "completion",
+            max_rows: int = 48) -> str:
+    """Human-readable view of one tokenized example and its loss mask."""
+    lines = [
+        f"prompt: {len(prompt_ids)} tokens (not scored)",
+        "  " + repr(tokenizer.decode(prompt_ids)),
+        f"{label}: {len(completion_ids)} tokens (scored)",
+        "  " + repr(tokenizer.decode(completion_ids)),
+        "",
+        "  pos  token id  scored  token",
+    ]
+    rows = [(i, t, False) for i, t in enumerate(prompt_ids)]
+    rows += [(len(prompt_ids) + j, t, True) for j, t in enumerate(completion_ids)]
+    # Show the prompt's last tokens and the whole completion: the boundary is what goes wrong.
+    shown = rows[max(0, len(prompt_ids) - 6):][:max_rows]
+    for pos, tid, scored in shown:
+        lines.append(f"  {pos:>4}  {tid:>8}  {'yes' if scored else 'no ':>6}  {tokenizer.decode([tid])!r}")
+    if len(shown) < len(rows) - max(0, len(prompt_ids) - 6):
+        lines.append(f"  ... {len(rows) - len(shown) - max(0, len(prompt_ids) - 6)} more tokens")
+    return "\n".join(lines)

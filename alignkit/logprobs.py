@@ -1,0 +1,62 @@
+"""Sequence log-probs of completion tokens, without materialising [B, T, V] logits.
+
+The trunk produces hidden states [R, T, H]; we gather only the positions that predict a scored
+token and apply the LM head + log-softmax to them in chunks. Each chunk is recomputed in the
+backward pass (activation checkpointing), so at most one [chunk, V] float32 block is alive at a
+time. This is the idea of Liger's fused linear losses and Cut Cross-Entropy (arXiv 2411.09009),
+written with plain PyTorch ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from alignkit.data.batching import TokenBatch
+from alignkit.models import backbone_and_head
+
+
+@dataclass
+class SegmentLogps:
+    logps: torch.Tensor  # [S] float32: summed log-prob of each segment's tokens
+    counts: torch.Tensor  # [S] long: scored tokens per segment
+    token_logps: torch.Tensor  # [N] float32: per scored token, in row-major order
+    token_segments: torch.Tensor  # [N] long: the segment of each scored token
+
+
+def _token_logps(head, hidden, targets):
+    logits = head(hidden).float()  # [n, V]
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def chunked_token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """log p(target | hidden) for hidden [N, H], targets [N] -> [N] float32, chunk by chunk."""
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start: start + chunk_size], targets[start: start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            out.append(checkpoint(_token_logps, head, h, t, use_reentrant=False))
+        else:
+            out.append(_token_logps(head, h, t))
+    if not out:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)
+
+
+def segment_logps(model, batch: TokenBatch, chunk_size: int = 1024) -> SegmentLogps:
+    """Sum log-probs of the scored tokens of each segment of `batch`."""
+    trunk, head = backbone_and_head(model)
+    hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    # Token t is predicted from position t - 1.
+    seg = batch.segment_ids[:, 1:]  # [R, T-1]
+    scored = seg >= 0
+    h = hidden[:, :-1][scored]  # [N, H]
+    targets = batch.input_ids[:, 1:][scored]  # [N]
+    token_segments = seg[scored]  # [N]
+    token_lp = chunked_token_logps(head, h, targets, chunk_size)
+    logps = torch.zeros(batch.num_segments, dtype=torch.float32, device=token_lp.device)
+    logps = logps.index_add(0, token_segments, token_lp)
+    counts = torch.bincount(token_segments, minlength=batch.num_segments)
+    return SegmentLogps(logps, counts, token_lp, token_segments)

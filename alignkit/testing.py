@@ -1,0 +1,74 @@
+"""Tiny random-init models and a small tokenizer for tests and examples (no download needed).
+
+The tokenizer is a word-level tokenizer with ChatML special tokens and template, built in
+memory; the models are Llama- or Qwen2-style configs with a few thousand parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+WORDS = (
+    "the a an is are was what how why who when where which yes no not and or but of to in on for "
+    "with as by at from this that it i you he she we they me my your answer question number sum "
+    "plus minus times equals one two three four five six seven eight nine ten zero good bad "
+    "helpful harmful sorry cannot help please thanks hello world cat dog sky blue red green "
+    "capital city country france paris water fire earth sun moon tell me about explain write short "
+    "long story poem code math . , ? ! : ' \""
+).split()
+
+
+def tiny_tokenizer(chat_template: bool = True):
+    """A word-level tokenizer over WORDS plus digits, with ChatML special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS + [str(d) for d in range(10)] +
+                                            ["user", "assistant", "system", "\n"])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Punctuation(),
+    ])
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        bos_token=None, additional_special_tokens=["<|im_start|>"],
+    )
+    if chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_model(family: str = "llama", vocab_size: int = 256, seed: int = 0, hidden: int = 32,
+               layers: int = 2):
+    """A random-init causal LM of the given family ("llama" or "qwen2")."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=1,
+                  eos_token_id=3)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**common)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def save_tiny_model_dir(path: str | Path, family: str = "llama", seed: int = 0, **kwargs) -> Path:
+    """Write a tiny model + tokenizer as a Hugging Face directory; returns its path."""
+    path = Path(path)
+    tok = tiny_tokenizer()
+    model = tiny_model(family, vocab_size=len(tok), seed=seed, **kwargs)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

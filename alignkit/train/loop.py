@@ -1,0 +1,266 @@
+"""The one training loop: plain PyTorch, any recipe.
+
+records -> examples -> batches -> log-probs -> loss -> AdamW step -> metrics. The loop knows
+micro-batches, accumulation, schedules, checkpoints and logging; the recipe knows the method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.config import RunConfig, save_config
+from alignkit.errors import ConfigError
+from alignkit.models import (apply_lora, bf16_supported, disable_dropout, load_model, load_tokenizer,
+                             resolve_device, resolve_model_path)
+from alignkit.train import checkpoint as ckpt
+from alignkit.train.metrics import MetricsLogger
+from alignkit.train.recipes import make_recipe, reference_cache_dir
+from alignkit.train.reference import CachedReference, LiveReference, cached_pair_logps, model_fingerprint
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    train_metrics: dict = field(default_factory=dict)  # the last logged step
+    eval_metrics: dict = field(default_factory=dict)  # the last evaluation
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
+    """`auto` is bf16 on GPUs that support it, fp32 elsewhere."""
+    if cfg.train.precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return cfg.train.precision
+
+
+def autocast_for(cfg: RunConfig, device: torch.device):
+    """A zero-argument context factory: bf16 autocast (fp32 master weights) or nothing."""
+    if resolve_precision(cfg, device) == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def build_optimizer(model, cfg: RunConfig):
+    t = cfg.train
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norm weights
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(t.adam_betas),
+                             foreach=None)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def micro_batch_indices(n: int, batch_size: int, seed: int, shuffle: bool, micro_step: int) -> list:
+    """Item indices of global micro-batch `micro_step`; epochs follow each other, each reshuffled.
+
+    A pure function of its arguments, so a resumed run sees exactly the batches it would have."""
+    per_epoch = math.ceil(n / batch_size)
+    epoch, j = divmod(micro_step, per_epoch)
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+    else:
+        order = list(range(n))
+    return order[j * batch_size: (j + 1) * batch_size]
+
+
+def total_steps(cfg: RunConfig, n_train: int) -> int:
+    t = cfg.train
+    if t.max_steps is not None:
+        return t.max_steps
+    per_epoch = math.ceil(n_train / t.batch_size)
+    return max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+
+
+class _Meter:
+    """Sums per-example metric tensors over micro-batches; syncs with the host once, at the end."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums.get(k, 0) + v.sum()
+            self.counts[k] = self.counts.get(k, 0) + v.numel()
+
+    def means(self) -> dict:
+        return {k: float(self.sums[k]) / max(1, self.counts[k]) for k in self.sums}
+
+
+def run_batches(recipe, model, batches: list, split: str, device, autocast, backward: bool) -> dict:
+    """Loss (normalised over all `batches`) and mean metrics; backpropagates when asked."""
+    total_weight = sum(recipe.weight(b) for b in batches)
+    meter, loss_sum = _Meter(), 0.0
+    for batch in batches:
+        with autocast():
+            loss, metrics = recipe.loss(model, batch.to(device), split)
+        if backward:
+            (loss / total_weight).backward()
+        loss_sum = loss_sum + loss.detach().float()
+        meter.add(metrics)
+    out = meter.means()
+    out["loss"] = float(loss_sum) / max(1, total_weight)
+    return out
+
+
+@torch.no_grad()
+def evaluate(recipe, model, items: list, batch_size: int, device, autocast) -> dict:
+    was_training = model.training
+    model.eval()
+    batches = [recipe.collate(items[i: i + batch_size]) for i in range(0, len(items), batch_size)]
+    out = run_batches(recipe, model, batches, "eval", device, autocast, backward=False)
+    model.train(was_training)
+    return out
+
+
+def _attach_references(recipe, cfg: RunConfig, model, data, device, autocast) -> None:
+    if not recipe.needs_reference:
+        return
+    if cfg.reference == "live":
+        live = LiveReference(model)
+        recipe.references = {"train": live, "eval": live}
+        return
+    fingerprint = model_fingerprint(resolve_model_path(cfg.model.name_or_path, cfg.cache_dir), cfg.model.revision)
+    fingerprint["lora"] = cfg.lora.enabled  # adapters start at zero, but keep the key honest
+    common = dict(cache_dir=reference_cache_dir(cfg), fingerprint=fingerprint, precision=resolve_precision(cfg, device),
+                  batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+                  chunk_size=cfg.train.logprob_chunk_size, device=device, autocast=autocast)
+    recipe.references = {"train": CachedReference(cached_pair_logps(
+        model, data.train, recipe.collate, desc="reference log-probs (train)", **common))}
+    if data.eval:
+        recipe.references["eval"] = CachedReference(cached_pair_logps(
+            model, data.eval, recipe.collate, desc="reference log-probs (eval)", **common))
+
+
+def setup(cfg: RunConfig):
+    """Load tokenizer, data, model and references; returns (recipe, data, model, device, autocast)."""
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.model.device)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    recipe = make_recipe(cfg, tokenizer)
+    data = recipe.prepare()
+    for note in data.notes:
+        print(f"alignkit: {note}", flush=True)
+    if not data.train:
+        raise ConfigError("no training examples left after loading and splitting; check `data.train`.")
+    model = load_model(cfg.model, device=device, cache_dir=cfg.cache_dir)
+    if cfg.train.disable_dropout:
+        disable_dropout(model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    autocast = autocast_for(cfg, device)
+    _attach_references(recipe, cfg, model, data, device, autocast)
+    return tokenizer, recipe, data, model, device, autocast
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunResult:
+    """Run a training job described by `cfg`; see the README for the run directory's layout."""
+    run_dir = Path(cfg.output_dir)
+    resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None:
+        print(f"alignkit: --resume: no checkpoint in {run_dir}; starting from scratch", flush=True)
+    tokenizer, recipe, data, model, device, autocast = setup(cfg)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    steps = total_steps(cfg, len(data.train))
+    warmup = int(cfg.train.warmup_ratio * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps, warmup, cfg.train.lr_schedule))
+    state = {"step": 0, "micro_step": 0, "total_steps": steps}
+    if resume_from is not None:
+        saved = ckpt.load_trainer_state(resume_from)
+        ckpt.load_weights(model, resume_from)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        ckpt.set_rng_state(saved["rng"])
+        state = saved["state"]
+        print(f"alignkit: resumed from {resume_from} at step {state['step']}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, cfg.train.tensorboard, resume_step=state["step"] if resume_from else None)
+    result = RunResult(run_dir, run_dir / "final", steps)
+    try:
+        _loop(cfg, recipe, data, model, tokenizer, optimizer, scheduler, state, logger, result,
+              device, autocast, progress)
+    finally:
+        logger.close()
+    return result
+
+
+def _loop(cfg, recipe, data, model, tokenizer, optimizer, scheduler, state, logger, result, device,
+          autocast, progress):
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    eval_bs = t.eval_batch_size or t.batch_size
+    bar = tqdm(total=state["total_steps"], initial=state["step"], desc=f"train {recipe.name}",
+               unit="step", disable=not progress, dynamic_ncols=True)
+    while state["step"] < state["total_steps"]:
+        start = time.perf_counter()
+        batches = []
+        for _ in range(t.grad_accum):
+            idx = micro_batch_indices(len(data.train), t.batch_size, cfg.seed, t.shuffle, state["micro_step"])
+            batches.append(recipe.collate([data.train[i] for i in idx]))
+            state["micro_step"] += 1
+        metrics = run_batches(recipe, model, batches, "train", device, autocast, backward=True)
+        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        elapsed = time.perf_counter() - start
+        tokens = sum(b.num_tokens for b in batches)
+        metrics.update(grad_norm=float(grad_norm), tokens=tokens, tokens_per_s=tokens / elapsed,
+                       step_time_s=elapsed)
+        step = state["step"]
+        if step % t.log_every == 0 or step == state["total_steps"]:
+            logger.log(step, metrics)
+            result.train_metrics = metrics
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "rewards/accuracies") if k in metrics})
+        bar.update(1)
+        last = step == state["total_steps"]
+        if data.eval and ((t.eval_every and step % t.eval_every == 0) or last):
+            result.eval_metrics = evaluate(recipe, model, data.eval, eval_bs, device, autocast)
+            logger.log(step, result.eval_metrics, split="eval")
+        if (t.save_every and step % t.save_every == 0) and not last:
+            ckpt.save_checkpoint(result.run_dir, step, model, tokenizer, cfg, optimizer, scheduler,
+                                 dict(state), t.keep_checkpoints)
+    bar.close()
+    ckpt.save_checkpoint(result.run_dir, state["step"], model, tokenizer, cfg, optimizer, scheduler,
+                         dict(state), t.keep_checkpoints)
+    ckpt.atomic_dir(result.final_dir, lambda tmp: ckpt.save_model_dir(tmp, model, tokenizer, cfg, merge_lora=True))
+    summary = {"steps": state["step"], "train": result.train_metrics, "eval": result.eval_metrics}
+    (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"alignkit: done after {state['step']} steps; final model in {result.final_dir}", flush=True)

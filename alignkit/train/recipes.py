@@ -1,0 +1,153 @@
+"""Recipes: what a method feeds the shared loop.
+
+A recipe loads and tokenizes its data, collates micro-batches, and turns a batch into a summed
+loss plus per-example metrics. The loop (`alignkit.train.loop`) never knows which method runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit import losses
+from alignkit.config import RunConfig
+from alignkit.data import formats
+from alignkit.data.batching import TokenBatch, collate_pairs, collate_sft
+from alignkit.data.tokenize import tokenize_pairs, tokenize_sft
+from alignkit.errors import ConfigError
+from alignkit.logprobs import segment_logps
+
+
+@dataclass
+class PreparedData:
+    train: list
+    eval: list
+    notes: list = field(default_factory=list)  # what happened to the data, shown to the user
+
+
+def split_heldout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out round(fraction * n) examples, chosen by a seeded shuffle."""
+    n_eval = int(round(fraction * len(examples)))
+    if n_eval == 0 or n_eval >= len(examples):
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def load_examples(cfg: RunConfig, loader) -> tuple[list, list, list]:
+    """Load train (and eval) examples with `loader` (a `formats.load_*_examples`)."""
+    d = cfg.data
+    if not d.train:
+        raise ConfigError("`data.train` is not set: give a data file, e.g. `data.train=pairs.jsonl`.")
+    read = functools.partial(loader, columns=d.columns or None, on_bad_record=d.on_bad_record, split=d.split)
+    result = read(d.train)
+    notes = [result.summary()]
+    examples = result.examples[: d.limit] if d.limit else result.examples
+    if d.eval:
+        ev = read(d.eval)
+        notes.append(ev.summary())
+        return examples, ev.examples, notes
+    train, held = split_heldout(examples, d.eval_fraction, cfg.seed)
+    if held:
+        notes.append(f"held out {len(held)} of {len(examples)} examples for evaluation (data.eval_fraction={d.eval_fraction})")
+    return train, held, notes
+
+
+class SFTRecipe:
+    """Supervised fine-tuning on prompt/completion examples (token-mean NLL)."""
+
+    name = "sft"
+    needs_reference = False
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.spec, self.params = losses.resolve({"name": "sft"})
+
+    def prepare(self) -> PreparedData:
+        train, held, notes = load_examples(self.cfg, formats.load_sft_examples)
+        d = self.cfg.data
+        train_items, stats = tokenize_sft(train, self.tokenizer, d.max_length, d.max_prompt_length)
+        eval_items, _ = tokenize_sft(held, self.tokenizer, d.max_length, d.max_prompt_length)
+        return PreparedData(train_items, eval_items, notes + [stats.summary(d.max_length)])
+
+    def collate(self, items) -> TokenBatch:
+        return collate_sft(items, self.tokenizer.pad_token_id)
+
+    def weight(self, batch: TokenBatch) -> int:
+        return batch.num_scored  # token-mean: each completion token weighs the same
+
+    def loss(self, model, batch: TokenBatch, split: str):
+        out = segment_logps(model, batch, self.cfg.train.logprob_chunk_size)
+        per_example, metrics = self.spec.fn(out.logps, out.counts, **self.params)
+        metrics["logps"] = out.logps.detach()
+        return per_example.sum(), metrics
+
+
+class PreferenceRecipe:
+    """The DPO family: any registered paired loss on (prompt, chosen, rejected) examples."""
+
+    name = "dpo"
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.spec, self.params = losses.resolve(cfg.loss)
+        if self.spec.data != "paired":
+            raise ConfigError(
+                f"`loss.name={self.spec.name}` needs {self.spec.data} data but `recipe: dpo` trains on pairs; "
+                f"use `recipe: {self.spec.data}` or a paired loss (`alignkit losses`)."
+            )
+        self.references = {}  # split -> CachedReference | LiveReference
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.spec.needs_reference
+
+    def prepare(self) -> PreparedData:
+        train, held, notes = load_examples(self.cfg, formats.load_preference_examples)
+        d = self.cfg.data
+        train_items, stats = tokenize_pairs(train, self.tokenizer, d.max_length, d.max_prompt_length)
+        eval_items, _ = tokenize_pairs(held, self.tokenizer, d.max_length, d.max_prompt_length)
+        return PreparedData(train_items, eval_items, notes + [stats.summary(d.max_length)])
+
+    def collate(self, items) -> TokenBatch:
+        return collate_pairs(items, self.tokenizer.pad_token_id)
+
+    def weight(self, batch: TokenBatch) -> int:
+        return batch.num_examples
+
+    def loss(self, model, batch: TokenBatch, split: str):
+        out = segment_logps(model, batch, self.cfg.train.logprob_chunk_size)
+        b = batch.num_examples
+        inputs = {
+            "policy_chosen_logps": out.logps[:b],
+            "policy_rejected_logps": out.logps[b:],
+            "chosen_counts": out.counts[:b],
+            "rejected_counts": out.counts[b:],
+        }
+        if self.needs_reference:
+            ref_c, ref_r = self.references[split].pair_logps(model, batch, self.cfg.train.logprob_chunk_size,
+                                                             out.logps.device)
+            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_c, ref_r
+        per_example, metrics = self.spec.fn(*(inputs[name] for name in self.spec.inputs), **self.params)
+        metrics["logps/chosen"] = inputs["policy_chosen_logps"].detach()
+        metrics["logps/rejected"] = inputs["policy_rejected_logps"].detach()
+        return per_example.sum(), metrics
+
+
+RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe}
+
+
+def make_recipe(cfg: RunConfig, tokenizer):
+    return RECIPES[cfg.recipe](cfg, tokenizer)
+
+
+def reference_cache_dir(cfg: RunConfig) -> Path:
+    from alignkit.models import cache_root
+
+    return cache_root(cfg.cache_dir) / "reference"

@@ -1,0 +1,118 @@
+"""Reference log-probs for reference-based losses.
+
+Default (`reference: cached`): computed once before training, in one no-grad pass, and stored on
+disk keyed by model, tokens and precision, so no reference model sits in memory or compute during
+training and a second run on the same data skips the pass. `reference: live` keeps a frozen copy
+(or, with LoRA, the same model with adapters disabled) and recomputes per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from alignkit.logprobs import segment_logps
+from alignkit.models import is_peft
+
+
+def model_fingerprint(path: str, revision: str | None) -> dict:
+    """Identity of a model's weights: its config and weight files' sizes and mtimes when local."""
+    p = Path(path)
+    if not p.is_dir():
+        return {"hub_id": path, "revision": revision}
+    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
+    return {
+        "path": str(p.resolve()),
+        "files": [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files],
+    }
+
+
+def cache_key(fingerprint: dict, items: list, precision: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(fingerprint, sort_keys=True).encode())
+    h.update(precision.encode())
+    for it in items:
+        h.update(json.dumps([it.prompt_ids, it.chosen_ids, it.rejected_ids]).encode())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_pair_logps(model, items: list, collate, batch_size: int, chunk_size: int, device, autocast,
+                       desc: str = "reference log-probs") -> torch.Tensor:
+    """Return [N, 2] float32 (chosen, rejected) summed log-probs, row i for items[i]."""
+    table = torch.zeros(len(items), 2, dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    # Longest first: the biggest batch shows up (and fails) at once if memory is short.
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids) - max(
+        len(items[i].chosen_ids), len(items[i].rejected_ids)))
+    adapters_off = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
+    with adapters_off, tqdm(total=len(items), desc=desc, unit="pair", leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start: start + batch_size]
+            batch = collate([items[i] for i in idx]).to(device)
+            with autocast():
+                out = segment_logps(model, batch, chunk_size)
+            b = len(idx)
+            table[idx, 0] = out.logps[:b].float().cpu()
+            table[idx, 1] = out.logps[b:].float().cpu()
+            bar.update(b)
+    model.train(was_training)
+    return table
+
+
+def cached_pair_logps(model, items, collate, *, cache_dir: Path, fingerprint: dict, precision: str,
+                      batch_size: int, chunk_size: int, device, autocast, desc: str) -> torch.Tensor:
+    """`compute_pair_logps`, read from or written to `cache_dir` (atomically)."""
+    key = cache_key(fingerprint, items, precision)
+    path = cache_dir / f"{key}.safetensors"
+    if path.is_file():
+        table = load_file(str(path))["logps"]
+        if table.shape == (len(items), 2):
+            print(f"alignkit: {desc}: reusing cache {path}", flush=True)
+            return table
+    table = compute_pair_logps(model, items, collate, batch_size, chunk_size, device, autocast, desc)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    os.close(fd)
+    save_file({"logps": table.contiguous()}, tmp)
+    os.replace(tmp, path)
+    return table
+
+
+class CachedReference:
+    """Looks up precomputed (chosen, rejected) log-probs by example index."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table  # [N, 2]
+
+    def pair_logps(self, model, batch, chunk_size, device):
+        rows = self.table[batch.example_ids].to(device)  # [B, 2]
+        return rows[:, 0], rows[:, 1]
+
+
+class LiveReference:
+    """Recomputes reference log-probs per batch from a frozen model (or LoRA's base)."""
+
+    def __init__(self, policy):
+        if is_peft(policy):
+            self.model, self.use_base = policy, True
+        else:
+            self.model, self.use_base = copy.deepcopy(policy).eval().requires_grad_(False), False
+
+    @torch.no_grad()
+    def pair_logps(self, model, batch, chunk_size, device):
+        ctx = self.model.disable_adapter() if self.use_base else contextlib.nullcontext()
+        with ctx:
+            out = segment_logps(self.model, batch, chunk_size)
+        b = batch.num_examples
+        return out.logps[:b].detach(), out.logps[b:].detach()
