@@ -350,6 +350,9 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         if key not in _valid_keys() or key in ("model", "lora", "data", "train"):
             raise _unknown_key_error(key, "override: ")
         _set_dotted(data, key, value)
+    if isinstance(data.get("loss"), dict):
+        # `loss.beta=0.2` alone tunes the default loss rather than replacing the mapping.
+        data["loss"] = {"name": RunConfig().loss["name"], **data["loss"]}
     cfg = _build(RunConfig, data, "", where)
     validate(cfg)
     return cfg

@@ -1,0 +1,52 @@
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.testing import save_tiny_model_dir
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def toy_pairs(n: int = 40, seed: int = 0) -> list:
+    """Arithmetic prompts; chosen gives the sum, rejected refuses. Words are in the tiny vocab."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"prompt": f"what is {a} plus {b} ?", "chosen": f"the answer is {a + b} .",
+                     "rejected": "sorry i cannot help ."})
+    return rows
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "pairs.jsonl", toy_pairs())
+
+
+@pytest.fixture
+def sft_file(tmp_path) -> Path:
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in toy_pairs()]
+    return write_jsonl(tmp_path / "sft.jsonl", rows)
+
+
+def base_overrides(model_dir, data, out, cache) -> list:
+    return [f"model.name_or_path={model_dir}", f"data.train={data}", f"output_dir={out}",
+            f"cache_dir={cache}", "train.tensorboard=false"]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)

@@ -1,0 +1,71 @@
+import pytest
+
+from alignkit.config import RunConfig, field_docs, format_help, iter_fields, load_config, parse_override
+from alignkit.errors import ConfigError
+
+
+def test_defaults_and_yaml_and_overrides(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("recipe: sft\ntrain:\n  learning_rate: 1e-5\n  batch_size: 2\ndata:\n  train: x.jsonl\n")
+    cfg = load_config(str(p), ["train.batch_size=4", "loss.beta=0.3", "lora.enabled=true"])
+    assert cfg.recipe == "sft"
+    assert cfg.train.learning_rate == 1e-5 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.batch_size == 4  # the override wins over the file
+    assert cfg.loss == {"name": "dpo", "beta": 0.3}
+    assert cfg.lora.enabled is True
+    assert cfg.data.train == "x.jsonl" and cfg.data.max_length == 1024  # untouched default
+
+
+def test_unknown_key_in_file_names_file_and_suggests(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("train:\n  learning_rat: 1e-5\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown config key `train.learning_rat`.*`train.learning_rate`"):
+        load_config(str(p))
+
+
+def test_unknown_override_suggests_section_key():
+    with pytest.raises(ConfigError, match="Did you mean `train.max_steps`"):
+        load_config(None, ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="Did you mean `train.batch_size`"):
+        load_config(None, ["batch_size=3"])  # right leaf, missing section
+
+
+def test_type_and_choice_errors():
+    with pytest.raises(ConfigError, match=r"`train.batch_size` must be a int; got 'big'"):
+        load_config(None, ["train.batch_size=big"])
+    with pytest.raises(ConfigError, match=r"`recipe` must be one of sft, dpo"):
+        load_config(None, ["recipe=ppo"])
+    with pytest.raises(ConfigError, match=r"`train.grad_accum` must be positive"):
+        load_config(None, ["train.grad_accum=0"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.batch_size"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_every_field_has_a_doc_line():
+    for key, _, _, doc in iter_fields():
+        assert doc, f"config field {key} has no docstring line"
+    assert "Peak learning rate" in field_docs(type(RunConfig().train))["learning_rate"]
+    assert "train.learning_rate" in format_help()
+
+
+def test_readme_config_reference_is_current():
+    """The README's config table is generated from the same docstrings (python -m alignkit.config)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert format_help(markdown=True) in readme, "README config reference is stale: run `python -m alignkit.config`"
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    assert parse_override("x=null") == ("x", None)
+    assert parse_override("x=true") == ("x", True)
