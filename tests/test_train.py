@@ -1,0 +1,165 @@
+"""Trajectory-level tests of the training loop on a tiny random-init model."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alignkit.config import load_config
+from alignkit.train import checkpoint as ckpt
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+from conftest import base_overrides
+
+
+def _cfg(tiny_model_dir, data, tmp_path, *extra, out="run"):
+    return load_config(None, base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache") + [
+        "train.learning_rate=5e-3", "train.batch_size=4", "train.warmup_ratio=0", "data.eval_fraction=0.1", *extra])
+
+
+def test_dpo_widens_margin_and_logs_metrics(tiny_model_dir, pairs_file, tmp_path):
+    result = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=12"), progress=False)
+    rows = read_metrics(result.run_dir, "train")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "lr",
+                "grad_norm", "tokens_per_s"):
+        assert key in rows[-1], key
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1
+    assert rows[-1]["rewards/margins"] > 1.0 and rows[-1]["loss"] < 0.4
+    ev = read_metrics(result.run_dir, "eval")[-1]
+    assert ev["step"] == 12 and ev["rewards/accuracies"] == 1.0 and ev["rewards/margins"] > 1.0
+
+
+def test_sft_lowers_nll(tiny_model_dir, sft_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, sft_file, tmp_path, "recipe=sft", "train.max_steps=15", "train.learning_rate=1e-2")
+    result = loop.train(cfg, progress=False)
+    rows = read_metrics(result.run_dir, "train")
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert rows[0]["loss"] == pytest.approx(rows[0]["nll_per_token"], rel=0.3)
+
+
+def _final_params(run_dir):
+    return AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
+
+
+def test_grad_accumulation_1x8_equals_8x1(tiny_model_dir, pairs_file, tmp_path):
+    same = ["train.max_steps=3", "train.shuffle=false"]  # unshuffled: both see the same 8 pairs per step
+    a = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.batch_size=8", "train.grad_accum=1", *same,
+                        out="a"), progress=False)
+    b = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.batch_size=1", "train.grad_accum=8", *same,
+                        out="b"), progress=False)
+    la, lb = read_metrics(a.run_dir, "train"), read_metrics(b.run_dir, "train")
+    for ra, rb in zip(la, lb):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)  # float32 sums in another order
+    pa, pb = _final_params(a.run_dir), _final_params(b.run_dir)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=0)
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    steps = ["train.max_steps=6", "train.save_every=3", "train.eval_every=2"]
+    full = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *steps, out="full"), progress=False)
+
+    real_save = ckpt.save_checkpoint
+
+    def crash_after_step_3(run_dir, step, *a, **k):
+        path = real_save(run_dir, step, *a, **k)
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_step_3)
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, *steps, out="crashed")
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    assert ckpt.latest_checkpoint(cfg.output_dir).name == "checkpoint-3"
+    resumed = loop.train(cfg, resume=True, progress=False)
+
+    a, b = read_metrics(full.run_dir), read_metrics(resumed.run_dir)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]  # no duplicate lines
+    assert abs(a[-1]["loss"] - b[-1]["loss"]) < 1e-6
+    assert abs(full.train_metrics["loss"] - resumed.train_metrics["loss"]) < 1e-6
+    pa, pb = _final_params(full.run_dir), _final_params(resumed.run_dir)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-6, rtol=0)
+
+
+def test_checkpoints_are_complete_and_pruned(tiny_model_dir, pairs_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=2")
+    result = loop.train(cfg, progress=False)
+    names = sorted(p.name for p in result.run_dir.iterdir())
+    assert names == ["checkpoint-4", "checkpoint-5", "config.yaml", "final", "metrics.jsonl", "summary.json"]
+    c = result.run_dir / "checkpoint-5"
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "alignkit_config.yaml", "trainer_state.pt"):
+        assert (c / f).is_file(), f
+    assert json.loads((c / "trainer_state.json").read_text())["step"] == 5
+    # the final directory loads as a plain transformers model and equals the last checkpoint
+    final, last = _final_params(result.run_dir), AutoModelForCausalLM.from_pretrained(c).state_dict()
+    assert all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    def write(tmp):
+        (tmp / "half.bin").write_text("x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        ckpt.atomic_dir(tmp_path / "checkpoint-1", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cached_reference_equals_live_and_is_reused(tiny_model_dir, pairs_file, tmp_path, capsys):
+    cached = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=4", out="c"), progress=False)
+    live = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=4", "reference=live", out="l"),
+                      progress=False)
+    for a, b in zip(read_metrics(cached.run_dir), read_metrics(live.run_dir)):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    capsys.readouterr()
+    loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=1", out="again"), progress=False)
+    assert "reusing cache" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == 2  # train + eval tables
+
+
+def test_lora_trains_adapters_only_and_exports_merged_model(tiny_model_dir, pairs_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "lora.enabled=true", "lora.r=4", "train.max_steps=6",
+               "train.learning_rate=2e-2", "reference=live")
+    result = loop.train(cfg, progress=False)
+    rows = read_metrics(result.run_dir, "train")
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # adapters start at zero: policy == base
+    assert rows[-1]["rewards/margins"] > 0.2
+    assert (result.run_dir / "checkpoint-6" / "adapter_model.safetensors").is_file()
+    merged = _final_params(result.run_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert set(merged) == set(base)
+    changed = [k for k in base if not torch.equal(merged[k], base[k])]
+    assert changed and all("proj" in k for k in changed)  # only adapted linear layers moved
+    assert not any("embed" in k or "norm" in k for k in changed)
+
+
+def test_resume_with_lora(tiny_model_dir, pairs_file, tmp_path):
+    args = ["lora.enabled=true", "lora.r=4", "train.max_steps=4", "train.save_every=2", "train.learning_rate=2e-2"]
+    full = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *args, out="full"), progress=False)
+    part = _cfg(tiny_model_dir, pairs_file, tmp_path, *args, out="part")
+    loop.train(part, progress=False)
+    shutil.rmtree(f"{part.output_dir}/checkpoint-4")  # as if it had stopped after step 2
+    resumed = loop.train(part, resume=True, progress=False)
+    assert abs(full.train_metrics["loss"] - resumed.train_metrics["loss"]) < 1e-6
+
+
+def test_lr_schedule_shapes():
+    f = [loop.lr_factor(s, 10, 2, "cosine") for s in range(10)]
+    assert f[0] == pytest.approx(1 / 3) and f[1] == pytest.approx(2 / 3) and f[2] == 1.0
+    assert f[-1] < 0.05 and all(a >= b for a, b in zip(f[2:], f[3:]))
+    lin = [loop.lr_factor(s, 10, 0, "linear") for s in range(10)]
+    assert lin[5] == pytest.approx(0.5)
+    assert loop.lr_factor(7, 10, 0, "constant") == 1.0
+
+
+def test_micro_batches_cover_each_epoch_once():
+    seen = [i for m in range(4) for i in loop.micro_batch_indices(10, 3, seed=1, shuffle=True, micro_step=m)]
+    assert sorted(seen) == list(range(10))  # one epoch = 4 micro-batches (3+3+3+1)
+    nxt = [i for m in range(4, 8) for i in loop.micro_batch_indices(10, 3, seed=1, shuffle=True, micro_step=m)]
+    assert sorted(nxt) == list(range(10)) and nxt != seen  # reshuffled
