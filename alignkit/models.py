@@ -90,13 +90,18 @@ def default_model_dir(cache_dir: str | None = None) -> Path:
     print(f"alignkit: converting {_GGUF_FILE} to safetensors in {target} (once)...", flush=True)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # The weights are now plain float32: drop the GGUF marker so the model saves, loads and
+    # trains as an ordinary checkpoint (transformers refuses to save or train a "quantized" one).
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.quantization_config = None
+    del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a shared cache should be readable
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        # The weights are now plain float32: drop the GGUF marker so the saved model loads (and
-        # trains) as an ordinary checkpoint.
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg.pop("quantization_config", None)

