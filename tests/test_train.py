@@ -163,3 +163,33 @@ def test_micro_batches_cover_each_epoch_once():
     assert sorted(seen) == list(range(10))  # one epoch = 4 micro-batches (3+3+3+1)
     nxt = [i for m in range(4, 8) for i in loop.micro_batch_indices(10, 3, seed=1, shuffle=True, micro_step=m)]
     assert sorted(nxt) == list(range(10)) and nxt != seen  # reshuffled
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, pairs_file, tmp_path):
+    a = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=3", out="a"), progress=False)
+    b = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=3", "model.gradient_checkpointing=true",
+                        out="b"), progress=False)
+    for ra, rb in zip(read_metrics(a.run_dir, "train"), read_metrics(b.run_dir, "train")):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32(tiny_model_dir, pairs_file, tmp_path):
+    a = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=3", out="a"), progress=False)
+    b = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=3", "train.precision=bf16", out="b"),
+                   progress=False)
+    la, lb = read_metrics(a.run_dir, "train"), read_metrics(b.run_dir, "train")
+    # bf16 has an 8-bit mantissa: log-probs of ~-30 carry errors of ~0.1, so losses agree to ~1e-2
+    assert all(abs(x["loss"] - y["loss"]) < 3e-2 for x, y in zip(la, lb))
+    assert la[-1]["logps/chosen"] != lb[-1]["logps/chosen"]  # autocast really changed the arithmetic
+
+
+def test_tensorboard_events_written_when_installed(tiny_model_dir, pairs_file, tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard logging is optional: pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=2", "train.tensorboard=true")
+    result = loop.train(cfg, progress=False)
+    acc = EventAccumulator(str(result.run_dir / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert len(losses) == 2 and losses[0] == pytest.approx(0.693147, abs=1e-5)
