@@ -27,6 +27,12 @@ def _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
 
 
+def _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    """Attach the implicit-reward metrics (DPO eq. 5) to per-example losses."""
+    return losses, implicit_reward_metrics(beta * (policy_chosen_logps - ref_chosen_logps),
+                                           beta * (policy_rejected_logps - ref_rejected_logps))
+
+
 @register(
     "dpo",
     summary="Direct Preference Optimization: -log sigmoid(beta * h), with optional label smoothing.",
@@ -40,9 +46,8 @@ def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     preferences", 2023): the label is assumed flipped with probability eps."""
     h = _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
-    return losses, implicit_reward_metrics(chosen_rewards, rejected_rewards)
+    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                         ref_rejected_logps)
 
 
 @register(
@@ -70,9 +75,8 @@ def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     changes the effective beta with the completion length."""
     h = _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = (h - 1.0 / (2.0 * beta)) ** 2
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
-    return losses, implicit_reward_metrics(chosen_rewards, rejected_rewards)
+    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                         ref_rejected_logps)
 
 
 @register(
@@ -89,6 +93,5 @@ def hinge(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reje
     hinge to the reference-adjusted margin, with delta = 1 / beta."""
     h = _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = torch.relu(1.0 - beta * h)
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
-    return losses, implicit_reward_metrics(chosen_rewards, rejected_rewards)
+    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                         ref_rejected_logps)

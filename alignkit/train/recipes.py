@@ -59,6 +59,15 @@ def load_examples(cfg: RunConfig, loader) -> tuple[list, list, list]:
     return train, held, notes
 
 
+def prepare_data(cfg: RunConfig, tokenizer, loader, tokenize_fn) -> PreparedData:
+    """Load, split and tokenize train and eval data with a recipe's loader and tokenize function."""
+    train, held, notes = load_examples(cfg, loader)
+    d = cfg.data
+    train_items, stats = tokenize_fn(train, tokenizer, d.max_length, d.max_prompt_length)
+    eval_items, _ = tokenize_fn(held, tokenizer, d.max_length, d.max_prompt_length)
+    return PreparedData(train_items, eval_items, notes + [stats.summary(d.max_length)])
+
+
 class SFTRecipe:
     """Supervised fine-tuning on prompt/completion examples (token-mean NLL)."""
 
@@ -70,11 +79,7 @@ class SFTRecipe:
         self.spec, self.params = losses.resolve({"name": "sft"})
 
     def prepare(self) -> PreparedData:
-        train, held, notes = load_examples(self.cfg, formats.load_sft_examples)
-        d = self.cfg.data
-        train_items, stats = tokenize_sft(train, self.tokenizer, d.max_length, d.max_prompt_length)
-        eval_items, _ = tokenize_sft(held, self.tokenizer, d.max_length, d.max_prompt_length)
-        return PreparedData(train_items, eval_items, notes + [stats.summary(d.max_length)])
+        return prepare_data(self.cfg, self.tokenizer, formats.load_sft_examples, tokenize_sft)
 
     def collate(self, items) -> TokenBatch:
         return collate_sft(items, self.tokenizer.pad_token_id)
@@ -109,11 +114,7 @@ class PreferenceRecipe:
         return self.spec.needs_reference
 
     def prepare(self) -> PreparedData:
-        train, held, notes = load_examples(self.cfg, formats.load_preference_examples)
-        d = self.cfg.data
-        train_items, stats = tokenize_pairs(train, self.tokenizer, d.max_length, d.max_prompt_length)
-        eval_items, _ = tokenize_pairs(held, self.tokenizer, d.max_length, d.max_prompt_length)
-        return PreparedData(train_items, eval_items, notes + [stats.summary(d.max_length)])
+        return prepare_data(self.cfg, self.tokenizer, formats.load_preference_examples, tokenize_pairs)
 
     def collate(self, items) -> TokenBatch:
         return collate_pairs(items, self.tokenizer.pad_token_id)
