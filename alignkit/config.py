@@ -136,6 +136,8 @@ class RunConfig:
     """Where cached reference log-probs and converted models go (default `$ALIGNKIT_CACHE` or `~/.cache/alignkit`)."""
     loss: dict = field(default_factory=lambda: {"name": "dpo"})
     """Loss name and hyper-parameters, e.g. `{name: dpo, beta: 0.1}`; `alignkit losses` lists them."""
+    losses: list = field(default_factory=list)
+    """Weighted loss terms instead of `loss`, e.g. `[{name: dpo, weight: 1.0}, {name: sft, weight: 0.2}]`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)

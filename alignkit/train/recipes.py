@@ -20,6 +20,7 @@ from alignkit.data.batching import TokenBatch, collate_pairs, collate_sft
 from alignkit.data.tokenize import tokenize_pairs, tokenize_sft
 from alignkit.errors import ConfigError
 from alignkit.logprobs import segment_logps
+from alignkit.losses.combine import apply_terms, resolve_terms
 
 
 @dataclass
@@ -101,17 +102,12 @@ class PreferenceRecipe:
 
     def __init__(self, cfg: RunConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.spec, self.params = losses.resolve(cfg.loss)
-        if self.spec.data != "paired":
-            raise ConfigError(
-                f"`loss.name={self.spec.name}` needs {self.spec.data} data but `recipe: dpo` trains on pairs; "
-                f"use `recipe: {self.spec.data}` or a paired loss (`alignkit losses`)."
-            )
+        self.terms = resolve_terms(cfg.loss, cfg.losses, data="paired")
         self.references = {}  # split -> CachedReference | LiveReference
 
     @property
     def needs_reference(self) -> bool:
-        return self.spec.needs_reference
+        return any(t.spec.needs_reference for t in self.terms)
 
     def prepare(self) -> PreparedData:
         return prepare_data(self.cfg, self.tokenizer, formats.load_preference_examples, tokenize_pairs)
@@ -135,7 +131,7 @@ class PreferenceRecipe:
             ref_c, ref_r = self.references[split].pair_logps(model, batch, self.cfg.train.logprob_chunk_size,
                                                              out.logps.device)
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_c, ref_r
-        per_example, metrics = self.spec.fn(*(inputs[name] for name in self.spec.inputs), **self.params)
+        per_example, metrics = apply_terms(self.terms, inputs)
         metrics["logps/chosen"] = inputs["policy_chosen_logps"].detach()
         metrics["logps/rejected"] = inputs["policy_rejected_logps"].detach()
         return per_example.sum(), metrics
