@@ -19,6 +19,7 @@ from alignkit.errors import ConfigError
 PAIR_INPUTS = (
     "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
     "chosen_counts", "rejected_counts",
+    "reward_shift",  # bco_pair: running mean of beta * (policy - ref) rewards, see losses/anchored.py
 )
 
 
