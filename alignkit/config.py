@@ -124,8 +124,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    recipe: Literal["sft", "dpo"] = "dpo"
-    """`sft` (supervised fine-tuning) or `dpo` (the DPO family: choose the loss under `loss`)."""
+    recipe: Literal["sft", "dpo", "unpaired"] = "dpo"
+    """`sft` (supervised fine-tuning), `dpo` (paired losses: choose under `loss`) or `unpaired` (KTO, BCO on labelled completions)."""
     output_dir: str = "runs/alignkit"
     """Run directory: checkpoints, metrics.jsonl, the final model."""
     seed: int = 0

@@ -34,3 +34,14 @@ class SFTExample:
     completion: tuple  # tuple[Message, ...], >= 1 message
     source: str
     plain_text: bool = False
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One completion with a binary label (thumbs up / down), not paired with another."""
+
+    prompt: tuple  # tuple[Message, ...]
+    completion: tuple  # tuple[Message, ...]
+    desirable: bool  # True: the completion is good (thumbs up)
+    source: str
+    plain_text: bool = False

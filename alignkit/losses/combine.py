@@ -26,10 +26,10 @@ class LossTerm:
 
 def resolve_terms(loss: dict, terms: list, data: str) -> list[LossTerm]:
     """The loss terms of a run: `losses` (a weighted list) when given, else the single `loss`."""
+    out = []
     if not terms:
         spec, params = resolve(loss)
-        return [LossTerm(spec, params, 1.0)]
-    out = []
+        out.append(LossTerm(spec, params, 1.0))
     for i, term in enumerate(terms):
         if not isinstance(term, dict) or "name" not in term:
             raise ConfigError(f"`losses[{i}]` must be a mapping with a `name`, e.g. {{name: sft, weight: 0.2}}; got {term!r}.")

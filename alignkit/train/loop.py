@@ -205,6 +205,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunRes
         scheduler.load_state_dict(saved["scheduler"])
         ckpt.set_rng_state(saved["rng"])
         state = saved["state"]
+        if "recipe" in state and hasattr(recipe, "load_state_dict"):
+            recipe.load_state_dict(state["recipe"])
         print(f"alignkit: resumed from {resume_from} at step {state['step']}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -216,6 +218,13 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunRes
     finally:
         logger.close()
     return result
+
+
+def _full_state(state: dict, recipe) -> dict:
+    full = dict(state)
+    if hasattr(recipe, "state_dict"):
+        full["recipe"] = recipe.state_dict()
+    return full
 
 
 def _loop(cfg, recipe, data, model, tokenizer, optimizer, scheduler, state, logger, result, device,
@@ -256,10 +265,10 @@ def _loop(cfg, recipe, data, model, tokenizer, optimizer, scheduler, state, logg
             logger.log(step, result.eval_metrics, split="eval")
         if (t.save_every and step % t.save_every == 0) and not last:
             ckpt.save_checkpoint(result.run_dir, step, model, tokenizer, cfg, optimizer, scheduler,
-                                 dict(state), t.keep_checkpoints)
+                                 _full_state(state, recipe), t.keep_checkpoints)
     bar.close()
     ckpt.save_checkpoint(result.run_dir, state["step"], model, tokenizer, cfg, optimizer, scheduler,
-                         dict(state), t.keep_checkpoints)
+                         _full_state(state, recipe), t.keep_checkpoints)
     ckpt.atomic_dir(result.final_dir, lambda tmp: ckpt.save_model_dir(tmp, model, tokenizer, cfg, merge_lora=True))
     summary = {"steps": state["step"], "train": result.train_metrics, "eval": result.eval_metrics}
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -16,6 +16,7 @@ import torch
 from alignkit import losses
 from alignkit.config import RunConfig
 from alignkit.data import formats
+from alignkit.data.examples import PreferenceExample
 from alignkit.data.batching import TokenBatch, collate_pairs, collate_sft
 from alignkit.data.tokenize import tokenize_pairs, tokenize_sft
 from alignkit.errors import ConfigError
@@ -104,6 +105,7 @@ class PreferenceRecipe:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.terms = resolve_terms(cfg.loss, cfg.losses, data="paired")
         self.references = {}  # split -> CachedReference | LiveReference
+        self.reward_shift = RunningMean()  # BCO's delta; unused by other losses
 
     @property
     def needs_reference(self) -> bool:
@@ -126,18 +128,114 @@ class PreferenceRecipe:
             "policy_rejected_logps": out.logps[b:],
             "chosen_counts": out.counts[:b],
             "rejected_counts": out.counts[b:],
+            "reward_shift": torch.tensor(self.reward_shift.value, device=out.logps.device),
         }
         if self.needs_reference:
             ref_c, ref_r = self.references[split].pair_logps(model, batch, self.cfg.train.logprob_chunk_size,
                                                              out.logps.device)
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_c, ref_r
         per_example, metrics = apply_terms(self.terms, inputs)
+        if split == "train" and "bco/reward_mean" in metrics:
+            self.reward_shift.update(metrics["bco/reward_mean"])
         metrics["logps/chosen"] = inputs["policy_chosen_logps"].detach()
         metrics["logps/rejected"] = inputs["policy_rejected_logps"].detach()
         return per_example.sum(), metrics
 
+    def state_dict(self) -> dict:
+        """State that a resumed run needs besides weights and optimizer (BCO's running shift)."""
+        return {"reward_shift": self.reward_shift.state_dict()}
 
-RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe}
+    def load_state_dict(self, state: dict) -> None:
+        self.reward_shift.load_state_dict(state["reward_shift"])
+
+
+class UnpairedRecipe(PreferenceRecipe):
+    """KTO / BCO on unpaired records (prompt, completion, desirable label).
+
+    Batches reuse the pair layout: row i holds prompt_i + completion_i and row B+i holds
+    prompt_i + a mismatched completion, which KTO's KL baseline needs (KTO paper, sec. 4.1).
+    The mismatch is fixed per data set (example i takes the completion of example i+1), unlike
+    TRL's in-batch shift, so its reference log-probs can be cached like any pair's. BCO does not
+    read the mismatched rows; they cost one extra forward per example until packing lands."""
+
+    name = "unpaired"
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.terms = resolve_terms(cfg.loss, cfg.losses, data="unpaired")
+        self.references = {}
+        self.labels = {}  # split -> bool tensor by example index
+        self.reward_shift = RunningMean()
+
+    def prepare(self) -> PreparedData:
+        from alignkit.data.unpaired import load_unpaired_examples
+
+        train, held, notes = load_examples(self.cfg, load_unpaired_examples)
+        d = self.cfg.data
+        out = []
+        for split, examples in (("train", train), ("eval", held)):
+            items, stats = tokenize_unpaired(examples, self.tokenizer, d.max_length, d.max_prompt_length)
+            self.labels[split] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
+            out.append(items)
+            if split == "train":
+                notes.append(stats.summary(d.max_length))
+                n_good = int(self.labels["train"].sum())
+                notes.append(f"{n_good} desirable and {len(examples) - n_good} undesirable training completions")
+        return PreparedData(out[0], out[1], notes)
+
+    def loss(self, model, batch: TokenBatch, split: str):
+        out = segment_logps(model, batch, self.cfg.train.logprob_chunk_size)
+        b = batch.num_examples
+        inputs = {"policy_logps": out.logps[:b], "policy_kl_logps": out.logps[b:].detach(),
+                  "counts": out.counts[:b], "labels": self.labels[split][batch.example_ids].to(out.logps.device),
+                  "reward_shift": torch.tensor(self.reward_shift.value, device=out.logps.device)}
+        if self.needs_reference:
+            ref, ref_kl = self.references[split].pair_logps(model, batch, self.cfg.train.logprob_chunk_size,
+                                                            out.logps.device)
+            inputs["ref_logps"], inputs["ref_kl_logps"] = ref, ref_kl
+        per_example, metrics = apply_terms(self.terms, inputs)
+        if split == "train" and "bco/reward_mean" in metrics:
+            self.reward_shift.update(metrics["bco/reward_mean"])
+        good = inputs["labels"]
+        metrics["logps/desirable"] = out.logps[:b][good].detach()
+        metrics["logps/undesirable"] = out.logps[:b][~good].detach()
+        if "rewards" in metrics:
+            metrics["rewards/desirable"] = metrics["rewards"][good]
+            metrics["rewards/undesirable"] = metrics["rewards"][~good]
+        return per_example.sum(), metrics
+
+
+class RunningMean:
+    """Mean of every value seen so far (BCO's reward shift delta; BCO paper, sec. 3.2)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        self.total += float(values.detach().float().sum())
+        self.count += values.numel()
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.count = state["total"], state["count"]
+
+
+def tokenize_unpaired(examples: list, tokenizer, max_length: int, max_prompt_length):
+    """Unpaired examples -> TokenizedPairs (completion, mismatched completion)."""
+    as_pairs = [
+        PreferenceExample(e.prompt, e.completion, examples[(i + 1) % len(examples)].completion, e.source, e.plain_text)
+        for i, e in enumerate(examples)
+    ]
+    return tokenize_pairs(as_pairs, tokenizer, max_length, max_prompt_length)
+
+
+RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "unpaired": UnpairedRecipe}
 
 
 def make_recipe(cfg: RunConfig, tokenizer):

@@ -1,0 +1,48 @@
+"""Unpaired preference records: one completion with a desirable / undesirable label.
+
+    {"prompt": "...", "completion": "...", "label": true}
+
+Strings or message lists as in pairs; `label` is a JSON boolean, 0/1, or (for CSV, whose cells are
+text) "true"/"false". Used by KTO and BCO (`recipe: unpaired`).
+"""
+
+from __future__ import annotations
+
+from alignkit.data.examples import UnpairedExample
+from alignkit.data.formats import LoadResult, _check_columns, _load, _Record
+
+UNPAIRED_FIELDS = ("prompt", "completion", "label")
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _label(rec: _Record) -> bool:
+    value = rec.get("label")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise rec.error(
+        f"{rec.label('label')} must be true (desirable) or false (undesirable), found {value!r}"
+    )
+
+
+def parse_unpaired_record(record: object, location: str, columns: dict | None = None) -> UnpairedExample:
+    """Validate one unpaired record: prompt, completion and a boolean label."""
+    columns = _check_columns(columns, UNPAIRED_FIELDS, "unpaired")
+    rec = _Record(record, location, columns, UNPAIRED_FIELDS)
+    prompt, prompt_plain = rec.messages("prompt", rec.get("prompt"), "user")
+    if not any(m["content"].strip() for m in prompt):
+        raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
+    completion, completion_plain = rec.messages("completion", rec.get("completion"), "assistant")
+    rec.check_completion(rec.label("completion"), completion)
+    return UnpairedExample(tuple(prompt), tuple(completion), _label(rec), location,
+                           prompt_plain and completion_plain)
+
+
+def load_unpaired_examples(path: str, *, columns=None, on_bad_record: str = "error",
+                           split: str | None = None) -> LoadResult:
+    """Read and validate every unpaired record of `path`."""
+    columns = _check_columns(columns, UNPAIRED_FIELDS, "unpaired")
+    return _load(path, parse_unpaired_record, columns, on_bad_record, split)
