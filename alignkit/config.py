@@ -124,8 +124,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    recipe: Literal["sft", "dpo", "unpaired"] = "dpo"
-    """`sft` (supervised fine-tuning), `dpo` (paired losses: choose under `loss`) or `unpaired` (KTO, BCO on labelled completions)."""
+    recipe: Literal["sft", "dpo", "unpaired", "masked"] = "dpo"
+    """`sft`; `dpo` (paired losses, chosen under `loss`); `unpaired` (KTO, BCO on labelled completions); `masked` (Mask-DPO on sentence-labelled pairs)."""
     output_dir: str = "runs/alignkit"
     """Run directory: checkpoints, metrics.jsonl, the final model."""
     seed: int = 0

@@ -47,24 +47,27 @@ class TokenBatch:
 
 
 def _pad_rows(rows: list, pad_id: int) -> TokenBatch:
-    """rows: list of (token ids, number of leading unscored tokens, segment id)."""
-    width = max(len(ids) for ids, _, _ in rows)
+    """rows: list of (token ids, number of leading unscored tokens, segment id[, completion mask])."""
+    width = max(len(row[0]) for row in rows)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.long)
     segments = torch.full((n, width), -1, dtype=torch.long)
-    for r, (ids, n_unscored, seg) in enumerate(rows):
+    for r, (ids, n_unscored, seg, *mask) in enumerate(rows):
         input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[r, : len(ids)] = 1
         segments[r, n_unscored: len(ids)] = seg
+        if mask and mask[0] is not None:  # only the masked completion tokens are scored
+            keep = torch.tensor(mask[0], dtype=torch.bool)
+            segments[r, n_unscored: len(ids)][~keep] = -1
     return input_ids, attention, segments
 
 
 def collate_pairs(pairs: list, pad_id: int) -> TokenBatch:
     """TokenizedPairs -> a padded batch (chosen rows, then rejected rows)."""
     b = len(pairs)
-    rows = [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids), i) for i, p in enumerate(pairs)]
-    rows += [(p.prompt_ids + p.rejected_ids, len(p.prompt_ids), b + i) for i, p in enumerate(pairs)]
+    rows = [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids), i, p.chosen_mask) for i, p in enumerate(pairs)]
+    rows += [(p.prompt_ids + p.rejected_ids, len(p.prompt_ids), b + i, p.rejected_mask) for i, p in enumerate(pairs)]
     ids, att, seg = _pad_rows(rows, pad_id)
     return TokenBatch(ids, att, seg, 2 * b, torch.tensor([p.index for p in pairs], dtype=torch.long))
 

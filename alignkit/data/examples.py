@@ -45,3 +45,14 @@ class UnpairedExample:
     desirable: bool  # True: the completion is good (thumbs up)
     source: str
     plain_text: bool = False
+
+
+@dataclass(frozen=True)
+class MaskedPreferenceExample(PreferenceExample):
+    """A pair whose completions carry sentence labels (Mask-DPO): only some characters are scored.
+
+    Spans are (start, end) character ranges in the final assistant message's content: the correct
+    sentences of chosen and the incorrect sentences of rejected."""
+
+    chosen_spans: tuple = ()
+    rejected_spans: tuple = ()

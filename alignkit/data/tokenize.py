@@ -21,6 +21,8 @@ class TokenizedPair:
     rejected_ids: list
     index: int  # position in the loaded data set (keys the reference cache)
     truncated: bool = False
+    chosen_mask: list | None = None  # per completion token: scored? (None: all; Mask-DPO sets it)
+    rejected_mask: list | None = None
 
 
 @dataclass

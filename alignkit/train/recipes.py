@@ -100,10 +100,11 @@ class PreferenceRecipe:
     """The DPO family: any registered paired loss on (prompt, chosen, rejected) examples."""
 
     name = "dpo"
+    data = "paired"
 
     def __init__(self, cfg: RunConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.terms = resolve_terms(cfg.loss, cfg.losses, data="paired")
+        self.terms = resolve_terms(cfg.loss, cfg.losses, data=self.data)
         self.references = {}  # split -> CachedReference | LiveReference
         self.reward_shift = RunningMean()  # BCO's delta; unused by other losses
 
@@ -134,12 +135,17 @@ class PreferenceRecipe:
             ref_c, ref_r = self.references[split].pair_logps(model, batch, self.cfg.train.logprob_chunk_size,
                                                              out.logps.device)
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_c, ref_r
+        inputs.update(self.extra_inputs(inputs))
         per_example, metrics = apply_terms(self.terms, inputs)
         if split == "train" and "bco/reward_mean" in metrics:
             self.reward_shift.update(metrics["bco/reward_mean"])
         metrics["logps/chosen"] = inputs["policy_chosen_logps"].detach()
         metrics["logps/rejected"] = inputs["policy_rejected_logps"].detach()
         return per_example.sum(), metrics
+
+    def extra_inputs(self, inputs: dict) -> dict:
+        """More loss inputs derived from the standard ones (a subclass hook)."""
+        return {}
 
     def state_dict(self) -> dict:
         """State that a resumed run needs besides weights and optimizer (BCO's running shift)."""
@@ -159,10 +165,11 @@ class UnpairedRecipe(PreferenceRecipe):
     read the mismatched rows; they cost one extra forward per example until packing lands."""
 
     name = "unpaired"
+    data = "unpaired"
 
     def __init__(self, cfg: RunConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.terms = resolve_terms(cfg.loss, cfg.losses, data="unpaired")
+        self.terms = resolve_terms(cfg.loss, cfg.losses, data=self.data)
         self.references = {}
         self.labels = {}  # split -> bool tensor by example index
         self.reward_shift = RunningMean()
@@ -235,7 +242,26 @@ def tokenize_unpaired(examples: list, tokenizer, max_length: int, max_prompt_len
     return tokenize_pairs(as_pairs, tokenizer, max_length, max_prompt_length)
 
 
-RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "unpaired": UnpairedRecipe}
+class MaskedRecipe(PreferenceRecipe):
+    """Mask-DPO on sentence-labelled pairs: the pair's sums run over the scored sentences only.
+
+    The masks are applied in the batch layout (unscored tokens get segment -1), so the sums the
+    loop computes, for the policy and for the cached reference alike, are already the masked sums
+    Mask-DPO needs (arXiv 2503.02846)."""
+
+    name = "masked"
+    data = "masked"
+
+    def prepare(self) -> PreparedData:
+        from alignkit.data.masked import load_masked_examples, tokenize_masked_pairs
+
+        return prepare_data(self.cfg, self.tokenizer, load_masked_examples, tokenize_masked_pairs)
+
+    def extra_inputs(self, inputs: dict) -> dict:
+        return {k.replace("_logps", "_masked_logps"): v for k, v in inputs.items() if k.endswith("_logps")}
+
+
+RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "unpaired": UnpairedRecipe, "masked": MaskedRecipe}
 
 
 def make_recipe(cfg: RunConfig, tokenizer):

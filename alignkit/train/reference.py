@@ -41,7 +41,7 @@ def cache_key(fingerprint: dict, items: list, precision: str) -> str:
     h.update(json.dumps(fingerprint, sort_keys=True).encode())
     h.update(precision.encode())
     for it in items:
-        h.update(json.dumps([it.prompt_ids, it.chosen_ids, it.rejected_ids]).encode())
+        h.update(json.dumps([it.prompt_ids, it.chosen_ids, it.rejected_ids, it.chosen_mask, it.rejected_mask]).encode())
     return h.hexdigest()[:24]
 
 
