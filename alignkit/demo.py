@@ -2,11 +2,12 @@
 
 The steps, each timed:
   1. load the bundled model (de-quantized and cached on first use);
-  2. greedy replies to training prompts and to held-out prompts (the "before" measurement);
-  3. preference pairs from the model's own training replies: rejected = the reply that ignored
-     the instruction, chosen = the same reply minimally edited to follow it
-     (`alignkit.demo_task.preference_pair`);
-  4. DPO with alignkit's own training loop (cached reference log-probs);
+  2. greedy replies to the training requests and to the held-out prompts (the "before");
+  3. preference pairs from the model's own training replies (`alignkit.demo_task.build_pairs`):
+     chosen = the reply minimally edited to follow the instruction; rejected = the reply as it
+     was, or with the word / phrase at the wrong end;
+  4. DPO plus an NLL term on the chosen reply (as RPO, arXiv 2404.19733) with alignkit's own
+     training loop and cached reference log-probs;
   5. greedy replies of the aligned model to the same held-out prompts (the "after").
 The score is judged by code (`alignkit.demo_task.judge`). The held-out prompts share no topic and
 no required phrase with the training prompts. A 95% paired bootstrap interval over held-out
@@ -30,16 +31,16 @@ from alignkit.models import DEFAULT_MODEL, default_model_dir, load_model, load_t
 from alignkit.config import ModelConfig
 from alignkit.train.loop import train
 
-N_TRAIN = 160  # training prompts; about 85% become pairs (replies already compliant or cut off are skipped)
+N_TRAIN = 96  # training requests; each usable reply gives two pairs (fix, misplace)
 N_HELDOUT = 200  # held-out prompts: enough for a paired interval of about +-6 points
-N_PLAIN = 100  # held-out requests without any instruction, for the unasked-formatting side check
+N_PLAIN = 50  # held-out requests without any instruction, for the unasked-formatting side check
 GEN = SamplingParams(max_new_tokens=48)  # greedy: deterministic before/after
 GEN_BATCH = 100
 
 # DPO settings for the demo (measured; see README "The demo").
 TRAIN_OVERRIDES = [
-    "recipe=dpo", "loss.name=dpo", "loss.beta=0.1",
-    "train.learning_rate=1e-5", "train.batch_size=8", "train.max_steps=24", "train.warmup_ratio=0.1",
+    "recipe=dpo", "losses=[{name: dpo, beta: 0.1, weight: 1.0}, {name: sft, weight: 1.0}]",
+    "train.learning_rate=1e-5", "train.batch_size=8", "train.max_steps=16", "train.warmup_ratio=0.1",
     "train.lr_schedule=cosine", "data.eval_fraction=0", "data.max_length=192", "train.tensorboard=false",
 ]
 
@@ -67,14 +68,13 @@ def _replies(model, tok, prompts: list, progress: bool, desc: str) -> list[str]:
 
 
 def _write_pairs(path: Path, items: list, replies: list) -> tuple[int, int]:
-    rows = []
-    for item, reply in zip(items, replies):
-        pair = demo_task.preference_pair(item, reply)
-        if pair is not None:
-            rows.append({"prompt": item.messages(), "chosen": pair[0], "rejected": pair[1]})
+    """Write the pairs as ordinary alignkit preference data; return (pairs, requests skipped)."""
+    pairs = demo_task.build_pairs(items, replies)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return len(rows), len(items) - len(rows)
+    path.write_text("".join(json.dumps({"prompt": p.messages, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                            for p in pairs))
+    used = sum(demo_task.usable_reply(i, r) for i, r in zip(items, replies))
+    return len(pairs), len(items) - used
 
 
 def _score(items: list, replies: list) -> dict:
@@ -101,13 +101,13 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, progress: bool = True
         mcfg = ModelConfig(name_or_path=str(model_dir))
         tok, model = load_tokenizer(mcfg), load_model(mcfg, device=torch.device("cpu"), for_training=False)
     with timer("replies before training"):
-        train_replies = _replies(model, tok, [i.messages() for i in train_items], progress, "training prompts")
+        train_replies = _replies(model, tok, [i.plain_messages() for i in train_items], progress, "training requests")
         before_replies = _replies(model, tok, [i.messages() for i in heldout], progress, "held-out (before)")
         plain_before = _replies(model, tok, [i.plain_messages() for i in plain], progress, "no instruction (before)")
     del model
     n_pairs, n_skipped = _write_pairs(out / "data" / "train_pairs.jsonl", train_items, train_replies)
-    print(f"demo: {n_pairs} preference pairs from {len(train_items)} training prompts "
-          f"({n_skipped} skipped: reply already compliant, cut off, or too short)", flush=True)
+    print(f"demo: {n_pairs} preference pairs from {len(train_items)} training requests "
+          f"({n_skipped} skipped: reply cut off, repetitive, too short or already compliant)", flush=True)
 
     with timer("DPO training"):
         cfg = load_config(None, TRAIN_OVERRIDES + [
@@ -131,8 +131,8 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, progress: bool = True
         "by_constraint": {"before": before["by_constraint"], "after": after["by_constraint"]},
         "mentions_topic": {"before": before["mentions_topic"], "after": after["mentions_topic"]},
         "unasked_formatting": {
-            "before": sum(map(demo_task.breaks_format_unasked, plain_before)) / len(plain),
-            "after": sum(map(demo_task.breaks_format_unasked, plain_after)) / len(plain),
+            "before": sum(map(demo_task.adds_unasked, plain_before)) / len(plain),
+            "after": sum(map(demo_task.adds_unasked, plain_after)) / len(plain),
         },
         "pairs": n_pairs, "train_steps": result.steps, "seed": seed,
         "times_s": timer.times, "total_s": round(time.perf_counter() - start, 1),

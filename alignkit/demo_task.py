@@ -1,38 +1,45 @@
-"""The `alignkit demo` task: follow a verifiable formatting instruction.
+"""The `alignkit demo` task: begin or end a reply with the exact wording the user asks for.
 
-Each prompt asks for one short sentence about an everyday topic and adds one formatting
-instruction that code can check exactly (the "verifiable instructions" idea of IFEval,
-arXiv 2311.07911):
+Each prompt asks for one short sentence about an everyday topic and adds one instruction that
+code can check exactly (the "verifiable instructions" idea of IFEval, arXiv 2311.07911):
 
-    lowercase   "... Your entire reply must be in lowercase letters."
-    uppercase   "... Write your whole reply in capital letters."
-    quotes      "... Wrap your entire reply in double quotation marks."
-    end_phrase  '... End your reply with the exact phrase "Good luck!"'
+    start_word  'Describe owls in one sentence. Begin your reply with the word "Truly".'
+    end_phrase  'Write one sentence about tea. End your reply with the exact phrase "Good luck!"'
 
-Why this task. SmolLM2-135M-Instruct writes a fine sentence about the topic but ignores the
-instruction: with greedy decoding it follows it on ~0% of prompts (measured: every reply
-starts with a capital letter, none is quoted, none ends with the asked phrase). Following a
-user's explicit formatting instruction is a behaviour a user notices and cares about, and a
-judge in a few lines of Python decides it without a reward model, so the before/after numbers
-are exact, reproducible and cheap. Lowercase and uppercase are both in the mix, so a model
-that just changes every reply's case in one direction cannot score on both: the instruction
-has to be read.
+Why this task. SmolLM2-135M-Instruct writes a fluent sentence about the topic but mostly
+ignores the instruction: with greedy decoding it ends with the asked phrase on ~2% of prompts
+and starts with the asked word on ~30%. Doing what the user explicitly asked for is a
+behaviour a user notices, and a judge of a few lines decides it without a reward model, so
+the before/after numbers are exact, reproducible and cheap. The word or phrase to use comes
+from the prompt and differs between prompts, so there is no fixed string to memorise: the
+model has to read the instruction and copy from it to the right place.
 
-Why the judge is honest. `judge` checks only the instruction, plus a floor against
-degenerate replies: a reply must keep at least three words of its own (besides the required
-phrase or quotes), so "The end." or '""' do not pass. It does not check that the sentence is
-good or on topic; `mentions_topic` is a separate, cruder check used to show the replies still
-talk about the topic after training (a guard against reward hacking, not part of the score).
+Why the judge is honest (`judge`). Besides the instruction itself it demands a usable reply,
+because a model trained against a bare "starts with X" check learns to write "Truly truly
+truly ..." (we saw exactly that in a prototype run). A reply passes only if it also
+  * has at least MIN_WORDS words of its own besides the asked word or phrase,
+  * is finished: ends with ".", "!", "?" or a closing quote (a reply cut off at the
+    generation limit is not),
+  * is not degenerate: no word three times in a row, no four-word sequence twice, and at
+    least half of its words distinct (replies of 8+ words),
+  * does not parrot the instruction (no four consecutive words of it, e.g. "the first word of
+    your reply must be ...").
+It does not check that the sentence is true or on topic; `mentions_topic` is a separate,
+cruder check reported beside the score to show replies still talk about the topic.
 
-Train / held-out split. Topics are split once, by a fixed rule that does not depend on the
-seed, into disjoint train and held-out lists; the `end_phrase` phrases are split the same way.
-So a held-out prompt never shares its topic, nor its required phrase, with any training
-prompt; the request and instruction wordings are shared (they are the "task").
+Train / held-out split. Topics, words and phrases are each split once, by a fixed rule that
+does not depend on the run's seed, into disjoint train and held-out lists. A held-out prompt
+therefore never shares its topic, nor the word or phrase it asks for, with any training
+prompt; only the wordings of the request and instruction templates are shared (they are the
+task).
 
-Preference pairs (`preference_pair`): rejected = the model's own reply that breaks the
-instruction; chosen = the same reply minimally edited by `satisfy` so that it follows it
-(lower-cased, upper-cased, wrapped in quotes, or with the phrase appended). Both sides are
-the model's own words, so the pair differs only where the instruction matters.
+Preference pairs (`build_pairs`) are built from the model's own greedy reply r to the request
+without the instruction (the base model ignores the instruction anyway):
+    fix       chosen = r with the word put in front / the phrase appended (`satisfy`),
+              rejected = r.
+    misplace  chosen = the same fixed reply, rejected = r with the word or phrase at the wrong
+              end (the failure "Good luck! The sun is ... " we saw after naive training).
+Both sides are the model's own words, so a pair differs only where the instruction matters.
 
 Everything here is pure Python and deterministic for a given seed.
 """
@@ -40,10 +47,12 @@ Everything here is pure Python and deterministic for a given seed.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
-ALL_CONSTRAINTS = ("lowercase", "uppercase", "quotes", "end_phrase", "start_word")
-CONSTRAINTS = ("lowercase", "uppercase", "quotes", "end_phrase")
+CONSTRAINTS = ("start_word", "end_phrase")
+PAIR_KINDS = ("fix", "misplace", "plain")
+MIN_WORDS = 3  # a reply must keep at least this many words of its own to pass
 
 # Everyday topics a 135M chat model can write a sentence about. Written for this demo.
 _TOPICS = (
@@ -80,18 +89,18 @@ _TOPICS = (
     "lobsters", "ducks", "swans", "flamingos", "peacocks", "hummingbirds", "crows", "pigeons",
 )
 
-# Phrases for `end_phrase`; split train/held-out like the topics.
+# Words for `start_word` (sentence openers that read naturally before a comma).
+_WORDS = (
+    "Indeed", "Certainly", "Well", "Honestly", "Interestingly", "Surprisingly", "Absolutely",
+    "Sure", "Actually", "Basically", "Clearly", "Naturally", "Remarkably", "Notably",
+    "Undoubtedly", "Truly",
+)
+
+# Phrases for `end_phrase`.
 _PHRASES = (
     "Have a nice day!", "That is all.", "Thanks for asking!", "I hope this helps.", "Stay curious!",
     "The end.", "See you soon!", "Enjoy!", "Good luck!", "Best wishes.", "Have fun!",
     "Until next time.", "Keep learning!", "Cheers!", "Take care.", "Happy reading!",
-)
-
-# Openers for `start_word`; split like the topics.
-_OPENERS = (
-    "Indeed", "Certainly", "Well", "Honestly", "Interestingly", "Surprisingly", "Absolutely",
-    "Sure", "Actually", "Basically", "Clearly", "Naturally", "Remarkably", "Notably",
-    "Undoubtedly", "Truly",
 )
 
 _REQUESTS = (
@@ -102,21 +111,6 @@ _REQUESTS = (
 )
 
 _INSTRUCTIONS = {
-    "lowercase": (
-        "Your entire reply must be in lowercase letters, with no capital letters at all.",
-        "Use only lowercase letters in your reply.",
-        "Do not use any capital letters in your reply.",
-    ),
-    "uppercase": (
-        "Your entire reply must be in capital letters.",
-        "Write your whole reply in uppercase letters.",
-        "Use only capital letters in your reply.",
-    ),
-    "quotes": (
-        "Wrap your entire reply in double quotation marks.",
-        "Put your whole reply inside double quotes.",
-        "Enclose your entire reply in double quotation marks.",
-    ),
     "start_word": (
         'Begin your reply with the word "{phrase}".',
         'Start your reply with the word "{phrase}".',
@@ -130,33 +124,31 @@ _INSTRUCTIONS = {
 }
 
 _SPLIT_SEED = 20240917  # fixed: the train/held-out split must not move with the run's seed
-_OPEN_QUOTES = ('"', "\u201c")
-_CLOSE_QUOTES = ('"', "\u201d")
-MIN_WORDS = 3  # a reply must keep at least this many words of its own to pass
+_CLOSE = (".", "!", "?", '"', "\u201d")
+_I_WORDS = ("I", "I'm", "I've", "I'd", "I'll")
 
 
-def _split(items: tuple, heldout_every: int = 2) -> tuple[tuple, tuple]:
+def _split(items: tuple) -> tuple[tuple, tuple]:
+    """Fixed half/half split: (train, held-out)."""
     order = list(items)
     random.Random(_SPLIT_SEED).shuffle(order)
-    held = tuple(x for i, x in enumerate(order) if i % heldout_every == 0)
-    train = tuple(x for i, x in enumerate(order) if i % heldout_every != 0)
-    return train, held
+    return tuple(order[1::2]), tuple(order[0::2])
 
 
 TRAIN_TOPICS, HELDOUT_TOPICS = _split(_TOPICS)
+TRAIN_WORDS, HELDOUT_WORDS = _split(_WORDS)
 TRAIN_PHRASES, HELDOUT_PHRASES = _split(_PHRASES)
-TRAIN_OPENERS, HELDOUT_OPENERS = _split(_OPENERS)
 
 
 @dataclass(frozen=True)
 class DemoPrompt:
-    """One prompt: a request about `topic` plus one formatting `constraint`."""
+    """One prompt: a request about `topic` plus one instruction (`constraint`, `phrase`)."""
 
     topic: str
     request: str  # the request alone, e.g. "Write one sentence about cats."
     constraint: str  # one of CONSTRAINTS
-    instruction: str  # the formatting instruction as shown to the model
-    phrase: str | None = None  # the required ending, for constraint == "end_phrase"
+    instruction: str  # the instruction as shown to the model
+    phrase: str  # the word to begin with, or the phrase to end with
 
     @property
     def text(self) -> str:
@@ -168,18 +160,16 @@ class DemoPrompt:
         return [{"role": "user", "content": self.text}]
 
     def plain_messages(self) -> list[dict]:
-        """The same request without the instruction (for the no-instruction side check)."""
+        """The request without the instruction: what pair replies are generated from, and the
+        prompt of the no-instruction side check."""
         return [{"role": "user", "content": self.request}]
 
 
-def _make(topics: tuple, phrases: tuple, n: int, seed: int, constraints=CONSTRAINTS, openers=()) -> list[DemoPrompt]:
-    """n distinct prompts, constraints balanced (round-robin), topics drawn without repeats
-    until the list is used up (then again from a fresh shuffle)."""
+def _make(n: int, seed: int, topics: tuple, words: tuple, phrases: tuple) -> list[DemoPrompt]:
+    """n distinct prompts; constraints alternate; topics drawn without repeats until used up."""
+    if n < 0 or n > len(topics) * len(_REQUESTS) * 3 * min(len(words), len(phrases)):
+        raise ValueError(f"cannot make {n} distinct prompts from {len(topics)} topics")
     rng = random.Random(seed)
-    combos = len(topics) * len(_REQUESTS) * len(constraints) * max(
-        len(v) for v in _INSTRUCTIONS.values())
-    if n > combos:
-        raise ValueError(f"asked for {n} prompts but this split has only ~{combos} distinct ones")
     out: list[DemoPrompt] = []
     seen: set[str] = set()
     pool: list[str] = []
@@ -188,173 +178,170 @@ def _make(topics: tuple, phrases: tuple, n: int, seed: int, constraints=CONSTRAI
             pool = list(topics)
             rng.shuffle(pool)
         topic = pool.pop()
-        constraint = constraints[len(out) % len(constraints)]
-        request = rng.choice(_REQUESTS).format(topic=topic)
-        phrase = (rng.choice(phrases) if constraint == "end_phrase" else
-                  rng.choice(openers) if constraint == "start_word" else None)
-        instruction = rng.choice(_INSTRUCTIONS[constraint]).format(phrase=phrase)
-        item = DemoPrompt(topic, request, constraint, instruction, phrase)
-        if item.text in seen:
-            continue
-        seen.add(item.text)
-        out.append(item)
+        constraint = CONSTRAINTS[len(out) % len(CONSTRAINTS)]
+        phrase = rng.choice(words if constraint == "start_word" else phrases)
+        item = DemoPrompt(topic, rng.choice(_REQUESTS).format(topic=topic), constraint,
+                          rng.choice(_INSTRUCTIONS[constraint]).format(phrase=phrase), phrase)
+        if item.text not in seen:
+            seen.add(item.text)
+            out.append(item)
     return out
 
 
-def train_prompts(n: int, seed: int = 0, constraints=CONSTRAINTS) -> list[DemoPrompt]:
-    """n training prompts (train topics and train phrases only), deterministic for `seed`."""
-    return _make(TRAIN_TOPICS, TRAIN_PHRASES, n, seed, constraints, TRAIN_OPENERS)
+def train_prompts(n: int, seed: int = 0) -> list[DemoPrompt]:
+    """n training prompts (train topics, words and phrases only), deterministic for `seed`."""
+    return _make(n, seed, TRAIN_TOPICS, TRAIN_WORDS, TRAIN_PHRASES)
 
 
-def heldout_prompts(n: int = 200, seed: int = 0, constraints=CONSTRAINTS) -> list[DemoPrompt]:
-    """n evaluation prompts from the held-out topics and phrases, deterministic for `seed`.
+def heldout_prompts(n: int = 200, seed: int = 0) -> list[DemoPrompt]:
+    """n evaluation prompts from the held-out topics, words and phrases; half of each constraint.
 
-    Disjoint from every `train_prompts` output for any seed: no shared topic or phrase. The
-    default seed gives the demo's fixed benchmark; keep it fixed when comparing runs."""
-    return _make(HELDOUT_TOPICS, HELDOUT_PHRASES, n, seed + 1_000_003, constraints, HELDOUT_OPENERS)
-
-
-def _words(text: str) -> int:
-    return len(text.split())
+    Disjoint from every `train_prompts` output for any seed (no shared topic, word or phrase).
+    The default seed is the demo's fixed benchmark; keep it fixed when comparing runs."""
+    return _make(n, seed + 1_000_003, HELDOUT_TOPICS, HELDOUT_WORDS, HELDOUT_PHRASES)
 
 
-def judge(item: DemoPrompt, response: str) -> bool:
-    """True iff `response` follows `item`'s formatting instruction (and is not degenerate).
+# ----------------------------------------------------------------------------- judging
 
-    lowercase   no uppercase character anywhere, and at least one letter.
-    uppercase   no lowercase character anywhere, and at least one letter.
-    quotes      after stripping whitespace, starts with a double quote (" or \u201c) and ends
-                with one (" or \u201d).
-    end_phrase  after stripping whitespace, ends with the exact phrase (case and punctuation
-                as given).
-    For all: at least MIN_WORDS words besides the quotes or the phrase, so an empty reply or
-    the bare phrase does not count as following the instruction.
-    """
-    r = response.strip()
-    if item.constraint == "lowercase":
-        return not any(c.isupper() for c in r) and any(c.isalpha() for c in r) and _words(r) >= MIN_WORDS
-    if item.constraint == "uppercase":
-        return not any(c.islower() for c in r) and any(c.isalpha() for c in r) and _words(r) >= MIN_WORDS
-    if item.constraint == "quotes":
-        return (len(r) >= 2 and r.startswith(_OPEN_QUOTES) and r.endswith(_CLOSE_QUOTES)
-                and _words(r[1:-1]) >= MIN_WORDS)
-    if item.constraint == "end_phrase":
-        assert item.phrase is not None, "end_phrase prompt without a phrase"
-        return r.endswith(item.phrase) and _words(r[: len(r) - len(item.phrase)]) >= MIN_WORDS
-    if item.constraint == "start_word":
-        assert item.phrase is not None, "start_word prompt without a word"
-        rest = r[len(item.phrase):]
-        return (r.startswith(item.phrase) and not rest[:1].isalnum()
-                and _words(rest.lstrip(",.!:;- ")) >= MIN_WORDS)
-    raise ValueError(f"unknown constraint {item.constraint!r}; expected one of {ALL_CONSTRAINTS}")
-
-
-_I_WORDS = ("I", "I'm", "I've", "I'd", "I'll")
-
-
-def satisfy(item: DemoPrompt, response: str) -> str:
-    """The smallest edit of `response` that follows `item`'s instruction (used for chosen replies).
-
-    Lower- or upper-cases it, wraps it in double quotes (after removing quotes already around
-    it), or appends the phrase after a space. The words stay the model's own."""
-    r = response.strip()
-    if item.constraint == "lowercase":
-        return r.lower()
-    if item.constraint == "uppercase":
-        return r.upper()
-    if item.constraint == "quotes":
-        return '"' + r.strip('"\u201c\u201d ') + '"'
-    if item.constraint == "end_phrase":
-        assert item.phrase is not None, "end_phrase prompt without a phrase"
-        return r if r.endswith(item.phrase) else f"{r} {item.phrase}"
-    if item.constraint == "start_word":
-        assert item.phrase is not None, "start_word prompt without a word"
-        first = r.split()[0] if r.split() else ""
-        keep = first in _I_WORDS or sum(c.isupper() for c in first) > 1
-        return f"{item.phrase}, {r if keep else r[:1].lower() + r[1:]}"
-    raise ValueError(f"unknown constraint {item.constraint!r}; expected one of {CONSTRAINTS}")
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
 
 
 def is_complete(response: str) -> bool:
-    """Heuristic: the reply ends like a finished sentence (., !, ? or a closing quote).
-
-    Generation that hit max_new_tokens usually stops mid-sentence; such replies make poor
-    chosen replies, so `preference_pair` skips them."""
-    return response.strip().endswith((".", "!", "?") + _CLOSE_QUOTES)
+    """The reply ends like a finished sentence: ".", "!", "?" or a closing quote. Generation
+    that hit its token limit usually stops mid-sentence."""
+    return response.strip().endswith(_CLOSE)
 
 
-def preference_pair(item: DemoPrompt, response: str) -> tuple[str, str] | None:
-    """(chosen, rejected) built from the model's own `response` to `item`, or None.
+def is_degenerate(response: str) -> bool:
+    """Repetition that no fluent reply has: a word three times in a row, a four-word sequence
+    twice, or (8+ words) fewer than half of the words distinct."""
+    w = _tokens(response)
+    if any(w[i] == w[i + 1] == w[i + 2] for i in range(len(w) - 2)):
+        return True
+    grams = [tuple(w[i:i + 4]) for i in range(len(w) - 3)]
+    if len(grams) != len(set(grams)):
+        return True
+    return len(w) >= 8 and len(set(w)) < len(w) / 2
 
-    None when the response already follows the instruction (nothing to prefer), when it looks
-    cut off (`is_complete`), or when it has fewer than MIN_WORDS words (its edit would fail
-    the judge). Otherwise rejected = the response, chosen = `satisfy(item, response)`.
-    Completions are returned without the end-of-turn token; append it when tokenizing."""
+
+def echoes_instruction(item: DemoPrompt, response: str) -> bool:
+    """The reply repeats four consecutive words of the instruction (the asked word or phrase
+    itself excluded), e.g. 'Truly, the first word of your reply must be "Truly".'"""
+    ins = _tokens(item.instruction.replace(item.phrase, " | "))
+    r = " " + " ".join(_tokens(response)) + " "
+    return any(" " + " ".join(ins[i:i + 4]) + " " in r for i in range(len(ins) - 3))
+
+
+def follows(item: DemoPrompt, response: str) -> bool:
+    """The instruction alone: the first word is `phrase` (then a non-letter), or the reply ends
+    with `phrase` exactly (case and punctuation as given). Whitespace around is ignored."""
     r = response.strip()
-    if judge(item, r) or not is_complete(r) or _words(r) < MIN_WORDS:
-        return None
-    chosen = satisfy(item, r)
-    if not judge(item, chosen):  # e.g. a reply with no letters at all
-        return None
-    return chosen, r
+    if item.constraint == "start_word":
+        return r.startswith(item.phrase) and not r[len(item.phrase):][:1].isalnum()
+    if item.constraint == "end_phrase":
+        return r.endswith(item.phrase)
+    raise ValueError(f"unknown constraint {item.constraint!r}; expected one of {CONSTRAINTS}")
+
+
+def judge(item: DemoPrompt, response: str) -> bool:
+    """True iff `response` follows the instruction and is a usable reply (see module docstring):
+    `follows`, at least MIN_WORDS own words, `is_complete`, not `is_degenerate`, and not
+    `echoes_instruction`."""
+    r = response.strip()
+    if not follows(item, r):
+        return False
+    own = r[len(item.phrase):] if item.constraint == "start_word" else r[: len(r) - len(item.phrase)]
+    return (len(_tokens(own)) >= MIN_WORDS and is_complete(r) and not is_degenerate(r)
+            and not echoes_instruction(item, r))
+
+
+# ----------------------------------------------------------------------------- pairs
+
+def satisfy(item: DemoPrompt, response: str) -> str:
+    """The smallest edit of `response` that follows the instruction (the chosen reply).
+
+    start_word: 'Word, ' + the reply with its first letter lower-cased (kept for "I ..." and
+    words with inner capitals such as "SmolLM"); end_phrase: the reply + ' ' + phrase."""
+    r = response.strip()
+    if item.constraint == "start_word":
+        first = r.split()[0] if r.split() else ""
+        keep = first in _I_WORDS or sum(c.isupper() for c in first) > 1
+        return f"{item.phrase}, {r if keep else r[:1].lower() + r[1:]}"
+    if item.constraint == "end_phrase":
+        return f"{r} {item.phrase}"
+    raise ValueError(f"unknown constraint {item.constraint!r}; expected one of {CONSTRAINTS}")
+
+
+def misplace(item: DemoPrompt, response: str) -> str:
+    """The word or phrase at the wrong end: 'reply Word.' / 'Phrase reply' (a rejected reply)."""
+    r = response.strip()
+    if item.constraint == "start_word":
+        return f"{r} {item.phrase}."
+    if item.constraint == "end_phrase":
+        return f"{item.phrase} {r}"
+    raise ValueError(f"unknown constraint {item.constraint!r}; expected one of {CONSTRAINTS}")
 
 
 @dataclass(frozen=True)
 class Pair:
-    """One preference pair: the prompt as chat messages and two completions (no end-of-turn token)."""
+    """One preference pair: the prompt as chat messages and two completions (no end-of-turn
+    token: append the tokenizer's one when tokenizing)."""
 
     messages: list
     chosen: str
     rejected: str
-    kind: str  # "fix" | "contrast" | "plain" (see `build_pairs`)
+    kind: str  # one of PAIR_KINDS
 
 
-def build_pairs(items: list[DemoPrompt], responses: list[str], seed: int = 0,
-                kinds: tuple[str, ...] = ("fix", "contrast", "plain"), constraints=CONSTRAINTS) -> list[Pair]:
-    """Preference pairs from the model's own replies, up to one of each kind per item.
+def usable_reply(item: DemoPrompt, response: str) -> bool:
+    """A reply worth editing into a chosen one: finished, fluent, MIN_WORDS+ words, and not
+    already following the instruction (then there is nothing to prefer)."""
+    r = response.strip()
+    return (len(_tokens(r)) >= MIN_WORDS and is_complete(r) and not is_degenerate(r)
+            and not follows(item, r))
 
-    `responses[i]` is the model's greedy reply to `items[i].request` (the request without the
-    instruction; the base model ignores the instruction anyway, so one reply serves both the
-    instructed and the plain prompt). Let r be that reply and fix = `satisfy(item, r)`:
 
-      fix       prompt with the instruction: chosen = fix, rejected = r.
-      contrast  prompt with the instruction: chosen = fix, rejected = r formatted for a
-                different, randomly drawn constraint (e.g. upper-cased for a lowercase
-                prompt). Teaches *which* format was asked, so no single format is a shortcut.
-      plain     prompt without any instruction: chosen = r, rejected = fix. Teaches not to
-                format when nobody asked, and keeps the model's own replies likely.
+def build_pairs(items: list[DemoPrompt], responses: list[str],
+                kinds: tuple[str, ...] = ("fix", "misplace")) -> list[Pair]:
+    """Preference pairs from the model's own replies; one pair of each kind in `kinds` per item.
 
-    Replies that look cut off, are shorter than MIN_WORDS words, or already follow the
-    instruction (then "fix" and "contrast" would teach nothing) are skipped. Deterministic
-    for `seed`."""
-    rng = random.Random(seed)
+    `responses[i]` is the model's greedy reply r to `items[i].plain_messages()` (the request
+    without the instruction). Items whose reply is not `usable_reply` are skipped.
+
+      fix       instructed prompt: chosen = satisfy(r), rejected = r.
+      misplace  instructed prompt: chosen = satisfy(r), rejected = misplace(r).
+      plain     prompt without the instruction: chosen = r, rejected = satisfy(r); teaches
+                not to add words nobody asked for (off by default: the side check showed no
+                such spill-over without it).
+    """
+    unknown = set(kinds) - set(PAIR_KINDS)
+    if unknown:
+        raise ValueError(f"unknown pair kinds {sorted(unknown)}; expected some of {PAIR_KINDS}")
+    if len(items) != len(responses):
+        raise ValueError(f"{len(items)} items but {len(responses)} responses")
     out: list[Pair] = []
-    for item, response in zip(items, responses, strict=True):
+    for item, response in zip(items, responses):
+        if not usable_reply(item, response):
+            continue
         r = response.strip()
-        if judge(item, r) or not is_complete(r) or _words(r) < MIN_WORDS:
-            continue
-        fix = satisfy(item, r)
-        if not judge(item, fix):
-            continue
+        fixed = satisfy(item, r)
         if "fix" in kinds:
-            out.append(Pair(item.messages(), fix, r, "fix"))
-        if "contrast" in kinds:
-            other = rng.choice([c for c in constraints if c != item.constraint])
-            phrase = (rng.choice(TRAIN_PHRASES) if other == "end_phrase" else
-                      rng.choice(TRAIN_OPENERS) if other == "start_word" else None)
-            wrong = satisfy(DemoPrompt(item.topic, item.request, other, "", phrase), r)
-            if not judge(item, wrong):
-                out.append(Pair(item.messages(), fix, wrong, "contrast"))
-        if "plain" in kinds and not breaks_format_unasked(r):
-            out.append(Pair(item.plain_messages(), r, fix, "plain"))
+            out.append(Pair(item.messages(), fixed, r, "fix"))
+        if "misplace" in kinds:
+            out.append(Pair(item.messages(), fixed, misplace(item, r), "misplace"))
+        if "plain" in kinds:
+            out.append(Pair(item.plain_messages(), r, fixed, "plain"))
     return out
 
 
+# ----------------------------------------------------------------------------- side checks
+
 def _stem(word: str) -> str:
     w = word.lower()
-    if w.endswith("ies"):
-        return w[:-3]
     if w in ("wolves", "scarves"):  # wolf, scarf
+        return w[:-3]
+    if w.endswith("ies"):
         return w[:-3]
     if w.endswith("ves"):
         return w[:-1]
@@ -366,20 +353,15 @@ def _stem(word: str) -> str:
 
 
 def mentions_topic(item: DemoPrompt, response: str) -> bool:
-    """Crude on-topic check: the reply contains the topic's last word, plural endings cut off
-    ("libraries" -> "librar", "cats" -> "cat"), case-insensitive. A side check, not the score."""
+    """Crude on-topic check: the reply contains the topic's last word with a plural ending cut
+    off ("libraries" -> "librar", "cats" -> "cat"), case-insensitive. Reported, not scored."""
     return _stem(item.topic.split()[-1]) in response.lower()
 
 
-def breaks_format_unasked(response: str) -> bool:
-    """For a reply to a request *without* any instruction: True if it nonetheless looks like one
-    of the trained formats (all lowercase, all uppercase, or wrapped in quotes). Used to check
-    that training taught the model to follow instructions, not to always apply them."""
+def adds_unasked(response: str) -> bool:
+    """For a reply to a request *without* an instruction: True if it nonetheless starts with one
+    of the demo's words (then a non-letter) or ends with one of its phrases. Checks that
+    training taught following instructions, not always decorating replies."""
     r = response.strip()
-    letters = [c for c in r if c.isalpha()]
-    if not letters:
-        return False
-    return (all(c.islower() for c in letters) or all(c.isupper() for c in letters)
-            or (r.startswith(_OPEN_QUOTES) and r.endswith(_CLOSE_QUOTES))
-            or any(r.startswith(w) and not r[len(w):len(w) + 1].isalnum() for w in _OPENERS)
+    return (any(r.startswith(w) and not r[len(w):][:1].isalnum() for w in _WORDS)
             or r.endswith(_PHRASES))

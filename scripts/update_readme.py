@@ -1,7 +1,8 @@
-"""Regenerate the README sections that come from code: the config reference and the loss table.
+"""Regenerate the docs that come from code: the README's config reference and loss table, and
+docs/losses.md (one section per loss, from its docstring).
 
-    python scripts/update_readme.py          # rewrite README.md in place
-    python scripts/update_readme.py --check  # exit 1 if README.md is stale (the tests do this)
+    python scripts/update_readme.py          # rewrite README.md and docs/losses.md in place
+    python scripts/update_readme.py --check  # exit 1 if either is stale (the tests do this)
 """
 
 from __future__ import annotations
@@ -13,6 +14,40 @@ import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+LOSS_DOCS = README.parent / "docs" / "losses.md"
+
+DATA_NOTES = {
+    "paired": "`recipe: dpo`, preference pairs",
+    "sft": "`recipe: sft` (or a term in `losses` on pairs: the chosen completion)",
+    "unpaired": "`recipe: unpaired`, records with `prompt`, `completion`, `label`",
+    "masked": "`recipe: masked`, pairs with `chosen_sentences` / `rejected_sentences`",
+    "negative": "negative samples plus model samples (recipe not wired yet)",
+}
+
+
+def loss_docs() -> str:
+    """docs/losses.md: every registered loss with its formula, paper and departures (docstrings)."""
+    import inspect
+
+    from alignkit import losses
+
+    out = ["# Losses", "",
+           "Generated from the loss docstrings by `python scripts/update_readme.py`; do not edit by hand.",
+           "Every loss is a pure function of summed log-probs (`alignkit/losses/`), tested against an",
+           "independent float64 formula and by a short training run (`tests/test_loss*.py`).", "",
+           "Metrics every pair loss logs: `rewards/chosen`, `rewards/rejected` (implicit rewards, e.g.",
+           "beta * (log pi - log pi_ref)), `rewards/margins` (their difference), `rewards/accuracies`",
+           "(fraction of pairs with chosen reward above rejected), `logps/chosen`, `logps/rejected`.", ""]
+    for spec in losses.available():
+        params = ", ".join(f"`{k}={v!r}`" for k, v in spec.params.items()) or "none"
+        out += [f"## `{spec.name}`", "", spec.summary, "",
+                f"- paper: {spec.citation}",
+                f"- data: {DATA_NOTES.get(spec.data, spec.data)}; reference model: {'yes' if spec.needs_reference else 'no'}",
+                f"- inputs: {', '.join(f'`{i}`' for i in spec.inputs)}",
+                f"- parameters: {params}",
+                f"- usage: `loss: {{name: {spec.name}}}`", "",
+                "```text", inspect.cleandoc(spec.fn.__doc__ or ""), "```", ""]
+    return "\n".join(out)
 
 
 def sections() -> dict[str, str]:
@@ -35,8 +70,11 @@ def render(text: str) -> str:
 
 
 if __name__ == "__main__":
-    current = README.read_text()
-    new = render(current)
+    current, new = README.read_text(), render(README.read_text())
+    docs_now = LOSS_DOCS.read_text() if LOSS_DOCS.is_file() else ""
+    docs_new = loss_docs()
     if "--check" in sys.argv:
-        sys.exit(0 if new == current else 1)
+        sys.exit(0 if (new, docs_new) == (current, docs_now) else 1)
     README.write_text(new)
+    LOSS_DOCS.parent.mkdir(exist_ok=True)
+    LOSS_DOCS.write_text(docs_new)

@@ -68,6 +68,7 @@ def test_readme_generated_sections_are_current():
     spec.loader.exec_module(mod)
     text = (root / "README.md").read_text()
     assert mod.render(text) == text, "README is stale: run `python scripts/update_readme.py`"
+    assert mod.loss_docs() == (root / "docs" / "losses.md").read_text(), "docs/losses.md is stale: run the script"
     assert format_help(markdown=True) in text
 
 
