@@ -72,7 +72,7 @@ def cmd_losses(args) -> int:
         print("| name | reference | data | parameters | what it does | paper |")
         print("| --- | --- | --- | --- | --- | --- |")
         for r in rows:
-            print("| " + " | ".join(f"`{r[0]}`" if i == 0 else r[i] for i in range(len(r))) + " |")
+            print("| " + " | ".join((f"`{r[0]}`",) + r[1:]) + " |")
         return 0
     for name, ref, data, params, summary, cite in rows:
         print(f"{name:<10} reference: {ref:<3}  data: {data:<7} {params}")

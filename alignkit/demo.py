@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 
 from alignkit import demo_task
-from alignkit.config import load_config
+from alignkit.config import ModelConfig, load_config
 from alignkit.eval.stats import paired_bootstrap
 from alignkit.generation import SamplingParams, generate
 from alignkit.models import DEFAULT_MODEL, default_model_dir, load_model, load_tokenizer
-from alignkit.config import ModelConfig
 from alignkit.train.loop import train
 
 N_TRAIN = 96  # training requests; each usable reply gives two pairs (fix, misplace)

@@ -129,19 +129,26 @@ class PreferenceRecipe:
             "policy_rejected_logps": out.logps[b:],
             "chosen_counts": out.counts[:b],
             "rejected_counts": out.counts[b:],
-            "reward_shift": torch.tensor(self.reward_shift.value, device=out.logps.device),
         }
+        per_example, metrics = self.apply_losses(model, batch, split, inputs,
+                                                 ("ref_chosen_logps", "ref_rejected_logps"))
+        metrics["logps/chosen"] = inputs["policy_chosen_logps"].detach()
+        metrics["logps/rejected"] = inputs["policy_rejected_logps"].detach()
+        return per_example.sum(), metrics
+
+    def apply_losses(self, model, batch: TokenBatch, split: str, inputs: dict, ref_names: tuple):
+        """Add the reference log-probs (under `ref_names`: the batch's two row groups) and the BCO
+        reward shift to `inputs`, run the loss terms, and fold the batch into the shift."""
+        device = inputs["policy_logps" if "policy_logps" in inputs else "policy_chosen_logps"].device
+        inputs["reward_shift"] = torch.tensor(self.reward_shift.value, device=device)
         if self.needs_reference:
-            ref_c, ref_r = self.references[split].pair_logps(model, batch, self.cfg.train.logprob_chunk_size,
-                                                             out.logps.device)
-            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_c, ref_r
+            first, second = self.references[split].pair_logps(model, batch, self.cfg.train.logprob_chunk_size, device)
+            inputs[ref_names[0]], inputs[ref_names[1]] = first, second
         inputs.update(self.extra_inputs(inputs))
         per_example, metrics = apply_terms(self.terms, inputs)
         if split == "train" and "bco/reward_mean" in metrics:
             self.reward_shift.update(metrics["bco/reward_mean"])
-        metrics["logps/chosen"] = inputs["policy_chosen_logps"].detach()
-        metrics["logps/rejected"] = inputs["policy_rejected_logps"].detach()
-        return per_example.sum(), metrics
+        return per_example, metrics
 
     def extra_inputs(self, inputs: dict) -> dict:
         """More loss inputs derived from the standard ones (a subclass hook)."""
@@ -194,15 +201,8 @@ class UnpairedRecipe(PreferenceRecipe):
         out = segment_logps(model, batch, self.cfg.train.logprob_chunk_size)
         b = batch.num_examples
         inputs = {"policy_logps": out.logps[:b], "policy_kl_logps": out.logps[b:].detach(),
-                  "counts": out.counts[:b], "labels": self.labels[split][batch.example_ids].to(out.logps.device),
-                  "reward_shift": torch.tensor(self.reward_shift.value, device=out.logps.device)}
-        if self.needs_reference:
-            ref, ref_kl = self.references[split].pair_logps(model, batch, self.cfg.train.logprob_chunk_size,
-                                                            out.logps.device)
-            inputs["ref_logps"], inputs["ref_kl_logps"] = ref, ref_kl
-        per_example, metrics = apply_terms(self.terms, inputs)
-        if split == "train" and "bco/reward_mean" in metrics:
-            self.reward_shift.update(metrics["bco/reward_mean"])
+                  "counts": out.counts[:b], "labels": self.labels[split][batch.example_ids].to(out.logps.device)}
+        per_example, metrics = self.apply_losses(model, batch, split, inputs, ("ref_logps", "ref_kl_logps"))
         good = inputs["labels"]
         metrics["logps/desirable"] = out.logps[:b][good].detach()
         metrics["logps/undesirable"] = out.logps[:b][~good].detach()
