@@ -55,6 +55,12 @@ def cmd_data_show(args) -> int:
     print(f"\nexample {args.index} (recipe {cfg.recipe}):")
     if cfg.recipe == "sft":
         print(explain(tokenizer, item.prompt_ids, item.completion_ids))
+    elif cfg.recipe == "negative":  # the samples come from the model at training time
+        from alignkit.data.negative import tokenize_groups
+
+        (group,), _ = tokenize_groups([item], [[]], tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
+        print(explain(tokenizer, group.prompt_ids, group.completions[0], label="rejected"))
+        print(f"\n(+ {cfg.generation.num_samples} completions sampled from the model when training starts)")
     else:
         print(explain(tokenizer, item.prompt_ids, item.chosen_ids, label="chosen"))
         print()

@@ -123,9 +123,25 @@ class TrainConfig:
 
 
 @dataclass
+class GenerationConfig:
+    num_samples: int = 4
+    """Completions sampled per prompt (D2O's K self-generated samples)."""
+    max_new_tokens: int = 128
+    """Longest sampled completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: no limit)."""
+    batch_size: int = 16
+    """Prompts generated for at once."""
+
+
+@dataclass
 class RunConfig:
-    recipe: Literal["sft", "dpo", "unpaired", "masked"] = "dpo"
-    """`sft`; `dpo` (paired losses, chosen under `loss`); `unpaired` (KTO, BCO on labelled completions); `masked` (Mask-DPO on sentence-labelled pairs)."""
+    recipe: Literal["sft", "dpo", "unpaired", "masked", "negative"] = "dpo"
+    """`sft`; `dpo` (paired losses, chosen under `loss`); `unpaired` (KTO, BCO on labelled completions); `masked` (Mask-DPO on sentence-labelled pairs); `negative` (D2O on negatives plus the model's own samples)."""
     output_dir: str = "runs/alignkit"
     """Run directory: checkpoints, metrics.jsonl, the final model."""
     seed: int = 0
@@ -142,6 +158,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +385,9 @@ def validate(cfg: RunConfig) -> None:
         "train.grad_accum": t.grad_accum,
         "train.logprob_chunk_size": t.logprob_chunk_size,
         "data.max_length": cfg.data.max_length,
+        "generation.num_samples": cfg.generation.num_samples,
+        "generation.max_new_tokens": cfg.generation.max_new_tokens,
+        "generation.batch_size": cfg.generation.batch_size,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -384,6 +404,12 @@ def validate(cfg: RunConfig) -> None:
     if mpl is not None and not 0 < mpl < cfg.data.max_length:
         raise ConfigError(
             f"`data.max_prompt_length` ({mpl}) must be positive and below `data.max_length` ({cfg.data.max_length})."
+        )
+    g = cfg.generation
+    if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
+        raise ConfigError(
+            f"`generation`: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got temperature={g.temperature}, "
+            f"top_p={g.top_p}, top_k={g.top_k}."
         )
     if not isinstance(cfg.loss, dict) or "name" not in cfg.loss:
         raise ConfigError("`loss` must be a mapping with a `name`, e.g. `loss: {name: dpo, beta: 0.1}`.")

@@ -77,3 +77,15 @@ def collate_sft(items: list, pad_id: int) -> TokenBatch:
     rows = [(it.prompt_ids + it.completion_ids, len(it.prompt_ids), i) for i, it in enumerate(items)]
     ids, att, seg = _pad_rows(rows, pad_id)
     return TokenBatch(ids, att, seg, len(items), torch.tensor([it.index for it in items], dtype=torch.long))
+
+
+def collate_groups(groups: list, pad_id: int) -> TokenBatch:
+    """TokenizedGroups of S completions each -> rows s*B + i (completion s of group i), one
+    segment per row, so per-segment log-probs reshape to [S, B]."""
+    b, s = len(groups), len(groups[0].completions)
+    if any(len(g.completions) != s for g in groups):
+        raise ValueError("every group in a batch needs the same number of completions")
+    rows = [(g.prompt_ids + g.completions[k], len(g.prompt_ids), k * b + i)
+            for k in range(s) for i, g in enumerate(groups)]
+    ids, att, seg = _pad_rows(rows, pad_id)
+    return TokenBatch(ids, att, seg, s * b, torch.tensor([g.index for g in groups], dtype=torch.long))

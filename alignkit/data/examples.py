@@ -56,3 +56,13 @@ class MaskedPreferenceExample(PreferenceExample):
 
     chosen_spans: tuple = ()
     rejected_spans: tuple = ()
+
+
+@dataclass(frozen=True)
+class NegativeExample:
+    """A prompt and one response a person marked bad, with no good response (D2O's data)."""
+
+    prompt: tuple  # tuple[Message, ...]
+    rejected: tuple  # tuple[Message, ...], ends with the assistant reply that was marked bad
+    source: str
+    plain_text: bool = False

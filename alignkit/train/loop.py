@@ -25,7 +25,7 @@ from alignkit.models import (apply_lora, bf16_supported, disable_dropout, load_m
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.metrics import MetricsLogger
 from alignkit.train.recipes import make_recipe, reference_cache_dir
-from alignkit.train.reference import CachedReference, LiveReference, cached_pair_logps, model_fingerprint
+from alignkit.train.reference import CachedReference, LiveReference, cached_ref_logps, model_fingerprint
 
 
 @dataclass
@@ -144,6 +144,13 @@ def evaluate(recipe, model, items: list, batch_size: int, device, autocast) -> d
     return out
 
 
+def _fingerprint(cfg: RunConfig) -> dict:
+    """Identity of the initial model, keying the caches of its reference log-probs and samples."""
+    fingerprint = model_fingerprint(resolve_model_path(cfg.model.name_or_path, cfg.cache_dir), cfg.model.revision)
+    fingerprint["lora"] = cfg.lora.enabled  # adapters start at zero, but keep the key honest
+    return fingerprint
+
+
 def _attach_references(recipe, cfg: RunConfig, model, data, device, autocast) -> None:
     if not recipe.needs_reference:
         return
@@ -151,19 +158,17 @@ def _attach_references(recipe, cfg: RunConfig, model, data, device, autocast) ->
         live = LiveReference(model)
         recipe.references = {"train": live, "eval": live}
         return
-    fingerprint = model_fingerprint(resolve_model_path(cfg.model.name_or_path, cfg.cache_dir), cfg.model.revision)
-    fingerprint["lora"] = cfg.lora.enabled  # adapters start at zero, but keep the key honest
-    common = dict(cache_dir=reference_cache_dir(cfg), fingerprint=fingerprint, precision=resolve_precision(cfg, device),
+    common = dict(cache_dir=reference_cache_dir(cfg), fingerprint=_fingerprint(cfg), precision=resolve_precision(cfg, device),
                   batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                   chunk_size=cfg.train.logprob_chunk_size, device=device, autocast=autocast)
-    recipe.references = {"train": CachedReference(cached_pair_logps(
+    recipe.references = {"train": CachedReference(cached_ref_logps(
         model, data.train, recipe.collate, desc="reference log-probs (train)", **common))}
     if data.eval:
-        recipe.references["eval"] = CachedReference(cached_pair_logps(
+        recipe.references["eval"] = CachedReference(cached_ref_logps(
             model, data.eval, recipe.collate, desc="reference log-probs (eval)", **common))
 
 
-def setup(cfg: RunConfig):
+def setup(cfg: RunConfig, progress: bool = True):
     """Load tokenizer, data, model and references; returns (recipe, data, model, device, autocast)."""
     set_seed(cfg.seed)
     device = resolve_device(cfg.model.device)
@@ -180,6 +185,10 @@ def setup(cfg: RunConfig):
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     autocast = autocast_for(cfg, device)
+    if hasattr(recipe, "prepare_with_model"):  # data that needs the model, e.g. D2O's own samples
+        data = recipe.prepare_with_model(model, data, _fingerprint(cfg), progress)
+        for note in data.notes:
+            print(f"alignkit: {note}", flush=True)
     _attach_references(recipe, cfg, model, data, device, autocast)
     return tokenizer, recipe, data, model, device, autocast
 
@@ -190,7 +199,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunRes
     resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
     if resume and resume_from is None:
         print(f"alignkit: --resume: no checkpoint in {run_dir}; starting from scratch", flush=True)
-    tokenizer, recipe, data, model, device, autocast = setup(cfg)
+    tokenizer, recipe, data, model, device, autocast = setup(cfg, progress)
     model.train()
     optimizer = build_optimizer(model, cfg)
     steps = total_steps(cfg, len(data.train))

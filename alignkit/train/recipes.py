@@ -17,11 +17,12 @@ from alignkit import losses
 from alignkit.config import RunConfig
 from alignkit.data import formats
 from alignkit.data.examples import PreferenceExample
-from alignkit.data.batching import TokenBatch, collate_pairs, collate_sft
+from alignkit.data.batching import TokenBatch, collate_groups, collate_pairs, collate_sft
 from alignkit.data.tokenize import tokenize_pairs, tokenize_sft
 from alignkit.errors import ConfigError
 from alignkit.logprobs import segment_logps
 from alignkit.losses.combine import apply_terms, resolve_terms
+from alignkit.train.reference import example_columns
 
 
 @dataclass
@@ -130,25 +131,28 @@ class PreferenceRecipe:
             "chosen_counts": out.counts[:b],
             "rejected_counts": out.counts[b:],
         }
-        per_example, metrics = self.apply_losses(model, batch, split, inputs,
-                                                 ("ref_chosen_logps", "ref_rejected_logps"))
+        per_example, metrics = self.apply_losses(model, batch, split, inputs)
         metrics["logps/chosen"] = inputs["policy_chosen_logps"].detach()
         metrics["logps/rejected"] = inputs["policy_rejected_logps"].detach()
         return per_example.sum(), metrics
 
-    def apply_losses(self, model, batch: TokenBatch, split: str, inputs: dict, ref_names: tuple):
-        """Add the reference log-probs (under `ref_names`: the batch's two row groups) and the BCO
-        reward shift to `inputs`, run the loss terms, and fold the batch into the shift."""
-        device = inputs["policy_logps" if "policy_logps" in inputs else "policy_chosen_logps"].device
+    def apply_losses(self, model, batch: TokenBatch, split: str, inputs: dict):
+        """Add the reference log-probs and the BCO reward shift to `inputs`, run the loss terms,
+        and fold the batch into the shift."""
+        device = next(iter(inputs.values())).device
         inputs["reward_shift"] = torch.tensor(self.reward_shift.value, device=device)
         if self.needs_reference:
-            first, second = self.references[split].pair_logps(model, batch, self.cfg.train.logprob_chunk_size, device)
-            inputs[ref_names[0]], inputs[ref_names[1]] = first, second
+            table = self.references[split].logps(model, batch, self.cfg.train.logprob_chunk_size, device)
+            inputs.update(self.reference_inputs(table))
         inputs.update(self.extra_inputs(inputs))
         per_example, metrics = apply_terms(self.terms, inputs)
         if split == "train" and "bco/reward_mean" in metrics:
             self.reward_shift.update(metrics["bco/reward_mean"])
         return per_example, metrics
+
+    def reference_inputs(self, table: torch.Tensor) -> dict:
+        """Loss inputs from the batch's [B, S] reference log-probs (columns as in the batch layout)."""
+        return {"ref_chosen_logps": table[:, 0], "ref_rejected_logps": table[:, 1]}
 
     def extra_inputs(self, inputs: dict) -> dict:
         """More loss inputs derived from the standard ones (a subclass hook)."""
@@ -202,7 +206,7 @@ class UnpairedRecipe(PreferenceRecipe):
         b = batch.num_examples
         inputs = {"policy_logps": out.logps[:b], "policy_kl_logps": out.logps[b:].detach(),
                   "counts": out.counts[:b], "labels": self.labels[split][batch.example_ids].to(out.logps.device)}
-        per_example, metrics = self.apply_losses(model, batch, split, inputs, ("ref_logps", "ref_kl_logps"))
+        per_example, metrics = self.apply_losses(model, batch, split, inputs)
         good = inputs["labels"]
         metrics["logps/desirable"] = out.logps[:b][good].detach()
         metrics["logps/undesirable"] = out.logps[:b][~good].detach()
@@ -210,6 +214,9 @@ class UnpairedRecipe(PreferenceRecipe):
             metrics["rewards/desirable"] = metrics["rewards"][good]
             metrics["rewards/undesirable"] = metrics["rewards"][~good]
         return per_example.sum(), metrics
+
+    def reference_inputs(self, table: torch.Tensor) -> dict:
+        return {"ref_logps": table[:, 0], "ref_kl_logps": table[:, 1]}
 
 
 class RunningMean:
@@ -261,7 +268,74 @@ class MaskedRecipe(PreferenceRecipe):
         return {k.replace("_logps", "_masked_logps"): v for k, v in inputs.items() if k.endswith("_logps")}
 
 
-RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "unpaired": UnpairedRecipe, "masked": MaskedRecipe}
+class NegativeRecipe(PreferenceRecipe):
+    """D2O on negative-only data: each prompt's human-labelled bad response against K responses
+    sampled from the initial model before training (the paper's offline setting, arXiv 2403.03419).
+
+    `prepare` loads the records; `prepare_with_model` samples (cached on disk, so a resumed run
+    trains on the same samples) and tokenizes each prompt's group [negative, sample_1..K]. The
+    reference table then has 1 + K columns, computed once like a pair's."""
+
+    name = "negative"
+    data = "negative"
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.sample_files = {}  # split -> cache file of the sampled completions
+
+    def prepare(self) -> PreparedData:
+        from alignkit.data.negative import load_negative_examples
+
+        train, held, notes = load_examples(self.cfg, load_negative_examples)
+        notes.append(f"{self.cfg.generation.num_samples} completions per prompt will be sampled from the "
+                     "initial model (generation.num_samples)")
+        return PreparedData(train, held, notes)
+
+    def prepare_with_model(self, model, data: PreparedData, fingerprint: dict, progress: bool = True) -> PreparedData:
+        """Sample each prompt's K completions and tokenize the groups (examples -> TokenizedGroups)."""
+        from alignkit.data.negative import prompt_text, tokenize_groups
+        from alignkit.generation.cache import cached_samples
+        from alignkit.generation.hf import SamplingParams
+        from alignkit.models import cache_root
+
+        g, d = self.cfg.generation, self.cfg.data
+        params = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, n=g.num_samples)
+        out, notes = {}, []
+        for split, examples in (("train", data.train), ("eval", data.eval)):
+            if not examples:
+                out[split] = []
+                continue
+            prompts = [prompt_text(self.tokenizer, ex) for ex in examples]
+            samples, path = cached_samples(
+                model, self.tokenizer, prompts, params, seed=self.cfg.seed, fingerprint=fingerprint,
+                cache_dir=cache_root(self.cfg.cache_dir) / "samples", batch_size=g.batch_size, progress=progress,
+                desc=f"sampling {g.num_samples} completions per {split} prompt")
+            self.sample_files[split] = path
+            out[split], stats = tokenize_groups(examples, samples, self.tokenizer, d.max_length, d.max_prompt_length)
+            notes.append(f"{split}: {len(examples)} prompts x {g.num_samples} samples (in {path}); "
+                         + stats.summary(d.max_length))
+        return PreparedData(out["train"], out["eval"], notes)
+
+    def collate(self, items) -> TokenBatch:
+        return collate_groups(items, self.tokenizer.pad_token_id)
+
+    def loss(self, model, batch: TokenBatch, split: str):
+        out = segment_logps(model, batch, self.cfg.train.logprob_chunk_size)
+        logps = example_columns(out.logps, batch.num_examples)  # [B, 1 + K]
+        counts = example_columns(out.counts, batch.num_examples)
+        inputs = {"policy_rejected_logps": logps[:, 0], "policy_sample_logps": logps[:, 1:],
+                  "rejected_counts": counts[:, 0]}
+        per_example, metrics = self.apply_losses(model, batch, split, inputs)
+        metrics["logps/rejected"] = logps[:, 0].detach()
+        metrics["logps/samples"] = logps[:, 1:].mean(dim=1).detach()
+        return per_example.sum(), metrics
+
+    def reference_inputs(self, table: torch.Tensor) -> dict:
+        return {"ref_rejected_logps": table[:, 0], "ref_sample_logps": table[:, 1:]}
+
+
+RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "unpaired": UnpairedRecipe, "masked": MaskedRecipe,
+           "negative": NegativeRecipe}
 
 
 def make_recipe(cfg: RunConfig, tokenizer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,47 +41,60 @@ def cache_key(fingerprint: dict, items: list, precision: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(fingerprint, sort_keys=True).encode())
     h.update(precision.encode())
-    for it in items:
-        h.update(json.dumps([it.prompt_ids, it.chosen_ids, it.rejected_ids, it.chosen_mask, it.rejected_mask]).encode())
+    for it in items:  # every field of a tokenized item (ids, masks, index) decides its log-probs
+        h.update(json.dumps(dataclasses.asdict(it), sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
+def example_columns(logps: torch.Tensor, num_examples: int) -> torch.Tensor:
+    """Per-segment log-probs [S * B] -> [B, S]: the batch layouts put segment s*B + i in row i,
+    column s (pairs: chosen then rejected; groups: negative then samples)."""
+    return logps.view(-1, num_examples).T
+
+
+def _item_length(it) -> int:
+    if hasattr(it, "completions"):
+        return len(it.prompt_ids) + max(len(c) for c in it.completions)
+    return len(it.prompt_ids) + max(len(it.chosen_ids), len(it.rejected_ids))
+
+
 @torch.no_grad()
-def compute_pair_logps(model, items: list, collate, batch_size: int, chunk_size: int, device, autocast,
-                       desc: str = "reference log-probs") -> torch.Tensor:
-    """Return [N, 2] float32 (chosen, rejected) summed log-probs, row i for items[i]."""
-    table = torch.zeros(len(items), 2, dtype=torch.float32)
+def compute_ref_logps(model, items: list, collate, batch_size: int, chunk_size: int, device, autocast,
+                      desc: str = "reference log-probs") -> torch.Tensor:
+    """Return [N, S] float32 summed log-probs, row i for items[i], one column per completion
+    (S = 2 for pairs: chosen, rejected)."""
+    table = None
     was_training = model.training
     model.eval()
     # Longest first: the biggest batch shows up (and fails) at once if memory is short.
-    order = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids) - max(
-        len(items[i].chosen_ids), len(items[i].rejected_ids)))
+    order = sorted(range(len(items)), key=lambda i: -_item_length(items[i]))
     adapters_off = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
-    with adapters_off, tqdm(total=len(items), desc=desc, unit="pair", leave=False) as bar:
+    with adapters_off, tqdm(total=len(items), desc=desc, unit="example", leave=False) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
             batch = collate([items[i] for i in idx]).to(device)
             with autocast():
                 out = segment_logps(model, batch, chunk_size)
-            b = len(idx)
-            table[idx, 0] = out.logps[:b].float().cpu()
-            table[idx, 1] = out.logps[b:].float().cpu()
-            bar.update(b)
+            cols = example_columns(out.logps, len(idx)).float().cpu()
+            if table is None:
+                table = torch.zeros(len(items), cols.shape[1], dtype=torch.float32)
+            table[idx] = cols
+            bar.update(len(idx))
     model.train(was_training)
     return table
 
 
-def cached_pair_logps(model, items, collate, *, cache_dir: Path, fingerprint: dict, precision: str,
-                      batch_size: int, chunk_size: int, device, autocast, desc: str) -> torch.Tensor:
-    """`compute_pair_logps`, read from or written to `cache_dir` (atomically)."""
+def cached_ref_logps(model, items, collate, *, cache_dir: Path, fingerprint: dict, precision: str,
+                     batch_size: int, chunk_size: int, device, autocast, desc: str) -> torch.Tensor:
+    """`compute_ref_logps`, read from or written to `cache_dir` (atomically)."""
     key = cache_key(fingerprint, items, precision)
     path = cache_dir / f"{key}.safetensors"
     if path.is_file():
         table = load_file(str(path))["logps"]
-        if table.shape == (len(items), 2):
+        if table.shape[0] == len(items):
             print(f"alignkit: {desc}: reusing cache {path}", flush=True)
             return table
-    table = compute_pair_logps(model, items, collate, batch_size, chunk_size, device, autocast, desc)
+    table = compute_ref_logps(model, items, collate, batch_size, chunk_size, device, autocast, desc)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
     os.close(fd)
@@ -90,14 +104,14 @@ def cached_pair_logps(model, items, collate, *, cache_dir: Path, fingerprint: di
 
 
 class CachedReference:
-    """Looks up precomputed (chosen, rejected) log-probs by example index."""
+    """Looks up precomputed log-probs by example index."""
 
     def __init__(self, table: torch.Tensor):
-        self.table = table  # [N, 2]
+        self.table = table  # [N, S]
 
-    def pair_logps(self, model, batch, chunk_size, device):
-        rows = self.table[batch.example_ids].to(device)  # [B, 2]
-        return rows[:, 0], rows[:, 1]
+    def logps(self, model, batch, chunk_size, device) -> torch.Tensor:
+        """[B, S] reference log-probs of the batch's examples."""
+        return self.table[batch.example_ids].to(device)
 
 
 class LiveReference:
@@ -110,9 +124,8 @@ class LiveReference:
             self.model, self.use_base = copy.deepcopy(policy).eval().requires_grad_(False), False
 
     @torch.no_grad()
-    def pair_logps(self, model, batch, chunk_size, device):
+    def logps(self, model, batch, chunk_size, device) -> torch.Tensor:
         ctx = self.model.disable_adapter() if self.use_base else contextlib.nullcontext()
         with ctx:
             out = segment_logps(self.model, batch, chunk_size)
-        b = batch.num_examples
-        return out.logps[:b].detach(), out.logps[b:].detach()
+        return example_columns(out.logps.detach(), batch.num_examples)

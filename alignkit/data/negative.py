@@ -1,0 +1,70 @@
+"""Negative-only records for D2O (arXiv 2403.03419): a prompt and a response marked bad.
+
+    {"prompt": "...", "rejected": "..."}
+
+Strings or message lists as in pairs. A pairs file works too (its `chosen` is not read). The
+recipe adds K responses per prompt sampled from the initial model (`generation.num_samples`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignkit.data.examples import NegativeExample
+from alignkit.data.formats import LoadResult, _check_columns, _load, _Record
+from alignkit.data.tokenize import TokenizeStats, _encode, render_texts, truncate
+
+NEGATIVE_FIELDS = ("prompt", "rejected")
+
+
+def parse_negative_record(record: object, location: str, columns: dict | None = None) -> NegativeExample:
+    """Validate one record: a non-empty prompt and a rejected reply ending in an assistant turn."""
+    columns = _check_columns(columns, NEGATIVE_FIELDS, "negative")
+    rec = _Record(record, location, columns, NEGATIVE_FIELDS)
+    prompt, prompt_plain = rec.messages("prompt", rec.get("prompt"), "user")
+    if not any(m["content"].strip() for m in prompt):
+        raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
+    rejected, rejected_plain = rec.messages("rejected", rec.get("rejected"), "assistant")
+    rec.check_completion(rec.label("rejected"), rejected)
+    return NegativeExample(tuple(prompt), tuple(rejected), location, prompt_plain and rejected_plain)
+
+
+def load_negative_examples(path: str, *, columns=None, on_bad_record: str = "error",
+                           split: str | None = None) -> LoadResult:
+    """Read and validate every negative record of `path`."""
+    columns = _check_columns(columns, NEGATIVE_FIELDS, "negative")
+    return _load(path, parse_negative_record, columns, on_bad_record, split)
+
+
+@dataclass
+class TokenizedGroup:
+    """One prompt with several completions: the negative first, then the K samples."""
+
+    prompt_ids: list
+    completions: list  # list[list[int]]
+    index: int
+    truncated: bool = False
+
+
+def prompt_text(tokenizer, example: NegativeExample) -> str:
+    """The prompt exactly as tokenization renders it (what generation must continue)."""
+    return render_texts(tokenizer, example.prompt, example.rejected, example.plain_text)[0]
+
+
+def tokenize_groups(examples: list, samples: list, tokenizer, max_length: int, max_prompt_length=None):
+    """Tokenize each example's negative and its sampled completions (strings) as one group."""
+    out, stats = [], TokenizeStats()
+    for i, (ex, texts) in enumerate(zip(examples, samples, strict=True)):
+        completions = [ex.rejected] + [({"role": "assistant", "content": t},) for t in texts]
+        ids = []
+        for completion in completions:
+            p_text, c_text = render_texts(tokenizer, ex.prompt, completion, ex.plain_text)
+            prompt, comp = _encode(tokenizer, p_text, c_text)
+            ids.append(comp)
+        prompt, ids, cut = truncate(prompt, ids, max_length, max_prompt_length)
+        stats.examples += 1
+        if cut:
+            stats.truncated += 1
+            stats.truncated_sources.append(ex.source)
+        out.append(TokenizedGroup(prompt, ids, index=i, truncated=cut))
+    return out, stats

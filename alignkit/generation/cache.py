@@ -1,0 +1,43 @@
+"""Sampled completions cached on disk, so a resumed or repeated run trains on the same samples.
+
+Keyed by the model's fingerprint, the sampling parameters, the seed and the prompt texts; one JSON
+list of completions per line, in prompt order, written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from alignkit.generation.hf import SamplingParams, generate
+
+
+def samples_key(fingerprint: dict, params: SamplingParams, seed: int, prompts: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([fingerprint, dataclasses.asdict(params), seed], sort_keys=True).encode())
+    for p in prompts:
+        h.update(json.dumps(p).encode())
+    return h.hexdigest()[:24]
+
+
+def cached_samples(model, tokenizer, prompts: list[str], params: SamplingParams, *, seed: int, cache_dir: Path,
+                   fingerprint: dict, batch_size: int, progress: bool = True,
+                   desc: str = "sampling") -> tuple[list[list[str]], Path]:
+    """`params.n` completions per prompt (read from the cache when present); also the cache file."""
+    path = Path(cache_dir) / f"{samples_key(fingerprint, params, seed, prompts)}.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        if len(rows) == len(prompts) and all(len(r) == params.n for r in rows):
+            print(f"alignkit: {desc}: reusing cache {path}", flush=True)
+            return rows, path
+    rows = generate(model, tokenizer, prompts, params, batch_size=batch_size, seed=seed, progress=progress, desc=desc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, path)
+    return rows, path
