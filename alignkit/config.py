@@ -40,6 +40,8 @@ class ModelConfig:
     """Allow model code from the hub repository to run (only for models you trust)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    freeze_layers: int = 0
+    """Freeze the input embeddings and the first N transformer blocks: cheaper steps, fewer trained weights (tied output embeddings freeze too)."""
 
 
 @dataclass
@@ -138,10 +140,23 @@ class GenerationConfig:
     """Prompts generated for at once."""
 
 
+# The loss a recipe trains with when the config names none.
+RECIPE_DEFAULT_LOSS = {"dpo": "dpo", "sft": "sft", "unpaired": "kto", "masked": "mask_dpo", "negative": "d2o",
+                       "reward": "bradley_terry"}
+
+
+@dataclass
+class RewardConfig:
+    objectives: list = field(default_factory=lambda: ["reward"])
+    """Names of the rewards a reward model outputs; more than one needs per-objective `labels` in the data."""
+    use_margin: bool = False
+    """Read a `margin` field (>= 0) from every record and require r(chosen) - r(rejected) to exceed it (Llama 2)."""
+
+
 @dataclass
 class RunConfig:
-    recipe: Literal["sft", "dpo", "unpaired", "masked", "negative"] = "dpo"
-    """`sft`; `dpo` (paired losses, chosen under `loss`); `unpaired` (KTO, BCO on labelled completions); `masked` (Mask-DPO on sentence-labelled pairs); `negative` (D2O on negatives plus the model's own samples)."""
+    recipe: Literal["sft", "dpo", "unpaired", "masked", "negative", "reward"] = "dpo"
+    """`sft`; `dpo` (paired losses, chosen under `loss`); `unpaired` (KTO, BCO on labelled completions); `masked` (Mask-DPO on sentence-labelled pairs); `negative` (D2O on negatives plus the model's own samples); `reward` (a Bradley-Terry reward model)."""
     output_dir: str = "runs/alignkit"
     """Run directory: checkpoints, metrics.jsonl, the final model."""
     seed: int = 0
@@ -151,7 +166,7 @@ class RunConfig:
     cache_dir: Optional[str] = None
     """Where cached reference log-probs and converted models go (default `$ALIGNKIT_CACHE` or `~/.cache/alignkit`)."""
     loss: dict = field(default_factory=lambda: {"name": "dpo"})
-    """Loss name and hyper-parameters, e.g. `{name: dpo, beta: 0.1}`; `alignkit losses` lists them."""
+    """Loss name and hyper-parameters, e.g. `{name: dpo, beta: 0.1}`; `alignkit losses` lists them. Without a name, the recipe's own: dpo, sft, kto (unpaired), mask_dpo (masked), d2o (negative), bradley_terry (reward)."""
     losses: list = field(default_factory=list)
     """Weighted loss terms instead of `loss`, e.g. `[{name: dpo, weight: 1.0}, {name: sft, weight: 0.2}]`."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -159,6 +174,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,12 +382,15 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         if key == "loss" or key.startswith("loss."):
             _set_dotted(data, key, value)  # loss params are checked against the loss's signature later
             continue
-        if key not in _valid_keys() or key in ("model", "lora", "data", "train"):
+        if key not in _valid_keys() or key in ("model", "lora", "data", "train", "generation", "reward"):
             raise _unknown_key_error(key, "override: ")
         _set_dotted(data, key, value)
-    if isinstance(data.get("loss"), dict):
-        # `loss.beta=0.2` alone tunes the default loss rather than replacing the mapping.
-        data["loss"] = {"name": RunConfig().loss["name"], **data["loss"]}
+    default_loss = RECIPE_DEFAULT_LOSS.get(data.get("recipe", RunConfig.recipe), "dpo")
+    if "loss" not in data and not data.get("losses"):
+        data["loss"] = {"name": default_loss}
+    elif isinstance(data.get("loss"), dict) and "name" not in data["loss"]:
+        # `loss.beta=0.2` alone tunes the recipe's default loss rather than replacing the mapping.
+        data["loss"] = {"name": default_loss, **data["loss"]}
     cfg = _build(RunConfig, data, "", where)
     validate(cfg)
     return cfg
@@ -405,6 +424,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"`data.max_prompt_length` ({mpl}) must be positive and below `data.max_length` ({cfg.data.max_length})."
         )
+    if cfg.model.freeze_layers < 0:
+        raise ConfigError(f"`model.freeze_layers` must be >= 0; got {cfg.model.freeze_layers}.")
+    objectives = cfg.reward.objectives
+    if not objectives or not all(isinstance(o, str) and o for o in objectives) or len(set(objectives)) != len(objectives):
+        raise ConfigError(f"`reward.objectives` must be distinct non-empty names, e.g. [helpful, harmless]; got {objectives!r}.")
     g = cfg.generation
     if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
         raise ConfigError(

@@ -152,23 +152,29 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
 
 
 def load_model(cfg: ModelConfig, *, device: torch.device | None = None, for_training: bool = True,
-               cache_dir: str | None = None):
-    """Load a causal LM on `device` with the configured dtype and attention kernel."""
-    from transformers import AutoModelForCausalLM
+               cache_dir: str | None = None, reward_names: list | None = None, pad_token_id: int | None = None):
+    """Load a causal LM on `device` with the configured dtype and attention kernel.
+
+    With `reward_names`, load it as a reward model instead: the same trunk with a linear head of
+    one output per name (`AutoModelForSequenceClassification`, new head initialised by
+    transformers), scoring each sequence at its last non-pad token, so the saved directory loads
+    back in `transformers` as a sequence classifier that gives the same scores."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = device or resolve_device(cfg.device)
     path = resolve_model_path(cfg.name_or_path, cache_dir)
     dtype = resolve_dtype(cfg.dtype, device, for_training)
+    kwargs = dict(revision=cfg.revision, dtype=dtype, attn_implementation=cfg.attn_implementation or "sdpa",
+                  trust_remote_code=cfg.trust_remote_code)
+    if reward_names:
+        kwargs.update(num_labels=len(reward_names), id2label=dict(enumerate(reward_names)),
+                      label2id={n: i for i, n in enumerate(reward_names)}, pad_token_id=pad_token_id)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            revision=cfg.revision,
-            dtype=dtype,
-            attn_implementation=cfg.attn_implementation or "sdpa",
-            trust_remote_code=cfg.trust_remote_code,
-        )
-    except OSError as e:
-        raise ModelError(f"cannot load a causal LM from {cfg.name_or_path!r}: {e}") from None
+        cls = AutoModelForSequenceClassification if reward_names else AutoModelForCausalLM
+        model = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        kind = "a reward model" if reward_names else "a causal LM"
+        raise ModelError(f"cannot load {kind} from {cfg.name_or_path!r}: {e}") from None
     if getattr(model.config, "quantization_config", None) is not None and for_training:
         raise ModelError(
             f"{cfg.name_or_path} is marked quantized ({model.config.quantization_config}); "
@@ -178,11 +184,32 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, for_trai
     if cfg.gradient_checkpointing and for_training:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cfg.freeze_layers and for_training:
+        freeze_bottom(model, cfg.freeze_layers)
     return model
 
 
+def transformer_blocks(model) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks (the ModuleList as long as num_hidden_layers)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ModelError(f"cannot find the transformer blocks of {type(model).__name__} (looked for {n} layers)")
+
+
+def freeze_bottom(model, n: int) -> None:
+    """Freeze the input embeddings and the first `n` blocks (their activations still flow)."""
+    blocks = transformer_blocks(model)
+    if n > len(blocks):
+        raise ModelError(f"model.freeze_layers={n}, but the model has only {len(blocks)} blocks.")
+    model.get_input_embeddings().requires_grad_(False)
+    for block in blocks[:n]:
+        block.requires_grad_(False)
+
+
 def apply_lora(model, cfg: LoraConfig):
-    """Wrap `model` with fresh LoRA adapters; only adapter weights stay trainable."""
+    """Wrap `model` with fresh LoRA adapters; only adapter weights (and a reward head) train."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -191,9 +218,15 @@ def apply_lora(model, cfg: LoraConfig):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
+        # SEQ_CLS also trains the new reward head in full (peft's modules_to_save).
+        task_type="SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)
+
+
+def is_reward_model(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification") or (
+        is_peft(model) and is_reward_model(model.get_base_model()))
 
 
 def is_peft(model) -> bool:

@@ -11,8 +11,11 @@ def test_defaults_and_yaml_and_overrides(tmp_path):
     assert cfg.recipe == "sft"
     assert cfg.train.learning_rate == 1e-5 and isinstance(cfg.train.learning_rate, float)
     assert cfg.train.batch_size == 4  # the override wins over the file
-    assert cfg.loss == {"name": "dpo", "beta": 0.3}
+    assert cfg.loss == {"name": "sft", "beta": 0.3}  # a nameless loss is the recipe's own
     assert cfg.lora.enabled is True
+    assert load_config(None, ["recipe=reward", "loss.center_weight=0.1"]).loss == {"name": "bradley_terry", "center_weight": 0.1}
+    assert load_config(None, ["recipe=negative"]).loss == {"name": "d2o"}
+    assert load_config(None, []).loss == {"name": "dpo"}
     assert cfg.data.train == "x.jsonl" and cfg.data.max_length == 1024  # untouched default
 
 

@@ -110,9 +110,7 @@ def load_weights(model, ckpt: Path) -> None:
 
         set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
         return
-    from transformers import AutoModelForCausalLM
-
-    loaded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
+    loaded = type(model).from_pretrained(ckpt, dtype=next(model.parameters()).dtype)  # LM or reward model
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     assert not unexpected, unexpected
 

@@ -179,7 +179,8 @@ def setup(cfg: RunConfig, progress: bool = True):
         print(f"alignkit: {note}", flush=True)
     if not data.train:
         raise ConfigError("no training examples left after loading and splitting; check `data.train`.")
-    model = load_model(cfg.model, device=device, cache_dir=cfg.cache_dir)
+    model = load_model(cfg.model, device=device, cache_dir=cfg.cache_dir,
+                       reward_names=getattr(recipe, "reward_names", None), pad_token_id=tokenizer.pad_token_id)
     if cfg.train.disable_dropout:
         disable_dropout(model)
     if cfg.lora.enabled:
@@ -266,7 +267,7 @@ def _loop(cfg, recipe, data, model, tokenizer, optimizer, scheduler, state, logg
         if step % t.log_every == 0 or step == state["total_steps"]:
             logger.log(step, metrics)
             result.train_metrics = metrics
-            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "rewards/accuracies") if k in metrics})
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "rewards/accuracies", "accuracy") if k in metrics})
         bar.update(1)
         last = step == state["total_steps"]
         if data.eval and ((t.eval_every and step % t.eval_every == 0) or last):

@@ -339,6 +339,10 @@ RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "unpaired": UnpairedRecipe
 
 
 def make_recipe(cfg: RunConfig, tokenizer):
+    if cfg.recipe == "reward":
+        from alignkit.train.reward import RewardRecipe
+
+        return RewardRecipe(cfg, tokenizer)
     return RECIPES[cfg.recipe](cfg, tokenizer)
 
 

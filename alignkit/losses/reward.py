@@ -1,0 +1,48 @@
+"""Reward-model losses: Bradley-Terry on (possibly several, named) scalar rewards."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from alignkit.losses.registry import register
+
+
+@register(
+    "bradley_terry",
+    summary="Bradley-Terry reward model: -log sigmoid(r(chosen) - r(rejected) - margin), per labelled objective.",
+    citation="Ouyang et al., Training language models to follow instructions with human feedback, arXiv 2203.02155 "
+             "(margin: Touvron et al., Llama 2, arXiv 2307.09288; centering: Eisenstein et al., arXiv 2312.09244)",
+    data="reward",
+)
+def bradley_terry(chosen_rewards, rejected_rewards, labels, margins, *, center_weight: float = 0.0):
+    """loss = mean_k over labelled objectives of -log sigmoid(s_k (r_k(x, y_c) - r_k(x, y_r)) - m)
+    + center_weight * mean_k (r_k(x, y_c) + r_k(x, y_r))^2.
+
+    Inputs: chosen_rewards, rejected_rewards [B, K] (K named objectives; K = 1 for a plain reward
+    model), labels [B, K] in {+1, -1, 0}: +1 when the first completion ("chosen") is better on
+    objective k, -1 when it is worse, 0 when the record says nothing about k (it then adds no loss);
+    margins [B] (0 without margins): the Llama 2 margin, how much better the better one is.
+
+    The centering term (Eisenstein et al., Helping or Herding? Reward Model Ensembles Mitigate but
+    do not Eliminate Reward Hacking, arXiv 2312.09244) pushes each pair's rewards to sum to zero,
+    so rewards of different models and runs are on one scale; default 0 (off). Metrics:
+    `accuracy` is over labelled (example, objective) cells: the better completion scored higher."""
+    labels = labels.to(chosen_rewards.dtype)
+    labelled = labels != 0
+    n_labelled = labelled.sum(dim=1).clamp(min=1)
+    diff = chosen_rewards - rejected_rewards
+    bt = -F.logsigmoid(labels * diff - margins[:, None]) * labelled
+    losses = bt.sum(dim=1) / n_labelled
+    if center_weight:
+        losses = losses + center_weight * ((chosen_rewards + rejected_rewards) ** 2).mean(dim=1)
+    correct = ((labels * diff > 0) & labelled).to(diff.dtype)
+    better = torch.where(labels >= 0, chosen_rewards, rejected_rewards)
+    worse = torch.where(labels >= 0, rejected_rewards, chosen_rewards)
+    metrics = {
+        "accuracy": correct.sum(dim=1)[labelled.any(dim=1)] / n_labelled[labelled.any(dim=1)],
+        "rewards/chosen": chosen_rewards[:, 0].detach(),
+        "rewards/rejected": rejected_rewards[:, 0].detach(),
+        "rewards/margins": ((better - worse) * labelled).sum(dim=1).detach() / n_labelled,
+    }
+    return losses, {k: v.detach() for k, v in metrics.items()}

@@ -1,0 +1,134 @@
+"""Reward models: the Bradley-Terry loss against its formula, record validation, training on a
+tiny model (held-out accuracy, margins, centering, several objectives), freezing, LoRA, and the
+saved model loading back in transformers as a sequence classifier with the same scores."""
+
+import math
+
+import pytest
+import torch
+
+from alignkit import losses
+from alignkit.config import load_config
+from alignkit.data.reward import parse_reward_record
+from alignkit.errors import DataError
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+from conftest import base_overrides, toy_pairs, write_jsonl
+
+
+def _bt(chosen, rejected, labels, margins, center_weight=0.0):
+    """Independent float64 loop over the formula: mean over judged objectives of
+    -log sigmoid(s (r_c - r_r) - m), plus center_weight * mean_k (r_c + r_r)^2."""
+    out = []
+    for i in range(len(chosen)):
+        terms = [math.log1p(math.exp(-(s * (c - r) - margins[i])))
+                 for c, r, s in zip(chosen[i], rejected[i], labels[i]) if s != 0]
+        v = sum(terms) / max(1, len(terms))
+        v += center_weight * sum((c + r) ** 2 for c, r in zip(chosen[i], rejected[i])) / len(chosen[i])
+        out.append(v)
+    return out
+
+
+@pytest.mark.parametrize("center_weight", [0.0, 0.05])
+def test_bradley_terry_matches_formula(center_weight):
+    g = torch.Generator().manual_seed(0)
+    c, r = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[1, -1, 0], [1, 1, 1], [0, 0, -1], [-1, 0, 1], [1, 0, 0], [-1, -1, -1]])
+    m = torch.rand(6, generator=g, dtype=torch.float64)
+    got, metrics = losses.get("bradley_terry").fn(c, r, labels, m, center_weight=center_weight)
+    want = _bt(c.tolist(), r.tolist(), labels.tolist(), m.tolist(), center_weight)
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-10, rtol=0)
+    # Hand-worked: r_c = 1, r_r = 0, label +1, no margin -> log(1 + e^-1) = 0.31326...
+    one, _ = losses.get("bradley_terry").fn(torch.ones(1, 1), torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1))
+    assert float(one) == pytest.approx(0.3132617, abs=1e-6)
+
+
+def test_bradley_terry_gradcheck():
+    c = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    labels, m = torch.tensor([[1, -1], [1, 0], [0, -1]]), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    fn = losses.get("bradley_terry").fn
+    assert torch.autograd.gradcheck(lambda a, b: fn(a, b, labels, m, center_weight=0.1)[0], (c, r))
+
+
+def test_reward_record_validation():
+    ex = parse_reward_record({"prompt": "p", "chosen": "a", "rejected": "b"}, "f:1")
+    assert ex.labels == (1,) and ex.margin == 0.0
+    ex = parse_reward_record({"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"help": True, "safe": None}},
+                             "f:2", objectives=("help", "safe"))
+    assert ex.labels == (1, 0)
+    with pytest.raises(DataError, match="f:3: label 'safe' .* must be 1 .*found 2"):
+        parse_reward_record({"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"safe": 2}}, "f:3",
+                            objectives=("help", "safe"))
+    with pytest.raises(DataError, match="f:4: .*names \\['fun'\\], which are not in reward.objectives"):
+        parse_reward_record({"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"fun": 1}}, "f:4",
+                            objectives=("help", "safe"))
+    with pytest.raises(DataError, match="f:5: field 'margin' must be a finite number >= 0"):
+        parse_reward_record({"prompt": "p", "chosen": "a", "rejected": "b", "margin": -1}, "f:5", use_margin=True)
+    with pytest.raises(DataError, match="f:6: field 'margin' is missing"):
+        parse_reward_record({"prompt": "p", "chosen": "a", "rejected": "b"}, "f:6", use_margin=True)
+
+
+def _cfg(tiny_model_dir, data, tmp_path, *extra, out="rm"):
+    return load_config(None, base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache") + [
+        "recipe=reward", "train.learning_rate=2e-3", "train.batch_size=8", "train.warmup_ratio=0",
+        "train.lr_schedule=constant", "data.eval_fraction=0.2", "train.eval_every=10", *extra])
+
+
+def test_reward_model_learns_and_reloads_as_sequence_classifier(tiny_model_dir, pairs_file, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    result = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=20"), progress=False)
+    evals = read_metrics(result.run_dir, "eval")
+    train = read_metrics(result.run_dir, "train")
+    assert evals[-1]["accuracy"] == 1.0 and train[-1]["rewards/margins"] > 2.0
+    assert train[-1]["loss"] < 0.2 < train[0]["loss"]
+    # transformers loads final/ as a sequence classifier; its score ranks chosen above rejected.
+    model = AutoModelForSequenceClassification.from_pretrained(result.final_dir).eval()
+    tok = AutoTokenizer.from_pretrained(result.final_dir)
+    assert model.config.id2label == {0: "reward"} and model.config.pad_token_id == tok.pad_token_id
+    def score(reply):
+        text = tok.apply_chat_template([{"role": "user", "content": "what is 2 plus 3 ?"},
+                                        {"role": "assistant", "content": reply}], tokenize=False)
+        with torch.no_grad():
+            return float(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
+    assert score("the answer is 5 .") > score("sorry i cannot help .") + 1.0
+
+
+def test_margin_and_centering(tiny_model_dir, tmp_path):
+    rows = [dict(r, margin=3.0) for r in toy_pairs()]
+    data = write_jsonl(tmp_path / "m.jsonl", rows)
+    runs = {name: read_metrics(loop.train(_cfg(tiny_model_dir, data, tmp_path, "train.max_steps=15", *extra, out=name),
+                                          progress=False).run_dir, "train")
+            for name, extra in (("plain", []), ("margin", ["reward.use_margin=true"]),
+                                ("center", ["loss.center_weight=0.1"]))}
+    # Step 1, rewards near 0 (new head): loss ~ log(1 + e^0) = 0.69 plain, log(1 + e^3) = 3.05 with margin 3.
+    assert runs["plain"][0]["loss"] == pytest.approx(math.log(2), abs=0.1)
+    assert runs["margin"][0]["loss"] == pytest.approx(math.log1p(math.exp(3)), abs=0.1)
+    # The centering term's value and gradient are checked against the formula above; here it must
+    # leave training intact.
+    assert runs["center"][-1]["rewards/margins"] > 2.0 and runs["center"][-1]["accuracy"] == 1.0
+
+
+def test_multi_objective_reward_model(tiny_model_dir, tmp_path):
+    # "correct": the sum is better; "short": the refusal (shorter) is better, on every pair.
+    rows = [dict(r, labels={"correct": 1, "short": -1}) for r in toy_pairs()]
+    data = write_jsonl(tmp_path / "mo.jsonl", rows)
+    result = loop.train(_cfg(tiny_model_dir, data, tmp_path, "train.max_steps=20", "reward.objectives=[correct,short]"),
+                        progress=False)
+    ev = read_metrics(result.run_dir, "eval")[-1]
+    assert ev["accuracy/correct"] == 1.0 and ev["accuracy/short"] == 1.0
+
+
+def test_freeze_layers_and_lora(tiny_model_dir, pairs_file, tmp_path):
+    from alignkit.models import load_model, transformer_blocks
+
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "model.freeze_layers=1")
+    model = load_model(cfg.model, reward_names=["reward"], pad_token_id=0)
+    blocks = transformer_blocks(model)
+    assert not any(p.requires_grad for p in blocks[0].parameters())
+    assert all(p.requires_grad for p in blocks[1].parameters()) and model.score.weight.requires_grad
+    assert not model.get_input_embeddings().weight.requires_grad
+    result = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=12", "lora.enabled=true",
+                             "train.learning_rate=1e-2", out="lora"), progress=False)
+    assert read_metrics(result.run_dir, "eval")[-1]["accuracy"] >= 0.75
