@@ -94,6 +94,97 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _weights(text: str | None) -> dict | None:
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise AlignkitError(f"--reward-weights: {part!r} must look like name=number, e.g. helpful=0.8,harmless=0.6")
+    return out
+
+
+def eval_config_from_args(args):
+    """Turn `alignkit eval` arguments (and a run directory's config, with --run) into an EvalConfig."""
+    from pathlib import Path
+
+    from alignkit.eval.run import EvalConfig
+    from alignkit.generation.hf import SamplingParams
+    from alignkit.rewards import load_reward
+
+    model, reference, data, beta, checkpoints, out = args.model, args.reference, args.data, args.beta, args.checkpoints, args.output_dir
+    cache_dir, heldout, seed = None, 0.0, args.seed
+    if args.run:
+        from alignkit.config import load_config
+
+        run = Path(args.run)
+        if not (run / "config.yaml").is_file():
+            raise AlignkitError(f"--run {run}: no config.yaml there; give the output_dir of an `alignkit train` run.")
+        rc = load_config(str(run / "config.yaml"))
+        model = model or str(run / "final")
+        reference = reference or rc.model.name_or_path
+        if not data:  # the run's own evaluation pairs: its eval file, or the split it held out
+            data = rc.data.eval or rc.data.train
+            heldout, seed = (0.0, seed) if rc.data.eval else (rc.data.eval_fraction, rc.seed)
+        beta = beta if beta is not None else rc.loss.get("beta", 0.1)
+        checkpoints = checkpoints or str(run)
+        out = out or str(run / "eval")
+        cache_dir = rc.cache_dir
+    if not model:
+        raise AlignkitError("give --model (a model directory or hub id) or --run (a training run directory).")
+    rewards = [load_reward(spec, weights=_weights(args.reward_weights), batch_size=args.batch_size)
+               for spec in args.reward]
+    return EvalConfig(
+        model=model, reference=reference, data=data, rewards=rewards, reward_transform=args.reward_transform,
+        beta=0.1 if beta is None else beta, max_length=args.max_length, batch_size=args.batch_size,
+        num_prompts=args.num_prompts, checkpoints=checkpoints, output_dir=out or "runs/eval", seed=seed,
+        heldout_fraction=heldout,
+        sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+        cache_dir=cache_dir, progress=not args.no_progress)
+
+
+def cmd_eval(args) -> int:
+    from alignkit.eval.run import run_eval
+
+    cfg = eval_config_from_args(args)
+    result = run_eval(cfg)
+    _print_eval(result)
+    if not args.no_report:
+        _report(cfg.output_dir)
+    return 0
+
+
+def _print_eval(result: dict) -> None:
+    def fmt(d):
+        ci = d.get("ci95")
+        return f"{d['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] is not None else "")
+    for key, value in result.get("preference", {}).items():
+        if isinstance(value, dict) and "value" in value and value["value"] is not None:
+            print(f"{key}: {fmt(value)}")
+    gen = result.get("generation", {})
+    if "win_rate" in gen:
+        print(f"win rate vs reference: {fmt(gen['win_rate'])} over {gen['n_prompts']} prompts")
+    if "kl" in gen:
+        print(f"KL(policy || reference): {fmt(gen['kl'])} nats per sequence")
+
+
+def _report(run_dir) -> None:
+    from alignkit.report import build_report
+
+    path = build_report(run_dir)
+    print(f"alignkit: report written to {path}")
+
+
+def cmd_report(args) -> int:
+    _report(args.run_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignkit", description="Align language models with human preferences.")
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
@@ -114,6 +205,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("losses", help="list the registered loss functions")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(fn=cmd_losses)
+
+    p = sub.add_parser("eval", help="measure what alignment did: accuracies, length bias, win rate, KL, drift")
+    p.add_argument("--run", help="a training run directory: fills in model (final/), reference, data, beta, "
+                   "checkpoints and output (RUN/eval) from its config")
+    p.add_argument("--model", help="the aligned model (directory or hub id)")
+    p.add_argument("--reference", help="the model it started from (needed for implicit rewards, win rate, KL)")
+    p.add_argument("--data", help="preference pairs (any format `alignkit train` reads)")
+    p.add_argument("--reward", action="append", default=[], help="a reward: reward-model directory, or file.py:function "
+                   "with signature reward(prompts, completions, **columns) -> list[float]; repeat to combine")
+    p.add_argument("--reward-weights", help="direction for a multi-objective reward model, e.g. helpful=0.8,harmless=0.6")
+    p.add_argument("--reward-transform", choices=["none", "log_sigmoid"], default="none",
+                   help="combine several rewards as a plain sum, or as sum of log sigmoid(r - r_reference) (arXiv 2402.00742)")
+    p.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's, else 0.1)")
+    p.add_argument("--checkpoints", help="a run directory whose checkpoints to track over training")
+    p.add_argument("--num-prompts", type=int, default=64, help="held-out prompts to sample from (win rate, KL)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0 keeps the KL estimate unbiased)")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", help="where metrics.json and report.html go (default RUN/eval or runs/eval)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: plots and key numbers of a run and its eval")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("demo", help="align the bundled SmolLM2-135M-Instruct on CPU and measure before/after")
     p.add_argument("--output-dir", default="runs/demo", help="where the run, results and aligned model go")

@@ -283,3 +283,7 @@ def _loop(cfg, recipe, data, model, tokenizer, optimizer, scheduler, state, logg
     summary = {"steps": state["step"], "train": result.train_metrics, "eval": result.eval_metrics}
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"alignkit: done after {state['step']} steps; final model in {result.final_dir}", flush=True)
+    from alignkit.report import build_report
+
+    print(f"alignkit: report in {build_report(result.run_dir)} (add evaluation with `alignkit eval --run "
+          f"{result.run_dir}`)", flush=True)

@@ -1,0 +1,292 @@
+"""`alignkit eval`: what alignment did to a model, measured against its reference.
+
+Three parts, each run when its inputs are given, all written to `<output_dir>/metrics.json` (the
+schema `alignkit.report` reads):
+  preference  (--data): ranking accuracy of the policy (sum and mean log-prob), implicit-reward
+              accuracy and margin against the reference, the idealized ranking accuracy that the
+              reference and beta allow (arXiv 2405.19534), reward-model accuracy, length bias,
+              likelihood displacement of chosen and rejected (arXiv 2410.08847);
+  generation  (--reward and a reference): one sampled reply per held-out prompt from policy and
+              reference, scored by the reward; win rate with a bootstrap interval, and KL(policy ||
+              reference) estimated on the policy's samples;
+  checkpoints (--checkpoints RUN_DIR): per saved checkpoint, KL, reward, win rate, top-k entropy
+              and mass (arXiv 2410.11677) and the chosen log-prob change: over-optimisation signs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.config import ModelConfig
+from alignkit.data.batching import TokenBatch, collate_pairs, collate_sft
+from alignkit.data.formats import load_preference_examples
+from alignkit.data.tokenize import TokenizedSFT, _encode, render_texts, tokenize_pairs
+from alignkit.errors import ConfigError
+from alignkit.eval import metrics as M
+from alignkit.generation.hf import SamplingParams, generate
+from alignkit.logprobs import segment_logps
+from alignkit.models import backbone_and_head, load_model, load_tokenizer, resolve_device
+from alignkit.rewards.model import as_messages
+from alignkit.rewards.transforms import combine_log_sigmoid
+from alignkit.train.reference import compute_ref_logps
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    reference: str | None = None
+    data: str | None = None
+    rewards: list = field(default_factory=list)  # reward callables (alignkit.rewards)
+    reward_transform: str = "none"  # "none": sum of rewards; "log_sigmoid": sum of log sigmoid(r - r_ref(x))
+    beta: float = 0.1
+    max_length: int = 1024
+    batch_size: int = 8
+    num_prompts: int = 64
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=128, temperature=1.0))
+    checkpoints: str | None = None
+    heldout_fraction: float = 0.0  # evaluate only the pairs a run held out of `data` (same split, same seed)
+    output_dir: str = "eval"
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+class _Models:
+    """Loads models once each (policy, reference, checkpoints) in eval mode on one device."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg, self.device = cfg, resolve_device(cfg.device)
+
+    def load(self, path: str):
+        mc = ModelConfig(name_or_path=path, dtype="float32", device=str(self.device))
+        return load_model(mc, device=self.device, for_training=False, cache_dir=self.cfg.cache_dir).eval()
+
+
+def pair_tables(model, items: list, pad_id: int, batch_size: int) -> torch.Tensor:
+    """[N, 2] summed log-probs (chosen, rejected)."""
+    return compute_ref_logps(model, items, lambda b: collate_pairs(b, pad_id), batch_size, 1024,
+                             next(model.parameters()).device, _no_autocast, desc="log-probs")
+
+
+def _no_autocast():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def preference_section(cfg: EvalConfig, models: _Models, tokenizer, policy, reference) -> tuple[dict, dict, dict]:
+    """Pair metrics; also the length-bias section and the data the checkpoint pass reuses."""
+    loaded = load_preference_examples(cfg.data, on_bad_record="skip")
+    if loaded.skipped:
+        print(f"alignkit: {loaded.summary()}", flush=True)
+    examples = loaded.examples
+    if cfg.heldout_fraction:
+        from alignkit.train.recipes import split_heldout
+
+        _, examples = split_heldout(examples, cfg.heldout_fraction, cfg.seed)
+        print(f"alignkit: evaluating the {len(examples)} pairs the run held out of {cfg.data}", flush=True)
+    items, _ = tokenize_pairs(examples, tokenizer, cfg.max_length)
+    pad = tokenizer.pad_token_id
+    pol = pair_tables(policy, items, pad, cfg.batch_size)
+    len_c = torch.tensor([len(it.chosen_ids) for it in items], dtype=torch.float64)
+    len_r = torch.tensor([len(it.rejected_ids) for it in items], dtype=torch.float64)
+    out = {"ranking_accuracy": M.ranking_accuracy(pol[:, 0], pol[:, 1]),
+           "ranking_accuracy_mean_logprob": M.ranking_accuracy(pol[:, 0] / len_c, pol[:, 1] / len_r)}
+    bias_rewards, bias = None, None
+    ref = None
+    if reference is not None:
+        ref = pair_tables(reference, items, pad, cfg.batch_size)
+        rc, rr = cfg.beta * (pol[:, 0] - ref[:, 0]), cfg.beta * (pol[:, 1] - ref[:, 1])
+        out["implicit_reward_accuracy"] = M.ranking_accuracy(rc, rr)
+        mean, lo, hi = M.bootstrap_mean_ci((rc - rr).tolist())
+        out["implicit_margin"] = {"value": mean, "ci95": [lo, hi], "n": len(items)}
+        out["idealized_ranking_accuracy"] = M.idealized_ranking_accuracy(ref[:, 0], ref[:, 1], cfg.beta)
+        out["likelihood_displacement"] = M.likelihood_displacement(ref[:, 0], pol[:, 0], ref[:, 1], pol[:, 1])
+        bias_rewards, kind = (rc, rr), "implicit"
+    if cfg.rewards:
+        prompts = [list(e.prompt) for e in examples]
+        sc = _score(cfg, prompts, [e.chosen[-1]["content"] for e in examples])
+        sr = _score(cfg, prompts, [e.rejected[-1]["content"] for e in examples])
+        out["reward_accuracy"] = M.ranking_accuracy(sc, sr)
+        bias_rewards, kind = (torch.tensor(sc), torch.tensor(sr)), "reward_model"
+    if bias_rewards is not None:
+        bias = dict(M.length_bias(bias_rewards[0], bias_rewards[1], len_c, len_r), reward=kind)
+    return out, bias, {"items": items, "ref": ref, "examples": examples}
+
+
+def _score(cfg: EvalConfig, prompts: list, completions: list) -> list[float]:
+    """The sum of the configured rewards (untransformed): used where no per-prompt reference exists."""
+    total = None
+    for reward in cfg.rewards:
+        s = torch.tensor(reward(prompts, completions), dtype=torch.float64)
+        total = s if total is None else total + s
+    return total.tolist()
+
+
+def _scores_by_reward(cfg: EvalConfig, prompts: list, completions: list) -> dict:
+    return {f"{i}:{r!r}": r(prompts, completions) for i, r in enumerate(cfg.rewards)}
+
+
+def sample_logps(model, tokenizer, prompts: list, completions: list, max_length: int, batch_size: int,
+                 topk: bool = False) -> tuple[torch.Tensor, dict | None]:
+    """Summed log-probs of (prompt, completion) under `model`; with topk, also top-k statistics."""
+    items = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        messages, plain = as_messages(p)
+        p_text, c_text = render_texts(tokenizer, messages, ({"role": "assistant", "content": c},), plain)
+        p_ids, c_ids = _encode(tokenizer, p_text, c_text)
+        items.append(TokenizedSFT(p_ids[-(max_length // 2):], c_ids[: max_length // 2], i))
+    out = torch.zeros(len(items), dtype=torch.float64)
+    mass = ent = 0.0
+    n_pos = 0
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = collate_sft(items[start: start + batch_size], tokenizer.pad_token_id).to(next(model.parameters()).device)
+            out[start: start + len(batch.example_ids)] = segment_logps(model, batch).logps.double().cpu()
+            if topk:
+                stats = _topk_of_batch(model, batch)
+                mass += stats["topk_mass"] * stats["n_positions"]
+                ent += stats["topk_entropy"] * stats["n_positions"]
+                n_pos += stats["n_positions"]
+    stats = {"topk_mass": mass / max(1, n_pos), "topk_entropy": ent / max(1, n_pos)} if topk else None
+    return out, stats
+
+
+def _topk_of_batch(model, batch: TokenBatch, k: int = 10) -> dict:
+    trunk, head = backbone_and_head(model)
+    hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    scored = batch.segment_ids[:, 1:] >= 0  # positions that predict a completion token
+    h = hidden[:, :-1][scored]
+    logits = head(h)[None]  # [1, N, V]: N scored positions only
+    return M.topk_stats(logits, torch.ones(logits.shape[:2], dtype=torch.bool), k=k)
+
+
+def held_out_prompts(cfg: EvalConfig, examples: list) -> list:
+    seen, prompts = set(), []
+    for e in examples:
+        key = json.dumps(e.prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(list(e.prompt))
+    return prompts[: cfg.num_prompts]
+
+
+def generation_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: list, ref_samples: list) -> dict:
+    """Win rate of policy samples over reference samples under the reward(s), and KL on policy samples."""
+    samples = [s[0] for s in generate(policy, tokenizer, prompts, cfg.sampling, batch_size=cfg.batch_size,
+                                      seed=cfg.seed, progress=cfg.progress, desc="sampling (policy)")]
+    pol_lp, topk = sample_logps(policy, tokenizer, prompts, samples, cfg.max_length, cfg.batch_size, topk=True)
+    ref_lp, _ = sample_logps(reference, tokenizer, prompts, samples, cfg.max_length, cfg.batch_size)
+    out = {"n_prompts": len(prompts), "kl": M.kl_estimate(pol_lp, ref_lp), "topk": topk,
+           "examples": [{"prompt": _last_user(p), "policy": s, "reference": r}
+                        for p, s, r in list(zip(prompts, samples, ref_samples))[:5]]}
+    if cfg.rewards:
+        pol_scores, ref_scores = combined_scores(cfg, prompts, samples, ref_samples)
+        out.update(win_rate=M.win_rate(pol_scores, ref_scores), scorer=", ".join(repr(r) for r in cfg.rewards),
+                   policy_reward_mean=float(torch.tensor(pol_scores).mean()),
+                   reference_reward_mean=float(torch.tensor(ref_scores).mean()))
+    return out
+
+
+def combined_scores(cfg: EvalConfig, prompts: list, samples: list, ref_samples: list) -> tuple[list, list]:
+    """Scores of policy and reference samples. With `log_sigmoid`, each reward is measured against
+    the reference sample's reward for the same prompt and the transformed rewards are summed
+    (arXiv 2402.00742); a reference sample then scores n * log(1/2) exactly."""
+    pol = _scores_by_reward(cfg, prompts, samples)
+    ref = _scores_by_reward(cfg, prompts, ref_samples)
+    if cfg.reward_transform == "log_sigmoid":
+        return combine_log_sigmoid(pol, ref), combine_log_sigmoid(ref, ref)
+    total = lambda d: torch.tensor(list(d.values()), dtype=torch.float64).sum(0).tolist()  # noqa: E731
+    return total(pol), total(ref)
+
+
+def _last_user(prompt) -> str:
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    return users[-1] if users else str(prompt)
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every checkpoint-N and final/ of a run, in step order."""
+    found = []
+    for d in Path(run_dir).iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and (d / "config.json").is_file():
+            found.append((int(m.group(1)), d))
+    final = Path(run_dir) / "final"
+    summary = Path(run_dir) / "summary.json"
+    if (final / "config.json").is_file():
+        step = json.loads(summary.read_text())["steps"] if summary.is_file() else (max(s for s, _ in found) + 1 if found else 0)
+        if step not in {s for s, _ in found}:
+            found.append((step, final))
+    return sorted(found)
+
+
+def checkpoints_section(cfg: EvalConfig, models: _Models, tokenizer, reference, prompts, ref_samples,
+                        pair_data) -> list[dict]:
+    rows = []
+    checkpoints = list_checkpoints(Path(cfg.checkpoints))
+    for step, path in tqdm(checkpoints, desc="checkpoints", disable=not cfg.progress):
+        model = models.load(str(path))
+        row = {"step": step, "path": str(path)}
+        if prompts:
+            gen = generation_section(cfg, tokenizer, model, reference, prompts, ref_samples)
+            row.update(kl=gen["kl"]["value"], topk_entropy=gen["topk"]["topk_entropy"],
+                       topk_mass=gen["topk"]["topk_mass"], win_rate=gen.get("win_rate"),
+                       reward=gen.get("policy_reward_mean"))
+        if pair_data and pair_data["ref"] is not None:
+            pol = pair_tables(model, pair_data["items"], tokenizer.pad_token_id, cfg.batch_size)
+            disp = M.likelihood_displacement(pair_data["ref"][:, 0], pol[:, 0], pair_data["ref"][:, 1], pol[:, 1])
+            row.update(chosen_logp_change=disp["chosen_logp_change"],
+                       chosen_logp_down_fraction=disp["chosen_logp_down_fraction"],
+                       rejected_logp_change=disp["rejected_logp_change"])
+        rows.append(row)
+        del model
+    return rows
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Run every part whose inputs are given; write metrics.json (and return it)."""
+    if not cfg.data and not cfg.checkpoints and not cfg.rewards:
+        raise ConfigError("nothing to evaluate: give --data (preference pairs), --reward, or --checkpoints.")
+    models = _Models(cfg)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=cfg.model), cfg.cache_dir)
+    policy = models.load(cfg.model)
+    reference = models.load(cfg.reference) if cfg.reference else None
+    result = {"alignkit_eval": 1, "model": cfg.model, "reference": cfg.reference, "data": cfg.data,
+              "beta": cfg.beta, "date": datetime.date.today().isoformat()}
+    pair_data, prompts, ref_samples = None, [], []
+    if cfg.data:
+        pref, bias, pair_data = preference_section(cfg, models, tokenizer, policy, reference)
+        result.update(n_pairs=len(pair_data["items"]), preference=pref)
+        if bias is not None:
+            result["length_bias"] = bias
+        if reference is not None:
+            prompts = held_out_prompts(cfg, pair_data["examples"])
+    if prompts:
+        ref_samples = [s[0] for s in generate(reference, tokenizer, prompts, cfg.sampling, batch_size=cfg.batch_size,
+                                              seed=cfg.seed + 1, progress=cfg.progress, desc="sampling (reference)")]
+        result["generation"] = generation_section(cfg, tokenizer, policy, reference, prompts, ref_samples)
+    if cfg.checkpoints:
+        if reference is None:
+            raise ConfigError("--checkpoints needs a reference model (--reference) to measure drift from.")
+        result["checkpoints"] = checkpoints_section(cfg, models, tokenizer, reference, prompts, ref_samples, pair_data)
+    write_json(Path(cfg.output_dir) / "metrics.json", result)
+    return result
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,197 @@
+"""One self-contained HTML page: inline CSS, inline SVG plots, one small inline script, no network.
+
+The script only measures: it writes each plot's rendered size into data attributes
+(`data-rendered-width`, ...) so a headless browser's `--dump-dom` can prove the plots drew, and
+the page reads the same with scripts disabled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from html import escape
+
+import yaml
+
+from alignkit import __version__
+from alignkit.report import plots as P
+from alignkit.report import tables as T
+from alignkit.report.inputs import RunInputs
+
+TRAIN_PLOTS = ("training", "preference")
+# Rows of the eval section; plots in one row sit side by side when the page is wide enough.
+EVAL_ROWS = (("win_rate", "reward_kl"), ("length_bias",), ("overoptimisation",))
+
+MISSING = {
+    "training": "No training curves: run `alignkit train` (it writes metrics.jsonl) to add loss, learning-rate "
+                "and gradient-norm curves.",
+    "preference": "No reward margins or preference accuracies: preference and reward-model recipes log "
+                  "`rewards/margins`, `rewards/accuracies` or `accuracy` to metrics.jsonl.",
+    "win_rate": "No win rates: run `alignkit eval` with generation to add generation win rates.",
+    "reward_kl": "No reward-vs-KL curve: run `alignkit eval` over the run's checkpoints to add KL and reward "
+                 "per checkpoint.",
+    "length_bias": "No length-bias analysis: run `alignkit eval` on preference pairs to add it.",
+    "overoptimisation": "No over-optimisation indicators: run `alignkit eval` over the run's checkpoints to add "
+                        "top-k entropy, top-k mass and chosen log-prob change.",
+}
+
+CSS = """
+:root { --fg: #1f2937; --muted: #6b7280; --line: #e5e7eb; --soft: #f9fafb; --accent: #2563eb; }
+* { box-sizing: border-box; }
+body { margin: 0; background: #f3f4f6; color: var(--fg);
+  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1100px; margin: 0 auto; padding: 28px 36px 48px; background: #fff; min-height: 100vh; }
+h1 { font-size: 1.55rem; margin: 0 0 2px; }
+h2 { font-size: 1.15rem; margin: 34px 0 12px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
+h3 { font-size: 0.95rem; margin: 14px 0 6px; color: #374151; }
+.sub { color: var(--muted); font-size: 13.5px; }
+.cols { display: grid; grid-template-columns: repeat(auto-fit, minmax(330px, 1fr)); gap: 8px 40px; }
+.cols h2 { margin-top: 24px; }
+table { border-collapse: collapse; font-size: 14px; width: 100%; }
+th, td { padding: 5px 10px 5px 0; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+th { font-weight: 600; color: #374151; }
+td.k { color: #374151; white-space: nowrap; width: 1%; padding-right: 18px; }
+td.v { font-variant-numeric: tabular-nums; font-weight: 600; }
+td.v .d { display: block; font-weight: 400; color: var(--muted); font-size: 12.5px; }
+table.grid td, table.grid th { text-align: right; font-variant-numeric: tabular-nums; padding-right: 14px; }
+table.grid td:first-child, table.grid th:first-child { text-align: left; }
+.row { display: flex; flex-wrap: wrap; align-items: flex-start; gap: 0 18px; }
+.row > figure.plot { flex: 1 1 420px; }
+figure.plot { margin: 14px 0 26px; padding: 14px 14px 10px; border: 1px solid var(--line); border-radius: 8px; }
+figure.plot svg { display: block; width: 100%; height: auto; margin: 0 auto; }
+figcaption { color: #4b5563; font-size: 13.5px; margin-top: 8px; }
+figcaption strong { color: var(--fg); }
+p.missing { color: var(--muted); font-size: 14px; margin: 8px 0; padding: 2px 10px; border-left: 3px solid #d1d5db; }
+p.warn { font-size: 14px; margin: 8px 0; padding: 6px 10px; background: #fffbeb; border-left: 3px solid #f59e0b; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.9em;
+  background: #f3f4f6; padding: 1px 4px; border-radius: 4px; }
+details { margin: 14px 0; }
+summary { cursor: pointer; color: #374151; font-weight: 600; }
+pre { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px;
+  font-size: 12.5px; overflow-x: auto; }
+footer { margin-top: 40px; color: var(--muted); font-size: 12.5px; }
+@media print { body { background: #fff; } main { max-width: none; padding: 0; } figure { break-inside: avoid; } }
+"""
+
+# Records what the browser actually laid out and drew, for tests and for anyone debugging a blank plot.
+SCRIPT = """
+(function () {
+  var figs = document.querySelectorAll("figure.plot"), ok = 0;
+  for (var i = 0; i < figs.length; i++) {
+    var f = figs[i], svg = f.querySelector("svg");
+    if (!svg) { f.setAttribute("data-rendered", "no-svg"); continue; }
+    var box = svg.getBoundingClientRect(), content = svg.getBBox();
+    var drawn = svg.querySelectorAll("path, use, line, rect, circle, polyline, polygon, text").length;
+    f.setAttribute("data-rendered-width", Math.round(box.width));
+    f.setAttribute("data-rendered-height", Math.round(box.height));
+    f.setAttribute("data-rendered-top", Math.round(box.top + window.scrollY));
+    f.setAttribute("data-rendered-left", Math.round(box.left + window.scrollX));
+    f.setAttribute("data-content-width", Math.round(content.width));
+    f.setAttribute("data-content-height", Math.round(content.height));
+    f.setAttribute("data-drawn-elements", drawn);
+    var good = box.width > 0 && box.height > 0 && content.width > 0 && content.height > 0 && drawn > 0;
+    f.setAttribute("data-rendered", good ? "ok" : "empty");
+    if (good) ok++;
+  }
+  document.body.setAttribute("data-plots-rendered", ok + "/" + figs.length);
+})();
+"""
+
+_PT = re.compile(r'<svg\b[^>]*?\bwidth="([\d.]+)pt"')
+
+
+def text(s) -> str:
+    """Escape, then show `backticked` spans as code."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(str(s)))
+
+
+def kv_table(rows: list) -> str:
+    body = "".join(
+        f'<tr><td class="k">{text(k)}</td><td class="v">{text(v)}'
+        + (f'<span class="d">{text(d)}</span>' if d else "") + "</td></tr>" for k, v, d in rows)
+    return f'<table class="kv">{body}</table>'
+
+
+def grid_table(header: list, rows: list) -> str:
+    head = "".join(f"<th>{text(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{text(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def figure(p: P.Plot) -> str:
+    # Narrow figures are not stretched to the page width: capped near their natural size, their
+    # text stays the size it has in the full-width ones.
+    m = _PT.search(p.svg)
+    cap = f"max-width: {float(m.group(1)) * 96 / 72 * 1.1 + 30:.0f}px" if m else ""
+    return (f'<figure class="plot" data-plot="{p.name}" id="plot-{p.name}" style="{cap}">{p.svg}'
+            f"<figcaption><strong>{text(p.title)}.</strong> {text(p.caption)}</figcaption></figure>")
+
+
+def missing(name: str) -> str:
+    return f'<p class="missing" data-missing="{name}">{text(MISSING[name])}</p>'
+
+
+def render_page(inp: RunInputs) -> str:
+    made = {p.name: p for p in (f(inp) for f in P.ALL) if p is not None}
+    parts = [_header(inp)]
+    parts += [f'<p class="warn">{text(n)}</p>' for n in inp.notes]
+    parts.append(_summary(inp))
+    parts.append('<section id="training"><h2>Training</h2>')
+    parts += [figure(made[n]) if n in made else missing(n) for n in TRAIN_PLOTS]
+    parts.append("</section>")
+    parts.append(_evaluation(inp, made))
+    if inp.config:
+        dump = yaml.safe_dump(inp.config, sort_keys=False, default_flow_style=False)
+        parts.append(f"<details><summary>Full config.yaml</summary><pre>{escape(dump)}</pre></details>")
+    parts.append(f"<footer>Written by alignkit {escape(__version__)} from "
+                 f"{escape(', '.join(inp.sources))}.</footer>")
+    title = f"alignkit report: {inp.run_dir.resolve().name}"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n"
+            + "\n".join(parts) + f"\n</main><script>{SCRIPT}</script></body></html>\n")
+
+
+def _header(inp: RunInputs) -> str:
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    ev = inp.eval
+    what = f" · model {ev['model']}" if ev.get("model") and not inp.config else ""
+    return (f"<header><h1>alignkit report: {escape(inp.run_dir.resolve().name)}</h1>"
+            f'<div class="sub">{escape(str(inp.run_dir.resolve()))}{escape(what)} · generated {now}</div></header>')
+
+
+def _summary(inp: RunInputs) -> str:
+    key, run = T.key_numbers(inp), T.run_table(inp.config)
+    cols = []
+    if key:
+        cols.append(f"<div><h2>Key numbers</h2>{kv_table(key)}</div>")
+    if run:
+        cols.append(f"<div><h2>Run</h2>{kv_table(run)}</div>")
+    elif not inp.config:
+        cols.append('<div><h2>Run</h2><p class="missing" data-missing="config">No config.yaml: '
+                    "<code>alignkit train</code> writes one to its output_dir.</p></div>")
+    return f'<section id="summary" class="cols">{"".join(cols)}</section>'
+
+
+def _evaluation(inp: RunInputs, made: dict) -> str:
+    parts = ['<section id="evaluation"><h2>Evaluation</h2>']
+    if not inp.eval:
+        parts.append('<p class="missing" data-missing="eval">No eval results (looked for eval/metrics.json and '
+                     "metrics.json): run <code>alignkit eval</code> to add preference accuracies, length bias, "
+                     "generation win rates, KL and per-checkpoint diagnostics.</p></section>")
+        return "".join(parts)
+    tables = T.eval_tables(inp.eval)
+    if tables:
+        parts.append('<div class="cols">' + "".join(f"<div><h3>{escape(t)}</h3>{kv_table(rows)}</div>"
+                                                    for t, rows in tables.items()) + "</div>")
+    for row in EVAL_ROWS:
+        figs = "".join(figure(made[n]) for n in row if n in made)
+        if figs:
+            parts.append(f'<div class="row">{figs}</div>')
+        parts += [missing(n) for n in row if n not in made]
+    header, rows = T.checkpoint_table(inp)
+    if rows:
+        parts.append(f"<details open><summary>Per-checkpoint numbers ({len(rows)})</summary>"
+                     f"{grid_table(header, rows)}</details>")
+    parts.append("</section>")
+    return "".join(parts)

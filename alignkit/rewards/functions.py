@@ -1,0 +1,80 @@
+"""Python reward functions: `def reward(prompts, completions, **columns) -> list[float]`.
+
+`prompts` are what the model saw (strings or message lists), `completions` the generated texts,
+and `columns` any other fields of the data records, one list per field (e.g. `answer` for GSM8K),
+so a verifier can compare a completion with its reference answer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from pathlib import Path
+from typing import Callable
+
+from alignkit.errors import ConfigError
+
+
+class RewardFunction:
+    """A user's reward function, with its output checked: one finite float per completion."""
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
+        for key, values in columns.items():
+            if len(values) != len(completions):
+                raise ValueError(f"reward {self.name}: column {key!r} has {len(values)} values for "
+                                 f"{len(completions)} completions")
+        out = self.fn(prompts, completions, **columns)
+        try:
+            out = [float(v) for v in out]
+        except (TypeError, ValueError):
+            raise ConfigError(f"reward {self.name} must return a list of numbers, one per completion; "
+                              f"got {type(out).__name__}") from None
+        if len(out) != len(completions):
+            raise ConfigError(f"reward {self.name} returned {len(out)} values for {len(completions)} completions; "
+                              "return one number per completion")
+        bad = [i for i, v in enumerate(out) if not math.isfinite(v)]
+        if bad:
+            raise ConfigError(f"reward {self.name} returned a non-finite value for completion(s) {bad[:5]}; "
+                              "return finite numbers (use a large negative value for a failure)")
+        return out
+
+    def __repr__(self) -> str:
+        return f"RewardFunction({self.name})"
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """`path/to/file.py:function` or `package.module:function` -> a checked RewardFunction."""
+    if ":" not in spec:
+        raise ConfigError(f"reward function {spec!r} must look like `file.py:function` or `module:function`.")
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ConfigError(f"reward function file {path} not found.")
+        module_spec = importlib.util.spec_from_file_location(f"alignkit_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ConfigError(f"cannot import reward module {target!r}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        found = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise ConfigError(f"{target} has no function {attr!r}; callables found: {', '.join(found[:10]) or 'none'}.")
+    return RewardFunction(fn, spec)
+
+
+def load_reward(spec: str, *, weights: dict | None = None, device=None, batch_size: int = 16):
+    """A reward from a spec: a reward-model directory (or hub id, given `weights` or not) or a
+    `file.py:function` / `module:function` Python reward."""
+    from alignkit.rewards.model import RewardModel
+
+    if ":" in spec and not Path(spec).exists():
+        return load_reward_function(spec)
+    return RewardModel(spec, weights=weights, device=device, batch_size=batch_size)

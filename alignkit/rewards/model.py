@@ -1,0 +1,84 @@
+"""A trained reward model as a reward: scores (prompt, completion) pairs exactly as training did.
+
+Several named objectives (a multi-objective model) are combined by a direction, a weight per
+objective, as in directional preference alignment (Wang et al., Arithmetic Control of LLMs for
+Diverse User Preferences: Directional Preference Alignment with Multi-Objective Rewards,
+arXiv 2402.18571): score = sum_k w_k r_k, with w usually a unit vector the user picks at use time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.data.tokenize import _encode, render_texts
+from alignkit.errors import ConfigError
+
+
+def as_messages(prompt) -> tuple[tuple, bool]:
+    """A prompt (string or message list) -> (messages, was a plain string)."""
+    if isinstance(prompt, str):
+        return ({"role": "user", "content": prompt},), True
+    return tuple(prompt), False
+
+
+class RewardModel:
+    def __init__(self, path, *, weights: dict | None = None, device=None, batch_size: int = 16, model=None,
+                 tokenizer=None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from alignkit.models import resolve_device
+
+        self.path, self.batch_size = str(path), batch_size
+        self.device = resolve_device(device or "auto") if model is None else next(model.parameters()).device
+        self.model = model if model is not None else AutoModelForSequenceClassification.from_pretrained(
+            self.path, dtype=torch.float32).to(self.device)
+        self.model.eval()
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self.path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        k = self.model.config.num_labels
+        self.names = [self.model.config.id2label.get(i, str(i)) for i in range(k)]
+        self.weights = self._direction(weights)
+
+    def _direction(self, weights: dict | None) -> torch.Tensor:
+        if weights is None:
+            if len(self.names) > 1:
+                raise ConfigError(f"{self.path} has {len(self.names)} rewards ({', '.join(self.names)}); give a "
+                                  "direction, e.g. weights {" + ", ".join(f"{n}: 0.5" for n in self.names) + "}")
+            return torch.ones(1)
+        unknown = sorted(set(weights) - set(self.names))
+        if unknown:
+            raise ConfigError(f"weights name {unknown}, not rewards of {self.path} (it has {', '.join(self.names)})")
+        return torch.tensor([float(weights.get(n, 0.0)) for n in self.names])
+
+    @torch.no_grad()
+    def score_all(self, prompts: list, completions: list) -> torch.Tensor:
+        """[N, K] rewards, one column per objective."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        rows = []
+        for prompt, completion in zip(prompts, completions):
+            messages, plain = as_messages(prompt)
+            p_text, c_text = render_texts(self.tokenizer, messages, ({"role": "assistant", "content": completion},), plain)
+            p_ids, c_ids = _encode(self.tokenizer, p_text, c_text)
+            rows.append(p_ids + c_ids)
+        out = torch.zeros(len(rows), len(self.names))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start: start + self.batch_size]
+            width = max(len(rows[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(idx):
+                ids[r, : len(rows[i])] = torch.tensor(rows[i])
+                mask[r, : len(rows[i])] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            out[idx] = logits.float().cpu()
+        return out
+
+    def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
+        return (self.score_all(prompts, completions) @ self.weights).tolist()
+
+    def __repr__(self) -> str:
+        return f"RewardModel({self.path})"
