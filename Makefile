@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ install: $(BIN)/python
 demo: install
 	$(BIN)/alignkit demo
 
-test: install
+# Debian's chromium renders the HTML report in one test (which skips without it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		echo "note: chromium not installed; the report-rendering test will skip"; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 clean:
