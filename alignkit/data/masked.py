@@ -85,10 +85,7 @@ def tokenize_masked_pairs(examples: list, tokenizer, max_length: int, max_prompt
         chosen, c_mask = _encode_masked(tokenizer, c_text, ex.chosen[-1]["content"], ex.chosen_spans)
         rejected, r_mask = _encode_masked(tokenizer, r_text, ex.rejected[-1]["content"], ex.rejected_spans)
         prompt, (chosen, rejected), cut = truncate(prompt, [chosen, rejected], max_length, max_prompt_length)
-        stats.examples += 1
-        if cut:
-            stats.truncated += 1
-            stats.truncated_sources.append(ex.source)
+        stats.count(ex.source, cut)
         out.append(TokenizedPair(prompt, chosen, rejected, index=i, truncated=cut,
                                  chosen_mask=c_mask[: len(chosen)], rejected_mask=r_mask[: len(rejected)]))
     return out, stats

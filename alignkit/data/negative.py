@@ -62,9 +62,6 @@ def tokenize_groups(examples: list, samples: list, tokenizer, max_length: int, m
             prompt, comp = _encode(tokenizer, p_text, c_text)
             ids.append(comp)
         prompt, ids, cut = truncate(prompt, ids, max_length, max_prompt_length)
-        stats.examples += 1
-        if cut:
-            stats.truncated += 1
-            stats.truncated_sources.append(ex.source)
+        stats.count(ex.source, cut)
         out.append(TokenizedGroup(prompt, ids, index=i, truncated=cut))
     return out, stats

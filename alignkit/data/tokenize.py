@@ -39,6 +39,12 @@ class TokenizeStats:
     truncated: int = 0
     truncated_sources: list = field(default_factory=list)  # first few, for the report
 
+    def count(self, source: str, truncated: bool) -> None:
+        self.examples += 1
+        if truncated:
+            self.truncated += 1
+            self.truncated_sources.append(source)
+
     def summary(self, max_length: int) -> str:
         if not self.truncated:
             return f"tokenized {self.examples} examples; none longer than max_length={max_length}"
@@ -120,10 +126,7 @@ def tokenize_pairs(examples: list, tokenizer, max_length: int, max_prompt_length
         prompt, chosen = _encode(tokenizer, p_text, c_text)
         _, rejected = _encode(tokenizer, p_text, r_text)
         prompt, (chosen, rejected), cut = truncate(prompt, [chosen, rejected], max_length, max_prompt_length)
-        stats.examples += 1
-        if cut:
-            stats.truncated += 1
-            stats.truncated_sources.append(ex.source)
+        stats.count(ex.source, cut)
         out.append(TokenizedPair(prompt, chosen, rejected, index=i, truncated=cut))
     return out, stats
 
@@ -136,10 +139,7 @@ def tokenize_sft(examples: list, tokenizer, max_length: int, max_prompt_length: 
         p_text, c_text = render_texts(tokenizer, ex.prompt, ex.completion, ex.plain_text)
         prompt, completion = _encode(tokenizer, p_text, c_text)
         prompt, (completion,), cut = truncate(prompt, [completion], max_length, max_prompt_length)
-        stats.examples += 1
-        if cut:
-            stats.truncated += 1
-            stats.truncated_sources.append(ex.source)
+        stats.count(ex.source, cut)
         out.append(TokenizedSFT(prompt, completion, index=i, truncated=cut))
     return out, stats
 
