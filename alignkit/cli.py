@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from alignkit import __version__
 from alignkit.errors import AlignkitError
@@ -154,8 +155,8 @@ def cmd_eval(args) -> int:
     cfg = eval_config_from_args(args)
     result = run_eval(cfg)
     _print_eval(result)
-    if not args.no_report:
-        _report(cfg.output_dir)
+    if not args.no_report:  # for a run: one report with its training curves and this evaluation
+        _report(args.run if args.run and Path(cfg.output_dir) == Path(args.run) / "eval" else cfg.output_dir)
     return 0
 
 

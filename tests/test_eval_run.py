@@ -87,7 +87,8 @@ def test_eval_on_a_run_writes_metrics_and_report(tiny_model_dir, pairs_file, rew
     # Training pushes rejected down more and more: the drift grows over checkpoints.
     drops = [c["rejected_logp_change"] for c in m["checkpoints"]]
     assert drops[0] > drops[-1]
-    assert (tmp_path / "run" / "eval" / "report.html").is_file()
+    html = (tmp_path / "run" / "report.html").read_text()  # the run's report now shows the evaluation too
+    assert 'data-plot="win_rate"' in html and 'data-plot="training"' in html
 
 
 def test_eval_needs_something_to_do(tiny_model_dir, tmp_path):
