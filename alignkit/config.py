@@ -108,6 +108,10 @@ class TrainConfig:
     """Set dropout to 0 in the policy (as DPO implementations do: dropout makes log-ratios noisy)."""
     logprob_chunk_size: int = 1024
     """Completion positions per chunk when applying the LM head, so [tokens, vocab] logits never exist at once."""
+    packing: bool = True
+    """Lay each pair (or group) out once as [prompt][chosen][rejected] with a mask that hides chosen from rejected (prefix sharing), and pack several into each row, so no compute goes to padding or repeated prompts. Reward models always use padded rows."""
+    pack_tokens: int = 2048
+    """Tokens per packed row (rows grow to fit one longer example). Larger rows waste more attention compute on masked-out blocks without a block-sparse kernel."""
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     eval_batch_size: Optional[int] = None
@@ -403,6 +407,7 @@ def validate(cfg: RunConfig) -> None:
         "train.batch_size": t.batch_size,
         "train.grad_accum": t.grad_accum,
         "train.logprob_chunk_size": t.logprob_chunk_size,
+        "train.pack_tokens": t.pack_tokens,
         "data.max_length": cfg.data.max_length,
         "generation.num_samples": cfg.generation.num_samples,
         "generation.max_new_tokens": cfg.generation.max_new_tokens,

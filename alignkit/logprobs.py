@@ -45,16 +45,34 @@ def chunked_token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk
     return torch.cat(out)
 
 
+def trunk_inputs(model, batch: TokenBatch) -> dict:
+    """Keyword inputs of the trunk: plain rows use the 2D padding mask (causal attention is
+    implied); packed rows pass their own 4D mask and positions. SDPA takes a boolean mask; the
+    eager kernel adds a float mask, so it gets 0 / dtype-min."""
+    if not batch.packed:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    mask = batch.allowed[:, None]  # [R, 1, T, T]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", "sdpa") != "sdpa":
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": batch.position_ids}
+
+
+def scored_hidden(model, batch: TokenBatch):
+    """(hidden states predicting each scored token [N, H], the tokens [N], their segments [N],
+    the head), in row-major token order."""
+    trunk, head = backbone_and_head(model)
+    hidden = trunk(**trunk_inputs(model, batch)).last_hidden_state
+    pred = batch.predictor_positions()
+    rows, cols = ((batch.segment_ids >= 0) & (pred >= 0)).nonzero(as_tuple=True)  # a row's first token has no predictor
+    src = pred[rows, cols]
+    return hidden[rows, src], batch.input_ids[rows, cols], batch.segment_ids[rows, cols], head
+
+
 def segment_logps(model, batch: TokenBatch, chunk_size: int = 1024) -> SegmentLogps:
     """Sum log-probs of the scored tokens of each segment of `batch`."""
-    trunk, head = backbone_and_head(model)
-    hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    # Token t is predicted from position t - 1.
-    seg = batch.segment_ids[:, 1:]  # [R, T-1]
-    scored = seg >= 0
-    h = hidden[:, :-1][scored]  # [N, H]
-    targets = batch.input_ids[:, 1:][scored]  # [N]
-    token_segments = seg[scored]  # [N]
+    h, targets, token_segments, head = scored_hidden(model, batch)
     token_lp = chunked_token_logps(head, h, targets, chunk_size)
     logps = torch.zeros(batch.num_segments, dtype=torch.float32, device=token_lp.device)
     logps = logps.index_add(0, token_segments, token_lp)

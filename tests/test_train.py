@@ -91,7 +91,7 @@ def test_checkpoints_are_complete_and_pruned(tiny_model_dir, pairs_file, tmp_pat
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=2")
     result = loop.train(cfg, progress=False)
     names = sorted(p.name for p in result.run_dir.iterdir())
-    assert names == ["checkpoint-4", "checkpoint-5", "config.yaml", "final", "metrics.jsonl", "summary.json"]
+    assert names == ["checkpoint-4", "checkpoint-5", "config.yaml", "final", "metrics.jsonl", "report.html", "summary.json"]
     c = result.run_dir / "checkpoint-5"
     for f in ("model.safetensors", "config.json", "tokenizer.json", "alignkit_config.yaml", "trainer_state.pt"):
         assert (c / f).is_file(), f

@@ -33,8 +33,8 @@ from alignkit.data.tokenize import TokenizedSFT, _encode, render_texts, tokenize
 from alignkit.errors import ConfigError
 from alignkit.eval import metrics as M
 from alignkit.generation.hf import SamplingParams, generate
-from alignkit.logprobs import segment_logps
-from alignkit.models import backbone_and_head, load_model, load_tokenizer, resolve_device
+from alignkit.logprobs import scored_hidden, segment_logps
+from alignkit.models import load_model, load_tokenizer, resolve_device
 from alignkit.rewards.model import as_messages
 from alignkit.rewards.transforms import combine_log_sigmoid
 from alignkit.train.reference import compute_ref_logps
@@ -163,11 +163,8 @@ def sample_logps(model, tokenizer, prompts: list, completions: list, max_length:
 
 
 def _topk_of_batch(model, batch: TokenBatch, k: int = 10) -> dict:
-    trunk, head = backbone_and_head(model)
-    hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    scored = batch.segment_ids[:, 1:] >= 0  # positions that predict a completion token
-    h = hidden[:, :-1][scored]
-    logits = head(h)[None]  # [1, N, V]: N scored positions only
+    h, _, _, head = scored_hidden(model, batch)
+    logits = head(h)[None]  # [1, N, V]: the positions predicting completion tokens only
     return M.topk_stats(logits, torch.ones(logits.shape[:2], dtype=torch.bool), k=k)
 
 

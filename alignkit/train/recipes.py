@@ -17,7 +17,8 @@ from alignkit import losses
 from alignkit.config import RunConfig
 from alignkit.data import formats
 from alignkit.data.examples import PreferenceExample
-from alignkit.data.batching import TokenBatch, collate_groups, collate_pairs, collate_sft
+from alignkit.data.batching import (TokenBatch, collate_groups, collate_packed_groups, collate_packed_sft,
+                                    collate_pairs, collate_sft)
 from alignkit.data.tokenize import tokenize_pairs, tokenize_sft
 from alignkit.errors import ConfigError
 from alignkit.logprobs import segment_logps
@@ -85,6 +86,9 @@ class SFTRecipe:
         return prepare_data(self.cfg, self.tokenizer, formats.load_sft_examples, tokenize_sft)
 
     def collate(self, items) -> TokenBatch:
+        t = self.cfg.train
+        if t.packing:
+            return collate_packed_sft(items, self.tokenizer.pad_token_id, t.pack_tokens)
         return collate_sft(items, self.tokenizer.pad_token_id)
 
     def weight(self, batch: TokenBatch) -> int:
@@ -117,6 +121,9 @@ class PreferenceRecipe:
         return prepare_data(self.cfg, self.tokenizer, formats.load_preference_examples, tokenize_pairs)
 
     def collate(self, items) -> TokenBatch:
+        t = self.cfg.train
+        if t.packing:
+            return collate_packed_groups(items, self.tokenizer.pad_token_id, t.pack_tokens)
         return collate_pairs(items, self.tokenizer.pad_token_id)
 
     def weight(self, batch: TokenBatch) -> int:
@@ -317,6 +324,9 @@ class NegativeRecipe(PreferenceRecipe):
         return PreparedData(out["train"], out["eval"], notes)
 
     def collate(self, items) -> TokenBatch:
+        t = self.cfg.train
+        if t.packing:
+            return collate_packed_groups(items, self.tokenizer.pad_token_id, t.pack_tokens)
         return collate_groups(items, self.tokenizer.pad_token_id)
 
     def loss(self, model, batch: TokenBatch, split: str):
