@@ -44,6 +44,8 @@ def test_packed_prefix_shared_pairs_equal_padded(family, attn, capacity, masked)
     assert packed_batch.num_tokens == sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     if capacity == 4096:
         assert packed_batch.input_ids.shape[0] == 1
+    # Throughput counts the sequences as written out one by one, whatever the layout.
+    assert packed_batch.num_sequence_tokens == collate_pairs(pairs, pad_id=1).num_tokens
 
 
 def test_packed_groups_and_sft_equal_padded():

@@ -32,6 +32,7 @@ class TokenBatch:
     pred_index: torch.Tensor | None = None  # [R, T] long: position predicting each token (None: t - 1)
     position_ids: torch.Tensor | None = None  # [R, T] long, packed layouts only
     allowed: torch.Tensor | None = None  # [R, T, T] bool: query may attend key (packed layouts only)
+    shared_tokens: int = 0  # prompt tokens a packed layout did not repeat (what a plain layout would add)
 
     @property
     def num_examples(self) -> int:
@@ -41,6 +42,12 @@ class TokenBatch:
     def num_tokens(self) -> int:
         """Non-pad tokens processed (what tokens/s counts)."""
         return int(self.attention_mask.sum())
+
+    @property
+    def num_sequence_tokens(self) -> int:
+        """Tokens of the sequences as written out one by one (each prompt once per completion): the
+        count throughput is reported in, whatever the layout, so layouts compare fairly."""
+        return self.num_tokens + self.shared_tokens
 
     @property
     def num_scored(self) -> int:
@@ -53,7 +60,8 @@ class TokenBatch:
     def to(self, device) -> "TokenBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return TokenBatch(move(self.input_ids), move(self.attention_mask), move(self.segment_ids), self.num_segments,
-                          self.example_ids, move(self.pred_index), move(self.position_ids), move(self.allowed))
+                          self.example_ids, move(self.pred_index), move(self.position_ids), move(self.allowed),
+                          self.shared_tokens)
 
     def predictor_positions(self) -> torch.Tensor:
         """[R, T] position whose hidden state predicts each token (-1 for a row's first token)."""
@@ -189,8 +197,9 @@ def collate_packed_groups(items: list, pad_id: int, capacity: int) -> TokenBatch
         groups.append(group_rows(it.prompt_ids, comps, [k * b + i for k in range(len(comps))], masks))
     s = len(items[0].completions) if hasattr(items[0], "completions") else 2
     ids, att, seg, pred, pos, allowed = pack_groups(groups, pad_id, capacity)
+    shared = sum((s - 1) * len(it.prompt_ids) for it in items)
     return TokenBatch(ids, att, seg, s * b, torch.tensor([it.index for it in items], dtype=torch.long),
-                      pred, pos, allowed)
+                      pred, pos, allowed, shared)
 
 
 def collate_packed_sft(items: list, pad_id: int, capacity: int) -> TokenBatch:

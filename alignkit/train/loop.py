@@ -260,9 +260,9 @@ def _loop(cfg, recipe, data, model, tokenizer, optimizer, scheduler, state, logg
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         elapsed = time.perf_counter() - start
-        tokens = sum(b.num_tokens for b in batches)
+        tokens = sum(b.num_sequence_tokens for b in batches)
         metrics.update(grad_norm=float(grad_norm), tokens=tokens, tokens_per_s=tokens / elapsed,
-                       step_time_s=elapsed)
+                       tokens_computed=sum(b.num_tokens for b in batches), step_time_s=elapsed)
         step = state["step"]
         if step % t.log_every == 0 or step == state["total_steps"]:
             logger.log(step, metrics)
