@@ -1,0 +1,194 @@
+"""DPO throughput and peak memory: alignkit against TRL 1.16.0's DPOTrainer, same model, data, pairs
+per step and max length, one after the other (each in a fresh child process, so peak memory is
+each framework's own).
+
+    python bench/dpo_vs_trl.py --device cpu --model smollm2-135m-instruct --pairs-per-step 4 --max-length 512 --steps 20
+    python bench/dpo_vs_trl.py --device cuda --model llama:960x32 --pairs-per-step 8 --max-length 1024
+
+Both train with a reference computed every step (TRL's default; alignkit `reference: live`), AdamW,
+lr 1e-6, no gradient checkpointing, bf16 on CUDA and fp32 on CPU. Tokens are counted the same way
+for both: every non-pad token of prompt + chosen and of prompt + rejected, as each framework
+tokenized them (the prompt counts twice even when alignkit computes it once). Both get the pairs
+as chat messages, so both render them with the model's chat template. Timing: `--steps` steps
+after `--warmup` steps; tokens of the timed steps are the mean tokens per step over the run
+times the timed steps (both frameworks shuffle, so the exact timed pairs are not known).
+Last line: `tokens_per_s_ratio=<alignkit/TRL> peak_memory_ratio=<alignkit/TRL>`.
+Needs `pip install -e ".[bench]"` (trl==1.16.0) and ../shared/data (HH-RLHF harmless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hh_data import usable_rows  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # random-init Llama-style shapes of the issue (SmolLM2 tokenizer, vocab 49152, tied embeddings)
+    "llama:960x32": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                         intermediate_size=2560),
+    "llama:2048x24": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                          intermediate_size=8192),
+}
+
+
+def model_dir(name: str, out: Path) -> str:
+    """A local model directory: the bundled model, a random-init shape, or a path / hub id."""
+    from alignkit.models import resolve_model_path
+
+    base = resolve_model_path("smollm2-135m-instruct")
+    if name not in SHAPES:
+        return resolve_model_path(name)
+    path = out / name.replace(":", "_")
+    if not (path / "config.json").is_file():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        cfg = AutoConfig.from_pretrained(base)
+        for k, v in SHAPES[name].items():
+            setattr(cfg, k, v)
+        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+        AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return str(path)
+
+
+def conversational_rows(n: int) -> list[dict]:
+    """The first n usable HH pairs as explicit prompt / chosen / rejected message lists."""
+    from alignkit.data.formats import parse_preference_record
+
+    rows = []
+    for i, r in usable_rows()[0][:n]:
+        ex = parse_preference_record(r, f"hh:{i}")
+        rows.append({"prompt": list(ex.prompt), "chosen": list(ex.chosen), "rejected": list(ex.rejected)})
+    return rows
+
+
+def run_alignkit(args, model: str, data: Path, out: Path) -> dict:
+    from alignkit.config import load_config
+    from alignkit.train.loop import train
+    from alignkit.train.metrics import read_metrics
+
+    total = args.warmup + args.steps
+    cfg = load_config(None, [
+        f"model.name_or_path={model}", f"data.train={data}", "data.eval_fraction=0", f"data.max_length={args.max_length}",
+        "reference=live", f"train.batch_size={args.pairs_per_step}", f"train.max_steps={total}",
+        "train.learning_rate=1e-6", "train.warmup_ratio=0", "train.tensorboard=false", f"output_dir={out / 'alignkit'}",
+        f"model.device={args.device}", f"train.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
+        f"train.pack_tokens={args.pack_tokens}", f"train.packing={'false' if args.no_packing else 'true'}"])
+    train(cfg, progress=False)
+    rows = read_metrics(out / "alignkit", "train")
+    timed = rows[args.warmup:]
+    mean_tokens = sum(r["tokens"] for r in rows) / len(rows)
+    return {"seconds": sum(r["step_time_s"] for r in timed), "tokens": mean_tokens * len(timed),
+            "exact_timed_tokens": sum(r["tokens"] for r in timed), "steps": len(timed)}
+
+
+def run_trl(args, model: str, data: Path, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(model)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append([time.perf_counter()])
+
+        def on_step_end(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[-1].append(time.perf_counter())
+
+    config = DPOConfig(
+        output_dir=str(out / "trl"), per_device_train_batch_size=args.pairs_per_step, max_length=args.max_length,
+        max_steps=args.warmup + args.steps, learning_rate=1e-6, logging_steps=1, report_to=[], save_strategy="no",
+        bf16=dtype == torch.bfloat16, use_cpu=args.device == "cpu", dataloader_num_workers=0, seed=0)
+    trainer = DPOTrainer(model=policy, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         callbacks=[Timer()])
+    ds = trainer.train_dataset
+    per_pair = [len(p) * 2 + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    trainer.train()
+    timed = times[args.warmup:]
+    # TRL truncates prompt + completion to max_length (keep_start): count what it trained on.
+    per_pair = [min(n, 2 * args.max_length) for n in per_pair]
+    mean_tokens = sum(per_pair) / len(per_pair) * args.pairs_per_step
+    return {"seconds": sum(b - a for a, b in timed), "tokens": mean_tokens * len(timed), "steps": len(timed)}
+
+
+def worker(args) -> None:
+    import resource
+
+    import torch
+
+    torch.manual_seed(0)
+    out = ROOT / args.out
+    fn = run_alignkit if args.worker == "alignkit" else run_trl
+    result = fn(args, args.model_path, Path(args.data), out)
+    if args.device == "cuda":
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a model dir / hub id, or llama:960x32 / llama:2048x24")
+    ap.add_argument("--pairs-per-step", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--pack-tokens", type=int, default=2048)
+    ap.add_argument("--no-packing", action="store_true", help="alignkit without prefix sharing / packing")
+    ap.add_argument("--only", choices=["alignkit", "trl"], help="run one framework only")
+    ap.add_argument("--out", default="runs/bench_dpo_vs_trl")
+    ap.add_argument("--worker", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--model-path", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "pairs.jsonl"
+    n = args.pairs_per_step * (args.warmup + args.steps)
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversational_rows(n)))
+    path = model_dir(args.model, out)
+    results = {}
+    for name in [args.only] if args.only else ["alignkit", "trl"]:
+        cmd = [sys.executable, __file__, "--worker", name, "--model-path", path, "--data", str(data)] + sys.argv[1:]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        results[name] = json.loads(line[-1][len("RESULT "):])
+        r = results[name]
+        print(f"{name}: {r['tokens_per_s']:.0f} tokens/s over {r['steps']} steps ({r['seconds']:.1f} s), "
+              f"peak memory {r['peak_memory_mb']:.0f} MB", flush=True)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    if len(results) == 2:
+        a, t = results["alignkit"], results["trl"]
+        print(f"tokens_per_s_ratio={a['tokens_per_s'] / t['tokens_per_s']:.2f} "
+              f"peak_memory_ratio={a['peak_memory_mb'] / t['peak_memory_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
