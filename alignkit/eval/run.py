@@ -15,6 +15,7 @@ schema `alignkit.report` reads):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -75,16 +76,10 @@ class _Models:
 def pair_tables(model, items: list, pad_id: int, batch_size: int) -> torch.Tensor:
     """[N, 2] summed log-probs (chosen, rejected)."""
     return compute_ref_logps(model, items, lambda b: collate_pairs(b, pad_id), batch_size, 1024,
-                             next(model.parameters()).device, _no_autocast, desc="log-probs")
+                             next(model.parameters()).device, contextlib.nullcontext, desc="log-probs")
 
 
-def _no_autocast():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def preference_section(cfg: EvalConfig, models: _Models, tokenizer, policy, reference) -> tuple[dict, dict, dict]:
+def preference_section(cfg: EvalConfig, tokenizer, policy, reference) -> tuple[dict, dict, dict]:
     """Pair metrics; also the length-bias section and the data the checkpoint pass reuses."""
     loaded = load_preference_examples(cfg.data, on_bad_record="skip")
     if loaded.skipped:
@@ -126,11 +121,11 @@ def preference_section(cfg: EvalConfig, models: _Models, tokenizer, policy, refe
 
 def _score(cfg: EvalConfig, prompts: list, completions: list) -> list[float]:
     """The sum of the configured rewards (untransformed): used where no per-prompt reference exists."""
-    total = None
-    for reward in cfg.rewards:
-        s = torch.tensor(reward(prompts, completions), dtype=torch.float64)
-        total = s if total is None else total + s
-    return total.tolist()
+    return _sum_scores(_scores_by_reward(cfg, prompts, completions))
+
+
+def _sum_scores(by_reward: dict) -> list[float]:
+    return torch.tensor(list(by_reward.values()), dtype=torch.float64).sum(0).tolist()
 
 
 def _scores_by_reward(cfg: EvalConfig, prompts: list, completions: list) -> dict:
@@ -203,8 +198,7 @@ def combined_scores(cfg: EvalConfig, prompts: list, samples: list, ref_samples: 
     ref = _scores_by_reward(cfg, prompts, ref_samples)
     if cfg.reward_transform == "log_sigmoid":
         return combine_log_sigmoid(pol, ref), combine_log_sigmoid(ref, ref)
-    total = lambda d: torch.tensor(list(d.values()), dtype=torch.float64).sum(0).tolist()  # noqa: E731
-    return total(pol), total(ref)
+    return _sum_scores(pol), _sum_scores(ref)
 
 
 def _last_user(prompt) -> str:
@@ -263,7 +257,7 @@ def run_eval(cfg: EvalConfig) -> dict:
               "beta": cfg.beta, "date": datetime.date.today().isoformat()}
     pair_data, prompts, ref_samples = None, [], []
     if cfg.data:
-        pref, bias, pair_data = preference_section(cfg, models, tokenizer, policy, reference)
+        pref, bias, pair_data = preference_section(cfg, tokenizer, policy, reference)
         result.update(n_pairs=len(pair_data["items"]), preference=pref)
         if bias is not None:
             result["length_bias"] = bias
