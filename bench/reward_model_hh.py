@@ -1,11 +1,13 @@
 """Train a Bradley-Terry reward model on SmolLM2-135M-Instruct with HH-RLHF harmless pairs; report
 held-out accuracy next to the untrained model's own ranking accuracy (the baseline to beat).
 
-    python bench/reward_model_hh.py [--freeze-layers 20] [--max-length 256] [--epochs 1] [--lr 3e-5]
+    python bench/reward_model_hh.py [--freeze-layers 30] [--max-length 256] [--epochs 10] [--lr 3e-4]
 
 Data: ../shared/data/hh_rlhf_harmless/dev.jsonl (not shipped; exits with a message when absent).
 Train on its first 1000 rows, evaluate on the remaining 312 (malformed rows are skipped and
-counted). The bottom `--freeze-layers` of the 30 blocks are frozen so one epoch fits a 2-core CPU.
+counted). The bottom `--freeze-layers` of the 30 blocks are frozen; at 30 (the default) the whole
+trunk is, so its outputs are computed once and the head trains on them for `--epochs` epochs in
+seconds. (With 20 frozen blocks, one epoch took 38.5 min and reached 0.555 [0.499, 0.609].)
 Baseline: does the untrained causal LM give chosen a higher summed (or per-token mean) log-prob
 than rejected? Last line: `heldout_accuracy=<x> ci95=<lo>,<hi> n=<n>`.
 """
@@ -25,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-rows", type=int, default=1000, help="rows 1..N train, the rest are held out")
-    ap.add_argument("--freeze-layers", type=int, default=20)
+    ap.add_argument("--freeze-layers", type=int, default=30)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--epochs", type=float, default=10.0)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="runs/bench_reward_model_hh")
     args = ap.parse_args()
@@ -55,7 +57,7 @@ def main() -> None:
         "recipe=reward", f"data.train={train_file}", f"data.eval={held_file}", f"data.max_length={args.max_length}",
         f"model.freeze_layers={args.freeze_layers}", f"train.epochs={args.epochs}", f"train.learning_rate={args.lr}",
         f"train.batch_size={args.batch_size}", "train.eval_batch_size=16", "train.tensorboard=false",
-        "train.log_every=5", f"output_dir={out / 'run'}"])
+        "train.log_every=20", f"output_dir={out / 'run'}"])
     result = train(cfg, progress=False)
     acc = read_metrics(result.run_dir, "eval")[-1]["accuracy"]
     lo, hi = wilson_interval(acc * n_held, n_held)
@@ -69,7 +71,7 @@ def main() -> None:
                       ("untrained LM, mean log-prob", "ranking_accuracy_mean_logprob")):
         b = base[key]
         print(f"| {name} | {b['value']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] | {b['n']} |")
-    print(f"| reward model ({n_train} pairs, {args.epochs:g} epoch) | {acc:.3f} [{lo:.3f}, {hi:.3f}] | {n_held} |")
+    print(f"| reward model ({n_train} pairs, {args.freeze_layers} blocks frozen, {args.epochs:g} epochs) | {acc:.3f} [{lo:.3f}, {hi:.3f}] | {n_held} |")
     print(f"total {elapsed / 60:.1f} min (baseline {t_base / 60:.1f} min)")
     print(f"heldout_accuracy={acc:.3f} ci95={lo:.3f},{hi:.3f} n={n_held}")
 

@@ -132,3 +132,36 @@ def test_freeze_layers_and_lora(tiny_model_dir, pairs_file, tmp_path):
     result = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=12", "lora.enabled=true",
                              "train.learning_rate=1e-2", out="lora"), progress=False)
     assert read_metrics(result.run_dir, "eval")[-1]["accuracy"] >= 0.75
+
+
+def test_head_only_reward_model_trains_on_cached_trunk_outputs(tiny_model_dir, pairs_file, tmp_path):
+    """freeze_layers = every block: the trunk (final norm included) stays put, the head trains on
+    outputs computed once, and the saved classifier's own forward gives the logged eval loss."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "model.freeze_layers=2", "train.max_steps=30",
+               "train.learning_rate=3e-2")
+    result = loop.train(cfg, progress=False)
+    ev = read_metrics(result.run_dir, "eval")[-1]
+    assert ev["accuracy"] == 1.0
+    before = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    after = AutoModelForSequenceClassification.from_pretrained(result.final_dir)
+    for (name, a), b in zip(before.model.named_parameters(), after.model.parameters()):
+        assert torch.equal(a, b), name
+    full = _cfg(result.final_dir, pairs_file, tmp_path, out="check")  # no freezing: the full forward path
+    _, recipe, data, model, device, autocast = loop.setup(full, progress=False)
+    assert not recipe.features
+    plan = loop.batch_plan(full, recipe, data.eval, 8, shuffle=False)
+    assert loop.evaluate(recipe, model, data.eval, plan, device, autocast)["loss"] == pytest.approx(ev["loss"], abs=1e-5)
+
+
+def test_reward_model_pads_with_a_token_other_than_end_of_turn():
+    from alignkit.testing import tiny_tokenizer
+    from alignkit.train.reward import use_distinct_pad
+
+    tok = tiny_tokenizer()
+    assert use_distinct_pad(tok) is None and tok.pad_token == "<|endoftext|>"  # already distinct
+    tok.pad_token = tok.eos_token
+    note = use_distinct_pad(tok)
+    assert tok.pad_token == tok.unk_token and tok.pad_token_id != tok.eos_token_id
+    assert "end of each reply" in note
