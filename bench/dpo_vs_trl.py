@@ -12,6 +12,9 @@ tokenized them (the prompt counts twice even when alignkit computes it once). Bo
 as chat messages, so both render them with the model's chat template. Timing: `--steps` steps
 after `--warmup` steps; tokens of the timed steps are the mean tokens per step over the run
 times the timed steps (both frameworks shuffle, so the exact timed pairs are not known).
+Before timing, a check (`--check-pairs`, default 16) feeds the same token ids (TRL's tokenization
+of the first pairs) to TRL's padded forward and to alignkit's packed, prefix-shared one on the
+untrained checkpoint and prints the mean and max absolute difference of the per-sequence log-probs.
 Last line: `tokens_per_s_ratio=<alignkit/TRL> peak_memory_ratio=<alignkit/TRL>`.
 Needs `pip install -e ".[bench]"` (trl==1.16.0) and ../shared/data (HH-RLHF harmless).
 """
@@ -130,6 +133,44 @@ def run_trl(args, model: str, data: Path, out: Path) -> dict:
     return {"seconds": sum(b - a for a, b in timed), "tokens": mean_tokens * len(timed), "steps": len(timed)}
 
 
+def check_logprobs(args, model: str, data: Path, out: Path) -> dict:
+    """Per-sequence log-probs of the same token ids, TRL's padded forward against alignkit's
+    packed, prefix-shared, chunked one (the checkpoint before training; fp32 on CPU, bf16 on CUDA)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from alignkit.data.batching import collate_packed_groups
+    from alignkit.data.tokenize import TokenizedPair
+    from alignkit.logprobs import segment_logps
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()][: args.check_pairs]
+    tok = AutoTokenizer.from_pretrained(model)
+    bf16 = args.device == "cuda"
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(args.device)
+    config = DPOConfig(output_dir=str(out / "trl_check"), per_device_train_batch_size=len(rows), max_length=args.max_length,
+                       report_to=[], bf16=bf16, use_cpu=args.device == "cpu")
+    trainer = DPOTrainer(model=policy, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    ds = trainer.train_dataset
+    # Pairs TRL does not truncate (it cuts prompt + completion at max_length, keep_start).
+    keep = [i for i in range(len(ds)) if len(ds[i]["prompt_ids"]) + max(len(ds[i]["chosen_ids"]), len(ds[i]["rejected_ids"]))
+            <= args.max_length]
+    examples = [ds[i] for i in keep]
+    inputs = {k: v.to(args.device) for k, v in trainer.data_collator(examples).items()}
+    policy.eval()
+    trl_chosen, trl_rejected = trainer.compute_ref_log_probs(policy, inputs)
+    pairs = [TokenizedPair(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"], i) for i, e in enumerate(examples)]
+    batch = collate_packed_groups(pairs, tok.pad_token_id, args.pack_tokens).to(args.device)
+    with torch.no_grad(), torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
+        ours = segment_logps(policy, batch).logps
+    theirs = torch.cat([trl_chosen, trl_rejected]).float()
+    diff = (ours - theirs).abs()
+    return {"pairs": len(keep), "skipped_truncated": len(rows) - len(keep), "mean_abs_diff": float(diff.mean()),
+            "max_abs_diff": float(diff.max()), "mean_abs_logp": float(theirs.abs().mean()),
+            "dtype": "bf16" if bf16 else "fp32"}
+
+
 def worker(args) -> None:
     import resource
 
@@ -137,6 +178,9 @@ def worker(args) -> None:
 
     torch.manual_seed(0)
     out = ROOT / args.out
+    if args.worker == "check":
+        print("RESULT " + json.dumps(check_logprobs(args, args.model_path, Path(args.data), out)), flush=True)
+        return
     fn = run_alignkit if args.worker == "alignkit" else run_trl
     result = fn(args, args.model_path, Path(args.data), out)
     if args.device == "cuda":
@@ -158,8 +202,10 @@ def main() -> None:
     ap.add_argument("--pack-tokens", type=int, default=2048)
     ap.add_argument("--no-packing", action="store_true", help="alignkit without prefix sharing / packing")
     ap.add_argument("--only", choices=["alignkit", "trl"], help="run one framework only")
+    ap.add_argument("--check-pairs", type=int, default=16,
+                    help="pairs for the log-prob agreement check before timing (0: skip it)")
     ap.add_argument("--out", default="runs/bench_dpo_vs_trl")
-    ap.add_argument("--worker", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["alignkit", "trl", "check"], help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -173,7 +219,8 @@ def main() -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in conversational_rows(n)))
     path = model_dir(args.model, out)
     results = {}
-    for name in [args.only] if args.only else ["alignkit", "trl"]:
+    names = ([] if args.only or not args.check_pairs else ["check"]) + ([args.only] if args.only else ["alignkit", "trl"])
+    for name in names:
         cmd = [sys.executable, __file__, "--worker", name, "--model-path", path, "--data", str(data)] + sys.argv[1:]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -181,6 +228,12 @@ def main() -> None:
             sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         results[name] = json.loads(line[-1][len("RESULT "):])
         r = results[name]
+        if name == "check":
+            print(f"log-prob agreement ({r['dtype']}, {r['pairs']} pairs, {2 * r['pairs']} sequences, same token ids): "
+                  f"mean |alignkit - TRL| = {r['mean_abs_diff']:.2e}, max {r['max_abs_diff']:.2e} "
+                  f"(mean |log-prob| {r['mean_abs_logp']:.1f}; {r['skipped_truncated']} pairs TRL would truncate left out)",
+                  flush=True)
+            continue
         print(f"{name}: {r['tokens_per_s']:.0f} tokens/s over {r['steps']} steps ({r['seconds']:.1f} s), "
               f"peak memory {r['peak_memory_mb']:.0f} MB", flush=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

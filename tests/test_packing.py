@@ -82,3 +82,46 @@ def test_rejected_cannot_see_chosen():
         b = segment_logps(model, collate_packed_groups(other, 1, 4096)).logps
     n = len(pairs)
     assert torch.allclose(a[n:], b[n:], atol=1e-6) and not torch.allclose(a[:n], b[:n])
+
+
+def _tiny_classifier(family: str, num_labels: int = 2):
+    from transformers import AutoModelForSequenceClassification
+
+    base = tiny_model(family, vocab_size=128)
+    cfg = base.config
+    cfg.num_labels = num_labels
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("capacity", [1, 24, 4096])
+def test_packed_reward_model_equals_transformers_classifier(family, capacity):
+    """Packed, prefix-shared reward batches score each completion as transformers' own classifier
+    does on padded rows, including completions that end in (or consist of) pad-id tokens (SmolLM2's
+    pad is its end-of-turn token, so this is the common case)."""
+    from alignkit.train.reward import sequence_rewards
+
+    model = _tiny_classifier(family).eval()
+    pairs = _pairs()
+    pairs[0].chosen_ids[-1] = 1  # ends with the pad id
+    pairs[3].rejected_ids[:] = [1, 1]  # nothing but pad ids: pools the prompt's last token
+    with torch.no_grad():
+        plain = sequence_rewards(model, collate_pairs(pairs, pad_id=1), pad_id=1)
+        packed = sequence_rewards(model, collate_packed_groups(pairs, pad_id=1, capacity=capacity), pad_id=1)
+    assert plain.shape == packed.shape == (10, 2)
+    assert torch.allclose(packed, plain, atol=1e-5, rtol=0)
+
+
+def test_packed_reward_gradients_equal_padded():
+    from alignkit.train.reward import sequence_rewards
+
+    model = _tiny_classifier("llama", num_labels=1)
+    pairs = _pairs()
+    grads = []
+    for batch in (collate_pairs(pairs, 1), collate_packed_groups(pairs, 1, 32)):
+        model.zero_grad()
+        r = sequence_rewards(model, batch, pad_id=1)[:, 0]
+        torch.nn.functional.logsigmoid(r[:5] - r[5:]).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)

@@ -159,10 +159,43 @@ def test_lr_schedule_shapes():
 
 
 def test_micro_batches_cover_each_epoch_once():
-    seen = [i for m in range(4) for i in loop.micro_batch_indices(10, 3, seed=1, shuffle=True, micro_step=m)]
-    assert sorted(seen) == list(range(10))  # one epoch = 4 micro-batches (3+3+3+1)
-    nxt = [i for m in range(4, 8) for i in loop.micro_batch_indices(10, 3, seed=1, shuffle=True, micro_step=m)]
+    plan = loop.BatchPlan([0] * 10, 3, seed=1)
+    seen = [i for m in range(4) for i in plan.micro_batch(m)]
+    assert sorted(seen) == list(range(10)) and plan.per_epoch == 4  # 3+3+3+1
+    nxt = [i for m in range(4, 8) for i in plan.micro_batch(m)]
     assert sorted(nxt) == list(range(10)) and nxt != seen  # reshuffled
+
+
+def test_token_budget_cuts_batches_in_order():
+    plan = loop.BatchPlan([5, 3, 9, 2, 12, 4, 4], batch_size=1, max_tokens=10, shuffle=False)
+    assert plan.epoch(0) == [[0, 1], [2], [3], [4], [5, 6]]  # 12 > 10 goes alone
+    assert plan.over_budget == 1
+
+
+def test_token_budget_epochs_are_covered_and_reproducible():
+    tokens = [(7 * i) % 23 + 1 for i in range(50)]
+    plan = loop.BatchPlan(tokens, batch_size=4, max_tokens=40, seed=3)
+    steps = [plan.micro_batch(m) for m in range(3 * plan.per_epoch)]
+    again = loop.BatchPlan(tokens, batch_size=4, max_tokens=40, seed=3)  # a resumed run's fresh plan
+    assert [again.micro_batch(m) for m in reversed(range(len(steps)))] == steps[::-1]
+    assert all(sum(tokens[i] for i in b) <= 40 for b in steps)
+    first = [i for b in plan.epoch(0) for i in b]
+    assert sorted(first) == list(range(50)) and sorted(i for b in plan.epoch(1) for i in b) == list(range(50))
+    assert len(plan.epoch(0)) > 50 * 12 // 40  # mean 12 tokens: roughly 3 per batch, not batch_size 4
+
+
+def test_training_by_token_budget(tiny_model_dir, pairs_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_tokens_per_batch=60", "train.epochs=1",
+               "train.log_every=1")
+    result = loop.train(cfg, progress=False)
+    rows = read_metrics(result.run_dir, "train")
+    tokenizer, recipe, data, *_ = loop.setup(cfg, progress=False)
+    plan = loop.batch_plan(cfg, recipe, data.train, 4, shuffle=True)
+    assert len(rows) == result.steps == plan.per_epoch
+    # every step's non-pad tokens (prompts once: packed) fit the budget, and the epoch covers the data
+    assert all(r["tokens_computed"] <= 60 for r in rows)
+    assert sum(r["tokens_computed"] for r in rows) == sum(
+        len(it.prompt_ids) + len(it.chosen_ids) + len(it.rejected_ids) for it in data.train)
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, pairs_file, tmp_path):

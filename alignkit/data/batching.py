@@ -117,6 +117,22 @@ def collate_groups(groups: list, pad_id: int) -> TokenBatch:
     return TokenBatch(ids, att, seg, s * b, torch.tensor([g.index for g in groups], dtype=torch.long))
 
 
+def completions_of(item) -> list:
+    """The completion token lists of a tokenized example (SFT, pair or group)."""
+    if hasattr(item, "completions"):
+        return item.completions
+    if hasattr(item, "chosen_ids"):
+        return [item.chosen_ids, item.rejected_ids]
+    return [item.completion_ids]
+
+
+def example_tokens(item, shared_prompt: bool) -> int:
+    """Non-pad tokens an example adds to a batch: its prompt once in a prefix-shared layout, once
+    per completion in a padded one (what `train.max_tokens_per_batch` budgets)."""
+    comps = completions_of(item)
+    return len(item.prompt_ids) * (1 if shared_prompt else len(comps)) + sum(len(c) for c in comps)
+
+
 def group_rows(prompt: list, completions: list, segments: list, masks: list | None = None) -> dict:
     """One example as [prompt][completion 1][completion 2]...: token ids, positions, branch ids
     (0 prompt, k for completion k), segments and predictor offsets, all relative to the example."""
@@ -190,12 +206,10 @@ def collate_packed_groups(items: list, pad_id: int, capacity: int) -> TokenBatch
     b = len(items)
     groups = []
     for i, it in enumerate(items):
-        if hasattr(it, "completions"):
-            comps, masks = it.completions, None
-        else:
-            comps, masks = [it.chosen_ids, it.rejected_ids], [it.chosen_mask, it.rejected_mask]
+        comps = completions_of(it)
+        masks = [it.chosen_mask, it.rejected_mask] if hasattr(it, "chosen_mask") else None
         groups.append(group_rows(it.prompt_ids, comps, [k * b + i for k in range(len(comps))], masks))
-    s = len(items[0].completions) if hasattr(items[0], "completions") else 2
+    s = len(completions_of(items[0]))
     ids, att, seg, pred, pos, allowed = pack_groups(groups, pad_id, capacity)
     shared = sum((s - 1) * len(it.prompt_ids) for it in items)
     return TokenBatch(ids, att, seg, s * b, torch.tensor([it.index for it in items], dtype=torch.long),
