@@ -109,9 +109,11 @@ class TrainConfig:
     logprob_chunk_size: int = 1024
     """Completion positions per chunk when applying the LM head, so [tokens, vocab] logits never exist at once."""
     packing: bool = True
-    """Lay each pair (or group) out once as [prompt][chosen][rejected] with a mask that hides chosen from rejected (prefix sharing), and pack several into each row, so no compute goes to padding or repeated prompts. Reward models always use padded rows."""
+    """Lay each pair (or group) out once as [prompt][chosen][rejected] with a mask that hides chosen from rejected (prefix sharing), and pack several into each row, so no compute goes to padding or repeated prompts."""
     pack_tokens: int = 2048
     """Tokens per packed row (rows grow to fit one longer example). Larger rows waste more attention compute on masked-out blocks without a block-sparse kernel."""
+    max_tokens_per_batch: Optional[int] = None
+    """Form micro-batches by token budget instead of by count: examples are added while their non-pad tokens (each prompt once when packing) fit; `batch_size` and `eval_batch_size` are then not used. Steps per epoch vary with the data's lengths."""
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     eval_batch_size: Optional[int] = None
@@ -142,11 +144,33 @@ class GenerationConfig:
     """Keep only the k most likely tokens (0: no limit)."""
     batch_size: int = 16
     """Prompts generated for at once."""
+    stop: list = field(default_factory=list)
+    """Stop strings: a completion ends once its text contains one (it is kept)."""
 
 
 # The loss a recipe trains with when the config names none.
 RECIPE_DEFAULT_LOSS = {"dpo": "dpo", "sft": "sft", "unpaired": "kto", "masked": "mask_dpo", "negative": "d2o",
-                       "reward": "bradley_terry"}
+                       "reward": "bradley_terry", "online_dpo": "dpo", "raft": "sft"}
+ONLINE_RECIPES = ("grpo", "rloo", "online_dpo", "raft")
+
+
+@dataclass
+class OnlineConfig:
+    rewards: Union[str, list, dict, None] = None
+    """Reward of each sampled completion: a built-in (`numeric_match`, `regex`, `length`, `keywords`), a Python function (`file.py:fn` or `module:fn`), a reward-model directory, a mapping with parameters (`{name: keywords, required: [please]}`), or a list of these with `weight`s, summed."""
+    kl_coef: float = 0.0
+    """GRPO / RLOO: weight of the per-token k3 estimate of KL(policy || reference); 0 keeps no reference model."""
+    clip_low: float = 0.2
+    """GRPO / RLOO: the ratio is clipped below at 1 - clip_low."""
+    clip_high: float = 0.2
+    """GRPO / RLOO: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher uses 0.28)."""
+    aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    """How token losses become the batch loss: `grpo` (mean per sequence, then over sequences), `dapo` (mean over all tokens), `dr_grpo` (sum over tokens / (sequences x generation.max_new_tokens))."""
+    scale_rewards: bool = True
+    """GRPO: divide advantages by the group's reward std (Dr. GRPO sets false: centering only)."""
+    iterations: int = 1
+    """Optimizer steps on each batch of samples (GRPO's mu); above 1 the clipped ratio binds."""
+
 
 
 @dataclass
@@ -159,8 +183,8 @@ class RewardConfig:
 
 @dataclass
 class RunConfig:
-    recipe: Literal["sft", "dpo", "unpaired", "masked", "negative", "reward"] = "dpo"
-    """`sft`; `dpo` (paired losses, chosen under `loss`); `unpaired` (KTO, BCO on labelled completions); `masked` (Mask-DPO on sentence-labelled pairs); `negative` (D2O on negatives plus the model's own samples); `reward` (a Bradley-Terry reward model)."""
+    recipe: Literal["sft", "dpo", "unpaired", "masked", "negative", "reward", "grpo", "rloo", "online_dpo", "raft"] = "dpo"
+    """`sft`; `dpo` (paired losses, chosen under `loss`); `unpaired` (KTO, BCO on labelled completions); `masked` (Mask-DPO on sentence-labelled pairs); `negative` (D2O on negatives plus the model's own samples); `reward` (a Bradley-Terry reward model); online, sampling as it trains: `grpo`, `rloo`, `online_dpo` (best vs worst sample, `loss` dpo or ipo), `raft` (SFT on the best of k samples)."""
     output_dir: str = "runs/alignkit"
     """Run directory: checkpoints, metrics.jsonl, the final model."""
     seed: int = 0
@@ -179,6 +203,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +443,21 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"`{key}` must be positive; got {v}.")
     if t.max_steps is not None and t.max_steps <= 0:
         raise ConfigError(f"`train.max_steps` must be positive; got {t.max_steps}.")
+    if cfg.recipe in ONLINE_RECIPES:
+        if cfg.online.rewards is None:
+            raise ConfigError(f"recipe {cfg.recipe} samples completions and needs a reward: set `online.rewards`, e.g. "
+                              "`online.rewards=numeric_match` or `online.rewards=my_rewards.py:score`.")
+        if t.max_tokens_per_batch is not None:
+            raise ConfigError(f"recipe {cfg.recipe} batches prompts by count (train.batch_size prompts, each with "
+                              "generation.num_samples completions); unset `train.max_tokens_per_batch`.")
+        if cfg.online.iterations < 1:
+            raise ConfigError(f"`online.iterations` must be >= 1; got {cfg.online.iterations}.")
+        if cfg.recipe in ("grpo", "rloo", "online_dpo") and cfg.generation.num_samples < 2:
+            raise ConfigError(f"recipe {cfg.recipe} compares samples of the same prompt: "
+                              f"`generation.num_samples` must be >= 2; got {cfg.generation.num_samples}.")
+    if t.max_tokens_per_batch is not None and t.max_tokens_per_batch <= 0:
+        raise ConfigError(f"`train.max_tokens_per_batch` must be positive (or unset to batch by count); "
+                          f"got {t.max_tokens_per_batch}.")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"`train.warmup_ratio` must be in [0, 1); got {t.warmup_ratio}.")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:

@@ -24,25 +24,35 @@ class SegmentLogps:
     counts: torch.Tensor  # [S] long: scored tokens per segment
     token_logps: torch.Tensor  # [N] float32: per scored token, in row-major order
     token_segments: torch.Tensor  # [N] long: the segment of each scored token
+    token_entropy: torch.Tensor | None = None  # [N] float32, detached: entropy of the predicting distribution
 
 
-def _token_logps(head, hidden, targets):
-    logits = head(hidden).float()  # [n, V]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+def _token_logps(head, hidden, targets, entropy: bool = False):
+    logp = torch.log_softmax(head(hidden).float(), dim=-1)  # [n, V]
+    picked = logp.gather(-1, targets[:, None]).squeeze(-1)
+    if not entropy:
+        return picked, picked.new_zeros(0)
+    with torch.no_grad():  # a diagnostic: no gradient through it
+        return picked, -(logp.exp() * logp).sum(-1)
 
 
-def chunked_token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """log p(target | hidden) for hidden [N, H], targets [N] -> [N] float32, chunk by chunk."""
-    out = []
+def chunked_token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                        entropy: bool = False):
+    """log p(target | hidden) for hidden [N, H], targets [N] -> [N] float32, chunk by chunk; with
+    `entropy`, also the entropy of each position's distribution ([N], detached)."""
+    out, ent = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start: start + chunk_size], targets[start: start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            out.append(checkpoint(_token_logps, head, h, t, use_reentrant=False))
+            lp, e = checkpoint(_token_logps, head, h, t, entropy, use_reentrant=False)
         else:
-            out.append(_token_logps(head, h, t))
+            lp, e = _token_logps(head, h, t, entropy)
+        out.append(lp)
+        ent.append(e)
     if not out:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(out)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty) if entropy else empty
+    return (torch.cat(out), torch.cat(ent)) if entropy else torch.cat(out)
 
 
 def trunk_inputs(model, batch: TokenBatch) -> dict:
@@ -70,11 +80,16 @@ def scored_hidden(model, batch: TokenBatch):
     return hidden[rows, src], batch.input_ids[rows, cols], batch.segment_ids[rows, cols], head
 
 
-def segment_logps(model, batch: TokenBatch, chunk_size: int = 1024) -> SegmentLogps:
-    """Sum log-probs of the scored tokens of each segment of `batch`."""
+def segment_logps(model, batch: TokenBatch, chunk_size: int = 1024, entropy: bool = False) -> SegmentLogps:
+    """Sum log-probs of the scored tokens of each segment of `batch` (and, with `entropy`, each
+    scored position's entropy)."""
     h, targets, token_segments, head = scored_hidden(model, batch)
-    token_lp = chunked_token_logps(head, h, targets, chunk_size)
+    token_ent = None
+    if entropy:
+        token_lp, token_ent = chunked_token_logps(head, h, targets, chunk_size, entropy=True)
+    else:
+        token_lp = chunked_token_logps(head, h, targets, chunk_size)
     logps = torch.zeros(batch.num_segments, dtype=torch.float32, device=token_lp.device)
     logps = logps.index_add(0, token_segments, token_lp)
     counts = torch.bincount(token_segments, minlength=batch.num_segments)
-    return SegmentLogps(logps, counts, token_lp, token_segments)
+    return SegmentLogps(logps, counts, token_lp, token_segments, token_ent)

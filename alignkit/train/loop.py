@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.config import RunConfig, save_config
+from alignkit.data.batching import example_tokens
 from alignkit.errors import ConfigError
 from alignkit.models import (apply_lora, bf16_supported, disable_dropout, load_model, load_tokenizer,
                              resolve_device, resolve_model_path)
@@ -80,26 +81,73 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def micro_batch_indices(n: int, batch_size: int, seed: int, shuffle: bool, micro_step: int) -> list:
-    """Item indices of global micro-batch `micro_step`; epochs follow each other, each reshuffled.
+class BatchPlan:
+    """Item indices of each global micro-batch: epochs follow each other, each reshuffled, and
+    each is cut into micro-batches either by count (`batch_size` examples) or, when `max_tokens`
+    is set, by token budget (consecutive examples while their tokens fit; an example over the
+    budget goes alone).
 
     A pure function of its arguments, so a resumed run sees exactly the batches it would have."""
-    per_epoch = math.ceil(n / batch_size)
-    epoch, j = divmod(micro_step, per_epoch)
-    if shuffle:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-    else:
-        order = list(range(n))
-    return order[j * batch_size: (j + 1) * batch_size]
+
+    def __init__(self, tokens: list, batch_size: int, max_tokens: int | None = None, seed: int = 0,
+                 shuffle: bool = True):
+        self.tokens, self.batch_size, self.max_tokens = list(tokens), batch_size, max_tokens
+        self.seed, self.shuffle = seed, shuffle
+        self._epochs = {}
+
+    @property
+    def over_budget(self) -> int:
+        """Examples longer than the token budget (each is a micro-batch of its own)."""
+        return sum(t > self.max_tokens for t in self.tokens) if self.max_tokens else 0
+
+    def epoch(self, e: int) -> list:
+        if e not in self._epochs:
+            n = len(self.tokens)
+            if self.shuffle:
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e)).tolist()
+            else:
+                order = list(range(n))
+            self._epochs = {e: self._cut(order)}  # one epoch kept: the loop walks forward
+        return self._epochs[e]
+
+    def _cut(self, order: list) -> list:
+        if not self.max_tokens:
+            return [order[j: j + self.batch_size] for j in range(0, len(order), self.batch_size)]
+        batches, current, used = [], [], 0
+        for i in order:
+            if current and used + self.tokens[i] > self.max_tokens:
+                batches.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += self.tokens[i]
+        return batches + [current] if current else batches
+
+    @property
+    def per_epoch(self) -> int:
+        """Micro-batches in the first epoch (by budget, later epochs may differ by a few)."""
+        return len(self.epoch(0))
+
+    def micro_batch(self, micro_step: int) -> list:
+        e = 0
+        while micro_step >= len(self.epoch(e)):
+            micro_step -= len(self.epoch(e))
+            e += 1
+        return self.epoch(e)[micro_step]
 
 
-def total_steps(cfg: RunConfig, n_train: int) -> int:
+def batch_plan(cfg: RunConfig, recipe, items: list, batch_size: int, shuffle: bool) -> BatchPlan:
+    """The plan for `items` under the config's batch size or `train.max_tokens_per_batch`."""
+    budget = cfg.train.max_tokens_per_batch
+    tokens = [example_tokens(it, recipe.shares_prompts) for it in items] if budget else [0] * len(items)
+    return BatchPlan(tokens, batch_size, budget, cfg.seed, shuffle)
+
+
+def total_steps(cfg: RunConfig, plan: BatchPlan, repeat: int = 1) -> int:
+    """Optimizer steps of the run; `repeat`: steps taken on each batch (online iterations)."""
     t = cfg.train
     if t.max_steps is not None:
         return t.max_steps
-    per_epoch = math.ceil(n_train / t.batch_size)
-    return max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    return max(1, math.ceil(t.epochs * plan.per_epoch * repeat / t.grad_accum))
 
 
 class _Meter:
@@ -135,10 +183,10 @@ def run_batches(recipe, model, batches: list, split: str, device, autocast, back
 
 
 @torch.no_grad()
-def evaluate(recipe, model, items: list, batch_size: int, device, autocast) -> dict:
+def evaluate(recipe, model, items: list, plan: BatchPlan, device, autocast) -> dict:
     was_training = model.training
     model.eval()
-    batches = [recipe.collate(items[i: i + batch_size]) for i in range(0, len(items), batch_size)]
+    batches = [recipe.collate([items[i] for i in idx]) for idx in plan.epoch(0)]
     out = run_batches(recipe, model, batches, "eval", device, autocast, backward=False)
     model.train(was_training)
     return out
@@ -203,7 +251,11 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunRes
     tokenizer, recipe, data, model, device, autocast = setup(cfg, progress)
     model.train()
     optimizer = build_optimizer(model, cfg)
-    steps = total_steps(cfg, len(data.train))
+    plan = batch_plan(cfg, recipe, data.train, cfg.train.batch_size, cfg.train.shuffle)
+    if plan.over_budget:
+        print(f"alignkit: {plan.over_budget} training examples are longer than train.max_tokens_per_batch="
+              f"{cfg.train.max_tokens_per_batch}; each goes in a micro-batch of its own", flush=True)
+    steps = total_steps(cfg, plan, getattr(recipe, "iterations", 1))
     warmup = int(cfg.train.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, cfg.train.lr_schedule))
@@ -223,7 +275,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunRes
     logger = MetricsLogger(run_dir, cfg.train.tensorboard, resume_step=state["step"] if resume_from else None)
     result = RunResult(run_dir, run_dir / "final", steps)
     try:
-        _loop(cfg, recipe, data, model, tokenizer, optimizer, scheduler, state, logger, result,
+        _loop(cfg, recipe, data, plan, model, tokenizer, optimizer, scheduler, state, logger, result,
               device, autocast, progress)
     finally:
         logger.close()
@@ -237,19 +289,27 @@ def _full_state(state: dict, recipe) -> dict:
     return full
 
 
-def _loop(cfg, recipe, data, model, tokenizer, optimizer, scheduler, state, logger, result, device,
+def _loop(cfg, recipe, data, plan, model, tokenizer, optimizer, scheduler, state, logger, result, device,
           autocast, progress):
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    eval_bs = t.eval_batch_size or t.batch_size
+    eval_plan = batch_plan(cfg, recipe, data.eval, t.eval_batch_size or t.batch_size, shuffle=False)
+    # Online recipes sample their batches (`rollout`), reuse each for `iterations` steps, and are
+    # evaluated by the reward of their own held-out completions, from step 0 on.
+    repeat = getattr(recipe, "iterations", 1)
+    run_eval = (lambda: recipe.evaluate(model, data.eval)) if hasattr(recipe, "evaluate") else (
+        lambda: evaluate(recipe, model, data.eval, eval_plan, device, autocast))
+    if hasattr(recipe, "evaluate") and data.eval and state["step"] == 0:
+        logger.log(0, run_eval(), split="eval")
     bar = tqdm(total=state["total_steps"], initial=state["step"], desc=f"train {recipe.name}",
                unit="step", disable=not progress, dynamic_ncols=True)
     while state["step"] < state["total_steps"]:
         start = time.perf_counter()
         batches = []
-        for _ in range(t.grad_accum):
-            idx = micro_batch_indices(len(data.train), t.batch_size, cfg.seed, t.shuffle, state["micro_step"])
-            batches.append(recipe.collate([data.train[i] for i in idx]))
+        for a in range(t.grad_accum):
+            key = (state["step"] // repeat) * t.grad_accum + a  # = micro_step when repeat is 1
+            items = [data.train[i] for i in plan.micro_batch(key)]
+            batches.append(recipe.rollout(model, items, key) if hasattr(recipe, "rollout") else recipe.collate(items))
             state["micro_step"] += 1
         metrics = run_batches(recipe, model, batches, "train", device, autocast, backward=True)
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
@@ -263,6 +323,9 @@ def _loop(cfg, recipe, data, model, tokenizer, optimizer, scheduler, state, logg
         tokens = sum(b.num_sequence_tokens for b in batches)
         metrics.update(grad_norm=float(grad_norm), tokens=tokens, tokens_per_s=tokens / elapsed,
                        tokens_computed=sum(b.num_tokens for b in batches), step_time_s=elapsed)
+        if "time/generation_s" in metrics:  # online: the share of the step spent sampling
+            metrics["time/generation_s"] *= len(batches)  # the meter averaged it over micro-batches
+            metrics["time/generation_fraction"] = metrics["time/generation_s"] / elapsed
         step = state["step"]
         if step % t.log_every == 0 or step == state["total_steps"]:
             logger.log(step, metrics)
@@ -271,7 +334,7 @@ def _loop(cfg, recipe, data, model, tokenizer, optimizer, scheduler, state, logg
         bar.update(1)
         last = step == state["total_steps"]
         if data.eval and ((t.eval_every and step % t.eval_every == 0) or last):
-            result.eval_metrics = evaluate(recipe, model, data.eval, eval_bs, device, autocast)
+            result.eval_metrics = run_eval()
             logger.log(step, result.eval_metrics, split="eval")
         if (t.save_every and step % t.save_every == 0) and not last:
             ckpt.save_checkpoint(result.run_dir, step, model, tokenizer, cfg, optimizer, scheduler,

@@ -82,6 +82,11 @@ class SFTRecipe:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.spec, self.params = losses.resolve({"name": "sft"})
 
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether batches hold each prompt once (packed, prefix-shared layout); the token budget counts so."""
+        return self.cfg.train.packing
+
     def prepare(self) -> PreparedData:
         return prepare_data(self.cfg, self.tokenizer, formats.load_sft_examples, tokenize_sft)
 
@@ -116,6 +121,11 @@ class PreferenceRecipe:
     @property
     def needs_reference(self) -> bool:
         return any(t.spec.needs_reference for t in self.terms)
+
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether batches hold each prompt once (packed, prefix-shared layout); the token budget counts so."""
+        return self.cfg.train.packing
 
     def prepare(self) -> PreparedData:
         return prepare_data(self.cfg, self.tokenizer, formats.load_preference_examples, tokenize_pairs)
@@ -349,6 +359,10 @@ RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "unpaired": UnpairedRecipe
 
 
 def make_recipe(cfg: RunConfig, tokenizer):
+    from alignkit.train.online import ONLINE
+
+    if cfg.recipe in ONLINE:
+        return ONLINE[cfg.recipe](cfg, tokenizer)
     if cfg.recipe == "reward":
         from alignkit.train.reward import RewardRecipe
 

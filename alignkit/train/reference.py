@@ -124,8 +124,11 @@ class LiveReference:
             self.model, self.use_base = copy.deepcopy(policy).eval().requires_grad_(False), False
 
     @torch.no_grad()
-    def logps(self, model, batch, chunk_size, device) -> torch.Tensor:
+    def segment(self, batch, chunk_size):
+        """The reference's SegmentLogps of `batch` (per segment and per token)."""
         ctx = self.model.disable_adapter() if self.use_base else contextlib.nullcontext()
         with ctx:
-            out = segment_logps(self.model, batch, chunk_size)
-        return example_columns(out.logps.detach(), batch.num_examples)
+            return segment_logps(self.model, batch, chunk_size)
+
+    def logps(self, model, batch, chunk_size, device) -> torch.Tensor:
+        return example_columns(self.segment(batch, chunk_size).logps, batch.num_examples)

@@ -1,0 +1,67 @@
+"""Prompt records for online training and generation: a prompt plus any other columns.
+
+    {"prompt": "What is 7 * 6?", "answer": "#### 42"}
+    {"question": "...", "answer": "..."}          with data.columns: {prompt: question}
+
+The prompt is a string (one user turn) or a message list ending in a user (or system) turn. Every
+other field of the record is kept as a column and handed to reward functions by name, so a
+verifier can compare a completion with the record's reference answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alignkit.data.formats import LoadResult, _check_columns, _load, _Record
+from alignkit.data.tokenize import _encode, render_texts
+
+PROMPT_FIELDS = ("prompt",)
+
+
+@dataclass
+class PromptExample:
+    prompt: tuple  # messages
+    columns: dict = field(default_factory=dict)  # the record's other fields
+    source: str = ""
+    plain_text: bool = False
+
+
+@dataclass
+class TokenizedPrompt:
+    prompt_ids: list
+    index: int
+    truncated: bool = False
+
+
+def parse_prompt_record(record: object, location: str, columns: dict | None = None) -> PromptExample:
+    columns = _check_columns(columns, PROMPT_FIELDS, "prompt")
+    rec = _Record(record, location, columns, PROMPT_FIELDS)
+    messages, plain = rec.messages("prompt", rec.get("prompt"), "user")
+    if not any(m["content"].strip() for m in messages):
+        raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
+    if messages[-1]["role"] == "assistant":
+        raise rec.error(f"{rec.label('prompt')} ends with an assistant message; a prompt ends with the turn the "
+                        "model answers (user or system)")
+    key = columns.get("prompt", "prompt")
+    other = {k: v for k, v in record.items() if k != key}
+    return PromptExample(tuple(messages), other, location, plain)
+
+
+def load_prompt_examples(path: str, *, columns=None, on_bad_record: str = "error",
+                         split: str | None = None) -> LoadResult:
+    """Read and validate every prompt record of `path`."""
+    columns = _check_columns(columns, PROMPT_FIELDS, "prompt")
+    return _load(path, parse_prompt_record, columns, on_bad_record, split)
+
+
+def tokenize_prompts(examples: list, tokenizer, max_prompt_length: int) -> tuple[list, int]:
+    """Prompt token ids (chat template with the generation prompt), cut to their last
+    `max_prompt_length` tokens; returns (items, number truncated)."""
+    out, cut = [], 0
+    for i, ex in enumerate(examples):
+        p_text, _ = render_texts(tokenizer, ex.prompt, ({"role": "assistant", "content": "x"},), ex.plain_text)
+        ids, _ = _encode(tokenizer, p_text, "")
+        truncated = len(ids) > max_prompt_length
+        cut += truncated
+        out.append(TokenizedPrompt(ids[-max_prompt_length:], i, truncated))
+    return out, cut

@@ -1,0 +1,156 @@
+"""Batched sampling token by token with a KV cache, over any `transformers` causal LM.
+
+Our own loop rather than `model.generate`, for three reasons:
+- we need the raw log-prob of every sampled token (the model's distribution at temperature 1,
+  before top-k / top-p), which online RL compares with the trainer's log-probs and KL estimates
+  use; `generate` only exposes the processed scores, or every step's full logits;
+- a prompt's n samples share its prefill: the prompt runs once and its KV cache is repeated n times,
+  so n samples do not cost n times the prompt processing;
+- guided decoding (inference-time alignment) needs a hook at every token.
+
+Prompts are left-padded, so every row's next token sits in the last column; positions count only
+real tokens, so a padded prompt sees the positions it would see alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    n: int = 1  # samples per prompt
+    stop: tuple = ()  # stop strings: a sample ends once its text contains one (kept in the text)
+
+
+@dataclass
+class Sample:
+    token_ids: list  # the completion's tokens, the end-of-sequence token included when it stopped on one
+    logprobs: list  # raw log-prob of each token under the model (temperature 1, no top-k / top-p)
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+    text: str = ""  # decoded, special tokens removed (filled when a tokenizer is given)
+
+
+@dataclass
+class _Rows:
+    """Per-row decoding state for one batch of prompts x n samples."""
+
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    done: list = field(default_factory=list)
+    reason: list = field(default_factory=list)
+
+
+def pick_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """[R, V] float32 logits -> [R] next tokens: argmax at temperature 0, else a sample from the
+    temperature-scaled distribution restricted to the top-k tokens and the top-p nucleus (the
+    smallest set whose probability reaches top_p, as in Holtzman et al. 2019)."""
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    scores = logits / params.temperature
+    if params.top_k and params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each token
+        sorted_scores = sorted_scores.masked_fill(before >= params.top_p, float("-inf"))  # the first always stays
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _left_pad(prompts: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        if p:
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _stopped_by_string(tokenizer, tokens: list, stop: tuple) -> bool:
+    tail = tokenizer.decode(tokens[-32:], skip_special_tokens=True)
+    return any(s in tail for s in stop)
+
+
+@torch.no_grad()
+def sample_batch(model, prompts: list, params: SamplingParams, *, eos_ids, pad_id: int, generator=None,
+                 tokenizer=None, step_hook=None) -> list[list[Sample]]:
+    """Sample `params.n` completions for each prompt (token-id lists) in one batch.
+
+    `step_hook(logits [R, V], rows_state) -> logits`, when given, may rewrite each step's logits
+    before sampling (guided decoding); the recorded log-probs stay the model's own."""
+    device = next(model.parameters()).device
+    eos = set([eos_ids] if isinstance(eos_ids, int) else eos_ids)
+    ids, mask = _left_pad(prompts, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()
+    n = params.n
+    if n > 1:  # the prompt ran once; its cache serves all n samples
+        cache.batch_repeat_interleave(n)
+        logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        positions = positions.repeat_interleave(n, 0)
+    rows = logits.shape[0]
+    state = _Rows([[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, ["length"] * rows)
+    next_pos = positions[:, -1] + 1
+    for _ in range(params.max_new_tokens):
+        logp = torch.log_softmax(logits, dim=-1)
+        steer = step_hook(logits, state) if step_hook is not None else logits
+        tok = pick_tokens(steer, params, generator)
+        tok_logp = logp.gather(-1, tok[:, None])[:, 0].tolist()
+        for r, (t, lp) in enumerate(zip(tok.tolist(), tok_logp)):
+            if state.done[r]:
+                continue
+            state.tokens[r].append(t)
+            state.logprobs[r].append(lp)
+            if t in eos or (params.stop and tokenizer is not None and _stopped_by_string(tokenizer, state.tokens[r], params.stop)):
+                state.done[r], state.reason[r] = True, "stop"
+        if all(state.done):
+            break
+        tok = torch.where(torch.tensor(state.done, device=device), torch.full_like(tok, pad_id), tok)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    samples = [Sample(state.tokens[r], state.logprobs[r], state.reason[r]) for r in range(rows)]
+    if tokenizer is not None:
+        for s in samples:
+            s.text = tokenizer.decode(s.token_ids, skip_special_tokens=True).strip()
+    return [samples[i * n: (i + 1) * n] for i in range(len(prompts))]
+
+
+def sample(model, prompts: list, params: SamplingParams, *, eos_ids, pad_id: int, batch_size: int = 16,
+           seed: int = 0, tokenizer=None, progress: bool = False, desc: str = "sampling") -> list[list[Sample]]:
+    """`sample_batch` over all prompts, `batch_size` prompts at a time, longest first (less
+    padding); results come back in the prompts' order. Seeded: the same call gives the same samples."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list = [None] * len(prompts)
+    try:
+        with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start: start + batch_size]
+                out = sample_batch(model, [prompts[i] for i in idx], params, eos_ids=eos_ids, pad_id=pad_id,
+                                   generator=generator, tokenizer=tokenizer)
+                for i, s in zip(idx, out):
+                    results[i] = s
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+    return results

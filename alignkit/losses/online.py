@@ -1,0 +1,260 @@
+"""Online RL for LLMs: group advantages, the clipped policy-gradient loss, pair/best-of selection.
+
+These are pure functions, like the rest of `alignkit.losses`, but they are not registered in the
+loss registry: the online recipe calls them directly, because their inputs (per-token log-probs of
+sampled completions, rewards per group) are not the [B] pair inputs the registry describes.
+
+Layout. A step samples G completions for each of P prompts; the S = P * G sequences are flattened,
+so sequence s belongs to prompt s // G and is sample s % G. Rewards are [P, G]. Per-token
+quantities are flat tensors over the M scored completion tokens, with `token_seq` [M] (long) giving
+the sequence of each token (sequences are usually contiguous and in order, but nothing here
+relies on it).
+
+Every function works in the dtype of its floating inputs (float32 in training; the tests use
+float64 to pin numbers); integer rewards are promoted to float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check_rewards(rewards: torch.Tensor, who: str) -> torch.Tensor:
+    if rewards.ndim != 2 or rewards.numel() == 0:
+        raise ValueError(f"{who}: `rewards` must be a non-empty [P, G] tensor (P prompts, G samples each); "
+                         f"got shape {tuple(rewards.shape)}. Reshape flat rewards with `.view(P, G)`.")
+    return rewards if rewards.is_floating_point() else rewards.float()
+
+
+def _need_two_samples(rewards: torch.Tensor, who: str) -> None:
+    if rewards.shape[1] < 2:
+        raise ValueError(f"{who}: needs G >= 2 samples per prompt to form a baseline from the group; got "
+                         f"rewards of shape {tuple(rewards.shape)} (G = {rewards.shape[1]}). Sample more "
+                         "completions per prompt.")
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages
+# --------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages [P, G] from outcome rewards [P, G].
+
+    GRPO (Shao et al., DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language
+    Models, arXiv 2402.03300, Sec. 4.1.2, outcome supervision): every token of sample i gets
+        A_i = (r_i - mean(r)) / (std(r) + eps),   mean and std over the G samples of its prompt.
+    std is the unbiased sample std (divides by G - 1; `torch.std`'s default), as in TRL's
+    GRPOTrainer; the paper does not say which. eps = 1e-4 (TRL's value) keeps a group whose
+    rewards are all equal at A = 0 instead of 0/0.
+
+    scale_by_std=False is Dr. GRPO (Liu et al., Understanding R1-Zero-Like Training: A Critical
+    Perspective, arXiv 2503.20783, Sec. 3): A_i = r_i - mean(r). Dividing by the std up-weights
+    prompts that are nearly always solved or nearly always failed, a difficulty bias the paper
+    removes.
+
+    Raises ValueError for G < 2 (the sample std of one value is undefined, and the centred
+    advantage would be identically 0)."""
+    rewards = _check_rewards(rewards, "group_advantages")
+    _need_two_samples(rewards, "group_advantages")
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale_by_std:
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE Leave-One-Out advantages [P, G] from rewards [P, G]:
+        A_i = r_i - 1/(G-1) * sum_{j != i} r_j  ( = G/(G-1) * (r_i - mean(r)) )
+    (Ahmadian et al., Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
+    Human Feedback in LLMs, arXiv 2402.14740, Sec. 3.2; the baseline is Kool et al. 2019). The
+    baseline of sample i excludes r_i, so it is independent of sample i and the estimator unbiased.
+
+    Raises ValueError for G < 2 (no other sample to form the baseline)."""
+    rewards = _check_rewards(rewards, "rloo_advantages")
+    _need_two_samples(rewards, "rloo_advantages")
+    g = rewards.shape[1]
+    leave_one_out_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (g - 1)
+    return rewards - leave_one_out_mean
+
+
+def zero_variance_fraction(rewards: torch.Tensor) -> float:
+    """Fraction of the P groups whose G rewards are all equal (a float in [0, 1]).
+
+    Such a group has zero advantage under GRPO, Dr. GRPO and RLOO alike, so it contributes no
+    policy gradient (only the KL term, if any); DAPO (arXiv 2503.14476, Sec. 3.2, dynamic sampling)
+    filters these groups out and samples more. A rising value means the prompts have become too
+    easy or too hard. Returns a Python float (one host sync): it is a logging metric."""
+    rewards = _check_rewards(rewards, "zero_variance_fraction")
+    constant = (rewards == rewards[:, :1]).all(dim=1)  # [P]
+    return constant.float().mean().item()
+
+
+# --------------------------------------------------------------------------------------------
+# Clipped policy-gradient loss
+# --------------------------------------------------------------------------------------------
+
+def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) from tokens sampled from pi (same shape as input):
+        k3 = exp(ref - logp) - (ref - logp) - 1  >= 0
+    (Schulman, "Approximating KL Divergence", blog post, 2020, http://joschu.net/blog/kl-approx.html;
+    the estimator of GRPO, arXiv 2402.03300, Sec. 4.1.1). With r = pi_ref / pi, k3 = (r - 1) - log r:
+    unbiased (E_pi[r] = 1), and non-negative since log r <= r - 1. Written with expm1 so that it
+    stays accurate near 0. No clamping: a very large ref - logp gives a large (possibly inf) value,
+    as in TRL; it is not silently capped."""
+    delta = ref_logps - logps
+    return torch.expm1(delta) - delta
+
+
+def _aggregate_grpo(per_token, token_seq, num_sequences, max_completion_length):
+    """Mean over each sequence's tokens, then mean over the sequences that have tokens (GRPO,
+    arXiv 2402.03300, the 1/|o_i| and 1/G factors of its objective)."""
+    seq_sum = per_token.new_zeros(num_sequences).index_add(0, token_seq, per_token)  # [S]
+    seq_len = per_token.new_zeros(num_sequences).index_add(0, token_seq, torch.ones_like(per_token))  # [S]
+    has_tokens = (seq_len > 0).to(per_token.dtype)  # [S]
+    seq_mean = seq_sum / seq_len.clamp(min=1)
+    # Departure from TRL, which divides by all S sequences: an empty sequence is skipped, so it does
+    # not shrink the weight of the others.
+    return (seq_mean * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+
+
+def _aggregate_dapo(per_token, token_seq, num_sequences, max_completion_length):
+    """Token-level mean: sum over all tokens / number of tokens (DAPO, arXiv 2503.14476, Sec. 3.3),
+    so every token weighs the same whatever the length of its sequence."""
+    return per_token.sum() / max(per_token.numel(), 1)
+
+
+def _aggregate_dr_grpo(per_token, token_seq, num_sequences, max_completion_length):
+    """sum over all tokens / (S * max_completion_length) (Dr. GRPO, arXiv 2503.20783, Sec. 3): a
+    constant normaliser, so there is no length bias and no dependence on the batch's lengths."""
+    if max_completion_length is None:
+        raise ValueError("policy_gradient_loss: aggregation='dr_grpo' needs `max_completion_length` (the "
+                         "generation limit, in tokens); pass it, or use aggregation='dapo' or 'grpo'.")
+    if max_completion_length <= 0:
+        raise ValueError(f"policy_gradient_loss: `max_completion_length` must be > 0; got {max_completion_length}.")
+    return per_token.sum() / (num_sequences * max_completion_length)
+
+
+AGGREGATIONS = {"grpo": _aggregate_grpo, "dapo": _aggregate_dapo, "dr_grpo": _aggregate_dr_grpo}
+
+
+def _check_pg_inputs(token_logps, old_token_logps, advantages, token_seq, num_sequences,
+                     clip_low, clip_high, ref_token_logps, kl_coef, aggregation):
+    """Shape and hyper-parameter checks only: no value checks, which would need a host sync."""
+    who = "policy_gradient_loss"
+    if token_logps.ndim != 1:
+        raise ValueError(f"{who}: `token_logps` must be flat [M] over scored tokens; "
+                         f"got shape {tuple(token_logps.shape)}.")
+    same_shape = (("old_token_logps", old_token_logps), ("token_seq", token_seq), ("ref_token_logps", ref_token_logps))
+    for name, t in same_shape:
+        if t is not None and t.shape != token_logps.shape:
+            raise ValueError(f"{who}: `{name}` must have the shape of `token_logps` {tuple(token_logps.shape)}; "
+                             f"got {tuple(t.shape)}.")
+    if token_seq.dtype != torch.long:
+        raise ValueError(f"{who}: `token_seq` must be a long tensor of sequence indices; got {token_seq.dtype}.")
+    if advantages.shape != (num_sequences,):
+        raise ValueError(f"{who}: `advantages` must be [S] = [{num_sequences}] (one per sequence; flatten [P, G] "
+                         f"advantages with `.reshape(-1)`); got shape {tuple(advantages.shape)}.")
+    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
+        raise ValueError(f"{who}: need 0 <= clip_low < 1 and clip_high >= 0; got clip_low={clip_low}, "
+                         f"clip_high={clip_high}.")
+    if kl_coef < 0.0:
+        raise ValueError(f"{who}: `kl_coef` must be >= 0; got {kl_coef}.")
+    if kl_coef > 0.0 and ref_token_logps is None:
+        raise ValueError(f"{who}: kl_coef={kl_coef} > 0 needs `ref_token_logps`; pass the reference model's "
+                         "token log-probs, or set kl_coef=0.")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"{who}: unknown aggregation {aggregation!r}; choose one of {sorted(AGGREGATIONS)}.")
+
+
+def policy_gradient_loss(token_logps, old_token_logps, advantages, token_seq, num_sequences: int, *,
+                         clip_low: float = 0.2, clip_high: float = 0.2, ref_token_logps=None,
+                         kl_coef: float = 0.0, aggregation: str = "grpo", max_completion_length=None):
+    """Clipped surrogate policy-gradient loss over flattened tokens; returns (loss [], metrics).
+
+    Inputs: token_logps [M] (log pi_theta of each sampled token; the only input gradients flow
+    into), old_token_logps [M] (log pi_old, the sampling policy), advantages [S] (one per sequence,
+    e.g. `group_advantages(...).reshape(-1)`), token_seq [M] (long, the sequence of each token),
+    num_sequences S, and optionally ref_token_logps [M] (log pi_ref). old/ref/advantages are
+    detached here.
+
+    Per token t of sequence i, with ratio = exp(logp - old_logp) and A = advantages[i]:
+        objective_t = min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
+        loss_t      = -objective_t + kl_coef * k3(logp, ref_logp)        (k3: see `kl_k3`)
+    the PPO clipped surrogate (Schulman et al. 2017, arXiv 1707.06347) as GRPO uses it
+    (arXiv 2402.03300, Sec. 4.1), with DAPO's decoupled clip range "clip-higher" (arXiv 2503.14476,
+    Sec. 3.1; the paper uses clip_low = 0.2, clip_high = 0.28). The KL term is added to the loss
+    as in GRPO (not folded into the reward); it is only computed when kl_coef > 0.
+
+    `aggregation` turns the per-token losses into the scalar loss:
+      "grpo":    mean over each sequence's tokens, then mean over sequences (GRPO). Sequences with
+                 no tokens are skipped (TRL counts them, with a 0 loss).
+      "dapo":    sum over all tokens / M, the token-level loss of DAPO (Sec. 3.3).
+      "dr_grpo": sum over all tokens / (S * max_completion_length) (Dr. GRPO, arXiv 2503.20783).
+    With gradient accumulation, "grpo" and "dapo" normalise by the sequences/tokens of this call
+    only; "dr_grpo"'s constant normaliser is the one that sums exactly across micro-batches.
+
+    Metrics (detached 0-d tensors, so logging does not force a host sync; token means over the M
+    tokens, 0 when M = 0), with TRL's definitions: a token is
+      low-clipped  when ratio < 1 - clip_low  and A < 0,
+      high-clipped when ratio > 1 + clip_high and A > 0,
+    i.e. exactly when the clipped term is the active minimum and its gradient is zero (outside
+    those cases the unclipped term is the minimum). "clip_fraction/low", "clip_fraction/high" and
+    "clip_fraction" (their sum) are the fractions of tokens so clipped; "ratio_mean" is the mean
+    ratio; "kl" is the mean k3 over tokens, reported whenever ref_token_logps is given (also with
+    kl_coef = 0)."""
+    _check_pg_inputs(token_logps, old_token_logps, advantages, token_seq, num_sequences,
+                     clip_low, clip_high, ref_token_logps, kl_coef, aggregation)
+    token_adv = advantages.detach().to(token_logps.dtype)[token_seq]  # [M]
+    ratio = torch.exp(token_logps - old_token_logps.detach())  # [M]
+    unclipped = ratio * token_adv
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * token_adv
+    per_token = -torch.minimum(unclipped, clipped)  # [M]
+
+    n_tokens = max(token_logps.numel(), 1)
+    metrics = {}
+    if ref_token_logps is not None:
+        kl = kl_k3(token_logps, ref_token_logps.detach())  # [M]
+        if kl_coef > 0.0:
+            per_token = per_token + kl_coef * kl
+        metrics["kl"] = kl.detach().sum() / n_tokens
+
+    loss = AGGREGATIONS[aggregation](per_token, token_seq, num_sequences, max_completion_length)
+
+    ratio_d = ratio.detach()
+    low = ((ratio_d < 1.0 - clip_low) & (token_adv < 0)).to(ratio_d.dtype)
+    high = ((ratio_d > 1.0 + clip_high) & (token_adv > 0)).to(ratio_d.dtype)
+    metrics["clip_fraction/low"] = low.sum() / n_tokens
+    metrics["clip_fraction/high"] = high.sum() / n_tokens
+    metrics["clip_fraction"] = (low + high).sum() / n_tokens
+    metrics["ratio_mean"] = ratio_d.sum() / n_tokens
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Selecting samples: online DPO pairs and best-of-K
+# --------------------------------------------------------------------------------------------
+
+def best_worst_pairs(rewards: torch.Tensor):
+    """Per prompt, the indices (within its group) of the highest- and lowest-reward samples, for
+    online DPO / IPO; returns (best_idx [P] long, worst_idx [P] long, valid [P] bool).
+
+    Online DPO (Guo et al., Direct Language Model Alignment from Online AI Feedback, arXiv
+    2402.04792) samples two responses and lets an annotator pick the preferred one; with G = 2 and
+    a reward as the annotator this is exactly that pair. For G > 2 we take the best and the worst of
+    the group, the common choice of iterative/online DPO pipelines (e.g. Dong et al., RLHF Workflow:
+    From Reward Modeling to Online RLHF). Ties go to the first index (torch.argmax/argmin's
+    documented behaviour). valid is False where all G rewards are equal: there is no preference,
+    and the recipe should drop that prompt (best == worst there). The sequence index in the
+    flattened layout is p * G + idx."""
+    rewards = _check_rewards(rewards, "best_worst_pairs")
+    best = rewards.argmax(dim=1)
+    worst = rewards.argmin(dim=1)
+    valid = rewards.amax(dim=1) != rewards.amin(dim=1)
+    return best, worst, valid
+
+
+def best_of_k(rewards: torch.Tensor) -> torch.Tensor:
+    """Index [P] (long, within each group) of the highest-reward sample per prompt, first on ties:
+    the sample RAFT keeps for fine-tuning (Dong et al., RAFT: Reward rAnked FineTuning for Generative
+    Foundation Model Alignment, arXiv 2304.06767; rejection sampling / best-of-K)."""
+    return _check_rewards(rewards, "best_of_k").argmax(dim=1)

@@ -1,0 +1,343 @@
+"""Online recipes: the policy samples while it trains, and learns from rewards of its own samples.
+
+Each micro-batch is a *rollout*: its prompts, `generation.num_samples` completions sampled from the
+current policy (`alignkit.generation.decode`: KV cache, each prompt's prefill shared by its
+samples), their rewards, and a packed batch laying each prompt out once with its completions
+(prefix sharing, as for pairs). The recipes differ only in which completions they train on and
+the loss:
+
+- `grpo`: all samples, group-normalised advantages, clipped ratio (GRPO, arXiv 2402.03300; Dr.
+  GRPO's unscaled advantages and aggregation, arXiv 2503.20783; DAPO's clip-higher and token-level
+  aggregation, arXiv 2503.14476);
+- `rloo`: all samples, leave-one-out baseline (arXiv 2402.14740);
+- `online_dpo`: the best and the worst sample of each prompt as a pair, any registered pair loss,
+  `dpo` by default or `ipo` (online DPO, arXiv 2402.04792; online IPO, arXiv 2403.08635);
+- `raft`: the best sample of each prompt, trained on with SFT (RAFT, arXiv 2304.06767); since
+  every step samples from the current policy, the ranking and fine-tuning are iterated.
+
+The losses themselves are pure functions in `alignkit.losses.online` and the loss registry.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit import losses
+from alignkit.config import RunConfig
+from alignkit.data.batching import TokenBatch, collate_packed_groups
+from alignkit.data.negative import TokenizedGroup
+from alignkit.errors import ConfigError
+from alignkit.generation.decode import SamplingParams, sample
+from alignkit.logprobs import segment_logps
+from alignkit.losses import online as rl
+from alignkit.losses.combine import apply_terms, resolve_terms
+from alignkit.train.recipes import PreparedData, load_examples
+
+
+def make_reward(spec):
+    """`online.rewards` -> a reward callable: a reward-model directory, or anything `build_reward` reads."""
+    from alignkit.rewards.verifiable import build_reward
+
+    if isinstance(spec, str) and Path(spec).is_dir():
+        from alignkit.rewards.model import RewardModel
+
+        return RewardModel(spec)
+    return build_reward(spec)
+
+
+def reward_components(reward, prompts: list, completions: list, columns: dict) -> tuple[list, dict]:
+    """(total reward per completion, {source name: values}) for logging each source separately."""
+    if hasattr(reward, "components"):
+        parts = reward.components(prompts, completions, **columns)
+        return reward.combine(parts), parts
+    total = reward(prompts, completions, **columns)
+    return total, {getattr(reward, "name", "reward"): total}
+
+
+@dataclass
+class Rollout:
+    """One micro-batch of samples, ready for the loss (already on the model's device)."""
+
+    batch: TokenBatch | None  # packed [prompt][completion 1]..[completion k] groups; None if nothing to train on
+    advantages: torch.Tensor | None = None  # [S] per segment (grpo, rloo)
+    generator_logps: torch.Tensor | None = None  # [M] the sampler's log-probs, tokens in segment order
+    old_logps: torch.Tensor | None = None  # [M] the policy's before this rollout's first update (iterations > 1)
+    ref: object = None  # the reference's SegmentLogps of the batch (KL penalty, online DPO)
+    metrics: dict = field(default_factory=dict)
+    updates: int = 0  # optimizer steps taken on this rollout so far
+
+    def to(self, device) -> "Rollout":
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch.num_tokens if self.batch is not None else 0
+
+    @property
+    def num_sequence_tokens(self) -> int:
+        return self.batch.num_sequence_tokens if self.batch is not None else 0
+
+
+def in_segment_order(out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token log-probs, segments and entropies sorted by segment (stable: completion order within)."""
+    order = torch.argsort(out.token_segments, stable=True)
+    ent = out.token_entropy[order] if out.token_entropy is not None else None
+    return out.token_logps[order], out.token_segments[order], ent
+
+
+class OnlineRecipe:
+    """Shared by the four online recipes: prompts in, rollouts, evaluation by held-out reward."""
+
+    needs_reference = False  # the offline reference machinery does not apply; see `prepare_with_model`
+    shares_prompts = True
+    uses_reference = False
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        g, o = cfg.generation, cfg.online
+        self.iterations = o.iterations
+        self.params = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, n=g.num_samples,
+                                     stop=tuple(g.stop))
+        self.reward = make_reward(o.rewards)
+        self.examples = {}  # split -> PromptExamples (their columns feed the rewards)
+        self.reference = None
+        self._rollout = None  # (key, Rollout): reused for `online.iterations` optimizer steps
+
+    def prepare(self) -> PreparedData:
+        from alignkit.data.prompts import load_prompt_examples, tokenize_prompts
+
+        d, g = self.cfg.data, self.cfg.generation
+        max_prompt = d.max_prompt_length or d.max_length - g.max_new_tokens
+        if max_prompt <= 0:
+            raise ConfigError(f"`data.max_length` ({d.max_length}) leaves no room for prompts after "
+                              f"`generation.max_new_tokens` ({g.max_new_tokens}); raise data.max_length.")
+        train, held, notes = load_examples(self.cfg, load_prompt_examples)
+        self.examples = {"train": train, "eval": held}
+        out = []
+        for split, examples in (("train", train), ("eval", held)):
+            items, cut = tokenize_prompts(examples, self.tokenizer, max_prompt)
+            out.append(items)
+            if cut:
+                notes.append(f"{split}: {cut} of {len(items)} prompts were longer than {max_prompt} tokens and "
+                             "keep their last tokens (raise data.max_length or data.max_prompt_length)")
+        notes.append(f"{self.params.n} completions sampled per prompt, up to {g.max_new_tokens} new tokens, "
+                     f"temperature {g.temperature}; reward: {getattr(self.reward, 'name', self.reward)}")
+        return PreparedData(out[0], out[1], notes)
+
+    def prepare_with_model(self, model, data: PreparedData, fingerprint: dict, progress: bool = True) -> PreparedData:
+        if self.uses_reference:  # a frozen copy of the initial policy (or LoRA's base, adapters off)
+            from alignkit.train.reference import LiveReference
+
+            self.reference = LiveReference(model)
+        return PreparedData(data.train, data.eval, [])
+
+    def collate(self, items):
+        raise NotImplementedError("online recipes build batches by sampling: see `rollout`")
+
+    def weight(self, batch) -> int:
+        return 1  # each loss is already a mean over its rollout
+
+    # -- sampling and scoring --------------------------------------------------------------------
+
+    def _score(self, model, items: list, split: str, params: SamplingParams, seed: int):
+        """Sample `params.n` completions per prompt; (samples [P][n], rewards [P, n], metrics)."""
+        exs = [self.examples[split][it.index] for it in items]
+        start = time.perf_counter()
+        samples = sample(model, [it.prompt_ids for it in items], params, eos_ids=self.tokenizer.eos_token_id,
+                         pad_id=self.tokenizer.pad_token_id, batch_size=self.cfg.generation.batch_size, seed=seed,
+                         tokenizer=self.tokenizer)
+        gen_s = time.perf_counter() - start
+        n = params.n
+        prompts = [list(ex.prompt) for ex in exs for _ in range(n)]
+        texts = [s.text for group in samples for s in group]
+        keys = sorted({k for ex in exs for k in ex.columns})
+        columns = {k: [ex.columns.get(k) for ex in exs for _ in range(n)] for k in keys}
+        total, parts = reward_components(self.reward, prompts, texts, columns)
+        rewards = torch.tensor(total, dtype=torch.float32).view(len(items), n)
+        lengths = torch.tensor([len(s.token_ids) for group in samples for s in group], dtype=torch.float32)
+        stopped = torch.tensor([s.finish_reason == "stop" for group in samples for s in group], dtype=torch.float32)
+        metrics = {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
+                   "completion_length": lengths.mean(), "stopped_fraction": stopped.mean(),
+                   "time/generation_s": torch.tensor(gen_s)}
+        if len(parts) > 1:
+            for name, values in parts.items():
+                v = torch.tensor(values, dtype=torch.float32)
+                metrics[f"reward/{name}"], metrics[f"reward_std/{name}"] = v.mean(), v.std() if v.numel() > 1 else v * 0
+        if n > 1:
+            metrics["zero_variance_groups"] = torch.tensor(rl.zero_variance_fraction(rewards))
+        return samples, rewards, metrics
+
+    def rollout(self, model, items: list, key: int) -> Rollout:
+        """The rollout of micro-batch `key`, sampled once and reused for `online.iterations` steps."""
+        if self._rollout is not None and self._rollout[0] == key:
+            return self._rollout[1]
+        seed = self.cfg.seed * 1_000_003 + key  # a resumed run resamples the same completions
+        samples, rewards, metrics = self._score(model, items, "train", self.params, seed)
+        groups, advantages, picks = self.select(items, samples, rewards, metrics)
+        out = Rollout(None, metrics=metrics)
+        if groups:
+            device = next(model.parameters()).device
+            t = self.cfg.train
+            out.batch = collate_packed_groups(groups, self.tokenizer.pad_token_id, t.pack_tokens).to(device)
+            # segment of completion k of kept prompt j is k * P' + j (`collate_packed_groups`)
+            per_segment = [samples[i][picks[j][k]].logprobs for k in range(len(picks[0])) for j, i in enumerate(self._kept)]
+            out.generator_logps = torch.tensor([lp for seg in per_segment for lp in seg], device=device)
+            out.advantages = advantages.to(device) if advantages is not None else None
+            if self.iterations > 1:
+                with torch.no_grad():
+                    out.old_logps = in_segment_order(segment_logps(model, out.batch, t.logprob_chunk_size))[0]
+            if self.reference is not None:
+                out.ref = self.reference.segment(out.batch, t.logprob_chunk_size)
+        self._rollout = (key, out)
+        return out
+
+    def select(self, items, samples, rewards, metrics):
+        """(groups to train on, per-segment advantages or None, per kept prompt the sample indices);
+        sets `self._kept` to the kept prompts' positions in `items`."""
+        raise NotImplementedError
+
+    def _groups(self, items, samples, picks: list) -> list:
+        """TokenizedGroups of the kept prompts, with the picked samples as completions."""
+        return [TokenizedGroup(items[i].prompt_ids, [samples[i][k].token_ids for k in ks], i)
+                for i, ks in zip(self._kept, picks)]
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model, items: list) -> dict:
+        """Held-out reward of each prompt's greedy completion (deterministic, so steps compare)."""
+        params = SamplingParams(self.params.max_new_tokens, 0.0, n=1, stop=self.params.stop)
+        _, rewards, metrics = self._score(model, items, "eval", params, seed=self.cfg.seed)
+        return {k: float(v) for k, v in metrics.items() if not k.startswith("time/")}
+
+    # -- loss helpers ----------------------------------------------------------------------------
+
+    def _policy(self, model, rollout: Rollout, entropy: bool = True):
+        out = segment_logps(model, rollout.batch, self.cfg.train.logprob_chunk_size, entropy=entropy)
+        logps, segs, ent = in_segment_order(out)
+        metrics = dict(rollout.metrics)
+        if rollout.updates > 0:  # a reused rollout: no sampling happened for this step
+            metrics["time/generation_s"] = torch.tensor(0.0)
+        else:
+            # Trainer and sampler saw the same weights: their log-probs of the sampled tokens must agree.
+            diff = (logps.detach() - rollout.generator_logps).abs()
+            metrics["logprob_mismatch"], metrics["logprob_mismatch_max"] = diff.mean(), diff.max()
+        if ent is not None:
+            metrics["entropy"] = ent.mean()
+        return out, logps, segs, metrics
+
+    @staticmethod
+    def _empty(metrics: dict):
+        return torch.zeros((), requires_grad=True), metrics
+
+
+class PolicyGradientRecipe(OnlineRecipe):
+    """GRPO and RLOO: every sample, weighted by its advantage, through the clipped ratio."""
+
+    name = "grpo"
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.uses_reference = cfg.online.kl_coef > 0
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        return rl.group_advantages(rewards, scale_by_std=self.cfg.online.scale_rewards)
+
+    def select(self, items, samples, rewards, metrics):
+        self._kept = list(range(len(items)))
+        n = rewards.shape[1]
+        picks = [list(range(n))] * len(items)
+        adv = self.advantages(rewards)  # [P, G]; segment of sample k of prompt i is k * P + i
+        return self._groups(items, samples, picks), adv.t().reshape(-1), picks
+
+    def loss(self, model, rollout: Rollout, split: str):
+        if rollout.batch is None:
+            return self._empty(rollout.metrics)
+        o = self.cfg.online
+        out, logps, segs, metrics = self._policy(model, rollout)
+        old = rollout.old_logps if rollout.old_logps is not None else logps.detach()
+        ref = in_segment_order(rollout.ref)[0] if rollout.ref is not None else None
+        loss, pg = rl.policy_gradient_loss(logps, old, rollout.advantages, segs, rollout.batch.num_segments,
+                                           clip_low=o.clip_low, clip_high=o.clip_high, ref_token_logps=ref,
+                                           kl_coef=o.kl_coef, aggregation=o.aggregation,
+                                           max_completion_length=self.cfg.generation.max_new_tokens)
+        if model.training:
+            rollout.updates += 1
+        return loss, {**metrics, **pg}
+
+
+class RLOORecipe(PolicyGradientRecipe):
+    name = "rloo"
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        return rl.rloo_advantages(rewards)
+
+
+class OnlineDPORecipe(OnlineRecipe):
+    """Online DPO / IPO: each prompt's best and worst sample form a pair (prompts whose samples all
+    score the same carry no preference and are left out)."""
+
+    name = "online_dpo"
+    uses_reference = True
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.terms = resolve_terms(cfg.loss, cfg.losses, data="paired")
+
+    def select(self, items, samples, rewards, metrics):
+        best, worst, valid = rl.best_worst_pairs(rewards)
+        self._kept = [i for i in range(len(items)) if bool(valid[i])]
+        picks = [[int(best[i]), int(worst[i])] for i in self._kept]
+        metrics["pairs"] = torch.tensor(float(len(self._kept)))
+        return self._groups(items, samples, picks), None, picks
+
+    def loss(self, model, rollout: Rollout, split: str):
+        if rollout.batch is None:
+            return self._empty(rollout.metrics)
+        out, _, _, metrics = self._policy(model, rollout)
+        b = rollout.batch.num_examples
+        inputs = {"policy_chosen_logps": out.logps[:b], "policy_rejected_logps": out.logps[b:],
+                  "ref_chosen_logps": rollout.ref.logps[:b], "ref_rejected_logps": rollout.ref.logps[b:],
+                  "chosen_counts": out.counts[:b], "rejected_counts": out.counts[b:],
+                  "reward_shift": torch.zeros((), device=out.logps.device)}
+        per_example, pair_metrics = apply_terms(self.terms, inputs)
+        if model.training:
+            rollout.updates += 1
+        return per_example.mean(), {**metrics, **{k: v.mean() for k, v in pair_metrics.items()}}
+
+
+class RAFTRecipe(OnlineRecipe):
+    """RAFT: SFT on each prompt's best sample (prompts whose samples all score the same are left
+    out: nothing singles one out as better)."""
+
+    name = "raft"
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.spec, self.sft_params = losses.resolve({"name": "sft"})
+
+    def select(self, items, samples, rewards, metrics):
+        best = rl.best_of_k(rewards)
+        varied = rewards.max(1).values > rewards.min(1).values
+        self._kept = [i for i in range(len(items)) if bool(varied[i])]
+        metrics["kept_fraction"] = torch.tensor(len(self._kept) / max(1, len(items)))
+        metrics["reward_of_kept"] = rewards.max(1).values[varied].mean() if self._kept else torch.tensor(0.0)
+        picks = [[int(best[i])] for i in self._kept]
+        return self._groups(items, samples, picks), None, picks
+
+    def loss(self, model, rollout: Rollout, split: str):
+        if rollout.batch is None:
+            return self._empty(rollout.metrics)
+        out, _, _, metrics = self._policy(model, rollout)
+        per_example, sft_metrics = self.spec.fn(out.logps, out.counts, **self.sft_params)
+        if model.training:
+            rollout.updates += 1
+        loss = per_example.sum() / out.counts.sum().clamp(min=1)  # token-mean NLL, as SFT
+        return loss, {**metrics, **{k: v.float().mean() for k, v in sft_metrics.items()}}
+
+
+ONLINE = {"grpo": PolicyGradientRecipe, "rloo": RLOORecipe, "online_dpo": OnlineDPORecipe, "raft": RAFTRecipe}

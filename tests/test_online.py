@@ -1,0 +1,81 @@
+"""Online recipes on a tiny model: GRPO, RLOO, online DPO and RAFT raise a held-out reward the
+model can learn (say "yes"), log their metrics, and the trainer's log-probs of the sampled tokens
+match the sampler's."""
+
+import pytest
+
+from alignkit.config import load_config
+from alignkit.errors import ConfigError
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+from conftest import base_overrides, toy_pairs, write_jsonl
+
+REWARD = '''
+def yes_share(prompts, completions, **columns):
+    """Share of the completion's words that are "yes" (a graded signal a tiny model can follow)."""
+    return [c.split().count("yes") / max(1, len(c.split())) for c in completions]
+'''
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"], "answer": "#### 1"} for r in toy_pairs(48)])
+
+
+def _cfg(model_dir, data, tmp_path, recipe, *extra, out=None):
+    fn = tmp_path / "rewards.py"
+    fn.write_text(REWARD)
+    return load_config(None, base_overrides(model_dir, data, tmp_path / (out or recipe), tmp_path / "cache") + [
+        f"recipe={recipe}", f"online.rewards={fn}:yes_share", "generation.num_samples=8",
+        "generation.max_new_tokens=8", "generation.temperature=1.0", "train.batch_size=4", "train.warmup_ratio=0",
+        "train.learning_rate=3e-2", "train.lr_schedule=constant", "data.eval_fraction=0.25", "train.eval_every=0",
+        "train.max_steps=14", *extra])
+
+
+def test_grpo_raises_heldout_reward_and_logs_its_metrics(tiny_model_dir, prompts_file, tmp_path):
+    result = loop.train(_cfg(tiny_model_dir, prompts_file, tmp_path, "grpo", "online.kl_coef=0.01"), progress=False)
+    evals = read_metrics(result.run_dir, "eval")
+    assert [e["step"] for e in evals] == [0, 14]
+    assert evals[-1]["reward"] > evals[0]["reward"] + 0.3, evals
+    rows = read_metrics(result.run_dir, "train")
+    for key in ("reward", "reward_std", "kl", "entropy", "completion_length", "clip_fraction", "zero_variance_groups",
+                "time/generation_s", "time/generation_fraction", "logprob_mismatch", "tokens_per_s"):
+        assert key in rows[-1], key
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert rows[-1]["kl"] > 0
+    # the sampler (KV cache, shared prefill) and the trainer (packed, prefix-shared) agree in float32
+    assert max(r["logprob_mismatch_max"] for r in rows) < 1e-4
+    assert 0 < rows[-1]["time/generation_fraction"] < 1
+
+
+def test_iterations_reuse_each_rollout_and_the_ratio_moves(tiny_model_dir, prompts_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, prompts_file, tmp_path, "grpo", "online.iterations=3", "train.max_steps=6",
+               "online.clip_low=0.01", "online.clip_high=0.01")
+    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    assert [r["time/generation_s"] > 0 for r in rows] == [True, False, False] * 2
+    assert rows[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and rows[0]["clip_fraction"] == 0
+    assert max(r["clip_fraction"] for r in rows[1:3]) > 0  # later steps on the same samples leave the trust region
+
+
+@pytest.mark.parametrize("recipe,extra", [("rloo", []), ("online_dpo", ["loss.beta=0.5"]), ("online_dpo", ["loss.name=ipo", "loss.beta=0.02"]),
+                                          ("raft", [])])
+def test_other_online_recipes_raise_heldout_reward(tiny_model_dir, prompts_file, tmp_path, recipe, extra):
+    result = loop.train(_cfg(tiny_model_dir, prompts_file, tmp_path, recipe, *extra), progress=False)
+    evals = read_metrics(result.run_dir, "eval")
+    assert evals[-1]["reward"] > evals[0]["reward"] + 0.2, evals
+    mismatch = [r["logprob_mismatch_max"] for r in read_metrics(result.run_dir, "train") if "logprob_mismatch_max" in r]
+    assert mismatch and max(mismatch) < 1e-4  # (a step whose groups all tie trains on nothing and logs none)
+
+
+def test_grpo_with_lora(tiny_model_dir, prompts_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, prompts_file, tmp_path, "grpo", "lora.enabled=true", "online.kl_coef=0.05",
+               "train.max_steps=3")
+    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl"] > 0  # reference = adapters off
+
+
+def test_online_config_errors(tiny_model_dir, prompts_file, tmp_path):
+    with pytest.raises(ConfigError, match="online.rewards"):
+        load_config(None, base_overrides(tiny_model_dir, prompts_file, tmp_path / "x", tmp_path / "c") + ["recipe=grpo"])
+    with pytest.raises(ConfigError, match="num_samples"):
+        _cfg(tiny_model_dir, prompts_file, tmp_path, "grpo", "generation.num_samples=1")
