@@ -47,7 +47,8 @@ def cmd_data_show(args) -> int:
 
     cfg = _load(args)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
-    data = make_recipe(cfg, tokenizer).prepare()
+    recipe = make_recipe(cfg, tokenizer)
+    data = recipe.prepare()
     for note in data.notes:
         print(note)
     if not 0 <= args.index < len(data.train):
@@ -56,6 +57,10 @@ def cmd_data_show(args) -> int:
     print(f"\nexample {args.index} (recipe {cfg.recipe}):")
     if cfg.recipe == "sft":
         print(explain(tokenizer, item.prompt_ids, item.completion_ids))
+    elif hasattr(recipe, "rollout"):  # online: prompts only, completions are sampled while training
+        print("prompt (what the model continues):\n" + tokenizer.decode(item.prompt_ids))
+        print(f"\ncolumns passed to the reward: {recipe.examples['train'][args.index].columns}")
+        print(f"(+ {cfg.generation.num_samples} completions sampled per step, scored by {cfg.online.rewards})")
     elif cfg.recipe == "negative":  # the samples come from the model at training time
         from alignkit.data.negative import tokenize_groups
 
@@ -160,6 +165,45 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import json
+
+    from alignkit.config import ModelConfig
+    from alignkit.data.prompts import load_prompt_examples, tokenize_prompts
+    from alignkit.generation.backends import TransformersBackend
+    from alignkit.generation.decode import SamplingParams
+    from alignkit.inference.best_of_n import STRATEGIES
+    from alignkit.models import load_model, load_tokenizer
+    from alignkit.train.online import example_columns, make_reward
+
+    if not args.reward:
+        raise AlignkitError("give --reward (a built-in such as numeric_match, file.py:function, or a reward-model "
+                            "directory): every strategy reports the reward of what it returns.")
+    mc = ModelConfig(name_or_path=args.model)
+    tokenizer = load_tokenizer(mc)
+    model = load_model(mc, for_training=False)
+    columns = {"prompt": args.prompt_column} if args.prompt_column else None
+    examples = load_prompt_examples(args.prompts, columns=columns).examples[: args.num_prompts]
+    items, cut = tokenize_prompts(examples, tokenizer, args.max_prompt_length)
+    reward = make_reward(args.reward[0] if len(args.reward) == 1 else list(args.reward))
+    cols = example_columns(examples)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, n=args.n)
+    kwargs = {"temperature": args.soft_temperature} if args.strategy == "soft-best-of-n" else {}
+    result = STRATEGIES[args.strategy](TransformersBackend(model, tokenizer, args.batch_size), reward,
+                                       [list(ex.prompt) for ex in examples], [it.prompt_ids for it in items], cols,
+                                       params, seed=args.seed, **kwargs)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for ex, c in zip(examples, result.choices):
+                f.write(json.dumps({"prompt": list(ex.prompt), "completion": c.completion, "reward": c.reward,
+                                    "chosen": c.chosen, "candidates": c.candidates,
+                                    "candidate_rewards": c.candidate_rewards}, ensure_ascii=False) + "\n")
+    summary = result.summary()
+    summary["prompts_truncated"] = cut
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _print_eval(result: dict) -> None:
     def fmt(d):
         ci = d.get("ci95")
@@ -191,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model (SFT or the DPO family) from a config")
+    p = sub.add_parser("train", help="train a model from a config: SFT, the DPO family, reward models, online RL (GRPO, RLOO, online DPO, RAFT)")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.set_defaults(fn=cmd_train)
@@ -230,6 +274,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate with an inference-time alignment strategy and report reward and cost")
+    p.add_argument("--model", required=True, help="a model directory or hub id")
+    p.add_argument("--prompts", required=True, help="prompt records (JSONL/JSON/CSV/Parquet): a `prompt` field plus "
+                   "any columns the reward reads")
+    p.add_argument("--prompt-column", help="the prompt's field name when it is not `prompt`")
+    p.add_argument("--strategy", choices=["sample", "best-of-n", "soft-best-of-n"], default="best-of-n",
+                   help="sample: one sample; best-of-n: the highest-reward of --n samples (KL <= log n - (n-1)/n); "
+                   "soft-best-of-n: one of --n samples drawn with weights exp(reward / --soft-temperature)")
+    p.add_argument("--reward", action="append", default=[], help="built-in (numeric_match, regex, length, keywords), "
+                   "file.py:function, or a reward-model directory; repeat to sum")
+    p.add_argument("--n", type=int, default=8, help="candidates per prompt (best-of-n, soft-best-of-n)")
+    p.add_argument("--soft-temperature", type=float, default=0.1)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-prompt-length", type=int, default=1024)
+    p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts sampled at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write one JSON line per prompt: completion, reward, all candidates")
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html: plots and key numbers of a run and its eval")
     p.add_argument("run_dir")

@@ -114,6 +114,8 @@ class TrainConfig:
     """Tokens per packed row (rows grow to fit one longer example). Larger rows waste more attention compute on masked-out blocks without a block-sparse kernel."""
     max_tokens_per_batch: Optional[int] = None
     """Form micro-batches by token budget instead of by count: examples are added while their non-pad tokens (each prompt once when packing) fit; `batch_size` and `eval_batch_size` are then not used. Steps per epoch vary with the data's lengths."""
+    forward_tokens: Optional[int] = None
+    """Run each micro-batch's forward and backward in pieces of at most this many tokens (whole examples; gradients add up, so the loss and the update are unchanged). Bounds activation memory; pieces of one or two pairs also avoid padding and attention across pairs."""
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     eval_batch_size: Optional[int] = None
@@ -146,6 +148,8 @@ class GenerationConfig:
     """Prompts generated for at once."""
     stop: list = field(default_factory=list)
     """Stop strings: a completion ends once its text contains one (it is kept)."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """Online recipes: who samples. `transformers`: alignkit's KV-cache loop over the policy itself; `vllm`: a vLLM engine on the same GPU, loaded with the policy's weights before each rollout (written against vLLM's public API, untested here)."""
 
 
 # The loss a recipe trains with when the config names none.
@@ -447,14 +451,16 @@ def validate(cfg: RunConfig) -> None:
         if cfg.online.rewards is None:
             raise ConfigError(f"recipe {cfg.recipe} samples completions and needs a reward: set `online.rewards`, e.g. "
                               "`online.rewards=numeric_match` or `online.rewards=my_rewards.py:score`.")
-        if t.max_tokens_per_batch is not None:
+        if t.max_tokens_per_batch is not None or t.forward_tokens is not None:
             raise ConfigError(f"recipe {cfg.recipe} batches prompts by count (train.batch_size prompts, each with "
-                              "generation.num_samples completions); unset `train.max_tokens_per_batch`.")
+                              "generation.num_samples completions); unset `train.max_tokens_per_batch` and `train.forward_tokens`.")
         if cfg.online.iterations < 1:
             raise ConfigError(f"`online.iterations` must be >= 1; got {cfg.online.iterations}.")
         if cfg.recipe in ("grpo", "rloo", "online_dpo") and cfg.generation.num_samples < 2:
             raise ConfigError(f"recipe {cfg.recipe} compares samples of the same prompt: "
                               f"`generation.num_samples` must be >= 2; got {cfg.generation.num_samples}.")
+    if t.forward_tokens is not None and t.forward_tokens <= 0:
+        raise ConfigError(f"`train.forward_tokens` must be positive (or unset); got {t.forward_tokens}.")
     if t.max_tokens_per_batch is not None and t.max_tokens_per_batch <= 0:
         raise ConfigError(f"`train.max_tokens_per_batch` must be positive (or unset to batch by count); "
                           f"got {t.max_tokens_per_batch}.")

@@ -5,8 +5,11 @@ each framework's own).
     python bench/dpo_vs_trl.py --device cpu --model smollm2-135m-instruct --pairs-per-step 4 --max-length 512 --steps 20
     python bench/dpo_vs_trl.py --device cuda --model llama:960x32 --pairs-per-step 8 --max-length 1024
 
-Both train with a reference computed every step (TRL's default; alignkit `reference: live`), AdamW,
-lr 1e-6, no gradient checkpointing, bf16 on CUDA and fp32 on CPU. Tokens are counted the same way
+TRL computes its reference every step with a frozen copy (its default). alignkit by default computes
+the reference log-probs once before training with the policy itself (`reference: cached`, so no
+second model is in memory); that pass is timed and its time is charged to the timed steps pro
+rata (`--reference live` runs a frozen copy every step instead). Both use AdamW, lr 1e-6, no
+gradient checkpointing, bf16 on CUDA and fp32 on CPU. Tokens are counted the same way
 for both: every non-pad token of prompt + chosen and of prompt + rejected, as each framework
 tokenized them (the prompt counts twice even when alignkit computes it once). Both get the pairs
 as chat messages, so both render them with the model's chat template. Timing: `--steps` steps
@@ -14,7 +17,8 @@ after `--warmup` steps; tokens of the timed steps are the mean tokens per step o
 times the timed steps (both frameworks shuffle, so the exact timed pairs are not known).
 Before timing, a check (`--check-pairs`, default 16) feeds the same token ids (TRL's tokenization
 of the first pairs) to TRL's padded forward and to alignkit's packed, prefix-shared one on the
-untrained checkpoint and prints the mean and max absolute difference of the per-sequence log-probs.
+untrained checkpoint and prints the mean and max absolute difference of the per-sequence log-probs,
+and each one's mean distance from an independent float64 forward (one sequence at a time).
 Last line: `tokens_per_s_ratio=<alignkit/TRL> peak_memory_ratio=<alignkit/TRL>`.
 Needs `pip install -e ".[bench]"` (trl==1.16.0) and ../shared/data (HH-RLHF harmless).
 """
@@ -75,23 +79,42 @@ def conversational_rows(n: int) -> list[dict]:
 
 
 def run_alignkit(args, model: str, data: Path, out: Path) -> dict:
+    import shutil
+
     from alignkit.config import load_config
-    from alignkit.train.loop import train
+    from alignkit.train import loop
     from alignkit.train.metrics import read_metrics
 
+    # The cached reference pass is timed and charged pro rata to the timed steps (their share of
+    # the pairs); a fresh cache directory makes sure it really runs.
+    ref_seconds = []
+    cached = loop.cached_ref_logps
+
+    def timed_reference(*a, **k):
+        start = time.perf_counter()
+        table = cached(*a, **k)
+        ref_seconds.append(time.perf_counter() - start)
+        return table
+
+    loop.cached_ref_logps = timed_reference
+    shutil.rmtree(out / "alignkit_cache", ignore_errors=True)
     total = args.warmup + args.steps
     cfg = load_config(None, [
         f"model.name_or_path={model}", f"data.train={data}", "data.eval_fraction=0", f"data.max_length={args.max_length}",
-        "reference=live", f"train.batch_size={args.pairs_per_step}", f"train.max_steps={total}",
-        "train.learning_rate=1e-6", "train.warmup_ratio=0", "train.tensorboard=false", f"output_dir={out / 'alignkit'}",
-        f"model.device={args.device}", f"train.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
-        f"train.pack_tokens={args.pack_tokens}", f"train.packing={'false' if args.no_packing else 'true'}"])
-    train(cfg, progress=False)
+        f"reference={args.reference}", f"cache_dir={out / 'alignkit_cache'}", f"train.batch_size={args.pairs_per_step}",
+        f"train.max_steps={total}", "train.learning_rate=1e-6", "train.warmup_ratio=0", "train.tensorboard=false",
+        f"output_dir={out / 'alignkit'}", f"model.device={args.device}",
+        f"train.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
+        f"train.pack_tokens={args.pack_tokens}", *([f"train.logprob_chunk_size={args.chunk_size}"] if args.chunk_size else []),
+        *([f"train.forward_tokens={args.forward_tokens}"] if args.forward_tokens else []), f"train.packing={'false' if args.no_packing else 'true'}"])
+    loop.train(cfg, progress=False)
     rows = read_metrics(out / "alignkit", "train")
     timed = rows[args.warmup:]
     mean_tokens = sum(r["tokens"] for r in rows) / len(rows)
-    return {"seconds": sum(r["step_time_s"] for r in timed), "tokens": mean_tokens * len(timed),
-            "exact_timed_tokens": sum(r["tokens"] for r in timed), "steps": len(timed)}
+    reference = sum(ref_seconds) * len(timed) / len(rows)
+    return {"seconds": sum(r["step_time_s"] for r in timed) + reference, "reference_seconds": reference,
+            "tokens": mean_tokens * len(timed), "exact_timed_tokens": sum(r["tokens"] for r in timed),
+            "steps": len(timed)}
 
 
 def run_trl(args, model: str, data: Path, out: Path) -> dict:
@@ -156,6 +179,8 @@ def check_logprobs(args, model: str, data: Path, out: Path) -> dict:
     # Pairs TRL does not truncate (it cuts prompt + completion at max_length, keep_start).
     keep = [i for i in range(len(ds)) if len(ds[i]["prompt_ids"]) + max(len(ds[i]["chosen_ids"]), len(ds[i]["rejected_ids"]))
             <= args.max_length]
+    if not keep:
+        sys.exit(f"log-prob check: all {len(rows)} pairs are longer than --max-length {args.max_length}; raise it")
     examples = [ds[i] for i in keep]
     inputs = {k: v.to(args.device) for k, v in trainer.data_collator(examples).items()}
     policy.eval()
@@ -165,9 +190,23 @@ def check_logprobs(args, model: str, data: Path, out: Path) -> dict:
     with torch.no_grad(), torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
         ours = segment_logps(policy, batch).logps
     theirs = torch.cat([trl_chosen, trl_rejected]).float()
+    # An independent float64 answer: a fresh copy of the checkpoint (TRL patches the forward of the
+    # model it trains), one plain transformers forward per sequence, no padding.
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float64).to(args.device).eval()
+    truth = []
+    with torch.no_grad():
+        for key in ("chosen_ids", "rejected_ids"):
+            for e in examples:
+                ids = torch.tensor([e["prompt_ids"] + e[key]], device=args.device)
+                logp = torch.log_softmax(policy(ids).logits[0].double(), -1)
+                n = len(e["prompt_ids"])
+                truth.append(sum(logp[n + j - 1, t] for j, t in enumerate(e[key])))
+    truth = torch.stack(truth).cpu()
+    ours, theirs = ours.double().cpu(), theirs.double().cpu()
     diff = (ours - theirs).abs()
     return {"pairs": len(keep), "skipped_truncated": len(rows) - len(keep), "mean_abs_diff": float(diff.mean()),
             "max_abs_diff": float(diff.max()), "mean_abs_logp": float(theirs.abs().mean()),
+            "alignkit_vs_float64": float((ours - truth).abs().mean()), "trl_vs_float64": float((theirs - truth).abs().mean()),
             "dtype": "bf16" if bf16 else "fp32"}
 
 
@@ -200,8 +239,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--pack-tokens", type=int, default=2048)
+    ap.add_argument("--forward-tokens", type=int, help="alignkit's train.forward_tokens: forward/backward in pieces "
+                    "of at most this many tokens (default: one piece per micro-batch)")
+    ap.add_argument("--chunk-size", type=int, help="alignkit's train.logprob_chunk_size (default: its own default)")
     ap.add_argument("--no-packing", action="store_true", help="alignkit without prefix sharing / packing")
-    ap.add_argument("--only", choices=["alignkit", "trl"], help="run one framework only")
+    ap.add_argument("--reference", choices=["cached", "live"], default="cached",
+                    help="alignkit's reference: log-probs computed once before training (timed, charged to the "
+                         "timed steps pro rata) or a frozen copy run every step")
+    ap.add_argument("--only", choices=["alignkit", "trl", "check"], help="run one part only")
     ap.add_argument("--check-pairs", type=int, default=16,
                     help="pairs for the log-prob agreement check before timing (0: skip it)")
     ap.add_argument("--out", default="runs/bench_dpo_vs_trl")
@@ -219,7 +264,7 @@ def main() -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in conversational_rows(n)))
     path = model_dir(args.model, out)
     results = {}
-    names = ([] if args.only or not args.check_pairs else ["check"]) + ([args.only] if args.only else ["alignkit", "trl"])
+    names = [args.only] if args.only else (["check"] if args.check_pairs else []) + ["alignkit", "trl"]
     for name in names:
         cmd = [sys.executable, __file__, "--worker", name, "--model-path", path, "--data", str(data)] + sys.argv[1:]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
@@ -231,13 +276,15 @@ def main() -> None:
         if name == "check":
             print(f"log-prob agreement ({r['dtype']}, {r['pairs']} pairs, {2 * r['pairs']} sequences, same token ids): "
                   f"mean |alignkit - TRL| = {r['mean_abs_diff']:.2e}, max {r['max_abs_diff']:.2e} "
-                  f"(mean |log-prob| {r['mean_abs_logp']:.1f}; {r['skipped_truncated']} pairs TRL would truncate left out)",
+                  f"(mean |log-prob| {r['mean_abs_logp']:.1f}; {r['skipped_truncated']} pairs TRL would truncate left out); "
+                  f"against a float64 forward: alignkit {r['alignkit_vs_float64']:.2e}, TRL {r['trl_vs_float64']:.2e}",
                   flush=True)
             continue
-        print(f"{name}: {r['tokens_per_s']:.0f} tokens/s over {r['steps']} steps ({r['seconds']:.1f} s), "
+        ref = f", of which reference {r['reference_seconds']:.1f} s" if "reference_seconds" in r else ""
+        print(f"{name}: {r['tokens_per_s']:.0f} tokens/s over {r['steps']} steps ({r['seconds']:.1f} s{ref}), "
               f"peak memory {r['peak_memory_mb']:.0f} MB", flush=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    if len(results) == 2:
+    if "alignkit" in results and "trl" in results:
         a, t = results["alignkit"], results["trl"]
         print(f"tokens_per_s_ratio={a['tokens_per_s'] / t['tokens_per_s']:.2f} "
               f"peak_memory_ratio={a['peak_memory_mb'] / t['peak_memory_mb']:.2f}")

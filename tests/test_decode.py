@@ -72,3 +72,13 @@ def test_stop_strings_and_seeds():
                      eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=7, tokenizer=tok)
     hits = [s for g in stopped for s in g if stop in s.text]
     assert hits and all(s.finish_reason == "stop" and s.text.endswith(stop) for s in hits)
+
+
+def test_prompt_prefill_runs_once_for_its_n_samples():
+    model = tiny_model("llama", vocab_size=64).eval()
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    sample(model, PROMPTS, SamplingParams(max_new_tokens=3, temperature=1.0, n=4), eos_ids=[], pad_id=1)
+    hook.remove()
+    assert shapes[0] == (3, 7)  # 3 prompts, left-padded to 7 tokens, once
+    assert shapes[1:] == [(12, 1), (12, 1)]  # then 3 x 4 samples, one token per step

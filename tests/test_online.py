@@ -79,3 +79,49 @@ def test_online_config_errors(tiny_model_dir, prompts_file, tmp_path):
         load_config(None, base_overrides(tiny_model_dir, prompts_file, tmp_path / "x", tmp_path / "c") + ["recipe=grpo"])
     with pytest.raises(ConfigError, match="num_samples"):
         _cfg(tiny_model_dir, prompts_file, tmp_path, "grpo", "generation.num_samples=1")
+
+
+def test_vllm_backend_without_vllm_says_how_to_get_it(monkeypatch):
+    import builtins
+
+    from alignkit.generation.backends import make_backend
+
+    real_import = builtins.__import__
+
+    def no_vllm(name, *a, **k):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    with pytest.raises(ConfigError, match="pip install vllm"):
+        make_backend("vllm", None, None, "some/model", 8)
+
+
+def test_data_show_for_an_online_recipe(tiny_model_dir, prompts_file, tmp_path, capsys):
+    from alignkit.cli import main
+
+    fn = tmp_path / "r.py"
+    fn.write_text(REWARD)
+    assert main(["data", "show", f"model.name_or_path={tiny_model_dir}", f"data.train={prompts_file}", "recipe=grpo",
+                 f"online.rewards={fn}:yes_share", "--index", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt (what the model continues)" in out and "assistant" in out and "'answer': '#### 1'" in out and "4 completions sampled per step" in out
+
+
+def test_grpo_with_a_reward_model_directory(tiny_model_dir, prompts_file, tmp_path):
+    """`online.rewards` can name a reward-model directory: its scores are the rewards."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit.rewards.model import RewardModel
+    from alignkit.train.online import make_reward
+
+    rm_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm_dir)
+    reward = make_reward(str(rm_dir))
+    assert isinstance(reward, RewardModel)
+    cfg = _cfg(tiny_model_dir, prompts_file, tmp_path, "grpo", f"online.rewards={rm_dir}", "train.max_steps=2",
+               out="rm_run")
+    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    assert len(rows) == 2 and rows[0]["reward_std"] > 0  # a random head still scores samples differently

@@ -226,3 +226,17 @@ def test_tensorboard_events_written_when_installed(tiny_model_dir, pairs_file, t
     acc.Reload()
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert len(losses) == 2 and losses[0] == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_forward_pieces_leave_the_training_trajectory_unchanged(tiny_model_dir, pairs_file, tmp_path):
+    """train.forward_tokens splits each micro-batch's forward/backward into pieces; the step's loss
+    and update are the same as in one piece (float32: summation order only)."""
+    whole = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=4", out="whole"), progress=False)
+    split = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=4", "train.forward_tokens=40",
+                            out="split"), progress=False)
+    for a, b in zip(read_metrics(whole.run_dir, "train"), read_metrics(split.run_dir, "train")):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["tokens"] == b["tokens"]
+    pieces = loop.forward_pieces([type("I", (), {"prompt_ids": [1] * 10, "chosen_ids": [2] * 5, "rejected_ids": [3] * 5})()] * 5,
+                                 40, shared=True)
+    assert [len(p) for p in pieces] == [2, 2, 1]  # 20 tokens each, at most 40 per piece

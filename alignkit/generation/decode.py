@@ -105,7 +105,7 @@ def sample_batch(model, prompts: list, params: SamplingParams, *, eos_ids, pad_i
     rows = logits.shape[0]
     state = _Rows([[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, ["length"] * rows)
     next_pos = positions[:, -1] + 1
-    for _ in range(params.max_new_tokens):
+    for step in range(params.max_new_tokens):
         logp = torch.log_softmax(logits, dim=-1)
         steer = step_hook(logits, state) if step_hook is not None else logits
         tok = pick_tokens(steer, params, generator)
@@ -117,7 +117,7 @@ def sample_batch(model, prompts: list, params: SamplingParams, *, eos_ids, pad_i
             state.logprobs[r].append(lp)
             if t in eos or (params.stop and tokenizer is not None and _stopped_by_string(tokenizer, state.tokens[r], params.stop)):
                 state.done[r], state.reason[r] = True, "stop"
-        if all(state.done):
+        if all(state.done) or step == params.max_new_tokens - 1:  # the last token needs no forward
             break
         tok = torch.where(torch.tensor(state.done, device=device), torch.full_like(tok, pad_id), tok)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

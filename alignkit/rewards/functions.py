@@ -78,3 +78,22 @@ def load_reward(spec: str, *, weights: dict | None = None, device=None, batch_si
     if ":" in spec and not Path(spec).exists():
         return load_reward_function(spec)
     return RewardModel(spec, weights=weights, device=device, batch_size=batch_size)
+
+
+def score_groups(reward, prompts: list, groups: list, columns: dict) -> tuple:
+    """Score each prompt's group of completions: (rewards [P, n] float32 tensor, {source: [P * n]
+    values}). Prompts and columns (one value per prompt) are repeated for each completion; a
+    weighted sum of rewards (`WeightedSum`) also reports each of its sources."""
+    import torch
+
+    n = len(groups[0]) if groups else 0
+    flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
+    texts = [t for g in groups for t in g]
+    flat_columns = {k: [v for v, g in zip(values, groups) for _ in g] for k, values in columns.items()}
+    if hasattr(reward, "components"):
+        parts = reward.components(flat_prompts, texts, **flat_columns)
+        total = reward.combine(parts)
+    else:
+        total = reward(flat_prompts, texts, **flat_columns)
+        parts = {getattr(reward, "name", "reward"): total}
+    return torch.tensor(total, dtype=torch.float32).view(len(groups), n), parts

@@ -81,6 +81,18 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def cut_by_budget(seq: list, sizes: list, budget: int) -> list:
+    """Consecutive runs of `seq` whose sizes add up to at most `budget` (an element over it alone)."""
+    runs, current, used = [], [], 0
+    for x, n in zip(seq, sizes):
+        if current and used + n > budget:
+            runs.append(current)
+            current, used = [], 0
+        current.append(x)
+        used += n
+    return runs + [current] if current else runs
+
+
 class BatchPlan:
     """Item indices of each global micro-batch: epochs follow each other, each reshuffled, and
     each is cut into micro-batches either by count (`batch_size` examples) or, when `max_tokens`
@@ -113,14 +125,7 @@ class BatchPlan:
     def _cut(self, order: list) -> list:
         if not self.max_tokens:
             return [order[j: j + self.batch_size] for j in range(0, len(order), self.batch_size)]
-        batches, current, used = [], [], 0
-        for i in order:
-            if current and used + self.tokens[i] > self.max_tokens:
-                batches.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += self.tokens[i]
-        return batches + [current] if current else batches
+        return cut_by_budget(order, [self.tokens[i] for i in order], self.max_tokens)
 
     @property
     def per_epoch(self) -> int:
@@ -140,6 +145,14 @@ def batch_plan(cfg: RunConfig, recipe, items: list, batch_size: int, shuffle: bo
     budget = cfg.train.max_tokens_per_batch
     tokens = [example_tokens(it, recipe.shares_prompts) for it in items] if budget else [0] * len(items)
     return BatchPlan(tokens, batch_size, budget, cfg.seed, shuffle)
+
+
+def forward_pieces(items: list, budget: int | None, shared: bool) -> list:
+    """Split one micro-batch's items into consecutive pieces of at most `budget` tokens (an example
+    over the budget is a piece of its own); no budget: one piece."""
+    if not budget:
+        return [items]
+    return cut_by_budget(items, [example_tokens(it, shared) for it in items], budget)
 
 
 def total_steps(cfg: RunConfig, plan: BatchPlan, repeat: int = 1) -> int:
@@ -309,7 +322,10 @@ def _loop(cfg, recipe, data, plan, model, tokenizer, optimizer, scheduler, state
         for a in range(t.grad_accum):
             key = (state["step"] // repeat) * t.grad_accum + a  # = micro_step when repeat is 1
             items = [data.train[i] for i in plan.micro_batch(key)]
-            batches.append(recipe.rollout(model, items, key) if hasattr(recipe, "rollout") else recipe.collate(items))
+            if hasattr(recipe, "rollout"):
+                batches.append(recipe.rollout(model, items, key))
+            else:  # the loss is normalised over all pieces of the step, so splitting leaves it unchanged
+                batches += [recipe.collate(p) for p in forward_pieces(items, t.forward_tokens, recipe.shares_prompts)]
             state["micro_step"] += 1
         metrics = run_batches(recipe, model, batches, "train", device, autocast, backward=True)
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")

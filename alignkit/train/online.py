@@ -31,11 +31,18 @@ from alignkit.config import RunConfig
 from alignkit.data.batching import TokenBatch, collate_packed_groups
 from alignkit.data.negative import TokenizedGroup
 from alignkit.errors import ConfigError
-from alignkit.generation.decode import SamplingParams, sample
+from alignkit.generation.decode import SamplingParams
 from alignkit.logprobs import segment_logps
 from alignkit.losses import online as rl
 from alignkit.losses.combine import apply_terms, resolve_terms
+from alignkit.rewards.functions import score_groups
 from alignkit.train.recipes import PreparedData, load_examples
+
+
+def example_columns(examples: list) -> dict:
+    """{column: one value per example} over the columns any of the prompt examples has."""
+    keys = sorted({k for ex in examples for k in ex.columns})
+    return {k: [ex.columns.get(k) for ex in examples] for k in keys}
 
 
 def make_reward(spec):
@@ -47,15 +54,6 @@ def make_reward(spec):
 
         return RewardModel(spec)
     return build_reward(spec)
-
-
-def reward_components(reward, prompts: list, completions: list, columns: dict) -> tuple[list, dict]:
-    """(total reward per completion, {source name: values}) for logging each source separately."""
-    if hasattr(reward, "components"):
-        parts = reward.components(prompts, completions, **columns)
-        return reward.combine(parts), parts
-    total = reward(prompts, completions, **columns)
-    return total, {getattr(reward, "name", "reward"): total}
 
 
 @dataclass
@@ -105,6 +103,7 @@ class OnlineRecipe:
         self.reward = make_reward(o.rewards)
         self.examples = {}  # split -> PromptExamples (their columns feed the rewards)
         self.reference = None
+        self.backend = None  # set in prepare_with_model, once the model exists
         self._rollout = None  # (key, Rollout): reused for `online.iterations` optimizer steps
 
     def prepare(self) -> PreparedData:
@@ -129,14 +128,17 @@ class OnlineRecipe:
         return PreparedData(out[0], out[1], notes)
 
     def prepare_with_model(self, model, data: PreparedData, fingerprint: dict, progress: bool = True) -> PreparedData:
+        from alignkit.generation.backends import make_backend
+        from alignkit.models import resolve_model_path
+
+        g = self.cfg.generation
+        self.backend = make_backend(g.backend, model, self.tokenizer,
+                                    resolve_model_path(self.cfg.model.name_or_path, self.cfg.cache_dir), g.batch_size)
         if self.uses_reference:  # a frozen copy of the initial policy (or LoRA's base, adapters off)
             from alignkit.train.reference import LiveReference
 
             self.reference = LiveReference(model)
         return PreparedData(data.train, data.eval, [])
-
-    def collate(self, items):
-        raise NotImplementedError("online recipes build batches by sampling: see `rollout`")
 
     def weight(self, batch) -> int:
         return 1  # each loss is already a mean over its rollout
@@ -147,17 +149,12 @@ class OnlineRecipe:
         """Sample `params.n` completions per prompt; (samples [P][n], rewards [P, n], metrics)."""
         exs = [self.examples[split][it.index] for it in items]
         start = time.perf_counter()
-        samples = sample(model, [it.prompt_ids for it in items], params, eos_ids=self.tokenizer.eos_token_id,
-                         pad_id=self.tokenizer.pad_token_id, batch_size=self.cfg.generation.batch_size, seed=seed,
-                         tokenizer=self.tokenizer)
+        self.backend.sync(model)  # the policy changed since the last rollout
+        samples = self.backend.sample([it.prompt_ids for it in items], params, seed)
         gen_s = time.perf_counter() - start
         n = params.n
-        prompts = [list(ex.prompt) for ex in exs for _ in range(n)]
-        texts = [s.text for group in samples for s in group]
-        keys = sorted({k for ex in exs for k in ex.columns})
-        columns = {k: [ex.columns.get(k) for ex in exs for _ in range(n)] for k in keys}
-        total, parts = reward_components(self.reward, prompts, texts, columns)
-        rewards = torch.tensor(total, dtype=torch.float32).view(len(items), n)
+        rewards, parts = score_groups(self.reward, [list(ex.prompt) for ex in exs],
+                                      [[s.text for s in group] for group in samples], example_columns(exs))
         lengths = torch.tensor([len(s.token_ids) for group in samples for s in group], dtype=torch.float32)
         stopped = torch.tensor([s.finish_reason == "stop" for group in samples for s in group], dtype=torch.float32)
         metrics = {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),

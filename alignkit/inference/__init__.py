@@ -1,0 +1,1 @@
+"""Inference-time alignment: spend compute at generation time instead of training."""
