@@ -174,14 +174,16 @@ class OnlineRecipe:
             return self._rollout[1]
         seed = self.cfg.seed * 1_000_003 + key  # a resumed run resamples the same completions
         samples, rewards, metrics = self._score(model, items, "train", self.params, seed)
-        groups, advantages, picks = self.select(items, samples, rewards, metrics)
+        kept, picks, advantages = self.select(samples, rewards, metrics)
+        groups = [TokenizedGroup(items[i].prompt_ids, [samples[i][k].token_ids for k in ks], i)
+                  for i, ks in zip(kept, picks)]
         out = Rollout(None, metrics=metrics)
         if groups:
             device = next(model.parameters()).device
             t = self.cfg.train
             out.batch = collate_packed_groups(groups, self.tokenizer.pad_token_id, t.pack_tokens).to(device)
             # segment of completion k of kept prompt j is k * P' + j (`collate_packed_groups`)
-            per_segment = [samples[i][picks[j][k]].logprobs for k in range(len(picks[0])) for j, i in enumerate(self._kept)]
+            per_segment = [samples[i][picks[j][k]].logprobs for k in range(len(picks[0])) for j, i in enumerate(kept)]
             out.generator_logps = torch.tensor([lp for seg in per_segment for lp in seg], device=device)
             out.advantages = advantages.to(device) if advantages is not None else None
             if self.iterations > 1:
@@ -192,15 +194,10 @@ class OnlineRecipe:
         self._rollout = (key, out)
         return out
 
-    def select(self, items, samples, rewards, metrics):
-        """(groups to train on, per-segment advantages or None, per kept prompt the sample indices);
-        sets `self._kept` to the kept prompts' positions in `items`."""
+    def select(self, samples, rewards, metrics):
+        """(kept prompts' positions, per kept prompt the sample indices to train on, per-segment
+        advantages or None); each recipe defines it."""
         raise NotImplementedError
-
-    def _groups(self, items, samples, picks: list) -> list:
-        """TokenizedGroups of the kept prompts, with the picked samples as completions."""
-        return [TokenizedGroup(items[i].prompt_ids, [samples[i][k].token_ids for k in ks], i)
-                for i, ks in zip(self._kept, picks)]
 
     # -- evaluation ------------------------------------------------------------------------------
 
@@ -244,12 +241,10 @@ class PolicyGradientRecipe(OnlineRecipe):
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         return rl.group_advantages(rewards, scale_by_std=self.cfg.online.scale_rewards)
 
-    def select(self, items, samples, rewards, metrics):
-        self._kept = list(range(len(items)))
-        n = rewards.shape[1]
-        picks = [list(range(n))] * len(items)
+    def select(self, samples, rewards, metrics):
+        p, n = rewards.shape
         adv = self.advantages(rewards)  # [P, G]; segment of sample k of prompt i is k * P + i
-        return self._groups(items, samples, picks), adv.t().reshape(-1), picks
+        return list(range(p)), [list(range(n))] * p, adv.t().reshape(-1)
 
     def loss(self, model, rollout: Rollout, split: str):
         if rollout.batch is None:
@@ -285,12 +280,11 @@ class OnlineDPORecipe(OnlineRecipe):
         super().__init__(cfg, tokenizer)
         self.terms = resolve_terms(cfg.loss, cfg.losses, data="paired")
 
-    def select(self, items, samples, rewards, metrics):
+    def select(self, samples, rewards, metrics):
         best, worst, valid = rl.best_worst_pairs(rewards)
-        self._kept = [i for i in range(len(items)) if bool(valid[i])]
-        picks = [[int(best[i]), int(worst[i])] for i in self._kept]
-        metrics["pairs"] = torch.tensor(float(len(self._kept)))
-        return self._groups(items, samples, picks), None, picks
+        kept = valid.nonzero().flatten().tolist()
+        metrics["pairs"] = torch.tensor(float(len(kept)))
+        return kept, [[int(best[i]), int(worst[i])] for i in kept], None
 
     def loss(self, model, rollout: Rollout, split: str):
         if rollout.batch is None:
@@ -317,14 +311,13 @@ class RAFTRecipe(OnlineRecipe):
         super().__init__(cfg, tokenizer)
         self.spec, self.sft_params = losses.resolve({"name": "sft"})
 
-    def select(self, items, samples, rewards, metrics):
+    def select(self, samples, rewards, metrics):
         best = rl.best_of_k(rewards)
         varied = rewards.max(1).values > rewards.min(1).values
-        self._kept = [i for i in range(len(items)) if bool(varied[i])]
-        metrics["kept_fraction"] = torch.tensor(len(self._kept) / max(1, len(items)))
-        metrics["reward_of_kept"] = rewards.max(1).values[varied].mean() if self._kept else torch.tensor(0.0)
-        picks = [[int(best[i])] for i in self._kept]
-        return self._groups(items, samples, picks), None, picks
+        kept = varied.nonzero().flatten().tolist()
+        metrics["kept_fraction"] = torch.tensor(len(kept) / max(1, rewards.shape[0]))
+        metrics["reward_of_kept"] = rewards.max(1).values[varied].mean() if kept else torch.tensor(0.0)
+        return kept, [[int(best[i])] for i in kept], None
 
     def loss(self, model, rollout: Rollout, split: str):
         if rollout.batch is None:
