@@ -143,15 +143,18 @@ def eval_config_from_args(args):
         cache_dir = rc.cache_dir
     if not model:
         raise AlignkitError("give --model (a model directory or hub id) or --run (a training run directory).")
+    from alignkit.train.online import make_reward
+
     rewards = [load_reward(spec, weights=_weights(args.reward_weights), batch_size=args.batch_size)
-               for spec in args.reward]
+               if Path(spec).is_dir() else make_reward(_reward_arg(spec)) for spec in args.reward]
     return EvalConfig(
         model=model, reference=reference, data=data, rewards=rewards, reward_transform=args.reward_transform,
         beta=0.1 if beta is None else beta, max_length=args.max_length, batch_size=args.batch_size,
         num_prompts=args.num_prompts, checkpoints=checkpoints, output_dir=out or "runs/eval", seed=seed,
         heldout_fraction=heldout,
         sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
-        cache_dir=cache_dir, progress=not args.no_progress)
+        cache_dir=cache_dir, progress=not args.no_progress, strategy=args.strategy,
+        strategy_options=strategy_options(args) if args.strategy else None, prompts=args.prompts)
 
 
 def cmd_eval(args) -> int:
@@ -165,43 +168,134 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    import json
-
+def _strategy_inputs(args):
+    """(model, tokenizer, reward, prompts, columns, prompt ids, number truncated) for generate / fit-value."""
     from alignkit.config import ModelConfig
     from alignkit.data.prompts import load_prompt_examples, tokenize_prompts
-    from alignkit.generation.backends import TransformersBackend
-    from alignkit.generation.decode import SamplingParams
-    from alignkit.inference.best_of_n import STRATEGIES
     from alignkit.models import load_model, load_tokenizer
     from alignkit.train.online import example_columns, make_reward
 
     if not args.reward:
-        raise AlignkitError("give --reward (a built-in such as numeric_match, file.py:function, or a reward-model "
-                            "directory): every strategy reports the reward of what it returns.")
+        raise AlignkitError("give --reward (a built-in such as numeric_match or keywords, file.py:function, or a "
+                            "reward-model directory): every strategy reports the reward of what it returns.")
     mc = ModelConfig(name_or_path=args.model)
     tokenizer = load_tokenizer(mc)
     model = load_model(mc, for_training=False)
     columns = {"prompt": args.prompt_column} if args.prompt_column else None
     examples = load_prompt_examples(args.prompts, columns=columns).examples[: args.num_prompts]
     items, cut = tokenize_prompts(examples, tokenizer, args.max_prompt_length)
-    reward = make_reward(args.reward[0] if len(args.reward) == 1 else list(args.reward))
-    cols = example_columns(examples)
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, n=args.n)
-    kwargs = {"temperature": args.soft_temperature} if args.strategy == "soft-best-of-n" else {}
-    result = STRATEGIES[args.strategy](TransformersBackend(model, tokenizer, args.batch_size), reward,
-                                       [list(ex.prompt) for ex in examples], [it.prompt_ids for it in items], cols,
-                                       params, seed=args.seed, **kwargs)
+    specs = [_reward_arg(r) for r in args.reward]
+    reward = make_reward(specs[0] if len(specs) == 1 else specs)
+    return (model, tokenizer, reward, [list(ex.prompt) for ex in examples], example_columns(examples),
+            [it.prompt_ids for it in items], cut)
+
+
+def _reward_arg(text: str):
+    """A --reward value: a name or path, or a JSON mapping such as '{"name": "keywords", "required": ["cat"]}'."""
+    import json
+
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AlignkitError(f"--reward {text!r} is not valid JSON ({e.msg} at column {e.colno}); write it as "
+                                '\'{"name": "keywords", "required": ["word"]}\'.') from None
+    return text
+
+
+def strategy_options(args):
+    from alignkit.inference.strategies import StrategyOptions
+
+    return StrategyOptions(n=args.n, soft_temperature=args.soft_temperature, beam=args.beam,
+                           candidates=args.candidates, block=args.block, lookahead=args.lookahead, value=args.value,
+                           strength=args.strength, baseline=args.baseline, horizon=args.horizon,
+                           urial_template=args.urial_template)
+
+
+def sampling_params(args):
+    from alignkit.generation.decode import SamplingParams
+
+    return SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, stop=tuple(args.stop))
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    from alignkit.inference.strategies import run_strategy
+
+    model, tokenizer, reward, prompts, cols, ids, cut = _strategy_inputs(args)
+    result = run_strategy(args.strategy, model, tokenizer, reward, prompts, cols, sampling_params(args),
+                          strategy_options(args), seed=args.seed, batch_size=args.batch_size, prompt_ids=ids)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
-            for ex, c in zip(examples, result.choices):
-                f.write(json.dumps({"prompt": list(ex.prompt), "completion": c.completion, "reward": c.reward,
+            for p, c in zip(prompts, result.choices):
+                f.write(json.dumps({"prompt": p, "completion": c.completion, "reward": c.reward,
                                     "chosen": c.chosen, "candidates": c.candidates,
-                                    "candidate_rewards": c.candidate_rewards}, ensure_ascii=False) + "\n")
+                                    "candidate_rewards": c.candidate_rewards, "new_tokens": c.tokens},
+                                   ensure_ascii=False) + "\n")
     summary = result.summary()
     summary["prompts_truncated"] = cut
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def cmd_fit_value(args) -> int:
+    import json
+
+    from alignkit.generation.decode import SamplingParams
+    from alignkit.inference.value import fit_value_head
+
+    model, tokenizer, reward, prompts, cols, ids, _ = _strategy_inputs(args)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, n=args.n,
+                            stop=tuple(args.stop))
+    head = fit_value_head(model, tokenizer, reward, prompts, ids, cols, params,
+                          l2=args.l2, seed=args.seed, batch_size=args.batch_size, model_name=args.model)
+    path = head.save(args.output)
+    print(json.dumps(head.meta, indent=2))
+    r2 = head.meta["heldout_r2"]
+    if r2 is None:
+        print(f"alignkit: value head written to {path}; the held-out rewards were all equal, so the fit cannot "
+              "be judged: the reward gives no signal on these samples (try other prompts or a larger --n)")
+    else:
+        print(f"alignkit: value head written to {path} (held-out R^2 {r2:.3f}; near 0 or below means the value "
+              "carries little signal: sample more prompts or a larger --n)")
+    return 0
+
+
+def _add_prompt_args(p: argparse.ArgumentParser, reward_required: bool = True) -> None:
+    p.add_argument("--prompts", required=True, help="prompt records (JSONL/JSON/CSV/Parquet): a `prompt` field plus "
+                   "any columns the reward reads")
+    p.add_argument("--prompt-column", help="the prompt's field name when it is not `prompt`")
+    p.add_argument("--reward", action="append", default=[], help="built-in (numeric_match, regex, length, keywords; "
+                   "JSON with options), file.py:function, or a reward-model directory; repeat to sum")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-prompt-length", type=int, default=1024)
+    p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded at once")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_strategy_args(p: argparse.ArgumentParser, default: str | None = "best-of-n") -> None:
+    from alignkit.inference.strategies import STRATEGIES
+
+    p.add_argument("--strategy", choices=list(STRATEGIES), default=default,
+                   help="; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()))
+    p.add_argument("--n", type=int, default=8, help="candidates per prompt (best-of-n, soft-best-of-n)")
+    p.add_argument("--soft-temperature", type=float, default=0.1, help="soft-best-of-n's temperature T")
+    p.add_argument("--beam", type=int, default=2, help="deal: partial replies kept per prompt")
+    p.add_argument("--candidates", type=int, default=4, help="deal, transfer-q: proposals per node; "
+                   "controlled-decoding: top tokens reweighted")
+    p.add_argument("--block", type=int, default=8, help="deal, transfer-q: tokens committed per step (1 = token level)")
+    p.add_argument("--lookahead", type=int, default=16, help="deal: tokens past the block that the reward sees")
+    p.add_argument("--value", help="controlled-decoding: value-head directory from `alignkit fit-value`")
+    p.add_argument("--strength", type=float, default=1.0, help="controlled-decoding: weight of the value")
+    p.add_argument("--baseline", help="transfer-q: a model aligned to the reward (same tokenizer)")
+    p.add_argument("--horizon", type=int, default=32, help="transfer-q: tokens of the baseline's continuation")
+    p.add_argument("--urial-template", help="urial: a template file with {query} (default: the shipped one)")
 
 
 def _print_eval(result: dict) -> None:
@@ -216,6 +310,14 @@ def _print_eval(result: dict) -> None:
         print(f"win rate vs reference: {fmt(gen['win_rate'])} over {gen['n_prompts']} prompts")
     if "kl" in gen:
         print(f"KL(policy || reference): {fmt(gen['kl'])} nats per sequence")
+    st = result.get("strategy")
+    if st:
+        kl = st["kl"]
+        kl_text = "n/a" if kl["value"] is None else f"{kl['value']:.3f} ({kl['kind']})"
+        print(f"strategy {st['strategy']}: reward {fmt(st['reward'])} vs sampling {fmt(st['sampling_reward'])}; "
+              f"win rate vs sampling {fmt(st['win_rate_vs_sampling'])} over {st['n_prompts']} prompts; "
+              f"KL {kl_text}; cost {st['cost']['seconds']:.1f} s ({st['cost']['seconds_vs_sampling'] or 0:.1f}x "
+              f"sampling), {st['cost']['new_tokens']} new tokens")
 
 
 def _report(run_dir) -> None:
@@ -273,30 +375,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where metrics.json and report.html go (default RUN/eval or runs/eval)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--prompts", help="prompt records for --strategy (default: the prompts of --data)")
+    add_strategy_args(p, default=None)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("generate", help="generate with an inference-time alignment strategy and report reward and cost")
     p.add_argument("--model", required=True, help="a model directory or hub id")
-    p.add_argument("--prompts", required=True, help="prompt records (JSONL/JSON/CSV/Parquet): a `prompt` field plus "
-                   "any columns the reward reads")
-    p.add_argument("--prompt-column", help="the prompt's field name when it is not `prompt`")
-    p.add_argument("--strategy", choices=["sample", "best-of-n", "soft-best-of-n"], default="best-of-n",
-                   help="sample: one sample; best-of-n: the highest-reward of --n samples (KL <= log n - (n-1)/n); "
-                   "soft-best-of-n: one of --n samples drawn with weights exp(reward / --soft-temperature)")
-    p.add_argument("--reward", action="append", default=[], help="built-in (numeric_match, regex, length, keywords), "
-                   "file.py:function, or a reward-model directory; repeat to sum")
-    p.add_argument("--n", type=int, default=8, help="candidates per prompt (best-of-n, soft-best-of-n)")
-    p.add_argument("--soft-temperature", type=float, default=0.1)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-prompt-length", type=int, default=1024)
-    p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts sampled at once")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="write one JSON line per prompt: completion, reward, all candidates")
+    _add_prompt_args(p)
+    add_strategy_args(p)
+    p.add_argument("--output", help="write one JSON line per prompt: completion, reward, candidates")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("fit-value", help="fit a prefix value head for controlled decoding on the model's own samples")
+    p.add_argument("--model", required=True, help="the model controlled decoding will steer")
+    _add_prompt_args(p)
+    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--l2", type=float, default=1.0, help="ridge penalty")
+    p.add_argument("--output", required=True, help="directory for value_head.safetensors and value_head.json")
+    p.set_defaults(fn=cmd_fit_value)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html: plots and key numbers of a run and its eval")
     p.add_argument("run_dir")

@@ -1,5 +1,8 @@
-"""Inference-time strategies: best-of-N returns the argmax candidate, soft best-of-N draws with
-weights exp(r / T), the KL bound, and `alignkit generate` end to end on a tiny model."""
+"""Inference-time strategies on tiny models: best-of-N returns the argmax candidate, soft best-of-N
+draws with weights exp(r / T), DeAL search meets a keyword constraint that sampling misses,
+Transfer Q* commits the candidate whose baseline continuation scores best, controlled decoding
+reproduces greedy decoding at strength 0 and follows its value otherwise, URIAL prompts, and the
+CLI (`generate`, `fit-value`, `eval --strategy`) end to end."""
 
 import json
 import math
@@ -37,7 +40,7 @@ def test_best_of_n_returns_the_argmax_candidate(setup):
         assert c.completion == c.candidates[c.candidate_rewards.index(max(c.candidate_rewards))]
     base = sample_once(backend, yes_count, prompts, ids, {}, params, seed=1)
     assert out.mean_reward >= base.mean_reward
-    assert out.kl_bound == pytest.approx(math.log(6) - 5 / 6)
+    assert out.kl == pytest.approx(math.log(6) - 5 / 6) and out.kl_kind == "bound"
     assert out.prompt_tokens == sum(len(x) for x in ids)  # each prompt processed once for its 6 candidates
     assert out.new_tokens == sum(c.tokens for c in out.choices) > 0
 
@@ -83,6 +86,233 @@ def test_generate_cli(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.index("\n{") + 1:] if not printed.startswith("{") else printed)
     assert summary["strategy"] == "best-of-n" and summary["prompts"] == 3
-    assert summary["kl_bound"] == pytest.approx(math.log(4) - 0.75)
+    assert summary["kl"] == pytest.approx(math.log(4) - 0.75) and summary["kl_kind"] == "bound"
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3 and all(len(r["candidates"]) == 4 and r["reward"] == max(r["candidate_rewards"]) for r in rows)
+
+
+QUESTIONS = ["what is 2 plus 3 ?", "tell me about the sky", "hello", "write a poem", "why is the sky blue ?",
+             "explain fire", "tell me a story", "what is the capital city of france ?"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = tiny_tokenizer()
+    return tiny_model("llama", vocab_size=len(tok)).eval(), tok, [[{"role": "user", "content": q}] for q in QUESTIONS]
+
+
+def test_deal_meets_a_keyword_constraint_that_sampling_misses(tiny):
+    from alignkit.inference.strategies import StrategyOptions, run_strategy
+    from alignkit.rewards.verifiable import Keywords
+
+    model, tok, prompts = tiny
+    rw = Keywords(required=["cat"], partial=False)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    sampled = run_strategy("sample", model, tok, rw, prompts, {}, params, seed=0)
+    opts = StrategyOptions(beam=2, candidates=8, block=4, lookahead=8)
+    deal = run_strategy("deal", model, tok, rw, prompts, {}, params, opts, seed=0)
+    assert sampled.mean_reward == 0.0  # the random model never says "cat" in one sample
+    assert deal.mean_reward >= 7 / 8, [c.completion for c in deal.choices]
+    for c in deal.choices:  # the reported reward is the constraint on the returned text itself
+        assert c.reward == float(" cat " in f" {c.completion} ")
+        assert len(tok(c.completion, add_special_tokens=False)["input_ids"]) <= 12
+    # 3 steps of 4 tokens, each a choice among 8 samples: KL <= 3 log 8 for a reply that used all steps
+    assert max(c.kl for c in deal.choices) == pytest.approx(3 * math.log(8))
+    assert deal.kl_kind == "bound" and deal.kl <= 3 * math.log(8) + 1e-9
+    assert deal.new_tokens > 10 * sampled.new_tokens  # the search's cost is reported, not hidden
+
+
+def test_transfer_q_commits_the_block_whose_baseline_continuation_scores_best(tiny):
+    """One prompt: at each step the reward sees every candidate block followed by the baseline's
+    greedy continuation; the committed block must be the one whose text scored highest."""
+    from alignkit.generation.decode import sample_batch
+    from alignkit.inference.search import SearchParams, block_search
+
+    model, tok, prompts = tiny
+    baseline = tiny_model("llama", vocab_size=len(tok), seed=3).eval()
+    calls = []
+
+    def spy(ps, completions, **cols):
+        scores = [float(c.count("the")) + 0.001 * len(c) for c in completions]
+        calls.append(list(zip(completions, scores)))
+        return scores
+
+    from alignkit.generation.hf import encode_prompts
+
+    ids = encode_prompts(tok, prompts[1:2])
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    out = block_search(model, tok, spy, prompts[1:2], ids, {}, params,
+                       SearchParams(beam=1, candidates=4, block=4, baseline=baseline, horizon=6), seed=0,
+                       strategy="transfer-q")
+    steps = calls[:-1]  # the last call scores the final beam
+    assert 1 <= len(steps) <= 3
+    tokens = tok(out.choices[0].completion, add_special_tokens=False)["input_ids"]
+    for d, group in enumerate(steps[:-1]):
+        best_text = max(group, key=lambda t: t[1])[0]
+        prefix = tok.decode(tokens[: 4 * (d + 1)])
+        assert best_text.startswith(prefix.strip())
+        # its tail is the baseline's greedy continuation of the committed prefix
+        roll = sample_batch(baseline, [ids[0] + tokens[: 4 * (d + 1)]], SamplingParams(6, 0.0),
+                            eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, tokenizer=tok)[0][0]
+        assert best_text == tok.decode(tokens[: 4 * (d + 1)] + roll.token_ids, skip_special_tokens=True).strip()
+
+
+def _cat_probe(model, tok):
+    """A value head that is high right after the token "cat": ridge regression of 'current token is
+    cat' on the final hidden state after random tokens."""
+    from alignkit.inference.value import ValueHead, prefix_hidden, ridge
+
+    g = torch.Generator().manual_seed(0)
+    cat = tok.convert_tokens_to_ids("cat")
+    xs, ys = [], []
+    for _ in range(6):
+        seq = torch.randint(4, len(tok), (40,), generator=g).tolist()
+        seq[::5] = [cat] * len(seq[::5])
+        xs.append(prefix_hidden(model, [], seq))
+        ys.append(torch.tensor([float(t == cat) for t in seq]))
+    x, y = torch.cat(xs), torch.cat(ys)
+    w, b = ridge(x, y, torch.ones(len(y)), 1e-3)
+    return ValueHead(w, b, {"model": "tiny"})
+
+
+def test_controlled_decoding_at_strength_zero_is_greedy_decoding(tiny):
+    """Scoring k candidates from the shared cache and keeping the chosen row must leave decoding
+    exactly as the model's own greedy decoding."""
+    from alignkit.generation.decode import sample
+    from alignkit.generation.hf import encode_prompts
+    from alignkit.inference.controlled import controlled_decoding
+
+    model, tok, prompts = tiny
+    ids = encode_prompts(tok, prompts)
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    greedy = sample(model, ids, params, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, batch_size=3, tokenizer=tok)
+    out = controlled_decoding(model, tok, yes_count, prompts, ids, {}, params, _cat_probe(model, tok), candidates=5,
+                              strength=0.0, batch_size=3)
+    assert [c.completion for c in out.choices] == [g[0].text for g in greedy]
+    assert out.prompt_tokens == sum(len(x) for x in ids)
+
+
+def test_controlled_decoding_follows_its_value(tiny):
+    from alignkit.inference.strategies import StrategyOptions, run_strategy
+    from alignkit.rewards.verifiable import Keywords
+
+    model, tok, prompts = tiny
+    head = _cat_probe(model, tok)
+    rw = Keywords(required=["cat"], partial=False)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        head.save(d)
+        opts = StrategyOptions(value=d, candidates=len(tok), strength=20.0)
+        steered = run_strategy("controlled-decoding", model, tok, rw, prompts, {}, params, opts, seed=0)
+        plain = run_strategy("sample", model, tok, rw, prompts, {}, params, seed=0)
+    assert plain.mean_reward == 0.0 and steered.mean_reward == 1.0
+    # the KL estimate is the mean of log pi(y) - log p(y): large, since "cat" is improbable under p
+    assert steered.kl_kind == "estimate" and steered.kl > 2.0
+    assert steered.new_tokens > 0 and steered.new_tokens % len(tok) == 0  # every step scored all candidates
+
+
+def test_value_head_fit_save_load(tiny, tmp_path):
+    from alignkit.errors import ConfigError
+    from alignkit.generation.hf import encode_prompts
+    from alignkit.inference.value import ValueHead, fit_value_head
+
+    model, tok, prompts = tiny
+    def chars(ps, cs, **cols):
+        return [len(c) / 10 for c in cs]
+
+    head = fit_value_head(model, tok, chars, prompts, encode_prompts(tok, prompts), {}, SamplingParams(8, 1.0, n=4),
+                          progress=False, model_name="tiny")
+    assert head.weight.shape == (model.config.hidden_size,) and head.meta["completions"] == 32
+    assert head.meta["heldout_r2"] <= 1 and 0 <= head.meta["train_r2"] <= 1
+    constant = fit_value_head(model, tok, lambda ps, cs, **k: [1.0] * len(cs), prompts, encode_prompts(tok, prompts),
+                              {}, SamplingParams(8, 1.0, n=4), progress=False)
+    assert constant.meta["heldout_r2"] is None and constant.bias == pytest.approx(1.0)
+    head.save(tmp_path / "v")
+    back = ValueHead.load(tmp_path / "v", model.config.hidden_size)
+    torch.testing.assert_close(back.weight, head.weight)
+    assert back.bias == pytest.approx(head.bias)
+    with pytest.raises(ConfigError, match="hidden size"):
+        ValueHead.load(tmp_path / "v", 64)
+    with pytest.raises(ConfigError, match="alignkit fit-value"):
+        ValueHead.load(tmp_path / "nothing")
+
+
+def test_ridge_recovers_a_linear_function():
+    from alignkit.inference.value import ridge
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g)
+    a = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 1.5])
+    w, b = ridge(x, x @ a + 4.0, torch.rand(500, generator=g) + 0.1, 1e-6)
+    torch.testing.assert_close(w, a, atol=1e-4, rtol=0)
+    assert b == pytest.approx(4.0, abs=1e-4)
+
+
+def test_urial_prompt_format_and_template_checks(tmp_path):
+    from alignkit.errors import ConfigError
+    from alignkit.inference.urial import answer_of, load_template, render
+
+    tpl = load_template()
+    assert tpl.count("{query}") == 1 and tpl.rstrip().endswith("# Answer:\n```")
+    text = render(tpl, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sky colour?"}])
+    assert text.endswith("# Query:\n```\nBe brief.\n\nSky colour?\n```\n\n# Answer:\n```\n")
+    assert "# Query:\n```\nHi?\n```\n\n# Answer:\n```\nHello.\n```\n\n# Query:\n```\nBe brief." in text
+    assert answer_of("Blue.\n```\n\n# Query:") == "Blue."
+    bad = tmp_path / "t.txt"
+    bad.write_text("no placeholder")
+    with pytest.raises(ConfigError, match="exactly once"):
+        load_template(str(bad))
+    good = tmp_path / "g.txt"
+    good.write_text("Answer well.\n# Query:\n```\n{query}\n```\n# Answer:\n```\n")
+    assert render(load_template(str(good)), "2+2?") == "Answer well.\n# Query:\n```\n2+2?\n```\n# Answer:\n```\n"
+
+
+def test_urial_strategy_on_a_tiny_model(tiny):
+    from alignkit.inference.strategies import StrategyOptions, run_strategy
+
+    model, tok, prompts = tiny
+    out = run_strategy("urial", model, tok, yes_count, prompts[:3], {}, SamplingParams(10, 1.0), StrategyOptions())
+    assert len(out.choices) == 3 and all("```" not in c.completion for c in out.choices)
+    assert out.prompt_tokens > 3 * 100  # the template's examples are part of every prompt
+    assert out.kl_kind == "estimate" and math.isfinite(out.kl)
+
+
+@pytest.mark.parametrize("strategy", ["sample", "soft-best-of-n", "deal", "transfer-q", "urial"])
+def test_generate_cli_strategies(strategy, tiny_model_dir, tmp_path, capsys):
+    from alignkit.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS[:3]))
+    extra = ["--baseline", str(tiny_model_dir)] if strategy == "transfer-q" else []
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--strategy", strategy,
+                 "--reward", '{"name": "keywords", "required": ["the"]}', "--n", "3", "--candidates", "2",
+                 "--block", "3", "--max-new-tokens", "6", "--horizon", "4"] + extra) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["strategy"] == strategy and summary["prompts"] == 3 and summary["new_tokens"] > 0
+    assert summary["kl_kind"] in ("exact", "bound", "estimate")
+
+
+def test_fit_value_then_controlled_decoding_and_eval_cli(tiny_model_dir, tmp_path, capsys):
+    from alignkit.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
+    reward = ["--reward", '{"name": "keywords", "required": ["the"]}']
+    assert main(["fit-value", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "3",
+                 "--max-new-tokens", "6", "--output", str(tmp_path / "value")] + reward) == 0
+    assert (tmp_path / "value" / "value_head.safetensors").is_file()
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--strategy", "controlled-decoding",
+                 "--value", str(tmp_path / "value"), "--candidates", "3", "--max-new-tokens", "6",
+                 "--output-dir", str(out), "--no-progress"] + reward) == 0
+    printed = capsys.readouterr().out
+    assert "strategy controlled-decoding" in printed and "win rate vs sampling" in printed
+    st = json.loads((out / "metrics.json").read_text())["strategy"]
+    assert st["n_prompts"] == 8 and st["kl"]["kind"] == "estimate"
+    assert st["win_rate_vs_sampling"]["wins"] + st["win_rate_vs_sampling"]["ties"] + st["win_rate_vs_sampling"]["losses"] == 8
+    assert st["cost"]["new_tokens"] == st["summary"]["new_tokens"] and st["cost"]["new_tokens_vs_sampling"] > 1
+    assert (out / "report.html").is_file()

@@ -10,7 +10,11 @@ schema `alignkit.report` reads):
               reference, scored by the reward; win rate with a bootstrap interval, and KL(policy ||
               reference) estimated on the policy's samples;
   checkpoints (--checkpoints RUN_DIR): per saved checkpoint, KL, reward, win rate, top-k entropy
-              and mass (arXiv 2410.11677) and the chosen log-prob change: over-optimisation signs.
+              and mass (arXiv 2410.11677) and the chosen log-prob change: over-optimisation signs;
+  strategy    (--strategy and --reward): an inference-time strategy evaluated like a model: its
+              reward and win rate against plain sampling from the same model on the same prompts,
+              its KL from sampling (estimate or bound, see `alignkit.inference.result`), and its
+              cost (seconds, new and prompt tokens, and each as a ratio to sampling's).
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class EvalConfig:
     device: str = "auto"
     cache_dir: str | None = None
     progress: bool = True
+    strategy: str | None = None  # evaluate an inference-time strategy against plain sampling
+    strategy_options: object = None  # alignkit.inference.strategies.StrategyOptions
+    prompts: str | None = None  # prompt records for the strategy part (else the --data pairs' prompts)
 
 
 class _Models:
@@ -245,10 +252,58 @@ def checkpoints_section(cfg: EvalConfig, models: _Models, tokenizer, reference, 
     return rows
 
 
+class _SumOfRewards:
+    """Several rewards as one callable (their plain sum), as strategies expect."""
+
+    def __init__(self, rewards: list):
+        self.rewards = rewards
+
+    def __call__(self, prompts, completions, **columns):
+        return _sum_scores({i: r(prompts, completions, **columns) for i, r in enumerate(self.rewards)})
+
+    def __repr__(self):
+        return " + ".join(repr(r) for r in self.rewards)
+
+
+def strategy_section(cfg: EvalConfig, tokenizer, model, prompts: list, columns: dict) -> dict:
+    """The strategy and plain sampling on the same prompts: reward, win rate, KL, cost."""
+    import dataclasses
+
+    from alignkit.inference.strategies import StrategyOptions, run_strategy
+
+    reward = cfg.rewards[0] if len(cfg.rewards) == 1 else _SumOfRewards(cfg.rewards)
+    options = cfg.strategy_options or StrategyOptions()
+    common = dict(seed=cfg.seed, batch_size=cfg.batch_size)
+    base = run_strategy("sample", model, tokenizer, reward, prompts, columns, cfg.sampling, options, **common)
+    res = run_strategy(cfg.strategy, model, tokenizer, reward, prompts, columns, cfg.sampling, options, **common)
+    mine, theirs = [c.reward for c in res.choices], [c.reward for c in base.choices]
+    mean, lo, hi = M.bootstrap_mean_ci(mine)
+    bmean, blo, bhi = M.bootstrap_mean_ci(theirs)
+    ratio = lambda a, b: a / b if b else None
+    return {"strategy": cfg.strategy, "options": dataclasses.asdict(options), "n_prompts": len(prompts),
+            "scorer": repr(reward),
+            "reward": {"value": mean, "ci95": [lo, hi], "n": len(mine)},
+            "sampling_reward": {"value": bmean, "ci95": [blo, bhi], "n": len(theirs)},
+            "win_rate_vs_sampling": M.win_rate(mine, theirs),
+            "kl": {"value": res.kl, "kind": res.kl_kind},
+            "cost": {"seconds": res.seconds, "new_tokens": res.new_tokens, "prompt_tokens": res.prompt_tokens,
+                     "seconds_vs_sampling": ratio(res.seconds, base.seconds),
+                     "new_tokens_vs_sampling": ratio(res.new_tokens, base.new_tokens),
+                     "prompt_tokens_vs_sampling": ratio(res.prompt_tokens, base.prompt_tokens)},
+            "summary": res.summary(), "sampling_summary": base.summary(),
+            "examples": [{"prompt": _last_user(p) if not isinstance(p, str) else p, "strategy": c.completion,
+                          "sampling": b.completion, "reward": c.reward, "sampling_reward": b.reward}
+                         for p, c, b in list(zip(prompts, res.choices, base.choices))[:5]]}
+
+
 def run_eval(cfg: EvalConfig) -> dict:
     """Run every part whose inputs are given; write metrics.json (and return it)."""
     if not cfg.data and not cfg.checkpoints and not cfg.rewards:
         raise ConfigError("nothing to evaluate: give --data (preference pairs), --reward, or --checkpoints.")
+    if cfg.strategy and not cfg.rewards:
+        raise ConfigError(f"--strategy {cfg.strategy} is judged by a reward: give --reward.")
+    if cfg.strategy and not (cfg.prompts or cfg.data):
+        raise ConfigError(f"--strategy {cfg.strategy} needs prompts: give --prompts (prompt records) or --data.")
     models = _Models(cfg)
     tokenizer = load_tokenizer(ModelConfig(name_or_path=cfg.model), cfg.cache_dir)
     policy = models.load(cfg.model)
@@ -271,6 +326,16 @@ def run_eval(cfg: EvalConfig) -> dict:
         if reference is None:
             raise ConfigError("--checkpoints needs a reference model (--reference) to measure drift from.")
         result["checkpoints"] = checkpoints_section(cfg, models, tokenizer, reference, prompts, ref_samples, pair_data)
+    if cfg.strategy:
+        if cfg.prompts:
+            from alignkit.data.prompts import load_prompt_examples
+            from alignkit.train.online import example_columns
+
+            examples = load_prompt_examples(cfg.prompts).examples[: cfg.num_prompts]
+            s_prompts, columns = [list(e.prompt) for e in examples], example_columns(examples)
+        else:
+            s_prompts, columns = prompts or held_out_prompts(cfg, load_preference_examples(cfg.data).examples), {}
+        result["strategy"] = strategy_section(cfg, tokenizer, policy, s_prompts, columns)
     write_json(Path(cfg.output_dir) / "metrics.json", result)
     return result
 

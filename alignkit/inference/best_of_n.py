@@ -8,60 +8,25 @@ completions but one prompt.
   log N - (N - 1) / N (the analytical bound, arXiv 2401.01879, which shows it is tight in practice
   and an upper bound in general).
 - soft best-of-N samples candidate i with probability exp(r_i / T) / sum_j exp(r_j / T)
-  (temperature T > 0): T -> 0 is best-of-N, T -> inf is plain sampling.
+  (temperature T > 0): T -> 0 is best-of-N, T -> inf is plain sampling. Any rule that returns one
+  of N independent samples gives each text at most N times its sampling probability, so its KL is
+  at most log N; that is the bound soft best-of-N reports.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-
 import torch
 
 from alignkit.generation.decode import SamplingParams
+from alignkit.inference.result import Choice, StrategyResult
 from alignkit.rewards.functions import score_groups
 
 
 def best_of_n_kl_bound(n: int) -> float:
     """KL(best-of-n || base) <= log n - (n - 1) / n (arXiv 2401.01879)."""
     return math.log(n) - (n - 1) / n
-
-
-@dataclass
-class Choice:
-    """One prompt's answer and how it was chosen."""
-
-    completion: str
-    reward: float
-    candidates: list = field(default_factory=list)  # texts
-    candidate_rewards: list = field(default_factory=list)
-    chosen: int = 0
-    tokens: int = 0  # new tokens generated for this prompt (all candidates)
-
-
-@dataclass
-class StrategyResult:
-    strategy: str
-    choices: list
-    seconds: float
-    prompt_tokens: int  # prompt tokens processed (once per prompt)
-    kl_bound: float | None = None
-
-    @property
-    def mean_reward(self) -> float:
-        return sum(c.reward for c in self.choices) / max(1, len(self.choices))
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(c.tokens for c in self.choices)
-
-    def summary(self) -> dict:
-        out = {"strategy": self.strategy, "prompts": len(self.choices), "mean_reward": self.mean_reward,
-               "seconds": self.seconds, "new_tokens": self.new_tokens, "prompt_tokens": self.prompt_tokens}
-        if self.kl_bound is not None:
-            out["kl_bound"] = self.kl_bound
-        return out
 
 
 def select_soft(rewards: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
@@ -88,22 +53,26 @@ def run_candidates(backend, reward, prompts: list, prompt_ids: list, columns: di
 
 def sample_once(backend, reward, prompts, prompt_ids, columns, params: SamplingParams, seed: int = 0):
     p = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k, 1, params.stop)
-    return run_candidates(backend, reward, prompts, prompt_ids, columns, p, seed, "sample",
-                          lambda r: torch.zeros(r.shape[0], dtype=torch.long))
+    out = run_candidates(backend, reward, prompts, prompt_ids, columns, p, seed, "sample",
+                         lambda r: torch.zeros(r.shape[0], dtype=torch.long))
+    out.kl, out.kl_kind = 0.0, "exact"
+    return out
 
 
 def best_of_n(backend, reward, prompts, prompt_ids, columns, params: SamplingParams, seed: int = 0):
     out = run_candidates(backend, reward, prompts, prompt_ids, columns, params, seed, "best-of-n",
                          lambda r: r.argmax(dim=-1))
-    out.kl_bound = best_of_n_kl_bound(params.n)
+    out.kl, out.kl_kind = best_of_n_kl_bound(params.n), "bound"
+    out.info = {"n": params.n}
     return out
 
 
 def soft_best_of_n(backend, reward, prompts, prompt_ids, columns, params: SamplingParams, seed: int = 0,
                    temperature: float = 0.1):
     g = torch.Generator().manual_seed(seed)
-    return run_candidates(backend, reward, prompts, prompt_ids, columns, params, seed, "soft-best-of-n",
-                          lambda r: select_soft(r, temperature, g))
+    out = run_candidates(backend, reward, prompts, prompt_ids, columns, params, seed, "soft-best-of-n",
+                         lambda r: select_soft(r, temperature, g))
+    out.kl, out.kl_kind = math.log(params.n), "bound"
+    out.info = {"n": params.n, "soft_temperature": temperature}
+    return out
 
-
-STRATEGIES = {"sample": sample_once, "best-of-n": best_of_n, "soft-best-of-n": soft_best_of_n}

@@ -80,20 +80,33 @@ def load_reward(spec: str, *, weights: dict | None = None, device=None, batch_si
     return RewardModel(spec, weights=weights, device=device, batch_size=batch_size)
 
 
-def score_groups(reward, prompts: list, groups: list, columns: dict) -> tuple:
-    """Score each prompt's group of completions: (rewards [P, n] float32 tensor, {source: [P * n]
-    values}). Prompts and columns (one value per prompt) are repeated for each completion; a
-    weighted sum of rewards (`WeightedSum`) also reports each of its sources."""
-    import torch
-
-    n = len(groups[0]) if groups else 0
+def score_ragged(reward, prompts: list, groups: list, columns: dict) -> tuple[list, dict]:
+    """Score each prompt's group of completions (groups may differ in size): ([[reward per
+    completion]] per prompt, {source: flat values}). Prompts and columns (one value per prompt) are
+    repeated for each completion; a weighted sum of rewards (`WeightedSum`) also reports each of its
+    sources."""
     flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
     texts = [t for g in groups for t in g]
     flat_columns = {k: [v for v, g in zip(values, groups) for _ in g] for k, values in columns.items()}
+    if not texts:
+        return [[] for _ in groups], {}
     if hasattr(reward, "components"):
         parts = reward.components(flat_prompts, texts, **flat_columns)
         total = reward.combine(parts)
     else:
         total = reward(flat_prompts, texts, **flat_columns)
         parts = {getattr(reward, "name", "reward"): total}
-    return torch.tensor(total, dtype=torch.float32).view(len(groups), n), parts
+    out, start = [], 0
+    for g in groups:
+        out.append([float(x) for x in total[start: start + len(g)]])
+        start += len(g)
+    return out, parts
+
+
+def score_groups(reward, prompts: list, groups: list, columns: dict) -> tuple:
+    """`score_ragged` for equal-size groups: (rewards [P, n] float32 tensor, {source: [P * n] values})."""
+    import torch
+
+    n = len(groups[0]) if groups else 0
+    scores, parts = score_ragged(reward, prompts, groups, columns)
+    return torch.tensor(scores, dtype=torch.float32).view(len(groups), n), parts
