@@ -4,6 +4,10 @@
     alignkit data show --config run.yaml [--index N]
     alignkit losses
     alignkit demo
+    alignkit eval --model M [--reference R] [--data PAIRS] [--reward R] [--strategy S --prompts P]
+    alignkit generate --model M --prompts P --reward R --strategy S
+    alignkit fit-value --model M --prompts P --reward R --output DIR
+    alignkit report RUN_DIR
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ def test_value_head_fit_save_load(tiny, tmp_path):
     assert head.meta["heldout_r2"] <= 1 and 0 <= head.meta["train_r2"] <= 1
     constant = fit_value_head(model, tok, lambda ps, cs, **k: [1.0] * len(cs), prompts, encode_prompts(tok, prompts),
                               {}, SamplingParams(8, 1.0, n=4), progress=False)
-    assert constant.meta["heldout_r2"] is None and constant.bias == pytest.approx(1.0)
+    assert constant.meta["heldout_r2"] is None and constant.bias == pytest.approx(0.0, abs=1e-9)
     head.save(tmp_path / "v")
     back = ValueHead.load(tmp_path / "v", model.config.hidden_size)
     torch.testing.assert_close(back.weight, head.weight)
@@ -315,4 +315,15 @@ def test_fit_value_then_controlled_decoding_and_eval_cli(tiny_model_dir, tmp_pat
     assert st["n_prompts"] == 8 and st["kl"]["kind"] == "estimate"
     assert st["win_rate_vs_sampling"]["wins"] + st["win_rate_vs_sampling"]["ties"] + st["win_rate_vs_sampling"]["losses"] == 8
     assert st["cost"]["new_tokens"] == st["summary"]["new_tokens"] and st["cost"]["new_tokens_vs_sampling"] > 1
-    assert (out / "report.html").is_file()
+    html = (out / "report.html").read_text()
+    assert "Inference-time strategy: controlled-decoding" in html and "win rate vs sampling" in html
+
+
+def test_deal_with_one_candidate_is_plain_sampling_in_blocks(tiny):
+    """One proposal per node leaves nothing to choose: the reply is a sample and the KL bound is 0."""
+    from alignkit.inference.strategies import StrategyOptions, run_strategy
+
+    model, tok, prompts = tiny
+    out = run_strategy("deal", model, tok, yes_count, prompts[:3], {}, SamplingParams(10, 1.0),
+                       StrategyOptions(beam=1, candidates=1, block=3, lookahead=3), seed=0)
+    assert out.kl == 0.0 and all(len(c.candidates) == 1 and c.completion for c in out.choices)

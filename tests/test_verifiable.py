@@ -294,3 +294,19 @@ def test_build_reward_missing_and_malformed_specs():
         build_reward([])
     with pytest.raises(ConfigError, match="expected a name or a mapping"):
         build_reward(3)
+
+
+def test_keywords_from_a_column():
+    from alignkit.errors import ConfigError, DataError
+    from alignkit.rewards.verifiable import Keywords
+
+    kw = Keywords(required_column="words")
+    texts = ["The dog caught a frisbee in the park.", "A dog ran.", "Nothing here."]
+    words = [["dog", "frisbee", "park"], "dog, park", ["cat"]]
+    assert kw(["p"] * 3, texts, words=words) == pytest.approx([1.0, 0.5, 0.0])
+    strict = Keywords(required=["the"], required_column="words", partial=False)
+    assert strict(["p"] * 2, texts[:2], words=words[:2]) == [1.0, 0.0]  # "A dog ran." lacks "the" and "park"
+    with pytest.raises(ConfigError, match="column 'words'"):
+        kw(["p"], ["x"], other=["a"])
+    with pytest.raises(DataError, match="record 0"):
+        kw(["p"], ["x"], words=[3])

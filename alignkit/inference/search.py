@@ -86,7 +86,7 @@ def _text(tokenizer, tokens: list) -> str:
 
 
 def _search_batch(model, tokenizer, reward, prompts, prompt_ids, columns, params: SamplingParams, sp: SearchParams,
-                  generator, counter, offset: int) -> list[_Node]:
+                  generator, counter, offset: int) -> list[list[_Node]]:
     beams = [[_Node([])] for _ in prompt_ids]
     k = sp.candidates
     for _ in range(math.ceil(params.max_new_tokens / sp.block)):
@@ -99,8 +99,9 @@ def _search_batch(model, tokenizer, reward, prompts, prompt_ids, columns, params
         # one of the node's k proposals at the next step: what the heuristic saw ahead can then be
         # committed rather than lost (a fresh sample would rarely repeat it).
         # (Only a plan that covers the whole block, or ends the reply, keeps every node at the same length.)
-        usable = [len(n.plan[0]) >= committed or _ends(list(n.plan[0]), tokenizer, params.stop) for _, n in active]
-        fresh = k - 1 if any(usable) else k
+        usable = [k > 1 and (len(n.plan[0]) >= committed or _ends(list(n.plan[0]), tokenizer, params.stop))
+                  for _, n in active]
+        fresh = k - 1 if any(usable) else k  # with no plan to offer, a node's k proposals are all fresh
         groups = [[] for _ in active]
         if fresh:
             sampling = SamplingParams(committed + ahead, params.temperature, params.top_p, params.top_k, fresh, params.stop)

@@ -4,7 +4,9 @@ Controlled decoding (Mudgal et al. 2024, arXiv 2310.17022) steers a frozen model
 scorer trained on the model's own samples. We fit the CD-FUDGE form: sample completions of
 training prompts from the model, score each with the reward, and regress every prefix's final
 hidden state (the model's own, so decoding gets it for free) onto the completion's reward, a
-linear head fitted in closed form by ridge regression. Each completion weighs the same however
+linear head fitted in closed form by ridge regression. Rewards are standardised first (mean and
+standard deviation over the samples), so the value is in standard deviations of the reward and
+controlled decoding's strength means the same for any reward. Each completion weighs the same however
 long it is. A held-out fifth of the completions reports the fit (R^2 over prefixes), so a user
 can see whether the value carries signal before decoding with it.
 
@@ -97,6 +99,9 @@ def fit_value_head(model, tokenizer, reward, prompts: list, prompt_ids: list, co
     groups = sample(model, prompt_ids, params, eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                     batch_size=batch_size, seed=seed, tokenizer=tokenizer, progress=progress, desc="sampling (value)")
     rewards, _ = score_ragged(reward, prompts, [[s.text for s in g] for g in groups], columns)
+    flat = torch.tensor([r for rs in rewards for r in rs], dtype=torch.float64)
+    mean, std = float(flat.mean()), float(flat.std()) if len(flat) > 1 else 0.0
+    scale = std if std > 1e-12 else 1.0
     feats, targets, weights, which = [], [], [], []
     was = model.training
     model.eval()
@@ -107,7 +112,7 @@ def fit_value_head(model, tokenizer, reward, prompts: list, prompt_ids: list, co
                     continue
                 h = prefix_hidden(model, prompt_ids[i], s.token_ids)
                 feats.append(h)
-                targets.append(torch.full((len(h),), r))
+                targets.append(torch.full((len(h),), (r - mean) / scale))
                 weights.append(torch.full((len(h),), 1.0 / len(h)))
                 which.append(len(which))
     finally:
@@ -122,11 +127,10 @@ def fit_value_head(model, tokenizer, reward, prompts: list, prompt_ids: list, co
     heldout_r2 = r_squared(xh.double() @ a.double() + b, yh.double(), wh.double())
     x, y, w = torch.cat(feats), torch.cat(targets), torch.cat(weights)
     a, b = ridge(x, y, w, l2)  # the saved head uses every completion
-    flat = [r for rs in rewards for r in rs]
     meta = {"model": model_name, "hidden_size": int(x.shape[1]), "reward": repr(reward), "prompts": len(prompts),
             "completions": len(feats), "prefixes": int(x.shape[0]), "l2": l2, "heldout_r2": heldout_r2,
             "train_r2": r_squared(x.double() @ a.double() + b, y.double(), w.double()),
-            "reward_mean": sum(flat) / len(flat), "reward_std": float(torch.tensor(flat).std()),
+            "reward_mean": mean, "reward_std": std, "value_units": "standard deviations of the reward",
             "sampling": {"temperature": params.temperature, "max_new_tokens": params.max_new_tokens, "n": params.n},
             "date": datetime.date.today().isoformat()}
     return ValueHead(a, b, meta)

@@ -19,7 +19,7 @@ from alignkit.errors import AlignkitError
 from alignkit.train.metrics import read_metrics
 
 EVAL_FORMAT_VERSION = 1
-EVAL_SECTIONS = ("preference", "length_bias", "generation", "checkpoints")
+EVAL_SECTIONS = ("preference", "length_bias", "generation", "checkpoints", "strategy")
 # Where an eval's metrics.json may be, in order of preference.
 EVAL_CANDIDATES = ("eval/metrics.json", "metrics.json")
 LOOKED_FOR = ("metrics.jsonl", "summary.json", "config.yaml") + EVAL_CANDIDATES

@@ -346,4 +346,37 @@ def overoptimisation_plot(inp: RunInputs) -> Plot | None:
         "arXiv 2410.08847)."), panels)
 
 
-ALL = (training_plot, preference_plot, reward_kl_plot, length_bias_plot, win_rate_plot, overoptimisation_plot)
+def strategy_plot(inp: RunInputs) -> Plot | None:
+    """An evaluated inference-time strategy next to plain sampling: reward and cost."""
+    st = inp.eval.get("strategy") if isinstance(inp.eval.get("strategy"), dict) else {}
+    mine, base = acc_triple(st.get("reward")), acc_triple(st.get("sampling_reward"))
+    cost = st.get("cost") if isinstance(st.get("cost"), dict) else {}
+    if mine is None or base is None:
+        return None
+    name = str(st.get("strategy"))
+    with style("strategy"):
+        fig, (ax1, ax2) = new_figure(2, width=8.0, height=3.2)
+        xs = np.arange(2)
+        for x, (v, lo, hi), color in zip(xs, (base, mine), (MUTED, EVAL)):
+            ax1.bar([x], [v], color=color, width=0.6, alpha=0.85)
+            if lo is not None and hi is not None:
+                ax1.errorbar([x], [v], yerr=[[max(v - lo, 0)], [max(hi - v, 0)]], color="#111827", capsize=4,
+                             linewidth=1)
+        ax1.set_xticks(xs, ["sample", name])
+        ax1.set_title("mean reward (95% interval)")
+        ax1.grid(axis="x", visible=False)
+        ratios = [num(cost.get("seconds_vs_sampling")), num(cost.get("new_tokens_vs_sampling"))]
+        labels = [lab for lab, r in zip(("time", "new tokens"), ratios) if r is not None]
+        ratios = [r for r in ratios if r is not None]
+        ax2.bar(np.arange(len(ratios)), ratios, color=EVAL, width=0.6, alpha=0.85)
+        ax2.axhline(1.0, color=MUTED, linestyle="--", linewidth=1)
+        ax2.set_xticks(np.arange(len(ratios)), labels)
+        ax2.set_title("cost relative to sampling (x)")
+        ax2.grid(axis="x", visible=False)
+        return Plot("strategy", f"Inference-time strategy: {name}", to_svg(fig, "strategy"), (
+            "Left: the strategy's mean reward next to plain sampling from the same model on the same prompts. "
+            "Right: what it cost, as a multiple of sampling's time and generated tokens (the dashed line is 1x)."))
+
+
+ALL = (training_plot, preference_plot, reward_kl_plot, length_bias_plot, win_rate_plot, overoptimisation_plot,
+       strategy_plot)

@@ -216,6 +216,25 @@ def eval_tables(ev: dict) -> dict:
         ("reference_reward_mean", "reference mean reward", fmt_num)) if gen.get(k) is not None]
     if rows:
         out["Generation"] = rows
+    st = _section(ev, "strategy")
+    if st.get("strategy"):
+        kl, cost = st.get("kl") or {}, st.get("cost") or {}
+        rows = [("strategy", str(st["strategy"]), ""), ("prompts", fmt_num(st.get("n_prompts")), "")]
+        if isinstance(st.get("reward"), dict):
+            rows.append(("reward", fmt_value_ci(st["reward"]), ""))
+        if isinstance(st.get("sampling_reward"), dict):
+            rows.append(("reward of plain sampling", fmt_value_ci(st["sampling_reward"]), ""))
+        if acc_triple(st.get("win_rate_vs_sampling")) is not None:
+            rows.append(("win rate vs sampling", fmt_acc(st["win_rate_vs_sampling"]), ""))
+        if num(kl.get("value")) is not None:
+            rows.append(("KL from sampling", f"{fmt_num(kl['value'])} nats", str(kl.get("kind") or "")))
+        if num(cost.get("seconds")) is not None:
+            ratio = num(cost.get("seconds_vs_sampling"))
+            rows.append(("time", f"{fmt_num(cost['seconds'])} s", f"{ratio:.1f}x sampling" if ratio else ""))
+        if num(cost.get("new_tokens")) is not None:
+            ratio = num(cost.get("new_tokens_vs_sampling"))
+            rows.append(("new tokens", fmt_num(cost["new_tokens"]), f"{ratio:.1f}x sampling" if ratio else ""))
+        out["Inference-time strategy"] = rows
     if meta:  # provenance last: the numbers are what a reader came for
         out["Evaluated"] = meta
     return out

@@ -204,16 +204,23 @@ def _keyword_regex(word: str, case_sensitive: bool) -> re.Pattern:
 class Keywords:
     """Required words present and forbidden words absent (whole words where alphanumeric).
 
+    `required_column`: per-record required words from that column (a list, or a comma-separated
+    string), added to `required`: constrained generation where each prompt names its own words
+    (CommonGen-style "use these words").
     `partial=True`: the fraction of constraints met (each required word present and each forbidden
     word absent counts one), a denser signal for RL; `partial=False`: 1.0 only if all are met."""
 
     name = "keywords"
 
-    def __init__(self, required=(), forbidden=(), case_sensitive: bool = False, partial: bool = True):
+    def __init__(self, required=(), forbidden=(), case_sensitive: bool = False, partial: bool = True,
+                 required_column: str | None = None):
         # A lone string is one keyword; iterating it would make every letter a keyword.
         required = [required] if isinstance(required, str) else list(required)
         forbidden = [forbidden] if isinstance(forbidden, str) else list(forbidden)
-        _require(required or forbidden, "reward keywords needs at least one `required` or `forbidden` keyword.")
+        _require(required or forbidden or required_column,
+                 "reward keywords needs at least one `required` or `forbidden` keyword, or a `required_column`.")
+        _require(required_column is None or (isinstance(required_column, str) and required_column),
+                 f"reward keywords: `required_column` must be a column name; got {required_column!r}.")
         for key, words in (("required", required), ("forbidden", forbidden)):
             _require(all(isinstance(w, str) and w for w in words),
                      f"reward keywords: `{key}` must be a list of non-empty strings; got {words!r}.")
@@ -222,17 +229,41 @@ class Keywords:
         _require(not both, f"reward keywords: {both} are both required and forbidden; no text can pass.")
         _require(isinstance(partial, bool), f"reward keywords: `partial` must be true or false; got {partial!r}.")
         self.required, self.forbidden, self.case_sensitive, self.partial = required, forbidden, case_sensitive, partial
+        self.required_column = required_column
         self._required = [_keyword_regex(w, case_sensitive) for w in required]
         self._forbidden = [_keyword_regex(w, case_sensitive) for w in forbidden]
 
+    def _row_words(self, columns: dict, n: int) -> list:
+        if self.required_column is None:
+            return [[]] * n
+        if self.required_column not in columns:
+            present = ", ".join(sorted(columns)) or "none"
+            raise ConfigError(f"reward keywords reads required words from column {self.required_column!r}, but the "
+                              f"records have columns: {present}. Set `required_column` to the right one.")
+        rows = []
+        for i, value in enumerate(columns[self.required_column]):
+            words = [w.strip() for w in value.split(",")] if isinstance(value, str) else value
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
+                raise DataError(f"reward keywords: record {i} column {self.required_column!r} must be a list of "
+                                f"words or a comma-separated string; got {value!r}.")
+            rows.append([_keyword_regex(w.strip(), self.case_sensitive) for w in words])
+        return rows
+
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
-        total = len(self._required) + len(self._forbidden)
         out = []
-        for text in completions:
-            met = (sum(1 for r in self._required if r.search(text))
+        for text, extra in zip(completions, self._row_words(columns, len(completions))):
+            required = self._required + extra
+            total = len(required) + len(self._forbidden)
+            met = (sum(1 for r in required if r.search(text))
                    + sum(1 for r in self._forbidden if not r.search(text)))
-            out.append(met / total if self.partial else float(met == total))
+            out.append((met / total if total else 1.0) if self.partial else float(met == total))
         return out
+
+    def __repr__(self) -> str:
+        parts = [f"required={self.required}"] if self.required else []
+        parts += [f"forbidden={self.forbidden}"] if self.forbidden else []
+        parts += [f"required_column={self.required_column!r}"] if self.required_column else []
+        return f"Keywords({', '.join(parts)})"
 
 
 def _reward_name(reward) -> str:
