@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model controlled decoding will steer")
     _add_prompt_args(p)
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
-    p.add_argument("--l2", type=float, default=1.0, help="ridge penalty")
+    p.add_argument("--l2", type=float, help="ridge penalty (default: chosen by the held-out fit from 0.1 to 1e5)")
     p.add_argument("--output", required=True, help="directory for value_head.safetensors and value_head.json")
     p.set_defaults(fn=cmd_fit_value)
 

@@ -11,7 +11,7 @@ Tasks (held-out prompts; nothing here is trained on them):
   ../shared/data/hh_rlhf_harmless/dev.jsonl (prompts of at most 160 tokens; the longer ones are
   counted and skipped). Reward: the reward model of `bench/reward_model_hh.py`
   (runs/bench_reward_model_hh/run/final, trained on rows 1-1000). Transfer Q*'s baseline: the DPO
-  model of `bench/hh_losses.py` (runs/bench_hh_losses/dpo/final, trained on rows 1-256). Run those
+  model of `bench/hh_losses.py --train 128` (runs/bench_hh_losses/dpo/final, 16 steps on rows 1-128). Run those
   two first; without them this task is skipped with a message.
 
 Controlled decoding's value head is fitted per task (`alignkit.inference.value`) on other
@@ -183,11 +183,13 @@ def main() -> None:
 def table(results: dict) -> str:
     lines = []
     for task, r in results.items():
-        lines += [f"\n**{task}**" + (f" (value head held-out R^2 {r['value_head']['heldout_r2']:.2f})"
-                                     if r.get("value_head", {}).get("heldout_r2") is not None else ""), "",
+        vh = r.get("value_head", {})
+        lines += [f"\n**{task}**" + (f" (value head held-out R^2 {vh['heldout_r2']:.2f}, ridge l2 {vh['l2']:g})"
+                                     if vh.get("heldout_r2") is not None else ""), "",
                   "| strategy | settings | reward [95% CI] | all words | win rate vs sample | KL (nats) | s / prompt | new tokens / prompt | prompt tokens / prompt |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name, s in r["strategies"].items():
+        order = ["sample", "best-of-n", "soft-best-of-n", "deal", "controlled-decoding", "transfer-q", "urial"]
+        for name, s in sorted(r["strategies"].items(), key=lambda kv: order.index(kv[0])):
             wr = s.get("win_rate_vs_sample")
             kl = "-" if s["kl"] is None else f"{s['kl']:.2f} ({s['kl_kind']})"
             opts = ", ".join(f"{k}={v}" for k, v in s["options"].items()) or "-"

@@ -308,11 +308,13 @@ def test_fit_value_then_controlled_decoding_and_eval_cli(tiny_model_dir, tmp_pat
     out = tmp_path / "eval"
     assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--strategy", "controlled-decoding",
                  "--value", str(tmp_path / "value"), "--candidates", "3", "--max-new-tokens", "6",
-                 "--output-dir", str(out), "--no-progress"] + reward) == 0
+                 "--output-dir", str(out), "--no-progress"] + reward + ["--reward", '{"name": "keywords", "required": ["a"]}']) == 0
     printed = capsys.readouterr().out
     assert "strategy controlled-decoding" in printed and "win rate vs sampling" in printed
     st = json.loads((out / "metrics.json").read_text())["strategy"]
     assert st["n_prompts"] == 8 and st["kl"]["kind"] == "estimate"
+    # two rewards are summed: each keyword reward is 0 or 1, so sampled rewards are 0, 1 or 2
+    assert all(e["sampling_reward"] in (0.0, 1.0, 2.0) for e in st["examples"])
     assert st["win_rate_vs_sampling"]["wins"] + st["win_rate_vs_sampling"]["ties"] + st["win_rate_vs_sampling"]["losses"] == 8
     assert st["cost"]["new_tokens"] == st["summary"]["new_tokens"] and st["cost"]["new_tokens_vs_sampling"] > 1
     html = (out / "report.html").read_text()

@@ -252,26 +252,15 @@ def checkpoints_section(cfg: EvalConfig, models: _Models, tokenizer, reference, 
     return rows
 
 
-class _SumOfRewards:
-    """Several rewards as one callable (their plain sum), as strategies expect."""
-
-    def __init__(self, rewards: list):
-        self.rewards = rewards
-
-    def __call__(self, prompts, completions, **columns):
-        return _sum_scores({i: r(prompts, completions, **columns) for i, r in enumerate(self.rewards)})
-
-    def __repr__(self):
-        return " + ".join(repr(r) for r in self.rewards)
-
-
 def strategy_section(cfg: EvalConfig, tokenizer, model, prompts: list, columns: dict) -> dict:
     """The strategy and plain sampling on the same prompts: reward, win rate, KL, cost."""
     import dataclasses
 
     from alignkit.inference.strategies import StrategyOptions, run_strategy
 
-    reward = cfg.rewards[0] if len(cfg.rewards) == 1 else _SumOfRewards(cfg.rewards)
+    from alignkit.rewards.verifiable import WeightedSum
+
+    reward = cfg.rewards[0] if len(cfg.rewards) == 1 else WeightedSum([(r, 1.0) for r in cfg.rewards])
     options = cfg.strategy_options or StrategyOptions()
     common = dict(seed=cfg.seed, batch_size=cfg.batch_size)
     base = run_strategy("sample", model, tokenizer, reward, prompts, columns, cfg.sampling, options, **common)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.generation.decode import SamplingParams, sample_batch
+from alignkit.generation.decode import SamplingParams, _stopped_by_string, sample_batch
 from alignkit.inference.result import Choice, StrategyResult
 from alignkit.rewards.functions import score_ragged
 
@@ -78,7 +78,7 @@ def _sample(model, prompts: list, params: SamplingParams, tokenizer, generator, 
 def _ends(tokens: list, tokenizer, stop: tuple) -> bool:
     if tokens and tokens[-1] == tokenizer.eos_token_id:
         return True
-    return bool(stop) and any(s in tokenizer.decode(tokens[-32:], skip_special_tokens=True) for s in stop)
+    return bool(stop) and _stopped_by_string(tokenizer, tokens, stop)
 
 
 def _text(tokenizer, tokens: list) -> str:

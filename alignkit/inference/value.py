@@ -4,11 +4,12 @@ Controlled decoding (Mudgal et al. 2024, arXiv 2310.17022) steers a frozen model
 scorer trained on the model's own samples. We fit the CD-FUDGE form: sample completions of
 training prompts from the model, score each with the reward, and regress every prefix's final
 hidden state (the model's own, so decoding gets it for free) onto the completion's reward, a
-linear head fitted in closed form by ridge regression. Rewards are standardised first (mean and
+linear head fitted in closed form by ridge regression, its penalty chosen from a grid by the fit
+on a held-out fifth of the completions (then refitted on all of them). Rewards are standardised first (mean and
 standard deviation over the samples), so the value is in standard deviations of the reward and
 controlled decoding's strength means the same for any reward. Each completion weighs the same however
-long it is. A held-out fifth of the completions reports the fit (R^2 over prefixes), so a user
-can see whether the value carries signal before decoding with it.
+long it is. The held-out fit (R^2 over prefixes) is reported, so a user can see whether the value
+carries signal before decoding with it.
 
 Saved as `value_head.safetensors` (weight [H], bias) plus `value_head.json` (model, reward,
 fit statistics), and refused for a model of another hidden size.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,10 +94,14 @@ def r_squared(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> float | N
     return float(1 - (w * (y - pred) ** 2).sum() / total)
 
 
+L2_GRID = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+
+
 def fit_value_head(model, tokenizer, reward, prompts: list, prompt_ids: list, columns: dict, params: SamplingParams,
-                   *, l2: float = 1.0, seed: int = 0, batch_size: int = 8, model_name: str = "",
+                   *, l2: float | None = None, seed: int = 0, batch_size: int = 8, model_name: str = "",
                    progress: bool = True) -> ValueHead:
-    """Sample `params.n` completions per prompt, score them, and fit the head (module docstring)."""
+    """Sample `params.n` completions per prompt, score them, and fit the head (module docstring);
+    `l2` fixes the ridge penalty instead of choosing it from L2_GRID."""
     groups = sample(model, prompt_ids, params, eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                     batch_size=batch_size, seed=seed, tokenizer=tokenizer, progress=progress, desc="sampling (value)")
     rewards, _ = score_ragged(reward, prompts, [[s.text for s in g] for g in groups], columns)
@@ -123,12 +129,17 @@ def fit_value_head(model, tokenizer, reward, prompts: list, prompt_ids: list, co
     held = set(range(0, len(feats), 5))  # every fifth completion is held out for the fit report
     parts = lambda keep: [torch.cat([t[j] for j in range(len(feats)) if (j in held) == keep]) for t in (feats, targets, weights)]
     (xt, yt, wt), (xh, yh, wh) = parts(False), parts(True)
-    a, b = ridge(xt, yt, wt, l2)
-    heldout_r2 = r_squared(xh.double() @ a.double() + b, yh.double(), wh.double())
+    fits = {}
+    for penalty in ([l2] if l2 is not None else L2_GRID):
+        a, b = ridge(xt, yt, wt, penalty)
+        fits[penalty] = r_squared(xh.double() @ a.double() + b, yh.double(), wh.double())
+    l2 = max(fits, key=lambda k: -math.inf if fits[k] is None else fits[k])
+    heldout_r2 = fits[l2]
     x, y, w = torch.cat(feats), torch.cat(targets), torch.cat(weights)
     a, b = ridge(x, y, w, l2)  # the saved head uses every completion
     meta = {"model": model_name, "hidden_size": int(x.shape[1]), "reward": repr(reward), "prompts": len(prompts),
             "completions": len(feats), "prefixes": int(x.shape[0]), "l2": l2, "heldout_r2": heldout_r2,
+            "heldout_r2_by_l2": {str(k): v for k, v in fits.items()},
             "train_r2": r_squared(x.double() @ a.double() + b, y.double(), w.double()),
             "reward_mean": mean, "reward_std": std, "value_units": "standard deviations of the reward",
             "sampling": {"temperature": params.temperature, "max_new_tokens": params.max_new_tokens, "n": params.n},
