@@ -77,3 +77,26 @@ def test_a_few_dpo_steps_on_the_real_model(tmp_path):
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"] and rows[-1]["loss"] < 0.69
     assert (result.run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_controlled_decoding_and_urial_on_the_real_model(smol):
+    """On SmolLM2 (GQA, 30 layers): controlled decoding at strength 0 is greedy decoding token for
+    token (the repeated-then-selected KV cache is exact), and a URIAL answer stops at its fence."""
+    from alignkit.generation.decode import SamplingParams, sample
+    from alignkit.generation.hf import encode_prompts
+    from alignkit.inference.controlled import controlled_decoding
+    from alignkit.inference.strategies import run_strategy
+    from alignkit.inference.value import ValueHead
+
+    tok, model = smol
+    model.eval()
+    prompts = [[U("Name a colour.")], [U("What is the capital of France? Answer in one sentence.")]]
+    ids = encode_prompts(tok, prompts)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    greedy = sample(model, ids, params, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, tokenizer=tok)
+    value = ValueHead(torch.randn(model.config.hidden_size), 0.0, {})
+    lengths = lambda ps, cs, **k: [float(len(c)) for c in cs]
+    out = controlled_decoding(model, tok, lengths, prompts, ids, {}, params, value, candidates=4, strength=0.0)
+    assert [c.completion for c in out.choices] == [g[0].text for g in greedy]
+    urial = run_strategy("urial", model, tok, lengths, prompts[1:], {}, SamplingParams(40, 0.0))
+    assert "```" not in urial.choices[0].completion and "Paris" in urial.choices[0].completion
