@@ -13,7 +13,7 @@ import yaml
 from alignkit.errors import AlignkitError
 from alignkit.report import LOOKED_FOR, build_report
 
-ALL_PLOTS = ("training", "preference", "reward_kl", "length_bias", "win_rate", "overoptimisation")
+ALL_PLOTS = ("training", "preference", "reward_kl", "length_bias", "win_rate", "overoptimisation", "strategy")
 CHROMIUM = Path("/usr/bin/chromium")
 
 
@@ -63,6 +63,13 @@ def eval_metrics() -> dict:
                                                         (10, 1.1, 1.18, 0.57, 1.9, 0.91, 0.1, 0.42),
                                                         (15, 2.2, 1.35, 0.61, 1.6, 0.88, -0.4, 0.55),
                                                         (20, 3.2, 1.42, 0.635, 1.2, 0.84, -1.1, 0.68)]],
+        "strategy": {"strategy": "deal", "n_prompts": 24, "reward": {"value": 3.323, "ci95": [3.037, 3.611], "n": 24},
+                     "sampling_reward": {"value": 2.318, "ci95": [1.996, 2.647], "n": 24},
+                     "win_rate_vs_sampling": {"value": 0.875, "ci95": [0.75, 1.0], "n": 24, "wins": 21, "ties": 0,
+                                              "losses": 3},
+                     "kl": {"value": 5.55, "kind": "bound"},
+                     "cost": {"seconds": 256.8, "new_tokens": 10248, "prompt_tokens": 18048,
+                              "seconds_vs_sampling": 10.7, "new_tokens_vs_sampling": 9.5}},
     }
 
 
@@ -119,7 +126,8 @@ def test_full_report_has_every_plot_and_key_number(tmp_path):
                      "r(margin, length difference) = +0.23", "r(reward, length) = +0.11",
                      "0.2931",  # final train loss: log 2 - 0.4
                      "80.0%",  # final eval accuracy, last eval row
-                     "HuggingFaceTB/SmolLM2-135M-Instruct", "dpo (beta=0.1)", "5e-06"):
+                     "HuggingFaceTB/SmolLM2-135M-Instruct", "dpo (beta=0.1)", "5e-06",
+                     "Inference-time strategy: deal", "10.7x sampling", "87.5% (95% CI 75.0–100.0%, n=24)"):
         assert expected in html, expected
     assert 'data-missing="' not in html  # nothing absent
     assert not list(run.glob(".report.html.*")), "temporary file left behind"
@@ -140,9 +148,13 @@ def test_eval_dir_alone(tmp_path):
     del ev["checkpoints"], ev["generation"]["win_rate"]
     (tmp_path / "metrics.json").write_text(json.dumps(ev))
     html = build_report(tmp_path).read_text()
-    assert set(figures(html)) == {"length_bias"}
+    assert set(figures(html)) == {"length_bias", "strategy"}
     for name in ("training", "preference", "win_rate", "reward_kl", "overoptimisation"):
         assert f'data-missing="{name}"' in html, name
+    del ev["strategy"]  # an eval without a strategy gets no strategy plot and no placeholder for one
+    (tmp_path / "metrics.json").write_text(json.dumps(ev))
+    html = build_report(tmp_path).read_text()
+    assert "strategy" not in figures(html) and 'data-missing="strategy"' not in html
     assert "generation win rates" in html
 
 
@@ -212,7 +224,7 @@ def test_plots_render_in_chromium(tmp_path):
         for key in ("rendered-width", "rendered-height", "content-width", "content-height", "drawn-elements"):
             assert int(attrs[key]) > 0, (name, key, attrs)
         boxes[name] = tuple(int(attrs[f"rendered-{k}"]) for k in ("left", "top", "width", "height"))
-    assert re.search(r'data-plots-rendered="6/6"', dom.stdout)
+    assert re.search(r'data-plots-rendered="7/7"', dom.stdout)
 
     shot = tmp_path / "report.png"
     res = chromium(f"--user-data-dir={tmp_path / 'profile2'}", window, f"--screenshot={shot}", report.as_uri())
