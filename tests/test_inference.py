@@ -329,3 +329,18 @@ def test_deal_with_one_candidate_is_plain_sampling_in_blocks(tiny):
     out = run_strategy("deal", model, tok, yes_count, prompts[:3], {}, SamplingParams(10, 1.0),
                        StrategyOptions(beam=1, candidates=1, block=3, lookahead=3), seed=0)
     assert out.kl == 0.0 and all(len(c.candidates) == 1 and c.completion for c in out.choices)
+
+
+def test_eval_strategy_on_the_prompts_of_preference_pairs(tiny_model_dir, pairs_file, tmp_path):
+    """Without --prompts, the strategy runs on the distinct prompts of --data (at most --num-prompts),
+    with best-of-n's KL bound and about 4x sampling's tokens for n = 4."""
+    from alignkit.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--strategy", "best-of-n",
+                 "--n", "4", "--num-prompts", "6", "--max-new-tokens", "5", "--output-dir", str(out),
+                 "--no-progress", "--no-report", "--reward", '{"name": "keywords", "required": ["the"]}']) == 0
+    st = json.loads((out / "metrics.json").read_text())["strategy"]
+    assert st["n_prompts"] == 6 and st["kl"] == {"value": pytest.approx(math.log(4) - 0.75), "kind": "bound"}
+    assert st["cost"]["new_tokens_vs_sampling"] == pytest.approx(4.0, rel=0.3)
+    assert "preference" in json.loads((out / "metrics.json").read_text())  # the pair metrics still run
