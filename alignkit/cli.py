@@ -229,7 +229,8 @@ def cmd_generate(args) -> int:
 
     model, tokenizer, reward, prompts, cols, ids, cut = _strategy_inputs(args)
     result = run_strategy(args.strategy, model, tokenizer, reward, prompts, cols, sampling_params(args),
-                          strategy_options(args), seed=args.seed, batch_size=args.batch_size, prompt_ids=ids)
+                          strategy_options(args), seed=args.seed, batch_size=args.batch_size, prompt_ids=ids,
+                          progress=True)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             for p, c in zip(prompts, result.choices):

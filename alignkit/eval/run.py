@@ -262,7 +262,7 @@ def strategy_section(cfg: EvalConfig, tokenizer, model, prompts: list, columns: 
 
     reward = cfg.rewards[0] if len(cfg.rewards) == 1 else WeightedSum([(r, 1.0) for r in cfg.rewards])
     options = cfg.strategy_options or StrategyOptions()
-    common = dict(seed=cfg.seed, batch_size=cfg.batch_size)
+    common = dict(seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress)
     base = run_strategy("sample", model, tokenizer, reward, prompts, columns, cfg.sampling, options, **common)
     res = run_strategy(cfg.strategy, model, tokenizer, reward, prompts, columns, cfg.sampling, options, **common)
     mine, theirs = [c.reward for c in res.choices], [c.reward for c in base.choices]

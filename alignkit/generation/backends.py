@@ -26,13 +26,13 @@ class GenerationBackend(Protocol):
 
 
 class TransformersBackend:
-    def __init__(self, model, tokenizer, batch_size: int = 16):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = False):
+        self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
 
     def sample(self, prompts: list, params: SamplingParams, seed: int) -> list[list[Sample]]:
         return sample(self.model, prompts, params, eos_ids=self.tokenizer.eos_token_id,
                       pad_id=self.tokenizer.pad_token_id, batch_size=self.batch_size, seed=seed,
-                      tokenizer=self.tokenizer)
+                      tokenizer=self.tokenizer, progress=self.progress)
 
     def sync(self, model) -> None:
         self.model = model  # the same module: its weights are always current

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from alignkit.errors import ConfigError
 from alignkit.generation.decode import SamplingParams, _left_pad, _stopped_by_string
@@ -80,7 +81,7 @@ def controlled_batch(model, value: ValueHead, prompts: list, params: SamplingPar
 
 def controlled_decoding(model, tokenizer, reward, prompts: list, prompt_ids: list, columns: dict,
                         params: SamplingParams, value: ValueHead, *, candidates: int = 8, strength: float = 1.0,
-                        seed: int = 0, batch_size: int = 8) -> StrategyResult:
+                        seed: int = 0, batch_size: int = 8, progress: bool = False) -> StrategyResult:
     if candidates < 1:
         raise ValueError(f"controlled decoding needs candidates >= 1; got {candidates}")
     hidden_size = backbone_and_head(model)[1].weight.shape[1]
@@ -96,7 +97,8 @@ def controlled_decoding(model, tokenizer, reward, prompts: list, prompt_ids: lis
     try:
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         rows = [None] * len(prompt_ids)
-        for b in range(0, len(order), batch_size):
+        for b in tqdm(range(0, len(order), batch_size), desc="controlled decoding", unit="batch",
+                      disable=not progress, leave=False):
             idx = order[b: b + batch_size]
             for i, row in zip(idx, controlled_batch(model, value, [prompt_ids[i] for i in idx], params,
                                                     candidates=candidates, strength=strength, tokenizer=tokenizer,

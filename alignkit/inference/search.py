@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from alignkit.generation.decode import SamplingParams, _stopped_by_string, sample_batch
 from alignkit.inference.result import Choice, StrategyResult
@@ -140,7 +141,8 @@ def _search_batch(model, tokenizer, reward, prompts, prompt_ids, columns, params
 
 
 def block_search(model, tokenizer, reward, prompts: list, prompt_ids: list, columns: dict, params: SamplingParams,
-                 sp: SearchParams, *, seed: int = 0, batch_size: int = 8, strategy: str = "deal") -> StrategyResult:
+                 sp: SearchParams, *, seed: int = 0, batch_size: int = 8, strategy: str = "deal",
+                 progress: bool = False) -> StrategyResult:
     """Search each prompt's completion (see the module docstring); prompts are searched
     `batch_size` at a time, every node of every prompt's beam expanded in one batched call."""
     if sp.beam < 1 or sp.candidates < 1 or sp.block < 1:
@@ -153,7 +155,8 @@ def block_search(model, tokenizer, reward, prompts: list, prompt_ids: list, colu
         m.eval()
     choices = []
     try:
-        for b in range(0, len(prompts), batch_size):
+        for b in tqdm(range(0, len(prompts), batch_size), desc=strategy, unit="batch", disable=not progress,
+                      leave=False):
             sl = slice(b, b + batch_size)
             beams = _search_batch(model, tokenizer, reward, prompts[sl], prompt_ids[sl],
                                   {k: v[sl] for k, v in columns.items()}, params, sp, generator, counter, b)

@@ -50,20 +50,21 @@ class StrategyOptions:
 
 def run_strategy(name: str, model, tokenizer, reward, prompts: list, columns: dict, params: SamplingParams,
                  options: StrategyOptions = StrategyOptions(), *, seed: int = 0, batch_size: int = 8,
-                 prompt_ids: list | None = None, baseline_model=None) -> StrategyResult:
+                 prompt_ids: list | None = None, baseline_model=None, progress: bool = False) -> StrategyResult:
     """Run strategy `name` on the prompts. `prompt_ids` (chat-rendered, possibly truncated token
     ids) default to the prompts encoded with the tokenizer's chat template; `baseline_model`
-    (transfer-q) may be passed loaded, otherwise options.baseline is loaded."""
+    (transfer-q) may be passed loaded, otherwise options.baseline is loaded. `progress` shows a
+    progress bar over the prompts."""
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
     if name == "urial":
         from alignkit.inference.urial import urial
 
         return urial(model, tokenizer, reward, prompts, columns, params, template=options.urial_template,
-                     seed=seed, batch_size=batch_size)
+                     seed=seed, batch_size=batch_size, progress=progress)
     ids = prompt_ids if prompt_ids is not None else encode_prompts(tokenizer, prompts)
     if name in ("sample", "best-of-n", "soft-best-of-n"):
-        backend = TransformersBackend(model, tokenizer, batch_size)
+        backend = TransformersBackend(model, tokenizer, batch_size, progress=progress)
         p = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k, options.n, params.stop)
         if name == "sample":
             return sample_once(backend, reward, prompts, ids, columns, p, seed)
@@ -80,7 +81,7 @@ def run_strategy(name: str, model, tokenizer, reward, prompts: list, columns: di
         value = ValueHead.load(options.value, model.config.hidden_size)
         return controlled_decoding(model, tokenizer, reward, prompts, ids, columns, params, value,
                                    candidates=options.candidates, strength=options.strength, seed=seed,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, progress=progress)
     from alignkit.inference.search import SearchParams, block_search
 
     sp = SearchParams(options.beam, options.candidates, options.block, options.lookahead, None, options.horizon)
@@ -92,7 +93,7 @@ def run_strategy(name: str, model, tokenizer, reward, prompts: list, columns: di
             baseline_model = _load(options.baseline, model)
         sp.beam, sp.baseline = 1, baseline_model
     return block_search(model, tokenizer, reward, prompts, ids, columns, params, sp, seed=seed,
-                        batch_size=batch_size, strategy=name)
+                        batch_size=batch_size, strategy=name, progress=progress)
 
 
 def _load(path: str, like):

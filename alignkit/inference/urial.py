@@ -70,7 +70,8 @@ def answer_of(text: str) -> str:
 
 
 def urial(model, tokenizer, reward, prompts: list, columns: dict, params: SamplingParams, *,
-          template: str | None = None, seed: int = 0, batch_size: int = 8, kl_max_length: int = 1024) -> StrategyResult:
+          template: str | None = None, seed: int = 0, batch_size: int = 8, kl_max_length: int = 1024,
+          progress: bool = False) -> StrategyResult:
     start = time.perf_counter()
     tpl = load_template(template)
     texts = [render(tpl, p) for p in prompts]
@@ -78,7 +79,7 @@ def urial(model, tokenizer, reward, prompts: list, columns: dict, params: Sampli
     p = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k, 1,
                        tuple(params.stop) + (FENCE,))
     groups = sample(model, ids, p, eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                    batch_size=batch_size, seed=seed, tokenizer=tokenizer)
+                    batch_size=batch_size, seed=seed, tokenizer=tokenizer, progress=progress, desc="urial")
     answers = [answer_of(g[0].text) for g in groups]
     scores, _ = score_ragged(reward, prompts, [[a] for a in answers], columns)
     kl, kl_kind, per = None, None, [None] * len(prompts)
