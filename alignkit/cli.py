@@ -245,14 +245,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_fit_value(args) -> int:
+    import dataclasses
     import json
 
-    from alignkit.generation.decode import SamplingParams
     from alignkit.inference.value import fit_value_head
 
     model, tokenizer, reward, prompts, cols, ids, _ = _strategy_inputs(args)
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, n=args.n,
-                            stop=tuple(args.stop))
+    params = dataclasses.replace(sampling_params(args), n=args.n)
     head = fit_value_head(model, tokenizer, reward, prompts, ids, cols, params,
                           l2=args.l2, seed=args.seed, batch_size=args.batch_size, model_name=args.model)
     path = head.save(args.output)
