@@ -299,7 +299,7 @@ def add_strategy_args(p: argparse.ArgumentParser, default: str | None = "best-of
     p.add_argument("--strength", type=float, default=1.0, help="controlled-decoding: weight of the value")
     p.add_argument("--baseline", help="transfer-q: a model aligned to the reward (same tokenizer)")
     p.add_argument("--horizon", type=int, default=32, help="transfer-q: tokens of the baseline's continuation")
-    p.add_argument("--urial-template", help="urial: a template file with {query} (default: the shipped one)")
+    p.add_argument("--urial-template", help="urial: a shipped template (default, short) or a template file with {query}")
 
 
 def _print_eval(result: dict) -> None:

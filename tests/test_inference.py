@@ -265,6 +265,9 @@ def test_urial_prompt_format_and_template_checks(tmp_path):
 
     tpl = load_template()
     assert tpl.count("{query}") == 1 and tpl.rstrip().endswith("# Answer:\n```")
+    short = load_template("short")
+    assert short.count("{query}") == 1 and short.rstrip().endswith("# Answer:\n```") and len(short) < len(tpl) / 2
+    assert load_template("default") == tpl
     text = render(tpl, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
                         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sky colour?"}])
     assert text.endswith("# Query:\n```\nBe brief.\n\nSky colour?\n```\n\n# Answer:\n```\n")
@@ -274,6 +277,8 @@ def test_urial_prompt_format_and_template_checks(tmp_path):
     bad.write_text("no placeholder")
     with pytest.raises(ConfigError, match="exactly once"):
         load_template(str(bad))
+    with pytest.raises(ConfigError, match="not a shipped template"):
+        load_template(str(tmp_path / "missing.txt"))
     good = tmp_path / "g.txt"
     good.write_text("Answer well.\n# Query:\n```\n{query}\n```\n# Answer:\n```\n")
     assert render(load_template(str(good)), "2+2?") == "Answer well.\n# Query:\n```\n2+2?\n```\n# Answer:\n```\n"

@@ -5,9 +5,11 @@ system text and a few stylistic examples answers much like its aligned version. 
 plain text, no chat template: the template's system text and examples, then the user's query in
 the same format, ending where an answer starts. The answer ends at the closing fence.
 
-The shipped template (`templates/urial.txt`) is meant to be edited: copy it, change the system
-text or examples, and pass it with `--urial-template FILE`. It must contain `{query}` once, where
-the query goes; earlier turns of a multi-turn prompt are written before it as query/answer pairs.
+Two templates ship in `alignkit/inference/templates/`: `default` (urial.txt, three examples, about
+500 tokens) and `short` (urial_short.txt, one example, about 190 tokens, for when prompt cost
+matters). They are meant to be edited: copy one, change the system text or examples, and pass it
+with `--urial-template FILE`. A template must contain `{query}` once, where the query goes; earlier
+turns of a multi-turn prompt are written before it as query/answer pairs.
 
 KL: the model's own likelihood of the answer is known under both prompts, so the reported KL is
 an estimate, the mean of log p(y | URIAL prompt) - log p(y | chat prompt) over URIAL's answers
@@ -28,14 +30,20 @@ from alignkit.rewards.functions import score_ragged
 FENCE = "```"
 
 
+SHIPPED = {"default": "urial.txt", "short": "urial_short.txt"}
+
+
 def load_template(path: str | None = None) -> str:
-    """The URIAL template: `path`, or the one shipped with alignkit."""
-    if path is None:
-        return resources.files("alignkit.inference").joinpath("templates/urial.txt").read_text(encoding="utf-8")
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--urial-template {path}: no such file.")
-    text = file.read_text(encoding="utf-8")
+    """The URIAL template: a shipped one by name (`default`, `short`; None is `default`) or a file."""
+    name = path or "default"
+    if name in SHIPPED:
+        text = resources.files("alignkit.inference").joinpath(f"templates/{SHIPPED[name]}").read_text(encoding="utf-8")
+    else:
+        file = Path(name)
+        if not file.is_file():
+            raise ConfigError(f"--urial-template {path}: no such file, and not a shipped template "
+                              f"({', '.join(SHIPPED)}).")
+        text = file.read_text(encoding="utf-8")
     if text.count("{query}") != 1:
         raise ConfigError(f"URIAL template {path} must contain {{query}} exactly once (where the query goes); "
                           f"it has {text.count('{query}')}.")
@@ -92,7 +100,7 @@ def urial(model, tokenizer, reward, prompts: list, columns: dict, params: Sampli
     choices = [Choice(a, s[0], [a], s, 0, len(g[0].token_ids), kl=k) for a, s, g, k in zip(answers, scores, groups, per)]
     seconds = time.perf_counter() - start
     return StrategyResult("urial", choices, seconds, sum(len(x) for x in ids), kl, kl_kind,
-                          {"template": template or "built-in"})
+                          {"template": template or "default"})
 
 
 def _messages(prompt):
