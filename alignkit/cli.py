@@ -182,14 +182,15 @@ def _strategy_inputs(args):
     if not args.reward:
         raise AlignkitError("give --reward (a built-in such as numeric_match or keywords, file.py:function, or a "
                             "reward-model directory): every strategy reports the reward of what it returns.")
+    # prompts and rewards first: a bad file or reward spec fails before the model loads
+    columns = {"prompt": args.prompt_column} if args.prompt_column else None
+    examples = load_prompt_examples(args.prompts, columns=columns).examples[: args.num_prompts]
+    specs = [_reward_arg(r) for r in args.reward]
+    reward = make_reward(specs[0] if len(specs) == 1 else specs)
     mc = ModelConfig(name_or_path=args.model)
     tokenizer = load_tokenizer(mc)
     model = load_model(mc, for_training=False)
-    columns = {"prompt": args.prompt_column} if args.prompt_column else None
-    examples = load_prompt_examples(args.prompts, columns=columns).examples[: args.num_prompts]
     items, cut = tokenize_prompts(examples, tokenizer, args.max_prompt_length)
-    specs = [_reward_arg(r) for r in args.reward]
-    reward = make_reward(specs[0] if len(specs) == 1 else specs)
     return (model, tokenizer, reward, [list(ex.prompt) for ex in examples], example_columns(examples),
             [it.prompt_ids for it in items], cut)
 

@@ -84,7 +84,7 @@ def controlled_decoding(model, tokenizer, reward, prompts: list, prompt_ids: lis
                         seed: int = 0, batch_size: int = 8, progress: bool = False) -> StrategyResult:
     if candidates < 1:
         raise ValueError(f"controlled decoding needs candidates >= 1; got {candidates}")
-    hidden_size = backbone_and_head(model)[1].weight.shape[1]
+    vocab_size, hidden_size = backbone_and_head(model)[1].weight.shape
     if value.weight.numel() != hidden_size:
         raise ConfigError(f"the value head was fitted on a model with hidden size {value.weight.numel()} "
                           f"({value.meta.get('model', '?')}); this model's is {hidden_size}. Fit one for this model.")
@@ -108,7 +108,7 @@ def controlled_decoding(model, tokenizer, reward, prompts: list, prompt_ids: lis
         model.train(was)
     scores, _ = score_ragged(reward, prompts, [[r["text"]] for r in rows], columns)
     # each step runs k candidate tokens per row: that is the decoding cost
-    k = min(candidates, backbone_and_head(model)[1].weight.shape[0])
+    k = min(candidates, vocab_size)
     choices = [Choice(r["text"], s[0], [r["text"]], s, 0, len(r["tokens"]) * k,
                       kl=sum(r["steered"]) - sum(r["raw"])) for r, s in zip(rows, scores)]
     kl = sum(c.kl for c in choices) / max(1, len(choices))
