@@ -197,6 +197,42 @@ def test_missing_local_file_is_not_sent_to_the_hub(tmp_path, monkeypatch):
             load_preference_examples(name)
 
 
+# The readers serve data.train, data.eval and the CLI's file arguments alike and do not know which
+# one named the path, so the hints name the keys that exist and no invented one (`data.path`).
+PATH_HINT = "check the path given in data.train or data.eval (or on the command line)"
+
+
+def test_missing_file_hint_names_real_config_keys(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_preference_examples(str(tmp_path / "nope.jsonl"))
+    assert str(info.value) == (
+        f"{tmp_path / 'nope.jsonl'}: file not found (looked for {tmp_path / 'nope.jsonl'}); "
+        f"{PATH_HINT}; relative paths are resolved from the current directory"
+    )
+
+
+def test_plain_directory_hint_names_real_config_keys(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_preference_examples(str(tmp_path))
+    assert "data.path" not in str(info.value)
+    assert "; point data.train or data.eval (or the command line) at a file or such a directory" in str(info.value)
+
+
+def test_hub_failure_hint_names_real_config_keys(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(name, split):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as info:
+        load_preference_examples("someorg/prefs")
+    assert str(info.value) == (
+        "someorg/prefs: not a local file or directory, and loading it as a Hugging Face hub dataset "
+        f"(split 'train') failed: offline; {PATH_HINT}, or the dataset id and data.split"
+    )
+
+
 def test_unsupported_file_type_and_plain_directory(tmp_path):
     text = tmp_path / "d.txt"
     text.write_text("hello")
@@ -367,6 +403,21 @@ def test_rule_json_syntax_error(tmp_path):
     path.write_text(json.dumps(PAIR) + "\n" + '{"prompt": "x", "chosen": }' + "\n")
     with pytest.raises(RecordError, match=rf"^{re.escape(str(path))}:2: JSON syntax error at column 27: Expecting value"):
         load_preference_examples(str(path))
+
+
+def test_rule_json_syntax_error_at_the_end_of_a_line_names_that_column(tmp_path):
+    # The line terminator is not part of the record: a record cut short after its last character
+    # must be reported just past that character on its own line, not as "column 1" of the line
+    # after it, and an unterminated string must not be blamed on the newline.
+    path = tmp_path / "d.jsonl"
+    cut = '{"prompt": "x", "chosen": "y"'  # 29 characters, the closing brace missing
+    path.write_bytes((json.dumps(PAIR) + "\n" + cut + "\n" + cut + "\r\n" + '{"prompt": "x' + "\n").encode())
+    skipped = load_preference_examples(str(path), on_bad_record="skip").skipped
+    assert skipped == [
+        (f"{path}:2", "JSON syntax error at column 30 (end of line): Expecting ',' delimiter; each line must hold one complete JSON object"),
+        (f"{path}:3", "JSON syntax error at column 30 (end of line): Expecting ',' delimiter; each line must hold one complete JSON object"),
+        (f"{path}:4", "JSON syntax error at column 12: Unterminated string starting at; each line must hold one complete JSON object"),
+    ]
 
 
 def test_rule_undecodable_utf8(tmp_path):

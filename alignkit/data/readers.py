@@ -26,6 +26,9 @@ SUPPORTED = (
     ".jsonl, .json, .csv (each optionally .gz), .parquet, a directory written by "
     "datasets' save_to_disk, or a Hugging Face hub dataset id"
 )
+# The readers serve data.train, data.eval and the CLI's file arguments alike and are not told which
+# of them named the path, so a hint names them all.
+_PATH_HINT = "check the path given in data.train or data.eval (or on the command line)"
 _LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".gz")
 
 
@@ -79,8 +82,8 @@ def _dispatch(name: str, split: str | None) -> Iterator[tuple[str, object]]:
         raise DataError(f"{name}: exists but is neither a regular file nor a directory")
     if _looks_local(local):
         raise DataError(
-            f"{name}: file not found (looked for {os.path.abspath(local)}); check data.path "
-            "(relative paths are resolved from the current directory)"
+            f"{name}: file not found (looked for {os.path.abspath(local)}); {_PATH_HINT}; "
+            "relative paths are resolved from the current directory"
         )
     return _read_hub(name, split)
 
@@ -155,12 +158,15 @@ def _jsonl_line(location: str, raw: bytes, first: bool) -> Iterator[tuple[str, o
         text = text.lstrip("\ufeff")  # byte order mark written by some Windows editors
     if not text.strip():
         return
+    # The terminator is not part of the record: parsed with it, an error after the last character
+    # is reported as column 1 of a "line 2", and an unterminated string as a control character.
+    text = text.rstrip("\r\n")
     try:
         yield location, json.loads(text)
     except json.JSONDecodeError as e:
+        where = f"column {e.colno}" + (" (end of line)" if e.pos >= len(text) else "")
         yield location, Unreadable(
-            f"JSON syntax error at column {e.colno}: {e.msg}; each line must hold one complete "
-            "JSON object"
+            f"JSON syntax error at {where}: {e.msg}; each line must hold one complete JSON object"
         )
 
 
@@ -248,7 +254,7 @@ def _read_saved_dataset(name: str, path: str, split: str | None) -> Iterator[tup
     if not is_dict and not os.path.isfile(os.path.join(path, "state.json")):
         raise DataError(
             f"{name}: is a directory, but not one written by datasets' save_to_disk (it has no "
-            f"dataset_dict.json or state.json); point data.path at a file or such a directory "
+            f"dataset_dict.json or state.json); point data.train or data.eval (or the command line) at a file or such a directory "
             f"(supported: {SUPPORTED})"
         )
     import datasets
@@ -280,7 +286,7 @@ def _read_hub(name: str, split: str | None) -> Iterator[tuple[str, object]]:
     except (OSError, ValueError) as e:  # not found, offline (ConnectionError), unknown split
         raise DataError(
             f"{name}: not a local file or directory, and loading it as a Hugging Face hub dataset "
-            f"(split {split!r}) failed: {e}; check data.path, or the dataset id and data.split"
+            f"(split {split!r}) failed: {e}; {_PATH_HINT}, or the dataset id and data.split"
         ) from e
     yield from _iter_dataset(dataset, f"{name}[{split}]")
 
