@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from alignkit.config import ModelConfig
 from alignkit.data.batching import TokenBatch, collate_pairs, collate_sft
 from alignkit.data.formats import load_preference_examples
+from alignkit.data.heldout import FILENAME as HELDOUT_FILE, read_heldout, select_sources
 from alignkit.data.tokenize import TokenizedSFT, _encode, render_texts, tokenize_pairs
 from alignkit.errors import ConfigError
 from alignkit.eval import metrics as M
@@ -58,7 +59,14 @@ class EvalConfig:
     num_prompts: int = 64
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=128, temperature=1.0))
     checkpoints: str | None = None
-    heldout_fraction: float = 0.0  # evaluate only the pairs a run held out of `data` (same split, same seed)
+    # How `data` is read: the run's data settings with --run, else the defaults of a plain pairs file.
+    columns: dict = field(default_factory=dict)
+    split: str | None = None
+    on_bad_record: str = "skip"
+    max_prompt_length: int | None = None
+    data_format: str = "paired"  # "paired" (formats.load_preference_examples) or "masked" (Mask-DPO records)
+    heldout_sources: list | None = None  # evaluate only these examples of `data` (a run's heldout.json)
+    heldout_record: str | None = None  # the file that listed them, for messages
     output_dir: str = "eval"
     seed: int = 0
     device: str = "auto"
@@ -86,18 +94,51 @@ def pair_tables(model, items: list, pad_id: int, batch_size: int) -> torch.Tenso
                              next(model.parameters()).device, contextlib.nullcontext, desc="log-probs")
 
 
-def preference_section(cfg: EvalConfig, tokenizer, policy, reference) -> tuple[dict, dict, dict]:
-    """Pair metrics; also the length-bias section and the data the checkpoint pass reuses."""
-    loaded = load_preference_examples(cfg.data, on_bad_record="skip")
+# Recipes whose held-out examples are preference pairs, and the loader (`EvalConfig.data_format`) of each.
+PAIR_RECIPES = {"dpo": "paired", "masked": "masked"}
+
+
+def heldout_settings(run_dir) -> dict:
+    """EvalConfig fields (plus `data` and `max_length`) that read exactly the pairs a run held out,
+    from its heldout.json; an error saying what to do when the run has none to give."""
+    rec, path = read_heldout(run_dir), str(Path(run_dir) / HELDOUT_FILE)
+    if rec.recipe not in PAIR_RECIPES:
+        raise ConfigError(f"--run {run_dir}: the run trained recipe `{rec.recipe}`, whose held-out examples are "
+                          "not preference pairs; give --data with pairs to measure the model on.")
+    if rec.sources is None:
+        raise ConfigError(f"{path} does not list the held-out examples; give --data with the pairs to evaluate.")
+    if not rec.sources:
+        raise ConfigError(f"{path}: the run held out no examples (data.eval unset, data.eval_fraction="
+                          f"{rec.eval_fraction}); give --data with pairs it did not train on.")
+    return {"data": rec.data, "max_length": rec.max_length, "columns": dict(rec.columns), "split": rec.split,
+            "on_bad_record": rec.on_bad_record, "max_prompt_length": rec.max_prompt_length,
+            "data_format": PAIR_RECIPES[rec.recipe], "heldout_sources": list(rec.sources), "heldout_record": path}
+
+
+def load_pairs(cfg: EvalConfig) -> list:
+    """The preference pairs to evaluate: `data` read with the config's settings and, for a run, only
+    the examples its heldout.json lists (an error names any that the file no longer holds)."""
+    if cfg.data_format == "masked":
+        from alignkit.data.masked import load_masked_examples as loader
+    else:
+        loader = load_preference_examples
+    loaded = loader(cfg.data, columns=cfg.columns or None, on_bad_record=cfg.on_bad_record, split=cfg.split)
     if loaded.skipped:
         print(f"alignkit: {loaded.summary()}", flush=True)
-    examples = loaded.examples
-    if cfg.heldout_fraction:
-        from alignkit.train.recipes import split_heldout
+    if cfg.data_format == "masked":  # the eval metrics are defined on whole completions
+        print("alignkit: sentence-labelled pairs: log-probs are summed over whole completions, not only the "
+              "sentences Mask-DPO scored", flush=True)
+    if cfg.heldout_sources is None:
+        return loaded.examples
+    examples = select_sources(loaded.examples, cfg.heldout_sources, cfg.data, cfg.heldout_record)
+    print(f"alignkit: evaluating the {len(examples)} pairs the run held out of {cfg.data} (listed in "
+          f"{cfg.heldout_record})", flush=True)
+    return examples
 
-        _, examples = split_heldout(examples, cfg.heldout_fraction, cfg.seed)
-        print(f"alignkit: evaluating the {len(examples)} pairs the run held out of {cfg.data}", flush=True)
-    items, _ = tokenize_pairs(examples, tokenizer, cfg.max_length)
+
+def preference_section(cfg: EvalConfig, tokenizer, policy, reference, examples: list) -> tuple[dict, dict, dict]:
+    """Pair metrics; also the length-bias section and the data the checkpoint pass reuses."""
+    items, _ = tokenize_pairs(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
     pad = tokenizer.pad_token_id
     pol = pair_tables(policy, items, pad, cfg.batch_size)
     len_c = torch.tensor([len(it.chosen_ids) for it in items], dtype=torch.float64)
@@ -293,6 +334,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise ConfigError(f"--strategy {cfg.strategy} is judged by a reward: give --reward.")
     if cfg.strategy and not (cfg.prompts or cfg.data):
         raise ConfigError(f"--strategy {cfg.strategy} needs prompts: give --prompts (prompt records) or --data.")
+    examples = load_pairs(cfg) if cfg.data else None  # data errors before any model loads
     models = _Models(cfg)
     tokenizer = load_tokenizer(ModelConfig(name_or_path=cfg.model), cfg.cache_dir)
     policy = models.load(cfg.model)
@@ -301,8 +343,9 @@ def run_eval(cfg: EvalConfig) -> dict:
               "beta": cfg.beta, "date": datetime.date.today().isoformat()}
     pair_data, prompts, ref_samples = None, [], []
     if cfg.data:
-        pref, bias, pair_data = preference_section(cfg, tokenizer, policy, reference)
-        result.update(n_pairs=len(pair_data["items"]), preference=pref)
+        pref, bias, pair_data = preference_section(cfg, tokenizer, policy, reference, examples)
+        result.update(n_pairs=len(pair_data["items"]), pair_sources=[e.source for e in examples],
+                      max_length=cfg.max_length, heldout_record=cfg.heldout_record, preference=pref)
         if bias is not None:
             result["length_bias"] = bias
         if reference is not None:
@@ -320,10 +363,10 @@ def run_eval(cfg: EvalConfig) -> dict:
             from alignkit.data.prompts import load_prompt_examples
             from alignkit.train.online import example_columns
 
-            examples = load_prompt_examples(cfg.prompts).examples[: cfg.num_prompts]
-            s_prompts, columns = [list(e.prompt) for e in examples], example_columns(examples)
+            records = load_prompt_examples(cfg.prompts).examples[: cfg.num_prompts]
+            s_prompts, columns = [list(e.prompt) for e in records], example_columns(records)
         else:
-            s_prompts, columns = prompts or held_out_prompts(cfg, load_preference_examples(cfg.data).examples), {}
+            s_prompts, columns = prompts or held_out_prompts(cfg, examples), {}
         result["strategy"] = strategy_section(cfg, tokenizer, policy, s_prompts, columns)
     write_json(Path(cfg.output_dir) / "metrics.json", result)
     return result

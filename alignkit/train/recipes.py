@@ -31,6 +31,10 @@ class PreparedData:
     train: list
     eval: list
     notes: list = field(default_factory=list)  # what happened to the data, shown to the user
+    # The held-out examples' sources ("pairs.jsonl:17") and the number of training examples, for
+    # RUN/heldout.json (`write_heldout_record`); None where a recipe does not pass them on.
+    heldout_sources: list | None = None
+    num_train: int | None = None
 
 
 def split_heldout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -69,7 +73,22 @@ def prepare_data(cfg: RunConfig, tokenizer, loader, tokenize_fn) -> PreparedData
     d = cfg.data
     train_items, stats = tokenize_fn(train, tokenizer, d.max_length, d.max_prompt_length)
     eval_items, _ = tokenize_fn(held, tokenizer, d.max_length, d.max_prompt_length)
-    return PreparedData(train_items, eval_items, notes + [stats.summary(d.max_length)])
+    return PreparedData(train_items, eval_items, notes + [stats.summary(d.max_length)],
+                        heldout_sources=[e.source for e in held], num_train=len(train))
+
+
+def write_heldout_record(cfg: RunConfig, data: PreparedData, run_dir) -> Path:
+    """Write RUN/heldout.json: which examples the run held out and the data settings that load them,
+    so that `alignkit eval --run` evaluates exactly those (see `alignkit.data.heldout`)."""
+    from alignkit.data.heldout import HeldoutRecord, write_heldout
+
+    d = cfg.data
+    record = HeldoutRecord(
+        data=d.eval or d.train, recipe=cfg.recipe, split=d.split, columns=dict(d.columns or {}),
+        on_bad_record=d.on_bad_record, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+        limit=d.limit, eval_fraction=0.0 if d.eval else d.eval_fraction, seed=cfg.seed,
+        num_train=data.num_train, sources=data.heldout_sources)
+    return write_heldout(run_dir, record)
 
 
 class SFTRecipe:
