@@ -145,18 +145,24 @@ def tokenize_sft(examples: list, tokenizer, max_length: int, max_prompt_length: 
 
 
 def explain(tokenizer, prompt_ids: list, completion_ids: list, label: str = "completion",
-            max_rows: int = 48) -> str:
-    """Human-readable view of one tokenized example and its loss mask."""
+            max_rows: int = 48, scored: bool | list = True, why: str = "") -> str:
+    """Human-readable view of one tokenized example and its loss mask.
+
+    `scored`: True when the loss scores every completion token, False when it scores none (a
+    completion that is only read, or not read at all: say which in `why`), or one bool per
+    completion token (Mask-DPO's sentence masks); `why` says what the scored tokens are."""
+    mask = [scored] * len(completion_ids) if isinstance(scored, bool) else list(scored)
+    assert len(mask) == len(completion_ids), "one mask entry per completion token"
     lines = [
         f"prompt: {len(prompt_ids)} tokens (not scored)",
         "  " + repr(tokenizer.decode(prompt_ids)),
-        f"{label}: {len(completion_ids)} tokens (scored)",
+        f"{label}: {len(completion_ids)} tokens ({_scored_summary(mask, scored, why)})",
         "  " + repr(tokenizer.decode(completion_ids)),
         "",
         "  pos  token id  scored  token",
     ]
     rows = [(i, t, False) for i, t in enumerate(prompt_ids)]
-    rows += [(len(prompt_ids) + j, t, True) for j, t in enumerate(completion_ids)]
+    rows += [(len(prompt_ids) + j, t, m) for j, (t, m) in enumerate(zip(completion_ids, mask))]
     # Show the prompt's last tokens and the whole completion: the boundary is what goes wrong.
     shown = rows[max(0, len(prompt_ids) - 6):][:max_rows]
     for pos, tid, scored in shown:
@@ -164,3 +170,12 @@ def explain(tokenizer, prompt_ids: list, completion_ids: list, label: str = "com
     if len(shown) < len(rows) - max(0, len(prompt_ids) - 6):
         lines.append(f"  ... {len(rows) - len(shown) - max(0, len(prompt_ids) - 6)} more tokens")
     return "\n".join(lines)
+
+
+def _scored_summary(mask: list, scored: bool | list, why: str) -> str:
+    """'scored', 'not scored: <why>' or '5 scored: <why>' for the header line of a completion."""
+    if scored is True:
+        return "scored" + (f": {why}" if why else "")
+    if scored is False:
+        return "not scored" + (f": {why}" if why else "")
+    return f"{sum(map(bool, mask))} scored" + (f": {why}" if why else "")
