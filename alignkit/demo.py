@@ -8,7 +8,8 @@ The steps, each timed:
      was, or with the word / phrase at the wrong end;
   4. DPO plus an NLL term on the chosen reply (as RPO, arXiv 2404.19733) with alignkit's own
      training loop and cached reference log-probs;
-  5. greedy replies of the aligned model to the same held-out prompts (the "after").
+  5. greedy replies of the aligned model to the same held-out prompts (the "after"), written to
+     results.json and, as the report's before/after table, to the run's before_after.json.
 The score is judged by code (`alignkit.demo_task.judge`). The held-out prompts share no topic and
 no required phrase with the training prompts. A 95% paired bootstrap interval over held-out
 prompts says whether the change is larger than the noise; side checks report whether replies
@@ -28,6 +29,8 @@ from alignkit.config import ModelConfig, load_config
 from alignkit.eval.stats import paired_bootstrap
 from alignkit.generation import SamplingParams, generate
 from alignkit.models import DEFAULT_MODEL, default_model_dir, load_model, load_tokenizer
+from alignkit.report import build_report
+from alignkit.report.inputs import write_before_after
 from alignkit.train.loop import train
 
 N_TRAIN = 96  # training requests; each usable reply gives two pairs (fix, misplace)
@@ -35,6 +38,7 @@ N_HELDOUT = 200  # held-out prompts: enough for a paired interval of about +-6 p
 N_PLAIN = 50  # held-out requests without any instruction, for the unasked-formatting side check
 GEN = SamplingParams(max_new_tokens=48)  # greedy: deterministic before/after
 GEN_BATCH = 100
+CONSTRAINT_LABELS = {"start_word": "begin with a word", "end_phrase": "end with a phrase"}
 
 # DPO settings for the demo (measured; see README "The demo").
 TRAIN_OVERRIDES = [
@@ -120,6 +124,8 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, progress: bool = True
         plain_after = _replies(model, tok, [i.plain_messages() for i in plain], progress, "no instruction (after)")
 
     before, after = _score(heldout, before_replies), _score(heldout, after_replies)
+    unasked = {"before": sum(map(demo_task.adds_unasked, plain_before)) / len(plain),
+               "after": sum(map(demo_task.adds_unasked, plain_after)) / len(plain)}
     ci = paired_bootstrap(before["passed"], after["passed"], seed=seed)
     report = {
         "metric": "instruction_following",
@@ -129,18 +135,53 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, progress: bool = True
         "improved": ci.improved, "worsened": ci.worsened,
         "by_constraint": {"before": before["by_constraint"], "after": after["by_constraint"]},
         "mentions_topic": {"before": before["mentions_topic"], "after": after["mentions_topic"]},
-        "unasked_formatting": {
-            "before": sum(map(demo_task.adds_unasked, plain_before)) / len(plain),
-            "after": sum(map(demo_task.adds_unasked, plain_after)) / len(plain),
-        },
+        "unasked_formatting": unasked,
         "pairs": n_pairs, "train_steps": result.steps, "seed": seed,
         "times_s": timer.times, "total_s": round(time.perf_counter() - start, 1),
         "aligned_model": str(result.final_dir),
+        "before_after": before_after_section(heldout, before, after, unasked, len(plain), seed),
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+    report_path = write_results(out, Path(result.run_dir), report)
     _write_samples(out / "samples.md", heldout, before_replies, after_replies)
-    _print_report(report, out)
+    _print_report(report, out, report_path)
     return report
+
+
+def _row(label: str, before: list, after: list, seed: int, **extra) -> dict:
+    ci = paired_bootstrap(before, after, seed=seed)
+    return {"label": label, "before": ci.before, "after": ci.after, "diff": ci.diff, "ci95": [ci.lo, ci.hi],
+            "n": ci.n, "improved": ci.improved, "worsened": ci.worsened, **extra}
+
+
+def before_after_section(items: list, before: dict, after: dict, unasked: dict, n_plain: int, seed: int) -> dict:
+    """The held-out measurement as the report's before/after section (`alignkit.report.inputs`):
+    per constraint and overall, the pass rate before and after with a 95% paired bootstrap interval
+    of the change, and the side checks."""
+    rows = []
+    for c in demo_task.CONSTRAINTS:
+        idx = [k for k, item in enumerate(items) if item.constraint == c]
+        if idx:
+            rows.append(_row(CONSTRAINT_LABELS.get(c, c), [before["passed"][k] for k in idx],
+                             [after["passed"][k] for k in idx], seed))
+    rows.append(_row("all", before["passed"], after["passed"], seed, overall=True))
+    return {"alignkit_before_after": 1, "title": "Held-out instruction following",
+            "description": f"Pass rate on {len(items)} held-out prompts whose topics, words and phrases never appear "
+                           "in training, each reply judged by code (`alignkit.demo_task.judge`); greedy decoding "
+                           "before and after; 95% paired bootstrap intervals over prompts.",
+            "rows": rows,
+            "side_checks": [
+                {"label": "reply mentions its topic", "before": before["mentions_topic"],
+                 "after": after["mentions_topic"], "n": len(items)},
+                {"label": "unasked reformatting (requests without an instruction)", "before": unasked["before"],
+                 "after": unasked["after"], "n": n_plain}]}
+
+
+def write_results(out: Path, run_dir: Path, report: dict) -> Path:
+    """Write results.json and the run's before_after.json (the same section), and rebuild the run's
+    report so that it shows the before/after table; returns the report's path."""
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    write_before_after(run_dir, report["before_after"])
+    return build_report(run_dir)
 
 
 def _write_samples(path: Path, items: list, before: list, after: list, n: int = 24) -> None:
@@ -152,7 +193,7 @@ def _write_samples(path: Path, items: list, before: list, after: list, n: int = 
     path.write_text("\n".join(lines))
 
 
-def _print_report(r: dict, out: Path) -> None:
+def _print_report(r: dict, out: Path, report_path: Path) -> None:
     print()
     print(f"Held-out instruction following (n={r['heldout_n']} prompts, topics never seen in training):")
     print(f"  {'constraint':<12} {'before':>7} {'after':>7}")
@@ -164,4 +205,5 @@ def _print_report(r: dict, out: Path) -> None:
           f"unasked reformatting {r['unasked_formatting']['before']:.2f} -> {r['unasked_formatting']['after']:.2f}")
     print(f"  time: {r['total_s']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in r['times_s'].items())})")
     print(f"  results: {out / 'results.json'}; examples: {out / 'samples.md'}; aligned model: {r['aligned_model']}")
+    print(f"  report with the before/after table: {report_path}")
     print(f"demo: {r['metric']} before={r['before']:.3f} after={r['after']:.3f} heldout_n={r['heldout_n']}")

@@ -3,9 +3,10 @@
     from alignkit.report import build_report
     build_report("runs/my-dpo")          # -> runs/my-dpo/report.html
 
-Reads, all optional: metrics.jsonl, summary.json, config.yaml (from `alignkit train`) and
-eval/metrics.json or metrics.json (from `alignkit eval`). Layout: `inputs` reads the directory,
-`plots` draws the figures, `tables` formats the numbers, `html` lays out the page.
+Reads, all optional: metrics.jsonl, summary.json, config.yaml (from `alignkit train`),
+eval/metrics.json or metrics.json (from `alignkit eval`) and before_after.json (a before/after
+measurement such as `alignkit demo`'s, see `inputs.write_before_after`). Layout: `inputs` reads
+the directory, `plots` draws the figures, `tables` formats the numbers, `html` lays out the page.
 """
 
 from __future__ import annotations

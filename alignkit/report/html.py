@@ -173,8 +173,28 @@ def _summary(inp: RunInputs) -> str:
     return f'<section id="summary" class="cols">{"".join(cols)}</section>'
 
 
+def _before_after(ba: dict) -> str:
+    """The before/after table a run measured itself (the demo's held-out instruction following)."""
+    header, rows = T.before_after_table(ba)
+    parts = [f'<div data-section="before_after"><h3>{text(ba.get("title") or "Before and after")}</h3>']
+    if ba.get("description"):
+        parts.append(f'<p class="sub">{text(ba["description"])}</p>')
+    parts.append(grid_table(header, rows))
+    header, rows = T.side_check_table(ba)
+    if rows:
+        parts.append(grid_table(header, rows))
+    return "".join(parts) + "</div>"
+
+
 def _evaluation(inp: RunInputs, made: dict) -> str:
     parts = ['<section id="evaluation"><h2>Evaluation</h2>']
+    if inp.before_after:
+        parts.append(_before_after(inp.before_after))
+    if not inp.eval and inp.before_after:  # measured already; `alignkit eval` would add diagnostics
+        parts.append('<p class="missing" data-missing="eval">Preference accuracies, length bias, generation win '
+                     "rates, KL and per-checkpoint diagnostics: run <code>alignkit eval</code> to add them.</p>"
+                     "</section>")
+        return "".join(parts)
     if not inp.eval:
         parts.append('<p class="missing" data-missing="eval">No eval results (looked for eval/metrics.json and '
                      "metrics.json): run <code>alignkit eval</code> to add preference accuracies, length bias, "

@@ -1,5 +1,9 @@
 """Read what a run directory holds into one `RunInputs`, tolerating every file being absent.
 
+Besides what `alignkit train` and `alignkit eval` write, a run directory may hold
+`before_after.json`: a before/after measurement made outside `alignkit eval`, such as the demo's
+held-out instruction following (`write_before_after` writes it; its schema is `BEFORE_AFTER_DOC`).
+
 A report is often built from a run that is still going, was killed, or holds only an eval, so each
 input is optional. What is present but unreadable raises `AlignkitError` naming the file (and line);
 the one exception is a half-written last line of `metrics.jsonl` (a run killed mid-write), which is
@@ -22,7 +26,13 @@ EVAL_FORMAT_VERSION = 1
 EVAL_SECTIONS = ("preference", "length_bias", "generation", "checkpoints", "strategy")
 # Where an eval's metrics.json may be, in order of preference.
 EVAL_CANDIDATES = ("eval/metrics.json", "metrics.json")
-LOOKED_FOR = ("metrics.jsonl", "summary.json", "config.yaml") + EVAL_CANDIDATES
+BEFORE_AFTER = "before_after.json"
+BEFORE_AFTER_VERSION = 1
+BEFORE_AFTER_DOC = """{"alignkit_before_after": 1, "title": str, "description": str,
+ "rows": [{"label": str, "before": float, "after": float, "diff": float, "ci95": [lo, hi], "n": int,
+           "overall": bool (optional: the row the key numbers show)}, ...],
+ "side_checks": [{"label": str, "before": float, "after": float, "n": int}, ...] (optional)}"""
+LOOKED_FOR = ("metrics.jsonl", "summary.json", "config.yaml") + EVAL_CANDIDATES + (BEFORE_AFTER,)
 
 
 @dataclass
@@ -33,6 +43,7 @@ class RunInputs:
     summary: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)  # an `alignkit eval` metrics.json
+    before_after: dict = field(default_factory=dict)  # a before_after.json (e.g. the demo's measurement)
     sources: list = field(default_factory=list)  # the files read, relative to run_dir
     notes: list = field(default_factory=list)  # problems the reader worked around, shown in the report
 
@@ -41,7 +52,7 @@ class RunInputs:
         return bool(self.train_rows or self.eval_rows)
 
     def usable(self) -> bool:
-        return bool(self.has_metrics or self.summary or self.config or self.eval)
+        return bool(self.has_metrics or self.summary or self.config or self.eval or self.before_after)
 
 
 def num(x) -> float | None:
@@ -81,6 +92,10 @@ def read_run(run_dir) -> RunInputs:
                 break
             inputs.notes.append(f"{rel} ignored: it has no `alignkit_eval` key and none of the sections "
                                 f"{', '.join(EVAL_SECTIONS)}, so it is not an `alignkit eval` result.")
+    if (run_dir / BEFORE_AFTER).is_file():
+        inputs.before_after = _read_json_object(run_dir / BEFORE_AFTER)
+        check_before_after(inputs.before_after, run_dir / BEFORE_AFTER)
+        inputs.sources.append(BEFORE_AFTER)
     if not inputs.usable():
         raise AlignkitError(
             f"nothing to report in {run_dir}: looked for {', '.join(LOOKED_FOR)} and found none "
@@ -147,3 +162,30 @@ def _check_eval_version(data: dict, rel: str, notes: list) -> None:
     if version is not None and version != EVAL_FORMAT_VERSION:
         notes.append(f"{rel} has eval format version {version!r}; this report reads version "
                      f"{EVAL_FORMAT_VERSION}, so sections it does not know are left out.")
+
+
+def check_before_after(data: dict, where) -> None:
+    """Raise `AlignkitError` naming `where` and the first problem when `data` is not a before/after section."""
+    def bad(what: str):
+        raise AlignkitError(f"{where}: {what}; a before/after section looks like {BEFORE_AFTER_DOC}")
+
+    if data.get("alignkit_before_after") != BEFORE_AFTER_VERSION:
+        bad(f"`alignkit_before_after` must be {BEFORE_AFTER_VERSION}, found {data.get('alignkit_before_after')!r}")
+    for key in ("rows", "side_checks"):
+        value = data.get(key, [])
+        if not isinstance(value, list) or (key == "rows" and not value):
+            bad(f"`{key}` must be a{' non-empty' if key == 'rows' else ''} list")
+        for i, row in enumerate(value):
+            if not isinstance(row, dict) or not isinstance(row.get("label"), str):
+                bad(f"{key}[{i}] must be an object with a `label`")
+            for k in ("before", "after"):
+                if num(row.get(k)) is None:
+                    bad(f"{key}[{i}].{k} must be a finite number, found {row.get(k)!r}")
+
+
+def write_before_after(run_dir, section: dict) -> Path:
+    """Write `section` to run_dir/before_after.json, checked first so the report can always read it."""
+    path = Path(run_dir) / BEFORE_AFTER
+    check_before_after(section, path)
+    path.write_text(json.dumps(section, indent=2), encoding="utf-8")
+    return path

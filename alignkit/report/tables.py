@@ -100,7 +100,46 @@ def key_numbers(inp: RunInputs) -> list:
     if tps:
         rows.append(("throughput", f"{fmt_num(tps[len(tps) // 2])} tokens/s", f"median of {len(tps)} logged steps"))
     rows += _eval_key_numbers(inp.eval)
+    rows += _before_after_key_numbers(inp.before_after)
     return rows
+
+
+def _fixed(x, sign: bool = False) -> str:
+    v = num(x)
+    return NA if v is None else (f"{v:+.3f}" if sign else f"{v:.3f}")
+
+
+def _ci_text(ci) -> str:
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in (num(ci[0]), num(ci[1])):
+        return f"[{_fixed(ci[0], True)}, {_fixed(ci[1], True)}]"
+    return NA
+
+
+def _before_after_key_numbers(ba: dict) -> list:
+    overall = [r for r in ba.get("rows") or [] if r.get("overall")]
+    if not overall:
+        return []
+    r = overall[0]
+    detail = f"change {_fixed(r.get('diff'), True)}, 95% CI {_ci_text(r.get('ci95'))}"
+    if num(r.get("n")) is not None:
+        detail += f", n={fmt_num(int(r['n']))}"
+    return [(ba.get("title") or "before → after", f"{_fixed(r['before'])} → {_fixed(r['after'])}", detail)]
+
+
+def before_after_table(ba: dict) -> tuple[list, list]:
+    """(header, rows) of a before/after section: each row's before, after, change, its 95% CI and n."""
+    rows = [[str(r["label"]), _fixed(r["before"]), _fixed(r["after"]),
+             _fixed(r["diff"] if "diff" in r else num(r["after"]) - num(r["before"]), True),
+             _ci_text(r.get("ci95")), fmt_num(r["n"]) if num(r.get("n")) is not None else NA]
+            for r in ba.get("rows") or []]
+    return ["", "before", "after", "change", "95% CI of change", "n"], rows
+
+
+def side_check_table(ba: dict) -> tuple[list, list]:
+    """(header, rows) of the section's side checks (before and after only)."""
+    rows = [[str(r["label"]), _fixed(r["before"]), _fixed(r["after"]),
+             fmt_num(r["n"]) if num(r.get("n")) is not None else NA] for r in ba.get("side_checks") or []]
+    return ["side check", "before", "after", "n"], rows
 
 
 def _eval_key_numbers(ev: dict) -> list:
