@@ -42,6 +42,17 @@ def test_best_of_n_returns_the_argmax_candidate(setup):
         assert c.completion == c.candidates[c.candidate_rewards.index(max(c.candidate_rewards))]
     base = sample_once(backend, yes_count, prompts, ids, {}, params, seed=1)
     assert out.mean_reward >= base.mean_reward
+    # Scored here, independently (rewards are held in a float32 tensor, hence the rounding):
+    # best-of-n's mean reward is the mean of each prompt's best candidate; sampling's is that of
+    # its one draw, the backend's own n=1 sample with the same seed.
+    f32 = lambda xs: torch.tensor(xs, dtype=torch.float32).tolist()  # noqa: E731
+    best = [max(f32(yes_count(None, c.candidates))) for c in out.choices]
+    assert out.mean_reward == pytest.approx(sum(best) / 3, abs=1e-12)
+    draws = [g[0].text for g in backend.sample(ids, SamplingParams(10, 1.0, n=1), 1)]
+    assert [c.completion for c in base.choices] == draws and [c.candidates for c in base.choices] == [[d] for d in draws]
+    assert [c.reward for c in base.choices] == f32(yes_count(None, draws))
+    assert base.mean_reward == pytest.approx(sum(f32(yes_count(None, draws))) / 3, abs=1e-12)
+    assert base.kl == 0.0 and base.kl_kind == "exact"
     assert out.kl == pytest.approx(math.log(6) - 5 / 6) and out.kl_kind == "bound"
     assert out.prompt_tokens == sum(len(x) for x in ids)  # each prompt processed once for its 6 candidates
     assert out.new_tokens == sum(c.tokens for c in out.choices) > 0
@@ -235,6 +246,7 @@ def test_value_head_fit_save_load(tiny, tmp_path):
                           progress=False, model_name="tiny")
     assert head.weight.shape == (model.config.hidden_size,) and head.meta["completions"] == 32
     assert head.meta["heldout_r2"] <= 1 and 0 <= head.meta["train_r2"] <= 1
+    _check_value_fit(model, tok, prompts, head, chars)
     constant = fit_value_head(model, tok, lambda ps, cs, **k: [1.0] * len(cs), prompts, encode_prompts(tok, prompts),
                               {}, SamplingParams(8, 1.0, n=4), progress=False)
     assert constant.meta["heldout_r2"] is None and constant.bias == pytest.approx(0.0, abs=1e-9)
@@ -246,6 +258,63 @@ def test_value_head_fit_save_load(tiny, tmp_path):
         ValueHead.load(tmp_path / "v", 64)
     with pytest.raises(ConfigError, match="alignkit fit-value"):
         ValueHead.load(tmp_path / "nothing")
+
+
+def _check_value_fit(model, tok, prompts, head, reward):
+    """Redo fit_value_head's fit independently in numpy float64: the same seeded samples, features
+    (hidden state after each completion token), standardised reward targets, weights 1/len, every
+    fifth completion held out; ridge solved on the bias-augmented normal equations (no centering);
+    weighted R^2. The head, the chosen l2 and every reported R^2 must match."""
+    import numpy as np
+
+    from alignkit.generation.decode import sample
+    from alignkit.generation.hf import encode_prompts
+    from alignkit.inference.value import L2_GRID, prefix_hidden
+
+    ids = encode_prompts(tok, prompts)
+    groups = sample(model, ids, SamplingParams(8, 1.0, n=4), eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id,
+                    batch_size=8, seed=0, tokenizer=tok)
+    flat = np.array([r for i, g in enumerate(groups) for r in reward([prompts[i]] * len(g), [s.text for s in g])])
+    mean, std = flat.mean(), flat.std(ddof=1)
+    rows = []  # (features [len, H], target, weight) per non-empty completion, in order
+    scores = iter(flat)
+    for i, g in enumerate(groups):
+        for s in g:
+            r = next(scores)
+            if s.token_ids:
+                x = prefix_hidden(model, ids[i], s.token_ids).double().numpy()
+                rows.append((x, (r - mean) / std, 1.0 / len(x)))
+
+    def stack(keep):
+        x = np.concatenate([x for j, (x, _, _) in enumerate(rows) if keep(j)])
+        y = np.concatenate([np.full(len(x), t) for j, (x, t, _) in enumerate(rows) if keep(j)])
+        w = np.concatenate([np.full(len(x), w) for j, (x, _, w) in enumerate(rows) if keep(j)])
+        return x, y, w
+
+    def fit(x, y, w, l2):
+        xa = np.hstack([x, np.ones((len(x), 1))])
+        reg = np.diag([l2] * x.shape[1] + [0.0])  # the bias is not penalised
+        coef = np.linalg.solve(xa.T @ (w[:, None] * xa) + reg, xa.T @ (w * y))
+        return coef[:-1], coef[-1]
+
+    def r2(x, y, w, a, b):
+        my = (w * y).sum() / w.sum()
+        return 1 - (w * (y - x @ a - b) ** 2).sum() / (w * (y - my) ** 2).sum()
+
+    train, held = stack(lambda j: j % 5 != 0), stack(lambda j: j % 5 == 0)
+    heldout = {l2: r2(*held, *fit(*train, l2)) for l2 in L2_GRID}
+    best = max(heldout, key=heldout.get)
+    every = stack(lambda j: True)
+    a, b = fit(*every, best)
+    assert head.meta["completions"] == len(rows) and head.meta["prefixes"] == len(every[0])
+    # float64 on both sides, two formulations of the same solve; the small-l2 solves are ill-conditioned
+    # (a random model's hidden states are nearly collinear): 3e-8 measured there, 1e-11 elsewhere.
+    assert head.meta["heldout_r2_by_l2"] == pytest.approx({str(k): v for k, v in heldout.items()}, abs=1e-6)
+    assert head.meta["l2"] == best and head.meta["heldout_r2"] == pytest.approx(heldout[best], abs=1e-6)
+    assert head.meta["train_r2"] == pytest.approx(r2(*every, a, b), abs=1e-9)
+    # The head is stored in float32: its rounding (relative 6e-8) is the tolerance.
+    np.testing.assert_allclose(head.weight.double().numpy(), a, rtol=1e-6, atol=1e-6 * np.abs(a).max())
+    assert head.bias == pytest.approx(b, abs=1e-6 * max(1.0, abs(b)))
 
 
 def test_ridge_recovers_a_linear_function():
@@ -292,6 +361,29 @@ def test_urial_strategy_on_a_tiny_model(tiny):
     assert len(out.choices) == 3 and all("```" not in c.completion for c in out.choices)
     assert out.prompt_tokens > 3 * 100  # the template's examples are part of every prompt
     assert out.kl_kind == "estimate" and math.isfinite(out.kl)
+    # Recomputed with plain forwards: each answer's KL term is log p(sampled tokens | URIAL prompt)
+    # - log p(answer | chat prompt), and the estimate is their mean.
+    from alignkit.data.tokenize import _encode, render_texts
+    from alignkit.generation.decode import sample
+    from alignkit.inference.urial import FENCE, load_template, render
+
+    ids = [tok(render(load_template(), p), add_special_tokens=True)["input_ids"] for p in prompts[:3]]
+    groups = sample(model, ids, SamplingParams(10, 1.0, stop=(FENCE,)), eos_ids=tok.eos_token_id,
+                    pad_id=tok.pad_token_id, batch_size=8, seed=0, tokenizer=tok)
+
+    def logp(prompt_ids, completion_ids):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([prompt_ids + completion_ids])).logits[0].double(), -1)
+        return sum(float(lp[len(prompt_ids) + j - 1, t]) for j, t in enumerate(completion_ids))
+
+    terms = []
+    for p, g, c in zip(prompts[:3], groups, out.choices):
+        p_text, c_text = render_texts(tok, tuple(p), ({"role": "assistant", "content": c.completion},), False)
+        terms.append(logp(ids[len(terms)], g[0].token_ids) - logp(*_encode(tok, p_text, c_text)))
+    # The sampler's float32 KV-cached forward against a float32 full forward here: 2.6e-6 measured
+    # over ~20 tokens, so 2e-5.
+    assert [c.kl for c in out.choices] == pytest.approx(terms, abs=2e-5)
+    assert out.kl == pytest.approx(sum(terms) / 3, abs=2e-5)
 
 
 @pytest.mark.parametrize("strategy", ["sample", "soft-best-of-n", "deal", "transfer-q", "urial"])
@@ -301,12 +393,42 @@ def test_generate_cli_strategies(strategy, tiny_model_dir, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS[:3]))
     extra = ["--baseline", str(tiny_model_dir)] if strategy == "transfer-q" else []
+    rows_file = tmp_path / "out.jsonl"
     assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--strategy", strategy,
                  "--reward", '{"name": "keywords", "required": ["the"]}', "--n", "3", "--candidates", "2",
-                 "--block", "3", "--max-new-tokens", "6", "--horizon", "4"] + extra) == 0
+                 "--block", "3", "--max-new-tokens", "6", "--horizon", "4", "--output", str(rows_file)] + extra) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["strategy"] == strategy and summary["prompts"] == 3 and summary["new_tokens"] > 0
     assert summary["kl_kind"] in ("exact", "bound", "estimate")
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    # The reward, scored here: 1 if "the" is a word of the text (keywords is case-insensitive).
+    has_the = lambda text: float(re.search(r"\bthe\b", text, re.IGNORECASE) is not None)  # noqa: E731
+    assert [r["prompt"] for r in rows] == [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
+    for r in rows:
+        assert r["completion"] == r["candidates"][r["chosen"]] and r["reward"] == has_the(r["completion"])
+        assert r["candidate_rewards"] == [has_the(c) for c in r["candidates"]]
+    assert summary["mean_reward"] == pytest.approx(sum(r["reward"] for r in rows) / 3, abs=1e-12)
+    assert summary["new_tokens"] == sum(r["new_tokens"] for r in rows)
+    # Each strategy's own settings reach it (--n 3, --candidates 2, --block 3, --horizon 4, 6 tokens).
+    if strategy == "sample":
+        assert (summary["kl"], summary["kl_kind"]) == (0.0, "exact")
+        assert all(len(r["candidates"]) == 1 and 0 < r["new_tokens"] <= 6 for r in rows)
+    elif strategy == "soft-best-of-n":
+        assert summary["kl"] == pytest.approx(math.log(3)) and summary["kl_kind"] == "bound"
+        assert summary["n"] == 3 and all(len(r["candidates"]) == 3 and r["new_tokens"] <= 18 for r in rows)
+    elif strategy in ("deal", "transfer-q"):
+        # KL bound: mean over prompts of (steps taken) * log(candidates); 6 tokens in blocks of 3 is
+        # 1 or 2 steps per prompt, so 3 * kl / log 2 is a whole number from 3 to 6.
+        assert summary["kl_kind"] == "bound" and (summary["candidates"], summary["block"]) == (2, 3)
+        steps = 3 * summary["kl"] / math.log(2)
+        assert steps == pytest.approx(round(steps), abs=1e-9) and 3 <= round(steps) <= 6
+        if strategy == "deal":
+            assert (summary["beam"], summary["lookahead"]) == (2, 16) and all(len(r["candidates"]) <= 2 for r in rows)
+        else:
+            assert (summary["beam"], summary["horizon"]) == (1, 4) and all(len(r["candidates"]) == 1 for r in rows)
+    else:
+        assert summary["kl_kind"] == "estimate" and summary["template"] == "default"
+        assert all(len(r["candidates"]) == 1 and 0 < r["new_tokens"] <= 6 for r in rows)
 
 
 def test_fit_value_then_controlled_decoding_and_eval_cli(tiny_model_dir, tmp_path, capsys):

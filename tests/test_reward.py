@@ -93,6 +93,24 @@ def test_reward_model_learns_and_reloads_as_sequence_classifier(tiny_model_dir, 
         with torch.no_grad():
             return float(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
     assert score("the answer is 5 .") > score("sorry i cannot help .") + 1.0
+    # "The same scores" (README): the classifier's score of a conversation equals the reward that
+    # training computes for it, packed [prompt][chosen][rejected] layout and pooling included.
+    from alignkit.data.formats import parse_preference_record
+    from alignkit.data.tokenize import tokenize_pairs
+    from alignkit.train.reward import sequence_rewards
+
+    full = _cfg(result.final_dir, pairs_file, tmp_path, out="check")
+    _, recipe, _, trained, device, _ = loop.setup(full, progress=False)
+    assert full.train.packing  # the layout training used
+    pair = parse_preference_record({"prompt": "what is 2 plus 3 ?", "chosen": "the answer is 5 .",
+                                    "rejected": "sorry i cannot help ."}, "x:1")
+    items, _ = tokenize_pairs([pair], recipe.tokenizer, full.data.max_length)
+    with torch.no_grad():
+        rewards = sequence_rewards(trained.eval(), recipe.collate(items).to(device), recipe.tokenizer.pad_token_id)
+    # float32: a packed row and a plain row may be summed in another order by other kernels (equal
+    # to the last bit on CPU here), hence 1e-5 rather than exact equality.
+    assert rewards[:, 0].tolist() == pytest.approx(
+        [score("the answer is 5 ."), score("sorry i cannot help .")], abs=1e-5, rel=0)
 
 
 def test_margin_and_centering(tiny_model_dir, tmp_path):
@@ -131,7 +149,17 @@ def test_freeze_layers_and_lora(tiny_model_dir, pairs_file, tmp_path):
     assert not model.get_input_embeddings().weight.requires_grad
     result = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=12", "lora.enabled=true",
                              "train.learning_rate=1e-2", out="lora"), progress=False)
-    assert read_metrics(result.run_dir, "eval")[-1]["accuracy"] >= 0.75
+    ev = read_metrics(result.run_dir, "eval")[-1]
+    assert ev["accuracy"] == 1.0 and ev["rewards/margins"] > 2.0
+    # final/ holds the adapters merged into the weights: reloaded without LoRA, through the full
+    # forward path, it gives the eval metrics logged during training (logged to 8 decimals; merged
+    # float32 weights round differently from base + adapter, hence 1e-5 on a margin of ~5).
+    full = _cfg(result.final_dir, pairs_file, tmp_path, out="lora-check")
+    _, recipe, data, model, device, autocast = loop.setup(full, progress=False)
+    plan = loop.batch_plan(full, recipe, data.eval, 8, shuffle=False)
+    again = loop.evaluate(recipe, model, data.eval, plan, device, autocast)
+    assert again["loss"] == pytest.approx(ev["loss"], abs=1e-6)
+    assert again["rewards/margins"] == pytest.approx(ev["rewards/margins"], abs=1e-5)
 
 
 def test_head_only_reward_model_trains_on_cached_trunk_outputs(tiny_model_dir, pairs_file, tmp_path):
