@@ -37,7 +37,8 @@ def cmd_train(args) -> int:
     from alignkit.train.loop import train
 
     cfg = _load(args)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, resume_from=args.resume_from,
+                   allow_config_change=args.allow_config_change)
     if result.eval_metrics:
         shown = {k: round(v, 4) for k, v in result.eval_metrics.items()}
         print(f"eval: {shown}")
@@ -71,10 +72,33 @@ def cmd_data_show(args) -> int:
         (group,), _ = tokenize_groups([item], [[]], tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
         print(explain(tokenizer, group.prompt_ids, group.completions[0], label="rejected"))
         print(f"\n(+ {cfg.generation.num_samples} completions sampled from the model when training starts)")
-    else:
-        print(explain(tokenizer, item.prompt_ids, item.chosen_ids, label="chosen"))
+    elif cfg.recipe == "unpaired":  # row B+i of a batch: example i+1's completion after prompt i (KTO's KL baseline)
+        good = bool(recipe.labels["train"][args.index])
+        print(explain(tokenizer, item.prompt_ids, item.chosen_ids,
+                      label=f"completion ({'desirable' if good else 'undesirable'})"))
         print()
-        print(explain(tokenizer, item.prompt_ids, item.rejected_ids, label="rejected"))
+        readers = [t.spec.name for t in recipe.terms if "policy_kl_logps" in t.spec.inputs]
+        others = [t.spec.name for t in recipe.terms if t.spec.name not in readers]
+        why = "; ".join([f"{', '.join(readers)} reads it only for its KL estimate z0 (detached: no gradient)"] * bool(readers)
+                        + [f"{', '.join(others)} does not read it"] * bool(others))
+        print(explain(tokenizer, item.prompt_ids, item.rejected_ids, scored=False, why=why,
+                      label="KL baseline (the next example's completion, mismatched to this prompt)"))
+    elif cfg.recipe == "reward":  # the Bradley-Terry loss reads one reward per completion, at one token
+        pad = tokenizer.pad_token_id
+        for name, ids in (("chosen", item.chosen_ids), ("rejected", item.rejected_ids)):
+            last = max((j for j, t in enumerate(ids) if t != pad), default=None)
+            mask = [j == last for j in range(len(ids))]
+            print(explain(tokenizer, item.prompt_ids, ids, label=name, scored=mask,
+                          why="the reward is read at the last non-pad token" if last is not None else
+                          "all pad tokens: the reward is read at the prompt's last token"))
+            print()
+    else:  # the DPO family; Mask-DPO pairs carry per-token masks of their scored sentences
+        masked = item.chosen_mask is not None
+        print(explain(tokenizer, item.prompt_ids, item.chosen_ids, label="chosen",
+                      scored=item.chosen_mask if masked else True, why="its correct sentences" if masked else ""))
+        print()
+        print(explain(tokenizer, item.prompt_ids, item.rejected_ids, label="rejected",
+                      scored=item.rejected_mask if masked else True, why="its incorrect sentences" if masked else ""))
     return 0
 
 
@@ -123,12 +147,13 @@ def eval_config_from_args(args):
     """Turn `alignkit eval` arguments (and a run directory's config, with --run) into an EvalConfig."""
     from pathlib import Path
 
-    from alignkit.eval.run import EvalConfig
+    from alignkit.eval.run import EvalConfig, heldout_settings
     from alignkit.generation.hf import SamplingParams
     from alignkit.rewards import load_reward
 
     model, reference, data, beta, checkpoints, out = args.model, args.reference, args.data, args.beta, args.checkpoints, args.output_dir
-    cache_dir, heldout, seed = None, 0.0, args.seed
+    cache_dir, how = None, {}  # how: the run's settings for reading its held-out pairs
+    max_length = args.max_length
     if args.run:
         from alignkit.config import load_config
 
@@ -138,9 +163,10 @@ def eval_config_from_args(args):
         rc = load_config(str(run / "config.yaml"))
         model = model or str(run / "final")
         reference = reference or rc.model.name_or_path
-        if not data:  # the run's own evaluation pairs: its eval file, or the split it held out
-            data = rc.data.eval or rc.data.train
-            heldout, seed = (0.0, seed) if rc.data.eval else (rc.data.eval_fraction, rc.seed)
+        if not data:  # exactly the pairs the run held out, read as the run read them
+            how = heldout_settings(run)
+            data, run_max_length = how.pop("data"), how.pop("max_length")
+            max_length = run_max_length if max_length is None else max_length
         beta = beta if beta is not None else rc.loss.get("beta", 0.1)
         checkpoints = checkpoints or str(run)
         out = out or str(run / "eval")
@@ -153,9 +179,9 @@ def eval_config_from_args(args):
                if Path(spec).is_dir() else make_reward(_reward_arg(spec)) for spec in args.reward]
     return EvalConfig(
         model=model, reference=reference, data=data, rewards=rewards, reward_transform=args.reward_transform,
-        beta=0.1 if beta is None else beta, max_length=args.max_length, batch_size=args.batch_size,
-        num_prompts=args.num_prompts, checkpoints=checkpoints, output_dir=out or "runs/eval", seed=seed,
-        heldout_fraction=heldout,
+        beta=0.1 if beta is None else beta, max_length=1024 if max_length is None else max_length,
+        batch_size=args.batch_size, num_prompts=args.num_prompts, checkpoints=checkpoints,
+        output_dir=out or "runs/eval", seed=args.seed, **how,
         sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
         cache_dir=cache_dir, progress=not args.no_progress, strategy=args.strategy,
         strategy_options=strategy_options(args) if args.strategy else None, prompts=args.prompts)
@@ -345,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a config: SFT, the DPO family, reward models, online RL (GRPO, RLOO, online DPO, RAFT)")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint (e.g. checkpoint-40, "
+                   "or a path) instead of the latest")
+    p.add_argument("--allow-config-change", action="store_true", help="on resume, accept settings that differ from "
+                   "the checkpoint's: they apply from there on and are recorded in config_changes.jsonl")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("data", help="inspect data as the trainer sees it")
@@ -374,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=64, help="held-out prompts to sample from (win rate, KL)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0 keeps the KL estimate unbiased)")
-    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens of prompt + completion (default: the run's data.max_length with --run, else 1024)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", help="where metrics.json and report.html go (default RUN/eval or runs/eval)")
@@ -413,7 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `key=value` overrides may come anywhere, also after an option (`train -c x.yaml --resume
+    # lr=1`); argparse's positional list stops at the first option, so collect the rest here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "help_config", False):
         from alignkit.config import format_help
 

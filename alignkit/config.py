@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import sys
 import textwrap
 import types
@@ -130,6 +131,8 @@ class TrainConfig:
     """Shuffle the training examples each epoch (seeded)."""
     tensorboard: bool = True
     """Also write TensorBoard events when `tensorboard` is installed."""
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    """A NaN or infinite loss or gradient norm: `stop` the run (no update applied, no weights written; the message names the step and the examples of the micro-batch), or `skip_step` (drop that update, count it in `skipped_steps`, go on)."""
 
 
 @dataclass
@@ -447,6 +450,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"`{key}` must be positive; got {v}.")
     if t.max_steps is not None and t.max_steps <= 0:
         raise ConfigError(f"`train.max_steps` must be positive; got {t.max_steps}.")
+    _check_ranges(cfg)
     if cfg.recipe in ONLINE_RECIPES:
         if cfg.online.rewards is None:
             raise ConfigError(f"recipe {cfg.recipe} samples completions and needs a reward: set `online.rewards`, e.g. "
@@ -488,6 +492,35 @@ def validate(cfg: RunConfig) -> None:
         )
     if not isinstance(cfg.loss, dict) or "name" not in cfg.loss:
         raise ConfigError("`loss` must be a mapping with a `name`, e.g. `loss: {name: dpo, beta: 0.1}`.")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Numbers outside their meaningful range, caught here rather than deep inside a run (after
+    the model load and the reference pass) as a library traceback."""
+    t, lo, o = cfg.train, cfg.lora, cfg.online
+    rules = [
+        ("train.learning_rate", t.learning_rate, t.learning_rate > 0 and math.isfinite(t.learning_rate), "a positive number, e.g. 5e-6"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+        ("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+        ("train.epochs", t.epochs, t.epochs > 0, "positive"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0: only at the end)"),
+        ("train.save_every", t.save_every, t.save_every >= 0, ">= 0 (0: only at the end)"),
+        ("train.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 1, ">= 1 (resuming needs one)"),
+        ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size is None or t.eval_batch_size > 0, "positive (or unset)"),
+        ("lora.r", lo.r, lo.r > 0, "positive"),
+        ("lora.alpha", lo.alpha, lo.alpha > 0, "positive"),
+        ("lora.dropout", lo.dropout, 0 <= lo.dropout < 1, "in [0, 1)"),
+        ("online.kl_coef", o.kl_coef, o.kl_coef >= 0, ">= 0"),
+        ("online.clip_low", o.clip_low, 0 <= o.clip_low < 1, "in [0, 1)"),
+        ("online.clip_high", o.clip_high, o.clip_high >= 0, ">= 0"),
+        ("data.limit", cfg.data.limit, cfg.data.limit is None or cfg.data.limit > 0, "positive (or unset)"),
+    ]
+    for key, value, ok, want in rules:
+        if not ok:
+            raise ConfigError(f"`{key}` must be {want}; got {value!r}.")
+    if len(t.adam_betas) == 2 and not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"`train.adam_betas` must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {t.adam_betas}.")
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit import demo_task
+from alignkit import demo_task, jsonfile
 from alignkit.config import ModelConfig, load_config
 from alignkit.eval.stats import paired_bootstrap
 from alignkit.generation import SamplingParams, generate
@@ -179,7 +179,7 @@ def before_after_section(items: list, before: dict, after: dict, unasked: dict, 
 def write_results(out: Path, run_dir: Path, report: dict) -> Path:
     """Write results.json and the run's before_after.json (the same section), and rebuild the run's
     report so that it shows the before/after table; returns the report's path."""
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+    jsonfile.write_atomic(out / "results.json", report)
     write_before_after(run_dir, report["before_after"])
     return build_report(run_dir)
 

@@ -91,10 +91,16 @@ def test_checkpoints_are_complete_and_pruned(tiny_model_dir, pairs_file, tmp_pat
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=2")
     result = loop.train(cfg, progress=False)
     names = sorted(p.name for p in result.run_dir.iterdir())
-    assert names == ["checkpoint-4", "checkpoint-5", "config.yaml", "final", "metrics.jsonl", "report.html", "summary.json"]
+    assert names == ["checkpoint-4", "checkpoint-5", "config.yaml", "final", "heldout.json", "metrics.jsonl",
+                     "report.html", "summary.json"]
     c = result.run_dir / "checkpoint-5"
-    for f in ("model.safetensors", "config.json", "tokenizer.json", "alignkit_config.yaml", "trainer_state.pt"):
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "alignkit_config.yaml", "trainer_state.pt",
+              "manifest.json"):
         assert (c / f).is_file(), f
+    listed = json.loads((c / "manifest.json").read_text())["files"]
+    assert sorted(listed) == sorted(p.name for p in c.iterdir() if p.name != "manifest.json")
+    assert listed["model.safetensors"]["size"] == (c / "model.safetensors").stat().st_size
+    assert ckpt.verify(c) is None
     assert json.loads((c / "trainer_state.json").read_text())["step"] == 5
     # the final directory loads as a plain transformers model and equals the last checkpoint
     final, last = _final_params(result.run_dir), AutoModelForCausalLM.from_pretrained(c).state_dict()

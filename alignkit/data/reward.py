@@ -30,6 +30,10 @@ class RewardExample:
     labels: tuple  # per objective: +1 chosen better, -1 rejected better, 0 not judged
     margin: float = 0.0
 
+    @property
+    def source(self) -> str:
+        return self.pair.source
+
 
 def _label(rec: _Record, name: str, v) -> int:
     if v is None:

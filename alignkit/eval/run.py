@@ -22,15 +22,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from alignkit import jsonfile
 from alignkit.config import ModelConfig
 from alignkit.data.batching import TokenBatch, collate_pairs, collate_sft
 from alignkit.data.formats import load_preference_examples
@@ -373,8 +372,5 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """metrics.json as strict JSON (a NaN, e.g. a KL over no samples, becomes null), atomically."""
+    jsonfile.write_atomic(path, obj)

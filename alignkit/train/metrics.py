@@ -1,10 +1,15 @@
-"""Metrics: one JSON line per logged step in `metrics.jsonl`, and TensorBoard when installed."""
+"""Metrics: one JSON line per logged step in `metrics.jsonl`, and TensorBoard when installed.
+
+Lines are strict JSON: a non-finite value is written as null (the loop marks such steps with
+`"nonfinite": 1` or `"skipped": 1`)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+from alignkit import jsonfile
 
 
 class MetricsLogger:
@@ -32,7 +37,7 @@ class MetricsLogger:
         record.update({k: (round(v, 8) if isinstance(v, float) and math.isfinite(v) else v)
                        for k, v in metrics.items()})
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(jsonfile.dumps(record) + "\n")  # NaN / inf become null: the file stays strict JSON
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):

@@ -32,11 +32,11 @@ from alignkit.data.batching import TokenBatch, collate_packed_groups
 from alignkit.data.negative import TokenizedGroup
 from alignkit.errors import ConfigError
 from alignkit.generation.decode import SamplingParams
-from alignkit.logprobs import segment_logps
+from alignkit.logprobs import SegmentLogps, segment_logps
 from alignkit.losses import online as rl
 from alignkit.losses.combine import apply_terms, resolve_terms
 from alignkit.rewards.functions import score_groups
-from alignkit.train.recipes import PreparedData, load_examples
+from alignkit.train.recipes import PreparedData, RunningMean, example_sources, load_examples
 
 
 def example_columns(examples: list) -> dict:
@@ -69,7 +69,32 @@ class Rollout:
     updates: int = 0  # optimizer steps taken on this rollout so far
 
     def to(self, device) -> "Rollout":
+        """Move to `device` in place (the recipe keeps this object to reuse it) and return it."""
+        if self.batch is not None and self.batch.input_ids.device != torch.device(device):
+            self.batch = self.batch.to(device)
+            for name in ("advantages", "generator_logps", "old_logps"):
+                value = getattr(self, name)
+                setattr(self, name, None if value is None else value.to(device))
+            if self.ref is not None:
+                self.ref = SegmentLogps(**{k: None if v is None else v.to(device) for k, v in vars(self.ref).items()})
         return self
+
+    def state_dict(self) -> dict:
+        """Tensors, numbers and dicts only (a checkpoint loads it with weights_only=True)."""
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        b = self.batch
+        return {"batch": None if b is None else {k: cpu(v) if torch.is_tensor(v) else v for k, v in vars(b).items()},
+                "advantages": cpu(self.advantages), "generator_logps": cpu(self.generator_logps),
+                "old_logps": cpu(self.old_logps),
+                "ref": None if self.ref is None else {k: cpu(v) for k, v in vars(self.ref).items()},
+                "metrics": {k: cpu(v) for k, v in self.metrics.items()}, "updates": self.updates}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Rollout":
+        return cls(batch=None if state["batch"] is None else TokenBatch(**state["batch"]),
+                   advantages=state["advantages"], generator_logps=state["generator_logps"],
+                   old_logps=state["old_logps"], ref=None if state["ref"] is None else SegmentLogps(**state["ref"]),
+                   metrics=dict(state["metrics"]), updates=state["updates"])
 
     @property
     def num_tokens(self) -> int:
@@ -104,7 +129,7 @@ class OnlineRecipe:
         self.examples = {}  # split -> PromptExamples (their columns feed the rewards)
         self.reference = None
         self.backend = None  # set in prepare_with_model, once the model exists
-        self._rollout = None  # (key, Rollout): reused for `online.iterations` optimizer steps
+        self._rollouts = {}  # micro-batch key -> Rollout, reused for `online.iterations` optimizer steps
 
     def prepare(self) -> PreparedData:
         from alignkit.data.prompts import load_prompt_examples, tokenize_prompts
@@ -125,7 +150,7 @@ class OnlineRecipe:
                              "keep their last tokens (raise data.max_length or data.max_prompt_length)")
         notes.append(f"{self.params.n} completions sampled per prompt, up to {g.max_new_tokens} new tokens, "
                      f"temperature {g.temperature}; reward: {getattr(self.reward, 'name', self.reward)}")
-        return PreparedData(out[0], out[1], notes)
+        return PreparedData(out[0], out[1], notes, sources=example_sources(train, held))
 
     def prepare_with_model(self, model, data: PreparedData, fingerprint: dict, progress: bool = True) -> PreparedData:
         from alignkit.generation.backends import make_backend
@@ -138,7 +163,7 @@ class OnlineRecipe:
             from alignkit.train.reference import LiveReference
 
             self.reference = LiveReference(model)
-        return PreparedData(data.train, data.eval, [])
+        return PreparedData(data.train, data.eval, [], sources=data.sources)
 
     def weight(self, batch) -> int:
         return 1  # each loss is already a mean over its rollout
@@ -170,8 +195,10 @@ class OnlineRecipe:
 
     def rollout(self, model, items: list, key: int) -> Rollout:
         """The rollout of micro-batch `key`, sampled once and reused for `online.iterations` steps."""
-        if self._rollout is not None and self._rollout[0] == key:
-            return self._rollout[1]
+        if key in self._rollouts:
+            return self._rollouts[key]
+        # A new cycle: the rollouts whose `iterations` updates are done are not needed any more.
+        self._rollouts = {k: r for k, r in self._rollouts.items() if r.updates < self.iterations}
         seed = self.cfg.seed * 1_000_003 + key  # a resumed run resamples the same completions
         samples, rewards, metrics = self._score(model, items, "train", self.params, seed)
         kept, picks, advantages = self.select(samples, rewards, metrics)
@@ -191,8 +218,17 @@ class OnlineRecipe:
                     out.old_logps = in_segment_order(segment_logps(model, out.batch, t.logprob_chunk_size))[0]
             if self.reference is not None:
                 out.ref = self.reference.segment(out.batch, t.logprob_chunk_size)
-        self._rollout = (key, out)
+        self._rollouts[key] = out
         return out
+
+    def state_dict(self) -> dict:
+        """The rollouts still to be trained on (`online.iterations` > 1): a run resumed between two
+        updates of one rollout must reuse its samples and old log-probs, not sample anew from the
+        updated policy."""
+        return {"rollouts": {str(k): r.state_dict() for k, r in self._rollouts.items() if r.updates < self.iterations}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rollouts = {int(k): Rollout.from_state_dict(r) for k, r in state["rollouts"].items()}
 
     def select(self, samples, rewards, metrics):
         """(kept prompts' positions, per kept prompt the sample indices to train on, per-segment
@@ -279,6 +315,14 @@ class OnlineDPORecipe(OnlineRecipe):
     def __init__(self, cfg: RunConfig, tokenizer):
         super().__init__(cfg, tokenizer)
         self.terms = resolve_terms(cfg.loss, cfg.losses, data="paired")
+        self.reward_shift = RunningMean()  # BCO's delta (loss bco_pair), carried over steps as offline
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "reward_shift": self.reward_shift.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.reward_shift.load_state_dict(state["reward_shift"])
 
     def select(self, samples, rewards, metrics):
         best, worst, valid = rl.best_worst_pairs(rewards)
@@ -294,8 +338,10 @@ class OnlineDPORecipe(OnlineRecipe):
         inputs = {"policy_chosen_logps": out.logps[:b], "policy_rejected_logps": out.logps[b:],
                   "ref_chosen_logps": rollout.ref.logps[:b], "ref_rejected_logps": rollout.ref.logps[b:],
                   "chosen_counts": out.counts[:b], "rejected_counts": out.counts[b:],
-                  "reward_shift": torch.zeros((), device=out.logps.device)}
+                  "reward_shift": torch.tensor(self.reward_shift.value, device=out.logps.device)}
         per_example, pair_metrics = apply_terms(self.terms, inputs)
+        if split == "train" and "bco/reward_mean" in pair_metrics:
+            self.reward_shift.update(pair_metrics["bco/reward_mean"])
         if model.training:
             rollout.updates += 1
         return per_example.mean(), {**metrics, **{k: v.mean() for k, v in pair_metrics.items()}}

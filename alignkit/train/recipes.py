@@ -31,10 +31,25 @@ class PreparedData:
     train: list
     eval: list
     notes: list = field(default_factory=list)  # what happened to the data, shown to the user
-    # The held-out examples' sources ("pairs.jsonl:17") and the number of training examples, for
-    # RUN/heldout.json (`write_heldout_record`); None where a recipe does not pass them on.
-    heldout_sources: list | None = None
-    num_train: int | None = None
+    # split -> the source ("pairs.jsonl:17") of each example, by the tokenized item's `index`: for
+    # messages that name examples (a non-finite loss) and RUN/heldout.json (`write_heldout_record`)
+    sources: dict = field(default_factory=dict)
+
+    @property
+    def heldout_sources(self) -> list | None:
+        return self.sources.get("eval")
+
+    @property
+    def num_train(self) -> int | None:
+        return len(self.sources["train"]) if "train" in self.sources else None
+
+    def sources_of(self, split: str, items: list) -> list[str]:
+        """Where each tokenized item of `split` came from."""
+        return [self.sources[split][it.index] for it in items]
+
+
+def example_sources(train: list, held: list) -> dict:
+    return {"train": [e.source for e in train], "eval": [e.source for e in held]}
 
 
 def split_heldout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -74,7 +89,7 @@ def prepare_data(cfg: RunConfig, tokenizer, loader, tokenize_fn) -> PreparedData
     train_items, stats = tokenize_fn(train, tokenizer, d.max_length, d.max_prompt_length)
     eval_items, _ = tokenize_fn(held, tokenizer, d.max_length, d.max_prompt_length)
     return PreparedData(train_items, eval_items, notes + [stats.summary(d.max_length)],
-                        heldout_sources=[e.source for e in held], num_train=len(train))
+                        sources=example_sources(train, held))
 
 
 def write_heldout_record(cfg: RunConfig, data: PreparedData, run_dir) -> Path:
@@ -235,7 +250,7 @@ class UnpairedRecipe(PreferenceRecipe):
                 notes.append(stats.summary(d.max_length))
                 n_good = int(self.labels["train"].sum())
                 notes.append(f"{n_good} desirable and {len(examples) - n_good} undesirable training completions")
-        return PreparedData(out[0], out[1], notes)
+        return PreparedData(out[0], out[1], notes, sources=example_sources(train, held))
 
     def loss(self, model, batch: TokenBatch, split: str):
         out = segment_logps(model, batch, self.cfg.train.logprob_chunk_size)
@@ -325,7 +340,7 @@ class NegativeRecipe(PreferenceRecipe):
         train, held, notes = load_examples(self.cfg, load_negative_examples)
         notes.append(f"{self.cfg.generation.num_samples} completions per prompt will be sampled from the "
                      "initial model (generation.num_samples)")
-        return PreparedData(train, held, notes)
+        return PreparedData(train, held, notes, sources=example_sources(train, held))
 
     def prepare_with_model(self, model, data: PreparedData, fingerprint: dict, progress: bool = True) -> PreparedData:
         """Sample each prompt's K completions and tokenize the groups (examples -> TokenizedGroups)."""
@@ -350,7 +365,7 @@ class NegativeRecipe(PreferenceRecipe):
             out[split], stats = tokenize_groups(examples, samples, self.tokenizer, d.max_length, d.max_prompt_length)
             notes.append(f"{split}: {len(examples)} prompts x {g.num_samples} samples (in {path}); "
                          + stats.summary(d.max_length))
-        return PreparedData(out["train"], out["eval"], notes)
+        return PreparedData(out["train"], out["eval"], notes, sources=data.sources)
 
     def collate(self, items) -> TokenBatch:
         t = self.cfg.train

@@ -18,7 +18,7 @@ from alignkit.data.tokenize import tokenize_pairs
 from alignkit.errors import ModelError
 from alignkit.logprobs import trunk_inputs
 from alignkit.losses.combine import apply_terms, resolve_terms
-from alignkit.train.recipes import PreparedData, load_examples
+from alignkit.train.recipes import PreparedData, example_sources, load_examples
 
 
 def reward_trunk_and_head(model):
@@ -121,7 +121,7 @@ class RewardRecipe:
                     judged = (self.labels["train"] != 0).sum(0).tolist()
                     notes.append("judged pairs per objective: " + ", ".join(
                         f"{n} {j}/{len(examples)}" for n, j in zip(self.reward_names, judged)))
-        return PreparedData(out[0], out[1], notes)
+        return PreparedData(out[0], out[1], notes, sources=example_sources(train, held))
 
     @property
     def shares_prompts(self) -> bool:
@@ -146,7 +146,7 @@ class RewardRecipe:
         from alignkit.models import is_peft, transformer_blocks
 
         if is_peft(model) or self.cfg.model.freeze_layers < len(transformer_blocks(model)):
-            return data
+            return PreparedData(data.train, data.eval, [], sources=data.sources)  # notes already shown
         trunk, _ = reward_trunk_and_head(model)
         trunk.requires_grad_(False)
         bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
@@ -167,7 +167,7 @@ class RewardRecipe:
             self.features[split] = feats
         note = (f"model.freeze_layers={self.cfg.model.freeze_layers} freezes every block: the trunk's outputs were "
                 f"computed once ({len(data.train)} train, {len(data.eval)} eval pairs) and only the head trains")
-        return PreparedData(data.train, data.eval, [note])
+        return PreparedData(data.train, data.eval, [note], sources=data.sources)
 
     def loss(self, model, batch: TokenBatch, split: str):
         if self.features:  # head only, on the frozen trunk's outputs

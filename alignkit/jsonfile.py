@@ -1,0 +1,44 @@
+"""JSON that strict parsers accept, written atomically.
+
+Python's `json` writes NaN and Infinity as bare `NaN` / `Infinity`, which is not JSON: `jq`,
+JavaScript's `JSON.parse` and most trackers reject the whole file. A non-finite number becomes
+`null` here; whoever logs one also records what happened (e.g. `"nonfinite": 1`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+def finite(obj):
+    """`obj` with every NaN or infinite float replaced by None (dicts, lists and tuples walked)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+def write_atomic(path: str | Path, obj, indent: int | None = 2) -> Path:
+    """Write `obj` as strict JSON to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(dumps(obj, indent=indent, default=str))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
