@@ -11,11 +11,10 @@ the same location strings that data errors print, so a user can open each one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from alignkit import jsonfile
 from alignkit.errors import ConfigError, DataError
 
 FILENAME = "heldout.json"
@@ -41,17 +40,7 @@ class HeldoutRecord:
 
 def write_heldout(run_dir, record: HeldoutRecord) -> Path:
     """Write `run_dir/heldout.json` atomically (a reader never sees half a list)."""
-    path = Path(run_dir) / FILENAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{FILENAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(asdict(record), f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return jsonfile.write_atomic(Path(run_dir) / FILENAME, asdict(record))
 
 
 def read_heldout(run_dir) -> HeldoutRecord:
