@@ -65,25 +65,85 @@ def test_reward_model_scores_like_training_and_needs_a_direction(tiny_model_dir,
     assert correct[0] > correct[1] and short[1] > short[0]  # each direction prefers its own reply
 
 
+def _completion_logps(model, tokenizer, messages: tuple, completion: tuple, plain: bool = False):
+    """(completion token ids, float64 log-softmax rows predicting them [C, V]) from one plain
+    transformers forward of prompt + completion, rendered as alignkit renders them."""
+    import torch
+
+    from alignkit.data.tokenize import _encode, render_texts
+
+    p_text, c_text = render_texts(tokenizer, messages, completion, plain)
+    p_ids, c_ids = _encode(tokenizer, p_text, c_text)
+    with torch.no_grad():
+        logits = model(torch.tensor([p_ids + c_ids])).logits[0].double()
+    return c_ids, torch.log_softmax(logits[len(p_ids) - 1: len(p_ids) + len(c_ids) - 1], -1)
+
+
+def _pair_logps(model, tokenizer, example) -> tuple[float, float]:
+    out = []
+    for completion in (example.chosen, example.rejected):
+        ids, lp = _completion_logps(model, tokenizer, example.prompt, completion, example.plain_text)
+        out.append(float(lp[range(len(ids)), ids].sum()))
+    return out[0], out[1]
+
+
 def test_eval_on_a_run_writes_metrics_and_report(tiny_model_dir, pairs_file, reward_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.data.formats import load_preference_examples
+    from alignkit.train.recipes import load_examples
+
     cfg = load_config(None, base_overrides(tiny_model_dir, pairs_file, tmp_path / "run", tmp_path / "c") + [
         "train.learning_rate=5e-3", "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=5",
         "train.warmup_ratio=0", "data.eval_fraction=0.2"])
     loop.train(cfg, progress=False)
     assert main(["eval", "--run", str(tmp_path / "run"), "--reward", f"{reward_file}:says_answer",
-                 "--num-prompts", "6", "--max-new-tokens", "5", "--no-progress"]) == 0
+                 "--num-prompts", "5", "--max-new-tokens", "5", "--no-progress"]) == 0
     m = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     pref = m["preference"]
     assert m["n_pairs"] == 8 and m["beta"] == 0.1
     # Trained on these pairs' kind: the policy's implicit reward ranks held-out pairs right.
     assert pref["implicit_reward_accuracy"]["value"] == 1.0 and pref["implicit_margin"]["value"] > 0
     assert pref["likelihood_displacement"]["rejected_logp_change"] < 0
-    assert 0 <= pref["idealized_ranking_accuracy"]["value"] <= 1
+    # Worked out here from the pairs training held out and the reference's log-probs (plain forwards):
+    # the optimal policy ranks a pair right iff log pi_ref(y_w)/pi_ref(y_l) > -(1/beta) log 3 (the
+    # default alpha 0.75, arXiv 2405.19534); the reference itself iff that log-ratio is > 0.
+    held = load_examples(cfg, load_preference_examples)[1]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    z = [c - r for c, r in (_pair_logps(reference, tok, e) for e in held)]
+    threshold = -math.log(3) / 0.1
+    assert min(abs(x - threshold) for x in z) > 1e-3 and min(abs(x) for x in z) > 1e-3  # no near-tie
+    ira = pref["idealized_ranking_accuracy"]
+    assert 0 <= ira["value"] <= 1
+    assert ira["n"] == 8 and ira["value"] == sum(x > threshold for x in z) / 8
+    assert ira["reference_value"] == sum(x > 0 for x in z) / 8
     assert m["length_bias"]["reward"] == "reward_model" and len(m["length_bias"]["points"]) == 8
     gen = m["generation"]
-    assert gen["n_prompts"] == 6 and gen["win_rate"]["n"] == 6 and math.isfinite(gen["kl"]["value"])
+    assert gen["n_prompts"] == 5 and gen["win_rate"]["n"] == 5 and math.isfinite(gen["kl"]["value"])
+    # The prompts are the held-out pairs' distinct prompts; with 5 of them, every policy sample is
+    # listed, so KL and top-k mass can be recomputed here from plain forwards of final/ and the
+    # reference: KL = mean of log pi(y) - log pi_ref(y); top-k mass = mean over the positions
+    # predicting the sample's tokens of the 10 largest probabilities' sum (arXiv 2410.11677).
+    distinct = list(dict.fromkeys(e.prompt[-1]["content"] for e in held))[:5]
+    assert [x["prompt"] for x in gen["examples"]] == distinct
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
+    kl, mass, positions = [], 0.0, 0
+    for x in gen["examples"]:
+        messages, reply = ({"role": "user", "content": x["prompt"]},), ({"role": "assistant", "content": x["policy"]},)
+        ids, lp = _completion_logps(policy, tok, messages, reply)
+        _, ref_lp = _completion_logps(reference, tok, messages, reply)
+        kl.append(float(lp[range(len(ids)), ids].sum() - ref_lp[range(len(ids)), ids].sum()))
+        mass += float(lp.exp().topk(10, dim=-1).values.sum())
+        positions += len(ids)
+    # The eval's float32 log-prob sums against float64 here: 4e-7 measured on the KL, hence 5e-6.
+    assert gen["kl"]["value"] == pytest.approx(sum(kl) / 5, abs=5e-6)
+    assert gen["topk"]["topk_mass"] == pytest.approx(mass / positions, abs=1e-6)
     assert [c["step"] for c in m["checkpoints"]] == [2, 4, 6]
     assert all(0 < c["topk_mass"] <= 1 for c in m["checkpoints"])
+    # checkpoint-6 holds final/'s weights and is sampled with the same seed: the same numbers.
+    assert m["checkpoints"][-1]["topk_mass"] == pytest.approx(mass / positions, abs=1e-6)
+    assert m["checkpoints"][-1]["kl"] == pytest.approx(sum(kl) / 5, abs=5e-6)
     # Training pushes rejected down more and more: the drift grows over checkpoints.
     drops = [c["rejected_logp_change"] for c in m["checkpoints"]]
     assert drops[0] > drops[-1]
