@@ -21,7 +21,8 @@ DATA_NOTES = {
     "sft": "`recipe: sft` (or a term in `losses` on pairs: the chosen completion)",
     "unpaired": "`recipe: unpaired`, records with `prompt`, `completion`, `label`",
     "masked": "`recipe: masked`, pairs with `chosen_sentences` / `rejected_sentences`",
-    "negative": "negative samples plus model samples (recipe not wired yet)",
+    "negative": "`recipe: negative`, records with `prompt`, `rejected`; `generation.num_samples` replies per "
+                "prompt are sampled from the initial model before training",
 }
 
 
