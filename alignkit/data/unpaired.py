@@ -2,8 +2,8 @@
 
     {"prompt": "...", "completion": "...", "label": true}
 
-Strings or message lists as in pairs; `label` is a JSON boolean, 0/1, or (for CSV, whose cells are
-text) "true"/"false". Used by KTO and BCO (`recipe: unpaired`).
+Strings or message lists as in pairs; `label` is a JSON boolean, 0/1, or text (CSV cells always
+are) "true"/"false", "yes"/"no" or "1"/"0". Used by KTO and BCO (`recipe: unpaired`).
 """
 
 from __future__ import annotations

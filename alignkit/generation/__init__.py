@@ -1,4 +1,5 @@
-"""Text generation behind one small protocol (transformers today; vLLM joins in its issue)."""
+"""Text generation behind one small protocol (`backends`): alignkit's own KV-cache sampler over any
+transformers model, and a vLLM backend (written against vLLM's API, untested here)."""
 
 from alignkit.generation.hf import SamplingParams, generate
 

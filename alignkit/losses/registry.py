@@ -1,7 +1,8 @@
 """The loss registry: one function per method, registered by name.
 
 A loss is a pure function of log-probs. Its positional parameters name the inputs it needs
-(`policy_chosen_logps`, `ref_rejected_logps`, `chosen_counts`, ...; every tensor is [B]); its
+(`policy_chosen_logps`, `ref_rejected_logps`, `chosen_counts`, ...; each tensor is [B], or [B, K]
+where an example carries K values: D2O's K samples, a reward model's K objectives); its
 keyword-only parameters are hyper-parameters, and their defaults are the documented defaults.
 It returns (per-example losses [B], metrics {name: [B] tensor}). The training loop never
 branches on a loss name: it reads the spec.

@@ -1,4 +1,5 @@
-"""The report's six plots. Each takes `RunInputs` and returns a `Plot`, or None when its data is absent.
+"""The report's seven plots (`ALL`). Each takes `RunInputs` and returns a `Plot`, or None when its
+data is absent.
 
 Values are filtered through `num`: NaN, inf, None and strings never reach matplotlib. Non-finite
 values of a logged metric are not silently dropped from the training curves: their steps are marked
