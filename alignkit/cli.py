@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from alignkit import __version__
+from alignkit.version import __version__
 from alignkit.errors import AlignkitError
 
 
@@ -46,59 +46,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_data_show(args) -> int:
-    from alignkit.data.tokenize import explain
     from alignkit.models import load_tokenizer
-    from alignkit.train.recipes import make_recipe
+    from alignkit.train import registry
 
     cfg = _load(args)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
-    recipe = make_recipe(cfg, tokenizer)
+    recipe = registry.get(cfg.recipe).load()(cfg, tokenizer)
     data = recipe.prepare()
     for note in data.notes:
         print(note)
     if not 0 <= args.index < len(data.train):
         raise AlignkitError(f"--index {args.index} is out of range: {len(data.train)} training examples.")
-    item = data.train[args.index]
-    print(f"\nexample {args.index} (recipe {cfg.recipe}):")
-    if cfg.recipe == "sft":
-        print(explain(tokenizer, item.prompt_ids, item.completion_ids))
-    elif hasattr(recipe, "rollout"):  # online: prompts only, completions are sampled while training
-        print("prompt (what the model continues):\n" + tokenizer.decode(item.prompt_ids))
-        print(f"\ncolumns passed to the reward: {recipe.examples['train'][args.index].columns}")
-        print(f"(+ {cfg.generation.num_samples} completions sampled per step, scored by {cfg.online.rewards})")
-    elif cfg.recipe == "negative":  # the samples come from the model at training time
-        from alignkit.data.negative import tokenize_groups
-
-        (group,), _ = tokenize_groups([item], [[]], tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
-        print(explain(tokenizer, group.prompt_ids, group.completions[0], label="rejected"))
-        print(f"\n(+ {cfg.generation.num_samples} completions sampled from the model when training starts)")
-    elif cfg.recipe == "unpaired":  # row B+i of a batch: example i+1's completion after prompt i (KTO's KL baseline)
-        good = bool(recipe.labels["train"][args.index])
-        print(explain(tokenizer, item.prompt_ids, item.chosen_ids,
-                      label=f"completion ({'desirable' if good else 'undesirable'})"))
-        print()
-        readers = [t.spec.name for t in recipe.terms if "policy_kl_logps" in t.spec.inputs]
-        others = [t.spec.name for t in recipe.terms if t.spec.name not in readers]
-        why = "; ".join([f"{', '.join(readers)} reads it only for its KL estimate z0 (detached: no gradient)"] * bool(readers)
-                        + [f"{', '.join(others)} does not read it"] * bool(others))
-        print(explain(tokenizer, item.prompt_ids, item.rejected_ids, scored=False, why=why,
-                      label="KL baseline (the next example's completion, mismatched to this prompt)"))
-    elif cfg.recipe == "reward":  # the Bradley-Terry loss reads one reward per completion, at one token
-        pad = tokenizer.pad_token_id
-        for name, ids in (("chosen", item.chosen_ids), ("rejected", item.rejected_ids)):
-            last = max((j for j, t in enumerate(ids) if t != pad), default=None)
-            mask = [j == last for j in range(len(ids))]
-            print(explain(tokenizer, item.prompt_ids, ids, label=name, scored=mask,
-                          why="the reward is read at the last non-pad token" if last is not None else
-                          "all pad tokens: the reward is read at the prompt's last token"))
-            print()
-    else:  # the DPO family; Mask-DPO pairs carry per-token masks of their scored sentences
-        masked = item.chosen_mask is not None
-        print(explain(tokenizer, item.prompt_ids, item.chosen_ids, label="chosen",
-                      scored=item.chosen_mask if masked else True, why="its correct sentences" if masked else ""))
-        print()
-        print(explain(tokenizer, item.prompt_ids, item.rejected_ids, label="rejected",
-                      scored=item.rejected_mask if masked else True, why="its incorrect sentences" if masked else ""))
+    print(f"\nexample {args.index} (recipe {cfg.recipe}, {data.sources_of('train', [data.train[args.index]])[0]}):")
+    print(recipe.show_example(data, args.index))
     return 0
 
 
@@ -149,7 +109,7 @@ def eval_config_from_args(args):
 
     from alignkit.eval.run import EvalConfig, heldout_settings
     from alignkit.generation.hf import SamplingParams
-    from alignkit.rewards import load_reward
+    from alignkit.rewards import build_reward
 
     model, reference, data, beta, checkpoints, out = args.model, args.reference, args.data, args.beta, args.checkpoints, args.output_dir
     cache_dir, how = None, {}  # how: the run's settings for reading its held-out pairs
@@ -173,10 +133,8 @@ def eval_config_from_args(args):
         cache_dir = rc.cache_dir
     if not model:
         raise AlignkitError("give --model (a model directory or hub id) or --run (a training run directory).")
-    from alignkit.train.online import make_reward
-
-    rewards = [load_reward(spec, weights=_weights(args.reward_weights), batch_size=args.batch_size)
-               if Path(spec).is_dir() else make_reward(_reward_arg(spec)) for spec in args.reward]
+    rewards = [build_reward(_reward_arg(spec), weights=_weights(args.reward_weights), batch_size=args.batch_size)
+               for spec in args.reward]
     return EvalConfig(
         model=model, reference=reference, data=data, rewards=rewards, reward_transform=args.reward_transform,
         beta=0.1 if beta is None else beta, max_length=1024 if max_length is None else max_length,
@@ -201,9 +159,9 @@ def cmd_eval(args) -> int:
 def _strategy_inputs(args):
     """(model, tokenizer, reward, prompts, columns, prompt ids, number truncated) for generate / fit-value."""
     from alignkit.config import ModelConfig
-    from alignkit.data.prompts import load_prompt_examples, tokenize_prompts
+    from alignkit.data.prompts import load_prompt_examples, prompt_columns, tokenize_prompts
     from alignkit.models import load_model, load_tokenizer
-    from alignkit.train.online import example_columns, make_reward
+    from alignkit.rewards import build_reward
 
     if not args.reward:
         raise AlignkitError("give --reward (a built-in such as numeric_match or keywords, file.py:function, or a "
@@ -212,12 +170,12 @@ def _strategy_inputs(args):
     columns = {"prompt": args.prompt_column} if args.prompt_column else None
     examples = load_prompt_examples(args.prompts, columns=columns).examples[: args.num_prompts]
     specs = [_reward_arg(r) for r in args.reward]
-    reward = make_reward(specs[0] if len(specs) == 1 else specs)
+    reward = build_reward(specs[0] if len(specs) == 1 else specs, batch_size=args.batch_size)
     mc = ModelConfig(name_or_path=args.model)
     tokenizer = load_tokenizer(mc)
     model = load_model(mc, for_training=False)
     items, cut = tokenize_prompts(examples, tokenizer, args.max_prompt_length)
-    return (model, tokenizer, reward, [list(ex.prompt) for ex in examples], example_columns(examples),
+    return (model, tokenizer, reward, [list(ex.prompt) for ex in examples], prompt_columns(examples),
             [it.prompt_ids for it in items], cut)
 
 
@@ -455,7 +413,6 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "help_config", False):
         from alignkit.config import format_help
 
-        print("Config keys (YAML nesting or dotted key=value overrides):\n")
         print(format_help())
         return 0
     try:

@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from alignkit.errors import ConfigError
+from alignkit.train import registry
 
 
 @dataclass
@@ -155,22 +156,14 @@ class GenerationConfig:
     """Online recipes: who samples. `transformers`: alignkit's KV-cache loop over the policy itself; `vllm`: a vLLM engine on the same GPU, loaded with the policy's weights before each rollout (written against vLLM's public API, untested here)."""
 
 
-# The loss a recipe trains with when the config names none.
-RECIPE_DEFAULT_LOSS = {"dpo": "dpo", "sft": "sft", "unpaired": "kto", "masked": "mask_dpo", "negative": "d2o",
-                       "reward": "bradley_terry", "online_dpo": "dpo", "raft": "sft"}
-ONLINE_RECIPES = ("grpo", "rloo", "online_dpo", "raft")
-
-
 @dataclass
 class OnlineConfig:
     rewards: Union[str, list, dict, None] = None
     """Reward of each sampled completion: a built-in (`numeric_match`, `regex`, `length`, `keywords`), a Python function (`file.py:fn` or `module:fn`), a reward-model directory, a mapping with parameters (`{name: keywords, required: [please]}`), or a list of these with `weight`s, summed."""
     kl_coef: float = 0.0
-    """GRPO / RLOO: weight of the per-token k3 estimate of KL(policy || reference); 0 keeps no reference model."""
-    clip_low: float = 0.2
-    """GRPO / RLOO: the ratio is clipped below at 1 - clip_low."""
-    clip_high: float = 0.2
-    """GRPO / RLOO: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher uses 0.28)."""
+    """Weight of the KL(policy || reference) penalty: GRPO / RLOO add the per-token k3 estimate to the loss; PPO subtracts it from the reward (`kl_estimator`). 0 keeps no reference model (GRPO / RLOO)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """PPO: the per-token KL estimate folded into the reward: `k1` (log pi - log pi_ref, as InstructGPT) or `k3` (exp(r) - r - 1 with r = log pi_ref - log pi, non-negative)."""
     aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
     """How token losses become the batch loss: `grpo` (mean per sequence, then over sequences), `dapo` (mean over all tokens), `dr_grpo` (sum over tokens / (sequences x generation.max_new_tokens))."""
     scale_rewards: bool = True
@@ -178,6 +171,45 @@ class OnlineConfig:
     iterations: int = 1
     """Optimizer steps on each batch of samples (GRPO's mu); above 1 the clipped ratio binds."""
 
+
+@dataclass
+class CriticConfig:
+    init: str = "policy"
+    """Where PPO's value model starts: `policy` (the policy's weights with a new scalar head) or a reward-model directory (the `final/` of `recipe=reward`), whose trunk and head it keeps."""
+    learning_rate: float = 1e-5
+    """Peak learning rate of the value model's own AdamW (same warmup and schedule as the policy)."""
+    weight_decay: float = 0.0
+    """The value model's AdamW weight decay (not applied to biases and norm weights)."""
+    max_grad_norm: float = 1.0
+    """Clip the value model's gradient norm to this value (0 disables clipping)."""
+    freeze_layers: int = 0
+    """Freeze the value model's embeddings and first N blocks; all of them: only the head trains."""
+    lora: bool = False
+    """Train LoRA adapters on the value model (rank, alpha and targets from `lora`) and its head in full."""
+    value_clip: float = 0.2
+    """PPO-max value clipping: a new value counts at most this far from the rollout's value (0 disables)."""
+
+
+@dataclass
+class PPOConfig:
+    epochs: int = 2
+    """Passes over each rollout; every pass is split into `minibatches` optimizer steps."""
+    minibatches: int = 2
+    """Optimizer steps per pass over a rollout, each on an equal share of its prompts."""
+    gamma: float = 1.0
+    """GAE discount over completion tokens (1: no discount, as in RLHF practice)."""
+    lam: float = 0.95
+    """GAE lambda: 1 gives Monte-Carlo returns minus the value, 0 the one-step TD error."""
+    whiten_advantages: bool = True
+    """Normalise the rollout's advantages to mean 0 and standard deviation 1 (PPO-max)."""
+    normalize_rewards: bool = True
+    """Divide rewards by the running standard deviation of all rewards seen (PPO-max reward scaling)."""
+    reward_clip: float = 5.0
+    """Clip the (normalised) rewards to [-reward_clip, reward_clip] (PPO-max); 0 disables."""
+    ptx_coef: float = 0.0
+    """Weight of an NLL term on `ptx_data` mixed into the policy loss (PPO-ptx, InstructGPT); 0 disables."""
+    ptx_data: Optional[str] = None
+    """SFT records (prompt/completion or messages) for the `ptx_coef` term; required when it is above 0."""
 
 
 @dataclass
@@ -190,8 +222,8 @@ class RewardConfig:
 
 @dataclass
 class RunConfig:
-    recipe: Literal["sft", "dpo", "unpaired", "masked", "negative", "reward", "grpo", "rloo", "online_dpo", "raft"] = "dpo"
-    """`sft`; `dpo` (paired losses, chosen under `loss`); `unpaired` (KTO, BCO on labelled completions); `masked` (Mask-DPO on sentence-labelled pairs); `negative` (D2O on negatives plus the model's own samples); `reward` (a Bradley-Terry reward model); online, sampling as it trains: `grpo`, `rloo`, `online_dpo` (best vs worst sample, `loss` dpo or ipo), `raft` (SFT on the best of k samples)."""
+    recipe: str = "dpo"
+    """The training method; `alignkit train --help-config` lists them, with what each reads (the README's recipe table)."""
     output_dir: str = "runs/alignkit"
     """Run directory: checkpoints, metrics.jsonl, the final model."""
     seed: int = 0
@@ -201,7 +233,7 @@ class RunConfig:
     cache_dir: Optional[str] = None
     """Where cached reference log-probs and converted models go (default `$ALIGNKIT_CACHE` or `~/.cache/alignkit`)."""
     loss: dict = field(default_factory=lambda: {"name": "dpo"})
-    """Loss name and hyper-parameters, e.g. `{name: dpo, beta: 0.1}`; `alignkit losses` lists them. Without a name, the recipe's own: dpo, sft, kto (unpaired), mask_dpo (masked), d2o (negative), bradley_terry (reward)."""
+    """Loss name and hyper-parameters, e.g. `{name: dpo, beta: 0.1}`; `alignkit losses` lists them. Without a name, the recipe's default (the recipe table)."""
     losses: list = field(default_factory=list)
     """Weighted loss terms instead of `loss`, e.g. `[{name: dpo, weight: 1.0}, {name: sft, weight: 0.2}]`."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -211,6 +243,8 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,17 +297,39 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _read_by(key: str) -> str:
+    names = registry.readers(key)
+    return "" if len(names) == len(registry.RECIPES) else ", ".join(names) or "none"
+
+
 def format_help(markdown: bool = False) -> str:
-    """The config reference, as terminal text or a Markdown table."""
+    """The config reference, as terminal text or a Markdown table, with the recipes that read each
+    key (from the recipe registry)."""
     rows = list(iter_fields())
+    recipes = " | ".join(registry.RECIPES)
     if markdown:
-        out = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        out = ["| key | type | default | read by | meaning |", "| --- | --- | --- | --- | --- |"]
         for key, tp, default, doc in rows:
-            out.append(f"| `{key}` | {_type_name(tp)} | `{default!r}` | {doc} |")
+            kind = recipes if key == "recipe" else _type_name(tp)
+            out.append(f"| `{key}` | {kind} | `{default!r}` | {_read_by(key) or 'all'} | {doc} |")
         return "\n".join(out)
-    out = []
+    out = ["Recipes:"]
+    out += [f"  {s.name:<11} {s.summary} (data: {s.data}; default loss: {s.default_loss})"
+            for s in registry.RECIPES.values()]
+    out.append("\nConfig keys (YAML nesting or dotted key=value overrides):")
     for key, tp, default, doc in rows:
-        out.append(f"  {key} ({_type_name(tp)}, default {default!r})\n      {doc}")
+        kind = recipes if key == "recipe" else _type_name(tp)
+        readers = _read_by(key)
+        out.append(f"  {key} ({kind}, default {default!r})" + (f"  [recipes: {readers}]" if readers else "")
+                   + f"\n      {doc}")
+    return "\n".join(out)
+
+
+def recipe_table() -> str:
+    """The README's recipe table, from the registry."""
+    out = ["| recipe | data | default loss | samples while training | what it trains |", "| --- | --- | --- | --- | --- |"]
+    for s in registry.RECIPES.values():
+        out.append(f"| `{s.name}` | {s.data} | `{s.default_loss}` | {'yes' if s.samples else 'no'} | {s.summary} |")
     return "\n".join(out)
 
 
@@ -292,6 +348,8 @@ def _valid_keys(cls: type = RunConfig) -> list[str]:
 
 
 def _unknown_key_error(key: str, where: str) -> ConfigError:
+    if key in MOVED:
+        return ConfigError(f"{where}`{key}` is now `{MOVED[key]}`.")
     close = difflib.get_close_matches(key, _valid_keys(), n=1, cutoff=0.5)
     if not close:  # a misspelt leaf name under the right section, or the right leaf in another one
         leaf = key.rsplit(".", 1)[-1]
@@ -418,18 +476,55 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
         if key == "loss" or key.startswith("loss."):
             _set_dotted(data, key, value)  # loss params are checked against the loss's signature later
             continue
-        if key not in _valid_keys() or key in ("model", "lora", "data", "train", "generation", "reward"):
+        if key in MOVED:
+            raise ConfigError(f"override: `{key}` is now `{MOVED[key]}`.")
+        if key not in _valid_keys() or key in _SECTIONS:
             raise _unknown_key_error(key, "override: ")
         _set_dotted(data, key, value)
-    default_loss = RECIPE_DEFAULT_LOSS.get(data.get("recipe", RunConfig.recipe), "dpo")
-    if "loss" not in data and not data.get("losses"):
-        data["loss"] = {"name": default_loss}
-    elif isinstance(data.get("loss"), dict) and "name" not in data["loss"]:
-        # `loss.beta=0.2` alone tunes the recipe's default loss rather than replacing the mapping.
-        data["loss"] = {"name": default_loss, **data["loss"]}
+    recipe = data.get("recipe", RunConfig.recipe)
+    spec = registry.get(recipe) if isinstance(recipe, str) else None
+    if spec is not None:
+        if "loss" not in data and not data.get("losses"):
+            data["loss"] = {"name": spec.default_loss}
+        elif isinstance(data.get("loss"), dict) and "name" not in data["loss"]:
+            # `loss.beta=0.2` alone tunes the recipe's default loss rather than replacing the mapping.
+            data["loss"] = {"name": spec.default_loss, **data["loss"]}
     cfg = _build(RunConfig, data, "", where)
     validate(cfg)
+    check_reads(cfg, where)
     return cfg
+
+
+# Keys that moved; naming the new place beats "unknown key".
+MOVED = {"online.clip_low": "loss.clip_low", "online.clip_high": "loss.clip_high"}
+_SECTIONS = ("model", "lora", "data", "train", "generation", "reward", "online", "critic", "ppo")
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested dict (sections and mappings such as `loss` are walked)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_reads(cfg: RunConfig, where: str = "") -> None:
+    """A setting the recipe does not read, set to anything but its default, is an error: it would
+    have no effect. (A key left at its default passes, so a saved config, which lists every key,
+    loads back.)"""
+    spec = registry.get(cfg.recipe)
+    defaults = flat_dict(to_dict(RunConfig(recipe=cfg.recipe, loss={"name": spec.default_loss})))
+    given = flat_dict(to_dict(cfg))
+    unread = [k for k, v in given.items() if v != defaults.get(k, v) and not spec.reads_key(k)]
+    unread += [k for k in given if k not in defaults and not spec.reads_key(k)]  # e.g. loss.beta where unread
+    if unread:
+        keys = sorted(set(unread))
+        lines = "; ".join(f"`{k}` ({', '.join(registry.readers(k)) or 'no recipe'} read it)" for k in keys)
+        raise ConfigError(f"{where}recipe {cfg.recipe} does not read {lines}. Remove {'them' if len(keys) > 1 else 'it'}: "
+                          "a setting with no effect would make the run look like something it is not.")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -451,18 +546,30 @@ def validate(cfg: RunConfig) -> None:
     if t.max_steps is not None and t.max_steps <= 0:
         raise ConfigError(f"`train.max_steps` must be positive; got {t.max_steps}.")
     _check_ranges(cfg)
-    if cfg.recipe in ONLINE_RECIPES:
+    spec = registry.get(cfg.recipe)
+    if spec.samples:
         if cfg.online.rewards is None:
             raise ConfigError(f"recipe {cfg.recipe} samples completions and needs a reward: set `online.rewards`, e.g. "
                               "`online.rewards=numeric_match` or `online.rewards=my_rewards.py:score`.")
-        if t.max_tokens_per_batch is not None or t.forward_tokens is not None:
-            raise ConfigError(f"recipe {cfg.recipe} batches prompts by count (train.batch_size prompts, each with "
-                              "generation.num_samples completions); unset `train.max_tokens_per_batch` and `train.forward_tokens`.")
         if cfg.online.iterations < 1:
             raise ConfigError(f"`online.iterations` must be >= 1; got {cfg.online.iterations}.")
         if cfg.recipe in ("grpo", "rloo", "online_dpo") and cfg.generation.num_samples < 2:
             raise ConfigError(f"recipe {cfg.recipe} compares samples of the same prompt: "
                               f"`generation.num_samples` must be >= 2; got {cfg.generation.num_samples}.")
+    if cfg.recipe == "ppo":
+        p = cfg.ppo
+        if p.epochs < 1 or p.minibatches < 1:
+            raise ConfigError(f"`ppo.epochs` and `ppo.minibatches` must be >= 1; got {p.epochs} and {p.minibatches}.")
+        if p.minibatches > t.batch_size:
+            raise ConfigError(f"`ppo.minibatches` ({p.minibatches}) splits the prompts of a rollout: it cannot exceed "
+                              f"`train.batch_size` ({t.batch_size}).")
+        if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
+            raise ConfigError(f"`ppo.gamma` and `ppo.lam` must be in [0, 1]; got {p.gamma} and {p.lam}.")
+        if p.ptx_coef > 0 and not p.ptx_data:
+            raise ConfigError("`ppo.ptx_coef` > 0 mixes in an NLL term on SFT data: set `ppo.ptx_data` to a file of "
+                              "prompt/completion records.")
+        if p.reward_clip < 0 or cfg.critic.value_clip < 0 or p.ptx_coef < 0:
+            raise ConfigError("`ppo.reward_clip`, `ppo.ptx_coef` and `critic.value_clip` must be >= 0.")
     if t.forward_tokens is not None and t.forward_tokens <= 0:
         raise ConfigError(f"`train.forward_tokens` must be positive (or unset); got {t.forward_tokens}.")
     if t.max_tokens_per_batch is not None and t.max_tokens_per_batch <= 0:
@@ -512,8 +619,9 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("lora.alpha", lo.alpha, lo.alpha > 0, "positive"),
         ("lora.dropout", lo.dropout, 0 <= lo.dropout < 1, "in [0, 1)"),
         ("online.kl_coef", o.kl_coef, o.kl_coef >= 0, ">= 0"),
-        ("online.clip_low", o.clip_low, 0 <= o.clip_low < 1, "in [0, 1)"),
-        ("online.clip_high", o.clip_high, o.clip_high >= 0, ">= 0"),
+        ("critic.learning_rate", cfg.critic.learning_rate, cfg.critic.learning_rate > 0, "a positive number"),
+        ("critic.max_grad_norm", cfg.critic.max_grad_norm, cfg.critic.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+        ("critic.freeze_layers", cfg.critic.freeze_layers, cfg.critic.freeze_layers >= 0, ">= 0"),
         ("data.limit", cfg.data.limit, cfg.data.limit is None or cfg.data.limit > 0, "positive (or unset)"),
     ]
     for key, value, ok, want in rules:

@@ -174,3 +174,11 @@ def _split_sum(x: torch.Tensor, segments: torch.Tensor, num_segments: int) -> to
         compensation = compensation + ((big - new) + small)
         total = new
     return total + compensation
+
+
+def in_segment_order(out: SegmentLogps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token log-probs, segments and entropies sorted by segment (stable: completion order within),
+    the order per-token rollout tensors (advantages, values, the sampler's log-probs) are kept in."""
+    order = torch.argsort(out.token_segments, stable=True)
+    ent = out.token_entropy[order] if out.token_entropy is not None else None
+    return out.token_logps[order], out.token_segments[order], ent

@@ -23,6 +23,9 @@ DATA_NOTES = {
     "masked": "`recipe: masked`, pairs with `chosen_sentences` / `rejected_sentences`",
     "negative": "`recipe: negative`, records with `prompt`, `rejected`; `generation.num_samples` replies per "
                 "prompt are sampled from the initial model before training",
+    "reward": "`recipe: reward`, preference pairs (optionally per-objective `labels`, a `margin`)",
+    "rollout": "the policy loss of `recipe: grpo`, `rloo` or `ppo`: per-token log-probs of sampled completions",
+    "value": "the value loss of `recipe: ppo` (`critic.value_clip`)",
 }
 
 
@@ -53,12 +56,13 @@ def loss_docs() -> str:
 
 def sections() -> dict[str, str]:
     from alignkit.cli import main
-    from alignkit.config import format_help
+    from alignkit.config import format_help, recipe_table
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         main(["losses", "--markdown"])
-    return {"config-reference": format_help(markdown=True), "loss-table": buf.getvalue().strip()}
+    return {"config-reference": format_help(markdown=True), "loss-table": buf.getvalue().strip(),
+            "recipe-table": recipe_table()}
 
 
 def render(text: str) -> str:

@@ -37,7 +37,7 @@ def test_type_and_choice_errors():
     with pytest.raises(ConfigError, match=r"`train.batch_size` must be a int; got 'big'"):
         load_config(None, ["train.batch_size=big"])
     with pytest.raises(ConfigError, match=r"`recipe` must be one of sft, dpo"):
-        load_config(None, ["recipe=ppo"])
+        load_config(None, ["recipe=ppx"])  # not a recipe (ppo is one now)
     with pytest.raises(ConfigError, match=r"`train.grad_accum` must be positive"):
         load_config(None, ["train.grad_accum=0"])
     with pytest.raises(ConfigError, match="key=value"):
@@ -79,3 +79,51 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     assert parse_override("x=null") == ("x", None)
     assert parse_override("x=true") == ("x", True)
+
+
+# -- the recipe registry decides what each recipe reads ----------------------------------------
+
+
+@pytest.mark.parametrize("recipe,override,key", [
+    ("grpo", "reference=live", "reference"),
+    ("grpo", "train.packing=false", "train.packing"),
+    ("rloo", "online.scale_rewards=false", "online.scale_rewards"),
+    ("dpo", "online.kl_coef=0.1", "online.kl_coef"),
+    ("sft", "generation.num_samples=8", "generation.num_samples"),
+    ("raft", "losses=[{name: sft, weight: 1.0}]", "losses"),
+    ("dpo", "critic.learning_rate=1e-4", "critic.learning_rate"),
+])
+def test_a_key_the_recipe_does_not_read_is_an_error(recipe, override, key):
+    extra = ["online.rewards=numeric_match"] if recipe in ("grpo", "rloo", "raft") else []
+    with pytest.raises(ConfigError, match=rf"recipe {recipe} does not read `{key}`"):
+        load_config(None, [f"recipe={recipe}", override, *extra])
+
+
+def test_keys_at_their_defaults_pass_so_saved_configs_load_back(tmp_path):
+    from alignkit.config import save_config
+
+    cfg = load_config(None, ["recipe=grpo", "online.rewards=numeric_match", "loss.clip_high=0.28"])
+    save_config(cfg, tmp_path / "c.yaml")  # lists every key, `reference` and `train.packing` included
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert again == cfg and again.loss == {"name": "ppo_clip", "clip_high": 0.28}
+
+
+def test_default_losses_come_from_the_registry():
+    from alignkit.train import registry
+
+    for name, spec in registry.RECIPES.items():
+        extra = ["online.rewards=numeric_match"] if spec.samples else []
+        assert load_config(None, [f"recipe={name}", *extra]).loss == {"name": spec.default_loss}, name
+    with pytest.raises(ConfigError, match="`online.clip_low` is now `loss.clip_low`"):
+        load_config(None, ["recipe=grpo", "online.clip_low=0.1"])
+
+
+def test_help_config_lists_recipes_and_who_reads_each_key(capsys):
+    from alignkit.cli import main
+
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "ppo         PPO (PPO-max)" in out
+    assert "online.scale_rewards (bool, default True)  [recipes: grpo]" in out
+    assert "critic.value_clip (float, default 0.2)  [recipes: ppo]" in out
+    assert "train.learning_rate (float, default 5e-06)\n" in out  # every recipe reads it: no list

@@ -11,7 +11,7 @@ from alignkit.cli import build_parser, eval_config_from_args, main
 from alignkit.config import load_config
 from alignkit.data.formats import load_preference_examples
 from alignkit.train import loop
-from alignkit.train.recipes import split_heldout
+from alignkit.data.splits import split_heldout
 from conftest import base_overrides, toy_pairs, write_jsonl
 
 EVAL_ARGS = ["--num-prompts", "2", "--max-new-tokens", "2", "--no-progress", "--no-report"]

@@ -8,7 +8,7 @@ import pytest
 from alignkit.cli import main
 from alignkit.config import load_config
 from alignkit.errors import ConfigError
-from alignkit.rewards import combine_log_sigmoid, load_reward, log_sigmoid_transform
+from alignkit.rewards import build_reward as load_reward, combine_log_sigmoid, log_sigmoid_transform
 from alignkit.train import loop
 from conftest import base_overrides
 
@@ -91,7 +91,7 @@ def test_eval_on_a_run_writes_metrics_and_report(tiny_model_dir, pairs_file, rew
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit.data.formats import load_preference_examples
-    from alignkit.train.recipes import load_examples
+    from alignkit.data.splits import load_examples
 
     cfg = load_config(None, base_overrides(tiny_model_dir, pairs_file, tmp_path / "run", tmp_path / "c") + [
         "train.learning_rate=5e-3", "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=5",

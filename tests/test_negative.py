@@ -14,7 +14,7 @@ from alignkit.data.negative import TokenizedGroup, load_negative_examples, parse
 from alignkit.errors import DataError
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from alignkit.train.reference import example_columns
+from alignkit.logprob_passes import segment_table as example_columns
 from conftest import base_overrides, toy_pairs, write_jsonl
 
 

@@ -50,7 +50,7 @@ def test_grpo_raises_heldout_reward_and_logs_its_metrics(tiny_model_dir, prompts
 
 def test_iterations_reuse_each_rollout_and_the_ratio_moves(tiny_model_dir, prompts_file, tmp_path):
     cfg = _cfg(tiny_model_dir, prompts_file, tmp_path, "grpo", "online.iterations=3", "train.max_steps=6",
-               "online.clip_low=0.01", "online.clip_high=0.01")
+               "loss.clip_low=0.01", "loss.clip_high=0.01")
     rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
     assert [r["time/generation_s"] > 0 for r in rows] == [True, False, False] * 2
     assert rows[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and rows[0]["clip_fraction"] == 0
@@ -114,7 +114,7 @@ def test_grpo_with_a_reward_model_directory(tiny_model_dir, prompts_file, tmp_pa
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from alignkit.rewards.model import RewardModel
-    from alignkit.train.online import make_reward
+    from alignkit.rewards import build_reward as make_reward
 
     rm_dir = tmp_path / "rm"
     AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(rm_dir)

@@ -100,7 +100,7 @@ def test_packed_reward_model_equals_transformers_classifier(family, capacity):
     """Packed, prefix-shared reward batches score each completion as transformers' own classifier
     does on padded rows, including completions that end in (or consist of) pad-id tokens (SmolLM2's
     pad is its end-of-turn token, so this is the common case)."""
-    from alignkit.train.reward import sequence_rewards
+    from alignkit.heads import sequence_rewards
 
     model = _tiny_classifier(family).eval()
     pairs = _pairs()
@@ -114,7 +114,7 @@ def test_packed_reward_model_equals_transformers_classifier(family, capacity):
 
 
 def test_packed_reward_gradients_equal_padded():
-    from alignkit.train.reward import sequence_rewards
+    from alignkit.heads import sequence_rewards
 
     model = _tiny_classifier("llama", num_labels=1)
     pairs = _pairs()

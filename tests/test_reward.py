@@ -97,10 +97,11 @@ def test_reward_model_learns_and_reloads_as_sequence_classifier(tiny_model_dir, 
     # training computes for it, packed [prompt][chosen][rejected] layout and pooling included.
     from alignkit.data.formats import parse_preference_record
     from alignkit.data.tokenize import tokenize_pairs
-    from alignkit.train.reward import sequence_rewards
+    from alignkit.heads import sequence_rewards
 
     full = _cfg(result.final_dir, pairs_file, tmp_path, out="check")
-    _, recipe, _, trained, device, _ = loop.setup(full, progress=False)
+    session = loop.setup(full, progress=False)
+    recipe, trained, device = session.recipe, session.model, session.device
     assert full.train.packing  # the layout training used
     pair = parse_preference_record({"prompt": "what is 2 plus 3 ?", "chosen": "the answer is 5 .",
                                     "rejected": "sorry i cannot help ."}, "x:1")
@@ -155,9 +156,9 @@ def test_freeze_layers_and_lora(tiny_model_dir, pairs_file, tmp_path):
     # forward path, it gives the eval metrics logged during training (logged to 8 decimals; merged
     # float32 weights round differently from base + adapter, hence 1e-5 on a margin of ~5).
     full = _cfg(result.final_dir, pairs_file, tmp_path, out="lora-check")
-    _, recipe, data, model, device, autocast = loop.setup(full, progress=False)
-    plan = loop.batch_plan(full, recipe, data.eval, 8, shuffle=False)
-    again = loop.evaluate(recipe, model, data.eval, plan, device, autocast)
+    session = loop.setup(full, progress=False)
+    recipe, data, model = session.recipe, session.data, session.model
+    again = recipe.evaluate(model, data.eval)
     assert again["loss"] == pytest.approx(ev["loss"], abs=1e-6)
     assert again["rewards/margins"] == pytest.approx(ev["rewards/margins"], abs=1e-5)
 
@@ -177,15 +178,15 @@ def test_head_only_reward_model_trains_on_cached_trunk_outputs(tiny_model_dir, p
     for (name, a), b in zip(before.model.named_parameters(), after.model.parameters()):
         assert torch.equal(a, b), name
     full = _cfg(result.final_dir, pairs_file, tmp_path, out="check")  # no freezing: the full forward path
-    _, recipe, data, model, device, autocast = loop.setup(full, progress=False)
+    session = loop.setup(full, progress=False)
+    recipe, data, model = session.recipe, session.data, session.model
     assert not recipe.features
-    plan = loop.batch_plan(full, recipe, data.eval, 8, shuffle=False)
-    assert loop.evaluate(recipe, model, data.eval, plan, device, autocast)["loss"] == pytest.approx(ev["loss"], abs=1e-5)
+    assert recipe.evaluate(model, data.eval)["loss"] == pytest.approx(ev["loss"], abs=1e-5)
 
 
 def test_reward_model_pads_with_a_token_other_than_end_of_turn():
     from alignkit.testing import tiny_tokenizer
-    from alignkit.train.reward import use_distinct_pad
+    from alignkit.heads import use_distinct_pad
 
     tok = tiny_tokenizer()
     assert use_distinct_pad(tok) is None and tok.pad_token == "<|endoftext|>"  # already distinct

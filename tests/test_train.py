@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from alignkit.config import load_config
 from alignkit.train import checkpoint as ckpt
 from alignkit.train import loop
+from alignkit.train import steps as train_steps
 from alignkit.train.metrics import read_metrics
 from conftest import base_overrides
 
@@ -37,7 +38,20 @@ def test_sft_lowers_nll(tiny_model_dir, sft_file, tmp_path):
     result = loop.train(cfg, progress=False)
     rows = read_metrics(result.run_dir, "train")
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
-    assert rows[0]["loss"] == pytest.approx(rows[0]["nll_per_token"], rel=0.3)
+    # Step 1, worked out with a plain float64 log-softmax of the initial model on the step's examples:
+    # loss = the step's summed NLL / its completion tokens; nll_per_token = mean over examples of NLL / tokens.
+    session = loop.setup(cfg, progress=False)
+    first = train_steps.batch_plan(cfg, session.recipe, session.data.train, cfg.train.batch_size,
+                                   cfg.train.shuffle).micro_batch(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    nll, counts = [], []
+    for it in (session.data.train[i] for i in first):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([it.prompt_ids + it.completion_ids])).logits[0].double(), -1)
+        nll.append(-sum(float(lp[len(it.prompt_ids) + j - 1, t]) for j, t in enumerate(it.completion_ids)))
+        counts.append(len(it.completion_ids))
+    assert rows[0]["loss"] == pytest.approx(sum(nll) / sum(counts), abs=1e-6)
+    assert rows[0]["nll_per_token"] == pytest.approx(sum(n / c for n, c in zip(nll, counts)) / len(nll), abs=1e-6)
 
 
 def _final_params(run_dir):
@@ -156,16 +170,16 @@ def test_resume_with_lora(tiny_model_dir, pairs_file, tmp_path):
 
 
 def test_lr_schedule_shapes():
-    f = [loop.lr_factor(s, 10, 2, "cosine") for s in range(10)]
+    f = [train_steps.lr_factor(s, 10, 2, "cosine") for s in range(10)]
     assert f[0] == pytest.approx(1 / 3) and f[1] == pytest.approx(2 / 3) and f[2] == 1.0
     assert f[-1] < 0.05 and all(a >= b for a, b in zip(f[2:], f[3:]))
-    lin = [loop.lr_factor(s, 10, 0, "linear") for s in range(10)]
+    lin = [train_steps.lr_factor(s, 10, 0, "linear") for s in range(10)]
     assert lin[5] == pytest.approx(0.5)
-    assert loop.lr_factor(7, 10, 0, "constant") == 1.0
+    assert train_steps.lr_factor(7, 10, 0, "constant") == 1.0
 
 
 def test_micro_batches_cover_each_epoch_once():
-    plan = loop.BatchPlan([0] * 10, 3, seed=1)
+    plan = train_steps.BatchPlan([0] * 10, 3, seed=1)
     seen = [i for m in range(4) for i in plan.micro_batch(m)]
     assert sorted(seen) == list(range(10)) and plan.per_epoch == 4  # 3+3+3+1
     nxt = [i for m in range(4, 8) for i in plan.micro_batch(m)]
@@ -173,16 +187,16 @@ def test_micro_batches_cover_each_epoch_once():
 
 
 def test_token_budget_cuts_batches_in_order():
-    plan = loop.BatchPlan([5, 3, 9, 2, 12, 4, 4], batch_size=1, max_tokens=10, shuffle=False)
+    plan = train_steps.BatchPlan([5, 3, 9, 2, 12, 4, 4], batch_size=1, max_tokens=10, shuffle=False)
     assert plan.epoch(0) == [[0, 1], [2], [3], [4], [5, 6]]  # 12 > 10 goes alone
     assert plan.over_budget == 1
 
 
 def test_token_budget_epochs_are_covered_and_reproducible():
     tokens = [(7 * i) % 23 + 1 for i in range(50)]
-    plan = loop.BatchPlan(tokens, batch_size=4, max_tokens=40, seed=3)
+    plan = train_steps.BatchPlan(tokens, batch_size=4, max_tokens=40, seed=3)
     steps = [plan.micro_batch(m) for m in range(3 * plan.per_epoch)]
-    again = loop.BatchPlan(tokens, batch_size=4, max_tokens=40, seed=3)  # a resumed run's fresh plan
+    again = train_steps.BatchPlan(tokens, batch_size=4, max_tokens=40, seed=3)  # a resumed run's fresh plan
     assert [again.micro_batch(m) for m in reversed(range(len(steps)))] == steps[::-1]
     assert all(sum(tokens[i] for i in b) <= 40 for b in steps)
     first = [i for b in plan.epoch(0) for i in b]
@@ -195,8 +209,9 @@ def test_training_by_token_budget(tiny_model_dir, pairs_file, tmp_path):
                "train.log_every=1")
     result = loop.train(cfg, progress=False)
     rows = read_metrics(result.run_dir, "train")
-    tokenizer, recipe, data, *_ = loop.setup(cfg, progress=False)
-    plan = loop.batch_plan(cfg, recipe, data.train, 4, shuffle=True)
+    session = loop.setup(cfg, progress=False)
+    recipe, data = session.recipe, session.data
+    plan = train_steps.batch_plan(cfg, recipe, data.train, 4, shuffle=True)
     assert len(rows) == result.steps == plan.per_epoch
     # every step's non-pad tokens (prompts once: packed) fit the budget, and the epoch covers the data
     assert all(r["tokens_computed"] <= 60 for r in rows)
@@ -243,6 +258,6 @@ def test_forward_pieces_leave_the_training_trajectory_unchanged(tiny_model_dir, 
     for a, b in zip(read_metrics(whole.run_dir, "train"), read_metrics(split.run_dir, "train")):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["tokens"] == b["tokens"]
-    pieces = loop.forward_pieces([type("I", (), {"prompt_ids": [1] * 10, "chosen_ids": [2] * 5, "rejected_ids": [3] * 5})()] * 5,
+    pieces = train_steps.forward_pieces([type("I", (), {"prompt_ids": [1] * 10, "chosen_ids": [2] * 5, "rejected_ids": [3] * 5})()] * 5,
                                  40, shared=True)
     assert [len(p) for p in pieces] == [2, 2, 1]  # 20 tokens each, at most 40 per piece

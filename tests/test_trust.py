@@ -121,7 +121,7 @@ def test_a_huge_learning_rate_stops_the_run_and_writes_no_nan(tiny_model_dir, pa
 
 def _nan_at(monkeypatch, step_call: int):
     """Make the recipe's training loss NaN on its `step_call`-th training call (1-based)."""
-    from alignkit.train.recipes import PreferenceRecipe
+    from alignkit.train.recipes.dpo import PreferenceRecipe
 
     real, calls = PreferenceRecipe.loss, {"n": 0}
 

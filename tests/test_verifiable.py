@@ -5,6 +5,7 @@ from decimal import Decimal
 import pytest
 
 from alignkit.errors import ConfigError, DataError
+from alignkit.rewards.build import build_reward
 from alignkit.rewards.functions import RewardFunction
 from alignkit.rewards.verifiable import (
     Keywords,
@@ -12,7 +13,6 @@ from alignkit.rewards.verifiable import (
     NumericMatch,
     RegexMatch,
     WeightedSum,
-    build_reward,
     extract_number,
     final_answer,
     numbers_equal,

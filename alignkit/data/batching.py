@@ -126,6 +126,18 @@ def completions_of(item) -> list:
     return [item.completion_ids]
 
 
+def cut_by_budget(seq: list, sizes: list, budget: int) -> list:
+    """Consecutive runs of `seq` whose sizes add up to at most `budget` (an element over it alone)."""
+    runs, current, used = [], [], 0
+    for x, n in zip(seq, sizes):
+        if current and used + n > budget:
+            runs.append(current)
+            current, used = [], 0
+        current.append(x)
+        used += n
+    return runs + [current] if current else runs
+
+
 def example_tokens(item, shared_prompt: bool) -> int:
     """Non-pad tokens an example adds to a batch: its prompt once in a prefix-shared layout, once
     per completion in a padded one (what `train.max_tokens_per_batch` budgets)."""

@@ -77,3 +77,14 @@ def select_sources(examples: list, sources: list, data: str, record_path) -> lis
             f"longer there ({shown}): the data changed since training. Restore the file the run trained on, "
             "or give --data with the pairs to evaluate.")
     return [by_source[s] for s in sources]
+
+
+def write_record(cfg, data, run_dir) -> Path:
+    """Write RUN/heldout.json for a run with config `cfg` (a RunConfig) and its `PreparedData`."""
+    d = cfg.data
+    record = HeldoutRecord(
+        data=d.eval or d.train, recipe=cfg.recipe, split=d.split, columns=dict(d.columns or {}),
+        on_bad_record=d.on_bad_record, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+        limit=d.limit, eval_fraction=0.0 if d.eval else d.eval_fraction, seed=cfg.seed,
+        num_train=data.num_train, sources=data.heldout_sources)
+    return write_heldout(run_dir, record)

@@ -65,3 +65,10 @@ def tokenize_prompts(examples: list, tokenizer, max_prompt_length: int) -> tuple
         cut += truncated
         out.append(TokenizedPrompt(ids[-max_prompt_length:], i, truncated))
     return out, cut
+
+
+def prompt_columns(examples: list) -> dict:
+    """{column: one value per example} over the columns any of the prompt examples has (what a
+    reward receives as `**columns`)."""
+    keys = sorted({k for ex in examples for k in ex.columns})
+    return {k: [ex.columns.get(k) for ex in examples] for k in keys}

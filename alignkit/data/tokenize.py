@@ -89,6 +89,21 @@ def render_texts(tokenizer, prompt, completion, plain_text: bool) -> tuple[str, 
     return prompt_text, completion_text
 
 
+def as_messages(prompt) -> tuple[tuple, bool]:
+    """A prompt (string or message list) -> (messages, was a plain string)."""
+    if isinstance(prompt, str):
+        return ({"role": "user", "content": prompt},), True
+    return tuple(prompt), False
+
+
+def encode_completion(tokenizer, prompt, completion: str) -> tuple[list, list]:
+    """Token ids of (prompt, completion) laid out as training lays them out: the chat template when
+    the tokenizer has one, else plain text (a reward model or a log-prob pass sees what training saw)."""
+    messages, plain = as_messages(prompt)
+    p_text, c_text = render_texts(tokenizer, messages, ({"role": "assistant", "content": completion},), plain)
+    return _encode(tokenizer, p_text, c_text)
+
+
 def _encode(tokenizer, prompt_text: str, completion_text: str) -> tuple[list, list]:
     # With a chat template the special tokens (BOS included) are in the rendered text already.
     templated = tokenizer.chat_template is not None

@@ -8,8 +8,9 @@ are) "true"/"false", "yes"/"no" or "1"/"0". Used by KTO and BCO (`recipe: unpair
 
 from __future__ import annotations
 
-from alignkit.data.examples import UnpairedExample
+from alignkit.data.examples import PreferenceExample, UnpairedExample
 from alignkit.data.formats import LoadResult, _check_columns, _load, _Record
+from alignkit.data.tokenize import tokenize_pairs
 
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -46,3 +47,13 @@ def load_unpaired_examples(path: str, *, columns=None, on_bad_record: str = "err
     """Read and validate every unpaired record of `path`."""
     columns = _check_columns(columns, UNPAIRED_FIELDS, "unpaired")
     return _load(path, parse_unpaired_record, columns, on_bad_record, split)
+
+
+def tokenize_unpaired(examples: list, tokenizer, max_length: int, max_prompt_length):
+    """Unpaired examples -> TokenizedPairs (completion, mismatched completion): example i's second
+    completion is example i+1's, KTO's KL baseline (see `alignkit.train.recipes.unpaired`)."""
+    as_pairs = [
+        PreferenceExample(e.prompt, e.completion, examples[(i + 1) % len(examples)].completion, e.source, e.plain_text)
+        for i, e in enumerate(examples)
+    ]
+    return tokenize_pairs(as_pairs, tokenizer, max_length, max_prompt_length)

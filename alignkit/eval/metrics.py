@@ -326,8 +326,9 @@ def _topk_stats_chunked(logits, mask, k: int, chunk: int) -> dict:
             t1 = min(t0 + chunk, int(pos[-1]) + 1)
             keep = mask[b, t0:t1].to(logits.device)
             mass, ent = _topk_chunk(logits[b, t0:t1], k)
-            mass_sum += float(mass[keep].double().sum())
-            ent_sum += float(ent[keep].double().sum())
+            # summed on the host in float64: mps has no float64, and a chunk is at most `chunk` values
+            mass_sum += float(mass[keep].cpu().double().sum())
+            ent_sum += float(ent[keep].cpu().double().sum())
             n += int(keep.sum())
     return {"topk_mass": mass_sum / n, "topk_entropy": ent_sum / n, "k": int(k), "n_positions": n}
 

@@ -30,19 +30,18 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit import jsonfile
+from alignkit import logprob_passes as passes
 from alignkit.config import ModelConfig
-from alignkit.data.batching import TokenBatch, collate_pairs, collate_sft
+from alignkit.data.batching import TokenBatch, collate_pairs
 from alignkit.data.formats import load_preference_examples
 from alignkit.data.heldout import FILENAME as HELDOUT_FILE, read_heldout, select_sources
-from alignkit.data.tokenize import TokenizedSFT, _encode, render_texts, tokenize_pairs
+from alignkit.data.tokenize import tokenize_pairs
 from alignkit.errors import ConfigError
 from alignkit.eval import metrics as M
 from alignkit.generation.hf import SamplingParams, generate
-from alignkit.logprobs import scored_hidden, segment_logps
+from alignkit.logprobs import scored_hidden
 from alignkit.models import load_model, load_tokenizer, resolve_device
-from alignkit.rewards.model import as_messages
 from alignkit.rewards.transforms import combine_log_sigmoid
-from alignkit.train.reference import compute_ref_logps
 
 
 @dataclass
@@ -89,7 +88,7 @@ class _Models:
 
 def pair_tables(model, items: list, pad_id: int, batch_size: int) -> torch.Tensor:
     """[N, 2] summed log-probs (chosen, rejected)."""
-    return compute_ref_logps(model, items, lambda b: collate_pairs(b, pad_id), batch_size, 1024,
+    return passes.compute_ref_logps(model, items, lambda b: collate_pairs(b, pad_id), batch_size, 1024,
                              next(model.parameters()).device, contextlib.nullcontext, desc="log-probs")
 
 
@@ -181,26 +180,19 @@ def _scores_by_reward(cfg: EvalConfig, prompts: list, completions: list) -> dict
 
 def sample_logps(model, tokenizer, prompts: list, completions: list, max_length: int, batch_size: int,
                  topk: bool = False) -> tuple[torch.Tensor, dict | None]:
-    """Summed log-probs of (prompt, completion) under `model`; with topk, also top-k statistics."""
-    items = []
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        messages, plain = as_messages(p)
-        p_text, c_text = render_texts(tokenizer, messages, ({"role": "assistant", "content": c},), plain)
-        p_ids, c_ids = _encode(tokenizer, p_text, c_text)
-        items.append(TokenizedSFT(p_ids[-(max_length // 2):], c_ids[: max_length // 2], i))
-    out = torch.zeros(len(items), dtype=torch.float64)
-    mass = ent = 0.0
-    n_pos = 0
-    with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            batch = collate_sft(items[start: start + batch_size], tokenizer.pad_token_id).to(next(model.parameters()).device)
-            out[start: start + len(batch.example_ids)] = segment_logps(model, batch).logps.double().cpu()
-            if topk:
-                stats = _topk_of_batch(model, batch)
-                mass += stats["topk_mass"] * stats["n_positions"]
-                ent += stats["topk_entropy"] * stats["n_positions"]
-                n_pos += stats["n_positions"]
-    stats = {"topk_mass": mass / max(1, n_pos), "topk_entropy": ent / max(1, n_pos)} if topk else None
+    """Summed log-probs of (prompt, completion) under `model`; with topk, also top-k statistics
+    (arXiv 2410.11677) over the positions predicting completion tokens."""
+    acc = {"mass": 0.0, "ent": 0.0, "n": 0}
+
+    def gather(m, batch):
+        stats = _topk_of_batch(m, batch)
+        acc["mass"] += stats["topk_mass"] * stats["n_positions"]
+        acc["ent"] += stats["topk_entropy"] * stats["n_positions"]
+        acc["n"] += stats["n_positions"]
+
+    out = passes.sample_logps(model, tokenizer, prompts, completions, max_length, batch_size,
+                              on_batch=gather if topk else None)
+    stats = {"topk_mass": acc["mass"] / max(1, acc["n"]), "topk_entropy": acc["ent"] / max(1, acc["n"])} if topk else None
     return out, stats
 
 
@@ -359,11 +351,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         result["checkpoints"] = checkpoints_section(cfg, models, tokenizer, reference, prompts, ref_samples, pair_data)
     if cfg.strategy:
         if cfg.prompts:
-            from alignkit.data.prompts import load_prompt_examples
-            from alignkit.train.online import example_columns
-
+            from alignkit.data.prompts import load_prompt_examples, prompt_columns
             records = load_prompt_examples(cfg.prompts).examples[: cfg.num_prompts]
-            s_prompts, columns = [list(e.prompt) for e in records], example_columns(records)
+            s_prompts, columns = [list(e.prompt) for e in records], prompt_columns(records)
         else:
             s_prompts, columns = prompts or held_out_prompts(cfg, examples), {}
         result["strategy"] = strategy_section(cfg, tokenizer, policy, s_prompts, columns)

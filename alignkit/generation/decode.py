@@ -14,6 +14,7 @@ real tokens, so a padded prompt sees the positions it would see alone.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,19 @@ class SamplingParams:
     top_k: int = 0  # 0 disables
     n: int = 1  # samples per prompt
     stop: tuple = ()  # stop strings: a sample ends once its text contains one (kept in the text)
+
+
+    def but(self, **changes) -> "SamplingParams":
+        """A copy with some settings changed (e.g. `params.but(n=1)`): the one way to derive settings,
+        so no field is forgotten on the way."""
+        return dataclasses.replace(self, **changes)
+
+
+def sampling_params(g, *, n: int | None = None, greedy: bool = False) -> SamplingParams:
+    """SamplingParams from a run's `generation` section (a `GenerationConfig`): the one place that
+    reads it. `n` overrides `num_samples`; `greedy` sets temperature 0 (held-out evaluation)."""
+    return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=0.0 if greedy else g.temperature,
+                          top_p=g.top_p, top_k=g.top_k, n=g.num_samples if n is None else n, stop=tuple(g.stop))
 
 
 @dataclass

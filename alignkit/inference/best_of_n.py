@@ -52,7 +52,7 @@ def run_candidates(backend, reward, prompts: list, prompt_ids: list, columns: di
 
 
 def sample_once(backend, reward, prompts, prompt_ids, columns, params: SamplingParams, seed: int = 0):
-    p = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k, 1, params.stop)
+    p = params.but(n=1)
     out = run_candidates(backend, reward, prompts, prompt_ids, columns, p, seed, "sample",
                          lambda r: torch.zeros(r.shape[0], dtype=torch.long))
     out.kl, out.kl_kind = 0.0, "exact"

@@ -105,7 +105,7 @@ def _search_batch(model, tokenizer, reward, prompts, prompt_ids, columns, params
         fresh = k - 1 if any(usable) else k  # with no plan to offer, a node's k proposals are all fresh
         groups = [[] for _ in active]
         if fresh:
-            sampling = SamplingParams(committed + ahead, params.temperature, params.top_p, params.top_k, fresh, params.stop)
+            sampling = params.but(max_new_tokens=committed + ahead, n=fresh)
             groups = _sample(model, [prompt_ids[i] + node.tokens for i, node in active], sampling, tokenizer,
                              generator, counter, [offset + i for i, _ in active])
         children = [[node for node in beam if node.done] for beam in beams]  # finished nodes compete on
@@ -126,7 +126,7 @@ def _search_batch(model, tokenizer, reward, prompts, prompt_ids, columns, params
             if todo:
                 horizon = min(sp.horizon, params.max_new_tokens)
                 rolled = _sample(sp.baseline, [prompt_ids[i] + scored[i][j][0].tokens for i, j in todo],
-                                 SamplingParams(horizon, 0.0, stop=params.stop), tokenizer, generator, counter,
+                                 params.but(max_new_tokens=horizon, temperature=0.0, n=1), tokenizer, generator, counter,
                                  [offset + i for i, _ in todo])
                 for (i, j), (roll,) in zip(todo, rolled):
                     child, _ = scored[i][j]

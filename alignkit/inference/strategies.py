@@ -65,7 +65,7 @@ def run_strategy(name: str, model, tokenizer, reward, prompts: list, columns: di
     ids = prompt_ids if prompt_ids is not None else encode_prompts(tokenizer, prompts)
     if name in ("sample", "best-of-n", "soft-best-of-n"):
         backend = TransformersBackend(model, tokenizer, batch_size, progress=progress)
-        p = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k, options.n, params.stop)
+        p = params.but(n=options.n)
         if name == "sample":
             return sample_once(backend, reward, prompts, ids, columns, p, seed)
         if name == "best-of-n":

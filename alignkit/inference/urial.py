@@ -24,6 +24,7 @@ from pathlib import Path
 
 from alignkit.errors import ConfigError
 from alignkit.generation.decode import SamplingParams, sample
+from alignkit.logprob_passes import sample_logps
 from alignkit.inference.result import Choice, StrategyResult
 from alignkit.rewards.functions import score_ragged
 
@@ -84,17 +85,14 @@ def urial(model, tokenizer, reward, prompts: list, columns: dict, params: Sampli
     tpl = load_template(template)
     texts = [render(tpl, p) for p in prompts]
     ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-    p = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k, 1,
-                       tuple(params.stop) + (FENCE,))
+    p = params.but(n=1, stop=tuple(params.stop) + (FENCE,))
     groups = sample(model, ids, p, eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                     batch_size=batch_size, seed=seed, tokenizer=tokenizer, progress=progress, desc="urial")
     answers = [answer_of(g[0].text) for g in groups]
     scores, _ = score_ragged(reward, prompts, [[a] for a in answers], columns)
     kl, kl_kind, per = None, None, [None] * len(prompts)
     if tokenizer.chat_template is not None:
-        from alignkit.eval.run import sample_logps
-
-        chat, _ = sample_logps(model, tokenizer, [_messages(x) for x in prompts], answers, kl_max_length, batch_size)
+        chat = sample_logps(model, tokenizer, [_messages(x) for x in prompts], answers, kl_max_length, batch_size)
         per = [sum(g[0].logprobs) - float(c) for g, c in zip(groups, chat)]
         kl, kl_kind = sum(per) / max(1, len(per)), "estimate"
     choices = [Choice(a, s[0], [a], s, 0, len(g[0].token_ids), kl=k) for a, s, g, k in zip(answers, scores, groups, per)]

@@ -1,8 +1,10 @@
 """Online RL for LLMs: group advantages, the clipped policy-gradient loss, pair/best-of selection.
 
-These are pure functions, like the rest of `alignkit.losses`, but they are not registered in the
-loss registry: the online recipe calls them directly, because their inputs (per-token log-probs of
-sampled completions, rewards per group) are not the [B] pair inputs the registry describes.
+Pure functions, like the rest of `alignkit.losses`. The policy loss `ppo_clip` is registered (data
+kind "rollout"): its inputs are per-token, [M] over the scored tokens of sampled completions, and
+it returns a per-token loss that the recipe reduces with `aggregate` (`online.aggregation`).
+`policy_gradient_loss` composes it with a per-sequence advantage, the k3 KL term and the
+aggregation: the whole GRPO objective in one call.
 
 Layout. A step samples G completions for each of P prompts; the S = P * G sequences are flattened,
 so sequence s belongs to prompt s // G and is sample s % G. Rewards are [P, G]. Per-token
@@ -17,6 +19,8 @@ float64 to pin numbers); integer rewards are promoted to float32.
 from __future__ import annotations
 
 import torch
+
+from alignkit.losses.registry import register
 
 
 def _check_rewards(rewards: torch.Tensor, who: str) -> torch.Tensor:
@@ -137,6 +141,51 @@ def _aggregate_dr_grpo(per_token, token_seq, num_sequences, max_completion_lengt
 AGGREGATIONS = {"grpo": _aggregate_grpo, "dapo": _aggregate_dapo, "dr_grpo": _aggregate_dr_grpo}
 
 
+def aggregate(per_token: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, aggregation: str,
+              max_completion_length=None) -> torch.Tensor:
+    """Per-token losses [M] -> the scalar loss, by `aggregation` (grpo, dapo or dr_grpo; see
+    `policy_gradient_loss`)."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregate: unknown aggregation {aggregation!r}; choose one of {sorted(AGGREGATIONS)}.")
+    return AGGREGATIONS[aggregation](per_token, token_seq, num_sequences, max_completion_length)
+
+
+@register(
+    "ppo_clip",
+    summary="PPO's clipped surrogate per token, with decoupled clip range (GRPO, DAPO's clip-higher).",
+    citation="Schulman et al., Proximal Policy Optimization Algorithms, arXiv 1707.06347; as GRPO uses it, "
+             "Shao et al., arXiv 2402.03300; clip-higher: Yu et al., DAPO, arXiv 2503.14476",
+    data="rollout",
+    reduction="token",
+)
+def ppo_clip(token_logps, old_token_logps, advantages, *, clip_low: float = 0.2, clip_high: float = 0.2):
+    """Per-token clipped surrogate; returns (loss [M], metrics {name: [M]}).
+
+    Inputs, flat over the M scored tokens of the sampled completions: token_logps (log pi_theta,
+    the only input gradients flow into), old_token_logps (log pi_old, the policy that sampled),
+    advantages (one per token: GRPO and RLOO broadcast their sequence's, PPO's GAE gives each
+    token its own). With ratio = exp(logp - old_logp) and A the token's advantage:
+        loss_t = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
+    (PPO, arXiv 1707.06347, eq. 7, as GRPO uses it, arXiv 2402.03300, Sec. 4.1; DAPO's
+    decoupled "clip-higher" range, arXiv 2503.14476, Sec. 3.1, uses clip_low 0.2, clip_high 0.28).
+
+    Metrics, per token (the recipe averages them): `clip_fraction/low` (ratio < 1 - clip_low with
+    A < 0), `clip_fraction/high` (ratio > 1 + clip_high with A > 0) -- exactly where the clipped
+    term is the active minimum and the gradient is zero, TRL's definitions -- `clip_fraction`
+    (either) and `ratio_mean`."""
+    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
+        raise ValueError(f"ppo_clip: need 0 <= clip_low < 1 and clip_high >= 0; got clip_low={clip_low}, "
+                         f"clip_high={clip_high}.")
+    adv = advantages.detach().to(token_logps.dtype)
+    ratio = torch.exp(token_logps - old_token_logps.detach())  # [M]
+    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv)
+    r = ratio.detach()
+    low = ((r < 1.0 - clip_low) & (adv < 0)).to(r.dtype)
+    high = ((r > 1.0 + clip_high) & (adv > 0)).to(r.dtype)
+    return per_token, {"clip_fraction/low": low, "clip_fraction/high": high, "clip_fraction": low + high,
+                       "ratio_mean": r}
+
+
 def _check_pg_inputs(token_logps, old_token_logps, advantages, token_seq, num_sequences,
                      clip_low, clip_high, ref_token_logps, kl_coef, aggregation):
     """Shape and hyper-parameter checks only: no value checks, which would need a host sync."""
@@ -205,11 +254,7 @@ def policy_gradient_loss(token_logps, old_token_logps, advantages, token_seq, nu
     _check_pg_inputs(token_logps, old_token_logps, advantages, token_seq, num_sequences,
                      clip_low, clip_high, ref_token_logps, kl_coef, aggregation)
     token_adv = advantages.detach().to(token_logps.dtype)[token_seq]  # [M]
-    ratio = torch.exp(token_logps - old_token_logps.detach())  # [M]
-    unclipped = ratio * token_adv
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * token_adv
-    per_token = -torch.minimum(unclipped, clipped)  # [M]
-
+    per_token, clip_metrics = ppo_clip(token_logps, old_token_logps, token_adv, clip_low=clip_low, clip_high=clip_high)
     n_tokens = max(token_logps.numel(), 1)
     metrics = {}
     if ref_token_logps is not None:
@@ -217,16 +262,8 @@ def policy_gradient_loss(token_logps, old_token_logps, advantages, token_seq, nu
         if kl_coef > 0.0:
             per_token = per_token + kl_coef * kl
         metrics["kl"] = kl.detach().sum() / n_tokens
-
-    loss = AGGREGATIONS[aggregation](per_token, token_seq, num_sequences, max_completion_length)
-
-    ratio_d = ratio.detach()
-    low = ((ratio_d < 1.0 - clip_low) & (token_adv < 0)).to(ratio_d.dtype)
-    high = ((ratio_d > 1.0 + clip_high) & (token_adv > 0)).to(ratio_d.dtype)
-    metrics["clip_fraction/low"] = low.sum() / n_tokens
-    metrics["clip_fraction/high"] = high.sum() / n_tokens
-    metrics["clip_fraction"] = (low + high).sum() / n_tokens
-    metrics["ratio_mean"] = ratio_d.sum() / n_tokens
+    loss = aggregate(per_token, token_seq, num_sequences, aggregation, max_completion_length)
+    metrics.update({k: v.sum() / n_tokens for k, v in clip_metrics.items()})
     return loss, metrics
 
 

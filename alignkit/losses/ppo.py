@@ -24,6 +24,7 @@ import math
 import torch
 
 from alignkit.losses.online import kl_k3
+from alignkit.losses.registry import register
 
 __all__ = ["RunningMoments", "explained_variance", "gae", "kl_per_token", "kl_shaped_rewards",
            "normalize_rewards", "ppo_value_loss", "whiten"]
@@ -293,6 +294,14 @@ def normalize_rewards(rewards: torch.Tensor, mean, std, *, clip: float | None = 
 # Critic
 # --------------------------------------------------------------------------------------------
 
+@register(
+    "ppo_value",
+    summary="PPO's clipped value loss: 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2) per token.",
+    citation="Zheng et al., Secrets of RLHF in Large Language Models Part I: PPO, arXiv 2307.04964 (value "
+             "clipping, PPO-max); returns from GAE, Schulman et al., arXiv 1506.02438",
+    data="value",
+    reduction="token",
+)
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *,
                    clip_range: float = 0.2):
     """Clipped value loss per token; returns (per_token_loss [M], metrics).

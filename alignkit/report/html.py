@@ -13,7 +13,7 @@ from html import escape
 
 import yaml
 
-from alignkit import __version__
+from alignkit.version import __version__
 from alignkit.report import plots as P
 from alignkit.report import tables as T
 from alignkit.report.inputs import RunInputs

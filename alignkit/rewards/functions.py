@@ -70,16 +70,6 @@ def load_reward_function(spec: str) -> RewardFunction:
     return RewardFunction(fn, spec)
 
 
-def load_reward(spec: str, *, weights: dict | None = None, device=None, batch_size: int = 16):
-    """A reward from a spec: a reward-model directory (or hub id, given `weights` or not) or a
-    `file.py:function` / `module:function` Python reward."""
-    from alignkit.rewards.model import RewardModel
-
-    if ":" in spec and not Path(spec).exists():
-        return load_reward_function(spec)
-    return RewardModel(spec, weights=weights, device=device, batch_size=batch_size)
-
-
 def score_ragged(reward, prompts: list, groups: list, columns: dict) -> tuple[list, dict]:
     """Score each prompt's group of completions (groups may differ in size): ([[reward per
     completion]] per prompt, {source: flat values}). Prompts and columns (one value per prompt) are

@@ -10,15 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.tokenize import _encode, render_texts
+from alignkit.data.tokenize import encode_completion
 from alignkit.errors import ConfigError
-
-
-def as_messages(prompt) -> tuple[tuple, bool]:
-    """A prompt (string or message list) -> (messages, was a plain string)."""
-    if isinstance(prompt, str):
-        return ({"role": "user", "content": prompt},), True
-    return tuple(prompt), False
 
 
 class RewardModel:
@@ -30,10 +23,14 @@ class RewardModel:
 
         self.path, self.batch_size = str(path), batch_size
         self.device = resolve_device(device or "auto") if model is None else next(model.parameters()).device
-        self.model = model if model is not None else AutoModelForSequenceClassification.from_pretrained(
-            self.path, dtype=torch.float32).to(self.device)
+        try:
+            self.model = model if model is not None else AutoModelForSequenceClassification.from_pretrained(
+                self.path, dtype=torch.float32).to(self.device)
+            self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self.path)
+        except OSError as e:
+            raise ConfigError(f"reward model {self.path}: cannot load a sequence classifier and its tokenizer "
+                              f"({e}); give a directory written by `alignkit train recipe=reward` or a hub id.") from None
         self.model.eval()
-        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self.path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         k = self.model.config.num_labels
@@ -58,9 +55,7 @@ class RewardModel:
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         rows = []
         for prompt, completion in zip(prompts, completions):
-            messages, plain = as_messages(prompt)
-            p_text, c_text = render_texts(self.tokenizer, messages, ({"role": "assistant", "content": completion},), plain)
-            p_ids, c_ids = _encode(self.tokenizer, p_text, c_text)
+            p_ids, c_ids = encode_completion(self.tokenizer, prompt, completion)
             rows.append(p_ids + c_ids)
         out = torch.zeros(len(rows), len(self.names))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))

@@ -13,21 +13,17 @@ Each reward has the interface of `alignkit.rewards.functions`,
 - `WeightedSum`: several of the above (or any reward) combined, with each term's raw values
   available through `components()` so a training loop can log every source separately.
 
-`build_reward(spec)` builds any of these from a config value: `"numeric_match"`,
-`{"name": "keywords", "required": ["please"]}`, `"my_rewards.py:fn"`, or a list of those with
-optional `weight`s (a `WeightedSum`).
+`alignkit.rewards.build_reward` builds any of these (and Python functions and reward models) from a
+config value or a command-line argument.
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 import re
 from decimal import Decimal
 
 from alignkit.errors import ConfigError, DataError
-from alignkit.rewards.functions import load_reward_function
 
 # A number as people and models write it: "1,000", "$18.00", "-5", ".5", "25%", "42 apples".
 # The look-behind rejects digits glued to a word or to another number ("H2O", "v1.2.3", the "5" of
@@ -312,53 +308,3 @@ class WeightedSum:
 
 
 BUILTINS = {"numeric_match": NumericMatch, "regex": RegexMatch, "length": LengthLimit, "keywords": Keywords}
-
-
-def build_reward(spec):
-    """A reward from a config value: a name (`"numeric_match"`, `"file.py:fn"`, `"module:fn"`), a
-    mapping `{name: keywords, required: [please]}`, or a list of those, each with an optional
-    `weight` (default 1.0), giving a `WeightedSum`. A lone mapping with a `weight` is scaled."""
-    if isinstance(spec, (list, tuple)):
-        _require(spec, "reward: an empty list of rewards; give at least one.")
-        return WeightedSum([_build_term(item) for item in spec])
-    if isinstance(spec, dict) and "weight" in spec:
-        return WeightedSum([_build_term(spec)])
-    return _build_term(spec)[0]
-
-
-def _build_term(spec) -> tuple:
-    """One string or mapping -> (reward, weight)."""
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    _require(isinstance(spec, dict), f"reward: expected a name or a mapping with `name`; got {spec!r}.")
-    params = dict(spec)
-    name, weight = params.pop("name", None), params.pop("weight", 1.0)
-    _require(isinstance(name, str), f"reward: {spec!r} needs a `name`: one of {', '.join(BUILTINS)}, "
-                                    "or a Python function as `file.py:function`.")
-    _require(_is_number(weight), f"reward {name}: `weight` must be a finite number; got {weight!r}.")
-    if name in BUILTINS:
-        return _construct(name, params), float(weight)
-    if ":" in name:
-        _require(not params, f"reward {name} is a Python function and takes no parameters; got "
-                             f"{', '.join(params)}. Only `weight` may be given with it.")
-        return load_reward_function(name), float(weight)
-    close = difflib.get_close_matches(name, list(BUILTINS), n=1)
-    hint = f" Did you mean `{close[0]}`?" if close else ""
-    raise ConfigError(f"unknown reward `{name}`.{hint} Built-in rewards: {', '.join(BUILTINS)}; "
-                      "or a Python function as `file.py:function` or `module:function`.")
-
-
-def _construct(name: str, params: dict):
-    cls = BUILTINS[name]
-    signature = inspect.signature(cls).parameters
-    for key in params:
-        if key not in signature:
-            close = difflib.get_close_matches(key, list(signature), n=1)
-            hint = f" Did you mean `{close[0]}`?" if close else ""
-            raise ConfigError(f"`{key}` is not a parameter of reward `{name}` "
-                              f"(its parameters: {', '.join(signature)}, weight).{hint}")
-    missing = [k for k, p in signature.items() if p.default is p.empty and k not in params]
-    if missing:
-        raise ConfigError(f"reward `{name}` needs {', '.join(f'`{k}`' for k in missing)}, "
-                          f"e.g. {{name: {name}, {missing[0]}: ...}}.")
-    return cls(**params)

@@ -129,7 +129,8 @@ def save_model_dir(path: Path, model, tokenizer, cfg: RunConfig, merge_lora: boo
 
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     save_config(cfg, path / "alignkit_config.yaml")
 
 
@@ -150,13 +151,16 @@ def write_manifest(directory: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, cfg: RunConfig, trainer_state: dict,
-                    keep: int) -> Path:
+                    keep: int, extras: dict | None = None) -> Path:
     """Write `checkpoint-<step>` atomically and prune all but the `keep` newest.
 
-    `trainer_state`: optimizer, scheduler and loop state as tensors, numbers, strings, lists and
-    dicts; the RNG states are added here."""
+    `model` (the policy) goes to the top level; each of `extras` ({name: (model, tokenizer)}, e.g.
+    PPO's value model) to a subdirectory of its name. `trainer_state`: optimizers, schedulers and
+    loop state as tensors, numbers, strings, lists and dicts; the RNG states are added here."""
     def write(tmp: Path):
         save_model_dir(tmp, model, tokenizer, cfg)
+        for name, (extra, extra_tokenizer) in (extras or {}).items():
+            save_model_dir(tmp / name, extra, extra_tokenizer, cfg)
         torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state.get("state", {}), indent=2, default=str))
         write_manifest(tmp)

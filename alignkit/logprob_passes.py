@@ -1,9 +1,13 @@
-"""Reference log-probs for reference-based losses.
+"""Passes of a frozen model over data: reference log-probs, and log-probs of given completions.
 
-Default (`reference: cached`): computed once before training, in one no-grad pass, and stored on
-disk keyed by model, tokens and precision, so no reference model sits in memory or compute during
-training and a second run on the same data skips the pass. `reference: live` keeps a frozen copy
-(or, with LoRA, the same model with adapters disabled) and recomputes per batch.
+Reference log-probs for reference-based losses. Default (`reference: cached`): computed once before
+training, in one no-grad pass, and stored on disk keyed by model, tokens and precision, so no
+reference model sits in memory or compute during training and a second run on the same data skips
+the pass. `reference: live` keeps a frozen copy (or, with LoRA, the same model with adapters
+disabled) and recomputes per batch.
+
+`sample_logps` scores (prompt, completion) texts laid out as training lays them out: evaluation's
+KL estimates and URIAL's KL both use it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from alignkit.data.batching import collate_sft
+from alignkit.data.tokenize import TokenizedSFT, encode_completion
 from alignkit.logprobs import segment_logps
 from alignkit.models import is_peft
 
@@ -46,7 +52,7 @@ def cache_key(fingerprint: dict, items: list, precision: str) -> str:
     return h.hexdigest()[:24]
 
 
-def example_columns(logps: torch.Tensor, num_examples: int) -> torch.Tensor:
+def segment_table(logps: torch.Tensor, num_examples: int) -> torch.Tensor:
     """Per-segment log-probs [S * B] -> [B, S]: the batch layouts put segment s*B + i in row i,
     column s (pairs: chosen then rejected; groups: negative then samples)."""
     return logps.view(-1, num_examples).T
@@ -75,7 +81,7 @@ def compute_ref_logps(model, items: list, collate, batch_size: int, chunk_size: 
             batch = collate([items[i] for i in idx]).to(device)
             with autocast():
                 out = segment_logps(model, batch, chunk_size)
-            cols = example_columns(out.logps, len(idx)).float().cpu()
+            cols = segment_table(out.logps, len(idx)).float().cpu()
             if table is None:
                 table = torch.zeros(len(items), cols.shape[1], dtype=torch.float32)
             table[idx] = cols
@@ -131,4 +137,24 @@ class LiveReference:
             return segment_logps(self.model, batch, chunk_size)
 
     def logps(self, model, batch, chunk_size, device) -> torch.Tensor:
-        return example_columns(self.segment(batch, chunk_size).logps, batch.num_examples)
+        return segment_table(self.segment(batch, chunk_size).logps, batch.num_examples)
+
+
+@torch.no_grad()
+def sample_logps(model, tokenizer, prompts: list, completions: list, max_length: int, batch_size: int,
+                 on_batch=None) -> torch.Tensor:
+    """[N] float64 summed log-probs of each (prompt, completion) under `model` (prompt kept to its last
+    max_length // 2 tokens, completion to its first max_length // 2). `on_batch(model, batch)` is
+    called on every batch, for statistics a caller gathers on the same forward inputs."""
+    items = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        p_ids, c_ids = encode_completion(tokenizer, p, c)
+        items.append(TokenizedSFT(p_ids[-(max_length // 2):], c_ids[: max_length // 2], i))
+    out = torch.zeros(len(items), dtype=torch.float64)
+    device = next(model.parameters()).device
+    for start in range(0, len(items), batch_size):
+        batch = collate_sft(items[start: start + batch_size], tokenizer.pad_token_id).to(device)
+        out[start: start + len(batch.example_ids)] = segment_logps(model, batch).logps.double().cpu()
+        if on_batch is not None:
+            on_batch(model, batch)
+    return out

@@ -1,0 +1,87 @@
+"""The one way to turn a reward spec into a reward callable, for training, evaluation and generation.
+
+A spec is what a user writes in `online.rewards` or after `--reward`:
+- a built-in name: `"numeric_match"`, `"regex"`, `"length"`, `"keywords"` (`alignkit.rewards.verifiable`);
+- a Python function: `"my_rewards.py:score"` or `"package.module:score"`;
+- a reward-model directory, or a hub id `org/name`: `"runs/rm/final"` (`alignkit.rewards.model.RewardModel`);
+- a mapping with parameters: `{name: keywords, required: [please]}`, `{name: runs/rm/final,
+  weights: {helpful: 0.8, harmless: 0.6}}` (a multi-objective model's direction);
+- a list of those, each with an optional `weight` (default 1.0): a `WeightedSum`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from pathlib import Path
+
+from alignkit.errors import ConfigError
+from alignkit.rewards.functions import load_reward_function
+from alignkit.rewards.verifiable import BUILTINS, WeightedSum, _is_number, _require
+
+
+def build_reward(spec, *, weights: dict | None = None, device=None, batch_size: int = 16):
+    """A reward callable from `spec` (see the module docstring). `weights`, `device` and
+    `batch_size` apply to reward models given by a plain path (a mapping may set its own
+    `weights`)."""
+    model_options = dict(weights=weights, device=device, batch_size=batch_size)
+    if isinstance(spec, (list, tuple)):
+        _require(spec, "reward: an empty list of rewards; give at least one.")
+        return WeightedSum([_build_term(item, model_options) for item in spec])
+    if isinstance(spec, dict) and "weight" in spec:
+        return WeightedSum([_build_term(spec, model_options)])
+    return _build_term(spec, model_options)[0]
+
+
+def _build_term(spec, model_options: dict) -> tuple:
+    """One string or mapping -> (reward, weight)."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    _require(isinstance(spec, dict), f"reward: expected a name or a mapping with `name`; got {spec!r}.")
+    params = dict(spec)
+    name, weight = params.pop("name", None), params.pop("weight", 1.0)
+    _require(isinstance(name, str), f"reward: {spec!r} needs a `name`: one of {', '.join(BUILTINS)}, "
+                                    "a Python function as `file.py:function`, or a reward-model directory.")
+    _require(_is_number(weight), f"reward {name}: `weight` must be a finite number; got {weight!r}.")
+    if name in BUILTINS:
+        return _construct(name, params), float(weight)
+    if Path(name).expanduser().is_dir() or _hub_id(name):
+        from alignkit.rewards.model import RewardModel  # loads transformers: only when a model is asked for
+
+        unknown = sorted(set(params) - {"weights"})
+        _require(not unknown, f"reward {name} is a reward model; its only option is `weights` (a direction over "
+                              f"its objectives); got {', '.join(unknown)}.")
+        options = dict(model_options, **params)
+        path = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+        return RewardModel(path, **options), float(weight)
+    if ":" in name:
+        _require(not params, f"reward {name} is a Python function and takes no parameters; got "
+                             f"{', '.join(params)}. Only `weight` may be given with it.")
+        return load_reward_function(name), float(weight)
+    close = difflib.get_close_matches(name, list(BUILTINS), n=1)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    raise ConfigError(f"unknown reward `{name}`.{hint} Built-in rewards: {', '.join(BUILTINS)}; or a Python "
+                      "function as `file.py:function` or `module:function`; or a reward-model directory (no "
+                      f"directory {name} exists).")
+
+
+def _hub_id(name: str) -> bool:
+    """`org/name` with no file suffix and no local path prefix: a reward model on the hub."""
+    return (name.count("/") == 1 and ":" not in name and not name.startswith((".", "/", "~"))
+            and not Path(name).suffix and not Path(name).exists())
+
+
+def _construct(name: str, params: dict):
+    cls = BUILTINS[name]
+    signature = inspect.signature(cls).parameters
+    for key in params:
+        if key not in signature:
+            close = difflib.get_close_matches(key, list(signature), n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise ConfigError(f"`{key}` is not a parameter of reward `{name}` "
+                              f"(its parameters: {', '.join(signature)}, weight).{hint}")
+    missing = [k for k, p in signature.items() if p.default is p.empty and k not in params]
+    if missing:
+        raise ConfigError(f"reward `{name}` needs {', '.join(f'`{k}`' for k in missing)}, "
+                          f"e.g. {{name: {name}, {missing[0]}: ...}}.")
+    return cls(**params)

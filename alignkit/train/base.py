@@ -1,0 +1,218 @@
+"""What recipes share: the Recipe protocol with every hook declared, its defaults, and the
+machinery of offline recipes (batches from tokenized examples, reference log-probs).
+
+The loop (`alignkit.train.loop`) calls every hook of `Recipe` on every recipe; `RecipeBase` gives
+each optional hook its default, so a recipe writes only what its method needs. See
+docs/architecture.md for the table of hooks and who overrides them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from alignkit import logprob_passes as passes
+from alignkit.config import RunConfig
+from alignkit.data.batching import TokenBatch
+from alignkit.data.splits import PreparedData
+from alignkit.data.tokenize import explain
+from alignkit.train.steps import eval_batches, forward_pieces, run_batches
+
+
+@dataclass
+class SetupContext:
+    """What a recipe's `setup` needs from the loop (not the config file: the recipe has that)."""
+
+    device: torch.device
+    autocast: Callable  # zero-argument context factory: bf16 autocast or nothing
+    precision: str  # "bf16" or "fp32"
+    fingerprint: dict  # identity of the initial model: the key of caches derived from it
+    cache_root: Path
+    progress: bool = True
+
+
+@dataclass
+class OptimSettings:
+    """One trained module's optimizer and schedule."""
+
+    learning_rate: float
+    weight_decay: float
+    betas: tuple
+    max_grad_norm: float  # 0 disables clipping
+    warmup_ratio: float
+    schedule: str  # cosine | linear | constant
+
+    @classmethod
+    def of_policy(cls, cfg: RunConfig) -> "OptimSettings":
+        t = cfg.train
+        return cls(t.learning_rate, t.weight_decay, tuple(t.adam_betas), t.max_grad_norm, t.warmup_ratio,
+                   t.lr_schedule)
+
+
+@dataclass
+class Trainable:
+    """A module the loop trains besides the policy (PPO's value model), with its own settings."""
+
+    name: str
+    model: torch.nn.Module
+    settings: OptimSettings
+    tokenizer: object = None  # saved with the module's checkpoints when given
+
+
+class Recipe(Protocol):
+    """The interface the loop sees. Every hook is declared here; `RecipeBase` defines the optional ones."""
+
+    name: str
+    iterations: int  # optimizer steps taken on each batch (online: per rollout)
+    shares_prompts: bool  # batches hold each prompt once (the token budget counts so)
+    evaluate_at_start: bool  # also evaluate before the first step (online: the held-out reward at step 0)
+
+    def prepare(self) -> PreparedData: ...
+
+    def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData: ...
+
+    def extra_modules(self, model, ctx: SetupContext) -> dict[str, Trainable]: ...
+
+    def batches(self, model, items: list, key: int) -> list: ...
+
+    def weight(self, batch) -> int: ...
+
+    def loss(self, model, batch, split: str) -> tuple[torch.Tensor, dict]: ...
+
+    def evaluate(self, model, items: list) -> dict: ...
+
+    def step_done(self) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def show_example(self, data: PreparedData, index: int) -> str: ...
+
+
+class RecipeBase:
+    """Defaults of the optional hooks."""
+
+    name = "base"
+    iterations = 1
+    shares_prompts = False
+    evaluate_at_start = False
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.autocast = contextlib.nullcontext  # the loop's precision, set in `setup`
+
+    def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
+        self.autocast = ctx.autocast
+        return data.replace()  # no model-dependent data; notes were shown already
+
+    def extra_modules(self, model, ctx: SetupContext) -> dict:
+        return {}
+
+    def weight(self, batch) -> int:
+        return batch.num_examples
+
+    def step_done(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class OfflineRecipe(RecipeBase):
+    """A recipe that trains on tokenized examples it prepared before training.
+
+    Subclasses name their two layouts: `pack(items, pad_id, pack_tokens)` (prefix-shared, packed rows,
+    `train.packing`, the default) and `pad(items, pad_id)` (plain padded rows)."""
+
+    pack: Callable = None
+    pad: Callable = None
+    needs_reference = False
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.references = {}  # split -> CachedReference | LiveReference
+
+    @property
+    def shares_prompts(self) -> bool:
+        return self.cfg.train.packing
+
+    def collate(self, items: list) -> TokenBatch:
+        t = self.cfg.train
+        if t.packing:
+            return type(self).pack(items, self.tokenizer.pad_token_id, t.pack_tokens)
+        return type(self).pad(items, self.tokenizer.pad_token_id)
+
+    def batches(self, model, items: list, key: int) -> list:
+        """The micro-batch's items collated, in pieces of at most `train.forward_tokens` tokens (whole
+        examples; the loss is normalised over the whole step, so splitting leaves it unchanged)."""
+        return [self.collate(p) for p in forward_pieces(items, self.cfg.train.forward_tokens, self.shares_prompts)]
+
+    def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
+        self.autocast = ctx.autocast
+        self.attach_references(model, data, ctx)
+        return data.replace()
+
+    def attach_references(self, model, data: PreparedData, ctx: SetupContext) -> None:
+        """Reference log-probs of every example, computed once and cached on disk (`reference:
+        cached`), or a frozen reference model in memory (`reference: live`)."""
+        if not self.needs_reference:
+            return
+        if self.cfg.reference == "live":
+            live = passes.LiveReference(model)
+            self.references = {"train": live, "eval": live}
+            return
+        t = self.cfg.train
+        common = dict(cache_dir=ctx.cache_root / "reference", fingerprint=ctx.fingerprint, precision=ctx.precision,
+                      batch_size=t.eval_batch_size or t.batch_size, chunk_size=t.logprob_chunk_size,
+                      device=ctx.device, autocast=ctx.autocast)
+        for split, items in (("train", data.train), ("eval", data.eval)):
+            if items:
+                self.references[split] = passes.CachedReference(passes.cached_ref_logps(
+                    model, items, self.collate, desc=f"reference log-probs ({split})", **common))
+
+    @torch.no_grad()
+    def evaluate(self, model, items: list) -> dict:
+        """The loss and metrics over the held-out examples, in batches of `train.eval_batch_size`."""
+        was_training = model.training
+        model.eval()
+        try:
+            out, _, _ = run_batches(self, model, [self.collate(b) for b in eval_batches(self.cfg, self, items)],
+                                    "eval", next(model.parameters()).device, self.autocast, backward=False)
+        finally:
+            model.train(was_training)
+        return out
+
+    def show_example(self, data: PreparedData, index: int) -> str:
+        """Prompt, chosen and rejected with the tokens the loss scores."""
+        item, tok = data.train[index], self.tokenizer
+        return explain(tok, item.prompt_ids, item.chosen_ids, label="chosen") + "\n\n" + \
+            explain(tok, item.prompt_ids, item.rejected_ids, label="rejected")
+
+
+class RunningMean:
+    """Mean of every value seen so far (BCO's reward shift delta; BCO paper, arXiv 2404.04656, sec. 3.2)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        self.total += float(values.detach().float().sum())
+        self.count += values.numel()
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.count = state["total"], state["count"]

@@ -1,0 +1,1 @@
+"""One module per recipe; `alignkit.train.registry` maps names to them."""

@@ -1,0 +1,121 @@
+"""`recipe: reward`: a Bradley-Terry reward model on preference pairs, one or several named rewards.
+
+The model is the causal LM's trunk with a linear head (`AutoModelForSequenceClassification`), read
+at each sequence's last non-pad token; the run's `final/` directory loads back in `transformers` as
+that sequence classifier. With `train.packing` (the default) each pair is laid out once as
+[prompt][chosen][rejected] with several pairs to a row, as for the DPO family, and each reward is
+read where transformers' classifier would read it (`alignkit.heads.pooled_positions`). Without
+packing, rows are padded pairs (chosen rows, then rejected rows).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.data.batching import TokenBatch, collate_packed_groups, collate_pairs
+from alignkit.data.reward import load_reward_examples
+from alignkit.data.splits import PreparedData, example_sources, load_examples
+from alignkit.data.tokenize import explain, tokenize_pairs
+from alignkit.heads import pooled_hidden, reward_trunk_and_head, sequence_rewards, use_distinct_pad
+from alignkit.losses.combine import apply_terms, resolve_terms
+from alignkit.models import is_peft, transformer_blocks
+from alignkit.train.base import OfflineRecipe, SetupContext
+
+
+class RewardRecipe(OfflineRecipe):
+    """Bradley-Terry reward model (`recipe: reward`); held-out accuracy at every evaluation."""
+
+    name = "reward"
+    data = "reward"
+    pack, pad = collate_packed_groups, collate_pairs
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.terms = resolve_terms(cfg.loss, cfg.losses, data=self.data)
+        self.reward_names = list(cfg.reward.objectives)
+        self.labels, self.margins = {}, {}  # split -> tensors by example index
+        self.pad_note = use_distinct_pad(tokenizer)
+        self.features = {}  # split -> [N, 2, H] trunk outputs, when only the head trains
+
+    def prepare(self) -> PreparedData:
+        loader = functools.partial(load_reward_examples, objectives=tuple(self.reward_names),
+                                   use_margin=self.cfg.reward.use_margin)
+        train, held, notes = load_examples(self.cfg, loader)
+        d = self.cfg.data
+        out = []
+        if self.pad_note:
+            notes.append(self.pad_note)
+        for split, examples in (("train", train), ("eval", held)):
+            items, stats = tokenize_pairs([e.pair for e in examples], self.tokenizer, d.max_length, d.max_prompt_length)
+            self.labels[split] = torch.tensor([e.labels for e in examples], dtype=torch.long).reshape(-1, len(self.reward_names))
+            self.margins[split] = torch.tensor([e.margin for e in examples], dtype=torch.float32)
+            out.append(items)
+            if split == "train":
+                notes.append(stats.summary(d.max_length))
+                if len(self.reward_names) > 1:
+                    judged = (self.labels["train"] != 0).sum(0).tolist()
+                    notes.append("judged pairs per objective: " + ", ".join(
+                        f"{n} {j}/{len(examples)}" for n, j in zip(self.reward_names, judged)))
+        return PreparedData(out[0], out[1], notes, sources=example_sources(train, held))
+
+    def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
+        """With every block frozen (`model.freeze_layers` = all of them, no LoRA) only the head
+        trains: the trunk, its final norm included, is frozen, so each sequence's pooled hidden
+        state never changes. Compute it once, and train the head on it: further epochs then cost
+        next to nothing (a linear probe, the cheapest reward model there is)."""
+        self.autocast = ctx.autocast
+        if is_peft(model) or self.cfg.model.freeze_layers < len(transformer_blocks(model)):
+            return data.replace()
+        trunk, _ = reward_trunk_and_head(model)
+        trunk.requires_grad_(False)
+        bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
+        device = next(model.parameters()).device
+        for split, items in (("train", data.train), ("eval", data.eval)):
+            if not items:
+                continue
+            feats = None
+            for start in tqdm(range(0, len(items), bs), desc=f"trunk outputs ({split})", disable=not ctx.progress,
+                              unit="batch", dynamic_ncols=True):
+                batch = self.collate(items[start: start + bs]).to(device)
+                with torch.no_grad():
+                    h = pooled_hidden(model, batch, self.tokenizer.pad_token_id).float().cpu()  # [2b, H]
+                if feats is None:
+                    feats = torch.zeros(max(it.index for it in items) + 1, 2, h.shape[1])
+                b = batch.num_examples
+                feats[batch.example_ids, 0], feats[batch.example_ids, 1] = h[:b], h[b:]
+            self.features[split] = feats
+        note = (f"model.freeze_layers={self.cfg.model.freeze_layers} freezes every block: the trunk's outputs were "
+                f"computed once ({len(data.train)} train, {len(data.eval)} eval pairs) and only the head trains")
+        return data.replace(notes=[note])
+
+    def loss(self, model, batch: TokenBatch, split: str):
+        if self.features:  # head only, on the frozen trunk's outputs
+            head = reward_trunk_and_head(model)[1]
+            f = self.features[split][batch.example_ids].to(next(head.parameters()).device)
+            rewards = head(torch.cat([f[:, 0], f[:, 1]])).float()
+        else:
+            rewards = sequence_rewards(model, batch, self.tokenizer.pad_token_id)  # [2B, K]
+        b, device = batch.num_examples, rewards.device
+        labels = self.labels[split][batch.example_ids].to(device)
+        inputs = {"chosen_rewards": rewards[:b], "rejected_rewards": rewards[b:], "labels": labels,
+                  "margins": self.margins[split][batch.example_ids].to(device)}
+        per_example, metrics = apply_terms(self.terms, inputs)
+        if len(self.reward_names) > 1:
+            correct = (labels * (rewards[:b] - rewards[b:]) > 0).float()
+            for k, name in enumerate(self.reward_names):
+                judged = labels[:, k] != 0
+                metrics[f"accuracy/{name}"] = correct[judged, k].detach()
+        return per_example.sum(), metrics
+
+    def show_example(self, data: PreparedData, index: int) -> str:
+        """Chosen and rejected, each with the one token its reward is read at."""
+        item, pad, parts = data.train[index], self.tokenizer.pad_token_id, []
+        for name, ids in (("chosen", item.chosen_ids), ("rejected", item.rejected_ids)):
+            last = max((j for j, t in enumerate(ids) if t != pad), default=None)
+            parts.append(explain(self.tokenizer, item.prompt_ids, ids, label=name, scored=[j == last for j in range(len(ids))],
+                                 why="the reward is read at the last non-pad token" if last is not None else
+                                 "all pad tokens: the reward is read at the prompt's last token"))
+        return "\n\n".join(parts)

@@ -1,0 +1,276 @@
+"""What the online recipes share: the policy samples while it trains and learns from the rewards of
+its own samples.
+
+Each micro-batch is a *rollout*: its prompts, `generation.num_samples` completions sampled from the
+current policy (the generation backend: alignkit's KV-cache sampler, each prompt's prefill shared
+by its samples, or vLLM), their rewards, and a packed batch laying each prompt out once with its
+completions (prefix sharing, as for pairs). A rollout carries per-token tensors (advantages,
+returns, the sampler's and the old policy's log-probs), all [M] over the scored tokens in segment
+order (`logprobs.in_segment_order`). The recipes (`recipes/grpo.py`, `rloo.py`, `online_dpo.py`,
+`raft.py`, `ppo.py`) differ in which completions they train on, how advantages are formed, and
+the loss.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from alignkit.data.batching import TokenBatch, collate_packed_groups
+from alignkit.data.negative import TokenizedGroup
+from alignkit.data.prompts import load_prompt_examples, prompt_columns, tokenize_prompts
+from alignkit.data.splits import PreparedData, example_sources, load_examples
+from alignkit.errors import ConfigError
+from alignkit.generation.backends import make_backend
+from alignkit.generation.decode import SamplingParams, sampling_params
+from alignkit.logprob_passes import LiveReference
+from alignkit.logprobs import SegmentLogps, in_segment_order, segment_logps
+from alignkit.losses import online as rl
+from alignkit.models import resolve_model_path
+from alignkit.rewards.build import build_reward
+from alignkit.rewards.functions import score_groups
+from alignkit.train.base import RecipeBase, SetupContext
+
+
+@dataclass
+class Rollout:
+    """One micro-batch of samples, ready for the loss (on the model's device)."""
+
+    batch: TokenBatch | None  # packed [prompt][completion 1]..[completion k] groups; None if nothing to train on
+    groups: list = field(default_factory=list)  # the kept prompts' TokenizedGroups (to re-collate a minibatch)
+    advantages: torch.Tensor | None = None  # [M] per token (per-sequence estimators broadcast theirs)
+    returns: torch.Tensor | None = None  # [M] per token: the value targets (PPO)
+    old_values: torch.Tensor | None = None  # [M] the critic's values at sampling time (PPO)
+    generator_logps: torch.Tensor | None = None  # [M] the sampler's log-probs
+    old_logps: torch.Tensor | None = None  # [M] the policy's before this rollout's first update
+    ref: SegmentLogps | None = None  # the reference's log-probs of the batch (KL penalty, online DPO)
+    metrics: dict = field(default_factory=dict)
+    updates: int = 0  # optimizer steps taken on this rollout so far
+
+    _TOKEN_FIELDS = ("advantages", "returns", "old_values", "generator_logps", "old_logps")
+
+    def to(self, device) -> "Rollout":
+        """Move to `device` in place (the recipe keeps this object to reuse it) and return it."""
+        if self.batch is not None and self.batch.input_ids.device != torch.device(device):
+            self.batch = self.batch.to(device)
+            for name in self._TOKEN_FIELDS:
+                value = getattr(self, name)
+                setattr(self, name, None if value is None else value.to(device))
+            if self.ref is not None:
+                self.ref = SegmentLogps(**{k: None if v is None else v.to(device) for k, v in vars(self.ref).items()})
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch.num_tokens if self.batch is not None else 0
+
+    @property
+    def num_sequence_tokens(self) -> int:
+        return self.batch.num_sequence_tokens if self.batch is not None else 0
+
+    def state_dict(self) -> dict:
+        """Tensors, numbers and dicts only (a checkpoint loads it with weights_only=True)."""
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        b = self.batch
+        return {"batch": None if b is None else {k: cpu(v) if torch.is_tensor(v) else v for k, v in vars(b).items()},
+                "groups": [{"prompt_ids": g.prompt_ids, "completions": g.completions, "index": g.index}
+                           for g in self.groups],
+                **{name: cpu(getattr(self, name)) for name in self._TOKEN_FIELDS},
+                "ref": None if self.ref is None else {k: cpu(v) for k, v in vars(self.ref).items()},
+                "metrics": {k: cpu(v) for k, v in self.metrics.items()}, "updates": self.updates}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Rollout":
+        return cls(batch=None if state["batch"] is None else TokenBatch(**state["batch"]),
+                   groups=[TokenizedGroup(**g) for g in state["groups"]],
+                   **{name: state[name] for name in cls._TOKEN_FIELDS},
+                   ref=None if state["ref"] is None else SegmentLogps(**state["ref"]),
+                   metrics=dict(state["metrics"]), updates=state["updates"])
+
+
+def token_segments(batch: TokenBatch) -> torch.Tensor:
+    """[M] the segment of each scored token, in segment order (as `in_segment_order` sorts them)."""
+    pred = batch.predictor_positions()
+    segs = batch.segment_ids[(batch.segment_ids >= 0) & (pred >= 0)]
+    return torch.sort(segs, stable=True).values
+
+
+def policy_gradient(term, logps, old_logps, advantages, segs, num_segments: int, aggregation: str,
+                    max_completion_length: int, ref_logps=None, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """A registered per-token policy loss `term` (a LossTerm, e.g. ppo_clip), plus GRPO's k3 KL term
+    when `ref_logps` is given and `kl_coef` > 0, reduced by `aggregation` (`online.aggregation`).
+    All inputs [M] in segment order; metrics are token means (the KL is reported whenever a
+    reference is given)."""
+    per_token, parts = term.spec.fn(logps, old_logps, advantages, **term.params)
+    n = max(logps.numel(), 1)
+    metrics = {k: v.detach().sum() / n for k, v in parts.items()}
+    if ref_logps is not None:
+        kl = rl.kl_k3(logps, ref_logps.detach())
+        if kl_coef > 0:
+            per_token = per_token + kl_coef * kl
+        metrics["kl"] = kl.detach().sum() / n
+    return rl.aggregate(per_token, segs, num_segments, aggregation, max_completion_length), metrics
+
+
+class OnlineRecipe(RecipeBase):
+    """Prompts in, rollouts out, evaluation by the held-out reward of greedy completions."""
+
+    shares_prompts = True
+    evaluate_at_start = True
+    uses_reference = False  # keeps a frozen reference (the initial policy; LoRA: its base)
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.iterations = cfg.online.iterations
+        self.params = sampling_params(cfg.generation)
+        self.reward = build_reward(cfg.online.rewards)
+        self.examples = {}  # split -> PromptExamples (their columns feed the rewards)
+        self.reference = None
+        self.backend = None  # set in setup, once the model exists
+        self._rollouts = {}  # micro-batch key -> Rollout, reused for `iterations` optimizer steps
+        self._used = []  # keys of the rollouts of the current step
+
+    def prepare(self) -> PreparedData:
+        d, g = self.cfg.data, self.cfg.generation
+        max_prompt = d.max_prompt_length or d.max_length - g.max_new_tokens
+        if max_prompt <= 0:
+            raise ConfigError(f"`data.max_length` ({d.max_length}) leaves no room for prompts after "
+                              f"`generation.max_new_tokens` ({g.max_new_tokens}); raise data.max_length.")
+        train, held, notes = load_examples(self.cfg, load_prompt_examples)
+        self.examples = {"train": train, "eval": held}
+        out = []
+        for split, examples in (("train", train), ("eval", held)):
+            items, cut = tokenize_prompts(examples, self.tokenizer, max_prompt)
+            out.append(items)
+            if cut:
+                notes.append(f"{split}: {cut} of {len(items)} prompts were longer than {max_prompt} tokens and "
+                             "keep their last tokens (raise data.max_length or data.max_prompt_length)")
+        notes.append(f"{self.params.n} completions sampled per prompt, up to {g.max_new_tokens} new tokens, "
+                     f"temperature {g.temperature}; reward: {getattr(self.reward, 'name', self.reward)}")
+        return PreparedData(out[0], out[1], notes, sources=example_sources(train, held))
+
+    def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
+        self.autocast = ctx.autocast
+        g = self.cfg.generation
+        self.backend = make_backend(g.backend, model, self.tokenizer,
+                                    resolve_model_path(self.cfg.model.name_or_path, self.cfg.cache_dir), g.batch_size)
+        if self.uses_reference:
+            self.reference = LiveReference(model)
+        return data.replace()
+
+    def weight(self, batch) -> int:
+        return 1  # each loss is already a mean over its rollout
+
+    # -- sampling and scoring --------------------------------------------------------------------
+
+    def score(self, model, items: list, split: str, params: SamplingParams, seed: int):
+        """Sample `params.n` completions per prompt; (samples [P][n], rewards [P, n], metrics)."""
+        exs = [self.examples[split][it.index] for it in items]
+        start = time.perf_counter()
+        self.backend.sync(model)  # the policy changed since the last rollout
+        samples = self.backend.sample([it.prompt_ids for it in items], params, seed)
+        gen_s = time.perf_counter() - start
+        rewards, parts = score_groups(self.reward, [list(ex.prompt) for ex in exs],
+                                      [[s.text for s in group] for group in samples], prompt_columns(exs))
+        lengths = torch.tensor([len(s.token_ids) for group in samples for s in group], dtype=torch.float32)
+        stopped = torch.tensor([s.finish_reason == "stop" for group in samples for s in group], dtype=torch.float32)
+        metrics = {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
+                   "completion_length": lengths.mean(), "stopped_fraction": stopped.mean(),
+                   "time/generation_s": torch.tensor(gen_s)}
+        if len(parts) > 1:
+            for name, values in parts.items():
+                v = torch.tensor(values, dtype=torch.float32)
+                metrics[f"reward/{name}"], metrics[f"reward_std/{name}"] = v.mean(), v.std() if v.numel() > 1 else v * 0
+        if params.n > 1:
+            metrics["zero_variance_groups"] = torch.tensor(rl.zero_variance_fraction(rewards))
+        return samples, rewards, metrics
+
+    def batches(self, model, items: list, key: int) -> list:
+        """[the rollout of micro-batch `key`], sampled once and reused for `iterations` steps."""
+        self._used.append(key)
+        if key in self._rollouts:
+            return [self._rollouts[key]]
+        # A new cycle: the rollouts whose `iterations` updates are done are not needed any more.
+        self._rollouts = {k: r for k, r in self._rollouts.items() if r.updates < self.iterations}
+        seed = self.cfg.seed * 1_000_003 + key  # a resumed run resamples the same completions
+        samples, rewards, metrics = self.score(model, items, "train", self.params, seed)
+        kept, picks = self.select(samples, rewards, metrics)
+        out = Rollout(None, metrics=metrics)
+        if kept:
+            device = next(model.parameters()).device
+            out.groups = [TokenizedGroup(items[i].prompt_ids, [samples[i][k].token_ids for k in ks], i)
+                          for i, ks in zip(kept, picks)]
+            out.batch = collate_packed_groups(out.groups, self.tokenizer.pad_token_id,
+                                              self.cfg.train.pack_tokens).to(device)
+            # segment of completion k of kept prompt j is k * P' + j (`collate_packed_groups`)
+            per_segment = [samples[i][picks[j][k]].logprobs for k in range(len(picks[0])) for j, i in enumerate(kept)]
+            out.generator_logps = torch.tensor([lp for seg in per_segment for lp in seg], device=device)
+            self.fill(model, out, rewards[kept], picks)
+        self._rollouts[key] = out
+        return [out]
+
+    def select(self, samples, rewards, metrics) -> tuple[list, list]:
+        """(kept prompts' positions, per kept prompt the sample indices to train on)."""
+        raise NotImplementedError
+
+    def fill(self, model, rollout: Rollout, rewards: torch.Tensor, picks: list) -> None:
+        """Complete a rollout's per-token tensors (advantages, old log-probs, reference) before training.
+        `rewards` [P', n] are the kept prompts' rewards, `picks` the samples trained on."""
+        t = self.cfg.train
+        if self.iterations > 1:
+            with torch.no_grad():
+                rollout.old_logps = in_segment_order(segment_logps(model, rollout.batch, t.logprob_chunk_size))[0]
+        if self.reference is not None:
+            rollout.ref = self.reference.segment(rollout.batch, t.logprob_chunk_size)
+
+    def step_done(self) -> None:
+        for key in self._used:
+            self._rollouts[key].updates += 1
+        self._used = []
+
+    def state_dict(self) -> dict:
+        """The rollouts still to be trained on (`iterations` > 1): a run resumed between two updates
+        of one rollout must reuse its samples and old log-probs, not sample anew from the updated
+        policy."""
+        return {"rollouts": {str(k): r.state_dict() for k, r in self._rollouts.items() if r.updates < self.iterations}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rollouts = {int(k): Rollout.from_state_dict(r) for k, r in state["rollouts"].items()}
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model, items: list) -> dict:
+        """Held-out reward of each prompt's greedy completion (deterministic, so steps compare)."""
+        _, _, metrics = self.score(model, items, "eval", self.params.but(temperature=0.0, n=1), seed=self.cfg.seed)
+        return {k: float(v) for k, v in metrics.items() if not k.startswith("time/")}
+
+    # -- loss helpers ----------------------------------------------------------------------------
+
+    def policy(self, model, rollout: Rollout, batch: TokenBatch | None = None, entropy: bool = True):
+        """The policy's SegmentLogps of the rollout's batch (or `batch`), its token log-probs and
+        segments in segment order, and the rollout's metrics plus the sampler/trainer mismatch."""
+        out = segment_logps(model, batch or rollout.batch, self.cfg.train.logprob_chunk_size, entropy=entropy)
+        logps, segs, ent = in_segment_order(out)
+        metrics = dict(rollout.metrics)
+        if rollout.updates > 0:  # a reused rollout: no sampling happened for this step
+            metrics["time/generation_s"] = torch.tensor(0.0)
+        elif batch is None:
+            # Trainer and sampler saw the same weights: their log-probs of the sampled tokens must agree.
+            diff = (logps.detach() - rollout.generator_logps).abs()
+            metrics["logprob_mismatch"], metrics["logprob_mismatch_max"] = diff.mean(), diff.max()
+        if ent is not None:
+            metrics["entropy"] = ent.mean()
+        return out, logps, segs, metrics
+
+    @staticmethod
+    def empty(metrics: dict):
+        return torch.zeros((), requires_grad=True), metrics
+
+    def show_example(self, data: PreparedData, index: int) -> str:
+        item = data.train[index]
+        return ("prompt (what the model continues):\n" + self.tokenizer.decode(item.prompt_ids)
+                + f"\n\ncolumns passed to the reward: {self.examples['train'][index].columns}"
+                + f"\n(+ {self.params.n} completions sampled per step, scored by {self.cfg.online.rewards})")
