@@ -1,4 +1,3 @@
-
 from alignkit.cli import main
 from conftest import base_overrides, write_jsonl
 

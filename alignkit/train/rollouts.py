@@ -48,6 +48,7 @@ class Rollout:
     ref: SegmentLogps | None = None  # the reference's log-probs of the batch (KL penalty, online DPO)
     metrics: dict = field(default_factory=dict)
     updates: int = 0  # optimizer steps taken on this rollout so far
+    key: int = 0  # the micro-batch it was sampled for (seeds what is drawn from it)
 
     _TOKEN_FIELDS = ("advantages", "returns", "old_values", "generator_logps", "old_logps")
 
@@ -79,7 +80,7 @@ class Rollout:
                            for g in self.groups],
                 **{name: cpu(getattr(self, name)) for name in self._TOKEN_FIELDS},
                 "ref": None if self.ref is None else {k: cpu(v) for k, v in vars(self.ref).items()},
-                "metrics": {k: cpu(v) for k, v in self.metrics.items()}, "updates": self.updates}
+                "metrics": {k: cpu(v) for k, v in self.metrics.items()}, "updates": self.updates, "key": self.key}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Rollout":
@@ -87,7 +88,7 @@ class Rollout:
                    groups=[TokenizedGroup(**g) for g in state["groups"]],
                    **{name: state[name] for name in cls._TOKEN_FIELDS},
                    ref=None if state["ref"] is None else SegmentLogps(**state["ref"]),
-                   metrics=dict(state["metrics"]), updates=state["updates"])
+                   metrics=dict(state["metrics"]), updates=state["updates"], key=state["key"])
 
 
 def token_segments(batch: TokenBatch) -> torch.Tensor:
@@ -197,7 +198,7 @@ class OnlineRecipe(RecipeBase):
         seed = self.cfg.seed * 1_000_003 + key  # a resumed run resamples the same completions
         samples, rewards, metrics = self.score(model, items, "train", self.params, seed)
         kept, picks = self.select(samples, rewards, metrics)
-        out = Rollout(None, metrics=metrics)
+        out = Rollout(None, metrics=metrics, key=key)
         if kept:
             device = next(model.parameters()).device
             out.groups = [TokenizedGroup(items[i].prompt_ids, [samples[i][k].token_ids for k in ks], i)

@@ -1,0 +1,164 @@
+"""`recipe: ppo`: PPO with a learned value model, as in "Secrets of RLHF in Large Language Models
+Part I: PPO" (Zheng et al., arXiv 2307.04964, PPO-max).
+
+Per rollout (`fill`): the sequence rewards are normalised by their running statistics and clipped
+(`ppo.normalize_rewards`, `ppo.reward_clip`); the per-token KL to the reference (`online.kl_coef`,
+`online.kl_estimator`) is subtracted from every token's reward and the sequence reward added on the
+last token; the value model scores every completion position; GAE (`ppo.gamma`, `ppo.lam`) gives
+per-token advantages and returns; advantages are whitened over the rollout. Then `ppo.epochs`
+passes over the rollout, each in `ppo.minibatches` optimizer steps on a seeded share of its
+prompts: the clipped policy loss (`loss`, default `ppo_clip`) plus the clipped value loss
+(`ppo_value`, `critic.value_clip`), the policy and the value model each with its own AdamW. An
+NLL term on SFT data can be mixed into the policy loss (`ppo.ptx_coef`, PPO-ptx of InstructGPT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from alignkit.data import formats
+from alignkit.data.batching import TokenBatch, collate_packed_groups, collate_packed_sft
+from alignkit.data.tokenize import tokenize_sft
+from alignkit.errors import ConfigError
+from alignkit.heads import reward_trunk_and_head, token_values
+from alignkit.logprobs import in_segment_order, segment_logps
+from alignkit.losses import get as get_loss
+from alignkit.losses import ppo as P
+from alignkit.losses.combine import resolve_terms
+from alignkit.losses.online import aggregate
+from alignkit.models import apply_lora, disable_dropout, load_model, transformer_blocks
+from alignkit.train.base import OptimSettings, SetupContext, Trainable
+from alignkit.train.rollouts import OnlineRecipe, Rollout, policy_gradient, token_segments
+
+
+class PPORecipe(OnlineRecipe):
+    name = "ppo"
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        p = cfg.ppo
+        self.iterations = p.epochs * p.minibatches  # optimizer steps per rollout
+        self.uses_reference = cfg.online.kl_coef > 0
+        (self.policy_loss,) = resolve_terms(cfg.loss, [], data="rollout")
+        self.value_loss = get_loss("ppo_value")
+        self.moments = P.RunningMoments()  # every sequence reward seen (PPO-max reward normalisation)
+        self.value_model = None  # built in extra_modules
+        self.ptx = []  # tokenized SFT examples for the ptx term
+
+    def prepare(self):
+        data = super().prepare()
+        p, d = self.cfg.ppo, self.cfg.data
+        if p.ptx_coef > 0:
+            loaded = formats.load_sft_examples(p.ptx_data, on_bad_record=d.on_bad_record)
+            self.ptx, stats = tokenize_sft(loaded.examples, self.tokenizer, d.max_length, d.max_prompt_length)
+            data.notes += [f"ppo.ptx_data: {loaded.summary()}; {stats.summary(d.max_length)}"]
+        return data
+
+    def extra_modules(self, model, ctx: SetupContext) -> dict:
+        """The value model: the trunk of the policy (or of the reward model `critic.init` names) with
+        a scalar head, its own optimizer and schedule."""
+        c, t = self.cfg.critic, self.cfg.train
+        path = self.cfg.model.name_or_path if c.init == "policy" else c.init
+        mc = dataclasses.replace(self.cfg.model, name_or_path=path, freeze_layers=c.freeze_layers)
+        value = load_model(mc, device=ctx.device, cache_dir=self.cfg.cache_dir, reward_names=["value"],
+                           pad_token_id=self.tokenizer.pad_token_id)
+        if t.disable_dropout:
+            disable_dropout(value)
+        if c.freeze_layers and c.freeze_layers >= len(transformer_blocks(value)):
+            reward_trunk_and_head(value)[0].requires_grad_(False)  # every block: the final norm too, as for reward models
+        if c.lora:
+            value = apply_lora(value, self.cfg.lora)
+        self.value_model = value
+        settings = OptimSettings(c.learning_rate, c.weight_decay, tuple(t.adam_betas), c.max_grad_norm,
+                                 t.warmup_ratio, t.lr_schedule)
+        return {"value": Trainable("value", value, settings, self.tokenizer)}
+
+    def select(self, samples, rewards, metrics):
+        p, n = rewards.shape
+        return list(range(p)), [list(range(n))] * p
+
+    @torch.no_grad()
+    def fill(self, model, rollout: Rollout, rewards: torch.Tensor, picks: list) -> None:
+        """Per-token advantages, returns and old values of the rollout (PPO-max's order of steps)."""
+        o, p, t = self.cfg.online, self.cfg.ppo, self.cfg.train
+        batch, device = rollout.batch, rollout.batch.input_ids.device
+        segs, num = token_segments(batch), batch.num_segments
+        rollout.old_logps = in_segment_order(segment_logps(model, batch, t.logprob_chunk_size))[0]
+        diff = (rollout.old_logps - rollout.generator_logps).abs()  # same weights: must agree
+        rollout.metrics.update(logprob_mismatch=diff.mean(), logprob_mismatch_max=diff.max())
+        kl = torch.zeros_like(rollout.old_logps)
+        if self.reference is not None:
+            rollout.ref = self.reference.segment(batch, t.logprob_chunk_size)
+            kl = P.kl_per_token(rollout.old_logps, in_segment_order(rollout.ref)[0], estimator=o.kl_estimator)
+        values, value_segs = token_values(self.value_model, batch)
+        rollout.old_values = values[torch.argsort(value_segs, stable=True)]
+        seq_rewards = rewards.t().reshape(-1).to(device)  # [S]: segment of sample k of prompt j is k * P' + j
+        self.moments.update(seq_rewards)
+        if p.normalize_rewards:
+            seq_rewards = P.normalize_rewards(seq_rewards, self.moments.mean, self.moments.std, clip=p.reward_clip)
+        elif p.reward_clip > 0:
+            seq_rewards = seq_rewards.clamp(-p.reward_clip, p.reward_clip)
+        token_rewards, shaped = P.kl_shaped_rewards(seq_rewards, kl, segs, num, kl_coef=o.kl_coef)
+        advantages, rollout.returns = P.gae(token_rewards, rollout.old_values, segs, num, gamma=p.gamma, lam=p.lam)
+        rollout.advantages = P.whiten(advantages) if p.whiten_advantages else advantages
+        rollout.metrics.update({
+            "kl": kl.mean(), "reward_normalized": seq_rewards.mean(),
+            "advantages/mean": advantages.mean(), "advantages/std": advantages.std(unbiased=False),
+            "returns/mean": rollout.returns.mean(), "value/mean": rollout.old_values.mean(),
+            "value/explained_variance": P.explained_variance(rollout.old_values, rollout.returns)})
+
+    def minibatch(self, rollout: Rollout) -> tuple[TokenBatch, torch.Tensor]:
+        """The batch of this update's share of the rollout's prompts, and a mask over the rollout's
+        tokens (segment order) selecting theirs. Update u is minibatch u mod M of epoch u // M; each
+        epoch draws a seeded permutation of the prompts (so a resumed run draws the same)."""
+        m, prompts = self.cfg.ppo.minibatches, len(rollout.groups)
+        epoch, part = divmod(rollout.updates, m)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + rollout.key * 7919 + epoch)
+        chosen = sorted(torch.randperm(prompts, generator=gen)[part::m].tolist())
+        batch = collate_packed_groups([rollout.groups[j] for j in chosen], self.tokenizer.pad_token_id,
+                                      self.cfg.train.pack_tokens).to(rollout.batch.input_ids.device)
+        segs = token_segments(rollout.batch)
+        keep = torch.isin(segs % prompts, torch.tensor(chosen, device=segs.device))
+        return batch, keep  # token order is preserved: segments k * P + j map to k * |J| + rank(j)
+
+    def loss(self, model, rollout: Rollout, split: str):
+        o, c = self.cfg.online, self.cfg.critic
+        batch, keep = self.minibatch(rollout)
+        out, logps, segs, metrics = self.policy(model, rollout, batch=batch)
+        pg, pg_metrics = policy_gradient(self.policy_loss, logps, rollout.old_logps[keep], rollout.advantages[keep],
+                                         segs, batch.num_segments, o.aggregation, self.cfg.generation.max_new_tokens)
+        values, value_segs = token_values(self.value_model, batch)
+        values = values[torch.argsort(value_segs, stable=True)]
+        clip = c.value_clip if c.value_clip > 0 else math.inf
+        per_token, v_metrics = self.value_loss.fn(values, rollout.old_values[keep], rollout.returns[keep],
+                                                  clip_range=clip)
+        value_loss = aggregate(per_token, segs, batch.num_segments, o.aggregation, self.cfg.generation.max_new_tokens)
+        metrics.update(pg_metrics, **v_metrics, value_loss=value_loss.detach(), policy_loss=pg.detach())
+        loss = pg + value_loss  # disjoint parameters: each optimizer sees only its own module's gradient
+        if self.cfg.ppo.ptx_coef > 0:
+            nll = self.ptx_nll(model, rollout)
+            metrics["ptx_nll"] = nll.detach()
+            loss = loss + self.cfg.ppo.ptx_coef * nll
+        return loss, metrics
+
+    def ptx_nll(self, model, rollout: Rollout) -> torch.Tensor:
+        """Token-mean NLL of one batch of `ppo.ptx_data`, chosen by the rollout and update (no state:
+        a resumed run takes the same batch)."""
+        if not self.ptx:
+            raise ConfigError(f"ppo.ptx_data {self.cfg.ppo.ptx_data} holds no usable examples.")
+        size = self.cfg.train.batch_size
+        start = ((rollout.key * self.iterations + rollout.updates) * size) % len(self.ptx)
+        items = [self.ptx[(start + i) % len(self.ptx)] for i in range(size)]
+        batch = collate_packed_sft(items, self.tokenizer.pad_token_id, self.cfg.train.pack_tokens)
+        out = segment_logps(model, batch.to(rollout.batch.input_ids.device), self.cfg.train.logprob_chunk_size)
+        return -out.logps.sum() / out.counts.sum().clamp(min=1)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "moments": self.moments.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.moments.load_state_dict(state["moments"])
