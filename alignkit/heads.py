@@ -14,7 +14,7 @@ import torch
 
 from alignkit.data.batching import TokenBatch
 from alignkit.errors import ModelError
-from alignkit.logprobs import trunk_inputs
+from alignkit.logprobs import final_hidden
 
 
 def reward_trunk_and_head(model):
@@ -49,8 +49,7 @@ def pooled_positions(batch: TokenBatch, pad_id: int) -> tuple[torch.Tensor, torc
 
 def pooled_hidden(model, batch: TokenBatch, pad_id: int) -> torch.Tensor:
     """[S, H] the trunk's final hidden state at each segment's pooled token (any layout)."""
-    trunk, _ = reward_trunk_and_head(model)
-    hidden = trunk(**trunk_inputs(model, batch)).last_hidden_state
+    hidden = final_hidden(model, batch)
     rows, cols = pooled_positions(batch, pad_id)
     return hidden[rows, cols]
 
@@ -85,8 +84,8 @@ def token_values(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
 
     V(s_t) is read from the hidden state that predicts token t: the state before the token is
     chosen, as the policy's log-prob of t is read there too."""
-    trunk, head = reward_trunk_and_head(model)
-    hidden = trunk(**trunk_inputs(model, batch)).last_hidden_state
+    _, head = reward_trunk_and_head(model)
+    hidden = final_hidden(model, batch)
     pred = batch.predictor_positions()
     rows, cols = ((batch.segment_ids >= 0) & (pred >= 0)).nonzero(as_tuple=True)
     values = head(hidden[rows, pred[rows, cols]]).float()[:, 0]

@@ -82,11 +82,34 @@ def trunk_inputs(model, batch: TokenBatch) -> dict:
     return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": batch.position_ids}
 
 
+def final_hidden(model, batch: TokenBatch) -> torch.Tensor:
+    """[R, T, H] the last layer's (normed) hidden states of `batch`, from the model's own forward.
+
+    The model is called whole rather than its trunk alone, so that hooks on the model itself run:
+    FSDP2 gathers and reduces the parameters it holds at its root (embeddings, final norm, heads)
+    in the root's forward and backward. A causal LM computes logits at one position only
+    (`logits_to_keep=1`); the hidden states are read from the trunk by a forward hook (asking for
+    `output_hidden_states` would keep every layer's states alive in no-grad passes)."""
+    from alignkit.models import decoder_of, is_reward_model
+
+    captured = []
+    handle = decoder_of(model).register_forward_hook(
+        lambda module, args, out: captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
+    try:
+        kwargs = dict(trunk_inputs(model, batch), use_cache=False)
+        if not is_reward_model(model):
+            kwargs["logits_to_keep"] = 1
+        model(**kwargs)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
 def scored_hidden(model, batch: TokenBatch):
     """(hidden states predicting each scored token [N, H], the tokens [N], their segments [N],
     the head), in row-major token order."""
-    trunk, head = backbone_and_head(model)
-    hidden = trunk(**trunk_inputs(model, batch)).last_hidden_state
+    _, head = backbone_and_head(model)
+    hidden = final_hidden(model, batch)
     pred = batch.predictor_positions()
     rows, cols = ((batch.segment_ids >= 0) & (pred >= 0)).nonzero(as_tuple=True)  # a row's first token has no predictor
     src = pred[rows, cols]

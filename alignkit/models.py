@@ -88,7 +88,7 @@ def default_model_dir(cache_dir: str | None = None) -> Path:
         return target
     src = _gguf_dir()
     if importlib.util.find_spec("gguf") is None:
-        raise ModelError(f"de-quantizing the default model needs the `gguf` package: pip install gguf")
+        raise ModelError("de-quantizing the default model needs the `gguf` package: pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"alignkit: converting {_GGUF_FILE} to safetensors in {target} (once)...", flush=True)
@@ -244,6 +244,19 @@ def disable_dropout(model) -> None:
     for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(model.config, name):
             setattr(model.config, name, 0.0)
+
+
+def decoder_of(model):
+    """The transformer trunk (hidden states out) of a causal LM or a sequence classifier, under peft
+    wrappers too."""
+    base = model.get_base_model() if is_peft(model) else model
+    trunk = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix, None)
+    if trunk is None or trunk is base:
+        trunk = getattr(base, base.base_model_prefix, None)
+    if trunk is None or trunk is base:
+        raise ModelError(f"{type(base).__name__} does not expose its transformer trunk (get_decoder or "
+                         f"`{base.base_model_prefix}`); alignkit needs a standard causal LM or classifier.")
+    return trunk
 
 
 def backbone_and_head(model):
