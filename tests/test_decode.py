@@ -82,3 +82,28 @@ def test_prompt_prefill_runs_once_for_its_n_samples():
     hook.remove()
     assert shapes[0] == (3, 7)  # 3 prompts, left-padded to 7 tokens, once
     assert shapes[1:] == [(12, 1), (12, 1)]  # then 3 x 4 samples, one token per step
+
+
+def test_prompt_seeds_make_samples_independent_of_the_batch():
+    """With a seed per prompt, a prompt's samples are the same whether it is sampled alone, with
+    other prompts, or in another batch order: a run split over processes samples what one would."""
+    model = tiny_model("llama", vocab_size=64).eval()
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=3)
+    seeds = [101, 202, 303]
+    together = sample(model, PROMPTS, params, eos_ids=[2], pad_id=1, prompt_seeds=seeds, batch_size=3)
+    for i, prompt in enumerate(PROMPTS):
+        alone = sample(model, [prompt], params, eos_ids=[2], pad_id=1, prompt_seeds=[seeds[i]])
+        assert [s.token_ids for s in alone[0]] == [s.token_ids for s in together[i]]
+    reordered = sample(model, PROMPTS[::-1], params, eos_ids=[2], pad_id=1, prompt_seeds=seeds[::-1], batch_size=2)
+    assert [[s.token_ids for s in g] for g in reordered[::-1]] == [[s.token_ids for s in g] for g in together]
+    assert len({tuple(s.token_ids) for s in together[1]}) > 1  # the n samples of a prompt differ
+
+
+def test_per_row_sampling_follows_the_distribution():
+    """Inverse-CDF sampling with one generator per row draws each token with its probability."""
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    draws = torch.cat([pick_tokens(logits, SamplingParams(temperature=1.0), [g]) for g in gens])
+    freq = torch.bincount(draws, minlength=4).double() / len(draws)
+    # 4000 draws: a frequency's standard error is at most sqrt(0.25 / 4000) = 0.008; 0.03 is > 3.5 of them
+    assert freq.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4], abs=0.03)

@@ -1,7 +1,7 @@
 """Generation backends behind one small protocol, so online training and inference-time search do
 not care who samples.
 
-    backend.sample(prompts: list[list[int]], params, seed) -> list[list[Sample]]   # n per prompt
+    backend.sample(prompts: list[list[int]], params, seed, prompt_seeds=None) -> list[list[Sample]]   # n per prompt
     backend.sync(model)                                                           # after each update
 
 `TransformersBackend` (the default) samples with the policy module itself through
@@ -20,7 +20,8 @@ from alignkit.generation.decode import Sample, SamplingParams, sample
 
 
 class GenerationBackend(Protocol):
-    def sample(self, prompts: list, params: SamplingParams, seed: int) -> list[list[Sample]]: ...
+    def sample(self, prompts: list, params: SamplingParams, seed: int,
+               prompt_seeds: list | None = None) -> list[list[Sample]]: ...
 
     def sync(self, model) -> None: ...
 
@@ -29,10 +30,11 @@ class TransformersBackend:
     def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = False):
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
 
-    def sample(self, prompts: list, params: SamplingParams, seed: int) -> list[list[Sample]]:
+    def sample(self, prompts: list, params: SamplingParams, seed: int,
+               prompt_seeds: list | None = None) -> list[list[Sample]]:
         return sample(self.model, prompts, params, eos_ids=self.tokenizer.eos_token_id,
                       pad_id=self.tokenizer.pad_token_id, batch_size=self.batch_size, seed=seed,
-                      tokenizer=self.tokenizer, progress=self.progress)
+                      tokenizer=self.tokenizer, progress=self.progress, prompt_seeds=prompt_seeds)
 
     def sync(self, model) -> None:
         self.model = model  # the same module: its weights are always current
@@ -51,13 +53,17 @@ class VLLMBackend:
         self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                        enable_prefix_caching=True)  # a prompt's n samples share its prefill
 
-    def sample(self, prompts: list, params: SamplingParams, seed: int) -> list[list[Sample]]:
+    def sample(self, prompts: list, params: SamplingParams, seed: int,
+               prompt_seeds: list | None = None) -> list[list[Sample]]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
-        sp = VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                             top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-                             stop=list(params.stop) or None, include_stop_str_in_output=True, logprobs=0, seed=seed)
+        def settings(s: int):
+            return VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                                   top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
+                                   stop=list(params.stop) or None, include_stop_str_in_output=True, logprobs=0,
+                                   seed=s)
+        sp = settings(seed) if prompt_seeds is None else [settings(s) for s in prompt_seeds]  # a seed per request
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
         result = []
         for out in outputs:

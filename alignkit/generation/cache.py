@@ -13,12 +13,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from alignkit.generation.decode import row_seed
 from alignkit.generation.hf import SamplingParams, generate
 
 
 def samples_key(fingerprint: dict, params: SamplingParams, seed: int, prompts: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([fingerprint, dataclasses.asdict(params), seed], sort_keys=True).encode())
+    # "per-prompt seeds": each prompt's samples come from its own seed (see `cached_samples`)
+    h.update(json.dumps([fingerprint, dataclasses.asdict(params), seed, "per-prompt seeds"], sort_keys=True).encode())
     for p in prompts:
         h.update(json.dumps(p).encode())
     return h.hexdigest()[:24]
@@ -34,7 +36,10 @@ def cached_samples(model, tokenizer, prompts: list[str], params: SamplingParams,
         if len(rows) == len(prompts) and all(len(r) == params.n for r in rows):
             print(f"alignkit: {desc}: reusing cache {path}", flush=True)
             return rows, path
-    rows = generate(model, tokenizer, prompts, params, batch_size=batch_size, seed=seed, progress=progress, desc=desc)
+    # A seed per prompt (from `seed` and its position): the samples do not depend on the batching,
+    # so a cache made by one process serves a run on several and the other way round.
+    rows = generate(model, tokenizer, prompts, params, batch_size=batch_size, seed=seed, progress=progress, desc=desc,
+                    prompt_seeds=[row_seed(seed, i) for i in range(len(prompts))])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -62,10 +62,23 @@ class _Rows:
     reason: list = field(default_factory=list)
 
 
-def pick_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def row_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (a run's seed, a step, an example index): the same parts give
+    the same seed in every process and every batch layout."""
+    import hashlib
+
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def pick_tokens(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
     """[R, V] float32 logits -> [R] next tokens: argmax at temperature 0, else a sample from the
     temperature-scaled distribution restricted to the top-k tokens and the top-p nucleus (the
-    smallest set whose probability reaches top_p, as in Holtzman et al. 2019)."""
+    smallest set whose probability reaches top_p, as in Holtzman et al. 2019).
+
+    `generator`: one torch.Generator for the batch, or a list with one per row. With one per row,
+    each row draws its own uniform and takes the token where the distribution's CDF passes it, so a
+    row's tokens do not depend on which other rows share its batch (or its process)."""
     if params.temperature <= 0:
         return logits.argmax(-1)
     scores = logits / params.temperature
@@ -79,6 +92,11 @@ def pick_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         sorted_scores = sorted_scores.masked_fill(before >= params.top_p, float("-inf"))  # the first always stays
         scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
     probs = torch.softmax(scores, dim=-1)
+    if isinstance(generator, list):
+        u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generator])  # [R]
+        cdf = probs.double().cumsum(-1)
+        picked = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None])[:, 0]
+        return picked.clamp(max=probs.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -147,11 +165,18 @@ def sample_batch(model, prompts: list, params: SamplingParams, *, eos_ids, pad_i
 
 
 def sample(model, prompts: list, params: SamplingParams, *, eos_ids, pad_id: int, batch_size: int = 16,
-           seed: int = 0, tokenizer=None, progress: bool = False, desc: str = "sampling") -> list[list[Sample]]:
+           seed: int = 0, tokenizer=None, progress: bool = False, desc: str = "sampling",
+           prompt_seeds: list | None = None) -> list[list[Sample]]:
     """`sample_batch` over all prompts, `batch_size` prompts at a time, longest first (less
-    padding); results come back in the prompts' order. Seeded: the same call gives the same samples."""
+    padding); results come back in the prompts' order. Seeded: the same call gives the same samples.
+
+    With `prompt_seeds` (one int per prompt), sample k of prompt i draws from its own generator
+    seeded by (prompt_seeds[i], k): its tokens then do not depend on the batch it shares or on which
+    process samples it, so a run split over N processes samples what one process would."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
+        raise ValueError(f"sample: {len(prompt_seeds)} prompt_seeds for {len(prompts)} prompts")
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -160,8 +185,11 @@ def sample(model, prompts: list, params: SamplingParams, *, eos_ids, pad_id: int
         with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start: start + batch_size]
+                gen = generator if prompt_seeds is None else [
+                    torch.Generator(device=device).manual_seed(row_seed(prompt_seeds[i], k))
+                    for i in idx for k in range(params.n)]
                 out = sample_batch(model, [prompts[i] for i in idx], params, eos_ids=eos_ids, pad_id=pad_id,
-                                   generator=generator, tokenizer=tokenizer)
+                                   generator=gen, tokenizer=tokenizer)
                 for i, s in zip(idx, out):
                     results[i] = s
                 bar.update(len(idx))

@@ -25,11 +25,13 @@ def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
 
 
 def generate(model, tokenizer, prompts: list, params: SamplingParams = SamplingParams(), batch_size: int = 32,
-             seed: int = 0, progress: bool = False, desc: str = "generating") -> list[list[str]]:
+             seed: int = 0, progress: bool = False, desc: str = "generating",
+             prompt_seeds: list | None = None) -> list[list[str]]:
     """Return, for each prompt, `params.n` completions (decoded, special tokens removed).
 
-    Prompts are message lists (rendered with the chat template) or raw strings."""
+    Prompts are message lists (rendered with the chat template) or raw strings. `prompt_seeds`: a
+    seed per prompt (see `decode.sample`)."""
     samples = sample(model, encode_prompts(tokenizer, prompts), params, eos_ids=tokenizer.eos_token_id,
                      pad_id=tokenizer.pad_token_id, batch_size=batch_size, seed=seed, tokenizer=tokenizer,
-                     progress=progress, desc=desc)
+                     progress=progress, desc=desc, prompt_seeds=prompt_seeds)
     return [[s.text for s in group] for group in samples]

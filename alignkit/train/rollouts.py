@@ -24,7 +24,7 @@ from alignkit.data.prompts import load_prompt_examples, prompt_columns, tokenize
 from alignkit.data.splits import PreparedData, example_sources, load_examples
 from alignkit.errors import ConfigError
 from alignkit.generation.backends import make_backend
-from alignkit.generation.decode import SamplingParams, sampling_params
+from alignkit.generation.decode import SamplingParams, row_seed, sampling_params
 from alignkit.logprob_passes import LiveReference
 from alignkit.logprobs import SegmentLogps, in_segment_order, segment_logps
 from alignkit.losses import online as rl
@@ -167,11 +167,14 @@ class OnlineRecipe(RecipeBase):
     # -- sampling and scoring --------------------------------------------------------------------
 
     def score(self, model, items: list, split: str, params: SamplingParams, seed: int):
-        """Sample `params.n` completions per prompt; (samples [P][n], rewards [P, n], metrics)."""
+        """Sample `params.n` completions per prompt; (samples [P][n], rewards [P, n], metrics).
+        Each prompt is sampled with its own seed, from `seed` and its example index: the samples do
+        not depend on which other prompts share the batch or the process."""
         exs = [self.examples[split][it.index] for it in items]
         start = time.perf_counter()
         self.backend.sync(model)  # the policy changed since the last rollout
-        samples = self.backend.sample([it.prompt_ids for it in items], params, seed)
+        samples = self.backend.sample([it.prompt_ids for it in items], params, seed,
+                                      prompt_seeds=[row_seed(seed, it.index) for it in items])
         gen_s = time.perf_counter() - start
         rewards, parts = score_groups(self.reward, [list(ex.prompt) for ex in exs],
                                       [[s.text for s in group] for group in samples], prompt_columns(exs))
