@@ -150,6 +150,26 @@ def aggregate(per_token: torch.Tensor, token_seq: torch.Tensor, num_sequences: i
     return AGGREGATIONS[aggregation](per_token, token_seq, num_sequences, max_completion_length)
 
 
+def aggregate_sum(per_token: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, aggregation: str,
+                  max_completion_length=None) -> torch.Tensor:
+    """`aggregate` times its normaliser (`aggregation_weight`): the part that adds up across
+    micro-batches and processes. The trainer sums these and divides by the summed weights, so a
+    step's loss is the aggregation over all of its sequences however they are split (1 x 8 equals
+    8 x 1, and N processes equal one)."""
+    weight = aggregation_weight(token_seq, num_sequences, aggregation)
+    return aggregate(per_token, token_seq, num_sequences, aggregation, max_completion_length) * weight
+
+
+def aggregation_weight(token_seq: torch.Tensor, num_sequences: int, aggregation: str) -> int:
+    """The normaliser of `aggregation` over these tokens: sequences with tokens (grpo), tokens
+    (dapo), or sequences (dr_grpo, whose per-sequence length normaliser is constant)."""
+    if aggregation == "dapo":
+        return int(token_seq.numel())
+    if aggregation == "dr_grpo":
+        return int(num_sequences)
+    return int((torch.bincount(token_seq, minlength=num_sequences) > 0).sum()) if token_seq.numel() else 0
+
+
 @register(
     "ppo_clip",
     summary="PPO's clipped surrogate per token, with decoupled clip range (GRPO, DAPO's clip-higher).",

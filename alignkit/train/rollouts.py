@@ -101,9 +101,10 @@ def token_segments(batch: TokenBatch) -> torch.Tensor:
 def policy_gradient(term, logps, old_logps, advantages, segs, num_segments: int, aggregation: str,
                     max_completion_length: int, ref_logps=None, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
     """A registered per-token policy loss `term` (a LossTerm, e.g. ppo_clip), plus GRPO's k3 KL term
-    when `ref_logps` is given and `kl_coef` > 0, reduced by `aggregation` (`online.aggregation`).
-    All inputs [M] in segment order; metrics are token means (the KL is reported whenever a
-    reference is given)."""
+    when `ref_logps` is given and `kl_coef` > 0, reduced by `aggregation` (`online.aggregation`) as
+    a sum to be divided by the step's `aggregation_weight`s (`losses.online.aggregate_sum`). All
+    inputs [M] in segment order; metrics are token means (the KL is reported whenever a reference
+    is given)."""
     per_token, parts = term.spec.fn(logps, old_logps, advantages, **term.params)
     n = max(logps.numel(), 1)
     metrics = {k: v.detach().sum() / n for k, v in parts.items()}
@@ -112,7 +113,7 @@ def policy_gradient(term, logps, old_logps, advantages, segs, num_segments: int,
         if kl_coef > 0:
             per_token = per_token + kl_coef * kl
         metrics["kl"] = kl.detach().sum() / n
-    return rl.aggregate(per_token, segs, num_segments, aggregation, max_completion_length), metrics
+    return rl.aggregate_sum(per_token, segs, num_segments, aggregation, max_completion_length), metrics
 
 
 class OnlineRecipe(RecipeBase):
@@ -161,8 +162,13 @@ class OnlineRecipe(RecipeBase):
             self.reference = LiveReference(model)
         return data.replace()
 
-    def weight(self, batch) -> int:
-        return 1  # each loss is already a mean over its rollout
+    def weight(self, rollout: Rollout) -> int:
+        """The loss's normaliser for this rollout (the loss is returned as a sum, see
+        `losses.online.aggregate_sum`): `online.aggregation`'s over its sequences."""
+        if rollout.batch is None:
+            return 0
+        return rl.aggregation_weight(token_segments(rollout.batch), rollout.batch.num_segments,
+                                     self.cfg.online.aggregation)
 
     # -- sampling and scoring --------------------------------------------------------------------
 
@@ -271,7 +277,7 @@ class OnlineRecipe(RecipeBase):
 
     @staticmethod
     def empty(metrics: dict):
-        return torch.zeros((), requires_grad=True), metrics
+        return torch.zeros((), requires_grad=True), metrics  # weight 0: nothing to train on
 
     def show_example(self, data: PreparedData, index: int) -> str:
         item = data.train[index]

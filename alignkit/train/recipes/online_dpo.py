@@ -40,7 +40,10 @@ class OnlineDPORecipe(OnlineRecipe):
         per_example, pair_metrics = apply_terms(self.terms, inputs)
         if split == "train" and "bco/reward_mean" in pair_metrics:
             self.reward_shift.update(pair_metrics["bco/reward_mean"])
-        return per_example.mean(), {**metrics, **{k: v.mean() for k, v in pair_metrics.items()}}
+        return per_example.sum(), {**metrics, **{k: v.mean() for k, v in pair_metrics.items()}}
+
+    def weight(self, rollout: Rollout) -> int:
+        return rollout.batch.num_examples if rollout.batch is not None else 0  # pairs: the loss is their mean
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "reward_shift": self.reward_shift.state_dict()}

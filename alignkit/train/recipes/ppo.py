@@ -28,7 +28,7 @@ from alignkit.logprobs import in_segment_order, segment_logps
 from alignkit.losses import get as get_loss
 from alignkit.losses import ppo as P
 from alignkit.losses.combine import resolve_terms
-from alignkit.losses.online import aggregate
+from alignkit.losses.online import aggregate_sum, aggregation_weight
 from alignkit.models import apply_lora, disable_dropout, load_model, transformer_blocks
 from alignkit.train.base import OptimSettings, SetupContext, Trainable
 from alignkit.train.rollouts import OnlineRecipe, Rollout, policy_gradient, token_segments
@@ -46,6 +46,7 @@ class PPORecipe(OnlineRecipe):
         self.value_loss = get_loss("ppo_value")
         self.moments = P.RunningMoments()  # every sequence reward seen (PPO-max reward normalisation)
         self.value_model = None  # built in extra_modules
+        self._minibatch = None  # ((rollout key, update), (batch, token mask)) of the current update
         self.ptx = []  # tokenized SFT examples for the ptx term
 
     def prepare(self):
@@ -114,6 +115,9 @@ class PPORecipe(OnlineRecipe):
         """The batch of this update's share of the rollout's prompts, and a mask over the rollout's
         tokens (segment order) selecting theirs. Update u is minibatch u mod M of epoch u // M; each
         epoch draws a seeded permutation of the prompts (so a resumed run draws the same)."""
+        cached = self._minibatch
+        if cached is not None and cached[0] == (rollout.key, rollout.updates):
+            return cached[1]
         m, prompts = self.cfg.ppo.minibatches, len(rollout.groups)
         epoch, part = divmod(rollout.updates, m)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + rollout.key * 7919 + epoch)
@@ -122,7 +126,13 @@ class PPORecipe(OnlineRecipe):
                                       self.cfg.train.pack_tokens).to(rollout.batch.input_ids.device)
         segs = token_segments(rollout.batch)
         keep = torch.isin(segs % prompts, torch.tensor(chosen, device=segs.device))
-        return batch, keep  # token order is preserved: segments k * P + j map to k * |J| + rank(j)
+        # token order is preserved: segments k * P + j map to k * |J| + rank(j)
+        self._minibatch = ((rollout.key, rollout.updates), (batch, keep))
+        return batch, keep
+
+    def weight(self, rollout: Rollout) -> int:
+        batch, _ = self.minibatch(rollout)
+        return aggregation_weight(token_segments(batch), batch.num_segments, self.cfg.online.aggregation)
 
     def loss(self, model, rollout: Rollout, split: str):
         o, c = self.cfg.online, self.cfg.critic
@@ -135,13 +145,15 @@ class PPORecipe(OnlineRecipe):
         clip = c.value_clip if c.value_clip > 0 else math.inf
         per_token, v_metrics = self.value_loss.fn(values, rollout.old_values[keep], rollout.returns[keep],
                                                   clip_range=clip)
-        value_loss = aggregate(per_token, segs, batch.num_segments, o.aggregation, self.cfg.generation.max_new_tokens)
-        metrics.update(pg_metrics, **v_metrics, value_loss=value_loss.detach(), policy_loss=pg.detach())
+        value_loss = aggregate_sum(per_token, segs, batch.num_segments, o.aggregation,
+                                   self.cfg.generation.max_new_tokens)
+        w = max(1, self.weight(rollout))  # both losses are sums over this minibatch (see `weight`)
+        metrics.update(pg_metrics, **v_metrics, value_loss=value_loss.detach() / w, policy_loss=pg.detach() / w)
         loss = pg + value_loss  # disjoint parameters: each optimizer sees only its own module's gradient
         if self.cfg.ppo.ptx_coef > 0:
             nll = self.ptx_nll(model, rollout)
             metrics["ptx_nll"] = nll.detach()
-            loss = loss + self.cfg.ppo.ptx_coef * nll
+            loss = loss + self.cfg.ppo.ptx_coef * nll * w
         return loss, metrics
 
     def ptx_nll(self, model, rollout: Rollout) -> torch.Tensor:

@@ -31,5 +31,8 @@ class RAFTRecipe(OnlineRecipe):
             return self.empty(rollout.metrics)
         out, _, _, metrics = self.policy(model, rollout)
         per_example, sft_metrics = apply_terms(self.terms, {"policy_logps": out.logps, "counts": out.counts})
-        loss = per_example.sum() / out.counts.sum().clamp(min=1)  # token-mean NLL, as SFT
-        return loss, {**metrics, **{k: v.float().mean() for k, v in sft_metrics.items()}}
+        # token-mean NLL, as SFT: the sum here, divided by the step's tokens (`weight`)
+        return per_example.sum(), {**metrics, **{k: v.float().mean() for k, v in sft_metrics.items()}}
+
+    def weight(self, rollout: Rollout) -> int:
+        return rollout.batch.num_scored if rollout.batch is not None else 0
