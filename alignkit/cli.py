@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,9 +34,37 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def launch_torchrun(nproc: int, argv: list) -> int:
+    """Run this same `alignkit train` command under torchrun with `nproc` processes on this machine
+    (`--standalone`: a local rendezvous on a free port). Several machines: call torchrun yourself
+    (README, "Scaling out")."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "alignkit", *argv]
+    print("alignkit: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd)
+
+
+def _without_nproc(argv: list) -> list:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            out.append(a)
+    return out
+
+
 def cmd_train(args) -> int:
     from alignkit.train.loop import train
 
+    if args.nproc_per_node and args.nproc_per_node > 1:
+        if "WORLD_SIZE" in os.environ:
+            raise AlignkitError("--nproc-per-node starts torchrun itself; under torchrun, leave it out.")
+        return launch_torchrun(args.nproc_per_node, _without_nproc(args.argv))
     cfg = _load(args)
     result = train(cfg, resume=args.resume, resume_from=args.resume_from,
                    allow_config_change=args.allow_config_change)
@@ -316,6 +345,14 @@ def _report(run_dir) -> None:
     print(f"alignkit: report written to {path}")
 
 
+def cmd_export(args) -> int:
+    from alignkit.train.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, args.module)
+    print(f"alignkit: {args.module} of {args.checkpoint} written to {out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     _report(args.run_dir)
     return 0
@@ -333,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a path) instead of the latest")
     p.add_argument("--allow-config-change", action="store_true", help="on resume, accept settings that differ from "
                    "the checkpoint's: they apply from there on and are recorded in config_changes.jsonl")
+    p.add_argument("--nproc-per-node", type=int, help="train with N processes on this machine (starts torchrun; "
+                   "train.batch_size is per process)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("data", help="inspect data as the trainer sees it")
@@ -388,6 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for value_head.safetensors and value_head.json")
     p.set_defaults(fn=cmd_fit_value)
 
+    p = sub.add_parser("export", help="write a checkpoint (sharded or not) as one Hugging Face model directory")
+    p.add_argument("checkpoint", help="a checkpoint-N directory of a run")
+    p.add_argument("output", help="the directory to write (AutoModelForCausalLM.from_pretrained loads it)")
+    p.add_argument("--module", default="policy", help="which trained module: policy (default) or another a recipe "
+                   "trains, e.g. value (PPO)")
+    p.set_defaults(fn=cmd_export)
+
     p = sub.add_parser("report", help="write RUN_DIR/report.html: plots and key numbers of a run and its eval")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)
@@ -400,7 +446,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_unless_main() -> None:
+    """Under torchrun, processes other than the main one print nothing (their progress bars and
+    library chatter go to a buffer); an error still reaches the terminal (see `main`)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        import io
+
+        sys.stdout = open(os.devnull, "w")
+        sys.stderr = io.StringIO()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_unless_main()
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return _main(argv)
+    except BaseException as e:
+        if rank > 0 and not isinstance(e, SystemExit):
+            import traceback
+
+            sys.__stderr__.write(f"alignkit: process {rank} failed:\n{traceback.format_exc()}")
+            sys.__stderr__.flush()
+        raise
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # `key=value` overrides may come anywhere, also after an option (`train -c x.yaml --resume
     # lr=1`); argparse's positional list stops at the first option, so collect the rest here.
@@ -415,10 +485,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(format_help())
         return 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.fn(args)
     except AlignkitError as e:
-        print(f"alignkit: error: {e}", file=sys.stderr)
+        where = f" (process {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"alignkit: error{where}: {e}", file=sys.__stderr__ if where else sys.stderr, flush=True)
         return 2
 
 

@@ -221,6 +221,18 @@ class RewardConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: Literal["auto", "fsdp", "ddp"] = "auto"
+    """With several processes (torchrun): `fsdp` shards parameters, gradients and optimizer state (FSDP2, each decoder block and the root); `ddp` replicates the model and averages gradients; `auto` is fsdp."""
+    reshard_after_forward: bool = True
+    """FSDP2: free each block's gathered parameters after its forward (less memory; the backward gathers them again)."""
+    cpu_offload: bool = False
+    """FSDP2: keep the sharded parameters, gradients and optimizer state in CPU memory (fits larger models on fewer GPUs; slower)."""
+    timeout_s: float = 600.0
+    """Seconds any collective may wait before the run stops with an error, so a lost process ends the run instead of hanging it."""
+
+
+@dataclass
 class RunConfig:
     recipe: str = "dpo"
     """The training method; `alignkit train --help-config` lists them, with what each reads (the README's recipe table)."""
@@ -245,6 +257,7 @@ class RunConfig:
     online: OnlineConfig = field(default_factory=OnlineConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +510,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
 
 # Keys that moved; naming the new place beats "unknown key".
 MOVED = {"online.clip_low": "loss.clip_low", "online.clip_high": "loss.clip_high"}
-_SECTIONS = ("model", "lora", "data", "train", "generation", "reward", "online", "critic", "ppo")
+_SECTIONS = ("model", "lora", "data", "train", "generation", "reward", "online", "critic", "ppo", "dist")
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:
@@ -623,6 +636,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("critic.max_grad_norm", cfg.critic.max_grad_norm, cfg.critic.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
         ("critic.freeze_layers", cfg.critic.freeze_layers, cfg.critic.freeze_layers >= 0, ">= 0"),
         ("data.limit", cfg.data.limit, cfg.data.limit is None or cfg.data.limit > 0, "positive (or unset)"),
+        ("dist.timeout_s", cfg.dist.timeout_s, cfg.dist.timeout_s > 0, "positive"),
     ]
     for key, value, ok, want in rules:
         if not ok:

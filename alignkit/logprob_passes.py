@@ -66,7 +66,7 @@ def _item_length(it) -> int:
 
 @torch.no_grad()
 def compute_ref_logps(model, items: list, collate, batch_size: int, chunk_size: int, device, autocast,
-                      desc: str = "reference log-probs") -> torch.Tensor:
+                      desc: str = "reference log-probs", progress: bool = True) -> torch.Tensor:
     """Return [N, S] float32 summed log-probs, row i for items[i], one column per completion
     (S = 2 for pairs: chosen, rejected)."""
     table = None
@@ -75,7 +75,7 @@ def compute_ref_logps(model, items: list, collate, batch_size: int, chunk_size: 
     # Longest first: the biggest batch shows up (and fails) at once if memory is short.
     order = sorted(range(len(items)), key=lambda i: -_item_length(items[i]))
     adapters_off = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
-    with adapters_off, tqdm(total=len(items), desc=desc, unit="example", leave=False) as bar:
+    with adapters_off, tqdm(total=len(items), desc=desc, unit="example", leave=False, disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
             batch = collate([items[i] for i in idx]).to(device)
@@ -91,21 +91,41 @@ def compute_ref_logps(model, items: list, collate, batch_size: int, chunk_size: 
 
 
 def cached_ref_logps(model, items, collate, *, cache_dir: Path, fingerprint: dict, precision: str,
-                     batch_size: int, chunk_size: int, device, autocast, desc: str) -> torch.Tensor:
-    """`compute_ref_logps`, read from or written to `cache_dir` (atomically)."""
+                     batch_size: int, chunk_size: int, device, autocast, desc: str, parallel=None,
+                     progress: bool = True) -> torch.Tensor:
+    """`compute_ref_logps`, read from or written to `cache_dir` (atomically).
+
+    `parallel` (the trainer's `SetupContext`, or None for one process) splits the pass: each
+    process computes its `shard` of the examples, the shares are `gather`ed into the full table,
+    and one process writes the file, under the key a single process would use (a cache made at one
+    scale serves another)."""
     key = cache_key(fingerprint, items, precision)
     path = cache_dir / f"{key}.safetensors"
     if path.is_file():
         table = load_file(str(path))["logps"]
         if table.shape[0] == len(items):
-            print(f"alignkit: {desc}: reusing cache {path}", flush=True)
+            note = f"alignkit: {desc}: reusing cache {path}"
+            parallel.say(note) if parallel is not None else print(note, flush=True)
             return table
-    table = compute_ref_logps(model, items, collate, batch_size, chunk_size, device, autocast, desc)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    os.close(fd)
-    save_file({"logps": table.contiguous()}, tmp)
-    os.replace(tmp, path)
+    if parallel is None:
+        table = compute_ref_logps(model, items, collate, batch_size, chunk_size, device, autocast, desc, progress)
+    else:
+        mine = parallel.shard(list(range(len(items))))
+        part = compute_ref_logps(model, [items[i] for i in mine], collate, batch_size, chunk_size, device, autocast,
+                                 desc, progress) if mine else None  # rows in the order of `mine`
+        table = torch.cat([p for p in parallel.gather_objects(part) if p is not None])  # shards in process order
+
+    def write():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+        os.close(fd)
+        save_file({"logps": table.contiguous()}, tmp)
+        os.replace(tmp, path)
+
+    if parallel is None:
+        write()
+    else:
+        parallel.main_writes(write)
     return table
 
 

@@ -169,8 +169,9 @@ def gae(token_rewards: torch.Tensor, values: torch.Tensor, token_seq: torch.Tens
     return advantages, advantages + values
 
 
-def whiten(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten over all M entries [M]:
+def whiten(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8, over: torch.Tensor | None = None) -> torch.Tensor:
+    """Whiten over all M entries [M] (or with the mean and variance of `over`, a population x is
+    part of: the advantages of every process in a data-parallel rollout):
         y = (x - mean(x)) / sqrt(var(x) + eps),   var the population variance (divides by M),
     and with shift_mean=False, y + mean(x) (the scale is normalised but the mean kept; TRL's
     `masked_whiten` option, used there for rewards).
@@ -189,8 +190,9 @@ def whiten(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> to
         raise ValueError(f"whiten: `eps` must be >= 0; got {eps}.")
     if x.numel() == 0:
         return x.clone()
-    mean = x.mean()
-    var = ((x - mean) ** 2).mean()
+    pop = x if over is None else over.to(x.dtype)
+    mean = pop.mean()
+    var = ((pop - mean) ** 2).mean()
     y = (x - mean) * torch.rsqrt(var + eps)
     return y if shift_mean else y + mean
 

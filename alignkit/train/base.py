@@ -9,7 +9,7 @@ docs/architecture.md for the table of hooks and who overrides them.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -17,6 +17,7 @@ import torch
 
 from alignkit import logprob_passes as passes
 from alignkit.config import RunConfig
+from alignkit.distributed import Dist
 from alignkit.data.batching import TokenBatch
 from alignkit.data.splits import PreparedData
 from alignkit.data.tokenize import explain
@@ -25,14 +26,47 @@ from alignkit.train.steps import eval_batches, forward_pieces, run_batches
 
 @dataclass
 class SetupContext:
-    """What a recipe's `setup` needs from the loop (not the config file: the recipe has that)."""
+    """What a recipe needs from the loop (not the config file: the recipe has that), including the
+    data-parallel helpers through which a recipe works on its share of the data without knowing
+    which process it is (one process: each is the identity)."""
 
     device: torch.device
     autocast: Callable  # zero-argument context factory: bf16 autocast or nothing
     precision: str  # "bf16" or "fp32"
     fingerprint: dict  # identity of the initial model: the key of caches derived from it
     cache_root: Path
-    progress: bool = True
+    progress: bool = True  # progress bars (only the main process draws them)
+    dist: Dist = field(default_factory=Dist)
+
+    def shard(self, seq: list) -> list:
+        """This process's share of `seq` (work every process does a part of)."""
+        return self.dist.shard(seq)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's `t`, concatenated along dim 0 in process order (the inverse of `shard`)."""
+        return self.dist.gather(t)
+
+    def gather_objects(self, obj) -> list:
+        return self.dist.gather_objects(obj)
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.dist.all_sum(t)
+
+    def full_params(self, *models):
+        """A context in which `models` run forwards without collectives (a number of forwards that
+        differs between processes: sampling, evaluation)."""
+        return self.dist.full_params(*models)
+
+    def say(self, message: str) -> None:
+        """Print `message` once (from the main process)."""
+        if self.dist.is_main:
+            print(message, flush=True)
+
+    def main_writes(self, write: Callable) -> None:
+        """Run `write()` (a file write) on one process only, then let every process go on."""
+        if self.dist.is_main:
+            write()
+        self.dist.barrier()
 
 
 @dataclass
@@ -61,6 +95,7 @@ class Trainable:
     model: torch.nn.Module
     settings: OptimSettings
     tokenizer: object = None  # saved with the module's checkpoints when given
+    rebuild: Callable = None  # () -> a fresh plain copy of the module as loaded (to export it when sharded)
 
 
 class Recipe(Protocol):
@@ -70,6 +105,7 @@ class Recipe(Protocol):
     iterations: int  # optimizer steps taken on each batch (online: per rollout)
     shares_prompts: bool  # batches hold each prompt once (the token budget counts so)
     evaluate_at_start: bool  # also evaluate before the first step (online: the held-out reward at step 0)
+    shard_model: bool  # whether the trained model's own forward is used (and so it may be sharded)
 
     def prepare(self) -> PreparedData: ...
 
@@ -101,13 +137,18 @@ class RecipeBase:
     iterations = 1
     shares_prompts = False
     evaluate_at_start = False
+    shard_model = True  # the loop may shard the policy (False: only a head trains, on features computed once)
 
     def __init__(self, cfg: RunConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.autocast = contextlib.nullcontext  # the loop's precision, set in `setup`
+        self.ctx = None  # set in `setup`: the device, precision and data-parallel helpers
+
+    @property
+    def autocast(self) -> Callable:
+        return self.ctx.autocast if self.ctx is not None else contextlib.nullcontext
 
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
-        self.autocast = ctx.autocast
+        self.ctx = ctx
         return data.replace()  # no model-dependent data; notes were shown already
 
     def extra_modules(self, model, ctx: SetupContext) -> dict:
@@ -156,7 +197,7 @@ class OfflineRecipe(RecipeBase):
         return [self.collate(p) for p in forward_pieces(items, self.cfg.train.forward_tokens, self.shares_prompts)]
 
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
-        self.autocast = ctx.autocast
+        self.ctx = ctx
         self.attach_references(model, data, ctx)
         return data.replace()
 
@@ -172,7 +213,7 @@ class OfflineRecipe(RecipeBase):
         t = self.cfg.train
         common = dict(cache_dir=ctx.cache_root / "reference", fingerprint=ctx.fingerprint, precision=ctx.precision,
                       batch_size=t.eval_batch_size or t.batch_size, chunk_size=t.logprob_chunk_size,
-                      device=ctx.device, autocast=ctx.autocast)
+                      device=ctx.device, autocast=ctx.autocast, parallel=ctx, progress=ctx.progress)
         for split, items in (("train", data.train), ("eval", data.eval)):
             if items:
                 self.references[split] = passes.CachedReference(passes.cached_ref_logps(
@@ -180,12 +221,15 @@ class OfflineRecipe(RecipeBase):
 
     @torch.no_grad()
     def evaluate(self, model, items: list) -> dict:
-        """The loss and metrics over the held-out examples, in batches of `train.eval_batch_size`."""
+        """The loss and metrics over the held-out examples, in batches of `train.eval_batch_size`,
+        each process evaluating its share."""
         was_training = model.training
         model.eval()
+        batches = [self.collate(b) for b in eval_batches(self.cfg, self, self.ctx.shard(items))]
         try:
-            out, _, _ = run_batches(self, model, [self.collate(b) for b in eval_batches(self.cfg, self, items)],
-                                    "eval", next(model.parameters()).device, self.autocast, backward=False)
+            with self.ctx.full_params(model):
+                out, _, _ = run_batches(self, model, batches, "eval", next(model.parameters()).device, self.autocast,
+                                        backward=False, dist=self.ctx.dist)
         finally:
             model.train(was_training)
         return out

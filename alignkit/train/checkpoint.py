@@ -76,11 +76,15 @@ def set_rng_state(state: dict) -> None:
 # -- atomic directories ------------------------------------------------------------------------
 
 
-def atomic_dir(final: Path, write) -> Path:
-    """Call write(tmp_dir), then move tmp_dir to `final` (replacing an older one)."""
+def atomic_dir(final: Path, write, prepared: Path | None = None) -> Path:
+    """Call write(tmp_dir), then move tmp_dir to `final` (replacing an older one). `prepared`: a
+    temporary directory (beside `final`) that is already written."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only
+    if prepared is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+    else:
+        tmp = prepared
     try:
         write(tmp)
         if final.exists():
@@ -134,6 +138,18 @@ def save_model_dir(path: Path, model, tokenizer, cfg: RunConfig, merge_lora: boo
     save_config(cfg, path / "alignkit_config.yaml")
 
 
+def save_model_config(path: Path, model, tokenizer, cfg: RunConfig) -> None:
+    """A sharded checkpoint's model directory without weights (they are in `dcp/`): config, tokenizer."""
+    from alignkit.models import is_peft
+
+    path.mkdir(parents=True, exist_ok=True)
+    base = model.get_base_model() if is_peft(model) else model
+    base.config.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    save_config(cfg, path / "alignkit_config.yaml")
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -150,25 +166,40 @@ def write_manifest(directory: Path) -> None:
     (directory / MANIFEST).write_text(json.dumps({"alignkit_checkpoint": 1, "files": files}, indent=1))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, cfg: RunConfig, trainer_state: dict,
-                    keep: int, extras: dict | None = None) -> Path:
+def save_checkpoint(run_dir: Path, step: int, write_main, keep: int, dist, write_all=None) -> Path:
     """Write `checkpoint-<step>` atomically and prune all but the `keep` newest.
 
-    `model` (the policy) goes to the top level; each of `extras` ({name: (model, tokenizer)}, e.g.
-    PPO's value model) to a subdirectory of its name. `trainer_state`: optimizers, schedulers and
-    loop state as tensors, numbers, strings, lists and dicts; the RNG states are added here."""
-    def write(tmp: Path):
-        save_model_dir(tmp, model, tokenizer, cfg)
-        for name, (extra, extra_tokenizer) in (extras or {}).items():
-            save_model_dir(tmp / name, extra, extra_tokenizer, cfg)
-        torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state.get("state", {}), indent=2, default=str))
-        write_manifest(tmp)
+    `write_all(tmp)` runs on every process first (each writes its shards of a sharded checkpoint),
+    then `write_main(tmp)` on the main process (model config and weights, tokenizer, trainer state);
+    the manifest is written last and the directory renamed into place. `dist`: an alignkit Dist."""
+    final = Path(run_dir) / f"checkpoint-{step}"
+    if dist.is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+    tmp = Path(dist.broadcast(str(tmp) if dist.is_main else None))
+    try:
+        if write_all is not None:
+            write_all(tmp)
+        dist.barrier()  # every shard is on disk
+        if dist.is_main:
+            write_main(tmp)
+            write_manifest(tmp)
+            atomic_dir(final, lambda target: None, prepared=tmp)
+            for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()
+    return final
 
-    path = atomic_dir(run_dir / f"checkpoint-{step}", write)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
+
+def save_trainer_state(tmp: Path, trainer_state: dict) -> None:
+    """`trainer_state.pt` (tensors, numbers, strings, lists, dicts) and a readable copy of the loop state."""
+    torch.save(trainer_state, tmp / STATE_FILE)
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state.get("state", {}), indent=2, default=str))
 
 
 # -- finding and checking ----------------------------------------------------------------------

@@ -48,6 +48,16 @@ class MetricsLogger:
             self._tb.close()
 
 
+class NullLogger:
+    """The logger of processes other than the main one: they log nothing."""
+
+    def log(self, step: int, metrics: dict, split: str = "train") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: Path, split: str | None = None) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

@@ -20,9 +20,12 @@ class TrainedModule:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     steps: int  # optimizer steps of the run (the schedule's length)
     tokenizer: object = None  # saved beside the module in checkpoints
+    rebuild: object = None  # () -> a plain copy of the module as it was loaded (to export a sharded one)
+    sharded: bool = False  # FSDP2 reduces its gradients; otherwise the loop averages them across processes
 
     @classmethod
-    def build(cls, name: str, model, settings: OptimSettings, steps: int, tokenizer=None) -> "TrainedModule":
+    def build(cls, name: str, model, settings: OptimSettings, steps: int, tokenizer=None,
+              rebuild=None, sharded: bool = False) -> "TrainedModule":
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad:
@@ -32,7 +35,7 @@ class TrainedModule:
         warmup = int(settings.warmup_ratio * steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, steps, warmup, settings.schedule))
-        return cls(name, model, settings, optimizer, scheduler, steps, tokenizer)
+        return cls(name, model, settings, optimizer, scheduler, steps, tokenizer, rebuild, sharded)
 
     @property
     def params(self) -> list:
@@ -42,10 +45,10 @@ class TrainedModule:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def clip(self) -> float:
+    def clip(self, dist) -> float:
         """Clip the gradient norm to `max_grad_norm` (0: no clipping); the norm before clipping."""
         max_norm = self.settings.max_grad_norm if self.settings.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        return dist.clip_grad_norm(self.params, max_norm)
 
     def step(self, apply: bool) -> None:
         """Apply the update (unless `apply` is False: a skipped step), advance the schedule, zero grads."""
@@ -54,13 +57,20 @@ class TrainedModule:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def state_dict(self, dist, with_optimizer: bool = True) -> dict:
+        """The schedule, and the optimizer state keyed by parameter names (full, for a one-process
+        checkpoint; a sharded checkpoint writes the optimizer with DCP instead)."""
+        out = {"scheduler": self.scheduler.state_dict()}
+        if with_optimizer:
+            out["optimizer"] = dist.optimizer_state(self.model, self.optimizer, full=True)
+        return out
 
-    def load_state_dict(self, state: dict, step: int) -> None:
-        """Restore optimizer and schedule, then set the hyper-parameters from `settings` (a resume
-        with `--allow-config-change` applies new ones from `step` on; unchanged, they are the same)."""
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict, step: int, dist) -> None:
+        """Restore the schedule (and a full optimizer state when the checkpoint has one), then set the
+        hyper-parameters from `settings` (a resume with `--allow-config-change` applies new ones from
+        `step` on; unchanged, they are the same)."""
+        if "optimizer" in state:
+            dist.load_full_state(self.model, self.optimizer, None, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         s = self.settings
         decay, no_decay = self.optimizer.param_groups

@@ -20,7 +20,8 @@ from alignkit.train import checkpoint as ckpt
 
 # Keys that change how a run reports and saves, not what it computes: a resume may change them.
 RESUME_SAFE_KEYS = {"output_dir", "cache_dir", "train.tensorboard", "train.log_every", "train.save_every",
-                    "train.keep_checkpoints", "train.eval_every"}
+                    "train.keep_checkpoints", "train.eval_every", "dist.strategy", "dist.reshard_after_forward",
+                    "dist.cpu_offload", "dist.timeout_s"}
 
 
 def check_output_dir(run_dir: Path) -> None:
@@ -98,10 +99,13 @@ class Resume:
               flush=True)
 
 
-def prepare_resume(cfg: RunConfig, run_dir: Path, resume_from: str | None, allow_change: bool) -> Resume | None:
-    """Pick and check the checkpoint, its config and its trainer state, before any model loads."""
-    point = ckpt.find_resume_point(run_dir, resume_from)
-    for note in point.notes:
+def prepare_resume(cfg: RunConfig, run_dir: Path, resume_from: str | None, allow_change: bool,
+                   dist=None) -> Resume | None:
+    """Pick and check the checkpoint, its config and its trainer state, before any model loads. With
+    several processes (`dist`, an alignkit Dist), the main one cleans up and checks the files."""
+    find = lambda: ckpt.find_resume_point(run_dir, resume_from)  # noqa: E731
+    point = dist.on_main(find) if dist is not None else find()
+    for note in point.notes if dist is None or dist.is_main else []:
         print(f"alignkit: {note}", flush=True)
     if point.path is None:
         return None
@@ -121,12 +125,13 @@ def prepare_resume(cfg: RunConfig, run_dir: Path, resume_from: str | None, allow
     return Resume(point.path, ckpt.load_trainer_state(point.path), changes, allow_change)
 
 
-def finished_summary(run_dir: Path, resume: Resume) -> dict | None:
+def finished_summary(run_dir: Path, resume: Resume, quiet: bool = False) -> dict | None:
     """The summary of a run that already ended and that nothing asks to extend, else None."""
     state, summary_file = resume.state, run_dir / "summary.json"
     if resume.changes or state["step"] < state["total_steps"] or not summary_file.is_file():
         return None
-    print(f"alignkit: {run_dir} already finished at step {state['step']} of {state['total_steps']}; nothing to "
-          f"resume (final model in {run_dir / 'final'}). To train longer, raise train.max_steps and pass "
-          "--allow-config-change.", flush=True)
+    if not quiet:
+        print(f"alignkit: {run_dir} already finished at step {state['step']} of {state['total_steps']}; nothing "
+              f"to resume (final model in {run_dir / 'final'}). To train longer, raise train.max_steps and pass "
+              "--allow-config-change.", flush=True)
     return json.loads(summary_file.read_text())

@@ -98,6 +98,22 @@ def token_segments(batch: TokenBatch) -> torch.Tensor:
     return torch.sort(segs, stable=True).values
 
 
+def rollout_metrics(samples: list, rewards: torch.Tensor, parts: dict, generation_s: float) -> dict:
+    """Metrics of sampled groups: reward (and each weighted term's), lengths, stops, zero-variance groups."""
+    lengths = torch.tensor([len(s.token_ids) for group in samples for s in group], dtype=torch.float32)
+    stopped = torch.tensor([s.finish_reason == "stop" for group in samples for s in group], dtype=torch.float32)
+    metrics = {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
+               "completion_length": lengths.mean(), "stopped_fraction": stopped.mean(),
+               "time/generation_s": torch.tensor(generation_s)}
+    if len(parts) > 1:
+        for name, values in parts.items():
+            v = torch.tensor(values, dtype=torch.float32)
+            metrics[f"reward/{name}"], metrics[f"reward_std/{name}"] = v.mean(), v.std() if v.numel() > 1 else v * 0
+    if rewards.shape[1] > 1:
+        metrics["zero_variance_groups"] = torch.tensor(rl.zero_variance_fraction(rewards))
+    return metrics
+
+
 def policy_gradient(term, logps, old_logps, advantages, segs, num_segments: int, aggregation: str,
                     max_completion_length: int, ref_logps=None, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
     """A registered per-token policy loss `term` (a LossTerm, e.g. ppo_clip), plus GRPO's k3 KL term
@@ -154,7 +170,7 @@ class OnlineRecipe(RecipeBase):
         return PreparedData(out[0], out[1], notes, sources=example_sources(train, held))
 
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
-        self.autocast = ctx.autocast
+        self.ctx = ctx
         g = self.cfg.generation
         self.backend = make_backend(g.backend, model, self.tokenizer,
                                     resolve_model_path(self.cfg.model.name_or_path, self.cfg.cache_dir), g.batch_size)
@@ -176,26 +192,24 @@ class OnlineRecipe(RecipeBase):
         """Sample `params.n` completions per prompt; (samples [P][n], rewards [P, n], metrics).
         Each prompt is sampled with its own seed, from `seed` and its example index: the samples do
         not depend on which other prompts share the batch or the process."""
+        samples, rewards, parts, gen_s = self.sample_and_reward(model, items, split, params, seed)
+        return samples, rewards, rollout_metrics(samples, rewards, parts, gen_s)
+
+    def sample_and_reward(self, model, items: list, split: str, params: SamplingParams, seed: int):
         exs = [self.examples[split][it.index] for it in items]
         start = time.perf_counter()
         self.backend.sync(model)  # the policy changed since the last rollout
-        samples = self.backend.sample([it.prompt_ids for it in items], params, seed,
-                                      prompt_seeds=[row_seed(seed, it.index) for it in items])
+        with self.ctx.full_params(*self.sampling_models(model)):  # processes sample different lengths
+            samples = self.backend.sample([it.prompt_ids for it in items], params, seed,
+                                          prompt_seeds=[row_seed(seed, it.index) for it in items])
         gen_s = time.perf_counter() - start
         rewards, parts = score_groups(self.reward, [list(ex.prompt) for ex in exs],
                                       [[s.text for s in group] for group in samples], prompt_columns(exs))
-        lengths = torch.tensor([len(s.token_ids) for group in samples for s in group], dtype=torch.float32)
-        stopped = torch.tensor([s.finish_reason == "stop" for group in samples for s in group], dtype=torch.float32)
-        metrics = {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
-                   "completion_length": lengths.mean(), "stopped_fraction": stopped.mean(),
-                   "time/generation_s": torch.tensor(gen_s)}
-        if len(parts) > 1:
-            for name, values in parts.items():
-                v = torch.tensor(values, dtype=torch.float32)
-                metrics[f"reward/{name}"], metrics[f"reward_std/{name}"] = v.mean(), v.std() if v.numel() > 1 else v * 0
-        if params.n > 1:
-            metrics["zero_variance_groups"] = torch.tensor(rl.zero_variance_fraction(rewards))
-        return samples, rewards, metrics
+        return samples, rewards, parts, gen_s
+
+    def sampling_models(self, model) -> tuple:
+        """The sharded modules that run while a rollout is sampled and completed (PPO adds its value model)."""
+        return (model,)
 
     def batches(self, model, items: list, key: int) -> list:
         """[the rollout of micro-batch `key`], sampled once and reused for `iterations` steps."""
@@ -217,7 +231,8 @@ class OnlineRecipe(RecipeBase):
             # segment of completion k of kept prompt j is k * P' + j (`collate_packed_groups`)
             per_segment = [samples[i][picks[j][k]].logprobs for k in range(len(picks[0])) for j, i in enumerate(kept)]
             out.generator_logps = torch.tensor([lp for seg in per_segment for lp in seg], device=device)
-            self.fill(model, out, rewards[kept], picks)
+            with self.ctx.full_params(*self.sampling_models(model)):
+                self.fill(model, out, rewards[kept], picks)
         self._rollouts[key] = out
         return [out]
 
@@ -253,8 +268,16 @@ class OnlineRecipe(RecipeBase):
 
     @torch.no_grad()
     def evaluate(self, model, items: list) -> dict:
-        """Held-out reward of each prompt's greedy completion (deterministic, so steps compare)."""
-        _, _, metrics = self.score(model, items, "eval", self.params.but(temperature=0.0, n=1), seed=self.cfg.seed)
+        """Held-out reward of each prompt's greedy completion (deterministic, so steps compare), each
+        process answering its share of the prompts."""
+        mine = self.ctx.shard(items)
+        samples, rewards, parts, _ = self.sample_and_reward(model, mine, "eval", self.params.but(temperature=0.0, n=1),
+                                                            self.cfg.seed) if mine else ([], torch.zeros(0, 1), {}, 0.0)
+        shares = self.ctx.gather_objects((samples, rewards, parts))
+        samples = [g for share in shares for g in share[0]]
+        rewards = torch.cat([share[1] for share in shares])
+        parts = {k: [v for share in shares for v in share[2].get(k, [])] for k in shares[0][2]}
+        metrics = rollout_metrics(samples, rewards, parts, 0.0)
         return {k: float(v) for k, v in metrics.items() if not k.startswith("time/")}
 
     # -- loss helpers ----------------------------------------------------------------------------

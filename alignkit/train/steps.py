@@ -92,12 +92,13 @@ def forward_pieces(items: list, budget: int | None, shared: bool) -> list:
     return cut_by_budget(items, [example_tokens(it, shared) for it in items], budget)
 
 
-def total_steps(cfg: RunConfig, plan: BatchPlan, repeat: int = 1) -> int:
-    """Optimizer steps of the run; `repeat`: steps taken on each batch (online iterations)."""
+def total_steps(cfg: RunConfig, plan: BatchPlan, repeat: int = 1, world_size: int = 1) -> int:
+    """Optimizer steps of the run; `repeat`: steps taken on each batch (online iterations); each
+    step takes `grad_accum` micro-batches on each of `world_size` processes."""
     t = cfg.train
     if t.max_steps is not None:
         return t.max_steps
-    return max(1, math.ceil(t.epochs * plan.per_epoch * repeat / t.grad_accum))
+    return max(1, math.ceil(t.epochs * plan.per_epoch * repeat / (t.grad_accum * world_size)))
 
 
 class _Meter:
@@ -112,28 +113,49 @@ class _Meter:
             self.sums[k] = self.sums.get(k, 0) + v.sum()
             self.counts[k] = self.counts.get(k, 0) + v.numel()
 
-    def means(self) -> dict:
-        return {k: float(self.sums[k]) / max(1, self.counts[k]) for k in self.sums}
+    def means(self, dist=None) -> dict:
+        """Means over everything added, on every process when `dist` (an alignkit Dist) is given:
+        sums and counts are added up across processes, each key over the processes that have it."""
+        if dist is None or not dist.enabled:
+            return {k: float(self.sums[k]) / max(1, self.counts[k]) for k in self.sums}
+        keys = sorted({k for ks in dist.gather_objects(sorted(self.sums)) for k in ks})
+        local = torch.tensor([[float(self.sums.get(k, 0.0)) for k in keys],
+                              [float(self.counts.get(k, 0)) for k in keys]], dtype=torch.float64)
+        total = dist.all_sum(local)
+        return {k: float(total[0, i]) / max(1.0, float(total[1, i])) for i, k in enumerate(keys)}
 
 
 def run_batches(recipe, model, batches: list, split: str, device, autocast, backward: bool,
-                track_grads: list | None = None) -> tuple[dict, list, list]:
-    """Loss (normalised over all `batches`) and mean metrics; backpropagates when asked.
+                track_grads: list | None = None, dist=None) -> tuple[dict, list, list]:
+    """Loss (normalised over all `batches` of every process) and mean metrics; backpropagates when asked.
 
-    Also returns each batch's loss and, with `track_grads` (the trained parameters), the norm of
-    the accumulated gradient after each batch: the first non-finite one names the batch that broke
-    the step. Both stay on the device until read after the last batch."""
-    total_weight = sum(recipe.weight(b) for b in batches)
+    Each batch's loss is a sum; `recipe.weight` gives its normaliser. With several processes the
+    normalisers are added up across them, and each process's loss is scaled by the number of
+    processes, because FSDP and DDP average gradients: the update is then that of one process
+    holding every process's batches. Also returns each batch's loss and, with `track_grads` (the
+    trained parameters), the norm of the accumulated gradient after each batch: the first
+    non-finite one names the batch that broke the step."""
+    local_weight = sum(recipe.weight(b) for b in batches)
+    total_weight = float(dist.all_sum(torch.tensor([float(local_weight)], dtype=torch.float64))[0]) \
+        if dist is not None and dist.enabled else float(local_weight)
+    scale = (dist.world_size if dist is not None else 1) / max(1.0, total_weight)
     meter, losses, norms = _Meter(), [], []
     for batch in batches:
         with autocast():
             loss, metrics = recipe.loss(model, batch.to(device), split)
         if backward:
-            (loss / total_weight).backward()
+            (loss * scale).backward()
         losses.append(loss.detach().float())
         grads = [p.grad for p in track_grads or () if p.grad is not None]
         norms.append(torch.nn.utils.get_total_norm(grads) if grads else None)
         meter.add(metrics)
-    out = meter.means()
-    out["loss"] = float(sum(losses)) / max(1, total_weight) if losses else 0.0
-    return out, [float(x) for x in losses], [None if n is None else float(n) for n in norms]
+    out = meter.means(dist)
+    loss_sum = torch.stack(losses).sum().double().reshape(1) if losses else torch.zeros(1, dtype=torch.float64)
+    if dist is not None and dist.enabled:
+        loss_sum = dist.all_sum(loss_sum.to(device))
+    out["loss"] = float(loss_sum[0]) / max(1.0, total_weight)
+    return out, [float(x) for x in losses], [None if n is None else _float(n) for n in norms]
+
+
+def _float(t) -> float:
+    return float(t.full_tensor()) if hasattr(t, "full_tensor") else float(t)

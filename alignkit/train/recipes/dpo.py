@@ -58,17 +58,17 @@ class PreferenceRecipe(OfflineRecipe):
         if self.needs_reference:
             table = self.references[split].logps(model, batch, self.cfg.train.logprob_chunk_size, device)
             inputs.update(self.reference_inputs(table))
-        inputs.update(self.extra_inputs(inputs))
+        inputs.update(self.extra_inputs(inputs, split))
         per_example, metrics = apply_terms(self.terms, inputs)
-        if split == "train" and "bco/reward_mean" in metrics:
-            self.reward_shift.update(metrics["bco/reward_mean"])
+        if split == "train" and "bco/reward_mean" in metrics:  # every process's batch: the shift stays one
+            self.reward_shift.update(self.ctx.gather(metrics["bco/reward_mean"]))
         return per_example, metrics
 
     def reference_inputs(self, table: torch.Tensor) -> dict:
         """Loss inputs from the batch's [B, S] reference log-probs (columns as in the batch layout)."""
         return {"ref_chosen_logps": table[:, 0], "ref_rejected_logps": table[:, 1]}
 
-    def extra_inputs(self, inputs: dict) -> dict:
+    def extra_inputs(self, inputs: dict, split: str) -> dict:
         """More loss inputs derived from the standard ones (a subclass hook)."""
         return {}
 

@@ -21,7 +21,7 @@ class MaskedRecipe(PreferenceRecipe):
     def prepare(self) -> PreparedData:
         return prepare_data(self.cfg, self.tokenizer, load_masked_examples, tokenize_masked_pairs)
 
-    def extra_inputs(self, inputs: dict) -> dict:
+    def extra_inputs(self, inputs: dict, split: str) -> dict:
         return {k.replace("_logps", "_masked_logps"): v for k, v in inputs.items() if k.endswith("_logps")}
 
     def show_example(self, data: PreparedData, index: int) -> str:

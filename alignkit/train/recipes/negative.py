@@ -52,7 +52,7 @@ class NegativeRecipe(PreferenceRecipe):
             samples, path = cached_samples(
                 model, self.tokenizer, prompts, params, seed=self.cfg.seed, fingerprint=ctx.fingerprint,
                 cache_dir=ctx.cache_root / "samples", batch_size=g.batch_size, progress=ctx.progress,
-                desc=f"sampling {g.num_samples} completions per {split} prompt")
+                desc=f"sampling {g.num_samples} completions per {split} prompt", parallel=ctx)
             self.sample_files[split] = path
             out[split], stats = tokenize_groups(examples, samples, self.tokenizer, d.max_length, d.max_prompt_length)
             notes.append(f"{split}: {len(examples)} prompts x {g.num_samples} samples (in {path}); "

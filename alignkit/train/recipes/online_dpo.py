@@ -30,6 +30,8 @@ class OnlineDPORecipe(OnlineRecipe):
 
     def loss(self, model, rollout: Rollout, split: str):
         if rollout.batch is None:
+            if any(t.spec.name.startswith("bco") for t in self.terms):  # the other processes gather their pairs
+                self.reward_shift.update(self.ctx.gather(torch.zeros(0)))
             return self.empty(rollout.metrics)
         out, _, _, metrics = self.policy(model, rollout)
         b = rollout.batch.num_examples
@@ -38,8 +40,8 @@ class OnlineDPORecipe(OnlineRecipe):
                   "chosen_counts": out.counts[:b], "rejected_counts": out.counts[b:],
                   "reward_shift": torch.tensor(self.reward_shift.value, device=out.logps.device)}
         per_example, pair_metrics = apply_terms(self.terms, inputs)
-        if split == "train" and "bco/reward_mean" in pair_metrics:
-            self.reward_shift.update(pair_metrics["bco/reward_mean"])
+        if split == "train" and "bco/reward_mean" in pair_metrics:  # every process's pairs: one shift
+            self.reward_shift.update(self.ctx.gather(pair_metrics["bco/reward_mean"]))
         return per_example.sum(), {**metrics, **{k: v.mean() for k, v in pair_metrics.items()}}
 
     def weight(self, rollout: Rollout) -> int:

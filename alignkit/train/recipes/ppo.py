@@ -62,20 +62,28 @@ class PPORecipe(OnlineRecipe):
         """The value model: the trunk of the policy (or of the reward model `critic.init` names) with
         a scalar head, its own optimizer and schedule."""
         c, t = self.cfg.critic, self.cfg.train
+        self.value_model = self.build_value(ctx.device)
+        settings = OptimSettings(c.learning_rate, c.weight_decay, tuple(t.adam_betas), c.max_grad_norm,
+                                 t.warmup_ratio, t.lr_schedule)
+        return {"value": Trainable("value", self.value_model, settings, self.tokenizer,
+                                   rebuild=lambda: self.build_value(torch.device("cpu")))}
+
+    def build_value(self, device):
+        c = self.cfg.critic
         path = self.cfg.model.name_or_path if c.init == "policy" else c.init
         mc = dataclasses.replace(self.cfg.model, name_or_path=path, freeze_layers=c.freeze_layers)
-        value = load_model(mc, device=ctx.device, cache_dir=self.cfg.cache_dir, reward_names=["value"],
+        value = load_model(mc, device=device, cache_dir=self.cfg.cache_dir, reward_names=["value"],
                            pad_token_id=self.tokenizer.pad_token_id)
-        if t.disable_dropout:
+        if self.cfg.train.disable_dropout:
             disable_dropout(value)
         if c.freeze_layers and c.freeze_layers >= len(transformer_blocks(value)):
             reward_trunk_and_head(value)[0].requires_grad_(False)  # every block: the final norm too, as for reward models
         if c.lora:
             value = apply_lora(value, self.cfg.lora)
-        self.value_model = value
-        settings = OptimSettings(c.learning_rate, c.weight_decay, tuple(t.adam_betas), c.max_grad_norm,
-                                 t.warmup_ratio, t.lr_schedule)
-        return {"value": Trainable("value", value, settings, self.tokenizer)}
+        return value
+
+    def sampling_models(self, model) -> tuple:
+        return (model, self.value_model)
 
     def select(self, samples, rewards, metrics):
         p, n = rewards.shape
@@ -97,14 +105,16 @@ class PPORecipe(OnlineRecipe):
         values, value_segs = token_values(self.value_model, batch)
         rollout.old_values = values[torch.argsort(value_segs, stable=True)]
         seq_rewards = rewards.t().reshape(-1).to(device)  # [S]: segment of sample k of prompt j is k * P' + j
-        self.moments.update(seq_rewards)
+        self.moments.update(self.ctx.gather(seq_rewards))  # every process's rewards: the statistics stay global
         if p.normalize_rewards:
             seq_rewards = P.normalize_rewards(seq_rewards, self.moments.mean, self.moments.std, clip=p.reward_clip)
         elif p.reward_clip > 0:
             seq_rewards = seq_rewards.clamp(-p.reward_clip, p.reward_clip)
         token_rewards, shaped = P.kl_shaped_rewards(seq_rewards, kl, segs, num, kl_coef=o.kl_coef)
         advantages, rollout.returns = P.gae(token_rewards, rollout.old_values, segs, num, gamma=p.gamma, lam=p.lam)
-        rollout.advantages = P.whiten(advantages) if p.whiten_advantages else advantages
+        # whitened over the whole rollout, every process's tokens included
+        rollout.advantages = P.whiten(advantages, over=self.ctx.gather(advantages)) if p.whiten_advantages \
+            else advantages
         rollout.metrics.update({
             "kl": kl.mean(), "reward_normalized": seq_rewards.mean(),
             "advantages/mean": advantages.mean(), "advantages/std": advantages.std(unbiased=False),

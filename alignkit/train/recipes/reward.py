@@ -66,27 +66,28 @@ class RewardRecipe(OfflineRecipe):
         trains: the trunk, its final norm included, is frozen, so each sequence's pooled hidden
         state never changes. Compute it once, and train the head on it: further epochs then cost
         next to nothing (a linear probe, the cheapest reward model there is)."""
-        self.autocast = ctx.autocast
+        self.ctx = ctx
         if is_peft(model) or self.cfg.model.freeze_layers < len(transformer_blocks(model)):
             return data.replace()
         trunk, _ = reward_trunk_and_head(model)
         trunk.requires_grad_(False)
         bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
         device = next(model.parameters()).device
+        hidden_size = reward_trunk_and_head(model)[1].in_features
         for split, items in (("train", data.train), ("eval", data.eval)):
             if not items:
                 continue
-            feats = None
-            for start in tqdm(range(0, len(items), bs), desc=f"trunk outputs ({split})", disable=not ctx.progress,
-                              unit="batch", dynamic_ncols=True):
+            feats = torch.zeros(max(it.index for it in items) + 1, 2, hidden_size)
+            starts = ctx.shard(list(range(0, len(items), bs)))  # each process computes its share of the batches
+            for start in tqdm(starts, desc=f"trunk outputs ({split})", disable=not ctx.progress, unit="batch",
+                              dynamic_ncols=True):
                 batch = self.collate(items[start: start + bs]).to(device)
                 with torch.no_grad():
                     h = pooled_hidden(model, batch, self.tokenizer.pad_token_id).float().cpu()  # [2b, H]
-                if feats is None:
-                    feats = torch.zeros(max(it.index for it in items) + 1, 2, h.shape[1])
                 b = batch.num_examples
                 feats[batch.example_ids, 0], feats[batch.example_ids, 1] = h[:b], h[b:]
-            self.features[split] = feats
+            self.features[split] = ctx.all_sum(feats)  # the shares fill disjoint rows
+        self.shard_model = False  # only the head trains, on these features: nothing to shard
         note = (f"model.freeze_layers={self.cfg.model.freeze_layers} freezes every block: the trunk's outputs were "
                 f"computed once ({len(data.train)} train, {len(data.eval)} eval pairs) and only the head trains")
         return data.replace(notes=[note])

@@ -58,6 +58,15 @@ class UnpairedRecipe(PreferenceRecipe):
     def reference_inputs(self, table: torch.Tensor) -> dict:
         return {"ref_logps": table[:, 0], "ref_kl_logps": table[:, 1]}
 
+    def extra_inputs(self, inputs: dict, split: str) -> dict:
+        """In training, KTO's KL anchor z0 is a mean over the whole global micro-batch (every
+        process's mismatched pairs, as one process with all of them computes it; TRL also gathers
+        it across ranks). Evaluation keeps each batch's own (processes evaluate different numbers
+        of batches, so there is nothing to gather with)."""
+        if split != "train":
+            return {}
+        return {k: self.ctx.gather(inputs[k].detach()) for k in ("policy_kl_logps", "ref_kl_logps") if k in inputs}
+
     def show_example(self, data: PreparedData, index: int) -> str:
         """The labelled completion (scored) and the KL-baseline completion (never scored)."""
         item, tok = data.train[index], self.tokenizer

@@ -1,0 +1,7 @@
+"""`python -m alignkit ...` is the `alignkit` command (torchrun starts it so: `-m alignkit train ...`)."""
+
+import sys
+
+from alignkit.cli import main
+
+sys.exit(main())

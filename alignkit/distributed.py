@@ -1,0 +1,288 @@
+"""Ranks, the process group, FSDP2 / DDP wrapping, collectives and sharded state: the one module of
+alignkit that knows which process it runs in (docs/architecture.md, "Scaling out").
+
+torchrun (`torch.distributed.run`) starts the processes and sets RANK, WORLD_SIZE, LOCAL_RANK and
+the rendezvous; `Dist.from_env` joins the process group (NCCL on GPUs, gloo on CPUs) with every
+collective bounded by `dist.timeout_s`. Without WORLD_SIZE (a plain `alignkit train`), `Dist()` is
+one process and every collective is the identity, so the loop has one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.errors import ConfigError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    strategy: str = "none"  # none (one process), fsdp or ddp
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    mixed_precision: bool = False  # FSDP2: bf16 parameters and compute, fp32 reduction and master weights
+
+    # -- setup -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, dist_cfg, device: torch.device, precision: str) -> "Dist":
+        """Join the process group torchrun describes in the environment (or stay one process)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            if dist_cfg.strategy not in ("auto", "fsdp", "ddp"):
+                raise ConfigError(f"`dist.strategy` must be auto, fsdp or ddp; got {dist_cfg.strategy!r}.")
+            return cls()
+        import torch.distributed as tdist
+
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        timeout = datetime.timedelta(seconds=dist_cfg.timeout_s)
+        if not tdist.is_initialized():  # once per process: later runs in the same process reuse the group
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+                tdist.init_process_group("nccl", timeout=timeout, device_id=device)
+            else:
+                tdist.init_process_group("gloo", timeout=timeout)
+            import atexit
+
+            atexit.register(lambda: tdist.is_initialized() and tdist.destroy_process_group())
+        strategy = "fsdp" if dist_cfg.strategy == "auto" else dist_cfg.strategy
+        return cls(rank, world, local, strategy, dist_cfg.reshard_after_forward, dist_cfg.cpu_offload,
+                   mixed_precision=strategy == "fsdp" and precision == "bf16")
+
+    @staticmethod
+    def local_device(requested: torch.device) -> torch.device:
+        """This process's device: with several processes on GPUs, the one of LOCAL_RANK."""
+        if requested.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return requested
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives (identities in one process) -----------------------------------------------
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over processes of `t` (a copy; `t` is left as it is)."""
+        if not self.enabled:
+            return t
+        import torch.distributed as tdist
+
+        out = t.detach().clone()
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+        return out
+
+    def gather_objects(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every process (picklable objects)."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as tdist
+
+        out = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every process."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as tdist
+
+        box = [obj if self.is_main else None]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """The processes' tensors concatenated along dim 0, in rank order (sizes may differ)."""
+        if not self.enabled:
+            return t
+        import torch.distributed as tdist
+
+        sizes = [int(s) for s in self.gather_objects(int(t.shape[0]))]
+        width = max(sizes)
+        padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t.detach()
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        tdist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    def on_main(self, fn):
+        """fn() on the main process only; its result, or the user error it raised, on every process
+        (work such as checking a checkpoint's files that one process should do and all must agree on)."""
+        from alignkit.errors import AlignkitError
+
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except AlignkitError as e:
+                if not self.enabled:
+                    raise
+                error = e
+        result, error = self.broadcast((result, error))
+        if error is not None:
+            raise error
+        return result
+
+    def shard(self, seq: list) -> list:
+        """This process's contiguous share of `seq` (shares differ in length by at most one)."""
+        n, w, r = len(seq), self.world_size, self.rank
+        start = r * (n // w) + min(r, n % w)
+        return seq[start: start + n // w + (r < n % w)]
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any process."""
+        return bool(self.all_sum(torch.tensor([float(flag)])).item() > 0) if self.enabled else flag
+
+    # -- sharding -----------------------------------------------------------------------------
+
+    def wrap(self, model):
+        """Shard a model for training with FSDP2 (in place: the model object stays the same); with
+        `ddp`, or in one process, leave it whole.
+
+        FSDP2 (`fully_shard`) goes on each decoder block, then on the root, which then holds the
+        embeddings, the final norm and the head(s), tied or not (a tied weight must live in one
+        FSDP unit). alignkit always calls the root's own forward (`logprobs.final_hidden`), so the
+        root's hooks gather and reduce those parameters."""
+        if not self.enabled:
+            return model
+        from alignkit.models import transformer_blocks
+
+        if self.strategy == "ddp":
+            return model  # replicated: the loop averages its gradients (`average_grads`)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        device = next(model.parameters()).device
+        mesh = init_device_mesh(device.type, (self.world_size,))
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if self.mixed_precision else MixedPrecisionPolicy())
+        common = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy())
+        for block in transformer_blocks(model):
+            fully_shard(block, reshard_after_forward=self.reshard_after_forward, **common)
+        fully_shard(model, **common)
+        return model
+
+    @contextlib.contextmanager
+    def full_params(self, *models):
+        """Gather every parameter of FSDP2 `models` once, so forwards inside need no collectives
+        (sampling, evaluation, reference passes: their number differs between processes); reshard
+        at the end. Anything else: nothing to do."""
+        if not self.enabled or self.strategy != "fsdp":
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
+        for u in units:
+            u.set_reshard_after_forward(False, recurse=False)
+            u.unshard()
+        roots = {id(m) for m in models}
+        try:
+            yield
+        finally:
+            for u in units:
+                u.reshard()
+                # FSDP2 keeps a root unit gathered after its forward (the backward needs it at once),
+                # and alignkit's head runs after the root's forward: the root goes back to False
+                u.set_reshard_after_forward(self.reshard_after_forward and id(u) not in roots, recurse=False)
+
+    def average_grads(self, params: list) -> None:
+        """Average the gradients of replicated parameters over the processes (DDP's all-reduce, done
+        after the backward: one flat buffer per dtype rather than one call per parameter)."""
+        if not self.enabled:
+            return
+        import torch.distributed as tdist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in params if p.grad is not None]
+        for dtype in {g.dtype for g in grads}:
+            group = [g for g in grads if g.dtype == dtype]
+            flat = _flatten_dense_tensors(group)
+            tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+            flat /= self.world_size
+            for g, synced in zip(group, _unflatten_dense_tensors(flat, group)):
+                g.copy_(synced)
+
+    def clip_grad_norm(self, params: list, max_norm: float) -> float:
+        """Clip the global gradient norm of `params` (sharded or not) and return it before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor()) if hasattr(norm, "full_tensor") else float(norm)
+
+    def nonfinite_params(self, model) -> list[str]:
+        """Names of trainable parameters holding NaN or inf on any process."""
+        local = [n for n, p in model.named_parameters()
+                 if p.requires_grad and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+        return sorted({n for names in self.gather_objects(local) for n in names})
+
+    # -- state --------------------------------------------------------------------------------
+
+    def model_state(self, model, full: bool) -> dict:
+        """The model's state dict: full tensors on CPU (on rank 0 only when sharded; {} elsewhere),
+        or this process's shards (for a DCP checkpoint)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
+
+    def optimizer_state(self, model, optimizer, full: bool) -> dict:
+        """The optimizer's state keyed by parameter names (not positions), so it loads into the same
+        model at another scale."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=full,
+                                                                                  cpu_offload=full))
+
+    def load_full_state(self, model, optimizer, model_state: dict | None, optimizer_state: dict | None) -> None:
+        """Load full (unsharded) states into a sharded or plain model and its optimizer."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        if model_state is not None:
+            set_model_state_dict(model, model_state, options=options)
+        if optimizer_state is not None:
+            set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+    def save_sharded(self, state: dict, path) -> None:
+        """Write {name: {"model": ..., "optimizer": ...}} of sharded states with DCP, every process its shards."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(state, checkpoint_id=str(path), no_dist=not self.enabled)
+
+    def load_sharded_model(self, model, path, name: str = "policy") -> None:
+        """Load only module `name`'s weights from a DCP checkpoint (to export it)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        state = {name: {"model": self.model_state(model, full=False)}}
+        dcp.load(state, checkpoint_id=str(path), no_dist=not self.enabled)
+        set_model_state_dict(model, state[name]["model"])
+
+    def load_sharded(self, modules: dict, path) -> None:
+        """Load a DCP checkpoint written at any scale into {name: (model, optimizer)}."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = {name: {"model": self.model_state(m, full=False), "optimizer": self.optimizer_state(m, o, full=False)}
+                 for name, (m, o) in modules.items()}
+        dcp.load(state, checkpoint_id=str(path), no_dist=not self.enabled)
+        for name, (m, o) in modules.items():
+            set_model_state_dict(m, state[name]["model"])
+            set_optimizer_state_dict(m, o, state[name]["optimizer"])

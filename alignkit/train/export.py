@@ -1,0 +1,48 @@
+"""`alignkit export CHECKPOINT OUT`: any checkpoint (one-process or sharded) as one Hugging Face
+model directory that `AutoModelForCausalLM.from_pretrained` and vLLM load, LoRA merged."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from alignkit.config import load_config
+from alignkit.distributed import Dist
+from alignkit.errors import ConfigError
+from alignkit.models import apply_lora, load_model, load_tokenizer
+from alignkit.train import checkpoint as ckpt
+from alignkit.train import registry
+
+
+def export_checkpoint(checkpoint: str, output: str, module: str = "policy") -> Path:
+    path = Path(checkpoint)
+    problem = ckpt.verify(path) if path.is_dir() else "it is not a directory"
+    if problem:
+        raise ckpt.CheckpointError(f"{path} cannot be exported: {problem}.")
+    cfg = load_config(str(path / "alignkit_config.yaml"))
+    spec = registry.get(cfg.recipe)
+    source = path if module == "policy" else path / module
+    if not source.is_dir():
+        found = ", ".join(p.name for p in path.iterdir() if p.is_dir() and p.name != "dcp") or "none"
+        raise ConfigError(f"{path} has no module `{module}` (modules besides the policy: {found}).")
+    tokenizer = load_tokenizer(dataclasses.replace(cfg.model, name_or_path=str(source)))
+    cpu = torch.device("cpu")
+    if module == "policy":
+        model = load_model(cfg.model, device=cpu, cache_dir=cfg.cache_dir, pad_token_id=tokenizer.pad_token_id,
+                           reward_names=cfg.reward.objectives if spec.model_kind == "reward_model" else None)
+        lora = cfg.lora.enabled
+    else:  # PPO's value model: a scalar head on the trunk it started from
+        init = cfg.model.name_or_path if cfg.critic.init == "policy" else cfg.critic.init
+        model = load_model(dataclasses.replace(cfg.model, name_or_path=init), device=cpu, cache_dir=cfg.cache_dir,
+                           reward_names=["value"], pad_token_id=tokenizer.pad_token_id)
+        lora = cfg.critic.lora
+    if lora:
+        model = apply_lora(model, cfg.lora)
+    if (path / "dcp").is_dir():
+        Dist().load_sharded_model(model, path / "dcp", module)
+    else:
+        ckpt.load_weights(model, source)
+    out = Path(output)
+    return ckpt.atomic_dir(out, lambda tmp: ckpt.save_model_dir(tmp, model, tokenizer, cfg, merge_lora=True))

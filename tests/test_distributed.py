@@ -1,0 +1,246 @@
+"""Many processes (torchrun, FSDP2, gloo on the 2 CPU cores) train what one process trains.
+
+Each recipe runs on 2 processes with train.batch_size B and on 1 process with 2B, from the same
+tiny model and data: the losses of every step and the final parameters agree within 1e-5
+(float32; the two runs add the same numbers in another order). Also: sharded checkpoints resume
+exactly at the same scale and continue at another, `final/` is one consolidated directory, a
+failure on one process ends the job with a clear message, and two "nodes" join one rendezvous.
+
+The 2-process runs of the parity tests share one torchrun job (`dist_driver.py`): starting a
+process (importing torch and transformers) costs more than a tiny run.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.config import load_config
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+from conftest import base_overrides, toy_pairs, write_jsonl
+
+DRIVER = Path(__file__).with_name("dist_driver.py")
+REWARD = '''
+def chars(prompts, completions, **columns):
+    return [len(c) / 10 for c in completions]
+'''
+
+
+def torchrun(runs: list, tmp_path: Path, nproc: int = 2, timeout: int = 600, launcher: list | None = None):
+    spec = tmp_path / f"runs-{time.monotonic_ns()}.json"
+    spec.write_text(json.dumps(runs))
+    cmd = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([*cmd, str(DRIVER), str(spec)], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _data(root: Path) -> dict:
+    rows = toy_pairs(40)
+    files = {"pairs": write_jsonl(root / "pairs.jsonl", rows),
+             "sft": write_jsonl(root / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]),
+             "unpaired": write_jsonl(root / "unpaired.jsonl", [
+                 {"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"], "label": bool(i % 2)}
+                 for i, r in enumerate(rows)]),
+             "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows])}
+    (root / "rewards.py").write_text(REWARD)
+    return files
+
+
+# name -> (data file, overrides); batch sizes are added per scale
+RECIPES = {
+    "sft": ("sft", ["recipe=sft", "train.learning_rate=1e-2"]),
+    "dpo": ("pairs", ["recipe=dpo"]),
+    "dpo_live": ("pairs", ["recipe=dpo", "reference=live"]),
+    "dpo_lora": ("pairs", ["recipe=dpo", "lora.enabled=true", "lora.r=4", "train.learning_rate=1e-2"]),
+    "kto": ("unpaired", ["recipe=unpaired", "loss.name=kto"]),
+    "reward": ("pairs", ["recipe=reward"]),
+    "grpo": ("prompts", ["recipe=grpo", "online.kl_coef=0.05"]),
+    "rloo": ("prompts", ["recipe=rloo"]),
+    "ppo": ("prompts", ["recipe=ppo", "ppo.epochs=2", "ppo.minibatches=1", "online.kl_coef=0.05"]),
+}
+ONLINE = ("grpo", "rloo", "ppo")
+
+
+def _args(name: str, model_dir, root: Path, out: Path, batch: int) -> list:
+    data, extra = RECIPES[name]
+    args = base_overrides(model_dir, root / f"{data}.jsonl", out, root / "cache") + [
+        "train.learning_rate=5e-3", "train.warmup_ratio=0", "data.eval_fraction=0.1", "train.max_steps=4",
+        f"train.batch_size={batch}", "train.shuffle=true", "train.log_every=1", *extra]
+    if name in ONLINE:
+        args += [f"online.rewards={root / 'rewards.py'}:chars", "generation.num_samples=4",
+                 "generation.max_new_tokens=6", "data.eval_fraction=0.1"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_model_dir, tmp_path_factory):
+    """Every recipe of RECIPES trained on 2 processes (batch 2 each), in one torchrun job."""
+    root = tmp_path_factory.mktemp("dist")
+    _data(root)
+    runs = [{"argv": ["train", *_args(name, tiny_model_dir, root, root / f"{name}-2", 2)]} for name in RECIPES]
+    start = time.perf_counter()
+    proc = torchrun(runs, root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return root, proc, time.perf_counter() - start
+
+
+def _params(directory: Path) -> dict:
+    return load_file(str(directory / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_two_processes_train_what_one_process_trains(name, two_process_runs, tiny_model_dir):
+    root, _, _ = two_process_runs
+    one = loop.train(load_config(None, _args(name, tiny_model_dir, root, root / f"{name}-1", 4)), progress=False)
+    a, b = read_metrics(one.run_dir, "train"), read_metrics(root / f"{name}-2", "train")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), (ra["step"], ra["loss"], rb["loss"])
+        assert rb["tokens"] == ra["tokens"]  # the same examples in each global step
+        if name in ONLINE:
+            assert rb["reward"] == pytest.approx(ra["reward"], abs=1e-6)  # the same samples, the same groups
+    pa, pb = _params(one.final_dir), _params(root / f"{name}-2" / "final")
+    assert pa.keys() == pb.keys()  # final/ is one consolidated directory (LoRA merged)
+    assert max(float((pa[k] - pb[k]).abs().max()) for k in pa) < 1e-5
+    if name == "ppo":
+        va, vb = _params(one.run_dir / "final_value"), _params(root / f"{name}-2" / "final_value")
+        assert max(float((va[k] - vb[k]).abs().max()) for k in va) < 1e-5  # the critic, sharded like the policy
+
+
+def test_only_the_main_process_speaks(two_process_runs):
+    _, proc, _ = two_process_runs
+    assert proc.stdout.count("alignkit: loaded 40 examples from") == len(RECIPES)  # once per run, not per process
+    assert proc.stdout.count("alignkit: done after 4 steps") == len(RECIPES)
+    assert "process 1" not in proc.stderr
+
+
+def test_the_reference_cache_made_by_two_processes_serves_one(two_process_runs, tiny_model_dir, capsys):
+    """The 2-process DPO run wrote the cache under the key one process uses: the 1-process run (in
+    the parity test, or here) finds it."""
+    root, _, _ = two_process_runs
+    loop.train(load_config(None, _args("dpo", tiny_model_dir, root, root / "dpo-cache-check", 4)), progress=False)
+    assert "reference log-probs (train): reusing cache" in capsys.readouterr().out
+
+
+def _dpo_args(model_dir, root: Path, out: str, *extra) -> list:
+    # a constant learning rate: a run extended with --allow-config-change keeps the schedule it had
+    return _args("dpo", model_dir, root, root / out, 2) + ["train.max_steps=6", "train.save_every=2",
+                                                           "train.keep_checkpoints=5", "train.lr_schedule=constant",
+                                                           *extra]
+
+
+def test_a_killed_process_ends_the_job_and_a_resume_at_the_same_scale_is_exact(tiny_model_dir, tmp_path):
+    _data(tmp_path)
+    full = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "full")]}], tmp_path)
+    assert full.returncode == 0, full.stderr[-4000:]
+    start = time.perf_counter()
+    killed = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "run")], "kill_rank": 1,
+                        "kill_after_save": 4}], tmp_path)
+    assert killed.returncode != 0 and time.perf_counter() - start < 120  # torchrun tore the job down
+    run = tmp_path / "run"
+    assert (run / "checkpoint-4" / "dcp").is_dir() and not (run / "final").exists()
+    resumed = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "run"), "--resume"]}], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stdout and "checkpoint-4" in resumed.stdout
+    a, b = _params(tmp_path / "full" / "final"), _params(run / "final")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_resume_at_another_scale_keeps_the_global_batch(tiny_model_dir, tmp_path):
+    """2 -> 1: the 1-process resume takes 2 micro-batches per step (grad_accum 2) and ends where the
+    2-process run ends; 1 -> 2 likewise."""
+    _data(tmp_path)
+    full = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "full")]}], tmp_path)
+    assert full.returncode == 0, full.stderr[-4000:]
+    killed = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "two-to-one")], "kill_rank": 0,
+                        "kill_after_save": 2}], tmp_path)
+    assert killed.returncode != 0
+    cfg = load_config(None, _dpo_args(tiny_model_dir, tmp_path, "two-to-one"))
+    result = loop.train(cfg, resume=True, progress=False)
+    assert result.steps == 6
+    a, b = _params(tmp_path / "full" / "final"), _params(tmp_path / "two-to-one" / "final")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    rows = read_metrics(tmp_path / "two-to-one", "train")
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in read_metrics(tmp_path / "full", "train")]
+    # one process with grad_accum 2 writes a checkpoint that two processes resume (1 -> 2)
+    one = load_config(None, _dpo_args(tiny_model_dir, tmp_path, "one-to-two", "train.grad_accum=2",
+                                      "train.max_steps=2"))
+    loop.train(one, progress=False)
+    longer = _dpo_args(tiny_model_dir, tmp_path, "one-to-two", "train.grad_accum=2", "train.max_steps=6")
+    cont = torchrun([{"argv": ["train", *longer, "--resume", "--allow-config-change"]}], tmp_path)
+    assert cont.returncode == 0, cont.stderr[-4000:]
+    assert "train.grad_accum becomes 1" in cont.stdout
+    c = _params(tmp_path / "one-to-two" / "final")
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_export_turns_a_sharded_checkpoint_into_a_model_directory(two_process_runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.cli import main
+
+    root, _, _ = two_process_runs
+    ckpt = root / "dpo_lora-2" / "checkpoint-4"
+    assert (ckpt / "dcp").is_dir()
+    assert main(["export", str(ckpt), str(tmp_path / "out")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    final = _params(root / "dpo_lora-2" / "final")
+    assert max(float((exported[k] - final[k]).abs().max()) for k in final) < 1e-6  # LoRA merged, same weights
+
+
+def test_an_error_on_one_process_ends_every_process_with_its_message(tiny_model_dir, tmp_path):
+    """A reward that fails on one prompt only: the process that samples it stops with a clear
+    message, and torchrun ends the other one, which was waiting for it."""
+    _data(tmp_path)
+    (tmp_path / "picky.py").write_text(
+        "def picky(prompts, completions, **columns):\n"
+        "    if any('9 plus 9' in str(p) for p in prompts):\n"
+        "        raise ValueError('cannot score a prompt about 9 plus 9')\n"
+        "    return [1.0 for _ in completions]\n")
+    rows = [{"prompt": f"what is {a} plus {b} ?"} for a, b in [(1, 2), (3, 4), (5, 6), (9, 9)] * 4]
+    write_jsonl(tmp_path / "picky.jsonl", rows)
+    args = base_overrides(tiny_model_dir, tmp_path / "picky.jsonl", tmp_path / "run", tmp_path / "cache") + [
+        "recipe=grpo", f"online.rewards={tmp_path / 'picky.py'}:picky", "generation.num_samples=2",
+        "generation.max_new_tokens=4", "train.batch_size=2", "train.shuffle=false", "data.eval_fraction=0",
+        "train.max_steps=4"]
+    start = time.perf_counter()
+    proc = torchrun([{"argv": ["train", *args]}], tmp_path)
+    assert proc.returncode != 0 and time.perf_counter() - start < 120
+    assert "cannot score a prompt about 9 plus 9" in proc.stderr and "process 1 failed" in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "x"\n')
+    proc = torchrun([{"argv": ["train", *base_overrides(tiny_model_dir, bad, tmp_path / "r2", tmp_path / "cache")]}],
+                    tmp_path)
+    assert proc.returncode != 0 and "bad.jsonl:2" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_one_machine_join_one_rendezvous(tiny_model_dir, tmp_path):
+    """Two torchrun launches, one process each, as two machines would run them (--nnodes 2)."""
+    _data(tmp_path)
+    port = _free_port()
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps([{"argv": ["train", *_args("dpo", tiny_model_dir, tmp_path, tmp_path / "nodes", 2)]}]))
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={r}",
+                               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                               "--rdzv-id=alignkit-test", str(DRIVER), str(runs)],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    one = loop.train(load_config(None, _args("dpo", tiny_model_dir, tmp_path, tmp_path / "single", 4)), progress=False)
+    a, b = _params(one.final_dir), _params(tmp_path / "nodes" / "final")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
