@@ -175,10 +175,21 @@ def eval_config_from_args(args):
 
 
 def cmd_eval(args) -> int:
+    import dataclasses
+
+    from alignkit.config import DistConfig
+    from alignkit.distributed import Dist
     from alignkit.eval.run import run_eval
+    from alignkit.models import resolve_device
 
     cfg = eval_config_from_args(args)
+    if "WORLD_SIZE" in os.environ:  # under torchrun: the log-prob passes split over the processes
+        device = Dist.local_device(resolve_device(cfg.device))
+        cfg = dataclasses.replace(cfg, device=str(device), parallel=Dist.from_env(DistConfig(), device, "fp32"),
+                                  progress=cfg.progress and int(os.environ.get("RANK", "0")) == 0)
     result = run_eval(cfg)
+    if cfg.parallel is not None and not cfg.parallel.is_main:
+        return 0
     _print_eval(result)
     if not args.no_report:  # for a run: one report with its training curves and this evaluation
         _report(args.run if args.run and Path(cfg.output_dir) == Path(args.run) / "eval" else cfg.output_dir)

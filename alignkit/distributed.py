@@ -24,6 +24,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group: bool = False  # joined a torch.distributed process group (torchrun)
     strategy: str = "none"  # none (one process), fsdp or ddp
     reshard_after_forward: bool = True
     cpu_offload: bool = False
@@ -35,9 +36,11 @@ class Dist:
     def from_env(cls, dist_cfg, device: torch.device, precision: str) -> "Dist":
         """Join the process group torchrun describes in the environment (or stay one process)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            if dist_cfg.strategy not in ("auto", "fsdp", "ddp"):
-                raise ConfigError(f"`dist.strategy` must be auto, fsdp or ddp; got {dist_cfg.strategy!r}.")
+        if dist_cfg.strategy not in ("auto", "fsdp", "ddp"):
+            raise ConfigError(f"`dist.strategy` must be auto, fsdp or ddp; got {dist_cfg.strategy!r}.")
+        # one process joins a group only when torchrun started it and FSDP is asked for by name (it
+        # then runs the sharded code path on one device: the GPU check does)
+        if world == 1 and not ("RANK" in os.environ and dist_cfg.strategy == "fsdp"):
             return cls()
         import torch.distributed as tdist
 
@@ -53,7 +56,7 @@ class Dist:
 
             atexit.register(lambda: tdist.is_initialized() and tdist.destroy_process_group())
         strategy = "fsdp" if dist_cfg.strategy == "auto" else dist_cfg.strategy
-        return cls(rank, world, local, strategy, dist_cfg.reshard_after_forward, dist_cfg.cpu_offload,
+        return cls(rank, world, local, True, strategy, dist_cfg.reshard_after_forward, dist_cfg.cpu_offload,
                    mixed_precision=strategy == "fsdp" and precision == "bf16")
 
     @staticmethod
@@ -65,7 +68,8 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether collectives run (a process group was joined), even for one process."""
+        return self.group
 
     @property
     def is_main(self) -> bool:
@@ -146,6 +150,17 @@ class Dist:
         n, w, r = len(seq), self.world_size, self.rank
         start = r * (n // w) + min(r, n % w)
         return seq[start: start + n // w + (r < n % w)]
+
+    def say(self, message: str) -> None:
+        """Print `message` once (from the main process)."""
+        if self.is_main:
+            print(message, flush=True)
+
+    def main_writes(self, write) -> None:
+        """Run `write()` (a file write) on the main process only, then let every process go on."""
+        if self.is_main:
+            write()
+        self.barrier()
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` is true on any process."""

@@ -90,6 +90,19 @@ def compute_ref_logps(model, items: list, collate, batch_size: int, chunk_size: 
     return table
 
 
+def parallel_ref_logps(model, items: list, collate, batch_size: int, chunk_size: int, device, autocast,
+                       desc: str = "log-probs", progress: bool = True, parallel=None) -> torch.Tensor:
+    """`compute_ref_logps` split over processes: each computes the rows of its `parallel.shard` of the
+    items, and the shares are gathered (in process order, so in item order). `parallel`: an
+    alignkit Dist or the trainer's SetupContext; None for one process."""
+    if parallel is None:
+        return compute_ref_logps(model, items, collate, batch_size, chunk_size, device, autocast, desc, progress)
+    mine = parallel.shard(list(range(len(items))))
+    part = compute_ref_logps(model, [items[i] for i in mine], collate, batch_size, chunk_size, device, autocast,
+                             desc, progress) if mine else None  # rows in the order of `mine`
+    return torch.cat([p for p in parallel.gather_objects(part) if p is not None])
+
+
 def cached_ref_logps(model, items, collate, *, cache_dir: Path, fingerprint: dict, precision: str,
                      batch_size: int, chunk_size: int, device, autocast, desc: str, parallel=None,
                      progress: bool = True) -> torch.Tensor:
@@ -107,13 +120,8 @@ def cached_ref_logps(model, items, collate, *, cache_dir: Path, fingerprint: dic
             note = f"alignkit: {desc}: reusing cache {path}"
             parallel.say(note) if parallel is not None else print(note, flush=True)
             return table
-    if parallel is None:
-        table = compute_ref_logps(model, items, collate, batch_size, chunk_size, device, autocast, desc, progress)
-    else:
-        mine = parallel.shard(list(range(len(items))))
-        part = compute_ref_logps(model, [items[i] for i in mine], collate, batch_size, chunk_size, device, autocast,
-                                 desc, progress) if mine else None  # rows in the order of `mine`
-        table = torch.cat([p for p in parallel.gather_objects(part) if p is not None])  # shards in process order
+    table = parallel_ref_logps(model, items, collate, batch_size, chunk_size, device, autocast, desc, progress,
+                               parallel)
 
     def write():
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -244,3 +244,26 @@ def test_two_nodes_on_one_machine_join_one_rendezvous(tiny_model_dir, tmp_path):
     one = loop.train(load_config(None, _args("dpo", tiny_model_dir, tmp_path, tmp_path / "single", 4)), progress=False)
     a, b = _params(one.final_dir), _params(tmp_path / "nodes" / "final")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_eval_splits_its_log_prob_passes_over_processes(two_process_runs, tmp_path):
+    """`alignkit eval --run` of the 2-process DPO run, on 2 processes and on 1: the same numbers
+    (the sharded checkpoint is assembled for the checkpoint pass)."""
+    import shutil
+
+    from alignkit.cli import main
+
+    root, _, _ = two_process_runs
+    run = tmp_path / "dpo-2"
+    shutil.copytree(root / "dpo-2", run)
+    proc = torchrun([{"argv": ["eval", "--run", str(run), "--no-progress", "--no-report",
+                               "--output-dir", str(tmp_path / "two")]}], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert main(["eval", "--run", str(run), "--no-progress", "--no-report", "--output-dir", str(tmp_path / "one")]) == 0
+    two, one = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
+    assert two["pair_sources"] == one["pair_sources"] and two["n_pairs"] == 4
+    for key in ("ranking_accuracy", "implicit_reward_accuracy", "implicit_margin"):
+        assert two["preference"][key]["value"] == pytest.approx(one["preference"][key]["value"], abs=1e-6)
+    assert [c["step"] for c in two["checkpoints"]] == [4]
+    assert two["checkpoints"][0]["chosen_logp_change"] == pytest.approx(one["checkpoints"][0]["chosen_logp_change"],
+                                                                        abs=1e-5)

@@ -73,23 +73,30 @@ class EvalConfig:
     strategy: str | None = None  # evaluate an inference-time strategy against plain sampling
     strategy_options: object = None  # alignkit.inference.strategies.StrategyOptions
     prompts: str | None = None  # prompt records for the strategy part (else the --data pairs' prompts)
+    parallel: object = None  # an alignkit Dist under torchrun: the log-prob passes split over the processes
 
 
 class _Models:
-    """Loads models once each (policy, reference, checkpoints) in eval mode on one device."""
+    """Loads models once each (policy, reference, checkpoints) in eval mode on one device. A
+    sharded checkpoint (a `dcp/` directory, from a run on several processes) is assembled first."""
 
     def __init__(self, cfg: EvalConfig):
         self.cfg, self.device = cfg, resolve_device(cfg.device)
 
     def load(self, path: str):
+        if (Path(path) / "dcp").is_dir():
+            from alignkit.train.export import load_checkpoint_model
+
+            return load_checkpoint_model(Path(path)).to(self.device).eval()
         mc = ModelConfig(name_or_path=path, dtype="float32", device=str(self.device))
         return load_model(mc, device=self.device, for_training=False, cache_dir=self.cfg.cache_dir).eval()
 
 
-def pair_tables(model, items: list, pad_id: int, batch_size: int) -> torch.Tensor:
-    """[N, 2] summed log-probs (chosen, rejected)."""
-    return passes.compute_ref_logps(model, items, lambda b: collate_pairs(b, pad_id), batch_size, 1024,
-                             next(model.parameters()).device, contextlib.nullcontext, desc="log-probs")
+def pair_tables(model, items: list, pad_id: int, batch_size: int, parallel=None) -> torch.Tensor:
+    """[N, 2] summed log-probs (chosen, rejected), each process computing its share (`parallel`)."""
+    return passes.parallel_ref_logps(model, items, lambda b: collate_pairs(b, pad_id), batch_size, 1024,
+                                     next(model.parameters()).device, contextlib.nullcontext, desc="log-probs",
+                                     parallel=parallel)
 
 
 # Recipes whose held-out examples are preference pairs, and the loader (`EvalConfig.data_format`) of each.
@@ -138,7 +145,7 @@ def preference_section(cfg: EvalConfig, tokenizer, policy, reference, examples: 
     """Pair metrics; also the length-bias section and the data the checkpoint pass reuses."""
     items, _ = tokenize_pairs(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
     pad = tokenizer.pad_token_id
-    pol = pair_tables(policy, items, pad, cfg.batch_size)
+    pol = pair_tables(policy, items, pad, cfg.batch_size, cfg.parallel)
     len_c = torch.tensor([len(it.chosen_ids) for it in items], dtype=torch.float64)
     len_r = torch.tensor([len(it.rejected_ids) for it in items], dtype=torch.float64)
     out = {"ranking_accuracy": M.ranking_accuracy(pol[:, 0], pol[:, 1]),
@@ -146,7 +153,7 @@ def preference_section(cfg: EvalConfig, tokenizer, policy, reference, examples: 
     bias_rewards, bias = None, None
     ref = None
     if reference is not None:
-        ref = pair_tables(reference, items, pad, cfg.batch_size)
+        ref = pair_tables(reference, items, pad, cfg.batch_size, cfg.parallel)
         rc, rr = cfg.beta * (pol[:, 0] - ref[:, 0]), cfg.beta * (pol[:, 1] - ref[:, 1])
         out["implicit_reward_accuracy"] = M.ranking_accuracy(rc, rr)
         mean, lo, hi = M.bootstrap_mean_ci((rc - rr).tolist())
@@ -274,7 +281,7 @@ def checkpoints_section(cfg: EvalConfig, models: _Models, tokenizer, reference, 
                        topk_mass=gen["topk"]["topk_mass"], win_rate=gen.get("win_rate"),
                        reward=gen.get("policy_reward_mean"))
         if pair_data and pair_data["ref"] is not None:
-            pol = pair_tables(model, pair_data["items"], tokenizer.pad_token_id, cfg.batch_size)
+            pol = pair_tables(model, pair_data["items"], tokenizer.pad_token_id, cfg.batch_size, cfg.parallel)
             disp = M.likelihood_displacement(pair_data["ref"][:, 0], pol[:, 0], pair_data["ref"][:, 1], pol[:, 1])
             row.update(chosen_logp_change=disp["chosen_logp_change"],
                        chosen_logp_down_fraction=disp["chosen_logp_down_fraction"],
@@ -357,7 +364,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         else:
             s_prompts, columns = prompts or held_out_prompts(cfg, examples), {}
         result["strategy"] = strategy_section(cfg, tokenizer, policy, s_prompts, columns)
-    write_json(Path(cfg.output_dir) / "metrics.json", result)
+    if cfg.parallel is None or cfg.parallel.is_main:
+        write_json(Path(cfg.output_dir) / "metrics.json", result)
     return result
 
 

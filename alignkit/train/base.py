@@ -59,14 +59,11 @@ class SetupContext:
 
     def say(self, message: str) -> None:
         """Print `message` once (from the main process)."""
-        if self.dist.is_main:
-            print(message, flush=True)
+        self.dist.say(message)
 
     def main_writes(self, write: Callable) -> None:
         """Run `write()` (a file write) on one process only, then let every process go on."""
-        if self.dist.is_main:
-            write()
-        self.dist.barrier()
+        self.dist.main_writes(write)
 
 
 @dataclass

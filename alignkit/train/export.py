@@ -17,7 +17,20 @@ from alignkit.train import registry
 
 
 def export_checkpoint(checkpoint: str, output: str, module: str = "policy") -> Path:
-    path = Path(checkpoint)
+    model, tokenizer, cfg = _assemble(Path(checkpoint), module)
+    out = Path(output)
+    return ckpt.atomic_dir(out, lambda tmp: ckpt.save_model_dir(tmp, model, tokenizer, cfg, merge_lora=True))
+
+
+def load_checkpoint_model(checkpoint: Path, module: str = "policy"):
+    """The checkpoint's model (any layout), LoRA merged, on the CPU."""
+    from alignkit.models import is_peft
+
+    model, _, _ = _assemble(checkpoint, module)
+    return model.merge_and_unload() if is_peft(model) else model
+
+
+def _assemble(path: Path, module: str):
     problem = ckpt.verify(path) if path.is_dir() else "it is not a directory"
     if problem:
         raise ckpt.CheckpointError(f"{path} cannot be exported: {problem}.")
@@ -44,5 +57,4 @@ def export_checkpoint(checkpoint: str, output: str, module: str = "policy") -> P
         Dist().load_sharded_model(model, path / "dcp", module)
     else:
         ckpt.load_weights(model, source)
-    out = Path(output)
-    return ckpt.atomic_dir(out, lambda tmp: ckpt.save_model_dir(tmp, model, tokenizer, cfg, merge_lora=True))
+    return model, tokenizer, cfg

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The GPU-only paths of alignkit, checked in one run on one CUDA GPU (under 8 minutes on an H200).
+# Prints one summary line per check: `gpu_check <name>: ok ...` or `gpu_check <name>: FAILED ...`.
+#
+#   bash bench/gpu_check.sh            # from the repository root, on a machine with a CUDA GPU
+#
+# Needs torch with CUDA, transformers, peft, safetensors, pyyaml, tqdm, datasets; alignkit itself is
+# put on PYTHONPATH from this checkout. trl==1.16.0 for the last check (skipped without it).
+# Checks:
+#   precision    train.precision auto picks bf16 autocast on the GPU and a DPO run trains in it
+#   rng          CUDA RNG states are saved in checkpoints and restored on resume
+#   fsdp         FSDP2 on CUDA with one process (torchrun, dist.strategy=fsdp, bf16 mixed precision)
+#                agrees with the unsharded run on the same steps
+#   dpo_vs_trl   bench/dpo_vs_trl.py on the 360M shape (llama:960x32), pairs 8, max length 1024
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+WORK=${GPU_CHECK_DIR:-/tmp/alignkit_gpu_check}
+rm -rf "$WORK" && mkdir -p "$WORK"
+
+$PY - "$WORK" <<'PYEOF'
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from conftest import toy_pairs, write_jsonl
+from alignkit.testing import save_tiny_model_dir
+work = Path(sys.argv[1])
+save_tiny_model_dir(work / "tiny", hidden=64, layers=4)
+write_jsonl(work / "pairs.jsonl", toy_pairs(64))
+PYEOF
+
+COMMON="model.name_or_path=$WORK/tiny data.train=$WORK/pairs.jsonl cache_dir=$WORK/cache train.tensorboard=false train.batch_size=8 train.learning_rate=5e-3 train.warmup_ratio=0 data.eval_fraction=0.1 train.shuffle=false"
+
+# precision: auto -> bf16 on a GPU that supports it, and a run trains under it
+$PY - "$WORK" $COMMON <<'PYEOF' && echo "gpu_check precision: ok" || echo "gpu_check precision: FAILED"
+import sys, torch
+from alignkit.config import load_config
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+cfg = load_config(None, sys.argv[2:] + [f"output_dir={sys.argv[1]}/prec", "train.max_steps=6", "model.device=cuda"])
+assert loop.resolve_precision(cfg, torch.device("cuda")) == "bf16", "auto should pick bf16 on this GPU"
+rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+print("precision losses", [round(r["loss"], 4) for r in rows])
+PYEOF
+
+# rng: checkpoints carry the CUDA RNG and a resume restores it; the resumed run ends where the full one does
+$PY - "$WORK" $COMMON <<'PYEOF' && echo "gpu_check rng: ok" || echo "gpu_check rng: FAILED"
+import sys, torch
+from alignkit.config import load_config
+from alignkit.train import checkpoint as ckpt, loop
+args = sys.argv[2:] + ["train.max_steps=6", "train.save_every=3", "model.device=cuda", "train.precision=fp32"]
+state = ckpt.rng_state()
+assert "cuda" in state, "the CUDA RNG is not in the checkpoint state"
+torch.cuda.manual_seed(123); ckpt.set_rng_state(state)
+assert torch.equal(torch.cuda.get_rng_state(), state["cuda"][0])
+full = loop.train(load_config(None, args + [f"output_dir={sys.argv[1]}/rng_full"]), progress=False)
+real = ckpt.save_checkpoint
+def crash(run_dir, step, *a, **k):
+    p = real(run_dir, step, *a, **k)
+    if step == 3:
+        raise KeyboardInterrupt
+    return p
+ckpt.save_checkpoint = crash
+cfg = load_config(None, args + [f"output_dir={sys.argv[1]}/rng_resume"])
+try:
+    loop.train(cfg, progress=False)
+except KeyboardInterrupt:
+    pass
+ckpt.save_checkpoint = real
+saved = ckpt.load_trainer_state(ckpt.latest_checkpoint(cfg.output_dir))
+assert "cuda" in saved["rng"], "no CUDA RNG in the checkpoint"
+loop.train(cfg, resume=True, progress=False)
+from safetensors.torch import load_file
+a = load_file(f"{full.final_dir}/model.safetensors"); b = load_file(f"{cfg.output_dir}/final/model.safetensors")
+diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+print("rng resume max |delta param|", diff)
+assert diff < 1e-5, diff  # CUDA kernels may reorder sums between runs
+PYEOF
+
+# fsdp: FSDP2 on CUDA with one process, bf16 mixed precision, against the unsharded run
+cat > "$WORK/fsdp_runs.json" <<EOF2
+[{"argv": ["train", $(printf '"%s", ' $COMMON) "output_dir=$WORK/fsdp", "train.max_steps=6", "dist.strategy=fsdp", "model.device=cuda"]}]
+EOF2
+if timeout 300 $PY -m torch.distributed.run --standalone --nproc_per_node=1 tests/dist_driver.py "$WORK/fsdp_runs.json" > "$WORK/fsdp.log" 2>&1; then
+  $PY - "$WORK" $COMMON <<'PYEOF' && echo "gpu_check fsdp: ok" || echo "gpu_check fsdp: FAILED"
+import sys
+from alignkit.config import load_config
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+plain = loop.train(load_config(None, sys.argv[2:] + [f"output_dir={sys.argv[1]}/plain", "train.max_steps=6",
+                                                     "model.device=cuda"]), progress=False)
+a, b = read_metrics(plain.run_dir, "train"), read_metrics(f"{sys.argv[1]}/fsdp", "train")
+diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
+print("fsdp vs plain loss differences (bf16 autocast vs bf16 FSDP2 mixed precision)", [round(d, 5) for d in diffs])
+assert max(diffs) < 2e-2, diffs  # bf16 compute on both sides, rounded differently
+PYEOF
+else
+  echo "gpu_check fsdp: FAILED (torchrun; see $WORK/fsdp.log)"; tail -20 "$WORK/fsdp.log"
+fi
+
+# dpo_vs_trl: throughput against TRL on the 360M shape
+if $PY -c "import trl" 2>/dev/null; then
+  timeout 300 $PY bench/dpo_vs_trl.py --device cuda --model llama:960x32 --pairs-per-step 8 --max-length 1024 \
+    --steps 10 --warmup 2 2>&1 | tail -3 | sed 's/^/gpu_check dpo_vs_trl: /'
+else
+  echo "gpu_check dpo_vs_trl: skipped (trl==1.16.0 is not installed)"
+fi
