@@ -55,13 +55,15 @@ def _data(root: Path) -> dict:
 
 
 # name -> (data file, overrides); batch sizes are added per scale
-RECIPES = {
+RECIPES = {  # the parity runs
     "sft": ("sft", ["recipe=sft", "train.learning_rate=1e-2"]),
     "dpo": ("pairs", ["recipe=dpo"]),
     "dpo_live": ("pairs", ["recipe=dpo", "reference=live"]),
     "dpo_lora": ("pairs", ["recipe=dpo", "lora.enabled=true", "lora.r=4", "train.learning_rate=1e-2"]),
     "kto": ("unpaired", ["recipe=unpaired", "loss.name=kto"]),
     "reward": ("pairs", ["recipe=reward"]),
+    "reward_head": ("pairs", ["recipe=reward", "model.freeze_layers=2", "train.learning_rate=5e-2"]),  # head only
+    "dpo_checkpointing": ("pairs", ["recipe=dpo", "model.gradient_checkpointing=true"]),
     "grpo": ("prompts", ["recipe=grpo", "online.kl_coef=0.05"]),
     "rloo": ("prompts", ["recipe=rloo"]),
     "ppo": ("prompts", ["recipe=ppo", "ppo.epochs=2", "ppo.minibatches=1", "online.kl_coef=0.05"]),
