@@ -269,3 +269,50 @@ def test_eval_splits_its_log_prob_passes_over_processes(two_process_runs, tmp_pa
     assert [c["step"] for c in two["checkpoints"]] == [4]
     assert two["checkpoints"][0]["chosen_logp_change"] == pytest.approx(one["checkpoints"][0]["chosen_logp_change"],
                                                                         abs=1e-5)
+
+
+def test_a_process_dead_in_a_sharded_write_loses_only_that_checkpoint(tiny_model_dir, tmp_path):
+    """Process 1 dies while the shards of checkpoint-4 are written: checkpoint-2 is the last whole
+    one, the half-written directory is removed on resume, and the run ends where it would have."""
+    from alignkit.train import checkpoint as ckpt
+
+    _data(tmp_path)
+    full = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "full")]}], tmp_path)
+    assert full.returncode == 0, full.stderr[-4000:]
+    killed = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "run")], "kill_rank": 1,
+                        "kill_in_write": 4}], tmp_path)
+    assert killed.returncode != 0
+    run = tmp_path / "run"
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-2"]
+    # the surviving process's collective fails and it removes the half-written directory; if it
+    # could not (killed outright), the resume does
+    left = any(p.name.startswith(".checkpoint-4.tmp-") for p in run.iterdir())
+    resumed = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "run"), "--resume"]}], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "checkpoint-2 at step 2" in resumed.stdout and (not left or "removed .checkpoint-4.tmp-" in resumed.stdout)
+    assert not any(p.name.startswith(".checkpoint-") for p in run.iterdir())
+    a, b = _params(tmp_path / "full" / "final"), _params(run / "final")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_a_damaged_shard_is_named_and_an_earlier_checkpoint_offered(two_process_runs, tiny_model_dir, tmp_path):
+    """The manifest covers a sharded checkpoint's DCP files too: a truncated shard stops the resume
+    with the checkpoint's name, and --resume-from takes the previous one."""
+    import shutil
+
+    from alignkit.train import checkpoint as ckpt
+
+    _data(tmp_path)
+    args = _dpo_args(tiny_model_dir, tmp_path, "run")
+    done = torchrun([{"argv": ["train", *args]}], tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = tmp_path / "run"
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()  # as if stopped after checkpoint-6
+    shard = sorted((run / "checkpoint-6" / "dcp").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint-6 is damaged: dcp/__\d_0\.distcp has 100 bytes.*"
+                                                   r"--resume-from checkpoint-4"):
+        loop.train(load_config(None, args), resume=True, progress=False)
+    result = loop.train(load_config(None, args), resume_from="checkpoint-4", progress=False)  # 1 process now
+    assert result.steps == 6 and (run / "final" / "model.safetensors").is_file()

@@ -188,6 +188,14 @@ def save_checkpoint(run_dir: Path, step: int, write_main, keep: int, dist, write
             atomic_dir(final, lambda target: None, prepared=tmp)
             for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # a full disk, a lost mount: say what happened and what is still there
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in list_checkpoints(run_dir) if p != final]
+        kept = (f"the previous checkpoint {previous[-1]} is intact (resume with --resume)" if previous
+                else "no earlier checkpoint exists")
+        raise CheckpointError(f"writing {final.name} failed: {e}. Nothing of it was kept; {kept}. Free space "
+                              "or fix the output directory, then resume.") from e
     except BaseException:
         if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
