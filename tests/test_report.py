@@ -13,7 +13,8 @@ import yaml
 from alignkit.errors import AlignkitError
 from alignkit.report import LOOKED_FOR, build_report
 
-ALL_PLOTS = ("training", "preference", "reward_kl", "length_bias", "win_rate", "overoptimisation", "strategy")
+ALL_PLOTS = ("training", "preference", "reward_kl", "length_bias", "win_rate", "overoptimisation", "strategy",
+             "health")
 CHROMIUM = Path("/usr/bin/chromium")
 
 
@@ -77,6 +78,10 @@ def full_run(root: Path) -> Path:
     run = root / "run"
     (run / "eval").mkdir(parents=True)
     write_metrics(run)
+    with (run / "metrics.jsonl").open("a") as f:  # health monitor alerts (alignkit/train/health.py)
+        for step, rule in ((8, "grad_norm_spike"), (15, "likelihood_displacement"), (18, "grad_norm_spike")):
+            f.write(json.dumps({"step": step, "split": "alert", "rule": rule, "seen_in": "train", "level": "warn",
+                                "message": f"{rule} seen", "evidence": {"ratio": 12.5}, "advice": "look"}) + "\n")
     config = {"recipe": "dpo", "output_dir": str(run), "seed": 0, "reference": "cached",
               "loss": {"name": "dpo", "beta": 0.1}, "losses": [],
               "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "auto"},
@@ -224,7 +229,7 @@ def test_plots_render_in_chromium(tmp_path):
         for key in ("rendered-width", "rendered-height", "content-width", "content-height", "drawn-elements"):
             assert int(attrs[key]) > 0, (name, key, attrs)
         boxes[name] = tuple(int(attrs[f"rendered-{k}"]) for k in ("left", "top", "width", "height"))
-    assert re.search(r'data-plots-rendered="7/7"', dom.stdout)
+    assert re.search(r'data-plots-rendered="8/8"', dom.stdout)
 
     shot = tmp_path / "report.png"
     res = chromium(f"--user-data-dir={tmp_path / 'profile2'}", window, f"--screenshot={shot}", report.as_uri())

@@ -16,7 +16,7 @@ import yaml
 from alignkit.version import __version__
 from alignkit.report import plots as P
 from alignkit.report import tables as T
-from alignkit.report.inputs import RunInputs
+from alignkit.report.inputs import RunInputs, num
 
 TRAIN_PLOTS = ("training", "preference")
 # Rows of the eval section; plots in one row sit side by side when the page is wide enough.
@@ -69,6 +69,7 @@ details { margin: 14px 0; }
 summary { cursor: pointer; color: #374151; font-weight: 600; }
 pre { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px;
   font-size: 12.5px; overflow-x: auto; }
+table.alerts .ev { display: block; color: var(--muted); font-size: 12.5px; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12.5px; }
 @media print { body { background: #fff; } main { max-width: none; padding: 0; } figure { break-inside: avoid; } }
 """
@@ -138,6 +139,7 @@ def render_page(inp: RunInputs) -> str:
     parts.append(_summary(inp))
     parts.append('<section id="training"><h2>Training</h2>')
     parts += [figure(made[n]) if n in made else missing(n) for n in TRAIN_PLOTS]
+    parts.append(_health(inp, made))
     parts.append("</section>")
     parts.append(_evaluation(inp, made))
     if inp.config:
@@ -171,6 +173,38 @@ def _summary(inp: RunInputs) -> str:
         cols.append('<div><h2>Run</h2><p class="missing" data-missing="config">No config.yaml: '
                     "<code>alignkit train</code> writes one to its output_dir.</p></div>")
     return f'<section id="summary" class="cols">{"".join(cols)}</section>'
+
+
+def _health(inp: RunInputs, made: dict) -> str:
+    """The health monitor's alerts: their timeline and a table with each one's evidence and advice. A
+    run whose config has a `health` section but no alert says so; older runs get nothing."""
+    if not inp.alerts:
+        health = inp.config.get("health") if isinstance(inp.config.get("health"), dict) else None
+        if health is None or not inp.has_metrics:
+            return ""
+        said = "is off (health.enabled: false)" if health.get("enabled") is False else "raised no alert"
+        return f'<p class="sub" data-health="none">The training health monitor {said}.</p>'
+    rows = []
+    for a in sorted(inp.alerts, key=lambda a: num(a.get("step")) or 0):
+        ev = a.get("evidence") if isinstance(a.get("evidence"), dict) else {}
+        numbers = ", ".join(f"{k} = {_evidence_value(v)}" for k, v in ev.items())
+        rows.append(f'<tr><td class="k">{text(a.get("step"))}</td><td class="k"><code>{escape(a["rule"])}</code>'
+                    f'</td><td>{text(a.get("message", ""))}<span class="ev">{escape(numbers)}</span></td>'
+                    f'<td>{text(a.get("advice", ""))}</td></tr>')
+    table = ('<table class="alerts"><thead><tr><th>step</th><th>rule</th><th>evidence</th><th>advice</th></tr>'
+             f'</thead><tbody>{"".join(rows)}</tbody></table>')
+    stop = inp.summary.get("alert") if inp.summary.get("status") == "stopped_by_health" else None
+    stopped = ('<p class="warn">' + text(f"The run stopped at step {inp.summary.get('steps')} on the alert of "
+                                         f"`{stop.get('rule')}` (`train.stop_on`); its last checkpoint holds the "
+                                         "model.") + "</p>" if isinstance(stop, dict) else "")
+    return (f'<div id="health"><h3>Health alerts ({len(rows)})</h3>{stopped}'
+            + (figure(made["health"]) if "health" in made else "") + table + "</div>")
+
+
+def _evidence_value(v) -> str:
+    if isinstance(v, list):
+        return " -> ".join(_evidence_value(x) for x in v)
+    return T.fmt_num(v) if num(v) is not None else str(v)
 
 
 def _before_after(ba: dict) -> str:

@@ -40,6 +40,7 @@ class RunInputs:
     run_dir: Path
     train_rows: list = field(default_factory=list)  # metrics.jsonl rows with split "train"
     eval_rows: list = field(default_factory=list)  # metrics.jsonl rows with split "eval"
+    alerts: list = field(default_factory=list)  # metrics.jsonl rows with split "alert" (health monitor)
     summary: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)  # an `alignkit eval` metrics.json
@@ -74,6 +75,7 @@ def read_run(run_dir) -> RunInputs:
         rows = _read_metrics_rows(run_dir, inputs.notes)
         inputs.train_rows = [r for r in rows if r.get("split", "train") == "train"]
         inputs.eval_rows = [r for r in rows if r.get("split") == "eval"]
+        inputs.alerts = [r for r in rows if r.get("split") == "alert" and isinstance(r.get("rule"), str)]
         inputs.sources.append("metrics.jsonl")
     if (run_dir / "summary.json").is_file():
         inputs.summary = _read_json_object(run_dir / "summary.json")

@@ -1,4 +1,4 @@
-"""The report's seven plots (`ALL`). Each takes `RunInputs` and returns a `Plot`, or None when its
+"""The report's eight plots (`ALL`). Each takes `RunInputs` and returns a `Plot`, or None when its
 data is absent.
 
 Values are filtered through `num`: NaN, inf, None and strings never reach matplotlib. Non-finite
@@ -193,6 +193,42 @@ def _colors():
         yield from PALETTE
 
 
+def health_plot(inp: RunInputs) -> Plot | None:
+    """The health monitor's alerts on a timeline: one lane per rule, a marker at each alert's step."""
+    alerts = [a for a in inp.alerts if num(a.get("step")) is not None]
+    if not alerts:
+        return None
+    rules = list(dict.fromkeys(a["rule"] for a in sorted(alerts, key=lambda a: a["step"])))  # by first alert
+    steps = [r["step"] for r in inp.train_rows + inp.eval_rows if num(r.get("step")) is not None]
+    last = max(steps + [a["step"] for a in alerts])
+    stopped = inp.summary.get("status") == "stopped_by_health"
+    stopper = (inp.summary.get("alert") or {}).get("rule") if stopped else None  # its markers are red
+    with style("health"):
+        fig, (ax,) = new_figure(1, width=10.0, height=max(1.5, 0.9 + 0.38 * len(rules)))
+        for lane, name in enumerate(rules):
+            xs = [a["step"] for a in alerts if a["rule"] == name]
+            ax.plot(xs, [lane] * len(xs), "v", color=BAD if name == stopper else EVAL, markersize=9, clip_on=False)
+            for x in xs:
+                ax.annotate(f"{x:g}", (x, lane), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7,
+                            color="#374151")
+        if stopped and num(inp.summary.get("steps")) is not None:
+            ax.axvline(inp.summary["steps"], color=BAD, linestyle="--", linewidth=1,
+                       label="run stopped (train.stop_on)")
+            ax.legend(loc="lower right")
+        ax.set_yticks(range(len(rules)), rules)
+        ax.set_ylim(-0.6, len(rules) - 0.4)
+        ax.set_xlim(0, max(1, last) * 1.02)
+        ax.grid(axis="y", visible=False)
+        ax.set_title("health alerts")
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(_step_label))
+        return Plot("health", "Health alerts", to_svg(fig, "health"), (
+            "Each marker is an alert of the training health monitor at the step it was raised (labelled), one row "
+            "per rule; a rule alerts once and again only after it has cleared. The table below gives each alert's "
+            "evidence and advice."))
+
+
 def checkpoints(inp: RunInputs) -> list:
     cks = [c for c in inp.eval.get("checkpoints") or [] if isinstance(c, dict) and num(c.get("step")) is not None]
     return sorted(cks, key=lambda c: c["step"])
@@ -380,4 +416,4 @@ def strategy_plot(inp: RunInputs) -> Plot | None:
 
 
 ALL = (training_plot, preference_plot, reward_kl_plot, length_bias_plot, win_rate_plot, overoptimisation_plot,
-       strategy_plot)
+       strategy_plot, health_plot)
