@@ -24,6 +24,7 @@ import yaml
 
 from alignkit.errors import ConfigError
 from alignkit.train import registry
+from alignkit.train.trackers import check_names as check_trackers
 
 
 @dataclass
@@ -130,8 +131,8 @@ class TrainConfig:
     """Print and log metrics every N steps."""
     shuffle: bool = True
     """Shuffle the training examples each epoch (seeded)."""
-    tensorboard: bool = True
-    """Also write TensorBoard events when `tensorboard` is installed."""
+    report_to: list = field(default_factory=lambda: ["tensorboard"])
+    """Trackers that also get the config, every metric, alerts and the report: any of `tensorboard`, `wandb`, `trackio`, `mlflow`, each writing offline under the run directory (README, "Trackers"); `[]`: only metrics.jsonl. A tracker whose package is missing is an error naming its extra."""
     on_nonfinite: Literal["stop", "skip_step"] = "stop"
     """A NaN or infinite loss or gradient norm: `stop` the run (no update applied, no weights written; the message names the step and the examples of the micro-batch), or `skip_step` (drop that update, count it in `skipped_steps`, go on)."""
 
@@ -509,7 +510,8 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
 
 
 # Keys that moved; naming the new place beats "unknown key".
-MOVED = {"online.clip_low": "loss.clip_low", "online.clip_high": "loss.clip_high"}
+MOVED = {"online.clip_low": "loss.clip_low", "online.clip_high": "loss.clip_high",
+         "train.tensorboard": "train.report_to"}
 _SECTIONS = ("model", "lora", "data", "train", "generation", "reward", "online", "critic", "ppo", "dist")
 
 
@@ -558,6 +560,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"`{key}` must be positive; got {v}.")
     if t.max_steps is not None and t.max_steps <= 0:
         raise ConfigError(f"`train.max_steps` must be positive; got {t.max_steps}.")
+    check_trackers(t.report_to)  # names only: whether their packages are installed is checked when training starts
     _check_ranges(cfg)
     spec = registry.get(cfg.recipe)
     if spec.samples:

@@ -44,7 +44,7 @@ CONSTRAINT_LABELS = {"start_word": "begin with a word", "end_phrase": "end with 
 TRAIN_OVERRIDES = [
     "recipe=dpo", "losses=[{name: dpo, beta: 0.1, weight: 1.0}, {name: sft, weight: 1.0}]",
     "train.learning_rate=1e-5", "train.batch_size=8", "train.max_steps=16", "train.warmup_ratio=0.1",
-    "train.lr_schedule=cosine", "data.eval_fraction=0", "data.max_length=192", "train.tensorboard=false",
+    "train.lr_schedule=cosine", "data.eval_fraction=0", "data.max_length=192", "train.report_to=[]",
 ]
 
 

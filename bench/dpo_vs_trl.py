@@ -102,7 +102,7 @@ def run_alignkit(args, model: str, data: Path, out: Path) -> dict:
     cfg = load_config(None, [
         f"model.name_or_path={model}", f"data.train={data}", "data.eval_fraction=0", f"data.max_length={args.max_length}",
         f"reference={args.reference}", f"cache_dir={out / 'alignkit_cache'}", f"train.batch_size={args.pairs_per_step}",
-        f"train.max_steps={total}", "train.learning_rate=1e-6", "train.warmup_ratio=0", "train.tensorboard=false",
+        f"train.max_steps={total}", "train.learning_rate=1e-6", "train.warmup_ratio=0", "train.report_to=[]",
         f"output_dir={out / 'alignkit'}", f"model.device={args.device}",
         f"train.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
         f"train.pack_tokens={args.pack_tokens}", *([f"train.logprob_chunk_size={args.chunk_size}"] if args.chunk_size else []),

@@ -30,7 +30,7 @@ save_tiny_model_dir(work / "tiny", hidden=64, layers=4)
 write_jsonl(work / "pairs.jsonl", toy_pairs(64))
 PYEOF
 
-COMMON="model.name_or_path=$WORK/tiny data.train=$WORK/pairs.jsonl cache_dir=$WORK/cache train.tensorboard=false train.batch_size=8 train.learning_rate=5e-3 train.warmup_ratio=0 data.eval_fraction=0.1 train.shuffle=false"
+COMMON="model.name_or_path=$WORK/tiny data.train=$WORK/pairs.jsonl cache_dir=$WORK/cache train.report_to=[] train.batch_size=8 train.learning_rate=5e-3 train.warmup_ratio=0 data.eval_fraction=0.1 train.shuffle=false"
 
 # precision: auto -> bf16 on a GPU that supports it, and a run trains under it
 $PY - "$WORK" $COMMON <<'PYEOF' && echo "gpu_check precision: ok" || echo "gpu_check precision: FAILED"

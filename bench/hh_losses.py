@@ -66,7 +66,7 @@ def main() -> None:
             f"loss.name={name}", f"data.train={train_file}", f"data.eval={held_file}",
             f"data.max_length={args.max_length}", f"train.max_steps={args.steps}",
             f"train.batch_size={args.batch_size}", f"train.learning_rate={args.lr}",
-            "train.tensorboard=false", "train.eval_batch_size=16", f"output_dir={out / name}"])
+            "train.report_to=[]", "train.eval_batch_size=16", f"output_dir={out / name}"])
         result = train(cfg, progress=False)
         acc = read_metrics(result.run_dir, "eval")[-1]["rewards/accuracies"]
         results[name] = {"accuracy": acc, "seconds": round(time.perf_counter() - start, 1)}

@@ -56,7 +56,7 @@ def main() -> None:
     cfg = load_config(None, [
         "recipe=reward", f"data.train={train_file}", f"data.eval={held_file}", f"data.max_length={args.max_length}",
         f"model.freeze_layers={args.freeze_layers}", f"train.epochs={args.epochs}", f"train.learning_rate={args.lr}",
-        f"train.batch_size={args.batch_size}", "train.eval_batch_size=16", "train.tensorboard=false",
+        f"train.batch_size={args.batch_size}", "train.eval_batch_size=16", "train.report_to=[]",
         "train.log_every=20", f"output_dir={out / 'run'}"])
     result = train(cfg, progress=False)
     acc = read_metrics(result.run_dir, "eval")[-1]["accuracy"]

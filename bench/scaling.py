@@ -61,7 +61,7 @@ def main() -> None:
     data = write_rows(out / "pairs.jsonl", rows)
     common = [f"data.train={data}", "data.eval_fraction=0", f"data.max_length={args.max_length}",
               f"train.max_steps={args.steps}", "train.learning_rate=1e-6", "train.warmup_ratio=0",
-              "train.shuffle=false", "train.tensorboard=false", f"cache_dir={out / 'cache'}", "train.log_every=1",
+              "train.shuffle=false", "train.report_to=[]", f"cache_dir={out / 'cache'}", "train.log_every=1",
               "train.save_every=0"]
     per_process = {1: args.pairs_per_step, 2: args.pairs_per_step // 2}
     results = {}

@@ -42,7 +42,7 @@ def common_overrides(train_file: Path, held_file: Path, out: Path, steps: int, l
             f"online.rewards={json.dumps(REWARDS)}", "generation.num_samples=6", "generation.max_new_tokens=24",
             "generation.temperature=1.0", "generation.batch_size=8", "train.batch_size=4",
             f"train.max_steps={steps}", f"train.learning_rate={lr}", "train.warmup_ratio=0",
-            "train.lr_schedule=constant", "train.log_every=1", "train.tensorboard=false", f"output_dir={out / 'run'}"]
+            "train.lr_schedule=constant", "train.log_every=1", "train.report_to=[]", f"output_dir={out / 'run'}"]
 
 
 def heldout_rewards(model_dir: str, held_file: Path) -> list[float]:

@@ -44,7 +44,7 @@ def sft_file(tmp_path) -> Path:
 
 def base_overrides(model_dir, data, out, cache) -> list:
     return [f"model.name_or_path={model_dir}", f"data.train={data}", f"output_dir={out}",
-            f"cache_dir={cache}", "train.tensorboard=false"]
+            f"cache_dir={cache}", "train.report_to=[]"]
 
 
 @pytest.fixture(autouse=True)

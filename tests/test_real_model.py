@@ -70,7 +70,7 @@ def test_a_few_dpo_steps_on_the_real_model(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     cfg = load_config(None, [f"data.train={data}", f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'c'}",
                              "data.eval_fraction=0", "train.batch_size=3", "train.max_steps=3",
-                             "train.learning_rate=1e-5", "train.warmup_ratio=0", "train.tensorboard=false",
+                             "train.learning_rate=1e-5", "train.warmup_ratio=0", "train.report_to=[]",
                              "loss.beta=0.5"])
     result = loop.train(cfg, progress=False)
     rows = read_metrics(result.run_dir, "train")

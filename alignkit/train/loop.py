@@ -35,6 +35,7 @@ from alignkit.train.metrics import MetricsLogger, NullLogger, read_metrics
 from alignkit.train.modules import TrainedModule
 from alignkit.train.resume import Resume, check_output_dir, data_fingerprint, finished_summary, prepare_resume
 from alignkit.train.steps import batch_plan, run_batches, total_steps
+from alignkit.train.trackers import check_installed as check_trackers_installed
 
 
 class TrainingError(AlignkitError):
@@ -160,6 +161,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, resume_fr
 def _train(cfg, dist: Dist, run_dir: Path, resume, progress, resume_from, allow_config_change) -> RunResult:
     show = _printer(dist)
     dist.on_main(lambda: check_output_dir(run_dir))
+    dist.on_main(lambda: check_trackers_installed(cfg.train.report_to))  # before any model loads
     resumed = None
     if resume or resume_from:
         resumed = prepare_resume(cfg, run_dir, resume_from, allow_config_change, dist)
@@ -209,8 +211,8 @@ def _train(cfg, dist: Dist, run_dir: Path, resume, progress, resume_from, allow_
             resumed.record_changes(run_dir, state["step"])
         save_config(user_cfg, run_dir / "config.yaml")
         write_record(cfg, s.data, run_dir)  # which examples eval --run must evaluate
-    logger = MetricsLogger(run_dir, cfg.train.tensorboard, resume_step=state["step"] if resumed else None) \
-        if dist.is_main else NullLogger()
+    logger = MetricsLogger(run_dir, cfg.train.report_to, user_cfg,
+                           resume_step=state["step"] if resumed else None) if dist.is_main else NullLogger()
     result = RunResult(run_dir, run_dir / "final", steps)
     try:
         _loop(cfg, s, plan, trained, state, logger, result, progress and dist.is_main, user_cfg)
@@ -443,7 +445,9 @@ def _loop(cfg, s: Session, plan, modules: dict, state, logger, result, progress,
         print(f"alignkit: done after {state['step']} steps; final model in {result.final_dir}", flush=True)
         from alignkit.report import build_report
 
-        print(f"alignkit: report in {build_report(result.run_dir)} (add evaluation with `alignkit eval --run "
+        report = build_report(result.run_dir)
+        logger.log_artifact(report)  # the report on every tracker of train.report_to
+        print(f"alignkit: report in {report} (add evaluation with `alignkit eval --run "
               f"{result.run_dir}`)", flush=True)
 
 

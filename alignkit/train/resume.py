@@ -19,7 +19,7 @@ from alignkit.errors import ConfigError
 from alignkit.train import checkpoint as ckpt
 
 # Keys that change how a run reports and saves, not what it computes: a resume may change them.
-RESUME_SAFE_KEYS = {"output_dir", "cache_dir", "train.tensorboard", "train.log_every", "train.save_every",
+RESUME_SAFE_KEYS = {"output_dir", "cache_dir", "train.report_to", "train.log_every", "train.save_every",
                     "train.keep_checkpoints", "train.eval_every", "dist.strategy", "dist.reshard_after_forward",
                     "dist.cpu_offload", "dist.timeout_s"}
 
