@@ -32,6 +32,7 @@ from alignkit.train import checkpoint as ckpt
 from alignkit.train import registry
 from alignkit.train.base import OptimSettings, SetupContext
 from alignkit.train.metrics import MetricsLogger, NullLogger, read_metrics
+from alignkit.train.model_card import write_model_card
 from alignkit.train.modules import TrainedModule
 from alignkit.train.resume import Resume, check_output_dir, data_fingerprint, finished_summary, prepare_resume
 from alignkit.train.steps import batch_plan, run_batches, total_steps
@@ -299,6 +300,9 @@ def _save(cfg, result, step, modules: dict, recipe, state, dist: Dist, final: bo
     ckpt.save_checkpoint(result.run_dir, step, write_main, cfg.train.keep_checkpoints, dist, write_all=write_all)
     if final:
         _export(cfg, result, modules, dist)
+        if dist.is_main:  # final/README.md: the Hugging Face model card
+            write_model_card(result.final_dir, cfg, result.run_dir, step, result.train_metrics, result.eval_metrics,
+                             dist.world_size, state["global_accum"] // dist.world_size)
 
 
 def _export(cfg, result, modules: dict, dist: Dist) -> None:
