@@ -24,6 +24,7 @@ import yaml
 
 from alignkit.errors import ConfigError
 from alignkit.train import registry
+from alignkit.train.health import RULES as HEALTH_RULES
 from alignkit.train.trackers import check_names as check_trackers
 
 
@@ -135,6 +136,8 @@ class TrainConfig:
     """Trackers that also get the config, every metric, alerts and the report: any of `tensorboard`, `wandb`, `trackio`, `mlflow`, each writing offline under the run directory (README, "Trackers"); `[]`: only metrics.jsonl. A tracker whose package is missing is an error naming its extra."""
     on_nonfinite: Literal["stop", "skip_step"] = "stop"
     """A NaN or infinite loss or gradient norm: `stop` the run (no update applied, no weights written; the message names the step and the examples of the micro-batch), or `skip_step` (drop that update, count it in `skipped_steps`, go on)."""
+    stop_on: list = field(default_factory=list)
+    """Health rules (README, "Health monitor") whose alert stops the run cleanly: a checkpoint at that step, `summary.json` status `stopped_by_health` with the alert, no `final/`, exit code 2. E.g. `[over_optimisation, loss_stuck_at_ln2]`."""
 
 
 @dataclass
@@ -234,6 +237,42 @@ class DistConfig:
 
 
 @dataclass
+class HealthConfig:
+    enabled: bool = True
+    """Run the health rules on every logged train and eval row; each alert is printed once and written to metrics.jsonl as an `alert` row (README, "Health monitor")."""
+    warmup_steps: int = 50
+    """loss_stuck_at_ln2: steps before a DPO-family loss still at ln 2 counts as stuck."""
+    window: int = 20
+    """Logged rows the trend rules fit (likelihood_displacement, loss_stuck_at_ln2) and the rows grad_norm_spike takes its median over."""
+    smooth: int = 5
+    """Logged rows averaged before a level is compared with its threshold (KL, entropy, length, zero-variance groups, log-prob mismatch); each such rule waits until it has that many."""
+    clear_rows: int = 10
+    """An alert is raised once; its rule re-arms after its condition has been false on this many consecutive rows it checked."""
+    ln2_tolerance: float = 0.01
+    """loss_stuck_at_ln2: the loss counts as at ln 2 when its mean over `window` rows is within this of ln 2 = 0.6931."""
+    trend_corr: float = 0.5
+    """likelihood_displacement: the Pearson r against step (in absolute value) that makes a fall of chosen log-probs and a rise of margins a trend."""
+    displacement_drop: float = 2.0
+    """likelihood_displacement: nats of summed chosen log-prob the fitted line must lose across the window."""
+    kl_budget: float = 0.1
+    """over_optimisation: the mean per-token KL to the reference (the `kl` metric, averaged over `smooth` rows) past which the run is over-optimising."""
+    eval_trend: int = 3
+    """eval_loss_rising and over_optimisation: evaluations in a row at which the held-out loss rose (or the held-out reward or accuracy fell)."""
+    entropy_floor: float = 0.05
+    """entropy_collapse: mean token entropy (nats) below which sampling has collapsed."""
+    entropy_fall: float = 0.8
+    """entropy_collapse: the fraction of its starting value the mean token entropy may lose before it counts as collapsed."""
+    length_growth: float = 2.0
+    """runaway_length: the factor by which the mean completion length may grow over its start."""
+    zero_variance_fraction: float = 0.5
+    """zero_variance_groups: the share of prompts whose samples all score the same above which the run mostly learns nothing."""
+    mismatch_threshold: float = 0.05
+    """logprob_mismatch: the mean |sampler - trainer| log-prob per sampled token above which they disagree."""
+    spike_factor: float = 10.0
+    """grad_norm_spike: a step's gradient norm above this times the median of the `window` before it is a spike."""
+
+
+@dataclass
 class RunConfig:
     recipe: str = "dpo"
     """The training method; `alignkit train --help-config` lists them, with what each reads (the README's recipe table)."""
@@ -259,6 +298,7 @@ class RunConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +552,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
 # Keys that moved; naming the new place beats "unknown key".
 MOVED = {"online.clip_low": "loss.clip_low", "online.clip_high": "loss.clip_high",
          "train.tensorboard": "train.report_to"}
-_SECTIONS = ("model", "lora", "data", "train", "generation", "reward", "online", "critic", "ppo", "dist")
+_SECTIONS = ("model", "lora", "data", "train", "generation", "reward", "online", "critic", "ppo", "dist", "health")
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:
@@ -562,6 +602,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"`train.max_steps` must be positive; got {t.max_steps}.")
     check_trackers(t.report_to)  # names only: whether their packages are installed is checked when training starts
     _check_ranges(cfg)
+    _check_health(cfg)
     spec = registry.get(cfg.recipe)
     if spec.samples:
         if cfg.online.rewards is None:
@@ -646,6 +687,40 @@ def _check_ranges(cfg: RunConfig) -> None:
             raise ConfigError(f"`{key}` must be {want}; got {value!r}.")
     if len(t.adam_betas) == 2 and not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"`train.adam_betas` must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {t.adam_betas}.")
+
+
+def _check_health(cfg: RunConfig) -> None:
+    """`train.stop_on` names registered health rules; `health.*` thresholds are in range."""
+    h, stop_on = cfg.health, cfg.train.stop_on
+    unknown = [r for r in stop_on if not isinstance(r, str) or r not in HEALTH_RULES]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), list(HEALTH_RULES), n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(f"`train.stop_on`: unknown health rule {unknown[0]!r}.{hint} The rules are: "
+                          f"{', '.join(HEALTH_RULES)}.")
+    if stop_on and not h.enabled:
+        raise ConfigError(f"`train.stop_on` is {stop_on} but `health.enabled` is false, so no rule would run; "
+                          "set health.enabled=true or empty train.stop_on.")
+    rules = [
+        ("health.warmup_steps", h.warmup_steps, h.warmup_steps >= 0, ">= 0"),
+        ("health.window", h.window, h.window >= 3, ">= 3 (a trend needs points)"),
+        ("health.smooth", h.smooth, h.smooth >= 1, ">= 1"),
+        ("health.clear_rows", h.clear_rows, h.clear_rows >= 1, ">= 1"),
+        ("health.ln2_tolerance", h.ln2_tolerance, h.ln2_tolerance > 0, "positive"),
+        ("health.trend_corr", h.trend_corr, 0 <= h.trend_corr <= 1, "in [0, 1]"),
+        ("health.displacement_drop", h.displacement_drop, h.displacement_drop >= 0, ">= 0"),
+        ("health.kl_budget", h.kl_budget, h.kl_budget > 0, "positive"),
+        ("health.eval_trend", h.eval_trend, h.eval_trend >= 1, ">= 1"),
+        ("health.entropy_floor", h.entropy_floor, h.entropy_floor >= 0, ">= 0"),
+        ("health.entropy_fall", h.entropy_fall, 0 < h.entropy_fall < 1, "in (0, 1)"),
+        ("health.length_growth", h.length_growth, h.length_growth > 1, "above 1"),
+        ("health.zero_variance_fraction", h.zero_variance_fraction, 0 <= h.zero_variance_fraction < 1, "in [0, 1)"),
+        ("health.mismatch_threshold", h.mismatch_threshold, h.mismatch_threshold > 0, "positive"),
+        ("health.spike_factor", h.spike_factor, h.spike_factor > 1, "above 1"),
+    ]
+    for key, value, ok, want in rules:
+        if not ok:
+            raise ConfigError(f"`{key}` must be {want}; got {value!r}.")
 
 
 def to_dict(cfg: RunConfig) -> dict:

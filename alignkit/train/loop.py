@@ -31,6 +31,7 @@ from alignkit.models import (apply_lora, bf16_supported, cache_root, disable_dro
 from alignkit.train import checkpoint as ckpt
 from alignkit.train import registry
 from alignkit.train.base import OptimSettings, SetupContext
+from alignkit.train.health import Alert, HealthMonitor
 from alignkit.train.metrics import MetricsLogger, NullLogger, read_metrics
 from alignkit.train.model_card import write_model_card
 from alignkit.train.modules import TrainedModule
@@ -41,6 +42,15 @@ from alignkit.train.trackers import check_installed as check_trackers_installed
 
 class TrainingError(AlignkitError):
     """Training cannot go on (a non-finite loss or gradient under `train.on_nonfinite: stop`)."""
+
+
+class HealthStop(TrainingError):
+    """A health alert whose rule is in `train.stop_on` stopped the run, after a checkpoint at its step
+    (`checkpoint`) and `summary.json` with status `stopped_by_health` were written; no `final/`."""
+
+    def __init__(self, message: str, alert: Alert, checkpoint: Path):
+        super().__init__(message)
+        self.alert, self.checkpoint = alert, checkpoint
 
 
 @dataclass
@@ -362,11 +372,14 @@ def _loop(cfg, s: Session, plan, modules: dict, state, logger, result, progress,
     policy = modules["policy"].model
     params = [p for m in modules.values() for p in m.params]
     repeat = recipe.iterations
+    monitor, stops = HealthMonitor.for_run(cfg, state.get("health")), []  # every process: all stop together
     if recipe.evaluate_at_start and data.eval and state["step"] == 0:
-        logger.log(0, recipe.evaluate(policy, data.eval), split="eval")
+        at_start = recipe.evaluate(policy, data.eval)
+        logger.log(0, at_start, split="eval")
+        stops += _check_health(monitor, logger, dist, state, 0, at_start, "eval", t.stop_on)
     bar = tqdm(total=state["total_steps"], initial=state["step"], desc=f"train {recipe.name}",
                unit="step", disable=not progress, dynamic_ncols=True)
-    while state["step"] < state["total_steps"]:
+    while state["step"] < state["total_steps"] and not stops:
         start = time.perf_counter()
         batches, batch_items, pieces = [], [], []
         for a in range(t.grad_accum):
@@ -427,6 +440,7 @@ def _loop(cfg, s: Session, plan, modules: dict, state, logger, result, progress,
             metrics["time/generation_fraction"] = metrics["time/generation_s"] / elapsed
         if step % t.log_every == 0 or step == state["total_steps"] or not finite:
             logger.log(step, metrics)
+            stops += _check_health(monitor, logger, dist, state, step, metrics, "train", t.stop_on)
             result.train_metrics = metrics
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "rewards/accuracies", "accuracy", "reward")
                              if k in metrics and metrics[k] is not None})
@@ -435,9 +449,12 @@ def _loop(cfg, s: Session, plan, modules: dict, state, logger, result, progress,
         if data.eval and ((t.eval_every and step % t.eval_every == 0) or last):
             result.eval_metrics = recipe.evaluate(policy, data.eval)
             logger.log(step, result.eval_metrics, split="eval")
-        if (t.save_every and step % t.save_every == 0) and not last:
+            stops += _check_health(monitor, logger, dist, state, step, result.eval_metrics, "eval", t.stop_on)
+        if (t.save_every and step % t.save_every == 0) and not last and not stops:
             _save(user_cfg, result, step, modules, recipe, state, dist)
     bar.close()
+    if stops:
+        _stop_for_health(user_cfg, result, modules, recipe, state, dist, logger, stops)
     if not result.train_metrics and dist.is_main:  # resumed at the last step: report what was logged before
         rows = read_metrics(result.run_dir)
         result.train_metrics = next((r for r in reversed(rows) if r["split"] == "train"), {})
@@ -453,6 +470,42 @@ def _loop(cfg, s: Session, plan, modules: dict, state, logger, result, progress,
         logger.log_artifact(report)  # the report on every tracker of train.report_to
         print(f"alignkit: report in {report} (add evaluation with `alignkit eval --run "
               f"{result.run_dir}`)", flush=True)
+
+
+def _check_health(monitor: HealthMonitor, logger, dist: Dist, state: dict, step: int, row: dict, split: str,
+                  stop_on: list) -> list:
+    """Run the health rules on a row just logged: print each new alert (main process), write it to
+    metrics.jsonl as an `alert` row, keep the monitor's state for checkpoints, and return the alerts
+    whose rule is in `train.stop_on` (the main process's, on every process: all stop together)."""
+    alerts = monitor.check(step, row, split)
+    state["health"] = monitor.state_dict()
+    for a in alerts:
+        _printer(dist)([a.line()])
+        logger.log_alert(step, a.to_row(level="error" if a.rule in stop_on else "warn"))
+    stops = [a for a in alerts if a.rule in stop_on]
+    return dist.broadcast(stops) if stop_on else stops
+
+
+def _stop_for_health(cfg, result: RunResult, modules: dict, recipe, state: dict, dist: Dist, logger,
+                     stops: list) -> None:
+    """`train.stop_on`: a checkpoint at this step (resumable), summary.json with status
+    `stopped_by_health` and the alert, the report; no final/ (the run did not finish). Raises HealthStop."""
+    step, alert = state["step"], stops[0]
+    _save(cfg, result, step, modules, recipe, state, dist)
+    checkpoint = result.run_dir / f"checkpoint-{step}"
+    if dist.is_main:
+        _write_summary(result.run_dir, step, result, status="stopped_by_health",
+                       alert={"step": step, **alert.to_row(level="error")}, skipped_steps=state.get("skipped_steps", 0))
+        from alignkit.report import build_report
+
+        report = build_report(result.run_dir)
+        logger.log_artifact(report)
+    dist.barrier()  # the others wait for these files: torchrun ends every process once one of them exits
+    raise HealthStop(
+        f"train.stop_on: health rule `{alert.rule}` alerted at step {step}: {alert.message} The run stopped cleanly: "
+        f"{checkpoint} holds the model and trainer state, summary.json has status stopped_by_health, the report "
+        f"is in {result.run_dir / 'report.html'}, and no final/ was written. Advice: {alert.advice} `--resume` goes "
+        "on from the checkpoint (this alert is not raised again while its condition holds).", alert, checkpoint)
 
 
 def _write_summary(run_dir: Path, steps: int, result: RunResult, status: str, **extra) -> None:

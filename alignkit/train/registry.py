@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from alignkit.errors import ConfigError
 
 # Keys every recipe reads.
-ALWAYS = ("recipe", "output_dir", "seed", "cache_dir", "model", "lora", "data", "train", "dist")
+ALWAYS = ("recipe", "output_dir", "seed", "cache_dir", "model", "lora", "data", "train", "dist", "health")
 # Batching keys that only offline recipes read: online recipes batch prompts by count and pack each
 # prompt with its samples.
 OFFLINE_BATCHING = ("train.packing", "train.max_tokens_per_batch", "train.forward_tokens", "train.eval_batch_size")
