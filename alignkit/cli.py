@@ -149,7 +149,7 @@ def eval_config_from_args(args):
         run = Path(args.run)
         if not (run / "config.yaml").is_file():
             raise AlignkitError(f"--run {run}: no config.yaml there; give the output_dir of an `alignkit train` run.")
-        rc = load_config(str(run / "config.yaml"))
+        rc = load_config(str(run / "config.yaml"), saved=True)
         model = model or str(run / "final")
         reference = reference or rc.model.name_or_path
         if not data:  # exactly the pairs the run held out, read as the run read them

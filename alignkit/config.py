@@ -507,10 +507,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None,
+                saved: bool = False) -> RunConfig:
     """Build a RunConfig from an optional YAML file, then `key=value` overrides applied in order.
 
-    `base` holds defaults that sit under the file (recipes and the demo use it)."""
+    `base` holds defaults that sit under the file (recipes and the demo use it). `saved`: the file is
+    one alignkit wrote (a run's config.yaml, a checkpoint's alignkit_config.yaml), possibly by an
+    older version, so keys that moved since are carried to their new place (`upgrade_saved`)."""
     data: dict = dict(base or {})
     where = ""
     if path is not None:
@@ -523,7 +526,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values.")
-        data = _merge(data, loaded)
+        data = _merge(data, upgrade_saved(loaded) if saved else loaded)
         where = f"{path}: "
     for text in overrides:
         key, value = parse_override(text)
@@ -547,6 +550,21 @@ def load_config(path: str | None = None, overrides: list[str] = (), base: dict |
     validate(cfg)
     check_reads(cfg, where)
     return cfg
+
+
+def upgrade_saved(data: dict) -> dict:
+    """A config alignkit saved before keys moved, in today's spelling, so old runs still resume,
+    export and evaluate. A user's own file is not rewritten: its moved keys are errors (MOVED)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    train, online = data.get("train") or {}, data.get("online") or {}
+    if "tensorboard" in train:  # a bool until trackers came (train.report_to)
+        on = train.pop("tensorboard")
+        train.setdefault("report_to", ["tensorboard"] if on else [])
+    clip = {k: online.pop(k) for k in ("clip_low", "clip_high") if k in online}
+    loss = data.get("loss")
+    if clip and isinstance(loss, dict) and loss.get("name") == "ppo_clip":  # the only loss that read them
+        data["loss"] = {**clip, **loss}
+    return data
 
 
 # Keys that moved; naming the new place beats "unknown key".

@@ -195,8 +195,36 @@ def test_a_resume_with_changed_settings_is_refused_and_names_them(tiny_model_dir
                  "--allow-config-change"):
         assert line in msg
     # a setting that only changes reporting is fine
-    same = _cfg(tiny_model_dir, pairs_file, tmp_path, *steps, "train.log_every=2")
+    same = _cfg(tiny_model_dir, pairs_file, tmp_path, *steps, "train.log_every=2", "train.report_to=[]",
+                "health.kl_budget=0.5", "train.stop_on=[grad_norm_spike]")
     assert loop.train(same, resume=True, progress=False).steps == 6
+
+
+def test_a_run_saved_before_keys_moved_still_resumes_and_exports(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """Configs alignkit wrote with `train.tensorboard` (now train.report_to) are read in today's
+    spelling; a user's own file with the old key is still an error naming the new one."""
+    import yaml
+
+    from alignkit.train.export import export_checkpoint
+
+    steps = ["train.max_steps=4", "train.save_every=2"]
+    _crash_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *steps), progress=False)
+    saved = tmp_path / "run" / "checkpoint-2" / "alignkit_config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["train"]["report_to"]
+    old["train"]["tensorboard"] = True  # as alignkit wrote it before trackers
+    saved.write_text(yaml.safe_dump(old))
+    (saved.parent / ckpt.MANIFEST).unlink()
+    ckpt.write_manifest(saved.parent)  # the old checkpoint was whole
+    assert load_config(str(saved), saved=True).train.report_to == ["tensorboard"]
+    with pytest.raises(ConfigError, match="`train.tensorboard` is now `train.report_to`"):
+        load_config(str(saved))
+    monkeypatch.undo()
+    assert loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *steps), resume=True, progress=False).steps == 4
+    out = export_checkpoint(tmp_path / "run" / "checkpoint-2", tmp_path / "exported")
+    assert (out / "model.safetensors").is_file()
 
 
 def test_allow_config_change_applies_the_new_learning_rate_and_records_it(tiny_model_dir, pairs_file, tmp_path,

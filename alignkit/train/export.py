@@ -34,7 +34,7 @@ def _assemble(path: Path, module: str):
     problem = ckpt.verify(path) if path.is_dir() else "it is not a directory"
     if problem:
         raise ckpt.CheckpointError(f"{path} cannot be exported: {problem}.")
-    cfg = load_config(str(path / "alignkit_config.yaml"))
+    cfg = load_config(str(path / "alignkit_config.yaml"), saved=True)
     spec = registry.get(cfg.recipe)
     source = path if module == "policy" else path / module
     if not source.is_dir():

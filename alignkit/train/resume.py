@@ -21,7 +21,8 @@ from alignkit.train import checkpoint as ckpt
 # Keys that change how a run reports and saves, not what it computes: a resume may change them.
 RESUME_SAFE_KEYS = {"output_dir", "cache_dir", "train.report_to", "train.log_every", "train.save_every",
                     "train.keep_checkpoints", "train.eval_every", "dist.strategy", "dist.reshard_after_forward",
-                    "dist.cpu_offload", "dist.timeout_s"}
+                    "dist.cpu_offload", "dist.timeout_s", "train.stop_on"}
+RESUME_SAFE_SECTIONS = ("health.",)  # the monitor watches the run; it does not change what it computes
 
 
 def check_output_dir(run_dir: Path) -> None:
@@ -58,7 +59,7 @@ def config_changes(old: RunConfig, new: RunConfig) -> dict:
     """{key: (old, new)} for every setting that differs and changes what the run computes."""
     a, b = flat_dict(_with_loss_defaults(old)), flat_dict(_with_loss_defaults(new))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in RESUME_SAFE_KEYS}
+            if a.get(k) != b.get(k) and k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_SECTIONS)}
 
 
 def data_fingerprint(items: list) -> str:
@@ -111,7 +112,7 @@ def prepare_resume(cfg: RunConfig, run_dir: Path, resume_from: str | None, allow
         return None
     saved_cfg_file = point.path / "alignkit_config.yaml"
     try:
-        saved_cfg = load_config(str(saved_cfg_file))
+        saved_cfg = load_config(str(saved_cfg_file), saved=True)
     except ConfigError as e:
         raise ckpt.CheckpointError(f"{saved_cfg_file}: the checkpoint's config cannot be read: {e}") from None
     changes = config_changes(saved_cfg, cfg)

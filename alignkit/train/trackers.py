@@ -296,15 +296,15 @@ class Backend:
     name: str
     cls: type
     modules: tuple  # top-level packages it imports
-    extra: str  # `pip install "alignkit[EXTRA]"`
+    install: str  # the command that installs its packages
 
 
 BACKENDS = {b.name: b for b in [
-    Backend("tensorboard", TensorBoardTracker, ("tensorboard",), "tensorboard"),
-    Backend("wandb", WandbTracker, ("wandb",), "wandb"),
-    Backend("trackio", TrackioTracker, ("trackio",), "trackio"),
+    Backend("tensorboard", TensorBoardTracker, ("tensorboard",), "pip install tensorboard"),  # a core dependency
+    Backend("wandb", WandbTracker, ("wandb",), 'pip install "alignkit[wandb]"'),
+    Backend("trackio", TrackioTracker, ("trackio",), 'pip install "alignkit[trackio]"'),
     # mlflow-skinny is the tracking client; its SQLite store needs SQLAlchemy and alembic.
-    Backend("mlflow", MlflowTracker, ("mlflow", "sqlalchemy", "alembic"), "mlflow"),
+    Backend("mlflow", MlflowTracker, ("mlflow", "sqlalchemy", "alembic"), 'pip install "alignkit[mlflow]"'),
 ]}
 
 
@@ -333,7 +333,7 @@ def check_installed(report_to) -> None:
         if missing:
             raise ConfigError(
                 f"`train.report_to` includes {name}, but {', '.join(missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} not installed: `pip install \"alignkit[{backend.extra}]\"`, "
+                f"{'is' if len(missing) == 1 else 'are'} not installed: `{backend.install}`, "
                 f"or remove {name} from `train.report_to` (`train.report_to=[]` keeps only metrics.jsonl).")
 
 
@@ -350,7 +350,7 @@ def start(names, run_dir: Path, config: dict, resume_step: int | None) -> list:
     except ImportError as e:  # a package that find_spec saw but that does not import
         close_all(started)
         raise ConfigError(f"`train.report_to`: {name} could not be imported ({e}); reinstall it with "
-                          f"`pip install \"alignkit[{BACKENDS[name].extra}]\"`.") from e
+                          f"`{BACKENDS[name].install}`.") from e
     except BaseException:
         close_all(started)
         raise
