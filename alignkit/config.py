@@ -157,7 +157,15 @@ class GenerationConfig:
     stop: list = field(default_factory=list)
     """Stop strings: a completion ends once its text contains one (it is kept)."""
     backend: Literal["transformers", "vllm"] = "transformers"
-    """Online recipes: who samples. `transformers`: alignkit's KV-cache loop over the policy itself; `vllm`: a vLLM engine on the same GPU, loaded with the policy's weights before each rollout (written against vLLM's public API, untested here)."""
+    """Online recipes: who samples. `transformers`: alignkit's KV-cache loop over the policy itself; `vllm`: a vLLM engine (in this process, or the server `vllm_server` names), loaded with the policy's weights before each rollout."""
+    vllm_server: Optional[str] = None
+    """`backend: vllm`: the URL of an `alignkit vllm-serve` (e.g. http://10.0.0.5:8000); unset: an engine in the training process."""
+    vllm_sync_dir: Optional[str] = None
+    """`vllm_server`: the directory each weight update is written to for the server to read; for a server on another machine, a shared filesystem path both see (default: this machine's temporary directory)."""
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`backend: vllm`, in-process engine: its weight dtype; `auto` is bfloat16 on GPUs and float32 on CPUs (lower than the trainer's: consider `online.tis_cap`)."""
+    vllm_gpu_memory_utilization: Optional[float] = None
+    """`backend: vllm`, in-process engine: the share of GPU memory it may take (on CPU: of RAM, for its KV cache); default 0.4 on GPUs, 0.15 on CPUs."""
 
 
 @dataclass
@@ -174,6 +182,8 @@ class OnlineConfig:
     """GRPO: divide advantages by the group's reward std (Dr. GRPO sets false: centering only)."""
     iterations: int = 1
     """Optimizer steps on each batch of samples (GRPO's mu); above 1 the clipped ratio binds."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling: weight each token's policy loss by min(pi_trainer / pi_sampler, tis_cap), for a sampler that computes in lower precision than the trainer (vLLM in bf16); 0 disables."""
 
 
 @dataclass
@@ -699,6 +709,10 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("critic.freeze_layers", cfg.critic.freeze_layers, cfg.critic.freeze_layers >= 0, ">= 0"),
         ("data.limit", cfg.data.limit, cfg.data.limit is None or cfg.data.limit > 0, "positive (or unset)"),
         ("dist.timeout_s", cfg.dist.timeout_s, cfg.dist.timeout_s > 0, "positive"),
+        ("online.tis_cap", o.tis_cap, o.tis_cap == 0 or o.tis_cap >= 1, "0 (off) or at least 1"),
+        ("generation.vllm_gpu_memory_utilization", cfg.generation.vllm_gpu_memory_utilization,
+         cfg.generation.vllm_gpu_memory_utilization is None or 0 < cfg.generation.vllm_gpu_memory_utilization < 1,
+         "between 0 and 1 (or unset)"),
     ]
     for key, value, ok, want in rules:
         if not ok:

@@ -11,6 +11,9 @@
 #   rng          CUDA RNG states are saved in checkpoints and restored on resume
 #   fsdp         FSDP2 on CUDA with one process (torchrun, dist.strategy=fsdp, bf16 mixed precision)
 #                agrees with the unsharded run on the same steps
+#   vllm         GRPO with a colocated vLLM engine in bf16 (the trainer in fp32, online.tis_cap 2): it
+#                sleeps while the trainer trains, takes each update, and sampler and trainer agree
+#                (skipped when vllm is not installed: its CUDA wheel is too large to carry)
 #   dpo_vs_trl   bench/dpo_vs_trl.py on the 360M shape (llama:960x32), pairs 8, max length 1024
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,6 +101,38 @@ assert max(diffs) < 2e-2, diffs  # bf16 compute on both sides, rounded different
 PYEOF
 else
   echo "gpu_check fsdp: FAILED (torchrun; see $WORK/fsdp.log)"; tail -20 "$WORK/fsdp.log"
+fi
+
+# vllm: colocated engine on the GPU, bf16, sleeping between rollouts
+if $PY -c "import vllm" 2>/dev/null; then
+  timeout 300 $PY - "$WORK" <<'PYEOF' && echo "gpu_check vllm: ok" || echo "gpu_check vllm: FAILED"
+import json, sys, torch
+from pathlib import Path
+sys.path.insert(0, "tests")
+from conftest import toy_pairs, write_jsonl
+from alignkit.config import load_config
+from alignkit.testing import save_tiny_model_dir
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+work = Path(sys.argv[1])
+if __name__ == "__main__":
+    model = save_tiny_model_dir(work / "small", hidden=128, layers=2)  # vLLM's attention needs head size >= 32
+    prompts = write_jsonl(work / "prompts.jsonl", [{"prompt": r["prompt"]} for r in toy_pairs(32)])
+    (work / "r.py").write_text("def chars(prompts, completions, **c):\n    return [len(x) / 10 for x in completions]\n")
+    cfg = load_config(None, [f"model.name_or_path={model}", f"data.train={prompts}", f"output_dir={work}/vllm",
+                             f"cache_dir={work}/cache", "recipe=grpo", f"online.rewards={work}/r.py:chars",
+                             "generation.backend=vllm", "generation.vllm_dtype=bfloat16", "online.tis_cap=2.0",
+                             "generation.num_samples=4", "generation.max_new_tokens=16", "train.batch_size=4",
+                             "train.max_steps=4", "train.precision=fp32", "model.device=cuda", "train.report_to=[]",
+                             "data.eval_fraction=0"])
+    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    print("vllm bf16 engine vs fp32 trainer: logprob_mismatch", [round(r["logprob_mismatch"], 4) for r in rows],
+          "tis/weight_mean", [round(r["tis/weight_mean"], 4) for r in rows])
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert max(r["logprob_mismatch"] for r in rows) < 0.1, "bf16 sampler far from the fp32 trainer"
+PYEOF
+else
+  echo "gpu_check vllm: skipped (vllm is not installed)"
 fi
 
 # dpo_vs_trl: throughput against TRL on the 360M shape

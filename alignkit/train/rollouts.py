@@ -115,7 +115,8 @@ def rollout_metrics(samples: list, rewards: torch.Tensor, parts: dict, generatio
 
 
 def policy_gradient(term, logps, old_logps, advantages, segs, num_segments: int, aggregation: str,
-                    max_completion_length: int, ref_logps=None, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+                    max_completion_length: int, ref_logps=None, kl_coef: float = 0.0, sampler_logps=None,
+                    tis_cap: float = 0.0) -> tuple[torch.Tensor, dict]:
     """A registered per-token policy loss `term` (a LossTerm, e.g. ppo_clip), plus GRPO's k3 KL term
     when `ref_logps` is given and `kl_coef` > 0, reduced by `aggregation` (`online.aggregation`) as
     a sum to be divided by the step's `aggregation_weight`s (`losses.online.aggregate_sum`). All
@@ -124,6 +125,15 @@ def policy_gradient(term, logps, old_logps, advantages, segs, num_segments: int,
     per_token, parts = term.spec.fn(logps, old_logps, advantages, **term.params)
     n = max(logps.numel(), 1)
     metrics = {k: v.detach().sum() / n for k, v in parts.items()}
+    if tis_cap > 0 and sampler_logps is not None:
+        # Truncated importance sampling (Yao et al., "Your Efficient RL Framework Secretly Brings You
+        # Off-Policy RL Training", 2025): the sampler (vLLM in bf16, say) and the trainer disagree on
+        # the probability of what was sampled; weight each token by min(pi_trainer / pi_sampler, C),
+        # pi_trainer at the weights that sampled (old_logps), detached.
+        w = torch.exp(old_logps.detach() - sampler_logps.to(old_logps.dtype)).clamp(max=tis_cap)
+        per_token = per_token * w
+        metrics["tis/weight_mean"] = w.sum() / n
+        metrics["tis/capped_fraction"] = (w >= tis_cap).to(w.dtype).sum() / n
     if ref_logps is not None:
         kl = rl.kl_k3(logps, ref_logps.detach())
         if kl_coef > 0:
@@ -172,8 +182,21 @@ class OnlineRecipe(RecipeBase):
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
         self.ctx = ctx
         g = self.cfg.generation
+        state_fn = None
+        if ctx.dist.enabled and g.backend == "vllm":
+            if not g.vllm_server:
+                raise ConfigError("generation.backend=vllm with several processes needs a vLLM server every process "
+                                  "samples from: start `alignkit vllm-serve --model M` and set generation.vllm_server.")
+            if self.cfg.lora.enabled:
+                raise ConfigError("generation.backend=vllm with several processes and LoRA is not supported yet; use "
+                                  "one process, full fine-tuning, or generation.backend=transformers.")
+            state_fn = lambda m: ctx.dist.model_state(m, full=True)  # noqa: E731  (gathered on the first process)
         self.backend = make_backend(g.backend, model, self.tokenizer,
-                                    resolve_model_path(self.cfg.model.name_or_path, self.cfg.cache_dir), g.batch_size)
+                                    resolve_model_path(self.cfg.model.name_or_path, self.cfg.cache_dir), g.batch_size,
+                                    vllm_server=g.vllm_server, vllm_sync_dir=g.vllm_sync_dir, vllm_dtype=g.vllm_dtype,
+                                    vllm_memory=g.vllm_gpu_memory_utilization, max_model_len=self.cfg.data.max_length,
+                                    seed=self.cfg.seed, writer=ctx.dist.is_main, barrier=ctx.dist.barrier,
+                                    state_fn=state_fn, training=True)
         if self.uses_reference:
             self.reference = LiveReference(model)
         return data.replace()

@@ -45,5 +45,6 @@ class GRPORecipe(OnlineRecipe):
         old = rollout.old_logps if rollout.old_logps is not None else logps.detach()
         ref = in_segment_order(rollout.ref)[0] if rollout.ref is not None else None
         loss, pg = policy_gradient(self.policy_loss, logps, old, rollout.advantages, segs, rollout.batch.num_segments,
-                                   o.aggregation, self.cfg.generation.max_new_tokens, ref, o.kl_coef)
+                                   o.aggregation, self.cfg.generation.max_new_tokens, ref, o.kl_coef,
+                                   sampler_logps=rollout.generator_logps, tis_cap=o.tis_cap)
         return loss, {**metrics, **pg}

