@@ -154,11 +154,12 @@ class VLLMEngine:
         self.expected = expected_weights(self.model_path)
         max_model_len = min(max_model_len, model_max_len(self.model_path) or max_model_len)
         start = time.perf_counter()
+        environ = dict(os.environ)  # vLLM's CPU platform edits it (LD_PRELOAD, LOCAL_WORLD_SIZE, ...) for its workers
         try:
             self.llm = vllm.LLM(model=self.model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                                 seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
-                                enforce_eager=not cuda, logprobs_mode="raw_logprobs",
-                                worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=self.sleep_after_sample)
+                                logprobs_mode="raw_logprobs", worker_extension_cls=WORKER_EXTENSION,
+                                enable_sleep_mode=self.sleep_after_sample, **_cpu_settings(cuda, max_model_len))
         except Exception as e:  # vLLM raises many kinds here; the user needs the cause and a way out
             cause = " ".join(str(e).split())  # vLLM's messages span lines and can list hundreds of names
             cause = cause if len(cause) <= 600 else cause[:600] + " ..."
@@ -166,6 +167,9 @@ class VLLMEngine:
                               "Check the model path, lower generation.vllm_gpu_memory_utilization if memory is short "
                               "(on CPU it is the share of RAM for the KV cache), or set generation.backend: "
                               "transformers.") from None
+        finally:  # the workers have their settings; the trainer and what it starts keep the user's
+            os.environ.clear()
+            os.environ.update(environ)
         self.start_seconds = time.perf_counter() - start
         self.asleep = False
 
@@ -323,6 +327,18 @@ def serve_command(model: str, host: str, port: int, gpu_memory_utilization: floa
            "--port", str(port), "--dtype", dtype, "--gpu-memory-utilization", str(gpu_memory_utilization),
            "--max-model-len", str(max_model_len), "--logprobs-mode", "raw_logprobs", "--enable-prefix-caching",
            "--worker-extension-cls", WORKER_EXTENSION]
-    if not torch.cuda.is_available():
-        cmd.append("--enforce-eager")
+    for key, value in _cpu_settings(torch.cuda.is_available(), max_model_len).items():
+        flag = "--" + key.replace("_", "-")
+        cmd += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
     return cmd, env
+
+
+def _cpu_settings(cuda: bool, max_model_len: int) -> dict:
+    """Engine settings for vLLM's CPU build: no CUDA graphs to capture (eager), and whole prefills.
+    A prompt's prefill split over steps (chunked prefill) makes vLLM 0.32 rewind the request's seeded
+    generator, which CPU generators cannot do ('CPU Generator does not use offset'): a batch of long
+    prompts with per-prompt seeds would kill the engine."""
+    if cuda:
+        return {}
+    return {"enforce_eager": True, "enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(max_model_len, 4096)}
