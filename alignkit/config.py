@@ -175,7 +175,7 @@ class OnlineConfig:
     kl_coef: float = 0.0
     """Weight of the KL(policy || reference) penalty: GRPO / RLOO add the per-token k3 estimate to the loss; PPO subtracts it from the reward (`kl_estimator`). 0 keeps no reference model (GRPO / RLOO)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
-    """PPO: the per-token KL estimate folded into the reward: `k1` (log pi - log pi_ref, as InstructGPT) or `k3` (exp(r) - r - 1 with r = log pi_ref - log pi, non-negative)."""
+    """PPO and REINFORCE++: the per-token KL estimate folded into the reward: `k1` (log pi - log pi_ref, as InstructGPT) or `k3` (exp(r) - r - 1 with r = log pi_ref - log pi, non-negative)."""
     aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
     """How token losses become the batch loss: `grpo` (mean per sequence, then over sequences), `dapo` (mean over all tokens), `dr_grpo` (sum over tokens / (sequences x generation.max_new_tokens))."""
     scale_rewards: bool = True
@@ -184,6 +184,12 @@ class OnlineConfig:
     """Optimizer steps on each batch of samples (GRPO's mu); above 1 the clipped ratio binds."""
     tis_cap: float = 0.0
     """Truncated importance sampling: weight each token's policy loss by min(pi_trainer / pi_sampler, tis_cap), for a sampler that computes in lower precision than the trainer (vLLM in bf16); 0 disables."""
+    dynamic_sampling: bool = False
+    """GRPO / RLOO (DAPO's dynamic sampling): drop groups whose samples all got the same reward (zero advantage) and refill the batch with fresh training prompts, in up to `dynamic_sampling_rounds` more sampling rounds."""
+    dynamic_sampling_rounds: int = 3
+    """`dynamic_sampling`: extra sampling rounds per batch at most; a batch still short after them trains on the groups it has."""
+    overlong_buffer: int = 0
+    """DAPO's soft over-length penalty: replies longer than generation.max_new_tokens - overlong_buffer tokens lose reward linearly, down to -1 at the limit (training reward only); 0 disables."""
 
 
 @dataclass
@@ -224,6 +230,16 @@ class PPOConfig:
     """Weight of an NLL term on `ptx_data` mixed into the policy loss (PPO-ptx, InstructGPT); 0 disables."""
     ptx_data: Optional[str] = None
     """SFT records (prompt/completion or messages) for the `ptx_coef` term; required when it is above 0."""
+
+
+@dataclass
+class TeacherConfig:
+    name_or_path: Optional[str] = None
+    """`recipe: distill`: the teacher, a causal LM with the student's tokenizer (a local directory or a hub id); it scores every sampled position with its full next-token distribution. Frozen: it is loaded for every run and never checkpointed."""
+    reference: Optional[str] = None
+    """`loss: adpa` (advantage-guided distillation): the model the teacher was DPO-trained from, with the same tokenizer; the teacher's per-token advantage is log pi_teacher - log pi_reference. Only read by losses that use it."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype of the teacher and its reference: `auto` is bfloat16 on GPUs that support it, else float32."""
 
 
 @dataclass
@@ -307,6 +323,7 @@ class RunConfig:
     online: OnlineConfig = field(default_factory=OnlineConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
 
@@ -580,7 +597,8 @@ def upgrade_saved(data: dict) -> dict:
 # Keys that moved; naming the new place beats "unknown key".
 MOVED = {"online.clip_low": "loss.clip_low", "online.clip_high": "loss.clip_high",
          "train.tensorboard": "train.report_to"}
-_SECTIONS = ("model", "lora", "data", "train", "generation", "reward", "online", "critic", "ppo", "dist", "health")
+_SECTIONS = ("model", "lora", "data", "train", "generation", "reward", "online", "critic", "ppo", "teacher", "dist",
+             "health")
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:
@@ -633,7 +651,7 @@ def validate(cfg: RunConfig) -> None:
     _check_health(cfg)
     spec = registry.get(cfg.recipe)
     if spec.samples:
-        if cfg.online.rewards is None:
+        if cfg.online.rewards is None and cfg.recipe != "distill":  # distillation learns from its teacher
             raise ConfigError(f"recipe {cfg.recipe} samples completions and needs a reward: set `online.rewards`, e.g. "
                               "`online.rewards=numeric_match` or `online.rewards=my_rewards.py:score`.")
         if cfg.online.iterations < 1:
@@ -710,6 +728,10 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("data.limit", cfg.data.limit, cfg.data.limit is None or cfg.data.limit > 0, "positive (or unset)"),
         ("dist.timeout_s", cfg.dist.timeout_s, cfg.dist.timeout_s > 0, "positive"),
         ("online.tis_cap", o.tis_cap, o.tis_cap == 0 or o.tis_cap >= 1, "0 (off) or at least 1"),
+        ("online.dynamic_sampling_rounds", o.dynamic_sampling_rounds, o.dynamic_sampling_rounds >= 0, ">= 0"),
+        ("online.overlong_buffer", o.overlong_buffer,
+         0 <= o.overlong_buffer <= cfg.generation.max_new_tokens, f"between 0 (off) and generation.max_new_tokens "
+         f"({cfg.generation.max_new_tokens})"),
         ("generation.vllm_gpu_memory_utilization", cfg.generation.vllm_gpu_memory_utilization,
          cfg.generation.vllm_gpu_memory_utilization is None or 0 < cfg.generation.vllm_gpu_memory_utilization < 1,
          "between 0 and 1 (or unset)"),
@@ -717,6 +739,9 @@ def _check_ranges(cfg: RunConfig) -> None:
     for key, value, ok, want in rules:
         if not ok:
             raise ConfigError(f"`{key}` must be {want}; got {value!r}.")
+    if o.dynamic_sampling_rounds != OnlineConfig.dynamic_sampling_rounds and not o.dynamic_sampling:
+        raise ConfigError("`online.dynamic_sampling_rounds` has no effect while `online.dynamic_sampling` is false; "
+                          "set online.dynamic_sampling=true or drop the key.")
     if len(t.adam_betas) == 2 and not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"`train.adam_betas` must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {t.adam_betas}.")
 

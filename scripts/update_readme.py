@@ -24,7 +24,10 @@ DATA_NOTES = {
     "negative": "`recipe: negative`, records with `prompt`, `rejected`; `generation.num_samples` replies per "
                 "prompt are sampled from the initial model before training",
     "reward": "`recipe: reward`, preference pairs (optionally per-objective `labels`, a `margin`)",
-    "rollout": "the policy loss of `recipe: grpo`, `rloo` or `ppo`: per-token log-probs of sampled completions",
+    "rollout": "the policy loss of `recipe: grpo`, `rloo`, `reinforce_pp` or `ppo`: per-token log-probs of "
+               "sampled completions",
+    "distill": "`recipe: distill`: [positions, vocab] log-probs of the student, the teacher (and the teacher's "
+               "reference) at the student's sampled positions",
     "value": "the value loss of `recipe: ppo` (`critic.value_clip`)",
 }
 

@@ -63,6 +63,9 @@ CASES = {  # name -> (data file, overrides)
     "online_dpo": ("prompts", ["recipe=online_dpo", *ONLINE]),
     "raft": ("prompts", ["recipe=raft", *ONLINE]),
     "ppo": ("prompts", ["recipe=ppo", "ppo.epochs=2", "ppo.minibatches=2", "online.kl_coef=0.05", *ONLINE]),
+    "reinforce_pp": ("prompts", ["recipe=reinforce_pp", "online.kl_coef=0.05", *ONLINE]),
+    "grpo_dapo": ("prompts", ["recipe=grpo", "loss.name=cispo", "online.dynamic_sampling=true",
+                              "online.overlong_buffer=3", "online.aggregation=dapo", *ONLINE]),
 }
 KILL_AFTER_STEP = 5  # killed once step 5's update is applied, before any of it is saved; resumed from step 4
 

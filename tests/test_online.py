@@ -58,7 +58,8 @@ def test_iterations_reuse_each_rollout_and_the_ratio_moves(tiny_model_dir, promp
 
 
 @pytest.mark.parametrize("recipe,extra", [("rloo", []), ("online_dpo", ["loss.beta=0.5"]), ("online_dpo", ["loss.name=ipo", "loss.beta=0.02"]),
-                                          ("raft", [])])
+                                          ("raft", []), ("reinforce_pp", ["online.kl_coef=0.01"]),
+                                          ("grpo", ["loss.name=gspo"]), ("grpo", ["loss.name=cispo", "online.aggregation=dapo"])])
 def test_other_online_recipes_raise_heldout_reward(tiny_model_dir, prompts_file, tmp_path, recipe, extra):
     result = loop.train(_cfg(tiny_model_dir, prompts_file, tmp_path, recipe, *extra), progress=False)
     evals = read_metrics(result.run_dir, "eval")

@@ -206,6 +206,101 @@ def ppo_clip(token_logps, old_token_logps, advantages, *, clip_low: float = 0.2,
                        "ratio_mean": r}
 
 
+def _sequence_means(x: torch.Tensor, token_seq: torch.Tensor) -> torch.Tensor:
+    """Each token's sequence mean of `x` [M] (broadcast back to the tokens), differentiable."""
+    num = int(token_seq.max()) + 1 if token_seq.numel() else 0
+    sums = x.new_zeros(num).index_add(0, token_seq, x)
+    counts = x.new_zeros(num).index_add(0, token_seq, torch.ones_like(x))
+    return (sums / counts.clamp(min=1))[token_seq]
+
+
+@register(
+    "gspo",
+    summary="GSPO: one importance ratio per sequence (length-normalised), clipped per sequence.",
+    citation="Zheng et al., Group Sequence Policy Optimization, arXiv 2507.18071",
+    data="rollout",
+    reduction="token",
+)
+def gspo(token_logps, old_token_logps, advantages, token_seq, *, clip_low: float = 3e-4, clip_high: float = 4e-4):
+    """Sequence-level clipped surrogate, broadcast to every token; returns (loss [M], metrics).
+
+    GSPO (arXiv 2507.18071, Eq. 5-7): the importance ratio of sequence i is the geometric mean of
+    its token ratios,
+        s_i = (pi_theta(y_i | x) / pi_old(y_i | x)) ^ (1 / |y_i|) = exp(mean_t (logp_t - old_logp_t)),
+    and the objective is 1/G sum_i min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i). Each
+    token of sequence i carries loss_t = -min(s_i A_i, clip(s_i) A_i), so `online.aggregation:
+    grpo` (mean over each sequence's tokens, then over sequences) gives exactly the paper's
+    objective; the other aggregations weight sequences by their length. The gradient reaches
+    every token through s_i (the paper's Eq. 10). Defaults: the paper's clip ranges, 3e-4 and
+    4e-4 (sequence ratios stay far closer to 1 than token ratios).
+
+    A_i is the mean of the sequence's token advantages: GRPO and RLOO give every token its
+    sequence's advantage, so this is that advantage (a departure only for per-token advantages,
+    which GSPO does not define). Metrics per token: `clip_fraction` (its sequence is clipped: the
+    clipped term is the active minimum), `clip_fraction/low`, `clip_fraction/high`, and
+    `ratio_mean` (the sequence ratio s_i)."""
+    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
+        raise ValueError(f"gspo: need 0 <= clip_low < 1 and clip_high >= 0; got clip_low={clip_low}, "
+                         f"clip_high={clip_high}.")
+    adv = _sequence_means(advantages.detach().to(token_logps.dtype), token_seq)
+    s = torch.exp(_sequence_means(token_logps - old_token_logps.detach(), token_seq))  # [M], s_i at each token
+    per_token = -torch.minimum(s * adv, torch.clamp(s, 1.0 - clip_low, 1.0 + clip_high) * adv)
+    r = s.detach()
+    low = ((r < 1.0 - clip_low) & (adv < 0)).to(r.dtype)
+    high = ((r > 1.0 + clip_high) & (adv > 0)).to(r.dtype)
+    return per_token, {"clip_fraction/low": low, "clip_fraction/high": high, "clip_fraction": low + high,
+                       "ratio_mean": r}
+
+
+@register(
+    "cispo",
+    summary="CISPO: REINFORCE with clipped, detached importance weights; every token keeps its gradient.",
+    citation="MiniMax, MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention, "
+             "arXiv 2506.13585, Sec. 3.1",
+    data="rollout",
+    reduction="token",
+)
+def cispo(token_logps, old_token_logps, advantages, *, clip_low: float = 1.0, clip_high: float = 0.2):
+    """Clipped importance-sampling-weight policy loss; returns (loss [M], metrics).
+
+    CISPO (MiniMax-M1, arXiv 2506.13585, Eq. 4-5): with r_t = exp(logp_t - old_logp_t),
+        w_t    = sg(clip(r_t, 1 - clip_low, 1 + clip_high))       (sg: stop-gradient)
+        loss_t = -w_t * A_t * logp_t
+    PPO's clip zeroes the gradient of a token whose ratio left the range; here the weight is
+    clipped instead and the token keeps its gradient A_t * w_t * grad log pi (the rare "reflective"
+    tokens the paper says PPO/GRPO drop). The paper sets no lower bound (clip_low large): the
+    default 1.0 puts it at 0, below any ratio; clip_high 0.2 is verl's CISPO setting. The paper
+    normalises over all tokens of the batch: use `online.aggregation: dapo`.
+    Metrics per token: `clip_fraction` (weight capped at 1 + clip_high or floored at 1 - clip_low)
+    and `ratio_mean`. The loss value is not the surrogate's (it contains log pi); its gradient is."""
+    if clip_low < 0.0 or clip_high < 0.0:
+        raise ValueError(f"cispo: need clip_low >= 0 and clip_high >= 0; got clip_low={clip_low}, clip_high={clip_high}.")
+    adv = advantages.detach().to(token_logps.dtype)
+    r = torch.exp(token_logps.detach() - old_token_logps.detach())
+    w = torch.clamp(r, min=1.0 - clip_low, max=1.0 + clip_high)
+    per_token = -w * adv * token_logps
+    clipped = ((r > 1.0 + clip_high) | (r < 1.0 - clip_low)).to(r.dtype)
+    return per_token, {"clip_fraction": clipped, "ratio_mean": r}
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft over-length punishment (arXiv 2503.14476, Sec. 3.4, Eq. 13), added to the reward:
+        0                                   if |y| <= L_max - L_cache
+        ((L_max - L_cache) - |y|) / L_cache if L_max - L_cache < |y| <= L_max
+        -1                                  if |y| > L_max
+    with L_max = `max_length` (the generation limit, `generation.max_new_tokens`) and L_cache =
+    `buffer`: replies that run into the last `buffer` tokens lose reward linearly, down to -1 at the
+    limit (a reply cut at the limit has |y| = L_max). `lengths` [...] in tokens; float output of the
+    same shape."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong_penalty: need 0 < buffer <= max_length; got buffer={buffer}, "
+                         f"max_length={max_length}.")
+    lengths = lengths.to(torch.float32)
+    start = max_length - buffer
+    ramp = (start - lengths) / buffer
+    return torch.where(lengths <= start, torch.zeros_like(lengths), torch.where(lengths <= max_length, ramp, -1.0))
+
+
 def _check_pg_inputs(token_logps, old_token_logps, advantages, token_seq, num_sequences,
                      clip_low, clip_high, ref_token_logps, kl_coef, aggregation):
     """Shape and hyper-parameter checks only: no value checks, which would need a host sync."""

@@ -197,6 +197,21 @@ def whiten(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8, over:
     return y if shift_mean else y + mean
 
 
+def reinforce_pp_advantages(token_rewards: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, *,
+                            gather=None):
+    """REINFORCE++ advantages [M] (Hu, REINFORCE++: A Simple and Efficient Approach for Aligning
+    Large Language Models, arXiv 2501.03262, Sec. 3): no critic; each token's return is the sum of
+    the rewards still to come in its sequence (gamma = 1),
+        G_t = sum_{s >= t} r_s,   r_s = -kl_coef * KL_s + [s last] * r(x, y)   (`kl_shaped_rewards`),
+    and the advantages are these returns normalised over the whole batch (global mean and std of
+    every token's return, not per prompt group: the paper's argument against GRPO's per-prompt
+    normalisation). `gather`: when this process holds a share of the batch, a function from its
+    returns to the whole batch's (the recipe passes the processes' all-gather), so every process
+    normalises with the same statistics. Returns (advantages [M], returns [M])."""
+    returns, _ = gae(token_rewards, torch.zeros_like(token_rewards), token_seq, num_sequences, gamma=1.0, lam=1.0)
+    return whiten(returns, over=gather(returns) if gather is not None else None), returns
+
+
 # --------------------------------------------------------------------------------------------
 # Reward normalisation (PPO-max)
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ OFFLINE_BATCHING = ("train.packing", "train.max_tokens_per_batch", "train.forwar
 SAMPLING = ("generation.num_samples", "generation.max_new_tokens", "generation.temperature", "generation.top_p",
             "generation.top_k", "generation.batch_size", "generation.stop")
 ONLINE = SAMPLING + ("generation.backend", "generation.vllm_server", "generation.vllm_sync_dir", "generation.vllm_dtype",
-                     "generation.vllm_gpu_memory_utilization", "online.rewards")
+                     "generation.vllm_gpu_memory_utilization", "online.rewards", "online.overlong_buffer")
+DYNAMIC = ("online.dynamic_sampling", "online.dynamic_sampling_rounds")
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,18 @@ _SPECS = [
                "reward", "reward", "bradley_terry", False, ("loss", "losses", "reward"), model_kind="reward_model"),
     RecipeSpec("grpo", _R + "grpo:GRPORecipe", "GRPO: every sample, group-normalised advantages, clipped ratio",
                "prompts", "rollout", "ppo_clip", True,
-               ONLINE + ("loss", "online.kl_coef", "online.aggregation", "online.scale_rewards", "online.iterations", "online.tis_cap"),
+               ONLINE + DYNAMIC + ("loss", "online.kl_coef", "online.aggregation", "online.scale_rewards",
+                                   "online.iterations", "online.tis_cap"),
                unread=OFFLINE_BATCHING, combines_losses=False),
     RecipeSpec("rloo", _R + "rloo:RLOORecipe", "RLOO: every sample, leave-one-out baseline, clipped ratio",
                "prompts", "rollout", "ppo_clip", True,
-               ONLINE + ("loss", "online.kl_coef", "online.aggregation", "online.iterations", "online.tis_cap"),
+               ONLINE + DYNAMIC + ("loss", "online.kl_coef", "online.aggregation", "online.iterations", "online.tis_cap"),
+               unread=OFFLINE_BATCHING, combines_losses=False),
+    RecipeSpec("reinforce_pp", _R + "reinforce_pp:ReinforcePPRecipe",
+               "REINFORCE++: KL in the reward, returns normalised over the batch, clipped ratio, no critic",
+               "prompts", "rollout", "ppo_clip", True,
+               ONLINE + ("loss", "online.kl_coef", "online.kl_estimator", "online.aggregation", "online.iterations",
+                         "online.tis_cap"),
                unread=OFFLINE_BATCHING, combines_losses=False),
     RecipeSpec("online_dpo", _R + "online_dpo:OnlineDPORecipe", "online DPO/IPO: best vs worst sample of each prompt",
                "prompts", "paired", "dpo", True, ONLINE + ("loss", "losses", "online.iterations"),
@@ -87,6 +95,11 @@ _SPECS = [
                ONLINE + ("loss", "online.kl_coef", "online.kl_estimator", "online.aggregation", "online.tis_cap", "critic",
                         "ppo"),
                unread=OFFLINE_BATCHING, combines_losses=False),
+    RecipeSpec("distill", _R + "distill:DistillRecipe",
+               "on-policy distillation (GKD): the student's samples, per-token divergence to a teacher; ADPA",
+               "prompts", "distill", "reverse_kl", True,
+               ONLINE + ("loss", "losses", "online.aggregation", "online.iterations", "teacher"),
+               unread=OFFLINE_BATCHING),
 ]
 RECIPES: dict[str, RecipeSpec] = {s.name: s for s in _SPECS}
 

@@ -122,7 +122,8 @@ def policy_gradient(term, logps, old_logps, advantages, segs, num_segments: int,
     a sum to be divided by the step's `aggregation_weight`s (`losses.online.aggregate_sum`). All
     inputs [M] in segment order; metrics are token means (the KL is reported whenever a reference
     is given)."""
-    per_token, parts = term.spec.fn(logps, old_logps, advantages, **term.params)
+    extra = {"token_seq": segs} if "token_seq" in term.spec.inputs else {}  # sequence-level losses (GSPO)
+    per_token, parts = term.spec.fn(logps, old_logps, advantages, **extra, **term.params)
     n = max(logps.numel(), 1)
     metrics = {k: v.detach().sum() / n for k, v in parts.items()}
     if tis_cap > 0 and sampler_logps is not None:
@@ -153,7 +154,8 @@ class OnlineRecipe(RecipeBase):
         super().__init__(cfg, tokenizer)
         self.iterations = cfg.online.iterations
         self.params = sampling_params(cfg.generation)
-        self.reward = build_reward(cfg.online.rewards)
+        # None: a recipe that learns without a reward (distill); its samples score 0
+        self.reward = build_reward(cfg.online.rewards) if cfg.online.rewards is not None else None
         self.examples = {}  # split -> PromptExamples (their columns feed the rewards)
         self.reference = None
         self.backend = None  # set in setup, once the model exists
@@ -172,11 +174,13 @@ class OnlineRecipe(RecipeBase):
         for split, examples in (("train", train), ("eval", held)):
             items, cut = tokenize_prompts(examples, self.tokenizer, max_prompt)
             out.append(items)
+            if split == "train":
+                self.train_items = items  # where dynamic sampling draws fresh prompts from
             if cut:
                 notes.append(f"{split}: {cut} of {len(items)} prompts were longer than {max_prompt} tokens and "
                              "keep their last tokens (raise data.max_length or data.max_prompt_length)")
         notes.append(f"{self.params.n} completions sampled per prompt, up to {g.max_new_tokens} new tokens, "
-                     f"temperature {g.temperature}; reward: {getattr(self.reward, 'name', self.reward)}")
+                     f"temperature {g.temperature}; reward: {getattr(self.reward, 'name', self.reward) or 'none'}")
         return PreparedData(out[0], out[1], notes, sources=example_sources(train, held))
 
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
@@ -218,6 +222,42 @@ class OnlineRecipe(RecipeBase):
         samples, rewards, parts, gen_s = self.sample_and_reward(model, items, split, params, seed)
         return samples, rewards, rollout_metrics(samples, rewards, parts, gen_s)
 
+    def refill(self, model, items: list, samples: list, rewards: torch.Tensor, metrics: dict, seed: int):
+        """DAPO's dynamic sampling (Yu et al., arXiv 2503.14476, Sec. 3.2): a group whose samples all
+        got the same reward has zero advantage and teaches nothing, so it is dropped, and fresh
+        prompts from the training set (not in this batch; a seeded draw, so a resumed run draws the
+        same) are sampled in up to `online.dynamic_sampling_rounds` more rounds until the batch has
+        as many groups as it was given. What is left short after the last round trains as it is.
+        Returns the kept (items, samples, rewards); metrics count the dropped groups, the extra
+        prompts sampled, the rounds and the share of the batch filled."""
+        def varied(r: torch.Tensor) -> list:
+            return (r != r[:, :1]).any(dim=1).tolist()
+
+        target, n = len(items), rewards.shape[1]
+        ok = varied(rewards)
+        kept = [(it, s, r) for it, s, r, k in zip(items, samples, rewards, ok) if k]
+        dropped, extra, rounds = target - len(kept), 0, 0
+        taken = {it.index for it in items}
+        order = torch.randperm(len(self.train_items), generator=torch.Generator().manual_seed(seed)).tolist()
+        pool = [self.train_items[i] for i in order if self.train_items[i].index not in taken]
+        gen_s = float(metrics["time/generation_s"])
+        while len(kept) < target and rounds < self.cfg.online.dynamic_sampling_rounds and pool:
+            rounds += 1
+            fresh, pool = pool[:target - len(kept)], pool[target - len(kept):]
+            s2, r2, m2 = self.score(model, fresh, "train", self.params, seed + 7919 * rounds)
+            extra, gen_s = extra + len(fresh), gen_s + float(m2["time/generation_s"])
+            ok2 = varied(r2)
+            dropped += ok2.count(False)
+            kept += [(it, s, r) for it, s, r, k in zip(fresh, s2, r2, ok2) if k]
+        metrics.update({"dynamic_sampling/dropped_groups": torch.tensor(float(dropped)),
+                        "dynamic_sampling/extra_prompts": torch.tensor(float(extra)),
+                        "dynamic_sampling/rounds": torch.tensor(float(rounds)),
+                        "dynamic_sampling/filled": torch.tensor(len(kept) / max(target, 1)),
+                        "time/generation_s": torch.tensor(gen_s)})
+        if not kept:
+            return [], [], rewards.new_zeros(0, n)
+        return [k[0] for k in kept], [k[1] for k in kept], torch.stack([k[2] for k in kept])
+
     def sample_and_reward(self, model, items: list, split: str, params: SamplingParams, seed: int):
         exs = [self.examples[split][it.index] for it in items]
         start = time.perf_counter()
@@ -226,8 +266,17 @@ class OnlineRecipe(RecipeBase):
             samples = self.backend.sample([it.prompt_ids for it in items], params, seed,
                                           prompt_seeds=[row_seed(seed, it.index) for it in items])
         gen_s = time.perf_counter() - start
-        rewards, parts = score_groups(self.reward, [list(ex.prompt) for ex in exs],
-                                      [[s.text for s in group] for group in samples], prompt_columns(exs))
+        if self.reward is None:
+            rewards, parts = torch.zeros(len(samples), params.n), {}
+        else:
+            rewards, parts = score_groups(self.reward, [list(ex.prompt) for ex in exs],
+                                          [[s.text for s in group] for group in samples], prompt_columns(exs))
+        buffer = self.cfg.online.overlong_buffer
+        if buffer and split == "train":  # training signal only: held-out rewards stay the task's own
+            lengths = torch.tensor([[len(s.token_ids) for s in group] for group in samples])
+            penalty = rl.overlong_penalty(lengths, self.params.max_new_tokens, buffer).to(rewards.dtype)
+            rewards = rewards + penalty
+            parts = {**parts, "overlong_penalty": penalty.reshape(-1).tolist()}  # logged as reward/overlong_penalty
         return samples, rewards, parts, gen_s
 
     def sampling_models(self, model) -> tuple:
@@ -243,7 +292,9 @@ class OnlineRecipe(RecipeBase):
         self._rollouts = {k: r for k, r in self._rollouts.items() if r.updates < self.iterations}
         seed = self.cfg.seed * 1_000_003 + key  # a resumed run resamples the same completions
         samples, rewards, metrics = self.score(model, items, "train", self.params, seed)
-        kept, picks = self.select(samples, rewards, metrics)
+        if self.cfg.online.dynamic_sampling:
+            items, samples, rewards = self.refill(model, items, samples, rewards, metrics, seed)
+        kept, picks = self.select(samples, rewards, metrics) if items else ([], [])
         out = Rollout(None, metrics=metrics, key=key)
         if kept:
             device = next(model.parameters()).device
