@@ -1,0 +1,67 @@
+"""Environments for multi-turn and tool-using RL (issue 18, in progress: the protocol, the
+loader, the calculator and tool-call parsing exist; the multi-turn rollouts do not yet).
+
+An environment runs one episode per rollout: `reset(record)` gives the first messages (from a
+prompt record), then each `step(assistant_message)` answers the model's turn with new messages
+(tool results, a user's reply), a reward for the turn and whether the episode is over.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from alignkit.errors import ConfigError
+
+
+@dataclass
+class StepResult:
+    messages: list = field(default_factory=list)  # chat messages that follow the model's turn
+    reward: float = 0.0  # this turn's reward (the final one on the last turn)
+    done: bool = False
+
+
+@runtime_checkable
+class Environment(Protocol):
+    def reset(self, record: dict) -> list:
+        """The episode's first chat messages, from one prompt record (its columns included)."""
+
+    def step(self, message: dict) -> StepResult:
+        """Answer the model's turn (an assistant message: role, content)."""
+
+
+ENVIRONMENTS: dict = {}  # name -> class, filled by the built-in environments as they are added
+
+
+def load_environment_class(spec: str):
+    """The environment class `spec` names: a registered name, or `file.py:Class` / `module:Class`.
+    One instance is made per rollout, so the class (not an instance) is returned."""
+    if spec in ENVIRONMENTS:
+        return ENVIRONMENTS[spec]
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        known = ", ".join(sorted(ENVIRONMENTS)) or "none yet"
+        raise ConfigError(f"environment {spec!r}: give a built-in name ({known}) or `file.py:Class`.")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ConfigError(f"environment {spec!r}: file {path} does not exist.")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ConfigError(f"environment {spec!r}: cannot import {target}: {e}") from None
+    cls = getattr(module, name, None)
+    if cls is None:
+        raise ConfigError(f"environment {spec!r}: {target} has no {name}.")
+    missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise ConfigError(f"environment {spec!r}: {name} lacks {', '.join(missing)} (an environment has "
+                          "reset(record) -> messages and step(message) -> StepResult).")
+    return cls

@@ -1,0 +1,126 @@
+"""Issue 18, first parts: the safe calculator, tool-call parsing in the template's format, and
+loading an environment class."""
+
+import random
+
+import pytest
+
+from alignkit.envs import StepResult, load_environment_class
+from alignkit.envs.calculator import CalculatorError, evaluate, format_number
+from alignkit.envs.toolcalls import ToolCall, ToolCallError, fallback_instructions, parse_tool_calls, template_style
+from alignkit.errors import ConfigError
+
+
+def _random_expression(rng: random.Random, depth: int = 0) -> str:
+    if depth > 3 or rng.random() < 0.3:
+        return str(rng.randint(0, 50))
+    op = rng.choice(["+", "-", "*", "/", "**"])
+    left, right = _random_expression(rng, depth + 1), _random_expression(rng, depth + 1)
+    if op == "**":
+        right = str(rng.randint(0, 3))
+    return f"({left} {op} {right})" if rng.random() < 0.5 else f"{left} {op} {right}"
+
+
+def test_the_calculator_agrees_with_python_arithmetic():
+    rng, checked = random.Random(0), 0
+    for _ in range(400):
+        text = _random_expression(rng)
+        try:
+            want = eval(text, {"__builtins__": {}})  # noqa: S307  (the test's own expressions, not model text)
+        except (ZeroDivisionError, OverflowError):
+            with pytest.raises(CalculatorError):
+                evaluate(text)
+            continue
+        if abs(want) > 1e100:
+            continue
+        assert evaluate(text) == pytest.approx(want, rel=1e-12, abs=1e-12), text
+        checked += 1
+    assert checked > 300
+    assert evaluate("-2 ** 2") == -4 and evaluate("2 ** 3 ** 2") == 512 and evaluate(".5 + 1.") == 1.5
+    assert format_number(evaluate("7 * 6")) == "42" and format_number(evaluate("7 / 2")) == "3.5"
+
+
+@pytest.mark.parametrize("text,why", [
+    ('__import__("os").system("ls")', "unexpected character"), ("9 ** 9 ** 9", "exponent"), ("1 / (2 - 2)", "division by zero"),
+    ("(1 + 2", "closing parenthesis"), ("1 2", "after a complete expression"), ("", "empty"), ("2 +", "ended early"),
+    ("(" * 60 + "1" + ")" * 60, "nested"), ("10 ** 60 * 10 ** 60", "too large"), ("x" * 300, "longer than"),
+])
+def test_the_calculator_refuses_what_is_not_small_arithmetic(text, why):
+    with pytest.raises(CalculatorError, match=why):
+        evaluate(text)
+
+
+def test_tool_calls_in_the_hermes_format():
+    text = ('Let me compute.<tool_call>{"name": "calculator", "arguments": {"expression": "17 + 8"}}</tool_call>'
+            '<tool_call>\n{"name": "calculator", "arguments": "{\\"expression\\": \\"2*3\\"}"}\n</tool_call>')
+    assert parse_tool_calls(text) == [ToolCall("calculator", {"expression": "17 + 8"}),
+                                      ToolCall("calculator", {"expression": "2*3"})]
+    assert parse_tool_calls("The answer is 25.") == []
+    bad = parse_tool_calls('<tool_call>{"name": calculator}</tool_call><tool_call>{"arguments": {}}</tool_call>'
+                           '<tool_call>{"name": "calculator", "arguments": [1]}</tool_call><tool_call>{"name"')
+    assert [type(c) for c in bad] == [ToolCallError] * 4
+    assert "not valid JSON" in bad[0].message and "no \"name\"" in bad[1].message
+    assert "JSON object" in bad[2].message and "not closed" in bad[3].message
+
+
+def test_tool_calls_in_the_llama3_format_and_template_detection():
+    assert parse_tool_calls('<|python_tag|>{"name": "calculator", "parameters": {"expression": "1+1"}}',
+                            "llama3") == [ToolCall("calculator", {"expression": "1+1"})]
+    assert parse_tool_calls("It is 2.", "llama3") == []
+    assert isinstance(parse_tool_calls('{"name": "calculator", "parameters": ', "llama3")[0], ToolCallError)
+
+    class Tok:
+        chat_template = "{% for m in messages %}{% if tools %}<tool_call>{% endif %}{% endfor %}"
+
+    assert template_style(Tok()) == "hermes"
+    Tok.chat_template = "{{ '<|python_tag|>' }}"
+    assert template_style(Tok()) == "llama3"
+    Tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert template_style(Tok()) == "fallback"
+    schema = {"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}
+    assert '"name": "calculator"' in fallback_instructions([schema]) and "<tool_call>" in fallback_instructions([schema])
+
+
+def test_environment_classes_load_from_a_file_with_clear_errors(tmp_path):
+    (tmp_path / "env.py").write_text(
+        "from alignkit.envs import StepResult\n"
+        "class Echo:\n"
+        "    def reset(self, record):\n        return [{'role': 'user', 'content': record['prompt']}]\n"
+        "    def step(self, message):\n        return StepResult([], float(len(message['content'])), True)\n"
+        "class Half:\n    def reset(self, record):\n        return []\n")
+    cls = load_environment_class(f"{tmp_path / 'env.py'}:Echo")
+    env = cls()
+    assert env.reset({"prompt": "hi"}) == [{"role": "user", "content": "hi"}]
+    assert env.step({"role": "assistant", "content": "abc"}) == StepResult([], 3.0, True)
+    for spec, why in [(f"{tmp_path / 'env.py'}:Half", "lacks step"), (f"{tmp_path / 'nope.py'}:X", "does not exist"),
+                      (f"{tmp_path / 'env.py'}:Missing", "has no Missing"), ("no_such_env", "built-in name")]:
+        with pytest.raises(ConfigError, match=why):
+            load_environment_class(spec)
+
+
+@pytest.mark.parametrize("code,why", [
+    ("while True:\n    pass\n", "timed out after 1 s"),
+    ("import os\nfor _ in range(100):\n    os.fork()\n", "does not allow os.fork"),
+    ("import subprocess\nsubprocess.run(['sleep', '1'])\n", "does not allow subprocess.Popen"),
+    ("x = bytearray(2 * 1024 ** 3)\n", "out of memory"),
+    ("print(open('/etc/hostname').read())\n", "cannot open /etc/hostname"),
+    ("open('../escape.txt', 'w').write('x')\n", "cannot open"),
+    ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n", "does not allow socket"),
+    ("import ctypes\n", "does not allow ctypes"),
+    ("raise ValueError('bad input')\n", "ValueError: bad input"),
+])
+def test_the_python_tool_ends_abuse_with_a_clear_error(code, why):
+    from alignkit.envs.python_tool import run_python
+
+    result = run_python(code, timeout_s=1, memory_mb=256)
+    assert result.error is not None and why in result.error, result
+    assert why in result.message()
+
+
+def test_the_python_tool_runs_ordinary_code_in_its_scratch_directory():
+    from alignkit.envs.python_tool import run_python
+
+    result = run_python("import math, os\nopen('notes.txt', 'w').write('ok')\n"
+                        "print(round(math.sqrt(2), 4), open('notes.txt').read(), os.listdir('.'))\n")
+    assert result.error is None and result.stdout.strip() == "1.4142 ok ['main.py', 'notes.txt']"
+    assert run_python("pass").message() == "(no output)"
