@@ -124,3 +124,22 @@ def test_the_python_tool_runs_ordinary_code_in_its_scratch_directory():
                         "print(round(math.sqrt(2), 4), open('notes.txt').read(), os.listdir('.'))\n")
     assert result.error is None and result.stdout.strip() == "1.4142 ok ['main.py', 'notes.txt']"
     assert run_python("pass").message() == "(no output)"
+
+
+def test_gsm8k_tools_episode_runs_tools_counts_errors_and_scores_the_answer():
+    env = load_environment_class("gsm8k_tools")()
+    assert env.reset({"question": "Ann has 17 apples and buys 8. How many?", "answer": "17 + 8 = 25\n#### 25"}) == [
+        {"role": "user", "content": "Ann has 17 apples and buys 8. How many?"}]
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "17 + 8"}}</tool_call>'
+    assert env.step({"role": "assistant", "content": call}) == StepResult([{"role": "tool", "content": "25"}], 0.0, False)
+    bad = env.step({"role": "assistant", "content": '<tool_call>{"name": "calculator", "arguments": {"expression": '
+                                                    '"1/0"}}</tool_call><tool_call>{"name": "search"}</tool_call>'})
+    assert [m["content"] for m in bad.messages] == ["error: division by zero",
+                                                     "error: no tool named 'search'; the tools are calculator"]
+    assert env.step({"role": "assistant", "content": "She has 25 apples."}) == StepResult([], 1.0, True)
+    assert env.counts == {"tool_calls": 3, "tool_errors": 2}
+    env.reset({"question": "q", "answer": "#### 25"})
+    assert env.step({"role": "assistant", "content": "26"}).reward == 0.0 and env.counts["tool_calls"] == 0
+    assert [s["function"]["name"] for s in env.schemas] == ["calculator"]
+    with pytest.raises(ValueError, match="question"):
+        env.reset({"prompt": "no question column"})

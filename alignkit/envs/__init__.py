@@ -1,5 +1,6 @@
 """Environments for multi-turn and tool-using RL (issue 18, in progress: the protocol, the
-loader, the calculator and tool-call parsing exist; the multi-turn rollouts do not yet).
+loader, the built-in tools and environments and tool-call parsing exist; the multi-turn rollouts
+do not yet).
 
 An environment runs one episode per rollout: `reset(record)` gives the first messages (from a
 prompt record), then each `step(assistant_message)` answers the model's turn with new messages
@@ -33,14 +34,17 @@ class Environment(Protocol):
         """Answer the model's turn (an assistant message: role, content)."""
 
 
-ENVIRONMENTS: dict = {}  # name -> class, filled by the built-in environments as they are added
+# name -> "module:Class" of the built-in environments (imported when named)
+ENVIRONMENTS: dict = {"calculator": "alignkit.envs.builtin:CalculatorEnvironment",
+                      "gsm8k_tools": "alignkit.envs.builtin:GSM8KTools"}
 
 
 def load_environment_class(spec: str):
     """The environment class `spec` names: a registered name, or `file.py:Class` / `module:Class`.
     One instance is made per rollout, so the class (not an instance) is returned."""
     if spec in ENVIRONMENTS:
-        return ENVIRONMENTS[spec]
+        module, _, name = ENVIRONMENTS[spec].partition(":")
+        return getattr(importlib.import_module(module), name)
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         known = ", ".join(sorted(ENVIRONMENTS)) or "none yet"

@@ -1,0 +1,100 @@
+"""Built-in tools and environments: `calculator` (arithmetic on demand) and `gsm8k_tools` (GSM8K
+questions with the calculator, rewarded by the numeric match of the final answer).
+
+A `ToolEnvironment` answers each assistant turn: tool calls (parsed in the template's format, see
+`toolcalls`) are run and their results returned as `tool` messages; a turn without a call is the
+final answer, scored by `score` and ending the episode. Malformed calls and tool failures are
+returned as error messages the model sees, and counted (`tool_errors`). Turn and token limits are
+the rollout's to enforce (it knows the tokens); `max_tool_calls` bounds calls within one turn.
+"""
+
+from __future__ import annotations
+
+from alignkit.envs import StepResult
+from alignkit.envs.calculator import CalculatorError, evaluate, format_number
+from alignkit.envs.toolcalls import ToolCall, parse_tool_calls
+from alignkit.rewards.verifiable import final_answer
+
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator",
+    "description": "Evaluate an arithmetic expression with numbers and + - * / ( ) **.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string",
+                   "description": "for example (17 + 8) * 3"}}, "required": ["expression"]}}}
+
+
+def calculator(arguments: dict) -> str:
+    expression = arguments.get("expression")
+    if not isinstance(expression, str):
+        raise CalculatorError('calculator needs {"expression": "<arithmetic>"}')
+    return format_number(evaluate(expression))
+
+
+class ToolEnvironment:
+    """Tools by name, a prompt column for the question, a final-answer score."""
+
+    tools = {"calculator": (CALCULATOR, calculator)}  # name -> (JSON schema, function(arguments) -> str)
+    question_column = "prompt"
+    max_tool_calls = 4
+
+    def __init__(self, style: str = "hermes"):
+        self.style = style  # the chat template's tool-call format (`toolcalls.template_style`)
+        self.record: dict = {}
+        self.counts = {"tool_calls": 0, "tool_errors": 0}
+
+    @property
+    def schemas(self) -> list:
+        return [schema for schema, _ in self.tools.values()]
+
+    def reset(self, record: dict) -> list:
+        self.record, self.counts = dict(record), {"tool_calls": 0, "tool_errors": 0}
+        question = record.get(self.question_column)
+        if not isinstance(question, str):
+            raise ValueError(f"{type(self).__name__}: the record has no text column {self.question_column!r}")
+        return [{"role": "user", "content": question}]
+
+    def step(self, message: dict) -> StepResult:
+        calls = parse_tool_calls(message.get("content") or "", self.style)
+        if not calls:
+            return StepResult([], self.score(message.get("content") or ""), True)
+        replies = []
+        for call in calls[: self.max_tool_calls]:
+            self.counts["tool_calls"] += 1
+            replies.append({"role": "tool", "content": self.run(call)})
+        if len(calls) > self.max_tool_calls:
+            self.counts["tool_errors"] += 1
+            replies.append({"role": "tool", "content": f"error: at most {self.max_tool_calls} tool calls per turn"})
+        return StepResult(replies, 0.0, False)
+
+    def run(self, call) -> str:
+        if not isinstance(call, ToolCall):  # a ToolCallError: the model's call was malformed
+            self.counts["tool_errors"] += 1
+            return f"error: {call.message}"
+        if call.name not in self.tools:
+            self.counts["tool_errors"] += 1
+            return f"error: no tool named {call.name!r}; the tools are {', '.join(self.tools)}"
+        try:
+            return self.tools[call.name][1](call.arguments)
+        except (CalculatorError, ValueError, TypeError) as e:
+            self.counts["tool_errors"] += 1
+            return f"error: {e}"
+
+    def score(self, answer: str) -> float:
+        return 0.0
+
+
+class CalculatorEnvironment(ToolEnvironment):
+    """`calculator`: any prompt with an `answer` column; reward 1 when the final answer's last
+    number equals the answer's, else 0."""
+
+    answer_column = "answer"
+
+    def score(self, answer: str) -> float:
+        want = final_answer(str(self.record.get(self.answer_column, "")))
+        got = final_answer(answer)
+        return float(want is not None and got is not None and got == want)
+
+
+class GSM8KTools(CalculatorEnvironment):
+    """`gsm8k_tools`: GSM8K records (`question`, `answer` ending in `#### <number>`) with the calculator."""
+
+    question_column = "question"
