@@ -1,0 +1,168 @@
+"""Multi-turn episodes on the KV cache: the model answers, an environment replies (tool results,
+a user), and generation continues from the cache with only the new tokens fed in, never the whole
+conversation again (issue 18; no recipe trains on these episodes yet).
+
+The episode is one token sequence after the prompt: the model's sampled tokens exactly as sampled
+(never re-tokenised from their text) and, between turns, the environment's tokens as the chat
+template renders them. `observation_ids` finds those: the rest of the template's closing of the
+model's turn (what follows the end-of-turn token the model emitted, e.g. ChatML's newline; all of
+the closing when the turn was cut at `max_new_tokens`), the new messages and the next assistant
+header. `model_mask` marks the model's tokens: the only ones a loss may score.
+
+Rows advance turn by turn together: in each turn every live episode samples until its
+end-of-turn token or `max_new_tokens`; then each environment answers and the rows still going get
+their observation tokens in one forward pass (ragged lengths left-padded and masked out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from alignkit.generation.decode import SamplingParams, _left_pad, pick_tokens
+
+
+@dataclass
+class Episode:
+    prompt_ids: list
+    token_ids: list = field(default_factory=list)  # everything after the prompt: model and environment tokens
+    model_mask: list = field(default_factory=list)  # True where the model sampled the token
+    logprobs: list = field(default_factory=list)  # one per model token, in order (the sampler's raw log-probs)
+    messages: list = field(default_factory=list)  # the conversation, first messages included
+    turn_rewards: list = field(default_factory=list)
+    turns: int = 0
+    end: str = ""  # "answer" (the environment ended it), "turn_limit" or "token_limit"
+
+    @property
+    def reward(self) -> float:
+        return float(sum(self.turn_rewards))
+
+
+def render(tokenizer, messages: list, tools=None, generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def observation_ids(tokenizer, conversation: list, new_messages: list, ended_by_eos: bool, tools=None) -> list:
+    """Token ids that follow the model's tokens of its last turn (`conversation[-1]`, the assistant
+    message as decoded from those tokens): see the module docstring. Raises ValueError when the
+    template does not render a conversation as a prefix of its continuation (such a template
+    cannot be continued turn by turn)."""
+    head = render(tokenizer, conversation[:-1], tools, generation_prompt=True)
+    full = render(tokenizer, conversation, tools)
+    content = conversation[-1]["content"]
+    if not full.startswith(head + content):
+        raise ValueError("the chat template changes the assistant's text when it renders it (it strips or "
+                         "rewrites it), so the model's tokens cannot be continued turn by turn")
+    close = full[len(head) + len(content):]
+    eos = tokenizer.eos_token or ""
+    if ended_by_eos and eos and close.startswith(eos):
+        close = close[len(eos):]
+    after = render(tokenizer, conversation + new_messages, tools, generation_prompt=True)
+    if not after.startswith(full):
+        raise ValueError("the chat template renders the conversation differently once messages follow it, so "
+                         "an episode cannot be continued from the cache")
+    return tokenizer(close + after[len(full):], add_special_tokens=False)["input_ids"]
+
+
+class _Cache:
+    """The batch's KV cache with each row's attention mask and next position."""
+
+    def __init__(self, model, prompts: list, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.device = next(model.parameters()).device
+        ids, self.mask = _left_pad(prompts, pad_id, self.device)
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True)
+        self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()
+        self.next_pos = positions[:, -1] + 1
+
+    def feed(self, chunks: list) -> None:
+        """Append each row's tokens (rows with none get masked padding); `logits` of a fed row
+        become those after its last token."""
+        width = max(len(c) for c in chunks)
+        if width == 0:
+            return
+        ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        offsets = torch.arange(width, device=self.device)
+        for r, c in enumerate(chunks):
+            if c:
+                ids[r, width - len(c):] = torch.tensor(c, dtype=torch.long, device=self.device)
+                mask[r, width - len(c):] = 1
+        lengths = mask.sum(-1)
+        positions = self.next_pos[:, None] + (offsets[None, :] - (width - lengths)[:, None]).clamp(min=0)
+        self.mask = torch.cat([self.mask, mask], dim=1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache,
+                         use_cache=True)
+        self.cache = out.past_key_values
+        fed = lengths > 0
+        self.logits = torch.where(fed[:, None], out.logits[:, -1].float(), self.logits)
+        self.next_pos = self.next_pos + lengths
+
+
+@torch.no_grad()
+def sample_episodes(model, tokenizer, envs: list, first_messages: list, params: SamplingParams, *, max_turns: int,
+                    max_tokens: int, tools=None, generator=None) -> list:
+    """One episode per environment (`envs[i]` already reset, its conversation starting with
+    `first_messages[i]`). `max_turns`: model turns per episode; `max_tokens`: tokens after the
+    prompt (model and environment). `generator`: one torch.Generator or one per row."""
+    eos = set([tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else tokenizer.eos_token_id)
+    prompts = [tokenizer(render(tokenizer, m, tools, generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for m in first_messages]
+    episodes = [Episode(p, messages=list(m)) for p, m in zip(prompts, first_messages)]
+    was_training = model.training
+    model.eval()
+    try:
+        cache = _Cache(model, prompts, tokenizer.pad_token_id)
+        live = [True] * len(envs)
+        for _ in range(max_turns):
+            if not any(live):
+                break
+            turn = [[] for _ in envs]
+            writing = list(live)  # rows still sampling this turn
+            by_eos = [False] * len(envs)
+            pending = [[] for _ in envs]  # sampled, not yet in the cache
+            for _step in range(params.max_new_tokens):
+                tok = pick_tokens(cache.logits, params, generator).tolist()
+                logp = torch.log_softmax(cache.logits, dim=-1)
+                for r, ep in enumerate(episodes):
+                    if not writing[r]:
+                        continue
+                    turn[r].append(tok[r])
+                    pending[r] = [tok[r]]
+                    ep.token_ids.append(tok[r])
+                    ep.model_mask.append(True)
+                    ep.logprobs.append(float(logp[r, tok[r]]))
+                    if tok[r] in eos:
+                        writing[r], by_eos[r] = False, True
+                    elif len(ep.token_ids) >= max_tokens:
+                        writing[r], live[r], ep.end = False, False, "token_limit"
+                if not any(writing):
+                    break
+                cache.feed(pending)
+                pending = [[] for _ in envs]
+            chunks = [[] for _ in envs]
+            for r, (env, ep) in enumerate(zip(envs, episodes)):
+                if not live[r]:
+                    continue
+                ep.turns += 1
+                text = tokenizer.decode([t for t in turn[r] if t not in eos], skip_special_tokens=True)
+                ep.messages.append({"role": "assistant", "content": text})
+                result = env.step(ep.messages[-1])
+                ep.turn_rewards.append(float(result.reward))
+                if result.done or ep.turns >= max_turns:
+                    live[r], ep.end = False, "answer" if result.done else "turn_limit"
+                    continue
+                obs = observation_ids(tokenizer, ep.messages, list(result.messages), by_eos[r], tools)
+                ep.messages.extend(result.messages)
+                if len(ep.token_ids) + len(obs) >= max_tokens:
+                    live[r], ep.end = False, "token_limit"
+                    continue
+                ep.token_ids.extend(obs)
+                ep.model_mask.extend([False] * len(obs))
+                chunks[r] = pending[r] + obs
+            cache.feed(chunks)
+    finally:
+        model.train(was_training)
+    return episodes

@@ -1,0 +1,81 @@
+"""Multi-turn episodes on the KV cache (issue 18): continuing from the cache gives the log-probs a
+full forward over the whole episode gives, environment tokens are the template's and unmasked
+only for the model's own tokens, and the turn and token limits end episodes."""
+
+import pytest
+import torch
+
+from alignkit.envs import StepResult
+from alignkit.generation.decode import SamplingParams
+from alignkit.generation.multiturn import observation_ids, render, sample_episodes
+from alignkit.testing import tiny_model, tiny_tokenizer
+
+
+class Countdown:
+    """Replies with a tool message for `tool_turns` turns, then ends the episode with reward 1."""
+
+    def __init__(self, tool_turns: int):
+        self.left = tool_turns
+
+    def step(self, message):
+        if self.left == 0:
+            return StepResult([], 1.0, True)
+        self.left -= 1
+        return StepResult([{"role": "tool", "content": f"yes {self.left} no"}], 0.25, False)
+
+
+def _setup():
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model = tiny_model(vocab_size=len(tok), hidden=32).eval()
+    return tok, model
+
+
+def test_episodes_continue_from_the_cache_exactly():
+    tok, model = _setup()
+    firsts = [[{"role": "user", "content": "what is one plus one ?"}], [{"role": "user", "content": "yes"}],
+              [{"role": "user", "content": "no no no yes"}]]
+    envs = [Countdown(2), Countdown(1), Countdown(5)]
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    eps = sample_episodes(model, tok, envs, firsts, SamplingParams(max_new_tokens=5, temperature=1.0),
+                          max_turns=4, max_tokens=200, generator=gens)
+    assert [e.end for e in eps] == ["answer", "answer", "turn_limit"]
+    assert [e.turns for e in eps] == [3, 2, 4] and [e.reward for e in eps] == [1.5, 1.25, 1.0]
+    for ep in eps:
+        assert sum(ep.model_mask) == len(ep.logprobs) and len(ep.model_mask) == len(ep.token_ids)
+        full = torch.tensor([ep.prompt_ids + ep.token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(full).logits[0].float(), -1)
+        start = len(ep.prompt_ids)
+        scored = [float(logp[start + j - 1, t]) for j, (t, m) in enumerate(zip(ep.token_ids, ep.model_mask)) if m]
+        assert scored == pytest.approx(ep.logprobs, abs=1e-5)  # the cache saw exactly this sequence
+        # between turns: the template's own rendering of each tool message, then the next assistant header
+        header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        tools = [tok(render(tok, [m]), add_special_tokens=False)["input_ids"] for m in ep.messages if m["role"] == "tool"]
+        env_runs, run = [], []
+        for t, m in zip(ep.token_ids, ep.model_mask):
+            if not m:
+                run.append(t)
+            elif run:
+                env_runs.append(run)
+                run = []
+        assert len(env_runs) == len(tools) == ep.turns - 1  # an observation after every turn but the last
+        for r, tool_ids in zip(env_runs, tools):
+            assert r[-len(header):] == header and r[-len(header) - len(tool_ids):-len(header)] == tool_ids
+
+
+def test_token_budget_ends_an_episode():
+    tok, model = _setup()
+    eps = sample_episodes(model, tok, [Countdown(10)], [[{"role": "user", "content": "yes"}]],
+                          SamplingParams(max_new_tokens=6, temperature=1.0), max_turns=10, max_tokens=20,
+                          generator=torch.Generator().manual_seed(0))
+    assert eps[0].end == "token_limit" and len(eps[0].token_ids) <= 20
+
+
+def test_observation_ids_keep_what_follows_the_end_of_turn_token():
+    tok, _ = _setup()
+    convo = [{"role": "user", "content": "yes"}, {"role": "assistant", "content": "no"}]
+    new = [{"role": "tool", "content": "yes"}]
+    after_eos = tok.decode(observation_ids(tok, convo, new, ended_by_eos=True), skip_special_tokens=False)
+    cut = tok.decode(observation_ids(tok, convo, new, ended_by_eos=False), skip_special_tokens=False)
+    assert "<|im_end|>" in cut and cut.count("<|im_end|>") == after_eos.count("<|im_end|>") + 1
