@@ -79,3 +79,20 @@ def test_observation_ids_keep_what_follows_the_end_of_turn_token():
     after_eos = tok.decode(observation_ids(tok, convo, new, ended_by_eos=True), skip_special_tokens=False)
     cut = tok.decode(observation_ids(tok, convo, new, ended_by_eos=False), skip_special_tokens=False)
     assert "<|im_end|>" in cut and cut.count("<|im_end|>") == after_eos.count("<|im_end|>") + 1
+
+
+def test_episode_metrics_with_the_calculator_environment():
+    from alignkit.envs import load_environment_class
+    from alignkit.generation.multiturn import Episode, episode_metrics
+
+    envs = [load_environment_class("calculator")() for _ in range(2)]
+    envs[0].reset({"prompt": "2+3?", "answer": "5"})
+    envs[0].step({"role": "assistant", "content": '<tool_call>{"name": "calculator", "arguments": {"expression": "2+3"}}'
+                                                  '</tool_call><tool_call>oops</tool_call>'})
+    envs[1].reset({"prompt": "1+1?", "answer": "2"})
+    eps = [Episode([1], turns=2, end="answer", turn_rewards=[0.0, 1.0]),
+           Episode([1], turns=3, end="turn_limit", turn_rewards=[0.0, 0.0, 0.0])]
+    m = episode_metrics(eps, envs)
+    assert m == {"episode/turns": 2.5, "episode/reward_per_turn": 0.2, "episode/ended_answer": 0.5,
+                 "episode/ended_turn_limit": 0.5, "episode/ended_token_limit": 0.0,
+                 "episode/tool_calls": 1.0, "episode/tool_errors": 0.5}

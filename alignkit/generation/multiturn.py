@@ -166,3 +166,20 @@ def sample_episodes(model, tokenizer, envs: list, first_messages: list, params: 
     finally:
         model.train(was_training)
     return episodes
+
+
+def episode_metrics(episodes: list, envs: list | None = None) -> dict:
+    """Per-batch episode metrics (floats): turns per episode, the shares that ended by answering or
+    at the turn or token limit, reward per turn, and (from environments that count them, like
+    `envs.builtin.ToolEnvironment`) tool calls and tool errors per episode."""
+    n = max(len(episodes), 1)
+    turns = sum(e.turns for e in episodes)
+    out = {"episode/turns": turns / n,
+           "episode/reward_per_turn": sum(e.reward for e in episodes) / max(turns, 1),
+           **{f"episode/ended_{kind}": sum(e.end == kind for e in episodes) / n
+              for kind in ("answer", "turn_limit", "token_limit")}}
+    counts = [getattr(env, "counts", None) for env in envs or []]
+    if counts and all(isinstance(c, dict) for c in counts):
+        for key in ("tool_calls", "tool_errors"):
+            out[f"episode/{key}"] = sum(c.get(key, 0) for c in counts) / n
+    return out
