@@ -10,12 +10,11 @@ prompt record), then each `step(assistant_message)` answers the model's turn wit
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from alignkit.errors import ConfigError
+from alignkit.plugins import load_module
 
 
 @dataclass
@@ -49,18 +48,7 @@ def load_environment_class(spec: str):
     if not sep or not target or not name:
         known = ", ".join(sorted(ENVIRONMENTS)) or "none yet"
         raise ConfigError(f"environment {spec!r}: give a built-in name ({known}) or `file.py:Class`.")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise ConfigError(f"environment {spec!r}: file {path} does not exist.")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ConfigError(f"environment {spec!r}: cannot import {target}: {e}") from None
+    module = load_module(target, f"environment {spec!r}: file" if target.endswith(".py") else f"environment {spec!r}")
     cls = getattr(module, name, None)
     if cls is None:
         raise ConfigError(f"environment {spec!r}: {target} has no {name}.")

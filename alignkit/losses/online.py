@@ -170,6 +170,15 @@ def aggregation_weight(token_seq: torch.Tensor, num_sequences: int, aggregation:
     return int((torch.bincount(token_seq, minlength=num_sequences) > 0).sum()) if token_seq.numel() else 0
 
 
+def _clip_metrics(ratio, adv, clip_low: float, clip_high: float) -> dict:
+    """Per-token clip indicators of a clipped surrogate (TRL's definitions): low-clipped where
+    ratio < 1 - clip_low with A < 0, high-clipped where ratio > 1 + clip_high with A > 0, exactly
+    where the clipped term is the active minimum and the gradient is zero; and the ratio."""
+    low = ((ratio < 1.0 - clip_low) & (adv < 0)).to(ratio.dtype)
+    high = ((ratio > 1.0 + clip_high) & (adv > 0)).to(ratio.dtype)
+    return {"clip_fraction/low": low, "clip_fraction/high": high, "clip_fraction": low + high, "ratio_mean": ratio}
+
+
 @register(
     "ppo_clip",
     summary="PPO's clipped surrogate per token, with decoupled clip range (GRPO, DAPO's clip-higher).",
@@ -199,11 +208,7 @@ def ppo_clip(token_logps, old_token_logps, advantages, *, clip_low: float = 0.2,
     adv = advantages.detach().to(token_logps.dtype)
     ratio = torch.exp(token_logps - old_token_logps.detach())  # [M]
     per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv)
-    r = ratio.detach()
-    low = ((r < 1.0 - clip_low) & (adv < 0)).to(r.dtype)
-    high = ((r > 1.0 + clip_high) & (adv > 0)).to(r.dtype)
-    return per_token, {"clip_fraction/low": low, "clip_fraction/high": high, "clip_fraction": low + high,
-                       "ratio_mean": r}
+    return per_token, _clip_metrics(ratio.detach(), adv, clip_low, clip_high)
 
 
 def _sequence_means(x: torch.Tensor, token_seq: torch.Tensor) -> torch.Tensor:
@@ -245,11 +250,7 @@ def gspo(token_logps, old_token_logps, advantages, token_seq, *, clip_low: float
     adv = _sequence_means(advantages.detach().to(token_logps.dtype), token_seq)
     s = torch.exp(_sequence_means(token_logps - old_token_logps.detach(), token_seq))  # [M], s_i at each token
     per_token = -torch.minimum(s * adv, torch.clamp(s, 1.0 - clip_low, 1.0 + clip_high) * adv)
-    r = s.detach()
-    low = ((r < 1.0 - clip_low) & (adv < 0)).to(r.dtype)
-    high = ((r > 1.0 + clip_high) & (adv > 0)).to(r.dtype)
-    return per_token, {"clip_fraction/low": low, "clip_fraction/high": high, "clip_fraction": low + high,
-                       "ratio_mean": r}
+    return per_token, _clip_metrics(s.detach(), adv, clip_low, clip_high)
 
 
 @register(

@@ -7,13 +7,12 @@ so a verifier can compare a completion with its reference answer.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 from pathlib import Path
 from typing import Callable
 
 from alignkit.errors import ConfigError
+from alignkit.plugins import load_module
 
 
 class RewardFunction:
@@ -51,18 +50,8 @@ def load_reward_function(spec: str) -> RewardFunction:
     if ":" not in spec:
         raise ConfigError(f"reward function {spec!r} must look like `file.py:function` or `module:function`.")
     target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise ConfigError(f"reward function file {path} not found.")
-        module_spec = importlib.util.spec_from_file_location(f"alignkit_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ConfigError(f"cannot import reward module {target!r}: {e}") from None
+    module = load_module(target, "reward function file" if target.endswith(".py") else "reward module",
+                         f"alignkit_reward_{Path(target).stem}")
     fn = getattr(module, attr, None)
     if not callable(fn):
         found = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]

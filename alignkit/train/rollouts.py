@@ -215,11 +215,12 @@ class OnlineRecipe(RecipeBase):
 
     # -- sampling and scoring --------------------------------------------------------------------
 
-    def score(self, model, items: list, split: str, params: SamplingParams, seed: int):
+    def score(self, model, items: list, split: str, params: SamplingParams, seed: int, sync: bool = True):
         """Sample `params.n` completions per prompt; (samples [P][n], rewards [P, n], metrics).
         Each prompt is sampled with its own seed, from `seed` and its example index: the samples do
-        not depend on which other prompts share the batch or the process."""
-        samples, rewards, parts, gen_s = self.sample_and_reward(model, items, split, params, seed)
+        not depend on which other prompts share the batch or the process. `sync`: load the policy's
+        weights into the sampler first (not again for more prompts at the same weights)."""
+        samples, rewards, parts, gen_s = self.sample_and_reward(model, items, split, params, seed, sync)
         return samples, rewards, rollout_metrics(samples, rewards, parts, gen_s)
 
     def refill(self, model, items: list, samples: list, rewards: torch.Tensor, metrics: dict, seed: int):
@@ -244,7 +245,7 @@ class OnlineRecipe(RecipeBase):
         while len(kept) < target and rounds < self.cfg.online.dynamic_sampling_rounds and pool:
             rounds += 1
             fresh, pool = pool[:target - len(kept)], pool[target - len(kept):]
-            s2, r2, m2 = self.score(model, fresh, "train", self.params, seed + 7919 * rounds)
+            s2, r2, m2 = self.score(model, fresh, "train", self.params, seed + 7919 * rounds, sync=False)
             extra, gen_s = extra + len(fresh), gen_s + float(m2["time/generation_s"])
             ok2 = varied(r2)
             dropped += ok2.count(False)
@@ -258,10 +259,11 @@ class OnlineRecipe(RecipeBase):
             return [], [], rewards.new_zeros(0, n)
         return [k[0] for k in kept], [k[1] for k in kept], torch.stack([k[2] for k in kept])
 
-    def sample_and_reward(self, model, items: list, split: str, params: SamplingParams, seed: int):
+    def sample_and_reward(self, model, items: list, split: str, params: SamplingParams, seed: int, sync: bool = True):
         exs = [self.examples[split][it.index] for it in items]
         start = time.perf_counter()
-        self.backend.sync(model)  # the policy changed since the last rollout
+        if sync:
+            self.backend.sync(model)  # the policy changed since the last rollout
         with self.ctx.full_params(*self.sampling_models(model)):  # processes sample different lengths
             samples = self.backend.sample([it.prompt_ids for it in items], params, seed,
                                           prompt_seeds=[row_seed(seed, it.index) for it in items])

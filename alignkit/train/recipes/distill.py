@@ -127,8 +127,8 @@ class DistillRecipe(OnlineRecipe):
 
     # -- rollouts --------------------------------------------------------------------------------
 
-    def score(self, model, items, split, params, seed):
-        samples, rewards, metrics = super().score(model, items, split, params, seed)
+    def score(self, model, items, split, params, seed, sync=True):
+        samples, rewards, metrics = super().score(model, items, split, params, seed, sync)
         if not self.has_reward:
             metrics = {k: v for k, v in metrics.items() if not k.startswith(("reward", "zero_variance"))}
         return samples, rewards, metrics
