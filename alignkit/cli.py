@@ -88,6 +88,14 @@ def cmd_data_show(args) -> int:
         raise AlignkitError(f"--index {args.index} is out of range: {len(data.train)} training examples.")
     print(f"\nexample {args.index} (recipe {cfg.recipe}, {data.sources_of('train', [data.train[args.index]])[0]}):")
     print(recipe.show_example(data, args.index))
+    if args.episode:
+        if getattr(recipe, "episodes", None) is None:
+            raise AlignkitError("--episode samples a multi-turn episode: set `env.name` (e.g. env.name=calculator).")
+        from alignkit.models import load_model
+        from alignkit.train.episodes import show_episode
+
+        model = load_model(cfg.model, for_training=False, cache_dir=cfg.cache_dir)
+        print("\n" + show_episode(recipe, model, args.index))
     return 0
 
 
@@ -471,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("show", help="validate the data and show one tokenized example with its loss mask")
     _add_config_args(q)
     q.add_argument("--index", type=int, default=0, help="which training example to show")
+    q.add_argument("--episode", action="store_true", help="with env.name: load the model and sample one multi-turn "
+                   "episode of the example, showing the scored (model) and context-only (environment) tokens")
     q.set_defaults(fn=cmd_data_show)
 
     p = sub.add_parser("losses", help="list the registered loss functions")

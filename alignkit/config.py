@@ -193,6 +193,22 @@ class OnlineConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: Optional[str] = None
+    """Multi-turn episodes instead of single completions: a built-in environment (`calculator`, `python`, `gsm8k_tools`) or your `file.py:Class`; the environment answers each model turn (tool results) and gives the rewards, so `online.rewards` stays unset. Unset: one completion per sample."""
+    args: dict = field(default_factory=dict)
+    """Keyword arguments for the environment class (one instance per episode)."""
+    tools: Optional[list] = None
+    """Tools offered to the model, replacing the environment's own: built-in names (`calculator`, `python`) or `file.py:function` (its JSON schema is read from its type hints and Google-style docstring). Unset: the environment's tools."""
+    max_turns: int = 4
+    """Model turns per episode at most; an episode still going after the last ends as `turn_limit`."""
+    max_tokens: Optional[int] = None
+    """Token budget per episode after the prompt (model and environment tokens); unset: what `data.max_length` leaves after the prompt. Each model turn also stops at `generation.max_new_tokens`."""
+    gamma: float = 1.0
+    """Discount per turn: an episode's reward is sum_t gamma^t r_t over its turn rewards; GRPO and RLOO also give the tokens of turn t that turn's own return sum_{t'>=t} gamma^(t'-t) r_t' against the group's baseline (1: every turn gets the episode's return)."""
+
+
+@dataclass
 class CriticConfig:
     init: str = "policy"
     """Where PPO's value model starts: `policy` (the policy's weights with a new scalar head) or a reward-model directory (the `final/` of `recipe=reward`), whose trunk and head it keeps."""
@@ -324,6 +340,7 @@ class RunConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
 
@@ -651,7 +668,8 @@ def validate(cfg: RunConfig) -> None:
     _check_health(cfg)
     spec = registry.get(cfg.recipe)
     if spec.samples:
-        if cfg.online.rewards is None and cfg.recipe != "distill":  # distillation learns from its teacher
+        _check_env(cfg)
+        if cfg.online.rewards is None and cfg.recipe != "distill" and cfg.env.name is None:  # distill: the teacher
             raise ConfigError(f"recipe {cfg.recipe} samples completions and needs a reward: set `online.rewards`, e.g. "
                               "`online.rewards=numeric_match` or `online.rewards=my_rewards.py:score`.")
         if cfg.online.iterations < 1:
@@ -702,6 +720,36 @@ def validate(cfg: RunConfig) -> None:
         )
     if not isinstance(cfg.loss, dict) or "name" not in cfg.loss:
         raise ConfigError("`loss` must be a mapping with a `name`, e.g. `loss: {name: dpo, beta: 0.1}`.")
+
+
+def _check_env(cfg: RunConfig) -> None:
+    """Multi-turn settings that cannot work together, or that have no effect without `env.name`."""
+    e, g = cfg.env, cfg.generation
+    if e.name is None:
+        defaults = dataclasses.asdict(EnvConfig())
+        changed = [f"env.{k}" for k, v in dataclasses.asdict(e).items() if k != "name" and v != defaults[k]]
+        if changed:
+            raise ConfigError(f"`{changed[0]}` has no effect without `env.name`: set env.name (e.g. env.name=calculator) "
+                              "or drop the key.")
+        return
+    if cfg.online.rewards is not None:
+        raise ConfigError("`online.rewards` has no effect with `env.name` set: the environment rewards each episode. "
+                          "Drop online.rewards (or score inside your environment's step).")
+    for key, bad, why in (("online.overlong_buffer", cfg.online.overlong_buffer, "a multi-turn episode's length is "
+                           "bounded by env.max_tokens"), ("generation.stop", bool(g.stop), "a model turn ends at its "
+                           "end-of-turn token"), ("generation.backend", g.backend == "vllm", "multi-turn episodes are "
+                           "sampled on alignkit's KV-cache sampler only (vLLM rollouts are single-turn for now)")):
+        if bad:
+            raise ConfigError(f"`{key}` cannot be used with `env.name`: {why}. Drop the key.")
+    if e.max_turns < 1:
+        raise ConfigError(f"`env.max_turns` must be >= 1; got {e.max_turns}.")
+    if e.max_tokens is not None and not 0 < e.max_tokens < cfg.data.max_length:
+        raise ConfigError(f"`env.max_tokens` ({e.max_tokens}) must be positive and below `data.max_length` "
+                          f"({cfg.data.max_length}): the episode and its prompt are trained as one sequence.")
+    if not 0 < e.gamma <= 1:
+        raise ConfigError(f"`env.gamma` must be in (0, 1]; got {e.gamma}.")
+    if e.tools is not None and (not isinstance(e.tools, list) or not all(isinstance(t, str) and t for t in e.tools)):
+        raise ConfigError(f"`env.tools` must be a list of tool names or file.py:function entries; got {e.tools!r}.")
 
 
 def _check_ranges(cfg: RunConfig) -> None:

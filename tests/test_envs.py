@@ -141,5 +141,71 @@ def test_gsm8k_tools_episode_runs_tools_counts_errors_and_scores_the_answer():
     env.reset({"question": "q", "answer": "#### 25"})
     assert env.step({"role": "assistant", "content": "26"}).reward == 0.0 and env.counts["tool_calls"] == 0
     assert [s["function"]["name"] for s in env.schemas] == ["calculator"]
+    assert env.reset({"prompt": "from the prompt column"})[0]["content"] == "from the prompt column"
     with pytest.raises(ValueError, match="question"):
-        env.reset({"prompt": "no question column"})
+        env.reset({"answer": "no question, no prompt"})
+
+
+USER_TOOL = '''
+def word_count(text: str) -> int:
+    """Count the words of a text.
+
+    Args:
+        text: the text to count
+    """
+    return len(text.split())
+
+
+def undocumented(x):
+    return x
+'''
+
+TOOL_TEMPLATE = ("{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n"
+                 "Reply with <tool_call>{...}</tool_call><|im_end|>\n{%- endif %}{%- for m in messages %}"
+                 "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+                 "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+def test_tools_from_config_python_environment_and_the_template_or_fallback(tmp_path):
+    from alignkit.config import load_config
+    from alignkit.data.prompts import PromptExample
+    from alignkit.envs.builtin import resolve_tools
+    from alignkit.testing import tiny_tokenizer
+    from alignkit.train.episodes import EpisodeSampler
+
+    (tmp_path / "tools.py").write_text(USER_TOOL)
+    tools = resolve_tools(["calculator", f"{tmp_path / 'tools.py'}:word_count"])
+    assert list(tools) == ["calculator", "word_count"]
+    assert tools["word_count"][0]["function"]["parameters"]["properties"]["text"]["type"] == "string"
+    assert tools["word_count"][1]({"text": "one two three"}) == "3"
+    with pytest.raises(ConfigError, match="docstring"):
+        resolve_tools([f"{tmp_path / 'tools.py'}:undocumented"])
+    with pytest.raises(ConfigError, match="neither a built-in"):
+        resolve_tools(["search"])
+
+    env = load_environment_class("python")()  # the python tool, scored like the calculator
+    env.reset({"prompt": "6 * 7?", "answer": "42"})
+    out = env.step({"role": "assistant", "content": '<tool_call>{"name": "python", "arguments": {"code": '
+                                                    '"print(6 * 7)"}}</tool_call>'})
+    assert out.messages == [{"role": "tool", "content": "42"}]
+    assert env.step({"role": "assistant", "content": "42"}) == StepResult([], 1.0, True)
+
+    ex = PromptExample(({"role": "user", "content": "What is 2 + 2?"},), {"answer": "4"})
+    cfg = load_config(None, ["model.name_or_path=x", "data.train=x.jsonl", "recipe=grpo", "env.name=calculator",
+                             f"env.tools=[calculator, {tmp_path / 'tools.py'}:word_count]"])
+    tok = tiny_tokenizer()  # ChatML without tool support: the fallback system message
+    sampler = EpisodeSampler(cfg, tok)
+    msgs, schemas = sampler.start(sampler.make(), ex)
+    assert schemas is None and msgs[0]["role"] == "system" and '"word_count"' in msgs[0]["content"]
+    assert msgs[1] == {"role": "user", "content": "What is 2 + 2?"}
+    tok.chat_template = TOOL_TEMPLATE  # a template that takes tools: they go through apply_chat_template
+    sampler = EpisodeSampler(cfg, tok)
+    env = sampler.make()
+    msgs, schemas = sampler.start(env, ex)
+    assert env.style == "hermes" and msgs == [{"role": "user", "content": "What is 2 + 2?"}]
+    assert [s["function"]["name"] for s in schemas] == ["calculator", "word_count"]
+    from alignkit.generation.multiturn import render
+
+    text = render(tok, msgs, schemas, generation_prompt=True)
+    assert text.startswith("<|im_start|>system\nTools: calculator word_count")
+    assert sampler.prompt_ids(ex) == tok(text, add_special_tokens=False)["input_ids"]

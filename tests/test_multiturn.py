@@ -90,9 +90,9 @@ def test_episode_metrics_with_the_calculator_environment():
     envs[0].step({"role": "assistant", "content": '<tool_call>{"name": "calculator", "arguments": {"expression": "2+3"}}'
                                                   '</tool_call><tool_call>oops</tool_call>'})
     envs[1].reset({"prompt": "1+1?", "answer": "2"})
-    eps = [Episode([1], turns=2, end="answer", turn_rewards=[0.0, 1.0]),
-           Episode([1], turns=3, end="turn_limit", turn_rewards=[0.0, 0.0, 0.0])]
-    m = episode_metrics(eps, envs)
+    eps = [Episode([1], turns=2, end="answer", turn_rewards=[0.0, 1.0], counts=dict(envs[0].counts)),
+           Episode([1], turns=3, end="turn_limit", turn_rewards=[0.0, 0.0, 0.0], counts=dict(envs[1].counts))]
+    m = episode_metrics(eps)
     assert m == {"episode/turns": 2.5, "episode/reward_per_turn": 0.2, "episode/ended_answer": 0.5,
                  "episode/ended_turn_limit": 0.5, "episode/ended_token_limit": 0.0,
                  "episode/tool_calls": 1.0, "episode/tool_errors": 0.5}

@@ -219,7 +219,7 @@ def collate_packed_groups(items: list, pad_id: int, capacity: int) -> TokenBatch
     groups = []
     for i, it in enumerate(items):
         comps = completions_of(it)
-        masks = [it.chosen_mask, it.rejected_mask] if hasattr(it, "chosen_mask") else None
+        masks = [it.chosen_mask, it.rejected_mask] if hasattr(it, "chosen_mask") else getattr(it, "masks", None)
         groups.append(group_rows(it.prompt_ids, comps, [k * b + i for k in range(len(comps))], masks))
     s = len(completions_of(items[0]))
     ids, att, seg, pred, pos, allowed = pack_groups(groups, pad_id, capacity)

@@ -44,6 +44,7 @@ class TokenizedGroup:
     completions: list  # list[list[int]]
     index: int
     truncated: bool = False
+    masks: list | None = None  # per completion, True where a token is scored (multi-turn: the model's tokens)
 
 
 def prompt_text(tokenizer, example: NegativeExample) -> str:

@@ -1,6 +1,5 @@
-"""Environments for multi-turn and tool-using RL (issue 18, in progress: the protocol, the
-loader, the built-in tools and environments and tool-call parsing exist; the multi-turn rollouts
-do not yet).
+"""Environments for multi-turn and tool-using RL (`env.name`; the rollouts are
+`alignkit.generation.multiturn`, the training `alignkit.train.episodes`).
 
 An environment runs one episode per rollout: `reset(record)` gives the first messages (from a
 prompt record), then each `step(assistant_message)` answers the model's turn with new messages
@@ -32,9 +31,14 @@ class Environment(Protocol):
     def step(self, message: dict) -> StepResult:
         """Answer the model's turn (an assistant message: role, content)."""
 
+# Optional: `schemas`, a list of JSON tool schemas given to the chat template (`tools=`); `tools`,
+# {name: (schema, function)}, which `env.tools` replaces; `style`, the tool-call format to parse
+# (set from the tokenizer's template); `counts`, {name: number} counters logged as episode/<name>.
+
 
 # name -> "module:Class" of the built-in environments (imported when named)
 ENVIRONMENTS: dict = {"calculator": "alignkit.envs.builtin:CalculatorEnvironment",
+                      "python": "alignkit.envs.builtin:PythonEnvironment",
                       "gsm8k_tools": "alignkit.envs.builtin:GSM8KTools"}
 
 

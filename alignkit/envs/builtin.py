@@ -1,5 +1,6 @@
-"""Built-in tools and environments: `calculator` (arithmetic on demand) and `gsm8k_tools` (GSM8K
-questions with the calculator, rewarded by the numeric match of the final answer).
+"""Built-in tools and environments: `calculator` (arithmetic on demand), `python` (the same task
+with a sandbox-light Python runner as its tool) and `gsm8k_tools` (GSM8K questions with the
+calculator, rewarded by the numeric match of the final answer).
 
 A `ToolEnvironment` answers each assistant turn: tool calls (parsed in the template's format, see
 `toolcalls`) are run and their results returned as `tool` messages; a turn without a call is the
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 from alignkit.envs import StepResult
 from alignkit.envs.calculator import CalculatorError, evaluate, format_number
+from alignkit.envs.python_tool import run_python
 from alignkit.envs.toolcalls import ToolCall, parse_tool_calls
+from alignkit.errors import ConfigError
+from alignkit.plugins import load_module
 from alignkit.rewards.verifiable import final_answer
 
 CALCULATOR = {"type": "function", "function": {
@@ -29,10 +33,56 @@ def calculator(arguments: dict) -> str:
     return format_number(evaluate(expression))
 
 
+PYTHON = {"type": "function", "function": {
+    "name": "python",
+    "description": "Run a Python program and read what it prints (5 s, 512 MiB, no network, no files outside "
+                   "its scratch directory).",
+    "parameters": {"type": "object", "properties": {"code": {"type": "string",
+                   "description": "the program, for example print(17 * 3)"}}, "required": ["code"]}}}
+
+
+def python(arguments: dict) -> str:
+    code = arguments.get("code")
+    if not isinstance(code, str):
+        raise ValueError('python needs {"code": "<program>"}')
+    return run_python(code).message()
+
+
+# name -> (JSON schema, function(arguments: dict) -> str)
+TOOLS = {"calculator": (CALCULATOR, calculator), "python": (PYTHON, python)}
+
+
+def resolve_tools(names: list) -> dict:
+    """`env.tools` entries -> {name: (schema, function(arguments) -> str)}: built-in names, or
+    `file.py:function` / `module:function`, whose schema transformers reads from its type hints and
+    Google-style docstring (`transformers.utils.get_json_schema`, the format chat templates take)."""
+    from transformers.utils import get_json_schema
+
+    out = {}
+    for entry in names:
+        if entry in TOOLS:
+            out[entry] = TOOLS[entry]
+            continue
+        target, sep, name = entry.rpartition(":")
+        if not sep or not target or not name:
+            raise ConfigError(f"`env.tools`: {entry!r} is neither a built-in tool ({', '.join(TOOLS)}) nor "
+                              "`file.py:function`.")
+        fn = getattr(load_module(target, f"`env.tools` {entry!r}: file"), name, None)
+        if not callable(fn):
+            raise ConfigError(f"`env.tools` {entry!r}: {target} has no function {name}.")
+        try:
+            schema = get_json_schema(fn)
+        except Exception as e:  # transformers raises its own error types for a missing docstring or type hint
+            raise ConfigError(f"`env.tools` {entry!r}: cannot read the tool's schema ({e}). Give every argument a "
+                              "type hint and document it in a Google-style docstring (Args: ...).") from None
+        out[schema["function"]["name"]] = (schema, lambda arguments, fn=fn: str(fn(**arguments)))
+    return out
+
+
 class ToolEnvironment:
     """Tools by name, a prompt column for the question, a final-answer score."""
 
-    tools = {"calculator": (CALCULATOR, calculator)}  # name -> (JSON schema, function(arguments) -> str)
+    tools = {"calculator": TOOLS["calculator"]}  # name -> (JSON schema, function(arguments) -> str)
     question_column = "prompt"
     max_tool_calls = 4
 
@@ -47,7 +97,7 @@ class ToolEnvironment:
 
     def reset(self, record: dict) -> list:
         self.record, self.counts = dict(record), {"tool_calls": 0, "tool_errors": 0}
-        question = record.get(self.question_column)
+        question = record.get(self.question_column, record.get("prompt"))
         if not isinstance(question, str):
             raise ValueError(f"{type(self).__name__}: the record has no text column {self.question_column!r}")
         return [{"role": "user", "content": question}]
@@ -74,9 +124,12 @@ class ToolEnvironment:
             return f"error: no tool named {call.name!r}; the tools are {', '.join(self.tools)}"
         try:
             return self.tools[call.name][1](call.arguments)
-        except (CalculatorError, ValueError, TypeError) as e:
+        except (CalculatorError, ValueError) as e:
             self.counts["tool_errors"] += 1
             return f"error: {e}"
+        except Exception as e:  # a user's tool failing (bad arguments, a bug): the model reads it, the run goes on
+            self.counts["tool_errors"] += 1
+            return f"error: {call.name} failed: {type(e).__name__}: {e}"
 
     def score(self, answer: str) -> float:
         return 0.0
@@ -92,6 +145,12 @@ class CalculatorEnvironment(ToolEnvironment):
         want = final_answer(str(self.record.get(self.answer_column, "")))
         got = final_answer(answer)
         return float(want is not None and got is not None and got == want)
+
+
+class PythonEnvironment(CalculatorEnvironment):
+    """`python`: as `calculator`, with the Python runner as the tool."""
+
+    tools = {"python": TOOLS["python"]}
 
 
 class GSM8KTools(CalculatorEnvironment):

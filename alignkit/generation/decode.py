@@ -50,6 +50,8 @@ class Sample:
     logprobs: list  # raw log-prob of each token under the model (temperature 1, no top-k / top-p)
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
     text: str = ""  # decoded, special tokens removed (filled when a tokenizer is given)
+    mask: list | None = None  # multi-turn episodes: True where the model sampled the token (the scored ones)
+    episode: object = None  # multi-turn episodes: the `alignkit.generation.multiturn.Episode`
 
 
 @dataclass

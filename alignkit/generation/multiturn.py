@@ -1,6 +1,7 @@
 """Multi-turn episodes on the KV cache: the model answers, an environment replies (tool results,
 a user), and generation continues from the cache with only the new tokens fed in, never the whole
-conversation again (issue 18; no recipe trains on these episodes yet).
+conversation again. The online recipes train on these episodes with `env` set
+(`alignkit.train.episodes`).
 
 The episode is one token sequence after the prompt: the model's sampled tokens exactly as sampled
 (never re-tokenised from their text) and, between turns, the environment's tokens as the chat
@@ -29,10 +30,12 @@ class Episode:
     token_ids: list = field(default_factory=list)  # everything after the prompt: model and environment tokens
     model_mask: list = field(default_factory=list)  # True where the model sampled the token
     logprobs: list = field(default_factory=list)  # one per model token, in order (the sampler's raw log-probs)
+    turn_of: list = field(default_factory=list)  # one per model token: the turn (0, 1, ...) it belongs to
     messages: list = field(default_factory=list)  # the conversation, first messages included
     turn_rewards: list = field(default_factory=list)
     turns: int = 0
     end: str = ""  # "answer" (the environment ended it), "turn_limit" or "token_limit"
+    counts: dict = field(default_factory=dict)  # the environment's counters at the end (tool calls, errors)
 
     @property
     def reward(self) -> float:
@@ -103,10 +106,12 @@ class _Cache:
 
 @torch.no_grad()
 def sample_episodes(model, tokenizer, envs: list, first_messages: list, params: SamplingParams, *, max_turns: int,
-                    max_tokens: int, tools=None, generator=None) -> list:
+                    max_tokens, tools=None, generator=None) -> list:
     """One episode per environment (`envs[i]` already reset, its conversation starting with
     `first_messages[i]`). `max_turns`: model turns per episode; `max_tokens`: tokens after the
-    prompt (model and environment). `generator`: one torch.Generator or one per row."""
+    prompt (model and environment), one number or one per row. `generator`: one torch.Generator
+    or one per row."""
+    budget = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(envs)
     eos = set([tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else tokenizer.eos_token_id)
     prompts = [tokenizer(render(tokenizer, m, tools, generation_prompt=True), add_special_tokens=False)["input_ids"]
                for m in first_messages]
@@ -134,9 +139,10 @@ def sample_episodes(model, tokenizer, envs: list, first_messages: list, params: 
                     ep.token_ids.append(tok[r])
                     ep.model_mask.append(True)
                     ep.logprobs.append(float(logp[r, tok[r]]))
+                    ep.turn_of.append(ep.turns)
                     if tok[r] in eos:
                         writing[r], by_eos[r] = False, True
-                    elif len(ep.token_ids) >= max_tokens:
+                    elif len(ep.token_ids) >= budget[r]:
                         writing[r], live[r], ep.end = False, False, "token_limit"
                 if not any(writing):
                     break
@@ -156,7 +162,7 @@ def sample_episodes(model, tokenizer, envs: list, first_messages: list, params: 
                     continue
                 obs = observation_ids(tokenizer, ep.messages, list(result.messages), by_eos[r], tools)
                 ep.messages.extend(result.messages)
-                if len(ep.token_ids) + len(obs) >= max_tokens:
+                if len(ep.token_ids) + len(obs) >= budget[r]:
                     live[r], ep.end = False, "token_limit"
                     continue
                 ep.token_ids.extend(obs)
@@ -165,10 +171,13 @@ def sample_episodes(model, tokenizer, envs: list, first_messages: list, params: 
             cache.feed(chunks)
     finally:
         model.train(was_training)
+    for env, ep in zip(envs, episodes):
+        counts = getattr(env, "counts", None)
+        ep.counts = dict(counts) if isinstance(counts, dict) else {}
     return episodes
 
 
-def episode_metrics(episodes: list, envs: list | None = None) -> dict:
+def episode_metrics(episodes: list) -> dict:
     """Per-batch episode metrics (floats): turns per episode, the shares that ended by answering or
     at the turn or token limit, reward per turn, and (from environments that count them, like
     `envs.builtin.ToolEnvironment`) tool calls and tool errors per episode."""
@@ -178,8 +187,6 @@ def episode_metrics(episodes: list, envs: list | None = None) -> dict:
            "episode/reward_per_turn": sum(e.reward for e in episodes) / max(turns, 1),
            **{f"episode/ended_{kind}": sum(e.end == kind for e in episodes) / n
               for kind in ("answer", "turn_limit", "token_limit")}}
-    counts = [getattr(env, "counts", None) for env in envs or []]
-    if counts and all(isinstance(c, dict) for c in counts):
-        for key in ("tool_calls", "tool_errors"):
-            out[f"episode/{key}"] = sum(c.get(key, 0) for c in counts) / n
+    for key in sorted({k for e in episodes for k in e.counts}):
+        out[f"episode/{key}"] = sum(e.counts.get(key, 0) for e in episodes) / n
     return out

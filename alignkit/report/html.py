@@ -69,6 +69,9 @@ details { margin: 14px 0; }
 summary { cursor: pointer; color: #374151; font-weight: 600; }
 pre { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px;
   font-size: 12.5px; overflow-x: auto; }
+pre.episode { white-space: pre-wrap; }
+.scored { background: #fde68a; }
+.context { color: var(--muted); }
 table.alerts .ev { display: block; color: var(--muted); font-size: 12.5px; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12.5px; }
 @media print { body { background: #fff; } main { max-width: none; padding: 0; } figure { break-inside: avoid; } }
@@ -142,6 +145,8 @@ def render_page(inp: RunInputs) -> str:
     parts.append(_health(inp, made))
     parts.append("</section>")
     parts.append(_evaluation(inp, made))
+    if inp.episode:
+        parts.append(_episode(inp.episode))
     if inp.config:
         dump = yaml.safe_dump(inp.config, sort_keys=False, default_flow_style=False)
         parts.append(f"<details><summary>Full config.yaml</summary><pre>{escape(dump)}</pre></details>")
@@ -152,6 +157,19 @@ def render_page(inp: RunInputs) -> str:
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n"
             + "\n".join(parts) + f"\n</main><script>{SCRIPT}</script></body></html>\n")
+
+
+def _episode(ep: dict) -> str:
+    """The last sampled multi-turn episode, the tokens the loss scores highlighted."""
+    body = "".join(f'<span class="{"scored" if m else "context"}">{escape(str(t))}</span>'
+                   for t, m in ep.get("spans", []) if isinstance(t, str))
+    facts = (f"{ep.get('turns')} turns, ended by {ep.get('end')}, turn rewards {ep.get('turn_rewards')}, "
+             f"reward {ep.get('reward')}, counts {ep.get('counts')}")
+    return ('<section id="episode"><h2>One training episode</h2>'
+            f"<p>{text(facts)}. <mark class=\"scored\">Highlighted</mark>: the model's own tokens, the only ones the "
+            "loss scores; the rest (tool results, turn markers) is context. The last episode in `episodes.jsonl`."
+            f'</p><pre class="episode"><span class="context">{escape(str(ep.get("prompt", "")))}</span>{body}</pre>'
+            "</section>")
 
 
 def _header(inp: RunInputs) -> str:

@@ -45,6 +45,7 @@ class RunInputs:
     config: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)  # an `alignkit eval` metrics.json
     before_after: dict = field(default_factory=dict)  # a before_after.json (e.g. the demo's measurement)
+    episode: dict = field(default_factory=dict)  # the last row of episodes.jsonl (multi-turn runs, `env.name`)
     sources: list = field(default_factory=list)  # the files read, relative to run_dir
     notes: list = field(default_factory=list)  # problems the reader worked around, shown in the report
 
@@ -98,6 +99,12 @@ def read_run(run_dir) -> RunInputs:
         inputs.before_after = _read_json_object(run_dir / BEFORE_AFTER)
         check_before_after(inputs.before_after, run_dir / BEFORE_AFTER)
         inputs.sources.append(BEFORE_AFTER)
+    if (run_dir / "episodes.jsonl").is_file():
+        rows = _read_metrics_tolerant(run_dir / "episodes.jsonl", inputs.notes)
+        rows = [r for r in rows if isinstance(r.get("spans"), list)]
+        if rows:
+            inputs.episode = rows[-1]
+            inputs.sources.append("episodes.jsonl")
     if not inputs.usable():
         raise AlignkitError(
             f"nothing to report in {run_dir}: looked for {', '.join(LOOKED_FOR)} and found none "

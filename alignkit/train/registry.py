@@ -24,6 +24,7 @@ SAMPLING = ("generation.num_samples", "generation.max_new_tokens", "generation.t
 ONLINE = SAMPLING + ("generation.backend", "generation.vllm_server", "generation.vllm_sync_dir", "generation.vllm_dtype",
                      "generation.vllm_gpu_memory_utilization", "online.rewards", "online.overlong_buffer")
 DYNAMIC = ("online.dynamic_sampling", "online.dynamic_sampling_rounds")
+ENV = ("env",)  # multi-turn episodes (alignkit.train.episodes)
 
 
 @dataclass(frozen=True)
@@ -72,27 +73,27 @@ _SPECS = [
                "reward", "reward", "bradley_terry", False, ("loss", "losses", "reward"), model_kind="reward_model"),
     RecipeSpec("grpo", _R + "grpo:GRPORecipe", "GRPO: every sample, group-normalised advantages, clipped ratio",
                "prompts", "rollout", "ppo_clip", True,
-               ONLINE + DYNAMIC + ("loss", "online.kl_coef", "online.aggregation", "online.scale_rewards",
+               ONLINE + ENV + DYNAMIC + ("loss", "online.kl_coef", "online.aggregation", "online.scale_rewards",
                                    "online.iterations", "online.tis_cap"),
                unread=OFFLINE_BATCHING, combines_losses=False),
     RecipeSpec("rloo", _R + "rloo:RLOORecipe", "RLOO: every sample, leave-one-out baseline, clipped ratio",
                "prompts", "rollout", "ppo_clip", True,
-               ONLINE + DYNAMIC + ("loss", "online.kl_coef", "online.aggregation", "online.iterations", "online.tis_cap"),
+               ONLINE + ENV + DYNAMIC + ("loss", "online.kl_coef", "online.aggregation", "online.iterations", "online.tis_cap"),
                unread=OFFLINE_BATCHING, combines_losses=False),
     RecipeSpec("reinforce_pp", _R + "reinforce_pp:ReinforcePPRecipe",
                "REINFORCE++: KL in the reward, returns normalised over the batch, clipped ratio, no critic",
                "prompts", "rollout", "ppo_clip", True,
-               ONLINE + ("loss", "online.kl_coef", "online.kl_estimator", "online.aggregation", "online.iterations",
+               ONLINE + ENV + ("loss", "online.kl_coef", "online.kl_estimator", "online.aggregation", "online.iterations",
                          "online.tis_cap"),
                unread=OFFLINE_BATCHING, combines_losses=False),
     RecipeSpec("online_dpo", _R + "online_dpo:OnlineDPORecipe", "online DPO/IPO: best vs worst sample of each prompt",
-               "prompts", "paired", "dpo", True, ONLINE + ("loss", "losses", "online.iterations"),
+               "prompts", "paired", "dpo", True, ONLINE + ENV + ("loss", "losses", "online.iterations"),
                unread=OFFLINE_BATCHING),
     RecipeSpec("raft", _R + "raft:RAFTRecipe", "RAFT: SFT on the best of k samples", "prompts", "sft", "sft", True,
-               ONLINE + ("loss", "online.iterations"), unread=OFFLINE_BATCHING, combines_losses=False),
+               ONLINE + ENV + ("loss", "online.iterations"), unread=OFFLINE_BATCHING, combines_losses=False),
     RecipeSpec("ppo", _R + "ppo:PPORecipe", "PPO (PPO-max): a value model, GAE, KL in the reward, clipped ratio",
                "prompts", "rollout", "ppo_clip", True,
-               ONLINE + ("loss", "online.kl_coef", "online.kl_estimator", "online.aggregation", "online.tis_cap", "critic",
+               ONLINE + ENV + ("loss", "online.kl_coef", "online.kl_estimator", "online.aggregation", "online.tis_cap", "critic",
                         "ppo"),
                unread=OFFLINE_BATCHING, combines_losses=False),
     RecipeSpec("distill", _R + "distill:DistillRecipe",

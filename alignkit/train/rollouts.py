@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -31,7 +32,9 @@ from alignkit.losses import online as rl
 from alignkit.models import resolve_model_path
 from alignkit.rewards.build import build_reward
 from alignkit.rewards.functions import score_groups
+from alignkit.generation.multiturn import episode_metrics
 from alignkit.train.base import RecipeBase, SetupContext
+from alignkit.train.episodes import EpisodeSampler, token_returns
 
 
 @dataclass
@@ -46,11 +49,12 @@ class Rollout:
     generator_logps: torch.Tensor | None = None  # [M] the sampler's log-probs
     old_logps: torch.Tensor | None = None  # [M] the policy's before this rollout's first update
     ref: SegmentLogps | None = None  # the reference's log-probs of the batch (KL penalty, online DPO)
+    turn_returns: torch.Tensor | None = None  # [M] multi-turn: the return of each token's turn (`train.episodes`)
     metrics: dict = field(default_factory=dict)
     updates: int = 0  # optimizer steps taken on this rollout so far
     key: int = 0  # the micro-batch it was sampled for (seeds what is drawn from it)
 
-    _TOKEN_FIELDS = ("advantages", "returns", "old_values", "generator_logps", "old_logps")
+    _TOKEN_FIELDS = ("advantages", "returns", "old_values", "generator_logps", "old_logps", "turn_returns")
 
     def to(self, device) -> "Rollout":
         """Move to `device` in place (the recipe keeps this object to reuse it) and return it."""
@@ -76,8 +80,8 @@ class Rollout:
         cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
         b = self.batch
         return {"batch": None if b is None else {k: cpu(v) if torch.is_tensor(v) else v for k, v in vars(b).items()},
-                "groups": [{"prompt_ids": g.prompt_ids, "completions": g.completions, "index": g.index}
-                           for g in self.groups],
+                "groups": [{"prompt_ids": g.prompt_ids, "completions": g.completions, "index": g.index,
+                            "masks": g.masks} for g in self.groups],
                 **{name: cpu(getattr(self, name)) for name in self._TOKEN_FIELDS},
                 "ref": None if self.ref is None else {k: cpu(v) for k, v in vars(self.ref).items()},
                 "metrics": {k: cpu(v) for k, v in self.metrics.items()}, "updates": self.updates, "key": self.key}
@@ -86,7 +90,7 @@ class Rollout:
     def from_state_dict(cls, state: dict) -> "Rollout":
         return cls(batch=None if state["batch"] is None else TokenBatch(**state["batch"]),
                    groups=[TokenizedGroup(**g) for g in state["groups"]],
-                   **{name: state[name] for name in cls._TOKEN_FIELDS},
+                   **{name: state.get(name) for name in cls._TOKEN_FIELDS},
                    ref=None if state["ref"] is None else SegmentLogps(**state["ref"]),
                    metrics=dict(state["metrics"]), updates=state["updates"], key=state["key"])
 
@@ -111,6 +115,9 @@ def rollout_metrics(samples: list, rewards: torch.Tensor, parts: dict, generatio
             metrics[f"reward/{name}"], metrics[f"reward_std/{name}"] = v.mean(), v.std() if v.numel() > 1 else v * 0
     if rewards.shape[1] > 1:
         metrics["zero_variance_groups"] = torch.tensor(rl.zero_variance_fraction(rewards))
+    episodes = [s.episode for group in samples for s in group if s.episode is not None]
+    if episodes:
+        metrics.update({k: torch.tensor(v) for k, v in episode_metrics(episodes).items()})
     return metrics
 
 
@@ -154,8 +161,9 @@ class OnlineRecipe(RecipeBase):
         super().__init__(cfg, tokenizer)
         self.iterations = cfg.online.iterations
         self.params = sampling_params(cfg.generation)
-        # None: a recipe that learns without a reward (distill); its samples score 0
+        # None: a recipe that learns without a reward (distill), or episodes the environment rewards
         self.reward = build_reward(cfg.online.rewards) if cfg.online.rewards is not None else None
+        self.episodes = EpisodeSampler(cfg, tokenizer) if cfg.env.name is not None else None
         self.examples = {}  # split -> PromptExamples (their columns feed the rewards)
         self.reference = None
         self.backend = None  # set in setup, once the model exists
@@ -179,8 +187,14 @@ class OnlineRecipe(RecipeBase):
             if cut:
                 notes.append(f"{split}: {cut} of {len(items)} prompts were longer than {max_prompt} tokens and "
                              "keep their last tokens (raise data.max_length or data.max_prompt_length)")
-        notes.append(f"{self.params.n} completions sampled per prompt, up to {g.max_new_tokens} new tokens, "
-                     f"temperature {g.temperature}; reward: {getattr(self.reward, 'name', self.reward) or 'none'}")
+        if self.episodes is not None:
+            e = self.cfg.env
+            notes.append(f"{self.params.n} episodes per prompt in environment {e.name!r}: up to {e.max_turns} model turns "
+                         f"of up to {g.max_new_tokens} tokens each, temperature {g.temperature}; rewarded by the "
+                         f"environment (gamma {e.gamma}); tool calls parsed as {self.episodes.style}")
+        else:
+            notes.append(f"{self.params.n} completions sampled per prompt, up to {g.max_new_tokens} new tokens, "
+                         f"temperature {g.temperature}; reward: {getattr(self.reward, 'name', self.reward) or 'none'}")
         return PreparedData(out[0], out[1], notes, sources=example_sources(train, held))
 
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
@@ -265,6 +279,10 @@ class OnlineRecipe(RecipeBase):
         if sync:
             self.backend.sync(model)  # the policy changed since the last rollout
         with self.ctx.full_params(*self.sampling_models(model)):  # processes sample different lengths
+            if self.episodes is not None:
+                samples, rewards = self.episodes.sample(model, exs, [it.index for it in items], params, seed,
+                                                        self.cfg.generation.batch_size)
+                return samples, rewards, {}, time.perf_counter() - start
             samples = self.backend.sample([it.prompt_ids for it in items], params, seed,
                                           prompt_seeds=[row_seed(seed, it.index) for it in items])
         gen_s = time.perf_counter() - start
@@ -300,17 +318,32 @@ class OnlineRecipe(RecipeBase):
         out = Rollout(None, metrics=metrics, key=key)
         if kept:
             device = next(model.parameters()).device
-            out.groups = [TokenizedGroup(items[i].prompt_ids, [samples[i][k].token_ids for k in ks], i)
-                          for i, ks in zip(kept, picks)]
+            out.groups = [self.group(items[i], [samples[i][k] for k in ks], i) for i, ks in zip(kept, picks)]
             out.batch = collate_packed_groups(out.groups, self.tokenizer.pad_token_id,
                                               self.cfg.train.pack_tokens).to(device)
             # segment of completion k of kept prompt j is k * P' + j (`collate_packed_groups`)
-            per_segment = [samples[i][picks[j][k]].logprobs for k in range(len(picks[0])) for j, i in enumerate(kept)]
-            out.generator_logps = torch.tensor([lp for seg in per_segment for lp in seg], device=device)
+            per_segment = [samples[i][picks[j][k]] for k in range(len(picks[0])) for j, i in enumerate(kept)]
+            out.generator_logps = torch.tensor([lp for s in per_segment for lp in s.logprobs], device=device)
+            if self.episodes is not None:
+                out.turn_returns = torch.tensor([g for s in per_segment for g in token_returns(s.episode, self.cfg.env.gamma)],
+                                                device=device)
+                if self.ctx.dist.is_main:
+                    self.episodes.record(Path(self.cfg.output_dir) / "episodes.jsonl", key, per_segment[0])
             with self.ctx.full_params(*self.sampling_models(model)):
                 self.fill(model, out, rewards[kept], picks)
         self._rollouts[key] = out
         return [out]
+
+    def group(self, item, samples: list, index: int) -> TokenizedGroup:
+        """The prompt and the samples trained on; an episode brings its own prompt (the environment's
+        first messages, tools included) and its mask of model tokens."""
+        if samples[0].episode is None:
+            return TokenizedGroup(item.prompt_ids, [s.token_ids for s in samples], index)
+        prompt = samples[0].episode.prompt_ids
+        if any(s.episode.prompt_ids != prompt for s in samples):
+            raise ValueError(f"environment {self.cfg.env.name!r} started the episodes of one prompt (example "
+                             f"{item.index}) with different messages; `reset(record)` must depend on the record only.")
+        return TokenizedGroup(prompt, [s.token_ids for s in samples], index, masks=[s.mask for s in samples])
 
     def select(self, samples, rewards, metrics) -> tuple[list, list]:
         """(kept prompts' positions, per kept prompt the sample indices to train on)."""
@@ -380,6 +413,11 @@ class OnlineRecipe(RecipeBase):
 
     def show_example(self, data: PreparedData, index: int) -> str:
         item = data.train[index]
+        if self.episodes is not None:
+            ids = self.episodes.prompt_ids(self.examples["train"][index])
+            return ("episode prompt (the environment's first messages and tools, what the model continues):\n"
+                    + self.tokenizer.decode(ids) + f"\n\n(+ {self.params.n} episodes per step in environment "
+                    f"{self.cfg.env.name!r}; `alignkit data show --episode` samples one with the model)")
         return ("prompt (what the model continues):\n" + self.tokenizer.decode(item.prompt_ids)
                 + f"\n\ncolumns passed to the reward: {self.examples['train'][index].columns}"
                 + f"\n(+ {self.params.n} completions sampled per step, scored by {self.cfg.online.rewards})")

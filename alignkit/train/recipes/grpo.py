@@ -28,14 +28,25 @@ class GRPORecipe(OnlineRecipe):
         """[P, G] advantages from [P, G] rewards."""
         return rl.group_advantages(rewards, scale_by_std=self.cfg.online.scale_rewards)
 
+    def advantage_scale(self, rewards: torch.Tensor) -> torch.Tensor:
+        """[P, 1]: what `sequence_advantages` divides a reward's distance from its baseline by."""
+        if not self.cfg.online.scale_rewards:
+            return torch.ones_like(rewards[:, :1])
+        return rewards.std(dim=1, keepdim=True) + 1e-4  # as rl.group_advantages
+
     def select(self, samples, rewards, metrics):
         p, n = rewards.shape
         return list(range(p)), [list(range(n))] * p
 
     def fill(self, model, rollout: Rollout, rewards: torch.Tensor, picks: list) -> None:
         super().fill(model, rollout, rewards, picks)
-        per_segment = self.sequence_advantages(rewards).t().reshape(-1)  # segment of sample k of prompt i: k * P + i
-        rollout.advantages = per_segment.to(rollout.batch.input_ids.device)[token_segments(rollout.batch)]
+        device, segs = rollout.batch.input_ids.device, token_segments(rollout.batch)
+        flat = lambda t: t.expand_as(rewards).t().reshape(-1).to(device)[segs]  # noqa: E731  (segment k * P + i)
+        rollout.advantages = flat(self.sequence_advantages(rewards))
+        if rollout.turn_returns is not None:
+            # Multi-turn (`train.episodes`): turn t's tokens are credited with its own return G_t
+            # against the same baseline, A_t = A + (G_t - G_0) / scale; equal to A when G_t = G_0.
+            rollout.advantages = rollout.advantages + (rollout.turn_returns - flat(rewards)) / flat(self.advantage_scale(rewards))
 
     def loss(self, model, rollout: Rollout, split: str):
         if rollout.batch is None:

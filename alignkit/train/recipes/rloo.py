@@ -14,3 +14,6 @@ class RLOORecipe(GRPORecipe):
 
     def sequence_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         return rl.rloo_advantages(rewards)
+
+    def advantage_scale(self, rewards: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(rewards[:, :1])  # r_i minus the others' mean: no scaling
