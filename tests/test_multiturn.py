@@ -96,3 +96,17 @@ def test_episode_metrics_with_the_calculator_environment():
     assert m == {"episode/turns": 2.5, "episode/reward_per_turn": 0.2, "episode/ended_answer": 0.5,
                  "episode/ended_turn_limit": 0.5, "episode/ended_token_limit": 0.0,
                  "episode/tool_calls": 1.0, "episode/tool_errors": 0.5}
+
+
+def test_a_prompts_episodes_share_its_prefill_and_sample_the_same():
+    tok, model = _setup()
+    firsts = [[{"role": "user", "content": "yes no"}]] * 2 + [[{"role": "user", "content": "one plus one"}]] * 2
+    runs = []
+    for group_size in (1, 2):
+        gens = [torch.Generator().manual_seed(i) for i in range(4)]
+        runs.append(sample_episodes(model, tok, [Countdown(1) for _ in range(4)], firsts,
+                                    SamplingParams(max_new_tokens=4, temperature=1.0), max_turns=3, max_tokens=100,
+                                    generator=gens, group_size=group_size))
+    for a, b in zip(*runs):
+        assert a.token_ids == b.token_ids and a.model_mask == b.model_mask
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

@@ -98,6 +98,8 @@ class ToolEnvironment:
     def reset(self, record: dict) -> list:
         self.record, self.counts = dict(record), {"tool_calls": 0, "tool_errors": 0}
         question = record.get(self.question_column, record.get("prompt"))
+        if isinstance(question, list) and question and all(isinstance(m, dict) and "role" in m for m in question):
+            return [dict(m) for m in question]  # a conversation so far (e.g. a demonstration episode, then the question)
         if not isinstance(question, str):
             raise ValueError(f"{type(self).__name__}: the record has no text column {self.question_column!r}")
         return [{"role": "user", "content": question}]

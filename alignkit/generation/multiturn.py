@@ -71,13 +71,18 @@ def observation_ids(tokenizer, conversation: list, new_messages: list, ended_by_
 class _Cache:
     """The batch's KV cache with each row's attention mask and next position."""
 
-    def __init__(self, model, prompts: list, pad_id: int):
+    def __init__(self, model, prompts: list, pad_id: int, repeat: int = 1):
+        """`repeat`: each prompt runs once and its cache serves that many consecutive rows."""
         self.model, self.pad_id = model, pad_id
         self.device = next(model.parameters()).device
         ids, self.mask = _left_pad(prompts, pad_id, self.device)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True)
         self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()
+        if repeat > 1:
+            self.cache.batch_repeat_interleave(repeat)
+            self.logits, self.mask = self.logits.repeat_interleave(repeat, 0), self.mask.repeat_interleave(repeat, 0)
+            positions = positions.repeat_interleave(repeat, 0)
         self.next_pos = positions[:, -1] + 1
 
     def feed(self, chunks: list) -> None:
@@ -106,11 +111,13 @@ class _Cache:
 
 @torch.no_grad()
 def sample_episodes(model, tokenizer, envs: list, first_messages: list, params: SamplingParams, *, max_turns: int,
-                    max_tokens, tools=None, generator=None) -> list:
+                    max_tokens, tools=None, generator=None, group_size: int = 1) -> list:
     """One episode per environment (`envs[i]` already reset, its conversation starting with
     `first_messages[i]`). `max_turns`: model turns per episode; `max_tokens`: tokens after the
     prompt (model and environment), one number or one per row. `generator`: one torch.Generator
-    or one per row."""
+    or one per row. `group_size`: rows come in runs of this many episodes of one prompt (a
+    prompt's samples), whose prompt then runs once (its KV cache repeated), as in
+    `decode.sample_batch`; runs whose prompts differ after all are prefilled row by row."""
     budget = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(envs)
     eos = set([tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else tokenizer.eos_token_id)
     prompts = [tokenizer(render(tokenizer, m, tools, generation_prompt=True), add_special_tokens=False)["input_ids"]
@@ -119,7 +126,10 @@ def sample_episodes(model, tokenizer, envs: list, first_messages: list, params: 
     was_training = model.training
     model.eval()
     try:
-        cache = _Cache(model, prompts, tokenizer.pad_token_id)
+        g = group_size if group_size > 1 and len(prompts) % group_size == 0 else 1
+        shared = g > 1 and all(prompts[i] == prompts[i - i % g] for i in range(len(prompts)))
+        cache = (_Cache(model, prompts[::g], tokenizer.pad_token_id, repeat=g) if shared
+                 else _Cache(model, prompts, tokenizer.pad_token_id))
         live = [True] * len(envs)
         for _ in range(max_turns):
             if not any(live):

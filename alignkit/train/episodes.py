@@ -147,7 +147,7 @@ class EpisodeSampler:
                 budgets.append(min(room, e.max_tokens or room))
             gens = [torch.Generator(device=device).manual_seed(row_seed(seed, indices[i], k)) for i, k in chunk]
             episodes = sample_episodes(model, self.tokenizer, envs, firsts, params, max_turns=e.max_turns,
-                                       max_tokens=budgets, tools=tools, generator=gens)
+                                       max_tokens=budgets, tools=tools, generator=gens, group_size=n)
             for ep, (i, k) in zip(episodes, chunk):
                 text = self.tokenizer.decode(ep.token_ids, skip_special_tokens=True)
                 out[i][k] = Sample(ep.token_ids, ep.logprobs, "stop" if ep.end == "answer" else "length", text,
