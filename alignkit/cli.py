@@ -242,16 +242,9 @@ def _strategy_inputs(args):
 
 
 def _reward_arg(text: str):
-    """A --reward value: a name or path, or a JSON mapping such as '{"name": "keywords", "required": ["cat"]}'."""
-    import json
+    from alignkit.rewards.build import parse_reward_arg
 
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AlignkitError(f"--reward {text!r} is not valid JSON ({e.msg} at column {e.colno}); write it as "
-                                '\'{"name": "keywords", "required": ["word"]}\'.') from None
-    return text
+    return parse_reward_arg(text)
 
 
 def strategy_options(args):
@@ -482,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--episode", action="store_true", help="with env.name: load the model and sample one multi-turn "
                    "episode of the example, showing the scored (model) and context-only (environment) tokens")
     q.set_defaults(fn=cmd_data_show)
+    from alignkit.datatools.commands import add_parsers as add_data_tools
+
+    add_data_tools(dsub, sub)
 
     p = sub.add_parser("losses", help="list the registered loss functions")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")

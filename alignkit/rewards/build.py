@@ -6,6 +6,9 @@ A spec is what a user writes in `online.rewards` or after `--reward`:
 - a reward-model directory, or a hub id `org/name`: `"runs/rm/final"` (`alignkit.rewards.model.RewardModel`);
 - a mapping with parameters: `{name: keywords, required: [please]}`, `{name: runs/rm/final,
   weights: {helpful: 0.8, harmless: 0.6}}` (a multi-objective model's direction);
+- a judge model asked whether replies follow written principles: `{name: judge, principles:
+  principles.yaml, model: PATH_OR_ID, endpoint: URL}` (`alignkit.rewards.judge`; `model` defaults to
+  the bundled model, `endpoint` to none: a local model);
 - a list of those, each with an optional `weight` (default 1.0): a `WeightedSum`.
 """
 
@@ -18,6 +21,22 @@ from pathlib import Path
 from alignkit.errors import ConfigError
 from alignkit.rewards.functions import load_reward_function
 from alignkit.rewards.verifiable import BUILTINS, WeightedSum, _is_number, _require
+
+
+def parse_reward_arg(text: str):
+    """A --reward value on a command line: a name or path, or a JSON mapping such as
+    '{"name": "keywords", "required": ["cat"]}' or '{"name": "judge", "principles": "p.yaml"}'."""
+    import json
+
+    from alignkit.errors import AlignkitError
+
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AlignkitError(f"--reward {text!r} is not valid JSON ({e.msg} at column {e.colno}); write it as "
+                                '\'{"name": "keywords", "required": ["word"]}\'.') from None
+    return text
 
 
 def build_reward(spec, *, weights: dict | None = None, device=None, batch_size: int = 16):
@@ -45,6 +64,8 @@ def _build_term(spec, model_options: dict) -> tuple:
     _require(_is_number(weight), f"reward {name}: `weight` must be a finite number; got {weight!r}.")
     if name in BUILTINS:
         return _construct(name, params), float(weight)
+    if name == "judge":
+        return _judge(params, model_options), float(weight)
     if Path(name).expanduser().is_dir() or _hub_id(name):
         from alignkit.rewards.model import RewardModel  # loads transformers: only when a model is asked for
 
@@ -60,9 +81,37 @@ def _build_term(spec, model_options: dict) -> tuple:
         return load_reward_function(name), float(weight)
     close = difflib.get_close_matches(name, list(BUILTINS), n=1)
     hint = f" Did you mean `{close[0]}`?" if close else ""
-    raise ConfigError(f"unknown reward `{name}`.{hint} Built-in rewards: {', '.join(BUILTINS)}; or a Python "
+    raise ConfigError(f"unknown reward `{name}`.{hint} Built-in rewards: {', '.join(BUILTINS)}; a judge as "
+                      "{name: judge, principles: FILE}; or a Python "
                       "function as `file.py:function` or `module:function`; or a reward-model directory (no "
                       f"directory {name} exists).")
+
+
+JUDGE_OPTIONS = ("principles", "model", "endpoint")
+
+
+def _judge(params: dict, model_options: dict):
+    """`{name: judge, principles: FILE, model: ..., endpoint: ...}` -> a PrincipleJudge. The principles
+    file is read before the judge model is loaded, so a mistake in it costs no model load."""
+    unknown = sorted(set(params) - set(JUDGE_OPTIONS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], JUDGE_OPTIONS, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(f"reward judge: unknown option(s) {', '.join(f'`{k}`' for k in unknown)}; its options "
+                          f"are {', '.join(JUDGE_OPTIONS)} (and weight).{hint}")
+    _require(isinstance(params.get("principles"), str), "reward judge needs `principles`: a YAML file with "
+                                                        "`principles: [...]`, e.g. {name: judge, principles: p.yaml}.")
+    for key in ("model", "endpoint"):
+        _require(params.get(key) is None or isinstance(params[key], str),
+                 f"reward judge: `{key}` must be a string; got {params.get(key)!r}.")
+    from alignkit.generation.text_models import text_model  # loads transformers: only when a judge is asked for
+    from alignkit.rewards.judge import PrincipleJudge, load_principles_file
+
+    loaded = load_principles_file(params["principles"])
+    device = model_options["device"]
+    lm = text_model(model=params.get("model"), endpoint=params.get("endpoint"),
+                    device="auto" if device is None else str(device), batch_size=model_options["batch_size"])
+    return PrincipleJudge(lm, **loaded)
 
 
 def _hub_id(name: str) -> bool:
