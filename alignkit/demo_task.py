@@ -365,3 +365,23 @@ def adds_unasked(response: str) -> bool:
     r = response.strip()
     return (any(r.startswith(w) and not r[len(w):][:1].isalnum() for w in _WORDS)
             or r.endswith(_PHRASES))
+
+
+FIELDS = ("topic", "request", "constraint", "instruction", "phrase")
+
+
+def records(items: list) -> list[dict]:
+    """Prompt records for alignkit's data tools and online recipes: the user message as `prompt`
+    and the item's fields as columns, which `reward` reads back."""
+    return [{"prompt": item.text, **{f: getattr(item, f) for f in FIELDS}} for item in items]
+
+
+def reward(prompts, completions, **columns) -> list[float]:
+    """The demo task as a reward spec (`alignkit.demo_task:reward`): 1.0 when `judge` passes the
+    reply, else 0.0, for prompt records written by `records`."""
+    missing = [f for f in FIELDS if f not in columns]
+    if missing:
+        raise ValueError(f"alignkit.demo_task:reward needs the columns {', '.join(missing)} (prompt records from "
+                         "alignkit.demo_task.records)")
+    items = [DemoPrompt(*vals) for vals in zip(*(columns[f] for f in FIELDS))]
+    return [float(judge(item, c)) for item, c in zip(items, completions)]

@@ -1,0 +1,368 @@
+"""The `alignkit data synth|judge|pairs|rewrite|select|principles` and `alignkit iterate` commands:
+arguments in, resumable work item by item (`jobs.RecordLog`), JSONL out with a summary beside it.
+
+Every command takes a model the same way: `--model PATH_OR_ID` (default: the bundled
+SmolLM2-135M-Instruct) runs it locally; `--endpoint URL --model NAME` asks an OpenAI-compatible
+server (vLLM, llama.cpp, a hosted API) instead, `--concurrency` requests at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from alignkit.datatools.jobs import RecordLog, write_summary
+from alignkit.errors import AlignkitError
+
+CHUNK = 16  # items per saved step: an interruption loses at most this much work
+
+
+def add_model_args(p: argparse.ArgumentParser, temperature: float = 0.7, max_new_tokens: int = 128) -> None:
+    p.add_argument("--model", help="a model directory or hub id (default: the bundled SmolLM2-135M-Instruct); with "
+                   "--endpoint, the model name the server serves")
+    p.add_argument("--endpoint", help="an OpenAI-compatible server's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--concurrency", type=int, default=8, help="--endpoint: requests in flight at once")
+    p.add_argument("--retries", type=int, default=4, help="--endpoint: retries of a request that failed transiently "
+                   "(connection error, timeout, HTTP 408/409/429/5xx), with exponential backoff")
+    p.add_argument("--batch-size", type=int, default=16, help="local model: prompts sampled together")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the JSONL file to write (a summary is written beside it)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping what it finished")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _lm(args):
+    from alignkit.generation.text_models import text_model
+
+    return text_model(model=args.model, endpoint=args.endpoint, concurrency=args.concurrency, retries=args.retries,
+                      batch_size=args.batch_size)
+
+
+def _params(args, **changes):
+    from alignkit.generation.decode import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature).but(**changes)
+
+
+def _settings(args, *keys) -> dict:
+    common = ("model", "max_new_tokens", "temperature", "seed")  # not the endpoint URL: a server may move
+    return {k: getattr(args, k) for k in common + keys}
+
+
+def _run(log: RecordLog, ids: list, work, progress: bool, desc: str, chunk: int = CHUNK) -> None:
+    """Do `work(chunk_ids) -> records` for the ids the log does not hold yet, `chunk` at a time."""
+    from tqdm.auto import tqdm
+
+    todo = log.todo(ids)
+    if log.done:
+        print(f"alignkit: resuming: {len(log.done)} finished records kept"
+              + (" (a torn last line was dropped and is done again)" if log.torn else "") + f", {len(todo)} to do")
+    with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
+        for start in range(0, len(todo), chunk):
+            part = todo[start: start + chunk]
+            for record in work(part):
+                log.add(record)
+            bar.update(len(part))
+
+
+def _read_jsonl(path: str) -> list:
+    from alignkit.data.readers import read_records
+
+    return [rec for _, rec in read_records(path)]
+
+
+def _finish(log: RecordLog, records: list, title: str, counts: dict, notes=(), plots=()) -> None:
+    out = log.finish(records)
+    md, _ = write_summary(out, title, counts, notes, plots)
+    print(f"alignkit: {len(records)} records written to {out} (summary: {md})")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_synth(args) -> int:
+    from alignkit.datatools import filters, synth
+
+    log = RecordLog(args.out, _settings(args, "method", "n", "principles", "prompts"), args.resume)
+    lm, params = _lm(args), _params(args)
+    # One logged item per chunk of CHUNK records: a chunk's records and what it dropped (empty
+    # instructions or replies) are saved together, so a resumed run redoes only unfinished chunks.
+    if args.method == "magpie":
+        tokenizer = getattr(lm, "tokenizer", None)
+        if tokenizer is None:  # an endpoint: the template comes from the model's tokenizer, read locally
+            from alignkit.config import ModelConfig
+            from alignkit.models import load_tokenizer
+
+            if not args.tokenizer:
+                raise AlignkitError("--method magpie with --endpoint needs --tokenizer (a local copy of the served "
+                                    "model's tokenizer): Magpie writes the chat template's user header itself.")
+            tokenizer = load_tokenizer(ModelConfig(name_or_path=args.tokenizer))
+        total = args.n
+
+        def make(start, size):
+            return synth.magpie(lm, tokenizer, size, params, seed=args.seed * 1_000_003 + start)
+    else:
+        if not args.principles or not args.prompts:
+            raise AlignkitError("--method self-align needs --principles FILE (principles and exemplars) and --prompts "
+                                "FILE (the prompts to answer).")
+        spec = synth.load_principles(args.principles)
+        prompts = [r.get("prompt") for r in _read_jsonl(args.prompts)]
+        total = len(prompts)
+
+        def make(start, size):
+            return synth.self_align(lm, prompts[start: start + size], spec.principles, spec.exemplars, params,
+                                    seed=args.seed * 1_000_003 + start)
+
+    def work(starts):
+        out = []
+        for start in starts:
+            recs = make(start, min(CHUNK, total - start))
+            out.append({"id": start, "records": list(recs), "counts": dict(recs.counts)})
+        return out
+    _run(log, list(range(0, total, CHUNK)), work, not args.no_progress, args.method, chunk=1)
+    chunks = [log.done[s] for s in range(0, total, CHUNK)]
+    raw = [r for c in chunks for r in c["records"]]
+    synth_counts: dict = {}
+    for c in chunks:
+        for k, v in c["counts"].items():
+            synth_counts[k] = synth_counts.get(k, 0) + v
+    kept, counts = filters.filter_records(
+        raw, text_of=lambda r: r["prompt"] + "\n" + r["completion"], reply_of="completion",
+        min_words=args.min_words, max_words=args.max_words, max_repetition=args.max_repetition,
+        drop_refusals=not args.keep_refusals, dedup_threshold=args.dedup_threshold)
+    _finish(log, kept, f"alignkit data synth --method {args.method}",
+            {**{f"synth: {k}": v for k, v in synth_counts.items()}, **{f"filter: {k}": v for k, v in counts.items()}},
+            notes=[f"model: {args.model or 'SmolLM2-135M-Instruct (bundled)'}"
+                   + (f" at {args.endpoint}" if args.endpoint else ""),
+                   "filters in order: too short, too long, repetitive, refusal, near-duplicate (MinHash); each "
+                   "record is counted by the first filter that removes it"])
+    return 0
+
+
+def _judge(args, lm):
+    from alignkit.rewards.judge import PrincipleJudge, load_principles_file
+
+    return PrincipleJudge(lm, **load_principles_file(args.principles))
+
+
+def cmd_judge(args) -> int:
+    """Score prompt/completion records, or compare the two sides of preference pairs."""
+    rows = _read_jsonl(args.data)
+    paired = bool(rows) and "chosen" in rows[0]
+    log = RecordLog(args.out, _settings(args, "data", "principles"), args.resume)
+    judge = _judge(args, _lm(args))
+
+    def work(chunk):
+        recs = [rows[i] for i in chunk]
+        if paired:
+            vals = judge.compare([r["prompt"] for r in recs], [r["chosen"] for r in recs], [r["rejected"] for r in recs])
+            return [{"id": i, **r, "judge_margin": v} for i, r, v in zip(chunk, recs, vals)]
+        vals = judge.score([r["prompt"] for r in recs], [r["completion"] for r in recs])
+        return [{"id": i, **r, "judge_score": v} for i, r, v in zip(chunk, recs, vals)]
+    _run(log, list(range(len(rows))), work, not args.no_progress, "judge")
+    out = [{k: v for k, v in log.done[i].items() if k != "id"} for i in range(len(rows))]
+    key = "judge_margin" if paired else "judge_score"
+    vals = [r[key] for r in out]
+    counts = {"records": len(out), f"mean {key}": round(sum(vals) / max(len(vals), 1), 4)}
+    if paired:
+        counts["judge agrees with chosen (margin > 0)"] = f"{sum(v > 0 for v in vals)}/{len(vals)}"
+    _finish(log, out, "alignkit data judge", counts, notes=[f"principles: {args.principles}"])
+    return 0
+
+
+def cmd_pairs(args) -> int:
+    from alignkit.data.prompts import load_prompt_examples, prompt_columns
+    from alignkit.datatools.pairs import build_pairs, sample_and_score
+    from alignkit.rewards.build import build_reward
+
+    if bool(args.reward) == bool(args.principles):
+        raise AlignkitError("give one of --reward SPEC (any reward: a function, a reward model, ...) and "
+                            "--principles FILE (the principle judge).")
+    examples = load_prompt_examples(args.prompts).examples
+    log = RecordLog(args.out, _settings(args, "prompts", "k", "reward", "principles"), args.resume)
+    lm = _lm(args)
+    reward = _judge(args, lm) if args.principles else build_reward(_spec(args.reward))
+
+    def work(chunk):
+        exs = [examples[i] for i in chunk]
+        samples, scores = sample_and_score(lm, [list(e.prompt) for e in exs], args.k, _params(args), reward,
+                                           seed=args.seed + chunk[0], columns=prompt_columns(exs))
+        return [{"id": i, "samples": s, "scores": sc} for i, s, sc in zip(chunk, samples, scores)]
+    _run(log, list(range(len(examples))), work, not args.no_progress, "pairs")
+    done = [log.done[i] for i in range(len(examples))]
+    records, counts = build_pairs([list(e.prompt) for e in examples], [d["samples"] for d in done],
+                                  [d["scores"] for d in done], min_margin=args.min_margin)
+    _finish(log, records, "alignkit data pairs", counts,
+            notes=[f"{args.k} replies per prompt; chosen = best, rejected = worst, margin >= {args.min_margin}"])
+    return 0
+
+
+def _spec(text: str):
+    from alignkit.rewards.build import parse_reward_arg
+
+    return parse_reward_arg(text)
+
+
+def cmd_rewrite(args) -> int:
+    from alignkit.datatools.rewrite import rewrite
+
+    rows = _read_jsonl(args.data)
+    log = RecordLog(args.out, _settings(args, "data"), args.resume)
+    lm = _lm(args)
+
+    def work(chunk):
+        from alignkit.datatools.rewrite import rewrite_messages
+
+        texts = [rows[i]["prompt"] for i in chunk]
+        if all(isinstance(t, str) for t in texts):
+            new = rewrite(lm, texts, _params(args), args.seed + chunk[0])
+        else:  # message lists: the last user message is rewritten
+            new = rewrite_messages(lm, [[{"role": "user", "content": t}] if isinstance(t, str) else t for t in texts],
+                                   _params(args), args.seed + chunk[0])
+        return [{"id": i, **rows[i], "prompt": n, "original_prompt": t} for i, t, n in zip(chunk, texts, list(new))]
+    _run(log, list(range(len(rows))), work, not args.no_progress, "rewrite")
+    out = [{k: v for k, v in log.done[i].items() if k != "id"} for i in range(len(rows))]
+    unchanged = sum(r["prompt"] == r["original_prompt"] for r in out)
+    _finish(log, out, "alignkit data rewrite", {"records": len(out), "kept as they were": unchanged})
+    return 0
+
+
+def cmd_select(args) -> int:
+    from alignkit.datatools import select
+    from alignkit.rewards.build import build_reward
+
+    rows = _read_jsonl(args.data)
+    if args.endpoint:
+        raise AlignkitError("alignkit data select embeds the records with a local model: leave out --endpoint.")
+    log = RecordLog(args.out, _settings(args, "data", "reward", "budget", "min_distance"), args.resume)
+    lm = _lm(args)
+    quality = build_reward(_spec(args.reward)) if args.reward else None
+    text = lambda r: r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]  # noqa: E731
+
+    def work(chunk):
+        recs = [rows[i] for i in chunk]
+        comp = select.complexity_score(lm, [text(r) for r in recs])
+        qual = quality([r["prompt"] for r in recs], [r.get("completion", "") for r in recs]) if quality else [1.0] * len(recs)
+        return [{"id": i, "complexity": c, "quality": float(q)} for i, c, q in zip(chunk, comp, qual)]
+    _run(log, list(range(len(rows))), work, not args.no_progress, "select: scores")
+    scored = [log.done[i] for i in range(len(rows))]
+    comp = [s["complexity"] for s in scored]
+    scores = select.evol_score(comp, [s["quality"] for s in scored]) if quality else comp
+    emb = select.embed(lm.model, lm.tokenizer, [text(r) + "\n" + str(r.get("completion", "")) for r in rows],
+                       args.batch_size)
+    picked, counts = select.select(scores, emb, args.budget, min_distance=args.min_distance)
+    plot = Path(args.out).with_name(Path(args.out).name + ".scores.svg")
+    select.plot_scores(scores, [scores[i] for i in picked], plot)
+    out = [{**rows[i], "select_score": scores[i]} for i in picked]
+    _finish(log, out, "alignkit data select", {"records": len(rows), **counts, "selected": len(out)},
+            notes=[f"score = complexity{' x quality (' + str(args.reward) + ')' if quality else ''}; "
+                   f"min cosine distance {args.min_distance}", f"score distributions: {plot.name}"])
+    return 0
+
+
+def cmd_principles(args) -> int:
+    from alignkit.datatools import principles
+    from alignkit.rewards.judge import PrincipleJudge
+
+    pairs = _read_jsonl(args.pairs)[: args.limit]
+    split = int(len(pairs) * (1 - args.heldout_fraction))
+    train_pairs, held_pairs = pairs[:split], pairs[split:]
+    if not train_pairs or not held_pairs:
+        raise AlignkitError(f"{args.pairs}: {len(pairs)} pairs leave no training or held-out pairs at "
+                            f"--heldout-fraction {args.heldout_fraction}.")
+    log = RecordLog(args.out, _settings(args, "pairs", "limit", "heldout_fraction", "max_principles"), args.resume)
+    lm = _lm(args)
+    found = principles.extract(lm, lambda p: PrincipleJudge(lm, [p]), train_pairs, held_pairs,
+                               max_principles=args.max_principles, params=_params(args), seed=args.seed,
+                               progress=not args.no_progress)
+    _finish(log, list(found), "alignkit data principles",
+            {"train pairs": len(train_pairs), "held-out pairs": len(held_pairs), "principles proposed": found.proposed,
+             "after deduplication": found.unique, "kept": len(found),
+             "held-out agreement of the kept principles' majority vote": round(found.vote_agreement, 3)},
+            notes=["agreement: the share of pairs whose chosen reply the one-principle judge prefers; 0.5 is chance"])
+    return 0
+
+
+def cmd_iterate(args) -> int:
+    from alignkit.datatools.iterate import iterate
+
+    rows = iterate(args.config, args.overrides, prompts=args.prompts, heldout=args.heldout, reward_spec=_spec(args.reward),
+                   rounds=args.rounds, k=args.k, min_margin=args.min_margin, out=args.out,
+                   params=_params(args), seed=args.seed, progress=not args.no_progress)
+    for r in rows:
+        print(f"round {r['round']}: {r['pairs']} pairs; held-out reward {r['before']:.3f} -> {r['after']:.3f} "
+              f"({r['diff']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}])")
+    print(f"alignkit: report in {Path(args.out) / 'iterate.md'}")
+    return 0
+
+
+def add_parsers(data_sub, sub) -> None:
+    """The data tools' subcommands under `alignkit data`, and `alignkit iterate`."""
+    q = data_sub.add_parser("synth", help="synthesise SFT data: Magpie (instructions from the chat template alone) "
+                            "or Self-Align (principle-driven answers)")
+    add_model_args(q, temperature=1.0)
+    q.add_argument("--method", choices=["magpie", "self-align"], required=True)
+    q.add_argument("--n", type=int, default=200, help="magpie: instructions to synthesise")
+    q.add_argument("--tokenizer", help="magpie with --endpoint: a local copy of the served model's tokenizer")
+    q.add_argument("--principles", help="self-align: YAML with `principles` and `exemplars`")
+    q.add_argument("--prompts", help="self-align: JSONL prompt records to answer")
+    q.add_argument("--min-words", type=int, default=3)
+    q.add_argument("--max-words", type=int, default=400)
+    q.add_argument("--max-repetition", type=float, default=0.3, help="drop texts whose repeated word-trigram share exceeds this")
+    q.add_argument("--keep-refusals", action="store_true")
+    q.add_argument("--dedup-threshold", type=float, default=0.7, help="MinHash Jaccard at which a record is a near-duplicate")
+    q.set_defaults(fn=cmd_synth)
+
+    q = data_sub.add_parser("judge", help="score records (or compare pairs) with a principle-following judge (SALMON)")
+    add_model_args(q, temperature=0.0)
+    q.add_argument("--data", required=True, help="prompt/completion records, or chosen/rejected pairs")
+    q.add_argument("--principles", required=True, help="YAML with `principles` (and optional templates)")
+    q.set_defaults(fn=cmd_judge)
+
+    q = data_sub.add_parser("pairs", help="sample K replies per prompt, score them, write chosen/rejected pairs")
+    add_model_args(q, temperature=1.0)
+    q.add_argument("--prompts", required=True)
+    q.add_argument("--k", type=int, default=4)
+    q.add_argument("--reward", help="a reward spec (as online.rewards), e.g. numeric_match or rewards.py:score")
+    q.add_argument("--principles", help="score with the principle judge instead of --reward")
+    q.add_argument("--min-margin", type=float, default=0.0)
+    q.set_defaults(fn=cmd_pairs)
+
+    q = data_sub.add_parser("rewrite", help="rewrite instructions to state intent and constraints (P-Aligner)")
+    add_model_args(q, temperature=0.0)
+    q.add_argument("--data", required=True, help="records with a `prompt`")
+    q.set_defaults(fn=cmd_rewrite)
+
+    q = data_sub.add_parser("select", help="pick a budget of complex, high-quality, diverse examples (Deita)")
+    add_model_args(q, temperature=0.0)
+    q.add_argument("--data", required=True, help="prompt (and completion) records")
+    q.add_argument("--budget", type=int, required=True)
+    q.add_argument("--reward", help="the quality score (a reward spec); without it complexity alone ranks")
+    q.add_argument("--min-distance", type=float, default=0.1, help="cosine distance below which an example is redundant")
+    q.set_defaults(fn=cmd_select)
+
+    q = data_sub.add_parser("principles", help="compress preference pairs into principles (Inverse Constitutional AI)")
+    add_model_args(q, temperature=0.7)
+    q.add_argument("--pairs", required=True)
+    q.add_argument("--limit", type=int, default=None, help="use the first N pairs")
+    q.add_argument("--heldout-fraction", type=float, default=0.3)
+    q.add_argument("--max-principles", type=int, default=5)
+    q.set_defaults(fn=cmd_principles)
+
+    q = sub.add_parser("iterate", help="rounds of sample -> score -> pairs -> train (DPO) -> evaluate")
+    q.add_argument("-c", "--config", help="the training config of each round (e.g. recipe: dpo)")
+    q.add_argument("overrides", nargs="*", help="key=value config overrides")
+    q.add_argument("--prompts", required=True)
+    q.add_argument("--heldout", required=True)
+    q.add_argument("--reward", required=True)
+    q.add_argument("--rounds", type=int, default=1)
+    q.add_argument("--k", type=int, default=4)
+    q.add_argument("--min-margin", type=float, default=0.5)
+    q.add_argument("--max-new-tokens", type=int, default=48)
+    q.add_argument("--temperature", type=float, default=1.0)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True)
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(fn=cmd_iterate)
