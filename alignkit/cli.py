@@ -1,7 +1,9 @@
 """The `alignkit` command.
 
     alignkit train --config run.yaml [key=value ...] [--resume]
-    alignkit data show --config run.yaml [--index N]
+    alignkit data show --config run.yaml [--index N] [--episode]
+    alignkit data synth|judge|pairs|rewrite|select|principles ... --out FILE   (alignkit.datatools)
+    alignkit iterate [key=value ...] --prompts P --heldout H --reward R --out DIR
     alignkit losses
     alignkit demo
     alignkit eval --model M [--reference R] [--data PAIRS] [--reward R] [--strategy S --prompts P]

@@ -130,3 +130,14 @@ def test_judge_rewrite_select_and_principles_commands(tiny_model_dir, tmp_path):
     found = _lines(tmp_path / "pr.jsonl")
     assert len(found) <= 2 and all(0.0 <= r["heldout_agreement"] <= 1.0 for r in found)
     assert "majority vote" in (tmp_path / "pr.jsonl.summary.md").read_text()
+
+
+def test_generate_with_the_rewrite_strategy(tiny_model_dir, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:3])
+    (tmp_path / "chars.py").write_text(CHARS)
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--reward",
+                 f"{tmp_path / 'chars.py'}:chars", "--strategy", "rewrite", "--max-new-tokens", "5",
+                 "--output", str(out)]) == 0
+    rows = _lines(out)
+    assert len(rows) == 3 and all(r["reward"] == float(len(r["completion"])) for r in rows)  # judged as answered

@@ -1,4 +1,4 @@
-"""Prompted data tools with fake models: instruction rewriting (alignkit.datatools.rewrite) and
+"""Prompted data tools with fake models: instruction rewriting (alignkit.inference.rewrite) and
 Inverse Constitutional AI (alignkit.datatools.principles), outcomes worked out by hand."""
 
 import pytest
@@ -12,7 +12,7 @@ from alignkit.datatools.principles import (
     propose,
     vote_agreement,
 )
-from alignkit.datatools.rewrite import REWRITE_TEMPLATE, rewrite, rewrite_messages
+from alignkit.inference.rewrite import REWRITE_TEMPLATE, rewrite, rewrite_messages
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.prompt_templates import fill_template
 from alignkit.generation.decode import SamplingParams

@@ -206,14 +206,14 @@ def _spec(text: str):
 
 
 def cmd_rewrite(args) -> int:
-    from alignkit.datatools.rewrite import rewrite
+    from alignkit.inference.rewrite import rewrite
 
     rows = _read_jsonl(args.data)
     log = RecordLog(args.out, _settings(args, "data"), args.resume)
     lm = _lm(args)
 
     def work(chunk):
-        from alignkit.datatools.rewrite import rewrite_messages
+        from alignkit.inference.rewrite import rewrite_messages
 
         texts = [rows[i]["prompt"] for i in chunk]
         if all(isinstance(t, str) for t in texts):

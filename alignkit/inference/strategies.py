@@ -30,6 +30,9 @@ STRATEGIES = {
                   "continuation by --baseline, a model aligned to the reward (arXiv 2405.20495)",
     "urial": "in-context alignment of a base model: system text and stylistic examples from an editable "
              "template (--urial-template) (arXiv 2312.01552)",
+    "rewrite": "the model first rewrites each instruction to state its intent and constraints (greedy), then "
+               "answers the rewrite; the reward judges the answer against the original prompt (P-Aligner, "
+               "arXiv 2508.04626)",
 }
 
 
@@ -70,6 +73,8 @@ def run_strategy(name: str, model, tokenizer, reward, prompts: list, columns: di
 
         return urial(model, tokenizer, reward, prompts, columns, params, template=options.urial_template,
                      seed=seed, batch_size=batch_size, progress=progress)
+    if name == "rewrite":
+        return _rewrite_then_answer(model, tokenizer, reward, prompts, columns, params, seed, batch_size, progress)
     ids = prompt_ids if prompt_ids is not None else encode_prompts(tokenizer, prompts)
     if name in SAMPLER_STRATEGIES:
         backend = sampler or TransformersBackend(model, tokenizer, batch_size, progress=progress)
@@ -102,6 +107,22 @@ def run_strategy(name: str, model, tokenizer, reward, prompts: list, columns: di
         sp.beam, sp.baseline = 1, baseline_model
     return block_search(model, tokenizer, reward, prompts, ids, columns, params, sp, seed=seed,
                         batch_size=batch_size, strategy=name, progress=progress)
+
+
+def _rewrite_then_answer(model, tokenizer, reward, prompts, columns, params, seed, batch_size, progress):
+    from alignkit.generation.text_models import LocalModel
+    from alignkit.inference.rewrite import rewrite_messages
+
+    convs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    rewritten = rewrite_messages(LocalModel(model, tokenizer, batch_size), convs,
+                                 params.but(n=1, temperature=0.0, max_new_tokens=max(params.max_new_tokens, 96)), seed,
+                                 progress=progress)
+    backend = TransformersBackend(model, tokenizer, batch_size, progress=progress)
+    out = sample_once(backend, reward, prompts, encode_prompts(tokenizer, list(rewritten)), columns, params, seed)
+    out.strategy, out.kl, out.kl_kind = "rewrite", None, None  # the answer's distribution is another prompt's
+    out.info = {"rewritten_prompts": [next(m["content"] for m in reversed(c) if m["role"] == "user") for c in rewritten],
+                "kept_original": len(rewritten.fallbacks)}
+    return out
 
 
 def _load(path: str, like):
