@@ -274,3 +274,11 @@ def test_end_of_user_turn_for_other_template_layouts():
                          " + ' [/INST]' }}{% else %}{{ m['content'] + '</s>' }}{% endif %}{% endfor %}")
     assert pre_query_template(tok) == "<s>[INST] "
     assert end_of_user_turn(tok) == ["[/INST]"]
+
+
+def test_distinct_n_by_hand():
+    from alignkit.datatools.filters import distinct_n
+
+    # bigrams: (a b) (b a) (a b) | (a b) -> 4 bigrams, 2 distinct
+    assert distinct_n(["a b a b", "A B"], 2) == 0.5
+    assert distinct_n(["a b c"], 1) == 1.0 and distinct_n(["one"], 2) == 0.0

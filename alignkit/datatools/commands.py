@@ -73,6 +73,18 @@ def _read_jsonl(path: str) -> list:
     return [rec for _, rec in read_records(path)]
 
 
+def _read_pairs(path: str) -> list:
+    """Preference pairs in any format alignkit trains on (HH-RLHF transcripts included), as
+    {prompt: messages, chosen: text, rejected: text}; a record alignkit would refuse is an error."""
+    from alignkit.data.formats import load_preference_examples
+
+    out = []
+    for ex in load_preference_examples(path).examples:
+        text = lambda side: "\n".join(m["content"] for m in side)  # noqa: E731
+        out.append({"prompt": [dict(m) for m in ex.prompt], "chosen": text(ex.chosen), "rejected": text(ex.rejected)})
+    return out
+
+
 def _finish(log: RecordLog, records: list, title: str, counts: dict, notes=(), plots=()) -> None:
     out = log.finish(records)
     md, _ = write_summary(out, title, counts, notes, plots)
@@ -136,9 +148,18 @@ def cmd_synth(args) -> int:
             {**{f"synth: {k}": v for k, v in synth_counts.items()}, **{f"filter: {k}": v for k, v in counts.items()}},
             notes=[f"model: {args.model or 'SmolLM2-135M-Instruct (bundled)'}"
                    + (f" at {args.endpoint}" if args.endpoint else ""),
+                   _diversity([r["prompt"] for r in kept]),
                    "filters in order: too short, too long, repetitive, refusal, near-duplicate (MinHash); each "
                    "record is counted by the first filter that removes it"])
     return 0
+
+
+def _diversity(texts: list) -> str:
+    from alignkit.datatools.filters import distinct_n
+
+    words = [len(str(t).split()) for t in texts]
+    return (f"kept prompts: distinct-1 {distinct_n(texts, 1):.3f}, distinct-2 {distinct_n(texts, 2):.3f}, "
+            f"{sum(words) / max(len(words), 1):.1f} words on average, {len(set(texts))} distinct of {len(texts)}")
 
 
 def _judge(args, lm):
@@ -151,6 +172,8 @@ def cmd_judge(args) -> int:
     """Score prompt/completion records, or compare the two sides of preference pairs."""
     rows = _read_jsonl(args.data)
     paired = bool(rows) and "chosen" in rows[0]
+    if paired:
+        rows = _read_pairs(args.data)
     log = RecordLog(args.out, _settings(args, "data", "principles"), args.resume)
     judge = _judge(args, _lm(args))
 
@@ -266,7 +289,7 @@ def cmd_principles(args) -> int:
     from alignkit.datatools import principles
     from alignkit.rewards.judge import PrincipleJudge
 
-    pairs = _read_jsonl(args.pairs)[: args.limit]
+    pairs = _read_pairs(args.pairs)[: args.limit]
     split = int(len(pairs) * (1 - args.heldout_fraction))
     train_pairs, held_pairs = pairs[:split], pairs[split:]
     if not train_pairs or not held_pairs:

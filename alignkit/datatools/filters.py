@@ -280,3 +280,11 @@ def _reason(text, record, index, get_reply, min_words, max_words, max_repetition
     if drop_refusals and is_refusal(_text(get_reply, record, index, "reply_of")):
         return "refusal"
     return None
+
+
+def distinct_n(texts: list, n: int = 2) -> float:
+    """Distinct-n (Li et al., "A Diversity-Promoting Objective Function for Neural Conversation
+    Models", arXiv 1510.03055): distinct word n-grams over all word n-grams of `texts`, on
+    lower-cased whitespace words; 0.0 when there are no n-grams. 1.0: no n-gram is ever repeated."""
+    grams = [tuple(w[i: i + n]) for t in texts for w in [str(t).lower().split()] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
