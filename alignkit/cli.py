@@ -181,7 +181,21 @@ def eval_config_from_args(args):
         output_dir=out or "runs/eval", seed=args.seed, **how,
         sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
         cache_dir=cache_dir, progress=not args.no_progress, strategy=args.strategy,
-        strategy_options=strategy_options(args) if args.strategy else None, prompts=args.prompts)
+        strategy_options=strategy_options(args) if args.strategy else None, prompts=args.prompts,
+        steer=args.steer, steer_strength=args.steer_strength, steer_positions=args.steer_positions,
+        steer_sweep=_floats(args.steer_sweep), helpfulness=args.helpfulness,
+        representation_layers=[int(x) for x in _floats(args.representation_layers) or []] or None,
+        bon_n=[int(x) for x in _floats(args.bon_n) or []] or None, calibration_k=args.calibration_k)
+
+
+def _floats(text):
+    """'0,1,2.5' -> [0.0, 1.0, 2.5] (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AlignkitError(f"{text!r}: give comma-separated numbers, e.g. 0,1,2,4") from None
 
 
 def cmd_eval(args) -> int:
@@ -326,11 +340,15 @@ def cmd_generate(args) -> int:
     from alignkit.inference.strategies import run_strategy
 
     model, tokenizer, reward, prompts, cols, ids, cut = _strategy_inputs(args)
+    if args.steer and getattr(args, "backend", "transformers") == "vllm":
+        raise AlignkitError("--steer adds vectors inside alignkit's own forward passes; a vLLM engine runs its own: "
+                            "use --backend transformers.")
     sampler = make_sampler(args, args.model, tokenizer)
     try:
-        result = run_strategy(args.strategy, model, tokenizer, reward, prompts, cols, sampling_params(args),
-                              strategy_options(args), seed=args.seed, batch_size=args.batch_size, prompt_ids=ids,
-                              progress=True, sampler=sampler)
+        with _steered(args, model):
+            result = run_strategy(args.strategy, model, tokenizer, reward, prompts, cols, sampling_params(args),
+                                  strategy_options(args), seed=args.seed, batch_size=args.batch_size, prompt_ids=ids,
+                                  progress=True, sampler=sampler)
     finally:
         if sampler is not None:
             sampler.close()  # the engine's processes end with the command, not at interpreter exit
@@ -344,6 +362,56 @@ def cmd_generate(args) -> int:
     summary = result.summary()
     summary["prompts_truncated"] = cut
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_steer_args(p) -> None:
+    p.add_argument("--steer", metavar="DIR", help="add steering vectors (from `alignkit steer fit`) to the model's "
+                   "hidden states")
+    p.add_argument("--steer-strength", type=float, default=1.0, help="multiple of each vector (1: one mean "
+                   "difference between chosen and rejected hidden states)")
+    p.add_argument("--steer-positions", choices=["all", "prompt", "generated"], default="all",
+                   help="steer every position, only the prompt's, or only the generated tokens'")
+
+
+def _steered(args, model):
+    """A context in which `model` runs steered by --steer (or nothing)."""
+    import contextlib
+
+    if not getattr(args, "steer", None):
+        return contextlib.nullcontext()
+    from alignkit.inference.steering import load_vectors, steer
+
+    vectors, _ = load_vectors(args.steer, model)
+    return steer(model, vectors, args.steer_strength, args.steer_positions)
+
+
+def cmd_steer_fit(args) -> int:
+    import json
+
+    from alignkit.config import ModelConfig
+    from alignkit.data.formats import load_preference_examples
+    from alignkit.eval.steering import fit_from_pairs
+    from alignkit.inference.steering import model_fingerprint, save_vectors
+    from alignkit.models import load_model, load_tokenizer
+
+    result = load_preference_examples(args.data, on_bad_record="skip")
+    if result.skipped:
+        print(f"alignkit: {len(result.skipped)} records of {args.data} skipped ({result.skipped[0][0]}: "
+              f"{result.skipped[0][1]})")
+    examples = result.examples[: args.limit]
+    mc = ModelConfig(name_or_path=args.model)
+    tokenizer, model = load_tokenizer(mc), load_model(mc, for_training=False)
+    dirs, held = fit_from_pairs(model, tokenizer, examples, args.layers, method=args.method,
+                                heldout_fraction=args.heldout_fraction, batch_size=args.batch_size)
+    out = save_vectors(args.out, {l: d.vector for l, d in dirs.items()}, {
+        "fingerprint": model_fingerprint(model), "method": args.method, "source": args.data, "model": args.model,
+        "n_pairs": len(examples), "heldout_fraction": args.heldout_fraction,
+        "heldout": {str(l): v for l, v in held.items()}})
+    print("layer  held-out accuracy  fisher   norm")
+    for l in sorted(dirs):
+        print(f"{l:>5}  {held[l]['accuracy']:>17.3f}  {held[l]['fisher']:>6.3f}  {dirs[l].norm:>6.3f}")
+    print(json.dumps({"vectors": str(out), "layers": sorted(dirs), "method": args.method}))
     return 0
 
 
@@ -510,14 +578,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--prompts", help="prompt records for --strategy (default: the prompts of --data)")
     add_strategy_args(p, default=None)
+    _add_steer_args(p)
+    p.add_argument("--steer-sweep", help="with --steer: strengths to sweep, e.g. 0,1,2,4,8 (alignment on --data "
+                   "against helpfulness on --helpfulness, with linear and quadratic fits)")
+    p.add_argument("--helpfulness", help="--steer-sweep: prompt/completion records whose per-token NLL measures "
+                   "helpfulness")
+    p.add_argument("--bon-n", help="with --reference and --reward: expected best-of-n win rates against the "
+                   "reference for these n (e.g. 4,8), from rewards calibrated on --calibration-k reference samples "
+                   "per prompt (InfAlign)")
+    p.add_argument("--calibration-k", type=int, default=16, help="--bon-n: samples per prompt of each model")
+    p.add_argument("--representation-layers", help="per layer (e.g. 0,4,8,12), how separable chosen and rejected "
+                   "replies of --data are in the hidden states (held-out probe accuracy, Fisher ratio)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("generate", help="generate with an inference-time alignment strategy and report reward and cost")
     p.add_argument("--model", required=True, help="a model directory or hub id")
     _add_prompt_args(p)
     add_strategy_args(p)
+    _add_steer_args(p)
     p.add_argument("--output", help="write one JSON line per prompt: completion, reward, candidates")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("steer", help="representation engineering: fit steering vectors from preference pairs")
+    ssub = p.add_subparsers(dest="steer_command", required=True)
+    q = ssub.add_parser("fit", help="directions between chosen and rejected hidden states, per layer, with their "
+                        "held-out separation")
+    q.add_argument("--model", required=True)
+    q.add_argument("--data", required=True, help="preference pairs (any format `alignkit train` reads)")
+    q.add_argument("--layers", type=int, nargs="+", required=True)
+    q.add_argument("--method", choices=["mean_diff", "pca", "probe"], default="mean_diff")
+    q.add_argument("--limit", type=int, default=None, help="use the first N pairs")
+    q.add_argument("--heldout-fraction", type=float, default=0.2, help="the last pairs, kept out of the fit")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--out", required=True, help="directory for steering.safetensors and steering.json")
+    q.set_defaults(fn=cmd_steer_fit)
 
     p = sub.add_parser("fit-value", help="fit a prefix value head for controlled decoding on the model's own samples")
     p.add_argument("--model", required=True, help="the model controlled decoding will steer")

@@ -141,3 +141,19 @@ def test_generate_with_the_rewrite_strategy(tiny_model_dir, tmp_path):
                  "--output", str(out)]) == 0
     rows = _lines(out)
     assert len(rows) == 3 and all(r["reward"] == float(len(r["completion"])) for r in rows)  # judged as answered
+
+
+def test_self_align_records_leave_the_principles_out(tiny_model_dir, tmp_path):
+    principles = tmp_path / "p.yaml"
+    principles.write_text("principles:\n  - Be kind and say yes.\nexemplars:\n  - {prompt: what is one ?, completion: yes one}\n")
+    prompts = write_jsonl(tmp_path / "q.jsonl", PROMPTS[:5])
+    out = tmp_path / "sa.jsonl"
+    assert main(["data", "synth", "--method", "self-align", "--principles", str(principles), "--prompts", str(prompts),
+                 "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--min-words", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    records = _lines(out)
+    summary = (tmp_path / "sa.jsonl.summary.md").read_text()
+    assert int(summary.split("| synth: prompts | ")[1].split(" |")[0]) == 5
+    assert all(set(r) == {"prompt", "completion"} and "kind" not in r["prompt"] for r in records)
+    assert {r["prompt"] for r in records} <= {p["prompt"] for p in PROMPTS[:5]}
+    assert "<svg" in (tmp_path / "sa.jsonl.lengths.svg").read_text()

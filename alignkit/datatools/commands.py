@@ -78,8 +78,12 @@ def _read_pairs(path: str) -> list:
     {prompt: messages, chosen: text, rejected: text}; a record alignkit would refuse is an error."""
     from alignkit.data.formats import load_preference_examples
 
+    result = load_preference_examples(path, on_bad_record="skip")
+    if result.skipped:  # counted and named, never dropped silently
+        where, why = result.skipped[0]
+        print(f"alignkit: {len(result.skipped)} records of {path} skipped as unusable (first: {where}: {why})")
     out = []
-    for ex in load_preference_examples(path).examples:
+    for ex in result.examples:
         text = lambda side: "\n".join(m["content"] for m in side)  # noqa: E731
         out.append({"prompt": [dict(m) for m in ex.prompt], "chosen": text(ex.chosen), "rejected": text(ex.rejected)})
     return out
@@ -144,11 +148,16 @@ def cmd_synth(args) -> int:
         raw, text_of=lambda r: r["prompt"] + "\n" + r["completion"], reply_of="completion",
         min_words=args.min_words, max_words=args.max_words, max_repetition=args.max_repetition,
         drop_refusals=not args.keep_refusals, dedup_threshold=args.dedup_threshold)
+    from alignkit.datatools.select import plot_scores
+
+    plot = Path(args.out).with_name(Path(args.out).name + ".lengths.svg")
+    plot_scores([len(r["prompt"].split()) for r in raw], [len(r["prompt"].split()) for r in kept], plot,
+                label="prompt length (words)", title="prompt lengths: generated vs kept")
     _finish(log, kept, f"alignkit data synth --method {args.method}",
             {**{f"synth: {k}": v for k, v in synth_counts.items()}, **{f"filter: {k}": v for k, v in counts.items()}},
             notes=[f"model: {args.model or 'SmolLM2-135M-Instruct (bundled)'}"
                    + (f" at {args.endpoint}" if args.endpoint else ""),
-                   _diversity([r["prompt"] for r in kept]),
+                   _diversity([r["prompt"] for r in kept]), f"prompt lengths before and after the filters: {plot.name}",
                    "filters in order: too short, too long, repetitive, refusal, near-duplicate (MinHash); each "
                    "record is counted by the first filter that removes it"])
     return 0

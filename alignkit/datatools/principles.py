@@ -210,14 +210,17 @@ def extract(lm, judge_factory: Callable[[str], Comparer], train_pairs: list, hel
         raise AlignkitError(f"extract: the model proposed no principles for {len(train_pairs)} pairs (every reply was "
                             "empty or a header); use a model that follows instructions, more max_new_tokens, or your "
                             "own template.")
+    from tqdm.auto import tqdm
+
     scored = []
-    for order, principle in enumerate(unique):
+    for order, principle in enumerate(tqdm(unique, desc="testing principles", disable=not progress)):
         judge = judge_factory(principle)
         margins = _margins(judge, train_pairs, principle)
         scored.append((sum(m > 0 for m in margins) / len(margins), order, principle, judge))
     scored.sort(key=lambda s: (-s[0], s[1]))
     records, heldout_margins = [], []
-    for train_agreement, _, principle, judge in scored[:max_principles]:
+    for train_agreement, _, principle, judge in tqdm(scored[:max_principles], desc="held-out check",
+                                                     disable=not progress):
         margins = _margins(judge, heldout_pairs, principle)
         heldout_margins.append(margins)
         records.append({"principle": principle, "train_agreement": train_agreement,

@@ -77,6 +77,16 @@ class EvalConfig:
     # `--backend vllm`: () -> a vLLM sampler of the policy (and of the reference), made when first needed
     sampler: object = None
     reference_sampler: object = None
+    # steering (alignkit.inference.steering): the policy steered throughout, or a sweep of strengths
+    steer: str | None = None
+    steer_strength: float = 1.0
+    steer_positions: str = "all"
+    steer_sweep: list | None = None  # strengths; needs --data and `helpfulness`
+    helpfulness: str | None = None  # prompt/completion records: per-token NLL = helpfulness
+    representation_layers: list | None = None
+    # InfAlign (alignkit.rewards.calibration): expected best-of-n win rates against the reference
+    bon_n: list | None = None
+    calibration_k: int = 16
 
 
 class _Models:
@@ -251,6 +261,43 @@ def generation_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: l
     return out
 
 
+def best_of_n_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: list) -> dict:
+    """Expected best-of-n win rates against the reference, from calibrated rewards (InfAlign, arXiv
+    2412.19792): per prompt, `calibration_k` samples of each model; a policy sample's calibrated
+    reward is its reward's quantile among the reference samples' (`calibration.calibrate`); then,
+    per prompt and averaged over prompts with a bootstrap interval, the win rate of best-of-n from
+    the policy against one reference sample (the reference's own is n/(n+1)) and against best-of-n
+    from the reference (1/2 for the reference itself)."""
+    from alignkit.rewards import calibration as C
+
+    if not prompts:
+        raise ConfigError("--bon-n needs prompts: give --prompts or --data.")
+    k = cfg.calibration_k
+    params = cfg.sampling.but(n=k)
+    ref = generate(reference, tokenizer, prompts, params, batch_size=cfg.batch_size, seed=cfg.seed + 2,
+                   progress=cfg.progress, desc="best-of-n: reference samples")
+    pol = generate(policy, tokenizer, prompts, params, batch_size=cfg.batch_size, seed=cfg.seed + 3,
+                   progress=cfg.progress, desc="best-of-n: policy samples")
+    flat_prompts = [p for p in prompts for _ in range(k)]
+    ref_r = _sum_scores(_scores_by_reward(cfg, flat_prompts, [s for g in ref for s in g]))
+    pol_r = _sum_scores(_scores_by_reward(cfg, flat_prompts, [s for g in pol for s in g]))
+    per_prompt = []
+    for i in range(len(prompts)):
+        refs = [float(x) for x in ref_r[i * k:(i + 1) * k]]
+        per_prompt.append(C.calibrate([float(x) for x in pol_r[i * k:(i + 1) * k]], [refs] * k))
+    out = {"calibration_k": k, "n_prompts": len(prompts),
+           "policy_calibrated_mean": sum(map(sum, per_prompt)) / (k * len(prompts)), "by_n": {}}
+    for n in cfg.bon_n:
+        vs_one = [C.best_of_n_win_rate(c, int(n)) for c in per_prompt]
+        vs_bon = [C.best_of_n_vs_best_of_n_win_rate(c, int(n)) for c in per_prompt]
+        m1, lo1, hi1 = M.bootstrap_mean_ci(vs_one)
+        m2, lo2, hi2 = M.bootstrap_mean_ci(vs_bon)
+        out["by_n"][str(int(n))] = {"vs_reference_sample": {"value": m1, "ci95": [lo1, hi1]},
+                                    "reference_itself": C.reference_best_of_n_win_rate(int(n)),
+                                    "vs_reference_best_of_n": {"value": m2, "ci95": [lo2, hi2]}}
+    return out
+
+
 def combined_scores(cfg: EvalConfig, prompts: list, samples: list, ref_samples: list) -> tuple[list, list]:
     """Scores of policy and reference samples. With `log_sigmoid`, each reward is measured against
     the reference sample's reward for the same prompt and the transformed rewards are summed
@@ -348,10 +395,28 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise ConfigError(f"--strategy {cfg.strategy} is judged by a reward: give --reward.")
     if cfg.strategy and not (cfg.prompts or cfg.data):
         raise ConfigError(f"--strategy {cfg.strategy} needs prompts: give --prompts (prompt records) or --data.")
+    if (cfg.steer_sweep or cfg.representation_layers) and not cfg.data:
+        raise ConfigError("--steer-sweep and --representation-layers read preference pairs: give --data.")
+    if cfg.steer_sweep and not (cfg.steer and cfg.helpfulness):
+        raise ConfigError("--steer-sweep needs --steer DIR (the vectors) and --helpfulness FILE (prompt/completion "
+                          "records whose NLL measures helpfulness).")
     examples = load_pairs(cfg) if cfg.data else None  # data errors before any model loads
     models = _Models(cfg)
     tokenizer = load_tokenizer(ModelConfig(name_or_path=cfg.model), cfg.cache_dir)
     policy = models.load(cfg.model)
+    with contextlib.ExitStack() as stack:
+        if cfg.steer and not cfg.steer_sweep:  # every part of the evaluation sees the steered policy
+            from alignkit.inference.steering import load_vectors, steer
+
+            vectors, _ = load_vectors(cfg.steer, policy)
+            stack.enter_context(steer(policy, vectors, cfg.steer_strength, cfg.steer_positions))
+        result = _run_parts(cfg, models, tokenizer, policy, examples)
+    if cfg.parallel is None or cfg.parallel.is_main:
+        write_json(Path(cfg.output_dir) / "metrics.json", result)
+    return result
+
+
+def _run_parts(cfg: EvalConfig, models, tokenizer, policy, examples) -> dict:
     reference = models.load(cfg.reference) if cfg.reference else None
     result = {"alignkit_eval": 1, "model": cfg.model, "reference": cfg.reference, "data": cfg.data,
               "beta": cfg.beta, "date": datetime.date.today().isoformat()}
@@ -384,8 +449,31 @@ def run_eval(cfg: EvalConfig) -> dict:
         else:
             s_prompts, columns = prompts or held_out_prompts(cfg, examples), {}
         result["strategy"] = strategy_section(cfg, tokenizer, policy, s_prompts, columns)
-    if cfg.parallel is None or cfg.parallel.is_main:
-        write_json(Path(cfg.output_dir) / "metrics.json", result)
+    if cfg.bon_n:
+        if reference is None or not cfg.rewards:
+            raise ConfigError("--bon-n compares best-of-n from the policy with the reference under a reward: give "
+                              "--reference and --reward.")
+        bon_prompts = prompts or (held_out_prompts(cfg, examples) if examples else [])
+        if cfg.prompts:
+            from alignkit.data.prompts import load_prompt_examples
+            bon_prompts = [list(e.prompt) for e in load_prompt_examples(cfg.prompts).examples[: cfg.num_prompts]]
+        result["best_of_n"] = best_of_n_section(cfg, tokenizer, policy, reference, bon_prompts)
+    if cfg.steer:
+        result["steer"] = {"vectors": cfg.steer, "strength": cfg.steer_strength, "positions": cfg.steer_positions}
+    if cfg.steer_sweep:
+        from alignkit.data.formats import load_sft_examples
+        from alignkit.eval.steering import steering_sweep
+
+        helpful = load_sft_examples(cfg.helpfulness, on_bad_record="skip").examples[: cfg.num_prompts]
+        result["steering"] = steering_sweep(
+            policy, tokenizer, cfg.steer, cfg.steer_sweep, examples, [list(e.prompt) for e in helpful],
+            ["\n".join(m["content"] for m in e.completion) for e in helpful], max_length=cfg.max_length,
+            batch_size=cfg.batch_size, positions=cfg.steer_positions)
+    if cfg.representation_layers:
+        from alignkit.eval.steering import representation_section
+
+        result["representation"] = representation_section(policy, tokenizer, examples, cfg.representation_layers,
+                                                          cfg.batch_size)
     return result
 
 

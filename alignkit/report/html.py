@@ -261,8 +261,9 @@ def _evaluation(inp: RunInputs, made: dict) -> str:
         if figs:
             parts.append(f'<div class="row">{figs}</div>')
         parts += [missing(n) for n in row if n not in made]
-    if "strategy" in made:  # only an eval with --strategy has one; no placeholder otherwise
-        parts.append(f'<div class="row">{figure(made["strategy"])}</div>')
+    for name in ("strategy", "steering", "representation"):  # only evals that asked for them; no placeholder
+        if name in made:
+            parts.append(f'<div class="row">{figure(made[name])}</div>')
     header, rows = T.checkpoint_table(inp)
     if rows:
         parts.append(f"<details open><summary>Per-checkpoint numbers ({len(rows)})</summary>"

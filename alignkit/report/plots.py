@@ -1,4 +1,4 @@
-"""The report's eight plots (`ALL`). Each takes `RunInputs` and returns a `Plot`, or None when its
+"""The report's plots (`ALL`). Each takes `RunInputs` and returns a `Plot`, or None when its
 data is absent.
 
 Values are filtered through `num`: NaN, inf, None and strings never reach matplotlib. Non-finite
@@ -415,5 +415,49 @@ def strategy_plot(inp: RunInputs) -> Plot | None:
             "Right: what it cost, as a multiple of sampling's time and generated tokens (the dashed line is 1x)."))
 
 
+def steering_plot(inp: RunInputs) -> Plot | None:
+    """`alignkit eval --steer-sweep`: alignment and helpfulness loss against strength, with the fits."""
+    sw = inp.eval.get("steering")
+    if not isinstance(sw, dict) or not sw.get("rows"):
+        return None
+    rows = sw["rows"]
+    s = np.array([r["strength"] for r in rows], dtype=float)
+    grid = np.linspace(s.min(), s.max(), 100)
+    fit = sw.get("fits", {})
+    with style("steering"):
+        fig, (ax1, ax2) = new_figure(2, width=10.0, height=3.4)
+        for ax, key, name, title in ((ax1, "margin", "alignment_linear", "alignment: log p(chosen) - log p(rejected)"),
+                                     (ax2, "helpfulness_loss", "helpfulness_quadratic",
+                                      "helpfulness loss: NLL - NLL at 0")):
+            ax.plot(s, [r[key] for r in rows], "o", color=EVAL)
+            f = fit.get(name)
+            if f:
+                ax.plot(grid, np.polyval(f["coef"], grid), "-", color=MUTED, linewidth=1.2,
+                        label=f"{'linear' if len(f['coef']) == 2 else 'quadratic'} fit, R² {f['r2']:.3f}")
+                ax.legend(loc="best", fontsize=8)
+            ax.set_title(title)
+            ax.set_xlabel("steering strength")
+        return Plot("steering", "Steering: alignment against helpfulness", to_svg(fig, "steering"), (
+            "For each strength of the steering vectors: the steered model's mean log-prob margin of chosen over "
+            "rejected replies (left; Wolf et al., arXiv 2401.16332, predict a linear rise) and how much its per-token "
+            "NLL of reference answers grew (right; predicted quadratic), with least-squares fits and their R²."))
+
+
+def representation_plot(inp: RunInputs) -> Plot | None:
+    """`alignkit eval --representation-layers`: held-out probe accuracy by layer."""
+    rep = inp.eval.get("representation")
+    if not isinstance(rep, dict) or not rep.get("layers"):
+        return None
+    with style("representation"):
+        fig, (ax,) = new_figure(1, width=6.0, height=3.2)
+        ax.plot(rep["layers"], rep["probe_accuracy"], "o-", color=EVAL)
+        ax.axhline(0.5, color=MUTED, linestyle="--", linewidth=1)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("held-out probe accuracy")
+        return Plot("representation", "Chosen vs rejected in the hidden states", to_svg(fig, "representation"), (
+            f"Per layer, a logistic probe fitted on {rep.get('n_train')} pairs: the share of {rep.get('n_heldout')} "
+            "held-out pairs whose chosen reply it scores above the rejected one (the dashed line is chance)."))
+
+
 ALL = (training_plot, preference_plot, reward_kl_plot, length_bias_plot, win_rate_plot, overoptimisation_plot,
-       strategy_plot, health_plot)
+       strategy_plot, health_plot, steering_plot, representation_plot)

@@ -9,6 +9,10 @@ A spec is what a user writes in `online.rewards` or after `--reward`:
 - a judge model asked whether replies follow written principles: `{name: judge, principles:
   principles.yaml, model: PATH_OR_ID, endpoint: URL}` (`alignkit.rewards.judge`; `model` defaults to
   the bundled model, `endpoint` to none: a local model);
+- a calibrated reward for inference-aware alignment (InfAlign, arXiv 2412.19792): `{name: calibrated,
+  reward: INNER_SPEC, k: 16, transform: bon|won|identity, n: 4, t: null, model: PATH_OR_ID,
+  max_new_tokens: 64, temperature: 1.0}` (`alignkit.rewards.calibration`; `k` reference samples per
+  prompt from `model`, default the bundled model);
 - a list of those, each with an optional `weight` (default 1.0): a `WeightedSum`.
 """
 
@@ -66,6 +70,8 @@ def _build_term(spec, model_options: dict) -> tuple:
         return _construct(name, params), float(weight)
     if name == "judge":
         return _judge(params, model_options), float(weight)
+    if name == "calibrated":
+        return _calibrated(params, model_options), float(weight)
     if Path(name).expanduser().is_dir() or _hub_id(name):
         from alignkit.rewards.model import RewardModel  # loads transformers: only when a model is asked for
 
@@ -82,7 +88,8 @@ def _build_term(spec, model_options: dict) -> tuple:
     close = difflib.get_close_matches(name, list(BUILTINS), n=1)
     hint = f" Did you mean `{close[0]}`?" if close else ""
     raise ConfigError(f"unknown reward `{name}`.{hint} Built-in rewards: {', '.join(BUILTINS)}; a judge as "
-                      "{name: judge, principles: FILE}; or a Python "
+                      "{name: judge, principles: FILE}; a calibrated reward as {name: calibrated, reward: SPEC}; "
+                      "or a Python "
                       "function as `file.py:function` or `module:function`; or a reward-model directory (no "
                       f"directory {name} exists).")
 
@@ -112,6 +119,46 @@ def _judge(params: dict, model_options: dict):
     lm = text_model(model=params.get("model"), endpoint=params.get("endpoint"),
                     device="auto" if device is None else str(device), batch_size=model_options["batch_size"])
     return PrincipleJudge(lm, **loaded)
+
+
+CALIBRATED_OPTIONS = ("reward", "k", "transform", "n", "t", "model", "max_new_tokens", "temperature")
+
+
+def _calibrated(params: dict, model_options: dict):
+    """`{name: calibrated, reward: SPEC, k, transform, n, t, model, max_new_tokens, temperature}` ->
+    a CalibratedReward whose reference samples come from `model` (k per prompt, sampled once)."""
+    unknown = sorted(set(params) - set(CALIBRATED_OPTIONS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], CALIBRATED_OPTIONS, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(f"reward calibrated: unknown option(s) {', '.join(f'`{k}`' for k in unknown)}; its options "
+                          f"are {', '.join(CALIBRATED_OPTIONS)} (and weight).{hint}")
+    _require("reward" in params, "reward calibrated needs `reward`: the reward to calibrate, e.g. "
+                                 "{name: calibrated, reward: runs/rm/final}.")
+    k, new_tokens = params.get("k", 16), params.get("max_new_tokens", 64)
+    temperature, model = params.get("temperature", 1.0), params.get("model")
+    for key, value in (("k", k), ("max_new_tokens", new_tokens)):
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"reward calibrated: `{key}` must be a positive integer; got {value!r}.")
+    _require(_is_number(temperature) and temperature > 0, "reward calibrated: `temperature` must be a positive "
+             f"number (the reference samples must differ to calibrate against); got {temperature!r}.")
+    _require(model is None or isinstance(model, str), f"reward calibrated: `model` must be a string; got {model!r}.")
+    from alignkit.generation.decode import SamplingParams
+    from alignkit.generation.text_models import text_model  # loads transformers: only when asked for
+    from alignkit.rewards.calibration import CalibratedReward
+
+    inner = build_reward(params["reward"], **model_options)
+    device = model_options["device"]
+    lm = text_model(model=model, device="auto" if device is None else str(device),
+                    batch_size=model_options["batch_size"])
+    sampling = SamplingParams(max_new_tokens=new_tokens, temperature=float(temperature), n=k)
+
+    def sample_reference(prompts: list) -> list:
+        conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+        return lm.chat(conversations, sampling)
+
+    return CalibratedReward(inner, sample_reference, transform=params.get("transform", "bon"),
+                            n=params.get("n", 4), t=params.get("t"))
 
 
 def _hub_id(name: str) -> bool:
