@@ -41,7 +41,7 @@ def main() -> None:
     overrides = ["recipe=dpo", f"model.name_or_path={default_model_dir()}",
                  "losses=[{name: dpo, beta: 0.1, weight: 1.0}, {name: sft, weight: 1.0}]", "train.learning_rate=1e-5",
                  "train.batch_size=8", "train.max_steps=16", "train.warmup_ratio=0.1", "data.eval_fraction=0",
-                 "data.max_length=192", "train.report_to=[]", "generation.batch_size=32"]
+                 "data.max_length=192", "train.report_to=[]"]
     start = time.perf_counter()
     rows = iterate(None, overrides, prompts=str(prompts), heldout=str(held), reward_spec="alignkit.demo_task:reward",
                    rounds=1, k=args.k, min_margin=0.5, out=str(out / "iterate"),

@@ -101,17 +101,22 @@ class LocalModel:
         device = next(self.model.parameters()).device
         prompts = encode_prompts(self.tokenizer, [list(c) for c in conversations])
         opts = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
-        out = []
-        for ids in prompts:
-            rows = [ids + o for o in opts]
+        out: list = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+        per = max(1, self.batch_size // max(len(opts), 1))
+        for start in range(0, len(order), per):
+            idx = order[start: start + per]
+            rows = [prompts[i] + o for i in idx for o in opts]
             width = max(len(r) for r in rows)
             batch = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(batch)
-            for r, row in enumerate(rows):
+            for r, row in enumerate(rows):  # right-padded: every real token sees what it would see alone
                 batch[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
-            logits = self.model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = torch.log_softmax(logits, -1)
-            out.append([float(sum(logp[r, len(ids) + j - 1, t] for j, t in enumerate(o))) for r, o in enumerate(opts)])
+            logp = torch.log_softmax(self.model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+            for j, i in enumerate(idx):
+                n = len(prompts[i])
+                out[i] = [float(sum(logp[j * len(opts) + k, n + t - 1, tok] for t, tok in enumerate(o)))
+                          for k, o in enumerate(opts)]
         return out
 
 
