@@ -403,7 +403,7 @@ def cmd_steer_fit(args) -> int:
     mc = ModelConfig(name_or_path=args.model)
     tokenizer, model = load_tokenizer(mc), load_model(mc, for_training=False)
     dirs, held = fit_from_pairs(model, tokenizer, examples, args.layers, method=args.method,
-                                heldout_fraction=args.heldout_fraction, batch_size=args.batch_size)
+                                heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, progress=True)
     out = save_vectors(args.out, {l: d.vector for l, d in dirs.items()}, {
         "fingerprint": model_fingerprint(model), "method": args.method, "source": args.data, "model": args.model,
         "n_pairs": len(examples), "heldout_fraction": args.heldout_fraction,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +40,7 @@ def main() -> None:
     from alignkit.models import default_model_dir
     from alignkit.rewards import build_reward
     from alignkit.train.loop import train
+    from alignkit.train.metrics import read_metrics
 
     out = ROOT / args.out
     train_file, held_file = sums_task.write_data(out)
@@ -49,14 +49,18 @@ def main() -> None:
                   "max_new_tokens": 24}
     results, times = {}, {}
     for name, reward in (("raw", sums_task.REWARDS), ("ctrl", calibrated)):
-        start = time.perf_counter()
-        cfg = load_config(None, ["recipe=grpo", *sums_task.common_overrides(train_file, held_file, out / name,
-                                                                              args.steps, args.lr),
-                                 f"online.rewards={json.dumps(reward)}", f"output_dir={out / name / 'run'}",
-                                 "data.eval_fraction=0", "data.eval=null"])
-        result = train(cfg)
-        times[name] = (time.perf_counter() - start) / 60
-        ev = run_eval(EvalConfig(model=str(result.run_dir / "final"), reference=base, prompts=str(held_file),
+        run_dir = out / name / "run"
+        summary = run_dir / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
+            print(f"{name}: reusing the finished run in {run_dir}")  # the training part is deterministic
+        else:
+            cfg = load_config(None, ["recipe=grpo", *sums_task.common_overrides(train_file, held_file, out / name,
+                                                                                  args.steps, args.lr),
+                                     f"online.rewards={json.dumps(reward)}", f"output_dir={run_dir}",
+                                     "data.eval_fraction=0", "data.eval=null"])
+            train(cfg)
+        times[name] = sum(r["step_time_s"] for r in read_metrics(run_dir, "train")) / 60  # the steps' time
+        ev = run_eval(EvalConfig(model=str(run_dir / "final"), reference=base, prompts=str(held_file),
                                  rewards=[build_reward(sums_task.REWARDS)], bon_n=[4, 8], calibration_k=16,
                                  num_prompts=sums_task.N_HELDOUT,
                                  sampling=SamplingParams(max_new_tokens=24, temperature=1.0),

@@ -194,8 +194,8 @@ def _sum_scores(by_reward: dict) -> list[float]:
     return torch.tensor(list(by_reward.values()), dtype=torch.float64).sum(0).tolist()
 
 
-def _scores_by_reward(cfg: EvalConfig, prompts: list, completions: list) -> dict:
-    return {f"{i}:{r!r}": r(prompts, completions) for i, r in enumerate(cfg.rewards)}
+def _scores_by_reward(cfg: EvalConfig, prompts: list, completions: list, columns: dict | None = None) -> dict:
+    return {f"{i}:{r!r}": r(prompts, completions, **(columns or {})) for i, r in enumerate(cfg.rewards)}
 
 
 def sample_logps(model, tokenizer, prompts: list, completions: list, max_length: int, batch_size: int,
@@ -261,7 +261,7 @@ def generation_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: l
     return out
 
 
-def best_of_n_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: list) -> dict:
+def best_of_n_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: list, columns: dict | None = None) -> dict:
     """Expected best-of-n win rates against the reference, from calibrated rewards (InfAlign, arXiv
     2412.19792): per prompt, `calibration_k` samples of each model; a policy sample's calibrated
     reward is its reward's quantile among the reference samples' (`calibration.calibrate`); then,
@@ -279,8 +279,9 @@ def best_of_n_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: li
     pol = generate(policy, tokenizer, prompts, params, batch_size=cfg.batch_size, seed=cfg.seed + 3,
                    progress=cfg.progress, desc="best-of-n: policy samples")
     flat_prompts = [p for p in prompts for _ in range(k)]
-    ref_r = _sum_scores(_scores_by_reward(cfg, flat_prompts, [s for g in ref for s in g]))
-    pol_r = _sum_scores(_scores_by_reward(cfg, flat_prompts, [s for g in pol for s in g]))
+    flat_cols = {key: [v for v in vals for _ in range(k)] for key, vals in (columns or {}).items()}
+    ref_r = _sum_scores(_scores_by_reward(cfg, flat_prompts, [s for g in ref for s in g], flat_cols))
+    pol_r = _sum_scores(_scores_by_reward(cfg, flat_prompts, [s for g in pol for s in g], flat_cols))
     per_prompt = []
     for i in range(len(prompts)):
         refs = [float(x) for x in ref_r[i * k:(i + 1) * k]]
@@ -453,11 +454,12 @@ def _run_parts(cfg: EvalConfig, models, tokenizer, policy, examples) -> dict:
         if reference is None or not cfg.rewards:
             raise ConfigError("--bon-n compares best-of-n from the policy with the reference under a reward: give "
                               "--reference and --reward.")
-        bon_prompts = prompts or (held_out_prompts(cfg, examples) if examples else [])
+        bon_prompts, bon_columns = prompts or (held_out_prompts(cfg, examples) if examples else []), {}
         if cfg.prompts:
-            from alignkit.data.prompts import load_prompt_examples
-            bon_prompts = [list(e.prompt) for e in load_prompt_examples(cfg.prompts).examples[: cfg.num_prompts]]
-        result["best_of_n"] = best_of_n_section(cfg, tokenizer, policy, reference, bon_prompts)
+            from alignkit.data.prompts import load_prompt_examples, prompt_columns
+            records = load_prompt_examples(cfg.prompts).examples[: cfg.num_prompts]
+            bon_prompts, bon_columns = [list(e.prompt) for e in records], prompt_columns(records)
+        result["best_of_n"] = best_of_n_section(cfg, tokenizer, policy, reference, bon_prompts, bon_columns)
     if cfg.steer:
         result["steer"] = {"vectors": cfg.steer, "strength": cfg.steer_strength, "positions": cfg.steer_positions}
     if cfg.steer_sweep:
@@ -468,7 +470,7 @@ def _run_parts(cfg: EvalConfig, models, tokenizer, policy, examples) -> dict:
         result["steering"] = steering_sweep(
             policy, tokenizer, cfg.steer, cfg.steer_sweep, examples, [list(e.prompt) for e in helpful],
             ["\n".join(m["content"] for m in e.completion) for e in helpful], max_length=cfg.max_length,
-            batch_size=cfg.batch_size, positions=cfg.steer_positions)
+            batch_size=cfg.batch_size, positions=cfg.steer_positions, progress=cfg.progress)
     if cfg.representation_layers:
         from alignkit.eval.steering import representation_section
 

@@ -33,11 +33,11 @@ def _split(n: int, heldout_fraction: float) -> int:
 
 
 def fit_from_pairs(model, tokenizer, examples: list, layers, *, method: str = "mean_diff",
-                   heldout_fraction: float = 0.2, batch_size: int = 8) -> tuple[dict, dict]:
+                   heldout_fraction: float = 0.2, batch_size: int = 8, progress: bool = False) -> tuple[dict, dict]:
     """({layer: Direction} fitted on the first pairs, {layer: separation on the held-out pairs})."""
     chosen, rejected = preference_items(examples)
-    pos = hidden_states(model, tokenizer, chosen, layers, position="mean", batch_size=batch_size)
-    neg = hidden_states(model, tokenizer, rejected, layers, position="mean", batch_size=batch_size)
+    pos = hidden_states(model, tokenizer, chosen, layers, position="mean", batch_size=batch_size, progress=progress)
+    neg = hidden_states(model, tokenizer, rejected, layers, position="mean", batch_size=batch_size, progress=progress)
     cut = _split(len(examples), heldout_fraction)
     dirs = fit_directions({l: v[:cut] for l, v in pos.items()}, {l: v[:cut] for l, v in neg.items()}, method)
     held = {l: separation(d, pos[l][cut:], neg[l][cut:]) for l, d in dirs.items()}
@@ -94,11 +94,13 @@ def _nll_per_token(model, tokenizer, prompts: list, answers: list, max_length: i
 
 def steering_sweep(model, tokenizer, steer_dir: str, strengths: list, examples: list, help_prompts: list,
                    help_answers: list, *, max_length: int = 1024, batch_size: int = 8,
-                   positions: str = "all") -> dict:
+                   positions: str = "all", progress: bool = False) -> dict:
     """The sweep (see the module docstring); the vectors are refused if made for another model."""
+    from tqdm.auto import tqdm
+
     vectors, meta = load_vectors(steer_dir, model)
     rows = []
-    for s in strengths:
+    for s in tqdm(strengths, desc="steering sweep", unit="strength", disable=not progress):
         with steer(model, vectors, float(s), positions):
             margins = _pair_margins(model, tokenizer, examples, max_length, batch_size)
             nll = _nll_per_token(model, tokenizer, help_prompts, help_answers, max_length, batch_size)

@@ -121,7 +121,7 @@ def _block_output(output) -> torch.Tensor:
 
 @torch.no_grad()
 def hidden_states(model, tokenizer, conversations_or_texts: list, layers, *, position: str = "last",
-                  batch_size: int = 8) -> dict[int, torch.Tensor]:
+                  batch_size: int = 8, progress: bool = False) -> dict[int, torch.Tensor]:
     """{layer: [N, H] float32 on CPU}: the output of decoder block `layer` for each input (see
     `encode_item`), at its last token (`position="last"`; for a rendered reply that is the
     end-of-turn token, where the model has read the whole reply) or averaged over the reply's tokens
@@ -142,7 +142,10 @@ def hidden_states(model, tokenizer, conversations_or_texts: list, layers, *, pos
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(encoded), batch_size):
+        from tqdm.auto import tqdm
+
+        for start in tqdm(range(0, len(encoded), batch_size), desc="hidden states", unit="batch",
+                          disable=not progress):
             chunk = encoded[start: start + batch_size]
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
