@@ -138,7 +138,9 @@ def hidden_states(model, tokenizer, conversations_or_texts: list, layers, *, pos
     captured: dict[int, torch.Tensor] = {}
     hooks = [blocks[l].register_forward_hook(
         lambda m, a, out, l=l: captured.__setitem__(l, _block_output(out))) for l in layers]
-    reads: dict[int, list] = {l: [] for l in layers}
+    reads: dict[int, dict] = {l: {} for l in layers}
+    # longest first, so a batch holds similar lengths (less padding); results go back in input order
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     was_training = model.training
     model.eval()
     try:
@@ -146,7 +148,8 @@ def hidden_states(model, tokenizer, conversations_or_texts: list, layers, *, pos
 
         for start in tqdm(range(0, len(encoded), batch_size), desc="hidden states", unit="batch",
                           disable=not progress):
-            chunk = encoded[start: start + batch_size]
+            idx = order[start: start + batch_size]
+            chunk = [encoded[i] for i in idx]
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -155,13 +158,13 @@ def hidden_states(model, tokenizer, conversations_or_texts: list, layers, *, pos
             trunk(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             for l in layers:
                 h = captured[l].float().cpu()  # [B, T, H]
-                reads[l] += [h[r, len(t) - 1] if position == "last" else h[r, s: len(t)].mean(0)
-                             for r, (t, s) in enumerate(chunk)]
+                for r, (i, (t, s)) in enumerate(zip(idx, chunk)):
+                    reads[l][i] = h[r, len(t) - 1] if position == "last" else h[r, s: len(t)].mean(0)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {l: torch.stack(v) for l, v in reads.items()}
+    return {l: torch.stack([v[i] for i in range(len(encoded))]) for l, v in reads.items()}
 
 
 # ---------------------------------------------------------------------------------------------
