@@ -145,7 +145,7 @@ def test_generate_with_the_rewrite_strategy(tiny_model_dir, tmp_path):
 
 def test_self_align_records_leave_the_principles_out(tiny_model_dir, tmp_path):
     principles = tmp_path / "p.yaml"
-    principles.write_text("principles:\n  - Be kind and say yes.\nexemplars:\n  - {prompt: what is one ?, completion: yes one}\n")
+    principles.write_text('principles:\n  - Be kind and say yes.\nexemplars:\n  - {prompt: "what is one ?", completion: "yes one"}\n')
     prompts = write_jsonl(tmp_path / "q.jsonl", PROMPTS[:5])
     out = tmp_path / "sa.jsonl"
     assert main(["data", "synth", "--method", "self-align", "--principles", str(principles), "--prompts", str(prompts),
