@@ -149,6 +149,7 @@ def eval_config_from_args(args):
     from alignkit.eval.run import EvalConfig, heldout_settings
     from alignkit.generation.hf import SamplingParams
     from alignkit.rewards import build_reward
+    from alignkit.rewards.build import parse_reward_arg
 
     model, reference, data, beta, checkpoints, out = args.model, args.reference, args.data, args.beta, args.checkpoints, args.output_dir
     cache_dir, how = None, {}  # how: the run's settings for reading its held-out pairs
@@ -172,7 +173,7 @@ def eval_config_from_args(args):
         cache_dir = rc.cache_dir
     if not model:
         raise AlignkitError("give --model (a model directory or hub id) or --run (a training run directory).")
-    rewards = [build_reward(_reward_arg(spec), weights=_weights(args.reward_weights), batch_size=args.batch_size)
+    rewards = [build_reward(parse_reward_arg(spec), weights=_weights(args.reward_weights), batch_size=args.batch_size)
                for spec in args.reward]
     return EvalConfig(
         model=model, reference=reference, data=data, rewards=rewards, reward_transform=args.reward_transform,
@@ -240,6 +241,7 @@ def _strategy_inputs(args):
     from alignkit.data.prompts import load_prompt_examples, prompt_columns, tokenize_prompts
     from alignkit.models import load_model, load_tokenizer
     from alignkit.rewards import build_reward
+    from alignkit.rewards.build import parse_reward_arg
 
     if not args.reward:
         raise AlignkitError("give --reward (a built-in such as numeric_match or keywords, file.py:function, or a "
@@ -247,7 +249,7 @@ def _strategy_inputs(args):
     # prompts and rewards first: a bad file or reward spec fails before the model loads
     columns = {"prompt": args.prompt_column} if args.prompt_column else None
     examples = load_prompt_examples(args.prompts, columns=columns).examples[: args.num_prompts]
-    specs = [_reward_arg(r) for r in args.reward]
+    specs = [parse_reward_arg(r) for r in args.reward]
     reward = build_reward(specs[0] if len(specs) == 1 else specs, batch_size=args.batch_size)
     mc = ModelConfig(name_or_path=args.model)
     tokenizer = load_tokenizer(mc)
@@ -255,12 +257,6 @@ def _strategy_inputs(args):
     items, cut = tokenize_prompts(examples, tokenizer, args.max_prompt_length)
     return (model, tokenizer, reward, [list(ex.prompt) for ex in examples], prompt_columns(examples),
             [it.prompt_ids for it in items], cut)
-
-
-def _reward_arg(text: str):
-    from alignkit.rewards.build import parse_reward_arg
-
-    return parse_reward_arg(text)
 
 
 def strategy_options(args):

@@ -50,3 +50,20 @@ def base_overrides(model_dir, data, out, cache) -> list:
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
+
+
+def crash_after(monkeypatch, at_step: int):
+    """Make a run stop right after checkpoint `at_step` is written, as a crash would; returns the
+    real `save_checkpoint`."""
+    from alignkit.train import checkpoint as ckpt
+
+    real = ckpt.save_checkpoint
+
+    def save(run_dir, step, *a, **k):
+        path = real(run_dir, step, *a, **k)
+        if step == at_step:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    return real

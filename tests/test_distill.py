@@ -20,7 +20,7 @@ from alignkit.train import checkpoint as ckpt
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
 from alignkit.train.recipes.distill import DistillRecipe
-from conftest import base_overrides, toy_pairs, write_jsonl
+from conftest import base_overrides, crash_after, toy_pairs, write_jsonl
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -246,15 +246,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_model_dir, model
     2), so the rollout in progress comes back from the checkpoint; the teacher is simply reloaded."""
     steps = ["train.max_steps=6", "train.save_every=3", "online.iterations=2"]
     full = loop.train(load_config(None, _args(tiny_model_dir, models, tmp_path, *steps, out="full")), progress=False)
-    real_save = ckpt.save_checkpoint
-
-    def crash_after_step_3(run_dir, step, *a, **k):
-        path = real_save(run_dir, step, *a, **k)
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_step_3)
+    real_save = crash_after(monkeypatch, 3)
     cfg = load_config(None, _args(tiny_model_dir, models, tmp_path, *steps, out="crashed"))
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg, progress=False)

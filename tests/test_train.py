@@ -12,7 +12,7 @@ from alignkit.train import checkpoint as ckpt
 from alignkit.train import loop
 from alignkit.train import steps as train_steps
 from alignkit.train.metrics import read_metrics
-from conftest import base_overrides
+from conftest import base_overrides, crash_after
 
 
 def _cfg(tiny_model_dir, data, tmp_path, *extra, out="run"):
@@ -76,15 +76,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir, pairs_file
     steps = ["train.max_steps=6", "train.save_every=3", "train.eval_every=2"]
     full = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *steps, out="full"), progress=False)
 
-    real_save = ckpt.save_checkpoint
-
-    def crash_after_step_3(run_dir, step, *a, **k):
-        path = real_save(run_dir, step, *a, **k)
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_step_3)
+    real_save = crash_after(monkeypatch, 3)
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, *steps, out="crashed")
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg, progress=False)

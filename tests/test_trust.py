@@ -18,7 +18,7 @@ from alignkit.errors import ConfigError
 from alignkit.train import checkpoint as ckpt
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from conftest import base_overrides, toy_pairs, write_jsonl
+from conftest import base_overrides, crash_after, toy_pairs, write_jsonl
 
 
 def _cfg(tiny_model_dir, data, tmp_path, *extra, out="run"):
@@ -35,20 +35,6 @@ def _strict_json_lines(path: Path) -> list:
 
 def _params(path: Path) -> dict:
     return load_file(str(path / "model.safetensors"))
-
-
-def _crash_after(monkeypatch, at_step: int):
-    """Make the run stop right after checkpoint `at_step` is written, as a crash would."""
-    real = ckpt.save_checkpoint
-
-    def save(run_dir, step, *a, **k):
-        path = real(run_dir, step, *a, **k)
-        if step == at_step:
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save)
-    return real
 
 
 # -- trainer state: no code execution ----------------------------------------------------------
@@ -183,7 +169,7 @@ def test_skip_step_leaves_the_weights_of_the_skipped_step_unchanged(tiny_model_d
 
 def test_a_resume_with_changed_settings_is_refused_and_names_them(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     steps = ["train.max_steps=6", "train.save_every=3"]
-    _crash_after(monkeypatch, 3)
+    crash_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *steps), progress=False)
     changed = _cfg(tiny_model_dir, pairs_file, tmp_path, *steps, "train.learning_rate=1e-3", "loss.beta=0.3",
@@ -208,7 +194,7 @@ def test_a_run_saved_before_keys_moved_still_resumes_and_exports(tiny_model_dir,
     from alignkit.train.export import export_checkpoint
 
     steps = ["train.max_steps=4", "train.save_every=2"]
-    _crash_after(monkeypatch, 2)
+    crash_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *steps), progress=False)
     saved = tmp_path / "run" / "checkpoint-2" / "alignkit_config.yaml"
@@ -230,7 +216,7 @@ def test_a_run_saved_before_keys_moved_still_resumes_and_exports(tiny_model_dir,
 def test_allow_config_change_applies_the_new_learning_rate_and_records_it(tiny_model_dir, pairs_file, tmp_path,
                                                                           monkeypatch):
     steps = ["train.max_steps=6", "train.save_every=3", "train.lr_schedule=constant"]
-    real = _crash_after(monkeypatch, 3)
+    real = crash_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *steps), progress=False)
     monkeypatch.setattr(ckpt, "save_checkpoint", real)
@@ -302,7 +288,7 @@ def test_an_output_dir_that_is_a_file_fails_before_the_model_loads(tiny_model_di
 
 def _two_checkpoints(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     steps = ["train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=3"]
-    real = _crash_after(monkeypatch, 4)
+    real = crash_after(monkeypatch, 4)
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, *steps)
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg, progress=False)
@@ -428,7 +414,7 @@ def test_grpo_resumed_between_two_updates_of_a_rollout_is_exact(tiny_model_dir, 
     extra = ["online.iterations=2", "train.max_steps=6", "train.save_every=3", "train.lr_schedule=constant"]
     full = loop.train(_online_cfg(tiny_model_dir, tmp_path, "grpo", *extra, out="full", reward="chars"),
                       progress=False)
-    real = _crash_after(monkeypatch, 3)  # step 3 is the first of two updates on its rollout
+    real = crash_after(monkeypatch, 3)  # step 3 is the first of two updates on its rollout
     cfg = _online_cfg(tiny_model_dir, tmp_path, "grpo", *extra, reward="chars")
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg, progress=False)
@@ -455,7 +441,7 @@ def test_online_dpo_carries_bco_reward_shift_and_resumes_it(tiny_model_dir, tmp_
     state = torch.load(full.run_dir / "checkpoint-4" / ckpt.STATE_FILE, weights_only=True)
     shift = state["recipe"]["reward_shift"]
     assert shift["count"] > 0 and shift["total"] != 0
-    real = _crash_after(monkeypatch, 2)
+    real = crash_after(monkeypatch, 2)
     cfg = _online_cfg(tiny_model_dir, tmp_path, "online_dpo", *extra, reward="chars")
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg, progress=False)

@@ -207,7 +207,7 @@ def cmd_judge(args) -> int:
 def cmd_pairs(args) -> int:
     from alignkit.data.prompts import load_prompt_examples, prompt_columns
     from alignkit.datatools.pairs import build_pairs, sample_and_score
-    from alignkit.rewards.build import build_reward
+    from alignkit.rewards.build import build_reward, parse_reward_arg
 
     if bool(args.reward) == bool(args.principles):
         raise AlignkitError("give one of --reward SPEC (any reward: a function, a reward model, ...) and "
@@ -215,7 +215,7 @@ def cmd_pairs(args) -> int:
     examples = load_prompt_examples(args.prompts).examples
     log = RecordLog(args.out, _settings(args, "prompts", "k", "reward", "principles"), args.resume)
     lm = _lm(args)
-    reward = _judge(args, lm) if args.principles else build_reward(_spec(args.reward))
+    reward = _judge(args, lm) if args.principles else build_reward(parse_reward_arg(args.reward))
 
     def work(chunk):
         exs = [examples[i] for i in chunk]
@@ -229,12 +229,6 @@ def cmd_pairs(args) -> int:
     _finish(log, records, "alignkit data pairs", counts,
             notes=[f"{args.k} replies per prompt; chosen = best, rejected = worst, margin >= {args.min_margin}"])
     return 0
-
-
-def _spec(text: str):
-    from alignkit.rewards.build import parse_reward_arg
-
-    return parse_reward_arg(text)
 
 
 def cmd_rewrite(args) -> int:
@@ -263,14 +257,14 @@ def cmd_rewrite(args) -> int:
 
 def cmd_select(args) -> int:
     from alignkit.datatools import select
-    from alignkit.rewards.build import build_reward
+    from alignkit.rewards.build import build_reward, parse_reward_arg
 
     rows = _read_jsonl(args.data)
     if args.endpoint:
         raise AlignkitError("alignkit data select embeds the records with a local model: leave out --endpoint.")
     log = RecordLog(args.out, _settings(args, "data", "reward", "budget", "min_distance"), args.resume)
     lm = _lm(args)
-    quality = build_reward(_spec(args.reward)) if args.reward else None
+    quality = build_reward(parse_reward_arg(args.reward)) if args.reward else None
     text = lambda r: r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]  # noqa: E731
 
     def work(chunk):
@@ -319,8 +313,9 @@ def cmd_principles(args) -> int:
 
 def cmd_iterate(args) -> int:
     from alignkit.datatools.iterate import iterate
+    from alignkit.rewards.build import parse_reward_arg
 
-    rows = iterate(args.config, args.overrides, prompts=args.prompts, heldout=args.heldout, reward_spec=_spec(args.reward),
+    rows = iterate(args.config, args.overrides, prompts=args.prompts, heldout=args.heldout, reward_spec=parse_reward_arg(args.reward),
                    rounds=args.rounds, k=args.k, min_margin=args.min_margin, out=args.out,
                    params=_params(args), seed=args.seed, progress=not args.no_progress)
     for r in rows:

@@ -18,6 +18,7 @@ finished round is not redone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -67,8 +68,8 @@ def iterate(config: str | None, overrides: list, *, prompts: str, heldout: str, 
     held_before = rows[-1]["heldout_after"] if rows else None
     for r in range(len(rows), rounds):
         rdir = out_dir / f"round-{r + 1}"
-        cfg_model = base.model.__class__(**{**vars(base.model), "name_or_path": model_path})
-        lm = LocalModel(load_model(cfg_model, for_training=False, cache_dir=base.cache_dir), tokenizer,
+        lm = LocalModel(load_model(dataclasses.replace(base.model, name_or_path=model_path), for_training=False,
+                                   cache_dir=base.cache_dir), tokenizer,
                         batch_size=base.generation.batch_size, name=model_path)
         if held_before is None:
             held_before = _heldout_scores(lm, held_ex, reward, params)
@@ -86,8 +87,8 @@ def iterate(config: str | None, overrides: list, *, prompts: str, heldout: str, 
                                                        f"data.train={rdir / 'pairs.jsonl'}", f"output_dir={rdir / 'run'}"])
         result = train(cfg, progress=progress)
         new_path = str(result.final_dir)
-        lm = LocalModel(load_model(base.model.__class__(**{**vars(base.model), "name_or_path": new_path}),
-                                   for_training=False), tokenizer, batch_size=base.generation.batch_size, name=new_path)
+        lm = LocalModel(load_model(dataclasses.replace(base.model, name_or_path=new_path), for_training=False,
+                                   cache_dir=base.cache_dir), tokenizer, batch_size=base.generation.batch_size, name=new_path)
         held_after = _heldout_scores(lm, held_ex, reward, params)
         del lm
         d = paired_bootstrap(held_before, held_after, seed=seed)

@@ -454,11 +454,12 @@ def _run_parts(cfg: EvalConfig, models, tokenizer, policy, examples) -> dict:
         if reference is None or not cfg.rewards:
             raise ConfigError("--bon-n compares best-of-n from the policy with the reference under a reward: give "
                               "--reference and --reward.")
-        bon_prompts, bon_columns = prompts or (held_out_prompts(cfg, examples) if examples else []), {}
         if cfg.prompts:
             from alignkit.data.prompts import load_prompt_examples, prompt_columns
             records = load_prompt_examples(cfg.prompts).examples[: cfg.num_prompts]
             bon_prompts, bon_columns = [list(e.prompt) for e in records], prompt_columns(records)
+        else:
+            bon_prompts, bon_columns = prompts or (held_out_prompts(cfg, examples) if examples else []), {}
         result["best_of_n"] = best_of_n_section(cfg, tokenizer, policy, reference, bon_prompts, bon_columns)
     if cfg.steer:
         result["steer"] = {"vectors": cfg.steer, "strength": cfg.steer_strength, "positions": cfg.steer_positions}

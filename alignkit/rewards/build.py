@@ -97,15 +97,20 @@ def _build_term(spec, model_options: dict) -> tuple:
 JUDGE_OPTIONS = ("principles", "model", "endpoint")
 
 
+def _check_options(name: str, params: dict, allowed: tuple) -> None:
+    """A key `allowed` does not list is an error naming the allowed ones (and the closest)."""
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(f"reward {name}: unknown option(s) {', '.join(f'`{k}`' for k in unknown)}; its options "
+                          f"are {', '.join(allowed)} (and weight).{hint}")
+
+
 def _judge(params: dict, model_options: dict):
     """`{name: judge, principles: FILE, model: ..., endpoint: ...}` -> a PrincipleJudge. The principles
     file is read before the judge model is loaded, so a mistake in it costs no model load."""
-    unknown = sorted(set(params) - set(JUDGE_OPTIONS))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], JUDGE_OPTIONS, n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise ConfigError(f"reward judge: unknown option(s) {', '.join(f'`{k}`' for k in unknown)}; its options "
-                          f"are {', '.join(JUDGE_OPTIONS)} (and weight).{hint}")
+    _check_options("judge", params, JUDGE_OPTIONS)
     _require(isinstance(params.get("principles"), str), "reward judge needs `principles`: a YAML file with "
                                                         "`principles: [...]`, e.g. {name: judge, principles: p.yaml}.")
     for key in ("model", "endpoint"):
@@ -127,12 +132,7 @@ CALIBRATED_OPTIONS = ("reward", "k", "transform", "n", "t", "model", "max_new_to
 def _calibrated(params: dict, model_options: dict):
     """`{name: calibrated, reward: SPEC, k, transform, n, t, model, max_new_tokens, temperature}` ->
     a CalibratedReward whose reference samples come from `model` (k per prompt, sampled once)."""
-    unknown = sorted(set(params) - set(CALIBRATED_OPTIONS))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], CALIBRATED_OPTIONS, n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise ConfigError(f"reward calibrated: unknown option(s) {', '.join(f'`{k}`' for k in unknown)}; its options "
-                          f"are {', '.join(CALIBRATED_OPTIONS)} (and weight).{hint}")
+    _check_options("calibrated", params, CALIBRATED_OPTIONS)
     _require("reward" in params, "reward calibrated needs `reward`: the reward to calibrate, e.g. "
                                  "{name: calibrated, reward: runs/rm/final}.")
     k, new_tokens = params.get("k", 16), params.get("max_new_tokens", 64)
