@@ -6,12 +6,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install browser demo test clean
+.PHONY: install sandbox browser demo test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-install: $(BIN)/python
+install: $(BIN)/python sandbox
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
@@ -23,6 +23,12 @@ install: $(BIN)/python
 
 demo: install
 	$(BIN)/alignkit demo
+
+# The python tool runs model-written code inside bubblewrap (README "Security"); Debian's package.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) || \
+		echo "note: bubblewrap not installed (sudo apt-get install bubblewrap); the python tool will refuse to run"; }
 
 # Debian's chromium renders the HTML report in one test (which skips without it).
 browser:

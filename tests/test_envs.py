@@ -2,6 +2,7 @@
 loading an environment class."""
 
 import random
+import shutil
 
 import pytest
 
@@ -100,18 +101,19 @@ def test_environment_classes_load_from_a_file_with_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("code,why", [
     ("while True:\n    pass\n", "timed out after 1 s"),
-    ("import os\nfor _ in range(100):\n    os.fork()\n", "does not allow os.fork"),
-    ("import subprocess\nsubprocess.run(['sleep', '1'])\n", "does not allow subprocess.Popen"),
+    ("import os\nfor _ in range(100):\n    os.fork()\n", "Resource temporarily unavailable"),
     ("x = bytearray(2 * 1024 ** 3)\n", "out of memory"),
-    ("print(open('/etc/hostname').read())\n", "cannot open /etc/hostname"),
-    ("open('../escape.txt', 'w').write('x')\n", "cannot open"),
-    ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n", "does not allow socket"),
-    ("import ctypes\n", "does not allow ctypes"),
+    ("print(open('/etc/hostname').read())\n", "No such file or directory: '/etc/hostname'"),
+    ("open('../escape.txt', 'w').write('x')\n", "Read-only file system"),
+    ("import socket\nsocket.create_connection(('10.0.0.1', 9), timeout=1)\n", "Network is unreachable"),
     ("raise ValueError('bad input')\n", "ValueError: bad input"),
 ])
 def test_the_python_tool_ends_abuse_with_a_clear_error(code, why):
+    """The sandbox's own escape tests are tests/test_sandbox.py; these are the limits' messages."""
     from alignkit.envs.python_tool import run_python
 
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed (apt-get install bubblewrap; `make test` does it)")
     result = run_python(code, timeout_s=1, memory_mb=256)
     assert result.error is not None and why in result.error, result
     assert why in result.message()
@@ -120,8 +122,10 @@ def test_the_python_tool_ends_abuse_with_a_clear_error(code, why):
 def test_the_python_tool_runs_ordinary_code_in_its_scratch_directory():
     from alignkit.envs.python_tool import run_python
 
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed (apt-get install bubblewrap; `make test` does it)")
     result = run_python("import math, os\nopen('notes.txt', 'w').write('ok')\n"
-                        "print(round(math.sqrt(2), 4), open('notes.txt').read(), os.listdir('.'))\n")
+                        "print(round(math.sqrt(2), 4), open('notes.txt').read(), sorted(os.listdir('.')))\n")
     assert result.error is None and result.stdout.strip() == "1.4142 ok ['main.py', 'notes.txt']"
     assert run_python("pass").message() == "(no output)"
 

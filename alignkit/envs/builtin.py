@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from alignkit.envs import StepResult
 from alignkit.envs.calculator import CalculatorError, evaluate, format_number
-from alignkit.envs.python_tool import run_python
+from alignkit.envs.python_tool import PythonTool
+from alignkit.envs.sandbox import Limits
 from alignkit.envs.toolcalls import ToolCall, parse_tool_calls
 from alignkit.errors import ConfigError
 from alignkit.plugins import load_module
@@ -35,21 +36,25 @@ def calculator(arguments: dict) -> str:
 
 PYTHON = {"type": "function", "function": {
     "name": "python",
-    "description": "Run a Python program and read what it prints (5 s, 512 MiB, no network, no files outside "
+    "description": "Run a Python program and read what it prints (5 s, 512 MiB, no network; files only in "
                    "its scratch directory).",
     "parameters": {"type": "object", "properties": {"code": {"type": "string",
                    "description": "the program, for example print(17 * 3)"}}, "required": ["code"]}}}
 
 
-def python(arguments: dict) -> str:
-    code = arguments.get("code")
-    if not isinstance(code, str):
-        raise ValueError('python needs {"code": "<program>"}')
-    return run_python(code).message()
+# name -> (JSON schema, function(arguments: dict) -> str). The python tool runs behind the sandbox
+# `env.sandbox` names; `bind_executor` gives each environment's copy that executor.
+TOOLS = {"calculator": (CALCULATOR, calculator), "python": (PYTHON, PythonTool())}
 
 
-# name -> (JSON schema, function(arguments: dict) -> str)
-TOOLS = {"calculator": (CALCULATOR, calculator), "python": (PYTHON, python)}
+def bind_executor(tools: dict, executor) -> dict:
+    """`tools` with every code tool bound to `executor` (other tools unchanged)."""
+    return {name: (schema, fn.bind(executor) if isinstance(fn, PythonTool) else fn)
+            for name, (schema, fn) in tools.items()}
+
+
+def runs_code(tools: dict) -> bool:
+    return any(isinstance(fn, PythonTool) for _, fn in tools.values())
 
 
 def resolve_tools(names: list) -> dict:
@@ -150,9 +155,16 @@ class CalculatorEnvironment(ToolEnvironment):
 
 
 class PythonEnvironment(CalculatorEnvironment):
-    """`python`: as `calculator`, with the Python runner as the tool."""
+    """`python`: as `calculator`, with the Python runner as the tool (behind `env.sandbox`); its
+    limits come from `env.args` (timeout_s, memory_mb, max_output, max_processes, scratch_mb)."""
 
-    tools = {"python": TOOLS["python"]}
+    def __init__(self, style: str = "hermes", **limits):
+        super().__init__(style)
+        try:
+            self.tools = {"python": (PYTHON, PythonTool(limits=Limits(**limits)))}
+        except TypeError:
+            raise ConfigError(f"`env.args` {limits!r}: the python environment takes timeout_s, memory_mb, max_output, "
+                              "max_processes, scratch_mb and file_mb.") from None
 
 
 class GSM8KTools(CalculatorEnvironment):

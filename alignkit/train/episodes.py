@@ -24,12 +24,14 @@ and the `<tool_call>` format (`envs.toolcalls.fallback_instructions`).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from alignkit.envs import load_environment_class
-from alignkit.envs.builtin import resolve_tools
+from alignkit.envs.builtin import bind_executor, resolve_tools, runs_code
+from alignkit.envs.sandbox import UNSAFE_WARNING, make_executor
 from alignkit.envs.toolcalls import fallback_instructions, template_style
 from alignkit.errors import ConfigError
 from alignkit.generation.decode import Sample, SamplingParams, row_seed
@@ -82,7 +84,12 @@ class EpisodeSampler:
         self.cls = load_environment_class(cfg.env.name)
         self.style = template_style(tokenizer)
         self.tools = resolve_tools(cfg.env.tools) if cfg.env.tools is not None else None
-        self.make()  # a bad `env.args` or `env.tools` fails here, before the model loads
+        self.executor = make_executor(cfg.env.sandbox)
+        env = self.make()  # a bad `env.args` or `env.tools` fails here, before the model loads
+        if isinstance(getattr(env, "tools", None), dict) and runs_code(env.tools):
+            if self.executor.name == "none":
+                print(UNSAFE_WARNING, file=sys.stderr, flush=True)
+            self.executor.check()  # no sandbox here: stop before training, saying how to get one
 
     def make(self):
         e = self.env_cfg
@@ -95,6 +102,8 @@ class EpisodeSampler:
                 raise ConfigError(f"`env.tools`: environment {e.name!r} has no `tools` to replace (a tool environment "
                                   "keeps {name: (schema, function)} in `tools`, as envs.builtin.ToolEnvironment).")
             env.tools = self.tools
+        if isinstance(getattr(env, "tools", None), dict):
+            env.tools = bind_executor(env.tools, self.executor)
         if hasattr(env, "style"):  # parse calls in the template's format; the fallback teaches hermes blocks
             env.style = "hermes" if self.style == "fallback" else self.style
         return env
