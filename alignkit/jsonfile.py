@@ -30,13 +30,19 @@ def dumps(obj, **kwargs) -> str:
 
 
 def write_atomic(path: str | Path, obj, indent: int | None = 2) -> Path:
-    """Write `obj` as strict JSON to a temporary file beside `path`, then rename it into place."""
+    """Write `obj` as strict JSON to a temporary file beside `path`, then rename it into place.
+
+    A reader (or the next run, after a crash or power loss) sees the old file or the new one, never
+    a torn one: the temporary file is in the same directory, so the rename is atomic, and it is
+    fsynced first, since a rename can otherwise reach the disk before the data and leave an empty file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(dumps(obj, indent=indent, default=str))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

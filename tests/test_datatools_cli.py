@@ -100,7 +100,15 @@ def test_one_iterate_round(tiny_model_dir, tmp_path):
 
 
 def test_judge_rewrite_select_and_principles_commands(tiny_model_dir, tmp_path):
+    from alignkit.datatools.principles import dedupe, propose
+    from alignkit.datatools.select import complexity_score
+    from alignkit.generation.decode import SamplingParams
+    from alignkit.generation.text_models import text_model
+    from alignkit.inference.rewrite import rewrite
+
     m = ["--model", str(tiny_model_dir), "--max-new-tokens", "6", "--no-progress"]
+    # The same model, called through the library rather than the CLI: what each command must reproduce.
+    lm = text_model(model=str(tiny_model_dir), batch_size=16)
     principles = tmp_path / "principles.yaml"
     principles.write_text("principles:\n  - Answer the question that was asked.\n  - Be brief.\n")
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"what is {i} ?", "chosen": "yes it is one",
@@ -109,7 +117,15 @@ def test_judge_rewrite_select_and_principles_commands(tiny_model_dir, tmp_path):
                  str(tmp_path / "judged.jsonl"), *m]) == 0
     judged = _lines(tmp_path / "judged.jsonl")
     assert len(judged) == 10 and all(isinstance(r["judge_margin"], float) for r in judged)
-    assert "judge agrees with chosen" in (tmp_path / "judged.jsonl.summary.md").read_text()
+    # The tiny word-level vocabulary has no "A" or "B": both options encode as <unk> (id 0), so the
+    # judge's log p("A") - log p("B") is exactly 0 in both orders and every margin is exactly 0.0;
+    # a tie counts as not agreeing with chosen.
+    assert lm.tokenizer("A", add_special_tokens=False)["input_ids"] == lm.tokenizer("B", add_special_tokens=False)[
+        "input_ids"] == [lm.tokenizer.unk_token_id]
+    assert [r["judge_margin"] for r in judged] == [0.0] * 10
+    assert [r["prompt"] for r in judged] == [[{"role": "user", "content": f"what is {i} ?"}] for i in range(10)]
+    summary = (tmp_path / "judged.jsonl.summary.md").read_text()
+    assert "| mean judge_margin | 0.0 |" in summary and "| judge agrees with chosen (margin > 0) | 0/10 |" in summary
 
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"what is {i} yes ?", "completion": "one " * (i + 1)}
                                                for i in range(8)])
@@ -117,6 +133,14 @@ def test_judge_rewrite_select_and_principles_commands(tiny_model_dir, tmp_path):
     rewritten = _lines(tmp_path / "rw.jsonl")
     assert [r["original_prompt"] for r in rewritten] == [f"what is {i} yes ?" for i in range(8)]
     assert all(isinstance(r["prompt"], str) and r["prompt"] for r in rewritten)
+    # Greedy (data rewrite's default temperature 0), so the CLI's text is the library's; 6 new tokens
+    # of a word-level vocabulary are 6 words. The random model writes the same six words whatever
+    # the digit in the instruction: the long template dominates its context.
+    direct = rewrite(lm, [f"what is {i} yes ?" for i in range(8)], SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert direct.fallbacks == [] and [r["prompt"] for r in rewritten] == list(direct)
+    assert [r["prompt"] for r in rewritten] == ["5 this red you but how"] * 8
+    assert [r["completion"] for r in rewritten] == ["one " * (i + 1) for i in range(8)]  # other columns kept
+    assert "| kept as they were | 0 |" in (tmp_path / "rw.jsonl.summary.md").read_text()
 
     assert main(["data", "select", "--data", str(sft), "--budget", "3", "--min-distance", "0.0001",
                  "--out", str(tmp_path / "sel.jsonl"), *m]) == 0
@@ -124,12 +148,41 @@ def test_judge_rewrite_select_and_principles_commands(tiny_model_dir, tmp_path):
     assert len(chosen) == 3 and "<svg" in (tmp_path / "sel.jsonl.scores.svg").read_text()
     scores = [r["select_score"] for r in chosen]
     assert scores == sorted(scores, reverse=True)  # score first
+    # Without --reward the score is the complexity alone. A random model rates the six digits about
+    # equally, so every expected rating is near the uniform mean 3.5; the three highest are prompts
+    # 2, 3 and 6, and no two texts are within cosine distance 1e-4, so none is skipped as redundant.
+    comp = complexity_score(lm, [f"what is {i} yes ?" for i in range(8)])
+    top = sorted(range(8), key=lambda i: -comp[i])[:3]
+    assert top == [2, 3, 6]
+    assert chosen == [{"prompt": f"what is {i} yes ?", "completion": "one " * (i + 1), "select_score": comp[i]}
+                      for i in top]
+    # float32 logits: pinned to 1e-5, below the gaps between these scores (8e-5 and more)
+    assert scores == pytest.approx([3.485807, 3.485546, 3.485463], abs=1e-5)
+    summary = (tmp_path / "sel.jsonl.summary.md").read_text()
+    for row in ("| records | 8 |", "| selected | 3 |", "| redundant | 0 |", "| not_reached | 5 |"):
+        assert row in summary
+    svg = (tmp_path / "sel.jsonl.scores.svg").read_text()
+    assert f"<!-- all (n=8, mean {sum(comp) / 8:.3g}) -->" in svg  # the legend: 3.49
+    assert f"<!-- selected (n=3, mean {sum(scores) / 3:.3g}) -->" in svg
 
     assert main(["data", "principles", "--pairs", str(pairs), "--heldout-fraction", "0.3", "--max-principles", "2",
                  "--out", str(tmp_path / "pr.jsonl"), *m]) == 0
     found = _lines(tmp_path / "pr.jsonl")
     assert len(found) <= 2 and all(0.0 <= r["heldout_agreement"] <= 1.0 for r in found)
     assert "majority vote" in (tmp_path / "pr.jsonl.summary.md").read_text()
+    # 10 pairs at 0.3 held out: the first 7 propose, the last 3 check. Every judge margin is 0 (see
+    # above), so every agreement is 0 and the ranking keeps proposal order: the first two distinct
+    # principles proposed from the first 7 pairs (sampled at the command's temperature 0.7, seed 0).
+    train = [{"prompt": [{"role": "user", "content": f"what is {i} ?"}], "chosen": "yes it is one",
+              "rejected": "no no no no"} for i in range(7)]
+    proposed = propose(lm, train, SamplingParams(max_new_tokens=6, temperature=0.7), seed=0)
+    assert [r["principle"] for r in found] == dedupe(proposed)[:2]
+    assert [(r["train_agreement"], r["heldout_agreement"]) for r in found] == [(0.0, 0.0), (0.0, 0.0)]
+    summary = (tmp_path / "pr.jsonl.summary.md").read_text()
+    for row in ("| train pairs | 7 |", "| held-out pairs | 3 |", f"| principles proposed | {len(proposed)} |",
+                f"| after deduplication | {len(dedupe(proposed))} |", "| kept | 2 |",
+                "| held-out agreement of the kept principles' majority vote | 0.0 |"):
+        assert row in summary
 
 
 def test_generate_with_the_rewrite_strategy(tiny_model_dir, tmp_path):

@@ -141,10 +141,31 @@ def test_embed_unit_rows_that_do_not_depend_on_the_batch():
         embed(model, tok, ["hello", ["not", "text"]])
 
 
+def _bars(svg: str) -> list[tuple[float, float, float]]:
+    """(left x, width, height) in SVG points of each histogram bar, in drawing order: the bars are the
+    clipped rectangles `<g id="select-scores-patch_N"><path d="M x0 y0 L x1 y0 L x1 y1 L x0 y1 z"`."""
+    import re
+
+    rect = re.compile(r'<g id="select-scores-patch_\d+">\s*<path d="M ([\d.]+) ([\d.]+) \s*L ([\d.]+) [\d.]+ \s*'
+                      r'L [\d.]+ ([\d.]+) [^"]*" clip-path')
+    return [(float(x0), float(x1) - float(x0), float(y0) - float(y1)) for x0, y0, x1, y1 in rect.findall(svg)]
+
+
 def test_plot_scores_writes_an_svg(tmp_path):
     out = plot_scores([1.0, 2.0, 2.5, 3.0, 4.0, 5.0], [4.0, 5.0], tmp_path / "plots" / "select.svg")
     text = out.read_text()
     assert out == tmp_path / "plots" / "select.svg"
     assert text.startswith("<svg") and text.rstrip().endswith("</svg>")
+    # Legend: counts and means, (1 + 2 + 2.5 + 3 + 4 + 5) / 6 = 2.9167 and (4 + 5) / 2 = 4.5 at 3 digits.
+    assert "<!-- all (n=6, mean 2.92) -->" in text and "<!-- selected (n=2, mean 4.5) -->" in text
+    # Bins: 6 scores give max(5, int(sqrt(6))) = 5 bins over [1, 5], each 0.8 wide: [1, 1.8) [1.8, 2.6)
+    # [2.6, 3.4) [3.4, 4.2) [4.2, 5]. All: 1, 2 (2.0 and 2.5), 1, 1, 1; selected: 0, 0, 0, 1 (4.0), 1 (5.0).
+    bars = _bars(text)
+    assert len(bars) == 10
+    unit = bars[0][2]  # the height of one example
+    assert [round(h / unit, 6) for _, _, h in bars] == [1, 2, 1, 1, 1, 0, 0, 0, 1, 1]
+    width = bars[0][1]
+    assert all(abs(w - width) < 1e-3 for _, w, _ in bars)  # equal bins (SVG coordinates have 6 decimals)
+    assert [round((x - bars[0][0]) / width, 3) for x, _, _ in bars] == [0, 1, 2, 3, 4] * 2  # the same bins
     with pytest.raises(ValueError, match="empty"):
         plot_scores([], [], tmp_path / "x.svg")

@@ -9,10 +9,12 @@ server (vLLM, llama.cpp, a hosted API) instead, `--concurrency` requests at a ti
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
+from alignkit.datatools import checks
 from alignkit.datatools.jobs import RecordLog, write_summary
-from alignkit.errors import AlignkitError
+from alignkit.errors import ConfigError, DataError
 
 CHUNK = 16  # items per saved step: an interruption loses at most this much work
 
@@ -29,7 +31,8 @@ def add_model_args(p: argparse.ArgumentParser, temperature: float = 0.7, max_new
     p.add_argument("--temperature", type=float, default=temperature)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the JSONL file to write (a summary is written beside it)")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping what it finished")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run, keeping what it finished "
+                   "(refused, exit 2, when its settings or an input file's contents changed, or OUT is finished)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -67,12 +70,6 @@ def _run(log: RecordLog, ids: list, work, progress: bool, desc: str, chunk: int 
             bar.update(len(part))
 
 
-def _read_jsonl(path: str) -> list:
-    from alignkit.data.readers import read_records
-
-    return [rec for _, rec in read_records(path)]
-
-
 def _read_pairs(path: str) -> list:
     """Preference pairs in any format alignkit trains on (HH-RLHF transcripts included), as
     {prompt: messages, chosen: text, rejected: text}; a record alignkit would refuse is an error."""
@@ -96,12 +93,16 @@ def _finish(log: RecordLog, records: list, title: str, counts: dict, notes=(), p
 
 
 # ---------------------------------------------------------------------------------------------
+# Each command checks its options and input records first (`checks`), then opens the record log
+# (which refuses a finished or foreign output at once), and only then loads models.
 
 
 def cmd_synth(args) -> int:
     from alignkit.datatools import filters, synth
 
-    log = RecordLog(args.out, _settings(args, "method", "n", "principles", "prompts"), args.resume)
+    spec, prompts = checks.synth_options(args)
+    log = RecordLog(args.out, _settings(args, "method", "n", "principles", "prompts"), args.resume,
+                    inputs={"--principles": args.principles, "--prompts": args.prompts} if spec else None)
     lm, params = _lm(args), _params(args)
     # One logged item per chunk of CHUNK records: a chunk's records and what it dropped (empty
     # instructions or replies) are saved together, so a resumed run redoes only unfinished chunks.
@@ -111,20 +112,12 @@ def cmd_synth(args) -> int:
             from alignkit.config import ModelConfig
             from alignkit.models import load_tokenizer
 
-            if not args.tokenizer:
-                raise AlignkitError("--method magpie with --endpoint needs --tokenizer (a local copy of the served "
-                                    "model's tokenizer): Magpie writes the chat template's user header itself.")
             tokenizer = load_tokenizer(ModelConfig(name_or_path=args.tokenizer))
         total = args.n
 
         def make(start, size):
             return synth.magpie(lm, tokenizer, size, params, seed=args.seed * 1_000_003 + start)
     else:
-        if not args.principles or not args.prompts:
-            raise AlignkitError("--method self-align needs --principles FILE (principles and exemplars) and --prompts "
-                                "FILE (the prompts to answer).")
-        spec = synth.load_principles(args.principles)
-        prompts = [r.get("prompt") for r in _read_jsonl(args.prompts)]
         total = len(prompts)
 
         def make(start, size):
@@ -151,13 +144,17 @@ def cmd_synth(args) -> int:
     from alignkit.datatools.select import plot_scores
 
     plot = Path(args.out).with_name(Path(args.out).name + ".lengths.svg")
-    plot_scores([len(r["prompt"].split()) for r in raw], [len(r["prompt"].split()) for r in kept], plot,
-                label="prompt length (words)", title="prompt lengths: generated vs kept")
+    if raw:
+        plot_scores([len(r["prompt"].split()) for r in raw], [len(r["prompt"].split()) for r in kept], plot,
+                    label="prompt length (words)", title="prompt lengths: generated vs kept")
+        plot_note = f"prompt lengths before and after the filters: {plot.name}"
+    else:  # every instruction or reply came back empty (counted above): nothing to plot
+        plot_note = "no prompt-length plot: the model wrote no usable record (see the synth counts)"
     _finish(log, kept, f"alignkit data synth --method {args.method}",
             {**{f"synth: {k}": v for k, v in synth_counts.items()}, **{f"filter: {k}": v for k, v in counts.items()}},
             notes=[f"model: {args.model or 'SmolLM2-135M-Instruct (bundled)'}"
                    + (f" at {args.endpoint}" if args.endpoint else ""),
-                   _diversity([r["prompt"] for r in kept]), f"prompt lengths before and after the filters: {plot.name}",
+                   _diversity([r["prompt"] for r in kept]), plot_note,
                    "filters in order: too short, too long, repetitive, refusal, near-duplicate (MinHash); each "
                    "record is counted by the first filter that removes it"])
     return 0
@@ -171,20 +168,31 @@ def _diversity(texts: list) -> str:
             f"{sum(words) / max(len(words), 1):.1f} words on average, {len(set(texts))} distinct of {len(texts)}")
 
 
-def _judge(args, lm):
-    from alignkit.rewards.judge import PrincipleJudge, load_principles_file
+def _judge(loaded: dict, lm):
+    from alignkit.rewards.judge import PrincipleJudge
 
-    return PrincipleJudge(lm, **load_principles_file(args.principles))
+    return PrincipleJudge(lm, **loaded)
 
 
 def cmd_judge(args) -> int:
     """Score prompt/completion records, or compare the two sides of preference pairs."""
-    rows = _read_jsonl(args.data)
-    paired = bool(rows) and "chosen" in rows[0]
+    from alignkit.rewards.judge import load_principles_file
+
+    checks.model_options(args)
+    raw = checks.read_rows(args.data, "--data")
+    paired = "chosen" in raw[0][1]
     if paired:
         rows = _read_pairs(args.data)
-    log = RecordLog(args.out, _settings(args, "data", "principles"), args.resume)
-    judge = _judge(args, _lm(args))
+    else:
+        for where, rec in raw:
+            checks.prompt(where, rec, "--data", "judge")
+            checks.text_column(where, rec, "completion", "--data", "judge",
+                               why=" to score it (or `chosen` and `rejected`, in every record, to compare pairs)")
+        rows = [rec for _, rec in raw]
+    principles = load_principles_file(args.principles)
+    log = RecordLog(args.out, _settings(args, "data", "principles"), args.resume,
+                    inputs={"--data": args.data, "--principles": args.principles})
+    judge = _judge(principles, _lm(args))
 
     def work(chunk):
         recs = [rows[i] for i in chunk]
@@ -208,14 +216,22 @@ def cmd_pairs(args) -> int:
     from alignkit.data.prompts import load_prompt_examples, prompt_columns
     from alignkit.datatools.pairs import build_pairs, sample_and_score
     from alignkit.rewards.build import build_reward, parse_reward_arg
+    from alignkit.rewards.judge import load_principles_file
 
+    checks.model_options(args)
     if bool(args.reward) == bool(args.principles):
-        raise AlignkitError("give one of --reward SPEC (any reward: a function, a reward model, ...) and "
-                            "--principles FILE (the principle judge).")
+        raise ConfigError("give one of --reward SPEC (any reward: a function, a reward model, ...) and "
+                          "--principles FILE (the principle judge).")
+    checks.at_least(args.k, 2, "--k", " (replies per prompt: a pair needs two)")
+    checks.within(args.min_margin, 0.0, math.inf, "--min-margin", "a reward difference")
     examples = load_prompt_examples(args.prompts).examples
-    log = RecordLog(args.out, _settings(args, "prompts", "k", "reward", "principles"), args.resume)
+    loaded = load_principles_file(args.principles) if args.principles else None
+    spec = parse_reward_arg(args.reward) if args.reward else None
+    log = RecordLog(args.out, _settings(args, "prompts", "k", "reward", "principles"), args.resume,
+                    inputs={"--prompts": args.prompts, "--principles": args.principles, **checks.reward_inputs(spec)})
+    reward = build_reward(spec) if spec is not None else None
     lm = _lm(args)
-    reward = _judge(args, lm) if args.principles else build_reward(parse_reward_arg(args.reward))
+    reward = _judge(loaded, lm) if loaded is not None else reward
 
     def work(chunk):
         exs = [examples[i] for i in chunk]
@@ -232,22 +248,28 @@ def cmd_pairs(args) -> int:
 
 
 def cmd_rewrite(args) -> int:
-    from alignkit.inference.rewrite import rewrite
+    from alignkit.inference.rewrite import rewrite, rewrite_messages
 
-    rows = _read_jsonl(args.data)
-    log = RecordLog(args.out, _settings(args, "data"), args.resume)
+    checks.model_options(args)
+    raw = checks.read_rows(args.data, "--data")
+    for where, rec in raw:
+        checks.prompt(where, rec, "--data", "rewrite")
+    rows = [rec for _, rec in raw]
+    log = RecordLog(args.out, _settings(args, "data"), args.resume, inputs={"--data": args.data})
     lm = _lm(args)
 
     def work(chunk):
-        from alignkit.inference.rewrite import rewrite_messages
-
-        texts = [rows[i]["prompt"] for i in chunk]
-        if all(isinstance(t, str) for t in texts):
-            new = rewrite(lm, texts, _params(args), args.seed + chunk[0])
-        else:  # message lists: the last user message is rewritten
-            new = rewrite_messages(lm, [[{"role": "user", "content": t}] if isinstance(t, str) else t for t in texts],
-                                   _params(args), args.seed + chunk[0])
-        return [{"id": i, **rows[i], "prompt": n, "original_prompt": t} for i, t, n in zip(chunk, texts, list(new))]
+        # Text prompts and message lists are rewritten apart, so each record keeps its prompt's form
+        # (a text prompt never comes back as a message list because a neighbour was one).
+        texts = [i for i in chunk if isinstance(rows[i]["prompt"], str)]
+        convs = [i for i in chunk if not isinstance(rows[i]["prompt"], str)]
+        new = {}
+        if texts:
+            new.update(zip(texts, rewrite(lm, [rows[i]["prompt"] for i in texts], _params(args), args.seed + chunk[0])))
+        if convs:  # message lists: the last user message is rewritten
+            new.update(zip(convs, rewrite_messages(lm, [rows[i]["prompt"] for i in convs], _params(args),
+                                                   args.seed + chunk[0])))
+        return [{"id": i, **rows[i], "prompt": new[i], "original_prompt": rows[i]["prompt"]} for i in chunk]
     _run(log, list(range(len(rows))), work, not args.no_progress, "rewrite")
     out = [{k: v for k, v in log.done[i].items() if k != "id"} for i in range(len(rows))]
     unchanged = sum(r["prompt"] == r["original_prompt"] for r in out)
@@ -259,18 +281,33 @@ def cmd_select(args) -> int:
     from alignkit.datatools import select
     from alignkit.rewards.build import build_reward, parse_reward_arg
 
-    rows = _read_jsonl(args.data)
     if args.endpoint:
-        raise AlignkitError("alignkit data select embeds the records with a local model: leave out --endpoint.")
-    log = RecordLog(args.out, _settings(args, "data", "reward", "budget", "min_distance"), args.resume)
+        raise ConfigError("alignkit data select embeds the records with a local model: leave out --endpoint.")
+    checks.model_options(args)
+    checks.at_least(args.budget, 1, "--budget", " (examples to select)")
+    checks.within(args.min_distance, 0.0, 2.0, "--min-distance", "a cosine distance")
+    raw = checks.read_rows(args.data, "--data")
+    for where, rec in raw:
+        checks.prompt(where, rec, "--data", "select")
+        checks.text_column(where, rec, "completion", "--data", "select", required=False)
+    rows = [rec for _, rec in raw]
+    spec = parse_reward_arg(args.reward) if args.reward else None
+    log = RecordLog(args.out, _settings(args, "data", "reward", "budget", "min_distance"), args.resume,
+                    inputs={"--data": args.data, **checks.reward_inputs(spec)})
     lm = _lm(args)
-    quality = build_reward(parse_reward_arg(args.reward)) if args.reward else None
+    quality = build_reward(spec) if spec is not None else None
     text = lambda r: r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]  # noqa: E731
 
     def work(chunk):
         recs = [rows[i] for i in chunk]
         comp = select.complexity_score(lm, [text(r) for r in recs])
         qual = quality([r["prompt"] for r in recs], [r.get("completion", "") for r in recs]) if quality else [1.0] * len(recs)
+        for i, q in zip(chunk, qual):  # Deita multiplies complexity by quality: it must be positive
+            if not (math.isfinite(float(q)) and float(q) > 0):
+                raise DataError(f"{raw[i][0]}: --reward {args.reward} gives {float(q)}; the quality score is "
+                                "multiplied by the complexity, so it must be a positive number. Map the reward to a "
+                                "positive scale (e.g. a sigmoid), or leave out --reward to rank by complexity alone "
+                                f"(a changed --reward cannot --resume: delete {log.log} and {log.meta} first).")
         return [{"id": i, "complexity": c, "quality": float(q)} for i, c, q in zip(chunk, comp, qual)]
     _run(log, list(range(len(rows))), work, not args.no_progress, "select: scores")
     scored = [log.done[i] for i in range(len(rows))]
@@ -292,13 +329,19 @@ def cmd_principles(args) -> int:
     from alignkit.datatools import principles
     from alignkit.rewards.judge import PrincipleJudge
 
+    checks.model_options(args)
+    checks.at_least(args.limit, 2, "--limit", " (pairs to use: some to propose from, some held out)")
+    checks.within(args.heldout_fraction, 0.0, 1.0, "--heldout-fraction", "a share of the pairs", open_low=True,
+                  open_high=True)
+    checks.at_least(args.max_principles, 1, "--max-principles")
     pairs = _read_pairs(args.pairs)[: args.limit]
     split = int(len(pairs) * (1 - args.heldout_fraction))
     train_pairs, held_pairs = pairs[:split], pairs[split:]
     if not train_pairs or not held_pairs:
-        raise AlignkitError(f"{args.pairs}: {len(pairs)} pairs leave no training or held-out pairs at "
-                            f"--heldout-fraction {args.heldout_fraction}.")
-    log = RecordLog(args.out, _settings(args, "pairs", "limit", "heldout_fraction", "max_principles"), args.resume)
+        raise ConfigError(f"{args.pairs}: {len(pairs)} pairs leave no training or held-out pairs at "
+                          f"--heldout-fraction {args.heldout_fraction}; give more pairs or another fraction.")
+    log = RecordLog(args.out, _settings(args, "pairs", "limit", "heldout_fraction", "max_principles"), args.resume,
+                    inputs={"--pairs": args.pairs})
     lm = _lm(args)
     found = principles.extract(lm, lambda p: PrincipleJudge(lm, [p]), train_pairs, held_pairs,
                                max_principles=args.max_principles, params=_params(args), seed=args.seed,
@@ -315,6 +358,10 @@ def cmd_iterate(args) -> int:
     from alignkit.datatools.iterate import iterate
     from alignkit.rewards.build import parse_reward_arg
 
+    checks.model_options(args)
+    checks.at_least(args.rounds, 1, "--rounds")
+    checks.at_least(args.k, 2, "--k", " (replies per prompt: a pair needs two)")
+    checks.within(args.min_margin, 0.0, math.inf, "--min-margin", "a reward difference")
     rows = iterate(args.config, args.overrides, prompts=args.prompts, heldout=args.heldout, reward_spec=parse_reward_arg(args.reward),
                    rounds=args.rounds, k=args.k, min_margin=args.min_margin, out=args.out,
                    params=_params(args), seed=args.seed, progress=not args.no_progress)

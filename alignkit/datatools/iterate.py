@@ -12,8 +12,10 @@ Round r, from model M_r (the config's `model.name_or_path` for r = 0):
   5. score M_{r+1}'s greedy replies to the held-out prompts with the same reward, against M_r's
      (a paired bootstrap interval over prompts).
 The report (OUT/iterate.md, OUT/iterate.json) has one row per round. Each finished round is
-recorded in OUT/iterate.json before the next starts; run again with the same arguments, a
-finished round is not redone.
+recorded in OUT/iterate.json before the next starts (written atomically: a crash leaves the old
+state or the new one, never half of it); run again with the same arguments, a finished round is
+not redone. The state also keeps the sha256 of the prompts and held-out files: a later round on
+edited files would compare held-out rewards of two different prompt sets, so that is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+from alignkit.datatools.jobs import fingerprint
 from alignkit.errors import AlignkitError
+from alignkit.jsonfile import write_atomic
+
+# What each round's row must hold for the next run to carry on from it (and to write the report).
+_ROW_KEYS = ("round", "pairs", "heldout_after", "before", "after", "diff", "ci95", "improved", "worsened", "model")
 
 
 def _heldout_scores(lm, examples, reward, params) -> list:
@@ -46,17 +53,15 @@ def iterate(config: str | None, overrides: list, *, prompts: str, heldout: str, 
     from alignkit.train.loop import train
 
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "iterate.json"
     base = load_config(config, list(overrides) + [f"data.train={prompts}"])
     settings = {"config": config, "overrides": list(overrides), "prompts": prompts, "heldout": heldout,
                 "reward": reward_spec, "k": k, "min_margin": min_margin, "seed": seed,
                 "max_new_tokens": params.max_new_tokens, "temperature": params.temperature}
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"settings": settings, "rounds": []}
-    if state["settings"] != settings:
-        changed = sorted(key for key in settings if state["settings"].get(key) != settings[key])
-        raise AlignkitError(f"{state_path} holds rounds run with other settings ({', '.join(changed)}); use another "
-                            "--out or the same settings.")
+    inputs = {"--prompts": {"path": prompts, "sha256": fingerprint(prompts)},
+              "--heldout": {"path": heldout, "sha256": fingerprint(heldout)}}
+    state = read_state(state_path, settings, inputs)
+    out_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run leaves nothing behind
     reward = build_reward(reward_spec)
     train_ex = load_prompt_examples(prompts).examples
     held_ex = load_prompt_examples(heldout).examples
@@ -97,11 +102,48 @@ def iterate(config: str | None, overrides: list, *, prompts: str, heldout: str, 
                      "heldout_before": held_before, "heldout_after": held_after,
                      "before": d.before, "after": d.after, "diff": d.diff, "ci95": [d.lo, d.hi],
                      "improved": d.improved, "worsened": d.worsened, "model": new_path})
-        state_path.write_text(json.dumps(state, indent=1))
+        write_atomic(state_path, state, indent=1)
         write_report(out_dir, rows)
         model_path, held_before = new_path, held_after
     write_report(out_dir, rows)
     return rows
+
+
+def read_state(path: Path, settings: dict, inputs: dict) -> dict:
+    """The rounds recorded in OUT/iterate.json, checked against this run's settings and input files
+    ({"settings", "inputs", "rounds"}; a fresh state when there is no file)."""
+    fresh = {"settings": settings, "inputs": inputs, "rounds": []}
+    if not path.exists():
+        return fresh
+    restart = (f"remove {path} to run the rounds again from the start (the round-N directories beside it are "
+               "then redone), or use another --out")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AlignkitError(f"{path} is not valid JSON ({e}): the record of the finished rounds was cut short or "
+                            f"edited, so it cannot be carried on from; {restart}.") from None
+    rounds = state.get("rounds") if isinstance(state, dict) else None
+    if not (isinstance(state, dict) and isinstance(state.get("settings"), dict) and isinstance(rounds, list)
+            and all(isinstance(r, dict) and all(k in r for k in _ROW_KEYS) for r in rounds)):
+        raise AlignkitError(f"{path} does not hold alignkit iterate's record of finished rounds (an object with "
+                            f"`settings` and `rounds`, each round with {', '.join(_ROW_KEYS)}); {restart}.")
+    if state["settings"] != settings:
+        changed = sorted(key for key in settings if state["settings"].get(key) != settings[key])
+        raise AlignkitError(f"{path} holds rounds run with other settings ({', '.join(changed)}); use another "
+                            "--out or the same settings.")
+    saved = state.get("inputs")
+    if not isinstance(saved, dict):  # written before the inputs were recorded: record them from now on
+        print(f"alignkit: {path} does not record the contents of --prompts and --heldout; checking them from this "
+              "run on")
+        state["inputs"] = inputs
+        return state
+    for option, now in inputs.items():
+        before = saved.get(option) or {}
+        if before.get("sha256") != now["sha256"]:
+            raise AlignkitError(f"{now['path']} ({option}) changed since the finished rounds in {path} were run: a "
+                                "new round would be compared with rounds on other prompts. Restore the file as it "
+                                f"was, or {restart}.")
+    return state
 
 
 def write_report(out_dir: Path, rows: list) -> Path:

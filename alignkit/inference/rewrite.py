@@ -93,19 +93,34 @@ def rewrite(lm, instructions: list[str], params, seed: int = 0, template: str | 
     return Rewrites(out, fallbacks)
 
 
+def _a(value) -> str:
+    kind = type(value).__name__
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
 def rewrite_messages(lm, conversations: list, params, seed: int = 0, template: str | None = None,
                      progress: bool = False) -> Rewrites:
     """Conversations (message lists) with their last user message rewritten as `rewrite` does; the
     other messages (a system prompt, earlier turns) are kept as they are. The input is not modified."""
-    conversations = [list(c) for c in conversations]
+    conversations = list(conversations)
     where = []
     for i, conv in enumerate(conversations):
+        if isinstance(conv, (str, bytes)) or not isinstance(conv, (list, tuple)):
+            raise AlignkitError(f"rewrite: conversation {i} is {_a(conv)}, not a list of messages; pass message lists "
+                                "here (or strings to `rewrite`).")
         users = [j for j, m in enumerate(conv) if isinstance(m, dict) and m.get("role") == "user"]
         if not users:
             raise AlignkitError(f"rewrite: conversation {i} has no user message to rewrite; each conversation needs "
                                 "at least one {'role': 'user', 'content': ...} message.")
+        content = conv[users[-1]].get("content")
+        if not isinstance(content, str):
+            # str() of a missing or structured content would send "None" or a dict's repr to be rewritten
+            raise AlignkitError(f"rewrite: conversation {i}, message {users[-1]} (the last user message) has "
+                                f"{'no content' if content is None else _a(content) + ' as content'}"
+                                "; give its text as `content`.")
         where.append(users[-1])
-    texts = [str(conv[j]["content"]) for conv, j in zip(conversations, where)]
+    conversations = [list(c) for c in conversations]
+    texts = [conv[j]["content"] for conv, j in zip(conversations, where)]
     new = rewrite(lm, texts, params, seed=seed, template=template, progress=progress)
     out = []
     for conv, j, text in zip(conversations, where, new):
