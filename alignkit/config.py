@@ -164,8 +164,12 @@ class GenerationConfig:
     """`vllm_server`: the directory each weight update is written to for the server to read; for a server on another machine, a shared filesystem path both see (default: this machine's temporary directory)."""
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """`backend: vllm`, in-process engine: its weight dtype; `auto` is bfloat16 on GPUs and float32 on CPUs (lower than the trainer's: consider `online.tis_cap`)."""
+    vllm_token_file: Optional[str] = None
+    """`vllm_server`: the file holding the server's secret (`alignkit vllm-serve` prints where it wrote it); default: `<vllm_sync_dir or the temporary directory>/alignkit-vllm-server-<port>.token`. The environment variable ALIGNKIT_VLLM_TOKEN overrides it."""
+    vllm_kv_cache_gib: Optional[float] = None
+    """`backend: vllm`, in-process engine: its KV cache in GiB. Default: 1 on CPUs (vLLM's CPU build would otherwise reserve a share of NUMA node 0's memory, which fails where that node reports little); on GPUs unset, and `vllm_gpu_memory_utilization` decides."""
     vllm_gpu_memory_utilization: Optional[float] = None
-    """`backend: vllm`, in-process engine: the share of GPU memory it may take (on CPU: of RAM, for its KV cache); default 0.4 on GPUs, 0.15 on CPUs."""
+    """`backend: vllm`, in-process engine: the share of GPU memory it may take (default 0.4 on GPUs); on CPU a share of NUMA node 0's RAM, used only when set (prefer `vllm_kv_cache_gib` there). Set one of the two."""
 
 
 @dataclass
@@ -200,6 +204,8 @@ class EnvConfig:
     """Keyword arguments for the environment class (one instance per episode)."""
     tools: Optional[list] = None
     """Tools offered to the model, replacing the environment's own: built-in names (`calculator`, `python`) or `file.py:function` (its JSON schema is read from its type hints and Google-style docstring). Unset: the environment's tools."""
+    sandbox: str = "bwrap"
+    """Where code tools (`python`) run model-written code: `bwrap` (a bubblewrap sandbox: no network, read-only system, scratch tmpfs, uid 65534, limits; `apt-get install bubblewrap`), `file.py:Class` (your executor, e.g. a remote code-execution service; see README "Security"), or `none`: NO isolation, only for code you trust (warned at start)."""
     max_turns: int = 4
     """Model turns per episode at most; an episode still going after the last ends as `turn_limit`."""
     max_tokens: Optional[int] = None
@@ -741,6 +747,8 @@ def _check_env(cfg: RunConfig) -> None:
                            "sampled on alignkit's KV-cache sampler only (vLLM rollouts are single-turn for now)")):
         if bad:
             raise ConfigError(f"`{key}` cannot be used with `env.name`: {why}. Drop the key.")
+    if e.sandbox not in ("bwrap", "none") and ":" not in str(e.sandbox):
+        raise ConfigError(f"`env.sandbox` must be `bwrap`, `none` (no isolation) or `file.py:Class`; got {e.sandbox!r}.")
     if e.max_turns < 1:
         raise ConfigError(f"`env.max_turns` must be >= 1; got {e.max_turns}.")
     if e.max_tokens is not None and not 0 < e.max_tokens < cfg.data.max_length:
@@ -780,6 +788,9 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("online.overlong_buffer", o.overlong_buffer,
          0 <= o.overlong_buffer <= cfg.generation.max_new_tokens, f"between 0 (off) and generation.max_new_tokens "
          f"({cfg.generation.max_new_tokens})"),
+        ("generation.vllm_kv_cache_gib", cfg.generation.vllm_kv_cache_gib, cfg.generation.vllm_kv_cache_gib is None or (
+            cfg.generation.vllm_kv_cache_gib > 0 and cfg.generation.vllm_gpu_memory_utilization is None),
+         "a positive size in GiB, and not together with generation.vllm_gpu_memory_utilization (set one)"),
         ("generation.vllm_gpu_memory_utilization", cfg.generation.vllm_gpu_memory_utilization,
          cfg.generation.vllm_gpu_memory_utilization is None or 0 < cfg.generation.vllm_gpu_memory_utilization < 1,
          "between 0 and 1 (or unset)"),

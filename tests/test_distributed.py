@@ -12,6 +12,7 @@ process (importing torch and transformers) costs more than a tiny run.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,7 +92,10 @@ def two_process_runs(tiny_model_dir, tmp_path_factory):
     start = time.perf_counter()
     proc = torchrun(runs, root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return root, proc, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    # what the 2-process job cached, before any 1-process run of the tests adds to root/cache
+    shutil.copytree(root / "cache" / "reference", root / "two-process-cache" / "reference")
+    return root, proc, seconds
 
 
 def _params(directory: Path) -> dict:
@@ -125,11 +129,14 @@ def test_only_the_main_process_speaks(two_process_runs):
 
 
 def test_the_reference_cache_made_by_two_processes_serves_one(two_process_runs, tiny_model_dir, capsys):
-    """The 2-process DPO run wrote the cache under the key one process uses: the 1-process run (in
-    the parity test, or here) finds it."""
+    """The 2-process DPO run wrote the cache under the key one process uses: a 1-process run given
+    only what the 2-process job cached (a directory of its own) finds it."""
     root, _, _ = two_process_runs
-    loop.train(load_config(None, _args("dpo", tiny_model_dir, root, root / "dpo-cache-check", 4)), progress=False)
-    assert "reference log-probs (train): reusing cache" in capsys.readouterr().out
+    own = root / "two-process-cache"
+    loop.train(load_config(None, _args("dpo", tiny_model_dir, root, root / "dpo-cache-check", 4) + [f"cache_dir={own}"]),
+               progress=False)
+    out = capsys.readouterr().out
+    assert f"reference log-probs (train): reusing cache {own}" in out, out
 
 
 def _dpo_args(model_dir, root: Path, out: str, *extra) -> list:
@@ -251,8 +258,6 @@ def test_two_nodes_on_one_machine_join_one_rendezvous(tiny_model_dir, tmp_path):
 def test_eval_splits_its_log_prob_passes_over_processes(two_process_runs, tmp_path):
     """`alignkit eval --run` of the 2-process DPO run, on 2 processes and on 1: the same numbers
     (the sharded checkpoint is assembled for the checkpoint pass)."""
-    import shutil
-
     from alignkit.cli import main
 
     root, _, _ = two_process_runs

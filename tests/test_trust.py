@@ -451,3 +451,23 @@ def test_online_dpo_carries_bco_reward_shift_and_resumes_it(tiny_model_dir, tmp_
     assert state2["recipe"]["reward_shift"] == pytest.approx(shift)
     a, b = _params(full.final_dir), _params(resumed.final_dir)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_a_shared_checkpoint_never_turns_on_remote_code_by_itself(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """A checkpoint from someone else whose saved config says model.trust_remote_code=true is not
+    exported (which would run the model repository's code) unless the user says so."""
+    import yaml
+
+    loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=2", "train.save_every=2"), progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    saved = checkpoint / "alignkit_config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    cfg["model"]["trust_remote_code"] = True
+    saved.write_text(yaml.safe_dump(cfg))
+    (checkpoint / ckpt.MANIFEST).unlink()
+    ckpt.write_manifest(checkpoint)
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "trust_remote_code=true" in err and "--trust-remote-code" in err and not (tmp_path / "out").exists()
+    assert main(["export", str(checkpoint), str(tmp_path / "out"), "--trust-remote-code"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -42,8 +43,8 @@ def small_dir(tmp_path_factory) -> Path:
 def engine(small_dir):
     from transformers import AutoTokenizer
 
-    eng = VLLMEngine(str(small_dir), AutoTokenizer.from_pretrained(small_dir), dtype="float32",
-                     gpu_memory_utilization=0.05, max_model_len=256, seed=0)
+    eng = VLLMEngine(str(small_dir), AutoTokenizer.from_pretrained(small_dir), dtype="float32", kv_cache_gib=0.25,
+                     max_model_len=256, seed=0)
     yield eng
     eng.close()
 
@@ -95,16 +96,29 @@ def test_a_batch_of_long_seeded_prompts_spans_several_engine_steps(engine, small
         assert out[i][0].logprobs == pytest.approx(_trainer_logps(model, prompts[i], out[i][0].token_ids), abs=1e-3)
 
 
+def _output(backend) -> list:
+    """What the engine returns for PROMPTS: greedy tokens, and a seeded sample's tokens and log-probs
+    (a weight update that reaches the engine changes the latter)."""
+    greedy = [g[0].token_ids for g in backend.sample(PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0), seed=0)]
+    sampled = backend.sample(PROMPTS, SamplingParams(max_new_tokens=6, temperature=1.0), seed=0, prompt_seeds=[1, 2, 3])
+    return [greedy, [[s.token_ids, [round(x, 4) for x in s.logprobs]] for g in sampled for s in g]]
+
+
 def test_a_weight_update_reaches_the_engine(engine, small_dir, tmp_path):
     model = _model(small_dir)
+    before = _output(engine)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     engine.sync(model)
     greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
     ours = sample(model, PROMPTS, greedy, eos_ids=engine.tokenizer.eos_token_id, pad_id=engine.tokenizer.pad_token_id)
-    assert [g[0].token_ids for g in engine.sample(PROMPTS, greedy, seed=0)] == [g[0].token_ids for g in ours]
+    after = _output(engine)
+    assert after[0] == [g[0].token_ids for g in ours]
+    assert after != before  # the update changed what the engine samples (a sync that did nothing fails here)
     engine.sync(_model(small_dir))  # back to the original for the other tests
+    assert _output(engine) == before
 
 
 def test_wrong_names_or_shapes_fail_loudly(engine, small_dir):
@@ -131,11 +145,13 @@ def test_lora_weights_reach_the_engine_under_the_base_names(engine, small_dir):
     state = weights_for_engine(peft)
     check_weights(state, engine.expected, "test")  # no `base_layer`, no `lora_` names
     assert not any("lora" in k or "base_layer" in k for k in state)
+    before = _output(engine)
     engine.load_state(state)
     merged = peft.merge_and_unload()
     greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
     ours = sample(merged, PROMPTS, greedy, eos_ids=engine.tokenizer.eos_token_id, pad_id=engine.tokenizer.pad_token_id)
-    assert [g[0].token_ids for g in engine.sample(PROMPTS, greedy, seed=0)] == [g[0].token_ids for g in ours]
+    after = _output(engine)
+    assert after[0] == [g[0].token_ids for g in ours] and after != before  # the adapters' change arrived
     engine.sync(_model(small_dir))
 
 
@@ -149,7 +165,7 @@ def test_an_engine_that_cannot_start_says_why_and_what_to_do(tmp_path):
     (broken / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["NopeForCausalLM"]}))
     tiny_tokenizer().save_pretrained(broken)
     with pytest.raises(ConfigError, match="the vLLM engine did not start.*NopeForCausalLM.*not supported.*generation.backend: transformers"):
-        VLLMEngine(str(broken), AutoTokenizer.from_pretrained(broken), gpu_memory_utilization=0.05, max_model_len=64)
+        VLLMEngine(str(broken), AutoTokenizer.from_pretrained(broken), kv_cache_gib=0.25, max_model_len=64)
 
 
 REWARD = '''
@@ -169,7 +185,7 @@ def _grpo_args(model_dir, tmp_path, *extra) -> list:
 
 def test_grpo_trains_on_vllm_samples_and_reports_the_mismatch(small_dir, tmp_path):
     cfg = load_config(None, _grpo_args(small_dir, tmp_path, "generation.backend=vllm",
-                                       "generation.vllm_gpu_memory_utilization=0.05", "online.tis_cap=2.0"))
+                                       "generation.vllm_kv_cache_gib=0.25", "online.tis_cap=2.0"))
     rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:  # after every update the engine holds the trainer's weights: the two agree
@@ -184,20 +200,26 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _serving(model_dir, log: Path, max_model_len: int = 256, memory: float = 0.05):
-    """`alignkit vllm-serve` on a free port for the block; afterwards no vLLM process of it is left."""
+def _serving(model_dir, log: Path, sync_dir: Path, max_model_len: int = 256, kv_cache_gib: float = 0.25):
+    """`alignkit vllm-serve` on a free port for the block (its secret in the default token file under
+    `sync_dir`, which clients then find); afterwards no vLLM process of it is left."""
     import psutil
+
+    from alignkit.generation.vllm_engine import default_token_file
 
     port = _free_port()
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "alignkit", "vllm-serve", "--model", str(model_dir), "--port",
-                                 str(port), "--gpu-memory-utilization", str(memory), "--max-model-len", str(max_model_len),
-                                 "--dtype", "float32"], stdout=subprocess.DEVNULL, stderr=err)
+                                 str(port), "--kv-cache-gib", str(kv_cache_gib), "--max-model-len", str(max_model_len),
+                                 "--dtype", "float32", "--sync-dir", str(sync_dir)], stdout=subprocess.DEVNULL,
+                                stderr=err, env={k: v for k, v in os.environ.items() if k != "ALIGNKIT_VLLM_TOKEN"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
         try:
-            urllib.request.urlopen(url + "/v1/models", timeout=2)
+            token = default_token_file(str(sync_dir), port).read_text().strip()
+            req = urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {token}"})
+            urllib.request.urlopen(req, timeout=2)
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -217,15 +239,21 @@ def _serving(model_dir, log: Path, max_model_len: int = 256, memory: float = 0.0
 
 
 @pytest.fixture(scope="module")
-def server(small_dir, tmp_path_factory):
-    with _serving(small_dir, tmp_path_factory.mktemp("serve") / "server.log") as url:
+def sync_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sync")
+
+
+@pytest.fixture(scope="module")
+def server(small_dir, sync_dir, tmp_path_factory):
+    with _serving(small_dir, tmp_path_factory.mktemp("serve") / "server.log", sync_dir) as url:
         yield url
 
 
-def test_the_server_samples_and_takes_weight_updates(server, small_dir):
+def test_the_server_samples_and_takes_weight_updates(server, sync_dir, small_dir):
     from transformers import AutoTokenizer
 
-    client = VLLMServer(server, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir))
+    client = VLLMServer(server, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir),
+                        weights_dir=str(sync_dir))
     model = _model(small_dir)
     params = SamplingParams(max_new_tokens=6, temperature=1.0, n=2)
     out = client.sample(PROMPTS, params, seed=0, prompt_seeds=[1, 2, 3])
@@ -233,19 +261,87 @@ def test_the_server_samples_and_takes_weight_updates(server, small_dir):
     for prompt, group in zip(PROMPTS, out):
         for s in group:
             assert s.logprobs == pytest.approx(_trainer_logps(model, prompt, s.token_ids), abs=1e-3)
+    before = _output(client)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     client.sync(model)
     greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
     ours = sample(model, PROMPTS, greedy, eos_ids=client.tokenizer.eos_token_id, pad_id=client.tokenizer.pad_token_id)
-    assert [g[0].token_ids for g in client.sample(PROMPTS, greedy, seed=0)] == [g[0].token_ids for g in ours]
+    after = _output(client)
+    assert after[0] == [g[0].token_ids for g in ours] and after != before  # the update reached the server
     client.sync(_model(small_dir))
+    assert _output(client) == before
 
 
-def test_two_training_processes_share_one_server(server, small_dir, tmp_path):
+def _call(url: str, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, str]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(), headers=headers,
+                                 method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_server_lets_in_only_its_trainer(server, sync_dir, small_dir, tmp_path):
+    """Without the secret every route answers 401 and changes nothing; with it, dev routes stay closed
+    and a weight update from outside the sync directory is refused."""
+    from transformers import AutoTokenizer
+
+    from alignkit.generation.vllm_engine import default_token_file, write_weights
+
+    port = int(server.rsplit(":", 1)[1])
+    token_file = default_token_file(str(sync_dir), port)
+    assert (token_file.stat().st_mode & 0o777) == 0o600  # readable by its owner only
+    token = token_file.read_text().strip()
+    client = VLLMServer(server, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir),
+                        weights_dir=str(sync_dir))
+    before = _output(client)
+    perturbed = _model(small_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    write_weights(weights_for_engine(perturbed), outside)
+    victim = tmp_path / "victim"
+    reload = {"method": "alignkit_reload_weights", "kwargs": {"weights_path": str(outside)}}
+    attempts = [("GET", "/v1/models", None), ("POST", "/v1/completions", {"model": "m", "prompt": [5, 9], "max_tokens": 2}),
+                ("POST", "/collective_rpc", reload),
+                ("POST", "/collective_rpc", {"method": "save_sharded_state", "kwargs": {"path": str(victim)}}),
+                ("POST", "/collective_rpc", {"method": "update_environment_variables", "args": [{"X": "1"}]}),
+                ("GET", "/server_info", None), ("POST", "/reset_prefix_cache", {}), ("GET", "/health", None),
+                ("GET", "/docs", None), ("POST", "/sleep", {})]
+    for method, path, body in attempts:
+        for wrong in (None, "not-the-secret", token[:-1]):
+            code, text = _call(server, path, body, wrong)
+            assert code == 401, (path, wrong, code, text)
+    inside = sync_dir / "alignkit-vllm-weights"
+    link = inside / "link-out"
+    link.symlink_to(outside)  # a path inside that resolves outside
+    for body in (reload, {"method": "alignkit_reload_weights", "kwargs": {"weights_path": str(link)}},
+                 {"method": "alignkit_reload_weights", "kwargs": {"weights_path": str(inside / ".." / "x")}},
+                 {"method": "save_sharded_state", "kwargs": {"path": str(victim)}},
+                 {"method": "__setattr__", "args": ["x", 1]}):
+        code, text = _call(server, "/collective_rpc", body, token)
+        assert code == 403 and "weight update refused" in text, (body, code, text)
+    link.unlink()
+    for path in ("/server_info", "/docs", "/openapi.json", "/sleep", "/is_sleeping", "/metrics"):
+        code, _ = _call(server, path, None, token)
+        assert code == 403, (path, code)
+    assert not victim.exists() and _output(client) == before  # nothing changed
+    assert _call(server, "/health", None, token)[0] == 200
+
+
+def test_two_training_processes_share_one_server(server, sync_dir, small_dir, tmp_path):
     args = _grpo_args(small_dir, tmp_path, "generation.backend=vllm", f"generation.vllm_server={server}",
-                      f"generation.vllm_sync_dir={tmp_path / 'shared'}")
+                      f"generation.vllm_sync_dir={sync_dir}")
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps([{"argv": ["train", *args]}]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -254,7 +350,7 @@ def test_two_training_processes_share_one_server(server, small_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_metrics(tmp_path / "run", "train")
     assert [r["step"] for r in rows] == [1, 2, 3] and max(r["logprob_mismatch_max"] for r in rows) < 1e-3
-    updates = tmp_path / "shared" / "alignkit-vllm-weights"
+    updates = sync_dir / "alignkit-vllm-weights"
     assert updates.is_dir() and not any(updates.iterdir())  # each update went through it and was removed
 
 
@@ -288,16 +384,16 @@ def test_the_real_model_samples_and_syncs_on_vllm(capfd):
                                    add_generation_prompt=True)
     prompts = [tok(text, add_special_tokens=False)["input_ids"]]
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
-    engine = VLLMEngine(str(default_model_dir()), tok, dtype="float32", gpu_memory_utilization=0.1,
-                        max_model_len=512, seed=0)
+    engine = VLLMEngine(str(default_model_dir()), tok, dtype="float32", kv_cache_gib=0.5, max_model_len=512, seed=0)
     try:
         ours = lambda: [g[0].token_ids for g in sample(model, prompts, greedy, eos_ids=tok.eos_token_id,  # noqa: E731
                                                         pad_id=tok.pad_token_id)]
         assert [g[0].token_ids for g in engine.sample(prompts, greedy, seed=0)] == ours()
         sampled = engine.sample(prompts, SamplingParams(max_new_tokens=8, temperature=1.0), seed=3)[0][0]
         assert sampled.logprobs == pytest.approx(_trainer_logps(model, prompts[0], sampled.token_ids), abs=1e-3)
-        with torch.no_grad():
-            model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight) * 0.02)
+        with torch.no_grad():  # seeded: this perturbation changes the greedy reply (checked below)
+            noise = torch.randn(model.model.embed_tokens.weight.shape, generator=torch.Generator().manual_seed(0))
+            model.model.embed_tokens.weight.add_(noise * 0.02)
             model.model.norm.weight.mul_(1.5)
         before = [g[0].token_ids for g in engine.sample(prompts, greedy, seed=0)]
         engine.sync(model)
@@ -367,13 +463,17 @@ def test_the_real_model_behind_a_server(tmp_path):
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
     ours = lambda: [g[0].token_ids for g in sample(model, prompts, greedy, eos_ids=tok.eos_token_id,  # noqa: E731
                                                     pad_id=tok.pad_token_id)]
-    with _serving(default_model_dir(), tmp_path / "server.log", max_model_len=512, memory=0.1) as url:
+    with _serving(default_model_dir(), tmp_path / "server.log", tmp_path / "sync", max_model_len=512,
+                  kv_cache_gib=0.5) as url:
         client = VLLMServer(url, tok, model_path=str(default_model_dir()), weights_dir=str(tmp_path / "sync"))
-        assert [g[0].token_ids for g in client.sample(prompts, greedy, seed=0)] == ours()
-        with torch.no_grad():
-            model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight) * 0.02)
+        before = [g[0].token_ids for g in client.sample(prompts, greedy, seed=0)]
+        assert before == ours()
+        with torch.no_grad():  # seeded: this perturbation changes the greedy reply (checked below)
+            noise = torch.randn(model.model.embed_tokens.weight.shape, generator=torch.Generator().manual_seed(0))
+            model.model.embed_tokens.weight.add_(noise * 0.02)
+            model.model.norm.weight.mul_(1.5)
         client.sync(model)
         after = [g[0].token_ids for g in client.sample(prompts, greedy, seed=0)]
-        assert after == ours()
+        assert after == ours() and after != before  # the update changed the reply, and the server has it
         sampled = client.sample(prompts, SamplingParams(max_new_tokens=8, temperature=1.0), seed=5)[0][0]
         assert sampled.logprobs == pytest.approx(_trainer_logps(model, prompts[0], sampled.token_ids), abs=1e-3)

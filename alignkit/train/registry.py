@@ -22,7 +22,8 @@ OFFLINE_BATCHING = ("train.packing", "train.max_tokens_per_batch", "train.forwar
 SAMPLING = ("generation.num_samples", "generation.max_new_tokens", "generation.temperature", "generation.top_p",
             "generation.top_k", "generation.batch_size", "generation.stop")
 ONLINE = SAMPLING + ("generation.backend", "generation.vllm_server", "generation.vllm_sync_dir", "generation.vllm_dtype",
-                     "generation.vllm_gpu_memory_utilization", "online.rewards", "online.overlong_buffer")
+                     "generation.vllm_gpu_memory_utilization",
+                     "generation.vllm_kv_cache_gib", "generation.vllm_token_file", "online.rewards", "online.overlong_buffer")
 DYNAMIC = ("online.dynamic_sampling", "online.dynamic_sampling_rounds")
 ENV = ("env",)  # multi-turn episodes (alignkit.train.episodes)
 

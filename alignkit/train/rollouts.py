@@ -211,8 +211,9 @@ class OnlineRecipe(RecipeBase):
             state_fn = lambda m: ctx.dist.model_state(m, full=True)  # noqa: E731  (gathered on the first process)
         self.backend = make_backend(g.backend, model, self.tokenizer,
                                     resolve_model_path(self.cfg.model.name_or_path, self.cfg.cache_dir), g.batch_size,
-                                    vllm_server=g.vllm_server, vllm_sync_dir=g.vllm_sync_dir, vllm_dtype=g.vllm_dtype,
-                                    vllm_memory=g.vllm_gpu_memory_utilization, max_model_len=self.cfg.data.max_length,
+                                    vllm_server=g.vllm_server, vllm_sync_dir=g.vllm_sync_dir,
+                                    vllm_token_file=g.vllm_token_file, vllm_dtype=g.vllm_dtype,
+                                    vllm_memory=g.vllm_gpu_memory_utilization, vllm_kv_cache_gib=g.vllm_kv_cache_gib, max_model_len=self.cfg.data.max_length,
                                     seed=self.cfg.seed, writer=ctx.dist.is_main, barrier=ctx.dist.barrier,
                                     state_fn=state_fn, training=True)
         if self.uses_reference:

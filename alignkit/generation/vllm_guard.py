@@ -1,0 +1,111 @@
+"""The gate of `alignkit vllm-serve`: an ASGI middleware vLLM loads (`--middleware`) in front of its
+OpenAI-compatible server, so that only the trainer that holds the server's secret gets in, and only
+to what training needs.
+
+vLLM's dev mode, which weight updates need, also serves routes that run any worker method
+(`/collective_rpc`: `save_sharded_state` writes files, `update_environment_variables` and
+`__setattr__` change workers) and describe the server (`/server_info`); vLLM's own `--api-key`
+guards only `/v1/...`. This gate refuses every request without `Authorization: Bearer <secret>`
+(401), serves an allow-list of routes (403 for the rest, dev routes and docs included), and lets
+`/collective_rpc` through only as alignkit's weight reload from a directory inside the sync
+directory the server was started with.
+
+Read once in the server process: ALIGNKIT_SERVE_TOKEN_FILE (the secret, one line) and
+ALIGNKIT_SERVE_SYNC_DIR (where updates may come from). Standard library and Starlette only (the
+server's own dependency).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+
+RELOAD = "alignkit_reload_weights"
+ROUTES = {("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/health"),
+          ("POST", "/reset_prefix_cache"), ("POST", "/collective_rpc")}
+MAX_RPC_BODY = 64 << 10
+
+
+def read_token(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        token = f.read().strip()
+    if len(token) < 16:
+        raise ValueError(f"the server secret in {path} is shorter than 16 characters")
+    return token
+
+
+def update_allowed(body: bytes, sync_dir: str) -> str | None:
+    """None if `body` is a reload from inside `sync_dir`; else why it is refused."""
+    try:
+        req = json.loads(body)
+    except ValueError:
+        return "the body is not JSON"
+    if not isinstance(req, dict) or req.get("method") != RELOAD or set(req) - {"method", "kwargs", "timeout"}:
+        return f"only {RELOAD} is served"
+    kwargs = req.get("kwargs")
+    if not isinstance(kwargs, dict) or set(kwargs) != {"weights_path"} or not isinstance(kwargs["weights_path"], str):
+        return "kwargs must be exactly {weights_path: <directory>}"
+    path = os.path.realpath(kwargs["weights_path"])
+    root = os.path.realpath(sync_dir)
+    if not path.startswith(root + os.sep):
+        return f"weights are taken only from inside the sync directory {root}"
+    return None
+
+
+class Guard:
+    """Pure ASGI middleware (vLLM adds it with `app.add_middleware`)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.token_hash = hashlib.sha256(read_token(os.environ["ALIGNKIT_SERVE_TOKEN_FILE"]).encode()).digest()
+        self.sync_dir = os.environ["ALIGNKIT_SERVE_SYNC_DIR"]
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, value = header.partition(" ")
+        given = hashlib.sha256(value.strip().encode()).digest()
+        return scheme.lower() == "bearer" and secrets.compare_digest(given, self.token_hash)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self.app(scope, receive, send)
+        if scope["type"] != "http":  # websockets and anything else: not served
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        if not self._authorized(scope):
+            return await _answer(send, 401, "unauthorized: send the server's secret as `Authorization: Bearer "
+                                 "<secret>` (alignkit clients read it from the token file `alignkit vllm-serve` printed)")
+        method, path = scope["method"], scope["path"].rstrip("/") or "/"
+        if (method, path) not in ROUTES:
+            return await _answer(send, 403, f"{method} {path} is not served by alignkit vllm-serve")
+        if path != "/collective_rpc":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_RPC_BODY:
+                return await _answer(send, 413, "request too large")
+        why = update_allowed(body, self.sync_dir)
+        if why is not None:
+            return await _answer(send, 403, f"weight update refused: {why}")
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+        return await self.app(scope, replay, send)
+
+
+async def _answer(send, status: int, message: str) -> None:
+    data = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
