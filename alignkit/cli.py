@@ -151,6 +151,7 @@ def eval_config_from_args(args):
     from alignkit.rewards import build_reward
     from alignkit.rewards.build import parse_reward_arg
 
+    _check_steer_args(args)
     model, reference, data, beta, checkpoints, out = args.model, args.reference, args.data, args.beta, args.checkpoints, args.output_dir
     cache_dir, how = None, {}  # how: the run's settings for reading its held-out pairs
     max_length = args.max_length
@@ -185,8 +186,18 @@ def eval_config_from_args(args):
         strategy_options=strategy_options(args) if args.strategy else None, prompts=args.prompts,
         steer=args.steer, steer_strength=args.steer_strength, steer_positions=args.steer_positions,
         steer_sweep=_floats(args.steer_sweep), helpfulness=args.helpfulness,
-        representation_layers=[int(x) for x in _floats(args.representation_layers) or []] or None,
-        bon_n=[int(x) for x in _floats(args.bon_n) or []] or None, calibration_k=args.calibration_k)
+        representation_layers=_ints(args.representation_layers, "--representation-layers", least=0),
+        bon_n=_ints(args.bon_n, "--bon-n", least=1), calibration_k=args.calibration_k)
+
+
+def _ints(text, option: str, least: int):
+    """'4,8' -> [4, 8] (None stays None); anything but whole numbers >= `least` is refused."""
+    if text is None:
+        return None
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if not parts or not all(x.lstrip("-").isdigit() and int(x) >= least for x in parts):
+        raise AlignkitError(f"{option} {text!r}: give comma-separated whole numbers >= {least}, e.g. 4,8")
+    return [int(x) for x in parts]
 
 
 def _floats(text):
@@ -349,6 +360,7 @@ def cmd_generate(args) -> int:
 
     from alignkit.inference.strategies import run_strategy
 
+    _check_steer_args(args)
     model, tokenizer, reward, prompts, cols, ids, cut = _strategy_inputs(args)
     if args.steer and getattr(args, "backend", "transformers") == "vllm":
         raise AlignkitError("--steer adds vectors inside alignkit's own forward passes; a vLLM engine runs its own: "
@@ -384,6 +396,18 @@ def _add_steer_args(p) -> None:
                    help="steer every position, only the prompt's, or only the generated tokens'")
 
 
+def _check_steer_args(args) -> None:
+    """Refuse a NaN or infinite --steer-strength / --steer-sweep as the arguments are read, before any
+    model loads (they would make every steered hidden state NaN)."""
+    from alignkit.inference.steering import check_strength
+
+    check_strength(args.steer_strength, "--steer-strength")
+    if getattr(args, "steer_sweep", None) is not None:
+        from alignkit.eval.steering import check_sweep
+
+        check_sweep(_floats(args.steer_sweep), "--steer-sweep")
+
+
 def _steered(args, model):
     """A context in which `model` runs steered by --steer (or nothing)."""
     import contextlib
@@ -412,8 +436,13 @@ def cmd_steer_fit(args) -> int:
     examples = result.examples[: args.limit]
     mc = ModelConfig(name_or_path=args.model)
     tokenizer, model = load_tokenizer(mc), load_model(mc, for_training=False)
-    dirs, held = fit_from_pairs(model, tokenizer, examples, args.layers, method=args.method,
-                                heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, progress=True)
+    try:
+        dirs, held = fit_from_pairs(model, tokenizer, examples, args.layers, method=args.method,
+                                    heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, progress=True)
+    except ValueError as e:  # e.g. chosen and rejected hidden states that do not differ
+        if isinstance(e, AlignkitError):
+            raise
+        raise AlignkitError(f"steer fit on {args.data} ({len(examples)} pairs): {e}") from None
     out = save_vectors(args.out, {l: d.vector for l, d in dirs.items()}, {
         "fingerprint": model_fingerprint(model), "method": args.method, "source": args.data, "model": args.model,
         "n_pairs": len(examples), "heldout_fraction": args.heldout_fraction,

@@ -51,6 +51,15 @@ def test_the_calculator_refuses_what_is_not_small_arithmetic(text, why):
         evaluate(text)
 
 
+@pytest.mark.parametrize("text", ["1" * 200, "-" + "1" * 150, "1" * 101, "(" + "1" * 101 + ".5)", "1" * 150 + " * 0"])
+def test_the_calculator_caps_every_number_it_reads_or_returns(text):
+    # the 1e100 cap holds for literals too: a bare 200-digit number used to come back as 1.1e199,
+    # and a literal too large is refused even where the arithmetic would shrink it (x * 0)
+    with pytest.raises(CalculatorError, match=r"number 1{12}\.\.\.\(\d+ characters\) is too large \(magnitude above 1e\+100\)"):
+        evaluate(text)
+    assert evaluate("1" * 100) == float("1" * 100) and evaluate("-" + "1" * 100) == -float("1" * 100)  # at the cap: fine
+
+
 def test_tool_calls_in_the_hermes_format():
     text = ('Let me compute.<tool_call>{"name": "calculator", "arguments": {"expression": "17 + 8"}}</tool_call>'
             '<tool_call>\n{"name": "calculator", "arguments": "{\\"expression\\": \\"2*3\\"}"}\n</tool_call>')
@@ -114,7 +123,8 @@ def test_the_python_tool_ends_abuse_with_a_clear_error(code, why):
 
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap is not installed (apt-get install bubblewrap; `make test` does it)")
-    result = run_python(code, timeout_s=1, memory_mb=256)
+    # 1 s for the loop that must time out; room for the others on a busy machine
+    result = run_python(code, timeout_s=1 if "timed out" in why else 20, memory_mb=256)
     assert result.error is not None and why in result.error, result
     assert why in result.message()
 

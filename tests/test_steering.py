@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from alignkit.data.examples import PreferenceExample
-from alignkit.errors import ModelError
+from alignkit.errors import AlignkitError, ConfigError, DataError, ModelError
 from alignkit.generation.decode import SamplingParams, sample
 from alignkit.generation.hf import encode_prompts, generate
 from alignkit.inference.steering import (
     Direction,
+    check_strength,
     fit_direction,
     fit_directions,
     hidden_states,
@@ -276,3 +277,107 @@ def test_hooks_are_removed_on_error_and_bad_arguments_are_named(model, tok):
         pass
     with pytest.raises(ValueError, match="positions='decode'"), steer(model, {0: unit_vector(32)}, 1.0, "decode"):
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# User mistakes: clear errors that name the layer, file or option (a review found raw tracebacks)
+
+
+@pytest.mark.parametrize("layers", [[5], [-1], [0, 2]])
+def test_a_layer_outside_the_model_names_the_layer_block_count_and_range(model, tok, layers):
+    with pytest.raises(ConfigError) as err:
+        hidden_states(model, tok, ["hello"], layers)
+    bad = [l for l in layers if not 0 <= l < 2]
+    msg = str(err.value)
+    assert f"layer {bad[0]} is out of range" in msg and "has 2 decoder blocks" in msg and "blocks 0..1" in msg, msg
+    assert "Pick layers from 0 to 1" in msg
+
+
+def _good_vectors(model, path):
+    vectors = {0: unit_vector(32), 1: unit_vector(32, seed=4)}
+    save_vectors(path, vectors, {"fingerprint": model_fingerprint(model), "method": "mean_diff", "source": "test"})
+    return vectors
+
+
+def _write_tensors(tensors):
+    def damage(d):
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(d / "steering.safetensors"))
+    return damage
+
+
+def _nan_at(i):
+    v = unit_vector(32).clone()
+    v[i] = float("nan")
+    return v
+
+
+DAMAGE = {  # name: (how to damage a good steering directory, file named, what the message says)
+    "missing json": (lambda d: (d / "steering.json").unlink(), "steering.json", "not found"),
+    "broken json": (lambda d: (d / "steering.json").write_text('{"fingerprint": {'), "steering.json", "not valid JSON"),
+    "json not an object": (lambda d: (d / "steering.json").write_text("[0, 1]"), "steering.json",
+                           "expected a JSON object"),
+    "truncated safetensors": (lambda d: (d / "steering.safetensors").write_bytes(
+        (d / "steering.safetensors").read_bytes()[:-9]), "steering.safetensors", "not a readable safetensors file"),
+    "garbage safetensors": (lambda d: (d / "steering.safetensors").write_bytes(b"\x00garbage" * 5),
+                            "steering.safetensors", "not a readable safetensors file"),
+    "missing layer": (_write_tensors({"layer.0": unit_vector(32)}), "steering.json", "no vector for layer 1"),
+    "layer beyond the model": (_write_tensors({"layer.0": unit_vector(32), "layer.5": unit_vector(32)}),
+                               "steering.safetensors", "vector for layer 5, but the model has 2 decoder blocks"),
+    "foreign tensor": (_write_tensors({"layer.0": unit_vector(32), "bias": unit_vector(32)}), "steering.safetensors",
+                       "unexpected tensor 'bias'"),
+    "wrong width": (_write_tensors({"layer.0": torch.ones(16), "layer.1": unit_vector(32)}), "steering.safetensors",
+                    "vector for layer 0 has shape (16,)"),
+    "nan vector": (_write_tensors({"layer.0": unit_vector(32), "layer.1": _nan_at(3)}), "steering.safetensors",
+                   "vector for layer 1 holds NaN or infinite values (1 of 32)"),
+    "inf vector": (_write_tensors({"layer.0": torch.full((32,), float("inf")), "layer.1": unit_vector(32)}),
+                   "steering.safetensors", "vector for layer 0 holds NaN or infinite values (32 of 32)"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_steering_directory_names_the_file_the_problem_and_the_fix(model, tmp_path, case):
+    damage, file, what = DAMAGE[case]
+    d = tmp_path / "v"
+    _good_vectors(model, d)
+    load_vectors(d, model)  # intact, it loads
+    damage(d)
+    with pytest.raises(DataError) as err:
+        load_vectors(d, model)
+    msg = str(err.value)
+    assert str(d / file) in msg and what in msg and "alignkit steer fit" in msg and f"--out {d}" in msg, msg
+
+
+def test_a_missing_steering_directory_is_named(model, tmp_path):
+    with pytest.raises(DataError) as err:
+        load_vectors(tmp_path / "nowhere", model)
+    assert f"{tmp_path / 'nowhere'}: no such directory" in str(err.value) and "alignkit steer fit" in str(err.value)
+    assert isinstance(err.value, AlignkitError)
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), -float("inf"), "many"])
+def test_steer_refuses_a_non_finite_strength_or_vector(model, strength):
+    with pytest.raises(ConfigError, match=r"^strength=") as err, steer(model, {0: unit_vector(32)}, strength):
+        pass
+    assert repr(strength) in str(err.value)
+    with pytest.raises(ConfigError, match="--steer-strength=nan: the steering strength must be a finite number"):
+        check_strength(float("nan"), "--steer-strength")
+    assert check_strength("2.5", "--steer-strength") == 2.5
+    with pytest.raises(ConfigError, match="vector for layer 1 holds NaN"), \
+            steer(model, {0: unit_vector(32), 1: _nan_at(0)}, 1.0):
+        pass
+
+
+def test_a_sweep_refuses_non_finite_or_no_strengths(model, tok, tmp_path):
+    from alignkit.eval.steering import check_sweep, steering_sweep
+
+    assert check_sweep([0, "1", 2.5], "--steer-sweep") == [0.0, 1.0, 2.5]
+    for bad in ([float("nan"), 1.0], [0.0, float("inf")]):
+        with pytest.raises(ConfigError, match=r"^--steer-sweep=(nan|inf): the steering strength must be a finite number"):
+            check_sweep(bad, "--steer-sweep")
+    with pytest.raises(ConfigError, match="--steer-sweep: no strengths given"):
+        check_sweep([], "--steer-sweep")
+    # the library call checks its strengths before it reads any vectors (the directory does not exist)
+    with pytest.raises(ConfigError, match=r"strengths=nan"):
+        steering_sweep(model, tok, str(tmp_path / "nowhere"), [0.0, float("nan")], [], [], [])

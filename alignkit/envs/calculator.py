@@ -8,8 +8,9 @@ Grammar (usual precedence; ** binds tighter than unary minus and is right-associ
     power  := atom ('**' unary)?
     atom   := NUMBER | '(' expr ')'
 Limits keep a hostile expression cheap: at most 200 characters, nesting depth 50, exponents of
-magnitude at most 64 and results of magnitude at most 1e100; a violation is a `CalculatorError`
-with a message the model can read.
+magnitude at most 64, and every number of magnitude at most 1e100: the literals read, each
+intermediate result and the value returned (a bare 200-digit literal is refused, not returned as
+1.1e199); a violation is a `CalculatorError` with a message the model can read.
 """
 
 from __future__ import annotations
@@ -32,11 +33,19 @@ def _tokens(text: str) -> list:
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
             raise CalculatorError(f"unexpected character {text[pos]!r} at position {pos}; use numbers and + - * / ( ) **")
-        out.append(float(m.group(1)) if m.group(1) is not None else m.group(2))
+        out.append(_literal(m.group(1)) if m.group(1) is not None else m.group(2))
         pos = m.end()
         while pos < len(text) and text[pos].isspace():
             pos += 1
     return out
+
+
+def _literal(text: str) -> float:
+    value = float(text)
+    if abs(value) > MAX_MAGNITUDE:
+        shown = text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
+        raise CalculatorError(f"number {shown} is too large (magnitude above {MAX_MAGNITUDE:g})")
+    return value
 
 
 class _Parser:
@@ -121,7 +130,7 @@ def evaluate(expression: str) -> float:
     value = parser.expr()
     if parser.peek() is not None:
         raise CalculatorError(f"unexpected {parser.peek()!r} after a complete expression")
-    return value
+    return _check(value)  # literals and every operation are checked already; the cap holds for any return
 
 
 def format_number(value: float) -> str:

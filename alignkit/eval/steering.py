@@ -21,15 +21,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from alignkit.inference.steering import (fit_directions, hidden_states, load_vectors, model_fingerprint,
-                                         preference_items, separation, steer)
+from alignkit.errors import ConfigError
+from alignkit.inference.steering import (check_strength, fit_directions, hidden_states, load_vectors,
+                                         model_fingerprint, preference_items, separation, steer)
 
 
 def _split(n: int, heldout_fraction: float) -> int:
-    cut = int(round(n * (1 - heldout_fraction)))
+    cut = int(round(n * (1 - heldout_fraction))) if 0 < heldout_fraction < 1 else 0
     if not 0 < cut < n:
-        raise ValueError(f"{n} pairs leave no training or held-out pairs at a held-out fraction of {heldout_fraction}")
+        raise ConfigError(f"{n} pairs leave no training or held-out pairs at a held-out fraction of {heldout_fraction}: "
+                          "give more pairs (--data, --limit) or a held-out fraction between 0 and 1 (--heldout-fraction)")
     return cut
+
+
+def check_sweep(strengths, option: str = "strengths") -> list[float]:
+    """The strengths of a sweep as floats, refused (ConfigError naming `option`) when there are none
+    or one is not finite (see `check_strength`)."""
+    values = [check_strength(s, option) for s in strengths]
+    if not values:
+        raise ConfigError(f"{option}: no strengths given; list the strengths to sweep, e.g. 0,1,2,4,8")
+    return values
 
 
 def fit_from_pairs(model, tokenizer, examples: list, layers, *, method: str = "mean_diff",
@@ -98,6 +109,7 @@ def steering_sweep(model, tokenizer, steer_dir: str, strengths: list, examples: 
     """The sweep (see the module docstring); the vectors are refused if made for another model."""
     from tqdm.auto import tqdm
 
+    strengths = check_sweep(strengths)
     vectors, meta = load_vectors(steer_dir, model)
     rows = []
     for s in tqdm(strengths, desc="steering sweep", unit="strength", disable=not progress):

@@ -38,6 +38,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
+import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,12 +49,12 @@ import torch
 
 from alignkit.data.examples import PreferenceExample
 from alignkit.data.tokenize import _encode, as_messages, render_texts
-from alignkit.errors import ModelError
+from alignkit.errors import ConfigError, DataError, ModelError
 from alignkit.models import decoder_of, transformer_blocks
 
 __all__ = [
-    "DIRECTION_METHODS", "Direction", "fit_direction", "fit_directions", "hidden_states", "load_vectors",
-    "midpoint", "model_fingerprint", "preference_items", "save_vectors", "separation", "steer",
+    "DIRECTION_METHODS", "Direction", "check_strength", "fit_direction", "fit_directions", "hidden_states",
+    "load_vectors", "midpoint", "model_fingerprint", "preference_items", "save_vectors", "separation", "steer",
 ]
 
 VECTORS_FILE = "steering.safetensors"
@@ -106,12 +108,17 @@ def encode_item(tokenizer, item) -> tuple[list, int]:
 
 
 def check_layers(model, layers) -> list[int]:
-    """`layers` (an int or ints) -> a sorted list of block indices, each checked against the model."""
+    """`layers` (an int or ints) -> a sorted list of block indices, each checked against the model.
+    Negative indices are refused rather than counted from the end: a layer number is saved with the
+    vectors and printed in reports, so it must name one block on its own."""
     n = len(transformer_blocks(model))
     layers = sorted({int(layers)} if isinstance(layers, int) else {int(l) for l in layers})
     bad = [l for l in layers if not 0 <= l < n]
     if bad or not layers:
-        raise ValueError(f"layers {bad or '[]'}: {type(model).__name__} has blocks 0..{n - 1}; pick layers in that range")
+        what = f"layer {', '.join(map(str, bad))} is out of range" if bad else "no layers given"
+        raise ConfigError(f"{what}: {type(model).__name__} has {n} decoder blocks, blocks 0..{n - 1} (layer l is the "
+                          f"output of block l, counted from 0; negative layers are not accepted). Pick layers from 0 "
+                          f"to {n - 1}.")
     return layers
 
 
@@ -342,6 +349,49 @@ def save_vectors(path_dir, vectors: dict, meta: dict) -> Path:
     return path
 
 
+def _refit(path: Path) -> str:
+    return (f"Fit the vectors again with `alignkit steer fit --model MODEL --data PAIRS --layers L [L ...] --out {path}` "
+            "(on the model you steer).")
+
+
+def _check_vectors(file: Path, tensors: dict, meta: dict, model) -> dict[int, torch.Tensor]:
+    """The tensors of a steering file -> {layer: [H] float32}, each checked against `model` and the
+    file's steering.json: a known layer, the model's hidden size, finite values."""
+    n, hidden = len(transformer_blocks(model)), int(model.config.hidden_size)
+    if not tensors:
+        raise DataError(f"{file}: holds no steering vectors. {_refit(file.parent)}")
+    vectors = {}
+    for key in sorted(tensors):
+        m = re.fullmatch(r"layer\.(\d+)", key)
+        if m is None:
+            raise DataError(f"{file}: unexpected tensor {key!r}; a steering file holds one tensor per layer, named "
+                            f"layer.<block index>. {_refit(file.parent)}")
+        l, v = int(m.group(1)), tensors[key]
+        if l >= n:
+            raise DataError(f"{file}: holds a vector for layer {l}, but the model has {n} decoder blocks (layers 0.."
+                            f"{n - 1}). {_refit(file.parent)}")
+        if tuple(v.shape) != (hidden,) or not v.is_floating_point():
+            raise DataError(f"{file}: the vector for layer {l} has shape {tuple(v.shape)} ({v.dtype}), but the model's "
+                            f"hidden size is {hidden}: expected floats of shape ({hidden},). {_refit(file.parent)}")
+        v = v.float()
+        finite = torch.isfinite(v)
+        if not finite.all():
+            raise DataError(f"{file}: the vector for layer {l} holds NaN or infinite values ({int((~finite).sum())} of "
+                            f"{hidden}); steering with it would turn the model's hidden states into NaN. "
+                            f"{_refit(file.parent)}")
+        vectors[l] = v
+    listed = meta.get("layers")
+    if listed is not None:
+        ok = isinstance(listed, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in listed)
+        if not ok or sorted(set(listed)) != sorted(vectors):
+            missing = sorted(set(listed) - set(vectors)) if ok else None
+            raise DataError(f"{file.parent / META_FILE}: lists layers {listed!r}, but {file.name} holds layers "
+                            f"{sorted(vectors)}" + (f" (no vector for layer {', '.join(map(str, missing))})"
+                                                     if missing else "")
+                            + f"; the two files do not belong together. {_refit(file.parent)}")
+    return vectors
+
+
 def _describe(fp: dict) -> str:
     return ", ".join(f"{k}={fp.get(k)}" for k in ("model_type", "hidden_size", "num_layers", "weights_sha256"))
 
@@ -349,27 +399,55 @@ def _describe(fp: dict) -> str:
 def load_vectors(path_dir, model) -> tuple[dict[int, torch.Tensor], dict]:
     """({layer: [H] float32}, the steering.json record) from `save_vectors`' directory, after
     checking that `model` is the model they were fitted on (`model_fingerprint`)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path_dir)
+    if not path.is_dir():
+        raise DataError(f"steering vectors {path}: no such directory. Give the --out directory of `alignkit steer "
+                        f"fit` (it holds {VECTORS_FILE} and {META_FILE}), or fit vectors there first.")
     for name in (VECTORS_FILE, META_FILE):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found: steering vectors are saved by save_vectors "
-                                    f"as {VECTORS_FILE} + {META_FILE}")
-    meta = json.loads((path / META_FILE).read_text())
-    saved, here = meta.get("fingerprint", {}), model_fingerprint(model)
+            raise DataError(f"{path / name} not found: a steering directory holds {VECTORS_FILE} and {META_FILE}, "
+                            f"as `alignkit steer fit` (save_vectors) writes them. {_refit(path)}")
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path / META_FILE}: not valid JSON ({e}); the file is damaged. {_refit(path)}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), dict):
+        raise DataError(f"{path / META_FILE}: expected a JSON object with a \"fingerprint\" object (the model the "
+                        f"vectors were fitted on), as `alignkit steer fit` writes it. {_refit(path)}")
+    saved, here = meta["fingerprint"], model_fingerprint(model)
     differ = [k for k in here if saved.get(k) != here[k]]
     if differ:
         raise ModelError(
             f"model fingerprint mismatch ({', '.join(differ)} differ): the steering vectors in {path} were fitted "
             f"on a model with {_describe(saved)}, but the model given has {_describe(here)}. Load the model "
             "they were fitted on, or fit new vectors on this one.")
-    tensors = load_file(str(path / VECTORS_FILE))
-    return {int(k.split(".")[1]): v for k, v in tensors.items()}, meta
+    try:
+        tensors = load_file(str(path / VECTORS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{path / VECTORS_FILE}: not a readable safetensors file ({e}); it may be truncated or "
+                        f"overwritten. {_refit(path)}") from None
+    return _check_vectors(path / VECTORS_FILE, tensors, meta, model), meta
 
 
 # ---------------------------------------------------------------------------------------------
 # Steering at inference
+
+
+def check_strength(value, option: str = "strength") -> float:
+    """`value` as a float, refused (ConfigError naming `option`) unless finite: a NaN or infinite
+    strength turns every steered hidden state into NaN, and sampling then fails or emits nothing."""
+    try:
+        strength = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{option}={value!r}: give a number, the multiple of each steering vector to add "
+                          "(e.g. 1, 0.5 or -2)") from None
+    if not math.isfinite(strength):
+        raise ConfigError(f"{option}={value!r}: the steering strength must be a finite number (e.g. 1, 0.5 or -2), "
+                          "not NaN or infinity")
+    return strength
 
 
 def _cached_tokens(cache) -> int:
@@ -387,13 +465,16 @@ def steer(model, vectors: dict, strength: float = 1.0, positions: str = "all"):
     or "all". Works with `alignkit.generation` and with any forward through the model's trunk; the
     hooks are removed on exit, also on error."""
     if positions not in POSITIONS:
-        raise ValueError(f"positions={positions!r}: use one of {POSITIONS}")
+        raise ConfigError(f"positions={positions!r}: use one of {POSITIONS}")
+    strength = check_strength(strength)
     blocks = transformer_blocks(model)
     hidden = model.config.hidden_size
     layers = check_layers(model, list(vectors))
     for l in layers:
         if tuple(vectors[l].shape) != (hidden,):
-            raise ValueError(f"steering vector for layer {l} has shape {tuple(vectors[l].shape)}; the model's hidden size is {hidden}")
+            raise ConfigError(f"steering vector for layer {l} has shape {tuple(vectors[l].shape)}; the model's hidden size is {hidden}")
+        if not torch.isfinite(vectors[l]).all():
+            raise ConfigError(f"steering vector for layer {l} holds NaN or infinite values; steer with finite vectors")
     deltas = {l: strength * vectors[l].float().to(next(blocks[l].parameters()).device) for l in layers}
     trunk = decoder_of(model)
     signature = inspect.signature(trunk.forward)
