@@ -185,7 +185,8 @@ def eval_config_from_args(args):
         cache_dir=cache_dir, progress=not args.no_progress, strategy=args.strategy,
         strategy_options=strategy_options(args) if args.strategy else None, prompts=args.prompts,
         steer=args.steer, steer_strength=args.steer_strength, steer_positions=args.steer_positions,
-        steer_sweep=_floats(args.steer_sweep), helpfulness=args.helpfulness,
+        steer_sweep=_sweep(args.steer_sweep), steer_norm=args.steer_norm, behaviour_prompts=args.behaviour_prompts,
+        behaviour_judge=args.behaviour_judge, accuracy=args.accuracy, helpfulness=args.helpfulness,
         representation_layers=_ints(args.representation_layers, "--representation-layers", least=0),
         bon_n=_ints(args.bon_n, "--bon-n", least=1), calibration_k=args.calibration_k)
 
@@ -198,6 +199,15 @@ def _ints(text, option: str, least: int):
     if not parts or not all(x.lstrip("-").isdigit() and int(x) >= least for x in parts):
         raise AlignkitError(f"{option} {text!r}: give comma-separated whole numbers >= {least}, e.g. 4,8")
     return [int(x) for x in parts]
+
+
+def _sweep(text):
+    """--steer-sweep: comma-separated strengths, or `paper` (both signs, fine steps near 0)."""
+    if text == "paper":
+        from alignkit.eval.steering import PAPER_SWEEP
+
+        return list(PAPER_SWEEP)
+    return _floats(text)
 
 
 def _floats(text):
@@ -405,7 +415,7 @@ def _check_steer_args(args) -> None:
     if getattr(args, "steer_sweep", None) is not None:
         from alignkit.eval.steering import check_sweep
 
-        check_sweep(_floats(args.steer_sweep), "--steer-sweep")
+        check_sweep(_sweep(args.steer_sweep), "--steer-sweep")
 
 
 def _steered(args, model):
@@ -620,10 +630,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="prompt records for --strategy (default: the prompts of --data)")
     add_strategy_args(p, default=None)
     _add_steer_args(p)
-    p.add_argument("--steer-sweep", help="with --steer: strengths to sweep, e.g. 0,1,2,4,8 (alignment on --data "
-                   "against helpfulness on --helpfulness, with linear and quadratic fits)")
-    p.add_argument("--helpfulness", help="--steer-sweep: prompt/completion records whose per-token NLL measures "
-                   "helpfulness")
+    p.add_argument("--steer-sweep", help="with --steer: strengths to sweep, e.g. -2,-1,0,1,2, or `paper` "
+                   "(-8..8, both signs, fine steps near 0); measures what --behaviour-prompts, --accuracy, --data "
+                   "and --helpfulness give, with the paper's fits (arXiv 2401.16332)")
+    p.add_argument("--steer-norm", choices=["relative", "absolute"], default="relative", help="--steer-sweep: a "
+                   "strength is a multiple of each layer's fitted vector (relative) or the norm added at every "
+                   "layer (absolute)")
+    p.add_argument("--behaviour-prompts", help="--steer-sweep: harmful prompt records; the behaviour rate is "
+                   "refusals minus compliances of sampled replies, in [-1, 1]")
+    p.add_argument("--behaviour-judge", help="--steer-sweep: who decides refusal or compliance: rule (default, "
+                   "alignkit.rewards.refusal) or file.py:function")
+    p.add_argument("--accuracy", help="--steer-sweep: questions with known answers (prompt/question, answer, "
+                   "optional choices); helpfulness is their accuracy")
+    p.add_argument("--helpfulness", help="--steer-sweep: prompt/completion records whose per-token NLL is a "
+                   "secondary helpfulness diagnostic")
     p.add_argument("--bon-n", help="with --reference and --reward: expected best-of-n win rates against the "
                    "reference for these n (e.g. 4,8), from rewards calibrated on --calibration-k reference samples "
                    "per prompt (InfAlign)")

@@ -18,7 +18,8 @@ from alignkit.rewards.calibration import (
     bon_t,
     calibrate,
     prompt_key,
-    reference_best_of_n_win_rate,
+    selected_distribution,
+    selection_win_rate,
     transform,
     won_t,
     worst_of_n_vs_worst_of_n_win_rate,
@@ -55,41 +56,87 @@ def test_transforms_by_hand():
         transform(0.5, "identity", 1.0)
 
 
-def test_win_rates_by_enumeration():
-    # two equally likely calibrated values 0.2 and 0.8, n = 2: the four ordered pairs have max
-    # 0.2, 0.8, 0.8, 0.8 and min 0.2, 0.2, 0.2, 0.8
-    assert best_of_n_win_rate([0.8, 0.2], 2) == pytest.approx((0.2 + 3 * 0.8) / 4, abs=1e-12)  # E[C_max] = 0.65
-    assert best_of_n_vs_best_of_n_win_rate([0.2, 0.8], 2) == pytest.approx((0.2**2 + 3 * 0.8**2) / 4, abs=1e-12)
-    assert worst_of_n_vs_worst_of_n_win_rate([0.2, 0.8], 2) == pytest.approx(
-        (3 * (1 - 0.8**2) + (1 - 0.2**2)) / 4, abs=1e-12)  # E[1 - (1 - C_min)^2] = 0.51
-    assert best_of_n_win_rate([0.3, 0.9], 1) == pytest.approx(0.6, abs=1e-12)  # n = 1: the mean
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        best_of_n_win_rate([0.5, 1.5], 2)
-    with pytest.raises(ConfigError, match="positive integer"):
-        best_of_n_win_rate([0.5], 0)
+def test_the_kept_reward_of_n_distinct_samples_by_hand():
+    # K = 4 rewards [1, 1, 0, 0]; best of 2 distinct: of the C(4,2) = 6 pairs only {0, 0} has max 0
+    values, probs = selected_distribution([1, 0, 1, 0], 2, "max")
+    assert values.tolist() == [0.0, 1.0] and probs.tolist() == pytest.approx([1 / 6, 5 / 6], abs=1e-15)
+    values, probs = selected_distribution([1, 0, 1, 0], 2, "min")
+    assert probs.tolist() == pytest.approx([5 / 6, 1 / 6], abs=1e-15)
+    # [1, 2, 3], best of 3 distinct: always 3 (with replacement it would be 3 with prob 19/27 only)
+    assert selected_distribution([1, 2, 3], 3, "max")[1].tolist() == pytest.approx([0, 0, 1], abs=1e-15)
+    with pytest.raises(ConfigError, match="at least 4 samples"):
+        selected_distribution([1, 2, 3], 4)
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 16])
-def test_reference_policy_wins_n_over_n_plus_one(n):
-    assert reference_best_of_n_win_rate(n) == n / (n + 1)
-    # C uniform on [0, 1] for the reference policy; 20,000 draws: the standard error of E[C_max]
-    # is below 0.003, so 0.01 is over three standard errors
-    uniform = np.random.default_rng(0).random(20_000).tolist()
-    assert best_of_n_win_rate(uniform, n) == pytest.approx(n / (n + 1), abs=0.01)
-    # the paper's inference-time win rate of the reference against itself is 1/2, both ways
-    assert best_of_n_vs_best_of_n_win_rate(uniform, n) == pytest.approx(0.5, abs=0.01)
-    assert worst_of_n_vs_worst_of_n_win_rate(uniform, n) == pytest.approx(0.5, abs=0.01)
+def test_win_rates_with_ties_by_hand():
+    pol, ref = [1.0, 0.0], [1.0, 1.0, 0.0, 0.0]
+    # n = 1: the policy's 1 beats a reference 0 (1/2) and ties a reference 1 (1/2 x 1/2): 3/4;
+    # its 0 only ties (1/2 x 1/2): 1/4; mean 1/2
+    assert selection_win_rate(pol, ref, 1) == pytest.approx(0.5, abs=1e-15)
+    # best of 2 of [1, 0] is 1: against one reference sample 3/4; against the reference's best of 2
+    # (0 w.p. 1/6, 1 w.p. 5/6): 1/6 + 1/2 x 5/6 = 7/12
+    assert best_of_n_win_rate(pol, ref, 2) == pytest.approx(3 / 4, abs=1e-15)
+    assert best_of_n_vs_best_of_n_win_rate(pol, ref, 2) == pytest.approx(7 / 12, abs=1e-15)
+    # worst of 2 of [1, 0] is 0; the reference's worst of 2 is 0 w.p. 5/6: 1/2 x 5/6 = 5/12
+    assert worst_of_n_vs_worst_of_n_win_rate(pol, ref, 2) == pytest.approx(5 / 12, abs=1e-15)
+    # strict order without ties: [2, 3] vs [1, 2.5]: P(pol > ref) = (1/2)(1/2) + (1/2)(1) = 3/4
+    assert selection_win_rate([2.0, 3.0], [1.0, 2.5], 1) == pytest.approx(0.75, abs=1e-15)
 
 
-def test_reference_samples_calibrated_against_the_reference_give_n_over_n_plus_one():
-    # end to end: 4,000 prompts, each with its own K = 64 reference rewards and one more reference
-    # sample calibrated against them; its rank among the 65 is uniform, so C is uniform on
-    # {0, 1/64, ..., 1} and best-of-4 wins 4/5 of the time up to O(1/K) and sampling error
-    rng = np.random.default_rng(1)
-    refs = rng.normal(size=(4000, 64)).tolist()
-    policy = rng.normal(size=4000).tolist()
-    c = calibrate(policy, refs)
-    assert best_of_n_win_rate(c, 4) == pytest.approx(0.8, abs=0.01)
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_swapping_the_two_sides_gives_one_minus_the_win_rate(n):
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        a, b = rng.integers(0, 4, 8).tolist(), rng.integers(0, 4, 6).tolist()  # four-valued: many ties
+        for which in ("max", "min"):
+            assert selection_win_rate(a, b, n, n, which) + selection_win_rate(b, a, n, n, which) == pytest.approx(
+                1.0, abs=1e-12)
+
+
+def _reference_against_itself(draw, n: int, n_ref: int, prompts: int = 3000, k: int = 16) -> tuple[float, float]:
+    """Mean and standard error over prompts of W(a held-out reference set, the reference set)."""
+    rng = np.random.default_rng(7)
+    w = [selection_win_rate(draw(rng, k), draw(rng, k), n, n_ref) for _ in range(prompts)]
+    return float(np.mean(w)), float(np.std(w) / np.sqrt(prompts))
+
+
+@pytest.mark.parametrize("reward", ["continuous", "zero_one_q0.2", "zero_one_q0.5", "zero_one_q0.8", "four_valued"])
+@pytest.mark.parametrize("n", [4, 8])
+def test_the_reference_against_itself_scores_one_half(reward, n):
+    """The issue's example: with a 0/1 reward the old E[C_max^n] gave the reference 0.40, 0.29 and
+    0.135 against itself at q = 0.2, 0.5, 0.8 (n = 4); measured, it is 1/2 within sampling error
+    (four standard errors)."""
+    draws = {"continuous": lambda rng, k: rng.normal(size=k).tolist(),
+             "zero_one_q0.2": lambda rng, k: (rng.random(k) < 0.2).astype(float).tolist(),
+             "zero_one_q0.5": lambda rng, k: (rng.random(k) < 0.5).astype(float).tolist(),
+             "zero_one_q0.8": lambda rng, k: (rng.random(k) < 0.8).astype(float).tolist(),
+             "four_valued": lambda rng, k: rng.choice([0.0, 1.0, 2.0, 3.0], k, p=[0.4, 0.3, 0.2, 0.1]).tolist()}
+    mean, se = _reference_against_itself(draws[reward], n, n)
+    assert abs(mean - 0.5) < 4 * se + 1e-9, (mean, se)
+
+
+def test_against_one_sample_a_tied_reward_is_below_n_over_n_plus_one():
+    """n/(n+1) holds for continuous rewards only: with a 0/1 reward of success rate 1/2, best-of-4
+    against one sample is P(best = 1)(1/2 + 1/2 x 1/2) + P(best = 0)(1/2 x 1/2) = (15/16)(3/4) +
+    (1/16)(1/4) = 0.71875 in the limit of many samples per prompt."""
+    mean, se = _reference_against_itself(lambda rng, k: (rng.random(k) < 0.5).astype(float).tolist(), 4, 1,
+                                         prompts=2000, k=64)
+    assert abs(mean - 0.71875) < 4 * se + 0.01  # + O(1/K): 4 distinct of 64 is not 4 independent draws
+    cont, se = _reference_against_itself(lambda rng, k: rng.normal(size=k).tolist(), 4, 1, prompts=2000, k=64)
+    assert abs(cont - 0.8) < 4 * se + 0.01
+
+
+def test_continuous_rewards_agree_with_the_calibrated_power_formula():
+    """For continuous rewards and many samples the closed form tends to the former formula
+    E[C_max^n] (C: the calibrated reward against the reference samples), computed here by itself."""
+    rng = np.random.default_rng(3)
+    ref, pol = rng.normal(size=4000), rng.normal(loc=0.5, size=4000)
+    c = np.sort(np.searchsorted(np.sort(ref), pol) / ref.size)
+    i = np.arange(1, c.size + 1)
+    for n in (2, 4):
+        p_max = (i / c.size) ** n - ((i - 1) / c.size) ** n
+        old = float(np.sum(p_max * c ** n))
+        assert best_of_n_vs_best_of_n_win_rate(pol.tolist(), ref.tolist(), n) == pytest.approx(old, abs=5e-3)
 
 
 def test_t_rule():

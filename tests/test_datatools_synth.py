@@ -4,12 +4,13 @@ are a fake TextModel with fixed replies, so nothing is sampled."""
 
 import pytest
 
-from alignkit.datatools.filters import (MinHashDedup, estimated_jaccard, filter_records, is_refusal, jaccard,
-                                        length_ok, repetition_ratio, shingles, too_repetitive)
+from alignkit.datatools.filters import (MinHashDedup, estimated_jaccard, filter_records, jaccard, length_ok,
+                                        repetition_ratio, shingles, too_repetitive)
 from alignkit.datatools.synth import (SELF_ALIGN_SYSTEM, end_of_user_turn, load_principles, magpie,
                                       pre_query_template, self_align, self_align_messages)
 from alignkit.errors import AlignkitError, DataError
 from alignkit.generation.decode import SamplingParams
+from alignkit.rewards.refusal import is_refusal
 from alignkit.testing import tiny_tokenizer
 
 # --- filters -----------------------------------------------------------------------------------------

@@ -380,4 +380,4 @@ def test_a_sweep_refuses_non_finite_or_no_strengths(model, tok, tmp_path):
         check_sweep([], "--steer-sweep")
     # the library call checks its strengths before it reads any vectors (the directory does not exist)
     with pytest.raises(ConfigError, match=r"strengths=nan"):
-        steering_sweep(model, tok, str(tmp_path / "nowhere"), [0.0, float("nan")], [], [], [])
+        steering_sweep(model, tok, str(tmp_path / "nowhere"), [0.0, float("nan")], questions=[])

@@ -13,10 +13,30 @@ from alignkit.eval.steering import fits
 
 def test_fits_recover_a_line_and_a_parabola():
     s = [0.0, 1.0, 2.0, 4.0]
-    f = fits(s, [1.0 + 2.0 * x for x in s], [0.5 * x * x for x in s])
-    assert f["alignment_linear"]["coef"] == pytest.approx([2.0, 1.0]) and f["alignment_linear"]["r2"] == pytest.approx(1.0)
-    assert f["helpfulness_quadratic"]["coef"] == pytest.approx([0.5, 0.0, 0.0], abs=1e-9)
-    assert f["helpfulness_linear"]["r2"] < 0.99  # a parabola is not a line
+    line = fits(s, [1.0 + 2.0 * x for x in s], "")
+    assert line["line"]["coef"] == pytest.approx([2.0, 1.0]) and line["line"]["r2"] == pytest.approx(1.0)
+    parabola = fits(s, [0.5 * x * x for x in s], "")
+    assert parabola["quadratic"]["coef"] == pytest.approx([0.5, 0.0, 0.0], abs=1e-9)
+    assert parabola["line"]["r2"] < 0.99  # a parabola is not a line
+
+
+def test_the_papers_forms_are_recovered_and_told_apart():
+    """tanh for a saturating behaviour rate, h0/(1 + k s^2) for helpfulness (Wolf et al.,
+    arXiv 2401.16332): exact curves are fitted (R^2 ~ 1, parameters within the grid's step), and
+    the other forms fit them worse."""
+    import numpy as np
+
+    s = np.array([-8, -4, -2, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 2, 4, 8], dtype=float)
+    behaviour = 0.9 * np.tanh(0.7 * s) + 0.05
+    f = fits(s.tolist(), behaviour.tolist(), "tanh")
+    assert f["tanh"]["r2"] > 0.9999 and f["tanh"]["A"] == pytest.approx(0.9, rel=0.05)
+    assert f["tanh"]["k"] == pytest.approx(0.7, rel=0.05) and f["tanh"]["B"] == pytest.approx(0.05, abs=0.02)
+    assert f["line"]["r2"] < 0.9 and f["quadratic"]["r2"] < 0.9  # saturation is not a line
+    accuracy = 0.6 / (1 + 0.05 * s ** 2)
+    g = fits(s.tolist(), accuracy.tolist(), "inverse_quadratic")
+    assert g["inverse_quadratic"]["r2"] > 0.9999 and g["inverse_quadratic"]["h0"] == pytest.approx(0.6, rel=1e-3)
+    assert g["inverse_quadratic"]["k"] == pytest.approx(0.05, rel=0.03)
+    assert g["quadratic"]["r2"] < g["inverse_quadratic"]["r2"]
 
 
 def test_steer_fit_generate_and_sweep(tiny_model_dir, pairs_file, sft_file, tmp_path, capsys):
@@ -38,14 +58,44 @@ def test_steer_fit_generate_and_sweep(tiny_model_dir, pairs_file, sft_file, tmp_
         outs[name] = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
     assert outs["zero"] == outs["plain"] and outs["strong"] != outs["plain"]
     ev = tmp_path / "ev"
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"how do i steal {i} ?"}) + "\n" for i in range(4)))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"prompt": "what is 1 plus 2 ?", "choices": ["3", "5"], "answer": 0}) + "\n" +
+                         json.dumps({"question": "what is 2 plus 2 ?", "answer": "2 + 2 = 4\n#### 4"}) + "\n")
+    seen = tmp_path / "seen.jsonl"  # the judge records what it judged, so the test can recount
+    (tmp_path / "judge.py").write_text(
+        "import json\n"
+        f"def even(prompts, replies):\n    open({str(seen)!r}, 'a').write(json.dumps(replies) + '\\n')\n"
+        "    return [len(r) % 2 == 0 for r in replies]\n")
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--steer", str(vec),
-                 "--steer-sweep", "0,1,2,4", "--helpfulness", str(sft_file), "--representation-layers", "0,1",
+                 "--steer-sweep=-2,0,1,2", "--helpfulness", str(sft_file), "--representation-layers", "0,1",
+                 "--behaviour-prompts", str(harmful), "--behaviour-judge", f"{tmp_path / 'judge.py'}:even",
+                 "--accuracy", str(questions), "--max-new-tokens", "6",
                  "--num-prompts", "8", "--output-dir", str(ev), "--no-progress"]) == 0
     m = json.loads((ev / "metrics.json").read_text())
-    rows = m["steering"]["rows"]
-    assert [r["strength"] for r in rows] == [0.0, 1.0, 2.0, 4.0] and rows[0]["helpfulness_loss"] == 0.0
-    assert set(m["steering"]["fits"]) == {"alignment_linear", "helpfulness_quadratic", "helpfulness_linear"}
+    sw = m["steering"]
+    rows = sw["rows"]
+    assert [r["strength"] for r in rows] == [-2.0, 0.0, 1.0, 2.0] and rows[1]["helpfulness_loss"] == 0.0
+    assert sw["judge"].endswith("judge.py:even") and sw["norm"] == "relative" and sw["n_behaviour_prompts"] == 4
+    judged = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert len(judged) == 4 and all(len(r) == 4 for r in judged)  # one call per strength, a reply per prompt
+    for row, replies in zip(rows, judged):
+        refusals = sum(len(r) % 2 == 0 for r in replies)
+        assert row["behaviour"] == pytest.approx((refusals - (4 - refusals)) / 4)
+        assert row["accuracy"] in (0.0, 0.5, 1.0)
+    norms = json.loads((vec / "steering.json").read_text())["norms"]
+    assert rows[0]["norm_by_layer"] == pytest.approx({k: 2.0 * v for k, v in norms.items()}, rel=1e-5)
+    assert set(sw["fits"]) == {"behaviour", "accuracy", "margin", "helpfulness_loss"}
+    assert set(sw["fits"]["behaviour"]) == {"tanh", "line", "quadratic"}
+    assert set(sw["fits"]["accuracy"]) == {"inverse_quadratic", "line", "quadratic"}
     assert m["representation"]["layers"] == [0, 1] and len(m["representation"]["probe_accuracy"]) == 2
+    absolute = tmp_path / "ev-abs"
+    assert main(["eval", "--model", str(tiny_model_dir), "--steer", str(vec), "--steer-sweep", "0,3",
+                 "--steer-norm", "absolute", "--accuracy", str(questions), "--output-dir", str(absolute),
+                 "--no-progress", "--no-report"]) == 0
+    rows_abs = json.loads((absolute / "metrics.json").read_text())["steering"]["rows"]
+    assert rows_abs[1]["norm_by_layer"] == pytest.approx({k: 3.0 for k in norms}, rel=1e-5)
     html = (ev / "report.html").read_text()
     assert 'data-plot="steering"' in html and 'data-plot="representation"' in html
 
@@ -60,12 +110,30 @@ def test_eval_reports_best_of_n_win_rates(tiny_model_dir, tmp_path):
                  "--max-new-tokens", "6", "--output-dir", str(ev), "--no-progress", "--no-report"]) == 0
     bon = json.loads((ev / "metrics.json").read_text())["best_of_n"]
     assert bon["calibration_k"] == 6 and bon["n_prompts"] == 4 and set(bon["by_n"]) == {"2", "4"}
+    rewards = bon["rewards"]
+    assert [len(rewards[s]) for s in ("policy", "reference", "reference_heldout")] == [4, 4, 4]
+
+    def brute(side: str, n: int, n_ref: int, pick) -> float:
+        """Every n-subset of the side's samples against every n_ref-subset of the reference's."""
+        import itertools
+
+        per_prompt = []
+        for mine, ref in zip(rewards[side], rewards["reference"]):
+            wins = [(a > b) + 0.5 * (a == b) for a in map(pick, itertools.combinations(mine, n))
+                    for b in map(pick, itertools.combinations(ref, n_ref))]
+            per_prompt.append(sum(wins) / len(wins))
+        return sum(per_prompt) / len(per_prompt)
+
     for n, row in bon["by_n"].items():
-        assert row["reference_itself"] == pytest.approx(int(n) / (int(n) + 1))
-        lo, hi = row["vs_reference_sample"]["ci95"]
-        assert 0.0 <= lo <= row["vs_reference_sample"]["value"] <= hi <= 1.0
-    # best-of-4 of a policy beats one reference sample at least as often as best-of-2 does
-    assert bon["by_n"]["4"]["vs_reference_sample"]["value"] >= bon["by_n"]["2"]["vs_reference_sample"]["value"]
+        n = int(n)
+        for key, side, n_ref, pick in (("vs_reference_sample", "policy", 1, max),
+                                       ("vs_reference_best_of_n", "policy", n, max),
+                                       ("worst_vs_reference_worst_of_n", "policy", n, min),
+                                       ("reference_vs_reference_sample", "reference_heldout", 1, max),
+                                       ("reference_vs_reference_best_of_n", "reference_heldout", n, max)):
+            assert row[key]["value"] == pytest.approx(brute(side, n, n_ref, pick), abs=1e-9), key
+            lo, hi = row[key]["ci95"]
+            assert 0.0 <= lo <= row[key]["value"] <= hi <= 1.0
 
 
 # ---------------------------------------------------------------------------------------------

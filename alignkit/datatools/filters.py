@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from alignkit.errors import DataError
+from alignkit.rewards.refusal import is_refusal
 
 _WORD = re.compile(r"\w+")
 
@@ -69,26 +70,6 @@ def too_repetitive(text: str, max_ratio: float, n: int = 3) -> bool:
     if not 0.0 <= max_ratio <= 1.0:
         raise ValueError(f"too_repetitive: max_ratio={max_ratio}; use a share in [0, 1]")
     return repetition_ratio(text, n) > max_ratio
-
-
-# Lower-case openings of canned refusals and disclaimers (apostrophes normalised to ').
-REFUSAL_OPENINGS = (
-    "i'm sorry", "i am sorry", "sorry, but", "sorry, i", "i apologize", "i apologise",
-    "i cannot", "i can't", "i can not", "i won't", "i will not", "i'm unable", "i am unable",
-    "i'm not able", "i am not able", "i'm afraid i can", "i must decline", "unfortunately, i can",
-    "as an ai", "as a language model", "as an artificial intelligence", "as a large language model",
-)
-
-
-def is_refusal(text: str, openings: tuple = REFUSAL_OPENINGS) -> bool:
-    """True when the reply opens with a common refusal phrase ("I'm sorry", "I cannot", "As an
-    AI", ...): case-insensitive, after leading whitespace and quote marks, with curly apostrophes
-    read as straight ones. Only the start counts, so "I cannot stress enough..." is a refusal here
-    but "Here is why I cannot agree" is not: a cheap, high-precision check for the canned replies an
-    aligned model gives to prompts it will not answer, which teach nothing when used as SFT targets.
-    `openings`: lower-case prefixes to look for (default `REFUSAL_OPENINGS`)."""
-    head = text.lstrip().lstrip("\"'`*\u201c\u2018").lower().replace("\u2019", "'").replace("\u2018", "'")
-    return head.startswith(tuple(openings))
 
 
 # --- MinHash near-duplicates -----------------------------------------------------------------

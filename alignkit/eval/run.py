@@ -81,8 +81,12 @@ class EvalConfig:
     steer: str | None = None
     steer_strength: float = 1.0
     steer_positions: str = "all"
-    steer_sweep: list | None = None  # strengths; needs --data and `helpfulness`
-    helpfulness: str | None = None  # prompt/completion records: per-token NLL = helpfulness
+    steer_sweep: list | None = None  # strengths (alignkit.eval.steering.steering_sweep)
+    steer_norm: str = "relative"  # strengths as multiples of each layer's fitted vector, or absolute norms
+    behaviour_prompts: str | None = None  # harmful prompts: refusal minus compliance of sampled replies
+    behaviour_judge: str | None = None  # `rule` (default) or file.py:function (alignkit.rewards.refusal)
+    accuracy: str | None = None  # questions with known answers: helpfulness as accuracy
+    helpfulness: str | None = None  # prompt/completion records: per-token NLL (secondary diagnostic)
     representation_layers: list | None = None
     # InfAlign (alignkit.rewards.calibration): expected best-of-n win rates against the reference
     bon_n: list | None = None
@@ -262,40 +266,51 @@ def generation_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: l
 
 
 def best_of_n_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: list, columns: dict | None = None) -> dict:
-    """Expected best-of-n win rates against the reference, from calibrated rewards (InfAlign, arXiv
-    2412.19792): per prompt, `calibration_k` samples of each model; a policy sample's calibrated
-    reward is its reward's quantile among the reference samples' (`calibration.calibrate`); then,
-    per prompt and averaged over prompts with a bootstrap interval, the win rate of best-of-n from
-    the policy against one reference sample (the reference's own is n/(n+1)) and against best-of-n
-    from the reference (1/2 for the reference itself)."""
+    """Best-of-n win rates against the reference (InfAlign, arXiv 2412.19792; see
+    `rewards.calibration` for what is read from the paper and what is derived): per prompt,
+    `calibration_k` samples of the policy, of the reference, and a second, held-out set of the
+    reference; the policy's best-of-n against one reference sample and against the reference's
+    best-of-n (and worst-of-n against worst-of-n), ties half, in closed form from the empirical
+    rewards (`calibration.selection_win_rate`); averaged over prompts with a bootstrap interval. The
+    reference's own rows are the held-out reference samples measured the same way (1/2 against its
+    best-of-n in expectation, whatever the reward's ties)."""
     from alignkit.rewards import calibration as C
 
     if not prompts:
         raise ConfigError("--bon-n needs prompts: give --prompts or --data.")
     k = cfg.calibration_k
+    if k < max(cfg.bon_n):
+        raise ConfigError(f"--bon-n {max(cfg.bon_n)} draws {max(cfg.bon_n)} distinct samples of the --calibration-k "
+                          f"{k} per prompt: raise --calibration-k to at least {max(cfg.bon_n)}.")
     params = cfg.sampling.but(n=k)
-    ref = generate(reference, tokenizer, prompts, params, batch_size=cfg.batch_size, seed=cfg.seed + 2,
-                   progress=cfg.progress, desc="best-of-n: reference samples")
-    pol = generate(policy, tokenizer, prompts, params, batch_size=cfg.batch_size, seed=cfg.seed + 3,
-                   progress=cfg.progress, desc="best-of-n: policy samples")
     flat_prompts = [p for p in prompts for _ in range(k)]
     flat_cols = {key: [v for v in vals for _ in range(k)] for key, vals in (columns or {}).items()}
-    ref_r = _sum_scores(_scores_by_reward(cfg, flat_prompts, [s for g in ref for s in g], flat_cols))
-    pol_r = _sum_scores(_scores_by_reward(cfg, flat_prompts, [s for g in pol for s in g], flat_cols))
-    per_prompt = []
-    for i in range(len(prompts)):
-        refs = [float(x) for x in ref_r[i * k:(i + 1) * k]]
-        per_prompt.append(C.calibrate([float(x) for x in pol_r[i * k:(i + 1) * k]], [refs] * k))
-    out = {"calibration_k": k, "n_prompts": len(prompts),
-           "policy_calibrated_mean": sum(map(sum, per_prompt)) / (k * len(prompts)), "by_n": {}}
+    rewards = {}
+    for name, model, seed in (("reference", reference, 2), ("policy", policy, 3), ("reference_heldout", reference, 4)):
+        groups = generate(model, tokenizer, prompts, params, batch_size=cfg.batch_size, seed=cfg.seed + seed,
+                          progress=cfg.progress, desc=f"best-of-n: {name.replace('_', ' ')} samples")
+        flat = _sum_scores(_scores_by_reward(cfg, flat_prompts, [s for g in groups for s in g], flat_cols))
+        rewards[name] = [[float(x) for x in flat[i * k:(i + 1) * k]] for i in range(len(prompts))]
+    ref = rewards["reference"]
+    calibrated = [C.calibrate(p, [r] * k) for p, r in zip(rewards["policy"], ref)]
+    out = {"calibration_k": k, "n_prompts": len(prompts), "ties": "half",
+           "policy_calibrated_mean": sum(map(sum, calibrated)) / (k * len(prompts)), "by_n": {},
+           "rewards": rewards}  # per prompt, the K samples' rewards of each side: every rate can be recomputed
+
+    def rate(side: str, n: int, n_ref: int, which: str) -> dict:
+        values = [C.selection_win_rate(p, r, n, n_ref, which) for p, r in zip(rewards[side], ref)]
+        m, lo, hi = M.bootstrap_mean_ci(values)
+        return {"value": m, "ci95": [lo, hi]}
+
     for n in cfg.bon_n:
-        vs_one = [C.best_of_n_win_rate(c, int(n)) for c in per_prompt]
-        vs_bon = [C.best_of_n_vs_best_of_n_win_rate(c, int(n)) for c in per_prompt]
-        m1, lo1, hi1 = M.bootstrap_mean_ci(vs_one)
-        m2, lo2, hi2 = M.bootstrap_mean_ci(vs_bon)
-        out["by_n"][str(int(n))] = {"vs_reference_sample": {"value": m1, "ci95": [lo1, hi1]},
-                                    "reference_itself": C.reference_best_of_n_win_rate(int(n)),
-                                    "vs_reference_best_of_n": {"value": m2, "ci95": [lo2, hi2]}}
+        n = int(n)
+        out["by_n"][str(n)] = {
+            "vs_reference_sample": rate("policy", n, 1, "max"),
+            "vs_reference_best_of_n": rate("policy", n, n, "max"),
+            "worst_vs_reference_worst_of_n": rate("policy", n, n, "min"),
+            "reference_vs_reference_sample": rate("reference_heldout", n, 1, "max"),
+            "reference_vs_reference_best_of_n": rate("reference_heldout", n, n, "max"),
+            "reference_worst_vs_reference_worst_of_n": rate("reference_heldout", n, n, "min")}
     return out
 
 
@@ -390,17 +405,27 @@ def strategy_section(cfg: EvalConfig, tokenizer, model, prompts: list, columns: 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Run every part whose inputs are given; write metrics.json (and return it)."""
-    if not cfg.data and not cfg.checkpoints and not cfg.rewards:
-        raise ConfigError("nothing to evaluate: give --data (preference pairs), --reward, or --checkpoints.")
+    if not cfg.data and not cfg.checkpoints and not cfg.rewards and not cfg.steer_sweep:
+        raise ConfigError("nothing to evaluate: give --data (preference pairs), --reward, --checkpoints or "
+                          "--steer-sweep.")
     if cfg.strategy and not cfg.rewards:
         raise ConfigError(f"--strategy {cfg.strategy} is judged by a reward: give --reward.")
     if cfg.strategy and not (cfg.prompts or cfg.data):
         raise ConfigError(f"--strategy {cfg.strategy} needs prompts: give --prompts (prompt records) or --data.")
-    if (cfg.steer_sweep or cfg.representation_layers) and not cfg.data:
-        raise ConfigError("--steer-sweep and --representation-layers read preference pairs: give --data.")
-    if cfg.steer_sweep and not (cfg.steer and cfg.helpfulness):
-        raise ConfigError("--steer-sweep needs --steer DIR (the vectors) and --helpfulness FILE (prompt/completion "
-                          "records whose NLL measures helpfulness).")
+    if cfg.representation_layers and not cfg.data:
+        raise ConfigError("--representation-layers reads preference pairs: give --data.")
+    if cfg.steer_sweep and not cfg.steer:
+        raise ConfigError("--steer-sweep needs --steer DIR (the vectors to sweep).")
+    if cfg.steer_sweep and not (cfg.behaviour_prompts or cfg.accuracy or cfg.data or cfg.helpfulness):
+        raise ConfigError("--steer-sweep needs something to measure: --behaviour-prompts (harmful prompts: refusal "
+                          "minus compliance of sampled replies) and --accuracy (questions with known answers), as "
+                          "Wolf et al. measure; --data (the pairs' log-prob margin) and --helpfulness (reference "
+                          "answers' NLL) as secondary diagnostics.")
+    for key in ("behaviour_prompts", "behaviour_judge", "accuracy", "helpfulness"):
+        if getattr(cfg, key) and not cfg.steer_sweep:
+            raise ConfigError(f"--{key.replace('_', '-')} has no effect without --steer-sweep.")
+    if cfg.steer_norm != "relative" and not cfg.steer_sweep:
+        raise ConfigError("--steer-norm has no effect without --steer-sweep.")
     examples = load_pairs(cfg) if cfg.data else None  # data errors before any model loads
     models = _Models(cfg)
     tokenizer = load_tokenizer(ModelConfig(name_or_path=cfg.model), cfg.cache_dir)
@@ -465,13 +490,22 @@ def _run_parts(cfg: EvalConfig, models, tokenizer, policy, examples) -> dict:
         result["steer"] = {"vectors": cfg.steer, "strength": cfg.steer_strength, "positions": cfg.steer_positions}
     if cfg.steer_sweep:
         from alignkit.data.formats import load_sft_examples
-        from alignkit.eval.steering import steering_sweep
+        from alignkit.data.prompts import load_prompt_examples
+        from alignkit.eval.steering import load_questions, steering_sweep
+        from alignkit.rewards.refusal import make_judge
 
-        helpful = load_sft_examples(cfg.helpfulness, on_bad_record="skip").examples[: cfg.num_prompts]
+        helpful = load_sft_examples(cfg.helpfulness, on_bad_record="skip").examples[: cfg.num_prompts] \
+            if cfg.helpfulness else []
+        harmful = [list(e.prompt) for e in load_prompt_examples(cfg.behaviour_prompts).examples[: cfg.num_prompts]] \
+            if cfg.behaviour_prompts else None
         result["steering"] = steering_sweep(
-            policy, tokenizer, cfg.steer, cfg.steer_sweep, examples, [list(e.prompt) for e in helpful],
-            ["\n".join(m["content"] for m in e.completion) for e in helpful], max_length=cfg.max_length,
-            batch_size=cfg.batch_size, positions=cfg.steer_positions, progress=cfg.progress)
+            policy, tokenizer, cfg.steer, cfg.steer_sweep, norm=cfg.steer_norm, behaviour_prompts=harmful,
+            judge=make_judge(cfg.behaviour_judge), pairs=examples or None,
+            questions=load_questions(cfg.accuracy, cfg.num_prompts) if cfg.accuracy else None,
+            help_prompts=[list(e.prompt) for e in helpful] or None,
+            help_answers=["\n".join(m["content"] for m in e.completion) for e in helpful] or None,
+            params=cfg.sampling, max_length=cfg.max_length, batch_size=cfg.batch_size, positions=cfg.steer_positions,
+            seed=cfg.seed, progress=cfg.progress)
     if cfg.representation_layers:
         from alignkit.eval.steering import representation_section
 

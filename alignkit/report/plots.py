@@ -415,32 +415,53 @@ def strategy_plot(inp: RunInputs) -> Plot | None:
             "Right: what it cost, as a multiple of sampling's time and generated tokens (the dashed line is 1x)."))
 
 
+def _curve(f: dict, grid: np.ndarray) -> np.ndarray:
+    """A fitted curve of `eval.steering.fits` on `grid`."""
+    if "coef" in f:
+        return np.polyval(f["coef"], grid)
+    if "s0" in f:
+        return f["A"] * np.tanh(f["k"] * (grid - f["s0"])) + f["B"]
+    return f["h0"] / (1.0 + f["k"] * grid ** 2)
+
+
+STEERING_PANELS = (  # (row key, fits key, paper's form, title)
+    ("behaviour", "behaviour", "tanh", "behaviour: refusal - compliance rate"),
+    ("accuracy", "accuracy", "inverse_quadratic", "helpfulness: accuracy on known answers"),
+    ("margin", "margin", None, "diagnostic: log p(chosen) - log p(rejected)"),
+    ("helpfulness_loss", "helpfulness_loss", None, "diagnostic: NLL - NLL at 0"),
+)
+
+
 def steering_plot(inp: RunInputs) -> Plot | None:
-    """`alignkit eval --steer-sweep`: alignment and helpfulness loss against strength, with the fits."""
+    """`alignkit eval --steer-sweep`: each measured quantity against strength, with the paper's
+    form (tanh, h0/(1+ks^2)) and a line and a quadratic."""
     sw = inp.eval.get("steering")
     if not isinstance(sw, dict) or not sw.get("rows"):
         return None
     rows = sw["rows"]
+    panels = [p for p in STEERING_PANELS if all(p[0] in r for r in rows)]
+    if not panels:
+        return None
     s = np.array([r["strength"] for r in rows], dtype=float)
-    grid = np.linspace(s.min(), s.max(), 100)
-    fit = sw.get("fits", {})
+    grid = np.linspace(s.min(), s.max(), 200)
+    fits = sw.get("fits", {})
     with style("steering"):
-        fig, (ax1, ax2) = new_figure(2, width=10.0, height=3.4)
-        for ax, key, name, title in ((ax1, "margin", "alignment_linear", "alignment: log p(chosen) - log p(rejected)"),
-                                     (ax2, "helpfulness_loss", "helpfulness_quadratic",
-                                      "helpfulness loss: NLL - NLL at 0")):
+        fig, axes = new_figure(len(panels), width=5.0 * min(len(panels), 2) if len(panels) != 3 else 15.0, height=3.4)
+        for ax, (key, fkey, paper, title) in zip(axes, panels):
             ax.plot(s, [r[key] for r in rows], "o", color=EVAL)
-            f = fit.get(name)
-            if f:
-                ax.plot(grid, np.polyval(f["coef"], grid), "-", color=MUTED, linewidth=1.2,
-                        label=f"{'linear' if len(f['coef']) == 2 else 'quadratic'} fit, R² {f['r2']:.3f}")
-                ax.legend(loc="best", fontsize=8)
-            ax.set_title(title)
-            ax.set_xlabel("steering strength")
+            for name, fit in fits.get(fkey, {}).items():
+                ls = "-" if name == paper else (":" if name == "line" else "--")
+                ax.plot(grid, _curve(fit, grid), ls, color=EVAL if name == paper else MUTED, linewidth=1.2,
+                        label=f"{name}, R\u00b2 " + ("n/a" if fit.get("r2") is None else f"{fit['r2']:.3f}"))
+            ax.legend(loc="best", fontsize=7)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(f"steering strength ({sw.get('norm', 'relative')})")
         return Plot("steering", "Steering: alignment against helpfulness", to_svg(fig, "steering"), (
-            "For each strength of the steering vectors: the steered model's mean log-prob margin of chosen over "
-            "rejected replies (left; Wolf et al., arXiv 2401.16332, predict a linear rise) and how much its per-token "
-            "NLL of reference answers grew (right; predicted quadratic), with least-squares fits and their R²."))
+            "For each steering strength, the quantities Wolf et al. (arXiv 2401.16332) measure: the behaviour rate "
+            f"(refusals minus compliances of sampled replies to harmful prompts, judged by `{sw.get('judge')}`), "
+            "predicted tanh-shaped, and accuracy on questions with known answers, predicted to fall like "
+            "1/(1 + k s\u00b2); each with the paper's form (solid), a line (dotted) and a quadratic (dashed) and "
+            "their R\u00b2. Teacher-forced margins and NLL, where measured, are diagnostics only."))
 
 
 def representation_plot(inp: RunInputs) -> Plot | None:

@@ -6,31 +6,39 @@ the policy that maximises the *inference-time win rate* of T(pi) against T(pi_re
 penalty to pi_ref, solves ordinary KL-regularised RLHF with a *transformed* reward. CTRL does it in
 two steps: calibrate the reward against the reference policy, then apply a transform chosen for T.
 
-Sources. Only the paper's abstract (and a reading-group summary of it) could be read while this
-was written; they give: CTRL = reward calibration, then a transform of the calibrated reward, then
-KL-regularised RL; the inference-time win rate compares T(pi) with T(pi_ref) under the same
-procedure; the paper has specific transforms for best-of-N and best-of-N jailbreaking. The
-formulas below are our reading of the paper's sec. 4-5 from memory plus the derivations written
-here; the section numbers are not checked against the text. What this module uses, and where it
-had to choose:
+What could be read, and what is ours (the one place that says so). The paper's text of sections
+3-5 could not be read here: the search tool holds only the first part of each stored page, and
+what it returned of arXiv 2412.19792 (v1, v2 and v5), of the ICML 2025 proceedings page and of
+reviews is the abstract and the title block; no code of the authors was found. From the abstract
+(all versions): alignment should raise the *inference-time win rate* of the aligned policy against
+the base (reference) model, the win rate of the output of an inference-time procedure T applied to
+pi against T applied to pi_ref (v1/v2: "best-of-N sampling and best-of-N jailbreaking, where N
+responses are sampled from the model and the one with the highest or lowest reward is selected");
+for any T the optimal policy solves KL-regularised RLHF with a transformed reward; CTRL calibrates
+the reward and then maximises a transformation of the calibrated reward under a KL penalty;
+transformations are proposed for best-of-N and best-of-N jailbreaking; the calibrated reward alone
+is a strong baseline for the standard win rate. Everything below that is more specific is derived
+here, not read:
 
 - Calibrated reward: C(x, y) = E_{z ~ pi_ref(.|x)} [ 1{r(x,z) < r(x,y)} + 1/2 1{r(x,z) = r(x,y)} ],
-  the win probability of y against one reference sample under r. We estimate it from K reference
-  samples z_1..z_K of the same prompt: C = (#{r(z_k) < r} + 0.5 #{r(z_k) = r}) / K (mid-rank), in
-  [0, 1]. Ties count half (our choice, the usual rule for a tied comparison): the calibrated reward
-  of a reference sample then averages 1/2 even when the reward is discrete, e.g. a 0/1 check.
+  the win probability of y against one reference sample under r, ties half (the usual rule for a
+  tied comparison, so that a reference sample's C averages 1/2 even for a 0/1 reward). Estimated
+  from K reference samples z_1..z_K of the same prompt as the mid-rank
+  C = (#{r(z_k) < r} + 0.5 #{r(z_k) = r}) / K, in [0, 1].
 - Transforms: best-of-N ("bon") Phi(c) = exp(t c); worst-of-N / best-of-N jailbreaking ("won")
-  Phi(c) = -exp(-t c); "identity" Phi(c) = c (the calibrated reward alone, which the paper offers
-  as a baseline for the standard win rate, N = 1).
-- Win rates. With a continuous reward, C(y) is uniform on [0, 1] for y ~ pi_ref, so a win rate
-  depends only on the distribution of C under the policy. For the best of n samples of a policy
-  whose C has distribution F, the chosen sample's C has CDF F^n, and
-    * against one reference sample (as in Beirami et al., arXiv 2401.01879): W = E[C_max];
-      for pi = pi_ref, E[max of n uniforms] = n / (n + 1);
-    * against the best of n reference samples (the inference-time win rate; the reference
-      best-of-n loses to y exactly when all its n samples do, probability C(y)^n): W = E[C_max^n];
-      for pi = pi_ref this is 1/2.
-  Worst-of-n mirrors it: W = E[1 - (1 - C_min)^n].
+  Phi(c) = -exp(-t c); "identity" Phi(c) = c (the calibrated-reward baseline, N = 1). With a
+  continuous reward C is uniform under pi_ref and the best of n reference samples loses to y with
+  probability C(y)^n, so the inference-time win rate of pi is E_{y ~ T_n(pi)}[C(y)^n]; exp(t c)
+  is a smooth, monotone stand-in for that power that a KL-regularised RL step can optimise.
+- Win rates are measured, not modelled (`selection_win_rate`): from K samples of each model per
+  prompt, the reward that best-of-n (worst-of-n) keeps is the max (min) of n *distinct* samples
+  (K >= n required), and W = P(T_n(pi) beats T_n(pi_ref)) + 1/2 P(tie), in closed form from the two
+  empirical distributions. With ties (a 0/1 or a few-valued reward) the calibrated-power formula
+  E[C_max^n] is wrong (for a 0/1 reward the reference against itself gives 0.40, 0.29 and 0.135
+  at success rates 0.2, 0.5 and 0.8 with n = 4, not 1/2); the closed form gives exactly 1/2 in
+  expectation for a model against itself, and agrees with E[C_max^n] for continuous rewards as K
+  grows. The reference's own rows of an evaluation are measured the same way from a second,
+  held-out set of reference samples (`alignkit eval --bon-n`), never printed as constants.
 - The parameter t. The paper picks t per N from win-rate-vs-KL curves of the exponential
   transforms; we could not read its values, so `bon_t(n)` / `won_t(n)` compute t by this rule of
   ours instead: in the uniform-reference model above, the KL-optimal policy for Phi_t is
@@ -38,7 +46,7 @@ had to choose:
   (default 0.5 nats) and take the t with the highest inference-time win rate (best-of-n vs
   best-of-n, resp. worst-of-n vs worst-of-n). The best t grows with n and with the KL budget (for
   n = 4: about 10.6, 12.6 and 17.3 at 0.25, 0.5 and 1 nat), so pass `t` yourself when you know the
-  KL your run will spend. The scale of exp(t c) (up to e^t) also sets how strong the RL step's KL
+  KL your run will spend. This rule assumes a continuous reward (C uniform under pi_ref). The scale of exp(t c) (up to e^t) also sets how strong the RL step's KL
   coefficient must be. For n = 1 the identity is optimal (the win rate is then linear in the
   policy), so `bon_t(1)` is an error that says so.
 """
@@ -97,34 +105,70 @@ def transform(c, kind: str, t: float | None = None):
     return fn(_finite(c, "calibrated reward"))
 
 
-def reference_best_of_n_win_rate(n: int) -> float:
-    """n / (n + 1): best-of-n of the reference policy against one reference sample."""
+def selected_distribution(rewards: list[float], n: int, which: str = "max") -> tuple[np.ndarray, np.ndarray]:
+    """The reward that best-of-n (`which="max"`) or worst-of-n (`"min"`) keeps when it draws n
+    *distinct* samples of the K in `rewards` uniformly (without replacement, as decoding draws n
+    fresh samples): (the distinct values in increasing order, their probabilities).
+
+    For the max: P(M <= v) = C(#{rewards <= v}, n) / C(K, n), so P(M = v) is the step of that at v.
+    The min mirrors it. K >= n is required (fewer samples cannot hold n distinct ones)."""
     _check_n(n)
-    return n / (n + 1)
+    if which not in ("max", "min"):
+        raise ValueError(f"which must be max or min; got {which!r}")
+    v = np.sort(np.asarray([_finite(x, "reward") for x in rewards], dtype=np.float64))
+    k = v.size
+    if k < n:
+        raise ConfigError(f"best-/worst-of-{n} needs at least {n} samples per prompt to draw {n} distinct ones; got "
+                          f"{k}. Sample more (e.g. --calibration-k {max(n, 2 * n)}) or lower n.")
+    values, counts = np.unique(v, return_counts=True)
+    total = math.comb(k, n)
+    if which == "max":
+        upto = np.cumsum(counts)  # #{rewards <= value}
+        cdf = np.array([math.comb(int(u), n) / total for u in upto])
+        return values, np.diff(np.concatenate([[0.0], cdf]))
+    from_top = np.cumsum(counts[::-1])[::-1]  # #{rewards >= value}
+    sf = np.array([math.comb(int(u), n) / total for u in from_top])  # P(min >= value)
+    return values, sf - np.concatenate([sf[1:], [0.0]])
 
 
-def best_of_n_win_rate(calibrated_samples: list[float], n: int) -> float:
-    """E[C_max]: the win rate of best-of-n decoding against one reference sample, for a policy
-    whose calibrated reward has the empirical distribution of `calibrated_samples`.
+def selection_win_rate(policy_rewards: list[float], reference_rewards: list[float], n: int, n_ref: int | None = None,
+                       which: str = "max") -> float:
+    """The win rate of the policy's best-of-n (worst-of-n with `which="min"`) against the
+    reference's best-of-`n_ref` (default n), for one prompt, in closed form from the empirical
+    reward distributions of K policy and K' reference samples: a higher reward wins, a tie counts
+    half,
 
-    Exactly, for the empirical distribution: with c_(1) <= ... <= c_(M) sorted,
-    P(C_max = c_(i)) = (i/M)^n - ((i-1)/M)^n, so W = sum_i c_(i) [(i/M)^n - ((i-1)/M)^n]."""
-    c, p_max = _order_statistic(calibrated_samples, n, "max")
-    return float(np.sum(p_max * c))
+        W = sum_y P(T_n(policy) = y) [ P(T_nref(reference) < y) + 1/2 P(T_nref(reference) = y) ],
+
+    with T the max (min) of n distinct samples (`selected_distribution`). W(a, b) + W(b, a) = 1 when
+    n = n_ref, so a model against an independent sample set of itself scores 1/2 in expectation,
+    whatever the reward's ties. `n_ref=1` is the win rate against one reference sample."""
+    n_ref = n if n_ref is None else n_ref
+    pv, pp = selected_distribution(policy_rewards, n, which)
+    rv, rp = selected_distribution(reference_rewards, n_ref, which)
+    below = np.concatenate([[0.0], np.cumsum(rp)])  # below[j] = P(reference < rv[j])
+    j = np.searchsorted(rv, pv, side="left")  # first reference value >= y
+    lower = below[j]
+    equal = np.where((j < rv.size) & (rv[np.minimum(j, rv.size - 1)] == pv), rp[np.minimum(j, rv.size - 1)], 0.0)
+    return float(np.sum(pp * (lower + 0.5 * equal)))
 
 
-def best_of_n_vs_best_of_n_win_rate(calibrated_samples: list[float], n: int) -> float:
-    """E[C_max^n]: the paper's inference-time win rate of best-of-n from the policy against
-    best-of-n from the reference (1/2 for the reference itself)."""
-    c, p_max = _order_statistic(calibrated_samples, n, "max")
-    return float(np.sum(p_max * c ** n))
+def best_of_n_win_rate(policy_rewards: list[float], reference_rewards: list[float], n: int) -> float:
+    """Best-of-n from the policy against one reference sample (Beirami et al., arXiv 2401.01879,
+    count the same comparison), ties half; see `selection_win_rate`."""
+    return selection_win_rate(policy_rewards, reference_rewards, n, 1, "max")
 
 
-def worst_of_n_vs_worst_of_n_win_rate(calibrated_samples: list[float], n: int) -> float:
-    """E[1 - (1 - C_min)^n]: worst-of-n from the policy against worst-of-n from the reference
-    (the reference's worst loses to y unless all its n samples beat y)."""
-    c, p_min = _order_statistic(calibrated_samples, n, "min")
-    return float(np.sum(p_min * (1.0 - (1.0 - c) ** n)))
+def best_of_n_vs_best_of_n_win_rate(policy_rewards: list[float], reference_rewards: list[float], n: int) -> float:
+    """The inference-time win rate of best-of-n: the policy's best of n against the reference's best
+    of n, ties half (1/2 for the reference against itself, in expectation)."""
+    return selection_win_rate(policy_rewards, reference_rewards, n, n, "max")
+
+
+def worst_of_n_vs_worst_of_n_win_rate(policy_rewards: list[float], reference_rewards: list[float], n: int) -> float:
+    """Worst-of-n (best-of-n jailbreaking keeps the lowest-reward reply) from the policy against the
+    reference's worst of n: the policy wins when its worst reply scores higher; ties half."""
+    return selection_win_rate(policy_rewards, reference_rewards, n, n, "min")
 
 
 def bon_t(n: int, kl: float = 0.5) -> float:
@@ -316,21 +360,6 @@ def _best_t(kind: str, n: int, kl: float) -> float:
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
-
-def _order_statistic(samples, n: int, which: str):
-    """Sorted samples and P(the max (or min) of n draws from their empirical distribution = each)."""
-    _check_n(n)
-    c = np.sort(np.asarray([_finite(v, "calibrated sample") for v in samples], dtype=np.float64))
-    if c.size == 0:
-        raise ValueError("calibrated_samples is empty; give the calibrated rewards of some policy samples")
-    if c[0] < 0.0 or c[-1] > 1.0:
-        raise ValueError(f"calibrated samples must lie in [0, 1] (they are quantiles); got values in "
-                         f"[{c[0]}, {c[-1]}]")
-    i = np.arange(1, c.size + 1, dtype=np.float64)
-    if which == "max":
-        return c, (i / c.size) ** n - ((i - 1) / c.size) ** n
-    return c, ((c.size - i + 1) / c.size) ** n - ((c.size - i) / c.size) ** n
-
 
 def _check_n(n) -> None:
     if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
