@@ -3,6 +3,11 @@
 The tokenizer is a word-level tokenizer with ChatML special tokens and template, built in
 memory; the models are Llama- or Qwen2-style configs, by default two layers of width 32: about
 26,000 parameters with the tokenizer's 122-token vocabulary.
+
+The vocabulary is lower-case, so the principle judge's answers ("Yes", "No", "A", "B") are <unk>
+and every judge score on it is 0. Tests that read a judge pass `extra_words=JUDGE_WORDS`: the
+words take ids no other token has, so every other id stays as it is (and the default vocabulary,
+which other tests' pinned numbers depend on, is unchanged).
 """
 
 from __future__ import annotations
@@ -24,16 +29,24 @@ WORDS = (
     "capital city country france paris water fire earth sun moon tell me about explain write short "
     "long story poem code math . , ? ! : ' \""
 ).split()
+JUDGE_WORDS = ("Yes", "No", "A", "B")  # the principle judge's options (alignkit.rewards.judge)
 
 
-def tiny_tokenizer(chat_template: bool = True):
-    """A word-level tokenizer over WORDS plus digits, with ChatML special tokens."""
+def tiny_tokenizer(chat_template: bool = True, extra_words: tuple = ()):
+    """A word-level tokenizer over WORDS plus digits, with ChatML special tokens; `extra_words` get
+    ids no other token has (the ids of the others do not change)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     vocab = {tok: i for i, tok in enumerate(specials + WORDS + [str(d) for d in range(10)] +
                                             ["user", "assistant", "system", "\n"])}
+    # WORDS repeats "me", which leaves one id unused: the extra words fill it first and then follow
+    # the last id, so the ids run 0..len-1 and len(tokenizer) stays a model's vocabulary size
+    free = [i for i in range(len(vocab) + 1) if i not in set(vocab.values())]
+    for word in extra_words:
+        if word not in vocab:
+            vocab[word] = free.pop(0) if free else len(vocab)
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split("\n", behavior="isolated"),
@@ -52,23 +65,29 @@ def tiny_tokenizer(chat_template: bool = True):
 
 
 def tiny_model(family: str = "llama", vocab_size: int = 256, seed: int = 0, hidden: int = 32,
-               layers: int = 2):
-    """A random-init causal LM of the given family ("llama" or "qwen2")."""
+               layers: int = 2, init_std: float | None = None):
+    """A random-init causal LM of the given family ("llama" or "qwen2"). `init_std`: the std of the
+    weights' normal init (the config's `initializer_range`; None: transformers' 0.02). At 0.02 the
+    next-token distribution hardly depends on the context; ~0.2 makes it do so, as a judge's must."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=1,
                   eos_token_id=3)
+    if init_std is not None:
+        common["initializer_range"] = init_std
     cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**common)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
-def save_tiny_model_dir(path: str | Path, family: str = "llama", seed: int = 0, **kwargs) -> Path:
-    """Write a tiny model + tokenizer as a Hugging Face directory; returns its path."""
+def save_tiny_model_dir(path: str | Path, family: str = "llama", seed: int = 0, extra_words: tuple = (),
+                        **kwargs) -> Path:
+    """Write a tiny model + tokenizer (`tiny_tokenizer(extra_words=...)`) as a Hugging Face directory;
+    returns its path."""
     path = Path(path)
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer(extra_words=extra_words)
     model = tiny_model(family, vocab_size=len(tok), seed=seed, **kwargs)
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -95,6 +95,27 @@ def test_infinite_gaps_are_clipped_and_no_answer_is_an_error():
         judge.score(["p"], ["lost"])
 
 
+def test_exact_gaps_are_kept_and_only_unmeasured_ones_bounded_and_counted():
+    # Issue 26: a judge sure of one position gives gaps beyond SCORE_LIMIT in both orders; bounding
+    # finite gaps made every such comparison exactly 0. Only a -inf (an option the endpoint's top 20
+    # did not show) is bounded, and counted.
+    lm = TableModel({"p|far": [-0.01, -30.0], "p|sure": [-0.01, -math.inf], "p|never": [-math.inf, -0.2],
+                     "q|x|y": [-0.001, -25.0], "q|y|x": [-0.002, -23.0]})
+    judge = PrincipleJudge(lm, PRINCIPLES, template=SCORE, compare_template=COMPARE)
+    assert judge.score(["p"] * 3, ["far", "sure", "never"]) == [pytest.approx(29.99, abs=1e-12), SCORE_LIMIT,
+                                                                 -SCORE_LIMIT]
+    assert (judge.clipped, judge.answers, judge.last_clipped) == (2, 3, [0, 1, 1])
+    # (24.999 - 22.998) / 2 = 1.0005: the preference survives the position bias
+    assert judge.compare(["q"], ["x"], ["y"]) == [pytest.approx(1.0005, abs=1e-12)]
+    assert (judge.clipped, judge.answers, judge.last_clipped) == (2, 5, [0])
+    lm.table["q|y|x"] = [-math.inf, -0.5]
+    assert judge.compare(["q"], ["x"], ["y"]) == [pytest.approx((24.999 + SCORE_LIMIT) / 2, abs=1e-12)]
+    assert (judge.clipped, judge.answers, judge.last_clipped) == (3, 7, [1])
+    lm.table["p|nan"] = [math.nan, -1.0]
+    with pytest.raises(AlignkitError, match="a log-prob is a finite number or -inf"):
+        judge.score(["p"], ["nan"])
+
+
 def test_templates_and_principles_are_checked():
     with pytest.raises(ConfigError, match=r"`template` lacks \{reply\}"):
         PrincipleJudge(TableModel({}), PRINCIPLES, template="{principles} {prompt}")
@@ -145,6 +166,24 @@ def test_build_reward_judge_names_its_options(tmp_path):
         build_reward({"name": "judge"})
     with pytest.raises(ConfigError, match="principles file .*nowhere.yaml not found"):
         build_reward({"name": "judge", "principles": str(tmp_path / "nowhere.yaml")})
+    with pytest.raises(ConfigError, match="`tokenizer` is for an `endpoint`"):
+        build_reward({"name": "judge", "principles": "p.yaml", "tokenizer": "x"})
+
+
+def test_build_reward_judge_on_an_endpoint_takes_its_tokenizer_and_key(tmp_path, tiny_model_dir):
+    from alignkit.generation.text_models import EndpointModel
+
+    path = tmp_path / "p.yaml"
+    path.write_text("principles: [Be kind.]\n")
+    key = tmp_path / "server.token"
+    key.write_text("secret-token-1234567890\n")
+    judge = build_reward({"name": "judge", "principles": str(path), "endpoint": "http://127.0.0.1:9/v1",
+                          "model": "m", "tokenizer": str(tiny_model_dir), "api_key_file": str(key)})
+    assert isinstance(judge.lm, EndpointModel) and judge.lm.tokenizer is not None
+    assert judge.lm.client.api_key == "secret-token-1234567890"
+    with pytest.raises(ConfigError, match="cannot read `api_key_file`"):
+        build_reward({"name": "judge", "principles": str(path), "endpoint": "http://127.0.0.1:9/v1", "model": "m",
+                      "api_key_file": str(tmp_path / "missing")})
 
 
 def test_local_option_logprobs_match_a_plain_forward_pass():

@@ -45,6 +45,26 @@ def model_options(args) -> None:
     at_least(getattr(args, "retries", None), 0, "--retries")
     if getattr(args, "endpoint", None) and not getattr(args, "model", None):
         raise ConfigError(f"--endpoint {args.endpoint} needs --model NAME: the model name the server serves.")
+    for option in ("tokenizer", "api_key_file"):
+        if getattr(args, option, None) and not getattr(args, "endpoint", None):
+            raise ConfigError(f"--{option.replace('_', '-')} is for --endpoint (a server); a local --model uses its "
+                              "own tokenizer and needs no key: leave it out.")
+    api_key(args)
+
+
+def api_key(args) -> str | None:
+    """The key in `--api-key-file` (None without the option: the client then reads OPENAI_API_KEY)."""
+    path = getattr(args, "api_key_file", None)
+    if not path:
+        return None
+    try:
+        key = open(path, encoding="utf-8").read().strip()
+    except OSError as e:
+        raise ConfigError(f"--api-key-file {path}: cannot read it ({e.strerror}); give the file that holds the "
+                          "server's key (for `alignkit vllm-serve`, the token file it printed at start).") from None
+    if not key:
+        raise ConfigError(f"--api-key-file {path} is empty; it must hold the server's key on one line.")
+    return key
 
 
 def synth_options(args):

@@ -3,7 +3,13 @@ arguments in, resumable work item by item (`jobs.RecordLog`), JSONL out with a s
 
 Every command takes a model the same way: `--model PATH_OR_ID` (default: the bundled
 SmolLM2-135M-Instruct) runs it locally; `--endpoint URL --model NAME` asks an OpenAI-compatible
-server (vLLM, llama.cpp, a hosted API) instead, `--concurrency` requests at a time.
+server (vLLM, llama.cpp, a hosted API) instead, `--concurrency` requests at a time, with the key in
+`--api-key-file` (or OPENAI_API_KEY) and, for Magpie and for exact judge log-probs, a local copy of
+the served model's tokenizer (`--tokenizer`).
+
+A judge behind an endpoint without `--tokenizer` (or one that does not echo log-probs) reads only
+the first reply token's top 20 log-probs; the answers it could not measure are bounded at +-20
+(`alignkit.rewards.judge`), and every command that judges counts them in its output and summary.
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ def add_model_args(p: argparse.ArgumentParser, temperature: float = 0.7, max_new
     p.add_argument("--concurrency", type=int, default=8, help="--endpoint: requests in flight at once")
     p.add_argument("--retries", type=int, default=4, help="--endpoint: retries of a request that failed transiently "
                    "(connection error, timeout, HTTP 408/409/429/5xx), with exponential backoff")
+    p.add_argument("--tokenizer", help="--endpoint: a local copy of the served model's tokenizer (directory or hub "
+                   "id); Magpie needs it to write the chat template's user header, and a judge to read exact option "
+                   "log-probs (without it: the first reply token's top 20, and what they miss is bounded and counted)")
+    p.add_argument("--api-key-file", help="--endpoint: a file holding the server's key, sent as `Authorization: Bearer "
+                   "<key>` (for `alignkit vllm-serve`: the token file it prints at start); default: the environment "
+                   "variable OPENAI_API_KEY")
     p.add_argument("--batch-size", type=int, default=16, help="local model: prompts sampled together")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=temperature)
@@ -40,7 +52,8 @@ def _lm(args):
     from alignkit.generation.text_models import text_model
 
     return text_model(model=args.model, endpoint=args.endpoint, concurrency=args.concurrency, retries=args.retries,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, tokenizer=args.tokenizer if args.endpoint else None,
+                      api_key=checks.api_key(args))
 
 
 def _params(args, **changes):
@@ -174,6 +187,23 @@ def _judge(loaded: dict, lm):
     return PrincipleJudge(lm, **loaded)
 
 
+def _judge_report(lm, clipped: int, answers: int) -> tuple[dict, list]:
+    """A judging command's count of bounded answers and note on how option log-probs were read, for
+    its summary; the count is printed too when it is not 0 (never silently: see the module doc)."""
+    from alignkit.generation.text_models import EndpointModel
+    from alignkit.rewards.judge import SCORE_LIMIT
+
+    key = f"judge answers bounded at +-{SCORE_LIMIT:g} (an option outside the endpoint's top 20 log-probs)"
+    source = "exact option log-probs (local model)"
+    if isinstance(lm, EndpointModel):
+        source = lm.logprob_source or "no judge answer was read in this run"
+    if clipped:
+        print(f"alignkit: {clipped} of {answers} judge answers were bounded at +-{SCORE_LIMIT:g}: an option was not "
+              "among the first reply token's top 20 log-probs the endpoint reported, so its size is unknown. Give "
+              "--tokenizer (the served model's) for exact log-probs from a server that echoes them (vLLM does).")
+    return {key: f"{clipped}/{answers}"}, [f"judge log-probs: {source}"]
+
+
 def cmd_judge(args) -> int:
     """Score prompt/completion records, or compare the two sides of preference pairs."""
     from alignkit.rewards.judge import load_principles_file
@@ -190,25 +220,32 @@ def cmd_judge(args) -> int:
                                why=" to score it (or `chosen` and `rejected`, in every record, to compare pairs)")
         rows = [rec for _, rec in raw]
     principles = load_principles_file(args.principles)
-    log = RecordLog(args.out, _settings(args, "data", "principles"), args.resume,
+    log = RecordLog(args.out, _settings(args, "data", "principles", "tokenizer"), args.resume,
                     inputs={"--data": args.data, "--principles": args.principles})
-    judge = _judge(principles, _lm(args))
+    lm = _lm(args)
+    judge = _judge(principles, lm)
 
+    # Each logged record keeps how many of its judge answers were bounded (`_clipped`, not written
+    # to OUT), so a resumed run still counts the ones its first part found.
     def work(chunk):
         recs = [rows[i] for i in chunk]
         if paired:
             vals = judge.compare([r["prompt"] for r in recs], [r["chosen"] for r in recs], [r["rejected"] for r in recs])
-            return [{"id": i, **r, "judge_margin": v} for i, r, v in zip(chunk, recs, vals)]
+            return [{"id": i, **r, "judge_margin": v, "_clipped": c}
+                    for i, r, v, c in zip(chunk, recs, vals, judge.last_clipped)]
         vals = judge.score([r["prompt"] for r in recs], [r["completion"] for r in recs])
-        return [{"id": i, **r, "judge_score": v} for i, r, v in zip(chunk, recs, vals)]
+        return [{"id": i, **r, "judge_score": v, "_clipped": c}
+                for i, r, v, c in zip(chunk, recs, vals, judge.last_clipped)]
     _run(log, list(range(len(rows))), work, not args.no_progress, "judge")
-    out = [{k: v for k, v in log.done[i].items() if k != "id"} for i in range(len(rows))]
+    out = [{k: v for k, v in log.done[i].items() if k not in ("id", "_clipped")} for i in range(len(rows))]
     key = "judge_margin" if paired else "judge_score"
     vals = [r[key] for r in out]
     counts = {"records": len(out), f"mean {key}": round(sum(vals) / max(len(vals), 1), 4)}
     if paired:
         counts["judge agrees with chosen (margin > 0)"] = f"{sum(v > 0 for v in vals)}/{len(vals)}"
-    _finish(log, out, "alignkit data judge", counts, notes=[f"principles: {args.principles}"])
+    clipped = sum(log.done[i].get("_clipped", 0) for i in range(len(rows)))
+    judged, notes = _judge_report(lm, clipped, len(out) * (2 if paired else 1))
+    _finish(log, out, "alignkit data judge", {**counts, **judged}, notes=[f"principles: {args.principles}", *notes])
     return 0
 
 
@@ -227,23 +264,36 @@ def cmd_pairs(args) -> int:
     examples = load_prompt_examples(args.prompts).examples
     loaded = load_principles_file(args.principles) if args.principles else None
     spec = parse_reward_arg(args.reward) if args.reward else None
-    log = RecordLog(args.out, _settings(args, "prompts", "k", "reward", "principles"), args.resume,
+    log = RecordLog(args.out, _settings(args, "prompts", "k", "reward", "principles", "tokenizer"), args.resume,
                     inputs={"--prompts": args.prompts, "--principles": args.principles, **checks.reward_inputs(spec)})
     reward = build_reward(spec) if spec is not None else None
     lm = _lm(args)
-    reward = _judge(loaded, lm) if loaded is not None else reward
+    judge = _judge(loaded, lm) if loaded is not None else None
+    reward = judge or reward
 
+    # A chunk's judge answers and bounded ones are logged with its first record, so that a resumed
+    # run still counts them.
     def work(chunk):
         exs = [examples[i] for i in chunk]
+        before = (judge.answers, judge.clipped) if judge else (0, 0)
         samples, scores = sample_and_score(lm, [list(e.prompt) for e in exs], args.k, _params(args), reward,
                                            seed=args.seed + chunk[0], columns=prompt_columns(exs))
-        return [{"id": i, "samples": s, "scores": sc} for i, s, sc in zip(chunk, samples, scores)]
+        recs = [{"id": i, "samples": s, "scores": sc} for i, s, sc in zip(chunk, samples, scores)]
+        if judge and recs:
+            recs[0]["judge_answers"], recs[0]["judge_clipped"] = judge.answers - before[0], judge.clipped - before[1]
+        return recs
     _run(log, list(range(len(examples))), work, not args.no_progress, "pairs")
     done = [log.done[i] for i in range(len(examples))]
     records, counts = build_pairs([list(e.prompt) for e in examples], [d["samples"] for d in done],
                                   [d["scores"] for d in done], min_margin=args.min_margin)
+    notes = []
+    if judge:
+        judged, notes = _judge_report(lm, sum(d.get("judge_clipped", 0) for d in done),
+                                      sum(d.get("judge_answers", 0) for d in done))
+        counts = {**counts, **judged}
     _finish(log, records, "alignkit data pairs", counts,
-            notes=[f"{args.k} replies per prompt; chosen = best, rejected = worst, margin >= {args.min_margin}"])
+            notes=[f"{args.k} replies per prompt; chosen = best, rejected = worst, margin >= {args.min_margin}",
+                   *notes])
     return 0
 
 
@@ -343,14 +393,21 @@ def cmd_principles(args) -> int:
     log = RecordLog(args.out, _settings(args, "pairs", "limit", "heldout_fraction", "max_principles"), args.resume,
                     inputs={"--pairs": args.pairs})
     lm = _lm(args)
-    found = principles.extract(lm, lambda p: PrincipleJudge(lm, [p]), train_pairs, held_pairs,
+    judges: list = []  # every one-principle judge, for the count of bounded answers
+
+    def judge_for(principle):
+        judges.append(PrincipleJudge(lm, [principle]))
+        return judges[-1]
+    found = principles.extract(lm, judge_for, train_pairs, held_pairs,
                                max_principles=args.max_principles, params=_params(args), seed=args.seed,
                                progress=not args.no_progress)
+    judged, notes = _judge_report(lm, sum(j.clipped for j in judges), sum(j.answers for j in judges))
     _finish(log, list(found), "alignkit data principles",
             {"train pairs": len(train_pairs), "held-out pairs": len(held_pairs), "principles proposed": found.proposed,
              "after deduplication": found.unique, "kept": len(found),
-             "held-out agreement of the kept principles' majority vote": round(found.vote_agreement, 3)},
-            notes=["agreement: the share of pairs whose chosen reply the one-principle judge prefers; 0.5 is chance"])
+             "held-out agreement of the kept principles' majority vote": round(found.vote_agreement, 3), **judged},
+            notes=["agreement: the share of pairs whose chosen reply the one-principle judge prefers; 0.5 is chance",
+                   *notes])
     return 0
 
 
@@ -379,7 +436,6 @@ def add_parsers(data_sub, sub) -> None:
     add_model_args(q, temperature=1.0)
     q.add_argument("--method", choices=["magpie", "self-align"], required=True)
     q.add_argument("--n", type=int, default=200, help="magpie: instructions to synthesise")
-    q.add_argument("--tokenizer", help="magpie with --endpoint: a local copy of the served model's tokenizer")
     q.add_argument("--principles", help="self-align: YAML with `principles` and `exemplars`")
     q.add_argument("--prompts", help="self-align: JSONL prompt records to answer")
     q.add_argument("--min-words", type=int, default=3)

@@ -94,7 +94,7 @@ def _build_term(spec, model_options: dict) -> tuple:
                       f"directory {name} exists).")
 
 
-JUDGE_OPTIONS = ("principles", "model", "endpoint")
+JUDGE_OPTIONS = ("principles", "model", "endpoint", "tokenizer", "api_key_file")
 
 
 def _check_options(name: str, params: dict, allowed: tuple) -> None:
@@ -108,21 +108,34 @@ def _check_options(name: str, params: dict, allowed: tuple) -> None:
 
 
 def _judge(params: dict, model_options: dict):
-    """`{name: judge, principles: FILE, model: ..., endpoint: ...}` -> a PrincipleJudge. The principles
-    file is read before the judge model is loaded, so a mistake in it costs no model load."""
+    """`{name: judge, principles: FILE, model: ..., endpoint: ..., tokenizer: ..., api_key_file: ...}`
+    -> a PrincipleJudge. With an endpoint, `tokenizer` (a local copy of the served model's) gives
+    exact option log-probs, and `api_key_file` holds the server's key (e.g. the token file of
+    `alignkit vllm-serve`). The principles file is read before the judge model is loaded, so a
+    mistake in it costs no model load."""
     _check_options("judge", params, JUDGE_OPTIONS)
     _require(isinstance(params.get("principles"), str), "reward judge needs `principles`: a YAML file with "
                                                         "`principles: [...]`, e.g. {name: judge, principles: p.yaml}.")
-    for key in ("model", "endpoint"):
+    for key in ("model", "endpoint", "tokenizer", "api_key_file"):
         _require(params.get(key) is None or isinstance(params[key], str),
                  f"reward judge: `{key}` must be a string; got {params.get(key)!r}.")
+    for key in ("tokenizer", "api_key_file"):
+        _require(params.get(key) is None or params.get("endpoint"), f"reward judge: `{key}` is for an `endpoint`; "
+                 "a local judge model uses its own tokenizer and needs no key. Drop it or set `endpoint`.")
+    api_key = None
+    if params.get("api_key_file"):
+        try:
+            api_key = open(params["api_key_file"], encoding="utf-8").read().strip()
+        except OSError as e:
+            raise ConfigError(f"reward judge: cannot read `api_key_file` {params['api_key_file']}: {e.strerror}.") from None
     from alignkit.generation.text_models import text_model  # loads transformers: only when a judge is asked for
     from alignkit.rewards.judge import PrincipleJudge, load_principles_file
 
     loaded = load_principles_file(params["principles"])
     device = model_options["device"]
     lm = text_model(model=params.get("model"), endpoint=params.get("endpoint"),
-                    device="auto" if device is None else str(device), batch_size=model_options["batch_size"])
+                    device="auto" if device is None else str(device), batch_size=model_options["batch_size"],
+                    tokenizer=params.get("tokenizer"), api_key=api_key)
     return PrincipleJudge(lm, **loaded)
 
 

@@ -59,7 +59,7 @@ Which reply follows the principles better? Answer with one letter: A or B."""
 
 YES, NO = "Yes", "No"  # the options read from the judge's next-token distribution
 A, B = "A", "B"
-SCORE_LIMIT = 20.0  # nats; see `_difference`
+SCORE_LIMIT = 20.0  # nats: the score of an answer whose other option has log-prob -inf; see `_difference`
 
 _SCORE_FIELDS = ("principles", "prompt", "reply")
 _COMPARE_FIELDS = ("principles", "prompt", "reply_a", "reply_b")
@@ -78,6 +78,11 @@ class PrincipleJudge:
 
     `template` / `compare_template`: your own judge prompts (see the module docstring for the
     placeholders); None uses `SCORE_TEMPLATE` / `COMPARE_TEMPLATE`.
+
+    `answers` counts the judge answers read (one per scored reply, two per comparison: both
+    orders); `clipped` counts those bounded at +-SCORE_LIMIT because an option's log-prob was -inf
+    (only an endpoint without exact log-probs reports that, see `_difference`), and
+    `last_clipped[i]` how many of them are behind the i-th value the last `score`/`compare` returned.
     """
 
     name = "judge"
@@ -90,12 +95,14 @@ class PrincipleJudge:
                                         "PrincipleJudge: `template`")
         self.compare_template = check_template(COMPARE_TEMPLATE if compare_template is None else compare_template,
                                                 _COMPARE_FIELDS, "PrincipleJudge: `compare_template`")
+        self.answers, self.clipped, self.last_clipped = 0, 0, []
 
     def score(self, prompts: list, replies: list) -> list[float]:
         """log p("Yes") - log p("No") for each reply: > 0 when the judge thinks it follows the principles."""
         _same_length(prompts, replies, "replies")
         conversations = [self._conversation(self.template, prompt=p, reply=r) for p, r in zip(prompts, replies)]
-        return self._ask(conversations, (YES, NO))
+        values, self.last_clipped = self._ask(conversations, (YES, NO))
+        return values
 
     def compare(self, prompts: list, a: list, b: list) -> list[float]:
         """How much the judge prefers reply a over reply b: log p("A") - log p("B"), averaged over both orders.
@@ -111,8 +118,9 @@ class PrincipleJudge:
                    for p, x, y in zip(prompts, a, b)]
         swapped = [self._conversation(self.compare_template, prompt=p, reply_a=y, reply_b=x)
                    for p, x, y in zip(prompts, a, b)]
-        both = self._ask(forward + swapped, (A, B))
+        both, clipped = self._ask(forward + swapped, (A, B))
         n = len(prompts)
+        self.last_clipped = [clipped[i] + clipped[n + i] for i in range(n)]
         return [(both[i] - both[n + i]) / 2 for i in range(n)]
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
@@ -130,29 +138,42 @@ class PrincipleJudge:
         text = _PLACEHOLDER.sub(lambda m: str(values.get(m.group(1), m.group(0))), template)
         return [{"role": "user", "content": text}]
 
-    def _ask(self, conversations: list, options: tuple) -> list[float]:
+    def _ask(self, conversations: list, options: tuple) -> tuple[list[float], list[int]]:
+        """(first option's log-prob - second's, 1 where that was bounded else 0) per conversation."""
         if not conversations:
-            return []
+            return [], []
         rows = self.lm.option_logprobs(conversations, list(options))
         if len(rows) != len(conversations):
             raise AlignkitError(f"judge {self!r}: option_logprobs returned {len(rows)} rows for "
                                 f"{len(conversations)} conversations")
-        return [_difference(row[0], row[1], i, options, self) for i, row in enumerate(rows)]
+        values = [_difference(row[0], row[1], i, options, self) for i, row in enumerate(rows)]
+        clipped = [int(math.isinf(float(r[0]) - float(r[1]))) for r in rows]  # _difference bounded these
+        self.answers += len(values)
+        self.clipped += sum(clipped)
+        return values, clipped
 
 
 def _difference(first: float, second: float, index: int, options: tuple, judge) -> float:
-    """first - second, clipped to +-SCORE_LIMIT.
+    """first - second; +-SCORE_LIMIT where one of them is -inf.
 
-    An endpoint reports only its top 20 first tokens (`EndpointModel.option_logprobs`), so a judge
-    that is sure of "Yes" gives "No" a log-prob of -inf; an infinite reward would break every mean
-    and advantage downstream. Clipping at 20 nats (a probability ratio of about 5e8) keeps the order
-    of the scores and the sign. When neither option is among the top tokens, the judge did not
-    answer the question at all; that is an error, not a score."""
+    Exact log-probs (a local model, or an endpoint that echoes the log-probs of given text; see
+    `EndpointModel.option_logprobs`) are finite, and their difference is the score as it is: a
+    bound here would make a judge that strongly favours one position give the same bounded score
+    in both orders, and `compare` exactly 0. An endpoint without that reports only its top 20 first
+    tokens, so a judge sure of "Yes" gives "No" a log-prob of -inf; an infinite reward would break
+    every mean and advantage downstream, so that score becomes +-SCORE_LIMIT (20 nats, a probability
+    ratio of about 5e8: the sign is kept, the size is not known) and the judge counts it
+    (`PrincipleJudge.clipped`), for the data tools to report. When neither option is among the top
+    tokens, the judge did not answer the question at all; that is an error, not a score."""
+    first, second = float(first), float(second)
     if first == -math.inf and second == -math.inf:
         raise AlignkitError(f"judge {judge!r}: for item {index}, neither {options[0]!r} nor {options[1]!r} is among "
                             "the judge model's likely first tokens, so it gives no answer to read; use a model that "
                             "follows instructions, or a template that asks for exactly these words.")
-    return max(-SCORE_LIMIT, min(SCORE_LIMIT, float(first) - float(second)))
+    if math.isnan(first) or math.isnan(second) or first == math.inf or second == math.inf:
+        raise AlignkitError(f"judge {judge!r}: for item {index}, the judge model gave the log-probs {first} and "
+                            f"{second} for {options[0]!r} and {options[1]!r}; a log-prob is a finite number or -inf.")
+    return max(-SCORE_LIMIT, min(SCORE_LIMIT, first - second)) if math.isinf(first - second) else first - second
 
 
 def render_principles(principles: list[str]) -> str:
