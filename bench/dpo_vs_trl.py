@@ -7,10 +7,11 @@ each framework's own).
 
 TRL computes its reference every step with a frozen copy (its default). alignkit by default computes
 the reference log-probs once before training with the policy itself (`reference: cached`, so no
-second model is in memory); that pass is timed and its time is charged to the timed steps pro
-rata (`--reference live` runs a frozen copy every step instead). Both use AdamW, lr 1e-6, no
-gradient checkpointing, bf16 on CUDA and fp32 on CPU. Tokens are counted the same way
-for both: every non-pad token of prompt + chosen and of prompt + rejected, as each framework
+second model is in memory); that pass is timed (the run's `timings.setup_s` in its summary.json:
+the recipe's setup, which for DPO with a cached reference is that pass) and its time is charged to
+the timed steps pro rata (`--reference live` runs a frozen copy every step instead). Both use
+AdamW, lr 1e-6, no gradient checkpointing, bf16 on CUDA and fp32 on CPU. Tokens are counted the
+same way for both: every non-pad token of prompt + chosen and of prompt + rejected, as each framework
 tokenized them (the prompt counts twice even when alignkit computes it once). Both get the pairs
 as chat messages, so both render them with the model's chat template. Timing: `--steps` steps
 after `--warmup` steps; tokens of the timed steps are the mean tokens per step over the run
@@ -21,6 +22,7 @@ untrained checkpoint and prints the mean and max absolute difference of the per-
 and each one's mean distance from an independent float64 forward (one sequence at a time).
 Last line: `tokens_per_s_ratio=<alignkit/TRL> peak_memory_ratio=<alignkit/TRL>`.
 Needs `pip install -e ".[bench]"` (trl==1.16.0) and ../shared/data (HH-RLHF harmless).
+`--smoke` (examples/smoke.py): the same run in seconds, a tiny model and synthetic pairs.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hh_data import usable_rows  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "examples"))
+import hh_data  # noqa: E402
+import smoke  # noqa: E402
+
 SHAPES = {  # random-init Llama-style shapes of the issue (SmolLM2 tokenizer, vocab 49152, tied embeddings)
     "llama:960x32": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
                          intermediate_size=2560),
@@ -67,12 +71,12 @@ def model_dir(name: str, out: Path) -> str:
     return str(path)
 
 
-def conversational_rows(n: int) -> list[dict]:
-    """The first n usable HH pairs as explicit prompt / chosen / rejected message lists."""
+def conversational_rows(n: int, hh: Path) -> list[dict]:
+    """The first n usable pairs of the HH file `hh` as explicit prompt / chosen / rejected message lists."""
     from alignkit.data.formats import parse_preference_record
 
     rows = []
-    for i, r in usable_rows()[0][:n]:
+    for i, r in hh_data.usable_rows(hh)[0][:n]:
         ex = parse_preference_record(r, f"hh:{i}")
         rows.append({"prompt": list(ex.prompt), "chosen": list(ex.chosen), "rejected": list(ex.rejected)})
     return rows
@@ -85,18 +89,9 @@ def run_alignkit(args, model: str, data: Path, out: Path) -> dict:
     from alignkit.train import loop
     from alignkit.train.metrics import read_metrics
 
-    # The cached reference pass is timed and charged pro rata to the timed steps (their share of
-    # the pairs); a fresh cache directory makes sure it really runs.
-    ref_seconds = []
-    cached = loop.cached_ref_logps
-
-    def timed_reference(*a, **k):
-        start = time.perf_counter()
-        table = cached(*a, **k)
-        ref_seconds.append(time.perf_counter() - start)
-        return table
-
-    loop.cached_ref_logps = timed_reference
+    # The cached reference pass is the recipe's setup, timed by the loop (summary.json
+    # `timings.setup_s`); it is charged pro rata to the timed steps (their share of the pairs). A
+    # fresh cache directory makes sure it really runs.
     shutil.rmtree(out / "alignkit_cache", ignore_errors=True)
     total = args.warmup + args.steps
     cfg = load_config(None, [
@@ -111,7 +106,8 @@ def run_alignkit(args, model: str, data: Path, out: Path) -> dict:
     rows = read_metrics(out / "alignkit", "train")
     timed = rows[args.warmup:]
     mean_tokens = sum(r["tokens"] for r in rows) / len(rows)
-    reference = sum(ref_seconds) * len(timed) / len(rows)
+    setup_s = json.loads((out / "alignkit" / "summary.json").read_text())["timings"]["setup_s"]
+    reference = (setup_s if args.reference == "cached" else 0.0) * len(timed) / len(rows)
     return {"seconds": sum(r["step_time_s"] for r in timed) + reference, "reference_seconds": reference,
             "tokens": mean_tokens * len(timed), "exact_timed_tokens": sum(r["tokens"] for r in timed),
             "steps": len(timed)}
@@ -225,7 +221,12 @@ def worker(args) -> None:
     if args.device == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        # VmHWM: the peak RSS of this process image. ru_maxrss would start at the parent's high-water
+        # mark (Linux keeps it across fork and exec), and the parent imported torch to build the data.
+        status = Path("/proc/self/status")
+        hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")] if status.is_file() else []
+        kib = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result["peak_memory_mb"] = kib / 1024
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -253,7 +254,7 @@ def main() -> None:
     ap.add_argument("--worker", choices=["alignkit", "trl", "check"], help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = smoke.parse_args(ap, pairs_per_step=2, max_length=128, steps=1, warmup=1, check_pairs=2)
     if args.worker:
         return worker(args)
 
@@ -261,12 +262,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = out / "pairs.jsonl"
     n = args.pairs_per_step * (args.warmup + args.steps)
-    data.write_text("".join(json.dumps(r) + "\n" for r in conversational_rows(n)))
-    path = model_dir(args.model, out)
+    hh = hh_data.smoke_hh(out) if args.smoke else hh_data.require_hh()
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversational_rows(n, hh)))
+    path = smoke.tiny_model_dir(out) if args.smoke else model_dir(args.model, out)
     results = {}
     names = [args.only] if args.only else (["check"] if args.check_pairs else []) + ["alignkit", "trl"]
     for name in names:
-        cmd = [sys.executable, __file__, "--worker", name, "--model-path", path, "--data", str(data)] + sys.argv[1:]
+        cmd = [sys.executable, __file__, "--worker", name, "--model-path", path, "--data", str(data),
+               *sys.argv[1:], "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:

@@ -48,7 +48,8 @@ assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
 print("precision losses", [round(r["loss"], 4) for r in rows])
 PYEOF
 
-# rng: checkpoints carry the CUDA RNG and a resume restores it; the resumed run ends where the full one does
+# rng: checkpoints carry the CUDA RNG and a resume restores it: resumed from the full run's checkpoint 3 (as after a
+# crash there), a run ends where the full one does
 $PY - "$WORK" $COMMON <<'PYEOF' && echo "gpu_check rng: ok" || echo "gpu_check rng: FAILED"
 import sys, torch
 from alignkit.config import load_config
@@ -59,22 +60,10 @@ assert "cuda" in state, "the CUDA RNG is not in the checkpoint state"
 torch.cuda.manual_seed(123); ckpt.set_rng_state(state)
 assert torch.equal(torch.cuda.get_rng_state(), state["cuda"][0])
 full = loop.train(load_config(None, args + [f"output_dir={sys.argv[1]}/rng_full"]), progress=False)
-real = ckpt.save_checkpoint
-def crash(run_dir, step, *a, **k):
-    p = real(run_dir, step, *a, **k)
-    if step == 3:
-        raise KeyboardInterrupt
-    return p
-ckpt.save_checkpoint = crash
 cfg = load_config(None, args + [f"output_dir={sys.argv[1]}/rng_resume"])
-try:
-    loop.train(cfg, progress=False)
-except KeyboardInterrupt:
-    pass
-ckpt.save_checkpoint = real
-saved = ckpt.load_trainer_state(ckpt.latest_checkpoint(cfg.output_dir))
+saved = ckpt.load_trainer_state(full.run_dir / "checkpoint-3")
 assert "cuda" in saved["rng"], "no CUDA RNG in the checkpoint"
-loop.train(cfg, resume=True, progress=False)
+loop.train(cfg, resume_from=str(full.run_dir / "checkpoint-3"), progress=False)
 from safetensors.torch import load_file
 a = load_file(f"{full.final_dir}/model.safetensors"); b = load_file(f"{cfg.output_dir}/final/model.safetensors")
 diff = max(float((a[k] - b[k]).abs().max()) for k in a)

@@ -56,7 +56,10 @@ one after the other. Seconds: the optimizer steps only, each from the start of i
 end of its optimizer update (alignkit: the sum of its `step_time_s` metric; TRL: a callback from
 `on_step_begin` to `on_step_end`), so model loading, setup, logging and saving are not counted;
 `--warmup` steps at the start are left out of both. Samples: the completions sampled in the timed
-steps (S * P * G; TRL's are counted as its `_generate` returns them and checked against that).
+steps (S * P * G; TRL's are counted as its reward function receives them and checked against that).
+Sampling share: alignkit's `time/generation_s` metric; TRL's, from the step's start to the call
+of its reward function (sampling, then decoding the completions; TRL logs its own timings to
+wandb/mlflow/trackio only).
 samples/s = samples / seconds. Peak memory: the child's peak resident set size
 (`getrusage(RUSAGE_SELF).ru_maxrss`, as bench/dpo_vs_trl.py; it includes model loading and, for
 alignkit, the final save). The parent imports no torch (a small helper process resolves the model
@@ -72,7 +75,8 @@ so completion lengths, and with them the work, differ a little: each line prints
 completion length to judge it by. alignkit writes `final/` and a report after training (untimed).
 
 Last line: `samples_per_s_ratio=<alignkit/TRL> peak_memory_ratio=<alignkit/TRL>`.
-Needs `pip install -e ".[bench]"` (trl==1.16.0).
+Needs `pip install -e ".[bench]"` (trl==1.16.0). `--smoke` (examples/smoke.py): the same run in
+seconds, with a tiny model.
 """
 
 from __future__ import annotations
@@ -87,10 +91,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-import sums_task  # (pure Python: the prompts and the reward spec of the CPU examples)
+import smoke  # noqa: E402
+import sums_task  # noqa: E402  (pure Python: the prompts and the reward spec of the CPU examples)
 
 CLIP = 0.2  # PPO clip range, both sides, both frameworks
 _REWARD = []  # the built reward, once per process
+REWARD_CALLS = []  # (time.perf_counter(), completions) of each call, for TRL's sampling time and count
 
 
 def sums_reward(prompts: list, completions: list, **columns) -> list[float]:
@@ -98,6 +104,7 @@ def sums_reward(prompts: list, completions: list, **columns) -> list[float]:
     both signatures: alignkit passes completions as texts and the data columns (`answer`); TRL
     passes them as assistant message lists, the columns too, and extra keywords it adds
     (`completion_ids`, `trainer_state`, ...), which are ignored."""
+    REWARD_CALLS.append((time.perf_counter(), len(completions)))
     if not _REWARD:
         from alignkit.rewards import build_reward
 
@@ -157,11 +164,13 @@ def run_trl(args, model: str, data: Path, out: Path) -> dict:
 
     class Recorder(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            REWARD_CALLS.clear()
             times.append([time.perf_counter()])
-            sampled.append([0, 0.0])
 
         def on_step_end(self, *a, **k):
             times[-1].append(time.perf_counter())
+            # one generation per step (steps_per_generation=1), scored by one reward call
+            sampled.append([sum(n for _, n in REWARD_CALLS), REWARD_CALLS[0][0] - times[-1][0] if REWARD_CALLS else 0.0])
 
         def on_log(self, _args, state, control, logs=None, **k):
             if logs and "reward" in logs:  # one train row per step (logging_steps=1)
@@ -180,16 +189,6 @@ def run_trl(args, model: str, data: Path, out: Path) -> dict:
         log_completions=False, disable_tqdm=True)
     trainer = GRPOTrainer(model=policy, reward_funcs=[sums_reward], args=config, train_dataset=dataset,
                           processing_class=tok, callbacks=[Recorder()])
-    generate = trainer._generate
-
-    def counted_generate(prompts):  # sampling time and the number of completions sampled, per step
-        start = time.perf_counter()
-        result = generate(prompts)
-        sampled[-1][0] += len(result[1])  # completion_ids_list
-        sampled[-1][1] += time.perf_counter() - start
-        return result
-
-    trainer._generate = counted_generate
     trainer.train()
     timed, timed_samples = times[args.warmup:], sampled[args.warmup:]
     samples = sum(n for n, _ in timed_samples)
@@ -211,7 +210,8 @@ def worker(args) -> None:
     if args.worker == "model":
         from alignkit.models import default_model_dir
 
-        print("RESULT " + json.dumps({"model": str(default_model_dir())}), flush=True)
+        path = smoke.tiny_model_dir(args.out) if args.smoke else default_model_dir()
+        print("RESULT " + json.dumps({"model": str(path)}), flush=True)
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -226,7 +226,7 @@ def worker(args) -> None:
 
 def child(name: str, args, extra: list) -> dict:
     """Run `--worker name` in a fresh process; its RESULT dict."""
-    cmd = [sys.executable, __file__, "--worker", name, *extra] + sys.argv[1:]
+    cmd = [sys.executable, __file__, "--worker", name, *extra, *sys.argv[1:], "--out", str(ROOT / args.out)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -254,7 +254,7 @@ def main() -> None:
     ap.add_argument("--worker", choices=["model", "alignkit", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = smoke.parse_args(ap, steps=2, warmup=1, prompts_per_step=2, num_samples=2, max_new_tokens=4)
     if args.worker:
         return worker(args)
     if args.num_samples < 2:

@@ -9,6 +9,7 @@ absent). Training pairs are the first `--train` usable rows, held-out pairs the 
 (`rewards/accuracies` at evaluation: beta * log-ratio for reference-based losses, the length-
 normalised log-prob for SimPO, the log-odds for ORPO), next to the untrained model's own ranking
 by summed and by mean log-prob. Last line: `best=<loss> heldout_accuracy=<x> n=<n>`.
+`--smoke` (examples/smoke.py): the same run in seconds, a tiny model and synthetic pairs.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-from hh_data import usable_rows, write_rows
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "examples"))
+import hh_data  # noqa: E402
+import smoke  # noqa: E402
 
 
-def baseline(held: Path, max_length: int) -> dict:
+def baseline(model: str, held: Path, max_length: int) -> dict:
     """The untrained model's own ranking: is log pi(chosen) > log pi(rejected) (sum and mean)?"""
     from alignkit.eval.run import EvalConfig, run_eval
 
-    pref = run_eval(EvalConfig(model="smollm2-135m-instruct", data=str(held), max_length=max_length, batch_size=16,
+    pref = run_eval(EvalConfig(model=model, data=str(held), max_length=max_length, batch_size=16,
                                output_dir=str(held.parent.parent / "baseline"), progress=False))["preference"]
     return {"sum_logprob": pref["ranking_accuracy"], "mean_logprob": pref["ranking_accuracy_mean_logprob"]}
 
@@ -43,27 +46,28 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--out", default="runs/bench_hh_losses")
-    args = ap.parse_args()
-    if not HH.is_file():
-        sys.exit(f"skipped: {HH} not found (the benchmark needs the shared HH-RLHF data)")
+    args = smoke.parse_args(ap, train=8, heldout=4, steps=1, batch_size=4, max_length=64)
+    out = ROOT / args.out
+    hh = hh_data.smoke_hh(out) if args.smoke else hh_data.require_hh()
 
     from alignkit.config import load_config
     from alignkit.eval.metrics import wilson_interval
+    from alignkit.models import DEFAULT_MODEL
     from alignkit.train.loop import train
     from alignkit.train.metrics import read_metrics
 
-    out = ROOT / args.out
-    rows, skipped = usable_rows()
+    model = smoke.tiny_model_dir(out) if args.smoke else DEFAULT_MODEL
+    rows, skipped = hh_data.usable_rows(hh)
     if len(rows) < args.train + args.heldout:
         sys.exit(f"only {len(rows)} usable pairs; lower --train or --heldout")
-    train_file = write_rows(out / "data" / "train.jsonl", [r for _, r in rows[: args.train]])
-    held_file = write_rows(out / "data" / "heldout.jsonl", [r for _, r in rows[-args.heldout:]])
+    train_file = hh_data.write_rows(out / "data" / "train.jsonl", [r for _, r in rows[: args.train]])
+    held_file = hh_data.write_rows(out / "data" / "heldout.jsonl", [r for _, r in rows[-args.heldout:]])
     print(f"HH-RLHF harmless: {len(skipped)} malformed rows skipped; train {args.train}, held-out {args.heldout}")
-    results = {"baseline": baseline(held_file, args.max_length)}
+    results = {"baseline": baseline(model, held_file, args.max_length)}
     for name in args.losses.split(","):
         start = time.perf_counter()
         cfg = load_config(None, [
-            f"loss.name={name}", f"data.train={train_file}", f"data.eval={held_file}",
+            f"model.name_or_path={model}", f"loss.name={name}", f"data.train={train_file}", f"data.eval={held_file}",
             f"data.max_length={args.max_length}", f"train.max_steps={args.steps}",
             f"train.batch_size={args.batch_size}", f"train.learning_rate={args.lr}",
             "train.report_to=[]", "train.eval_batch_size=16", f"output_dir={out / name}"])

@@ -12,6 +12,8 @@ once (8 samples), a sample's reward becomes its quantile among them, then exp(t 
 prompt 16 samples of each model; a policy sample's calibrated reward is its quantile among the
 reference's; then the expected win rate of best-of-n from the policy against one reference sample
 and against best-of-n from the reference, averaged over the 48 prompts with bootstrap intervals.
+Last line: `bon4_winrate raw=<x> ctrl=<y> n=<n>` (best-of-4 against the reference's best-of-4).
+`--smoke` (examples/smoke.py): the same runs in seconds, a tiny random-init model, 8 training sums.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+import smoke  # noqa: E402
 import sums_task  # noqa: E402
 
 
@@ -32,7 +35,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=2e-6)
     ap.add_argument("--out", default="runs/bench_infalign")
-    args = ap.parse_args()
+    ap.add_argument("--train-prompts", type=int, default=400, help="training sums (the CTRL reward calibrates on each)")
+    ap.add_argument("--heldout", type=int, default=sums_task.N_HELDOUT, help="held-out sums")
+    args = smoke.parse_args(ap, steps=1, train_prompts=8, heldout=4)
 
     from alignkit.config import load_config
     from alignkit.eval.run import EvalConfig, run_eval
@@ -43,10 +48,10 @@ def main() -> None:
     from alignkit.train.metrics import read_metrics
 
     out = ROOT / args.out
-    train_file, held_file = sums_task.write_data(out)
-    base = str(default_model_dir())
+    train_file, held_file = sums_task.write_data(out, n_train=args.train_prompts, n_heldout=args.heldout)
+    base = smoke.tiny_model_dir(out) if args.smoke else str(default_model_dir())
     calibrated = {"name": "calibrated", "reward": sums_task.REWARDS, "k": 8, "transform": "bon", "n": 4,
-                  "max_new_tokens": 24}
+                  "max_new_tokens": 24, "model": base}
     results, times = {}, {}
     for name, reward in (("raw", sums_task.REWARDS), ("ctrl", calibrated)):
         run_dir = out / name / "run"
@@ -55,14 +60,14 @@ def main() -> None:
             print(f"{name}: reusing the finished run in {run_dir}")  # the training part is deterministic
         else:
             cfg = load_config(None, ["recipe=grpo", *sums_task.common_overrides(train_file, held_file, out / name,
-                                                                                  args.steps, args.lr),
+                                                                                  args.steps, args.lr, base),
                                      f"online.rewards={json.dumps(reward)}", f"output_dir={run_dir}",
                                      "data.eval_fraction=0", "data.eval=null"])
             train(cfg)
         times[name] = sum(r["step_time_s"] for r in read_metrics(run_dir, "train")) / 60  # the steps' time
         ev = run_eval(EvalConfig(model=str(run_dir / "final"), reference=base, prompts=str(held_file),
                                  rewards=[build_reward(sums_task.REWARDS)], bon_n=[4, 8], calibration_k=16,
-                                 num_prompts=sums_task.N_HELDOUT,
+                                 num_prompts=args.heldout,
                                  sampling=SamplingParams(max_new_tokens=24, temperature=1.0),
                                  output_dir=str(out / name / "eval"), progress=False))
         results[name] = ev["best_of_n"]
@@ -77,7 +82,7 @@ def main() -> None:
         print(f"| {name} | {times[name]:.1f} min | {b['policy_calibrated_mean']:.3f} | " + " | ".join(cells) + " |")
     print(f"(the reference itself: best-of-4 vs 1 sample {4 / 5:.3f}, best-of-8 {8 / 9:.3f}; vs its own best-of-n 0.5)")
     b4 = {k: v["by_n"]["4"]["vs_reference_best_of_n"]["value"] for k, v in results.items()}
-    print(f"bon4_winrate raw={b4['raw']:.3f} ctrl={b4['ctrl']:.3f} n={sums_task.N_HELDOUT}")
+    print(f"bon4_winrate raw={b4['raw']:.3f} ctrl={b4['ctrl']:.3f} n={args.heldout}")
 
 
 if __name__ == "__main__":

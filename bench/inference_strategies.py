@@ -17,7 +17,9 @@ Tasks (held-out prompts; nothing here is trained on them):
 Controlled decoding's value head is fitted per task (`alignkit.inference.value`) on other
 prompts: 48 fresh concept sets, or HH rows 301-1000. Everything samples at temperature 1. Results
 go to OUT/results.json (each strategy is kept once done, so a rerun continues) and a Markdown
-table is printed.
+table is printed. Last line: `best_reward <task>=<strategy>:<mean reward> ...` (each task run).
+`--smoke` (examples/smoke.py): every strategy in seconds, a tiny random-init model (and, for the
+harmless task, synthetic conversations, that model as the DPO model and a random-head reward model).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "examples"))
+import hh_data  # noqa: E402
+import smoke  # noqa: E402
 
 WORDS = ("dog river bread window guitar mountain teacher rain garden candle bicycle ocean kitchen "
          "letter winter forest coffee train market moon child stone clock bridge apple ship lamp "
@@ -82,8 +87,13 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--tasks", default="keywords,harmless")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--fit-prompts", type=int, default=48, help="prompts the value head is fitted on, per task")
+    ap.add_argument("--reward-model", help="the harmless task's reward model (default: the one "
+                    "python bench/reward_model_hh.py trains, runs/bench_reward_model_hh/run/final)")
+    ap.add_argument("--dpo-model", help="Transfer Q*'s baseline for the harmless task (default: the DPO model "
+                    "python bench/hh_losses.py trains, runs/bench_hh_losses/dpo/final)")
     ap.add_argument("--out", default="runs/bench_inference")
-    args = ap.parse_args()
+    args = smoke.parse_args(ap, prompts=2, max_new_tokens=4, fit_prompts=4)
 
     import torch
 
@@ -102,27 +112,29 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    mc = ModelConfig(name_or_path="smollm2-135m-instruct")
+    model_name = smoke.tiny_model_dir(out) if args.smoke else "smollm2-135m-instruct"
+    args.reward_model = args.reward_model or (smoke.tiny_reward_model_dir(out) if args.smoke else
+                                              str(ROOT / "runs/bench_reward_model_hh/run/final"))
+    args.dpo_model = args.dpo_model or (model_name if args.smoke else str(ROOT / "runs/bench_hh_losses/dpo/final"))
+    mc = ModelConfig(name_or_path=model_name)
     tokenizer, model = load_tokenizer(mc), load_model(mc, for_training=False).eval()
     params = SamplingParams(args.max_new_tokens, temperature=1.0)
 
     for task in args.tasks.split(","):
         baseline = None
         if task == "keywords":
-            evals, fits = concept_sets(args.prompts, seed=2), concept_sets(48, seed=1)
+            evals, fits = concept_sets(args.prompts, seed=2), concept_sets(args.fit_prompts, seed=1)
             reward = Keywords(required_column="words", partial=True)
             note = {}
         elif task == "harmless":
-            rm_dir, dpo_dir = ROOT / "runs/bench_reward_model_hh/run/final", ROOT / "runs/bench_hh_losses/dpo/final"
+            rm_dir, dpo_dir = Path(args.reward_model), Path(args.dpo_model)
             if not (rm_dir / "config.json").is_file() or not (dpo_dir / "config.json").is_file():
                 print(f"skipped task harmless: needs {rm_dir} (python bench/reward_model_hh.py) and {dpo_dir} "
                       "(python bench/hh_losses.py)")
                 continue
-            from hh_data import usable_rows
-
-            rows, _ = usable_rows()
+            rows, _ = hh_data.usable_rows(hh_data.smoke_hh(out) if args.smoke else hh_data.require_hh())
             evals, skipped = hh_prompts([(i, r) for i, r in rows if i > 1000], tokenizer, args.prompts)
-            fits, _ = hh_prompts([(i, r) for i, r in rows if 300 < i <= 1000], tokenizer, 48)
+            fits, _ = hh_prompts([(i, r) for i, r in rows if 300 < i <= 1000], tokenizer, args.fit_prompts)
             reward = RewardModel(str(rm_dir))
             baseline = load_model(ModelConfig(name_or_path=str(dpo_dir), dtype="float32"), for_training=False).eval()
             note = {"prompts_over_160_tokens_skipped": skipped}
@@ -140,7 +152,7 @@ def main() -> None:
                   for r in fits]
             fcols = {"words": [r["words"] for r in fits]} if task == "keywords" else {}
             head = fit_value_head(model, tokenizer, reward, fp, encode_prompts(tokenizer, fp), fcols,
-                                  SamplingParams(args.max_new_tokens, 1.0, n=4), model_name="smollm2-135m-instruct")
+                                  SamplingParams(args.max_new_tokens, 1.0, n=4), model_name=model_name)
             head.save(value_dir)
             results[task]["value_head"] = dict(head.meta, seconds=time.perf_counter() - t0)
             results_file.write_text(json.dumps(results, indent=2))
@@ -178,6 +190,9 @@ def main() -> None:
                   f"KL {res.kl if res.kl is None else round(res.kl, 2)} ({res.kl_kind})", flush=True)
 
     print(table(results))
+    best = {task: max(r["strategies"].items(), key=lambda kv: kv[1]["reward"]) for task, r in results.items()
+            if r["strategies"]}
+    print("best_reward " + " ".join(f"{task}={name}:{s['reward']:.3f}" for task, (name, s) in best.items()))
 
 
 def table(results: dict) -> str:

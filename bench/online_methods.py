@@ -20,7 +20,9 @@ Methods and their settings (the rest are alignkit's defaults):
   distill       recipe distill, the teacher being the GRPO run's final model (run grpo first)
 
 A method's result is kept in OUT/<method>/result.json, so a second call runs only what is missing.
-Last line: `methods=<n> all_raised=<true|false>`.
+Every method's settings are checked (as a config) before the first run. Last line:
+`methods=<n> all_raised=<true|false>`. `--smoke` (examples/smoke.py): one rollout each of grpo, ppo
+and distill (the methods this script treats specially), a tiny random-init model, in seconds each.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+import smoke  # noqa: E402
 import sums_task  # noqa: E402
 
 METHODS = {
@@ -43,12 +46,37 @@ METHODS = {
     "reinforce_pp": ["recipe=reinforce_pp", "online.kl_coef=0.01"],
     "gspo": ["recipe=grpo", "loss.name=gspo"],
     "cispo": ["recipe=grpo", "loss.name=cispo", "online.aggregation=dapo"],
-    "ppo": ["recipe=ppo", "ppo.epochs=1", "ppo.minibatches=2", "critic.learning_rate=2e-5", "critic.freeze_layers=24"],
+    "ppo": ["recipe=ppo", "ppo.epochs=1", "ppo.minibatches=2", "critic.learning_rate=2e-5"],  # + --critic-frozen-layers
     "online_dpo": ["recipe=online_dpo"],
     "raft": ["recipe=raft"],
     "distill": ["recipe=distill"],
 }
 STEPS_PER_ROLLOUT = {"ppo": 2}
+# --smoke runs the methods this script treats specially (the recipes themselves are tested in tests/)
+SMOKE_METHODS = "grpo,ppo,distill"
+
+
+def model_dir(args) -> str:
+    from alignkit.models import default_model_dir
+
+    return smoke.tiny_model_dir(args.out) if args.smoke else str(default_model_dir())
+
+
+def settings(method: str, args, train_file: Path, held_file: Path) -> tuple[list[str], list[str], int]:
+    """`method`'s own settings, all its config overrides, and its optimizer steps."""
+    steps = args.rollouts * STEPS_PER_ROLLOUT.get(method, 1)
+    extra = list(METHODS[method])
+    if method == "ppo":
+        extra.append(f"critic.freeze_layers={args.critic_frozen_layers}")
+    if method == "distill":
+        extra.append(f"teacher.name_or_path={teacher_dir(args)}")
+    out = Path(args.out) / method
+    common = sums_task.common_overrides(train_file, held_file, out, steps, args.lr, model_dir(args))
+    return extra, [*extra, *common], steps
+
+
+def teacher_dir(args) -> Path:
+    return Path(args.out) / "grpo" / "run" / "final"
 
 
 def run_one(method: str, args, train_file: Path, held_file: Path) -> dict:
@@ -58,15 +86,11 @@ def run_one(method: str, args, train_file: Path, held_file: Path) -> dict:
     from alignkit.train.loop import train
     from alignkit.train.metrics import read_metrics
 
-    out = Path(args.out) / method
-    steps = args.rollouts * STEPS_PER_ROLLOUT.get(method, 1)
-    extra = list(METHODS[method])
-    if method == "distill":
-        teacher = Path(args.out) / "grpo" / "run" / "final"
-        if not teacher.is_dir():
-            raise SystemExit(f"distill needs the GRPO run's model as its teacher: run --methods grpo first ({teacher})")
-        extra.append(f"teacher.name_or_path={teacher}")
-    cfg = load_config(None, [*extra, *sums_task.common_overrides(train_file, held_file, out, steps, args.lr)])
+    if method == "distill" and not teacher_dir(args).is_dir():
+        raise SystemExit(f"distill needs the GRPO run's model as its teacher: run --methods grpo first "
+                         f"({teacher_dir(args)})")
+    extra, overrides, steps = settings(method, args, train_file, held_file)
+    cfg = load_config(None, overrides)
     start = time.perf_counter()
     result = train(cfg, progress=False)
     minutes = (time.perf_counter() - start) / 60
@@ -86,29 +110,32 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-6)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_online"))
+    ap.add_argument("--heldout", type=int, default=sums_task.N_HELDOUT, help="held-out sums")
+    ap.add_argument("--critic-frozen-layers", type=int, default=24, help="ppo's, of SmolLM2's 30 blocks")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this method here
-    args = ap.parse_args()
+    args = smoke.parse_args(ap, rollouts=1, heldout=4, critic_frozen_layers=1, methods=SMOKE_METHODS)
     out = Path(args.out)
-    train_file, held_file = sums_task.write_data(out)
+    train_file, held_file = sums_task.write_data(out, n_heldout=args.heldout)
     if args.one:
         res = run_one(args.one, args, train_file, held_file)
         (out / args.one / "result.json").write_text(json.dumps(res, indent=2))
         return
-    from alignkit.models import default_model_dir
-
     if not (out / "before.json").exists():
-        (out / "before.json").write_text(json.dumps(sums_task.heldout_rewards(str(default_model_dir()), held_file)))
+        (out / "before.json").write_text(json.dumps(sums_task.heldout_rewards(model_dir(args), held_file)))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    from alignkit.config import load_config
+
+    for m in METHODS:  # every method's settings, checked before the first run (a bad key fails in seconds)
+        load_config(None, settings(m, args, train_file, held_file)[1])
     results = []
     for m in methods:
         path = out / m / "result.json"
         if not path.exists():
             print(f"== {m}", flush=True)
-            subprocess.run([sys.executable, __file__, "--one", m, "--rollouts", str(args.rollouts), "--lr", str(args.lr),
-                            "--out", str(out)], check=True)
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", m, "--out", str(out)], check=True)
         results.append(json.loads(path.read_text()))
     print("\n| method | held-out before | after | change [95% CI] | better / worse | steps | minutes | sampling |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

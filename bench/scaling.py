@@ -8,6 +8,7 @@ processes 1 thread each (torchrun's default), so both use the machine's 2 cores.
 log-probs are computed once (by the first run) and cached, so both time only training. Tokens/s is
 the mean over the steps after the first. Last line:
 `parity_max_abs_diff=<x> rss_per_process_ratio=<2-process/1-process> tokens_per_s_ratio=<2-process/1-process>`.
+`--smoke` (examples/smoke.py): the same runs in seconds, a tiny model and synthetic pairs.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hh_data import usable_rows, write_rows  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "examples"))
+import hh_data  # noqa: E402
+import smoke  # noqa: E402
+
 WORKER = Path(__file__).with_name("scaling_worker.py")
 
 
@@ -52,15 +55,19 @@ def main() -> None:
     ap.add_argument("--pairs-per-step", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--out", default="runs/bench_scaling")
-    args = ap.parse_args()
+    args = smoke.parse_args(ap, pairs=8, steps=2, pairs_per_step=2, max_length=64)
+    out = ROOT / args.out
+    hh = hh_data.smoke_hh(out) if args.smoke else hh_data.require_hh()
 
+    from alignkit.models import DEFAULT_MODEL
     from alignkit.train.metrics import read_metrics
 
-    out = ROOT / args.out
-    rows = [r for _, r in usable_rows()[0]][: args.pairs]
-    data = write_rows(out / "pairs.jsonl", rows)
-    common = [f"data.train={data}", "data.eval_fraction=0", f"data.max_length={args.max_length}",
-              f"train.max_steps={args.steps}", "train.learning_rate=1e-6", "train.warmup_ratio=0",
+    model = smoke.tiny_model_dir(out) if args.smoke else DEFAULT_MODEL
+    rows = [r for _, r in hh_data.usable_rows(hh)[0]][: args.pairs]
+    data = hh_data.write_rows(out / "pairs.jsonl", rows)
+    common = [f"model.name_or_path={model}", f"data.train={data}", "data.eval_fraction=0",
+              f"data.max_length={args.max_length}", f"train.max_steps={args.steps}", "train.learning_rate=1e-6",
+              "train.warmup_ratio=0",
               "train.shuffle=false", "train.report_to=[]", f"cache_dir={out / 'cache'}", "train.log_every=1",
               "train.save_every=0"]
     per_process = {1: args.pairs_per_step, 2: args.pairs_per_step // 2}
@@ -71,7 +78,7 @@ def main() -> None:
         metrics = read_metrics(run_dir / "run", "train")
         results[nproc] = {"seconds": seconds, "rss": rss, "losses": [m["loss"] for m in metrics],
                           "tokens_per_s": sum(m["tokens_per_s"] for m in metrics[1:]) / max(1, len(metrics) - 1)}
-    print(f"DPO on SmolLM2-135M-Instruct, {args.pairs_per_step} pairs per step, max_length {args.max_length}, "
+    print(f"DPO on {model}, {args.pairs_per_step} pairs per step, max_length {args.max_length}, "
           f"{args.steps} steps")
     print("step  loss (1 process)  loss (2 processes)")
     for i, (a, b) in enumerate(zip(results[1]["losses"], results[2]["losses"]), start=1):

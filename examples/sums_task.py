@@ -27,18 +27,18 @@ def sums(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def write_data(out: Path) -> tuple[Path, Path]:
-    """400 training sums and the 48 held-out ones, as prompt records."""
+def write_data(out: Path, n_train: int = 400, n_heldout: int = N_HELDOUT) -> tuple[Path, Path]:
+    """The training sums (400) and the held-out ones (48), as prompt records."""
     out.mkdir(parents=True, exist_ok=True)
     train_file, held_file = out / "train.jsonl", out / "heldout.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in sums(400, seed=1)))
-    held_file.write_text("".join(json.dumps(r) + "\n" for r in sums(N_HELDOUT, seed=2)))
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in sums(n_train, seed=1)))
+    held_file.write_text("".join(json.dumps(r) + "\n" for r in sums(n_heldout, seed=2)))
     return train_file, held_file
 
 
-def common_overrides(train_file: Path, held_file: Path, out: Path, steps: int, lr: float) -> list[str]:
-    """The settings both examples share: data, reward, sampling budget per rollout."""
-    return [f"data.train={train_file}", f"data.eval={held_file}", "data.max_length=96",
+def common_overrides(train_file: Path, held_file: Path, out: Path, steps: int, lr: float, model: str) -> list[str]:
+    """The settings both examples share: model, data, reward, sampling budget per rollout."""
+    return [f"model.name_or_path={model}", f"data.train={train_file}", f"data.eval={held_file}", "data.max_length=96",
             f"online.rewards={json.dumps(REWARDS)}", "generation.num_samples=6", "generation.max_new_tokens=24",
             "generation.temperature=1.0", "generation.batch_size=8", "train.batch_size=4",
             f"train.max_steps={steps}", f"train.learning_rate={lr}", "train.warmup_ratio=0",

