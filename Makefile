@@ -37,7 +37,8 @@ browser:
 		echo "note: chromium not installed; the report-rendering test will skip"; }
 
 test: install browser
-	$(BIN)/python -m pytest -q
+	# two workers, whole files each (a file's module fixtures, e.g. one vLLM engine, start once)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

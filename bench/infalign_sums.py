@@ -9,9 +9,10 @@ The task, reward, held-out sums and GRPO budget are those of `examples/grpo_cpu.
 transform: bon, n: 4}`: each training prompt's reward distribution under the reference is sampled
 once (8 samples), a sample's reward becomes its quantile among them, then exp(t c) with the t of
 `calibration.bon_t(4)`. Evaluation (`alignkit eval --bon-n 4,8`, the raw task reward): per held-out
-prompt 16 samples of each model; a policy sample's calibrated reward is its quantile among the
-reference's; then the expected win rate of best-of-n from the policy against one reference sample
-and against best-of-n from the reference, averaged over the 48 prompts with bootstrap intervals.
+prompt 16 samples of the policy, 16 of the reference and 16 more of the reference (held out); the
+win rate of best-of-n (n distinct samples) against one reference sample and against best-of-n from
+the reference, ties half, in closed form from the empirical rewards, averaged over the 48 prompts
+with bootstrap intervals; the reference's own rows are its held-out samples measured the same way.
 Last line: `bon4_winrate raw=<x> ctrl=<y> n=<n>` (best-of-4 against the reference's best-of-4).
 `--smoke` (examples/smoke.py): the same runs in seconds, a tiny random-init model, 8 training sums.
 """
@@ -71,16 +72,19 @@ def main() -> None:
                                  sampling=SamplingParams(max_new_tokens=24, temperature=1.0),
                                  output_dir=str(out / name / "eval"), progress=False))
         results[name] = ev["best_of_n"]
-    print("\n| GRPO reward | training | calibrated reward (mean) | best-of-4 vs 1 ref | best-of-4 vs ref best-of-4 "
+    print("\n| model | training | calibrated reward (mean) | best-of-4 vs 1 ref | best-of-4 vs ref best-of-4 "
           "| best-of-8 vs 1 ref | best-of-8 vs ref best-of-8 |\n| --- | --- | --- | --- | --- | --- | --- |")
+
+    def cell(v: dict) -> str:
+        return f"{v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+
     for name, b in results.items():
-        cells = []
-        for n in ("4", "8"):
-            for key in ("vs_reference_sample", "vs_reference_best_of_n"):
-                v = b["by_n"][n][key]
-                cells.append(f"{v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]")
-        print(f"| {name} | {times[name]:.1f} min | {b['policy_calibrated_mean']:.3f} | " + " | ".join(cells) + " |")
-    print(f"(the reference itself: best-of-4 vs 1 sample {4 / 5:.3f}, best-of-8 {8 / 9:.3f}; vs its own best-of-n 0.5)")
+        cells = [cell(b["by_n"][n][key]) for n in ("4", "8") for key in ("vs_reference_sample", "vs_reference_best_of_n")]
+        print(f"| GRPO {name} | {times[name]:.1f} min | {b['policy_calibrated_mean']:.3f} | " + " | ".join(cells) + " |")
+    for name, b in results.items():  # measured, from the reference's held-out samples of each evaluation
+        cells = [cell(b["by_n"][n][key]) for n in ("4", "8")
+                 for key in ("reference_vs_reference_sample", "reference_vs_reference_best_of_n")]
+        print(f"| reference (eval of {name}) | - | - | " + " | ".join(cells) + " |")
     b4 = {k: v["by_n"]["4"]["vs_reference_best_of_n"]["value"] for k, v in results.items()}
     print(f"bon4_winrate raw={b4['raw']:.3f} ctrl={b4['ctrl']:.3f} n={args.heldout}")
 

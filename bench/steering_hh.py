@@ -1,24 +1,35 @@
 """Steering SmolLM2-135M-Instruct toward the chosen replies of the shared HH-RLHF harmless pairs,
-and the alignment/helpfulness trade-off as the strength grows (Wolf et al., arXiv 2401.16332).
+measured as Wolf et al. ("Tradeoffs Between Alignment and Helpfulness in Language Models with
+Representation Engineering", arXiv 2401.16332) measure it.
 
-    python bench/steering_hh.py [--fit-rows 1000] [--sweep-pairs 200] [--layers 10 15 20]
+    python bench/steering_hh.py [--fit-rows 1000] [--prompts 64] [--layers 10 15 20]
 
 1. `alignkit steer fit`: difference-of-means directions between the chosen and rejected replies'
-   hidden states (mean over the reply's tokens) at --layers, on usable rows 1..fit-rows (the last
-   20% of them held out for the per-layer separation).
-2. `alignkit eval --steer-sweep 0,1,2,4,8` on the next --sweep-pairs rows (never seen by the fit):
-   alignment = the steered model's mean log p(chosen) - log p(rejected); helpfulness = per-token
-   NLL of 48 GSM8K reference answers (../shared/data/gsm8k/test.jsonl, question -> worked answer);
-   linear and quadratic fits with R^2; plus the representation section (a probe per layer).
-Last line: `alignment_slope=<margin per unit strength> helpfulness_quadratic=<s² coefficient> n=<pairs>`.
+   hidden states (mean over the reply's tokens) at --layers, on usable HH rows 1..fit-rows.
+2. `alignkit eval --steer-sweep paper` (-8 .. 8, both signs, fine steps near 0; relative norm:
+   strength 1 adds each layer's mean-difference vector, whose absolute norm is printed) with
+   - behaviour: the harmful requests of the next --prompts HH rows (never seen by the fit), one
+     sampled reply each (temperature 0.7, 48 tokens), judged refusal or compliance by alignkit's
+     rule (`alignkit.rewards.refusal`); the rate is refusals minus compliances, in [-1, 1];
+   - helpfulness: accuracy on --prompts GSM8K test questions (../shared/data/gsm8k/test.jsonl) as
+     multiple choice scored from log-probs: the right final answer against three wrong numbers
+     made from it (+1, x2, -1 of the answer or their nearest distinct positive values), each choice
+     the reply "The answer is N.";
+   - diagnostics: the teacher-forced log-prob margin on those HH pairs and the per-token NLL of
+     the GSM8K worked answers;
+   and the paper's fits: tanh for the behaviour rate, h0 / (1 + k s^2) for the accuracy, each
+   beside a line and a quadratic, with R^2.
+Last line: `behaviour_tanh_r2=<r2> behaviour_line_r2=<r2> accuracy_invquad_r2=<r2>
+accuracy_quadratic_r2=<r2> n=<prompts>`.
 Needs ../shared/data (skips with a message otherwise). `--smoke` (examples/smoke.py): the same run in
-seconds, a tiny model (layers 0 and 1) and synthetic pairs and answers.
+seconds, a tiny model (layers 0 and 1) and synthetic data.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -31,57 +42,96 @@ import hh_data  # noqa: E402
 import smoke  # noqa: E402
 
 
+def multiple_choice(gsm: list, seed: int = 0) -> list:
+    """GSM8K questions as 4-way multiple choice: the final answer and three wrong numbers near it."""
+    from alignkit.rewards.verifiable import final_answer
+
+    rng = random.Random(seed)
+    out = []
+    for g in gsm:
+        answer = final_answer(g["answer"].split("####")[-1])
+        value = int(float(answer))
+        wrong = []
+        for cand in (value + 1, value * 2, value - 1, value + 2, value * 3, value + 10):
+            if cand != value and cand > 0 and cand not in wrong:
+                wrong.append(cand)
+        choices = [value] + wrong[:3]
+        rng.shuffle(choices)
+        out.append({"prompt": g["question"], "choices": [f"The answer is {c}." for c in choices],
+                    "answer": f"The answer is {value}."})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fit-rows", type=int, default=1000)
-    ap.add_argument("--sweep-pairs", type=int, default=200)
+    ap.add_argument("--prompts", type=int, default=64, help="harmful prompts, questions, pairs and answers each")
     ap.add_argument("--layers", type=int, nargs="+", default=[10, 15, 20])
-    ap.add_argument("--sweep", default="0,1,2,4,8")
-    ap.add_argument("--helpfulness-answers", type=int, default=48, help="GSM8K answers for the helpfulness NLL")
-    ap.add_argument("--num-prompts", type=int, default=48, help="alignkit eval's --num-prompts")
-    ap.add_argument("--representation-layers", default="0,3,6,9,12,15,18,21,24,27,29")
+    ap.add_argument("--sweep", default="paper")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--out", default="runs/bench_steering")
-    args = smoke.parse_args(ap, fit_rows=10, sweep_pairs=4, layers=[0, 1], sweep="0,1,2", helpfulness_answers=4,
-                            num_prompts=4, representation_layers="0,1")
+    args = smoke.parse_args(ap, fit_rows=10, prompts=4, layers=[0, 1], sweep="-1,0,1", max_new_tokens=4)
     out = ROOT / args.out
     hh = hh_data.smoke_hh(out) if args.smoke else hh_data.require_hh()
     gsm8k = hh_data.smoke_gsm8k(out) if args.smoke else hh_data.require_gsm8k()
 
     from alignkit.cli import main as alignkit
+    from alignkit.data.formats import parse_preference_record
     from alignkit.models import default_model_dir
 
     rows, skipped = hh_data.usable_rows(hh)
     fit = hh_data.write_rows(out / "fit.jsonl", [r for _, r in rows[: args.fit_rows]])
-    sweep = hh_data.write_rows(out / "sweep.jsonl", [r for _, r in rows[args.fit_rows: args.fit_rows + args.sweep_pairs]])
-    gsm = [json.loads(line) for line in gsm8k.read_text().splitlines()[: args.helpfulness_answers]]
-    helpful = hh_data.write_rows(out / "helpfulness.jsonl", [{"prompt": g["question"], "completion": g["answer"]}
-                                                             for g in gsm])
+    held = rows[args.fit_rows: args.fit_rows + args.prompts]
+    pairs = hh_data.write_rows(out / "pairs.jsonl", [r for _, r in held])
+    harmful = hh_data.write_rows(out / "harmful.jsonl", [
+        {"prompt": list(parse_preference_record(r, f"hh:{i}").prompt)} for i, r in held])
+    gsm = [json.loads(line) for line in gsm8k.read_text().splitlines()[: args.prompts]]
+    questions = hh_data.write_rows(out / "questions.jsonl", multiple_choice(gsm))
+    answers = hh_data.write_rows(out / "answers.jsonl", [{"prompt": g["question"], "completion": g["answer"]}
+                                                         for g in gsm])
     model = smoke.tiny_model_dir(out) if args.smoke else str(default_model_dir())
     start = time.perf_counter()
-    alignkit(["steer", "fit", "--model", model, "--data", str(fit), "--layers", *map(str, args.layers),
-              "--method", "mean_diff", "--out", str(out / "vectors")])
+    assert alignkit(["steer", "fit", "--model", model, "--data", str(fit), "--layers", *map(str, args.layers),
+                     "--method", "mean_diff", "--out", str(out / "vectors")]) == 0
     fit_min = (time.perf_counter() - start) / 60
-    alignkit(["eval", "--model", model, "--data", str(sweep), "--steer", str(out / "vectors"), "--steer-sweep",
-              args.sweep, "--helpfulness", str(helpful), "--num-prompts", str(args.num_prompts), "--max-length", "512",
-              "--representation-layers", args.representation_layers, "--output-dir", str(out / "eval")])
+    assert alignkit(["eval", "--model", model, "--steer", str(out / "vectors"), f"--steer-sweep={args.sweep}",
+                     "--behaviour-prompts", str(harmful), "--accuracy", str(questions), "--data", str(pairs),
+                     "--helpfulness", str(answers), "--num-prompts", str(args.prompts), "--max-length", "512",
+                     "--max-new-tokens", str(args.max_new_tokens), "--temperature", "0.7", "--no-progress",
+                     "--output-dir", str(out / "eval")]) == 0
     total = (time.perf_counter() - start) / 60
-    m = json.loads((out / "eval" / "metrics.json").read_text())
-    sw = m["steering"]
+    sw = json.loads((out / "eval" / "metrics.json").read_text())["steering"]
     print(f"\nfit on {len(rows[: args.fit_rows])} usable HH rows ({len(skipped)} unusable rows of the file skipped) "
-          f"in {fit_min:.1f} min; sweep on {sw['n_pairs']} later rows; {total:.1f} min in all")
-    print("| strength | alignment: mean log-prob margin | preference accuracy | helpfulness NLL/token | NLL - NLL(0) |")
-    print("| --- | --- | --- | --- | --- |")
+          f"in {fit_min:.1f} min; sweep on {sw['n_behaviour_prompts']} later HH prompts and pairs and "
+          f"{sw['n_questions']} GSM8K questions; {total:.1f} min in all")
+    norms = sw["rows"][-1]["norm_by_layer"]
+    top = max(abs(r["strength"]) for r in sw["rows"])
+    print("absolute norm added per unit of strength: " + ", ".join(
+        f"layer {l}: {v / top:.2f}" for l, v in norms.items()))
+    print("| strength | behaviour (refusal - compliance) [95% CI] | refusal rate | MC accuracy | "
+          "margin (diagnostic) | NLL/token (diagnostic) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in sw["rows"]:
-        print(f"| {r['strength']:g} | {r['margin']:+.3f} | {r['pair_accuracy']:.3f} | {r['nll']:.4f} | "
-              f"{r['helpfulness_loss']:+.4f} |")
-    align, helpful = sw["fits"]["margin"], sw["fits"]["helpfulness_loss"]  # coefficients highest power first
-    print(f"alignment linear fit: slope {align['line']['coef'][0]:+.4f}, R² {align['line']['r2']:.3f}; "
-          f"helpfulness loss quadratic fit: {helpful['quadratic']['coef'][0]:+.5f} s², "
-          f"R² {helpful['quadratic']['r2']:.3f} (linear fit R² {helpful['line']['r2']:.3f})")
-    rep = m["representation"]
-    print("probe accuracy by layer: " + ", ".join(f"{l}: {a:.2f}" for l, a in zip(rep["layers"], rep["probe_accuracy"])))
-    print(f"alignment_slope={align['line']['coef'][0]:+.4f} "
-          f"helpfulness_quadratic={helpful['quadratic']['coef'][0]:+.5f} n={sw['n_pairs']}")
+        lo, hi = r["behaviour_ci95"]
+        print(f"| {r['strength']:g} | {r['behaviour']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['refusal_rate']:.3f} | "
+              f"{r['accuracy']:.3f} | {r['margin']:+.2f} | {r['nll']:.4f} |")
+    f = sw["fits"]
+
+    def r2(group, name):
+        v = f[group][name]["r2"]
+        return "nan" if v is None else f"{v:.3f}"
+
+    t = f["behaviour"]["tanh"]
+    iq = f["accuracy"]["inverse_quadratic"]
+    print(f"behaviour: tanh A {t['A']:+.3f} k {t['k']:.3f} s0 {t['s0']:+.2f} B {t['B']:+.3f} R² {r2('behaviour', 'tanh')}; "
+          f"line R² {r2('behaviour', 'line')}; quadratic R² {r2('behaviour', 'quadratic')}")
+    print(f"accuracy: h0/(1+k s²) h0 {iq['h0']:.3f} k {iq['k']:.4f} R² {r2('accuracy', 'inverse_quadratic')}; "
+          f"line R² {r2('accuracy', 'line')}; quadratic R² {r2('accuracy', 'quadratic')}")
+    print(f"margin (diagnostic): line R² {r2('margin', 'line')}, quadratic R² {r2('margin', 'quadratic')}; "
+          f"NLL loss (diagnostic): quadratic R² {r2('helpfulness_loss', 'quadratic')}")
+    print(f"behaviour_tanh_r2={r2('behaviour', 'tanh')} behaviour_line_r2={r2('behaviour', 'line')} "
+          f"accuracy_invquad_r2={r2('accuracy', 'inverse_quadratic')} "
+          f"accuracy_quadratic_r2={r2('accuracy', 'quadratic')} n={sw['n_behaviour_prompts']}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import json
+import os
 import random
 from pathlib import Path
 
@@ -47,9 +48,17 @@ def base_overrides(model_dir, data, out, cache) -> list:
             f"cache_dir={cache}", "train.report_to=[]"]
 
 
+# Under pytest-xdist (`make test` runs two workers) each worker and the processes its tests start use
+# one thread: two torch processes with two threads each on two cores run several times slower.
+XDIST = "PYTEST_XDIST_WORKER" in os.environ
+if XDIST:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
+
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if XDIST else 2)
 
 
 def crash_after(monkeypatch, at_step: int):

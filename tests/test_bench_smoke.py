@@ -44,7 +44,8 @@ SCRIPTS = {
     "bench/rollout_speed.py": (rf"own_samples_per_s={NUM} vllm_samples_per_s={NUM} ratio={NUM}", ["vllm"], OUT, None),
     "bench/scaling.py": (rf"parity_max_abs_diff={NUM} rss_per_process_ratio={NUM} tokens_per_s_ratio={NUM}", [], OUT,
                          _parity),
-    "bench/steering_hh.py": (rf"alignment_slope={NUM} helpfulness_quadratic={NUM} n=4", [], OUT, None),
+    "bench/steering_hh.py": (rf"behaviour_tanh_r2=({NUM}|nan) behaviour_line_r2=({NUM}|nan) "
+                             rf"accuracy_invquad_r2=({NUM}|nan) accuracy_quadratic_r2=({NUM}|nan) n=4", [], OUT, None),
     "bench/tools_prompts.py": (r"greedy_calls description=\d+/2 one_demo=\d+/2 two_demos=\d+/2", [], OUT, None),
     "examples/grpo_cpu.py": (rf"heldout_reward before={NUM} after={NUM} n=4", [], OUT, None),
     "examples/ppo_cpu.py": (rf"heldout_reward before={NUM} after={NUM} n=4", [], OUT, None),
