@@ -13,7 +13,7 @@ from alignkit.version import __version__  # noqa: F401
 
 _LAZY = {"RunConfig": "alignkit.config", "load_config": "alignkit.config", "AlignkitError": "alignkit.errors",
          "ConfigError": "alignkit.errors", "DataError": "alignkit.errors", "ModelError": "alignkit.errors",
-         "RunResult": "alignkit.train.loop", "train": "alignkit.train.loop"}
+         "RunResult": "alignkit.train.loop", "train": "alignkit.api"}
 
 __all__ = [*_LAZY, "__version__"]
 
@@ -24,7 +24,7 @@ class _Root(__import__("types").ModuleType):
 
     @property
     def train(self):
-        from alignkit.train.loop import train
+        from alignkit.api import train
 
         return train
 

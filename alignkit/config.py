@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
 import math
 import sys
@@ -23,9 +22,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from alignkit.errors import ConfigError
-from alignkit.train import registry
-from alignkit.train.health import RULES as HEALTH_RULES
-from alignkit.train.trackers import check_names as check_trackers
+from alignkit.suggest import closest
+from alignkit.registries import recipes as registry
+from alignkit.registries.health import check_rule_names
+from alignkit.registries.trackers import check_names as check_trackers
 
 
 @dataclass
@@ -454,12 +454,12 @@ def _valid_keys(cls: type = RunConfig) -> list[str]:
 def _unknown_key_error(key: str, where: str) -> ConfigError:
     if key in MOVED:
         return ConfigError(f"{where}`{key}` is now `{MOVED[key]}`.")
-    close = difflib.get_close_matches(key, _valid_keys(), n=1, cutoff=0.5)
-    if not close:  # a misspelt leaf name under the right section, or the right leaf in another one
-        leaf = key.rsplit(".", 1)[-1]
+    near = closest(key, _valid_keys(), cutoff=0.5)
+    if near is None:  # a misspelt leaf name under the right section, or the right leaf in another one
         by_leaf = {k.rsplit(".", 1)[-1]: k for k in _valid_keys()}
-        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
-    hint = f" Did you mean `{close[0]}`?" if close else ""
+        leaf = closest(key.rsplit(".", 1)[-1], by_leaf)
+        near = by_leaf[leaf] if leaf else None
+    hint = f" Did you mean `{near}`?" if near else ""
     return ConfigError(
         f"{where}unknown config key `{key}`.{hint} "
         "Run `alignkit train --help-config` for the list of keys."
@@ -675,28 +675,9 @@ def validate(cfg: RunConfig) -> None:
     spec = registry.get(cfg.recipe)
     if spec.samples:
         _check_env(cfg)
-        if cfg.online.rewards is None and cfg.recipe != "distill" and cfg.env.name is None:  # distill: the teacher
-            raise ConfigError(f"recipe {cfg.recipe} samples completions and needs a reward: set `online.rewards`, e.g. "
-                              "`online.rewards=numeric_match` or `online.rewards=my_rewards.py:score`.")
         if cfg.online.iterations < 1:
             raise ConfigError(f"`online.iterations` must be >= 1; got {cfg.online.iterations}.")
-        if cfg.recipe in ("grpo", "rloo", "online_dpo") and cfg.generation.num_samples < 2:
-            raise ConfigError(f"recipe {cfg.recipe} compares samples of the same prompt: "
-                              f"`generation.num_samples` must be >= 2; got {cfg.generation.num_samples}.")
-    if cfg.recipe == "ppo":
-        p = cfg.ppo
-        if p.epochs < 1 or p.minibatches < 1:
-            raise ConfigError(f"`ppo.epochs` and `ppo.minibatches` must be >= 1; got {p.epochs} and {p.minibatches}.")
-        if p.minibatches > t.batch_size:
-            raise ConfigError(f"`ppo.minibatches` ({p.minibatches}) splits the prompts of a rollout: it cannot exceed "
-                              f"`train.batch_size` ({t.batch_size}).")
-        if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
-            raise ConfigError(f"`ppo.gamma` and `ppo.lam` must be in [0, 1]; got {p.gamma} and {p.lam}.")
-        if p.ptx_coef > 0 and not p.ptx_data:
-            raise ConfigError("`ppo.ptx_coef` > 0 mixes in an NLL term on SFT data: set `ppo.ptx_data` to a file of "
-                              "prompt/completion records.")
-        if p.reward_clip < 0 or cfg.critic.value_clip < 0 or p.ptx_coef < 0:
-            raise ConfigError("`ppo.reward_clip`, `ppo.ptx_coef` and `critic.value_clip` must be >= 0.")
+    spec.check(cfg)  # what only this recipe needs (its spec says; this function names no recipe)
     if t.forward_tokens is not None and t.forward_tokens <= 0:
         raise ConfigError(f"`train.forward_tokens` must be positive (or unset); got {t.forward_tokens}.")
     if t.max_tokens_per_batch is not None and t.max_tokens_per_batch <= 0:
@@ -808,12 +789,7 @@ def _check_ranges(cfg: RunConfig) -> None:
 def _check_health(cfg: RunConfig) -> None:
     """`train.stop_on` names registered health rules; `health.*` thresholds are in range."""
     h, stop_on = cfg.health, cfg.train.stop_on
-    unknown = [r for r in stop_on if not isinstance(r, str) or r not in HEALTH_RULES]
-    if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), list(HEALTH_RULES), n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise ConfigError(f"`train.stop_on`: unknown health rule {unknown[0]!r}.{hint} The rules are: "
-                          f"{', '.join(HEALTH_RULES)}.")
+    check_rule_names(stop_on)
     if stop_on and not h.enabled:
         raise ConfigError(f"`train.stop_on` is {stop_on} but `health.enabled` is false, so no rule would run; "
                           "set health.enabled=true or empty train.stop_on.")

@@ -31,7 +31,7 @@ from alignkit.generation import SamplingParams, generate
 from alignkit.models import DEFAULT_MODEL, default_model_dir, load_model, load_tokenizer
 from alignkit.report import build_report
 from alignkit.report.inputs import write_before_after
-from alignkit.train.loop import train
+from alignkit.api import train
 
 N_TRAIN = 96  # training requests; each usable reply gives two pairs (fix, misplace)
 N_HELDOUT = 200  # held-out prompts: enough for a paired interval of about +-6 points

@@ -19,6 +19,21 @@ import torch
 from alignkit.errors import ConfigError
 
 
+def env_rank() -> int:
+    """This process's rank in the job torchrun describes in the environment (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    """How many processes the job has (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun (or another launcher setting its variables) started this process."""
+    return "WORLD_SIZE" in os.environ
+
+
 @dataclass
 class Dist:
     rank: int = 0

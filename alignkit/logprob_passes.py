@@ -31,7 +31,7 @@ from alignkit.logprobs import segment_logps
 from alignkit.models import is_peft
 
 
-def model_fingerprint(path: str, revision: str | None) -> dict:
+def weights_fingerprint(path: str, revision: str | None) -> dict:
     """Identity of a model's weights: its config and weight files' sizes and mtimes when local."""
     p = Path(path)
     if not p.is_dir():

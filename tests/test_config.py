@@ -109,7 +109,7 @@ def test_keys_at_their_defaults_pass_so_saved_configs_load_back(tmp_path):
 
 
 def test_default_losses_come_from_the_registry():
-    from alignkit.train import registry
+    from alignkit.registries import recipes as registry
 
     for name, spec in registry.RECIPES.items():
         extra = ["online.rewards=numeric_match"] if spec.samples else []

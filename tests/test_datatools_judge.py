@@ -11,7 +11,7 @@ import torch
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.generation.text_models import LocalModel
 from alignkit.rewards import build_reward
-from alignkit.rewards.judge import SCORE_LIMIT, PrincipleJudge, load_principles_file
+from alignkit.rewards.judge import SCORE_LIMIT, PrincipleJudge
 from alignkit.testing import tiny_model, tiny_tokenizer
 
 PRINCIPLES = ["Be kind.", "Be brief."]
@@ -128,24 +128,28 @@ def test_templates_and_principles_are_checked():
 
 
 def test_load_principles_file(tmp_path):
+    from alignkit.rewards.principles import load_principles
+
     path = tmp_path / "p.yaml"
     path.write_text("principles:\n  - Be kind.\n  - Be brief.\ntemplate: \"{principles} / {prompt} / {reply}\"\n")
-    assert load_principles_file(path) == {"principles": PRINCIPLES, "template": "{principles} / {prompt} / {reply}",
-                                          "compare_template": None}
+    loaded = load_principles(path)
+    assert (loaded.principles, loaded.template, loaded.compare_template) == (
+        PRINCIPLES, "{principles} / {prompt} / {reply}", None)
+    assert PrincipleJudge.from_file(TableModel({}), path).template == "{principles} / {prompt} / {reply}"
     path.write_text("principle:\n  - Be kind.\n")
-    with pytest.raises(ConfigError, match=f"{path}: unknown key `principle`.*Did you mean `principles`"):
-        load_principles_file(path)
+    with pytest.raises(ConfigError, match=f"{path}: unknown key `principle`.*did you mean `principles`"):
+        load_principles(path)
     path.write_text("template: \"{principles} {prompt} {reply}\"\n")
-    with pytest.raises(ConfigError, match=f"{path}: no `principles` key"):
-        load_principles_file(path)
+    with pytest.raises(ConfigError, match=f"{path}: missing key `principles`"):
+        load_principles(path)
     path.write_text("principles: [Be kind., '']\n")
-    with pytest.raises(ConfigError, match=f"{path}: `principles`: item 1 must be a non-empty string"):
-        load_principles_file(path)
+    with pytest.raises(ConfigError, match=f"{path}: principles\\[1\\] must be a non-empty string"):
+        load_principles(path)
     path.write_text("principles: [Be kind.]\ncompare_template: \"{principles} {prompt}\"\n")
     with pytest.raises(ConfigError, match=f"{path}: `compare_template` lacks"):
-        load_principles_file(path)
+        PrincipleJudge.from_file(TableModel({}), path)
     with pytest.raises(ConfigError, match="principles file .*missing.yaml not found"):
-        load_principles_file(tmp_path / "missing.yaml")
+        load_principles(tmp_path / "missing.yaml")
 
 
 def test_build_reward_judge_over_a_tiny_local_model(tmp_path, tiny_model_dir):

@@ -6,10 +6,11 @@ import pytest
 
 from alignkit.datatools.filters import (MinHashDedup, estimated_jaccard, filter_records, jaccard, length_ok,
                                         repetition_ratio, shingles, too_repetitive)
-from alignkit.datatools.synth import (SELF_ALIGN_SYSTEM, end_of_user_turn, load_principles, magpie,
+from alignkit.datatools.synth import (SELF_ALIGN_SYSTEM, end_of_user_turn, magpie,
                                       pre_query_template, self_align, self_align_messages)
 from alignkit.errors import AlignkitError, DataError
 from alignkit.generation.decode import SamplingParams
+from alignkit.rewards.principles import load_principles
 from alignkit.rewards.refusal import is_refusal
 from alignkit.testing import tiny_tokenizer
 
@@ -237,7 +238,8 @@ def test_self_align_keeps_the_principles_out_of_the_records():
 def test_load_principles_reads_and_names_mistakes(tmp_path):
     good = tmp_path / "p.yaml"
     good.write_text("principles:\n  - Be honest.\n  - Be brief.\nexemplars:\n  - prompt: Hi\n    completion: Hello.\n")
-    assert load_principles(good) == (["Be honest.", "Be brief."], [{"prompt": "Hi", "completion": "Hello."}])
+    loaded = load_principles(good)
+    assert (loaded.principles, loaded.exemplars) == (["Be honest.", "Be brief."], [{"prompt": "Hi", "completion": "Hello."}])
     only = tmp_path / "only.yaml"
     only.write_text("principles: [Be kind.]\n")
     assert load_principles(only).exemplars == []

@@ -19,7 +19,7 @@ from alignkit.testing import tiny_model, tiny_tokenizer
 from alignkit.train import checkpoint as ckpt
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from alignkit.train.recipes.distill import DistillRecipe
+from alignkit.train.recipes.distill import build as build_distill
 from conftest import base_overrides, crash_after, toy_pairs, write_jsonl
 
 LN2, LN3 = math.log(2), math.log(3)
@@ -224,7 +224,7 @@ def test_config_errors(tiny_model_dir, models, tmp_path):
     tok = tiny_tokenizer()
     no_teacher = load_config(None, [a for a in base if not a.startswith("teacher.")])
     with pytest.raises(ConfigError, match="set `teacher.name_or_path`"):  # before any model loads
-        DistillRecipe(no_teacher, tok)
+        build_distill(no_teacher, tok)
     with pytest.raises(ConfigError, match="Did you mean `teacher.name_or_path`"):
         load_config(None, base + ["teacher.name_or_pth=x"])
     with pytest.raises(ConfigError, match="recipe grpo does not read `teacher.name_or_path`"):
@@ -232,13 +232,13 @@ def test_config_errors(tiny_model_dir, models, tmp_path):
     cfg = load_config(None, base)  # no online.rewards: distillation needs none
     assert cfg.online.rewards is None and cfg.loss == {"name": "reverse_kl"}
     with pytest.raises(ConfigError, match="set `teacher.reference`"):
-        DistillRecipe(load_config(None, base + ["loss.name=adpa"]), tok)
+        build_distill(load_config(None, base + ["loss.name=adpa"]), tok)
     with pytest.raises(ConfigError, match="does not read it"):
-        DistillRecipe(load_config(None, base + [f"teacher.reference={models['reference']}"]), tok)
+        build_distill(load_config(None, base + [f"teacher.reference={models['reference']}"]), tok)
     with pytest.raises(ConfigError, match="needs paired data"):
-        DistillRecipe(load_config(None, base + ["loss.name=dpo"]), tok)
+        build_distill(load_config(None, base + ["loss.name=dpo"]), tok)
     with pytest.raises(ConfigError, match="loss.bta"):
-        DistillRecipe(load_config(None, base + ["loss.name=generalized_jsd", "loss.bta=0.1"]), tok)
+        build_distill(load_config(None, base + ["loss.name=generalized_jsd", "loss.bta=0.1"]), tok)
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_model_dir, models, tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ got training pairs and pairs beyond the limit evaluated as held out, and a colum
 
 import json
 
-from alignkit.cli import build_parser, eval_config_from_args, main
+from alignkit.cli import build_parser, main
+from alignkit.commands.eval import eval_config_from_args
 from alignkit.config import load_config
 from alignkit.data.formats import load_preference_examples
 from alignkit.train import loop

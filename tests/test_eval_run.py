@@ -70,10 +70,10 @@ def _completion_logps(model, tokenizer, messages: tuple, completion: tuple, plai
     transformers forward of prompt + completion, rendered as alignkit renders them."""
     import torch
 
-    from alignkit.data.tokenize import _encode, render_texts
+    from alignkit.data.tokenize import encode_text, render_texts
 
     p_text, c_text = render_texts(tokenizer, messages, completion, plain)
-    p_ids, c_ids = _encode(tokenizer, p_text, c_text)
+    p_ids, c_ids = encode_text(tokenizer, p_text, c_text)
     with torch.no_grad():
         logits = model(torch.tensor([p_ids + c_ids])).logits[0].double()
     return c_ids, torch.log_softmax(logits[len(p_ids) - 1: len(p_ids) + len(c_ids) - 1], -1)
@@ -108,7 +108,7 @@ def test_eval_on_a_run_writes_metrics_and_report(tiny_model_dir, pairs_file, rew
     # Worked out here from the pairs training held out and the reference's log-probs (plain forwards):
     # the optimal policy ranks a pair right iff log pi_ref(y_w)/pi_ref(y_l) > -(1/beta) log 3 (the
     # default alpha 0.75, arXiv 2405.19534); the reference itself iff that log-ratio is > 0.
-    held = load_examples(cfg, load_preference_examples)[1]
+    held = load_examples(cfg.data, cfg.seed, load_preference_examples)[1]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     z = [c - r for c, r in (_pair_logps(reference, tok, e) for e in held)]

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import alignkit.api
 import torch
 
 from alignkit.cli import main
@@ -383,7 +385,7 @@ def test_a_real_grpo_run_driven_to_over_optimise_raises_the_alert(tiny_model_dir
         "generation.max_new_tokens=8", "train.batch_size=4", "train.warmup_ratio=0", "train.learning_rate=3e-2",
         "train.lr_schedule=constant", "data.eval_fraction=0.25", "train.max_steps=8", "online.kl_coef=0.001",
         "health.kl_budget=0.3", "health.smooth=2"])
-    result = loop.train(cfg, progress=False)
+    result = alignkit.api.train(cfg, progress=False)
     rows = strict_rows(out)
     train = [r for r in rows if r["split"] == "train"]
     means = [(b["step"], (a["kl"] + b["kl"]) / 2) for a, b in zip(train, train[1:])]
@@ -398,3 +400,11 @@ def test_a_real_grpo_run_driven_to_over_optimise_raises_the_alert(tiny_model_dir
     assert json.loads((out / "summary.json").read_text())["status"] == "finished" and result.final_dir.is_dir()
     html = (out / "report.html").read_text()
     assert 'data-plot="health"' in html and "<code>over_optimisation</code>" in html and "kl_budget = 0.3" in html
+
+
+def test_every_rule_name_config_accepts_is_a_rule_the_monitor_runs():
+    """`train.stop_on` is validated against alignkit.registries.health (below config); the rules
+    themselves live in alignkit.train.health under the same names."""
+    from alignkit.registries.health import RULE_NAMES
+
+    assert sorted(RULES) == sorted(RULE_NAMES)

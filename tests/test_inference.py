@@ -363,7 +363,7 @@ def test_urial_strategy_on_a_tiny_model(tiny):
     assert out.kl_kind == "estimate" and math.isfinite(out.kl)
     # Recomputed with plain forwards: each answer's KL term is log p(sampled tokens | URIAL prompt)
     # - log p(answer | chat prompt), and the estimate is their mean.
-    from alignkit.data.tokenize import _encode, render_texts
+    from alignkit.data.tokenize import encode_text, render_texts
     from alignkit.generation.decode import sample
     from alignkit.inference.urial import FENCE, load_template, render
 
@@ -379,7 +379,7 @@ def test_urial_strategy_on_a_tiny_model(tiny):
     terms = []
     for p, g, c in zip(prompts[:3], groups, out.choices):
         p_text, c_text = render_texts(tok, tuple(p), ({"role": "assistant", "content": c.completion},), False)
-        terms.append(logp(ids[len(terms)], g[0].token_ids) - logp(*_encode(tok, p_text, c_text)))
+        terms.append(logp(ids[len(terms)], g[0].token_ids) - logp(*encode_text(tok, p_text, c_text)))
     # The sampler's float32 KV-cached forward against a float32 full forward here: 2.6e-6 measured
     # over ~20 tokens, so 2e-5.
     assert [c.kl for c in out.choices] == pytest.approx(terms, abs=2e-5)

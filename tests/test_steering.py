@@ -20,7 +20,7 @@ from alignkit.inference.steering import (
     hidden_states,
     load_vectors,
     midpoint,
-    model_fingerprint,
+    steering_fingerprint,
     preference_items,
     save_vectors,
     separation,
@@ -182,7 +182,7 @@ def test_save_load_round_trip_and_fingerprint_check(model, tok, tmp_path):
     neg = hidden_states(model, tok, ["sorry i cannot help", "no bad"], [0, 1])
     dirs = fit_directions(pos, neg, "mean_diff")
     vectors = {l: d.vector for l, d in dirs.items()}
-    save_vectors(tmp_path / "v", vectors, {"fingerprint": model_fingerprint(model), "method": "mean_diff",
+    save_vectors(tmp_path / "v", vectors, {"fingerprint": steering_fingerprint(model), "method": "mean_diff",
                                            "source": "test"})
     same = tiny_model("llama", vocab_size=len(tok), seed=0)
     loaded, meta = load_vectors(tmp_path / "v", same)
@@ -190,12 +190,12 @@ def test_save_load_round_trip_and_fingerprint_check(model, tok, tmp_path):
     assert meta["method"] == "mean_diff" and meta["layers"] == [0, 1] and meta["hidden_size"] == 32
     assert meta["norms"]["1"] == pytest.approx(dirs[1].norm, rel=1e-6)  # float32 vector norm
     # a float32 and a bfloat16 copy of one checkpoint share a fingerprint
-    assert model_fingerprint(same.to(torch.bfloat16)) == model_fingerprint(model)
-    fp = model_fingerprint(model)["weights_sha256"]
+    assert steering_fingerprint(same.to(torch.bfloat16)) == steering_fingerprint(model)
+    fp = steering_fingerprint(model)["weights_sha256"]
     other = tiny_model("llama", vocab_size=len(tok), seed=1)
     with pytest.raises(ModelError, match="fingerprint mismatch") as err:
         load_vectors(tmp_path / "v", other)
-    assert fp in str(err.value) and model_fingerprint(other)["weights_sha256"] in str(err.value)
+    assert fp in str(err.value) and steering_fingerprint(other)["weights_sha256"] in str(err.value)
     with pytest.raises(ModelError, match="hidden_size=32.*hidden_size=48"):
         load_vectors(tmp_path / "v", tiny_model("llama", vocab_size=len(tok), hidden=48))
     with pytest.raises(ValueError, match="fingerprint"):
@@ -295,7 +295,7 @@ def test_a_layer_outside_the_model_names_the_layer_block_count_and_range(model, 
 
 def _good_vectors(model, path):
     vectors = {0: unit_vector(32), 1: unit_vector(32, seed=4)}
-    save_vectors(path, vectors, {"fingerprint": model_fingerprint(model), "method": "mean_diff", "source": "test"})
+    save_vectors(path, vectors, {"fingerprint": steering_fingerprint(model), "method": "mean_diff", "source": "test"})
     return vectors
 
 

@@ -142,11 +142,11 @@ def test_eval_reports_best_of_n_win_rates(tiny_model_dir, tmp_path):
 
 def _vectors_dir(path, vectors):
     """A steering directory for the tiny model of `tiny_model_dir` (same seed, same fingerprint)."""
-    from alignkit.inference.steering import model_fingerprint, save_vectors
+    from alignkit.inference.steering import steering_fingerprint, save_vectors
     from alignkit.testing import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", vocab_size=len(tiny_tokenizer()), seed=0)
-    return save_vectors(path, vectors, {"fingerprint": model_fingerprint(model), "method": "mean_diff", "source": "t"})
+    return save_vectors(path, vectors, {"fingerprint": steering_fingerprint(model), "method": "mean_diff", "source": "t"})
 
 
 def _generate(model_dir, tmp_path, *extra):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import alignkit.api
+
 from alignkit.config import load_config
 from alignkit.errors import ConfigError
 from alignkit.train import loop
@@ -52,7 +54,7 @@ def _train_with_alert(monkeypatch, cfg):
                 self.log_alert(step, ALERT)
 
     monkeypatch.setattr(loop, "MetricsLogger", AlertingLogger)
-    result = loop.train(cfg, progress=False)
+    result = alignkit.api.train(cfg, progress=False)  # the report is handed to the trackers too
     return result.run_dir
 
 

@@ -4,6 +4,8 @@ import json
 import shutil
 
 import pytest
+
+import alignkit.api
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -95,7 +97,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir, pairs_file
 
 def test_checkpoints_are_complete_and_pruned(tiny_model_dir, pairs_file, tmp_path):
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=2")
-    result = loop.train(cfg, progress=False)
+    result = alignkit.api.train(cfg, progress=False)  # the loop and then the report
     names = sorted(p.name for p in result.run_dir.iterdir())
     assert names == ["checkpoint-4", "checkpoint-5", "config.yaml", "final", "heldout.json", "metrics.jsonl",
                      "report.html", "summary.json"]

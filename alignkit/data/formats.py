@@ -69,8 +69,8 @@ def load_preference_examples(
     split: str | None = None,
 ) -> LoadResult:
     """Read and validate every preference record of `path` (a file, a saved dataset or a hub id)."""
-    columns = _check_columns(columns, PREFERENCE_FIELDS, "preference")
-    return _load(path, parse_preference_record, columns, on_bad_record, split)
+    columns = check_columns(columns, PREFERENCE_FIELDS, "preference")
+    return load_records(path, parse_preference_record, columns, on_bad_record, split)
 
 
 def load_sft_examples(
@@ -81,11 +81,11 @@ def load_sft_examples(
     split: str | None = None,
 ) -> LoadResult:
     """Read and validate every SFT record of `path` (a file, a saved dataset or a hub id)."""
-    columns = _check_columns(columns, SFT_FIELDS, "SFT")
-    return _load(path, parse_sft_record, columns, on_bad_record, split)
+    columns = check_columns(columns, SFT_FIELDS, "SFT")
+    return load_records(path, parse_sft_record, columns, on_bad_record, split)
 
 
-def _load(path, parse, columns, on_bad_record, split) -> LoadResult:
+def load_records(path, parse, columns, on_bad_record, split) -> LoadResult:
     if on_bad_record not in ON_BAD_RECORD:
         raise ConfigError(
             f"data.on_bad_record must be one of {', '.join(ON_BAD_RECORD)}, got {on_bad_record!r}"
@@ -115,8 +115,8 @@ def parse_preference_record(
     record: object, location: str, columns: dict[str, str] | None = None
 ) -> PreferenceExample:
     """Validate one preference record (form (a), (b) or (c) of the module docstring)."""
-    columns = _check_columns(columns, PREFERENCE_FIELDS, "preference")
-    rec = _Record(record, location, columns, PREFERENCE_FIELDS)
+    columns = check_columns(columns, PREFERENCE_FIELDS, "preference")
+    rec = Record(record, location, columns, PREFERENCE_FIELDS)
     chosen_raw, rejected_raw = rec.get("chosen"), rec.get("rejected")
     if "prompt" in columns or rec.has("prompt"):
         prompt, prompt_plain = rec.messages("prompt", rec.get("prompt"), "user")
@@ -142,8 +142,8 @@ def parse_sft_record(
     record: object, location: str, columns: dict[str, str] | None = None
 ) -> SFTExample:
     """Validate one SFT record: `prompt` + `completion`, or `messages`."""
-    columns = _check_columns(columns, SFT_FIELDS, "SFT")
-    rec = _Record(record, location, columns, SFT_FIELDS)
+    columns = check_columns(columns, SFT_FIELDS, "SFT")
+    rec = Record(record, location, columns, SFT_FIELDS)
     if "messages" in columns or (rec.has("messages") and not set(columns) & {"prompt", "completion"}):
         messages, _ = rec.messages("messages", rec.get("messages"), None)
         prompt, completion = _split_last_assistant(rec, "messages", messages, "conversation")
@@ -194,7 +194,7 @@ def _parse_hh(
     ]
 
 
-def _split_transcripts(rec: _Record, chosen_raw, rejected_raw):
+def _split_transcripts(rec: Record, chosen_raw, rejected_raw):
     """Form (c): the prompt is what both transcripts share before their last assistant turn."""
     chosen_all = rec.transcript("chosen", chosen_raw)
     rejected_all = rec.transcript("rejected", rejected_raw)
@@ -214,7 +214,7 @@ def _split_transcripts(rec: _Record, chosen_raw, rejected_raw):
     return chosen_prompt, chosen, rejected
 
 
-def _split_last_assistant(rec: _Record, name: str, messages: list, kind: str = "transcript"):
+def _split_last_assistant(rec: Record, name: str, messages: list, kind: str = "transcript"):
     """Split a conversation into (everything before the final assistant turn, [that turn])."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
@@ -230,7 +230,7 @@ def _split_last_assistant(rec: _Record, name: str, messages: list, kind: str = "
     return messages[:last], messages[last:]
 
 
-class _Record:
+class Record:
     """A record seen through the column mapping, so that errors name the user's column names."""
 
     def __init__(self, record, location: str, columns: dict, canonical: tuple):
@@ -328,7 +328,7 @@ class _Record:
             )
 
 
-def _check_columns(columns, allowed: tuple, kind: str) -> dict:
+def check_columns(columns, allowed: tuple, kind: str) -> dict:
     if columns is None:
         return {}
     if not isinstance(columns, Mapping):

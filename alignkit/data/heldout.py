@@ -79,12 +79,12 @@ def select_sources(examples: list, sources: list, data: str, record_path) -> lis
     return [by_source[s] for s in sources]
 
 
-def write_record(cfg, data, run_dir) -> Path:
-    """Write RUN/heldout.json for a run with config `cfg` (a RunConfig) and its `PreparedData`."""
-    d = cfg.data
+def write_record(d, seed: int, recipe: str, data, run_dir) -> Path:
+    """Write RUN/heldout.json for a run of `recipe` with `data` settings `d` (a DataConfig), seed
+    `seed` and its `PreparedData`."""
     record = HeldoutRecord(
-        data=d.eval or d.train, recipe=cfg.recipe, split=d.split, columns=dict(d.columns or {}),
+        data=d.eval or d.train, recipe=recipe, split=d.split, columns=dict(d.columns or {}),
         on_bad_record=d.on_bad_record, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-        limit=d.limit, eval_fraction=0.0 if d.eval else d.eval_fraction, seed=cfg.seed,
+        limit=d.limit, eval_fraction=0.0 if d.eval else d.eval_fraction, seed=seed,
         num_train=data.num_train, sources=data.heldout_sources)
     return write_heldout(run_dir, record)

@@ -13,14 +13,14 @@ tokenizer's character offsets, so any fast tokenizer works.
 from __future__ import annotations
 
 from alignkit.data.examples import MaskedPreferenceExample
-from alignkit.data.formats import LoadResult, _check_columns, _load, _Record
+from alignkit.data.formats import LoadResult, check_columns, load_records, Record
 from alignkit.data.tokenize import TokenizedPair, TokenizeStats, render_texts, truncate
 from alignkit.errors import DataError
 
 MASKED_FIELDS = ("prompt", "chosen_sentences", "rejected_sentences")
 
 
-def _sentences(rec: _Record, name: str, scored_label: bool) -> tuple[str, tuple]:
+def _sentences(rec: Record, name: str, scored_label: bool) -> tuple[str, tuple]:
     value = rec.get(name)
     if not isinstance(value, list) or not value:
         raise rec.error(f"{rec.label(name)} must be a non-empty list of {{text, correct}} objects, found {value!r}")
@@ -37,8 +37,8 @@ def _sentences(rec: _Record, name: str, scored_label: bool) -> tuple[str, tuple]
 
 
 def parse_masked_record(record: object, location: str, columns: dict | None = None) -> MaskedPreferenceExample:
-    columns = _check_columns(columns, MASKED_FIELDS, "sentence-labelled")
-    rec = _Record(record, location, columns, MASKED_FIELDS)
+    columns = check_columns(columns, MASKED_FIELDS, "sentence-labelled")
+    rec = Record(record, location, columns, MASKED_FIELDS)
     prompt, plain = rec.messages("prompt", rec.get("prompt"), "user")
     if not any(m["content"].strip() for m in prompt):
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
@@ -55,8 +55,8 @@ def parse_masked_record(record: object, location: str, columns: dict | None = No
 
 
 def load_masked_examples(path: str, *, columns=None, on_bad_record: str = "error", split=None) -> LoadResult:
-    columns = _check_columns(columns, MASKED_FIELDS, "sentence-labelled")
-    return _load(path, parse_masked_record, columns, on_bad_record, split)
+    columns = check_columns(columns, MASKED_FIELDS, "sentence-labelled")
+    return load_records(path, parse_masked_record, columns, on_bad_record, split)
 
 
 def _encode_masked(tokenizer, completion_text: str, content: str, spans: tuple) -> tuple[list, list]:

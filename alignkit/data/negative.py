@@ -11,16 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignkit.data.examples import NegativeExample
-from alignkit.data.formats import LoadResult, _check_columns, _load, _Record
-from alignkit.data.tokenize import TokenizeStats, _encode, render_texts, truncate
+from alignkit.data.formats import LoadResult, check_columns, load_records, Record
+from alignkit.data.tokenize import TokenizeStats, encode_text, render_texts, truncate
 
 NEGATIVE_FIELDS = ("prompt", "rejected")
 
 
 def parse_negative_record(record: object, location: str, columns: dict | None = None) -> NegativeExample:
     """Validate one record: a non-empty prompt and a rejected reply ending in an assistant turn."""
-    columns = _check_columns(columns, NEGATIVE_FIELDS, "negative")
-    rec = _Record(record, location, columns, NEGATIVE_FIELDS)
+    columns = check_columns(columns, NEGATIVE_FIELDS, "negative")
+    rec = Record(record, location, columns, NEGATIVE_FIELDS)
     prompt, prompt_plain = rec.messages("prompt", rec.get("prompt"), "user")
     if not any(m["content"].strip() for m in prompt):
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
@@ -32,8 +32,8 @@ def parse_negative_record(record: object, location: str, columns: dict | None = 
 def load_negative_examples(path: str, *, columns=None, on_bad_record: str = "error",
                            split: str | None = None) -> LoadResult:
     """Read and validate every negative record of `path`."""
-    columns = _check_columns(columns, NEGATIVE_FIELDS, "negative")
-    return _load(path, parse_negative_record, columns, on_bad_record, split)
+    columns = check_columns(columns, NEGATIVE_FIELDS, "negative")
+    return load_records(path, parse_negative_record, columns, on_bad_record, split)
 
 
 @dataclass
@@ -60,7 +60,7 @@ def tokenize_groups(examples: list, samples: list, tokenizer, max_length: int, m
         ids = []
         for completion in completions:
             p_text, c_text = render_texts(tokenizer, ex.prompt, completion, ex.plain_text)
-            prompt, comp = _encode(tokenizer, p_text, c_text)
+            prompt, comp = encode_text(tokenizer, p_text, c_text)
             ids.append(comp)
         prompt, ids, cut = truncate(prompt, ids, max_length, max_prompt_length)
         stats.count(ex.source, cut)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alignkit.data.formats import LoadResult, _check_columns, _load, _Record
-from alignkit.data.tokenize import _encode, render_texts
+from alignkit.data.formats import LoadResult, check_columns, load_records, Record
+from alignkit.data.tokenize import encode_text, render_texts
 
 PROMPT_FIELDS = ("prompt",)
 
@@ -34,8 +34,8 @@ class TokenizedPrompt:
 
 
 def parse_prompt_record(record: object, location: str, columns: dict | None = None) -> PromptExample:
-    columns = _check_columns(columns, PROMPT_FIELDS, "prompt")
-    rec = _Record(record, location, columns, PROMPT_FIELDS)
+    columns = check_columns(columns, PROMPT_FIELDS, "prompt")
+    rec = Record(record, location, columns, PROMPT_FIELDS)
     messages, plain = rec.messages("prompt", rec.get("prompt"), "user")
     if not any(m["content"].strip() for m in messages):
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
@@ -50,8 +50,8 @@ def parse_prompt_record(record: object, location: str, columns: dict | None = No
 def load_prompt_examples(path: str, *, columns=None, on_bad_record: str = "error",
                          split: str | None = None) -> LoadResult:
     """Read and validate every prompt record of `path`."""
-    columns = _check_columns(columns, PROMPT_FIELDS, "prompt")
-    return _load(path, parse_prompt_record, columns, on_bad_record, split)
+    columns = check_columns(columns, PROMPT_FIELDS, "prompt")
+    return load_records(path, parse_prompt_record, columns, on_bad_record, split)
 
 
 def tokenize_prompts(examples: list, tokenizer, max_prompt_length: int) -> tuple[list, int]:
@@ -60,7 +60,7 @@ def tokenize_prompts(examples: list, tokenizer, max_prompt_length: int) -> tuple
     out, cut = [], 0
     for i, ex in enumerate(examples):
         p_text, _ = render_texts(tokenizer, ex.prompt, ({"role": "assistant", "content": "x"},), ex.plain_text)
-        ids, _ = _encode(tokenizer, p_text, "")
+        ids, _ = encode_text(tokenizer, p_text, "")
         truncated = len(ids) > max_prompt_length
         cut += truncated
         out.append(TokenizedPrompt(ids[-max_prompt_length:], i, truncated))

@@ -80,7 +80,7 @@ def _dispatch(name: str, split: str | None) -> Iterator[tuple[str, object]]:
         return _FILE_READERS[_file_kind(name)](name, local)
     if os.path.exists(local):
         raise DataError(f"{name}: exists but is neither a regular file nor a directory")
-    if _looks_local(local):
+    if looks_local(local):
         raise DataError(
             f"{name}: file not found (looked for {os.path.abspath(local)}); {_PATH_HINT}; "
             "relative paths are resolved from the current directory"
@@ -88,7 +88,7 @@ def _dispatch(name: str, split: str | None) -> Iterator[tuple[str, object]]:
     return _read_hub(name, split)
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     # A hub id is "name" or "org/name"; anything with a file suffix, a leading ./ ../ / ~,
     # or more than one "/" is a local path the user mistyped, not a hub dataset to download.
     return (

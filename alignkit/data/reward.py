@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from alignkit.data.examples import PreferenceExample
-from alignkit.data.formats import LoadResult, _check_columns, _load, _Record, parse_preference_record
+from alignkit.data.formats import LoadResult, check_columns, load_records, Record, parse_preference_record
 
 REWARD_FIELDS = ("prompt", "chosen", "rejected", "margin", "labels")
 
@@ -35,7 +35,7 @@ class RewardExample:
         return self.pair.source
 
 
-def _label(rec: _Record, name: str, v) -> int:
+def _label(rec: Record, name: str, v) -> int:
     if v is None:
         return 0
     if isinstance(v, bool):  # before int: True == 1 in Python
@@ -46,7 +46,7 @@ def _label(rec: _Record, name: str, v) -> int:
                     f"better) or 0/null (not judged), found {v!r}")
 
 
-def _labels(rec: _Record, objectives: tuple) -> tuple:
+def _labels(rec: Record, objectives: tuple) -> tuple:
     if len(objectives) == 1 and not rec.has("labels"):
         return (1,)
     value = rec.get("labels")
@@ -67,9 +67,9 @@ def _labels(rec: _Record, objectives: tuple) -> tuple:
 def parse_reward_record(record: object, location: str, columns: dict | None = None, *,
                         objectives: tuple = ("reward",), use_margin: bool = False) -> RewardExample:
     """Validate one reward-model record: a pair, its per-objective labels and (optionally) margin."""
-    columns = _check_columns(columns, REWARD_FIELDS, "reward")
+    columns = check_columns(columns, REWARD_FIELDS, "reward")
     pair = parse_preference_record(record, location, {k: v for k, v in columns.items() if k in ("prompt", "chosen", "rejected")})
-    rec = _Record(record, location, columns, REWARD_FIELDS)
+    rec = Record(record, location, columns, REWARD_FIELDS)
     margin = 0.0
     if use_margin:
         m = rec.get("margin")
@@ -81,6 +81,6 @@ def parse_reward_record(record: object, location: str, columns: dict | None = No
 
 def load_reward_examples(path: str, *, columns=None, on_bad_record: str = "error", split: str | None = None,
                          objectives: tuple = ("reward",), use_margin: bool = False) -> LoadResult:
-    columns = _check_columns(columns, REWARD_FIELDS, "reward")
+    columns = check_columns(columns, REWARD_FIELDS, "reward")
     parse = functools.partial(parse_reward_record, objectives=tuple(objectives), use_margin=use_margin)
-    return _load(path, parse, columns, on_bad_record, split)
+    return load_records(path, parse, columns, on_bad_record, split)

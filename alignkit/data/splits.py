@@ -12,7 +12,7 @@ import functools
 import random
 from dataclasses import dataclass, field
 
-from alignkit.config import RunConfig
+from alignkit.config import DataConfig
 from alignkit.errors import ConfigError
 
 
@@ -58,10 +58,9 @@ def split_heldout(examples: list, fraction: float, seed: int) -> tuple[list, lis
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
-def load_examples(cfg: RunConfig, loader) -> tuple[list, list, list]:
-    """Load train (and eval) examples with `loader` (a `formats.load_*_examples`): (train, held-out,
-    notes)."""
-    d = cfg.data
+def load_examples(d: DataConfig, seed: int, loader) -> tuple[list, list, list]:
+    """Load train (and eval) examples as `d` (the run's `data` settings) says, with `loader` (a
+    `formats.load_*_examples`), holding out a seeded share: (train, held-out, notes)."""
     if not d.train:
         raise ConfigError("`data.train` is not set: give a data file, e.g. `data.train=pairs.jsonl`.")
     read = functools.partial(loader, columns=d.columns or None, on_bad_record=d.on_bad_record, split=d.split)
@@ -72,16 +71,15 @@ def load_examples(cfg: RunConfig, loader) -> tuple[list, list, list]:
         ev = read(d.eval)
         notes.append(ev.summary())
         return examples, ev.examples, notes
-    train, held = split_heldout(examples, d.eval_fraction, cfg.seed)
+    train, held = split_heldout(examples, d.eval_fraction, seed)
     if held:
         notes.append(f"held out {len(held)} of {len(examples)} examples for evaluation (data.eval_fraction={d.eval_fraction})")
     return train, held, notes
 
 
-def prepare_data(cfg: RunConfig, tokenizer, loader, tokenize_fn) -> PreparedData:
+def prepare_data(d: DataConfig, seed: int, tokenizer, loader, tokenize_fn) -> PreparedData:
     """Load, split and tokenize train and eval data with a recipe's loader and tokenize function."""
-    train, held, notes = load_examples(cfg, loader)
-    d = cfg.data
+    train, held, notes = load_examples(d, seed, loader)
     train_items, stats = tokenize_fn(train, tokenizer, d.max_length, d.max_prompt_length)
     eval_items, _ = tokenize_fn(held, tokenizer, d.max_length, d.max_prompt_length)
     return PreparedData(train_items, eval_items, notes + [stats.summary(d.max_length)],

@@ -101,10 +101,10 @@ def encode_completion(tokenizer, prompt, completion: str) -> tuple[list, list]:
     the tokenizer has one, else plain text (a reward model or a log-prob pass sees what training saw)."""
     messages, plain = as_messages(prompt)
     p_text, c_text = render_texts(tokenizer, messages, ({"role": "assistant", "content": completion},), plain)
-    return _encode(tokenizer, p_text, c_text)
+    return encode_text(tokenizer, p_text, c_text)
 
 
-def _encode(tokenizer, prompt_text: str, completion_text: str) -> tuple[list, list]:
+def encode_text(tokenizer, prompt_text: str, completion_text: str) -> tuple[list, list]:
     # With a chat template the special tokens (BOS included) are in the rendered text already.
     templated = tokenizer.chat_template is not None
     prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"] if prompt_text else []
@@ -138,8 +138,8 @@ def tokenize_pairs(examples: list, tokenizer, max_length: int, max_prompt_length
         p_text, c_text = render_texts(tokenizer, ex.prompt, ex.chosen, ex.plain_text)
         p_text2, r_text = render_texts(tokenizer, ex.prompt, ex.rejected, ex.plain_text)
         assert p_text == p_text2
-        prompt, chosen = _encode(tokenizer, p_text, c_text)
-        _, rejected = _encode(tokenizer, p_text, r_text)
+        prompt, chosen = encode_text(tokenizer, p_text, c_text)
+        _, rejected = encode_text(tokenizer, p_text, r_text)
         prompt, (chosen, rejected), cut = truncate(prompt, [chosen, rejected], max_length, max_prompt_length)
         stats.count(ex.source, cut)
         out.append(TokenizedPair(prompt, chosen, rejected, index=i, truncated=cut))
@@ -152,7 +152,7 @@ def tokenize_sft(examples: list, tokenizer, max_length: int, max_prompt_length: 
     for i, ex in enumerate(examples):
         assert isinstance(ex, SFTExample)
         p_text, c_text = render_texts(tokenizer, ex.prompt, ex.completion, ex.plain_text)
-        prompt, completion = _encode(tokenizer, p_text, c_text)
+        prompt, completion = encode_text(tokenizer, p_text, c_text)
         prompt, (completion,), cut = truncate(prompt, [completion], max_length, max_prompt_length)
         stats.count(ex.source, cut)
         out.append(TokenizedSFT(prompt, completion, index=i, truncated=cut))

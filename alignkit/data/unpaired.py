@@ -9,14 +9,14 @@ are) "true"/"false", "yes"/"no" or "1"/"0". Used by KTO and BCO (`recipe: unpair
 from __future__ import annotations
 
 from alignkit.data.examples import PreferenceExample, UnpairedExample
-from alignkit.data.formats import LoadResult, _check_columns, _load, _Record
+from alignkit.data.formats import LoadResult, check_columns, load_records, Record
 from alignkit.data.tokenize import tokenize_pairs
 
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
-def _label(rec: _Record) -> bool:
+def _label(rec: Record) -> bool:
     value = rec.get("label")
     if isinstance(value, bool):
         return value
@@ -31,8 +31,8 @@ def _label(rec: _Record) -> bool:
 
 def parse_unpaired_record(record: object, location: str, columns: dict | None = None) -> UnpairedExample:
     """Validate one unpaired record: prompt, completion and a boolean label."""
-    columns = _check_columns(columns, UNPAIRED_FIELDS, "unpaired")
-    rec = _Record(record, location, columns, UNPAIRED_FIELDS)
+    columns = check_columns(columns, UNPAIRED_FIELDS, "unpaired")
+    rec = Record(record, location, columns, UNPAIRED_FIELDS)
     prompt, prompt_plain = rec.messages("prompt", rec.get("prompt"), "user")
     if not any(m["content"].strip() for m in prompt):
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
@@ -45,8 +45,8 @@ def parse_unpaired_record(record: object, location: str, columns: dict | None = 
 def load_unpaired_examples(path: str, *, columns=None, on_bad_record: str = "error",
                            split: str | None = None) -> LoadResult:
     """Read and validate every unpaired record of `path`."""
-    columns = _check_columns(columns, UNPAIRED_FIELDS, "unpaired")
-    return _load(path, parse_unpaired_record, columns, on_bad_record, split)
+    columns = check_columns(columns, UNPAIRED_FIELDS, "unpaired")
+    return load_records(path, parse_unpaired_record, columns, on_bad_record, split)
 
 
 def tokenize_unpaired(examples: list, tokenizer, max_length: int, max_prompt_length):

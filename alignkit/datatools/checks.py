@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from alignkit.rewards.principles import load_principles
 from alignkit.errors import ConfigError, DataError
 
 MESSAGES_HINT = 'text, or a list of {"role": ..., "content": ...} messages with a user message'
@@ -69,7 +70,6 @@ def api_key(args) -> str | None:
 
 def synth_options(args):
     """The options and inputs of `data synth`; returns (principles spec, prompts) for self-align."""
-    from alignkit.datatools import synth
 
     model_options(args)
     at_least(args.min_words, 0, "--min-words")
@@ -91,7 +91,7 @@ def synth_options(args):
     if not args.principles or not args.prompts:
         raise ConfigError("--method self-align needs --principles FILE (principles and exemplars) and --prompts "
                           "FILE (the prompts to answer).")
-    spec = synth.load_principles(args.principles)
+    spec = load_principles(args.principles)
     rows = read_rows(args.prompts, "--prompts")
     for where, rec in rows:  # Self-Align answers text prompts only
         text_column(where, rec, "prompt", "--prompts", "synth --method self-align", blank=False)

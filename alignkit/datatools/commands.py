@@ -181,10 +181,10 @@ def _diversity(texts: list) -> str:
             f"{sum(words) / max(len(words), 1):.1f} words on average, {len(set(texts))} distinct of {len(texts)}")
 
 
-def _judge(loaded: dict, lm):
+def _judge(principles_file: str, lm):
     from alignkit.rewards.judge import PrincipleJudge
 
-    return PrincipleJudge(lm, **loaded)
+    return PrincipleJudge.from_file(lm, principles_file)
 
 
 def _judge_report(lm, clipped: int, answers: int) -> tuple[dict, list]:
@@ -206,7 +206,7 @@ def _judge_report(lm, clipped: int, answers: int) -> tuple[dict, list]:
 
 def cmd_judge(args) -> int:
     """Score prompt/completion records, or compare the two sides of preference pairs."""
-    from alignkit.rewards.judge import load_principles_file
+    from alignkit.rewards.principles import load_principles
 
     checks.model_options(args)
     raw = checks.read_rows(args.data, "--data")
@@ -219,11 +219,11 @@ def cmd_judge(args) -> int:
             checks.text_column(where, rec, "completion", "--data", "judge",
                                why=" to score it (or `chosen` and `rejected`, in every record, to compare pairs)")
         rows = [rec for _, rec in raw]
-    principles = load_principles_file(args.principles)
+    load_principles(args.principles)  # its mistakes before any model loads
     log = RecordLog(args.out, _settings(args, "data", "principles", "tokenizer"), args.resume,
                     inputs={"--data": args.data, "--principles": args.principles})
     lm = _lm(args)
-    judge = _judge(principles, lm)
+    judge = _judge(args.principles, lm)
 
     # Each logged record keeps how many of its judge answers were bounded (`_clipped`, not written
     # to OUT), so a resumed run still counts the ones its first part found.
@@ -253,7 +253,7 @@ def cmd_pairs(args) -> int:
     from alignkit.data.prompts import load_prompt_examples, prompt_columns
     from alignkit.datatools.pairs import build_pairs, sample_and_score
     from alignkit.rewards.build import build_reward, parse_reward_arg
-    from alignkit.rewards.judge import load_principles_file
+    from alignkit.rewards.principles import load_principles
 
     checks.model_options(args)
     if bool(args.reward) == bool(args.principles):
@@ -262,13 +262,14 @@ def cmd_pairs(args) -> int:
     checks.at_least(args.k, 2, "--k", " (replies per prompt: a pair needs two)")
     checks.within(args.min_margin, 0.0, math.inf, "--min-margin", "a reward difference")
     examples = load_prompt_examples(args.prompts).examples
-    loaded = load_principles_file(args.principles) if args.principles else None
+    if args.principles:
+        load_principles(args.principles)  # its mistakes before any model loads
     spec = parse_reward_arg(args.reward) if args.reward else None
     log = RecordLog(args.out, _settings(args, "prompts", "k", "reward", "principles", "tokenizer"), args.resume,
                     inputs={"--prompts": args.prompts, "--principles": args.principles, **checks.reward_inputs(spec)})
     reward = build_reward(spec) if spec is not None else None
     lm = _lm(args)
-    judge = _judge(loaded, lm) if loaded is not None else None
+    judge = _judge(args.principles, lm) if args.principles else None
     reward = judge or reward
 
     # A chunk's judge answers and bounded ones are logged with its first record, so that a resumed

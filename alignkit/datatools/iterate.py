@@ -50,7 +50,7 @@ def iterate(config: str | None, overrides: list, *, prompts: str, heldout: str, 
     from alignkit.generation.text_models import LocalModel
     from alignkit.models import load_model, load_tokenizer, resolve_model_path
     from alignkit.rewards.build import build_reward
-    from alignkit.train.loop import train
+    from alignkit.api import train
 
     out_dir = Path(out)
     state_path = out_dir / "iterate.json"

@@ -59,7 +59,7 @@ class Comparer(Protocol):
         """For each prompt, > 0 when reply a is preferred to reply b (e.g. `PrincipleJudge.compare`)."""
 
 
-class Principles(list):
+class ExtractedPrinciples(list):
     """The kept principles' records (a list of dicts, best training agreement first), with counts:
     `proposed` (principles parsed from the model's replies), `unique` (left after `dedupe`) and
     `vote_agreement` (share of held-out pairs where the kept principles' majority vote agrees)."""
@@ -187,14 +187,14 @@ def vote_agreement(margins: list[list[float]]) -> float:
 
 def extract(lm, judge_factory: Callable[[str], Comparer], train_pairs: list, heldout_pairs: list, *,
             max_principles: int = 5, params=None, seed: int = 0, per_pair: int = 1, dedupe_threshold: float = 0.6,
-            template: str | None = None, progress: bool = False) -> Principles:
+            template: str | None = None, progress: bool = False) -> ExtractedPrinciples:
     """Inverse Constitutional AI, end to end (see the module docstring): propose principles from
     `train_pairs`, `dedupe` them, measure each one's agreement on `train_pairs`, keep the
     `max_principles` best (ties: the earlier proposed), and measure each kept one, and their majority
     vote (`vote_agreement`), on `heldout_pairs`, which the principles were not drawn from.
 
     Returns the records {"principle", "train_agreement", "heldout_agreement"}, best first, as a
-    `Principles` list that also carries the counts. 0.5 is chance. `params`: sampling settings for
+    `ExtractedPrinciples` list that also carries the counts. 0.5 is chance. `params`: sampling settings for
     proposing (None: greedy, 128 new tokens)."""
     from alignkit.generation.decode import SamplingParams
 
@@ -225,5 +225,5 @@ def extract(lm, judge_factory: Callable[[str], Comparer], train_pairs: list, hel
         heldout_margins.append(margins)
         records.append({"principle": principle, "train_agreement": train_agreement,
                         "heldout_agreement": sum(m > 0 for m in margins) / len(margins)})
-    return Principles(records, proposed=len(proposed), unique=len(unique),
+    return ExtractedPrinciples(records, proposed=len(proposed), unique=len(unique),
                       vote_agreement=vote_agreement(heldout_margins))

@@ -18,12 +18,10 @@ OpenAI-compatible endpoint work alike. The results are raw: run `alignkit.datato
 
 from __future__ import annotations
 
-import difflib
-from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
-import yaml
 
+from alignkit.rewards.principles import check_lists
 from alignkit.errors import AlignkitError, DataError
 from alignkit.generation.decode import SamplingParams
 
@@ -165,77 +163,6 @@ def _answer(lm, prompts: list, messages_of: Callable, params: SamplingParams, se
 # --- Self-Align ----------------------------------------------------------------------------------------
 
 
-class Principles(NamedTuple):
-    """A principles file: the principles, and worked exemplars ({"prompt", "completion"})."""
-
-    principles: list
-    exemplars: list
-
-
-_KEYS = ("principles", "exemplars")
-_EXEMPLAR_KEYS = ("prompt", "completion")
-
-
-def _check(principles, exemplars, where: str) -> None:
-    """Raise DataError naming `where` (a file, or the function) when the lists are malformed."""
-    if not isinstance(principles, list) or not principles:
-        raise DataError(f"{where}: `principles` must be a non-empty list of strings, "
-                        f"got {type(principles).__name__ if principles is not None else 'nothing'}")
-    for i, p in enumerate(principles):
-        if not isinstance(p, str) or not p.strip():
-            raise DataError(f"{where}: principles[{i}] must be a non-empty string, got {p!r}")
-    if not isinstance(exemplars, list):
-        raise DataError(f"{where}: `exemplars` must be a list of {{prompt, completion}} mappings, "
-                        f"got {type(exemplars).__name__}")
-    for i, ex in enumerate(exemplars):
-        if not isinstance(ex, dict):
-            raise DataError(f"{where}: exemplars[{i}] must be a mapping with `prompt` and `completion`, got {ex!r}")
-        for key in ex:
-            if key not in _EXEMPLAR_KEYS:
-                near = difflib.get_close_matches(str(key), _EXEMPLAR_KEYS, n=1)
-                raise DataError(f"{where}: exemplars[{i}] has an unknown key `{key}`"
-                                + (f"; did you mean `{near[0]}`?" if near else "; use `prompt` and `completion`"))
-        for key in _EXEMPLAR_KEYS:
-            if not isinstance(ex.get(key), str) or not ex[key].strip():
-                raise DataError(f"{where}: exemplars[{i}] needs `{key}` as a non-empty string, got {ex.get(key)!r}")
-
-
-def load_principles(path) -> Principles:
-    """Read a YAML principles file:
-
-        principles:
-          - Be honest: say when you do not know.
-          - Refuse clearly harmful requests, and say why.
-        exemplars:                       # optional worked examples
-          - prompt: Who won the 2030 World Cup?
-            completion: I do not know; my knowledge stops before 2030.
-
-    Errors name the file (and line, for YAML syntax) and the missing or malformed key."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: principles file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise DataError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a mapping with a `principles:` list (and optional `exemplars:`), "
-                        f"got {type(data).__name__ if data is not None else 'an empty file'}")
-    for key in data:
-        if key not in _KEYS:
-            near = difflib.get_close_matches(str(key), _KEYS, n=1)
-            raise DataError(f"{path}: unknown key `{key}`" + (f"; did you mean `{near[0]}`?" if near else
-                                                                f"; the keys are {', '.join(_KEYS)}"))
-    if "principles" not in data:
-        raise DataError(f"{path}: missing key `principles` (a list of strings, one principle each)")
-    exemplars = data.get("exemplars")
-    exemplars = [] if exemplars is None else exemplars
-    _check(data["principles"], exemplars, str(path))
-    return Principles(list(data["principles"]), [dict(e) for e in exemplars])
-
-
 SELF_ALIGN_SYSTEM = ("You are a helpful AI assistant. Follow these principles in every reply:\n{principles}\n"
                      "Do not mention the principles; just follow them.")
 
@@ -246,7 +173,7 @@ def self_align_messages(principles: list, exemplars: list, prompt: str) -> list:
     each exemplar as a prior user/assistant exchange (the paper's in-context demonstrations), then
     `prompt` as the user's turn. Departure: the paper's exemplars also show "internal thoughts"
     naming the principles applied; here an exemplar is only a prompt and its reply."""
-    _check(principles, exemplars, "self_align_messages")
+    check_lists(principles, exemplars, "self_align_messages")
     listed = "\n".join(f"{i}. {p.strip()}" for i, p in enumerate(principles, 1))
     messages = [{"role": "system", "content": SELF_ALIGN_SYSTEM.format(principles=listed)}]
     for ex in exemplars:
@@ -270,7 +197,7 @@ def self_align(lm, prompts: list, principles: list, exemplars: list, params: Sam
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
             raise DataError(f"self_align: prompts[{i}] must be a non-empty string, got {p!r}")
-    _check(principles, exemplars, "self_align")
+    check_lists(principles, exemplars, "self_align")
     prompts = list(prompts)
     records, counts = _answer(lm, prompts, lambda p: self_align_messages(principles, exemplars, p), params, seed,
                               on_record, progress)

@@ -32,7 +32,7 @@ import torch
 
 from alignkit.errors import ConfigError, DataError
 from alignkit.inference.steering import (check_strength, fit_directions, hidden_states, load_vectors,
-                                         model_fingerprint, preference_items, separation, steer)
+                                         steering_fingerprint, preference_items, separation, steer)
 from alignkit.rewards.refusal import RuleJudge
 
 
@@ -325,4 +325,4 @@ def steering_sweep(model, tokenizer, steer_dir: str, strengths: list, *, norm: s
             "norm": norm, "judge": judge.name if behaviour_prompts else None,
             "n_behaviour_prompts": len(behaviour_prompts or []), "n_questions": len(questions or []),
             "n_pairs": len(pairs or []), "n_helpfulness": len(help_answers or []), "rows": rows, "fits": out_fits,
-            "fingerprint": model_fingerprint(model)}
+            "fingerprint": steering_fingerprint(model)}

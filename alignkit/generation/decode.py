@@ -102,7 +102,7 @@ def pick_tokens(logits: torch.Tensor, params: SamplingParams, generator) -> torc
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _left_pad(prompts: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -113,7 +113,7 @@ def _left_pad(prompts: list, pad_id: int, device) -> tuple[torch.Tensor, torch.T
     return ids.to(device), mask.to(device)
 
 
-def _stopped_by_string(tokenizer, tokens: list, stop: tuple) -> bool:
+def stopped_by_string(tokenizer, tokens: list, stop: tuple) -> bool:
     tail = tokenizer.decode(tokens[-32:], skip_special_tokens=True)
     return any(s in tail for s in stop)
 
@@ -127,7 +127,7 @@ def sample_batch(model, prompts: list, params: SamplingParams, *, eos_ids, pad_i
     before sampling (guided decoding); the recorded log-probs stay the model's own."""
     device = next(model.parameters()).device
     eos = set([eos_ids] if isinstance(eos_ids, int) else eos_ids)
-    ids, mask = _left_pad(prompts, pad_id, device)
+    ids, mask = left_pad(prompts, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     cache, logits = out.past_key_values, out.logits[:, -1].float()
@@ -149,7 +149,7 @@ def sample_batch(model, prompts: list, params: SamplingParams, *, eos_ids, pad_i
                 continue
             state.tokens[r].append(t)
             state.logprobs[r].append(lp)
-            if t in eos or (params.stop and tokenizer is not None and _stopped_by_string(tokenizer, state.tokens[r], params.stop)):
+            if t in eos or (params.stop and tokenizer is not None and stopped_by_string(tokenizer, state.tokens[r], params.stop)):
                 state.done[r], state.reason[r] = True, "stop"
         if all(state.done) or step == params.max_new_tokens - 1:  # the last token needs no forward
             break

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.generation.decode import SamplingParams, _left_pad, pick_tokens
+from alignkit.generation.decode import SamplingParams, left_pad, pick_tokens
 
 
 @dataclass
@@ -75,7 +75,7 @@ class _Cache:
         """`repeat`: each prompt runs once and its cache serves that many consecutive rows."""
         self.model, self.pad_id = model, pad_id
         self.device = next(model.parameters()).device
-        ids, self.mask = _left_pad(prompts, pad_id, self.device)
+        ids, self.mask = left_pad(prompts, pad_id, self.device)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True)
         self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()

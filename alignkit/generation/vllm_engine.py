@@ -43,7 +43,7 @@ from alignkit.generation.vllm_guard import RELOAD  # noqa: E402  (the one worker
 WORKER_EXTENSION = "alignkit.generation.vllm_worker.WeightSync"
 
 
-def _import_vllm():
+def import_vllm():
     try:
         import vllm
     except ImportError as e:
@@ -167,7 +167,7 @@ class VLLMEngine:
                  sleep_after_sample: bool = False):
         """`kv_cache_gib` / `gpu_memory_utilization`: see `memory_settings`. `sleep_after_sample`:
         training, where the trainer needs the GPU between rollouts (CUDA only)."""
-        vllm = _import_vllm()
+        vllm = import_vllm()
         cuda = torch.cuda.is_available()
         self.sleep_after_sample = sleep_after_sample and cuda
         self.tokenizer, self.model_path = tokenizer, str(model_path)

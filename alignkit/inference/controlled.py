@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.errors import ConfigError
-from alignkit.generation.decode import SamplingParams, _left_pad, _stopped_by_string
+from alignkit.generation.decode import SamplingParams, left_pad, stopped_by_string
 from alignkit.inference.result import Choice, StrategyResult
 from alignkit.inference.value import ValueHead
 from alignkit.models import backbone_and_head
@@ -36,7 +36,7 @@ def controlled_batch(model, value: ValueHead, prompts: list, params: SamplingPar
     trunk, head = backbone_and_head(model)
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids, mask = _left_pad(prompts, pad, device)
+    ids, mask = left_pad(prompts, pad, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = trunk(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     cache, logits = out.past_key_values, head(out.last_hidden_state[:, -1]).float()
@@ -71,7 +71,7 @@ def controlled_batch(model, value: ValueHead, prompts: list, params: SamplingPar
             tokens[r].append(tok[r])
             raw[r].append(step_raw[r])
             steered[r].append(step_pi[r])
-            if tok[r] == eos or (params.stop and _stopped_by_string(tokenizer, tokens[r], params.stop)):
+            if tok[r] == eos or (params.stop and stopped_by_string(tokenizer, tokens[r], params.stop)):
                 done[r] = True
         if all(done):
             break

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.generation.decode import SamplingParams, _stopped_by_string, sample_batch
+from alignkit.generation.decode import SamplingParams, stopped_by_string, sample_batch
 from alignkit.inference.result import Choice, StrategyResult
 from alignkit.rewards.functions import score_ragged
 
@@ -79,7 +79,7 @@ def _sample(model, prompts: list, params: SamplingParams, tokenizer, generator, 
 def _ends(tokens: list, tokenizer, stop: tuple) -> bool:
     if tokens and tokens[-1] == tokenizer.eos_token_id:
         return True
-    return bool(stop) and _stopped_by_string(tokenizer, tokens, stop)
+    return bool(stop) and stopped_by_string(tokenizer, tokens, stop)
 
 
 def _text(tokenizer, tokens: list) -> str:

@@ -48,13 +48,13 @@ from typing import NamedTuple
 import torch
 
 from alignkit.data.examples import PreferenceExample
-from alignkit.data.tokenize import _encode, as_messages, render_texts
+from alignkit.data.tokenize import encode_text, as_messages, render_texts
 from alignkit.errors import ConfigError, DataError, ModelError
 from alignkit.models import decoder_of, transformer_blocks
 
 __all__ = [
     "DIRECTION_METHODS", "Direction", "check_strength", "fit_direction", "fit_directions", "hidden_states",
-    "load_vectors", "midpoint", "model_fingerprint", "preference_items", "save_vectors", "separation", "steer",
+    "load_vectors", "midpoint", "steering_fingerprint", "preference_items", "save_vectors", "separation", "steer",
 ]
 
 VECTORS_FILE = "steering.safetensors"
@@ -103,7 +103,7 @@ def encode_item(tokenizer, item) -> tuple[list, int]:
     prompt, reply = item
     messages, plain = as_messages(prompt)
     reply = ({"role": "assistant", "content": reply},) if isinstance(reply, str) else tuple(reply)
-    p_ids, c_ids = _encode(tokenizer, *render_texts(tokenizer, messages, reply, plain))
+    p_ids, c_ids = encode_text(tokenizer, *render_texts(tokenizer, messages, reply, plain))
     return p_ids + c_ids, len(p_ids)
 
 
@@ -316,7 +316,7 @@ def separation(direction, pos: torch.Tensor, neg: torch.Tensor, *, threshold: fl
 # Saving and loading
 
 
-def model_fingerprint(model) -> dict:
+def steering_fingerprint(model) -> dict:
     """What steering vectors must match: model type, hidden size, number of blocks, and a SHA-256
     (first 16 hex digits) of the first parameter of block 0. The weights are hashed after rounding to
     bfloat16, so float32 and bfloat16 copies of one checkpoint share a fingerprint."""
@@ -329,12 +329,12 @@ def model_fingerprint(model) -> dict:
 
 def save_vectors(path_dir, vectors: dict, meta: dict) -> Path:
     """Write `vectors` ({layer: [H]}, e.g. `Direction.vector`s) to `path_dir/steering.safetensors`
-    and `path_dir/steering.json`: `meta` (must hold "fingerprint" = `model_fingerprint(model)`;
+    and `path_dir/steering.json`: `meta` (must hold "fingerprint" = `steering_fingerprint(model)`;
     say "method" and "source" too) plus the layers, norms and hidden size taken from the vectors."""
     from safetensors.torch import save_file
 
     if "fingerprint" not in meta:
-        raise ValueError("save_vectors: meta needs 'fingerprint': pass model_fingerprint(model) of the model the vectors came from")
+        raise ValueError("save_vectors: meta needs 'fingerprint': pass steering_fingerprint(model) of the model the vectors came from")
     sizes = {int(v.shape[-1]) for v in vectors.values()}
     if not vectors or sizes != {meta["fingerprint"]["hidden_size"]} or any(v.ndim != 1 for v in vectors.values()):
         raise ValueError(f"save_vectors: expected 1-D vectors of the model's hidden size "
@@ -398,7 +398,7 @@ def _describe(fp: dict) -> str:
 
 def load_vectors(path_dir, model) -> tuple[dict[int, torch.Tensor], dict]:
     """({layer: [H] float32}, the steering.json record) from `save_vectors`' directory, after
-    checking that `model` is the model they were fitted on (`model_fingerprint`)."""
+    checking that `model` is the model they were fitted on (`steering_fingerprint`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -417,7 +417,7 @@ def load_vectors(path_dir, model) -> tuple[dict[int, torch.Tensor], dict]:
     if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), dict):
         raise DataError(f"{path / META_FILE}: expected a JSON object with a \"fingerprint\" object (the model the "
                         f"vectors were fitted on), as `alignkit steer fit` writes it. {_refit(path)}")
-    saved, here = meta["fingerprint"], model_fingerprint(model)
+    saved, here = meta["fingerprint"], steering_fingerprint(model)
     differ = [k for k in here if saved.get(k) != here[k]]
     if differ:
         raise ModelError(

@@ -103,7 +103,7 @@ def run_strategy(name: str, model, tokenizer, reward, prompts: list, columns: di
             if not options.baseline:
                 raise ConfigError("transfer-q needs --baseline: a model aligned to the target reward (for example "
                                   "a DPO or GRPO run's final/ directory) that shares the model's tokenizer.")
-            baseline_model = _load(options.baseline, model)
+            baseline_model = _load_like(options.baseline, model)
         sp.beam, sp.baseline = 1, baseline_model
     return block_search(model, tokenizer, reward, prompts, ids, columns, params, sp, seed=seed,
                         batch_size=batch_size, strategy=name, progress=progress)
@@ -125,7 +125,7 @@ def _rewrite_then_answer(model, tokenizer, reward, prompts, columns, params, see
     return out
 
 
-def _load(path: str, like):
+def _load_like(path: str, like):
     from alignkit.config import ModelConfig
     from alignkit.models import load_model
 

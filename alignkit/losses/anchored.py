@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignkit.losses.dpo import _with_rewards
+from alignkit.losses.dpo import with_rewards
 from alignkit.losses.registry import register
 
 
@@ -30,7 +30,7 @@ def nca(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     z_w = beta * (policy_chosen_logps - ref_chosen_logps)
     z_l = beta * (policy_rejected_logps - ref_rejected_logps)
     losses = -F.logsigmoid(z_w) - 0.5 * F.logsigmoid(-z_w) - 0.5 * F.logsigmoid(-z_l)
-    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                          ref_rejected_logps)
 
 
@@ -56,7 +56,7 @@ def bco_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
     delta = reward_shift.detach()
     losses = -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
-    losses, metrics = _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    losses, metrics = with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                     ref_rejected_logps)
     metrics["bco/reward_mean"] = (0.5 * (chosen_rewards + rejected_rewards)).detach()
     metrics["bco/reward_shift"] = torch.broadcast_to(delta, chosen_rewards.shape).to(chosen_rewards.dtype)
@@ -81,7 +81,7 @@ def sppo_hard(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     r_w = policy_chosen_logps - ref_chosen_logps
     r_l = policy_rejected_logps - ref_rejected_logps
     losses = (r_w - target) ** 2 + (r_l + target) ** 2
-    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                          ref_rejected_logps)
 
 
@@ -101,7 +101,7 @@ def apo_zero(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     z_w = beta * (policy_chosen_logps - ref_chosen_logps)
     z_l = beta * (policy_rejected_logps - ref_rejected_logps)
     losses = 1 - torch.sigmoid(z_w) + torch.sigmoid(z_l)
-    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                          ref_rejected_logps)
 
 
@@ -121,5 +121,5 @@ def apo_down(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     z_w = beta * (policy_chosen_logps - ref_chosen_logps)
     z_l = beta * (policy_rejected_logps - ref_rejected_logps)
     losses = torch.sigmoid(z_w) + 1 - torch.sigmoid(z_w - z_l)
-    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                          ref_rejected_logps)

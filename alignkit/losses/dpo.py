@@ -24,11 +24,11 @@ def implicit_reward_metrics(chosen_rewards, rejected_rewards) -> dict:
     }
 
 
-def _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+def log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
     return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
 
 
-def _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+def with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
     """Attach the implicit-reward metrics (DPO eq. 5) to per-example losses."""
     return losses, implicit_reward_metrics(beta * (policy_chosen_logps - ref_chosen_logps),
                                            beta * (policy_rejected_logps - ref_rejected_logps))
@@ -45,9 +45,9 @@ def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
 
     eps = `label_smoothing` > 0 is conservative DPO (cDPO; Mitchell, "A note on DPO with noisy
     preferences", 2023): the label is assumed flipped with probability eps."""
-    h = _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                          ref_rejected_logps)
 
 
@@ -74,9 +74,9 @@ def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
 
     h uses summed sequence log-probs as in the paper; TRL averages them per token instead, which
     changes the effective beta with the completion length."""
-    h = _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = (h - 1.0 / (2.0 * beta)) ** 2
-    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                          ref_rejected_logps)
 
 
@@ -92,9 +92,9 @@ def hinge(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reje
     Departure: SLiC-HF's calibration loss is max(0, delta - log pi(y_w) + log pi(y_l)) with no
     reference and a separate regulariser; like the DPO paper's comparison (and TRL), we apply the
     hinge to the reference-adjusted margin, with delta = 1 / beta."""
-    h = _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = torch.relu(1.0 - beta * h)
-    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                          ref_rejected_logps)
 
 
@@ -121,10 +121,10 @@ def robust_dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
     `loss_type="robust"` defaults to 0, i.e. plain DPO)."""
     if not 0.0 <= label_smoothing < 0.5:
         raise ConfigError(f"`loss.label_smoothing` of robust_dpo must be in [0, 0.5); got {label_smoothing}.")
-    h = _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     eps = label_smoothing
     losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                          ref_rejected_logps)
 
 
@@ -162,10 +162,10 @@ def dpop(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejec
     (the DPOP loss of arXiv 2402.13228: the penalty sits inside the sigmoid, scaled by beta like h).
     Default lambda = 50, the value the paper uses for its Smaug models. The penalty has a kink where
     pi(y_w) = pi_ref(y_w)."""
-    h = _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     penalty = torch.relu(ref_chosen_logps - policy_chosen_logps)
     losses = -F.logsigmoid(beta * (h - lambda_penalty * penalty))
-    losses, metrics = _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    losses, metrics = with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                     ref_rejected_logps)
     metrics["dpop/penalty"] = penalty.detach()
     return losses, metrics
@@ -184,8 +184,8 @@ def rdpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejec
     is beta log(pi/pi_ref) + alpha |y| + const, so a longer chosen response already "explains" part
     of the preference and the policy is pushed less to favour length. |y| counts scored completion
     tokens. The paper sweeps alpha per dataset; 0.05 is our default, to be tuned."""
-    h = _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     length_gap = (chosen_counts - rejected_counts).to(h.dtype)
     losses = -F.logsigmoid(beta * h + alpha * length_gap)
-    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                          ref_rejected_logps)

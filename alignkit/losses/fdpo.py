@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
-from alignkit.losses.dpo import _log_ratio_diff, _with_rewards, dpo
+from alignkit.losses.dpo import log_ratio_diff, with_rewards, dpo
 from alignkit.losses.registry import register
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -69,7 +69,7 @@ def f_dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reje
     margin = f_dpo_margin(policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps,
                           divergence, alpha)
     losses = -F.logsigmoid(beta * margin)
-    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                          ref_rejected_logps)
 
 
@@ -91,9 +91,9 @@ def exo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     h is 0, reached at beta h = log((1 - eps) / eps)."""
     if not 0.0 < label_smoothing < 1.0:
         raise ConfigError(f"`loss.label_smoothing` of exo must be in (0, 1); got {label_smoothing}.")
-    z = beta * _log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    z = beta * log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     eps = label_smoothing
     losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
               + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
-    return _with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                          ref_rejected_logps)

@@ -109,6 +109,33 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.expm1(delta) - delta
 
 
+def truncated_importance_weights(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor,
+                                 cap: float) -> tuple[torch.Tensor, dict]:
+    """Truncated importance sampling (Yao et al., "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training", 2025): the sampler (vLLM in bf16, say) and the trainer disagree on the
+    probability of what was sampled, so each token's policy-gradient term is weighted by
+
+        w_t = min(pi_trainer(y_t) / pi_sampler(y_t), cap),
+
+    with pi_trainer at the weights that sampled (the rollout's old log-probs), detached: a weight
+    corrects the sampling distribution, it is not differentiated. Inputs [M]; returns (w [M],
+    sums {"tis/weight_mean": sum of w, "tis/capped_fraction": count of w at the cap}), sums so a
+    caller divides by its token count."""
+    w = torch.exp(trainer_logps.detach() - sampler_logps.to(trainer_logps.dtype)).clamp(max=cap)
+    return w, {"tis/weight_mean": w.sum(), "tis/capped_fraction": (w >= cap).to(w.dtype).sum()}
+
+
+def kl_penalty_in_loss(per_token: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor,
+                       kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's KL term in the loss (Shao et al., arXiv 2402.03300, eq. 3): per token
+    loss_t + kl_coef * k3(logp_t, ref_t), the gradient flowing through logp_t (the reference is
+    detached). Returns (the per-token loss [M], the per-token k3 [M], detached: the `kl` metric).
+    With kl_coef 0 the loss is unchanged and the KL is still measured."""
+    kl = kl_k3(logps, ref_logps.detach())
+    out = per_token + kl_coef * kl if kl_coef > 0 else per_token
+    return out, kl.detach()
+
+
 def _aggregate_grpo(per_token, token_seq, num_sequences, max_completion_length):
     """Mean over each sequence's tokens, then mean over the sequences that have tokens (GRPO,
     arXiv 2402.03300, the 1/|o_i| and 1/G factors of its objective)."""

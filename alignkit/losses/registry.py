@@ -10,11 +10,11 @@ branches on a loss name: it reads the spec.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass
 
 from alignkit.errors import ConfigError
+from alignkit.suggest import closest, did_you_mean
 
 # Inputs a preference recipe can provide to a loss.
 PAIR_INPUTS = (
@@ -61,8 +61,7 @@ def available() -> list[LossSpec]:
 
 def get(name: str) -> LossSpec:
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
+        hint = did_you_mean(name, _REGISTRY)
         raise ConfigError(f"`loss.name`: unknown loss `{name}`.{hint} Run `alignkit losses` for the list.")
     return _REGISTRY[name]
 
@@ -74,8 +73,8 @@ def resolve(loss_cfg: dict) -> tuple[LossSpec, dict]:
     params = dict(spec.params)
     for key, value in cfg.items():
         if key not in spec.params:
-            close = difflib.get_close_matches(key, list(spec.params), n=1)
-            hint = f" Did you mean `loss.{close[0]}`?" if close else ""
+            near = closest(key, spec.params)
+            hint = f" Did you mean `loss.{near}`?" if near else ""
             valid = ", ".join(spec.params) or "none"
             raise ConfigError(f"`loss.{key}` is not a parameter of `{spec.name}` (its parameters: {valid}).{hint}")
         default = spec.params[key]

@@ -18,13 +18,13 @@ A spec is what a user writes in `online.rewards` or after `--reward`:
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from pathlib import Path
 
 from alignkit.errors import ConfigError
+from alignkit.suggest import did_you_mean
 from alignkit.rewards.functions import load_reward_function
-from alignkit.rewards.verifiable import BUILTINS, WeightedSum, _is_number, _require
+from alignkit.rewards.verifiable import BUILTINS, WeightedSum, is_number, require
 
 
 def parse_reward_arg(text: str):
@@ -49,7 +49,7 @@ def build_reward(spec, *, weights: dict | None = None, device=None, batch_size: 
     `weights`)."""
     model_options = dict(weights=weights, device=device, batch_size=batch_size)
     if isinstance(spec, (list, tuple)):
-        _require(spec, "reward: an empty list of rewards; give at least one.")
+        require(spec, "reward: an empty list of rewards; give at least one.")
         return WeightedSum([_build_term(item, model_options) for item in spec])
     if isinstance(spec, dict) and "weight" in spec:
         return WeightedSum([_build_term(spec, model_options)])
@@ -60,12 +60,12 @@ def _build_term(spec, model_options: dict) -> tuple:
     """One string or mapping -> (reward, weight)."""
     if isinstance(spec, str):
         spec = {"name": spec}
-    _require(isinstance(spec, dict), f"reward: expected a name or a mapping with `name`; got {spec!r}.")
+    require(isinstance(spec, dict), f"reward: expected a name or a mapping with `name`; got {spec!r}.")
     params = dict(spec)
     name, weight = params.pop("name", None), params.pop("weight", 1.0)
-    _require(isinstance(name, str), f"reward: {spec!r} needs a `name`: one of {', '.join(BUILTINS)}, "
+    require(isinstance(name, str), f"reward: {spec!r} needs a `name`: one of {', '.join(BUILTINS)}, "
                                     "a Python function as `file.py:function`, or a reward-model directory.")
-    _require(_is_number(weight), f"reward {name}: `weight` must be a finite number; got {weight!r}.")
+    require(is_number(weight), f"reward {name}: `weight` must be a finite number; got {weight!r}.")
     if name in BUILTINS:
         return _construct(name, params), float(weight)
     if name == "judge":
@@ -76,17 +76,16 @@ def _build_term(spec, model_options: dict) -> tuple:
         from alignkit.rewards.model import RewardModel  # loads transformers: only when a model is asked for
 
         unknown = sorted(set(params) - {"weights"})
-        _require(not unknown, f"reward {name} is a reward model; its only option is `weights` (a direction over "
+        require(not unknown, f"reward {name} is a reward model; its only option is `weights` (a direction over "
                               f"its objectives); got {', '.join(unknown)}.")
         options = dict(model_options, **params)
         path = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
         return RewardModel(path, **options), float(weight)
     if ":" in name:
-        _require(not params, f"reward {name} is a Python function and takes no parameters; got "
+        require(not params, f"reward {name} is a Python function and takes no parameters; got "
                              f"{', '.join(params)}. Only `weight` may be given with it.")
         return load_reward_function(name), float(weight)
-    close = difflib.get_close_matches(name, list(BUILTINS), n=1)
-    hint = f" Did you mean `{close[0]}`?" if close else ""
+    hint = did_you_mean(name, BUILTINS)
     raise ConfigError(f"unknown reward `{name}`.{hint} Built-in rewards: {', '.join(BUILTINS)}; a judge as "
                       "{name: judge, principles: FILE}; a calibrated reward as {name: calibrated, reward: SPEC}; "
                       "or a Python "
@@ -101,8 +100,7 @@ def _check_options(name: str, params: dict, allowed: tuple) -> None:
     """A key `allowed` does not list is an error naming the allowed ones (and the closest)."""
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], allowed, n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
+        hint = did_you_mean(unknown[0], allowed)
         raise ConfigError(f"reward {name}: unknown option(s) {', '.join(f'`{k}`' for k in unknown)}; its options "
                           f"are {', '.join(allowed)} (and weight).{hint}")
 
@@ -114,13 +112,13 @@ def _judge(params: dict, model_options: dict):
     `alignkit vllm-serve`). The principles file is read before the judge model is loaded, so a
     mistake in it costs no model load."""
     _check_options("judge", params, JUDGE_OPTIONS)
-    _require(isinstance(params.get("principles"), str), "reward judge needs `principles`: a YAML file with "
+    require(isinstance(params.get("principles"), str), "reward judge needs `principles`: a YAML file with "
                                                         "`principles: [...]`, e.g. {name: judge, principles: p.yaml}.")
     for key in ("model", "endpoint", "tokenizer", "api_key_file"):
-        _require(params.get(key) is None or isinstance(params[key], str),
+        require(params.get(key) is None or isinstance(params[key], str),
                  f"reward judge: `{key}` must be a string; got {params.get(key)!r}.")
     for key in ("tokenizer", "api_key_file"):
-        _require(params.get(key) is None or params.get("endpoint"), f"reward judge: `{key}` is for an `endpoint`; "
+        require(params.get(key) is None or params.get("endpoint"), f"reward judge: `{key}` is for an `endpoint`; "
                  "a local judge model uses its own tokenizer and needs no key. Drop it or set `endpoint`.")
     api_key = None
     if params.get("api_key_file"):
@@ -129,14 +127,15 @@ def _judge(params: dict, model_options: dict):
         except OSError as e:
             raise ConfigError(f"reward judge: cannot read `api_key_file` {params['api_key_file']}: {e.strerror}.") from None
     from alignkit.generation.text_models import text_model  # loads transformers: only when a judge is asked for
-    from alignkit.rewards.judge import PrincipleJudge, load_principles_file
+    from alignkit.rewards.judge import PrincipleJudge
+    from alignkit.rewards.principles import load_principles
 
-    loaded = load_principles_file(params["principles"])
+    load_principles(params["principles"])  # its mistakes before the judge model loads
     device = model_options["device"]
     lm = text_model(model=params.get("model"), endpoint=params.get("endpoint"),
                     device="auto" if device is None else str(device), batch_size=model_options["batch_size"],
                     tokenizer=params.get("tokenizer"), api_key=api_key)
-    return PrincipleJudge(lm, **loaded)
+    return PrincipleJudge.from_file(lm, params["principles"])
 
 
 CALIBRATED_OPTIONS = ("reward", "k", "transform", "n", "t", "model", "max_new_tokens", "temperature")
@@ -146,16 +145,16 @@ def _calibrated(params: dict, model_options: dict):
     """`{name: calibrated, reward: SPEC, k, transform, n, t, model, max_new_tokens, temperature}` ->
     a CalibratedReward whose reference samples come from `model` (k per prompt, sampled once)."""
     _check_options("calibrated", params, CALIBRATED_OPTIONS)
-    _require("reward" in params, "reward calibrated needs `reward`: the reward to calibrate, e.g. "
+    require("reward" in params, "reward calibrated needs `reward`: the reward to calibrate, e.g. "
                                  "{name: calibrated, reward: runs/rm/final}.")
     k, new_tokens = params.get("k", 16), params.get("max_new_tokens", 64)
     temperature, model = params.get("temperature", 1.0), params.get("model")
     for key, value in (("k", k), ("max_new_tokens", new_tokens)):
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"reward calibrated: `{key}` must be a positive integer; got {value!r}.")
-    _require(_is_number(temperature) and temperature > 0, "reward calibrated: `temperature` must be a positive "
+    require(is_number(temperature) and temperature > 0, "reward calibrated: `temperature` must be a positive "
              f"number (the reference samples must differ to calibrate against); got {temperature!r}.")
-    _require(model is None or isinstance(model, str), f"reward calibrated: `model` must be a string; got {model!r}.")
+    require(model is None or isinstance(model, str), f"reward calibrated: `model` must be a string; got {model!r}.")
     from alignkit.generation.decode import SamplingParams
     from alignkit.generation.text_models import text_model  # loads transformers: only when asked for
     from alignkit.rewards.calibration import CalibratedReward
@@ -185,8 +184,7 @@ def _construct(name: str, params: dict):
     signature = inspect.signature(cls).parameters
     for key in params:
         if key not in signature:
-            close = difflib.get_close_matches(key, list(signature), n=1)
-            hint = f" Did you mean `{close[0]}`?" if close else ""
+            hint = did_you_mean(key, signature)
             raise ConfigError(f"`{key}` is not a parameter of reward `{name}` "
                               f"(its parameters: {', '.join(signature)}, weight).{hint}")
     missing = [k for k, p in signature.items() if p.default is p.empty and k not in params]

@@ -13,20 +13,19 @@ collecting preferences and training a new reward model. Here the judge is any in
 
 The conversations the judge sees come from the templates below (`SCORE_TEMPLATE`,
 `COMPARE_TEMPLATE`); pass your own text, or put it in the principles file
-(`load_principles_file`), to change them. Placeholders are `{principles}`, `{prompt}`, `{reply}`
+(`alignkit.rewards.principles`), to change them. Placeholders are `{principles}`, `{prompt}`, `{reply}`
 (scoring) and `{principles}`, `{prompt}`, `{reply_a}`, `{reply_b}` (comparing); every other brace is
 left as written, so a template may contain JSON examples.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
-from pathlib import Path
 
-from alignkit.errors import AlignkitError, ConfigError
+from alignkit.errors import AlignkitError
 from alignkit.prompt_templates import check_template
+from alignkit.rewards.principles import check_lists, load_principles
 
 SCORE_TEMPLATE = """You are checking whether an assistant's reply follows a set of principles.
 
@@ -64,7 +63,6 @@ SCORE_LIMIT = 20.0  # nats: the score of an answer whose other option has log-pr
 _SCORE_FIELDS = ("principles", "prompt", "reply")
 _COMPARE_FIELDS = ("principles", "prompt", "reply_a", "reply_b")
 _PLACEHOLDER = re.compile(r"\{(principles|prompt|reply|reply_a|reply_b)\}")
-_FILE_KEYS = ("principles", "template", "compare_template")
 
 
 class PrincipleJudge:
@@ -90,12 +88,24 @@ class PrincipleJudge:
     def __init__(self, lm, principles: list[str], *, template: str | None = None,
                  compare_template: str | None = None):
         self.lm = lm
-        self.principles = _check_principles(principles, "PrincipleJudge: `principles`")
+        check_lists(principles, [], "PrincipleJudge")
+        self.principles = list(principles)
         self.template = check_template(SCORE_TEMPLATE if template is None else template, _SCORE_FIELDS,
                                         "PrincipleJudge: `template`")
         self.compare_template = check_template(COMPARE_TEMPLATE if compare_template is None else compare_template,
                                                 _COMPARE_FIELDS, "PrincipleJudge: `compare_template`")
         self.answers, self.clipped, self.last_clipped = 0, 0, []
+
+    @classmethod
+    def from_file(cls, lm, path) -> "PrincipleJudge":
+        """A judge with the principles (and any templates) of a principles file
+        (`alignkit.rewards.principles`); a template missing a placeholder names the file."""
+        loaded = load_principles(path)
+        where = f"principles file {path}"
+        for key, fields in (("template", _SCORE_FIELDS), ("compare_template", _COMPARE_FIELDS)):
+            if getattr(loaded, key) is not None:
+                check_template(getattr(loaded, key), fields, f"{where}: `{key}`")
+        return cls(lm, loaded.principles, template=loaded.template, compare_template=loaded.compare_template)
 
     def score(self, prompts: list, replies: list) -> list[float]:
         """log p("Yes") - log p("No") for each reply: > 0 when the judge thinks it follows the principles."""
@@ -190,47 +200,6 @@ def render_prompt(prompt) -> str:
     if len(messages) == 1 and messages[0].get("role") == "user":
         return str(messages[0]["content"])
     return "\n\n".join(f"{str(m['role']).capitalize()}: {m['content']}" for m in messages)
-
-
-def load_principles_file(path) -> dict:
-    """Read a principles file: YAML with `principles: [...]` and, optionally, `template` and
-    `compare_template` (your own judge prompts). Returns {"principles", "template",
-    "compare_template"} (None where absent), ready for `PrincipleJudge(lm, **loaded)`."""
-    import yaml
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"principles file {path} not found; give a YAML file with `principles: [...]`.")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"principles file {path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"principles file {path}: the top level must be a mapping with a `principles` list, "
-                          "e.g. `principles: [Be honest., Be concise.]`.")
-    for key in data:
-        if key not in _FILE_KEYS:
-            close = difflib.get_close_matches(str(key), _FILE_KEYS, n=1)
-            hint = f" Did you mean `{close[0]}`?" if close else ""
-            raise ConfigError(f"principles file {path}: unknown key `{key}`; the keys are "
-                              f"{', '.join(_FILE_KEYS)}.{hint}")
-    if "principles" not in data:
-        raise ConfigError(f"principles file {path}: no `principles` key; add `principles:` with a list of "
-                          "sentences the replies should follow.")
-    out = {"principles": _check_principles(data["principles"], f"principles file {path}: `principles`")}
-    for key, fields in (("template", _SCORE_FIELDS), ("compare_template", _COMPARE_FIELDS)):
-        out[key] = None if data.get(key) is None else check_template(data[key], fields,
-                                                                      f"principles file {path}: `{key}`")
-    return out
-
-
-def _check_principles(principles, where: str) -> list[str]:
-    if isinstance(principles, str) or not isinstance(principles, (list, tuple)) or not principles:
-        raise ConfigError(f"{where} must be a non-empty list of sentences; got {principles!r}.")
-    for i, p in enumerate(principles):
-        if not isinstance(p, str) or not p.strip():
-            raise ConfigError(f"{where}: item {i} must be a non-empty string; got {p!r}.")
-    return list(principles)
 
 
 def _same_length(prompts: list, replies: list, what: str) -> None:

@@ -80,12 +80,12 @@ def numbers_equal(a: Decimal | None, b: Decimal | None) -> bool:
     return a is not None and b is not None and a == b
 
 
-def _require(ok, message: str) -> None:
+def require(ok, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -103,11 +103,11 @@ class NumericMatch:
 
     def __init__(self, answer_column: str = "answer", require_marker: bool = False,
                  correct: float = 1.0, wrong: float = 0.0):
-        _require(isinstance(answer_column, str) and answer_column,
+        require(isinstance(answer_column, str) and answer_column,
                  f"reward numeric_match: `answer_column` must be a column name; got {answer_column!r}.")
-        _require(isinstance(require_marker, bool),
+        require(isinstance(require_marker, bool),
                  f"reward numeric_match: `require_marker` must be true or false; got {require_marker!r}.")
-        _require(_is_number(correct) and _is_number(wrong),
+        require(is_number(correct) and is_number(wrong),
                  f"reward numeric_match: `correct` and `wrong` must be numbers; got {correct!r}, {wrong!r}.")
         self.answer_column, self.require_marker = answer_column, require_marker
         self.correct, self.wrong = float(correct), float(wrong)
@@ -130,7 +130,7 @@ class NumericMatch:
 
     def _reference(self, reference, i: int) -> Decimal:
         # JSON numbers arrive as int/float; str(float) keeps 0.1 as 0.1 and 1e+20 parseable by Decimal.
-        want = Decimal(str(reference)) if _is_number(reference) else (
+        want = Decimal(str(reference)) if is_number(reference) else (
             final_answer(reference) if isinstance(reference, str) else None)
         if want is None:
             # A reference with no number would make every completion "wrong" without a trace.
@@ -146,8 +146,8 @@ class RegexMatch:
     name = "regex"
 
     def __init__(self, pattern: str, search: bool = True):
-        _require(isinstance(pattern, str), f"reward regex: `pattern` must be a string; got {pattern!r}.")
-        _require(isinstance(search, bool), f"reward regex: `search` must be true or false; got {search!r}.")
+        require(isinstance(pattern, str), f"reward regex: `pattern` must be a string; got {pattern!r}.")
+        require(isinstance(search, bool), f"reward regex: `search` must be true or false; got {search!r}.")
         try:
             self.regex = re.compile(pattern, re.DOTALL)
         except re.error as e:
@@ -167,12 +167,12 @@ class LengthLimit:
 
     def __init__(self, max_words: int | None = None, min_words: int | None = None, max_chars: int | None = None):
         limits = {"max_words": max_words, "min_words": min_words, "max_chars": max_chars}
-        _require(any(v is not None for v in limits.values()),
+        require(any(v is not None for v in limits.values()),
                  "reward length needs at least one of `max_words`, `min_words`, `max_chars`.")
         for key, value in limits.items():
-            _require(value is None or _is_count(value),
+            require(value is None or _is_count(value),
                      f"reward length: `{key}` must be a non-negative integer; got {value!r}.")
-        _require(min_words is None or max_words is None or min_words <= max_words,
+        require(min_words is None or max_words is None or min_words <= max_words,
                  f"reward length: `min_words` ({min_words}) is above `max_words` ({max_words}); no text can pass.")
         self.max_words, self.min_words, self.max_chars = max_words, min_words, max_chars
 
@@ -213,17 +213,17 @@ class Keywords:
         # A lone string is one keyword; iterating it would make every letter a keyword.
         required = [required] if isinstance(required, str) else list(required)
         forbidden = [forbidden] if isinstance(forbidden, str) else list(forbidden)
-        _require(required or forbidden or required_column,
+        require(required or forbidden or required_column,
                  "reward keywords needs at least one `required` or `forbidden` keyword, or a `required_column`.")
-        _require(required_column is None or (isinstance(required_column, str) and required_column),
+        require(required_column is None or (isinstance(required_column, str) and required_column),
                  f"reward keywords: `required_column` must be a column name; got {required_column!r}.")
         for key, words in (("required", required), ("forbidden", forbidden)):
-            _require(all(isinstance(w, str) and w for w in words),
+            require(all(isinstance(w, str) and w for w in words),
                      f"reward keywords: `{key}` must be a list of non-empty strings; got {words!r}.")
         fold = (lambda w: w) if case_sensitive else str.casefold
         both = sorted({fold(w) for w in required} & {fold(w) for w in forbidden})
-        _require(not both, f"reward keywords: {both} are both required and forbidden; no text can pass.")
-        _require(isinstance(partial, bool), f"reward keywords: `partial` must be true or false; got {partial!r}.")
+        require(not both, f"reward keywords: {both} are both required and forbidden; no text can pass.")
+        require(isinstance(partial, bool), f"reward keywords: `partial` must be true or false; got {partial!r}.")
         self.required, self.forbidden, self.case_sensitive, self.partial = required, forbidden, case_sensitive, partial
         self.required_column = required_column
         self._required = [_keyword_regex(w, case_sensitive) for w in required]
@@ -274,10 +274,10 @@ class WeightedSum:
 
     def __init__(self, terms):
         terms = list(terms)
-        _require(terms, "a weighted reward needs at least one (reward, weight) term.")
+        require(terms, "a weighted reward needs at least one (reward, weight) term.")
         for reward, weight in terms:
-            _require(callable(reward), f"weighted reward: {reward!r} is not a reward (a callable).")
-            _require(_is_number(weight), f"weighted reward: the weight of {_reward_name(reward)} must be a "
+            require(callable(reward), f"weighted reward: {reward!r} is not a reward (a callable).")
+            require(is_number(weight), f"weighted reward: the weight of {_reward_name(reward)} must be a "
                                          f"finite number; got {weight!r}.")
         self.terms = [(reward, float(weight)) for reward, weight in terms]
         # Two terms of one kind (two regexes) need distinct keys in the logged components.

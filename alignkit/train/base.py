@@ -1,8 +1,8 @@
-"""What recipes share: the Recipe protocol with every hook declared, its defaults, and the
-machinery of offline recipes (batches from tokenized examples, reference log-probs).
+"""What recipes share: the Recipe protocol with every hook declared, and the machinery of offline
+recipes (`OfflineRecipe`: batches from tokenized examples, reference log-probs, the hooks'
+defaults). Online recipes are `alignkit.train.online.OnlineRecipe`.
 
-The loop (`alignkit.train.loop`) calls every hook of `Recipe` on every recipe; `RecipeBase` gives
-each optional hook its default, so a recipe writes only what its method needs. See
+The loop (`alignkit.train.loop`) calls every hook of `Recipe` on every recipe. See
 docs/architecture.md for the table of hooks and who overrides them.
 """
 
@@ -96,7 +96,8 @@ class Trainable:
 
 
 class Recipe(Protocol):
-    """The interface the loop sees. Every hook is declared here; `RecipeBase` defines the optional ones."""
+    """The interface the loop sees, offline and online. Every hook is declared here; `OfflineRecipe` and
+    `online.OnlineRecipe` define each."""
 
     name: str
     iterations: int  # optimizer steps taken on each batch (online: per rollout)
@@ -127,26 +128,30 @@ class Recipe(Protocol):
     def show_example(self, data: PreparedData, index: int) -> str: ...
 
 
-class RecipeBase:
-    """Defaults of the optional hooks."""
+class OfflineRecipe:
+    """A recipe that trains on tokenized examples it prepared before training; the defaults of the
+    hooks of `Recipe` for offline recipes, which derive from it directly (one level: what they
+    share beyond it they compose, e.g. `recipes.dpo.PreferenceLosses`).
 
-    name = "base"
+    Subclasses name their two layouts: `pack(items, pad_id, pack_tokens)` (prefix-shared, packed rows,
+    `train.packing`, the default) and `pad(items, pad_id)` (plain padded rows)."""
+
+    name = "offline"
     iterations = 1
-    shares_prompts = False
     evaluate_at_start = False
     shard_model = True  # the loop may shard the policy (False: only a head trains, on features computed once)
+    pack: Callable = None
+    pad: Callable = None
+    needs_reference = False
 
     def __init__(self, cfg: RunConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.ctx = None  # set in `setup`: the device, precision and data-parallel helpers
+        self.references = {}  # split -> CachedReference | LiveReference
 
     @property
     def autocast(self) -> Callable:
         return self.ctx.autocast if self.ctx is not None else contextlib.nullcontext
-
-    def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
-        self.ctx = ctx
-        return data.replace()  # no model-dependent data; notes were shown already
 
     def extra_modules(self, model, ctx: SetupContext) -> dict:
         return {}
@@ -162,21 +167,6 @@ class RecipeBase:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-class OfflineRecipe(RecipeBase):
-    """A recipe that trains on tokenized examples it prepared before training.
-
-    Subclasses name their two layouts: `pack(items, pad_id, pack_tokens)` (prefix-shared, packed rows,
-    `train.packing`, the default) and `pad(items, pad_id)` (plain padded rows)."""
-
-    pack: Callable = None
-    pad: Callable = None
-    needs_reference = False
-
-    def __init__(self, cfg: RunConfig, tokenizer):
-        super().__init__(cfg, tokenizer)
-        self.references = {}  # split -> CachedReference | LiveReference
 
     @property
     def shares_prompts(self) -> bool:

@@ -13,7 +13,7 @@ from alignkit.distributed import Dist
 from alignkit.errors import ConfigError
 from alignkit.models import apply_lora, load_model, load_tokenizer
 from alignkit.train import checkpoint as ckpt
-from alignkit.train import registry
+from alignkit.registries import recipes as registry
 
 
 def export_checkpoint(checkpoint: str, output: str, module: str = "policy", trust_remote_code: bool = False) -> Path:

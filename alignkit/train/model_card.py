@@ -21,9 +21,9 @@ from huggingface_hub import try_to_load_from_cache
 from alignkit import losses
 from alignkit.config import RunConfig, flat_dict, to_dict
 from alignkit.data.heldout import FILENAME as HELDOUT, read_heldout
-from alignkit.data.readers import _looks_local as looks_local
+from alignkit.data.readers import looks_local as looks_local
 from alignkit.models import DEFAULT_MODEL
-from alignkit.train import registry
+from alignkit.registries import recipes as registry
 
 # The bundled default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file (alignkit.models).
 BUNDLED = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}

@@ -2,8 +2,9 @@
 
 `train.report_to` lists the backends; `alignkit.train.metrics.MetricsLogger` writes
 `metrics.jsonl` (always) and hands every row to each tracker named there. Each backend is one small
-class behind the `Tracker` protocol, registered in `BACKENDS` (which `alignkit.config` reads to
-validate `train.report_to`). Nothing is imported until a run starts a tracker, so the packages stay
+class behind the `Tracker` protocol, in `BACKENDS` under the name `alignkit.registries.trackers`
+registers (which `alignkit.config` reads to validate `train.report_to`). Nothing is imported until a
+run starts a tracker, so the packages stay
 optional: `check_installed` turns a missing one into a `ConfigError` with its install command
 before any model loads.
 
@@ -29,19 +30,18 @@ server run drops a re-logged step whose number it has already seen).
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import json
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from alignkit import jsonfile
+from alignkit.config import flat_dict
 from alignkit.errors import ConfigError
+from alignkit.registries.trackers import TRACKERS, check_installed
 
 IDS_FILE = "trackers.json"  # RUN/trackers.json: {backend: run id or name}, so that a resume reuses them
 
@@ -101,18 +101,6 @@ def _run_id(run_dir: Path, backend: str, resume_step: int | None) -> str | None:
 
 def _save_id(run_dir: Path, backend: str, run_id: str) -> None:
     jsonfile.write_atomic(run_dir / IDS_FILE, {**_read_ids(run_dir), backend: run_id})
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"train.learning_rate": 5e-6, ...}: mlflow's parameters are flat strings. (config.flat_dict
-    does the same, but config imports this module for BACKENDS.)"""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _safe_name(text: str) -> str:
@@ -262,7 +250,7 @@ class MlflowTracker:
         else:
             self._id = client.create_run(experiment_id, run_name=run_dir.name,
                                          tags={"alignkit.run_dir": str(run_dir.resolve())}).info.run_id
-            params = [Param(k, str(v)[: self.MAX_PARAM]) for k, v in _flat(config).items()]
+            params = [Param(k, str(v)[: self.MAX_PARAM]) for k, v in flat_dict(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
                 client.log_batch(self._id, params=params[i: i + 100])
             client.log_dict(self._id, config, "config.json")
@@ -291,50 +279,8 @@ class MlflowTracker:
 # The registry.
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    cls: type
-    modules: tuple  # top-level packages it imports
-    install: str  # the command that installs its packages
-
-
-BACKENDS = {b.name: b for b in [
-    Backend("tensorboard", TensorBoardTracker, ("tensorboard",), "pip install tensorboard"),  # a core dependency
-    Backend("wandb", WandbTracker, ("wandb",), 'pip install "alignkit[wandb]"'),
-    Backend("trackio", TrackioTracker, ("trackio",), 'pip install "alignkit[trackio]"'),
-    # mlflow-skinny is the tracking client; its SQLite store needs SQLAlchemy and alembic.
-    Backend("mlflow", MlflowTracker, ("mlflow", "sqlalchemy", "alembic"), 'pip install "alignkit[mlflow]"'),
-]}
-
-
-def check_names(report_to, where: str = "") -> None:
-    """`train.report_to` must be a list of distinct backend names."""
-    valid = ", ".join(BACKENDS)
-    if not isinstance(report_to, list):
-        raise ConfigError(f"{where}`train.report_to` must be a list of trackers among {valid}, e.g. "
-                          f"`train.report_to=[tensorboard, wandb]` (`[]`: none); got {report_to!r}.")
-    for name in report_to:
-        if name not in BACKENDS:
-            close = difflib.get_close_matches(str(name), list(BACKENDS), n=1)
-            hint = f" Did you mean `{close[0]}`?" if close else ""
-            raise ConfigError(f"{where}`train.report_to`: unknown tracker {name!r}; valid: {valid} "
-                              f"(`[]`: none).{hint}")
-    if len(set(report_to)) != len(report_to):
-        raise ConfigError(f"{where}`train.report_to` names a tracker twice: {report_to}.")
-
-
-def check_installed(report_to) -> None:
-    """A ConfigError naming the install command for the first tracker whose packages are missing.
-    `find_spec` looks without importing, so this costs nothing before the model loads."""
-    for name in report_to:
-        backend = BACKENDS[name]
-        missing = [m for m in backend.modules if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ConfigError(
-                f"`train.report_to` includes {name}, but {', '.join(missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} not installed: `{backend.install}`, "
-                f"or remove {name} from `train.report_to` (`train.report_to=[]` keeps only metrics.jsonl).")
+# name -> the class implementing it (names, packages and install commands: alignkit.registries.trackers)
+BACKENDS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker, "mlflow": MlflowTracker}
 
 
 def start(names, run_dir: Path, config: dict, resume_step: int | None) -> list:
@@ -343,14 +289,14 @@ def start(names, run_dir: Path, config: dict, resume_step: int | None) -> list:
     started = []
     try:
         for name in names:
-            tracker = BACKENDS[name].cls()
+            tracker = BACKENDS[name]()
             where = tracker.start(Path(run_dir), config, resume_step)
             started.append(tracker)
             print(f"alignkit: {name} logs to {where}", flush=True)
     except ImportError as e:  # a package that find_spec saw but that does not import
         close_all(started)
         raise ConfigError(f"`train.report_to`: {name} could not be imported ({e}); reinstall it with "
-                          f"`{BACKENDS[name].install}`.") from e
+                          f"`{TRACKERS[name].install}`.") from e
     except BaseException:
         close_all(started)
         raise

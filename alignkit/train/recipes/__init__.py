@@ -1,1 +1,1 @@
-"""One module per recipe; `alignkit.train.registry` maps names to them."""
+"""One module per recipe; `alignkit.registries.recipes` maps names to them."""

@@ -35,7 +35,8 @@ from alignkit.logprobs import scored_hidden
 from alignkit.losses import online as rl
 from alignkit.losses.combine import apply_terms, resolve_terms
 from alignkit.models import backbone_and_head, load_model, load_tokenizer
-from alignkit.train.rollouts import OnlineRecipe, Rollout, rollout_metrics
+from alignkit.train.online import MethodBase, OnlineRecipe
+from alignkit.train.rollouts import Rollout, rollout_metrics
 
 # What the `distill` losses may read (their positional parameters), each [N, V] log-probabilities.
 INPUTS = ("student_logps", "teacher_logps", "teacher_ref_logps")
@@ -54,7 +55,7 @@ def tokenizer_mismatch(a, b) -> str | None:
     return None
 
 
-class DistillRecipe(OnlineRecipe):
+class Distill(MethodBase):
     name = "distill"
 
     def __init__(self, cfg, tokenizer):
@@ -62,8 +63,9 @@ class DistillRecipe(OnlineRecipe):
             raise ConfigError("recipe distill learns from a teacher: set `teacher.name_or_path` to a causal LM with "
                               "the student's tokenizer, e.g. "
                               "`teacher.name_or_path=HuggingFaceTB/SmolLM2-360M-Instruct`.")
-        super().__init__(cfg, tokenizer)
-        self.has_reward = self.reward is not None  # without one, the reward metrics are left out (`score`)
+        super().__init__(cfg)
+        self.tokenizer = tokenizer
+        self.has_reward = cfg.online.rewards is not None  # without one, the reward metrics are left out (`visible`)
         self.terms = resolve_terms(cfg.loss, cfg.losses, data="distill")
         for t in self.terms:
             unknown = [n for n in t.spec.inputs if n not in INPUTS]
@@ -100,8 +102,7 @@ class DistillRecipe(OnlineRecipe):
 
     # -- models ----------------------------------------------------------------------------------
 
-    def setup(self, model, data, ctx):
-        out = super().setup(model, data, ctx)
+    def setup(self, model, out, ctx):
         t = self.cfg.teacher
         self.teacher = self.load_frozen(t.name_or_path, ctx.device)
         self.teacher_ref = self.load_frozen(t.reference, ctx.device) if self.uses_ref else None
@@ -127,15 +128,10 @@ class DistillRecipe(OnlineRecipe):
 
     # -- rollouts --------------------------------------------------------------------------------
 
-    def score(self, model, items, split, params, seed, sync=True):
-        samples, rewards, metrics = super().score(model, items, split, params, seed, sync)
-        if not self.has_reward:
-            metrics = {k: v for k, v in metrics.items() if not k.startswith(("reward", "zero_variance"))}
-        return samples, rewards, metrics
-
-    def select(self, samples, rewards, metrics):
-        p, n = rewards.shape
-        return list(range(p)), [list(range(n))] * p
+    def visible(self, metrics: dict) -> dict:
+        if self.has_reward:
+            return metrics
+        return {k: v for k, v in metrics.items() if not k.startswith(("reward", "zero_variance"))}
 
     def fill(self, model, rollout: Rollout, rewards, picks) -> None:
         """Nothing to precompute: the teacher scores each batch when it is trained on (it is frozen, so
@@ -145,7 +141,7 @@ class DistillRecipe(OnlineRecipe):
 
     def loss(self, model, rollout: Rollout, split: str):
         if rollout.batch is None:
-            return self.empty(rollout.metrics)
+            return self.recipe.empty(rollout.metrics)
         per_token, segs, token_metrics = self.positions(model, rollout.batch)
         metrics = {**rollout.metrics, **token_metrics}
         sampled = metrics.pop("sampled_logps")
@@ -216,23 +212,24 @@ class DistillRecipe(OnlineRecipe):
         """On each held-out prompt's greedy reply (deterministic, so steps compare): the loss (the
         run's aggregation), and token means of `teacher_kl`, `entropy` and the terms' metrics; the
         reward too when `online.rewards` is given. Each process answers its share of the prompts."""
-        mine = self.ctx.shard(items)
+        recipe = self.recipe
+        mine = recipe.ctx.shard(items)
         samples, rewards, parts, sums = [], torch.zeros(0, 1), {}, {}
         if mine:
-            greedy = self.params.but(temperature=0.0, n=1)
-            samples, rewards, parts, _ = self.sample_and_reward(model, mine, "eval", greedy, self.cfg.seed)
+            greedy = recipe.params.but(temperature=0.0, n=1)
+            samples, rewards, parts, _ = recipe.sample_and_reward(model, mine, "eval", greedy, self.cfg.seed)
             groups = [TokenizedGroup(it.prompt_ids, [g[0].token_ids], j)
                       for j, (it, g) in enumerate(zip(mine, samples))]
             batch = collate_packed_groups(groups, self.tokenizer.pad_token_id, self.cfg.train.pack_tokens)
             batch = batch.to(next(model.parameters()).device)
-            with self.ctx.full_params(model):
+            with recipe.ctx.full_params(model):
                 per_token, segs, metrics = self.positions(model, batch)
             agg, n = self.cfg.online.aggregation, batch.num_segments
             metrics.pop("sampled_logps")
             sums = {"loss": float(rl.aggregate_sum(per_token, segs, n, agg, self.cfg.generation.max_new_tokens)),
                     "loss_weight": float(rl.aggregation_weight(segs, n, agg)), "tokens": float(per_token.numel()),
                     **{k: float(v.double().sum()) for k, v in metrics.items()}}
-        shares = self.ctx.gather_objects((samples, rewards, parts, sums))
+        shares = recipe.ctx.gather_objects((samples, rewards, parts, sums))
         samples = [g for share in shares for g in share[0]]
         rewards = torch.cat([share[1] for share in shares])
         parts = {k: [v for share in shares for v in share[2].get(k, [])] for k in {k for s in shares for k in s[2]}}
@@ -247,5 +244,9 @@ class DistillRecipe(OnlineRecipe):
     def show_example(self, data, index: int) -> str:
         item = data.train[index]
         return ("prompt (what the student continues):\n" + self.tokenizer.decode(item.prompt_ids)
-                + f"\n\n(+ {self.params.n} completions sampled per step from the student; the teacher "
+                + f"\n\n(+ {self.recipe.params.n} completions sampled per step from the student; the teacher "
                 f"{self.cfg.teacher.name_or_path} scores every completion position with its next-token distribution)")
+
+
+def build(cfg, tokenizer) -> OnlineRecipe:
+    return OnlineRecipe(cfg, tokenizer, Distill(cfg, tokenizer))

@@ -19,21 +19,36 @@ from alignkit.generation.cache import cached_samples
 from alignkit.generation.decode import sampling_params
 from alignkit.logprob_passes import segment_table
 from alignkit.logprobs import segment_logps
-from alignkit.train.base import SetupContext
-from alignkit.train.recipes.dpo import PreferenceRecipe
+from alignkit.train.base import OfflineRecipe, SetupContext
+from alignkit.train.recipes.dpo import PreferenceLosses
 
 
-class NegativeRecipe(PreferenceRecipe):
+def group_reference_inputs(table: torch.Tensor) -> dict:
+    """[B, 1 + K] reference log-probs: the negative, then the K samples."""
+    return {"ref_rejected_logps": table[:, 0], "ref_sample_logps": table[:, 1:]}
+
+
+class NegativeRecipe(OfflineRecipe):
     name = "negative"
-    data = "negative"
     pack, pad = collate_packed_groups, collate_groups
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
+        self.losses = PreferenceLosses(cfg, "negative", group_reference_inputs)
         self.sample_files = {}  # split -> cache file of the sampled completions
 
+    @property
+    def needs_reference(self) -> bool:
+        return self.losses.needs_reference
+
+    def state_dict(self) -> dict:
+        return self.losses.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.load_state_dict(state)
+
     def prepare(self) -> PreparedData:
-        train, held, notes = load_examples(self.cfg, load_negative_examples)
+        train, held, notes = load_examples(self.cfg.data, self.cfg.seed, load_negative_examples)
         notes.append(f"{self.cfg.generation.num_samples} completions per prompt will be sampled from the "
                      "initial model (generation.num_samples)")
         return PreparedData(train, held, notes, sources=example_sources(train, held))
@@ -58,7 +73,7 @@ class NegativeRecipe(PreferenceRecipe):
             notes.append(f"{split}: {len(examples)} prompts x {g.num_samples} samples (in {path}); "
                          + stats.summary(d.max_length))
         grouped = data.replace(out["train"], out["eval"], notes)
-        super().setup(model, grouped, ctx)
+        super().setup(model, grouped, ctx)  # the reference log-probs of the groups
         return grouped
 
     def loss(self, model, batch: TokenBatch, split: str):
@@ -67,13 +82,10 @@ class NegativeRecipe(PreferenceRecipe):
         counts = segment_table(out.counts, batch.num_examples)
         inputs = {"policy_rejected_logps": logps[:, 0], "policy_sample_logps": logps[:, 1:],
                   "rejected_counts": counts[:, 0]}
-        per_example, metrics = self.apply_losses(model, batch, split, inputs)
+        per_example, metrics = self.losses.apply(self, model, batch, split, inputs)
         metrics["logps/rejected"] = logps[:, 0].detach()
         metrics["logps/samples"] = logps[:, 1:].mean(dim=1).detach()
         return per_example.sum(), metrics
-
-    def reference_inputs(self, table: torch.Tensor) -> dict:
-        return {"ref_rejected_logps": table[:, 0], "ref_sample_logps": table[:, 1:]}
 
     def show_example(self, data: PreparedData, index: int) -> str:
         """The negative as training scores it (the samples come from the model when training starts)."""

@@ -31,15 +31,17 @@ from alignkit.losses.combine import resolve_terms
 from alignkit.losses.online import aggregate_sum, aggregation_weight
 from alignkit.models import apply_lora, disable_dropout, load_model, transformer_blocks
 from alignkit.train.base import OptimSettings, SetupContext, Trainable
-from alignkit.train.rollouts import OnlineRecipe, Rollout, policy_gradient, token_segments
+from alignkit.train.online import MethodBase, OnlineRecipe
+from alignkit.train.rollouts import Rollout, policy_gradient, token_segments
 
 
-class PPORecipe(OnlineRecipe):
+class PPO(MethodBase):
     name = "ppo"
 
     def __init__(self, cfg, tokenizer):
-        super().__init__(cfg, tokenizer)
+        super().__init__(cfg)
         p = cfg.ppo
+        self.tokenizer = tokenizer
         self.iterations = p.epochs * p.minibatches  # optimizer steps per rollout
         self.uses_reference = cfg.online.kl_coef > 0
         (self.policy_loss,) = resolve_terms(cfg.loss, [], data="rollout")
@@ -49,8 +51,7 @@ class PPORecipe(OnlineRecipe):
         self._minibatch = None  # ((rollout key, update), (batch, token mask)) of the current update
         self.ptx = []  # tokenized SFT examples for the ptx term
 
-    def prepare(self):
-        data = super().prepare()
+    def prepare(self, data):
         p, d = self.cfg.ppo, self.cfg.data
         if p.ptx_coef > 0:
             loaded = formats.load_sft_examples(p.ptx_data, on_bad_record=d.on_bad_record)
@@ -82,12 +83,8 @@ class PPORecipe(OnlineRecipe):
             value = apply_lora(value, self.cfg.lora)
         return value
 
-    def sampling_models(self, model) -> tuple:
-        return (model, self.value_model)
-
-    def select(self, samples, rewards, metrics):
-        p, n = rewards.shape
-        return list(range(p)), [list(range(n))] * p
+    def sampling_models(self) -> tuple:
+        return (self.value_model,)
 
     @torch.no_grad()
     def fill(self, model, rollout: Rollout, rewards: torch.Tensor, picks: list) -> None:
@@ -99,13 +96,13 @@ class PPORecipe(OnlineRecipe):
         diff = (rollout.old_logps - rollout.generator_logps).abs()  # same weights: must agree
         rollout.metrics.update(logprob_mismatch=diff.mean(), logprob_mismatch_max=diff.max())
         kl = torch.zeros_like(rollout.old_logps)
-        if self.reference is not None:
-            rollout.ref = self.reference.segment(batch, t.logprob_chunk_size)
+        if self.recipe.reference is not None:
+            rollout.ref = self.recipe.reference.segment(batch, t.logprob_chunk_size)
             kl = P.kl_per_token(rollout.old_logps, in_segment_order(rollout.ref)[0], estimator=o.kl_estimator)
         values, value_segs = token_values(self.value_model, batch)
         rollout.old_values = values[torch.argsort(value_segs, stable=True)]
         seq_rewards = rewards.t().reshape(-1).to(device)  # [S]: segment of sample k of prompt j is k * P' + j
-        self.moments.update(self.ctx.gather(seq_rewards))  # every process's rewards: the statistics stay global
+        self.moments.update(self.recipe.ctx.gather(seq_rewards))  # every process's rewards: the statistics stay global
         if p.normalize_rewards:
             seq_rewards = P.normalize_rewards(seq_rewards, self.moments.mean, self.moments.std, clip=p.reward_clip)
         elif p.reward_clip > 0:
@@ -113,7 +110,7 @@ class PPORecipe(OnlineRecipe):
         token_rewards, shaped = P.kl_shaped_rewards(seq_rewards, kl, segs, num, kl_coef=o.kl_coef)
         advantages, rollout.returns = P.gae(token_rewards, rollout.old_values, segs, num, gamma=p.gamma, lam=p.lam)
         # whitened over the whole rollout, every process's tokens included
-        rollout.advantages = P.whiten(advantages, over=self.ctx.gather(advantages)) if p.whiten_advantages \
+        rollout.advantages = P.whiten(advantages, over=self.recipe.ctx.gather(advantages)) if p.whiten_advantages \
             else advantages
         rollout.metrics.update({
             "kl": kl.mean(), "reward_normalized": seq_rewards.mean(),
@@ -147,7 +144,7 @@ class PPORecipe(OnlineRecipe):
     def loss(self, model, rollout: Rollout, split: str):
         o, c = self.cfg.online, self.cfg.critic
         batch, keep = self.minibatch(rollout)
-        out, logps, segs, metrics = self.policy(model, rollout, batch=batch)
+        out, logps, segs, metrics = self.recipe.policy(model, rollout, batch=batch)
         pg, pg_metrics = policy_gradient(self.policy_loss, logps, rollout.old_logps[keep], rollout.advantages[keep],
                                          segs, batch.num_segments, o.aggregation, self.cfg.generation.max_new_tokens,
                                          sampler_logps=rollout.generator_logps[keep], tis_cap=o.tis_cap)
@@ -180,8 +177,11 @@ class PPORecipe(OnlineRecipe):
         return -out.logps.sum() / out.counts.sum().clamp(min=1)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "moments": self.moments.state_dict()}
+        return {"moments": self.moments.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
         self.moments.load_state_dict(state["moments"])
+
+
+def build(cfg, tokenizer) -> OnlineRecipe:
+    return OnlineRecipe(cfg, tokenizer, PPO(cfg, tokenizer))

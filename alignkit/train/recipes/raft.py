@@ -8,14 +8,15 @@ import torch
 
 from alignkit.losses import online as rl
 from alignkit.losses.combine import apply_terms, resolve_terms
-from alignkit.train.rollouts import OnlineRecipe, Rollout
+from alignkit.train.online import MethodBase, OnlineRecipe
+from alignkit.train.rollouts import Rollout
 
 
-class RAFTRecipe(OnlineRecipe):
+class BestOfK(MethodBase):
     name = "raft"
 
-    def __init__(self, cfg, tokenizer):
-        super().__init__(cfg, tokenizer)
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.terms = resolve_terms(cfg.loss, [], data="sft")
 
     def select(self, samples, rewards, metrics):
@@ -28,11 +29,15 @@ class RAFTRecipe(OnlineRecipe):
 
     def loss(self, model, rollout: Rollout, split: str):
         if rollout.batch is None:
-            return self.empty(rollout.metrics)
-        out, _, _, metrics = self.policy(model, rollout)
+            return self.recipe.empty(rollout.metrics)
+        out, _, _, metrics = self.recipe.policy(model, rollout)
         per_example, sft_metrics = apply_terms(self.terms, {"policy_logps": out.logps, "counts": out.counts})
         # token-mean NLL, as SFT: the sum here, divided by the step's tokens (`weight`)
         return per_example.sum(), {**metrics, **{k: v.float().mean() for k, v in sft_metrics.items()}}
 
     def weight(self, rollout: Rollout) -> int:
         return rollout.batch.num_scored if rollout.batch is not None else 0
+
+
+def build(cfg, tokenizer) -> OnlineRecipe:
+    return OnlineRecipe(cfg, tokenizer, BestOfK(cfg))

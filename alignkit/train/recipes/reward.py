@@ -43,7 +43,7 @@ class RewardRecipe(OfflineRecipe):
     def prepare(self) -> PreparedData:
         loader = functools.partial(load_reward_examples, objectives=tuple(self.reward_names),
                                    use_margin=self.cfg.reward.use_margin)
-        train, held, notes = load_examples(self.cfg, loader)
+        train, held, notes = load_examples(self.cfg.data, self.cfg.seed, loader)
         d = self.cfg.data
         out = []
         if self.pad_note:

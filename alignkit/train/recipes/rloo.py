@@ -1,19 +1,14 @@
-"""`recipe: rloo`: GRPO's machinery with the leave-one-out baseline instead of the group's mean and
-std (REINFORCE Leave-One-Out, Ahmadian et al., Back to Basics, arXiv 2402.14740)."""
+"""`recipe: rloo`: every sample, the leave-one-out baseline instead of the group's mean and std,
+through the same clipped policy loss as GRPO (REINFORCE Leave-One-Out, Ahmadian et al., Back to
+Basics, arXiv 2402.14740). The whole method is this composition: a new online method is one such
+file and its line in `alignkit.registries.recipes`."""
 
 from __future__ import annotations
 
-import torch
-
 from alignkit.losses import online as rl
-from alignkit.train.recipes.grpo import GRPORecipe
+from alignkit.train.online import OnlineRecipe, PolicyGradient, SequenceAdvantages, unscaled
 
 
-class RLOORecipe(GRPORecipe):
-    name = "rloo"
-
-    def sequence_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        return rl.rloo_advantages(rewards)
-
-    def advantage_scale(self, rewards: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(rewards[:, :1])  # r_i minus the others' mean: no scaling
+def build(cfg, tokenizer) -> OnlineRecipe:
+    # r_i minus the mean of the group's other rewards: no rescaling
+    return OnlineRecipe(cfg, tokenizer, PolicyGradient(cfg, "rloo", SequenceAdvantages(rl.rloo_advantages, unscaled)))

@@ -22,7 +22,7 @@ class SFTRecipe(OfflineRecipe):
         self.terms = resolve_terms(cfg.loss, cfg.losses, data="sft")
 
     def prepare(self) -> PreparedData:
-        return prepare_data(self.cfg, self.tokenizer, formats.load_sft_examples, tokenize_sft)
+        return prepare_data(self.cfg.data, self.cfg.seed, self.tokenizer, formats.load_sft_examples, tokenize_sft)
 
     def weight(self, batch: TokenBatch) -> int:
         return batch.num_scored  # token-mean: each completion token weighs the same

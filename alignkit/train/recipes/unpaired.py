@@ -11,24 +11,41 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.batching import TokenBatch
+from alignkit.data.batching import TokenBatch, collate_packed_groups, collate_pairs
 from alignkit.data.splits import PreparedData, example_sources, load_examples
 from alignkit.data.tokenize import explain
 from alignkit.data.unpaired import load_unpaired_examples, tokenize_unpaired
 from alignkit.logprobs import segment_logps
-from alignkit.train.recipes.dpo import PreferenceRecipe
+from alignkit.train.base import OfflineRecipe
+from alignkit.train.recipes.dpo import PreferenceLosses
 
 
-class UnpairedRecipe(PreferenceRecipe):
+def unpaired_reference_inputs(table: torch.Tensor) -> dict:
+    return {"ref_logps": table[:, 0], "ref_kl_logps": table[:, 1]}
+
+
+class UnpairedRecipe(OfflineRecipe):
     name = "unpaired"
-    data = "unpaired"
+    pack, pad = collate_packed_groups, collate_pairs
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
+        self.losses = PreferenceLosses(cfg, "unpaired", unpaired_reference_inputs, self.kl_anchor_inputs)
+        self.terms = self.losses.terms
         self.labels = {}  # split -> bool tensor by example index
 
+    @property
+    def needs_reference(self) -> bool:
+        return self.losses.needs_reference
+
+    def state_dict(self) -> dict:
+        return self.losses.state_dict()  # BCO's running reward shift
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.load_state_dict(state)
+
     def prepare(self) -> PreparedData:
-        train, held, notes = load_examples(self.cfg, load_unpaired_examples)
+        train, held, notes = load_examples(self.cfg.data, self.cfg.seed, load_unpaired_examples)
         d = self.cfg.data
         out = []
         for split, examples in (("train", train), ("eval", held)):
@@ -46,7 +63,7 @@ class UnpairedRecipe(PreferenceRecipe):
         b = batch.num_examples
         inputs = {"policy_logps": out.logps[:b], "policy_kl_logps": out.logps[b:].detach(),
                   "counts": out.counts[:b], "labels": self.labels[split][batch.example_ids].to(out.logps.device)}
-        per_example, metrics = self.apply_losses(model, batch, split, inputs)
+        per_example, metrics = self.losses.apply(self, model, batch, split, inputs)
         good = inputs["labels"]
         metrics["logps/desirable"] = out.logps[:b][good].detach()
         metrics["logps/undesirable"] = out.logps[:b][~good].detach()
@@ -55,10 +72,7 @@ class UnpairedRecipe(PreferenceRecipe):
             metrics["rewards/undesirable"] = metrics["rewards"][~good]
         return per_example.sum(), metrics
 
-    def reference_inputs(self, table: torch.Tensor) -> dict:
-        return {"ref_logps": table[:, 0], "ref_kl_logps": table[:, 1]}
-
-    def extra_inputs(self, inputs: dict, split: str) -> dict:
+    def kl_anchor_inputs(self, inputs: dict, split: str) -> dict:
         """In training, KTO's KL anchor z0 is a mean over the whole global micro-batch (every
         process's mismatched pairs, as one process with all of them computes it; TRL also gathers
         it across ranks). Evaluation keeps each batch's own (processes evaluate different numbers
