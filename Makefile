@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install sandbox browser demo test clean
+.PHONY: install sandbox browser demo lint test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "note: chromium not installed; the report-rendering test will skip"; }
 
-test: install browser
+# Ruff (lint and format, settings in pyproject.toml) over the whole tree.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install browser lint
 	# two workers, whole files each (a file's module fixtures, e.g. one vLLM engine, start once)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 

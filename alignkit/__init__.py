@@ -11,9 +11,16 @@ imports from this package root (the version lives in `alignkit.version`).
 
 from alignkit.version import __version__  # noqa: F401
 
-_LAZY = {"RunConfig": "alignkit.config", "load_config": "alignkit.config", "AlignkitError": "alignkit.errors",
-         "ConfigError": "alignkit.errors", "DataError": "alignkit.errors", "ModelError": "alignkit.errors",
-         "RunResult": "alignkit.train.loop", "train": "alignkit.api"}
+_LAZY = {
+    "RunConfig": "alignkit.config",
+    "load_config": "alignkit.config",
+    "AlignkitError": "alignkit.errors",
+    "ConfigError": "alignkit.errors",
+    "DataError": "alignkit.errors",
+    "ModelError": "alignkit.errors",
+    "RunResult": "alignkit.train.loop",
+    "train": "alignkit.api",
+}
 
 __all__ = [*_LAZY, "__version__"]
 

@@ -23,9 +23,20 @@ def write_report(run_dir) -> Path:
     return path
 
 
-def train(cfg: RunConfig, resume: bool = False, progress: bool = True, resume_from: str | None = None,
-          allow_config_change: bool = False) -> RunResult:
+def train(
+    cfg: RunConfig,
+    resume: bool = False,
+    progress: bool = True,
+    resume_from: str | None = None,
+    allow_config_change: bool = False,
+) -> RunResult:
     """`alignkit.train.loop.train` (see there), then the report: written when the run ends and when a
     health rule stops it, and handed to every tracker of `train.report_to`."""
-    return train_loop(cfg, resume=resume, progress=progress, resume_from=resume_from,
-                      allow_config_change=allow_config_change, finish=write_report)
+    return train_loop(
+        cfg,
+        resume=resume,
+        progress=progress,
+        resume_from=resume_from,
+        allow_config_change=allow_config_change,
+        finish=write_report,
+    )

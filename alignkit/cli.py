@@ -22,8 +22,19 @@ from alignkit.errors import AlignkitError
 from alignkit.version import __version__
 
 # Each module has `register(sub)`, which adds its subcommand(s) and sets `fn` to the handler.
-COMMANDS = ("train", "data", "losses", "eval", "generate", "steer", "fit_value", "vllm_serve", "export", "report",
-            "demo")
+COMMANDS = (
+    "train",
+    "data",
+    "losses",
+    "eval",
+    "generate",
+    "steer",
+    "fit_value",
+    "vllm_serve",
+    "export",
+    "report",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,10 +22,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from alignkit.errors import ConfigError
-from alignkit.suggest import closest
 from alignkit.registries import recipes as registry
 from alignkit.registries.health import check_rule_names
 from alignkit.registries.trackers import check_names as check_trackers
+from alignkit.suggest import closest
 
 
 @dataclass
@@ -418,20 +418,26 @@ def format_help(markdown: bool = False) -> str:
             out.append(f"| `{key}` | {kind} | `{default!r}` | {_read_by(key) or 'all'} | {doc} |")
         return "\n".join(out)
     out = ["Recipes:"]
-    out += [f"  {s.name:<11} {s.summary} (data: {s.data}; default loss: {s.default_loss})"
-            for s in registry.RECIPES.values()]
+    out += [
+        f"  {s.name:<11} {s.summary} (data: {s.data}; default loss: {s.default_loss})"
+        for s in registry.RECIPES.values()
+    ]
     out.append("\nConfig keys (YAML nesting or dotted key=value overrides):")
     for key, tp, default, doc in rows:
         kind = recipes if key == "recipe" else _type_name(tp)
         readers = _read_by(key)
-        out.append(f"  {key} ({kind}, default {default!r})" + (f"  [recipes: {readers}]" if readers else "")
-                   + f"\n      {doc}")
+        out.append(
+            f"  {key} ({kind}, default {default!r})" + (f"  [recipes: {readers}]" if readers else "") + f"\n      {doc}"
+        )
     return "\n".join(out)
 
 
 def recipe_table() -> str:
     """The README's recipe table, from the registry."""
-    out = ["| recipe | data | default loss | samples while training | what it trains |", "| --- | --- | --- | --- | --- |"]
+    out = [
+        "| recipe | data | default loss | samples while training | what it trains |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for s in registry.RECIPES.values():
         out.append(f"| `{s.name}` | {s.data} | `{s.default_loss}` | {'yes' if s.samples else 'no'} | {s.summary} |")
     return "\n".join(out)
@@ -461,8 +467,7 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
         near = by_leaf[leaf] if leaf else None
     hint = f" Did you mean `{near}`?" if near else ""
     return ConfigError(
-        f"{where}unknown config key `{key}`.{hint} "
-        "Run `alignkit train --help-config` for the list of keys."
+        f"{where}unknown config key `{key}`.{hint} Run `alignkit train --help-config` for the list of keys."
     )
 
 
@@ -485,9 +490,7 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(
-                f"{where}`{key}` must be one of {', '.join(map(str, choices))}; got {value!r}."
-            )
+            raise ConfigError(f"{where}`{key}` must be one of {', '.join(map(str, choices))}; got {value!r}.")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -504,9 +507,7 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
     else:
         ok = isinstance(value, expected)
     if not ok:
-        raise ConfigError(
-            f"{where}`{key}` must be a {expected.__name__}; got {value!r} ({type(value).__name__})."
-        )
+        raise ConfigError(f"{where}`{key}` must be a {expected.__name__}; got {value!r} ({type(value).__name__}).")
     return value
 
 
@@ -557,8 +558,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None,
-                saved: bool = False) -> RunConfig:
+def load_config(
+    path: str | None = None, overrides: list[str] = (), base: dict | None = None, saved: bool = False
+) -> RunConfig:
     """Build a RunConfig from an optional YAML file, then `key=value` overrides applied in order.
 
     `base` holds defaults that sit under the file (recipes and the demo use it). `saved`: the file is
@@ -618,10 +620,25 @@ def upgrade_saved(data: dict) -> dict:
 
 
 # Keys that moved; naming the new place beats "unknown key".
-MOVED = {"online.clip_low": "loss.clip_low", "online.clip_high": "loss.clip_high",
-         "train.tensorboard": "train.report_to"}
-_SECTIONS = ("model", "lora", "data", "train", "generation", "reward", "online", "critic", "ppo", "teacher", "dist",
-             "health")
+MOVED = {
+    "online.clip_low": "loss.clip_low",
+    "online.clip_high": "loss.clip_high",
+    "train.tensorboard": "train.report_to",
+}
+_SECTIONS = (
+    "model",
+    "lora",
+    "data",
+    "train",
+    "generation",
+    "reward",
+    "online",
+    "critic",
+    "ppo",
+    "teacher",
+    "dist",
+    "health",
+)
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:
@@ -647,8 +664,10 @@ def check_reads(cfg: RunConfig, where: str = "") -> None:
     if unread:
         keys = sorted(set(unread))
         lines = "; ".join(f"`{k}` ({', '.join(registry.readers(k)) or 'no recipe'} read it)" for k in keys)
-        raise ConfigError(f"{where}recipe {cfg.recipe} does not read {lines}. Remove {'them' if len(keys) > 1 else 'it'}: "
-                          "a setting with no effect would make the run look like something it is not.")
+        raise ConfigError(
+            f"{where}recipe {cfg.recipe} does not read {lines}. Remove {'them' if len(keys) > 1 else 'it'}: "
+            "a setting with no effect would make the run look like something it is not."
+        )
 
 
 def validate(cfg: RunConfig) -> None:
@@ -681,8 +700,9 @@ def validate(cfg: RunConfig) -> None:
     if t.forward_tokens is not None and t.forward_tokens <= 0:
         raise ConfigError(f"`train.forward_tokens` must be positive (or unset); got {t.forward_tokens}.")
     if t.max_tokens_per_batch is not None and t.max_tokens_per_batch <= 0:
-        raise ConfigError(f"`train.max_tokens_per_batch` must be positive (or unset to batch by count); "
-                          f"got {t.max_tokens_per_batch}.")
+        raise ConfigError(
+            f"`train.max_tokens_per_batch` must be positive (or unset to batch by count); got {t.max_tokens_per_batch}."
+        )
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"`train.warmup_ratio` must be in [0, 1); got {t.warmup_ratio}.")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
@@ -697,8 +717,14 @@ def validate(cfg: RunConfig) -> None:
     if cfg.model.freeze_layers < 0:
         raise ConfigError(f"`model.freeze_layers` must be >= 0; got {cfg.model.freeze_layers}.")
     objectives = cfg.reward.objectives
-    if not objectives or not all(isinstance(o, str) and o for o in objectives) or len(set(objectives)) != len(objectives):
-        raise ConfigError(f"`reward.objectives` must be distinct non-empty names, e.g. [helpful, harmless]; got {objectives!r}.")
+    if (
+        not objectives
+        or not all(isinstance(o, str) and o for o in objectives)
+        or len(set(objectives)) != len(objectives)
+    ):
+        raise ConfigError(
+            f"`reward.objectives` must be distinct non-empty names, e.g. [helpful, harmless]; got {objectives!r}."
+        )
     g = cfg.generation
     if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
         raise ConfigError(
@@ -716,25 +742,43 @@ def _check_env(cfg: RunConfig) -> None:
         defaults = dataclasses.asdict(EnvConfig())
         changed = [f"env.{k}" for k, v in dataclasses.asdict(e).items() if k != "name" and v != defaults[k]]
         if changed:
-            raise ConfigError(f"`{changed[0]}` has no effect without `env.name`: set env.name (e.g. env.name=calculator) "
-                              "or drop the key.")
+            raise ConfigError(
+                f"`{changed[0]}` has no effect without `env.name`: set env.name (e.g. env.name=calculator) "
+                "or drop the key."
+            )
         return
     if cfg.online.rewards is not None:
-        raise ConfigError("`online.rewards` has no effect with `env.name` set: the environment rewards each episode. "
-                          "Drop online.rewards (or score inside your environment's step).")
-    for key, bad, why in (("online.overlong_buffer", cfg.online.overlong_buffer, "a multi-turn episode's length is "
-                           "bounded by env.max_tokens"), ("generation.stop", bool(g.stop), "a model turn ends at its "
-                           "end-of-turn token"), ("generation.backend", g.backend == "vllm", "multi-turn episodes are "
-                           "sampled on alignkit's KV-cache sampler only (vLLM rollouts are single-turn for now)")):
+        raise ConfigError(
+            "`online.rewards` has no effect with `env.name` set: the environment rewards each episode. "
+            "Drop online.rewards (or score inside your environment's step)."
+        )
+    for key, bad, why in (
+        (
+            "online.overlong_buffer",
+            cfg.online.overlong_buffer,
+            "a multi-turn episode's length is bounded by env.max_tokens",
+        ),
+        ("generation.stop", bool(g.stop), "a model turn ends at its end-of-turn token"),
+        (
+            "generation.backend",
+            g.backend == "vllm",
+            "multi-turn episodes are "
+            "sampled on alignkit's KV-cache sampler only (vLLM rollouts are single-turn for now)",
+        ),
+    ):
         if bad:
             raise ConfigError(f"`{key}` cannot be used with `env.name`: {why}. Drop the key.")
     if e.sandbox not in ("bwrap", "none") and ":" not in str(e.sandbox):
-        raise ConfigError(f"`env.sandbox` must be `bwrap`, `none` (no isolation) or `file.py:Class`; got {e.sandbox!r}.")
+        raise ConfigError(
+            f"`env.sandbox` must be `bwrap`, `none` (no isolation) or `file.py:Class`; got {e.sandbox!r}."
+        )
     if e.max_turns < 1:
         raise ConfigError(f"`env.max_turns` must be >= 1; got {e.max_turns}.")
     if e.max_tokens is not None and not 0 < e.max_tokens < cfg.data.max_length:
-        raise ConfigError(f"`env.max_tokens` ({e.max_tokens}) must be positive and below `data.max_length` "
-                          f"({cfg.data.max_length}): the episode and its prompt are trained as one sequence.")
+        raise ConfigError(
+            f"`env.max_tokens` ({e.max_tokens}) must be positive and below `data.max_length` "
+            f"({cfg.data.max_length}): the episode and its prompt are trained as one sequence."
+        )
     if not 0 < e.gamma <= 1:
         raise ConfigError(f"`env.gamma` must be in (0, 1]; got {e.gamma}.")
     if e.tools is not None and (not isinstance(e.tools, list) or not all(isinstance(t, str) and t for t in e.tools)):
@@ -746,7 +790,12 @@ def _check_ranges(cfg: RunConfig) -> None:
     the model load and the reference pass) as a library traceback."""
     t, lo, o = cfg.train, cfg.lora, cfg.online
     rules = [
-        ("train.learning_rate", t.learning_rate, t.learning_rate > 0 and math.isfinite(t.learning_rate), "a positive number, e.g. 5e-6"),
+        (
+            "train.learning_rate",
+            t.learning_rate,
+            t.learning_rate > 0 and math.isfinite(t.learning_rate),
+            "a positive number, e.g. 5e-6",
+        ),
         ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
         ("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
         ("train.epochs", t.epochs, t.epochs > 0, "positive"),
@@ -754,7 +803,12 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("train.save_every", t.save_every, t.save_every >= 0, ">= 0 (0: only at the end)"),
         ("train.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 1, ">= 1 (resuming needs one)"),
         ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
-        ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size is None or t.eval_batch_size > 0, "positive (or unset)"),
+        (
+            "train.eval_batch_size",
+            t.eval_batch_size,
+            t.eval_batch_size is None or t.eval_batch_size > 0,
+            "positive (or unset)",
+        ),
         ("lora.r", lo.r, lo.r > 0, "positive"),
         ("lora.alpha", lo.alpha, lo.alpha > 0, "positive"),
         ("lora.dropout", lo.dropout, 0 <= lo.dropout < 1, "in [0, 1)"),
@@ -766,22 +820,34 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("dist.timeout_s", cfg.dist.timeout_s, cfg.dist.timeout_s > 0, "positive"),
         ("online.tis_cap", o.tis_cap, o.tis_cap == 0 or o.tis_cap >= 1, "0 (off) or at least 1"),
         ("online.dynamic_sampling_rounds", o.dynamic_sampling_rounds, o.dynamic_sampling_rounds >= 0, ">= 0"),
-        ("online.overlong_buffer", o.overlong_buffer,
-         0 <= o.overlong_buffer <= cfg.generation.max_new_tokens, f"between 0 (off) and generation.max_new_tokens "
-         f"({cfg.generation.max_new_tokens})"),
-        ("generation.vllm_kv_cache_gib", cfg.generation.vllm_kv_cache_gib, cfg.generation.vllm_kv_cache_gib is None or (
-            cfg.generation.vllm_kv_cache_gib > 0 and cfg.generation.vllm_gpu_memory_utilization is None),
-         "a positive size in GiB, and not together with generation.vllm_gpu_memory_utilization (set one)"),
-        ("generation.vllm_gpu_memory_utilization", cfg.generation.vllm_gpu_memory_utilization,
-         cfg.generation.vllm_gpu_memory_utilization is None or 0 < cfg.generation.vllm_gpu_memory_utilization < 1,
-         "between 0 and 1 (or unset)"),
+        (
+            "online.overlong_buffer",
+            o.overlong_buffer,
+            0 <= o.overlong_buffer <= cfg.generation.max_new_tokens,
+            f"between 0 (off) and generation.max_new_tokens ({cfg.generation.max_new_tokens})",
+        ),
+        (
+            "generation.vllm_kv_cache_gib",
+            cfg.generation.vllm_kv_cache_gib,
+            cfg.generation.vllm_kv_cache_gib is None
+            or (cfg.generation.vllm_kv_cache_gib > 0 and cfg.generation.vllm_gpu_memory_utilization is None),
+            "a positive size in GiB, and not together with generation.vllm_gpu_memory_utilization (set one)",
+        ),
+        (
+            "generation.vllm_gpu_memory_utilization",
+            cfg.generation.vllm_gpu_memory_utilization,
+            cfg.generation.vllm_gpu_memory_utilization is None or 0 < cfg.generation.vllm_gpu_memory_utilization < 1,
+            "between 0 and 1 (or unset)",
+        ),
     ]
     for key, value, ok, want in rules:
         if not ok:
             raise ConfigError(f"`{key}` must be {want}; got {value!r}.")
     if o.dynamic_sampling_rounds != OnlineConfig.dynamic_sampling_rounds and not o.dynamic_sampling:
-        raise ConfigError("`online.dynamic_sampling_rounds` has no effect while `online.dynamic_sampling` is false; "
-                          "set online.dynamic_sampling=true or drop the key.")
+        raise ConfigError(
+            "`online.dynamic_sampling_rounds` has no effect while `online.dynamic_sampling` is false; "
+            "set online.dynamic_sampling=true or drop the key."
+        )
     if len(t.adam_betas) == 2 and not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"`train.adam_betas` must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {t.adam_betas}.")
 
@@ -791,8 +857,10 @@ def _check_health(cfg: RunConfig) -> None:
     h, stop_on = cfg.health, cfg.train.stop_on
     check_rule_names(stop_on)
     if stop_on and not h.enabled:
-        raise ConfigError(f"`train.stop_on` is {stop_on} but `health.enabled` is false, so no rule would run; "
-                          "set health.enabled=true or empty train.stop_on.")
+        raise ConfigError(
+            f"`train.stop_on` is {stop_on} but `health.enabled` is false, so no rule would run; "
+            "set health.enabled=true or empty train.stop_on."
+        )
     rules = [
         ("health.warmup_steps", h.warmup_steps, h.warmup_steps >= 0, ">= 0"),
         ("health.window", h.window, h.window >= 3, ">= 3 (a trend needs points)"),

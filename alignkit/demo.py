@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from alignkit import demo_task, jsonfile
+from alignkit.api import train
 from alignkit.config import ModelConfig, load_config
 from alignkit.eval.stats import paired_bootstrap
 from alignkit.generation import SamplingParams, generate
 from alignkit.models import DEFAULT_MODEL, default_model_dir, load_model, load_tokenizer
 from alignkit.report import build_report
 from alignkit.report.inputs import write_before_after
-from alignkit.api import train
 
 N_TRAIN = 96  # training requests; each usable reply gives two pairs (fix, misplace)
 N_HELDOUT = 200  # held-out prompts: enough for a paired interval of about +-6 points
@@ -42,9 +42,16 @@ CONSTRAINT_LABELS = {"start_word": "begin with a word", "end_phrase": "end with 
 
 # DPO settings for the demo (measured; see README "The demo").
 TRAIN_OVERRIDES = [
-    "recipe=dpo", "losses=[{name: dpo, beta: 0.1, weight: 1.0}, {name: sft, weight: 1.0}]",
-    "train.learning_rate=1e-5", "train.batch_size=8", "train.max_steps=16", "train.warmup_ratio=0.1",
-    "train.lr_schedule=cosine", "data.eval_fraction=0", "data.max_length=192", "train.report_to=[]",
+    "recipe=dpo",
+    "losses=[{name: dpo, beta: 0.1, weight: 1.0}, {name: sft, weight: 1.0}]",
+    "train.learning_rate=1e-5",
+    "train.batch_size=8",
+    "train.max_steps=16",
+    "train.warmup_ratio=0.1",
+    "train.lr_schedule=cosine",
+    "data.eval_fraction=0",
+    "data.max_length=192",
+    "train.report_to=[]",
 ]
 
 
@@ -74,8 +81,9 @@ def _write_pairs(path: Path, items: list, replies: list) -> tuple[int, int]:
     """Write the pairs as ordinary alignkit preference data; return (pairs, requests skipped)."""
     pairs = demo_task.build_pairs(items, replies)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"prompt": p.messages, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
-                            for p in pairs))
+    path.write_text(
+        "".join(json.dumps({"prompt": p.messages, "chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in pairs)
+    )
     used = sum(demo_task.usable_reply(i, r) for i, r in zip(items, replies))
     return len(pairs), len(items) - used
 
@@ -109,13 +117,23 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, progress: bool = True
         plain_before = _replies(model, tok, [i.plain_messages() for i in plain], progress, "no instruction (before)")
     del model
     n_pairs, n_skipped = _write_pairs(out / "data" / "train_pairs.jsonl", train_items, train_replies)
-    print(f"demo: {n_pairs} preference pairs from {len(train_items)} training requests "
-          f"({n_skipped} skipped: reply cut off, repetitive, too short or already compliant)", flush=True)
+    print(
+        f"demo: {n_pairs} preference pairs from {len(train_items)} training requests "
+        f"({n_skipped} skipped: reply cut off, repetitive, too short or already compliant)",
+        flush=True,
+    )
 
     with timer("DPO training"):
-        cfg = load_config(None, TRAIN_OVERRIDES + [
-            f"model.name_or_path={model_dir}", f"data.train={out / 'data' / 'train_pairs.jsonl'}",
-            f"output_dir={out / 'run'}", f"seed={seed}"])
+        cfg = load_config(
+            None,
+            TRAIN_OVERRIDES
+            + [
+                f"model.name_or_path={model_dir}",
+                f"data.train={out / 'data' / 'train_pairs.jsonl'}",
+                f"output_dir={out / 'run'}",
+                f"seed={seed}",
+            ],
+        )
         result = train(cfg, progress=progress)
     with timer("replies after training"):
         fcfg = ModelConfig(name_or_path=str(result.final_dir))
@@ -124,20 +142,29 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, progress: bool = True
         plain_after = _replies(model, tok, [i.plain_messages() for i in plain], progress, "no instruction (after)")
 
     before, after = _score(heldout, before_replies), _score(heldout, after_replies)
-    unasked = {"before": sum(map(demo_task.adds_unasked, plain_before)) / len(plain),
-               "after": sum(map(demo_task.adds_unasked, plain_after)) / len(plain)}
+    unasked = {
+        "before": sum(map(demo_task.adds_unasked, plain_before)) / len(plain),
+        "after": sum(map(demo_task.adds_unasked, plain_after)) / len(plain),
+    }
     ci = paired_bootstrap(before["passed"], after["passed"], seed=seed)
     report = {
         "metric": "instruction_following",
         "model": DEFAULT_MODEL,
         "heldout_n": ci.n,
-        "before": ci.before, "after": ci.after, "diff": ci.diff, "ci95": [ci.lo, ci.hi],
-        "improved": ci.improved, "worsened": ci.worsened,
+        "before": ci.before,
+        "after": ci.after,
+        "diff": ci.diff,
+        "ci95": [ci.lo, ci.hi],
+        "improved": ci.improved,
+        "worsened": ci.worsened,
         "by_constraint": {"before": before["by_constraint"], "after": after["by_constraint"]},
         "mentions_topic": {"before": before["mentions_topic"], "after": after["mentions_topic"]},
         "unasked_formatting": unasked,
-        "pairs": n_pairs, "train_steps": result.steps, "seed": seed,
-        "times_s": timer.times, "total_s": round(time.perf_counter() - start, 1),
+        "pairs": n_pairs,
+        "train_steps": result.steps,
+        "seed": seed,
+        "times_s": timer.times,
+        "total_s": round(time.perf_counter() - start, 1),
         "aligned_model": str(result.final_dir),
         "before_after": before_after_section(heldout, before, after, unasked, len(plain), seed),
     }
@@ -149,8 +176,17 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, progress: bool = True
 
 def _row(label: str, before: list, after: list, seed: int, **extra) -> dict:
     ci = paired_bootstrap(before, after, seed=seed)
-    return {"label": label, "before": ci.before, "after": ci.after, "diff": ci.diff, "ci95": [ci.lo, ci.hi],
-            "n": ci.n, "improved": ci.improved, "worsened": ci.worsened, **extra}
+    return {
+        "label": label,
+        "before": ci.before,
+        "after": ci.after,
+        "diff": ci.diff,
+        "ci95": [ci.lo, ci.hi],
+        "n": ci.n,
+        "improved": ci.improved,
+        "worsened": ci.worsened,
+        **extra,
+    }
 
 
 def before_after_section(items: list, before: dict, after: dict, unasked: dict, n_plain: int, seed: int) -> dict:
@@ -161,19 +197,37 @@ def before_after_section(items: list, before: dict, after: dict, unasked: dict, 
     for c in demo_task.CONSTRAINTS:
         idx = [k for k, item in enumerate(items) if item.constraint == c]
         if idx:
-            rows.append(_row(CONSTRAINT_LABELS.get(c, c), [before["passed"][k] for k in idx],
-                             [after["passed"][k] for k in idx], seed))
+            rows.append(
+                _row(
+                    CONSTRAINT_LABELS.get(c, c),
+                    [before["passed"][k] for k in idx],
+                    [after["passed"][k] for k in idx],
+                    seed,
+                )
+            )
     rows.append(_row("all", before["passed"], after["passed"], seed, overall=True))
-    return {"alignkit_before_after": 1, "title": "Held-out instruction following",
-            "description": f"Pass rate on {len(items)} held-out prompts whose topics, words and phrases never appear "
-                           "in training, each reply judged by code (`alignkit.demo_task.judge`); greedy decoding "
-                           "before and after; 95% paired bootstrap intervals over prompts.",
-            "rows": rows,
-            "side_checks": [
-                {"label": "reply mentions its topic", "before": before["mentions_topic"],
-                 "after": after["mentions_topic"], "n": len(items)},
-                {"label": "unasked reformatting (requests without an instruction)", "before": unasked["before"],
-                 "after": unasked["after"], "n": n_plain}]}
+    return {
+        "alignkit_before_after": 1,
+        "title": "Held-out instruction following",
+        "description": f"Pass rate on {len(items)} held-out prompts whose topics, words and phrases never appear "
+        "in training, each reply judged by code (`alignkit.demo_task.judge`); greedy decoding "
+        "before and after; 95% paired bootstrap intervals over prompts.",
+        "rows": rows,
+        "side_checks": [
+            {
+                "label": "reply mentions its topic",
+                "before": before["mentions_topic"],
+                "after": after["mentions_topic"],
+                "n": len(items),
+            },
+            {
+                "label": "unasked reformatting (requests without an instruction)",
+                "before": unasked["before"],
+                "after": unasked["after"],
+                "n": n_plain,
+            },
+        ],
+    }
 
 
 def write_results(out: Path, run_dir: Path, report: dict) -> Path:
@@ -187,9 +241,13 @@ def write_results(out: Path, run_dir: Path, report: dict) -> Path:
 def _write_samples(path: Path, items: list, before: list, after: list, n: int = 24) -> None:
     lines = ["# Held-out replies before and after alignment", ""]
     for item, b, a in list(zip(items, before, after))[:n]:
-        lines += [f"**{item.text}**", "",
-                  f"- before ({'pass' if demo_task.judge(item, b) else 'fail'}): {b}",
-                  f"- after ({'pass' if demo_task.judge(item, a) else 'fail'}): {a}", ""]
+        lines += [
+            f"**{item.text}**",
+            "",
+            f"- before ({'pass' if demo_task.judge(item, b) else 'fail'}): {b}",
+            f"- after ({'pass' if demo_task.judge(item, a) else 'fail'}): {a}",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 
@@ -199,10 +257,15 @@ def _print_report(r: dict, out: Path, report_path: Path) -> None:
     print(f"  {'constraint':<12} {'before':>7} {'after':>7}")
     for c in demo_task.CONSTRAINTS:
         print(f"  {c:<12} {r['by_constraint']['before'][c]:>7.2f} {r['by_constraint']['after'][c]:>7.2f}")
-    print(f"  {'all':<12} {r['before']:>7.3f} {r['after']:>7.3f}   change {r['diff']:+.3f}, "
-          f"95% CI [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]; {r['improved']} prompts improved, {r['worsened']} worsened")
-    print(f"  side checks: reply mentions its topic {r['mentions_topic']['before']:.2f} -> {r['mentions_topic']['after']:.2f}; "
-          f"unasked reformatting {r['unasked_formatting']['before']:.2f} -> {r['unasked_formatting']['after']:.2f}")
+    print(
+        f"  {'all':<12} {r['before']:>7.3f} {r['after']:>7.3f}   change {r['diff']:+.3f}, "
+        f"95% CI [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]; {r['improved']} prompts improved, {r['worsened']} worsened"
+    )
+    print(
+        f"  side checks: reply mentions its topic {r['mentions_topic']['before']:.2f} -> "
+        f"{r['mentions_topic']['after']:.2f}; "
+        f"unasked reformatting {r['unasked_formatting']['before']:.2f} -> {r['unasked_formatting']['after']:.2f}"
+    )
     print(f"  time: {r['total_s']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in r['times_s'].items())})")
     print(f"  results: {out / 'results.json'}; examples: {out / 'samples.md'}; aligned model: {r['aligned_model']}")
     print(f"  report with the before/after table: {report_path}")

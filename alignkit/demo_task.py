@@ -56,51 +56,304 @@ MIN_WORDS = 3  # a reply must keep at least this many words of its own to pass
 
 # Everyday topics a 135M chat model can write a sentence about. Written for this demo.
 _TOPICS = (
-    "cats", "dogs", "the ocean", "coffee", "the moon", "bicycles", "rain", "libraries", "volcanoes",
-    "chess", "bread", "trees", "music", "winter", "the sun", "elephants", "trains", "honey",
-    "mountains", "rivers", "computers", "gardening", "pizza", "owls", "deserts", "soccer", "clocks",
-    "bridges", "penguins", "tea", "forests", "apples", "bananas", "chocolate", "cheese", "rice",
-    "soup", "pancakes", "strawberries", "carrots", "tomatoes", "oranges", "lemons", "potatoes",
-    "horses", "cows", "sheep", "rabbits", "frogs", "bees", "butterflies", "dolphins", "whales",
-    "sharks", "tigers", "lions", "bears", "wolves", "foxes", "eagles", "parrots", "turtles",
-    "snakes", "spiders", "ants", "camels", "giraffes", "zebras", "monkeys", "kangaroos", "snow",
-    "thunderstorms", "rainbows", "clouds", "the wind", "autumn", "spring", "summer", "sunsets",
-    "stars", "planets", "comets", "lakes", "islands", "beaches", "caves", "waterfalls", "glaciers",
-    "jungles", "meadows", "flowers", "roses", "sunflowers", "mushrooms", "cactuses", "ferns",
-    "books", "newspapers", "pencils", "paintings", "photography", "poetry", "movies", "theaters",
-    "museums", "schools", "hospitals", "airports", "cars", "buses", "ships", "airplanes",
-    "rockets", "helicopters", "skateboards", "kites", "balloons", "candles", "lamps", "mirrors",
-    "windows", "doors", "chairs", "tables", "beds", "pillows", "blankets", "umbrellas", "hats",
-    "shoes", "gloves", "scarves", "watches", "phones", "cameras", "radios", "keyboards", "robots",
-    "the internet", "email", "maps", "calendars", "kitchens", "ovens", "refrigerators", "bakeries",
-    "markets", "restaurants", "picnics", "birthdays", "holidays", "weddings", "friendship",
-    "laughter", "sleep", "dreams", "exercise", "running", "swimming", "hiking", "camping",
-    "fishing", "dancing", "singing", "cooking", "reading", "writing", "drawing", "knitting",
-    "pottery", "puzzles", "board games", "video games", "basketball", "tennis", "baseball",
-    "golf", "cycling", "yoga", "skiing", "surfing", "sailing", "guitars", "pianos", "violins",
-    "drums", "trumpets", "orchestras", "jazz", "farms", "tractors", "barns", "gardens", "parks",
-    "playgrounds", "zoos", "aquariums", "castles", "pyramids", "lighthouses", "windmills",
-    "towers", "cities", "villages", "streets", "fountains", "statues", "coins", "stamps",
-    "diamonds", "gold", "silver", "iron", "glass", "paper", "wood", "stone", "sand", "salt",
-    "sugar", "milk", "eggs", "butter", "noodles", "sandwiches", "cookies", "cakes", "ice cream",
-    "popcorn", "peanuts", "grapes", "cherries", "pineapples", "watermelons", "coconuts",
-    "avocados", "onions", "garlic", "pepper", "cinnamon", "vanilla", "lavender", "bamboo",
-    "oak trees", "pine trees", "seashells", "coral reefs", "octopuses", "jellyfish", "crabs",
-    "lobsters", "ducks", "swans", "flamingos", "peacocks", "hummingbirds", "crows", "pigeons",
+    "cats",
+    "dogs",
+    "the ocean",
+    "coffee",
+    "the moon",
+    "bicycles",
+    "rain",
+    "libraries",
+    "volcanoes",
+    "chess",
+    "bread",
+    "trees",
+    "music",
+    "winter",
+    "the sun",
+    "elephants",
+    "trains",
+    "honey",
+    "mountains",
+    "rivers",
+    "computers",
+    "gardening",
+    "pizza",
+    "owls",
+    "deserts",
+    "soccer",
+    "clocks",
+    "bridges",
+    "penguins",
+    "tea",
+    "forests",
+    "apples",
+    "bananas",
+    "chocolate",
+    "cheese",
+    "rice",
+    "soup",
+    "pancakes",
+    "strawberries",
+    "carrots",
+    "tomatoes",
+    "oranges",
+    "lemons",
+    "potatoes",
+    "horses",
+    "cows",
+    "sheep",
+    "rabbits",
+    "frogs",
+    "bees",
+    "butterflies",
+    "dolphins",
+    "whales",
+    "sharks",
+    "tigers",
+    "lions",
+    "bears",
+    "wolves",
+    "foxes",
+    "eagles",
+    "parrots",
+    "turtles",
+    "snakes",
+    "spiders",
+    "ants",
+    "camels",
+    "giraffes",
+    "zebras",
+    "monkeys",
+    "kangaroos",
+    "snow",
+    "thunderstorms",
+    "rainbows",
+    "clouds",
+    "the wind",
+    "autumn",
+    "spring",
+    "summer",
+    "sunsets",
+    "stars",
+    "planets",
+    "comets",
+    "lakes",
+    "islands",
+    "beaches",
+    "caves",
+    "waterfalls",
+    "glaciers",
+    "jungles",
+    "meadows",
+    "flowers",
+    "roses",
+    "sunflowers",
+    "mushrooms",
+    "cactuses",
+    "ferns",
+    "books",
+    "newspapers",
+    "pencils",
+    "paintings",
+    "photography",
+    "poetry",
+    "movies",
+    "theaters",
+    "museums",
+    "schools",
+    "hospitals",
+    "airports",
+    "cars",
+    "buses",
+    "ships",
+    "airplanes",
+    "rockets",
+    "helicopters",
+    "skateboards",
+    "kites",
+    "balloons",
+    "candles",
+    "lamps",
+    "mirrors",
+    "windows",
+    "doors",
+    "chairs",
+    "tables",
+    "beds",
+    "pillows",
+    "blankets",
+    "umbrellas",
+    "hats",
+    "shoes",
+    "gloves",
+    "scarves",
+    "watches",
+    "phones",
+    "cameras",
+    "radios",
+    "keyboards",
+    "robots",
+    "the internet",
+    "email",
+    "maps",
+    "calendars",
+    "kitchens",
+    "ovens",
+    "refrigerators",
+    "bakeries",
+    "markets",
+    "restaurants",
+    "picnics",
+    "birthdays",
+    "holidays",
+    "weddings",
+    "friendship",
+    "laughter",
+    "sleep",
+    "dreams",
+    "exercise",
+    "running",
+    "swimming",
+    "hiking",
+    "camping",
+    "fishing",
+    "dancing",
+    "singing",
+    "cooking",
+    "reading",
+    "writing",
+    "drawing",
+    "knitting",
+    "pottery",
+    "puzzles",
+    "board games",
+    "video games",
+    "basketball",
+    "tennis",
+    "baseball",
+    "golf",
+    "cycling",
+    "yoga",
+    "skiing",
+    "surfing",
+    "sailing",
+    "guitars",
+    "pianos",
+    "violins",
+    "drums",
+    "trumpets",
+    "orchestras",
+    "jazz",
+    "farms",
+    "tractors",
+    "barns",
+    "gardens",
+    "parks",
+    "playgrounds",
+    "zoos",
+    "aquariums",
+    "castles",
+    "pyramids",
+    "lighthouses",
+    "windmills",
+    "towers",
+    "cities",
+    "villages",
+    "streets",
+    "fountains",
+    "statues",
+    "coins",
+    "stamps",
+    "diamonds",
+    "gold",
+    "silver",
+    "iron",
+    "glass",
+    "paper",
+    "wood",
+    "stone",
+    "sand",
+    "salt",
+    "sugar",
+    "milk",
+    "eggs",
+    "butter",
+    "noodles",
+    "sandwiches",
+    "cookies",
+    "cakes",
+    "ice cream",
+    "popcorn",
+    "peanuts",
+    "grapes",
+    "cherries",
+    "pineapples",
+    "watermelons",
+    "coconuts",
+    "avocados",
+    "onions",
+    "garlic",
+    "pepper",
+    "cinnamon",
+    "vanilla",
+    "lavender",
+    "bamboo",
+    "oak trees",
+    "pine trees",
+    "seashells",
+    "coral reefs",
+    "octopuses",
+    "jellyfish",
+    "crabs",
+    "lobsters",
+    "ducks",
+    "swans",
+    "flamingos",
+    "peacocks",
+    "hummingbirds",
+    "crows",
+    "pigeons",
 )
 
 # Words for `start_word` (sentence openers that read naturally before a comma).
 _WORDS = (
-    "Indeed", "Certainly", "Well", "Honestly", "Interestingly", "Surprisingly", "Absolutely",
-    "Sure", "Actually", "Basically", "Clearly", "Naturally", "Remarkably", "Notably",
-    "Undoubtedly", "Truly",
+    "Indeed",
+    "Certainly",
+    "Well",
+    "Honestly",
+    "Interestingly",
+    "Surprisingly",
+    "Absolutely",
+    "Sure",
+    "Actually",
+    "Basically",
+    "Clearly",
+    "Naturally",
+    "Remarkably",
+    "Notably",
+    "Undoubtedly",
+    "Truly",
 )
 
 # Phrases for `end_phrase`.
 _PHRASES = (
-    "Have a nice day!", "That is all.", "Thanks for asking!", "I hope this helps.", "Stay curious!",
-    "The end.", "See you soon!", "Enjoy!", "Good luck!", "Best wishes.", "Have fun!",
-    "Until next time.", "Keep learning!", "Cheers!", "Take care.", "Happy reading!",
+    "Have a nice day!",
+    "That is all.",
+    "Thanks for asking!",
+    "I hope this helps.",
+    "Stay curious!",
+    "The end.",
+    "See you soon!",
+    "Enjoy!",
+    "Good luck!",
+    "Best wishes.",
+    "Have fun!",
+    "Until next time.",
+    "Keep learning!",
+    "Cheers!",
+    "Take care.",
+    "Happy reading!",
 )
 
 _REQUESTS = (
@@ -180,8 +433,13 @@ def _make(n: int, seed: int, topics: tuple, words: tuple, phrases: tuple) -> lis
         topic = pool.pop()
         constraint = CONSTRAINTS[len(out) % len(CONSTRAINTS)]
         phrase = rng.choice(words if constraint == "start_word" else phrases)
-        item = DemoPrompt(topic, rng.choice(_REQUESTS).format(topic=topic), constraint,
-                          rng.choice(_INSTRUCTIONS[constraint]).format(phrase=phrase), phrase)
+        item = DemoPrompt(
+            topic,
+            rng.choice(_REQUESTS).format(topic=topic),
+            constraint,
+            rng.choice(_INSTRUCTIONS[constraint]).format(phrase=phrase),
+            phrase,
+        )
         if item.text not in seen:
             seen.add(item.text)
             out.append(item)
@@ -203,6 +461,7 @@ def heldout_prompts(n: int = 200, seed: int = 0) -> list[DemoPrompt]:
 
 # ----------------------------------------------------------------------------- judging
 
+
 def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower())
 
@@ -219,7 +478,7 @@ def is_degenerate(response: str) -> bool:
     w = _tokens(response)
     if any(w[i] == w[i + 1] == w[i + 2] for i in range(len(w) - 2)):
         return True
-    grams = [tuple(w[i:i + 4]) for i in range(len(w) - 3)]
+    grams = [tuple(w[i : i + 4]) for i in range(len(w) - 3)]
     if len(grams) != len(set(grams)):
         return True
     return len(w) >= 8 and len(set(w)) < len(w) / 2
@@ -230,7 +489,7 @@ def echoes_instruction(item: DemoPrompt, response: str) -> bool:
     itself excluded), e.g. 'Truly, the first word of your reply must be "Truly".'"""
     ins = _tokens(item.instruction.replace(item.phrase, " | "))
     r = " " + " ".join(_tokens(response)) + " "
-    return any(" " + " ".join(ins[i:i + 4]) + " " in r for i in range(len(ins) - 3))
+    return any(" " + " ".join(ins[i : i + 4]) + " " in r for i in range(len(ins) - 3))
 
 
 def follows(item: DemoPrompt, response: str) -> bool:
@@ -238,7 +497,7 @@ def follows(item: DemoPrompt, response: str) -> bool:
     with `phrase` exactly (case and punctuation as given). Whitespace around is ignored."""
     r = response.strip()
     if item.constraint == "start_word":
-        return r.startswith(item.phrase) and not r[len(item.phrase):][:1].isalnum()
+        return r.startswith(item.phrase) and not r[len(item.phrase) :][:1].isalnum()
     if item.constraint == "end_phrase":
         return r.endswith(item.phrase)
     raise ValueError(f"unknown constraint {item.constraint!r}; expected one of {CONSTRAINTS}")
@@ -251,12 +510,14 @@ def judge(item: DemoPrompt, response: str) -> bool:
     r = response.strip()
     if not follows(item, r):
         return False
-    own = r[len(item.phrase):] if item.constraint == "start_word" else r[: len(r) - len(item.phrase)]
-    return (len(_tokens(own)) >= MIN_WORDS and is_complete(r) and not is_degenerate(r)
-            and not echoes_instruction(item, r))
+    own = r[len(item.phrase) :] if item.constraint == "start_word" else r[: len(r) - len(item.phrase)]
+    return (
+        len(_tokens(own)) >= MIN_WORDS and is_complete(r) and not is_degenerate(r) and not echoes_instruction(item, r)
+    )
 
 
 # ----------------------------------------------------------------------------- pairs
+
 
 def satisfy(item: DemoPrompt, response: str) -> str:
     """The smallest edit of `response` that follows the instruction (the chosen reply).
@@ -298,12 +559,12 @@ def usable_reply(item: DemoPrompt, response: str) -> bool:
     """A reply worth editing into a chosen one: finished, fluent, MIN_WORDS+ words, and not
     already following the instruction (then there is nothing to prefer)."""
     r = response.strip()
-    return (len(_tokens(r)) >= MIN_WORDS and is_complete(r) and not is_degenerate(r)
-            and not follows(item, r))
+    return len(_tokens(r)) >= MIN_WORDS and is_complete(r) and not is_degenerate(r) and not follows(item, r)
 
 
-def build_pairs(items: list[DemoPrompt], responses: list[str],
-                kinds: tuple[str, ...] = ("fix", "misplace")) -> list[Pair]:
+def build_pairs(
+    items: list[DemoPrompt], responses: list[str], kinds: tuple[str, ...] = ("fix", "misplace")
+) -> list[Pair]:
     """Preference pairs from the model's own replies; one pair of each kind in `kinds` per item.
 
     `responses[i]` is the model's greedy reply r to `items[i].plain_messages()` (the request
@@ -337,6 +598,7 @@ def build_pairs(items: list[DemoPrompt], responses: list[str],
 
 # ----------------------------------------------------------------------------- side checks
 
+
 def _stem(word: str) -> str:
     w = word.lower()
     if w in ("wolves", "scarves"):  # wolf, scarf
@@ -363,8 +625,7 @@ def adds_unasked(response: str) -> bool:
     of the demo's words (then a non-letter) or ends with one of its phrases. Checks that
     training taught following instructions, not always decorating replies."""
     r = response.strip()
-    return (any(r.startswith(w) and not r[len(w):][:1].isalnum() for w in _WORDS)
-            or r.endswith(_PHRASES))
+    return any(r.startswith(w) and not r[len(w) :][:1].isalnum() for w in _WORDS) or r.endswith(_PHRASES)
 
 
 FIELDS = ("topic", "request", "constraint", "instruction", "phrase")
@@ -381,7 +642,9 @@ def reward(prompts, completions, **columns) -> list[float]:
     reply, else 0.0, for prompt records written by `records`."""
     missing = [f for f in FIELDS if f not in columns]
     if missing:
-        raise ValueError(f"alignkit.demo_task:reward needs the columns {', '.join(missing)} (prompt records from "
-                         "alignkit.demo_task.records)")
+        raise ValueError(
+            f"alignkit.demo_task:reward needs the columns {', '.join(missing)} (prompt records from "
+            "alignkit.demo_task.records)"
+        )
     items = [DemoPrompt(*vals) for vals in zip(*(columns[f] for f in FIELDS))]
     return [float(judge(item, c)) for item, c in zip(items, completions)]

@@ -71,8 +71,16 @@ class Dist:
 
             atexit.register(lambda: tdist.is_initialized() and tdist.destroy_process_group())
         strategy = "fsdp" if dist_cfg.strategy == "auto" else dist_cfg.strategy
-        return cls(rank, world, local, True, strategy, dist_cfg.reshard_after_forward, dist_cfg.cpu_offload,
-                   mixed_precision=strategy == "fsdp" and precision == "bf16")
+        return cls(
+            rank,
+            world,
+            local,
+            True,
+            strategy,
+            dist_cfg.reshard_after_forward,
+            dist_cfg.cpu_offload,
+            mixed_precision=strategy == "fsdp" and precision == "bf16",
+        )
 
     @staticmethod
     def local_device(requested: torch.device) -> torch.device:
@@ -164,7 +172,7 @@ class Dist:
         """This process's contiguous share of `seq` (shares differ in length by at most one)."""
         n, w, r = len(seq), self.world_size, self.rank
         start = r * (n // w) + min(r, n % w)
-        return seq[start: start + n // w + (r < n % w)]
+        return seq[start : start + n // w + (r < n % w)]
 
     def say(self, message: str) -> None:
         """Print `message` once (from the main process)."""
@@ -202,9 +210,14 @@ class Dist:
 
         device = next(model.parameters()).device
         mesh = init_device_mesh(device.type, (self.world_size,))
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if self.mixed_precision else MixedPrecisionPolicy())
-        common = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy())
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.mixed_precision
+            else MixedPrecisionPolicy()
+        )
+        common = dict(
+            mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()
+        )
         for block in transformer_blocks(model):
             fully_shard(block, reshard_after_forward=self.reshard_after_forward, **common)
         fully_shard(model, **common)
@@ -258,8 +271,11 @@ class Dist:
 
     def nonfinite_params(self, model) -> list[str]:
         """Names of trainable parameters holding NaN or inf on any process."""
-        local = [n for n, p in model.named_parameters()
-                 if p.requires_grad and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+        local = [
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+        ]
         return sorted({n for names in self.gather_objects(local) for n in names})
 
     # -- state --------------------------------------------------------------------------------
@@ -276,13 +292,17 @@ class Dist:
         model at another scale."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=full,
-                                                                                  cpu_offload=full))
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=full, cpu_offload=full)
+        )
 
     def load_full_state(self, model, optimizer, model_state: dict | None, optimizer_state: dict | None) -> None:
         """Load full (unsharded) states into a sharded or plain model and its optimizer."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True, strict=False)
         if model_state is not None:
@@ -310,8 +330,10 @@ class Dist:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        state = {name: {"model": self.model_state(m, full=False), "optimizer": self.optimizer_state(m, o, full=False)}
-                 for name, (m, o) in modules.items()}
+        state = {
+            name: {"model": self.model_state(m, full=False), "optimizer": self.optimizer_state(m, o, full=False)}
+            for name, (m, o) in modules.items()
+        }
         dcp.load(state, checkpoint_id=str(path), no_dist=not self.enabled)
         for name, (m, o) in modules.items():
             set_model_state_dict(m, state[name]["model"])

@@ -22,8 +22,10 @@ def reward_trunk_and_head(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     trunk, head = getattr(base, base.base_model_prefix, None), getattr(base, "score", None)
     if trunk is None or head is None:
-        raise ModelError(f"{type(base).__name__} has no trunk `{base.base_model_prefix}` and `score` head; "
-                         "packed reward batches need a standard sequence classifier (or set train.packing=false).")
+        raise ModelError(
+            f"{type(base).__name__} has no trunk `{base.base_model_prefix}` and `score` head; "
+            "packed reward batches need a standard sequence classifier (or set train.packing=false)."
+        )
     return trunk, head
 
 
@@ -72,10 +74,14 @@ def use_distinct_pad(tokenizer) -> str | None:
         candidate = getattr(tokenizer, name)
         if candidate is not None and getattr(tokenizer, f"{name}_id") not in (eos, None):
             tokenizer.pad_token = candidate
-            return (f"the tokenizer pads with its end-of-turn token {tokenizer.eos_token!r}; the reward model pads "
-                    f"with {candidate!r} instead, so its reward is read at the end of each reply")
-    return (f"the tokenizer pads with its end-of-turn token {tokenizer.eos_token!r} and has no other special token "
-            "to pad with; the reward is read at the token before it")
+            return (
+                f"the tokenizer pads with its end-of-turn token {tokenizer.eos_token!r}; the reward model pads "
+                f"with {candidate!r} instead, so its reward is read at the end of each reply"
+            )
+    return (
+        f"the tokenizer pads with its end-of-turn token {tokenizer.eos_token!r} and has no other special token "
+        "to pad with; the reward is read at the token before it"
+    )
 
 
 def token_values(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,8 +65,17 @@ def _item_length(it) -> int:
 
 
 @torch.no_grad()
-def compute_ref_logps(model, items: list, collate, batch_size: int, chunk_size: int, device, autocast,
-                      desc: str = "reference log-probs", progress: bool = True) -> torch.Tensor:
+def compute_ref_logps(
+    model,
+    items: list,
+    collate,
+    batch_size: int,
+    chunk_size: int,
+    device,
+    autocast,
+    desc: str = "reference log-probs",
+    progress: bool = True,
+) -> torch.Tensor:
     """Return [N, S] float32 summed log-probs, row i for items[i], one column per completion
     (S = 2 for pairs: chosen, rejected)."""
     table = None
@@ -77,7 +86,7 @@ def compute_ref_logps(model, items: list, collate, batch_size: int, chunk_size: 
     adapters_off = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
     with adapters_off, tqdm(total=len(items), desc=desc, unit="example", leave=False, disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
-            idx = order[start: start + batch_size]
+            idx = order[start : start + batch_size]
             batch = collate([items[i] for i in idx]).to(device)
             with autocast():
                 out = segment_logps(model, batch, chunk_size)
@@ -90,22 +99,50 @@ def compute_ref_logps(model, items: list, collate, batch_size: int, chunk_size: 
     return table
 
 
-def parallel_ref_logps(model, items: list, collate, batch_size: int, chunk_size: int, device, autocast,
-                       desc: str = "log-probs", progress: bool = True, parallel=None) -> torch.Tensor:
+def parallel_ref_logps(
+    model,
+    items: list,
+    collate,
+    batch_size: int,
+    chunk_size: int,
+    device,
+    autocast,
+    desc: str = "log-probs",
+    progress: bool = True,
+    parallel=None,
+) -> torch.Tensor:
     """`compute_ref_logps` split over processes: each computes the rows of its `parallel.shard` of the
     items, and the shares are gathered (in process order, so in item order). `parallel`: an
     alignkit Dist or the trainer's SetupContext; None for one process."""
     if parallel is None:
         return compute_ref_logps(model, items, collate, batch_size, chunk_size, device, autocast, desc, progress)
     mine = parallel.shard(list(range(len(items))))
-    part = compute_ref_logps(model, [items[i] for i in mine], collate, batch_size, chunk_size, device, autocast,
-                             desc, progress) if mine else None  # rows in the order of `mine`
+    part = (
+        compute_ref_logps(
+            model, [items[i] for i in mine], collate, batch_size, chunk_size, device, autocast, desc, progress
+        )
+        if mine
+        else None
+    )  # rows in the order of `mine`
     return torch.cat([p for p in parallel.gather_objects(part) if p is not None])
 
 
-def cached_ref_logps(model, items, collate, *, cache_dir: Path, fingerprint: dict, precision: str,
-                     batch_size: int, chunk_size: int, device, autocast, desc: str, parallel=None,
-                     progress: bool = True) -> torch.Tensor:
+def cached_ref_logps(
+    model,
+    items,
+    collate,
+    *,
+    cache_dir: Path,
+    fingerprint: dict,
+    precision: str,
+    batch_size: int,
+    chunk_size: int,
+    device,
+    autocast,
+    desc: str,
+    parallel=None,
+    progress: bool = True,
+) -> torch.Tensor:
     """`compute_ref_logps`, read from or written to `cache_dir` (atomically).
 
     `parallel` (the trainer's `SetupContext`, or None for one process) splits the pass: each
@@ -120,8 +157,9 @@ def cached_ref_logps(model, items, collate, *, cache_dir: Path, fingerprint: dic
             note = f"alignkit: {desc}: reusing cache {path}"
             parallel.say(note) if parallel is not None else print(note, flush=True)
             return table
-    table = parallel_ref_logps(model, items, collate, batch_size, chunk_size, device, autocast, desc, progress,
-                               parallel)
+    table = parallel_ref_logps(
+        model, items, collate, batch_size, chunk_size, device, autocast, desc, progress, parallel
+    )
 
     def write():
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -169,20 +207,21 @@ class LiveReference:
 
 
 @torch.no_grad()
-def sample_logps(model, tokenizer, prompts: list, completions: list, max_length: int, batch_size: int,
-                 on_batch=None) -> torch.Tensor:
+def sample_logps(
+    model, tokenizer, prompts: list, completions: list, max_length: int, batch_size: int, on_batch=None
+) -> torch.Tensor:
     """[N] float64 summed log-probs of each (prompt, completion) under `model` (prompt kept to its last
     max_length // 2 tokens, completion to its first max_length // 2). `on_batch(model, batch)` is
     called on every batch, for statistics a caller gathers on the same forward inputs."""
     items = []
     for i, (p, c) in enumerate(zip(prompts, completions)):
         p_ids, c_ids = encode_completion(tokenizer, p, c)
-        items.append(TokenizedSFT(p_ids[-(max_length // 2):], c_ids[: max_length // 2], i))
+        items.append(TokenizedSFT(p_ids[-(max_length // 2) :], c_ids[: max_length // 2], i))
     out = torch.zeros(len(items), dtype=torch.float64)
     device = next(model.parameters()).device
     for start in range(0, len(items), batch_size):
-        batch = collate_sft(items[start: start + batch_size], tokenizer.pad_token_id).to(device)
-        out[start: start + len(batch.example_ids)] = segment_logps(model, batch).logps.double().cpu()
+        batch = collate_sft(items[start : start + batch_size], tokenizer.pad_token_id).to(device)
+        out[start : start + len(batch.example_ids)] = segment_logps(model, batch).logps.double().cpu()
         if on_batch is not None:
             on_batch(model, batch)
     return out

@@ -44,13 +44,12 @@ def _token_logps(head, hidden, targets, entropy: bool = False):
         return picked, lse - (p * logits).sum(-1)
 
 
-def chunked_token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                        entropy: bool = False):
+def chunked_token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, entropy: bool = False):
     """log p(target | hidden) for hidden [N, H], targets [N] -> [N] float32, chunk by chunk; with
     `entropy`, also the entropy of each position's distribution ([N], detached)."""
     out, ent = [], []
     for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start: start + chunk_size], targets[start: start + chunk_size]
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
             lp, e = checkpoint(_token_logps, head, h, t, entropy, use_reentrant=False)
         else:
@@ -94,7 +93,10 @@ def final_hidden(model, batch: TokenBatch) -> torch.Tensor:
 
     captured = []
     handle = decoder_of(model).register_forward_hook(
-        lambda module, args, out: captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
+        lambda module, args, out: captured.append(
+            out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        )
+    )
     try:
         kwargs = dict(trunk_inputs(model, batch), use_cache=False)
         if not is_reward_model(model):
@@ -135,8 +137,9 @@ def segment_logps(model, batch: TokenBatch, chunk_size: int = 1024, entropy: boo
 FLOAT64_UNSUPPORTED_DEVICES = frozenset({"mps"})
 
 
-def sum_by_segment(values: torch.Tensor, segments: torch.Tensor, num_segments: int, *,
-                   float64: bool | None = None) -> torch.Tensor:
+def sum_by_segment(
+    values: torch.Tensor, segments: torch.Tensor, num_segments: int, *, float64: bool | None = None
+) -> torch.Tensor:
     """Per-segment sums of float32 `values` [N] by `segments` [N] -> [num_segments] float32, as exact
     as a float64 sum rounded to float32, differentiable in `values`.
 

@@ -155,8 +155,15 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
     return tok
 
 
-def load_model(cfg: ModelConfig, *, device: torch.device | None = None, for_training: bool = True,
-               cache_dir: str | None = None, reward_names: list | None = None, pad_token_id: int | None = None):
+def load_model(
+    cfg: ModelConfig,
+    *,
+    device: torch.device | None = None,
+    for_training: bool = True,
+    cache_dir: str | None = None,
+    reward_names: list | None = None,
+    pad_token_id: int | None = None,
+):
     """Load a causal LM on `device` with the configured dtype and attention kernel.
 
     With `reward_names`, load it as a reward model instead: the same trunk with a linear head of
@@ -168,11 +175,19 @@ def load_model(cfg: ModelConfig, *, device: torch.device | None = None, for_trai
     device = device or resolve_device(cfg.device)
     path = resolve_model_path(cfg.name_or_path, cache_dir)
     dtype = resolve_dtype(cfg.dtype, device, for_training)
-    kwargs = dict(revision=cfg.revision, dtype=dtype, attn_implementation=cfg.attn_implementation or "sdpa",
-                  trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(
+        revision=cfg.revision,
+        dtype=dtype,
+        attn_implementation=cfg.attn_implementation or "sdpa",
+        trust_remote_code=cfg.trust_remote_code,
+    )
     if reward_names:
-        kwargs.update(num_labels=len(reward_names), id2label=dict(enumerate(reward_names)),
-                      label2id={n: i for i, n in enumerate(reward_names)}, pad_token_id=pad_token_id)
+        kwargs.update(
+            num_labels=len(reward_names),
+            id2label=dict(enumerate(reward_names)),
+            label2id={n: i for i, n in enumerate(reward_names)},
+            pad_token_id=pad_token_id,
+        )
     try:
         cls = AutoModelForSequenceClassification if reward_names else AutoModelForCausalLM
         model = cls.from_pretrained(path, **kwargs)
@@ -230,7 +245,8 @@ def apply_lora(model, cfg: LoraConfig):
 
 def is_reward_model(model) -> bool:
     return type(model).__name__.endswith("ForSequenceClassification") or (
-        is_peft(model) and is_reward_model(model.get_base_model()))
+        is_peft(model) and is_reward_model(model.get_base_model())
+    )
 
 
 def is_peft(model) -> bool:
@@ -254,8 +270,10 @@ def decoder_of(model):
     if trunk is None or trunk is base:
         trunk = getattr(base, base.base_model_prefix, None)
     if trunk is None or trunk is base:
-        raise ModelError(f"{type(base).__name__} does not expose its transformer trunk (get_decoder or "
-                         f"`{base.base_model_prefix}`); alignkit needs a standard causal LM or classifier.")
+        raise ModelError(
+            f"{type(base).__name__} does not expose its transformer trunk (get_decoder or "
+            f"`{base.base_model_prefix}`); alignkit needs a standard causal LM or classifier."
+        )
     return trunk
 
 

@@ -18,8 +18,9 @@ def check_template(template, fields, where: str) -> str:
         raise ConfigError(f"{where} must be text with the placeholders {braced(fields)}; got {template!r}.")
     missing = [f for f in fields if "{" + f + "}" not in template]
     if missing:
-        raise ConfigError(f"{where} lacks {braced(missing)}; add it where the text should go "
-                          f"(the placeholders are {braced(fields)}).")
+        raise ConfigError(
+            f"{where} lacks {braced(missing)}; add it where the text should go (the placeholders are {braced(fields)})."
+        )
     return template
 
 

@@ -35,12 +35,14 @@ JUDGE_WORDS = ("Yes", "No", "A", "B")  # the principle judge's options (alignkit
 def tiny_tokenizer(chat_template: bool = True, extra_words: tuple = ()):
     """A word-level tokenizer over WORDS plus digits, with ChatML special tokens; `extra_words` get
     ids no other token has (the ids of the others do not change)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + WORDS + [str(d) for d in range(10)] +
-                                            ["user", "assistant", "system", "\n"])}
+    vocab = {
+        tok: i
+        for i, tok in enumerate(specials + WORDS + [str(d) for d in range(10)] + ["user", "assistant", "system", "\n"])
+    }
     # WORDS repeats "me", which leaves one id unused: the extra words fill it first and then follow
     # the last id, so the ids run 0..len-1 and len(tokenizer) stays a model's vocabulary size
     free = [i for i in range(len(vocab) + 1) if i not in set(vocab.values())]
@@ -48,33 +50,53 @@ def tiny_tokenizer(chat_template: bool = True, extra_words: tuple = ()):
         if word not in vocab:
             vocab[word] = free.pop(0) if free else len(vocab)
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split("\n", behavior="isolated"),
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.Punctuation(),
-    ])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
     tk.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>",
-        bos_token=None, additional_special_tokens=["<|im_start|>"],
+        tokenizer_object=tk,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        additional_special_tokens=["<|im_start|>"],
     )
     if chat_template:
         tok.chat_template = CHATML_TEMPLATE
     return tok
 
 
-def tiny_model(family: str = "llama", vocab_size: int = 256, seed: int = 0, hidden: int = 32,
-               layers: int = 2, init_std: float | None = None):
+def tiny_model(
+    family: str = "llama",
+    vocab_size: int = 256,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    init_std: float | None = None,
+):
     """A random-init causal LM of the given family ("llama" or "qwen2"). `init_std`: the std of the
     weights' normal init (the config's `initializer_range`; None: transformers' 0.02). At 0.02 the
     next-token distribution hardly depends on the context; ~0.2 makes it do so, as a judge's must."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=1,
-                  eos_token_id=3)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+        eos_token_id=3,
+    )
     if init_std is not None:
         common["initializer_range"] = init_std
     cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**common)
@@ -82,8 +104,9 @@ def tiny_model(family: str = "llama", vocab_size: int = 256, seed: int = 0, hidd
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
-def save_tiny_model_dir(path: str | Path, family: str = "llama", seed: int = 0, extra_words: tuple = (),
-                        **kwargs) -> Path:
+def save_tiny_model_dir(
+    path: str | Path, family: str = "llama", seed: int = 0, extra_words: tuple = (), **kwargs
+) -> Path:
     """Write a tiny model + tokenizer (`tiny_tokenizer(extra_words=...)`) as a Hugging Face directory;
     returns its path."""
     path = Path(path)

@@ -42,10 +42,12 @@ import hh_data  # noqa: E402
 import smoke  # noqa: E402
 
 SHAPES = {  # random-init Llama-style shapes of the issue (SmolLM2 tokenizer, vocab 49152, tied embeddings)
-    "llama:960x32": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
-                         intermediate_size=2560),
-    "llama:2048x24": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
-                          intermediate_size=8192),
+    "llama:960x32": dict(
+        hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5, intermediate_size=2560
+    ),
+    "llama:2048x24": dict(
+        hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32, intermediate_size=8192
+    ),
 }
 
 
@@ -94,23 +96,42 @@ def run_alignkit(args, model: str, data: Path, out: Path) -> dict:
     # fresh cache directory makes sure it really runs.
     shutil.rmtree(out / "alignkit_cache", ignore_errors=True)
     total = args.warmup + args.steps
-    cfg = load_config(None, [
-        f"model.name_or_path={model}", f"data.train={data}", "data.eval_fraction=0", f"data.max_length={args.max_length}",
-        f"reference={args.reference}", f"cache_dir={out / 'alignkit_cache'}", f"train.batch_size={args.pairs_per_step}",
-        f"train.max_steps={total}", "train.learning_rate=1e-6", "train.warmup_ratio=0", "train.report_to=[]",
-        f"output_dir={out / 'alignkit'}", f"model.device={args.device}",
-        f"train.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
-        f"train.pack_tokens={args.pack_tokens}", *([f"train.logprob_chunk_size={args.chunk_size}"] if args.chunk_size else []),
-        *([f"train.forward_tokens={args.forward_tokens}"] if args.forward_tokens else []), f"train.packing={'false' if args.no_packing else 'true'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={model}",
+            f"data.train={data}",
+            "data.eval_fraction=0",
+            f"data.max_length={args.max_length}",
+            f"reference={args.reference}",
+            f"cache_dir={out / 'alignkit_cache'}",
+            f"train.batch_size={args.pairs_per_step}",
+            f"train.max_steps={total}",
+            "train.learning_rate=1e-6",
+            "train.warmup_ratio=0",
+            "train.report_to=[]",
+            f"output_dir={out / 'alignkit'}",
+            f"model.device={args.device}",
+            f"train.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
+            f"train.pack_tokens={args.pack_tokens}",
+            *([f"train.logprob_chunk_size={args.chunk_size}"] if args.chunk_size else []),
+            *([f"train.forward_tokens={args.forward_tokens}"] if args.forward_tokens else []),
+            f"train.packing={'false' if args.no_packing else 'true'}",
+        ],
+    )
     loop.train(cfg, progress=False)
     rows = read_metrics(out / "alignkit", "train")
-    timed = rows[args.warmup:]
+    timed = rows[args.warmup :]
     mean_tokens = sum(r["tokens"] for r in rows) / len(rows)
     setup_s = json.loads((out / "alignkit" / "summary.json").read_text())["timings"]["setup_s"]
     reference = (setup_s if args.reference == "cached" else 0.0) * len(timed) / len(rows)
-    return {"seconds": sum(r["step_time_s"] for r in timed) + reference, "reference_seconds": reference,
-            "tokens": mean_tokens * len(timed), "exact_timed_tokens": sum(r["tokens"] for r in timed),
-            "steps": len(timed)}
+    return {
+        "seconds": sum(r["step_time_s"] for r in timed) + reference,
+        "reference_seconds": reference,
+        "tokens": mean_tokens * len(timed),
+        "exact_timed_tokens": sum(r["tokens"] for r in timed),
+        "steps": len(timed),
+    }
 
 
 def run_trl(args, model: str, data: Path, out: Path) -> dict:
@@ -137,15 +158,26 @@ def run_trl(args, model: str, data: Path, out: Path) -> dict:
             times[-1].append(time.perf_counter())
 
     config = DPOConfig(
-        output_dir=str(out / "trl"), per_device_train_batch_size=args.pairs_per_step, max_length=args.max_length,
-        max_steps=args.warmup + args.steps, learning_rate=1e-6, logging_steps=1, report_to=[], save_strategy="no",
-        bf16=dtype == torch.bfloat16, use_cpu=args.device == "cpu", dataloader_num_workers=0, seed=0)
-    trainer = DPOTrainer(model=policy, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         callbacks=[Timer()])
+        output_dir=str(out / "trl"),
+        per_device_train_batch_size=args.pairs_per_step,
+        max_length=args.max_length,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-6,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        bf16=dtype == torch.bfloat16,
+        use_cpu=args.device == "cpu",
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = DPOTrainer(
+        model=policy, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Timer()]
+    )
     ds = trainer.train_dataset
     per_pair = [len(p) * 2 + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
     trainer.train()
-    timed = times[args.warmup:]
+    timed = times[args.warmup :]
     # TRL truncates prompt + completion to max_length (keep_start): count what it trained on.
     per_pair = [min(n, 2 * args.max_length) for n in per_pair]
     mean_tokens = sum(per_pair) / len(per_pair) * args.pairs_per_step
@@ -168,13 +200,22 @@ def check_logprobs(args, model: str, data: Path, out: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(model)
     bf16 = args.device == "cuda"
     policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(args.device)
-    config = DPOConfig(output_dir=str(out / "trl_check"), per_device_train_batch_size=len(rows), max_length=args.max_length,
-                       report_to=[], bf16=bf16, use_cpu=args.device == "cpu")
+    config = DPOConfig(
+        output_dir=str(out / "trl_check"),
+        per_device_train_batch_size=len(rows),
+        max_length=args.max_length,
+        report_to=[],
+        bf16=bf16,
+        use_cpu=args.device == "cpu",
+    )
     trainer = DPOTrainer(model=policy, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok)
     ds = trainer.train_dataset
     # Pairs TRL does not truncate (it cuts prompt + completion at max_length, keep_start).
-    keep = [i for i in range(len(ds)) if len(ds[i]["prompt_ids"]) + max(len(ds[i]["chosen_ids"]), len(ds[i]["rejected_ids"]))
-            <= args.max_length]
+    keep = [
+        i
+        for i in range(len(ds))
+        if len(ds[i]["prompt_ids"]) + max(len(ds[i]["chosen_ids"]), len(ds[i]["rejected_ids"])) <= args.max_length
+    ]
     if not keep:
         sys.exit(f"log-prob check: all {len(rows)} pairs are longer than --max-length {args.max_length}; raise it")
     examples = [ds[i] for i in keep]
@@ -200,10 +241,16 @@ def check_logprobs(args, model: str, data: Path, out: Path) -> dict:
     truth = torch.stack(truth).cpu()
     ours, theirs = ours.double().cpu(), theirs.double().cpu()
     diff = (ours - theirs).abs()
-    return {"pairs": len(keep), "skipped_truncated": len(rows) - len(keep), "mean_abs_diff": float(diff.mean()),
-            "max_abs_diff": float(diff.max()), "mean_abs_logp": float(theirs.abs().mean()),
-            "alignkit_vs_float64": float((ours - truth).abs().mean()), "trl_vs_float64": float((theirs - truth).abs().mean()),
-            "dtype": "bf16" if bf16 else "fp32"}
+    return {
+        "pairs": len(keep),
+        "skipped_truncated": len(rows) - len(keep),
+        "mean_abs_diff": float(diff.mean()),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_logp": float(theirs.abs().mean()),
+        "alignkit_vs_float64": float((ours - truth).abs().mean()),
+        "trl_vs_float64": float((theirs - truth).abs().mean()),
+        "dtype": "bf16" if bf16 else "fp32",
+    }
 
 
 def worker(args) -> None:
@@ -224,7 +271,9 @@ def worker(args) -> None:
         # VmHWM: the peak RSS of this process image. ru_maxrss would start at the parent's high-water
         # mark (Linux keeps it across fork and exec), and the parent imported torch to build the data.
         status = Path("/proc/self/status")
-        hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")] if status.is_file() else []
+        hwm = (
+            [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")] if status.is_file() else []
+        )
         kib = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         result["peak_memory_mb"] = kib / 1024
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
@@ -234,22 +283,33 @@ def worker(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="a model dir / hub id, or llama:960x32 / llama:2048x24")
+    ap.add_argument(
+        "--model", default="smollm2-135m-instruct", help="a model dir / hub id, or llama:960x32 / llama:2048x24"
+    )
     ap.add_argument("--pairs-per-step", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--pack-tokens", type=int, default=2048)
-    ap.add_argument("--forward-tokens", type=int, help="alignkit's train.forward_tokens: forward/backward in pieces "
-                    "of at most this many tokens (default: one piece per micro-batch)")
+    ap.add_argument(
+        "--forward-tokens",
+        type=int,
+        help="alignkit's train.forward_tokens: forward/backward in pieces "
+        "of at most this many tokens (default: one piece per micro-batch)",
+    )
     ap.add_argument("--chunk-size", type=int, help="alignkit's train.logprob_chunk_size (default: its own default)")
     ap.add_argument("--no-packing", action="store_true", help="alignkit without prefix sharing / packing")
-    ap.add_argument("--reference", choices=["cached", "live"], default="cached",
-                    help="alignkit's reference: log-probs computed once before training (timed, charged to the "
-                         "timed steps pro rata) or a frozen copy run every step")
+    ap.add_argument(
+        "--reference",
+        choices=["cached", "live"],
+        default="cached",
+        help="alignkit's reference: log-probs computed once before training (timed, charged to the "
+        "timed steps pro rata) or a frozen copy run every step",
+    )
     ap.add_argument("--only", choices=["alignkit", "trl", "check"], help="run one part only")
-    ap.add_argument("--check-pairs", type=int, default=16,
-                    help="pairs for the log-prob agreement check before timing (0: skip it)")
+    ap.add_argument(
+        "--check-pairs", type=int, default=16, help="pairs for the log-prob agreement check before timing (0: skip it)"
+    )
     ap.add_argument("--out", default="runs/bench_dpo_vs_trl")
     ap.add_argument("--worker", choices=["alignkit", "trl", "check"], help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -268,29 +328,48 @@ def main() -> None:
     results = {}
     names = [args.only] if args.only else (["check"] if args.check_pairs else []) + ["alignkit", "trl"]
     for name in names:
-        cmd = [sys.executable, __file__, "--worker", name, "--model-path", path, "--data", str(data),
-               *sys.argv[1:], "--out", str(out)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--model-path",
+            path,
+            "--data",
+            str(data),
+            *sys.argv[1:],
+            "--out",
+            str(out),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        results[name] = json.loads(line[-1][len("RESULT "):])
+        results[name] = json.loads(line[-1][len("RESULT ") :])
         r = results[name]
         if name == "check":
-            print(f"log-prob agreement ({r['dtype']}, {r['pairs']} pairs, {2 * r['pairs']} sequences, same token ids): "
-                  f"mean |alignkit - TRL| = {r['mean_abs_diff']:.2e}, max {r['max_abs_diff']:.2e} "
-                  f"(mean |log-prob| {r['mean_abs_logp']:.1f}; {r['skipped_truncated']} pairs TRL would truncate left out); "
-                  f"against a float64 forward: alignkit {r['alignkit_vs_float64']:.2e}, TRL {r['trl_vs_float64']:.2e}",
-                  flush=True)
+            print(
+                f"log-prob agreement ({r['dtype']}, {r['pairs']} pairs, {2 * r['pairs']} sequences, same token ids): "
+                f"mean |alignkit - TRL| = {r['mean_abs_diff']:.2e}, max {r['max_abs_diff']:.2e} "
+                f"(mean |log-prob| {r['mean_abs_logp']:.1f}; {r['skipped_truncated']} pairs TRL would truncate left "
+                "out); "
+                f"against a float64 forward: alignkit {r['alignkit_vs_float64']:.2e}, TRL {r['trl_vs_float64']:.2e}",
+                flush=True,
+            )
             continue
         ref = f", of which reference {r['reference_seconds']:.1f} s" if "reference_seconds" in r else ""
-        print(f"{name}: {r['tokens_per_s']:.0f} tokens/s over {r['steps']} steps ({r['seconds']:.1f} s{ref}), "
-              f"peak memory {r['peak_memory_mb']:.0f} MB", flush=True)
+        print(
+            f"{name}: {r['tokens_per_s']:.0f} tokens/s over {r['steps']} steps ({r['seconds']:.1f} s{ref}), "
+            f"peak memory {r['peak_memory_mb']:.0f} MB",
+            flush=True,
+        )
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     if "alignkit" in results and "trl" in results:
         a, t = results["alignkit"], results["trl"]
-        print(f"tokens_per_s_ratio={a['tokens_per_s'] / t['tokens_per_s']:.2f} "
-              f"peak_memory_ratio={a['peak_memory_mb'] / t['peak_memory_mb']:.2f}")
+        print(
+            f"tokens_per_s_ratio={a['tokens_per_s'] / t['tokens_per_s']:.2f} "
+            f"peak_memory_ratio={a['peak_memory_mb'] / t['peak_memory_mb']:.2f}"
+        )
 
 
 if __name__ == "__main__":

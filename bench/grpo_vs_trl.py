@@ -124,29 +124,62 @@ def run_alignkit(args, model: str, data: Path, out: Path) -> dict:
     from alignkit.train.metrics import read_metrics
 
     loss = {"name": "ppo_clip", "clip_low": CLIP, "clip_high": CLIP}
-    cfg = load_config(None, [
-        "recipe=grpo", f"model.name_or_path={model}", "model.device=cpu", "model.dtype=float32",
-        "model.gradient_checkpointing=false", f"data.train={data}", "data.eval_fraction=0",
-        f"data.max_prompt_length={args.max_prompt_length}", f"data.max_length={args.max_prompt_length + args.max_new_tokens}",
-        f"online.rewards={Path(__file__).resolve()}:sums_reward", "online.kl_coef=0",
-        f"online.aggregation={args.loss_type}", "online.scale_rewards=true", "online.iterations=1",
-        f"loss={json.dumps(loss)}",
-        f"generation.num_samples={args.num_samples}", f"generation.max_new_tokens={args.max_new_tokens}",
-        "generation.temperature=1.0", "generation.top_p=1.0", "generation.top_k=0",
-        f"generation.batch_size={args.prompts_per_step}", "generation.backend=transformers",
-        f"train.batch_size={args.prompts_per_step}", "train.grad_accum=1", f"train.max_steps={args.steps}",
-        f"train.learning_rate={args.lr}", "train.warmup_ratio=0", "train.lr_schedule=constant",
-        "train.weight_decay=0", "train.max_grad_norm=1.0", "train.precision=fp32", "train.disable_dropout=true",
-        "train.shuffle=false", "train.log_every=1", "train.save_every=0", "train.report_to=[]",
-        "seed=0", f"output_dir={out / 'alignkit'}"])
+    cfg = load_config(
+        None,
+        [
+            "recipe=grpo",
+            f"model.name_or_path={model}",
+            "model.device=cpu",
+            "model.dtype=float32",
+            "model.gradient_checkpointing=false",
+            f"data.train={data}",
+            "data.eval_fraction=0",
+            f"data.max_prompt_length={args.max_prompt_length}",
+            f"data.max_length={args.max_prompt_length + args.max_new_tokens}",
+            f"online.rewards={Path(__file__).resolve()}:sums_reward",
+            "online.kl_coef=0",
+            f"online.aggregation={args.loss_type}",
+            "online.scale_rewards=true",
+            "online.iterations=1",
+            f"loss={json.dumps(loss)}",
+            f"generation.num_samples={args.num_samples}",
+            f"generation.max_new_tokens={args.max_new_tokens}",
+            "generation.temperature=1.0",
+            "generation.top_p=1.0",
+            "generation.top_k=0",
+            f"generation.batch_size={args.prompts_per_step}",
+            "generation.backend=transformers",
+            f"train.batch_size={args.prompts_per_step}",
+            "train.grad_accum=1",
+            f"train.max_steps={args.steps}",
+            f"train.learning_rate={args.lr}",
+            "train.warmup_ratio=0",
+            "train.lr_schedule=constant",
+            "train.weight_decay=0",
+            "train.max_grad_norm=1.0",
+            "train.precision=fp32",
+            "train.disable_dropout=true",
+            "train.shuffle=false",
+            "train.log_every=1",
+            "train.save_every=0",
+            "train.report_to=[]",
+            "seed=0",
+            f"output_dir={out / 'alignkit'}",
+        ],
+    )
     train(cfg, progress=False)
     rows = read_metrics(out / "alignkit", "train")
-    timed = rows[args.warmup:]
+    timed = rows[args.warmup :]
     per_step = args.prompts_per_step * args.num_samples
-    return {"seconds": sum(r["step_time_s"] for r in timed), "samples": per_step * len(timed), "steps": len(timed),
-            "sampling_seconds": sum(r["time/generation_s"] for r in timed),
-            "completion_length": sum(r["completion_length"] for r in rows) / len(rows),
-            "reward_first": rows[0]["reward"], "reward_last": rows[-1]["reward"]}
+    return {
+        "seconds": sum(r["step_time_s"] for r in timed),
+        "samples": per_step * len(timed),
+        "steps": len(timed),
+        "sampling_seconds": sum(r["time/generation_s"] for r in timed),
+        "completion_length": sum(r["completion_length"] for r in rows) / len(rows),
+        "reward_first": rows[0]["reward"],
+        "reward_last": rows[-1]["reward"],
+    }
 
 
 def run_trl(args, model: str, data: Path, out: Path) -> dict:
@@ -156,8 +189,9 @@ def run_trl(args, model: str, data: Path, out: Path) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
-                                 for r in rows])
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
+    )
     tok = AutoTokenizer.from_pretrained(model)
     policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     times, row_logs, sampled = [], [], []
@@ -170,7 +204,9 @@ def run_trl(args, model: str, data: Path, out: Path) -> dict:
         def on_step_end(self, *a, **k):
             times[-1].append(time.perf_counter())
             # one generation per step (steps_per_generation=1), scored by one reward call
-            sampled.append([sum(n for _, n in REWARD_CALLS), REWARD_CALLS[0][0] - times[-1][0] if REWARD_CALLS else 0.0])
+            sampled.append(
+                [sum(n for _, n in REWARD_CALLS), REWARD_CALLS[0][0] - times[-1][0] if REWARD_CALLS else 0.0]
+            )
 
         def on_log(self, _args, state, control, logs=None, **k):
             if logs and "reward" in logs:  # one train row per step (logging_steps=1)
@@ -178,28 +214,71 @@ def run_trl(args, model: str, data: Path, out: Path) -> dict:
 
     g = args.num_samples
     config = GRPOConfig(
-        output_dir=str(out / "trl"), per_device_train_batch_size=args.prompts_per_step * g,
-        gradient_accumulation_steps=1, steps_per_generation=1, num_generations=g, num_iterations=1,
-        max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, min_p=None,
-        repetition_penalty=1.0, use_vllm=False, beta=0.0, scale_rewards="group", loss_type=args.loss_type,
-        epsilon=CLIP, epsilon_high=CLIP, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, max_steps=args.steps, bf16=False, fp16=False, use_cpu=True,
-        gradient_checkpointing=False, disable_dropout=True, shuffle_dataset=False, seed=0, logging_steps=1,
-        report_to=[], save_strategy="no", dataloader_num_workers=0, remove_unused_columns=False,
-        log_completions=False, disable_tqdm=True)
-    trainer = GRPOTrainer(model=policy, reward_funcs=[sums_reward], args=config, train_dataset=dataset,
-                          processing_class=tok, callbacks=[Recorder()])
+        output_dir=str(out / "trl"),
+        per_device_train_batch_size=args.prompts_per_step * g,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=g,
+        num_iterations=1,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=None,
+        repetition_penalty=1.0,
+        use_vllm=False,
+        beta=0.0,
+        scale_rewards="group",
+        loss_type=args.loss_type,
+        epsilon=CLIP,
+        epsilon_high=CLIP,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=args.steps,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        shuffle_dataset=False,
+        seed=0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        log_completions=False,
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=[sums_reward],
+        args=config,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=[Recorder()],
+    )
     trainer.train()
-    timed, timed_samples = times[args.warmup:], sampled[args.warmup:]
+    timed, timed_samples = times[args.warmup :], sampled[args.warmup :]
     samples = sum(n for n, _ in timed_samples)
     expected = len(timed) * args.prompts_per_step * g
     if samples != expected:
-        sys.exit(f"TRL sampled {samples} completions in {len(timed)} timed steps; expected {expected}: "
-                 "the per-step mapping is wrong")
-    return {"seconds": sum(b - a for a, b in timed), "samples": samples, "steps": len(timed),
-            "sampling_seconds": sum(s for _, s in timed_samples),
-            "completion_length": sum(r["completions/mean_length"] for r in row_logs) / len(row_logs),
-            "reward_first": row_logs[0]["reward"], "reward_last": row_logs[-1]["reward"]}
+        sys.exit(
+            f"TRL sampled {samples} completions in {len(timed)} timed steps; expected {expected}: "
+            "the per-step mapping is wrong"
+        )
+    return {
+        "seconds": sum(b - a for a, b in timed),
+        "samples": samples,
+        "steps": len(timed),
+        "sampling_seconds": sum(s for _, s in timed_samples),
+        "completion_length": sum(r["completions/mean_length"] for r in row_logs) / len(row_logs),
+        "reward_first": row_logs[0]["reward"],
+        "reward_last": row_logs[-1]["reward"],
+    }
 
 
 def worker(args) -> None:
@@ -227,13 +306,14 @@ def worker(args) -> None:
 def child(name: str, args, extra: list) -> dict:
     """Run `--worker name` in a fresh process; its RESULT dict."""
     cmd = [sys.executable, __file__, "--worker", name, *extra, *sys.argv[1:], "--out", str(ROOT / args.out)]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads))
+    env = dict(
+        os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads)
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not line:
         sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(line[-1][len("RESULT "):])
+    return json.loads(line[-1][len("RESULT ") :])
 
 
 def main() -> None:
@@ -243,11 +323,19 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=6, help="completions per prompt (the group size)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--lr", type=float, default=2e-6, help="learning rate (examples/grpo_cpu.py's)")
-    ap.add_argument("--loss-type", choices=["grpo", "dapo", "dr_grpo"], default="grpo",
-                    help="TRL's loss_type = alignkit's online.aggregation (grpo: alignkit's default and the example's)")
+    ap.add_argument(
+        "--loss-type",
+        choices=["grpo", "dapo", "dr_grpo"],
+        default="grpo",
+        help="TRL's loss_type = alignkit's online.aggregation (grpo: alignkit's default and the example's)",
+    )
     ap.add_argument("--warmup", type=int, default=0, help="steps at the start left out of the timing (both)")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()),
-                    help="torch threads of each child (default: $OMP_NUM_THREADS, else the machine's cores)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()),
+        help="torch threads of each child (default: $OMP_NUM_THREADS, else the machine's cores)",
+    )
     ap.add_argument("--max-prompt-length", type=int, default=128, help=argparse.SUPPRESS)  # the sums are ~46 tokens
     ap.add_argument("--only", choices=["alignkit", "trl"], help="run one framework only")
     ap.add_argument("--out", default="runs/bench_grpo_vs_trl")
@@ -267,21 +355,28 @@ def main() -> None:
     data = out / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(args)))
     path = child("model", args, [])["model"]
-    print(f"GRPO, {args.steps} steps of {args.prompts_per_step} prompts x {args.num_samples} samples, up to "
-          f"{args.max_new_tokens} new tokens, loss_type {args.loss_type}, fp32, {args.threads} threads; model {path}",
-          flush=True)
+    print(
+        f"GRPO, {args.steps} steps of {args.prompts_per_step} prompts x {args.num_samples} samples, up to "
+        f"{args.max_new_tokens} new tokens, loss_type {args.loss_type}, fp32, {args.threads} threads; model {path}",
+        flush=True,
+    )
     results = {}
     for name in [args.only] if args.only else ["alignkit", "trl"]:
         r = results[name] = child(name, args, ["--model-path", path, "--data", str(data)])
-        print(f"{name}: {r['samples_per_s']:.2f} samples/s ({r['samples']} samples in {r['steps']} steps, "
-              f"{r['seconds']:.1f} s, sampling {100 * r['sampling_seconds'] / r['seconds']:.0f}%), "
-              f"peak RSS {r['peak_rss_mib']:.0f} MiB, mean completion {r['completion_length']:.1f} tokens, "
-              f"mean reward {r['reward_first']:.3f} (step 1) -> {r['reward_last']:.3f} (step {args.steps})", flush=True)
+        print(
+            f"{name}: {r['samples_per_s']:.2f} samples/s ({r['samples']} samples in {r['steps']} steps, "
+            f"{r['seconds']:.1f} s, sampling {100 * r['sampling_seconds'] / r['seconds']:.0f}%), "
+            f"peak RSS {r['peak_rss_mib']:.0f} MiB, mean completion {r['completion_length']:.1f} tokens, "
+            f"mean reward {r['reward_first']:.3f} (step 1) -> {r['reward_last']:.3f} (step {args.steps})",
+            flush=True,
+        )
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     if "alignkit" in results and "trl" in results:
         a, t = results["alignkit"], results["trl"]
-        print(f"samples_per_s_ratio={a['samples_per_s'] / t['samples_per_s']:.2f} "
-              f"peak_memory_ratio={a['peak_rss_mib'] / t['peak_rss_mib']:.2f}")
+        print(
+            f"samples_per_s_ratio={a['samples_per_s'] / t['samples_per_s']:.2f} "
+            f"peak_memory_ratio={a['peak_rss_mib'] / t['peak_rss_mib']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def smoke_hh(out: Path, n: int = 1040) -> Path:
     rows = []
     for i in range(1, n + 1):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        prompt = ("\n\nHuman: hello\n\nAssistant: hello , what is your question ?" if i % 3 == 0 else "") + \
-            f"\n\nHuman: what is {a} plus {b} ?\n\nAssistant: "
+        prompt = (
+            "\n\nHuman: hello\n\nAssistant: hello , what is your question ?" if i % 3 == 0 else ""
+        ) + f"\n\nHuman: what is {a} plus {b} ?\n\nAssistant: "
         chosen = "" if i == 5 else f"the answer is {a + b} ."
         rows.append({"chosen": prompt + chosen, "rejected": prompt + "sorry i cannot help ."})
     return write_rows(Path(out) / "smoke_data" / "hh_rlhf_harmless.jsonl", rows)

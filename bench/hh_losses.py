@@ -31,8 +31,16 @@ def baseline(model: str, held: Path, max_length: int) -> dict:
     """The untrained model's own ranking: is log pi(chosen) > log pi(rejected) (sum and mean)?"""
     from alignkit.eval.run import EvalConfig, run_eval
 
-    pref = run_eval(EvalConfig(model=model, data=str(held), max_length=max_length, batch_size=16,
-                               output_dir=str(held.parent.parent / "baseline"), progress=False))["preference"]
+    pref = run_eval(
+        EvalConfig(
+            model=model,
+            data=str(held),
+            max_length=max_length,
+            batch_size=16,
+            output_dir=str(held.parent.parent / "baseline"),
+            progress=False,
+        )
+    )["preference"]
     return {"sum_logprob": pref["ranking_accuracy"], "mean_logprob": pref["ranking_accuracy_mean_logprob"]}
 
 
@@ -61,16 +69,27 @@ def main() -> None:
     if len(rows) < args.train + args.heldout:
         sys.exit(f"only {len(rows)} usable pairs; lower --train or --heldout")
     train_file = hh_data.write_rows(out / "data" / "train.jsonl", [r for _, r in rows[: args.train]])
-    held_file = hh_data.write_rows(out / "data" / "heldout.jsonl", [r for _, r in rows[-args.heldout:]])
+    held_file = hh_data.write_rows(out / "data" / "heldout.jsonl", [r for _, r in rows[-args.heldout :]])
     print(f"HH-RLHF harmless: {len(skipped)} malformed rows skipped; train {args.train}, held-out {args.heldout}")
     results = {"baseline": baseline(model, held_file, args.max_length)}
     for name in args.losses.split(","):
         start = time.perf_counter()
-        cfg = load_config(None, [
-            f"model.name_or_path={model}", f"loss.name={name}", f"data.train={train_file}", f"data.eval={held_file}",
-            f"data.max_length={args.max_length}", f"train.max_steps={args.steps}",
-            f"train.batch_size={args.batch_size}", f"train.learning_rate={args.lr}",
-            "train.report_to=[]", "train.eval_batch_size=16", f"output_dir={out / name}"])
+        cfg = load_config(
+            None,
+            [
+                f"model.name_or_path={model}",
+                f"loss.name={name}",
+                f"data.train={train_file}",
+                f"data.eval={held_file}",
+                f"data.max_length={args.max_length}",
+                f"train.max_steps={args.steps}",
+                f"train.batch_size={args.batch_size}",
+                f"train.learning_rate={args.lr}",
+                "train.report_to=[]",
+                "train.eval_batch_size=16",
+                f"output_dir={out / name}",
+            ],
+        )
         result = train(cfg, progress=False)
         acc = read_metrics(result.run_dir, "eval")[-1]["rewards/accuracies"]
         results[name] = {"accuracy": acc, "seconds": round(time.perf_counter() - start, 1)}

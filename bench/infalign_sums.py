@@ -51,8 +51,15 @@ def main() -> None:
     out = ROOT / args.out
     train_file, held_file = sums_task.write_data(out, n_train=args.train_prompts, n_heldout=args.heldout)
     base = smoke.tiny_model_dir(out) if args.smoke else str(default_model_dir())
-    calibrated = {"name": "calibrated", "reward": sums_task.REWARDS, "k": 8, "transform": "bon", "n": 4,
-                  "max_new_tokens": 24, "model": base}
+    calibrated = {
+        "name": "calibrated",
+        "reward": sums_task.REWARDS,
+        "k": 8,
+        "transform": "bon",
+        "n": 4,
+        "max_new_tokens": 24,
+        "model": base,
+    }
     results, times = {}, {}
     for name, reward in (("raw", sums_task.REWARDS), ("ctrl", calibrated)):
         run_dir = out / name / "run"
@@ -60,30 +67,55 @@ def main() -> None:
         if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
             print(f"{name}: reusing the finished run in {run_dir}")  # the training part is deterministic
         else:
-            cfg = load_config(None, ["recipe=grpo", *sums_task.common_overrides(train_file, held_file, out / name,
-                                                                                  args.steps, args.lr, base),
-                                     f"online.rewards={json.dumps(reward)}", f"output_dir={run_dir}",
-                                     "data.eval_fraction=0", "data.eval=null"])
+            cfg = load_config(
+                None,
+                [
+                    "recipe=grpo",
+                    *sums_task.common_overrides(train_file, held_file, out / name, args.steps, args.lr, base),
+                    f"online.rewards={json.dumps(reward)}",
+                    f"output_dir={run_dir}",
+                    "data.eval_fraction=0",
+                    "data.eval=null",
+                ],
+            )
             train(cfg)
         times[name] = sum(r["step_time_s"] for r in read_metrics(run_dir, "train")) / 60  # the steps' time
-        ev = run_eval(EvalConfig(model=str(run_dir / "final"), reference=base, prompts=str(held_file),
-                                 rewards=[build_reward(sums_task.REWARDS)], bon_n=[4, 8], calibration_k=16,
-                                 num_prompts=args.heldout,
-                                 sampling=SamplingParams(max_new_tokens=24, temperature=1.0),
-                                 output_dir=str(out / name / "eval"), progress=False))
+        ev = run_eval(
+            EvalConfig(
+                model=str(run_dir / "final"),
+                reference=base,
+                prompts=str(held_file),
+                rewards=[build_reward(sums_task.REWARDS)],
+                bon_n=[4, 8],
+                calibration_k=16,
+                num_prompts=args.heldout,
+                sampling=SamplingParams(max_new_tokens=24, temperature=1.0),
+                output_dir=str(out / name / "eval"),
+                progress=False,
+            )
+        )
         results[name] = ev["best_of_n"]
-    print("\n| model | training | calibrated reward (mean) | best-of-4 vs 1 ref | best-of-4 vs ref best-of-4 "
-          "| best-of-8 vs 1 ref | best-of-8 vs ref best-of-8 |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "\n| model | training | calibrated reward (mean) | best-of-4 vs 1 ref | best-of-4 vs ref best-of-4 "
+        "| best-of-8 vs 1 ref | best-of-8 vs ref best-of-8 |\n| --- | --- | --- | --- | --- | --- | --- |"
+    )
 
     def cell(v: dict) -> str:
         return f"{v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
 
     for name, b in results.items():
-        cells = [cell(b["by_n"][n][key]) for n in ("4", "8") for key in ("vs_reference_sample", "vs_reference_best_of_n")]
-        print(f"| GRPO {name} | {times[name]:.1f} min | {b['policy_calibrated_mean']:.3f} | " + " | ".join(cells) + " |")
+        cells = [
+            cell(b["by_n"][n][key]) for n in ("4", "8") for key in ("vs_reference_sample", "vs_reference_best_of_n")
+        ]
+        print(
+            f"| GRPO {name} | {times[name]:.1f} min | {b['policy_calibrated_mean']:.3f} | " + " | ".join(cells) + " |"
+        )
     for name, b in results.items():  # measured, from the reference's held-out samples of each evaluation
-        cells = [cell(b["by_n"][n][key]) for n in ("4", "8")
-                 for key in ("reference_vs_reference_sample", "reference_vs_reference_best_of_n")]
+        cells = [
+            cell(b["by_n"][n][key])
+            for n in ("4", "8")
+            for key in ("reference_vs_reference_sample", "reference_vs_reference_best_of_n")
+        ]
         print(f"| reference (eval of {name}) | - | - | " + " | ".join(cells) + " |")
     b4 = {k: v["by_n"]["4"]["vs_reference_best_of_n"]["value"] for k, v in results.items()}
     print(f"bon4_winrate raw={b4['raw']:.3f} ctrl={b4['ctrl']:.3f} n={args.heldout}")

@@ -37,9 +37,11 @@ sys.path.insert(0, str(ROOT / "examples"))
 import hh_data  # noqa: E402
 import smoke  # noqa: E402
 
-WORDS = ("dog river bread window guitar mountain teacher rain garden candle bicycle ocean kitchen "
-         "letter winter forest coffee train market moon child stone clock bridge apple ship lamp "
-         "school flower snow road cloud book field horse island song painter storm wheel").split()
+WORDS = (
+    "dog river bread window guitar mountain teacher rain garden candle bicycle ocean kitchen "
+    "letter winter forest coffee train market moon child stone clock bridge apple ship lamp "
+    "school flower snow road cloud book field horse island song painter storm wheel"
+).split()
 
 
 def concept_sets(n: int, seed: int) -> list[dict]:
@@ -47,8 +49,7 @@ def concept_sets(n: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         words = rng.sample(WORDS, 3)
-        rows.append({"prompt": f"Write one sentence that uses all of these words: {', '.join(words)}.",
-                     "words": words})
+        rows.append({"prompt": f"Write one sentence that uses all of these words: {', '.join(words)}.", "words": words})
     return rows
 
 
@@ -72,9 +73,13 @@ def hh_prompts(rows: list, tokenizer, limit: int, max_tokens: int = 160) -> tupl
 
 def strategies_for(task: str) -> list[tuple[str, dict]]:
     soft_t = 0.1 if task == "keywords" else 0.5
-    runs = [("sample", {}), ("best-of-n", {"n": 8}), ("soft-best-of-n", {"n": 8, "soft_temperature": soft_t}),
-            ("deal", {"beam": 2, "candidates": 4, "block": 12, "lookahead": 12}),
-            ("controlled-decoding", {"candidates": 8, "strength": 2.0})]
+    runs = [
+        ("sample", {}),
+        ("best-of-n", {"n": 8}),
+        ("soft-best-of-n", {"n": 8, "soft_temperature": soft_t}),
+        ("deal", {"beam": 2, "candidates": 4, "block": 12, "lookahead": 12}),
+        ("controlled-decoding", {"candidates": 8, "strength": 2.0}),
+    ]
     if task == "harmless":
         runs.append(("transfer-q", {"candidates": 4, "block": 12, "horizon": 24}))
     runs.append(("urial", {}))
@@ -88,10 +93,16 @@ def main() -> None:
     ap.add_argument("--tasks", default="keywords,harmless")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--fit-prompts", type=int, default=48, help="prompts the value head is fitted on, per task")
-    ap.add_argument("--reward-model", help="the harmless task's reward model (default: the one "
-                    "python bench/reward_model_hh.py trains, runs/bench_reward_model_hh/run/final)")
-    ap.add_argument("--dpo-model", help="Transfer Q*'s baseline for the harmless task (default: the DPO model "
-                    "python bench/hh_losses.py trains, runs/bench_hh_losses/dpo/final)")
+    ap.add_argument(
+        "--reward-model",
+        help="the harmless task's reward model (default: the one "
+        "python bench/reward_model_hh.py trains, runs/bench_reward_model_hh/run/final)",
+    )
+    ap.add_argument(
+        "--dpo-model",
+        help="Transfer Q*'s baseline for the harmless task (default: the DPO model "
+        "python bench/hh_losses.py trains, runs/bench_hh_losses/dpo/final)",
+    )
     ap.add_argument("--out", default="runs/bench_inference")
     args = smoke.parse_args(ap, prompts=2, max_new_tokens=4, fit_prompts=4)
 
@@ -113,8 +124,9 @@ def main() -> None:
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     model_name = smoke.tiny_model_dir(out) if args.smoke else "smollm2-135m-instruct"
-    args.reward_model = args.reward_model or (smoke.tiny_reward_model_dir(out) if args.smoke else
-                                              str(ROOT / "runs/bench_reward_model_hh/run/final"))
+    args.reward_model = args.reward_model or (
+        smoke.tiny_reward_model_dir(out) if args.smoke else str(ROOT / "runs/bench_reward_model_hh/run/final")
+    )
     args.dpo_model = args.dpo_model or (model_name if args.smoke else str(ROOT / "runs/bench_hh_losses/dpo/final"))
     mc = ModelConfig(name_or_path=model_name)
     tokenizer, model = load_tokenizer(mc), load_model(mc, for_training=False).eval()
@@ -129,8 +141,10 @@ def main() -> None:
         elif task == "harmless":
             rm_dir, dpo_dir = Path(args.reward_model), Path(args.dpo_model)
             if not (rm_dir / "config.json").is_file() or not (dpo_dir / "config.json").is_file():
-                print(f"skipped task harmless: needs {rm_dir} (python bench/reward_model_hh.py) and {dpo_dir} "
-                      "(python bench/hh_losses.py)")
+                print(
+                    f"skipped task harmless: needs {rm_dir} (python bench/reward_model_hh.py) and {dpo_dir} "
+                    "(python bench/hh_losses.py)"
+                )
                 continue
             rows, _ = hh_data.usable_rows(hh_data.smoke_hh(out) if args.smoke else hh_data.require_hh())
             evals, skipped = hh_prompts([(i, r) for i, r in rows if i > 1000], tokenizer, args.prompts)
@@ -140,24 +154,38 @@ def main() -> None:
             note = {"prompts_over_160_tokens_skipped": skipped}
         else:
             sys.exit(f"unknown task {task!r}: keywords or harmless")
-        prompts = [r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
-                   for r in evals]
+        prompts = [
+            r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}] for r in evals
+        ]
         columns = {"words": [r["words"] for r in evals]} if task == "keywords" else {}
         done = results.setdefault(task, {"strategies": {}, **note})["strategies"]
 
         value_dir = out / f"value_{task}"
         if not (value_dir / "value_head.safetensors").is_file():
             t0 = time.perf_counter()
-            fp = [r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
-                  for r in fits]
+            fp = [
+                r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+                for r in fits
+            ]
             fcols = {"words": [r["words"] for r in fits]} if task == "keywords" else {}
-            head = fit_value_head(model, tokenizer, reward, fp, encode_prompts(tokenizer, fp), fcols,
-                                  SamplingParams(args.max_new_tokens, 1.0, n=4), model_name=model_name)
+            head = fit_value_head(
+                model,
+                tokenizer,
+                reward,
+                fp,
+                encode_prompts(tokenizer, fp),
+                fcols,
+                SamplingParams(args.max_new_tokens, 1.0, n=4),
+                model_name=model_name,
+            )
             head.save(value_dir)
             results[task]["value_head"] = dict(head.meta, seconds=time.perf_counter() - t0)
             results_file.write_text(json.dumps(results, indent=2))
-            print(f"{task}: value head fitted in {time.perf_counter() - t0:.0f} s, held-out R^2 "
-                  f"{head.meta['heldout_r2']}", flush=True)
+            print(
+                f"{task}: value head fitted in {time.perf_counter() - t0:.0f} s, held-out R^2 "
+                f"{head.meta['heldout_r2']}",
+                flush=True,
+            )
 
         base_rewards = None
         for name, opts in strategies_for(task):
@@ -166,16 +194,37 @@ def main() -> None:
                     base_rewards = done[name]["rewards"]
                 continue
             options = StrategyOptions(value=str(value_dir), **opts)
-            res = run_strategy(name, model, tokenizer, reward, prompts, columns, params, options, seed=0,
-                               batch_size=args.batch_size, baseline_model=baseline)
+            res = run_strategy(
+                name,
+                model,
+                tokenizer,
+                reward,
+                prompts,
+                columns,
+                params,
+                options,
+                seed=0,
+                batch_size=args.batch_size,
+                baseline_model=baseline,
+            )
             rewards = [c.reward for c in res.choices]
             mean, lo, hi = bootstrap_mean_ci(rewards)
-            row = {"options": opts, "reward": mean, "ci95": [lo, hi], "rewards": rewards,
-                   "kl": res.kl, "kl_kind": res.kl_kind, "seconds": res.seconds,
-                   "seconds_per_prompt": res.seconds / len(prompts), "new_tokens_per_prompt": res.new_tokens / len(prompts),
-                   "prompt_tokens_per_prompt": res.prompt_tokens / len(prompts),
-                   "examples": [{"prompt": p[-1]["content"], "completion": c.completion, "reward": c.reward}
-                                for p, c in list(zip(prompts, res.choices))[:3]]}
+            row = {
+                "options": opts,
+                "reward": mean,
+                "ci95": [lo, hi],
+                "rewards": rewards,
+                "kl": res.kl,
+                "kl_kind": res.kl_kind,
+                "seconds": res.seconds,
+                "seconds_per_prompt": res.seconds / len(prompts),
+                "new_tokens_per_prompt": res.new_tokens / len(prompts),
+                "prompt_tokens_per_prompt": res.prompt_tokens / len(prompts),
+                "examples": [
+                    {"prompt": p[-1]["content"], "completion": c.completion, "reward": c.reward}
+                    for p, c in list(zip(prompts, res.choices))[:3]
+                ],
+            }
             if task == "keywords":
                 row["satisfied"] = sum(r == 1.0 for r in rewards) / len(rewards)
             if name == "sample":
@@ -184,14 +233,20 @@ def main() -> None:
                 row["win_rate_vs_sample"] = win_rate(rewards, base_rewards)
             done[name] = row
             results_file.write_text(json.dumps(results, indent=2))
-            print(f"{task} {name}: reward {mean:.3f} [{lo:.3f}, {hi:.3f}] "
-                  f"{'satisfied %.2f ' % row['satisfied'] if 'satisfied' in row else ''}"
-                  f"{res.seconds / len(prompts):.1f} s/prompt, {res.new_tokens / len(prompts):.0f} new tokens/prompt, "
-                  f"KL {res.kl if res.kl is None else round(res.kl, 2)} ({res.kl_kind})", flush=True)
+            print(
+                f"{task} {name}: reward {mean:.3f} [{lo:.3f}, {hi:.3f}] "
+                f"{'satisfied %.2f ' % row['satisfied'] if 'satisfied' in row else ''}"
+                f"{res.seconds / len(prompts):.1f} s/prompt, {res.new_tokens / len(prompts):.0f} new tokens/prompt, "
+                f"KL {res.kl if res.kl is None else round(res.kl, 2)} ({res.kl_kind})",
+                flush=True,
+            )
 
     print(table(results))
-    best = {task: max(r["strategies"].items(), key=lambda kv: kv[1]["reward"]) for task, r in results.items()
-            if r["strategies"]}
+    best = {
+        task: max(r["strategies"].items(), key=lambda kv: kv[1]["reward"])
+        for task, r in results.items()
+        if r["strategies"]
+    }
     print("best_reward " + " ".join(f"{task}={name}:{s['reward']:.3f}" for task, (name, s) in best.items()))
 
 
@@ -199,19 +254,29 @@ def table(results: dict) -> str:
     lines = []
     for task, r in results.items():
         vh = r.get("value_head", {})
-        lines += [f"\n**{task}**" + (f" (value head held-out R^2 {vh['heldout_r2']:.2f}, ridge l2 {vh['l2']:g})"
-                                     if vh.get("heldout_r2") is not None else ""), "",
-                  "| strategy | settings | reward [95% CI] | all words | win rate vs sample | KL (nats) | s / prompt | new tokens / prompt | prompt tokens / prompt |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"\n**{task}**"
+            + (
+                f" (value head held-out R^2 {vh['heldout_r2']:.2f}, ridge l2 {vh['l2']:g})"
+                if vh.get("heldout_r2") is not None
+                else ""
+            ),
+            "",
+            "| strategy | settings | reward [95% CI] | all words | win rate vs sample | KL (nats) | s / prompt | new "
+            "tokens / prompt | prompt tokens / prompt |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         order = ["sample", "best-of-n", "soft-best-of-n", "deal", "controlled-decoding", "transfer-q", "urial"]
         for name, s in sorted(r["strategies"].items(), key=lambda kv: order.index(kv[0])):
             wr = s.get("win_rate_vs_sample")
             kl = "-" if s["kl"] is None else f"{s['kl']:.2f} ({s['kl_kind']})"
             opts = ", ".join(f"{k}={v}" for k, v in s["options"].items()) or "-"
-            lines.append(f"| {name} | {opts} | {s['reward']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
-                         f"{'%.2f' % s['satisfied'] if 'satisfied' in s else '-'} | "
-                         f"{'%.2f' % wr['value'] if wr else '-'} | {kl} | {s['seconds_per_prompt']:.1f} | "
-                         f"{s['new_tokens_per_prompt']:.0f} | {s['prompt_tokens_per_prompt']:.0f} |")
+            lines.append(
+                f"| {name} | {opts} | {s['reward']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | "
+                f"{'%.2f' % s['satisfied'] if 'satisfied' in s else '-'} | "
+                f"{'%.2f' % wr['value'] if wr else '-'} | {kl} | {s['seconds_per_prompt']:.1f} | "
+                f"{s['new_tokens_per_prompt']:.0f} | {s['prompt_tokens_per_prompt']:.0f} |"
+            )
     return "\n".join(lines)
 
 

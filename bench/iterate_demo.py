@@ -49,20 +49,41 @@ def main() -> None:
     prompts.write_text("".join(json.dumps(r) + "\n" for r in demo_task.records(demo_task.train_prompts(args.train))))
     held.write_text("".join(json.dumps(r) + "\n" for r in demo_task.records(demo_task.heldout_prompts(args.heldout))))
     model = smoke.tiny_model_dir(out) if args.smoke else default_model_dir()
-    overrides = ["recipe=dpo", f"model.name_or_path={model}",
-                 "losses=[{name: dpo, beta: 0.1, weight: 1.0}, {name: sft, weight: 1.0}]", "train.learning_rate=1e-5",
-                 "train.batch_size=8", f"train.max_steps={args.steps}", "train.warmup_ratio=0.1",
-                 "data.eval_fraction=0", "data.max_length=192", "train.report_to=[]"]
+    overrides = [
+        "recipe=dpo",
+        f"model.name_or_path={model}",
+        "losses=[{name: dpo, beta: 0.1, weight: 1.0}, {name: sft, weight: 1.0}]",
+        "train.learning_rate=1e-5",
+        "train.batch_size=8",
+        f"train.max_steps={args.steps}",
+        "train.warmup_ratio=0.1",
+        "data.eval_fraction=0",
+        "data.max_length=192",
+        "train.report_to=[]",
+    ]
     start = time.perf_counter()
-    rows = iterate(None, overrides, prompts=str(prompts), heldout=str(held), reward_spec=parse_reward_arg(args.reward),
-                   rounds=1, k=args.k, min_margin=0.5, out=str(out / "iterate"),
-                   params=SamplingParams(max_new_tokens=48, temperature=1.0))
+    rows = iterate(
+        None,
+        overrides,
+        prompts=str(prompts),
+        heldout=str(held),
+        reward_spec=parse_reward_arg(args.reward),
+        rounds=1,
+        k=args.k,
+        min_margin=0.5,
+        out=str(out / "iterate"),
+        params=SamplingParams(max_new_tokens=48, temperature=1.0),
+    )
     minutes = (time.perf_counter() - start) / 60
     r = rows[-1]
-    print(f"\n1 round in {minutes:.1f} min: {r['pairs']} pairs from {args.train} prompts x {args.k} samples "
-          f"({r['pair_counts']}); training samples' mean reward {r['train_reward_mean']:.3f}")
-    print(f"held-out pass rate {r['before']:.3f} -> {r['after']:.3f}, change {r['diff']:+.3f} "
-          f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]; {r['improved']} prompts better, {r['worsened']} worse")
+    print(
+        f"\n1 round in {minutes:.1f} min: {r['pairs']} pairs from {args.train} prompts x {args.k} samples "
+        f"({r['pair_counts']}); training samples' mean reward {r['train_reward_mean']:.3f}"
+    )
+    print(
+        f"held-out pass rate {r['before']:.3f} -> {r['after']:.3f}, change {r['diff']:+.3f} "
+        f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]; {r['improved']} prompts better, {r['worsened']} worse"
+    )
     print(f"heldout_pass before={r['before']:.3f} after={r['after']:.3f} n={len(r['heldout_after'])}")
 
 

@@ -87,8 +87,9 @@ def run_one(method: str, args, train_file: Path, held_file: Path) -> dict:
     from alignkit.train.metrics import read_metrics
 
     if method == "distill" and not teacher_dir(args).is_dir():
-        raise SystemExit(f"distill needs the GRPO run's model as its teacher: run --methods grpo first "
-                         f"({teacher_dir(args)})")
+        raise SystemExit(
+            f"distill needs the GRPO run's model as its teacher: run --methods grpo first ({teacher_dir(args)})"
+        )
     extra, overrides, steps = settings(method, args, train_file, held_file)
     cfg = load_config(None, overrides)
     start = time.perf_counter()
@@ -99,9 +100,21 @@ def run_one(method: str, args, train_file: Path, held_file: Path) -> dict:
     before = json.loads((Path(args.out) / "before.json").read_text())
     after = sums_task.heldout_rewards(str(result.run_dir / "final"), held_file)
     d = paired_bootstrap(before, after)
-    return {"method": method, "settings": extra, "steps": steps, "minutes": minutes, "sampling_share": gen,
-            "before": sum(before) / len(before), "after": sum(after) / len(after), "n": len(after),
-            "change": d.diff, "lo": d.lo, "hi": d.hi, "improved": d.improved, "worsened": d.worsened}
+    return {
+        "method": method,
+        "settings": extra,
+        "steps": steps,
+        "minutes": minutes,
+        "sampling_share": gen,
+        "before": sum(before) / len(before),
+        "after": sum(after) / len(after),
+        "n": len(after),
+        "change": d.diff,
+        "lo": d.lo,
+        "hi": d.hi,
+        "improved": d.improved,
+        "worsened": d.worsened,
+    }
 
 
 def main() -> None:
@@ -140,9 +153,11 @@ def main() -> None:
     print("\n| method | held-out before | after | change [95% CI] | better / worse | steps | minutes | sampling |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['method']} | {r['before']:.3f} | {r['after']:.3f} | {r['change']:+.3f} [{r['lo']:+.3f}, "
-              f"{r['hi']:+.3f}] | {r['improved']} / {r['worsened']} | {r['steps']} | {r['minutes']:.1f} | "
-              f"{100 * r['sampling_share']:.0f}% |")
+        print(
+            f"| {r['method']} | {r['before']:.3f} | {r['after']:.3f} | {r['change']:+.3f} [{r['lo']:+.3f}, "
+            f"{r['hi']:+.3f}] | {r['improved']} / {r['worsened']} | {r['steps']} | {r['minutes']:.1f} | "
+            f"{100 * r['sampling_share']:.0f}% |"
+        )
     raised = all(r["after"] > r["before"] for r in results)
     print(f"methods={len(results)} all_raised={str(raised).lower()}")
 

@@ -54,31 +54,68 @@ def main() -> None:
     train_file = hh_data.write_rows(out / "data" / "train.jsonl", [r for i, r in rows if i <= args.train_rows])
     held_file = hh_data.write_rows(out / "data" / "heldout.jsonl", [r for i, r in rows if i > args.train_rows])
     n_train, n_held = sum(i <= args.train_rows for i, _ in rows), sum(i > args.train_rows for i, _ in rows)
-    print(f"HH-RLHF harmless: {len(skipped)} malformed rows skipped ({', '.join(loc for loc, _ in skipped)}); "
-          f"train {n_train}, held-out {n_held}", flush=True)
+    print(
+        f"HH-RLHF harmless: {len(skipped)} malformed rows skipped ({', '.join(loc for loc, _ in skipped)}); "
+        f"train {n_train}, held-out {n_held}",
+        flush=True,
+    )
 
-    base = run_eval(EvalConfig(model=model, data=str(held_file), max_length=args.max_length,
-                               batch_size=16, output_dir=str(out / "baseline"), progress=False))["preference"]
+    base = run_eval(
+        EvalConfig(
+            model=model,
+            data=str(held_file),
+            max_length=args.max_length,
+            batch_size=16,
+            output_dir=str(out / "baseline"),
+            progress=False,
+        )
+    )["preference"]
     t_base = time.perf_counter() - start
-    cfg = load_config(None, [
-        "recipe=reward", f"model.name_or_path={model}", f"data.train={train_file}", f"data.eval={held_file}", f"data.max_length={args.max_length}",
-        f"model.freeze_layers={args.freeze_layers}", f"train.epochs={args.epochs}", f"train.learning_rate={args.lr}",
-        f"train.batch_size={args.batch_size}", "train.eval_batch_size=16", "train.report_to=[]",
-        "train.log_every=20", f"output_dir={out / 'run'}"])
+    cfg = load_config(
+        None,
+        [
+            "recipe=reward",
+            f"model.name_or_path={model}",
+            f"data.train={train_file}",
+            f"data.eval={held_file}",
+            f"data.max_length={args.max_length}",
+            f"model.freeze_layers={args.freeze_layers}",
+            f"train.epochs={args.epochs}",
+            f"train.learning_rate={args.lr}",
+            f"train.batch_size={args.batch_size}",
+            "train.eval_batch_size=16",
+            "train.report_to=[]",
+            "train.log_every=20",
+            f"output_dir={out / 'run'}",
+        ],
+    )
     result = train(cfg, progress=False)
     acc = read_metrics(result.run_dir, "eval")[-1]["accuracy"]
     lo, hi = wilson_interval(acc * n_held, n_held)
     elapsed = time.perf_counter() - start
-    summary = {"heldout_accuracy": acc, "ci95": [lo, hi], "n": n_held, "n_train": n_train,
-               "baseline_sum_logprob": base["ranking_accuracy"], "baseline_mean_logprob": base["ranking_accuracy_mean_logprob"],
-               "seconds_total": round(elapsed), "seconds_baseline": round(t_base), "args": vars(args)}
+    summary = {
+        "heldout_accuracy": acc,
+        "ci95": [lo, hi],
+        "n": n_held,
+        "n_train": n_train,
+        "baseline_sum_logprob": base["ranking_accuracy"],
+        "baseline_mean_logprob": base["ranking_accuracy_mean_logprob"],
+        "seconds_total": round(elapsed),
+        "seconds_baseline": round(t_base),
+        "args": vars(args),
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     print("\n| model | held-out accuracy [95% CI] | n |\n| --- | --- | --- |")
-    for name, key in (("untrained LM, summed log-prob", "ranking_accuracy"),
-                      ("untrained LM, mean log-prob", "ranking_accuracy_mean_logprob")):
+    for name, key in (
+        ("untrained LM, summed log-prob", "ranking_accuracy"),
+        ("untrained LM, mean log-prob", "ranking_accuracy_mean_logprob"),
+    ):
         b = base[key]
         print(f"| {name} | {b['value']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] | {b['n']} |")
-    print(f"| reward model ({n_train} pairs, {args.freeze_layers} blocks frozen, {args.epochs:g} epochs) | {acc:.3f} [{lo:.3f}, {hi:.3f}] | {n_held} |")
+    print(
+        f"| reward model ({n_train} pairs, {args.freeze_layers} blocks frozen, {args.epochs:g} epochs) | {acc:.3f} "
+        f"[{lo:.3f}, {hi:.3f}] | {n_held} |"
+    )
     print(f"total {elapsed / 60:.1f} min (baseline {t_base / 60:.1f} min)")
     print(f"heldout_accuracy={acc:.3f} ci95={lo:.3f},{hi:.3f} n={n_held}")
 

@@ -64,9 +64,13 @@ def main() -> None:
     model = load_model(cfg, device=torch.device(args.device)).eval()
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     questions = [json.loads(line)["question"] for line in data.read_text().splitlines()[: args.prompts]]
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-               for q in questions]
+    prompts = [
+        tok(
+            tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+        for q in questions
+    ]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, n=args.n)
     seeds = list(range(len(prompts)))
 
@@ -75,8 +79,14 @@ def main() -> None:
 
     start = time.perf_counter()
     # on CPU the engine's KV cache is alignkit's default size (`memory_settings`)
-    engine = VLLMEngine(model_path, tok, dtype=dtype, gpu_memory_utilization=0.1 if args.device == "cuda" else None,
-                        max_model_len=1024, seed=0)
+    engine = VLLMEngine(
+        model_path,
+        tok,
+        dtype=dtype,
+        gpu_memory_utilization=0.1 if args.device == "cuda" else None,
+        max_model_len=1024,
+        seed=0,
+    )
     startup = time.perf_counter() - start
     vllm_s, vllm_out = best_of(lambda: engine.sample(prompts, params, seed=0, prompt_seeds=seeds), args.repeats)
     sync_s, _ = best_of(lambda: engine.sync(model), args.repeats)
@@ -86,14 +96,20 @@ def main() -> None:
     samples = len(prompts) * args.n
     tokens = lambda out: sum(len(s.token_ids) for g in out for s in g)  # noqa: E731
     name = "a tiny random-init model" if args.smoke else "SmolLM2-135M-Instruct"
-    print(f"model {name}, {len(prompts)} prompts x {args.n} samples, up to {args.max_new_tokens} new "
-          f"tokens, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {name}, {len(prompts)} prompts x {args.n} samples, up to {args.max_new_tokens} new "
+        f"tokens, torch threads {torch.get_num_threads()}"
+    )
     print(f"own sampler: {own_s:.2f} s, {tokens(own_out)} tokens, {tokens(own_out) / own_s:.1f} tokens/s")
-    print(f"vLLM: {vllm_s:.2f} s, {tokens(vllm_out)} tokens, {tokens(vllm_out) / vllm_s:.1f} tokens/s "
-          f"(engine start {startup:.1f} s once, weight sync {sync_s:.2f} s per update)")
+    print(
+        f"vLLM: {vllm_s:.2f} s, {tokens(vllm_out)} tokens, {tokens(vllm_out) / vllm_s:.1f} tokens/s "
+        f"(engine start {startup:.1f} s once, weight sync {sync_s:.2f} s per update)"
+    )
     for b, (frac, step_s) in fractions.items():
-        print(f"GRPO with generation.backend={b}: {100 * frac:.0f}% of a step sampling, {step_s:.1f} s per step "
-              f"(steps 2-{args.grpo_steps}, 4 prompts x {args.n} samples per step)")
+        print(
+            f"GRPO with generation.backend={b}: {100 * frac:.0f}% of a step sampling, {step_s:.1f} s per step "
+            f"(steps 2-{args.grpo_steps}, 4 prompts x {args.n} samples per step)"
+        )
     own_rate, vllm_rate = samples / own_s, samples / vllm_s
     print(f"own_samples_per_s={own_rate:.2f} vllm_samples_per_s={vllm_rate:.2f} ratio={vllm_rate / own_rate:.2f}")
 
@@ -110,16 +126,34 @@ def grpo_generation_fraction(backend: str, args, model_path: str, gsm8k: Path) -
     out.mkdir(parents=True, exist_ok=True)
     data = out / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": r["question"], "answer": r["answer"]}) + "\n" for r in rows))
-    cfg = load_config(None, [
-        "recipe=grpo", f"model.name_or_path={model_path}", f"data.train={data}", "data.eval_fraction=0", f"output_dir={out / 'run'}", "train.report_to=[]",
-        "online.rewards=numeric_match", f"generation.num_samples={args.n}", "train.batch_size=4",
-        f"generation.max_new_tokens={args.max_new_tokens}", f"generation.batch_size={4 * args.n}",
-        f"train.max_steps={args.grpo_steps}", f"generation.backend={backend}", f"model.device={args.device}",
-        "data.max_length=512", "train.learning_rate=1e-6", "train.log_every=1"])
+    cfg = load_config(
+        None,
+        [
+            "recipe=grpo",
+            f"model.name_or_path={model_path}",
+            f"data.train={data}",
+            "data.eval_fraction=0",
+            f"output_dir={out / 'run'}",
+            "train.report_to=[]",
+            "online.rewards=numeric_match",
+            f"generation.num_samples={args.n}",
+            "train.batch_size=4",
+            f"generation.max_new_tokens={args.max_new_tokens}",
+            f"generation.batch_size={4 * args.n}",
+            f"train.max_steps={args.grpo_steps}",
+            f"generation.backend={backend}",
+            f"model.device={args.device}",
+            "data.max_length=512",
+            "train.learning_rate=1e-6",
+            "train.log_every=1",
+        ],
+    )
     rows = read_metrics(train(cfg, progress=False).run_dir, "train")
     rows = rows[1:] or rows  # the first step also pays one-time costs
-    return (sum(r["time/generation_fraction"] for r in rows) / len(rows),
-            sum(r["step_time_s"] for r in rows) / len(rows))
+    return (
+        sum(r["time/generation_fraction"] for r in rows) / len(rows),
+        sum(r["step_time_s"] for r in rows) / len(rows),
+    )
 
 
 if __name__ == "__main__":

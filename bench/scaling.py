@@ -37,8 +37,17 @@ def run(nproc: int, out: Path, args: list) -> tuple[float, list]:
         cmd = [sys.executable, str(WORKER), str(out), "train", *args]
         env["OMP_NUM_THREADS"] = "2"
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(WORKER), str(out), "train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(WORKER),
+            str(out),
+            "train",
+            *args,
+        ]
         env["OMP_NUM_THREADS"] = "1"
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -65,28 +74,44 @@ def main() -> None:
     model = smoke.tiny_model_dir(out) if args.smoke else DEFAULT_MODEL
     rows = [r for _, r in hh_data.usable_rows(hh)[0]][: args.pairs]
     data = hh_data.write_rows(out / "pairs.jsonl", rows)
-    common = [f"model.name_or_path={model}", f"data.train={data}", "data.eval_fraction=0",
-              f"data.max_length={args.max_length}", f"train.max_steps={args.steps}", "train.learning_rate=1e-6",
-              "train.warmup_ratio=0",
-              "train.shuffle=false", "train.report_to=[]", f"cache_dir={out / 'cache'}", "train.log_every=1",
-              "train.save_every=0"]
+    common = [
+        f"model.name_or_path={model}",
+        f"data.train={data}",
+        "data.eval_fraction=0",
+        f"data.max_length={args.max_length}",
+        f"train.max_steps={args.steps}",
+        "train.learning_rate=1e-6",
+        "train.warmup_ratio=0",
+        "train.shuffle=false",
+        "train.report_to=[]",
+        f"cache_dir={out / 'cache'}",
+        "train.log_every=1",
+        "train.save_every=0",
+    ]
     per_process = {1: args.pairs_per_step, 2: args.pairs_per_step // 2}
     results = {}
     for nproc in (1, 2):
         run_dir = out / f"{nproc}proc"
-        seconds, rss = run(nproc, run_dir, [*common, f"train.batch_size={per_process[nproc]}", f"output_dir={run_dir / 'run'}"])
+        seconds, rss = run(
+            nproc, run_dir, [*common, f"train.batch_size={per_process[nproc]}", f"output_dir={run_dir / 'run'}"]
+        )
         metrics = read_metrics(run_dir / "run", "train")
-        results[nproc] = {"seconds": seconds, "rss": rss, "losses": [m["loss"] for m in metrics],
-                          "tokens_per_s": sum(m["tokens_per_s"] for m in metrics[1:]) / max(1, len(metrics) - 1)}
-    print(f"DPO on {model}, {args.pairs_per_step} pairs per step, max_length {args.max_length}, "
-          f"{args.steps} steps")
+        results[nproc] = {
+            "seconds": seconds,
+            "rss": rss,
+            "losses": [m["loss"] for m in metrics],
+            "tokens_per_s": sum(m["tokens_per_s"] for m in metrics[1:]) / max(1, len(metrics) - 1),
+        }
+    print(f"DPO on {model}, {args.pairs_per_step} pairs per step, max_length {args.max_length}, {args.steps} steps")
     print("step  loss (1 process)  loss (2 processes)")
     for i, (a, b) in enumerate(zip(results[1]["losses"], results[2]["losses"]), start=1):
         print(f"{i:>4}  {a:.8f}        {b:.8f}")
     for n in (1, 2):
         r = results[n]
-        print(f"{n} process(es): {r['tokens_per_s']:.0f} tokens/s, peak RSS per process "
-              f"{', '.join(f'{x:.0f}' for x in r['rss'])} MiB, {r['seconds']:.0f} s in all")
+        print(
+            f"{n} process(es): {r['tokens_per_s']:.0f} tokens/s, peak RSS per process "
+            f"{', '.join(f'{x:.0f}' for x in r['rss'])} MiB, {r['seconds']:.0f} s in all"
+        )
     diff = max(abs(a - b) for a, b in zip(results[1]["losses"], results[2]["losses"]))
     rss_ratio = max(results[2]["rss"]) / results[1]["rss"][0]
     tps_ratio = results[2]["tokens_per_s"] / results[1]["tokens_per_s"]

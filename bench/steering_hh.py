@@ -57,8 +57,13 @@ def multiple_choice(gsm: list, seed: int = 0) -> list:
                 wrong.append(cand)
         choices = [value] + wrong[:3]
         rng.shuffle(choices)
-        out.append({"prompt": g["question"], "choices": [f"The answer is {c}." for c in choices],
-                    "answer": f"The answer is {value}."})
+        out.append(
+            {
+                "prompt": g["question"],
+                "choices": [f"The answer is {c}." for c in choices],
+                "answer": f"The answer is {value}.",
+            }
+        )
     return out
 
 
@@ -81,40 +86,93 @@ def main() -> None:
 
     rows, skipped = hh_data.usable_rows(hh)
     fit = hh_data.write_rows(out / "fit.jsonl", [r for _, r in rows[: args.fit_rows]])
-    held = rows[args.fit_rows: args.fit_rows + args.prompts]
+    held = rows[args.fit_rows : args.fit_rows + args.prompts]
     pairs = hh_data.write_rows(out / "pairs.jsonl", [r for _, r in held])
-    harmful = hh_data.write_rows(out / "harmful.jsonl", [
-        {"prompt": list(parse_preference_record(r, f"hh:{i}").prompt)} for i, r in held])
+    harmful = hh_data.write_rows(
+        out / "harmful.jsonl", [{"prompt": list(parse_preference_record(r, f"hh:{i}").prompt)} for i, r in held]
+    )
     gsm = [json.loads(line) for line in gsm8k.read_text().splitlines()[: args.prompts]]
     questions = hh_data.write_rows(out / "questions.jsonl", multiple_choice(gsm))
-    answers = hh_data.write_rows(out / "answers.jsonl", [{"prompt": g["question"], "completion": g["answer"]}
-                                                         for g in gsm])
+    answers = hh_data.write_rows(
+        out / "answers.jsonl", [{"prompt": g["question"], "completion": g["answer"]} for g in gsm]
+    )
     model = smoke.tiny_model_dir(out) if args.smoke else str(default_model_dir())
     start = time.perf_counter()
-    assert alignkit(["steer", "fit", "--model", model, "--data", str(fit), "--layers", *map(str, args.layers),
-                     "--method", "mean_diff", "--out", str(out / "vectors")]) == 0
+    assert (
+        alignkit(
+            [
+                "steer",
+                "fit",
+                "--model",
+                model,
+                "--data",
+                str(fit),
+                "--layers",
+                *map(str, args.layers),
+                "--method",
+                "mean_diff",
+                "--out",
+                str(out / "vectors"),
+            ]
+        )
+        == 0
+    )
     fit_min = (time.perf_counter() - start) / 60
-    assert alignkit(["eval", "--model", model, "--steer", str(out / "vectors"), f"--steer-sweep={args.sweep}",
-                     "--behaviour-prompts", str(harmful), "--accuracy", str(questions), "--data", str(pairs),
-                     "--helpfulness", str(answers), "--num-prompts", str(args.prompts), "--max-length", "512",
-                     "--max-new-tokens", str(args.max_new_tokens), "--temperature", "0.7", "--no-progress",
-                     "--output-dir", str(out / "eval")]) == 0
+    assert (
+        alignkit(
+            [
+                "eval",
+                "--model",
+                model,
+                "--steer",
+                str(out / "vectors"),
+                f"--steer-sweep={args.sweep}",
+                "--behaviour-prompts",
+                str(harmful),
+                "--accuracy",
+                str(questions),
+                "--data",
+                str(pairs),
+                "--helpfulness",
+                str(answers),
+                "--num-prompts",
+                str(args.prompts),
+                "--max-length",
+                "512",
+                "--max-new-tokens",
+                str(args.max_new_tokens),
+                "--temperature",
+                "0.7",
+                "--no-progress",
+                "--output-dir",
+                str(out / "eval"),
+            ]
+        )
+        == 0
+    )
     total = (time.perf_counter() - start) / 60
     sw = json.loads((out / "eval" / "metrics.json").read_text())["steering"]
-    print(f"\nfit on {len(rows[: args.fit_rows])} usable HH rows ({len(skipped)} unusable rows of the file skipped) "
-          f"in {fit_min:.1f} min; sweep on {sw['n_behaviour_prompts']} later HH prompts and pairs and "
-          f"{sw['n_questions']} GSM8K questions; {total:.1f} min in all")
+    print(
+        f"\nfit on {len(rows[: args.fit_rows])} usable HH rows ({len(skipped)} unusable rows of the file skipped) "
+        f"in {fit_min:.1f} min; sweep on {sw['n_behaviour_prompts']} later HH prompts and pairs and "
+        f"{sw['n_questions']} GSM8K questions; {total:.1f} min in all"
+    )
     norms = sw["rows"][-1]["norm_by_layer"]
     top = max(abs(r["strength"]) for r in sw["rows"])
-    print("absolute norm added per unit of strength: " + ", ".join(
-        f"layer {l}: {v / top:.2f}" for l, v in norms.items()))
-    print("| strength | behaviour (refusal - compliance) [95% CI] | refusal rate | MC accuracy | "
-          "margin (diagnostic) | NLL/token (diagnostic) |")
+    print(
+        "absolute norm added per unit of strength: " + ", ".join(f"layer {l}: {v / top:.2f}" for l, v in norms.items())
+    )
+    print(
+        "| strength | behaviour (refusal - compliance) [95% CI] | refusal rate | MC accuracy | "
+        "margin (diagnostic) | NLL/token (diagnostic) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for r in sw["rows"]:
         lo, hi = r["behaviour_ci95"]
-        print(f"| {r['strength']:g} | {r['behaviour']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['refusal_rate']:.3f} | "
-              f"{r['accuracy']:.3f} | {r['margin']:+.2f} | {r['nll']:.4f} |")
+        print(
+            f"| {r['strength']:g} | {r['behaviour']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {r['refusal_rate']:.3f} | "
+            f"{r['accuracy']:.3f} | {r['margin']:+.2f} | {r['nll']:.4f} |"
+        )
     f = sw["fits"]
 
     def r2(group, name):
@@ -123,15 +181,24 @@ def main() -> None:
 
     t = f["behaviour"]["tanh"]
     iq = f["accuracy"]["inverse_quadratic"]
-    print(f"behaviour: tanh A {t['A']:+.3f} k {t['k']:.3f} s0 {t['s0']:+.2f} B {t['B']:+.3f} R² {r2('behaviour', 'tanh')}; "
-          f"line R² {r2('behaviour', 'line')}; quadratic R² {r2('behaviour', 'quadratic')}")
-    print(f"accuracy: h0/(1+k s²) h0 {iq['h0']:.3f} k {iq['k']:.4f} R² {r2('accuracy', 'inverse_quadratic')}; "
-          f"line R² {r2('accuracy', 'line')}; quadratic R² {r2('accuracy', 'quadratic')}")
-    print(f"margin (diagnostic): line R² {r2('margin', 'line')}, quadratic R² {r2('margin', 'quadratic')}; "
-          f"NLL loss (diagnostic): quadratic R² {r2('helpfulness_loss', 'quadratic')}")
-    print(f"behaviour_tanh_r2={r2('behaviour', 'tanh')} behaviour_line_r2={r2('behaviour', 'line')} "
-          f"accuracy_invquad_r2={r2('accuracy', 'inverse_quadratic')} "
-          f"accuracy_quadratic_r2={r2('accuracy', 'quadratic')} n={sw['n_behaviour_prompts']}")
+    print(
+        f"behaviour: tanh A {t['A']:+.3f} k {t['k']:.3f} s0 {t['s0']:+.2f} B {t['B']:+.3f} R² "
+        f"{r2('behaviour', 'tanh')}; "
+        f"line R² {r2('behaviour', 'line')}; quadratic R² {r2('behaviour', 'quadratic')}"
+    )
+    print(
+        f"accuracy: h0/(1+k s²) h0 {iq['h0']:.3f} k {iq['k']:.4f} R² {r2('accuracy', 'inverse_quadratic')}; "
+        f"line R² {r2('accuracy', 'line')}; quadratic R² {r2('accuracy', 'quadratic')}"
+    )
+    print(
+        f"margin (diagnostic): line R² {r2('margin', 'line')}, quadratic R² {r2('margin', 'quadratic')}; "
+        f"NLL loss (diagnostic): quadratic R² {r2('helpfulness_loss', 'quadratic')}"
+    )
+    print(
+        f"behaviour_tanh_r2={r2('behaviour', 'tanh')} behaviour_line_r2={r2('behaviour', 'line')} "
+        f"accuracy_invquad_r2={r2('accuracy', 'inverse_quadratic')} "
+        f"accuracy_quadratic_r2={r2('accuracy', 'quadratic')} n={sw['n_behaviour_prompts']}"
+    )
 
 
 if __name__ == "__main__":

@@ -39,12 +39,24 @@ def main() -> None:
     out = ROOT / args.out
     train_file, held_file = sums_task.write_data(out, n_heldout=args.heldout)
     model = smoke.tiny_model_dir(out) if args.smoke else str(default_model_dir())
-    cfg = load_config(None, ["recipe=grpo", *sums_task.common_overrides(train_file, held_file, out, args.steps, args.lr,
-                                                                         model), f"generation.backend={args.backend}"])
+    cfg = load_config(
+        None,
+        [
+            "recipe=grpo",
+            *sums_task.common_overrides(train_file, held_file, out, args.steps, args.lr, model),
+            f"generation.backend={args.backend}",
+        ],
+    )
     start = time.perf_counter()
     result = train(cfg)
-    sums_task.report("GRPO" + (" (vLLM sampling)" if args.backend == "vllm" else ""), args.steps,
-                     (time.perf_counter() - start) / 60, result.run_dir, model, held_file)
+    sums_task.report(
+        "GRPO" + (" (vLLM sampling)" if args.backend == "vllm" else ""),
+        args.steps,
+        (time.perf_counter() - start) / 60,
+        result.run_dir,
+        model,
+        held_file,
+    )
 
 
 if __name__ == "__main__":

@@ -41,10 +41,19 @@ def main() -> None:
     model = smoke.tiny_model_dir(out) if args.smoke else str(default_model_dir())
     epochs, minibatches = 1, 2
     steps = args.rollouts * epochs * minibatches
-    cfg = load_config(None, [
-        "recipe=ppo", *sums_task.common_overrides(train_file, held_file, out, steps, args.lr, model),
-        f"ppo.epochs={epochs}", f"ppo.minibatches={minibatches}", "ppo.gamma=1.0", "ppo.lam=0.95",
-        f"critic.learning_rate={args.critic_lr}", f"critic.freeze_layers={args.critic_frozen_layers}"])
+    cfg = load_config(
+        None,
+        [
+            "recipe=ppo",
+            *sums_task.common_overrides(train_file, held_file, out, steps, args.lr, model),
+            f"ppo.epochs={epochs}",
+            f"ppo.minibatches={minibatches}",
+            "ppo.gamma=1.0",
+            "ppo.lam=0.95",
+            f"critic.learning_rate={args.critic_lr}",
+            f"critic.freeze_layers={args.critic_frozen_layers}",
+        ],
+    )
     start = time.perf_counter()
     result = train(cfg)
     sums_task.report("PPO", steps, (time.perf_counter() - start) / 60, result.run_dir, model, held_file)

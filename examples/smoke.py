@@ -14,9 +14,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-HELP = ("a seconds-long run of this script's code for tests: a tiny random-init model, synthetic data, "
-        "the smallest sizes (an option given explicitly still wins), output in a temporary directory "
-        "unless --out is given")
+HELP = (
+    "a seconds-long run of this script's code for tests: a tiny random-init model, synthetic data, "
+    "the smallest sizes (an option given explicitly still wins), output in a temporary directory "
+    "unless --out is given"
+)
 
 
 def parse_args(ap: argparse.ArgumentParser, **sizes) -> argparse.Namespace:

@@ -13,8 +13,10 @@ import json
 import random
 from pathlib import Path
 
-REWARDS = [{"name": "numeric_match", "answer_column": "answer", "weight": 1.0},
-           {"name": "regex", "pattern": r"\s*-?\d+\s*\.?\s*", "search": False, "weight": 0.5}]
+REWARDS = [
+    {"name": "numeric_match", "answer_column": "answer", "weight": 1.0},
+    {"name": "regex", "pattern": r"\s*-?\d+\s*\.?\s*", "search": False, "weight": 0.5},
+]
 N_HELDOUT = 48
 
 
@@ -38,11 +40,25 @@ def write_data(out: Path, n_train: int = 400, n_heldout: int = N_HELDOUT) -> tup
 
 def common_overrides(train_file: Path, held_file: Path, out: Path, steps: int, lr: float, model: str) -> list[str]:
     """The settings both examples share: model, data, reward, sampling budget per rollout."""
-    return [f"model.name_or_path={model}", f"data.train={train_file}", f"data.eval={held_file}", "data.max_length=96",
-            f"online.rewards={json.dumps(REWARDS)}", "generation.num_samples=6", "generation.max_new_tokens=24",
-            "generation.temperature=1.0", "generation.batch_size=8", "train.batch_size=4",
-            f"train.max_steps={steps}", f"train.learning_rate={lr}", "train.warmup_ratio=0",
-            "train.lr_schedule=constant", "train.log_every=1", "train.report_to=[]", f"output_dir={out / 'run'}"]
+    return [
+        f"model.name_or_path={model}",
+        f"data.train={train_file}",
+        f"data.eval={held_file}",
+        "data.max_length=96",
+        f"online.rewards={json.dumps(REWARDS)}",
+        "generation.num_samples=6",
+        "generation.max_new_tokens=24",
+        "generation.temperature=1.0",
+        "generation.batch_size=8",
+        "train.batch_size=4",
+        f"train.max_steps={steps}",
+        f"train.learning_rate={lr}",
+        "train.warmup_ratio=0",
+        "train.lr_schedule=constant",
+        "train.log_every=1",
+        "train.report_to=[]",
+        f"output_dir={out / 'run'}",
+    ]
 
 
 def heldout_rewards(model_dir: str, held_file: Path) -> list[float]:
@@ -76,6 +92,8 @@ def report(name: str, steps: int, minutes: float, run_dir: Path, start_model: st
     for label, e in (("before", evals[0]), ("after", evals[-1])):
         parts = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in e.items() if k.startswith("reward/"))
         print(f"held-out {label}: reward {e['reward']:.3f} ({parts}); mean length {e['completion_length']:.1f} tokens")
-    print(f"change {d.diff:+.3f}, 95% paired bootstrap interval [{d.lo:+.3f}, {d.hi:+.3f}]; "
-          f"{d.improved} prompts improved, {d.worsened} got worse")
+    print(
+        f"change {d.diff:+.3f}, 95% paired bootstrap interval [{d.lo:+.3f}, {d.hi:+.3f}]; "
+        f"{d.improved} prompts improved, {d.worsened} got worse"
+    )
     print(f"heldout_reward before={d.before:.3f} after={d.after:.3f} n={d.n}")

@@ -29,8 +29,12 @@ import smoke
 ROOT = Path(__file__).resolve().parents[1]
 N_HELDOUT = 48
 CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "%s"}}</tool_call>'
-DEMO = [{"role": "user", "content": "What is 25 + 17 + 8?"}, {"role": "assistant", "content": CALL % "25 + 17 + 8"},
-        {"role": "tool", "content": "50"}, {"role": "assistant", "content": "50"}]
+DEMO = [
+    {"role": "user", "content": "What is 25 + 17 + 8?"},
+    {"role": "assistant", "content": CALL % "25 + 17 + 8"},
+    {"role": "tool", "content": "50"},
+    {"role": "assistant", "content": "50"},
+]
 
 
 def sums(n: int, seed: int) -> list[dict]:
@@ -38,8 +42,9 @@ def sums(n: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         a, b, c = (rng.randint(100, 999) for _ in range(3))
-        rows.append({"prompt": DEMO + [{"role": "user", "content": f"What is {a} + {b} + {c}?"}],
-                     "answer": str(a + b + c)})
+        rows.append(
+            {"prompt": DEMO + [{"role": "user", "content": f"What is {a} + {b} + {c}?"}], "answer": str(a + b + c)}
+        )
     return rows
 
 
@@ -55,10 +60,11 @@ def heldout(cfg, model_dir: str, held_file: Path) -> tuple[list, list, list]:
     tokenizer, model = load_tokenizer(mc), load_model(mc, for_training=False)
     examples = load_prompt_examples(str(held_file)).examples
     sampler = EpisodeSampler(cfg, tokenizer)
-    samples, rewards = sampler.sample(model, examples, list(range(len(examples))),
-                                      sampling_params(cfg.generation, n=1, greedy=True), cfg.seed, 16)
+    samples, rewards = sampler.sample(
+        model, examples, list(range(len(examples))), sampling_params(cfg.generation, n=1, greedy=True), cfg.seed, 16
+    )
     called = [float(g[0].episode.counts.get("tool_calls", 0) > 0) for g in samples]
-    texts = [[m["content"] for m in g[0].episode.messages[len(DEMO) + 2:]] for g in samples]
+    texts = [[m["content"] for m in g[0].episode.messages[len(DEMO) + 2 :]] for g in samples]
     return rewards[:, 0].tolist(), called, texts
 
 
@@ -82,12 +88,30 @@ def main() -> None:
     train_file.write_text("".join(json.dumps(r) + "\n" for r in sums(400, seed=1)))
     held_file.write_text("".join(json.dumps(r) + "\n" for r in sums(args.heldout, seed=2)))
     model = smoke.tiny_model_dir(out) if args.smoke else str(default_model_dir())
-    cfg = load_config(None, [
-        "recipe=grpo", f"model.name_or_path={model}", f"data.train={train_file}", "data.eval_fraction=0",
-        "data.max_length=448", "env.name=calculator", "env.max_turns=2", "generation.num_samples=4",
-        "generation.max_new_tokens=40", "generation.temperature=1.0", "generation.batch_size=4", "train.batch_size=4",
-        f"train.max_steps={args.steps}", f"train.learning_rate={args.lr}", "train.warmup_ratio=0",
-        "train.lr_schedule=constant", "train.log_every=1", "train.report_to=[]", f"output_dir={out / 'run'}"])
+    cfg = load_config(
+        None,
+        [
+            "recipe=grpo",
+            f"model.name_or_path={model}",
+            f"data.train={train_file}",
+            "data.eval_fraction=0",
+            "data.max_length=448",
+            "env.name=calculator",
+            "env.max_turns=2",
+            "generation.num_samples=4",
+            "generation.max_new_tokens=40",
+            "generation.temperature=1.0",
+            "generation.batch_size=4",
+            "train.batch_size=4",
+            f"train.max_steps={args.steps}",
+            f"train.learning_rate={args.lr}",
+            "train.warmup_ratio=0",
+            "train.lr_schedule=constant",
+            "train.log_every=1",
+            "train.report_to=[]",
+            f"output_dir={out / 'run'}",
+        ],
+    )
     start = time.perf_counter()
     result = train(cfg)
     minutes = (time.perf_counter() - start) / 60
@@ -97,16 +121,25 @@ def main() -> None:
     d = paired_bootstrap(before, after)
     first, last = rows[:5], rows[-5:]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-    print(f"\n{args.steps} GRPO steps in {minutes:.1f} min (sampling "
-          f"{100 * sum(r['time/generation_s'] for r in rows) / sum(r['step_time_s'] for r in rows):.0f}% of step time)")
-    print(f"training episodes, first 5 steps -> last 5: reward {mean(first, 'reward'):.3f} -> {mean(last, 'reward'):.3f}, "
-          f"tool calls per episode {mean(first, 'episode/tool_calls'):.2f} -> {mean(last, 'episode/tool_calls'):.2f}, "
-          f"turns {mean(first, 'episode/turns'):.2f} -> {mean(last, 'episode/turns'):.2f}")
-    print(f"held-out tool-call rate before={sum(called_before) / len(called_before):.3f} "
-          f"after={sum(called_after) / len(called_after):.3f}")
+    print(
+        f"\n{args.steps} GRPO steps in {minutes:.1f} min (sampling "
+        f"{100 * sum(r['time/generation_s'] for r in rows) / sum(r['step_time_s'] for r in rows):.0f}% of step time)"
+    )
+    print(
+        f"training episodes, first 5 steps -> last 5: reward {mean(first, 'reward'):.3f} -> "
+        f"{mean(last, 'reward'):.3f}, "
+        f"tool calls per episode {mean(first, 'episode/tool_calls'):.2f} -> {mean(last, 'episode/tool_calls'):.2f}, "
+        f"turns {mean(first, 'episode/turns'):.2f} -> {mean(last, 'episode/turns'):.2f}"
+    )
+    print(
+        f"held-out tool-call rate before={sum(called_before) / len(called_before):.3f} "
+        f"after={sum(called_after) / len(called_after):.3f}"
+    )
     print(f"held-out example after: {texts[0]}")
-    print(f"change {d.diff:+.3f}, 95% paired bootstrap interval [{d.lo:+.3f}, {d.hi:+.3f}]; "
-          f"{d.improved} prompts improved, {d.worsened} got worse")
+    print(
+        f"change {d.diff:+.3f}, 95% paired bootstrap interval [{d.lo:+.3f}, {d.hi:+.3f}]; "
+        f"{d.improved} prompts improved, {d.worsened} got worse"
+    )
     print(f"heldout_success before={d.before:.3f} after={d.after:.3f} n={d.n}")
 
 

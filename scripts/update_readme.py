@@ -22,12 +22,12 @@ DATA_NOTES = {
     "unpaired": "`recipe: unpaired`, records with `prompt`, `completion`, `label`",
     "masked": "`recipe: masked`, pairs with `chosen_sentences` / `rejected_sentences`",
     "negative": "`recipe: negative`, records with `prompt`, `rejected`; `generation.num_samples` replies per "
-                "prompt are sampled from the initial model before training",
+    "prompt are sampled from the initial model before training",
     "reward": "`recipe: reward`, preference pairs (optionally per-objective `labels`, a `margin`)",
     "rollout": "the policy loss of `recipe: grpo`, `rloo`, `reinforce_pp` or `ppo`: per-token log-probs of "
-               "sampled completions",
+    "sampled completions",
     "distill": "`recipe: distill`: [positions, vocab] log-probs of the student, the teacher (and the teacher's "
-               "reference) at the student's sampled positions",
+    "reference) at the student's sampled positions",
     "value": "the value loss of `recipe: ppo` (`critic.value_clip`)",
 }
 
@@ -38,22 +38,37 @@ def loss_docs() -> str:
 
     from alignkit import losses
 
-    out = ["# Losses", "",
-           "Generated from the loss docstrings by `python scripts/update_readme.py`; do not edit by hand.",
-           "Every loss is a pure function of summed log-probs (`alignkit/losses/`), tested against an",
-           "independent float64 formula and by a short training run (`tests/test_loss*.py`).", "",
-           "Metrics every pair loss logs: `rewards/chosen`, `rewards/rejected` (implicit rewards, e.g.",
-           "beta * (log pi - log pi_ref)), `rewards/margins` (their difference), `rewards/accuracies`",
-           "(fraction of pairs with chosen reward above rejected), `logps/chosen`, `logps/rejected`.", ""]
+    out = [
+        "# Losses",
+        "",
+        "Generated from the loss docstrings by `python scripts/update_readme.py`; do not edit by hand.",
+        "Every loss is a pure function of summed log-probs (`alignkit/losses/`), tested against an",
+        "independent float64 formula and by a short training run (`tests/test_loss*.py`).",
+        "",
+        "Metrics every pair loss logs: `rewards/chosen`, `rewards/rejected` (implicit rewards, e.g.",
+        "beta * (log pi - log pi_ref)), `rewards/margins` (their difference), `rewards/accuracies`",
+        "(fraction of pairs with chosen reward above rejected), `logps/chosen`, `logps/rejected`.",
+        "",
+    ]
     for spec in losses.available():
         params = ", ".join(f"`{k}={v!r}`" for k, v in spec.params.items()) or "none"
-        out += [f"## `{spec.name}`", "", spec.summary, "",
-                f"- paper: {spec.citation}",
-                f"- data: {DATA_NOTES.get(spec.data, spec.data)}; reference model: {'yes' if spec.needs_reference else 'no'}",
-                f"- inputs: {', '.join(f'`{i}`' for i in spec.inputs)}",
-                f"- parameters: {params}",
-                f"- usage: `loss: {{name: {spec.name}}}`", "",
-                "```text", inspect.cleandoc(spec.fn.__doc__ or ""), "```", ""]
+        out += [
+            f"## `{spec.name}`",
+            "",
+            spec.summary,
+            "",
+            f"- paper: {spec.citation}",
+            f"- data: {DATA_NOTES.get(spec.data, spec.data)}; reference model: "
+            f"{'yes' if spec.needs_reference else 'no'}",
+            f"- inputs: {', '.join(f'`{i}`' for i in spec.inputs)}",
+            f"- parameters: {params}",
+            f"- usage: `loss: {{name: {spec.name}}}`",
+            "",
+            "```text",
+            inspect.cleandoc(spec.fn.__doc__ or ""),
+            "```",
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -64,8 +79,11 @@ def sections() -> dict[str, str]:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         main(["losses", "--markdown"])
-    return {"config-reference": format_help(markdown=True), "loss-table": buf.getvalue().strip(),
-            "recipe-table": recipe_table()}
+    return {
+        "config-reference": format_help(markdown=True),
+        "loss-table": buf.getvalue().strip(),
+        "recipe-table": recipe_table(),
+    }
 
 
 def render(text: str) -> str:

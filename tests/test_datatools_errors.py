@@ -9,12 +9,12 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from alignkit.cli import main
 from alignkit.datatools import jobs
 from alignkit.datatools.jobs import RecordLog
 from alignkit.errors import AlignkitError
-from conftest import write_jsonl
 
 ROWS = [{"prompt": f"what is {i} yes ?", "completion": "one " * (i % 4 + 1)} for i in range(20)]
 
@@ -41,6 +41,7 @@ def _interrupt_second_call(monkeypatch, module, name):
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
+
     monkeypatch.setattr(module, name, flaky)
     return calls
 
@@ -89,8 +90,7 @@ def test_record_log_fingerprints_every_input_it_is_given(tmp_path):
     log = RecordLog(tmp_path / "o.jsonl", {"k": 1}, resume=False, inputs=inputs)
     log.add({"id": 0, "x": 1})
     saved = json.loads((tmp_path / "o.jsonl.partial.json").read_text())
-    assert saved[jobs.INPUTS_KEY]["--principles"] == {"path": str(principles),
-                                                      "sha256": jobs.fingerprint(principles)}
+    assert saved[jobs.INPUTS_KEY]["--principles"] == {"path": str(principles), "sha256": jobs.fingerprint(principles)}
     import hashlib
 
     assert jobs.fingerprint(principles) == hashlib.sha256(principles.read_bytes()).hexdigest()
@@ -110,17 +110,45 @@ def test_record_log_fingerprints_every_input_it_is_given(tmp_path):
 # --- 2. a configuration error leaves no partial files ---------------------------------------------------
 
 
-def test_a_configuration_error_leaves_nothing_and_the_corrected_command_needs_no_resume(tiny_model_dir, tmp_path,
-                                                                                        capsys):
+def test_a_configuration_error_leaves_nothing_and_the_corrected_command_needs_no_resume(
+    tiny_model_dir, tmp_path, capsys
+):
     out = tmp_path / "magpie.jsonl"
-    args = ["data", "synth", "--method", "magpie", "--n", "20", "--min-words", "1", "--out", str(out),
-            *_model(tiny_model_dir)]
+    args = [
+        "data",
+        "synth",
+        "--method",
+        "magpie",
+        "--n",
+        "20",
+        "--min-words",
+        "1",
+        "--out",
+        str(out),
+        *_model(tiny_model_dir),
+    ]
     assert main(args + ["--temperature", "0"]) == 2
     assert "--temperature 0.0 with --method magpie samples the same instruction 20 times" in capsys.readouterr().err
     assert _left_by(out) == []
     # found only once the model is loaded (a model directory that is not there): nothing left either
-    assert main(["data", "synth", "--method", "magpie", "--n", "20", "--model", str(tmp_path / "nope"),
-                 "--out", str(out), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "--method",
+                "magpie",
+                "--n",
+                "20",
+                "--model",
+                str(tmp_path / "nope"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "nope not found" in capsys.readouterr().err and _left_by(out) == []
     assert main(args) == 0  # corrected: runs without --resume
     assert "summary" in capsys.readouterr().out and out.exists()
@@ -130,8 +158,19 @@ def test_an_error_in_the_first_chunk_leaves_nothing(tiny_model_dir, tmp_path, ca
     data = write_jsonl(tmp_path / "d.jsonl", ROWS[:4])
     (tmp_path / "neg.py").write_text("def neg(prompts, completions, **columns):\n    return [-1.0] * len(prompts)\n")
     out = tmp_path / "sel.jsonl"
-    args = ["data", "select", "--data", str(data), "--budget", "2", "--min-distance", "0.0001", "--out", str(out),
-            *_model(tiny_model_dir)]
+    args = [
+        "data",
+        "select",
+        "--data",
+        str(data),
+        "--budget",
+        "2",
+        "--min-distance",
+        "0.0001",
+        "--out",
+        str(out),
+        *_model(tiny_model_dir),
+    ]
     assert main(args + ["--reward", f"{tmp_path / 'neg.py'}:neg"]) == 2
     err = capsys.readouterr().err
     assert f"{data}:1: --reward {tmp_path / 'neg.py'}:neg gives -1.0" in err and "must be a positive number" in err
@@ -163,6 +202,7 @@ def test_resume_on_a_finished_output_exits_2_and_redoes_nothing(tiny_model_dir, 
 
     def no_model(args):
         raise AssertionError("a finished output must not load the model")
+
     monkeypatch.setattr(commands, "_lm", no_model)
     capsys.readouterr()
     assert main(args + ["--resume"]) == 2
@@ -179,13 +219,36 @@ def test_resume_on_a_finished_output_exits_2_and_redoes_nothing(tiny_model_dir, 
 def _iterate_args(tiny_model_dir, tmp_path, rounds=1):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"what is {i} yes no ?"} for i in range(8)])
     held = write_jsonl(tmp_path / "h.jsonl", [{"prompt": f"what is {i} yes no ?"} for i in range(8, 12)])
-    (tmp_path / "chars.py").write_text("def chars(prompts, completions, **columns):\n"
-                                       "    return [float(len(c)) for c in completions]\n")
-    return ["iterate", "recipe=dpo", f"model.name_or_path={tiny_model_dir}", "train.max_steps=1",
-            "train.batch_size=4", "data.eval_fraction=0", "train.report_to=[]", f"cache_dir={tmp_path / 'cache'}",
-            "--prompts", str(prompts), "--heldout", str(held), "--reward", f"{tmp_path / 'chars.py'}:chars",
-            "--k", "3", "--min-margin", "1", "--max-new-tokens", "6", "--rounds", str(rounds),
-            "--out", str(tmp_path / "it"), "--no-progress"]
+    (tmp_path / "chars.py").write_text(
+        "def chars(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n"
+    )
+    return [
+        "iterate",
+        "recipe=dpo",
+        f"model.name_or_path={tiny_model_dir}",
+        "train.max_steps=1",
+        "train.batch_size=4",
+        "data.eval_fraction=0",
+        "train.report_to=[]",
+        f"cache_dir={tmp_path / 'cache'}",
+        "--prompts",
+        str(prompts),
+        "--heldout",
+        str(held),
+        "--reward",
+        f"{tmp_path / 'chars.py'}:chars",
+        "--k",
+        "3",
+        "--min-margin",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--rounds",
+        str(rounds),
+        "--out",
+        str(tmp_path / "it"),
+        "--no-progress",
+    ]
 
 
 def test_iterate_state_survives_a_crash_while_it_is_written(tiny_model_dir, tmp_path, monkeypatch):
@@ -199,6 +262,7 @@ def test_iterate_state_survives_a_crash_while_it_is_written(tiny_model_dir, tmp_
             if len(seen) == 2:
                 raise KeyboardInterrupt
         return real(src, dst)
+
     monkeypatch.setattr(os, "replace", crash_on_second_state)
     with pytest.raises(KeyboardInterrupt):
         main(args)
@@ -212,10 +276,12 @@ def test_iterate_state_survives_a_crash_while_it_is_written(tiny_model_dir, tmp_
     assert [r["round"] for r in rounds] == [1, 2] and rounds[0] == state["rounds"][0]  # round 1 not redone
 
 
-DAMAGED_STATES = [('{"settings": {"config": null, "overr', "is not valid JSON"),  # a write cut short
-                  ("\xff\xfe", "is not valid JSON"),  # not even text
-                  ('{"settings": {}, "rounds": [{"round": 1}]}', "does not hold alignkit iterate's"),
-                  ("[]", "does not hold alignkit iterate's")]
+DAMAGED_STATES = [
+    ('{"settings": {"config": null, "overr', "is not valid JSON"),  # a write cut short
+    ("\xff\xfe", "is not valid JSON"),  # not even text
+    ('{"settings": {}, "rounds": [{"round": 1}]}', "does not hold alignkit iterate's"),
+    ("[]", "does not hold alignkit iterate's"),
+]
 
 
 @pytest.mark.parametrize("text, why", DAMAGED_STATES)
@@ -237,8 +303,9 @@ def test_iterate_refuses_prompts_edited_since_the_finished_rounds(tmp_path, caps
 
     held = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "a"}])
     inputs = {"--heldout": {"path": str(held), "sha256": jobs.fingerprint(held)}}
-    row = dict.fromkeys(("round", "pairs", "heldout_after", "before", "after", "diff", "ci95", "improved",
-                         "worsened", "model"), 1)
+    row = dict.fromkeys(
+        ("round", "pairs", "heldout_after", "before", "after", "diff", "ci95", "improved", "worsened", "model"), 1
+    )
     path = tmp_path / "iterate.json"
     path.write_text(json.dumps({"settings": {"k": 3}, "inputs": inputs, "rounds": [row]}))
     assert read_state(path, {"k": 3}, inputs)["rounds"] == [row]
@@ -259,6 +326,7 @@ def test_write_atomic_syncs_before_the_rename(tmp_path, monkeypatch):
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
         write_atomic(path, {"rounds": [1, 2]})
@@ -279,15 +347,21 @@ BAD_RECORDS = [
     ("select", ["--budget", "1"], {"prompt": "x", "completion": 3.5}, ":2: column `completion` is a float (3.5)"),
     ("judge", ["--principles", "P"], {"prompt": "x"}, ":2: no `completion` column (the record has `prompt`)"),
     ("judge", ["--principles", "P"], {"prompt": 7, "completion": "x"}, ":2: column `prompt` is an int (7)"),
-    ("synth", ["--method", "self-align", "--principles", "P", "--prompts"], {"prompt": ["x"]},
-     ":2: column `prompt` is a list (['x']); it must be text"),
+    (
+        "synth",
+        ["--method", "self-align", "--principles", "P", "--prompts"],
+        {"prompt": ["x"]},
+        ":2: column `prompt` is a list (['x']); it must be text",
+    ),
 ]
 
 
-@pytest.mark.parametrize("command, options, bad, message", BAD_RECORDS,
-                         ids=[f"{c}-{i}" for i, (c, *_) in enumerate(BAD_RECORDS)])
-def test_a_record_without_what_the_command_needs_is_named(tiny_model_dir, tmp_path, capsys, command, options, bad,
-                                                          message):
+@pytest.mark.parametrize(
+    "command, options, bad, message", BAD_RECORDS, ids=[f"{c}-{i}" for i, (c, *_) in enumerate(BAD_RECORDS)]
+)
+def test_a_record_without_what_the_command_needs_is_named(
+    tiny_model_dir, tmp_path, capsys, command, options, bad, message
+):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "what is 1 ?", "completion": "one"}) + "\n" + json.dumps(bad) + "\n")
     principles = tmp_path / "p.yaml"
@@ -342,8 +416,10 @@ def test_iterate_options_are_checked_first(tiny_model_dir, tmp_path, capsys):
 
 
 def test_rewrite_keeps_text_prompts_text_beside_message_lists(tiny_model_dir, tmp_path):
-    rows = [{"prompt": "what is 1 ?"}, {"prompt": [{"role": "system", "content": "be kind"},
-                                                   {"role": "user", "content": "what is 2 ?"}]}]
+    rows = [
+        {"prompt": "what is 1 ?"},
+        {"prompt": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "what is 2 ?"}]},
+    ]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "rw.jsonl"
     assert main(["data", "rewrite", "--data", str(data), "--out", str(out), *_model(tiny_model_dir)]) == 0

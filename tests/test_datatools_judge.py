@@ -71,15 +71,29 @@ def test_compare_averages_both_orders():
 
 def test_the_judge_model_receives_the_users_template():
     lm = ConstantModel([-1.0, -2.0])
-    template = "Rules:\n{principles}\n\n{prompt}\n---\n{reply}\nJSON: {\"ok\": true}\nVerdict?"
+    template = 'Rules:\n{principles}\n\n{prompt}\n---\n{reply}\nJSON: {"ok": true}\nVerdict?'
     judge = PrincipleJudge(lm, PRINCIPLES, template=template)
-    prompt = [{"role": "user", "content": "what is 2 plus 2 ?"}, {"role": "assistant", "content": "4"},
-              {"role": "user", "content": "and 3 plus 3 ?"}]
+    prompt = [
+        {"role": "user", "content": "what is 2 plus 2 ?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3 plus 3 ?"},
+    ]
     assert judge.score([prompt], ["6 {prompt}"]) == [1.0]
-    assert lm.calls == [([[{"role": "user", "content":
-                            "Rules:\n1. Be kind.\n2. Be brief.\n\n"
-                            "User: what is 2 plus 2 ?\n\nAssistant: 4\n\nUser: and 3 plus 3 ?\n---\n"
-                            "6 {prompt}\nJSON: {\"ok\": true}\nVerdict?"}]], ["Yes", "No"])]
+    assert lm.calls == [
+        (
+            [
+                [
+                    {
+                        "role": "user",
+                        "content": "Rules:\n1. Be kind.\n2. Be brief.\n\n"
+                        "User: what is 2 plus 2 ?\n\nAssistant: 4\n\nUser: and 3 plus 3 ?\n---\n"
+                        '6 {prompt}\nJSON: {"ok": true}\nVerdict?',
+                    }
+                ]
+            ],
+            ["Yes", "No"],
+        )
+    ]
     # the default template, with a single-turn prompt shown as its text
     PrincipleJudge(lm, PRINCIPLES).score(["what is 2 plus 2 ?"], ["4"])
     text = lm.calls[-1][0][0][0]["content"]
@@ -99,11 +113,21 @@ def test_exact_gaps_are_kept_and_only_unmeasured_ones_bounded_and_counted():
     # Issue 26: a judge sure of one position gives gaps beyond SCORE_LIMIT in both orders; bounding
     # finite gaps made every such comparison exactly 0. Only a -inf (an option the endpoint's top 20
     # did not show) is bounded, and counted.
-    lm = TableModel({"p|far": [-0.01, -30.0], "p|sure": [-0.01, -math.inf], "p|never": [-math.inf, -0.2],
-                     "q|x|y": [-0.001, -25.0], "q|y|x": [-0.002, -23.0]})
+    lm = TableModel(
+        {
+            "p|far": [-0.01, -30.0],
+            "p|sure": [-0.01, -math.inf],
+            "p|never": [-math.inf, -0.2],
+            "q|x|y": [-0.001, -25.0],
+            "q|y|x": [-0.002, -23.0],
+        }
+    )
     judge = PrincipleJudge(lm, PRINCIPLES, template=SCORE, compare_template=COMPARE)
-    assert judge.score(["p"] * 3, ["far", "sure", "never"]) == [pytest.approx(29.99, abs=1e-12), SCORE_LIMIT,
-                                                                 -SCORE_LIMIT]
+    assert judge.score(["p"] * 3, ["far", "sure", "never"]) == [
+        pytest.approx(29.99, abs=1e-12),
+        SCORE_LIMIT,
+        -SCORE_LIMIT,
+    ]
     assert (judge.clipped, judge.answers, judge.last_clipped) == (2, 3, [0, 1, 1])
     # (24.999 - 22.998) / 2 = 1.0005: the preference survives the position bias
     assert judge.compare(["q"], ["x"], ["y"]) == [pytest.approx(1.0005, abs=1e-12)]
@@ -131,21 +155,24 @@ def test_load_principles_file(tmp_path):
     from alignkit.rewards.principles import load_principles
 
     path = tmp_path / "p.yaml"
-    path.write_text("principles:\n  - Be kind.\n  - Be brief.\ntemplate: \"{principles} / {prompt} / {reply}\"\n")
+    path.write_text('principles:\n  - Be kind.\n  - Be brief.\ntemplate: "{principles} / {prompt} / {reply}"\n')
     loaded = load_principles(path)
     assert (loaded.principles, loaded.template, loaded.compare_template) == (
-        PRINCIPLES, "{principles} / {prompt} / {reply}", None)
+        PRINCIPLES,
+        "{principles} / {prompt} / {reply}",
+        None,
+    )
     assert PrincipleJudge.from_file(TableModel({}), path).template == "{principles} / {prompt} / {reply}"
     path.write_text("principle:\n  - Be kind.\n")
     with pytest.raises(ConfigError, match=f"{path}: unknown key `principle`.*did you mean `principles`"):
         load_principles(path)
-    path.write_text("template: \"{principles} {prompt} {reply}\"\n")
+    path.write_text('template: "{principles} {prompt} {reply}"\n')
     with pytest.raises(ConfigError, match=f"{path}: missing key `principles`"):
         load_principles(path)
     path.write_text("principles: [Be kind., '']\n")
     with pytest.raises(ConfigError, match=f"{path}: principles\\[1\\] must be a non-empty string"):
         load_principles(path)
-    path.write_text("principles: [Be kind.]\ncompare_template: \"{principles} {prompt}\"\n")
+    path.write_text('principles: [Be kind.]\ncompare_template: "{principles} {prompt}"\n')
     with pytest.raises(ConfigError, match=f"{path}: `compare_template` lacks"):
         PrincipleJudge.from_file(TableModel({}), path)
     with pytest.raises(ConfigError, match="principles file .*missing.yaml not found"):
@@ -181,26 +208,47 @@ def test_build_reward_judge_on_an_endpoint_takes_its_tokenizer_and_key(tmp_path,
     path.write_text("principles: [Be kind.]\n")
     key = tmp_path / "server.token"
     key.write_text("secret-token-1234567890\n")
-    judge = build_reward({"name": "judge", "principles": str(path), "endpoint": "http://127.0.0.1:9/v1",
-                          "model": "m", "tokenizer": str(tiny_model_dir), "api_key_file": str(key)})
+    judge = build_reward(
+        {
+            "name": "judge",
+            "principles": str(path),
+            "endpoint": "http://127.0.0.1:9/v1",
+            "model": "m",
+            "tokenizer": str(tiny_model_dir),
+            "api_key_file": str(key),
+        }
+    )
     assert isinstance(judge.lm, EndpointModel) and judge.lm.tokenizer is not None
     assert judge.lm.client.api_key == "secret-token-1234567890"
     with pytest.raises(ConfigError, match="cannot read `api_key_file`"):
-        build_reward({"name": "judge", "principles": str(path), "endpoint": "http://127.0.0.1:9/v1", "model": "m",
-                      "api_key_file": str(tmp_path / "missing")})
+        build_reward(
+            {
+                "name": "judge",
+                "principles": str(path),
+                "endpoint": "http://127.0.0.1:9/v1",
+                "model": "m",
+                "api_key_file": str(tmp_path / "missing"),
+            }
+        )
 
 
 def test_local_option_logprobs_match_a_plain_forward_pass():
     tok = tiny_tokenizer()
     model = tiny_model(vocab_size=len(tok), seed=1).eval()
-    conversations = [[{"role": "user", "content": "what is 2 plus 2 ?"}],
-                     [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello"},
-                      {"role": "user", "content": "tell me a short story"}]]
+    conversations = [
+        [{"role": "user", "content": "what is 2 plus 2 ?"}],
+        [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "tell me a short story"},
+        ],
+    ]
     options = ["4", "the answer is 4 ."]  # different lengths: LocalModel pads the shorter row
     got = LocalModel(model, tok).option_logprobs(conversations, options)
     for conv, row in zip(conversations, got):
-        prompt = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
-                     add_special_tokens=False)["input_ids"]
+        prompt = tok(
+            tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        )["input_ids"]
         for option, value in zip(options, row):
             ids = tok(option, add_special_tokens=False)["input_ids"]
             with torch.no_grad():

@@ -12,12 +12,12 @@ from alignkit.generation.decode import SamplingParams
 STORY = [{"role": "user", "content": "tell me a story"}]
 PROMPTS = ["what is 2 plus 2 ?", STORY, "p3", "p4", "p5", "p6"]
 SAMPLES = [
-    ["four", "4", "five", "4"],   # best 2.0 twice: the first (index 1) is chosen; worst -1.0
-    ["a", "b", "c"],              # margin 1.2 - 0.9 = 0.3 < 0.5
-    ["same", "same"],             # one distinct text
-    ["  ", "ok"],                 # the blank one cannot be written: one usable text left
-    ["x", "y", "z"],              # worst 0.0 twice: the first (index 1) is rejected
-    ["dup", "other", "dup"],      # "dup" is best (2.0) and worst (0.0): rejected is the worst other text
+    ["four", "4", "five", "4"],  # best 2.0 twice: the first (index 1) is chosen; worst -1.0
+    ["a", "b", "c"],  # margin 1.2 - 0.9 = 0.3 < 0.5
+    ["same", "same"],  # one distinct text
+    ["  ", "ok"],  # the blank one cannot be written: one usable text left
+    ["x", "y", "z"],  # worst 0.0 twice: the first (index 1) is rejected
+    ["dup", "other", "dup"],  # "dup" is best (2.0) and worst (0.0): rejected is the worst other text
 ]
 SCORES = [[0.5, 2.0, -1.0, 2.0], [1.0, 1.2, 0.9], [1.0, 0.0], [5.0, 0.0], [3.0, 0.0, 0.0], [2.0, 1.0, 0.0]]
 
@@ -26,8 +26,8 @@ def test_build_pairs_picks_best_and_worst_and_counts_the_skips():
     records, counts = build_pairs(PROMPTS, SAMPLES, SCORES, min_margin=0.5)
     assert records == [
         {"prompt": "what is 2 plus 2 ?", "chosen": "4", "rejected": "five", "margin": 3.0},  # 2.0 - (-1.0)
-        {"prompt": "p5", "chosen": "x", "rejected": "y", "margin": 3.0},                     # 3.0 - 0.0
-        {"prompt": "p6", "chosen": "dup", "rejected": "other", "margin": 1.0},               # 2.0 - 1.0
+        {"prompt": "p5", "chosen": "x", "rejected": "y", "margin": 3.0},  # 3.0 - 0.0
+        {"prompt": "p6", "chosen": "dup", "rejected": "other", "margin": 1.0},  # 2.0 - 1.0
     ]
     assert counts == {"prompts": 6, "pairs": 3, "below_margin": 1, "too_few_distinct": 2, "blank_samples": 1}
 
@@ -84,8 +84,9 @@ def test_sample_and_score_samples_k_per_prompt_and_scores_them_all_at_once():
         seen.append((prompts, completions, columns))
         return [len(c) + b for c, b in zip(completions, columns["bonus"])]
 
-    samples, scores = sample_and_score(lm, ["hi", STORY], 2, SamplingParams(temperature=0.7), reward, seed=3,
-                                       columns={"bonus": [10, 100]})
+    samples, scores = sample_and_score(
+        lm, ["hi", STORY], 2, SamplingParams(temperature=0.7), reward, seed=3, columns={"bonus": [10, 100]}
+    )
     conversations, params, seed = lm.calls[0]
     assert conversations == [[{"role": "user", "content": "hi"}], STORY]  # a string becomes a user turn
     assert params == SamplingParams(temperature=0.7, n=2) and seed == 3

@@ -12,10 +12,10 @@ from alignkit.datatools.principles import (
     propose,
     vote_agreement,
 )
-from alignkit.inference.rewrite import REWRITE_TEMPLATE, rewrite, rewrite_messages
 from alignkit.errors import AlignkitError, ConfigError
-from alignkit.prompt_templates import fill_template
 from alignkit.generation.decode import SamplingParams
+from alignkit.inference.rewrite import REWRITE_TEMPLATE, rewrite, rewrite_messages
+from alignkit.prompt_templates import fill_template
 
 PARAMS = SamplingParams(max_new_tokens=16)
 
@@ -35,9 +35,15 @@ class ScriptedLM:
 
 # ---- rewriting ----
 
+
 def test_rewrite_parses_replies_and_keeps_the_original_when_empty():
-    lm = ScriptedLM(["  Rewritten instruction: Write a short poem about a dog.  ", "   ",
-                     '"Explain why the sky is blue, in two sentences."'])
+    lm = ScriptedLM(
+        [
+            "  Rewritten instruction: Write a short poem about a dog.  ",
+            "   ",
+            '"Explain why the sky is blue, in two sentences."',
+        ]
+    )
     out = rewrite(lm, ["poem dog", "hi", "sky blue why"], PARAMS)
     assert list(out) == ["Write a short poem about a dog.", "hi", "Explain why the sky is blue, in two sentences."]
     assert out.fallbacks == [1]
@@ -46,8 +52,12 @@ def test_rewrite_parses_replies_and_keeps_the_original_when_empty():
 
 
 def test_rewrite_messages_rewrites_only_the_last_user_turn():
-    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first"},
-            {"role": "assistant", "content": "ok"}, {"role": "user", "content": "second"}]
+    conv = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "second"},
+    ]
     lm = ScriptedLM(["Second, clearly stated.", ""])
     out = rewrite_messages(lm, [conv, [{"role": "user", "content": "only"}]], PARAMS, template="Fix: {instruction}")
     assert out[0] == conv[:3] + [{"role": "user", "content": "Second, clearly stated."}]
@@ -73,9 +83,12 @@ def test_fill_template_is_one_pass_and_leaves_other_braces():
 
 # ---- principles ----
 
+
 def test_parse_principles():
-    reply = ('Here are the principles:\n1. Select the response that is concise.\n\n'
-             '- "Select the response that is polite."\n3) Third')
+    reply = (
+        "Here are the principles:\n1. Select the response that is concise.\n\n"
+        '- "Select the response that is polite."\n3) Third'
+    )
     assert parse_principles(reply, 2) == ["Select the response that is concise.", "Select the response that is polite."]
     assert parse_principles(reply, 5)[-1] == "Third"
     assert parse_principles("", 3) == []
@@ -117,20 +130,24 @@ def pair(chosen, rejected, prompt="q"):
 
 
 # Train pairs, with each rule's margin (+ agrees):   polite  short  long
-TRAIN = [pair("please yes", "no"),                  # +1      -8     +8
-         pair("ok", "no way"),                      #  0      +4     -4
-         pair("please", "nope nope"),               # +1      +3     -3
-         pair("please do it", "go"),                # +1     -10    +10
-         pair("please sure", "no")]                 # +1      -9     +9
+TRAIN = [
+    pair("please yes", "no"),  # +1      -8     +8
+    pair("ok", "no way"),  #  0      +4     -4
+    pair("please", "nope nope"),  # +1      +3     -3
+    pair("please do it", "go"),  # +1     -10    +10
+    pair("please sure", "no"),
+]  # +1      -9     +9
 # agreement: polite 4/5 = 0.8 (t1 is a tie), short 2/5 = 0.4, long 3/5 = 0.6
 
 # Held-out pairs:                            polite  long   votes  sum  majority agrees
-HELDOUT = [pair("please a", "b"),           # +1     +7     +2         yes
-           pair("x", "please yy"),          # -1     -8     -2         no
-           pair("please", "abcdefg"),       # +1     -1      0     0   no (still tied)
-           pair("abcdefgh", "please"),      # -1     +2      0    +1   yes (tie broken by the sum)
-           pair("please ok", "n"),          # +1     +8     +2         yes
-           pair("please zz", "abcdefghijkl")]  # +1  -3      0    -2   no
+HELDOUT = [
+    pair("please a", "b"),  # +1     +7     +2         yes
+    pair("x", "please yy"),  # -1     -8     -2         no
+    pair("please", "abcdefg"),  # +1     -1      0     0   no (still tied)
+    pair("abcdefgh", "please"),  # -1     +2      0    +1   yes (tie broken by the sum)
+    pair("please ok", "n"),  # +1     +8     +2         yes
+    pair("please zz", "abcdefghijkl"),
+]  # +1  -3      0    -2   no
 # held-out: polite 4/6, long 3/6 (h0, h3, h4), majority vote 3/6
 
 
@@ -156,14 +173,24 @@ def test_propose_fills_the_template_and_parses_lines():
     got = propose(lm, [pair("please yes", "no", prompt=[{"role": "user", "content": "hello?"}])], PARAMS, per_pair=2)
     assert got == ["Select the response that is polite.", "Select the response that is short."]
     content = lm.seen[0][0][0]["content"]
-    assert content == (PROPOSE_TEMPLATE.replace("{prompt}", "hello?").replace("{chosen}", "please yes")
-                       .replace("{rejected}", "no").replace("{count}", "2"))
+    assert content == (
+        PROPOSE_TEMPLATE.replace("{prompt}", "hello?")
+        .replace("{chosen}", "please yes")
+        .replace("{rejected}", "no")
+        .replace("{count}", "2")
+    )
 
 
 def test_extract_keeps_the_best_principles_and_checks_them_on_heldout_pairs():
-    lm = ScriptedLM(["1. Select the response that is polite.", "Select the response that is short.",
-                     "Select the response that is more polite.",  # a duplicate of the first: merged
-                     "Select the response that is long.", ""])  # the last pair gives nothing
+    lm = ScriptedLM(
+        [
+            "1. Select the response that is polite.",
+            "Select the response that is short.",
+            "Select the response that is more polite.",  # a duplicate of the first: merged
+            "Select the response that is long.",
+            "",
+        ]
+    )  # the last pair gives nothing
     judges = []
 
     def factory(principle):

@@ -57,12 +57,15 @@ def test_select_scales_embeddings_and_keeps_only_strictly_farther():
     assert select([1.0], [[1.0, 0.0]], 0) == ([], {"selected": 0, "redundant": 0, "not_reached": 1})
 
 
-@pytest.mark.parametrize("args, match", [
-    (([1.0, 2.0], [[1.0, 0.0]], 1), "one row per score"),
-    (([1.0, math.nan], [[1.0, 0.0], [0.0, 1.0]], 1), "not finite"),
-    (([1.0, 2.0], [[1.0, 0.0], [0.0, 0.0]], 1), "all-zero"),
-    (([1.0], [[1.0, 0.0]], -1), "budget"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (([1.0, 2.0], [[1.0, 0.0]], 1), "one row per score"),
+        (([1.0, math.nan], [[1.0, 0.0], [0.0, 1.0]], 1), "not finite"),
+        (([1.0, 2.0], [[1.0, 0.0], [0.0, 0.0]], 1), "all-zero"),
+        (([1.0], [[1.0, 0.0]], -1), "budget"),
+    ],
+)
 def test_select_rejects_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         select(*args)
@@ -89,8 +92,9 @@ def test_complexity_is_the_expected_rating():
         [lg(3) - 5, -math.inf, -math.inf, -math.inf, -math.inf, lg(1) - 5],  # p(1)=3/4, p(6)=1/4 -> 2.25
     ]
     lm = FixedJudge(rows)
-    got = complexity_score(lm, ["write a poem", [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
-                                "explain"])
+    got = complexity_score(
+        lm, ["write a poem", [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}], "explain"]
+    )
     assert got == pytest.approx([3.0, 3.5, 2.25], abs=1e-12)
     convs, options = lm.asked[0]
     assert options == list(RATINGS) == ["1", "2", "3", "4", "5", "6"]
@@ -119,8 +123,13 @@ def test_embed_unit_rows_that_do_not_depend_on_the_batch():
 
     tok = tiny_tokenizer()
     model = tiny_model("llama", vocab_size=len(tok)).train()
-    texts = ["what is the capital of france ?", "hello", "tell me a short story about a cat", "hello",
-             "write a poem about the sky and the sun and the moon"]
+    texts = [
+        "what is the capital of france ?",
+        "hello",
+        "tell me a short story about a cat",
+        "hello",
+        "write a poem about the sky and the sun and the moon",
+    ]
     e = embed(model, tok, texts, batch_size=4)
     assert e.shape == (5, 32) and e.dtype == torch.float32
     assert torch.allclose(e.norm(dim=-1), torch.ones(5), atol=1e-6)
@@ -146,8 +155,10 @@ def _bars(svg: str) -> list[tuple[float, float, float]]:
     clipped rectangles `<g id="select-scores-patch_N"><path d="M x0 y0 L x1 y0 L x1 y1 L x0 y1 z"`."""
     import re
 
-    rect = re.compile(r'<g id="select-scores-patch_\d+">\s*<path d="M ([\d.]+) ([\d.]+) \s*L ([\d.]+) [\d.]+ \s*'
-                      r'L [\d.]+ ([\d.]+) [^"]*" clip-path')
+    rect = re.compile(
+        r'<g id="select-scores-patch_\d+">\s*<path d="M ([\d.]+) ([\d.]+) \s*L ([\d.]+) [\d.]+ \s*'
+        r'L [\d.]+ ([\d.]+) [^"]*" clip-path'
+    )
     return [(float(x0), float(x1) - float(x0), float(y0) - float(y1)) for x0, y0, x1, y1 in rect.findall(svg)]
 
 

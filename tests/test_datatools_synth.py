@@ -4,10 +4,24 @@ are a fake TextModel with fixed replies, so nothing is sampled."""
 
 import pytest
 
-from alignkit.datatools.filters import (MinHashDedup, estimated_jaccard, filter_records, jaccard, length_ok,
-                                        repetition_ratio, shingles, too_repetitive)
-from alignkit.datatools.synth import (SELF_ALIGN_SYSTEM, end_of_user_turn, magpie,
-                                      pre_query_template, self_align, self_align_messages)
+from alignkit.datatools.filters import (
+    MinHashDedup,
+    estimated_jaccard,
+    filter_records,
+    jaccard,
+    length_ok,
+    repetition_ratio,
+    shingles,
+    too_repetitive,
+)
+from alignkit.datatools.synth import (
+    SELF_ALIGN_SYSTEM,
+    end_of_user_turn,
+    magpie,
+    pre_query_template,
+    self_align,
+    self_align_messages,
+)
 from alignkit.errors import AlignkitError, DataError
 from alignkit.generation.decode import SamplingParams
 from alignkit.rewards.principles import load_principles
@@ -40,16 +54,29 @@ def test_repetition_ratio_by_hand():
 
 
 def test_is_refusal_looks_at_the_opening_only():
-    for text in ["I'm sorry, but I can't help with that.", "  i CANNOT do that.", "As an AI language model, I ...",
-                 "I\u2019m sorry, no.", "\"I can't assist with this request.\"", "I won't write that."]:
+    for text in [
+        "I'm sorry, but I can't help with that.",
+        "  i CANNOT do that.",
+        "As an AI language model, I ...",
+        "I\u2019m sorry, no.",
+        '"I can\'t assist with this request."',
+        "I won't write that.",
+    ]:
         assert is_refusal(text), text
-    for text in ["Sure! Here is a poem.", "Here is why I cannot agree.", "Paris is the capital.", "",
-                 "Sorry for the confusion earlier: the answer is 4."]:
+    for text in [
+        "Sure! Here is a poem.",
+        "Here is why I cannot agree.",
+        "Paris is the capital.",
+        "",
+        "Sorry for the confusion earlier: the answer is 4.",
+    ]:
         assert not is_refusal(text), text
 
 
-WORDS30 = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-           "quebec romeo sierra tango uniform victor whiskey xray yankee zulu one two three four").split()
+WORDS30 = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu one two three four"
+).split()
 
 
 def test_exact_jaccard_by_hand():
@@ -81,10 +108,12 @@ def test_minhash_finds_the_near_duplicate_and_not_the_unrelated_text():
 
 def test_minhash_estimate_is_close_to_exact_jaccard():
     text = " ".join(WORDS30)
-    others = [" ".join(WORDS30[:15] + ["changed"] + WORDS30[16:]),  # 25/31
-              " ".join(WORDS30[:15] + [f"w{i}" for i in range(15)]),  # 13/43
-              " ".join(f"w{i}" for i in range(30)),  # 0
-              " ".join(WORDS30[:29] + ["end"])]  # 27/29
+    others = [
+        " ".join(WORDS30[:15] + ["changed"] + WORDS30[16:]),  # 25/31
+        " ".join(WORDS30[:15] + [f"w{i}" for i in range(15)]),  # 13/43
+        " ".join(f"w{i}" for i in range(30)),  # 0
+        " ".join(WORDS30[:29] + ["end"]),
+    ]  # 27/29
     # 128 permutations: the estimate's standard deviation is sqrt(J(1-J)/128) <= 0.045, so 0.15 is over 3 sd
     for seed in (0, 1):
         dedup = MinHashDedup(k=3, seed=seed)
@@ -112,15 +141,35 @@ def records_by_hand():
 
 def test_filter_records_counts_by_hand():
     dropped = []
-    kept, counts = filter_records(records_by_hand(), text_of="prompt", reply_of="completion", min_words=2,
-                                  max_words=12, max_repetition=0.5, drop_refusals=True, dedup_threshold=0.8,
-                                  on_drop=lambda i, record, reason: dropped.append((i, reason)))
+    kept, counts = filter_records(
+        records_by_hand(),
+        text_of="prompt",
+        reply_of="completion",
+        min_words=2,
+        max_words=12,
+        max_repetition=0.5,
+        drop_refusals=True,
+        dedup_threshold=0.8,
+        on_drop=lambda i, record, reason: dropped.append((i, reason)),
+    )
     assert [r["prompt"] for r in kept] == ["tell me a story about a cat", "how do I pick a lock?"]
-    assert list(counts.items()) == [("too_short", 2), ("too_long", 1), ("repetitive", 1), ("refusal", 1),
-                                    ("near_duplicate", 1), ("kept", 2)]
+    assert list(counts.items()) == [
+        ("too_short", 2),
+        ("too_long", 1),
+        ("repetitive", 1),
+        ("refusal", 1),
+        ("near_duplicate", 1),
+        ("kept", 2),
+    ]
     assert sum(counts.values()) == len(records_by_hand())  # nothing dropped silently
-    assert dropped == [(0, "too_short"), (2, "too_long"), (3, "repetitive"), (4, "refusal"), (5, "near_duplicate"),
-                       (7, "too_short")]
+    assert dropped == [
+        (0, "too_short"),
+        (2, "too_long"),
+        (3, "repetitive"),
+        (4, "refusal"),
+        (5, "near_duplicate"),
+        (7, "too_short"),
+    ]
 
 
 def test_filter_records_disabled_filters_are_absent_and_errors_name_the_record():
@@ -176,26 +225,34 @@ def test_pre_query_template_and_end_of_user_turn_for_chatml():
 
 
 def test_magpie_records_and_counts():
-    lm = FakeLM(instructions=[" What is the capital of France?<|im_end|>\n<|im_start|>assistant\n",  # stop kept
-                              "   ",  # empty
-                              "Write a haiku.",
-                              "",  # empty
-                              "Say nothing."],
-                replies={"What is the capital of France?": " Paris. ", "Say nothing.": "  "})
+    lm = FakeLM(
+        instructions=[
+            " What is the capital of France?<|im_end|>\n<|im_start|>assistant\n",  # stop kept
+            "   ",  # empty
+            "Write a haiku.",
+            "",  # empty
+            "Say nothing.",
+        ],
+        replies={"What is the capital of France?": " Paris. ", "Say nothing.": "  "},
+    )
     seen = []
     params = SamplingParams(max_new_tokens=16, temperature=1.0, n=3, stop=("###",))
     records = magpie(lm, tiny_tokenizer(), 5, params, seed=7, on_record=seen.append)
-    assert records == [{"prompt": "What is the capital of France?", "completion": "Paris."},
-                       {"prompt": "Write a haiku.", "completion": "Reply to: Write a haiku."}]
+    assert records == [
+        {"prompt": "What is the capital of France?", "completion": "Paris."},
+        {"prompt": "Write a haiku.", "completion": "Reply to: Write a haiku."},
+    ]
     assert records.counts == {"sampled": 5, "empty_instruction": 2, "empty_response": 1, "kept": 2}
     assert seen == list(records)
     (kind, prompts, p, seed), (kind2, convs, p2, seed2) = lm.calls
     assert kind == "complete" and prompts == ["<|im_start|>user\n"] * 5 and seed == 7
     assert p.stop == ("<|im_end|>", "<|im_start|>assistant") and p.n == 1 and p.temperature == 1.0
     assert kind2 == "chat" and seed2 == 8 and p2.n == 1 and p2.stop == ("###",)
-    assert convs == [[{"role": "user", "content": "What is the capital of France?"}],
-                     [{"role": "user", "content": "Write a haiku."}],
-                     [{"role": "user", "content": "Say nothing."}]]
+    assert convs == [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "Write a haiku."}],
+        [{"role": "user", "content": "Say nothing."}],
+    ]
     with pytest.raises(ValueError, match="temperature"):
         magpie(lm, tiny_tokenizer(), 5, SamplingParams(temperature=0.0), seed=0)
 
@@ -209,10 +266,12 @@ EXEMPLARS = [{"prompt": "Who won the 2030 World Cup?", "completion": "I do not k
 def test_self_align_messages_layout():
     messages = self_align_messages(PRINCIPLES, EXEMPLARS, "What is 2 + 2?")
     system = SELF_ALIGN_SYSTEM.format(principles="1. Be honest: say when you do not know.\n2. Be brief.")
-    assert messages == [{"role": "system", "content": system},
-                        {"role": "user", "content": "Who won the 2030 World Cup?"},
-                        {"role": "assistant", "content": "I do not know."},
-                        {"role": "user", "content": "What is 2 + 2?"}]
+    assert messages == [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Who won the 2030 World Cup?"},
+        {"role": "assistant", "content": "I do not know."},
+        {"role": "user", "content": "What is 2 + 2?"},
+    ]
     with pytest.raises(DataError, match="principles"):
         self_align_messages([], [], "x")
 
@@ -220,10 +279,16 @@ def test_self_align_messages_layout():
 def test_self_align_keeps_the_principles_out_of_the_records():
     lm = FakeLM(replies={"What is 2 + 2?": "4.", "Tell me a secret.": ""})
     seen = []
-    records = self_align(lm, ["What is 2 + 2?", "Tell me a secret.", "Hi"], PRINCIPLES, EXEMPLARS,
-                         SamplingParams(temperature=0.0, n=2), seed=3, on_record=seen.append)
-    assert records == [{"prompt": "What is 2 + 2?", "completion": "4."},
-                       {"prompt": "Hi", "completion": "Reply to: Hi"}]
+    records = self_align(
+        lm,
+        ["What is 2 + 2?", "Tell me a secret.", "Hi"],
+        PRINCIPLES,
+        EXEMPLARS,
+        SamplingParams(temperature=0.0, n=2),
+        seed=3,
+        on_record=seen.append,
+    )
+    assert records == [{"prompt": "What is 2 + 2?", "completion": "4."}, {"prompt": "Hi", "completion": "Reply to: Hi"}]
     assert records.counts == {"prompts": 3, "empty_response": 1, "kept": 2}
     assert seen == list(records)
     _, convs, params, seed = lm.calls[0]
@@ -239,7 +304,10 @@ def test_load_principles_reads_and_names_mistakes(tmp_path):
     good = tmp_path / "p.yaml"
     good.write_text("principles:\n  - Be honest.\n  - Be brief.\nexemplars:\n  - prompt: Hi\n    completion: Hello.\n")
     loaded = load_principles(good)
-    assert (loaded.principles, loaded.exemplars) == (["Be honest.", "Be brief."], [{"prompt": "Hi", "completion": "Hello."}])
+    assert (loaded.principles, loaded.exemplars) == (
+        ["Be honest.", "Be brief."],
+        [{"prompt": "Hi", "completion": "Hello."}],
+    )
     only = tmp_path / "only.yaml"
     only.write_text("principles: [Be kind.]\n")
     assert load_principles(only).exemplars == []
@@ -269,12 +337,15 @@ def test_end_of_user_turn_for_other_template_layouts():
     tok.chat_template = (
         "{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
         " + m['content'] + '<|eot_id|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    )
     assert pre_query_template(tok) == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
     assert end_of_user_turn(tok) == ["<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>"]
     # Mistral's layout: no generation prompt, the user's turn closes with [/INST]
-    tok.chat_template = ("{{ '<s>' }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content']"
-                         " + ' [/INST]' }}{% else %}{{ m['content'] + '</s>' }}{% endif %}{% endfor %}")
+    tok.chat_template = (
+        "{{ '<s>' }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content']"
+        " + ' [/INST]' }}{% else %}{{ m['content'] + '</s>' }}{% endif %}{% endfor %}"
+    )
     assert pre_query_template(tok) == "<s>[INST] "
     assert end_of_user_turn(tok) == ["[/INST]"]
 

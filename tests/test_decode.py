@@ -14,9 +14,8 @@ def test_greedy_equals_transformers_generate():
     model = tiny_model("llama", vocab_size=64).eval()
     ours = sample(model, PROMPTS, SamplingParams(max_new_tokens=6), eos_ids=[3], pad_id=1)
     for prompt, (s,) in zip(PROMPTS, ours):
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=1,
-                             eos_token_id=3)
-        assert s.token_ids == ref[0, len(prompt):].tolist()
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=1, eos_token_id=3)
+        assert s.token_ids == ref[0, len(prompt) :].tolist()
         assert s.finish_reason == ("stop" if s.token_ids[-1] == 3 else "length")
 
 
@@ -68,8 +67,15 @@ def test_stop_strings_and_seeds():
     assert [[s.token_ids for s in g] for g in a] == [[s.token_ids for s in g] for g in b]
     words = [w for g in a for s in g for w in s.text.split()]
     stop = max(set(words), key=words.count)  # a word some samples produce
-    stopped = sample(model, prompts, SamplingParams(max_new_tokens=12, temperature=1.0, n=4, stop=(stop,)),
-                     eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=7, tokenizer=tok)
+    stopped = sample(
+        model,
+        prompts,
+        SamplingParams(max_new_tokens=12, temperature=1.0, n=4, stop=(stop,)),
+        eos_ids=[tok.eos_token_id],
+        pad_id=tok.pad_token_id,
+        seed=7,
+        tokenizer=tok,
+    )
     hits = [s for g in stopped for s in g if stop in s.text]
     assert hits and all(s.finish_reason == "stop" and s.text.endswith(stop) for s in hits)
 

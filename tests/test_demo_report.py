@@ -52,9 +52,16 @@ def test_demo_report_shows_the_before_after_table(tmp_path, monkeypatch):
             return after
         return [BASE] * len(prompts)
 
-    for name, value in (("N_TRAIN", 8), ("N_HELDOUT", n), ("N_PLAIN", 4), ("_replies", fake_replies),
-                        ("train", _fake_train), ("default_model_dir", lambda: tmp_path / "model"),
-                        ("load_tokenizer", lambda mc: None), ("load_model", lambda mc, **kw: None)):
+    for name, value in (
+        ("N_TRAIN", 8),
+        ("N_HELDOUT", n),
+        ("N_PLAIN", 4),
+        ("_replies", fake_replies),
+        ("train", _fake_train),
+        ("default_model_dir", lambda: tmp_path / "model"),
+        ("load_tokenizer", lambda mc: None),
+        ("load_model", lambda mc, **kw: None),
+    ):
         monkeypatch.setattr(demo, name, value)
     out = tmp_path / "demo"
     results = demo.run_demo(output_dir=str(out), progress=False)
@@ -68,8 +75,10 @@ def test_demo_report_shows_the_before_after_table(tmp_path, monkeypatch):
         a = [float(demo_task.judge(heldout[k], after[k])) for k in idx]
         ci = paired_bootstrap(b, a, seed=0)
         assert ci.diff != 0
-        row = (f"<td>{ci.before:.3f}</td><td>{ci.after:.3f}</td><td>{ci.diff:+.3f}</td>"
-               f"<td>[{ci.lo:+.3f}, {ci.hi:+.3f}]</td><td>{ci.n}</td>")
+        row = (
+            f"<td>{ci.before:.3f}</td><td>{ci.after:.3f}</td><td>{ci.diff:+.3f}</td>"
+            f"<td>[{ci.lo:+.3f}, {ci.hi:+.3f}]</td><td>{ci.n}</td>"
+        )
         assert row in html, (c, row)
     assert f"{results['before']:.3f} → {results['after']:.3f}" in html  # a key number too
     assert "reply mentions its topic" in html

@@ -5,46 +5,56 @@ import pytest
 from alignkit import demo_task as T
 from alignkit.demo_task import DemoPrompt
 
-START = DemoPrompt("cats", "Write one sentence about cats.", "start_word",
-                   'Begin your reply with the word "Truly".', "Truly")
-FIRST = DemoPrompt("cats", "Write one sentence about cats.", "start_word",
-                   'The first word of your reply must be "Sure".', "Sure")
-END = DemoPrompt("cats", "Write one sentence about cats.", "end_phrase",
-                 'End your reply with the exact phrase "Good luck!"', "Good luck!")
+START = DemoPrompt(
+    "cats", "Write one sentence about cats.", "start_word", 'Begin your reply with the word "Truly".', "Truly"
+)
+FIRST = DemoPrompt(
+    "cats", "Write one sentence about cats.", "start_word", 'The first word of your reply must be "Sure".', "Sure"
+)
+END = DemoPrompt(
+    "cats",
+    "Write one sentence about cats.",
+    "end_phrase",
+    'End your reply with the exact phrase "Good luck!"',
+    "Good luck!",
+)
 
 
-@pytest.mark.parametrize("item,response,expected", [
-    # start_word: follows
-    (START, "Truly, cats are curious animals.", True),
-    (START, "  Truly cats are curious animals!\n", True),
-    (START, "Truly: cats nap in the sun.", True),
-    (FIRST, "Sure, I'd say cats are curious animals.", True),
-    # start_word: does not follow
-    (START, "Cats are truly curious animals.", False),  # word present, not first
-    (START, "truly, cats are curious animals.", False),  # case as given
-    (START, "Trulyy cats are curious animals.", False),  # a longer word is not the word
-    (START, '"Truly", cats are curious animals.', False),
-    # start_word: follows, but not a usable reply
-    (START, "Truly, cats nap.", False),  # fewer than MIN_WORDS own words
-    (START, "Truly, cats are curious animals that", False),  # cut off
-    (START, "Truly truly truly truly.", False),  # degenerate repetition
-    (START, "Truly, cats are nice and cats are nice and cats are nice.", False),  # repeated 4-gram
-    (FIRST, 'Sure, the first word of your reply must be "Sure".', False),  # parrots the instruction
-    # end_phrase: follows
-    (END, "Cats are curious animals. Good luck!", True),
-    (END, "Cats are curious animals. Good luck!  \n", True),
-    (END, "Cats are curious animals, good to know. Good luck!", True),
-    # end_phrase: does not follow
-    (END, "Cats are curious animals. Good luck", False),  # the "!" is part of the phrase
-    (END, "Cats are curious animals. good luck!", False),  # case as given
-    (END, "Good luck! Cats are curious animals.", False),  # wrong end
-    (END, "Cats are curious animals.", False),
-    # end_phrase: follows, but not a usable reply
-    (END, "Good luck!", False),  # the bare phrase
-    (END, "Cats nap. Good luck!", False),  # fewer than MIN_WORDS own words
-    (END, "Good luck! Good luck! Good luck!", False),
-    (END, "Cats are great. I will end your reply with the exact phrase Good luck!", False),
-])
+@pytest.mark.parametrize(
+    "item,response,expected",
+    [
+        # start_word: follows
+        (START, "Truly, cats are curious animals.", True),
+        (START, "  Truly cats are curious animals!\n", True),
+        (START, "Truly: cats nap in the sun.", True),
+        (FIRST, "Sure, I'd say cats are curious animals.", True),
+        # start_word: does not follow
+        (START, "Cats are truly curious animals.", False),  # word present, not first
+        (START, "truly, cats are curious animals.", False),  # case as given
+        (START, "Trulyy cats are curious animals.", False),  # a longer word is not the word
+        (START, '"Truly", cats are curious animals.', False),
+        # start_word: follows, but not a usable reply
+        (START, "Truly, cats nap.", False),  # fewer than MIN_WORDS own words
+        (START, "Truly, cats are curious animals that", False),  # cut off
+        (START, "Truly truly truly truly.", False),  # degenerate repetition
+        (START, "Truly, cats are nice and cats are nice and cats are nice.", False),  # repeated 4-gram
+        (FIRST, 'Sure, the first word of your reply must be "Sure".', False),  # parrots the instruction
+        # end_phrase: follows
+        (END, "Cats are curious animals. Good luck!", True),
+        (END, "Cats are curious animals. Good luck!  \n", True),
+        (END, "Cats are curious animals, good to know. Good luck!", True),
+        # end_phrase: does not follow
+        (END, "Cats are curious animals. Good luck", False),  # the "!" is part of the phrase
+        (END, "Cats are curious animals. good luck!", False),  # case as given
+        (END, "Good luck! Cats are curious animals.", False),  # wrong end
+        (END, "Cats are curious animals.", False),
+        # end_phrase: follows, but not a usable reply
+        (END, "Good luck!", False),  # the bare phrase
+        (END, "Cats nap. Good luck!", False),  # fewer than MIN_WORDS own words
+        (END, "Good luck! Good luck! Good luck!", False),
+        (END, "Cats are great. I will end your reply with the exact phrase Good luck!", False),
+    ],
+)
 def test_judge(item, response, expected):
     assert T.judge(item, response) is expected
 
@@ -54,23 +64,34 @@ def test_judge_unknown_constraint():
         T.judge(DemoPrompt("cats", "x", "haiku", "y", "z"), "z a b c.")
 
 
-@pytest.mark.parametrize("response,expected", [
-    ("The cat sat on the mat.", False),
-    ("cat cat cat", True),
-    ("a b c d a b c d", True),
-    ("one two one two one two one two", True),  # fewer than half distinct
-    ("The cat, the dog, the bird and the fish.", False),
-])
+@pytest.mark.parametrize(
+    "response,expected",
+    [
+        ("The cat sat on the mat.", False),
+        ("cat cat cat", True),
+        ("a b c d a b c d", True),
+        ("one two one two one two one two", True),  # fewer than half distinct
+        ("The cat, the dog, the bird and the fish.", False),
+    ],
+)
 def test_is_degenerate(response, expected):
     assert T.is_degenerate(response) is expected
 
 
-@pytest.mark.parametrize("item,response,chosen,misplaced", [
-    (START, "Cats are curious animals.", "Truly, cats are curious animals.", "Cats are curious animals. Truly."),
-    (START, "I think cats are curious.", "Truly, I think cats are curious.", "I think cats are curious. Truly."),
-    (START, "SmolLM likes cats a lot.", "Truly, SmolLM likes cats a lot.", "SmolLM likes cats a lot. Truly."),
-    (END, " Cats are curious animals. ", "Cats are curious animals. Good luck!", "Good luck! Cats are curious animals."),
-])
+@pytest.mark.parametrize(
+    "item,response,chosen,misplaced",
+    [
+        (START, "Cats are curious animals.", "Truly, cats are curious animals.", "Cats are curious animals. Truly."),
+        (START, "I think cats are curious.", "Truly, I think cats are curious.", "I think cats are curious. Truly."),
+        (START, "SmolLM likes cats a lot.", "Truly, SmolLM likes cats a lot.", "SmolLM likes cats a lot. Truly."),
+        (
+            END,
+            " Cats are curious animals. ",
+            "Cats are curious animals. Good luck!",
+            "Good luck! Cats are curious animals.",
+        ),
+    ],
+)
 def test_satisfy_and_misplace(item, response, chosen, misplaced):
     assert T.satisfy(item, response) == chosen
     assert T.misplace(item, response) == misplaced
@@ -79,9 +100,12 @@ def test_satisfy_and_misplace(item, response, chosen, misplaced):
 
 def test_build_pairs():
     items = [START, END, START, END]
-    replies = ["Cats are curious animals.", "Cats are curious animals.",
-               "Cats are curious animals that",  # cut off: skipped
-               "Cats nap. Good luck!"]  # already ends with the phrase: skipped
+    replies = [
+        "Cats are curious animals.",
+        "Cats are curious animals.",
+        "Cats are curious animals that",  # cut off: skipped
+        "Cats nap. Good luck!",
+    ]  # already ends with the phrase: skipped
     pairs = T.build_pairs(items, replies, kinds=("fix", "misplace", "plain"))
     assert [(p.kind, p.chosen, p.rejected) for p in pairs] == [
         ("fix", "Truly, cats are curious animals.", "Cats are curious animals."),

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import base_overrides, crash_after, toy_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from alignkit.cli import main as cli_main
@@ -20,7 +21,6 @@ from alignkit.train import checkpoint as ckpt
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
 from alignkit.train.recipes.distill import build as build_distill
-from conftest import base_overrides, crash_after, toy_pairs, write_jsonl
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -105,8 +105,12 @@ def test_gradients_match_the_hand_derived_forms():
     (grad,) = torch.autograd.grad(adpa(z.log_softmax(-1), t, r)[0].sum(), z)
     torch.testing.assert_close(grad, -q * (a - (q * a).sum(-1, keepdim=True)), atol=1e-12, rtol=0)
     # every loss against finite differences
-    for fn in (lambda s: reverse_kl(s, t)[0], lambda s: generalized_jsd(s, t, beta=0.3)[0],
-               lambda s: generalized_jsd(s, t, beta=0.0)[0], lambda s: adpa(s, t, r)[0]):
+    for fn in (
+        lambda s: reverse_kl(s, t)[0],
+        lambda s: generalized_jsd(s, t, beta=0.3)[0],
+        lambda s: generalized_jsd(s, t, beta=0.0)[0],
+        lambda s: adpa(s, t, r)[0],
+    ):
         assert torch.autograd.gradcheck(lambda x, fn=fn: fn(x.log_softmax(-1)), (z,))
 
 
@@ -161,9 +165,18 @@ def models(tmp_path_factory):
 
 def _args(student, models, tmp_path, *extra, out="run"):
     return base_overrides(student, models["prompts"], tmp_path / out, tmp_path / "cache") + [
-        "recipe=distill", f"teacher.name_or_path={models['teacher']}", "generation.num_samples=4",
-        "generation.max_new_tokens=8", "train.batch_size=4", "train.warmup_ratio=0", "train.learning_rate=1e-2",
-        "train.lr_schedule=constant", "data.eval_fraction=0.25", "train.max_steps=6", *extra]
+        "recipe=distill",
+        f"teacher.name_or_path={models['teacher']}",
+        "generation.num_samples=4",
+        "generation.max_new_tokens=8",
+        "train.batch_size=4",
+        "train.warmup_ratio=0",
+        "train.learning_rate=1e-2",
+        "train.lr_schedule=constant",
+        "data.eval_fraction=0.25",
+        "train.max_steps=6",
+        *extra,
+    ]
 
 
 def test_distillation_lowers_the_heldout_divergence_to_the_teacher(tiny_model_dir, models, tmp_path):
@@ -183,11 +196,23 @@ def test_distillation_lowers_the_heldout_divergence_to_the_teacher(tiny_model_di
 
 def test_jsd_with_lora_and_a_logged_reward(tiny_model_dir, models, tmp_path):
     rewards = tmp_path / "rewards.py"
-    rewards.write_text("def words(prompts, completions, **columns):\n"
-                       "    return [len(c.split()) for c in completions]\n")
-    cfg = load_config(None, _args(tiny_model_dir, models, tmp_path, "loss.name=generalized_jsd", "loss.beta=0.9",
-                                  "lora.enabled=true", "lora.r=4", "train.max_steps=3",
-                                  f"online.rewards={rewards}:words"))
+    rewards.write_text(
+        "def words(prompts, completions, **columns):\n    return [len(c.split()) for c in completions]\n"
+    )
+    cfg = load_config(
+        None,
+        _args(
+            tiny_model_dir,
+            models,
+            tmp_path,
+            "loss.name=generalized_jsd",
+            "loss.beta=0.9",
+            "lora.enabled=true",
+            "lora.r=4",
+            "train.max_steps=3",
+            f"online.rewards={rewards}:words",
+        ),
+    )
     result = loop.train(cfg, progress=False)
     rows, evals = read_metrics(result.run_dir, "train"), read_metrics(result.run_dir, "eval")
     assert all("reward" in r for r in rows + evals) and rows[0]["reward"] > 0
@@ -199,17 +224,27 @@ def test_jsd_with_lora_and_a_logged_reward(tiny_model_dir, models, tmp_path):
 
 
 def test_adpa_raises_the_teachers_advantage(tiny_model_dir, models, tmp_path):
-    cfg = load_config(None, _args(tiny_model_dir, models, tmp_path, f"teacher.reference={models['reference']}",
-                                  "losses=[{name: adpa}, {name: reverse_kl, weight: 0.05}]", "train.learning_rate=3e-2",
-                                  "train.max_steps=10"))
+    cfg = load_config(
+        None,
+        _args(
+            tiny_model_dir,
+            models,
+            tmp_path,
+            f"teacher.reference={models['reference']}",
+            "losses=[{name: adpa}, {name: reverse_kl, weight: 0.05}]",
+            "train.learning_rate=3e-2",
+            "train.max_steps=10",
+        ),
+    )
     result = loop.train(cfg, progress=False)
     evals, rows = read_metrics(result.run_dir, "eval"), read_metrics(result.run_dir, "train")
     assert evals[-1]["advantage"] > evals[0]["advantage"] + 1.0, evals
     assert {"loss/adpa", "loss/reverse_kl", "advantage"} <= set(rows[-1])
 
 
-@pytest.mark.parametrize("which,why", [("other_vocab", "123 and 122 tokens|122 and 123 tokens"),
-                                       ("swapped", "probe string")])
+@pytest.mark.parametrize(
+    "which,why", [("other_vocab", "123 and 122 tokens|122 and 123 tokens"), ("swapped", "probe string")]
+)
 def test_a_teacher_with_another_tokenizer_is_a_clear_error(tiny_model_dir, models, tmp_path, which, why):
     args = _args(tiny_model_dir, models, tmp_path) + [f"teacher.name_or_path={models[which]}"]
     with pytest.raises(ConfigError, match="do not share a tokenizer") as err:

@@ -20,37 +20,47 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import base_overrides, toy_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from alignkit.config import load_config
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from conftest import base_overrides, toy_pairs, write_jsonl
 
 DRIVER = Path(__file__).with_name("dist_driver.py")
-REWARD = '''
+REWARD = """
 def chars(prompts, completions, **columns):
     return [len(c) / 10 for c in completions]
-'''
+"""
 
 
 def torchrun(runs: list, tmp_path: Path, nproc: int = 2, timeout: int = 600, launcher: list | None = None):
     spec = tmp_path / f"runs-{time.monotonic_ns()}.json"
     spec.write_text(json.dumps(runs))
     cmd = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run([*cmd, str(DRIVER), str(spec)], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*cmd, str(DRIVER), str(spec)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _data(root: Path) -> dict:
     rows = toy_pairs(40)
-    files = {"pairs": write_jsonl(root / "pairs.jsonl", rows),
-             "sft": write_jsonl(root / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]),
-             "unpaired": write_jsonl(root / "unpaired.jsonl", [
-                 {"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"], "label": bool(i % 2)}
-                 for i, r in enumerate(rows)]),
-             "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows])}
+    files = {
+        "pairs": write_jsonl(root / "pairs.jsonl", rows),
+        "sft": write_jsonl(root / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]),
+        "unpaired": write_jsonl(
+            root / "unpaired.jsonl",
+            [
+                {"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"], "label": bool(i % 2)}
+                for i, r in enumerate(rows)
+            ],
+        ),
+        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows]),
+    }
     (root / "rewards.py").write_text(REWARD)
     return files
 
@@ -75,11 +85,22 @@ ONLINE = ("grpo", "rloo", "ppo")
 def _args(name: str, model_dir, root: Path, out: Path, batch: int) -> list:
     data, extra = RECIPES[name]
     args = base_overrides(model_dir, root / f"{data}.jsonl", out, root / "cache") + [
-        "train.learning_rate=5e-3", "train.warmup_ratio=0", "data.eval_fraction=0.1", "train.max_steps=4",
-        f"train.batch_size={batch}", "train.shuffle=true", "train.log_every=1", *extra]
+        "train.learning_rate=5e-3",
+        "train.warmup_ratio=0",
+        "data.eval_fraction=0.1",
+        "train.max_steps=4",
+        f"train.batch_size={batch}",
+        "train.shuffle=true",
+        "train.log_every=1",
+        *extra,
+    ]
     if name in ONLINE:
-        args += [f"online.rewards={root / 'rewards.py'}:chars", "generation.num_samples=4",
-                 "generation.max_new_tokens=6", "data.eval_fraction=0.1"]
+        args += [
+            f"online.rewards={root / 'rewards.py'}:chars",
+            "generation.num_samples=4",
+            "generation.max_new_tokens=6",
+            "data.eval_fraction=0.1",
+        ]
     return args
 
 
@@ -133,17 +154,23 @@ def test_the_reference_cache_made_by_two_processes_serves_one(two_process_runs, 
     only what the 2-process job cached (a directory of its own) finds it."""
     root, _, _ = two_process_runs
     own = root / "two-process-cache"
-    loop.train(load_config(None, _args("dpo", tiny_model_dir, root, root / "dpo-cache-check", 4) + [f"cache_dir={own}"]),
-               progress=False)
+    loop.train(
+        load_config(None, _args("dpo", tiny_model_dir, root, root / "dpo-cache-check", 4) + [f"cache_dir={own}"]),
+        progress=False,
+    )
     out = capsys.readouterr().out
     assert f"reference log-probs (train): reusing cache {own}" in out, out
 
 
 def _dpo_args(model_dir, root: Path, out: str, *extra) -> list:
     # a constant learning rate: a run extended with --allow-config-change keeps the schedule it had
-    return _args("dpo", model_dir, root, root / out, 2) + ["train.max_steps=6", "train.save_every=2",
-                                                           "train.keep_checkpoints=5", "train.lr_schedule=constant",
-                                                           *extra]
+    return _args("dpo", model_dir, root, root / out, 2) + [
+        "train.max_steps=6",
+        "train.save_every=2",
+        "train.keep_checkpoints=5",
+        "train.lr_schedule=constant",
+        *extra,
+    ]
 
 
 def test_a_killed_process_ends_the_job_and_a_resume_at_the_same_scale_is_exact(tiny_model_dir, tmp_path):
@@ -151,8 +178,10 @@ def test_a_killed_process_ends_the_job_and_a_resume_at_the_same_scale_is_exact(t
     full = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "full")]}], tmp_path)
     assert full.returncode == 0, full.stderr[-4000:]
     start = time.perf_counter()
-    killed = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "run")], "kill_rank": 1,
-                        "kill_after_save": 4}], tmp_path)
+    killed = torchrun(
+        [{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "run")], "kill_rank": 1, "kill_after_save": 4}],
+        tmp_path,
+    )
     assert killed.returncode != 0 and time.perf_counter() - start < 120  # torchrun tore the job down
     run = tmp_path / "run"
     assert (run / "checkpoint-4" / "dcp").is_dir() and not (run / "final").exists()
@@ -169,8 +198,10 @@ def test_resume_at_another_scale_keeps_the_global_batch(tiny_model_dir, tmp_path
     _data(tmp_path)
     full = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "full")]}], tmp_path)
     assert full.returncode == 0, full.stderr[-4000:]
-    killed = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "two-to-one")], "kill_rank": 0,
-                        "kill_after_save": 2}], tmp_path)
+    killed = torchrun(
+        [{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "two-to-one")], "kill_rank": 0, "kill_after_save": 2}],
+        tmp_path,
+    )
     assert killed.returncode != 0
     cfg = load_config(None, _dpo_args(tiny_model_dir, tmp_path, "two-to-one"))
     result = loop.train(cfg, resume=True, progress=False)
@@ -180,8 +211,9 @@ def test_resume_at_another_scale_keeps_the_global_batch(tiny_model_dir, tmp_path
     rows = read_metrics(tmp_path / "two-to-one", "train")
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in read_metrics(tmp_path / "full", "train")]
     # one process with grad_accum 2 writes a checkpoint that two processes resume (1 -> 2)
-    one = load_config(None, _dpo_args(tiny_model_dir, tmp_path, "one-to-two", "train.grad_accum=2",
-                                      "train.max_steps=2"))
+    one = load_config(
+        None, _dpo_args(tiny_model_dir, tmp_path, "one-to-two", "train.grad_accum=2", "train.max_steps=2")
+    )
     loop.train(one, progress=False)
     longer = _dpo_args(tiny_model_dir, tmp_path, "one-to-two", "train.grad_accum=2", "train.max_steps=6")
     cont = torchrun([{"argv": ["train", *longer, "--resume", "--allow-config-change"]}], tmp_path)
@@ -213,21 +245,29 @@ def test_an_error_on_one_process_ends_every_process_with_its_message(tiny_model_
         "def picky(prompts, completions, **columns):\n"
         "    if any('9 plus 9' in str(p) for p in prompts):\n"
         "        raise ValueError('cannot score a prompt about 9 plus 9')\n"
-        "    return [1.0 for _ in completions]\n")
+        "    return [1.0 for _ in completions]\n"
+    )
     rows = [{"prompt": f"what is {a} plus {b} ?"} for a, b in [(1, 2), (3, 4), (5, 6), (9, 9)] * 4]
     write_jsonl(tmp_path / "picky.jsonl", rows)
     args = base_overrides(tiny_model_dir, tmp_path / "picky.jsonl", tmp_path / "run", tmp_path / "cache") + [
-        "recipe=grpo", f"online.rewards={tmp_path / 'picky.py'}:picky", "generation.num_samples=2",
-        "generation.max_new_tokens=4", "train.batch_size=2", "train.shuffle=false", "data.eval_fraction=0",
-        "train.max_steps=4"]
+        "recipe=grpo",
+        f"online.rewards={tmp_path / 'picky.py'}:picky",
+        "generation.num_samples=2",
+        "generation.max_new_tokens=4",
+        "train.batch_size=2",
+        "train.shuffle=false",
+        "data.eval_fraction=0",
+        "train.max_steps=4",
+    ]
     start = time.perf_counter()
     proc = torchrun([{"argv": ["train", *args]}], tmp_path)
     assert proc.returncode != 0 and time.perf_counter() - start < 120
     assert "cannot score a prompt about 9 plus 9" in proc.stderr and "process 1 failed" in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "x"\n')
-    proc = torchrun([{"argv": ["train", *base_overrides(tiny_model_dir, bad, tmp_path / "r2", tmp_path / "cache")]}],
-                    tmp_path)
+    proc = torchrun(
+        [{"argv": ["train", *base_overrides(tiny_model_dir, bad, tmp_path / "r2", tmp_path / "cache")]}], tmp_path
+    )
     assert proc.returncode != 0 and "bad.jsonl:2" in proc.stderr
 
 
@@ -243,11 +283,28 @@ def test_two_nodes_on_one_machine_join_one_rendezvous(tiny_model_dir, tmp_path):
     port = _free_port()
     runs = tmp_path / "runs.json"
     runs.write_text(json.dumps([{"argv": ["train", *_args("dpo", tiny_model_dir, tmp_path, tmp_path / "nodes", 2)]}]))
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={r}",
-                               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                               "--rdzv-id=alignkit-test", str(DRIVER), str(runs)],
-                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node-rank={r}",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=alignkit-test",
+                str(DRIVER),
+                str(runs),
+            ],
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     one = loop.train(load_config(None, _args("dpo", tiny_model_dir, tmp_path, tmp_path / "single", 4)), progress=False)
@@ -263,8 +320,10 @@ def test_eval_splits_its_log_prob_passes_over_processes(two_process_runs, tmp_pa
     root, _, _ = two_process_runs
     run = tmp_path / "dpo-2"
     shutil.copytree(root / "dpo-2", run)
-    proc = torchrun([{"argv": ["eval", "--run", str(run), "--no-progress", "--no-report",
-                               "--output-dir", str(tmp_path / "two")]}], tmp_path)
+    proc = torchrun(
+        [{"argv": ["eval", "--run", str(run), "--no-progress", "--no-report", "--output-dir", str(tmp_path / "two")]}],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert main(["eval", "--run", str(run), "--no-progress", "--no-report", "--output-dir", str(tmp_path / "one")]) == 0
     two, one = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
@@ -272,8 +331,9 @@ def test_eval_splits_its_log_prob_passes_over_processes(two_process_runs, tmp_pa
     for key in ("ranking_accuracy", "implicit_reward_accuracy", "implicit_margin"):
         assert two["preference"][key]["value"] == pytest.approx(one["preference"][key]["value"], abs=1e-6)
     assert [c["step"] for c in two["checkpoints"]] == [4]
-    assert two["checkpoints"][0]["chosen_logp_change"] == pytest.approx(one["checkpoints"][0]["chosen_logp_change"],
-                                                                        abs=1e-5)
+    assert two["checkpoints"][0]["chosen_logp_change"] == pytest.approx(
+        one["checkpoints"][0]["chosen_logp_change"], abs=1e-5
+    )
 
 
 def test_a_process_dead_in_a_sharded_write_loses_only_that_checkpoint(tiny_model_dir, tmp_path):
@@ -284,8 +344,9 @@ def test_a_process_dead_in_a_sharded_write_loses_only_that_checkpoint(tiny_model
     _data(tmp_path)
     full = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "full")]}], tmp_path)
     assert full.returncode == 0, full.stderr[-4000:]
-    killed = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "run")], "kill_rank": 1,
-                        "kill_in_write": 4}], tmp_path)
+    killed = torchrun(
+        [{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "run")], "kill_rank": 1, "kill_in_write": 4}], tmp_path
+    )
     assert killed.returncode != 0
     run = tmp_path / "run"
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-2"]
@@ -316,8 +377,11 @@ def test_a_damaged_shard_is_named_and_an_earlier_checkpoint_offered(two_process_
     (run / "summary.json").unlink()  # as if stopped after checkpoint-6
     shard = sorted((run / "checkpoint-6" / "dcp").glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint-6 is damaged: dcp/__\d_0\.distcp has 100 bytes.*"
-                                                   r"--resume-from checkpoint-4"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"checkpoint-6 is damaged: dcp/__\d_0\.distcp has 100 bytes.*"
+        r"--resume-from checkpoint-4",
+    ):
         loop.train(load_config(None, args), resume=True, progress=False)
     result = loop.train(load_config(None, args), resume_from="checkpoint-4", progress=False)  # 1 process now
     assert result.steps == 6 and (run / "final" / "model.safetensors").is_file()

@@ -41,11 +41,21 @@ def test_the_calculator_agrees_with_python_arithmetic():
     assert format_number(evaluate("7 * 6")) == "42" and format_number(evaluate("7 / 2")) == "3.5"
 
 
-@pytest.mark.parametrize("text,why", [
-    ('__import__("os").system("ls")', "unexpected character"), ("9 ** 9 ** 9", "exponent"), ("1 / (2 - 2)", "division by zero"),
-    ("(1 + 2", "closing parenthesis"), ("1 2", "after a complete expression"), ("", "empty"), ("2 +", "ended early"),
-    ("(" * 60 + "1" + ")" * 60, "nested"), ("10 ** 60 * 10 ** 60", "too large"), ("x" * 300, "longer than"),
-])
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        ('__import__("os").system("ls")', "unexpected character"),
+        ("9 ** 9 ** 9", "exponent"),
+        ("1 / (2 - 2)", "division by zero"),
+        ("(1 + 2", "closing parenthesis"),
+        ("1 2", "after a complete expression"),
+        ("", "empty"),
+        ("2 +", "ended early"),
+        ("(" * 60 + "1" + ")" * 60, "nested"),
+        ("10 ** 60 * 10 ** 60", "too large"),
+        ("x" * 300, "longer than"),
+    ],
+)
 def test_the_calculator_refuses_what_is_not_small_arithmetic(text, why):
     with pytest.raises(CalculatorError, match=why):
         evaluate(text)
@@ -55,27 +65,38 @@ def test_the_calculator_refuses_what_is_not_small_arithmetic(text, why):
 def test_the_calculator_caps_every_number_it_reads_or_returns(text):
     # the 1e100 cap holds for literals too: a bare 200-digit number used to come back as 1.1e199,
     # and a literal too large is refused even where the arithmetic would shrink it (x * 0)
-    with pytest.raises(CalculatorError, match=r"number 1{12}\.\.\.\(\d+ characters\) is too large \(magnitude above 1e\+100\)"):
+    with pytest.raises(
+        CalculatorError, match=r"number 1{12}\.\.\.\(\d+ characters\) is too large \(magnitude above 1e\+100\)"
+    ):
         evaluate(text)
-    assert evaluate("1" * 100) == float("1" * 100) and evaluate("-" + "1" * 100) == -float("1" * 100)  # at the cap: fine
+    assert evaluate("1" * 100) == float("1" * 100) and evaluate("-" + "1" * 100) == -float(
+        "1" * 100
+    )  # at the cap: fine
 
 
 def test_tool_calls_in_the_hermes_format():
-    text = ('Let me compute.<tool_call>{"name": "calculator", "arguments": {"expression": "17 + 8"}}</tool_call>'
-            '<tool_call>\n{"name": "calculator", "arguments": "{\\"expression\\": \\"2*3\\"}"}\n</tool_call>')
-    assert parse_tool_calls(text) == [ToolCall("calculator", {"expression": "17 + 8"}),
-                                      ToolCall("calculator", {"expression": "2*3"})]
+    text = (
+        'Let me compute.<tool_call>{"name": "calculator", "arguments": {"expression": "17 + 8"}}</tool_call>'
+        '<tool_call>\n{"name": "calculator", "arguments": "{\\"expression\\": \\"2*3\\"}"}\n</tool_call>'
+    )
+    assert parse_tool_calls(text) == [
+        ToolCall("calculator", {"expression": "17 + 8"}),
+        ToolCall("calculator", {"expression": "2*3"}),
+    ]
     assert parse_tool_calls("The answer is 25.") == []
-    bad = parse_tool_calls('<tool_call>{"name": calculator}</tool_call><tool_call>{"arguments": {}}</tool_call>'
-                           '<tool_call>{"name": "calculator", "arguments": [1]}</tool_call><tool_call>{"name"')
+    bad = parse_tool_calls(
+        '<tool_call>{"name": calculator}</tool_call><tool_call>{"arguments": {}}</tool_call>'
+        '<tool_call>{"name": "calculator", "arguments": [1]}</tool_call><tool_call>{"name"'
+    )
     assert [type(c) for c in bad] == [ToolCallError] * 4
-    assert "not valid JSON" in bad[0].message and "no \"name\"" in bad[1].message
+    assert "not valid JSON" in bad[0].message and 'no "name"' in bad[1].message
     assert "JSON object" in bad[2].message and "not closed" in bad[3].message
 
 
 def test_tool_calls_in_the_llama3_format_and_template_detection():
-    assert parse_tool_calls('<|python_tag|>{"name": "calculator", "parameters": {"expression": "1+1"}}',
-                            "llama3") == [ToolCall("calculator", {"expression": "1+1"})]
+    assert parse_tool_calls('<|python_tag|>{"name": "calculator", "parameters": {"expression": "1+1"}}', "llama3") == [
+        ToolCall("calculator", {"expression": "1+1"})
+    ]
     assert parse_tool_calls("It is 2.", "llama3") == []
     assert isinstance(parse_tool_calls('{"name": "calculator", "parameters": ', "llama3")[0], ToolCallError)
 
@@ -88,7 +109,9 @@ def test_tool_calls_in_the_llama3_format_and_template_detection():
     Tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     assert template_style(Tok()) == "fallback"
     schema = {"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}
-    assert '"name": "calculator"' in fallback_instructions([schema]) and "<tool_call>" in fallback_instructions([schema])
+    assert '"name": "calculator"' in fallback_instructions([schema]) and "<tool_call>" in fallback_instructions(
+        [schema]
+    )
 
 
 def test_environment_classes_load_from_a_file_with_clear_errors(tmp_path):
@@ -97,26 +120,34 @@ def test_environment_classes_load_from_a_file_with_clear_errors(tmp_path):
         "class Echo:\n"
         "    def reset(self, record):\n        return [{'role': 'user', 'content': record['prompt']}]\n"
         "    def step(self, message):\n        return StepResult([], float(len(message['content'])), True)\n"
-        "class Half:\n    def reset(self, record):\n        return []\n")
+        "class Half:\n    def reset(self, record):\n        return []\n"
+    )
     cls = load_environment_class(f"{tmp_path / 'env.py'}:Echo")
     env = cls()
     assert env.reset({"prompt": "hi"}) == [{"role": "user", "content": "hi"}]
     assert env.step({"role": "assistant", "content": "abc"}) == StepResult([], 3.0, True)
-    for spec, why in [(f"{tmp_path / 'env.py'}:Half", "lacks step"), (f"{tmp_path / 'nope.py'}:X", "does not exist"),
-                      (f"{tmp_path / 'env.py'}:Missing", "has no Missing"), ("no_such_env", "built-in name")]:
+    for spec, why in [
+        (f"{tmp_path / 'env.py'}:Half", "lacks step"),
+        (f"{tmp_path / 'nope.py'}:X", "does not exist"),
+        (f"{tmp_path / 'env.py'}:Missing", "has no Missing"),
+        ("no_such_env", "built-in name"),
+    ]:
         with pytest.raises(ConfigError, match=why):
             load_environment_class(spec)
 
 
-@pytest.mark.parametrize("code,why", [
-    ("while True:\n    pass\n", "timed out after 1 s"),
-    ("import os\nfor _ in range(100):\n    os.fork()\n", "Resource temporarily unavailable"),
-    ("x = bytearray(2 * 1024 ** 3)\n", "out of memory"),
-    ("print(open('/etc/hostname').read())\n", "No such file or directory: '/etc/hostname'"),
-    ("open('../escape.txt', 'w').write('x')\n", "Read-only file system"),
-    ("import socket\nsocket.create_connection(('10.0.0.1', 9), timeout=1)\n", "Network is unreachable"),
-    ("raise ValueError('bad input')\n", "ValueError: bad input"),
-])
+@pytest.mark.parametrize(
+    "code,why",
+    [
+        ("while True:\n    pass\n", "timed out after 1 s"),
+        ("import os\nfor _ in range(100):\n    os.fork()\n", "Resource temporarily unavailable"),
+        ("x = bytearray(2 * 1024 ** 3)\n", "out of memory"),
+        ("print(open('/etc/hostname').read())\n", "No such file or directory: '/etc/hostname'"),
+        ("open('../escape.txt', 'w').write('x')\n", "Read-only file system"),
+        ("import socket\nsocket.create_connection(('10.0.0.1', 9), timeout=1)\n", "Network is unreachable"),
+        ("raise ValueError('bad input')\n", "ValueError: bad input"),
+    ],
+)
 def test_the_python_tool_ends_abuse_with_a_clear_error(code, why):
     """The sandbox's own escape tests are tests/test_sandbox.py; these are the limits' messages."""
     from alignkit.envs.python_tool import run_python
@@ -134,8 +165,10 @@ def test_the_python_tool_runs_ordinary_code_in_its_scratch_directory():
 
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap is not installed (apt-get install bubblewrap; `make test` does it)")
-    result = run_python("import math, os\nopen('notes.txt', 'w').write('ok')\n"
-                        "print(round(math.sqrt(2), 4), open('notes.txt').read(), sorted(os.listdir('.')))\n")
+    result = run_python(
+        "import math, os\nopen('notes.txt', 'w').write('ok')\n"
+        "print(round(math.sqrt(2), 4), open('notes.txt').read(), sorted(os.listdir('.')))\n"
+    )
     assert result.error is None and result.stdout.strip() == "1.4142 ok ['main.py', 'notes.txt']"
     assert run_python("pass").message() == "(no output)"
 
@@ -143,13 +176,23 @@ def test_the_python_tool_runs_ordinary_code_in_its_scratch_directory():
 def test_gsm8k_tools_episode_runs_tools_counts_errors_and_scores_the_answer():
     env = load_environment_class("gsm8k_tools")()
     assert env.reset({"question": "Ann has 17 apples and buys 8. How many?", "answer": "17 + 8 = 25\n#### 25"}) == [
-        {"role": "user", "content": "Ann has 17 apples and buys 8. How many?"}]
+        {"role": "user", "content": "Ann has 17 apples and buys 8. How many?"}
+    ]
     call = '<tool_call>{"name": "calculator", "arguments": {"expression": "17 + 8"}}</tool_call>'
-    assert env.step({"role": "assistant", "content": call}) == StepResult([{"role": "tool", "content": "25"}], 0.0, False)
-    bad = env.step({"role": "assistant", "content": '<tool_call>{"name": "calculator", "arguments": {"expression": '
-                                                    '"1/0"}}</tool_call><tool_call>{"name": "search"}</tool_call>'})
-    assert [m["content"] for m in bad.messages] == ["error: division by zero",
-                                                     "error: no tool named 'search'; the tools are calculator"]
+    assert env.step({"role": "assistant", "content": call}) == StepResult(
+        [{"role": "tool", "content": "25"}], 0.0, False
+    )
+    bad = env.step(
+        {
+            "role": "assistant",
+            "content": '<tool_call>{"name": "calculator", "arguments": {"expression": '
+            '"1/0"}}</tool_call><tool_call>{"name": "search"}</tool_call>',
+        }
+    )
+    assert [m["content"] for m in bad.messages] == [
+        "error: division by zero",
+        "error: no tool named 'search'; the tools are calculator",
+    ]
     assert env.step({"role": "assistant", "content": "She has 25 apples."}) == StepResult([], 1.0, True)
     assert env.counts == {"tool_calls": 3, "tool_errors": 2}
     env.reset({"question": "q", "answer": "#### 25"})
@@ -174,10 +217,12 @@ def undocumented(x):
     return x
 '''
 
-TOOL_TEMPLATE = ("{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n"
-                 "Reply with <tool_call>{...}</tool_call><|im_end|>\n{%- endif %}{%- for m in messages %}"
-                 "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
-                 "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n"
+    "Reply with <tool_call>{...}</tool_call><|im_end|>\n{%- endif %}{%- for m in messages %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
 
 
 def test_tools_from_config_python_environment_and_the_template_or_fallback(tmp_path):
@@ -199,14 +244,26 @@ def test_tools_from_config_python_environment_and_the_template_or_fallback(tmp_p
 
     env = load_environment_class("python")()  # the python tool, scored like the calculator
     env.reset({"prompt": "6 * 7?", "answer": "42"})
-    out = env.step({"role": "assistant", "content": '<tool_call>{"name": "python", "arguments": {"code": '
-                                                    '"print(6 * 7)"}}</tool_call>'})
+    out = env.step(
+        {
+            "role": "assistant",
+            "content": '<tool_call>{"name": "python", "arguments": {"code": "print(6 * 7)"}}</tool_call>',
+        }
+    )
     assert out.messages == [{"role": "tool", "content": "42"}]
     assert env.step({"role": "assistant", "content": "42"}) == StepResult([], 1.0, True)
 
     ex = PromptExample(({"role": "user", "content": "What is 2 + 2?"},), {"answer": "4"})
-    cfg = load_config(None, ["model.name_or_path=x", "data.train=x.jsonl", "recipe=grpo", "env.name=calculator",
-                             f"env.tools=[calculator, {tmp_path / 'tools.py'}:word_count]"])
+    cfg = load_config(
+        None,
+        [
+            "model.name_or_path=x",
+            "data.train=x.jsonl",
+            "recipe=grpo",
+            "env.name=calculator",
+            f"env.tools=[calculator, {tmp_path / 'tools.py'}:word_count]",
+        ],
+    )
     tok = tiny_tokenizer()  # ChatML without tool support: the fallback system message
     sampler = EpisodeSampler(cfg, tok)
     msgs, schemas = sampler.start(sampler.make(), ex)

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from conftest import base_overrides, write_jsonl
 
 from alignkit.cli import main
 from alignkit.config import load_config
@@ -19,11 +20,10 @@ from alignkit.train import loop
 from alignkit.train.episodes import discounted_returns, token_returns
 from alignkit.train.metrics import read_metrics
 from alignkit.train.rollouts import Rollout, token_segments
-from conftest import base_overrides, write_jsonl
 
 # Two tool turns, then the episode ends; every reply is rewarded by its length, so the samples of
 # one prompt differ, and the turns carry intermediate rewards.
-ENV = '''
+ENV = """
 from alignkit.envs import StepResult
 
 
@@ -41,23 +41,41 @@ class Quiz:
             return StepResult([], float(n % 5), True)
         self.left -= 1
         return StepResult([{"role": "tool", "content": "yes no yes"}], 0.1 * (n % 3), False)
-'''
+"""
 
 
 def _cfg(model_dir, tmp_path, *extra, out="run"):
     rows = [{"prompt": f"what is {i} yes no ?"} for i in range(12)]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
     (tmp_path / "quiz.py").write_text(ENV)
-    return load_config(None, base_overrides(model_dir, data, tmp_path / out, tmp_path / "cache") + [
-        "recipe=grpo", f"env.name={tmp_path / 'quiz.py'}:Quiz", "generation.num_samples=2", "generation.temperature=1.0",
-        "generation.max_new_tokens=5", "train.batch_size=2", "train.max_steps=2", "data.eval_fraction=0",
-        "data.max_length=128", "train.learning_rate=1e-3", *extra])
+    return load_config(
+        None,
+        base_overrides(model_dir, data, tmp_path / out, tmp_path / "cache")
+        + [
+            "recipe=grpo",
+            f"env.name={tmp_path / 'quiz.py'}:Quiz",
+            "generation.num_samples=2",
+            "generation.temperature=1.0",
+            "generation.max_new_tokens=5",
+            "train.batch_size=2",
+            "train.max_steps=2",
+            "data.eval_fraction=0",
+            "data.max_length=128",
+            "train.learning_rate=1e-3",
+            *extra,
+        ],
+    )
 
 
 def test_returns_are_discounted_per_turn():
     assert discounted_returns([0.5, 0.0, 2.0], 0.5) == pytest.approx([1.0, 1.0, 2.0, 0.0])
-    ep = Episode([1], token_ids=[5, 6, 7, 8, 9], model_mask=[True, True, False, True, True], turn_of=[0, 0, 1, 2],
-                 turn_rewards=[0.5, 0.0, 2.0])
+    ep = Episode(
+        [1],
+        token_ids=[5, 6, 7, 8, 9],
+        model_mask=[True, True, False, True, True],
+        turn_of=[0, 0, 1, 2],
+        turn_rewards=[0.5, 0.0, 2.0],
+    )
     assert token_returns(ep, 0.5) == pytest.approx([1.0, 1.0, 1.0, 2.0])
     cut = Episode([1], turn_of=[0, 1], turn_rewards=[1.0])  # turn 1 was cut by the token budget: no reward
     assert token_returns(cut, 1.0) == [1.0, 0.0]
@@ -94,11 +112,14 @@ def test_environment_tokens_are_context_with_zero_gradient(tiny_model_dir, tmp_p
 
 def test_turns_get_their_own_returns_against_the_group_baseline(tiny_model_dir, tmp_path):
     for recipe_name, expected in (("grpo", "std"), ("rloo", "loo")):
-        session = loop.setup(_cfg(tiny_model_dir, tmp_path, f"recipe={recipe_name}", "env.gamma=0.5",
-                                  out=recipe_name), progress=False)
+        session = loop.setup(
+            _cfg(tiny_model_dir, tmp_path, f"recipe={recipe_name}", "env.gamma=0.5", out=recipe_name), progress=False
+        )
         recipe = session.recipe
         # one prompt, two episodes: A has 3 model tokens over turns 0, 0, 1; B has 2 tokens, both turn 0
-        group = TokenizedGroup([1, 2, 3], [[10, 11, 50, 12], [20, 21]], 0, masks=[[True, True, False, True], [True, True]])
+        group = TokenizedGroup(
+            [1, 2, 3], [[10, 11, 50, 12], [20, 21]], 0, masks=[[True, True, False, True], [True, True]]
+        )
         batch = collate_packed_groups([group], 0, 64)
         segs = token_segments(batch)
         assert segs.tolist() == [0, 0, 0, 1, 1]
@@ -127,8 +148,9 @@ def test_every_online_recipe_trains_on_episodes(tiny_model_dir, tmp_path, recipe
     rows = read_metrics(run, "train")
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     for r in rows:
-        assert 1 < r["episode/turns"] <= 3 and r["episode/ended_answer"] + r["episode/ended_turn_limit"] \
-            + r["episode/ended_token_limit"] == pytest.approx(1.0)
+        assert 1 < r["episode/turns"] <= 3 and r["episode/ended_answer"] + r["episode/ended_turn_limit"] + r[
+            "episode/ended_token_limit"
+        ] == pytest.approx(1.0)
     episodes = [json.loads(line) for line in (run / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) == 2 and {m for e in episodes for _, m in e["spans"]} == {True, False}
     assert all(not m for e in episodes for t, m in e["spans"] if "yes no yes" in t)
@@ -142,8 +164,16 @@ def test_episode_config_errors(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="online.rewards"):
         _cfg(tiny_model_dir, tmp_path, "online.rewards=length")
     with pytest.raises(ConfigError, match="env.max_turns.*env.name"):
-        load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.train=x.jsonl", "recipe=grpo",
-                           "online.rewards=length", "env.max_turns=3"])
+        load_config(
+            None,
+            [
+                f"model.name_or_path={tiny_model_dir}",
+                "data.train=x.jsonl",
+                "recipe=grpo",
+                "online.rewards=length",
+                "env.max_turns=3",
+            ],
+        )
     with pytest.raises(ConfigError, match="generation.backend"):
         _cfg(tiny_model_dir, tmp_path, "generation.backend=vllm")
     with pytest.raises(ConfigError, match="recipe distill does not read `env.name`"):

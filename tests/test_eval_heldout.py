@@ -7,20 +7,24 @@ got training pairs and pairs beyond the limit evaluated as held out, and a colum
 
 import json
 
+from conftest import base_overrides, toy_pairs, write_jsonl
+
 from alignkit.cli import build_parser, main
 from alignkit.commands.eval import eval_config_from_args
 from alignkit.config import load_config
 from alignkit.data.formats import load_preference_examples
-from alignkit.train import loop
 from alignkit.data.splits import split_heldout
-from conftest import base_overrides, toy_pairs, write_jsonl
+from alignkit.train import loop
 
 EVAL_ARGS = ["--num-prompts", "2", "--max-new-tokens", "2", "--no-progress", "--no-report"]
 
 
 def _train(model_dir, data, tmp_path, *extra):
-    cfg = load_config(None, base_overrides(model_dir, data, tmp_path / "run", tmp_path / "c") + [
-        "train.max_steps=1", "train.batch_size=4", "train.learning_rate=1e-3", "train.warmup_ratio=0", *extra])
+    cfg = load_config(
+        None,
+        base_overrides(model_dir, data, tmp_path / "run", tmp_path / "c")
+        + ["train.max_steps=1", "train.batch_size=4", "train.learning_rate=1e-3", "train.warmup_ratio=0", *extra],
+    )
     loop.train(cfg, progress=False)
     return tmp_path / "run"
 
@@ -52,8 +56,15 @@ def test_eval_run_reads_the_runs_columns_and_bad_records(tiny_model_dir, tmp_pat
     rows = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in toy_pairs(20)]
     rows.insert(3, {"question": "what is 1 plus 1 ?"})  # a bad record the run skipped (line 4)
     data = write_jsonl(tmp_path / "renamed.jsonl", rows)
-    run = _train(tiny_model_dir, data, tmp_path, "data.columns={prompt: question, chosen: good, rejected: bad}",
-                 "data.on_bad_record=skip", "data.eval_fraction=0.2", "data.max_length=48")
+    run = _train(
+        tiny_model_dir,
+        data,
+        tmp_path,
+        "data.columns={prompt: question, chosen: good, rejected: bad}",
+        "data.on_bad_record=skip",
+        "data.eval_fraction=0.2",
+        "data.max_length=48",
+    )
     assert main(["eval", "--run", str(run), *EVAL_ARGS]) == 0
     m = _pair_sources(run)
     record = json.loads((run / "heldout.json").read_text())
@@ -72,8 +83,13 @@ def test_eval_run_with_a_separate_eval_file_uses_the_runs_settings(tiny_model_di
 
     train_file = write_jsonl(tmp_path / "train.jsonl", renamed(toy_pairs(12)))
     eval_file = write_jsonl(tmp_path / "eval.jsonl", renamed(toy_pairs(3, seed=1)))
-    run = _train(tiny_model_dir, train_file, tmp_path, f"data.eval={eval_file}",
-                 "data.columns={prompt: question, chosen: good, rejected: bad}")
+    run = _train(
+        tiny_model_dir,
+        train_file,
+        tmp_path,
+        f"data.eval={eval_file}",
+        "data.columns={prompt: question, chosen: good, rejected: bad}",
+    )
     assert main(["eval", "--run", str(run), *EVAL_ARGS]) == 0
     m = _pair_sources(run)
     assert m["data"] == str(eval_file) and m["pair_sources"] == [f"{eval_file}:{i}" for i in (1, 2, 3)]

@@ -32,7 +32,7 @@ def test_wilson_8_of_10_matches_published_value_and_quadratic_roots():
     Independently, the Wilson bounds are the roots in p of (0.8 - p)^2 = z^2 p (1 - p) / n."""
     lo, hi = wilson_interval(8, 10)
     assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
-    z2n = 1.96 ** 2 / 10  # (1 + z2n) p^2 - (1.6 + z2n) p + 0.64 = 0
+    z2n = 1.96**2 / 10  # (1 + z2n) p^2 - (1.6 + z2n) p + 0.64 = 0
     a, b, c = 1 + z2n, -(1.6 + z2n), 0.64
     roots = sorted([(-b - math.sqrt(b * b - 4 * a * c)) / (2 * a), (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)])
     assert (lo, hi) == pytest.approx(roots, abs=EXACT)
@@ -122,8 +122,9 @@ def test_idealized_per_pair_alpha():
     pair 4: z = 0.5 + ln(1/3) = -0.599 < 0, majority prefers rejected -> right.
     -> 2/4 = 0.5 on n = 4 pairs. Reference alone: pairs 1, 3 wrong (d < 0), 2 wrong (d > 0 vs majority
     rejected), 4 wrong -> 0/4."""
-    r = idealized_ranking_accuracy([-1.0, -100.0, 2.0, -20.0, 0.5], [0.0] * 5, beta=1.0,
-                                   pref_prob=[0.5, 1.0, 0.25, 0.9, 0.25])
+    r = idealized_ranking_accuracy(
+        [-1.0, -100.0, 2.0, -20.0, 0.5], [0.0] * 5, beta=1.0, pref_prob=[0.5, 1.0, 0.25, 0.9, 0.25]
+    )
     assert r["value"] == pytest.approx(0.5, abs=EXACT) and r["reference_value"] == 0.0
     assert (r["n"], r["n_ties_excluded"], r["pref_prob"], r["pref_prob_is_default"]) == (4, 1, None, False)
 
@@ -164,8 +165,11 @@ def test_length_bias_hand_numbers():
     assert r["accuracy_chosen_longer"] == {"value": 1.0, "ci95": list(wilson_interval(1, 1)), "n": 1}
     assert r["accuracy_chosen_shorter"] == {"value": 0.0, "ci95": list(wilson_interval(0, 1)), "n": 1}
     assert r["accuracy_equal_length"]["value"] == 1.0 and r["n"] == 3
-    assert r["points"] == [{"length_diff": 5, "margin": 1.0}, {"length_diff": -5, "margin": -1.0},
-                           {"length_diff": 0, "margin": 3.0}]
+    assert r["points"] == [
+        {"length_diff": 5, "margin": 1.0},
+        {"length_diff": -5, "margin": -1.0},
+        {"length_diff": 0, "margin": 3.0},
+    ]
 
 
 def test_length_bias_undefined_correlations_are_none():
@@ -236,8 +240,9 @@ def test_kl_estimate_is_unbiased_on_a_categorical():
 def _hand_logits():
     """Row 0, t0: logits ln[4, 2, 1, 1] -> p = [0.5, 0.25, 0.125, 0.125]; t1 masked (garbage).
     Row 1, t0 masked (garbage); t1: zeros -> uniform p = 0.25."""
-    logits = torch.tensor([[[math.log(4), math.log(2), 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]],
-                           [[0.0, 50.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    logits = torch.tensor(
+        [[[math.log(4), math.log(2), 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]], [[0.0, 50.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]]
+    )
     mask = torch.tensor([[True, False], [False, True]])
     return logits, mask
 
@@ -312,8 +317,13 @@ def test_likelihood_displacement_hand_numbers():
     assert r["rejected_logp_change"] == pytest.approx(-14 / 3, abs=EXACT)
     assert r["rejected_logp_down_fraction"] == pytest.approx(2 / 3, abs=EXACT) and r["n"] == 3
     only = likelihood_displacement(np.array([-1.0]), torch.tensor([-3.0]))
-    assert only == {"chosen_logp_change": -2.0, "chosen_logp_down_fraction": 1.0, "rejected_logp_change": None,
-                    "rejected_logp_down_fraction": None, "n": 1}
+    assert only == {
+        "chosen_logp_change": -2.0,
+        "chosen_logp_down_fraction": 1.0,
+        "rejected_logp_change": None,
+        "rejected_logp_down_fraction": None,
+        "n": 1,
+    }
 
 
 def test_likelihood_displacement_errors():

@@ -4,21 +4,22 @@ import json
 import math
 
 import pytest
+from conftest import base_overrides
 
 from alignkit.cli import main
 from alignkit.config import load_config
 from alignkit.errors import ConfigError
-from alignkit.rewards import build_reward as load_reward, combine_log_sigmoid, log_sigmoid_transform
+from alignkit.rewards import build_reward as load_reward
+from alignkit.rewards import combine_log_sigmoid, log_sigmoid_transform
 from alignkit.train import loop
-from conftest import base_overrides
 
-REWARD_PY = '''
+REWARD_PY = """
 def says_answer(prompts, completions, **columns):
     return [float("answer" in c) for c in completions]
 
 def wrong_length(prompts, completions, **columns):
     return [1.0]
-'''
+"""
 
 
 @pytest.fixture
@@ -31,7 +32,8 @@ def reward_file(tmp_path):
 def test_log_sigmoid_transform_and_combination():
     """log sigmoid(0) = log 1/2 = -0.693147; log sigmoid(2) = -log(1 + e^-2) = -0.126928."""
     assert log_sigmoid_transform([0.0, 2.0, 1.0], [0.0, 0.0, 3.0]) == pytest.approx(
-        [-0.693147, -0.126928, -2.126928], abs=1e-6)
+        [-0.693147, -0.126928, -2.126928], abs=1e-6
+    )
     both = combine_log_sigmoid({"a": [2.0], "b": [0.0]}, {"a": [0.0], "b": [0.0]}, weights={"b": 2.0})
     assert both == pytest.approx([-0.126928 - 2 * 0.693147], abs=1e-6)
     # Far above the reference saturates at 0: one reward cannot buy the AND of the others.
@@ -52,9 +54,18 @@ def test_reward_model_scores_like_training_and_needs_a_direction(tiny_model_dir,
 
     rows = [dict(r, labels={"correct": 1, "short": -1}) for r in toy_pairs()]
     data = write_jsonl(tmp_path / "mo.jsonl", rows)
-    cfg = load_config(None, base_overrides(tiny_model_dir, data, tmp_path / "rm", tmp_path / "c") + [
-        "recipe=reward", "train.learning_rate=2e-3", "train.max_steps=20", "train.warmup_ratio=0",
-        "reward.objectives=[correct,short]", "data.eval_fraction=0"])
+    cfg = load_config(
+        None,
+        base_overrides(tiny_model_dir, data, tmp_path / "rm", tmp_path / "c")
+        + [
+            "recipe=reward",
+            "train.learning_rate=2e-3",
+            "train.max_steps=20",
+            "train.warmup_ratio=0",
+            "reward.objectives=[correct,short]",
+            "data.eval_fraction=0",
+        ],
+    )
     final = loop.train(cfg, progress=False).final_dir
     with pytest.raises(ConfigError, match="has 2 rewards \\(correct, short\\); give a direction"):
         load_reward(str(final))
@@ -76,7 +87,7 @@ def _completion_logps(model, tokenizer, messages: tuple, completion: tuple, plai
     p_ids, c_ids = encode_text(tokenizer, p_text, c_text)
     with torch.no_grad():
         logits = model(torch.tensor([p_ids + c_ids])).logits[0].double()
-    return c_ids, torch.log_softmax(logits[len(p_ids) - 1: len(p_ids) + len(c_ids) - 1], -1)
+    return c_ids, torch.log_softmax(logits[len(p_ids) - 1 : len(p_ids) + len(c_ids) - 1], -1)
 
 
 def _pair_logps(model, tokenizer, example) -> tuple[float, float]:
@@ -93,12 +104,36 @@ def test_eval_on_a_run_writes_metrics_and_report(tiny_model_dir, pairs_file, rew
     from alignkit.data.formats import load_preference_examples
     from alignkit.data.splits import load_examples
 
-    cfg = load_config(None, base_overrides(tiny_model_dir, pairs_file, tmp_path / "run", tmp_path / "c") + [
-        "train.learning_rate=5e-3", "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=5",
-        "train.warmup_ratio=0", "data.eval_fraction=0.2"])
+    cfg = load_config(
+        None,
+        base_overrides(tiny_model_dir, pairs_file, tmp_path / "run", tmp_path / "c")
+        + [
+            "train.learning_rate=5e-3",
+            "train.max_steps=6",
+            "train.save_every=2",
+            "train.keep_checkpoints=5",
+            "train.warmup_ratio=0",
+            "data.eval_fraction=0.2",
+        ],
+    )
     loop.train(cfg, progress=False)
-    assert main(["eval", "--run", str(tmp_path / "run"), "--reward", f"{reward_file}:says_answer",
-                 "--num-prompts", "5", "--max-new-tokens", "5", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--run",
+                str(tmp_path / "run"),
+                "--reward",
+                f"{reward_file}:says_answer",
+                "--num-prompts",
+                "5",
+                "--max-new-tokens",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     pref = m["preference"]
     assert m["n_pairs"] == 8 and m["beta"] == 0.1

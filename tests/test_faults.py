@@ -17,28 +17,34 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import base_overrides, toy_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from alignkit.config import load_config
 from alignkit.train import loop
-from conftest import base_overrides, toy_pairs, write_jsonl
 
-MASKED = {"prompt": "what is 2 plus 3 ?",
-          "chosen_sentences": [{"text": "the answer is 5 .", "correct": True}, {"text": " sky is red .", "correct": False}],
-          "rejected_sentences": [{"text": "the answer is 6 .", "correct": False}]}
-REWARDS = '''
+MASKED = {
+    "prompt": "what is 2 plus 3 ?",
+    "chosen_sentences": [{"text": "the answer is 5 .", "correct": True}, {"text": " sky is red .", "correct": False}],
+    "rejected_sentences": [{"text": "the answer is 6 .", "correct": False}],
+}
+REWARDS = """
 def chars(prompts, completions, **columns):
     return [len(c) / 10 for c in completions]
-'''
+"""
 
 
 def _data(root: Path) -> None:
     rows = toy_pairs(40)
     write_jsonl(root / "pairs.jsonl", rows)
     write_jsonl(root / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
-    write_jsonl(root / "unpaired.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"],
-                                          "label": bool(i % 2)} for i, r in enumerate(rows)])
+    write_jsonl(
+        root / "unpaired.jsonl",
+        [
+            {"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"], "label": bool(i % 2)}
+            for i, r in enumerate(rows)
+        ],
+    )
     write_jsonl(root / "masked.jsonl", [MASKED] * 24)
     write_jsonl(root / "negative.jsonl", [{"prompt": r["prompt"], "rejected": r["rejected"]} for r in rows[:24]])
     write_jsonl(root / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows])
@@ -64,8 +70,17 @@ CASES = {  # name -> (data file, overrides)
     "raft": ("prompts", ["recipe=raft", *ONLINE]),
     "ppo": ("prompts", ["recipe=ppo", "ppo.epochs=2", "ppo.minibatches=2", "online.kl_coef=0.05", *ONLINE]),
     "reinforce_pp": ("prompts", ["recipe=reinforce_pp", "online.kl_coef=0.05", *ONLINE]),
-    "grpo_dapo": ("prompts", ["recipe=grpo", "loss.name=cispo", "online.dynamic_sampling=true",
-                              "online.overlong_buffer=3", "online.aggregation=dapo", *ONLINE]),
+    "grpo_dapo": (
+        "prompts",
+        [
+            "recipe=grpo",
+            "loss.name=cispo",
+            "online.dynamic_sampling=true",
+            "online.overlong_buffer=3",
+            "online.aggregation=dapo",
+            *ONLINE,
+        ],
+    ),
 }
 KILL_AFTER_STEP = 5  # killed once step 5's update is applied, before any of it is saved; resumed from step 4
 
@@ -73,8 +88,15 @@ KILL_AFTER_STEP = 5  # killed once step 5's update is applied, before any of it 
 def _args(name: str, model_dir, root: Path, out: str) -> list:
     data, extra = CASES[name]
     args = base_overrides(model_dir, root / f"{data}.jsonl", root / out, root / "cache") + [
-        "train.learning_rate=5e-3", "train.warmup_ratio=0", "train.batch_size=4", "data.eval_fraction=0.1",
-        "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=3", *extra]
+        "train.learning_rate=5e-3",
+        "train.warmup_ratio=0",
+        "train.batch_size=4",
+        "data.eval_fraction=0.1",
+        "train.max_steps=6",
+        "train.save_every=2",
+        "train.keep_checkpoints=3",
+        *extra,
+    ]
     if data == "prompts":
         args.append(f"online.rewards={root / 'rewards.py'}:chars")
     return args
@@ -120,8 +142,13 @@ def _max_diff(a: dict, b: dict) -> float:
 def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(name, fault_root, tiny_model_dir):
     full = loop.train(load_config(None, _args(name, tiny_model_dir, fault_root, f"{name}-full")), progress=False)
     args = _args(name, tiny_model_dir, fault_root, f"{name}-killed")
-    proc = subprocess.run([sys.executable, "-c", _KILL, str(KILL_AFTER_STEP), *args], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL, str(KILL_AFTER_STEP), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     run = fault_root / f"{name}-killed"
     assert (run / "checkpoint-4").is_dir() and not (run / "checkpoint-6").exists()
@@ -167,7 +194,8 @@ for cls in [c for c in vars(fast_tokenizers).values() if isinstance(c, type) and
         writing(os.path.join(str(save_directory), "tokenizer.json"))  # written by the Rust tokenizer
         return _real(self, save_directory, *a, **k)
     cls._save_pretrained = save_pretrained
-for module, name in ((torch, "save"), (safetensors.torch, "save_file"), (transformers.modeling_utils, "safe_save_file")):
+for module, name in ((torch, "save"), (safetensors.torch, "save_file"),
+                     (transformers.modeling_utils, "safe_save_file")):
     real = getattr(module, name)
     def patched(*a, _real=real, **k):
         target = a[1] if len(a) > 1 else k.get("filename", k.get("f"))
@@ -204,16 +232,35 @@ print("RESULTS " + json.dumps({"results": results, "resumed_steps": final.steps}
 def test_a_full_disk_at_any_file_of_a_checkpoint_write_keeps_the_previous_one(tiny_model_dir, tmp_path):
     _data(tmp_path)
     args = base_overrides(tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / "run", tmp_path / "cache") + [
-        "train.learning_rate=5e-3", "train.warmup_ratio=0", "train.batch_size=4", "train.max_steps=4",
-        "train.save_every=2", "train.keep_checkpoints=5", "data.eval_fraction=0.1", "train.lr_schedule=constant"]
-    proc = subprocess.run([sys.executable, "-c", _DISK_FULL, *args], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="2"))
+        "train.learning_rate=5e-3",
+        "train.warmup_ratio=0",
+        "train.batch_size=4",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.keep_checkpoints=5",
+        "data.eval_fraction=0.1",
+        "train.lr_schedule=constant",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="2"),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.split("RESULTS ", 1)[1])
     results = report["results"]
     files = {r["file"] for r in results}
-    for expected in ("model.safetensors", "config.json", "tokenizer.json", "alignkit_config.yaml", "trainer_state.pt",
-                     "trainer_state.json", "manifest.json"):
+    for expected in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "alignkit_config.yaml",
+        "trainer_state.pt",
+        "trainer_state.json",
+        "manifest.json",
+    ):
         assert expected in files, (expected, files)
     for r in results:
         assert "No space left on device" in r["error"] and "checkpoint" in r["error"], r

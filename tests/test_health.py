@@ -12,16 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import base_overrides, toy_pairs, write_jsonl
 
 import alignkit.api
-import torch
-
 from alignkit.cli import main
 from alignkit.config import HealthConfig, load_config
 from alignkit.errors import ConfigError
-from alignkit.train import health, loop
+from alignkit.train import health
 from alignkit.train.health import LN2, RULES, HealthMonitor, ln2_loss_keys
-from conftest import base_overrides, toy_pairs, write_jsonl
 
 
 def stream(rows, ln2_keys=(), **thresholds):
@@ -65,18 +64,24 @@ def test_ln2_losses_are_the_registered_losses_at_ln2_when_the_policy_is_the_refe
         if spec.data != "paired":
             continue
         x = torch.full((3,), -5.0, dtype=torch.float64)
-        inputs = {"policy_chosen_logps": x, "policy_rejected_logps": x, "ref_chosen_logps": x, "ref_rejected_logps": x,
-                  "chosen_counts": torch.full((3,), 4.0, dtype=torch.float64),
-                  "rejected_counts": torch.full((3,), 4.0, dtype=torch.float64),
-                  "reward_shift": torch.tensor(0.0, dtype=torch.float64)}
+        inputs = {
+            "policy_chosen_logps": x,
+            "policy_rejected_logps": x,
+            "ref_chosen_logps": x,
+            "ref_rejected_logps": x,
+            "chosen_counts": torch.full((3,), 4.0, dtype=torch.float64),
+            "rejected_counts": torch.full((3,), 4.0, dtype=torch.float64),
+            "reward_shift": torch.tensor(0.0, dtype=torch.float64),
+        }
         per_example, _ = spec.fn(*(inputs[n] for n in spec.inputs), **spec.params)
         if torch.allclose(per_example, torch.full_like(per_example, math.log(2)), atol=1e-12):
             at_ln2.add(spec.name)
     assert at_ln2 == set(health.LN2_LOSSES)
     assert ln2_loss_keys({"name": "dpo"}, []) == ("loss",)
     assert ln2_loss_keys({"name": "ipo"}, []) == ()
-    assert ln2_loss_keys({"name": "dpo"}, [{"name": "dpo", "weight": 1.0}, {"name": "sft", "weight": 0.2}]) == \
-        ("loss/dpo",)
+    assert ln2_loss_keys({"name": "dpo"}, [{"name": "dpo", "weight": 1.0}, {"name": "sft", "weight": 0.2}]) == (
+        "loss/dpo",
+    )
     assert ln2_loss_keys({"name": "dpo"}, [{"name": "cdpo"}]) == ("loss",)
     assert ln2_loss_keys({"name": "dpo"}, [{"name": "dpo", "weight": 0.5}]) == ()  # its loss is 0.5 ln 2
 
@@ -85,8 +90,10 @@ def test_ln2_losses_are_the_registered_losses_at_ln2_when_the_policy_is_the_refe
 
 
 def displacement_rows(chosen_step: float, margin_step: float, n: int = 12):
-    return [(s, "train", {"logps/chosen": -40.0 + chosen_step * s + 0.05 * (-1) ** s,
-                          "rewards/margins": margin_step * s}) for s in range(1, n + 1)]
+    return [
+        (s, "train", {"logps/chosen": -40.0 + chosen_step * s + 0.05 * (-1) ** s, "rewards/margins": margin_step * s})
+        for s in range(1, n + 1)
+    ]
 
 
 def test_likelihood_displacement():
@@ -133,8 +140,10 @@ def test_over_optimisation_by_proxy_rising_and_heldout_falling():
     assert a.evidence["heldout_values"] == [0.5, 0.4, 0.3] and a.evidence["eval_steps"] == [10, 20, 30]
     assert a.evidence["proxy_first"] == pytest.approx(0.95) and a.evidence["proxy_last"] == pytest.approx(2.95)
     # the DPO family: the train margin is the proxy, held-out preference accuracy what it should raise
-    a = only(stream(proxy_rows("rewards/accuracies", [0.8, 0.7, 0.6], "rewards/margins"), smooth=2, eval_trend=2),
-             "over_optimisation")
+    a = only(
+        stream(proxy_rows("rewards/accuracies", [0.8, 0.7, 0.6], "rewards/margins"), smooth=2, eval_trend=2),
+        "over_optimisation",
+    )
     assert a.evidence["proxy"] == "rewards/margins" and a.evidence["heldout"] == "rewards/accuracies"
     # a win rate in the eval rows counts as the held-out side of the reward
     assert only(stream(proxy_rows("win_rate", [0.7, 0.6, 0.55]), smooth=2, eval_trend=2), "over_optimisation")
@@ -178,8 +187,7 @@ def test_runaway_length():
 
 
 def test_zero_variance_groups():
-    a = only(stream(train_rows("zero_variance_groups", [0.25, 0.5, 0.75, 0.75, 1.0]), smooth=3),
-             "zero_variance_groups")
+    a = only(stream(train_rows("zero_variance_groups", [0.25, 0.5, 0.75, 0.75, 1.0]), smooth=3), "zero_variance_groups")
     assert a.step == 4 and a.evidence["zero_variance_groups"] == pytest.approx(2 / 3)  # step 3: exactly 0.5
     assert stream(train_rows("zero_variance_groups", [0.5] * 10), smooth=3) == []  # half is not most
 
@@ -188,8 +196,10 @@ def test_zero_variance_groups():
 
 
 def test_logprob_mismatch():
-    rows = [(s, "train", {"logprob_mismatch": v, "logprob_mismatch_max": 4 * v})
-            for s, v in enumerate([0.01, 0.01, 0.08, 0.09], 1)]
+    rows = [
+        (s, "train", {"logprob_mismatch": v, "logprob_mismatch_max": 4 * v})
+        for s, v in enumerate([0.01, 0.01, 0.08, 0.09], 1)
+    ]
     a = only(stream(rows, smooth=2), "logprob_mismatch")
     assert a.step == 4 and a.evidence["logprob_mismatch"] == pytest.approx(0.085)  # step 3: 0.045
     assert a.evidence["logprob_mismatch_max"] == pytest.approx(0.36)
@@ -200,8 +210,9 @@ def test_logprob_mismatch():
 
 
 def test_grad_norm_spike():
-    a = only(stream(train_rows("grad_norm", [1.0, 1.2, 0.9, 1.1, 1.0, 15.0, 1.0]), smooth=3, window=10),
-             "grad_norm_spike")
+    a = only(
+        stream(train_rows("grad_norm", [1.0, 1.2, 0.9, 1.1, 1.0, 15.0, 1.0]), smooth=3, window=10), "grad_norm_spike"
+    )
     assert a.step == 6 and a.evidence["median_before"] == pytest.approx(1.0) and a.evidence["ratio"] == 15.0
 
 
@@ -277,8 +288,10 @@ def test_stop_on_names_are_checked_when_the_config_loads():
         load_config(None, ["health.enabled=false", "train.stop_on=[grad_norm_spike]"])
     with pytest.raises(ConfigError, match="health.entropy_fall"):
         load_config(None, ["health.entropy_fall=1.5"])
-    assert load_config(None, ["train.stop_on=[over_optimisation, eval_loss_rising]"]).train.stop_on == \
-        ["over_optimisation", "eval_loss_rising"]
+    assert load_config(None, ["train.stop_on=[over_optimisation, eval_loss_rising]"]).train.stop_on == [
+        "over_optimisation",
+        "eval_loss_rising",
+    ]
 
 
 def test_the_readme_lists_every_rule_with_its_default():
@@ -296,8 +309,10 @@ def test_the_readme_lists_every_rule_with_its_default():
 
 def strict_rows(run_dir):
     """metrics.jsonl parsed as strict JSON (NaN / Infinity literals rejected)."""
+
     def refuse(c):
         raise ValueError(f"non-standard JSON constant {c}")
+
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(ln, parse_constant=refuse) for ln in lines if ln.strip()]
 
@@ -307,9 +322,16 @@ def test_stop_on_stops_a_real_run_with_a_checkpoint_and_resume_goes_on(tiny_mode
     with a 3-step warm-up and window, loss_stuck_at_ln2 alerts at step 3 and `train.stop_on` stops
     the run there. A resume goes on to the end without raising that alert again."""
     out = tmp_path / "run"
-    args = ["train", *base_overrides(tiny_model_dir, pairs_file, out, tmp_path / "cache"), "train.learning_rate=1e-12",
-            "train.max_steps=8", "train.batch_size=4", "health.warmup_steps=3", "health.window=3",
-            "train.stop_on=[loss_stuck_at_ln2]"]
+    args = [
+        "train",
+        *base_overrides(tiny_model_dir, pairs_file, out, tmp_path / "cache"),
+        "train.learning_rate=1e-12",
+        "train.max_steps=8",
+        "train.batch_size=4",
+        "health.warmup_steps=3",
+        "health.window=3",
+        "train.stop_on=[loss_stuck_at_ln2]",
+    ]
     assert main(args) == 2
     captured = capsys.readouterr()
     assert captured.out.count("health alert at step 3: loss_stuck_at_ln2") == 1
@@ -341,18 +363,39 @@ def test_every_process_stops_at_the_same_step(tiny_model_dir, pairs_file, tmp_pa
     takes the main process's decision, so both stop at step 3 with one sharded checkpoint, instead of
     one waiting for the other until `dist.timeout_s`."""
     out = tmp_path / "run"
-    argv = ["train", *base_overrides(tiny_model_dir, pairs_file, out, tmp_path / "cache"), "train.learning_rate=1e-12",
-            "train.max_steps=8", "train.batch_size=2", "health.warmup_steps=3", "health.window=3",
-            "train.stop_on=[loss_stuck_at_ln2]", "dist.timeout_s=60"]
+    argv = [
+        "train",
+        *base_overrides(tiny_model_dir, pairs_file, out, tmp_path / "cache"),
+        "train.learning_rate=1e-12",
+        "train.max_steps=8",
+        "train.batch_size=2",
+        "health.warmup_steps=3",
+        "health.window=3",
+        "train.stop_on=[loss_stuck_at_ln2]",
+        "dist.timeout_s=60",
+    ]
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps([{"argv": argv}]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(Path(__file__).with_name("dist_driver.py")), str(spec)],
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(Path(__file__).with_name("dist_driver.py")),
+            str(spec),
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # Both processes exit with 2 (torchrun may end the slower one first: its files are written by then)
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
-    assert re.search(r"error \(process [01]\): train\.stop_on: health rule `loss_stuck_at_ln2` alerted at step 3",
-                     proc.stderr), proc.stderr[-3000:]
+    assert re.search(
+        r"error \(process [01]\): train\.stop_on: health rule `loss_stuck_at_ln2` alerted at step 3", proc.stderr
+    ), proc.stderr[-3000:]
     assert proc.stdout.count("health alert at step 3") == 1  # printed by the main process only
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "stopped_by_health" and summary["steps"] == 3
@@ -380,11 +423,25 @@ def test_a_real_grpo_run_driven_to_over_optimise_raises_the_alert(tiny_model_dir
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in toy_pairs(48)])
     (tmp_path / "rewards.py").write_text(REWARD)
     out = tmp_path / "grpo"
-    cfg = load_config(None, base_overrides(tiny_model_dir, prompts, out, tmp_path / "cache") + [
-        "recipe=grpo", f"online.rewards={tmp_path / 'rewards.py'}:yes_share", "generation.num_samples=8",
-        "generation.max_new_tokens=8", "train.batch_size=4", "train.warmup_ratio=0", "train.learning_rate=3e-2",
-        "train.lr_schedule=constant", "data.eval_fraction=0.25", "train.max_steps=8", "online.kl_coef=0.001",
-        "health.kl_budget=0.3", "health.smooth=2"])
+    cfg = load_config(
+        None,
+        base_overrides(tiny_model_dir, prompts, out, tmp_path / "cache")
+        + [
+            "recipe=grpo",
+            f"online.rewards={tmp_path / 'rewards.py'}:yes_share",
+            "generation.num_samples=8",
+            "generation.max_new_tokens=8",
+            "train.batch_size=4",
+            "train.warmup_ratio=0",
+            "train.learning_rate=3e-2",
+            "train.lr_schedule=constant",
+            "data.eval_fraction=0.25",
+            "train.max_steps=8",
+            "online.kl_coef=0.001",
+            "health.kl_budget=0.3",
+            "health.smooth=2",
+        ],
+    )
     result = alignkit.api.train(cfg, progress=False)
     rows = strict_rows(out)
     train = [r for r in rows if r["split"] == "train"]

@@ -49,7 +49,9 @@ def test_best_of_n_returns_the_argmax_candidate(setup):
     best = [max(f32(yes_count(None, c.candidates))) for c in out.choices]
     assert out.mean_reward == pytest.approx(sum(best) / 3, abs=1e-12)
     draws = [g[0].text for g in backend.sample(ids, SamplingParams(10, 1.0, n=1), 1)]
-    assert [c.completion for c in base.choices] == draws and [c.candidates for c in base.choices] == [[d] for d in draws]
+    assert [c.completion for c in base.choices] == draws and [c.candidates for c in base.choices] == [
+        [d] for d in draws
+    ]
     assert [c.reward for c in base.choices] == f32(yes_count(None, draws))
     assert base.mean_reward == pytest.approx(sum(f32(yes_count(None, draws))) / 3, abs=1e-12)
     assert base.kl == 0.0 and base.kl_kind == "exact"
@@ -68,11 +70,11 @@ def test_soft_best_of_n_selection_frequencies_match_the_weights():
     rewards = torch.tensor([[0.0, 1.0, 2.0]]).expand(30000, 3)
     picks = select_soft(rewards, temperature=1.0, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(picks, minlength=3).double() / len(picks)
-    e = [1.0, math.e, math.e ** 2]
+    e = [1.0, math.e, math.e**2]
     assert torch.allclose(freq, torch.tensor([x / sum(e) for x in e], dtype=torch.float64), atol=0.01)
     # temperature 0.5 doubles the reward gaps: weights 1 : e^2 : e^4
     picks = select_soft(rewards, temperature=0.5, generator=torch.Generator().manual_seed(0))
-    e = [1.0, math.e ** 2, math.e ** 4]
+    e = [1.0, math.e**2, math.e**4]
     assert float((picks == 2).double().mean()) == pytest.approx(e[2] / sum(e), abs=0.01)
     with pytest.raises(ValueError, match="temperature > 0"):
         select_soft(rewards, 0.0, torch.Generator())
@@ -89,23 +91,52 @@ def test_generate_cli(tiny_model_dir, tmp_path, capsys):
     from alignkit.cli import main
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"what is {i} plus 1 ?", "answer": str(i + 1)}) + "\n"
-                               for i in range(3)))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"what is {i} plus 1 ?", "answer": str(i + 1)}) + "\n" for i in range(3))
+    )
     fn = tmp_path / "r.py"
     fn.write_text("def yes(prompts, completions, answer):\n    return [float('yes' in c) for c in completions]\n")
     out = tmp_path / "out.jsonl"
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--reward", f"{fn}:yes",
-                 "--n", "4", "--max-new-tokens", "6", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--prompts",
+                str(prompts),
+                "--reward",
+                f"{fn}:yes",
+                "--n",
+                "4",
+                "--max-new-tokens",
+                "6",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    summary = json.loads(printed[printed.index("\n{") + 1:] if not printed.startswith("{") else printed)
+    summary = json.loads(printed[printed.index("\n{") + 1 :] if not printed.startswith("{") else printed)
     assert summary["strategy"] == "best-of-n" and summary["prompts"] == 3
     assert summary["kl"] == pytest.approx(math.log(4) - 0.75) and summary["kl_kind"] == "bound"
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 3 and all(len(r["candidates"]) == 4 and r["reward"] == max(r["candidate_rewards"]) for r in rows)
+    assert len(rows) == 3 and all(
+        len(r["candidates"]) == 4 and r["reward"] == max(r["candidate_rewards"]) for r in rows
+    )
 
 
-QUESTIONS = ["what is 2 plus 3 ?", "tell me about the sky", "hello", "write a poem", "why is the sky blue ?",
-             "explain fire", "tell me a story", "what is the capital city of france ?"]
+QUESTIONS = [
+    "what is 2 plus 3 ?",
+    "tell me about the sky",
+    "hello",
+    "write a poem",
+    "why is the sky blue ?",
+    "explain fire",
+    "tell me a story",
+    "what is the capital city of france ?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +183,7 @@ def test_transfer_q_commits_the_block_whose_baseline_continuation_scores_best(ti
 
     def spy(ps, completions, **cols):
         # distinct texts get distinct scores (crc32 breaks ties), so "the best" is one text
-        scores = [float(c.count("the")) + 0.001 * len(c) + 1e-7 * (zlib.crc32(c.encode()) % 1000)
-                  for c in completions]
+        scores = [float(c.count("the")) + 0.001 * len(c) + 1e-7 * (zlib.crc32(c.encode()) % 1000) for c in completions]
         calls.append(list(zip(completions, scores)))
         return scores
 
@@ -161,9 +191,18 @@ def test_transfer_q_commits_the_block_whose_baseline_continuation_scores_best(ti
 
     ids = encode_prompts(tok, prompts[1:2])
     params = SamplingParams(max_new_tokens=12, temperature=1.0)
-    out = block_search(model, tok, spy, prompts[1:2], ids, {}, params,
-                       SearchParams(beam=1, candidates=4, block=4, baseline=baseline, horizon=6), seed=0,
-                       strategy="transfer-q")
+    out = block_search(
+        model,
+        tok,
+        spy,
+        prompts[1:2],
+        ids,
+        {},
+        params,
+        SearchParams(beam=1, candidates=4, block=4, baseline=baseline, horizon=6),
+        seed=0,
+        strategy="transfer-q",
+    )
     steps = calls[:-1]  # the last call scores the final beam
     assert 1 <= len(steps) <= 3
     tokens = tok(out.choices[0].completion, add_special_tokens=False)["input_ids"]
@@ -172,8 +211,14 @@ def test_transfer_q_commits_the_block_whose_baseline_continuation_scores_best(ti
         prefix = tok.decode(tokens[: 4 * (d + 1)])
         assert best_text.startswith(prefix.strip())
         # its tail is the baseline's greedy continuation of the committed prefix
-        roll = sample_batch(baseline, [ids[0] + tokens[: 4 * (d + 1)]], SamplingParams(6, 0.0),
-                            eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, tokenizer=tok)[0][0]
+        roll = sample_batch(
+            baseline,
+            [ids[0] + tokens[: 4 * (d + 1)]],
+            SamplingParams(6, 0.0),
+            eos_ids=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            tokenizer=tok,
+        )[0][0]
         assert best_text == tok.decode(tokens[: 4 * (d + 1)] + roll.token_ids, skip_special_tokens=True).strip()
 
 
@@ -206,8 +251,19 @@ def test_controlled_decoding_at_strength_zero_is_greedy_decoding(tiny):
     ids = encode_prompts(tok, prompts)
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     greedy = sample(model, ids, params, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, batch_size=3, tokenizer=tok)
-    out = controlled_decoding(model, tok, yes_count, prompts, ids, {}, params, _cat_probe(model, tok), candidates=5,
-                              strength=0.0, batch_size=3)
+    out = controlled_decoding(
+        model,
+        tok,
+        yes_count,
+        prompts,
+        ids,
+        {},
+        params,
+        _cat_probe(model, tok),
+        candidates=5,
+        strength=0.0,
+        batch_size=3,
+    )
     assert [c.completion for c in out.choices] == [g[0].text for g in greedy]
     assert out.prompt_tokens == sum(len(x) for x in ids)
 
@@ -239,16 +295,34 @@ def test_value_head_fit_save_load(tiny, tmp_path):
     from alignkit.inference.value import ValueHead, fit_value_head
 
     model, tok, prompts = tiny
+
     def chars(ps, cs, **cols):
         return [len(c) / 10 for c in cs]
 
-    head = fit_value_head(model, tok, chars, prompts, encode_prompts(tok, prompts), {}, SamplingParams(8, 1.0, n=4),
-                          progress=False, model_name="tiny")
+    head = fit_value_head(
+        model,
+        tok,
+        chars,
+        prompts,
+        encode_prompts(tok, prompts),
+        {},
+        SamplingParams(8, 1.0, n=4),
+        progress=False,
+        model_name="tiny",
+    )
     assert head.weight.shape == (model.config.hidden_size,) and head.meta["completions"] == 32
     assert head.meta["heldout_r2"] <= 1 and 0 <= head.meta["train_r2"] <= 1
     _check_value_fit(model, tok, prompts, head, chars)
-    constant = fit_value_head(model, tok, lambda ps, cs, **k: [1.0] * len(cs), prompts, encode_prompts(tok, prompts),
-                              {}, SamplingParams(8, 1.0, n=4), progress=False)
+    constant = fit_value_head(
+        model,
+        tok,
+        lambda ps, cs, **k: [1.0] * len(cs),
+        prompts,
+        encode_prompts(tok, prompts),
+        {},
+        SamplingParams(8, 1.0, n=4),
+        progress=False,
+    )
     assert constant.meta["heldout_r2"] is None and constant.bias == pytest.approx(0.0, abs=1e-9)
     head.save(tmp_path / "v")
     back = ValueHead.load(tmp_path / "v", model.config.hidden_size)
@@ -272,8 +346,16 @@ def _check_value_fit(model, tok, prompts, head, reward):
     from alignkit.inference.value import L2_GRID, prefix_hidden
 
     ids = encode_prompts(tok, prompts)
-    groups = sample(model, ids, SamplingParams(8, 1.0, n=4), eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id,
-                    batch_size=8, seed=0, tokenizer=tok)
+    groups = sample(
+        model,
+        ids,
+        SamplingParams(8, 1.0, n=4),
+        eos_ids=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        batch_size=8,
+        seed=0,
+        tokenizer=tok,
+    )
     flat = np.array([r for i, g in enumerate(groups) for r in reward([prompts[i]] * len(g), [s.text for s in g])])
     mean, std = flat.mean(), flat.std(ddof=1)
     rows = []  # (features [len, H], target, weight) per non-empty completion, in order
@@ -337,8 +419,15 @@ def test_urial_prompt_format_and_template_checks(tmp_path):
     short = load_template("short")
     assert short.count("{query}") == 1 and short.rstrip().endswith("# Answer:\n```") and len(short) < len(tpl) / 2
     assert load_template("default") == tpl
-    text = render(tpl, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sky colour?"}])
+    text = render(
+        tpl,
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Sky colour?"},
+        ],
+    )
     assert text.endswith("# Query:\n```\nBe brief.\n\nSky colour?\n```\n\n# Answer:\n```\n")
     assert "# Query:\n```\nHi?\n```\n\n# Answer:\n```\nHello.\n```\n\n# Query:\n```\nBe brief." in text
     assert answer_of("Blue.\n```\n\n# Query:") == "Blue."
@@ -368,8 +457,16 @@ def test_urial_strategy_on_a_tiny_model(tiny):
     from alignkit.inference.urial import FENCE, load_template, render
 
     ids = [tok(render(load_template(), p), add_special_tokens=True)["input_ids"] for p in prompts[:3]]
-    groups = sample(model, ids, SamplingParams(10, 1.0, stop=(FENCE,)), eos_ids=tok.eos_token_id,
-                    pad_id=tok.pad_token_id, batch_size=8, seed=0, tokenizer=tok)
+    groups = sample(
+        model,
+        ids,
+        SamplingParams(10, 1.0, stop=(FENCE,)),
+        eos_ids=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        batch_size=8,
+        seed=0,
+        tokenizer=tok,
+    )
 
     def logp(prompt_ids, completion_ids):
         with torch.no_grad():
@@ -394,9 +491,35 @@ def test_generate_cli_strategies(strategy, tiny_model_dir, tmp_path, capsys):
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS[:3]))
     extra = ["--baseline", str(tiny_model_dir)] if strategy == "transfer-q" else []
     rows_file = tmp_path / "out.jsonl"
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--strategy", strategy,
-                 "--reward", '{"name": "keywords", "required": ["the"]}', "--n", "3", "--candidates", "2",
-                 "--block", "3", "--max-new-tokens", "6", "--horizon", "4", "--output", str(rows_file)] + extra) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--prompts",
+                str(prompts),
+                "--strategy",
+                strategy,
+                "--reward",
+                '{"name": "keywords", "required": ["the"]}',
+                "--n",
+                "3",
+                "--candidates",
+                "2",
+                "--block",
+                "3",
+                "--max-new-tokens",
+                "6",
+                "--horizon",
+                "4",
+                "--output",
+                str(rows_file),
+            ]
+            + extra
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["strategy"] == strategy and summary["prompts"] == 3 and summary["new_tokens"] > 0
     assert summary["kl_kind"] in ("exact", "bound", "estimate")
@@ -437,21 +560,63 @@ def test_fit_value_then_controlled_decoding_and_eval_cli(tiny_model_dir, tmp_pat
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
     reward = ["--reward", '{"name": "keywords", "required": ["the"]}']
-    assert main(["fit-value", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "3",
-                 "--max-new-tokens", "6", "--output", str(tmp_path / "value")] + reward) == 0
+    assert (
+        main(
+            [
+                "fit-value",
+                "--model",
+                str(tiny_model_dir),
+                "--prompts",
+                str(prompts),
+                "--n",
+                "3",
+                "--max-new-tokens",
+                "6",
+                "--output",
+                str(tmp_path / "value"),
+            ]
+            + reward
+        )
+        == 0
+    )
     assert (tmp_path / "value" / "value_head.safetensors").is_file()
     capsys.readouterr()
     out = tmp_path / "eval"
-    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--strategy", "controlled-decoding",
-                 "--value", str(tmp_path / "value"), "--candidates", "3", "--max-new-tokens", "6",
-                 "--output-dir", str(out), "--no-progress"] + reward + ["--reward", '{"name": "keywords", "required": ["a"]}']) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--prompts",
+                str(prompts),
+                "--strategy",
+                "controlled-decoding",
+                "--value",
+                str(tmp_path / "value"),
+                "--candidates",
+                "3",
+                "--max-new-tokens",
+                "6",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+            ]
+            + reward
+            + ["--reward", '{"name": "keywords", "required": ["a"]}']
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "strategy controlled-decoding" in printed and "win rate vs sampling" in printed
     st = json.loads((out / "metrics.json").read_text())["strategy"]
     assert st["n_prompts"] == 8 and st["kl"]["kind"] == "estimate"
     # two rewards are summed: each keyword reward is 0 or 1, so sampled rewards are 0, 1 or 2
     assert all(e["sampling_reward"] in (0.0, 1.0, 2.0) for e in st["examples"])
-    assert st["win_rate_vs_sampling"]["wins"] + st["win_rate_vs_sampling"]["ties"] + st["win_rate_vs_sampling"]["losses"] == 8
+    assert (
+        st["win_rate_vs_sampling"]["wins"] + st["win_rate_vs_sampling"]["ties"] + st["win_rate_vs_sampling"]["losses"]
+        == 8
+    )
     assert st["cost"]["new_tokens"] == st["summary"]["new_tokens"] and st["cost"]["new_tokens_vs_sampling"] > 1
     html = (out / "report.html").read_text()
     assert "Inference-time strategy: controlled-decoding" in html and "win rate vs sampling" in html
@@ -462,8 +627,17 @@ def test_deal_with_one_candidate_is_plain_sampling_in_blocks(tiny):
     from alignkit.inference.strategies import StrategyOptions, run_strategy
 
     model, tok, prompts = tiny
-    out = run_strategy("deal", model, tok, yes_count, prompts[:3], {}, SamplingParams(10, 1.0),
-                       StrategyOptions(beam=1, candidates=1, block=3, lookahead=3), seed=0)
+    out = run_strategy(
+        "deal",
+        model,
+        tok,
+        yes_count,
+        prompts[:3],
+        {},
+        SamplingParams(10, 1.0),
+        StrategyOptions(beam=1, candidates=1, block=3, lookahead=3),
+        seed=0,
+    )
     assert out.kl == 0.0 and all(len(c.candidates) == 1 and c.completion for c in out.choices)
 
 
@@ -473,9 +647,32 @@ def test_eval_strategy_on_the_prompts_of_preference_pairs(tiny_model_dir, pairs_
     from alignkit.cli import main
 
     out = tmp_path / "eval"
-    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--strategy", "best-of-n",
-                 "--n", "4", "--num-prompts", "6", "--max-new-tokens", "5", "--output-dir", str(out),
-                 "--no-progress", "--no-report", "--reward", '{"name": "keywords", "required": ["the"]}']) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(pairs_file),
+                "--strategy",
+                "best-of-n",
+                "--n",
+                "4",
+                "--num-prompts",
+                "6",
+                "--max-new-tokens",
+                "5",
+                "--output-dir",
+                str(out),
+                "--no-progress",
+                "--no-report",
+                "--reward",
+                '{"name": "keywords", "required": ["the"]}',
+            ]
+        )
+        == 0
+    )
     st = json.loads((out / "metrics.json").read_text())["strategy"]
     assert st["n_prompts"] == 6 and st["kl"] == {"value": pytest.approx(math.log(4) - 0.75), "kind": "bound"}
     assert st["cost"]["new_tokens_vs_sampling"] == pytest.approx(4.0, rel=0.3)

@@ -18,18 +18,33 @@ from pathlib import Path
 
 import pytest
 import torch
+from openai_server import OpenAIServer
 
 from alignkit.errors import AlignkitError
 from alignkit.generation.text_models import EndpointError, EndpointModel, LocalModel
 from alignkit.rewards.judge import SCORE_LIMIT, PrincipleJudge
 from alignkit.testing import JUDGE_WORDS, save_tiny_model_dir
-from openai_server import OpenAIServer
 
 PRINCIPLES = ["Be kind.", "Be brief."]
-PROMPTS = ["what is one plus one ?", "tell me a short story", "hello", "what is the capital city of france ?",
-           "explain why the sky is blue"]
-REPLIES = ["two", "the answer is two .", "sorry i cannot help", "hello world", "a cat and a dog", "paris",
-           "the sun is red", "yes", "no", "one plus one is three"]
+PROMPTS = [
+    "what is one plus one ?",
+    "tell me a short story",
+    "hello",
+    "what is the capital city of france ?",
+    "explain why the sky is blue",
+]
+REPLIES = [
+    "two",
+    "the answer is two .",
+    "sorry i cannot help",
+    "hello world",
+    "a cat and a dog",
+    "paris",
+    "the sun is red",
+    "yes",
+    "no",
+    "one plus one is three",
+]
 
 
 class Recorder:
@@ -58,8 +73,9 @@ def _plain(local, conv, option: str) -> tuple[float, int]:
     """(log p(option | conversation) from one float64 log-softmax over a plain forward pass, the rank
     of the option's first token among the first reply token's log-probs: 0 = the likeliest)."""
     tok = local.tokenizer
-    prompt = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
-                 add_special_tokens=False)["input_ids"]
+    prompt = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+        "input_ids"
+    ]
     ids = tok(option, add_special_tokens=False)["input_ids"]
     logits = local.model(input_ids=torch.tensor([prompt + ids])).logits[0].double()  # [T, V]
     logp = logits - torch.logsumexp(logits, -1, keepdim=True)
@@ -102,8 +118,7 @@ def find_cases(local) -> dict:
 def model_dir(tmp_path_factory) -> Path:
     # init_std 0.2: with transformers' 0.02 the tiny model's first reply token hardly depends on the
     # conversation, so every judge gap would be the same and every margin ~1e-5
-    return save_tiny_model_dir(tmp_path_factory.mktemp("judge") / "tiny", extra_words=JUDGE_WORDS, seed=2,
-                               init_std=0.2)
+    return save_tiny_model_dir(tmp_path_factory.mktemp("judge") / "tiny", extra_words=JUDGE_WORDS, seed=2, init_std=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +139,9 @@ def test_the_cases_have_an_option_outside_the_top_20(local, cases):
     prompt, a, b, _, ranks = cases["compare"]
     assert max(ranks) >= 20, ranks  # an option the fallback cannot see (rank 0 = likeliest of 126)
     tok = local.tokenizer
-    assert len(tok) == 126 and [tok.convert_ids_to_tokens(tok(w, add_special_tokens=False)["input_ids"])
-                                for w in JUDGE_WORDS] == [[w] for w in JUDGE_WORDS]  # real tokens, not <unk>
+    assert len(tok) == 126 and [
+        tok.convert_ids_to_tokens(tok(w, add_special_tokens=False)["input_ids"]) for w in JUDGE_WORDS
+    ] == [[w] for w in JUDGE_WORDS]  # real tokens, not <unk>
     assert max(cases["score"][3]) >= 20
 
 
@@ -183,9 +199,10 @@ def test_a_server_that_needs_one_new_token_is_still_read_exactly(local, cases):
 def test_the_fallback_is_said_once_and_counts_every_bounded_score(local, cases, capsys):
     prompt, a, b, want, ranks = cases["compare"]
     sprompt, reply, swant, sranks = cases["score"]
-    for server_kw, lm_kw, why in (({"echo_logprobs": False}, {"tokenizer": local.tokenizer},
-                                   "does not return the log-probs of given text"),
-                                  ({}, {}, "no tokenizer was given")):
+    for server_kw, lm_kw, why in (
+        ({"echo_logprobs": False}, {"tokenizer": local.tokenizer}, "does not return the log-probs of given text"),
+        ({}, {}, "no tokenizer was given"),
+    ):
         with OpenAIServer(local, **server_kw) as server:
             lm = EndpointModel(server.url, "tiny", retries=0, **lm_kw)
             judge = PrincipleJudge(lm, PRINCIPLES)
@@ -224,8 +241,23 @@ def _judge_cli(tmp_path, name, data, *extra) -> tuple[list, str]:
     principles = tmp_path / "p.yaml"
     principles.write_text("principles: [Be kind., Be brief.]\n")
     out = tmp_path / f"{name}.jsonl"
-    assert main(["data", "judge", "--data", str(data), "--principles", str(principles), "--out", str(out),
-                 "--no-progress", *extra]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "judge",
+                "--data",
+                str(data),
+                "--principles",
+                str(principles),
+                "--out",
+                str(out),
+                "--no-progress",
+                *extra,
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all("_clipped" not in r for r in rows)  # the count stays in the log, not in OUT
     summary = out.with_name(out.name + ".summary.md").read_text()
@@ -236,8 +268,7 @@ def _judge_cli(tmp_path, name, data, *extra) -> tuple[list, str]:
 BOUNDED = "judge answers bounded at +-20 (an option outside the endpoint's top 20 log-probs)"
 
 
-def test_data_judge_reads_exact_margins_and_reports_what_the_fallback_bounds(local, cases, model_dir, tmp_path,
-                                                                              capsys):
+def test_data_judge_reads_exact_margins_and_reports_what_the_fallback_bounds(local, cases, model_dir, tmp_path, capsys):
     data = _pairs_file(tmp_path / "pairs.jsonl", cases)
     want, summary = _judge_cli(tmp_path, "local", data, "--model", str(model_dir))
     assert want[0] == pytest.approx(cases["compare"][3], abs=1e-5) and f"| {BOUNDED} | 0/4 |" in summary
@@ -263,12 +294,28 @@ def test_a_resumed_judge_run_still_counts_what_its_first_part_bounded(local, cas
 
     prompt, a, b, _, ranks = cases["compare"]
     data = tmp_path / "pairs.jsonl"  # 20 records: a first chunk of 16 (32 requests), then 4 more
-    data.write_text("".join(json.dumps({"prompt": prompt, "chosen": x, "rejected": y}) + "\n"
-                            for x, y in [(a, b), (b, a)] * 10))
+    data.write_text(
+        "".join(json.dumps({"prompt": prompt, "chosen": x, "rejected": y}) + "\n" for x, y in [(a, b), (b, a)] * 10)
+    )
     (tmp_path / "p.yaml").write_text("principles: [Be kind., Be brief.]\n")
     out = tmp_path / "judged.jsonl"
-    args = ["data", "judge", "--data", str(data), "--principles", str(tmp_path / "p.yaml"), "--out", str(out),
-            "--model", "tiny", "--retries", "0", "--concurrency", "1", "--no-progress"]
+    args = [
+        "data",
+        "judge",
+        "--data",
+        str(data),
+        "--principles",
+        str(tmp_path / "p.yaml"),
+        "--out",
+        str(out),
+        "--model",
+        "tiny",
+        "--retries",
+        "0",
+        "--concurrency",
+        "1",
+        "--no-progress",
+    ]
     with OpenAIServer(local, down_after=32) as server:
         assert main(args + ["--endpoint", server.url]) != 0
     assert len((tmp_path / "judged.jsonl.partial.jsonl").read_text().splitlines()) == 16
@@ -287,8 +334,28 @@ def test_pairs_with_a_judge_report_how_it_read_log_probs(model_dir, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]))
     (tmp_path / "p.yaml").write_text("principles: [Be kind.]\n")
     out = tmp_path / "pairs.jsonl"
-    assert main(["data", "pairs", "--prompts", str(prompts), "--principles", str(tmp_path / "p.yaml"), "--k", "2",
-                 "--model", str(model_dir), "--max-new-tokens", "4", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "pairs",
+                "--prompts",
+                str(prompts),
+                "--principles",
+                str(tmp_path / "p.yaml"),
+                "--k",
+                "2",
+                "--model",
+                str(model_dir),
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = (tmp_path / "pairs.jsonl.summary.md").read_text()
     assert f"| {BOUNDED} | 0/6 |" in summary and "judge log-probs: exact option log-probs (local model)" in summary
 
@@ -297,13 +364,27 @@ def test_endpoint_options_are_checked(tmp_path, model_dir, cases, capsys):
     from alignkit.cli import main
 
     data = _pairs_file(tmp_path / "pairs.jsonl", cases)
-    base = ["data", "judge", "--data", str(data), "--principles", str(tmp_path / "p.yaml"), "--out",
-            str(tmp_path / "o.jsonl"), "--no-progress"]
+    base = [
+        "data",
+        "judge",
+        "--data",
+        str(data),
+        "--principles",
+        str(tmp_path / "p.yaml"),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--no-progress",
+    ]
     (tmp_path / "p.yaml").write_text("principles: [Be kind.]\n")
     assert main(base + ["--model", str(model_dir), "--tokenizer", str(model_dir)]) == 2
     assert "--tokenizer is for --endpoint (a server)" in capsys.readouterr().err
-    assert main(base + ["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-file",
-                        str(tmp_path / "nowhere.token")]) == 2
+    assert (
+        main(
+            base
+            + ["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-file", str(tmp_path / "nowhere.token")]
+        )
+        == 2
+    )
     assert f"--api-key-file {tmp_path / 'nowhere.token'}: cannot read it" in capsys.readouterr().err
     assert not list(tmp_path.glob("o.jsonl*"))  # refused before any output was started
     with pytest.raises(AlignkitError, match="for an endpoint"):
@@ -334,8 +415,9 @@ def test_vllm_serve_judge_agrees_with_the_local_judge(tmp_path, capsys):
     from alignkit.generation.text_models import text_model
     from alignkit.generation.vllm_engine import default_token_file
 
-    model_dir = save_tiny_model_dir(tmp_path / "small", extra_words=JUDGE_WORDS, seed=6, hidden=128, layers=2,
-                                    init_std=0.1)  # head size 32, as vLLM's CPU attention takes
+    model_dir = save_tiny_model_dir(
+        tmp_path / "small", extra_words=JUDGE_WORDS, seed=6, hidden=128, layers=2, init_std=0.1
+    )  # head size 32, as vLLM's CPU attention takes
     local = text_model(model=str(model_dir), device="cpu")
     cases = find_cases(local)
     prompt, a, b, want, ranks = cases["compare"]
@@ -356,8 +438,9 @@ def test_vllm_serve_judge_agrees_with_the_local_judge(tmp_path, capsys):
         assert PrincipleJudge(lm, PRINCIPLES).score([sprompt], [reply]) == pytest.approx([swant], abs=1e-3)
         conv = _asked("score", sprompt, reply)[0]
         options = ["yes", "the answer is two ."]
-        assert lm.option_logprobs([conv], options) == [pytest.approx(local.option_logprobs([conv], options)[0],
-                                                                      abs=1e-3)]
+        assert lm.option_logprobs([conv], options) == [
+            pytest.approx(local.option_logprobs([conv], options)[0], abs=1e-3)
+        ]
         capsys.readouterr()
         top, summary = _judge_cli(tmp_path, "fallback", data, *m)  # the issue's report: the top 20 only
     bounded = 2 * sum(r >= 20 for r in ranks)
@@ -372,8 +455,10 @@ def _cached_default_model():
     return path if (path / "config.json").is_file() else None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or _cached_default_model() is None,
-                    reason="needs vLLM and the bundled SmolLM2-135M-Instruct already converted in the cache")
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None or _cached_default_model() is None,
+    reason="needs vLLM and the bundled SmolLM2-135M-Instruct already converted in the cache",
+)
 def test_vllm_serve_smollm2_judge_agrees_with_the_local_judge(tmp_path):
     """Issue 26 as reported: SmolLM2-135M-Instruct behind `alignkit vllm-serve`, `alignkit data judge`
     on a pair gave judge_margin 0.0 (both orders bounded at +20) where the local model gave -0.053."""
@@ -383,14 +468,28 @@ def test_vllm_serve_smollm2_judge_agrees_with_the_local_judge(tmp_path):
 
     model_dir = _cached_default_model()
     data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps({"prompt": "What is the capital of France?", "chosen": "Paris.",
-                                "rejected": "I think it is Lyon, but I am not sure."}) + "\n")
+    data.write_text(
+        json.dumps(
+            {
+                "prompt": "What is the capital of France?",
+                "chosen": "Paris.",
+                "rejected": "I think it is Lyon, but I am not sure.",
+            }
+        )
+        + "\n"
+    )
     local_margins, _ = _judge_cli(tmp_path, "local", data, "--model", str(model_dir))
     sync = tmp_path / "sync"
     with _serving(model_dir, tmp_path / "server.log", sync, max_model_len=1024, kv_cache_gib=0.5) as url:
         token_file = default_token_file(str(sync), int(url.rsplit(":", 1)[1]))
-        m = ["--endpoint", url + "/v1", "--model", _served(url, token_file.read_text().strip()), "--api-key-file",
-             str(token_file)]
+        m = [
+            "--endpoint",
+            url + "/v1",
+            "--model",
+            _served(url, token_file.read_text().strip()),
+            "--api-key-file",
+            str(token_file),
+        ]
         exact, summary = _judge_cli(tmp_path, "exact", data, *m, "--tokenizer", str(model_dir))
     # 1e-3: vLLM's CPU kernels and transformers' differ in float32 rounding
     assert exact == pytest.approx(local_margins, abs=1e-3) and not math.isclose(exact[0], 0.0, abs_tol=1e-6)

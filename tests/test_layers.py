@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_imports import import_graph
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
@@ -17,7 +16,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 def layers() -> list:
     """[(layer name, [patterns])] in order, bottom first."""
     text = DOC.read_text()
-    block = text[text.index("<!-- layers:begin -->"): text.index("<!-- layers:end -->")]
+    block = text[text.index("<!-- layers:begin -->") : text.index("<!-- layers:end -->")]
     out = []
     for line in block.splitlines():
         m = re.match(r"- \*\*(\w+)\*\*: (.*)", line)
@@ -64,3 +63,23 @@ def test_the_bottom_layers_import_without_torch(module):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "False"], f"{module} imported torch or transformers"
+
+
+def test_no_class_hierarchy_under_train_is_deeper_than_two_levels():
+    """Recipes vary by composition: a class under alignkit.train derives from at most one other
+    alignkit class, which derives from none (docs/architecture.md, "Recipes")."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    package = importlib.import_module("alignkit.train")  # the package (`alignkit.train` the attribute is the function)
+    deep = []
+    for info in pkgutil.walk_packages(package.__path__, "alignkit.train."):
+        module = importlib.import_module(info.name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ != module.__name__ or issubclass(cls, BaseException):  # error types may nest
+                continue
+            chain = [c for c in cls.__mro__ if c.__module__.startswith("alignkit")]
+            if len(chain) > 2:
+                deep.append(" -> ".join(c.__qualname__ for c in chain))
+    assert not deep, deep

@@ -86,8 +86,9 @@ def _peak_growth_mib(chunk: int) -> float:
     # adaptive threshold, freed blocks are reused from the heap and the high-water mark depends on
     # fragmentation (a 128-position run measured 0 MiB here and 160 MiB on the CI machine).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(chunk)], capture_output=True, text=True,
-                         check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(chunk)], capture_output=True, text=True, check=True, env=env
+    )
     return float(out.stdout.split()[-1])
 
 

@@ -3,21 +3,31 @@ the log-prob gap log pi(chosen) - log pi(rejected) widens. (Unpaired and masked 
 own direction tests in test_unpaired.py and test_masked.py.)"""
 
 import pytest
+from conftest import base_overrides
 
 from alignkit import losses
 from alignkit.config import load_config
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from conftest import base_overrides
 
 PAIRED = [s.name for s in losses.available() if s.data == "paired"]
 
 
 @pytest.mark.parametrize("name", PAIRED)
 def test_paired_loss_widens_logprob_gap(name, tiny_model_dir, pairs_file, tmp_path):
-    cfg = load_config(None, base_overrides(tiny_model_dir, pairs_file, tmp_path / "r", tmp_path / "c") + [
-        f"loss.name={name}", "train.max_steps=8", "train.learning_rate=5e-3", "train.batch_size=8",
-        "train.warmup_ratio=0", "train.lr_schedule=constant", "data.eval_fraction=0"])
+    cfg = load_config(
+        None,
+        base_overrides(tiny_model_dir, pairs_file, tmp_path / "r", tmp_path / "c")
+        + [
+            f"loss.name={name}",
+            "train.max_steps=8",
+            "train.learning_rate=5e-3",
+            "train.batch_size=8",
+            "train.warmup_ratio=0",
+            "train.lr_schedule=constant",
+            "data.eval_fraction=0",
+        ],
+    )
     rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
     gap = [r["logps/chosen"] - r["logps/rejected"] for r in rows]
     # The toy pairs start with rejected more likely than chosen (gap ~ -3.7 nats at init);
@@ -27,5 +37,23 @@ def test_paired_loss_widens_logprob_gap(name, tiny_model_dir, pairs_file, tmp_pa
 
 
 def test_all_paired_losses_are_covered():
-    assert {"dpo", "ipo", "cdpo", "hinge", "robust_dpo", "f_dpo", "exo", "nca", "bco_pair", "dpop", "rdpo",
-            "apo_zero", "apo_down", "rpo", "sppo_hard", "simpo", "orpo", "cpo"} <= set(PAIRED)
+    assert {
+        "dpo",
+        "ipo",
+        "cdpo",
+        "hinge",
+        "robust_dpo",
+        "f_dpo",
+        "exo",
+        "nca",
+        "bco_pair",
+        "dpop",
+        "rdpo",
+        "apo_zero",
+        "apo_down",
+        "rpo",
+        "sppo_hard",
+        "simpo",
+        "orpo",
+        "cpo",
+    } <= set(PAIRED)

@@ -13,12 +13,16 @@ B = 7
 
 def _inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {name: (-30 * torch.rand(B, generator=g, dtype=torch.float64)).requires_grad_()
-            for name in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")}
+    return {
+        name: (-30 * torch.rand(B, generator=g, dtype=torch.float64)).requires_grad_()
+        for name in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    }
 
 
 def _h(x, i):
-    return (x["policy_chosen_logps"][i] - x["ref_chosen_logps"][i]) - (x["policy_rejected_logps"][i] - x["ref_rejected_logps"][i])
+    return (x["policy_chosen_logps"][i] - x["ref_chosen_logps"][i]) - (
+        x["policy_rejected_logps"][i] - x["ref_rejected_logps"][i]
+    )
 
 
 def _log_sigmoid(z):  # written with math.*, independent of torch's implementation
@@ -27,19 +31,30 @@ def _log_sigmoid(z):  # written with math.*, independent of torch's implementati
 
 # Independent per-example formulas, straight from the papers.
 REFERENCE = {
-    "dpo": lambda h, beta=0.1, label_smoothing=0.0: -(1 - label_smoothing) * _log_sigmoid(beta * h)
-    - label_smoothing * _log_sigmoid(-beta * h),
-    "cdpo": lambda h, beta=0.1, label_smoothing=0.1: -(1 - label_smoothing) * _log_sigmoid(beta * h)
-    - label_smoothing * _log_sigmoid(-beta * h),
+    "dpo": lambda h, beta=0.1, label_smoothing=0.0: (
+        -(1 - label_smoothing) * _log_sigmoid(beta * h) - label_smoothing * _log_sigmoid(-beta * h)
+    ),
+    "cdpo": lambda h, beta=0.1, label_smoothing=0.1: (
+        -(1 - label_smoothing) * _log_sigmoid(beta * h) - label_smoothing * _log_sigmoid(-beta * h)
+    ),
     "ipo": lambda h, beta=0.1: (h - 1 / (2 * beta)) ** 2,
     "hinge": lambda h, beta=0.1: max(0.0, 1 - beta * h),
 }
 
 
-@pytest.mark.parametrize("name,params", [
-    ("dpo", {}), ("dpo", {"beta": 0.5, "label_smoothing": 0.2}), ("cdpo", {}), ("cdpo", {"label_smoothing": 0.3}),
-    ("ipo", {}), ("ipo", {"beta": 0.05}), ("hinge", {}), ("hinge", {"beta": 0.02}),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("dpo", {}),
+        ("dpo", {"beta": 0.5, "label_smoothing": 0.2}),
+        ("cdpo", {}),
+        ("cdpo", {"label_smoothing": 0.3}),
+        ("ipo", {}),
+        ("ipo", {"beta": 0.05}),
+        ("hinge", {}),
+        ("hinge", {"beta": 0.02}),
+    ],
+)
 def test_pair_loss_matches_formula(name, params):
     spec, full = losses.resolve({"name": name, **params})
     x = _inputs()
@@ -49,7 +64,7 @@ def test_pair_loss_matches_formula(name, params):
         assert abs(float(got[i]) - REFERENCE[name](h, **params)) < 1e-10
     beta = full["beta"]
     torch.testing.assert_close(metrics["rewards/margins"], beta * _h(x, slice(None)).detach(), rtol=0, atol=1e-12)
-    acc = (x["policy_chosen_logps"] - x["ref_chosen_logps"] > x["policy_rejected_logps"] - x["ref_rejected_logps"])
+    acc = x["policy_chosen_logps"] - x["ref_chosen_logps"] > x["policy_rejected_logps"] - x["ref_rejected_logps"]
     assert torch.equal(metrics["rewards/accuracies"], acc.double())
 
 

@@ -21,8 +21,13 @@ def _inputs(seed=0, near=False):
     g = torch.Generator().manual_seed(seed)
     u = lambda *shape: torch.rand(*shape, generator=g, dtype=DTYPE)  # noqa: E731
     ref = lambda *shape: -3 - 30 * u(*shape)  # noqa: E731  (so that a near policy stays below 0)
-    x = {"ref_chosen_logps": ref(B), "ref_rejected_logps": ref(B), "ref_logps": ref(B),
-         "ref_kl_logps": ref(B), "ref_sample_logps": ref(B, K)}
+    x = {
+        "ref_chosen_logps": ref(B),
+        "ref_rejected_logps": ref(B),
+        "ref_logps": ref(B),
+        "ref_kl_logps": ref(B),
+        "ref_sample_logps": ref(B, K),
+    }
     for name in ("chosen_logps", "rejected_logps", "logps", "kl_logps", "sample_logps"):
         ref = x[f"ref_{name}"]
         x[f"policy_{name}"] = ref + (6 * u(*ref.shape) - 3) if near else -30 * u(*ref.shape)
@@ -40,6 +45,7 @@ def _inputs(seed=0, near=False):
 
 
 # ---- independent per-example formulas, straight from the papers (python floats, math only) ----
+
 
 def logsig(z):
     return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
@@ -126,18 +132,33 @@ def ref_simpo(p, beta=2.0, gamma_beta_ratio=0.5):
 def ref_orpo(p, beta=0.1):
     def log_odds(m):  # log(P / (1 - P)), P = exp(mean log-prob)
         return math.log(math.exp(m) / -math.expm1(m))
+
     return -p["mw"] + beta * -logsig(log_odds(p["mw"]) - log_odds(p["ml"]))
 
 
 def ref_cpo(p, beta=0.1, alpha=1.0):
-    return (-logsig(beta * (p["policy_chosen_logps"] - p["policy_rejected_logps"]))
-            + alpha * -p["policy_chosen_logps"] / p["chosen_counts"])
+    return (
+        -logsig(beta * (p["policy_chosen_logps"] - p["policy_rejected_logps"]))
+        + alpha * -p["policy_chosen_logps"] / p["chosen_counts"]
+    )
 
 
 PAIR_REFERENCE = {
-    "robust_dpo": ref_robust_dpo, "f_dpo": ref_f_dpo, "exo": ref_exo, "nca": ref_nca, "bco_pair": ref_bco_pair,
-    "dpop": ref_dpop, "rdpo": ref_rdpo, "apo_zero": ref_apo_zero, "apo_down": ref_apo_down, "rpo": ref_rpo,
-    "sppo_hard": ref_sppo_hard, "simpo": ref_simpo, "orpo": ref_orpo, "cpo": ref_cpo, "mask_dpo": ref_dpo,
+    "robust_dpo": ref_robust_dpo,
+    "f_dpo": ref_f_dpo,
+    "exo": ref_exo,
+    "nca": ref_nca,
+    "bco_pair": ref_bco_pair,
+    "dpop": ref_dpop,
+    "rdpo": ref_rdpo,
+    "apo_zero": ref_apo_zero,
+    "apo_down": ref_apo_down,
+    "rpo": ref_rpo,
+    "sppo_hard": ref_sppo_hard,
+    "simpo": ref_simpo,
+    "orpo": ref_orpo,
+    "cpo": ref_cpo,
+    "mask_dpo": ref_dpo,
 }
 
 
@@ -174,18 +195,45 @@ def ref_d2o(x, beta=0.1, alpha=0.1):
 BATCH_REFERENCE = {"kto": ref_kto, "bco": ref_bco, "d2o": ref_d2o}
 
 CASES = [
-    ("robust_dpo", {}), ("robust_dpo", {"beta": 0.3, "label_smoothing": 0.25}),
-    ("f_dpo", {}), ("f_dpo", {"divergence": "forward_kl"}), ("f_dpo", {"divergence": "js_divergence", "beta": 0.5}),
-    ("f_dpo", {"divergence": "alpha_divergence"}), ("f_dpo", {"divergence": "alpha_divergence", "alpha": 0.2}),
-    ("exo", {}), ("exo", {"beta": 0.2, "label_smoothing": 0.1}),
-    ("nca", {}), ("nca", {"beta": 0.05}), ("bco_pair", {}), ("bco_pair", {"beta": 0.3}),
-    ("dpop", {}), ("dpop", {"beta": 0.2, "lambda_penalty": 5.0}), ("rdpo", {}), ("rdpo", {"alpha": 0.5}),
-    ("apo_zero", {}), ("apo_zero", {"beta": 0.4}), ("apo_down", {}), ("apo_down", {"beta": 0.4}),
-    ("rpo", {}), ("rpo", {"alpha": 0.3, "beta": 0.2}), ("sppo_hard", {}), ("sppo_hard", {"beta": 0.02}),
-    ("simpo", {}), ("simpo", {"beta": 2.5, "gamma_beta_ratio": 0.55}), ("orpo", {}), ("orpo", {"beta": 0.5}),
-    ("cpo", {}), ("cpo", {"beta": 0.05, "alpha": 0.5}), ("mask_dpo", {}), ("mask_dpo", {"beta": 0.4}),
-    ("kto", {}), ("kto", {"beta": 0.3, "desirable_weight": 1.33, "undesirable_weight": 0.8}),
-    ("bco", {}), ("bco", {"beta": 0.5}), ("d2o", {}), ("d2o", {"beta": 0.3, "alpha": 0.05}),
+    ("robust_dpo", {}),
+    ("robust_dpo", {"beta": 0.3, "label_smoothing": 0.25}),
+    ("f_dpo", {}),
+    ("f_dpo", {"divergence": "forward_kl"}),
+    ("f_dpo", {"divergence": "js_divergence", "beta": 0.5}),
+    ("f_dpo", {"divergence": "alpha_divergence"}),
+    ("f_dpo", {"divergence": "alpha_divergence", "alpha": 0.2}),
+    ("exo", {}),
+    ("exo", {"beta": 0.2, "label_smoothing": 0.1}),
+    ("nca", {}),
+    ("nca", {"beta": 0.05}),
+    ("bco_pair", {}),
+    ("bco_pair", {"beta": 0.3}),
+    ("dpop", {}),
+    ("dpop", {"beta": 0.2, "lambda_penalty": 5.0}),
+    ("rdpo", {}),
+    ("rdpo", {"alpha": 0.5}),
+    ("apo_zero", {}),
+    ("apo_zero", {"beta": 0.4}),
+    ("apo_down", {}),
+    ("apo_down", {"beta": 0.4}),
+    ("rpo", {}),
+    ("rpo", {"alpha": 0.3, "beta": 0.2}),
+    ("sppo_hard", {}),
+    ("sppo_hard", {"beta": 0.02}),
+    ("simpo", {}),
+    ("simpo", {"beta": 2.5, "gamma_beta_ratio": 0.55}),
+    ("orpo", {}),
+    ("orpo", {"beta": 0.5}),
+    ("cpo", {}),
+    ("cpo", {"beta": 0.05, "alpha": 0.5}),
+    ("mask_dpo", {}),
+    ("mask_dpo", {"beta": 0.4}),
+    ("kto", {}),
+    ("kto", {"beta": 0.3, "desirable_weight": 1.33, "undesirable_weight": 0.8}),
+    ("bco", {}),
+    ("bco", {"beta": 0.5}),
+    ("d2o", {}),
+    ("d2o", {"beta": 0.3, "alpha": 0.05}),
 ]
 NEW_LOSSES = sorted({name for name, _ in CASES})
 
@@ -218,7 +266,8 @@ def test_loss_matches_paper_formula(name, params, near):
 
 
 GRAD_INPUTS = {  # inputs with a gradient; the rest (counts, labels, detached anchors) are constants
-    "kto": ("policy_logps", "ref_logps"), "bco": ("policy_logps", "ref_logps"),
+    "kto": ("policy_logps", "ref_logps"),
+    "bco": ("policy_logps", "ref_logps"),
     "bco_pair": PAIR_LOGPS,
 }
 
@@ -261,8 +310,16 @@ def _descend(name, steps=300, lr=50.0, **params):
     zero = torch.zeros(1, dtype=DTYPE)
     pw, pl = zero.clone().requires_grad_(), zero.clone().requires_grad_()
     for _ in range(steps):
-        loss = _call(name, {"policy_chosen_logps": pw, "policy_rejected_logps": pl,
-                            "ref_chosen_logps": zero, "ref_rejected_logps": zero}, **params)[0].sum()
+        loss = _call(
+            name,
+            {
+                "policy_chosen_logps": pw,
+                "policy_rejected_logps": pl,
+                "ref_chosen_logps": zero,
+                "ref_rejected_logps": zero,
+            },
+            **params,
+        )[0].sum()
         gw, gl = torch.autograd.grad(loss, (pw, pl))
         with torch.no_grad():
             pw -= lr * gw
@@ -291,8 +348,15 @@ def test_unpaired_descent_directions():
     assert (x["policy_sample_logps"].grad < 0).all() and (x["policy_rejected_logps"].grad > 0).all()
 
 
-@pytest.mark.parametrize("name,params", [("f_dpo", {"divergence": "reverse_kl"}), ("robust_dpo", {"label_smoothing": 0.0}),
-                                         ("rpo", {"alpha": 0.0}), ("mask_dpo", {})])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("f_dpo", {"divergence": "reverse_kl"}),
+        ("robust_dpo", {"label_smoothing": 0.0}),
+        ("rpo", {"alpha": 0.0}),
+        ("mask_dpo", {}),
+    ],
+)
 def test_reduces_to_dpo_exactly(name, params):
     x = _inputs(seed=11)
     got, got_metrics = _call(name, x, beta=0.3, **params)
@@ -321,8 +385,12 @@ def test_bco_reward_mean_metric_is_the_batch_mean_reward():
     x = _inputs(seed=13)
     beta = 0.2
     metrics = _call("bco_pair", x, beta=beta)[1]
-    all_rewards = torch.cat([beta * (x["policy_chosen_logps"] - x["ref_chosen_logps"]),
-                             beta * (x["policy_rejected_logps"] - x["ref_rejected_logps"])]).detach()
+    all_rewards = torch.cat(
+        [
+            beta * (x["policy_chosen_logps"] - x["ref_chosen_logps"]),
+            beta * (x["policy_rejected_logps"] - x["ref_rejected_logps"]),
+        ]
+    ).detach()
     assert abs(float(metrics["bco/reward_mean"].mean()) - float(all_rewards.mean())) < 1e-12
     metrics = _call("bco", x, beta=beta)[1]
     want = float((beta * (x["policy_logps"] - x["ref_logps"])).mean().detach())
@@ -335,8 +403,15 @@ def test_orpo_is_finite_at_extreme_likelihoods():
         pw = torch.tensor([0.0, -1e-9, -1e-3, -5000.0], dtype=dtype, requires_grad=True)
         pl = torch.tensor([-4000.0, 0.0, -2e-3, -1e-9], dtype=dtype, requires_grad=True)
         counts = torch.tensor([1, 3, 1, 10])
-        got, metrics = _call("orpo", {"policy_chosen_logps": pw, "policy_rejected_logps": pl,
-                                      "chosen_counts": counts, "rejected_counts": counts})
+        got, metrics = _call(
+            "orpo",
+            {
+                "policy_chosen_logps": pw,
+                "policy_rejected_logps": pl,
+                "chosen_counts": counts,
+                "rejected_counts": counts,
+            },
+        )
         got.sum().backward()
         assert torch.isfinite(got).all() and torch.isfinite(pw.grad).all() and torch.isfinite(pl.grad).all()
     # far from the cap, float64 agrees with the formula at mean log-probs -1e-3 and -2e-3 (P ~ 0.999)
@@ -348,18 +423,29 @@ def test_f_dpo_stays_finite_in_float32_far_from_the_reference():
         pw = torch.tensor([-500.0, -10.0], requires_grad=True)
         pl = torch.tensor([-10.0, -900.0], requires_grad=True)
         zero = torch.zeros(2)
-        got, _ = _call("f_dpo", {"policy_chosen_logps": pw, "policy_rejected_logps": pl,
-                                 "ref_chosen_logps": zero, "ref_rejected_logps": zero}, divergence=divergence)
+        got, _ = _call(
+            "f_dpo",
+            {
+                "policy_chosen_logps": pw,
+                "policy_rejected_logps": pl,
+                "ref_chosen_logps": zero,
+                "ref_rejected_logps": zero,
+            },
+            divergence=divergence,
+        )
         got.sum().backward()
         assert torch.isfinite(got).all() and torch.isfinite(pw.grad).all() and torch.isfinite(pl.grad).all()
 
 
-@pytest.mark.parametrize("name,params,match", [
-    ("robust_dpo", {"label_smoothing": 0.5}, "label_smoothing"),
-    ("exo", {"label_smoothing": 0.0}, "label_smoothing"),
-    ("f_dpo", {"divergence": "kl"}, "divergence"),
-    ("f_dpo", {"divergence": "alpha_divergence", "alpha": 1.5}, "alpha"),
-])
+@pytest.mark.parametrize(
+    "name,params,match",
+    [
+        ("robust_dpo", {"label_smoothing": 0.5}, "label_smoothing"),
+        ("exo", {"label_smoothing": 0.0}, "label_smoothing"),
+        ("f_dpo", {"divergence": "kl"}, "divergence"),
+        ("f_dpo", {"divergence": "alpha_divergence", "alpha": 1.5}, "alpha"),
+    ],
+)
 def test_bad_hyper_parameters_are_config_errors(name, params, match):
     with pytest.raises(ConfigError, match=match):
         _call(name, _inputs(), **params)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import base_overrides, write_jsonl
 
 from alignkit.config import load_config
 from alignkit.data.batching import collate_pairs
@@ -11,11 +12,18 @@ from alignkit.logprobs import segment_logps
 from alignkit.testing import tiny_model, tiny_tokenizer
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from conftest import base_overrides, write_jsonl
 
-REC = {"prompt": "what is 2 plus 3 ?",
-       "chosen_sentences": [{"text": "the answer is 5 .", "correct": True}, {"text": " the sky is red .", "correct": False}],
-       "rejected_sentences": [{"text": "the answer is 6 .", "correct": False}, {"text": " the sky is blue .", "correct": True}]}
+REC = {
+    "prompt": "what is 2 plus 3 ?",
+    "chosen_sentences": [
+        {"text": "the answer is 5 .", "correct": True},
+        {"text": " the sky is red .", "correct": False},
+    ],
+    "rejected_sentences": [
+        {"text": "the answer is 6 .", "correct": False},
+        {"text": " the sky is blue .", "correct": True},
+    ],
+}
 
 
 def test_masks_cover_exactly_the_scored_sentences():
@@ -49,17 +57,32 @@ def test_masked_record_errors():
     with pytest.raises(DataError, match=r"m:2: sentence 1 of field 'chosen_sentences'"):
         parse_masked_record({**REC, "chosen_sentences": [{"text": "a", "correct": True}, {"text": "b"}]}, "m:2")
     with pytest.raises(DataError, match="nothing to learn"):
-        parse_masked_record({**REC, "chosen_sentences": [{"text": "a", "correct": False}],
-                             "rejected_sentences": [{"text": "b", "correct": True}]}, "m:3")
+        parse_masked_record(
+            {
+                **REC,
+                "chosen_sentences": [{"text": "a", "correct": False}],
+                "rejected_sentences": [{"text": "b", "correct": True}],
+            },
+            "m:3",
+        )
     with pytest.raises(DataError, match="m:4: field 'chosen_sentences' is missing"):
         parse_masked_record({"prompt": "x", "rejected_sentences": REC["rejected_sentences"]}, "m:4")
 
 
 def test_mask_dpo_training_moves_masked_margin(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "m.jsonl", [REC] * 16)
-    cfg = load_config(None, base_overrides(tiny_model_dir, data, tmp_path / "r", tmp_path / "c") + [
-        "recipe=masked", "loss.name=mask_dpo", "train.max_steps=6", "train.learning_rate=5e-3",
-        "train.batch_size=4", "data.eval_fraction=0"])
+    cfg = load_config(
+        None,
+        base_overrides(tiny_model_dir, data, tmp_path / "r", tmp_path / "c")
+        + [
+            "recipe=masked",
+            "loss.name=mask_dpo",
+            "train.max_steps=6",
+            "train.learning_rate=5e-3",
+            "train.batch_size=4",
+            "data.eval_fraction=0",
+        ],
+    )
     rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
     assert rows[-1]["rewards/margins"] > 0.2 and rows[-1]["loss"] < 0.6  # from 0 and 0.693

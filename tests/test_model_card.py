@@ -6,13 +6,13 @@ import shlex
 
 import pytest
 import yaml
+from conftest import base_overrides
 from huggingface_hub import ModelCard
 
 from alignkit import cli
 from alignkit.config import load_config
 from alignkit.train import loop
 from alignkit.train.model_card import model_card
-from conftest import base_overrides
 
 
 def _split(text: str):
@@ -30,10 +30,22 @@ def _row(body: str, key: str) -> str:
 
 @pytest.fixture
 def lora_run(tiny_model_dir, pairs_file, tmp_path):
-    cfg = load_config(None, base_overrides(tiny_model_dir, pairs_file, tmp_path / "run", tmp_path / "cache") + [
-        "train.learning_rate=5e-3", "train.batch_size=4", "train.grad_accum=2", "train.warmup_ratio=0",
-        "data.eval_fraction=0.1", "train.max_steps=3", "loss.name=ipo", "loss.beta=0.5", "lora.enabled=true",
-        "lora.r=4"])
+    cfg = load_config(
+        None,
+        base_overrides(tiny_model_dir, pairs_file, tmp_path / "run", tmp_path / "cache")
+        + [
+            "train.learning_rate=5e-3",
+            "train.batch_size=4",
+            "train.grad_accum=2",
+            "train.warmup_ratio=0",
+            "data.eval_fraction=0.1",
+            "train.max_steps=3",
+            "loss.name=ipo",
+            "loss.beta=0.5",
+            "lora.enabled=true",
+            "lora.r=4",
+        ],
+    )
     return loop.train(cfg, progress=False).run_dir
 
 
@@ -42,9 +54,14 @@ def test_card_of_a_tiny_run(lora_run, tiny_model_dir, pairs_file):
     text = (run_dir / "final" / "README.md").read_text()
     meta, body = _split(text)
     # A local model and a local file are not Hub ids: the header leaves them out, the body names them.
-    assert meta == {"library_name": "transformers", "pipeline_tag": "text-generation",
-                    "tags": ["alignkit", "dpo", "ipo", "lora"]}
-    assert f"`{tiny_model_dir}`" in _row(body, "base model") and f"`{pairs_file}` (local)" in _row(body, "training data")
+    assert meta == {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["alignkit", "dpo", "ipo", "lora"],
+    }
+    assert f"`{tiny_model_dir}`" in _row(body, "base model") and f"`{pairs_file}` (local)" in _row(
+        body, "training data"
+    )
     assert _row(body, "recipe").startswith("`dpo`: the DPO family")
     assert _row(body, "loss").startswith("`ipo` (beta=0.5): Identity Preference Optimization") and "2310.12036" in body
     assert _row(body, "LoRA").startswith("r=4, alpha=32, dropout=0.0, target_modules=all-linear")
@@ -75,6 +92,7 @@ def test_the_cards_command_trains_the_run_again(lora_run):
     assert argv[:4] == ["alignkit", "train", "--config", f"{lora_run}/config.yaml"]
     assert cli.main(argv[1:]) == 0
     again, first = (json.loads((d / "summary.json").read_text()) for d in (lora_run.parent / "run-again", lora_run))
+
     def run_metrics(metrics):  # without the wall-clock ones, which are not a property of the run
         return {k: v for k, v in metrics.items() if k not in ("tokens_per_s", "step_time_s") and "time/" not in k}
 
@@ -83,8 +101,15 @@ def test_the_cards_command_trains_the_run_again(lora_run):
 
 
 def test_hub_ids_go_in_the_header(tmp_path):
-    cfg = load_config(None, ["model.name_or_path=HuggingFaceTB/SmolLM2-360M-Instruct", "data.train=trl-lib/hh-rlhf",
-                             "data.eval=trl-lib/hh-rlhf-test", "recipe=sft"])
+    cfg = load_config(
+        None,
+        [
+            "model.name_or_path=HuggingFaceTB/SmolLM2-360M-Instruct",
+            "data.train=trl-lib/hh-rlhf",
+            "data.eval=trl-lib/hh-rlhf-test",
+            "recipe=sft",
+        ],
+    )
     text = model_card(cfg, tmp_path / "run", 10, {"loss": 1.5}, {"loss": 1.25})
     meta, body = _split(text)
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-360M-Instruct"
@@ -103,6 +128,7 @@ def test_bundled_and_cached_models_name_their_hub_id_and_license(tmp_path):
     snapshot = tmp_path / "hub" / "models--acme--tiny-chat" / "snapshots" / "0123abc"
     snapshot.mkdir(parents=True)
     (snapshot / "README.md").write_text("---\nlicense: mit\ntags: [chat]\n---\n# tiny\n")
-    meta, _ = _split(model_card(load_config(None, [f"model.name_or_path={snapshot}", "data.train=x.jsonl"]),
-                                tmp_path, 1, {}, {}))
+    meta, _ = _split(
+        model_card(load_config(None, [f"model.name_or_path={snapshot}", "data.train=x.jsonl"]), tmp_path, 1, {}, {})
+    )
     assert meta["base_model"] == "acme/tiny-chat" and meta["license"] == "mit"

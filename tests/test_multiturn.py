@@ -33,12 +33,23 @@ def _setup():
 
 def test_episodes_continue_from_the_cache_exactly():
     tok, model = _setup()
-    firsts = [[{"role": "user", "content": "what is one plus one ?"}], [{"role": "user", "content": "yes"}],
-              [{"role": "user", "content": "no no no yes"}]]
+    firsts = [
+        [{"role": "user", "content": "what is one plus one ?"}],
+        [{"role": "user", "content": "yes"}],
+        [{"role": "user", "content": "no no no yes"}],
+    ]
     envs = [Countdown(2), Countdown(1), Countdown(5)]
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    eps = sample_episodes(model, tok, envs, firsts, SamplingParams(max_new_tokens=5, temperature=1.0),
-                          max_turns=4, max_tokens=200, generator=gens)
+    eps = sample_episodes(
+        model,
+        tok,
+        envs,
+        firsts,
+        SamplingParams(max_new_tokens=5, temperature=1.0),
+        max_turns=4,
+        max_tokens=200,
+        generator=gens,
+    )
     assert [e.end for e in eps] == ["answer", "answer", "turn_limit"]
     assert [e.turns for e in eps] == [3, 2, 4] and [e.reward for e in eps] == [1.5, 1.25, 1.0]
     for ep in eps:
@@ -51,7 +62,9 @@ def test_episodes_continue_from_the_cache_exactly():
         assert scored == pytest.approx(ep.logprobs, abs=1e-5)  # the cache saw exactly this sequence
         # between turns: the template's own rendering of each tool message, then the next assistant header
         header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-        tools = [tok(render(tok, [m]), add_special_tokens=False)["input_ids"] for m in ep.messages if m["role"] == "tool"]
+        tools = [
+            tok(render(tok, [m]), add_special_tokens=False)["input_ids"] for m in ep.messages if m["role"] == "tool"
+        ]
         env_runs, run = [], []
         for t, m in zip(ep.token_ids, ep.model_mask):
             if not m:
@@ -61,14 +74,21 @@ def test_episodes_continue_from_the_cache_exactly():
                 run = []
         assert len(env_runs) == len(tools) == ep.turns - 1  # an observation after every turn but the last
         for r, tool_ids in zip(env_runs, tools):
-            assert r[-len(header):] == header and r[-len(header) - len(tool_ids):-len(header)] == tool_ids
+            assert r[-len(header) :] == header and r[-len(header) - len(tool_ids) : -len(header)] == tool_ids
 
 
 def test_token_budget_ends_an_episode():
     tok, model = _setup()
-    eps = sample_episodes(model, tok, [Countdown(10)], [[{"role": "user", "content": "yes"}]],
-                          SamplingParams(max_new_tokens=6, temperature=1.0), max_turns=10, max_tokens=20,
-                          generator=torch.Generator().manual_seed(0))
+    eps = sample_episodes(
+        model,
+        tok,
+        [Countdown(10)],
+        [[{"role": "user", "content": "yes"}]],
+        SamplingParams(max_new_tokens=6, temperature=1.0),
+        max_turns=10,
+        max_tokens=20,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert eps[0].end == "token_limit" and len(eps[0].token_ids) <= 20
 
 
@@ -87,15 +107,28 @@ def test_episode_metrics_with_the_calculator_environment():
 
     envs = [load_environment_class("calculator")() for _ in range(2)]
     envs[0].reset({"prompt": "2+3?", "answer": "5"})
-    envs[0].step({"role": "assistant", "content": '<tool_call>{"name": "calculator", "arguments": {"expression": "2+3"}}'
-                                                  '</tool_call><tool_call>oops</tool_call>'})
+    envs[0].step(
+        {
+            "role": "assistant",
+            "content": '<tool_call>{"name": "calculator", "arguments": {"expression": "2+3"}}'
+            "</tool_call><tool_call>oops</tool_call>",
+        }
+    )
     envs[1].reset({"prompt": "1+1?", "answer": "2"})
-    eps = [Episode([1], turns=2, end="answer", turn_rewards=[0.0, 1.0], counts=dict(envs[0].counts)),
-           Episode([1], turns=3, end="turn_limit", turn_rewards=[0.0, 0.0, 0.0], counts=dict(envs[1].counts))]
+    eps = [
+        Episode([1], turns=2, end="answer", turn_rewards=[0.0, 1.0], counts=dict(envs[0].counts)),
+        Episode([1], turns=3, end="turn_limit", turn_rewards=[0.0, 0.0, 0.0], counts=dict(envs[1].counts)),
+    ]
     m = episode_metrics(eps)
-    assert m == {"episode/turns": 2.5, "episode/reward_per_turn": 0.2, "episode/ended_answer": 0.5,
-                 "episode/ended_turn_limit": 0.5, "episode/ended_token_limit": 0.0,
-                 "episode/tool_calls": 1.0, "episode/tool_errors": 0.5}
+    assert m == {
+        "episode/turns": 2.5,
+        "episode/reward_per_turn": 0.2,
+        "episode/ended_answer": 0.5,
+        "episode/ended_turn_limit": 0.5,
+        "episode/ended_token_limit": 0.0,
+        "episode/tool_calls": 1.0,
+        "episode/tool_errors": 0.5,
+    }
 
 
 def test_a_prompts_episodes_share_its_prefill_and_sample_the_same():
@@ -104,9 +137,19 @@ def test_a_prompts_episodes_share_its_prefill_and_sample_the_same():
     runs = []
     for group_size in (1, 2):
         gens = [torch.Generator().manual_seed(i) for i in range(4)]
-        runs.append(sample_episodes(model, tok, [Countdown(1) for _ in range(4)], firsts,
-                                    SamplingParams(max_new_tokens=4, temperature=1.0), max_turns=3, max_tokens=100,
-                                    generator=gens, group_size=group_size))
+        runs.append(
+            sample_episodes(
+                model,
+                tok,
+                [Countdown(1) for _ in range(4)],
+                firsts,
+                SamplingParams(max_new_tokens=4, temperature=1.0),
+                max_turns=3,
+                max_tokens=100,
+                generator=gens,
+                group_size=group_size,
+            )
+        )
     for a, b in zip(*runs):
         assert a.token_ids == b.token_ids and a.model_mask == b.model_mask
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

@@ -7,27 +7,41 @@ import shutil
 
 import pytest
 import torch
+from conftest import base_overrides, toy_pairs, write_jsonl
 
 from alignkit.config import load_config
 from alignkit.data.batching import collate_groups
 from alignkit.data.negative import TokenizedGroup, load_negative_examples, parse_negative_record
 from alignkit.errors import DataError
+from alignkit.logprob_passes import segment_table as example_columns
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from alignkit.logprob_passes import segment_table as example_columns
-from conftest import base_overrides, toy_pairs, write_jsonl
 
 
 @pytest.fixture
 def negative_file(tmp_path):
-    return write_jsonl(tmp_path / "neg.jsonl", [{"prompt": r["prompt"], "rejected": r["rejected"]} for r in toy_pairs(16)])
+    return write_jsonl(
+        tmp_path / "neg.jsonl", [{"prompt": r["prompt"], "rejected": r["rejected"]} for r in toy_pairs(16)]
+    )
 
 
 def _cfg(tiny_model_dir, data, tmp_path, *extra, out="run"):
-    return load_config(None, base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache") + [
-        "recipe=negative", "loss.name=d2o", "train.learning_rate=5e-3", "train.batch_size=8",
-        "train.warmup_ratio=0", "train.lr_schedule=constant", "data.eval_fraction=0",
-        "generation.num_samples=3", "generation.max_new_tokens=6", *extra])
+    return load_config(
+        None,
+        base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache")
+        + [
+            "recipe=negative",
+            "loss.name=d2o",
+            "train.learning_rate=5e-3",
+            "train.batch_size=8",
+            "train.warmup_ratio=0",
+            "train.lr_schedule=constant",
+            "data.eval_fraction=0",
+            "generation.num_samples=3",
+            "generation.max_new_tokens=6",
+            *extra,
+        ],
+    )
 
 
 def test_negative_record_validation(tmp_path):
@@ -37,7 +51,9 @@ def test_negative_record_validation(tmp_path):
         parse_negative_record({"prompt": "hi", "completion": "x"}, "f:2")
     with pytest.raises(DataError, match="f:3: .*empty completion"):
         parse_negative_record({"prompt": "hi", "rejected": "  "}, "f:3")
-    path = write_jsonl(tmp_path / "n.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "", "rejected": "d"}])
+    path = write_jsonl(
+        tmp_path / "n.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "", "rejected": "d"}]
+    )
     result = load_negative_examples(str(path), on_bad_record="skip")  # a pairs file works; chosen unread
     assert len(result.examples) == 1 and result.skipped[0][0].endswith("n.jsonl:2")
 
@@ -83,8 +99,9 @@ def test_samples_are_cached_and_resume_is_exact(tiny_model_dir, negative_file, t
 
 def test_cached_reference_equals_live(tiny_model_dir, negative_file, tmp_path):
     cached = loop.train(_cfg(tiny_model_dir, negative_file, tmp_path, "train.max_steps=3", out="c"), progress=False)
-    live = loop.train(_cfg(tiny_model_dir, negative_file, tmp_path, "train.max_steps=3", "reference=live", out="l"),
-                      progress=False)
+    live = loop.train(
+        _cfg(tiny_model_dir, negative_file, tmp_path, "train.max_steps=3", "reference=live", out="l"), progress=False
+    )
     assert cached.train_metrics["loss"] == pytest.approx(live.train_metrics["loss"], abs=1e-5)
     assert cached.train_metrics["rewards/margins"] == pytest.approx(live.train_metrics["rewards/margins"], abs=1e-5)
 

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from alignkit.losses.online import (
-    best_of_k, best_worst_pairs, group_advantages, kl_k3, policy_gradient_loss, rloo_advantages,
+    best_of_k,
+    best_worst_pairs,
+    group_advantages,
+    kl_k3,
+    policy_gradient_loss,
+    rloo_advantages,
     zero_variance_fraction,
 )
 
@@ -27,6 +32,7 @@ def close(got, expected, atol=1e-12):
 # ---------------------------------------------------------------------------------------------
 # Advantages
 # ---------------------------------------------------------------------------------------------
+
 
 def test_group_advantages_grpo_unbiased_std():
     # Group [1, 0, 0, 1]: mean 0.5, deviations +-0.5, unbiased var = 4 * 0.25 / 3 = 1/3.
@@ -45,8 +51,10 @@ def test_group_advantages_std_is_sample_not_population():
 
 
 def test_group_advantages_dr_grpo_centres_only():
-    close(group_advantages(t64([[1, 0, 0, 1], [2, 4, 6, 0]]), scale_by_std=False),
-          [[0.5, -0.5, -0.5, 0.5], [-1, 1, 3, -3]])  # second group: mean 3
+    close(
+        group_advantages(t64([[1, 0, 0, 1], [2, 4, 6, 0]]), scale_by_std=False),
+        [[0.5, -0.5, -0.5, 0.5], [-1, 1, 3, -3]],
+    )  # second group: mean 3
 
 
 def test_group_advantages_int_rewards_become_float32():
@@ -84,6 +92,7 @@ def test_zero_variance_fraction():
 # KL estimator
 # ---------------------------------------------------------------------------------------------
 
+
 def test_kl_k3_values():
     # delta = ref - logp = [0, 1, -0.5]; k3 = e^delta - delta - 1
     got = kl_k3(t64([-1.0, -2.0, -0.5]), t64([-1.0, -1.0, -1.0]))
@@ -102,15 +111,18 @@ AGG_ADV = t64([2.0, -1.0, 5.0])
 AGG_LOGPS = [-1.0, -0.5, -2.0, -0.25]
 
 
-@pytest.mark.parametrize("aggregation,kwargs,loss,grad", [
-    # seq means -2 and 1, mean over the 2 non-empty sequences = -0.5;
-    # d/dlogp = -A / len(seq) / 2: seq 0 -> -2 / 1 / 2 = -1, seq 1 -> 1 / 3 / 2 = 1/6
-    ("grpo", {}, -0.5, [-1.0, 1 / 6, 1 / 6, 1 / 6]),
-    # token mean: (-2 + 1 + 1 + 1) / 4 = 0.25; d/dlogp = -A / 4
-    ("dapo", {}, 0.25, [-0.5, 0.25, 0.25, 0.25]),
-    # sum / (S * L) = 1 / (3 * 4); d/dlogp = -A / 12
-    ("dr_grpo", {"max_completion_length": 4}, 1 / 12, [-2 / 12, 1 / 12, 1 / 12, 1 / 12]),
-])
+@pytest.mark.parametrize(
+    "aggregation,kwargs,loss,grad",
+    [
+        # seq means -2 and 1, mean over the 2 non-empty sequences = -0.5;
+        # d/dlogp = -A / len(seq) / 2: seq 0 -> -2 / 1 / 2 = -1, seq 1 -> 1 / 3 / 2 = 1/6
+        ("grpo", {}, -0.5, [-1.0, 1 / 6, 1 / 6, 1 / 6]),
+        # token mean: (-2 + 1 + 1 + 1) / 4 = 0.25; d/dlogp = -A / 4
+        ("dapo", {}, 0.25, [-0.5, 0.25, 0.25, 0.25]),
+        # sum / (S * L) = 1 / (3 * 4); d/dlogp = -A / 12
+        ("dr_grpo", {"max_completion_length": 4}, 1 / 12, [-2 / 12, 1 / 12, 1 / 12, 1 / 12]),
+    ],
+)
 def test_aggregations_unequal_lengths(aggregation, kwargs, loss, grad):
     logps = t64(AGG_LOGPS).requires_grad_()
     got, metrics = policy_gradient_loss(logps, t64(AGG_LOGPS), AGG_ADV, AGG_SEQ, 3, aggregation=aggregation, **kwargs)
@@ -149,8 +161,15 @@ def test_advantages_must_be_per_sequence():
 @pytest.mark.parametrize("aggregation", ["grpo", "dapo", "dr_grpo"])
 def test_no_tokens_gives_zero_not_nan(aggregation):
     logps = torch.zeros(0, dtype=torch.float64, requires_grad=True)
-    loss, metrics = policy_gradient_loss(logps, logps.detach(), t64([1.0, -1.0]), torch.zeros(0, dtype=torch.long), 2,
-                                         aggregation=aggregation, max_completion_length=8)
+    loss, metrics = policy_gradient_loss(
+        logps,
+        logps.detach(),
+        t64([1.0, -1.0]),
+        torch.zeros(0, dtype=torch.long),
+        2,
+        aggregation=aggregation,
+        max_completion_length=8,
+    )
     assert loss.item() == 0.0 and all(float(v) == 0.0 for v in metrics.values())
     loss.backward()
 
@@ -158,6 +177,7 @@ def test_no_tokens_gives_zero_not_nan(aggregation):
 # ---------------------------------------------------------------------------------------------
 # Policy-gradient loss: clipping (DAPO clip-higher), KL, gradient routing
 # ---------------------------------------------------------------------------------------------
+
 
 def test_clipping_both_directions_with_decoupled_range():
     # One token per sequence, "dapo" aggregation over M = 5, clip range [0.8, 1.28].
@@ -172,8 +192,16 @@ def test_clipping_both_directions_with_decoupled_range():
     ratios = [1.5, 0.5, 1.5, 1.25, 0.5]
     old = t64([-1.0, -2.0, -0.5, -3.0, -1.5])
     logps = (old + torch.log(t64(ratios))).requires_grad_()
-    loss, m = policy_gradient_loss(logps, old, t64([1.0, -1.0, -1.0, 2.0, 1.0]), torch.arange(5), 5,
-                                   clip_low=0.2, clip_high=0.28, aggregation="dapo")
+    loss, m = policy_gradient_loss(
+        logps,
+        old,
+        t64([1.0, -1.0, -1.0, 2.0, 1.0]),
+        torch.arange(5),
+        5,
+        clip_low=0.2,
+        clip_high=0.28,
+        aggregation="dapo",
+    )
     close(loss, -0.396)
     loss.backward()
     close(logps.grad, [0.0, 0.0, 0.3, -0.5, -0.1])
@@ -191,8 +219,9 @@ def test_kl_term_value_and_gradient():
     logps = t64([-1.0, -2.0, -0.5]).requires_grad_()
     ref = t64([-1.0, -1.0, -1.0])
     k3 = [0.0, math.e - 2, math.exp(-0.5) - 0.5]
-    loss, m = policy_gradient_loss(logps, logps.detach().clone(), t64([1.0]), torch.zeros(3, dtype=torch.long), 1,
-                                   ref_token_logps=ref, kl_coef=0.1)
+    loss, m = policy_gradient_loss(
+        logps, logps.detach().clone(), t64([1.0]), torch.zeros(3, dtype=torch.long), 1, ref_token_logps=ref, kl_coef=0.1
+    )
     close(loss, -1 + 0.1 * sum(k3) / 3)
     close(m["kl"], sum(k3) / 3)
     loss.backward()
@@ -201,8 +230,9 @@ def test_kl_term_value_and_gradient():
 
 def test_kl_reported_but_not_added_when_coef_zero():
     logps = t64([-1.0, -2.0, -0.5])
-    loss, m = policy_gradient_loss(logps, logps, t64([1.0]), torch.zeros(3, dtype=torch.long), 1,
-                                   ref_token_logps=t64([-1.0, -1.0, -1.0]))
+    loss, m = policy_gradient_loss(
+        logps, logps, t64([1.0]), torch.zeros(3, dtype=torch.long), 1, ref_token_logps=t64([-1.0, -1.0, -1.0])
+    )
     close(loss, -1.0)
     close(m["kl"], (math.e - 2 + math.exp(-0.5) - 0.5) / 3)
 
@@ -249,11 +279,13 @@ def test_matches_reference_loop_on_random_tokens(aggregation):
     logps = old + (torch.rand(M, generator=g, dtype=torch.float64) - 0.5)  # ratios in ~[0.61, 1.65]
     ref = old + 0.4 * (torch.rand(M, generator=g, dtype=torch.float64) - 0.5)
     adv = torch.randn(S, generator=g, dtype=torch.float64)
-    kw = dict(clip_low=0.1, clip_high=0.15, ref_token_logps=ref, kl_coef=0.3, aggregation=aggregation,
-              max_completion_length=9)
+    kw = dict(
+        clip_low=0.1, clip_high=0.15, ref_token_logps=ref, kl_coef=0.3, aggregation=aggregation, max_completion_length=9
+    )
     loss, m = policy_gradient_loss(logps, old, adv, seq, S, **kw)
-    expected = _reference_loss(logps.tolist(), old.tolist(), adv.tolist(), seq.tolist(), S, 0.1, 0.15, ref.tolist(),
-                               0.3, aggregation, 9)
+    expected = _reference_loss(
+        logps.tolist(), old.tolist(), adv.tolist(), seq.tolist(), S, 0.1, 0.15, ref.tolist(), 0.3, aggregation, 9
+    )
     close(loss, expected)
     ratio = (logps - old).exp()
     a = adv[seq]
@@ -266,8 +298,15 @@ def test_matches_reference_loop_on_random_tokens(aggregation):
 
 def test_float32_in_float32_out():
     logps = torch.tensor([-1.0, -2.0], requires_grad=True)
-    loss, m = policy_gradient_loss(logps, logps.detach(), torch.tensor([1.0]), torch.tensor([0, 0]), 1,
-                                   ref_token_logps=torch.tensor([-1.0, -1.0]), kl_coef=0.1)
+    loss, m = policy_gradient_loss(
+        logps,
+        logps.detach(),
+        torch.tensor([1.0]),
+        torch.tensor([0, 0]),
+        1,
+        ref_token_logps=torch.tensor([-1.0, -1.0]),
+        kl_coef=0.1,
+    )
     assert loss.dtype == torch.float32 and m["kl"].dtype == torch.float32
     loss.backward()
     assert logps.grad.dtype == torch.float32
@@ -277,11 +316,13 @@ def test_float32_in_float32_out():
 # Selection: online DPO pairs, best-of-K
 # ---------------------------------------------------------------------------------------------
 
-REWARDS = t64([
-    [1.0, 3.0, 3.0, 0.0, 0.0],   # best: first 3 (idx 1); worst: first 0 (idx 3)
-    [2.0, 2.0, 2.0, 2.0, 2.0],   # all equal: no preference
-    [0.5, -1.0, 0.5, 2.0, -1.0],  # best idx 3; worst: first -1 (idx 1)
-])
+REWARDS = t64(
+    [
+        [1.0, 3.0, 3.0, 0.0, 0.0],  # best: first 3 (idx 1); worst: first 0 (idx 3)
+        [2.0, 2.0, 2.0, 2.0, 2.0],  # all equal: no preference
+        [0.5, -1.0, 0.5, 2.0, -1.0],  # best idx 3; worst: first -1 (idx 1)
+    ]
+)
 
 
 def test_best_worst_pairs_ties_take_first_index():
@@ -293,3 +334,33 @@ def test_best_worst_pairs_ties_take_first_index():
 def test_best_of_k():
     got = best_of_k(REWARDS)
     assert got.tolist() == [1, 0, 3] and got.dtype == torch.long
+
+
+def test_truncated_importance_weights_by_hand():
+    from alignkit.losses.online import truncated_importance_weights
+
+    trainer = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64, requires_grad=True)
+    sampler = torch.tensor([-1.5, -1.0, -0.5], dtype=torch.float64)
+    w, sums = truncated_importance_weights(trainer, sampler, cap=1.5)
+    # exp(0.5) = 1.6487 > 1.5 -> 1.5; exp(-1) = 0.3679; exp(0) = 1
+    assert w.tolist() == pytest.approx([1.5, math.exp(-1.0), 1.0], abs=1e-12)
+    assert float(sums["tis/weight_mean"]) == pytest.approx(1.5 + math.exp(-1.0) + 1.0, abs=1e-12)
+    assert float(sums["tis/capped_fraction"]) == 1.0
+    assert not w.requires_grad  # a correction of the sampling distribution, not differentiated
+
+
+def test_kl_penalty_in_loss_by_hand():
+    from alignkit.losses.online import kl_penalty_in_loss
+
+    per_token = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    logps = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-1.5, -1.0], dtype=torch.float64)
+    out, kl = kl_penalty_in_loss(per_token, logps, ref, kl_coef=0.1)
+    # k3 = exp(d) - d - 1 with d = ref - logp: d = -0.5 and 1.0
+    k3 = [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1.0 - 1]
+    assert kl.tolist() == pytest.approx(k3, abs=1e-12)
+    assert out.tolist() == pytest.approx([0.3 + 0.1 * k3[0], -0.2 + 0.1 * k3[1]], abs=1e-12)
+    out.sum().backward()  # d k3 / d logp = 1 - exp(d)
+    assert logps.grad.tolist() == pytest.approx([0.1 * (1 - math.exp(-0.5)), 0.1 * (1 - math.exp(1.0))], abs=1e-12)
+    same, kl0 = kl_penalty_in_loss(per_token, logps.detach(), ref, kl_coef=0.0)
+    assert torch.equal(same, per_token) and kl0.tolist() == pytest.approx(k3, abs=1e-12)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import base_overrides, toy_pairs, write_jsonl
 
 from alignkit.config import load_config
 from alignkit.errors import ConfigError
@@ -14,7 +15,6 @@ from alignkit.losses import online as rl
 from alignkit.losses import ppo as P
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from conftest import base_overrides, toy_pairs, write_jsonl
 
 D = torch.float64
 
@@ -69,8 +69,9 @@ def test_reinforce_pp_returns_and_batch_normalisation():
     other = torch.tensor([5.0, 5.0], dtype=D)
     adv2, _ = P.reinforce_pp_advantages(token_rewards, seq, 2, gather=lambda r: torch.cat([r, other]))
     full = torch.tensor([0.85, 0.9, -0.15, 5.0, 5.0], dtype=D)
-    assert adv2.tolist() == pytest.approx(((torch.tensor([0.85, 0.9, -0.15], dtype=D) - full.mean())
-                                           / full.std(unbiased=False)).tolist(), rel=1e-6)
+    assert adv2.tolist() == pytest.approx(
+        ((torch.tensor([0.85, 0.9, -0.15], dtype=D) - full.mean()) / full.std(unbiased=False)).tolist(), rel=1e-6
+    )
 
 
 def test_overlong_penalty_ramps_to_minus_one_at_the_limit():
@@ -81,7 +82,7 @@ def test_overlong_penalty_ramps_to_minus_one_at_the_limit():
 
 
 # A reward that is constant on the first 16 prompts (their groups teach nothing) and varies on the rest.
-REWARD = '''
+REWARD = """
 def half_flat(prompts, completions, **columns):
     out = []
     for p, c in zip(prompts, completions):
@@ -89,22 +90,38 @@ def half_flat(prompts, completions, **columns):
         flat = int(text.split("#")[1]) < 16
         out.append(1.0 if flat else float(len(c)))  # characters: the samples of a prompt rarely tie
     return out
-'''
+"""
 
 
 def _cfg(model_dir, tmp_path, *extra, out="run"):
     rows = [{"prompt": f"{r['prompt']} #{i}"} for i, r in enumerate(toy_pairs(40))]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
     (tmp_path / "r.py").write_text(REWARD)
-    return load_config(None, base_overrides(model_dir, data, tmp_path / out, tmp_path / "cache") + [
-        "recipe=grpo", f"online.rewards={tmp_path / 'r.py'}:half_flat", "generation.num_samples=4",
-        "generation.max_new_tokens=6", "train.batch_size=4", "train.max_steps=4", "data.eval_fraction=0",
-        "train.learning_rate=1e-2", *extra])
+    return load_config(
+        None,
+        base_overrides(model_dir, data, tmp_path / out, tmp_path / "cache")
+        + [
+            "recipe=grpo",
+            f"online.rewards={tmp_path / 'r.py'}:half_flat",
+            "generation.num_samples=4",
+            "generation.max_new_tokens=6",
+            "train.batch_size=4",
+            "train.max_steps=4",
+            "data.eval_fraction=0",
+            "train.learning_rate=1e-2",
+            *extra,
+        ],
+    )
 
 
 def test_dynamic_sampling_drops_flat_groups_and_refills(tiny_model_dir, tmp_path):
-    rows = read_metrics(loop.train(_cfg(tiny_model_dir, tmp_path, "online.dynamic_sampling=true",
-                                        "online.dynamic_sampling_rounds=4"), progress=False).run_dir, "train")
+    rows = read_metrics(
+        loop.train(
+            _cfg(tiny_model_dir, tmp_path, "online.dynamic_sampling=true", "online.dynamic_sampling_rounds=4"),
+            progress=False,
+        ).run_dir,
+        "train",
+    )
     assert len(rows) == 4
     for r in rows:
         dropped, extra = r["dynamic_sampling/dropped_groups"], r["dynamic_sampling/extra_prompts"]
@@ -119,8 +136,9 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(tiny_model_dir, tmp_path
 
 
 def test_overlong_penalty_enters_the_training_reward_only(tiny_model_dir, tmp_path):
-    run = loop.train(_cfg(tiny_model_dir, tmp_path, "online.overlong_buffer=3", "data.eval_fraction=0.2"),
-                     progress=False).run_dir
+    run = loop.train(
+        _cfg(tiny_model_dir, tmp_path, "online.overlong_buffer=3", "data.eval_fraction=0.2"), progress=False
+    ).run_dir
     rows = read_metrics(run, "train")
     for r in rows:  # 6 new tokens, buffer 3: a reply of 4, 5, 6 tokens loses 1/3, 2/3, 1
         assert -1.0 <= r["reward/overlong_penalty"] <= 0.0

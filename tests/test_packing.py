@@ -4,8 +4,7 @@ for Llama- and Qwen2-style models, with masks, groups and SFT, under SDPA and ea
 import pytest
 import torch
 
-from alignkit.data.batching import (collate_groups, collate_packed_groups, collate_packed_sft, collate_pairs,
-                                    collate_sft)
+from alignkit.data.batching import collate_groups, collate_packed_groups, collate_packed_sft, collate_pairs, collate_sft
 from alignkit.data.negative import TokenizedGroup
 from alignkit.data.tokenize import TokenizedPair, TokenizedSFT
 from alignkit.logprobs import segment_logps
@@ -51,12 +50,20 @@ def test_packed_prefix_shared_pairs_equal_padded(family, attn, capacity, masked)
 def test_packed_groups_and_sft_equal_padded():
     model = tiny_model("llama", vocab_size=128).eval()
     g = torch.Generator().manual_seed(1)
-    groups = [TokenizedGroup(_rand(g, 4), [_rand(g, 3), _rand(g, 5), _rand(g, 2)], 0),
-              TokenizedGroup(_rand(g, 6), [_rand(g, 1), _rand(g, 4), _rand(g, 6)], 1)]
-    sft = [TokenizedSFT(_rand(g, 3), _rand(g, 5), 0), TokenizedSFT([], _rand(g, 4), 1), TokenizedSFT(_rand(g, 7), _rand(g, 2), 2)]
+    groups = [
+        TokenizedGroup(_rand(g, 4), [_rand(g, 3), _rand(g, 5), _rand(g, 2)], 0),
+        TokenizedGroup(_rand(g, 6), [_rand(g, 1), _rand(g, 4), _rand(g, 6)], 1),
+    ]
+    sft = [
+        TokenizedSFT(_rand(g, 3), _rand(g, 5), 0),
+        TokenizedSFT([], _rand(g, 4), 1),
+        TokenizedSFT(_rand(g, 7), _rand(g, 2), 2),
+    ]
     with torch.no_grad():
-        for plain, packed in ((collate_groups(groups, 1), collate_packed_groups(groups, 1, 64)),
-                              (collate_sft(sft, 1), collate_packed_sft(sft, 1, 64))):
+        for plain, packed in (
+            (collate_groups(groups, 1), collate_packed_groups(groups, 1, 64)),
+            (collate_sft(sft, 1), collate_packed_sft(sft, 1, 64)),
+        ):
             a, b = segment_logps(model, plain), segment_logps(model, packed)
             assert torch.allclose(a.logps, b.logps, atol=1e-5, rtol=0) and torch.equal(a.counts, b.counts)
 

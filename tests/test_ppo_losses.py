@@ -61,6 +61,7 @@ SHUFFLED_S = 5
 # KL in the reward
 # ---------------------------------------------------------------------------------------------
 
+
 def test_kl_per_token_k1_and_k3():
     logps, ref = t64([-1.0, -2.0]), t64([-1.5, -1.0])
     # k1 = logp - ref
@@ -76,8 +77,9 @@ def test_kl_shaped_rewards_hand_worked():
     #   token 0: -0.5 * 0.1 = -0.05;  token 1: -0.5 * 0.2 = -0.1;  token 2 (last of 0): 0.15 + 1.0 = 1.15
     #   token 3: -0.5 * 0.4 = -0.2;   token 4 (last of 2): -0.25 + 5.0 = 4.75
     # Sequence 1's reward -2.0 has no token to go on: dropped and counted.
-    rewards, m = kl_shaped_rewards(t64([1.0, -2.0, 5.0]), t64([0.1, 0.2, -0.3, 0.4, 0.5]), seq([0, 0, 0, 2, 2]), 3,
-                                   kl_coef=0.5)
+    rewards, m = kl_shaped_rewards(
+        t64([1.0, -2.0, 5.0]), t64([0.1, 0.2, -0.3, 0.4, 0.5]), seq([0, 0, 0, 2, 2]), 3, kl_coef=0.5
+    )
     close(rewards, [-0.05, -0.1, 1.15, -0.2, 4.75])
     close(m["empty_sequences"], 1.0)
     close(m["kl"], (0.1 + 0.2 - 0.3 + 0.4 + 0.5) / 5)
@@ -85,8 +87,9 @@ def test_kl_shaped_rewards_hand_worked():
 
 def test_kl_shaped_rewards_blocks_in_any_order():
     # The same sequences with sequence 2's block first: each reward still lands on its own last token.
-    rewards, m = kl_shaped_rewards(t64([1.0, -2.0, 5.0]), t64([0.4, 0.5, 0.1, 0.2, -0.3]), seq([2, 2, 0, 0, 0]), 3,
-                                   kl_coef=0.5)
+    rewards, m = kl_shaped_rewards(
+        t64([1.0, -2.0, 5.0]), t64([0.4, 0.5, 0.1, 0.2, -0.3]), seq([2, 2, 0, 0, 0]), 3, kl_coef=0.5
+    )
     close(rewards, [-0.2, 4.75, -0.05, -0.1, 1.15])
     close(m["empty_sequences"], 1.0)
 
@@ -104,6 +107,7 @@ def test_kl_shaped_rewards_rejects_bad_inputs():
 # GAE
 # ---------------------------------------------------------------------------------------------
 
+
 def test_gae_hand_worked():
     # gamma = 0.9, lam = 0.8, so gamma * lam = 0.72; V after each sequence's last token = 0.
     # Sequence 0: r = [0.1, -0.2, 1.0], V = [0.5, 0.4, 0.3]
@@ -115,8 +119,9 @@ def test_gae_hand_worked():
     # Sequence 1: r = [0.0, 2.0], V = [1.0, -1.0]
     #   delta_1 = 2.0 - (-1.0) = 3.0;  delta_0 = 0.0 + 0.9 * (-1.0) - 1.0 = -1.9
     #   A_1 = 3.0;  A_0 = -1.9 + 0.72 * 3.0 = 0.26;  R = [1.26, 2.0]
-    adv, ret = gae(t64([0.1, -0.2, 1.0, 0.0, 2.0]), t64([0.5, 0.4, 0.3, 1.0, -1.0]), seq([0, 0, 0, 1, 1]), 2,
-                   gamma=0.9, lam=0.8)
+    adv, ret = gae(
+        t64([0.1, -0.2, 1.0, 0.0, 2.0]), t64([0.5, 0.4, 0.3, 1.0, -1.0]), seq([0, 0, 0, 1, 1]), 2, gamma=0.9, lam=0.8
+    )
     close(adv, [0.08528, 0.174, 0.7, 0.26, 3.0])
     close(ret, [0.58528, 0.574, 1.0, 1.26, 2.0])
 
@@ -191,6 +196,7 @@ def test_gae_rejects_bad_layouts():
 # Whitening
 # ---------------------------------------------------------------------------------------------
 
+
 def test_whiten_hand_worked():
     # x = [1, 2, 3, 6]: mean 3, deviations [-2, -1, 0, 3], population var (4 + 1 + 0 + 9) / 4 = 3.5
     s = math.sqrt(3.5 + 1e-8)
@@ -219,6 +225,7 @@ def test_whiten_gradcheck():
 # ---------------------------------------------------------------------------------------------
 # Reward normalisation
 # ---------------------------------------------------------------------------------------------
+
 
 def test_running_moments_match_concatenated_batches():
     g = torch.Generator().manual_seed(5)
@@ -282,8 +289,10 @@ def test_normalize_rewards_and_clip():
     close(normalize_rewards(r, 1.0, 2.0, clip=0.0, eps=0.0), [1.0, -1.0, 4.5])  # 0 disables
     close(normalize_rewards(r, 1.0, 2.0), [2 / (2 + 1e-8), -2 / (2 + 1e-8), 9 / (2 + 1e-8)])  # default eps
     close(normalize_rewards(r, 0.0, 2.0, eps=0.0), [1.5, -0.5, 5.0])  # MOSS-RLHF's released default: scale only
-    close(normalize_rewards(r, torch.tensor(1.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64),
-                            eps=0.0), [1.0, -1.0, 4.5])
+    close(
+        normalize_rewards(r, torch.tensor(1.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64), eps=0.0),
+        [1.0, -1.0, 4.5],
+    )
     with pytest.raises(ValueError, match="clip"):
         normalize_rewards(r, 0.0, 1.0, clip=-1.0)
 

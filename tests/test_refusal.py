@@ -47,8 +47,10 @@ def test_behaviour_rate_is_refusals_minus_compliances():
 
 
 def test_a_judge_from_a_file(tmp_path):
-    (tmp_path / "j.py").write_text("def long_is_compliance(prompts, replies):\n    return [len(r) < 10 for r in replies]\n"
-                                   "def bad(prompts, replies):\n    return ['maybe' for r in replies]\n")
+    (tmp_path / "j.py").write_text(
+        "def long_is_compliance(prompts, replies):\n    return [len(r) < 10 for r in replies]\n"
+        "def bad(prompts, replies):\n    return ['maybe' for r in replies]\n"
+    )
     judge = make_judge(f"{tmp_path / 'j.py'}:long_is_compliance")
     assert judge.name.endswith(":long_is_compliance")
     assert judge.classify(["p", "p"], ["no", "a long and helpful reply"]) == ["refusal", "compliance"]

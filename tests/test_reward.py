@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import base_overrides, toy_pairs, write_jsonl
 
 from alignkit import losses
 from alignkit.config import load_config
@@ -13,7 +14,6 @@ from alignkit.data.reward import parse_reward_record
 from alignkit.errors import DataError
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from conftest import base_overrides, toy_pairs, write_jsonl
 
 
 def _bt(chosen, rejected, labels, margins, center_weight=0.0):
@@ -21,8 +21,11 @@ def _bt(chosen, rejected, labels, margins, center_weight=0.0):
     -log sigmoid(s (r_c - r_r) - m), plus center_weight * mean_k (r_c + r_r)^2."""
     out = []
     for i in range(len(chosen)):
-        terms = [math.log1p(math.exp(-(s * (c - r) - margins[i])))
-                 for c, r, s in zip(chosen[i], rejected[i], labels[i]) if s != 0]
+        terms = [
+            math.log1p(math.exp(-(s * (c - r) - margins[i])))
+            for c, r, s in zip(chosen[i], rejected[i], labels[i])
+            if s != 0
+        ]
         v = sum(terms) / max(1, len(terms))
         v += center_weight * sum((c + r) ** 2 for c, r in zip(chosen[i], rejected[i])) / len(chosen[i])
         out.append(v)
@@ -54,15 +57,20 @@ def test_bradley_terry_gradcheck():
 def test_reward_record_validation():
     ex = parse_reward_record({"prompt": "p", "chosen": "a", "rejected": "b"}, "f:1")
     assert ex.labels == (1,) and ex.margin == 0.0
-    ex = parse_reward_record({"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"help": True, "safe": None}},
-                             "f:2", objectives=("help", "safe"))
+    ex = parse_reward_record(
+        {"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"help": True, "safe": None}},
+        "f:2",
+        objectives=("help", "safe"),
+    )
     assert ex.labels == (1, 0)
     with pytest.raises(DataError, match="f:3: label 'safe' .* must be 1 .*found 2"):
-        parse_reward_record({"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"safe": 2}}, "f:3",
-                            objectives=("help", "safe"))
+        parse_reward_record(
+            {"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"safe": 2}}, "f:3", objectives=("help", "safe")
+        )
     with pytest.raises(DataError, match="f:4: .*names \\['fun'\\], which are not in reward.objectives"):
-        parse_reward_record({"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"fun": 1}}, "f:4",
-                            objectives=("help", "safe"))
+        parse_reward_record(
+            {"prompt": "p", "chosen": "a", "rejected": "b", "labels": {"fun": 1}}, "f:4", objectives=("help", "safe")
+        )
     with pytest.raises(DataError, match="f:5: field 'margin' must be a finite number >= 0"):
         parse_reward_record({"prompt": "p", "chosen": "a", "rejected": "b", "margin": -1}, "f:5", use_margin=True)
     with pytest.raises(DataError, match="f:6: field 'margin' is missing"):
@@ -70,9 +78,20 @@ def test_reward_record_validation():
 
 
 def _cfg(tiny_model_dir, data, tmp_path, *extra, out="rm"):
-    return load_config(None, base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache") + [
-        "recipe=reward", "train.learning_rate=2e-3", "train.batch_size=8", "train.warmup_ratio=0",
-        "train.lr_schedule=constant", "data.eval_fraction=0.2", "train.eval_every=10", *extra])
+    return load_config(
+        None,
+        base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache")
+        + [
+            "recipe=reward",
+            "train.learning_rate=2e-3",
+            "train.batch_size=8",
+            "train.warmup_ratio=0",
+            "train.lr_schedule=constant",
+            "data.eval_fraction=0.2",
+            "train.eval_every=10",
+            *extra,
+        ],
+    )
 
 
 def test_reward_model_learns_and_reloads_as_sequence_classifier(tiny_model_dir, pairs_file, tmp_path):
@@ -87,11 +106,14 @@ def test_reward_model_learns_and_reloads_as_sequence_classifier(tiny_model_dir, 
     model = AutoModelForSequenceClassification.from_pretrained(result.final_dir).eval()
     tok = AutoTokenizer.from_pretrained(result.final_dir)
     assert model.config.id2label == {0: "reward"} and model.config.pad_token_id == tok.pad_token_id
+
     def score(reply):
-        text = tok.apply_chat_template([{"role": "user", "content": "what is 2 plus 3 ?"},
-                                        {"role": "assistant", "content": reply}], tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "what is 2 plus 3 ?"}, {"role": "assistant", "content": reply}], tokenize=False
+        )
         with torch.no_grad():
             return float(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
+
     assert score("the answer is 5 .") > score("sorry i cannot help .") + 1.0
     # "The same scores" (README): the classifier's score of a conversation equals the reward that
     # training computes for it, packed [prompt][chosen][rejected] layout and pooling included.
@@ -103,24 +125,35 @@ def test_reward_model_learns_and_reloads_as_sequence_classifier(tiny_model_dir, 
     session = loop.setup(full, progress=False)
     recipe, trained, device = session.recipe, session.model, session.device
     assert full.train.packing  # the layout training used
-    pair = parse_preference_record({"prompt": "what is 2 plus 3 ?", "chosen": "the answer is 5 .",
-                                    "rejected": "sorry i cannot help ."}, "x:1")
+    pair = parse_preference_record(
+        {"prompt": "what is 2 plus 3 ?", "chosen": "the answer is 5 .", "rejected": "sorry i cannot help ."}, "x:1"
+    )
     items, _ = tokenize_pairs([pair], recipe.tokenizer, full.data.max_length)
     with torch.no_grad():
         rewards = sequence_rewards(trained.eval(), recipe.collate(items).to(device), recipe.tokenizer.pad_token_id)
     # float32: a packed row and a plain row may be summed in another order by other kernels (equal
     # to the last bit on CPU here), hence 1e-5 rather than exact equality.
     assert rewards[:, 0].tolist() == pytest.approx(
-        [score("the answer is 5 ."), score("sorry i cannot help .")], abs=1e-5, rel=0)
+        [score("the answer is 5 ."), score("sorry i cannot help .")], abs=1e-5, rel=0
+    )
 
 
 def test_margin_and_centering(tiny_model_dir, tmp_path):
     rows = [dict(r, margin=3.0) for r in toy_pairs()]
     data = write_jsonl(tmp_path / "m.jsonl", rows)
-    runs = {name: read_metrics(loop.train(_cfg(tiny_model_dir, data, tmp_path, "train.max_steps=15", *extra, out=name),
-                                          progress=False).run_dir, "train")
-            for name, extra in (("plain", []), ("margin", ["reward.use_margin=true"]),
-                                ("center", ["loss.center_weight=0.1"]))}
+    runs = {
+        name: read_metrics(
+            loop.train(
+                _cfg(tiny_model_dir, data, tmp_path, "train.max_steps=15", *extra, out=name), progress=False
+            ).run_dir,
+            "train",
+        )
+        for name, extra in (
+            ("plain", []),
+            ("margin", ["reward.use_margin=true"]),
+            ("center", ["loss.center_weight=0.1"]),
+        )
+    }
     # Step 1, rewards near 0 (new head): loss ~ log(1 + e^0) = 0.69 plain, log(1 + e^3) = 3.05 with margin 3.
     assert runs["plain"][0]["loss"] == pytest.approx(math.log(2), abs=0.1)
     assert runs["margin"][0]["loss"] == pytest.approx(math.log1p(math.exp(3)), abs=0.1)
@@ -133,8 +166,9 @@ def test_multi_objective_reward_model(tiny_model_dir, tmp_path):
     # "correct": the sum is better; "short": the refusal (shorter) is better, on every pair.
     rows = [dict(r, labels={"correct": 1, "short": -1}) for r in toy_pairs()]
     data = write_jsonl(tmp_path / "mo.jsonl", rows)
-    result = loop.train(_cfg(tiny_model_dir, data, tmp_path, "train.max_steps=20", "reward.objectives=[correct,short]"),
-                        progress=False)
+    result = loop.train(
+        _cfg(tiny_model_dir, data, tmp_path, "train.max_steps=20", "reward.objectives=[correct,short]"), progress=False
+    )
     ev = read_metrics(result.run_dir, "eval")[-1]
     assert ev["accuracy/correct"] == 1.0 and ev["accuracy/short"] == 1.0
 
@@ -148,8 +182,18 @@ def test_freeze_layers_and_lora(tiny_model_dir, pairs_file, tmp_path):
     assert not any(p.requires_grad for p in blocks[0].parameters())
     assert all(p.requires_grad for p in blocks[1].parameters()) and model.score.weight.requires_grad
     assert not model.get_input_embeddings().weight.requires_grad
-    result = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=12", "lora.enabled=true",
-                             "train.learning_rate=1e-2", out="lora"), progress=False)
+    result = loop.train(
+        _cfg(
+            tiny_model_dir,
+            pairs_file,
+            tmp_path,
+            "train.max_steps=12",
+            "lora.enabled=true",
+            "train.learning_rate=1e-2",
+            out="lora",
+        ),
+        progress=False,
+    )
     ev = read_metrics(result.run_dir, "eval")[-1]
     assert ev["accuracy"] == 1.0 and ev["rewards/margins"] > 2.0
     # final/ holds the adapters merged into the weights: reloaded without LoRA, through the full
@@ -168,8 +212,9 @@ def test_head_only_reward_model_trains_on_cached_trunk_outputs(tiny_model_dir, p
     outputs computed once, and the saved classifier's own forward gives the logged eval loss."""
     from transformers import AutoModelForSequenceClassification
 
-    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "model.freeze_layers=2", "train.max_steps=30",
-               "train.learning_rate=3e-2")
+    cfg = _cfg(
+        tiny_model_dir, pairs_file, tmp_path, "model.freeze_layers=2", "train.max_steps=30", "train.learning_rate=3e-2"
+    )
     result = loop.train(cfg, progress=False)
     ev = read_metrics(result.run_dir, "eval")[-1]
     assert ev["accuracy"] == 1.0
@@ -185,8 +230,8 @@ def test_head_only_reward_model_trains_on_cached_trunk_outputs(tiny_model_dir, p
 
 
 def test_reward_model_pads_with_a_token_other_than_end_of_turn():
-    from alignkit.testing import tiny_tokenizer
     from alignkit.heads import use_distinct_pad
+    from alignkit.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     assert use_distinct_pad(tok) is None and tok.pad_token == "<|endoftext|>"  # already distinct

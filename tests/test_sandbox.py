@@ -21,8 +21,10 @@ import pytest
 from alignkit.envs import load_environment_class
 from alignkit.envs.sandbox import Limits, SandboxUnavailable, make_executor
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                reason="bubblewrap is not installed (apt-get install bubblewrap; `make test` does it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bwrap") is None,
+    reason="bubblewrap is not installed (apt-get install bubblewrap; `make test` does it)",
+)
 
 
 def step(code: str, **limits) -> str:
@@ -60,10 +62,12 @@ def unchanged(directory: Path, names: set):
 
 
 def test_patching_the_old_guard_then_starting_a_process_runs_as_nobody_inside(outside):
-    out = step("import __main__\n__main__._NO = ()\nimport subprocess\n"
-               "print(subprocess.run(['id', '-u'], capture_output=True, text=True).stdout.strip())\n"
-               f"subprocess.run(['touch', {str(outside / 'made')!r}])\n"
-               f"print(subprocess.run(['cat', {str(outside / 'canary.txt')!r}], capture_output=True).returncode)\n")
+    out = step(
+        "import __main__\n__main__._NO = ()\nimport subprocess\n"
+        "print(subprocess.run(['id', '-u'], capture_output=True, text=True).stdout.strip())\n"
+        f"subprocess.run(['touch', {str(outside / 'made')!r}])\n"
+        f"print(subprocess.run(['cat', {str(outside / 'canary.txt')!r}], capture_output=True).returncode)\n"
+    )
     assert out.split()[:2] == ["65534", "1"], out  # an unprivileged uid; the host file is not there to read
     unchanged(outside, {"canary.txt"})
 
@@ -82,17 +86,28 @@ def test_a_pth_file_cannot_be_planted_in_site_packages():
     site = Path(sysconfig.get_paths()["purelib"])
     target = site / f"alignkit_escape_{uuid.uuid4().hex}.pth"
     try:
-        out = step(f"import os\nfd = os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n"
-                   "os.write(fd, b'import os; os.system(\"id\")')\n")
+        out = step(
+            f"import os\nfd = os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n"
+            "os.write(fd, b'import os; os.system(\"id\")')\n"
+        )
         assert "Read-only file system" in out, out
         assert not target.exists()
     finally:
         target.unlink(missing_ok=True)
 
 
-@pytest.mark.parametrize("op", ["os.rename(T, T + '.moved')", "os.remove(T)", "os.truncate(T, 0)",
-                                "os.chmod(T, 0o777)", "os.mkdir(T + '.dir')", "os.symlink('/', T + '.link')",
-                                "open(T, 'w').write('x')"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "os.rename(T, T + '.moved')",
+        "os.remove(T)",
+        "os.truncate(T, 0)",
+        "os.chmod(T, 0o777)",
+        "os.mkdir(T + '.dir')",
+        "os.symlink('/', T + '.link')",
+        "open(T, 'w').write('x')",
+    ],
+)
 def test_files_outside_scratch_cannot_be_changed(op, outside, visible_canary):
     before = {p.name for p in visible_canary.parent.iterdir()}
     for target in (outside / "canary.txt", visible_canary):  # one the sandbox cannot see, one it sees read-only
@@ -105,20 +120,24 @@ def test_files_outside_scratch_cannot_be_changed(op, outside, visible_canary):
 
 def test_posixsubprocess_fork_exec_and_posix_spawn_stay_inside(outside):
     # subprocess.Popen is _posixsubprocess.fork_exec; os.posix_spawn is the other way to a new program
-    out = step("import os, subprocess, _posixsubprocess\n"
-               f"subprocess.Popen(['touch', {str(outside / 'a')!r}]).wait()\n"
-               f"pid = os.posix_spawn('/usr/bin/touch', ['touch', {str(outside / 'b')!r}], {{}})\n"
-               "print(os.waitpid(pid, 0)[1] != 0)\n")
+    out = step(
+        "import os, subprocess, _posixsubprocess\n"
+        f"subprocess.Popen(['touch', {str(outside / 'a')!r}]).wait()\n"
+        f"pid = os.posix_spawn('/usr/bin/touch', ['touch', {str(outside / 'b')!r}], {{}})\n"
+        "print(os.waitpid(pid, 0)[1] != 0)\n"
+    )
     assert out.strip() == "True", out
     unchanged(outside, {"canary.txt"})
 
 
 def test_multiprocessing_stays_inside(outside):
-    out = step("import multiprocessing as mp\n"
-               "def f(p):\n    open(p, 'w').write('x')\n"
-               "if __name__ == '__main__':\n"
-               f"    p = mp.Process(target=f, args=({str(outside / 'mp')!r},))\n    p.start(); p.join()\n"
-               "    print('exit', p.exitcode)\n")
+    out = step(
+        "import multiprocessing as mp\n"
+        "def f(p):\n    open(p, 'w').write('x')\n"
+        "if __name__ == '__main__':\n"
+        f"    p = mp.Process(target=f, args=({str(outside / 'mp')!r},))\n    p.start(); p.join()\n"
+        "    print('exit', p.exitcode)\n"
+    )
     assert "exit 1" in out, out
     unchanged(outside, {"canary.txt"})
 
@@ -128,9 +147,11 @@ def test_no_udp_packet_leaves():
     rx.bind(("127.0.0.1", 0))
     rx.settimeout(0.5)
     port = rx.getsockname()[1]
-    out = step("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-               f"print(s.sendmsg([b'escape'], [], 0, ('127.0.0.1', {port})))\n"
-               f"s.sendto(b'escape', ('10.0.0.1', {port}))\n")
+    out = step(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"print(s.sendmsg([b'escape'], [], 0, ('127.0.0.1', {port})))\n"
+        f"s.sendto(b'escape', ('10.0.0.1', {port}))\n"
+    )
     with pytest.raises(socket.timeout):
         rx.recvfrom(100)  # the loopback the sandbox sent to is its own
     rx.close()
@@ -142,8 +163,10 @@ def test_a_listening_socket_inside_is_not_reachable_from_outside():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = {}
-    code = ("import socket, time\ns = socket.socket()\n"
-            f"s.bind(('127.0.0.1', {port}))\ns.listen()\nprint('listening')\ntime.sleep(2)\n")
+    code = (
+        "import socket, time\ns = socket.socket()\n"
+        f"s.bind(('127.0.0.1', {port}))\ns.listen()\nprint('listening')\ntime.sleep(2)\n"
+    )
     t = threading.Thread(target=lambda: result.setdefault("out", step(code)))
     t.start()
     refused, deadline = 0, time.monotonic() + 1.5
@@ -158,15 +181,18 @@ def test_a_listening_socket_inside_is_not_reachable_from_outside():
 
 def test_signals_cannot_reach_the_caller():
     """Run in a child process so that a failure kills the child, not the test session."""
-    script = ("import json, os, signal\n"
-              "from tests.test_sandbox import step\n"
-              "code = ('import os, signal\\n'\n"
-              "        'print(os.getppid())\\n'\n"
-              "        'signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)\\n'\n"
-              "        f'os.kill({os.getpid()}, signal.SIGKILL)\\n')\n"
-              "print(json.dumps(step(code)))\nprint('caller alive')\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).parents[1])
+    script = (
+        "import json, os, signal\n"
+        "from tests.test_sandbox import step\n"
+        "code = ('import os, signal\\n'\n"
+        "        'print(os.getppid())\\n'\n"
+        "        'signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)\\n'\n"
+        "        f'os.kill({os.getpid()}, signal.SIGKILL)\\n')\n"
+        "print(json.dumps(step(code)))\nprint('caller alive')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1]
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("caller alive"), proc.stderr[-2000:]
     seen = json.loads(proc.stdout.splitlines()[0])
     assert "ProcessLookupError" in seen or "PermissionError" in seen, seen
@@ -186,11 +212,14 @@ def _processes_with(marker: str) -> list:
 
 def test_no_process_outlives_the_call_not_even_a_new_session():
     marker = f"alignkit-marker-{uuid.uuid4().hex}"
-    out = step("import subprocess, sys, os\n"
-               f"subprocess.Popen(['setsid', sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])\n"
-               f"if os.fork() == 0:\n    os.setsid()\n    os.execv(sys.executable, [sys.executable, '-c', "
-               f"'import time; time.sleep(60)', {marker!r}])\n"
-               "while True:\n    pass\n", timeout_s=1.5)
+    out = step(
+        "import subprocess, sys, os\n"
+        f"subprocess.Popen(['setsid', sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])\n"
+        f"if os.fork() == 0:\n    os.setsid()\n    os.execv(sys.executable, [sys.executable, '-c', "
+        f"'import time; time.sleep(60)', {marker!r}])\n"
+        "while True:\n    pass\n",
+        timeout_s=1.5,
+    )
     assert "timed out after 1.5 s" in out, out
     deadline = time.monotonic() + 5
     while _processes_with(marker) and time.monotonic() < deadline:
@@ -199,22 +228,27 @@ def test_no_process_outlives_the_call_not_even_a_new_session():
 
 
 def test_replacing_functions_found_through_gc_changes_nothing_outside(outside):
-    out = step("import gc, types\n"
-               "for f in [o for o in gc.get_objects() if isinstance(o, types.FunctionType)]:\n"
-               "    try:\n        f.__code__ = (lambda *a, **k: None).__code__\n    except Exception:\n        pass\n"
-               f"open({str(outside / 'gc')!r}, 'w').write('x')\n")
+    out = step(
+        "import gc, types\n"
+        "for f in [o for o in gc.get_objects() if isinstance(o, types.FunctionType)]:\n"
+        "    try:\n        f.__code__ = (lambda *a, **k: None).__code__\n    except Exception:\n        pass\n"
+        f"open({str(outside / 'gc')!r}, 'w').write('x')\n"
+    )
     assert "error:" in out, out
     unchanged(outside, {"canary.txt"})
 
 
 def test_unbounded_output_is_cut_without_filling_the_callers_memory():
-    script = ("import resource, time, json\nfrom tests.test_sandbox import step\n"
-              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nt = time.monotonic()\n"
-              "out = step('while True:\\n    print(\"x\" * 100000)\\n', timeout_s=3)\n"
-              "print(json.dumps([time.monotonic() - t, len(out), out[-120:], "
-              "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before]))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).parents[1])
+    script = (
+        "import resource, time, json\nfrom tests.test_sandbox import step\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nt = time.monotonic()\n"
+        "out = step('while True:\\n    print(\"x\" * 100000)\\n', timeout_s=3)\n"
+        "print(json.dumps([time.monotonic() - t, len(out), out[-120:], "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     seconds, length, tail, grew_kib = json.loads(proc.stdout.splitlines()[-1])
     assert "output cut at 10000 bytes" in tail
@@ -230,8 +264,10 @@ def test_limits_time_memory_and_processes_end_with_clear_errors():
 
 
 def test_ordinary_programs_work_as_before():
-    out = step("import math, os, json\nopen('notes.txt', 'w').write('ok')\n"
-               "print(round(math.sqrt(2), 4), open('notes.txt').read(), sorted(os.listdir('.')))\n")
+    out = step(
+        "import math, os, json\nopen('notes.txt', 'w').write('ok')\n"
+        "print(round(math.sqrt(2), 4), open('notes.txt').read(), sorted(os.listdir('.')))\n"
+    )
     assert out == "1.4142 ok ['main.py', 'notes.txt']"
     assert step("pass") == "(no output)"
     assert step("raise ValueError('bad input')").endswith("error: ValueError: bad input")
@@ -261,7 +297,8 @@ def test_env_sandbox_none_is_loud_and_a_plugin_executor_is_used(tmp_path, capsys
         "class Echo:\n    name = 'echo'\n    calls = []\n"
         "    def check(self):\n        pass\n"
         "    def run(self, code, limits):\n        Echo.calls.append((code, limits.timeout_s))\n"
-        "        return CodeResult('ran ' + code, '', None)\n")
+        "        return CodeResult('ran ' + code, '', None)\n"
+    )
     executor = make_executor(f"{tmp_path / 'remote.py'}:Echo")
     env = load_environment_class("python")(timeout_s=7)
     env.tools = bind_executor(env.tools, executor)
@@ -274,16 +311,34 @@ def test_env_sandbox_none_is_loud_and_a_plugin_executor_is_used(tmp_path, capsys
 
 
 def test_a_run_with_env_sandbox_none_says_so_at_start(tiny_model_dir, tmp_path, capfd):
+    from conftest import write_jsonl
+
     from alignkit.config import load_config
     from alignkit.models import load_tokenizer
     from alignkit.train.episodes import EpisodeSampler
-    from conftest import write_jsonl
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "what is 1 plus 2 ?", "answer": "3"}])
-    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "recipe=grpo",
-                             "env.name=python", "env.sandbox=none", f"output_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"data.train={data}",
+            "recipe=grpo",
+            "env.name=python",
+            "env.sandbox=none",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
     EpisodeSampler(cfg, load_tokenizer(cfg.model))
     assert "env.sandbox=none: model-written code runs WITHOUT isolation" in capfd.readouterr().err
     with pytest.raises(Exception, match="env.sandbox"):
-        load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train={data}", "recipe=grpo",
-                           "env.name=python", "env.sandbox=docker"])
+        load_config(
+            None,
+            [
+                f"model.name_or_path={tiny_model_dir}",
+                f"data.train={data}",
+                "recipe=grpo",
+                "env.name=python",
+                "env.sandbox=docker",
+            ],
+        )

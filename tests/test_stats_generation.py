@@ -15,7 +15,9 @@ def test_paired_bootstrap_matches_normal_approximation():
     d = after - before
     se = d.std(ddof=1) / np.sqrt(len(d))
     assert r.diff == pytest.approx(d.mean(), abs=1e-12)
-    assert r.lo == pytest.approx(d.mean() - 1.96 * se, abs=0.01) and r.hi == pytest.approx(d.mean() + 1.96 * se, abs=0.01)
+    assert r.lo == pytest.approx(d.mean() - 1.96 * se, abs=0.01) and r.hi == pytest.approx(
+        d.mean() + 1.96 * se, abs=0.01
+    )
     assert r.improved == int((d > 0).sum()) and r.worsened == 0 and r.n == 400
 
 
@@ -29,8 +31,11 @@ def test_paired_bootstrap_no_change_and_errors():
 def test_generate_greedy_is_deterministic_and_batch_independent():
     tok = tiny_tokenizer()
     model = tiny_model(vocab_size=len(tok), seed=3)
-    prompts = [[{"role": "user", "content": "what is 2 plus 3 ?"}], [{"role": "user", "content": "hello"}],
-               "the cat is"]
+    prompts = [
+        [{"role": "user", "content": "what is 2 plus 3 ?"}],
+        [{"role": "user", "content": "hello"}],
+        "the cat is",
+    ]
     p = SamplingParams(max_new_tokens=5)
     together = generate(model, tok, prompts, p, batch_size=3)
     alone = [generate(model, tok, [q], p, batch_size=1)[0] for q in prompts]

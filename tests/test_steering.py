@@ -20,17 +20,20 @@ from alignkit.inference.steering import (
     hidden_states,
     load_vectors,
     midpoint,
-    steering_fingerprint,
     preference_items,
     save_vectors,
     separation,
     steer,
+    steering_fingerprint,
 )
 from alignkit.models import transformer_blocks
 from alignkit.testing import tiny_model, tiny_tokenizer
 
-PROMPTS = [[{"role": "user", "content": "what is 2 plus 3 ?"}], [{"role": "user", "content": "hello"}],
-           [{"role": "user", "content": "tell me about the sky"}]]
+PROMPTS = [
+    [{"role": "user", "content": "what is 2 plus 3 ?"}],
+    [{"role": "user", "content": "hello"}],
+    [{"role": "user", "content": "tell me about the sky"}],
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,8 @@ def block_output(model, layer, **inputs):
     """(output of block `layer` [B, T, H], model output) of one forward, read by a hook of our own."""
     got = {}
     handle = transformer_blocks(model)[layer].register_forward_hook(
-        lambda m, a, out: got.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+        lambda m, a, out: got.__setitem__("h", out[0] if isinstance(out, tuple) else out)
+    )
     try:
         with torch.no_grad():
             out = model(**inputs)
@@ -71,8 +75,9 @@ def test_hidden_states_are_block_outputs_at_the_last_token_or_the_reply_mean(mod
     mean = hidden_states(model, tok, items, [1], position="mean", batch_size=1)
     assert set(got) == {0, 1} and got[0].shape == (3, 32)
     # prompt + reply: the chat template's rendering; the reply starts after "<|im_start|> assistant"
-    text = tok.apply_chat_template([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes good"}],
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes good"}], tokenize=False
+    )
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     assert tok.convert_ids_to_tokens(ids[0])[-4:] == ["assistant", "yes", "good", "<|im_end|>"]
     for layer in (0, 1):
@@ -93,10 +98,19 @@ def test_hidden_states_are_block_outputs_at_the_last_token_or_the_reply_mean(mod
 
 
 def test_preference_items_pair_prompt_with_chosen_and_rejected():
-    ex = PreferenceExample(prompt=({"role": "user", "content": "hi"},), chosen=({"role": "assistant", "content": "a"},),
-                           rejected=({"role": "assistant", "content": "b"},), source="x:1")
-    plain = PreferenceExample(prompt=({"role": "user", "content": "q"},), chosen=({"role": "assistant", "content": "c"},),
-                              rejected=({"role": "assistant", "content": "r"},), source="x:2", plain_text=True)
+    ex = PreferenceExample(
+        prompt=({"role": "user", "content": "hi"},),
+        chosen=({"role": "assistant", "content": "a"},),
+        rejected=({"role": "assistant", "content": "b"},),
+        source="x:1",
+    )
+    plain = PreferenceExample(
+        prompt=({"role": "user", "content": "q"},),
+        chosen=({"role": "assistant", "content": "c"},),
+        rejected=({"role": "assistant", "content": "r"},),
+        source="x:2",
+        plain_text=True,
+    )
     pos, neg = preference_items([ex, plain])
     assert pos == [(ex.prompt, ex.chosen), ("q", "c")]
     assert neg == [(ex.prompt, ex.rejected), ("q", "r")]
@@ -182,8 +196,9 @@ def test_save_load_round_trip_and_fingerprint_check(model, tok, tmp_path):
     neg = hidden_states(model, tok, ["sorry i cannot help", "no bad"], [0, 1])
     dirs = fit_directions(pos, neg, "mean_diff")
     vectors = {l: d.vector for l, d in dirs.items()}
-    save_vectors(tmp_path / "v", vectors, {"fingerprint": steering_fingerprint(model), "method": "mean_diff",
-                                           "source": "test"})
+    save_vectors(
+        tmp_path / "v", vectors, {"fingerprint": steering_fingerprint(model), "method": "mean_diff", "source": "test"}
+    )
     same = tiny_model("llama", vocab_size=len(tok), seed=0)
     loaded, meta = load_vectors(tmp_path / "v", same)
     assert set(loaded) == {0, 1} and all(torch.equal(loaded[l], vectors[l]) for l in vectors)
@@ -246,8 +261,10 @@ def test_generation_strength_zero_and_generated_only(model, tok):
     ids = encode_prompts(tok, PROMPTS)
 
     def tokens():
-        return [s[0].token_ids for s in sample(model, ids, params, eos_ids=tok.eos_token_id,
-                                               pad_id=tok.pad_token_id, batch_size=2)]
+        return [
+            s[0].token_ids
+            for s in sample(model, ids, params, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, batch_size=2)
+        ]
 
     base = tokens()
     with steer(model, v, 1.0, "generated"):
@@ -304,6 +321,7 @@ def _write_tensors(tensors):
         from safetensors.torch import save_file
 
         save_file(tensors, str(d / "steering.safetensors"))
+
     return damage
 
 
@@ -316,23 +334,47 @@ def _nan_at(i):
 DAMAGE = {  # name: (how to damage a good steering directory, file named, what the message says)
     "missing json": (lambda d: (d / "steering.json").unlink(), "steering.json", "not found"),
     "broken json": (lambda d: (d / "steering.json").write_text('{"fingerprint": {'), "steering.json", "not valid JSON"),
-    "json not an object": (lambda d: (d / "steering.json").write_text("[0, 1]"), "steering.json",
-                           "expected a JSON object"),
-    "truncated safetensors": (lambda d: (d / "steering.safetensors").write_bytes(
-        (d / "steering.safetensors").read_bytes()[:-9]), "steering.safetensors", "not a readable safetensors file"),
-    "garbage safetensors": (lambda d: (d / "steering.safetensors").write_bytes(b"\x00garbage" * 5),
-                            "steering.safetensors", "not a readable safetensors file"),
+    "json not an object": (
+        lambda d: (d / "steering.json").write_text("[0, 1]"),
+        "steering.json",
+        "expected a JSON object",
+    ),
+    "truncated safetensors": (
+        lambda d: (d / "steering.safetensors").write_bytes((d / "steering.safetensors").read_bytes()[:-9]),
+        "steering.safetensors",
+        "not a readable safetensors file",
+    ),
+    "garbage safetensors": (
+        lambda d: (d / "steering.safetensors").write_bytes(b"\x00garbage" * 5),
+        "steering.safetensors",
+        "not a readable safetensors file",
+    ),
     "missing layer": (_write_tensors({"layer.0": unit_vector(32)}), "steering.json", "no vector for layer 1"),
-    "layer beyond the model": (_write_tensors({"layer.0": unit_vector(32), "layer.5": unit_vector(32)}),
-                               "steering.safetensors", "vector for layer 5, but the model has 2 decoder blocks"),
-    "foreign tensor": (_write_tensors({"layer.0": unit_vector(32), "bias": unit_vector(32)}), "steering.safetensors",
-                       "unexpected tensor 'bias'"),
-    "wrong width": (_write_tensors({"layer.0": torch.ones(16), "layer.1": unit_vector(32)}), "steering.safetensors",
-                    "vector for layer 0 has shape (16,)"),
-    "nan vector": (_write_tensors({"layer.0": unit_vector(32), "layer.1": _nan_at(3)}), "steering.safetensors",
-                   "vector for layer 1 holds NaN or infinite values (1 of 32)"),
-    "inf vector": (_write_tensors({"layer.0": torch.full((32,), float("inf")), "layer.1": unit_vector(32)}),
-                   "steering.safetensors", "vector for layer 0 holds NaN or infinite values (32 of 32)"),
+    "layer beyond the model": (
+        _write_tensors({"layer.0": unit_vector(32), "layer.5": unit_vector(32)}),
+        "steering.safetensors",
+        "vector for layer 5, but the model has 2 decoder blocks",
+    ),
+    "foreign tensor": (
+        _write_tensors({"layer.0": unit_vector(32), "bias": unit_vector(32)}),
+        "steering.safetensors",
+        "unexpected tensor 'bias'",
+    ),
+    "wrong width": (
+        _write_tensors({"layer.0": torch.ones(16), "layer.1": unit_vector(32)}),
+        "steering.safetensors",
+        "vector for layer 0 has shape (16,)",
+    ),
+    "nan vector": (
+        _write_tensors({"layer.0": unit_vector(32), "layer.1": _nan_at(3)}),
+        "steering.safetensors",
+        "vector for layer 1 holds NaN or infinite values (1 of 32)",
+    ),
+    "inf vector": (
+        _write_tensors({"layer.0": torch.full((32,), float("inf")), "layer.1": unit_vector(32)}),
+        "steering.safetensors",
+        "vector for layer 0 holds NaN or infinite values (32 of 32)",
+    ),
 }
 
 
@@ -364,8 +406,10 @@ def test_steer_refuses_a_non_finite_strength_or_vector(model, strength):
     with pytest.raises(ConfigError, match="--steer-strength=nan: the steering strength must be a finite number"):
         check_strength(float("nan"), "--steer-strength")
     assert check_strength("2.5", "--steer-strength") == 2.5
-    with pytest.raises(ConfigError, match="vector for layer 1 holds NaN"), \
-            steer(model, {0: unit_vector(32), 1: _nan_at(0)}, 1.0):
+    with (
+        pytest.raises(ConfigError, match="vector for layer 1 holds NaN"),
+        steer(model, {0: unit_vector(32), 1: _nan_at(0)}, 1.0),
+    ):
         pass
 
 
@@ -374,7 +418,9 @@ def test_a_sweep_refuses_non_finite_or_no_strengths(model, tok, tmp_path):
 
     assert check_sweep([0, "1", 2.5], "--steer-sweep") == [0.0, 1.0, 2.5]
     for bad in ([float("nan"), 1.0], [0.0, float("inf")]):
-        with pytest.raises(ConfigError, match=r"^--steer-sweep=(nan|inf): the steering strength must be a finite number"):
+        with pytest.raises(
+            ConfigError, match=r"^--steer-sweep=(nan|inf): the steering strength must be a finite number"
+        ):
             check_sweep(bad, "--steer-sweep")
     with pytest.raises(ConfigError, match="--steer-sweep: no strengths given"):
         check_sweep([], "--steer-sweep")

@@ -32,7 +32,7 @@ def test_the_papers_forms_are_recovered_and_told_apart():
     assert f["tanh"]["r2"] > 0.9999 and f["tanh"]["A"] == pytest.approx(0.9, rel=0.05)
     assert f["tanh"]["k"] == pytest.approx(0.7, rel=0.05) and f["tanh"]["B"] == pytest.approx(0.05, abs=0.02)
     assert f["line"]["r2"] < 0.9 and f["quadratic"]["r2"] < 0.9  # saturation is not a line
-    accuracy = 0.6 / (1 + 0.05 * s ** 2)
+    accuracy = 0.6 / (1 + 0.05 * s**2)
     g = fits(s.tolist(), accuracy.tolist(), "inverse_quadratic")
     assert g["inverse_quadratic"]["r2"] > 0.9999 and g["inverse_quadratic"]["h0"] == pytest.approx(0.6, rel=1e-3)
     assert g["inverse_quadratic"]["k"] == pytest.approx(0.05, rel=0.03)
@@ -41,38 +41,111 @@ def test_the_papers_forms_are_recovered_and_told_apart():
 
 def test_steer_fit_generate_and_sweep(tiny_model_dir, pairs_file, sft_file, tmp_path, capsys):
     vec = tmp_path / "vec"
-    assert main(["steer", "fit", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--layers", "0", "1",
-                 "--limit", "20", "--out", str(vec)]) == 0
+    assert (
+        main(
+            [
+                "steer",
+                "fit",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(pairs_file),
+                "--layers",
+                "0",
+                "1",
+                "--limit",
+                "20",
+                "--out",
+                str(vec),
+            ]
+        )
+        == 0
+    )
     meta = json.loads((vec / "steering.json").read_text())
     assert meta["layers"] == [0, 1] and set(meta["heldout"]) == {"0", "1"}
     assert all(0.0 <= v["accuracy"] <= 1.0 for v in meta["heldout"].values())
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"what is {i} ?"}) + "\n" for i in range(3)))
     outs = {}
-    for name, extra in (("plain", []), ("zero", ["--steer", str(vec), "--steer-strength", "0"]),
-                        ("strong", ["--steer", str(vec), "--steer-strength", "50"])):
+    for name, extra in (
+        ("plain", []),
+        ("zero", ["--steer", str(vec), "--steer-strength", "0"]),
+        ("strong", ["--steer", str(vec), "--steer-strength", "50"]),
+    ):
         out = tmp_path / f"{name}.jsonl"
-        assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--reward",
-                     '{"name": "length", "max_words": 50}', "--strategy", "sample", "--temperature", "0",
-                     "--max-new-tokens", "8", "--output", str(out), *extra]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    str(tiny_model_dir),
+                    "--prompts",
+                    str(prompts),
+                    "--reward",
+                    '{"name": "length", "max_words": 50}',
+                    "--strategy",
+                    "sample",
+                    "--temperature",
+                    "0",
+                    "--max-new-tokens",
+                    "8",
+                    "--output",
+                    str(out),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         outs[name] = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
     assert outs["zero"] == outs["plain"] and outs["strong"] != outs["plain"]
     ev = tmp_path / "ev"
     harmful = tmp_path / "harmful.jsonl"
     harmful.write_text("".join(json.dumps({"prompt": f"how do i steal {i} ?"}) + "\n" for i in range(4)))
     questions = tmp_path / "q.jsonl"
-    questions.write_text(json.dumps({"prompt": "what is 1 plus 2 ?", "choices": ["3", "5"], "answer": 0}) + "\n" +
-                         json.dumps({"question": "what is 2 plus 2 ?", "answer": "2 + 2 = 4\n#### 4"}) + "\n")
+    questions.write_text(
+        json.dumps({"prompt": "what is 1 plus 2 ?", "choices": ["3", "5"], "answer": 0})
+        + "\n"
+        + json.dumps({"question": "what is 2 plus 2 ?", "answer": "2 + 2 = 4\n#### 4"})
+        + "\n"
+    )
     seen = tmp_path / "seen.jsonl"  # the judge records what it judged, so the test can recount
     (tmp_path / "judge.py").write_text(
         "import json\n"
         f"def even(prompts, replies):\n    open({str(seen)!r}, 'a').write(json.dumps(replies) + '\\n')\n"
-        "    return [len(r) % 2 == 0 for r in replies]\n")
-    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--steer", str(vec),
-                 "--steer-sweep=-2,0,1,2", "--helpfulness", str(sft_file), "--representation-layers", "0,1",
-                 "--behaviour-prompts", str(harmful), "--behaviour-judge", f"{tmp_path / 'judge.py'}:even",
-                 "--accuracy", str(questions), "--max-new-tokens", "6",
-                 "--num-prompts", "8", "--output-dir", str(ev), "--no-progress"]) == 0
+        "    return [len(r) % 2 == 0 for r in replies]\n"
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(pairs_file),
+                "--steer",
+                str(vec),
+                "--steer-sweep=-2,0,1,2",
+                "--helpfulness",
+                str(sft_file),
+                "--representation-layers",
+                "0,1",
+                "--behaviour-prompts",
+                str(harmful),
+                "--behaviour-judge",
+                f"{tmp_path / 'judge.py'}:even",
+                "--accuracy",
+                str(questions),
+                "--max-new-tokens",
+                "6",
+                "--num-prompts",
+                "8",
+                "--output-dir",
+                str(ev),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = json.loads((ev / "metrics.json").read_text())
     sw = m["steering"]
     rows = sw["rows"]
@@ -91,9 +164,28 @@ def test_steer_fit_generate_and_sweep(tiny_model_dir, pairs_file, sft_file, tmp_
     assert set(sw["fits"]["accuracy"]) == {"inverse_quadratic", "line", "quadratic"}
     assert m["representation"]["layers"] == [0, 1] and len(m["representation"]["probe_accuracy"]) == 2
     absolute = tmp_path / "ev-abs"
-    assert main(["eval", "--model", str(tiny_model_dir), "--steer", str(vec), "--steer-sweep", "0,3",
-                 "--steer-norm", "absolute", "--accuracy", str(questions), "--output-dir", str(absolute),
-                 "--no-progress", "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--steer",
+                str(vec),
+                "--steer-sweep",
+                "0,3",
+                "--steer-norm",
+                "absolute",
+                "--accuracy",
+                str(questions),
+                "--output-dir",
+                str(absolute),
+                "--no-progress",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     rows_abs = json.loads((absolute / "metrics.json").read_text())["steering"]["rows"]
     assert rows_abs[1]["norm_by_layer"] == pytest.approx({k: 3.0 for k in norms}, rel=1e-5)
     html = (ev / "report.html").read_text()
@@ -103,11 +195,36 @@ def test_steer_fit_generate_and_sweep(tiny_model_dir, pairs_file, sft_file, tmp_
 def test_eval_reports_best_of_n_win_rates(tiny_model_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"what is {i} yes ?"}) + "\n" for i in range(4)))
-    (tmp_path / "chars.py").write_text("def chars(prompts, completions, **c):\n    return [float(len(x)) for x in completions]\n")
+    (tmp_path / "chars.py").write_text(
+        "def chars(prompts, completions, **c):\n    return [float(len(x)) for x in completions]\n"
+    )
     ev = tmp_path / "ev"
-    assert main(["eval", "--model", str(tiny_model_dir), "--reference", str(tiny_model_dir), "--prompts", str(prompts),
-                 "--reward", f"{tmp_path / 'chars.py'}:chars", "--bon-n", "2,4", "--calibration-k", "6",
-                 "--max-new-tokens", "6", "--output-dir", str(ev), "--no-progress", "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--reference",
+                str(tiny_model_dir),
+                "--prompts",
+                str(prompts),
+                "--reward",
+                f"{tmp_path / 'chars.py'}:chars",
+                "--bon-n",
+                "2,4",
+                "--calibration-k",
+                "6",
+                "--max-new-tokens",
+                "6",
+                "--output-dir",
+                str(ev),
+                "--no-progress",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     bon = json.loads((ev / "metrics.json").read_text())["best_of_n"]
     assert bon["calibration_k"] == 6 and bon["n_prompts"] == 4 and set(bon["by_n"]) == {"2", "4"}
     rewards = bon["rewards"]
@@ -119,18 +236,23 @@ def test_eval_reports_best_of_n_win_rates(tiny_model_dir, tmp_path):
 
         per_prompt = []
         for mine, ref in zip(rewards[side], rewards["reference"]):
-            wins = [(a > b) + 0.5 * (a == b) for a in map(pick, itertools.combinations(mine, n))
-                    for b in map(pick, itertools.combinations(ref, n_ref))]
+            wins = [
+                (a > b) + 0.5 * (a == b)
+                for a in map(pick, itertools.combinations(mine, n))
+                for b in map(pick, itertools.combinations(ref, n_ref))
+            ]
             per_prompt.append(sum(wins) / len(wins))
         return sum(per_prompt) / len(per_prompt)
 
     for n, row in bon["by_n"].items():
         n = int(n)
-        for key, side, n_ref, pick in (("vs_reference_sample", "policy", 1, max),
-                                       ("vs_reference_best_of_n", "policy", n, max),
-                                       ("worst_vs_reference_worst_of_n", "policy", n, min),
-                                       ("reference_vs_reference_sample", "reference_heldout", 1, max),
-                                       ("reference_vs_reference_best_of_n", "reference_heldout", n, max)):
+        for key, side, n_ref, pick in (
+            ("vs_reference_sample", "policy", 1, max),
+            ("vs_reference_best_of_n", "policy", n, max),
+            ("worst_vs_reference_worst_of_n", "policy", n, min),
+            ("reference_vs_reference_sample", "reference_heldout", 1, max),
+            ("reference_vs_reference_best_of_n", "reference_heldout", n, max),
+        ):
             assert row[key]["value"] == pytest.approx(brute(side, n, n_ref, pick), abs=1e-9), key
             lo, hi = row[key]["ci95"]
             assert 0.0 <= lo <= row[key]["value"] <= hi <= 1.0
@@ -142,25 +264,60 @@ def test_eval_reports_best_of_n_win_rates(tiny_model_dir, tmp_path):
 
 def _vectors_dir(path, vectors):
     """A steering directory for the tiny model of `tiny_model_dir` (same seed, same fingerprint)."""
-    from alignkit.inference.steering import steering_fingerprint, save_vectors
+    from alignkit.inference.steering import save_vectors, steering_fingerprint
     from alignkit.testing import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", vocab_size=len(tiny_tokenizer()), seed=0)
-    return save_vectors(path, vectors, {"fingerprint": steering_fingerprint(model), "method": "mean_diff", "source": "t"})
+    return save_vectors(
+        path, vectors, {"fingerprint": steering_fingerprint(model), "method": "mean_diff", "source": "t"}
+    )
 
 
 def _generate(model_dir, tmp_path, *extra):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"what is {i} ?"}) + "\n" for i in range(2)))
-    return main(["generate", "--model", str(model_dir), "--prompts", str(prompts), "--reward",
-                 '{"name": "length", "max_words": 50}', "--strategy", "sample", "--temperature", "0",
-                 "--max-new-tokens", "4", *extra])
+    return main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompts",
+            str(prompts),
+            "--reward",
+            '{"name": "length", "max_words": 50}',
+            "--strategy",
+            "sample",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("layer", ["5", "-1"])
 def test_steer_fit_refuses_a_layer_the_model_does_not_have(tiny_model_dir, pairs_file, tmp_path, capsys, layer):
-    assert main(["steer", "fit", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--layers", "0", layer,
-                 "--limit", "10", "--out", str(tmp_path / "vec")]) == 2
+    assert (
+        main(
+            [
+                "steer",
+                "fit",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(pairs_file),
+                "--layers",
+                "0",
+                layer,
+                "--limit",
+                "10",
+                "--out",
+                str(tmp_path / "vec"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"layer {layer} is out of range" in err and "has 2 decoder blocks, blocks 0..1" in err, err
     assert not (tmp_path / "vec").exists()
@@ -176,9 +333,27 @@ def test_generate_refuses_a_non_finite_steer_strength(tiny_model_dir, tmp_path, 
 
 def test_eval_refuses_a_non_finite_steer_sweep(tiny_model_dir, pairs_file, sft_file, tmp_path, capsys):
     vec = _vectors_dir(tmp_path / "vec", {0: torch.ones(32)})
-    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--steer", str(vec),
-                 "--steer-sweep", "nan,1", "--helpfulness", str(sft_file), "--output-dir", str(tmp_path / "ev"),
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(pairs_file),
+                "--steer",
+                str(vec),
+                "--steer-sweep",
+                "nan,1",
+                "--helpfulness",
+                str(sft_file),
+                "--output-dir",
+                str(tmp_path / "ev"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--steer-sweep=nan: the steering strength must be a finite number" in err, err
     assert not (tmp_path / "ev").exists()  # refused as the arguments were read, before any evaluation
@@ -200,25 +375,63 @@ def test_generate_refuses_steering_vectors_holding_nan(tiny_model_dir, tmp_path,
 def test_a_broken_or_missing_steering_directory_is_named(tiny_model_dir, pairs_file, tmp_path, capsys, command):
     vec = _vectors_dir(tmp_path / "vec", {0: torch.ones(32)})
     (vec / "steering.json").write_text('{"fingerprint": ')
-    for steer_dir, what in ((vec, f"{vec / 'steering.json'}: not valid JSON"),
-                            (tmp_path / "nowhere", f"steering vectors {tmp_path / 'nowhere'}: no such directory")):
+    for steer_dir, what in (
+        (vec, f"{vec / 'steering.json'}: not valid JSON"),
+        (tmp_path / "nowhere", f"steering vectors {tmp_path / 'nowhere'}: no such directory"),
+    ):
         if command == "generate":
             rc = _generate(tiny_model_dir, tmp_path, "--steer", str(steer_dir))
         else:
-            rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--steer", str(steer_dir),
-                       "--output-dir", str(tmp_path / "ev"), "--no-progress", "--no-report"])
+            rc = main(
+                [
+                    "eval",
+                    "--model",
+                    str(tiny_model_dir),
+                    "--data",
+                    str(pairs_file),
+                    "--steer",
+                    str(steer_dir),
+                    "--output-dir",
+                    str(tmp_path / "ev"),
+                    "--no-progress",
+                    "--no-report",
+                ]
+            )
         err = capsys.readouterr().err
         assert rc == 2 and what in err and "alignkit steer fit" in err, err
 
 
-@pytest.mark.parametrize("option,value", [("--bon-n", "nan"), ("--bon-n", "1.5"), ("--bon-n", "0"),
-                                          ("--representation-layers", "nan"), ("--representation-layers", "-1")])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--bon-n", "nan"),
+        ("--bon-n", "1.5"),
+        ("--bon-n", "0"),
+        ("--representation-layers", "nan"),
+        ("--representation-layers", "-1"),
+    ],
+)
 def test_eval_refuses_counts_and_layers_that_are_not_whole_numbers(option, value, tiny_model_dir, tmp_path, capsys):
-    from alignkit.cli import main
     from conftest import toy_pairs, write_jsonl
 
+    from alignkit.cli import main
+
     pairs = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(4))
-    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(pairs), option, value,
-                 "--output-dir", str(tmp_path / "e")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(pairs),
+                option,
+                value,
+                "--output-dir",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert option in err and "whole numbers" in err, err

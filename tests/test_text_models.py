@@ -6,11 +6,11 @@ import socket
 
 import pytest
 import torch
+from openai_server import OpenAIServer
 
 from alignkit.generation.decode import SamplingParams
 from alignkit.generation.text_models import EndpointError, EndpointModel, LocalModel
 from alignkit.testing import tiny_model, tiny_tokenizer
-from openai_server import OpenAIServer
 
 CONVS = [[{"role": "user", "content": "what is one plus one ?"}], [{"role": "user", "content": "yes no"}]]
 
@@ -27,8 +27,9 @@ def test_endpoint_and_local_model_answer_alike(local):
     with OpenAIServer(local) as server:
         remote = EndpointModel(server.url, "tiny", concurrency=2)
         assert remote.chat(CONVS, greedy) == local.chat(CONVS, greedy)
-        assert remote.complete(["<|im_start|>user\n"], greedy.but(n=2)) == local.complete(["<|im_start|>user\n"],
-                                                                                           greedy.but(n=2))
+        assert remote.complete(["<|im_start|>user\n"], greedy.but(n=2)) == local.complete(
+            ["<|im_start|>user\n"], greedy.but(n=2)
+        )
         # a judge's options: the two likeliest first reply tokens (both within the server's top 20)
         from alignkit.generation.hf import encode_prompts
 

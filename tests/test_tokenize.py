@@ -1,5 +1,3 @@
-import pytest
-
 from alignkit.data.batching import collate_pairs, collate_sft
 from alignkit.data.examples import PreferenceExample, SFTExample
 from alignkit.data.tokenize import explain, render_texts, tokenize_pairs, tokenize_sft, truncate
@@ -34,8 +32,8 @@ def test_pair_tokenization_scores_only_completions():
     assert stats.truncated == 0
     batch = collate_pairs([item, item], pad_id=tok.pad_token_id)
     n = len(item.prompt_ids)
-    assert batch.segment_ids[0, :n].eq(-1).all() and batch.segment_ids[0, n:n + 3].tolist() == [0, 0, 0]
-    assert batch.segment_ids[3, n:n + 3].tolist() == [3, 3, 3] and batch.num_segments == 4
+    assert batch.segment_ids[0, :n].eq(-1).all() and batch.segment_ids[0, n : n + 3].tolist() == [0, 0, 0]
+    assert batch.segment_ids[3, n : n + 3].tolist() == [3, 3, 3] and batch.num_segments == 4
 
 
 def test_truncate_keeps_prompt_end_and_completion_start():
@@ -50,7 +48,10 @@ def test_truncate_keeps_prompt_end_and_completion_start():
 def test_truncation_is_counted_and_reported():
     tok = tiny_tokenizer()
     long = " ".join(["the cat"] * 40)
-    exs = [SFTExample((U(long),), (A("yes ."),), "f.jsonl:1", True), SFTExample((U("hello"),), (A("yes"),), "f.jsonl:2", True)]
+    exs = [
+        SFTExample((U(long),), (A("yes ."),), "f.jsonl:1", True),
+        SFTExample((U("hello"),), (A("yes"),), "f.jsonl:2", True),
+    ]
     items, stats = tokenize_sft(exs, tok, max_length=32)
     assert stats.truncated == 1 and items[0].truncated and not items[1].truncated
     assert len(items[0].prompt_ids) + len(items[0].completion_ids) == 32
@@ -68,7 +69,10 @@ def test_explain_marks_scored_tokens():
 
 def test_sft_collate_segments():
     tok = tiny_tokenizer()
-    exs = [SFTExample((U("hello"),), (A("yes"),), "x:1", True), SFTExample((U("hello world"),), (A("no no"),), "x:2", True)]
+    exs = [
+        SFTExample((U("hello"),), (A("yes"),), "x:1", True),
+        SFTExample((U("hello world"),), (A("no no"),), "x:2", True),
+    ]
     items, _ = tokenize_sft(exs, tok, 64)
     batch = collate_sft(items, tok.pad_token_id)
     assert (batch.segment_ids == 0).sum() == 2 and (batch.segment_ids == 1).sum() == 3

@@ -17,36 +17,58 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import base_overrides
 
 import alignkit.api
-
 from alignkit.config import load_config
 from alignkit.errors import ConfigError
 from alignkit.train import loop
 from alignkit.train.metrics import MetricsLogger, read_metrics
-from conftest import base_overrides
 
-ALERT = {"rule": "loss_stuck_at_ln2", "seen_in": "train", "message": "loss 0.6931 is ln 2 after 2 steps.",
-         "evidence": {"loss": 0.6931}, "advice": "raise the learning rate."}
+ALERT = {
+    "rule": "loss_stuck_at_ln2",
+    "seen_in": "train",
+    "message": "loss 0.6931 is ln 2 after 2 steps.",
+    "evidence": {"loss": 0.6931},
+    "advice": "raise the learning rate.",
+}
 
 
 @pytest.fixture(autouse=True)
 def _local_only(monkeypatch):
     """The user settings that would point a tracker at a server or another store."""
-    for var in ("WANDB_MODE", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "TRACKIO_DIR",
-                "TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):
+    for var in (
+        "WANDB_MODE",
+        "WANDB_PROJECT",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_EXPERIMENT_NAME",
+        "TRACKIO_DIR",
+        "TRACKIO_SPACE_ID",
+        "TRACKIO_SERVER_URL",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
 def _cfg(tiny_model_dir, pairs_file, tmp_path, *extra, out="run"):
-    return load_config(None, base_overrides(tiny_model_dir, pairs_file, tmp_path / out, tmp_path / "cache") + [
-        "train.learning_rate=5e-3", "train.batch_size=4", "train.warmup_ratio=0", "data.eval_fraction=0.1",
-        "train.max_steps=4", "train.eval_every=2", *extra])
+    return load_config(
+        None,
+        base_overrides(tiny_model_dir, pairs_file, tmp_path / out, tmp_path / "cache")
+        + [
+            "train.learning_rate=5e-3",
+            "train.batch_size=4",
+            "train.warmup_ratio=0",
+            "data.eval_fraction=0.1",
+            "train.max_steps=4",
+            "train.eval_every=2",
+            *extra,
+        ],
+    )
 
 
 def _train_with_alert(monkeypatch, cfg):
     """Train, with ALERT logged right after step 2's train row (as the health monitor would)."""
+
     class AlertingLogger(MetricsLogger):
         def log(self, step, metrics, split="train"):
             super().log(step, metrics, split)
@@ -63,8 +85,13 @@ def _expected(run_dir) -> dict:
     out = {}
     for r in read_metrics(run_dir):
         if r["split"] in ("train", "eval"):
-            out.update({(r["step"], f"{r['split']}/{k}"): v for k, v in r.items() if k not in ("step", "split")
-                        and isinstance(v, (int, float)) and math.isfinite(v)})
+            out.update(
+                {
+                    (r["step"], f"{r['split']}/{k}"): v
+                    for k, v in r.items()
+                    if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v)
+                }
+            )
     return out
 
 
@@ -93,7 +120,9 @@ def _check_common(run_dir, logged: dict, float32: bool = False):
 def test_tensorboard(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = _train_with_alert(monkeypatch, _cfg(tiny_model_dir, pairs_file, tmp_path, "train.report_to=[tensorboard]"))
+    run_dir = _train_with_alert(
+        monkeypatch, _cfg(tiny_model_dir, pairs_file, tmp_path, "train.report_to=[tensorboard]")
+    )
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     logged = {(e.step, tag): e.value for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)}
@@ -102,10 +131,14 @@ def test_tensorboard(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     def texts(tag):
         return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(f"{tag}/text_summary")]
 
-    (step, config), = texts("config")
+    ((step, config),) = texts("config")
     assert "recipe: dpo" in config and "learning_rate: 0.005" in config and str(tiny_model_dir) in config
-    shown = {(step, tag[len("alert/"):-len("/text_summary")], text) for tag in acc.Tags()["tensors"]
-             if tag.startswith("alert/") for step, text in texts(tag[:-len("/text_summary")])}
+    shown = {
+        (step, tag[len("alert/") : -len("/text_summary")], text)
+        for tag in acc.Tags()["tensors"]
+        if tag.startswith("alert/")
+        for step, text in texts(tag[: -len("/text_summary")])
+    }
     assert shown == {(a["step"], a["rule"], f"{a['message']} {a['advice']}") for a in alerts}
     assert texts("report") == [(0, f"`{run_dir / 'report.html'}`")]
 
@@ -134,10 +167,10 @@ def _read_wandb_file(run_file: Path) -> list:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 or pos + 7 + length > len(data):  # the end, or a chunk not yet written out
             break
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -172,8 +205,9 @@ def test_wandb_offline(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     assert run["config"]["recipe"] == "dpo" and run["config"]["train"]["learning_rate"] == 0.005
     assert run["config"]["model"]["name_or_path"] == str(tiny_model_dir)
     assert run["id"] == json.loads((run_dir / "trackers.json").read_text())["wandb"]
-    assert sorted(run["alerts"]) == sorted((a["rule"], f"step {a['step']}: {a['message']} {a['advice']}", "WARN")
-                                           for a in alerts)
+    assert sorted(run["alerts"]) == sorted(
+        (a["rule"], f"step {a['step']}: {a['message']} {a['advice']}", "WARN") for a in alerts
+    )
     assert "report.html" in run["files"]
     assert (run["dir"] / "files" / "report.html").read_bytes() == (run_dir / "report.html").read_bytes()
 
@@ -197,7 +231,8 @@ def test_trackio_local_store(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     assert config["recipe"] == "dpo" and config["train"]["learning_rate"] == 0.005
     (run,) = [r for r in Api().runs("alignkit") if r.name == name]
     assert sorted((a["step"], a["title"], a["text"], a["level"]) for a in run.alerts()) == sorted(
-        (a["step"], a["rule"], f"{a['message']} {a['advice']}", "warn") for a in alerts)
+        (a["step"], a["rule"], f"{a['message']} {a['advice']}", "warn") for a in alerts
+    )
     artifact = SQLiteStorage.get_artifact_manifest("alignkit", f"{name}-report", None)
     assert artifact["producer_run_name"] == name
     (entry,) = artifact["manifest"]
@@ -218,18 +253,27 @@ def test_mlflow_sqlite_store(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     client, run_id = _mlflow(run_dir)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
-    logged = {(m.step, key): m.value for key in run.data.metrics if not key.startswith("alert/")
-              for m in client.get_metric_history(run_id, key)}
+    logged = {
+        (m.step, key): m.value
+        for key in run.data.metrics
+        if not key.startswith("alert/")
+        for m in client.get_metric_history(run_id, key)
+    }
     alerts = _check_common(run_dir, logged)
     params = run.data.params
     assert params["recipe"] == "dpo" and float(params["train.learning_rate"]) == 0.005
     assert params["model.name_or_path"] == str(tiny_model_dir)
-    assert json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text())[
-        "train"]["max_steps"] == 4
+    assert (
+        json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text())["train"][
+            "max_steps"
+        ]
+        == 4
+    )
     saved = sorted(f.path for f in client.list_artifacts(run_id, "alerts"))
     assert saved == sorted(f"alerts/step-{a['step']}-{a['rule']}.json" for a in alerts)
-    got = json.loads(Path(client.download_artifacts(run_id, f"alerts/step-2-{ALERT['rule']}.json", str(tmp_path)))
-                     .read_text())
+    got = json.loads(
+        Path(client.download_artifacts(run_id, f"alerts/step-2-{ALERT['rule']}.json", str(tmp_path))).read_text()
+    )
     assert got == {"step": 2, **ALERT}
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, f"alert/{ALERT['rule']}")] == [(2, 1.0)]
     report = Path(client.download_artifacts(run_id, "report.html", str(tmp_path / "dl")))
@@ -297,10 +341,13 @@ def test_trackio_resume_continues_the_named_run(tmp_path):
 # Errors.
 
 
-@pytest.mark.parametrize("backend,module", [("wandb", "wandb"), ("trackio", "trackio"), ("mlflow", "sqlalchemy"),
-                                            ("tensorboard", "tensorboard")])
+@pytest.mark.parametrize(
+    "backend,module",
+    [("wandb", "wandb"), ("trackio", "trackio"), ("mlflow", "sqlalchemy"), ("tensorboard", "tensorboard")],
+)
 def test_missing_package_names_the_install_command_before_any_model_loads(
-        backend, module, tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    backend, module, tiny_model_dir, pairs_file, tmp_path, monkeypatch
+):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` fails, find_spec finds nothing
 
     def no_model(*a, **k):
@@ -309,13 +356,16 @@ def test_missing_package_names_the_install_command_before_any_model_loads(
     monkeypatch.setattr(loop, "setup", no_model)
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, f"train.report_to=[{backend}]")
     install = re.escape("pip install tensorboard" if backend == "tensorboard" else f'pip install "alignkit[{backend}]"')
-    with pytest.raises(ConfigError, match=rf'includes {backend}, but {module} is not installed: `{install}`'):
+    with pytest.raises(ConfigError, match=rf"includes {backend}, but {module} is not installed: `{install}`"):
         loop.train(cfg, progress=False)
 
 
 def test_unknown_tracker_lists_the_valid_ones(tiny_model_dir, pairs_file, tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown tracker 'wandbb'; valid: tensorboard, wandb, trackio, mlflow "
-                                          r".*Did you mean `wandb`\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown tracker 'wandbb'; valid: tensorboard, wandb, trackio, mlflow "
+        r".*Did you mean `wandb`\?",
+    ):
         _cfg(tiny_model_dir, pairs_file, tmp_path, "train.report_to=[tensorboard, wandbb]")
     with pytest.raises(ConfigError, match=r"`train.report_to` must be a list"):
         _cfg(tiny_model_dir, pairs_file, tmp_path, "train.report_to=wandb")

@@ -4,30 +4,40 @@ import json
 import shutil
 
 import pytest
-
-import alignkit.api
 import torch
+from conftest import base_overrides, crash_after
 from transformers import AutoModelForCausalLM
 
+import alignkit.api
 from alignkit.config import load_config
 from alignkit.train import checkpoint as ckpt
 from alignkit.train import loop
 from alignkit.train import steps as train_steps
 from alignkit.train.metrics import read_metrics
-from conftest import base_overrides, crash_after
 
 
 def _cfg(tiny_model_dir, data, tmp_path, *extra, out="run"):
-    return load_config(None, base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache") + [
-        "train.learning_rate=5e-3", "train.batch_size=4", "train.warmup_ratio=0", "data.eval_fraction=0.1", *extra])
+    return load_config(
+        None,
+        base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache")
+        + ["train.learning_rate=5e-3", "train.batch_size=4", "train.warmup_ratio=0", "data.eval_fraction=0.1", *extra],
+    )
 
 
 def test_dpo_widens_margin_and_logs_metrics(tiny_model_dir, pairs_file, tmp_path):
     result = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=12"), progress=False)
     rows = read_metrics(result.run_dir, "train")
     assert [r["step"] for r in rows] == list(range(1, 13))
-    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "lr",
-                "grad_norm", "tokens_per_s"):
+    for key in (
+        "loss",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    ):
         assert key in rows[-1], key
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1
     assert rows[-1]["rewards/margins"] > 1.0 and rows[-1]["loss"] < 0.4
@@ -43,8 +53,9 @@ def test_sft_lowers_nll(tiny_model_dir, sft_file, tmp_path):
     # Step 1, worked out with a plain float64 log-softmax of the initial model on the step's examples:
     # loss = the step's summed NLL / its completion tokens; nll_per_token = mean over examples of NLL / tokens.
     session = loop.setup(cfg, progress=False)
-    first = train_steps.batch_plan(cfg, session.recipe, session.data.train, cfg.train.batch_size,
-                                   cfg.train.shuffle).micro_batch(0)
+    first = train_steps.batch_plan(
+        cfg, session.recipe, session.data.train, cfg.train.batch_size, cfg.train.shuffle
+    ).micro_batch(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     nll, counts = [], []
     for it in (session.data.train[i] for i in first):
@@ -62,10 +73,14 @@ def _final_params(run_dir):
 
 def test_grad_accumulation_1x8_equals_8x1(tiny_model_dir, pairs_file, tmp_path):
     same = ["train.max_steps=3", "train.shuffle=false"]  # unshuffled: both see the same 8 pairs per step
-    a = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.batch_size=8", "train.grad_accum=1", *same,
-                        out="a"), progress=False)
-    b = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.batch_size=1", "train.grad_accum=8", *same,
-                        out="b"), progress=False)
+    a = loop.train(
+        _cfg(tiny_model_dir, pairs_file, tmp_path, "train.batch_size=8", "train.grad_accum=1", *same, out="a"),
+        progress=False,
+    )
+    b = loop.train(
+        _cfg(tiny_model_dir, pairs_file, tmp_path, "train.batch_size=1", "train.grad_accum=8", *same, out="b"),
+        progress=False,
+    )
     la, lb = read_metrics(a.run_dir, "train"), read_metrics(b.run_dir, "train")
     for ra, rb in zip(la, lb):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)  # float32 sums in another order
@@ -96,14 +111,30 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir, pairs_file
 
 
 def test_checkpoints_are_complete_and_pruned(tiny_model_dir, pairs_file, tmp_path):
-    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=2")
+    cfg = _cfg(
+        tiny_model_dir, pairs_file, tmp_path, "train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=2"
+    )
     result = alignkit.api.train(cfg, progress=False)  # the loop and then the report
     names = sorted(p.name for p in result.run_dir.iterdir())
-    assert names == ["checkpoint-4", "checkpoint-5", "config.yaml", "final", "heldout.json", "metrics.jsonl",
-                     "report.html", "summary.json"]
+    assert names == [
+        "checkpoint-4",
+        "checkpoint-5",
+        "config.yaml",
+        "final",
+        "heldout.json",
+        "metrics.jsonl",
+        "report.html",
+        "summary.json",
+    ]
     c = result.run_dir / "checkpoint-5"
-    for f in ("model.safetensors", "config.json", "tokenizer.json", "alignkit_config.yaml", "trainer_state.pt",
-              "manifest.json"):
+    for f in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "alignkit_config.yaml",
+        "trainer_state.pt",
+        "manifest.json",
+    ):
         assert (c / f).is_file(), f
     listed = json.loads((c / "manifest.json").read_text())["files"]
     assert sorted(listed) == sorted(p.name for p in c.iterdir() if p.name != "manifest.json")
@@ -127,8 +158,9 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
 
 def test_cached_reference_equals_live_and_is_reused(tiny_model_dir, pairs_file, tmp_path, capsys):
     cached = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=4", out="c"), progress=False)
-    live = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=4", "reference=live", out="l"),
-                      progress=False)
+    live = loop.train(
+        _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=4", "reference=live", out="l"), progress=False
+    )
     for a, b in zip(read_metrics(cached.run_dir), read_metrics(live.run_dir)):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     capsys.readouterr()
@@ -138,8 +170,16 @@ def test_cached_reference_equals_live_and_is_reused(tiny_model_dir, pairs_file, 
 
 
 def test_lora_trains_adapters_only_and_exports_merged_model(tiny_model_dir, pairs_file, tmp_path):
-    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "lora.enabled=true", "lora.r=4", "train.max_steps=6",
-               "train.learning_rate=2e-2", "reference=live")
+    cfg = _cfg(
+        tiny_model_dir,
+        pairs_file,
+        tmp_path,
+        "lora.enabled=true",
+        "lora.r=4",
+        "train.max_steps=6",
+        "train.learning_rate=2e-2",
+        "reference=live",
+    )
     result = loop.train(cfg, progress=False)
     rows = read_metrics(result.run_dir, "train")
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # adapters start at zero: policy == base
@@ -199,8 +239,9 @@ def test_token_budget_epochs_are_covered_and_reproducible():
 
 
 def test_training_by_token_budget(tiny_model_dir, pairs_file, tmp_path):
-    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_tokens_per_batch=60", "train.epochs=1",
-               "train.log_every=1")
+    cfg = _cfg(
+        tiny_model_dir, pairs_file, tmp_path, "train.max_tokens_per_batch=60", "train.epochs=1", "train.log_every=1"
+    )
     result = loop.train(cfg, progress=False)
     rows = read_metrics(result.run_dir, "train")
     session = loop.setup(cfg, progress=False)
@@ -210,21 +251,25 @@ def test_training_by_token_budget(tiny_model_dir, pairs_file, tmp_path):
     # every step's non-pad tokens (prompts once: packed) fit the budget, and the epoch covers the data
     assert all(r["tokens_computed"] <= 60 for r in rows)
     assert sum(r["tokens_computed"] for r in rows) == sum(
-        len(it.prompt_ids) + len(it.chosen_ids) + len(it.rejected_ids) for it in data.train)
+        len(it.prompt_ids) + len(it.chosen_ids) + len(it.rejected_ids) for it in data.train
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, pairs_file, tmp_path):
     a = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=3", out="a"), progress=False)
-    b = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=3", "model.gradient_checkpointing=true",
-                        out="b"), progress=False)
+    b = loop.train(
+        _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=3", "model.gradient_checkpointing=true", out="b"),
+        progress=False,
+    )
     for ra, rb in zip(read_metrics(a.run_dir, "train"), read_metrics(b.run_dir, "train")):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
 
 
 def test_bf16_autocast_runs_and_stays_close_to_fp32(tiny_model_dir, pairs_file, tmp_path):
     a = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=3", out="a"), progress=False)
-    b = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=3", "train.precision=bf16", out="b"),
-                   progress=False)
+    b = loop.train(
+        _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=3", "train.precision=bf16", out="b"), progress=False
+    )
     la, lb = read_metrics(a.run_dir, "train"), read_metrics(b.run_dir, "train")
     # bf16 has an 8-bit mantissa: log-probs of ~-30 carry errors of ~0.1, so losses agree to ~1e-2
     assert all(abs(x["loss"] - y["loss"]) < 3e-2 for x, y in zip(la, lb))
@@ -235,11 +280,14 @@ def test_forward_pieces_leave_the_training_trajectory_unchanged(tiny_model_dir, 
     """train.forward_tokens splits each micro-batch's forward/backward into pieces; the step's loss
     and update are the same as in one piece (float32: summation order only)."""
     whole = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=4", out="whole"), progress=False)
-    split = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=4", "train.forward_tokens=40",
-                            out="split"), progress=False)
+    split = loop.train(
+        _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=4", "train.forward_tokens=40", out="split"),
+        progress=False,
+    )
     for a, b in zip(read_metrics(whole.run_dir, "train"), read_metrics(split.run_dir, "train")):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["tokens"] == b["tokens"]
-    pieces = train_steps.forward_pieces([type("I", (), {"prompt_ids": [1] * 10, "chosen_ids": [2] * 5, "rejected_ids": [3] * 5})()] * 5,
-                                 40, shared=True)
+    pieces = train_steps.forward_pieces(
+        [type("I", (), {"prompt_ids": [1] * 10, "chosen_ids": [2] * 5, "rejected_ids": [3] * 5})()] * 5, 40, shared=True
+    )
     assert [len(p) for p in pieces] == [2, 2, 1]  # 20 tokens each, at most 40 per piece

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import base_overrides, crash_after, toy_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from alignkit.cli import main
@@ -18,18 +19,22 @@ from alignkit.errors import ConfigError
 from alignkit.train import checkpoint as ckpt
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from conftest import base_overrides, crash_after, toy_pairs, write_jsonl
 
 
 def _cfg(tiny_model_dir, data, tmp_path, *extra, out="run"):
-    return load_config(None, base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache") + [
-        "train.learning_rate=5e-3", "train.batch_size=4", "train.warmup_ratio=0", "data.eval_fraction=0.1", *extra])
+    return load_config(
+        None,
+        base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache")
+        + ["train.learning_rate=5e-3", "train.batch_size=4", "train.warmup_ratio=0", "data.eval_fraction=0.1", *extra],
+    )
 
 
 def _strict_json_lines(path: Path) -> list:
     """Parse like a strict JSON parser: bare NaN / Infinity are errors."""
+
     def refuse(name):
         raise ValueError(f"non-JSON constant {name} in {path}")
+
     return [json.loads(ln, parse_constant=refuse) for ln in path.read_text().splitlines() if ln.strip()]
 
 
@@ -84,9 +89,15 @@ def test_rng_state_round_trips_as_tensors():
 
 
 def test_a_huge_learning_rate_stops_the_run_and_writes_no_nan(tiny_model_dir, pairs_file, tmp_path, capsys):
-    args = ["train", *base_overrides(tiny_model_dir, pairs_file, tmp_path / "run", tmp_path / "cache"),
-            "train.learning_rate=1e6", "train.max_steps=8", "train.save_every=1", "train.batch_size=4",
-            "data.eval_fraction=0.1"]
+    args = [
+        "train",
+        *base_overrides(tiny_model_dir, pairs_file, tmp_path / "run", tmp_path / "cache"),
+        "train.learning_rate=1e6",
+        "train.max_steps=8",
+        "train.save_every=1",
+        "train.batch_size=4",
+        "data.eval_fraction=0.1",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "train.on_nonfinite=stop" in err and "pairs.jsonl:" in err
@@ -143,8 +154,9 @@ def _train_lines(run_dir: Path) -> list:
 
 def test_skip_step_drops_the_update_and_goes_on(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     _nan_at(monkeypatch, 3)
-    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=5", "train.on_nonfinite=skip_step",
-               "train.save_every=2")
+    cfg = _cfg(
+        tiny_model_dir, pairs_file, tmp_path, "train.max_steps=5", "train.on_nonfinite=skip_step", "train.save_every=2"
+    )
     result = loop.train(cfg, progress=False)
     rows = _strict_json_lines(result.run_dir / "metrics.jsonl")
     train_rows = [r for r in rows if r["split"] == "train"]
@@ -157,8 +169,15 @@ def test_skip_step_drops_the_update_and_goes_on(tiny_model_dir, pairs_file, tmp_
 
 def test_skip_step_leaves_the_weights_of_the_skipped_step_unchanged(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     _nan_at(monkeypatch, 3)
-    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "train.max_steps=3", "train.on_nonfinite=skip_step",
-               "train.save_every=2", "train.keep_checkpoints=5")
+    cfg = _cfg(
+        tiny_model_dir,
+        pairs_file,
+        tmp_path,
+        "train.max_steps=3",
+        "train.on_nonfinite=skip_step",
+        "train.save_every=2",
+        "train.keep_checkpoints=5",
+    )
     result = loop.train(cfg, progress=False)
     before, after = _params(result.run_dir / "checkpoint-2"), _params(result.run_dir / "checkpoint-3")
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -172,17 +191,30 @@ def test_a_resume_with_changed_settings_is_refused_and_names_them(tiny_model_dir
     crash_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *steps), progress=False)
-    changed = _cfg(tiny_model_dir, pairs_file, tmp_path, *steps, "train.learning_rate=1e-3", "loss.beta=0.3",
-                   "train.batch_size=2")
+    changed = _cfg(
+        tiny_model_dir, pairs_file, tmp_path, *steps, "train.learning_rate=1e-3", "loss.beta=0.3", "train.batch_size=2"
+    )
     with pytest.raises(ConfigError) as info:
         loop.train(changed, resume=True, progress=False)
     msg = str(info.value)
-    for line in ("train.learning_rate: 0.005 -> 0.001", "loss.beta: 0.1 -> 0.3", "train.batch_size: 4 -> 2",
-                 "--allow-config-change"):
+    for line in (
+        "train.learning_rate: 0.005 -> 0.001",
+        "loss.beta: 0.1 -> 0.3",
+        "train.batch_size: 4 -> 2",
+        "--allow-config-change",
+    ):
         assert line in msg
     # a setting that only changes reporting is fine
-    same = _cfg(tiny_model_dir, pairs_file, tmp_path, *steps, "train.log_every=2", "train.report_to=[]",
-                "health.kl_budget=0.5", "train.stop_on=[grad_norm_spike]")
+    same = _cfg(
+        tiny_model_dir,
+        pairs_file,
+        tmp_path,
+        *steps,
+        "train.log_every=2",
+        "train.report_to=[]",
+        "health.kl_budget=0.5",
+        "train.stop_on=[grad_norm_spike]",
+    )
     assert loop.train(same, resume=True, progress=False).steps == 6
 
 
@@ -213,8 +245,9 @@ def test_a_run_saved_before_keys_moved_still_resumes_and_exports(tiny_model_dir,
     assert (out / "model.safetensors").is_file()
 
 
-def test_allow_config_change_applies_the_new_learning_rate_and_records_it(tiny_model_dir, pairs_file, tmp_path,
-                                                                          monkeypatch):
+def test_allow_config_change_applies_the_new_learning_rate_and_records_it(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch
+):
     steps = ["train.max_steps=6", "train.save_every=3", "train.lr_schedule=constant"]
     real = crash_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
@@ -262,19 +295,23 @@ def test_overrides_may_follow_options(tiny_model_dir, pairs_file, tmp_path, caps
 # -- errors before expensive work --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override,match", [
-    ("train.learning_rate=-1e-5", "train.learning_rate` must be a positive number"),
-    ("train.adam_betas=[0.9, 1.5]", "train.adam_betas"),
-    ("train.keep_checkpoints=0", "train.keep_checkpoints"),
-    ("lora.r=0", "lora.r"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("train.learning_rate=-1e-5", "train.learning_rate` must be a positive number"),
+        ("train.adam_betas=[0.9, 1.5]", "train.adam_betas"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+        ("lora.r=0", "lora.r"),
+    ],
+)
 def test_bad_numbers_fail_when_the_config_loads(override, match, tiny_model_dir, pairs_file, tmp_path):
     with pytest.raises(ConfigError, match=match):
         _cfg(tiny_model_dir, pairs_file, tmp_path, override)
 
 
-def test_an_output_dir_that_is_a_file_fails_before_the_model_loads(tiny_model_dir, pairs_file, tmp_path,
-                                                                   monkeypatch, capsys):
+def test_an_output_dir_that_is_a_file_fails_before_the_model_loads(
+    tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys
+):
     (tmp_path / "taken").write_text("not a directory")
     monkeypatch.setattr(loop, "setup", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match="is a file, not a directory"):
@@ -297,8 +334,9 @@ def _two_checkpoints(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", ["truncate_weights", "truncate_state", "delete_state", "no_manifest"])
-def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_offered(damage, tiny_model_dir, pairs_file,
-                                                                           tmp_path, monkeypatch):
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_offered(
+    damage, tiny_model_dir, pairs_file, tmp_path, monkeypatch
+):
     cfg = _two_checkpoints(tiny_model_dir, pairs_file, tmp_path, monkeypatch)
     c = tmp_path / "run" / "checkpoint-4"
     if damage == "truncate_weights":
@@ -369,21 +407,37 @@ loop.train(cfg, resume="--resume" in os.environ.get("ALIGNKIT_TEST_RESUME", ""),
 
 def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical(tiny_model_dir, pairs_file, tmp_path):
     args = base_overrides(tiny_model_dir, pairs_file, tmp_path / "run", tmp_path / "cache") + [
-        "train.learning_rate=5e-3", "train.batch_size=4", "train.warmup_ratio=0", "train.max_steps=6",
-        "train.save_every=2", "data.eval_fraction=0.1"]
+        "train.learning_rate=5e-3",
+        "train.batch_size=4",
+        "train.warmup_ratio=0",
+        "train.max_steps=6",
+        "train.save_every=2",
+        "data.eval_fraction=0.1",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, "4", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, "4", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run = tmp_path / "run"
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-2"]
     assert any(p.name.startswith(".checkpoint-4.tmp-") for p in run.iterdir())
-    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, "0", *args], capture_output=True, text=True,
-                          timeout=300, env=dict(env, ALIGNKIT_TEST_RESUME="--resume"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(env, ALIGNKIT_TEST_RESUME="--resume"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "removed .checkpoint-4.tmp-" in proc.stdout
-    full = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, "0", *args[:-4], f"output_dir={tmp_path / 'full'}",
-                           *args[-3:]], capture_output=True, text=True, timeout=300, env=env)
+    full = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, "0", *args[:-4], f"output_dir={tmp_path / 'full'}", *args[-3:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert full.returncode == 0, full.stderr[-2000:]
     a, b = _params(tmp_path / "full" / "final"), _params(run / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
@@ -391,29 +445,39 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical(tiny_mod
 
 # -- online runs: exact resume inside an iterations cycle, BCO's shift carried --------------------
 
-REWARD = '''
+REWARD = """
 def yes_share(prompts, completions, **columns):
     return [c.split().count("yes") / max(1, len(c.split())) for c in completions]
 
 def chars(prompts, completions, **columns):
     return [len(c) / 10 for c in completions]  # varies between samples: every group makes a pair
-'''
+"""
 
 
 def _online_cfg(tiny_model_dir, tmp_path, recipe, *extra, out="run", reward="yes_share"):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in toy_pairs(24)])
     fn = tmp_path / "rewards.py"
     fn.write_text(REWARD)
-    return load_config(None, base_overrides(tiny_model_dir, prompts, tmp_path / out, tmp_path / "cache") + [
-        f"recipe={recipe}", f"online.rewards={fn}:{reward}", "generation.num_samples=4",
-        "generation.max_new_tokens=6", "train.batch_size=2", "train.warmup_ratio=0", "train.learning_rate=3e-2",
-        "data.eval_fraction=0", *extra])
+    return load_config(
+        None,
+        base_overrides(tiny_model_dir, prompts, tmp_path / out, tmp_path / "cache")
+        + [
+            f"recipe={recipe}",
+            f"online.rewards={fn}:{reward}",
+            "generation.num_samples=4",
+            "generation.max_new_tokens=6",
+            "train.batch_size=2",
+            "train.warmup_ratio=0",
+            "train.learning_rate=3e-2",
+            "data.eval_fraction=0",
+            *extra,
+        ],
+    )
 
 
 def test_grpo_resumed_between_two_updates_of_a_rollout_is_exact(tiny_model_dir, tmp_path, monkeypatch):
     extra = ["online.iterations=2", "train.max_steps=6", "train.save_every=3", "train.lr_schedule=constant"]
-    full = loop.train(_online_cfg(tiny_model_dir, tmp_path, "grpo", *extra, out="full", reward="chars"),
-                      progress=False)
+    full = loop.train(_online_cfg(tiny_model_dir, tmp_path, "grpo", *extra, out="full", reward="chars"), progress=False)
     real = crash_after(monkeypatch, 3)  # step 3 is the first of two updates on its rollout
     cfg = _online_cfg(tiny_model_dir, tmp_path, "grpo", *extra, reward="chars")
     with pytest.raises(KeyboardInterrupt):
@@ -427,8 +491,15 @@ def test_grpo_resumed_between_two_updates_of_a_rollout_is_exact(tiny_model_dir, 
 
 
 def test_iterations_with_grad_accum_reuse_every_micro_batch(tiny_model_dir, tmp_path):
-    cfg = _online_cfg(tiny_model_dir, tmp_path, "grpo", "online.iterations=2", "train.grad_accum=2",
-                      "train.max_steps=4", reward="chars")
+    cfg = _online_cfg(
+        tiny_model_dir,
+        tmp_path,
+        "grpo",
+        "online.iterations=2",
+        "train.grad_accum=2",
+        "train.max_steps=4",
+        reward="chars",
+    )
     rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
     assert [r["time/generation_s"] > 0 for r in rows] == [True, False, True, False]
     assert all(r["ratio_mean"] != 1.0 for r in rows[1::2])
@@ -436,8 +507,9 @@ def test_iterations_with_grad_accum_reuse_every_micro_batch(tiny_model_dir, tmp_
 
 def test_online_dpo_carries_bco_reward_shift_and_resumes_it(tiny_model_dir, tmp_path, monkeypatch):
     extra = ["loss.name=bco_pair", "train.max_steps=4", "train.save_every=2"]
-    full = loop.train(_online_cfg(tiny_model_dir, tmp_path, "online_dpo", *extra, out="full", reward="chars"),
-                      progress=False)
+    full = loop.train(
+        _online_cfg(tiny_model_dir, tmp_path, "online_dpo", *extra, out="full", reward="chars"), progress=False
+    )
     state = torch.load(full.run_dir / "checkpoint-4" / ckpt.STATE_FILE, weights_only=True)
     shift = state["recipe"]["reward_shift"]
     assert shift["count"] > 0 and shift["total"] != 0

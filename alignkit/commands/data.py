@@ -13,8 +13,12 @@ def register(sub) -> None:
     q = dsub.add_parser("show", help="validate the data and show one tokenized example with its loss mask")
     add_config_args(q)
     q.add_argument("--index", type=int, default=0, help="which training example to show")
-    q.add_argument("--episode", action="store_true", help="with env.name: load the model and sample one multi-turn "
-                   "episode of the example, showing the scored (model) and context-only (environment) tokens")
+    q.add_argument(
+        "--episode",
+        action="store_true",
+        help="with env.name: load the model and sample one multi-turn "
+        "episode of the example, showing the scored (model) and context-only (environment) tokens",
+    )
     q.set_defaults(fn=show)
     from alignkit.datatools.commands import add_parsers as add_data_tools
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def register(sub) -> None:
     p = sub.add_parser("demo", help="align the bundled SmolLM2-135M-Instruct on CPU and measure before/after")
     p.add_argument("--output-dir", default="runs/demo", help="where the run, results and aligned model go")

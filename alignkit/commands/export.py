@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+
 def register(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint (sharded or not) as one Hugging Face model directory")
     p.add_argument("checkpoint", help="a checkpoint-N directory of a run")
     p.add_argument("output", help="the directory to write (AutoModelForCausalLM.from_pretrained loads it)")
-    p.add_argument("--module", default="policy", help="which trained module: policy (default) or another a recipe "
-                   "trains, e.g. value (PPO)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a model that needs the code of its "
-                   "repository (the checkpoint's saved config alone never turns that on)")
+    p.add_argument(
+        "--module",
+        default="policy",
+        help="which trained module: policy (default) or another a recipe trains, e.g. value (PPO)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a model that needs the code of its "
+        "repository (the checkpoint's saved config alone never turns that on)",
+    )
     p.set_defaults(fn=run)
 
 

@@ -23,15 +23,30 @@ def run(args) -> int:
 
     model, tokenizer, reward, prompts, cols, ids, _ = strategy_inputs(args)
     params = dataclasses.replace(sampling_params(args), n=args.n)
-    head = fit_value_head(model, tokenizer, reward, prompts, ids, cols, params,
-                          l2=args.l2, seed=args.seed, batch_size=args.batch_size, model_name=args.model)
+    head = fit_value_head(
+        model,
+        tokenizer,
+        reward,
+        prompts,
+        ids,
+        cols,
+        params,
+        l2=args.l2,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        model_name=args.model,
+    )
     path = head.save(args.output)
     print(json.dumps(head.meta, indent=2))
     r2 = head.meta["heldout_r2"]
     if r2 is None:
-        print(f"alignkit: value head written to {path}; the held-out rewards were all equal, so the fit cannot "
-              "be judged: the reward gives no signal on these samples (try other prompts or a larger --n)")
+        print(
+            f"alignkit: value head written to {path}; the held-out rewards were all equal, so the fit cannot "
+            "be judged: the reward gives no signal on these samples (try other prompts or a larger --n)"
+        )
     else:
-        print(f"alignkit: value head written to {path} (held-out R^2 {r2:.3f}; near 0 or below means the value "
-              "carries little signal: sample more prompts or a larger --n)")
+        print(
+            f"alignkit: value head written to {path} (held-out R^2 {r2:.3f}; near 0 or below means the value "
+            "carries little signal: sample more prompts or a larger --n)"
+        )
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def register(sub) -> None:
     p = sub.add_parser("losses", help="list the registered loss functions")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -11,9 +12,17 @@ def register(sub) -> None:
 def run(args) -> int:
     from alignkit import losses
 
-    rows = [(s.name, "yes" if s.needs_reference else "no", s.data,
-             ", ".join(f"{k}={v}" for k, v in s.params.items()), s.summary, s.citation)
-            for s in losses.available()]
+    rows = [
+        (
+            s.name,
+            "yes" if s.needs_reference else "no",
+            s.data,
+            ", ".join(f"{k}={v}" for k, v in s.params.items()),
+            s.summary,
+            s.citation,
+        )
+        for s in losses.available()
+    ]
     if args.markdown:
         print("| name | reference | data | parameters | what it does | paper |")
         print("| --- | --- | --- | --- | --- | --- |")

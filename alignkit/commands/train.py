@@ -9,15 +9,29 @@ from alignkit.errors import AlignkitError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a model from a config: SFT, the DPO family, reward models, online RL (GRPO, RLOO, online DPO, RAFT)")
+    p = sub.add_parser(
+        "train",
+        help="train a model from a config: SFT, the DPO family, reward models, online RL (GRPO, RLOO, online DPO, "
+        "RAFT)",
+    )
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    p.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint (e.g. checkpoint-40, "
-                   "or a path) instead of the latest")
-    p.add_argument("--allow-config-change", action="store_true", help="on resume, accept settings that differ from "
-                   "the checkpoint's: they apply from there on and are recorded in config_changes.jsonl")
-    p.add_argument("--nproc-per-node", type=int, help="train with N processes on this machine (starts torchrun; "
-                   "train.batch_size is per process)")
+    p.add_argument(
+        "--resume-from",
+        metavar="CHECKPOINT",
+        help="continue from this checkpoint (e.g. checkpoint-40, or a path) instead of the latest",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="on resume, accept settings that differ from "
+        "the checkpoint's: they apply from there on and are recorded in config_changes.jsonl",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="train with N processes on this machine (starts torchrun; train.batch_size is per process)",
+    )
     p.set_defaults(fn=run)
 
 
@@ -27,8 +41,16 @@ def launch_torchrun(nproc: int, argv: list) -> int:
     (README, "Scaling out")."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "alignkit", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "alignkit",
+        *argv,
+    ]
     print("alignkit: " + " ".join(cmd[1:]), flush=True)
     return subprocess.call(cmd)
 
@@ -55,8 +77,7 @@ def run(args) -> int:
             raise AlignkitError("--nproc-per-node starts torchrun itself; under torchrun, leave it out.")
         return launch_torchrun(args.nproc_per_node, _without_nproc(args.argv))
     cfg = load_run_config(args)
-    result = train(cfg, resume=args.resume, resume_from=args.resume_from,
-                   allow_config_change=args.allow_config_change)
+    result = train(cfg, resume=args.resume, resume_from=args.resume_from, allow_config_change=args.allow_config_change)
     if result.eval_metrics:
         shown = {k: round(v, 4) for k, v in result.eval_metrics.items()}
         print(f"eval: {shown}")

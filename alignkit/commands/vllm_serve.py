@@ -8,19 +8,33 @@ from alignkit.errors import AlignkitError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("vllm-serve", help="start a vLLM server that training processes sample from and send "
-                       "weights to (generation.vllm_server)")
+    p = sub.add_parser(
+        "vllm-serve",
+        help="start a vLLM server that training processes sample from and send weights to (generation.vllm_server)",
+    )
     p.add_argument("--model", default="smollm2-135m-instruct", help="the policy's starting model (directory or hub id)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every one; every request "
-                   "still needs the server's secret)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (0.0.0.0: every one; every request still needs the server's secret)",
+    )
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--sync-dir", help="the directory weight updates come from: the trainers' generation.vllm_sync_dir "
-                   "(on a filesystem both machines see when they differ); default: the temporary directory")
-    p.add_argument("--token-file", help="where to write the secret clients must send (default: "
-                   "<sync dir>/alignkit-vllm-server-<port>.token); ALIGNKIT_VLLM_TOKEN gives the secret itself")
+    p.add_argument(
+        "--sync-dir",
+        help="the directory weight updates come from: the trainers' generation.vllm_sync_dir "
+        "(on a filesystem both machines see when they differ); default: the temporary directory",
+    )
+    p.add_argument(
+        "--token-file",
+        help="where to write the secret clients must send (default: "
+        "<sync dir>/alignkit-vllm-server-<port>.token); ALIGNKIT_VLLM_TOKEN gives the secret itself",
+    )
     p.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (default on CPU: 1)")
-    p.add_argument("--gpu-memory-utilization", type=float, help="share of GPU memory instead of --kv-cache-gib "
-                   "(default on GPUs: 0.9)")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="share of GPU memory instead of --kv-cache-gib (default on GPUs: 0.9)",
+    )
     p.add_argument("--dtype", default="auto", help="auto (the model's), float32, bfloat16")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.set_defaults(fn=run)
@@ -29,8 +43,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from alignkit.generation.vllm_engine import (import_vllm, default_token_file, serve_command, updates_dir,
-                                                 write_token)
+    from alignkit.generation.vllm_engine import default_token_file, import_vllm, serve_command, updates_dir, write_token
     from alignkit.models import resolve_model_path
 
     import_vllm()
@@ -40,15 +53,26 @@ def run(args) -> int:
     given = os.environ.get("ALIGNKIT_VLLM_TOKEN")
     write_token(token_file, given.strip() if given else None)
     updates_dir(args.sync_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-    cmd, env = serve_command(resolve_model_path(args.model), args.host, args.port, args.dtype, args.max_model_len,
-                             token_file=token_file, sync_dir=args.sync_dir, kv_cache_gib=args.kv_cache_gib,
-                             gpu_memory_utilization=args.gpu_memory_utilization)
-    print(f"alignkit: serving {args.model} for training processes at http://{args.host}:{args.port}\n"
-          f"  every request needs the secret in {token_file} (readable by you only); clients on this machine find it "
-          "there; elsewhere copy it and set generation.vllm_token_file (or ALIGNKIT_VLLM_TOKEN)\n"
-          f"  weight updates are read only from {updates_dir(args.sync_dir)} (generation.vllm_sync_dir="
-          f"{args.sync_dir or '<unset>'})\n"
-          f"  set generation.backend=vllm generation.vllm_server=http://<this host>:{args.port}", flush=True)
+    cmd, env = serve_command(
+        resolve_model_path(args.model),
+        args.host,
+        args.port,
+        args.dtype,
+        args.max_model_len,
+        token_file=token_file,
+        sync_dir=args.sync_dir,
+        kv_cache_gib=args.kv_cache_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+    print(
+        f"alignkit: serving {args.model} for training processes at http://{args.host}:{args.port}\n"
+        f"  every request needs the secret in {token_file} (readable by you only); clients on this machine find it "
+        "there; elsewhere copy it and set generation.vllm_token_file (or ALIGNKIT_VLLM_TOKEN)\n"
+        f"  weight updates are read only from {updates_dir(args.sync_dir)} (generation.vllm_sync_dir="
+        f"{args.sync_dir or '<unset>'})\n"
+        f"  set generation.backend=vllm generation.vllm_server=http://<this host>:{args.port}",
+        flush=True,
+    )
     # exec, not a child: the server is this process, so a signal to it (Ctrl-C, a job scheduler's
     # SIGTERM) stops the server instead of leaving it running without its parent
     os.execve(cmd[0], cmd, env)

@@ -59,9 +59,17 @@ class TokenBatch:
 
     def to(self, device) -> "TokenBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return TokenBatch(move(self.input_ids), move(self.attention_mask), move(self.segment_ids), self.num_segments,
-                          self.example_ids, move(self.pred_index), move(self.position_ids), move(self.allowed),
-                          self.shared_tokens)
+        return TokenBatch(
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.segment_ids),
+            self.num_segments,
+            self.example_ids,
+            move(self.pred_index),
+            move(self.position_ids),
+            move(self.allowed),
+            self.shared_tokens,
+        )
 
     def predictor_positions(self) -> torch.Tensor:
         """[R, T] position whose hidden state predicts each token (-1 for a row's first token)."""
@@ -81,10 +89,10 @@ def _pad_rows(rows: list, pad_id: int) -> TokenBatch:
     for r, (ids, n_unscored, seg, *mask) in enumerate(rows):
         input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[r, : len(ids)] = 1
-        segments[r, max(n_unscored, 1): len(ids)] = seg  # token 0 has no predictor
+        segments[r, max(n_unscored, 1) : len(ids)] = seg  # token 0 has no predictor
         if mask and mask[0] is not None:  # only the masked completion tokens are scored
             keep = torch.tensor(mask[0], dtype=torch.bool)
-            segments[r, n_unscored: len(ids)][~keep] = -1
+            segments[r, n_unscored : len(ids)][~keep] = -1
             segments[r, 0] = -1
     return input_ids, attention, segments
 
@@ -111,8 +119,9 @@ def collate_groups(groups: list, pad_id: int) -> TokenBatch:
     b, s = len(groups), len(groups[0].completions)
     if any(len(g.completions) != s for g in groups):
         raise ValueError("every group in a batch needs the same number of completions")
-    rows = [(g.prompt_ids + g.completions[k], len(g.prompt_ids), k * b + i)
-            for k in range(s) for i, g in enumerate(groups)]
+    rows = [
+        (g.prompt_ids + g.completions[k], len(g.prompt_ids), k * b + i) for k in range(s) for i, g in enumerate(groups)
+    ]
     ids, att, seg = _pad_rows(rows, pad_id)
     return TokenBatch(ids, att, seg, s * b, torch.tensor([g.index for g in groups], dtype=torch.long))
 
@@ -224,13 +233,15 @@ def collate_packed_groups(items: list, pad_id: int, capacity: int) -> TokenBatch
     s = len(completions_of(items[0]))
     ids, att, seg, pred, pos, allowed = pack_groups(groups, pad_id, capacity)
     shared = sum((s - 1) * len(it.prompt_ids) for it in items)
-    return TokenBatch(ids, att, seg, s * b, torch.tensor([it.index for it in items], dtype=torch.long),
-                      pred, pos, allowed, shared)
+    return TokenBatch(
+        ids, att, seg, s * b, torch.tensor([it.index for it in items], dtype=torch.long), pred, pos, allowed, shared
+    )
 
 
 def collate_packed_sft(items: list, pad_id: int, capacity: int) -> TokenBatch:
     """SFT items packed into rows (one segment per example)."""
     groups = [group_rows(it.prompt_ids, [it.completion_ids], [i]) for i, it in enumerate(items)]
     ids, att, seg, pred, pos, allowed = pack_groups(groups, pad_id, capacity)
-    return TokenBatch(ids, att, seg, len(items), torch.tensor([it.index for it in items], dtype=torch.long),
-                      pred, pos, allowed)
+    return TokenBatch(
+        ids, att, seg, len(items), torch.tensor([it.index for it in items], dtype=torch.long), pred, pos, allowed
+    )

@@ -87,9 +87,7 @@ def load_sft_examples(
 
 def load_records(path, parse, columns, on_bad_record, split) -> LoadResult:
     if on_bad_record not in ON_BAD_RECORD:
-        raise ConfigError(
-            f"data.on_bad_record must be one of {', '.join(ON_BAD_RECORD)}, got {on_bad_record!r}"
-        )
+        raise ConfigError(f"data.on_bad_record must be one of {', '.join(ON_BAD_RECORD)}, got {on_bad_record!r}")
     result = LoadResult(examples=[], skipped=[], path=str(path))
     for location, record in iter_raw(path, split=split):
         try:
@@ -111,9 +109,7 @@ def load_records(path, parse, columns, on_bad_record, split) -> LoadResult:
     return result
 
 
-def parse_preference_record(
-    record: object, location: str, columns: dict[str, str] | None = None
-) -> PreferenceExample:
+def parse_preference_record(record: object, location: str, columns: dict[str, str] | None = None) -> PreferenceExample:
     """Validate one preference record (form (a), (b) or (c) of the module docstring)."""
     columns = check_columns(columns, PREFERENCE_FIELDS, "preference")
     rec = Record(record, location, columns, PREFERENCE_FIELDS)
@@ -132,15 +128,12 @@ def parse_preference_record(
     rec.check_completion(rec.label("rejected"), rejected)
     if chosen == rejected:
         raise rec.error(
-            "chosen and rejected are identical, so the pair says nothing; drop the record or "
-            "fix one of them"
+            "chosen and rejected are identical, so the pair says nothing; drop the record or fix one of them"
         )
     return PreferenceExample(tuple(prompt), tuple(chosen), tuple(rejected), location, plain)
 
 
-def parse_sft_record(
-    record: object, location: str, columns: dict[str, str] | None = None
-) -> SFTExample:
+def parse_sft_record(record: object, location: str, columns: dict[str, str] | None = None) -> SFTExample:
     """Validate one SFT record: `prompt` + `completion`, or `messages`."""
     columns = check_columns(columns, SFT_FIELDS, "SFT")
     rec = Record(record, location, columns, SFT_FIELDS)
@@ -189,8 +182,7 @@ def _parse_hh(
             "with '\\n\\nHuman:'",
         )
     return [
-        {"role": _HH_ROLES[speaker], "content": content.strip()}
-        for speaker, content in zip(parts[1::2], parts[2::2])
+        {"role": _HH_ROLES[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2])
     ]
 
 
@@ -237,8 +229,7 @@ class Record:
         if not isinstance(record, Mapping):
             raise RecordError(
                 location,
-                f"expected a JSON object with fields like {', '.join(canonical)}, found "
-                f"{_describe(record)}",
+                f"expected a JSON object with fields like {', '.join(canonical)}, found {_describe(record)}",
             )
         self.record, self.location, self.columns = record, location, columns
 
@@ -318,8 +309,7 @@ class Record:
             raise self.error(f"{label} is empty: it has no messages")
         if messages[-1]["role"] != "assistant":
             raise self.error(
-                f"{label} must end with an assistant message, but its last message has role "
-                f"{messages[-1]['role']!r}"
+                f"{label} must end with an assistant message, but its last message has role {messages[-1]['role']!r}"
             )
         if not messages[-1]["content"].strip():
             raise self.error(

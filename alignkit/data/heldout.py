@@ -50,18 +50,22 @@ def read_heldout(run_dir) -> HeldoutRecord:
         raise ConfigError(
             f"{path} not found, so it is unknown which examples the run held out for evaluation (runs made "
             "before alignkit recorded them have none). Give --data with the pairs to evaluate, or train the run "
-            "again to record its held-out pairs.")
+            "again to record its held-out pairs."
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); train the run again or give --data.") from None
     known = {f.name for f in fields(HeldoutRecord)}
     if not isinstance(raw, dict) or not {"data", "recipe", "sources"} <= set(raw):
-        raise ConfigError(f"{path}: not a held-out record (needs `data`, `recipe` and `sources`); "
-                          "train the run again or give --data.")
+        raise ConfigError(
+            f"{path}: not a held-out record (needs `data`, `recipe` and `sources`); train the run again or give --data."
+        )
     if raw.get("alignkit_heldout") != VERSION:
-        raise ConfigError(f"{path}: record version {raw.get('alignkit_heldout')!r}, this alignkit reads "
-                          f"version {VERSION}; give --data or evaluate with the alignkit that trained the run.")
+        raise ConfigError(
+            f"{path}: record version {raw.get('alignkit_heldout')!r}, this alignkit reads "
+            f"version {VERSION}; give --data or evaluate with the alignkit that trained the run."
+        )
     return HeldoutRecord(**{k: v for k, v in raw.items() if k in known})
 
 
@@ -75,7 +79,8 @@ def select_sources(examples: list, sources: list, data: str, record_path) -> lis
         raise DataError(
             f"{data}: {len(missing)} of the {len(sources)} held-out examples listed in {record_path} are no "
             f"longer there ({shown}): the data changed since training. Restore the file the run trained on, "
-            "or give --data with the pairs to evaluate.")
+            "or give --data with the pairs to evaluate."
+        )
     return [by_source[s] for s in sources]
 
 
@@ -83,8 +88,17 @@ def write_record(d, seed: int, recipe: str, data, run_dir) -> Path:
     """Write RUN/heldout.json for a run of `recipe` with `data` settings `d` (a DataConfig), seed
     `seed` and its `PreparedData`."""
     record = HeldoutRecord(
-        data=d.eval or d.train, recipe=recipe, split=d.split, columns=dict(d.columns or {}),
-        on_bad_record=d.on_bad_record, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-        limit=d.limit, eval_fraction=0.0 if d.eval else d.eval_fraction, seed=seed,
-        num_train=data.num_train, sources=data.heldout_sources)
+        data=d.eval or d.train,
+        recipe=recipe,
+        split=d.split,
+        columns=dict(d.columns or {}),
+        on_bad_record=d.on_bad_record,
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        limit=d.limit,
+        eval_fraction=0.0 if d.eval else d.eval_fraction,
+        seed=seed,
+        num_train=data.num_train,
+        sources=data.heldout_sources,
+    )
     return write_heldout(run_dir, record)

@@ -13,7 +13,7 @@ tokenizer's character offsets, so any fast tokenizer works.
 from __future__ import annotations
 
 from alignkit.data.examples import MaskedPreferenceExample
-from alignkit.data.formats import LoadResult, check_columns, load_records, Record
+from alignkit.data.formats import LoadResult, Record, check_columns, load_records
 from alignkit.data.tokenize import TokenizedPair, TokenizeStats, render_texts, truncate
 from alignkit.errors import DataError
 
@@ -27,7 +27,9 @@ def _sentences(rec: Record, name: str, scored_label: bool) -> tuple[str, tuple]:
     text, spans = "", []
     for i, s in enumerate(value):
         if not isinstance(s, dict) or not isinstance(s.get("text"), str) or not isinstance(s.get("correct"), bool):
-            raise rec.error(f"sentence {i} of {rec.label(name)} must be {{text: string, correct: true|false}}, found {s!r}")
+            raise rec.error(
+                f"sentence {i} of {rec.label(name)} must be {{text: string, correct: true|false}}, found {s!r}"
+            )
         if s["correct"] == scored_label and s["text"].strip():
             spans.append((len(text), len(text) + len(s["text"])))
         text += s["text"]
@@ -45,13 +47,21 @@ def parse_masked_record(record: object, location: str, columns: dict | None = No
     chosen_text, chosen_spans = _sentences(rec, "chosen_sentences", scored_label=True)
     rejected_text, rejected_spans = _sentences(rec, "rejected_sentences", scored_label=False)
     if not chosen_spans and not rejected_spans:
-        raise rec.error("no sentence is scored: chosen has no correct sentence and rejected no incorrect one, "
-                        "so Mask-DPO has nothing to learn from this pair")
+        raise rec.error(
+            "no sentence is scored: chosen has no correct sentence and rejected no incorrect one, "
+            "so Mask-DPO has nothing to learn from this pair"
+        )
     if chosen_text == rejected_text:
         raise rec.error("chosen and rejected are identical, so the pair says nothing")
     return MaskedPreferenceExample(
-        tuple(prompt), ({"role": "assistant", "content": chosen_text},),
-        ({"role": "assistant", "content": rejected_text},), location, plain, chosen_spans, rejected_spans)
+        tuple(prompt),
+        ({"role": "assistant", "content": chosen_text},),
+        ({"role": "assistant", "content": rejected_text},),
+        location,
+        plain,
+        chosen_spans,
+        rejected_spans,
+    )
 
 
 def load_masked_examples(path: str, *, columns=None, on_bad_record: str = "error", split=None) -> LoadResult:
@@ -86,6 +96,15 @@ def tokenize_masked_pairs(examples: list, tokenizer, max_length: int, max_prompt
         rejected, r_mask = _encode_masked(tokenizer, r_text, ex.rejected[-1]["content"], ex.rejected_spans)
         prompt, (chosen, rejected), cut = truncate(prompt, [chosen, rejected], max_length, max_prompt_length)
         stats.count(ex.source, cut)
-        out.append(TokenizedPair(prompt, chosen, rejected, index=i, truncated=cut,
-                                 chosen_mask=c_mask[: len(chosen)], rejected_mask=r_mask[: len(rejected)]))
+        out.append(
+            TokenizedPair(
+                prompt,
+                chosen,
+                rejected,
+                index=i,
+                truncated=cut,
+                chosen_mask=c_mask[: len(chosen)],
+                rejected_mask=r_mask[: len(rejected)],
+            )
+        )
     return out, stats

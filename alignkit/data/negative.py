@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignkit.data.examples import NegativeExample
-from alignkit.data.formats import LoadResult, check_columns, load_records, Record
+from alignkit.data.formats import LoadResult, Record, check_columns, load_records
 from alignkit.data.tokenize import TokenizeStats, encode_text, render_texts, truncate
 
 NEGATIVE_FIELDS = ("prompt", "rejected")
@@ -29,8 +29,9 @@ def parse_negative_record(record: object, location: str, columns: dict | None = 
     return NegativeExample(tuple(prompt), tuple(rejected), location, prompt_plain and rejected_plain)
 
 
-def load_negative_examples(path: str, *, columns=None, on_bad_record: str = "error",
-                           split: str | None = None) -> LoadResult:
+def load_negative_examples(
+    path: str, *, columns=None, on_bad_record: str = "error", split: str | None = None
+) -> LoadResult:
     """Read and validate every negative record of `path`."""
     columns = check_columns(columns, NEGATIVE_FIELDS, "negative")
     return load_records(path, parse_negative_record, columns, on_bad_record, split)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alignkit.data.formats import LoadResult, check_columns, load_records, Record
+from alignkit.data.formats import LoadResult, Record, check_columns, load_records
 from alignkit.data.tokenize import encode_text, render_texts
 
 PROMPT_FIELDS = ("prompt",)
@@ -40,15 +40,18 @@ def parse_prompt_record(record: object, location: str, columns: dict | None = No
     if not any(m["content"].strip() for m in messages):
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
     if messages[-1]["role"] == "assistant":
-        raise rec.error(f"{rec.label('prompt')} ends with an assistant message; a prompt ends with the turn the "
-                        "model answers (user or system)")
+        raise rec.error(
+            f"{rec.label('prompt')} ends with an assistant message; a prompt ends with the turn the "
+            "model answers (user or system)"
+        )
     key = columns.get("prompt", "prompt")
     other = {k: v for k, v in record.items() if k != key}
     return PromptExample(tuple(messages), other, location, plain)
 
 
-def load_prompt_examples(path: str, *, columns=None, on_bad_record: str = "error",
-                         split: str | None = None) -> LoadResult:
+def load_prompt_examples(
+    path: str, *, columns=None, on_bad_record: str = "error", split: str | None = None
+) -> LoadResult:
     """Read and validate every prompt record of `path`."""
     columns = check_columns(columns, PROMPT_FIELDS, "prompt")
     return load_records(path, parse_prompt_record, columns, on_bad_record, split)

@@ -129,8 +129,7 @@ def _decode(name: str, data: bytes, line_label: str = "") -> str:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(
-            f"{name}:{line_label}{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
-            "re-save the file as UTF-8"
+            f"{name}:{line_label}{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-save the file as UTF-8"
         ) from e
 
 
@@ -149,9 +148,12 @@ def _jsonl_line(location: str, raw: bytes, first: bool) -> Iterator[tuple[str, o
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        yield location, Unreadable(
-            f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
-            "re-save the file as UTF-8"
+        yield (
+            location,
+            Unreadable(
+                f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+                "re-save the file as UTF-8"
+            ),
         )
         return
     if first:
@@ -165,8 +167,9 @@ def _jsonl_line(location: str, raw: bytes, first: bool) -> Iterator[tuple[str, o
         yield location, json.loads(text)
     except json.JSONDecodeError as e:
         where = f"column {e.colno}" + (" (end of line)" if e.pos >= len(text) else "")
-        yield location, Unreadable(
-            f"JSON syntax error at {where}: {e.msg}; each line must hold one complete JSON object"
+        yield (
+            location,
+            Unreadable(f"JSON syntax error at {where}: {e.msg}; each line must hold one complete JSON object"),
         )
 
 
@@ -187,9 +190,7 @@ def _read_json(name: str, path: str) -> Iterator[tuple[str, object]]:
         records = doc
     else:
         found = f"an object with keys {sorted(doc)[:10]}" if isinstance(doc, dict) else type(doc).__name__
-        raise DataError(
-            f"{name}: expected a JSON list of records or an object {{\"data\": [...]}}, found {found}"
-        )
+        raise DataError(f'{name}: expected a JSON list of records or an object {{"data": [...]}}, found {found}')
     for i, record in enumerate(records):
         yield f"{name}:record {i}", record
 
@@ -205,9 +206,12 @@ def _read_csv(name: str, path: str) -> Iterator[tuple[str, object]]:
     for line, fields in rows[1:]:
         location = f"{name}:line {line}"
         if len(fields) != len(header):
-            yield location, Unreadable(
-                f"has {len(fields)} fields but the header (line {header_line}) has {len(header)}; "
-                "quote fields that contain commas or newlines"
+            yield (
+                location,
+                Unreadable(
+                    f"has {len(fields)} fields but the header (line {header_line}) has {len(header)}; "
+                    "quote fields that contain commas or newlines"
+                ),
             )
         else:
             yield location, dict(zip(header, fields))
@@ -254,7 +258,8 @@ def _read_saved_dataset(name: str, path: str, split: str | None) -> Iterator[tup
     if not is_dict and not os.path.isfile(os.path.join(path, "state.json")):
         raise DataError(
             f"{name}: is a directory, but not one written by datasets' save_to_disk (it has no "
-            f"dataset_dict.json or state.json); point data.train or data.eval (or the command line) at a file or such a directory "
+            f"dataset_dict.json or state.json); point data.train or data.eval (or the command line) at a file or "
+            "such a directory "
             f"(supported: {SUPPORTED})"
         )
     import datasets
@@ -264,8 +269,7 @@ def _read_saved_dataset(name: str, path: str, split: str | None) -> Iterator[tup
         split = split or "train"
         if split not in loaded:
             raise DataError(
-                f"{name}: has no split {split!r}; available splits: {', '.join(loaded)}; "
-                "set data.split to one of them"
+                f"{name}: has no split {split!r}; available splits: {', '.join(loaded)}; set data.split to one of them"
             )
         yield from _iter_dataset(loaded[split], f"{name}[{split}]")
     else:

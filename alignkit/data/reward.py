@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from alignkit.data.examples import PreferenceExample
-from alignkit.data.formats import LoadResult, check_columns, load_records, Record, parse_preference_record
+from alignkit.data.formats import LoadResult, Record, check_columns, load_records, parse_preference_record
 
 REWARD_FIELDS = ("prompt", "chosen", "rejected", "margin", "labels")
 
@@ -42,8 +42,10 @@ def _label(rec: Record, name: str, v) -> int:
         return 1 if v else -1
     if isinstance(v, (int, float)) and v in (1, -1, 0):
         return int(v)
-    raise rec.error(f"label {name!r} in {rec.label('labels')} must be 1 (chosen better), -1 (rejected "
-                    f"better) or 0/null (not judged), found {v!r}")
+    raise rec.error(
+        f"label {name!r} in {rec.label('labels')} must be 1 (chosen better), -1 (rejected "
+        f"better) or 0/null (not judged), found {v!r}"
+    )
 
 
 def _labels(rec: Record, objectives: tuple) -> tuple:
@@ -54,8 +56,10 @@ def _labels(rec: Record, objectives: tuple) -> tuple:
         raise rec.error(f"{rec.label('labels')} must map each objective to 1, -1 or 0, found {value!r}")
     unknown = sorted(set(value) - set(objectives))
     if unknown:
-        raise rec.error(f"{rec.label('labels')} names {unknown}, which are not in reward.objectives "
-                        f"{list(objectives)}; add them there or drop them from the data")
+        raise rec.error(
+            f"{rec.label('labels')} names {unknown}, which are not in reward.objectives "
+            f"{list(objectives)}; add them there or drop them from the data"
+        )
     out = []
     for name in objectives:
         out.append(_label(rec, name, value.get(name)))
@@ -64,23 +68,40 @@ def _labels(rec: Record, objectives: tuple) -> tuple:
     return tuple(out)
 
 
-def parse_reward_record(record: object, location: str, columns: dict | None = None, *,
-                        objectives: tuple = ("reward",), use_margin: bool = False) -> RewardExample:
+def parse_reward_record(
+    record: object,
+    location: str,
+    columns: dict | None = None,
+    *,
+    objectives: tuple = ("reward",),
+    use_margin: bool = False,
+) -> RewardExample:
     """Validate one reward-model record: a pair, its per-objective labels and (optionally) margin."""
     columns = check_columns(columns, REWARD_FIELDS, "reward")
-    pair = parse_preference_record(record, location, {k: v for k, v in columns.items() if k in ("prompt", "chosen", "rejected")})
+    pair = parse_preference_record(
+        record, location, {k: v for k, v in columns.items() if k in ("prompt", "chosen", "rejected")}
+    )
     rec = Record(record, location, columns, REWARD_FIELDS)
     margin = 0.0
     if use_margin:
         m = rec.get("margin")
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
-            raise rec.error(f"{rec.label('margin')} must be a finite number >= 0 (how much better chosen is), found {m!r}")
+            raise rec.error(
+                f"{rec.label('margin')} must be a finite number >= 0 (how much better chosen is), found {m!r}"
+            )
         margin = float(m)
     return RewardExample(pair, _labels(rec, tuple(objectives)), margin)
 
 
-def load_reward_examples(path: str, *, columns=None, on_bad_record: str = "error", split: str | None = None,
-                         objectives: tuple = ("reward",), use_margin: bool = False) -> LoadResult:
+def load_reward_examples(
+    path: str,
+    *,
+    columns=None,
+    on_bad_record: str = "error",
+    split: str | None = None,
+    objectives: tuple = ("reward",),
+    use_margin: bool = False,
+) -> LoadResult:
     columns = check_columns(columns, REWARD_FIELDS, "reward")
     parse = functools.partial(parse_reward_record, objectives=tuple(objectives), use_margin=use_margin)
     return load_records(path, parse, columns, on_bad_record, split)

@@ -39,8 +39,12 @@ class PreparedData:
 
     def replace(self, train: list | None = None, eval: list | None = None, notes: list | None = None) -> "PreparedData":
         """The same examples' sources with other items (e.g. after a model-dependent step) and new notes."""
-        return PreparedData(self.train if train is None else train, self.eval if eval is None else eval,
-                            [] if notes is None else notes, self.sources)
+        return PreparedData(
+            self.train if train is None else train,
+            self.eval if eval is None else eval,
+            [] if notes is None else notes,
+            self.sources,
+        )
 
 
 def example_sources(train: list, held: list) -> dict:
@@ -73,7 +77,9 @@ def load_examples(d: DataConfig, seed: int, loader) -> tuple[list, list, list]:
         return examples, ev.examples, notes
     train, held = split_heldout(examples, d.eval_fraction, seed)
     if held:
-        notes.append(f"held out {len(held)} of {len(examples)} examples for evaluation (data.eval_fraction={d.eval_fraction})")
+        notes.append(
+            f"held out {len(held)} of {len(examples)} examples for evaluation (data.eval_fraction={d.eval_fraction})"
+        )
     return train, held, notes
 
 
@@ -82,5 +88,6 @@ def prepare_data(d: DataConfig, seed: int, tokenizer, loader, tokenize_fn) -> Pr
     train, held, notes = load_examples(d, seed, loader)
     train_items, stats = tokenize_fn(train, tokenizer, d.max_length, d.max_prompt_length)
     eval_items, _ = tokenize_fn(held, tokenizer, d.max_length, d.max_prompt_length)
-    return PreparedData(train_items, eval_items, notes + [stats.summary(d.max_length)],
-                        sources=example_sources(train, held))
+    return PreparedData(
+        train_items, eval_items, notes + [stats.summary(d.max_length)], sources=example_sources(train, held)
+    )

@@ -71,9 +71,7 @@ def render_texts(tokenizer, prompt, completion, plain_text: bool) -> tuple[str, 
     if tokenizer.chat_template is None:
         if plain_text:
             return prompt[-1]["content"] if prompt else "", completion[-1]["content"]
-        return _fallback_render(prompt) + "assistant: ", "".join(
-            m["content"] + "\n\n" for m in completion
-        ).rstrip("\n")
+        return _fallback_render(prompt) + "assistant: ", "".join(m["content"] + "\n\n" for m in completion).rstrip("\n")
     prompt_text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
     if not full.startswith(prompt_text):
@@ -82,7 +80,7 @@ def render_texts(tokenizer, prompt, completion, plain_text: bool) -> tuple[str, 
             "completion cannot be isolated. This happens with templates that rewrite earlier turns "
             f"(for example by stripping reasoning). Prompt rendered as: {prompt_text[-200:]!r}"
         )
-    completion_text = full[len(prompt_text):]
+    completion_text = full[len(prompt_text) :]
     eos = tokenizer.eos_token
     if eos and eos in completion_text:
         completion_text = completion_text[: completion_text.rindex(eos) + len(eos)]
@@ -125,7 +123,7 @@ def truncate(prompt: list, completions: list, max_length: int, max_prompt_length
         return prompt, completions, False
     max_prompt = max_prompt_length if max_prompt_length is not None else max_length // 2
     keep = min(len(prompt), max(max_prompt, max_length - longest))
-    prompt = prompt[len(prompt) - keep:]
+    prompt = prompt[len(prompt) - keep :]
     room = max_length - len(prompt)
     return prompt, [c[:room] for c in completions], True
 
@@ -159,8 +157,15 @@ def tokenize_sft(examples: list, tokenizer, max_length: int, max_prompt_length: 
     return out, stats
 
 
-def explain(tokenizer, prompt_ids: list, completion_ids: list, label: str = "completion",
-            max_rows: int = 48, scored: bool | list = True, why: str = "") -> str:
+def explain(
+    tokenizer,
+    prompt_ids: list,
+    completion_ids: list,
+    label: str = "completion",
+    max_rows: int = 48,
+    scored: bool | list = True,
+    why: str = "",
+) -> str:
     """Human-readable view of one tokenized example and its loss mask.
 
     `scored`: True when the loss scores every completion token, False when it scores none (a
@@ -179,7 +184,7 @@ def explain(tokenizer, prompt_ids: list, completion_ids: list, label: str = "com
     rows = [(i, t, False) for i, t in enumerate(prompt_ids)]
     rows += [(len(prompt_ids) + j, t, m) for j, (t, m) in enumerate(zip(completion_ids, mask))]
     # Show the prompt's last tokens and the whole completion: the boundary is what goes wrong.
-    shown = rows[max(0, len(prompt_ids) - 6):][:max_rows]
+    shown = rows[max(0, len(prompt_ids) - 6) :][:max_rows]
     for pos, tid, scored in shown:
         lines.append(f"  {pos:>4}  {tid:>8}  {'yes' if scored else 'no ':>6}  {tokenizer.decode([tid])!r}")
     if len(shown) < len(rows) - max(0, len(prompt_ids) - 6):

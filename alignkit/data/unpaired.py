@@ -9,7 +9,7 @@ are) "true"/"false", "yes"/"no" or "1"/"0". Used by KTO and BCO (`recipe: unpair
 from __future__ import annotations
 
 from alignkit.data.examples import PreferenceExample, UnpairedExample
-from alignkit.data.formats import LoadResult, check_columns, load_records, Record
+from alignkit.data.formats import LoadResult, Record, check_columns, load_records
 from alignkit.data.tokenize import tokenize_pairs
 
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
@@ -24,9 +24,7 @@ def _label(rec: Record) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
-    raise rec.error(
-        f"{rec.label('label')} must be true (desirable) or false (undesirable), found {value!r}"
-    )
+    raise rec.error(f"{rec.label('label')} must be true (desirable) or false (undesirable), found {value!r}")
 
 
 def parse_unpaired_record(record: object, location: str, columns: dict | None = None) -> UnpairedExample:
@@ -38,12 +36,12 @@ def parse_unpaired_record(record: object, location: str, columns: dict | None = 
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
     completion, completion_plain = rec.messages("completion", rec.get("completion"), "assistant")
     rec.check_completion(rec.label("completion"), completion)
-    return UnpairedExample(tuple(prompt), tuple(completion), _label(rec), location,
-                           prompt_plain and completion_plain)
+    return UnpairedExample(tuple(prompt), tuple(completion), _label(rec), location, prompt_plain and completion_plain)
 
 
-def load_unpaired_examples(path: str, *, columns=None, on_bad_record: str = "error",
-                           split: str | None = None) -> LoadResult:
+def load_unpaired_examples(
+    path: str, *, columns=None, on_bad_record: str = "error", split: str | None = None
+) -> LoadResult:
     """Read and validate every unpaired record of `path`."""
     columns = check_columns(columns, UNPAIRED_FIELDS, "unpaired")
     return load_records(path, parse_unpaired_record, columns, on_bad_record, split)

@@ -31,8 +31,7 @@ def length_ok(text: str, min_words: int | None = None, max_words: int | None = N
     """True when `text` has between `min_words` and `max_words` words, both bounds inclusive
     (None: no bound). Words are whitespace-separated runs, as `str.split()` finds them."""
     if min_words is not None and max_words is not None and min_words > max_words:
-        raise ValueError(f"length_ok: min_words={min_words} is above max_words={max_words}; "
-                         "set min_words <= max_words")
+        raise ValueError(f"length_ok: min_words={min_words} is above max_words={max_words}; set min_words <= max_words")
     count = len(text.split())
     return (min_words is None or count >= min_words) and (max_words is None or count <= max_words)
 
@@ -53,7 +52,7 @@ def repetition_ratio(text: str, n: int = 3) -> float:
     if n < 1:
         raise ValueError(f"repetition_ratio: n={n}; the n-gram length must be at least 1")
     words = text.lower().split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return 0.0
     seen: set = set()
@@ -86,7 +85,7 @@ def shingles(text: str, k: int) -> set:
     words = _WORD.findall(text.lower())
     if len(words) < k:
         return {" ".join(words)}
-    return {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}
+    return {" ".join(words[i : i + k]) for i in range(len(words) - k + 1)}
 
 
 def jaccard(a_text: str, b_text: str, k: int = 3) -> float:
@@ -122,13 +121,16 @@ class MinHashDedup:
     reaches `threshold`, so the band layout sets recall and cost, the threshold sets what counts
     as a duplicate."""
 
-    def __init__(self, threshold: float = 0.8, k: int = 3, num_perm: int = 128, bands: int = 32,
-                 rows: int = 4, seed: int = 0):
+    def __init__(
+        self, threshold: float = 0.8, k: int = 3, num_perm: int = 128, bands: int = 32, rows: int = 4, seed: int = 0
+    ):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"MinHashDedup: threshold={threshold}; use a Jaccard similarity in (0, 1]")
         if bands * rows != num_perm:
-            raise ValueError(f"MinHashDedup: bands x rows = {bands} x {rows} = {bands * rows} must equal "
-                             f"num_perm={num_perm}; e.g. num_perm=128 with bands=32, rows=4")
+            raise ValueError(
+                f"MinHashDedup: bands x rows = {bands} x {rows} = {bands * rows} must equal "
+                f"num_perm={num_perm}; e.g. num_perm=128 with bands=32, rows=4"
+            )
         self.threshold, self.k, self.num_perm, self.bands, self.rows = threshold, k, num_perm, bands, rows
         rng = np.random.default_rng(seed)
         self._a = rng.integers(1, _PRIME, size=num_perm, dtype=np.uint64)  # a != 0: a bijection of Z_p
@@ -142,12 +144,12 @@ class MinHashDedup:
         xs = np.array([_stable_hash(s) % _PRIME for s in sorted(shingles(text, self.k))], dtype=np.uint64)
         sig = np.full(self.num_perm, _PRIME, dtype=np.uint64)
         for start in range(0, len(xs), 4096):  # bounded memory: [chunk, num_perm] at a time
-            chunk = xs[start:start + 4096, None]
+            chunk = xs[start : start + 4096, None]
             sig = np.minimum(sig, ((chunk * self._a + self._b) % _PRIME).min(axis=0))
         return sig
 
     def _band_keys(self, sig: np.ndarray) -> list:
-        return [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
+        return [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
 
     def add(self, key, text: str):
         """Index `text` under `key` unless it is a near-duplicate of a text already added; return
@@ -181,26 +183,42 @@ def _getter(text_of, what: str) -> Callable:
         return text_of
     if isinstance(text_of, str):
         return lambda record: record[text_of]
-    raise TypeError(f"filter_records: {what} must be a field name or a function record -> text, "
-                    f"not {type(text_of).__name__}")
+    raise TypeError(
+        f"filter_records: {what} must be a field name or a function record -> text, not {type(text_of).__name__}"
+    )
 
 
 def _text(get: Callable, record, index: int, what: str) -> str:
     try:
         text = get(record)
     except (KeyError, IndexError, TypeError) as e:
-        raise DataError(f"filter_records: record {index} has no {what} ({type(e).__name__}: {e}); "
-                        f"check the field name given as {what}") from None
+        raise DataError(
+            f"filter_records: record {index} has no {what} ({type(e).__name__}: {e}); "
+            f"check the field name given as {what}"
+        ) from None
     if not isinstance(text, str):
         raise DataError(f"filter_records: record {index}'s {what} is a {type(text).__name__}, not a string")
     return text
 
 
-def filter_records(records, *, text_of, reply_of=None, min_words: int | None = None,
-                   max_words: int | None = None, max_repetition: float | None = None, ngram: int = 3,
-                   drop_refusals: bool = False, dedup_threshold: float | None = None, shingle: int = 3,
-                   num_perm: int = 128, bands: int = 32, rows: int = 4, seed: int = 0,
-                   on_drop: Callable | None = None) -> tuple[list, dict]:
+def filter_records(
+    records,
+    *,
+    text_of,
+    reply_of=None,
+    min_words: int | None = None,
+    max_words: int | None = None,
+    max_repetition: float | None = None,
+    ngram: int = 3,
+    drop_refusals: bool = False,
+    dedup_threshold: float | None = None,
+    shingle: int = 3,
+    num_perm: int = 128,
+    bands: int = 32,
+    rows: int = 4,
+    seed: int = 0,
+    on_drop: Callable | None = None,
+) -> tuple[list, dict]:
     """Keep the records that pass every enabled filter; return (kept, counts).
 
     Filters, in this order (a record is counted once, by the first filter that removes it):
@@ -217,8 +235,9 @@ def filter_records(records, *, text_of, reply_of=None, min_words: int | None = N
     rather than 0, so a report never suggests a check that did not run), then "kept"; the entries
     add up to len(records). `on_drop(index, record, reason)`, if given, sees each removed record."""
     if min_words is not None and max_words is not None and min_words > max_words:
-        raise ValueError(f"filter_records: min_words={min_words} is above max_words={max_words}; "
-                         "set min_words <= max_words")
+        raise ValueError(
+            f"filter_records: min_words={min_words} is above max_words={max_words}; set min_words <= max_words"
+        )
     get_text = _getter(text_of, "text_of")
     get_reply = get_text if reply_of is None else _getter(reply_of, "reply_of")
     counts: dict = {}
@@ -267,5 +286,5 @@ def distinct_n(texts: list, n: int = 2) -> float:
     """Distinct-n (Li et al., "A Diversity-Promoting Objective Function for Neural Conversation
     Models", arXiv 1510.03055): distinct word n-grams over all word n-grams of `texts`, on
     lower-cased whitespace words; 0.0 when there are no n-grams. 1.0: no n-gram is ever repeated."""
-    grams = [tuple(w[i: i + n]) for t in texts for w in [str(t).lower().split()] for i in range(len(w) - n + 1)]
+    grams = [tuple(w[i : i + n]) for t in texts for w in [str(t).lower().split()] for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0

@@ -40,9 +40,23 @@ def _heldout_scores(lm, examples, reward, params) -> list:
     return [float(x) for x in reward(prompts, replies, **prompt_columns(examples))]
 
 
-def iterate(config: str | None, overrides: list, *, prompts: str, heldout: str, reward_spec, rounds: int, k: int,
-            min_margin: float, out: str, params, seed: int = 0, progress: bool = True) -> list:
+def iterate(
+    config: str | None,
+    overrides: list,
+    *,
+    prompts: str,
+    heldout: str,
+    reward_spec,
+    rounds: int,
+    k: int,
+    min_margin: float,
+    out: str,
+    params,
+    seed: int = 0,
+    progress: bool = True,
+) -> list:
     """Run the rounds (see the module docstring); returns the per-round rows."""
+    from alignkit.api import train
     from alignkit.config import load_config
     from alignkit.data.prompts import load_prompt_examples, prompt_columns
     from alignkit.datatools.pairs import build_pairs, sample_and_score, write_pairs
@@ -50,16 +64,26 @@ def iterate(config: str | None, overrides: list, *, prompts: str, heldout: str, 
     from alignkit.generation.text_models import LocalModel
     from alignkit.models import load_model, load_tokenizer, resolve_model_path
     from alignkit.rewards.build import build_reward
-    from alignkit.api import train
 
     out_dir = Path(out)
     state_path = out_dir / "iterate.json"
     base = load_config(config, list(overrides) + [f"data.train={prompts}"])
-    settings = {"config": config, "overrides": list(overrides), "prompts": prompts, "heldout": heldout,
-                "reward": reward_spec, "k": k, "min_margin": min_margin, "seed": seed,
-                "max_new_tokens": params.max_new_tokens, "temperature": params.temperature}
-    inputs = {"--prompts": {"path": prompts, "sha256": fingerprint(prompts)},
-              "--heldout": {"path": heldout, "sha256": fingerprint(heldout)}}
+    settings = {
+        "config": config,
+        "overrides": list(overrides),
+        "prompts": prompts,
+        "heldout": heldout,
+        "reward": reward_spec,
+        "k": k,
+        "min_margin": min_margin,
+        "seed": seed,
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+    }
+    inputs = {
+        "--prompts": {"path": prompts, "sha256": fingerprint(prompts)},
+        "--heldout": {"path": heldout, "sha256": fingerprint(heldout)},
+    }
     state = read_state(state_path, settings, inputs)
     out_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run leaves nothing behind
     reward = build_reward(reward_spec)
@@ -73,35 +97,64 @@ def iterate(config: str | None, overrides: list, *, prompts: str, heldout: str, 
     held_before = rows[-1]["heldout_after"] if rows else None
     for r in range(len(rows), rounds):
         rdir = out_dir / f"round-{r + 1}"
-        lm = LocalModel(load_model(dataclasses.replace(base.model, name_or_path=model_path), for_training=False,
-                                   cache_dir=base.cache_dir), tokenizer,
-                        batch_size=base.generation.batch_size, name=model_path)
+        lm = LocalModel(
+            load_model(
+                dataclasses.replace(base.model, name_or_path=model_path), for_training=False, cache_dir=base.cache_dir
+            ),
+            tokenizer,
+            batch_size=base.generation.batch_size,
+            name=model_path,
+        )
         if held_before is None:
             held_before = _heldout_scores(lm, held_ex, reward, params)
         convs = [list(e.prompt) for e in train_ex]
-        samples, scores = sample_and_score(lm, convs, k, params, reward, seed=seed + r,
-                                           columns=prompt_columns(train_ex), progress=progress)
+        samples, scores = sample_and_score(
+            lm, convs, k, params, reward, seed=seed + r, columns=prompt_columns(train_ex), progress=progress
+        )
         records, counts = build_pairs(convs, samples, scores, min_margin=min_margin)
         if not records:
-            raise AlignkitError(f"round {r + 1}: no pairs: every prompt's {k} replies scored within {min_margin} of "
-                                f"each other ({counts}). Raise k or the temperature, or lower --min-margin.")
+            raise AlignkitError(
+                f"round {r + 1}: no pairs: every prompt's {k} replies scored within {min_margin} of "
+                f"each other ({counts}). Raise k or the temperature, or lower --min-margin."
+            )
         rdir.mkdir(parents=True, exist_ok=True)
         write_pairs(rdir / "pairs.jsonl", records)
         del lm
-        cfg = load_config(config, list(overrides) + [f"model.name_or_path={model_path}",
-                                                       f"data.train={rdir / 'pairs.jsonl'}", f"output_dir={rdir / 'run'}"])
+        cfg = load_config(
+            config,
+            list(overrides)
+            + [f"model.name_or_path={model_path}", f"data.train={rdir / 'pairs.jsonl'}", f"output_dir={rdir / 'run'}"],
+        )
         result = train(cfg, progress=progress)
         new_path = str(result.final_dir)
-        lm = LocalModel(load_model(dataclasses.replace(base.model, name_or_path=new_path), for_training=False,
-                                   cache_dir=base.cache_dir), tokenizer, batch_size=base.generation.batch_size, name=new_path)
+        lm = LocalModel(
+            load_model(
+                dataclasses.replace(base.model, name_or_path=new_path), for_training=False, cache_dir=base.cache_dir
+            ),
+            tokenizer,
+            batch_size=base.generation.batch_size,
+            name=new_path,
+        )
         held_after = _heldout_scores(lm, held_ex, reward, params)
         del lm
         d = paired_bootstrap(held_before, held_after, seed=seed)
-        rows.append({"round": r + 1, "pairs": len(records), "pair_counts": counts,
-                     "train_reward_mean": sum(map(sum, scores)) / max(1, sum(map(len, scores))),
-                     "heldout_before": held_before, "heldout_after": held_after,
-                     "before": d.before, "after": d.after, "diff": d.diff, "ci95": [d.lo, d.hi],
-                     "improved": d.improved, "worsened": d.worsened, "model": new_path})
+        rows.append(
+            {
+                "round": r + 1,
+                "pairs": len(records),
+                "pair_counts": counts,
+                "train_reward_mean": sum(map(sum, scores)) / max(1, sum(map(len, scores))),
+                "heldout_before": held_before,
+                "heldout_after": held_after,
+                "before": d.before,
+                "after": d.after,
+                "diff": d.diff,
+                "ci95": [d.lo, d.hi],
+                "improved": d.improved,
+                "worsened": d.worsened,
+                "model": new_path,
+            }
+        )
         write_atomic(state_path, state, indent=1)
         write_report(out_dir, rows)
         model_path, held_before = new_path, held_after
@@ -115,44 +168,65 @@ def read_state(path: Path, settings: dict, inputs: dict) -> dict:
     fresh = {"settings": settings, "inputs": inputs, "rounds": []}
     if not path.exists():
         return fresh
-    restart = (f"remove {path} to run the rounds again from the start (the round-N directories beside it are "
-               "then redone), or use another --out")
+    restart = (
+        f"remove {path} to run the rounds again from the start (the round-N directories beside it are "
+        "then redone), or use another --out"
+    )
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AlignkitError(f"{path} is not valid JSON ({e}): the record of the finished rounds was cut short or "
-                            f"edited, so it cannot be carried on from; {restart}.") from None
+        raise AlignkitError(
+            f"{path} is not valid JSON ({e}): the record of the finished rounds was cut short or "
+            f"edited, so it cannot be carried on from; {restart}."
+        ) from None
     rounds = state.get("rounds") if isinstance(state, dict) else None
-    if not (isinstance(state, dict) and isinstance(state.get("settings"), dict) and isinstance(rounds, list)
-            and all(isinstance(r, dict) and all(k in r for k in _ROW_KEYS) for r in rounds)):
-        raise AlignkitError(f"{path} does not hold alignkit iterate's record of finished rounds (an object with "
-                            f"`settings` and `rounds`, each round with {', '.join(_ROW_KEYS)}); {restart}.")
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("settings"), dict)
+        and isinstance(rounds, list)
+        and all(isinstance(r, dict) and all(k in r for k in _ROW_KEYS) for r in rounds)
+    ):
+        raise AlignkitError(
+            f"{path} does not hold alignkit iterate's record of finished rounds (an object with "
+            f"`settings` and `rounds`, each round with {', '.join(_ROW_KEYS)}); {restart}."
+        )
     if state["settings"] != settings:
         changed = sorted(key for key in settings if state["settings"].get(key) != settings[key])
-        raise AlignkitError(f"{path} holds rounds run with other settings ({', '.join(changed)}); use another "
-                            "--out or the same settings.")
+        raise AlignkitError(
+            f"{path} holds rounds run with other settings ({', '.join(changed)}); use another "
+            "--out or the same settings."
+        )
     saved = state.get("inputs")
     if not isinstance(saved, dict):  # written before the inputs were recorded: record them from now on
-        print(f"alignkit: {path} does not record the contents of --prompts and --heldout; checking them from this "
-              "run on")
+        print(
+            f"alignkit: {path} does not record the contents of --prompts and --heldout; checking them from this run on"
+        )
         state["inputs"] = inputs
         return state
     for option, now in inputs.items():
         before = saved.get(option) or {}
         if before.get("sha256") != now["sha256"]:
-            raise AlignkitError(f"{now['path']} ({option}) changed since the finished rounds in {path} were run: a "
-                                "new round would be compared with rounds on other prompts. Restore the file as it "
-                                f"was, or {restart}.")
+            raise AlignkitError(
+                f"{now['path']} ({option}) changed since the finished rounds in {path} were run: a "
+                "new round would be compared with rounds on other prompts. Restore the file as it "
+                f"was, or {restart}."
+            )
     return state
 
 
 def write_report(out_dir: Path, rows: list) -> Path:
     """OUT/iterate.md: held-out reward per round with its interval, and the pairs each round made."""
-    lines = ["# alignkit iterate", "", "| round | pairs | held-out reward before | after | change [95% CI] | better / worse |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# alignkit iterate",
+        "",
+        "| round | pairs | held-out reward before | after | change [95% CI] | better / worse |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['round']} | {r['pairs']} | {r['before']:.3f} | {r['after']:.3f} | {r['diff']:+.3f} "
-                     f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['improved']} / {r['worsened']} |")
+        lines.append(
+            f"| {r['round']} | {r['pairs']} | {r['before']:.3f} | {r['after']:.3f} | {r['diff']:+.3f} "
+            f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['improved']} / {r['worsened']} |"
+        )
     path = out_dir / "iterate.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -60,16 +60,21 @@ class RecordLog:
         self.log = self.out.with_name(self.out.name + ".partial.jsonl")
         self.meta = self.out.with_name(self.out.name + ".partial.json")
         self.settings = dict(settings)
-        self.inputs = {opt: {"path": str(path), "sha256": fingerprint(path)}
-                       for opt, path in (inputs or {}).items() if path is not None}
+        self.inputs = {
+            opt: {"path": str(path), "sha256": fingerprint(path)}
+            for opt, path in (inputs or {}).items()
+            if path is not None
+        }
         self.done: dict = {}
         self.torn = 0  # a last line cut by the interruption: dropped and done again
         self._f = None
         if self.log.exists():
             self._read_log()
             if not self.done:  # nothing finished: nothing to resume, so no reason to ask for --resume
-                print(f"alignkit: removed {self.log}: it held no finished record (its run stopped before finishing "
-                      "any item)")
+                print(
+                    f"alignkit: removed {self.log}: it held no finished record (its run stopped before finishing "
+                    "any item)"
+                )
                 self.log.unlink()
                 self.meta.unlink(missing_ok=True)
                 self.torn = 0
@@ -79,20 +84,26 @@ class RecordLog:
             if not self.log.exists():
                 # Exit 2 (an error), not 0: the user asked to finish work, and there is none to
                 # finish; silently redoing it all would cost the whole run and replace the file.
-                raise AlignkitError(f"--resume: {self.out} is already finished (no {self.log.name} of an interrupted "
-                                    "run is beside it), so there is nothing to resume and nothing was redone; this "
-                                    "is exit code 2 because the work asked for cannot be done. To make it again, "
-                                    f"delete {self.out} (or choose another --out) and run without --resume.")
+                raise AlignkitError(
+                    f"--resume: {self.out} is already finished (no {self.log.name} of an interrupted "
+                    "run is beside it), so there is nothing to resume and nothing was redone; this "
+                    "is exit code 2 because the work asked for cannot be done. To make it again, "
+                    f"delete {self.out} (or choose another --out) and run without --resume."
+                )
         if self.log.exists():
             if not resume:
-                raise AlignkitError(f"{self.log} holds the records of an interrupted run: add --resume to finish it "
-                                    f"(or delete {self.log} and {self.meta} to start over).")
+                raise AlignkitError(
+                    f"{self.log} holds the records of an interrupted run: add --resume to finish it "
+                    f"(or delete {self.log} and {self.meta} to start over)."
+                )
             self._check_same_run()
             if self.torn:  # rewrite without the torn line, so appends start on a fresh line
                 self.log.write_text("".join(json.dumps(r) + "\n" for r in self.done.values()), encoding="utf-8")
         elif resume:
-            print(f"alignkit: --resume: no interrupted run to finish ({self.log} does not exist); starting from the "
-                  "beginning")
+            print(
+                f"alignkit: --resume: no interrupted run to finish ({self.log} does not exist); starting from the "
+                "beginning"
+            )
 
     def _read_log(self) -> None:
         lines = self.log.read_text(encoding="utf-8").splitlines()
@@ -103,11 +114,14 @@ class RecordLog:
                 if n == len(lines):
                     self.torn += 1
                     continue
-                raise AlignkitError(f"{self.log}:{n}: not JSON; the log is damaged (delete it and {self.meta} to "
-                                    "start over).") from None
+                raise AlignkitError(
+                    f"{self.log}:{n}: not JSON; the log is damaged (delete it and {self.meta} to start over)."
+                ) from None
             if not isinstance(rec, dict) or "id" not in rec:
-                raise AlignkitError(f"{self.log}:{n}: a record without an `id`; the log is damaged or not alignkit's "
-                                    f"(delete it and {self.meta} to start over).")
+                raise AlignkitError(
+                    f"{self.log}:{n}: a record without an `id`; the log is damaged or not alignkit's "
+                    f"(delete it and {self.meta} to start over)."
+                )
             self.done[rec["id"]] = rec
 
     def _check_same_run(self) -> None:
@@ -116,30 +130,39 @@ class RecordLog:
         try:
             saved = json.loads(self.meta.read_text(encoding="utf-8")) if self.meta.exists() else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AlignkitError(f"{self.meta}: not valid JSON ({e}); the settings of the interrupted run are lost, so "
-                                f"its records cannot be checked against this run: {start_over}.") from None
+            raise AlignkitError(
+                f"{self.meta}: not valid JSON ({e}); the settings of the interrupted run are lost, so "
+                f"its records cannot be checked against this run: {start_over}."
+            ) from None
         if not isinstance(saved, dict):
             raise AlignkitError(f"{self.meta}: not the settings of an alignkit run (a JSON object); {start_over}.")
         saved_inputs = saved.pop(INPUTS_KEY, {}) or {}
         changed = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
         if changed:
-            raise AlignkitError(f"--resume with other settings than the interrupted run ({', '.join(changed)}); "
-                                f"use the same ones, or {start_over}.")
+            raise AlignkitError(
+                f"--resume with other settings than the interrupted run ({', '.join(changed)}); "
+                f"use the same ones, or {start_over}."
+            )
         for opt, now in self.inputs.items():
             before = saved_inputs.get(opt)
             if before is None:
-                raise AlignkitError(f"--resume: the interrupted run did not record the contents of {now['path']} "
-                                    f"({opt}), so whether it changed since cannot be checked; {start_over}.")
+                raise AlignkitError(
+                    f"--resume: the interrupted run did not record the contents of {now['path']} "
+                    f"({opt}), so whether it changed since cannot be checked; {start_over}."
+                )
             if before.get("sha256") != now["sha256"]:
                 raise AlignkitError(
                     f"--resume: {now['path']} ({opt}) changed since the interrupted run started (sha256 "
                     f"{str(before.get('sha256'))[:12]}... then, {str(now['sha256'])[:12]}... now): its "
                     f"{len(self.done)} finished records came from the old contents and would be mixed with records "
                     f"of the new ones. Restore the file and run again with --resume, or, to start again on the new "
-                    f"contents, {start_over}.")
+                    f"contents, {start_over}."
+                )
             if now["sha256"] is None:  # a hub dataset: said, not silently assumed unchanged
-                print(f"alignkit: --resume: {now['path']} ({opt}) is not a local file; its contents were not checked "
-                      "for changes since the interrupted run")
+                print(
+                    f"alignkit: --resume: {now['path']} ({opt}) is not a local file; its contents were not checked "
+                    "for changes since the interrupted run"
+                )
 
     def todo(self, ids: list) -> list:
         return [i for i in ids if i not in self.done]
@@ -182,14 +205,21 @@ def write_summary(out: str | Path, title: str, counts: dict, notes: list = (), p
     md = out.with_name(out.name + ".summary.md")
     html = out.with_name(out.name + ".summary.html")
     rows = "".join(f"| {k} | {v} |\n" for k, v in counts.items())
-    md.write_text(f"# {title}\n\n| what | count |\n| --- | --- |\n{rows}\n" + "".join(f"- {n}\n" for n in notes)
-                  + "".join(f"\n![{name}]({out.name}.{name}.svg)\n" for name, _ in plots), encoding="utf-8")
+    md.write_text(
+        f"# {title}\n\n| what | count |\n| --- | --- |\n{rows}\n"
+        + "".join(f"- {n}\n" for n in notes)
+        + "".join(f"\n![{name}]({out.name}.{name}.svg)\n" for name, _ in plots),
+        encoding="utf-8",
+    )
     for name, svg in plots:
         out.with_name(f"{out.name}.{name}.svg").write_text(svg, encoding="utf-8")
     body = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in counts.items())
-    html.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title></head><body>"
-                    f"<h1>{escape(title)}</h1><table border='1' cellpadding='4'>{body}</table>"
-                    + "".join(f"<p>{escape(n)}</p>" for n in notes)
-                    + "".join(f"<figure>{svg}<figcaption>{escape(name)}</figcaption></figure>" for name, svg in plots)
-                    + "</body></html>", encoding="utf-8")
+    html.write_text(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title></head><body>"
+        f"<h1>{escape(title)}</h1><table border='1' cellpadding='4'>{body}</table>"
+        + "".join(f"<p>{escape(n)}</p>" for n in notes)
+        + "".join(f"<figure>{svg}<figcaption>{escape(name)}</figcaption></figure>" for name, svg in plots)
+        + "</body></html>",
+        encoding="utf-8",
+    )
     return md, html

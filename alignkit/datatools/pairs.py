@@ -24,8 +24,9 @@ from alignkit.jsonfile import dumps
 COUNT_KEYS = ("prompts", "pairs", "below_margin", "too_few_distinct", "blank_samples")
 
 
-def build_pairs(prompts: list, samples: list[list[str]], scores: list[list[float]], *,
-                min_margin: float) -> tuple[list[dict], dict]:
+def build_pairs(
+    prompts: list, samples: list[list[str]], scores: list[list[float]], *, min_margin: float
+) -> tuple[list[dict], dict]:
     """One {"prompt", "chosen", "rejected", "margin"} record per prompt whose best and worst samples
     differ by at least `min_margin`; and counts of what happened to every prompt.
 
@@ -40,12 +41,18 @@ def build_pairs(prompts: list, samples: list[list[str]], scores: list[list[float
     reply; `blank_samples` counts them (samples, not prompts). The prompt is written as given, a
     string or a message list; both are forms the paired reader (`alignkit.data.formats`) accepts.
     """
-    if not (isinstance(min_margin, (int, float)) and not isinstance(min_margin, bool) and math.isfinite(min_margin)
-            and min_margin >= 0):
+    if not (
+        isinstance(min_margin, (int, float))
+        and not isinstance(min_margin, bool)
+        and math.isfinite(min_margin)
+        and min_margin >= 0
+    ):
         raise ValueError(f"build_pairs: min_margin must be a finite number >= 0; got {min_margin!r}")
     if not len(prompts) == len(samples) == len(scores):
-        raise ValueError(f"build_pairs: {len(prompts)} prompts, {len(samples)} sample lists and {len(scores)} score "
-                         "lists; give one sample list and one score list per prompt")
+        raise ValueError(
+            f"build_pairs: {len(prompts)} prompts, {len(samples)} sample lists and {len(scores)} score "
+            "lists; give one sample list and one score list per prompt"
+        )
     records, counts = [], dict.fromkeys(COUNT_KEYS, 0)
     for i, (prompt, texts, values) in enumerate(zip(prompts, samples, scores)):
         counts["prompts"] += 1
@@ -73,15 +80,18 @@ def _usable(texts: list, values: list, i: int) -> list[tuple[str, float]]:
         if not isinstance(text, str):
             raise TypeError(f"build_pairs: sample {j} of prompt {i} is {type(text).__name__}, not a string")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"build_pairs: score {j} of prompt {i} is {value!r}; scores must be finite numbers "
-                             "(give a failed sample a low score instead)")
+            raise ValueError(
+                f"build_pairs: score {j} of prompt {i} is {value!r}; scores must be finite numbers "
+                "(give a failed sample a low score instead)"
+            )
         if text.strip():
             out.append((text, float(value)))
     return out
 
 
-def sample_and_score(lm, prompts: list, k: int, params, reward, seed: int = 0, *, columns: dict | None = None,
-                     progress: bool = False) -> tuple[list[list[str]], list[list[float]]]:
+def sample_and_score(
+    lm, prompts: list, k: int, params, reward, seed: int = 0, *, columns: dict | None = None, progress: bool = False
+) -> tuple[list[list[str]], list[list[float]]]:
     """k replies per prompt from `lm.chat` (a `TextModel`; `params.n` is set to k) and their rewards.
 
     `prompts`: strings (sent as one user message) or message lists. `reward`: a reward callable,
@@ -103,9 +113,11 @@ def sample_and_score(lm, prompts: list, k: int, params, reward, seed: int = 0, *
     repeated = {key: [v for v in values for _ in range(k)] for key, values in columns.items()}
     values = list(reward([p for p in prompts for _ in range(k)], flat, **repeated))
     if len(values) != len(flat):
-        raise ValueError(f"sample_and_score: reward {getattr(reward, 'name', reward)!r} returned {len(values)} "
-                         f"values for {len(flat)} replies")
-    return samples, [[float(v) for v in values[i * k:(i + 1) * k]] for i in range(len(prompts))]
+        raise ValueError(
+            f"sample_and_score: reward {getattr(reward, 'name', reward)!r} returned {len(values)} "
+            f"values for {len(flat)} replies"
+        )
+    return samples, [[float(v) for v in values[i * k : (i + 1) * k]] for i in range(len(prompts))]
 
 
 def write_pairs(path, records: list[dict]) -> Path:

@@ -27,8 +27,8 @@ import re
 from collections.abc import Callable
 from typing import Protocol
 
-from alignkit.prompt_templates import fill_template
 from alignkit.errors import AlignkitError, ConfigError
+from alignkit.prompt_templates import fill_template
 from alignkit.rewards.judge import render_prompt
 
 PROPOSE_TEMPLATE = """A person compared two replies to the same conversation and preferred reply A to reply B.
@@ -50,8 +50,10 @@ _BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.)]|#+)\s*")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # Words every principle shares ("Select the response that is ...") or that carry no content; left out
 # of the word overlap, else any two principles of the template's form look alike.
-_COMMON = frozenset("""select choose prefer pick the a an response responses reply replies answer that which
-is are be more most less least and or of to in on for with it its as by than""".split())
+_COMMON = frozenset(
+    """select choose prefer pick the a an response responses reply replies answer that which
+is are be more most less least and or of to in on for with it its as by than""".split()
+)
 
 
 class Comparer(Protocol):
@@ -78,23 +80,37 @@ def _as_text(x) -> str:
 def _check_pairs(pairs, where: str, hint: str = "") -> list[dict]:
     pairs = list(pairs)
     if not pairs:
-        raise AlignkitError(f"{where}: no preference pairs; give at least one {{prompt, chosen, rejected}} record"
-                            f"{hint}.")
+        raise AlignkitError(
+            f"{where}: no preference pairs; give at least one {{prompt, chosen, rejected}} record{hint}."
+        )
     for i, p in enumerate(pairs):
         missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(p, dict) or k not in p]
         if missing:
-            raise AlignkitError(f"{where}: pair {i} has no {', '.join(missing)}; each pair needs prompt, chosen and "
-                                "rejected.")
+            raise AlignkitError(
+                f"{where}: pair {i} has no {', '.join(missing)}; each pair needs prompt, chosen and rejected."
+            )
     return pairs
 
 
 def propose_requests(pairs: list, per_pair: int = 1, template: str | None = None) -> list[list[dict]]:
     """The conversations sent to the proposing model: one user message per pair."""
     tpl = PROPOSE_TEMPLATE if template is None else template
-    return [[{"role": "user", "content": fill_template(tpl, "propose: `template`", prompt=_as_text(p["prompt"]),
-                                                        chosen=_as_text(p["chosen"]), rejected=_as_text(p["rejected"]),
-                                                        count=per_pair)}]
-            for p in _check_pairs(pairs, "propose")]
+    return [
+        [
+            {
+                "role": "user",
+                "content": fill_template(
+                    tpl,
+                    "propose: `template`",
+                    prompt=_as_text(p["prompt"]),
+                    chosen=_as_text(p["chosen"]),
+                    rejected=_as_text(p["rejected"]),
+                    count=per_pair,
+                ),
+            }
+        ]
+        for p in _check_pairs(pairs, "propose")
+    ]
 
 
 def parse_principles(reply: str, limit: int) -> list[str]:
@@ -111,8 +127,9 @@ def parse_principles(reply: str, limit: int) -> list[str]:
     return out
 
 
-def propose(lm, pairs: list, params, seed: int = 0, per_pair: int = 1, *, template: str | None = None,
-            progress: bool = False) -> list[str]:
+def propose(
+    lm, pairs: list, params, seed: int = 0, per_pair: int = 1, *, template: str | None = None, progress: bool = False
+) -> list[str]:
     """Candidate principles: `lm` asked (`PROPOSE_TEMPLATE`: `{prompt}`, `{chosen}`, `{rejected}`,
     `{count}`) why each pair's chosen reply was preferred; up to `per_pair` lines from each of its
     `params.n` replies, in pair order. Duplicates are kept (see `dedupe`)."""
@@ -151,8 +168,14 @@ def dedupe(principles: list[str], threshold: float = 0.6) -> list[str]:
 
 
 def _margins(judge: Comparer, pairs: list, principle: str) -> list[float]:
-    margins = [float(x) for x in judge.compare([p["prompt"] for p in pairs], [_as_text(p["chosen"]) for p in pairs],
-                                               [_as_text(p["rejected"]) for p in pairs])]
+    margins = [
+        float(x)
+        for x in judge.compare(
+            [p["prompt"] for p in pairs],
+            [_as_text(p["chosen"]) for p in pairs],
+            [_as_text(p["rejected"]) for p in pairs],
+        )
+    ]
     if len(margins) != len(pairs):
         raise AlignkitError(f"the judge for {principle!r} returned {len(margins)} comparisons for {len(pairs)} pairs.")
     if any(math.isnan(m) for m in margins):
@@ -185,9 +208,20 @@ def vote_agreement(margins: list[list[float]]) -> float:
     return agree / len(margins[0])
 
 
-def extract(lm, judge_factory: Callable[[str], Comparer], train_pairs: list, heldout_pairs: list, *,
-            max_principles: int = 5, params=None, seed: int = 0, per_pair: int = 1, dedupe_threshold: float = 0.6,
-            template: str | None = None, progress: bool = False) -> ExtractedPrinciples:
+def extract(
+    lm,
+    judge_factory: Callable[[str], Comparer],
+    train_pairs: list,
+    heldout_pairs: list,
+    *,
+    max_principles: int = 5,
+    params=None,
+    seed: int = 0,
+    per_pair: int = 1,
+    dedupe_threshold: float = 0.6,
+    template: str | None = None,
+    progress: bool = False,
+) -> ExtractedPrinciples:
     """Inverse Constitutional AI, end to end (see the module docstring): propose principles from
     `train_pairs`, `dedupe` them, measure each one's agreement on `train_pairs`, keep the
     `max_principles` best (ties: the earlier proposed), and measure each kept one, and their majority
@@ -201,15 +235,20 @@ def extract(lm, judge_factory: Callable[[str], Comparer], train_pairs: list, hel
     if max_principles < 1:
         raise ConfigError(f"extract: max_principles must be at least 1; got {max_principles}.")
     train_pairs = _check_pairs(train_pairs, "extract: train_pairs")
-    heldout_pairs = _check_pairs(heldout_pairs, "extract: heldout_pairs", " (hold out some of your pairs, e.g. a "
-                                 "fifth, to check the principles on pairs they were not drawn from)")
+    heldout_pairs = _check_pairs(
+        heldout_pairs,
+        "extract: heldout_pairs",
+        " (hold out some of your pairs, e.g. a fifth, to check the principles on pairs they were not drawn from)",
+    )
     params = SamplingParams(max_new_tokens=128) if params is None else params
     proposed = propose(lm, train_pairs, params, seed=seed, per_pair=per_pair, template=template, progress=progress)
     unique = dedupe(proposed, dedupe_threshold)
     if not unique:
-        raise AlignkitError(f"extract: the model proposed no principles for {len(train_pairs)} pairs (every reply was "
-                            "empty or a header); use a model that follows instructions, more max_new_tokens, or your "
-                            "own template.")
+        raise AlignkitError(
+            f"extract: the model proposed no principles for {len(train_pairs)} pairs (every reply was "
+            "empty or a header); use a model that follows instructions, more max_new_tokens, or your "
+            "own template."
+        )
     from tqdm.auto import tqdm
 
     scored = []
@@ -219,11 +258,18 @@ def extract(lm, judge_factory: Callable[[str], Comparer], train_pairs: list, hel
         scored.append((sum(m > 0 for m in margins) / len(margins), order, principle, judge))
     scored.sort(key=lambda s: (-s[0], s[1]))
     records, heldout_margins = [], []
-    for train_agreement, _, principle, judge in tqdm(scored[:max_principles], desc="held-out check",
-                                                     disable=not progress):
+    for train_agreement, _, principle, judge in tqdm(
+        scored[:max_principles], desc="held-out check", disable=not progress
+    ):
         margins = _margins(judge, heldout_pairs, principle)
         heldout_margins.append(margins)
-        records.append({"principle": principle, "train_agreement": train_agreement,
-                        "heldout_agreement": sum(m > 0 for m in margins) / len(margins)})
-    return ExtractedPrinciples(records, proposed=len(proposed), unique=len(unique),
-                      vote_agreement=vote_agreement(heldout_margins))
+        records.append(
+            {
+                "principle": principle,
+                "train_agreement": train_agreement,
+                "heldout_agreement": sum(m > 0 for m in margins) / len(margins),
+            }
+        )
+    return ExtractedPrinciples(
+        records, proposed=len(proposed), unique=len(unique), vote_agreement=vote_agreement(heldout_margins)
+    )

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from alignkit.prompt_templates import fill_template
 from alignkit.errors import AlignkitError
+from alignkit.prompt_templates import fill_template
 
 COMPLEXITY_TEMPLATE = """How complex is the following instruction to carry out well? Rate it from 1 to 6:
 1 = trivial (one short step, common knowledge); 2 = simple; 3 = moderate; 4 = involved (several steps
@@ -52,9 +52,15 @@ def complexity_score(lm, prompts: list, template: str | None = None) -> list[flo
     Options that the model does not rank at all (an endpoint reports only its top first tokens)
     get probability 0; when none of the six is ranked, that is an error naming the prompt."""
     tpl = COMPLEXITY_TEMPLATE if template is None else template
-    convs = [[{"role": "user", "content": fill_template(tpl, "complexity_score: `template`",
-                                                         instruction=_instruction(p, i))}]
-             for i, p in enumerate(prompts)]
+    convs = [
+        [
+            {
+                "role": "user",
+                "content": fill_template(tpl, "complexity_score: `template`", instruction=_instruction(p, i)),
+            }
+        ]
+        for i, p in enumerate(prompts)
+    ]
     if not convs:
         return []
     rows = lm.option_logprobs(convs, list(RATINGS))
@@ -68,9 +74,11 @@ def expected_rating(logprobs: list, index: int = 0) -> float:
     lps = [float(x) for x in logprobs]
     top = max(lps)
     if math.isnan(top) or any(math.isnan(x) for x in lps) or top == -math.inf:
-        raise AlignkitError(f"complexity_score: prompt {index}: the model gives none of the ratings 1-6 a "
-                            f"probability ({lps}); use a model that follows instructions, or a template that asks "
-                            "for a single digit.")
+        raise AlignkitError(
+            f"complexity_score: prompt {index}: the model gives none of the ratings 1-6 a "
+            f"probability ({lps}); use a model that follows instructions, or a template that asks "
+            "for a single digit."
+        )
     weights = [math.exp(x - top) for x in lps]
     return sum(k * w for k, w in enumerate(weights, 1)) / sum(weights)
 
@@ -110,8 +118,10 @@ def evol_score(complexity: list[float], quality: list[float]) -> list[float]:
     for name, values in (("complexity", complexity), ("quality", quality)):
         bad = [i for i, v in enumerate(values) if not (v > 0 and math.isfinite(v))]
         if bad:
-            raise ValueError(f"evol_score: {name} scores must be positive and finite (they are multiplied); examples "
-                             f"{bad[:10]} are not. Map them to a positive scale first, e.g. a sigmoid or their rank.")
+            raise ValueError(
+                f"evol_score: {name} scores must be positive and finite (they are multiplied); examples "
+                f"{bad[:10]} are not. Map them to a positive scale first, e.g. a sigmoid or their rank."
+            )
     return [float(c) * float(q) for c, q in zip(complexity, quality)]
 
 
@@ -132,8 +142,9 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 16, *, max_lengt
     ids = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise AlignkitError(f"embed: text {i} is a {type(text).__name__}; give strings (e.g. the instruction "
-                                "text).")
+            raise AlignkitError(
+                f"embed: text {i} is a {type(text).__name__}; give strings (e.g. the instruction text)."
+            )
         enc = tokenizer(text, add_special_tokens=True, truncation=max_length is not None, max_length=max_length)
         if not enc["input_ids"]:
             raise AlignkitError(f"embed: text {i} ({text!r}) has no tokens; drop empty texts before embedding.")
@@ -147,7 +158,7 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 16, *, max_lengt
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
-            rows = order[start: start + batch_size]
+            rows = order[start : start + batch_size]
             width = max(len(ids[i]) for i in rows)
             batch = torch.full((len(rows), width), pad, dtype=torch.long)  # [B, T]
             mask = torch.zeros_like(batch)
@@ -209,8 +220,14 @@ def select(scores: list[float], embeddings, budget: int, *, min_distance: float 
     return kept, {"selected": len(kept), "redundant": redundant, "not_reached": n - considered}
 
 
-def plot_scores(before: list[float], after: list[float], path, *, label: str = "score",
-                title: str = "Scores before and after selection") -> Path:
+def plot_scores(
+    before: list[float],
+    after: list[float],
+    path,
+    *,
+    label: str = "score",
+    title: str = "Scores before and after selection",
+) -> Path:
     """Write an SVG histogram of the scores of all examples (`before`) and of the selected ones
     (`after`) on the same bins, with counts and means in the legend; returns the path."""
     import numpy as np
@@ -226,8 +243,9 @@ def plot_scores(before: list[float], after: list[float], path, *, label: str = "
         bins = np.histogram_bin_edges(before + after, bins=min(30, max(5, int(math.sqrt(len(before))))))
         ax.hist(before, bins=bins, color=MUTED, alpha=0.45, label=f"all (n={len(before)}, mean {np.mean(before):.3g})")
         if after:
-            ax.hist(after, bins=bins, color=EVAL, alpha=0.8,
-                    label=f"selected (n={len(after)}, mean {np.mean(after):.3g})")
+            ax.hist(
+                after, bins=bins, color=EVAL, alpha=0.8, label=f"selected (n={len(after)}, mean {np.mean(after):.3g})"
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("examples")
         ax.set_title(title)

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-
-from alignkit.rewards.principles import check_lists
 from alignkit.errors import AlignkitError, DataError
 from alignkit.generation.decode import SamplingParams
+from alignkit.rewards.principles import check_lists
 
 # A string no template rewrites (no spaces, no markup) and no real conversation contains: the
 # template is rendered around it and cut where it appears.
@@ -46,8 +45,10 @@ class SynthRecords(list):
 def _render(tokenizer, messages: list, add_generation_prompt: bool = False) -> str:
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     if not tokenizer.chat_template:
-        raise AlignkitError(f"tokenizer {name!r} has no chat template: Magpie needs the template of an aligned "
-                            "(instruct/chat) model. Use an instruct model, or set tokenizer.chat_template.")
+        raise AlignkitError(
+            f"tokenizer {name!r} has no chat template: Magpie needs the template of an aligned "
+            "(instruct/chat) model. Use an instruct model, or set tokenizer.chat_template."
+        )
     # jinja2 comes with transformers' chat-template support; imported here so that this module
     # imports without it
     from jinja2.exceptions import TemplateError
@@ -56,8 +57,10 @@ def _render(tokenizer, messages: list, add_generation_prompt: bool = False) -> s
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as e:  # e.g. a template that rejects a system message
         roles = "/".join(m["role"] for m in messages)
-        raise AlignkitError(f"the chat template of {name!r} cannot render a {roles} conversation: {e}. "
-                            "If it rejects the system message, call without `system`.") from None
+        raise AlignkitError(
+            f"the chat template of {name!r} cannot render a {roles} conversation: {e}. "
+            "If it rejects the system message, call without `system`."
+        ) from None
 
 
 def _user_turn(system: str | None, text: str) -> list:
@@ -74,8 +77,10 @@ def pre_query_template(tokenizer, system: str | None = None) -> str:
     text = _render(tokenizer, _user_turn(system, _SENTINEL))
     cut = text.find(_SENTINEL)
     if cut < 0:
-        raise AlignkitError(f"the chat template of {getattr(tokenizer, 'name_or_path', '')!r} does not show the "
-                            "user's message verbatim, so the pre-query template cannot be found; use another model")
+        raise AlignkitError(
+            f"the chat template of {getattr(tokenizer, 'name_or_path', '')!r} does not show the "
+            "user's message verbatim, so the pre-query template cannot be found; use another model"
+        )
     return text[:cut]
 
 
@@ -91,30 +96,43 @@ def end_of_user_turn(tokenizer) -> list[str]:
     both = _render(tokenizer, user + [{"role": "assistant", "content": _SENTINEL_REPLY}])
     start, end = both.find(_SENTINEL), both.find(_SENTINEL_REPLY)
     if start < 0 or end < 0:
-        raise AlignkitError("the chat template does not show the messages verbatim, so the end of the user's turn "
-                            "cannot be found; use another model")
-    between = both[start + len(_SENTINEL):end]
+        raise AlignkitError(
+            "the chat template does not show the messages verbatim, so the end of the user's turn "
+            "cannot be found; use another model"
+        )
+    between = both[start + len(_SENTINEL) : end]
     plain = _render(tokenizer, user)
-    header = _render(tokenizer, user, add_generation_prompt=True)[len(plain):].strip()
-    turn_end = between[:between.index(header)] if header and header in between else between
+    header = _render(tokenizer, user, add_generation_prompt=True)[len(plain) :].strip()
+    turn_end = between[: between.index(header)] if header and header in between else between
     stops = [s for s in (turn_end.strip(), header) if s]
     if not stops:
-        raise AlignkitError("the chat template puts nothing between the user's and the assistant's text, so there is "
-                            "no stop string for the user's turn; use a model whose template marks turns")
+        raise AlignkitError(
+            "the chat template puts nothing between the user's and the assistant's text, so there is "
+            "no stop string for the user's turn; use a model whose template marks turns"
+        )
     return list(dict.fromkeys(stops))
 
 
 def _cut(text: str, stops: list) -> str:
     """`text` up to the first stop string (a backend may keep the stop string in its text)."""
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[:min(cuts)] if cuts else text
+    return text[: min(cuts)] if cuts else text
 
 
 # --- Magpie ------------------------------------------------------------------------------------------
 
 
-def magpie(lm, tokenizer, n: int, params: SamplingParams, seed: int = 0, *, system: str | None = None,
-           on_record: Callable | None = None, progress: bool = False) -> SynthRecords:
+def magpie(
+    lm,
+    tokenizer,
+    n: int,
+    params: SamplingParams,
+    seed: int = 0,
+    *,
+    system: str | None = None,
+    on_record: Callable | None = None,
+    progress: bool = False,
+) -> SynthRecords:
     """Synthesise `n` instruction/response records from nothing but an aligned model (Magpie,
     Xu et al., arXiv 2406.08464).
 
@@ -135,26 +153,35 @@ def magpie(lm, tokenizer, n: int, params: SamplingParams, seed: int = 0, *, syst
     if n < 1:
         raise ValueError(f"magpie: n={n}; ask for at least one record")
     if n > 1 and params.temperature <= 0:
-        raise ValueError(f"magpie: temperature={params.temperature} samples the same instruction {n} times; "
-                         "set a sampling temperature (the paper uses 1.0) in the sampling params")
+        raise ValueError(
+            f"magpie: temperature={params.temperature} samples the same instruction {n} times; "
+            "set a sampling temperature (the paper uses 1.0) in the sampling params"
+        )
     template, stops = pre_query_template(tokenizer, system), end_of_user_turn(tokenizer)
     outs = lm.complete([template] * n, params.but(n=1, stop=tuple(stops)), seed=seed, progress=progress)
     instructions = [_cut(o[0], stops).strip() for o in outs]
     kept = [text for text in instructions if text]
-    records, counts = _answer(lm, kept, lambda text: [{"role": "user", "content": text}], params, seed + 1,
-                              on_record, progress)
+    records, counts = _answer(
+        lm, kept, lambda text: [{"role": "user", "content": text}], params, seed + 1, on_record, progress
+    )
     return SynthRecords(records, {"sampled": n, "empty_instruction": n - len(kept), **counts})
 
 
 def _answer(lm, prompts: list, messages_of: Callable, params: SamplingParams, seed: int, on_record, progress):
     """One reply per prompt: (records in prompt order, {"empty_response", "kept"})."""
+
     def on_result(i, replies):  # streams kept records to the caller as they come
         reply = replies[0].strip()
         if reply and on_record is not None:
             on_record({"prompt": prompts[i], "completion": reply})
 
-    results = lm.chat([messages_of(p) for p in prompts], params.but(n=1), seed=seed,
-                      on_result=None if on_record is None else on_result, progress=progress)
+    results = lm.chat(
+        [messages_of(p) for p in prompts],
+        params.but(n=1),
+        seed=seed,
+        on_result=None if on_record is None else on_result,
+        progress=progress,
+    )
     replies = [r[0].strip() for r in results]
     records = [{"prompt": p, "completion": r} for p, r in zip(prompts, replies) if r]
     return records, {"empty_response": len(prompts) - len(records), "kept": len(records)}
@@ -163,8 +190,10 @@ def _answer(lm, prompts: list, messages_of: Callable, params: SamplingParams, se
 # --- Self-Align ----------------------------------------------------------------------------------------
 
 
-SELF_ALIGN_SYSTEM = ("You are a helpful AI assistant. Follow these principles in every reply:\n{principles}\n"
-                     "Do not mention the principles; just follow them.")
+SELF_ALIGN_SYSTEM = (
+    "You are a helpful AI assistant. Follow these principles in every reply:\n{principles}\n"
+    "Do not mention the principles; just follow them."
+)
 
 
 def self_align_messages(principles: list, exemplars: list, prompt: str) -> list:
@@ -181,8 +210,16 @@ def self_align_messages(principles: list, exemplars: list, prompt: str) -> list:
     return messages + [{"role": "user", "content": prompt}]
 
 
-def self_align(lm, prompts: list, principles: list, exemplars: list, params: SamplingParams, seed: int = 0,
-               on_record: Callable | None = None, progress: bool = False) -> SynthRecords:
+def self_align(
+    lm,
+    prompts: list,
+    principles: list,
+    exemplars: list,
+    params: SamplingParams,
+    seed: int = 0,
+    on_record: Callable | None = None,
+    progress: bool = False,
+) -> SynthRecords:
     """Answer each prompt with the principles and exemplars in context (`self_align_messages`) and
     return {"prompt": prompt, "completion": reply} records WITHOUT the principles or exemplars
     (Self-Align, Sun et al., arXiv 2305.03047). That omission is the method: fine-tuning on these
@@ -199,6 +236,7 @@ def self_align(lm, prompts: list, principles: list, exemplars: list, params: Sam
             raise DataError(f"self_align: prompts[{i}] must be a non-empty string, got {p!r}")
     check_lists(principles, exemplars, "self_align")
     prompts = list(prompts)
-    records, counts = _answer(lm, prompts, lambda p: self_align_messages(principles, exemplars, p), params, seed,
-                              on_record, progress)
+    records, counts = _answer(
+        lm, prompts, lambda p: self_align_messages(principles, exemplars, p), params, seed, on_record, progress
+    )
     return SynthRecords(records, {"prompts": len(prompts), **counts})

@@ -31,15 +31,18 @@ class Environment(Protocol):
     def step(self, message: dict) -> StepResult:
         """Answer the model's turn (an assistant message: role, content)."""
 
+
 # Optional: `schemas`, a list of JSON tool schemas given to the chat template (`tools=`); `tools`,
 # {name: (schema, function)}, which `env.tools` replaces; `style`, the tool-call format to parse
 # (set from the tokenizer's template); `counts`, {name: number} counters logged as episode/<name>.
 
 
 # name -> "module:Class" of the built-in environments (imported when named)
-ENVIRONMENTS: dict = {"calculator": "alignkit.envs.builtin:CalculatorEnvironment",
-                      "python": "alignkit.envs.builtin:PythonEnvironment",
-                      "gsm8k_tools": "alignkit.envs.builtin:GSM8KTools"}
+ENVIRONMENTS: dict = {
+    "calculator": "alignkit.envs.builtin:CalculatorEnvironment",
+    "python": "alignkit.envs.builtin:PythonEnvironment",
+    "gsm8k_tools": "alignkit.envs.builtin:GSM8KTools",
+}
 
 
 def load_environment_class(spec: str):
@@ -58,6 +61,8 @@ def load_environment_class(spec: str):
         raise ConfigError(f"environment {spec!r}: {target} has no {name}.")
     missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
     if missing:
-        raise ConfigError(f"environment {spec!r}: {name} lacks {', '.join(missing)} (an environment has "
-                          "reset(record) -> messages and step(message) -> StepResult).")
+        raise ConfigError(
+            f"environment {spec!r}: {name} lacks {', '.join(missing)} (an environment has "
+            "reset(record) -> messages and step(message) -> StepResult)."
+        )
     return cls

@@ -20,11 +20,18 @@ from alignkit.errors import ConfigError
 from alignkit.plugins import load_module
 from alignkit.rewards.verifiable import final_answer
 
-CALCULATOR = {"type": "function", "function": {
-    "name": "calculator",
-    "description": "Evaluate an arithmetic expression with numbers and + - * / ( ) **.",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string",
-                   "description": "for example (17 + 8) * 3"}}, "required": ["expression"]}}}
+CALCULATOR = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression with numbers and + - * / ( ) **.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string", "description": "for example (17 + 8) * 3"}},
+            "required": ["expression"],
+        },
+    },
+}
 
 
 def calculator(arguments: dict) -> str:
@@ -34,12 +41,19 @@ def calculator(arguments: dict) -> str:
     return format_number(evaluate(expression))
 
 
-PYTHON = {"type": "function", "function": {
-    "name": "python",
-    "description": "Run a Python program and read what it prints (5 s, 512 MiB, no network; files only in "
-                   "its scratch directory).",
-    "parameters": {"type": "object", "properties": {"code": {"type": "string",
-                   "description": "the program, for example print(17 * 3)"}}, "required": ["code"]}}}
+PYTHON = {
+    "type": "function",
+    "function": {
+        "name": "python",
+        "description": "Run a Python program and read what it prints (5 s, 512 MiB, no network; files only in "
+        "its scratch directory).",
+        "parameters": {
+            "type": "object",
+            "properties": {"code": {"type": "string", "description": "the program, for example print(17 * 3)"}},
+            "required": ["code"],
+        },
+    },
+}
 
 
 # name -> (JSON schema, function(arguments: dict) -> str). The python tool runs behind the sandbox
@@ -49,8 +63,9 @@ TOOLS = {"calculator": (CALCULATOR, calculator), "python": (PYTHON, PythonTool()
 
 def bind_executor(tools: dict, executor) -> dict:
     """`tools` with every code tool bound to `executor` (other tools unchanged)."""
-    return {name: (schema, fn.bind(executor) if isinstance(fn, PythonTool) else fn)
-            for name, (schema, fn) in tools.items()}
+    return {
+        name: (schema, fn.bind(executor) if isinstance(fn, PythonTool) else fn) for name, (schema, fn) in tools.items()
+    }
 
 
 def runs_code(tools: dict) -> bool:
@@ -70,16 +85,19 @@ def resolve_tools(names: list) -> dict:
             continue
         target, sep, name = entry.rpartition(":")
         if not sep or not target or not name:
-            raise ConfigError(f"`env.tools`: {entry!r} is neither a built-in tool ({', '.join(TOOLS)}) nor "
-                              "`file.py:function`.")
+            raise ConfigError(
+                f"`env.tools`: {entry!r} is neither a built-in tool ({', '.join(TOOLS)}) nor `file.py:function`."
+            )
         fn = getattr(load_module(target, f"`env.tools` {entry!r}: file"), name, None)
         if not callable(fn):
             raise ConfigError(f"`env.tools` {entry!r}: {target} has no function {name}.")
         try:
             schema = get_json_schema(fn)
         except Exception as e:  # transformers raises its own error types for a missing docstring or type hint
-            raise ConfigError(f"`env.tools` {entry!r}: cannot read the tool's schema ({e}). Give every argument a "
-                              "type hint and document it in a Google-style docstring (Args: ...).") from None
+            raise ConfigError(
+                f"`env.tools` {entry!r}: cannot read the tool's schema ({e}). Give every argument a "
+                "type hint and document it in a Google-style docstring (Args: ...)."
+            ) from None
         out[schema["function"]["name"]] = (schema, lambda arguments, fn=fn: str(fn(**arguments)))
     return out
 
@@ -104,7 +122,9 @@ class ToolEnvironment:
         self.record, self.counts = dict(record), {"tool_calls": 0, "tool_errors": 0}
         question = record.get(self.question_column, record.get("prompt"))
         if isinstance(question, list) and question and all(isinstance(m, dict) and "role" in m for m in question):
-            return [dict(m) for m in question]  # a conversation so far (e.g. a demonstration episode, then the question)
+            return [
+                dict(m) for m in question
+            ]  # a conversation so far (e.g. a demonstration episode, then the question)
         if not isinstance(question, str):
             raise ValueError(f"{type(self).__name__}: the record has no text column {self.question_column!r}")
         return [{"role": "user", "content": question}]
@@ -163,8 +183,10 @@ class PythonEnvironment(CalculatorEnvironment):
         try:
             self.tools = {"python": (PYTHON, PythonTool(limits=Limits(**limits)))}
         except TypeError:
-            raise ConfigError(f"`env.args` {limits!r}: the python environment takes timeout_s, memory_mb, max_output, "
-                              "max_processes, scratch_mb and file_mb.") from None
+            raise ConfigError(
+                f"`env.args` {limits!r}: the python environment takes timeout_s, memory_mb, max_output, "
+                "max_processes, scratch_mb and file_mb."
+            ) from None
 
 
 class GSM8KTools(CalculatorEnvironment):

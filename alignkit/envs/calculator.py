@@ -32,7 +32,9 @@ def _tokens(text: str) -> list:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
-            raise CalculatorError(f"unexpected character {text[pos]!r} at position {pos}; use numbers and + - * / ( ) **")
+            raise CalculatorError(
+                f"unexpected character {text[pos]!r} at position {pos}; use numbers and + - * / ( ) **"
+            )
         out.append(_literal(m.group(1)) if m.group(1) is not None else m.group(2))
         pos = m.end()
         while pos < len(text) and text[pos].isspace():
@@ -95,7 +97,7 @@ class _Parser:
                 raise CalculatorError("division by zero (0 to a negative power)")
             if base < 0 and exponent != int(exponent):
                 raise CalculatorError("a negative number to a fractional power is not a real number")
-            return _check(base ** exponent)
+            return _check(base**exponent)
         return base
 
     def atom(self) -> float:

@@ -13,8 +13,14 @@ from alignkit.envs.sandbox import CodeExecutor, CodeResult, Limits, make_executo
 PythonResult = CodeResult  # the name this module used before executors were pluggable
 
 
-def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, max_output: int = 10_000,
-               executor: CodeExecutor | None = None) -> CodeResult:
+def run_python(
+    code: str,
+    *,
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    max_output: int = 10_000,
+    executor: CodeExecutor | None = None,
+) -> CodeResult:
     """Run `code` with `executor` (default: the bubblewrap sandbox, checked on first use)."""
     executor = executor or make_executor("bwrap")
     executor.check()

@@ -105,17 +105,35 @@ def _rlimits(limits: Limits, drop_to: int | None = None):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb << 20, limits.file_mb << 20))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+
     return apply
 
 
-def run_bounded(argv: list, limits: Limits, *, env: dict | None = None, cwd: str | None = None,
-                pass_fds: tuple = (), preexec=None, describe=None) -> CodeResult:
+def run_bounded(
+    argv: list,
+    limits: Limits,
+    *,
+    env: dict | None = None,
+    cwd: str | None = None,
+    pass_fds: tuple = (),
+    preexec=None,
+    describe=None,
+) -> CodeResult:
     """Run `argv` in a new session, reading its output as it comes: standard output up to
     `limits.max_output` bytes (past that the whole session is killed), the last `max_output` bytes
     of standard error. At `limits.timeout_s` the session is killed. `describe(returncode, stderr)`
     names a failure (default: the last line of standard error)."""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, cwd=cwd, pass_fds=pass_fds, preexec_fn=preexec, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+        pass_fds=pass_fds,
+        preexec_fn=preexec,
+        start_new_session=True,
+    )
     out, err = bytearray(), bytearray()
     error = None
     sel = selectors.DefaultSelector()
@@ -138,7 +156,7 @@ def run_bounded(argv: list, limits: Limits, *, env: dict | None = None, cwd: str
                     err += chunk
                     del err[: max(0, len(err) - limits.max_output)]
             if len(out) > limits.max_output:
-                del out[limits.max_output:]
+                del out[limits.max_output :]
                 error = f"output cut at {limits.max_output} bytes (the tool's output limit); the program was stopped"
                 break
     finally:
@@ -175,9 +193,11 @@ def _describe(returncode: int, stderr: str, limits: Limits) -> str:
 # -- bubblewrap -------------------------------------------------------------------------------------
 
 
-INSTALL_HINT = ("Install bubblewrap (Debian/Ubuntu: `sudo apt-get install bubblewrap`; Fedora: `sudo dnf install "
-                "bubblewrap`), or run model-written code elsewhere with env.sandbox=file.py:Executor. To run it "
-                "WITHOUT isolation (only code you trust), set env.sandbox=none.")
+INSTALL_HINT = (
+    "Install bubblewrap (Debian/Ubuntu: `sudo apt-get install bubblewrap`; Fedora: `sudo dnf install "
+    "bubblewrap`), or run model-written code elsewhere with env.sandbox=file.py:Executor. To run it "
+    "WITHOUT isolation (only code you trust), set env.sandbox=none."
+)
 
 
 def _python_roots() -> list:
@@ -202,8 +222,18 @@ class BwrapExecutor:
     def _argv(self, limits: Limits, code_fd: int) -> list:
         bwrap = shutil.which("bwrap")
         root = os.geteuid() == 0
-        a = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net", "--unshare-ipc",
-             "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
+        a = [
+            bwrap,
+            "--die-with-parent",
+            "--new-session",
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            "sandbox",
+        ]
         if root:  # no user namespace: setpriv below drops to the real uid 65534 (see the module docstring)
             a += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
@@ -227,14 +257,53 @@ class BwrapExecutor:
                     a += ["--perms", "0755", "--dir", d]
                     made.add(d)
             a += ["--ro-bind", r, r]
-        a += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(limits.scratch_mb << 20),
-              "--tmpfs", SCRATCH, "--perms", "0644", "--file", str(code_fd), f"{SCRATCH}/main.py",
-              "--remount-ro", "/", "--remount-ro", "/dev",  # only the scratch tmpfs is writable
-              "--chdir", SCRATCH, "--clearenv", "--setenv", "HOME", SCRATCH, "--setenv", "PATH", "/usr/bin:/bin",
-              "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
+        a += [
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--perms",
+            "1777",
+            "--size",
+            str(limits.scratch_mb << 20),
+            "--tmpfs",
+            SCRATCH,
+            "--perms",
+            "0644",
+            "--file",
+            str(code_fd),
+            f"{SCRATCH}/main.py",
+            "--remount-ro",
+            "/",
+            "--remount-ro",
+            "/dev",  # only the scratch tmpfs is writable
+            "--chdir",
+            SCRATCH,
+            "--clearenv",
+            "--setenv",
+            "HOME",
+            SCRATCH,
+            "--setenv",
+            "PATH",
+            "/usr/bin:/bin",
+            "--setenv",
+            "LANG",
+            "C.UTF-8",
+            "--setenv",
+            "PYTHONDONTWRITEBYTECODE",
+            "1",
+        ]
         if root:
-            a += ["/usr/bin/setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                  "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+            a += [
+                "/usr/bin/setpriv",
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--no-new-privs",
+                "--",
+            ]
         return a + [sys.executable, "-I", "main.py"]
 
     def check(self) -> None:
@@ -242,17 +311,22 @@ class BwrapExecutor:
         if self._checked:
             return
         if shutil.which("bwrap") is None:
-            raise SandboxUnavailable("model-written code runs inside bubblewrap (`bwrap`), which is not installed. "
-                                     + INSTALL_HINT)
+            raise SandboxUnavailable(
+                "model-written code runs inside bubblewrap (`bwrap`), which is not installed. " + INSTALL_HINT
+            )
         if os.geteuid() == 0 and not os.path.exists("/usr/bin/setpriv"):
-            raise SandboxUnavailable("running as root, alignkit drops model-written code to uid 65534 with "
-                                     "/usr/bin/setpriv (util-linux), which is missing: install util-linux.")
+            raise SandboxUnavailable(
+                "running as root, alignkit drops model-written code to uid 65534 with "
+                "/usr/bin/setpriv (util-linux), which is missing: install util-linux."
+            )
         res = self.run("import os\nprint(os.getuid(), os.getpid())", Limits(timeout_s=30))
         if res.error is not None or res.stdout.split() != [str(NOBODY), "2"]:
-            raise SandboxUnavailable(f"bubblewrap is installed but a sandbox did not start ({res.error or res.stdout}; "
-                                     f"{res.stderr.strip()[-400:]}). Unprivileged user namespaces may be disabled "
-                                     "(sysctl kernel.unprivileged_userns_clone=1, or run in a container that allows "
-                                     "them). " + INSTALL_HINT)
+            raise SandboxUnavailable(
+                f"bubblewrap is installed but a sandbox did not start ({res.error or res.stdout}; "
+                f"{res.stderr.strip()[-400:]}). Unprivileged user namespaces may be disabled "
+                "(sysctl kernel.unprivileged_userns_clone=1, or run in a container that allows "
+                "them). " + INSTALL_HINT
+            )
         self._checked = True
 
     def run(self, code: str, limits: Limits) -> CodeResult:
@@ -260,8 +334,14 @@ class BwrapExecutor:
         try:
             os.write(fd, code.encode("utf-8", errors="replace"))
             os.lseek(fd, 0, os.SEEK_SET)
-            return run_bounded(self._argv(limits, fd), limits, env={"PATH": "/usr/bin:/bin"}, pass_fds=(fd,),
-                               preexec=_rlimits(limits), describe=_describe)
+            return run_bounded(
+                self._argv(limits, fd),
+                limits,
+                env={"PATH": "/usr/bin:/bin"},
+                pass_fds=(fd,),
+                preexec=_rlimits(limits),
+                describe=_describe,
+            )
         finally:
             os.close(fd)
 
@@ -283,13 +363,17 @@ class UnsandboxedExecutor:
             with open(os.path.join(scratch, "main.py"), "w", encoding="utf-8") as f:
                 f.write(code)
             env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-            return run_bounded([sys.executable, "-I", "main.py"], limits, env=env, cwd=scratch, preexec=_rlimits(limits))
+            return run_bounded(
+                [sys.executable, "-I", "main.py"], limits, env=env, cwd=scratch, preexec=_rlimits(limits)
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-UNSAFE_WARNING = ("WARNING: env.sandbox=none: model-written code runs WITHOUT isolation, as this user, with this "
-                  "machine's files and network. Use it only for code you trust.")
+UNSAFE_WARNING = (
+    "WARNING: env.sandbox=none: model-written code runs WITHOUT isolation, as this user, with this "
+    "machine's files and network. Use it only for code you trust."
+)
 
 _DEFAULT: dict = {}
 
@@ -312,6 +396,8 @@ def make_executor(spec: str | None) -> CodeExecutor:
         raise ConfigError(f"`env.sandbox` {spec!r}: {target} has no {name}.")
     executor = cls()
     if not isinstance(executor, CodeExecutor):
-        raise ConfigError(f"`env.sandbox` {spec!r}: {name} is not a code executor (it needs `name`, `check()` and "
-                          "`run(code, limits) -> CodeResult`; see alignkit.envs.sandbox.CodeExecutor).")
+        raise ConfigError(
+            f"`env.sandbox` {spec!r}: {name} is not a code executor (it needs `name`, `check()` and "
+            "`run(code, limits) -> CodeResult`; see alignkit.envs.sandbox.CodeExecutor)."
+        )
     return executor

@@ -32,6 +32,7 @@ class ToolCall:
 @dataclass(frozen=True)
 class ToolCallError:
     """A call the model tried to make and got wrong; `message` is what the model is told."""
+
     message: str
 
 
@@ -49,10 +50,10 @@ def template_style(tokenizer) -> str:
 
 def _call_from_object(obj, args_key: str):
     if not isinstance(obj, dict):
-        return ToolCallError("a tool call must be a JSON object with \"name\" and \"" + args_key + "\"")
+        return ToolCallError('a tool call must be a JSON object with "name" and "' + args_key + '"')
     name = obj.get("name")
     if not isinstance(name, str) or not name:
-        return ToolCallError("the tool call has no \"name\" (a string naming the tool)")
+        return ToolCallError('the tool call has no "name" (a string naming the tool)')
     args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
     if isinstance(args, str):  # some models send the arguments JSON-encoded
         try:
@@ -73,8 +74,12 @@ def parse_tool_calls(text: str, style: str = "hermes") -> list:
             try:
                 out.append(_call_from_object(json.loads(block.strip()), "arguments"))
             except json.JSONDecodeError as e:
-                out.append(ToolCallError(f"the tool call is not valid JSON ({e.msg} at character {e.pos}); write "
-                                         '<tool_call>{"name": ..., "arguments": {...}}</tool_call>'))
+                out.append(
+                    ToolCallError(
+                        f"the tool call is not valid JSON ({e.msg} at character {e.pos}); write "
+                        '<tool_call>{"name": ..., "arguments": {...}}</tool_call>'
+                    )
+                )
         opened, closed = text.count("<tool_call>"), text.count("</tool_call>")
         if opened > closed:
             out.append(ToolCallError("a <tool_call> block was not closed with </tool_call>"))
@@ -86,8 +91,12 @@ def parse_tool_calls(text: str, style: str = "hermes") -> list:
         try:
             return [_call_from_object(json.loads(body), "parameters")]
         except json.JSONDecodeError as e:
-            return [ToolCallError(f"the tool call is not valid JSON ({e.msg} at character {e.pos}); write "
-                                  '{"name": ..., "parameters": {...}}')]
+            return [
+                ToolCallError(
+                    f"the tool call is not valid JSON ({e.msg} at character {e.pos}); write "
+                    '{"name": ..., "parameters": {...}}'
+                )
+            ]
     raise ValueError(f"parse_tool_calls: unknown style {style!r}; choose hermes, llama3 or fallback")
 
 
@@ -95,6 +104,8 @@ def fallback_instructions(tools: list) -> str:
     """The system message that teaches a template without tool support the `hermes` block format.
     `tools`: JSON-schema tool descriptions, as for `apply_chat_template(..., tools=...)`."""
     listed = "\n".join(json.dumps(t, sort_keys=True) for t in tools)
-    return ("You can call these tools:\n" + listed + "\nTo call one, reply with only\n"
-            '<tool_call>{"name": <tool name>, "arguments": <JSON object>}</tool_call>\n'
-            "and wait for its result. When you know the answer, reply with the answer.")
+    return (
+        "You can call these tools:\n" + listed + "\nTo call one, reply with only\n"
+        '<tool_call>{"name": <tool name>, "arguments": <JSON object>}</tool_call>\n'
+        "and wait for its result. When you know the answer, reply with the answer."
+    )

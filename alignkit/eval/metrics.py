@@ -71,8 +71,9 @@ def bootstrap_mean_ci(values, n_boot: int = 10_000, seed: int = 0, level: float 
         raise ValueError(f"level must be in (0, 1); got {level}")
     rng = np.random.default_rng(seed)
     rows = max(1, _BOOT_CHUNK_ELEMS // len(v))
-    means = np.concatenate([v[rng.integers(0, len(v), size=(min(rows, n_boot - i), len(v)))].mean(axis=1)
-                            for i in range(0, n_boot, rows)])
+    means = np.concatenate(
+        [v[rng.integers(0, len(v), size=(min(rows, n_boot - i), len(v)))].mean(axis=1) for i in range(0, n_boot, rows)]
+    )
     tail = (1 - level) / 2
     lo, hi = np.quantile(means, [tail, 1 - tail])
     return float(v.mean()), float(lo), float(hi)
@@ -167,9 +168,14 @@ def idealized_ranking_accuracy(ref_chosen_logps, ref_rejected_logps, beta: float
     majority = np.where(alpha > 0.5, 1.0, -1.0)
     scores = _pairwise_scores(z * majority, np.zeros_like(z))
     ref_scores = _pairwise_scores((c - r) * majority, np.zeros_like(z))
-    return {**_accuracy_dict(scores), "n_ties_excluded": int((~keep).sum()), "beta": float(beta),
-            "pref_prob": single, "pref_prob_is_default": pref_prob is None,
-            "reference_value": float(ref_scores.mean())}
+    return {
+        **_accuracy_dict(scores),
+        "n_ties_excluded": int((~keep).sum()),
+        "beta": float(beta),
+        "pref_prob": single,
+        "pref_prob_is_default": pref_prob is None,
+        "reference_value": float(ref_scores.mean()),
+    }
 
 
 def _pref_probs(pref_prob, n: int) -> tuple[np.ndarray, float | None]:
@@ -220,8 +226,12 @@ def length_bias(rewards_chosen, rewards_rejected, len_chosen, len_rejected) -> d
     - "points": [{"length_diff", "margin"}] for a scatter plot; at most 2000, taken at evenly spaced
       indices (np.linspace over the pairs, first and last included) so the plot is deterministic.
     - "n": number of pairs."""
-    rc, rr, lc, lr = _as_paired(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected,
-                                len_chosen=len_chosen, len_rejected=len_rejected)
+    rc, rr, lc, lr = _as_paired(
+        rewards_chosen=rewards_chosen,
+        rewards_rejected=rewards_rejected,
+        len_chosen=len_chosen,
+        len_rejected=len_rejected,
+    )
     lc, lr = _as_lengths(lc, "len_chosen"), _as_lengths(lr, "len_rejected")
     margin, diff = rc - rr, lc - lr
     scores = _pairwise_scores(rc, rr)
@@ -263,8 +273,14 @@ def win_rate(policy_scores, reference_scores, n_boot: int = 10_000, seed: int = 
     Returns {"value", "ci95": [lo, hi], "n", "wins", "ties", "losses"}."""
     p, r = _as_paired(policy_scores=policy_scores, reference_scores=reference_scores)
     value, lo, hi = bootstrap_mean_ci(_pairwise_scores(p, r), n_boot=n_boot, seed=seed)
-    return {"value": value, "ci95": [lo, hi], "n": len(p), "wins": int((p > r).sum()),
-            "ties": int((p == r).sum()), "losses": int((p < r).sum())}
+    return {
+        "value": value,
+        "ci95": [lo, hi],
+        "n": len(p),
+        "wins": int((p > r).sum()),
+        "ties": int((p == r).sum()),
+        "losses": int((p < r).sum()),
+    }
 
 
 def kl_estimate(policy_logps, ref_logps) -> dict:
@@ -362,8 +378,9 @@ def _check_topk_inputs(logits, mask, k: int) -> None:
 # likelihood displacement
 
 
-def likelihood_displacement(initial_chosen_logps, current_chosen_logps, initial_rejected_logps=None,
-                            current_rejected_logps=None) -> dict:
+def likelihood_displacement(
+    initial_chosen_logps, current_chosen_logps, initial_rejected_logps=None, current_rejected_logps=None
+) -> dict:
     """How the log-probs of the preference data moved from the initial model to the current one.
 
     Razin et al., "Unintentional Unalignment: Likelihood Displacement in Direct Preference
@@ -383,11 +400,19 @@ def likelihood_displacement(initial_chosen_logps, current_chosen_logps, initial_
         raise ValueError("give both initial_rejected_logps and current_rejected_logps, or neither")
     c0, c1 = _as_paired(initial_chosen_logps=initial_chosen_logps, current_chosen_logps=current_chosen_logps)
     dc = c1 - c0
-    out = {"chosen_logp_change": float(dc.mean()), "chosen_logp_down_fraction": float((dc < 0).mean()),
-           "rejected_logp_change": None, "rejected_logp_down_fraction": None, "n": len(dc)}
+    out = {
+        "chosen_logp_change": float(dc.mean()),
+        "chosen_logp_down_fraction": float((dc < 0).mean()),
+        "rejected_logp_change": None,
+        "rejected_logp_down_fraction": None,
+        "n": len(dc),
+    }
     if initial_rejected_logps is not None:
-        r0, r1 = _as_paired(initial_chosen_logps=c0, initial_rejected_logps=initial_rejected_logps,
-                            current_rejected_logps=current_rejected_logps)[1:]
+        r0, r1 = _as_paired(
+            initial_chosen_logps=c0,
+            initial_rejected_logps=initial_rejected_logps,
+            current_rejected_logps=current_rejected_logps,
+        )[1:]
         dr = r1 - r0
         out.update(rejected_logp_change=float(dr.mean()), rejected_logp_down_fraction=float((dr < 0).mean()))
     return out

@@ -34,7 +34,8 @@ from alignkit import logprob_passes as passes
 from alignkit.config import ModelConfig
 from alignkit.data.batching import TokenBatch, collate_pairs
 from alignkit.data.formats import load_preference_examples
-from alignkit.data.heldout import FILENAME as HELDOUT_FILE, read_heldout, select_sources
+from alignkit.data.heldout import FILENAME as HELDOUT_FILE
+from alignkit.data.heldout import read_heldout, select_sources
 from alignkit.data.tokenize import tokenize_pairs
 from alignkit.errors import ConfigError
 from alignkit.eval import metrics as M
@@ -111,9 +112,17 @@ class _Models:
 
 def pair_tables(model, items: list, pad_id: int, batch_size: int, parallel=None) -> torch.Tensor:
     """[N, 2] summed log-probs (chosen, rejected), each process computing its share (`parallel`)."""
-    return passes.parallel_ref_logps(model, items, lambda b: collate_pairs(b, pad_id), batch_size, 1024,
-                                     next(model.parameters()).device, contextlib.nullcontext, desc="log-probs",
-                                     parallel=parallel)
+    return passes.parallel_ref_logps(
+        model,
+        items,
+        lambda b: collate_pairs(b, pad_id),
+        batch_size,
+        1024,
+        next(model.parameters()).device,
+        contextlib.nullcontext,
+        desc="log-probs",
+        parallel=parallel,
+    )
 
 
 # Recipes whose held-out examples are preference pairs, and the loader (`EvalConfig.data_format`) of each.
@@ -125,16 +134,28 @@ def heldout_settings(run_dir) -> dict:
     from its heldout.json; an error saying what to do when the run has none to give."""
     rec, path = read_heldout(run_dir), str(Path(run_dir) / HELDOUT_FILE)
     if rec.recipe not in PAIR_RECIPES:
-        raise ConfigError(f"--run {run_dir}: the run trained recipe `{rec.recipe}`, whose held-out examples are "
-                          "not preference pairs; give --data with pairs to measure the model on.")
+        raise ConfigError(
+            f"--run {run_dir}: the run trained recipe `{rec.recipe}`, whose held-out examples are "
+            "not preference pairs; give --data with pairs to measure the model on."
+        )
     if rec.sources is None:
         raise ConfigError(f"{path} does not list the held-out examples; give --data with the pairs to evaluate.")
     if not rec.sources:
-        raise ConfigError(f"{path}: the run held out no examples (data.eval unset, data.eval_fraction="
-                          f"{rec.eval_fraction}); give --data with pairs it did not train on.")
-    return {"data": rec.data, "max_length": rec.max_length, "columns": dict(rec.columns), "split": rec.split,
-            "on_bad_record": rec.on_bad_record, "max_prompt_length": rec.max_prompt_length,
-            "data_format": PAIR_RECIPES[rec.recipe], "heldout_sources": list(rec.sources), "heldout_record": path}
+        raise ConfigError(
+            f"{path}: the run held out no examples (data.eval unset, data.eval_fraction="
+            f"{rec.eval_fraction}); give --data with pairs it did not train on."
+        )
+    return {
+        "data": rec.data,
+        "max_length": rec.max_length,
+        "columns": dict(rec.columns),
+        "split": rec.split,
+        "on_bad_record": rec.on_bad_record,
+        "max_prompt_length": rec.max_prompt_length,
+        "data_format": PAIR_RECIPES[rec.recipe],
+        "heldout_sources": list(rec.sources),
+        "heldout_record": path,
+    }
 
 
 def load_pairs(cfg: EvalConfig) -> list:
@@ -148,13 +169,19 @@ def load_pairs(cfg: EvalConfig) -> list:
     if loaded.skipped:
         print(f"alignkit: {loaded.summary()}", flush=True)
     if cfg.data_format == "masked":  # the eval metrics are defined on whole completions
-        print("alignkit: sentence-labelled pairs: log-probs are summed over whole completions, not only the "
-              "sentences Mask-DPO scored", flush=True)
+        print(
+            "alignkit: sentence-labelled pairs: log-probs are summed over whole completions, not only the "
+            "sentences Mask-DPO scored",
+            flush=True,
+        )
     if cfg.heldout_sources is None:
         return loaded.examples
     examples = select_sources(loaded.examples, cfg.heldout_sources, cfg.data, cfg.heldout_record)
-    print(f"alignkit: evaluating the {len(examples)} pairs the run held out of {cfg.data} (listed in "
-          f"{cfg.heldout_record})", flush=True)
+    print(
+        f"alignkit: evaluating the {len(examples)} pairs the run held out of {cfg.data} (listed in "
+        f"{cfg.heldout_record})",
+        flush=True,
+    )
     return examples
 
 
@@ -165,8 +192,10 @@ def preference_section(cfg: EvalConfig, tokenizer, policy, reference, examples: 
     pol = pair_tables(policy, items, pad, cfg.batch_size, cfg.parallel)
     len_c = torch.tensor([len(it.chosen_ids) for it in items], dtype=torch.float64)
     len_r = torch.tensor([len(it.rejected_ids) for it in items], dtype=torch.float64)
-    out = {"ranking_accuracy": M.ranking_accuracy(pol[:, 0], pol[:, 1]),
-           "ranking_accuracy_mean_logprob": M.ranking_accuracy(pol[:, 0] / len_c, pol[:, 1] / len_r)}
+    out = {
+        "ranking_accuracy": M.ranking_accuracy(pol[:, 0], pol[:, 1]),
+        "ranking_accuracy_mean_logprob": M.ranking_accuracy(pol[:, 0] / len_c, pol[:, 1] / len_r),
+    }
     bias_rewards, bias = None, None
     ref = None
     if reference is not None:
@@ -202,8 +231,9 @@ def _scores_by_reward(cfg: EvalConfig, prompts: list, completions: list, columns
     return {f"{i}:{r!r}": r(prompts, completions, **(columns or {})) for i, r in enumerate(cfg.rewards)}
 
 
-def sample_logps(model, tokenizer, prompts: list, completions: list, max_length: int, batch_size: int,
-                 topk: bool = False) -> tuple[torch.Tensor, dict | None]:
+def sample_logps(
+    model, tokenizer, prompts: list, completions: list, max_length: int, batch_size: int, topk: bool = False
+) -> tuple[torch.Tensor, dict | None]:
     """Summed log-probs of (prompt, completion) under `model`; with topk, also top-k statistics
     (arXiv 2410.11677) over the positions predicting completion tokens."""
     acc = {"mass": 0.0, "ent": 0.0, "n": 0}
@@ -214,9 +244,12 @@ def sample_logps(model, tokenizer, prompts: list, completions: list, max_length:
         acc["ent"] += stats["topk_entropy"] * stats["n_positions"]
         acc["n"] += stats["n_positions"]
 
-    out = passes.sample_logps(model, tokenizer, prompts, completions, max_length, batch_size,
-                              on_batch=gather if topk else None)
-    stats = {"topk_mass": acc["mass"] / max(1, acc["n"]), "topk_entropy": acc["ent"] / max(1, acc["n"])} if topk else None
+    out = passes.sample_logps(
+        model, tokenizer, prompts, completions, max_length, batch_size, on_batch=gather if topk else None
+    )
+    stats = (
+        {"topk_mass": acc["mass"] / max(1, acc["n"]), "topk_entropy": acc["ent"] / max(1, acc["n"])} if topk else None
+    )
     return out, stats
 
 
@@ -236,36 +269,54 @@ def held_out_prompts(cfg: EvalConfig, examples: list) -> list:
     return prompts[: cfg.num_prompts]
 
 
-def _sample_texts(sampler, model, tokenizer, prompts: list, params, batch_size: int, seed: int, progress: bool,
-                  desc: str) -> list:
+def _sample_texts(
+    sampler, model, tokenizer, prompts: list, params, batch_size: int, seed: int, progress: bool, desc: str
+) -> list:
     """One sampled reply per prompt: from `sampler` (a vLLM backend) when given, else alignkit's own."""
     if sampler is None:
-        return [s[0] for s in generate(model, tokenizer, prompts, params, batch_size=batch_size, seed=seed,
-                                       progress=progress, desc=desc)]
+        return [
+            s[0]
+            for s in generate(
+                model, tokenizer, prompts, params, batch_size=batch_size, seed=seed, progress=progress, desc=desc
+            )
+        ]
     from alignkit.generation.hf import encode_prompts
 
     return [g[0].text for g in sampler.sample(encode_prompts(tokenizer, prompts), params.but(n=1), seed)]
 
 
-def generation_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: list, ref_samples: list,
-                       sampler=None) -> dict:
+def generation_section(
+    cfg: EvalConfig, tokenizer, policy, reference, prompts: list, ref_samples: list, sampler=None
+) -> dict:
     """Win rate of policy samples over reference samples under the reward(s), and KL on policy samples."""
-    samples = _sample_texts(sampler, policy, tokenizer, prompts, cfg.sampling, cfg.batch_size, cfg.seed, cfg.progress,
-                            "sampling (policy)")
+    samples = _sample_texts(
+        sampler, policy, tokenizer, prompts, cfg.sampling, cfg.batch_size, cfg.seed, cfg.progress, "sampling (policy)"
+    )
     pol_lp, topk = sample_logps(policy, tokenizer, prompts, samples, cfg.max_length, cfg.batch_size, topk=True)
     ref_lp, _ = sample_logps(reference, tokenizer, prompts, samples, cfg.max_length, cfg.batch_size)
-    out = {"n_prompts": len(prompts), "kl": M.kl_estimate(pol_lp, ref_lp), "topk": topk,
-           "examples": [{"prompt": _last_user(p), "policy": s, "reference": r}
-                        for p, s, r in list(zip(prompts, samples, ref_samples))[:5]]}
+    out = {
+        "n_prompts": len(prompts),
+        "kl": M.kl_estimate(pol_lp, ref_lp),
+        "topk": topk,
+        "examples": [
+            {"prompt": _last_user(p), "policy": s, "reference": r}
+            for p, s, r in list(zip(prompts, samples, ref_samples))[:5]
+        ],
+    }
     if cfg.rewards:
         pol_scores, ref_scores = combined_scores(cfg, prompts, samples, ref_samples)
-        out.update(win_rate=M.win_rate(pol_scores, ref_scores), scorer=", ".join(repr(r) for r in cfg.rewards),
-                   policy_reward_mean=float(torch.tensor(pol_scores).mean()),
-                   reference_reward_mean=float(torch.tensor(ref_scores).mean()))
+        out.update(
+            win_rate=M.win_rate(pol_scores, ref_scores),
+            scorer=", ".join(repr(r) for r in cfg.rewards),
+            policy_reward_mean=float(torch.tensor(pol_scores).mean()),
+            reference_reward_mean=float(torch.tensor(ref_scores).mean()),
+        )
     return out
 
 
-def best_of_n_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: list, columns: dict | None = None) -> dict:
+def best_of_n_section(
+    cfg: EvalConfig, tokenizer, policy, reference, prompts: list, columns: dict | None = None
+) -> dict:
     """Best-of-n win rates against the reference (InfAlign, arXiv 2412.19792; see
     `rewards.calibration` for what is read from the paper and what is derived): per prompt,
     `calibration_k` samples of the policy, of the reference, and a second, held-out set of the
@@ -280,22 +331,37 @@ def best_of_n_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: li
         raise ConfigError("--bon-n needs prompts: give --prompts or --data.")
     k = cfg.calibration_k
     if k < max(cfg.bon_n):
-        raise ConfigError(f"--bon-n {max(cfg.bon_n)} draws {max(cfg.bon_n)} distinct samples of the --calibration-k "
-                          f"{k} per prompt: raise --calibration-k to at least {max(cfg.bon_n)}.")
+        raise ConfigError(
+            f"--bon-n {max(cfg.bon_n)} draws {max(cfg.bon_n)} distinct samples of the --calibration-k "
+            f"{k} per prompt: raise --calibration-k to at least {max(cfg.bon_n)}."
+        )
     params = cfg.sampling.but(n=k)
     flat_prompts = [p for p in prompts for _ in range(k)]
     flat_cols = {key: [v for v in vals for _ in range(k)] for key, vals in (columns or {}).items()}
     rewards = {}
     for name, model, seed in (("reference", reference, 2), ("policy", policy, 3), ("reference_heldout", reference, 4)):
-        groups = generate(model, tokenizer, prompts, params, batch_size=cfg.batch_size, seed=cfg.seed + seed,
-                          progress=cfg.progress, desc=f"best-of-n: {name.replace('_', ' ')} samples")
+        groups = generate(
+            model,
+            tokenizer,
+            prompts,
+            params,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed + seed,
+            progress=cfg.progress,
+            desc=f"best-of-n: {name.replace('_', ' ')} samples",
+        )
         flat = _sum_scores(_scores_by_reward(cfg, flat_prompts, [s for g in groups for s in g], flat_cols))
-        rewards[name] = [[float(x) for x in flat[i * k:(i + 1) * k]] for i in range(len(prompts))]
+        rewards[name] = [[float(x) for x in flat[i * k : (i + 1) * k]] for i in range(len(prompts))]
     ref = rewards["reference"]
     calibrated = [C.calibrate(p, [r] * k) for p, r in zip(rewards["policy"], ref)]
-    out = {"calibration_k": k, "n_prompts": len(prompts), "ties": "half",
-           "policy_calibrated_mean": sum(map(sum, calibrated)) / (k * len(prompts)), "by_n": {},
-           "rewards": rewards}  # per prompt, the K samples' rewards of each side: every rate can be recomputed
+    out = {
+        "calibration_k": k,
+        "n_prompts": len(prompts),
+        "ties": "half",
+        "policy_calibrated_mean": sum(map(sum, calibrated)) / (k * len(prompts)),
+        "by_n": {},
+        "rewards": rewards,
+    }  # per prompt, the K samples' rewards of each side: every rate can be recomputed
 
     def rate(side: str, n: int, n_ref: int, which: str) -> dict:
         values = [C.selection_win_rate(p, r, n, n_ref, which) for p, r in zip(rewards[side], ref)]
@@ -310,7 +376,8 @@ def best_of_n_section(cfg: EvalConfig, tokenizer, policy, reference, prompts: li
             "worst_vs_reference_worst_of_n": rate("policy", n, n, "min"),
             "reference_vs_reference_sample": rate("reference_heldout", n, 1, "max"),
             "reference_vs_reference_best_of_n": rate("reference_heldout", n, n, "max"),
-            "reference_worst_vs_reference_worst_of_n": rate("reference_heldout", n, n, "min")}
+            "reference_worst_vs_reference_worst_of_n": rate("reference_heldout", n, n, "min"),
+        }
     return out
 
 
@@ -340,14 +407,19 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     final = Path(run_dir) / "final"
     summary = Path(run_dir) / "summary.json"
     if (final / "config.json").is_file():
-        step = json.loads(summary.read_text())["steps"] if summary.is_file() else (max(s for s, _ in found) + 1 if found else 0)
+        step = (
+            json.loads(summary.read_text())["steps"]
+            if summary.is_file()
+            else (max(s for s, _ in found) + 1 if found else 0)
+        )
         if step not in {s for s, _ in found}:
             found.append((step, final))
     return sorted(found)
 
 
-def checkpoints_section(cfg: EvalConfig, models: _Models, tokenizer, reference, prompts, ref_samples,
-                        pair_data) -> list[dict]:
+def checkpoints_section(
+    cfg: EvalConfig, models: _Models, tokenizer, reference, prompts, ref_samples, pair_data
+) -> list[dict]:
     rows = []
     checkpoints = list_checkpoints(Path(cfg.checkpoints))
     for step, path in tqdm(checkpoints, desc="checkpoints", disable=not cfg.progress):
@@ -355,15 +427,21 @@ def checkpoints_section(cfg: EvalConfig, models: _Models, tokenizer, reference, 
         row = {"step": step, "path": str(path)}
         if prompts:
             gen = generation_section(cfg, tokenizer, model, reference, prompts, ref_samples)
-            row.update(kl=gen["kl"]["value"], topk_entropy=gen["topk"]["topk_entropy"],
-                       topk_mass=gen["topk"]["topk_mass"], win_rate=gen.get("win_rate"),
-                       reward=gen.get("policy_reward_mean"))
+            row.update(
+                kl=gen["kl"]["value"],
+                topk_entropy=gen["topk"]["topk_entropy"],
+                topk_mass=gen["topk"]["topk_mass"],
+                win_rate=gen.get("win_rate"),
+                reward=gen.get("policy_reward_mean"),
+            )
         if pair_data and pair_data["ref"] is not None:
             pol = pair_tables(model, pair_data["items"], tokenizer.pad_token_id, cfg.batch_size, cfg.parallel)
             disp = M.likelihood_displacement(pair_data["ref"][:, 0], pol[:, 0], pair_data["ref"][:, 1], pol[:, 1])
-            row.update(chosen_logp_change=disp["chosen_logp_change"],
-                       chosen_logp_down_fraction=disp["chosen_logp_down_fraction"],
-                       rejected_logp_change=disp["rejected_logp_change"])
+            row.update(
+                chosen_logp_change=disp["chosen_logp_change"],
+                chosen_logp_down_fraction=disp["chosen_logp_down_fraction"],
+                rejected_logp_change=disp["rejected_logp_change"],
+            )
         rows.append(row)
         del model
     return rows
@@ -374,40 +452,60 @@ def strategy_section(cfg: EvalConfig, tokenizer, model, prompts: list, columns: 
     import dataclasses
 
     from alignkit.inference.strategies import StrategyOptions, run_strategy
-
     from alignkit.rewards.verifiable import WeightedSum
 
     reward = cfg.rewards[0] if len(cfg.rewards) == 1 else WeightedSum([(r, 1.0) for r in cfg.rewards])
     options = cfg.strategy_options or StrategyOptions()
-    common = dict(seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress,
-                  sampler=cfg.sampler() if cfg.sampler is not None else None)
+    common = dict(
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        progress=cfg.progress,
+        sampler=cfg.sampler() if cfg.sampler is not None else None,
+    )
     base = run_strategy("sample", model, tokenizer, reward, prompts, columns, cfg.sampling, options, **common)
     res = run_strategy(cfg.strategy, model, tokenizer, reward, prompts, columns, cfg.sampling, options, **common)
     mine, theirs = [c.reward for c in res.choices], [c.reward for c in base.choices]
     mean, lo, hi = M.bootstrap_mean_ci(mine)
     bmean, blo, bhi = M.bootstrap_mean_ci(theirs)
     ratio = lambda a, b: a / b if b else None
-    return {"strategy": cfg.strategy, "options": dataclasses.asdict(options), "n_prompts": len(prompts),
-            "scorer": repr(reward),
-            "reward": {"value": mean, "ci95": [lo, hi], "n": len(mine)},
-            "sampling_reward": {"value": bmean, "ci95": [blo, bhi], "n": len(theirs)},
-            "win_rate_vs_sampling": M.win_rate(mine, theirs),
-            "kl": {"value": res.kl, "kind": res.kl_kind},
-            "cost": {"seconds": res.seconds, "new_tokens": res.new_tokens, "prompt_tokens": res.prompt_tokens,
-                     "seconds_vs_sampling": ratio(res.seconds, base.seconds),
-                     "new_tokens_vs_sampling": ratio(res.new_tokens, base.new_tokens),
-                     "prompt_tokens_vs_sampling": ratio(res.prompt_tokens, base.prompt_tokens)},
-            "summary": res.summary(), "sampling_summary": base.summary(),
-            "examples": [{"prompt": _last_user(p) if not isinstance(p, str) else p, "strategy": c.completion,
-                          "sampling": b.completion, "reward": c.reward, "sampling_reward": b.reward}
-                         for p, c, b in list(zip(prompts, res.choices, base.choices))[:5]]}
+    return {
+        "strategy": cfg.strategy,
+        "options": dataclasses.asdict(options),
+        "n_prompts": len(prompts),
+        "scorer": repr(reward),
+        "reward": {"value": mean, "ci95": [lo, hi], "n": len(mine)},
+        "sampling_reward": {"value": bmean, "ci95": [blo, bhi], "n": len(theirs)},
+        "win_rate_vs_sampling": M.win_rate(mine, theirs),
+        "kl": {"value": res.kl, "kind": res.kl_kind},
+        "cost": {
+            "seconds": res.seconds,
+            "new_tokens": res.new_tokens,
+            "prompt_tokens": res.prompt_tokens,
+            "seconds_vs_sampling": ratio(res.seconds, base.seconds),
+            "new_tokens_vs_sampling": ratio(res.new_tokens, base.new_tokens),
+            "prompt_tokens_vs_sampling": ratio(res.prompt_tokens, base.prompt_tokens),
+        },
+        "summary": res.summary(),
+        "sampling_summary": base.summary(),
+        "examples": [
+            {
+                "prompt": _last_user(p) if not isinstance(p, str) else p,
+                "strategy": c.completion,
+                "sampling": b.completion,
+                "reward": c.reward,
+                "sampling_reward": b.reward,
+            }
+            for p, c, b in list(zip(prompts, res.choices, base.choices))[:5]
+        ],
+    }
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Run every part whose inputs are given; write metrics.json (and return it)."""
     if not cfg.data and not cfg.checkpoints and not cfg.rewards and not cfg.steer_sweep:
-        raise ConfigError("nothing to evaluate: give --data (preference pairs), --reward, --checkpoints or "
-                          "--steer-sweep.")
+        raise ConfigError(
+            "nothing to evaluate: give --data (preference pairs), --reward, --checkpoints or --steer-sweep."
+        )
     if cfg.strategy and not cfg.rewards:
         raise ConfigError(f"--strategy {cfg.strategy} is judged by a reward: give --reward.")
     if cfg.strategy and not (cfg.prompts or cfg.data):
@@ -417,10 +515,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.steer_sweep and not cfg.steer:
         raise ConfigError("--steer-sweep needs --steer DIR (the vectors to sweep).")
     if cfg.steer_sweep and not (cfg.behaviour_prompts or cfg.accuracy or cfg.data or cfg.helpfulness):
-        raise ConfigError("--steer-sweep needs something to measure: --behaviour-prompts (harmful prompts: refusal "
-                          "minus compliance of sampled replies) and --accuracy (questions with known answers), as "
-                          "Wolf et al. measure; --data (the pairs' log-prob margin) and --helpfulness (reference "
-                          "answers' NLL) as secondary diagnostics.")
+        raise ConfigError(
+            "--steer-sweep needs something to measure: --behaviour-prompts (harmful prompts: refusal "
+            "minus compliance of sampled replies) and --accuracy (questions with known answers), as "
+            "Wolf et al. measure; --data (the pairs' log-prob margin) and --helpfulness (reference "
+            "answers' NLL) as secondary diagnostics."
+        )
     for key in ("behaviour_prompts", "behaviour_judge", "accuracy", "helpfulness"):
         if getattr(cfg, key) and not cfg.steer_sweep:
             raise ConfigError(f"--{key.replace('_', '-')} has no effect without --steer-sweep.")
@@ -444,25 +544,46 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 def _run_parts(cfg: EvalConfig, models, tokenizer, policy, examples) -> dict:
     reference = models.load(cfg.reference) if cfg.reference else None
-    result = {"alignkit_eval": 1, "model": cfg.model, "reference": cfg.reference, "data": cfg.data,
-              "beta": cfg.beta, "date": datetime.date.today().isoformat()}
+    result = {
+        "alignkit_eval": 1,
+        "model": cfg.model,
+        "reference": cfg.reference,
+        "data": cfg.data,
+        "beta": cfg.beta,
+        "date": datetime.date.today().isoformat(),
+    }
     pair_data, prompts, ref_samples = None, [], []
     if cfg.data:
         pref, bias, pair_data = preference_section(cfg, tokenizer, policy, reference, examples)
-        result.update(n_pairs=len(pair_data["items"]), pair_sources=[e.source for e in examples],
-                      max_length=cfg.max_length, heldout_record=cfg.heldout_record, preference=pref)
+        result.update(
+            n_pairs=len(pair_data["items"]),
+            pair_sources=[e.source for e in examples],
+            max_length=cfg.max_length,
+            heldout_record=cfg.heldout_record,
+            preference=pref,
+        )
         if bias is not None:
             result["length_bias"] = bias
         if reference is not None:
             prompts = held_out_prompts(cfg, pair_data["examples"])
     if prompts:
         ref_sampler = cfg.reference_sampler() if cfg.reference_sampler is not None else None
-        ref_samples = _sample_texts(ref_sampler, reference, tokenizer, prompts, cfg.sampling, cfg.batch_size,
-                                    cfg.seed + 1, cfg.progress, "sampling (reference)")
+        ref_samples = _sample_texts(
+            ref_sampler,
+            reference,
+            tokenizer,
+            prompts,
+            cfg.sampling,
+            cfg.batch_size,
+            cfg.seed + 1,
+            cfg.progress,
+            "sampling (reference)",
+        )
         if ref_sampler is not None and cfg.reference_sampler is not cfg.sampler:
             ref_sampler.close()  # one engine at a time (the same weights share one)
-        result["generation"] = generation_section(cfg, tokenizer, policy, reference, prompts, ref_samples,
-                                                  cfg.sampler() if cfg.sampler is not None else None)
+        result["generation"] = generation_section(
+            cfg, tokenizer, policy, reference, prompts, ref_samples, cfg.sampler() if cfg.sampler is not None else None
+        )
     if cfg.checkpoints:
         if reference is None:
             raise ConfigError("--checkpoints needs a reference model (--reference) to measure drift from.")
@@ -470,6 +591,7 @@ def _run_parts(cfg: EvalConfig, models, tokenizer, policy, examples) -> dict:
     if cfg.strategy:
         if cfg.prompts:
             from alignkit.data.prompts import load_prompt_examples, prompt_columns
+
             records = load_prompt_examples(cfg.prompts).examples[: cfg.num_prompts]
             s_prompts, columns = [list(e.prompt) for e in records], prompt_columns(records)
         else:
@@ -477,10 +599,13 @@ def _run_parts(cfg: EvalConfig, models, tokenizer, policy, examples) -> dict:
         result["strategy"] = strategy_section(cfg, tokenizer, policy, s_prompts, columns)
     if cfg.bon_n:
         if reference is None or not cfg.rewards:
-            raise ConfigError("--bon-n compares best-of-n from the policy with the reference under a reward: give "
-                              "--reference and --reward.")
+            raise ConfigError(
+                "--bon-n compares best-of-n from the policy with the reference under a reward: give "
+                "--reference and --reward."
+            )
         if cfg.prompts:
             from alignkit.data.prompts import load_prompt_examples, prompt_columns
+
             records = load_prompt_examples(cfg.prompts).examples[: cfg.num_prompts]
             bon_prompts, bon_columns = [list(e.prompt) for e in records], prompt_columns(records)
         else:
@@ -494,23 +619,41 @@ def _run_parts(cfg: EvalConfig, models, tokenizer, policy, examples) -> dict:
         from alignkit.eval.steering import load_questions, steering_sweep
         from alignkit.rewards.refusal import make_judge
 
-        helpful = load_sft_examples(cfg.helpfulness, on_bad_record="skip").examples[: cfg.num_prompts] \
-            if cfg.helpfulness else []
-        harmful = [list(e.prompt) for e in load_prompt_examples(cfg.behaviour_prompts).examples[: cfg.num_prompts]] \
-            if cfg.behaviour_prompts else None
+        helpful = (
+            load_sft_examples(cfg.helpfulness, on_bad_record="skip").examples[: cfg.num_prompts]
+            if cfg.helpfulness
+            else []
+        )
+        harmful = (
+            [list(e.prompt) for e in load_prompt_examples(cfg.behaviour_prompts).examples[: cfg.num_prompts]]
+            if cfg.behaviour_prompts
+            else None
+        )
         result["steering"] = steering_sweep(
-            policy, tokenizer, cfg.steer, cfg.steer_sweep, norm=cfg.steer_norm, behaviour_prompts=harmful,
-            judge=make_judge(cfg.behaviour_judge), pairs=examples or None,
+            policy,
+            tokenizer,
+            cfg.steer,
+            cfg.steer_sweep,
+            norm=cfg.steer_norm,
+            behaviour_prompts=harmful,
+            judge=make_judge(cfg.behaviour_judge),
+            pairs=examples or None,
             questions=load_questions(cfg.accuracy, cfg.num_prompts) if cfg.accuracy else None,
             help_prompts=[list(e.prompt) for e in helpful] or None,
             help_answers=["\n".join(m["content"] for m in e.completion) for e in helpful] or None,
-            params=cfg.sampling, max_length=cfg.max_length, batch_size=cfg.batch_size, positions=cfg.steer_positions,
-            seed=cfg.seed, progress=cfg.progress)
+            params=cfg.sampling,
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+            positions=cfg.steer_positions,
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
     if cfg.representation_layers:
         from alignkit.eval.steering import representation_section
 
-        result["representation"] = representation_section(policy, tokenizer, examples, cfg.representation_layers,
-                                                          cfg.batch_size)
+        result["representation"] = representation_section(
+            policy, tokenizer, examples, cfg.representation_layers, cfg.batch_size
+        )
     return result
 
 

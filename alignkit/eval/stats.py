@@ -33,5 +33,13 @@ def paired_bootstrap(before, after, n_boot: int = 10_000, seed: int = 0, level: 
     means = d[idx].mean(axis=1)
     alpha = (1 - level) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return PairedDiff(float(b.mean()), float(a.mean()), float(d.mean()), float(lo), float(hi), len(d),
-                      int((d > 0).sum()), int((d < 0).sum()))
+    return PairedDiff(
+        float(b.mean()),
+        float(a.mean()),
+        float(d.mean()),
+        float(lo),
+        float(hi),
+        len(d),
+        int((d > 0).sum()),
+        int((d < 0).sum()),
+    )

@@ -31,16 +31,26 @@ import numpy as np
 import torch
 
 from alignkit.errors import ConfigError, DataError
-from alignkit.inference.steering import (check_strength, fit_directions, hidden_states, load_vectors,
-                                         steering_fingerprint, preference_items, separation, steer)
+from alignkit.inference.steering import (
+    check_strength,
+    fit_directions,
+    hidden_states,
+    load_vectors,
+    preference_items,
+    separation,
+    steer,
+    steering_fingerprint,
+)
 from alignkit.rewards.refusal import RuleJudge
 
 
 def _split(n: int, heldout_fraction: float) -> int:
     cut = int(round(n * (1 - heldout_fraction))) if 0 < heldout_fraction < 1 else 0
     if not 0 < cut < n:
-        raise ConfigError(f"{n} pairs leave no training or held-out pairs at a held-out fraction of {heldout_fraction}: "
-                          "give more pairs (--data, --limit) or a held-out fraction between 0 and 1 (--heldout-fraction)")
+        raise ConfigError(
+            f"{n} pairs leave no training or held-out pairs at a held-out fraction of {heldout_fraction}: "
+            "give more pairs (--data, --limit) or a held-out fraction between 0 and 1 (--heldout-fraction)"
+        )
     return cut
 
 
@@ -53,8 +63,17 @@ def check_sweep(strengths, option: str = "strengths") -> list[float]:
     return values
 
 
-def fit_from_pairs(model, tokenizer, examples: list, layers, *, method: str = "mean_diff",
-                   heldout_fraction: float = 0.2, batch_size: int = 8, progress: bool = False) -> tuple[dict, dict]:
+def fit_from_pairs(
+    model,
+    tokenizer,
+    examples: list,
+    layers,
+    *,
+    method: str = "mean_diff",
+    heldout_fraction: float = 0.2,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[dict, dict]:
     """({layer: Direction} fitted on the first pairs, {layer: separation on the held-out pairs})."""
     chosen, rejected = preference_items(examples)
     pos = hidden_states(model, tokenizer, chosen, layers, position="mean", batch_size=batch_size, progress=progress)
@@ -68,12 +87,18 @@ def fit_from_pairs(model, tokenizer, examples: list, layers, *, method: str = "m
 def representation_section(model, tokenizer, examples: list, layers, batch_size: int = 8) -> dict:
     """{"layers": [...], "probe_accuracy": [...], "fisher": [...], "n_train", "n_heldout"}: a probe
     per layer on half of the pairs, measured on the other half (0.5 is chance)."""
-    dirs, held = fit_from_pairs(model, tokenizer, examples, layers, method="probe", heldout_fraction=0.5,
-                                batch_size=batch_size)
+    dirs, held = fit_from_pairs(
+        model, tokenizer, examples, layers, method="probe", heldout_fraction=0.5, batch_size=batch_size
+    )
     ls = sorted(held)
     n_train = _split(len(examples), 0.5)
-    return {"layers": ls, "probe_accuracy": [held[l]["accuracy"] for l in ls],
-            "fisher": [held[l]["fisher"] for l in ls], "n_train": n_train, "n_heldout": len(examples) - n_train}
+    return {
+        "layers": ls,
+        "probe_accuracy": [held[l]["accuracy"] for l in ls],
+        "fisher": [held[l]["fisher"] for l in ls],
+        "n_train": n_train,
+        "n_heldout": len(examples) - n_train,
+    }
 
 
 def _fit(x: np.ndarray, y: np.ndarray, degree: int) -> dict:
@@ -109,23 +134,33 @@ def fit_tanh(s: np.ndarray, y: np.ndarray) -> dict:
     best = min((sse(math.exp(lk), s0)[0], lk, s0) for lk in logk for s0 in s0s)
     dk, ds = logk[1] - logk[0], s0s[1] - s0s[0]
     for _ in range(6):  # refine around the best grid point, shrinking the neighbourhood each round
-        best = min((sse(math.exp(lk), s0)[0], lk, s0) for lk in np.linspace(best[1] - dk, best[1] + dk, 11)
-                   for s0 in np.linspace(best[2] - ds, best[2] + ds, 11))
+        best = min(
+            (sse(math.exp(lk), s0)[0], lk, s0)
+            for lk in np.linspace(best[1] - dk, best[1] + dk, 11)
+            for s0 in np.linspace(best[2] - ds, best[2] + ds, 11)
+        )
         dk, ds = dk / 5, ds / 5
     k, s0 = math.exp(best[1]), float(best[2])
     _, a, b = sse(k, s0)
-    return {"form": "A tanh(k (s - s0)) + B", "A": a, "B": b, "k": k, "s0": s0,
-            "r2": _r2(y, a * np.tanh(k * (s - s0)) + b)}
+    return {
+        "form": "A tanh(k (s - s0)) + B",
+        "A": a,
+        "B": b,
+        "k": k,
+        "s0": s0,
+        "r2": _r2(y, a * np.tanh(k * (s - s0)) + b),
+    }
 
 
 def fit_inverse_quadratic(s: np.ndarray, y: np.ndarray) -> dict:
     """y ~ h0 / (1 + k s^2), k >= 0: helpfulness (accuracy) decaying with the steering norm as
     Wolf et al. derive (quadratic only near 0); k on a log grid (and 0), h0 by least squares."""
+
     def sse(k):
-        (h0,), err = _linear_ls(1.0 / (1.0 + k * s ** 2), y, False)
+        (h0,), err = _linear_ls(1.0 / (1.0 + k * s**2), y, False)
         return err, float(h0)
 
-    top = max(float((s ** 2).max()), 1e-12)
+    top = max(float((s**2).max()), 1e-12)
     grid = np.geomspace(1e-6, 1e4, 401) / top
     err0 = sse(0.0)[0]
     i = int(np.argmin([sse(k)[0] for k in grid]))
@@ -138,7 +173,7 @@ def fit_inverse_quadratic(s: np.ndarray, y: np.ndarray) -> dict:
             lo, hi = (lo, b) if sse(math.exp(a))[0] <= sse(math.exp(b))[0] else (a, hi)
         k = math.exp(0.5 * (lo + hi))
     h0 = sse(k)[1]
-    return {"form": "h0 / (1 + k s^2)", "h0": h0, "k": k, "r2": _r2(y, h0 / (1.0 + k * s ** 2))}
+    return {"form": "h0 / (1 + k s^2)", "h0": h0, "k": k, "r2": _r2(y, h0 / (1.0 + k * s**2))}
 
 
 def fits(strengths: list, values: list, paper: str) -> dict:
@@ -233,13 +268,19 @@ def question_accuracy(model, tokenizer, items: list, params, max_length: int, ba
         logps = sample_logps(model, tokenizer, prompts, [c for it in mc for c in it.choices], max_length, batch_size)
         start = 0
         for it in mc:
-            scores = [float(x) for x in logps[start:start + len(it.choices)]]
+            scores = [float(x) for x in logps[start : start + len(it.choices)]]
             start += len(it.choices)
             right += it.choices[int(np.argmax(scores))] == it.answer
     free = [it for it in items if not it.choices]
     if free:
-        replies = generate(model, tokenizer, [it.prompt for it in free], params.but(n=1, temperature=0.0),
-                           batch_size=batch_size, seed=seed)
+        replies = generate(
+            model,
+            tokenizer,
+            [it.prompt for it in free],
+            params.but(n=1, temperature=0.0),
+            batch_size=batch_size,
+            seed=seed,
+        )
         for it, (reply,) in zip(free, replies):
             got = final_answer(reply)
             right += (got if got is not None else reply.strip()) == it.answer
@@ -256,8 +297,12 @@ def _behaviour(model, tokenizer, prompts: list, judge, params, batch_size: int, 
     replies = [g[0] for g in generate(model, tokenizer, prompts, params.but(n=1), batch_size=batch_size, seed=seed)]
     labels = judge.classify(prompts, replies)
     m, lo, hi = bootstrap_mean_ci([1.0 if x == "refusal" else -1.0 for x in labels])
-    return {"behaviour": behaviour_rate(labels), "behaviour_ci95": [lo, hi],
-            "refusal_rate": labels.count("refusal") / len(labels), "example_reply": replies[0]}
+    return {
+        "behaviour": behaviour_rate(labels),
+        "behaviour_ci95": [lo, hi],
+        "refusal_rate": labels.count("refusal") / len(labels),
+        "example_reply": replies[0],
+    }
 
 
 def unit_vectors(vectors: dict) -> dict:
@@ -268,11 +313,26 @@ def unit_vectors(vectors: dict) -> dict:
 PAPER_SWEEP = (-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
-def steering_sweep(model, tokenizer, steer_dir: str, strengths: list, *, norm: str = "relative",
-                   behaviour_prompts: list | None = None, judge=None, questions: list | None = None,
-                   pairs: list | None = None, help_prompts: list | None = None, help_answers: list | None = None,
-                   params=None, max_length: int = 1024, batch_size: int = 8, positions: str = "all", seed: int = 0,
-                   progress: bool = False) -> dict:
+def steering_sweep(
+    model,
+    tokenizer,
+    steer_dir: str,
+    strengths: list,
+    *,
+    norm: str = "relative",
+    behaviour_prompts: list | None = None,
+    judge=None,
+    questions: list | None = None,
+    pairs: list | None = None,
+    help_prompts: list | None = None,
+    help_answers: list | None = None,
+    params=None,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    positions: str = "all",
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """The sweep (see the module docstring); the vectors are refused if made for another model.
 
     `norm`: "relative" (strength 1 adds each layer's fitted vector, one mean-difference length,
@@ -286,9 +346,11 @@ def steering_sweep(model, tokenizer, steer_dir: str, strengths: list, *, norm: s
     if norm not in ("relative", "absolute"):
         raise ConfigError(f"steering norm {norm!r}: use relative or absolute")
     if not (behaviour_prompts or questions or pairs or help_answers):
-        raise ConfigError("a steering sweep needs something to measure: harmful prompts (--behaviour-prompts), "
-                          "questions with known answers (--accuracy), preference pairs (--data) or reference "
-                          "answers (--helpfulness).")
+        raise ConfigError(
+            "a steering sweep needs something to measure: harmful prompts (--behaviour-prompts), "
+            "questions with known answers (--accuracy), preference pairs (--data) or reference "
+            "answers (--helpfulness)."
+        )
     params = params or SamplingParams(max_new_tokens=64, temperature=1.0)
     vectors, meta = load_vectors(steer_dir, model)
     if norm == "absolute":
@@ -296,7 +358,10 @@ def steering_sweep(model, tokenizer, steer_dir: str, strengths: list, *, norm: s
     judge = judge or RuleJudge()
     rows = []
     for s in tqdm(strengths, desc="steering sweep", unit="strength", disable=not progress):
-        row = {"strength": float(s), "norm_by_layer": {str(l): abs(float(s)) * float(v.norm()) for l, v in vectors.items()}}
+        row = {
+            "strength": float(s),
+            "norm_by_layer": {str(l): abs(float(s)) * float(v.norm()) for l, v in vectors.items()},
+        }
         with steer(model, vectors, float(s), positions):
             if behaviour_prompts:
                 row.update(_behaviour(model, tokenizer, behaviour_prompts, judge, params, batch_size, seed))
@@ -321,8 +386,18 @@ def steering_sweep(model, tokenizer, steer_dir: str, strengths: list, *, norm: s
         for r in rows:
             r["helpfulness_loss"] = r["nll"] - base
         out_fits["helpfulness_loss"] = fits(xs, [r["helpfulness_loss"] for r in rows], "")
-    return {"vectors": steer_dir, "method": meta.get("method"), "layers": meta.get("layers"), "positions": positions,
-            "norm": norm, "judge": judge.name if behaviour_prompts else None,
-            "n_behaviour_prompts": len(behaviour_prompts or []), "n_questions": len(questions or []),
-            "n_pairs": len(pairs or []), "n_helpfulness": len(help_answers or []), "rows": rows, "fits": out_fits,
-            "fingerprint": steering_fingerprint(model)}
+    return {
+        "vectors": steer_dir,
+        "method": meta.get("method"),
+        "layers": meta.get("layers"),
+        "positions": positions,
+        "norm": norm,
+        "judge": judge.name if behaviour_prompts else None,
+        "n_behaviour_prompts": len(behaviour_prompts or []),
+        "n_questions": len(questions or []),
+        "n_pairs": len(pairs or []),
+        "n_helpfulness": len(help_answers or []),
+        "rows": rows,
+        "fits": out_fits,
+        "fingerprint": steering_fingerprint(model),
+    }

@@ -19,30 +19,62 @@ from alignkit.generation.decode import Sample, SamplingParams, sample
 
 
 class GenerationBackend(Protocol):
-    def sample(self, prompts: list, params: SamplingParams, seed: int,
-               prompt_seeds: list | None = None) -> list[list[Sample]]: ...
+    def sample(
+        self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None
+    ) -> list[list[Sample]]: ...
 
     def sync(self, model) -> None: ...
+
+    def close(self) -> None: ...  # stop what the backend started (an engine process), not a server
 
 
 class TransformersBackend:
     def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = False):
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
 
-    def sample(self, prompts: list, params: SamplingParams, seed: int,
-               prompt_seeds: list | None = None) -> list[list[Sample]]:
-        return sample(self.model, prompts, params, eos_ids=self.tokenizer.eos_token_id,
-                      pad_id=self.tokenizer.pad_token_id, batch_size=self.batch_size, seed=seed,
-                      tokenizer=self.tokenizer, progress=self.progress, prompt_seeds=prompt_seeds)
+    def sample(
+        self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None
+    ) -> list[list[Sample]]:
+        return sample(
+            self.model,
+            prompts,
+            params,
+            eos_ids=self.tokenizer.eos_token_id,
+            pad_id=self.tokenizer.pad_token_id,
+            batch_size=self.batch_size,
+            seed=seed,
+            tokenizer=self.tokenizer,
+            progress=self.progress,
+            prompt_seeds=prompt_seeds,
+        )
 
     def sync(self, model) -> None:
         self.model = model  # the same module: its weights are always current
 
+    def close(self) -> None:
+        pass  # samples with the trained model itself
 
-def make_backend(name: str, model, tokenizer, model_path: str, batch_size: int, *, vllm_server: str | None = None,
-                 vllm_sync_dir: str | None = None, vllm_token_file: str | None = None, vllm_dtype: str = "auto",
-                 vllm_memory: float | None = None, vllm_kv_cache_gib: float | None = None, max_model_len: int = 2048, seed: int = 0,
-                 writer: bool = True, barrier=None, state_fn=None, training: bool = False):
+
+def make_backend(
+    name: str,
+    model,
+    tokenizer,
+    model_path: str,
+    batch_size: int,
+    *,
+    vllm_server: str | None = None,
+    vllm_sync_dir: str | None = None,
+    vllm_token_file: str | None = None,
+    vllm_dtype: str = "auto",
+    vllm_memory: float | None = None,
+    vllm_kv_cache_gib: float | None = None,
+    max_model_len: int = 2048,
+    seed: int = 0,
+    writer: bool = True,
+    barrier=None,
+    state_fn=None,
+    training: bool = False,
+):
     """The sampler `generation.backend` names: alignkit's own over `model`, or vLLM (a colocated
     engine, or a client of `vllm_server`). `training`: a colocated engine on a GPU sleeps between
     rollouts so the trainer has the memory."""
@@ -53,12 +85,27 @@ def make_backend(name: str, model, tokenizer, model_path: str, batch_size: int, 
     from alignkit.generation.vllm_engine import VLLMEngine, VLLMServer
 
     if vllm_server:
-        return VLLMServer(vllm_server, tokenizer, model_path=model_path, writer=writer, barrier=barrier,
-                          state_fn=state_fn, weights_dir=vllm_sync_dir, token_file=vllm_token_file)
+        return VLLMServer(
+            vllm_server,
+            tokenizer,
+            model_path=model_path,
+            writer=writer,
+            barrier=barrier,
+            state_fn=state_fn,
+            weights_dir=vllm_sync_dir,
+            token_file=vllm_token_file,
+        )
     import torch
 
     cuda = torch.cuda.is_available()
     dtype = vllm_dtype if vllm_dtype != "auto" else ("bfloat16" if cuda else "float32")
-    return VLLMEngine(model_path, tokenizer, dtype=dtype, kv_cache_gib=vllm_kv_cache_gib,
-                      gpu_memory_utilization=vllm_memory, max_model_len=max_model_len, seed=seed,
-                      sleep_after_sample=training)
+    return VLLMEngine(
+        model_path,
+        tokenizer,
+        dtype=dtype,
+        kv_cache_gib=vllm_kv_cache_gib,
+        gpu_memory_utilization=vllm_memory,
+        max_model_len=max_model_len,
+        seed=seed,
+        sleep_after_sample=training,
+    )

@@ -26,9 +26,20 @@ def samples_key(fingerprint: dict, params: SamplingParams, seed: int, prompts: l
     return h.hexdigest()[:24]
 
 
-def cached_samples(model, tokenizer, prompts: list[str], params: SamplingParams, *, seed: int, cache_dir: Path,
-                   fingerprint: dict, batch_size: int, progress: bool = True,
-                   desc: str = "sampling", parallel=None) -> tuple[list[list[str]], Path]:
+def cached_samples(
+    model,
+    tokenizer,
+    prompts: list[str],
+    params: SamplingParams,
+    *,
+    seed: int,
+    cache_dir: Path,
+    fingerprint: dict,
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "sampling",
+    parallel=None,
+) -> tuple[list[list[str]], Path]:
     """`params.n` completions per prompt (read from the cache when present); also the cache file.
 
     `parallel` (the trainer's SetupContext) splits the sampling: each process samples its `shard`
@@ -43,8 +54,21 @@ def cached_samples(model, tokenizer, prompts: list[str], params: SamplingParams,
     # A seed per prompt (from `seed` and its position): the samples do not depend on the batching,
     # so a cache made by one process serves a run on several and the other way round.
     mine = parallel.shard(list(range(len(prompts)))) if parallel is not None else list(range(len(prompts)))
-    rows = generate(model, tokenizer, [prompts[i] for i in mine], params, batch_size=batch_size, seed=seed,
-                    progress=progress, desc=desc, prompt_seeds=[row_seed(seed, i) for i in mine]) if mine else []
+    rows = (
+        generate(
+            model,
+            tokenizer,
+            [prompts[i] for i in mine],
+            params,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            desc=desc,
+            prompt_seeds=[row_seed(seed, i) for i in mine],
+        )
+        if mine
+        else []
+    )
     if parallel is not None:
         rows = [r for share in parallel.gather_objects(rows) for r in share]  # shares in process order
 

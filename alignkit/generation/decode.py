@@ -30,7 +30,6 @@ class SamplingParams:
     n: int = 1  # samples per prompt
     stop: tuple = ()  # stop strings: a sample ends once its text contains one (kept in the text)
 
-
     def but(self, **changes) -> "SamplingParams":
         """A copy with some settings changed (e.g. `params.but(n=1)`): the one way to derive settings,
         so no field is forgotten on the way."""
@@ -40,8 +39,14 @@ class SamplingParams:
 def sampling_params(g, *, n: int | None = None, greedy: bool = False) -> SamplingParams:
     """SamplingParams from a run's `generation` section (a `GenerationConfig`): the one place that
     reads it. `n` overrides `num_samples`; `greedy` sets temperature 0 (held-out evaluation)."""
-    return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=0.0 if greedy else g.temperature,
-                          top_p=g.top_p, top_k=g.top_k, n=g.num_samples if n is None else n, stop=tuple(g.stop))
+    return SamplingParams(
+        max_new_tokens=g.max_new_tokens,
+        temperature=0.0 if greedy else g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        n=g.num_samples if n is None else n,
+        stop=tuple(g.stop),
+    )
 
 
 @dataclass
@@ -108,8 +113,8 @@ def left_pad(prompts: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Te
     mask = torch.zeros_like(ids)
     for r, p in enumerate(prompts):
         if p:
-            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, width - len(p):] = 1
+            ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -119,8 +124,17 @@ def stopped_by_string(tokenizer, tokens: list, stop: tuple) -> bool:
 
 
 @torch.no_grad()
-def sample_batch(model, prompts: list, params: SamplingParams, *, eos_ids, pad_id: int, generator=None,
-                 tokenizer=None, step_hook=None) -> list[list[Sample]]:
+def sample_batch(
+    model,
+    prompts: list,
+    params: SamplingParams,
+    *,
+    eos_ids,
+    pad_id: int,
+    generator=None,
+    tokenizer=None,
+    step_hook=None,
+) -> list[list[Sample]]:
     """Sample `params.n` completions for each prompt (token-id lists) in one batch.
 
     `step_hook(logits [R, V], rows_state) -> logits`, when given, may rewrite each step's logits
@@ -149,26 +163,44 @@ def sample_batch(model, prompts: list, params: SamplingParams, *, eos_ids, pad_i
                 continue
             state.tokens[r].append(t)
             state.logprobs[r].append(lp)
-            if t in eos or (params.stop and tokenizer is not None and stopped_by_string(tokenizer, state.tokens[r], params.stop)):
+            if t in eos or (
+                params.stop and tokenizer is not None and stopped_by_string(tokenizer, state.tokens[r], params.stop)
+            ):
                 state.done[r], state.reason[r] = True, "stop"
         if all(state.done) or step == params.max_new_tokens - 1:  # the last token needs no forward
             break
         tok = torch.where(torch.tensor(state.done, device=device), torch.full_like(tok, pad_id), tok)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache, logits = out.past_key_values, out.logits[:, -1].float()
         next_pos = next_pos + 1
     samples = [Sample(state.tokens[r], state.logprobs[r], state.reason[r]) for r in range(rows)]
     if tokenizer is not None:
         for s in samples:
             s.text = tokenizer.decode(s.token_ids, skip_special_tokens=True).strip()
-    return [samples[i * n: (i + 1) * n] for i in range(len(prompts))]
+    return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def sample(model, prompts: list, params: SamplingParams, *, eos_ids, pad_id: int, batch_size: int = 16,
-           seed: int = 0, tokenizer=None, progress: bool = False, desc: str = "sampling",
-           prompt_seeds: list | None = None) -> list[list[Sample]]:
+def sample(
+    model,
+    prompts: list,
+    params: SamplingParams,
+    *,
+    eos_ids,
+    pad_id: int,
+    batch_size: int = 16,
+    seed: int = 0,
+    tokenizer=None,
+    progress: bool = False,
+    desc: str = "sampling",
+    prompt_seeds: list | None = None,
+) -> list[list[Sample]]:
     """`sample_batch` over all prompts, `batch_size` prompts at a time, longest first (less
     padding); results come back in the prompts' order. Seeded: the same call gives the same samples.
 
@@ -186,12 +218,25 @@ def sample(model, prompts: list, params: SamplingParams, *, eos_ids, pad_id: int
     try:
         with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar:
             for start in range(0, len(order), batch_size):
-                idx = order[start: start + batch_size]
-                gen = generator if prompt_seeds is None else [
-                    torch.Generator(device=device).manual_seed(row_seed(prompt_seeds[i], k))
-                    for i in idx for k in range(params.n)]
-                out = sample_batch(model, [prompts[i] for i in idx], params, eos_ids=eos_ids, pad_id=pad_id,
-                                   generator=gen, tokenizer=tokenizer)
+                idx = order[start : start + batch_size]
+                gen = (
+                    generator
+                    if prompt_seeds is None
+                    else [
+                        torch.Generator(device=device).manual_seed(row_seed(prompt_seeds[i], k))
+                        for i in idx
+                        for k in range(params.n)
+                    ]
+                )
+                out = sample_batch(
+                    model,
+                    [prompts[i] for i in idx],
+                    params,
+                    eos_ids=eos_ids,
+                    pad_id=pad_id,
+                    generator=gen,
+                    tokenizer=tokenizer,
+                )
                 for i, s in zip(idx, out):
                     results[i] = s
                 bar.update(len(idx))

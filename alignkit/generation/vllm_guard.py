@@ -23,8 +23,14 @@ import os
 import secrets
 
 RELOAD = "alignkit_reload_weights"
-ROUTES = {("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/health"),
-          ("POST", "/reset_prefix_cache"), ("POST", "/collective_rpc")}
+ROUTES = {
+    ("GET", "/v1/models"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("GET", "/health"),
+    ("POST", "/reset_prefix_cache"),
+    ("POST", "/collective_rpc"),
+}
 MAX_RPC_BODY = 64 << 10
 
 
@@ -76,8 +82,12 @@ class Guard:
                 await send({"type": "websocket.close", "code": 1008})
             return
         if not self._authorized(scope):
-            return await _answer(send, 401, "unauthorized: send the server's secret as `Authorization: Bearer "
-                                 "<secret>` (alignkit clients read it from the token file `alignkit vllm-serve` printed)")
+            return await _answer(
+                send,
+                401,
+                "unauthorized: send the server's secret as `Authorization: Bearer "
+                "<secret>` (alignkit clients read it from the token file `alignkit vllm-serve` printed)",
+            )
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
         if (method, path) not in ROUTES:
             return await _answer(send, 403, f"{method} {path} is not served by alignkit vllm-serve")
@@ -101,11 +111,17 @@ class Guard:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
+
         return await self.app(scope, replay, send)
 
 
 async def _answer(send, status: int, message: str) -> None:
     data = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})

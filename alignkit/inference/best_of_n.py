@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+
 import torch
 
 from alignkit.generation.decode import SamplingParams
@@ -36,8 +37,17 @@ def select_soft(rewards: torch.Tensor, temperature: float, generator: torch.Gene
     return torch.multinomial(torch.softmax(rewards / temperature, dim=-1), 1, generator=generator)[:, 0]
 
 
-def run_candidates(backend, reward, prompts: list, prompt_ids: list, columns: dict, params: SamplingParams,
-                   seed: int, strategy: str, pick) -> StrategyResult:
+def run_candidates(
+    backend,
+    reward,
+    prompts: list,
+    prompt_ids: list,
+    columns: dict,
+    params: SamplingParams,
+    seed: int,
+    strategy: str,
+    pick,
+) -> StrategyResult:
     """Sample params.n candidates per prompt, score them all, keep `pick(rewards [P, N]) -> [P]`."""
     start = time.perf_counter()
     samples = backend.sample(prompt_ids, params, seed)
@@ -46,33 +56,60 @@ def run_candidates(backend, reward, prompts: list, prompt_ids: list, columns: di
     choices = []
     for i, group in enumerate(samples):
         k = int(chosen[i])
-        choices.append(Choice(group[k].text, float(rewards[i, k]), [s.text for s in group], rewards[i].tolist(), k,
-                              sum(len(s.token_ids) for s in group)))
+        choices.append(
+            Choice(
+                group[k].text,
+                float(rewards[i, k]),
+                [s.text for s in group],
+                rewards[i].tolist(),
+                k,
+                sum(len(s.token_ids) for s in group),
+            )
+        )
     return StrategyResult(strategy, choices, time.perf_counter() - start, sum(len(p) for p in prompt_ids))
 
 
 def sample_once(backend, reward, prompts, prompt_ids, columns, params: SamplingParams, seed: int = 0):
     p = params.but(n=1)
-    out = run_candidates(backend, reward, prompts, prompt_ids, columns, p, seed, "sample",
-                         lambda r: torch.zeros(r.shape[0], dtype=torch.long))
+    out = run_candidates(
+        backend,
+        reward,
+        prompts,
+        prompt_ids,
+        columns,
+        p,
+        seed,
+        "sample",
+        lambda r: torch.zeros(r.shape[0], dtype=torch.long),
+    )
     out.kl, out.kl_kind = 0.0, "exact"
     return out
 
 
 def best_of_n(backend, reward, prompts, prompt_ids, columns, params: SamplingParams, seed: int = 0):
-    out = run_candidates(backend, reward, prompts, prompt_ids, columns, params, seed, "best-of-n",
-                         lambda r: r.argmax(dim=-1))
+    out = run_candidates(
+        backend, reward, prompts, prompt_ids, columns, params, seed, "best-of-n", lambda r: r.argmax(dim=-1)
+    )
     out.kl, out.kl_kind = best_of_n_kl_bound(params.n), "bound"
     out.info = {"n": params.n}
     return out
 
 
-def soft_best_of_n(backend, reward, prompts, prompt_ids, columns, params: SamplingParams, seed: int = 0,
-                   temperature: float = 0.1):
+def soft_best_of_n(
+    backend, reward, prompts, prompt_ids, columns, params: SamplingParams, seed: int = 0, temperature: float = 0.1
+):
     g = torch.Generator().manual_seed(seed)
-    out = run_candidates(backend, reward, prompts, prompt_ids, columns, params, seed, "soft-best-of-n",
-                         lambda r: select_soft(r, temperature, g))
+    out = run_candidates(
+        backend,
+        reward,
+        prompts,
+        prompt_ids,
+        columns,
+        params,
+        seed,
+        "soft-best-of-n",
+        lambda r: select_soft(r, temperature, g),
+    )
     out.kl, out.kl_kind = math.log(params.n), "bound"
     out.info = {"n": params.n, "soft_temperature": temperature}
     return out
-

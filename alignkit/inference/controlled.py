@@ -30,8 +30,17 @@ from alignkit.rewards.functions import score_ragged
 
 
 @torch.no_grad()
-def controlled_batch(model, value: ValueHead, prompts: list, params: SamplingParams, *, candidates: int,
-                     strength: float, tokenizer, generator) -> list[dict]:
+def controlled_batch(
+    model,
+    value: ValueHead,
+    prompts: list,
+    params: SamplingParams,
+    *,
+    candidates: int,
+    strength: float,
+    tokenizer,
+    generator,
+) -> list[dict]:
     """Decode one completion per prompt; per row: tokens, text, raw log-probs, steered log-probs."""
     trunk, head = backbone_and_head(model)
     device = next(model.parameters()).device
@@ -49,8 +58,13 @@ def controlled_batch(model, value: ValueHead, prompts: list, params: SamplingPar
         cand_lp, cand = torch.topk(logp, k, dim=-1)  # [R, k]
         cache.batch_repeat_interleave(k)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1).repeat_interleave(k, 0)
-        out = trunk(input_ids=cand.reshape(-1, 1), attention_mask=mask,
-                    position_ids=next_pos.repeat_interleave(k)[:, None], past_key_values=cache, use_cache=True)
+        out = trunk(
+            input_ids=cand.reshape(-1, 1),
+            attention_mask=mask,
+            position_ids=next_pos.repeat_interleave(k)[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
         hidden = out.last_hidden_state[:, -1]  # [R * k, H]: the state after each candidate
         score = cand_lp + strength * value(hidden).view(rows, k)
         pi = torch.log_softmax(score / params.temperature if params.temperature > 0 else score, dim=-1)
@@ -75,19 +89,36 @@ def controlled_batch(model, value: ValueHead, prompts: list, params: SamplingPar
                 done[r] = True
         if all(done):
             break
-    return [{"tokens": t, "text": tokenizer.decode(t, skip_special_tokens=True).strip(), "raw": a, "steered": b}
-            for t, a, b in zip(tokens, raw, steered)]
+    return [
+        {"tokens": t, "text": tokenizer.decode(t, skip_special_tokens=True).strip(), "raw": a, "steered": b}
+        for t, a, b in zip(tokens, raw, steered)
+    ]
 
 
-def controlled_decoding(model, tokenizer, reward, prompts: list, prompt_ids: list, columns: dict,
-                        params: SamplingParams, value: ValueHead, *, candidates: int = 8, strength: float = 1.0,
-                        seed: int = 0, batch_size: int = 8, progress: bool = False) -> StrategyResult:
+def controlled_decoding(
+    model,
+    tokenizer,
+    reward,
+    prompts: list,
+    prompt_ids: list,
+    columns: dict,
+    params: SamplingParams,
+    value: ValueHead,
+    *,
+    candidates: int = 8,
+    strength: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> StrategyResult:
     if candidates < 1:
         raise ValueError(f"controlled decoding needs candidates >= 1; got {candidates}")
     vocab_size, hidden_size = backbone_and_head(model)[1].weight.shape
     if value.weight.numel() != hidden_size:
-        raise ConfigError(f"the value head was fitted on a model with hidden size {value.weight.numel()} "
-                          f"({value.meta.get('model', '?')}); this model's is {hidden_size}. Fit one for this model.")
+        raise ConfigError(
+            f"the value head was fitted on a model with hidden size {value.weight.numel()} "
+            f"({value.meta.get('model', '?')}); this model's is {hidden_size}. Fit one for this model."
+        )
     start = time.perf_counter()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -97,22 +128,44 @@ def controlled_decoding(model, tokenizer, reward, prompts: list, prompt_ids: lis
     try:
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         rows = [None] * len(prompt_ids)
-        for b in tqdm(range(0, len(order), batch_size), desc="controlled decoding", unit="batch",
-                      disable=not progress, leave=False):
-            idx = order[b: b + batch_size]
-            for i, row in zip(idx, controlled_batch(model, value, [prompt_ids[i] for i in idx], params,
-                                                    candidates=candidates, strength=strength, tokenizer=tokenizer,
-                                                    generator=generator)):
+        for b in tqdm(
+            range(0, len(order), batch_size),
+            desc="controlled decoding",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        ):
+            idx = order[b : b + batch_size]
+            for i, row in zip(
+                idx,
+                controlled_batch(
+                    model,
+                    value,
+                    [prompt_ids[i] for i in idx],
+                    params,
+                    candidates=candidates,
+                    strength=strength,
+                    tokenizer=tokenizer,
+                    generator=generator,
+                ),
+            ):
                 rows[i] = row
     finally:
         model.train(was)
     scores, _ = score_ragged(reward, prompts, [[r["text"]] for r in rows], columns)
     # each step runs k candidate tokens per row: that is the decoding cost
     k = min(candidates, vocab_size)
-    choices = [Choice(r["text"], s[0], [r["text"]], s, 0, len(r["tokens"]) * k,
-                      kl=sum(r["steered"]) - sum(r["raw"])) for r, s in zip(rows, scores)]
+    choices = [
+        Choice(r["text"], s[0], [r["text"]], s, 0, len(r["tokens"]) * k, kl=sum(r["steered"]) - sum(r["raw"]))
+        for r, s in zip(rows, scores)
+    ]
     kl = sum(c.kl for c in choices) / max(1, len(choices))
-    return StrategyResult("controlled-decoding", choices, time.perf_counter() - start,
-                          sum(len(p) for p in prompt_ids), kl, "estimate",
-                          {"candidates": candidates, "strength": strength,
-                           "value_heldout_r2": value.meta.get("heldout_r2")})
+    return StrategyResult(
+        "controlled-decoding",
+        choices,
+        time.perf_counter() - start,
+        sum(len(p) for p in prompt_ids),
+        kl,
+        "estimate",
+        {"candidates": candidates, "strength": strength, "value_heldout_r2": value.meta.get("heldout_r2")},
+    )

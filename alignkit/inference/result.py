@@ -49,9 +49,16 @@ class StrategyResult:
 
     def summary(self) -> dict:
         n = max(1, len(self.choices))
-        out = {"strategy": self.strategy, "prompts": len(self.choices), "mean_reward": self.mean_reward,
-               "seconds": self.seconds, "seconds_per_prompt": self.seconds / n, "new_tokens": self.new_tokens,
-               "new_tokens_per_prompt": self.new_tokens / n, "prompt_tokens": self.prompt_tokens}
+        out = {
+            "strategy": self.strategy,
+            "prompts": len(self.choices),
+            "mean_reward": self.mean_reward,
+            "seconds": self.seconds,
+            "seconds_per_prompt": self.seconds / n,
+            "new_tokens": self.new_tokens,
+            "new_tokens_per_prompt": self.new_tokens / n,
+            "prompt_tokens": self.prompt_tokens,
+        }
         if self.kl is not None:
             out.update(kl=self.kl, kl_kind=self.kl_kind)
         out.update(self.info)

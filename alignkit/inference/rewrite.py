@@ -34,8 +34,9 @@ Instruction:
 {instruction}"""
 
 # A label the model may put before its rewrite despite being told not to ("Rewritten instruction: ...").
-_LABEL = re.compile(r"^\s*(?:\*\*)?(?:rewritten|improved|revised|new)\s+(?:instruction|prompt)(?:\*\*)?\s*:\s*",
-                    re.IGNORECASE)
+_LABEL = re.compile(
+    r"^\s*(?:\*\*)?(?:rewritten|improved|revised|new)\s+(?:instruction|prompt)(?:\*\*)?\s*:\s*", re.IGNORECASE
+)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "`": "`"}
 
 
@@ -54,8 +55,10 @@ def rewrite_requests(instructions: list[str], template: str | None = None) -> li
     out = []
     for i, text in enumerate(instructions):
         if not isinstance(text, str):
-            raise AlignkitError(f"rewrite: instruction {i} is a {type(text).__name__}, not text; pass strings "
-                                "(or message lists to `rewrite_messages`).")
+            raise AlignkitError(
+                f"rewrite: instruction {i} is a {type(text).__name__}, not text; pass strings "
+                "(or message lists to `rewrite_messages`)."
+            )
         out.append([{"role": "user", "content": fill_template(tpl, "rewrite: `template`", instruction=text)}])
     return out
 
@@ -70,8 +73,9 @@ def parse_rewrite(reply: str) -> str:
     return text
 
 
-def rewrite(lm, instructions: list[str], params, seed: int = 0, template: str | None = None,
-            progress: bool = False) -> Rewrites:
+def rewrite(
+    lm, instructions: list[str], params, seed: int = 0, template: str | None = None, progress: bool = False
+) -> Rewrites:
     """Each instruction rewritten by `lm` with `template` (default `REWRITE_TEMPLATE`, which must hold
     `{instruction}`). An empty rewrite keeps the original instruction, listed in `.fallbacks`: a
     missing instruction would drop the example, and an empty one would train on nothing.
@@ -98,26 +102,33 @@ def _a(value) -> str:
     return ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
-def rewrite_messages(lm, conversations: list, params, seed: int = 0, template: str | None = None,
-                     progress: bool = False) -> Rewrites:
+def rewrite_messages(
+    lm, conversations: list, params, seed: int = 0, template: str | None = None, progress: bool = False
+) -> Rewrites:
     """Conversations (message lists) with their last user message rewritten as `rewrite` does; the
     other messages (a system prompt, earlier turns) are kept as they are. The input is not modified."""
     conversations = list(conversations)
     where = []
     for i, conv in enumerate(conversations):
         if isinstance(conv, (str, bytes)) or not isinstance(conv, (list, tuple)):
-            raise AlignkitError(f"rewrite: conversation {i} is {_a(conv)}, not a list of messages; pass message lists "
-                                "here (or strings to `rewrite`).")
+            raise AlignkitError(
+                f"rewrite: conversation {i} is {_a(conv)}, not a list of messages; pass message lists "
+                "here (or strings to `rewrite`)."
+            )
         users = [j for j, m in enumerate(conv) if isinstance(m, dict) and m.get("role") == "user"]
         if not users:
-            raise AlignkitError(f"rewrite: conversation {i} has no user message to rewrite; each conversation needs "
-                                "at least one {'role': 'user', 'content': ...} message.")
+            raise AlignkitError(
+                f"rewrite: conversation {i} has no user message to rewrite; each conversation needs "
+                "at least one {'role': 'user', 'content': ...} message."
+            )
         content = conv[users[-1]].get("content")
         if not isinstance(content, str):
             # str() of a missing or structured content would send "None" or a dict's repr to be rewritten
-            raise AlignkitError(f"rewrite: conversation {i}, message {users[-1]} (the last user message) has "
-                                f"{'no content' if content is None else _a(content) + ' as content'}"
-                                "; give its text as `content`.")
+            raise AlignkitError(
+                f"rewrite: conversation {i}, message {users[-1]} (the last user message) has "
+                f"{'no content' if content is None else _a(content) + ' as content'}"
+                "; give its text as `content`."
+            )
         where.append(users[-1])
     conversations = [list(c) for c in conversations]
     texts = [conv[j]["content"] for conv, j in zip(conversations, where)]

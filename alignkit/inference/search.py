@@ -4,7 +4,8 @@ DeAL (Huang et al. 2024, arXiv 2402.06147) treats decoding as a heuristic-guided
 node is a partial completion, its children are continuations proposed by the model, and a
 heuristic scores each child by looking ahead, i.e. by scoring the child extended by a few more
 tokens. A child's lookahead is kept as one of its proposals for the next step, so a continuation
-the heuristic liked can be committed instead of being sampled again. The heuristic is any alignkit reward: programmatic constraints (keywords, length) or a
+the heuristic liked can be committed instead of being sampled again. The heuristic is any alignkit reward:
+programmatic constraints (keywords, length) or a
 reward model. Here a step commits `block` tokens (`block=1` is the token-level search of the
 paper; larger blocks cut the number of reward calls):
 
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.generation.decode import SamplingParams, stopped_by_string, sample_batch
+from alignkit.generation.decode import SamplingParams, sample_batch, stopped_by_string
 from alignkit.inference.result import Choice, StrategyResult
 from alignkit.rewards.functions import score_ragged
 
@@ -68,8 +69,15 @@ class _Counter:
 def _sample(model, prompts: list, params: SamplingParams, tokenizer, generator, counter, owners: list):
     """sample_batch with cost accounting: prefill tokens once per prompt row, and new tokens
     charged to the prompt (owner) each row belongs to."""
-    out = sample_batch(model, prompts, params, eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                       generator=generator, tokenizer=tokenizer)
+    out = sample_batch(
+        model,
+        prompts,
+        params,
+        eos_ids=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        generator=generator,
+        tokenizer=tokenizer,
+    )
     counter.prompt_tokens += sum(len(p) for p in prompts)
     for owner, group in zip(owners, out):
         counter.new_tokens[owner] += sum(len(s.token_ids) for s in group)
@@ -86,8 +94,19 @@ def _text(tokenizer, tokens: list) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def _search_batch(model, tokenizer, reward, prompts, prompt_ids, columns, params: SamplingParams, sp: SearchParams,
-                  generator, counter, offset: int) -> list[list[_Node]]:
+def _search_batch(
+    model,
+    tokenizer,
+    reward,
+    prompts,
+    prompt_ids,
+    columns,
+    params: SamplingParams,
+    sp: SearchParams,
+    generator,
+    counter,
+    offset: int,
+) -> list[list[_Node]]:
     beams = [[_Node([])] for _ in prompt_ids]
     k = sp.candidates
     for _ in range(math.ceil(params.max_new_tokens / sp.block)):
@@ -95,19 +114,31 @@ def _search_batch(model, tokenizer, reward, prompts, prompt_ids, columns, params
         if not active:
             break
         committed = min(sp.block, params.max_new_tokens - len(active[0][1].tokens))
-        ahead = 0 if sp.baseline is not None else min(sp.lookahead, params.max_new_tokens - len(active[0][1].tokens) - committed)
+        ahead = (
+            0
+            if sp.baseline is not None
+            else min(sp.lookahead, params.max_new_tokens - len(active[0][1].tokens) - committed)
+        )
         # A node's lookahead is itself a sample from the model given the node, so it is kept as
         # one of the node's k proposals at the next step: what the heuristic saw ahead can then be
         # committed rather than lost (a fresh sample would rarely repeat it).
         # (Only a plan that covers the whole block, or ends the reply, keeps every node at the same length.)
-        usable = [k > 1 and (len(n.plan[0]) >= committed or _ends(list(n.plan[0]), tokenizer, params.stop))
-                  for _, n in active]
+        usable = [
+            k > 1 and (len(n.plan[0]) >= committed or _ends(list(n.plan[0]), tokenizer, params.stop)) for _, n in active
+        ]
         fresh = k - 1 if any(usable) else k  # with no plan to offer, a node's k proposals are all fresh
         groups = [[] for _ in active]
         if fresh:
             sampling = params.but(max_new_tokens=committed + ahead, n=fresh)
-            groups = _sample(model, [prompt_ids[i] + node.tokens for i, node in active], sampling, tokenizer,
-                             generator, counter, [offset + i for i, _ in active])
+            groups = _sample(
+                model,
+                [prompt_ids[i] + node.tokens for i, node in active],
+                sampling,
+                tokenizer,
+                generator,
+                counter,
+                [offset + i for i, _ in active],
+            )
         children = [[node for node in beam if node.done] for beam in beams]  # finished nodes compete on
         scored = [[] for _ in beams]  # (child, token ids the heuristic reads)
         for (i, node), group, own in zip(active, groups, usable):
@@ -118,20 +149,29 @@ def _search_batch(model, tokenizer, reward, prompts, prompt_ids, columns, params
                 block = block[:cut] if cut else block
                 done = cut is not None or len(node.tokens) + len(block) >= params.max_new_tokens
                 plan = ((), ()) if done else (tuple(ids[committed:]), tuple(lps[committed:]))
-                child = _Node(node.tokens + block, done, logp=node.logp + sum(lps[: len(block)]),
-                              steps=node.steps + 1, plan=plan)
+                child = _Node(
+                    node.tokens + block, done, logp=node.logp + sum(lps[: len(block)]), steps=node.steps + 1, plan=plan
+                )
                 scored[i].append((child, child.tokens + list(plan[0])))
         if sp.baseline is not None:  # Transfer Q*: the aligned baseline continues each unfinished child
             todo = [(i, j) for i, group in enumerate(scored) for j, (c, _) in enumerate(group) if not c.done]
             if todo:
                 horizon = min(sp.horizon, params.max_new_tokens)
-                rolled = _sample(sp.baseline, [prompt_ids[i] + scored[i][j][0].tokens for i, j in todo],
-                                 params.but(max_new_tokens=horizon, temperature=0.0, n=1), tokenizer, generator, counter,
-                                 [offset + i for i, _ in todo])
+                rolled = _sample(
+                    sp.baseline,
+                    [prompt_ids[i] + scored[i][j][0].tokens for i, j in todo],
+                    params.but(max_new_tokens=horizon, temperature=0.0, n=1),
+                    tokenizer,
+                    generator,
+                    counter,
+                    [offset + i for i, _ in todo],
+                )
                 for (i, j), (roll,) in zip(todo, rolled):
                     child, _ = scored[i][j]
                     scored[i][j] = (child, child.tokens + roll.token_ids)
-        values, _ = score_ragged(reward, prompts, [[_text(tokenizer, t) for _, t in group] for group in scored], columns)
+        values, _ = score_ragged(
+            reward, prompts, [[_text(tokenizer, t) for _, t in group] for group in scored], columns
+        )
         for i, (group, vals) in enumerate(zip(scored, values)):
             for (child, _), v in zip(group, vals):
                 child.score = v
@@ -140,9 +180,21 @@ def _search_batch(model, tokenizer, reward, prompts, prompt_ids, columns, params
     return beams
 
 
-def block_search(model, tokenizer, reward, prompts: list, prompt_ids: list, columns: dict, params: SamplingParams,
-                 sp: SearchParams, *, seed: int = 0, batch_size: int = 8, strategy: str = "deal",
-                 progress: bool = False) -> StrategyResult:
+def block_search(
+    model,
+    tokenizer,
+    reward,
+    prompts: list,
+    prompt_ids: list,
+    columns: dict,
+    params: SamplingParams,
+    sp: SearchParams,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    strategy: str = "deal",
+    progress: bool = False,
+) -> StrategyResult:
     """Search each prompt's completion (see the module docstring); prompts are searched
     `batch_size` at a time, every node of every prompt's beam expanded in one batched call."""
     if sp.beam < 1 or sp.candidates < 1 or sp.block < 1:
@@ -155,17 +207,38 @@ def block_search(model, tokenizer, reward, prompts: list, prompt_ids: list, colu
         m.eval()
     choices = []
     try:
-        for b in tqdm(range(0, len(prompts), batch_size), desc=strategy, unit="batch", disable=not progress,
-                      leave=False):
+        for b in tqdm(
+            range(0, len(prompts), batch_size), desc=strategy, unit="batch", disable=not progress, leave=False
+        ):
             sl = slice(b, b + batch_size)
-            beams = _search_batch(model, tokenizer, reward, prompts[sl], prompt_ids[sl],
-                                  {k: v[sl] for k, v in columns.items()}, params, sp, generator, counter, b)
+            beams = _search_batch(
+                model,
+                tokenizer,
+                reward,
+                prompts[sl],
+                prompt_ids[sl],
+                {k: v[sl] for k, v in columns.items()},
+                params,
+                sp,
+                generator,
+                counter,
+                b,
+            )
             texts = [[_text(tokenizer, n.tokens) for n in beam] for beam in beams]
             finals, _ = score_ragged(reward, prompts[sl], texts, {k: v[sl] for k, v in columns.items()})
             for i, (beam, group, vals) in enumerate(zip(beams, texts, finals)):
                 best = max(range(len(vals)), key=lambda j: vals[j])
-                choices.append(Choice(group[best], vals[best], group, vals, best, counter.new_tokens[b + i],
-                                      kl=beam[best].steps * math.log(sp.candidates)))
+                choices.append(
+                    Choice(
+                        group[best],
+                        vals[best],
+                        group,
+                        vals,
+                        best,
+                        counter.new_tokens[b + i],
+                        kl=beam[best].steps * math.log(sp.candidates),
+                    )
+                )
     finally:
         for m, mode in was:
             m.train(mode)

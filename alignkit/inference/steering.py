@@ -48,13 +48,24 @@ from typing import NamedTuple
 import torch
 
 from alignkit.data.examples import PreferenceExample
-from alignkit.data.tokenize import encode_text, as_messages, render_texts
+from alignkit.data.tokenize import as_messages, encode_text, render_texts
 from alignkit.errors import ConfigError, DataError, ModelError
 from alignkit.models import decoder_of, transformer_blocks
 
 __all__ = [
-    "DIRECTION_METHODS", "Direction", "check_strength", "fit_direction", "fit_directions", "hidden_states",
-    "load_vectors", "midpoint", "steering_fingerprint", "preference_items", "save_vectors", "separation", "steer",
+    "DIRECTION_METHODS",
+    "Direction",
+    "check_strength",
+    "fit_direction",
+    "fit_directions",
+    "hidden_states",
+    "load_vectors",
+    "midpoint",
+    "steering_fingerprint",
+    "preference_items",
+    "save_vectors",
+    "separation",
+    "steer",
 ]
 
 VECTORS_FILE = "steering.safetensors"
@@ -71,6 +82,7 @@ POOLING = ("last", "mean")
 def preference_items(examples: list[PreferenceExample]) -> tuple[list, list]:
     """Preference pairs -> (chosen items, rejected items) for `hidden_states`, index-aligned, so
     row i of the two readings is a contrast pair (what `pca` and paired `separation` expect)."""
+
     def item(ex, reply):
         if ex.plain_text:  # keep the raw strings, as training lays them out without a chat template
             return ex.prompt[-1]["content"], reply[-1]["content"]
@@ -116,9 +128,11 @@ def check_layers(model, layers) -> list[int]:
     bad = [l for l in layers if not 0 <= l < n]
     if bad or not layers:
         what = f"layer {', '.join(map(str, bad))} is out of range" if bad else "no layers given"
-        raise ConfigError(f"{what}: {type(model).__name__} has {n} decoder blocks, blocks 0..{n - 1} (layer l is the "
-                          f"output of block l, counted from 0; negative layers are not accepted). Pick layers from 0 "
-                          f"to {n - 1}.")
+        raise ConfigError(
+            f"{what}: {type(model).__name__} has {n} decoder blocks, blocks 0..{n - 1} (layer l is the "
+            f"output of block l, counted from 0; negative layers are not accepted). Pick layers from 0 "
+            f"to {n - 1}."
+        )
     return layers
 
 
@@ -127,8 +141,16 @@ def _block_output(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hidden_states(model, tokenizer, conversations_or_texts: list, layers, *, position: str = "last",
-                  batch_size: int = 8, progress: bool = False) -> dict[int, torch.Tensor]:
+def hidden_states(
+    model,
+    tokenizer,
+    conversations_or_texts: list,
+    layers,
+    *,
+    position: str = "last",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[int, torch.Tensor]:
     """{layer: [N, H] float32 on CPU}: the output of decoder block `layer` for each input (see
     `encode_item`), at its last token (`position="last"`; for a rendered reply that is the
     end-of-turn token, where the model has read the whole reply) or averaged over the reply's tokens
@@ -143,8 +165,10 @@ def hidden_states(model, tokenizer, conversations_or_texts: list, layers, *, pos
     blocks, trunk = transformer_blocks(model), decoder_of(model)
     device = next(model.parameters()).device
     captured: dict[int, torch.Tensor] = {}
-    hooks = [blocks[l].register_forward_hook(
-        lambda m, a, out, l=l: captured.__setitem__(l, _block_output(out))) for l in layers]
+    hooks = [
+        blocks[l].register_forward_hook(lambda m, a, out, l=l: captured.__setitem__(l, _block_output(out)))
+        for l in layers
+    ]
     reads: dict[int, dict] = {l: {} for l in layers}
     # longest first, so a batch holds similar lengths (less padding); results go back in input order
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -153,9 +177,8 @@ def hidden_states(model, tokenizer, conversations_or_texts: list, layers, *, pos
     try:
         from tqdm.auto import tqdm
 
-        for start in tqdm(range(0, len(encoded), batch_size), desc="hidden states", unit="batch",
-                          disable=not progress):
-            idx = order[start: start + batch_size]
+        for start in tqdm(range(0, len(encoded), batch_size), desc="hidden states", unit="batch", disable=not progress):
+            idx = order[start : start + batch_size]
             chunk = [encoded[i] for i in idx]
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
@@ -166,7 +189,7 @@ def hidden_states(model, tokenizer, conversations_or_texts: list, layers, *, pos
             for l in layers:
                 h = captured[l].float().cpu()  # [B, T, H]
                 for r, (i, (t, s)) in enumerate(zip(idx, chunk)):
-                    reads[l][i] = h[r, len(t) - 1] if position == "last" else h[r, s: len(t)].mean(0)
+                    reads[l][i] = h[r, len(t) - 1] if position == "last" else h[r, s : len(t)].mean(0)
     finally:
         for h in hooks:
             h.remove()
@@ -194,9 +217,11 @@ DIRECTION_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
 def register_direction(name: str):
     """Register `fn(pos [N, H] float64, neg [M, H] float64) -> direction [H]` (any length) by name."""
+
     def deco(fn):
         DIRECTION_METHODS[name] = fn
         return fn
+
     return deco
 
 
@@ -212,8 +237,10 @@ def _pca(pos, neg):
     order and take the top right singular vector of the uncentred differences, which is the same
     component without the randomness (the second moment does not depend on the signs)."""
     if pos.shape != neg.shape:
-        raise ValueError(f"pca needs paired activations (row i of pos contrasts row i of neg); got pos "
-                         f"{tuple(pos.shape)} and neg {tuple(neg.shape)}. Use mean_diff or probe for unpaired data.")
+        raise ValueError(
+            f"pca needs paired activations (row i of pos contrasts row i of neg); got pos "
+            f"{tuple(pos.shape)} and neg {tuple(neg.shape)}. Use mean_diff or probe for unpaired data."
+        )
     diffs = pos - neg  # [N, H]
     top = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
     return top if top @ diffs.mean(0) >= 0 else -top  # pos projects higher on average
@@ -232,8 +259,9 @@ def _probe(pos, neg):
     z = (x - mu) / sd
     w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
     b = torch.zeros((), dtype=x.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b], max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -253,14 +281,18 @@ def fit_direction(pos: torch.Tensor, neg: torch.Tensor, method: str = "mean_diff
     if method not in DIRECTION_METHODS:
         raise ValueError(f"unknown direction method {method!r}; use one of {sorted(DIRECTION_METHODS)}")
     if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1] or not len(pos) or not len(neg):
-        raise ValueError(f"fit_direction needs pos [N, H] and neg [M, H] with N, M >= 1; got "
-                         f"{tuple(pos.shape)} and {tuple(neg.shape)}")
+        raise ValueError(
+            f"fit_direction needs pos [N, H] and neg [M, H] with N, M >= 1; got "
+            f"{tuple(pos.shape)} and {tuple(neg.shape)}"
+        )
     p, n = pos.double(), neg.double()
     norm = float((p.mean(0) - n.mean(0)).norm())
     d = DIRECTION_METHODS[method](p, n)
     if norm == 0 or not torch.isfinite(d).all() or d.norm() == 0:
-        raise ValueError(f"{method}: pos and neg activations do not differ (mean difference {norm}); "
-                         "no direction can be fitted. Check that the two sets contrast the concept.")
+        raise ValueError(
+            f"{method}: pos and neg activations do not differ (mean difference {norm}); "
+            "no direction can be fitted. Check that the two sets contrast the concept."
+        )
     return Direction((d / d.norm()).to(pos.dtype), norm)
 
 
@@ -301,14 +333,16 @@ def separation(direction, pos: torch.Tensor, neg: torch.Tensor, *, threshold: fl
     p, n = pos.double() @ u, neg.double() @ u  # [N], [M]
     if threshold is None:
         if p.shape != n.shape:
-            raise ValueError(f"paired separation needs as many pos as neg rows ({len(p)} vs {len(n)}); "
-                             "for unpaired data pass threshold=midpoint(direction, train_pos, train_neg)")
+            raise ValueError(
+                f"paired separation needs as many pos as neg rows ({len(p)} vs {len(n)}); "
+                "for unpaired data pass threshold=midpoint(direction, train_pos, train_neg)"
+            )
         accuracy = float((p > n).double().mean())
     else:
         accuracy = int((p > threshold).sum() + (n < threshold).sum()) / (len(p) + len(n))
     gap = float(p.mean() - n.mean())
     spread = float(p.var(unbiased=False) + n.var(unbiased=False))
-    fisher = gap ** 2 / spread if spread > 0 else (float("inf") if gap else 0.0)
+    fisher = gap**2 / spread if spread > 0 else (float("inf") if gap else 0.0)
     return {"accuracy": accuracy, "fisher": fisher, "gap": gap, "n_pos": len(p), "n_neg": len(n)}
 
 
@@ -323,8 +357,12 @@ def steering_fingerprint(model) -> dict:
     blocks = transformer_blocks(model)
     weight = next(blocks[0].parameters()).detach().to("cpu", torch.bfloat16).contiguous()
     digest = hashlib.sha256(weight.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
-    return {"model_type": getattr(model.config, "model_type", type(model).__name__),
-            "hidden_size": int(model.config.hidden_size), "num_layers": len(blocks), "weights_sha256": digest}
+    return {
+        "model_type": getattr(model.config, "model_type", type(model).__name__),
+        "hidden_size": int(model.config.hidden_size),
+        "num_layers": len(blocks),
+        "weights_sha256": digest,
+    }
 
 
 def save_vectors(path_dir, vectors: dict, meta: dict) -> Path:
@@ -334,24 +372,36 @@ def save_vectors(path_dir, vectors: dict, meta: dict) -> Path:
     from safetensors.torch import save_file
 
     if "fingerprint" not in meta:
-        raise ValueError("save_vectors: meta needs 'fingerprint': pass steering_fingerprint(model) of the model the vectors came from")
+        raise ValueError(
+            "save_vectors: meta needs 'fingerprint': pass steering_fingerprint(model) of the model the vectors came "
+            "from"
+        )
     sizes = {int(v.shape[-1]) for v in vectors.values()}
     if not vectors or sizes != {meta["fingerprint"]["hidden_size"]} or any(v.ndim != 1 for v in vectors.values()):
-        raise ValueError(f"save_vectors: expected 1-D vectors of the model's hidden size "
-                         f"{meta['fingerprint']['hidden_size']}; got shapes {[tuple(v.shape) for v in vectors.values()]}")
+        raise ValueError(
+            f"save_vectors: expected 1-D vectors of the model's hidden size "
+            f"{meta['fingerprint']['hidden_size']}; got shapes {[tuple(v.shape) for v in vectors.values()]}"
+        )
     path = Path(path_dir)
     path.mkdir(parents=True, exist_ok=True)
     layers = sorted(int(l) for l in vectors)
     save_file({f"layer.{l}": vectors[l].detach().float().cpu().contiguous() for l in layers}, str(path / VECTORS_FILE))
-    record = {**meta, "format": FORMAT, "layers": layers, "hidden_size": sizes.pop(),
-              "norms": {str(l): float(vectors[l].float().norm()) for l in layers}}
+    record = {
+        **meta,
+        "format": FORMAT,
+        "layers": layers,
+        "hidden_size": sizes.pop(),
+        "norms": {str(l): float(vectors[l].float().norm()) for l in layers},
+    }
     (path / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return path
 
 
 def _refit(path: Path) -> str:
-    return (f"Fit the vectors again with `alignkit steer fit --model MODEL --data PAIRS --layers L [L ...] --out {path}` "
-            "(on the model you steer).")
+    return (
+        f"Fit the vectors again with `alignkit steer fit --model MODEL --data PAIRS --layers L [L ...] --out {path}` "
+        "(on the model you steer)."
+    )
 
 
 def _check_vectors(file: Path, tensors: dict, meta: dict, model) -> dict[int, torch.Tensor]:
@@ -364,31 +414,41 @@ def _check_vectors(file: Path, tensors: dict, meta: dict, model) -> dict[int, to
     for key in sorted(tensors):
         m = re.fullmatch(r"layer\.(\d+)", key)
         if m is None:
-            raise DataError(f"{file}: unexpected tensor {key!r}; a steering file holds one tensor per layer, named "
-                            f"layer.<block index>. {_refit(file.parent)}")
+            raise DataError(
+                f"{file}: unexpected tensor {key!r}; a steering file holds one tensor per layer, named "
+                f"layer.<block index>. {_refit(file.parent)}"
+            )
         l, v = int(m.group(1)), tensors[key]
         if l >= n:
-            raise DataError(f"{file}: holds a vector for layer {l}, but the model has {n} decoder blocks (layers 0.."
-                            f"{n - 1}). {_refit(file.parent)}")
+            raise DataError(
+                f"{file}: holds a vector for layer {l}, but the model has {n} decoder blocks (layers 0.."
+                f"{n - 1}). {_refit(file.parent)}"
+            )
         if tuple(v.shape) != (hidden,) or not v.is_floating_point():
-            raise DataError(f"{file}: the vector for layer {l} has shape {tuple(v.shape)} ({v.dtype}), but the model's "
-                            f"hidden size is {hidden}: expected floats of shape ({hidden},). {_refit(file.parent)}")
+            raise DataError(
+                f"{file}: the vector for layer {l} has shape {tuple(v.shape)} ({v.dtype}), but the model's "
+                f"hidden size is {hidden}: expected floats of shape ({hidden},). {_refit(file.parent)}"
+            )
         v = v.float()
         finite = torch.isfinite(v)
         if not finite.all():
-            raise DataError(f"{file}: the vector for layer {l} holds NaN or infinite values ({int((~finite).sum())} of "
-                            f"{hidden}); steering with it would turn the model's hidden states into NaN. "
-                            f"{_refit(file.parent)}")
+            raise DataError(
+                f"{file}: the vector for layer {l} holds NaN or infinite values ({int((~finite).sum())} of "
+                f"{hidden}); steering with it would turn the model's hidden states into NaN. "
+                f"{_refit(file.parent)}"
+            )
         vectors[l] = v
     listed = meta.get("layers")
     if listed is not None:
         ok = isinstance(listed, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in listed)
         if not ok or sorted(set(listed)) != sorted(vectors):
             missing = sorted(set(listed) - set(vectors)) if ok else None
-            raise DataError(f"{file.parent / META_FILE}: lists layers {listed!r}, but {file.name} holds layers "
-                            f"{sorted(vectors)}" + (f" (no vector for layer {', '.join(map(str, missing))})"
-                                                     if missing else "")
-                            + f"; the two files do not belong together. {_refit(file.parent)}")
+            raise DataError(
+                f"{file.parent / META_FILE}: lists layers {listed!r}, but {file.name} holds layers "
+                f"{sorted(vectors)}"
+                + (f" (no vector for layer {', '.join(map(str, missing))})" if missing else "")
+                + f"; the two files do not belong together. {_refit(file.parent)}"
+            )
     return vectors
 
 
@@ -404,31 +464,40 @@ def load_vectors(path_dir, model) -> tuple[dict[int, torch.Tensor], dict]:
 
     path = Path(path_dir)
     if not path.is_dir():
-        raise DataError(f"steering vectors {path}: no such directory. Give the --out directory of `alignkit steer "
-                        f"fit` (it holds {VECTORS_FILE} and {META_FILE}), or fit vectors there first.")
+        raise DataError(
+            f"steering vectors {path}: no such directory. Give the --out directory of `alignkit steer "
+            f"fit` (it holds {VECTORS_FILE} and {META_FILE}), or fit vectors there first."
+        )
     for name in (VECTORS_FILE, META_FILE):
         if not (path / name).is_file():
-            raise DataError(f"{path / name} not found: a steering directory holds {VECTORS_FILE} and {META_FILE}, "
-                            f"as `alignkit steer fit` (save_vectors) writes them. {_refit(path)}")
+            raise DataError(
+                f"{path / name} not found: a steering directory holds {VECTORS_FILE} and {META_FILE}, "
+                f"as `alignkit steer fit` (save_vectors) writes them. {_refit(path)}"
+            )
     try:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path / META_FILE}: not valid JSON ({e}); the file is damaged. {_refit(path)}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), dict):
-        raise DataError(f"{path / META_FILE}: expected a JSON object with a \"fingerprint\" object (the model the "
-                        f"vectors were fitted on), as `alignkit steer fit` writes it. {_refit(path)}")
+        raise DataError(
+            f'{path / META_FILE}: expected a JSON object with a "fingerprint" object (the model the '
+            f"vectors were fitted on), as `alignkit steer fit` writes it. {_refit(path)}"
+        )
     saved, here = meta["fingerprint"], steering_fingerprint(model)
     differ = [k for k in here if saved.get(k) != here[k]]
     if differ:
         raise ModelError(
             f"model fingerprint mismatch ({', '.join(differ)} differ): the steering vectors in {path} were fitted "
             f"on a model with {_describe(saved)}, but the model given has {_describe(here)}. Load the model "
-            "they were fitted on, or fit new vectors on this one.")
+            "they were fitted on, or fit new vectors on this one."
+        )
     try:
         tensors = load_file(str(path / VECTORS_FILE))
     except (SafetensorError, OSError) as e:
-        raise DataError(f"{path / VECTORS_FILE}: not a readable safetensors file ({e}); it may be truncated or "
-                        f"overwritten. {_refit(path)}") from None
+        raise DataError(
+            f"{path / VECTORS_FILE}: not a readable safetensors file ({e}); it may be truncated or "
+            f"overwritten. {_refit(path)}"
+        ) from None
     return _check_vectors(path / VECTORS_FILE, tensors, meta, model), meta
 
 
@@ -442,11 +511,14 @@ def check_strength(value, option: str = "strength") -> float:
     try:
         strength = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{option}={value!r}: give a number, the multiple of each steering vector to add "
-                          "(e.g. 1, 0.5 or -2)") from None
+        raise ConfigError(
+            f"{option}={value!r}: give a number, the multiple of each steering vector to add (e.g. 1, 0.5 or -2)"
+        ) from None
     if not math.isfinite(strength):
-        raise ConfigError(f"{option}={value!r}: the steering strength must be a finite number (e.g. 1, 0.5 or -2), "
-                          "not NaN or infinity")
+        raise ConfigError(
+            f"{option}={value!r}: the steering strength must be a finite number (e.g. 1, 0.5 or -2), "
+            "not NaN or infinity"
+        )
     return strength
 
 
@@ -472,7 +544,10 @@ def steer(model, vectors: dict, strength: float = 1.0, positions: str = "all"):
     layers = check_layers(model, list(vectors))
     for l in layers:
         if tuple(vectors[l].shape) != (hidden,):
-            raise ConfigError(f"steering vector for layer {l} has shape {tuple(vectors[l].shape)}; the model's hidden size is {hidden}")
+            raise ConfigError(
+                f"steering vector for layer {l} has shape {tuple(vectors[l].shape)}; the model's hidden size is "
+                f"{hidden}"
+            )
         if not torch.isfinite(vectors[l]).all():
             raise ConfigError(f"steering vector for layer {l} holds NaN or infinite values; steer with finite vectors")
     deltas = {l: strength * vectors[l].float().to(next(blocks[l].parameters()).device) for l in layers}
@@ -491,6 +566,7 @@ def steer(model, vectors: dict, strength: float = 1.0, positions: str = "all"):
             h = _block_output(output)
             h = h + deltas[l].to(h.dtype)
             return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
         return hook
 
     handles = []

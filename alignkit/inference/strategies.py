@@ -23,16 +23,16 @@ STRATEGIES = {
     "best-of-n": "the highest-reward of --n samples (KL <= log n - (n-1)/n, arXiv 2401.01879)",
     "soft-best-of-n": "one of --n samples drawn with weights exp(reward / --soft-temperature)",
     "deal": "tree search over blocks of --block tokens: --candidates children per node, scored by the reward "
-            "after --lookahead more tokens, --beam kept (arXiv 2402.06147)",
+    "after --lookahead more tokens, --beam kept (arXiv 2402.06147)",
     "controlled-decoding": "token-level: the top --candidates tokens reweighted by exp(--strength * value), with a "
-                           "value head from `alignkit fit-value` (--value) (arXiv 2310.17022)",
+    "value head from `alignkit fit-value` (--value) (arXiv 2310.17022)",
     "transfer-q": "per block, the --candidates proposal with the highest reward after a --horizon-token "
-                  "continuation by --baseline, a model aligned to the reward (arXiv 2405.20495)",
+    "continuation by --baseline, a model aligned to the reward (arXiv 2405.20495)",
     "urial": "in-context alignment of a base model: system text and stylistic examples from an editable "
-             "template (--urial-template) (arXiv 2312.01552)",
+    "template (--urial-template) (arXiv 2312.01552)",
     "rewrite": "the model first rewrites each instruction to state its intent and constraints (greedy), then "
-               "answers the rewrite; the reward judges the answer against the original prompt (P-Aligner, "
-               "arXiv 2508.04626)",
+    "answers the rewrite; the reward judges the answer against the original prompt (P-Aligner, "
+    "arXiv 2508.04626)",
 }
 
 
@@ -54,10 +54,23 @@ class StrategyOptions:
 SAMPLER_STRATEGIES = ("sample", "best-of-n", "soft-best-of-n")  # need only whole samples: any backend serves
 
 
-def run_strategy(name: str, model, tokenizer, reward, prompts: list, columns: dict, params: SamplingParams,
-                 options: StrategyOptions = StrategyOptions(), *, seed: int = 0, batch_size: int = 8,
-                 prompt_ids: list | None = None, baseline_model=None, progress: bool = False,
-                 sampler=None) -> StrategyResult:
+def run_strategy(
+    name: str,
+    model,
+    tokenizer,
+    reward,
+    prompts: list,
+    columns: dict,
+    params: SamplingParams,
+    options: StrategyOptions = StrategyOptions(),
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    prompt_ids: list | None = None,
+    baseline_model=None,
+    progress: bool = False,
+    sampler=None,
+) -> StrategyResult:
     """Run strategy `name` on the prompts. `prompt_ids` (chat-rendered, possibly truncated token
     ids) default to the prompts encoded with the tokenizer's chat template; `baseline_model`
     (transfer-q) may be passed loaded, otherwise options.baseline is loaded. `progress` shows a
@@ -66,13 +79,25 @@ def run_strategy(name: str, model, tokenizer, reward, prompts: list, columns: di
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
     if sampler is not None and name not in SAMPLER_STRATEGIES:
-        raise ConfigError(f"strategy {name} steers every token through the model itself, which a vLLM engine does "
-                          f"not expose; use --backend transformers (vLLM serves {', '.join(SAMPLER_STRATEGIES)}).")
+        raise ConfigError(
+            f"strategy {name} steers every token through the model itself, which a vLLM engine does "
+            f"not expose; use --backend transformers (vLLM serves {', '.join(SAMPLER_STRATEGIES)})."
+        )
     if name == "urial":
         from alignkit.inference.urial import urial
 
-        return urial(model, tokenizer, reward, prompts, columns, params, template=options.urial_template,
-                     seed=seed, batch_size=batch_size, progress=progress)
+        return urial(
+            model,
+            tokenizer,
+            reward,
+            prompts,
+            columns,
+            params,
+            template=options.urial_template,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
     if name == "rewrite":
         return _rewrite_then_answer(model, tokenizer, reward, prompts, columns, params, seed, batch_size, progress)
     ids = prompt_ids if prompt_ids is not None else encode_prompts(tokenizer, prompts)
@@ -89,24 +114,52 @@ def run_strategy(name: str, model, tokenizer, reward, prompts: list, columns: di
         from alignkit.inference.value import ValueHead
 
         if not options.value:
-            raise ConfigError("controlled-decoding needs a value head (--value DIR); fit one with "
-                              "`alignkit fit-value --model M --prompts P --reward R --output DIR`.")
+            raise ConfigError(
+                "controlled-decoding needs a value head (--value DIR); fit one with "
+                "`alignkit fit-value --model M --prompts P --reward R --output DIR`."
+            )
         value = ValueHead.load(options.value, model.config.hidden_size)
-        return controlled_decoding(model, tokenizer, reward, prompts, ids, columns, params, value,
-                                   candidates=options.candidates, strength=options.strength, seed=seed,
-                                   batch_size=batch_size, progress=progress)
+        return controlled_decoding(
+            model,
+            tokenizer,
+            reward,
+            prompts,
+            ids,
+            columns,
+            params,
+            value,
+            candidates=options.candidates,
+            strength=options.strength,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
     from alignkit.inference.search import SearchParams, block_search
 
     sp = SearchParams(options.beam, options.candidates, options.block, options.lookahead, None, options.horizon)
     if name == "transfer-q":
         if baseline_model is None:
             if not options.baseline:
-                raise ConfigError("transfer-q needs --baseline: a model aligned to the target reward (for example "
-                                  "a DPO or GRPO run's final/ directory) that shares the model's tokenizer.")
+                raise ConfigError(
+                    "transfer-q needs --baseline: a model aligned to the target reward (for example "
+                    "a DPO or GRPO run's final/ directory) that shares the model's tokenizer."
+                )
             baseline_model = _load_like(options.baseline, model)
         sp.beam, sp.baseline = 1, baseline_model
-    return block_search(model, tokenizer, reward, prompts, ids, columns, params, sp, seed=seed,
-                        batch_size=batch_size, strategy=name, progress=progress)
+    return block_search(
+        model,
+        tokenizer,
+        reward,
+        prompts,
+        ids,
+        columns,
+        params,
+        sp,
+        seed=seed,
+        batch_size=batch_size,
+        strategy=name,
+        progress=progress,
+    )
 
 
 def _rewrite_then_answer(model, tokenizer, reward, prompts, columns, params, seed, batch_size, progress):
@@ -114,14 +167,20 @@ def _rewrite_then_answer(model, tokenizer, reward, prompts, columns, params, see
     from alignkit.inference.rewrite import rewrite_messages
 
     convs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
-    rewritten = rewrite_messages(LocalModel(model, tokenizer, batch_size), convs,
-                                 params.but(n=1, temperature=0.0, max_new_tokens=max(params.max_new_tokens, 96)), seed,
-                                 progress=progress)
+    rewritten = rewrite_messages(
+        LocalModel(model, tokenizer, batch_size),
+        convs,
+        params.but(n=1, temperature=0.0, max_new_tokens=max(params.max_new_tokens, 96)),
+        seed,
+        progress=progress,
+    )
     backend = TransformersBackend(model, tokenizer, batch_size, progress=progress)
     out = sample_once(backend, reward, prompts, encode_prompts(tokenizer, list(rewritten)), columns, params, seed)
     out.strategy, out.kl, out.kl_kind = "rewrite", None, None  # the answer's distribution is another prompt's
-    out.info = {"rewritten_prompts": [next(m["content"] for m in reversed(c) if m["role"] == "user") for c in rewritten],
-                "kept_original": len(rewritten.fallbacks)}
+    out.info = {
+        "rewritten_prompts": [next(m["content"] for m in reversed(c) if m["role"] == "user") for c in rewritten],
+        "kept_original": len(rewritten.fallbacks),
+    }
     return out
 
 
@@ -129,5 +188,6 @@ def _load_like(path: str, like):
     from alignkit.config import ModelConfig
     from alignkit.models import load_model
 
-    return load_model(ModelConfig(name_or_path=path, dtype="float32"), device=next(like.parameters()).device,
-                      for_training=False).eval()
+    return load_model(
+        ModelConfig(name_or_path=path, dtype="float32"), device=next(like.parameters()).device, for_training=False
+    ).eval()

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from alignkit.errors import ConfigError
 from alignkit.generation.decode import SamplingParams, sample
-from alignkit.logprob_passes import sample_logps
 from alignkit.inference.result import Choice, StrategyResult
+from alignkit.logprob_passes import sample_logps
 from alignkit.rewards.functions import score_ragged
 
 FENCE = "```"
@@ -42,12 +42,15 @@ def load_template(path: str | None = None) -> str:
     else:
         file = Path(name)
         if not file.is_file():
-            raise ConfigError(f"--urial-template {path}: no such file, and not a shipped template "
-                              f"({', '.join(SHIPPED)}).")
+            raise ConfigError(
+                f"--urial-template {path}: no such file, and not a shipped template ({', '.join(SHIPPED)})."
+            )
         text = file.read_text(encoding="utf-8")
     if text.count("{query}") != 1:
-        raise ConfigError(f"URIAL template {path} must contain {{query}} exactly once (where the query goes); "
-                          f"it has {text.count('{query}')}.")
+        raise ConfigError(
+            f"URIAL template {path} must contain {{query}} exactly once (where the query goes); "
+            f"it has {text.count('{query}')}."
+        )
     return text
 
 
@@ -78,16 +81,37 @@ def answer_of(text: str) -> str:
     return text.split(FENCE)[0].strip()
 
 
-def urial(model, tokenizer, reward, prompts: list, columns: dict, params: SamplingParams, *,
-          template: str | None = None, seed: int = 0, batch_size: int = 8, kl_max_length: int = 1024,
-          progress: bool = False) -> StrategyResult:
+def urial(
+    model,
+    tokenizer,
+    reward,
+    prompts: list,
+    columns: dict,
+    params: SamplingParams,
+    *,
+    template: str | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    kl_max_length: int = 1024,
+    progress: bool = False,
+) -> StrategyResult:
     start = time.perf_counter()
     tpl = load_template(template)
     texts = [render(tpl, p) for p in prompts]
     ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
     p = params.but(n=1, stop=tuple(params.stop) + (FENCE,))
-    groups = sample(model, ids, p, eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                    batch_size=batch_size, seed=seed, tokenizer=tokenizer, progress=progress, desc="urial")
+    groups = sample(
+        model,
+        ids,
+        p,
+        eos_ids=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+        seed=seed,
+        tokenizer=tokenizer,
+        progress=progress,
+        desc="urial",
+    )
     answers = [answer_of(g[0].text) for g in groups]
     scores, _ = score_ragged(reward, prompts, [[a] for a in answers], columns)
     kl, kl_kind, per = None, None, [None] * len(prompts)
@@ -95,12 +119,14 @@ def urial(model, tokenizer, reward, prompts: list, columns: dict, params: Sampli
         chat = sample_logps(model, tokenizer, [_messages(x) for x in prompts], answers, kl_max_length, batch_size)
         per = [sum(g[0].logprobs) - float(c) for g, c in zip(groups, chat)]
         kl, kl_kind = sum(per) / max(1, len(per)), "estimate"
-    choices = [Choice(a, s[0], [a], s, 0, len(g[0].token_ids), kl=k) for a, s, g, k in zip(answers, scores, groups, per)]
+    choices = [
+        Choice(a, s[0], [a], s, 0, len(g[0].token_ids), kl=k) for a, s, g, k in zip(answers, scores, groups, per)
+    ]
     seconds = time.perf_counter() - start
-    return StrategyResult("urial", choices, seconds, sum(len(x) for x in ids), kl, kl_kind,
-                          {"template": template or "default"})
+    return StrategyResult(
+        "urial", choices, seconds, sum(len(x) for x in ids), kl, kl_kind, {"template": template or "default"}
+    )
 
 
 def _messages(prompt):
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-

@@ -46,7 +46,10 @@ class ValueHead:
     def save(self, path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias])}, str(path / "value_head.safetensors"))
+        save_file(
+            {"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias])},
+            str(path / "value_head.safetensors"),
+        )
         (path / "value_head.json").write_text(json.dumps(self.meta, indent=2))
         return path
 
@@ -55,13 +58,17 @@ class ValueHead:
         path = Path(path)
         file = path / "value_head.safetensors"
         if not file.is_file():
-            raise ConfigError(f"{path} holds no value head ({file.name} missing): fit one with "
-                              "`alignkit fit-value --model M --prompts P --reward R --output DIR`.")
+            raise ConfigError(
+                f"{path} holds no value head ({file.name} missing): fit one with "
+                "`alignkit fit-value --model M --prompts P --reward R --output DIR`."
+            )
         t = load_file(str(file))
         meta = json.loads((path / "value_head.json").read_text()) if (path / "value_head.json").is_file() else {}
         if hidden_size is not None and t["weight"].numel() != hidden_size:
-            raise ConfigError(f"value head {path} was fitted on a model with hidden size {t['weight'].numel()} "
-                              f"({meta.get('model', '?')}); this model's is {hidden_size}. Fit one for this model.")
+            raise ConfigError(
+                f"value head {path} was fitted on a model with hidden size {t['weight'].numel()} "
+                f"({meta.get('model', '?')}); this model's is {hidden_size}. Fit one for this model."
+            )
         return cls(t["weight"].float(), float(t["bias"][0]), meta)
 
 
@@ -72,7 +79,7 @@ def prefix_hidden(model, prompt_ids: list, completion_ids: list) -> torch.Tensor
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + completion_ids], device=device)
     h = trunk(input_ids=ids).last_hidden_state[0]
-    return h[len(prompt_ids):].float().cpu()
+    return h[len(prompt_ids) :].float().cpu()
 
 
 def ridge(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
@@ -97,13 +104,35 @@ def r_squared(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> float | N
 L2_GRID = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 
 
-def fit_value_head(model, tokenizer, reward, prompts: list, prompt_ids: list, columns: dict, params: SamplingParams,
-                   *, l2: float | None = None, seed: int = 0, batch_size: int = 8, model_name: str = "",
-                   progress: bool = True) -> ValueHead:
+def fit_value_head(
+    model,
+    tokenizer,
+    reward,
+    prompts: list,
+    prompt_ids: list,
+    columns: dict,
+    params: SamplingParams,
+    *,
+    l2: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    model_name: str = "",
+    progress: bool = True,
+) -> ValueHead:
     """Sample `params.n` completions per prompt, score them, and fit the head (module docstring);
     `l2` fixes the ridge penalty instead of choosing it from L2_GRID."""
-    groups = sample(model, prompt_ids, params, eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                    batch_size=batch_size, seed=seed, tokenizer=tokenizer, progress=progress, desc="sampling (value)")
+    groups = sample(
+        model,
+        prompt_ids,
+        params,
+        eos_ids=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+        seed=seed,
+        tokenizer=tokenizer,
+        progress=progress,
+        desc="sampling (value)",
+    )
     rewards, _ = score_ragged(reward, prompts, [[s.text for s in g] for g in groups], columns)
     flat = torch.tensor([r for rs in rewards for r in rs], dtype=torch.float64)
     mean, std = float(flat.mean()), float(flat.std()) if len(flat) > 1 else 0.0
@@ -124,24 +153,38 @@ def fit_value_head(model, tokenizer, reward, prompts: list, prompt_ids: list, co
     finally:
         model.train(was)
     if len(feats) < 5:
-        raise ConfigError(f"fitting a value head needs at least 5 non-empty samples; got {len(feats)}. "
-                          "Give more prompts or a larger n.")
+        raise ConfigError(
+            f"fitting a value head needs at least 5 non-empty samples; got {len(feats)}. "
+            "Give more prompts or a larger n."
+        )
     held = set(range(0, len(feats), 5))  # every fifth completion is held out for the fit report
-    parts = lambda keep: [torch.cat([t[j] for j in range(len(feats)) if (j in held) == keep]) for t in (feats, targets, weights)]
+    parts = lambda keep: [
+        torch.cat([t[j] for j in range(len(feats)) if (j in held) == keep]) for t in (feats, targets, weights)
+    ]
     (xt, yt, wt), (xh, yh, wh) = parts(False), parts(True)
     fits = {}
-    for penalty in ([l2] if l2 is not None else L2_GRID):
+    for penalty in [l2] if l2 is not None else L2_GRID:
         a, b = ridge(xt, yt, wt, penalty)
         fits[penalty] = r_squared(xh.double() @ a.double() + b, yh.double(), wh.double())
     l2 = max(fits, key=lambda k: -math.inf if fits[k] is None else fits[k])
     heldout_r2 = fits[l2]
     x, y, w = torch.cat(feats), torch.cat(targets), torch.cat(weights)
     a, b = ridge(x, y, w, l2)  # the saved head uses every completion
-    meta = {"model": model_name, "hidden_size": int(x.shape[1]), "reward": repr(reward), "prompts": len(prompts),
-            "completions": len(feats), "prefixes": int(x.shape[0]), "l2": l2, "heldout_r2": heldout_r2,
-            "heldout_r2_by_l2": {str(k): v for k, v in fits.items()},
-            "train_r2": r_squared(x.double() @ a.double() + b, y.double(), w.double()),
-            "reward_mean": mean, "reward_std": std, "value_units": "standard deviations of the reward",
-            "sampling": {"temperature": params.temperature, "max_new_tokens": params.max_new_tokens, "n": params.n},
-            "date": datetime.date.today().isoformat()}
+    meta = {
+        "model": model_name,
+        "hidden_size": int(x.shape[1]),
+        "reward": repr(reward),
+        "prompts": len(prompts),
+        "completions": len(feats),
+        "prefixes": int(x.shape[0]),
+        "l2": l2,
+        "heldout_r2": heldout_r2,
+        "heldout_r2_by_l2": {str(k): v for k, v in fits.items()},
+        "train_r2": r_squared(x.double() @ a.double() + b, y.double(), w.double()),
+        "reward_mean": mean,
+        "reward_std": std,
+        "value_units": "standard deviations of the reward",
+        "sampling": {"temperature": params.temperature, "max_new_tokens": params.max_new_tokens, "n": params.n},
+        "date": datetime.date.today().isoformat(),
+    }
     return ValueHead(a, b, meta)

@@ -21,8 +21,7 @@ from alignkit.losses.registry import register
     summary="Noise Contrastive Alignment (pairwise): raise the chosen reward in absolute terms.",
     citation="Chen et al., Noise Contrastive Alignment of Language Models with Explicit Rewards, arXiv 2402.05369",
 )
-def nca(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-        beta: float = 0.1):
+def nca(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
     """loss = -log sigmoid(beta r_w) - 1/2 log sigmoid(-beta r_w) - 1/2 log sigmoid(-beta r_l)
     (the NCA loss of arXiv 2402.05369 for a preference pair, i.e. K = 2 responses with the preferred
     one as the positive). The first term is optimised against an absolute anchor (0), which is what
@@ -30,8 +29,7 @@ def nca(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     z_w = beta * (policy_chosen_logps - ref_chosen_logps)
     z_l = beta * (policy_rejected_logps - ref_rejected_logps)
     losses = -F.logsigmoid(z_w) - 0.5 * F.logsigmoid(-z_w) - 0.5 * F.logsigmoid(-z_l)
-    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                         ref_rejected_logps)
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
 
 
 @register(
@@ -39,8 +37,9 @@ def nca(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     summary="Binary Classifier Optimization on pairs: chosen vs rejected rewards around a running mean.",
     citation="Jung et al., Binary Classifier Optimization for Large Language Model Alignment, arXiv 2404.04656",
 )
-def bco_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reward_shift, *,
-             beta: float = 0.1):
+def bco_pair(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reward_shift, *, beta: float = 0.1
+):
     """loss = -log sigmoid(beta r_w - delta) - log sigmoid(-(beta r_l - delta))
     (the BCO loss of arXiv 2404.04656 with reward shift delta, applied to both halves of a pair).
 
@@ -56,8 +55,9 @@ def bco_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
     delta = reward_shift.detach()
     losses = -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
-    losses, metrics = with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                    ref_rejected_logps)
+    losses, metrics = with_rewards(
+        losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
     metrics["bco/reward_mean"] = (0.5 * (chosen_rewards + rejected_rewards)).detach()
     metrics["bco/reward_shift"] = torch.broadcast_to(delta, chosen_rewards.shape).to(chosen_rewards.dtype)
     return losses, metrics
@@ -68,8 +68,7 @@ def bco_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     summary="SPPO with hard labels: square loss pulling r_w to +1/(2 beta) and r_l to -1/(2 beta).",
     citation="Wu et al., Self-Play Preference Optimization for Language Model Alignment, arXiv 2405.00675",
 )
-def sppo_hard(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-              beta: float = 0.1):
+def sppo_hard(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
     """loss = (r_w - eta/2)^2 + (r_l + eta/2)^2,  eta = 1 / beta.
 
     SPPO (arXiv 2405.00675, Algorithm 1) regresses log(pi(y|x) / pi_t(y|x)) onto
@@ -81,8 +80,7 @@ def sppo_hard(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     r_w = policy_chosen_logps - ref_chosen_logps
     r_l = policy_rejected_logps - ref_rejected_logps
     losses = (r_w - target) ** 2 + (r_l + target) ** 2
-    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                         ref_rejected_logps)
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
 
 
 @register(
@@ -90,8 +88,7 @@ def sppo_hard(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
     summary="Anchored Preference Optimization (zero): raise the chosen likelihood, lower the rejected.",
     citation="D'Oosterlinck et al., Anchored Preference Optimization and Contrastive Revisions, arXiv 2408.06266",
 )
-def apo_zero(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float = 0.1):
+def apo_zero(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
     """loss = 1 - sigmoid(beta r_w) + sigmoid(beta r_l)   (APO-zero, arXiv 2408.06266).
 
     For data whose chosen answers are better than the model's own outputs: the chosen likelihood
@@ -101,8 +98,7 @@ def apo_zero(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     z_w = beta * (policy_chosen_logps - ref_chosen_logps)
     z_l = beta * (policy_rejected_logps - ref_rejected_logps)
     losses = 1 - torch.sigmoid(z_w) + torch.sigmoid(z_l)
-    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                         ref_rejected_logps)
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
 
 
 @register(
@@ -110,8 +106,7 @@ def apo_zero(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     summary="Anchored Preference Optimization (down): lower both likelihoods, the rejected more.",
     citation="D'Oosterlinck et al., Anchored Preference Optimization and Contrastive Revisions, arXiv 2408.06266",
 )
-def apo_down(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-             beta: float = 0.1):
+def apo_down(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
     """loss = sigmoid(beta r_w) + 1 - sigmoid(beta (r_w - r_l))   (APO-down, arXiv 2408.06266).
 
     For data whose chosen answers are worse than the model's own outputs: the chosen likelihood is
@@ -121,5 +116,4 @@ def apo_down(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     z_w = beta * (policy_chosen_logps - ref_chosen_logps)
     z_l = beta * (policy_rejected_logps - ref_rejected_logps)
     losses = torch.sigmoid(z_w) + 1 - torch.sigmoid(z_w - z_l)
-    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                         ref_rejected_logps)
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)

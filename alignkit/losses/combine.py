@@ -32,7 +32,9 @@ def resolve_terms(loss: dict, terms: list, data: str) -> list[LossTerm]:
         out.append(LossTerm(spec, params, 1.0))
     for i, term in enumerate(terms):
         if not isinstance(term, dict) or "name" not in term:
-            raise ConfigError(f"`losses[{i}]` must be a mapping with a `name`, e.g. {{name: sft, weight: 0.2}}; got {term!r}.")
+            raise ConfigError(
+                f"`losses[{i}]` must be a mapping with a `name`, e.g. {{name: sft, weight: 0.2}}; got {term!r}."
+            )
         term = dict(term)
         weight = term.pop("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):

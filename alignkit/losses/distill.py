@@ -23,20 +23,25 @@ import torch
 
 from alignkit.losses.registry import register
 
-GKD = ("Agarwal et al., On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes "
-       "(GKD), arXiv 2306.13649")
+GKD = (
+    "Agarwal et al., On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes "
+    "(GKD), arXiv 2306.13649"
+)
 
 
 def _check(who: str, *logps: torch.Tensor) -> None:
     """Shapes only (no value checks: they would sync the device)."""
     first = logps[0]
     if first.ndim != 2:
-        raise ValueError(f"{who}: log-probabilities must be [N, V] (positions x vocabulary); got shape "
-                         f"{tuple(first.shape)}.")
+        raise ValueError(
+            f"{who}: log-probabilities must be [N, V] (positions x vocabulary); got shape {tuple(first.shape)}."
+        )
     for t in logps[1:]:
         if t.shape != first.shape:
-            raise ValueError(f"{who}: student and teacher distributions must have the same shape [N, V]; got "
-                             f"{tuple(first.shape)} and {tuple(t.shape)} (do the models share a vocabulary?).")
+            raise ValueError(
+                f"{who}: student and teacher distributions must have the same shape [N, V]; got "
+                f"{tuple(first.shape)} and {tuple(t.shape)} (do the models share a vocabulary?)."
+            )
 
 
 def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
@@ -98,16 +103,19 @@ def generalized_jsd(student_logps, teacher_logps, *, beta: float = 0.5):
     `beta: 0` and `beta: 1` give the two KL forms GKD names. log M is computed stably as
     logsumexp(log beta + log P, log(1 - beta) + log Q). Inputs [N, V]; returns (loss [N], {})."""
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"generalized_jsd: `beta` must be in [0, 1] (0: forward KL(teacher || student), "
-                         f"1: reverse KL(student || teacher)); got {beta}.")
+        raise ValueError(
+            f"generalized_jsd: `beta` must be in [0, 1] (0: forward KL(teacher || student), "
+            f"1: reverse KL(student || teacher)); got {beta}."
+        )
     _check("generalized_jsd", student_logps, teacher_logps)
     if beta == 0.0:
         loss = _kl(teacher_logps, student_logps)
     elif beta == 1.0:
         loss = _kl(student_logps, teacher_logps)
     else:
-        log_m = torch.logsumexp(torch.stack([teacher_logps + math.log(beta),
-                                             student_logps + math.log1p(-beta)]), dim=0)  # [N, V]
+        log_m = torch.logsumexp(
+            torch.stack([teacher_logps + math.log(beta), student_logps + math.log1p(-beta)]), dim=0
+        )  # [N, V]
         loss = beta * _kl(teacher_logps, log_m) + (1.0 - beta) * _kl(student_logps, log_m)
     return loss, {}
 
@@ -115,9 +123,9 @@ def generalized_jsd(student_logps, teacher_logps, *, beta: float = 0.5):
 @register(
     "adpa",
     summary="Advantage-guided distillation (ADPA): raise the student's expected teacher advantage "
-            "log pi_T - log pi_T_ref per token.",
+    "log pi_T - log pi_T_ref per token.",
     citation="Gao et al., Advantage-Guided Distillation for Preference Alignment in Small Language Models "
-             "(ADPA), arXiv 2502.17927",
+    "(ADPA), arXiv 2502.17927",
     data="distill",
     reduction="token",
 )

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
-from alignkit.losses.dpo import log_ratio_diff, with_rewards, dpo
+from alignkit.losses.dpo import dpo, log_ratio_diff, with_rewards
 from alignkit.losses.registry import register
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -47,10 +47,19 @@ def f_dpo_margin(r_w, r_l, divergence: str, alpha: float):
 @register(
     "f_dpo",
     summary="f-DPO: DPO with the reverse KL replaced by another f-divergence (forward KL, JS, alpha).",
-    citation="Wang et al., Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints, arXiv 2309.16240",
+    citation="Wang et al., Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence "
+    "Constraints, arXiv 2309.16240",
 )
-def f_dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-          beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5):
+def f_dpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float = 0.1,
+    divergence: str = "reverse_kl",
+    alpha: float = 0.5,
+):
     """loss = -log sigmoid(beta * (f'(u_w) - f'(u_l))),  u = pi(y|x) / pi_ref(y|x)
     (the f-DPO objective of arXiv 2309.16240; f' as in `f_dpo_margin`).
 
@@ -66,11 +75,11 @@ def f_dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reje
         return dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta)
     if divergence == "alpha_divergence" and not 0.0 < alpha < 1.0:
         raise ConfigError(f"`loss.alpha` of f_dpo (alpha_divergence) must be in (0, 1); got {alpha}.")
-    margin = f_dpo_margin(policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps,
-                          divergence, alpha)
+    margin = f_dpo_margin(
+        policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps, divergence, alpha
+    )
     losses = -F.logsigmoid(beta * margin)
-    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                         ref_rejected_logps)
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
 
 
 @register(
@@ -78,8 +87,15 @@ def f_dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reje
     summary="EXO (pairwise): reverse KL from the policy's pair distribution to the smoothed label.",
     citation="Ji et al., Towards Efficient Exact Optimization of Language Model Alignment, arXiv 2402.00856",
 )
-def exo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-        beta: float = 0.1, label_smoothing: float = 1e-3):
+def exo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 1e-3,
+):
     """loss = KL(p_theta || p_label) over the pair {y_w, y_l}
             = s(beta h) (log s(beta h) - log(1 - eps)) + s(-beta h) (log s(-beta h) - log eps),
     s = sigmoid. p_theta = softmax(beta * r) over the pair (the EXO objective of arXiv 2402.00856
@@ -93,7 +109,7 @@ def exo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
         raise ConfigError(f"`loss.label_smoothing` of exo must be in (0, 1); got {label_smoothing}.")
     z = beta * log_ratio_diff(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     eps = label_smoothing
-    losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
-              + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
-    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                         ref_rejected_logps)
+    losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(eps)
+    )
+    return with_rewards(losses, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)

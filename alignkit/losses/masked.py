@@ -12,8 +12,14 @@ from alignkit.losses.registry import register
     citation="Gu et al., Mask-DPO: Generalizable Fine-grained Factuality Alignment of LLMs, arXiv 2503.02846",
     data="masked",
 )
-def mask_dpo(policy_chosen_masked_logps, policy_rejected_masked_logps, ref_chosen_masked_logps,
-             ref_rejected_masked_logps, *, beta: float = 0.1):
+def mask_dpo(
+    policy_chosen_masked_logps,
+    policy_rejected_masked_logps,
+    ref_chosen_masked_logps,
+    ref_rejected_masked_logps,
+    *,
+    beta: float = 0.1,
+):
     """loss = -log sigmoid(beta * h_mask), where h_mask is the DPO margin h computed from sums over
     masked tokens only (Mask-DPO, arXiv 2503.02846): in the chosen response, the tokens of sentences
     labelled factually correct; in the rejected response, the tokens of sentences labelled
@@ -29,5 +35,10 @@ def mask_dpo(policy_chosen_masked_logps, policy_rejected_masked_logps, ref_chose
     Both models use the same masks. A response with an empty mask contributes 0 to h (then only the
     other response is trained on); sentence labels come from the data (the paper annotates them
     with the ANAH-v2 hallucination annotator)."""
-    return dpo(policy_chosen_masked_logps, policy_rejected_masked_logps, ref_chosen_masked_logps,
-               ref_rejected_masked_logps, beta=beta)
+    return dpo(
+        policy_chosen_masked_logps,
+        policy_rejected_masked_logps,
+        ref_chosen_masked_logps,
+        ref_rejected_masked_logps,
+        beta=beta,
+    )

@@ -25,21 +25,26 @@ from alignkit.losses.registry import register
 
 def _check_rewards(rewards: torch.Tensor, who: str) -> torch.Tensor:
     if rewards.ndim != 2 or rewards.numel() == 0:
-        raise ValueError(f"{who}: `rewards` must be a non-empty [P, G] tensor (P prompts, G samples each); "
-                         f"got shape {tuple(rewards.shape)}. Reshape flat rewards with `.view(P, G)`.")
+        raise ValueError(
+            f"{who}: `rewards` must be a non-empty [P, G] tensor (P prompts, G samples each); "
+            f"got shape {tuple(rewards.shape)}. Reshape flat rewards with `.view(P, G)`."
+        )
     return rewards if rewards.is_floating_point() else rewards.float()
 
 
 def _need_two_samples(rewards: torch.Tensor, who: str) -> None:
     if rewards.shape[1] < 2:
-        raise ValueError(f"{who}: needs G >= 2 samples per prompt to form a baseline from the group; got "
-                         f"rewards of shape {tuple(rewards.shape)} (G = {rewards.shape[1]}). Sample more "
-                         "completions per prompt.")
+        raise ValueError(
+            f"{who}: needs G >= 2 samples per prompt to form a baseline from the group; got "
+            f"rewards of shape {tuple(rewards.shape)} (G = {rewards.shape[1]}). Sample more "
+            "completions per prompt."
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Advantages
 # --------------------------------------------------------------------------------------------
+
 
 def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """Group-relative advantages [P, G] from outcome rewards [P, G].
@@ -97,6 +102,7 @@ def zero_variance_fraction(rewards: torch.Tensor) -> float:
 # Clipped policy-gradient loss
 # --------------------------------------------------------------------------------------------
 
+
 def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi || pi_ref) from tokens sampled from pi (same shape as input):
         k3 = exp(ref - logp) - (ref - logp) - 1  >= 0
@@ -109,8 +115,9 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.expm1(delta) - delta
 
 
-def truncated_importance_weights(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor,
-                                 cap: float) -> tuple[torch.Tensor, dict]:
+def truncated_importance_weights(
+    trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, dict]:
     """Truncated importance sampling (Yao et al., "Your Efficient RL Framework Secretly Brings You
     Off-Policy RL Training", 2025): the sampler (vLLM in bf16, say) and the trainer disagree on the
     probability of what was sampled, so each token's policy-gradient term is weighted by
@@ -125,8 +132,9 @@ def truncated_importance_weights(trainer_logps: torch.Tensor, sampler_logps: tor
     return w, {"tis/weight_mean": w.sum(), "tis/capped_fraction": (w >= cap).to(w.dtype).sum()}
 
 
-def kl_penalty_in_loss(per_token: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor,
-                       kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_penalty_in_loss(
+    per_token: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO's KL term in the loss (Shao et al., arXiv 2402.03300, eq. 3): per token
     loss_t + kl_coef * k3(logp_t, ref_t), the gradient flowing through logp_t (the reference is
     detached). Returns (the per-token loss [M], the per-token k3 [M], detached: the `kl` metric).
@@ -158,8 +166,10 @@ def _aggregate_dr_grpo(per_token, token_seq, num_sequences, max_completion_lengt
     """sum over all tokens / (S * max_completion_length) (Dr. GRPO, arXiv 2503.20783, Sec. 3): a
     constant normaliser, so there is no length bias and no dependence on the batch's lengths."""
     if max_completion_length is None:
-        raise ValueError("policy_gradient_loss: aggregation='dr_grpo' needs `max_completion_length` (the "
-                         "generation limit, in tokens); pass it, or use aggregation='dapo' or 'grpo'.")
+        raise ValueError(
+            "policy_gradient_loss: aggregation='dr_grpo' needs `max_completion_length` (the "
+            "generation limit, in tokens); pass it, or use aggregation='dapo' or 'grpo'."
+        )
     if max_completion_length <= 0:
         raise ValueError(f"policy_gradient_loss: `max_completion_length` must be > 0; got {max_completion_length}.")
     return per_token.sum() / (num_sequences * max_completion_length)
@@ -168,8 +178,9 @@ def _aggregate_dr_grpo(per_token, token_seq, num_sequences, max_completion_lengt
 AGGREGATIONS = {"grpo": _aggregate_grpo, "dapo": _aggregate_dapo, "dr_grpo": _aggregate_dr_grpo}
 
 
-def aggregate(per_token: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, aggregation: str,
-              max_completion_length=None) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, aggregation: str, max_completion_length=None
+) -> torch.Tensor:
     """Per-token losses [M] -> the scalar loss, by `aggregation` (grpo, dapo or dr_grpo; see
     `policy_gradient_loss`)."""
     if aggregation not in AGGREGATIONS:
@@ -177,8 +188,9 @@ def aggregate(per_token: torch.Tensor, token_seq: torch.Tensor, num_sequences: i
     return AGGREGATIONS[aggregation](per_token, token_seq, num_sequences, max_completion_length)
 
 
-def aggregate_sum(per_token: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, aggregation: str,
-                  max_completion_length=None) -> torch.Tensor:
+def aggregate_sum(
+    per_token: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, aggregation: str, max_completion_length=None
+) -> torch.Tensor:
     """`aggregate` times its normaliser (`aggregation_weight`): the part that adds up across
     micro-batches and processes. The trainer sums these and divides by the summed weights, so a
     step's loss is the aggregation over all of its sequences however they are split (1 x 8 equals
@@ -210,7 +222,7 @@ def _clip_metrics(ratio, adv, clip_low: float, clip_high: float) -> dict:
     "ppo_clip",
     summary="PPO's clipped surrogate per token, with decoupled clip range (GRPO, DAPO's clip-higher).",
     citation="Schulman et al., Proximal Policy Optimization Algorithms, arXiv 1707.06347; as GRPO uses it, "
-             "Shao et al., arXiv 2402.03300; clip-higher: Yu et al., DAPO, arXiv 2503.14476",
+    "Shao et al., arXiv 2402.03300; clip-higher: Yu et al., DAPO, arXiv 2503.14476",
     data="rollout",
     reduction="token",
 )
@@ -230,8 +242,9 @@ def ppo_clip(token_logps, old_token_logps, advantages, *, clip_low: float = 0.2,
     term is the active minimum and the gradient is zero, TRL's definitions -- `clip_fraction`
     (either) and `ratio_mean`."""
     if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-        raise ValueError(f"ppo_clip: need 0 <= clip_low < 1 and clip_high >= 0; got clip_low={clip_low}, "
-                         f"clip_high={clip_high}.")
+        raise ValueError(
+            f"ppo_clip: need 0 <= clip_low < 1 and clip_high >= 0; got clip_low={clip_low}, clip_high={clip_high}."
+        )
     adv = advantages.detach().to(token_logps.dtype)
     ratio = torch.exp(token_logps - old_token_logps.detach())  # [M]
     per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv)
@@ -272,8 +285,9 @@ def gspo(token_logps, old_token_logps, advantages, token_seq, *, clip_low: float
     clipped term is the active minimum), `clip_fraction/low`, `clip_fraction/high`, and
     `ratio_mean` (the sequence ratio s_i)."""
     if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-        raise ValueError(f"gspo: need 0 <= clip_low < 1 and clip_high >= 0; got clip_low={clip_low}, "
-                         f"clip_high={clip_high}.")
+        raise ValueError(
+            f"gspo: need 0 <= clip_low < 1 and clip_high >= 0; got clip_low={clip_low}, clip_high={clip_high}."
+        )
     adv = _sequence_means(advantages.detach().to(token_logps.dtype), token_seq)
     s = torch.exp(_sequence_means(token_logps - old_token_logps.detach(), token_seq))  # [M], s_i at each token
     per_token = -torch.minimum(s * adv, torch.clamp(s, 1.0 - clip_low, 1.0 + clip_high) * adv)
@@ -284,7 +298,7 @@ def gspo(token_logps, old_token_logps, advantages, token_seq, *, clip_low: float
     "cispo",
     summary="CISPO: REINFORCE with clipped, detached importance weights; every token keeps its gradient.",
     citation="MiniMax, MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention, "
-             "arXiv 2506.13585, Sec. 3.1",
+    "arXiv 2506.13585, Sec. 3.1",
     data="rollout",
     reduction="token",
 )
@@ -302,7 +316,9 @@ def cispo(token_logps, old_token_logps, advantages, *, clip_low: float = 1.0, cl
     Metrics per token: `clip_fraction` (weight capped at 1 + clip_high or floored at 1 - clip_low)
     and `ratio_mean`. The loss value is not the surrogate's (it contains log pi); its gradient is."""
     if clip_low < 0.0 or clip_high < 0.0:
-        raise ValueError(f"cispo: need clip_low >= 0 and clip_high >= 0; got clip_low={clip_low}, clip_high={clip_high}.")
+        raise ValueError(
+            f"cispo: need clip_low >= 0 and clip_high >= 0; got clip_low={clip_low}, clip_high={clip_high}."
+        )
     adv = advantages.detach().to(token_logps.dtype)
     r = torch.exp(token_logps.detach() - old_token_logps.detach())
     w = torch.clamp(r, min=1.0 - clip_low, max=1.0 + clip_high)
@@ -321,46 +337,76 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> tor
     limit (a reply cut at the limit has |y| = L_max). `lengths` [...] in tokens; float output of the
     same shape."""
     if not 0 < buffer <= max_length:
-        raise ValueError(f"overlong_penalty: need 0 < buffer <= max_length; got buffer={buffer}, "
-                         f"max_length={max_length}.")
+        raise ValueError(
+            f"overlong_penalty: need 0 < buffer <= max_length; got buffer={buffer}, max_length={max_length}."
+        )
     lengths = lengths.to(torch.float32)
     start = max_length - buffer
     ramp = (start - lengths) / buffer
     return torch.where(lengths <= start, torch.zeros_like(lengths), torch.where(lengths <= max_length, ramp, -1.0))
 
 
-def _check_pg_inputs(token_logps, old_token_logps, advantages, token_seq, num_sequences,
-                     clip_low, clip_high, ref_token_logps, kl_coef, aggregation):
+def _check_pg_inputs(
+    token_logps,
+    old_token_logps,
+    advantages,
+    token_seq,
+    num_sequences,
+    clip_low,
+    clip_high,
+    ref_token_logps,
+    kl_coef,
+    aggregation,
+):
     """Shape and hyper-parameter checks only: no value checks, which would need a host sync."""
     who = "policy_gradient_loss"
     if token_logps.ndim != 1:
-        raise ValueError(f"{who}: `token_logps` must be flat [M] over scored tokens; "
-                         f"got shape {tuple(token_logps.shape)}.")
+        raise ValueError(
+            f"{who}: `token_logps` must be flat [M] over scored tokens; got shape {tuple(token_logps.shape)}."
+        )
     same_shape = (("old_token_logps", old_token_logps), ("token_seq", token_seq), ("ref_token_logps", ref_token_logps))
     for name, t in same_shape:
         if t is not None and t.shape != token_logps.shape:
-            raise ValueError(f"{who}: `{name}` must have the shape of `token_logps` {tuple(token_logps.shape)}; "
-                             f"got {tuple(t.shape)}.")
+            raise ValueError(
+                f"{who}: `{name}` must have the shape of `token_logps` {tuple(token_logps.shape)}; "
+                f"got {tuple(t.shape)}."
+            )
     if token_seq.dtype != torch.long:
         raise ValueError(f"{who}: `token_seq` must be a long tensor of sequence indices; got {token_seq.dtype}.")
     if advantages.shape != (num_sequences,):
-        raise ValueError(f"{who}: `advantages` must be [S] = [{num_sequences}] (one per sequence; flatten [P, G] "
-                         f"advantages with `.reshape(-1)`); got shape {tuple(advantages.shape)}.")
+        raise ValueError(
+            f"{who}: `advantages` must be [S] = [{num_sequences}] (one per sequence; flatten [P, G] "
+            f"advantages with `.reshape(-1)`); got shape {tuple(advantages.shape)}."
+        )
     if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-        raise ValueError(f"{who}: need 0 <= clip_low < 1 and clip_high >= 0; got clip_low={clip_low}, "
-                         f"clip_high={clip_high}.")
+        raise ValueError(
+            f"{who}: need 0 <= clip_low < 1 and clip_high >= 0; got clip_low={clip_low}, clip_high={clip_high}."
+        )
     if kl_coef < 0.0:
         raise ValueError(f"{who}: `kl_coef` must be >= 0; got {kl_coef}.")
     if kl_coef > 0.0 and ref_token_logps is None:
-        raise ValueError(f"{who}: kl_coef={kl_coef} > 0 needs `ref_token_logps`; pass the reference model's "
-                         "token log-probs, or set kl_coef=0.")
+        raise ValueError(
+            f"{who}: kl_coef={kl_coef} > 0 needs `ref_token_logps`; pass the reference model's "
+            "token log-probs, or set kl_coef=0."
+        )
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"{who}: unknown aggregation {aggregation!r}; choose one of {sorted(AGGREGATIONS)}.")
 
 
-def policy_gradient_loss(token_logps, old_token_logps, advantages, token_seq, num_sequences: int, *,
-                         clip_low: float = 0.2, clip_high: float = 0.2, ref_token_logps=None,
-                         kl_coef: float = 0.0, aggregation: str = "grpo", max_completion_length=None):
+def policy_gradient_loss(
+    token_logps,
+    old_token_logps,
+    advantages,
+    token_seq,
+    num_sequences: int,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_token_logps=None,
+    kl_coef: float = 0.0,
+    aggregation: str = "grpo",
+    max_completion_length=None,
+):
     """Clipped surrogate policy-gradient loss over flattened tokens; returns (loss [], metrics).
 
     Inputs: token_logps [M] (log pi_theta of each sampled token; the only input gradients flow
@@ -394,8 +440,18 @@ def policy_gradient_loss(token_logps, old_token_logps, advantages, token_seq, nu
     "clip_fraction" (their sum) are the fractions of tokens so clipped; "ratio_mean" is the mean
     ratio; "kl" is the mean k3 over tokens, reported whenever ref_token_logps is given (also with
     kl_coef = 0)."""
-    _check_pg_inputs(token_logps, old_token_logps, advantages, token_seq, num_sequences,
-                     clip_low, clip_high, ref_token_logps, kl_coef, aggregation)
+    _check_pg_inputs(
+        token_logps,
+        old_token_logps,
+        advantages,
+        token_seq,
+        num_sequences,
+        clip_low,
+        clip_high,
+        ref_token_logps,
+        kl_coef,
+        aggregation,
+    )
     token_adv = advantages.detach().to(token_logps.dtype)[token_seq]  # [M]
     per_token, clip_metrics = ppo_clip(token_logps, old_token_logps, token_adv, clip_low=clip_low, clip_high=clip_high)
     n_tokens = max(token_logps.numel(), 1)
@@ -413,6 +469,7 @@ def policy_gradient_loss(token_logps, old_token_logps, advantages, token_seq, nu
 # --------------------------------------------------------------------------------------------
 # Selecting samples: online DPO pairs and best-of-K
 # --------------------------------------------------------------------------------------------
+
 
 def best_worst_pairs(rewards: torch.Tensor):
     """Per prompt, the indices (within its group) of the highest- and lowest-reward samples, for

@@ -26,8 +26,16 @@ import torch
 from alignkit.losses.online import kl_k3
 from alignkit.losses.registry import register
 
-__all__ = ["RunningMoments", "explained_variance", "gae", "kl_per_token", "kl_shaped_rewards",
-           "normalize_rewards", "ppo_value_loss", "whiten"]
+__all__ = [
+    "RunningMoments",
+    "explained_variance",
+    "gae",
+    "kl_per_token",
+    "kl_shaped_rewards",
+    "normalize_rewards",
+    "ppo_value_loss",
+    "whiten",
+]
 
 
 def _check_flat(who: str, first: str, x: torch.Tensor, **others: torch.Tensor) -> None:
@@ -35,8 +43,9 @@ def _check_flat(who: str, first: str, x: torch.Tensor, **others: torch.Tensor) -
         raise ValueError(f"{who}: `{first}` must be flat [M] over scored tokens; got shape {tuple(x.shape)}.")
     for name, t in others.items():
         if t.shape != x.shape:
-            raise ValueError(f"{who}: `{name}` must have the shape of `{first}` {tuple(x.shape)}; "
-                             f"got {tuple(t.shape)}.")
+            raise ValueError(
+                f"{who}: `{name}` must have the shape of `{first}` {tuple(x.shape)}; got {tuple(t.shape)}."
+            )
 
 
 def _layout(token_seq: torch.Tensor, num_sequences: int, who: str):
@@ -49,16 +58,20 @@ def _layout(token_seq: torch.Tensor, num_sequences: int, who: str):
     m = token_seq.numel()
     lo, hi = torch.stack([token_seq.min(), token_seq.max()]).tolist()
     if lo < 0 or hi >= num_sequences:
-        raise ValueError(f"{who}: `token_seq` holds sequence indices in [{lo}, {hi}], outside "
-                         f"0..{num_sequences - 1} (num_sequences={num_sequences}).")
+        raise ValueError(
+            f"{who}: `token_seq` holds sequence indices in [{lo}, {hi}], outside "
+            f"0..{num_sequences - 1} (num_sequences={num_sequences})."
+        )
     idx = torch.arange(m, device=token_seq.device)  # [M]
     first = torch.full((num_sequences,), m, dtype=torch.long, device=token_seq.device)
     first = first.scatter_reduce(0, token_seq, idx, reduce="amin")  # [S] index of each sequence's first token
     counts = torch.bincount(token_seq, minlength=num_sequences)  # [S]
     pos = idx - first[token_seq]  # [M]; in 0..len-1 exactly when each sequence is contiguous
     if (pos >= counts[token_seq]).any().item():
-        raise ValueError(f"{who}: the tokens of a sequence are not contiguous in `token_seq`; the flat layout "
-                         "must keep each sequence's tokens together and in time order.")
+        raise ValueError(
+            f"{who}: the tokens of a sequence are not contiguous in `token_seq`; the flat layout "
+            "must keep each sequence's tokens together and in time order."
+        )
     return pos, counts
 
 
@@ -86,8 +99,9 @@ def kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor, *, estimator: str
     raise ValueError(f"kl_per_token: unknown estimator {estimator!r}; choose one of {list(KL_ESTIMATORS)}.")
 
 
-def kl_shaped_rewards(seq_rewards: torch.Tensor, kl: torch.Tensor, token_seq: torch.Tensor,
-                      num_sequences: int, *, kl_coef: float):
+def kl_shaped_rewards(
+    seq_rewards: torch.Tensor, kl: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, *, kl_coef: float
+):
     """Per-token rewards [M] for PPO: a KL penalty on every token, the sequence reward on the last.
         r_t = -kl_coef * kl_t + [t is the last token of its sequence] * seq_rewards[seq(t)]
     The reward model scores the whole completion, so its reward arrives when the episode ends;
@@ -123,8 +137,16 @@ def kl_shaped_rewards(seq_rewards: torch.Tensor, kl: torch.Tensor, token_seq: to
 # Advantages and returns
 # --------------------------------------------------------------------------------------------
 
-def gae(token_rewards: torch.Tensor, values: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, *,
-        gamma: float = 1.0, lam: float = 0.95):
+
+def gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    token_seq: torch.Tensor,
+    num_sequences: int,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+):
     """Generalized advantage estimation over each sequence's tokens; returns (advantages [M],
     returns [M]). For the tokens t = 0..T-1 of one sequence, with V_T = 0:
         delta_t = r_t + gamma * V_{t+1} - V_t
@@ -169,7 +191,9 @@ def gae(token_rewards: torch.Tensor, values: torch.Tensor, token_seq: torch.Tens
     return advantages, advantages + values
 
 
-def whiten(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8, over: torch.Tensor | None = None) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8, over: torch.Tensor | None = None
+) -> torch.Tensor:
     """Whiten over all M entries [M] (or with the mean and variance of `over`, a population x is
     part of: the advantages of every process in a data-parallel rollout):
         y = (x - mean(x)) / sqrt(var(x) + eps),   var the population variance (divides by M),
@@ -197,8 +221,7 @@ def whiten(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8, over:
     return y if shift_mean else y + mean
 
 
-def reinforce_pp_advantages(token_rewards: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, *,
-                            gather=None):
+def reinforce_pp_advantages(token_rewards: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, *, gather=None):
     """REINFORCE++ advantages [M] (Hu, REINFORCE++: A Simple and Efficient Approach for Aligning
     Large Language Models, arXiv 2501.03262, Sec. 3): no critic; each token's return is the sum of
     the rewards still to come in its sequence (gamma = 1),
@@ -215,6 +238,7 @@ def reinforce_pp_advantages(token_rewards: torch.Tensor, token_seq: torch.Tensor
 # --------------------------------------------------------------------------------------------
 # Reward normalisation (PPO-max)
 # --------------------------------------------------------------------------------------------
+
 
 class RunningMoments:
     """Running mean and variance of every reward seen so far, for PPO-max's reward normalisation
@@ -250,8 +274,10 @@ class RunningMoments:
         mean_b = x.mean()
         mean_b, m2_b = torch.stack([mean_b, ((x - mean_b) ** 2).sum()]).tolist()
         if not (math.isfinite(mean_b) and math.isfinite(m2_b)):
-            raise ValueError(f"RunningMoments.update: the batch of {n_b} rewards holds a non-finite value "
-                             f"(mean {mean_b}); fix the reward function before normalising.")
+            raise ValueError(
+                f"RunningMoments.update: the batch of {n_b} rewards holds a non-finite value "
+                f"(mean {mean_b}); fix the reward function before normalising."
+            )
         total = self.count + n_b
         delta = mean_b - self.mean
         self.mean += delta * n_b / total
@@ -272,13 +298,16 @@ class RunningMoments:
     def load_state_dict(self, state: dict) -> None:
         missing = {"count", "mean", "m2"} - set(state)
         if missing:
-            raise ValueError(f"RunningMoments.load_state_dict: missing keys {sorted(missing)}; "
-                             f"expected count, mean, m2 (got {sorted(state)}).")
+            raise ValueError(
+                f"RunningMoments.load_state_dict: missing keys {sorted(missing)}; "
+                f"expected count, mean, m2 (got {sorted(state)})."
+            )
         self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
 
-def normalize_rewards(rewards: torch.Tensor, mean, std, *, clip: float | None = None,
-                      eps: float = 1e-8) -> torch.Tensor:
+def normalize_rewards(
+    rewards: torch.Tensor, mean, std, *, clip: float | None = None, eps: float = 1e-8
+) -> torch.Tensor:
     """Normalise and clip sequence rewards [S]:
         r' = clip((r - mean) / (std + eps), -clip, clip)
     PPO-max's reward normalisation and clipping (arXiv 2307.04964, Sec. 5.3.1, "Score
@@ -311,16 +340,16 @@ def normalize_rewards(rewards: torch.Tensor, mean, std, *, clip: float | None = 
 # Critic
 # --------------------------------------------------------------------------------------------
 
+
 @register(
     "ppo_value",
     summary="PPO's clipped value loss: 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2) per token.",
     citation="Zheng et al., Secrets of RLHF in Large Language Models Part I: PPO, arXiv 2307.04964 (value "
-             "clipping, PPO-max); returns from GAE, Schulman et al., arXiv 1506.02438",
+    "clipping, PPO-max); returns from GAE, Schulman et al., arXiv 1506.02438",
     data="value",
     reduction="token",
 )
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *,
-                   clip_range: float = 0.2):
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *, clip_range: float = 0.2):
     """Clipped value loss per token; returns (per_token_loss [M], metrics).
         V_clip = old + clamp(V - old, -c, c)
         loss_t = 0.5 * max((V - R)^2, (V_clip - R)^2)
@@ -356,8 +385,10 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
         per_token = 0.5 * torch.maximum(unclipped, clipped)
         clipped_larger = clipped.detach() > unclipped.detach()
     n = max(values.numel(), 1)
-    metrics = {"value_clip_fraction": clipped_larger.to(values.dtype).sum() / n,
-               "value_mean": values.detach().sum() / n}
+    metrics = {
+        "value_clip_fraction": clipped_larger.to(values.dtype).sum() / n,
+        "value_mean": values.detach().sum() / n,
+    }
     return per_token, metrics
 
 

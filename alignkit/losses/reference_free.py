@@ -22,8 +22,15 @@ from alignkit.losses.registry import register
     summary="SimPO: reference-free, length-normalised rewards beta * mean log-prob with a margin gamma.",
     citation="Meng et al., SimPO: Simple Preference Optimization with a Reference-Free Reward, arXiv 2405.14734",
 )
-def simpo(policy_chosen_logps, policy_rejected_logps, chosen_counts, rejected_counts, *,
-          beta: float = 2.0, gamma_beta_ratio: float = 0.5):
+def simpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    chosen_counts,
+    rejected_counts,
+    *,
+    beta: float = 2.0,
+    gamma_beta_ratio: float = 0.5,
+):
     """loss = -log sigmoid(beta / |y_w| * log pi(y_w|x) - beta / |y_l| * log pi(y_l|x) - gamma)
     (the SimPO objective of arXiv 2405.14734), reward r(y) = beta * log pi(y|x) / |y|.
 
@@ -42,9 +49,11 @@ def log1mexp(x):
     sees only its own half of the range, so neither produces an inf that `where` would turn into
     a NaN gradient."""
     near_zero = x > -math.log(2.0)
-    return torch.where(near_zero,
-                       torch.log(-torch.expm1(x.clamp(min=-math.log(2.0)))),
-                       torch.log1p(-torch.exp(x.clamp(max=-math.log(2.0)))))
+    return torch.where(
+        near_zero,
+        torch.log(-torch.expm1(x.clamp(min=-math.log(2.0)))),
+        torch.log1p(-torch.exp(x.clamp(max=-math.log(2.0)))),
+    )
 
 
 def log_odds(mean_logps):
@@ -62,11 +71,11 @@ def log_odds(mean_logps):
     summary="ORPO: NLL of the chosen response plus lambda times a log-odds-ratio preference term.",
     citation="Hong et al., ORPO: Monolithic Preference Optimization without Reference Model, arXiv 2403.07691",
 )
-def orpo(policy_chosen_logps, policy_rejected_logps, chosen_counts, rejected_counts, *,
-         beta: float = 0.1):
+def orpo(policy_chosen_logps, policy_rejected_logps, chosen_counts, rejected_counts, *, beta: float = 0.1):
     """loss = -log pi(y_w|x) / |y_w| + lambda * -log sigmoid(log odds(y_w) - log odds(y_l))
     with odds(y) = P(y|x) / (1 - P(y|x)) and P(y|x) = exp(log pi(y|x) / |y|), the length-normalised
-    likelihood (the ORPO objective of arXiv 2403.07691). lambda is `beta` (TRL's name for it); default 0.1 as in the paper.
+    likelihood (the ORPO objective of arXiv 2403.07691). lambda is `beta` (TRL's name for it); default 0.1 as in the
+    paper.
 
     Departures: the NLL is normalised per example by its own scored token count, while the paper
     (and TRL) average over all chosen tokens of the batch. The reported reward is beta * mean
@@ -85,10 +94,10 @@ def orpo(policy_chosen_logps, policy_rejected_logps, chosen_counts, rejected_cou
 @register(
     "cpo",
     summary="Contrastive Preference Optimization: reference-free DPO term plus NLL of the chosen response.",
-    citation="Xu et al., Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine Translation, arXiv 2401.08417",
+    citation="Xu et al., Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine "
+    "Translation, arXiv 2401.08417",
 )
-def cpo(policy_chosen_logps, policy_rejected_logps, chosen_counts, *,
-        beta: float = 0.1, alpha: float = 1.0):
+def cpo(policy_chosen_logps, policy_rejected_logps, chosen_counts, *, beta: float = 0.1, alpha: float = 1.0):
     """loss = -log sigmoid(beta * (log pi(y_w|x) - log pi(y_l|x))) + alpha * -log pi(y_w|x) / |y_w|
     (CPO, arXiv 2401.08417: L_prefer, DPO with a uniform reference, plus the NLL regulariser).
 

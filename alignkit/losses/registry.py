@@ -18,8 +18,12 @@ from alignkit.suggest import closest, did_you_mean
 
 # Inputs a preference recipe can provide to a loss.
 PAIR_INPUTS = (
-    "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-    "chosen_counts", "rejected_counts",
+    "policy_chosen_logps",
+    "policy_rejected_logps",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "chosen_counts",
+    "rejected_counts",
     "reward_shift",  # bco_pair: running mean of beta * (policy - ref) rewards, see losses/anchored.py
 )
 

@@ -12,7 +12,7 @@ from alignkit.losses.registry import register
     "bradley_terry",
     summary="Bradley-Terry reward model: -log sigmoid(r(chosen) - r(rejected) - margin), per labelled objective.",
     citation="Ouyang et al., Training language models to follow instructions with human feedback, arXiv 2203.02155 "
-             "(margin: Touvron et al., Llama 2, arXiv 2307.09288; centering: Eisenstein et al., arXiv 2312.09244)",
+    "(margin: Touvron et al., Llama 2, arXiv 2307.09288; centering: Eisenstein et al., arXiv 2312.09244)",
     data="reward",
 )
 def bradley_terry(chosen_rewards, rejected_rewards, labels, margins, *, center_weight: float = 0.0):

@@ -8,7 +8,8 @@ from alignkit.losses.registry import register
 @register(
     "sft",
     summary="Negative log-likelihood of completion tokens, averaged over all tokens of the step.",
-    citation="Standard maximum likelihood; e.g. Ouyang et al., Training language models to follow instructions, arXiv 2203.02155",
+    citation="Standard maximum likelihood; e.g. Ouyang et al., Training language models to follow instructions, "
+    "arXiv 2203.02155",
     data="sft",
     reduction="token",
 )

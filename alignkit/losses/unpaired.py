@@ -26,8 +26,17 @@ from alignkit.losses.registry import register
     citation="Ethayarajh et al., KTO: Model Alignment as Prospect Theoretic Optimization, arXiv 2402.01306",
     data="unpaired",
 )
-def kto(policy_logps, ref_logps, labels, policy_kl_logps, ref_kl_logps, *,
-        beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+def kto(
+    policy_logps,
+    ref_logps,
+    labels,
+    policy_kl_logps,
+    ref_kl_logps,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+):
     """loss = lambda_D * (1 - sigmoid(beta (r - z0)))   if desirable
             = lambda_U * (1 - sigmoid(beta (z0 - r)))   if undesirable
     i.e. lambda_y - v(x, y) of the KTO paper (arXiv 2402.01306, the KTO loss), with the reference
@@ -46,9 +55,11 @@ def kto(policy_logps, ref_logps, labels, policy_kl_logps, ref_kl_logps, *,
     labels = labels.bool()
     r = policy_logps - ref_logps
     z0 = (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
-    losses = torch.where(labels,
-                         desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
-                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    losses = torch.where(
+        labels,
+        desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))),
+    )
     rewards = (beta * r).detach()
     metrics = {
         "rewards": rewards,
@@ -95,11 +106,19 @@ def bco(policy_logps, ref_logps, labels, reward_shift, *, beta: float = 0.1):
 @register(
     "d2o",
     summary="D2O: align with negatives only; K self-generated samples act as the positive distribution.",
-    citation="Duan et al., Negating Negatives: Alignment with Human Negative Samples via Distributional Dispreference Optimization, arXiv 2403.03419",
+    citation="Duan et al., Negating Negatives: Alignment with Human Negative Samples via Distributional "
+    "Dispreference Optimization, arXiv 2403.03419",
     data="negative",
 )
-def d2o(policy_rejected_logps, ref_rejected_logps, policy_sample_logps, ref_sample_logps, *,
-        beta: float = 0.1, alpha: float = 0.1):
+def d2o(
+    policy_rejected_logps,
+    ref_rejected_logps,
+    policy_sample_logps,
+    ref_sample_logps,
+    *,
+    beta: float = 0.1,
+    alpha: float = 0.1,
+):
     """loss = -log sigmoid(beta/K sum_i log(pi(y_i|x) / pi_r-(y_i|x)) - alpha log(pi(y_l|x) / pi_r+(y_l|x)))
     (the D2O loss of arXiv 2403.03419): y_l the human-labelled negative, y_1..y_K responses sampled
     for the same prompt. The mean over the K samples is a distributional "positive": D2O pushes the

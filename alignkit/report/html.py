@@ -13,10 +13,10 @@ from html import escape
 
 import yaml
 
-from alignkit.version import __version__
 from alignkit.report import plots as P
 from alignkit.report import tables as T
 from alignkit.report.inputs import RunInputs, num
+from alignkit.version import __version__
 
 TRAIN_PLOTS = ("training", "preference")
 # Rows of the eval section; plots in one row sit side by side when the page is wide enough.
@@ -24,15 +24,15 @@ EVAL_ROWS = (("win_rate", "reward_kl"), ("length_bias",), ("overoptimisation",))
 
 MISSING = {
     "training": "No training curves: run `alignkit train` (it writes metrics.jsonl) to add loss, learning-rate "
-                "and gradient-norm curves.",
+    "and gradient-norm curves.",
     "preference": "No reward margins or preference accuracies: preference and reward-model recipes log "
-                  "`rewards/margins`, `rewards/accuracies` or `accuracy` to metrics.jsonl.",
+    "`rewards/margins`, `rewards/accuracies` or `accuracy` to metrics.jsonl.",
     "win_rate": "No win rates: run `alignkit eval` with generation to add generation win rates.",
     "reward_kl": "No reward-vs-KL curve: run `alignkit eval` over the run's checkpoints to add KL and reward "
-                 "per checkpoint.",
+    "per checkpoint.",
     "length_bias": "No length-bias analysis: run `alignkit eval` on preference pairs to add it.",
     "overoptimisation": "No over-optimisation indicators: run `alignkit eval` over the run's checkpoints to add "
-                        "top-k entropy, top-k mass and chosen log-prob change.",
+    "top-k entropy, top-k mass and chosen log-prob change.",
 }
 
 CSS = """
@@ -112,7 +112,10 @@ def text(s) -> str:
 def kv_table(rows: list) -> str:
     body = "".join(
         f'<tr><td class="k">{text(k)}</td><td class="v">{text(v)}'
-        + (f'<span class="d">{text(d)}</span>' if d else "") + "</td></tr>" for k, v, d in rows)
+        + (f'<span class="d">{text(d)}</span>' if d else "")
+        + "</td></tr>"
+        for k, v, d in rows
+    )
     return f'<table class="kv">{body}</table>'
 
 
@@ -127,8 +130,10 @@ def figure(p: P.Plot) -> str:
     # text stays the size it has in the full-width ones.
     m = _PT.search(p.svg)
     cap = f"max-width: {float(m.group(1)) * 96 / 72 * 1.1 + 30:.0f}px" if m else ""
-    return (f'<figure class="plot" data-plot="{p.name}" id="plot-{p.name}" style="{cap}">{p.svg}'
-            f"<figcaption><strong>{text(p.title)}.</strong> {text(p.caption)}</figcaption></figure>")
+    return (
+        f'<figure class="plot" data-plot="{p.name}" id="plot-{p.name}" style="{cap}">{p.svg}'
+        f"<figcaption><strong>{text(p.title)}.</strong> {text(p.caption)}</figcaption></figure>"
+    )
 
 
 def missing(name: str) -> str:
@@ -150,34 +155,45 @@ def render_page(inp: RunInputs) -> str:
     if inp.config:
         dump = yaml.safe_dump(inp.config, sort_keys=False, default_flow_style=False)
         parts.append(f"<details><summary>Full config.yaml</summary><pre>{escape(dump)}</pre></details>")
-    parts.append(f"<footer>Written by alignkit {escape(__version__)} from "
-                 f"{escape(', '.join(inp.sources))}.</footer>")
+    parts.append(f"<footer>Written by alignkit {escape(__version__)} from {escape(', '.join(inp.sources))}.</footer>")
     title = f"alignkit report: {inp.run_dir.resolve().name}"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n"
-            + "\n".join(parts) + f"\n</main><script>{SCRIPT}</script></body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n"
+        + "\n".join(parts)
+        + f"\n</main><script>{SCRIPT}</script></body></html>\n"
+    )
 
 
 def _episode(ep: dict) -> str:
     """The last sampled multi-turn episode, the tokens the loss scores highlighted."""
-    body = "".join(f'<span class="{"scored" if m else "context"}">{escape(str(t))}</span>'
-                   for t, m in ep.get("spans", []) if isinstance(t, str))
-    facts = (f"{ep.get('turns')} turns, ended by {ep.get('end')}, turn rewards {ep.get('turn_rewards')}, "
-             f"reward {ep.get('reward')}, counts {ep.get('counts')}")
-    return ('<section id="episode"><h2>One training episode</h2>'
-            f"<p>{text(facts)}. <mark class=\"scored\">Highlighted</mark>: the model's own tokens, the only ones the "
-            "loss scores; the rest (tool results, turn markers) is context. The last episode in `episodes.jsonl`."
-            f'</p><pre class="episode"><span class="context">{escape(str(ep.get("prompt", "")))}</span>{body}</pre>'
-            "</section>")
+    body = "".join(
+        f'<span class="{"scored" if m else "context"}">{escape(str(t))}</span>'
+        for t, m in ep.get("spans", [])
+        if isinstance(t, str)
+    )
+    facts = (
+        f"{ep.get('turns')} turns, ended by {ep.get('end')}, turn rewards {ep.get('turn_rewards')}, "
+        f"reward {ep.get('reward')}, counts {ep.get('counts')}"
+    )
+    return (
+        '<section id="episode"><h2>One training episode</h2>'
+        f'<p>{text(facts)}. <mark class="scored">Highlighted</mark>: the model\'s own tokens, the only ones the '
+        "loss scores; the rest (tool results, turn markers) is context. The last episode in `episodes.jsonl`."
+        f'</p><pre class="episode"><span class="context">{escape(str(ep.get("prompt", "")))}</span>{body}</pre>'
+        "</section>"
+    )
 
 
 def _header(inp: RunInputs) -> str:
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     ev = inp.eval
     what = f" · model {ev['model']}" if ev.get("model") and not inp.config else ""
-    return (f"<header><h1>alignkit report: {escape(inp.run_dir.resolve().name)}</h1>"
-            f'<div class="sub">{escape(str(inp.run_dir.resolve()))}{escape(what)} · generated {now}</div></header>')
+    return (
+        f"<header><h1>alignkit report: {escape(inp.run_dir.resolve().name)}</h1>"
+        f'<div class="sub">{escape(str(inp.run_dir.resolve()))}{escape(what)} · generated {now}</div></header>'
+    )
 
 
 def _summary(inp: RunInputs) -> str:
@@ -188,8 +204,10 @@ def _summary(inp: RunInputs) -> str:
     if run:
         cols.append(f"<div><h2>Run</h2>{kv_table(run)}</div>")
     elif not inp.config:
-        cols.append('<div><h2>Run</h2><p class="missing" data-missing="config">No config.yaml: '
-                    "<code>alignkit train</code> writes one to its output_dir.</p></div>")
+        cols.append(
+            '<div><h2>Run</h2><p class="missing" data-missing="config">No config.yaml: '
+            "<code>alignkit train</code> writes one to its output_dir.</p></div>"
+        )
     return f'<section id="summary" class="cols">{"".join(cols)}</section>'
 
 
@@ -206,17 +224,33 @@ def _health(inp: RunInputs, made: dict) -> str:
     for a in sorted(inp.alerts, key=lambda a: num(a.get("step")) or 0):
         ev = a.get("evidence") if isinstance(a.get("evidence"), dict) else {}
         numbers = ", ".join(f"{k} = {_evidence_value(v)}" for k, v in ev.items())
-        rows.append(f'<tr><td class="k">{text(a.get("step"))}</td><td class="k"><code>{escape(a["rule"])}</code>'
-                    f'</td><td>{text(a.get("message", ""))}<span class="ev">{escape(numbers)}</span></td>'
-                    f'<td>{text(a.get("advice", ""))}</td></tr>')
-    table = ('<table class="alerts"><thead><tr><th>step</th><th>rule</th><th>evidence</th><th>advice</th></tr>'
-             f'</thead><tbody>{"".join(rows)}</tbody></table>')
+        rows.append(
+            f'<tr><td class="k">{text(a.get("step"))}</td><td class="k"><code>{escape(a["rule"])}</code>'
+            f'</td><td>{text(a.get("message", ""))}<span class="ev">{escape(numbers)}</span></td>'
+            f"<td>{text(a.get('advice', ''))}</td></tr>"
+        )
+    table = (
+        '<table class="alerts"><thead><tr><th>step</th><th>rule</th><th>evidence</th><th>advice</th></tr>'
+        f"</thead><tbody>{''.join(rows)}</tbody></table>"
+    )
     stop = inp.summary.get("alert") if inp.summary.get("status") == "stopped_by_health" else None
-    stopped = ('<p class="warn">' + text(f"The run stopped at step {inp.summary.get('steps')} on the alert of "
-                                         f"`{stop.get('rule')}` (`train.stop_on`); its last checkpoint holds the "
-                                         "model.") + "</p>" if isinstance(stop, dict) else "")
-    return (f'<div id="health"><h3>Health alerts ({len(rows)})</h3>{stopped}'
-            + (figure(made["health"]) if "health" in made else "") + table + "</div>")
+    stopped = (
+        '<p class="warn">'
+        + text(
+            f"The run stopped at step {inp.summary.get('steps')} on the alert of "
+            f"`{stop.get('rule')}` (`train.stop_on`); its last checkpoint holds the "
+            "model."
+        )
+        + "</p>"
+        if isinstance(stop, dict)
+        else ""
+    )
+    return (
+        f'<div id="health"><h3>Health alerts ({len(rows)})</h3>{stopped}'
+        + (figure(made["health"]) if "health" in made else "")
+        + table
+        + "</div>"
+    )
 
 
 def _evidence_value(v) -> str:
@@ -243,19 +277,26 @@ def _evaluation(inp: RunInputs, made: dict) -> str:
     if inp.before_after:
         parts.append(_before_after(inp.before_after))
     if not inp.eval and inp.before_after:  # measured already; `alignkit eval` would add diagnostics
-        parts.append('<p class="missing" data-missing="eval">Preference accuracies, length bias, generation win '
-                     "rates, KL and per-checkpoint diagnostics: run <code>alignkit eval</code> to add them.</p>"
-                     "</section>")
+        parts.append(
+            '<p class="missing" data-missing="eval">Preference accuracies, length bias, generation win '
+            "rates, KL and per-checkpoint diagnostics: run <code>alignkit eval</code> to add them.</p>"
+            "</section>"
+        )
         return "".join(parts)
     if not inp.eval:
-        parts.append('<p class="missing" data-missing="eval">No eval results (looked for eval/metrics.json and '
-                     "metrics.json): run <code>alignkit eval</code> to add preference accuracies, length bias, "
-                     "generation win rates, KL and per-checkpoint diagnostics.</p></section>")
+        parts.append(
+            '<p class="missing" data-missing="eval">No eval results (looked for eval/metrics.json and '
+            "metrics.json): run <code>alignkit eval</code> to add preference accuracies, length bias, "
+            "generation win rates, KL and per-checkpoint diagnostics.</p></section>"
+        )
         return "".join(parts)
     tables = T.eval_tables(inp.eval)
     if tables:
-        parts.append('<div class="cols">' + "".join(f"<div><h3>{escape(t)}</h3>{kv_table(rows)}</div>"
-                                                    for t, rows in tables.items()) + "</div>")
+        parts.append(
+            '<div class="cols">'
+            + "".join(f"<div><h3>{escape(t)}</h3>{kv_table(rows)}</div>" for t, rows in tables.items())
+            + "</div>"
+        )
     for row in EVAL_ROWS:
         figs = "".join(figure(made[n]) for n in row if n in made)
         if figs:
@@ -266,7 +307,8 @@ def _evaluation(inp: RunInputs, made: dict) -> str:
             parts.append(f'<div class="row">{figure(made[name])}</div>')
     header, rows = T.checkpoint_table(inp)
     if rows:
-        parts.append(f"<details open><summary>Per-checkpoint numbers ({len(rows)})</summary>"
-                     f"{grid_table(header, rows)}</details>")
+        parts.append(
+            f"<details open><summary>Per-checkpoint numbers ({len(rows)})</summary>{grid_table(header, rows)}</details>"
+        )
     parts.append("</section>")
     return "".join(parts)

@@ -93,8 +93,10 @@ def read_run(run_dir) -> RunInputs:
                 inputs.sources.append(rel)
                 _check_eval_version(data, rel, inputs.notes)
                 break
-            inputs.notes.append(f"{rel} ignored: it has no `alignkit_eval` key and none of the sections "
-                                f"{', '.join(EVAL_SECTIONS)}, so it is not an `alignkit eval` result.")
+            inputs.notes.append(
+                f"{rel} ignored: it has no `alignkit_eval` key and none of the sections "
+                f"{', '.join(EVAL_SECTIONS)}, so it is not an `alignkit eval` result."
+            )
     if (run_dir / BEFORE_AFTER).is_file():
         inputs.before_after = _read_json_object(run_dir / BEFORE_AFTER)
         check_before_after(inputs.before_after, run_dir / BEFORE_AFTER)
@@ -108,7 +110,8 @@ def read_run(run_dir) -> RunInputs:
     if not inputs.usable():
         raise AlignkitError(
             f"nothing to report in {run_dir}: looked for {', '.join(LOOKED_FOR)} and found none "
-            "(or only empty ones). Pass the output_dir of `alignkit train` or the folder `alignkit eval` wrote.")
+            "(or only empty ones). Pass the output_dir of `alignkit train` or the folder `alignkit eval` wrote."
+        )
     return inputs
 
 
@@ -120,8 +123,10 @@ def _read_metrics_rows(run_dir: Path, notes: list) -> list:
         rows = _read_metrics_tolerant(path, notes)
     bad = [i for i, r in enumerate(rows, 1) if not isinstance(r, dict) or num(r.get("step")) is None]
     if bad:
-        raise AlignkitError(f"{path}: row {bad[0]} has no numeric `step` (or is not a JSON object); each line "
-                            'must look like {"step": 10, "split": "train", "loss": 0.69}.')
+        raise AlignkitError(
+            f"{path}: row {bad[0]} has no numeric `step` (or is not a JSON object); each line "
+            'must look like {"step": 10, "split": "train", "loss": 0.69}.'
+        )
     return rows
 
 
@@ -169,12 +174,15 @@ def _is_eval(data: dict) -> bool:
 def _check_eval_version(data: dict, rel: str, notes: list) -> None:
     version = data.get("alignkit_eval")
     if version is not None and version != EVAL_FORMAT_VERSION:
-        notes.append(f"{rel} has eval format version {version!r}; this report reads version "
-                     f"{EVAL_FORMAT_VERSION}, so sections it does not know are left out.")
+        notes.append(
+            f"{rel} has eval format version {version!r}; this report reads version "
+            f"{EVAL_FORMAT_VERSION}, so sections it does not know are left out."
+        )
 
 
 def check_before_after(data: dict, where) -> None:
     """Raise `AlignkitError` naming `where` and the first problem when `data` is not a before/after section."""
+
     def bad(what: str):
         raise AlignkitError(f"{where}: {what}; a before/after section looks like {BEFORE_AFTER_DOC}")
 

@@ -62,15 +62,27 @@ def draw_lines(ax, lines: list, title: str, ylabel: str = "", xlabel: str = "ste
                     ax.plot(mid, edge, "-", color=ln.color, alpha=0.35, linewidth=0.6)
             else:
                 ax.plot(ln.x, ln.y, style_, color=ln.color, alpha=0.3, linewidth=0.9)
-            ax.plot(*_thin(ln.x, _ema(ln.y)), style_, color=ln.color,
-                    label=f"{ln.label} (EMA)" if ln.label else None)
+            ax.plot(*_thin(ln.x, _ema(ln.y)), style_, color=ln.color, label=f"{ln.label} (EMA)" if ln.label else None)
         else:
-            ax.plot(*_thin(ln.x, ln.y), style_, color=ln.color, marker="o" if len(ln.x) <= 30 else None,
-                    label=ln.label or None)
+            ax.plot(
+                *_thin(ln.x, ln.y),
+                style_,
+                color=ln.color,
+                marker="o" if len(ln.x) <= 30 else None,
+                label=ln.label or None,
+            )
     bad = sorted({s for ln in lines for s in ln.bad_x})
     if bad:  # x in data units, y in axes units: a rug along the bottom whatever the y range
-        ax.plot(bad, [0.02] * len(bad), "x", color=BAD, transform=ax.get_xaxis_transform(),
-                markersize=6, clip_on=False, label="NaN/inf")
+        ax.plot(
+            bad,
+            [0.02] * len(bad),
+            "x",
+            color=BAD,
+            transform=ax.get_xaxis_transform(),
+            markersize=6,
+            clip_on=False,
+            label="NaN/inf",
+        )
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     if xlabel == "step":
@@ -115,13 +127,15 @@ def _has_points(lines: list) -> bool:
 
 def _panels(name: str, title: str, caption: str, panels: list) -> Plot | None:
     """panels: [(title, ylabel, [Line|None, ...], extra(ax)|None)]; empty ones are left out."""
-    panels = [(t, yl, [ln for ln in lines if ln is not None], extra) for t, yl, lines, extra in panels
-              if _has_points(lines)]
+    panels = [
+        (t, yl, [ln for ln in lines if ln is not None], extra) for t, yl, lines, extra in panels if _has_points(lines)
+    ]
     if not panels:
         return None
     with style(name):
-        fig, axes = new_figure(len(panels), width=max(4.6, min(10.0, 3.4 * len(panels))),
-                               height=3.0 if len(panels) <= 3 else 2.7)
+        fig, axes = new_figure(
+            len(panels), width=max(4.6, min(10.0, 3.4 * len(panels))), height=3.0 if len(panels) <= 3 else 2.7
+        )
         for ax, (t, yl, lines, extra) in zip(axes, panels):
             draw_lines(ax, lines, t, yl)
             if extra is not None:
@@ -139,10 +153,15 @@ def training_plot(inp: RunInputs) -> Plot | None:
         ("gradient norm", "before clipping", [grad], _log_if_wide(grad)),
         ("loss terms (train)", "", [series(tr, k, k[5:], c) for k, c in zip(terms, _colors())], None),
     ]
-    return _panels("training", "Training curves", (
-        "Loss (lower is better; train solid, eval dashed), learning-rate schedule and gradient norm against "
-        "optimizer step; red crosses along the bottom of a panel mark steps whose value was NaN or infinite."),
-        panels)
+    return _panels(
+        "training",
+        "Training curves",
+        (
+            "Loss (lower is better; train solid, eval dashed), learning-rate schedule and gradient norm against "
+            "optimizer step; red crosses along the bottom of a panel mark steps whose value was NaN or infinite."
+        ),
+        panels,
+    )
 
 
 def preference_plot(inp: RunInputs) -> Plot | None:
@@ -160,18 +179,37 @@ def preference_plot(inp: RunInputs) -> Plot | None:
         ax.axhline(0.0, color=MUTED, linestyle=":", linewidth=1)
 
     panels = [
-        ("reward margin", "chosen - rejected", [series(tr, "rewards/margins", "train", TRAIN),
-                                                series(ev, "rewards/margins", "eval", EVAL, True)], zero),
+        (
+            "reward margin",
+            "chosen - rejected",
+            [series(tr, "rewards/margins", "train", TRAIN), series(ev, "rewards/margins", "eval", EVAL, True)],
+            zero,
+        ),
         ("preference accuracy", "", [acc(tr, "train", TRAIN), acc(ev, "eval", EVAL, True)], chance),
-        ("chosen and rejected reward", "", [
-            series(tr, "rewards/chosen", "chosen", GOOD), series(tr, "rewards/rejected", "rejected", BAD),
-            series(ev, "rewards/chosen", "", GOOD, True), series(ev, "rewards/rejected", "", BAD, True)], zero),
+        (
+            "chosen and rejected reward",
+            "",
+            [
+                series(tr, "rewards/chosen", "chosen", GOOD),
+                series(tr, "rewards/rejected", "rejected", BAD),
+                series(ev, "rewards/chosen", "", GOOD, True),
+                series(ev, "rewards/rejected", "", BAD, True),
+            ],
+            zero,
+        ),
     ]
-    return _panels("preference", "Reward margin and preference accuracy", (
-        "Margin (chosen minus rejected reward; train solid, eval dashed) and accuracy (share of pairs whose chosen answer scores higher; "
-        "dotted line is chance) should rise with step, and a chosen reward that falls below zero while the margin "
-        "grows means the preferred answers are becoming less likely too (likelihood displacement, arXiv 2410.08847)."),
-        panels)
+    return _panels(
+        "preference",
+        "Reward margin and preference accuracy",
+        (
+            "Margin (chosen minus rejected reward; train solid, eval dashed) and accuracy (share of pairs whose "
+            "chosen answer scores higher; "
+            "dotted line is chance) should rise with step, and a chosen reward that falls below zero while the margin "
+            "grows means the preferred answers are becoming less likely too (likelihood displacement, arXiv "
+            "2410.08847)."
+        ),
+        panels,
+    )
 
 
 def _log_if_wide(line: Line | None):
@@ -185,6 +223,7 @@ def _log_if_wide(line: Line | None):
     def log(ax):
         ax.set_yscale("log")
         ax.set_ylim(bottom=max(min(line.y), median / 100) / 1.5)
+
     return log
 
 
@@ -209,11 +248,19 @@ def health_plot(inp: RunInputs) -> Plot | None:
             xs = [a["step"] for a in alerts if a["rule"] == name]
             ax.plot(xs, [lane] * len(xs), "v", color=BAD if name == stopper else EVAL, markersize=9, clip_on=False)
             for x in xs:
-                ax.annotate(f"{x:g}", (x, lane), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7,
-                            color="#374151")
+                ax.annotate(
+                    f"{x:g}",
+                    (x, lane),
+                    textcoords="offset points",
+                    xytext=(0, 7),
+                    ha="center",
+                    fontsize=7,
+                    color="#374151",
+                )
         if stopped and num(inp.summary.get("steps")) is not None:
-            ax.axvline(inp.summary["steps"], color=BAD, linestyle="--", linewidth=1,
-                       label="run stopped (train.stop_on)")
+            ax.axvline(
+                inp.summary["steps"], color=BAD, linestyle="--", linewidth=1, label="run stopped (train.stop_on)"
+            )
             ax.legend(loc="lower right")
         ax.set_yticks(range(len(rules)), rules)
         ax.set_ylim(-0.6, len(rules) - 0.4)
@@ -223,10 +270,16 @@ def health_plot(inp: RunInputs) -> Plot | None:
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
         ax.xaxis.set_major_formatter(FuncFormatter(_step_label))
-        return Plot("health", "Health alerts", to_svg(fig, "health"), (
-            "Each marker is an alert of the training health monitor at the step it was raised (labelled), one row "
-            "per rule; a rule alerts once and again only after it has cleared. The table below gives each alert's "
-            "evidence and advice."))
+        return Plot(
+            "health",
+            "Health alerts",
+            to_svg(fig, "health"),
+            (
+                "Each marker is an alert of the training health monitor at the step it was raised (labelled), one row "
+                "per rule; a rule alerts once and again only after it has cleared. The table below gives each alert's "
+                "evidence and advice."
+            ),
+        )
 
 
 def checkpoints(inp: RunInputs) -> list:
@@ -255,10 +308,16 @@ def reward_kl_plot(inp: RunInputs) -> Plot | None:
         ax.set_title("reward vs KL")
         ax.margins(x=0.12, y=0.15)
         ax.legend(loc="best")
-        return Plot("reward_kl", "Reward vs KL per checkpoint", to_svg(fig, "reward_kl"), (
-            "Each point is a checkpoint (labelled by step) at its KL from the reference and its mean reward on "
-            "generated completions; a curve that flattens or turns down as KL grows signals reward "
-            "over-optimisation (Gao et al., arXiv 2210.10760)."))
+        return Plot(
+            "reward_kl",
+            "Reward vs KL per checkpoint",
+            to_svg(fig, "reward_kl"),
+            (
+                "Each point is a checkpoint (labelled by step) at its KL from the reference and its mean reward on "
+                "generated completions; a curve that flattens or turns down as KL grows signals reward "
+                "over-optimisation (Gao et al., arXiv 2210.10760)."
+            ),
+        )
 
 
 def length_bias_plot(inp: RunInputs) -> Plot | None:
@@ -267,24 +326,34 @@ def length_bias_plot(inp: RunInputs) -> Plot | None:
         return None
     pts = [(num(p.get("length_diff")), num(p.get("margin"))) for p in lb.get("points") or [] if isinstance(p, dict)]
     pts = [(x, y) for x, y in pts if x is not None and y is not None]
-    buckets = [(label, acc_triple(lb.get(key))) for label, key in (
-        ("chosen longer", "accuracy_chosen_longer"), ("chosen shorter", "accuracy_chosen_shorter"),
-        ("equal length", "accuracy_equal_length"))]
+    buckets = [
+        (label, acc_triple(lb.get(key)))
+        for label, key in (
+            ("chosen longer", "accuracy_chosen_longer"),
+            ("chosen shorter", "accuracy_chosen_shorter"),
+            ("equal length", "accuracy_equal_length"),
+        )
+    ]
     buckets = [(label, a) for label, a in buckets if a is not None]
     if not pts and not buckets:
         return None
     with style("length_bias"):
-        fig, axes = new_figure(int(bool(pts)) + int(bool(buckets)), width=10.0 if pts and buckets else 6.0,
-                               height=3.4)
+        fig, axes = new_figure(int(bool(pts)) + int(bool(buckets)), width=10.0 if pts and buckets else 6.0, height=3.4)
         if pts:
             _length_scatter(axes[0], pts, num(lb.get("corr_margin_length_diff")))
         if buckets:
             bars(axes[-1], [label for label, _ in buckets], [a for _, a in buckets], "accuracy by length")
         what = "implicit reward margin" if lb.get("reward", "implicit") == "implicit" else "reward-model margin"
-        return Plot("length_bias", "Length bias", to_svg(fig, "length_bias"), (
-            f"Each point is an eval pair at its length difference (chosen minus rejected, tokens) and {what}; "
-            "a clear slope (Pearson r in the title) or much higher accuracy when the chosen answer is longer means "
-            "the score rewards length rather than quality."))
+        return Plot(
+            "length_bias",
+            "Length bias",
+            to_svg(fig, "length_bias"),
+            (
+                f"Each point is an eval pair at its length difference (chosen minus rejected, tokens) and {what}; "
+                "a clear slope (Pearson r in the title) or much higher accuracy when the chosen answer is longer means "
+                "the score rewards length rather than quality."
+            ),
+        )
 
 
 def _length_scatter(ax, pts: list, corr: float | None) -> None:
@@ -327,8 +396,14 @@ def bars(ax, labels: list, vals: list, title: str, colors: list | None = None) -
     for x, (v, lo, hi) in zip(xs, vals):
         if lo is not None and hi is not None:
             ax.errorbar([x], [v], yerr=[[max(v - lo, 0)], [max(hi - v, 0)]], color="#111827", capsize=4, linewidth=1)
-        ax.annotate(f"{v:.1%}", (x, hi if hi is not None else v), textcoords="offset points", xytext=(0, 4),
-                    ha="center", fontsize=8)
+        ax.annotate(
+            f"{v:.1%}",
+            (x, hi if hi is not None else v),
+            textcoords="offset points",
+            xytext=(0, 4),
+            ha="center",
+            fontsize=8,
+        )
     ax.axhline(0.5, color=MUTED, linestyle="--", linewidth=1)
     ax.set_xticks(xs, labels, rotation=0 if len(labels) <= 6 else 30, ha="center" if len(labels) <= 6 else "right")
     ax.set_ylim(0, 1.08)
@@ -358,9 +433,15 @@ def win_rate_plot(inp: RunInputs) -> Plot | None:
         fig, (ax,) = new_figure(1, width=max(4.6, min(10.0, 1.4 + 0.75 * len(vals))), height=3.4)
         bars(ax, labels, vals, "win rate vs reference", colors)
         ax.set_ylabel("win rate")
-        return Plot("win_rate", "Win rate", to_svg(fig, "win_rate"), (
-            "Share of prompts on which the policy's completion beats the reference's, with 95% intervals: a bar "
-            "whose interval lies above the dashed 0.5 line is a clear win, one that crosses it is not."))
+        return Plot(
+            "win_rate",
+            "Win rate",
+            to_svg(fig, "win_rate"),
+            (
+                "Share of prompts on which the policy's completion beats the reference's, with 95% intervals: a bar "
+                "whose interval lies above the dashed 0.5 line is a clear win, one that crosses it is not."
+            ),
+        )
 
 
 def overoptimisation_plot(inp: RunInputs) -> Plot | None:
@@ -373,14 +454,19 @@ def overoptimisation_plot(inp: RunInputs) -> Plot | None:
         ("top-k entropy", "nats", [series(cks, "topk_entropy", "", TRAIN)], None),
         ("top-k probability mass", "", [series(cks, "topk_mass", "", TRAIN)], None),
         ("chosen log-prob change", "vs reference", [series(cks, "chosen_logp_change", "", TRAIN)], zero),
-        ("chosen log-prob went down", "fraction of pairs", [series(cks, "chosen_logp_down_fraction", "", TRAIN)],
-         None),
+        ("chosen log-prob went down", "fraction of pairs", [series(cks, "chosen_logp_down_fraction", "", TRAIN)], None),
     ]
-    return _panels("overoptimisation", "Over-optimisation indicators", (
-        "Per checkpoint: falling top-k entropy and falling top-k probability mass signal likelihood "
-        "over-optimisation that hurts output diversity (Shi et al., arXiv 2410.11677), and a negative chosen "
-        "log-prob change means the preferred answers became less likely (likelihood displacement, "
-        "arXiv 2410.08847)."), panels)
+    return _panels(
+        "overoptimisation",
+        "Over-optimisation indicators",
+        (
+            "Per checkpoint: falling top-k entropy and falling top-k probability mass signal likelihood "
+            "over-optimisation that hurts output diversity (Shi et al., arXiv 2410.11677), and a negative chosen "
+            "log-prob change means the preferred answers became less likely (likelihood displacement, "
+            "arXiv 2410.08847)."
+        ),
+        panels,
+    )
 
 
 def strategy_plot(inp: RunInputs) -> Plot | None:
@@ -397,8 +483,9 @@ def strategy_plot(inp: RunInputs) -> Plot | None:
         for x, (v, lo, hi), color in zip(xs, (base, mine), (MUTED, EVAL)):
             ax1.bar([x], [v], color=color, width=0.6, alpha=0.85)
             if lo is not None and hi is not None:
-                ax1.errorbar([x], [v], yerr=[[max(v - lo, 0)], [max(hi - v, 0)]], color="#111827", capsize=4,
-                             linewidth=1)
+                ax1.errorbar(
+                    [x], [v], yerr=[[max(v - lo, 0)], [max(hi - v, 0)]], color="#111827", capsize=4, linewidth=1
+                )
         ax1.set_xticks(xs, ["sample", name])
         ax1.set_title("mean reward (95% interval)")
         ax1.grid(axis="x", visible=False)
@@ -410,9 +497,15 @@ def strategy_plot(inp: RunInputs) -> Plot | None:
         ax2.set_xticks(np.arange(len(ratios)), labels)
         ax2.set_title("cost relative to sampling (x)")
         ax2.grid(axis="x", visible=False)
-        return Plot("strategy", f"Inference-time strategy: {name}", to_svg(fig, "strategy"), (
-            "Left: the strategy's mean reward next to plain sampling from the same model on the same prompts. "
-            "Right: what it cost, as a multiple of sampling's time and generated tokens (the dashed line is 1x)."))
+        return Plot(
+            "strategy",
+            f"Inference-time strategy: {name}",
+            to_svg(fig, "strategy"),
+            (
+                "Left: the strategy's mean reward next to plain sampling from the same model on the same prompts. "
+                "Right: what it cost, as a multiple of sampling's time and generated tokens (the dashed line is 1x)."
+            ),
+        )
 
 
 def _curve(f: dict, grid: np.ndarray) -> np.ndarray:
@@ -421,7 +514,7 @@ def _curve(f: dict, grid: np.ndarray) -> np.ndarray:
         return np.polyval(f["coef"], grid)
     if "s0" in f:
         return f["A"] * np.tanh(f["k"] * (grid - f["s0"])) + f["B"]
-    return f["h0"] / (1.0 + f["k"] * grid ** 2)
+    return f["h0"] / (1.0 + f["k"] * grid**2)
 
 
 STEERING_PANELS = (  # (row key, fits key, paper's form, title)
@@ -451,17 +544,29 @@ def steering_plot(inp: RunInputs) -> Plot | None:
             ax.plot(s, [r[key] for r in rows], "o", color=EVAL)
             for name, fit in fits.get(fkey, {}).items():
                 ls = "-" if name == paper else (":" if name == "line" else "--")
-                ax.plot(grid, _curve(fit, grid), ls, color=EVAL if name == paper else MUTED, linewidth=1.2,
-                        label=f"{name}, R\u00b2 " + ("n/a" if fit.get("r2") is None else f"{fit['r2']:.3f}"))
+                ax.plot(
+                    grid,
+                    _curve(fit, grid),
+                    ls,
+                    color=EVAL if name == paper else MUTED,
+                    linewidth=1.2,
+                    label=f"{name}, R\u00b2 " + ("n/a" if fit.get("r2") is None else f"{fit['r2']:.3f}"),
+                )
             ax.legend(loc="best", fontsize=7)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel(f"steering strength ({sw.get('norm', 'relative')})")
-        return Plot("steering", "Steering: alignment against helpfulness", to_svg(fig, "steering"), (
-            "For each steering strength, the quantities Wolf et al. (arXiv 2401.16332) measure: the behaviour rate "
-            f"(refusals minus compliances of sampled replies to harmful prompts, judged by `{sw.get('judge')}`), "
-            "predicted tanh-shaped, and accuracy on questions with known answers, predicted to fall like "
-            "1/(1 + k s\u00b2); each with the paper's form (solid), a line (dotted) and a quadratic (dashed) and "
-            "their R\u00b2. Teacher-forced margins and NLL, where measured, are diagnostics only."))
+        return Plot(
+            "steering",
+            "Steering: alignment against helpfulness",
+            to_svg(fig, "steering"),
+            (
+                "For each steering strength, the quantities Wolf et al. (arXiv 2401.16332) measure: the behaviour rate "
+                f"(refusals minus compliances of sampled replies to harmful prompts, judged by `{sw.get('judge')}`), "
+                "predicted tanh-shaped, and accuracy on questions with known answers, predicted to fall like "
+                "1/(1 + k s\u00b2); each with the paper's form (solid), a line (dotted) and a quadratic (dashed) and "
+                "their R\u00b2. Teacher-forced margins and NLL, where measured, are diagnostics only."
+            ),
+        )
 
 
 def representation_plot(inp: RunInputs) -> Plot | None:
@@ -475,10 +580,27 @@ def representation_plot(inp: RunInputs) -> Plot | None:
         ax.axhline(0.5, color=MUTED, linestyle="--", linewidth=1)
         ax.set_xlabel("layer")
         ax.set_ylabel("held-out probe accuracy")
-        return Plot("representation", "Chosen vs rejected in the hidden states", to_svg(fig, "representation"), (
-            f"Per layer, a logistic probe fitted on {rep.get('n_train')} pairs: the share of {rep.get('n_heldout')} "
-            "held-out pairs whose chosen reply it scores above the rejected one (the dashed line is chance)."))
+        return Plot(
+            "representation",
+            "Chosen vs rejected in the hidden states",
+            to_svg(fig, "representation"),
+            (
+                f"Per layer, a logistic probe fitted on {rep.get('n_train')} pairs: the share of "
+                f"{rep.get('n_heldout')} "
+                "held-out pairs whose chosen reply it scores above the rejected one (the dashed line is chance)."
+            ),
+        )
 
 
-ALL = (training_plot, preference_plot, reward_kl_plot, length_bias_plot, win_rate_plot, overoptimisation_plot,
-       strategy_plot, health_plot, steering_plot, representation_plot)
+ALL = (
+    training_plot,
+    preference_plot,
+    reward_kl_plot,
+    length_bias_plot,
+    win_rate_plot,
+    overoptimisation_plot,
+    strategy_plot,
+    health_plot,
+    steering_plot,
+    representation_plot,
+)

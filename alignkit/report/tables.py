@@ -87,14 +87,18 @@ def key_numbers(inp: RunInputs) -> list:
         if v is None:
             v, step = num(_section(inp.summary, split).get(key)), None
         if v is not None:
-            rows.append((f"final {split} loss", fmt_num(v), f"step {fmt_num(step)}" if step is not None else "summary.json"))
+            rows.append(
+                (f"final {split} loss", fmt_num(v), f"step {fmt_num(step)}" if step is not None else "summary.json")
+            )
     v, step, key = last_value(inp.eval_rows, "rewards/accuracies", "accuracy")
     if v is None:
         ev = _section(inp.summary, "eval")
         key = next((k for k in ("rewards/accuracies", "accuracy") if num(ev.get(k)) is not None), None)
         v = num(ev.get(key)) if key else None
     if v is not None:
-        rows.append(("final eval accuracy", fmt_pct(v), f"{key}" + (f", step {fmt_num(step)}" if step is not None else "")))
+        rows.append(
+            ("final eval accuracy", fmt_pct(v), f"{key}" + (f", step {fmt_num(step)}" if step is not None else ""))
+        )
     tps = [num(r.get("tokens_per_s")) for r in inp.train_rows]
     tps = sorted(v for v in tps if v is not None)
     if tps:
@@ -128,17 +132,31 @@ def _before_after_key_numbers(ba: dict) -> list:
 
 def before_after_table(ba: dict) -> tuple[list, list]:
     """(header, rows) of a before/after section: each row's before, after, change, its 95% CI and n."""
-    rows = [[str(r["label"]), _fixed(r["before"]), _fixed(r["after"]),
-             _fixed(r["diff"] if "diff" in r else num(r["after"]) - num(r["before"]), True),
-             _ci_text(r.get("ci95")), fmt_num(r["n"]) if num(r.get("n")) is not None else NA]
-            for r in ba.get("rows") or []]
+    rows = [
+        [
+            str(r["label"]),
+            _fixed(r["before"]),
+            _fixed(r["after"]),
+            _fixed(r["diff"] if "diff" in r else num(r["after"]) - num(r["before"]), True),
+            _ci_text(r.get("ci95")),
+            fmt_num(r["n"]) if num(r.get("n")) is not None else NA,
+        ]
+        for r in ba.get("rows") or []
+    ]
     return ["", "before", "after", "change", "95% CI of change", "n"], rows
 
 
 def side_check_table(ba: dict) -> tuple[list, list]:
     """(header, rows) of the section's side checks (before and after only)."""
-    rows = [[str(r["label"]), _fixed(r["before"]), _fixed(r["after"]),
-             fmt_num(r["n"]) if num(r.get("n")) is not None else NA] for r in ba.get("side_checks") or []]
+    rows = [
+        [
+            str(r["label"]),
+            _fixed(r["before"]),
+            _fixed(r["after"]),
+            fmt_num(r["n"]) if num(r.get("n")) is not None else NA,
+        ]
+        for r in ba.get("side_checks") or []
+    ]
     return ["side check", "before", "after", "n"], rows
 
 
@@ -152,22 +170,33 @@ def _eval_key_numbers(ev: dict) -> list:
             beta = f", β = {fmt_num(ideal['beta'])}" if num(ideal.get("beta")) is not None else ""
             detail = f"idealized: {fmt_pct(ideal['value'])}{beta} (arXiv 2405.19534)"
         rows.append(("ranking accuracy", fmt_acc(pref["ranking_accuracy"]), detail))
-    for key, label in (("implicit_reward_accuracy", "implicit reward accuracy"),
-                       ("reward_accuracy", "reward model accuracy")):
+    for key, label in (
+        ("implicit_reward_accuracy", "implicit reward accuracy"),
+        ("reward_accuracy", "reward model accuracy"),
+    ):
         if acc_triple(pref.get(key)) is not None:
             rows.append((label, fmt_acc(pref[key]), ""))
     wr = gen.get("win_rate")
     if acc_triple(wr) is not None:
         wtl = [num(wr.get(k)) for k in ("wins", "ties", "losses")]
-        detail = (f"{fmt_num(int(wtl[0]))} wins, {fmt_num(int(wtl[1]))} ties, {fmt_num(int(wtl[2]))} losses"
-                  if None not in wtl else "")
+        detail = (
+            f"{fmt_num(int(wtl[0]))} wins, {fmt_num(int(wtl[1]))} ties, {fmt_num(int(wtl[2]))} losses"
+            if None not in wtl
+            else ""
+        )
         if gen.get("scorer"):
             detail += ("; " if detail else "") + f"scored by {gen['scorer']}"
         rows.append(("win rate vs reference", fmt_acc(wr), detail))
     if isinstance(gen.get("kl"), dict) and num(gen["kl"].get("value")) is not None:
         rows.append(("KL(policy || reference)", fmt_value_ci(gen["kl"]), "on generated completions"))
-    corrs = [(k, label) for k, label in (("corr_margin_length_diff", "r(margin, length difference)"),
-                                         ("corr_reward_length", "r(reward, length)")) if k in lb]
+    corrs = [
+        (k, label)
+        for k, label in (
+            ("corr_margin_length_diff", "r(margin, length difference)"),
+            ("corr_reward_length", "r(reward, length)"),
+        )
+        if k in lb
+    ]
     if corrs:
         value = "; ".join(f"{label} = {fmt_corr(lb[k])}" for k, label in corrs)
         rows.append(("length-bias correlation", value, f"{lb.get('reward') or 'implicit'} reward"))
@@ -187,12 +216,17 @@ def run_table(cfg: dict) -> list:
     rows = [("recipe", str(cfg.get("recipe", NA)), ""), ("model", str(model.get("name_or_path", NA)), "")]
     rows.append(("loss", _loss_text(cfg), ""))
     if "reference" in cfg:
-        rows.append(("reference", str(cfg["reference"]), "log-probs cached once" if cfg["reference"] == "cached" else ""))
+        rows.append(
+            ("reference", str(cfg["reference"]), "log-probs cached once" if cfg["reference"] == "cached" else "")
+        )
     if lora:
         rows.append(("LoRA", f"r={lora.get('r')}, alpha={lora.get('alpha')}" if lora.get("enabled") else "off", ""))
     if "learning_rate" in train:
-        sched = ", ".join(f"{k.replace('_', ' ')} {fmt_num(train[k]) if k != 'lr_schedule' else train[k]}"
-                          for k in ("lr_schedule", "warmup_ratio") if k in train)
+        sched = ", ".join(
+            f"{k.replace('_', ' ')} {fmt_num(train[k]) if k != 'lr_schedule' else train[k]}"
+            for k in ("lr_schedule", "warmup_ratio")
+            if k in train
+        )
         rows.append(("learning rate", fmt_num(train["learning_rate"]), sched))
     if "batch_size" in train:
         bs, ga = num(train.get("batch_size")), num(train.get("grad_accum", 1))
@@ -213,8 +247,9 @@ def run_table(cfg: dict) -> list:
 
 def _loss_text(cfg: dict) -> str:
     def one(spec: dict, weighted: bool) -> str:
-        params = ", ".join(f"{k}={fmt_num(v) if num(v) is not None else v}" for k, v in spec.items()
-                           if k not in ("name", "weight"))
+        params = ", ".join(
+            f"{k}={fmt_num(v) if num(v) is not None else v}" for k, v in spec.items() if k not in ("name", "weight")
+        )
         w = f"{fmt_num(spec.get('weight', 1.0))} × " if weighted else ""
         return f"{w}{spec.get('name', '?')}" + (f" ({params})" if params else "")
 
@@ -233,26 +268,41 @@ def eval_tables(ev: dict) -> dict:
         meta.append(("pairs", fmt_num(ev["n_pairs"]), ""))
     pref = _section(ev, "preference")
     rows = []
-    for key, label in (("ranking_accuracy", "ranking accuracy (sum log-prob)"),
-                       ("ranking_accuracy_mean_logprob", "ranking accuracy (mean log-prob)"),
-                       ("implicit_reward_accuracy", "implicit reward accuracy"),
-                       ("reward_accuracy", "reward model accuracy")):
+    for key, label in (
+        ("ranking_accuracy", "ranking accuracy (sum log-prob)"),
+        ("ranking_accuracy_mean_logprob", "ranking accuracy (mean log-prob)"),
+        ("implicit_reward_accuracy", "implicit reward accuracy"),
+        ("reward_accuracy", "reward model accuracy"),
+    ):
         if acc_triple(pref.get(key)) is not None:
             rows.append((label, fmt_acc(pref[key]), ""))
     ideal = pref.get("idealized_ranking_accuracy")
     if isinstance(ideal, dict) and num(ideal.get("value")) is not None:
-        rows.append(("idealized ranking accuracy", fmt_pct(ideal["value"]),
-                     f"β = {fmt_num(ideal.get('beta'))}, n={fmt_num(ideal.get('n'))}; what a perfect DPO/RLHF "
-                     "optimum would reach (arXiv 2405.19534)"))
+        rows.append(
+            (
+                "idealized ranking accuracy",
+                fmt_pct(ideal["value"]),
+                f"β = {fmt_num(ideal.get('beta'))}, n={fmt_num(ideal.get('n'))}; what a perfect DPO/RLHF "
+                "optimum would reach (arXiv 2405.19534)",
+            )
+        )
     if isinstance(pref.get("implicit_margin"), dict):
         rows.append(("implicit reward margin", fmt_value_ci(pref["implicit_margin"]), ""))
     if rows:
         out["Preference"] = rows
     gen = _section(ev, "generation")
-    rows = [(label, f(gen[k]), "") for k, label, f in (
-        ("n_prompts", "prompts", fmt_num), ("scorer", "scorer", str), ("win_rate", "win rate", fmt_acc),
-        ("kl", "KL(policy || reference)", fmt_value_ci), ("policy_reward_mean", "policy mean reward", fmt_num),
-        ("reference_reward_mean", "reference mean reward", fmt_num)) if gen.get(k) is not None]
+    rows = [
+        (label, f(gen[k]), "")
+        for k, label, f in (
+            ("n_prompts", "prompts", fmt_num),
+            ("scorer", "scorer", str),
+            ("win_rate", "win rate", fmt_acc),
+            ("kl", "KL(policy || reference)", fmt_value_ci),
+            ("policy_reward_mean", "policy mean reward", fmt_num),
+            ("reference_reward_mean", "reference mean reward", fmt_num),
+        )
+        if gen.get(k) is not None
+    ]
     if rows:
         out["Generation"] = rows
     st = _section(ev, "strategy")
@@ -279,19 +329,28 @@ def eval_tables(ev: dict) -> dict:
     return out
 
 
-CHECKPOINT_COLUMNS = (("step", "step"), ("kl", "KL"), ("reward", "reward"), ("win_rate", "win rate"),
-                      ("topk_entropy", "top-k entropy"), ("topk_mass", "top-k mass"),
-                      ("chosen_logp_change", "chosen Δlog-prob"), ("chosen_logp_down_fraction", "chosen down"))
+CHECKPOINT_COLUMNS = (
+    ("step", "step"),
+    ("kl", "KL"),
+    ("reward", "reward"),
+    ("win_rate", "win rate"),
+    ("topk_entropy", "top-k entropy"),
+    ("topk_mass", "top-k mass"),
+    ("chosen_logp_change", "chosen Δlog-prob"),
+    ("chosen_logp_down_fraction", "chosen down"),
+)
 
 
 def checkpoint_table(inp: RunInputs) -> tuple[list, list]:
     """(header, rows) of per-checkpoint numbers, with only the columns some checkpoint has."""
     cks = checkpoints(inp)
     cols = [(k, label) for k, label in CHECKPOINT_COLUMNS if any(c.get(k) is not None for c in cks)]
+
     def cell(c, k):
         if k == "win_rate":
             return fmt_pct(c[k].get("value")) if isinstance(c.get(k), dict) else NA
         if k == "chosen_logp_down_fraction":
             return fmt_pct(c.get(k))
         return fmt_num(c.get(k))
+
     return [label for _, label in cols], [[cell(c, k) for k, _ in cols] for c in cks]

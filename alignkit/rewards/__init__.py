@@ -16,6 +16,17 @@ from alignkit.rewards.model import RewardModel
 from alignkit.rewards.transforms import combine_log_sigmoid, log_sigmoid_transform
 from alignkit.rewards.verifiable import Keywords, LengthLimit, NumericMatch, RegexMatch, WeightedSum, final_answer
 
-__all__ = ["Keywords", "LengthLimit", "NumericMatch", "RegexMatch", "RewardFunction", "RewardModel", "WeightedSum",
-           "build_reward", "combine_log_sigmoid", "final_answer", "load_reward_function",
-           "log_sigmoid_transform"]
+__all__ = [
+    "Keywords",
+    "LengthLimit",
+    "NumericMatch",
+    "RegexMatch",
+    "RewardFunction",
+    "RewardModel",
+    "WeightedSum",
+    "build_reward",
+    "combine_log_sigmoid",
+    "final_answer",
+    "load_reward_function",
+    "log_sigmoid_transform",
+]

@@ -22,9 +22,9 @@ import inspect
 from pathlib import Path
 
 from alignkit.errors import ConfigError
-from alignkit.suggest import did_you_mean
 from alignkit.rewards.functions import load_reward_function
 from alignkit.rewards.verifiable import BUILTINS, WeightedSum, is_number, require
+from alignkit.suggest import did_you_mean
 
 
 def parse_reward_arg(text: str):
@@ -38,8 +38,10 @@ def parse_reward_arg(text: str):
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise AlignkitError(f"--reward {text!r} is not valid JSON ({e.msg} at column {e.colno}); write it as "
-                                '\'{"name": "keywords", "required": ["word"]}\'.') from None
+            raise AlignkitError(
+                f"--reward {text!r} is not valid JSON ({e.msg} at column {e.colno}); write it as "
+                '\'{"name": "keywords", "required": ["word"]}\'.'
+            ) from None
     return text
 
 
@@ -63,8 +65,11 @@ def _build_term(spec, model_options: dict) -> tuple:
     require(isinstance(spec, dict), f"reward: expected a name or a mapping with `name`; got {spec!r}.")
     params = dict(spec)
     name, weight = params.pop("name", None), params.pop("weight", 1.0)
-    require(isinstance(name, str), f"reward: {spec!r} needs a `name`: one of {', '.join(BUILTINS)}, "
-                                    "a Python function as `file.py:function`, or a reward-model directory.")
+    require(
+        isinstance(name, str),
+        f"reward: {spec!r} needs a `name`: one of {', '.join(BUILTINS)}, "
+        "a Python function as `file.py:function`, or a reward-model directory.",
+    )
     require(is_number(weight), f"reward {name}: `weight` must be a finite number; got {weight!r}.")
     if name in BUILTINS:
         return _construct(name, params), float(weight)
@@ -76,21 +81,29 @@ def _build_term(spec, model_options: dict) -> tuple:
         from alignkit.rewards.model import RewardModel  # loads transformers: only when a model is asked for
 
         unknown = sorted(set(params) - {"weights"})
-        require(not unknown, f"reward {name} is a reward model; its only option is `weights` (a direction over "
-                              f"its objectives); got {', '.join(unknown)}.")
+        require(
+            not unknown,
+            f"reward {name} is a reward model; its only option is `weights` (a direction over "
+            f"its objectives); got {', '.join(unknown)}.",
+        )
         options = dict(model_options, **params)
         path = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
         return RewardModel(path, **options), float(weight)
     if ":" in name:
-        require(not params, f"reward {name} is a Python function and takes no parameters; got "
-                             f"{', '.join(params)}. Only `weight` may be given with it.")
+        require(
+            not params,
+            f"reward {name} is a Python function and takes no parameters; got "
+            f"{', '.join(params)}. Only `weight` may be given with it.",
+        )
         return load_reward_function(name), float(weight)
     hint = did_you_mean(name, BUILTINS)
-    raise ConfigError(f"unknown reward `{name}`.{hint} Built-in rewards: {', '.join(BUILTINS)}; a judge as "
-                      "{name: judge, principles: FILE}; a calibrated reward as {name: calibrated, reward: SPEC}; "
-                      "or a Python "
-                      "function as `file.py:function` or `module:function`; or a reward-model directory (no "
-                      f"directory {name} exists).")
+    raise ConfigError(
+        f"unknown reward `{name}`.{hint} Built-in rewards: {', '.join(BUILTINS)}; a judge as "
+        "{name: judge, principles: FILE}; a calibrated reward as {name: calibrated, reward: SPEC}; "
+        "or a Python "
+        "function as `file.py:function` or `module:function`; or a reward-model directory (no "
+        f"directory {name} exists)."
+    )
 
 
 JUDGE_OPTIONS = ("principles", "model", "endpoint", "tokenizer", "api_key_file")
@@ -101,8 +114,10 @@ def _check_options(name: str, params: dict, allowed: tuple) -> None:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         hint = did_you_mean(unknown[0], allowed)
-        raise ConfigError(f"reward {name}: unknown option(s) {', '.join(f'`{k}`' for k in unknown)}; its options "
-                          f"are {', '.join(allowed)} (and weight).{hint}")
+        raise ConfigError(
+            f"reward {name}: unknown option(s) {', '.join(f'`{k}`' for k in unknown)}; its options "
+            f"are {', '.join(allowed)} (and weight).{hint}"
+        )
 
 
 def _judge(params: dict, model_options: dict):
@@ -112,29 +127,44 @@ def _judge(params: dict, model_options: dict):
     `alignkit vllm-serve`). The principles file is read before the judge model is loaded, so a
     mistake in it costs no model load."""
     _check_options("judge", params, JUDGE_OPTIONS)
-    require(isinstance(params.get("principles"), str), "reward judge needs `principles`: a YAML file with "
-                                                        "`principles: [...]`, e.g. {name: judge, principles: p.yaml}.")
+    require(
+        isinstance(params.get("principles"), str),
+        "reward judge needs `principles`: a YAML file with "
+        "`principles: [...]`, e.g. {name: judge, principles: p.yaml}.",
+    )
     for key in ("model", "endpoint", "tokenizer", "api_key_file"):
-        require(params.get(key) is None or isinstance(params[key], str),
-                 f"reward judge: `{key}` must be a string; got {params.get(key)!r}.")
+        require(
+            params.get(key) is None or isinstance(params[key], str),
+            f"reward judge: `{key}` must be a string; got {params.get(key)!r}.",
+        )
     for key in ("tokenizer", "api_key_file"):
-        require(params.get(key) is None or params.get("endpoint"), f"reward judge: `{key}` is for an `endpoint`; "
-                 "a local judge model uses its own tokenizer and needs no key. Drop it or set `endpoint`.")
+        require(
+            params.get(key) is None or params.get("endpoint"),
+            f"reward judge: `{key}` is for an `endpoint`; "
+            "a local judge model uses its own tokenizer and needs no key. Drop it or set `endpoint`.",
+        )
     api_key = None
     if params.get("api_key_file"):
         try:
             api_key = open(params["api_key_file"], encoding="utf-8").read().strip()
         except OSError as e:
-            raise ConfigError(f"reward judge: cannot read `api_key_file` {params['api_key_file']}: {e.strerror}.") from None
+            raise ConfigError(
+                f"reward judge: cannot read `api_key_file` {params['api_key_file']}: {e.strerror}."
+            ) from None
     from alignkit.generation.text_models import text_model  # loads transformers: only when a judge is asked for
     from alignkit.rewards.judge import PrincipleJudge
     from alignkit.rewards.principles import load_principles
 
     load_principles(params["principles"])  # its mistakes before the judge model loads
     device = model_options["device"]
-    lm = text_model(model=params.get("model"), endpoint=params.get("endpoint"),
-                    device="auto" if device is None else str(device), batch_size=model_options["batch_size"],
-                    tokenizer=params.get("tokenizer"), api_key=api_key)
+    lm = text_model(
+        model=params.get("model"),
+        endpoint=params.get("endpoint"),
+        device="auto" if device is None else str(device),
+        batch_size=model_options["batch_size"],
+        tokenizer=params.get("tokenizer"),
+        api_key=api_key,
+    )
     return PrincipleJudge.from_file(lm, params["principles"])
 
 
@@ -145,15 +175,22 @@ def _calibrated(params: dict, model_options: dict):
     """`{name: calibrated, reward: SPEC, k, transform, n, t, model, max_new_tokens, temperature}` ->
     a CalibratedReward whose reference samples come from `model` (k per prompt, sampled once)."""
     _check_options("calibrated", params, CALIBRATED_OPTIONS)
-    require("reward" in params, "reward calibrated needs `reward`: the reward to calibrate, e.g. "
-                                 "{name: calibrated, reward: runs/rm/final}.")
+    require(
+        "reward" in params,
+        "reward calibrated needs `reward`: the reward to calibrate, e.g. {name: calibrated, reward: runs/rm/final}.",
+    )
     k, new_tokens = params.get("k", 16), params.get("max_new_tokens", 64)
     temperature, model = params.get("temperature", 1.0), params.get("model")
     for key, value in (("k", k), ("max_new_tokens", new_tokens)):
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"reward calibrated: `{key}` must be a positive integer; got {value!r}.")
-    require(is_number(temperature) and temperature > 0, "reward calibrated: `temperature` must be a positive "
-             f"number (the reference samples must differ to calibrate against); got {temperature!r}.")
+        require(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            f"reward calibrated: `{key}` must be a positive integer; got {value!r}.",
+        )
+    require(
+        is_number(temperature) and temperature > 0,
+        "reward calibrated: `temperature` must be a positive "
+        f"number (the reference samples must differ to calibrate against); got {temperature!r}.",
+    )
     require(model is None or isinstance(model, str), f"reward calibrated: `model` must be a string; got {model!r}.")
     from alignkit.generation.decode import SamplingParams
     from alignkit.generation.text_models import text_model  # loads transformers: only when asked for
@@ -161,22 +198,29 @@ def _calibrated(params: dict, model_options: dict):
 
     inner = build_reward(params["reward"], **model_options)
     device = model_options["device"]
-    lm = text_model(model=model, device="auto" if device is None else str(device),
-                    batch_size=model_options["batch_size"])
+    lm = text_model(
+        model=model, device="auto" if device is None else str(device), batch_size=model_options["batch_size"]
+    )
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=float(temperature), n=k)
 
     def sample_reference(prompts: list) -> list:
         conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
         return lm.chat(conversations, sampling)
 
-    return CalibratedReward(inner, sample_reference, transform=params.get("transform", "bon"),
-                            n=params.get("n", 4), t=params.get("t"))
+    return CalibratedReward(
+        inner, sample_reference, transform=params.get("transform", "bon"), n=params.get("n", 4), t=params.get("t")
+    )
 
 
 def _hub_id(name: str) -> bool:
     """`org/name` with no file suffix and no local path prefix: a reward model on the hub."""
-    return (name.count("/") == 1 and ":" not in name and not name.startswith((".", "/", "~"))
-            and not Path(name).suffix and not Path(name).exists())
+    return (
+        name.count("/") == 1
+        and ":" not in name
+        and not name.startswith((".", "/", "~"))
+        and not Path(name).suffix
+        and not Path(name).exists()
+    )
 
 
 def _construct(name: str, params: dict):
@@ -185,10 +229,12 @@ def _construct(name: str, params: dict):
     for key in params:
         if key not in signature:
             hint = did_you_mean(key, signature)
-            raise ConfigError(f"`{key}` is not a parameter of reward `{name}` "
-                              f"(its parameters: {', '.join(signature)}, weight).{hint}")
+            raise ConfigError(
+                f"`{key}` is not a parameter of reward `{name}` (its parameters: {', '.join(signature)}, weight).{hint}"
+            )
     missing = [k for k, p in signature.items() if p.default is p.empty and k not in params]
     if missing:
-        raise ConfigError(f"reward `{name}` needs {', '.join(f'`{k}`' for k in missing)}, "
-                          f"e.g. {{name: {name}, {missing[0]}: ...}}.")
+        raise ConfigError(
+            f"reward `{name}` needs {', '.join(f'`{k}`' for k in missing)}, e.g. {{name: {name}, {missing[0]}: ...}}."
+        )
     return cls(**params)

@@ -46,7 +46,8 @@ here, not read:
   (default 0.5 nats) and take the t with the highest inference-time win rate (best-of-n vs
   best-of-n, resp. worst-of-n vs worst-of-n). The best t grows with n and with the KL budget (for
   n = 4: about 10.6, 12.6 and 17.3 at 0.25, 0.5 and 1 nat), so pass `t` yourself when you know the
-  KL your run will spend. This rule assumes a continuous reward (C uniform under pi_ref). The scale of exp(t c) (up to e^t) also sets how strong the RL step's KL
+  KL your run will spend. This rule assumes a continuous reward (C uniform under pi_ref). The scale of exp(t c) (up to
+  e^t) also sets how strong the RL step's KL
   coefficient must be. For n = 1 the identity is optimal (the win rate is then linear in the
   policy), so `bon_t(1)` is an error that says so.
 """
@@ -73,13 +74,16 @@ def calibrate(rewards: list[float], reference_rewards: list[list[float]]) -> lis
     """C_i = (#{k: ref_ik < r_i} + 0.5 #{k: ref_ik = r_i}) / K_i: each reward's mid-rank quantile
     among the rewards of its prompt's K_i reference samples, in [0, 1]."""
     if len(rewards) != len(reference_rewards):
-        raise ValueError(f"calibrate: {len(rewards)} rewards but {len(reference_rewards)} reference reward lists; "
-                         "give one list (the prompt's reference samples' rewards) per reward")
+        raise ValueError(
+            f"calibrate: {len(rewards)} rewards but {len(reference_rewards)} reference reward lists; "
+            "give one list (the prompt's reference samples' rewards) per reward"
+        )
     out = []
     for i, (r, refs) in enumerate(zip(rewards, reference_rewards)):
         if not refs:
-            raise ValueError(f"calibrate: item {i} has no reference rewards; sample at least one reference "
-                             "completion per prompt")
+            raise ValueError(
+                f"calibrate: item {i} has no reference rewards; sample at least one reference completion per prompt"
+            )
         ordered = sorted(_finite(v, f"reference reward {k} of item {i}") for k, v in enumerate(refs))
         r = _finite(r, f"reward {i}")
         less, upto = bisect.bisect_left(ordered, r), bisect.bisect_right(ordered, r)
@@ -118,8 +122,10 @@ def selected_distribution(rewards: list[float], n: int, which: str = "max") -> t
     v = np.sort(np.asarray([_finite(x, "reward") for x in rewards], dtype=np.float64))
     k = v.size
     if k < n:
-        raise ConfigError(f"best-/worst-of-{n} needs at least {n} samples per prompt to draw {n} distinct ones; got "
-                          f"{k}. Sample more (e.g. --calibration-k {max(n, 2 * n)}) or lower n.")
+        raise ConfigError(
+            f"best-/worst-of-{n} needs at least {n} samples per prompt to draw {n} distinct ones; got "
+            f"{k}. Sample more (e.g. --calibration-k {max(n, 2 * n)}) or lower n."
+        )
     values, counts = np.unique(v, return_counts=True)
     total = math.comb(k, n)
     if which == "max":
@@ -131,8 +137,9 @@ def selected_distribution(rewards: list[float], n: int, which: str = "max") -> t
     return values, sf - np.concatenate([sf[1:], [0.0]])
 
 
-def selection_win_rate(policy_rewards: list[float], reference_rewards: list[float], n: int, n_ref: int | None = None,
-                       which: str = "max") -> float:
+def selection_win_rate(
+    policy_rewards: list[float], reference_rewards: list[float], n: int, n_ref: int | None = None, which: str = "max"
+) -> float:
     """The win rate of the policy's best-of-n (worst-of-n with `which="min"`) against the
     reference's best-of-`n_ref` (default n), for one prompt, in closed form from the empirical
     reward distributions of K policy and K' reference samples: a higher reward wins, a tie counts
@@ -195,11 +202,19 @@ class CalibratedReward:
 
     name = "calibrated"
 
-    def __init__(self, reward: Callable, reference, transform: str = "bon", n: int = 4, t: float | None = None,
-                 cache_key: str | None = None):
+    def __init__(
+        self,
+        reward: Callable,
+        reference,
+        transform: str = "bon",
+        n: int = 4,
+        t: float | None = None,
+        cache_key: str | None = None,
+    ):
         if transform not in TRANSFORMS:
-            raise ConfigError(f"reward calibrated: unknown transform {transform!r}; choose one of "
-                              f"{', '.join(TRANSFORMS)}")
+            raise ConfigError(
+                f"reward calibrated: unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}"
+            )
         _check_n(n)
         if transform == "identity" and t is not None:
             raise ConfigError(f"reward calibrated: transform identity takes no t; got t={t!r}")
@@ -208,8 +223,10 @@ class CalibratedReward:
         if t is not None and not _is_positive(t):
             raise ConfigError(f"reward calibrated: `t` must be a positive number; got {t!r}")
         if not (callable(reference) or isinstance(reference, dict)):
-            raise ConfigError("reward calibrated: `reference` must be a function prompts -> list of K reference "
-                              f"completions per prompt, or a dict {{prompt JSON: completions}}; got {type(reference)}")
+            raise ConfigError(
+                "reward calibrated: `reference` must be a function prompts -> list of K reference "
+                f"completions per prompt, or a dict {{prompt JSON: completions}}; got {type(reference)}"
+            )
         self.reward, self.reference, self.kind, self.n, self.t = reward, reference, transform, n, t
         self.cache_key = cache_key
         self.cache: dict[str, list[float]] = {}  # prompt JSON -> rewards of its reference samples
@@ -235,13 +252,17 @@ class CalibratedReward:
         if callable(self.reference):
             samples = self.reference(prompts)
             if len(samples) != len(prompts):
-                raise ValueError(f"reward calibrated: the reference sampler returned {len(samples)} lists for "
-                                 f"{len(prompts)} prompts; return K completions per prompt")
+                raise ValueError(
+                    f"reward calibrated: the reference sampler returned {len(samples)} lists for "
+                    f"{len(prompts)} prompts; return K completions per prompt"
+                )
         else:
             absent = [k for k in keys if k not in self.reference]
             if absent:
-                raise ConfigError(f"reward calibrated: no reference completions for prompt {absent[0]} "
-                                  f"({len(absent)} prompt(s) missing from the table)")
+                raise ConfigError(
+                    f"reward calibrated: no reference completions for prompt {absent[0]} "
+                    f"({len(absent)} prompt(s) missing from the table)"
+                )
             samples = [self.reference[k] for k in keys]
         flat_prompts, flat_completions, flat_columns = [], [], {name: [] for name in columns}
         for prompt, row, group in zip(prompts, rows, samples):
@@ -254,7 +275,7 @@ class CalibratedReward:
         scores = list(self.reward(flat_prompts, flat_completions, **flat_columns))
         start = 0
         for key, group in zip(keys, samples):
-            self.cache[key] = [float(s) for s in scores[start:start + len(group)]]
+            self.cache[key] = [float(s) for s in scores[start : start + len(group)]]
             start += len(group)
 
     def save_cache(self, path) -> Path:
@@ -274,9 +295,11 @@ class CalibratedReward:
         if not isinstance(data, dict) or not isinstance(data.get("reference_rewards"), dict):
             raise ConfigError(f"reward calibrated: {path} is not a calibration cache (no `reference_rewards`)")
         if data.get("cache_key") != key:
-            raise ConfigError(f"reward calibrated: cache {path} was made for key {data.get('cache_key')!r}, not "
-                              f"{key!r} (another reference model, K or sampling setting); sample again or load the "
-                              "cache made for this key")
+            raise ConfigError(
+                f"reward calibrated: cache {path} was made for key {data.get('cache_key')!r}, not "
+                f"{key!r} (another reference model, K or sampling setting); sample again or load the "
+                "cache made for this key"
+            )
         loaded = {}
         for prompt, values in data["reference_rewards"].items():
             if not isinstance(values, list) or not values:
@@ -287,9 +310,11 @@ class CalibratedReward:
 
     def _require_key(self, what: str) -> str:
         if not isinstance(self.cache_key, str) or not self.cache_key:
-            raise ConfigError(f"reward calibrated: {what} needs `cache_key`, a string naming the reference model, "
-                              "K, the sampling settings and the base reward, so a cache is never reused for "
-                              "another setting")
+            raise ConfigError(
+                f"reward calibrated: {what} needs `cache_key`, a string naming the reference model, "
+                "K, the sampling settings and the base reward, so a cache is never reused for "
+                "another setting"
+            )
         return self.cache_key
 
 
@@ -324,25 +349,29 @@ def _tilted_win_rate(kind: str, t: float, n: int, kl: float) -> float:
     m = masses(0.5 * (lo + hi))
     below = np.cumsum(m) - m  # P(C < cell)
     if kind == "bon":
-        return float(np.sum(((below + m) ** n - below ** n) * _U ** n))
+        return float(np.sum(((below + m) ** n - below**n) * _U**n))
     above = 1.0 - below  # P(C >= cell)
-    return float(np.sum((above ** n - (above - m) ** n) * (1.0 - (1.0 - _U) ** n)))
+    return float(np.sum((above**n - (above - m) ** n) * (1.0 - (1.0 - _U) ** n)))
 
 
 @cache
 def _best_t(kind: str, n: int, kl: float) -> float:
     _check_n(n)
     if n == 1:
-        raise ConfigError(f"transform {kind} with n=1: the win rate is linear in the policy, so the calibrated "
-                          "reward itself (transform identity) is optimal; use transform: identity")
+        raise ConfigError(
+            f"transform {kind} with n=1: the win rate is linear in the policy, so the calibrated "
+            "reward itself (transform identity) is optimal; use transform: identity"
+        )
     if not (_is_positive(kl) and kl <= 3.0):
         raise ConfigError(f"{kind}_t: `kl` must be in (0, 3] nats; got {kl!r}")
     grid = np.geomspace(_T_MIN, _T_MAX, 41)
     wins = [_tilted_win_rate(kind, t, n, kl) for t in grid]
     i = int(np.argmax(wins))
     if i in (0, len(grid) - 1):
-        raise ConfigError(f"{kind}_t(n={n}, kl={kl}): the best t lies at or beyond the searched range "
-                          f"[{_T_MIN}, {_T_MAX}]; pass t explicitly")
+        raise ConfigError(
+            f"{kind}_t(n={n}, kl={kl}): the best t lies at or beyond the searched range "
+            f"[{_T_MIN}, {_T_MAX}]; pass t explicitly"
+        )
     lo, hi = math.log(grid[i - 1]), math.log(grid[i + 1])  # golden-section search on log t
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
@@ -360,6 +389,7 @@ def _best_t(kind: str, n: int, kl: float) -> float:
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
+
 
 def _check_n(n) -> None:
     if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):

@@ -24,21 +24,27 @@ class RewardFunction:
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
         for key, values in columns.items():
             if len(values) != len(completions):
-                raise ValueError(f"reward {self.name}: column {key!r} has {len(values)} values for "
-                                 f"{len(completions)} completions")
+                raise ValueError(
+                    f"reward {self.name}: column {key!r} has {len(values)} values for {len(completions)} completions"
+                )
         out = self.fn(prompts, completions, **columns)
         try:
             out = [float(v) for v in out]
         except (TypeError, ValueError):
-            raise ConfigError(f"reward {self.name} must return a list of numbers, one per completion; "
-                              f"got {type(out).__name__}") from None
+            raise ConfigError(
+                f"reward {self.name} must return a list of numbers, one per completion; got {type(out).__name__}"
+            ) from None
         if len(out) != len(completions):
-            raise ConfigError(f"reward {self.name} returned {len(out)} values for {len(completions)} completions; "
-                              "return one number per completion")
+            raise ConfigError(
+                f"reward {self.name} returned {len(out)} values for {len(completions)} completions; "
+                "return one number per completion"
+            )
         bad = [i for i, v in enumerate(out) if not math.isfinite(v)]
         if bad:
-            raise ConfigError(f"reward {self.name} returned a non-finite value for completion(s) {bad[:5]}; "
-                              "return finite numbers (use a large negative value for a failure)")
+            raise ConfigError(
+                f"reward {self.name} returned a non-finite value for completion(s) {bad[:5]}; "
+                "return finite numbers (use a large negative value for a failure)"
+            )
         return out
 
     def __repr__(self) -> str:
@@ -50,8 +56,11 @@ def load_reward_function(spec: str) -> RewardFunction:
     if ":" not in spec:
         raise ConfigError(f"reward function {spec!r} must look like `file.py:function` or `module:function`.")
     target, _, attr = spec.rpartition(":")
-    module = load_module(target, "reward function file" if target.endswith(".py") else "reward module",
-                         f"alignkit_reward_{Path(target).stem}")
+    module = load_module(
+        target,
+        "reward function file" if target.endswith(".py") else "reward module",
+        f"alignkit_reward_{Path(target).stem}",
+    )
     fn = getattr(module, attr, None)
     if not callable(fn):
         found = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
@@ -77,7 +86,7 @@ def score_ragged(reward, prompts: list, groups: list, columns: dict) -> tuple[li
         parts = {getattr(reward, "name", "reward"): total}
     out, start = [], 0
     for g in groups:
-        out.append([float(x) for x in total[start: start + len(g)]])
+        out.append([float(x) for x in total[start : start + len(g)]])
         start += len(g)
     return out, parts
 

@@ -85,15 +85,18 @@ class PrincipleJudge:
 
     name = "judge"
 
-    def __init__(self, lm, principles: list[str], *, template: str | None = None,
-                 compare_template: str | None = None):
+    def __init__(self, lm, principles: list[str], *, template: str | None = None, compare_template: str | None = None):
         self.lm = lm
         check_lists(principles, [], "PrincipleJudge")
         self.principles = list(principles)
-        self.template = check_template(SCORE_TEMPLATE if template is None else template, _SCORE_FIELDS,
-                                        "PrincipleJudge: `template`")
-        self.compare_template = check_template(COMPARE_TEMPLATE if compare_template is None else compare_template,
-                                                _COMPARE_FIELDS, "PrincipleJudge: `compare_template`")
+        self.template = check_template(
+            SCORE_TEMPLATE if template is None else template, _SCORE_FIELDS, "PrincipleJudge: `template`"
+        )
+        self.compare_template = check_template(
+            COMPARE_TEMPLATE if compare_template is None else compare_template,
+            _COMPARE_FIELDS,
+            "PrincipleJudge: `compare_template`",
+        )
         self.answers, self.clipped, self.last_clipped = 0, 0, []
 
     @classmethod
@@ -124,10 +127,12 @@ class PrincipleJudge:
         and 0 for identical replies."""
         _same_length(prompts, a, "replies a")
         _same_length(prompts, b, "replies b")
-        forward = [self._conversation(self.compare_template, prompt=p, reply_a=x, reply_b=y)
-                   for p, x, y in zip(prompts, a, b)]
-        swapped = [self._conversation(self.compare_template, prompt=p, reply_a=y, reply_b=x)
-                   for p, x, y in zip(prompts, a, b)]
+        forward = [
+            self._conversation(self.compare_template, prompt=p, reply_a=x, reply_b=y) for p, x, y in zip(prompts, a, b)
+        ]
+        swapped = [
+            self._conversation(self.compare_template, prompt=p, reply_a=y, reply_b=x) for p, x, y in zip(prompts, a, b)
+        ]
         both, clipped = self._ask(forward + swapped, (A, B))
         n = len(prompts)
         self.last_clipped = [clipped[i] + clipped[n + i] for i in range(n)]
@@ -154,8 +159,9 @@ class PrincipleJudge:
             return [], []
         rows = self.lm.option_logprobs(conversations, list(options))
         if len(rows) != len(conversations):
-            raise AlignkitError(f"judge {self!r}: option_logprobs returned {len(rows)} rows for "
-                                f"{len(conversations)} conversations")
+            raise AlignkitError(
+                f"judge {self!r}: option_logprobs returned {len(rows)} rows for {len(conversations)} conversations"
+            )
         values = [_difference(row[0], row[1], i, options, self) for i, row in enumerate(rows)]
         clipped = [int(math.isinf(float(r[0]) - float(r[1]))) for r in rows]  # _difference bounded these
         self.answers += len(values)
@@ -177,12 +183,16 @@ def _difference(first: float, second: float, index: int, options: tuple, judge) 
     tokens, the judge did not answer the question at all; that is an error, not a score."""
     first, second = float(first), float(second)
     if first == -math.inf and second == -math.inf:
-        raise AlignkitError(f"judge {judge!r}: for item {index}, neither {options[0]!r} nor {options[1]!r} is among "
-                            "the judge model's likely first tokens, so it gives no answer to read; use a model that "
-                            "follows instructions, or a template that asks for exactly these words.")
+        raise AlignkitError(
+            f"judge {judge!r}: for item {index}, neither {options[0]!r} nor {options[1]!r} is among "
+            "the judge model's likely first tokens, so it gives no answer to read; use a model that "
+            "follows instructions, or a template that asks for exactly these words."
+        )
     if math.isnan(first) or math.isnan(second) or first == math.inf or second == math.inf:
-        raise AlignkitError(f"judge {judge!r}: for item {index}, the judge model gave the log-probs {first} and "
-                            f"{second} for {options[0]!r} and {options[1]!r}; a log-prob is a finite number or -inf.")
+        raise AlignkitError(
+            f"judge {judge!r}: for item {index}, the judge model gave the log-probs {first} and "
+            f"{second} for {options[0]!r} and {options[1]!r}; a log-prob is a finite number or -inf."
+        )
     return max(-SCORE_LIMIT, min(SCORE_LIMIT, first - second)) if math.isinf(first - second) else first - second
 
 

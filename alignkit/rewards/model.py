@@ -15,8 +15,9 @@ from alignkit.errors import ConfigError
 
 
 class RewardModel:
-    def __init__(self, path, *, weights: dict | None = None, device=None, batch_size: int = 16, model=None,
-                 tokenizer=None):
+    def __init__(
+        self, path, *, weights: dict | None = None, device=None, batch_size: int = 16, model=None, tokenizer=None
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from alignkit.models import resolve_device
@@ -24,12 +25,17 @@ class RewardModel:
         self.path, self.batch_size = str(path), batch_size
         self.device = resolve_device(device or "auto") if model is None else next(model.parameters()).device
         try:
-            self.model = model if model is not None else AutoModelForSequenceClassification.from_pretrained(
-                self.path, dtype=torch.float32).to(self.device)
+            self.model = (
+                model
+                if model is not None
+                else AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32).to(self.device)
+            )
             self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self.path)
         except OSError as e:
-            raise ConfigError(f"reward model {self.path}: cannot load a sequence classifier and its tokenizer "
-                              f"({e}); give a directory written by `alignkit train recipe=reward` or a hub id.") from None
+            raise ConfigError(
+                f"reward model {self.path}: cannot load a sequence classifier and its tokenizer "
+                f"({e}); give a directory written by `alignkit train recipe=reward` or a hub id."
+            ) from None
         self.model.eval()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -40,8 +46,10 @@ class RewardModel:
     def _direction(self, weights: dict | None) -> torch.Tensor:
         if weights is None:
             if len(self.names) > 1:
-                raise ConfigError(f"{self.path} has {len(self.names)} rewards ({', '.join(self.names)}); give a "
-                                  "direction, e.g. weights {" + ", ".join(f"{n}: 0.5" for n in self.names) + "}")
+                raise ConfigError(
+                    f"{self.path} has {len(self.names)} rewards ({', '.join(self.names)}); give a "
+                    "direction, e.g. weights {" + ", ".join(f"{n}: 0.5" for n in self.names) + "}"
+                )
             return torch.ones(1)
         unknown = sorted(set(weights) - set(self.names))
         if unknown:
@@ -61,7 +69,7 @@ class RewardModel:
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):
-            idx = order[start: start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             width = max(len(rows[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)

@@ -26,7 +26,9 @@ def log_sigmoid_transform(rewards, reference_rewards) -> list[float]:
 def combine_log_sigmoid(rewards: dict, reference_rewards: dict, weights: dict | None = None) -> list[float]:
     """sum_i w_i log sigmoid(r_i - r_ref,i) over named rewards (weights default to 1)."""
     if set(rewards) != set(reference_rewards):
-        raise ValueError(f"need a reference for every reward: rewards {sorted(rewards)}, references {sorted(reference_rewards)}")
+        raise ValueError(
+            f"need a reference for every reward: rewards {sorted(rewards)}, references {sorted(reference_rewards)}"
+        )
     weights = weights or {}
     total = None
     for name, values in rewards.items():

@@ -30,13 +30,16 @@ from alignkit.errors import ConfigError, DataError
 # "3-5"), so a hyphen between two numbers is not read as a minus sign. Currency may come before
 # or after the sign ("-$5", "$-5"). Thousands groups must be exactly three digits, so "1,2,3" is
 # a list of three numbers, not 123.
-_NUMBER = re.compile(r"""
+_NUMBER = re.compile(
+    r"""
     (?<![\w.])
     (?:[$€£¥]\s?)?
     (?P<sign>[-−])?
     (?:[$€£¥]\s?)?
     (?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d) | \d+(?:\.\d+)? | \.\d+)
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 MARKER = "####"  # GSM8K's final-answer marker
 
@@ -101,26 +104,37 @@ class NumericMatch:
 
     name = "numeric_match"
 
-    def __init__(self, answer_column: str = "answer", require_marker: bool = False,
-                 correct: float = 1.0, wrong: float = 0.0):
-        require(isinstance(answer_column, str) and answer_column,
-                 f"reward numeric_match: `answer_column` must be a column name; got {answer_column!r}.")
-        require(isinstance(require_marker, bool),
-                 f"reward numeric_match: `require_marker` must be true or false; got {require_marker!r}.")
-        require(is_number(correct) and is_number(wrong),
-                 f"reward numeric_match: `correct` and `wrong` must be numbers; got {correct!r}, {wrong!r}.")
+    def __init__(
+        self, answer_column: str = "answer", require_marker: bool = False, correct: float = 1.0, wrong: float = 0.0
+    ):
+        require(
+            isinstance(answer_column, str) and answer_column,
+            f"reward numeric_match: `answer_column` must be a column name; got {answer_column!r}.",
+        )
+        require(
+            isinstance(require_marker, bool),
+            f"reward numeric_match: `require_marker` must be true or false; got {require_marker!r}.",
+        )
+        require(
+            is_number(correct) and is_number(wrong),
+            f"reward numeric_match: `correct` and `wrong` must be numbers; got {correct!r}, {wrong!r}.",
+        )
         self.answer_column, self.require_marker = answer_column, require_marker
         self.correct, self.wrong = float(correct), float(wrong)
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
         if self.answer_column not in columns:
             present = ", ".join(sorted(columns)) or "none"
-            raise ConfigError(f"reward numeric_match needs the reference answers in column {self.answer_column!r}, "
-                              f"but the records have columns: {present}. Set `answer_column` to the right one.")
+            raise ConfigError(
+                f"reward numeric_match needs the reference answers in column {self.answer_column!r}, "
+                f"but the records have columns: {present}. Set `answer_column` to the right one."
+            )
         references = columns[self.answer_column]
         if len(references) != len(completions):
-            raise ValueError(f"reward numeric_match: column {self.answer_column!r} has {len(references)} values "
-                             f"for {len(completions)} completions")
+            raise ValueError(
+                f"reward numeric_match: column {self.answer_column!r} has {len(references)} values "
+                f"for {len(completions)} completions"
+            )
         out = []
         for i, (completion, reference) in enumerate(zip(completions, references)):
             want = self._reference(reference, i)
@@ -130,12 +144,17 @@ class NumericMatch:
 
     def _reference(self, reference, i: int) -> Decimal:
         # JSON numbers arrive as int/float; str(float) keeps 0.1 as 0.1 and 1e+20 parseable by Decimal.
-        want = Decimal(str(reference)) if is_number(reference) else (
-            final_answer(reference) if isinstance(reference, str) else None)
+        want = (
+            Decimal(str(reference))
+            if is_number(reference)
+            else (final_answer(reference) if isinstance(reference, str) else None)
+        )
         if want is None:
             # A reference with no number would make every completion "wrong" without a trace.
-            raise DataError(f"reward numeric_match: reference {reference!r} (column {self.answer_column!r}, "
-                            f"item {i} of the batch) has no number; write it as `#### <number>` or a bare number.")
+            raise DataError(
+                f"reward numeric_match: reference {reference!r} (column {self.answer_column!r}, "
+                f"item {i} of the batch) has no number; write it as `#### <number>` or a bare number."
+            )
         return want
 
 
@@ -167,13 +186,19 @@ class LengthLimit:
 
     def __init__(self, max_words: int | None = None, min_words: int | None = None, max_chars: int | None = None):
         limits = {"max_words": max_words, "min_words": min_words, "max_chars": max_chars}
-        require(any(v is not None for v in limits.values()),
-                 "reward length needs at least one of `max_words`, `min_words`, `max_chars`.")
+        require(
+            any(v is not None for v in limits.values()),
+            "reward length needs at least one of `max_words`, `min_words`, `max_chars`.",
+        )
         for key, value in limits.items():
-            require(value is None or _is_count(value),
-                     f"reward length: `{key}` must be a non-negative integer; got {value!r}.")
-        require(min_words is None or max_words is None or min_words <= max_words,
-                 f"reward length: `min_words` ({min_words}) is above `max_words` ({max_words}); no text can pass.")
+            require(
+                value is None or _is_count(value),
+                f"reward length: `{key}` must be a non-negative integer; got {value!r}.",
+            )
+        require(
+            min_words is None or max_words is None or min_words <= max_words,
+            f"reward length: `min_words` ({min_words}) is above `max_words` ({max_words}); no text can pass.",
+        )
         self.max_words, self.min_words, self.max_chars = max_words, min_words, max_chars
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
@@ -181,9 +206,11 @@ class LengthLimit:
 
     def _ok(self, text: str) -> bool:
         words = len(text.split())
-        return ((self.max_words is None or words <= self.max_words)
-                and (self.min_words is None or words >= self.min_words)
-                and (self.max_chars is None or len(text) <= self.max_chars))
+        return (
+            (self.max_words is None or words <= self.max_words)
+            and (self.min_words is None or words >= self.min_words)
+            and (self.max_chars is None or len(text) <= self.max_chars)
+        )
 
 
 def _keyword_regex(word: str, case_sensitive: bool) -> re.Pattern:
@@ -208,18 +235,30 @@ class Keywords:
 
     name = "keywords"
 
-    def __init__(self, required=(), forbidden=(), case_sensitive: bool = False, partial: bool = True,
-                 required_column: str | None = None):
+    def __init__(
+        self,
+        required=(),
+        forbidden=(),
+        case_sensitive: bool = False,
+        partial: bool = True,
+        required_column: str | None = None,
+    ):
         # A lone string is one keyword; iterating it would make every letter a keyword.
         required = [required] if isinstance(required, str) else list(required)
         forbidden = [forbidden] if isinstance(forbidden, str) else list(forbidden)
-        require(required or forbidden or required_column,
-                 "reward keywords needs at least one `required` or `forbidden` keyword, or a `required_column`.")
-        require(required_column is None or (isinstance(required_column, str) and required_column),
-                 f"reward keywords: `required_column` must be a column name; got {required_column!r}.")
+        require(
+            required or forbidden or required_column,
+            "reward keywords needs at least one `required` or `forbidden` keyword, or a `required_column`.",
+        )
+        require(
+            required_column is None or (isinstance(required_column, str) and required_column),
+            f"reward keywords: `required_column` must be a column name; got {required_column!r}.",
+        )
         for key, words in (("required", required), ("forbidden", forbidden)):
-            require(all(isinstance(w, str) and w for w in words),
-                     f"reward keywords: `{key}` must be a list of non-empty strings; got {words!r}.")
+            require(
+                all(isinstance(w, str) and w for w in words),
+                f"reward keywords: `{key}` must be a list of non-empty strings; got {words!r}.",
+            )
         fold = (lambda w: w) if case_sensitive else str.casefold
         both = sorted({fold(w) for w in required} & {fold(w) for w in forbidden})
         require(not both, f"reward keywords: {both} are both required and forbidden; no text can pass.")
@@ -234,14 +273,18 @@ class Keywords:
             return [[]] * n
         if self.required_column not in columns:
             present = ", ".join(sorted(columns)) or "none"
-            raise ConfigError(f"reward keywords reads required words from column {self.required_column!r}, but the "
-                              f"records have columns: {present}. Set `required_column` to the right one.")
+            raise ConfigError(
+                f"reward keywords reads required words from column {self.required_column!r}, but the "
+                f"records have columns: {present}. Set `required_column` to the right one."
+            )
         rows = []
         for i, value in enumerate(columns[self.required_column]):
             words = [w.strip() for w in value.split(",")] if isinstance(value, str) else value
             if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
-                raise DataError(f"reward keywords: record {i} column {self.required_column!r} must be a list of "
-                                f"words or a comma-separated string; got {value!r}.")
+                raise DataError(
+                    f"reward keywords: record {i} column {self.required_column!r} must be a list of "
+                    f"words or a comma-separated string; got {value!r}."
+                )
             rows.append([_keyword_regex(w.strip(), self.case_sensitive) for w in words])
         return rows
 
@@ -250,8 +293,7 @@ class Keywords:
         for text, extra in zip(completions, self._row_words(columns, len(completions))):
             required = self._required + extra
             total = len(required) + len(self._forbidden)
-            met = (sum(1 for r in required if r.search(text))
-                   + sum(1 for r in self._forbidden if not r.search(text)))
+            met = sum(1 for r in required if r.search(text)) + sum(1 for r in self._forbidden if not r.search(text))
             out.append((met / total if total else 1.0) if self.partial else float(met == total))
         return out
 
@@ -277,8 +319,10 @@ class WeightedSum:
         require(terms, "a weighted reward needs at least one (reward, weight) term.")
         for reward, weight in terms:
             require(callable(reward), f"weighted reward: {reward!r} is not a reward (a callable).")
-            require(is_number(weight), f"weighted reward: the weight of {_reward_name(reward)} must be a "
-                                         f"finite number; got {weight!r}.")
+            require(
+                is_number(weight),
+                f"weighted reward: the weight of {_reward_name(reward)} must be a finite number; got {weight!r}.",
+            )
         self.terms = [(reward, float(weight)) for reward, weight in terms]
         # Two terms of one kind (two regexes) need distinct keys in the logged components.
         self.names, seen = [], {}

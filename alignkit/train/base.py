@@ -17,10 +17,10 @@ import torch
 
 from alignkit import logprob_passes as passes
 from alignkit.config import RunConfig
-from alignkit.distributed import Dist
 from alignkit.data.batching import TokenBatch
 from alignkit.data.splits import PreparedData
 from alignkit.data.tokenize import explain
+from alignkit.distributed import Dist
 from alignkit.train.steps import eval_batches, forward_pieces, run_batches
 
 
@@ -80,8 +80,7 @@ class OptimSettings:
     @classmethod
     def of_policy(cls, cfg: RunConfig) -> "OptimSettings":
         t = cfg.train
-        return cls(t.learning_rate, t.weight_decay, tuple(t.adam_betas), t.max_grad_norm, t.warmup_ratio,
-                   t.lr_schedule)
+        return cls(t.learning_rate, t.weight_decay, tuple(t.adam_betas), t.max_grad_norm, t.warmup_ratio, t.lr_schedule)
 
 
 @dataclass
@@ -127,6 +126,8 @@ class Recipe(Protocol):
 
     def show_example(self, data: PreparedData, index: int) -> str: ...
 
+    def close(self) -> None: ...  # release what setup started (a colocated vLLM engine), once the run ends
+
 
 class OfflineRecipe:
     """A recipe that trains on tokenized examples it prepared before training; the defaults of the
@@ -158,6 +159,9 @@ class OfflineRecipe:
 
     def weight(self, batch) -> int:
         return batch.num_examples
+
+    def close(self) -> None:
+        pass  # nothing outlives a step
 
     def step_done(self) -> None:
         pass
@@ -198,13 +202,22 @@ class OfflineRecipe:
             self.references = {"train": live, "eval": live}
             return
         t = self.cfg.train
-        common = dict(cache_dir=ctx.cache_root / "reference", fingerprint=ctx.fingerprint, precision=ctx.precision,
-                      batch_size=t.eval_batch_size or t.batch_size, chunk_size=t.logprob_chunk_size,
-                      device=ctx.device, autocast=ctx.autocast, parallel=ctx, progress=ctx.progress)
+        common = dict(
+            cache_dir=ctx.cache_root / "reference",
+            fingerprint=ctx.fingerprint,
+            precision=ctx.precision,
+            batch_size=t.eval_batch_size or t.batch_size,
+            chunk_size=t.logprob_chunk_size,
+            device=ctx.device,
+            autocast=ctx.autocast,
+            parallel=ctx,
+            progress=ctx.progress,
+        )
         for split, items in (("train", data.train), ("eval", data.eval)):
             if items:
-                self.references[split] = passes.CachedReference(passes.cached_ref_logps(
-                    model, items, self.collate, desc=f"reference log-probs ({split})", **common))
+                self.references[split] = passes.CachedReference(
+                    passes.cached_ref_logps(model, items, self.collate, desc=f"reference log-probs ({split})", **common)
+                )
 
     @torch.no_grad()
     def evaluate(self, model, items: list) -> dict:
@@ -215,8 +228,16 @@ class OfflineRecipe:
         batches = [self.collate(b) for b in eval_batches(self.cfg, self, self.ctx.shard(items))]
         try:
             with self.ctx.full_params(model):
-                out, _, _ = run_batches(self, model, batches, "eval", next(model.parameters()).device, self.autocast,
-                                        backward=False, dist=self.ctx.dist)
+                out, _, _ = run_batches(
+                    self,
+                    model,
+                    batches,
+                    "eval",
+                    next(model.parameters()).device,
+                    self.autocast,
+                    backward=False,
+                    dist=self.ctx.dist,
+                )
         finally:
             model.train(was_training)
         return out
@@ -224,8 +245,11 @@ class OfflineRecipe:
     def show_example(self, data: PreparedData, index: int) -> str:
         """Prompt, chosen and rejected with the tokens the loss scores."""
         item, tok = data.train[index], self.tokenizer
-        return explain(tok, item.prompt_ids, item.chosen_ids, label="chosen") + "\n\n" + \
-            explain(tok, item.prompt_ids, item.rejected_ids, label="rejected")
+        return (
+            explain(tok, item.prompt_ids, item.chosen_ids, label="chosen")
+            + "\n\n"
+            + explain(tok, item.prompt_ids, item.rejected_ids, label="rejected")
+        )
 
 
 class RunningMean:

@@ -66,8 +66,9 @@ def set_rng_state(state: dict) -> None:
     gauss = state["python_gauss"].tolist()
     random.setstate((3, tuple(state["python"].tolist()), gauss[0] if gauss else None))
     pos, has_gauss = state["numpy_extra"].tolist()
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss,
-                         float(state["numpy_gauss"][0])))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss, float(state["numpy_gauss"][0]))
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
@@ -161,8 +162,11 @@ def _sha256(path: Path) -> str:
 def write_manifest(directory: Path) -> None:
     """List every file (size, SHA-256) in `manifest.json`; written last, so its presence means
     the writer finished."""
-    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     (directory / MANIFEST).write_text(json.dumps({"alignkit_checkpoint": 1, "files": files}, indent=1))
 
 
@@ -192,10 +196,15 @@ def save_checkpoint(run_dir: Path, step: int, write_main, keep: int, dist, write
         if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = [p.name for p in list_checkpoints(run_dir) if p != final]
-        kept = (f"the previous checkpoint {previous[-1]} is intact (resume with --resume)" if previous
-                else "no earlier checkpoint exists")
-        raise CheckpointError(f"writing {final.name} failed: {e}. Nothing of it was kept; {kept}. Free space "
-                              "or fix the output directory, then resume.") from e
+        kept = (
+            f"the previous checkpoint {previous[-1]} is intact (resume with --resume)"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(
+            f"writing {final.name} failed: {e}. Nothing of it was kept; {kept}. Free space "
+            "or fix the output directory, then resume."
+        ) from e
     except BaseException:
         if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -272,8 +281,9 @@ def find_resume_point(run_dir: Path, resume_from: str | None = None) -> ResumePo
             path = run_dir / resume_from
         if not path.is_dir() or not _CHECKPOINT.fullmatch(path.name):
             names = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
-            raise CheckpointError(f"--resume-from {resume_from}: no such checkpoint directory (checkpoints in "
-                                  f"{run_dir}: {names}).")
+            raise CheckpointError(
+                f"--resume-from {resume_from}: no such checkpoint directory (checkpoints in {run_dir}: {names})."
+            )
         problem = verify(path)
         if problem:
             raise CheckpointError(f"{path} cannot be resumed from: {problem}.")
@@ -286,8 +296,12 @@ def find_resume_point(run_dir: Path, resume_from: str | None = None) -> ResumePo
     if problem is None:
         return ResumePoint(latest, notes)
     good = next((p for p in reversed(found[:-1]) if verify(p) is None), None)
-    offer = (f"Resume from the previous good checkpoint with `--resume-from {good.name}`, or delete {latest} "
-             "and use --resume." if good else "No earlier checkpoint is intact; start the run again without --resume.")
+    offer = (
+        f"Resume from the previous good checkpoint with `--resume-from {good.name}`, or delete {latest} "
+        "and use --resume."
+        if good
+        else "No earlier checkpoint is intact; start the run again without --resume."
+    )
     raise CheckpointError(f"the latest checkpoint {latest} is damaged: {problem}. {offer}")
 
 
@@ -307,8 +321,10 @@ def load_weights(model, ckpt: Path) -> None:
             return
         loaded = type(model).from_pretrained(ckpt, dtype=next(model.parameters()).dtype)  # LM or reward model
     except (OSError, SafetensorError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}: the weights cannot be read ({e}); resume from an earlier checkpoint "
-                              "with --resume-from checkpoint-N.") from None
+        raise CheckpointError(
+            f"{ckpt}: the weights cannot be read ({e}); resume from an earlier checkpoint "
+            "with --resume-from checkpoint-N."
+        ) from None
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     assert not unexpected, unexpected
 
@@ -323,7 +339,9 @@ def load_trainer_state(ckpt: Path) -> dict:
         raise CheckpointError(
             f"{path} holds objects other than tensors, numbers and lists, so alignkit will not load it: "
             f"unpickling it could run code planted in the file ({first}). Only resume from checkpoints "
-            "alignkit wrote; if this one came from someone else, delete it.") from None
+            "alignkit wrote; if this one came from someone else, delete it."
+        ) from None
     except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path} cannot be read ({e}); resume from an earlier checkpoint with "
-                              "--resume-from checkpoint-N.") from None
+        raise CheckpointError(
+            f"{path} cannot be read ({e}); resume from an earlier checkpoint with --resume-from checkpoint-N."
+        ) from None

@@ -13,7 +13,8 @@ rewards the environment gave (`env.gamma`, 1 by default: the plain sum). GRPO an
 each turn with its own return G_t = sum_{t'>=t} gamma^(t'-t) r_t' against the group's baseline
 (`token_returns`): a simple form of the turn-level credit of MT-GRPO (Zeng et al., "Reinforcing
 Multi-Turn Reasoning in LLM Agents via Turn-Level Credit Assignment", arXiv 2505.11821, which
-normalises turn and outcome rewards separately); with gamma = 1 and only a final reward every turn's return is the episode's, and the
+normalises turn and outcome rewards separately); with gamma = 1 and only a final reward every turn's return is the
+episode's, and the
 advantages are exactly single-turn GRPO's.
 
 Tools: the environment's JSON schemas go through the chat template (`apply_chat_template(tools=)`)
@@ -99,8 +100,10 @@ class EpisodeSampler:
             raise ConfigError(f"`env.args` {e.args!r} do not fit environment {e.name!r}: {err}") from None
         if self.tools is not None:
             if not isinstance(getattr(env, "tools", None), dict):
-                raise ConfigError(f"`env.tools`: environment {e.name!r} has no `tools` to replace (a tool environment "
-                                  "keeps {name: (schema, function)} in `tools`, as envs.builtin.ToolEnvironment).")
+                raise ConfigError(
+                    f"`env.tools`: environment {e.name!r} has no `tools` to replace (a tool environment "
+                    "keeps {name: (schema, function)} in `tools`, as envs.builtin.ToolEnvironment)."
+                )
             env.tools = self.tools
         if isinstance(getattr(env, "tools", None), dict):
             env.tools = bind_executor(env.tools, self.executor)
@@ -125,12 +128,14 @@ class EpisodeSampler:
     def prompt_ids(self, example) -> list:
         """The tokens the model continues for `example` (its first messages, tools included)."""
         msgs, tools = self.start(self.make(), example)
-        return self.tokenizer(render(self.tokenizer, msgs, tools, generation_prompt=True),
-                              add_special_tokens=False)["input_ids"]
+        return self.tokenizer(render(self.tokenizer, msgs, tools, generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
 
     @torch.no_grad()
-    def sample(self, model, examples: list, indices: list, params: SamplingParams, seed: int,
-               batch_size: int) -> tuple[list, torch.Tensor]:
+    def sample(
+        self, model, examples: list, indices: list, params: SamplingParams, seed: int, batch_size: int
+    ) -> tuple[list, torch.Tensor]:
         """`params.n` episodes per example: (samples [P][n] with `mask` and `episode` set, rewards
         [P, n] = each episode's discounted return). Episode k of example i draws from its own
         generator, seeded by (seed, indices[i], k), as single-turn sampling does."""
@@ -139,7 +144,7 @@ class EpisodeSampler:
         out = [[None] * n for _ in examples]
         rows = [(i, k) for i in range(len(examples)) for k in range(n)]
         for start in range(0, len(rows), batch_size * n):
-            chunk = rows[start: start + batch_size * n]
+            chunk = rows[start : start + batch_size * n]
             envs = [self.make() for _ in chunk]
             firsts, tools = [], None
             for env, (i, _) in zip(envs, chunk):
@@ -147,30 +152,59 @@ class EpisodeSampler:
                 firsts.append(msgs)
             budgets = []
             for msgs, (i, _) in zip(firsts, chunk):
-                prompt = len(self.tokenizer(render(self.tokenizer, msgs, tools, generation_prompt=True),
-                                            add_special_tokens=False)["input_ids"])
+                prompt = len(
+                    self.tokenizer(
+                        render(self.tokenizer, msgs, tools, generation_prompt=True), add_special_tokens=False
+                    )["input_ids"]
+                )
                 room = self.cfg.data.max_length - prompt
                 if room <= 0:
-                    raise ConfigError(f"{examples[i].source}: the episode's prompt is {prompt} tokens (tools included), "
-                                      f"`data.max_length` is {self.cfg.data.max_length}: raise data.max_length.")
+                    raise ConfigError(
+                        f"{examples[i].source}: the episode's prompt is {prompt} tokens (tools included), "
+                        f"`data.max_length` is {self.cfg.data.max_length}: raise data.max_length."
+                    )
                 budgets.append(min(room, e.max_tokens or room))
             gens = [torch.Generator(device=device).manual_seed(row_seed(seed, indices[i], k)) for i, k in chunk]
-            episodes = sample_episodes(model, self.tokenizer, envs, firsts, params, max_turns=e.max_turns,
-                                       max_tokens=budgets, tools=tools, generator=gens, group_size=n)
+            episodes = sample_episodes(
+                model,
+                self.tokenizer,
+                envs,
+                firsts,
+                params,
+                max_turns=e.max_turns,
+                max_tokens=budgets,
+                tools=tools,
+                generator=gens,
+                group_size=n,
+            )
             for ep, (i, k) in zip(episodes, chunk):
                 text = self.tokenizer.decode(ep.token_ids, skip_special_tokens=True)
-                out[i][k] = Sample(ep.token_ids, ep.logprobs, "stop" if ep.end == "answer" else "length", text,
-                                   mask=ep.model_mask, episode=ep)
-        rewards = torch.tensor([[discounted_returns(s.episode.turn_rewards, e.gamma)[0] for s in g] for g in out],
-                               dtype=torch.float32).reshape(len(examples), n)
+                out[i][k] = Sample(
+                    ep.token_ids,
+                    ep.logprobs,
+                    "stop" if ep.end == "answer" else "length",
+                    text,
+                    mask=ep.model_mask,
+                    episode=ep,
+                )
+        rewards = torch.tensor(
+            [[discounted_returns(s.episode.turn_rewards, e.gamma)[0] for s in g] for g in out], dtype=torch.float32
+        ).reshape(len(examples), n)
         return out, rewards
 
     def record(self, path: Path, key: int, sample: Sample) -> None:
         """Append one episode to RUN/episodes.jsonl (what `alignkit report` shows)."""
         ep = sample.episode
-        row = {"key": key, "prompt": self.tokenizer.decode(ep.prompt_ids), "turns": ep.turns, "end": ep.end,
-               "turn_rewards": ep.turn_rewards, "reward": discounted_returns(ep.turn_rewards, self.env_cfg.gamma)[0],
-               "counts": ep.counts, "spans": [[t, m] for t, m in spans(self.tokenizer, ep)]}
+        row = {
+            "key": key,
+            "prompt": self.tokenizer.decode(ep.prompt_ids),
+            "turns": ep.turns,
+            "end": ep.end,
+            "turn_rewards": ep.turn_rewards,
+            "reward": discounted_returns(ep.turn_rewards, self.env_cfg.gamma)[0],
+            "counts": ep.counts,
+            "spans": [[t, m] for t, m in spans(self.tokenizer, ep)],
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -182,14 +216,26 @@ def show_episode(recipe, model, index: int) -> str:
     from alignkit.data.tokenize import explain
 
     sampler, tok = recipe.episodes, recipe.tokenizer
-    samples, rewards = sampler.sample(model, [recipe.examples["train"][index]], [index], recipe.params.but(n=1),
-                                      recipe.cfg.seed, 1)
+    samples, rewards = sampler.sample(
+        model, [recipe.examples["train"][index]], [index], recipe.params.but(n=1), recipe.cfg.seed, 1
+    )
     ep = samples[0][0].episode
-    lines = [f"episode: {ep.turns} turns, ended by {ep.end}, turn rewards {ep.turn_rewards}, reward "
-             f"{float(rewards[0, 0]):g}, counts {ep.counts}",
-             "  [scored] marks the model's own tokens; [context] the environment's (in the context, not in the loss)"]
+    lines = [
+        f"episode: {ep.turns} turns, ended by {ep.end}, turn rewards {ep.turn_rewards}, reward "
+        f"{float(rewards[0, 0]):g}, counts {ep.counts}",
+        "  [scored] marks the model's own tokens; [context] the environment's (in the context, not in the loss)",
+    ]
     lines += [f"  [{'scored' if m else 'context'}] {text!r}" for text, m in spans(tok, ep)]
     lines.append("")
-    lines.append(explain(tok, ep.prompt_ids, ep.token_ids, label="episode", scored=list(ep.model_mask), max_rows=64,
-                         why="the model's tokens; tool results and turn markers are context only"))
+    lines.append(
+        explain(
+            tok,
+            ep.prompt_ids,
+            ep.token_ids,
+            label="episode",
+            scored=list(ep.model_mask),
+            max_rows=64,
+            why="the model's tokens; tool results and turn markers are context only",
+        )
+    )
     return "\n".join(lines)

@@ -12,8 +12,8 @@ from alignkit.config import load_config
 from alignkit.distributed import Dist
 from alignkit.errors import ConfigError
 from alignkit.models import apply_lora, load_model, load_tokenizer
-from alignkit.train import checkpoint as ckpt
 from alignkit.registries import recipes as registry
+from alignkit.train import checkpoint as ckpt
 
 
 def export_checkpoint(checkpoint: str, output: str, module: str = "policy", trust_remote_code: bool = False) -> Path:
@@ -37,9 +37,11 @@ def _assemble(path: Path, module: str, trust_remote_code: bool):
     cfg = load_config(str(path / "alignkit_config.yaml"), saved=True)
     if cfg.model.trust_remote_code and not trust_remote_code:
         # a checkpoint may come from someone else: its saved config alone never runs a repository's code
-        raise ConfigError(f"{path}: its model was trained with model.trust_remote_code=true, which runs Python code "
-                          f"from the model repository ({cfg.model.name_or_path}). Pass --trust-remote-code if you "
-                          "trust that code.")
+        raise ConfigError(
+            f"{path}: its model was trained with model.trust_remote_code=true, which runs Python code "
+            f"from the model repository ({cfg.model.name_or_path}). Pass --trust-remote-code if you "
+            "trust that code."
+        )
     spec = registry.get(cfg.recipe)
     source = path if module == "policy" else path / module
     if not source.is_dir():
@@ -48,13 +50,23 @@ def _assemble(path: Path, module: str, trust_remote_code: bool):
     tokenizer = load_tokenizer(dataclasses.replace(cfg.model, name_or_path=str(source)))
     cpu = torch.device("cpu")
     if module == "policy":
-        model = load_model(cfg.model, device=cpu, cache_dir=cfg.cache_dir, pad_token_id=tokenizer.pad_token_id,
-                           reward_names=cfg.reward.objectives if spec.model_kind == "reward_model" else None)
+        model = load_model(
+            cfg.model,
+            device=cpu,
+            cache_dir=cfg.cache_dir,
+            pad_token_id=tokenizer.pad_token_id,
+            reward_names=cfg.reward.objectives if spec.model_kind == "reward_model" else None,
+        )
         lora = cfg.lora.enabled
     else:  # PPO's value model: a scalar head on the trunk it started from
         init = cfg.model.name_or_path if cfg.critic.init == "policy" else cfg.critic.init
-        model = load_model(dataclasses.replace(cfg.model, name_or_path=init), device=cpu, cache_dir=cfg.cache_dir,
-                           reward_names=["value"], pad_token_id=tokenizer.pad_token_id)
+        model = load_model(
+            dataclasses.replace(cfg.model, name_or_path=init),
+            device=cpu,
+            cache_dir=cfg.cache_dir,
+            reward_names=["value"],
+            pad_token_id=tokenizer.pad_token_id,
+        )
         lora = cfg.critic.lora
     if lora:
         model = apply_lora(model, cfg.lora)

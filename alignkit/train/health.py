@@ -52,8 +52,14 @@ class Alert:
     def to_row(self, level: str = "warn") -> dict:
         """The alert as the fields of its `metrics.jsonl` row (the logger adds step and split);
         `level` is `error` for an alert that stops the run (`train.stop_on`)."""
-        return {"rule": self.rule, "seen_in": self.seen_in, "level": level, "message": self.message,
-                "evidence": self.evidence, "advice": self.advice}
+        return {
+            "rule": self.rule,
+            "seen_in": self.seen_in,
+            "level": level,
+            "message": self.message,
+            "evidence": self.evidence,
+            "advice": self.advice,
+        }
 
     def line(self) -> str:
         return f"health alert at step {self.step}: {self.rule}: {self.message} Advice: {self.advice}"
@@ -76,7 +82,7 @@ class History:
             return
         points = self.series.setdefault(split, {}).setdefault(key, [])
         points.append((int(step), float(value)))
-        del points[:-self.cap]
+        del points[: -self.cap]
         first = self.first.setdefault(split, {}).setdefault(key, [])
         if len(first) < self.smooth:
             first.append(float(value))
@@ -100,13 +106,17 @@ class History:
         return sum(vals) / len(vals) if len(vals) >= self.smooth else None
 
     def state_dict(self) -> dict:
-        return {"series": {s: {k: [list(p) for p in pts] for k, pts in d.items()} for s, d in self.series.items()},
-                "first": {s: {k: list(v) for k, v in d.items()} for s, d in self.first.items()}}
+        return {
+            "series": {s: {k: [list(p) for p in pts] for k, pts in d.items()} for s, d in self.series.items()},
+            "first": {s: {k: list(v) for k, v in d.items()} for s, d in self.first.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.series = {s: {k: [(int(a), float(b)) for a, b in pts][-self.cap:] for k, pts in d.items()}
-                       for s, d in state["series"].items()}
-        self.first = {s: {k: list(v)[:self.smooth] for k, v in d.items()} for s, d in state["first"].items()}
+        self.series = {
+            s: {k: [(int(a), float(b)) for a, b in pts][-self.cap :] for k, pts in d.items()}
+            for s, d in state["series"].items()
+        }
+        self.first = {s: {k: list(v)[: self.smooth] for k, v in d.items()} for s, d in state["first"].items()}
 
 
 @dataclass(frozen=True)
@@ -133,10 +143,12 @@ RULES: dict[str, Rule] = {}
 
 def rule(name: str, *, reads: dict, advice: str):
     """Register a rule: `fn(history, cfg)` returns (message, evidence) when its condition holds."""
+
     def wrap(fn):
         assert name not in RULES, f"health rule {name} registered twice"
         RULES[name] = Rule(name, fn, reads, advice)
         return fn
+
     return wrap
 
 
@@ -175,9 +187,12 @@ def _median(xs: list) -> float:
 # -- the rules --------------------------------------------------------------------------------
 
 
-@rule("loss_stuck_at_ln2", reads={"train": ("loss",)},
-      advice="nothing is being learned: raise train.learning_rate or loss.beta, and check that chosen and rejected "
-             "really differ in the data.")
+@rule(
+    "loss_stuck_at_ln2",
+    reads={"train": ("loss",)},
+    advice="nothing is being learned: raise train.learning_rate or loss.beta, and check that chosen and rejected "
+    "really differ in the data.",
+)
 def loss_stuck_at_ln2(h: History, cfg):
     """A DPO-family loss that stays at ln 2 after warm-up: the policy has not moved from the reference.
 
@@ -196,17 +211,28 @@ def loss_stuck_at_ln2(h: History, cfg):
             continue
         mean = _mean([v for _, v in pts])
         if abs(mean - LN2) <= cfg.ln2_tolerance:
-            return (f"`{key}` has averaged {mean:.4f} over the last {len(pts)} logged steps "
-                    f"({pts[0][0]}-{pts[-1][0]}), "
-                    f"within {cfg.ln2_tolerance} of ln 2 = {LN2:.4f}.",
-                    {"metric": key, "mean": mean, "ln2": LN2, "tolerance": cfg.ln2_tolerance, "rows": len(pts),
-                     "from_step": pts[0][0]})
+            return (
+                f"`{key}` has averaged {mean:.4f} over the last {len(pts)} logged steps "
+                f"({pts[0][0]}-{pts[-1][0]}), "
+                f"within {cfg.ln2_tolerance} of ln 2 = {LN2:.4f}.",
+                {
+                    "metric": key,
+                    "mean": mean,
+                    "ln2": LN2,
+                    "tolerance": cfg.ln2_tolerance,
+                    "rows": len(pts),
+                    "from_step": pts[0][0],
+                },
+            )
     return None
 
 
-@rule("likelihood_displacement", reads={"train": ("logps/chosen", "rewards/margins")},
-      advice="the preferred answers are becoming less likely: add an NLL term on chosen (losses: [dpo, sft], or rpo), "
-             "try dpop, or filter pairs whose chosen and rejected are nearly the same (arXiv 2410.08847).")
+@rule(
+    "likelihood_displacement",
+    reads={"train": ("logps/chosen", "rewards/margins")},
+    advice="the preferred answers are becoming less likely: add an NLL term on chosen (losses: [dpo, sft], or rpo), "
+    "try dpop, or filter pairs whose chosen and rejected are nearly the same (arXiv 2410.08847).",
+)
 def likelihood_displacement(h: History, cfg):
     """Chosen log-probs falling steadily while the reward margin grows (likelihood displacement).
 
@@ -225,17 +251,30 @@ def likelihood_displacement(h: History, cfg):
     m_slope, m_r = _fit(margins)
     drop = -c_slope * (chosen[-1][0] - chosen[0][0])
     if c_r <= -cfg.trend_corr and drop >= cfg.displacement_drop and m_r >= cfg.trend_corr and m_slope > 0:
-        return (f"`logps/chosen` fell by {drop:.3g} nats over steps {chosen[0][0]}-{chosen[-1][0]} (fitted, r = "
-                f"{c_r:.2f}) while `rewards/margins` rose (r = {m_r:.2f}).",
-                {"chosen_drop": drop, "chosen_r": c_r, "chosen_first": chosen[0][1], "chosen_last": chosen[-1][1],
-                 "margins_r": m_r, "margins_first": margins[0][1], "margins_last": margins[-1][1],
-                 "from_step": chosen[0][0], "rows": len(chosen)})
+        return (
+            f"`logps/chosen` fell by {drop:.3g} nats over steps {chosen[0][0]}-{chosen[-1][0]} (fitted, r = "
+            f"{c_r:.2f}) while `rewards/margins` rose (r = {m_r:.2f}).",
+            {
+                "chosen_drop": drop,
+                "chosen_r": c_r,
+                "chosen_first": chosen[0][1],
+                "chosen_last": chosen[-1][1],
+                "margins_r": m_r,
+                "margins_first": margins[0][1],
+                "margins_last": margins[-1][1],
+                "from_step": chosen[0][0],
+                "rows": len(chosen),
+            },
+        )
     return None
 
 
-@rule("over_optimisation", reads={"train": ("kl",), "eval": ("reward", "win_rate", "rewards/accuracies")},
-      advice="the policy is exploiting its reward: stop at an earlier checkpoint, raise online.kl_coef or loss.beta, "
-             "or lower train.learning_rate (arXiv 2410.11677).")
+@rule(
+    "over_optimisation",
+    reads={"train": ("kl",), "eval": ("reward", "win_rate", "rewards/accuracies")},
+    advice="the policy is exploiting its reward: stop at an earlier checkpoint, raise online.kl_coef or loss.beta, "
+    "or lower train.learning_rate (arXiv 2410.11677).",
+)
 def over_optimisation(h: History, cfg):
     """Over-optimisation: the KL to the reference past a budget, or a proxy reward rising while the
     held-out one falls.
@@ -254,9 +293,11 @@ def over_optimisation(h: History, cfg):
     kl = h.recent_mean("train", "kl")
     if kl is not None and kl > cfg.kl_budget:
         pts = h.points("train", "kl", cfg.smooth)
-        return (f"mean per-token KL to the reference over steps {pts[0][0]}-{pts[-1][0]} is {kl:.4g}, past the "
-                f"budget health.kl_budget={cfg.kl_budget}.",
-                {"kl": kl, "kl_budget": cfg.kl_budget, "from_step": pts[0][0], "rows": len(pts)})
+        return (
+            f"mean per-token KL to the reference over steps {pts[0][0]}-{pts[-1][0]} is {kl:.4g}, past the "
+            f"budget health.kl_budget={cfg.kl_budget}.",
+            {"kl": kl, "kl_budget": cfg.kl_budget, "from_step": pts[0][0], "rows": len(pts)},
+        )
     n = cfg.eval_trend + 1
     for proxy, held_out in PROXY_PAIRS:
         for key in held_out:
@@ -266,17 +307,28 @@ def over_optimisation(h: History, cfg):
             steps = {s for s, _ in pts}
             noted = [(s, v) for s, v in h.points("eval", f"proxy/{proxy}") if s in steps]
             if len(noted) >= 2 and noted[-1][1] > noted[0][1]:
-                return (f"held-out `{key}` fell at each of the last {cfg.eval_trend} evaluations "
-                        f"({' -> '.join(f'{v:.4g}' for _, v in pts)}, steps {pts[0][0]}-{pts[-1][0]}) while the "
-                        f"train `{proxy}` rose ({noted[0][1]:.4g} -> {noted[-1][1]:.4g}).",
-                        {"heldout": key, "heldout_values": [v for _, v in pts], "eval_steps": [s for s, _ in pts],
-                         "proxy": proxy, "proxy_first": noted[0][1], "proxy_last": noted[-1][1]})
+                return (
+                    f"held-out `{key}` fell at each of the last {cfg.eval_trend} evaluations "
+                    f"({' -> '.join(f'{v:.4g}' for _, v in pts)}, steps {pts[0][0]}-{pts[-1][0]}) while the "
+                    f"train `{proxy}` rose ({noted[0][1]:.4g} -> {noted[-1][1]:.4g}).",
+                    {
+                        "heldout": key,
+                        "heldout_values": [v for _, v in pts],
+                        "eval_steps": [s for s, _ in pts],
+                        "proxy": proxy,
+                        "proxy_first": noted[0][1],
+                        "proxy_last": noted[-1][1],
+                    },
+                )
     return None
 
 
-@rule("entropy_collapse", reads={"train": ("entropy",)},
-      advice="sampling is becoming deterministic and exploration stops: use clip-higher (loss.clip_high=0.28), "
-             "raise generation.temperature, lower train.learning_rate or add a KL penalty.")
+@rule(
+    "entropy_collapse",
+    reads={"train": ("entropy",)},
+    advice="sampling is becoming deterministic and exploration stops: use clip-higher (loss.clip_high=0.28), "
+    "raise generation.temperature, lower train.learning_rate or add a KL penalty.",
+)
 def entropy_collapse(h: History, cfg):
     """The policy's token entropy collapsing: its samples become near-deterministic.
 
@@ -290,20 +342,35 @@ def entropy_collapse(h: History, cfg):
     if now is None:
         return None
     floor = now < cfg.entropy_floor
-    fell = start is not None and len(h.values("train", "entropy")) >= 2 * cfg.smooth and \
-        now < (1 - cfg.entropy_fall) * start
+    fell = (
+        start is not None
+        and len(h.values("train", "entropy")) >= 2 * cfg.smooth
+        and now < (1 - cfg.entropy_fall) * start
+    )
     if floor or fell:
-        why = (f"below health.entropy_floor={cfg.entropy_floor}" if floor else
-               f"{1 - now / start:.0%} below its start ({start:.4g}), past health.entropy_fall={cfg.entropy_fall}")
-        return (f"mean token entropy of the last {cfg.smooth} logged steps is {now:.4g} nats, {why}.",
-                {"entropy": now, "entropy_start": start, "entropy_floor": cfg.entropy_floor,
-                 "entropy_fall": cfg.entropy_fall})
+        why = (
+            f"below health.entropy_floor={cfg.entropy_floor}"
+            if floor
+            else f"{1 - now / start:.0%} below its start ({start:.4g}), past health.entropy_fall={cfg.entropy_fall}"
+        )
+        return (
+            f"mean token entropy of the last {cfg.smooth} logged steps is {now:.4g} nats, {why}.",
+            {
+                "entropy": now,
+                "entropy_start": start,
+                "entropy_floor": cfg.entropy_floor,
+                "entropy_fall": cfg.entropy_fall,
+            },
+        )
     return None
 
 
-@rule("runaway_length", reads={"train": ("completion_length",)},
-      advice="completions keep growing: check whether the reward pays for length, add a length penalty, or use "
-             "online.aggregation=dr_grpo (length-unbiased).")
+@rule(
+    "runaway_length",
+    reads={"train": ("completion_length",)},
+    advice="completions keep growing: check whether the reward pays for length, add a length penalty, or use "
+    "online.aggregation=dr_grpo (length-unbiased).",
+)
 def runaway_length(h: History, cfg):
     """Sampled completions growing far beyond their starting length.
 
@@ -318,16 +385,27 @@ def runaway_length(h: History, cfg):
         return None
     if now >= cfg.length_growth * start:
         stopped = h.recent_mean("train", "stopped_fraction")
-        return (f"mean completion length is {now:.4g} tokens, {now / start:.2f}x its start ({start:.4g})"
-                + (f"; {stopped:.0%} of samples stop on their own" if stopped is not None else "") + ".",
-                {"completion_length": now, "completion_length_start": start, "growth": now / start,
-                 "length_growth": cfg.length_growth, "stopped_fraction": stopped})
+        return (
+            f"mean completion length is {now:.4g} tokens, {now / start:.2f}x its start ({start:.4g})"
+            + (f"; {stopped:.0%} of samples stop on their own" if stopped is not None else "")
+            + ".",
+            {
+                "completion_length": now,
+                "completion_length_start": start,
+                "growth": now / start,
+                "length_growth": cfg.length_growth,
+                "stopped_fraction": stopped,
+            },
+        )
     return None
 
 
-@rule("zero_variance_groups", reads={"train": ("zero_variance_groups",)},
-      advice="most prompts give no learning signal (all samples score the same): filter prompts that are too easy or "
-             "too hard, raise generation.num_samples or generation.temperature (DAPO's dynamic sampling).")
+@rule(
+    "zero_variance_groups",
+    reads={"train": ("zero_variance_groups",)},
+    advice="most prompts give no learning signal (all samples score the same): filter prompts that are too easy or "
+    "too hard, raise generation.num_samples or generation.temperature (DAPO's dynamic sampling).",
+)
 def zero_variance_groups(h: History, cfg):
     """Most groups with zero reward variance: their samples all score the same, so they carry no signal.
 
@@ -337,15 +415,20 @@ def zero_variance_groups(h: History, cfg):
     (fraction of prompts, train) is above `health.zero_variance_fraction`."""
     now = h.recent_mean("train", "zero_variance_groups")
     if now is not None and now > cfg.zero_variance_fraction:
-        return (f"{now:.0%} of prompts had samples that all got the same reward over the last {cfg.smooth} logged "
-                f"steps (above health.zero_variance_fraction={cfg.zero_variance_fraction}).",
-                {"zero_variance_groups": now, "zero_variance_fraction": cfg.zero_variance_fraction})
+        return (
+            f"{now:.0%} of prompts had samples that all got the same reward over the last {cfg.smooth} logged "
+            f"steps (above health.zero_variance_fraction={cfg.zero_variance_fraction}).",
+            {"zero_variance_groups": now, "zero_variance_fraction": cfg.zero_variance_fraction},
+        )
     return None
 
 
-@rule("logprob_mismatch", reads={"train": ("logprob_mismatch",)},
-      advice="the trainer does not train on the distribution it sampled from: check that the sampler has the "
-             "current weights, and use the same precision and attention kernel for sampling and training.")
+@rule(
+    "logprob_mismatch",
+    reads={"train": ("logprob_mismatch",)},
+    advice="the trainer does not train on the distribution it sampled from: check that the sampler has the "
+    "current weights, and use the same precision and attention kernel for sampling and training.",
+)
 def logprob_mismatch(h: History, cfg):
     """Sampler and trainer disagreeing on the log-probs of the sampled tokens.
 
@@ -358,15 +441,20 @@ def logprob_mismatch(h: History, cfg):
     now = h.recent_mean("train", "logprob_mismatch")
     if now is not None and now > cfg.mismatch_threshold:
         worst = max(h.values("train", "logprob_mismatch_max", cfg.smooth) or [now])
-        return (f"mean |sampler - trainer| log-prob of the sampled tokens is {now:.4g} (largest {worst:.4g}), above "
-                f"health.mismatch_threshold={cfg.mismatch_threshold}.",
-                {"logprob_mismatch": now, "logprob_mismatch_max": worst, "mismatch_threshold": cfg.mismatch_threshold})
+        return (
+            f"mean |sampler - trainer| log-prob of the sampled tokens is {now:.4g} (largest {worst:.4g}), above "
+            f"health.mismatch_threshold={cfg.mismatch_threshold}.",
+            {"logprob_mismatch": now, "logprob_mismatch_max": worst, "mismatch_threshold": cfg.mismatch_threshold},
+        )
     return None
 
 
-@rule("grad_norm_spike", reads={"train": ("grad_norm",)},
-      advice="a gradient spike often precedes divergence: look at this step's examples, lower train.learning_rate, "
-             "or keep train.max_grad_norm on.")
+@rule(
+    "grad_norm_spike",
+    reads={"train": ("grad_norm",)},
+    advice="a gradient spike often precedes divergence: look at this step's examples, lower train.learning_rate, "
+    "or keep train.max_grad_norm on.",
+)
 def grad_norm_spike(h: History, cfg):
     """A gradient-norm spike: one step's norm far above the recent typical value.
 
@@ -382,15 +470,20 @@ def grad_norm_spike(h: History, cfg):
     base = _median([v for _, v in pts[:-1]])
     now = pts[-1][1]
     if base > 0 and now > cfg.spike_factor * base:
-        return (f"grad_norm {now:.4g} is {now / base:.1f}x the median ({base:.4g}) of the {len(pts) - 1} logged "
-                f"steps before it.",
-                {"grad_norm": now, "median_before": base, "ratio": now / base, "spike_factor": cfg.spike_factor})
+        return (
+            f"grad_norm {now:.4g} is {now / base:.1f}x the median ({base:.4g}) of the {len(pts) - 1} logged "
+            f"steps before it.",
+            {"grad_norm": now, "median_before": base, "ratio": now / base, "spike_factor": cfg.spike_factor},
+        )
     return None
 
 
-@rule("eval_loss_rising", reads={"eval": ("loss",)},
-      advice="the model is over-fitting the training data: stop at the best checkpoint, lower train.learning_rate or "
-             "train.epochs, or add data.")
+@rule(
+    "eval_loss_rising",
+    reads={"eval": ("loss",)},
+    advice="the model is over-fitting the training data: stop at the best checkpoint, lower train.learning_rate or "
+    "train.epochs, or add data.",
+)
 def eval_loss_rising(h: History, cfg):
     """The held-out loss rising at several evaluations in a row (over-fitting).
 
@@ -401,9 +494,11 @@ def eval_loss_rising(h: History, cfg):
     n = cfg.eval_trend + 1
     pts = h.points("eval", "loss", n)
     if len(pts) == n and all(b[1] > a[1] for a, b in zip(pts, pts[1:])):
-        return (f"held-out loss rose at each of the last {cfg.eval_trend} evaluations: "
-                f"{' -> '.join(f'{v:.4g}' for _, v in pts)} (steps {', '.join(str(s) for s, _ in pts)}).",
-                {"eval_loss": [v for _, v in pts], "eval_steps": [s for s, _ in pts], "eval_trend": cfg.eval_trend})
+        return (
+            f"held-out loss rose at each of the last {cfg.eval_trend} evaluations: "
+            f"{' -> '.join(f'{v:.4g}' for _, v in pts)} (steps {', '.join(str(s) for s, _ in pts)}).",
+            {"eval_loss": [v for _, v in pts], "eval_steps": [s for s, _ in pts], "eval_trend": cfg.eval_trend},
+        )
     return None
 
 

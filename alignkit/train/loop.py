@@ -105,8 +105,14 @@ class Run:
         return self.session.dist
 
 
-def train(cfg: RunConfig, resume: bool = False, progress: bool = True, resume_from: str | None = None,
-          allow_config_change: bool = False, finish: Callable | None = None) -> RunResult:
+def train(
+    cfg: RunConfig,
+    resume: bool = False,
+    progress: bool = True,
+    resume_from: str | None = None,
+    allow_config_change: bool = False,
+    finish: Callable | None = None,
+) -> RunResult:
     """Run a training job described by `cfg`; see the README for the run directory's layout.
 
     `resume`: continue from the latest checkpoint; `resume_from`: from that checkpoint (a name
@@ -124,20 +130,24 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, resume_fr
         resumed = prepare_resume(cfg, run_dir, resume_from, allow_config_change, dist)
         summary = finished_summary(run_dir, resumed, quiet=not dist.is_main) if resumed else None
         if summary is not None:
-            return RunResult(run_dir, run_dir / "final", summary["steps"], summary.get("train") or {},
-                             summary.get("eval") or {})
+            return RunResult(
+                run_dir, run_dir / "final", summary["steps"], summary.get("train") or {}, summary.get("eval") or {}
+            )
         cfg = persist.same_global_batch(cfg, resumed, dist)
     else:
         printer(dist)(dist.on_main(lambda: ckpt.clean_leftovers(run_dir)))
     if dist.enabled and cfg.train.forward_tokens:
-        raise ConfigError("`train.forward_tokens` splits micro-batches into a number of pieces that differs between "
-                          "processes, which sharded training cannot follow; unset it with more than one process "
-                          "(`train.max_tokens_per_batch` bounds each process's micro-batch instead).")
+        raise ConfigError(
+            "`train.forward_tokens` splits micro-batches into a number of pieces that differs between "
+            "processes, which sharded training cannot follow; unset it with more than one process "
+            "(`train.max_tokens_per_batch` bounds each process's micro-batch instead)."
+        )
     run = _start(cfg, record, setup(cfg, progress, placement), resumed, progress, finish)
     try:
         _loop(run)
     finally:
         run.logger.close()
+        run.session.recipe.close()
     return run.result
 
 
@@ -147,12 +157,22 @@ def _start(cfg, record, s: Session, resumed, progress: bool, finish) -> Run:
     s.model.train()
     plan = batch_plan(cfg, s.recipe, s.data.train, cfg.train.batch_size, cfg.train.shuffle)
     if plan.over_budget:
-        printer(dist)([f"{plan.over_budget} training examples are longer than train.max_tokens_per_batch="
-                       f"{cfg.train.max_tokens_per_batch}; each goes in a micro-batch of its own"])
+        printer(dist)(
+            [
+                f"{plan.over_budget} training examples are longer than train.max_tokens_per_batch="
+                f"{cfg.train.max_tokens_per_batch}; each goes in a micro-batch of its own"
+            ]
+        )
     steps = total_steps(cfg, plan, s.recipe.iterations, dist.world_size)
     spec = registry.get(cfg.recipe)
-    modules = {"policy": (s.model, OptimSettings.of_policy(cfg), s.tokenizer,
-                          lambda: load_policy(cfg, spec, s.tokenizer, torch.device("cpu")))}
+    modules = {
+        "policy": (
+            s.model,
+            OptimSettings.of_policy(cfg),
+            s.tokenizer,
+            lambda: load_policy(cfg, spec, s.tokenizer, torch.device("cpu")),
+        )
+    }
     for name, extra in s.recipe.extra_modules(s.model, s.ctx).items():
         modules[name] = (extra.model, extra.settings, extra.tokenizer, extra.rebuild)
     sharded = resumed is not None and (resumed.path / "dcp").is_dir()
@@ -162,25 +182,50 @@ def _start(cfg, record, s: Session, resumed, progress: bool, finish) -> Run:
     trained = {}
     for name, (model, settings, tokenizer, rebuild) in modules.items():
         shard = name != "policy" or s.recipe.shard_model
-        trained[name] = TrainedModule.build(name, dist.wrap(model) if shard else model, settings, steps, tokenizer,
-                                            rebuild, sharded=shard and dist.strategy == "fsdp")
+        trained[name] = TrainedModule.build(
+            name,
+            dist.wrap(model) if shard else model,
+            settings,
+            steps,
+            tokenizer,
+            rebuild,
+            sharded=shard and dist.strategy == "fsdp",
+        )
     fingerprint = data_fingerprint(s.data.train)
-    state = TrainState(total_steps=steps, data_fingerprint=fingerprint, world_size=dist.world_size,
-                       global_accum=cfg.train.grad_accum * dist.world_size)
+    state = TrainState(
+        total_steps=steps,
+        data_fingerprint=fingerprint,
+        world_size=dist.world_size,
+        global_accum=cfg.train.grad_accum * dist.world_size,
+    )
     if resumed is not None:
-        state = TrainState.from_dict(persist.restore(resumed, trained, s.recipe, state.as_dict(), fingerprint, steps,
-                                                     dist, sharded))
+        state = TrainState.from_dict(
+            persist.restore(resumed, trained, s.recipe, state.as_dict(), fingerprint, steps, dist, sharded)
+        )
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resumed is not None:
             resumed.record_changes(run_dir, state.step)
         save_config(record, run_dir / "config.yaml")
         write_record(cfg.data, cfg.seed, cfg.recipe, s.data, run_dir)  # which examples eval --run must evaluate
-    logger = MetricsLogger(run_dir, cfg.train.report_to, record,
-                           resume_step=state.step if resumed else None) if dist.is_main else NullLogger()
-    return Run(cfg, record, s, plan, trained, state, logger, RunResult(run_dir, run_dir / "final", steps,
-                                                                       timings=s.timings),
-               progress and dist.is_main, finish, HealthMonitor.for_run(cfg, state.health))
+    logger = (
+        MetricsLogger(run_dir, cfg.train.report_to, record, resume_step=state.step if resumed else None)
+        if dist.is_main
+        else NullLogger()
+    )
+    return Run(
+        cfg,
+        record,
+        s,
+        plan,
+        trained,
+        state,
+        logger,
+        RunResult(run_dir, run_dir / "final", steps, timings=s.timings),
+        progress and dist.is_main,
+        finish,
+        HealthMonitor.for_run(cfg, state.health),
+    )
 
 
 def _loop(run: Run) -> None:
@@ -188,8 +233,14 @@ def _loop(run: Run) -> None:
     s, state, result = run.session, run.state, run.result
     if s.recipe.evaluate_at_start and s.data.eval and state.step == 0:
         _log(run, 0, s.recipe.evaluate(run.modules["policy"].model, s.data.eval), "eval")
-    with tqdm(total=state.total_steps, initial=state.step, desc=f"train {s.recipe.name}", unit="step",
-              disable=not run.progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=state.total_steps,
+        initial=state.step,
+        desc=f"train {s.recipe.name}",
+        unit="step",
+        disable=not run.progress,
+        dynamic_ncols=True,
+    ) as bar:
         while state.step < state.total_steps and not run.stops:
             start = time.perf_counter()
             metrics, batches, finite = _step(run)
@@ -230,8 +281,17 @@ def _step(run: Run) -> tuple[dict, list, bool]:
     s, dist, modules = run.session, run.dist, run.modules
     batches, batch_items, pieces = _micro_batches(run)
     params = [p for m in modules.values() for p in m.params]
-    metrics, losses, norms = run_batches(s.recipe, modules["policy"].model, batches, "train", s.device, s.autocast,
-                                         backward=True, track_grads=params if len(batches) > 1 else None, dist=dist)
+    metrics, losses, norms = run_batches(
+        s.recipe,
+        modules["policy"].model,
+        batches,
+        "train",
+        s.device,
+        s.autocast,
+        backward=True,
+        track_grads=params if len(batches) > 1 else None,
+        dist=dist,
+    )
     for m in modules.values():  # replicated modules (ddp, or a head trained alone): average their gradients
         if not m.sharded:
             dist.average_grads(m.params)
@@ -256,7 +316,7 @@ def _on_nonfinite(run: Run, metrics: dict, batch_items: list, losses: list, norm
 
     dist, step = run.dist, run.state.step + 1
     starts = [sum(pieces[:i]) for i in range(len(pieces))]
-    loss_mb = [sum(losses[i: i + k]) for i, k in zip(starts, pieces)]
+    loss_mb = [sum(losses[i : i + k]) for i, k in zip(starts, pieces)]
     norm_mb = [norms[i + k - 1] for i, k in zip(starts, pieces)]
     found = dist.gather_objects(locate(run.session.data, loss_mb, norm_mb, batch_items))
     report = describe(step, metrics, found, len(batch_items))
@@ -267,12 +327,14 @@ def _on_nonfinite(run: Run, metrics: dict, batch_items: list, losses: list, norm
         if dist.is_main:
             _write_summary(run.result, run.state.step, status="stopped_nonfinite", message=report)
         last = ckpt.list_checkpoints(run.result.run_dir)
-        kept = (f"the last checkpoint, {last[-1].name}, is kept as it was" if last else
-                "no checkpoint had been written yet")
+        kept = (
+            f"the last checkpoint, {last[-1].name}, is kept as it was" if last else "no checkpoint had been written yet"
+        )
         raise TrainingError(
             f"train.on_nonfinite=stop: {report} No update was applied and no weights were written; {kept}. "
             "Lower train.learning_rate or check those examples; train.on_nonfinite=skip_step skips such "
-            "steps instead.")
+            "steps instead."
+        )
     run.state.skipped_steps += 1
     metrics["skipped"] = 1
     if dist.is_main:
@@ -283,18 +345,31 @@ def _housekeeping(run: Run, metrics: dict, batches: list, finite: bool, elapsed:
     """After an update: throughput metrics, the log row, health rules, evaluation and checkpoints."""
     t, s, state, result, dist = run.cfg.train, run.session, run.state, run.result, run.dist
     step = state.step
-    counts = dist.all_sum(torch.tensor([float(sum(b.num_sequence_tokens for b in batches)),
-                                        float(sum(b.num_tokens for b in batches))], dtype=torch.float64))
-    metrics.update(tokens=int(counts[0]), tokens_per_s=float(counts[0]) / elapsed, tokens_computed=int(counts[1]),
-                   step_time_s=elapsed)
+    counts = dist.all_sum(
+        torch.tensor(
+            [float(sum(b.num_sequence_tokens for b in batches)), float(sum(b.num_tokens for b in batches))],
+            dtype=torch.float64,
+        )
+    )
+    metrics.update(
+        tokens=int(counts[0]),
+        tokens_per_s=float(counts[0]) / elapsed,
+        tokens_computed=int(counts[1]),
+        step_time_s=elapsed,
+    )
     if "time/generation_s" in metrics:  # online: the share of the step spent sampling
         metrics["time/generation_s"] *= len(batches)  # the meter averaged it over micro-batches
         metrics["time/generation_fraction"] = metrics["time/generation_s"] / elapsed
     if step % t.log_every == 0 or step == state.total_steps or not finite:
         _log(run, step, metrics, "train")
         result.train_metrics = metrics
-        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "rewards/accuracies", "accuracy", "reward")
-                         if k in metrics and metrics[k] is not None})
+        bar.set_postfix(
+            {
+                k: f"{metrics[k]:.3g}"
+                for k in ("loss", "rewards/accuracies", "accuracy", "reward")
+                if k in metrics and metrics[k] is not None
+            }
+        )
     bar.update(1)
     last = step == state.total_steps
     if s.data.eval and ((t.eval_every and step % t.eval_every == 0) or last):
@@ -327,15 +402,23 @@ def _stop_for_health(run: Run) -> None:
     persist.save(run.record, result, step, run.modules, run.session.recipe, run.state.as_dict(), dist)
     checkpoint = result.run_dir / f"checkpoint-{step}"
     if dist.is_main:
-        _write_summary(result, step, status="stopped_by_health", alert={"step": step, **alert.to_row(level="error")},
-                       skipped_steps=run.state.skipped_steps)
+        _write_summary(
+            result,
+            step,
+            status="stopped_by_health",
+            alert={"step": step, **alert.to_row(level="error")},
+            skipped_steps=run.state.skipped_steps,
+        )
         _finish(run)
     dist.barrier()  # the others wait for these files: torchrun ends every process once one of them exits
     raise HealthStop(
         f"train.stop_on: health rule `{alert.rule}` alerted at step {step}: {alert.message} The run stopped cleanly: "
         f"{checkpoint} holds the model and trainer state, summary.json has status stopped_by_health, the report "
         f"is in {result.run_dir / 'report.html'}, and no final/ was written. Advice: {alert.advice} `--resume` goes "
-        "on from the checkpoint (this alert is not raised again while its condition holds).", alert, checkpoint)
+        "on from the checkpoint (this alert is not raised again while its condition holds).",
+        alert,
+        checkpoint,
+    )
 
 
 def _finish(run: Run) -> None:
@@ -348,6 +431,12 @@ def _finish(run: Run) -> None:
 
 
 def _write_summary(result: RunResult, steps: int, status: str, **extra) -> None:
-    summary = {"status": status, "steps": steps, **extra, "train": result.train_metrics, "eval": result.eval_metrics,
-               "timings": {k: round(v, 3) for k, v in result.timings.items()}}
+    summary = {
+        "status": status,
+        "steps": steps,
+        **extra,
+        "train": result.train_metrics,
+        "eval": result.eval_metrics,
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
+    }
     jsonfile.write_atomic(result.run_dir / "summary.json", summary)

@@ -28,8 +28,11 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
             # Drop lines written after the checkpoint we resume from: they will be logged again.
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif resume_step is None:
             self.path.write_text("")
@@ -42,13 +45,17 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict, split: str = "train") -> None:
         record = {"step": step, "split": split}
-        record.update({k: (round(v, 8) if isinstance(v, float) and math.isfinite(v) else v)
-                       for k, v in metrics.items()})
+        record.update(
+            {k: (round(v, 8) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
+        )
         self._write(record)
         # Trackers get the numbers as written (so they equal the file), finite ones only: a NaN step
         # is marked by its `nonfinite` / `skipped` flag, which is a number and goes too.
-        scalars = {f"{split}/{k}": v for k, v in record.items()
-                   if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v)}
+        scalars = {
+            f"{split}/{k}": v
+            for k, v in record.items()
+            if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v)
+        }
         for t in self.trackers:
             t.log(step, scalars)
 

@@ -20,7 +20,8 @@ from huggingface_hub import try_to_load_from_cache
 
 from alignkit import losses
 from alignkit.config import RunConfig, flat_dict, to_dict
-from alignkit.data.heldout import FILENAME as HELDOUT, read_heldout
+from alignkit.data.heldout import FILENAME as HELDOUT
+from alignkit.data.heldout import read_heldout
 from alignkit.data.readers import looks_local as looks_local
 from alignkit.models import DEFAULT_MODEL
 from alignkit.registries import recipes as registry
@@ -30,8 +31,16 @@ BUNDLED = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apac
 _HUB_CACHE = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")  # a hub snapshot in the HF cache
 
 
-def write_model_card(final_dir: Path, cfg: RunConfig, run_dir: Path, steps: int, train_metrics: dict,
-                     eval_metrics: dict, processes: int = 1, grad_accum: int | None = None) -> Path:
+def write_model_card(
+    final_dir: Path,
+    cfg: RunConfig,
+    run_dir: Path,
+    steps: int,
+    train_metrics: dict,
+    eval_metrics: dict,
+    processes: int = 1,
+    grad_accum: int | None = None,
+) -> Path:
     """Write `final_dir/README.md`. `processes` and `grad_accum`: what the run used (a resume on another
     number of processes changes grad_accum to keep the global batch); default: the config's."""
     path = Path(final_dir) / "README.md"
@@ -39,14 +48,28 @@ def write_model_card(final_dir: Path, cfg: RunConfig, run_dir: Path, steps: int,
     return path
 
 
-def model_card(cfg: RunConfig, run_dir: Path, steps: int, train_metrics: dict, eval_metrics: dict,
-               processes: int = 1, grad_accum: int | None = None) -> str:
+def model_card(
+    cfg: RunConfig,
+    run_dir: Path,
+    steps: int,
+    train_metrics: dict,
+    eval_metrics: dict,
+    processes: int = 1,
+    grad_accum: int | None = None,
+) -> str:
     spec = registry.get(cfg.recipe)
     meta = metadata(cfg)
-    out = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
-           f"# {run_dir.resolve().name}", "",
-           f"`{_model_name(cfg)}` trained with [alignkit](https://pypi.org/project/alignkit/), recipe "
-           f"`{cfg.recipe}` ({spec.summary}), for {steps} optimizer steps.", ""]
+    out = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {run_dir.resolve().name}",
+        "",
+        f"`{_model_name(cfg)}` trained with [alignkit](https://pypi.org/project/alignkit/), recipe "
+        f"`{cfg.recipe}` ({spec.summary}), for {steps} optimizer steps.",
+        "",
+    ]
     out += _training(cfg, spec, steps, processes, grad_accum or cfg.train.grad_accum)
     out += _data(cfg, run_dir, spec) + _results(train_metrics, eval_metrics) + _reproduce(cfg, run_dir)
     return "\n".join(out) + "\n"
@@ -75,7 +98,7 @@ def read_front_matter(text: str) -> tuple[dict, str]:
     m = re.match(r"---\n(.*?)\n---\n?", text, re.S)
     if not m:
         return {}, text
-    return yaml.safe_load(m.group(1)) or {}, text[m.end():]
+    return yaml.safe_load(m.group(1)) or {}, text[m.end() :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,39 +160,74 @@ def _row(key: str, value) -> str:
 def _training(cfg: RunConfig, spec, steps: int, processes: int, grad_accum: int) -> list[str]:
     t, lo = cfg.train, cfg.lora
     batch = t.batch_size * grad_accum * processes
-    lora = (f"r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, target_modules={lo.target_modules} "
-            "(merged into these weights)") if lo.enabled else "no: all weights trained"
-    out = ["## Training", "", "| setting | value |", "| --- | --- |",
-           _row("recipe", f"`{cfg.recipe}`: {spec.summary}"),
-           _row("loss", "; ".join(_loss_line(term) for term in _loss_terms(cfg)))]
+    lora = (
+        (
+            f"r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, target_modules={lo.target_modules} "
+            "(merged into these weights)"
+        )
+        if lo.enabled
+        else "no: all weights trained"
+    )
+    out = [
+        "## Training",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        _row("recipe", f"`{cfg.recipe}`: {spec.summary}"),
+        _row("loss", "; ".join(_loss_line(term) for term in _loss_terms(cfg))),
+    ]
     if spec.reads_key("reference"):
         out.append(_row("reference", f"`{cfg.reference}`"))
-    out += [_row("base model", f"`{cfg.model.name_or_path}`" + (f" (revision `{cfg.model.revision}`)"
-                                                                  if cfg.model.revision else "")
-                 + (" (the bundled Q4_1 GGUF, de-quantized)" if cfg.model.name_or_path == DEFAULT_MODEL else "")),
-            _row("LoRA", lora),
-            _row("steps", steps),
-            _row("examples per step", f"{batch} (batch_size {t.batch_size} x grad_accum {grad_accum}"
-                 + (f" x {processes} processes)" if processes > 1 else ")")),
-            _row("learning rate", f"{t.learning_rate} ({t.lr_schedule}, warmup_ratio {t.warmup_ratio}, "
-                 f"weight_decay {t.weight_decay}, max_grad_norm {t.max_grad_norm})"),
-            _row("precision", t.precision), _row("max length", f"{cfg.data.max_length} tokens"),
-            _row("seed", cfg.seed), ""]
+    out += [
+        _row(
+            "base model",
+            f"`{cfg.model.name_or_path}`"
+            + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else "")
+            + (" (the bundled Q4_1 GGUF, de-quantized)" if cfg.model.name_or_path == DEFAULT_MODEL else ""),
+        ),
+        _row("LoRA", lora),
+        _row("steps", steps),
+        _row(
+            "examples per step",
+            f"{batch} (batch_size {t.batch_size} x grad_accum {grad_accum}"
+            + (f" x {processes} processes)" if processes > 1 else ")"),
+        ),
+        _row(
+            "learning rate",
+            f"{t.learning_rate} ({t.lr_schedule}, warmup_ratio {t.warmup_ratio}, "
+            f"weight_decay {t.weight_decay}, max_grad_norm {t.max_grad_norm})",
+        ),
+        _row("precision", t.precision),
+        _row("max length", f"{cfg.data.max_length} tokens"),
+        _row("seed", cfg.seed),
+        "",
+    ]
     changed = _changed_settings(cfg, spec)
     if changed:
-        out += ["Settings the recipe reads that differ from alignkit's defaults: "
-                + ", ".join(f"`{k}={v}`" for k, v in changed.items()) + ".", ""]
+        out += [
+            "Settings the recipe reads that differ from alignkit's defaults: "
+            + ", ".join(f"`{k}={v}`" for k, v in changed.items())
+            + ".",
+            "",
+        ]
     return out
 
 
 def _changed_settings(cfg: RunConfig, spec) -> dict:
     # Shown elsewhere on the card, or not about the model.
-    skip = ("output_dir", "cache_dir", "model.name_or_path", "data.train", "data.eval", "loss", "losses",
-            "train.report_to")
+    skip = (
+        "output_dir",
+        "cache_dir",
+        "model.name_or_path",
+        "data.train",
+        "data.eval",
+        "loss",
+        "losses",
+        "train.report_to",
+    )
     defaults = flat_dict(to_dict(RunConfig(recipe=cfg.recipe, loss=cfg.loss)))
     given = flat_dict(to_dict(cfg))
-    return {k: v for k, v in given.items() if v != defaults.get(k, v) and spec.reads_key(k)
-            and not k.startswith(skip)}
+    return {k: v for k, v in given.items() if v != defaults.get(k, v) and spec.reads_key(k) and not k.startswith(skip)}
 
 
 def _data_name(name: str) -> str:
@@ -178,7 +236,13 @@ def _data_name(name: str) -> str:
 
 def _data(cfg: RunConfig, run_dir: Path, spec) -> list[str]:
     d = cfg.data
-    out = ["## Data", "", "| | |", "| --- | --- |", _row("training data", _data_name(d.train) + f", {spec.data} records")]
+    out = [
+        "## Data",
+        "",
+        "| | |",
+        "| --- | --- |",
+        _row("training data", _data_name(d.train) + f", {spec.data} records"),
+    ]
     if d.eval:
         out.append(_row("held-out data", _data_name(d.eval)))
     elif d.eval_fraction:
@@ -217,11 +281,19 @@ def _results(train_metrics: dict, eval_metrics: dict) -> list[str]:
 
 
 def _reproduce(cfg: RunConfig, run_dir: Path) -> list[str]:
-    out = ["## Reproduce", "", "```bash",
-           f"alignkit train --config {run_dir}/config.yaml output_dir={run_dir}-again", "```", "",
-           f"`{run_dir}/config.yaml` (also `alignkit_config.yaml` beside this card) holds every setting; "
-           "`output_dir` names a new directory, so the original run stays as it is."]
+    out = [
+        "## Reproduce",
+        "",
+        "```bash",
+        f"alignkit train --config {run_dir}/config.yaml output_dir={run_dir}-again",
+        "```",
+        "",
+        f"`{run_dir}/config.yaml` (also `alignkit_config.yaml` beside this card) holds every setting; "
+        "`output_dir` names a new directory, so the original run stays as it is.",
+    ]
     if (run_dir / "config_changes.jsonl").is_file():
-        out += ["This run was resumed with changed settings (`config_changes.jsonl`): the config holds the last "
-                "ones, which a new run applies from step 0."]
+        out += [
+            "This run was resumed with changed settings (`config_changes.jsonl`): the config holds the last "
+            "ones, which a new run applies from step 0."
+        ]
     return out

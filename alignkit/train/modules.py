@@ -24,8 +24,9 @@ class TrainedModule:
     sharded: bool = False  # FSDP2 reduces its gradients; otherwise the loop averages them across processes
 
     @classmethod
-    def build(cls, name: str, model, settings: OptimSettings, steps: int, tokenizer=None,
-              rebuild=None, sharded: bool = False) -> "TrainedModule":
+    def build(
+        cls, name: str, model, settings: OptimSettings, steps: int, tokenizer=None, rebuild=None, sharded: bool = False
+    ) -> "TrainedModule":
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad:
@@ -34,7 +35,8 @@ class TrainedModule:
         optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, betas=tuple(settings.betas), foreach=None)
         warmup = int(settings.warmup_ratio * steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, steps, warmup, settings.schedule))
+            optimizer, lambda s: lr_factor(s, steps, warmup, settings.schedule)
+        )
         return cls(name, model, settings, optimizer, scheduler, steps, tokenizer, rebuild, sharded)
 
     @property

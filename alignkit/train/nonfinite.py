@@ -28,5 +28,7 @@ def describe(step: int, metrics: dict, found: list, micro_batches: int) -> str:
         where, why = f"Micro-batch {micro_batches} of {micro_batches}", "the gradient norm over the step is not finite"
         sources = [src for _, _, srcs in found for src in srcs]
     shown = ", ".join(sources[:20]) + (f" and {len(sources) - 20} more" if len(sources) > 20 else "")
-    return (f"step {step}: the loss or gradient is not finite (loss {metrics['loss']}, grad_norm "
-            f"{metrics['grad_norm']}). {where} is the first where it shows ({why}); its examples: {shown}.")
+    return (
+        f"step {step}: the loss or gradient is not finite (loss {metrics['loss']}, grad_norm "
+        f"{metrics['grad_norm']}). {where} is the first where it shows ({why}); its examples: {shown}."
+    )

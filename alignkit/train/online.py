@@ -182,10 +182,20 @@ class PolicyGradient(MethodBase):
         out, logps, segs, metrics = self.recipe.policy(model, rollout)
         old = rollout.old_logps if rollout.old_logps is not None else logps.detach()
         ref = in_segment_order(rollout.ref)[0] if self.kl_in_loss and rollout.ref is not None else None
-        loss, pg = policy_gradient(self.term, logps, old, rollout.advantages, segs, rollout.batch.num_segments,
-                                   o.aggregation, self.cfg.generation.max_new_tokens, ref,
-                                   o.kl_coef if self.kl_in_loss else 0.0, sampler_logps=rollout.generator_logps,
-                                   tis_cap=o.tis_cap)
+        loss, pg = policy_gradient(
+            self.term,
+            logps,
+            old,
+            rollout.advantages,
+            segs,
+            rollout.batch.num_segments,
+            o.aggregation,
+            self.cfg.generation.max_new_tokens,
+            ref,
+            o.kl_coef if self.kl_in_loss else 0.0,
+            sampler_logps=rollout.generator_logps,
+            tis_cap=o.tis_cap,
+        )
         return loss, {**metrics, **pg}
 
 
@@ -223,8 +233,10 @@ class OnlineRecipe:
         d, g = self.cfg.data, self.cfg.generation
         max_prompt = d.max_prompt_length or d.max_length - g.max_new_tokens
         if max_prompt <= 0:
-            raise ConfigError(f"`data.max_length` ({d.max_length}) leaves no room for prompts after "
-                              f"`generation.max_new_tokens` ({g.max_new_tokens}); raise data.max_length.")
+            raise ConfigError(
+                f"`data.max_length` ({d.max_length}) leaves no room for prompts after "
+                f"`generation.max_new_tokens` ({g.max_new_tokens}); raise data.max_length."
+            )
         train, held, notes = load_examples(self.cfg.data, self.cfg.seed, load_prompt_examples)
         self.examples = {"train": train, "eval": held}
         out = []
@@ -234,16 +246,22 @@ class OnlineRecipe:
             if split == "train":
                 self.train_items = items  # where dynamic sampling draws fresh prompts from
             if cut:
-                notes.append(f"{split}: {cut} of {len(items)} prompts were longer than {max_prompt} tokens and "
-                             "keep their last tokens (raise data.max_length or data.max_prompt_length)")
+                notes.append(
+                    f"{split}: {cut} of {len(items)} prompts were longer than {max_prompt} tokens and "
+                    "keep their last tokens (raise data.max_length or data.max_prompt_length)"
+                )
         if self.episodes is not None:
             e = self.cfg.env
-            notes.append(f"{self.params.n} episodes per prompt in environment {e.name!r}: up to {e.max_turns} model turns "
-                         f"of up to {g.max_new_tokens} tokens each, temperature {g.temperature}; rewarded by the "
-                         f"environment (gamma {e.gamma}); tool calls parsed as {self.episodes.style}")
+            notes.append(
+                f"{self.params.n} episodes per prompt in environment {e.name!r}: up to {e.max_turns} model turns "
+                f"of up to {g.max_new_tokens} tokens each, temperature {g.temperature}; rewarded by the "
+                f"environment (gamma {e.gamma}); tool calls parsed as {self.episodes.style}"
+            )
         else:
-            notes.append(f"{self.params.n} completions sampled per prompt, up to {g.max_new_tokens} new tokens, "
-                         f"temperature {g.temperature}; reward: {getattr(self.reward, 'name', self.reward) or 'none'}")
+            notes.append(
+                f"{self.params.n} completions sampled per prompt, up to {g.max_new_tokens} new tokens, "
+                f"temperature {g.temperature}; reward: {getattr(self.reward, 'name', self.reward) or 'none'}"
+            )
         return self.method.prepare(PreparedData(out[0], out[1], notes, sources=example_sources(train, held)))
 
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
@@ -252,19 +270,35 @@ class OnlineRecipe:
         state_fn = None
         if ctx.dist.enabled and g.backend == "vllm":
             if not g.vllm_server:
-                raise ConfigError("generation.backend=vllm with several processes needs a vLLM server every process "
-                                  "samples from: start `alignkit vllm-serve --model M` and set generation.vllm_server.")
+                raise ConfigError(
+                    "generation.backend=vllm with several processes needs a vLLM server every process "
+                    "samples from: start `alignkit vllm-serve --model M` and set generation.vllm_server."
+                )
             if self.cfg.lora.enabled:
-                raise ConfigError("generation.backend=vllm with several processes and LoRA is not supported yet; use "
-                                  "one process, full fine-tuning, or generation.backend=transformers.")
+                raise ConfigError(
+                    "generation.backend=vllm with several processes and LoRA is not supported yet; use "
+                    "one process, full fine-tuning, or generation.backend=transformers."
+                )
             state_fn = lambda m: ctx.dist.model_state(m, full=True)  # noqa: E731  (gathered on the first process)
-        self.backend = make_backend(g.backend, model, self.tokenizer,
-                                    resolve_model_path(self.cfg.model.name_or_path, self.cfg.cache_dir), g.batch_size,
-                                    vllm_server=g.vllm_server, vllm_sync_dir=g.vllm_sync_dir,
-                                    vllm_token_file=g.vllm_token_file, vllm_dtype=g.vllm_dtype,
-                                    vllm_memory=g.vllm_gpu_memory_utilization, vllm_kv_cache_gib=g.vllm_kv_cache_gib, max_model_len=self.cfg.data.max_length,
-                                    seed=self.cfg.seed, writer=ctx.dist.is_main, barrier=ctx.dist.barrier,
-                                    state_fn=state_fn, training=True)
+        self.backend = make_backend(
+            g.backend,
+            model,
+            self.tokenizer,
+            resolve_model_path(self.cfg.model.name_or_path, self.cfg.cache_dir),
+            g.batch_size,
+            vllm_server=g.vllm_server,
+            vllm_sync_dir=g.vllm_sync_dir,
+            vllm_token_file=g.vllm_token_file,
+            vllm_dtype=g.vllm_dtype,
+            vllm_memory=g.vllm_gpu_memory_utilization,
+            vllm_kv_cache_gib=g.vllm_kv_cache_gib,
+            max_model_len=self.cfg.data.max_length,
+            seed=self.cfg.seed,
+            writer=ctx.dist.is_main,
+            barrier=ctx.dist.barrier,
+            state_fn=state_fn,
+            training=True,
+        )
         if self.uses_reference:
             self.reference = LiveReference(model)
         return self.method.setup(model, data.replace(), ctx)
@@ -280,8 +314,9 @@ class OnlineRecipe:
     def aggregation_weight(self, rollout: Rollout) -> int:
         if rollout.batch is None:
             return 0
-        return rl.aggregation_weight(token_segments(rollout.batch), rollout.batch.num_segments,
-                                     self.cfg.online.aggregation)
+        return rl.aggregation_weight(
+            token_segments(rollout.batch), rollout.batch.num_segments, self.cfg.online.aggregation
+        )
 
     def loss(self, model, rollout: Rollout, split: str):
         return self.method.loss(model, rollout, split)
@@ -304,6 +339,7 @@ class OnlineRecipe:
         as many groups as it was given. What is left short after the last round trains as it is.
         Returns the kept (items, samples, rewards); metrics count the dropped groups, the extra
         prompts sampled, the rounds and the share of the batch filled."""
+
         def varied(r: torch.Tensor) -> list:
             return (r != r[:, :1]).any(dim=1).tolist()
 
@@ -317,17 +353,21 @@ class OnlineRecipe:
         gen_s = float(metrics["time/generation_s"])
         while len(kept) < target and rounds < self.cfg.online.dynamic_sampling_rounds and pool:
             rounds += 1
-            fresh, pool = pool[:target - len(kept)], pool[target - len(kept):]
+            fresh, pool = pool[: target - len(kept)], pool[target - len(kept) :]
             s2, r2, m2 = self.score(model, fresh, "train", self.params, seed + 7919 * rounds, sync=False)
             extra, gen_s = extra + len(fresh), gen_s + float(m2["time/generation_s"])
             ok2 = varied(r2)
             dropped += ok2.count(False)
             kept += [(it, s, r) for it, s, r, k in zip(fresh, s2, r2, ok2) if k]
-        metrics.update({"dynamic_sampling/dropped_groups": torch.tensor(float(dropped)),
-                        "dynamic_sampling/extra_prompts": torch.tensor(float(extra)),
-                        "dynamic_sampling/rounds": torch.tensor(float(rounds)),
-                        "dynamic_sampling/filled": torch.tensor(len(kept) / max(target, 1)),
-                        "time/generation_s": torch.tensor(gen_s)})
+        metrics.update(
+            {
+                "dynamic_sampling/dropped_groups": torch.tensor(float(dropped)),
+                "dynamic_sampling/extra_prompts": torch.tensor(float(extra)),
+                "dynamic_sampling/rounds": torch.tensor(float(rounds)),
+                "dynamic_sampling/filled": torch.tensor(len(kept) / max(target, 1)),
+                "time/generation_s": torch.tensor(gen_s),
+            }
+        )
         if not kept:
             return [], [], rewards.new_zeros(0, n)
         return [k[0] for k in kept], [k[1] for k in kept], torch.stack([k[2] for k in kept])
@@ -339,17 +379,23 @@ class OnlineRecipe:
             self.backend.sync(model)  # the policy changed since the last rollout
         with self.ctx.full_params(*self.sampling_models(model)):  # processes sample different lengths
             if self.episodes is not None:
-                samples, rewards = self.episodes.sample(model, exs, [it.index for it in items], params, seed,
-                                                        self.cfg.generation.batch_size)
+                samples, rewards = self.episodes.sample(
+                    model, exs, [it.index for it in items], params, seed, self.cfg.generation.batch_size
+                )
                 return samples, rewards, {}, time.perf_counter() - start
-            samples = self.backend.sample([it.prompt_ids for it in items], params, seed,
-                                          prompt_seeds=[row_seed(seed, it.index) for it in items])
+            samples = self.backend.sample(
+                [it.prompt_ids for it in items], params, seed, prompt_seeds=[row_seed(seed, it.index) for it in items]
+            )
         gen_s = time.perf_counter() - start
         if self.reward is None:
             rewards, parts = torch.zeros(len(samples), params.n), {}
         else:
-            rewards, parts = score_groups(self.reward, [list(ex.prompt) for ex in exs],
-                                          [[s.text for s in group] for group in samples], prompt_columns(exs))
+            rewards, parts = score_groups(
+                self.reward,
+                [list(ex.prompt) for ex in exs],
+                [[s.text for s in group] for group in samples],
+                prompt_columns(exs),
+            )
         buffer = self.cfg.online.overlong_buffer
         if buffer and split == "train":  # training signal only: held-out rewards stay the task's own
             lengths = torch.tensor([[len(s.token_ids) for s in group] for group in samples])
@@ -378,14 +424,16 @@ class OnlineRecipe:
         if kept:
             device = next(model.parameters()).device
             out.groups = [self.group(items[i], [samples[i][k] for k in ks], i) for i, ks in zip(kept, picks)]
-            out.batch = collate_packed_groups(out.groups, self.tokenizer.pad_token_id,
-                                              self.cfg.train.pack_tokens).to(device)
+            out.batch = collate_packed_groups(out.groups, self.tokenizer.pad_token_id, self.cfg.train.pack_tokens).to(
+                device
+            )
             # segment of completion k of kept prompt j is k * P' + j (`collate_packed_groups`)
             per_segment = [samples[i][picks[j][k]] for k in range(len(picks[0])) for j, i in enumerate(kept)]
             out.generator_logps = torch.tensor([lp for s in per_segment for lp in s.logprobs], device=device)
             if self.episodes is not None:
-                out.turn_returns = torch.tensor([g for s in per_segment for g in token_returns(s.episode, self.cfg.env.gamma)],
-                                                device=device)
+                out.turn_returns = torch.tensor(
+                    [g for s in per_segment for g in token_returns(s.episode, self.cfg.env.gamma)], device=device
+                )
                 if self.ctx.dist.is_main:
                     self.episodes.record(Path(self.cfg.output_dir) / "episodes.jsonl", key, per_segment[0])
             with self.ctx.full_params(*self.sampling_models(model)):
@@ -400,8 +448,10 @@ class OnlineRecipe:
             return TokenizedGroup(item.prompt_ids, [s.token_ids for s in samples], index)
         prompt = samples[0].episode.prompt_ids
         if any(s.episode.prompt_ids != prompt for s in samples):
-            raise ValueError(f"environment {self.cfg.env.name!r} started the episodes of one prompt (example "
-                             f"{item.index}) with different messages; `reset(record)` must depend on the record only.")
+            raise ValueError(
+                f"environment {self.cfg.env.name!r} started the episodes of one prompt (example "
+                f"{item.index}) with different messages; `reset(record)` must depend on the record only."
+            )
         return TokenizedGroup(prompt, [s.token_ids for s in samples], index, masks=[s.mask for s in samples])
 
     def fill(self, model, rollout: Rollout, rewards: torch.Tensor, picks: list) -> None:
@@ -419,6 +469,11 @@ class OnlineRecipe:
         if self.reference is not None:
             rollout.ref = self.reference.segment(rollout.batch, t.logprob_chunk_size)
 
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()  # a colocated vLLM engine's process and memory go now, not at exit
+            self.backend = None
+
     def step_done(self) -> None:
         for key in self._used:
             self._rollouts[key].updates += 1
@@ -428,8 +483,10 @@ class OnlineRecipe:
         """The rollouts still to be trained on (`iterations` > 1): a run resumed between two updates
         of one rollout must reuse its samples and old log-probs, not sample anew from the updated
         policy; and the method's own state."""
-        return {"rollouts": {str(k): r.state_dict() for k, r in self._rollouts.items() if r.updates < self.iterations},
-                **self.method.state_dict()}
+        return {
+            "rollouts": {str(k): r.state_dict() for k, r in self._rollouts.items() if r.updates < self.iterations},
+            **self.method.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._rollouts = {int(k): Rollout.from_state_dict(r) for k, r in state["rollouts"].items()}
@@ -445,8 +502,11 @@ class OnlineRecipe:
         """Held-out reward of each prompt's greedy completion (deterministic, so steps compare), each
         process answering its share of the prompts."""
         mine = self.ctx.shard(items)
-        samples, rewards, parts, _ = self.sample_and_reward(model, mine, "eval", self.params.but(temperature=0.0, n=1),
-                                                            self.cfg.seed) if mine else ([], torch.zeros(0, 1), {}, 0.0)
+        samples, rewards, parts, _ = (
+            self.sample_and_reward(model, mine, "eval", self.params.but(temperature=0.0, n=1), self.cfg.seed)
+            if mine
+            else ([], torch.zeros(0, 1), {}, 0.0)
+        )
         shares = self.ctx.gather_objects((samples, rewards, parts))
         samples = [g for share in shares for g in share[0]]
         rewards = torch.cat([share[1] for share in shares])
@@ -484,9 +544,15 @@ class OnlineRecipe:
         item = data.train[index]
         if self.episodes is not None:
             ids = self.episodes.prompt_ids(self.examples["train"][index])
-            return ("episode prompt (the environment's first messages and tools, what the model continues):\n"
-                    + self.tokenizer.decode(ids) + f"\n\n(+ {self.params.n} episodes per step in environment "
-                    f"{self.cfg.env.name!r}; `alignkit data show --episode` samples one with the model)")
-        return ("prompt (what the model continues):\n" + self.tokenizer.decode(item.prompt_ids)
-                + f"\n\ncolumns passed to the reward: {self.examples['train'][index].columns}"
-                + f"\n(+ {self.params.n} completions sampled per step, scored by {self.cfg.online.rewards})")
+            return (
+                "episode prompt (the environment's first messages and tools, what the model continues):\n"
+                + self.tokenizer.decode(ids)
+                + f"\n\n(+ {self.params.n} episodes per step in environment "
+                f"{self.cfg.env.name!r}; `alignkit data show --episode` samples one with the model)"
+            )
+        return (
+            "prompt (what the model continues):\n"
+            + self.tokenizer.decode(item.prompt_ids)
+            + f"\n\ncolumns passed to the reward: {self.examples['train'][index].columns}"
+            + f"\n(+ {self.params.n} completions sampled per step, scored by {self.cfg.online.rewards})"
+        )

@@ -34,21 +34,33 @@ def same_global_batch(cfg: RunConfig, resumed: Resume, dist: Dist) -> RunConfig:
         raise ConfigError(
             f"{resumed.path} was written by {before} process(es): "
             f"{total} micro-batches of train.batch_size={cfg.train.batch_size} per step, which {dist.world_size} "
-            f"processes cannot split evenly. Resume with a number of processes that divides {total}.")
+            f"processes cannot split evenly. Resume with a number of processes that divides {total}."
+        )
     accum = total // dist.world_size
-    printer(dist)([f"{resumed.path} was written by {before} process(es); with {dist.world_size}, train.grad_accum "
-                   f"becomes {accum} so that each step keeps its {total * cfg.train.batch_size} examples"])
+    printer(dist)(
+        [
+            f"{resumed.path} was written by {before} process(es); with {dist.world_size}, train.grad_accum "
+            f"becomes {accum} so that each step keeps its {total * cfg.train.batch_size} examples"
+        ]
+    )
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=accum))
 
 
-def restore(resumed: Resume, modules: dict, recipe, state: dict, fingerprint: str, steps: int, dist: Dist,
-            sharded: bool) -> dict:
+def restore(
+    resumed: Resume, modules: dict, recipe, state: dict, fingerprint: str, steps: int, dist: Dist, sharded: bool
+) -> dict:
     """The trainer state (a TrainState's dict) of the checkpoint, with modules, optimizers, the
     recipe's state and the RNGs restored in place."""
     saved = resumed.saved
     resumed.check_data(fingerprint)
-    state = {**state, **saved["state"], "total_steps": steps, "data_fingerprint": fingerprint,
-             "world_size": dist.world_size, "global_accum": state["global_accum"]}
+    state = {
+        **state,
+        **saved["state"],
+        "total_steps": steps,
+        "data_fingerprint": fingerprint,
+        "world_size": dist.world_size,
+        "global_accum": state["global_accum"],
+    }
     if sharded:
         dist.load_sharded({name: (m.model, m.optimizer) for name, m in modules.items()}, resumed.path / "dcp")
     for name, module in modules.items():
@@ -56,15 +68,20 @@ def restore(resumed: Resume, modules: dict, recipe, state: dict, fingerprint: st
     saved_ranks = saved["recipe"] if isinstance(saved["recipe"], list) else [saved["recipe"]]
     rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
     if len(saved_ranks) != dist.world_size and any(r.get("rollouts") for r in saved_ranks):
-        raise ConfigError(f"{resumed.path} was written by {len(saved_ranks)} process(es) in the middle of an online "
-                          f"rollout cycle; resume it with {len(saved_ranks)} process(es), or from a checkpoint taken "
-                          "when a rollout's updates were done.")
+        raise ConfigError(
+            f"{resumed.path} was written by {len(saved_ranks)} process(es) in the middle of an online "
+            f"rollout cycle; resume it with {len(saved_ranks)} process(es), or from a checkpoint taken "
+            "when a rollout's updates were done."
+        )
     mine = dist.rank if len(saved_ranks) == dist.world_size else 0
     recipe.load_state_dict(saved_ranks[mine])
     ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world_size else rngs[0])
-    printer(dist)([f"resumed from {resumed.path} at step {state['step']}"
-                   + (f" (written by {len(rngs)} processes, now {dist.world_size})" if len(rngs) != dist.world_size
-                      else "")])
+    printer(dist)(
+        [
+            f"resumed from {resumed.path} at step {state['step']}"
+            + (f" (written by {len(rngs)} processes, now {dist.world_size})" if len(rngs) != dist.world_size else "")
+        ]
+    )
     return state
 
 
@@ -75,19 +92,30 @@ def save(cfg, result, step, modules: dict, recipe, state: dict, dist: Dist, fina
     for m in modules.values():
         bad = dist.nonfinite_params(m.model)
         if bad:  # the step checks should make this impossible; never write such weights anyway
-            raise TrainingError(f"{m.name} parameters {', '.join(bad[:5])} hold NaN or inf at step {step}; "
-                                "nothing was saved.")
+            raise TrainingError(
+                f"{m.name} parameters {', '.join(bad[:5])} hold NaN or inf at step {step}; nothing was saved."
+            )
     sharded = dist.enabled
     module_states = {name: m.state_dict(dist, with_optimizer=not sharded) for name, m in modules.items()}
-    trainer_state = {"modules": module_states, "state": dict(state),
-                     "recipe": dist.gather_objects(recipe.state_dict()) if sharded else recipe.state_dict(),
-                     "rng": dist.gather_objects(ckpt.rng_state()) if sharded else ckpt.rng_state()}
+    trainer_state = {
+        "modules": module_states,
+        "state": dict(state),
+        "recipe": dist.gather_objects(recipe.state_dict()) if sharded else recipe.state_dict(),
+        "rng": dist.gather_objects(ckpt.rng_state()) if sharded else ckpt.rng_state(),
+    }
 
     def write_all(tmp: Path):  # every process: its shards of every module and optimizer
         if sharded:
-            dist.save_sharded({name: {"model": dist.model_state(m.model, full=False),
-                                      "optimizer": dist.optimizer_state(m.model, m.optimizer, full=False)}
-                               for name, m in modules.items()}, tmp / "dcp")
+            dist.save_sharded(
+                {
+                    name: {
+                        "model": dist.model_state(m.model, full=False),
+                        "optimizer": dist.optimizer_state(m.model, m.optimizer, full=False),
+                    }
+                    for name, m in modules.items()
+                },
+                tmp / "dcp",
+            )
 
     def write_main(tmp: Path):
         for name, m in modules.items():
@@ -102,8 +130,16 @@ def save(cfg, result, step, modules: dict, recipe, state: dict, dist: Dist, fina
     if final:
         export(cfg, result, modules, dist)
         if dist.is_main:  # final/README.md: the Hugging Face model card
-            write_model_card(result.final_dir, cfg, result.run_dir, step, result.train_metrics, result.eval_metrics,
-                             dist.world_size, state["global_accum"] // dist.world_size)
+            write_model_card(
+                result.final_dir,
+                cfg,
+                result.run_dir,
+                step,
+                result.train_metrics,
+                result.eval_metrics,
+                dist.world_size,
+                state["global_accum"] // dist.world_size,
+            )
 
 
 def export(cfg, result, modules: dict, dist: Dist) -> None:
@@ -111,13 +147,16 @@ def export(cfg, result, modules: dict, dist: Dist) -> None:
     for name, m in modules.items():
         target = result.final_dir if name == "policy" else result.run_dir / f"final_{name}"
         if not dist.enabled:
-            ckpt.atomic_dir(target, lambda tmp, m=m: ckpt.save_model_dir(tmp, m.model, m.tokenizer, cfg, merge_lora=True))
+            ckpt.atomic_dir(
+                target, lambda tmp, m=m: ckpt.save_model_dir(tmp, m.model, m.tokenizer, cfg, merge_lora=True)
+            )
             continue
         full = dist.model_state(m.model, full=True)  # every process takes part; the main one gets the tensors
         if dist.is_main:
             plain = m.rebuild()
             missing, unexpected = plain.load_state_dict(full, strict=False)
             assert not unexpected, unexpected
-            ckpt.atomic_dir(target, lambda tmp, p=plain, t=m.tokenizer: ckpt.save_model_dir(tmp, p, t, cfg,
-                                                                                          merge_lora=True))
+            ckpt.atomic_dir(
+                target, lambda tmp, p=plain, t=m.tokenizer: ckpt.save_model_dir(tmp, p, t, cfg, merge_lora=True)
+            )
         dist.barrier()

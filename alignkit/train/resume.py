@@ -19,9 +19,20 @@ from alignkit.errors import ConfigError
 from alignkit.train import checkpoint as ckpt
 
 # Keys that change how a run reports and saves, not what it computes: a resume may change them.
-RESUME_SAFE_KEYS = {"output_dir", "cache_dir", "train.report_to", "train.log_every", "train.save_every",
-                    "train.keep_checkpoints", "train.eval_every", "dist.strategy", "dist.reshard_after_forward",
-                    "dist.cpu_offload", "dist.timeout_s", "train.stop_on"}
+RESUME_SAFE_KEYS = {
+    "output_dir",
+    "cache_dir",
+    "train.report_to",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.eval_every",
+    "dist.strategy",
+    "dist.reshard_after_forward",
+    "dist.cpu_offload",
+    "dist.timeout_s",
+    "train.stop_on",
+}
 RESUME_SAFE_SECTIONS = ("health.",)  # the monitor watches the run; it does not change what it computes
 
 
@@ -31,17 +42,20 @@ def check_output_dir(run_dir: Path) -> None:
         if parent.exists():
             if not parent.is_dir():
                 what = "output_dir" if parent == run_dir else f"output_dir's parent {parent}"
-                raise ConfigError(f"{what} `{parent}` is a file, not a directory; set `output_dir` to a new or "
-                                  "existing directory.")
+                raise ConfigError(
+                    f"{what} `{parent}` is a file, not a directory; set `output_dir` to a new or existing directory."
+                )
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(f"`output_dir` {run_dir}: {parent} is not writable; choose a directory you can "
-                                  "write to.")
+                raise ConfigError(
+                    f"`output_dir` {run_dir}: {parent} is not writable; choose a directory you can write to."
+                )
             break
 
 
 def _with_loss_defaults(cfg: RunConfig) -> dict:
     """The config as a dict, each loss spelled out with its default parameters (`loss: {name:
     dpo}` and `loss: {name: dpo, beta: 0.1}` are the same setting)."""
+
     def spelled_out(term: dict) -> dict:
         try:
             _, params = losses.resolve({k: v for k, v in term.items() if k != "weight"})
@@ -58,8 +72,11 @@ def _with_loss_defaults(cfg: RunConfig) -> dict:
 def config_changes(old: RunConfig, new: RunConfig) -> dict:
     """{key: (old, new)} for every setting that differs and changes what the run computes."""
     a, b = flat_dict(_with_loss_defaults(old)), flat_dict(_with_loss_defaults(new))
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_SECTIONS)}
+    return {
+        k: (a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_SECTIONS)
+    }
 
 
 def data_fingerprint(items: list) -> str:
@@ -83,25 +100,33 @@ class Resume:
 
     def check_data(self, fingerprint: str) -> None:
         if self.state.get("data_fingerprint") != fingerprint and not self.allow_change:
-            raise ConfigError(f"the training data differ from the data {self.path} was trained on (same config, "
-                              "other examples or tokens). Restore the data, start a new run in another output_dir, or "
-                              "pass --allow-config-change to go on with these data.")
+            raise ConfigError(
+                f"the training data differ from the data {self.path} was trained on (same config, "
+                "other examples or tokens). Restore the data, start a new run in another output_dir, or "
+                "pass --allow-config-change to go on with these data."
+            )
 
     def record_changes(self, run_dir: Path, step: int) -> None:
         if not self.changes:
             return
-        row = {"step": step, "resumed_from": self.path.name,
-               "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "changes": {k: {"from": old, "to": new} for k, (old, new) in self.changes.items()}}
+        row = {
+            "step": step,
+            "resumed_from": self.path.name,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "changes": {k: {"from": old, "to": new} for k, (old, new) in self.changes.items()},
+        }
         with open(run_dir / "config_changes.jsonl", "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
         listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in self.changes.items())
-        print(f"alignkit: --allow-config-change: from step {step} on, {listed} (recorded in config_changes.jsonl)",
-              flush=True)
+        print(
+            f"alignkit: --allow-config-change: from step {step} on, {listed} (recorded in config_changes.jsonl)",
+            flush=True,
+        )
 
 
-def prepare_resume(cfg: RunConfig, run_dir: Path, resume_from: str | None, allow_change: bool,
-                   dist=None) -> Resume | None:
+def prepare_resume(
+    cfg: RunConfig, run_dir: Path, resume_from: str | None, allow_change: bool, dist=None
+) -> Resume | None:
     """Pick and check the checkpoint, its config and its trainer state, before any model loads. With
     several processes (`dist`, an alignkit Dist), the main one cleans up and checks the files."""
     find = lambda: ckpt.find_resume_point(run_dir, resume_from)  # noqa: E731
@@ -122,7 +147,8 @@ def prepare_resume(cfg: RunConfig, run_dir: Path, resume_from: str | None, allow
             f"the config differs from the one {point.path} was trained with:\n{listed}\n"
             "A resumed run continues the same run, so these would silently mix two settings. Undo the changes, "
             "start a new run in another output_dir, or pass --allow-config-change to apply them from step "
-            f"{ckpt.checkpoint_step(point.path)} on (recorded in {run_dir / 'config_changes.jsonl'}).")
+            f"{ckpt.checkpoint_step(point.path)} on (recorded in {run_dir / 'config_changes.jsonl'})."
+        )
     return Resume(point.path, ckpt.load_trainer_state(point.path), changes, allow_change)
 
 
@@ -132,7 +158,10 @@ def finished_summary(run_dir: Path, resume: Resume, quiet: bool = False) -> dict
     if resume.changes or state["step"] < state["total_steps"] or not summary_file.is_file():
         return None
     if not quiet:
-        print(f"alignkit: {run_dir} already finished at step {state['step']} of {state['total_steps']}; nothing "
-              f"to resume (final model in {run_dir / 'final'}). To train longer, raise train.max_steps and pass "
-              "--allow-config-change.", flush=True)
+        print(
+            f"alignkit: {run_dir} already finished at step {state['step']} of {state['total_steps']}; nothing "
+            f"to resume (final model in {run_dir / 'final'}). To train longer, raise train.max_steps and pass "
+            "--allow-config-change.",
+            flush=True,
+        )
     return json.loads(summary_file.read_text())

@@ -17,9 +17,9 @@ import torch
 
 from alignkit.data.batching import TokenBatch
 from alignkit.data.negative import TokenizedGroup
+from alignkit.generation.multiturn import episode_metrics
 from alignkit.logprobs import SegmentLogps
 from alignkit.losses import online as rl
-from alignkit.generation.multiturn import episode_metrics
 
 
 @dataclass
@@ -64,20 +64,30 @@ class Rollout:
         """Tensors, numbers and dicts only (a checkpoint loads it with weights_only=True)."""
         cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
         b = self.batch
-        return {"batch": None if b is None else {k: cpu(v) if torch.is_tensor(v) else v for k, v in vars(b).items()},
-                "groups": [{"prompt_ids": g.prompt_ids, "completions": g.completions, "index": g.index,
-                            "masks": g.masks} for g in self.groups],
-                **{name: cpu(getattr(self, name)) for name in self._TOKEN_FIELDS},
-                "ref": None if self.ref is None else {k: cpu(v) for k, v in vars(self.ref).items()},
-                "metrics": {k: cpu(v) for k, v in self.metrics.items()}, "updates": self.updates, "key": self.key}
+        return {
+            "batch": None if b is None else {k: cpu(v) if torch.is_tensor(v) else v for k, v in vars(b).items()},
+            "groups": [
+                {"prompt_ids": g.prompt_ids, "completions": g.completions, "index": g.index, "masks": g.masks}
+                for g in self.groups
+            ],
+            **{name: cpu(getattr(self, name)) for name in self._TOKEN_FIELDS},
+            "ref": None if self.ref is None else {k: cpu(v) for k, v in vars(self.ref).items()},
+            "metrics": {k: cpu(v) for k, v in self.metrics.items()},
+            "updates": self.updates,
+            "key": self.key,
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Rollout":
-        return cls(batch=None if state["batch"] is None else TokenBatch(**state["batch"]),
-                   groups=[TokenizedGroup(**g) for g in state["groups"]],
-                   **{name: state.get(name) for name in cls._TOKEN_FIELDS},
-                   ref=None if state["ref"] is None else SegmentLogps(**state["ref"]),
-                   metrics=dict(state["metrics"]), updates=state["updates"], key=state["key"])
+        return cls(
+            batch=None if state["batch"] is None else TokenBatch(**state["batch"]),
+            groups=[TokenizedGroup(**g) for g in state["groups"]],
+            **{name: state.get(name) for name in cls._TOKEN_FIELDS},
+            ref=None if state["ref"] is None else SegmentLogps(**state["ref"]),
+            metrics=dict(state["metrics"]),
+            updates=state["updates"],
+            key=state["key"],
+        )
 
 
 def token_segments(batch: TokenBatch) -> torch.Tensor:
@@ -91,9 +101,13 @@ def rollout_metrics(samples: list, rewards: torch.Tensor, parts: dict, generatio
     """Metrics of sampled groups: reward (and each weighted term's), lengths, stops, zero-variance groups."""
     lengths = torch.tensor([len(s.token_ids) for group in samples for s in group], dtype=torch.float32)
     stopped = torch.tensor([s.finish_reason == "stop" for group in samples for s in group], dtype=torch.float32)
-    metrics = {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
-               "completion_length": lengths.mean(), "stopped_fraction": stopped.mean(),
-               "time/generation_s": torch.tensor(generation_s)}
+    metrics = {
+        "reward": rewards.mean(),
+        "reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
+        "completion_length": lengths.mean(),
+        "stopped_fraction": stopped.mean(),
+        "time/generation_s": torch.tensor(generation_s),
+    }
     if len(parts) > 1:
         for name, values in parts.items():
             v = torch.tensor(values, dtype=torch.float32)
@@ -106,9 +120,20 @@ def rollout_metrics(samples: list, rewards: torch.Tensor, parts: dict, generatio
     return metrics
 
 
-def policy_gradient(term, logps, old_logps, advantages, segs, num_segments: int, aggregation: str,
-                    max_completion_length: int, ref_logps=None, kl_coef: float = 0.0, sampler_logps=None,
-                    tis_cap: float = 0.0) -> tuple[torch.Tensor, dict]:
+def policy_gradient(
+    term,
+    logps,
+    old_logps,
+    advantages,
+    segs,
+    num_segments: int,
+    aggregation: str,
+    max_completion_length: int,
+    ref_logps=None,
+    kl_coef: float = 0.0,
+    sampler_logps=None,
+    tis_cap: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
     """A registered per-token policy loss `term` (a LossTerm, e.g. ppo_clip), plus GRPO's k3 KL term
     when `ref_logps` is given and `kl_coef` > 0, reduced by `aggregation` (`online.aggregation`) as
     a sum to be divided by the step's `aggregation_weight`s (`losses.online.aggregate_sum`). All

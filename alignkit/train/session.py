@@ -16,8 +16,16 @@ from alignkit.config import RunConfig
 from alignkit.distributed import Dist
 from alignkit.errors import ConfigError
 from alignkit.logprob_passes import weights_fingerprint
-from alignkit.models import (apply_lora, bf16_supported, cache_root, disable_dropout, load_model, load_tokenizer,
-                             resolve_device, resolve_model_path)
+from alignkit.models import (
+    apply_lora,
+    bf16_supported,
+    cache_root,
+    disable_dropout,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_path,
+)
 from alignkit.registries import recipes as registry
 from alignkit.train.base import SetupContext
 
@@ -67,16 +75,23 @@ def initial_fingerprint(cfg: RunConfig) -> dict:
 
 def printer(dist: Dist):
     """A function printing notes as `alignkit: ...` on the main process only."""
+
     def show(notes) -> None:
         if dist.is_main:
             for note in notes:
                 print(f"alignkit: {note}", flush=True)
+
     return show
 
 
 def load_policy(cfg: RunConfig, spec, tokenizer, device):
-    model = load_model(cfg.model, device=device, cache_dir=cfg.cache_dir, pad_token_id=tokenizer.pad_token_id,
-                       reward_names=cfg.reward.objectives if spec.model_kind == "reward_model" else None)
+    model = load_model(
+        cfg.model,
+        device=device,
+        cache_dir=cfg.cache_dir,
+        pad_token_id=tokenizer.pad_token_id,
+        reward_names=cfg.reward.objectives if spec.model_kind == "reward_model" else None,
+    )
     if cfg.train.disable_dropout:
         disable_dropout(model)
     if cfg.lora.enabled:
@@ -124,8 +139,15 @@ def setup(cfg: RunConfig, progress: bool = True, placement: Placement | None = N
     if not data.train:
         raise ConfigError("no training examples left after loading and splitting; check `data.train`.")
     model = load_policy(cfg, spec, tokenizer, placement.device)
-    ctx = SetupContext(placement.device, placement.autocast, placement.precision, initial_fingerprint(cfg),
-                       cache_root(cfg.cache_dir), progress and placement.dist.is_main, placement.dist)
+    ctx = SetupContext(
+        placement.device,
+        placement.autocast,
+        placement.precision,
+        initial_fingerprint(cfg),
+        cache_root(cfg.cache_dir),
+        progress and placement.dist.is_main,
+        placement.dist,
+    )
     loaded = time.perf_counter()
     # Recipe.setup: the cached reference pass (offline recipes), the sampler (online ones), ...
     prepared = recipe.setup(model, data, ctx)

@@ -32,8 +32,9 @@ class BatchPlan:
 
     A pure function of its arguments, so a resumed run sees exactly the batches it would have."""
 
-    def __init__(self, tokens: list, batch_size: int, max_tokens: int | None = None, seed: int = 0,
-                 shuffle: bool = True):
+    def __init__(
+        self, tokens: list, batch_size: int, max_tokens: int | None = None, seed: int = 0, shuffle: bool = True
+    ):
         self.tokens, self.batch_size, self.max_tokens = list(tokens), batch_size, max_tokens
         self.seed, self.shuffle = seed, shuffle
         self._epochs = {}
@@ -55,7 +56,7 @@ class BatchPlan:
 
     def _cut(self, order: list) -> list:
         if not self.max_tokens:
-            return [order[j: j + self.batch_size] for j in range(0, len(order), self.batch_size)]
+            return [order[j : j + self.batch_size] for j in range(0, len(order), self.batch_size)]
         return cut_by_budget(order, [self.tokens[i] for i in order], self.max_tokens)
 
     @property
@@ -119,14 +120,25 @@ class _Meter:
         if dist is None or not dist.enabled:
             return {k: float(self.sums[k]) / max(1, self.counts[k]) for k in self.sums}
         keys = sorted({k for ks in dist.gather_objects(sorted(self.sums)) for k in ks})
-        local = torch.tensor([[float(self.sums.get(k, 0.0)) for k in keys],
-                              [float(self.counts.get(k, 0)) for k in keys]], dtype=torch.float64)
+        local = torch.tensor(
+            [[float(self.sums.get(k, 0.0)) for k in keys], [float(self.counts.get(k, 0)) for k in keys]],
+            dtype=torch.float64,
+        )
         total = dist.all_sum(local)
         return {k: float(total[0, i]) / max(1.0, float(total[1, i])) for i, k in enumerate(keys)}
 
 
-def run_batches(recipe, model, batches: list, split: str, device, autocast, backward: bool,
-                track_grads: list | None = None, dist=None) -> tuple[dict, list, list]:
+def run_batches(
+    recipe,
+    model,
+    batches: list,
+    split: str,
+    device,
+    autocast,
+    backward: bool,
+    track_grads: list | None = None,
+    dist=None,
+) -> tuple[dict, list, list]:
     """Loss (normalised over all `batches` of every process) and mean metrics; backpropagates when asked.
 
     Each batch's loss is a sum; `recipe.weight` gives its normaliser. With several processes the
@@ -136,8 +148,11 @@ def run_batches(recipe, model, batches: list, split: str, device, autocast, back
     trained parameters), the norm of the accumulated gradient after each batch: the first
     non-finite one names the batch that broke the step."""
     local_weight = sum(recipe.weight(b) for b in batches)
-    total_weight = float(dist.all_sum(torch.tensor([float(local_weight)], dtype=torch.float64))[0]) \
-        if dist is not None and dist.enabled else float(local_weight)
+    total_weight = (
+        float(dist.all_sum(torch.tensor([float(local_weight)], dtype=torch.float64))[0])
+        if dist is not None and dist.enabled
+        else float(local_weight)
+    )
     scale = (dist.world_size if dist is not None else 1) / max(1.0, total_weight)
     meter, losses, norms = _Meter(), [], []
     for batch in batches:

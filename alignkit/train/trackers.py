@@ -15,7 +15,8 @@ Every backend writes locally, under the run directory, and needs no network or a
 | tensorboard | `RUN/tensorboard/` | - |
 | wandb | offline run in `RUN/wandb/offline-run-*` (`wandb sync` uploads it) | `WANDB_MODE`, `WANDB_PROJECT` |
 | trackio | SQLite store `RUN/trackio/` (`trackio show` reads it; `TRACKIO_DIR=RUN/trackio`) | `TRACKIO_DIR` |
-| mlflow | SQLite store `RUN/mlflow/mlflow.db`, artifacts in `RUN/mlflow/artifacts/` | `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_NAME` |
+| mlflow | SQLite store `RUN/mlflow/mlflow.db`, artifacts in `RUN/mlflow/artifacts/` | `MLFLOW_TRACKING_URI`,
+`MLFLOW_EXPERIMENT_NAME` |
 
 An environment variable the user set wins over the default: it is how these tools are pointed at a
 server or a shared store, and a user who set one expects it to hold.
@@ -147,11 +148,16 @@ class WandbTracker:
         import wandb
 
         self._run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT") or "alignkit", name=run_dir.name,
-            id=_run_id(run_dir, "wandb", resume_step), dir=str(run_dir), mode=os.environ.get("WANDB_MODE") or "offline",
-            config=config, resume="allow",
+            project=os.environ.get("WANDB_PROJECT") or "alignkit",
+            name=run_dir.name,
+            id=_run_id(run_dir, "wandb", resume_step),
+            dir=str(run_dir),
+            mode=os.environ.get("WANDB_MODE") or "offline",
+            config=config,
+            resume="allow",
             # alignkit's run is its own, even when the user's code has a wandb run open.
-            reinit="create_new")
+            reinit="create_new",
+        )
         _save_id(run_dir, "wandb", self._run.id)
         return f"{run_dir / 'wandb'} (run id {self._run.id}, mode {self._run.settings.mode})"
 
@@ -162,8 +168,9 @@ class WandbTracker:
         import wandb
 
         level = getattr(wandb.AlertLevel, alert_level(alert))
-        self._run.alert(title=alert_title(alert), text=f"step {step}: {alert_text(alert)}", level=level,
-                        wait_duration=0)
+        self._run.alert(
+            title=alert_title(alert), text=f"step {step}: {alert_text(alert)}", level=level, wait_duration=0
+        )
 
     def log_artifact(self, path: Path) -> None:
         self._run.save(str(path), base_path=str(path.parent), policy="now")
@@ -189,8 +196,9 @@ class TrackioTracker:
 
         previous = _run_id(run_dir, "trackio", resume_step)
         self._name = previous or _safe_name(run_dir.name)
-        self._run = trackio.init(project="alignkit", name=self._name, config=config,
-                                 resume="allow" if previous else "never", embed=False)
+        self._run = trackio.init(
+            project="alignkit", name=self._name, config=config, resume="allow" if previous else "never", embed=False
+        )
         _save_id(run_dir, "trackio", self._name)
         return f"{utils.TRACKIO_DIR} (project alignkit, run {self._name})"
 
@@ -248,11 +256,12 @@ class MlflowTracker:
         if self._id is not None:
             client.update_run(self._id, status="RUNNING")
         else:
-            self._id = client.create_run(experiment_id, run_name=run_dir.name,
-                                         tags={"alignkit.run_dir": str(run_dir.resolve())}).info.run_id
+            self._id = client.create_run(
+                experiment_id, run_name=run_dir.name, tags={"alignkit.run_dir": str(run_dir.resolve())}
+            ).info.run_id
             params = [Param(k, str(v)[: self.MAX_PARAM]) for k, v in flat_dict(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
-                client.log_batch(self._id, params=params[i: i + 100])
+                client.log_batch(self._id, params=params[i : i + 100])
             client.log_dict(self._id, config, "config.json")
         _save_id(run_dir, "mlflow", self._id)
         return f"{uri} (experiment {name}, run id {self._id})"
@@ -280,7 +289,12 @@ class MlflowTracker:
 
 
 # name -> the class implementing it (names, packages and install commands: alignkit.registries.trackers)
-BACKENDS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker, "mlflow": MlflowTracker}
+BACKENDS = {
+    "tensorboard": TensorBoardTracker,
+    "wandb": WandbTracker,
+    "trackio": TrackioTracker,
+    "mlflow": MlflowTracker,
+}
 
 
 def start(names, run_dir: Path, config: dict, resume_step: int | None) -> list:
@@ -295,8 +309,9 @@ def start(names, run_dir: Path, config: dict, resume_step: int | None) -> list:
             print(f"alignkit: {name} logs to {where}", flush=True)
     except ImportError as e:  # a package that find_spec saw but that does not import
         close_all(started)
-        raise ConfigError(f"`train.report_to`: {name} could not be imported ({e}); reinstall it with "
-                          f"`{TRACKERS[name].install}`.") from e
+        raise ConfigError(
+            f"`train.report_to`: {name} could not be imported ({e}); reinstall it with `{TRACKERS[name].install}`."
+        ) from e
     except BaseException:
         close_all(started)
         raise

@@ -41,6 +41,8 @@ from alignkit.train.rollouts import Rollout, rollout_metrics
 # What the `distill` losses may read (their positional parameters), each [N, V] log-probabilities.
 INPUTS = ("student_logps", "teacher_logps", "teacher_ref_logps")
 PROBE = "The answer is 1,234.5 - naive cafe? Yes!\nuser: 42 <|im_end|>"
+
+
 def tokenizer_mismatch(a, b) -> str | None:
     """How tokenizers `a` and `b` differ in a way that changes token ids, or None if they agree."""
     if len(a) != len(b):
@@ -60,9 +62,11 @@ class Distill(MethodBase):
 
     def __init__(self, cfg, tokenizer):
         if not cfg.teacher.name_or_path:
-            raise ConfigError("recipe distill learns from a teacher: set `teacher.name_or_path` to a causal LM with "
-                              "the student's tokenizer, e.g. "
-                              "`teacher.name_or_path=HuggingFaceTB/SmolLM2-360M-Instruct`.")
+            raise ConfigError(
+                "recipe distill learns from a teacher: set `teacher.name_or_path` to a causal LM with "
+                "the student's tokenizer, e.g. "
+                "`teacher.name_or_path=HuggingFaceTB/SmolLM2-360M-Instruct`."
+            )
         super().__init__(cfg)
         self.tokenizer = tokenizer
         self.has_reward = cfg.online.rewards is not None  # without one, the reward metrics are left out (`visible`)
@@ -70,17 +74,23 @@ class Distill(MethodBase):
         for t in self.terms:
             unknown = [n for n in t.spec.inputs if n not in INPUTS]
             if unknown:
-                raise ConfigError(f"loss `{t.spec.name}` needs {', '.join(unknown)}; recipe distill gives its losses "
-                                  f"{', '.join(INPUTS)} (the losses of kind distill: `alignkit losses`).")
+                raise ConfigError(
+                    f"loss `{t.spec.name}` needs {', '.join(unknown)}; recipe distill gives its losses "
+                    f"{', '.join(INPUTS)} (the losses of kind distill: `alignkit losses`)."
+                )
         self.uses_ref = any("teacher_ref_logps" in t.spec.inputs for t in self.terms)
         names = ", ".join(t.spec.name for t in self.terms)
         if self.uses_ref and not cfg.teacher.reference:
-            raise ConfigError(f"loss {names} reads the teacher's reference model (its advantage is log pi_teacher - "
-                              "log pi_reference): set `teacher.reference` to the model the teacher was DPO-trained "
-                              "from.")
+            raise ConfigError(
+                f"loss {names} reads the teacher's reference model (its advantage is log pi_teacher - "
+                "log pi_reference): set `teacher.reference` to the model the teacher was DPO-trained "
+                "from."
+            )
         if cfg.teacher.reference and not self.uses_ref:
-            raise ConfigError(f"`teacher.reference` is set, but loss {names} does not read it (only `adpa` does); "
-                              "remove it, or add {name: adpa} to `losses`.")
+            raise ConfigError(
+                f"`teacher.reference` is set, but loss {names} does not read it (only `adpa` does); "
+                "remove it, or add {name: adpa} to `losses`."
+            )
         self.check_tokenizers()
         self.teacher = self.teacher_ref = None  # loaded in setup
         self.vocab = self.student_head = self.max_id = None  # head and embedding sizes, set in setup
@@ -91,14 +101,17 @@ class Distill(MethodBase):
         student = self.cfg.model.name_or_path
         for key in ("name_or_path", "reference") if self.uses_ref else ("name_or_path",):
             path = getattr(self.cfg.teacher, key)
-            other = load_tokenizer(ModelConfig(name_or_path=path, trust_remote_code=self.cfg.model.trust_remote_code),
-                                   self.cfg.cache_dir)
+            other = load_tokenizer(
+                ModelConfig(name_or_path=path, trust_remote_code=self.cfg.model.trust_remote_code), self.cfg.cache_dir
+            )
             why = tokenizer_mismatch(self.tokenizer, other)
             if why:
-                raise ConfigError(f"`teacher.{key}` {path} and the student `model.name_or_path` {student} do not "
-                                  f"share a tokenizer: {why}. Distillation scores the student's tokens under the "
-                                  "teacher id for id, so both must tokenize alike (e.g. SmolLM2-135M with SmolLM2-360M "
-                                  "or -1.7B).")
+                raise ConfigError(
+                    f"`teacher.{key}` {path} and the student `model.name_or_path` {student} do not "
+                    f"share a tokenizer: {why}. Distillation scores the student's tokens under the "
+                    "teacher id for id, so both must tokenize alike (e.g. SmolLM2-135M with SmolLM2-360M "
+                    "or -1.7B)."
+                )
 
     # -- models ----------------------------------------------------------------------------------
 
@@ -110,19 +123,29 @@ class Distill(MethodBase):
         sizes = [backbone_and_head(m)[1].weight.shape[0] for m in (model, *frozen)]
         self.vocab, self.student_head = min(sizes), sizes[0]
         if self.vocab < len(self.tokenizer):
-            raise ConfigError(f"a model's output head has {self.vocab} rows for a tokenizer of {len(self.tokenizer)} "
-                              f"tokens (heads: student, teacher{', reference' if self.uses_ref else ''}: {sizes}).")
+            raise ConfigError(
+                f"a model's output head has {self.vocab} rows for a tokenizer of {len(self.tokenizer)} "
+                f"tokens (heads: student, teacher{', reference' if self.uses_ref else ''}: {sizes})."
+            )
         # the smallest input embedding among the frozen models: a sampled id at or past it cannot be read
         self.max_id = min(m.get_input_embeddings().num_embeddings for m in frozen)
         n = sum(p.numel() for p in self.teacher.parameters())
-        note = (f"teacher {t.name_or_path} ({n / 1e6:.1f}M parameters, {next(self.teacher.parameters()).dtype}) scores "
-                f"every sampled position over {self.vocab} tokens; loss: "
-                + " + ".join(f"{x.weight:g} x {x.spec.name}" for x in self.terms))
+        note = (
+            f"teacher {t.name_or_path} ({n / 1e6:.1f}M parameters, {next(self.teacher.parameters()).dtype}) scores "
+            f"every sampled position over {self.vocab} tokens; loss: "
+            + " + ".join(f"{x.weight:g} x {x.spec.name}" for x in self.terms)
+        )
         return out.replace(notes=[note + (f"; advantage against {t.reference}" if self.uses_ref else "")])
 
     def load_frozen(self, path: str, device):
-        mc = dataclasses.replace(self.cfg.model, name_or_path=path, revision=None, dtype=self.cfg.teacher.dtype,
-                                 gradient_checkpointing=False, freeze_layers=0)
+        mc = dataclasses.replace(
+            self.cfg.model,
+            name_or_path=path,
+            revision=None,
+            dtype=self.cfg.teacher.dtype,
+            gradient_checkpointing=False,
+            freeze_layers=0,
+        )
         model = load_model(mc, device=device, for_training=False, cache_dir=self.cfg.cache_dir)
         return model.eval().requires_grad_(False)
 
@@ -151,8 +174,9 @@ class Distill(MethodBase):
             diff = (sampled - rollout.generator_logps.to(sampled.dtype)).abs()
             metrics["logprob_mismatch"], metrics["logprob_mismatch_max"] = diff, diff.max()
         o = self.cfg.online
-        loss = rl.aggregate_sum(per_token, segs, rollout.batch.num_segments, o.aggregation,
-                                self.cfg.generation.max_new_tokens)
+        loss = rl.aggregate_sum(
+            per_token, segs, rollout.batch.num_segments, o.aggregation, self.cfg.generation.max_new_tokens
+        )
         return loss, metrics
 
     def positions(self, model, batch: TokenBatch):
@@ -166,8 +190,10 @@ class Distill(MethodBase):
             if self.max_id < self.student_head:  # the student can sample an id the teacher cannot read
                 bad = int(batch.input_ids.max())
                 if bad >= self.max_id:
-                    raise ConfigError(f"the student sampled token id {bad}, past the teacher's {self.max_id} "
-                                      "embeddings (its head has rows past the tokenizer's vocabulary).")
+                    raise ConfigError(
+                        f"the student sampled token id {bad}, past the teacher's {self.max_id} "
+                        "embeddings (its head has rows past the tokenizer's vocabulary)."
+                    )
             h_t = scored_hidden(self.teacher, batch)[0][order]
             h_r = scored_hidden(self.teacher_ref, batch)[0][order] if self.teacher_ref is not None else None
         losses, metrics = [], {}
@@ -196,7 +222,8 @@ class Distill(MethodBase):
             inputs["teacher_logps"] = torch.log_softmax(backbone_and_head(self.teacher)[1](h_t).float()[:, :v], -1)
             if h_r is not None:
                 inputs["teacher_ref_logps"] = torch.log_softmax(
-                    backbone_and_head(self.teacher_ref)[1](h_r).float()[:, :v], -1)
+                    backbone_and_head(self.teacher_ref)[1](h_r).float()[:, :v], -1
+                )
         loss, metrics = apply_terms(self.terms, inputs)
         with torch.no_grad():
             s, q = student.detach(), student.detach().exp()
@@ -218,24 +245,31 @@ class Distill(MethodBase):
         if mine:
             greedy = recipe.params.but(temperature=0.0, n=1)
             samples, rewards, parts, _ = recipe.sample_and_reward(model, mine, "eval", greedy, self.cfg.seed)
-            groups = [TokenizedGroup(it.prompt_ids, [g[0].token_ids], j)
-                      for j, (it, g) in enumerate(zip(mine, samples))]
+            groups = [
+                TokenizedGroup(it.prompt_ids, [g[0].token_ids], j) for j, (it, g) in enumerate(zip(mine, samples))
+            ]
             batch = collate_packed_groups(groups, self.tokenizer.pad_token_id, self.cfg.train.pack_tokens)
             batch = batch.to(next(model.parameters()).device)
             with recipe.ctx.full_params(model):
                 per_token, segs, metrics = self.positions(model, batch)
             agg, n = self.cfg.online.aggregation, batch.num_segments
             metrics.pop("sampled_logps")
-            sums = {"loss": float(rl.aggregate_sum(per_token, segs, n, agg, self.cfg.generation.max_new_tokens)),
-                    "loss_weight": float(rl.aggregation_weight(segs, n, agg)), "tokens": float(per_token.numel()),
-                    **{k: float(v.double().sum()) for k, v in metrics.items()}}
+            sums = {
+                "loss": float(rl.aggregate_sum(per_token, segs, n, agg, self.cfg.generation.max_new_tokens)),
+                "loss_weight": float(rl.aggregation_weight(segs, n, agg)),
+                "tokens": float(per_token.numel()),
+                **{k: float(v.double().sum()) for k, v in metrics.items()},
+            }
         shares = recipe.ctx.gather_objects((samples, rewards, parts, sums))
         samples = [g for share in shares for g in share[0]]
         rewards = torch.cat([share[1] for share in shares])
         parts = {k: [v for share in shares for v in share[2].get(k, [])] for k in {k for s in shares for k in s[2]}}
         total = {k: sum(share[3].get(k, 0.0) for share in shares) for k in {k for s in shares for k in s[3]}}
-        out = {k: float(v) for k, v in rollout_metrics(samples, rewards, parts, 0.0).items()
-               if not k.startswith("time/") and (self.has_reward or not k.startswith(("reward", "zero_variance")))}
+        out = {
+            k: float(v)
+            for k, v in rollout_metrics(samples, rewards, parts, 0.0).items()
+            if not k.startswith("time/") and (self.has_reward or not k.startswith(("reward", "zero_variance")))
+        }
         tokens = max(total.pop("tokens", 0.0), 1.0)
         out["loss"] = total.pop("loss", 0.0) / max(total.pop("loss_weight", 0.0), 1.0)
         out.update({k: v / tokens for k, v in total.items()})
@@ -243,9 +277,12 @@ class Distill(MethodBase):
 
     def show_example(self, data, index: int) -> str:
         item = data.train[index]
-        return ("prompt (what the student continues):\n" + self.tokenizer.decode(item.prompt_ids)
-                + f"\n\n(+ {self.recipe.params.n} completions sampled per step from the student; the teacher "
-                f"{self.cfg.teacher.name_or_path} scores every completion position with its next-token distribution)")
+        return (
+            "prompt (what the student continues):\n"
+            + self.tokenizer.decode(item.prompt_ids)
+            + f"\n\n(+ {self.recipe.params.n} completions sampled per step from the student; the teacher "
+            f"{self.cfg.teacher.name_or_path} scores every completion position with its next-token distribution)"
+        )
 
 
 def build(cfg, tokenizer) -> OnlineRecipe:

@@ -31,8 +31,9 @@ class PreferenceLosses:
     `extra_inputs(inputs, split) -> inputs` the data needs, and BCO's running reward shift (BCO,
     arXiv 2404.04656, sec. 3.2: the mean reward over every batch so far, every process's included)."""
 
-    def __init__(self, cfg, data: str, reference_inputs: Callable = pair_reference_inputs,
-                 extra_inputs: Callable | None = None):
+    def __init__(
+        self, cfg, data: str, reference_inputs: Callable = pair_reference_inputs, extra_inputs: Callable | None = None
+    ):
         self.cfg = cfg
         self.terms = resolve_terms(cfg.loss, cfg.losses, data=data)
         self.reference_inputs, self.extra_inputs = reference_inputs, extra_inputs
@@ -69,8 +70,12 @@ def pair_loss(recipe: OfflineRecipe, model, batch: TokenBatch, split: str, losse
     """The summed loss and metrics of a chosen/rejected batch under `losses`."""
     out = segment_logps(model, batch, recipe.cfg.train.logprob_chunk_size)
     b = batch.num_examples
-    inputs = {"policy_chosen_logps": out.logps[:b], "policy_rejected_logps": out.logps[b:],
-              "chosen_counts": out.counts[:b], "rejected_counts": out.counts[b:]}
+    inputs = {
+        "policy_chosen_logps": out.logps[:b],
+        "policy_rejected_logps": out.logps[b:],
+        "chosen_counts": out.counts[:b],
+        "rejected_counts": out.counts[b:],
+    }
     per_example, metrics = losses.apply(recipe, model, batch, split, inputs)
     metrics["logps/chosen"] = inputs["policy_chosen_logps"].detach()
     metrics["logps/rejected"] = inputs["policy_rejected_logps"].detach()
@@ -96,8 +101,9 @@ class PreferenceRecipe(OfflineRecipe):
         return self.losses.needs_reference
 
     def prepare(self) -> PreparedData:
-        return prepare_data(self.cfg.data, self.cfg.seed, self.tokenizer, formats.load_preference_examples,
-                            tokenize_pairs)
+        return prepare_data(
+            self.cfg.data, self.cfg.seed, self.tokenizer, formats.load_preference_examples, tokenize_pairs
+        )
 
     def loss(self, model, batch: TokenBatch, split: str):
         return pair_loss(self, model, batch, split, self.losses)

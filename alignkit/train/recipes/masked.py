@@ -47,7 +47,22 @@ class MaskedRecipe(OfflineRecipe):
 
     def show_example(self, data: PreparedData, index: int) -> str:
         item, tok = data.train[index], self.tokenizer
-        return (explain(tok, item.prompt_ids, item.chosen_ids, label="chosen", scored=item.chosen_mask,
-                        why="its correct sentences") + "\n\n"
-                + explain(tok, item.prompt_ids, item.rejected_ids, label="rejected", scored=item.rejected_mask,
-                          why="its incorrect sentences"))
+        return (
+            explain(
+                tok,
+                item.prompt_ids,
+                item.chosen_ids,
+                label="chosen",
+                scored=item.chosen_mask,
+                why="its correct sentences",
+            )
+            + "\n\n"
+            + explain(
+                tok,
+                item.prompt_ids,
+                item.rejected_ids,
+                label="rejected",
+                scored=item.rejected_mask,
+                why="its incorrect sentences",
+            )
+        )

@@ -49,8 +49,10 @@ class NegativeRecipe(OfflineRecipe):
 
     def prepare(self) -> PreparedData:
         train, held, notes = load_examples(self.cfg.data, self.cfg.seed, load_negative_examples)
-        notes.append(f"{self.cfg.generation.num_samples} completions per prompt will be sampled from the "
-                     "initial model (generation.num_samples)")
+        notes.append(
+            f"{self.cfg.generation.num_samples} completions per prompt will be sampled from the "
+            "initial model (generation.num_samples)"
+        )
         return PreparedData(train, held, notes, sources=example_sources(train, held))
 
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
@@ -65,13 +67,24 @@ class NegativeRecipe(OfflineRecipe):
                 continue
             prompts = [prompt_text(self.tokenizer, ex) for ex in examples]
             samples, path = cached_samples(
-                model, self.tokenizer, prompts, params, seed=self.cfg.seed, fingerprint=ctx.fingerprint,
-                cache_dir=ctx.cache_root / "samples", batch_size=g.batch_size, progress=ctx.progress,
-                desc=f"sampling {g.num_samples} completions per {split} prompt", parallel=ctx)
+                model,
+                self.tokenizer,
+                prompts,
+                params,
+                seed=self.cfg.seed,
+                fingerprint=ctx.fingerprint,
+                cache_dir=ctx.cache_root / "samples",
+                batch_size=g.batch_size,
+                progress=ctx.progress,
+                desc=f"sampling {g.num_samples} completions per {split} prompt",
+                parallel=ctx,
+            )
             self.sample_files[split] = path
             out[split], stats = tokenize_groups(examples, samples, self.tokenizer, d.max_length, d.max_prompt_length)
-            notes.append(f"{split}: {len(examples)} prompts x {g.num_samples} samples (in {path}); "
-                         + stats.summary(d.max_length))
+            notes.append(
+                f"{split}: {len(examples)} prompts x {g.num_samples} samples (in {path}); "
+                + stats.summary(d.max_length)
+            )
         grouped = data.replace(out["train"], out["eval"], notes)
         super().setup(model, grouped, ctx)  # the reference log-probs of the groups
         return grouped
@@ -80,8 +93,11 @@ class NegativeRecipe(OfflineRecipe):
         out = segment_logps(model, batch, self.cfg.train.logprob_chunk_size)
         logps = segment_table(out.logps, batch.num_examples)  # [B, 1 + K]
         counts = segment_table(out.counts, batch.num_examples)
-        inputs = {"policy_rejected_logps": logps[:, 0], "policy_sample_logps": logps[:, 1:],
-                  "rejected_counts": counts[:, 0]}
+        inputs = {
+            "policy_rejected_logps": logps[:, 0],
+            "policy_sample_logps": logps[:, 1:],
+            "rejected_counts": counts[:, 0],
+        }
         per_example, metrics = self.losses.apply(self, model, batch, split, inputs)
         metrics["logps/rejected"] = logps[:, 0].detach()
         metrics["logps/samples"] = logps[:, 1:].mean(dim=1).detach()
@@ -91,5 +107,7 @@ class NegativeRecipe(OfflineRecipe):
         """The negative as training scores it (the samples come from the model when training starts)."""
         d = self.cfg.data
         (group,), _ = tokenize_groups([data.train[index]], [[]], self.tokenizer, d.max_length, d.max_prompt_length)
-        return (explain(self.tokenizer, group.prompt_ids, group.completions[0], label="rejected")
-                + f"\n\n(+ {self.cfg.generation.num_samples} completions sampled from the model when training starts)")
+        return (
+            explain(self.tokenizer, group.prompt_ids, group.completions[0], label="rejected")
+            + f"\n\n(+ {self.cfg.generation.num_samples} completions sampled from the model when training starts)"
+        )

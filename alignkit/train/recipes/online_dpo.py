@@ -37,10 +37,15 @@ class BestWorstPairs(MethodBase):
             return recipe.empty(rollout.metrics)
         out, _, _, metrics = recipe.policy(model, rollout)
         b = rollout.batch.num_examples
-        inputs = {"policy_chosen_logps": out.logps[:b], "policy_rejected_logps": out.logps[b:],
-                  "ref_chosen_logps": rollout.ref.logps[:b], "ref_rejected_logps": rollout.ref.logps[b:],
-                  "chosen_counts": out.counts[:b], "rejected_counts": out.counts[b:],
-                  "reward_shift": torch.tensor(self.reward_shift.value, device=out.logps.device)}
+        inputs = {
+            "policy_chosen_logps": out.logps[:b],
+            "policy_rejected_logps": out.logps[b:],
+            "ref_chosen_logps": rollout.ref.logps[:b],
+            "ref_rejected_logps": rollout.ref.logps[b:],
+            "chosen_counts": out.counts[:b],
+            "rejected_counts": out.counts[b:],
+            "reward_shift": torch.tensor(self.reward_shift.value, device=out.logps.device),
+        }
         per_example, pair_metrics = apply_terms(self.terms, inputs)
         if split == "train" and "bco/reward_mean" in pair_metrics:  # every process's pairs: one shift
             self.reward_shift.update(recipe.ctx.gather(pair_metrics["bco/reward_mean"]))

@@ -64,21 +64,36 @@ class PPO(MethodBase):
         a scalar head, its own optimizer and schedule."""
         c, t = self.cfg.critic, self.cfg.train
         self.value_model = self.build_value(ctx.device)
-        settings = OptimSettings(c.learning_rate, c.weight_decay, tuple(t.adam_betas), c.max_grad_norm,
-                                 t.warmup_ratio, t.lr_schedule)
-        return {"value": Trainable("value", self.value_model, settings, self.tokenizer,
-                                   rebuild=lambda: self.build_value(torch.device("cpu")))}
+        settings = OptimSettings(
+            c.learning_rate, c.weight_decay, tuple(t.adam_betas), c.max_grad_norm, t.warmup_ratio, t.lr_schedule
+        )
+        return {
+            "value": Trainable(
+                "value",
+                self.value_model,
+                settings,
+                self.tokenizer,
+                rebuild=lambda: self.build_value(torch.device("cpu")),
+            )
+        }
 
     def build_value(self, device):
         c = self.cfg.critic
         path = self.cfg.model.name_or_path if c.init == "policy" else c.init
         mc = dataclasses.replace(self.cfg.model, name_or_path=path, freeze_layers=c.freeze_layers)
-        value = load_model(mc, device=device, cache_dir=self.cfg.cache_dir, reward_names=["value"],
-                           pad_token_id=self.tokenizer.pad_token_id)
+        value = load_model(
+            mc,
+            device=device,
+            cache_dir=self.cfg.cache_dir,
+            reward_names=["value"],
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         if self.cfg.train.disable_dropout:
             disable_dropout(value)
         if c.freeze_layers and c.freeze_layers >= len(transformer_blocks(value)):
-            reward_trunk_and_head(value)[0].requires_grad_(False)  # every block: the final norm too, as for reward models
+            reward_trunk_and_head(value)[0].requires_grad_(
+                False
+            )  # every block: the final norm too, as for reward models
         if c.lora:
             value = apply_lora(value, self.cfg.lora)
         return value
@@ -110,13 +125,20 @@ class PPO(MethodBase):
         token_rewards, shaped = P.kl_shaped_rewards(seq_rewards, kl, segs, num, kl_coef=o.kl_coef)
         advantages, rollout.returns = P.gae(token_rewards, rollout.old_values, segs, num, gamma=p.gamma, lam=p.lam)
         # whitened over the whole rollout, every process's tokens included
-        rollout.advantages = P.whiten(advantages, over=self.recipe.ctx.gather(advantages)) if p.whiten_advantages \
-            else advantages
-        rollout.metrics.update({
-            "kl": kl.mean(), "reward_normalized": seq_rewards.mean(),
-            "advantages/mean": advantages.mean(), "advantages/std": advantages.std(unbiased=False),
-            "returns/mean": rollout.returns.mean(), "value/mean": rollout.old_values.mean(),
-            "value/explained_variance": P.explained_variance(rollout.old_values, rollout.returns)})
+        rollout.advantages = (
+            P.whiten(advantages, over=self.recipe.ctx.gather(advantages)) if p.whiten_advantages else advantages
+        )
+        rollout.metrics.update(
+            {
+                "kl": kl.mean(),
+                "reward_normalized": seq_rewards.mean(),
+                "advantages/mean": advantages.mean(),
+                "advantages/std": advantages.std(unbiased=False),
+                "returns/mean": rollout.returns.mean(),
+                "value/mean": rollout.old_values.mean(),
+                "value/explained_variance": P.explained_variance(rollout.old_values, rollout.returns),
+            }
+        )
 
     def minibatch(self, rollout: Rollout) -> tuple[TokenBatch, torch.Tensor]:
         """The batch of this update's share of the rollout's prompts, and a mask over the rollout's
@@ -129,8 +151,9 @@ class PPO(MethodBase):
         epoch, part = divmod(rollout.updates, m)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + rollout.key * 7919 + epoch)
         chosen = sorted(torch.randperm(prompts, generator=gen)[part::m].tolist())
-        batch = collate_packed_groups([rollout.groups[j] for j in chosen], self.tokenizer.pad_token_id,
-                                      self.cfg.train.pack_tokens).to(rollout.batch.input_ids.device)
+        batch = collate_packed_groups(
+            [rollout.groups[j] for j in chosen], self.tokenizer.pad_token_id, self.cfg.train.pack_tokens
+        ).to(rollout.batch.input_ids.device)
         segs = token_segments(rollout.batch)
         keep = torch.isin(segs % prompts, torch.tensor(chosen, device=segs.device))
         # token order is preserved: segments k * P + j map to k * |J| + rank(j)
@@ -145,16 +168,27 @@ class PPO(MethodBase):
         o, c = self.cfg.online, self.cfg.critic
         batch, keep = self.minibatch(rollout)
         out, logps, segs, metrics = self.recipe.policy(model, rollout, batch=batch)
-        pg, pg_metrics = policy_gradient(self.policy_loss, logps, rollout.old_logps[keep], rollout.advantages[keep],
-                                         segs, batch.num_segments, o.aggregation, self.cfg.generation.max_new_tokens,
-                                         sampler_logps=rollout.generator_logps[keep], tis_cap=o.tis_cap)
+        pg, pg_metrics = policy_gradient(
+            self.policy_loss,
+            logps,
+            rollout.old_logps[keep],
+            rollout.advantages[keep],
+            segs,
+            batch.num_segments,
+            o.aggregation,
+            self.cfg.generation.max_new_tokens,
+            sampler_logps=rollout.generator_logps[keep],
+            tis_cap=o.tis_cap,
+        )
         values, value_segs = token_values(self.value_model, batch)
         values = values[torch.argsort(value_segs, stable=True)]
         clip = c.value_clip if c.value_clip > 0 else math.inf
-        per_token, v_metrics = self.value_loss.fn(values, rollout.old_values[keep], rollout.returns[keep],
-                                                  clip_range=clip)
-        value_loss = aggregate_sum(per_token, segs, batch.num_segments, o.aggregation,
-                                   self.cfg.generation.max_new_tokens)
+        per_token, v_metrics = self.value_loss.fn(
+            values, rollout.old_values[keep], rollout.returns[keep], clip_range=clip
+        )
+        value_loss = aggregate_sum(
+            per_token, segs, batch.num_segments, o.aggregation, self.cfg.generation.max_new_tokens
+        )
         w = max(1, self.weight(rollout))  # both losses are sums over this minibatch (see `weight`)
         metrics.update(pg_metrics, **v_metrics, value_loss=value_loss.detach() / w, policy_loss=pg.detach() / w)
         loss = pg + value_loss  # disjoint parameters: each optimizer sees only its own module's gradient

@@ -33,8 +33,9 @@ def kl_shaped_returns(recipe: OnlineRecipe, model, rollout: Rollout, rewards: to
     seq_rewards = rewards.t().reshape(-1).to(device)  # [S]: segment of sample k of prompt j is k * P' + j
     token_rewards, _ = P.kl_shaped_rewards(seq_rewards, kl, segs, num, kl_coef=o.kl_coef)
     rollout.advantages, returns = P.reinforce_pp_advantages(token_rewards, segs, num, gather=recipe.ctx.gather)
-    rollout.metrics.update({"kl": kl.mean(), "returns/mean": returns.mean(),
-                            "advantages/std": rollout.advantages.std(unbiased=False)})
+    rollout.metrics.update(
+        {"kl": kl.mean(), "returns/mean": returns.mean(), "advantages/std": rollout.advantages.std(unbiased=False)}
+    )
 
 
 def build(cfg, tokenizer) -> OnlineRecipe:

@@ -41,8 +41,9 @@ class RewardRecipe(OfflineRecipe):
         self.features = {}  # split -> [N, 2, H] trunk outputs, when only the head trains
 
     def prepare(self) -> PreparedData:
-        loader = functools.partial(load_reward_examples, objectives=tuple(self.reward_names),
-                                   use_margin=self.cfg.reward.use_margin)
+        loader = functools.partial(
+            load_reward_examples, objectives=tuple(self.reward_names), use_margin=self.cfg.reward.use_margin
+        )
         train, held, notes = load_examples(self.cfg.data, self.cfg.seed, loader)
         d = self.cfg.data
         out = []
@@ -50,15 +51,19 @@ class RewardRecipe(OfflineRecipe):
             notes.append(self.pad_note)
         for split, examples in (("train", train), ("eval", held)):
             items, stats = tokenize_pairs([e.pair for e in examples], self.tokenizer, d.max_length, d.max_prompt_length)
-            self.labels[split] = torch.tensor([e.labels for e in examples], dtype=torch.long).reshape(-1, len(self.reward_names))
+            self.labels[split] = torch.tensor([e.labels for e in examples], dtype=torch.long).reshape(
+                -1, len(self.reward_names)
+            )
             self.margins[split] = torch.tensor([e.margin for e in examples], dtype=torch.float32)
             out.append(items)
             if split == "train":
                 notes.append(stats.summary(d.max_length))
                 if len(self.reward_names) > 1:
                     judged = (self.labels["train"] != 0).sum(0).tolist()
-                    notes.append("judged pairs per objective: " + ", ".join(
-                        f"{n} {j}/{len(examples)}" for n, j in zip(self.reward_names, judged)))
+                    notes.append(
+                        "judged pairs per objective: "
+                        + ", ".join(f"{n} {j}/{len(examples)}" for n, j in zip(self.reward_names, judged))
+                    )
         return PreparedData(out[0], out[1], notes, sources=example_sources(train, held))
 
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
@@ -79,17 +84,20 @@ class RewardRecipe(OfflineRecipe):
                 continue
             feats = torch.zeros(max(it.index for it in items) + 1, 2, hidden_size)
             starts = ctx.shard(list(range(0, len(items), bs)))  # each process computes its share of the batches
-            for start in tqdm(starts, desc=f"trunk outputs ({split})", disable=not ctx.progress, unit="batch",
-                              dynamic_ncols=True):
-                batch = self.collate(items[start: start + bs]).to(device)
+            for start in tqdm(
+                starts, desc=f"trunk outputs ({split})", disable=not ctx.progress, unit="batch", dynamic_ncols=True
+            ):
+                batch = self.collate(items[start : start + bs]).to(device)
                 with torch.no_grad():
                     h = pooled_hidden(model, batch, self.tokenizer.pad_token_id).float().cpu()  # [2b, H]
                 b = batch.num_examples
                 feats[batch.example_ids, 0], feats[batch.example_ids, 1] = h[:b], h[b:]
             self.features[split] = ctx.all_sum(feats)  # the shares fill disjoint rows
         self.shard_model = False  # only the head trains, on these features: nothing to shard
-        note = (f"model.freeze_layers={self.cfg.model.freeze_layers} freezes every block: the trunk's outputs were "
-                f"computed once ({len(data.train)} train, {len(data.eval)} eval pairs) and only the head trains")
+        note = (
+            f"model.freeze_layers={self.cfg.model.freeze_layers} freezes every block: the trunk's outputs were "
+            f"computed once ({len(data.train)} train, {len(data.eval)} eval pairs) and only the head trains"
+        )
         return data.replace(notes=[note])
 
     def loss(self, model, batch: TokenBatch, split: str):
@@ -101,8 +109,12 @@ class RewardRecipe(OfflineRecipe):
             rewards = sequence_rewards(model, batch, self.tokenizer.pad_token_id)  # [2B, K]
         b, device = batch.num_examples, rewards.device
         labels = self.labels[split][batch.example_ids].to(device)
-        inputs = {"chosen_rewards": rewards[:b], "rejected_rewards": rewards[b:], "labels": labels,
-                  "margins": self.margins[split][batch.example_ids].to(device)}
+        inputs = {
+            "chosen_rewards": rewards[:b],
+            "rejected_rewards": rewards[b:],
+            "labels": labels,
+            "margins": self.margins[split][batch.example_ids].to(device),
+        }
         per_example, metrics = apply_terms(self.terms, inputs)
         if len(self.reward_names) > 1:
             correct = (labels * (rewards[:b] - rewards[b:]) > 0).float()
@@ -116,7 +128,16 @@ class RewardRecipe(OfflineRecipe):
         item, pad, parts = data.train[index], self.tokenizer.pad_token_id, []
         for name, ids in (("chosen", item.chosen_ids), ("rejected", item.rejected_ids)):
             last = max((j for j, t in enumerate(ids) if t != pad), default=None)
-            parts.append(explain(self.tokenizer, item.prompt_ids, ids, label=name, scored=[j == last for j in range(len(ids))],
-                                 why="the reward is read at the last non-pad token" if last is not None else
-                                 "all pad tokens: the reward is read at the prompt's last token"))
+            parts.append(
+                explain(
+                    self.tokenizer,
+                    item.prompt_ids,
+                    ids,
+                    label=name,
+                    scored=[j == last for j in range(len(ids))],
+                    why="the reward is read at the last non-pad token"
+                    if last is not None
+                    else "all pad tokens: the reward is read at the prompt's last token",
+                )
+            )
         return "\n\n".join(parts)

@@ -61,8 +61,12 @@ class UnpairedRecipe(OfflineRecipe):
     def loss(self, model, batch: TokenBatch, split: str):
         out = segment_logps(model, batch, self.cfg.train.logprob_chunk_size)
         b = batch.num_examples
-        inputs = {"policy_logps": out.logps[:b], "policy_kl_logps": out.logps[b:].detach(),
-                  "counts": out.counts[:b], "labels": self.labels[split][batch.example_ids].to(out.logps.device)}
+        inputs = {
+            "policy_logps": out.logps[:b],
+            "policy_kl_logps": out.logps[b:].detach(),
+            "counts": out.counts[:b],
+            "labels": self.labels[split][batch.example_ids].to(out.logps.device),
+        }
         per_example, metrics = self.losses.apply(self, model, batch, split, inputs)
         good = inputs["labels"]
         metrics["logps/desirable"] = out.logps[:b][good].detach()
@@ -87,8 +91,21 @@ class UnpairedRecipe(OfflineRecipe):
         good = bool(self.labels["train"][index])
         readers = [t.spec.name for t in self.terms if "policy_kl_logps" in t.spec.inputs]
         others = [t.spec.name for t in self.terms if t.spec.name not in readers]
-        why = "; ".join([f"{', '.join(readers)} reads it only for its KL estimate z0 (detached: no gradient)"] * bool(readers)
-                        + [f"{', '.join(others)} does not read it"] * bool(others))
-        return (explain(tok, item.prompt_ids, item.chosen_ids, label=f"completion ({'desirable' if good else 'undesirable'})")
-                + "\n\n" + explain(tok, item.prompt_ids, item.rejected_ids, scored=False, why=why,
-                                   label="KL baseline (the next example's completion, mismatched to this prompt)"))
+        why = "; ".join(
+            [f"{', '.join(readers)} reads it only for its KL estimate z0 (detached: no gradient)"] * bool(readers)
+            + [f"{', '.join(others)} does not read it"] * bool(others)
+        )
+        return (
+            explain(
+                tok, item.prompt_ids, item.chosen_ids, label=f"completion ({'desirable' if good else 'undesirable'})"
+            )
+            + "\n\n"
+            + explain(
+                tok,
+                item.prompt_ids,
+                item.rejected_ids,
+                scored=False,
+                why=why,
+                label="KL baseline (the next example's completion, mismatched to this prompt)",
+            )
+        )
