@@ -63,6 +63,8 @@ class Dist:
         timeout = datetime.timedelta(seconds=dist_cfg.timeout_s)
         if not tdist.is_initialized():  # once per process: later runs in the same process reuse the group
             if device.type == "cuda":
+                # torch wants the bound device with its index ("cuda" alone is refused), also for one process
+                device = device if device.index is not None else torch.device("cuda", local)
                 torch.cuda.set_device(device)
                 tdist.init_process_group("nccl", timeout=timeout, device_id=device)
             else:

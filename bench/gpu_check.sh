@@ -89,7 +89,8 @@ print("fsdp vs plain loss differences (bf16 autocast vs bf16 FSDP2 mixed precisi
 assert max(diffs) < 2e-2, diffs  # bf16 compute on both sides, rounded differently
 PYEOF
 else
-  echo "gpu_check fsdp: FAILED (torchrun; see $WORK/fsdp.log)"; tail -20 "$WORK/fsdp.log"
+  echo "gpu_check fsdp: FAILED (torchrun; see $WORK/fsdp.log)"
+  grep -v "Writing model shards\|Loading weights" "$WORK/fsdp.log" | grep -B2 -A12 -m1 "Traceback\|alignkit: error" | head -40
 fi
 
 # vllm: colocated engine on the GPU, bf16, sleeping between rollouts

@@ -385,3 +385,26 @@ def test_a_damaged_shard_is_named_and_an_earlier_checkpoint_offered(two_process_
         loop.train(load_config(None, args), resume=True, progress=False)
     result = loop.train(load_config(None, args), resume_from="checkpoint-4", progress=False)  # 1 process now
     assert result.steps == 6 and (run / "final" / "model.safetensors").is_file()
+
+
+def test_one_gpu_process_binds_an_indexed_device(monkeypatch):
+    """torchrun with one process and dist.strategy=fsdp on "cuda": torch refuses a device_id without
+    an index, so the group is joined on cuda:LOCAL_RANK (the GPU check found this; CI has no GPU, so
+    the two calls into CUDA and NCCL are recorded here instead of made)."""
+    import torch
+    import torch.distributed as tdist
+
+    from alignkit.config import DistConfig
+    from alignkit.distributed import Dist
+
+    calls = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend, **k: calls.update(backend=backend, **k))
+    dist = Dist.from_env(DistConfig(strategy="fsdp"), torch.device("cuda"), "bf16")
+    assert calls["backend"] == "nccl"
+    assert calls["device_id"] == torch.device("cuda", 0) and calls["set_device"] == torch.device("cuda", 0)
+    assert dist.enabled and dist.strategy == "fsdp" and dist.mixed_precision
