@@ -36,10 +36,11 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "note: chromium not installed; the report-rendering test will skip"; }
 
-# Ruff (lint and format, settings in pyproject.toml) over the whole tree.
+# Ruff (lint and format, settings in pyproject.toml) over the whole tree, and mypy over the core.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: install browser lint
 	# two workers, whole files each (a file's module fixtures, e.g. one vLLM engine, start once)

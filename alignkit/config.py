@@ -15,6 +15,7 @@ import sys
 import textwrap
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -358,7 +359,9 @@ class RunConfig:
 def field_docs(cls: type) -> dict[str, str]:
     """Return {field name: docstring line} for a dataclass whose fields carry string docstrings."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    class_def = tree.body[0]
+    assert isinstance(class_def, ast.ClassDef)  # the source of a class is its class statement
+    body = class_def.body
     docs = {}
     for node, nxt in zip(body, body[1:]):
         if (
@@ -383,10 +386,14 @@ def iter_fields(cls: type = RunConfig, prefix: str = ""):
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         key = prefix + f.name
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a hint is a class, never an instance
             yield from iter_fields(tp, key + ".")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            assert f.default_factory is not dataclasses.MISSING  # every config field has a default
+            default = f.default_factory()
         yield key, tp, default, docs.get(f.name, "")
 
 
@@ -522,7 +529,7 @@ def _build(cls: type, data: dict, prefix: str, where: str):
         if k not in names:
             raise _unknown_key_error(key, where)
         tp = hints[k]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a hint is a class, never an instance
             kwargs[k] = _build(tp, v or {}, key + ".", where)
         else:
             kwargs[k] = _check_value(v, tp, key, where)
@@ -559,7 +566,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(
-    path: str | None = None, overrides: list[str] = (), base: dict | None = None, saved: bool = False
+    path: str | None = None, overrides: Sequence[str] = (), base: dict | None = None, saved: bool = False
 ) -> RunConfig:
     """Build a RunConfig from an optional YAML file, then `key=value` overrides applied in order.
 

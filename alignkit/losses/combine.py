@@ -9,9 +9,13 @@ token of the chosen completion, averaged over pairs), so every term has the same
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from alignkit.errors import ConfigError
 from alignkit.losses.registry import LossSpec, resolve
+
+if TYPE_CHECKING:  # annotations only: combining terms needs no torch of its own
+    import torch
 
 # How an `sft`-data loss reads a pair batch: it trains on the chosen completion.
 _CHOSEN_AS_SFT = {"policy_logps": "policy_chosen_logps", "counts": "chosen_counts"}
@@ -49,7 +53,8 @@ def resolve_terms(loss: dict, terms: list, data: str) -> list[LossTerm]:
 
 def apply_terms(terms: list[LossTerm], inputs: dict) -> tuple:
     """Per-example weighted sum of the terms, and their metrics (plus `loss/<name>` per term)."""
-    total, metrics = 0.0, {}
+    total: float | torch.Tensor = 0.0  # a tensor from the first term on
+    metrics: dict = {}
     pair_batch = "policy_chosen_logps" in inputs
     for t in terms:
         names = [(_CHOSEN_AS_SFT.get(n, n) if pair_batch else n) for n in t.spec.inputs]

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from alignkit.errors import ConfigError
 from alignkit.suggest import closest, did_you_mean
+
+if TYPE_CHECKING:  # annotations only: the registry imports nothing heavy at run time
+    import torch
 
 # Inputs a preference recipe can provide to a loss.
 PAIR_INPUTS = (
@@ -31,7 +35,7 @@ PAIR_INPUTS = (
 @dataclass(frozen=True)
 class LossSpec:
     name: str
-    fn: object
+    fn: Callable[..., tuple[torch.Tensor, dict]]  # (inputs..., **params) -> (per-example losses [B], metrics)
     summary: str  # one line for `alignkit losses`
     citation: str  # paper title + arXiv id
     data: str  # "paired" or "sft"

@@ -31,7 +31,7 @@ class SetupContext:
     which process it is (one process: each is the identity)."""
 
     device: torch.device
-    autocast: Callable  # zero-argument context factory: bf16 autocast or nothing
+    autocast: Callable[[], contextlib.AbstractContextManager]  # zero-argument context factory: bf16 autocast or nothing
     precision: str  # "bf16" or "fp32"
     fingerprint: dict  # identity of the initial model: the key of caches derived from it
     cache_root: Path
@@ -91,7 +91,7 @@ class Trainable:
     model: torch.nn.Module
     settings: OptimSettings
     tokenizer: object = None  # saved with the module's checkpoints when given
-    rebuild: Callable = None  # () -> a fresh plain copy of the module as loaded (to export it when sharded)
+    rebuild: Callable[[], torch.nn.Module] | None = None  # a fresh plain copy as loaded (to export it when sharded)
 
 
 class Recipe(Protocol):
@@ -100,9 +100,11 @@ class Recipe(Protocol):
 
     name: str
     iterations: int  # optimizer steps taken on each batch (online: per rollout)
-    shares_prompts: bool  # batches hold each prompt once (the token budget counts so)
     evaluate_at_start: bool  # also evaluate before the first step (online: the held-out reward at step 0)
     shard_model: bool  # whether the trained model's own forward is used (and so it may be sharded)
+
+    @property
+    def shares_prompts(self) -> bool: ...  # batches hold each prompt once (the token budget counts so)
 
     def prepare(self) -> PreparedData: ...
 
@@ -141,20 +143,29 @@ class OfflineRecipe:
     iterations = 1
     evaluate_at_start = False
     shard_model = True  # the loop may shard the policy (False: only a head trains, on features computed once)
-    pack: Callable = None
-    pad: Callable = None
-    needs_reference = False
+    pack: Callable[..., TokenBatch]  # each subclass names its two layouts
+    pad: Callable[..., TokenBatch]
 
     def __init__(self, cfg: RunConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.ctx = None  # set in `setup`: the device, precision and data-parallel helpers
-        self.references = {}  # split -> CachedReference | LiveReference
+        self._ctx: SetupContext | None = None  # set in `setup`: the device, precision and data-parallel helpers
+        self.references: dict[str, passes.CachedReference | passes.LiveReference] = {}
+
+    @property
+    def ctx(self) -> SetupContext:
+        assert self._ctx is not None, "Recipe.setup has not run"  # the loop calls setup before any other hook
+        return self._ctx
 
     @property
     def autocast(self) -> Callable:
-        return self.ctx.autocast if self.ctx is not None else contextlib.nullcontext
+        return self._ctx.autocast if self._ctx is not None else contextlib.nullcontext
 
-    def extra_modules(self, model, ctx: SetupContext) -> dict:
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a loss reads reference log-probs (the DPO family's recipes ask their losses)."""
+        return False
+
+    def extra_modules(self, model, ctx: SetupContext) -> dict[str, Trainable]:
         return {}
 
     def weight(self, batch) -> int:
@@ -188,7 +199,7 @@ class OfflineRecipe:
         return [self.collate(p) for p in forward_pieces(items, self.cfg.train.forward_tokens, self.shares_prompts)]
 
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
-        self.ctx = ctx
+        self._ctx = ctx
         self.attach_references(model, data, ctx)
         return data.replace()
 
@@ -202,22 +213,24 @@ class OfflineRecipe:
             self.references = {"train": live, "eval": live}
             return
         t = self.cfg.train
-        common = dict(
-            cache_dir=ctx.cache_root / "reference",
-            fingerprint=ctx.fingerprint,
-            precision=ctx.precision,
-            batch_size=t.eval_batch_size or t.batch_size,
-            chunk_size=t.logprob_chunk_size,
-            device=ctx.device,
-            autocast=ctx.autocast,
-            parallel=ctx,
-            progress=ctx.progress,
-        )
         for split, items in (("train", data.train), ("eval", data.eval)):
             if items:
-                self.references[split] = passes.CachedReference(
-                    passes.cached_ref_logps(model, items, self.collate, desc=f"reference log-probs ({split})", **common)
+                table = passes.cached_ref_logps(
+                    model,
+                    items,
+                    self.collate,
+                    cache_dir=ctx.cache_root / "reference",
+                    fingerprint=ctx.fingerprint,
+                    precision=ctx.precision,
+                    batch_size=t.eval_batch_size or t.batch_size,
+                    chunk_size=t.logprob_chunk_size,
+                    device=ctx.device,
+                    autocast=ctx.autocast,
+                    desc=f"reference log-probs ({split})",
+                    parallel=ctx,
+                    progress=ctx.progress,
                 )
+                self.references[split] = passes.CachedReference(table)
 
     @torch.no_grad()
     def evaluate(self, model, items: list) -> dict:

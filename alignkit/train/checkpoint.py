@@ -46,7 +46,9 @@ class CheckpointError(AlignkitError):
 def rng_state() -> dict:
     """Every RNG a run draws from, as tensors (loadable with weights_only=True)."""
     version, mt, gauss = random.getstate()  # (3, 625 ints, None | float)
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # legacy=True, the default: (kind, keys, pos, has_gauss, cached)
+    kind, keys, pos, has_gauss, cached = np_state
     state = {
         "python": torch.tensor(mt, dtype=torch.int64),
         "python_gauss": torch.tensor([] if gauss is None else [gauss], dtype=torch.float64),
@@ -105,7 +107,7 @@ def clean_leftovers(run_dir: Path) -> list[str]:
     """Remove what interrupted writes left in `run_dir` (`.checkpoint-N.tmp-*`, `.final.old-*`);
     an `.X.old-*` whose `X` is missing (killed between the two renames of `atomic_dir`) is the
     only complete copy and is put back. Returns one note per action."""
-    notes = []
+    notes: list[str] = []
     if not run_dir.is_dir():
         return notes
     for p in sorted(run_dir.iterdir()):
@@ -239,7 +241,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(_CHECKPOINT.fullmatch(path.name).group(1))
+    m = _CHECKPOINT.fullmatch(path.name)
+    assert m is not None, path  # a checkpoint-N directory: find_resume_point checked the name
+    return int(m.group(1))
 
 
 def verify(ckpt: Path) -> str | None:

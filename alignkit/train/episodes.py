@@ -141,7 +141,8 @@ class EpisodeSampler:
         generator, seeded by (seed, indices[i], k), as single-turn sampling does."""
         e, n = self.env_cfg, params.n
         device = next(model.parameters()).device
-        out = [[None] * n for _ in examples]
+        out: list[list[Sample | None]] = [[None] * n for _ in examples]  # every one filled below
+        returns = [[0.0] * n for _ in examples]  # each episode's discounted return G_0
         rows = [(i, k) for i in range(len(examples)) for k in range(n)]
         for start in range(0, len(rows), batch_size * n):
             chunk = rows[start : start + batch_size * n]
@@ -187,14 +188,14 @@ class EpisodeSampler:
                     mask=ep.model_mask,
                     episode=ep,
                 )
-        rewards = torch.tensor(
-            [[discounted_returns(s.episode.turn_rewards, e.gamma)[0] for s in g] for g in out], dtype=torch.float32
-        ).reshape(len(examples), n)
+                returns[i][k] = discounted_returns(ep.turn_rewards, e.gamma)[0]
+        rewards = torch.tensor(returns, dtype=torch.float32).reshape(len(examples), n)
         return out, rewards
 
     def record(self, path: Path, key: int, sample: Sample) -> None:
         """Append one episode to RUN/episodes.jsonl (what `alignkit report` shows)."""
         ep = sample.episode
+        assert isinstance(ep, Episode)  # an episode sampler's samples carry their episode
         row = {
             "key": key,
             "prompt": self.tokenizer.decode(ep.prompt_ids),

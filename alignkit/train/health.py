@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from alignkit.config import HealthConfig
+
 LN2 = math.log(2)
 
 # Registered pair losses that equal -log sigmoid(0) = ln 2 when the policy equals the reference
@@ -348,11 +350,11 @@ def entropy_collapse(h: History, cfg):
         and now < (1 - cfg.entropy_fall) * start
     )
     if floor or fell:
-        why = (
-            f"below health.entropy_floor={cfg.entropy_floor}"
-            if floor
-            else f"{1 - now / start:.0%} below its start ({start:.4g}), past health.entropy_fall={cfg.entropy_fall}"
-        )
+        if floor:
+            why = f"below health.entropy_floor={cfg.entropy_floor}"
+        else:
+            assert start is not None  # `fell` holds, which needs a start
+            why = f"{1 - now / start:.0%} below its start ({start:.4g}), past health.entropy_fall={cfg.entropy_fall}"
         return (
             f"mean token entropy of the last {cfg.smooth} logged steps is {now:.4g} nats, {why}.",
             {
@@ -524,7 +526,7 @@ class HealthMonitor:
     Every process of a run keeps its own monitor over the same (already reduced) metrics, so all
     reach the same alerts; the loop still takes the main process's decision to stop on every process."""
 
-    cfg: object  # alignkit.config.HealthConfig
+    cfg: HealthConfig
     ln2_keys: tuple = ()
     active: dict = field(default_factory=dict)  # rule name -> rows checked clear since it last held
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from alignkit import jsonfile
 from alignkit.config import RunConfig, save_config
 from alignkit.data.heldout import write_record
+from alignkit.distributed import Dist
 from alignkit.errors import ConfigError
 from alignkit.registries import recipes as registry
 from alignkit.registries.trackers import check_installed as check_trackers_installed
@@ -34,9 +35,9 @@ from alignkit.train.health import Alert, HealthMonitor
 from alignkit.train.metrics import MetricsLogger, NullLogger, read_metrics
 from alignkit.train.modules import TrainedModule
 from alignkit.train.persist import TrainingError
-from alignkit.train.resume import check_output_dir, data_fingerprint, finished_summary, prepare_resume
+from alignkit.train.resume import Resume, check_output_dir, data_fingerprint, finished_summary, prepare_resume
 from alignkit.train.session import Session, load_policy, place, printer, resolve_precision, setup  # noqa: F401
-from alignkit.train.steps import batch_plan, run_batches, total_steps
+from alignkit.train.steps import BatchPlan, batch_plan, run_batches, total_steps
 
 __all__ = ["train", "setup", "resolve_precision", "RunResult", "TrainState", "TrainingError", "HealthStop"]
 
@@ -90,18 +91,18 @@ class Run:
     cfg: RunConfig  # what runs (a resume at another scale may have changed train.grad_accum)
     record: RunConfig  # what the user wrote: checkpoints and config.yaml record it, nothing else reads it
     session: Session
-    plan: object  # steps.BatchPlan
-    modules: dict  # name -> TrainedModule
+    plan: BatchPlan
+    modules: dict[str, TrainedModule]  # "policy", and what the recipe trains beside it
     state: TrainState
-    logger: object
+    logger: MetricsLogger | NullLogger  # NullLogger on processes other than the main one
     result: RunResult
     progress: bool
-    finish: Callable | None = None  # finish(run_dir) -> a file for the trackers (the report), or None
-    monitor: HealthMonitor | None = None
-    stops: list = field(default_factory=list)  # alerts whose rule is in train.stop_on
+    monitor: HealthMonitor
+    finish: Callable[[Path], Path | None] | None = None  # finish(run_dir) -> a file for the trackers (the report)
+    stops: list[Alert] = field(default_factory=list)  # alerts whose rule is in train.stop_on
 
     @property
-    def dist(self):
+    def dist(self) -> Dist:
         return self.session.dist
 
 
@@ -111,7 +112,7 @@ def train(
     progress: bool = True,
     resume_from: str | None = None,
     allow_config_change: bool = False,
-    finish: Callable | None = None,
+    finish: Callable[[Path], Path | None] | None = None,
 ) -> RunResult:
     """Run a training job described by `cfg`; see the README for the run directory's layout.
 
@@ -133,7 +134,8 @@ def train(
             return RunResult(
                 run_dir, run_dir / "final", summary["steps"], summary.get("train") or {}, summary.get("eval") or {}
             )
-        cfg = persist.same_global_batch(cfg, resumed, dist)
+        if resumed is not None:  # --resume without a checkpoint starts from scratch
+            cfg = persist.same_global_batch(cfg, resumed, dist)
     else:
         printer(dist)(dist.on_main(lambda: ckpt.clean_leftovers(run_dir)))
     if dist.enabled and cfg.train.forward_tokens:
@@ -151,7 +153,14 @@ def train(
     return run.result
 
 
-def _start(cfg, record, s: Session, resumed, progress: bool, finish) -> Run:
+def _start(
+    cfg: RunConfig,
+    record: RunConfig,
+    s: Session,
+    resumed: Resume | None,
+    progress: bool,
+    finish: Callable[[Path], Path | None] | None,
+) -> Run:
     """Shard the trained modules, restore a checkpoint, write config.yaml and the held-out record."""
     dist, run_dir = s.dist, Path(cfg.output_dir)
     s.model.train()
@@ -165,7 +174,8 @@ def _start(cfg, record, s: Session, resumed, progress: bool, finish) -> Run:
         )
     steps = total_steps(cfg, plan, s.recipe.iterations, dist.world_size)
     spec = registry.get(cfg.recipe)
-    modules = {
+    # name -> (model, settings, tokenizer saved beside it, rebuild: a plain copy of the model as loaded)
+    modules: dict[str, tuple[torch.nn.Module, OptimSettings, object, Callable[[], torch.nn.Module] | None]] = {
         "policy": (
             s.model,
             OptimSettings.of_policy(cfg),
@@ -223,8 +233,8 @@ def _start(cfg, record, s: Session, resumed, progress: bool, finish) -> Run:
         logger,
         RunResult(run_dir, run_dir / "final", steps, timings=s.timings),
         progress and dist.is_main,
-        finish,
         HealthMonitor.for_run(cfg, state.health),
+        finish,
     )
 
 

@@ -36,7 +36,8 @@ class MetricsLogger:
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif resume_step is None:
             self.path.write_text("")
-        config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+        is_instance = dataclasses.is_dataclass(config) and not isinstance(config, type)
+        config = dataclasses.asdict(config) if is_instance else dict(config or {})
         self.trackers = tracker_backends.start(list(report_to), run_dir, config, resume_step)
 
     def _write(self, record: dict) -> None:

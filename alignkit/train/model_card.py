@@ -78,7 +78,7 @@ def model_card(
 def metadata(cfg: RunConfig) -> dict:
     spec = registry.get(cfg.recipe)
     base, license_ = _base_model(cfg)
-    meta = {}
+    meta: dict[str, str | list[str]] = {}
     if base:
         meta["base_model"] = base
     meta["library_name"] = "transformers"

@@ -27,7 +27,8 @@ class TrainedModule:
     def build(
         cls, name: str, model, settings: OptimSettings, steps: int, tokenizer=None, rebuild=None, sharded: bool = False
     ) -> "TrainedModule":
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for p in model.parameters():
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norm weights
@@ -45,7 +46,7 @@ class TrainedModule:
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])  # a float already: alignkit sets float learning rates
 
     def clip(self, dist) -> float:
         """Clip the gradient norm to `max_grad_norm` (0: no clipping); the norm before clipping."""

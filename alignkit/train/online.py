@@ -20,12 +20,13 @@ from typing import Protocol
 
 import torch
 
+from alignkit.config import RunConfig
 from alignkit.data.batching import TokenBatch, collate_packed_groups
 from alignkit.data.negative import TokenizedGroup
-from alignkit.data.prompts import load_prompt_examples, prompt_columns, tokenize_prompts
+from alignkit.data.prompts import PromptExample, load_prompt_examples, prompt_columns, tokenize_prompts
 from alignkit.data.splits import PreparedData, example_sources, load_examples
 from alignkit.errors import ConfigError
-from alignkit.generation.backends import make_backend
+from alignkit.generation.backends import GenerationBackend, make_backend
 from alignkit.generation.decode import SamplingParams, row_seed, sampling_params
 from alignkit.logprob_passes import LiveReference
 from alignkit.logprobs import in_segment_order, segment_logps
@@ -34,7 +35,7 @@ from alignkit.losses.combine import resolve_terms
 from alignkit.models import resolve_model_path
 from alignkit.rewards.build import build_reward
 from alignkit.rewards.functions import score_groups
-from alignkit.train.base import SetupContext
+from alignkit.train.base import SetupContext, Trainable
 from alignkit.train.episodes import EpisodeSampler, token_returns
 from alignkit.train.rollouts import Rollout, policy_gradient, rollout_metrics, token_segments
 
@@ -45,7 +46,9 @@ class OnlineMethod(Protocol):
 
     name: str
     uses_reference: bool  # the recipe keeps a frozen reference model
-    iterations: int | None  # optimizer steps per rollout (None: `online.iterations`)
+
+    @property
+    def iterations(self) -> int | None: ...  # optimizer steps per rollout (None: `online.iterations`)
 
     def bind(self, recipe: "OnlineRecipe") -> None: ...
 
@@ -53,7 +56,7 @@ class OnlineMethod(Protocol):
 
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData: ...
 
-    def extra_modules(self, model, ctx: SetupContext) -> dict: ...
+    def extra_modules(self, model, ctx: SetupContext) -> dict[str, Trainable]: ...
 
     def sampling_models(self) -> tuple: ...
 
@@ -83,14 +86,19 @@ class MethodBase:
 
     name = "online"
     uses_reference = False
-    iterations = None
+    iterations: int | None = None
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.recipe: OnlineRecipe | None = None
+        self._recipe: OnlineRecipe | None = None
+
+    @property
+    def recipe(self) -> OnlineRecipe:
+        assert self._recipe is not None, "bind(recipe) first"  # OnlineRecipe.__init__ binds its method
+        return self._recipe
 
     def bind(self, recipe: "OnlineRecipe") -> None:
-        self.recipe = recipe
+        self._recipe = recipe
 
     def prepare(self, data: PreparedData) -> PreparedData:
         return data
@@ -98,7 +106,7 @@ class MethodBase:
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
         return data
 
-    def extra_modules(self, model, ctx: SetupContext) -> dict:
+    def extra_modules(self, model, ctx: SetupContext) -> dict[str, Trainable]:
         return {}
 
     def sampling_models(self) -> tuple:
@@ -148,6 +156,7 @@ class SequenceAdvantages:
 
     def __call__(self, recipe: "OnlineRecipe", model, rollout: Rollout, rewards: torch.Tensor) -> None:
         recipe.fill_common(model, rollout)
+        assert rollout.batch is not None  # `fill` runs only on a rollout with samples to train on
         device, segs = rollout.batch.input_ids.device, token_segments(rollout.batch)
         flat = lambda t: t.expand_as(rewards).t().reshape(-1).to(device)[segs]  # noqa: E731  (segment k * P + i)
         rollout.advantages = flat(self.advantages(rewards))
@@ -211,23 +220,28 @@ class OnlineRecipe:
     def __init__(self, cfg, tokenizer, method: "OnlineMethod"):
         self.cfg, self.tokenizer, self.method = cfg, tokenizer, method
         self.name = method.name
-        self.ctx = None  # set in `setup`: the device, precision and data-parallel helpers
+        self._ctx: SetupContext | None = None  # set in `setup`: the device, precision and data-parallel helpers
         self.iterations = method.iterations if method.iterations is not None else cfg.online.iterations
         self.uses_reference = method.uses_reference  # keeps a frozen reference (the initial policy; LoRA: its base)
         self.params = sampling_params(cfg.generation)
         # None: a recipe that learns without a reward (distill), or episodes the environment rewards
         self.reward = build_reward(cfg.online.rewards) if cfg.online.rewards is not None else None
         self.episodes = EpisodeSampler(cfg, tokenizer) if cfg.env.name is not None else None
-        self.examples = {}  # split -> PromptExamples (their columns feed the rewards)
-        self.reference = None
-        self.backend = None  # set in setup, once the model exists
-        self._rollouts = {}  # micro-batch key -> Rollout, reused for `iterations` optimizer steps
-        self._used = []  # keys of the rollouts of the current step
+        self.examples: dict[str, list[PromptExample]] = {}  # split -> examples (their columns feed the rewards)
+        self.reference: LiveReference | None = None
+        self.backend: GenerationBackend | None = None  # set in setup, once the model exists
+        self._rollouts: dict[int, Rollout] = {}  # micro-batch key -> Rollout, reused for `iterations` optimizer steps
+        self._used: list[int] = []  # keys of the rollouts of the current step
         method.bind(self)
 
     @property
+    def ctx(self) -> SetupContext:
+        assert self._ctx is not None, "Recipe.setup has not run"  # the loop calls setup before any other hook
+        return self._ctx
+
+    @property
     def autocast(self):
-        return self.ctx.autocast if self.ctx is not None else contextlib.nullcontext
+        return self._ctx.autocast if self._ctx is not None else contextlib.nullcontext
 
     def prepare(self) -> PreparedData:
         d, g = self.cfg.data, self.cfg.generation
@@ -265,7 +279,7 @@ class OnlineRecipe:
         return self.method.prepare(PreparedData(out[0], out[1], notes, sources=example_sources(train, held)))
 
     def setup(self, model, data: PreparedData, ctx: SetupContext) -> PreparedData:
-        self.ctx = ctx
+        self._ctx = ctx
         g = self.cfg.generation
         state_fn = None
         if ctx.dist.enabled and g.backend == "vllm":
@@ -303,7 +317,7 @@ class OnlineRecipe:
             self.reference = LiveReference(model)
         return self.method.setup(model, data.replace(), ctx)
 
-    def extra_modules(self, model, ctx: SetupContext) -> dict:
+    def extra_modules(self, model, ctx: SetupContext) -> dict[str, Trainable]:
         return self.method.extra_modules(model, ctx)
 
     def weight(self, rollout: Rollout) -> int:
@@ -374,16 +388,18 @@ class OnlineRecipe:
 
     def sample_and_reward(self, model, items: list, split: str, params: SamplingParams, seed: int, sync: bool = True):
         exs = [self.examples[split][it.index] for it in items]
+        backend = self.backend
+        assert backend is not None  # made in setup
         start = time.perf_counter()
         if sync:
-            self.backend.sync(model)  # the policy changed since the last rollout
+            backend.sync(model)  # the policy changed since the last rollout
         with self.ctx.full_params(*self.sampling_models(model)):  # processes sample different lengths
             if self.episodes is not None:
                 samples, rewards = self.episodes.sample(
                     model, exs, [it.index for it in items], params, seed, self.cfg.generation.batch_size
                 )
                 return samples, rewards, {}, time.perf_counter() - start
-            samples = self.backend.sample(
+            samples = backend.sample(
                 [it.prompt_ids for it in items], params, seed, prompt_seeds=[row_seed(seed, it.index) for it in items]
             )
         gen_s = time.perf_counter() - start
@@ -463,6 +479,7 @@ class OnlineRecipe:
         """What most methods need: the policy's log-probs before the first update when a rollout is
         reused (`iterations` > 1), and the reference's."""
         t = self.cfg.train
+        assert rollout.batch is not None  # `fill` runs only on a rollout with samples to train on
         if self.iterations > 1:
             with torch.no_grad():
                 rollout.old_logps = in_segment_order(segment_logps(model, rollout.batch, t.logprob_chunk_size))[0]
@@ -519,12 +536,15 @@ class OnlineRecipe:
     def policy(self, model, rollout: Rollout, batch: TokenBatch | None = None, entropy: bool = True):
         """The policy's SegmentLogps of the rollout's batch (or `batch`), its token log-probs and
         segments in segment order, and the rollout's metrics plus the sampler/trainer mismatch."""
-        out = segment_logps(model, batch or rollout.batch, self.cfg.train.logprob_chunk_size, entropy=entropy)
+        scored = batch or rollout.batch
+        assert scored is not None  # methods ask only for a rollout with samples to train on
+        out = segment_logps(model, scored, self.cfg.train.logprob_chunk_size, entropy=entropy)
         logps, segs, ent = in_segment_order(out)
         metrics = dict(rollout.metrics)
         if rollout.updates > 0:  # a reused rollout: no sampling happened for this step
             metrics["time/generation_s"] = torch.tensor(0.0)
         elif batch is None:
+            assert rollout.generator_logps is not None  # `batches` sets it with the batch
             # Trainer and sampler saw the same weights: their log-probs of the sampled tokens must agree.
             diff = (logps.detach() - rollout.generator_logps).abs()
             metrics["logprob_mismatch"], metrics["logprob_mismatch_max"] = diff.mean(), diff.max()

@@ -49,7 +49,8 @@ class Rollout:
                 value = getattr(self, name)
                 setattr(self, name, None if value is None else value.to(device))
             if self.ref is not None:
-                self.ref = SegmentLogps(**{k: None if v is None else v.to(device) for k, v in vars(self.ref).items()})
+                # the optional fields left out when None take their default, None
+                self.ref = SegmentLogps(**{k: v.to(device) for k, v in vars(self.ref).items() if v is not None})
         return self
 
     @property

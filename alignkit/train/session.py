@@ -8,11 +8,13 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from alignkit.config import RunConfig
+from alignkit.data.splits import PreparedData
 from alignkit.distributed import Dist
 from alignkit.errors import ConfigError
 from alignkit.logprob_passes import weights_fingerprint
@@ -27,7 +29,10 @@ from alignkit.models import (
     resolve_model_path,
 )
 from alignkit.registries import recipes as registry
-from alignkit.train.base import SetupContext
+from alignkit.train.base import Recipe, SetupContext
+
+if TYPE_CHECKING:  # transformers is imported when a model loads, not with this module
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class Placement:
     dist: Dist
     device: torch.device
     precision: str  # "bf16" or "fp32"
-    autocast: object  # a zero-argument context factory
+    autocast: Callable[[], contextlib.AbstractContextManager]  # a zero-argument context factory
 
 
 def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
@@ -53,6 +58,7 @@ def place(cfg: RunConfig) -> Placement:
     precision = resolve_precision(cfg, device)
     dist = Dist.from_env(cfg.dist, device, precision)
     # bf16 autocast (fp32 master weights), unless FSDP2 mixed precision gathers the parameters in bf16
+    autocast: Callable[[], contextlib.AbstractContextManager]
     if precision == "bf16" and not dist.mixed_precision:
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
     else:
@@ -103,9 +109,9 @@ def load_policy(cfg: RunConfig, spec, tokenizer, device):
 class Session:
     """What `setup` builds: everything a run needs before its first step."""
 
-    tokenizer: object
-    recipe: object
-    data: object  # PreparedData
+    tokenizer: PreTrainedTokenizerBase
+    recipe: Recipe
+    data: PreparedData
     model: torch.nn.Module
     placement: Placement
     ctx: SetupContext
@@ -120,7 +126,7 @@ class Session:
         return self.placement.device
 
     @property
-    def autocast(self):
+    def autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
         return self.placement.autocast
 
 
@@ -133,7 +139,7 @@ def setup(cfg: RunConfig, progress: bool = True, placement: Placement | None = N
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     spec = registry.get(cfg.recipe)
-    recipe = spec.load()(cfg, tokenizer)
+    recipe: Recipe = spec.load()(cfg, tokenizer)
     data = recipe.prepare()
     show(data.notes)
     if not data.train:

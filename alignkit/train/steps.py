@@ -37,7 +37,7 @@ class BatchPlan:
     ):
         self.tokens, self.batch_size, self.max_tokens = list(tokens), batch_size, max_tokens
         self.seed, self.shuffle = seed, shuffle
-        self._epochs = {}
+        self._epochs: dict[int, list[list[int]]] = {}  # epoch -> its micro-batches' item indices
 
     @property
     def over_budget(self) -> int:

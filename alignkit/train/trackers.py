@@ -152,7 +152,8 @@ class WandbTracker:
             name=run_dir.name,
             id=_run_id(run_dir, "wandb", resume_step),
             dir=str(run_dir),
-            mode=os.environ.get("WANDB_MODE") or "offline",
+            # wandb checks the user's WANDB_MODE itself; its stubs accept only the literal modes
+            mode=os.environ.get("WANDB_MODE") or "offline",  # type: ignore[arg-type]
             config=config,
             resume="allow",
             # alignkit's run is its own, even when the user's code has a wandb run open.
@@ -167,7 +168,7 @@ class WandbTracker:
     def log_alert(self, step: int, alert: dict) -> None:
         import wandb
 
-        level = getattr(wandb.AlertLevel, alert_level(alert))
+        level = getattr(wandb.AlertLevel, alert_level(alert))  # type: ignore[attr-defined]  # not in wandb's .pyi
         self._run.alert(
             title=alert_title(alert), text=f"step {step}: {alert_text(alert)}", level=level, wait_duration=0
         )
@@ -252,8 +253,9 @@ class MlflowTracker:
         else:  # local store: artifacts beside it, not in ./mlruns of the current directory
             local = None if os.environ.get("MLFLOW_TRACKING_URI") else (store / "artifacts").resolve().as_uri()
             experiment_id = client.create_experiment(name, artifact_location=local)
-        self._id = _run_id(run_dir, "mlflow", resume_step)
-        if self._id is not None:
+        previous = _run_id(run_dir, "mlflow", resume_step)
+        if previous is not None:
+            self._id = previous
             client.update_run(self._id, status="RUNNING")
         else:
             self._id = client.create_run(
@@ -289,7 +291,7 @@ class MlflowTracker:
 
 
 # name -> the class implementing it (names, packages and install commands: alignkit.registries.trackers)
-BACKENDS = {
+BACKENDS: dict[str, type[Tracker]] = {
     "tensorboard": TensorBoardTracker,
     "wandb": WandbTracker,
     "trackio": TrackioTracker,
@@ -297,7 +299,7 @@ BACKENDS = {
 }
 
 
-def start(names, run_dir: Path, config: dict, resume_step: int | None) -> list:
+def start(names, run_dir: Path, config: dict, resume_step: int | None) -> list[Tracker]:
     """Start each named tracker; on a failure, close the ones already started and re-raise."""
     check_installed(names)  # also here: a MetricsLogger made outside `alignkit train`
     started = []
@@ -318,7 +320,7 @@ def start(names, run_dir: Path, config: dict, resume_step: int | None) -> list:
     return started
 
 
-def close_all(trackers: list) -> None:
+def close_all(trackers: list[Tracker]) -> None:
     """Close every tracker, even when one fails; then raise the first failure."""
     error = None
     for t in trackers:

@@ -171,6 +171,7 @@ class Distill(MethodBase):
         if rollout.updates > 0:  # a reused rollout: no sampling happened for this step
             metrics["time/generation_s"] = torch.tensor(0.0)
         else:  # trainer and sampler saw the same weights: their log-probs of the sampled tokens must agree
+            assert rollout.generator_logps is not None  # `batches` sets it with the batch
             diff = (sampled - rollout.generator_logps.to(sampled.dtype)).abs()
             metrics["logprob_mismatch"], metrics["logprob_mismatch_max"] = diff, diff.max()
         o = self.cfg.online
@@ -196,7 +197,8 @@ class Distill(MethodBase):
                     )
             h_t = scored_hidden(self.teacher, batch)[0][order]
             h_r = scored_hidden(self.teacher_ref, batch)[0][order] if self.teacher_ref is not None else None
-        losses, metrics = [], {}
+        losses: list[torch.Tensor] = []
+        metrics: dict[str, list[torch.Tensor]] = {}
         size = self.cfg.train.logprob_chunk_size
         for start in range(0, h_s.shape[0], size):
             part = slice(start, start + size)

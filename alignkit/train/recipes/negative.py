@@ -60,7 +60,8 @@ class NegativeRecipe(OfflineRecipe):
         then attach the reference log-probs of the groups."""
         g, d = self.cfg.generation, self.cfg.data
         params = sampling_params(g)
-        out, notes = {}, []
+        out: dict[str, list] = {}  # split -> TokenizedGroups
+        notes: list[str] = []
         for split, examples in (("train", data.train), ("eval", data.eval)):
             if not examples:
                 out[split] = []

@@ -36,6 +36,7 @@ class BestWorstPairs(MethodBase):
                 self.reward_shift.update(recipe.ctx.gather(torch.zeros(0)))
             return recipe.empty(rollout.metrics)
         out, _, _, metrics = recipe.policy(model, rollout)
+        assert rollout.ref is not None  # online DPO keeps a reference (uses_reference): `fill_common` scored the batch
         b = rollout.batch.num_examples
         inputs = {
             "policy_chosen_logps": out.logps[:b],

@@ -37,6 +37,7 @@ from alignkit.train.rollouts import Rollout, policy_gradient, token_segments
 
 class PPO(MethodBase):
     name = "ppo"
+    iterations: int  # ppo.epochs * ppo.minibatches (set in __init__)
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg)
@@ -105,7 +106,9 @@ class PPO(MethodBase):
     def fill(self, model, rollout: Rollout, rewards: torch.Tensor, picks: list) -> None:
         """Per-token advantages, returns and old values of the rollout (PPO-max's order of steps)."""
         o, p, t = self.cfg.online, self.cfg.ppo, self.cfg.train
-        batch, device = rollout.batch, rollout.batch.input_ids.device
+        batch = rollout.batch
+        assert batch is not None and rollout.generator_logps is not None  # sampled: `fill` runs on a full rollout
+        device = batch.input_ids.device
         segs, num = token_segments(batch), batch.num_segments
         rollout.old_logps = in_segment_order(segment_logps(model, batch, t.logprob_chunk_size))[0]
         diff = (rollout.old_logps - rollout.generator_logps).abs()  # same weights: must agree
@@ -147,6 +150,7 @@ class PPO(MethodBase):
         cached = self._minibatch
         if cached is not None and cached[0] == (rollout.key, rollout.updates):
             return cached[1]
+        assert rollout.batch is not None  # PPO trains on every sample: a rollout always has a batch
         m, prompts = self.cfg.ppo.minibatches, len(rollout.groups)
         epoch, part = divmod(rollout.updates, m)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + rollout.key * 7919 + epoch)
@@ -167,6 +171,9 @@ class PPO(MethodBase):
     def loss(self, model, rollout: Rollout, split: str):
         o, c = self.cfg.online, self.cfg.critic
         batch, keep = self.minibatch(rollout)
+        # `fill` set every per-token tensor (or a checkpoint restored them)
+        assert rollout.old_logps is not None and rollout.advantages is not None and rollout.generator_logps is not None
+        assert rollout.old_values is not None and rollout.returns is not None
         out, logps, segs, metrics = self.recipe.policy(model, rollout, batch=batch)
         pg, pg_metrics = policy_gradient(
             self.policy_loss,
@@ -207,6 +214,7 @@ class PPO(MethodBase):
         start = ((rollout.key * self.iterations + rollout.updates) * size) % len(self.ptx)
         items = [self.ptx[(start + i) % len(self.ptx)] for i in range(size)]
         batch = collate_packed_sft(items, self.tokenizer.pad_token_id, self.cfg.train.pack_tokens)
+        assert rollout.batch is not None  # PPO trains on every sample: a rollout always has a batch
         out = segment_logps(model, batch.to(rollout.batch.input_ids.device), self.cfg.train.logprob_chunk_size)
         return -out.logps.sum() / out.counts.sum().clamp(min=1)
 

@@ -23,7 +23,9 @@ def kl_shaped_returns(recipe: OnlineRecipe, model, rollout: Rollout, rewards: to
     """The estimator: old log-probs (always: the loss's ratio starts from them), the KL-shaped token
     rewards, their batch-normalised returns as advantages."""
     o, t = recipe.cfg.online, recipe.cfg.train
-    batch, device = rollout.batch, rollout.batch.input_ids.device
+    batch = rollout.batch
+    assert batch is not None  # `fill` runs only on a rollout with samples to train on
+    device = batch.input_ids.device
     segs, num = token_segments(batch), batch.num_segments
     rollout.old_logps = in_segment_order(segment_logps(model, batch, t.logprob_chunk_size))[0]
     kl = torch.zeros_like(rollout.old_logps)

@@ -71,7 +71,7 @@ class RewardRecipe(OfflineRecipe):
         trains: the trunk, its final norm included, is frozen, so each sequence's pooled hidden
         state never changes. Compute it once, and train the head on it: further epochs then cost
         next to nothing (a linear probe, the cheapest reward model there is)."""
-        self.ctx = ctx
+        self._ctx = ctx
         if is_peft(model) or self.cfg.model.freeze_layers < len(transformer_blocks(model)):
             return data.replace()
         trunk, _ = reward_trunk_and_head(model)
