@@ -110,6 +110,17 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir, pairs_file
         torch.testing.assert_close(pa[k], pb[k], atol=1e-6, rtol=0)
 
 
+def test_resume_without_a_checkpoint_starts_from_scratch(tiny_model_dir, pairs_file, tmp_path, capsys):
+    steps = ["train.max_steps=3"]
+    fresh = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *steps, out="fresh"), progress=False)
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, *steps, out="never_saved")
+    resumed = loop.train(cfg, resume=True, progress=False)  # nothing there yet: a first run
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert [r["loss"] for r in read_metrics(resumed.run_dir, "train")] == pytest.approx(
+        [r["loss"] for r in read_metrics(fresh.run_dir, "train")], abs=1e-6
+    )
+
+
 def test_checkpoints_are_complete_and_pruned(tiny_model_dir, pairs_file, tmp_path):
     cfg = _cfg(
         tiny_model_dir, pairs_file, tmp_path, "train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=2"
