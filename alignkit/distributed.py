@@ -66,7 +66,9 @@ class Dist:
                 # torch wants the bound device with its index ("cuda" alone is refused), also for one process
                 device = device if device.index is not None else torch.device("cuda", local)
                 torch.cuda.set_device(device)
-                tdist.init_process_group("nccl", timeout=timeout, device_id=device)
+                # NCCL for CUDA tensors, gloo for the CPU ones (batch weights, metrics, objects): NCCL
+                # alone refuses a CPU tensor ("No backend type associated with device type cpu")
+                tdist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout, device_id=device)
             else:
                 tdist.init_process_group("gloo", timeout=timeout)
             import atexit

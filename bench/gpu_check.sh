@@ -15,6 +15,8 @@
 #                sleeps while the trainer trains, takes each update, and sampler and trainer agree
 #                (skipped when vllm is not installed: its CUDA wheel is too large to carry)
 #   dpo_vs_trl   bench/dpo_vs_trl.py on the 360M shape (llama:960x32), pairs 8, max length 1024
+#   sdpa_mask    which SDPA kernels take a packed batch's additive bf16 mask, and the memory one
+#                attention forward+backward needs with it against plain causal attention
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -131,4 +133,34 @@ if $PY -c "import trl" 2>/dev/null; then
     --steps 10 --warmup 2 2>&1 | tail -3 | sed 's/^/gpu_check dpo_vs_trl: /'
 else
   echo "gpu_check dpo_vs_trl: skipped (trl==1.16.0 is not installed)"
+fi
+
+# sdpa_mask: a packed batch's attention (one [R, 1, T, T] additive bf16 mask) against causal attention
+$PY - <<'PYEOF' && echo "gpu_check sdpa_mask: ok" || echo "gpu_check sdpa_mask: FAILED"
+import torch, torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+R, H, T, D = 2, 15, 2048, 64  # the 360M shape's heads and head size, two packed rows of 2048 tokens
+q, k, v = (torch.randn(R, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+allowed = torch.ones(T, T, dtype=torch.bool, device="cuda").tril()
+allowed[T // 2:, : T // 2] = False  # two sequences per row
+mask = torch.zeros(R, 1, T, T, dtype=torch.bfloat16, device="cuda").masked_fill(~allowed, torch.finfo(torch.bfloat16).min)
+def peak(backends, **kw):
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+    try:
+        with sdpa_kernel(backends):
+            F.scaled_dot_product_attention(q, k, v, **kw).sum().backward()
+    except RuntimeError as e:
+        return f"refused ({str(e).splitlines()[0][:60]})"
+    torch.cuda.synchronize()
+    return f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MB"
+print("causal, flash:", peak([SDPBackend.FLASH_ATTENTION], is_causal=True))
+for name, b in [("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]:
+    print(f"additive mask, {name}:", peak([b], attn_mask=mask))
+print("additive mask, default choice:", peak([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH], attn_mask=mask))
+PYEOF
+
+# dpo_vs_trl with smaller packed rows: alignkit alone, its peak memory against the default 2048-token rows
+if $PY -c "import trl" 2>/dev/null; then
+  timeout 200 $PY bench/dpo_vs_trl.py --device cuda --model llama:960x32 --pairs-per-step 8 --max-length 1024 \
+    --steps 10 --warmup 2 --only alignkit --pack-tokens 1024 2>&1 | grep "tokens/s" | sed 's/^/gpu_check dpo_pack1024: /'
 fi

@@ -389,8 +389,9 @@ def test_a_damaged_shard_is_named_and_an_earlier_checkpoint_offered(two_process_
 
 def test_one_gpu_process_binds_an_indexed_device(monkeypatch):
     """torchrun with one process and dist.strategy=fsdp on "cuda": torch refuses a device_id without
-    an index, so the group is joined on cuda:LOCAL_RANK (the GPU check found this; CI has no GPU, so
-    the two calls into CUDA and NCCL are recorded here instead of made)."""
+    an index, so the group is joined on cuda:LOCAL_RANK, and with gloo beside NCCL, which refuses CPU
+    tensors (the GPU check found both; CI has no GPU, so the calls into CUDA and NCCL are recorded
+    here instead of made)."""
     import torch
     import torch.distributed as tdist
 
@@ -405,6 +406,6 @@ def test_one_gpu_process_binds_an_indexed_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
     monkeypatch.setattr(tdist, "init_process_group", lambda backend, **k: calls.update(backend=backend, **k))
     dist = Dist.from_env(DistConfig(strategy="fsdp"), torch.device("cuda"), "bf16")
-    assert calls["backend"] == "nccl"
+    assert calls["backend"] == "cpu:gloo,cuda:nccl"  # CPU tensors too (the loop sums batch weights on CPU)
     assert calls["device_id"] == torch.device("cuda", 0) and calls["set_device"] == torch.device("cuda", 0)
     assert dist.enabled and dist.strategy == "fsdp" and dist.mixed_precision
