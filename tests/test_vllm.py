@@ -217,12 +217,16 @@ def test_grpo_trains_on_vllm_samples_and_reports_the_mismatch(small_dir, tmp_pat
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
     # the run stopped its engine when it ended, not at the program's exit
-    # (multiprocessing's resource tracker lives as long as this interpreter, by design)
-    left = [
-        " ".join(p.cmdline()[:4])
-        for p in psutil.Process().children(recursive=True)
-        if p.pid not in before and p.is_running() and "resource_tracker" not in " ".join(p.cmdline())
-    ]
+    left = []
+    for p in psutil.Process().children(recursive=True):
+        try:  # a zombie (exited, not yet reaped) is stopped; psutil raises ZombieProcess on its cmdline
+            if p.pid in before or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(p.cmdline())
+        except psutil.NoSuchProcess:
+            continue  # ended while we looked
+        if "resource_tracker" not in cmd:  # multiprocessing's tracker lives as long as this interpreter
+            left.append(cmd[:80])
     assert left == [], left
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:  # after every update the engine holds the trainer's weights: the two agree
