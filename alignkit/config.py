@@ -189,6 +189,10 @@ class OnlineConfig:
     """Optimizer steps on each batch of samples (GRPO's mu); above 1 the clipped ratio binds."""
     tis_cap: float = 0.0
     """Truncated importance sampling: weight each token's policy loss by min(pi_trainer / pi_sampler, tis_cap), for a sampler that computes in lower precision than the trainer (vLLM in bf16); 0 disables."""
+    is_mask_low: float = 0.0
+    """Masked importance sampling: drop from the policy loss the tokens whose pi_trainer / pi_sampler is below is_mask_low (in (0, 1), e.g. 0.5; set with `is_mask_high`). With `tis_cap` too, the tokens are masked first and the kept ones weighted by min(ratio, tis_cap). Masked tokens still count in the `aggregation`'s normaliser; 0 disables."""
+    is_mask_high: float = 0.0
+    """Masked importance sampling: drop from the policy loss the tokens whose pi_trainer / pi_sampler is above is_mask_high (above 1, e.g. 2; set with `is_mask_low`); 0 disables."""
     dynamic_sampling: bool = False
     """GRPO / RLOO (DAPO's dynamic sampling): drop groups whose samples all got the same reward (zero advantage) and refill the batch with fresh training prompts, in up to `dynamic_sampling_rounds` more sampling rounds."""
     dynamic_sampling_rounds: int = 3
@@ -796,6 +800,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     """Numbers outside their meaningful range, caught here rather than deep inside a run (after
     the model load and the reference pass) as a library traceback."""
     t, lo, o = cfg.train, cfg.lora, cfg.online
+    mis_off = o.is_mask_low == 0 and o.is_mask_high == 0  # masked importance sampling off
     rules = [
         (
             "train.learning_rate",
@@ -826,6 +831,18 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("data.limit", cfg.data.limit, cfg.data.limit is None or cfg.data.limit > 0, "positive (or unset)"),
         ("dist.timeout_s", cfg.dist.timeout_s, cfg.dist.timeout_s > 0, "positive"),
         ("online.tis_cap", o.tis_cap, o.tis_cap == 0 or o.tis_cap >= 1, "0 (off) or at least 1"),
+        (
+            "online.is_mask_low",
+            o.is_mask_low,
+            mis_off or 0 < o.is_mask_low < 1,
+            "in (0, 1) with online.is_mask_high above 1 (both 0: off)",
+        ),
+        (
+            "online.is_mask_high",
+            o.is_mask_high,
+            mis_off or o.is_mask_high > 1,
+            "above 1 with online.is_mask_low in (0, 1) (both 0: off)",
+        ),
         ("online.dynamic_sampling_rounds", o.dynamic_sampling_rounds, o.dynamic_sampling_rounds >= 0, ">= 0"),
         (
             "online.overlong_buffer",

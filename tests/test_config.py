@@ -133,3 +133,22 @@ def test_help_config_lists_recipes_and_who_reads_each_key(capsys):
     assert "online.scale_rewards (bool, default True)  [recipes: grpo]" in out
     assert "critic.value_clip (float, default 0.2)  [recipes: ppo]" in out
     assert "train.learning_rate (float, default 5e-06)\n" in out  # every recipe reads it: no list
+
+
+@pytest.mark.parametrize(
+    "low,high,key",
+    [
+        (1.5, 2.0, "online.is_mask_low"),  # the low bound must be below 1
+        (0.0, 2.0, "online.is_mask_low"),  # both are set, or neither
+        (0.5, 0.0, "online.is_mask_high"),
+        (0.5, 1.0, "online.is_mask_high"),  # the high bound must be above 1
+    ],
+)
+def test_masked_importance_sampling_range_is_checked(low, high, key):
+    base = ["recipe=grpo", "online.rewards=numeric_match"]
+    with pytest.raises(ConfigError, match=rf"`{key}` must be"):
+        load_config(None, [*base, f"online.is_mask_low={low}", f"online.is_mask_high={high}"])
+    cfg = load_config(None, [*base, "online.is_mask_low=0.5", "online.is_mask_high=2.0", "online.tis_cap=2.0"])
+    assert (cfg.online.is_mask_low, cfg.online.is_mask_high) == (0.5, 2.0)
+    with pytest.raises(ConfigError, match=r"recipe dpo does not read `online.is_mask_high`.*`online.is_mask_low`"):
+        load_config(None, ["recipe=dpo", "online.is_mask_low=0.5", "online.is_mask_high=2.0"])

@@ -349,6 +349,85 @@ def test_truncated_importance_weights_by_hand():
     assert not w.requires_grad  # a correction of the sampling distribution, not differentiated
 
 
+def test_masked_importance_weights_by_hand():
+    from alignkit.losses.online import masked_importance_weights
+
+    trainer = torch.tensor([-1.0, -2.0, -0.5, -0.3, math.log(2.0), -1.0], dtype=torch.float64, requires_grad=True)
+    sampler = torch.tensor([-1.5, -1.0, -0.5, -0.2, 0.0, -math.inf], dtype=torch.float64)
+    m, sums = masked_importance_weights(trainer, sampler, low=0.5, high=2.0)
+    # ratios: exp(0.5) = 1.65 (kept), exp(-1) = 0.37 < 0.5 (masked low), 1 (kept), exp(-0.1) = 0.90
+    # (kept), exactly 2 = high (kept: bounds included), +inf (sampler log-prob -inf: masked high)
+    assert m.tolist() == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    assert float(sums["mis/masked_fraction"]) == 2.0
+    assert float(sums["mis/masked_low_fraction"]) == 1.0
+    assert float(sums["mis/masked_high_fraction"]) == 1.0
+    assert not m.requires_grad and m.dtype == torch.float64
+    m2, _ = masked_importance_weights(trainer, sampler, low=0.5, high=1.5)  # 1.65 > 1.5 now masked too
+    assert m2.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="0 < low < 1 < high"):
+        masked_importance_weights(trainer, sampler, low=1.5, high=2.0)
+
+
+def _pg_term():
+    from alignkit.losses.combine import resolve_terms
+
+    (term,) = resolve_terms({"name": "ppo_clip"}, [], data="rollout")
+    return term
+
+
+def test_policy_gradient_mask_then_truncate_by_hand():
+    from alignkit.train.rollouts import policy_gradient
+
+    # logps == old: ratio 1, ppo_clip's per-token loss is -A_t; `dapo` sums them (aggregate_sum).
+    old = t64([-1.0, -2.0, -0.5, -0.3])
+    sampler = t64([-1.5, -1.0, -0.6, -1.3])  # trainer/sampler ratios e^0.5, e^-1, e^0.1, e^1
+    adv = t64([1.0, 2.0, 3.0, 4.0])
+    segs = torch.tensor([0, 0, 1, 1])
+    args = (_pg_term(), old.clone(), old, adv, segs, 2, "dapo", 8)
+    loss, m = policy_gradient(*args, sampler_logps=sampler, tis_cap=1.2, is_mask=(0.5, 2.0))
+    # mask [0.5, 2]: e^-1 = 0.37 and e^1 = 2.72 dropped; truncate the kept: min(e^0.5, 1.2) = 1.2,
+    # min(e^0.1, 1.2) = e^0.1. Weights [1.2, 0, e^0.1, 0].
+    close(loss, -(1.0 * 1.2 + 3.0 * math.exp(0.1)))
+    close(m["mis/masked_fraction"], 2 / 4)
+    close(m["mis/masked_low_fraction"], 1 / 4)
+    close(m["mis/masked_high_fraction"], 1 / 4)
+    # tis/ metrics over all four tokens, as without the mask: weights 1.2, e^-1, e^0.1, 1.2
+    close(m["tis/weight_mean"], (1.2 + math.exp(-1.0) + math.exp(0.1) + 1.2) / 4)
+    close(m["tis/capped_fraction"], 2 / 4)
+    # each alone: mask only -> weights [1, 0, 1, 0]; truncation only -> [1.2, e^-1, e^0.1, 1.2]
+    loss_mis, m_mis = policy_gradient(*args, sampler_logps=sampler, is_mask=(0.5, 2.0))
+    close(loss_mis, -(1.0 + 3.0))
+    assert not any(k.startswith("tis/") for k in m_mis)
+    loss_tis, m_tis = policy_gradient(*args, sampler_logps=sampler, tis_cap=1.2)
+    close(loss_tis, -(1.0 * 1.2 + 2.0 * math.exp(-1.0) + 3.0 * math.exp(0.1) + 4.0 * 1.2))
+    assert not any(k.startswith("mis/") for k in m_tis)
+    # no sampler log-probs: nothing to compare, neither applies
+    loss_none, m_none = policy_gradient(*args, tis_cap=1.2, is_mask=(0.5, 2.0))
+    close(loss_none, -(1.0 + 2.0 + 3.0 + 4.0))
+    assert not any(k.startswith(("tis/", "mis/")) for k in m_none)
+
+
+def test_policy_gradient_masked_token_has_no_gradient_and_stays_in_the_normaliser():
+    from alignkit.train.rollouts import policy_gradient
+
+    # One sequence of three tokens, `grpo` aggregation: mean over its tokens, times 1 sequence.
+    # Token 1's ratio e^-1 = 0.37 < 0.5 is masked; tokens 0 and 2 (ratios 1 and e^0.2) are kept.
+    old = t64([-1.0, -2.0, -0.5])
+    sampler = t64([-1.0, -1.0, -0.7])
+    logps = old.clone().requires_grad_(True)
+    adv = t64([2.0, 5.0, -1.0])
+    segs = torch.tensor([0, 0, 0])
+    loss, m = policy_gradient(
+        _pg_term(), logps, old, adv, segs, 1, "grpo", 8, sampler_logps=sampler, is_mask=(0.5, 2.0)
+    )
+    # Masked tokens count in the denominator: (-2 + 0 + 1) / 3, not (-2 + 1) / 2.
+    close(loss, (-2.0 + 1.0) / 3)
+    loss.backward()
+    # d(-ratio * A)/d logp = -A at ratio 1 (unclipped), times 1/3 from the mean; 0 for the masked one
+    close(logps.grad, t64([-2.0 / 3, 0.0, 1.0 / 3]))
+    close(m["mis/masked_fraction"], 1 / 3)
+
+
 def test_kl_penalty_in_loss_by_hand():
     from alignkit.losses.online import kl_penalty_in_loss
 

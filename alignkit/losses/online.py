@@ -18,6 +18,8 @@ float64 to pin numbers); integer rewards are promoted to float32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from alignkit.losses.registry import register
@@ -130,6 +132,49 @@ def truncated_importance_weights(
     caller divides by its token count."""
     w = torch.exp(trainer_logps.detach() - sampler_logps.to(trainer_logps.dtype)).clamp(max=cap)
     return w, {"tis/weight_mean": w.sum(), "tis/capped_fraction": (w >= cap).to(w.dtype).sum()}
+
+
+def masked_importance_weights(
+    trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, low: float, high: float
+) -> tuple[torch.Tensor, dict]:
+    """Token-level masked importance sampling (MIS): drop the tokens on which the trainer and the
+    sampler disagree too much. With r_t = pi_trainer(y_t) / pi_sampler(y_t),
+
+        m_t = 1 if low <= r_t <= high else 0        (0 < low < 1 < high; bounds included)
+
+    and each token's policy-gradient term is multiplied by m_t, so a dropped token gives neither
+    loss nor gradient. pi_trainer is taken at the weights that sampled (the rollout's old
+    log-probs), detached, as in `truncated_importance_weights`; the test is done on
+    log r_t = trainer - sampler against log(low) and log(high), so a huge or infinite ratio (a
+    sampler log-prob of -inf) is masked instead of overflowing, and a NaN ratio is masked too.
+
+    Sources (blog posts, cited by title: we know no arXiv ids for them): the rejection ("mask")
+    counterpart of truncation in Liu, Li et al., "When Speed Kills Stability: Demystifying RL
+    Collapse from the Training-Inference Mismatch" (2025) and in the Ling Team's IcePop (2025),
+    both after Yao et al., "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"
+    (2025; truncated IS); verl's `rollout_is_mode: mask` at token level is the same rejection.
+    Departure: where those also weight a kept token by its ratio (m_t * r_t), the mask here is 0/1
+    only and the IS weight is `truncated_importance_weights`' job; with both on, the weight is
+    m_t * min(r_t, cap), their m_t * r_t whenever cap >= high (the cap never binds on a kept
+    token). Where masked tokens sit in the loss's normaliser is the caller's choice
+    (`train.rollouts.policy_gradient` keeps them there).
+
+    Inputs [M]; returns (m [M] in the trainer's dtype, sums {"mis/masked_fraction": tokens
+    masked, "mis/masked_low_fraction": masked for r_t < low, "mis/masked_high_fraction": masked
+    for r_t > high}; a NaN ratio counts in the first only), sums so a caller divides by its token
+    count."""
+    if not 0.0 < low < 1.0 < high:
+        raise ValueError(f"masked_importance_weights: need 0 < low < 1 < high; got low={low}, high={high}.")
+    log_r = trainer_logps.detach() - sampler_logps.to(trainer_logps.dtype)  # [M]
+    keep = (log_r >= math.log(low)) & (log_r <= math.log(high))
+    m = keep.to(trainer_logps.dtype)
+    below = (log_r < math.log(low)).to(m.dtype)
+    above = (log_r > math.log(high)).to(m.dtype)
+    return m, {
+        "mis/masked_fraction": (1.0 - m).sum(),
+        "mis/masked_low_fraction": below.sum(),
+        "mis/masked_high_fraction": above.sum(),
+    }
 
 
 def kl_penalty_in_loss(

@@ -195,6 +195,8 @@ _SPECS = [
             "online.scale_rewards",
             "online.iterations",
             "online.tis_cap",
+            "online.is_mask_low",
+            "online.is_mask_high",
         ),
         unread=OFFLINE_BATCHING,
         combines_losses=False,
@@ -212,7 +214,15 @@ _SPECS = [
         ONLINE
         + ENV
         + DYNAMIC
-        + ("loss", "online.kl_coef", "online.aggregation", "online.iterations", "online.tis_cap"),
+        + (
+            "loss",
+            "online.kl_coef",
+            "online.aggregation",
+            "online.iterations",
+            "online.tis_cap",
+            "online.is_mask_low",
+            "online.is_mask_high",
+        ),
         unread=OFFLINE_BATCHING,
         combines_losses=False,
         needs_reward=True,
@@ -235,6 +245,8 @@ _SPECS = [
             "online.aggregation",
             "online.iterations",
             "online.tis_cap",
+            "online.is_mask_low",
+            "online.is_mask_high",
         ),
         unread=OFFLINE_BATCHING,
         combines_losses=False,
@@ -276,7 +288,17 @@ _SPECS = [
         True,
         ONLINE
         + ENV
-        + ("loss", "online.kl_coef", "online.kl_estimator", "online.aggregation", "online.tis_cap", "critic", "ppo"),
+        + (
+            "loss",
+            "online.kl_coef",
+            "online.kl_estimator",
+            "online.aggregation",
+            "online.tis_cap",
+            "online.is_mask_low",
+            "online.is_mask_high",
+            "critic",
+            "ppo",
+        ),
         unread=OFFLINE_BATCHING,
         combines_losses=False,
         needs_reward=True,

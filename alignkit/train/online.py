@@ -204,6 +204,7 @@ class PolicyGradient(MethodBase):
             o.kl_coef if self.kl_in_loss else 0.0,
             sampler_logps=rollout.generator_logps,
             tis_cap=o.tis_cap,
+            is_mask=(o.is_mask_low, o.is_mask_high),
         )
         return loss, {**metrics, **pg}
 

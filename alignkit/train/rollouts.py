@@ -134,16 +134,37 @@ def policy_gradient(
     kl_coef: float = 0.0,
     sampler_logps=None,
     tis_cap: float = 0.0,
+    is_mask: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[torch.Tensor, dict]:
     """A registered per-token policy loss `term` (a LossTerm, e.g. ppo_clip), plus GRPO's k3 KL term
     when `ref_logps` is given and `kl_coef` > 0, reduced by `aggregation` (`online.aggregation`) as
     a sum to be divided by the step's `aggregation_weight`s (`losses.online.aggregate_sum`). All
     inputs [M] in segment order; metrics are token means (the KL is reported whenever a reference
-    is given)."""
+    is given).
+
+    Sampler/trainer mismatch, both only when `sampler_logps` is given, from the old log-probs
+    against the sampler's: `tis_cap` > 0 weights each token's policy term by min(r_t, tis_cap)
+    (`truncated_importance_weights`), `is_mask` = (low, high) with high > 0 multiplies it by
+    m_t = 1{low <= r_t <= high} (`masked_importance_weights`); with both, m_t * min(r_t, tis_cap):
+    mask, then truncate the kept tokens' weights. The `tis/` and `mis/` metrics are each computed
+    over all M tokens, independent of the other correction. Neither touches the KL term: it is
+    added after them, to every token.
+
+    A masked token stays in the normaliser: it counts as a token of its sequence (`grpo`) and of
+    the batch (`dapo`), with a zero term. The normaliser of a step (`aggregation_weight`, summed
+    over micro-batches and processes) comes from the token layout alone, so this keeps 1 x 8 equal
+    to 8 x 1 without sharing masks; and the mask acts like the IS weight it sits beside, a
+    per-token factor of the estimator rather than a change of the batch. Departure from verl, whose
+    rejection edits the response mask and so drops masked tokens from the denominator: here a
+    batch with many masked tokens takes a smaller step, in proportion to `mis/masked_fraction`."""
     extra = {"token_seq": segs} if "token_seq" in term.spec.inputs else {}  # sequence-level losses (GSPO)
     per_token, parts = term.spec.fn(logps, old_logps, advantages, **extra, **term.params)
     n = max(logps.numel(), 1)
     metrics = {k: v.detach().sum() / n for k, v in parts.items()}
+    if is_mask[1] > 0 and sampler_logps is not None:  # masked importance sampling (`losses.online`)
+        m, sums = rl.masked_importance_weights(old_logps, sampler_logps, *is_mask)
+        per_token = per_token * m
+        metrics.update({k: v / n for k, v in sums.items()})
     if tis_cap > 0 and sampler_logps is not None:  # truncated importance sampling (`losses.online`)
         w, sums = rl.truncated_importance_weights(old_logps, sampler_logps, tis_cap)
         per_token = per_token * w

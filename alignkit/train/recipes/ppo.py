@@ -186,6 +186,7 @@ class PPO(MethodBase):
             self.cfg.generation.max_new_tokens,
             sampler_logps=rollout.generator_logps[keep],
             tis_cap=o.tis_cap,
+            is_mask=(o.is_mask_low, o.is_mask_high),
         )
         values, value_segs = token_values(self.value_model, batch)
         values = values[torch.argsort(value_segs, stable=True)]
