@@ -197,7 +197,13 @@ class LiveReference:
 
     @torch.no_grad()
     def segment(self, batch, chunk_size):
-        """The reference's SegmentLogps of `batch` (per segment and per token)."""
+        """The reference's SegmentLogps of `batch` (per segment and per token).
+
+        Always the reference's raw distribution (temperature 1, untruncated), even when the policy's
+        log-probs are those of its sampling distribution (`segment_logps(..., sampling=)`): the KL
+        anchor is the reference model itself, not a sampler built on it, and truncating the
+        reference with top-k / top-p could leave a sampled token outside its set (log-prob -inf,
+        an infinite KL estimate)."""
         ctx = self.model.disable_adapter() if self.use_base else contextlib.nullcontext()
         with ctx:
             return segment_logps(self.model, batch, chunk_size)

@@ -13,6 +13,7 @@ float64 where the device has it, with an error-free float32 splitting where it d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -30,8 +31,72 @@ class SegmentLogps:
     token_entropy: torch.Tensor | None = None  # [N] float32, detached: entropy of the predicting distribution
 
 
-def _token_logps(head, hidden, targets, entropy: bool = False):
+class SamplingSettings(Protocol):
+    """The settings that define the distribution a sampler draws from
+    (`alignkit.generation.decode.SamplingParams` is one)."""
+
+    temperature: float  # 0: greedy
+    top_p: float  # 1: off
+    top_k: int  # 0: off
+
+
+def is_model_distribution(sampling: SamplingSettings | None) -> bool:
+    """Whether `sampling` draws from the model's own distribution, so that its log-probs are the
+    raw ones: no settings, greedy (a greedy token's log-prob is read at temperature 1, untruncated,
+    as vLLM's processed log-probs read it: vLLM sets top-p 1 and top-k 0 for temperature 0), or
+    temperature 1 with neither top-k nor top-p."""
+    return (
+        sampling is None
+        or sampling.temperature <= 0
+        or (sampling.temperature == 1 and sampling.top_p >= 1 and sampling.top_k <= 0)
+    )
+
+
+def sampling_scores(logits: torch.Tensor, sampling: SamplingSettings, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, V] float32 logits -> [n, V] scores of the distribution `sampling` draws from: softmax of
+    them is that distribution, and `x[t] - logsumexp(x)` the log-prob of token t under it. The one
+    definition alignkit's sampler draws from and records, and the trainer scores with
+    (`segment_logps(..., sampling=)`), so the two agree to float32 round-off.
+
+    In order: divide by the temperature (not at 0, greedy, nor at 1, which changes nothing); keep the
+    top-k scores (ties with the k-th kept); keep the top-p nucleus of what is left, the smallest set
+    of tokens, most likely first, whose probability reaches top_p (a token stays while the mass
+    ranked above it is below top_p, so the first always stays; Holtzman et al. 2019, arXiv
+    1904.09751); everything else is -inf. vLLM applies the same steps in the same order (its
+    `processed_logprobs`: temperature, top-k, then top-p on the top-k-masked softmax, then a
+    log-softmax, which renormalises over what is kept).
+
+    `keep` [n]: a token per row that stays whatever the rules say (the trainer passes the scored
+    tokens). The sampler drew each of them from its own set, so this changes nothing where the two
+    sides agree; it keeps a token at the top-k / top-p boundary finite when the trainer's logits
+    differ from the sampler's by round-off (or the policy moved since sampling), instead of -inf
+    and an infinite ratio or KL estimate."""
+    scores = logits
+    if sampling.temperature > 0 and sampling.temperature != 1:
+        scores = logits / sampling.temperature
+    drop = None  # [n, V] True where a rule drops the token
+    with torch.no_grad():  # which tokens are kept is not differentiable: no graph for the sort
+        kept = scores.detach()
+        if sampling.top_k and sampling.top_k < kept.shape[-1]:
+            kth = torch.topk(kept, sampling.top_k, dim=-1).values[:, -1:]
+            drop = kept < kth
+            kept = kept.masked_fill(drop, float("-inf"))
+        if sampling.top_p < 1.0:
+            sorted_scores, order = torch.sort(kept, dim=-1, descending=True, stable=True)
+            probs = torch.softmax(sorted_scores, dim=-1)
+            before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each token
+            outside = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before >= sampling.top_p)
+            drop = outside if drop is None else drop | outside
+        if drop is not None and keep is not None:
+            drop = drop.scatter(-1, keep[:, None], False)
+    return scores if drop is None else scores.masked_fill(drop, float("-inf"))
+
+
+def _token_logps(head, hidden, targets, entropy: bool = False, sampling: SamplingSettings | None = None):
     logits = head(hidden).float()  # [n, V]
+    if not is_model_distribution(sampling):
+        assert sampling is not None  # for mypy: `is_model_distribution(None)` is True
+        logits = sampling_scores(logits, sampling, keep=targets)  # -inf outside the sampling distribution
     # x_t - logsumexp(x) rather than log_softmax(x)[t]: on CPU, torch's float32 log_softmax is
     # off by ~1e-6 per token in one direction, which adds up to ~4e-4 over a 300-token reply
     # (measured against float64; bench/dpo_vs_trl.py prints the comparison).
@@ -41,19 +106,31 @@ def _token_logps(head, hidden, targets, entropy: bool = False):
         return picked, picked.new_zeros(0)
     with torch.no_grad():  # a diagnostic: no gradient through it
         p = torch.softmax(logits, dim=-1)
-        return picked, lse - (p * logits).sum(-1)
+        if is_model_distribution(sampling):
+            return picked, lse - (p * logits).sum(-1)
+        # H = lse - sum p x over the kept tokens (a dropped token has p = 0 and x = -inf)
+        return picked, lse - (p * logits.masked_fill(p == 0, 0.0)).sum(-1)
 
 
-def chunked_token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, entropy: bool = False):
+def chunked_token_logps(
+    head,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    entropy: bool = False,
+    sampling: SamplingSettings | None = None,
+):
     """log p(target | hidden) for hidden [N, H], targets [N] -> [N] float32, chunk by chunk; with
-    `entropy`, also the entropy of each position's distribution ([N], detached)."""
+    `entropy`, also the entropy of each position's distribution ([N], detached). With `sampling`,
+    p is the distribution those settings sample from (`sampling_scores`), and so is the entropy's;
+    the transform runs inside each checkpointed chunk, so memory stays one [chunk, V] block."""
     out, ent = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            lp, e = checkpoint(_token_logps, head, h, t, entropy, use_reentrant=False)
+            lp, e = checkpoint(_token_logps, head, h, t, entropy, sampling, use_reentrant=False)
         else:
-            lp, e = _token_logps(head, h, t, entropy)
+            lp, e = _token_logps(head, h, t, entropy, sampling)
         out.append(lp)
         ent.append(e)
     if not out:
@@ -118,15 +195,21 @@ def scored_hidden(model, batch: TokenBatch):
     return hidden[rows, src], batch.input_ids[rows, cols], batch.segment_ids[rows, cols], head
 
 
-def segment_logps(model, batch: TokenBatch, chunk_size: int = 1024, entropy: bool = False) -> SegmentLogps:
+def segment_logps(
+    model, batch: TokenBatch, chunk_size: int = 1024, entropy: bool = False, sampling: SamplingSettings | None = None
+) -> SegmentLogps:
     """Sum log-probs of the scored tokens of each segment of `batch` (and, with `entropy`, each
-    scored position's entropy)."""
+    scored position's entropy). With `sampling` (online training: the rollout's sampling settings),
+    the log-probs and entropies are those of the distribution the sampler drew from (temperature,
+    top-k, top-p, renormalised: `sampling_scores`), which is what the sampler records; without it,
+    or when the settings leave the model's distribution as it is, the model's own (raw) ones,
+    computed exactly as before."""
     h, targets, token_segments, head = scored_hidden(model, batch)
     token_ent = None
     if entropy:
-        token_lp, token_ent = chunked_token_logps(head, h, targets, chunk_size, entropy=True)
+        token_lp, token_ent = chunked_token_logps(head, h, targets, chunk_size, entropy=True, sampling=sampling)
     else:
-        token_lp = chunked_token_logps(head, h, targets, chunk_size)
+        token_lp = chunked_token_logps(head, h, targets, chunk_size, sampling=sampling)
     logps = sum_by_segment(token_lp, token_segments, batch.num_segments)
     counts = torch.bincount(token_segments, minlength=batch.num_segments)
     return SegmentLogps(logps, counts, token_lp, token_segments, token_ent)

@@ -194,6 +194,15 @@ def test_distillation_lowers_the_heldout_divergence_to_the_teacher(tiny_model_di
     assert max(r["logprob_mismatch_max"] for r in rows) < 1e-4  # the loss reads the distribution that sampled
 
 
+def test_truncated_sampling_is_what_the_mismatch_compares(tiny_model_dir, models, tmp_path):
+    """Temperature 0.7, top-p 0.9, top-k 20 (issue 28): the sampler records the log-probs of the
+    distribution it drew from, and so does the student's `sampled_logps` the mismatch reads."""
+    extra = ("generation.temperature=0.7", "generation.top_p=0.9", "generation.top_k=20", "train.max_steps=2")
+    cfg = load_config(None, _args(tiny_model_dir, models, tmp_path, *extra))
+    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    assert max(r["logprob_mismatch_max"] for r in rows) < 1e-4
+
+
 def test_jsd_with_lora_and_a_logged_reward(tiny_model_dir, models, tmp_path):
     rewards = tmp_path / "rewards.py"
     rewards.write_text(

@@ -1,11 +1,14 @@
 """Module-level parity: our chunked sequence log-probs equal a plain transformers forward."""
 
+import math
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 from alignkit.data.batching import collate_pairs
 from alignkit.data.tokenize import TokenizedPair
-from alignkit.logprobs import chunked_token_logps, segment_logps
+from alignkit.logprobs import chunked_token_logps, sampling_scores, segment_logps
 from alignkit.testing import tiny_model
 
 
@@ -194,3 +197,105 @@ def test_segment_logps_on_a_device_without_float64_match_and_carry_gradients(mon
     torch.testing.assert_close(forced, reference, rtol=0, atol=0)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- the sampling distribution: temperature, top-k, top-p (issue 28) ----------------------------------
+
+
+@dataclass
+class Settings:  # an `alignkit.logprobs.SamplingSettings`
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def _f64_sampling_logps(row: list, temperature: float, top_k: int, top_p: float) -> dict:
+    """{token: log-prob} over the tokens the sampling distribution keeps, in float64, written out
+    from the definition: scale by 1 / temperature, keep the top_k highest, then walk them most
+    likely first and keep each while the mass before it is below top_p; renormalise."""
+    z = [x / temperature for x in row]
+    top = sorted(range(len(z)), key=lambda i: -z[i])[: top_k or len(z)]
+    w = {i: math.exp(z[i] - z[top[0]]) for i in top}
+    total, before, kept = sum(w.values()), 0.0, []
+    for i in top:
+        if before >= top_p:
+            break
+        kept.append(i)
+        before += w[i] / total
+    norm = sum(w[i] for i in kept)
+    return {i: math.log(w[i] / norm) for i in kept}
+
+
+ROW = [0.5, 2.0, -3.0, 1.0, 0.0, 1.5, -1.0]
+
+
+def test_sampling_scores_equal_the_definition_in_float64():
+    """Temperature 0.7, top-k 5, top-p 0.9 on one row. By hand: top-5 drops the logits -3 and -1
+    (tokens 2, 6); at temperature 0.7 the other five have probabilities 0.525, 0.257, 0.126, 0.062,
+    0.030 (logits 2, 1.5, 1, 0.5, 0), so the mass before the fourth, 0.908, reaches 0.9: the
+    nucleus is tokens 1, 5, 3, with log-probs -0.5477, -1.2619, -1.9762 renormalised over them."""
+    s = Settings(temperature=0.7, top_p=0.9, top_k=5)
+    expected = _f64_sampling_logps(ROW, 0.7, 5, 0.9)
+    assert sorted(expected) == [1, 3, 5]
+    assert [round(expected[i], 4) for i in (1, 5, 3)] == [-0.5477, -1.2619, -1.9762]
+    x = sampling_scores(torch.tensor([ROW]), s)[0]
+    assert torch.isinf(x[[0, 2, 4, 6]]).all() and torch.isfinite(x[[1, 3, 5]]).all()
+    # the trainer's path: an identity head turns each hidden row into the logits
+    targets = torch.tensor([1, 5, 3])
+    hidden = torch.tensor([ROW] * 3)
+    lp, ent = chunked_token_logps(torch.nn.Identity(), hidden, targets, chunk_size=2, entropy=True, sampling=s)
+    for got, t in zip(lp.tolist(), targets.tolist()):
+        assert abs(got - expected[t]) < 1e-6  # float32 against float64
+    entropy = -sum(math.exp(v) * v for v in expected.values())  # of the renormalised nucleus
+    assert ent.tolist() == pytest.approx([entropy] * 3, abs=1e-6)
+    # each rule alone, and the first token always kept
+    for t, k, p in ((1.0, 2, 1.0), (1.0, 0, 0.7), (2.0, 0, 0.95), (0.5, 3, 0.01)):
+        ref = _f64_sampling_logps(ROW, t, k, p)
+        x = sampling_scores(torch.tensor([ROW]), Settings(t, p, k))[0]
+        got = (x - torch.logsumexp(x, -1)).tolist()
+        assert sorted(i for i, v in enumerate(got) if math.isfinite(v)) == sorted(ref)
+        assert all(abs(got[i] - v) < 1e-6 for i, v in ref.items())
+    assert sorted(_f64_sampling_logps(ROW, 0.5, 3, 0.01)) == [1]
+
+
+def test_a_scored_token_outside_the_set_stays_finite():
+    """The trainer keeps the scored token in the set (`keep`): where the sampler's set had it but
+    the trainer's logits put it just outside, its log-prob is renormalised over the set plus it, not -inf."""
+    s = Settings(temperature=0.7, top_p=0.9, top_k=5)
+    lp = chunked_token_logps(torch.nn.Identity(), torch.tensor([ROW]), torch.tensor([0]), chunk_size=4, sampling=s)
+    z = {i: ROW[i] / 0.7 for i in (1, 5, 3, 0)}
+    expected = z[0] - math.log(sum(math.exp(v) for v in z.values()))
+    assert abs(float(lp[0]) - expected) < 1e-6
+
+
+def test_sampling_settings_of_the_model_distribution_change_nothing():
+    """Temperature 1 without top-k / top-p, and greedy (temperature 0 reads the model's own
+    distribution, as vLLM does): the trainer's log-probs and entropies are bit for bit those of a
+    call without settings, so default online runs are unchanged."""
+    model = tiny_model("llama", vocab_size=128).eval()
+    batch = collate_pairs(_pairs(), pad_id=1)
+    with torch.no_grad():
+        plain = segment_logps(model, batch, chunk_size=4, entropy=True)
+        for s in (Settings(1.0), Settings(0.0, top_p=0.9, top_k=20), Settings(1.0, top_k=128)):
+            out = segment_logps(model, batch, chunk_size=4, entropy=True, sampling=s)
+            assert torch.equal(out.token_logps, plain.token_logps) and torch.equal(out.logps, plain.logps)
+            assert torch.equal(out.token_entropy, plain.token_entropy)
+        other = segment_logps(model, batch, chunk_size=4, sampling=Settings(0.7, top_p=0.9, top_k=20))
+    assert (other.token_logps - plain.token_logps).abs().min() > 0.1  # a transform that ran
+
+
+def test_chunked_gradients_equal_unchunked_under_a_sampling_distribution():
+    torch.manual_seed(0)
+    s = Settings(temperature=0.8, top_p=0.9, top_k=20)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(13, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))  # some outside the set: kept, with a gradient
+    chunked = chunked_token_logps(head, hidden, targets, chunk_size=4, sampling=s)  # checkpointed chunks
+    g1 = torch.autograd.grad(chunked.sum(), [hidden, head.weight])
+    x = sampling_scores(head(hidden), s, keep=targets)
+    full = x.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(x, -1)
+    g2 = torch.autograd.grad(full.sum(), [hidden, head.weight])
+    torch.testing.assert_close(chunked, full)
+    assert torch.isfinite(chunked).all()
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)

@@ -77,6 +77,29 @@ def test_episodes_continue_from_the_cache_exactly():
             assert r[-len(header) :] == header and r[-len(header) - len(tool_ids) : -len(header)] == tool_ids
 
 
+def test_processed_episode_logprobs_are_those_of_the_sampling_distribution():
+    """With `logprobs="processed"` (online training), a model token's log-prob is under the
+    distribution it was drawn from (temperature, top-k, top-p: `sampling_scores`), which a full
+    forward over the whole episode gives back; and it is not the raw one."""
+    from alignkit.logprobs import sampling_scores
+
+    tok, model = _setup()
+    params = SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=20, logprobs="processed")
+    firsts = [[{"role": "user", "content": "what is one plus one ?"}], [{"role": "user", "content": "yes"}]]
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    envs = [Countdown(2), Countdown(1)]
+    eps = sample_episodes(model, tok, envs, firsts, params, max_turns=3, max_tokens=200, generator=gens)
+    for ep in eps:
+        with torch.no_grad():
+            logits = model(torch.tensor([ep.prompt_ids + ep.token_ids])).logits[0].float()
+        x = sampling_scores(logits, params)
+        processed = x - torch.logsumexp(x, -1, keepdim=True)
+        raw = torch.log_softmax(logits, -1)
+        at = [(len(ep.prompt_ids) + j - 1, t) for j, (t, m) in enumerate(zip(ep.token_ids, ep.model_mask)) if m]
+        assert len(at) > 5 and [float(processed[i, t]) for i, t in at] == pytest.approx(ep.logprobs, abs=1e-5)
+        assert min(abs(float(raw[i, t]) - lp) for (i, t), lp in zip(at, ep.logprobs)) > 0.05
+
+
 def test_token_budget_ends_an_episode():
     tok, model = _setup()
     eps = sample_episodes(

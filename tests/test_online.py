@@ -110,6 +110,33 @@ def test_other_online_recipes_raise_heldout_reward(tiny_model_dir, prompts_file,
     assert mismatch and max(mismatch) < 1e-4  # (a step whose groups all tie trains on nothing and logs none)
 
 
+TRUNCATED = ("generation.temperature=0.7", "generation.top_p=0.9", "generation.top_k=20")
+
+
+@pytest.mark.parametrize(
+    "recipe,extra",
+    [
+        ("grpo", ["online.iterations=2", "online.kl_coef=0.01", "online.tis_cap=2.0"]),
+        ("reinforce_pp", ["online.kl_coef=0.01"]),
+        ("online_dpo", ["loss.beta=0.5"]),
+    ],
+)
+def test_truncated_sampling_trains_on_the_distribution_it_sampled(
+    tiny_model_dir, prompts_file, tmp_path, recipe, extra
+):
+    """Temperature 0.7, top-p 0.9, top-k 20 (issue 28): the sampler records the log-probs of the
+    distribution it drew from and the trainer computes the same ones (old log-probs of a reused
+    rollout too), so they agree within 1e-4 per token and truncated importance sampling corrects
+    nothing."""
+    cfg = _cfg(tiny_model_dir, prompts_file, tmp_path, recipe, *TRUNCATED, *extra, "train.max_steps=4")
+    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    mismatch = [r["logprob_mismatch_max"] for r in rows if "logprob_mismatch_max" in r]
+    assert mismatch and max(mismatch) < 1e-4, mismatch
+    if recipe == "grpo":
+        assert rows[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # old log-probs: the same distribution
+        assert rows[0]["tis/weight_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
 def test_grpo_with_lora(tiny_model_dir, prompts_file, tmp_path):
     cfg = _cfg(
         tiny_model_dir, prompts_file, tmp_path, "grpo", "lora.enabled=true", "online.kl_coef=0.05", "train.max_steps=3"

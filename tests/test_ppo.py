@@ -83,6 +83,21 @@ def test_ppo_raises_heldout_reward_and_logs_its_metrics(tiny_model_dir, tmp_path
     assert all(r["lr/value"] == 1e-3 and r["lr"] == 3e-2 for r in rows)  # two optimizers, two learning rates
 
 
+def test_ppo_with_truncated_sampling_scores_the_distribution_it_sampled(tiny_model_dir, tmp_path):
+    """Temperature 0.7, top-p 0.9, top-k 20 (issue 28): PPO's old log-probs are the sampling
+    distribution's, as the sampler's are (mismatch within 1e-4), and the first update's ratio is 1."""
+    cfg = _cfg(
+        tiny_model_dir,
+        tmp_path,
+        "train.max_steps=4",
+        "online.kl_coef=0.01",
+        *("generation.temperature=0.7", "generation.top_p=0.9", "generation.top_k=20"),
+    )
+    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    assert max(r["logprob_mismatch_max"] for r in rows if "logprob_mismatch_max" in r) < 1e-4
+    assert rows[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_the_value_model_trains_and_is_saved_beside_the_policy(tiny_model_dir, tmp_path):
     result = loop.train(
         _cfg(tiny_model_dir, tmp_path, "train.max_steps=8", "train.save_every=4", reward="chars"), progress=False

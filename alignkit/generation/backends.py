@@ -108,4 +108,5 @@ def make_backend(
         max_model_len=max_model_len,
         seed=seed,
         sleep_after_sample=training,
+        logprobs="processed" if training else "raw",  # training scores the sampling distribution's
     )

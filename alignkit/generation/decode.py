@@ -1,9 +1,11 @@
 """Batched sampling token by token with a KV cache, over any `transformers` causal LM.
 
 Our own loop rather than `model.generate`, for three reasons:
-- we need the raw log-prob of every sampled token (the model's distribution at temperature 1,
-  before top-k / top-p), which online RL compares with the trainer's log-probs and KL estimates
-  use; `generate` only exposes the processed scores, or every step's full logits;
+- we need the log-prob of every sampled token, either raw (the model's distribution at
+  temperature 1, before top-k / top-p: inference-time search and URIAL's KL estimate read these) or
+  processed (the distribution the token was drawn from: online RL's behaviour log-probs, which the
+  trainer recomputes with the same `alignkit.logprobs.sampling_scores`); `generate` only exposes
+  the processed scores, or every step's full logits;
 - a prompt's n samples share its prefill: the prompt runs once and its KV cache is repeated n times,
   so n samples do not cost n times the prompt processing;
 - guided decoding (inference-time alignment) needs a hook at every token.
@@ -16,9 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
+
+from alignkit.logprobs import sampling_scores
+
+LOGPROBS = ("raw", "processed")
 
 
 @dataclass
@@ -29,6 +36,15 @@ class SamplingParams:
     top_k: int = 0  # 0 disables
     n: int = 1  # samples per prompt
     stop: tuple = ()  # stop strings: a sample ends once its text contains one (kept in the text)
+    # which log-probs `Sample.logprobs` holds: "raw", the model's own distribution (temperature 1, no
+    # top-k / top-p); or "processed", the distribution each token was drawn from (temperature, top-k,
+    # top-p, renormalised: `alignkit.logprobs.sampling_scores`), which online training's trainer
+    # recomputes (`segment_logps(..., sampling=params)`). Greedy tokens get the raw ones either way.
+    logprobs: Literal["raw", "processed"] = "raw"
+
+    def __post_init__(self):
+        if self.logprobs not in LOGPROBS:
+            raise ValueError(f"SamplingParams.logprobs must be one of {', '.join(LOGPROBS)}; got {self.logprobs!r}.")
 
     def but(self, **changes) -> "SamplingParams":
         """A copy with some settings changed (e.g. `params.but(n=1)`): the one way to derive settings,
@@ -36,9 +52,12 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
 
-def sampling_params(g, *, n: int | None = None, greedy: bool = False) -> SamplingParams:
+def sampling_params(
+    g, *, n: int | None = None, greedy: bool = False, logprobs: Literal["raw", "processed"] = "raw"
+) -> SamplingParams:
     """SamplingParams from a run's `generation` section (a `GenerationConfig`): the one place that
-    reads it. `n` overrides `num_samples`; `greedy` sets temperature 0 (held-out evaluation)."""
+    reads it. `n` overrides `num_samples`; `greedy` sets temperature 0 (held-out evaluation);
+    `logprobs`: see `SamplingParams.logprobs` (online training asks for "processed")."""
     return SamplingParams(
         max_new_tokens=g.max_new_tokens,
         temperature=0.0 if greedy else g.temperature,
@@ -46,13 +65,14 @@ def sampling_params(g, *, n: int | None = None, greedy: bool = False) -> Samplin
         top_k=g.top_k,
         n=g.num_samples if n is None else n,
         stop=tuple(g.stop),
+        logprobs=logprobs,
     )
 
 
 @dataclass
 class Sample:
     token_ids: list  # the completion's tokens, the end-of-sequence token included when it stopped on one
-    logprobs: list  # raw log-prob of each token under the model (temperature 1, no top-k / top-p)
+    logprobs: list  # log-prob of each token: raw or processed, as `SamplingParams.logprobs` asked
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
     text: str = ""  # decoded, special tokens removed (filled when a tokenizer is given)
     mask: list | None = None  # multi-turn episodes: True where the model sampled the token (the scored ones)
@@ -81,23 +101,20 @@ def row_seed(*parts: int) -> int:
 def pick_tokens(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
     """[R, V] float32 logits -> [R] next tokens: argmax at temperature 0, else a sample from the
     temperature-scaled distribution restricted to the top-k tokens and the top-p nucleus (the
-    smallest set whose probability reaches top_p, as in Holtzman et al. 2019).
+    smallest set whose probability reaches top_p, as in Holtzman et al. 2019):
+    `alignkit.logprobs.sampling_scores`, which the trainer scores with too.
 
     `generator`: one torch.Generator for the batch, or a list with one per row. With one per row,
     each row draws its own uniform and takes the token where the distribution's CDF passes it, so a
     row's tokens do not depend on which other rows share its batch (or its process)."""
     if params.temperature <= 0:
         return logits.argmax(-1)
-    scores = logits / params.temperature
-    if params.top_k and params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each token
-        sorted_scores = sorted_scores.masked_fill(before >= params.top_p, float("-inf"))  # the first always stays
-        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    return draw_tokens(sampling_scores(logits, params), generator)
+
+
+def draw_tokens(scores: torch.Tensor, generator) -> torch.Tensor:
+    """[R, V] scores (`sampling_scores`) -> [R] tokens drawn from softmax(scores); `generator` as in
+    `pick_tokens`."""
     probs = torch.softmax(scores, dim=-1)
     if isinstance(generator, list):
         u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generator])  # [R]
@@ -105,6 +122,26 @@ def pick_tokens(logits: torch.Tensor, params: SamplingParams, generator) -> torc
         picked = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None])[:, 0]
         return picked.clamp(max=probs.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, generator, steer=None) -> tuple[torch.Tensor, list]:
+    """The next tokens [R] for the model's `logits` [R, V] and the log-prob of each under the model,
+    as `params.logprobs` asks: raw (log-softmax at temperature 1) or processed (x_t - logsumexp(x)
+    for x = `sampling_scores(logits)`: the arithmetic of the trainer's `alignkit.logprobs`).
+    `steer(logits) -> logits`: a guiding hook's rewrite, which the tokens are then drawn from (with
+    processed log-probs, a token it picks outside the model's top-k / top-p gets -inf)."""
+    if params.logprobs == "raw":
+        logp = torch.log_softmax(logits, dim=-1)
+        tok = pick_tokens(logits if steer is None else steer(logits), params, generator)
+        return tok, logp.gather(-1, tok[:, None])[:, 0].tolist()
+    greedy = params.temperature <= 0  # the model's distribution: what vLLM returns for a greedy token
+    own = logits if greedy else sampling_scores(logits, params)
+    if steer is not None:
+        own = own.clone()  # before the hook, which may edit the logits in place
+        tok = pick_tokens(steer(logits), params, generator)
+    else:
+        tok = own.argmax(-1) if greedy else draw_tokens(own, generator)
+    return tok, (own.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(own, dim=-1)).tolist()
 
 
 def left_pad(prompts: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +175,7 @@ def sample_batch(
     """Sample `params.n` completions for each prompt (token-id lists) in one batch.
 
     `step_hook(logits [R, V], rows_state) -> logits`, when given, may rewrite each step's logits
-    before sampling (guided decoding); the recorded log-probs stay the model's own."""
+    before sampling (guided decoding); the recorded log-probs stay the model's own (`next_tokens`)."""
     device = next(model.parameters()).device
     eos = set([eos_ids] if isinstance(eos_ids, int) else eos_ids)
     ids, mask = left_pad(prompts, pad_id, device)
@@ -154,10 +191,8 @@ def sample_batch(
     state = _Rows([[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, ["length"] * rows)
     next_pos = positions[:, -1] + 1
     for step in range(params.max_new_tokens):
-        logp = torch.log_softmax(logits, dim=-1)
-        steer = step_hook(logits, state) if step_hook is not None else logits
-        tok = pick_tokens(steer, params, generator)
-        tok_logp = logp.gather(-1, tok[:, None])[:, 0].tolist()
+        steer = None if step_hook is None else (lambda x: step_hook(x, state))
+        tok, tok_logp = next_tokens(logits, params, generator, steer)
         for r, (t, lp) in enumerate(zip(tok.tolist(), tok_logp)):
             if state.done[r]:
                 continue

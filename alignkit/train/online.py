@@ -224,7 +224,7 @@ class OnlineRecipe:
         self._ctx: SetupContext | None = None  # set in `setup`: the device, precision and data-parallel helpers
         self.iterations = method.iterations if method.iterations is not None else cfg.online.iterations
         self.uses_reference = method.uses_reference  # keeps a frozen reference (the initial policy; LoRA: its base)
-        self.params = sampling_params(cfg.generation)
+        self.params = sampling_params(cfg.generation, logprobs="processed")
         # None: a recipe that learns without a reward (distill), or episodes the environment rewards
         self.reward = build_reward(cfg.online.rewards) if cfg.online.rewards is not None else None
         self.episodes = EpisodeSampler(cfg, tokenizer) if cfg.env.name is not None else None
@@ -483,7 +483,9 @@ class OnlineRecipe:
         assert rollout.batch is not None  # `fill` runs only on a rollout with samples to train on
         if self.iterations > 1:
             with torch.no_grad():
-                rollout.old_logps = in_segment_order(segment_logps(model, rollout.batch, t.logprob_chunk_size))[0]
+                rollout.old_logps = in_segment_order(
+                    segment_logps(model, rollout.batch, t.logprob_chunk_size, sampling=self.params)
+                )[0]
         if self.reference is not None:
             rollout.ref = self.reference.segment(rollout.batch, t.logprob_chunk_size)
 
@@ -539,7 +541,7 @@ class OnlineRecipe:
         segments in segment order, and the rollout's metrics plus the sampler/trainer mismatch."""
         scored = batch or rollout.batch
         assert scored is not None  # methods ask only for a rollout with samples to train on
-        out = segment_logps(model, scored, self.cfg.train.logprob_chunk_size, entropy=entropy)
+        out = segment_logps(model, scored, self.cfg.train.logprob_chunk_size, entropy=entropy, sampling=self.params)
         logps, segs, ent = in_segment_order(out)
         metrics = dict(rollout.metrics)
         if rollout.updates > 0:  # a reused rollout: no sampling happened for this step

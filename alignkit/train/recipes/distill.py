@@ -31,7 +31,7 @@ from alignkit.config import ModelConfig
 from alignkit.data.batching import TokenBatch, collate_packed_groups
 from alignkit.data.negative import TokenizedGroup
 from alignkit.errors import ConfigError
-from alignkit.logprobs import scored_hidden
+from alignkit.logprobs import is_model_distribution, sampling_scores, scored_hidden
 from alignkit.losses import online as rl
 from alignkit.losses.combine import apply_terms, resolve_terms
 from alignkit.models import backbone_and_head, load_model, load_tokenizer
@@ -231,7 +231,11 @@ class Distill(MethodBase):
             s, q = student.detach(), student.detach().exp()
             metrics["teacher_kl"] = (q * (s - inputs["teacher_logps"])).sum(-1)
             metrics["entropy"] = -(q * s).sum(-1)
-            metrics["sampled_logps"] = s.gather(-1, targets[:, None]).squeeze(-1)
+            if is_model_distribution(self.recipe.params):
+                metrics["sampled_logps"] = s.gather(-1, targets[:, None]).squeeze(-1)
+            else:  # the sampler recorded the log-probs of the distribution it drew from (top-k, top-p, ...)
+                x = sampling_scores(s, self.recipe.params, keep=targets)  # shift-invariant: log-probs in, as logits
+                metrics["sampled_logps"] = x.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(x, -1)
         return loss, metrics
 
     # -- evaluation ------------------------------------------------------------------------------

@@ -110,7 +110,9 @@ class PPO(MethodBase):
         assert batch is not None and rollout.generator_logps is not None  # sampled: `fill` runs on a full rollout
         device = batch.input_ids.device
         segs, num = token_segments(batch), batch.num_segments
-        rollout.old_logps = in_segment_order(segment_logps(model, batch, t.logprob_chunk_size))[0]
+        rollout.old_logps = in_segment_order(
+            segment_logps(model, batch, t.logprob_chunk_size, sampling=self.recipe.params)
+        )[0]
         diff = (rollout.old_logps - rollout.generator_logps).abs()  # same weights: must agree
         rollout.metrics.update(logprob_mismatch=diff.mean(), logprob_mismatch_max=diff.max())
         kl = torch.zeros_like(rollout.old_logps)

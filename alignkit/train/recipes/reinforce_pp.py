@@ -27,7 +27,7 @@ def kl_shaped_returns(recipe: OnlineRecipe, model, rollout: Rollout, rewards: to
     assert batch is not None  # `fill` runs only on a rollout with samples to train on
     device = batch.input_ids.device
     segs, num = token_segments(batch), batch.num_segments
-    rollout.old_logps = in_segment_order(segment_logps(model, batch, t.logprob_chunk_size))[0]
+    rollout.old_logps = in_segment_order(segment_logps(model, batch, t.logprob_chunk_size, sampling=recipe.params))[0]
     kl = torch.zeros_like(rollout.old_logps)
     if recipe.reference is not None:
         rollout.ref = recipe.reference.segment(batch, t.logprob_chunk_size)
