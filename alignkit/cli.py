@@ -31,6 +31,7 @@ COMMANDS = (
     "steer",
     "fit_value",
     "vllm_serve",
+    "sample_serve",
     "export",
     "report",
     "demo",

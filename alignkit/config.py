@@ -171,6 +171,20 @@ class GenerationConfig:
     """`backend: vllm`, in-process engine: its KV cache in GiB. Default: 1 on CPUs (vLLM's CPU build would otherwise reserve a share of NUMA node 0's memory, which fails where that node reports little); on GPUs unset, and `vllm_gpu_memory_utilization` decides."""
     vllm_gpu_memory_utilization: Optional[float] = None
     """`backend: vllm`, in-process engine: the share of GPU memory it may take (default 0.4 on GPUs); on CPU a share of NUMA node 0's RAM, used only when set (prefer `vllm_kv_cache_gib` there). Set one of the two."""
+    sampler_server: Optional[str] = None
+    """`backend: transformers`: the URL of an `alignkit sample-serve` (alignkit's own sampler in a process of its own, e.g. on another CPU core or machine) instead of sampling in the training process."""
+    request_timeout_s: float = 600.0
+    """`vllm_server` / `sampler_server`: the longest a sample request or a weight update may take; a server that dies or stops answering ends the run after at most this long, with a message naming it."""
+
+
+@dataclass
+class AsyncConfig:
+    mode: Literal["sync", "one_step_off", "stream"] = "sync"
+    """`sync`: sample, then train on the samples (lockstep). `one_step_off`: the rollout of step t is sampled with the weights of step t-1 while step t-1 trains (fixed schedule: deterministic). `stream`: the sampler generates continuously into a bounded buffer and weight updates reach generations in flight (docs/async.md)."""
+    max_staleness: Optional[int] = None
+    """`stream`: the most policy versions a sample may lag behind the trainer; older samples are dropped (counted) and their prompts sampled again. Default: 0 for `sync`, 1 for `one_step_off` (the only values they allow), 2 for `stream`."""
+    buffer_size: Optional[int] = None
+    """`stream`: rollouts (micro-batches) sampled ahead of the trainer at most; default `max_staleness` x `train.grad_accum`."""
 
 
 @dataclass
@@ -197,6 +211,7 @@ class OnlineConfig:
     """GRPO / RLOO (DAPO's dynamic sampling): drop groups whose samples all got the same reward (zero advantage) and refill the batch with fresh training prompts, in up to `dynamic_sampling_rounds` more sampling rounds."""
     dynamic_sampling_rounds: int = 3
     """`dynamic_sampling`: extra sampling rounds per batch at most; a batch still short after them trains on the groups it has."""
+    async_: AsyncConfig = field(default_factory=AsyncConfig)
     overlong_buffer: int = 0
     """DAPO's soft over-length penalty: replies longer than generation.max_new_tokens - overlong_buffer tokens lose reward linearly, down to -1 at the limit (training reward only); 0 disables."""
 
@@ -323,6 +338,12 @@ class HealthConfig:
     """logprob_mismatch: the mean |sampler - trainer| log-prob per sampled token above which they disagree."""
     spike_factor: float = 10.0
     """grad_norm_spike: a step's gradient norm above this times the median of the `window` before it is a spike."""
+    staleness_limit: float = 2.0
+    """off_policy_drift: the mean policy versions a sampled token lags behind the trainer (`async/staleness_mean`) above which the run trains too far off-policy."""
+    is_weight_drift: float = 0.2
+    """off_policy_drift: how far the mean truncated importance weight (`tis/weight_mean`) may move from 1."""
+    masked_fraction_limit: float = 0.1
+    """off_policy_drift: the share of tokens masked importance sampling drops (`mis/masked_fraction`) above which too much of the batch is discarded."""
 
 
 @dataclass
@@ -383,13 +404,24 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
 
 
+def config_key(name: str) -> str:
+    """The config key of a dataclass field: a field named after a Python keyword carries a trailing
+    underscore (`async_`) that the YAML key does not (`online.async`)."""
+    return name[:-1] if name.endswith("_") else name
+
+
+def field_name(cls: type, key: str) -> str | None:
+    """The field of `cls` that config key `key` sets, or None."""
+    return next((f.name for f in dataclasses.fields(cls) if config_key(f.name) == key), None)
+
+
 def iter_fields(cls: type = RunConfig, prefix: str = ""):
     """Yield (dotted key, type, default, doc) for every leaf field, depth first."""
     docs = field_docs(cls)
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        key = prefix + f.name
+        key = prefix + config_key(f.name)
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a hint is a class, never an instance
             yield from iter_fields(tp, key + ".")
             continue
@@ -462,9 +494,9 @@ def _valid_keys(cls: type = RunConfig) -> list[str]:
     keys = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        keys.append(f.name)
+        keys.append(config_key(f.name))
         if dataclasses.is_dataclass(hints[f.name]):
-            keys += [f"{f.name}.{k}" for k in _valid_keys(hints[f.name])]
+            keys += [f"{config_key(f.name)}.{k}" for k in _valid_keys(hints[f.name])]
     return keys
 
 
@@ -526,17 +558,17 @@ def _build(cls: type, data: dict, prefix: str, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}`{prefix.rstrip('.') or 'config'}` must be a mapping; got {data!r}.")
     hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
         key = prefix + str(k)
-        if k not in names:
+        name = field_name(cls, str(k))
+        if name is None:
             raise _unknown_key_error(key, where)
-        tp = hints[k]
+        tp = hints[name]
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a hint is a class, never an instance
-            kwargs[k] = _build(tp, v or {}, key + ".", where)
+            kwargs[name] = _build(tp, v or {}, key + ".", where)
         else:
-            kwargs[k] = _check_value(v, tp, key, where)
+            kwargs[name] = _check_value(v, tp, key, where)
     return cls(**kwargs)
 
 
@@ -705,6 +737,7 @@ def validate(cfg: RunConfig) -> None:
     spec = registry.get(cfg.recipe)
     if spec.samples:
         _check_env(cfg)
+        _check_async(cfg)
         if cfg.online.iterations < 1:
             raise ConfigError(f"`online.iterations` must be >= 1; got {cfg.online.iterations}.")
     spec.check(cfg)  # what only this recipe needs (its spec says; this function names no recipe)
@@ -744,6 +777,59 @@ def validate(cfg: RunConfig) -> None:
         )
     if not isinstance(cfg.loss, dict) or "name" not in cfg.loss:
         raise ConfigError("`loss` must be a mapping with a `name`, e.g. `loss: {name: dpo, beta: 0.1}`.")
+
+
+ASYNC_STALENESS = {"sync": 0, "one_step_off": 1, "stream": 2}  # online.async.max_staleness by mode
+
+
+def max_staleness(a: AsyncConfig) -> int:
+    """The policy versions a sample may lag behind the trainer under `online.async`."""
+    return a.max_staleness if a.max_staleness is not None else ASYNC_STALENESS[a.mode]
+
+
+def _check_async(cfg: RunConfig) -> None:
+    """`online.async` and the sampler servers: settings that contradict the mode, or a mode the
+    placement cannot run."""
+    a, g = cfg.online.async_, cfg.generation
+    if g.request_timeout_s <= 0:
+        raise ConfigError(f"`generation.request_timeout_s` must be positive; got {g.request_timeout_s}.")
+    if g.sampler_server and g.backend != "transformers":
+        raise ConfigError(
+            "`generation.sampler_server` names an `alignkit sample-serve` (alignkit's own sampler), which "
+            "goes with generation.backend=transformers; for a vLLM server set generation.vllm_server."
+        )
+    if a.mode in ("sync", "one_step_off") and a.max_staleness not in (None, ASYNC_STALENESS[a.mode]):
+        raise ConfigError(
+            f"`online.async.max_staleness` is {ASYNC_STALENESS[a.mode]} in mode {a.mode} (got {a.max_staleness}); "
+            "for another bound set online.async.mode=stream."
+        )
+    if a.mode == "stream" and a.max_staleness is not None and a.max_staleness < 1:
+        raise ConfigError(
+            f"`online.async.max_staleness` must be at least 1 in mode stream; got {a.max_staleness} "
+            "(0 is online.async.mode=sync)."
+        )
+    if a.buffer_size is not None and (a.mode != "stream" or a.buffer_size < 1):
+        raise ConfigError(
+            "`online.async.buffer_size` is read in mode stream only and must be at least 1; "
+            f"got {a.buffer_size} with mode {a.mode}."
+        )
+    if a.mode == "sync":
+        return
+    if not (g.sampler_server or g.vllm_server):
+        raise ConfigError(
+            f"online.async.mode={a.mode} overlaps sampling with training, so the sampler runs in a process "
+            "of its own: start `alignkit sample-serve --model M` (CPU) or `alignkit vllm-serve --model M` "
+            "and set generation.sampler_server (or generation.vllm_server) to its URL."
+        )
+    for key, on in (
+        ("env.name", cfg.env.name is not None),
+        ("online.dynamic_sampling", cfg.online.dynamic_sampling),
+    ):
+        if on:
+            raise ConfigError(
+                f"`{key}` with online.async.mode={a.mode} is not supported yet (it samples again inside a "
+                "step); use online.async.mode=sync."
+            )
 
 
 def _check_env(cfg: RunConfig) -> None:
@@ -900,6 +986,9 @@ def _check_health(cfg: RunConfig) -> None:
         ("health.length_growth", h.length_growth, h.length_growth > 1, "above 1"),
         ("health.zero_variance_fraction", h.zero_variance_fraction, 0 <= h.zero_variance_fraction < 1, "in [0, 1)"),
         ("health.mismatch_threshold", h.mismatch_threshold, h.mismatch_threshold > 0, "positive"),
+        ("health.staleness_limit", h.staleness_limit, h.staleness_limit > 0, "positive"),
+        ("health.is_weight_drift", h.is_weight_drift, h.is_weight_drift > 0, "positive"),
+        ("health.masked_fraction_limit", h.masked_fraction_limit, 0 < h.masked_fraction_limit < 1, "in (0, 1)"),
         ("health.spike_factor", h.spike_factor, h.spike_factor > 1, "above 1"),
     ]
     for key, value, ok, want in rules:
@@ -907,8 +996,9 @@ def _check_health(cfg: RunConfig) -> None:
             raise ConfigError(f"`{key}` must be {want}; got {value!r}.")
 
 
-def to_dict(cfg: RunConfig) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg) -> dict:
+    """The config as nested dicts under its config keys (`online.async`, not the field `async_`)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {config_key(k): v for k, v in items})
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

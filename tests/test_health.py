@@ -206,6 +206,31 @@ def test_logprob_mismatch():
     assert stream(train_rows("logprob_mismatch", [0.04] * 10), smooth=2) == []
 
 
+def test_logprob_mismatch_ignores_rows_sampled_by_older_weights():
+    rows = [(s, "train", {"logprob_mismatch": 0.3, "async/staleness_max": 1.0}) for s in range(1, 8)]
+    assert stream(rows, smooth=2) == []  # the asynchronous gap is off_policy_drift's to judge
+    rows[5][2]["async/staleness_max"] = rows[6][2]["async/staleness_max"] = 0.0  # on-policy rows count again
+    assert only(stream(rows, smooth=2), "logprob_mismatch").step == 7
+
+
+# -- off_policy_drift -------------------------------------------------------------------------
+
+
+def test_off_policy_drift_by_staleness():
+    a = only(stream(train_rows("async/staleness_mean", [1.0, 2.0, 3.0, 3.0]), smooth=2), "off_policy_drift")
+    assert a.step == 3 and a.evidence["async/staleness_mean"] == pytest.approx(2.5)  # step 2: exactly 1.5
+    assert stream(train_rows("async/staleness_mean", [2.0] * 8), smooth=2) == []  # at the limit, not above
+
+
+def test_off_policy_drift_by_importance_weights():
+    a = only(stream(train_rows("tis/weight_mean", [1.0, 0.9, 0.6, 0.6]), smooth=2), "off_policy_drift")
+    assert a.step == 3 and a.evidence["tis/weight_mean"] == pytest.approx(0.75)  # step 2: 0.95
+    assert stream(train_rows("tis/weight_mean", [1.15] * 8), smooth=2) == []
+    m = only(stream(train_rows("mis/masked_fraction", [0.05, 0.2, 0.2]), smooth=2), "off_policy_drift")
+    assert m.step == 2 and m.evidence["mis/masked_fraction"] == pytest.approx(0.125)
+    assert stream(train_rows("mis/masked_fraction", [0.1] * 8), smooth=2) == []
+
+
 # -- grad_norm_spike --------------------------------------------------------------------------
 
 

@@ -63,6 +63,8 @@ def make_backend(
     batch_size: int,
     *,
     vllm_server: str | None = None,
+    sampler_server: str | None = None,
+    request_timeout_s: float = 600.0,
     vllm_sync_dir: str | None = None,
     vllm_token_file: str | None = None,
     vllm_dtype: str = "auto",
@@ -75,19 +77,21 @@ def make_backend(
     state_fn=None,
     training: bool = False,
 ):
-    """The sampler `generation.backend` names: alignkit's own over `model`, or vLLM (a colocated
-    engine, or a client of `vllm_server`). `training`: a colocated engine on a GPU sleeps between
-    rollouts so the trainer has the memory."""
-    if name == "transformers":
+    """The sampler `generation.backend` names: alignkit's own over `model` (or in an `alignkit
+    sample-serve` at `sampler_server`), or vLLM (a colocated engine, or a client of `vllm_server`).
+    `training`: a colocated engine on a GPU sleeps between rollouts so the trainer has the memory."""
+    if name == "transformers" and not sampler_server:
         return TransformersBackend(model, tokenizer, batch_size)
-    if name != "vllm":
+    if name not in ("transformers", "vllm"):
         raise ConfigError(f"`generation.backend` must be transformers or vllm; got {name!r}.")
     from alignkit.generation.vllm_engine import VLLMEngine, VLLMServer
 
-    if vllm_server:
+    if sampler_server or vllm_server:
         return VLLMServer(
-            vllm_server,
+            sampler_server or vllm_server,
             tokenizer,
+            kind="alignkit" if sampler_server else "vllm",
+            timeout_s=request_timeout_s,
             model_path=model_path,
             writer=writer,
             barrier=barrier,

@@ -77,6 +77,7 @@ class Sample:
     text: str = ""  # decoded, special tokens removed (filled when a tokenizer is given)
     mask: list | None = None  # multi-turn episodes: True where the model sampled the token (the scored ones)
     episode: object = None  # multi-turn episodes: the `alignkit.generation.multiturn.Episode`
+    versions: list | None = None  # the policy version that sampled each token (a sampler that swaps weights in flight)
 
 
 @dataclass
@@ -171,15 +172,20 @@ def sample_batch(
     generator=None,
     tokenizer=None,
     step_hook=None,
+    version_hook=None,
 ) -> list[list[Sample]]:
     """Sample `params.n` completions for each prompt (token-id lists) in one batch.
 
     `step_hook(logits [R, V], rows_state) -> logits`, when given, may rewrite each step's logits
-    before sampling (guided decoding); the recorded log-probs stay the model's own (`next_tokens`)."""
+    before sampling (guided decoding); the recorded log-probs stay the model's own (`next_tokens`).
+    `version_hook() -> int`, when given, runs before each forward pass (it may load new weights
+    into `model`: partial rollouts, `sampler_server`) and returns the policy version that the pass
+    computes with; each sample then records the version of each of its tokens (`Sample.versions`)."""
     device = next(model.parameters()).device
     eos = set([eos_ids] if isinstance(eos_ids, int) else eos_ids)
     ids, mask = left_pad(prompts, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    version = version_hook() if version_hook is not None else None
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     cache, logits = out.past_key_values, out.logits[:, -1].float()
     n = params.n
@@ -189,6 +195,7 @@ def sample_batch(
         positions = positions.repeat_interleave(n, 0)
     rows = logits.shape[0]
     state = _Rows([[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, ["length"] * rows)
+    versions: list[list] = [[] for _ in range(rows)]
     next_pos = positions[:, -1] + 1
     for step in range(params.max_new_tokens):
         steer = None if step_hook is None else (lambda x: step_hook(x, state))
@@ -198,6 +205,7 @@ def sample_batch(
                 continue
             state.tokens[r].append(t)
             state.logprobs[r].append(lp)
+            versions[r].append(version)
             if t in eos or (
                 params.stop and tokenizer is not None and stopped_by_string(tokenizer, state.tokens[r], params.stop)
             ):
@@ -206,6 +214,8 @@ def sample_batch(
             break
         tok = torch.where(torch.tensor(state.done, device=device), torch.full_like(tok, pad_id), tok)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if version_hook is not None:
+            version = version_hook()
         out = model(
             input_ids=tok[:, None],
             attention_mask=mask,
@@ -215,7 +225,10 @@ def sample_batch(
         )
         cache, logits = out.past_key_values, out.logits[:, -1].float()
         next_pos = next_pos + 1
-    samples = [Sample(state.tokens[r], state.logprobs[r], state.reason[r]) for r in range(rows)]
+    samples = [
+        Sample(state.tokens[r], state.logprobs[r], state.reason[r], versions=versions[r] if version_hook else None)
+        for r in range(rows)
+    ]
     if tokenizer is not None:
         for s in samples:
             s.text = tokenizer.decode(s.token_ids, skip_special_tokens=True).strip()
@@ -235,6 +248,7 @@ def sample(
     progress: bool = False,
     desc: str = "sampling",
     prompt_seeds: list | None = None,
+    version_hook=None,
 ) -> list[list[Sample]]:
     """`sample_batch` over all prompts, `batch_size` prompts at a time, longest first (less
     padding); results come back in the prompts' order. Seeded: the same call gives the same samples.
@@ -271,6 +285,7 @@ def sample(
                     pad_id=pad_id,
                     generator=gen,
                     tokenizer=tokenizer,
+                    version_hook=version_hook,
                 )
                 for i, s in zip(idx, out):
                     results[i] = s

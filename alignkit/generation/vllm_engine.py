@@ -350,10 +350,17 @@ def client_token(url: str, sync_dir: str | None, token_file: str | None) -> tupl
 
 class VLLMServer:
     """A client of an `alignkit vllm-serve` (vLLM's OpenAI-compatible server behind alignkit's gate,
-    `vllm_guard`): prompts over HTTP with the server's secret, weight updates through the server's
-    own `reload_weights` from the sync directory both can read. With several training processes,
-    every process samples from the server and the first one updates its weights (`sync` is called
-    on every process; `writer` marks the one)."""
+    `vllm_guard`) or of an `alignkit sample-serve` (alignkit's own sampler, `sampler_server`; it
+    answers `owned_by: alignkit` and takes a whole batch with a seed per prompt in one request):
+    prompts over HTTP with the server's secret, weight updates through the server's own reload
+    from the sync directory both can read. With several training processes, every process samples
+    from the server and the first one updates its weights (`sync` is called on every process;
+    `writer` marks the one). Every request ends within `timeout_s` (`generation.request_timeout_s`):
+    a server that dies or stops answering stops the run with a message naming it, never a hang.
+
+    `kind` (`vllm` or `alignkit`) is what the config asked for; a server of the other kind is an
+    error. Policy versions: `load_state(state, version)` tells an alignkit server which version
+    it now holds, and samples from it carry the version of each token (`Sample.versions`)."""
 
     def __init__(
         self,
@@ -367,13 +374,27 @@ class VLLMServer:
         token_file: str | None = None,
         barrier=None,
         state_fn=None,
+        kind: str = "vllm",
     ):
         self.url, self.tokenizer, self.timeout = url.rstrip("/"), tokenizer, timeout_s
         self.writer, self.barrier = writer, barrier or (lambda: None)
         self.state_fn = state_fn or weights_for_engine  # model -> its weights (a sharded model gathers them)
         self.weights_dir = updates_dir(weights_dir)
         self.token, self.token_source = client_token(self.url, weights_dir, token_file)
-        self.model = self._get("/v1/models")["data"][0]["id"]
+        served = self._get("/v1/models")["data"][0]
+        self.model, self.kind = served["id"], "alignkit" if served.get("owned_by") == "alignkit" else "vllm"
+        if self.kind != kind:
+            want = (
+                "an `alignkit sample-serve` (generation.sampler_server)"
+                if kind == "alignkit"
+                else ("an `alignkit vllm-serve` (generation.vllm_server)")
+            )
+            raise ConfigError(
+                f"the server at {self.url} is {'alignkit' if self.kind == 'alignkit' else 'a vLLM'} server, but the "
+                f"config expects {want}: set generation.sampler_server for `alignkit sample-serve` "
+                "(generation.backend=transformers) or generation.vllm_server for `alignkit vllm-serve` (backend=vllm)."
+            )
+        self.version = 0  # the policy version last published to the server
         # names and shapes are checked against the trainer's own starting checkpoint when it is local
         self.expected = expected_weights(model_path) if model_path and Path(model_path).is_dir() else {}
 
@@ -402,10 +423,19 @@ class VLLMServer:
             raise ConfigError(
                 f"vLLM server {self.url}{path} answered {e.code}: {e.read().decode()[:500]}{hint}"
             ) from None
-        except (urllib.error.URLError, OSError) as e:
+        except TimeoutError:
             raise ConfigError(
-                f"cannot reach the vLLM server at {self.url} ({e}). Start it with `alignkit vllm-serve "
-                "--model M`, check generation.vllm_server, or set generation.backend: transformers."
+                f"the sampling server at {self.url} did not answer {path} within {self.timeout:.0f} s "
+                "(generation.request_timeout_s): check that it is alive and not stopped, look at its log "
+                "(out of memory? a crash?), or raise generation.request_timeout_s for very long generations. "
+                "The last checkpoint is intact: restart the server and add --resume."
+            ) from None
+        except (urllib.error.URLError, OSError) as e:
+            start = "alignkit sample-serve" if self.kind == "alignkit" else "alignkit vllm-serve"
+            raise ConfigError(
+                f"cannot reach the sampling server at {self.url} during {path} ({e}). Is it running? Start it "
+                f"with `{start} --model M` and check generation.sampler_server / generation.vllm_server; "
+                "the last checkpoint is intact: add --resume once the server is back."
             ) from None
         return json.loads(text) if text else {}
 
@@ -428,8 +458,29 @@ class VLLMServer:
 
     # -- protocol ---------------------------------------------------------------------------------
 
-    def sample(self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None):
+    def sample(
+        self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None, min_version: int = 0
+    ):
+        """`min_version`: an alignkit server samples once it holds at least that policy version."""
         from concurrent.futures import ThreadPoolExecutor
+
+        if self.kind == "alignkit":  # one batch, one request: the server batches it as it came
+            body = {
+                "model": self.model,
+                "prompt": [list(p) for p in prompts],
+                "seeds": list(prompt_seeds) if prompt_seeds is not None else [seed] * len(prompts),
+                "n": params.n,
+                "max_tokens": params.max_new_tokens,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k if params.top_k > 0 else -1,
+                "stop": list(params.stop) or None,
+                "logprobs_mode": params.logprobs,
+                "min_version": min_version,
+            }
+            choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
+            flat = [self._sample(c) for c in choices]
+            return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
         if not is_model_distribution(params):  # the two kinds differ: the server must return the kind asked for
             fix = f"restart it as `alignkit vllm-serve --logprobs {params.logprobs}` (training needs processed ones)"
@@ -466,6 +517,7 @@ class VLLMServer:
             [float(x) for x in lp["token_logprobs"]],
             "length" if choice["finish_reason"] == "length" else "stop",
             self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+            versions=choice.get("policy_versions"),
         )
 
     def sync(self, model) -> None:
@@ -474,7 +526,10 @@ class VLLMServer:
             self.load_state(state)
         self.barrier()  # no process samples before the server holds the new weights
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict, version: int | None = None) -> None:
+        """Send `state` to the server; `version`: the policy version it is (an alignkit server
+        records it in the samples; default: one more than the last)."""
+        self.version = self.version + 1 if version is None else version
         state = drop_tied(state, self.expected)
         check_weights(state, self.expected, f"generation.vllm_server={self.url}")
         self.weights_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -482,7 +537,10 @@ class VLLMServer:
         try:
             write_weights(state, directory)
             try:
-                self._request("/collective_rpc", {"method": RELOAD, "kwargs": {"weights_path": str(directory)}})
+                kwargs: dict = {"weights_path": str(directory)}
+                if self.kind == "alignkit":
+                    kwargs["version"] = self.version
+                self._request("/collective_rpc", {"method": RELOAD, "kwargs": kwargs})
             except ConfigError as e:
                 raise ConfigError(
                     f"{e}\nThe server loads each update from {directory}; a server on another machine "

@@ -14,6 +14,7 @@ RULE_NAMES = (
     "runaway_length",
     "zero_variance_groups",
     "logprob_mismatch",
+    "off_policy_drift",
     "grad_norm_spike",
     "eval_loss_rising",
 )

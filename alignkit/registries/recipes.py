@@ -38,6 +38,9 @@ ONLINE = SAMPLING + (
     "generation.vllm_gpu_memory_utilization",
     "generation.vllm_kv_cache_gib",
     "generation.vllm_token_file",
+    "generation.sampler_server",
+    "generation.request_timeout_s",
+    "online.async",
     "online.rewards",
     "online.overlong_buffer",
 )

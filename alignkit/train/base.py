@@ -112,6 +112,8 @@ class Recipe(Protocol):
 
     def extra_modules(self, model, ctx: SetupContext) -> dict[str, Trainable]: ...
 
+    def schedule(self, items_of: Callable[[int], list], keys: int) -> None: ...  # the plan: micro-batch key -> items
+
     def batches(self, model, items: list, key: int) -> list: ...
 
     def weight(self, batch) -> int: ...
@@ -173,6 +175,9 @@ class OfflineRecipe:
 
     def close(self) -> None:
         pass  # nothing outlives a step
+
+    def schedule(self, items_of: Callable[[int], list], keys: int) -> None:
+        pass  # batches are made when asked for
 
     def step_done(self) -> None:
         pass

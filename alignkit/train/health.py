@@ -439,7 +439,9 @@ def logprob_mismatch(h: History, cfg):
     another distribution than the one trained (stale or mis-loaded sampler weights, a bf16 or kernel
     mismatch), which makes the on-policy update silently off-policy. Condition: the mean of the last
     `health.smooth` logged `logprob_mismatch` values (mean absolute difference per token, train) is
-    above `health.mismatch_threshold`."""
+    above `health.mismatch_threshold`. Rows of an asynchronous run whose samples came from older
+    weights (`async/staleness_max` > 0) are not counted: their gap is expected, and
+    `off_policy_drift` watches it."""
     now = h.recent_mean("train", "logprob_mismatch")
     if now is not None and now > cfg.mismatch_threshold:
         worst = max(h.values("train", "logprob_mismatch_max", cfg.smooth) or [now])
@@ -447,6 +449,48 @@ def logprob_mismatch(h: History, cfg):
             f"mean |sampler - trainer| log-prob of the sampled tokens is {now:.4g} (largest {worst:.4g}), above "
             f"health.mismatch_threshold={cfg.mismatch_threshold}.",
             {"logprob_mismatch": now, "logprob_mismatch_max": worst, "mismatch_threshold": cfg.mismatch_threshold},
+        )
+    return None
+
+
+@rule(
+    "off_policy_drift",
+    reads={"train": ("async/staleness_mean", "tis/weight_mean", "mis/masked_fraction")},
+    advice="the samples come from a policy too far from the one trained: lower online.async.max_staleness (or "
+    "use one_step_off), lower train.learning_rate, or give the sampler more of the hardware so it keeps up.",
+)
+def off_policy_drift(h: History, cfg):
+    """An asynchronous or corrected run drifting off-policy: samples too many versions old, or
+    importance weights far from 1.
+
+    Why: a sample k updates old is drawn from a policy the trainer has left; the importance
+    correction (truncated IS, `online.tis_cap`; masked IS, `online.is_mask_*`) repairs a small gap,
+    but when the mean truncated weight moves far from 1 or many tokens are masked the corrected
+    gradient is mostly noise or mostly dropped (AReaL, arXiv 2505.24298, Sec. 5: staleness beyond a
+    few versions hurts final accuracy even with the decoupled objective). Condition: over the last
+    `health.smooth` logged rows, the mean `async/staleness_mean` is above `health.staleness_limit`, or
+    the mean `tis/weight_mean` is further than `health.is_weight_drift` from 1, or the mean
+    `mis/masked_fraction` is above `health.masked_fraction_limit`."""
+    stale = h.recent_mean("train", "async/staleness_mean")
+    if stale is not None and stale > cfg.staleness_limit:
+        return (
+            f"sampled tokens lag the trainer by {stale:.3g} policy versions on average (above "
+            f"health.staleness_limit={cfg.staleness_limit}).",
+            {"async/staleness_mean": stale, "staleness_limit": cfg.staleness_limit},
+        )
+    weight = h.recent_mean("train", "tis/weight_mean")
+    if weight is not None and abs(weight - 1) > cfg.is_weight_drift:
+        return (
+            f"the mean truncated importance weight is {weight:.3g}, further than health.is_weight_drift="
+            f"{cfg.is_weight_drift} from 1.",
+            {"tis/weight_mean": weight, "is_weight_drift": cfg.is_weight_drift},
+        )
+    masked = h.recent_mean("train", "mis/masked_fraction")
+    if masked is not None and masked > cfg.masked_fraction_limit:
+        return (
+            f"masked importance sampling drops {masked:.1%} of the tokens (above health.masked_fraction_limit="
+            f"{cfg.masked_fraction_limit}).",
+            {"mis/masked_fraction": masked, "masked_fraction_limit": cfg.masked_fraction_limit},
         )
     return None
 
@@ -554,8 +598,9 @@ class HealthMonitor:
             return []
         h = self.history
         h.step, h.split = int(step), split
+        off_policy = row.get("async/staleness_max", 0) > 0  # samples of older weights: the gap is expected
         for key in self._watched(split):
-            if key in row:
+            if key in row and not (off_policy and key.startswith("logprob_mismatch")):
                 h.add(split, key, step, row[key])
         if split == "eval":  # note the proxies' running train means at this evaluation (over_optimisation)
             for proxy, _ in PROXY_PAIRS:

@@ -208,6 +208,11 @@ def _start(
         world_size=dist.world_size,
         global_accum=cfg.train.grad_accum * dist.world_size,
     )
+    # the micro-batches the recipe will be asked for (an asynchronous online run samples ahead)
+    per_step = cfg.train.grad_accum
+    s.recipe.schedule(
+        lambda key: micro_batch_items(plan, s.data.train, dist, key), -(-steps // s.recipe.iterations) * per_step
+    )
     if resumed is not None:
         state = TrainState.from_dict(
             persist.restore(resumed, trained, s.recipe, state.as_dict(), fingerprint, steps, dist, sharded)
@@ -268,6 +273,12 @@ def _loop(run: Run) -> None:
         _finish(run)
 
 
+def micro_batch_items(plan: BatchPlan, train: list, dist, key: int) -> list:
+    """This process's items of micro-batch `key`: the global micro-batches are the world_size
+    per-process ones, key * world + rank."""
+    return [train[i] for i in plan.micro_batch(key * dist.world_size + dist.rank)]
+
+
 def _micro_batches(run: Run) -> tuple[list, list, list]:
     """This step's micro-batches, as the recipe makes them: (batches, the items of each micro-batch,
     how many batches each micro-batch became)."""
@@ -275,8 +286,7 @@ def _micro_batches(run: Run) -> tuple[list, list, list]:
     batches, batch_items, pieces = [], [], []
     for a in range(t.grad_accum):
         key = (state.step // s.recipe.iterations) * t.grad_accum + a  # = micro_step when a rollout is used once
-        # the global micro-batch `key` is the world_size per-process micro-batches key * world + rank
-        items = [s.data.train[i] for i in run.plan.micro_batch(key * dist.world_size + dist.rank)]
+        items = micro_batch_items(run.plan, s.data.train, dist, key)
         made = s.recipe.batches(run.modules["policy"].model, items, key)
         batches += made
         batch_items.append(items)

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from alignkit.config import RunConfig
+from alignkit.config import RunConfig, max_staleness
 from alignkit.data.batching import TokenBatch, collate_packed_groups
 from alignkit.data.negative import TokenizedGroup
 from alignkit.data.prompts import PromptExample, load_prompt_examples, prompt_columns, tokenize_prompts
@@ -35,6 +35,7 @@ from alignkit.losses.combine import resolve_terms
 from alignkit.models import resolve_model_path
 from alignkit.rewards.build import build_reward
 from alignkit.rewards.functions import score_groups
+from alignkit.train.async_rollouts import RolloutPipeline
 from alignkit.train.base import SetupContext, Trainable
 from alignkit.train.episodes import EpisodeSampler, token_returns
 from alignkit.train.rollouts import Rollout, policy_gradient, rollout_metrics, token_segments
@@ -233,6 +234,8 @@ class OnlineRecipe:
         self.backend: GenerationBackend | None = None  # set in setup, once the model exists
         self._rollouts: dict[int, Rollout] = {}  # micro-batch key -> Rollout, reused for `iterations` optimizer steps
         self._used: list[int] = []  # keys of the rollouts of the current step
+        self.pipeline: RolloutPipeline | None = None  # online.async: rollouts sampled ahead of the trainer
+        self._items_of = None  # key -> the items of micro-batch `key` (`schedule`)
         method.bind(self)
 
     @property
@@ -283,8 +286,8 @@ class OnlineRecipe:
         self._ctx = ctx
         g = self.cfg.generation
         state_fn = None
-        if ctx.dist.enabled and g.backend == "vllm":
-            if not g.vllm_server:
+        if ctx.dist.enabled and (g.backend == "vllm" or g.sampler_server):
+            if not (g.vllm_server or g.sampler_server):
                 raise ConfigError(
                     "generation.backend=vllm with several processes needs a vLLM server every process "
                     "samples from: start `alignkit vllm-serve --model M` and set generation.vllm_server."
@@ -302,6 +305,8 @@ class OnlineRecipe:
             resolve_model_path(self.cfg.model.name_or_path, self.cfg.cache_dir),
             g.batch_size,
             vllm_server=g.vllm_server,
+            sampler_server=g.sampler_server,
+            request_timeout_s=g.request_timeout_s,
             vllm_sync_dir=g.vllm_sync_dir,
             vllm_token_file=g.vllm_token_file,
             vllm_dtype=g.vllm_dtype,
@@ -314,9 +319,38 @@ class OnlineRecipe:
             state_fn=state_fn,
             training=True,
         )
+        a = self.cfg.online.async_
+        if a.mode != "sync":
+            bound = max_staleness(a)
+            self.pipeline = RolloutPipeline(
+                self.backend,
+                self.params,
+                self._request,
+                mode=a.mode,
+                max_staleness=bound,
+                buffer_size=a.buffer_size or bound * self.cfg.train.grad_accum,
+                keys=0,  # set by `schedule`
+                per_cycle=self.cfg.train.grad_accum,
+                writer=ctx.dist.is_main,
+                state_fn=state_fn,
+            )
         if self.uses_reference:
             self.reference = LiveReference(model)
         return self.method.setup(model, data.replace(), ctx)
+
+    def schedule(self, items_of, keys: int) -> None:
+        """The loop's plan: `items_of(key)`, the items of micro-batch `key`; `keys`, how many the run
+        trains on (what an asynchronous run may sample ahead)."""
+        self._items_of = items_of
+        if self.pipeline is not None:
+            self.pipeline.keys = keys
+
+    def _request(self, key: int) -> tuple[list, list]:
+        """(prompts, a seed per prompt) of micro-batch `key`: the seeds `batches` uses in sync mode."""
+        assert self._items_of is not None  # the loop calls `schedule` before any step
+        items = self._items_of(key)
+        seed = self.cfg.seed * 1_000_003 + key
+        return [it.prompt_ids for it in items], [row_seed(seed, it.index) for it in items]
 
     def extra_modules(self, model, ctx: SetupContext) -> dict[str, Trainable]:
         return self.method.extra_modules(model, ctx)
@@ -404,6 +438,11 @@ class OnlineRecipe:
                 [it.prompt_ids for it in items], params, seed, prompt_seeds=[row_seed(seed, it.index) for it in items]
             )
         gen_s = time.perf_counter() - start
+        rewards, parts = self.reward_samples(exs, samples, split, params)
+        return samples, rewards, parts, gen_s
+
+    def reward_samples(self, exs: list, samples: list, split: str, params: SamplingParams):
+        """(rewards [P, n], reward parts) of each prompt's samples."""
         if self.reward is None:
             rewards, parts = torch.zeros(len(samples), params.n), {}
         else:
@@ -419,7 +458,7 @@ class OnlineRecipe:
             penalty = rl.overlong_penalty(lengths, self.params.max_new_tokens, buffer).to(rewards.dtype)
             rewards = rewards + penalty
             parts = {**parts, "overlong_penalty": penalty.reshape(-1).tolist()}  # logged as reward/overlong_penalty
-        return samples, rewards, parts, gen_s
+        return rewards, parts
 
     def sampling_models(self, model) -> tuple:
         """The sharded modules that run while a rollout is sampled and completed (PPO adds its value model)."""
@@ -433,7 +472,10 @@ class OnlineRecipe:
         # A new cycle: the rollouts whose `iterations` updates are done are not needed any more.
         self._rollouts = {k: r for k, r in self._rollouts.items() if r.updates < self.iterations}
         seed = self.cfg.seed * 1_000_003 + key  # a resumed run resamples the same completions
-        samples, rewards, metrics = self.score(model, items, "train", self.params, seed)
+        if self.pipeline is None:
+            samples, rewards, metrics = self.score(model, items, "train", self.params, seed)
+        else:
+            samples, rewards, metrics = self.take(model, items, key)
         if self.cfg.online.dynamic_sampling:
             items, samples, rewards = self.refill(model, items, samples, rewards, metrics, seed)
         kept, picks = self.method.select(samples, rewards, metrics) if items else ([], [])
@@ -457,6 +499,36 @@ class OnlineRecipe:
                 self.fill(model, out, rewards[kept], picks)
         self._rollouts[key] = out
         return [out]
+
+    def take(self, model, items: list, key: int):
+        """`score` for an asynchronous run: micro-batch `key`'s samples from the pipeline (sampled
+        ahead, by an older policy version), rewarded here; the metrics add the `async/` ones."""
+        assert self.pipeline is not None
+        got, async_metrics = self.pipeline.get(model, key)
+        exs = [self.examples["train"][it.index] for it in items]
+        rewards, parts = self.reward_samples(exs, got.samples, "train", self.params)
+        metrics = self.method.visible(rollout_metrics(got.samples, rewards, parts, 0.0))
+        metrics.update(async_metrics)
+        if self.ctx.dist.is_main:
+            self._log_rollout(key, items, got, async_metrics)
+        return got.samples, rewards, metrics
+
+    def _log_rollout(self, key: int, items: list, got, metrics: dict) -> None:
+        """One line per asynchronous rollout in `rollouts.jsonl`: the step it trains, its examples,
+        the policy version it was asked with and its staleness (what a resumed run must not repeat)."""
+        import json
+
+        assert self.pipeline is not None
+        row = {
+            "step": self.pipeline.version + 1,
+            "key": key,
+            "examples": [it.index for it in items],
+            "version": got.version,
+            "staleness_mean": float(metrics["async/staleness_mean"]),
+            "staleness_max": float(metrics["async/staleness_max"]),
+        }
+        with open(Path(self.cfg.output_dir) / "rollouts.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def group(self, item, samples: list, index: int) -> TokenizedGroup:
         """The prompt and the samples trained on; an episode brings its own prompt (the environment's
@@ -490,6 +562,9 @@ class OnlineRecipe:
             rollout.ref = self.reference.segment(rollout.batch, t.logprob_chunk_size)
 
     def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()  # requests in flight are abandoned, not waited for
+            self.pipeline = None
         if self.backend is not None:
             self.backend.close()  # a colocated vLLM engine's process and memory go now, not at exit
             self.backend = None
@@ -498,19 +573,40 @@ class OnlineRecipe:
         for key in self._used:
             self._rollouts[key].updates += 1
         self._used = []
+        if self.pipeline is not None:
+            self.pipeline.step_done()
 
     def state_dict(self) -> dict:
         """The rollouts still to be trained on (`iterations` > 1): a run resumed between two updates
         of one rollout must reuse its samples and old log-probs, not sample anew from the updated
         policy; and the method's own state."""
-        return {
+        out = {
             "rollouts": {str(k): r.state_dict() for k, r in self._rollouts.items() if r.updates < self.iterations},
             **self.method.state_dict(),
         }
+        if self.pipeline is not None:
+            out["async"] = self.pipeline.state_dict()
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         self._rollouts = {int(k): Rollout.from_state_dict(r) for k, r in state["rollouts"].items()}
         self.method.load_state_dict(state)
+        if self.pipeline is not None:
+            if "async" not in state:
+                raise ConfigError(
+                    f"the checkpoint was written by a run with online.async.mode=sync; resume it with that mode "
+                    f"(this run sets {self.cfg.online.async_.mode})."
+                )
+            self.pipeline.load_state_dict(state["async"])
+            if self.ctx.dist.is_main:  # lines of steps after the checkpoint were never trained here
+                log = Path(self.cfg.output_dir) / "rollouts.jsonl"
+                if log.is_file():
+                    import json
+
+                    keep = [
+                        ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] <= self.pipeline.version
+                    ]
+                    log.write_text("".join(ln + "\n" for ln in keep))
 
     # -- evaluation ------------------------------------------------------------------------------
 

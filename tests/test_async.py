@@ -1,0 +1,321 @@
+"""Asynchronous online RL (`online.async`, issue 28) against a real `alignkit sample-serve` process.
+
+- sync (the default) trains exactly what it trained before the asynchronous modes came (pinned);
+- one_step_off: rollout t is sampled by the weights of step t-1; a SIGKILL and --resume reproduce
+  the uninterrupted run within 1e-6;
+- stream: partial rollouts record each token's policy version; after a crash and --resume every
+  prompt of the epoch is trained exactly once;
+- a server that dies or stops answering ends the run within `generation.request_timeout_s` with a
+  message naming it; the checkpoint before is intact and --resume continues once a server is back.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import base_overrides, crash_after, toy_pairs, write_jsonl
+from safetensors.torch import load_file
+
+from alignkit.config import load_config
+from alignkit.errors import ConfigError
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+
+REWARD = """
+def yes_share(prompts, completions, **columns):
+    return [c.split().count("yes") / max(1, len(c.split())) for c in completions]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """An `alignkit sample-serve` in a process of its own (one thread)."""
+
+    def __init__(self, model_dir: Path, sync_dir: Path, port: int | None = None):
+        self.port, self.sync_dir = port or free_port(), sync_dir
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "alignkit", "sample-serve", "--model", str(model_dir), "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            cmd + ["--sync-dir", str(sync_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, self.proc.stderr.read().decode()[-2000:]
+                time.sleep(0.2)
+        raise AssertionError("sample-serve did not start within 120 s")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    from alignkit.testing import save_tiny_model_dir
+
+    r = tmp_path_factory.mktemp("async")
+    save_tiny_model_dir(r / "llama")
+    write_jsonl(r / "prompts.jsonl", [{"prompt": p["prompt"], "answer": "#### 1"} for p in toy_pairs(48)])
+    (r / "rewards.py").write_text(REWARD)
+    return r
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    s = Server(root / "llama", root / "sync")
+    yield s
+    s.stop()
+
+
+def _args(root: Path, out: str, *extra) -> list:
+    return base_overrides(root / "llama", root / "prompts.jsonl", root / out, root / "cache") + [
+        "recipe=grpo",
+        f"online.rewards={root / 'rewards.py'}:yes_share",
+        "generation.num_samples=4",
+        "generation.max_new_tokens=8",
+        "generation.temperature=1.0",
+        "train.batch_size=4",
+        "train.warmup_ratio=0",
+        "train.learning_rate=3e-2",
+        "train.lr_schedule=constant",
+        "data.eval_fraction=0.25",
+        "train.eval_every=0",
+        *extra,
+    ]
+
+
+def _served(server: Server, mode: str, *extra) -> list:
+    return [
+        f"online.async.mode={mode}",
+        f"generation.sampler_server={server.url}",
+        f"generation.vllm_sync_dir={server.sync_dir}",
+        *extra,
+    ]
+
+
+def _params(directory: Path) -> dict:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# The final weights of this 4-step GRPO run at commit dfa2edd, before the asynchronous modes existed
+# (sum of |w| and of w^2 in float64; identical with 1 and 2 threads).
+PINNED_ABS, PINNED_SQ = 1744.6889334346633, 292.67622314006917
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_sync_mode_trains_what_it_trained_before(root, explicit):
+    extra = ["online.async.mode=sync", "online.async.max_staleness=0"] if explicit else []
+    args = _args(root, f"sync_{explicit}", "generation.num_samples=4", "train.max_steps=4", *extra)
+    result = loop.train(load_config(None, args), progress=False)
+    params = _params(result.final_dir)
+    assert sum(float(v.double().abs().sum()) for v in params.values()) == pytest.approx(PINNED_ABS, rel=1e-12)
+    assert sum(float((v.double() ** 2).sum()) for v in params.values()) == pytest.approx(PINNED_SQ, rel=1e-12)
+    assert not any(k.startswith("async/") for k in read_metrics(result.run_dir, "train")[-1])
+
+
+def test_one_step_off_samples_with_the_weights_one_step_behind(root, server):
+    result = loop.train(load_config(None, _args(root, "osf", "train.max_steps=4", *_served(server, "one_step_off"))))
+    rows = read_metrics(result.run_dir, "train")
+    # step 1 trains on samples of its own weights: the server's log-probs are the trainer's (same code, float32)
+    assert rows[0]["async/staleness_max"] == 0 and rows[0]["logprob_mismatch_max"] < 1e-5
+    for r in rows[1:]:  # later steps: every token one version behind, so the log-probs differ
+        assert r["async/staleness_mean"] == 1 and r["async/staleness_max"] == 1
+        assert r["logprob_mismatch_max"] > 1e-3
+    for key in ("async/trainer_idle_fraction", "async/sampler_idle_fraction", "async/buffer_fill"):
+        assert 0 <= rows[-1][key] <= 1, key
+    logged = [json.loads(line) for line in (result.run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["version"] for r in logged] == [0, 0, 1, 2]  # rollout t asked for with the weights of step t-1
+
+
+_KILL = r"""
+import os, signal, sys
+from alignkit.cli import main
+from alignkit.train import modules
+
+kill_after, steps = int(sys.argv[1]), {"n": 0}
+real_step = modules.TrainedModule.step
+
+def step(self, apply):
+    real_step(self, apply)
+    steps["n"] += 1
+    if steps["n"] == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handler runs
+
+modules.TrainedModule.step = step
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
+def _killed_run(args: list, kill_after: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL, str(kill_after), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+def test_one_step_off_sigkill_and_resume_equals_the_uninterrupted_run(root, server):
+    common = ["train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=3", *_served(server, "one_step_off")]
+    full = loop.train(load_config(None, _args(root, "osf_full", *common)), progress=False)
+    args = _args(root, "osf_killed", *common)
+    _killed_run(args, kill_after=5)  # step 5 applied in memory, nothing of it saved: resumes from step 4
+    resumed = loop.train(load_config(None, args), resume=True, progress=False)
+    assert _max_diff(_params(full.final_dir), _params(resumed.final_dir)) < 1e-6
+    full_rows = read_metrics(full.run_dir, "train")
+    resumed_rows = read_metrics(resumed.run_dir, "train")
+    assert [r["reward"] for r in resumed_rows] == [r["reward"] for r in full_rows]
+
+
+def test_stream_crash_and_resume_trains_every_prompt_once(root, server, monkeypatch):
+    # 36 training prompts, 4 per step: one epoch is 9 steps
+    args = _args(root, "stream", "train.max_steps=9", "train.save_every=3", *_served(server, "stream"))
+    crash_after(monkeypatch, at_step=3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(load_config(None, args), progress=False)
+    monkeypatch.undo()
+    result = loop.train(load_config(None, args), resume=True, progress=False)
+    logged = [json.loads(line) for line in (result.run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 10))
+    trained = sorted(i for r in logged for i in r["examples"])
+    assert trained == sorted(set(trained)) and len(trained) == 36  # each prompt exactly once
+    rows = read_metrics(result.run_dir, "train")
+    assert max(r["async/staleness_max"] for r in rows) <= 2  # online.async.max_staleness (stream default)
+    assert all(r["async/dropped_stale"] >= 0 for r in rows)
+
+
+def test_partial_rollouts_swap_weights_between_tokens(root):
+    """A reload that arrives mid-batch reaches the model at the next token; each token says which
+    version sampled it."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.config import ModelConfig
+    from alignkit.generation.decode import SamplingParams
+    from alignkit.generation.sampler_server import SamplerService
+    from alignkit.generation.vllm_engine import write_weights
+    from alignkit.models import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(root / "llama", dtype=torch.float32)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(root / "llama")))
+    service = SamplerService(model, tok, "tiny")
+    update = root / "partial"
+    update.mkdir(exist_ok=True)
+    new = {k: v + 0.01 for k, v in model.state_dict().items()}
+    write_weights(new, update)
+    calls = {"n": 0}
+    real = service.between_tokens
+
+    def hook():
+        calls["n"] += 1
+        if calls["n"] == 4:  # three tokens sampled: an update arrives while the batch is in flight
+            assert service.reload(str(update), 7) == 7
+            assert service.version == 0  # not yet: the batch is generating
+        return real()
+
+    service.between_tokens = hook
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=2, logprobs="processed")
+    tok_ids = tok("what is 2 plus 3 ?")["input_ids"]
+    groups = service.sample([tok_ids], params, [11], min_version=0, timeout=5)
+    for s in groups[0]:
+        n = len(s.token_ids)
+        assert s.versions == ([0, 0, 0] + [7] * (n - 3))[:n]
+    assert service.version == 7
+    assert torch.equal(model.state_dict()["model.norm.weight"], new["model.norm.weight"])
+
+
+def _server_fault(root, out: str, where: str, sig: int):
+    """Run one_step_off until the sampler is asked for rollout 4 (where="generation") or sent the
+    weights of step 3 (where="sync"), send the server `sig` right then, and return (the error, the
+    seconds from the fault to the error, the run's args, the server)."""
+    from alignkit.generation.vllm_engine import VLLMServer
+    from alignkit.train.async_rollouts import RolloutPipeline
+
+    srv = Server(root / "llama", root / f"sync_{out}")
+    args = _args(
+        root,
+        out,
+        "train.max_steps=6",
+        "train.save_every=2",
+        "generation.request_timeout_s=4",
+        *_served(srv, "one_step_off"),
+    )
+    state: dict = {"at": None}
+
+    def fault():
+        if state["at"] is None:
+            state["at"] = time.perf_counter()
+            os.kill(srv.proc.pid, sig)
+
+    if where == "generation":
+        cls, name = RolloutPipeline, "_generate"
+        real = cls._generate
+
+        def patched(self, key, version):
+            if key == 4:
+                fault()
+            return real(self, key, version)
+    else:
+        cls, name = VLLMServer, "load_state"
+        real = cls.load_state
+
+        def patched(self, weights, version=None):
+            if version == 3:
+                fault()
+            return real(self, weights, version)
+
+    setattr(cls, name, patched)
+    try:
+        with pytest.raises(ConfigError) as err:
+            loop.train(load_config(None, args), progress=False)
+    finally:
+        setattr(cls, name, real)
+    return err.value, time.perf_counter() - state["at"], args, srv
+
+
+@pytest.mark.parametrize(
+    "where,sig", [("generation", signal.SIGKILL), ("generation", signal.SIGSTOP), ("sync", signal.SIGKILL)]
+)
+def test_a_dead_or_silent_server_stops_the_run_with_a_message_then_resume(root, where, sig):
+    out = f"fault_{where}_{int(sig)}"
+    error, seconds, args, srv = _server_fault(root, out, where, sig)
+    try:
+        assert srv.url in str(error), error
+        assert ("did not answer" in str(error)) == (sig == signal.SIGSTOP), error
+        assert "--resume" in str(error)
+        assert seconds < 4 + 10  # within the request timeout (4 s): no hang
+        assert (root / out / "checkpoint-2" / "model.safetensors").is_file()  # the last checkpoint is intact
+    finally:
+        if sig == signal.SIGSTOP:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        srv.stop()
+    back = Server(root / "llama", srv.sync_dir, port=srv.port)  # a server is back at the same address
+    try:
+        result = loop.train(load_config(None, args), resume=True, progress=False)
+        assert result.steps == 6 and (result.final_dir / "model.safetensors").is_file()
+    finally:
+        back.stop()
