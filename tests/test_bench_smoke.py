@@ -34,6 +34,13 @@ def _all_samples(text: str) -> None:  # both frameworks sampled steps x prompts 
 
 # script -> (its documented last line, packages it needs beyond alignkit's own, arguments, extra check)
 SCRIPTS = {
+    "bench/async_rl.py": (
+        rf"sync_samples_per_s={NUM} sync_2core_samples_per_s={NUM} one_step_off_samples_per_s={NUM} "
+        rf"stream_samples_per_s={NUM} heldout_sync={NUM} heldout_one_step_off={NUM} heldout_stream={NUM}",
+        [],
+        OUT,
+        None,
+    ),
     "bench/dpo_vs_trl.py": (rf"tokens_per_s_ratio={NUM} peak_memory_ratio={NUM}", ["trl"], OUT, _agreement),
     "bench/grpo_vs_trl.py": (rf"samples_per_s_ratio={NUM} peak_memory_ratio={NUM}", ["trl"], OUT, _all_samples),
     "bench/hh_losses.py": (rf"best=\w+ heldout_accuracy={NUM} n=4", [], OUT, None),

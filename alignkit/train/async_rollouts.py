@@ -143,17 +143,15 @@ class RolloutPipeline:
         return got, {**self.metrics(got), "time/generation_s": torch.tensor(waited)}
 
     def _one_step_off(self, model, key: int) -> None:
-        cycle = key // self.per_cycle
-        first = key % self.per_cycle == 0
-        if first and self.published != self.version:
+        cycle, first = key // self.per_cycle, key % self.per_cycle == 0
+        ahead = (cycle + 1) * self.per_cycle  # the next cycle's first key
+        if key in self._futures and not (first and ahead < self.keys and ahead not in self._futures):
+            return  # asked for already, and so is the next cycle
+        if self.published != self.version:
             self.publish(model)
-            if key not in self._futures:  # the run's first cycle (or a resume with nothing stored)
-                self._submit_cycle(cycle)
+        self._submit_cycle(cycle)  # the run's first cycle, or a resume with nothing stored
+        if first:
             self._submit_cycle(cycle + 1)
-        elif key not in self._futures:  # resumed in the middle of a cycle
-            if self.published != self.version:
-                self.publish(model)
-            self._submit_cycle(cycle)
 
     def _submit_cycle(self, cycle: int) -> None:
         for k in range(cycle * self.per_cycle, min((cycle + 1) * self.per_cycle, self.keys)):
@@ -188,6 +186,15 @@ class RolloutPipeline:
             version = self.version
             self._publishes.append(self._publisher.submit(self.backend.load_state, copy, version))
         self.published = self.version
+
+    def sync_now(self, model) -> None:
+        """The sampler holds the current weights once this returns (held-out evaluation samples
+        outside the schedule)."""
+        if self.published != self.version:
+            self.publish(model)
+        for fut in self._publishes:
+            self._result(fut)
+        self._publishes = []
 
     def step_done(self) -> None:
         self.version += 1

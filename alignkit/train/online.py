@@ -426,7 +426,9 @@ class OnlineRecipe:
         backend = self.backend
         assert backend is not None  # made in setup
         start = time.perf_counter()
-        if sync:
+        if sync and self.pipeline is not None:
+            self.pipeline.sync_now(model)  # its versions, not the backend's own count
+        elif sync:
             backend.sync(model)  # the policy changed since the last rollout
         with self.ctx.full_params(*self.sampling_models(model)):  # processes sample different lengths
             if self.episodes is not None:
