@@ -159,8 +159,8 @@ class GenerationConfig:
     """Stop strings: a completion ends once its text contains one (it is kept)."""
     backend: Literal["transformers", "vllm"] = "transformers"
     """Online recipes: who samples. `transformers`: alignkit's KV-cache loop over the policy itself; `vllm`: a vLLM engine (in this process, or the server `vllm_server` names), loaded with the policy's weights before each rollout."""
-    vllm_server: Optional[str] = None
-    """`backend: vllm`: the URL of an `alignkit vllm-serve` (e.g. http://10.0.0.5:8000); unset: an engine in the training process."""
+    vllm_server: Union[str, list, None] = None
+    """`backend: vllm`: the URL of an `alignkit vllm-serve` (e.g. http://10.0.0.5:8000), or a list of URLs the prompts are spread across; unset: an engine in the training process."""
     vllm_sync_dir: Optional[str] = None
     """`vllm_server`: the directory each weight update is written to for the server to read; for a server on another machine, a shared filesystem path both see (default: this machine's temporary directory)."""
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -171,8 +171,8 @@ class GenerationConfig:
     """`backend: vllm`, in-process engine: its KV cache in GiB. Default: 1 on CPUs (vLLM's CPU build would otherwise reserve a share of NUMA node 0's memory, which fails where that node reports little); on GPUs unset, and `vllm_gpu_memory_utilization` decides."""
     vllm_gpu_memory_utilization: Optional[float] = None
     """`backend: vllm`, in-process engine: the share of GPU memory it may take (default 0.4 on GPUs); on CPU a share of NUMA node 0's RAM, used only when set (prefer `vllm_kv_cache_gib` there). Set one of the two."""
-    sampler_server: Optional[str] = None
-    """`backend: transformers`: the URL of an `alignkit sample-serve` (alignkit's own sampler in a process of its own, e.g. on another CPU core or machine) instead of sampling in the training process."""
+    sampler_server: Union[str, list, None] = None
+    """`backend: transformers`: the URL of an `alignkit sample-serve` (alignkit's own sampler in a process of its own, e.g. on another CPU core or machine), or a list of URLs the prompts are spread across, instead of sampling in the training process."""
     request_timeout_s: float = 600.0
     """`vllm_server` / `sampler_server`: the longest a sample request or a weight update may take; a server that dies or stops answering ends the run after at most this long, with a message naming it."""
 
@@ -793,6 +793,9 @@ def _check_async(cfg: RunConfig) -> None:
     a, g = cfg.online.async_, cfg.generation
     if g.request_timeout_s <= 0:
         raise ConfigError(f"`generation.request_timeout_s` must be positive; got {g.request_timeout_s}.")
+    for key, urls in (("generation.sampler_server", g.sampler_server), ("generation.vllm_server", g.vllm_server)):
+        if isinstance(urls, list) and (not urls or not all(isinstance(u, str) and u for u in urls)):
+            raise ConfigError(f"`{key}` must be a URL or a non-empty list of URLs; got {urls!r}.")
     if g.sampler_server and g.backend != "transformers":
         raise ConfigError(
             "`generation.sampler_server` names an `alignkit sample-serve` (alignkit's own sampler), which "

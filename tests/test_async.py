@@ -319,3 +319,56 @@ def test_a_dead_or_silent_server_stops_the_run_with_a_message_then_resume(root, 
         assert result.steps == 6 and (result.final_dir / "model.safetensors").is_file()
     finally:
         back.stop()
+
+
+def test_prompts_spread_across_two_servers_train_what_one_server_trains(root, server):
+    import urllib.request
+
+    from alignkit.generation.vllm_engine import default_token_file
+
+    second = Server(root / "llama", root / "sync")  # the same sync directory: one update serves both
+    try:
+        one = loop.train(
+            load_config(None, _args(root, "one_server", "train.max_steps=3", *_served(server, "one_step_off")))
+        )
+        both = [
+            "online.async.mode=one_step_off",
+            f"generation.sampler_server=[{server.url}, {second.url}]",
+            f"generation.vllm_sync_dir={server.sync_dir}",
+        ]
+        two = loop.train(load_config(None, _args(root, "two_servers", "train.max_steps=3", *both)), progress=False)
+        # each prompt has its own seed: which server sampled it does not change the samples
+        assert _max_diff(_params(one.final_dir), _params(two.final_dir)) < 1e-6
+        for s in (server, second):  # both hold the last weights published (version 3: the final evaluation's)
+            token = default_token_file(str(s.sync_dir), s.port).read_text().strip()
+            req = urllib.request.Request(s.url + "/health", headers={"Authorization": f"Bearer {token}"})
+            assert json.loads(urllib.request.urlopen(req, timeout=10).read())["version"] == 3
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize(
+    "recipe,extra",
+    [
+        ("rloo", []),
+        ("reinforce_pp", ["online.kl_coef=0.05"]),
+        ("ppo", ["ppo.epochs=2", "ppo.minibatches=2", "train.max_steps=9"]),  # 4 updates per rollout
+        ("online_dpo", []),
+        ("raft", []),
+        ("grpo", ["loss.name=gspo", "online.iterations=2", "train.max_steps=5"]),
+        ("grpo", ["loss.name=cispo", "online.tis_cap=2", "online.is_mask_low=0.5", "online.is_mask_high=2"]),
+        ("distill", ["teacher.name_or_path={model}"]),
+    ],
+)
+def test_every_online_recipe_trains_one_step_off(root, server, recipe, extra):
+    extra = [e.format(model=root / "llama") for e in extra]
+    args = _args(root, f"recipe_{recipe}_{len(extra)}", "train.max_steps=3", *extra, *_served(server, "one_step_off"))
+    steps = int([a for a in args if a.startswith("train.max_steps=")][-1].split("=")[1])
+    args[args.index("recipe=grpo")] = f"recipe={recipe}"
+    if recipe == "distill":  # learns from the teacher, not from a reward
+        args = [a for a in args if not a.startswith("online.rewards=")]
+    result = loop.train(load_config(None, args), progress=False)
+    rows = read_metrics(result.run_dir, "train")
+    assert len(rows) == steps and rows[0]["async/staleness_max"] == 0
+    # the last rollout was sampled a rollout cycle behind: `iterations` optimizer steps (versions)
+    assert rows[-1]["async/staleness_mean"] >= 1

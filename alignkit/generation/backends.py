@@ -55,6 +55,50 @@ class TransformersBackend:
         pass  # samples with the trained model itself
 
 
+class ServerPool:
+    """Several sampling servers as one backend: each call's prompts are cut into one contiguous
+    share per server (sizes differing by one at most), sampled at the same time and put back in
+    order; weights go to every server. Each prompt has its own seed, so the samples do not depend
+    on which server drew them. A server that fails stops the call with its own message (its URL)."""
+
+    def __init__(self, clients: list):
+        self.clients = clients
+        self.url = ", ".join(c.url for c in clients)
+
+    def _each(self, calls: list) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+            futures = [pool.submit(fn, *args) for fn, args in calls]
+            return [f.result() for f in futures]  # the first failure, in server order, is raised
+
+    def sample(self, prompts: list, params, seed: int, prompt_seeds: list | None = None, min_version: int = 0):
+        k = len(self.clients)
+        bounds = [len(prompts) * i // k for i in range(k + 1)]
+        seeds = prompt_seeds if prompt_seeds is not None else [seed] * len(prompts)
+        shares = [(bounds[i], bounds[i + 1]) for i in range(k) if bounds[i] < bounds[i + 1]]
+        outs = self._each(
+            [
+                (self.clients[i].sample, (prompts[a:b], params, seed, seeds[a:b], min_version))
+                for i, (a, b) in enumerate(shares)
+            ]
+        )
+        return [group for out in outs for group in out]
+
+    def sync(self, model) -> None:
+        state = self.clients[0].state_fn(model)
+        if self.clients[0].writer:
+            self.load_state(state)
+        self.clients[0].barrier()
+
+    def load_state(self, state: dict, version: int | None = None) -> None:
+        self._each([(c.load_state, (state, version)) for c in self.clients])
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+
+
 def make_backend(
     name: str,
     model,
@@ -87,18 +131,23 @@ def make_backend(
     from alignkit.generation.vllm_engine import VLLMEngine, VLLMServer
 
     if sampler_server or vllm_server:
-        return VLLMServer(
-            sampler_server or vllm_server,
-            tokenizer,
-            kind="alignkit" if sampler_server else "vllm",
-            timeout_s=request_timeout_s,
-            model_path=model_path,
-            writer=writer,
-            barrier=barrier,
-            state_fn=state_fn,
-            weights_dir=vllm_sync_dir,
-            token_file=vllm_token_file,
-        )
+        given = sampler_server or vllm_server
+        clients = [
+            VLLMServer(
+                url,
+                tokenizer,
+                kind="alignkit" if sampler_server else "vllm",
+                timeout_s=request_timeout_s,
+                model_path=model_path,
+                writer=writer,
+                barrier=barrier,
+                state_fn=state_fn,
+                weights_dir=vllm_sync_dir,
+                token_file=vllm_token_file,
+            )
+            for url in ([given] if isinstance(given, str) else given)
+        ]
+        return clients[0] if len(clients) == 1 else ServerPool(clients)
     import torch
 
     cuda = torch.cuda.is_available()

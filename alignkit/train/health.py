@@ -466,8 +466,8 @@ def off_policy_drift(h: History, cfg):
     Why: a sample k updates old is drawn from a policy the trainer has left; the importance
     correction (truncated IS, `online.tis_cap`; masked IS, `online.is_mask_*`) repairs a small gap,
     but when the mean truncated weight moves far from 1 or many tokens are masked the corrected
-    gradient is mostly noise or mostly dropped (AReaL, arXiv 2505.24298, Sec. 5: staleness beyond a
-    few versions hurts final accuracy even with the decoupled objective). Condition: over the last
+    gradient is mostly noise or mostly dropped (AReaL, arXiv 2505.24298, bounds staleness and
+    corrects for it for this reason). Condition: over the last
     `health.smooth` logged rows, the mean `async/staleness_mean` is above `health.staleness_limit`, or
     the mean `tis/weight_mean` is further than `health.is_weight_drift` from 1, or the mean
     `mis/masked_fraction` is above `health.masked_fraction_limit`."""
