@@ -818,12 +818,6 @@ def _check_async(cfg: RunConfig) -> None:
         )
     if a.mode == "sync":
         return
-    if not (g.sampler_server or g.vllm_server):
-        raise ConfigError(
-            f"online.async.mode={a.mode} overlaps sampling with training, so the sampler runs in a process "
-            "of its own: start `alignkit sample-serve --model M` (CPU) or `alignkit vllm-serve --model M` "
-            "and set generation.sampler_server (or generation.vllm_server) to its URL."
-        )
     for key, on in (
         ("env.name", cfg.env.name is not None),
         ("online.dynamic_sampling", cfg.online.dynamic_sampling),

@@ -15,6 +15,9 @@
 #                sleeps while the trainer trains, takes each update, and sampler and trainer agree
 #                (skipped when vllm is not installed: its CUDA wheel is too large to carry)
 #   dpo_vs_trl   bench/dpo_vs_trl.py on the 360M shape (llama:960x32), pairs 8, max length 1024
+#   async        one_step_off GRPO with the trainer and an `alignkit sample-serve` (and, when vllm is
+#                installed, an `alignkit vllm-serve`) on the same GPU: it trains, every later rollout
+#                is one version behind, and the first step's sampler and trainer agree
 #   sdpa_mask    which SDPA kernels take a packed batch's additive bf16 mask, and the memory one
 #                attention forward+backward needs with it against plain causal attention
 set -uo pipefail
@@ -126,6 +129,56 @@ PYEOF
 else
   echo "gpu_check vllm: skipped (vllm is not installed)"
 fi
+
+# async: one_step_off against a sampler server on the GPU (alignkit's own; vLLM's when installed)
+for SERVER in sample-serve vllm-serve; do
+  if [ "$SERVER" = vllm-serve ] && ! $PY -c "import vllm" 2>/dev/null; then
+    echo "gpu_check async_vllm: skipped (vllm is not installed)"; continue
+  fi
+  timeout 400 $PY - "$WORK" "$SERVER" <<'PYEOF' && echo "gpu_check async_$SERVER: ok" || echo "gpu_check async_$SERVER: FAILED"
+import os, socket, subprocess, sys, time
+from pathlib import Path
+sys.path.insert(0, "tests")
+from conftest import toy_pairs, write_jsonl
+from alignkit.config import load_config
+from alignkit.testing import save_tiny_model_dir
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+work, server = Path(sys.argv[1]), sys.argv[2]
+if __name__ == "__main__":
+    model = save_tiny_model_dir(work / "async_model", hidden=128, layers=2)
+    prompts = write_jsonl(work / "async_prompts.jsonl", [{"prompt": r["prompt"]} for r in toy_pairs(32)])
+    (work / "r.py").write_text("def chars(prompts, completions, **c):\n    return [len(x) / 10 for x in completions]\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    extra = ["--device", "cuda"] if server == "sample-serve" else ["--gpu-memory-utilization", "0.3", "--dtype", "float32"]
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit", server, "--model", str(model), "--port", str(port),
+                             "--sync-dir", str(work / f"sync_{server}"), *extra])
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close(); break
+            except OSError:
+                assert proc.poll() is None, "the server stopped"; time.sleep(1)
+        key = "generation.sampler_server" if server == "sample-serve" else "generation.vllm_server"
+        backend = "transformers" if server == "sample-serve" else "vllm"
+        cfg = load_config(None, [f"model.name_or_path={model}", f"data.train={prompts}", f"output_dir={work}/async_{server}",
+                                 f"cache_dir={work}/cache", "recipe=grpo", f"online.rewards={work}/r.py:chars",
+                                 f"generation.backend={backend}", f"{key}=http://127.0.0.1:{port}",
+                                 f"generation.vllm_sync_dir={work}/sync_{server}", "online.async.mode=one_step_off",
+                                 "generation.num_samples=4", "generation.max_new_tokens=16", "train.batch_size=4",
+                                 "train.max_steps=4", "train.precision=fp32", "model.device=cuda", "train.report_to=[]",
+                                 "data.eval_fraction=0"])
+        rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+        print(server, "staleness", [r["async/staleness_mean"] for r in rows], "mismatch",
+              [round(r["logprob_mismatch_max"], 5) for r in rows], "trainer idle",
+              round(rows[-1]["async/trainer_idle_fraction"], 3))
+        assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1, 1]
+        assert rows[0]["logprob_mismatch_max"] < 1e-2, "sampler and trainer disagree on the same weights"
+    finally:
+        proc.terminate(); proc.wait(timeout=60)
+PYEOF
+done
 
 # dpo_vs_trl: throughput against TRL on the 360M shape
 if $PY -c "import trl" 2>/dev/null; then

@@ -372,3 +372,50 @@ def test_every_online_recipe_trains_one_step_off(root, server, recipe, extra):
     assert len(rows) == steps and rows[0]["async/staleness_max"] == 0
     # the last rollout was sampled a rollout cycle behind: `iterations` optimizer steps (versions)
     assert rows[-1]["async/staleness_mean"] >= 1
+
+
+def test_two_training_processes_one_step_off_equal_one_process(root, server):
+    """torchrun, 2 processes with 2 prompts each against 1 process with 4: the first process
+    publishes each update, and the server samples every request once it holds the version the
+    request names, so both processes sample what the single process samples."""
+    single = loop.train(
+        load_config(None, _args(root, "dist_one", "train.max_steps=3", *_served(server, "one_step_off"))),
+        progress=False,
+    )
+    args = _args(root, "dist_two", "train.max_steps=3", *_served(server, "one_step_off"))
+    args[args.index("train.batch_size=4")] = "train.batch_size=2"
+    spec = root / "dist_runs.json"
+    spec.write_text(json.dumps([{"argv": ["train", *args]}]))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(Path(__file__).with_name("dist_driver.py")),
+            str(spec),
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_metrics(root / "dist_two", "train")
+    assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1]
+    assert _max_diff(_params(single.final_dir), _params(root / "dist_two" / "final")) < 1e-5
+
+
+def test_one_step_off_in_one_process_samples_what_the_server_samples(root, server):
+    """Without a server, a copy of the policy samples in a thread of the training process; the
+    schedule and the seeds are the same, so it trains what the run against the server trains."""
+    served = loop.train(
+        load_config(None, _args(root, "local_ref", "train.max_steps=3", *_served(server, "one_step_off")))
+    )
+    local = loop.train(
+        load_config(None, _args(root, "local", "train.max_steps=3", "online.async.mode=one_step_off")), progress=False
+    )
+    rows = read_metrics(local.run_dir, "train")
+    assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1]
+    assert _max_diff(_params(served.final_dir), _params(local.final_dir)) < 1e-6

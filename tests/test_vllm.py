@@ -199,6 +199,24 @@ def test_lora_weights_reach_the_engine_under_the_base_names(engine, small_dir):
     engine.sync(_model(small_dir))
 
 
+def test_grpo_one_step_off_with_a_colocated_engine(small_dir, tmp_path):
+    """online.async with the engine in the training process: rollout t is sampled (in the
+    pipeline's thread) with the weights of step t-1; step 1's samples are its own weights'."""
+    cfg = load_config(
+        None,
+        _grpo_args(
+            small_dir,
+            tmp_path,
+            "generation.backend=vllm",
+            "generation.vllm_kv_cache_gib=0.25",
+            "online.async.mode=one_step_off",
+        ),
+    )
+    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1]
+    assert rows[0]["logprob_mismatch_max"] < 1e-4 and rows[1]["logprob_mismatch_max"] > 1e-3
+
+
 def test_an_engine_that_cannot_start_says_why_and_what_to_do(tmp_path):
     from transformers import AutoTokenizer
 

@@ -30,6 +30,7 @@ def register(sub) -> None:
     )
     p.add_argument("--threads", type=int, default=1, help="CPU threads the sampler uses (default 1)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts sampled at once")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto")
     p.set_defaults(fn=run)
 
 
@@ -61,5 +62,6 @@ def run(args) -> int:
         sync,
         threads=args.threads,
         batch_size=args.batch_size,
+        device=args.device,
     )
     return 0

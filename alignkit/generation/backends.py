@@ -20,20 +20,54 @@ from alignkit.generation.decode import Sample, SamplingParams, sample
 
 class GenerationBackend(Protocol):
     def sample(
-        self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None
-    ) -> list[list[Sample]]: ...
+        self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None, min_version: int = 0
+    ) -> list[list[Sample]]: ...  # min_version: a server samples once it holds that policy version
 
     def sync(self, model) -> None: ...
 
     def close(self) -> None: ...  # stop what the backend started (an engine process), not a server
 
 
+def load_weights(model, state: dict, where: str) -> None:
+    """Load `state` (the base model's names; a tied alias such as `lm_head.weight` may be left
+    out) into `model` in place. A name the model lacks, or a weight it has that `state` lacks, is
+    an error: nothing is skipped silently."""
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    tied = set(tied if isinstance(tied, (list, tuple, set)) else tied.keys())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - tied:
+        raise ValueError(
+            f"{where}: the weights do not fit the sampler's model: unexpected {sorted(unexpected)[:5]}, "
+            f"missing {sorted(set(missing) - tied)[:5]}"
+        )
+
+
 class TransformersBackend:
+    """alignkit's own sampler over `model`: the policy itself (nothing to sync), or, for an
+    asynchronous run in one process, a copy of it (`detached`) that samples in a thread of its own
+    while the policy trains and takes each update through `load_state`."""
+
     def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = False):
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
 
+    @classmethod
+    def detached(cls, model, tokenizer, batch_size: int = 16) -> "TransformersBackend":
+        """A sampler over a copy of `model` (LoRA adapters merged into it)."""
+        import copy
+
+        from alignkit.models import is_peft
+
+        own = copy.deepcopy(model)
+        if is_peft(own):
+            own = own.merge_and_unload()
+        own.eval()
+        return cls(own, tokenizer, batch_size)
+
+    def load_state(self, state: dict, version: int | None = None) -> None:
+        load_weights(self.model, state, "online.async")
+
     def sample(
-        self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None
+        self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None, min_version: int = 0
     ) -> list[list[Sample]]:
         return sample(
             self.model,
@@ -120,10 +154,12 @@ def make_backend(
     barrier=None,
     state_fn=None,
     training: bool = False,
+    overlapped: bool = False,
 ):
     """The sampler `generation.backend` names: alignkit's own over `model` (or in an `alignkit
     sample-serve` at `sampler_server`), or vLLM (a colocated engine, or a client of `vllm_server`).
-    `training`: a colocated engine on a GPU sleeps between rollouts so the trainer has the memory."""
+    `training`: a colocated engine on a GPU sleeps between rollouts so the trainer has the memory
+    (unless `overlapped`: it samples while the trainer trains, `online.async`)."""
     if name == "transformers" and not sampler_server:
         return TransformersBackend(model, tokenizer, batch_size)
     if name not in ("transformers", "vllm"):
@@ -160,6 +196,6 @@ def make_backend(
         gpu_memory_utilization=vllm_memory,
         max_model_len=max_model_len,
         seed=seed,
-        sleep_after_sample=training,
+        sleep_after_sample=training and not overlapped,
         logprobs="processed" if training else "raw",  # training scores the sampling distribution's
     )

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.generation.backends import load_weights
 from alignkit.generation.decode import SamplingParams, sample
 from alignkit.generation.vllm_guard import read_token, update_allowed
 
@@ -48,8 +49,6 @@ class SamplerService:
         self._generating = False
         self._state = threading.Condition()  # guards version, _pending, _generating
         self._one_batch = threading.Lock()  # one batch at a time
-        tied = getattr(model, "_tied_weights_keys", None) or []
-        self._tied = set(tied if isinstance(tied, (list, tuple, set)) else tied.keys())
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -71,12 +70,7 @@ class SamplerService:
         if self._pending is None:
             return
         weights, version = self._pending
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or set(missing) - self._tied:
-            raise ValueError(
-                f"weights for version {version} do not fit {self.name}: unexpected {sorted(unexpected)[:5]}, "
-                f"missing {sorted(set(missing) - self._tied)[:5]}"
-            )
+        load_weights(self.model, weights, f"{self.name}, version {version}")
         self._pending, self.version = None, version
         self._state.notify_all()
 
@@ -218,17 +212,25 @@ def make_handler(service: SamplerService, token: str, sync_dir: str, wait_timeou
 
 
 def serve(
-    model_path: str, host: str, port: int, token_file: Path, sync_dir: Path, *, threads: int, batch_size: int
+    model_path: str,
+    host: str,
+    port: int,
+    token_file: Path,
+    sync_dir: Path,
+    *,
+    threads: int,
+    batch_size: int,
+    device: str = "cpu",
 ) -> None:
     """Load the model and answer until stopped (Ctrl-C, SIGTERM)."""
     from transformers import AutoModelForCausalLM
 
     from alignkit.config import ModelConfig
-    from alignkit.models import load_tokenizer
+    from alignkit.models import load_tokenizer, resolve_device
 
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(ModelConfig(name_or_path=model_path))  # the trainer's (its pad token too)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(resolve_device(device))
     model.eval()
     service = SamplerService(model, tokenizer, os.path.basename(os.path.normpath(model_path)), batch_size)
     handler = make_handler(service, read_token(str(token_file)), str(sync_dir), wait_timeout=600.0)

@@ -239,7 +239,10 @@ class VLLMEngine:
         self.start_seconds = time.perf_counter() - start
         self.asleep = False
 
-    def sample(self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None):
+    def sample(
+        self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None, min_version: int = 0
+    ):
+        """`min_version`: unused (the engine in this process always holds the last weights loaded)."""
         from vllm.inputs import TokensPrompt
 
         check_logprobs(params, self.logprobs, "this vLLM engine", "an engine is started for one kind: start another")
@@ -264,7 +267,8 @@ class VLLMEngine:
         """Load the policy's current weights into the engine."""
         self.load_state(weights_for_engine(model))
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict, version: int | None = None) -> None:
+        """`version`: unused (one engine, one run: the last weights loaded are the current ones)."""
         state = drop_tied(state, self.expected)
         check_weights(state, self.expected, "generation.backend=vllm")
         self.wake_up()

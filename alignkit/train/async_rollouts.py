@@ -71,7 +71,9 @@ def sample_from_dict(d: dict) -> Sample:
 
 
 class RolloutPipeline:
-    """Requests for rollouts ahead of the trainer, against a server backend (`VLLMServer`).
+    """Requests for rollouts ahead of the trainer: to a sampling server (`VLLMServer`, `ServerPool`),
+    or to a sampler in this process (`TransformersBackend.detached`, a colocated `VLLMEngine`) that
+    runs in the pipeline's thread.
 
     `request(key) -> (prompts, prompt_seeds)`: what micro-batch `key` samples; `keys`: how many
     micro-batches the run trains; `per_cycle`: micro-batches per rollout cycle (`train.grad_accum`)."""
@@ -89,6 +91,7 @@ class RolloutPipeline:
         per_cycle: int,
         writer: bool,
         state_fn=None,
+        in_flight_updates: bool = True,
     ):
         self.backend, self.params, self.request = backend, params, request
         self.mode, self.max_staleness, self.buffer_size = mode, max_staleness, buffer_size
@@ -99,12 +102,13 @@ class RolloutPipeline:
         self._futures: dict[int, Future] = {}  # key -> Future[Generated]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignkit-sampler")
         # one_step_off: a weight update queues behind the requests made before it (cycle t must not
-        # see the weights of step t). stream: updates go at once, on a thread of their own, so
-        # that they reach generations in flight.
+        # see the weights of step t). stream with a server: updates go at once, on a thread of their
+        # own, so that they reach generations in flight; a sampler in this process (a model copy, a
+        # colocated engine) takes them between two requests.
         self._publisher = (
-            self._pool
-            if mode == "one_step_off"
-            else ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignkit-publish")
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignkit-publish")
+            if mode == "stream" and in_flight_updates
+            else self._pool
         )
         self._publishes: list[Future] = []
         self._cond = threading.Condition()  # stream: the producer waits for room in the buffer
@@ -291,7 +295,8 @@ class RolloutPipeline:
         for fut in self._futures.values():
             fut.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._publisher.shutdown(wait=False, cancel_futures=True)
+        if self._publisher is not self._pool:
+            self._publisher.shutdown(wait=False, cancel_futures=True)
 
 
 def _done(got: Generated) -> Future:

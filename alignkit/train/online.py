@@ -26,7 +26,7 @@ from alignkit.data.negative import TokenizedGroup
 from alignkit.data.prompts import PromptExample, load_prompt_examples, prompt_columns, tokenize_prompts
 from alignkit.data.splits import PreparedData, example_sources, load_examples
 from alignkit.errors import ConfigError
-from alignkit.generation.backends import GenerationBackend, make_backend
+from alignkit.generation.backends import GenerationBackend, TransformersBackend, make_backend
 from alignkit.generation.decode import SamplingParams, row_seed, sampling_params
 from alignkit.logprob_passes import LiveReference
 from alignkit.logprobs import in_segment_order, segment_logps
@@ -318,9 +318,19 @@ class OnlineRecipe:
             barrier=ctx.dist.barrier,
             state_fn=state_fn,
             training=True,
+            overlapped=self.cfg.online.async_.mode
+            != "sync",  # an engine sampling while the trainer trains never sleeps
         )
         a = self.cfg.online.async_
         if a.mode != "sync":
+            if isinstance(self.backend, TransformersBackend):  # in this process: a copy samples beside the trainer
+                if ctx.dist.enabled:
+                    raise ConfigError(
+                        f"online.async.mode={a.mode} with several processes needs a sampler server: start "
+                        "`alignkit sample-serve --model M` (or `alignkit vllm-serve`) and set "
+                        "generation.sampler_server (or generation.vllm_server)."
+                    )
+                self.backend = TransformersBackend.detached(model, self.tokenizer, g.batch_size)
             bound = max_staleness(a)
             self.pipeline = RolloutPipeline(
                 self.backend,
@@ -333,6 +343,7 @@ class OnlineRecipe:
                 per_cycle=self.cfg.train.grad_accum,
                 writer=ctx.dist.is_main,
                 state_fn=state_fn,
+                in_flight_updates=bool(g.sampler_server or g.vllm_server),
             )
         if self.uses_reference:
             self.reference = LiveReference(model)
@@ -437,7 +448,11 @@ class OnlineRecipe:
                 )
                 return samples, rewards, {}, time.perf_counter() - start
             samples = backend.sample(
-                [it.prompt_ids for it in items], params, seed, prompt_seeds=[row_seed(seed, it.index) for it in items]
+                [it.prompt_ids for it in items],
+                params,
+                seed,
+                prompt_seeds=[row_seed(seed, it.index) for it in items],
+                min_version=self.pipeline.published if self.pipeline is not None else 0,
             )
         gen_s = time.perf_counter() - start
         rewards, parts = self.reward_samples(exs, samples, split, params)
