@@ -184,7 +184,7 @@ class AsyncConfig:
     max_staleness: Optional[int] = None
     """`stream`: the most policy versions a sample may lag behind the trainer; older samples are dropped (counted) and their prompts sampled again. Default: 0 for `sync`, 1 for `one_step_off` (the only values they allow), 2 for `stream`."""
     buffer_size: Optional[int] = None
-    """`stream`: rollouts (micro-batches) sampled ahead of the trainer at most; default `max_staleness` x `train.grad_accum`."""
+    """`stream`: rollouts (micro-batches) sampled ahead of the trainer at most; default `max_staleness` / `online.iterations` (at least 1) x `train.grad_accum`."""
 
 
 @dataclass

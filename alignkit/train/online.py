@@ -338,7 +338,8 @@ class OnlineRecipe:
                 self._request,
                 mode=a.mode,
                 max_staleness=bound,
-                buffer_size=a.buffer_size or bound * self.cfg.train.grad_accum,
+                # rollouts ahead: staleness counts optimizer steps, and each rollout trains `iterations` of them
+                buffer_size=a.buffer_size or max(1, bound // self.iterations) * self.cfg.train.grad_accum,
                 keys=0,  # set by `schedule`
                 per_cycle=self.cfg.train.grad_accum,
                 writer=ctx.dist.is_main,
