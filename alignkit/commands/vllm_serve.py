@@ -35,7 +35,11 @@ def register(sub) -> None:
         type=float,
         help="share of GPU memory instead of --kv-cache-gib (default on GPUs: 0.9)",
     )
-    p.add_argument("--dtype", default="auto", help="auto (the model's), float32, bfloat16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (float32 on CPUs, as the trainer there; vLLM's choice on GPUs), float32, bfloat16",
+    )
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument(
         "--logprobs",

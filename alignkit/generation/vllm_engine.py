@@ -576,6 +576,10 @@ def serve_command(
     import sys
 
     max_model_len = min(max_model_len, model_max_len(model) or max_model_len)
+    if dtype == "auto" and not torch.cuda.is_available():
+        # vLLM's `auto` loads a float32 checkpoint in bfloat16 on CPUs; the trainer there computes in
+        # float32, as the colocated engine does (`generation.vllm_dtype`): the same weights, the same numbers
+        dtype = "float32"
     env = dict(
         os.environ,
         VLLM_SERVER_DEV_MODE="1",
