@@ -1,5 +1,6 @@
 """What several commands share: config arguments, prompt and strategy arguments, steering
-arguments, number lists, the lazily made vLLM sampler, the report."""
+arguments, number lists, the lazily made vLLM sampler, the sampling servers' address and secret,
+the report."""
 
 from __future__ import annotations
 
@@ -14,6 +15,43 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=10 loss.beta=0.2"
     )
     p.add_argument("--help-config", action="store_true", help="list every config key with its meaning")
+
+
+def add_server_args(p: argparse.ArgumentParser, port: int) -> None:
+    """The address, sync directory and secret file of a sampling server (`vllm-serve`, `sample-serve`)."""
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the policy's starting model (directory or hub id)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (0.0.0.0: every one; every request still needs the server's secret)",
+    )
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument(
+        "--sync-dir",
+        help="the directory weight updates come from: the trainers' generation.vllm_sync_dir "
+        "(on a filesystem both machines see when they differ); default: the temporary directory",
+    )
+    p.add_argument(
+        "--token-file",
+        help="where to write the secret clients must send (default: "
+        "<sync dir>/alignkit-vllm-server-<port>.token); ALIGNKIT_VLLM_TOKEN gives the secret itself",
+    )
+
+
+def prepare_server(args):
+    """Write the server's secret (readable by this user only) and make its updates directory:
+    (the token file, the directory weight updates are read from)."""
+    import os
+    from pathlib import Path
+
+    from alignkit.generation.vllm_engine import default_token_file, updates_dir, write_token
+
+    token_file = Path(args.token_file) if args.token_file else default_token_file(args.sync_dir, args.port)
+    given = os.environ.get("ALIGNKIT_VLLM_TOKEN")
+    write_token(token_file, given.strip() if given else None)
+    updates = updates_dir(args.sync_dir)
+    updates.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return token_file, updates
 
 
 def load_run_config(args):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from alignkit.commands.common import add_server_args, prepare_server
 from alignkit.errors import AlignkitError
 
 
@@ -12,23 +13,7 @@ def register(sub) -> None:
         "vllm-serve",
         help="start a vLLM server that training processes sample from and send weights to (generation.vllm_server)",
     )
-    p.add_argument("--model", default="smollm2-135m-instruct", help="the policy's starting model (directory or hub id)")
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="interface to listen on (0.0.0.0: every one; every request still needs the server's secret)",
-    )
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--sync-dir",
-        help="the directory weight updates come from: the trainers' generation.vllm_sync_dir "
-        "(on a filesystem both machines see when they differ); default: the temporary directory",
-    )
-    p.add_argument(
-        "--token-file",
-        help="where to write the secret clients must send (default: "
-        "<sync dir>/alignkit-vllm-server-<port>.token); ALIGNKIT_VLLM_TOKEN gives the secret itself",
-    )
+    add_server_args(p, port=8000)
     p.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (default on CPU: 1)")
     p.add_argument(
         "--gpu-memory-utilization",
@@ -53,18 +38,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from alignkit.generation.vllm_engine import default_token_file, import_vllm, serve_command, updates_dir, write_token
+    from alignkit.generation.vllm_engine import import_vllm, serve_command
     from alignkit.models import resolve_model_path
 
     import_vllm()
     if args.kv_cache_gib is not None and args.gpu_memory_utilization is not None:
         raise AlignkitError("vllm-serve: give --kv-cache-gib or --gpu-memory-utilization, not both.")
-    token_file = Path(args.token_file) if args.token_file else default_token_file(args.sync_dir, args.port)
-    given = os.environ.get("ALIGNKIT_VLLM_TOKEN")
-    write_token(token_file, given.strip() if given else None)
-    updates_dir(args.sync_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    token_file, updates = prepare_server(args)
     cmd, env = serve_command(
         resolve_model_path(args.model),
         args.host,
@@ -81,7 +61,7 @@ def run(args) -> int:
         f"alignkit: serving {args.model} for training processes at http://{args.host}:{args.port}\n"
         f"  every request needs the secret in {token_file} (readable by you only); clients on this machine find it "
         "there; elsewhere copy it and set generation.vllm_token_file (or ALIGNKIT_VLLM_TOKEN)\n"
-        f"  weight updates are read only from {updates_dir(args.sync_dir)} (generation.vllm_sync_dir="
+        f"  weight updates are read only from {updates} (generation.vllm_sync_dir="
         f"{args.sync_dir or '<unset>'})\n"
         f"  set generation.backend=vllm generation.vllm_server=http://<this host>:{args.port}",
         flush=True,
