@@ -2,6 +2,6 @@
 
 import sys
 
-from alignkit.cli import main
+from alignkit.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -77,6 +77,22 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def entry() -> int:
+    """The `alignkit` command (console script and `python -m alignkit`): `main`, then, under
+    torchrun, leave the process group together with the other processes (distributed.leave_group).
+    `main` itself stays reusable in one process (the tests run several commands in one)."""
+    ok = False
+    try:
+        code = main()
+        ok = code == 0
+        return code
+    finally:
+        from alignkit.distributed import leave_group, under_torchrun
+
+        if under_torchrun():
+            leave_group(ok)
+
+
 def _main(argv: list[str] | None, rank: int) -> int:
     parser = build_parser()
     # `key=value` overrides may come anywhere, also after an option (`train -c x.yaml --resume
@@ -104,4 +120,4 @@ def _main(argv: list[str] | None, rank: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -29,6 +29,27 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def leave_group(ok: bool, timeout_s: float = 60.0) -> None:
+    """Leave the process group before the interpreter shuts down (torchrun processes).
+
+    After a run that succeeded, every process waits for the others (a barrier with a timeout), then
+    destroys the group together: a process that tears gloo down while a peer still talks to it can
+    abort at exit ("terminate called without an active exception", pytorch#190489), and the atexit
+    handler registered at init runs too late to order that. After a failure no barrier is tried
+    (a peer may be dead or stuck in a collective; torchtitan#1342): the group is only destroyed.
+    """
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        return
+    if ok:
+        try:
+            tdist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError):  # a peer did not arrive in time (or the backend has no
+            pass  # monitored barrier): leave anyway, the exit status says what happened
+    tdist.destroy_process_group()
+
+
 def under_torchrun() -> bool:
     """Whether torchrun (or another launcher setting its variables) started this process."""
     return "WORLD_SIZE" in os.environ

@@ -16,7 +16,7 @@ import signal
 import sys
 
 from alignkit.cli import main
-from alignkit.distributed import Dist
+from alignkit.distributed import Dist, leave_group
 from alignkit.train import checkpoint as ckpt
 
 runs = json.loads(open(sys.argv[1]).read())
@@ -41,3 +41,4 @@ for run in runs:
     status = main(run["argv"])
     if status:
         sys.exit(status)
+leave_group(True)  # as the `alignkit` command does after a run that succeeded
