@@ -816,17 +816,6 @@ def _check_async(cfg: RunConfig) -> None:
             "`online.async.buffer_size` is read in mode stream only and must be at least 1; "
             f"got {a.buffer_size} with mode {a.mode}."
         )
-    if a.mode == "sync":
-        return
-    for key, on in (
-        ("env.name", cfg.env.name is not None),
-        ("online.dynamic_sampling", cfg.online.dynamic_sampling),
-    ):
-        if on:
-            raise ConfigError(
-                f"`{key}` with online.async.mode={a.mode} is not supported yet (it samples again inside a "
-                "step); use online.async.mode=sync."
-            )
 
 
 def _check_env(cfg: RunConfig) -> None:
@@ -858,6 +847,11 @@ def _check_env(cfg: RunConfig) -> None:
             g.backend == "vllm",
             "multi-turn episodes are "
             "sampled on alignkit's KV-cache sampler only (vLLM rollouts are single-turn for now)",
+        ),
+        (
+            "generation.sampler_server",
+            bool(g.sampler_server),
+            "multi-turn episodes are sampled in the training process (an `alignkit sample-serve` serves single turns)",
         ),
     ):
         if bad:

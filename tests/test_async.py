@@ -407,15 +407,29 @@ def test_two_training_processes_one_step_off_equal_one_process(root, server):
     assert _max_diff(_params(single.final_dir), _params(root / "dist_two" / "final")) < 1e-5
 
 
-def test_one_step_off_in_one_process_samples_what_the_server_samples(root, server):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_one_step_off_in_one_process_samples_what_the_server_samples(root, server, dynamic):
     """Without a server, a copy of the policy samples in a thread of the training process; the
-    schedule and the seeds are the same, so it trains what the run against the server trains."""
+    schedule and the seeds are the same, so it trains what the run against the server trains.
+    With DAPO's dynamic sampling the extra prompts of a step are sampled by the pipeline's sampler
+    too, after what is queued for it, with the weights the trainer holds (on either placement)."""
+    extra = ["online.dynamic_sampling=true", "online.dynamic_sampling_rounds=2"] if dynamic else []
     served = loop.train(
-        load_config(None, _args(root, "local_ref", "train.max_steps=3", *_served(server, "one_step_off")))
+        load_config(
+            None, _args(root, f"local_ref_{dynamic}", "train.max_steps=3", *extra, *_served(server, "one_step_off"))
+        )
     )
     local = loop.train(
-        load_config(None, _args(root, "local", "train.max_steps=3", "online.async.mode=one_step_off")), progress=False
+        load_config(
+            None, _args(root, f"local_{dynamic}", "train.max_steps=3", *extra, "online.async.mode=one_step_off")
+        ),
+        progress=False,
     )
     rows = read_metrics(local.run_dir, "train")
     assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1]
     assert _max_diff(_params(served.final_dir), _params(local.final_dir)) < 1e-6
+    if dynamic:  # the tiny model rarely says "yes": groups of equal rewards were dropped and refilled
+        assert sum(r["dynamic_sampling/extra_prompts"] for r in rows) > 0
+        assert [r["dynamic_sampling/extra_prompts"] for r in rows] == [
+            r["dynamic_sampling/extra_prompts"] for r in read_metrics(served.run_dir, "train")
+        ]

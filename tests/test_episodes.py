@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from conftest import base_overrides, write_jsonl
+from safetensors.torch import load_file
 
 from alignkit.cli import main
 from alignkit.config import load_config
@@ -176,6 +177,8 @@ def test_episode_config_errors(tiny_model_dir, tmp_path):
         )
     with pytest.raises(ConfigError, match="generation.backend"):
         _cfg(tiny_model_dir, tmp_path, "generation.backend=vllm")
+    with pytest.raises(ConfigError, match="`generation.sampler_server` cannot be used with `env.name`"):
+        _cfg(tiny_model_dir, tmp_path, "generation.sampler_server=http://127.0.0.1:1")
     with pytest.raises(ConfigError, match="recipe distill does not read `env.name`"):
         _cfg(tiny_model_dir, tmp_path, "recipe=distill", f"teacher.name_or_path={tiny_model_dir}")
     with pytest.raises(ConfigError, match="env.args"):
@@ -194,3 +197,30 @@ def test_data_show_samples_one_episode(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "episode prompt" in out and "[scored]" in out
     assert re.search(r"\[context\] '[^']*yes no yes", out) and not re.search(r"\[scored\] '[^']*yes no yes", out)
+
+
+def test_episodes_one_step_off_sample_with_the_weights_one_step_behind(tiny_model_dir, tmp_path):
+    """online.async with `env.name`: a copy of the policy runs the episodes of rollout t in a thread
+    while step t-1 trains. Rollout 0 is what the synchronous run samples (same weights, same seeds);
+    later rollouts are one version behind (their log-probs differ from the trainer's); the schedule
+    is fixed, so two runs train the same weights."""
+    fast = ["train.learning_rate=3e-2", "train.max_steps=3"]
+    sync = loop.train(_cfg(tiny_model_dir, tmp_path, *fast, out="sync"), progress=False).run_dir
+    runs = [
+        loop.train(
+            _cfg(tiny_model_dir, tmp_path, *fast, "online.async.mode=one_step_off", out=f"osf{i}"), progress=False
+        )
+        for i in range(2)
+    ]
+    rows = read_metrics(runs[0].run_dir, "train")
+    assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1]
+    assert rows[0]["logprob_mismatch_max"] < 1e-5 < 1e-3 < rows[1]["logprob_mismatch_max"]
+    assert all(1 < r["episode/turns"] <= 3 for r in rows)
+
+    def episodes(run):
+        return [json.loads(line) for line in (run / "episodes.jsonl").read_text().splitlines()]
+
+    assert episodes(runs[0].run_dir)[0] == episodes(sync)[0]
+    assert episodes(runs[0].run_dir) == episodes(runs[1].run_dir)
+    a, b = (load_file(str(r.final_dir / "model.safetensors")) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)

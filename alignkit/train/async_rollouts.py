@@ -75,14 +75,15 @@ class RolloutPipeline:
     or to a sampler in this process (`TransformersBackend.detached`, a colocated `VLLMEngine`) that
     runs in the pipeline's thread.
 
-    `request(key) -> (prompts, prompt_seeds)`: what micro-batch `key` samples; `keys`: how many
-    micro-batches the run trains; `per_cycle`: micro-batches per rollout cycle (`train.grad_accum`)."""
+    `backend`: where weights are published (`load_state`); `generate(key, version) -> samples [P][n]`:
+    micro-batch `key` sampled (on the pipeline's thread) by the sampler holding at least `version`;
+    `keys`: how many micro-batches the run trains; `per_cycle`: micro-batches per rollout cycle
+    (`train.grad_accum`)."""
 
     def __init__(
         self,
         backend,
-        params,
-        request,
+        generate,
         *,
         mode: str,
         max_staleness: int,
@@ -93,7 +94,7 @@ class RolloutPipeline:
         state_fn=None,
         in_flight_updates: bool = True,
     ):
-        self.backend, self.params, self.request = backend, params, request
+        self.backend, self.generate = backend, generate
         self.mode, self.max_staleness, self.buffer_size = mode, max_staleness, buffer_size
         self.keys, self.per_cycle, self.writer = keys, per_cycle, writer
         self.state_fn = state_fn or weights_for_engine
@@ -203,10 +204,21 @@ class RolloutPipeline:
     def step_done(self) -> None:
         self.version += 1
 
+    def run_now(self, fn):
+        """`fn()` on the pipeline's thread, after the requests and weight updates queued before it,
+        and its result (sampling outside the schedule: DAPO's extra prompts, held-out evaluation).
+        A sampler in this process is never used by two threads at once, and its weights never
+        change while it samples for `fn`."""
+        fut = self._pool.submit(fn)
+        try:
+            return fut.result()
+        except BaseException:
+            self.close()
+            raise
+
     def _generate(self, key: int, version: int) -> Generated:
-        prompts, seeds = self.request(key)
         start = time.perf_counter()
-        samples = self.backend.sample(prompts, self.params, 0, prompt_seeds=seeds, min_version=version)
+        samples = self.generate(key, version)
         return Generated(key, samples, version, time.perf_counter() - start)
 
     def _produce(self) -> None:

@@ -54,6 +54,14 @@ def token_returns(episode: Episode, gamma: float) -> list:
     return [g[t] for t in episode.turn_of]
 
 
+def episode_rewards(samples: list, gamma: float) -> torch.Tensor:
+    """[P, n]: each episode's discounted return G_0, the reward its group's advantage compares."""
+    return torch.tensor(
+        [[discounted_returns(s.episode.turn_rewards, gamma)[0] for s in group] for group in samples],
+        dtype=torch.float32,
+    ).reshape(len(samples), -1)
+
+
 def record_of(example) -> dict:
     """The record an environment's `reset` reads: the prompt record's columns, and `prompt` (the
     user's text for a one-message prompt, else the message list)."""

@@ -37,7 +37,7 @@ from alignkit.rewards.build import build_reward
 from alignkit.rewards.functions import score_groups
 from alignkit.train.async_rollouts import RolloutPipeline
 from alignkit.train.base import SetupContext, Trainable
-from alignkit.train.episodes import EpisodeSampler, token_returns
+from alignkit.train.episodes import EpisodeSampler, episode_rewards, token_returns
 from alignkit.train.rollouts import Rollout, policy_gradient, rollout_metrics, token_segments
 
 
@@ -324,6 +324,12 @@ class OnlineRecipe:
         a = self.cfg.online.async_
         if a.mode != "sync":
             if isinstance(self.backend, TransformersBackend):  # in this process: a copy samples beside the trainer
+                if ctx.dist.enabled and self.episodes is not None:
+                    raise ConfigError(
+                        f"online.async.mode={a.mode} with `env.name` runs in one process: multi-turn "
+                        "episodes are sampled by a copy of the policy beside the trainer, and sampler "
+                        "servers serve single turns. Run one process, or online.async.mode=sync."
+                    )
                 if ctx.dist.enabled:
                     raise ConfigError(
                         f"online.async.mode={a.mode} with several processes needs a sampler server: start "
@@ -334,8 +340,7 @@ class OnlineRecipe:
             bound = max_staleness(a)
             self.pipeline = RolloutPipeline(
                 self.backend,
-                self.params,
-                self._request,
+                self._sample_ahead,
                 mode=a.mode,
                 max_staleness=bound,
                 # rollouts ahead: staleness counts optimizer steps, and each rollout trains `iterations` of them
@@ -357,12 +362,38 @@ class OnlineRecipe:
         if self.pipeline is not None:
             self.pipeline.keys = keys
 
-    def _request(self, key: int) -> tuple[list, list]:
-        """(prompts, a seed per prompt) of micro-batch `key`: the seeds `batches` uses in sync mode."""
+    def _sample_ahead(self, key: int, version: int) -> list:
+        """Micro-batch `key`'s samples [P][n] for the pipeline (on its thread), by the sampler holding
+        policy version `version` or later: the items and seeds `batches` uses in sync mode."""
         assert self._items_of is not None  # the loop calls `schedule` before any step
         items = self._items_of(key)
-        seed = self.cfg.seed * 1_000_003 + key
-        return [it.prompt_ids for it in items], [row_seed(seed, it.index) for it in items]
+        return self._sample(
+            self._sampler_model(), items, "train", self.params, self.cfg.seed * 1_000_003 + key, version
+        )
+
+    def _sampler_model(self):
+        """The model the pipeline's episodes run (a copy of the policy in this process), else None."""
+        return getattr(self.backend, "model", None) if self.episodes is not None else None
+
+    def _sample(self, model, items: list, split: str, params: SamplingParams, seed: int, version: int) -> list:
+        """`params.n` samples [P][n] per item from the generation backend (single turns) or episodes in
+        the environment (`env.name`), run by `model` (the policy, or the copy of it in the pipeline's
+        sampler), each prompt with its own seed from `seed` and its example index."""
+        backend = self.backend
+        assert backend is not None  # made in setup
+        if self.episodes is not None:
+            exs = [self.examples[split][it.index] for it in items]
+            samples, _ = self.episodes.sample(
+                model, exs, [it.index for it in items], params, seed, self.cfg.generation.batch_size
+            )
+            return samples
+        return backend.sample(
+            [it.prompt_ids for it in items],
+            params,
+            seed,
+            prompt_seeds=[row_seed(seed, it.index) for it in items],
+            min_version=version,
+        )
 
     def extra_modules(self, model, ctx: SetupContext) -> dict[str, Trainable]:
         return self.method.extra_modules(model, ctx)
@@ -438,29 +469,26 @@ class OnlineRecipe:
         backend = self.backend
         assert backend is not None  # made in setup
         start = time.perf_counter()
-        if sync and self.pipeline is not None:
-            self.pipeline.sync_now(model)  # its versions, not the backend's own count
-        elif sync:
-            backend.sync(model)  # the policy changed since the last rollout
-        with self.ctx.full_params(*self.sampling_models(model)):  # processes sample different lengths
-            if self.episodes is not None:
-                samples, rewards = self.episodes.sample(
-                    model, exs, [it.index for it in items], params, seed, self.cfg.generation.batch_size
-                )
-                return samples, rewards, {}, time.perf_counter() - start
-            samples = backend.sample(
-                [it.prompt_ids for it in items],
-                params,
-                seed,
-                prompt_seeds=[row_seed(seed, it.index) for it in items],
-                min_version=self.pipeline.published if self.pipeline is not None else 0,
-            )
+        pipeline = self.pipeline
+        if pipeline is not None:  # on the pipeline's sampler, after what is queued for it
+            if sync:
+                pipeline.sync_now(model)  # its versions, not the backend's own count
+            own = self._sampler_model()
+            samples = pipeline.run_now(lambda: self._sample(own, items, split, params, seed, pipeline.published))
+        else:
+            if sync:
+                backend.sync(model)  # the policy changed since the last rollout
+            with self.ctx.full_params(*self.sampling_models(model)):  # processes sample different lengths
+                samples = self._sample(model, items, split, params, seed, 0)
         gen_s = time.perf_counter() - start
         rewards, parts = self.reward_samples(exs, samples, split, params)
         return samples, rewards, parts, gen_s
 
     def reward_samples(self, exs: list, samples: list, split: str, params: SamplingParams):
-        """(rewards [P, n], reward parts) of each prompt's samples."""
+        """(rewards [P, n], reward parts) of each prompt's samples; an episode's reward is its
+        discounted return G_0 (the environment's turn rewards)."""
+        if self.episodes is not None:
+            return episode_rewards(samples, self.cfg.env.gamma), {}
         if self.reward is None:
             rewards, parts = torch.zeros(len(samples), params.n), {}
         else:
