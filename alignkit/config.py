@@ -175,6 +175,8 @@ class GenerationConfig:
     """`backend: transformers`: the URL of an `alignkit sample-serve` (alignkit's own sampler in a process of its own, e.g. on another CPU core or machine), or a list of URLs the prompts are spread across, instead of sampling in the training process."""
     request_timeout_s: float = 600.0
     """`vllm_server` / `sampler_server`: the longest a sample request or a weight update may take; a server that dies or stops answering ends the run after at most this long, with a message naming it."""
+    weight_transport: Literal["directory", "nccl"] = "directory"
+    """`vllm_server`: how weights reach the server: `directory` (safetensors in `vllm_sync_dir`, which the server reloads; CPU and GPU) or `nccl` (a broadcast from the trainer's GPU to vLLM's workers through vLLM's weight-transfer API; needs CUDA on both sides and `alignkit vllm-serve --weight-transport nccl`)."""
 
 
 @dataclass
@@ -796,6 +798,12 @@ def _check_async(cfg: RunConfig) -> None:
     for key, urls in (("generation.sampler_server", g.sampler_server), ("generation.vllm_server", g.vllm_server)):
         if isinstance(urls, list) and (not urls or not all(isinstance(u, str) and u for u in urls)):
             raise ConfigError(f"`{key}` must be a URL or a non-empty list of URLs; got {urls!r}.")
+    if g.weight_transport == "nccl" and not (g.backend == "vllm" and g.vllm_server):
+        raise ConfigError(
+            "`generation.weight_transport=nccl` sends weights to an `alignkit vllm-serve --weight-transport nccl` "
+            "server: set generation.backend=vllm and generation.vllm_server (the colocated engine and alignkit's "
+            "samplers take weights in memory or from the sync directory)."
+        )
     if g.sampler_server and g.backend != "transformers":
         raise ConfigError(
             "`generation.sampler_server` names an `alignkit sample-serve` (alignkit's own sampler), which "

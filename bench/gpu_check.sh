@@ -17,7 +17,8 @@
 #   dpo_vs_trl   bench/dpo_vs_trl.py on the 360M shape (llama:960x32), pairs 8, max length 1024
 #   async        one_step_off GRPO with the trainer and an `alignkit sample-serve` (and, when vllm is
 #                installed, an `alignkit vllm-serve`) on the same GPU: it trains, every later rollout
-#                is one version behind, and the first step's sampler and trainer agree
+#                is one version behind, and the first step's sampler and trainer agree; with 2 GPUs also
+#                against `vllm-serve --weight-transport nccl` (weights broadcast through vLLM's NCCL engine)
 #   sdpa_mask    which SDPA kernels take a packed batch's additive bf16 mask, and the memory one
 #                attention forward+backward needs with it against plain causal attention
 set -uo pipefail
@@ -131,9 +132,13 @@ else
 fi
 
 # async: one_step_off against a sampler server on the GPU (alignkit's own; vLLM's when installed)
-for SERVER in sample-serve vllm-serve; do
-  if [ "$SERVER" = vllm-serve ] && ! $PY -c "import vllm" 2>/dev/null; then
-    echo "gpu_check async_vllm: skipped (vllm is not installed)"; continue
+for SERVER in sample-serve vllm-serve vllm-serve-nccl; do
+  if [ "$SERVER" != sample-serve ] && ! $PY -c "import vllm" 2>/dev/null; then
+    echo "gpu_check async_$SERVER: skipped (vllm is not installed)"; continue
+  fi
+  # NCCL refuses two ranks on one GPU: the broadcast from the trainer to vLLM's worker needs two
+  if [ "$SERVER" = vllm-serve-nccl ] && [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; then
+    echo "gpu_check async_$SERVER: skipped (needs 2 GPUs: NCCL refuses two ranks on one device)"; continue
   fi
   timeout 400 $PY - "$WORK" "$SERVER" <<'PYEOF' && echo "gpu_check async_$SERVER: ok" || echo "gpu_check async_$SERVER: FAILED"
 import os, socket, subprocess, sys, time
@@ -152,8 +157,11 @@ if __name__ == "__main__":
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     extra = ["--device", "cuda"] if server == "sample-serve" else ["--gpu-memory-utilization", "0.3", "--dtype", "float32"]
-    proc = subprocess.Popen([sys.executable, "-m", "alignkit", server, "--model", str(model), "--port", str(port),
-                             "--sync-dir", str(work / f"sync_{server}"), *extra])
+    nccl = server == "vllm-serve-nccl"  # weights broadcast from the trainer's GPU 0 to vLLM's worker on GPU 1
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="1") if nccl else None
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit", server.removesuffix("-nccl"), "--model", str(model),
+                             "--port", str(port), "--sync-dir", str(work / f"sync_{server}"), *extra,
+                             *(["--weight-transport", "nccl"] if nccl else [])], env=env)
     try:
         for _ in range(300):
             try:
@@ -168,7 +176,7 @@ if __name__ == "__main__":
                                  f"generation.vllm_sync_dir={work}/sync_{server}", "online.async.mode=one_step_off",
                                  "generation.num_samples=4", "generation.max_new_tokens=16", "train.batch_size=4",
                                  "train.max_steps=4", "train.precision=fp32", "model.device=cuda", "train.report_to=[]",
-                                 "data.eval_fraction=0"])
+                                 "data.eval_fraction=0", *(["generation.weight_transport=nccl"] if nccl else [])])
         rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
         print(server, "staleness", [r["async/staleness_mean"] for r in rows], "mismatch",
               [round(r["logprob_mismatch_max"], 5) for r in rows], "trainer idle",

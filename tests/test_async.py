@@ -433,3 +433,36 @@ def test_one_step_off_in_one_process_samples_what_the_server_samples(root, serve
         assert [r["dynamic_sampling/extra_prompts"] for r in rows] == [
             r["dynamic_sampling/extra_prompts"] for r in read_metrics(served.run_dir, "train")
         ]
+
+
+def test_lora_runs_publish_adapters_only(root, server, monkeypatch):
+    """A LoRA run sends the sampler its adapters (a few percent of the weights), in one_step_off to
+    the server and to the copy in the training process alike; both merge them into what the trainer
+    holds, so the two runs train the same weights, and step 1's log-probs are the trainer's."""
+    from alignkit.generation import adapters, vllm_engine
+
+    sent = {"adapters": 0, "weights": 0}
+    real_save, real_write = adapters.AdapterUpdate.save, vllm_engine.write_weights
+
+    def save(self, directory):
+        sent["adapters"] += 1
+        return real_save(self, directory)
+
+    def write(state, directory):
+        sent["weights"] += 1
+        return real_write(state, directory)
+
+    monkeypatch.setattr(adapters.AdapterUpdate, "save", save)
+    monkeypatch.setattr(vllm_engine, "write_weights", write)
+    lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.max_steps=3"]
+    served = loop.train(load_config(None, _args(root, "lora_served", *lora, *_served(server, "one_step_off"))))
+    assert sent == {"adapters": 3, "weights": 0}  # versions 0, 1, 2 (rollouts 0-1, 2, 3)
+    local = loop.train(load_config(None, _args(root, "lora_local", *lora, "online.async.mode=one_step_off")))
+    rows = read_metrics(served.run_dir, "train")
+    assert rows[0]["logprob_mismatch_max"] < 1e-5 and [r["async/staleness_mean"] for r in rows] == [0, 1, 1]
+    assert _max_diff(_params(served.final_dir), _params(local.final_dir)) < 1e-6
+    # sync mode against the server: adapters before every rollout, the run of the policy itself
+    sync_served = loop.train(load_config(None, _args(root, "lora_sync_served", *lora, *_served(server, "sync"))))
+    assert sent["adapters"] >= 3 + 3 and sent["weights"] == 0  # each rollout's, and the held-out samples'
+    sync_local = loop.train(load_config(None, _args(root, "lora_sync_local", *lora)))
+    assert _max_diff(_params(sync_served.final_dir), _params(sync_local.final_dir)) < 1e-6

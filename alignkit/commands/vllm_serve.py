@@ -34,6 +34,14 @@ def register(sub) -> None:
         "drawn from, after temperature, top-k and top-p: what online training needs) or raw (the model's own, "
         "temperature 1); greedy requests and prompt log-probs (a judge's) are the same in both",
     )
+    p.add_argument(
+        "--weight-transport",
+        choices=["directory", "nccl"],
+        default="directory",
+        help="how trainers send weights: directory (safetensors in --sync-dir; CPU and GPU) or nccl (a broadcast "
+        "from the trainer's GPU through vLLM's weight-transfer API; CUDA only; trainers set "
+        "generation.weight_transport=nccl)",
+    )
     p.set_defaults(fn=run)
 
 
@@ -44,6 +52,13 @@ def run(args) -> int:
     import_vllm()
     if args.kv_cache_gib is not None and args.gpu_memory_utilization is not None:
         raise AlignkitError("vllm-serve: give --kv-cache-gib or --gpu-memory-utilization, not both.")
+    if args.weight_transport == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AlignkitError(
+                "vllm-serve: --weight-transport nccl needs CUDA GPUs; use --weight-transport directory."
+            )
     token_file, updates = prepare_server(args)
     cmd, env = serve_command(
         resolve_model_path(args.model),
@@ -56,6 +71,7 @@ def run(args) -> int:
         kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=args.gpu_memory_utilization,
         logprobs=args.logprobs,
+        transport=args.weight_transport,
     )
     print(
         f"alignkit: serving {args.model} for training processes at http://{args.host}:{args.port}\n"

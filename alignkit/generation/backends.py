@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from alignkit.errors import ConfigError
+from alignkit.generation.adapters import AdapterBase, base_weights, is_adapter_update
 from alignkit.generation.decode import Sample, SamplingParams, sample
 
 
@@ -58,13 +59,25 @@ class TransformersBackend:
         from alignkit.models import is_peft
 
         own = copy.deepcopy(model)
+        base = None
         if is_peft(own):
+            base = base_weights(own)  # what each update's adapters are merged into
             own = own.merge_and_unload()
         own.eval()
-        return cls(own, tokenizer, batch_size)
+        backend = cls(own, tokenizer, batch_size)
+        if base is not None:
+            backend.adapters, backend.accepts_adapters = AdapterBase(own, base), True
+        return backend
 
-    def load_state(self, state: dict, version: int | None = None) -> None:
-        load_weights(self.model, state, "online.async")
+    accepts_adapters = False  # a copy of a LoRA policy takes its adapters (`adapters.AdapterUpdate`)
+    adapters: AdapterBase | None = None
+
+    def load_state(self, state, version: int | None = None) -> None:
+        if is_adapter_update(state):
+            assert self.adapters is not None, "adapters go to a copy of a LoRA policy only"
+            self.adapters.apply(state, "online.async")
+        else:
+            load_weights(self.model, state, "online.async")
 
     def sample(
         self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None, min_version: int = 0
@@ -98,6 +111,7 @@ class ServerPool:
     def __init__(self, clients: list):
         self.clients = clients
         self.url = ", ".join(c.url for c in clients)
+        self.accepts_adapters = all(c.accepts_adapters for c in clients)
 
     def _each(self, calls: list) -> list:
         from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +157,7 @@ def make_backend(
     vllm_server: str | None = None,
     sampler_server: str | None = None,
     request_timeout_s: float = 600.0,
+    weight_transport: str = "directory",
     vllm_sync_dir: str | None = None,
     vllm_token_file: str | None = None,
     vllm_dtype: str = "auto",
@@ -180,6 +195,7 @@ def make_backend(
                 state_fn=state_fn,
                 weights_dir=vllm_sync_dir,
                 token_file=vllm_token_file,
+                transport=weight_transport,
             )
             for url in ([given] if isinstance(given, str) else given)
         ]

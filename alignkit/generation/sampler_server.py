@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.generation.adapters import ADAPTERS_FILE, AdapterBase, AdapterUpdate, is_adapter_update
 from alignkit.generation.backends import load_weights
 from alignkit.generation.decode import SamplingParams, sample
 from alignkit.generation.vllm_guard import read_token, update_allowed
@@ -42,10 +43,12 @@ from alignkit.generation.vllm_guard import read_token, update_allowed
 class SamplerService:
     """The model, its policy version, and weights waiting to be swapped in."""
 
-    def __init__(self, model, tokenizer, name: str, batch_size: int = 16):
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 16, checkpoint: str | None = None):
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
         self.version = 0
-        self._pending: tuple[dict, int] | None = None  # (weights, version) not yet in the model
+        # LoRA updates: the base weights they are merged into, read from the served checkpoint
+        self.adapters = AdapterBase(model, checkpoint=checkpoint)
+        self._pending: tuple = None  # (weights or adapters, version) not yet in the model
         self._generating = False
         self._state = threading.Condition()  # guards version, _pending, _generating
         self._one_batch = threading.Lock()  # one batch at a time
@@ -57,9 +60,14 @@ class SamplerService:
         model at once, or between two tokens of the batch being sampled."""
         from safetensors.torch import load_file
 
-        weights = load_file(str(Path(directory) / "model.safetensors"))
         with self._state:
             new = self.version + 1 if version is None else int(version)
+        if (Path(directory) / ADAPTERS_FILE).exists():  # a LoRA run: its adapters, merged here
+            weights = AdapterUpdate.load(Path(directory))
+            self.adapters.check(weights, f"{self.name}, version {new}")  # refused now, not mid-batch
+        else:
+            weights = load_file(str(Path(directory) / "model.safetensors"))
+        with self._state:
             self._pending = (weights, new)
             if not self._generating:
                 self._apply()
@@ -70,7 +78,10 @@ class SamplerService:
         if self._pending is None:
             return
         weights, version = self._pending
-        load_weights(self.model, weights, f"{self.name}, version {version}")
+        if is_adapter_update(weights):
+            self.adapters.apply(weights, f"{self.name}, version {version}")
+        else:
+            load_weights(self.model, weights, f"{self.name}, version {version}")
         self._pending, self.version = None, version
         self._state.notify_all()
 
@@ -232,7 +243,9 @@ def serve(
     tokenizer = load_tokenizer(ModelConfig(name_or_path=model_path))  # the trainer's (its pad token too)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(resolve_device(device))
     model.eval()
-    service = SamplerService(model, tokenizer, os.path.basename(os.path.normpath(model_path)), batch_size)
+    service = SamplerService(
+        model, tokenizer, os.path.basename(os.path.normpath(model_path)), batch_size, checkpoint=model_path
+    )
     handler = make_handler(service, read_token(str(token_file)), str(sync_dir), wait_timeout=600.0)
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True

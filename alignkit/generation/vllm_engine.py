@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import ConfigError
+from alignkit.generation.adapters import AdapterUpdate, adapter_update
 from alignkit.generation.decode import Sample, SamplingParams
 from alignkit.logprobs import is_model_distribution
 
@@ -118,6 +119,15 @@ def weights_for_engine(model) -> dict:
 
         model = copy.deepcopy(model).merge_and_unload()
     return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def policy_state(model):
+    """What a sampler that takes LoRA adapters is sent (`alignkit sample-serve`, the copy of the
+    policy in the training process): a LoRA policy's adapters (`adapters.AdapterUpdate`), else its
+    weights."""
+    from alignkit.models import is_peft
+
+    return adapter_update(model) if is_peft(model) else weights_for_engine(model)
 
 
 def drop_tied(state: dict, expected: dict) -> dict:
@@ -379,10 +389,10 @@ class VLLMServer:
         barrier=None,
         state_fn=None,
         kind: str = "vllm",
+        transport: str = "directory",
     ):
         self.url, self.tokenizer, self.timeout = url.rstrip("/"), tokenizer, timeout_s
         self.writer, self.barrier = writer, barrier or (lambda: None)
-        self.state_fn = state_fn or weights_for_engine  # model -> its weights (a sharded model gathers them)
         self.weights_dir = updates_dir(weights_dir)
         self.token, self.token_source = client_token(self.url, weights_dir, token_file)
         served = self._get("/v1/models")["data"][0]
@@ -398,9 +408,17 @@ class VLLMServer:
                 f"config expects {want}: set generation.sampler_server for `alignkit sample-serve` "
                 "(generation.backend=transformers) or generation.vllm_server for `alignkit vllm-serve` (backend=vllm)."
             )
+        # model -> its weights (a sharded model gathers them); an alignkit server takes LoRA adapters
+        self.accepts_adapters = self.kind == "alignkit"
+        self.state_fn = state_fn or (policy_state if self.accepts_adapters else weights_for_engine)
         self.version = 0  # the policy version last published to the server
         # names and shapes are checked against the trainer's own starting checkpoint when it is local
         self.expected = expected_weights(model_path) if model_path and Path(model_path).is_dir() else {}
+        self.nccl = None  # `generation.weight_transport=nccl`: the broadcast group (the writer's only)
+        if transport == "nccl" and writer:
+            from alignkit.generation.weight_transport import NCCLTransport
+
+            self.nccl = NCCLTransport(self)
 
     # -- HTTP -------------------------------------------------------------------------------------
 
@@ -458,7 +476,8 @@ class VLLMServer:
             ) from None
 
     def close(self) -> None:
-        pass  # the server outlives its clients
+        if self.nccl is not None:  # the server outlives its clients; the broadcast group does not
+            self.nccl.close()
 
     # -- protocol ---------------------------------------------------------------------------------
 
@@ -534,12 +553,27 @@ class VLLMServer:
         """Send `state` to the server; `version`: the policy version it is (an alignkit server
         records it in the samples; default: one more than the last)."""
         self.version = self.version + 1 if version is None else version
-        state = drop_tied(state, self.expected)
-        check_weights(state, self.expected, f"generation.vllm_server={self.url}")
+        adapters = isinstance(state, AdapterUpdate)
+        if adapters:
+            if not self.accepts_adapters:
+                raise ValueError(f"{self.url}: a vLLM server takes merged weights, not LoRA adapters")
+            check_weights(
+                {n: torch.empty(b.shape[0], a.shape[1], device="meta") for n, (a, b, _) in state.modules.items()},
+                {n: s for n, s in self.expected.items() if n in state.modules},
+                f"generation.sampler_server={self.url}",
+            )
+        else:
+            state = drop_tied(state, self.expected)
+            check_weights(state, self.expected, f"generation.vllm_server={self.url}")
+            if self.nccl is not None:
+                return self.nccl.send(state, self.version)
         self.weights_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory = Path(tempfile.mkdtemp(prefix="update-", dir=self.weights_dir))
         try:
-            write_weights(state, directory)
+            if adapters:
+                state.save(directory)
+            else:
+                write_weights(state, directory)
             try:
                 kwargs: dict = {"weights_path": str(directory)}
                 if self.kind == "alignkit":
@@ -567,6 +601,7 @@ def serve_command(
     kv_cache_gib: float | None = None,
     gpu_memory_utilization: float | None = None,
     logprobs: str = "processed",
+    transport: str = "directory",
 ) -> tuple[list, dict]:
     """The command and environment of `alignkit vllm-serve`: vLLM's OpenAI server with `logprobs`
     log-probs (`SamplingParams.logprobs`: processed for training; the gate reports the kind to
@@ -586,6 +621,7 @@ def serve_command(
         ALIGNKIT_SERVE_TOKEN_FILE=str(token_file),
         ALIGNKIT_SERVE_SYNC_DIR=str(updates_dir(sync_dir)),
         ALIGNKIT_SERVE_LOGPROBS=logprobs,
+        ALIGNKIT_SERVE_TRANSPORT=transport,
     )
     cmd = [
         sys.executable,
@@ -610,6 +646,8 @@ def serve_command(
         "alignkit.generation.vllm_guard.Guard",
         "--disable-fastapi-docs",
     ]
+    if transport == "nccl":  # vLLM's NCCL weight-transfer engine in every worker (weight_transport.py)
+        cmd += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
     memory = memory_settings(torch.cuda.is_available(), kv_cache_gib, gpu_memory_utilization, 0.9)
     for key, value in memory.items():
         cmd += ["--" + key.replace("_", "-"), str(value)]

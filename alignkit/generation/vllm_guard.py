@@ -11,9 +11,10 @@ guards only `/v1/...`. This gate refuses every request without `Authorization: B
 directory the server was started with.
 
 Read once in the server process: ALIGNKIT_SERVE_TOKEN_FILE (the secret, one line),
-ALIGNKIT_SERVE_SYNC_DIR (where updates may come from) and ALIGNKIT_SERVE_LOGPROBS (the kind of
+ALIGNKIT_SERVE_SYNC_DIR (where updates may come from), ALIGNKIT_SERVE_LOGPROBS (the kind of
 log-probs the server returns, `raw` or `processed`, which the gate itself answers at
-`GET /alignkit/logprobs` so that a trainer can check it samples what it scores). Standard library
+`GET /alignkit/logprobs` so that a trainer can check it samples what it scores) and
+ALIGNKIT_SERVE_TRANSPORT (`nccl`: vLLM's weight-transfer routes are served too, `NCCL_ROUTES`). Standard library
 and Starlette only (the server's own dependency).
 """
 
@@ -33,6 +34,16 @@ ROUTES = {
     ("GET", "/health"),
     ("POST", "/reset_prefix_cache"),
     ("POST", "/collective_rpc"),
+}
+# vLLM's weight-transfer routes (`vllm/entrypoints/rl/online/api_router.py`), served only by a server
+# started with `--weight-transport nccl`: the trainer opens the NCCL group and broadcasts through them
+NCCL_ROUTES = {
+    ("GET", "/get_world_size"),
+    ("POST", "/init_weight_transfer_engine"),
+    ("POST", "/start_weight_update"),
+    ("POST", "/update_weights"),
+    ("POST", "/finish_weight_update"),
+    ("POST", "/shutdown_weight_transfer_engine"),
 }
 MAX_RPC_BODY = 64 << 10
 
@@ -71,6 +82,8 @@ class Guard:
         self.token_hash = hashlib.sha256(read_token(os.environ["ALIGNKIT_SERVE_TOKEN_FILE"]).encode()).digest()
         self.sync_dir = os.environ["ALIGNKIT_SERVE_SYNC_DIR"]
         self.logprobs = os.environ["ALIGNKIT_SERVE_LOGPROBS"]
+        nccl = os.environ.get("ALIGNKIT_SERVE_TRANSPORT", "directory") == "nccl"
+        self.routes = ROUTES | NCCL_ROUTES if nccl else ROUTES
 
     def _authorized(self, scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
@@ -95,7 +108,7 @@ class Guard:
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
         if (method, path) == ("GET", LOGPROBS_ROUTE):
             return await _send_json(send, 200, {"logprobs": self.logprobs})
-        if (method, path) not in ROUTES:
+        if (method, path) not in self.routes:
             return await _answer(send, 403, f"{method} {path} is not served by alignkit vllm-serve")
         if path != "/collective_rpc":
             return await self.app(scope, receive, send)

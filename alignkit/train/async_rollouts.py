@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.generation.adapters import AdapterUpdate
 from alignkit.generation.decode import Sample
-from alignkit.generation.vllm_engine import weights_for_engine
+from alignkit.generation.vllm_engine import policy_state, weights_for_engine
 
 
 @dataclass
@@ -97,7 +98,10 @@ class RolloutPipeline:
         self.backend, self.generate = backend, generate
         self.mode, self.max_staleness, self.buffer_size = mode, max_staleness, buffer_size
         self.keys, self.per_cycle, self.writer = keys, per_cycle, writer
-        self.state_fn = state_fn or weights_for_engine
+        # a LoRA policy sends its adapters to a sampler that merges them (alignkit's), else its weights
+        self.state_fn = state_fn or (
+            policy_state if getattr(backend, "accepts_adapters", False) else weights_for_engine
+        )
         self.version = 0  # optimizer steps done: the trainer's policy version
         self.published = -1  # the last version sent to the sampler
         self._futures: dict[int, Future] = {}  # key -> Future[Generated]
@@ -187,7 +191,11 @@ class RolloutPipeline:
         (training changes the parameters in place) and sent after the requests already queued."""
         state = self.state_fn(model)  # every process takes part (a sharded model gathers its weights)
         if self.writer:
-            copy = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            copy: AdapterUpdate | dict
+            if isinstance(state, AdapterUpdate):
+                copy = state.copy_to_cpu()
+            else:
+                copy = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
             version = self.version
             self._publishes.append(self._publisher.submit(self.backend.load_state, copy, version))
         self.published = self.version

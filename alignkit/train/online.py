@@ -307,6 +307,7 @@ class OnlineRecipe:
             vllm_server=g.vllm_server,
             sampler_server=g.sampler_server,
             request_timeout_s=g.request_timeout_s,
+            weight_transport=g.weight_transport,
             vllm_sync_dir=g.vllm_sync_dir,
             vllm_token_file=g.vllm_token_file,
             vllm_dtype=g.vllm_dtype,
