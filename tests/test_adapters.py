@@ -90,7 +90,15 @@ def test_a_server_reads_the_base_from_its_checkpoint_after_full_updates(tmp_path
     with torch.no_grad():
         for p in served.parameters():
             p.add_(0.01)  # an earlier run's full update
-    AdapterBase(served, checkpoint=str(tmp_path / "base")).apply(adapter_update(policy), "test")
+    sampler = AdapterBase(served, checkpoint=str(tmp_path / "base"))
+    sampler.took_full_weights()
+    sampler.apply(adapter_update(policy), "test")
     want = _merged(policy)
-    adapted = set(adapter_update(policy).modules)
-    assert all(torch.equal(want[k], served.state_dict()[k]) for k in adapted)
+    assert all(torch.equal(want[k], served.state_dict()[k]) for k in want)  # the layers without adapters too
+    again = copy.deepcopy(base)
+    with torch.no_grad():
+        again.model.norm.weight.add_(1.0)
+    without = AdapterBase(again)
+    without.took_full_weights()
+    with pytest.raises(ValueError, match="holds full weights sent before.*restart it"):
+        without.apply(adapter_update(policy), "test")

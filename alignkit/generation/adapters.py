@@ -134,6 +134,12 @@ class AdapterBase:
 
     def __init__(self, model, base: dict | None = None, checkpoint: str | None = None):
         self.model, self.base, self.checkpoint = model, dict(base or {}), checkpoint
+        self.rest_changed = False  # full weights came since the start: the layers without adapters too
+
+    def took_full_weights(self) -> None:
+        """The sampler loaded full weights (another run's): the next adapter update restores the
+        layers it does not touch (embeddings, norms) from the checkpoint first."""
+        self.rest_changed = True
 
     def check(self, update: AdapterUpdate, where: str) -> None:
         """Refuse `update` unless the sampler knows (or now takes, from its model) the trainer's base
@@ -162,6 +168,18 @@ class AdapterBase:
         """Load W0 + (B @ A) * scaling into the model for every layer `update` names."""
         self.check(update, where)
         params = dict(self.model.named_parameters())
+        if self.rest_changed:
+            rest = [n for n in params if n not in update.modules]
+            stored = checkpoint_tensors(self.checkpoint, rest) if self.checkpoint else {}
+            if not stored:
+                raise ValueError(
+                    f"{where}: this sampler holds full weights sent before, and has no checkpoint to take the "
+                    "layers without adapters from; restart it with the model the trainer started from."
+                )
+            with torch.no_grad():
+                for name, w in stored.items():
+                    params[name].copy_(w.to(params[name].device, params[name].dtype))
+            self.rest_changed = False
         merged = update.merged(self.base)
         with torch.no_grad():
             for name, w in merged.items():

@@ -82,6 +82,7 @@ class SamplerService:
             self.adapters.apply(weights, f"{self.name}, version {version}")
         else:
             load_weights(self.model, weights, f"{self.name}, version {version}")
+            self.adapters.took_full_weights()
         self._pending, self.version = None, version
         self._state.notify_all()
 
