@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = records(args.records, seed=0)
     with open(out / "pairs.jsonl", "w") as f:
         for prompt, right, wrong in rows:
-            f.write(json.dumps({"prompt": prompt, "chosen": f"the answer is {right} .", "rejected": f"the answer is {wrong} ."}) + "\n")
+            pair = {"prompt": prompt, "chosen": f"the answer is {right} .", "rejected": f"the answer is {wrong} ."}
+            f.write(json.dumps(pair) + "\n")
     with open(out / "prompts.jsonl", "w") as f:
         for prompt, right, _ in rows:
             f.write(json.dumps({"prompt": prompt, "answer": str(right)}) + "\n")
