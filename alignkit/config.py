@@ -450,6 +450,13 @@ def _read_by(key: str) -> str:
     return "" if len(names) == len(registry.RECIPES) else ", ".join(names) or "none"
 
 
+def markdown_cell(text: str) -> str:
+    """`text` as a Markdown table cell: a `|` outside code spans (a type's `a | b`, a norm's
+    `|x|`) would end the cell, so it is escaped."""
+    parts = text.split("`")
+    return "`".join(part if i % 2 else part.replace("|", "\\|") for i, part in enumerate(parts))
+
+
 def format_help(markdown: bool = False) -> str:
     """The config reference, as terminal text or a Markdown table, with the recipes that read each
     key (from the recipe registry)."""
@@ -459,7 +466,8 @@ def format_help(markdown: bool = False) -> str:
         out = ["| key | type | default | read by | meaning |", "| --- | --- | --- | --- | --- |"]
         for key, tp, default, doc in rows:
             kind = recipes if key == "recipe" else _type_name(tp)
-            out.append(f"| `{key}` | {kind} | `{default!r}` | {_read_by(key) or 'all'} | {doc} |")
+            cells = (f"`{key}`", markdown_cell(kind), f"`{default!r}`", _read_by(key) or "all", markdown_cell(doc))
+            out.append("| " + " | ".join(cells) + " |")
         return "\n".join(out)
     out = ["Recipes:"]
     out += [

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from alignkit.config import RunConfig, field_docs, format_help, iter_fields, load_config, parse_override
@@ -81,6 +83,10 @@ def test_generated_docs_come_from_the_code():
     assert format_help(markdown=True) in rendered and "`train.learning_rate` | float | `5e-06`" in rendered
     training = mod.render((root / "docs" / "training.md").read_text())
     assert "| `grpo` | prompts | `ppo_clip` | yes |" in training and "| `simpo` | no | paired |" in training
+    for name, table in mod.sections().items():  # a `|` in a cell (a type's `a | b`) must not split it
+        widths = {len(re.split(r"(?<!\\)\|", re.sub(r"`[^`]*`", "x", row))) for row in table.splitlines()}
+        assert len(widths) == 1, f"{name}: rows with different numbers of cells {widths}"
+    assert "| sft \\| dpo \\| unpaired" in rendered and "KL(student \\|\\| teacher)" in training
     readme = (root / "README.md").read_text()
     assert "<!-- generated:" not in readme and "train.learning_rate` |" not in readme
     with pytest.raises(ValueError, match=r"x.md: unknown generated section\(s\) \['nope'\]"):
