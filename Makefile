@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install sandbox browser demo lint test clean
+.PHONY: install sandbox browser demo lint docs serve-docs test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +42,18 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install browser lint
+# The documentation site (mkdocs.yml, pages in docs/), built strictly: a broken link, a missing page or
+# an unknown anchor fails. The configuration reference and the tables generated from the code are
+# rendered during the build (scripts/mkdocs_hooks.py). `serve-docs` rebuilds on every edit.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir site
+
+serve-docs: install
+	$(BIN)/mkdocs serve
+
+test: install browser lint docs
 	# two workers, whole files each (a file's module fixtures, e.g. one vLLM engine, start once)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

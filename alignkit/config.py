@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, YAML files and `key=value` overrides.
 
 The docstring line under each field is the single source of help: `alignkit train --help-config`
-and the README's config reference are both generated from it (`python -m alignkit.config`).
+and the site's configuration reference (docs/config.md, rendered when the site is built) are both
+generated from it (`python -m alignkit.config`).
 Unknown keys are errors that suggest the nearest valid key.
 """
 
@@ -134,11 +135,11 @@ class TrainConfig:
     shuffle: bool = True
     """Shuffle the training examples each epoch (seeded)."""
     report_to: list = field(default_factory=lambda: ["tensorboard"])
-    """Trackers that also get the config, every metric, alerts and the report: any of `tensorboard`, `wandb`, `trackio`, `mlflow`, each writing offline under the run directory (README, "Trackers"); `[]`: only metrics.jsonl. A tracker whose package is missing is an error naming its extra."""
+    """Trackers that also get the config, every metric, alerts and the report: any of `tensorboard`, `wandb`, `trackio`, `mlflow`, each writing offline under the run directory (docs/trackers.md); `[]`: only metrics.jsonl. A tracker whose package is missing is an error naming its extra."""
     on_nonfinite: Literal["stop", "skip_step"] = "stop"
     """A NaN or infinite loss or gradient norm: `stop` the run (no update applied, no weights written; the message names the step and the examples of the micro-batch), or `skip_step` (drop that update, count it in `skipped_steps`, go on)."""
     stop_on: list = field(default_factory=list)
-    """Health rules (README, "Health monitor") whose alert stops the run cleanly: a checkpoint at that step, `summary.json` status `stopped_by_health` with the alert, no `final/`, exit code 2. E.g. `[over_optimisation, loss_stuck_at_ln2]`."""
+    """Health rules (docs/health.md) whose alert stops the run cleanly: a checkpoint at that step, `summary.json` status `stopped_by_health` with the alert, no `final/`, exit code 2. E.g. `[over_optimisation, loss_stuck_at_ln2]`."""
 
 
 @dataclass
@@ -227,7 +228,7 @@ class EnvConfig:
     tools: Optional[list] = None
     """Tools offered to the model, replacing the environment's own: built-in names (`calculator`, `python`) or `file.py:function` (its JSON schema is read from its type hints and Google-style docstring). Unset: the environment's tools."""
     sandbox: str = "bwrap"
-    """Where code tools (`python`) run model-written code: `bwrap` (a bubblewrap sandbox: no network, read-only system, scratch tmpfs, uid 65534, limits; `apt-get install bubblewrap`), `file.py:Class` (your executor, e.g. a remote code-execution service; see README "Security"), or `none`: NO isolation, only for code you trust (warned at start)."""
+    """Where code tools (`python`) run model-written code: `bwrap` (a bubblewrap sandbox: no network, read-only system, scratch tmpfs, uid 65534, limits; `apt-get install bubblewrap`), `file.py:Class` (your executor, e.g. a remote code-execution service; see docs/security.md), or `none`: NO isolation, only for code you trust (warned at start)."""
     max_turns: int = 4
     """Model turns per episode at most; an episode still going after the last ends as `turn_limit`."""
     max_tokens: Optional[int] = None
@@ -309,7 +310,7 @@ class DistConfig:
 @dataclass
 class HealthConfig:
     enabled: bool = True
-    """Run the health rules on every logged train and eval row; each alert is printed once and written to metrics.jsonl as an `alert` row (README, "Health monitor")."""
+    """Run the health rules on every logged train and eval row; each alert is printed once and written to metrics.jsonl as an `alert` row (docs/health.md)."""
     warmup_steps: int = 50
     """loss_stuck_at_ln2: steps before a DPO-family loss still at ln 2 counts as stuck."""
     window: int = 20
@@ -351,7 +352,7 @@ class HealthConfig:
 @dataclass
 class RunConfig:
     recipe: str = "dpo"
-    """The training method; `alignkit train --help-config` lists them, with what each reads (the README's recipe table)."""
+    """The training method; `alignkit train --help-config` lists them, with what each reads (the recipe table of docs/training.md)."""
     output_dir: str = "runs/alignkit"
     """Run directory: checkpoints, metrics.jsonl, the final model."""
     seed: int = 0
@@ -451,6 +452,13 @@ def _read_by(key: str) -> str:
     return "" if len(names) == len(registry.RECIPES) else ", ".join(names) or "none"
 
 
+def markdown_cell(text: str) -> str:
+    """`text` as a Markdown table cell: a `|` outside code spans (a type's `a | b`, a norm's
+    `|x|`) would end the cell, so it is escaped."""
+    parts = text.split("`")
+    return "`".join(part if i % 2 else part.replace("|", "\\|") for i, part in enumerate(parts))
+
+
 def format_help(markdown: bool = False) -> str:
     """The config reference, as terminal text or a Markdown table, with the recipes that read each
     key (from the recipe registry)."""
@@ -460,7 +468,8 @@ def format_help(markdown: bool = False) -> str:
         out = ["| key | type | default | read by | meaning |", "| --- | --- | --- | --- | --- |"]
         for key, tp, default, doc in rows:
             kind = recipes if key == "recipe" else _type_name(tp)
-            out.append(f"| `{key}` | {kind} | `{default!r}` | {_read_by(key) or 'all'} | {doc} |")
+            cells = (f"`{key}`", markdown_cell(kind), f"`{default!r}`", _read_by(key) or "all", markdown_cell(doc))
+            out.append("| " + " | ".join(cells) + " |")
         return "\n".join(out)
     out = ["Recipes:"]
     out += [
@@ -478,7 +487,7 @@ def format_help(markdown: bool = False) -> str:
 
 
 def recipe_table() -> str:
-    """The README's recipe table, from the registry."""
+    """The recipe table of docs/training.md, from the registry."""
     out = [
         "| recipe | data | default loss | samples while training | what it trains |",
         "| --- | --- | --- | --- | --- |",
@@ -1004,5 +1013,5 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-if __name__ == "__main__":  # python -m alignkit.config  -> the README's config reference
+if __name__ == "__main__":  # python -m alignkit.config  -> the configuration reference (docs/config.md)
     print(format_help(markdown=True))

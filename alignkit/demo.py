@@ -40,7 +40,7 @@ GEN = SamplingParams(max_new_tokens=48)  # greedy: deterministic before/after
 GEN_BATCH = 100
 CONSTRAINT_LABELS = {"start_word": "begin with a word", "end_phrase": "end with a phrase"}
 
-# DPO settings for the demo (measured; see README "The demo").
+# DPO settings for the demo (measured; see docs/demo.md).
 TRAIN_OVERRIDES = [
     "recipe=dpo",
     "losses=[{name: dpo, beta: 0.1, weight: 1.0}, {name: sft, weight: 1.0}]",

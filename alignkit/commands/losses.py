@@ -24,10 +24,12 @@ def run(args) -> int:
         for s in losses.available()
     ]
     if args.markdown:
+        from alignkit.config import markdown_cell
+
         print("| name | reference | data | parameters | what it does | paper |")
         print("| --- | --- | --- | --- | --- | --- |")
         for r in rows:
-            print("| " + " | ".join((f"`{r[0]}`",) + r[1:]) + " |")
+            print("| " + " | ".join((f"`{r[0]}`",) + tuple(markdown_cell(c) for c in r[1:])) + " |")
         return 0
     for name, ref, data, params, summary, cite in rows:
         print(f"{name:<10} reference: {ref:<3}  data: {data:<7} {params}")

@@ -38,7 +38,7 @@ def register(sub) -> None:
 def launch_torchrun(nproc: int, argv: list) -> int:
     """Run this same `alignkit train` command under torchrun with `nproc` processes on this machine
     (`--standalone`: a local rendezvous on a free port). Several machines: call torchrun yourself
-    (README, "Scaling out")."""
+    (docs/scaling.md)."""
     import subprocess
 
     cmd = [

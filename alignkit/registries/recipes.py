@@ -3,7 +3,7 @@
 Metadata only, with no heavy imports, so that `alignkit.config` (which sits below `train/`) can
 validate a config against it: each `RecipeSpec` names what builds the recipe as a `module:name`
 string, imported when the recipe is built, and carries the recipe's own config checks. Config
-validation, `alignkit train --help-config`, the README's recipe table and `alignkit data show` all
+validation, `alignkit train --help-config`, the recipe table of docs/training.md and `alignkit data show` all
 read these specs; nothing else restates which recipe reads what.
 """
 
@@ -52,7 +52,7 @@ ENV = ("env",)  # multi-turn episodes (alignkit.train.episodes)
 class RecipeSpec:
     name: str
     target: str  # "module:name" of what builds the recipe from (cfg, tokenizer): a class or a function
-    summary: str  # one line, for the README table and --help-config
+    summary: str  # one line, for the docs' recipe table and --help-config
     data: str  # the records it reads: sft, paired, unpaired, masked, negative, reward, prompts
     loss_kind: str  # the `data` kind of the registered losses it accepts (alignkit losses)
     default_loss: str

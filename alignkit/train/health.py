@@ -12,9 +12,10 @@ condition holds. It re-arms once the condition has been false on `health.clear_r
 rows it was checked on; a condition that comes back after that alerts again. A row that carries
 none of a rule's metrics does not check the rule, so it neither alerts nor counts as clear.
 
-Rules only read metrics the recipes log (README "Metrics" tables); a rule whose metrics are absent
-from a run never runs. Non-finite values (logged as null) are not recorded. Windows count logged
-rows, not optimizer steps (`train.log_every` > 1 makes them span more steps).
+Rules only read metrics the recipes log (the metrics tables of docs/training.md and
+docs/online.md); a rule whose metrics are absent from a run never runs. Non-finite values (logged as
+null) are not recorded. Windows count logged rows, not optimizer steps (`train.log_every` > 1 makes
+them span more steps).
 
 The monitor's state (bounded history and which rules are active) goes into every checkpoint, so a
 resumed run neither repeats an alert nor forgets its history. Nothing here imports torch or the

@@ -114,7 +114,7 @@ def train(
     allow_config_change: bool = False,
     finish: Callable[[Path], Path | None] | None = None,
 ) -> RunResult:
-    """Run a training job described by `cfg`; see the README for the run directory's layout.
+    """Run a training job described by `cfg`; see docs/training.md for the run directory's layout.
 
     `resume`: continue from the latest checkpoint; `resume_from`: from that checkpoint (a name
     such as `checkpoint-40`, or a path); `allow_config_change`: accept settings that differ from

@@ -1,8 +1,14 @@
-"""Regenerate the docs that come from code: the README's config reference and loss table, and
-docs/losses.md (one section per loss, from its docstring).
+"""The documentation that comes from code.
 
-    python scripts/update_readme.py          # rewrite README.md and docs/losses.md in place
-    python scripts/update_readme.py --check  # exit 1 if either is stale (the tests do this)
+- docs/losses.md, one section per registered loss from its docstring, is a file in the repository
+  (GitHub shows it too): `python scripts/gen_docs.py` rewrites it, `--check` exits 1 when it is
+  stale (tests/test_docs.py runs the check).
+- The recipe table, the loss table and the configuration reference are not stored anywhere: a page
+  holds a marker line `<!-- generated:NAME -->` and the MkDocs hook (scripts/mkdocs_hooks.py) puts
+  the rendering in its place on every build, so the site cannot show a stale table.
+
+    python scripts/gen_docs.py          # rewrite docs/losses.md
+    python scripts/gen_docs.py --check  # exit 1 if docs/losses.md is stale
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import re
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-LOSS_DOCS = README.parent / "docs" / "losses.md"
+ROOT = Path(__file__).resolve().parents[1]
+LOSS_DOCS = ROOT / "docs" / "losses.md"
+MARKER = re.compile(r"^<!-- generated:([\w-]+) -->$", re.M)
 
 DATA_NOTES = {
     "paired": "`recipe: dpo`, preference pairs",
@@ -41,7 +48,7 @@ def loss_docs() -> str:
     out = [
         "# Losses",
         "",
-        "Generated from the loss docstrings by `python scripts/update_readme.py`; do not edit by hand.",
+        "Generated from the loss docstrings by `python scripts/gen_docs.py`; do not edit by hand.",
         "Every loss is a pure function of summed log-probs (`alignkit/losses/`), tested against an",
         "independent float64 formula and by a short training run (`tests/test_loss*.py`).",
         "",
@@ -73,6 +80,8 @@ def loss_docs() -> str:
 
 
 def sections() -> dict[str, str]:
+    """The generated tables by marker name, rendered from the code (the registries, the config
+    dataclasses' docstring lines)."""
     from alignkit.cli import main
     from alignkit.config import format_help, recipe_table
 
@@ -86,21 +95,24 @@ def sections() -> dict[str, str]:
     }
 
 
-def render(text: str) -> str:
-    for name, body in sections().items():
-        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> markers")
-        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
-    return text
+def render(text: str, where: str = "page") -> str:
+    """`text` with every `<!-- generated:NAME -->` line replaced by that table; an unknown NAME is
+    an error naming the page and the known names."""
+    found = MARKER.findall(text)
+    if not found:
+        return text
+    tables = sections()
+    unknown = sorted(set(found) - set(tables))
+    if unknown:
+        raise ValueError(f"{where}: unknown generated section(s) {unknown}; known: {sorted(tables)}")
+    return MARKER.sub(lambda m: tables[m.group(1)], text)
 
 
 if __name__ == "__main__":
-    current, new = README.read_text(), render(README.read_text())
-    docs_now = LOSS_DOCS.read_text() if LOSS_DOCS.is_file() else ""
-    docs_new = loss_docs()
+    now = LOSS_DOCS.read_text() if LOSS_DOCS.is_file() else ""
+    new = loss_docs()
     if "--check" in sys.argv:
-        sys.exit(0 if (new, docs_new) == (current, docs_now) else 1)
-    README.write_text(new)
-    LOSS_DOCS.parent.mkdir(exist_ok=True)
-    LOSS_DOCS.write_text(docs_new)
+        if new != now:
+            print("docs/losses.md is stale: run `python scripts/gen_docs.py`", file=sys.stderr)
+        sys.exit(0 if new == now else 1)
+    LOSS_DOCS.write_text(new)
