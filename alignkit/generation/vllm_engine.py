@@ -28,6 +28,7 @@ engine sleeps while the trainer trains (`sleep`/`wake_up`: its weights and KV ca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -412,6 +413,7 @@ class VLLMServer:
         self.accepts_adapters = self.kind == "alignkit"
         self.state_fn = state_fn or (policy_state if self.accepts_adapters else weights_for_engine)
         self.version = 0  # the policy version last published to the server
+        self.run: str | None = None  # `set_run`: the training run the versions count in
         # names and shapes are checked against the trainer's own starting checkpoint when it is local
         self.expected = expected_weights(model_path) if model_path and Path(model_path).is_dir() else {}
         self.nccl = None  # `generation.weight_transport=nccl`: the broadcast group (the writer's only)
@@ -479,6 +481,52 @@ class VLLMServer:
         if self.nccl is not None:  # the server outlives its clients; the broadcast group does not
             self.nccl.close()
 
+    def set_run(self, run: str) -> None:
+        """Name the training run (the same on all its processes, new on every start): versions are
+        counted per run, so weights a crashed run left on the server never pass for a resumed one's."""
+        self.run = run
+
+    def _label(self, version: int) -> str:
+        return f"{self.run}.{version}" if self.run else str(version)
+
+    def _version_of(self, label) -> int | None:
+        """The version a vLLM weight label names for this run (None: another run's, or vLLM's own)."""
+        label = str(label)
+        if self.run:
+            head, _, tail = label.rpartition(".")
+            return int(tail) if head == self.run and tail.isdigit() else None
+        return int(label) if label.isdigit() else None
+
+    def _wait_for_version(self, version: int) -> None:
+        """Wait until a vLLM server holds this run's weights of `version` or later (another training
+        process may still be sending them), as an alignkit server does for `min_version`."""
+        if version <= 0 and not self.run:
+            return
+        deadline = time.monotonic() + self.timeout
+        while True:
+            label = self._get("/weight_info").get("weight_version")
+            held = self._version_of(label)
+            if held is not None and held >= version:
+                return
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"the vLLM server at {self.url} still holds weights {label!r} after {self.timeout:.0f} s, "
+                    f"not version {version}: did the training process that sends them stop? Restart with --resume."
+                )
+            time.sleep(0.05)
+
+    @contextlib.contextmanager
+    def _paused(self):
+        """A vLLM server's generations in flight frozen (vLLM's `/pause?mode=keep`) while its weights
+        change, then labelled with the new version and resumed: each output token's `weight_versions`
+        span names the weights that sampled it (partial rollouts on vLLM)."""
+        self._request("/pause?mode=keep", {})
+        try:
+            yield
+            self._request("/update_weight_version", {"new_version": self._label(self.version)})
+        finally:
+            self._request("/resume", {})
+
     # -- protocol ---------------------------------------------------------------------------------
 
     def sample(
@@ -500,6 +548,7 @@ class VLLMServer:
                 "stop": list(params.stop) or None,
                 "logprobs_mode": params.logprobs,
                 "min_version": min_version,
+                "run": self.run,
             }
             choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
             flat = [self._sample(c) for c in choices]
@@ -509,28 +558,57 @@ class VLLMServer:
             fix = f"restart it as `alignkit vllm-serve --logprobs {params.logprobs}` (training needs processed ones)"
             check_logprobs(params, self.served_logprobs, f"the vLLM server at {self.url}", fix)
 
+        self._wait_for_version(min_version)
+
         def one(i: int) -> list:
+            # vLLM's token-in-token-out route: token ids and their log-probs as ids, and the weight
+            # version label of every output token (`weight_versions` spans; `load_state` sets the labels)
             body = {
                 "model": self.model,
-                "prompt": list(prompts[i]),
-                "n": params.n,
-                "max_tokens": params.max_new_tokens,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "top_k": params.top_k if params.top_k > 0 else -1,
-                "stop": list(params.stop) or None,
-                "include_stop_str_in_output": True,
-                "logprobs": 0,
-                "return_tokens_as_token_ids": True,
-                "seed": prompt_seeds[i] if prompt_seeds is not None else seed,
-                "skip_special_tokens": False,
+                "token_ids": list(prompts[i]),
+                "output_mode": "tokens",
+                "sampling_params": {
+                    "n": params.n,
+                    "max_tokens": params.max_new_tokens,
+                    "temperature": params.temperature,
+                    "top_p": params.top_p,
+                    "top_k": params.top_k if params.top_k > 0 else -1,
+                    "stop": list(params.stop) or None,
+                    "include_stop_str_in_output": True,
+                    "logprobs": 0,
+                    "seed": prompt_seeds[i] if prompt_seeds is not None else seed,
+                    "skip_special_tokens": False,
+                },
             }
-            choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
-            return [self._sample(c) for c in choices]
+            choices = sorted(self._request("/inference/v1/generate", body)["choices"], key=lambda c: c["index"])
+            return [self._generated(c, asked) for c in choices]
+
+        asked = self.version  # the weights the server holds (at least) when the requests go out
 
         # concurrent requests: the server batches them, as it batches one call's prompts in-process
         with ThreadPoolExecutor(max_workers=max(1, min(32, len(prompts)))) as pool:
             return list(pool.map(one, range(len(prompts))))
+
+    def _generated(self, choice: dict, asked: int) -> Sample:
+        """A choice of vLLM's generate route; `versions` from its weight-version spans (tokens before
+        the first label: the version the request was made with)."""
+        ids = [int(t) for t in choice["token_ids"]]
+        content = (choice.get("logprobs") or {}).get("content") or []
+        if [int(c["token_id"]) for c in content] != ids:
+            raise ConfigError(f"the vLLM server at {self.url} returned log-probs of other tokens than it sampled")
+        versions = None
+        if choice.get("weight_versions"):
+            versions = [asked] * len(ids)
+            for span in choice["weight_versions"]:
+                v = self._version_of(span["version"])  # vLLM's own label before any update: "default"
+                versions[span["start"] : span["end"]] = [asked if v is None else v] * (span["end"] - span["start"])
+        return Sample(
+            ids,
+            [float(c["logprob"]) for c in content],
+            "length" if choice["finish_reason"] == "length" else "stop",
+            self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+            versions=versions,
+        )
 
     def _sample(self, choice: dict) -> Sample:
         lp = choice["logprobs"]
@@ -566,7 +644,9 @@ class VLLMServer:
             state = drop_tied(state, self.expected)
             check_weights(state, self.expected, f"generation.vllm_server={self.url}")
             if self.nccl is not None:
-                return self.nccl.send(state, self.version)
+                with self._paused():
+                    self.nccl.send(state, self.version)
+                return
         self.weights_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory = Path(tempfile.mkdtemp(prefix="update-", dir=self.weights_dir))
         try:
@@ -577,8 +657,11 @@ class VLLMServer:
             try:
                 kwargs: dict = {"weights_path": str(directory)}
                 if self.kind == "alignkit":
-                    kwargs["version"] = self.version
-                self._request("/collective_rpc", {"method": RELOAD, "kwargs": kwargs})
+                    kwargs.update(version=self.version, run=self.run)
+                    self._request("/collective_rpc", {"method": RELOAD, "kwargs": kwargs})
+                else:
+                    with self._paused():
+                        self._request("/collective_rpc", {"method": RELOAD, "kwargs": kwargs})
             except ConfigError as e:
                 raise ConfigError(
                     f"{e}\nThe server loads each update from {directory}; a server on another machine "
@@ -645,6 +728,7 @@ def serve_command(
         "--middleware",
         "alignkit.generation.vllm_guard.Guard",
         "--disable-fastapi-docs",
+        "--enable-scale-out",  # vLLM's token-in-token-out route, which reports each token's weight version
     ]
     if transport == "nccl":  # vLLM's NCCL weight-transfer engine in every worker (weight_transport.py)
         cmd += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]

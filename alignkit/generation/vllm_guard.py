@@ -34,6 +34,11 @@ ROUTES = {
     ("GET", "/health"),
     ("POST", "/reset_prefix_cache"),
     ("POST", "/collective_rpc"),
+    ("POST", "/inference/v1/generate"),  # token ids in and out, with each token's weight version
+    ("POST", "/pause"),  # generations frozen while the weights change (mode keep) ...
+    ("POST", "/update_weight_version"),  # ... labelled with the new version ...
+    ("POST", "/resume"),  # ... and resumed
+    ("GET", "/weight_info"),  # the version label it holds (a request waits for the one it names)
 }
 # vLLM's weight-transfer routes (`vllm/entrypoints/rl/online/api_router.py`), served only by a server
 # started with `--weight-transport nccl`: the trainer opens the NCCL group and broadcasts through them

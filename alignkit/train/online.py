@@ -322,6 +322,10 @@ class OnlineRecipe:
             overlapped=self.cfg.online.async_.mode
             != "sync",  # an engine sampling while the trainer trains never sleeps
         )
+        if hasattr(self.backend, "set_run"):  # a server: versions count per run (new on every start)
+            import secrets
+
+            self.backend.set_run(ctx.dist.broadcast(secrets.token_hex(6)))
         a = self.cfg.online.async_
         if a.mode != "sync":
             if isinstance(self.backend, TransformersBackend):  # in this process: a copy samples beside the trainer
