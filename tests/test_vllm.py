@@ -819,3 +819,47 @@ def test_two_training_processes_one_step_off_on_a_vllm_server_equal_one_process(
     # the same tokens and rewards; vLLM's float32 CPU log-probs depend slightly on the batch they run
     # in, and Adam carries that into the weights (4.7e-5 at most here)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_a_lora_run_sends_the_colocated_engine_its_adapters(small_dir, tmp_path, monkeypatch):
+    """LoRA with a colocated engine: the engine starts with vLLM's LoRA support and takes each
+    update as a PEFT adapter (no merged weights written), applied to the checkpoint it loaded; its
+    samples' log-probs are the trainer's (peft's) at every step."""
+    from alignkit.generation import adapters, vllm_engine
+
+    sent = {"adapters": 0, "weights": 0}
+    real_save, real_write = adapters.AdapterUpdate.save_peft, vllm_engine.write_weights
+
+    def save(self, directory):
+        sent["adapters"] += 1
+        assert self.numel() < 0.2 * sum(t.numel() for t in load_file(str(small_dir / "model.safetensors")).values())
+        return real_save(self, directory)
+
+    def write(state, directory):
+        sent["weights"] += 1
+        return real_write(state, directory)
+
+    monkeypatch.setattr(adapters.AdapterUpdate, "save_peft", save)
+    monkeypatch.setattr(vllm_engine, "write_weights", write)
+    cfg = load_config(
+        None,
+        _grpo_args(
+            small_dir,
+            tmp_path,
+            "generation.backend=vllm",
+            "generation.vllm_kv_cache_gib=0.25",
+            "lora.enabled=true",
+            "lora.r=8",
+            "lora.alpha=16",
+            "train.learning_rate=5e-2",
+        ),
+    )
+    result = loop.train(cfg, progress=False)
+    rows = read_metrics(result.run_dir, "train")
+    assert sent["adapters"] >= 3 and sent["weights"] == 0
+    assert max(r["logprob_mismatch_max"] for r in rows) < 1e-3
+    base, final = (
+        load_file(str(small_dir / "model.safetensors")),
+        load_file(str(result.final_dir / "model.safetensors")),
+    )
+    assert max(float((final[k] - base[k]).abs().max()) for k in base) > 1e-2  # the adapters moved the policy

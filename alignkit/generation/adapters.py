@@ -15,7 +15,9 @@ so a server started from another model refuses the update, saying what to start 
 sampling from a mixture.
 
 alignkit's samplers take adapters (the copy of the policy in the training process, and
-`alignkit sample-serve`); vLLM takes merged weights (`weights_for_engine`).
+`alignkit sample-serve`) and merge them; vLLM serves them as a LoRA adapter (`save_peft`: the
+colocated engine started with LoRA, `alignkit vllm-serve --max-lora-rank`), applied to the
+checkpoint it loaded.
 """
 
 from __future__ import annotations
@@ -69,6 +71,55 @@ class AdapterUpdate:
         meta = json.loads((Path(directory) / ADAPTERS_META).read_text())
         modules = {n: (tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"], float(m["scaling"])) for n, m in meta.items()}
         return cls(modules, {n: tuple(m["base"]) for n, m in meta.items()})
+
+    def rank_alpha(self) -> tuple[int, float]:
+        """(r, lora_alpha) shared by every layer, as a PEFT adapter config states them."""
+        ranks = {a.shape[0] for a, _, _ in self.modules.values()}
+        scales = {round(s, 9) for _, _, s in self.modules.values()}
+        if len(ranks) != 1 or len(scales) != 1:
+            raise ValueError(f"the adapters differ in rank {sorted(ranks)} or scaling {sorted(scales)} across layers")
+        r = ranks.pop()
+        return r, scales.pop() * r
+
+    def save_peft(self, directory: Path) -> None:
+        """A PEFT adapter directory (adapter_config.json, adapter_model.safetensors), what vLLM's LoRA
+        support loads."""
+        from safetensors.torch import save_file
+
+        r, alpha = self.rank_alpha()
+        tensors = {}
+        for name, (a, b, _) in self.modules.items():
+            prefix = "base_model.model." + name.removesuffix(".weight")
+            tensors[f"{prefix}.lora_A.weight"] = a.detach().cpu().contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = b.detach().cpu().contiguous()
+        save_file(tensors, str(Path(directory) / "adapter_model.safetensors"))
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "target_modules": sorted({n.removesuffix(".weight").rsplit(".", 1)[-1] for n in self.modules}),
+            "modules_to_save": None,
+            "base_model_name_or_path": None,
+        }
+        (Path(directory) / "adapter_config.json").write_text(json.dumps(config))
+
+    def check_base(self, checkpoint: str, where: str) -> None:
+        """Refuse adapters whose base differs from the checkpoint a sampler loaded (vLLM applies them
+        to the weights it started with)."""
+        stored = checkpoint_tensors(checkpoint, list(self.modules))
+        for name, w in stored.items():
+            have, want = fingerprint(w.to(getattr(torch, self.fingerprints[name][0]))), self.fingerprints[name]
+            if not _same_base(have, want):
+                raise ValueError(
+                    f"{where}: the LoRA adapters' base differs from the checkpoint the engine loaded "
+                    f"({checkpoint}, {name}): start it with the model the trainer started from."
+                )
 
     def merged(self, base: dict) -> dict:
         """{weight name: W0 + (B @ A) * scaling} in W0's dtype, as peft's merge computes it."""

@@ -162,6 +162,7 @@ def make_backend(
     sampler_server: str | None = None,
     request_timeout_s: float = 600.0,
     weight_transport: str = "directory",
+    lora_rank: int | None = None,
     vllm_sync_dir: str | None = None,
     vllm_token_file: str | None = None,
     vllm_dtype: str = "auto",
@@ -218,4 +219,5 @@ def make_backend(
         seed=seed,
         sleep_after_sample=training and not overlapped,
         logprobs="processed" if training else "raw",  # training scores the sampling distribution's
+        lora_rank=lora_rank,
     )

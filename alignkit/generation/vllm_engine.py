@@ -211,9 +211,12 @@ class VLLMEngine:
         seed: int = 0,
         sleep_after_sample: bool = False,
         logprobs: str = "raw",
+        lora_rank: int | None = None,
     ):
         """`kv_cache_gib` / `gpu_memory_utilization`: see `memory_settings`. `sleep_after_sample`:
-        training, where the trainer needs the GPU between rollouts (CUDA only)."""
+        training, where the trainer needs the GPU between rollouts (CUDA only). `lora_rank`: a LoRA
+        run's rank; the engine then takes its adapters (`load_state` of an `AdapterUpdate`) and
+        samples with them, instead of merged weights."""
         vllm = import_vllm()
         cuda = torch.cuda.is_available()
         self.sleep_after_sample = sleep_after_sample and cuda
@@ -235,6 +238,7 @@ class VLLMEngine:
                 worker_extension_cls=WORKER_EXTENSION,
                 enable_sleep_mode=self.sleep_after_sample,
                 **_cpu_settings(cuda, max_model_len),
+                **lora_settings(lora_rank),
             )
         except Exception as e:  # vLLM raises many kinds here; the user needs the cause and a way out
             cause = " ".join(str(e).split())  # vLLM's messages span lines and can list hundreds of names
@@ -249,6 +253,9 @@ class VLLMEngine:
             os.environ.update(environ)
         self.start_seconds = time.perf_counter() - start
         self.asleep = False
+        self.accepts_adapters = lora_rank is not None
+        self._lora = None  # the LoRARequest of the adapters loaded last
+        self._lora_dirs: list = []  # their directories (vLLM reads one when a request first names it)
 
     def sample(
         self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None, min_version: int = 0
@@ -259,7 +266,12 @@ class VLLMEngine:
         check_logprobs(params, self.logprobs, "this vLLM engine", "an engine is started for one kind: start another")
         self.wake_up()
         sp = [_settings(params, s) for s in prompt_seeds] if prompt_seeds is not None else _settings(params, seed)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False, lora_request=self._lora
+        )
+        for old in self._lora_dirs[:-1]:  # read by now: only the current adapters' directory is kept
+            shutil.rmtree(old, ignore_errors=True)
+        self._lora_dirs = self._lora_dirs[-1:]
         result = [[self._sample(c) for c in out.outputs] for out in outputs]
         if self.sleep_after_sample:
             self.sleep()  # the trainer trains next: the engine's weights and KV cache leave the GPU
@@ -275,11 +287,13 @@ class VLLMEngine:
         )
 
     def sync(self, model) -> None:
-        """Load the policy's current weights into the engine."""
-        self.load_state(weights_for_engine(model))
+        """Load the policy's current weights (a LoRA run's adapters) into the engine."""
+        self.load_state(policy_state(model) if self.accepts_adapters else weights_for_engine(model))
 
-    def load_state(self, state: dict, version: int | None = None) -> None:
+    def load_state(self, state, version: int | None = None) -> None:
         """`version`: unused (one engine, one run: the last weights loaded are the current ones)."""
+        if isinstance(state, AdapterUpdate):
+            return self._load_adapters(state)
         state = drop_tied(state, self.expected)
         check_weights(state, self.expected, "generation.backend=vllm")
         self.wake_up()
@@ -292,6 +306,23 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+    def _load_adapters(self, update: AdapterUpdate) -> None:
+        """A LoRA run's adapters as a new vLLM LoRA adapter (a new id: vLLM caches adapters by id;
+        `max_loras` 1 evicts the previous one), applied to the checkpoint the engine loaded."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.accepts_adapters:
+            raise ValueError("this vLLM engine was started without LoRA (lora_rank) and takes merged weights")
+        if self._lora is None:
+            update.check_base(self.model_path, "generation.backend=vllm")
+        directory = Path(
+            tempfile.mkdtemp(prefix="alignkit-lora-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        )
+        update.save_peft(directory)
+        n = self._lora.lora_int_id + 1 if self._lora is not None else 1
+        self._lora = LoRARequest(f"policy-{n}", n, str(directory))
+        self._lora_dirs.append(directory)
 
     def close(self) -> None:
         """Stop the engine (its process and memory) now rather than when the program ends."""
@@ -739,6 +770,19 @@ def serve_command(
         flag = "--" + key.replace("_", "-")
         cmd += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
     return cmd, env
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's `max_lora_rank` choices
+
+
+def lora_settings(rank: int | None) -> dict:
+    """vLLM's engine settings for serving one LoRA adapter of rank `rank` (None: no LoRA)."""
+    if rank is None:
+        return {}
+    fit = [r for r in LORA_RANKS if r >= rank]
+    if not fit:
+        raise ConfigError(f"vLLM serves LoRA ranks up to {LORA_RANKS[-1]}; lora.r is {rank}.")
+    return {"enable_lora": True, "max_lora_rank": fit[0], "max_loras": 1}
 
 
 def check_logprobs(params: SamplingParams, served: str, who: str, fix: str) -> None:

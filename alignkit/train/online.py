@@ -308,6 +308,7 @@ class OnlineRecipe:
             sampler_server=g.sampler_server,
             request_timeout_s=g.request_timeout_s,
             weight_transport=g.weight_transport,
+            lora_rank=self.cfg.lora.r if self.cfg.lora.enabled else None,  # vLLM serves the adapters
             vllm_sync_dir=g.vllm_sync_dir,
             vllm_token_file=g.vllm_token_file,
             vllm_dtype=g.vllm_dtype,
