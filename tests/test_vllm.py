@@ -299,7 +299,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _serving(model_dir, log: Path, sync_dir: Path, max_model_len: int = 256, kv_cache_gib: float = 0.25):
+def _serving(
+    model_dir, log: Path, sync_dir: Path, max_model_len: int = 256, kv_cache_gib: float = 0.25, extra: tuple = ()
+):
     """`alignkit vllm-serve` on a free port for the block (its secret in the default token file under
     `sync_dir`, which clients then find); afterwards no vLLM process of it is left."""
     import psutil
@@ -326,6 +328,7 @@ def _serving(model_dir, log: Path, sync_dir: Path, max_model_len: int = 256, kv_
                 "float32",
                 "--sync-dir",
                 str(sync_dir),
+                *extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=err,
@@ -863,3 +866,58 @@ def test_a_lora_run_sends_the_colocated_engine_its_adapters(small_dir, tmp_path,
         load_file(str(result.final_dir / "model.safetensors")),
     )
     assert max(float((final[k] - base[k]).abs().max()) for k in base) > 1e-2  # the adapters moved the policy
+
+
+def test_a_lora_run_sends_a_vllm_server_its_adapters(small_dir, tmp_path, monkeypatch):
+    """`vllm-serve --max-lora-rank`: a LoRA run first sets the server back to its base checkpoint
+    (here a full-weight update had changed it), then sends only adapters, one vLLM adapter per version; the
+    server's samples' log-probs are the trainer's at every step."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from alignkit.generation import adapters, vllm_engine
+
+    small_dir = Path(shutil.copytree(small_dir, tmp_path / "base"))  # a server of its own (its teardown
+    sync = tmp_path / "sync"  # waits for every process that names its model directory)
+    with _serving(small_dir, tmp_path / "lora_server.log", sync, extra=("--max-lora-rank", "8")) as url:
+        other = _model(small_dir)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(0.05)
+        client = VLLMServer(
+            url, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir), weights_dir=str(sync)
+        )
+        assert client.accepts_adapters and client.lora_rank == 8
+        client.load_state(weights_for_engine(other))  # another run's weights are on the server
+        sent = {"adapters": 0, "weights": 0}
+        real_save, real_write = adapters.AdapterUpdate.save_peft, vllm_engine.write_weights
+
+        def save(self, directory):
+            sent["adapters"] += 1
+            return real_save(self, directory)
+
+        def write(state, directory):
+            sent["weights"] += 1
+            return real_write(state, directory)
+
+        monkeypatch.setattr(adapters.AdapterUpdate, "save_peft", save)
+        monkeypatch.setattr(vllm_engine, "write_weights", write)
+        args = _grpo_args(
+            small_dir,
+            tmp_path,
+            "generation.backend=vllm",
+            f"generation.vllm_server={url}",
+            f"generation.vllm_sync_dir={sync}",
+            "lora.enabled=true",
+            "lora.r=8",
+            "lora.alpha=16",
+            "train.learning_rate=5e-2",
+        )
+        result = loop.train(load_config(None, args), progress=False)
+        rows = read_metrics(result.run_dir, "train")
+        assert sent["adapters"] >= 3 and sent["weights"] == 1  # the base checkpoint, once
+        assert max(r["logprob_mismatch_max"] for r in rows) < 1e-3
+        base = load_file(str(small_dir / "model.safetensors"))
+        final = load_file(str(result.final_dir / "model.safetensors"))
+        assert max(float((final[k] - base[k]).abs().max()) for k in base) > 1e-2  # the adapters moved the policy

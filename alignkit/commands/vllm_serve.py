@@ -42,6 +42,12 @@ def register(sub) -> None:
         "from the trainer's GPU through vLLM's weight-transfer API; CUDA only; trainers set "
         "generation.weight_transport=nccl)",
     )
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        help="serve LoRA runs: trainers with lora.r up to this send their adapters (loaded in place, "
+        "applied to --model) instead of merged weights",
+    )
     p.set_defaults(fn=run)
 
 
@@ -72,6 +78,7 @@ def run(args) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         logprobs=args.logprobs,
         transport=args.weight_transport,
+        lora_rank=args.max_lora_rank,
     )
     print(
         f"alignkit: serving {args.model} for training processes at http://{args.host}:{args.port}\n"

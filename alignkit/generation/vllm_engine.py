@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import ConfigError
-from alignkit.generation.adapters import AdapterUpdate, adapter_update
+from alignkit.generation.adapters import AdapterUpdate, adapter_update, checkpoint_tensors
 from alignkit.generation.decode import Sample, SamplingParams
 from alignkit.logprobs import is_model_distribution
 
@@ -51,7 +51,7 @@ INSTALL = (
     "machines; on CUDA machines install `vllm` itself. Or set generation.backend: transformers."
 )
 
-from alignkit.generation.vllm_guard import LOGPROBS_ROUTE, RELOAD  # noqa: E402  (what the gate serves alignkit)
+from alignkit.generation.vllm_guard import LOGPROBS_ROUTE, LORA_ROUTE, RELOAD, UNLOAD_LORA_ROUTE  # noqa: E402  (what the gate serves alignkit)
 
 # alignkit's methods inside vLLM's workers (alignkit/generation/vllm_worker.py), called by name.
 WORKER_EXTENSION = "alignkit.generation.vllm_worker.WeightSync"
@@ -440,11 +440,16 @@ class VLLMServer:
                 f"config expects {want}: set generation.sampler_server for `alignkit sample-serve` "
                 "(generation.backend=transformers) or generation.vllm_server for `alignkit vllm-serve` (backend=vllm)."
             )
-        # model -> its weights (a sharded model gathers them); an alignkit server takes LoRA adapters
-        self.accepts_adapters = self.kind == "alignkit"
+        # model -> its weights (a sharded model gathers them); an alignkit server takes LoRA adapters,
+        # and so does a vLLM server started with --max-lora-rank
+        self.lora_rank = None if self.kind == "alignkit" else self._get(LOGPROBS_ROUTE).get("lora_rank")
+        self.accepts_adapters = self.kind == "alignkit" or bool(self.lora_rank)
+        self._lora_name: str | None = None  # the adapter name of this run's current adapters on a vLLM server
+        self._loras: list = []  # (name, directory, version) of the adapters the server holds for this run
         self.state_fn = state_fn or (policy_state if self.accepts_adapters else weights_for_engine)
         self.version = 0  # the policy version last published to the server
         self.run: str | None = None  # `set_run`: the training run the versions count in
+        self.model_path = model_path
         # names and shapes are checked against the trainer's own starting checkpoint when it is local
         self.expected = expected_weights(model_path) if model_path and Path(model_path).is_dir() else {}
         self.nccl = None  # `generation.weight_transport=nccl`: the broadcast group (the writer's only)
@@ -492,7 +497,10 @@ class VLLMServer:
                 f"with `{start} --model M` and check generation.sampler_server / generation.vllm_server; "
                 "the last checkpoint is intact: add --resume once the server is back."
             ) from None
-        return json.loads(text) if text else {}
+        try:
+            return json.loads(text) if text else {}
+        except ValueError:  # a route that answers in words (vLLM's /v1/load_lora_adapter)
+            return {"message": text}
 
     def _get(self, path: str):
         return self._request(path)
@@ -511,6 +519,42 @@ class VLLMServer:
     def close(self) -> None:
         if self.nccl is not None:  # the server outlives its clients; the broadcast group does not
             self.nccl.close()
+
+    def _load_adapters(self, update: AdapterUpdate) -> None:
+        """A LoRA run's adapters to a vLLM server started with --max-lora-rank: the first time in a
+        run the server's weights are set back to the trainer's base checkpoint (a full-weight run may
+        have changed them), then each update is loaded in place under the run's adapter name, with
+        the generations in flight paused and labelled as for full weights."""
+        r, _ = update.rank_alpha()
+        if not self.lora_rank or r > int(self.lora_rank):
+            raise ConfigError(
+                f"the vLLM server at {self.url} serves LoRA adapters up to rank {self.lora_rank or 0}, and lora.r "
+                f"is {r}: restart it as `alignkit vllm-serve --max-lora-rank {r}`."
+            )
+        if self._lora_name is None:
+            if not self.model_path or not Path(self.model_path).is_dir():
+                raise ConfigError(
+                    f"a LoRA run sends a vLLM server its base weights first, from the trainer's local checkpoint; "
+                    f"{self.model_path!r} is not a directory"
+                )
+            self.load_state(checkpoint_tensors(self.model_path, list(self.expected)), self.version)
+        self.weights_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = Path(tempfile.mkdtemp(prefix="lora-", dir=self.weights_dir))
+        name = f"alignkit-{self.run or 'policy'}-{self.version}"
+        try:
+            update.save_peft(directory)
+            self._request(LORA_ROUTE, {"lora_name": name, "lora_path": str(directory)})  # read now
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        # a request keeps the adapter it was made with (vLLM holds two: the new one, and the one a
+        # request in flight may still use); the one before goes, with its directory
+        self._loras.append((name, directory, self.version))
+        while len(self._loras) > 2:
+            old, old_dir, _ = self._loras.pop(0)
+            self._request(UNLOAD_LORA_ROUTE, {"lora_name": old})
+            shutil.rmtree(old_dir, ignore_errors=True)
+        self._lora_name = name
 
     def set_run(self, run: str) -> None:
         """Name the training run (the same on all its processes, new on every start): versions are
@@ -595,7 +639,7 @@ class VLLMServer:
             # vLLM's token-in-token-out route: token ids and their log-probs as ids, and the weight
             # version label of every output token (`weight_versions` spans; `load_state` sets the labels)
             body = {
-                "model": self.model,
+                "model": self._lora_name or self.model,  # a LoRA run samples with its current adapter
                 "token_ids": list(prompts[i]),
                 "output_mode": "tokens",
                 "sampling_params": {
@@ -612,15 +656,16 @@ class VLLMServer:
                 },
             }
             choices = sorted(self._request("/inference/v1/generate", body)["choices"], key=lambda c: c["index"])
-            return [self._generated(c, asked) for c in choices]
+            return [self._generated(c, asked, lora) for c in choices]
 
         asked = self.version  # the weights the server holds (at least) when the requests go out
+        lora = self._lora_name is not None  # a request keeps its adapter: all its tokens are that version
 
         # concurrent requests: the server batches them, as it batches one call's prompts in-process
         with ThreadPoolExecutor(max_workers=max(1, min(32, len(prompts)))) as pool:
             return list(pool.map(one, range(len(prompts))))
 
-    def _generated(self, choice: dict, asked: int) -> Sample:
+    def _generated(self, choice: dict, asked: int, lora: bool = False) -> Sample:
         """A choice of vLLM's generate route; `versions` from its weight-version spans (tokens before
         the first label: the version the request was made with)."""
         ids = [int(t) for t in choice["token_ids"]]
@@ -628,7 +673,9 @@ class VLLMServer:
         if [int(c["token_id"]) for c in content] != ids:
             raise ConfigError(f"the vLLM server at {self.url} returned log-probs of other tokens than it sampled")
         versions = None
-        if choice.get("weight_versions"):
+        if lora:
+            versions = [asked] * len(ids)
+        elif choice.get("weight_versions"):
             versions = [asked] * len(ids)
             for span in choice["weight_versions"]:
                 v = self._version_of(span["version"])  # vLLM's own label before any update: "default"
@@ -663,9 +710,9 @@ class VLLMServer:
         records it in the samples; default: one more than the last)."""
         self.version = self.version + 1 if version is None else version
         adapters = isinstance(state, AdapterUpdate)
+        if adapters and self.kind == "vllm":
+            return self._load_adapters(state)
         if adapters:
-            if not self.accepts_adapters:
-                raise ValueError(f"{self.url}: a vLLM server takes merged weights, not LoRA adapters")
             check_weights(
                 {n: torch.empty(b.shape[0], a.shape[1], device="meta") for n, (a, b, _) in state.modules.items()},
                 {n: s for n, s in self.expected.items() if n in state.modules},
@@ -716,6 +763,7 @@ def serve_command(
     gpu_memory_utilization: float | None = None,
     logprobs: str = "processed",
     transport: str = "directory",
+    lora_rank: int | None = None,
 ) -> tuple[list, dict]:
     """The command and environment of `alignkit vllm-serve`: vLLM's OpenAI server with `logprobs`
     log-probs (`SamplingParams.logprobs`: processed for training; the gate reports the kind to
@@ -736,7 +784,12 @@ def serve_command(
         ALIGNKIT_SERVE_SYNC_DIR=str(updates_dir(sync_dir)),
         ALIGNKIT_SERVE_LOGPROBS=logprobs,
         ALIGNKIT_SERVE_TRANSPORT=transport,
+        ALIGNKIT_SERVE_LORA_RANK=str(lora_rank or ""),
     )
+    lora = lora_settings(lora_rank)
+    if lora:  # LoRA runs load their adapters in place at runtime (vLLM's /v1/load_lora_adapter)
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+        env["ALIGNKIT_SERVE_LORA_RANK"] = str(lora["max_lora_rank"])
     cmd = [
         sys.executable,
         "-m",
@@ -761,6 +814,9 @@ def serve_command(
         "--disable-fastapi-docs",
         "--enable-scale-out",  # vLLM's token-in-token-out route, which reports each token's weight version
     ]
+    if lora:
+        # two adapters: a run's new one, and the one a request in flight may still use
+        cmd += ["--enable-lora", "--max-lora-rank", str(lora["max_lora_rank"]), "--max-loras", "2"]
     if transport == "nccl":  # vLLM's NCCL weight-transfer engine in every worker (weight_transport.py)
         cmd += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
     memory = memory_settings(torch.cuda.is_available(), kv_cache_gib, gpu_memory_utilization, 0.9)

@@ -26,7 +26,8 @@ import os
 import secrets
 
 RELOAD = "alignkit_reload_weights"
-LOGPROBS_ROUTE = "/alignkit/logprobs"  # answered by the gate: {"logprobs": "raw" | "processed"}
+LOGPROBS_ROUTE = "/alignkit/logprobs"  # answered by the gate: {"logprobs": "raw" | "processed", "lora_rank": r}
+LORA_ROUTE, UNLOAD_LORA_ROUTE = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 ROUTES = {
     ("GET", "/v1/models"),
     ("POST", "/v1/completions"),
@@ -72,11 +73,27 @@ def update_allowed(body: bytes, sync_dir: str) -> str | None:
     kwargs = req.get("kwargs")
     if not isinstance(kwargs, dict) or set(kwargs) != {"weights_path"} or not isinstance(kwargs["weights_path"], str):
         return "kwargs must be exactly {weights_path: <directory>}"
-    path = os.path.realpath(kwargs["weights_path"])
+    return _inside(kwargs["weights_path"], sync_dir)
+
+
+def _inside(path: str, sync_dir: str) -> str | None:
     root = os.path.realpath(sync_dir)
-    if not path.startswith(root + os.sep):
+    if not os.path.realpath(path).startswith(root + os.sep):
         return f"weights are taken only from inside the sync directory {root}"
     return None
+
+
+def lora_allowed(body: bytes, sync_dir: str) -> str | None:
+    """None if `body` loads a LoRA adapter from inside `sync_dir`; else why it is refused."""
+    try:
+        req = json.loads(body)
+    except ValueError:
+        return "the body is not JSON"
+    if not isinstance(req, dict) or set(req) - {"lora_name", "lora_path", "load_inplace"}:
+        return "only lora_name, lora_path and load_inplace are accepted"
+    if not isinstance(req.get("lora_name"), str) or not isinstance(req.get("lora_path"), str):
+        return "lora_name and lora_path must be strings"
+    return _inside(req["lora_path"], sync_dir)
 
 
 class Guard:
@@ -89,6 +106,9 @@ class Guard:
         self.logprobs = os.environ["ALIGNKIT_SERVE_LOGPROBS"]
         nccl = os.environ.get("ALIGNKIT_SERVE_TRANSPORT", "directory") == "nccl"
         self.routes = ROUTES | NCCL_ROUTES if nccl else ROUTES
+        self.lora_rank = int(os.environ.get("ALIGNKIT_SERVE_LORA_RANK") or 0) or None
+        if self.lora_rank:  # a LoRA run's adapters, loaded (in place) only from inside the sync directory
+            self.routes = self.routes | {("POST", LORA_ROUTE), ("POST", UNLOAD_LORA_ROUTE)}
 
     def _authorized(self, scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
@@ -112,10 +132,10 @@ class Guard:
             )
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
         if (method, path) == ("GET", LOGPROBS_ROUTE):
-            return await _send_json(send, 200, {"logprobs": self.logprobs})
+            return await _send_json(send, 200, {"logprobs": self.logprobs, "lora_rank": self.lora_rank})
         if (method, path) not in self.routes:
             return await _answer(send, 403, f"{method} {path} is not served by alignkit vllm-serve")
-        if path != "/collective_rpc":
+        if path not in ("/collective_rpc", LORA_ROUTE):
             return await self.app(scope, receive, send)
         body, more = b"", True
         while more:
@@ -124,7 +144,7 @@ class Guard:
             more = message.get("more_body", False)
             if len(body) > MAX_RPC_BODY:
                 return await _answer(send, 413, "request too large")
-        why = update_allowed(body, self.sync_dir)
+        why = update_allowed(body, self.sync_dir) if path == "/collective_rpc" else lora_allowed(body, self.sync_dir)
         if why is not None:
             return await _answer(send, 403, f"weight update refused: {why}")
         sent = False
