@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="directory to write tiny-model/, pairs.jsonl and prompts.jsonl into")
     parser.add_argument("--records", type=int, default=64, help="pairs and prompts to write (default 64)")
+    parser.add_argument("--smoke", action="store_true", help="4 records (tests/test_bench_smoke.py)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.records = 4
 
     from alignkit.testing import save_tiny_model_dir
 

@@ -65,6 +65,12 @@ SCRIPTS = {
     ),
     "bench/tools_prompts.py": (r"greedy_calls description=\d+/2 one_demo=\d+/2 two_demos=\d+/2", [], OUT, None),
     "examples/grpo_cpu.py": (rf"heldout_reward before={NUM} after={NUM} n=4", [], OUT, None),
+    "examples/quickstart_data.py": (
+        r"wrote .*tiny-model, .*pairs\.jsonl and .*prompts\.jsonl \(4 records each\)",
+        [],
+        ["{out}"],
+        None,
+    ),
     "examples/ppo_cpu.py": (rf"heldout_reward before={NUM} after={NUM} n=4", [], OUT, None),
     "examples/tools_cpu.py": (rf"heldout_success before={NUM} after={NUM} n=4", [], OUT, None),
 }

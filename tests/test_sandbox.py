@@ -342,3 +342,20 @@ def test_a_run_with_env_sandbox_none_says_so_at_start(tiny_model_dir, tmp_path, 
                 "env.sandbox=docker",
             ],
         )
+
+
+def test_a_failure_is_named_by_its_exception_line_when_tracebacks_interleave():
+    """Forked children that fail together write their tracebacks at once: the message is the
+    exception's line, not whichever line came last."""
+    from alignkit.envs.sandbox import _describe
+
+    stderr = (
+        "Traceback (most recent call last):\n"
+        '  File "/scratch/main.py", line 3, in <module>\n'
+        "BlockingIOError: [Errno 11] Resource temporarily unavailable\n"
+        "Traceback (most recent call last):\n"
+        '  File "/scratch/main.py", line 3, in <module>\n'
+    )
+    assert _describe(1, stderr, Limits()) == "BlockingIOError: [Errno 11] Resource temporarily unavailable"
+    assert _describe(1, "something went wrong\n", Limits()) == "something went wrong"
+    assert _describe(3, "", Limits()) == "exit code 3"

@@ -29,6 +29,7 @@ only for code you trust, recorded in the run's config and warned about at start.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import selectors
 import shutil
@@ -179,8 +180,15 @@ def _kill_session(proc) -> None:
         pass
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Warning|Interrupt|Exit)\b.*")
+
+
 def _describe(returncode: int, stderr: str, limits: Limits) -> str:
-    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    lines = stderr.strip().splitlines()
+    # the exception's own line, not the last line: children that fail together (a fork past the
+    # process limit) interleave their tracebacks
+    raised = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+    last = raised[-1] if raised else (lines[-1] if lines else "")
     if "MemoryError" in stderr:
         return f"out of memory (the tool's limit is {limits.memory_mb} MiB)"
     if returncode < 0 or returncode >= 128:
