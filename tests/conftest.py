@@ -1,6 +1,9 @@
 import json
 import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,21 @@ def crash_after(monkeypatch, at_step: int):
 
     monkeypatch.setattr(ckpt, "save_checkpoint", save)
     return real
+
+
+DRIVER = Path(__file__).with_name("dist_driver.py")
+
+
+def torchrun(runs: list, tmp_path: Path, nproc: int = 2, timeout: int = 600, launcher: list | None = None):
+    """`runs` ({"argv": [...], ...} each, see dist_driver.py) in one torchrun job of `nproc`
+    processes, one thread each; the finished process (its returncode, stdout, stderr)."""
+    spec = tmp_path / f"runs-{time.monotonic_ns()}.json"
+    spec.write_text(json.dumps(runs))
+    cmd = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(
+        [*cmd, str(DRIVER), str(spec)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_overrides, crash_after, toy_pairs, write_jsonl
+from conftest import base_overrides, crash_after, torchrun, toy_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from alignkit.config import load_config
@@ -384,23 +384,7 @@ def test_two_training_processes_one_step_off_equal_one_process(root, server):
     )
     args = _args(root, "dist_two", "train.max_steps=3", *_served(server, "one_step_off"))
     args[args.index("train.batch_size=4")] = "train.batch_size=2"
-    spec = root / "dist_runs.json"
-    spec.write_text(json.dumps([{"argv": ["train", *args]}]))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(Path(__file__).with_name("dist_driver.py")),
-            str(spec),
-        ],
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = torchrun([{"argv": ["train", *args]}], root)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_metrics(root / "dist_two", "train")
     assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1]

@@ -20,31 +20,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import base_overrides, toy_pairs, write_jsonl
+from conftest import DRIVER, base_overrides, torchrun, toy_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from alignkit.config import load_config
 from alignkit.train import loop
 from alignkit.train.metrics import read_metrics
 
-DRIVER = Path(__file__).with_name("dist_driver.py")
 REWARD = """
 def chars(prompts, completions, **columns):
     return [len(c) / 10 for c in completions]
 """
-
-
-def torchrun(runs: list, tmp_path: Path, nproc: int = 2, timeout: int = 600, launcher: list | None = None):
-    spec = tmp_path / f"runs-{time.monotonic_ns()}.json"
-    spec.write_text(json.dumps(runs))
-    cmd = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run(
-        [*cmd, str(DRIVER), str(spec)],
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _data(root: Path) -> dict:

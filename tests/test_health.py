@@ -5,15 +5,12 @@ over-optimises raises the over-optimisation alert; alerts reach metrics.jsonl an
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_overrides, toy_pairs, write_jsonl
+from conftest import base_overrides, torchrun, toy_pairs, write_jsonl
 
 import alignkit.api
 from alignkit.cli import main
@@ -398,23 +395,7 @@ def test_every_process_stops_at_the_same_step(tiny_model_dir, pairs_file, tmp_pa
         "train.stop_on=[loss_stuck_at_ln2]",
         "dist.timeout_s=60",
     ]
-    spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps([{"argv": argv}]))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(Path(__file__).with_name("dist_driver.py")),
-            str(spec),
-        ],
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = torchrun([{"argv": argv}], tmp_path, timeout=300)
     # Both processes exit with 2 (torchrun may end the slower one first: its files are written by then)
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     assert re.search(

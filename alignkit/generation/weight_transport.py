@@ -61,17 +61,10 @@ class StateSource:
         for name, t in self.state.items():
             yield name, t.to(self.device, non_blocking=True).contiguous()
 
-    def held_names(self):
-        return None
-
     def groups(self) -> list:
         from vllm.distributed.weight_transfer.base import layerwise_groups
 
         return layerwise_groups(list(self.state))
-
-    def iter_groups(self):
-        for group in self.groups():
-            yield [(name, self.state[name].to(self.device).contiguous()) for name in group]
 
 
 class ServerSyncClient:
