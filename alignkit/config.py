@@ -48,6 +48,8 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     freeze_layers: int = 0
     """Freeze the input embeddings and the first N transformer blocks: cheaper steps, fewer trained weights (tied output embeddings freeze too)."""
+    quantization: Optional[Literal["nf4", "int8"]] = None
+    """QLoRA: keep the frozen base's transformer-block linears in 4-bit NormalFloat with double quantization (`nf4`) or in `int8` (torchao), training LoRA adapters in the compute dtype; needs `lora.enabled` (docs/fitting.md)."""
 
 
 @dataclass
@@ -110,6 +112,8 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 disables clipping)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision: `auto` is bf16 autocast on GPUs that support it, else fp32."""
+    activation_offload: bool = False
+    """GPU only: keep the activations the backward needs in (pinned) CPU memory between the forward and the backward (PyTorch's `save_on_cpu`); with `model.gradient_checkpointing`, only the checkpointed block inputs are kept, so they move. Less GPU memory, slower steps."""
     disable_dropout: bool = True
     """Set dropout to 0 in the policy (as DPO implementations do: dropout makes log-ratios noisy)."""
     logprob_chunk_size: int = 1024
@@ -305,6 +309,8 @@ class DistConfig:
     """FSDP2: keep the sharded parameters, gradients and optimizer state in CPU memory (fits larger models on fewer GPUs; slower)."""
     timeout_s: float = 600.0
     """Seconds any collective may wait before the run stops with an error, so a lost process ends the run instead of hanging it."""
+    context_parallel: int = 1
+    """Split every sequence of a micro-batch along its length over this many processes (DeepSpeed-Ulysses: an all-to-all over attention heads around attention); the processes form groups of this size that train the same micro-batches, so data parallelism is the process count divided by it (docs/fitting.md). Recipes sft, dpo and grpo; SDPA attention; the head count must divide by it."""
 
 
 @dataclass
@@ -769,6 +775,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"`data.max_prompt_length` ({mpl}) must be positive and below `data.max_length` ({cfg.data.max_length})."
         )
+    if cfg.model.quantization and not cfg.lora.enabled:
+        raise ConfigError(
+            f"`model.quantization: {cfg.model.quantization}` stores the frozen base of a LoRA run (QLoRA); "
+            "a quantized model cannot be trained in full. Set lora.enabled=true, or remove model.quantization."
+        )
     if cfg.model.freeze_layers < 0:
         raise ConfigError(f"`model.freeze_layers` must be >= 0; got {cfg.model.freeze_layers}.")
     objectives = cfg.reward.objectives
@@ -924,6 +935,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("critic.freeze_layers", cfg.critic.freeze_layers, cfg.critic.freeze_layers >= 0, ">= 0"),
         ("data.limit", cfg.data.limit, cfg.data.limit is None or cfg.data.limit > 0, "positive (or unset)"),
         ("dist.timeout_s", cfg.dist.timeout_s, cfg.dist.timeout_s > 0, "positive"),
+        ("dist.context_parallel", cfg.dist.context_parallel, cfg.dist.context_parallel >= 1, ">= 1 (1: off)"),
         ("online.tis_cap", o.tis_cap, o.tis_cap == 0 or o.tis_cap >= 1, "0 (off) or at least 1"),
         (
             "online.is_mask_low",

@@ -65,15 +65,25 @@ class Dist:
     reshard_after_forward: bool = True
     cpu_offload: bool = False
     mixed_precision: bool = False  # FSDP2: bf16 parameters and compute, fp32 reduction and master weights
+    context: int = 1  # processes a sequence is split over (`dist.context_parallel`); they share their data
 
     # -- setup -------------------------------------------------------------------------------
 
     @classmethod
     def from_env(cls, dist_cfg, device: torch.device, precision: str) -> "Dist":
         """Join the process group torchrun describes in the environment (or stay one process)."""
+        from alignkit import context_parallel
+
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if dist_cfg.strategy not in ("auto", "fsdp", "ddp"):
             raise ConfigError(f"`dist.strategy` must be auto, fsdp or ddp; got {dist_cfg.strategy!r}.")
+        context = dist_cfg.context_parallel
+        context_parallel.configure(None)  # a former run in this process may have set a group
+        if world % context:
+            raise ConfigError(
+                f"`dist.context_parallel: {context}` splits each sequence over {context} processes, but "
+                f"torchrun started {world}; start a multiple of {context} (e.g. --nproc_per_node={context})."
+            )
         # one process joins a group only when torchrun started it and FSDP is asked for by name (it
         # then runs the sharded code path on one device: the GPU check does)
         if world == 1 and not ("RANK" in os.environ and dist_cfg.strategy == "fsdp"):
@@ -96,6 +106,9 @@ class Dist:
 
             atexit.register(lambda: tdist.is_initialized() and tdist.destroy_process_group())
         strategy = "fsdp" if dist_cfg.strategy == "auto" else dist_cfg.strategy
+        if context > 1:  # groups of consecutive ranks; every process creates every group (torch's rule)
+            groups = [tdist.new_group(list(range(g, g + context)), timeout=timeout) for g in range(0, world, context)]
+            context_parallel.configure(context_parallel.ContextGroup(groups[rank // context], rank % context, context))
         return cls(
             rank,
             world,
@@ -105,6 +118,7 @@ class Dist:
             dist_cfg.reshard_after_forward,
             dist_cfg.cpu_offload,
             mixed_precision=strategy == "fsdp" and precision == "bf16",
+            context=context,
         )
 
     @staticmethod
@@ -122,6 +136,16 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """This process's share of the data: the processes of a context group share one."""
+        return self.rank // self.context
+
+    @property
+    def data_size(self) -> int:
+        """How many shares the data is split into (processes / context parallelism)."""
+        return self.world_size // self.context
 
     # -- collectives (identities in one process) -----------------------------------------------
 
@@ -151,6 +175,11 @@ class Dist:
         tdist.all_gather_object(out, obj)
         return out
 
+    def gather_shares(self, obj) -> list:
+        """[obj of data share 0, of share 1, ...] on every process: what `shard`'s shares computed
+        (of a context group's processes, which computed the same, the first one's)."""
+        return [o for r, o in enumerate(self.gather_objects(obj)) if r % self.context == 0]
+
     def broadcast(self, obj):
         """Rank 0's `obj` on every process."""
         if not self.enabled:
@@ -162,7 +191,8 @@ class Dist:
         return box[0]
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """The processes' tensors concatenated along dim 0, in rank order (sizes may differ)."""
+        """The data shares' tensors concatenated along dim 0, in order (sizes may differ; of a
+        context group's processes, which computed the same, the first one's)."""
         if not self.enabled:
             return t
         import torch.distributed as tdist
@@ -173,7 +203,7 @@ class Dist:
         padded[: t.shape[0]] = t.detach()
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         tdist.all_gather(parts, padded)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        return torch.cat([p[:n] for r, (p, n) in enumerate(zip(parts, sizes)) if r % self.context == 0])
 
     def on_main(self, fn):
         """fn() on the main process only; its result, or the user error it raised, on every process
@@ -194,8 +224,9 @@ class Dist:
         return result
 
     def shard(self, seq: list) -> list:
-        """This process's contiguous share of `seq` (shares differ in length by at most one)."""
-        n, w, r = len(seq), self.world_size, self.rank
+        """This process's contiguous share of `seq` (shares differ in length by at most one; the
+        processes of a context group get the same)."""
+        n, w, r = len(seq), self.data_size, self.data_rank
         start = r * (n // w) + min(r, n % w)
         return seq[start : start + n // w + (r < n % w)]
 
@@ -305,12 +336,29 @@ class Dist:
 
     # -- state --------------------------------------------------------------------------------
 
+    @staticmethod
+    def _frozen_left_out(model) -> bool:
+        """A LoRA model's state is its adapters (and a reward head): the frozen base is the model it
+        was loaded from, so checkpoints leave it out (a QLoRA base is never gathered or written)."""
+        from alignkit.models import is_peft
+
+        return is_peft(model)
+
     def model_state(self, model, full: bool) -> dict:
         """The model's state dict: full tensors on CPU (on rank 0 only when sharded; {} elsewhere),
-        or this process's shards (for a DCP checkpoint)."""
+        or this process's shards (for a DCP checkpoint); a LoRA model's trainable weights only."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
+        options = StateDictOptions(
+            full_state_dict=full, cpu_offload=full, ignore_frozen_params=self._frozen_left_out(model)
+        )
+        return get_model_state_dict(model, options=options)
+
+    def _set_model_state(self, model, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        partial = self._frozen_left_out(model)
+        set_model_state_dict(model, state, options=StateDictOptions(ignore_frozen_params=partial, strict=not partial))
 
     def optimizer_state(self, model, optimizer, full: bool) -> dict:
         """The optimizer's state keyed by parameter names (not positions), so it loads into the same
@@ -344,16 +392,15 @@ class Dist:
     def load_sharded_model(self, model, path, name: str = "policy") -> None:
         """Load only module `name`'s weights from a DCP checkpoint (to export it)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         state = {name: {"model": self.model_state(model, full=False)}}
         dcp.load(state, checkpoint_id=str(path), no_dist=not self.enabled)
-        set_model_state_dict(model, state[name]["model"])
+        self._set_model_state(model, state[name]["model"])
 
     def load_sharded(self, modules: dict, path) -> None:
         """Load a DCP checkpoint written at any scale into {name: (model, optimizer)}."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         state = {
             name: {"model": self.model_state(m, full=False), "optimizer": self.optimizer_state(m, o, full=False)}
@@ -361,5 +408,5 @@ class Dist:
         }
         dcp.load(state, checkpoint_id=str(path), no_dist=not self.enabled)
         for name, (m, o) in modules.items():
-            set_model_state_dict(m, state[name]["model"])
+            self._set_model_state(m, state[name]["model"])
             set_optimizer_state_dict(m, o, state[name]["optimizer"])

@@ -124,7 +124,7 @@ def parallel_ref_logps(
         if mine
         else None
     )  # rows in the order of `mine`
-    return torch.cat([p for p in parallel.gather_objects(part) if p is not None])
+    return torch.cat([p for p in parallel.gather_shares(part) if p is not None])
 
 
 def cached_ref_logps(

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from alignkit import context_parallel
 from alignkit.data.batching import TokenBatch
 from alignkit.models import backbone_and_head
 
@@ -184,15 +185,59 @@ def final_hidden(model, batch: TokenBatch) -> torch.Tensor:
     return captured[-1]
 
 
+def _scored(batch: TokenBatch):
+    pred = batch.predictor_positions()
+    rows, cols = ((batch.segment_ids >= 0) & (pred >= 0)).nonzero(as_tuple=True)  # a row's first token has no predictor
+    return rows, cols, pred[rows, cols]
+
+
 def scored_hidden(model, batch: TokenBatch):
     """(hidden states predicting each scored token [N, H], the tokens [N], their segments [N],
     the head), in row-major token order."""
     _, head = backbone_and_head(model)
     hidden = final_hidden(model, batch)
-    pred = batch.predictor_positions()
-    rows, cols = ((batch.segment_ids >= 0) & (pred >= 0)).nonzero(as_tuple=True)  # a row's first token has no predictor
-    src = pred[rows, cols]
+    rows, cols, src = _scored(batch)
     return hidden[rows, src], batch.input_ids[rows, cols], batch.segment_ids[rows, cols], head
+
+
+def scored_hidden_sharded(model, batch: TokenBatch, cp):
+    """`scored_hidden` under context parallelism: the hidden states and tokens of the scored tokens
+    whose predicting position this process holds, the segments of all [N], the head, and the owner
+    (the process holding the predicting position) of every scored token [N]."""
+    _, head = backbone_and_head(model)
+    hidden = sharded_hidden(model, batch, cp)  # [R, T/N, H]: this process's positions
+    rows, cols, src = _scored(batch)
+    per = hidden.shape[1]
+    owner = src // per
+    mine = owner == cp.rank
+    h = hidden[rows[mine], src[mine] - cp.rank * per]
+    return h, batch.input_ids[rows[mine], cols[mine]], batch.segment_ids[rows, cols], head, owner
+
+
+def sharded_hidden(model, batch: TokenBatch, cp) -> torch.Tensor:
+    """[R, T/N, H]: the final hidden states of this process's share of the positions, the model
+    run with context parallelism (`alignkit.context_parallel`)."""
+    from alignkit.models import decoder_of, is_reward_model
+
+    device = batch.input_ids.device
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    else:
+        dtype = next(model.parameters()).dtype
+    kwargs, mask = context_parallel.local_inputs(batch, cp, dtype)
+    captured = []
+    handle = decoder_of(model).register_forward_hook(
+        lambda module, args, out: captured.append(
+            out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        )
+    )
+    try:
+        with context_parallel.attending(mask):
+            extra = {} if is_reward_model(model) else {"logits_to_keep": 1}
+            model(**kwargs, use_cache=False, **extra)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def segment_logps(
@@ -204,12 +249,26 @@ def segment_logps(
     top-k, top-p, renormalised: `sampling_scores`), which is what the sampler records; without it,
     or when the settings leave the model's distribution as it is, the model's own (raw) ones,
     computed exactly as before."""
-    h, targets, token_segments, head = scored_hidden(model, batch)
+    cp = context_parallel.active()
+    if cp is None:
+        h, targets, token_segments, head = scored_hidden(model, batch)
+        owner = None
+    else:
+        h, targets, token_segments, head, owner = scored_hidden_sharded(model, batch, cp)
     token_ent = None
     if entropy:
         token_lp, token_ent = chunked_token_logps(head, h, targets, chunk_size, entropy=True, sampling=sampling)
     else:
         token_lp = chunked_token_logps(head, h, targets, chunk_size, sampling=sampling)
+    if cp is not None:  # context parallelism: every process gets the whole sequence's tokens
+        if token_lp.numel() == 0:
+            # none predicted from here: keep the graph through the trunk and the head, so that this
+            # process's backward runs the same all-to-alls and gives every parameter a gradient
+            # (zeros) as the others do (FSDP2 reduce-scatters the gradients that exist)
+            token_lp = head(h).float().sum(-1) * 0
+        token_lp = context_parallel.gather_tokens(token_lp, owner, cp)
+        if token_ent is not None:
+            token_ent = context_parallel.gather_tokens(token_ent.detach(), owner, cp)
     logps = sum_by_segment(token_lp, token_segments, batch.num_segments)
     counts = torch.bincount(token_segments, minlength=batch.num_segments)
     return SegmentLogps(logps, counts, token_lp, token_segments, token_ent)

@@ -227,10 +227,16 @@ def freeze_bottom(model, n: int) -> None:
         block.requires_grad_(False)
 
 
-def apply_lora(model, cfg: LoraConfig):
-    """Wrap `model` with fresh LoRA adapters; only adapter weights (and a reward head) train."""
+def apply_lora(model, cfg: LoraConfig, quantization: str | None = None):
+    """Wrap `model` with fresh LoRA adapters; only adapter weights (and a reward head) train. With
+    `quantization` (nf4, int8), the frozen base's block linears are quantized first (QLoRA, see
+    `alignkit.quantization`)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
+
+    from alignkit.quantization import quantizable, quantize_base
+
+    layers = quantizable(transformer_blocks(model)) if quantization else []
 
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
@@ -240,7 +246,30 @@ def apply_lora(model, cfg: LoraConfig):
         # SEQ_CLS also trains the new reward head in full (peft's modules_to_save).
         task_type="SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    wrapped = get_peft_model(model, peft_cfg)
+    if quantization:  # FSDP2 will split each weight over the processes torchrun started (WORLD_SIZE)
+        quantize_base(layers, quantization, shards=int(os.environ.get("WORLD_SIZE", "1")))
+    return wrapped
+
+
+def merged_copy(model):
+    """A copy of `model` with its LoRA adapters merged (the model itself keeps them; a model without
+    adapters comes back as it is): a quantized base is dequantized first, so the merge adds the
+    adapters to the weights they trained against."""
+    import copy
+
+    from alignkit.quantization import dequantized, is_quantized
+
+    if not is_peft(model):
+        return model
+    # the copy takes each quantized weight dequantized (torchao's NF4 `clone` re-quantizes with
+    # its default block sizes, which need not fit the weight)
+    memo = {
+        id(p): torch.nn.Parameter(dequantized(p, p.dtype), requires_grad=False)
+        for p in model.parameters()
+        if is_quantized(p)
+    }
+    return copy.deepcopy(model, memo).merge_and_unload()
 
 
 def is_reward_model(model) -> bool:

@@ -47,6 +47,12 @@ SCRIPTS = {
     "bench/infalign_sums.py": (rf"bon4_winrate raw={NUM} ctrl={NUM} n=4", [], OUT, None),
     "bench/inference_strategies.py": (rf"best_reward keywords=[\w-]+:{NUM} harmless=[\w-]+:{NUM}", [], OUT, None),
     "bench/iterate_demo.py": (rf"heldout_pass before={NUM} after={NUM} n=4", [], OUT, None),
+    "bench/memory.py": (
+        rf"qlora_vs_lora_peak={NUM} cp2_vs_cp1_peak_at_longest={NUM} longest_len_cp1=\d+ longest_len_cp2=\d+",
+        [],
+        OUT,
+        None,
+    ),
     "bench/online_methods.py": (r"methods=3 all_raised=(true|false)", [], OUT, None),
     "bench/reward_model_hh.py": (rf"heldout_accuracy={NUM} ci95={NUM},{NUM} n=8", [], OUT, None),
     "bench/rollout_speed.py": (rf"own_samples_per_s={NUM} vllm_samples_per_s={NUM} ratio={NUM}", ["vllm"], OUT, None),

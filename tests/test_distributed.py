@@ -57,6 +57,12 @@ RECIPES = {  # the parity runs
     "dpo": ("pairs", ["recipe=dpo"]),
     "dpo_live": ("pairs", ["recipe=dpo", "reference=live"]),
     "dpo_lora": ("pairs", ["recipe=dpo", "lora.enabled=true", "lora.r=4", "train.learning_rate=1e-2"]),
+    # QLoRA: both scales dequantize the same 4-bit base (the scaler blocks do not depend on the
+    # process count), so the usual 1e-5 holds
+    "dpo_qlora": (
+        "pairs",
+        ["recipe=dpo", "lora.enabled=true", "lora.r=4", "model.quantization=nf4", "train.learning_rate=1e-2"],
+    ),
     "kto": ("unpaired", ["recipe=unpaired", "loss.name=kto"]),
     "reward": ("pairs", ["recipe=reward"]),
     "reward_head": ("pairs", ["recipe=reward", "model.freeze_layers=2", "train.learning_rate=5e-2"]),  # head only
@@ -215,12 +221,23 @@ def test_export_turns_a_sharded_checkpoint_into_a_model_directory(two_process_ru
     from alignkit.cli import main
 
     root, _, _ = two_process_runs
-    ckpt = root / "dpo_lora-2" / "checkpoint-4"
-    assert (ckpt / "dcp").is_dir()
-    assert main(["export", str(ckpt), str(tmp_path / "out")]) == 0
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-    final = _params(root / "dpo_lora-2" / "final")
-    assert max(float((exported[k] - final[k]).abs().max()) for k in final) < 1e-6  # LoRA merged, same weights
+    for run in ("dpo_lora-2", "dpo_qlora-2"):
+        ckpt = root / run / "checkpoint-4"
+        assert (ckpt / "dcp").is_dir()
+        assert main(["export", str(ckpt), str(tmp_path / run)]) == 0
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / run).state_dict()
+        final = _params(root / run / "final")
+        assert max(float((exported[k] - final[k]).abs().max()) for k in final) < 1e-6  # LoRA merged, same weights
+
+
+def test_a_lora_checkpoint_holds_adapters_and_optimizer_state_only(two_process_runs):
+    import torch.distributed.checkpoint as dcp
+
+    root, _, _ = two_process_runs
+    for run in ("dpo_lora-2", "dpo_qlora-2"):
+        keys = dcp.FileSystemReader(str(root / run / "checkpoint-4" / "dcp")).read_metadata().state_dict_metadata
+        weights = [k for k in keys if k.startswith("policy.model.")]
+        assert weights and all("lora_" in k for k in weights), weights[:3]  # no frozen base weight
 
 
 def test_an_error_on_one_process_ends_every_process_with_its_message(tiny_model_dir, tmp_path):

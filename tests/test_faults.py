@@ -56,6 +56,10 @@ CASES = {  # name -> (data file, overrides)
     "sft": ("sft", ["recipe=sft"]),
     "dpo": ("pairs", ["recipe=dpo"]),
     "dpo_lora": ("pairs", ["recipe=dpo", "lora.enabled=true", "lora.r=4", "train.learning_rate=1e-2"]),
+    "dpo_qlora": (
+        "pairs",
+        ["recipe=dpo", "lora.enabled=true", "lora.r=4", "model.quantization=nf4", "train.learning_rate=1e-2"],
+    ),
     "kto": ("unpaired", ["recipe=unpaired", "loss.name=kto"]),
     "bco": ("unpaired", ["recipe=unpaired", "loss.name=bco"]),
     "masked": ("masked", ["recipe=masked"]),
@@ -65,6 +69,10 @@ CASES = {  # name -> (data file, overrides)
     "reward_lora": ("pairs", ["recipe=reward", "lora.enabled=true", "lora.r=4", "train.learning_rate=1e-2"]),
     "grpo": ("prompts", ["recipe=grpo", "online.kl_coef=0.05", "online.iterations=2", *ONLINE]),
     "grpo_lora": ("prompts", ["recipe=grpo", "lora.enabled=true", "lora.r=4", "train.learning_rate=1e-2", *ONLINE]),
+    "grpo_qlora": (
+        "prompts",
+        ["recipe=grpo", "lora.enabled=true", "lora.r=4", "model.quantization=nf4", "train.learning_rate=1e-2", *ONLINE],
+    ),
     "rloo": ("prompts", ["recipe=rloo", *ONLINE]),
     "online_dpo": ("prompts", ["recipe=online_dpo", *ONLINE]),
     "raft": ("prompts", ["recipe=raft", *ONLINE]),

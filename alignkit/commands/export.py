@@ -18,12 +18,24 @@ def register(sub) -> None:
         help="allow a model that needs the code of its "
         "repository (the checkpoint's saved config alone never turns that on)",
     )
+    p.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="write the LoRA adapters as a PEFT adapter directory instead of a merged model",
+    )
     p.set_defaults(fn=run)
 
 
 def run(args) -> int:
     from alignkit.train.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.output, args.module, trust_remote_code=args.trust_remote_code)
-    print(f"alignkit: {args.module} of {args.checkpoint} written to {out}")
+    out = export_checkpoint(
+        args.checkpoint,
+        args.output,
+        args.module,
+        trust_remote_code=args.trust_remote_code,
+        adapters_only=args.adapters_only,
+    )
+    what = "LoRA adapters" if args.adapters_only else args.module
+    print(f"alignkit: {what} of {args.checkpoint} written to {out}")
     return 0

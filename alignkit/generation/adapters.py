@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from alignkit.quantization import base_fingerprint, plain, weight_fingerprint
+
 ADAPTERS_FILE, ADAPTERS_META = "adapters.safetensors", "adapters.json"
 ADAPTER = "default"  # the adapter name alignkit's `apply_lora` gives
 
@@ -139,9 +141,7 @@ def is_adapter_update(state) -> bool:
     return isinstance(state, AdapterUpdate)
 
 
-def fingerprint(w: torch.Tensor) -> tuple:
-    w64 = w.detach().to("cpu", torch.float64)
-    return (str(w.dtype).removeprefix("torch."), float(w64.sum()), float((w64 * w64).sum()))
+fingerprint = weight_fingerprint
 
 
 def _lora_layers(model):
@@ -165,14 +165,14 @@ def adapter_update(model) -> AdapterUpdate:
             layer.lora_B[ADAPTER].weight.detach(),
             float(layer.scaling[ADAPTER]),
         )
-        update.fingerprints[name] = fingerprint(layer.get_base_layer().weight)
+        update.fingerprints[name] = base_fingerprint(layer.get_base_layer())
     return update
 
 
 def base_weights(model) -> dict:
     """{weight name: a CPU copy of W0} of every adapted layer of a peft model (the base a detached
     sampler merges its updates into)."""
-    return {name: layer.get_base_layer().weight.detach().to("cpu", copy=True) for name, layer in _lora_layers(model)}
+    return {name: plain(layer.get_base_layer().weight).to("cpu", copy=True) for name, layer in _lora_layers(model)}
 
 
 class AdapterBase:

@@ -54,15 +54,10 @@ class TransformersBackend:
     @classmethod
     def detached(cls, model, tokenizer, batch_size: int = 16) -> "TransformersBackend":
         """A sampler over a copy of `model` (LoRA adapters merged into it)."""
-        import copy
+        from alignkit.models import is_peft, merged_copy
 
-        from alignkit.models import is_peft
-
-        own = copy.deepcopy(model)
-        base = None
-        if is_peft(own):
-            base = base_weights(own)  # what each update's adapters are merged into
-            own = own.merge_and_unload()
+        base = base_weights(model) if is_peft(model) else None  # what each update's adapters merge into
+        own = merged_copy(model)
         own.eval()
         backend = cls(own, tokenizer, batch_size)
         if base is not None:

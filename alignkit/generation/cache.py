@@ -70,7 +70,7 @@ def cached_samples(
         else []
     )
     if parallel is not None:
-        rows = [r for share in parallel.gather_objects(rows) for r in share]  # shares in process order
+        rows = [r for share in parallel.gather_shares(rows) for r in share]  # shares in process order
 
     def write():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -113,12 +113,10 @@ def check_weights(state: dict, expected: dict, where: str) -> None:
 def weights_for_engine(model) -> dict:
     """The policy's weights under the base model's names: LoRA adapters merged into a copy (the
     training model keeps its adapters), a value/reward head left out of nothing (a causal LM only)."""
-    from alignkit.models import is_peft
+    from alignkit.models import is_peft, merged_copy
 
     if is_peft(model):
-        import copy
-
-        model = copy.deepcopy(model).merge_and_unload()
+        model = merged_copy(model)
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 

@@ -64,11 +64,14 @@ class RecipeSpec:
     needs_reward: bool = False  # samples and learns from `online.rewards` (or an environment's rewards)
     min_samples: int = 1  # `generation.num_samples` at least (methods that compare a prompt's samples: 2)
     checks: tuple = ()  # functions(cfg) raising ConfigError for settings only this recipe has
+    context_parallel: bool = False  # its losses are over sequence log-probs: `dist.context_parallel` works (tested)
 
     def reads_key(self, key: str) -> bool:
         """Whether the recipe reads config key `key` (dotted)."""
         if key in self.unread or (key == "losses" and not self.combines_losses):
             return False
+        if key == "dist.context_parallel":
+            return self.context_parallel
         for entry in ALWAYS + self.reads:
             if key == entry or key.startswith(entry + "."):
                 return True
@@ -128,6 +131,7 @@ _SPECS = [
         False,
         ("loss", "losses"),
         unread=(),
+        context_parallel=True,
     ),
     RecipeSpec(
         "dpo",
@@ -138,6 +142,7 @@ _SPECS = [
         "dpo",
         False,
         _OFFLINE,
+        context_parallel=True,
     ),
     RecipeSpec(
         "unpaired",
@@ -205,6 +210,7 @@ _SPECS = [
         combines_losses=False,
         needs_reward=True,
         min_samples=2,
+        context_parallel=True,
     ),
     RecipeSpec(
         "rloo",

@@ -49,6 +49,10 @@ class SetupContext:
     def gather_objects(self, obj) -> list:
         return self.dist.gather_objects(obj)
 
+    def gather_shares(self, obj) -> list:
+        """Every data share's `obj`, in order (the inverse of `shard` for objects)."""
+        return self.dist.gather_shares(obj)
+
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.dist.all_sum(t)
 

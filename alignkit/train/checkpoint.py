@@ -28,7 +28,7 @@ import torch
 
 from alignkit.config import RunConfig, save_config
 from alignkit.errors import AlignkitError
-from alignkit.models import is_peft
+from alignkit.models import is_peft, merged_copy
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
@@ -131,11 +131,10 @@ def save_model_dir(path: Path, model, tokenizer, cfg: RunConfig, merge_lora: boo
     """Write a directory `AutoModelForCausalLM.from_pretrained` (and vLLM) can load."""
     to_save = model
     if merge_lora and is_peft(model):
-        # Merge a copy so the training model keeps its adapters.
-        import copy
-
-        to_save = copy.deepcopy(model).merge_and_unload()
+        to_save = merged_copy(model)  # the training model keeps its adapters
     to_save.save_pretrained(path, safe_serialization=True)
+    if is_peft(to_save):  # adapters only: the base's config still names the model it applies to
+        to_save.get_base_model().config.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     save_config(cfg, path / "alignkit_config.yaml")

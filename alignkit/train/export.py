@@ -16,18 +16,36 @@ from alignkit.registries import recipes as registry
 from alignkit.train import checkpoint as ckpt
 
 
-def export_checkpoint(checkpoint: str, output: str, module: str = "policy", trust_remote_code: bool = False) -> Path:
+def export_checkpoint(
+    checkpoint: str, output: str, module: str = "policy", trust_remote_code: bool = False, adapters_only: bool = False
+) -> Path:
+    """`output`: the model with LoRA merged (a quantized base dequantized first), or with
+    `adapters_only` a PEFT adapter directory (`PeftModel.from_pretrained(base, output)` loads it)."""
+    from alignkit.models import is_peft
+
     model, tokenizer, cfg = _assemble(Path(checkpoint), module, trust_remote_code)
     out = Path(output)
-    return ckpt.atomic_dir(out, lambda tmp: ckpt.save_model_dir(tmp, model, tokenizer, cfg, merge_lora=True))
+    if not adapters_only:
+        return ckpt.atomic_dir(out, lambda tmp: ckpt.save_model_dir(tmp, model, tokenizer, cfg, merge_lora=True))
+    if not is_peft(model):
+        raise ConfigError(
+            f"{checkpoint}: its {module} was trained in full (no LoRA adapters); export it without --adapters-only."
+        )
+
+    def write(tmp: Path) -> None:
+        model.peft_config["default"].base_model_name_or_path = cfg.model.name_or_path
+        model.save_pretrained(tmp)  # peft writes the adapters (and a reward head) only
+        tokenizer.save_pretrained(tmp)
+
+    return ckpt.atomic_dir(out, write)
 
 
 def load_checkpoint_model(checkpoint: Path, module: str = "policy", trust_remote_code: bool = False):
     """The checkpoint's model (any layout), LoRA merged, on the CPU."""
-    from alignkit.models import is_peft
+    from alignkit.models import merged_copy
 
     model, _, _ = _assemble(checkpoint, module, trust_remote_code)
-    return model.merge_and_unload() if is_peft(model) else model
+    return merged_copy(model)
 
 
 def _assemble(path: Path, module: str, trust_remote_code: bool):
@@ -69,7 +87,7 @@ def _assemble(path: Path, module: str, trust_remote_code: bool):
         )
         lora = cfg.critic.lora
     if lora:
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, cfg.model.quantization)
     if (path / "dcp").is_dir():
         Dist().load_sharded_model(model, path / "dcp", module)
     else:

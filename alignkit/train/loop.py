@@ -172,7 +172,7 @@ def _start(
                 f"{cfg.train.max_tokens_per_batch}; each goes in a micro-batch of its own"
             ]
         )
-    steps = total_steps(cfg, plan, s.recipe.iterations, dist.world_size)
+    steps = total_steps(cfg, plan, s.recipe.iterations, dist.data_size)
     spec = registry.get(cfg.recipe)
     # name -> (model, settings, tokenizer saved beside it, rebuild: a plain copy of the model as loaded)
     modules: dict[str, tuple[torch.nn.Module, OptimSettings, object, Callable[[], torch.nn.Module] | None]] = {
@@ -206,7 +206,7 @@ def _start(
         total_steps=steps,
         data_fingerprint=fingerprint,
         world_size=dist.world_size,
-        global_accum=cfg.train.grad_accum * dist.world_size,
+        global_accum=cfg.train.grad_accum * dist.data_size,
     )
     # the micro-batches the recipe will be asked for (an asynchronous online run samples ahead)
     per_step = cfg.train.grad_accum
@@ -274,9 +274,9 @@ def _loop(run: Run) -> None:
 
 
 def micro_batch_items(plan: BatchPlan, train: list, dist, key: int) -> list:
-    """This process's items of micro-batch `key`: the global micro-batches are the world_size
-    per-process ones, key * world + rank."""
-    return [train[i] for i in plan.micro_batch(key * dist.world_size + dist.rank)]
+    """This process's items of micro-batch `key`: the global micro-batches are the data shares'
+    ones, key * shares + share (the processes of a context group take the same)."""
+    return [train[i] for i in plan.micro_batch(key * dist.data_size + dist.data_rank)]
 
 
 def _micro_batches(run: Run) -> tuple[list, list, list]:
@@ -365,12 +365,15 @@ def _housekeeping(run: Run, metrics: dict, batches: list, finite: bool, elapsed:
     """After an update: throughput metrics, the log row, health rules, evaluation and checkpoints."""
     t, s, state, result, dist = run.cfg.train, run.session, run.state, run.result, run.dist
     step = state.step
-    counts = dist.all_sum(
-        torch.tensor(
-            [float(sum(b.num_sequence_tokens for b in batches)), float(sum(b.num_tokens for b in batches))],
-            dtype=torch.float64,
+    counts = (
+        dist.all_sum(
+            torch.tensor(
+                [float(sum(b.num_sequence_tokens for b in batches)), float(sum(b.num_tokens for b in batches))],
+                dtype=torch.float64,
+            )
         )
-    )
+        / dist.context
+    )  # a context group's processes share their batches
     metrics.update(
         tokens=int(counts[0]),
         tokens_per_s=float(counts[0]) / elapsed,

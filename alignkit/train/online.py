@@ -675,7 +675,7 @@ class OnlineRecipe:
             if mine
             else ([], torch.zeros(0, 1), {}, 0.0)
         )
-        shares = self.ctx.gather_objects((samples, rewards, parts))
+        shares = self.ctx.gather_shares((samples, rewards, parts))
         samples = [g for share in shares for g in share[0]]
         rewards = torch.cat([share[1] for share in shares])
         parts = {k: [v for share in shares for v in share[2].get(k, [])] for k in shares[0][2]}

@@ -26,17 +26,18 @@ def same_global_batch(cfg: RunConfig, resumed: Resume, dist: Dist) -> RunConfig:
     of each step are then the same examples as before (docs/architecture.md, "Batches")."""
     before = resumed.state.get("world_size", 1)
     total = resumed.state.get("global_accum", cfg.train.grad_accum * before)
+    shares = dist.data_size  # processes, or context groups under context parallelism
     if "train.grad_accum" in resumed.changes:  # a new accumulation the user asked for
-        total = cfg.train.grad_accum * dist.world_size
-    if total == cfg.train.grad_accum * dist.world_size:
+        total = cfg.train.grad_accum * shares
+    if total == cfg.train.grad_accum * shares:
         return cfg
-    if total % dist.world_size:
+    if total % shares:
         raise ConfigError(
             f"{resumed.path} was written by {before} process(es): "
-            f"{total} micro-batches of train.batch_size={cfg.train.batch_size} per step, which {dist.world_size} "
-            f"processes cannot split evenly. Resume with a number of processes that divides {total}."
+            f"{total} micro-batches of train.batch_size={cfg.train.batch_size} per step, which {shares} "
+            f"data shares cannot split evenly. Resume with a number of processes that divides {total}."
         )
-    accum = total // dist.world_size
+    accum = total // shares
     printer(dist)(
         [
             f"{resumed.path} was written by {before} process(es); with {dist.world_size}, train.grad_accum "
@@ -138,7 +139,7 @@ def save(cfg, result, step, modules: dict, recipe, state: dict, dist: Dist, fina
                 result.train_metrics,
                 result.eval_metrics,
                 dist.world_size,
-                state["global_accum"] // dist.world_size,
+                state["global_accum"] // dist.data_size,
             )
 
 

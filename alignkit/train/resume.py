@@ -31,6 +31,7 @@ RESUME_SAFE_KEYS = {
     "dist.reshard_after_forward",
     "dist.cpu_offload",
     "dist.timeout_s",
+    "dist.context_parallel",  # how the same sequences are split over processes
     "train.stop_on",
 }
 RESUME_SAFE_SECTIONS = ("health.",)  # the monitor watches the run; it does not change what it computes

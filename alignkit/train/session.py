@@ -5,6 +5,7 @@ data, model and what the recipe derives from the model)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from alignkit import context_parallel
 from alignkit.config import RunConfig
 from alignkit.data.splits import PreparedData
 from alignkit.distributed import Dist
@@ -63,7 +65,28 @@ def place(cfg: RunConfig) -> Placement:
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
     else:
         autocast = contextlib.nullcontext
+    if cfg.train.activation_offload:
+        autocast = offloading(autocast, device)
     return Placement(dist, device, precision, autocast)
+
+
+def offloading(autocast: Callable[[], contextlib.AbstractContextManager], device: torch.device):
+    """`autocast` and, around the same forwards, the tensors saved for the backward kept in pinned
+    CPU memory (`torch.autograd.graph.save_on_cpu`): the activations leave the GPU until the
+    backward brings them back. On a CPU they are in CPU memory already, so it is refused."""
+    if device.type != "cuda":
+        raise ConfigError(
+            f"`train.activation_offload: true` moves activations from GPU to CPU memory; this run is on "
+            f"{device.type}, where they are in host memory already. Remove it (model.gradient_checkpointing "
+            "is what saves activation memory here)."
+        )
+
+    @contextlib.contextmanager
+    def both():
+        with autocast(), torch.autograd.graph.save_on_cpu(pin_memory=True):
+            yield
+
+    return both
 
 
 def set_seed(seed: int) -> None:
@@ -76,6 +99,8 @@ def initial_fingerprint(cfg: RunConfig) -> dict:
     """Identity of the initial model, keying the caches of its reference log-probs and samples."""
     fingerprint = weights_fingerprint(resolve_model_path(cfg.model.name_or_path, cfg.cache_dir), cfg.model.revision)
     fingerprint["lora"] = cfg.lora.enabled  # adapters start at zero, but keep the key honest
+    if cfg.model.quantization:  # a QLoRA reference is the quantized base
+        fingerprint["quantization"] = cfg.model.quantization
     return fingerprint
 
 
@@ -91,17 +116,24 @@ def printer(dist: Dist):
 
 
 def load_policy(cfg: RunConfig, spec, tokenizer, device):
+    mc, context = cfg.model, cfg.dist.context_parallel
+    if context > 1:  # the model runs alignkit's attention: SDPA, with Ulysses' all-to-all when sharded
+        context_parallel.check_attention(mc.attn_implementation, context)
+        context_parallel.register()
+        mc = dataclasses.replace(mc, attn_implementation=context_parallel.ATTENTION)
     model = load_model(
-        cfg.model,
+        mc,
         device=device,
         cache_dir=cfg.cache_dir,
         pad_token_id=tokenizer.pad_token_id,
         reward_names=cfg.reward.objectives if spec.model_kind == "reward_model" else None,
     )
+    if context > 1:
+        context_parallel.check_heads(model.config, context)
     if cfg.train.disable_dropout:
         disable_dropout(model)
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, cfg.model.quantization)
     return model
 
 

@@ -148,11 +148,14 @@ def run_batches(
     trained parameters), the norm of the accumulated gradient after each batch: the first
     non-finite one names the batch that broke the step."""
     local_weight = sum(recipe.weight(b) for b in batches)
+    context = dist.context if dist is not None else 1  # a context group's processes hold the same batches
     total_weight = (
-        float(dist.all_sum(torch.tensor([float(local_weight)], dtype=torch.float64))[0])
+        float(dist.all_sum(torch.tensor([float(local_weight)], dtype=torch.float64))[0]) / context
         if dist is not None and dist.enabled
         else float(local_weight)
     )
+    # FSDP and DDP average over every process; under context parallelism a group's gradients are
+    # parts of one sequence's, to be added: the same factor of world_size covers both
     scale = (dist.world_size if dist is not None else 1) / max(1.0, total_weight)
     meter, losses, norms = _Meter(), [], []
     for batch in batches:
@@ -167,7 +170,7 @@ def run_batches(
     out = meter.means(dist)
     loss_sum = torch.stack(losses).sum().double().reshape(1) if losses else torch.zeros(1, dtype=torch.float64)
     if dist is not None and dist.enabled:
-        loss_sum = dist.all_sum(loss_sum.to(device))
+        loss_sum = dist.all_sum(loss_sum.to(device)) / context
     out["loss"] = float(loss_sum[0]) / max(1.0, total_weight)
     return out, [float(x) for x in losses], [None if n is None else _float(n) for n in norms]
 

@@ -266,7 +266,7 @@ class Distill(MethodBase):
                 "tokens": float(per_token.numel()),
                 **{k: float(v.double().sum()) for k, v in metrics.items()},
             }
-        shares = recipe.ctx.gather_objects((samples, rewards, parts, sums))
+        shares = recipe.ctx.gather_shares((samples, rewards, parts, sums))
         samples = [g for share in shares for g in share[0]]
         rewards = torch.cat([share[1] for share in shares])
         parts = {k: [v for share in shares for v in share[2].get(k, [])] for k in {k for s in shares for k in s[2]}}

@@ -96,7 +96,7 @@ class PPO(MethodBase):
                 False
             )  # every block: the final norm too, as for reward models
         if c.lora:
-            value = apply_lora(value, self.cfg.lora)
+            value = apply_lora(value, self.cfg.lora, self.cfg.model.quantization)
         return value
 
     def sampling_models(self) -> tuple:

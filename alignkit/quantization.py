@@ -1,0 +1,134 @@
+"""QLoRA's frozen base (Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv
+2305.14314): the linear layers of the transformer blocks stored in 4-bit NormalFloat with double
+quantization (`nf4`) or in int8 (`int8`), while LoRA adapters train in the compute dtype.
+
+The quantized tensors are torchao's (`NF4Tensor`, `Int8Tensor`): they run on CPU and GPU, and NF4
+carries FSDP2's all-gather hooks, so a sharded run gathers 4-bit weights (FSDP-QLoRA). This module
+is only the glue: which layers, which block sizes, and the way back to plain weights.
+
+Departures from the paper: no paged optimizers (the optimizer holds only the adapters' state, a few
+MB at the sizes alignkit trains); the output head and the embeddings stay in the compute dtype, as
+in the paper's released code (`llm_int8_skip_modules=["lm_head"]`) and peft's `all-linear`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+
+import torch
+
+from alignkit.errors import ModelError
+
+NF4_BLOCK = 64  # weights per absmax block (the paper's 64)
+NF4_SCALER_BLOCK = 256  # absmax values per block of the second quantization (the paper's 256)
+
+
+def _torchao():
+    """Import torchao, whose import logs one warning per CUDA kernel library a CPU build cannot
+    load (harmless: NF4 and int8 weight-only need none of them)."""
+    logger = logging.getLogger("torchao")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            import torchao.quantization as tq
+    except ImportError:
+        raise ModelError(
+            "model.quantization needs torchao: pip install 'alignkit[qlora]' (or pip install torchao --no-deps)."
+        ) from None
+    finally:
+        logger.setLevel(level)
+    return tq
+
+
+def scaler_block(n_scalers: int, shards: int = 1) -> int:
+    """The largest block of absmax values, at most the paper's 256, such that FSDP2's split of a
+    weight along dimension 0 over 1, 2, 4 or 8 processes (and over `shards`) leaves whole blocks:
+    torchao's double quantization needs them, and the same block at every process count makes a
+    run's base the same whatever its scale (SmolLM2's 576x576 projections have 5,184 absmax values:
+    blocks of 8). 0: no block fits."""
+    for split in (math.lcm(8, shards), shards):
+        if n_scalers % split == 0:
+            per_shard, block = n_scalers // split, NF4_SCALER_BLOCK
+            while block > 1 and per_shard % block:
+                block //= 2
+            return block
+    return 0
+
+
+def weight_fingerprint(w: torch.Tensor) -> tuple:
+    """(dtype, sum, sum of squares) of a plain weight in float64: what identifies a LoRA base to a
+    sampler (`generation.adapters`)."""
+    w64 = w.detach().to("cpu", torch.float64)
+    return (str(w.dtype).removeprefix("torch."), float(w64.sum()), float((w64 * w64).sum()))
+
+
+def base_fingerprint(layer: torch.nn.Module) -> tuple:
+    """The fingerprint of a linear layer's base weight as it was before quantization: a sampler
+    loads the unquantized checkpoint (vLLM its own format), and that is the base it must match."""
+    return getattr(layer, "base_fingerprint", None) or weight_fingerprint(layer.weight)
+
+
+def quantizable(blocks) -> list[tuple[str, torch.nn.Linear]]:
+    """The linear layers of the transformer blocks (not the head, the embeddings or a reward head)."""
+    return [
+        (f"{i}.{name}", m)
+        for i, block in enumerate(blocks)
+        for name, m in block.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+
+
+def quantize_base(layers: list, scheme: str, shards: int = 1) -> dict:
+    """Replace, in place, the weight of every (name, linear layer) of `layers` (`quantizable`) by its
+    frozen `scheme` (nf4 or int8) form; biases stay. Returns {"quantized": n, "kept": [names]}: a
+    layer whose shape cannot be split into whole blocks on `shards` processes keeps its weight.
+
+    Quantize after peft wrapped the layers (they are its `base_layer`s): peft then uses its plain
+    LoRA layer, whose merge alignkit can run on the dequantized weight (`models.merged_copy`)."""
+    tq = _torchao()
+    kept, n = [], 0
+    for name, layer in layers:
+        w = layer.weight.detach()
+        original = weight_fingerprint(w)
+        if scheme == "nf4":
+            n_scalers = w.numel() // NF4_BLOCK
+            block = scaler_block(n_scalers, shards) if w.numel() % NF4_BLOCK == 0 else 0
+            if block == 0 or w.shape[0] % shards:
+                kept.append(name)
+                continue
+            q = tq.to_nf4(w, NF4_BLOCK, block)
+            layer.weight = torch.nn.Parameter(q, requires_grad=False)
+        elif scheme == "int8":
+            layer.weight.requires_grad_(False)
+            tq.quantize_(layer, tq.Int8WeightOnlyConfig())
+        else:
+            raise ModelError(f"model.quantization: unknown scheme {scheme!r}; use nf4 or int8.")
+        layer.base_fingerprint = original
+        n += 1
+    if n == 0:
+        raise ModelError(
+            f"model.quantization={scheme}: no linear layer of the transformer blocks could be quantized "
+            f"(blocks of {NF4_BLOCK} weights must tile each one); train with LoRA alone."
+        )
+    return {"quantized": n, "kept": kept}
+
+
+def is_quantized(t: torch.Tensor) -> bool:
+    """A torchao quantized weight (a tensor subclass), under a DTensor too."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return type(local).__module__.startswith("torchao.")
+
+
+def dequantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A quantized weight as a plain tensor of `dtype`, by torchao's own dequantization."""
+    if hasattr(t, "get_original_weight"):  # NF4Tensor
+        return t.get_original_weight().to(dtype)
+    return t.dequantize().to(dtype)
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A weight as a plain detached tensor: dequantized if quantized."""
+    return dequantized(t, t.dtype) if is_quantized(t) else t.detach()

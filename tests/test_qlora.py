@@ -1,0 +1,205 @@
+"""QLoRA (`model.quantization`): the frozen base in torchao's NF4 (or int8), LoRA adapters trained
+on it, checkpoints of adapters only, `final/` merged into the dequantized base. The 2-process parity
+and the SIGKILL resume are in test_distributed.py and test_faults.py (`dpo_qlora`, `grpo_qlora`)."""
+
+import math
+
+import pytest
+import torch
+from conftest import base_overrides, write_jsonl
+from safetensors.torch import load_file
+
+from alignkit.config import LoraConfig, load_config
+from alignkit.errors import ConfigError
+from alignkit.models import apply_lora, transformer_blocks
+from alignkit.quantization import quantizable, scaler_block
+from alignkit.testing import save_tiny_model_dir, tiny_model
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+
+tq = pytest.importorskip("torchao.quantization", reason="QLoRA needs torchao (pip install 'alignkit[qlora]')")
+
+# NF4's 16 levels (QLoRA, arXiv 2305.14314, Appendix E): quantiles of N(0, 1) scaled to [-1, 1]
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def model64_dir(tmp_path_factory):
+    """A tiny model whose block linears hold whole NF4 blocks at every width (hidden 64)."""
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny64") / "llama", hidden=64)
+
+
+@pytest.fixture
+def pairs64(tmp_path):
+    from conftest import toy_pairs
+
+    return write_jsonl(tmp_path / "pairs.jsonl", toy_pairs())
+
+
+def _bases(model) -> dict:
+    """{name: linear layer} of the base layers peft wrapped (their names before the wrap)."""
+    found = quantizable(transformer_blocks(model))
+    return {n.removesuffix(".base_layer"): m for n, m in found if n.endswith(".base_layer")}
+
+
+def _cfg(model_dir, data, tmp_path, *extra, out="run"):
+    return load_config(
+        None,
+        base_overrides(model_dir, data, tmp_path / out, tmp_path / "cache")
+        + [
+            "train.learning_rate=2e-2",
+            "train.batch_size=4",
+            "train.warmup_ratio=0",
+            "data.eval_fraction=0.1",
+            "lora.enabled=true",
+            "lora.r=4",
+            "model.quantization=nf4",
+            *extra,
+        ],
+    )
+
+
+def test_scaler_blocks_split_evenly_at_every_scale():
+    assert scaler_block(5184) == 8  # SmolLM2's 576x576: 5,184 absmax values; 648 per eighth
+    assert scaler_block(13824) == 64  # its 576x1536 MLP projections
+    assert scaler_block(4096 * 4096 // 64) == 256  # an 8B model's 4096x4096: the paper's block
+    assert scaler_block(16, 2) == 2 and scaler_block(7, 2) == 0
+    for n in (5184, 13824, 1728):
+        block = scaler_block(n)
+        assert all(n % (p * block) == 0 for p in (1, 2, 4, 8))
+
+
+def test_nf4_base_is_torchaos_4bit_double_quantized_weight():
+    model = tiny_model(hidden=64, seed=3)
+    before = {name: layer.weight.detach().clone() for name, layer in quantizable(transformer_blocks(model))}
+    head, embed = model.lm_head.weight.detach().clone(), model.get_input_embeddings().weight.detach().clone()
+    peft_model = apply_lora(model, LoraConfig(enabled=True, r=4), "nf4")
+    layers = _bases(peft_model.get_base_model())
+    assert set(layers) == set(before) and len(layers) == 2 * 7  # q, k, v, o, gate, up, down per block
+    for name, layer in layers.items():
+        w, w0 = layer.weight, before[name]
+        assert isinstance(w, tq.NF4Tensor) and not w.requires_grad
+        assert w.quantized_data.dtype == torch.uint8 and w.quantized_data.numel() == w0.numel() // 2  # 4 bits
+        assert w.quantized_scalers.dtype == torch.int8  # double quantization: the absmax values in int8
+        block = scaler_block(w0.numel() // 64)
+        reference = tq.to_nf4(w0, 64, block).get_original_weight()  # torchao's own round trip
+        deq = w.get_original_weight()
+        assert torch.equal(deq, reference)
+        # independently: each block of 64 is one scale times NF4 levels; the error is within half
+        # the widest gap between levels (0.28) of the block's absmax, plus the scale's int8 error
+        blocks, orig = deq.reshape(-1, 64), w0.reshape(-1, 64)
+        absmax = orig.abs().amax(dim=1, keepdim=True)
+        scale = blocks.abs().amax(dim=1, keepdim=True)
+        levels = blocks / scale
+        # 1e-4: torchao multiplies its level table by the double-quantized scale in float32 and
+        # dividing by the block's largest value does not undo that rounding exactly
+        assert (levels[..., None] - NF4_LEVELS).abs().amin(-1).max() < 1e-4
+        assert ((blocks - orig).abs() / absmax).max() < 0.16
+    lm = peft_model.get_base_model()
+    assert torch.equal(lm.lm_head.weight, head) and torch.equal(lm.get_input_embeddings().weight, embed)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in peft_model.named_parameters())
+
+
+def test_int8_base_is_torchaos_int8_weight():
+    model = tiny_model(hidden=64, seed=3)
+    before = {name: layer.weight.detach().clone() for name, layer in quantizable(transformer_blocks(model))}
+    wrapped = apply_lora(model, LoraConfig(enabled=True, r=4), "int8")
+    for name, layer in _bases(wrapped.get_base_model()).items():
+        w = layer.weight
+        assert type(w).__name__ == "Int8Tensor"
+        per_row = before[name].abs().amax(dim=1, keepdim=True)
+        assert ((w.dequantize() - before[name]).abs() / per_row).max() <= 0.5 / 127 + 1e-6  # half an int8 step
+
+
+def test_qlora_needs_lora():
+    with pytest.raises(ConfigError, match="lora.enabled=true"):
+        load_config(None, ["model.quantization=nf4", "data.train=x.jsonl"])
+
+
+def test_qlora_dpo_trains_adapters_and_exports_a_merged_model(model64_dir, pairs64, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.cli import main
+
+    result = loop.train(_cfg(model64_dir, pairs64, tmp_path, "train.max_steps=6"), progress=False)
+    rows = read_metrics(result.run_dir, "train")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # adapters start at zero
+    assert rows[-1]["rewards/margins"] > 0.2 and rows[-1]["loss"] < rows[0]["loss"] - 0.1
+    ckpt = result.run_dir / "checkpoint-6"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    # final/: the dequantized NF4 base plus B @ A * alpha / r, in float32, loadable by transformers
+    final = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    assert next(final.parameters()).dtype == torch.float32
+    base = AutoModelForCausalLM.from_pretrained(model64_dir)
+    adapters = load_file(str(ckpt / "adapter_model.safetensors"))
+    fs, bs = final.state_dict(), base.state_dict()
+    for name, layer in quantizable(transformer_blocks(base)):
+        key = f"model.layers.{name}.weight"
+        deq = tq.to_nf4(layer.weight.detach(), 64, scaler_block(layer.weight.numel() // 64)).get_original_weight()
+        prefix = f"base_model.model.model.layers.{name}"
+        delta = adapters[f"{prefix}.lora_B.weight"] @ adapters[f"{prefix}.lora_A.weight"] * (32 / 4)
+        assert (fs[key] - (deq + delta)).abs().max() < 1e-6, key
+    assert torch.equal(fs["model.embed_tokens.weight"], bs["model.embed_tokens.weight"])
+    # --adapters-only: a PEFT directory that loads on the base and gives the same adapters
+    out = tmp_path / "adapters"
+    assert main(["export", str(ckpt), str(out), "--adapters-only"]) == 0
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model64_dir), out)
+    loaded = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(adapters) == 2 * 7 * 2
+    for k, v in adapters.items():
+        assert torch.equal(loaded[k.replace(".weight", ".default.weight")], v), k
+    plain = loop.train(
+        load_config(
+            None,
+            base_overrides(model64_dir, pairs64, tmp_path / "plain", tmp_path / "cache")
+            + ["train.max_steps=1", "train.batch_size=4"],
+        ),
+        progress=False,
+    )
+    capsys.readouterr()
+    assert main(["export", str(plain.run_dir / "checkpoint-1"), str(tmp_path / "x"), "--adapters-only"]) != 0
+    assert "trained in full (no LoRA adapters); export it without --adapters-only" in capsys.readouterr().err
+
+
+def test_qlora_reference_is_its_own_and_checkpointing_changes_nothing(model64_dir, pairs64, tmp_path):
+    """The cached reference of a QLoRA run is the quantized base's (not a LoRA run's cache), and
+    gradient checkpointing recomputes the same numbers."""
+    from alignkit.train.session import initial_fingerprint
+
+    qlora = _cfg(model64_dir, pairs64, tmp_path, "train.max_steps=3")
+    lora = load_config(None, [f"model.name_or_path={model64_dir}", "lora.enabled=true", f"data.train={pairs64}"])
+    assert initial_fingerprint(qlora) != initial_fingerprint(lora)
+    a = loop.train(qlora, progress=False)
+    b = loop.train(
+        _cfg(model64_dir, pairs64, tmp_path, "train.max_steps=3", "model.gradient_checkpointing=true", out="ckpt"),
+        progress=False,
+    )
+    plain = loop.train(
+        _cfg(model64_dir, pairs64, tmp_path, "train.max_steps=3", "model.quantization=null", out="lora"),
+        progress=False,
+    )
+    la, lb, lp = (read_metrics(r.run_dir, "train") for r in (a, b, plain))
+    assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], abs=1e-6)
+    # the quantized base is what trains: its log-probs are not the full-precision base's
+    assert abs(la[0]["logps/chosen"] - lp[0]["logps/chosen"]) > 1e-3
