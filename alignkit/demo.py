@@ -98,8 +98,15 @@ def _score(items: list, replies: list) -> dict:
     }
 
 
-def run_demo(output_dir: str = "runs/demo", seed: int = 0, progress: bool = True) -> dict:
+def run_demo(
+    output_dir: str = "runs/demo", seed: int = 0, progress: bool = True, overrides: list | None = None
+) -> dict:
+    """The demo; `overrides` (KEY=VALUE) change its training settings (checked before anything runs)."""
     start = time.perf_counter()
+    overrides = list(overrides or [])
+    load_config(
+        None, TRAIN_OVERRIDES + overrides + ["data.train=pairs.jsonl"]
+    )  # a bad key fails now, not after replies
     out = Path(output_dir)
     timer = _Timer()
     torch.manual_seed(seed)
@@ -132,6 +139,7 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, progress: bool = True
                 f"data.train={out / 'data' / 'train_pairs.jsonl'}",
                 f"output_dir={out / 'run'}",
                 f"seed={seed}",
+                *overrides,
             ],
         )
         result = train(cfg, progress=progress)
@@ -163,6 +171,7 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, progress: bool = True
         "pairs": n_pairs,
         "train_steps": result.steps,
         "seed": seed,
+        "overrides": overrides,
         "times_s": timer.times,
         "total_s": round(time.perf_counter() - start, 1),
         "aligned_model": str(result.final_dir),

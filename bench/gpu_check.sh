@@ -21,6 +21,10 @@
 #                against `vllm-serve --weight-transport nccl` (weights broadcast through vLLM's NCCL engine)
 #   sdpa_mask    which SDPA kernels take a packed batch's additive bf16 mask, and the memory one
 #                attention forward+backward needs with it against plain causal attention
+#   qlora        bench/memory.py's DPO step on the 360M shape (width 960, 32 layers, random init):
+#                torch.cuda.max_memory_allocated of full, LoRA and QLoRA (nf4) at 1024 tokens
+#   offload      train.activation_offload: a DPO run with activations in pinned host memory equals the
+#                run without (same losses) and allocates less GPU memory at its peak
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -225,3 +229,25 @@ if $PY -c "import trl" 2>/dev/null; then
   timeout 200 $PY bench/dpo_vs_trl.py --device cuda --model llama:960x32 --pairs-per-step 8 --max-length 1024 \
     --steps 10 --warmup 2 --only alignkit --pack-tokens 1024 2>&1 | grep "tokens/s" | sed 's/^/gpu_check dpo_pack1024: /'
 fi
+
+# qlora: the memory of one DPO step, full / LoRA / QLoRA, on the 360M shape
+$PY -c "from alignkit.testing import save_tiny_model_dir; save_tiny_model_dir('$WORK/m360', hidden=960, layers=32)"
+timeout 300 $PY bench/memory.py --model "$WORK/m360" --recipes dpo --skip-context --seq 1024 --batch 4 \
+  --out "$WORK/memory" 2>&1 | grep -E "^dpo|qlora_vs_lora" | sed 's/^/gpu_check qlora: /'
+
+# offload: activations in pinned host memory between forward and backward
+$PY - "$WORK" $COMMON <<'PYEOF' && echo "gpu_check offload: ok" || echo "gpu_check offload: FAILED"
+import sys, torch
+from alignkit.config import load_config
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+peaks, losses = {}, {}
+for offload in (False, True):
+    extra = [f"output_dir={sys.argv[1]}/offload-{offload}", "train.max_steps=3", "model.device=cuda",
+             "model.gradient_checkpointing=true", f"train.activation_offload={str(offload).lower()}"]
+    torch.cuda.reset_peak_memory_stats()
+    rows = read_metrics(loop.train(load_config(None, sys.argv[2:] + extra), progress=False).run_dir, "train")
+    peaks[offload], losses[offload] = torch.cuda.max_memory_allocated() / 2**20, [r["loss"] for r in rows]
+print("offload peak MiB", peaks, "losses", losses)
+assert all(abs(a - b) < 1e-4 for a, b in zip(losses[False], losses[True])), losses
+PYEOF

@@ -172,10 +172,12 @@ def one(recipe: str, mode: str, args) -> dict:
     from alignkit.config import load_config
     from alignkit.models import load_tokenizer
 
-    out = Path(args.out) / f"{recipe}-{mode}"
+    out = Path(args.out) / f"{recipe}-{mode}{'-ckpt' if args.gradient_checkpointing else ''}"
     out.mkdir(parents=True, exist_ok=True)
     files = _data(out, args.seq, load_tokenizer(load_config(None, [f"model.name_or_path={args.model}"]).model))
     common = _common(args.model, out, f"train.batch_size={args.batch}", f"data.max_length={args.seq}", *MODES[mode])
+    if args.gradient_checkpointing:
+        common.append("model.gradient_checkpointing=true")
     if recipe == "dpo":
         extra = ["recipe=dpo", f"data.train={files['dpo']}", f"data.max_prompt_length={args.seq // 2}"]
     else:
@@ -266,6 +268,11 @@ def main() -> None:
     ap.add_argument("--budget-mib", type=float, default=1024.0, help="per-process budget the longest lengths fit")
     ap.add_argument("--cp-hidden", type=int, default=64)
     ap.add_argument("--cp-layers", type=int, default=24)
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="QLoRA section: recompute activations in the backward (as the QLoRA paper trains)",
+    )
     ap.add_argument("--skip-qlora", action="store_true")
     ap.add_argument("--skip-context", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("RECIPE", "MODE"), help=argparse.SUPPRESS)
@@ -286,12 +293,14 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     ratios: dict = {}
     if not args.skip_qlora:
-        print(f"# QLoRA: model={args.model} seq={args.seq} batch={args.batch}")
+        ckpt = " gradient_checkpointing" if args.gradient_checkpointing else ""
+        print(f"# QLoRA: model={args.model} seq={args.seq} batch={args.batch}{ckpt}")
         results: dict = {}
         for recipe in args.recipes.split(","):
             for mode in args.modes.split(","):
                 cmd = [sys.executable, __file__, "--one", recipe, mode, "--model", args.model]
                 cmd += ["--seq", str(args.seq), "--batch", str(args.batch), "--out", str(args.out)]
+                cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
                 r = results[(recipe, mode)] = _run(cmd, f"{recipe}/{mode}")[-1]
                 start = r.get("live_at_start_mib", float("nan"))
                 print(

@@ -145,3 +145,30 @@ def test_settings_that_cannot_work_name_the_fix(tiny_model_dir, tmp_path, monkey
 
         Dist.from_env(load_config(None, ["dist.context_parallel=2", "data.train=x"]).dist, None, "fp32")
     os.environ.pop("WORLD_SIZE", None)
+
+
+def test_four_processes_are_two_data_shards_of_two_context_halves(tiny_model_dir, tmp_path):
+    """world = data x context: 4 processes with dist.context_parallel=2 are 2 data shards; with
+    train.batch_size=2 each, they train what 1 process trains with batch 4."""
+    from conftest import toy_pairs
+
+    write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(24))
+
+    def args(out, batch, *extra):
+        return base_overrides(tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / out, tmp_path / f"cache-{out}") + [
+            "recipe=dpo",
+            "train.learning_rate=5e-3",
+            "train.warmup_ratio=0",
+            "data.eval_fraction=0",
+            "train.max_steps=3",
+            f"train.batch_size={batch}",
+            *extra,
+        ]
+
+    proc = torchrun([{"argv": ["train", *args("four", 2, "dist.context_parallel=2")]}], tmp_path, nproc=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    one = loop.train(load_config(None, args("one", 4)), progress=False)
+    a, b = read_metrics(one.run_dir, "train"), read_metrics(tmp_path / "four", "train")
+    assert [r["tokens"] for r in b] == [r["tokens"] for r in a]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), (ra["step"], ra["loss"], rb["loss"])

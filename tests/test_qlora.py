@@ -199,7 +199,55 @@ def test_qlora_reference_is_its_own_and_checkpointing_changes_nothing(model64_di
         _cfg(model64_dir, pairs64, tmp_path, "train.max_steps=3", "model.quantization=null", out="lora"),
         progress=False,
     )
-    la, lb, lp = (read_metrics(r.run_dir, "train") for r in (a, b, plain))
+    live = loop.train(
+        _cfg(model64_dir, pairs64, tmp_path, "train.max_steps=3", "reference=live", out="live"), progress=False
+    )
+    la, lb, lp, ll = (read_metrics(r.run_dir, "train") for r in (a, b, plain, live))
     assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], abs=1e-6)
+    # the LoRA-off reference computed live is the cached one: the 4-bit base, adapters disabled
+    assert [r["loss"] for r in ll] == pytest.approx([r["loss"] for r in la], abs=1e-6)
     # the quantized base is what trains: its log-probs are not the full-precision base's
     assert abs(la[0]["logps/chosen"] - lp[0]["logps/chosen"]) > 1e-3
+
+
+def test_qlora_trains_a_reward_model_and_a_ppo_value_model(model64_dir, pairs64, tmp_path, monkeypatch):
+    """Every model a recipe trains with LoRA takes the quantized base: a reward model (its score
+    head trained in full), and PPO's policy and value model (critic.lora)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.train import modules as trained_modules
+
+    seen = []
+    real = trained_modules.TrainedModule.build.__func__
+
+    def build(cls, name, model, *a, **k):
+        seen.append((name, sum(isinstance(getattr(m, "weight", None), tq.NF4Tensor) for m in model.modules())))
+        return real(cls, name, model, *a, **k)
+
+    monkeypatch.setattr(trained_modules.TrainedModule, "build", classmethod(build))
+    reward = loop.train(
+        _cfg(model64_dir, pairs64, tmp_path, "recipe=reward", "train.max_steps=6", out="rm"), progress=False
+    )
+    rows = read_metrics(reward.run_dir, "train")
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    scorer = AutoModelForSequenceClassification.from_pretrained(reward.final_dir)
+    assert scorer.score.weight.shape[0] == 1
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"what is {i} plus 1 ?"} for i in range(16)])
+    (tmp_path / "r.py").write_text(
+        "def chars(prompts, completions, **kw):\n    return [len(c) / 10 for c in completions]\n"
+    )
+    ppo = _cfg(
+        model64_dir,
+        prompts,
+        tmp_path,
+        "recipe=ppo",
+        f"online.rewards={tmp_path / 'r.py'}:chars",
+        "critic.lora=true",
+        "generation.num_samples=2",
+        "generation.max_new_tokens=4",
+        "train.max_steps=2",
+        out="ppo",
+    )
+    loop.train(ppo, progress=False)
+    assert [name for name, _ in seen] == ["policy", "policy", "value"]
+    assert all(n == 2 * 7 for _, n in seen), seen  # every block linear of every trained model is 4-bit

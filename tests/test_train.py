@@ -302,3 +302,22 @@ def test_forward_pieces_leave_the_training_trajectory_unchanged(tiny_model_dir, 
         [type("I", (), {"prompt_ids": [1] * 10, "chosen_ids": [2] * 5, "rejected_ids": [3] * 5})()] * 5, 40, shared=True
     )
     assert [len(p) for p in pieces] == [2, 2, 1]  # 20 tokens each, at most 40 per piece
+
+
+def test_activation_offload_is_refused_on_a_cpu(tiny_model_dir, pairs_file, tmp_path):
+    """Activations of a CPU run are in host memory already: the setting would do nothing."""
+    from alignkit.errors import ConfigError
+    from alignkit.train.session import place
+
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, "train.activation_offload=true", "model.device=cpu")
+    with pytest.raises(ConfigError, match="activation_offload.*host memory already"):
+        place(cfg)
+
+
+def test_the_demo_checks_its_overrides_before_it_runs(tmp_path):
+    from alignkit.demo import run_demo
+    from alignkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lora.rank"):
+        run_demo(output_dir=str(tmp_path / "demo"), overrides=["lora.rank=16"])
+    assert not (tmp_path / "demo").exists()  # nothing ran
