@@ -297,6 +297,16 @@ class RewardConfig:
     """Names of the rewards a reward model outputs; more than one needs per-objective `labels` in the data."""
     use_margin: bool = False
     """Read a `margin` field (>= 0) from every record and require r(chosen) - r(rejected) to exceed it (Llama 2)."""
+    disentangle: Optional[Literal["length"]] = None
+    """ODIN (arXiv 2402.07319): train a `quality` and a `length` head on the trunk, their sum fitted to the preferences, the length head pushed to correlate with response length and the quality head not to; the quality head alone is the reward at use time (docs/reward-hacking.md)."""
+    length_coef: float = 1.0
+    """ODIN: weight of |corr(quality head, length)| - corr(length head, length) over each batch's responses."""
+    orthogonal_coef: float = 1.0
+    """ODIN: weight of |w_quality . w_length|, the overlap of the two heads' weight vectors."""
+
+    def head_names(self) -> list:
+        """The outputs of the reward model's head: the objectives, or ODIN's quality and length."""
+        return ["quality", "length"] if self.disentangle else list(self.objectives)
 
 
 @dataclass
@@ -774,6 +784,21 @@ def validate(cfg: RunConfig) -> None:
     if mpl is not None and not 0 < mpl < cfg.data.max_length:
         raise ConfigError(
             f"`data.max_prompt_length` ({mpl}) must be positive and below `data.max_length` ({cfg.data.max_length})."
+        )
+    rw = cfg.reward
+    if rw.disentangle and list(rw.objectives) != ["reward"]:
+        raise ConfigError(
+            f"`reward.disentangle: {rw.disentangle}` splits one reward into a quality and a length head; it "
+            f"cannot be combined with several reward.objectives ({rw.objectives}). Use one of them."
+        )
+    if not rw.disentangle and (rw.length_coef != 1.0 or rw.orthogonal_coef != 1.0):
+        raise ConfigError(
+            "`reward.length_coef` and `reward.orthogonal_coef` weight ODIN's terms and have no effect without "
+            "`reward.disentangle: length`; set it, or remove them."
+        )
+    if rw.length_coef < 0 or rw.orthogonal_coef < 0:
+        raise ConfigError(
+            f"`reward.length_coef` and `reward.orthogonal_coef` must be >= 0; got {rw.length_coef}, {rw.orthogonal_coef}."
         )
     if cfg.model.quantization and not cfg.lora.enabled:
         raise ConfigError(

@@ -135,6 +135,12 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if _attending is None or _active is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     cp = _active
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise ConfigError(
+            f"dist.context_parallel: {type(module).__name__} uses sliding-window attention or logit "
+            "soft-capping, which alignkit's context-parallel attention does not compute; train it "
+            "without dist.context_parallel."
+        )
     heads, kv_heads = query.shape[1], key.shape[1]
     if kv_heads % cp.size:  # grouped-query attention with fewer KV heads than processes: repeat them
         key = key.repeat_interleave(heads // kv_heads, dim=1)
@@ -146,6 +152,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         k,
         v,
         attn_mask=None if mask is None else mask.to(q.dtype),
+        dropout_p=dropout,
         is_causal=mask is None,
         scale=scaling,
         enable_gqa=k.shape[1] != q.shape[1],

@@ -46,3 +46,46 @@ def bradley_terry(chosen_rewards, rejected_rewards, labels, margins, *, center_w
         "rewards/margins": ((better - worse) * labelled).sum(dim=1).detach() / n_labelled,
     }
     return losses, {k: v.detach() for k, v in metrics.items()}
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Pearson correlation of x and y [N] over their N entries (0 when either is constant)."""
+    xc, yc = x - x.mean(), y - y.mean()
+    return (xc * yc).sum() / (xc.norm() * yc.norm() + eps)
+
+
+def odin_terms(
+    quality: torch.Tensor,
+    length_head: torch.Tensor,
+    lengths: torch.Tensor,
+    w_quality: torch.Tensor,
+    w_length: torch.Tensor,
+    *,
+    length_coef: float = 1.0,
+    orthogonal_coef: float = 1.0,
+) -> tuple[torch.Tensor, dict]:
+    """ODIN's disentangling terms (Chen et al., ODIN: Disentangled Reward Mitigates Hacking in RLHF,
+    arXiv 2402.07319, Section 5), added to the Bradley-Terry loss of the summed reward
+    r = r_Q + r_L:
+
+        L_disentangle = length_coef * (|rho(r_Q, len)| - rho(r_L, len)) + orthogonal_coef * |w_Q . w_L|
+
+    rho: the Pearson correlation over the batch's responses (chosen and rejected alike) of each
+    head's reward with the response length in tokens; w_Q, w_L: the two linear heads' weight
+    vectors. The length head is pushed to carry length, the quality head to carry none of it, and
+    the heads to read orthogonal directions of the shared features. At use time only r_Q is the
+    reward.
+
+    Inputs: quality, length_head, lengths [N] (N = 2B responses), w_quality, w_length [H].
+    Returns (the scalar term, metrics). Departure: one coefficient for both correlation terms, as
+    the paper's experiments set them equal."""
+    lengths = lengths.to(quality.dtype)
+    rho_q, rho_l = pearson(quality, lengths), pearson(length_head, lengths)
+    ortho = (w_quality * w_length).sum().abs()
+    term = length_coef * (rho_q.abs() - rho_l) + orthogonal_coef * ortho
+    metrics = {
+        "odin/quality_length_corr": rho_q.detach().reshape(1),
+        "odin/length_head_corr": rho_l.detach().reshape(1),
+        "odin/orthogonality": ortho.detach().reshape(1),
+    }
+    return term, metrics

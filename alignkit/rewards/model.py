@@ -44,6 +44,8 @@ class RewardModel:
         self.weights = self._direction(weights)
 
     def _direction(self, weights: dict | None) -> torch.Tensor:
+        if weights is None and getattr(self.model.config, "alignkit_disentangle", None) == "length":
+            weights = {"quality": 1.0}  # ODIN: the length head is left out at use time (arXiv 2402.07319)
         if weights is None:
             if len(self.names) > 1:
                 raise ConfigError(

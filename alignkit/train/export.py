@@ -73,7 +73,7 @@ def _assemble(path: Path, module: str, trust_remote_code: bool):
             device=cpu,
             cache_dir=cfg.cache_dir,
             pad_token_id=tokenizer.pad_token_id,
-            reward_names=cfg.reward.objectives if spec.model_kind == "reward_model" else None,
+            reward_names=cfg.reward.head_names() if spec.model_kind == "reward_model" else None,
         )
         lora = cfg.lora.enabled
     else:  # PPO's value model: a scalar head on the trunk it started from

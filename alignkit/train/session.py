@@ -126,7 +126,7 @@ def load_policy(cfg: RunConfig, spec, tokenizer, device):
         device=device,
         cache_dir=cfg.cache_dir,
         pad_token_id=tokenizer.pad_token_id,
-        reward_names=cfg.reward.objectives if spec.model_kind == "reward_model" else None,
+        reward_names=cfg.reward.head_names() if spec.model_kind == "reward_model" else None,
     )
     if context > 1:
         context_parallel.check_heads(model.config, context)

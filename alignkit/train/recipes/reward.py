@@ -21,6 +21,7 @@ from alignkit.data.splits import PreparedData, example_sources, load_examples
 from alignkit.data.tokenize import explain, tokenize_pairs
 from alignkit.heads import pooled_hidden, reward_trunk_and_head, sequence_rewards, use_distinct_pad
 from alignkit.losses.combine import apply_terms, resolve_terms
+from alignkit.losses.reward import odin_terms
 from alignkit.models import is_peft, transformer_blocks
 from alignkit.train.base import OfflineRecipe, SetupContext
 
@@ -36,7 +37,8 @@ class RewardRecipe(OfflineRecipe):
         super().__init__(cfg, tokenizer)
         self.terms = resolve_terms(cfg.loss, cfg.losses, data=self.data)
         self.reward_names = list(cfg.reward.objectives)
-        self.labels, self.margins = {}, {}  # split -> tensors by example index
+        self.odin = cfg.reward.disentangle == "length"  # two heads: quality and length (ODIN)
+        self.labels, self.margins, self.lengths = {}, {}, {}  # split -> tensors by example index
         self.pad_note = use_distinct_pad(tokenizer)
         self.features = {}  # split -> [N, 2, H] trunk outputs, when only the head trains
 
@@ -55,6 +57,10 @@ class RewardRecipe(OfflineRecipe):
                 -1, len(self.reward_names)
             )
             self.margins[split] = torch.tensor([e.margin for e in examples], dtype=torch.float32)
+            lengths = torch.zeros(max((it.index for it in items), default=-1) + 1, 2)
+            for it in items:  # reply lengths in tokens, what ODIN's length head is fitted to
+                lengths[it.index] = torch.tensor([len(it.chosen_ids), len(it.rejected_ids)], dtype=torch.float32)
+            self.lengths[split] = lengths
             out.append(items)
             if split == "train":
                 notes.append(stats.summary(d.max_length))
@@ -72,6 +78,9 @@ class RewardRecipe(OfflineRecipe):
         state never changes. Compute it once, and train the head on it: further epochs then cost
         next to nothing (a linear probe, the cheapest reward model there is)."""
         self._ctx = ctx
+        if self.odin:  # saved with the model: a reward read from it is the quality head alone
+            base = model.get_base_model() if is_peft(model) else model
+            base.config.alignkit_disentangle = "length"
         if is_peft(model) or self.cfg.model.freeze_layers < len(transformer_blocks(model)):
             return data.replace()
         trunk, _ = reward_trunk_and_head(model)
@@ -109,6 +118,9 @@ class RewardRecipe(OfflineRecipe):
             rewards = sequence_rewards(model, batch, self.tokenizer.pad_token_id)  # [2B, K]
         b, device = batch.num_examples, rewards.device
         labels = self.labels[split][batch.example_ids].to(device)
+        heads = rewards
+        if self.odin:  # the preferences are fitted by the sum of the quality and length heads
+            rewards = heads.sum(dim=1, keepdim=True)
         inputs = {
             "chosen_rewards": rewards[:b],
             "rejected_rewards": rewards[b:],
@@ -116,12 +128,37 @@ class RewardRecipe(OfflineRecipe):
             "margins": self.margins[split][batch.example_ids].to(device),
         }
         per_example, metrics = apply_terms(self.terms, inputs)
+        if self.odin:
+            term, odin_metrics = self._disentangle(model, heads, batch, split, labels)
+            metrics.update(odin_metrics)
+            return per_example.sum() + term * b, metrics  # the batch term counts once per example
         if len(self.reward_names) > 1:
             correct = (labels * (rewards[:b] - rewards[b:]) > 0).float()
             for k, name in enumerate(self.reward_names):
                 judged = labels[:, k] != 0
                 metrics[f"accuracy/{name}"] = correct[judged, k].detach()
         return per_example.sum(), metrics
+
+    def _disentangle(self, model, heads: torch.Tensor, batch: TokenBatch, split: str, labels: torch.Tensor):
+        """ODIN's terms for this batch (`losses.reward.odin_terms`) and the quality head's accuracy."""
+        b, ids = batch.num_examples, batch.example_ids
+        lengths = torch.cat([self.lengths[split][ids, 0], self.lengths[split][ids, 1]]).to(heads.device)
+        weight = reward_trunk_and_head(model)[1].weight  # [2, H]: the quality and the length head
+        if hasattr(weight, "full_tensor"):  # sharded by FSDP2: the whole (differentiable) matrix
+            weight = weight.full_tensor()
+        rw = self.cfg.reward
+        term, metrics = odin_terms(
+            heads[:, 0],
+            heads[:, 1],
+            lengths,
+            weight[0],
+            weight[1],
+            length_coef=rw.length_coef,
+            orthogonal_coef=rw.orthogonal_coef,
+        )
+        quality = heads[:, 0]
+        metrics["accuracy/quality"] = (labels[:, 0] * (quality[:b] - quality[b:]) > 0).float().detach()
+        return term, metrics
 
     def show_example(self, data: PreparedData, index: int) -> str:
         """Chosen and rejected, each with the one token its reward is read at."""
