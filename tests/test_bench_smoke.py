@@ -54,6 +54,7 @@ SCRIPTS = {
         None,
     ),
     "bench/online_methods.py": (r"methods=3 all_raised=(true|false)", [], OUT, None),
+    "bench/qlora_demo.py": (rf"qlora_base before={NUM} nf4={NUM} diff={NUM} ci95={NUM},{NUM} n=4", [], OUT, None),
     "bench/reward_model_hh.py": (rf"heldout_accuracy={NUM} ci95={NUM},{NUM} n=8", [], OUT, None),
     "bench/rollout_speed.py": (rf"own_samples_per_s={NUM} vllm_samples_per_s={NUM} ratio={NUM}", ["vllm"], OUT, None),
     "bench/scaling.py": (

@@ -335,3 +335,42 @@ def test_likelihood_displacement_errors():
         likelihood_displacement([-1.0], [-2.0], [-1.0, -3.0], [-2.0, -4.0])
     with pytest.raises(ValueError, match="empty"):
         likelihood_displacement([], [])
+
+
+def test_length_controlled_win_rate_takes_the_length_advantage_out():
+    import numpy as np
+    import torch
+
+    from alignkit.eval import metrics as M
+
+    rng = np.random.default_rng(0)
+    n = 400
+    lp = rng.normal(120, 30, n)  # the policy's replies are longer on average
+    lr = rng.normal(90, 30, n)
+    x = np.tanh((lp - lr) / (lp - lr).std())
+    # a judge that pays for length only: the policy wins where it is longer
+    wins = rng.random(n) < 1 / (1 + np.exp(-4 * x))
+    out = M.length_controlled_win_rate(wins.astype(float), np.zeros(n) + 0.5, lp, lr, n_boot=200)
+    assert out["raw"] > 0.65 and out["length_coef"] > 2
+    assert out["ci95"][0] < 0.5 < out["ci95"][1] and abs(out["value"] - 0.5) < 0.08  # nothing left at equal length
+    # a better policy whatever the length: the controlled and raw rates agree
+    better = rng.random(n) < 0.75
+    out = M.length_controlled_win_rate(better.astype(float), np.zeros(n) + 0.5, lp, lr, n_boot=200)
+    assert abs(out["value"] - out["raw"]) < 0.05 and out["ci95"][0] > 0.65
+    # the intercept is the maximum-likelihood fit: gradient ascent in float64 finds the same
+    y = wins.astype(float)
+    w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    xs, ys = torch.tensor(x), torch.tensor(y)
+    opt = torch.optim.LBFGS([w], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def nll():
+        opt.zero_grad()
+        z = w[0] + w[1] * xs
+        loss = -(ys * torch.nn.functional.logsigmoid(z) + (1 - ys) * torch.nn.functional.logsigmoid(-z)).sum()
+        loss.backward()
+        return loss
+
+    opt.step(nll)
+    a, b = M._logistic_intercept(x, y)
+    fitted = w.detach()
+    assert a == pytest.approx(float(fitted[0]), abs=1e-5) and b == pytest.approx(float(fitted[1]), abs=1e-5)

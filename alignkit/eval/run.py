@@ -305,8 +305,14 @@ def generation_section(
     }
     if cfg.rewards:
         pol_scores, ref_scores = combined_scores(cfg, prompts, samples, ref_samples)
+        tokens = lambda texts: [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]  # noqa: E731
+        pol_len, ref_len = tokens(samples), tokens(ref_samples)
         out.update(
             win_rate=M.win_rate(pol_scores, ref_scores),
+            # the win rate a reply of the reference's length would get (AlpacaEval LC, arXiv 2404.04475)
+            length_controlled_win_rate=M.length_controlled_win_rate(pol_scores, ref_scores, pol_len, ref_len),
+            policy_length_mean=float(sum(pol_len) / max(1, len(pol_len))),
+            reference_length_mean=float(sum(ref_len) / max(1, len(ref_len))),
             scorer=", ".join(repr(r) for r in cfg.rewards),
             policy_reward_mean=float(torch.tensor(pol_scores).mean()),
             reference_reward_mean=float(torch.tensor(ref_scores).mean()),

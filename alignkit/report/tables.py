@@ -187,6 +187,13 @@ def _eval_key_numbers(ev: dict) -> list:
         if gen.get("scorer"):
             detail += ("; " if detail else "") + f"scored by {gen['scorer']}"
         rows.append(("win rate vs reference", fmt_acc(wr), detail))
+    lc = gen.get("length_controlled_win_rate")
+    if acc_triple(lc) is not None:
+        lengths = [num(gen.get(k)) for k in ("policy_length_mean", "reference_length_mean")]
+        detail = "at equal length (AlpacaEval LC, arXiv 2404.04475)"
+        if None not in lengths:
+            detail += f"; mean tokens {fmt_num(lengths[0])} against {fmt_num(lengths[1])}"
+        rows.append(("length-controlled win rate", fmt_acc(lc), detail))
     if isinstance(gen.get("kl"), dict) and num(gen["kl"].get("value")) is not None:
         rows.append(("KL(policy || reference)", fmt_value_ci(gen["kl"]), "on generated completions"))
     corrs = [
