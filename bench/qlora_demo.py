@@ -3,8 +3,9 @@ linears in NF4 and dequantized (what a QLoRA run trains on, adapters at zero), n
 full-precision model, on the demo's 200 held-out prompts (greedy, 48 tokens), with a paired
 bootstrap interval of the difference. Together with
 
-    alignkit demo --output-dir runs/demo-lora lora.enabled=true lora.r=16 lora.alpha=32 train.learning_rate=1e-4
-    alignkit demo --output-dir runs/demo-qlora lora.enabled=true lora.r=16 lora.alpha=32 train.learning_rate=1e-4 model.quantization=nf4
+    LORA="lora.enabled=true lora.r=16 lora.alpha=32 train.learning_rate=1e-4"
+    alignkit demo --output-dir runs/demo-lora $LORA
+    alignkit demo --output-dir runs/demo-qlora $LORA model.quantization=nf4
 
 it separates what quantization costs from what training gains.
 
