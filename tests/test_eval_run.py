@@ -156,6 +156,8 @@ def test_eval_on_a_run_writes_metrics_and_report(tiny_model_dir, pairs_file, rew
     assert m["length_bias"]["reward"] == "reward_model" and len(m["length_bias"]["points"]) == 8
     gen = m["generation"]
     assert gen["n_prompts"] == 5 and gen["win_rate"]["n"] == 5 and math.isfinite(gen["kl"]["value"])
+    lc = gen["length_controlled_win_rate"]
+    assert lc["n"] == 5 and lc["raw"] == gen["win_rate"]["value"] and 0 <= lc["value"] <= 1
     # The prompts are the held-out pairs' distinct prompts; with 5 of them, every policy sample is
     # listed, so KL and top-k mass can be recomputed here from plain forwards of final/ and the
     # reference: KL = mean of log pi(y) - log pi_ref(y); top-k mass = mean over the positions

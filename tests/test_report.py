@@ -90,6 +90,9 @@ def eval_metrics() -> dict:
             "n_prompts": 200,
             "scorer": "reward_model:OpenAssistant/reward-model-deberta-v3-large-v2",
             "win_rate": {"value": 0.635, "ci95": [0.571, 0.694], "n": 200, "wins": 120, "ties": 14, "losses": 66},
+            "length_controlled_win_rate": {"value": 0.552, "ci95": [0.49, 0.61], "raw": 0.635, "n": 200},
+            "policy_length_mean": 61.5,
+            "reference_length_mean": 44.0,
             "kl": {"value": 3.214, "ci95": [2.9, 3.52], "n": 200},
             "policy_reward_mean": 1.42,
             "reference_reward_mean": 0.88,
@@ -214,6 +217,8 @@ def test_full_report_has_every_plot_and_key_number(tmp_path):
     for expected in (
         "63.5% (95% CI 57.1–69.4%, n=200)",
         "120 wins, 14 ties, 66 losses",  # win rate
+        "55.2% (95% CI 49.0–61.0%, n=200)",  # length-controlled win rate
+        "mean tokens 61.5 against 44",
         "61.2% (95% CI 58.2–64.2%, n=400)",
         "idealized: 94.0%, β = 0.1",  # ranking accuracy
         "3.214 (95% CI 2.9 to 3.52, n=200)",  # KL
