@@ -5,7 +5,7 @@ parser and handler) and maps errors to exit codes (a user's mistake: a message a
     alignkit data show --config run.yaml [--index N] [--episode]
     alignkit data synth|judge|pairs|rewrite|select|principles ... --out FILE   (alignkit.datatools)
     alignkit iterate [key=value ...] --prompts P --heldout H --reward R --out DIR
-    alignkit losses | demo | report RUN_DIR | export CHECKPOINT OUT
+    alignkit losses | demo | report RUN_DIR | export CHECKPOINT OUT | average MODEL MODEL --output OUT
     alignkit eval --model M [--reference R] [--data PAIRS] [--reward R] [--strategy S --prompts P]
     alignkit generate --model M --prompts P --reward R --strategy S
     alignkit steer fit | fit-value | vllm-serve ...
@@ -33,6 +33,7 @@ COMMANDS = (
     "vllm_serve",
     "sample_serve",
     "export",
+    "average",
     "report",
     "demo",
 )

@@ -351,6 +351,8 @@ class HealthConfig:
     """entropy_collapse: the fraction of its starting value the mean token entropy may lose before it counts as collapsed."""
     length_growth: float = 2.0
     """runaway_length: the factor by which the mean completion length may grow over its start."""
+    disagreement_growth: float = 2.0
+    """over_optimisation: the factor by which an ensemble reward's member disagreement (`reward/ensemble_std`) may grow over its start."""
     zero_variance_fraction: float = 0.5
     """zero_variance_groups: the share of prompts whose samples all score the same above which the run mostly learns nothing."""
     mismatch_threshold: float = 0.05
@@ -1029,6 +1031,7 @@ def _check_health(cfg: RunConfig) -> None:
         ("health.entropy_floor", h.entropy_floor, h.entropy_floor >= 0, ">= 0"),
         ("health.entropy_fall", h.entropy_fall, 0 < h.entropy_fall < 1, "in (0, 1)"),
         ("health.length_growth", h.length_growth, h.length_growth > 1, "above 1"),
+        ("health.disagreement_growth", h.disagreement_growth, h.disagreement_growth > 1, "above 1"),
         ("health.zero_variance_fraction", h.zero_variance_fraction, 0 <= h.zero_variance_fraction < 1, "in [0, 1)"),
         ("health.mismatch_threshold", h.mismatch_threshold, h.mismatch_threshold > 0, "positive"),
         ("health.staleness_limit", h.staleness_limit, h.staleness_limit > 0, "positive"),

@@ -470,3 +470,11 @@ def test_every_rule_name_config_accepts_is_a_rule_the_monitor_runs():
     from alignkit.registries.health import RULE_NAMES
 
     assert sorted(RULES) == sorted(RULE_NAMES)
+
+
+def test_over_optimisation_when_an_ensemble_stops_agreeing():
+    std = [0.1, 0.1, 0.1, 0.12, 0.15, 0.18, 0.22, 0.25]
+    a = only(stream(train_rows("reward/ensemble_std", std), smooth=3), "over_optimisation")
+    assert a.step == 8  # (0.18 + 0.22 + 0.25) / 3 = 0.2167 >= 2 x 0.1; at step 7 it is 0.1833
+    assert a.evidence["ensemble_std_start"] == pytest.approx(0.1)
+    assert stream(train_rows("reward/ensemble_std", [0.1, 0.1, 0.1, 0.14, 0.18, 0.18, 0.18, 0.18]), smooth=3) == []

@@ -13,6 +13,8 @@ A spec is what a user writes in `online.rewards` or after `--reward`:
   reward: INNER_SPEC, k: 16, transform: bon|won|identity, n: 4, t: null, model: PATH_OR_ID,
   max_new_tokens: 64, temperature: 1.0}` (`alignkit.rewards.calibration`; `k` reference samples per
   prompt from `model`, default the bundled model);
+- an ensemble of rewards combined conservatively: `{name: ensemble, members: [SPEC, ...], combine:
+  mean|min|mean_minus_std, k: 1.0}` (`alignkit.rewards.ensemble`; arXiv 2310.02743);
 - a list of those, each with an optional `weight` (default 1.0): a `WeightedSum`.
 """
 
@@ -77,6 +79,8 @@ def _build_term(spec, model_options: dict) -> tuple:
         return _judge(params, model_options), float(weight)
     if name == "calibrated":
         return _calibrated(params, model_options), float(weight)
+    if name == "ensemble":
+        return _ensemble(params, model_options), float(weight)
     if Path(name).expanduser().is_dir() or _hub_id(name):
         from alignkit.rewards.model import RewardModel  # loads transformers: only when a model is asked for
 
@@ -99,7 +103,8 @@ def _build_term(spec, model_options: dict) -> tuple:
     hint = did_you_mean(name, BUILTINS)
     raise ConfigError(
         f"unknown reward `{name}`.{hint} Built-in rewards: {', '.join(BUILTINS)}; a judge as "
-        "{name: judge, principles: FILE}; a calibrated reward as {name: calibrated, reward: SPEC}; "
+        "{name: judge, principles: FILE}; a calibrated reward as {name: calibrated, reward: SPEC}; an "
+        "ensemble as {name: ensemble, members: [SPEC, SPEC]}; "
         "or a Python "
         "function as `file.py:function` or `module:function`; or a reward-model directory (no "
         f"directory {name} exists)."
@@ -210,6 +215,35 @@ def _calibrated(params: dict, model_options: dict):
     return CalibratedReward(
         inner, sample_reference, transform=params.get("transform", "bon"), n=params.get("n", 4), t=params.get("t")
     )
+
+
+ENSEMBLE_OPTIONS = ("members", "combine", "k")
+
+
+def _ensemble(params: dict, model_options: dict):
+    """`{name: ensemble, members: [SPEC, ...], combine: mean|min|mean_minus_std, k}` -> an
+    EnsembleReward of the members (named member1, member2, ... in the logged parts)."""
+    from alignkit.rewards.ensemble import EnsembleReward
+
+    _check_options("ensemble", params, ENSEMBLE_OPTIONS)
+    members = params.get("members")
+    require(
+        isinstance(members, list) and len(members) >= 2,
+        "reward ensemble needs `members`: a list of two or more rewards, e.g. "
+        "{name: ensemble, members: [runs/rm1/final, runs/rm2/final], combine: min}.",
+    )
+    require(
+        "k" not in params or params.get("combine") == "mean_minus_std",
+        "reward ensemble: `k` weights the members' standard deviation in combine: mean_minus_std; drop it "
+        f"or use that combine (got combine: {params.get('combine', 'mean')}).",
+    )
+    built = []
+    for i, member in enumerate(members):
+        reward, weight = _build_term(member, model_options)
+        require(weight == 1.0, f"reward ensemble: member {i + 1} has a `weight`; members are combined, not weighted.")
+        built.append(reward)
+    names = [f"member{i + 1}" for i in range(len(built))]
+    return EnsembleReward(built, names, combine=params.get("combine", "mean"), k=params.get("k", 1.0))
 
 
 def _hub_id(name: str) -> bool:

@@ -93,3 +93,52 @@ def _assemble(path: Path, module: str, trust_remote_code: bool):
     else:
         ckpt.load_weights(model, source)
     return model, tokenizer, cfg
+
+
+def average_models(directories: list, output: str) -> Path:
+    """WARM (Ramé et al., "WARM: On the Benefits of Weight Averaged Reward Models", arXiv
+    2401.12187): the element-wise mean of the weights of models fine-tuned from one initialisation
+    (reward models trained with other seeds, data orders or learning rates), written as one model
+    directory with the first one's config and tokenizer. The mean is taken in float64 and stored in
+    each weight's own dtype. Models of other architectures or shapes are refused, naming the first
+    difference; models from different initialisations average to nonsense, which this cannot see."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dirs = [Path(d) for d in directories]
+    if len(dirs) < 2:
+        raise ConfigError(f"averaging needs two or more model directories; got {len(dirs)}.")
+    states = []
+    for d in dirs:
+        files = sorted(d.glob("*.safetensors")) if d.is_dir() else []
+        if not files or not (d / "config.json").is_file():
+            raise ConfigError(
+                f"{d} is not a model directory (config.json and *.safetensors); give `final/` directories."
+            )
+        state: dict = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        states.append(state)
+    first = states[0]
+    for d, state in zip(dirs[1:], states[1:]):
+        if set(state) != set(first):
+            extra = sorted(set(state) ^ set(first))[:3]
+            raise ConfigError(
+                f"{d} holds other weights than {dirs[0]} ({', '.join(extra)}): not the same architecture."
+            )
+        bad = next((k for k in first if state[k].shape != first[k].shape), None)
+        if bad is not None:
+            raise ConfigError(
+                f"{d}: {bad} has shape {tuple(state[bad].shape)}, {dirs[0]} {tuple(first[bad].shape)}; "
+                "only models of one shape average."
+            )
+    mean = {k: (sum(s[k].double() for s in states) / len(states)).to(first[k].dtype).contiguous() for k in first}
+
+    def write(tmp: Path) -> None:
+        for f in dirs[0].iterdir():  # config, tokenizer, chat template: the first model's
+            if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, tmp / f.name)
+        save_file(mean, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    return ckpt.atomic_dir(Path(output), write)

@@ -274,7 +274,7 @@ def likelihood_displacement(h: History, cfg):
 
 @rule(
     "over_optimisation",
-    reads={"train": ("kl",), "eval": ("reward", "win_rate", "rewards/accuracies")},
+    reads={"train": ("kl", "reward/ensemble_std"), "eval": ("reward", "win_rate", "rewards/accuracies")},
     advice="the policy is exploiting its reward: stop at an earlier checkpoint, raise online.kl_coef or loss.beta, "
     "or lower train.learning_rate (arXiv 2410.11677).",
 )
@@ -292,7 +292,11 @@ def over_optimisation(h: History, cfg):
     against held-out `rewards/accuracies`), the held-out metric fell at each of the last
     `health.eval_trend` evaluations while the proxy's running train mean (the mean of its last
     `health.smooth` train values, noted at each evaluation) is higher at the last of those
-    evaluations than at the first of them that had one."""
+    evaluations than at the first of them that had one; or, with an ensemble reward
+    (`alignkit.rewards.ensemble`), its members' disagreement `reward/ensemble_std` (train) grew to
+    `health.disagreement_growth` times its start (the means of the last and first `health.smooth`
+    values, at least 2 x `health.smooth` logged): the policy is moving where the reward models no
+    longer agree (Coste et al., arXiv 2310.02743)."""
     kl = h.recent_mean("train", "kl")
     if kl is not None and kl > cfg.kl_budget:
         pts = h.points("train", "kl", cfg.smooth)
@@ -300,6 +304,20 @@ def over_optimisation(h: History, cfg):
             f"mean per-token KL to the reference over steps {pts[0][0]}-{pts[-1][0]} is {kl:.4g}, past the "
             f"budget health.kl_budget={cfg.kl_budget}.",
             {"kl": kl, "kl_budget": cfg.kl_budget, "from_step": pts[0][0], "rows": len(pts)},
+        )
+    key = "reward/ensemble_std"
+    now, start = h.recent_mean("train", key), h.start_mean("train", key)
+    if (
+        now is not None
+        and start is not None
+        and start > 0
+        and len(h.values("train", key)) >= 2 * cfg.smooth
+        and now >= cfg.disagreement_growth * start
+    ):
+        return (
+            f"the reward ensemble's members disagree {now / start:.2f}x as much as at the start "
+            f"(std {start:.4g} -> {now:.4g}): the policy is where they were not trained.",
+            {"ensemble_std": now, "ensemble_std_start": start, "disagreement_growth": cfg.disagreement_growth},
         )
     n = cfg.eval_trend + 1
     for proxy, held_out in PROXY_PAIRS:
