@@ -11,6 +11,13 @@ seconds. (With 20 frozen blocks, one epoch took 38.5 min and reached 0.555 [0.49
 Baseline: does the untrained causal LM give chosen a higher summed (or per-token mean) log-prob
 than rejected? Last line: `heldout_accuracy=<x> ci95=<lo>,<hi> n=<n>`. `--smoke`
 (examples/smoke.py): the same run in seconds, a tiny model (2 blocks, all frozen) and synthetic pairs.
+
+With `--odin`, a second reward model with the same settings and `reward.disentangle: length`
+(ODIN, arXiv 2402.07319) is trained, and both are scored on the held-out pairs by `alignkit eval`'s
+length-bias section (the ODIN model by its quality head): accuracy overall, when the chosen reply
+is the longer and when it is the shorter one, and the reward's correlation with reply length.
+Last line then: `plain_acc=<a> odin_acc=<b> plain_gap=<c> odin_gap=<d> plain_len_corr=<e>
+odin_len_corr=<f>` (gap: accuracy when chosen is shorter minus when it is longer).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="runs/bench_reward_model_hh")
+    ap.add_argument("--odin", action="store_true", help="also train an ODIN reward model and compare length bias")
+    ap.add_argument("--skip-baseline", action="store_true", help="do not score the untrained LM's own ranking")
     args = smoke.parse_args(ap, train_rows=8, freeze_layers=2, max_length=64, epochs=1.0, batch_size=4)
     out = ROOT / args.out
     hh = hh_data.smoke_hh(out, n=2 * args.train_rows) if args.smoke else hh_data.require_hh()
@@ -60,35 +69,36 @@ def main() -> None:
         flush=True,
     )
 
-    base = run_eval(
-        EvalConfig(
-            model=model,
-            data=str(held_file),
-            max_length=args.max_length,
-            batch_size=16,
-            output_dir=str(out / "baseline"),
-            progress=False,
-        )
-    )["preference"]
-    t_base = time.perf_counter() - start
-    cfg = load_config(
-        None,
-        [
-            "recipe=reward",
-            f"model.name_or_path={model}",
-            f"data.train={train_file}",
-            f"data.eval={held_file}",
-            f"data.max_length={args.max_length}",
-            f"model.freeze_layers={args.freeze_layers}",
-            f"train.epochs={args.epochs}",
-            f"train.learning_rate={args.lr}",
-            f"train.batch_size={args.batch_size}",
-            "train.eval_batch_size=16",
-            "train.report_to=[]",
-            "train.log_every=20",
-            f"output_dir={out / 'run'}",
-        ],
+    base = (
+        None
+        if args.skip_baseline
+        else run_eval(
+            EvalConfig(
+                model=model,
+                data=str(held_file),
+                max_length=args.max_length,
+                batch_size=16,
+                output_dir=str(out / "baseline"),
+                progress=False,
+            )
+        )["preference"]
     )
+    t_base = time.perf_counter() - start
+    settings = [
+        "recipe=reward",
+        f"model.name_or_path={model}",
+        f"data.train={train_file}",
+        f"data.eval={held_file}",
+        f"data.max_length={args.max_length}",
+        f"model.freeze_layers={args.freeze_layers}",
+        f"train.epochs={args.epochs}",
+        f"train.learning_rate={args.lr}",
+        f"train.batch_size={args.batch_size}",
+        "train.eval_batch_size=16",
+        "train.report_to=[]",
+        "train.log_every=20",
+    ]
+    cfg = load_config(None, settings + [f"output_dir={out / 'run'}"])
     result = train(cfg, progress=False)
     acc = read_metrics(result.run_dir, "eval")[-1]["accuracy"]
     lo, hi = wilson_interval(acc * n_held, n_held)
@@ -98,8 +108,8 @@ def main() -> None:
         "ci95": [lo, hi],
         "n": n_held,
         "n_train": n_train,
-        "baseline_sum_logprob": base["ranking_accuracy"],
-        "baseline_mean_logprob": base["ranking_accuracy_mean_logprob"],
+        "baseline_sum_logprob": base["ranking_accuracy"] if base else None,
+        "baseline_mean_logprob": base["ranking_accuracy_mean_logprob"] if base else None,
         "seconds_total": round(elapsed),
         "seconds_baseline": round(t_base),
         "args": vars(args),
@@ -110,6 +120,8 @@ def main() -> None:
         ("untrained LM, summed log-prob", "ranking_accuracy"),
         ("untrained LM, mean log-prob", "ranking_accuracy_mean_logprob"),
     ):
+        if base is None:
+            continue
         b = base[key]
         print(f"| {name} | {b['value']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] | {b['n']} |")
     print(
@@ -117,7 +129,48 @@ def main() -> None:
         f"[{lo:.3f}, {hi:.3f}] | {n_held} |"
     )
     print(f"total {elapsed / 60:.1f} min (baseline {t_base / 60:.1f} min)")
-    print(f"heldout_accuracy={acc:.3f} ci95={lo:.3f},{hi:.3f} n={n_held}")
+    if not args.odin:
+        print(f"heldout_accuracy={acc:.3f} ci95={lo:.3f},{hi:.3f} n={n_held}")
+        return
+    odin = train(
+        load_config(None, settings + ["reward.disentangle=length", f"output_dir={out / 'odin'}"]), progress=False
+    )
+    biases = {}
+    for name, final in (("plain", result.final_dir), ("odin", odin.final_dir)):
+        from alignkit.rewards import build_reward
+
+        report = run_eval(
+            EvalConfig(
+                model=model,
+                data=str(held_file),
+                max_length=args.max_length,
+                batch_size=16,
+                rewards=[build_reward(str(final), device="cpu")],
+                output_dir=str(out / f"eval-{name}"),
+                progress=False,
+            )
+        )
+        acc_all, bias = report["preference"]["reward_accuracy"], report["length_bias"]
+        longer, shorter = bias["accuracy_chosen_longer"], bias["accuracy_chosen_shorter"]
+        gap = None if None in (shorter["value"], longer["value"]) else shorter["value"] - longer["value"]
+        biases[name] = (acc_all["value"], gap, bias["corr_reward_length"])
+        print(
+            f"| {name} | {acc_all['value']:.3f} [{acc_all['ci95'][0]:.3f}, {acc_all['ci95'][1]:.3f}] "
+            f"| chosen longer {_f(longer['value'])} (n={longer['n']}) | chosen shorter {_f(shorter['value'])} "
+            f"(n={shorter['n']}) | r(reward, length) {_f(bias['corr_reward_length'])} |",
+            flush=True,
+        )
+    (p, o) = biases["plain"], biases["odin"]
+    print(f"total {(time.perf_counter() - start) / 60:.1f} min")
+    print(
+        f"plain_acc={p[0]:.3f} odin_acc={o[0]:.3f} plain_gap={_f(p[1])} odin_gap={_f(o[1])} "
+        f"plain_len_corr={_f(p[2])} odin_len_corr={_f(o[2])}"
+    )
+
+
+def _f(x) -> str:
+    """A number to 3 places; `nan` where it is undefined (no pair of that kind, a constant reward)."""
+    return "nan" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":

@@ -55,7 +55,13 @@ SCRIPTS = {
     ),
     "bench/online_methods.py": (r"methods=3 all_raised=(true|false)", [], OUT, None),
     "bench/qlora_demo.py": (rf"qlora_base before={NUM} nf4={NUM} diff={NUM} ci95={NUM},{NUM} n=4", [], OUT, None),
-    "bench/reward_model_hh.py": (rf"heldout_accuracy={NUM} ci95={NUM},{NUM} n=8", [], OUT, None),
+    "bench/reward_model_hh.py": (
+        rf"plain_acc={NUM} odin_acc={NUM} plain_gap=({NUM}|nan) odin_gap=({NUM}|nan) "
+        rf"plain_len_corr=({NUM}|nan) odin_len_corr=({NUM}|nan)",
+        [],
+        [*OUT, "--odin"],
+        None,
+    ),
     "bench/rollout_speed.py": (rf"own_samples_per_s={NUM} vllm_samples_per_s={NUM} ratio={NUM}", ["vllm"], OUT, None),
     "bench/scaling.py": (
         rf"parity_max_abs_diff={NUM} rss_per_process_ratio={NUM} tokens_per_s_ratio={NUM}",
