@@ -304,6 +304,9 @@ class RewardConfig:
     orthogonal_coef: float = 1.0
     """ODIN: weight of |w_quality . w_length|, the overlap of the two heads' weight vectors."""
 
+    step_separator: str = "\n"
+    """recipe prm: what separates the steps of a reply (a `completion` is split at it; `steps` are joined with it); saved with the model, which scores each step at its last token."""
+
     def head_names(self) -> list:
         """The outputs of the reward model's head: the objectives, or ODIN's quality and length."""
         return ["quality", "length"] if self.disentangle else list(self.objectives)

@@ -89,3 +89,26 @@ def odin_terms(
         "odin/orthogonality": ortho.detach().reshape(1),
     }
     return term, metrics
+
+
+@register(
+    "step_bce",
+    summary="Process reward model: binary cross-entropy of each step's score against its label, averaged per reply.",
+    citation="Lightman et al., Let's Verify Step by Step, arXiv 2305.20050; "
+    "Wang et al., Math-Shepherd, arXiv 2312.08935",
+    data="steps",
+)
+def step_bce(step_logits, step_labels, step_example, num_examples: int):
+    """loss_i = mean over the steps s of reply i of BCE(sigmoid(z_s), y_s)
+             = mean_s -(y_s log sigmoid(z_s) + (1 - y_s) log sigmoid(-z_s)).
+
+    Inputs: step_logits [S] (the model's score at each step's last token), step_labels [S] in
+    [0, 1] (1: the step is right; a share: Math-Shepherd's soft label), step_example [S] (the reply,
+    0..num_examples-1, each step belongs to). A reply without a kept step adds 0. Metrics:
+    `step_accuracy` (a step scored above 0 exactly when its label is above 1/2) and `step_label_mean`."""
+    bce = F.binary_cross_entropy_with_logits(step_logits, step_labels.to(step_logits.dtype), reduction="none")
+    sums = torch.zeros(num_examples, dtype=bce.dtype, device=bce.device).index_add(0, step_example, bce)
+    counts = torch.bincount(step_example, minlength=num_examples).clamp(min=1)
+    correct = ((step_logits > 0) == (step_labels > 0.5)).to(bce.dtype)
+    metrics = {"step_accuracy": correct.detach(), "step_label_mean": step_labels.detach().to(bce.dtype)}
+    return sums / counts, metrics

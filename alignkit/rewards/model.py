@@ -13,10 +13,20 @@ import torch
 from alignkit.data.tokenize import encode_completion
 from alignkit.errors import ConfigError
 
+STEP_AGGREGATES = ("min", "prod", "last")
+
 
 class RewardModel:
     def __init__(
-        self, path, *, weights: dict | None = None, device=None, batch_size: int = 16, model=None, tokenizer=None
+        self,
+        path,
+        *,
+        weights: dict | None = None,
+        device=None,
+        batch_size: int = 16,
+        model=None,
+        tokenizer=None,
+        aggregate: str | None = None,
     ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -42,6 +52,18 @@ class RewardModel:
         k = self.model.config.num_labels
         self.names = [self.model.config.id2label.get(i, str(i)) for i in range(k)]
         self.weights = self._direction(weights)
+        # a process reward model (`recipe: prm`) scores each step; its steps' scores are aggregated
+        self.step_separator = getattr(self.model.config, "alignkit_step_separator", None)
+        if aggregate is not None and self.step_separator is None:
+            raise ConfigError(
+                f"reward model {self.path}: `aggregate` combines the step scores of a process reward model "
+                "(recipe: prm); this one scores whole replies. Drop it."
+            )
+        if aggregate not in (None, *STEP_AGGREGATES):
+            raise ConfigError(
+                f"reward {self.path}: `aggregate` must be one of {', '.join(STEP_AGGREGATES)}; got {aggregate!r}."
+            )
+        self.aggregate = aggregate or "min"
 
     def _direction(self, weights: dict | None) -> torch.Tensor:
         if weights is None and getattr(self.model.config, "alignkit_disentangle", None) == "length":
@@ -59,10 +81,52 @@ class RewardModel:
         return torch.tensor([float(weights.get(n, 0.0)) for n in self.names])
 
     @torch.no_grad()
+    def step_scores(self, prompts: list, completions: list) -> list[list[float]]:
+        """A process reward model's score of each step of each reply: sigmoid of its output at the
+        step's last token, the reply split at the model's step separator as training split it."""
+        from alignkit.data.steps import encode_steps, split_steps
+        from alignkit.heads import reward_trunk_and_head
+
+        sep = self.step_separator
+        rows, ends = [], []
+        for prompt, completion in zip(prompts, completions):
+            steps = split_steps(completion, sep) or [completion]
+            p_ids, c_ids, step_ends = encode_steps(self.tokenizer, prompt, steps, sep)
+            rows.append(p_ids + c_ids)
+            ends.append([len(p_ids) + e for e in step_ends])
+        trunk, head = reward_trunk_and_head(self.model)
+        out: list = [None] * len(rows)
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(rows), self.batch_size):
+            idx = list(range(start, min(len(rows), start + self.batch_size)))
+            width = max(len(rows[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(idx):
+                ids[r, : len(rows[i])] = torch.tensor(rows[i])
+                mask[r, : len(rows[i])] = 1
+            hidden = trunk(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            scores = torch.sigmoid(head(hidden).float()[..., 0]).cpu()  # [b, T]
+            for r, i in enumerate(idx):
+                out[i] = [float(scores[r, e]) for e in ends[i]]
+        return out
+
+    def _aggregate(self, scores: list) -> float:
+        """Min (the weakest step; Lightman et al.), product (every step right) or the last step's score."""
+        if self.aggregate == "min":
+            return min(scores)
+        if self.aggregate == "prod":
+            return float(torch.tensor(scores, dtype=torch.float64).prod())
+        return scores[-1]
+
+    @torch.no_grad()
     def score_all(self, prompts: list, completions: list) -> torch.Tensor:
-        """[N, K] rewards, one column per objective."""
+        """[N, K] rewards, one column per objective (a process reward model: its steps' aggregate)."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if self.step_separator is not None:
+            steps = self.step_scores(prompts, completions)
+            return torch.tensor([[self._aggregate(s)] for s in steps], dtype=torch.float32)
         rows = []
         for prompt, completion in zip(prompts, completions):
             p_ids, c_ids = encode_completion(self.tokenizer, prompt, completion)

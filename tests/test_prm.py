@@ -1,0 +1,123 @@
+"""Process reward models (`recipe: prm`): the step loss by hand, step positions, data errors, and a
+toy task whose right and wrong steps are known, scored as a reward afterwards."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import base_overrides, write_jsonl
+
+from alignkit.config import load_config
+from alignkit.data.formats import RecordError
+from alignkit.data.steps import encode_steps, load_step_examples
+from alignkit.errors import ConfigError
+from alignkit.losses.reward import step_bce
+from alignkit.rewards import build_reward
+from alignkit.testing import tiny_tokenizer
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+
+
+def test_step_bce_by_hand():
+    z = torch.tensor([2.0, -1.0, 0.5, 3.0], dtype=torch.float64)
+    y = torch.tensor([1.0, 0.0, 1.0, 0.25], dtype=torch.float64)
+    owner = torch.tensor([0, 0, 0, 2])
+    loss, metrics = step_bce(z, y, owner, 3)
+
+    def bce(zi, yi):
+        return -(yi * math.log(1 / (1 + math.exp(-zi))) + (1 - yi) * math.log(1 / (1 + math.exp(zi))))
+
+    assert float(loss[0]) == pytest.approx((bce(2, 1) + bce(-1, 0) + bce(0.5, 1)) / 3, abs=1e-12)
+    assert float(loss[1]) == 0.0  # a reply without steps adds nothing
+    assert float(loss[2]) == pytest.approx(bce(3, 0.25), abs=1e-12)
+    assert metrics["step_accuracy"].tolist() == [1.0, 1.0, 1.0, 0.0]  # 3 > 0 but 0.25 < 1/2
+
+
+def test_each_step_is_scored_at_its_last_token():
+    tok = tiny_tokenizer()
+    steps = ["what is 1 plus 2 ?", "the answer is 3 .", "sorry i cannot help ."]
+    prompt_ids, reply_ids, ends = encode_steps(tok, "what is 1 plus 2 ?", steps, "\n")
+    assert [tok.convert_ids_to_tokens(reply_ids[e]) for e in ends] == ["?", ".", "."]
+    assert ends == sorted(ends) and len(set(ends)) == 3
+    assert reply_ids[ends[1] - 1] == tok.convert_tokens_to_ids("3")
+
+
+def test_step_records_name_their_line(tmp_path):
+    path = write_jsonl(
+        tmp_path / "steps.jsonl",
+        [
+            {"prompt": "p", "steps": ["a", "b"], "labels": [1, 0]},
+            {"prompt": "p", "completion": "a\nb\n\nc", "labels": [1, 0.5, True]},
+            {"prompt": "p", "steps": ["a", "b"], "labels": [1]},
+        ],
+    )
+    with pytest.raises(RecordError, match=r"steps.jsonl:3.*one label per step \(2 steps\)"):
+        load_step_examples(str(path))
+    ok = load_step_examples(str(path), on_bad_record="skip")
+    assert [e.steps for e in ok.examples] == [("a", "b"), ("a", "b", "c")] and ok.examples[1].labels == (1.0, 0.5, 1.0)
+
+
+def _toy(n: int, seed: int) -> list:
+    """Sums worked in steps; a wrong step (a wrong sum) is labelled 0, and so is every step after it."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        wrong = rng.random() < 0.5
+        answer = a + b + (1 if wrong else 0)
+        steps = [f"what is {a} plus {b} ?", f"the answer is {answer} .", "the answer is . ."]
+        rows.append(
+            {"prompt": f"what is {a} plus {b} ?", "steps": steps, "labels": [1, 0 if wrong else 1, 0 if wrong else 1]}
+        )
+    return rows
+
+
+def test_a_prm_learns_which_steps_are_wrong_and_is_a_reward(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "steps.jsonl", _toy(64, seed=0))
+    cfg = load_config(
+        None,
+        base_overrides(tiny_model_dir, data, tmp_path / "run", tmp_path / "cache")
+        + [
+            "recipe=prm",
+            "train.max_steps=40",
+            "train.batch_size=8",
+            "train.learning_rate=1e-2",
+            "data.eval_fraction=0.25",
+        ],
+    )
+    result = loop.train(cfg, progress=False)
+    rows = read_metrics(result.run_dir, "train")
+    assert rows[-1]["loss"] < rows[0]["loss"] and "step_accuracy" in rows[-1]
+    config = json.loads((result.final_dir / "config.json").read_text())
+    assert config["alignkit_step_separator"] == "\n"
+    prm = build_reward(str(result.final_dir), device="cpu")
+    right = ["what is 1 plus 2 ?\nthe answer is 3 .\nthe answer is . ."]
+    wrong = ["what is 1 plus 2 ?\nthe answer is 4 .\nthe answer is . ."]
+    scores = prm.step_scores(["what is 1 plus 2 ?"] * 2, right + wrong)
+    assert len(scores[0]) == 3 and all(0 < s < 1 for s in scores[0])
+    assert prm(["what is 1 plus 2 ?"], right)[0] == pytest.approx(min(scores[0]), abs=1e-6)
+    last = build_reward({"name": str(result.final_dir), "aggregate": "last"}, device="cpu")
+    prod = build_reward({"name": str(result.final_dir), "aggregate": "prod"}, device="cpu")
+    assert last(["what is 1 plus 2 ?"], right)[0] == pytest.approx(scores[0][-1], abs=1e-6)
+    assert prod(["what is 1 plus 2 ?"], right)[0] == pytest.approx(math.prod(scores[0]), abs=1e-6)
+    # held out: the second step of a wrong sum scores below the second step of a right one, on average
+    held = _toy(40, seed=1)
+    texts = ["\n".join(r["steps"]) for r in held]
+    second = [s[1] for s in prm.step_scores([r["prompt"] for r in held], texts)]
+    good = [v for v, r in zip(second, held) if r["labels"][1] == 1]
+    bad = [v for v, r in zip(second, held) if r["labels"][1] == 0]
+    assert sum(good) / len(good) > sum(bad) / len(bad)
+
+
+def test_prm_settings_that_cannot_work(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="recipe reward does not read `reward.step_separator`"):
+        load_config(None, ["recipe=reward", "data.train=x.jsonl", "reward.step_separator=STEP"])
+    rm = tmp_path / "rm"
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm)
+    with pytest.raises(ConfigError, match="scores whole replies"):
+        build_reward({"name": str(rm), "aggregate": "min"}, device="cpu")
