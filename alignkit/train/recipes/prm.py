@@ -43,7 +43,7 @@ class PRMRecipe(OfflineRecipe):
         self.terms = resolve_terms(cfg.loss, cfg.losses, data="steps")
         self.separator = cfg.reward.step_separator
         self.pad_note = use_distinct_pad(tokenizer)
-        self.steps: dict = {}  # split -> {example index: (step ends, labels)}
+        self.steps = {}  # split -> {example index: (step ends, labels)}
 
     @property
     def shares_prompts(self) -> bool:
