@@ -54,10 +54,12 @@ class TransformersBackend:
     @classmethod
     def detached(cls, model, tokenizer, batch_size: int = 16) -> "TransformersBackend":
         """A sampler over a copy of `model` (LoRA adapters merged into it)."""
+        import copy
+
         from alignkit.models import is_peft, merged_copy
 
         base = base_weights(model) if is_peft(model) else None  # what each update's adapters merge into
-        own = merged_copy(model)
+        own = merged_copy(model) if base is not None else copy.deepcopy(model)  # never the policy itself
         own.eval()
         backend = cls(own, tokenizer, batch_size)
         if base is not None:
