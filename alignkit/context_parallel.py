@@ -84,26 +84,17 @@ def _heads_to_seq(x: torch.Tensor, cp: ContextGroup) -> torch.Tensor:
     return got.permute(1, 0, 2, 3, 4).reshape(b, n * hn, t // n, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """`forward(x, cp)` (one of the two exchanges) whose backward is the other one."""
+
     @staticmethod
-    def forward(ctx, x, cp):
-        ctx.cp = cp
-        return _seq_to_heads(x, cp)
+    def forward(ctx, x, cp, to_heads: bool):
+        ctx.cp, ctx.to_heads = cp, to_heads
+        return _seq_to_heads(x, cp) if to_heads else _heads_to_seq(x, cp)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.cp), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cp):
-        ctx.cp = cp
-        return _heads_to_seq(x, cp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.cp), None
+        return (_heads_to_seq(grad, ctx.cp) if ctx.to_heads else _seq_to_heads(grad, ctx.cp)), None, None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -145,7 +136,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if kv_heads % cp.size:  # grouped-query attention with fewer KV heads than processes: repeat them
         key = key.repeat_interleave(heads // kv_heads, dim=1)
         value = value.repeat_interleave(heads // kv_heads, dim=1)
-    q, k, v = (_SeqToHeads.apply(t, cp) for t in (query, key, value))
+    q, k, v = (_Exchange.apply(t, cp, True) for t in (query, key, value))
     mask = _attending["mask"]
     out = torch.nn.functional.scaled_dot_product_attention(
         q,
@@ -157,7 +148,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         scale=scaling,
         enable_gqa=k.shape[1] != q.shape[1],
     )
-    out = _HeadsToSeq.apply(out, cp)  # [B, H, T/N, D]
+    out = _Exchange.apply(out, cp, False)  # [B, H, T/N, D]
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -96,16 +96,8 @@ class RewardModel:
             ends.append([len(p_ids) + e for e in step_ends])
         trunk, head = reward_trunk_and_head(self.model)
         out: list = [None] * len(rows)
-        pad = self.tokenizer.pad_token_id
-        for start in range(0, len(rows), self.batch_size):
-            idx = list(range(start, min(len(rows), start + self.batch_size)))
-            width = max(len(rows[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, i in enumerate(idx):
-                ids[r, : len(rows[i])] = torch.tensor(rows[i])
-                mask[r, : len(rows[i])] = 1
-            hidden = trunk(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        for idx, ids, mask in self._batches(rows):
+            hidden = trunk(input_ids=ids, attention_mask=mask).last_hidden_state
             scores = torch.sigmoid(head(hidden).float()[..., 0]).cpu()  # [b, T]
             for r, i in enumerate(idx):
                 out[i] = [float(scores[r, e]) for e in ends[i]]
@@ -132,6 +124,13 @@ class RewardModel:
             p_ids, c_ids = encode_completion(self.tokenizer, prompt, completion)
             rows.append(p_ids + c_ids)
         out = torch.zeros(len(rows), len(self.names))
+        for idx, ids, mask in self._batches(rows):
+            out[idx] = self.model(input_ids=ids, attention_mask=mask).logits.float().cpu()
+        return out
+
+    def _batches(self, rows: list):
+        """(row indices, padded ids, mask) on the device, `batch_size` rows at a time, longest first
+        (rows of similar length pad little)."""
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):
@@ -142,9 +141,7 @@ class RewardModel:
             for r, i in enumerate(idx):
                 ids[r, : len(rows[i])] = torch.tensor(rows[i])
                 mask[r, : len(rows[i])] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            out[idx] = logits.float().cpu()
-        return out
+            yield idx, ids.to(self.device), mask.to(self.device)
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
         return (self.score_all(prompts, completions) @ self.weights).tolist()
