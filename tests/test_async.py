@@ -124,19 +124,26 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 # The final weights of this 4-step GRPO run at commit dfa2edd, before the asynchronous modes existed
-# (sum of |w| and of w^2 in float64; identical with 1 and 2 threads).
+# (sum of |w| and of w^2 in float64; identical with 1 and 2 threads). Pinned to 1e-6 relative, not
+# closer: float32 matmul kernels accumulate in a different order on different CPUs (AVX2 against
+# AVX-512), which moved the sum by 1.6e-9 relative between two machines of this workplace at the
+# same commit; any change in what trains moves it by far more. Bit for bit is checked on one
+# machine instead: the default run and the explicit `sync` run give identical weights.
 PINNED_ABS, PINNED_SQ = 1744.6889334346633, 292.67622314006917
 
 
-@pytest.mark.parametrize("explicit", [False, True])
-def test_sync_mode_trains_what_it_trained_before(root, explicit):
-    extra = ["online.async.mode=sync", "online.async.max_staleness=0"] if explicit else []
-    args = _args(root, f"sync_{explicit}", "generation.num_samples=4", "train.max_steps=4", *extra)
-    result = loop.train(load_config(None, args), progress=False)
-    params = _params(result.final_dir)
-    assert sum(float(v.double().abs().sum()) for v in params.values()) == pytest.approx(PINNED_ABS, rel=1e-12)
-    assert sum(float((v.double() ** 2).sum()) for v in params.values()) == pytest.approx(PINNED_SQ, rel=1e-12)
-    assert not any(k.startswith("async/") for k in read_metrics(result.run_dir, "train")[-1])
+def test_sync_mode_trains_what_it_trained_before(root):
+    runs = {}
+    for explicit in (False, True):
+        extra = ["online.async.mode=sync", "online.async.max_staleness=0"] if explicit else []
+        args = _args(root, f"sync_{explicit}", "generation.num_samples=4", "train.max_steps=4", *extra)
+        result = loop.train(load_config(None, args), progress=False)
+        runs[explicit] = _params(result.final_dir)
+        assert not any(k.startswith("async/") for k in read_metrics(result.run_dir, "train")[-1])
+    assert _max_diff(runs[False], runs[True]) == 0.0
+    params = runs[True]
+    assert sum(float(v.double().abs().sum()) for v in params.values()) == pytest.approx(PINNED_ABS, rel=1e-6)
+    assert sum(float((v.double() ** 2).sum()) for v in params.values()) == pytest.approx(PINNED_SQ, rel=1e-6)
 
 
 def test_one_step_off_samples_with_the_weights_one_step_behind(root, server):

@@ -178,6 +178,15 @@ def test_runaway_length():
     assert a.step == 8  # (18 + 22 + 25) / 3 = 21.67 >= 2 x 10; at step 7 it is 18.33
     assert a.evidence["growth"] == pytest.approx(65 / 30) and a.evidence["stopped_fraction"] == pytest.approx(0.25)
     assert stream(train_rows("completion_length", [10, 10, 10, 14, 18, 18, 18, 18]), smooth=3) == []  # 1.8x
+    # a reasoning model: the total barely moves while the reasoning grows at the answer's expense
+    reasoning, answer = [10, 10, 10, 12, 15, 18, 22, 25], [90, 90, 90, 88, 85, 82, 78, 75]
+    rows = [
+        (step, split, {**row, "reasoning_length": float(x), "answer_length": float(y)})
+        for (step, split, row), x, y in zip(train_rows("completion_length", [100.0] * 8), reasoning, answer)
+    ]
+    a = only(stream(rows, smooth=3), "runaway_length")
+    assert a.step == 8 and a.evidence["length"] == "reasoning" and a.evidence["growth"] == pytest.approx(65 / 30)
+    assert "mean reasoning length is 21.67" in a.line()
 
 
 # -- zero_variance_groups ---------------------------------------------------------------------

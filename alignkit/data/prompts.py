@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alignkit.data.formats import LoadResult, Record, check_columns, load_records
-from alignkit.data.tokenize import encode_text, render_texts
+from alignkit.data.tokenize import encode_text, render_prompt
 
 PROMPT_FIELDS = ("prompt",)
 
@@ -62,7 +62,7 @@ def tokenize_prompts(examples: list, tokenizer, max_prompt_length: int) -> tuple
     `max_prompt_length` tokens; returns (items, number truncated)."""
     out, cut = [], 0
     for i, ex in enumerate(examples):
-        p_text, _ = render_texts(tokenizer, ex.prompt, ({"role": "assistant", "content": "x"},), ex.plain_text)
+        p_text = render_prompt(tokenizer, ex.prompt, ex.plain_text)
         ids, _ = encode_text(tokenizer, p_text, "")
         truncated = len(ids) > max_prompt_length
         cut += truncated

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass, field
 
 from alignkit.config import DataConfig
+from alignkit.data.reasoning import apply_thinking_to_example, has_reasoning
 from alignkit.errors import ConfigError
 
 
@@ -62,6 +63,16 @@ def split_heldout(examples: list, fraction: float, seed: int) -> tuple[list, lis
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+def _thinking(examples: list, d: DataConfig, notes: list) -> list:
+    """`data.thinking` applied to every example; a note says how many held reasoning."""
+    tags = tuple(d.thinking_tags)
+    out = [apply_thinking_to_example(e, d.thinking, tags) for e in examples]
+    with_reasoning = sum(has_reasoning(e, tags) for e in examples)
+    if with_reasoning:
+        notes.append(f"{with_reasoning} of {len(examples)} examples hold reasoning blocks (data.thinking={d.thinking})")
+    return out
+
+
 def load_examples(d: DataConfig, seed: int, loader) -> tuple[list, list, list]:
     """Load train (and eval) examples as `d` (the run's `data` settings) says, with `loader` (a
     `formats.load_*_examples`), holding out a seeded share: (train, held-out, notes)."""
@@ -71,10 +82,11 @@ def load_examples(d: DataConfig, seed: int, loader) -> tuple[list, list, list]:
     result = read(d.train)
     notes = [result.summary()]
     examples = result.examples[: d.limit] if d.limit else result.examples
+    examples = _thinking(examples, d, notes)
     if d.eval:
         ev = read(d.eval)
         notes.append(ev.summary())
-        return examples, ev.examples, notes
+        return examples, _thinking(ev.examples, d, []), notes
     train, held = split_heldout(examples, d.eval_fraction, seed)
     if held:
         notes.append(

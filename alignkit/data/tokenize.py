@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alignkit.data.examples import PreferenceExample, SFTExample
+from alignkit.data.reasoning import DEFAULT_TAGS, reasoning_span
 from alignkit.errors import DataError
 
 
@@ -62,17 +63,28 @@ def _fallback_render(messages) -> str:
     return "".join(f"{m['role']}: {m['content']}\n\n" for m in messages)
 
 
+def render_prompt(tokenizer, prompt, plain_text: bool) -> str:
+    """The text a model continues for `prompt` (messages): the chat template with its generation
+    prompt, or the plain layout of a model without one. Only the prompt is rendered, so a template
+    whose generation prompt opens a reasoning block (DeepSeek-R1's) works for sampling."""
+    if tokenizer.chat_template is None:
+        if plain_text:
+            return prompt[-1]["content"] if prompt else ""
+        return _fallback_render(prompt) + "assistant: "
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+
 def render_texts(tokenizer, prompt, completion, plain_text: bool) -> tuple[str, str]:
     """Return (prompt text, completion text) for one prompt and one completion.
 
     With a chat template, the completion text is the full rendered conversation minus the rendered
     prompt (with generation prompt), cut just after the end-of-turn token: templates often add a
     newline after it that generation never produces."""
+    prompt_text = render_prompt(tokenizer, prompt, plain_text)
     if tokenizer.chat_template is None:
         if plain_text:
-            return prompt[-1]["content"] if prompt else "", completion[-1]["content"]
-        return _fallback_render(prompt) + "assistant: ", "".join(m["content"] + "\n\n" for m in completion).rstrip("\n")
-    prompt_text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            return prompt_text, completion[-1]["content"]
+        return prompt_text, "".join(m["content"] + "\n\n" for m in completion).rstrip("\n")
     full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
     if not full.startswith(prompt_text):
         raise DataError(
@@ -165,6 +177,7 @@ def explain(
     max_rows: int = 48,
     scored: bool | list = True,
     why: str = "",
+    tags=DEFAULT_TAGS,
 ) -> str:
     """Human-readable view of one tokenized example and its loss mask.
 
@@ -173,20 +186,23 @@ def explain(
     completion token (Mask-DPO's sentence masks); `why` says what the scored tokens are."""
     mask = [scored] * len(completion_ids) if isinstance(scored, bool) else list(scored)
     assert len(mask) == len(completion_ids), "one mask entry per completion token"
+    thinking = reasoning_span(tokenizer, completion_ids, tuple(tags))
     lines = [
         f"prompt: {len(prompt_ids)} tokens (not scored)",
         "  " + repr(tokenizer.decode(prompt_ids)),
         f"{label}: {len(completion_ids)} tokens ({_scored_summary(mask, scored, why)})",
         "  " + repr(tokenizer.decode(completion_ids)),
-        "",
-        "  pos  token id  scored  token",
     ]
-    rows = [(i, t, False) for i, t in enumerate(prompt_ids)]
-    rows += [(len(prompt_ids) + j, t, m) for j, (t, m) in enumerate(zip(completion_ids, mask))]
+    if any(thinking):  # data.thinking decided whether these are here: say so next to them
+        lines.append(f"  {sum(thinking)} of them in a reasoning block (marked `reasoning`; data.thinking decides)")
+    lines += ["", "  pos  token id  scored  token"]
+    rows = [(i, t, False, False) for i, t in enumerate(prompt_ids)]
+    rows += [(len(prompt_ids) + j, t, m, r) for j, (t, m, r) in enumerate(zip(completion_ids, mask, thinking))]
     # Show the prompt's last tokens and the whole completion: the boundary is what goes wrong.
     shown = rows[max(0, len(prompt_ids) - 6) :][:max_rows]
-    for pos, tid, scored in shown:
-        lines.append(f"  {pos:>4}  {tid:>8}  {'yes' if scored else 'no ':>6}  {tokenizer.decode([tid])!r}")
+    for pos, tid, scored, reasoning in shown:
+        mark = "  reasoning" if reasoning else ""
+        lines.append(f"  {pos:>4}  {tid:>8}  {'yes' if scored else 'no ':>6}  {tokenizer.decode([tid])!r}{mark}")
     if len(shown) < len(rows) - max(0, len(prompt_ids) - 6):
         lines.append(f"  ... {len(rows) - len(shown) - max(0, len(prompt_ids) - 6)} more tokens")
     return "\n".join(lines)

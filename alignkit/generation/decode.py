@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from alignkit.errors import ConfigError
 from alignkit.logprobs import sampling_scores
 
 LOGPROBS = ("raw", "processed")
@@ -41,6 +42,11 @@ class SamplingParams:
     # top-p, renormalised: `alignkit.logprobs.sampling_scores`), which online training's trainer
     # recomputes (`segment_logps(..., sampling=params)`). Greedy tokens get the raw ones either way.
     logprobs: Literal["raw", "processed"] = "raw"
+    # reasoning blocks (`thinking_params`): the token ids of the opening and closing tags, and the
+    # thinking budget, after which the closing tag is inserted as context (None: no budget)
+    thinking_open: tuple = ()
+    thinking_close: tuple = ()
+    max_thinking_tokens: int | None = None
 
     def __post_init__(self):
         if self.logprobs not in LOGPROBS:
@@ -69,6 +75,98 @@ def sampling_params(
     )
 
 
+def thinking_params(params: SamplingParams, tokenizer, tags, budget: int | None) -> SamplingParams:
+    """`params` that track reasoning blocks marked by `tags` (open, close) in the tokenizer's
+    tokens, and close one still open after `budget` tokens. Tags the tokenizer cannot encode
+    leave tracking off (there is then nothing to budget: an error if a budget was asked for)."""
+    ids = [tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in tags]
+    if not all(ids) or any(tokenizer.decode(list(i)) != t for i, t in zip(ids, tags)):
+        if budget is not None:
+            raise ConfigError(
+                f"generation.max_thinking_tokens: the tokenizer does not write the reasoning tags {list(tags)} "
+                "as tokens of their own text; set data.thinking_tags to the tags this model writes."
+            )
+        return params
+    return params.but(thinking_open=ids[0], thinking_close=ids[1], max_thinking_tokens=budget)
+
+
+def _ends_with(seq: list, tail: tuple) -> bool:
+    return bool(tail) and len(seq) >= len(tail) and tuple(seq[-len(tail) :]) == tail
+
+
+def _last_index(seq: list, tail: tuple) -> int:
+    for i in range(len(seq) - len(tail), -1, -1):
+        if tuple(seq[i : i + len(tail)]) == tail:
+            return i
+    return -1
+
+
+class Thinking:
+    """Reasoning blocks as rows are sampled: which rows are inside one, how many tokens each block
+    has run, and the closing tag's tokens a row must take next once its block has run past the
+    budget (inserted as context: the row's sampled token at that step is discarded). A prompt that
+    ends inside an open block (DeepSeek-R1's generation prompt ends with `<think>`) starts inside."""
+
+    def __init__(self, params: SamplingParams, prompts: list):
+        self.open, self.close, self.budget = params.thinking_open, params.thinking_close, params.max_thinking_tokens
+        self.on = bool(self.open and self.close)
+        rows = len(prompts)
+        self.inside = [False] * rows
+        self.tokens: list[list] = [[] for _ in range(rows)]  # each row's tokens so far
+        self.reasoning = [0] * rows  # tokens inside blocks, tags included, over the whole sample
+        self.answer = [0] * rows  # the row's own tokens outside blocks
+        self.block = [0] * rows  # tokens of the block now open
+        self.pending: list[list] = [[] for _ in range(rows)]  # closing-tag tokens still to insert
+        self.cut = [False] * rows  # the budget closed one of the row's blocks
+        for r, p in enumerate(prompts):
+            self.context(r, p)
+
+    def context(self, r: int, tokens: list) -> None:
+        """Tokens row `r` reads but did not sample (its prompt, an environment's reply): a block they
+        open counts from here; one they close is closed."""
+        if not self.on:
+            return
+        opened, closed = _last_index(tokens, self.open), _last_index(tokens, self.close)
+        if opened > closed:
+            self.inside[r], self.block[r], self.pending[r] = True, 0, []
+        elif closed > opened:
+            self.inside[r], self.pending[r] = False, []
+        self.tokens[r] = []  # tags are matched in the row's own tokens from here
+
+    def forced(self, r: int) -> int | None:
+        """The token row `r` must take next (an inserted closing tag), or None."""
+        return self.pending[r].pop(0) if self.pending[r] else None
+
+    def add(self, r: int, token: int) -> None:
+        if not self.on:
+            return
+        seq = self.tokens[r]
+        seq.append(token)
+        if self.inside[r]:
+            self.reasoning[r] += 1
+            self.block[r] += 1
+            if _ends_with(seq, self.close):
+                self.inside[r], self.pending[r] = False, []
+            elif self.budget is not None and not self.pending[r] and self.block[r] >= self.budget:
+                self.pending[r], self.cut[r] = list(self.close), True
+        elif _ends_with(seq, self.open):  # the tag's earlier tokens were counted as answer
+            self.inside[r], self.block[r] = True, len(self.open)
+            self.reasoning[r] += len(self.open)
+            self.answer[r] -= len(self.open) - 1
+        else:
+            self.answer[r] += 1
+
+
+def reasoning_tokens(params: SamplingParams, prompt: list, tokens: list) -> int | None:
+    """The tokens of `tokens` inside reasoning blocks (tags included); None when not tracked."""
+    t = Thinking(params, [prompt])
+    if not t.on:
+        return None
+    for tok in tokens:
+        t.add(0, tok)
+    return t.reasoning[0]
+
+
 @dataclass
 class Sample:
     token_ids: list  # the completion's tokens, the end-of-sequence token included when it stopped on one
@@ -78,6 +176,9 @@ class Sample:
     mask: list | None = None  # multi-turn episodes: True where the model sampled the token (the scored ones)
     episode: object = None  # multi-turn episodes: the `alignkit.generation.multiturn.Episode`
     versions: list | None = None  # the policy version that sampled each token (a sampler that swaps weights in flight)
+    reasoning_tokens: int | None = None  # tokens inside reasoning blocks, tags included (None: not tracked)
+    answer_tokens: int | None = None  # the sample's own tokens outside reasoning blocks (None: not tracked)
+    thinking_cut: bool = False  # the thinking budget closed its reasoning block
 
 
 @dataclass
@@ -196,22 +297,32 @@ def sample_batch(
     rows = logits.shape[0]
     state = _Rows([[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, ["length"] * rows)
     versions: list[list] = [[] for _ in range(rows)]
+    think = Thinking(params, [p for p in prompts for _ in range(n)])
+    masks: list[list] = [[] for _ in range(rows)]  # False where the thinking budget inserted the token
     next_pos = positions[:, -1] + 1
     for step in range(params.max_new_tokens):
         steer = None if step_hook is None else (lambda x: step_hook(x, state))
         tok, tok_logp = next_tokens(logits, params, generator, steer)
-        for r, (t, lp) in enumerate(zip(tok.tolist(), tok_logp)):
+        picked = tok.tolist()
+        for r, (t, lp) in enumerate(zip(picked, tok_logp)):
             if state.done[r]:
                 continue
+            forced = think.forced(r)
+            if forced is not None:  # context, not the model's choice: no log-prob, not scored
+                t = picked[r] = forced
+            else:
+                state.logprobs[r].append(lp)
+            masks[r].append(forced is None)
             state.tokens[r].append(t)
-            state.logprobs[r].append(lp)
             versions[r].append(version)
+            think.add(r, t)
             if t in eos or (
                 params.stop and tokenizer is not None and stopped_by_string(tokenizer, state.tokens[r], params.stop)
             ):
                 state.done[r], state.reason[r] = True, "stop"
         if all(state.done) or step == params.max_new_tokens - 1:  # the last token needs no forward
             break
+        tok = torch.tensor(picked, dtype=torch.long, device=device)
         tok = torch.where(torch.tensor(state.done, device=device), torch.full_like(tok, pad_id), tok)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if version_hook is not None:
@@ -226,7 +337,16 @@ def sample_batch(
         cache, logits = out.past_key_values, out.logits[:, -1].float()
         next_pos = next_pos + 1
     samples = [
-        Sample(state.tokens[r], state.logprobs[r], state.reason[r], versions=versions[r] if version_hook else None)
+        Sample(
+            state.tokens[r],
+            state.logprobs[r],
+            state.reason[r],
+            mask=masks[r] if think.cut[r] else None,
+            versions=versions[r] if version_hook else None,
+            reasoning_tokens=think.reasoning[r] if think.on else None,
+            answer_tokens=think.answer[r] if think.on else None,
+            thinking_cut=think.cut[r],
+        )
         for r in range(rows)
     ]
     if tokenizer is not None:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.generation.decode import SamplingParams, left_pad, next_tokens
+from alignkit.data.reasoning import split_reasoning
+from alignkit.generation.decode import SamplingParams, Thinking, left_pad, next_tokens
 
 
 @dataclass
@@ -36,6 +37,9 @@ class Episode:
     turns: int = 0
     end: str = ""  # "answer" (the environment ended it), "turn_limit" or "token_limit"
     counts: dict = field(default_factory=dict)  # the environment's counters at the end (tool calls, errors)
+    reasoning_tokens: int | None = None  # model tokens inside reasoning blocks (None: not tracked)
+    answer_tokens: int | None = None  # model tokens outside them
+    thinking_cut: bool = False  # the thinking budget closed one of its reasoning blocks
 
     @property
     def reward(self) -> float:
@@ -46,30 +50,68 @@ def render(tokenizer, messages: list, tools=None, generation_prompt: bool = Fals
     return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+PLACEHOLDER = "ALIGNKIT_MODEL_TURN"  # stands for each model turn when the template renders the conversation
+
+
+def _stubbed(conversation: list) -> list:
+    """The conversation with each assistant message replaced by the placeholder: no reasoning for a
+    template to strip, no text for it to rewrite."""
+    return [{"role": "assistant", "content": PLACEHOLDER} if m["role"] == "assistant" else m for m in conversation]
+
+
 def observation_ids(tokenizer, conversation: list, new_messages: list, ended_by_eos: bool, tools=None) -> list:
-    """Token ids that follow the model's tokens of its last turn (`conversation[-1]`, the assistant
-    message as decoded from those tokens): see the module docstring. Raises ValueError when the
-    template does not render a conversation as a prefix of its continuation (such a template
-    cannot be continued turn by turn)."""
-    head = render(tokenizer, conversation[:-1], tools, generation_prompt=True)
-    full = render(tokenizer, conversation, tools)
-    content = conversation[-1]["content"]
-    if not full.startswith(head + content):
-        raise ValueError(
-            "the chat template changes the assistant's text when it renders it (it strips or "
-            "rewrites it), so the model's tokens cannot be continued turn by turn"
-        )
-    close = full[len(head) + len(content) :]
+    """Token ids that follow the model's tokens of its last turn (`conversation[-1]`): the rest of
+    the template's closing of that turn, the new messages and the next generation prompt.
+
+    History is never re-rendered from the model's text: the template renders the conversation with
+    every model turn replaced by a placeholder, and the tokens are the text after the last
+    placeholder, with and without the new messages. So a template that strips earlier reasoning
+    (Qwen3, DeepSeek-R1) or renders it from a separate field changes nothing here: the trainer
+    scores the model's tokens exactly as sampled, between the template's own markers. Raises
+    `TemplateError` when even that is impossible (the template renders the conversation differently
+    once messages follow it, beyond the model's turns)."""
+    stub = _stubbed(conversation)
+    full = render(tokenizer, stub, tools)
+    at = full.rfind(PLACEHOLDER)
+    if at < 0:
+        raise TemplateError(tokenizer, "it does not render an assistant message's content as written")
+    close = full[at + len(PLACEHOLDER) :]
     eos = tokenizer.eos_token or ""
     if ended_by_eos and eos and close.startswith(eos):
         close = close[len(eos) :]
-    after = render(tokenizer, conversation + new_messages, tools, generation_prompt=True)
+    after = render(tokenizer, stub + list(new_messages), tools, generation_prompt=True)
     if not after.startswith(full):
-        raise ValueError(
-            "the chat template renders the conversation differently once messages follow it, so "
-            "an episode cannot be continued from the cache"
-        )
+        raise TemplateError(tokenizer, "it renders the conversation differently once messages follow it")
     return tokenizer(close + after[len(full) :], add_special_tokens=False)["input_ids"]
+
+
+class TemplateError(ValueError):
+    """A chat template that multi-turn episodes cannot continue turn by turn; names the template
+    and the option to use (`model.chat_template`)."""
+
+    def __init__(self, tokenizer, why: str):
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        super().__init__(
+            f"the chat template of {name} cannot be continued turn by turn: {why}. Multi-turn episodes "
+            "need a template whose rendering of a conversation is a prefix of its rendering of that "
+            "conversation plus new messages (earlier model turns aside). Give one with "
+            "`model.chat_template: FILE.jinja` (docs/reasoning.md shows an append-only ChatML one)."
+        )
+
+
+def template_kind(tokenizer, tags=("<think>", "</think>"), tools=None) -> str:
+    """How the chat template treats reasoning in earlier assistant turns: `append_only` (it renders
+    them as written), `strips_history` (it drops reasoning once later turns follow, as Qwen3 and
+    DeepSeek-R1 do), or `reasoning_field` (it renders a message's `reasoning_content`). Raises
+    `TemplateError` when episodes cannot be continued with it at all (checked before training)."""
+    user = {"role": "user", "content": "hello"}
+    observation_ids(tokenizer, [user, {"role": "assistant", "content": "x"}], [dict(user)], True, tools)
+    reasoned = f"{tags[0]}because{tags[1]}answer"
+    later = render(tokenizer, [user, {"role": "assistant", "content": reasoned}, user], tools)
+    field = render(tokenizer, [user, {"role": "assistant", "content": "answer", "reasoning_content": "because"}], tools)
+    if "because" in field:
+        return "reasoning_field"
+    return "append_only" if "because" in later else "strips_history"
 
 
 class _Cache:
@@ -127,6 +169,7 @@ def sample_episodes(
     tools=None,
     generator=None,
     group_size: int = 1,
+    tags=None,
 ) -> list:
     """One episode per environment (`envs[i]` already reset, its conversation starting with
     `first_messages[i]`). `max_turns`: model turns per episode; `max_tokens`: tokens after the
@@ -152,6 +195,7 @@ def sample_episodes(
             else _Cache(model, prompts, tokenizer.pad_token_id)
         )
         live = [True] * len(envs)
+        think = Thinking(params, prompts)
         for _ in range(max_turns):
             if not any(live):
                 break
@@ -165,12 +209,17 @@ def sample_episodes(
                 for r, ep in enumerate(episodes):
                     if not writing[r]:
                         continue
+                    forced = think.forced(r)
+                    if forced is not None:  # the thinking budget's closing tag: context, not scored
+                        tok[r] = forced
+                    else:
+                        ep.logprobs.append(logp[r])
+                        ep.turn_of.append(ep.turns)
+                    think.add(r, tok[r])
                     turn[r].append(tok[r])
                     pending[r] = [tok[r]]
                     ep.token_ids.append(tok[r])
-                    ep.model_mask.append(True)
-                    ep.logprobs.append(logp[r])
-                    ep.turn_of.append(ep.turns)
+                    ep.model_mask.append(forced is None)
                     if tok[r] in eos:
                         writing[r], by_eos[r] = False, True
                     elif len(ep.token_ids) >= budget[r]:
@@ -185,7 +234,13 @@ def sample_episodes(
                     continue
                 ep.turns += 1
                 text = tokenizer.decode([t for t in turn[r] if t not in eos], skip_special_tokens=True)
-                ep.messages.append({"role": "assistant", "content": text})
+                reply = split_reasoning(text, tags) if tags else None
+                if reply is None or reply.reasoning is None:
+                    ep.messages.append({"role": "assistant", "content": text})
+                else:  # the environment reads the answer after the reasoning
+                    ep.messages.append(
+                        {"role": "assistant", "content": reply.answer, "reasoning_content": reply.reasoning}
+                    )
                 result = env.step(ep.messages[-1])
                 ep.turn_rewards.append(float(result.reward))
                 if result.done or ep.turns >= max_turns:
@@ -198,13 +253,17 @@ def sample_episodes(
                     continue
                 ep.token_ids.extend(obs)
                 ep.model_mask.extend([False] * len(obs))
+                think.context(r, obs)
                 chunks[r] = pending[r] + obs
             cache.feed(chunks)
     finally:
         model.train(was_training)
-    for env, ep in zip(envs, episodes):
+    for r, (env, ep) in enumerate(zip(envs, episodes)):
         counts = getattr(env, "counts", None)
         ep.counts = dict(counts) if isinstance(counts, dict) else {}
+        if think.on:
+            ep.reasoning_tokens, ep.answer_tokens = think.reasoning[r], think.answer[r]
+        ep.thinking_cut = think.cut[r]
     return episodes
 
 

@@ -29,6 +29,7 @@ SAMPLING = (
     "generation.top_k",
     "generation.batch_size",
     "generation.stop",
+    "generation.max_thinking_tokens",
 )
 ONLINE = SAMPLING + (
     "generation.backend",

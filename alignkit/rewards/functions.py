@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
+from alignkit.data.reasoning import DEFAULT_TAGS, split_reasoning
 from alignkit.errors import ConfigError
 from alignkit.plugins import load_module
 
@@ -68,16 +69,24 @@ def load_reward_function(spec: str) -> RewardFunction:
     return RewardFunction(fn, spec)
 
 
-def score_ragged(reward, prompts: list, groups: list, columns: dict) -> tuple[list, dict]:
+def score_ragged(reward, prompts: list, groups: list, columns: dict, tags=DEFAULT_TAGS) -> tuple[list, dict]:
     """Score each prompt's group of completions (groups may differ in size): ([[reward per
     completion]] per prompt, {source: flat values}). Prompts and columns (one value per prompt) are
     repeated for each completion; a weighted sum of rewards (`WeightedSum`) also reports each of its
-    sources."""
+    sources.
+
+    A completion with a reasoning block (`tags`, `data.thinking_tags`) is scored on its final
+    answer, after the block; the block's text goes to the reward as the `reasoning` column (None for
+    a completion without one), so a verifier reads the answer and a format reward the block."""
     flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
     texts = [t for g in groups for t in g]
     flat_columns = {k: [v for v, g in zip(values, groups) for _ in g] for k, values in columns.items()}
     if not texts:
         return [[] for _ in groups], {}
+    replies = [split_reasoning(t, tuple(tags)) for t in texts] if tags else []
+    if any(r.reasoning is not None for r in replies):
+        texts = [r.answer if r.reasoning is not None else t for r, t in zip(replies, texts)]
+        flat_columns["reasoning"] = [r.reasoning for r in replies]
     if hasattr(reward, "components"):
         parts = reward.components(flat_prompts, texts, **flat_columns)
         total = reward.combine(parts)
@@ -91,10 +100,10 @@ def score_ragged(reward, prompts: list, groups: list, columns: dict) -> tuple[li
     return out, parts
 
 
-def score_groups(reward, prompts: list, groups: list, columns: dict) -> tuple:
+def score_groups(reward, prompts: list, groups: list, columns: dict, tags=DEFAULT_TAGS) -> tuple:
     """`score_ragged` for equal-size groups: (rewards [P, n] float32 tensor, {source: [P * n] values})."""
     import torch
 
     n = len(groups[0]) if groups else 0
-    scores, parts = score_ragged(reward, prompts, groups, columns)
+    scores, parts = score_ragged(reward, prompts, groups, columns, tags)
     return torch.tensor(scores, dtype=torch.float32).view(len(groups), n), parts

@@ -6,7 +6,9 @@ Each reward has the interface of `alignkit.rewards.functions`,
 - `NumericMatch`: math word problems with a numeric reference (GSM8K, arXiv 2110.14168, whose
   reference answers end with `#### 72`); the reward for RL with verifiable rewards in GRPO
   (arXiv 2402.03300) and DAPO (arXiv 2503.14476).
-- `RegexMatch`: a required format, e.g. a `<think>...</think>` block before the answer.
+- `RegexMatch`: a required format in the answer (rewards read the answer after any reasoning block).
+- `ReasoningFormat`: a well-formed reasoning block before the answer (the format reward of
+  DeepSeek-R1, arXiv 2501.12948, Sec. 2.2.2), from the `reasoning` column the reward loop fills.
 - `LengthLimit`: a word or character budget; a guard against the length exploitation that reward
   models invite.
 - `Keywords`: include / avoid given words, the "verifiable instructions" of IFEval (arXiv 2311.07911).
@@ -176,6 +178,38 @@ class RegexMatch:
     def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
         match = self.regex.search if self.search else self.regex.fullmatch
         return [1.0 if match(c) else 0.0 for c in completions]
+
+
+class ReasoningFormat:
+    """1.0 when the reply had one closed, non-empty reasoning block followed by a non-empty answer
+    free of reasoning tags, else 0.0. Reads the `reasoning` column (the text of the reply's block,
+    None when it had none), which the reward loop fills from `data.thinking_tags`
+    (`rewards.functions.score_ragged`); `completions` are the answers after the block, so a block
+    that never closed leaves an empty answer and scores 0."""
+
+    name = "reasoning_format"
+
+    def __init__(self, tags: list | None = None, min_reasoning_words: int = 1):
+        tags = ["<think>", "</think>"] if tags is None else tags
+        require(
+            isinstance(tags, list) and len(tags) == 2 and all(isinstance(t, str) and t for t in tags),
+            f"reward reasoning_format: `tags` must be [open, close] strings; got {tags!r}.",
+        )
+        require(
+            _is_count(min_reasoning_words),
+            "reward reasoning_format: `min_reasoning_words` must be a non-negative integer; "
+            f"got {min_reasoning_words!r}.",
+        )
+        self.tags, self.min_words = list(tags), min_reasoning_words
+
+    def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
+        reasoning = columns.get("reasoning") or [None] * len(completions)
+        return [1.0 if self._ok(r, c) else 0.0 for r, c in zip(reasoning, completions)]
+
+    def _ok(self, reasoning, answer: str) -> bool:
+        if not isinstance(reasoning, str) or len(reasoning.split()) < max(self.min_words, 1):
+            return False
+        return bool(answer.strip()) and not any(t in answer for t in self.tags)
 
 
 class LengthLimit:
@@ -351,4 +385,10 @@ class WeightedSum:
         return self.combine(self.components(prompts, completions, **columns))
 
 
-BUILTINS = {"numeric_match": NumericMatch, "regex": RegexMatch, "length": LengthLimit, "keywords": Keywords}
+BUILTINS = {
+    "numeric_match": NumericMatch,
+    "regex": RegexMatch,
+    "length": LengthLimit,
+    "keywords": Keywords,
+    "reasoning_format": ReasoningFormat,
+}

@@ -64,11 +64,25 @@ def sample_to_dict(s: Sample) -> dict:
         "finish_reason": s.finish_reason,
         "text": s.text,
         "versions": s.versions,
+        "mask": s.mask,
+        "reasoning_tokens": s.reasoning_tokens,
+        "answer_tokens": s.answer_tokens,
+        "thinking_cut": s.thinking_cut,
     }
 
 
 def sample_from_dict(d: dict) -> Sample:
-    return Sample(d["token_ids"], d["logprobs"], d["finish_reason"], d["text"], versions=d["versions"])
+    return Sample(
+        d["token_ids"],
+        d["logprobs"],
+        d["finish_reason"],
+        d["text"],
+        mask=d.get("mask"),
+        versions=d["versions"],
+        reasoning_tokens=d.get("reasoning_tokens"),
+        answer_tokens=d.get("answer_tokens"),
+        thinking_cut=bool(d.get("thinking_cut", False)),
+    )
 
 
 class RolloutPipeline:

@@ -36,7 +36,7 @@ from alignkit.envs.sandbox import UNSAFE_WARNING, make_executor
 from alignkit.envs.toolcalls import fallback_instructions, template_style
 from alignkit.errors import ConfigError
 from alignkit.generation.decode import Sample, SamplingParams, row_seed
-from alignkit.generation.multiturn import Episode, render, sample_episodes
+from alignkit.generation.multiturn import Episode, TemplateError, render, sample_episodes, template_kind
 
 
 def discounted_returns(turn_rewards: list, gamma: float) -> list:
@@ -94,6 +94,11 @@ class EpisodeSampler:
         self.style = template_style(tokenizer)
         self.tools = resolve_tools(cfg.env.tools) if cfg.env.tools is not None else None
         self.executor = make_executor(cfg.env.sandbox)
+        self.tags = tuple(cfg.data.thinking_tags)
+        try:  # a template episodes cannot continue stops the run here, before the model loads
+            self.template = template_kind(tokenizer, self.tags)
+        except TemplateError as e:
+            raise ConfigError(str(e)) from None
         env = self.make()  # a bad `env.args` or `env.tools` fails here, before the model loads
         if isinstance(getattr(env, "tools", None), dict) and runs_code(env.tools):
             if self.executor.name == "none":
@@ -185,6 +190,7 @@ class EpisodeSampler:
                 tools=tools,
                 generator=gens,
                 group_size=n,
+                tags=self.tags,
             )
             for ep, (i, k) in zip(episodes, chunk):
                 text = self.tokenizer.decode(ep.token_ids, skip_special_tokens=True)
@@ -195,6 +201,9 @@ class EpisodeSampler:
                     text,
                     mask=ep.model_mask,
                     episode=ep,
+                    reasoning_tokens=ep.reasoning_tokens,
+                    answer_tokens=ep.answer_tokens,
+                    thinking_cut=ep.thinking_cut,
                 )
                 returns[i][k] = discounted_returns(ep.turn_rewards, e.gamma)[0]
         rewards = torch.tensor(returns, dtype=torch.float32).reshape(len(examples), n)

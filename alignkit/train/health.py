@@ -388,36 +388,41 @@ def entropy_collapse(h: History, cfg):
 
 @rule(
     "runaway_length",
-    reads={"train": ("completion_length",)},
+    reads={"train": ("completion_length", "reasoning_length", "answer_length")},
     advice="completions keep growing: check whether the reward pays for length, add a length penalty, or use "
-    "online.aggregation=dr_grpo (length-unbiased).",
+    "online.aggregation=dr_grpo (length-unbiased); for runaway reasoning, generation.max_thinking_tokens.",
 )
 def runaway_length(h: History, cfg):
-    """Sampled completions growing far beyond their starting length.
+    """Sampled completions, or their reasoning or their answers, growing far beyond their starting length.
 
     Why: a reward that correlates with length, or GRPO's per-sequence mean that weighs long wrong
     answers' tokens less (Liu et al., Dr. GRPO, arXiv 2503.20783), lets length run away instead of
     quality improving; `stopped_fraction` falling with it means completions are hitting
-    `generation.max_new_tokens`. Condition on `completion_length` (train): with at least 2 x
-    `health.smooth` values logged, the mean of the last `health.smooth` is at least
-    `health.length_growth` times the mean of the first `health.smooth`."""
-    now, start = h.recent_mean("train", "completion_length"), h.start_mean("train", "completion_length")
-    if now is None or start is None or start <= 0 or len(h.values("train", "completion_length")) < 2 * cfg.smooth:
-        return None
-    if now >= cfg.length_growth * start:
-        stopped = h.recent_mean("train", "stopped_fraction")
-        return (
-            f"mean completion length is {now:.4g} tokens, {now / start:.2f}x its start ({start:.4g})"
-            + (f"; {stopped:.0%} of samples stop on their own" if stopped is not None else "")
-            + ".",
-            {
-                "completion_length": now,
-                "completion_length_start": start,
-                "growth": now / start,
-                "length_growth": cfg.length_growth,
-                "stopped_fraction": stopped,
-            },
-        )
+    `generation.max_new_tokens`. Reasoning models grow their reasoning and their answers apart
+    (one can run away while the total looks steady), so each is watched on its own. Condition, on
+    `completion_length`, `reasoning_length` and `answer_length` (train) in that order, the first
+    that holds: with at least 2 x `health.smooth` values logged, the mean of the last
+    `health.smooth` is at least `health.length_growth` times the mean of the first `health.smooth`."""
+    for key in ("completion_length", "reasoning_length", "answer_length"):
+        now, start = h.recent_mean("train", key), h.start_mean("train", key)
+        if now is None or start is None or start <= 0 or len(h.values("train", key)) < 2 * cfg.smooth:
+            continue
+        if now >= cfg.length_growth * start:
+            stopped = h.recent_mean("train", "stopped_fraction")
+            what = {"completion_length": "completion", "reasoning_length": "reasoning", "answer_length": "answer"}[key]
+            return (
+                f"mean {what} length is {now:.4g} tokens, {now / start:.2f}x its start ({start:.4g})"
+                + (f"; {stopped:.0%} of samples stop on their own" if stopped is not None else "")
+                + ".",
+                {
+                    "length": what,
+                    key: now,
+                    f"{key}_start": start,
+                    "growth": now / start,
+                    "length_growth": cfg.length_growth,
+                    "stopped_fraction": stopped,
+                },
+            )
     return None
 
 

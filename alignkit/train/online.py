@@ -27,7 +27,7 @@ from alignkit.data.prompts import PromptExample, load_prompt_examples, prompt_co
 from alignkit.data.splits import PreparedData, example_sources, load_examples
 from alignkit.errors import ConfigError
 from alignkit.generation.backends import GenerationBackend, TransformersBackend, make_backend
-from alignkit.generation.decode import SamplingParams, row_seed, sampling_params
+from alignkit.generation.decode import SamplingParams, row_seed, sampling_params, thinking_params
 from alignkit.logprob_passes import LiveReference
 from alignkit.logprobs import in_segment_order, segment_logps
 from alignkit.losses import online as rl
@@ -225,7 +225,12 @@ class OnlineRecipe:
         self._ctx: SetupContext | None = None  # set in `setup`: the device, precision and data-parallel helpers
         self.iterations = method.iterations if method.iterations is not None else cfg.online.iterations
         self.uses_reference = method.uses_reference  # keeps a frozen reference (the initial policy; LoRA: its base)
-        self.params = sampling_params(cfg.generation, logprobs="processed")
+        self.params = thinking_params(
+            sampling_params(cfg.generation, logprobs="processed"),
+            tokenizer,
+            cfg.data.thinking_tags,
+            cfg.generation.max_thinking_tokens,
+        )
         # None: a recipe that learns without a reward (distill), or episodes the environment rewards
         self.reward = build_reward(cfg.online.rewards) if cfg.online.rewards is not None else None
         self.episodes = EpisodeSampler(cfg, tokenizer) if cfg.env.name is not None else None
@@ -273,7 +278,8 @@ class OnlineRecipe:
             notes.append(
                 f"{self.params.n} episodes per prompt in environment {e.name!r}: up to {e.max_turns} model turns "
                 f"of up to {g.max_new_tokens} tokens each, temperature {g.temperature}; rewarded by the "
-                f"environment (gamma {e.gamma}); tool calls parsed as {self.episodes.style}"
+                f"environment (gamma {e.gamma}); tool calls parsed as {self.episodes.style}; chat template: "
+                f"{self.episodes.template.replace('_', ' ')} (episodes never re-render earlier turns)"
             )
         else:
             notes.append(
@@ -503,6 +509,7 @@ class OnlineRecipe:
                 [list(ex.prompt) for ex in exs],
                 [[s.text for s in group] for group in samples],
                 prompt_columns(exs),
+                tuple(self.cfg.data.thinking_tags),
             )
         buffer = self.cfg.online.overlong_buffer
         if buffer and split == "train":  # training signal only: held-out rewards stay the task's own
@@ -585,8 +592,9 @@ class OnlineRecipe:
     def group(self, item, samples: list, index: int) -> TokenizedGroup:
         """The prompt and the samples trained on; an episode brings its own prompt (the environment's
         first messages, tools included) and its mask of model tokens."""
-        if samples[0].episode is None:
-            return TokenizedGroup(item.prompt_ids, [s.token_ids for s in samples], index)
+        if samples[0].episode is None:  # a thinking budget's inserted tags are masked out (`Sample.mask`)
+            masks = [s.mask for s in samples] if any(s.mask is not None for s in samples) else None
+            return TokenizedGroup(item.prompt_ids, [s.token_ids for s in samples], index, masks=masks)
         prompt = samples[0].episode.prompt_ids
         if any(s.episode.prompt_ids != prompt for s in samples):
             raise ValueError(

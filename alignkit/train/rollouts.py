@@ -113,6 +113,13 @@ def rollout_metrics(samples: list, rewards: torch.Tensor, parts: dict, generatio
         for name, values in parts.items():
             v = torch.tensor(values, dtype=torch.float32)
             metrics[f"reward/{name}"], metrics[f"reward_std/{name}"] = v.mean(), v.std() if v.numel() > 1 else v * 0
+    flat = [s for group in samples for s in group]
+    tracked = [s for s in flat if s.reasoning_tokens is not None]
+    if tracked and any(s.reasoning_tokens for s in tracked):  # reasoning and answer lengths apart
+        reasoning = torch.tensor([float(s.reasoning_tokens) for s in tracked])
+        metrics["reasoning_length"] = reasoning.mean()
+        metrics["answer_length"] = torch.tensor([float(s.answer_tokens or 0) for s in tracked]).mean()
+        metrics["thinking_cut"] = torch.tensor([float(s.thinking_cut) for s in tracked]).mean()
     if rewards.shape[1] > 1:
         metrics["zero_variance_groups"] = torch.tensor(rl.zero_variance_fraction(rewards))
     episodes = [s.episode for group in samples for s in group if s.episode is not None]
