@@ -398,6 +398,24 @@ def test_two_training_processes_one_step_off_equal_one_process(root, server):
     assert _max_diff(_params(single.final_dir), _params(root / "dist_two" / "final")) < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["sync", "one_step_off"])
+def test_lora_with_a_server_under_two_processes_equals_one_process(root, server, mode):
+    """LoRA against a sampling server under torchrun (issue 32; refused before): every process
+    gathers the adapters from their FSDP shards and the first sends them, so 2 processes with 2
+    prompts each train what 1 process with 4 trains."""
+    lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.max_steps=2"]
+    single = loop.train(
+        load_config(None, _args(root, f"lora_one_{mode}", *lora, *_served(server, mode))), progress=False
+    )
+    args = _args(root, f"lora_two_{mode}", *lora, *_served(server, mode))
+    args[args.index("train.batch_size=4")] = "train.batch_size=2"
+    proc = torchrun([{"argv": ["train", *args]}], root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_metrics(root / f"lora_two_{mode}", "train")
+    assert rows[0]["logprob_mismatch_max"] < 1e-5  # the server sampled with the trainer's adapters
+    assert _max_diff(_params(single.final_dir), _params(root / f"lora_two_{mode}" / "final")) < 1e-5
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_one_step_off_in_one_process_samples_what_the_server_samples(root, server, dynamic):
     """Without a server, a copy of the policy samples in a thread of the training process; the

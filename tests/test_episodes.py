@@ -161,6 +161,38 @@ def test_every_online_recipe_trains_on_episodes(tiny_model_dir, tmp_path, recipe
         assert re.search(r'<span class="context">[^<]*yes no yes[^<]*</span>', html)  # the tool's reply: context
 
 
+def test_distill_with_an_environment_scores_the_students_turns_only(tiny_model_dir, tmp_path):
+    """`recipe: distill` on episodes (issue 32): the teacher reads the whole episode and the
+    divergence is taken at the student's own tokens only; the environment's tokens get no gradient,
+    and the run trains and logs the episodes' metrics and rewards."""
+    from alignkit.testing import save_tiny_model_dir
+
+    teacher = save_tiny_model_dir(tmp_path / "teacher", seed=1)
+    cfg = _cfg(tiny_model_dir, tmp_path, "recipe=distill", f"teacher.name_or_path={teacher}")
+    session = loop.setup(cfg, progress=False)
+    recipe, model = session.recipe, session.model
+    rollout = recipe.batches(model, session.data.train[:2], key=0)[0]
+    scored = sum(sum(m) for g in rollout.groups for m in g.masks)
+    assert rollout.metrics["episode/turns"] > 1 and scored < sum(len(m) for g in rollout.groups for m in g.masks)
+    captured = []
+    handle = model.model.norm.register_forward_hook(lambda mod, inp, out: captured.append(out) or out.retain_grad())
+    loss, metrics = recipe.loss(model, rollout, "train")
+    handle.remove()
+    assert float(metrics["logprob_mismatch_max"]) < 1e-4 and metrics["teacher_kl"].numel() == scored
+    assert float(metrics["teacher_kl"].mean()) > 0  # a different teacher
+    loss.backward()
+    grad = captured[0].grad.abs().sum(-1)
+    batch = rollout.batch
+    pred, is_scored = batch.predictor_positions(), batch.segment_ids >= 0
+    predicts_scored = torch.zeros_like(is_scored)
+    for r in range(pred.shape[0]):
+        predicts_scored[r, pred[r][is_scored[r]]] = True
+    assert grad[~predicts_scored].max() == 0.0 and (grad[predicts_scored] > 0).float().mean() > 0.9
+    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) and r["episode/turns"] > 1 for r in rows)
+    assert all("reward" in r for r in rows)
+
+
 def test_episode_config_errors(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="online.rewards"):
         _cfg(tiny_model_dir, tmp_path, "online.rewards=length")
@@ -179,8 +211,6 @@ def test_episode_config_errors(tiny_model_dir, tmp_path):
         _cfg(tiny_model_dir, tmp_path, "generation.backend=vllm")
     with pytest.raises(ConfigError, match="`generation.sampler_server` cannot be used with `env.name`"):
         _cfg(tiny_model_dir, tmp_path, "generation.sampler_server=http://127.0.0.1:1")
-    with pytest.raises(ConfigError, match="recipe distill does not read `env.name`"):
-        _cfg(tiny_model_dir, tmp_path, "recipe=distill", f"teacher.name_or_path={tiny_model_dir}")
     with pytest.raises(ConfigError, match="env.args"):
         loop.setup(_cfg(tiny_model_dir, tmp_path, "env.args={turns: 2}"), progress=False)
     with pytest.raises(ConfigError, match="has no `tools`"):

@@ -169,6 +169,16 @@ def adapter_update(model) -> AdapterUpdate:
     return update
 
 
+def adapter_update_copy(model) -> AdapterUpdate:
+    """`adapter_update` with its tensors copied to the CPU: for a sharded policy, called while its
+    parameters are gathered (`Dist.full_params`), whose storage is freed when they are resharded."""
+    update = adapter_update(model)
+    update.modules = {
+        n: (plain(a).to("cpu", copy=True), plain(b).to("cpu", copy=True), s) for n, (a, b, s) in update.modules.items()
+    }
+    return update
+
+
 def base_weights(model) -> dict:
     """{weight name: a CPU copy of W0} of every adapted layer of a peft model (the base a detached
     sampler merges its updates into)."""

@@ -335,7 +335,7 @@ _SPECS = [
         "distill",
         "reverse_kl",
         True,
-        ONLINE + ("loss", "losses", "online.aggregation", "online.iterations", "teacher"),
+        ONLINE + ENV + ("loss", "losses", "online.aggregation", "online.iterations", "teacher"),
         unread=OFFLINE_BATCHING,
     ),
 ]

@@ -1,7 +1,8 @@
 """The one way to turn a reward spec into a reward callable, for training, evaluation and generation.
 
 A spec is what a user writes in `online.rewards` or after `--reward`:
-- a built-in name: `"numeric_match"`, `"regex"`, `"length"`, `"keywords"`, `"reasoning_format"` (`alignkit.rewards.verifiable`);
+- a built-in name: `"numeric_match"`, `"regex"`, `"length"`, `"keywords"`, `"reasoning_format"`
+  (`alignkit.rewards.verifiable`);
 - a Python function: `"my_rewards.py:score"` or `"package.module:score"`;
 - a reward-model directory, or a hub id `org/name`: `"runs/rm/final"` (`alignkit.rewards.model.RewardModel`);
 - a mapping with parameters: `{name: keywords, required: [please]}`, `{name: runs/rm/final,

@@ -26,6 +26,7 @@ from alignkit.data.negative import TokenizedGroup
 from alignkit.data.prompts import PromptExample, load_prompt_examples, prompt_columns, tokenize_prompts
 from alignkit.data.splits import PreparedData, example_sources, load_examples
 from alignkit.errors import ConfigError
+from alignkit.generation.adapters import adapter_update_copy
 from alignkit.generation.backends import GenerationBackend, TransformersBackend, make_backend
 from alignkit.generation.decode import SamplingParams, row_seed, sampling_params, thinking_params
 from alignkit.logprob_passes import LiveReference
@@ -210,6 +211,13 @@ class PolicyGradient(MethodBase):
         return loss, {**metrics, **pg}
 
 
+def gathered_adapters(model, ctx: SetupContext):
+    """A sharded LoRA policy's adapters for a sampling server: every process gathers the parameters
+    (a collective), and the first one's copy is what the server gets (`writer`)."""
+    with ctx.full_params(model):
+        return adapter_update_copy(model)
+
+
 class OnlineRecipe:
     """Prompts in, rollouts out, evaluation by the held-out reward of greedy completions; the
     method (`OnlineMethod`) decides which samples train, how their advantages are formed and the
@@ -298,12 +306,10 @@ class OnlineRecipe:
                     "generation.backend=vllm with several processes needs a vLLM server every process "
                     "samples from: start `alignkit vllm-serve --model M` and set generation.vllm_server."
                 )
-            if self.cfg.lora.enabled:
-                raise ConfigError(
-                    "generation.backend=vllm with several processes and LoRA is not supported yet; use "
-                    "one process, full fine-tuning, or generation.backend=transformers."
-                )
-            state_fn = lambda m: ctx.dist.model_state(m, full=True)  # noqa: E731  (gathered on the first process)
+            if self.cfg.lora.enabled:  # the adapters, gathered from their shards on every process
+                state_fn = lambda m: gathered_adapters(m, ctx)  # noqa: E731
+            else:
+                state_fn = lambda m: ctx.dist.model_state(m, full=True)  # noqa: E731  (gathered on the first process)
         self.backend = make_backend(
             g.backend,
             model,

@@ -12,6 +12,12 @@ advantage also needs `teacher.reference`), alone or as a weighted `losses` list,
 averaged per sequence and then over sequences (`online.aggregation`). No reward is needed; given
 `online.rewards`, the samples' reward is logged.
 
+With `env.name` the student's samples are multi-turn episodes (`alignkit.train.episodes`): the
+teacher reads each whole episode, tool results and template tokens included, and the divergence is
+taken at the student's own tokens only (the episode's mask makes the others unscored context), so
+the student learns the teacher's turns in the situations its own earlier turns led to. The
+environment's rewards are logged, not trained on.
+
 Memory: the LM heads are applied to `train.logprob_chunk_size` positions at a time, and each chunk
 is recomputed in the backward pass (activation checkpointing), so the [positions, vocabulary]
 log-probabilities of the student, the teacher and the teacher's reference exist for one chunk at a
@@ -69,7 +75,8 @@ class Distill(MethodBase):
             )
         super().__init__(cfg)
         self.tokenizer = tokenizer
-        self.has_reward = cfg.online.rewards is not None  # without one, the reward metrics are left out (`visible`)
+        # without a reward (or an environment's), the reward metrics are left out (`visible`)
+        self.has_reward = cfg.online.rewards is not None or cfg.env.name is not None
         self.terms = resolve_terms(cfg.loss, cfg.losses, data="distill")
         for t in self.terms:
             unknown = [n for n in t.spec.inputs if n not in INPUTS]
