@@ -926,15 +926,10 @@ def _check_env(cfg: RunConfig) -> None:
         ),
         ("generation.stop", bool(g.stop), "a model turn ends at its end-of-turn token"),
         (
-            "generation.backend",
-            g.backend == "vllm",
-            "multi-turn episodes are "
-            "sampled on alignkit's KV-cache sampler only (vLLM rollouts are single-turn for now)",
-        ),
-        (
-            "generation.sampler_server",
-            bool(g.sampler_server),
-            "multi-turn episodes are sampled in the training process (an `alignkit sample-serve` serves single turns)",
+            "online.async.mode",
+            (g.backend == "vllm" or bool(g.sampler_server)) and cfg.online.async_.mode != "sync",
+            "episodes on vLLM or a sampling server are sampled turn by turn by the trainer, in lockstep "
+            "(online.async.mode=sync); the asynchronous modes sample episodes on alignkit's own sampler",
         ),
     ):
         if bad:

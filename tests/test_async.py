@@ -475,3 +475,22 @@ def test_lora_runs_publish_adapters_only(root, server, monkeypatch):
     assert sent["adapters"] >= 3 + 3 and sent["weights"] == 0  # each rollout's, and the held-out samples'
     sync_local = loop.train(load_config(None, _args(root, "lora_sync_local", *lora)))
     assert _max_diff(_params(sync_served.final_dir), _params(sync_local.final_dir)) < 1e-6
+
+
+def test_episodes_on_a_sampling_server(root, server):
+    """Multi-turn episodes turn by turn on `alignkit sample-serve` (refused before): tokens in,
+    tokens out, the trainer's log-probs of the model's tokens the server's (1e-5, same code and
+    weights at step 1); the tool replies are context."""
+    from test_episodes import ENV
+
+    (root / "quiz.py").write_text(ENV)
+    args = _args(root, "episodes_served", "train.max_steps=2", f"generation.sampler_server={server.url}")
+    args = [a for a in args if not a.startswith("online.rewards=")] + [
+        f"env.name={root / 'quiz.py'}:Quiz",
+        f"generation.vllm_sync_dir={server.sync_dir}",
+    ]
+    result = loop.train(load_config(None, args), progress=False)
+    rows = read_metrics(result.run_dir, "train")
+    assert len(rows) == 2 and rows[0]["logprob_mismatch_max"] < 1e-5 and all(r["episode/turns"] > 1 for r in rows)
+    episodes = [json.loads(line) for line in (result.run_dir / "episodes.jsonl").read_text().splitlines()]
+    assert all(not m for e in episodes for t, m in e["spans"] if "yes no yes" in t)

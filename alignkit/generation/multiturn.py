@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from alignkit.data.reasoning import split_reasoning
-from alignkit.generation.decode import SamplingParams, Thinking, left_pad, next_tokens
+from alignkit.generation.decode import SamplingParams, Thinking, left_pad, next_tokens, row_seed
 
 
 @dataclass
@@ -114,6 +114,12 @@ def template_kind(tokenizer, tags=("<think>", "</think>"), tools=None) -> str:
     return "append_only" if "because" in later else "strips_history"
 
 
+def eos_ids(tokenizer) -> set:
+    """The end-of-turn token ids: a model turn ends on one."""
+    e = tokenizer.eos_token_id
+    return set([e] if isinstance(e, int) else e)
+
+
 class _Cache:
     """The batch's KV cache with each row's attention mask and next position."""
 
@@ -178,7 +184,7 @@ def sample_episodes(
     prompt's samples), whose prompt then runs once (its KV cache repeated), as in
     `decode.sample_batch`; runs whose prompts differ after all are prefilled row by row."""
     budget = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(envs)
-    eos = set([tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else tokenizer.eos_token_id)
+    eos = eos_ids(tokenizer)
     prompts = [
         tokenizer(render(tokenizer, m, tools, generation_prompt=True), add_special_tokens=False)["input_ids"]
         for m in first_messages
@@ -232,27 +238,10 @@ def sample_episodes(
             for r, (env, ep) in enumerate(zip(envs, episodes)):
                 if not live[r]:
                     continue
-                ep.turns += 1
-                text = tokenizer.decode([t for t in turn[r] if t not in eos], skip_special_tokens=True)
-                reply = split_reasoning(text, tags) if tags else None
-                if reply is None or reply.reasoning is None:
-                    ep.messages.append({"role": "assistant", "content": text})
-                else:  # the environment reads the answer after the reasoning
-                    ep.messages.append(
-                        {"role": "assistant", "content": reply.answer, "reasoning_content": reply.reasoning}
-                    )
-                result = env.step(ep.messages[-1])
-                ep.turn_rewards.append(float(result.reward))
-                if result.done or ep.turns >= max_turns:
-                    live[r], ep.end = False, "answer" if result.done else "turn_limit"
+                obs = end_turn(tokenizer, env, ep, turn[r], by_eos[r], budget[r], max_turns, tools, tags)
+                if obs is None:
+                    live[r] = False
                     continue
-                obs = observation_ids(tokenizer, ep.messages, list(result.messages), by_eos[r], tools)
-                ep.messages.extend(result.messages)
-                if len(ep.token_ids) + len(obs) >= budget[r]:
-                    live[r], ep.end = False, "token_limit"
-                    continue
-                ep.token_ids.extend(obs)
-                ep.model_mask.extend([False] * len(obs))
                 think.context(r, obs)
                 chunks[r] = pending[r] + obs
             cache.feed(chunks)
@@ -264,6 +253,100 @@ def sample_episodes(
         if think.on:
             ep.reasoning_tokens, ep.answer_tokens = think.reasoning[r], think.answer[r]
         ep.thinking_cut = think.cut[r]
+    return episodes
+
+
+def end_turn(tokenizer, env, ep: Episode, turn: list, by_eos: bool, budget: int, max_turns: int, tools, tags):
+    """After the model's turn (`turn`: its tokens, already in `ep`): the environment reads the
+    answer after any reasoning and replies. Returns the observation tokens (appended to `ep` as
+    context) to feed before the next turn, or None when the episode ended (`ep.end` set)."""
+    eos = eos_ids(tokenizer)
+    ep.turns += 1
+    text = tokenizer.decode([t for t in turn if t not in eos], skip_special_tokens=True)
+    reply = split_reasoning(text, tags) if tags else None
+    if reply is None or reply.reasoning is None:
+        ep.messages.append({"role": "assistant", "content": text})
+    else:  # the environment reads the answer after the reasoning
+        ep.messages.append({"role": "assistant", "content": reply.answer, "reasoning_content": reply.reasoning})
+    result = env.step(ep.messages[-1])
+    ep.turn_rewards.append(float(result.reward))
+    if result.done or ep.turns >= max_turns:
+        ep.end = "answer" if result.done else "turn_limit"
+        return None
+    obs = observation_ids(tokenizer, ep.messages, list(result.messages), by_eos, tools)
+    ep.messages.extend(result.messages)
+    if len(ep.token_ids) + len(obs) >= budget:
+        ep.end = "token_limit"
+        return None
+    ep.token_ids.extend(obs)
+    ep.model_mask.extend([False] * len(obs))
+    return obs
+
+
+def sample_episodes_on(
+    backend,
+    tokenizer,
+    envs: list,
+    first_messages: list,
+    params: SamplingParams,
+    *,
+    max_turns: int,
+    max_tokens,
+    seeds: list,
+    tools=None,
+    tags=None,
+) -> list:
+    """`sample_episodes` on a generation backend that takes token ids and returns token ids and
+    log-probs (a vLLM engine or server, an `alignkit sample-serve`: `generation.backends`). Each
+    turn, every live episode's whole sequence so far goes in as tokens (never text: the model's
+    tokens stay as sampled, the environment's are the template's, as on the KV cache), and the
+    engine's prefix cache keeps what earlier turns computed. Turn t of row r samples with seed
+    `row_seed(seeds[r], t)`: the episodes do not depend on the batch. The thinking budget is not
+    applied here (refused in the config)."""
+    budget = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(envs)
+    eos = eos_ids(tokenizer)
+    prompts = [
+        tokenizer(render(tokenizer, m, tools, generation_prompt=True), add_special_tokens=False)["input_ids"]
+        for m in first_messages
+    ]
+    episodes = [Episode(p, messages=list(m)) for p, m in zip(prompts, first_messages)]
+    live = [True] * len(envs)
+    for t in range(max_turns):
+        rows = [r for r in range(len(envs)) if live[r]]
+        if not rows:
+            break
+        # a turn never runs past the episode's budget (nor past the engine's context)
+        room = {r: min(params.max_new_tokens, budget[r] - len(episodes[r].token_ids)) for r in rows}
+        for size in sorted(set(room.values())):
+            group = [r for r in rows if room[r] == size]
+            out = backend.sample(
+                [episodes[r].prompt_ids + episodes[r].token_ids for r in group],
+                params.but(n=1, max_new_tokens=size),
+                seeds[group[0]],
+                prompt_seeds=[row_seed(seeds[r], t) for r in group],
+            )
+            for r, (s,) in zip(group, out):
+                ep, turn, by_eos = episodes[r], [], False
+                for tok, lp in zip(s.token_ids, s.logprobs):
+                    turn.append(tok)
+                    ep.token_ids.append(tok)
+                    ep.model_mask.append(True)
+                    ep.logprobs.append(lp)
+                    ep.turn_of.append(ep.turns)
+                    if tok in eos:
+                        by_eos = True
+                        break
+                    if len(ep.token_ids) >= budget[r]:
+                        live[r], ep.end = False, "token_limit"
+                        break
+                if (
+                    live[r]
+                    and end_turn(tokenizer, envs[r], ep, turn, by_eos, budget[r], max_turns, tools, tags) is None
+                ):
+                    live[r] = False
+    for env, ep in zip(envs, episodes):
+        counts = getattr(env, "counts", None)
+        ep.counts = dict(counts) if isinstance(counts, dict) else {}
     return episodes
 
 

@@ -36,7 +36,14 @@ from alignkit.envs.sandbox import UNSAFE_WARNING, make_executor
 from alignkit.envs.toolcalls import fallback_instructions, template_style
 from alignkit.errors import ConfigError
 from alignkit.generation.decode import Sample, SamplingParams, row_seed
-from alignkit.generation.multiturn import Episode, TemplateError, render, sample_episodes, template_kind
+from alignkit.generation.multiturn import (
+    Episode,
+    TemplateError,
+    render,
+    sample_episodes,
+    sample_episodes_on,
+    template_kind,
+)
 
 
 def discounted_returns(turn_rewards: list, gamma: float) -> list:
@@ -147,11 +154,13 @@ class EpisodeSampler:
 
     @torch.no_grad()
     def sample(
-        self, model, examples: list, indices: list, params: SamplingParams, seed: int, batch_size: int
+        self, model, examples: list, indices: list, params: SamplingParams, seed: int, batch_size: int, backend=None
     ) -> tuple[list, torch.Tensor]:
         """`params.n` episodes per example: (samples [P][n] with `mask` and `episode` set, rewards
         [P, n] = each episode's discounted return). Episode k of example i draws from its own
-        generator, seeded by (seed, indices[i], k), as single-turn sampling does."""
+        generator, seeded by (seed, indices[i], k), as single-turn sampling does. `backend`: a
+        token-in, token-out generation backend (vLLM, `sample-serve`) that samples each turn instead
+        of `model` on the KV cache (`multiturn.sample_episodes_on`)."""
         e, n = self.env_cfg, params.n
         device = next(model.parameters()).device
         out: list[list[Sample | None]] = [[None] * n for _ in examples]  # every one filled below
@@ -178,20 +187,34 @@ class EpisodeSampler:
                         f"`data.max_length` is {self.cfg.data.max_length}: raise data.max_length."
                     )
                 budgets.append(min(room, e.max_tokens or room))
-            gens = [torch.Generator(device=device).manual_seed(row_seed(seed, indices[i], k)) for i, k in chunk]
-            episodes = sample_episodes(
-                model,
-                self.tokenizer,
-                envs,
-                firsts,
-                params,
-                max_turns=e.max_turns,
-                max_tokens=budgets,
-                tools=tools,
-                generator=gens,
-                group_size=n,
-                tags=self.tags,
-            )
+            seeds = [row_seed(seed, indices[i], k) for i, k in chunk]
+            if backend is not None:
+                episodes = sample_episodes_on(
+                    backend,
+                    self.tokenizer,
+                    envs,
+                    firsts,
+                    params,
+                    max_turns=e.max_turns,
+                    max_tokens=budgets,
+                    seeds=seeds,
+                    tools=tools,
+                    tags=self.tags,
+                )
+            else:
+                episodes = sample_episodes(
+                    model,
+                    self.tokenizer,
+                    envs,
+                    firsts,
+                    params,
+                    max_turns=e.max_turns,
+                    max_tokens=budgets,
+                    tools=tools,
+                    generator=[torch.Generator(device=device).manual_seed(s) for s in seeds],
+                    group_size=n,
+                    tags=self.tags,
+                )
             for ep, (i, k) in zip(episodes, chunk):
                 text = self.tokenizer.decode(ep.token_ids, skip_special_tokens=True)
                 out[i][k] = Sample(

@@ -399,10 +399,11 @@ class OnlineRecipe:
         sampler), each prompt with its own seed from `seed` and its example index."""
         backend = self.backend
         assert backend is not None  # made in setup
-        if self.episodes is not None:
+        if self.episodes is not None:  # on the KV cache of `model`, or turn by turn on a vLLM / sampling server
             exs = [self.examples[split][it.index] for it in items]
+            remote = None if isinstance(backend, TransformersBackend) else backend
             samples, _ = self.episodes.sample(
-                model, exs, [it.index for it in items], params, seed, self.cfg.generation.batch_size
+                model, exs, [it.index for it in items], params, seed, self.cfg.generation.batch_size, remote
             )
             return samples
         return backend.sample(
