@@ -86,6 +86,13 @@ SCRIPTS = {
     ),
     "examples/ppo_cpu.py": (rf"heldout_reward before={NUM} after={NUM} n=4", [], OUT, None),
     "examples/tools_cpu.py": (rf"heldout_success before={NUM} after={NUM} n=4", [], OUT, None),
+    "examples/reasoning_cpu.py": (
+        rf"heldout_accuracy before={NUM} after={NUM} format before={NUM} after={NUM} "
+        rf"budget_cut before={NUM} after={NUM} n=4",
+        [],
+        OUT,
+        None,
+    ),
 }
 
 

@@ -350,3 +350,17 @@ def test_grpo_trains_with_a_thinking_budget_and_the_format_reward(tmp_path):
     for r in rows:
         assert r["thinking_cut"] > 0.5 and 0 < r["reasoning_length"] <= 4.0  # 3 sampled + the tag at most
         assert r["answer_length"] == pytest.approx(r["completion_length"] - r["reasoning_length"])
+
+
+def test_thinking_reads_tags_the_model_writes_in_other_tokens():
+    """With a decoder, a closing tag written in tokens other than the tag's own encoding still
+    closes the block (a BPE model may write " </" "think" ">"): no budget is then forced."""
+    pieces = {5: "a", 6: " </", 7: "think", 8: ">", 9: "</think>", 10: "<think>"}
+    params = SamplingParams(thinking_open=(10,), thinking_close=(9,), max_thinking_tokens=6)
+    by_text = Thinking(params, [[10]], lambda ids: "".join(pieces[i] for i in ids))
+    by_ids = Thinking(params, [[10]])
+    for tok in (5, 6, 7, 8, 5, 5, 5):
+        by_text.add(0, tok)
+        by_ids.add(0, tok)
+    assert not by_text.inside[0] and not by_text.pending[0] and by_text.answer[0] == 3
+    assert by_ids.inside[0] and by_ids.pending[0] == [9]  # ids alone miss it and would cut the block

@@ -107,9 +107,15 @@ class Thinking:
     budget (inserted as context: the row's sampled token at that step is discarded). A prompt that
     ends inside an open block (DeepSeek-R1's generation prompt ends with `<think>`) starts inside."""
 
-    def __init__(self, params: SamplingParams, prompts: list):
+    def __init__(self, params: SamplingParams, prompts: list, decode=None):
         self.open, self.close, self.budget = params.thinking_open, params.thinking_close, params.max_thinking_tokens
         self.on = bool(self.open and self.close)
+        # `decode(ids) -> text`: tags are then matched in the text, so a model that writes a tag
+        # in other tokens than the tag's own encoding (" </" "think" ">") is still read right
+        self.decode = decode
+        self.open_text = self.close_text = None
+        if decode is not None and self.on:
+            self.open_text, self.close_text = decode(list(self.open)), decode(list(self.close))
         rows = len(prompts)
         self.inside = [False] * rows
         self.tokens: list[list] = [[] for _ in range(rows)]  # each row's tokens so far
@@ -137,6 +143,11 @@ class Thinking:
         """The token row `r` must take next (an inserted closing tag), or None."""
         return self.pending[r].pop(0) if self.pending[r] else None
 
+    def _ends(self, seq: list, tag: tuple, text: str | None) -> bool:
+        if self.decode is None or text is None:
+            return _ends_with(seq, tag)
+        return self.decode(seq[-(len(tag) + 4) :]).endswith(text)
+
     def add(self, r: int, token: int) -> None:
         if not self.on:
             return
@@ -145,11 +156,11 @@ class Thinking:
         if self.inside[r]:
             self.reasoning[r] += 1
             self.block[r] += 1
-            if _ends_with(seq, self.close):
+            if self._ends(seq, self.close, self.close_text):
                 self.inside[r], self.pending[r] = False, []
             elif self.budget is not None and not self.pending[r] and self.block[r] >= self.budget:
                 self.pending[r], self.cut[r] = list(self.close), True
-        elif _ends_with(seq, self.open):  # the tag's earlier tokens were counted as answer
+        elif self._ends(seq, self.open, self.open_text):  # its earlier tokens counted as answer
             self.inside[r], self.block[r] = True, len(self.open)
             self.reasoning[r] += len(self.open)
             self.answer[r] -= len(self.open) - 1
@@ -297,7 +308,8 @@ def sample_batch(
     rows = logits.shape[0]
     state = _Rows([[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows, ["length"] * rows)
     versions: list[list] = [[] for _ in range(rows)]
-    think = Thinking(params, [p for p in prompts for _ in range(n)])
+    decode = None if tokenizer is None else (lambda ids: tokenizer.decode(ids))
+    think = Thinking(params, [p for p in prompts for _ in range(n)], decode)
     masks: list[list] = [[] for _ in range(rows)]  # False where the thinking budget inserted the token
     next_pos = positions[:, -1] + 1
     for step in range(params.max_new_tokens):

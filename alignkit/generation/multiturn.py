@@ -201,7 +201,7 @@ def sample_episodes(
             else _Cache(model, prompts, tokenizer.pad_token_id)
         )
         live = [True] * len(envs)
-        think = Thinking(params, prompts)
+        think = Thinking(params, prompts, lambda ids: tokenizer.decode(ids))
         for _ in range(max_turns):
             if not any(live):
                 break
