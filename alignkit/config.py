@@ -848,11 +848,11 @@ def validate(cfg: RunConfig) -> None:
             f"`generation.max_thinking_tokens` ({budget}) must be positive and below `generation.max_new_tokens` "
             f"({g.max_new_tokens}): the answer comes after the reasoning, within max_new_tokens."
         )
-    if budget is not None and (g.backend == "vllm" or g.sampler_server):
+    if budget is not None and (g.backend == "vllm" or g.sampler_server) and cfg.online.async_.mode != "sync":
         raise ConfigError(
-            "`generation.max_thinking_tokens` runs on alignkit's own sampler in the training process only "
-            "(not yet on vLLM or an `alignkit sample-serve`): set generation.backend=transformers without "
-            "generation.sampler_server, or drop the budget."
+            "`generation.max_thinking_tokens` on vLLM or a sampling server runs in lockstep only (each sample "
+            "is generated in phases the trainer asks for): set online.async.mode=sync, or "
+            "generation.backend=transformers for the asynchronous modes."
         )
 
 

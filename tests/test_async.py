@@ -494,3 +494,26 @@ def test_episodes_on_a_sampling_server(root, server):
     assert len(rows) == 2 and rows[0]["logprob_mismatch_max"] < 1e-5 and all(r["episode/turns"] > 1 for r in rows)
     episodes = [json.loads(line) for line in (result.run_dir / "episodes.jsonl").read_text().splitlines()]
     assert all(not m for e in episodes for t, m in e["spans"] if "yes no yes" in t)
+
+
+def test_a_thinking_budget_on_a_sampling_server(root, server):
+    """The budget on a server (`generation.budget.BudgetedBackend`, in lockstep): the template opens
+    the block (two of the tiny vocabulary's words stand for the tags), every sample is cut at the
+    budget, and the inserted tag is context: the trainer's log-probs equal the server's (1e-5)."""
+    from alignkit.testing import CHATML_TEMPLATE
+
+    template = root / "opens_cat.jinja"
+    template.write_text(CHATML_TEMPLATE.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\ncat'"))
+    extra = [
+        "train.max_steps=2",
+        f"generation.sampler_server={server.url}",
+        f"generation.vllm_sync_dir={server.sync_dir}",
+        f"model.chat_template={template}",
+        "data.thinking_tags=[cat, dog]",
+        "generation.max_thinking_tokens=3",
+    ]
+    rows = read_metrics(
+        loop.train(load_config(None, _args(root, "budget_served", *extra)), progress=False).run_dir, "train"
+    )
+    assert len(rows) == 2 and rows[0]["logprob_mismatch_max"] < 1e-5
+    assert all(r["thinking_cut"] > 0.5 and r["reasoning_length"] >= 3.0 for r in rows)  # 3 sampled + the tag

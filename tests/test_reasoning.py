@@ -273,8 +273,10 @@ def test_thinking_settings_are_checked(tiny_model_dir):
         load_config(None, base + ["data.thinking_tags=[<t>]"])
     with pytest.raises(ConfigError, match="data.thinking"):
         load_config(None, base + ["data.thinking=drop"])
-    with pytest.raises(ConfigError, match="not yet on vLLM"):
-        load_config(None, base + ["generation.max_thinking_tokens=8", "generation.backend=vllm"])
+    budget = ["generation.max_thinking_tokens=8", "generation.backend=vllm"]
+    with pytest.raises(ConfigError, match="lockstep only"):
+        load_config(None, base + budget + ["online.async.mode=one_step_off"])
+    load_config(None, base + budget)  # on vLLM in lockstep: generated in phases
 
 
 def _reasoning_model_dir(path, template="append_only"):
@@ -364,3 +366,39 @@ def test_thinking_reads_tags_the_model_writes_in_other_tokens():
         by_ids.add(0, tok)
     assert not by_text.inside[0] and not by_text.pending[0] and by_text.answer[0] == 3
     assert by_ids.inside[0] and by_ids.pending[0] == [9]  # ids alone miss it and would cut the block
+
+
+def test_budget_on_a_token_backend_generates_in_phases():
+    """`BudgetedBackend` (the budget on vLLM and sampling servers), here over alignkit's own
+    sampler as a token-in, token-out backend: a prompt that opens the block, a model that never
+    closes it: the closing tag follows exactly `budget` sampled tokens, as context (no log-prob,
+    masked), the answer phase follows, the log-probs are the trainer's, and it is seeded."""
+    from alignkit.generation.backends import TransformersBackend
+    from alignkit.generation.budget import BudgetedBackend
+
+    tok = reasoning_tokenizer(REASONING_TEMPLATES["strips_history"])
+    model = _biased(tok, open_bias=-30.0, close_bias=-30.0)
+    prompt = tok(render(tok, [{"role": "user", "content": "yes"}], generation_prompt=True), add_special_tokens=False)[
+        "input_ids"
+    ]
+    close_id = tok.convert_tokens_to_ids("</think>")
+    backend = BudgetedBackend(TransformersBackend(model, tok), tok)
+    params = thinking_params(SamplingParams(max_new_tokens=9, temperature=1.0, n=3, logprobs="processed"), tok, TAGS, 4)
+    (group,) = backend.sample([prompt], params, seed=0, prompt_seeds=[7])
+    assert [s.token_ids for s in backend.sample([prompt], params, seed=0, prompt_seeds=[7])[0]] == [
+        s.token_ids for s in group
+    ]
+    for s in group:
+        assert s.token_ids[4] == close_id and close_id not in s.token_ids[:4]
+        assert s.mask[:5] == [True] * 4 + [False] and len(s.logprobs) == len(s.token_ids) - 1
+        assert s.thinking_cut and s.reasoning_tokens == 5 and "</think>" in s.text
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + s.token_ids])).logits[0].float()
+        from alignkit.logprobs import sampling_scores
+
+        x = sampling_scores(logits, params)
+        logp = x - torch.logsumexp(x, -1, keepdim=True)
+        scored = [float(logp[len(prompt) + j - 1, t]) for j, (t, m) in enumerate(zip(s.token_ids, s.mask)) if m]
+        assert scored == pytest.approx(s.logprobs, abs=1e-5)
+    plain = params.but(max_thinking_tokens=None)
+    assert all(s.mask is None for s in backend.sample([prompt], plain, seed=0)[0])  # no budget: passed through

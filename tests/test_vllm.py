@@ -981,3 +981,33 @@ def test_grpo_trains_on_episodes_sampled_by_a_vllm_server(server, sync_dir, smal
     rows = read_metrics(loop.train(load_config(None, args), progress=False).run_dir, "train")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["episode/turns"] > 1 for r in rows) and rows[0]["logprob_mismatch_max"] < 1e-4
+
+
+def test_a_thinking_budget_on_the_engine_closes_the_block_as_context(engine, small_dir):
+    """Issue 32: `generation.max_thinking_tokens` on vLLM (`generation.budget.BudgetedBackend`, in
+    phases). The tiny tokenizer has no `<think>`, so two of its words stand for the tags; the prompt
+    opens the block. A block the budget closes gets the closing tag right after `budget` sampled
+    tokens, as context; the trainer's log-probs of the sampled tokens are vLLM's (1e-4)."""
+    from alignkit.generation.budget import BudgetedBackend
+    from alignkit.generation.decode import thinking_params
+    from alignkit.logprobs import sampling_scores
+
+    model, tok = _model(small_dir), engine.tokenizer
+    tags = ("cat", "dog")
+    dog = tok.convert_tokens_to_ids("dog")
+    prompt = PROMPTS[0] + [tok.convert_tokens_to_ids("cat")]
+    params = thinking_params(
+        SamplingParams(max_new_tokens=10, temperature=0.8, n=4, logprobs="processed"), tok, tags, 3
+    )
+    (group,) = BudgetedBackend(engine, tok).sample([prompt], params, seed=0, prompt_seeds=[5])
+    assert sum(s.thinking_cut for s in group) >= 3
+    for s in group:
+        if s.thinking_cut:
+            assert s.token_ids[3] == dog and s.mask[:4] == [True, True, True, False]
+        mask = s.mask or [True] * len(s.token_ids)
+        assert len(s.logprobs) == sum(mask)
+        with torch.no_grad():
+            x = sampling_scores(model(torch.tensor([prompt + s.token_ids])).logits[0].float(), params)
+        logp = x - torch.logsumexp(x, -1, keepdim=True)
+        scored = [float(logp[len(prompt) + j - 1, t]) for j, (t, m) in enumerate(zip(s.token_ids, mask)) if m]
+        assert max(abs(a - b) for a, b in zip(scored, s.logprobs)) < 1e-4

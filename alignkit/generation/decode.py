@@ -144,9 +144,11 @@ class Thinking:
         return self.pending[r].pop(0) if self.pending[r] else None
 
     def _ends(self, seq: list, tag: tuple, text: str | None) -> bool:
+        """Whether the tag was completed by the row's last token (which may carry more text)."""
         if self.decode is None or text is None:
             return _ends_with(seq, tag)
-        return self.decode(seq[-(len(tag) + 4) :]).endswith(text)
+        window = seq[-(len(tag) + 4) :]
+        return text in self.decode(window) and text not in self.decode(window[:-1])
 
     def add(self, r: int, token: int) -> None:
         if not self.on:

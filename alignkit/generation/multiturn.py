@@ -301,8 +301,8 @@ def sample_episodes_on(
     turn, every live episode's whole sequence so far goes in as tokens (never text: the model's
     tokens stay as sampled, the environment's are the template's, as on the KV cache), and the
     engine's prefix cache keeps what earlier turns computed. Turn t of row r samples with seed
-    `row_seed(seeds[r], t)`: the episodes do not depend on the batch. The thinking budget is not
-    applied here (refused in the config)."""
+    `row_seed(seeds[r], t)`: the episodes do not depend on the batch. A thinking budget is the
+    backend's (`budget.BudgetedBackend`): the tags it inserts come back marked False in `Sample.mask`."""
     budget = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(envs)
     eos = eos_ids(tokenizer)
     prompts = [
@@ -327,23 +327,27 @@ def sample_episodes_on(
             )
             for r, (s,) in zip(group, out):
                 ep, turn, by_eos = episodes[r], [], False
-                for tok, lp in zip(s.token_ids, s.logprobs):
+                logprobs = iter(s.logprobs)  # one per sampled token: a thinking budget's tags have none
+                for tok, sampled in zip(s.token_ids, s.mask or [True] * len(s.token_ids)):
                     turn.append(tok)
                     ep.token_ids.append(tok)
-                    ep.model_mask.append(True)
-                    ep.logprobs.append(lp)
-                    ep.turn_of.append(ep.turns)
+                    ep.model_mask.append(sampled)
+                    if sampled:
+                        ep.logprobs.append(next(logprobs))
+                        ep.turn_of.append(ep.turns)
                     if tok in eos:
                         by_eos = True
                         break
                     if len(ep.token_ids) >= budget[r]:
                         live[r], ep.end = False, "token_limit"
                         break
-                if (
-                    live[r]
-                    and end_turn(tokenizer, envs[r], ep, turn, by_eos, budget[r], max_turns, tools, tags) is None
-                ):
-                    live[r] = False
+                if s.reasoning_tokens is not None:  # the budgeted backend tracks reasoning per turn
+                    ep.reasoning_tokens = (ep.reasoning_tokens or 0) + s.reasoning_tokens
+                    ep.answer_tokens = (ep.answer_tokens or 0) + (s.answer_tokens or 0)
+                    ep.thinking_cut = ep.thinking_cut or s.thinking_cut
+                if live[r]:
+                    obs = end_turn(tokenizer, envs[r], ep, turn, by_eos, budget[r], max_turns, tools, tags)
+                    live[r] = obs is not None
     for env, ep in zip(envs, episodes):
         counts = getattr(env, "counts", None)
         ep.counts = dict(counts) if isinstance(counts, dict) else {}

@@ -28,6 +28,7 @@ from alignkit.data.splits import PreparedData, example_sources, load_examples
 from alignkit.errors import ConfigError
 from alignkit.generation.adapters import adapter_update_copy
 from alignkit.generation.backends import GenerationBackend, TransformersBackend, make_backend
+from alignkit.generation.budget import BudgetedBackend
 from alignkit.generation.decode import SamplingParams, row_seed, sampling_params, thinking_params
 from alignkit.logprob_passes import LiveReference
 from alignkit.logprobs import in_segment_order, segment_logps
@@ -335,6 +336,8 @@ class OnlineRecipe:
             overlapped=self.cfg.online.async_.mode
             != "sync",  # an engine sampling while the trainer trains never sleeps
         )
+        if g.max_thinking_tokens is not None and not isinstance(self.backend, TransformersBackend):
+            self.backend = BudgetedBackend(self.backend, self.tokenizer)  # generated in phases (`generation.budget`)
         if hasattr(self.backend, "set_run"):  # a server: versions count per run (new on every start)
             import secrets
 
