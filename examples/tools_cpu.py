@@ -1,7 +1,7 @@
 """GRPO with a calculator tool on a 2-core CPU: SmolLM2-135M-Instruct learns to call the calculator
 on sums of three 3-digit numbers, which it gets wrong when it answers alone.
 
-    python examples/tools_cpu.py [--steps 30] [--out runs/example_tools_cpu]
+    python examples/tools_cpu.py [--steps 30] [--out runs/example_tools_cpu] [--backend vllm]
 
 Each episode (`env.name=calculator`, up to 2 model turns of up to 40 tokens): the model's reply
 is parsed for `<tool_call>{"name": "calculator", ...}</tool_call>` blocks; a call is answered
@@ -12,8 +12,10 @@ holds one demonstration episode (a question, the call, the result, the answer) b
 question: with the system message alone the model never called the tool in 32 samples (see
 BENCHMARKS.md). Held-out: 48 unseen sums, each one greedy episode before and after training;
 success with a 95% paired bootstrap interval, and the share of episodes that called the tool.
-Last line: `heldout_success before=<b> after=<a> n=<n>`. `--smoke` (smoke.py): the same run in
-seconds, with a tiny random-init model.
+Last line: `heldout_success before=<b> after=<a> n=<n>`. `--backend vllm`: the training episodes
+are sampled turn by turn on vLLM's engine in the process (tokens in, tokens out); the held-out
+episodes stay on alignkit's sampler, so the two runs are measured alike. `--smoke` (smoke.py): the
+same run in seconds, with a tiny random-init model.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--out", default="runs/example_tools_cpu")
     ap.add_argument("--heldout", type=int, default=N_HELDOUT, help="held-out sums")
+    ap.add_argument("--backend", choices=["transformers", "vllm"], default="transformers", help="who samples episodes")
     args = smoke.parse_args(ap, steps=1, heldout=4)
 
     from alignkit.config import load_config
@@ -110,6 +113,8 @@ def main() -> None:
             "train.log_every=1",
             "train.report_to=[]",
             f"output_dir={out / 'run'}",
+            f"generation.backend={args.backend}",
+            *(["generation.vllm_kv_cache_gib=0.5"] if args.backend == "vllm" else []),
         ],
     )
     start = time.perf_counter()
@@ -143,5 +148,5 @@ def main() -> None:
     print(f"heldout_success before={d.before:.3f} after={d.after:.3f} n={d.n}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # vLLM's engine starts worker processes that import this file
     main()

@@ -402,3 +402,13 @@ def test_budget_on_a_token_backend_generates_in_phases():
         assert scored == pytest.approx(s.logprobs, abs=1e-5)
     plain = params.but(max_thinking_tokens=None)
     assert all(s.mask is None for s in backend.sample([prompt], plain, seed=0)[0])  # no budget: passed through
+
+
+def test_eval_scores_the_answer_after_the_reasoning():
+    from types import SimpleNamespace
+
+    from alignkit.eval.run import _scores_by_reward
+
+    cfg = SimpleNamespace(rewards=[build_reward("numeric_match"), build_reward("reasoning_format")])
+    got = _scores_by_reward(cfg, ["q", "q"], ["<think> 4 and 5 </think> 9", "9"], {"answer": ["#### 9", "#### 4"]})
+    assert list(got.values()) == [[1.0, 0.0], [1.0, 0.0]]

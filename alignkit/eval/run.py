@@ -42,6 +42,7 @@ from alignkit.eval import metrics as M
 from alignkit.generation.hf import SamplingParams, generate
 from alignkit.logprobs import scored_hidden
 from alignkit.models import load_model, load_tokenizer, resolve_device
+from alignkit.rewards.functions import score_ragged
 from alignkit.rewards.transforms import combine_log_sigmoid
 
 
@@ -228,7 +229,13 @@ def _sum_scores(by_reward: dict) -> list[float]:
 
 
 def _scores_by_reward(cfg: EvalConfig, prompts: list, completions: list, columns: dict | None = None) -> dict:
-    return {f"{i}:{r!r}": r(prompts, completions, **(columns or {})) for i, r in enumerate(cfg.rewards)}
+    """{reward: one score per completion}; a completion with a reasoning block is scored on its
+    answer, the block as the `reasoning` column (`score_ragged`, as in training)."""
+    groups = [[c] for c in completions]
+    return {
+        f"{i}:{r!r}": [g[0] for g in score_ragged(r, prompts, groups, columns or {})[0]]
+        for i, r in enumerate(cfg.rewards)
+    }
 
 
 def sample_logps(
