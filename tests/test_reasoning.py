@@ -171,6 +171,48 @@ def test_episodes_score_exactly_the_sampled_tokens_under_every_template(family):
             assert ids != (ep.prompt_ids + ep.token_ids)[: len(ids)]
 
 
+@pytest.mark.parametrize("family", sorted(REASONING_TEMPLATES))
+def test_environment_and_template_tokens_get_zero_gradient_under_every_template(family):
+    """The episodes of each template family laid out as training lays them out (a packed group,
+    the model's tokens scored by the episode's mask): the summed log-prob's gradient reaches the
+    final hidden state only at positions that predict a model token, never at the environment's
+    or the template's; and the trainer's per-token log-probs are the sampler's (1e-5)."""
+    from alignkit.data.batching import collate_packed_groups
+    from alignkit.data.negative import TokenizedGroup
+    from alignkit.logprobs import in_segment_order, segment_logps
+
+    tok = reasoning_tokenizer(REASONING_TEMPLATES[family])
+    model = _biased(tok)
+    first = [{"role": "user", "content": "what is one plus one ?"}]
+    eps = sample_episodes(
+        model,
+        tok,
+        [ToolTurns(2, "user" if family == "strips_history" else "tool") for _ in range(2)],
+        [first, first],
+        thinking_params(SamplingParams(max_new_tokens=6, temperature=1.0), tok, TAGS, 3),
+        max_turns=3,
+        max_tokens=200,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+        group_size=2,
+        tags=TAGS,
+    )
+    group = TokenizedGroup(eps[0].prompt_ids, [e.token_ids for e in eps], 0, masks=[e.model_mask for e in eps])
+    batch = collate_packed_groups([group], pad_id=tok.pad_token_id, capacity=512)
+    assert batch.num_scored == sum(sum(e.model_mask) for e in eps) < sum(len(e.token_ids) for e in eps)
+    captured = []
+    handle = model.model.norm.register_forward_hook(lambda mod, inp, out: captured.append(out) or out.retain_grad())
+    out = segment_logps(model, batch, chunk_size=16)
+    handle.remove()
+    assert in_segment_order(out)[0].tolist() == pytest.approx([lp for e in eps for lp in e.logprobs], abs=1e-5)
+    out.logps.sum().backward()
+    grad = captured[0].grad.abs().sum(-1)
+    pred, scored = batch.predictor_positions(), batch.segment_ids >= 0
+    predicts_scored = torch.zeros_like(scored)
+    for r in range(pred.shape[0]):
+        predicts_scored[r, pred[r][scored[r]]] = True
+    assert grad[~predicts_scored].max() == 0.0 and (grad[predicts_scored] > 0).all()
+
+
 def test_template_kinds_are_detected_and_a_template_that_cannot_continue_is_refused():
     kinds = {family: template_kind(reasoning_tokenizer(t)) for family, t in REASONING_TEMPLATES.items()}
     assert kinds == {
