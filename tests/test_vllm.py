@@ -899,6 +899,15 @@ def test_a_lora_run_sends_a_vllm_server_its_adapters(small_dir, tmp_path, monkey
         base = load_file(str(small_dir / "model.safetensors"))
         final = load_file(str(result.final_dir / "model.safetensors"))
         assert max(float((final[k] - base[k]).abs().max()) for k in base) > 1e-2  # the adapters moved the policy
+        # issue 32: under torchrun (refused before), each process gathers the adapters from their
+        # FSDP shards and the first sends them; 2 processes with 1 prompt each train what 1 trains
+        two = [a for a in args if not a.startswith(("output_dir=", "train.batch_size="))]
+        two += [f"output_dir={tmp_path / 'run_two'}", "train.batch_size=1"]
+        proc = torchrun([{"argv": ["train", *two]}], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert max(r["logprob_mismatch_max"] for r in read_metrics(tmp_path / "run_two", "train")) < 1e-3
+        both = load_file(str(tmp_path / "run_two" / "final" / "model.safetensors"))
+        assert max(float((final[k] - both[k]).abs().max()) for k in base) < 1e-4
 
 
 class _ToolTurns:

@@ -555,7 +555,7 @@ class VLLMServer:
             self.load_state(checkpoint_tensors(self.model_path, list(self.expected)), self.version)
         self.weights_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory = Path(tempfile.mkdtemp(prefix="lora-", dir=self.weights_dir))
-        name = f"alignkit-{self.run or 'policy'}-{self.version}"
+        name = self._adapter_name()
         try:
             update.save_peft(directory)
             self._request(LORA_ROUTE, {"lora_name": name, "lora_path": str(directory)})  # read now
@@ -570,6 +570,10 @@ class VLLMServer:
             self._request(UNLOAD_LORA_ROUTE, {"lora_name": old})
             shutil.rmtree(old_dir, ignore_errors=True)
         self._lora_name = name
+
+    def _adapter_name(self) -> str:
+        """The vLLM adapter name of this run's current version (the same on every process)."""
+        return f"alignkit-{self.run or 'policy'}-{self.version}"
 
     def set_run(self, run: str) -> None:
         """Name the training run (the same on all its processes, new on every start): versions are
@@ -708,6 +712,10 @@ class VLLMServer:
         state = self.state_fn(model)  # every process takes part (a sharded model gathers its weights)
         if self.writer:
             self.load_state(state)
+        else:  # the first process sent it: the others count the version and name its adapters alike
+            self.version += 1
+            if isinstance(state, AdapterUpdate) and self.kind == "vllm":
+                self._lora_name = self._adapter_name()
         self.barrier()  # no process samples before the server holds the new weights
 
     def load_state(self, state: dict, version: int | None = None) -> None:
