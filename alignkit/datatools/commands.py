@@ -397,6 +397,92 @@ def cmd_pairs(args) -> int:
     return 0
 
 
+def cmd_steps(args) -> int:
+    """Math-Shepherd step labels (`alignkit.datatools.steps`): resumable, written atomically."""
+    from alignkit.data.prompts import load_prompt_examples
+    from alignkit.datatools.steps import label_steps, solution_steps
+    from alignkit.rewards.build import build_reward, parse_reward_arg
+
+    checks.model_options(args)
+    checks.at_least(args.rollouts, 1, "--rollouts", " (continuations sampled from each step)")
+    checks.at_least(args.solutions, 1, "--solutions", " (solutions sampled for a record without steps)")
+    if not args.separator:
+        raise ConfigError("--separator must not be empty: it splits a solution into steps (default: a newline).")
+    examples = load_prompt_examples(args.data).examples
+    for ex in examples:
+        steps = ex.columns.get("steps")
+        if steps is not None and not (isinstance(steps, list) and steps and all(isinstance(s, str) for s in steps)):
+            raise DataError(f"{ex.source}: `steps` must be a non-empty list of strings, found {steps!r}")
+    spec = parse_reward_arg(args.verifier)
+    log = RecordLog(
+        args.out,
+        _settings(args, "data", "rollouts", "solutions", "separator", "verifier", "label", "tokenizer"),
+        args.resume,
+        inputs={"--data": args.data, **checks.reward_inputs(spec)},
+    )
+    verifier = build_reward(spec)
+    lm = _lm(args)
+    tokenizer = getattr(lm, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError(
+            "alignkit data steps continues each solution from its steps as raw text, through the chat "
+            "template: with --endpoint, give --tokenizer (a local copy of the served model's tokenizer)."
+        )
+
+    def work(chunk):
+        items, ids = [], []
+        for i in chunk:
+            ex = examples[i]
+            columns = {k: v for k, v in ex.columns.items() if k not in ("steps", "completion")}
+            prompt = [dict(m) for m in ex.prompt]
+            if "steps" in ex.columns:
+                solutions = [list(ex.columns["steps"])]
+            elif isinstance(ex.columns.get("completion"), str):
+                solutions = [solution_steps(ex.columns["completion"], args.separator)]
+            else:  # no solution given: the model writes some
+                texts = lm.chat([prompt], _params(args, n=args.solutions), seed=args.seed + i)[0]
+                solutions = [solution_steps(t, args.separator) for t in texts]
+            for j, steps in enumerate(solutions):
+                items.append({"prompt": prompt, "steps": steps, "columns": columns})
+                ids.append((i, j))
+        records = label_steps(
+            lm,
+            tokenizer,
+            items,
+            verifier,
+            _params(args),
+            rollouts=args.rollouts,
+            separator=args.separator,
+            seed=args.seed + chunk[0],
+        )
+        by_id: dict = {}
+        for (i, _), rec in zip(ids, records):
+            by_id.setdefault(i, []).append(rec)
+        return [{"id": i, "records": by_id.get(i, [])} for i in chunk]
+
+    _run(log, list(range(len(examples))), work, not args.no_progress, "steps", chunk=4)
+    records = [{**r, "labels": r[args.label]} for i in range(len(examples)) for r in log.done[i]["records"]]
+    steps = [len(r["steps"]) for r in records]
+    right = sum(h for r in records for h in r["hard"])
+    counts = {
+        "records": len(records),
+        "steps": sum(steps),
+        "steps labelled right (hard)": int(right),
+        "solutions with the right answer": sum(r["solution_correct"] for r in records),
+    }
+    _finish(
+        log,
+        records,
+        "alignkit data steps",
+        counts,
+        notes=[
+            f"{args.rollouts} continuations from each step; hard label: any reaches the answer, soft: the share "
+            f"(Math-Shepherd, arXiv 2312.08935); `labels` holds the {args.label} ones; verifier: {args.verifier}"
+        ],
+    )
+    return 0
+
+
 def cmd_rewrite(args) -> int:
     from alignkit.inference.rewrite import rewrite, rewrite_messages
 
@@ -630,6 +716,23 @@ def add_parsers(data_sub, sub) -> None:
     q.add_argument("--principles", help="score with the principle judge instead of --reward")
     q.add_argument("--min-margin", type=float, default=0.0)
     q.set_defaults(fn=cmd_pairs)
+
+    q = data_sub.add_parser(
+        "steps", help="label solution steps by Monte Carlo rollouts from each step (Math-Shepherd), for recipe: prm"
+    )
+    add_model_args(q, temperature=0.7)
+    q.add_argument(
+        "--data",
+        required=True,
+        help="records with a `prompt`, the verifier's columns (e.g. `answer`) and `steps` (a list) or "
+        "`completion` (split at --separator); without either, --solutions are sampled",
+    )
+    q.add_argument("--rollouts", type=int, default=8, help="continuations sampled from each step")
+    q.add_argument("--solutions", type=int, default=1, help="solutions sampled for a record without steps")
+    q.add_argument("--separator", default="\n", help="what separates steps (default: a newline)")
+    q.add_argument("--verifier", default="numeric_match", help="a reward spec: a reply reaches the answer when > 0")
+    q.add_argument("--label", choices=["hard", "soft"], default="hard", help="which labels go in `labels`")
+    q.set_defaults(fn=cmd_steps)
 
     q = data_sub.add_parser("rewrite", help="rewrite instructions to state intent and constraints (P-Aligner)")
     add_model_args(q, temperature=0.0)
