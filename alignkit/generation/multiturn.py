@@ -162,6 +162,16 @@ class _Cache:
         self.next_pos = self.next_pos + lengths
 
 
+def _start(tokenizer, first_messages: list, max_tokens, tools) -> tuple[list, list, list]:
+    """(token budget per row, prompt ids per row, the empty episodes) of a batch of episodes."""
+    budget = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(first_messages)
+    prompts = [
+        tokenizer(render(tokenizer, m, tools, generation_prompt=True), add_special_tokens=False)["input_ids"]
+        for m in first_messages
+    ]
+    return budget, prompts, [Episode(p, messages=list(m)) for p, m in zip(prompts, first_messages)]
+
+
 @torch.no_grad()
 def sample_episodes(
     model,
@@ -183,13 +193,8 @@ def sample_episodes(
     or one per row. `group_size`: rows come in runs of this many episodes of one prompt (a
     prompt's samples), whose prompt then runs once (its KV cache repeated), as in
     `decode.sample_batch`; runs whose prompts differ after all are prefilled row by row."""
-    budget = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(envs)
+    budget, prompts, episodes = _start(tokenizer, first_messages, max_tokens, tools)
     eos = eos_ids(tokenizer)
-    prompts = [
-        tokenizer(render(tokenizer, m, tools, generation_prompt=True), add_special_tokens=False)["input_ids"]
-        for m in first_messages
-    ]
-    episodes = [Episode(p, messages=list(m)) for p, m in zip(prompts, first_messages)]
     was_training = model.training
     model.eval()
     try:
@@ -303,13 +308,8 @@ def sample_episodes_on(
     engine's prefix cache keeps what earlier turns computed. Turn t of row r samples with seed
     `row_seed(seeds[r], t)`: the episodes do not depend on the batch. A thinking budget is the
     backend's (`budget.BudgetedBackend`): the tags it inserts come back marked False in `Sample.mask`."""
-    budget = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(envs)
+    budget, prompts, episodes = _start(tokenizer, first_messages, max_tokens, tools)
     eos = eos_ids(tokenizer)
-    prompts = [
-        tokenizer(render(tokenizer, m, tools, generation_prompt=True), add_special_tokens=False)["input_ids"]
-        for m in first_messages
-    ]
-    episodes = [Episode(p, messages=list(m)) for p, m in zip(prompts, first_messages)]
     live = [True] * len(envs)
     for t in range(max_turns):
         rows = [r for r in range(len(envs)) if live[r]]

@@ -188,32 +188,13 @@ class EpisodeSampler:
                     )
                 budgets.append(min(room, e.max_tokens or room))
             seeds = [row_seed(seed, indices[i], k) for i, k in chunk]
+            common = dict(max_turns=e.max_turns, max_tokens=budgets, tools=tools, tags=self.tags)
             if backend is not None:
-                episodes = sample_episodes_on(
-                    backend,
-                    self.tokenizer,
-                    envs,
-                    firsts,
-                    params,
-                    max_turns=e.max_turns,
-                    max_tokens=budgets,
-                    seeds=seeds,
-                    tools=tools,
-                    tags=self.tags,
-                )
+                episodes = sample_episodes_on(backend, self.tokenizer, envs, firsts, params, seeds=seeds, **common)
             else:
+                gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
                 episodes = sample_episodes(
-                    model,
-                    self.tokenizer,
-                    envs,
-                    firsts,
-                    params,
-                    max_turns=e.max_turns,
-                    max_tokens=budgets,
-                    tools=tools,
-                    generator=[torch.Generator(device=device).manual_seed(s) for s in seeds],
-                    group_size=n,
-                    tags=self.tags,
+                    model, self.tokenizer, envs, firsts, params, generator=gens, group_size=n, **common
                 )
             for ep, (i, k) in zip(episodes, chunk):
                 text = self.tokenizer.decode(ep.token_ids, skip_special_tokens=True)
