@@ -121,3 +121,63 @@ def test_prm_settings_that_cannot_work(tiny_model_dir, tmp_path):
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm)
     with pytest.raises(ConfigError, match="scores whole replies"):
         build_reward({"name": str(rm), "aggregate": "min"}, device="cpu")
+
+
+def _random_prm(model_dir, path):
+    """A process reward model directory with an untrained head (scores are arbitrary but fixed),
+    whose steps are words (the separator a space), so every sampled reply has several."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model.config.alignkit_step_separator = " "
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+    return path
+
+
+def test_step_returns_credit_each_token_with_the_steps_from_its_own():
+    from alignkit.generation.decode import Sample
+    from alignkit.train.online import step_returns
+
+    tok = tiny_tokenizer()
+    ids = [tok.convert_tokens_to_ids(w) for w in ("yes", "no", "\n", "the", "cat", "\n", "sky")]
+    sample = Sample(ids, [0.0] * 7, "stop", step_rewards=[0.5, 0.25, 1.0])
+    # a newline ends no step of its own: it starts the next one's text
+    assert step_returns(tok, sample, "\n") == [1.75, 1.75, 1.25, 1.25, 1.25, 1.0, 1.0]
+    masked = Sample(ids, [0.0] * 6, "stop", mask=[True] * 5 + [False, True], step_rewards=[0.5, 0.25, 1.0])
+    assert step_returns(tok, masked, "\n") == [1.75, 1.75, 1.25, 1.25, 1.25, 1.0]  # scored tokens only
+    odd = Sample(ids, [0.0] * 7, "stop", step_rewards=[0.5, 0.25])  # scores that do not line up
+    assert step_returns(tok, odd, "\n") == [0.75] * 7
+
+
+def test_grpo_credits_each_step_with_per_step_process_rewards(tiny_model_dir, tmp_path):
+    """`{name: PRM, per_step: true}` (issue 31): a reply's reward is the sum of its step scores and
+    each token's advantage adds its step's return against the reply's, A_t = A + (G_t - G_0) / std."""
+    prm = _random_prm(tiny_model_dir, tmp_path / "prm")
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"what is {i} plus {i} ?"} for i in range(8)])
+    spec = json.dumps({"name": str(prm), "per_step": True})
+    args = base_overrides(tiny_model_dir, data, tmp_path / "run", tmp_path / "cache") + [
+        "recipe=grpo",
+        f"online.rewards={spec}",
+        "generation.num_samples=4",
+        "generation.max_new_tokens=24",
+        "generation.temperature=1.0",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "data.eval_fraction=0",
+    ]
+    session = loop.setup(load_config(None, args), progress=False)
+    rollout = session.recipe.batches(session.model, session.data.train[:4], key=0)[0]
+    assert rollout.turn_returns is not None and rollout.turn_returns.numel() == rollout.advantages.numel()
+    assert len(set(rollout.turn_returns.tolist())) > len(rollout.groups) * 4  # several steps per reply
+    rows = read_metrics(loop.train(load_config(None, args), progress=False).run_dir, "train")
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    for bad, why in (
+        (["recipe=ppo"], "work with recipe grpo and rloo"),
+        ([f"online.rewards=[{spec}, length]".replace("length", '{"name": "length", "max_words": 5}')], "only reward"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            loop.setup(load_config(None, args + bad), progress=False)
+    with pytest.raises(ConfigError, match="drop `aggregate`"):
+        build_reward({"name": str(prm), "per_step": True, "aggregate": "min"}, device="cpu")

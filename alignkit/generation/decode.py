@@ -191,6 +191,7 @@ class Sample:
     versions: list | None = None  # the policy version that sampled each token (a sampler that swaps weights in flight)
     reasoning_tokens: int | None = None  # tokens inside reasoning blocks, tags included (None: not tracked)
     answer_tokens: int | None = None  # the sample's own tokens outside reasoning blocks (None: not tracked)
+    step_rewards: list | None = None  # a process reward model's score of each step (`per_step` rewards)
     thinking_cut: bool = False  # the thinking budget closed its reasoning block
 
 

@@ -85,11 +85,12 @@ def _build_term(spec, model_options: dict) -> tuple:
     if Path(name).expanduser().is_dir() or _hub_id(name):
         from alignkit.rewards.model import RewardModel  # loads transformers: only when a model is asked for
 
-        unknown = sorted(set(params) - {"weights", "aggregate"})
+        unknown = sorted(set(params) - {"weights", "aggregate", "per_step"})
         require(
             not unknown,
             f"reward {name} is a reward model; its options are `weights` (a direction over its objectives) "
-            f"and, for a process reward model, `aggregate` (min, prod or last); got {', '.join(unknown)}.",
+            f"and, for a process reward model, `aggregate` (min, prod or last) or `per_step` (GRPO and RLOO "
+            f"credit each step); got {', '.join(unknown)}.",
         )
         options = dict(model_options, **params)
         path = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name

@@ -27,6 +27,7 @@ class RewardModel:
         model=None,
         tokenizer=None,
         aggregate: str | None = None,
+        per_step: bool = False,
     ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -64,6 +65,18 @@ class RewardModel:
                 f"reward {self.path}: `aggregate` must be one of {', '.join(STEP_AGGREGATES)}; got {aggregate!r}."
             )
         self.aggregate = aggregate or "min"
+        # per-step rewards for GRPO and RLOO: a reply's reward is the sum of its step scores, and each
+        # token is credited with the steps from its own on (`train.online.step_returns`)
+        self.per_step = bool(per_step)
+        if self.per_step and (self.step_separator is None or aggregate is not None):
+            raise ConfigError(
+                f"reward {self.path}: `per_step` rewards each step of a process reward model (recipe: prm) "
+                + (
+                    "and a reply by their sum: drop `aggregate`."
+                    if aggregate is not None
+                    else "; this one scores whole replies."
+                )
+            )
 
     def _direction(self, weights: dict | None) -> torch.Tensor:
         if weights is None and getattr(self.model.config, "alignkit_disentangle", None) == "length":
@@ -104,7 +117,10 @@ class RewardModel:
         return out
 
     def _aggregate(self, scores: list) -> float:
-        """Min (the weakest step; Lightman et al.), product (every step right) or the last step's score."""
+        """Min (the weakest step; Lightman et al.), product (every step right) or the last step's
+        score; with `per_step`, their sum (the return of the reply's first token)."""
+        if self.per_step:
+            return float(sum(scores))
         if self.aggregate == "min":
             return min(scores)
         if self.aggregate == "prod":

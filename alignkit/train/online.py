@@ -212,6 +212,53 @@ class PolicyGradient(MethodBase):
         return loss, {**metrics, **pg}
 
 
+def check_per_step(reward, method: str) -> bool:
+    """Whether the run's reward is a process reward model with `per_step` rewards; refuses them
+    where they cannot work."""
+    terms = getattr(reward, "terms", None)
+    if terms is not None and any(getattr(r, "per_step", False) for r, _ in terms):
+        raise ConfigError(
+            "`online.rewards`: a process reward model with `per_step: true` must be the only reward (its steps "
+            "carry the credit); drop the other terms or `per_step`."
+        )
+    if not getattr(reward, "per_step", False):
+        return False
+    if method not in ("grpo", "rloo"):
+        raise ConfigError(
+            f"`per_step` process rewards work with recipe grpo and rloo (their advantages take per-token "
+            f"returns); recipe {method} takes one reward per reply: drop `per_step` (the steps' `aggregate` is used)."
+        )
+    return True
+
+
+def step_returns(tokenizer, sample, separator: str) -> list:
+    """Per scored token of `sample`, the return of its step: the sum of `sample.step_rewards` from
+    that step on (the rewards sit on each step's last token, undiscounted). A token belongs to the
+    step whose text it ends in (the steps are the reply's parts between `separator`, as the process
+    reward model split them); tokens after the last step belong to it. Where the reply's steps do
+    not line up with its scores, every token gets the whole reply's reward."""
+    scores = list(sample.step_rewards)
+    total = float(sum(scores))
+    mask = sample.mask or [True] * len(sample.token_ids)
+    text = tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+    ends, pos = [], 0
+    for part in text.split(separator):
+        if part.strip():
+            ends.append(pos + len(part))
+        pos += len(part) + len(separator)
+    if len(ends) != len(scores):
+        return [total] * sum(mask)
+    later = [float(sum(scores[j:])) for j in range(len(scores))]
+    out, step = [], 0
+    for t, scored in enumerate(mask):
+        upto = len(tokenizer.decode(sample.token_ids[: t + 1], skip_special_tokens=True))
+        while step < len(ends) - 1 and upto > ends[step]:
+            step += 1
+        if scored:
+            out.append(later[step])
+    return out
+
+
 def gathered_adapters(model, ctx: SetupContext):
     """A sharded LoRA policy's adapters for a sampling server: every process gathers the parameters
     (a collective), and the first one's copy is what the server gets (`writer`)."""
@@ -242,6 +289,7 @@ class OnlineRecipe:
         )
         # None: a recipe that learns without a reward (distill), or episodes the environment rewards
         self.reward = build_reward(cfg.online.rewards) if cfg.online.rewards is not None else None
+        self.per_step = check_per_step(self.reward, method.name)
         self.episodes = EpisodeSampler(cfg, tokenizer) if cfg.env.name is not None else None
         self.examples: dict[str, list[PromptExample]] = {}  # split -> examples (their columns feed the rewards)
         self.reference: LiveReference | None = None
@@ -511,8 +559,15 @@ class OnlineRecipe:
         discounted return G_0 (the environment's turn rewards)."""
         if self.episodes is not None:
             return episode_rewards(samples, self.cfg.env.gamma), {}
+        parts: dict = {}
         if self.reward is None:
-            rewards, parts = torch.zeros(len(samples), params.n), {}
+            rewards = torch.zeros(len(samples), params.n)
+        elif self.per_step:  # each step's score kept on its sample; the reward is their sum
+            flat = [(list(ex.prompt), s) for ex, group in zip(exs, samples) for s in group]
+            steps = self.reward.step_scores([p for p, _ in flat], [s.text for _, s in flat])
+            for (_, s), scores in zip(flat, steps):
+                s.step_rewards = scores
+            rewards = torch.tensor([sum(x) for x in steps], dtype=torch.float32).reshape(len(samples), params.n)
         else:
             rewards, parts = score_groups(
                 self.reward,
@@ -564,6 +619,11 @@ class OnlineRecipe:
                 )
                 if self.ctx.dist.is_main:
                     self.episodes.record(Path(self.cfg.output_dir) / "episodes.jsonl", key, per_segment[0])
+            elif self.per_step:
+                sep = getattr(self.reward, "step_separator", "\n")
+                out.turn_returns = torch.tensor(
+                    [g for s in per_segment for g in step_returns(self.tokenizer, s, sep)], device=device
+                )
             with self.ctx.full_params(*self.sampling_models(model)):
                 self.fill(model, out, rewards[kept], picks)
         self._rollouts[key] = out
