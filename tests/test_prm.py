@@ -174,10 +174,57 @@ def test_grpo_credits_each_step_with_per_step_process_rewards(tiny_model_dir, tm
     rows = read_metrics(loop.train(load_config(None, args), progress=False).run_dir, "train")
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     for bad, why in (
-        (["recipe=ppo"], "work with recipe grpo and rloo"),
+        (["recipe=raft"], "work with recipe grpo, rloo"),
         ([f"online.rewards=[{spec}, length]".replace("length", '{"name": "length", "max_words": 5}')], "only reward"),
     ):
         with pytest.raises(ConfigError, match=why):
             loop.setup(load_config(None, args + bad), progress=False)
     with pytest.raises(ConfigError, match="drop `aggregate`"):
         build_reward({"name": str(prm), "per_step": True, "aggregate": "min"}, device="cpu")
+
+
+def test_step_rewards_land_on_each_steps_last_token():
+    from alignkit.losses.ppo import step_rewards_from_returns
+
+    returns = torch.tensor([1.75, 1.75, 1.25, 1.25, 1.0, 0.5, 0.5], dtype=torch.float64)
+    segs = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    got = step_rewards_from_returns(returns, segs, 2)
+    assert got.tolist() == [0.0, 0.5, 0.0, 0.25, 1.0, 0.0, 0.5]  # steps 0.5, 0.25, 1.0 | one step 0.5
+    assert float(got[:5].sum()) == 1.75  # a sequence's rewards add up to its return
+
+
+def test_ppo_takes_per_step_process_rewards(tiny_model_dir, tmp_path, monkeypatch):
+    """PPO with `per_step`: the step rewards (on each step's last token, scaled by the running std of
+    the replies' rewards) enter GAE in place of the reply's single reward; the run trains."""
+    prm = _random_prm(tiny_model_dir, tmp_path / "prm")
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"what is {i} plus {i} ?"} for i in range(8)])
+    args = base_overrides(tiny_model_dir, data, tmp_path / "run", tmp_path / "cache") + [
+        "recipe=ppo",
+        f"online.rewards={json.dumps({'name': str(prm), 'per_step': True})}",
+        "generation.num_samples=2",
+        "generation.max_new_tokens=12",
+        "generation.temperature=1.0",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "ppo.minibatches=1",
+        "ppo.epochs=1",
+        "data.eval_fraction=0",
+    ]
+    from alignkit.losses import ppo as P
+
+    real, seen = P.step_rewards_from_returns, []
+
+    def spy(returns, segs, num):
+        out = real(returns, segs, num)
+        seen.append((returns.clone(), out.clone(), segs.clone(), num))
+        return out
+
+    monkeypatch.setattr(P, "step_rewards_from_returns", spy)
+    rows = read_metrics(loop.train(load_config(None, args), progress=False).run_dir, "train")
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert len(seen) == 2  # one rollout per step, each with its steps' rewards
+    for returns, rewards, segs, num in seen:  # several steps per reply; a reply's step rewards add up to its reward
+        assert (rewards != 0).sum() > num
+        sums = torch.zeros(num, dtype=rewards.dtype).index_add_(0, segs, rewards)
+        first = [int((segs == s).nonzero()[0]) for s in range(num) if (segs == s).any()]
+        assert sums[segs[first]].tolist() == pytest.approx(returns[first].tolist(), abs=1e-5)

@@ -99,6 +99,21 @@ def kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor, *, estimator: str
     raise ValueError(f"kl_per_token: unknown estimator {estimator!r}; choose one of {list(KL_ESTIMATORS)}.")
 
 
+def step_rewards_from_returns(returns: torch.Tensor, token_seq: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """Per-token rewards [M] from per-token returns [M] (each token's undiscounted return from its
+    step on, `train.online.step_returns`): r_t = G_t - G_{t+1}, with G = 0 after a sequence's last
+    token. A step's reward so lands on its last token and every other token gets 0: Math-Shepherd's
+    step-by-step PPO (arXiv 2312.08935, Sec. 3.4), where each step's score is its reward."""
+    who = "step_rewards_from_returns"
+    _check_flat(who, "returns", returns, token_seq=token_seq)
+    if returns.numel() == 0:
+        return returns.new_zeros(0)
+    pos, counts = _layout(token_seq, num_sequences, who)
+    last = counts[token_seq] - 1 == pos
+    following = torch.cat([returns[1:], returns.new_zeros(1)])
+    return (returns - torch.where(last, torch.zeros_like(returns), following)).detach()
+
+
 def kl_shaped_rewards(
     seq_rewards: torch.Tensor, kl: torch.Tensor, token_seq: torch.Tensor, num_sequences: int, *, kl_coef: float
 ):

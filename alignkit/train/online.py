@@ -223,10 +223,11 @@ def check_per_step(reward, method: str) -> bool:
         )
     if not getattr(reward, "per_step", False):
         return False
-    if method not in ("grpo", "rloo"):
+    if method not in ("grpo", "rloo", "ppo"):
         raise ConfigError(
-            f"`per_step` process rewards work with recipe grpo and rloo (their advantages take per-token "
-            f"returns); recipe {method} takes one reward per reply: drop `per_step` (the steps' `aggregate` is used)."
+            f"`per_step` process rewards work with recipe grpo, rloo (per-token returns in the advantage) and "
+            f"ppo (each step's reward on its last token); recipe {method} takes one reward per reply: drop "
+            "`per_step` (the steps' `aggregate` is used)."
         )
     return True
 

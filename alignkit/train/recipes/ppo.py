@@ -127,7 +127,18 @@ class PPO(MethodBase):
             seq_rewards = P.normalize_rewards(seq_rewards, self.moments.mean, self.moments.std, clip=p.reward_clip)
         elif p.reward_clip > 0:
             seq_rewards = seq_rewards.clamp(-p.reward_clip, p.reward_clip)
-        token_rewards, shaped = P.kl_shaped_rewards(seq_rewards, kl, segs, num, kl_coef=o.kl_coef)
+        if self.recipe.per_step and rollout.turn_returns is not None:
+            # a process reward model's steps: each step's score on its last token, scaled by the
+            # running std of the replies' rewards (no shift: a shift per step would depend on their number)
+            steps = P.step_rewards_from_returns(rollout.turn_returns.to(kl.dtype), segs, num)
+            if p.normalize_rewards:
+                steps = steps / max(float(self.moments.std), 1e-8)
+            if p.reward_clip > 0:
+                steps = steps.clamp(-p.reward_clip, p.reward_clip)
+            token_rewards, shaped = P.kl_shaped_rewards(torch.zeros_like(seq_rewards), kl, segs, num, kl_coef=o.kl_coef)
+            token_rewards = token_rewards + steps
+        else:
+            token_rewards, shaped = P.kl_shaped_rewards(seq_rewards, kl, segs, num, kl_coef=o.kl_coef)
         advantages, rollout.returns = P.gae(token_rewards, rollout.old_values, segs, num, gamma=p.gamma, lam=p.lam)
         # whitened over the whole rollout, every process's tokens included
         rollout.advantages = (
