@@ -72,12 +72,13 @@ def label_steps(
 
 
 def _verify(verifier, prompts: list, replies: list, columns: list) -> list[bool]:
-    """Whether each reply reaches its verified answer (the verifier's score > 0)."""
-    if not replies:
-        return []
+    """Whether each reply reaches its verified answer (the verifier's score > 0), scored as every
+    reward is (`score_ragged`: the answer after any reasoning block)."""
+    from alignkit.rewards.functions import score_ragged
+
     keys = sorted({key for c in columns for key in c})
-    scores = verifier(prompts, replies, **{key: [c.get(key) for c in columns] for key in keys})
-    return [float(s) > 0 for s in scores]
+    scores, _ = score_ragged(verifier, prompts, [[r] for r in replies], {k: [c.get(k) for c in columns] for k in keys})
+    return [s > 0 for (s,) in scores]
 
 
 def solution_steps(text: str, separator: str) -> list[str]:

@@ -13,7 +13,7 @@ the own sampler draws (other random streams), only as deterministic.
 
 from __future__ import annotations
 
-from alignkit.generation.decode import Sample, SamplingParams, Thinking, row_seed
+from alignkit.generation.decode import Sample, SamplingParams, Thinking, eos_ids, row_seed
 
 
 class BudgetedBackend:
@@ -35,11 +35,8 @@ class BudgetedBackend:
         base = list(prompt_seeds) if prompt_seeds is not None else [row_seed(seed, i) for i in range(len(prompts))]
         seeds = [row_seed(base[i], k) for i in range(len(prompts)) for k in range(n)]
         rows = [list(p) for p in prompts for _ in range(n)]
-        decode = lambda ids: self.tokenizer.decode(ids)  # noqa: E731
-        think = Thinking(params, rows, decode)
-        open_text, close_text = decode(list(params.thinking_open)), decode(list(params.thinking_close))
-        eos = self.tokenizer.eos_token_id
-        eos = set([eos] if isinstance(eos, int) else eos)
+        think = Thinking(params, rows, lambda ids: self.tokenizer.decode(ids))
+        eos = eos_ids(self.tokenizer)
         out = [Sample([], [], "length", mask=[]) for _ in rows]
         live, phase = [True] * len(rows), 0
         while any(live):
@@ -49,9 +46,9 @@ class BudgetedBackend:
                     continue
                 room = params.max_new_tokens - len(out[r].token_ids)
                 if think.inside[r]:  # until the block closes, or at most up to the budget
-                    key = (min(room, max(think.budget - think.block[r], 1)), close_text)
+                    key = (min(room, max(think.budget - think.block[r], 1)), think.close_text)
                 else:
-                    key = (room, open_text)
+                    key = (room, think.open_text)
                 asks.setdefault(key, []).append(r)
             for (size, stop), group in sorted(asks.items()):
                 got = self.backend.sample(
@@ -62,7 +59,7 @@ class BudgetedBackend:
                     min_version,
                 )
                 for r, (s,) in zip(group, got):
-                    self._take(r, s, out[r], think, eos, params, live, stop)
+                    self._take(r, s, out[r], think, eos, params, live)
             phase += 1
         for r, s in enumerate(out):
             s.text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True).strip()
@@ -70,7 +67,7 @@ class BudgetedBackend:
             s.mask = s.mask if think.cut[r] else None
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def _take(self, r: int, s: Sample, sample: Sample, think: Thinking, eos: set, params, live: list, stop: str):
+    def _take(self, r: int, s: Sample, sample: Sample, think: Thinking, eos: set, params, live: list):
         """Append one phase's tokens to row `r`'s sample; decide whether the row goes on."""
         for tok, lp in zip(s.token_ids, s.logprobs):
             sample.token_ids.append(tok)

@@ -90,6 +90,12 @@ def thinking_params(params: SamplingParams, tokenizer, tags, budget: int | None)
     return params.but(thinking_open=ids[0], thinking_close=ids[1], max_thinking_tokens=budget)
 
 
+def eos_ids(tokenizer) -> set:
+    """The end-of-turn token ids: a model turn (or a completion) ends on one."""
+    e = tokenizer.eos_token_id
+    return set([e] if isinstance(e, int) else e)
+
+
 def _ends_with(seq: list, tail: tuple) -> bool:
     return bool(tail) and len(seq) >= len(tail) and tuple(seq[-len(tail) :]) == tail
 
@@ -144,9 +150,13 @@ class Thinking:
         return self.pending[r].pop(0) if self.pending[r] else None
 
     def _ends(self, seq: list, tag: tuple, text: str | None) -> bool:
-        """Whether the tag was completed by the row's last token (which may carry more text)."""
-        if self.decode is None or text is None:
-            return _ends_with(seq, tag)
+        """Whether the tag was completed by the row's last token (which may carry more text). The
+        tag's own ids first; the decoded text only when the last token holds the tag's last
+        character (one short decode per sampled token otherwise: this runs on every token)."""
+        if _ends_with(seq, tag):
+            return True
+        if self.decode is None or text is None or text[-1] not in self.decode(seq[-1:]):
+            return False
         window = seq[-(len(tag) + 4) :]
         return text in self.decode(window) and text not in self.decode(window[:-1])
 
@@ -168,16 +178,6 @@ class Thinking:
             self.answer[r] -= len(self.open) - 1
         else:
             self.answer[r] += 1
-
-
-def reasoning_tokens(params: SamplingParams, prompt: list, tokens: list) -> int | None:
-    """The tokens of `tokens` inside reasoning blocks (tags included); None when not tracked."""
-    t = Thinking(params, [prompt])
-    if not t.on:
-        return None
-    for tok in tokens:
-        t.add(0, tok)
-    return t.reasoning[0]
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from alignkit.data.reasoning import split_reasoning
-from alignkit.generation.decode import SamplingParams, Thinking, left_pad, next_tokens, row_seed
+from alignkit.generation.decode import SamplingParams, Thinking, eos_ids, left_pad, next_tokens, row_seed
 
 
 @dataclass
@@ -112,12 +112,6 @@ def template_kind(tokenizer, tags=("<think>", "</think>"), tools=None) -> str:
     if "because" in field:
         return "reasoning_field"
     return "append_only" if "because" in later else "strips_history"
-
-
-def eos_ids(tokenizer) -> set:
-    """The end-of-turn token ids: a model turn ends on one."""
-    e = tokenizer.eos_token_id
-    return set([e] if isinstance(e, int) else e)
 
 
 class _Cache:

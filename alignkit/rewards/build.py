@@ -89,8 +89,8 @@ def _build_term(spec, model_options: dict) -> tuple:
         require(
             not unknown,
             f"reward {name} is a reward model; its options are `weights` (a direction over its objectives) "
-            f"and, for a process reward model, `aggregate` (min, prod or last) or `per_step` (GRPO and RLOO "
-            f"credit each step); got {', '.join(unknown)}.",
+            f"and, for a process reward model, `aggregate` (min, prod or last) or `per_step` (GRPO, RLOO and "
+            f"PPO credit each step); got {', '.join(unknown)}.",
         )
         options = dict(model_options, **params)
         path = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name

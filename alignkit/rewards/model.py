@@ -65,8 +65,8 @@ class RewardModel:
                 f"reward {self.path}: `aggregate` must be one of {', '.join(STEP_AGGREGATES)}; got {aggregate!r}."
             )
         self.aggregate = aggregate or "min"
-        # per-step rewards for GRPO and RLOO: a reply's reward is the sum of its step scores, and each
-        # token is credited with the steps from its own on (`train.online.step_returns`)
+        # per-step rewards for GRPO, RLOO and PPO: a reply's reward is the sum of its step scores, and
+        # each token is credited with the steps from its own on (`train.online.step_returns`)
         self.per_step = bool(per_step)
         if self.per_step and (self.step_separator is None or aggregate is not None):
             raise ConfigError(

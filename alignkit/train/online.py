@@ -13,6 +13,7 @@ and REINFORCE++ are one `PolicyGradient` method with different advantage estimat
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import time
 from pathlib import Path
@@ -250,10 +251,13 @@ def step_returns(tokenizer, sample, separator: str) -> list:
     if len(ends) != len(scores):
         return [total] * sum(mask)
     later = [float(sum(scores[j:])) for j in range(len(scores))]
+    # the text length of a token prefix grows with it: each step's last token is found by bisection
+    # (a few decodes per step, not one per token)
+    upto = lambda t: len(tokenizer.decode(sample.token_ids[: t + 1], skip_special_tokens=True))  # noqa: E731
+    last = [bisect.bisect_right(range(len(mask)), end, key=upto) - 1 for end in ends[:-1]]
     out, step = [], 0
     for t, scored in enumerate(mask):
-        upto = len(tokenizer.decode(sample.token_ids[: t + 1], skip_special_tokens=True))
-        while step < len(ends) - 1 and upto > ends[step]:
+        while step < len(last) and t > last[step]:
             step += 1
         if scored:
             out.append(later[step])
