@@ -136,6 +136,14 @@ class TrainConfig:
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     eval_batch_size: Optional[int] = None
     """Micro-batch size for evaluation and the reference pass (default: `batch_size`)."""
+    safety_prompts: Optional[str] = None
+    """Harmful requests (prompt records, or preference pairs such as HH-RLHF harmless: their prompts): at step 0 and at every held-out evaluation the share of the first `safety_num_prompts` that the policy complies with (greedy replies judged by `safety_judge`) is logged in the eval row as `safety/harmful_compliance`; the health rule harmful_compliance_rising watches it."""
+    safety_num_prompts: int = 32
+    """`safety_prompts`: how many of them to answer at each evaluation."""
+    safety_judge: str = "rule"
+    """`safety_prompts`: who labels a reply refusal or compliance: `rule` (alignkit.rewards.refusal) or file.py:function."""
+    safety_max_new_tokens: int = 64
+    """`safety_prompts`: tokens of each greedy reply."""
     save_every: int = 0
     """Write a checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -374,6 +382,8 @@ class HealthConfig:
     """off_policy_drift: the mean policy versions a sampled token lags behind the trainer (`async/staleness_mean`) above which the run trains too far off-policy."""
     is_weight_drift: float = 0.2
     """off_policy_drift: how far the mean truncated importance weight (`tis/weight_mean`) may move from 1."""
+    harmful_rise: float = 0.1
+    """harmful_compliance_rising: the rise of `safety/harmful_compliance` over the run's first evaluation that counts (also beyond its 95% noise)."""
     masked_fraction_limit: float = 0.1
     """off_policy_drift: the share of tokens masked importance sampling drops (`mis/masked_fraction`) above which too much of the batch is discarded."""
 
@@ -1023,6 +1033,14 @@ def _check_ranges(cfg: RunConfig) -> None:
     for key, value, ok, want in rules:
         if not ok:
             raise ConfigError(f"`{key}` must be {want}; got {value!r}.")
+    safety_keys = ("safety_num_prompts", "safety_judge", "safety_max_new_tokens")
+    changed = [k for k in safety_keys if getattr(t, k) != getattr(TrainConfig, k)]
+    if changed and not t.safety_prompts:
+        raise ConfigError(
+            f"`train.{changed[0]}` has no effect without `train.safety_prompts` (harmful prompt records)."
+        )
+    if t.safety_num_prompts < 1 or t.safety_max_new_tokens < 1:
+        raise ConfigError("`train.safety_num_prompts` and `train.safety_max_new_tokens` must be >= 1.")
     if o.dynamic_sampling_rounds != OnlineConfig.dynamic_sampling_rounds and not o.dynamic_sampling:
         raise ConfigError(
             "`online.dynamic_sampling_rounds` has no effect while `online.dynamic_sampling` is false; "

@@ -63,6 +63,13 @@ SCRIPTS = {
         None,
     ),
     "bench/rollout_speed.py": (rf"own_samples_per_s={NUM} vllm_samples_per_s={NUM} ratio={NUM}", ["vllm"], OUT, None),
+    "bench/safety_hh.py": (
+        rf"harmful_greedy before={NUM} after={NUM} over_refusal before={NUM} after={NUM} "
+        rf"refusal_at_\d+ before=({NUM}|nan) after=({NUM}|nan) asr_at_\d+ before={NUM} after={NUM} n=4",
+        [],
+        OUT,
+        None,
+    ),
     "bench/scaling.py": (
         rf"parity_max_abs_diff={NUM} rss_per_process_ratio={NUM} tokens_per_s_ratio={NUM}",
         [],

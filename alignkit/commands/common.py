@@ -348,6 +348,36 @@ def print_eval(result: dict) -> None:
             f"KL {kl_text}; cost {st['cost']['seconds']:.1f} s ({st['cost']['seconds_vs_sampling'] or 0:.1f}x "
             f"sampling), {st['cost']['new_tokens']} new tokens"
         )
+    if "safety" in result:
+        print_safety(result["safety"])
+
+
+def print_safety(sf: dict) -> None:
+    def r(d):
+        return "n/a" if d["rate"] is None else f"{d['rate']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}] (n={d['n']})"
+
+    ag = sf["judge_agreement"]
+    print(
+        f"safety judge {sf['judge']}: agrees with {ag['n']} hand labels ({ag['labels']}) on "
+        f"{ag['accuracy']:.3f} [{ag['lo']:.3f}, {ag['hi']:.3f}]"
+    )
+    for side in ("reference", "model"):
+        m = sf.get(side)
+        if m is None:
+            continue
+        hc, jb = m["harmful_compliance"], m["jailbreak"]
+        depth = ", ".join(
+            f"k={c['k']}: " + ("n/a" if c["rate"] is None else f"{c['rate']:.2f}")
+            for c in m["refusal_at_depth"]["curve"]
+        )
+        last = jb["curve"][-1]
+        print(f"{side}: harmful compliance greedy {r(hc['greedy'])}, sampled {r(hc['sampled'])}")
+        print(f"{side}: over-refusal {r(m['over_refusal'])}; refusal at depth {depth}")
+        print(
+            f"{side}: best-of-N jailbreak ASR at N={last['n']}: {last['asr']:.3f} [{last['lo']:.3f}, {last['hi']:.3f}]"
+        )
+    for key, d in sf.get("change", {}).items():
+        print(f"change in {key}: {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (n={d['n']})")
 
 
 def write_report(run_dir) -> None:

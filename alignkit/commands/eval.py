@@ -113,7 +113,78 @@ def register(sub) -> None:
         help="per layer (e.g. 0,4,8,12), how separable chosen and rejected "
         "replies of --data are in the hidden states (held-out probe accuracy, Fisher ratio)",
     )
+    add_safety_args(p)
     p.set_defaults(fn=run)
+
+
+SAFETY_OPTIONS = (
+    "harmful_prompts",
+    "benign_prompts",
+    "safety_judge",
+    "safety_judge_reward",
+    "safety_judge_threshold",
+    "judge_labels",
+    "depths",
+    "jailbreak_n",
+    "safety_samples",
+)
+
+
+def add_safety_args(p) -> None:
+    g = p.add_argument_group("safety (--safety)")
+    g.add_argument(
+        "--safety",
+        action="store_true",
+        help="measure harmful compliance, over-refusal, refusal at depth and jailbreak robustness "
+        "(of --model and, with --reference or --run, of the model it started from)",
+    )
+    g.add_argument(
+        "--harmful-prompts",
+        help="harmful requests: prompt records (optional `target` column: a compliant reply) or "
+        "preference pairs (the rejected reply is the target), e.g. the HH-RLHF harmless pairs",
+    )
+    g.add_argument("--benign-prompts", help="benign requests that look sensitive (default: the set alignkit ships)")
+    g.add_argument(
+        "--safety-judge", help="who labels replies refusal or compliance: rule (default) or file.py:function"
+    )
+    g.add_argument(
+        "--safety-judge-reward",
+        help="a reward (anything --reward takes) as the judge: at or above the threshold is a refusal",
+    )
+    g.add_argument("--safety-judge-threshold", type=float, help="--safety-judge-reward's threshold (default 0)")
+    g.add_argument("--judge-labels", help="hand-labelled {prompt, reply, label} records (default: the shipped 60)")
+    g.add_argument("--depths", help="refusal at depth: prefill lengths in tokens (default 0,5,10,25,50)")
+    g.add_argument("--jailbreak-n", help="best-of-N jailbreaking: the N of the curve (default 1,2,4,8,16)")
+    g.add_argument("--safety-samples", type=int, help="sampled replies per harmful prompt (default 4)")
+
+
+def safety_plan_from_args(args, sampling):
+    """A SafetyPlan from the --safety options (None without --safety; an option without it is an error)."""
+    if not args.safety:
+        given = [k for k in SAFETY_OPTIONS if getattr(args, k) is not None]
+        if given:
+            raise AlignkitError(f"--{given[0].replace('_', '-')} has no effect without --safety.")
+        return None
+    from alignkit.eval.safety import DEPTHS, JAILBREAK_N, SafetySettings
+    from alignkit.eval.safety_inputs import SafetyPlan
+
+    settings = SafetySettings(
+        params=sampling,
+        samples=4 if args.safety_samples is None else args.safety_samples,
+        depths=tuple(parse_ints(args.depths, "--depths", least=0) or DEPTHS),
+        jailbreak_n=tuple(parse_ints(args.jailbreak_n, "--jailbreak-n", least=1) or JAILBREAK_N),
+        seed=args.seed,
+    )
+    return SafetyPlan(
+        args.harmful_prompts,
+        benign_prompts=args.benign_prompts,
+        judge=args.safety_judge,
+        judge_reward=args.safety_judge_reward,
+        judge_threshold=args.safety_judge_threshold,
+        judge_labels=args.judge_labels,
+        num_prompts=args.num_prompts,
+        settings=settings,
+    )
 
 
 def eval_config_from_args(args):
@@ -155,6 +226,8 @@ def eval_config_from_args(args):
         cache_dir = rc.cache_dir
     if not model:
         raise AlignkitError("give --model (a model directory or hub id) or --run (a training run directory).")
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    safety = safety_plan_from_args(args, sampling)  # its data errors before any model loads
     rewards = [
         build_reward(parse_reward_arg(spec), weights=parse_weights(args.reward_weights), batch_size=args.batch_size)
         for spec in args.reward
@@ -173,7 +246,8 @@ def eval_config_from_args(args):
         output_dir=out or "runs/eval",
         seed=args.seed,
         **how,
-        sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+        sampling=sampling,
+        safety=safety,
         cache_dir=cache_dir,
         progress=not args.no_progress,
         strategy=args.strategy,

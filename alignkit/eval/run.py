@@ -14,7 +14,9 @@ schema `alignkit.report` reads):
   strategy    (--strategy and --reward): an inference-time strategy evaluated like a model: its
               reward and win rate against plain sampling from the same model on the same prompts,
               its KL from sampling (estimate or bound, see `alignkit.inference.result`), and its
-              cost (seconds, new and prompt tokens, and each as a ratio to sampling's).
+              cost (seconds, new and prompt tokens, and each as a ratio to sampling's);
+  safety      (--safety): harmful compliance, over-refusal, refusal at depth and best-of-N jailbreak
+              success of the model and the reference, and the paired change (`alignkit.eval.safety`).
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ class EvalConfig:
     # InfAlign (alignkit.rewards.calibration): expected best-of-n win rates against the reference
     bon_n: list | None = None
     calibration_k: int = 16
+    # safety (alignkit.eval.safety_inputs.SafetyPlan): harmful compliance, over-refusal, refusal at
+    # depth and jailbreak robustness, of the model and (with a reference) of the reference
+    safety: object = None
 
 
 class _Models:
@@ -290,6 +295,24 @@ def _sample_texts(
     from alignkit.generation.hf import encode_prompts
 
     return [g[0].text for g in sampler.sample(encode_prompts(tokenizer, prompts), params.but(n=1), seed)]
+
+
+def _replies_maker(cfg: EvalConfig, model, tokenizer, factory):
+    """() -> (Replies, close) for the safety evaluation: a vLLM sampler from `factory` when given
+    (closed after use unless it is the policy's own, which the command closes), else alignkit's
+    own sampler over `model`."""
+
+    def make():
+        if factory is None:
+            from alignkit.generation.backends import TransformersBackend
+
+            backend, close = TransformersBackend(model, tokenizer, cfg.batch_size, cfg.progress), lambda: None
+        else:
+            backend = factory()
+            close = (lambda: None) if factory is cfg.sampler else backend.close
+        return (lambda ids, params, seed: [[x.text for x in g] for g in backend.sample(ids, params, seed)]), close
+
+    return make
 
 
 def generation_section(
@@ -515,9 +538,9 @@ def strategy_section(cfg: EvalConfig, tokenizer, model, prompts: list, columns: 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Run every part whose inputs are given; write metrics.json (and return it)."""
-    if not cfg.data and not cfg.checkpoints and not cfg.rewards and not cfg.steer_sweep:
+    if not cfg.data and not cfg.checkpoints and not cfg.rewards and not cfg.steer_sweep and cfg.safety is None:
         raise ConfigError(
-            "nothing to evaluate: give --data (preference pairs), --reward, --checkpoints or --steer-sweep."
+            "nothing to evaluate: give --data (preference pairs), --reward, --checkpoints, --steer-sweep or --safety."
         )
     if cfg.strategy and not cfg.rewards:
         raise ConfigError(f"--strategy {cfg.strategy} is judged by a reward: give --reward.")
@@ -660,6 +683,15 @@ def _run_parts(cfg: EvalConfig, models, tokenizer, policy, examples) -> dict:
             positions=cfg.steer_positions,
             seed=cfg.seed,
             progress=cfg.progress,
+        )
+    if cfg.safety is not None:
+        from alignkit.eval.safety_inputs import safety_section
+
+        result["safety"] = safety_section(
+            cfg.safety,
+            tokenizer,
+            _replies_maker(cfg, policy, tokenizer, cfg.sampler),
+            _replies_maker(cfg, reference, tokenizer, cfg.reference_sampler) if reference is not None else None,
         )
     if cfg.representation_layers:
         from alignkit.eval.steering import representation_section

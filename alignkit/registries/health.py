@@ -17,6 +17,7 @@ RULE_NAMES = (
     "off_policy_drift",
     "grad_norm_spike",
     "eval_loss_rising",
+    "harmful_compliance_rising",
 )
 
 

@@ -14,6 +14,7 @@ from html import escape
 import yaml
 
 from alignkit.report import plots as P
+from alignkit.report import safety as SF
 from alignkit.report import tables as T
 from alignkit.report.inputs import RunInputs, num
 from alignkit.version import __version__
@@ -272,6 +273,20 @@ def _before_after(ba: dict) -> str:
     return "".join(parts) + "</div>"
 
 
+def _safety(inp: RunInputs) -> str:
+    """The safety section of `alignkit eval --safety` (nothing when it was not run)."""
+    header, rows = SF.safety_table(inp)
+    if not rows:
+        return ""
+    plot = SF.safety_plot(inp)
+    return (
+        '<div data-section="safety"><h3>Safety</h3>'
+        f'<p class="sub">{text(SF.judge_line(inp))}</p>{grid_table(header, rows)}'
+        + (f'<div class="row">{figure(plot)}</div>' if plot else "")
+        + "</div>"
+    )
+
+
 def _evaluation(inp: RunInputs, made: dict) -> str:
     parts = ['<section id="evaluation"><h2>Evaluation</h2>']
     if inp.before_after:
@@ -305,6 +320,7 @@ def _evaluation(inp: RunInputs, made: dict) -> str:
     for name in ("strategy", "steering", "representation"):  # only evals that asked for them; no placeholder
         if name in made:
             parts.append(f'<div class="row">{figure(made[name])}</div>')
+    parts.append(_safety(inp))
     header, rows = T.checkpoint_table(inp)
     if rows:
         parts.append(

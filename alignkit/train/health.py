@@ -572,6 +572,38 @@ def eval_loss_rising(h: History, cfg):
     return None
 
 
+@rule(
+    "harmful_compliance_rising",
+    reads={"eval": ("safety/harmful_compliance", "safety/n")},
+    advice="training is eroding refusals: add refusal data to the mix (or a safety reward term), lower "
+    "train.learning_rate or the number of steps, or stop at an earlier checkpoint; measure it in full with "
+    "`alignkit eval --run RUN --safety`.",
+)
+def harmful_compliance_rising(h: History, cfg):
+    """Harmful compliance (`train.safety_prompts`) higher than at the run's first evaluation.
+
+    Why: fine-tuning, even on benign data, can undo safety alignment (Qi et al., "Fine-tuning
+    Aligned Language Models Compromises Safety, Even When Users Do Not Intend To!", arXiv
+    2310.03693), and it shows first as more compliance with harmful requests. Condition: the share
+    now exceeds the first evaluation's by more than `health.harmful_rise` and by more than 1.96
+    standard errors of the difference of two proportions over `safety/n` prompts each (noise of
+    one evaluation is not an alert)."""
+    pts = h.points("eval", "safety/harmful_compliance")
+    first = h.first["eval"].get("safety/harmful_compliance")
+    if not pts or not first:  # at the first evaluation itself the rise is 0
+        return None
+    start, (step, now) = first[0], pts[-1]
+    n = max(1.0, (h.values("eval", "safety/n", 1) or [1.0])[0])
+    se = math.sqrt((start * (1 - start) + now * (1 - now)) / n)
+    if now - start > cfg.harmful_rise and now - start > 1.96 * se:
+        return (
+            f"harmful compliance rose from {start:.3f} at the first evaluation to {now:.3f} at step {step} "
+            f"(n={int(n)} prompts; 1.96 standard errors of the rise are {1.96 * se:.3f}).",
+            {"start": start, "now": now, "n": int(n), "rise": now - start, "harmful_rise": cfg.harmful_rise},
+        )
+    return None
+
+
 # -- the monitor ------------------------------------------------------------------------------
 
 

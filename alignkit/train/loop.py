@@ -36,6 +36,7 @@ from alignkit.train.metrics import MetricsLogger, NullLogger, read_metrics
 from alignkit.train.modules import TrainedModule
 from alignkit.train.persist import TrainingError
 from alignkit.train.resume import Resume, check_output_dir, data_fingerprint, finished_summary, prepare_resume
+from alignkit.train.safety_watch import SafetyWatch, load_safety_prompts
 from alignkit.train.session import Session, load_policy, place, printer, resolve_precision, setup  # noqa: F401
 from alignkit.train.steps import BatchPlan, batch_plan, run_batches, total_steps
 
@@ -100,6 +101,7 @@ class Run:
     monitor: HealthMonitor
     finish: Callable[[Path], Path | None] | None = None  # finish(run_dir) -> a file for the trackers (the report)
     stops: list[Alert] = field(default_factory=list)  # alerts whose rule is in train.stop_on
+    safety: SafetyWatch | None = None  # train.safety_prompts: harmful compliance at each evaluation
 
     @property
     def dist(self) -> Dist:
@@ -144,7 +146,10 @@ def train(
             "processes, which sharded training cannot follow; unset it with more than one process "
             "(`train.max_tokens_per_batch` bounds each process's micro-batch instead)."
         )
+    if cfg.train.safety_prompts:  # its data errors before any model loads
+        load_safety_prompts(cfg.train.safety_prompts, cfg.train.safety_num_prompts)
     run = _start(cfg, record, setup(cfg, progress, placement), resumed, progress, finish)
+    run.safety = SafetyWatch.for_run(cfg, run.session.tokenizer)
     try:
         _loop(run)
     finally:
@@ -246,8 +251,8 @@ def _start(
 def _loop(run: Run) -> None:
     """Train until `total_steps`, or until a health rule in `train.stop_on` alerts."""
     s, state, result = run.session, run.state, run.result
-    if s.recipe.evaluate_at_start and s.data.eval and state.step == 0:
-        _log(run, 0, s.recipe.evaluate(run.modules["policy"].model, s.data.eval), "eval")
+    if state.step == 0 and ((s.recipe.evaluate_at_start and s.data.eval) or run.safety is not None):
+        _evaluate(run, 0, recipe_too=s.recipe.evaluate_at_start)
     with tqdm(
         total=state.total_steps,
         initial=state.step,
@@ -395,11 +400,21 @@ def _housekeeping(run: Run, metrics: dict, batches: list, finite: bool, elapsed:
         )
     bar.update(1)
     last = step == state.total_steps
-    if s.data.eval and ((t.eval_every and step % t.eval_every == 0) or last):
-        result.eval_metrics = s.recipe.evaluate(run.modules["policy"].model, s.data.eval)
-        _log(run, step, result.eval_metrics, "eval")
+    if (s.data.eval or run.safety is not None) and ((t.eval_every and step % t.eval_every == 0) or last):
+        result.eval_metrics = _evaluate(run, step)
     if (t.save_every and step % t.save_every == 0) and not last and not run.stops:
         persist.save(run.record, result, step, run.modules, s.recipe, state.as_dict(), dist)
+
+
+def _evaluate(run: Run, step: int, recipe_too: bool = True) -> dict:
+    """Log an eval row: the recipe's held-out evaluation (when there is a held-out split and
+    `recipe_too`) and the harmful compliance of `train.safety_prompts` (when set)."""
+    s, model = run.session, run.modules["policy"].model
+    row = s.recipe.evaluate(model, s.data.eval) if s.data.eval and recipe_too else {}
+    if run.safety is not None:
+        row = {**row, **run.safety.measure(model, run.dist)}
+    _log(run, step, row, "eval")
+    return row
 
 
 def _log(run: Run, step: int, row: dict, split: str) -> None:
