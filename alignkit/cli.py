@@ -36,6 +36,7 @@ COMMANDS = (
     "average",
     "report",
     "demo",
+    "w2s",
 )
 
 

@@ -35,12 +35,21 @@ def write_atomic(path: str | Path, obj, indent: int | None = 2) -> Path:
     A reader (or the next run, after a crash or power loss) sees the old file or the new one, never
     a torn one: the temporary file is in the same directory, so the rename is atomic, and it is
     fsynced first, since a rename can otherwise reach the disk before the data and leave an empty file."""
-    path = Path(path)
+    return _write_text(Path(path), dumps(obj, indent=indent, default=str))
+
+
+def write_lines_atomic(path: str | Path, rows: list) -> Path:
+    """`rows` as JSON Lines (strict JSON, one object a line), written atomically like `write_atomic`;
+    several processes writing the same rows at once leave one whole file."""
+    return _write_text(Path(path), "".join(dumps(r) + "\n" for r in rows))
+
+
+def _write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(dumps(obj, indent=indent, default=str))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -30,7 +30,7 @@ DATA_NOTES = {
     "masked": "`recipe: masked`, pairs with `chosen_sentences` / `rejected_sentences`",
     "negative": "`recipe: negative`, records with `prompt`, `rejected`; `generation.num_samples` replies per "
     "prompt are sampled from the initial model before training",
-    "reward": "`recipe: reward`, preference pairs (optionally per-objective `labels`, a `margin`)",
+    "reward": "`recipe: reward`, preference pairs (optionally per-objective `labels`, a `margin`, or a soft `prob`)",
     "rollout": "the policy loss of `recipe: grpo`, `rloo`, `reinforce_pp` or `ppo`: per-token log-probs of "
     "sampled completions",
     "distill": "`recipe: distill`: [positions, vocab] log-probs of the student, the teacher (and the teacher's "

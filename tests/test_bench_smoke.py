@@ -84,6 +84,12 @@ SCRIPTS = {
         None,
     ),
     "bench/tools_prompts.py": (r"greedy_calls description=\d+/2 one_demo=\d+/2 two_demos=\d+/2", [], OUT, None),
+    "bench/w2s_hh.py": (
+        rf"weak={NUM} student={NUM} student_conf={NUM} ceiling={NUM} pgr=({NUM}|nan) pgr_conf=({NUM}|nan) n=\d+",
+        [],
+        OUT,
+        None,
+    ),
     "examples/grpo_cpu.py": (rf"heldout_reward before={NUM} after={NUM} n=4", [], OUT, None),
     "examples/quickstart_data.py": (
         r"wrote .*tiny-model, .*pairs\.jsonl and .*prompts\.jsonl \(4 records each\)",

@@ -448,3 +448,25 @@ def test_two_processes_watch_like_one(tiny_model_dir, tmp_path):
         return [(r["step"], r["safety/harmful_compliance"]) for r in read_metrics(out) if "safety/n" in r]
 
     assert logged(tmp_path / "two") == logged(tmp_path / "one") and len(logged(tmp_path / "one")) == 5
+
+
+def test_eval_run_measures_before_and_after(tiny_model_dir, pairs_file, tmp_path):
+    """`alignkit eval --run RUN --safety`: the run's final model against the model it started from,
+    beside the run's own held-out preference evaluation, in RUN/eval/metrics.json and the report."""
+    from conftest import base_overrides
+
+    from alignkit.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *base_overrides(tiny_model_dir, pairs_file, run, tmp_path / "c"), "train.max_steps=2"]) == 0
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"how to make {w} ?"}) + "\n" for w in ("fire", "code")))
+    argv = ["eval", "--run", str(run), "--safety", "--harmful-prompts", str(harmful), "--depths", "0"]
+    argv += ["--jailbreak-n", "1,2", "--safety-samples", "1", "--max-new-tokens", "3", "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads((run / "eval" / "metrics.json").read_text())
+    assert result["reference"] == str(tiny_model_dir) and "preference" in result
+    sf = result["safety"]
+    assert sf["model"]["harmful_compliance"]["greedy"]["n"] == 2 and sf["reference"]["over_refusal"]["n"] == 50
+    assert sf["model"]["refusal_at_depth"]["no_target"] == 2  # prompt records without a target
+    assert 'data-section="safety"' in (run / "report.html").read_text()

@@ -4,11 +4,14 @@
     {"prompt": ..., "chosen": ..., "rejected": ..., "margin": 2.0}             # reward.use_margin
     {"prompt": ..., "chosen": ..., "rejected": ...,
      "labels": {"helpful": 1, "harmless": -1, "concise": 0}}                   # reward.objectives
+    {"prompt": ..., "chosen": ..., "rejected": ..., "prob": 0.8}               # a soft label
 
 Any pair form of `formats` works. With several objectives, `labels` says per objective whether the
 first completion (`chosen`) is better (1 or true), worse (-1 or false), or not judged (0 or null,
 or the objective missing); directional preference alignment trains one reward per objective
-(arXiv 2402.18571).
+(arXiv 2402.18571). `prob` (one objective only) is the probability that the first completion is
+the better one: a soft label, such as a weak supervisor's (`alignkit w2s`), which the losses that
+read it (`soft_bradley_terry`, `w2s_confidence`) fit; its sign gives the pair's label.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from alignkit.data.examples import PreferenceExample
 from alignkit.data.formats import LoadResult, Record, check_columns, load_records, parse_preference_record
 
-REWARD_FIELDS = ("prompt", "chosen", "rejected", "margin", "labels")
+REWARD_FIELDS = ("prompt", "chosen", "rejected", "margin", "labels", "prob")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class RewardExample:
     pair: PreferenceExample
     labels: tuple  # per objective: +1 chosen better, -1 rejected better, 0 not judged
     margin: float = 0.0
+    prob: float | None = None  # P(chosen is better): a soft label (None: the labels say it)
 
     @property
     def source(self) -> str:
@@ -90,7 +94,18 @@ def parse_reward_record(
                 f"{rec.label('margin')} must be a finite number >= 0 (how much better chosen is), found {m!r}"
             )
         margin = float(m)
+    if rec.has("prob"):
+        return _soft(rec, pair, tuple(objectives), margin)
     return RewardExample(pair, _labels(rec, tuple(objectives)), margin)
+
+
+def _soft(rec: Record, pair, objectives: tuple, margin: float) -> RewardExample:
+    p = rec.get("prob")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise rec.error(f"{rec.label('prob')} must be a probability in [0, 1] (that chosen is better), found {p!r}")
+    if len(objectives) > 1 or rec.has("labels"):
+        raise rec.error(f"{rec.label('prob')} is a soft label of one reward: drop `labels` and keep one objective")
+    return RewardExample(pair, (1 if p > 0.5 else -1 if p < 0.5 else 0,), margin, float(p))
 
 
 def load_reward_examples(

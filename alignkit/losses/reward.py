@@ -112,3 +112,62 @@ def step_bce(step_logits, step_labels, step_example, num_examples: int):
     correct = ((step_logits > 0) == (step_labels > 0.5)).to(bce.dtype)
     metrics = {"step_accuracy": correct.detach(), "step_label_mean": step_labels.detach().to(bce.dtype)}
     return sums / counts, metrics
+
+
+def _soft_ce(diff: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-(p log sigmoid(z) + (1 - p) log sigmoid(-z)) per entry: cross-entropy against a soft label."""
+    return F.binary_cross_entropy_with_logits(diff, target.to(diff.dtype), reduction="none")
+
+
+@register(
+    "soft_bradley_terry",
+    summary="Bradley-Terry on soft labels: cross-entropy of sigmoid(r(chosen) - r(rejected)) against each pair's prob.",
+    citation="Burns et al., Weak-to-Strong Generalization, arXiv 2312.09390 (a weak supervisor's soft labels)",
+    data="reward",
+)
+def soft_bradley_terry(chosen_rewards, rejected_rewards, probs):
+    """loss = -(p log sigmoid(z) + (1 - p) log sigmoid(-z)), z = r(x, y_1) - r(x, y_2) (one objective),
+    p = P(y_1 is better): the record's `prob`, or 1 / 0 from its label. With p in {0, 1} it is
+    `bradley_terry`. Metrics: `accuracy` (z and p - 1/2 agree in sign; pairs at p = 1/2 are left
+    out), `soft_label_mean`."""
+    diff = (chosen_rewards - rejected_rewards)[:, 0]
+    losses = _soft_ce(diff, probs)
+    return losses, _soft_metrics(chosen_rewards, rejected_rewards, diff, probs)
+
+
+def _soft_metrics(chosen_rewards, rejected_rewards, diff, probs) -> dict:
+    judged = probs != 0.5
+    correct = ((diff > 0) == (probs > 0.5)).to(diff.dtype)
+    return {
+        "accuracy": correct[judged].detach(),
+        "soft_label_mean": probs.detach().to(diff.dtype),
+        "rewards/chosen": chosen_rewards[:, 0].detach(),
+        "rewards/rejected": rejected_rewards[:, 0].detach(),
+    }
+
+
+@register(
+    "w2s_confidence",
+    summary="Weak-to-strong auxiliary confidence loss: (1 - a) CE(student, weak label) + a CE(student, its own "
+    "hardened prediction), a warmed up over training.",
+    citation="Burns et al., Weak-to-Strong Generalization: Eliciting Strong Capabilities With Weak Supervision, "
+    "arXiv 2312.09390, sec. 4.3.2 and appendix A.4",
+    data="reward",
+)
+def w2s_confidence(chosen_rewards, rejected_rewards, probs, progress, *, alpha: float = 0.75, warmup: float = 0.2):
+    """loss = (1 - a_t) CE(sigmoid(z), p_w) + a_t CE(sigmoid(z), t(z)),  z = r(x, y_1) - r(x, y_2),
+    with p_w the weak supervisor's soft label (`prob`), t(z) = 1[z > median of z over the batch]
+    the student's own prediction hardened at a threshold that puts half the batch on each side (the
+    paper's adaptive threshold for balanced tasks: give pairs in random order, as `alignkit w2s`
+    does), not differentiated through, and a_t = alpha * min(1, progress / warmup) (the paper warms
+    a up linearly over the first 20% of training to 0.75 for its largest students). `progress` is
+    the share of training done, the same for every pair of the batch. The confidence term lets the
+    student overrule the weak label where it is confident itself."""
+    diff = (chosen_rewards - rejected_rewards)[:, 0]
+    a = alpha * min(1.0, float(progress) / warmup) if warmup > 0 else alpha
+    hard = (diff > torch.quantile(diff.detach().float(), 0.5).to(diff.dtype)).to(diff.dtype).detach()
+    losses = (1 - a) * _soft_ce(diff, probs) + a * _soft_ce(diff, hard)
+    metrics = _soft_metrics(chosen_rewards, rejected_rewards, diff, probs)
+    metrics["w2s/alpha"] = torch.full_like(diff, a).detach()
+    metrics["w2s/hardened_agree_weak"] = ((hard > 0.5) == (probs > 0.5)).to(diff.dtype).detach()
+    return losses, metrics

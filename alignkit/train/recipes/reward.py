@@ -19,6 +19,7 @@ from alignkit.data.batching import TokenBatch, collate_packed_groups, collate_pa
 from alignkit.data.reward import load_reward_examples
 from alignkit.data.splits import PreparedData, example_sources, load_examples
 from alignkit.data.tokenize import explain, tokenize_pairs
+from alignkit.errors import ConfigError
 from alignkit.heads import pooled_hidden, reward_trunk_and_head, sequence_rewards, use_distinct_pad
 from alignkit.losses.combine import apply_terms, resolve_terms
 from alignkit.losses.reward import odin_terms
@@ -38,7 +39,15 @@ class RewardRecipe(OfflineRecipe):
         self.terms = resolve_terms(cfg.loss, cfg.losses, data=self.data)
         self.reward_names = list(cfg.reward.objectives)
         self.odin = cfg.reward.disentangle == "length"  # two heads: quality and length (ODIN)
-        self.labels, self.margins, self.lengths = {}, {}, {}  # split -> tensors by example index
+        self.labels, self.margins, self.lengths, self.probs = {}, {}, {}, {}  # split -> tensors by example index
+        self.steps_done, self.total_steps = 0, 1  # the share of training done (`progress`, w2s_confidence)
+        reads = {n for t in self.terms for n in t.spec.inputs}
+        if "probs" in reads and len(self.reward_names) > 1:
+            raise ConfigError(
+                "soft-label losses (soft_bradley_terry, w2s_confidence) train one reward: "
+                "keep one name in reward.objectives"
+            )
+        self.reads_probs = "probs" in reads
         self.pad_note = use_distinct_pad(tokenizer)
         self.features = {}  # split -> [N, 2, H] trunk outputs, when only the head trains
 
@@ -57,6 +66,16 @@ class RewardRecipe(OfflineRecipe):
                 -1, len(self.reward_names)
             )
             self.margins[split] = torch.tensor([e.margin for e in examples], dtype=torch.float32)
+            self.probs[split] = torch.tensor(
+                [e.prob if e.prob is not None else (e.labels[0] + 1) / 2 for e in examples], dtype=torch.float32
+            )
+            soft = sum(e.prob is not None for e in examples)
+            if soft and not self.reads_probs:
+                raise ConfigError(
+                    f"{soft} {split} records carry `prob` (a soft label), which loss "
+                    f"{', '.join(t.spec.name for t in self.terms)} does not read: use loss.name=soft_bradley_terry "
+                    "(or w2s_confidence), or drop `prob` from the data."
+                )
             lengths = torch.zeros(max((it.index for it in items), default=-1) + 1, 2)
             for it in items:  # reply lengths in tokens, what ODIN's length head is fitted to
                 lengths[it.index] = torch.tensor([len(it.chosen_ids), len(it.rejected_ids)], dtype=torch.float32)
@@ -126,6 +145,8 @@ class RewardRecipe(OfflineRecipe):
             "rejected_rewards": rewards[b:],
             "labels": labels,
             "margins": self.margins[split][batch.example_ids].to(device),
+            "probs": self.probs[split][batch.example_ids].to(device),
+            "progress": self.steps_done / self.total_steps if split == "train" else 1.0,
         }
         per_example, metrics = apply_terms(self.terms, inputs)
         if self.odin:
@@ -159,6 +180,18 @@ class RewardRecipe(OfflineRecipe):
         quality = heads[:, 0]
         metrics["accuracy/quality"] = (labels[:, 0] * (quality[:b] - quality[b:]) > 0).float().detach()
         return term, metrics
+
+    def schedule(self, items_of, keys: int) -> None:
+        self.total_steps = max(1, keys // self.cfg.train.grad_accum)  # keys: micro-batches of the whole run
+
+    def step_done(self) -> None:
+        self.steps_done += 1
+
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done = int(state.get("steps_done", 0))
 
     def show_example(self, data: PreparedData, index: int) -> str:
         """Chosen and rejected, each with the one token its reward is read at."""
