@@ -2,6 +2,7 @@
 Eliciting Strong Capabilities With Weak Supervision", arXiv 2312.09390) on preference pairs.
 
 The task is binary: of a pair's two replies, shown in random order, is the first the better one?
+(A yes/no labelled prompt, `{"prompt": ..., "label": true}`, is the pair of replies "Yes" and "No".)
 Each model is a reward model (`recipe: reward`) and answers with sigmoid(r(first) - r(second)).
 Every stage lives in the run directory and is skipped when it is done (a training stage that was
 cut off resumes from its last checkpoint), so the command can be run again after any failure:
@@ -77,15 +78,55 @@ def _record(e, first_is_chosen: bool, prob: float) -> dict:
     return {"prompt": list(e.prompt), "chosen": list(a), "rejected": list(b), "prob": prob}
 
 
-def split_data(cfg: W2SConfig) -> dict:
-    """OUT/data/{weak_train,transfer,test}.jsonl and sources.json (which input pair each line is)."""
+YES, NO = ({"role": "assistant", "content": "Yes"},), ({"role": "assistant", "content": "No"},)
+
+
+@dataclass
+class _YesNo:
+    """A yes/no labelled prompt as a pair: the better reply to the prompt is "Yes" when the label is
+    true, "No" when it is false (so a reward model answers a yes/no question)."""
+
+    prompt: tuple
+    chosen: tuple
+    rejected: tuple
+    source: str
+
+
+def _yes_no(e) -> _YesNo:
+    label = e.columns.get("label")
+    if isinstance(label, (int, float)) and not isinstance(label, bool) and label in (0, 1):
+        label = bool(label)
+    if not isinstance(label, bool):
+        raise DataError(
+            f"{e.source}: `label` must be true/false (or 1/0): is the answer to the prompt yes? got {label!r}"
+        )
+    return _YesNo(e.prompt, YES if label else NO, NO if label else YES, e.source)
+
+
+def load_task(path: str):
+    """(examples with prompt / chosen / rejected / source, skipped count): preference pairs, or
+    prompt records with a yes/no `label` ({"prompt": ..., "label": true})."""
+    from alignkit.data.readers import iter_raw
+
+    first = next((rec for _, rec in iter_raw(path)), None)
+    if isinstance(first, dict) and "label" in first and "chosen" not in first:
+        from alignkit.data.prompts import load_prompt_examples
+
+        result = load_prompt_examples(path, on_bad_record="skip")
+        return [_yes_no(e) for e in result.examples], len(result.skipped)
     from alignkit.data.formats import load_preference_examples
 
+    result = load_preference_examples(path, on_bad_record="skip")
+    return result.examples, len(result.skipped)
+
+
+def split_data(cfg: W2SConfig) -> dict:
+    """OUT/data/{weak_train,transfer,test}.jsonl and sources.json (which input pair each line is)."""
     data = Path(cfg.output_dir) / "data"
     if (data / "sources.json").is_file():
         return json.loads((data / "sources.json").read_text())
-    result = load_preference_examples(cfg.data, on_bad_record="skip")
-    examples = result.examples[: cfg.limit] if cfg.limit else result.examples
+    examples, skipped = load_task(cfg.data)
+    examples = examples[: cfg.limit] if cfg.limit else examples
     rng = random.Random(cfg.seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
@@ -103,7 +144,7 @@ def split_data(cfg: W2SConfig) -> dict:
         rows = [_record(examples[i], first[i], 1.0 if first[i] else 0.0) for i in idx]
         jsonfile.write_lines_atomic(data / f"{name}.jsonl", rows)
         sources[name] = [examples[i].source for i in idx]
-    sources["skipped"] = len(result.skipped)
+    sources["skipped"] = skipped
     jsonfile.write_atomic(data / "sources.json", sources)  # written last: the split is done
     return sources
 

@@ -5,10 +5,12 @@ blind to the task by construction."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import write_jsonl
 
 from alignkit.data.readers import RecordError
@@ -198,3 +200,40 @@ def test_w2s_under_torchrun_matches_one_process(tmp_path):
     assert {k: v["value"] for k, v in two["accuracy"].items()} == {k: v["value"] for k, v in one["accuracy"].items()}
     z1, z2 = (np.array(json.loads((tmp_path / d / "scores" / "ceiling_test.json").read_text())) for d in ("one", "two"))
     assert np.abs(z1 - z2).max() < 1e-4  # float32 sums in another order over 2 processes
+
+
+def test_w2s_on_yes_no_prompts_with_lora(tmp_path, capsys):
+    """Yes/no labelled prompts become pairs of the replies "Yes" and "No"; the strong side trains
+    LoRA adapters. The weak tokenizer has neither the deciding words nor Yes / No, so the weak model
+    scores both replies alike (labels 0.5); the strong one reads them and learns the task."""
+    import random
+
+    from alignkit.cli import main
+    from alignkit.testing import save_tiny_model_dir
+
+    weak = save_tiny_model_dir(tmp_path / "weak", seed=1)
+    strong = save_tiny_model_dir(tmp_path / "strong", seed=2, extra_words=("zeta", "omega", "Yes", "No"))
+    rng = random.Random(0)
+    rows = []
+    for _ in range(60):
+        w = rng.choice(["zeta", "omega"])
+        rows.append({"prompt": f"tell me about the {rng.choice(['cat', 'dog', 'sky'])} {w} ?", "label": w == "zeta"})
+    rows.append({"prompt": "is this labelled ?", "label": "maybe"})
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    out = tmp_path / "w2s"
+    argv = ["w2s", "--weak", str(weak), "--strong", str(strong), "--output-dir", str(out), "--no-progress"]
+    argv += ["--set", "train.max_steps=30", "--set", "train.batch_size=8", "--set", "train.learning_rate=3e-2"]
+    argv += ["--set", "train.report_to=[]", "--set", f"cache_dir={tmp_path / 'cache'}"]
+    argv += ["--strong-set", "lora.enabled=true", "--strong-set", "lora.r=8"]
+    assert main([*argv, "--data", str(bad)]) != 0
+    assert re.search(r"bad.jsonl:61: `label` must be true/false", capsys.readouterr().err)
+    data = write_jsonl(tmp_path / "yes_no.jsonl", rows[:-1])
+    assert main([*argv, "--data", str(data)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    first = json.loads((out / "data" / "test.jsonl").read_text().splitlines()[0])
+    assert {first["chosen"][0]["content"], first["rejected"][0]["content"]} == {"Yes", "No"}
+    labels = [json.loads(line)["prob"] for line in (out / "data" / "weak_labels.jsonl").read_text().splitlines()]
+    assert labels == [0.5] * len(labels)
+    assert (out / "ceiling" / "final" / "model.safetensors").is_file()  # LoRA merged into the final model
+    assert yaml.safe_load((out / "ceiling" / "config.yaml").read_text())["lora"]["enabled"] is True
+    assert s["accuracy"]["ceiling"]["value"] == 1.0
