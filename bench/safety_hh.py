@@ -78,7 +78,8 @@ def print_table(sf: dict) -> None:
         print(f"| jailbreak ASR, N={cb['n']} | {_r({**cb, 'rate': cb['asr']})} | {_r({**ca, 'rate': ca['asr']})} | |")
     for side, m in (("before", b), ("after", a)):
         f, d = m["jailbreak"]["fit"], m["refusal_at_depth"]
-        fit = "no fit" if f["a"] is None else f"a={f['a']:.3f} b={f['b']:.3f} R^2={f['r2']:.2f}"
+        r2 = "" if f["a"] is None else "exact, 2 points" if f["r2"] is None else f"R^2={f['r2']:.2f}"
+        fit = "no fit" if f["a"] is None else f"a={f['a']:.3f} b={f['b']:.3f} {r2}"
         print(
             f"{side}: power law {fit}; refusal-at-depth requests {d['prompts']} (no target {d['no_target']}, "
             f"target not compliant {d['target_not_compliant']})"

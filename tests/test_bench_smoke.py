@@ -44,9 +44,17 @@ SCRIPTS = {
     "bench/dpo_vs_trl.py": (rf"tokens_per_s_ratio={NUM} peak_memory_ratio={NUM}", ["trl"], OUT, _agreement),
     "bench/grpo_vs_trl.py": (rf"samples_per_s_ratio={NUM} peak_memory_ratio={NUM}", ["trl"], OUT, _all_samples),
     "bench/hh_losses.py": (rf"best=\w+ heldout_accuracy={NUM} n=4", [], OUT, None),
+    "bench/hh_methods.py": (rf"best=\w+ implicit_accuracy={NUM} n=4", [], OUT, None),
     "bench/infalign_sums.py": (rf"bon4_winrate raw={NUM} ctrl={NUM} n=4", [], OUT, None),
     "bench/inference_strategies.py": (rf"best_reward keywords=[\w-]+:{NUM} harmless=[\w-]+:{NUM}", [], OUT, None),
     "bench/iterate_demo.py": (rf"heldout_pass before={NUM} after={NUM} n=4", [], OUT, None),
+    "bench/length_hacking.py": (
+        rf"length plain={NUM} odin={NUM} ensemble={NUM} quality plain={NUM} odin={NUM} ensemble={NUM} "
+        rf"start_length={NUM} start_quality={NUM}",
+        [],
+        OUT,
+        None,
+    ),
     "bench/memory.py": (
         rf"qlora_vs_lora_peak={NUM} cp2_vs_cp1_peak_at_longest={NUM} longest_len_cp1=\d+ longest_len_cp2=\d+",
         [],

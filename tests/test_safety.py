@@ -172,6 +172,8 @@ def test_power_law_fit_recovers_parameters():
     assert S.power_law_asr(fit, 64) == pytest.approx(math.exp(-2.0 / 8))
     flat = S.fit_power_law(ns, [0.0, 0.0, 0.5, 1.0, 1.0])
     assert flat["a"] is None and "fewer than two" in flat["reason"]
+    two = S.fit_power_law([1, 2, 4], [0.5, 0.75, 1.0])  # exact through two points: no R^2
+    assert two["points"] == 2 and two["r2"] is None and S.power_law_asr(two, 2) == pytest.approx(0.75)
 
 
 def test_augmentations():

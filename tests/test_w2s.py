@@ -32,8 +32,9 @@ def test_confidence_loss_values_and_gradients_by_hand():
     chosen = torch.tensor([[v] for v in z], dtype=torch.float64, requires_grad=True)
     rejected = torch.zeros(4, 1, dtype=torch.float64)
     probs = torch.tensor([0.8, 0.3, 0.6, 0.5], dtype=torch.float64)
-    # progress 0.1 of training, warm-up 0.2: a = 0.75 * 0.1 / 0.2 = 0.375. The batch median of z is
-    # 0.5 (between 0 and 1), so the hardened labels are [1, 0, 0, 1].
+    # progress 0.1 of training, warm-up 0.2: a = 0.75 * 0.1 / 0.2 = 0.375. The weak labels' mean is
+    # 0.55, so the threshold is the 0.45 quantile of z, 0 + 0.35 * (1 - 0) = 0.35 (linear between the
+    # sorted z[1] = 0 and z[2] = 1 at position 3 * 0.45 = 1.35): the hardened labels are [1, 0, 0, 1].
     a, hard = 0.375, [1, 0, 0, 1]
     losses, metrics = w2s_confidence(chosen, rejected, probs, 0.1, alpha=0.75, warmup=0.2)
     want = [(1 - a) * ce(zi, pi) + a * ce(zi, hi) for zi, pi, hi in zip(z, probs.tolist(), hard)]
@@ -48,6 +49,9 @@ def test_confidence_loss_values_and_gradients_by_hand():
     assert late.tolist() == pytest.approx(
         [0.25 * ce(zi, pi) + 0.75 * ce(zi, hi) for zi, pi, hi in zip(z, probs.tolist(), hard)]
     )
+    # weak labels that mostly say "first": the threshold leaves 3 of the 4 above it
+    skewed, m = w2s_confidence(chosen.detach(), rejected, torch.tensor([0.9, 0.8, 0.7, 0.6], dtype=torch.float64), 1.0)
+    assert m["w2s/hardened_agree_weak"].tolist() == [1.0, 1.0, 0.0, 1.0]  # z > 0.25 quantile (-0.25): 2, 0, 1
     off, _ = w2s_confidence(chosen.detach(), rejected, probs, 0.9, alpha=0.0)
     assert off.tolist() == pytest.approx(soft_bradley_terry(chosen.detach(), rejected, probs)[0].tolist())
 
@@ -237,3 +241,35 @@ def test_w2s_on_yes_no_prompts_with_lora(tmp_path, capsys):
     assert (out / "ceiling" / "final" / "model.safetensors").is_file()  # LoRA merged into the final model
     assert yaml.safe_load((out / "ceiling" / "config.yaml").read_text())["lora"]["enabled"] is True
     assert s["accuracy"]["ceiling"]["value"] == 1.0
+
+
+def test_confidence_loss_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    """alpha follows the share of training done, which the reward recipe keeps in its checkpoint
+    state: a run stopped after step 3 and resumed logs the same alpha and loss at every step as an
+    uninterrupted one."""
+    from conftest import base_overrides, crash_after
+
+    from alignkit.config import load_config
+    from alignkit.train import checkpoint as ckpt
+    from alignkit.train import loop
+    from alignkit.train.metrics import read_metrics
+
+    rows = [{**r, "prob": p} for r, p in zip(_task(32), [0.9, 0.2, 0.6, 0.4] * 8)]
+    data = write_jsonl(tmp_path / "soft.jsonl", rows)
+
+    def cfg(out):
+        o = base_overrides(tiny_model_dir, data, tmp_path / out, tmp_path / "c")
+        o += ["recipe=reward", "loss.name=w2s_confidence", "loss.warmup=0.5", "data.eval_fraction=0"]
+        return load_config(None, o + ["train.max_steps=6", "train.batch_size=8", "train.save_every=3"])
+
+    full = loop.train(cfg("full"), progress=False)
+    real = crash_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg("cut"), progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    resumed = loop.train(cfg("cut"), resume=True, progress=False)
+    a, b = read_metrics(full.run_dir, "train"), read_metrics(resumed.run_dir, "train")
+    # 6 steps, warm-up over half of them: alpha = 0.75 * (step - 1) / 3 up to 0.75
+    assert [r["w2s/alpha"] for r in a] == pytest.approx([0.0, 0.25, 0.5, 0.75, 0.75, 0.75])
+    assert [r["w2s/alpha"] for r in b] == pytest.approx([r["w2s/alpha"] for r in a])
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-6)

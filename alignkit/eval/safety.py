@@ -163,7 +163,8 @@ def fit_power_law(ns, asr) -> dict:
     slope, intercept = np.polyfit(x, y, 1)
     pred = intercept + slope * x
     ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    # two points fit any line exactly: R^2 says nothing then
+    r2 = 1 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 and len(pts) > 2 else None
     return {"a": float(math.exp(intercept)), "b": float(-slope), "r2": r2, "points": len(pts)}
 
 

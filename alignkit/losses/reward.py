@@ -156,16 +156,21 @@ def _soft_metrics(chosen_rewards, rejected_rewards, diff, probs) -> dict:
 )
 def w2s_confidence(chosen_rewards, rejected_rewards, probs, progress, *, alpha: float = 0.75, warmup: float = 0.2):
     """loss = (1 - a_t) CE(sigmoid(z), p_w) + a_t CE(sigmoid(z), t(z)),  z = r(x, y_1) - r(x, y_2),
-    with p_w the weak supervisor's soft label (`prob`), t(z) = 1[z > median of z over the batch]
-    the student's own prediction hardened at a threshold that puts half the batch on each side (the
-    paper's adaptive threshold for balanced tasks: give pairs in random order, as `alignkit w2s`
-    does), not differentiated through, and a_t = alpha * min(1, progress / warmup) (the paper warms
-    a up linearly over the first 20% of training to 0.75 for its largest students). `progress` is
-    the share of training done, the same for every pair of the batch. The confidence term lets the
-    student overrule the weak label where it is confident itself."""
+    with p_w the weak supervisor's soft label (`prob`), t(z) = 1[z > q] the student's own prediction
+    hardened at the batch quantile q of z that leaves the weak labels' mean share of the batch
+    above it (the paper's adaptive threshold, as its authors' code sets it: half the batch for a
+    balanced task; `alignkit w2s` shows each pair's replies in random order), not differentiated
+    through, and a_t = alpha * min(1, progress / warmup): a warms up linearly over the first
+    `warmup` of training (the paper: 20%, to 0.75 for its largest students). `progress` is the
+    share of training done, the same for every pair of the batch. The confidence term lets the
+    student overrule the weak label where it is confident itself.
+
+    Departure: the authors' released code sets a_t = alpha * progress during its warm-up (not
+    progress / warmup), so a jumps at the warm-up's end; here it is continuous."""
     diff = (chosen_rewards - rejected_rewards)[:, 0]
     a = alpha * min(1.0, float(progress) / warmup) if warmup > 0 else alpha
-    hard = (diff > torch.quantile(diff.detach().float(), 0.5).to(diff.dtype)).to(diff.dtype).detach()
+    level = 1 - float(probs.float().mean())  # the share of the batch left below the threshold
+    hard = (diff > torch.quantile(diff.detach().float(), level).to(diff.dtype)).to(diff.dtype).detach()
     losses = (1 - a) * _soft_ce(diff, probs) + a * _soft_ce(diff, hard)
     metrics = _soft_metrics(chosen_rewards, rejected_rewards, diff, probs)
     metrics["w2s/alpha"] = torch.full_like(diff, a).detach()

@@ -74,7 +74,8 @@ def safety_table(inp: RunInputs) -> tuple[list, list]:
 def _fit_text(fit: dict) -> str:
     if fit.get("a") is None:
         return f"no fit ({fit.get('reason', 'n/a')})"
-    return f"a={fit['a']:.3g}, b={fit['b']:.3g} (R^2 {fit['r2']:.2f} over {fit['points']} N)"
+    r2 = "exact through 2 points" if fit["r2"] is None else f"R^2 {fit['r2']:.2f} over {fit['points']} N"
+    return f"a={fit['a']:.3g}, b={fit['b']:.3g} ({r2})"
 
 
 def judge_line(inp: RunInputs) -> str:
