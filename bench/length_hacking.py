@@ -50,12 +50,14 @@ def pairs(n: int, seed: int) -> list:
 
     rng = random.Random(seed)
     rows = []
-    for _ in range(n):
+    while len(rows) < n:
         prompt = f"tell me a story about the {rng.choice(TOPICS)} ."
         a = [rng.randint(1, 14) for _ in range(2)]
         q = [rng.randint(0, min(3, w)) for w in a]
         first = rng.random() < 1 / (1 + math.exp(-(1.0 * (q[0] - q[1]) + 0.4 * (a[0] - a[1]))))
         r = [reply(rng, w, g) for w, g in zip(a, q)]
+        if r[0] == r[1]:  # the same words in the same order says nothing: draw again
+            continue
         rows.append({"prompt": prompt, "chosen": r[0] if first else r[1], "rejected": r[1] if first else r[0]})
     return rows
 
