@@ -4,9 +4,10 @@ against the same preferences' ODIN quality head, and against a mean_minus_std en
     python bench/length_hacking.py [--steps 60] [--pairs 2000]
 
 A synthetic task on tiny random-init models (alignkit.testing's word vocabulary), so that the
-mechanism shows in minutes on a CPU: a reply's true quality is how many times it says "good".
-Preference pairs of random replies are labelled by a known mix of quality and length,
-P(first wins) = sigmoid(1.0 (q1 - q2) + 0.4 (L1 - L2)) (L in words), so a reward model fitted to
+mechanism shows in minutes on a CPU: a reply's true quality is whether it says "good" (q = 1 or
+0, drawn independently of its length). Preference pairs of random replies are labelled by a known
+mix of quality and length, P(first wins) = sigmoid(2.0 (q1 - q2) + 0.4 (L1 - L2)) (L in words,
+2-14), so a reward model fitted to
 them learns to pay for length as well as quality, as the HH-RLHF reward model of
 bench/reward_model_hh.py pays for brevity. Three rewards are trained on the same pairs (`recipe:
 reward`, every weight): the plain model; ODIN (`reward.disentangle: length`, arXiv 2402.07319),
@@ -15,7 +16,7 @@ as mean - 1 std (arXiv 2310.02743). A tiny policy is then trained with GRPO agai
 (`--steps` steps, 8 prompts x 8 samples of up to 24 tokens), from a warm start that gives short
 replies (`--sft-steps` of SFT on 2-6-word replies). Reported per run: the mean sampled
 completion length over the first and the last 5 steps, the held-out greedy replies' length and
-true quality (mean count of "good"), and the health alerts raised. Last line:
+true quality (the share that say "good"), and the health alerts raised. Last line:
 `length plain=<a> odin=<b> ensemble=<c> quality plain=<d> odin=<e> ensemble=<f> start_length=<g>
 start_quality=<h>` (held-out greedy replies after training; start: the untrained policy).
 `--smoke` (examples/smoke.py): the same run in seconds, fewer pairs and steps.
@@ -38,23 +39,25 @@ FILLER = ["the", "cat", "dog", "sky", "is", "blue", "red", "and", "a", "sun", "m
 TOPICS = ["cat", "dog", "sky", "sun", "moon", "water", "fire", "earth", "city", "world"]
 
 
-def reply(rng: random.Random, words: int, good: int) -> str:
+def reply(rng: random.Random, words: int, good: bool) -> str:
+    """`words` words of filler, one of them "good" when `good`."""
     toks = [rng.choice(FILLER) for _ in range(words - good)] + ["good"] * good
     rng.shuffle(toks)
     return " ".join(toks) + " ."
 
 
 def pairs(n: int, seed: int) -> list:
-    """Preference pairs labelled by P(first wins) = sigmoid(1.0 dq + 0.4 dL)."""
+    """Preference pairs labelled by P(first wins) = sigmoid(2.0 dq + 0.4 dL), quality (whether the
+    reply says "good") drawn independently of length."""
     import math
 
     rng = random.Random(seed)
     rows = []
     while len(rows) < n:
         prompt = f"tell me a story about the {rng.choice(TOPICS)} ."
-        a = [rng.randint(1, 14) for _ in range(2)]
-        q = [rng.randint(0, min(3, w)) for w in a]
-        first = rng.random() < 1 / (1 + math.exp(-(1.0 * (q[0] - q[1]) + 0.4 * (a[0] - a[1]))))
+        a = [rng.randint(2, 14) for _ in range(2)]
+        q = [rng.random() < 0.5 for _ in a]
+        first = rng.random() < 1 / (1 + math.exp(-(2.0 * (q[0] - q[1]) + 0.4 * (a[0] - a[1]))))
         r = [reply(rng, w, g) for w, g in zip(a, q)]
         if r[0] == r[1]:  # the same words in the same order says nothing: draw again
             continue
@@ -80,7 +83,7 @@ def sft_policy(out: Path, model: str, steps: int) -> str:
     from alignkit.train.loop import train
 
     rng = random.Random(4)
-    rows = [{**p, "completion": reply(rng, rng.randint(2, 6), int(rng.random() < 0.25))} for p in prompts(512, seed=5)]
+    rows = [{**p, "completion": reply(rng, rng.randint(2, 6), rng.random() < 0.25)} for p in prompts(512, seed=5)]
     data = write(out / "data" / "sft.jsonl", rows)
     run = out / "sft_policy"
     overrides = [
@@ -121,7 +124,7 @@ def train_rm(out: Path, model: str, data: Path, steps: int, seed: int, odin: boo
     return str(run / "final")
 
 
-def grpo(out: Path, name: str, policy: str, reward, train_file: Path, held_file: Path, steps: int) -> Path:
+def grpo(out: Path, name: str, policy: str, reward, train_file: Path, held_file: Path, steps: int, lr: float) -> Path:
     from alignkit.config import load_config
     from alignkit.train.loop import train
 
@@ -137,7 +140,7 @@ def grpo(out: Path, name: str, policy: str, reward, train_file: Path, held_file:
         "generation.temperature=1.0",
         "train.batch_size=8",
         f"train.max_steps={steps}",
-        "train.learning_rate=5e-3",
+        f"train.learning_rate={lr}",
         "train.warmup_ratio=0",
         "train.lr_schedule=constant",
         "train.log_every=1",
@@ -150,7 +153,7 @@ def grpo(out: Path, name: str, policy: str, reward, train_file: Path, held_file:
 
 
 def greedy_stats(model_dir: str, held: list) -> tuple[float, float]:
-    """(mean length in words, mean count of "good") of greedy replies to the held-out prompts."""
+    """(mean length in words, share saying "good") of greedy replies to the held-out prompts."""
     from alignkit.config import ModelConfig
     from alignkit.generation import SamplingParams, generate
     from alignkit.models import load_model, load_tokenizer
@@ -160,13 +163,14 @@ def greedy_stats(model_dir: str, held: list) -> tuple[float, float]:
     msgs = [[{"role": "user", "content": r["prompt"]}] for r in held]
     texts = [g[0] for g in generate(model, tok, msgs, SamplingParams(max_new_tokens=24), batch_size=16)]
     words = [t.split() for t in texts]
-    return sum(len(w) for w in words) / len(words), sum(w.count("good") for w in words) / len(words)
+    return sum(len(w) for w in words) / len(words), sum("good" in w for w in words) / len(words)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=60, help="GRPO steps per run")
-    ap.add_argument("--rm-steps", type=int, default=150, help="reward-model steps")
+    ap.add_argument("--rm-steps", type=int, default=600, help="reward-model steps")
+    ap.add_argument("--lr", type=float, default=1e-3, help="GRPO's learning rate")
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--sft-steps", type=int, default=150, help="the policy's warm start: steps of SFT on short replies")
     ap.add_argument("--out", default="runs/bench_length_hacking")
@@ -202,7 +206,7 @@ def main() -> None:
     print("\n| reward | sampled length, first 5 steps | last 5 steps | held-out length | held-out quality | alerts |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, reward in rewards.items():
-        run = grpo(out, name, policy, reward, train_file, held_file, args.steps)
+        run = grpo(out, name, policy, reward, train_file, held_file, args.steps, args.lr)
         rows = read_metrics(run, "train")
         lengths = [r["completion_length"] for r in rows]
         alerts = [f"{r['rule']}@{r['step']}" for r in read_metrics(run) if r["split"] == "alert"]
