@@ -240,6 +240,10 @@ def test_reward_judge_and_build_judge(tmp_path):
     fn.write_text("def judge(prompts, replies):\n    return ['no' in r for r in replies]\n")
     assert build_judge(f"{fn}:judge", None, None).classify(["p"], ["no way"]) == ["refusal"]
     assert build_judge(None, None, None).name == "rule"
+    spec = '{"name": "keywords", "required": ["sorry"]}'  # any reward --reward takes, read against a threshold
+    judge = build_judge(None, spec, 0.5)
+    assert judge.name == f"reward:{spec}"
+    assert judge.classify(["p", "p"], ["sorry , no .", "sure , here ."]) == ["refusal", "compliance"]
     with pytest.raises(ConfigError, match="no effect"):
         build_judge(None, None, 0.5)
     with pytest.raises(ConfigError, match="not both"):
