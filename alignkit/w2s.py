@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from alignkit import jsonfile
+from alignkit.data.examples import PreferenceExample
 from alignkit.errors import ConfigError, DataError
 
 STAGES = ("weak", "ceiling", "student", "student_conf")
@@ -81,18 +82,9 @@ def _record(e, first_is_chosen: bool, prob: float) -> dict:
 YES, NO = ({"role": "assistant", "content": "Yes"},), ({"role": "assistant", "content": "No"},)
 
 
-@dataclass
-class _YesNo:
+def _yes_no(e) -> PreferenceExample:
     """A yes/no labelled prompt as a pair: the better reply to the prompt is "Yes" when the label is
     true, "No" when it is false (so a reward model answers a yes/no question)."""
-
-    prompt: tuple
-    chosen: tuple
-    rejected: tuple
-    source: str
-
-
-def _yes_no(e) -> _YesNo:
     label = e.columns.get("label")
     if isinstance(label, (int, float)) and not isinstance(label, bool) and label in (0, 1):
         label = bool(label)
@@ -100,15 +92,15 @@ def _yes_no(e) -> _YesNo:
         raise DataError(
             f"{e.source}: `label` must be true/false (or 1/0): is the answer to the prompt yes? got {label!r}"
         )
-    return _YesNo(e.prompt, YES if label else NO, NO if label else YES, e.source)
+    return PreferenceExample(e.prompt, YES if label else NO, NO if label else YES, e.source)
 
 
 def load_task(path: str):
     """(examples with prompt / chosen / rejected / source, skipped count): preference pairs, or
     prompt records with a yes/no `label` ({"prompt": ..., "label": true})."""
-    from alignkit.data.readers import iter_raw
+    from alignkit.data.prompts import first_record
 
-    first = next((rec for _, rec in iter_raw(path)), None)
+    first = first_record(path)
     if isinstance(first, dict) and "label" in first and "chosen" not in first:
         from alignkit.data.prompts import load_prompt_examples
 

@@ -56,12 +56,11 @@ def dpo_model(base: str, rows: list, out: Path, args) -> str:
     return str(train(cfg, progress=False).final_dir)
 
 
-def _r(d: dict) -> str:
-    return "n/a" if d["rate"] is None else f"{d['rate']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
-
-
 def print_table(sf: dict) -> None:
     """The measurements as a markdown table (before, after, paired change) and the fits."""
+    from alignkit.eval.safety import format_rate
+
+    _r = lambda d: format_rate(d, n=False)  # noqa: E731
     b, a, ch = sf["reference"], sf["model"], sf["change"]
     print("\n| measure | before (SmolLM2) | after (DPO) | change [95% CI] |\n| --- | --- | --- | --- |")
     rows = [

@@ -353,8 +353,7 @@ def print_eval(result: dict) -> None:
 
 
 def print_safety(sf: dict) -> None:
-    def r(d):
-        return "n/a" if d["rate"] is None else f"{d['rate']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}] (n={d['n']})"
+    from alignkit.eval.safety import format_rate as r
 
     ag = sf["judge_agreement"]
     print(

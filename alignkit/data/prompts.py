@@ -57,6 +57,26 @@ def load_prompt_examples(
     return load_records(path, parse_prompt_record, columns, on_bad_record, split)
 
 
+def first_record(path: str):
+    """The first raw record of `path` (None for an empty file): what a loader that takes more than
+    one record form looks at to choose."""
+    from alignkit.data.readers import iter_raw
+
+    return next((rec for _, rec in iter_raw(path)), None)
+
+
+def load_prompts_or_pairs(path: str) -> tuple[LoadResult, bool]:
+    """Prompt records, or preference pairs (HH-RLHF transcripts included) when the first record has
+    `chosen` and `rejected`: (every usable example, bad records skipped and counted; is it pairs?).
+    Either kind has `.prompt` and `.source`; pairs also `.chosen` and `.rejected`."""
+    first = first_record(path)
+    if isinstance(first, dict) and "chosen" in first and "rejected" in first:
+        from alignkit.data.formats import load_preference_examples
+
+        return load_preference_examples(path, on_bad_record="skip"), True
+    return load_prompt_examples(path, on_bad_record="skip"), False
+
+
 def tokenize_prompts(examples: list, tokenizer, max_prompt_length: int) -> tuple[list, int]:
     """Prompt token ids (chat template with the generation prompt), cut to their last
     `max_prompt_length` tokens; returns (items, number truncated)."""

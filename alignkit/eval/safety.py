@@ -36,11 +36,11 @@ from typing import Callable
 
 import numpy as np
 
-from alignkit.data.reasoning import split_reasoning
 from alignkit.errors import ConfigError
 from alignkit.eval.metrics import wilson_interval
 from alignkit.generation.decode import SamplingParams
-from alignkit.rewards.refusal import LABELS
+from alignkit.generation.hf import encode_prompts
+from alignkit.rewards.refusal import LABELS, classify_answers
 
 # (prompt ids, params, seed) -> for each prompt, params.n reply texts (new tokens only)
 Replies = Callable[[list, SamplingParams, int], list]
@@ -100,13 +100,11 @@ def rate(flags: list, n_boot: int = 2000, seed: int = 0) -> dict:
     return {"rate": value, "lo": lo, "hi": hi, "n": p, "replies": p * m, "interval": how}
 
 
-def judge_replies(judge, prompts: list, replies: list) -> list:
-    """The judge's labels of `replies` (answers after any reasoning block)."""
-    answers = [split_reasoning(r).answer for r in replies]
-    labels = judge.classify(prompts, answers)
-    if len(labels) != len(replies):
-        raise ConfigError(f"safety judge {judge.name}: {len(labels)} labels for {len(replies)} replies")
-    return labels
+def format_rate(d: dict, n: bool = True) -> str:
+    """A `rate` as text: "0.800 [0.652, 0.895] (n=40)", or "n/a" when there was nothing to count."""
+    if d.get("rate") is None:
+        return "n/a"
+    return f"{d['rate']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]" + (f" (n={d['n']})" if n else "")
 
 
 # -- best-of-N jailbreaking ------------------------------------------------------------------------
@@ -176,20 +174,14 @@ def power_law_asr(fit: dict, n: float) -> float | None:
 # -- the four measurements -------------------------------------------------------------------------
 
 
-def _encode(tokenizer, prompts: list) -> list:
-    from alignkit.generation.hf import encode_prompts
-
-    return encode_prompts(tokenizer, prompts)
-
-
 def harmful_compliance(replies: Replies, tokenizer, harmful: list, judge, s: SafetySettings) -> tuple[dict, dict]:
     """({"greedy": rate, "sampled": rate}, per-prompt compliance {"greedy": [0/1], "sampled": [share]})."""
     prompts = [h.prompt for h in harmful]
-    ids = _encode(tokenizer, prompts)
+    ids = encode_prompts(tokenizer, prompts)
     greedy = [g[0] for g in replies(ids, s.params.but(temperature=0.0, n=1), s.seed)]
     sampled = replies(ids, s.params.but(n=s.samples), s.seed + 1)
-    g_flags = [[lab == "compliance"] for lab in judge_replies(judge, prompts, greedy)]
-    flat = judge_replies(judge, [p for p in prompts for _ in range(s.samples)], [t for g in sampled for t in g])
+    g_flags = [[lab == "compliance"] for lab in classify_answers(judge, prompts, greedy)]
+    flat = classify_answers(judge, [p for p in prompts for _ in range(s.samples)], [t for g in sampled for t in g])
     s_flags = [[lab == "compliance" for lab in flat[i * s.samples : (i + 1) * s.samples]] for i in range(len(prompts))]
     out = {"greedy": rate(g_flags, s.n_boot, s.seed), "sampled": rate(s_flags, s.n_boot, s.seed)}
     per = {"greedy": [float(f[0]) for f in g_flags], "sampled": [float(np.mean(f)) for f in s_flags]}
@@ -198,8 +190,8 @@ def harmful_compliance(replies: Replies, tokenizer, harmful: list, judge, s: Saf
 
 def over_refusal(replies: Replies, tokenizer, benign: list, judge, s: SafetySettings) -> tuple[dict, list]:
     """(rate of refusals among greedy replies to benign prompts, per-prompt 0/1)."""
-    texts = [g[0] for g in replies(_encode(tokenizer, benign), s.params.but(temperature=0.0, n=1), s.seed)]
-    flags = [[lab == "refusal"] for lab in judge_replies(judge, benign, texts)]
+    texts = [g[0] for g in replies(encode_prompts(tokenizer, benign), s.params.but(temperature=0.0, n=1), s.seed)]
+    flags = [[lab == "refusal"] for lab in classify_answers(judge, benign, texts)]
     return rate(flags, s.n_boot, s.seed), [float(f[0]) for f in flags]
 
 
@@ -209,9 +201,9 @@ def refusal_at_depth(replies: Replies, tokenizer, harmful: list, judge, s: Safet
     whose target the judge does not call a compliance, or whose target is shorter than k tokens
     are left out (counted)."""
     with_target = [h for h in harmful if h.target]
-    labels = judge_replies(judge, [h.prompt for h in with_target], [h.target for h in with_target])
+    labels = classify_answers(judge, [h.prompt for h in with_target], [h.target for h in with_target])
     usable = [h for h, lab in zip(with_target, labels) if lab == "compliance"]
-    prompt_ids = _encode(tokenizer, [h.prompt for h in usable])
+    prompt_ids = encode_prompts(tokenizer, [h.prompt for h in usable])
     target_ids = [tokenizer(h.target, add_special_tokens=False)["input_ids"] for h in usable]
     jobs = [(i, k) for k in s.depths for i in range(len(usable)) if len(target_ids[i]) >= k]
     texts = [
@@ -220,7 +212,7 @@ def refusal_at_depth(replies: Replies, tokenizer, harmful: list, judge, s: Safet
             [prompt_ids[i] + target_ids[i][:k] for i, k in jobs], s.params.but(temperature=0.0, n=1), s.seed
         )
     ]
-    judged = judge_replies(judge, [usable[i].prompt for i, _ in jobs], texts)
+    judged = classify_answers(judge, [usable[i].prompt for i, _ in jobs], texts)
     curve = []
     for k in s.depths:
         flags = [[lab == "refusal"] for (i, kk), lab in zip(jobs, judged) if kk == k]
@@ -242,8 +234,8 @@ def jailbreak(replies: Replies, tokenizer, harmful: list, judge, s: SafetySettin
         for i, h in enumerate(harmful)
         for j in range(m)
     ]
-    texts = [g[0] for g in replies(_encode(tokenizer, aug), s.params.but(n=1), s.seed + 2)]
-    labels = judge_replies(judge, [h.prompt for h in harmful for _ in range(m)], texts)
+    texts = [g[0] for g in replies(encode_prompts(tokenizer, aug), s.params.but(n=1), s.seed + 2)]
+    labels = classify_answers(judge, [h.prompt for h in harmful for _ in range(m)], texts)
     successes = [sum(lab == "compliance" for lab in labels[i * m : (i + 1) * m]) for i in range(len(harmful))]
     per = asr_per_prompt(successes, m, ns)  # [P, len(ns)]
     asr = per.mean(0)

@@ -29,38 +29,25 @@ def shipped_path(name: str) -> str:
     return str(resources.files("alignkit.eval").joinpath(f"safety_data/{name}"))
 
 
-def _is_pairs(path: str) -> bool:
-    for _, record in iter_raw(path):
-        return isinstance(record, dict) and "chosen" in record and "rejected" in record
-    raise DataError(f"{path}: no records")
-
-
 def load_harmful(path: str, limit: int) -> tuple[list, dict]:
     """Harmful requests from prompt records (a `target` column is the compliant reply that refusal
     at depth prefills) or from preference pairs, such as HH-RLHF harmless (the prompt, and the
     rejected reply as the target): the first `limit` usable ones, and what was read."""
-    if _is_pairs(path):
-        from alignkit.data.formats import load_preference_examples
+    from alignkit.data.prompts import load_prompts_or_pairs
 
-        result = load_preference_examples(path, on_bad_record="skip")
-        items = [
-            HarmfulPrompt(list(e.prompt), "\n".join(m["content"] for m in e.rejected), e.source)
-            for e in result.examples[:limit]
-        ]
-        kind = "preference pairs (target: the rejected reply)"
-    else:
-        from alignkit.data.prompts import load_prompt_examples
-
-        result = load_prompt_examples(path, on_bad_record="skip")
-        items = []
-        for e in result.examples[:limit]:
+    result, pairs = load_prompts_or_pairs(path)
+    items = []
+    for e in result.examples[:limit]:
+        if pairs:
+            target = "\n".join(m["content"] for m in e.rejected)
+        else:
             target = e.columns.get("target")
             if target is not None and not isinstance(target, str):
                 raise DataError(
                     f"{e.source}: `target` must be a string (a compliant reply); got {type(target).__name__}"
                 )
-            items.append(HarmfulPrompt(list(e.prompt), target or None, e.source))
-        kind = "prompt records"
+        items.append(HarmfulPrompt(list(e.prompt), target or None, e.source))
+    kind = "preference pairs (target: the rejected reply)" if pairs else "prompt records"
     return items, {"path": path, "kind": kind, "used": len(items), "skipped": len(result.skipped)}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from alignkit.eval.safety import format_rate
 from alignkit.report.inputs import RunInputs, num
 from alignkit.report.plots import Plot
 from alignkit.report.svg import EVAL, MUTED, new_figure, style, to_svg
@@ -19,9 +20,7 @@ def _safety(inp: RunInputs) -> dict:
 
 
 def _rate(d) -> str:
-    if not isinstance(d, dict) or num(d.get("rate")) is None:
-        return "n/a"
-    return f"{d['rate']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}] (n={d['n']})"
+    return format_rate(d) if isinstance(d, dict) and num(d.get("rate")) is not None else "n/a"
 
 
 def _change(ch: dict, key: str) -> str:

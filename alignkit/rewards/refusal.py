@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from typing import Protocol, runtime_checkable
 
+from alignkit.data.reasoning import split_reasoning
 from alignkit.errors import ConfigError
 
 LABELS = ("refusal", "compliance")
@@ -176,6 +177,17 @@ def make_judge(spec: str | None) -> RefusalJudge:
     if not callable(fn):
         raise ConfigError(f"refusal judge {spec!r}: {target} has no function {name}.")
     return FunctionJudge(fn, spec)
+
+
+def classify_answers(judge, prompts: list, replies: list) -> list:
+    """`judge`'s labels of `replies`, each read as its answer after any reasoning block; checked to
+    be one per reply."""
+    if not replies:
+        return []
+    labels = judge.classify(prompts, [split_reasoning(r).answer for r in replies])
+    if len(labels) != len(replies):
+        raise ConfigError(f"refusal judge {judge.name}: {len(labels)} labels for {len(replies)} replies")
+    return labels
 
 
 def behaviour_rate(labels: list) -> float:

@@ -13,26 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.reasoning import split_reasoning
+from alignkit.data.prompts import load_prompts_or_pairs
 from alignkit.generation.decode import SamplingParams, sample
 from alignkit.generation.hf import encode_prompts
-from alignkit.rewards.refusal import make_judge
+from alignkit.rewards.refusal import classify_answers, make_judge
 
 
 def load_safety_prompts(path: str, limit: int) -> list:
     """Message-list prompts: prompt records, or the prompts of preference pairs (HH-RLHF harmless)."""
-    from alignkit.data.readers import iter_raw
-
-    first = next((rec for _, rec in iter_raw(path)), None)
-    if isinstance(first, dict) and "chosen" in first and "rejected" in first:
-        from alignkit.data.formats import load_preference_examples
-
-        examples = load_preference_examples(path, on_bad_record="skip").examples
-    else:
-        from alignkit.data.prompts import load_prompt_examples
-
-        examples = load_prompt_examples(path, on_bad_record="skip").examples
-    return [list(e.prompt) for e in examples[:limit]]
+    return [list(e.prompt) for e in load_prompts_or_pairs(path)[0].examples[:limit]]
 
 
 class SafetyWatch:
@@ -71,7 +60,6 @@ class SafetyWatch:
                 )
         finally:
             model.train(was_training)
-        answers = [split_reasoning(g[0].text).answer for g in groups]
-        labels = self.judge.classify([self.prompts[i] for i in mine], answers) if mine else []
+        labels = classify_answers(self.judge, [self.prompts[i] for i in mine], [g[0].text for g in groups])
         flags = [f for share in dist.gather_shares([lab == "compliance" for lab in labels]) for f in share]
         return {"safety/harmful_compliance": sum(flags) / len(flags), "safety/n": float(len(flags))}
