@@ -55,6 +55,7 @@ SCRIPTS = {
         OUT,
         None,
     ),
+    "bench/mask_dpo_gsm8k.py": (rf"step_accuracy base={NUM} dpo={NUM} mask_dpo={NUM} n=8", [], OUT, None),
     "bench/memory.py": (
         rf"qlora_vs_lora_peak={NUM} cp2_vs_cp1_peak_at_longest={NUM} longest_len_cp1=\d+ longest_len_cp2=\d+",
         [],
