@@ -86,7 +86,11 @@ def training_pair(question: str, lines: list[str], rng: random.Random) -> dict:
             for i, line in enumerate(lines)
         ]
 
-    return {"prompt": question, "chosen_sentences": sentences(chosen_bad), "rejected_sentences": sentences(rejected_bad)}
+    return {
+        "prompt": question,
+        "chosen_sentences": sentences(chosen_bad),
+        "rejected_sentences": sentences(rejected_bad),
+    }
 
 
 def as_plain_pair(rec: dict) -> dict:
@@ -107,7 +111,8 @@ def probe_records(question: str, lines: list[str], rng: random.Random) -> list[d
             {
                 "prompt": question,
                 "chosen_sentences": head + [{"text": lines[i], "correct": True}],
-                "rejected_sentences": [{**h, "correct": True} for h in head] + [{"text": corrupt(lines[i], rng), "correct": False}],
+                "rejected_sentences": [{**h, "correct": True} for h in head]
+                + [{"text": corrupt(lines[i], rng), "correct": False}],
             }
         )
     return out
@@ -210,8 +215,8 @@ def main() -> None:
     n = len(items)
     summary = {}
     print(
-        f"\n{len(held_rows)} held-out questions, {n} steps\n\n| model | step accuracy [95% Wilson] | change vs untrained "
-        "[95% bootstrap over questions] | time (s) |\n| --- | --- | --- | --- |"
+        f"\n{len(held_rows)} held-out questions, {n} steps\n\n| model | step accuracy [95% Wilson] "
+        "| change vs untrained [95% bootstrap over questions] | time (s) |\n| --- | --- | --- | --- |"
     )
     for method, r in results.items():
         acc = float(r["right"].mean())

@@ -56,6 +56,12 @@ SCRIPTS = {
         None,
     ),
     "bench/mask_dpo_gsm8k.py": (rf"step_accuracy base={NUM} dpo={NUM} mask_dpo={NUM} n=8", [], OUT, None),
+    "bench/prm_gsm8k.py": (
+        rf"bon_accuracy prm={NUM} orm={NUM} majority={NUM} first={NUM} pass_at_n={NUM} step_accuracy={NUM} n=4",
+        [],
+        OUT,
+        None,
+    ),
     "bench/memory.py": (
         rf"qlora_vs_lora_peak={NUM} cp2_vs_cp1_peak_at_longest={NUM} longest_len_cp1=\d+ longest_len_cp2=\d+",
         [],
