@@ -50,6 +50,8 @@ class ModelConfig:
     """Freeze the input embeddings and the first N transformer blocks: cheaper steps, fewer trained weights (tied output embeddings freeze too)."""
     chat_template: Optional[str] = None
     """A Jinja chat template (a file path, or the template text) used instead of the tokenizer's own: e.g. an append-only template for multi-turn episodes where the model's own cannot be continued turn by turn (docs/reasoning.md)."""
+    train_vision: bool = False
+    """Vision-language models: also train the vision tower (default: frozen; the projector and the language model train). An error for a text-only model (docs/vision.md)."""
     quantization: Optional[Literal["nf4", "int8"]] = None
     """QLoRA: keep the frozen base's transformer-block linears in 4-bit NormalFloat with double quantization (`nf4`) or in `int8` (torchao), training LoRA adapters in the compute dtype; needs `lora.enabled` (docs/fitting.md)."""
 
@@ -65,7 +67,9 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the LoRA input."""
     target_modules: Union[str, list] = "all-linear"
-    """Module names to adapt, or `all-linear` for every linear layer but the output head."""
+    """Module names to adapt, or `all-linear` for every linear layer but the output head (of a vision-language model: of its language model only, see `vision_parts`)."""
+    vision_parts: list = field(default_factory=list)
+    """Vision-language models with `all-linear`: also adapt the linears of these parts, `projector` and/or `vision` (the vision tower); an error for a text-only model."""
 
 
 @dataclass
@@ -822,6 +826,14 @@ def validate(cfg: RunConfig) -> None:
     if rw.length_coef < 0 or rw.orthogonal_coef < 0:
         raise ConfigError(
             f"`reward.length_coef` and `reward.orthogonal_coef` must be >= 0; got {rw.length_coef}, {rw.orthogonal_coef}."
+        )
+    bad_parts = [x for x in cfg.lora.vision_parts if x not in ("projector", "vision")]
+    if bad_parts or not isinstance(cfg.lora.vision_parts, list):
+        raise ConfigError(f"`lora.vision_parts` takes `projector` and/or `vision`; got {cfg.lora.vision_parts!r}.")
+    if cfg.lora.vision_parts and not (cfg.lora.enabled and cfg.lora.target_modules == "all-linear"):
+        raise ConfigError(
+            "`lora.vision_parts` adds a vision-language model's projector or vision tower to LoRA's `all-linear` "
+            "targets; it has no effect without lora.enabled=true and lora.target_modules=all-linear."
         )
     if cfg.model.quantization and not cfg.lora.enabled:
         raise ConfigError(

@@ -47,8 +47,13 @@ def cache_key(fingerprint: dict, items: list, precision: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(fingerprint, sort_keys=True).encode())
     h.update(precision.encode())
-    for it in items:  # every field of a tokenized item (ids, masks, index) decides its log-probs
-        h.update(json.dumps(dataclasses.asdict(it), sort_keys=True).encode())
+    for it in items:  # every field of a tokenized item (ids, masks, index, pixels) decides its log-probs
+        vision = getattr(it, "vision", None)
+        fields = dataclasses.asdict(it if vision is None else dataclasses.replace(it, vision=None))
+        h.update(json.dumps(fields, sort_keys=True).encode())
+        for name, tensor in sorted(vision.tensors.items()) if vision is not None else ():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:24]
 
 

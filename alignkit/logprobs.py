@@ -147,8 +147,9 @@ def trunk_inputs(model, batch: TokenBatch) -> dict:
     The 4D mask goes in as an additive float mask (0 / dtype-min) in the compute dtype, built once
     per batch: given a boolean mask, SDPA converts it to float in every layer and keeps each copy
     for the backward pass (30 x T^2 x 4 bytes for a 30-layer model, 190 MB at T = 1288)."""
+    pixels = batch.vision or {}  # a vision-language model's pixel inputs, for the images in the rows
     if not batch.packed:
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **pixels}
     device = batch.allowed.device
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
@@ -156,7 +157,7 @@ def trunk_inputs(model, batch: TokenBatch) -> dict:
         dtype = next(model.parameters()).dtype
     allowed = batch.allowed[:, None]  # [R, 1, T, T]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": batch.position_ids}
+    return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": batch.position_ids, **pixels}
 
 
 def final_hidden(model, batch: TokenBatch) -> torch.Tensor:
@@ -217,8 +218,11 @@ def scored_hidden_sharded(model, batch: TokenBatch, cp):
 def sharded_hidden(model, batch: TokenBatch, cp) -> torch.Tensor:
     """[R, T/N, H]: the final hidden states of this process's share of the positions, the model
     run with context parallelism (`alignkit.context_parallel`)."""
+    from alignkit.errors import ConfigError
     from alignkit.models import decoder_of, is_reward_model
 
+    if batch.vision is not None:  # each process would need the pixels of the image tokens it holds
+        raise ConfigError("dist.context_parallel does not take prompts with images yet; set it to 1 for them.")
     device = batch.input_ids.device
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import LoraConfig, ModelConfig
+from alignkit.data.vision import VisionProcessor, check_architecture, is_vision_config, vision_of
 from alignkit.errors import ConfigError, ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -153,12 +154,36 @@ def read_chat_template(value: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def load_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
-    from transformers import AutoTokenizer
+def model_config(cfg: ModelConfig, cache_dir: str | None = None):
+    """The model's transformers config (read from its directory or the hub, no weights)."""
+    from transformers import AutoConfig
 
     path = resolve_model_path(cfg.name_or_path, cache_dir)
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the model config of {cfg.name_or_path!r}: {e}") from None
+
+
+def load_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
+    """The tokenizer; for a vision-language model, its processor's tokenizer, which carries the
+    processor (`alignkit.data.vision.vision_of`) for the prompts' images."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path, cache_dir)
+    config = model_config(cfg, cache_dir)
+    try:
+        if is_vision_config(config):
+            check_architecture(config.model_type, cfg.name_or_path)
+            processor = AutoProcessor.from_pretrained(
+                path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+            )
+            tok = processor.tokenizer
+            if tok.chat_template is None:  # the template that renders image parts is the processor's
+                tok.chat_template = processor.chat_template
+            tok.alignkit_vision = VisionProcessor(processor, config.model_type)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise ModelError(f"cannot load a tokenizer from {cfg.name_or_path!r}: {e}") from None
     if cfg.chat_template is not None:
@@ -168,6 +193,15 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
         # common choice and needs no new embedding row.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def save_tokenizer(tokenizer, path) -> None:
+    """Save the tokenizer, or a vision-language model's whole processor (so `AutoProcessor` loads it back)."""
+    vision = vision_of(tokenizer)
+    if vision is not None:
+        vision.save_pretrained(path)
+    else:
+        tokenizer.save_pretrained(path)
 
 
 def load_model(
@@ -185,10 +219,18 @@ def load_model(
     one output per name (`AutoModelForSequenceClassification`, new head initialised by
     transformers), scoring each sequence at its last non-pad token, so the saved directory loads
     back in `transformers` as a sequence classifier that gives the same scores."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     device = device or resolve_device(cfg.device)
     path = resolve_model_path(cfg.name_or_path, cache_dir)
+    vision = is_vision_config(model_config(cfg, cache_dir))
+    if vision and reward_names:
+        raise ModelError(
+            f"{cfg.name_or_path} is a vision-language model; reward and value models on one are not supported yet "
+            "(alignkit trains vision-language policies: SFT and the DPO family, docs/vision.md)."
+        )
+    if cfg.train_vision and not vision:
+        raise ConfigError(f"`model.train_vision` has no effect: {cfg.name_or_path} is a text-only model; remove it.")
     dtype = resolve_dtype(cfg.dtype, device, for_training)
     kwargs = dict(
         revision=cfg.revision,
@@ -205,7 +247,7 @@ def load_model(
         )
     try:
         cls = AutoModelForSequenceClassification if reward_names else AutoModelForCausalLM
-        model = cls.from_pretrained(path, **kwargs)
+        model = (AutoModelForImageTextToText if vision else cls).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         kind = "a reward model" if reward_names else "a causal LM"
         raise ModelError(f"cannot load {kind} from {cfg.name_or_path!r}: {e}") from None
@@ -220,7 +262,41 @@ def load_model(
         model.config.use_cache = False
     if cfg.freeze_layers and for_training:
         freeze_bottom(model, cfg.freeze_layers)
+    if vision and not cfg.train_vision:
+        vision_part(model, "vision").requires_grad_(False)
     return model
+
+
+# The submodules of a vision-language model's inner model, by role (transformers' names per family).
+VISION_PARTS = {
+    "vision": ("vision_tower", "vision_model", "visual"),
+    "projector": ("multi_modal_projector", "connector"),
+}
+
+
+def vision_part(model, part: str) -> torch.nn.Module:
+    """A vision-language model's vision tower (`vision`) or projector (`projector`)."""
+    base = model.get_base_model() if is_peft(model) else model
+    inner = getattr(base, "model", base)
+    for name in VISION_PARTS[part]:
+        module = getattr(inner, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise ModelError(
+        f"cannot find the {part} module of {type(base).__name__} (looked for {', '.join(VISION_PARTS[part])})"
+    )
+
+
+def lora_targets(model, cfg: LoraConfig):
+    """peft's target modules: as configured; for a vision-language model with `all-linear`, the
+    linears of its language model (its output head excepted) and of `lora.vision_parts`."""
+    if cfg.target_modules != "all-linear" or not is_vision_config(model.config):
+        if cfg.vision_parts:
+            raise ConfigError("`lora.vision_parts` has no effect: the model is text-only; remove it.")
+        return cfg.target_modules
+    parts = [decoder_of(model)] + [vision_part(model, p) for p in cfg.vision_parts]
+    owned = {id(m) for part in parts for m in part.modules()}
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) in owned]
 
 
 def transformer_blocks(model) -> torch.nn.ModuleList:
@@ -257,7 +333,7 @@ def apply_lora(model, cfg: LoraConfig, quantization: str | None = None):
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=lora_targets(model, cfg),
         # SEQ_CLS also trains the new reward head in full (peft's modules_to_save).
         task_type="SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM",
     )

@@ -172,3 +172,96 @@ def reasoning_tokenizer(template: str = CHATML_TEMPLATE):
         tok.eos_token = "<|eot_id|>"
     tok.chat_template = template
     return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny vision-language models (issue 33): the same tokenizer with the family's image tokens, a
+# one-layer vision tower on 28 x 28 (LLaVA: 4 image tokens) or 56 x 56 images (Idefics3: 16
+# patches, 4 tokens after its pixel shuffle), and a template that renders image parts.
+
+VLM_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VLM_FAMILIES = ("llava", "idefics3")
+_VLM_TOKENS = {"llava": ["<image>"], "idefics3": ["<fake_token_around_image>", "<image>", "<global-img>"]}
+
+
+def save_tiny_vlm_dir(path: str | Path, family: str = "llava", seed: int = 0, hidden: int = 32) -> Path:
+    """Write a tiny random-init vision-language model of `family` (llava, idefics3) with its
+    processor as a Hugging Face directory (AutoModelForImageTextToText and AutoProcessor load it)."""
+    from transformers import (
+        CLIPVisionConfig,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    path = Path(path)
+    specials = _VLM_TOKENS[family]
+    tok = tiny_tokenizer(extra_words=tuple(specials))
+    tok.add_tokens(specials, special_tokens=True)  # whole tokens: the pre-tokenizer would split "<image>"
+    tok.chat_template = VLM_TEMPLATE
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+        eos_token_id=3,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, patch_size=14)
+    image_token = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(seed)
+    if family == "llava":
+        cfg = LlavaConfig(
+            vision_config=CLIPVisionConfig(**vision, image_size=28).to_dict(),
+            text_config=text.to_dict(),
+            image_token_index=image_token,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )
+        model = LlavaForConditionalGeneration(cfg)
+        images = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, do_pad=False)
+        processor = LlavaProcessor(
+            image_processor=images,
+            tokenizer=tok,
+            patch_size=14,
+            num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
+            vision_feature_select_strategy="default",
+            chat_template=VLM_TEMPLATE,
+            image_token="<image>",
+        )
+    else:
+        cfg = Idefics3Config(
+            vision_config=Idefics3VisionConfig(**vision, image_size=56).to_dict(),
+            text_config=text.to_dict(),
+            image_token_id=image_token,
+            scale_factor=2,
+            pad_token_id=1,
+        )
+        model = Idefics3ForConditionalGeneration(cfg)
+        images = Idefics3ImageProcessorPil(
+            do_image_splitting=False, size={"longest_edge": 56}, max_image_size={"longest_edge": 56}
+        )
+        processor = Idefics3Processor(
+            image_processor=images, tokenizer=tok, image_seq_len=4, chat_template=VLM_TEMPLATE
+        )
+    model.to(torch.float32)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -491,7 +491,10 @@ def test_rule_bad_message():
     message = pref_error({"prompt": [U("hi")], "chosen": [{"role": "bot", "content": "a"}], "rejected": "b"})
     assert "message 0 of field 'chosen' has unknown role 'bot'; valid roles: system, user, assistant, tool" in message
     message = pref_error({"prompt": [U("hi"), {"role": "user", "content": ["x"]}], "chosen": "a", "rejected": "b"})
-    assert "message 1 of field 'prompt' has content a list of 1; content must be a string" in message
+    # a list is content parts (text and images, for vision-language models): each must be one
+    assert "part 0 of message 1 of field 'prompt' must be {type: text, text: ...} or {type: image, image: ...}" in message
+    message = pref_error({"prompt": [U("hi"), {"role": "user", "content": 3}], "chosen": "a", "rejected": "b"})
+    assert "message 1 of field 'prompt' has content a number (3); content must be a string" in message
     message = pref_error({"prompt": [{"from": "human", "value": "hi"}], "chosen": "a", "rejected": "b"})
     assert "ShareGPT's from/value? rename them to role/content" in message
     message = pref_error({"prompt": ["hi"], "chosen": "a", "rejected": "b"})

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.data.vision import collate_vision
+
 
 @dataclass
 class TokenBatch:
@@ -33,6 +35,9 @@ class TokenBatch:
     position_ids: torch.Tensor | None = None  # [R, T] long, packed layouts only
     allowed: torch.Tensor | None = None  # [R, T, T] bool: query may attend key (packed layouts only)
     shared_tokens: int = 0  # prompt tokens a packed layout did not repeat (what a plain layout would add)
+    # the model's pixel inputs (vision-language models), their images in the order their tokens
+    # occur in the rows (row-major), which is the order the model fills image tokens in
+    vision: dict | None = None
 
     @property
     def num_examples(self) -> int:
@@ -69,6 +74,7 @@ class TokenBatch:
             move(self.position_ids),
             move(self.allowed),
             self.shared_tokens,
+            None if self.vision is None else {k: v.to(device, non_blocking=True) for k, v in self.vision.items()},
         )
 
     def predictor_positions(self) -> torch.Tensor:
@@ -103,14 +109,16 @@ def collate_pairs(pairs: list, pad_id: int) -> TokenBatch:
     rows = [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids), i, p.chosen_mask) for i, p in enumerate(pairs)]
     rows += [(p.prompt_ids + p.rejected_ids, len(p.prompt_ids), b + i, p.rejected_mask) for i, p in enumerate(pairs)]
     ids, att, seg = _pad_rows(rows, pad_id)
-    return TokenBatch(ids, att, seg, 2 * b, torch.tensor([p.index for p in pairs], dtype=torch.long))
+    vision = collate_vision([p.vision for p in pairs] * 2)
+    return TokenBatch(ids, att, seg, 2 * b, torch.tensor([p.index for p in pairs], dtype=torch.long), vision=vision)
 
 
 def collate_sft(items: list, pad_id: int) -> TokenBatch:
     """TokenizedSFTs -> a padded batch, one row and one segment per example."""
     rows = [(it.prompt_ids + it.completion_ids, len(it.prompt_ids), i) for i, it in enumerate(items)]
     ids, att, seg = _pad_rows(rows, pad_id)
-    return TokenBatch(ids, att, seg, len(items), torch.tensor([it.index for it in items], dtype=torch.long))
+    index = torch.tensor([it.index for it in items], dtype=torch.long)
+    return TokenBatch(ids, att, seg, len(items), index, vision=collate_vision([it.vision for it in items]))
 
 
 def collate_groups(groups: list, pad_id: int) -> TokenBatch:
@@ -123,7 +131,8 @@ def collate_groups(groups: list, pad_id: int) -> TokenBatch:
         (g.prompt_ids + g.completions[k], len(g.prompt_ids), k * b + i) for k in range(s) for i, g in enumerate(groups)
     ]
     ids, att, seg = _pad_rows(rows, pad_id)
-    return TokenBatch(ids, att, seg, s * b, torch.tensor([g.index for g in groups], dtype=torch.long))
+    vision = collate_vision([getattr(g, "vision", None) for g in groups] * s)
+    return TokenBatch(ids, att, seg, s * b, torch.tensor([g.index for g in groups], dtype=torch.long), vision=vision)
 
 
 def completions_of(item) -> list:
@@ -176,7 +185,8 @@ def group_rows(prompt: list, completions: list, segments: list, masks: list | No
 def pack_groups(groups: list, pad_id: int, capacity: int) -> tuple:
     """Lay examples (from `group_rows`) into rows of at most `capacity` tokens, first-fit by
     decreasing length; returns (input_ids, attention_mask, segment_ids, pred_index, position_ids,
-    allowed) with allowed[r, q, k] true when token q may attend token k."""
+    allowed, order) with allowed[r, q, k] true when token q may attend token k, and `order` the
+    examples' indices in the order they occur in the rows (row-major)."""
     capacity = max(capacity, max(len(g["ids"]) for g in groups))
     rows, used = [], []
     for gi in sorted(range(len(groups)), key=lambda i: -len(groups[i]["ids"])):
@@ -217,7 +227,7 @@ def pack_groups(groups: list, pad_id: int, capacity: int) -> tuple:
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = (q == k) & (q >= 0) & causal & ((bk == 0) | (bk == bq))
     allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax rows
-    return ids, att, seg, pred, pos, allowed
+    return ids, att, seg, pred, pos, allowed, [gi for members in rows for gi in members]
 
 
 def collate_packed_groups(items: list, pad_id: int, capacity: int) -> TokenBatch:
@@ -231,17 +241,17 @@ def collate_packed_groups(items: list, pad_id: int, capacity: int) -> TokenBatch
         masks = [it.chosen_mask, it.rejected_mask] if hasattr(it, "chosen_mask") else getattr(it, "masks", None)
         groups.append(group_rows(it.prompt_ids, comps, [k * b + i for k in range(len(comps))], masks))
     s = len(completions_of(items[0]))
-    ids, att, seg, pred, pos, allowed = pack_groups(groups, pad_id, capacity)
+    ids, att, seg, pred, pos, allowed, order = pack_groups(groups, pad_id, capacity)
     shared = sum((s - 1) * len(it.prompt_ids) for it in items)
-    return TokenBatch(
-        ids, att, seg, s * b, torch.tensor([it.index for it in items], dtype=torch.long), pred, pos, allowed, shared
-    )
+    vision = collate_vision([getattr(items[i], "vision", None) for i in order])  # one copy per shared prompt
+    index = torch.tensor([it.index for it in items], dtype=torch.long)
+    return TokenBatch(ids, att, seg, s * b, index, pred, pos, allowed, shared, vision)
 
 
 def collate_packed_sft(items: list, pad_id: int, capacity: int) -> TokenBatch:
     """SFT items packed into rows (one segment per example)."""
     groups = [group_rows(it.prompt_ids, [it.completion_ids], [i]) for i, it in enumerate(items)]
-    ids, att, seg, pred, pos, allowed = pack_groups(groups, pad_id, capacity)
-    return TokenBatch(
-        ids, att, seg, len(items), torch.tensor([it.index for it in items], dtype=torch.long), pred, pos, allowed
-    )
+    ids, att, seg, pred, pos, allowed, order = pack_groups(groups, pad_id, capacity)
+    index = torch.tensor([it.index for it in items], dtype=torch.long)
+    vision = collate_vision([getattr(items[i], "vision", None) for i in order])
+    return TokenBatch(ids, att, seg, len(items), index, pred, pos, allowed, vision=vision)

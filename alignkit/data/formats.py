@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from alignkit.data.examples import ROLES, PreferenceExample, SFTExample
 from alignkit.data.readers import RecordError, Unreadable, iter_raw, read_records
+from alignkit.data.vision import IMAGES_FIELD, attach_images, check_parts, text_of
 from alignkit.errors import ConfigError, DataError
 
 __all__ = [
@@ -122,7 +123,9 @@ def parse_preference_record(record: object, location: str, columns: dict[str, st
     else:
         prompt, chosen, rejected = _split_transcripts(rec, chosen_raw, rejected_raw)
         plain = False  # roles came from a transcript: raw concatenation would lose them
-    if not any(m["content"].strip() for m in prompt):
+    prompt = rec.with_images(prompt)
+    plain = plain and all(isinstance(m["content"], str) for m in prompt)
+    if not any(text_of(m["content"]).strip() or not isinstance(m["content"], str) for m in prompt):
         raise rec.error(f"the prompt is empty; preference data needs a prompt ({rec.label('prompt')})")
     rec.check_completion(rec.label("chosen"), chosen)
     rec.check_completion(rec.label("rejected"), rejected)
@@ -141,7 +144,7 @@ def parse_sft_record(record: object, location: str, columns: dict[str, str] | No
         messages, _ = rec.messages("messages", rec.get("messages"), None)
         prompt, completion = _split_last_assistant(rec, "messages", messages, "conversation")
         rec.check_completion(f"the final assistant message of {rec.label('messages')}", completion)
-        return SFTExample(tuple(prompt), tuple(completion), location, plain_text=False)
+        return SFTExample(tuple(rec.with_images(prompt)), tuple(completion), location, plain_text=False)
     if not ({"prompt", "completion"} & set(columns) or rec.has("prompt") or rec.has("completion")):
         raise rec.error(
             f"has neither 'messages' nor 'prompt' + 'completion' (found fields: {rec.found()}); "
@@ -152,6 +155,8 @@ def parse_sft_record(record: object, location: str, columns: dict[str, str] | No
     prompt, prompt_plain = ([], True) if prompt_raw == "" else rec.messages("prompt", prompt_raw, "user")
     completion, completion_plain = rec.messages("completion", completion_raw, "assistant")
     rec.check_completion(rec.label("completion"), completion)
+    if rec.has(IMAGES_FIELD):
+        prompt, prompt_plain = rec.with_images(prompt), False
     return SFTExample(tuple(prompt), tuple(completion), location, prompt_plain and completion_plain)
 
 
@@ -297,12 +302,24 @@ class Record:
                 raise self.error(f"{where} has no {key!r} (found keys: {', '.join(map(repr, m))}){hint}")
         if m["role"] not in ROLES:
             raise self.error(f"{where} has unknown role {m['role']!r}; valid roles: {', '.join(ROLES)}")
+        if isinstance(m["content"], (list, tuple)) and m["role"] != "assistant":  # text and image parts
+            return {
+                **{k: v for k, v in m.items() if v is not None},
+                "content": check_parts(m["content"], where, self.location),
+            }
         if not isinstance(m["content"], str):
-            raise self.error(f"{where} has content {_describe(m['content'])}; content must be a string")
+            parts = " (content parts, such as images, go in prompt messages only)" if m["role"] == "assistant" else ""
+            raise self.error(f"{where} has content {_describe(m['content'])}; content must be a string{parts}")
         # A copy that keeps extra keys (name, tool_calls) for the chat template, minus nulls:
         # Arrow structs (Parquet, datasets) fill a key missing from one message with null, and
         # templates that test `message.tool_calls is defined` would take a null as present.
         return {k: v for k, v in m.items() if v is not None}
+
+    def with_images(self, prompt: list) -> list:
+        """The prompt with the record's `images` column placed in it (`alignkit.data.vision`)."""
+        if IMAGES_FIELD not in self.record or self.record[IMAGES_FIELD] is None:
+            return prompt
+        return attach_images(prompt, self.record[IMAGES_FIELD], self.location, f"field {IMAGES_FIELD!r}")
 
     def check_completion(self, label: str, messages: list) -> None:
         if not messages:
@@ -356,7 +373,7 @@ def _describe(value) -> str:
 def _describe_turn(messages: list, index: int) -> str:
     if index >= len(messages):
         return "its final assistant reply there"
-    return f"{messages[index]['role']} {_snippet(messages[index]['content'])}"
+    return f"{messages[index]['role']} {_snippet(text_of(messages[index]['content']))}"
 
 
 def _snippet(text: str, width: int = 40) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from alignkit.data.examples import PreferenceExample, SFTExample
 from alignkit.data.reasoning import DEFAULT_TAGS, reasoning_span
+from alignkit.data.vision import VisionInputs, prompt_images, require_vision
 from alignkit.errors import DataError
 
 
@@ -24,6 +25,7 @@ class TokenizedPair:
     truncated: bool = False
     chosen_mask: list | None = None  # per completion token: scored? (None: all; Mask-DPO sets it)
     rejected_mask: list | None = None
+    vision: VisionInputs | None = None  # the prompt's pixel inputs (vision-language models)
 
 
 @dataclass
@@ -32,6 +34,7 @@ class TokenizedSFT:
     completion_ids: list
     index: int
     truncated: bool = False
+    vision: VisionInputs | None = None
 
 
 @dataclass
@@ -125,6 +128,22 @@ def encode_text(tokenizer, prompt_text: str, completion_text: str) -> tuple[list
     return list(prompt_ids), list(completion_ids)
 
 
+def fit(prompt: list, completions: list, max_length: int, max_prompt_length, vision, source: str):
+    """`truncate`, except that a prompt with images is never cut (a cut could split an image's
+    tokens from its pixels): its completions are, and a prompt that leaves no room is an error."""
+    if vision is None:
+        return truncate(prompt, completions, max_length, max_prompt_length)
+    room = max_length - len(prompt)
+    if room < 1:
+        raise DataError(
+            f"{source}: the prompt is {len(prompt)} tokens with its {vision.num_images} image(s) (as the processor "
+            f"lays them out), which leaves no room for a reply within data.max_length={max_length}; raise "
+            "data.max_length or use smaller images"
+        )
+    cut = any(len(c) > room for c in completions)
+    return prompt, [c[:room] for c in completions], cut
+
+
 def truncate(prompt: list, completions: list, max_length: int, max_prompt_length: int | None):
     """Fit prompt + each completion into `max_length` tokens.
 
@@ -145,14 +164,20 @@ def tokenize_pairs(examples: list, tokenizer, max_length: int, max_prompt_length
     out, stats = [], TokenizeStats()
     for i, ex in enumerate(examples):
         assert isinstance(ex, PreferenceExample)
+        vision = require_vision(tokenizer, ex.prompt, ex.source)
         p_text, c_text = render_texts(tokenizer, ex.prompt, ex.chosen, ex.plain_text)
         p_text2, r_text = render_texts(tokenizer, ex.prompt, ex.rejected, ex.plain_text)
         assert p_text == p_text2
         prompt, chosen = encode_text(tokenizer, p_text, c_text)
         _, rejected = encode_text(tokenizer, p_text, r_text)
-        prompt, (chosen, rejected), cut = truncate(prompt, [chosen, rejected], max_length, max_prompt_length)
+        pixels = None
+        if vision is not None:  # the processor expands each image placeholder to the image's tokens
+            prompt, pixels = vision.encode_prompt(p_text, prompt_images(ex.prompt), ex.source)
+        prompt, (chosen, rejected), cut = fit(
+            prompt, [chosen, rejected], max_length, max_prompt_length, pixels, ex.source
+        )
         stats.count(ex.source, cut)
-        out.append(TokenizedPair(prompt, chosen, rejected, index=i, truncated=cut))
+        out.append(TokenizedPair(prompt, chosen, rejected, index=i, truncated=cut, vision=pixels))
     return out, stats
 
 
@@ -161,11 +186,15 @@ def tokenize_sft(examples: list, tokenizer, max_length: int, max_prompt_length: 
     out, stats = [], TokenizeStats()
     for i, ex in enumerate(examples):
         assert isinstance(ex, SFTExample)
+        vision = require_vision(tokenizer, ex.prompt, ex.source)
         p_text, c_text = render_texts(tokenizer, ex.prompt, ex.completion, ex.plain_text)
         prompt, completion = encode_text(tokenizer, p_text, c_text)
-        prompt, (completion,), cut = truncate(prompt, [completion], max_length, max_prompt_length)
+        pixels = None
+        if vision is not None:
+            prompt, pixels = vision.encode_prompt(p_text, prompt_images(ex.prompt), ex.source)
+        prompt, (completion,), cut = fit(prompt, [completion], max_length, max_prompt_length, pixels, ex.source)
         stats.count(ex.source, cut)
-        out.append(TokenizedSFT(prompt, completion, index=i, truncated=cut))
+        out.append(TokenizedSFT(prompt, completion, index=i, truncated=cut, vision=pixels))
     return out, stats
 
 

@@ -28,7 +28,7 @@ import torch
 
 from alignkit.config import RunConfig, save_config
 from alignkit.errors import AlignkitError
-from alignkit.models import is_peft, merged_copy
+from alignkit.models import is_peft, merged_copy, save_tokenizer
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
@@ -136,7 +136,7 @@ def save_model_dir(path: Path, model, tokenizer, cfg: RunConfig, merge_lora: boo
     if is_peft(to_save):  # adapters only: the base's config still names the model it applies to
         to_save.get_base_model().config.save_pretrained(path)
     if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        save_tokenizer(tokenizer, path)
     save_config(cfg, path / "alignkit_config.yaml")
 
 
@@ -148,7 +148,7 @@ def save_model_config(path: Path, model, tokenizer, cfg: RunConfig) -> None:
     base = model.get_base_model() if is_peft(model) else model
     base.config.save_pretrained(path)
     if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        save_tokenizer(tokenizer, path)
     save_config(cfg, path / "alignkit_config.yaml")
 
 

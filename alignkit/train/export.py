@@ -11,7 +11,7 @@ import torch
 from alignkit.config import load_config
 from alignkit.distributed import Dist
 from alignkit.errors import ConfigError
-from alignkit.models import apply_lora, load_model, load_tokenizer
+from alignkit.models import apply_lora, load_model, load_tokenizer, save_tokenizer
 from alignkit.registries import recipes as registry
 from alignkit.train import checkpoint as ckpt
 
@@ -35,7 +35,7 @@ def export_checkpoint(
     def write(tmp: Path) -> None:
         model.peft_config["default"].base_model_name_or_path = cfg.model.name_or_path
         model.save_pretrained(tmp)  # peft writes the adapters (and a reward head) only
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
 
     return ckpt.atomic_dir(out, write)
 

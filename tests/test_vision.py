@@ -1,0 +1,330 @@
+"""Vision-language models (issue 33): images in prompts through the processor, on tiny random-init
+LLaVA and Idefics3 models built from config."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import base_overrides, crash_after, write_jsonl
+from PIL import Image
+
+from alignkit.config import ModelConfig, load_config
+from alignkit.data.batching import collate_packed_groups, collate_pairs, collate_sft
+from alignkit.data.formats import load_preference_examples, load_sft_examples
+from alignkit.data.tokenize import tokenize_pairs, tokenize_sft
+from alignkit.errors import ConfigError, DataError, ModelError
+from alignkit.logprobs import segment_logps
+from alignkit.models import apply_lora, load_model, load_tokenizer, vision_part
+from alignkit.testing import VLM_FAMILIES, save_tiny_vlm_dir
+from alignkit.train import checkpoint as ckpt
+from alignkit.train import loop
+from alignkit.train.metrics import read_metrics
+
+COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
+
+
+@pytest.fixture(scope="module")
+def vlm_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm")
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (40, 30), rgb).save(root / f"{name}.png")
+    return root, {fam: save_tiny_vlm_dir(root / fam, fam) for fam in VLM_FAMILIES}
+
+
+def image_prompt(name: str, question: str = "what is the sky ?") -> list:
+    return [
+        {"role": "user", "content": [{"type": "image", "image": f"{name}.png"}, {"type": "text", "text": question}]}
+    ]
+
+
+def colour_pairs(n: int, seed: int = 0) -> list:
+    """The reply names the image's colour: visible only in the image."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        right, wrong = rng.sample(["red", "blue"], 2)
+        rows.append({"prompt": image_prompt(right), "chosen": right, "rejected": wrong})
+    return rows
+
+
+def _tok(model_dir):
+    return load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
+
+
+def _model(model_dir):
+    return load_model(ModelConfig(name_or_path=str(model_dir), device="cpu"), for_training=False).eval()
+
+
+# -- records ------------------------------------------------------------------------------------
+
+
+def test_image_forms_parse_and_load(vlm_dirs):
+    root, dirs = vlm_dirs
+    png = (root / "red.png").read_bytes()
+    rows = [
+        {"prompt": image_prompt("red"), "chosen": "red", "rejected": "blue"},  # a path in a part
+        {"prompt": "what is the sky ?", "images": ["blue.png"], "chosen": "blue", "rejected": "red"},  # column
+        {"prompt": image_prompt("x"), "chosen": "red", "rejected": "blue"},
+    ]
+    rows[2]["prompt"][0]["content"][0] = {"type": "image", "image": {"bytes": None, "path": str(root / "green.png")}}
+    path = write_jsonl(root / "forms.jsonl", rows)
+    examples = load_preference_examples(str(path)).examples
+    assert not examples[1].plain_text  # the string prompt became parts: the template renders it
+    part = examples[1].prompt[0]["content"]
+    assert part[0] == {"type": "image", "image": "blue.png"} and part[1] == {
+        "type": "text",
+        "text": "what is the sky ?",
+    }
+    items, _ = tokenize_pairs(examples, _tok(dirs["llava"]), 256)
+    # the three images are red, blue and green: their pixels differ
+    pixels = [it.vision.tensors["pixel_values"] for it in items]
+    assert all(not torch.equal(a, b) for a, b in [(pixels[0], pixels[1]), (pixels[1], pixels[2])])
+    # bytes (a `datasets` Image value read from Parquet) give the same pixels as the file
+    from alignkit.data.vision import load_image
+
+    assert load_image(png, "x.jsonl:1", 0).tobytes() == load_image(str(root / "red.png"), "x.jsonl:1", 0).tobytes()
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"prompt": image_prompt("missing"), "chosen": "a", "rejected": "b"},
+            r"bad\.jsonl:1: image 0 .*missing\.png not found",
+        ),
+        (
+            {"prompt": "hi", "images": ["red.png", "blue.png"], "chosen": "a", "rejected": "b", "_parts": 1},
+            "holds 2 images",
+        ),
+        (
+            {"prompt": "hi", "chosen": [{"role": "assistant", "content": [{"type": "image"}]}], "rejected": "b"},
+            "prompt messages only",
+        ),
+        (
+            {"prompt": [{"role": "user", "content": [{"type": "video"}]}], "chosen": "a", "rejected": "b"},
+            "part 0 of message 0",
+        ),
+        ({"prompt": image_prompt("https://x.org/a"), "chosen": "a", "rejected": "b"}, "is a URL"),
+        ({"prompt": image_prompt("garbage"), "chosen": "a", "rejected": "b"}, "cannot be read as an image"),
+    ],
+)
+def test_bad_images_are_errors_naming_the_record(vlm_dirs, tmp_path, row, message):
+    root, dirs = vlm_dirs
+    (tmp_path / "garbage.png").write_bytes(b"not a png")
+    for name in COLOURS:
+        (tmp_path / f"{name}.png").write_bytes((root / f"{name}.png").read_bytes())
+    if row.pop("_parts", None):  # two images for one payload-less part
+        row["prompt"] = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    if "https" in json.dumps(row):
+        row["prompt"][0]["content"][0]["image"] = "https://x.org/a.png"
+    path = write_jsonl(tmp_path / "bad.jsonl", [row])
+    with pytest.raises(DataError, match=message):
+        examples = load_preference_examples(str(path)).examples
+        tokenize_pairs(examples, _tok(dirs["llava"]), 256)
+
+
+def test_images_need_a_vision_language_model(vlm_dirs, tiny_model_dir, tmp_path):
+    root, _ = vlm_dirs
+    path = write_jsonl(root / "one.jsonl", [{"prompt": image_prompt("red"), "chosen": "red", "rejected": "blue"}])
+    with pytest.raises(DataError, match="model is text-only"):
+        tokenize_pairs(load_preference_examples(str(path)).examples, _tok(tiny_model_dir), 256)
+
+
+# -- token counts and truncation --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, image_tokens", [("llava", 4), ("idefics3", 4)])
+def test_images_count_with_the_processors_tokens(vlm_dirs, family, image_tokens):
+    root, dirs = vlm_dirs
+    tok = _tok(dirs[family])
+    image_id = tok.convert_tokens_to_ids("<image>")
+    rows = [
+        {"prompt": "what is the sky ?", "chosen": "red", "rejected": "blue"},
+        {"prompt": "what is the sky ?", "images": ["red.png"], "chosen": "red", "rejected": "blue"},
+        {"prompt": "what is the sky ?", "images": ["red.png", "blue.png"], "chosen": "red", "rejected": "blue"},
+    ]
+    items, _ = tokenize_pairs(
+        load_preference_examples(str(write_jsonl(root / f"n-{family}.jsonl", rows))).examples, tok, 256
+    )
+    counts = [it.prompt_ids.count(image_id) for it in items]
+    assert counts == [0, image_tokens, 2 * image_tokens]
+    extra = {"llava": 0, "idefics3": 3}[family]  # Idefics3 wraps each image: <fake><global-img>...<fake>
+    assert len(items[2].prompt_ids) - len(items[1].prompt_ids) == len(items[1].prompt_ids) - len(items[0].prompt_ids)
+    assert len(items[1].prompt_ids) - len(items[0].prompt_ids) == image_tokens + extra
+    assert items[0].vision is None and items[2].vision.num_images == 2
+
+
+def test_truncation_never_cuts_a_prompt_with_images(vlm_dirs):
+    root, dirs = vlm_dirs
+    tok = _tok(dirs["llava"])
+    long = " ".join(["red"] * 40)
+    rows = [{"prompt": image_prompt("red"), "completion": long}]
+    ex = load_sft_examples(str(write_jsonl(root / "long.jsonl", rows))).examples
+    (item,), stats = tokenize_sft(ex, tok, 24)
+    assert item.truncated and stats.truncated == 1
+    assert len(item.prompt_ids) == 14 and len(item.prompt_ids) + len(item.completion_ids) == 24  # the reply was cut
+    with pytest.raises(DataError, match=r"long\.jsonl:1: the prompt is 14 tokens with its 1 image"):
+        tokenize_sft(ex, tok, 14)
+
+
+# -- log-probs: layouts agree, and the image matters ------------------------------------------
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_padded_and_prefix_shared_layouts_equal_one_example_at_a_time(vlm_dirs, family):
+    root, dirs = vlm_dirs
+    tok, model = _tok(dirs[family]), _model(dirs[family])
+    rows = [
+        {"prompt": image_prompt("red"), "chosen": "red", "rejected": "blue"},
+        {
+            "prompt": "what is the sky ? and this",
+            "images": ["blue.png", "green.png"],
+            "chosen": "blue sky",
+            "rejected": "the green earth",
+        },
+        {"prompt": "hello world", "chosen": "hello", "rejected": "no"},  # no image in the batch's middle
+        {"prompt": image_prompt("green"), "chosen": "green", "rejected": "red"},
+    ]
+    items, _ = tokenize_pairs(
+        load_preference_examples(str(write_jsonl(root / f"l-{family}.jsonl", rows))).examples, tok, 256
+    )
+    with torch.no_grad():
+        single = torch.stack(
+            [segment_logps(model, collate_pairs([it], tok.pad_token_id)).logps for it in items]
+        )  # [4, 2]
+        padded = segment_logps(model, collate_pairs(items, tok.pad_token_id)).logps.view(2, -1).T
+        batch = collate_packed_groups(items, tok.pad_token_id, 64)
+        shared = segment_logps(model, batch).logps.view(2, -1).T
+    assert batch.packed and batch.shared_tokens == sum(len(it.prompt_ids) for it in items)  # one copy of each prompt
+    torch.testing.assert_close(padded, single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared, single, atol=1e-5, rtol=0)
+    # the image is read: the same text with another image scores differently
+    other = [{"prompt": image_prompt("blue"), "chosen": "red", "rejected": "blue"}]
+    (it2,), _ = tokenize_pairs(
+        load_preference_examples(str(write_jsonl(root / f"o-{family}.jsonl", other))).examples, tok, 256
+    )
+    with torch.no_grad():
+        changed = segment_logps(model, collate_pairs([it2], tok.pad_token_id)).logps
+    assert (changed - single[0]).abs().max() > 1e-4
+
+
+def test_sft_log_probs_equal_a_plain_forward(vlm_dirs):
+    root, dirs = vlm_dirs
+    tok, model = _tok(dirs["llava"]), _model(dirs["llava"])
+    ex = load_sft_examples(
+        str(write_jsonl(root / "s.jsonl", [{"prompt": image_prompt("red"), "completion": "red sky"}]))
+    ).examples
+    (item,), _ = tokenize_sft(ex, tok, 64)
+    with torch.no_grad():
+        ours = float(segment_logps(model, collate_sft([item], tok.pad_token_id)).logps[0])
+        ids = torch.tensor([item.prompt_ids + item.completion_ids])
+        logits = model(input_ids=ids, **item.vision.tensors).logits[0].double().log_softmax(-1)
+    n = len(item.prompt_ids)
+    want = sum(float(logits[n + j - 1, t]) for j, t in enumerate(item.completion_ids))
+    assert ours == pytest.approx(want, abs=1e-4)
+
+
+# -- models: freezing, LoRA targets -----------------------------------------------------------
+
+
+def test_vision_tower_frozen_by_default_and_lora_on_the_language_model(vlm_dirs, tiny_model_dir):
+    _, dirs = vlm_dirs
+    model = load_model(ModelConfig(name_or_path=str(dirs["llava"]), device="cpu"))
+    assert not any(p.requires_grad for p in vision_part(model, "vision").parameters())
+    assert all(p.requires_grad for p in vision_part(model, "projector").parameters())
+    trained = load_model(ModelConfig(name_or_path=str(dirs["llava"]), device="cpu", train_vision=True))
+    assert all(p.requires_grad for p in vision_part(trained, "vision").parameters())
+    from alignkit.config import LoraConfig
+
+    lora = apply_lora(
+        load_model(ModelConfig(name_or_path=str(dirs["llava"]), device="cpu")), LoraConfig(enabled=True, r=2)
+    )
+    adapted = {n.split(".lora_A")[0] for n, _ in lora.named_parameters() if "lora_A" in n}
+    assert adapted and all("language_model" in n for n in adapted)
+    assert not any("lm_head" in n for n in adapted)
+    both = apply_lora(
+        load_model(ModelConfig(name_or_path=str(dirs["idefics3"]), device="cpu")),
+        LoraConfig(enabled=True, r=2, vision_parts=["projector", "vision"]),
+    )
+    names = {n for n, _ in both.named_parameters() if "lora_A" in n}
+    assert any("connector" in n for n in names) and any("vision_model" in n for n in names)
+    with pytest.raises(ConfigError, match="train_vision` has no effect"):
+        load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", train_vision=True))
+    with pytest.raises(ModelError, match="reward and value models"):
+        load_model(ModelConfig(name_or_path=str(dirs["llava"]), device="cpu"), reward_names=["r"])
+
+
+def test_mrope_models_are_refused_with_the_reason():
+    from alignkit.data.vision import check_architecture
+
+    with pytest.raises(ModelError, match="M-RoPE"):
+        check_architecture("qwen2_vl", "Qwen/Qwen2-VL-2B-Instruct")
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def _run(model_dir, data, tmp_path, out, *extra):
+    return load_config(
+        None,
+        base_overrides(model_dir, data, tmp_path / out, tmp_path / "cache")
+        + ["model.device=cpu", "data.eval_fraction=0", "train.batch_size=4", "train.warmup_ratio=0", *extra],
+    )
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_dpo_learns_what_only_the_image_shows(vlm_dirs, tmp_path, family):
+    root, dirs = vlm_dirs
+    data = write_jsonl(root / f"train-{family}.jsonl", colour_pairs(16))
+    cfg = _run(dirs[family], data, tmp_path, "dpo", "recipe=dpo", "train.max_steps=24", "train.learning_rate=5e-3")
+    result = loop.train(cfg, progress=False)
+    losses = [r["loss"] for r in read_metrics(result.run_dir, "train")]
+    assert sum(losses[-4:]) / 4 < losses[0] - 0.05, losses
+    # held out: both orders of each colour; the trained model prefers the reply naming the image's colour
+    held = [{"prompt": image_prompt(c), "chosen": c, "rejected": w} for c, w in [("red", "blue"), ("blue", "red")]]
+    tok = _tok(result.final_dir)
+    items, _ = tokenize_pairs(
+        load_preference_examples(str(write_jsonl(root / f"held-{family}.jsonl", held))).examples, tok, 64
+    )
+    with torch.no_grad():
+        before = segment_logps(_model(dirs[family]), collate_pairs(items, tok.pad_token_id)).logps.view(2, -1)
+        after = segment_logps(_model(result.final_dir), collate_pairs(items, tok.pad_token_id)).logps.view(2, -1)
+    margin = lambda t: t[0] - t[1]  # noqa: E731  chosen - rejected, per held-out pair
+    assert (margin(after) - margin(before)).min() > 0
+    # final/ loads back with the auto classes, processor included; the vision tower did not train
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    assert type(AutoProcessor.from_pretrained(result.final_dir)).__name__.lower().startswith(family)
+    reloaded = AutoModelForImageTextToText.from_pretrained(result.final_dir)
+    start = load_file(str(dirs[family] / "model.safetensors"))
+    end = reloaded.state_dict()
+    vision_keys = [k for k in start if "vision" in k]
+    assert vision_keys and all(torch.equal(start[k], end[k]) for k in vision_keys if k in end)
+
+
+def test_sft_resume_after_crash_equals_the_uninterrupted_run(vlm_dirs, tmp_path, monkeypatch):
+    root, dirs = vlm_dirs
+    rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in colour_pairs(12, seed=1)]
+    data = write_jsonl(root / "sft.jsonl", rows)
+    steps = ["recipe=sft", "train.max_steps=4", "train.save_every=2", "train.learning_rate=5e-3"]
+    full = loop.train(_run(dirs["idefics3"], data, tmp_path, "full", *steps), progress=False)
+    real_save = crash_after(monkeypatch, 2)
+    cfg = _run(dirs["idefics3"], data, tmp_path, "crashed", *steps)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    resumed = loop.train(cfg, resume=True, progress=False)
+    a, b = read_metrics(full.run_dir, "train"), read_metrics(resumed.run_dir, "train")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6)
+    from safetensors.torch import load_file
+
+    pa, pb = (
+        load_file(str(full.final_dir / "model.safetensors")),
+        load_file(str(resumed.final_dir / "model.safetensors")),
+    )
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-6, rtol=0)
