@@ -300,9 +300,10 @@ def lora_targets(model, cfg: LoraConfig):
 
 
 def transformer_blocks(model) -> torch.nn.ModuleList:
-    """The model's list of transformer blocks (the ModuleList as long as num_hidden_layers)."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
+    """The model's list of transformer blocks (the ModuleList as long as num_hidden_layers); of a
+    vision-language model, its language model's (the vision tower's blocks are not these)."""
+    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    for module in decoder_of(model).modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
             return module
     raise ModelError(f"cannot find the transformer blocks of {type(model).__name__} (looked for {n} layers)")

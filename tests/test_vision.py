@@ -328,3 +328,119 @@ def test_sft_resume_after_crash_equals_the_uninterrupted_run(vlm_dirs, tmp_path,
     )
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], atol=1e-6, rtol=0)
+
+
+def test_two_processes_train_what_one_process_trains(vlm_dirs, tmp_path):
+    """FSDP2 over 2 processes (the language model's blocks sharded one by one, the vision tower and
+    projector with the root) trains the steps that one process trains."""
+    from conftest import torchrun
+
+    root, dirs = vlm_dirs
+    data = write_jsonl(root / "pairs-2proc.jsonl", colour_pairs(16, seed=2))  # beside the images
+
+    def args(out, batch):
+        return base_overrides(dirs["llava"], data, tmp_path / out, tmp_path / f"cache-{out}") + [
+            "recipe=dpo",
+            "data.eval_fraction=0",
+            "train.max_steps=3",
+            f"train.batch_size={batch}",
+            "train.learning_rate=1e-2",
+            "train.warmup_ratio=0",
+            "train.log_every=1",
+        ]
+
+    proc = torchrun([{"argv": ["train", *args("two", 2)]}], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    one = loop.train(load_config(None, args("one", 4)), progress=False)
+    a, b = read_metrics(one.run_dir, "train"), read_metrics(tmp_path / "two", "train")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
+        assert rb["tokens"] == ra["tokens"]
+    from safetensors.torch import load_file
+
+    pa, pb = (
+        load_file(str(one.final_dir / "model.safetensors")),
+        load_file(str(tmp_path / "two" / "final" / "model.safetensors")),
+    )
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=0)
+
+
+# -- online: GRPO samples with the images in its prompts ----------------------------------------
+
+COLOUR_REWARD = '''
+def reward(prompts, completions, colour, **columns):
+    """+1 for naming the image's colour, -1 for naming the other one."""
+    other = {"red": "blue", "blue": "red"}
+    return [float(c in text.split()) - float(other[c] in text.split()) for text, c in zip(completions, colour)]
+'''
+
+
+def test_grpo_learns_what_only_the_image_shows(vlm_dirs, tmp_path):
+    root, dirs = vlm_dirs
+    rows = [{"prompt": image_prompt(c), "colour": c} for c in ["red", "blue"] * 8]
+    data = write_jsonl(root / "colour_prompts.jsonl", rows)
+    (tmp_path / "colour.py").write_text(COLOUR_REWARD)
+    cfg = _run(
+        dirs["llava"],
+        data,
+        tmp_path,
+        "grpo",
+        "recipe=grpo",
+        f"online.rewards={tmp_path / 'colour.py'}:reward",
+        "generation.num_samples=8",
+        "generation.max_new_tokens=4",
+        "generation.temperature=1.0",
+        "train.max_steps=30",
+        "train.learning_rate=3e-2",
+    )
+    result = loop.train(cfg, progress=False)
+    rewards = [r["reward"] for r in read_metrics(result.run_dir, "train")]
+    assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.1, rewards
+
+
+def test_the_sampler_never_draws_image_layout_tokens(vlm_dirs):
+    from alignkit.data.tokenize import render_prompt
+    from alignkit.data.vision import PixelPrompt, prompt_images, vision_of
+    from alignkit.generation.decode import SamplingParams, sample
+
+    root, dirs = vlm_dirs
+    tok, model = _tok(dirs["idefics3"]), _model(dirs["idefics3"])
+    banned = vision_of(tok).layout_ids
+    assert {tok.convert_ids_to_tokens(i) for i in banned} == {"<image>", "<fake_token_around_image>", "<global-img>"}
+    head = model.lm_head
+    model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)  # an image token outscores all
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head.weight)
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[banned[0]] = 100.0
+    messages = tuple(image_prompt("red"))
+    vision = vision_of(tok)
+    ids, pixels = vision.encode_prompt(render_prompt(tok, messages, False), prompt_images(messages), f"{root / 't.jsonl'}:1")
+    params = SamplingParams(max_new_tokens=3, temperature=0.0)
+    free = sample(model, [PixelPrompt(ids, pixels)], params, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id)
+    assert free[0][0].token_ids[0] == banned[0]  # without the tokenizer, nothing is banned
+    ((s,),) = sample(
+        model, [PixelPrompt(ids, pixels)], params, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, tokenizer=tok
+    )
+    assert not set(s.token_ids) & set(banned) and len(s.token_ids) == 3
+
+
+def test_online_image_prompts_refuse_what_does_not_carry_pixels_yet(vlm_dirs, tmp_path):
+    root, dirs = vlm_dirs
+    data = write_jsonl(root / "p.jsonl", [{"prompt": image_prompt("red"), "colour": "red"}] * 4)
+    (tmp_path / "colour.py").write_text(COLOUR_REWARD)
+    cfg = _run(
+        dirs["llava"],
+        data,
+        tmp_path,
+        "bad",
+        "recipe=grpo",
+        f"online.rewards={tmp_path / 'colour.py'}:reward",
+        "online.async.mode=one_step_off",
+        "train.max_steps=1",
+    )
+    with pytest.raises(ConfigError, match=r"prompts hold images.*remove online.async.mode: one_step_off"):
+        loop.train(cfg, progress=False)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from alignkit.data.examples import NegativeExample
 from alignkit.data.formats import LoadResult, Record, check_columns, load_records
 from alignkit.data.tokenize import TokenizeStats, encode_text, render_texts, truncate
+from alignkit.data.vision import VisionInputs
 
 NEGATIVE_FIELDS = ("prompt", "rejected")
 
@@ -46,6 +47,7 @@ class TokenizedGroup:
     index: int
     truncated: bool = False
     masks: list | None = None  # per completion, True where a token is scored (multi-turn: the model's tokens)
+    vision: VisionInputs | None = None  # the prompt's pixel inputs (vision-language models)
 
 
 def prompt_text(tokenizer, example: NegativeExample) -> str:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from alignkit.data.formats import LoadResult, Record, check_columns, load_records
 from alignkit.data.tokenize import encode_text, render_prompt
+from alignkit.data.vision import IMAGES_FIELD, VisionInputs, prompt_images, require_vision, text_of
+from alignkit.errors import DataError
 
 PROMPT_FIELDS = ("prompt",)
 
@@ -31,13 +33,16 @@ class TokenizedPrompt:
     prompt_ids: list
     index: int
     truncated: bool = False
+    vision: VisionInputs | None = None  # the prompt's pixel inputs (vision-language models)
 
 
 def parse_prompt_record(record: object, location: str, columns: dict | None = None) -> PromptExample:
     columns = check_columns(columns, PROMPT_FIELDS, "prompt")
     rec = Record(record, location, columns, PROMPT_FIELDS)
     messages, plain = rec.messages("prompt", rec.get("prompt"), "user")
-    if not any(m["content"].strip() for m in messages):
+    if rec.has(IMAGES_FIELD):
+        messages, plain = rec.with_images(messages), False
+    if not any(text_of(m["content"]).strip() or not isinstance(m["content"], str) for m in messages):
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
     if messages[-1]["role"] == "assistant":
         raise rec.error(
@@ -45,7 +50,7 @@ def parse_prompt_record(record: object, location: str, columns: dict | None = No
             "model answers (user or system)"
         )
     key = columns.get("prompt", "prompt")
-    other = {k: v for k, v in record.items() if k != key}
+    other = {k: v for k, v in record.items() if k not in (key, IMAGES_FIELD)}
     return PromptExample(tuple(messages), other, location, plain)
 
 
@@ -79,10 +84,22 @@ def load_prompts_or_pairs(path: str) -> tuple[LoadResult, bool]:
 
 def tokenize_prompts(examples: list, tokenizer, max_prompt_length: int) -> tuple[list, int]:
     """Prompt token ids (chat template with the generation prompt), cut to their last
-    `max_prompt_length` tokens; returns (items, number truncated)."""
+    `max_prompt_length` tokens; returns (items, number truncated). A prompt with images is never
+    cut (a cut could part an image's tokens from its pixels): longer is an error."""
     out, cut = [], 0
     for i, ex in enumerate(examples):
+        vision = require_vision(tokenizer, ex.prompt, ex.source)
         p_text = render_prompt(tokenizer, ex.prompt, ex.plain_text)
+        if vision is not None:
+            ids, pixels = vision.encode_prompt(p_text, prompt_images(ex.prompt), ex.source)
+            if len(ids) > max_prompt_length:
+                raise DataError(
+                    f"{ex.source}: the prompt is {len(ids)} tokens with its {pixels.num_images} image(s), over the "
+                    f"{max_prompt_length} a prompt may take (data.max_prompt_length, else data.max_length minus "
+                    "generation.max_new_tokens); raise it or use smaller images"
+                )
+            out.append(TokenizedPrompt(ids, i, False, pixels))
+            continue
         ids, _ = encode_text(tokenizer, p_text, "")
         truncated = len(ids) > max_prompt_length
         cut += truncated

@@ -199,6 +199,12 @@ class VisionProcessor:
         self.processor = processor
         self.model_type = model_type
         self.axis = STACK_AXIS[model_type]
+        # the tokens only the processor places (an image's tokens and their wrappers): a sampler
+        # never draws them, since a reply holding one could not be laid out against any pixels
+        tok = processor.tokenizer
+        names = [getattr(processor, n, None) for n in ("image_token", "fake_image_token", "global_image_tag")]
+        ids = {tok.convert_tokens_to_ids(str(t)) for t in names if t}
+        self.layout_ids = tuple(sorted(i for i in ids if i is not None and i != tok.unk_token_id))
 
     def encode_prompt(self, text: str, images: list, source: str) -> tuple[list, VisionInputs | None]:
         """(token ids, pixel inputs) of a rendered prompt (special tokens are in the text already)."""
@@ -215,6 +221,20 @@ class VisionProcessor:
 
     def save_pretrained(self, path) -> None:
         self.processor.save_pretrained(path)
+
+
+class PixelPrompt(list):
+    """A prompt's token ids that carry its pixel inputs, for a sampler: the prefill forward takes
+    the pixels of its prompts' images (`collate_vision` over the batch's prompts, in row order)."""
+
+    def __init__(self, ids, vision: VisionInputs | None):
+        super().__init__(ids)
+        self.vision = vision
+
+
+def prompt_pixels(prompts: list) -> dict:
+    """The model inputs for the images of a batch of prompts (token-id lists, some `PixelPrompt`s)."""
+    return collate_vision([getattr(p, "vision", None) for p in prompts]) or {}
 
 
 def vision_of(tokenizer) -> VisionProcessor | None:

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from alignkit.data.vision import prompt_pixels, vision_of
 from alignkit.errors import ConfigError
 from alignkit.logprobs import sampling_scores
 
@@ -271,6 +272,23 @@ def left_pad(prompts: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Te
     return ids.to(device), mask.to(device)
 
 
+def banned_tokens(tokenizer) -> list:
+    """Token ids a sampler never draws: a vision-language model's image-layout tokens
+    (`VisionProcessor.layout_ids`). A departure from the model's distribution by the probability of
+    those tokens (about 0 for a trained model); the recorded log-probs stay the model's own."""
+    vision = vision_of(tokenizer) if tokenizer is not None else None
+    return list(vision.layout_ids) if vision is not None else []
+
+
+def _banning(banned: list, steer=None):
+    def ban(logits):
+        out = (logits if steer is None else steer(logits)).clone()
+        out[:, banned] = float("-inf")
+        return out
+
+    return ban
+
+
 def stopped_by_string(tokenizer, tokens: list, stop: tuple) -> bool:
     tail = tokenizer.decode(tokens[-32:], skip_special_tokens=True)
     return any(s in tail for s in stop)
@@ -301,7 +319,9 @@ def sample_batch(
     ids, mask = left_pad(prompts, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     version = version_hook() if version_hook is not None else None
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    pixels = prompt_pixels(prompts)  # a vision-language model reads its prompts' images once, here
+    banned = banned_tokens(tokenizer)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **pixels)
     cache, logits = out.past_key_values, out.logits[:, -1].float()
     n = params.n
     if n > 1:  # the prompt ran once; its cache serves all n samples
@@ -317,6 +337,8 @@ def sample_batch(
     next_pos = positions[:, -1] + 1
     for step in range(params.max_new_tokens):
         steer = None if step_hook is None else (lambda x: step_hook(x, state))
+        if banned:
+            steer = _banning(banned, steer)
         tok, tok_logp = next_tokens(logits, params, generator, steer)
         picked = tok.tolist()
         for r, (t, lp) in enumerate(zip(picked, tok_logp)):

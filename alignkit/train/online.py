@@ -26,6 +26,7 @@ from alignkit.data.batching import TokenBatch, collate_packed_groups
 from alignkit.data.negative import TokenizedGroup
 from alignkit.data.prompts import PromptExample, load_prompt_examples, prompt_columns, tokenize_prompts
 from alignkit.data.splits import PreparedData, example_sources, load_examples
+from alignkit.data.vision import PixelPrompt
 from alignkit.errors import ConfigError
 from alignkit.generation.adapters import adapter_update_copy
 from alignkit.generation.backends import GenerationBackend, TransformersBackend, make_backend
@@ -314,6 +315,24 @@ class OnlineRecipe:
     def autocast(self):
         return self._ctx.autocast if self._ctx is not None else contextlib.nullcontext
 
+    def check_images(self) -> None:
+        """Prompts with images sample on alignkit's own sampler in this process, in lockstep: the pixels
+        travel with the prompts' token ids there (not yet to a server, vLLM, an environment, or the
+        checkpointed rollouts of the asynchronous modes)."""
+        g, o = self.cfg.generation, self.cfg.online
+        unsupported = [
+            (g.backend != "transformers", f"generation.backend: {g.backend}"),
+            (bool(g.sampler_server), "generation.sampler_server"),
+            (self.episodes is not None, f"env.name: {self.cfg.env.name}"),
+            (o.async_.mode != "sync", f"online.async.mode: {o.async_.mode}"),
+        ]
+        found = [name for bad, name in unsupported if bad]
+        if found:
+            raise ConfigError(
+                f"the prompts hold images, which online training samples with alignkit's own sampler in the "
+                f"training process, in lockstep, for now; remove {', '.join(found)} (docs/vision.md)."
+            )
+
     def prepare(self) -> PreparedData:
         d, g = self.cfg.data, self.cfg.generation
         max_prompt = d.max_prompt_length or d.max_length - g.max_new_tokens
@@ -328,6 +347,8 @@ class OnlineRecipe:
         for split, examples in (("train", train), ("eval", held)):
             items, cut = tokenize_prompts(examples, self.tokenizer, max_prompt)
             out.append(items)
+            if any(it.vision is not None for it in items):
+                self.check_images()
             if split == "train":
                 self.train_items = items  # where dynamic sampling draws fresh prompts from
             if cut:
@@ -463,7 +484,7 @@ class OnlineRecipe:
             )
             return samples
         return backend.sample(
-            [it.prompt_ids for it in items],
+            [PixelPrompt(it.prompt_ids, it.vision) if it.vision is not None else it.prompt_ids for it in items],
             params,
             seed,
             prompt_seeds=[row_seed(seed, it.index) for it in items],
@@ -669,7 +690,9 @@ class OnlineRecipe:
         first messages, tools included) and its mask of model tokens."""
         if samples[0].episode is None:  # a thinking budget's inserted tags are masked out (`Sample.mask`)
             masks = [s.mask for s in samples] if any(s.mask is not None for s in samples) else None
-            return TokenizedGroup(item.prompt_ids, [s.token_ids for s in samples], index, masks=masks)
+            return TokenizedGroup(
+                item.prompt_ids, [s.token_ids for s in samples], index, masks=masks, vision=item.vision
+            )
         prompt = samples[0].episode.prompt_ids
         if any(s.episode.prompt_ids != prompt for s in samples):
             raise ValueError(
