@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignkit.data.batching import collate_sft
-from alignkit.data.tokenize import TokenizedSFT, encode_completion
+from alignkit.data.tokenize import TokenizedSFT, encode_reply
 from alignkit.logprobs import segment_logps
 from alignkit.models import is_peft
 
@@ -226,7 +226,10 @@ def sample_logps(
     called on every batch, for statistics a caller gathers on the same forward inputs."""
     items = []
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        p_ids, c_ids = encode_completion(tokenizer, p, c)
+        p_ids, c_ids, pixels = encode_reply(tokenizer, p, c, f"prompt {i}")
+        if pixels is not None:  # a prompt with images is never cut (its image tokens need their pixels)
+            items.append(TokenizedSFT(p_ids, c_ids[: max_length // 2], i, vision=pixels))
+            continue
         items.append(TokenizedSFT(p_ids[-(max_length // 2) :], c_ids[: max_length // 2], i))
     out = torch.zeros(len(items), dtype=torch.float64)
     device = next(model.parameters()).device

@@ -190,9 +190,14 @@ VLM_FAMILIES = ("llava", "idefics3")
 _VLM_TOKENS = {"llava": ["<image>"], "idefics3": ["<fake_token_around_image>", "<image>", "<global-img>"]}
 
 
-def save_tiny_vlm_dir(path: str | Path, family: str = "llava", seed: int = 0, hidden: int = 32) -> Path:
+def save_tiny_vlm_dir(
+    path: str | Path, family: str = "llava", seed: int = 0, hidden: int = 32, layers: int = 2, image_size: int = 0
+) -> Path:
     """Write a tiny random-init vision-language model of `family` (llava, idefics3) with its
-    processor as a Hugging Face directory (AutoModelForImageTextToText and AutoProcessor load it)."""
+    processor as a Hugging Face directory (AutoModelForImageTextToText and AutoProcessor load it).
+    `hidden` and `layers` size the language model and the vision tower alike; `image_size` (a
+    multiple of 14; default 28 for LLaVA, 56 for Idefics3) sets the tower's input, hence the tokens
+    per image ((size / 14)^2 for LLaVA, a quarter of that for Idefics3)."""
     from transformers import (
         CLIPVisionConfig,
         Idefics3Config,
@@ -216,7 +221,7 @@ def save_tiny_vlm_dir(path: str | Path, family: str = "llava", seed: int = 0, hi
         vocab_size=len(tok),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -224,19 +229,25 @@ def save_tiny_vlm_dir(path: str | Path, family: str = "llava", seed: int = 0, hi
         pad_token_id=1,
         eos_token_id=3,
     )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, patch_size=14)
+    vision = dict(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=max(1, layers // 2), num_attention_heads=4
+    )
+    vision["patch_size"] = 14
+    size = image_size or (28 if family == "llava" else 56)
     image_token = tok.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
     if family == "llava":
         cfg = LlavaConfig(
-            vision_config=CLIPVisionConfig(**vision, image_size=28).to_dict(),
+            vision_config=CLIPVisionConfig(**vision, image_size=size).to_dict(),
             text_config=text.to_dict(),
             image_token_index=image_token,
             vision_feature_layer=-1,
             vision_feature_select_strategy="default",
         )
         model = LlavaForConditionalGeneration(cfg)
-        images = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, do_pad=False)
+        images = LlavaImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_pad=False
+        )
         processor = LlavaProcessor(
             image_processor=images,
             tokenizer=tok,
@@ -248,7 +259,7 @@ def save_tiny_vlm_dir(path: str | Path, family: str = "llava", seed: int = 0, hi
         )
     else:
         cfg = Idefics3Config(
-            vision_config=Idefics3VisionConfig(**vision, image_size=56).to_dict(),
+            vision_config=Idefics3VisionConfig(**vision, image_size=size).to_dict(),
             text_config=text.to_dict(),
             image_token_id=image_token,
             scale_factor=2,
@@ -256,10 +267,11 @@ def save_tiny_vlm_dir(path: str | Path, family: str = "llava", seed: int = 0, hi
         )
         model = Idefics3ForConditionalGeneration(cfg)
         images = Idefics3ImageProcessorPil(
-            do_image_splitting=False, size={"longest_edge": 56}, max_image_size={"longest_edge": 56}
+            do_image_splitting=False, size={"longest_edge": size}, max_image_size={"longest_edge": size}
         )
+        seq = (size // 14) ** 2 // 4  # tokens per image after the 2 x 2 pixel shuffle
         processor = Idefics3Processor(
-            image_processor=images, tokenizer=tok, image_seq_len=4, chat_template=VLM_TEMPLATE
+            image_processor=images, tokenizer=tok, image_seq_len=seq, chat_template=VLM_TEMPLATE
         )
     model.to(torch.float32)
     model.save_pretrained(path)

@@ -62,6 +62,7 @@ SCRIPTS = {
         OUT,
         None,
     ),
+    "examples/vision_cpu.py": (rf"heldout_accuracy before={NUM} after={NUM} n=8", [], OUT, None),
     "bench/memory.py": (
         rf"qlora_vs_lora_peak={NUM} cp2_vs_cp1_peak_at_longest={NUM} longest_len_cp1=\d+ longest_len_cp2=\d+",
         [],

@@ -72,10 +72,8 @@ def test_image_forms_parse_and_load(vlm_dirs):
     examples = load_preference_examples(str(path)).examples
     assert not examples[1].plain_text  # the string prompt became parts: the template renders it
     part = examples[1].prompt[0]["content"]
-    assert part[0] == {"type": "image", "image": "blue.png"} and part[1] == {
-        "type": "text",
-        "text": "what is the sky ?",
-    }
+    assert part[0] == {"type": "image", "image": str(root / "blue.png")}  # read from the file's folder
+    assert part[1] == {"type": "text", "text": "what is the sky ?"}
     items, _ = tokenize_pairs(examples, _tok(dirs["llava"]), 256)
     # the three images are red, blue and green: their pixels differ
     pixels = [it.vision.tensors["pixel_values"] for it in items]
@@ -418,7 +416,9 @@ def test_the_sampler_never_draws_image_layout_tokens(vlm_dirs):
         model.lm_head.bias[banned[0]] = 100.0
     messages = tuple(image_prompt("red"))
     vision = vision_of(tok)
-    ids, pixels = vision.encode_prompt(render_prompt(tok, messages, False), prompt_images(messages), f"{root / 't.jsonl'}:1")
+    ids, pixels = vision.encode_prompt(
+        render_prompt(tok, messages, False), prompt_images(messages), f"{root / 't.jsonl'}:1"
+    )
     params = SamplingParams(max_new_tokens=3, temperature=0.0)
     free = sample(model, [PixelPrompt(ids, pixels)], params, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id)
     assert free[0][0].token_ids[0] == banned[0]  # without the tokenizer, nothing is banned
@@ -444,3 +444,94 @@ def test_online_image_prompts_refuse_what_does_not_carry_pixels_yet(vlm_dirs, tm
     )
     with pytest.raises(ConfigError, match=r"prompts hold images.*remove online.async.mode: one_step_off"):
         loop.train(cfg, progress=False)
+
+
+def _family_rows(recipe: str) -> list:
+    pairs = colour_pairs(16, seed=3)
+    if recipe == "unpaired":  # thumbs up for the right colour, down for the wrong one
+        return [
+            {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+            for p in pairs
+            for side in ("chosen", "rejected")
+        ]
+    if recipe == "masked":  # the colour sentence is the scored one on each side
+        return [
+            {
+                "prompt": p["prompt"],
+                "chosen_sentences": [{"text": p["chosen"], "correct": True}, {"text": " sky", "correct": True}],
+                "rejected_sentences": [{"text": p["rejected"], "correct": False}, {"text": " sky", "correct": True}],
+            }
+            for p in pairs
+        ]
+    return pairs
+
+
+@pytest.mark.parametrize(
+    "recipe, loss", [("dpo", "simpo"), ("dpo", "orpo"), ("unpaired", "kto"), ("masked", "mask_dpo"), ("dpo", "ipo")]
+)
+def test_the_dpo_family_trains_on_images(vlm_dirs, tmp_path, recipe, loss):
+    root, dirs = vlm_dirs
+    data = write_jsonl(root / f"family-{recipe}-{loss}.jsonl", _family_rows(recipe))
+    cfg = _run(
+        dirs["llava"],
+        data,
+        tmp_path,
+        loss,
+        f"recipe={recipe}",
+        f"loss.name={loss}",
+        "train.max_steps=12",
+        "train.learning_rate=5e-3",
+    )
+    result = loop.train(cfg, progress=False)
+    losses = [r["loss"] for r in read_metrics(result.run_dir, "train")]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+def test_d2o_refuses_images_with_the_reason(vlm_dirs):
+    from alignkit.data.negative import load_negative_examples
+
+    root, _ = vlm_dirs
+    path = write_jsonl(root / "neg.jsonl", [{"prompt": image_prompt("red"), "rejected": "blue"}])
+    with pytest.raises(DataError, match=r"neg\.jsonl:1: D2O \(recipe: negative\) .* does not take images"):
+        load_negative_examples(str(path))
+
+
+def test_eval_and_generate_take_image_prompts_and_the_report_shows_them(vlm_dirs, tmp_path, capsys):
+    from alignkit.cli import main
+
+    root, dirs = vlm_dirs
+    data = write_jsonl(root / "eval-pairs.jsonl", colour_pairs(12, seed=4))
+    (tmp_path / "colour.py").write_text(
+        COLOUR_REWARD
+        + "\n\ndef says_red(prompts, completions, **c):\n    return [float('red' in t) for t in completions]\n"
+    )
+    cfg = _run(dirs["llava"], data, tmp_path, "run", "recipe=dpo", "train.max_steps=2", "data.eval_fraction=0.25")
+    loop.train(cfg, progress=False)
+    argv = ["eval", "--run", str(tmp_path / "run"), "--reward", f"{tmp_path / 'colour.py'}:says_red"]
+    assert main(argv + ["--num-prompts", "2", "--max-new-tokens", "3", "--no-progress"]) == 0
+    m = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert m["n_pairs"] == 3 and 0 <= m["preference"]["implicit_reward_accuracy"]["value"] <= 1
+    examples = m["generation"]["examples"]
+    assert examples and all(x["images"][0].startswith("data:image/png;base64,") for x in examples)
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert report.count('<img class="thumb"') == len(examples)
+    # generate: best-of-n on image prompts; a strategy with its own forward passes is refused
+    prompts = write_jsonl(
+        root / "gen-prompts.jsonl", [{"prompt": image_prompt(c), "colour": c} for c in ("red", "blue")]
+    )
+    out = tmp_path / "gen.jsonl"
+    common = [
+        "generate",
+        "--model",
+        str(dirs["llava"]),
+        "--prompts",
+        str(prompts),
+        "--reward",
+        f"{tmp_path / 'colour.py'}:reward",
+    ]
+    assert main(common + ["--strategy", "best-of-n", "--n", "2", "--max-new-tokens", "3", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["candidates"]) == 2 for r in rows)
+    capsys.readouterr()
+    assert main(common + ["--strategy", "deal", "--max-new-tokens", "3"]) == 2
+    assert "the prompts hold images" in capsys.readouterr().err

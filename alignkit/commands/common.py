@@ -108,6 +108,7 @@ def strategy_inputs(args):
     """(model, tokenizer, reward, prompts, columns, prompt ids, number truncated) for generate / fit-value."""
     from alignkit.config import ModelConfig
     from alignkit.data.prompts import load_prompt_examples, prompt_columns, tokenize_prompts
+    from alignkit.data.vision import PixelPrompt
     from alignkit.models import load_model, load_tokenizer
     from alignkit.rewards import build_reward
     from alignkit.rewards.build import parse_reward_arg
@@ -132,7 +133,7 @@ def strategy_inputs(args):
         reward,
         [list(ex.prompt) for ex in examples],
         prompt_columns(examples),
-        [it.prompt_ids for it in items],
+        [it.prompt_ids if it.vision is None else PixelPrompt(it.prompt_ids, it.vision) for it in items],
         cut,
     )
 

@@ -125,7 +125,7 @@ def parse_preference_record(record: object, location: str, columns: dict[str, st
         plain = False  # roles came from a transcript: raw concatenation would lose them
     prompt = rec.with_images(prompt)
     plain = plain and all(isinstance(m["content"], str) for m in prompt)
-    if not any(text_of(m["content"]).strip() or not isinstance(m["content"], str) for m in prompt):
+    if blank_prompt(prompt):
         raise rec.error(f"the prompt is empty; preference data needs a prompt ({rec.label('prompt')})")
     rec.check_completion(rec.label("chosen"), chosen)
     rec.check_completion(rec.label("rejected"), rejected)
@@ -333,6 +333,11 @@ class Record:
                 f"{label} has an empty completion (the final assistant reply is blank); drop the "
                 "record or fill in the reply"
             )
+
+
+def blank_prompt(messages) -> bool:
+    """No message has text or an image."""
+    return not any(text_of(m["content"]).strip() or not isinstance(m["content"], str) for m in messages)
 
 
 def check_columns(columns, allowed: tuple, kind: str) -> dict:

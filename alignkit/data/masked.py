@@ -13,8 +13,9 @@ tokenizer's character offsets, so any fast tokenizer works.
 from __future__ import annotations
 
 from alignkit.data.examples import MaskedPreferenceExample
-from alignkit.data.formats import LoadResult, Record, check_columns, load_records
-from alignkit.data.tokenize import TokenizedPair, TokenizeStats, render_texts, truncate
+from alignkit.data.formats import LoadResult, Record, blank_prompt, check_columns, load_records
+from alignkit.data.tokenize import TokenizedPair, TokenizeStats, fit, render_texts
+from alignkit.data.vision import IMAGES_FIELD, prompt_images, require_vision
 from alignkit.errors import DataError
 
 MASKED_FIELDS = ("prompt", "chosen_sentences", "rejected_sentences")
@@ -42,7 +43,9 @@ def parse_masked_record(record: object, location: str, columns: dict | None = No
     columns = check_columns(columns, MASKED_FIELDS, "sentence-labelled")
     rec = Record(record, location, columns, MASKED_FIELDS)
     prompt, plain = rec.messages("prompt", rec.get("prompt"), "user")
-    if not any(m["content"].strip() for m in prompt):
+    if rec.has(IMAGES_FIELD):  # the images column (alignkit.data.vision)
+        prompt, plain = rec.with_images(prompt), False
+    if blank_prompt(prompt):
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
     chosen_text, chosen_spans = _sentences(rec, "chosen_sentences", scored_label=True)
     rejected_text, rejected_spans = _sentences(rec, "rejected_sentences", scored_label=False)
@@ -89,12 +92,17 @@ def tokenize_masked_pairs(examples: list, tokenizer, max_length: int, max_prompt
     out, stats = [], TokenizeStats()
     templated = tokenizer.chat_template is not None
     for i, ex in enumerate(examples):
+        vision = require_vision(tokenizer, ex.prompt, ex.source)
         p_text, c_text = render_texts(tokenizer, ex.prompt, ex.chosen, ex.plain_text)
         _, r_text = render_texts(tokenizer, ex.prompt, ex.rejected, ex.plain_text)
-        prompt = list(tokenizer(p_text, add_special_tokens=not templated)["input_ids"])
+        prompt, pixels = list(tokenizer(p_text, add_special_tokens=not templated)["input_ids"]), None
+        if vision is not None:
+            prompt, pixels = vision.encode_prompt(p_text, prompt_images(ex.prompt), ex.source)
         chosen, c_mask = _encode_masked(tokenizer, c_text, ex.chosen[-1]["content"], ex.chosen_spans)
         rejected, r_mask = _encode_masked(tokenizer, r_text, ex.rejected[-1]["content"], ex.rejected_spans)
-        prompt, (chosen, rejected), cut = truncate(prompt, [chosen, rejected], max_length, max_prompt_length)
+        prompt, (chosen, rejected), cut = fit(
+            prompt, [chosen, rejected], max_length, max_prompt_length, pixels, ex.source
+        )
         stats.count(ex.source, cut)
         out.append(
             TokenizedPair(
@@ -105,6 +113,7 @@ def tokenize_masked_pairs(examples: list, tokenizer, max_length: int, max_prompt
                 truncated=cut,
                 chosen_mask=c_mask[: len(chosen)],
                 rejected_mask=r_mask[: len(rejected)],
+                vision=pixels,
             )
         )
     return out, stats

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignkit.data.examples import NegativeExample
-from alignkit.data.formats import LoadResult, Record, check_columns, load_records
+from alignkit.data.formats import LoadResult, Record, blank_prompt, check_columns, load_records
 from alignkit.data.tokenize import TokenizeStats, encode_text, render_texts, truncate
-from alignkit.data.vision import VisionInputs
+from alignkit.data.vision import IMAGES_FIELD, VisionInputs, has_images
 
 NEGATIVE_FIELDS = ("prompt", "rejected")
 
@@ -23,7 +23,12 @@ def parse_negative_record(record: object, location: str, columns: dict | None = 
     columns = check_columns(columns, NEGATIVE_FIELDS, "negative")
     rec = Record(record, location, columns, NEGATIVE_FIELDS)
     prompt, prompt_plain = rec.messages("prompt", rec.get("prompt"), "user")
-    if not any(m["content"].strip() for m in prompt):
+    if rec.has(IMAGES_FIELD) or has_images(prompt):
+        raise rec.error(
+            "D2O (recipe: negative) samples its own replies from text prompts and does not take images yet; "
+            "use recipe dpo, unpaired or sft for prompts with images (docs/vision.md)"
+        )
+    if blank_prompt(prompt):
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
     rejected, rejected_plain = rec.messages("rejected", rec.get("rejected"), "assistant")
     rec.check_completion(rec.label("rejected"), rejected)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alignkit.data.formats import LoadResult, Record, check_columns, load_records
+from alignkit.data.formats import LoadResult, Record, blank_prompt, check_columns, load_records
 from alignkit.data.tokenize import encode_text, render_prompt
-from alignkit.data.vision import IMAGES_FIELD, VisionInputs, prompt_images, require_vision, text_of
+from alignkit.data.vision import IMAGES_FIELD, VisionInputs, prompt_images, require_vision
 from alignkit.errors import DataError
 
 PROMPT_FIELDS = ("prompt",)
@@ -42,7 +42,7 @@ def parse_prompt_record(record: object, location: str, columns: dict | None = No
     messages, plain = rec.messages("prompt", rec.get("prompt"), "user")
     if rec.has(IMAGES_FIELD):
         messages, plain = rec.with_images(messages), False
-    if not any(text_of(m["content"]).strip() or not isinstance(m["content"], str) for m in messages):
+    if blank_prompt(messages):
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
     if messages[-1]["role"] == "assistant":
         raise rec.error(

@@ -117,6 +117,19 @@ def encode_completion(tokenizer, prompt, completion: str) -> tuple[list, list]:
     return encode_text(tokenizer, p_text, c_text)
 
 
+def encode_reply(tokenizer, prompt, completion: str, source: str) -> tuple[list, list, VisionInputs | None]:
+    """`encode_completion` for prompts that may hold images: (prompt ids, completion ids, the
+    prompt's pixel inputs or None), the images laid out by the model's processor."""
+    messages, plain = as_messages(prompt)
+    vision = require_vision(tokenizer, messages, source)
+    p_text, c_text = render_texts(tokenizer, messages, ({"role": "assistant", "content": completion},), plain)
+    p_ids, c_ids = encode_text(tokenizer, p_text, c_text)
+    if vision is None:
+        return p_ids, c_ids, None
+    p_ids, pixels = vision.encode_prompt(p_text, prompt_images(messages), source)
+    return p_ids, c_ids, pixels
+
+
 def encode_text(tokenizer, prompt_text: str, completion_text: str) -> tuple[list, list]:
     # With a chat template the special tokens (BOS included) are in the rendered text already.
     templated = tokenizer.chat_template is not None

@@ -9,8 +9,9 @@ are) "true"/"false", "yes"/"no" or "1"/"0". Used by KTO and BCO (`recipe: unpair
 from __future__ import annotations
 
 from alignkit.data.examples import PreferenceExample, UnpairedExample
-from alignkit.data.formats import LoadResult, Record, check_columns, load_records
+from alignkit.data.formats import LoadResult, Record, blank_prompt, check_columns, load_records
 from alignkit.data.tokenize import tokenize_pairs
+from alignkit.data.vision import IMAGES_FIELD
 
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -32,7 +33,9 @@ def parse_unpaired_record(record: object, location: str, columns: dict | None = 
     columns = check_columns(columns, UNPAIRED_FIELDS, "unpaired")
     rec = Record(record, location, columns, UNPAIRED_FIELDS)
     prompt, prompt_plain = rec.messages("prompt", rec.get("prompt"), "user")
-    if not any(m["content"].strip() for m in prompt):
+    if rec.has(IMAGES_FIELD):  # the images column (alignkit.data.vision)
+        prompt, prompt_plain = rec.with_images(prompt), False
+    if blank_prompt(prompt):
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
     completion, completion_plain = rec.messages("completion", rec.get("completion"), "assistant")
     rec.check_completion(rec.label("completion"), completion)

@@ -78,8 +78,23 @@ def check_parts(content, where: str, location: str) -> list:
             )
         if part["type"] == "text" and not isinstance(part.get("text"), str):
             raise RecordError(location, f"{here} is a text part without a string `text`")
-        parts.append({k: v for k, v in part.items() if v is not None})
+        part = {k: v for k, v in part.items() if v is not None}
+        if part["type"] == "image" and _payload(part) is not None:
+            part = {"type": "image", "image": resolve_path(_payload(part), location)}
+        parts.append(part)
     return parts
+
+
+def resolve_path(ref, location: str):
+    """A relative image path read from the data file's folder (`location`: `path:line`); other
+    references as they are. Done when the record is read, so a prompt carries usable paths anywhere."""
+    if (
+        isinstance(ref, str)
+        and not ref.startswith(("http://", "https://"))
+        and not Path(ref).expanduser().is_absolute()
+    ):
+        return str(Path(location.rpartition(":")[0]).parent / ref)
+    return ref
 
 
 def text_of(content) -> str:
@@ -112,7 +127,7 @@ def attach_images(prompt: list, images, location: str, label: str) -> list:
             raise RecordError(location, f"{label} is given but the prompt has no user message to hold the images")
         content = prompt[first]["content"]
         text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-        prompt[first]["content"] = [{"type": "image", "image": im} for im in images] + text
+        prompt[first]["content"] = [{"type": "image", "image": resolve_path(im, location)} for im in images] + text
         return prompt
     if len(empty) != len(images):
         raise RecordError(
@@ -122,7 +137,7 @@ def attach_images(prompt: list, images, location: str, label: str) -> list:
         )
     for (i, j), image in zip(empty, images):
         content = list(prompt[i]["content"])
-        content[j] = {**content[j], "image": image}
+        content[j] = {"type": "image", "image": resolve_path(image, location)}
         prompt[i]["content"] = content
     return prompt
 
@@ -157,9 +172,7 @@ def load_image(ref, source: str, index: int):
         elif isinstance(ref, str):
             if ref.startswith(("http://", "https://")):
                 raise RecordError(source, f"{what} is a URL ({ref}); download it and give the local path")
-            path = Path(ref).expanduser()
-            if not path.is_absolute():
-                path = Path(source.rpartition(":")[0]).parent / path
+            path = Path(resolve_path(ref, source)).expanduser()
             if not path.is_file():
                 raise RecordError(
                     source, f"{what}: file {path} not found (relative paths start at the data file's folder)"
@@ -171,6 +184,17 @@ def load_image(ref, source: str, index: int):
     except (UnidentifiedImageError, OSError) as e:
         raise RecordError(source, f"{what} cannot be read as an image: {e}") from None
     return image.convert("RGB")
+
+
+def thumbnail_uri(ref, source: str, size: int = 96) -> str:
+    """A small PNG of the image as a data URI, for a report that stands alone (no files beside it)."""
+    import base64
+
+    image = load_image(ref, source, 0)
+    image.thumbnail((size, size))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _short(value) -> str:
@@ -235,6 +259,17 @@ class PixelPrompt(list):
 def prompt_pixels(prompts: list) -> dict:
     """The model inputs for the images of a batch of prompts (token-id lists, some `PixelPrompt`s)."""
     return collate_vision([getattr(p, "vision", None) for p in prompts]) or {}
+
+
+def refuse_pixels(prompts: list, sampler: str) -> None:
+    """A sampler that takes token ids only must not drop a prompt's images silently."""
+    if any(getattr(p, "vision", None) is not None for p in prompts):
+        from alignkit.errors import ConfigError
+
+        raise ConfigError(
+            f"the prompts hold images, which {sampler} does not take yet (token ids only); sample them with "
+            "alignkit's own sampler (--backend transformers / generation.backend: transformers)."
+        )
 
 
 def vision_of(tokenizer) -> VisionProcessor | None:

@@ -39,6 +39,7 @@ from alignkit.data.formats import load_preference_examples
 from alignkit.data.heldout import FILENAME as HELDOUT_FILE
 from alignkit.data.heldout import read_heldout, select_sources
 from alignkit.data.tokenize import tokenize_pairs
+from alignkit.data.vision import has_images, prompt_images, text_of, thumbnail_uri
 from alignkit.errors import ConfigError
 from alignkit.eval import metrics as M
 from alignkit.generation.hf import SamplingParams, generate
@@ -329,8 +330,8 @@ def generation_section(
         "kl": M.kl_estimate(pol_lp, ref_lp),
         "topk": topk,
         "examples": [
-            {"prompt": _last_user(p), "policy": s, "reference": r}
-            for p, s, r in list(zip(prompts, samples, ref_samples))[:5]
+            {"prompt": _last_user(p), "policy": s, "reference": r, **_thumbnails(p, i)}
+            for i, (p, s, r) in enumerate(list(zip(prompts, samples, ref_samples))[:5])
         ],
     }
     if cfg.rewards:
@@ -429,8 +430,15 @@ def combined_scores(cfg: EvalConfig, prompts: list, samples: list, ref_samples: 
 
 
 def _last_user(prompt) -> str:
-    users = [m["content"] for m in prompt if m["role"] == "user"]
+    users = [text_of(m["content"]) for m in prompt if m["role"] == "user"]
     return users[-1] if users else str(prompt)
+
+
+def _thumbnails(prompt, index: int) -> dict:
+    """The prompt's images as small data URIs, which the report shows beside the samples."""
+    if isinstance(prompt, str) or not has_images(prompt):
+        return {}
+    return {"images": [thumbnail_uri(ref, f"prompt {index}") for ref in prompt_images(prompt)]}
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from alignkit.data.vision import PixelPrompt, prompt_images, require_vision
 from alignkit.generation.decode import SamplingParams, sample
 
 __all__ = ["SamplingParams", "encode_prompts", "generate", "render_prompts"]
@@ -19,9 +20,19 @@ def render_prompts(tokenizer, prompts: list) -> list[str]:
 
 
 def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
-    """Prompt token ids; with a chat template the special tokens are in the rendered text already."""
+    """Prompt token ids; with a chat template the special tokens are in the rendered text already.
+    A prompt with images comes back as a `PixelPrompt` (its ids as the processor lays the images
+    out, and their pixels), which alignkit's sampler reads."""
     templated = tokenizer.chat_template is not None
-    return [tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in render_prompts(tokenizer, prompts)]
+    out = []
+    for i, p in enumerate(prompts):
+        vision = None if isinstance(p, str) else require_vision(tokenizer, p, f"prompt {i}")
+        (text,) = render_prompts(tokenizer, [p])
+        if vision is not None:
+            out.append(PixelPrompt(*vision.encode_prompt(text, prompt_images(p), f"prompt {i}")))
+        else:
+            out.append(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+    return out
 
 
 def generate(

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.data.vision import refuse_pixels
 from alignkit.errors import ConfigError
 from alignkit.generation.adapters import AdapterUpdate, adapter_update, checkpoint_tensors
 from alignkit.generation.decode import Sample, SamplingParams
@@ -273,6 +274,7 @@ class VLLMEngine:
         """`min_version`: unused (the engine in this process always holds the last weights loaded)."""
         from vllm.inputs import TokensPrompt
 
+        refuse_pixels(prompts, "a vLLM engine in alignkit")
         check_logprobs(params, self.logprobs, "this vLLM engine", "an engine is started for one kind: start another")
         self.wake_up()
         sp = [_settings(params, s) for s in prompt_seeds] if prompt_seeds is not None else _settings(params, seed)
@@ -629,6 +631,7 @@ class VLLMServer:
         """`min_version`: an alignkit server samples once it holds at least that policy version."""
         from concurrent.futures import ThreadPoolExecutor
 
+        refuse_pixels(prompts, f"a sampling server ({self.kind})")
         if self.kind == "alignkit":  # one batch, one request: the server batches it as it came
             body = {
                 "model": self.model,

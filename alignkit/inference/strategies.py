@@ -83,6 +83,14 @@ def run_strategy(
             f"strategy {name} steers every token through the model itself, which a vLLM engine does "
             f"not expose; use --backend transformers (vLLM serves {', '.join(SAMPLER_STRATEGIES)})."
         )
+    if any(getattr(ids, "vision", None) is not None for ids in prompt_ids or ()) and (
+        name not in SAMPLER_STRATEGIES or sampler is not None
+    ):
+        raise ConfigError(
+            f"the prompts hold images, which alignkit's own sampler reads once per prompt; strategy {name} runs "
+            "its own forward passes (and a vLLM engine takes token ids only): use --backend transformers with "
+            f"{', '.join(SAMPLER_STRATEGIES)}."
+        )
     if name == "urial":
         from alignkit.inference.urial import urial
 

@@ -37,6 +37,7 @@ MISSING = {
 }
 
 CSS = """
+img.thumb { display: block; max-width: 96px; max-height: 96px; margin-bottom: 4px; border: 1px solid #ccc; }
 :root { --fg: #1f2937; --muted: #6b7280; --line: #e5e7eb; --soft: #f9fafb; --accent: #2563eb; }
 * { box-sizing: border-box; }
 body { margin: 0; background: #f3f4f6; color: var(--fg);
@@ -187,6 +188,31 @@ def _episode(ep: dict) -> str:
     )
 
 
+_PNG_URI = re.compile(r"data:image/png;base64,[A-Za-z0-9+/]+={0,2}")
+
+
+def _samples(ev: dict) -> str:
+    """A few held-out prompts with the policy's and the reference's samples (`alignkit eval`'s
+    generation section), each prompt's images beside it. Only PNG data URIs are shown: the file the
+    report reads may come from someone else, and nothing in it may fetch or run anything."""
+    examples = (ev.get("generation") or {}).get("examples") or []
+    if not examples:
+        return ""
+    rows = []
+    for ex in examples:
+        images = "".join(
+            f'<img class="thumb" alt="prompt image" src="{uri}">'
+            for uri in ex.get("images", [])
+            if isinstance(uri, str) and _PNG_URI.fullmatch(uri)
+        )
+        cells = [images + text(ex.get("prompt", "")), text(ex.get("policy", "")), text(ex.get("reference", ""))]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return (
+        f"<details open><summary>Samples ({len(examples)} held-out prompts)</summary><table><tr><th>prompt</th>"
+        "<th>policy</th><th>reference</th></tr>" + "".join(rows) + "</table></details>"
+    )
+
+
 def _header(inp: RunInputs) -> str:
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     ev = inp.eval
@@ -317,6 +343,7 @@ def _evaluation(inp: RunInputs, made: dict) -> str:
         if figs:
             parts.append(f'<div class="row">{figs}</div>')
         parts += [missing(n) for n in row if n not in made]
+    parts.append(_samples(inp.eval))
     for name in ("strategy", "steering", "representation"):  # only evals that asked for them; no placeholder
         if name in made:
             parts.append(f'<div class="row">{figure(made[name])}</div>')
