@@ -118,7 +118,9 @@ def collate_sft(items: list, pad_id: int) -> TokenBatch:
     rows = [(it.prompt_ids + it.completion_ids, len(it.prompt_ids), i) for i, it in enumerate(items)]
     ids, att, seg = _pad_rows(rows, pad_id)
     index = torch.tensor([it.index for it in items], dtype=torch.long)
-    return TokenBatch(ids, att, seg, len(items), index, vision=collate_vision([it.vision for it in items]))
+    return TokenBatch(
+        ids, att, seg, len(items), index, vision=collate_vision([getattr(it, "vision", None) for it in items])
+    )
 
 
 def collate_groups(groups: list, pad_id: int) -> TokenBatch:
