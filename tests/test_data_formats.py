@@ -492,7 +492,9 @@ def test_rule_bad_message():
     assert "message 0 of field 'chosen' has unknown role 'bot'; valid roles: system, user, assistant, tool" in message
     message = pref_error({"prompt": [U("hi"), {"role": "user", "content": ["x"]}], "chosen": "a", "rejected": "b"})
     # a list is content parts (text and images, for vision-language models): each must be one
-    assert "part 0 of message 1 of field 'prompt' must be {type: text, text: ...} or {type: image, image: ...}" in message
+    assert (
+        "part 0 of message 1 of field 'prompt' must be {type: text, text: ...} or {type: image, image: ...}" in message
+    )
     message = pref_error({"prompt": [U("hi"), {"role": "user", "content": 3}], "chosen": "a", "rejected": "b"})
     assert "message 1 of field 'prompt' has content a number (3); content must be a string" in message
     message = pref_error({"prompt": [{"from": "human", "value": "hi"}], "chosen": "a", "rejected": "b"})
