@@ -439,11 +439,51 @@ def test_online_image_prompts_refuse_what_does_not_carry_pixels_yet(vlm_dirs, tm
         "bad",
         "recipe=grpo",
         f"online.rewards={tmp_path / 'colour.py'}:reward",
-        "online.async.mode=one_step_off",
+        "generation.sampler_server=http://127.0.0.1:9",
         "train.max_steps=1",
     )
-    with pytest.raises(ConfigError, match=r"prompts hold images.*remove online.async.mode: one_step_off"):
+    with pytest.raises(ConfigError, match=r"prompts hold images.*remove generation.sampler_server"):
         loop.train(cfg, progress=False)
+
+
+def test_one_step_off_with_images_resumes_exactly(vlm_dirs, tmp_path, monkeypatch):
+    """One step off in the training process (a copy of the policy samples the next rollout, images
+    included, while the trainer trains): a crash after checkpoint 2 and a resume train what the
+    uninterrupted run trains, the rollout in flight stored with its pixels."""
+    root, dirs = vlm_dirs
+    rows = [{"prompt": image_prompt(c), "colour": c} for c in ["red", "blue"] * 8]
+    data = write_jsonl(root / "colour_prompts_async.jsonl", rows)
+    (tmp_path / "colour.py").write_text(COLOUR_REWARD)
+    steps = [
+        "recipe=grpo",
+        f"online.rewards={tmp_path / 'colour.py'}:reward",
+        "online.async.mode=one_step_off",
+        "generation.num_samples=4",
+        "generation.max_new_tokens=3",
+        "generation.temperature=1.0",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.learning_rate=2e-2",
+    ]
+    full = loop.train(_run(dirs["idefics3"], data, tmp_path, "full", *steps), progress=False)
+    assert [r["async/staleness_mean"] for r in read_metrics(full.run_dir, "train")] == [0, 1, 1, 1]
+    real_save = crash_after(monkeypatch, 2)
+    cfg = _run(dirs["idefics3"], data, tmp_path, "crashed", *steps)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    resumed = loop.train(cfg, resume=True, progress=False)
+    a, b = read_metrics(full.run_dir, "train"), read_metrics(resumed.run_dir, "train")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["reward"] for r in a] == [r["reward"] for r in b]
+    from safetensors.torch import load_file
+
+    pa, pb = (
+        load_file(str(full.final_dir / "model.safetensors")),
+        load_file(str(resumed.final_dir / "model.safetensors")),
+    )
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-6, rtol=0)
 
 
 def _family_rows(recipe: str) -> list:

@@ -316,21 +316,20 @@ class OnlineRecipe:
         return self._ctx.autocast if self._ctx is not None else contextlib.nullcontext
 
     def check_images(self) -> None:
-        """Prompts with images sample on alignkit's own sampler in this process, in lockstep: the pixels
-        travel with the prompts' token ids there (not yet to a server, vLLM, an environment, or the
-        checkpointed rollouts of the asynchronous modes)."""
-        g, o = self.cfg.generation, self.cfg.online
+        """Prompts with images sample on alignkit's own sampler in the training process (in lockstep, or
+        one step off or streaming on its copy of the policy): the pixels travel with the prompts' token
+        ids there, not yet to a server, vLLM or an environment."""
+        g = self.cfg.generation
         unsupported = [
             (g.backend != "transformers", f"generation.backend: {g.backend}"),
             (bool(g.sampler_server), "generation.sampler_server"),
             (self.episodes is not None, f"env.name: {self.cfg.env.name}"),
-            (o.async_.mode != "sync", f"online.async.mode: {o.async_.mode}"),
         ]
         found = [name for bad, name in unsupported if bad]
         if found:
             raise ConfigError(
                 f"the prompts hold images, which online training samples with alignkit's own sampler in the "
-                f"training process, in lockstep, for now; remove {', '.join(found)} (docs/vision.md)."
+                f"training process for now; remove {', '.join(found)} (docs/vision.md)."
             )
 
     def prepare(self) -> PreparedData:

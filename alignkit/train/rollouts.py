@@ -17,6 +17,7 @@ import torch
 
 from alignkit.data.batching import TokenBatch
 from alignkit.data.negative import TokenizedGroup
+from alignkit.data.vision import VisionInputs
 from alignkit.generation.multiturn import episode_metrics
 from alignkit.logprobs import SegmentLogps
 from alignkit.losses import online as rl
@@ -66,9 +67,15 @@ class Rollout:
         cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
         b = self.batch
         return {
-            "batch": None if b is None else {k: cpu(v) if torch.is_tensor(v) else v for k, v in vars(b).items()},
+            "batch": None if b is None else {k: _on_cpu(v) for k, v in vars(b).items()},
             "groups": [
-                {"prompt_ids": g.prompt_ids, "completions": g.completions, "index": g.index, "masks": g.masks}
+                {
+                    "prompt_ids": g.prompt_ids,
+                    "completions": g.completions,
+                    "index": g.index,
+                    "masks": g.masks,
+                    "vision": None if g.vision is None else {**vars(g.vision), "tensors": _on_cpu(g.vision.tensors)},
+                }
                 for g in self.groups
             ],
             **{name: cpu(getattr(self, name)) for name in self._TOKEN_FIELDS},
@@ -82,13 +89,25 @@ class Rollout:
     def from_state_dict(cls, state: dict) -> "Rollout":
         return cls(
             batch=None if state["batch"] is None else TokenBatch(**state["batch"]),
-            groups=[TokenizedGroup(**g) for g in state["groups"]],
+            groups=[
+                TokenizedGroup(**{**g, "vision": VisionInputs(**g["vision"]) if g.get("vision") else None})
+                for g in state["groups"]
+            ],
             **{name: state.get(name) for name in cls._TOKEN_FIELDS},
             ref=None if state["ref"] is None else SegmentLogps(**state["ref"]),
             metrics=dict(state["metrics"]),
             updates=state["updates"],
             key=state["key"],
         )
+
+
+def _on_cpu(v):
+    """A tensor, or a dict of them (a batch's pixel inputs), on the CPU; anything else as it is."""
+    if torch.is_tensor(v):
+        return v.detach().cpu()
+    if isinstance(v, dict):
+        return {k: _on_cpu(x) for k, x in v.items()}
+    return v
 
 
 def token_segments(batch: TokenBatch) -> torch.Tensor:
