@@ -70,6 +70,7 @@ def render_prompt(tokenizer, prompt, plain_text: bool) -> str:
     """The text a model continues for `prompt` (messages): the chat template with its generation
     prompt, or the plain layout of a model without one. Only the prompt is rendered, so a template
     whose generation prompt opens a reasoning block (DeepSeek-R1's) works for sampling."""
+    require_vision(tokenizer, prompt, "a prompt")  # a text model's template cannot render images
     if tokenizer.chat_template is None:
         if plain_text:
             return prompt[-1]["content"] if prompt else ""

@@ -278,6 +278,8 @@ def vision_of(tokenizer) -> VisionProcessor | None:
 
 
 def has_images(messages) -> bool:
+    if isinstance(messages, str):
+        return False
     return any(not isinstance(m["content"], str) and any(p["type"] == "image" for p in m["content"]) for m in messages)
 
 
