@@ -104,6 +104,10 @@ def test_image_forms_parse_and_load(vlm_dirs):
             "part 0 of message 0",
         ),
         ({"prompt": image_prompt("https://x.org/a"), "chosen": "a", "rejected": "b"}, "is a URL"),
+        (
+            {"prompt": image_prompt("red"), "images": ["blue.png"], "chosen": "a", "rejected": "b"},
+            "give each image once",
+        ),
         ({"prompt": image_prompt("garbage"), "chosen": "a", "rejected": "b"}, "cannot be read as an image"),
     ],
 )

@@ -120,6 +120,19 @@ def attach_images(prompt: list, images, location: str, label: str) -> list:
         for j, p in enumerate(m["content"])
         if p["type"] == "image" and _payload(p) is None
     ]
+    given = sum(
+        1
+        for m in prompt
+        if not isinstance(m["content"], str)
+        for p in m["content"]
+        if p["type"] == "image" and _payload(p) is not None
+    )
+    if given and images:
+        raise RecordError(
+            location,
+            f"{label} holds images and the prompt's image parts hold {given} already; give each image once, "
+            "in its part or in the column (with payload-less {type: image} parts where they go)",
+        )
     prompt = [dict(m) for m in prompt]
     if not empty:
         first = next((i for i, m in enumerate(prompt) if m["role"] == "user"), None)
