@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -108,10 +108,12 @@ class RolloutPipeline:
         writer: bool,
         state_fn=None,
         in_flight_updates: bool = True,
+        barrier=None,
     ):
         self.backend, self.generate = backend, generate
         self.mode, self.max_staleness, self.buffer_size = mode, max_staleness, buffer_size
         self.keys, self.per_cycle, self.writer = keys, per_cycle, writer
+        self.barrier = barrier  # all processes meet here (torchrun); None in one process
         # a LoRA policy sends its adapters to a sampler that merges them (alignkit's), else its weights
         self.state_fn = state_fn or (
             policy_state if getattr(backend, "accepts_adapters", False) else weights_for_engine
@@ -171,6 +173,12 @@ class RolloutPipeline:
         if key in self._futures and not (first and ahead < self.keys and ahead not in self._futures):
             return  # asked for already, and so is the next cycle
         if self.published != self.version:
+            # New weights go out only once every process holds this cycle's samples, which were asked
+            # for with the previous weights: under torchrun the processes share one server, and a
+            # request another process still has queued would otherwise be served with the new ones.
+            wait([f for k, f in self._futures.items() if k // self.per_cycle == cycle])
+            if self.barrier is not None:
+                self.barrier()
             self.publish(model)
         self._submit_cycle(cycle)  # the run's first cycle, or a resume with nothing stored
         if first:

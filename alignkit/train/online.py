@@ -444,6 +444,7 @@ class OnlineRecipe:
                 writer=ctx.dist.is_main,
                 state_fn=state_fn,
                 in_flight_updates=bool(g.sampler_server or g.vllm_server),
+                barrier=ctx.dist.barrier if ctx.dist.enabled else None,
             )
         if self.uses_reference:
             self.reference = LiveReference(model)
