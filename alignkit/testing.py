@@ -85,7 +85,17 @@ def tiny_model(
     next-token distribution hardly depends on the context; ~0.2 makes it do so, as a judge's must."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    common = dict(
+    common = _decoder_settings(vocab_size, hidden, layers)
+    if init_std is not None:
+        common["initializer_range"] = init_std
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**common)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def _decoder_settings(vocab_size: int, hidden: int, layers: int) -> dict:
+    """The tiny decoder's config settings (4 heads, 2 KV heads; the tokenizer's pad and end ids)."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -97,11 +107,6 @@ def tiny_model(
         pad_token_id=1,
         eos_token_id=3,
     )
-    if init_std is not None:
-        common["initializer_range"] = init_std
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**common)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
 def save_tiny_model_dir(
@@ -217,18 +222,7 @@ def save_tiny_vlm_dir(
     tok = tiny_tokenizer(extra_words=tuple(specials))
     tok.add_tokens(specials, special_tokens=True)  # whole tokens: the pre-tokenizer would split "<image>"
     tok.chat_template = VLM_TEMPLATE
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=1,
-        eos_token_id=3,
-    )
+    text = LlamaConfig(**_decoder_settings(len(tok), hidden, layers))
     vision = dict(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=max(1, layers // 2), num_attention_heads=4
     )

@@ -60,6 +60,13 @@ def smoke_hh(out: Path, n: int = 1040) -> Path:
     return write_rows(Path(out) / "smoke_data" / "hh_rlhf_harmless.jsonl", rows)
 
 
+def gsm8k_steps(answer: str) -> list[str]:
+    """A GSM8K worked answer as its steps: its lines, calculator notes (`48/2 = <<48/2=24>>24`) removed."""
+    import re
+
+    return [line.strip() for line in re.sub(r"<<[^>]*>>", "", answer).splitlines() if line.strip()]
+
+
 def smoke_gsm8k(out: Path, n: int = 64) -> Path:
     """A synthetic stand-in for the GSM8K file: question / worked answer ending in `#### <number>`."""
     rng = random.Random(1)

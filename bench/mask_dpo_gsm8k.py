@@ -48,12 +48,6 @@ import smoke  # noqa: E402
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
-def solution_lines(answer: str) -> list[str]:
-    """A GSM8K worked answer as its lines, calculator notes removed (`48/2 = <<48/2=24>>24`)."""
-    text = re.sub(r"<<[^>]*>>", "", answer)
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 def numbered(lines: list[str]) -> list[int]:
     return [i for i, line in enumerate(lines) if NUMBER.search(line)]
 
@@ -167,7 +161,7 @@ def main() -> None:
     base = smoke.tiny_model_dir(out) if args.smoke else DEFAULT_MODEL
     rng = random.Random(0)
     rows = [json.loads(line) for line in train_path.read_text().splitlines() if line.strip()]
-    usable = [(r["question"], solution_lines(r["answer"])) for r in rows]
+    usable = [(r["question"], hh_data.gsm8k_steps(r["answer"])) for r in rows]
     usable = [(q, lines) for q, lines in usable if len(numbered(lines)) >= 2][: args.train]
     masked = [training_pair(q, lines, rng) for q, lines in usable]
     n_bad = sum(not s["correct"] for r in masked for s in r["chosen_sentences"])
@@ -179,7 +173,7 @@ def main() -> None:
     held_rows = [json.loads(line) for line in held_path.read_text().splitlines() if line.strip()][-args.heldout :]
     probes, owner = [], []
     for q, r in enumerate(held_rows):
-        recs = probe_records(r["question"], solution_lines(r["answer"]), rng)
+        recs = probe_records(r["question"], hh_data.gsm8k_steps(r["answer"]), rng)
         probes += recs
         owner += [q] * len(recs)
     owner = np.array(owner)

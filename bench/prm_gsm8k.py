@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -56,11 +55,6 @@ SYSTEM = (
 )
 
 
-def reference_steps(answer: str) -> list[str]:
-    """GSM8K's worked answer as steps: its lines, calculator notes (`<<48/2=24>>`) removed."""
-    return [line.strip() for line in re.sub(r"<<[^>]*>>", "", answer).splitlines() if line.strip()]
-
-
 def solution_steps(text: str) -> list[str]:
     """A sampled solution's steps: its lines up to and including the first with `####` (the model
     tends to repeat the answer line until its token budget runs out)."""
@@ -75,7 +69,7 @@ def solution_steps(text: str) -> list[str]:
 
 def short_questions(path: Path, max_lines: int, n: int) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if len(reference_steps(r["answer"])) <= max_lines][:n]
+    return [r for r in rows if len(hh_data.gsm8k_steps(r["answer"])) <= max_lines][:n]
 
 
 def prompt_of(row: dict) -> list[dict]:
@@ -166,7 +160,7 @@ def main() -> None:
     sampled = sample(lm, train_rows, args.solutions, seed=0)
     records = []
     for q, (row, texts) in enumerate(zip(train_rows, sampled)):
-        for steps in [reference_steps(row["answer"])] + [solution_steps(t) for t in texts]:
+        for steps in [hh_data.gsm8k_steps(row["answer"])] + [solution_steps(t) for t in texts]:
             records.append({"prompt": prompt_of(row), "answer": row["answer"], "steps": steps, "question": q})
     labelled = label(base, records, out, args)
     t_label = time.perf_counter() - start

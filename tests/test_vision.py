@@ -48,6 +48,16 @@ def colour_pairs(n: int, seed: int = 0) -> list:
     return rows
 
 
+def assert_same_weights(dir_a, dir_b, atol: float) -> None:
+    """The two model directories hold the same tensors (names and values within `atol`)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(dir_a / "model.safetensors")), load_file(str(dir_b / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
+
+
 def _tok(model_dir):
     return load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
 
@@ -322,14 +332,7 @@ def test_sft_resume_after_crash_equals_the_uninterrupted_run(vlm_dirs, tmp_path,
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6)
-    from safetensors.torch import load_file
-
-    pa, pb = (
-        load_file(str(full.final_dir / "model.safetensors")),
-        load_file(str(resumed.final_dir / "model.safetensors")),
-    )
-    for k in pa:
-        torch.testing.assert_close(pa[k], pb[k], atol=1e-6, rtol=0)
+    assert_same_weights(full.final_dir, resumed.final_dir, atol=1e-6)
 
 
 def test_two_processes_train_what_one_process_trains(vlm_dirs, tmp_path):
@@ -359,15 +362,7 @@ def test_two_processes_train_what_one_process_trains(vlm_dirs, tmp_path):
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
         assert rb["tokens"] == ra["tokens"]
-    from safetensors.torch import load_file
-
-    pa, pb = (
-        load_file(str(one.final_dir / "model.safetensors")),
-        load_file(str(tmp_path / "two" / "final" / "model.safetensors")),
-    )
-    assert pa.keys() == pb.keys()
-    for k in pa:
-        torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=0)
+    assert_same_weights(one.final_dir, tmp_path / "two" / "final", atol=1e-5)
 
 
 # -- online: GRPO samples with the images in its prompts ----------------------------------------
@@ -405,7 +400,7 @@ def test_grpo_learns_what_only_the_image_shows(vlm_dirs, tmp_path):
 
 def test_the_sampler_never_draws_image_layout_tokens(vlm_dirs):
     from alignkit.data.tokenize import render_prompt
-    from alignkit.data.vision import PixelPrompt, prompt_images, vision_of
+    from alignkit.data.vision import PixelPrompt, vision_of
     from alignkit.generation.decode import SamplingParams, sample
 
     root, dirs = vlm_dirs
@@ -420,9 +415,7 @@ def test_the_sampler_never_draws_image_layout_tokens(vlm_dirs):
         model.lm_head.bias[banned[0]] = 100.0
     messages = tuple(image_prompt("red"))
     vision = vision_of(tok)
-    ids, pixels = vision.encode_prompt(
-        render_prompt(tok, messages, False), prompt_images(messages), f"{root / 't.jsonl'}:1"
-    )
+    ids, pixels = vision.encode_prompt(render_prompt(tok, messages, False), messages, f"{root / 't.jsonl'}:1")
     params = SamplingParams(max_new_tokens=3, temperature=0.0)
     free = sample(model, [PixelPrompt(ids, pixels)], params, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id)
     assert free[0][0].token_ids[0] == banned[0]  # without the tokenizer, nothing is banned
@@ -480,14 +473,7 @@ def test_one_step_off_with_images_resumes_exactly(vlm_dirs, tmp_path, monkeypatc
     a, b = read_metrics(full.run_dir, "train"), read_metrics(resumed.run_dir, "train")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["reward"] for r in a] == [r["reward"] for r in b]
-    from safetensors.torch import load_file
-
-    pa, pb = (
-        load_file(str(full.final_dir / "model.safetensors")),
-        load_file(str(resumed.final_dir / "model.safetensors")),
-    )
-    for k in pa:
-        torch.testing.assert_close(pa[k], pb[k], atol=1e-6, rtol=0)
+    assert_same_weights(full.final_dir, resumed.final_dir, atol=1e-6)
 
 
 def _family_rows(recipe: str) -> list:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from alignkit.data.examples import MaskedPreferenceExample
 from alignkit.data.formats import LoadResult, Record, blank_prompt, check_columns, load_records
 from alignkit.data.tokenize import TokenizedPair, TokenizeStats, fit, render_texts
-from alignkit.data.vision import IMAGES_FIELD, prompt_images, require_vision
+from alignkit.data.vision import IMAGES_FIELD, require_vision
 from alignkit.errors import DataError
 
 MASKED_FIELDS = ("prompt", "chosen_sentences", "rejected_sentences")
@@ -97,7 +97,7 @@ def tokenize_masked_pairs(examples: list, tokenizer, max_length: int, max_prompt
         _, r_text = render_texts(tokenizer, ex.prompt, ex.rejected, ex.plain_text)
         prompt, pixels = list(tokenizer(p_text, add_special_tokens=not templated)["input_ids"]), None
         if vision is not None:
-            prompt, pixels = vision.encode_prompt(p_text, prompt_images(ex.prompt), ex.source)
+            prompt, pixels = vision.encode_prompt(p_text, ex.prompt, ex.source)
         chosen, c_mask = _encode_masked(tokenizer, c_text, ex.chosen[-1]["content"], ex.chosen_spans)
         rejected, r_mask = _encode_masked(tokenizer, r_text, ex.rejected[-1]["content"], ex.rejected_spans)
         prompt, (chosen, rejected), cut = fit(

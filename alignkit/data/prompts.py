@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from alignkit.data.formats import LoadResult, Record, blank_prompt, check_columns, load_records
 from alignkit.data.tokenize import encode_text, render_prompt
-from alignkit.data.vision import IMAGES_FIELD, VisionInputs, prompt_images, require_vision
+from alignkit.data.vision import IMAGES_FIELD, VisionInputs, require_vision
 from alignkit.errors import DataError
 
 PROMPT_FIELDS = ("prompt",)
@@ -91,7 +91,7 @@ def tokenize_prompts(examples: list, tokenizer, max_prompt_length: int) -> tuple
         vision = require_vision(tokenizer, ex.prompt, ex.source)
         p_text = render_prompt(tokenizer, ex.prompt, ex.plain_text)
         if vision is not None:
-            ids, pixels = vision.encode_prompt(p_text, prompt_images(ex.prompt), ex.source)
+            ids, pixels = vision.encode_prompt(p_text, ex.prompt, ex.source)
             if len(ids) > max_prompt_length:
                 raise DataError(
                     f"{ex.source}: the prompt is {len(ids)} tokens with its {pixels.num_images} image(s), over the "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from alignkit.data.examples import PreferenceExample, SFTExample
 from alignkit.data.reasoning import DEFAULT_TAGS, reasoning_span
-from alignkit.data.vision import VisionInputs, prompt_images, require_vision
+from alignkit.data.vision import VisionInputs, require_vision
 from alignkit.errors import DataError
 
 
@@ -127,7 +127,7 @@ def encode_reply(tokenizer, prompt, completion: str, source: str) -> tuple[list,
     p_ids, c_ids = encode_text(tokenizer, p_text, c_text)
     if vision is None:
         return p_ids, c_ids, None
-    p_ids, pixels = vision.encode_prompt(p_text, prompt_images(messages), source)
+    p_ids, pixels = vision.encode_prompt(p_text, messages, source)
     return p_ids, c_ids, pixels
 
 
@@ -186,7 +186,7 @@ def tokenize_pairs(examples: list, tokenizer, max_length: int, max_prompt_length
         _, rejected = encode_text(tokenizer, p_text, r_text)
         pixels = None
         if vision is not None:  # the processor expands each image placeholder to the image's tokens
-            prompt, pixels = vision.encode_prompt(p_text, prompt_images(ex.prompt), ex.source)
+            prompt, pixels = vision.encode_prompt(p_text, ex.prompt, ex.source)
         prompt, (chosen, rejected), cut = fit(
             prompt, [chosen, rejected], max_length, max_prompt_length, pixels, ex.source
         )
@@ -205,7 +205,7 @@ def tokenize_sft(examples: list, tokenizer, max_length: int, max_prompt_length: 
         prompt, completion = encode_text(tokenizer, p_text, c_text)
         pixels = None
         if vision is not None:
-            prompt, pixels = vision.encode_prompt(p_text, prompt_images(ex.prompt), ex.source)
+            prompt, pixels = vision.encode_prompt(p_text, ex.prompt, ex.source)
         prompt, (completion,), cut = fit(prompt, [completion], max_length, max_prompt_length, pixels, ex.source)
         stats.count(ex.source, cut)
         out.append(TokenizedSFT(prompt, completion, index=i, truncated=cut, vision=pixels))

@@ -243,9 +243,9 @@ class VisionProcessor:
         ids = {tok.convert_tokens_to_ids(str(t)) for t in names if t}
         self.layout_ids = tuple(sorted(i for i in ids if i is not None and i != tok.unk_token_id))
 
-    def encode_prompt(self, text: str, images: list, source: str) -> tuple[list, VisionInputs | None]:
-        """(token ids, pixel inputs) of a rendered prompt (special tokens are in the text already)."""
-        loaded = [load_image(ref, source, i) for i, ref in enumerate(images)]
+    def encode_prompt(self, text: str, messages, source: str) -> tuple[list, VisionInputs | None]:
+        """(token ids, pixel inputs) of `messages` rendered as `text` (special tokens are in the text)."""
+        loaded = [load_image(ref, source, i) for i, ref in enumerate(prompt_images(messages))]
         try:
             out = self.processor(
                 text=[text], images=[loaded] if loaded else None, return_tensors="pt", add_special_tokens=False

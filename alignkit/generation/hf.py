@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alignkit.data.vision import PixelPrompt, prompt_images, require_vision
+from alignkit.data.vision import PixelPrompt, require_vision
 from alignkit.generation.decode import SamplingParams, sample
 
 __all__ = ["SamplingParams", "encode_prompts", "generate", "render_prompts"]
@@ -29,7 +29,7 @@ def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
         vision = None if isinstance(p, str) else require_vision(tokenizer, p, f"prompt {i}")
         (text,) = render_prompts(tokenizer, [p])
         if vision is not None:
-            out.append(PixelPrompt(*vision.encode_prompt(text, prompt_images(p), f"prompt {i}")))
+            out.append(PixelPrompt(*vision.encode_prompt(text, p, f"prompt {i}")))
         else:
             out.append(tokenizer(text, add_special_tokens=not templated)["input_ids"])
     return out
