@@ -14,7 +14,7 @@ import torch
 
 from alignkit.data.batching import TokenBatch
 from alignkit.errors import ModelError
-from alignkit.logprobs import final_hidden
+from alignkit.logprobs import final_hidden, trunk_inputs
 
 
 def reward_trunk_and_head(model):
@@ -59,7 +59,7 @@ def pooled_hidden(model, batch: TokenBatch, pad_id: int) -> torch.Tensor:
 def sequence_rewards(model, batch: TokenBatch, pad_id: int) -> torch.Tensor:
     """[S, K] rewards, one row per segment (chosen rows, then rejected rows)."""
     if not batch.packed:  # transformers' classifier pools each row at its last non-pad token
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        return model(**trunk_inputs(model, batch)).logits.float()
     return reward_trunk_and_head(model)[1](pooled_hidden(model, batch, pad_id)).float()
 
 

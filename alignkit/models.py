@@ -218,17 +218,14 @@ def load_model(
     With `reward_names`, load it as a reward model instead: the same trunk with a linear head of
     one output per name (`AutoModelForSequenceClassification`, new head initialised by
     transformers), scoring each sequence at its last non-pad token, so the saved directory loads
-    back in `transformers` as a sequence classifier that gives the same scores."""
+    back in `transformers` as a sequence classifier that gives the same scores (a vision-language
+    model's: `vision_classifier`)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     device = device or resolve_device(cfg.device)
     path = resolve_model_path(cfg.name_or_path, cache_dir)
-    vision = is_vision_config(model_config(cfg, cache_dir))
-    if vision and reward_names:
-        raise ModelError(
-            f"{cfg.name_or_path} is a vision-language model; reward and value models on one are not supported yet "
-            "(alignkit trains vision-language policies: SFT and the DPO family, docs/vision.md)."
-        )
+    config = model_config(cfg, cache_dir)
+    vision = is_vision_config(config)
     if cfg.train_vision and not vision:
         raise ConfigError(f"`model.train_vision` has no effect: {cfg.name_or_path} is a text-only model; remove it.")
     dtype = resolve_dtype(cfg.dtype, device, for_training)
@@ -245,9 +242,15 @@ def load_model(
             label2id={n: i for i, n in enumerate(reward_names)},
             pad_token_id=pad_token_id,
         )
+    if vision and reward_names:  # the family's classifier, which pools by its text config's pad id
+        vision_classifier(config)
+        for key in ("num_labels", "id2label", "label2id", "pad_token_id"):
+            setattr(config, key, kwargs.pop(key))
+        config.get_text_config().pad_token_id = pad_token_id
+        kwargs["config"] = config
     try:
-        cls = AutoModelForSequenceClassification if reward_names else AutoModelForCausalLM
-        model = (AutoModelForImageTextToText if vision else cls).from_pretrained(path, **kwargs)
+        policy = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        model = (AutoModelForSequenceClassification if reward_names else policy).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         kind = "a reward model" if reward_names else "a causal LM"
         raise ModelError(f"cannot load {kind} from {cfg.name_or_path!r}: {e}") from None
@@ -265,6 +268,34 @@ def load_model(
     if vision and not cfg.train_vision:
         vision_part(model, "vision").requires_grad_(False)
     return model
+
+
+def vision_classifier(config):
+    """The sequence classifier (reward or value model) of a vision-language model's family,
+    registered with `AutoModelForSequenceClassification` so that a saved reward model loads back
+    there (once this has run for its config; `RewardModel` does it).
+
+    transformers ships none for LLaVA or Idefics3; this is its own `GenericForSequenceClassification`
+    (the family's inner model, which takes the pixel inputs, and a linear `score` head read at each
+    row's last non-pad token) on the family's pretrained-model base, built as transformers builds
+    `Gemma3ForSequenceClassification`. A policy checkpoint's weights load into it by name (`model.*`;
+    the LM head is left out, the `score` head is new)."""
+    from transformers import AutoModelForSequenceClassification, PreTrainedModel
+    from transformers.modeling_layers import GenericForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING
+
+    check_architecture(config.model_type, config.model_type)
+    if type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+    inner = MODEL_MAPPING[type(config)]  # e.g. LlavaModel
+    base = next(
+        c for c in inner.__mro__[1:] if issubclass(c, PreTrainedModel) and c.__name__.endswith("PreTrainedModel")
+    )
+    name = inner.__name__.removesuffix("Model") + "ForSequenceClassification"
+    cls = type(name, (GenericForSequenceClassification, base), {"__module__": __name__})
+    globals()[name] = cls  # importable by its name (pickling, copies)
+    AutoModelForSequenceClassification.register(type(config), cls, exist_ok=True)
+    return cls
 
 
 # The submodules of a vision-language model's inner model, by role (transformers' names per family).

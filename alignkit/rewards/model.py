@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.tokenize import encode_completion
+from alignkit.data.tokenize import as_messages, encode_reply
+from alignkit.data.vision import collate_vision, has_images
 from alignkit.errors import ConfigError
 
 STEP_AGGREGATES = ("min", "prod", "last")
@@ -29,27 +30,31 @@ class RewardModel:
         aggregate: str | None = None,
         per_step: bool = False,
     ):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        from alignkit.models import resolve_device
+        from alignkit.config import ModelConfig
+        from alignkit.data.vision import is_vision_config
+        from alignkit.errors import ModelError
+        from alignkit.models import load_tokenizer, resolve_device, vision_classifier
 
         self.path, self.batch_size = str(path), batch_size
         self.device = resolve_device(device or "auto") if model is None else next(model.parameters()).device
         try:
-            self.model = (
-                model
-                if model is not None
-                else AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32).to(self.device)
-            )
-            self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self.path)
-        except OSError as e:
+            if model is None:
+                config = AutoConfig.from_pretrained(self.path)
+                if is_vision_config(config):  # a vision-language reward model: its family's classifier
+                    vision_classifier(config)
+                model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32)
+                model.to(self.device)
+            self.model = model
+            # a vision-language model's tokenizer carries its processor, for the prompts' images
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ModelConfig(name_or_path=self.path))
+        except (OSError, ValueError, ModelError) as e:
             raise ConfigError(
                 f"reward model {self.path}: cannot load a sequence classifier and its tokenizer "
                 f"({e}); give a directory written by `alignkit train recipe=reward` or a hub id."
             ) from None
         self.model.eval()
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         k = self.model.config.num_labels
         self.names = [self.model.config.id2label.get(i, str(i)) for i in range(k)]
         self.weights = self._direction(weights)
@@ -103,6 +108,10 @@ class RewardModel:
         sep = self.step_separator
         rows, ends = [], []
         for prompt, completion in zip(prompts, completions):
+            if has_images(as_messages(prompt)[0]):
+                raise ConfigError(
+                    f"reward {self.path}: process reward models do not score prompts with images yet (docs/vision.md)."
+                )
             steps = split_steps(completion, sep) or [completion]
             p_ids, c_ids, step_ends = encode_steps(self.tokenizer, prompt, steps, sep)
             rows.append(p_ids + c_ids)
@@ -135,13 +144,16 @@ class RewardModel:
         if self.step_separator is not None:
             steps = self.step_scores(prompts, completions)
             return torch.tensor([[self._aggregate(s)] for s in steps], dtype=torch.float32)
-        rows = []
-        for prompt, completion in zip(prompts, completions):
-            p_ids, c_ids = encode_completion(self.tokenizer, prompt, completion)
+        rows, pixels = [], []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            p_ids, c_ids, vision = encode_reply(self.tokenizer, prompt, completion, f"reward {self.path}, prompt {i}")
             rows.append(p_ids + c_ids)
+            pixels.append(vision)
         out = torch.zeros(len(rows), len(self.names))
         for idx, ids, mask in self._batches(rows):
-            out[idx] = self.model(input_ids=ids, attention_mask=mask).logits.float().cpu()
+            images = collate_vision([pixels[i] for i in idx])  # the batch's images, in row order
+            images = {k: v.to(self.device) for k, v in (images or {}).items()}
+            out[idx] = self.model(input_ids=ids, attention_mask=mask, **images).logits.float().cpu()
         return out
 
     def _batches(self, rows: list):

@@ -20,6 +20,8 @@ from alignkit.data.batching import TokenBatch, collate_sft
 from alignkit.data.splits import PreparedData, example_sources, load_examples
 from alignkit.data.steps import load_step_examples, tokenize_steps
 from alignkit.data.tokenize import explain
+from alignkit.data.vision import vision_of
+from alignkit.errors import ConfigError
 from alignkit.heads import reward_trunk_and_head, use_distinct_pad
 from alignkit.logprobs import final_hidden
 from alignkit.losses.combine import apply_terms, resolve_terms
@@ -51,6 +53,11 @@ class PRMRecipe(OfflineRecipe):
 
     def prepare(self) -> PreparedData:
         d = self.cfg.data
+        if vision_of(self.tokenizer) is not None:  # step scoring lays out text prompts only
+            raise ConfigError(
+                f"recipe prm does not train on a vision-language model ({self.cfg.model.name_or_path}) yet; "
+                "recipe reward does (docs/vision.md)."
+            )
         loader = functools.partial(load_step_examples, separator=self.separator)
         train, held, notes = load_examples(d, self.cfg.seed, loader)
         if self.pad_note:
