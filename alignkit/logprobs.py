@@ -39,17 +39,18 @@ class SamplingSettings(Protocol):
     temperature: float  # 0: greedy
     top_p: float  # 1: off
     top_k: int  # 0: off
+    banned: tuple  # token ids never drawn (a vision-language model's image-layout tokens)
 
 
 def is_model_distribution(sampling: SamplingSettings | None) -> bool:
     """Whether `sampling` draws from the model's own distribution, so that its log-probs are the
     raw ones: no settings, greedy (a greedy token's log-prob is read at temperature 1, untruncated,
     as vLLM's processed log-probs read it: vLLM sets top-p 1 and top-k 0 for temperature 0), or
-    temperature 1 with neither top-k nor top-p."""
-    return (
-        sampling is None
-        or sampling.temperature <= 0
-        or (sampling.temperature == 1 and sampling.top_p >= 1 and sampling.top_k <= 0)
+    temperature 1 with neither top-k nor top-p; and no banned tokens (vLLM bans them by logit bias,
+    before it computes even a greedy token's processed log-prob)."""
+    return sampling is None or (
+        not sampling.banned
+        and (sampling.temperature <= 0 or (sampling.temperature == 1 and sampling.top_p >= 1 and sampling.top_k <= 0))
     )
 
 
@@ -59,7 +60,8 @@ def sampling_scores(logits: torch.Tensor, sampling: SamplingSettings, keep: torc
     definition alignkit's sampler draws from and records, and the trainer scores with
     (`segment_logps(..., sampling=)`), so the two agree to float32 round-off.
 
-    In order: divide by the temperature (not at 0, greedy, nor at 1, which changes nothing); keep the
+    In order: drop the banned tokens (`sampling.banned`; greedy: only that); divide by the
+    temperature (not at 0, greedy, nor at 1, which changes nothing); keep the
     top-k scores (ties with the k-th kept); keep the top-p nucleus of what is left, the smallest set
     of tokens, most likely first, whose probability reaches top_p (a token stays while the mass
     ranked above it is below top_p, so the first always stays; Holtzman et al. 2019, arXiv
@@ -78,11 +80,16 @@ def sampling_scores(logits: torch.Tensor, sampling: SamplingSettings, keep: torc
     drop = None  # [n, V] True where a rule drops the token
     with torch.no_grad():  # which tokens are kept is not differentiable: no graph for the sort
         kept = scores.detach()
-        if sampling.top_k and sampling.top_k < kept.shape[-1]:
+        if sampling.banned:
+            drop = torch.zeros_like(kept, dtype=torch.bool)
+            drop[:, list(sampling.banned)] = True
+            kept = kept.masked_fill(drop, float("-inf"))
+        sampled = sampling.temperature > 0  # greedy: vLLM truncates nothing (top-k 0, top-p 1)
+        if sampled and sampling.top_k and sampling.top_k < kept.shape[-1]:
             kth = torch.topk(kept, sampling.top_k, dim=-1).values[:, -1:]
             drop = kept < kth
             kept = kept.masked_fill(drop, float("-inf"))
-        if sampling.top_p < 1.0:
+        if sampled and sampling.top_p < 1.0:
             sorted_scores, order = torch.sort(kept, dim=-1, descending=True, stable=True)
             probs = torch.softmax(sorted_scores, dim=-1)
             before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each token

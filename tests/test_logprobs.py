@@ -8,7 +8,7 @@ import torch
 
 from alignkit.data.batching import collate_pairs
 from alignkit.data.tokenize import TokenizedPair
-from alignkit.logprobs import chunked_token_logps, sampling_scores, segment_logps
+from alignkit.logprobs import chunked_token_logps, is_model_distribution, sampling_scores, segment_logps
 from alignkit.testing import tiny_model
 
 
@@ -207,6 +207,7 @@ class Settings:  # an `alignkit.logprobs.SamplingSettings`
     temperature: float
     top_p: float = 1.0
     top_k: int = 0
+    banned: tuple = ()
 
 
 def _f64_sampling_logps(row: list, temperature: float, top_k: int, top_p: float) -> dict:
@@ -256,6 +257,24 @@ def test_sampling_scores_equal_the_definition_in_float64():
         assert sorted(i for i, v in enumerate(got) if math.isfinite(v)) == sorted(ref)
         assert all(abs(got[i] - v) < 1e-6 for i, v in ref.items())
     assert sorted(_f64_sampling_logps(ROW, 0.5, 3, 0.01)) == [1]
+
+
+def test_banned_tokens_leave_the_distribution_before_top_k():
+    """A vision-language model's image-layout tokens are banned (vLLM: by logit bias, before
+    top-k). By hand, ROW with token 1 (logit 2.0) banned and top-k 2: tokens 5 and 3 (logits 1.5,
+    1.0) remain, log-probs -log(1 + e^-0.5) = -0.4741 and -0.9741. Greedy with the ban keeps every
+    other token at its logit (the greedy pick is token 5), and neither is the model's distribution."""
+    x = sampling_scores(torch.tensor([ROW]), Settings(1.0, top_k=2, banned=(1,)))[0]
+    got = (x - torch.logsumexp(x, -1)).tolist()
+    assert [i for i, v in enumerate(got) if math.isfinite(v)] == [3, 5]
+    assert round(got[5], 4) == -0.4741 and round(got[3], 4) == -0.9741
+    g = sampling_scores(torch.tensor([ROW]), Settings(0.0, top_p=0.5, top_k=1, banned=(1,)))[0]
+    assert torch.isinf(g[1]) and torch.equal(g[[0, 2, 3, 4, 5, 6]], torch.tensor(ROW)[[0, 2, 3, 4, 5, 6]])
+    assert int(g.argmax()) == 5
+    assert not is_model_distribution(Settings(1.0, banned=(1,))) and not is_model_distribution(
+        Settings(0.0, banned=(1,))
+    )
+    assert is_model_distribution(Settings(0.0, top_k=3)) and is_model_distribution(None)
 
 
 def test_a_scored_token_outside_the_set_stays_finite():

@@ -1020,3 +1020,123 @@ def test_a_thinking_budget_on_the_engine_closes_the_block_as_context(engine, sma
         logp = x - torch.logsumexp(x, -1, keepdim=True)
         scored = [float(logp[len(prompt) + j - 1, t]) for j, (t, m) in enumerate(zip(s.token_ids, mask)) if m]
         assert max(abs(a - b) for a, b in zip(scored, s.logprobs)) < 1e-4
+
+
+# -- vision-language models (issue 33): images in the prompt, laid out by vLLM's own processor ------
+
+
+@pytest.fixture(scope="module")
+def vlm_root(tmp_path_factory) -> Path:
+    """A tiny Idefics3 model vLLM's CPU attention takes (head size 32), and two images."""
+    from PIL import Image
+
+    from alignkit.testing import save_tiny_vlm_dir
+
+    root = tmp_path_factory.mktemp("vllm-vlm")
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(root / "red.png")
+    Image.new("RGB", (30, 50), (0, 0, 255)).save(root / "blue.png")
+    save_tiny_vlm_dir(root / "idefics3", "idefics3", hidden=128, layers=2)
+    return root
+
+
+def _image_prompt(root: Path, colours: tuple) -> list:
+    parts = [{"type": "image", "image": str(root / f"{c}.png")} for c in colours]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": "what is the sky ?"}]}]
+
+
+def test_an_engine_samples_image_prompts_with_the_trainers_log_probs(vlm_root):
+    """vLLM takes a prompt's ids before the processor expanded its images, with the images, and
+    expands them itself: the processed log-probs it returns are the trainer's, on alignkit's
+    expanded ids and pixel inputs, within 1e-4 per token; with the other image they are not (the
+    engine read the pixels); the image-layout tokens are never drawn (banned by logit bias, and
+    out of both sides' distribution)."""
+    from alignkit.config import ModelConfig
+    from alignkit.data.vision import vision_of
+    from alignkit.generation.hf import encode_prompts
+    from alignkit.logprobs import sampling_scores
+    from alignkit.models import load_model, load_tokenizer
+
+    model_dir = vlm_root / "idefics3"
+    tok = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
+    banned = vision_of(tok).layout_ids
+    engine = VLLMEngine(str(model_dir), tok, kv_cache_gib=0.25, max_model_len=256, logprobs="processed")
+    try:
+        prompts = encode_prompts(tok, [_image_prompt(vlm_root, ("red",)), _image_prompt(vlm_root, ("red", "blue"))])
+        params = SamplingParams(
+            max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=20, n=4, logprobs="processed", banned=banned
+        )
+        out = engine.sample(prompts, params, seed=0, prompt_seeds=[5, 6])
+    finally:
+        engine.close()
+    model = load_model(ModelConfig(name_or_path=str(model_dir), device="cpu"), for_training=False).eval()
+    swapped = encode_prompts(tok, [_image_prompt(vlm_root, ("blue",)), _image_prompt(vlm_root, ("blue", "red"))])
+
+    def trainer(prompt, tokens) -> list:
+        with torch.no_grad():
+            ids = torch.tensor([list(prompt) + tokens])
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **prompt.vision.tensors).logits[0]
+        x = sampling_scores(logits.float(), params)
+        logp = x - torch.logsumexp(x, -1, keepdim=True)
+        return [float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(tokens)]
+
+    diffs, other = [], []
+    for prompt, wrong, group in zip(prompts, swapped, out):
+        assert prompt.vision.num_images in (1, 2) and len(group) == 4
+        for s in group:
+            assert not set(s.token_ids) & set(banned)
+            diffs += [abs(a - b) for a, b in zip(trainer(prompt, s.token_ids), s.logprobs)]
+            other += [abs(a - b) for a, b in zip(trainer(wrong, s.token_ids), s.logprobs)]
+    print(f"vLLM vs trainer on image prompts: max |diff| {max(diffs):.2e} over {len(diffs)} tokens")
+    assert len(diffs) > 30 and max(diffs) < 1e-4
+    assert max(other) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["lockstep", "one_step_off"])
+def test_grpo_on_image_prompts_samples_on_a_colocated_engine(vlm_root, tmp_path, mode):
+    """An SFT run's `final/` (a vision-language model with its processor) loads in vLLM, and GRPO
+    samples its image prompts there: in lockstep, after every update the engine holds the trainer's
+    weights (sampler and trainer log-probs agree under temperature, top-k and top-p, the layout
+    tokens banned; the engine's cached image embeddings are dropped with the old weights); one step
+    off, rollout t comes from the weights of step t-1."""
+    rows = [{"prompt": _image_prompt(vlm_root, (c,)), "completion": c} for c in ("red", "blue") * 4]
+    sft = base_overrides(
+        vlm_root / "idefics3", write_jsonl(tmp_path / "sft.jsonl", rows), tmp_path / "sft", tmp_path / "c"
+    )
+    sft_run = loop.train(load_config(None, sft + ["recipe=sft", "train.max_steps=2", "data.eval_fraction=0"]))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows])
+    (tmp_path / "r.py").write_text(REWARD)
+    cfg = load_config(
+        None,
+        base_overrides(sft_run.final_dir, prompts, tmp_path / "run", tmp_path / "cache")
+        + [
+            "recipe=grpo",
+            f"online.rewards={tmp_path / 'r.py'}:chars",
+            "generation.backend=vllm",
+            "generation.vllm_kv_cache_gib=0.25",
+            "generation.num_samples=4",
+            "generation.max_new_tokens=6",
+            *("generation.temperature=0.7", "generation.top_p=0.9", "generation.top_k=20"),
+            "train.batch_size=2",
+            "train.max_steps=3",
+            "train.learning_rate=1e-2",
+            "data.max_length=128",
+            "data.eval_fraction=0",
+            *(["online.async.mode=one_step_off"] if mode == "one_step_off" else []),
+        ],
+    )
+    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    if mode == "lockstep":
+        assert all(r["logprob_mismatch_max"] < 1e-3 for r in rows), rows
+    else:
+        assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1]
+        assert rows[0]["logprob_mismatch_max"] < 1e-3 and rows[1]["logprob_mismatch_max"] > 1e-3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")
+def test_llava_on_vllm_without_torchvision_says_why(tmp_path):
+    from alignkit.testing import save_tiny_vlm_dir
+
+    model_dir = save_tiny_vlm_dir(tmp_path / "llava", "llava", hidden=128)
+    with pytest.raises(ConfigError, match="imports torchvision.*generation.backend: transformers"):
+        VLLMEngine(str(model_dir), None, kv_cache_gib=0.25, max_model_len=256)

@@ -221,11 +221,23 @@ def _short(value) -> str:
 
 @dataclass
 class VisionInputs:
-    """One prompt's pixel inputs as the processor returned them, and the axis their images stack on."""
+    """One prompt's pixel inputs as the processor returned them, and the axis their images stack on;
+    for a sampler that lays out images itself (vLLM), the prompt before the processor expanded its
+    images and the images as the record gave them (not checkpointed: a resumed run re-reads them)."""
 
     tensors: dict  # name -> tensor (pixel_values, pixel_attention_mask, image_sizes, ...)
     axis: int
     num_images: int
+    placeholder_ids: list | None = None  # one placeholder token per image, as the chat template renders it
+    images: tuple = ()  # each image's reference (path, bytes, datasets value, PIL image)
+    source: str = ""  # the record, for errors when an image is read again
+
+    def checkpointed(self) -> dict:
+        """What a checkpoint keeps (tensors and ints: `torch.load(weights_only=True)` reads it back)."""
+        return {"tensors": self.tensors, "axis": self.axis, "num_images": self.num_images}
+
+    def load_images(self) -> list:
+        return [load_image(ref, self.source, i) for i, ref in enumerate(self.images)]
 
 
 class VisionProcessor:
@@ -245,7 +257,8 @@ class VisionProcessor:
 
     def encode_prompt(self, text: str, messages, source: str) -> tuple[list, VisionInputs | None]:
         """(token ids, pixel inputs) of `messages` rendered as `text` (special tokens are in the text)."""
-        loaded = [load_image(ref, source, i) for i, ref in enumerate(prompt_images(messages))]
+        refs = tuple(prompt_images(messages))
+        loaded = [load_image(ref, source, i) for i, ref in enumerate(refs)]
         try:
             out = self.processor(
                 text=[text], images=[loaded] if loaded else None, return_tensors="pt", add_special_tokens=False
@@ -254,7 +267,10 @@ class VisionProcessor:
             raise DataError(f"{source}: the processor cannot lay out the prompt's {len(loaded)} images: {e}") from None
         ids = out["input_ids"][0].tolist()
         tensors = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
-        return ids, (VisionInputs(tensors, self.axis, len(loaded)) if loaded else None)
+        if not loaded:
+            return ids, None
+        placeholders = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids, VisionInputs(tensors, self.axis, len(loaded), placeholders, refs, source)
 
     def save_pretrained(self, path) -> None:
         self.processor.save_pretrained(path)

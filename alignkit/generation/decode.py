@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from alignkit.data.vision import prompt_pixels, vision_of
 from alignkit.errors import ConfigError
-from alignkit.logprobs import sampling_scores
+from alignkit.logprobs import is_model_distribution, sampling_scores
 
 LOGPROBS = ("raw", "processed")
 
@@ -48,6 +48,10 @@ class SamplingParams:
     thinking_open: tuple = ()
     thinking_close: tuple = ()
     max_thinking_tokens: int | None = None
+    # token ids out of the distribution itself (online training of a vision-language model: its
+    # image-layout tokens, `banned_tokens`): processed log-probs, the sampler's and the trainer's,
+    # are then of the distribution without them, as vLLM's are when it bans them by logit bias
+    banned: tuple = ()
 
     def __post_init__(self):
         if self.logprobs not in LOGPROBS:
@@ -252,7 +256,7 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator, steer=N
         tok = pick_tokens(logits if steer is None else steer(logits), params, generator)
         return tok, logp.gather(-1, tok[:, None])[:, 0].tolist()
     greedy = params.temperature <= 0  # the model's distribution: what vLLM returns for a greedy token
-    own = logits if greedy else sampling_scores(logits, params)
+    own = logits if is_model_distribution(params) else sampling_scores(logits, params)
     if steer is not None:
         own = own.clone()  # before the hook, which may edit the logits in place
         tok = pick_tokens(steer(logits), params, generator)
@@ -275,7 +279,9 @@ def left_pad(prompts: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Te
 def banned_tokens(tokenizer) -> list:
     """Token ids a sampler never draws: a vision-language model's image-layout tokens
     (`VisionProcessor.layout_ids`). A departure from the model's distribution by the probability of
-    those tokens (about 0 for a trained model); the recorded log-probs stay the model's own."""
+    those tokens (about 0 for a trained model); raw log-probs stay the model's own, and processed
+    ones are of the distribution without them where `SamplingParams.banned` names them (online
+    training does)."""
     vision = vision_of(tokenizer) if tokenizer is not None else None
     return list(vision.layout_ids) if vision is not None else []
 

@@ -13,7 +13,9 @@ float32, divided by the temperature, masked to -inf outside the top-k and then o
 nucleus of the top-k-masked softmax (`apply_top_k_top_p`), then log-softmax over what is left
 (renormalised); a greedy request gets the log-softmax of its logits (vLLM sets top-p 1 and top-k
 0 at temperature 0), the raw ones. Logit processors (penalties, bias, min-p) would also enter
-the processed ones; alignkit sets none.
+the processed ones; alignkit sets only a bias that bans a vision-language model's image-layout
+tokens, which the trainer's distribution bans too (`SamplingParams.banned`). Prompts with images
+go in with their images, vLLM's own processor expanding them (`engine_prompt`).
 
 Weights reach the engine through vLLM's in-place `reload_weights` (wrapped by alignkit's worker
 extension, `vllm_worker.py`, which also refreshes a tied output head), from a safetensors
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -44,7 +47,7 @@ import torch
 from alignkit.data.vision import refuse_pixels
 from alignkit.errors import ConfigError
 from alignkit.generation.adapters import AdapterUpdate, adapter_update, checkpoint_tensors
-from alignkit.generation.decode import Sample, SamplingParams
+from alignkit.generation.decode import Sample, SamplingParams, banned_tokens
 from alignkit.logprobs import is_model_distribution
 
 INSTALL = (
@@ -84,7 +87,7 @@ def model_max_len(model_path: str) -> int | None:
         config = json.loads((Path(model_path) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    value = config.get("max_position_embeddings")
+    value = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
     return int(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
@@ -173,10 +176,14 @@ def _wire_params(params: SamplingParams) -> dict:
     }
 
 
-def _settings(params: SamplingParams, seed: int):
+def _settings(params: SamplingParams, seed: int, banned: tuple = ()):
+    """vLLM's settings for `params`; `banned` token ids get vLLM's lowest logit bias (-100), which
+    no draw survives, and which its processed log-probs see as alignkit's trainer does
+    (`SamplingParams.banned`; vLLM's raw ones are before any bias, the model's own)."""
     from vllm import SamplingParams as VSamplingParams
 
     return VSamplingParams(
+        logit_bias={int(t): -100.0 for t in banned} or None,
         n=params.n,
         temperature=params.temperature,
         top_p=params.top_p,
@@ -229,10 +236,12 @@ class VLLMEngine:
         run's rank; the engine then takes its adapters (`load_state` of an `AdapterUpdate`) and
         samples with them, instead of merged weights."""
         vllm = import_vllm()
+        check_vision_support(model_path)
         cuda = torch.cuda.is_available()
         self.sleep_after_sample = sleep_after_sample and cuda
         self.logprobs = logprobs  # the kind of log-probs the engine returns (`SamplingParams.logprobs`)
         self.tokenizer, self.model_path = tokenizer, str(model_path)
+        self.banned = tuple(banned_tokens(tokenizer))  # a vision-language model's image-layout tokens
         self.expected = expected_weights(self.model_path)
         max_model_len = min(max_model_len, model_max_len(self.model_path) or max_model_len)
         start = time.perf_counter()
@@ -272,15 +281,11 @@ class VLLMEngine:
         self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None, min_version: int = 0
     ):
         """`min_version`: unused (the engine in this process always holds the last weights loaded)."""
-        from vllm.inputs import TokensPrompt
-
-        refuse_pixels(prompts, "a vLLM engine in alignkit")
         check_logprobs(params, self.logprobs, "this vLLM engine", "an engine is started for one kind: start another")
         self.wake_up()
-        sp = [_settings(params, s) for s in prompt_seeds] if prompt_seeds is not None else _settings(params, seed)
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False, lora_request=self._lora
-        )
+        b = self.banned
+        sp = [_settings(params, s, b) for s in prompt_seeds] if prompt_seeds is not None else _settings(params, seed, b)
+        outputs = self.llm.generate([engine_prompt(p) for p in prompts], sp, use_tqdm=False, lora_request=self._lora)
         for old in self._lora_dirs[:-1]:  # read by now: only the current adapters' directory is kept
             shutil.rmtree(old, ignore_errors=True)
         self._lora_dirs = self._lora_dirs[-1:]
@@ -316,6 +321,7 @@ class VLLMEngine:
             write_weights(state, directory)
             self.llm.collective_rpc(RELOAD, kwargs={"weights_path": str(directory)})
             self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+            self.llm.llm_engine.reset_encoder_cache()  # and so were cached image embeddings
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -358,6 +364,37 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
+
+
+def engine_prompt(prompt):
+    """vLLM's input for a prompt's token ids; a prompt with images (`PixelPrompt`) goes in as its
+    ids before the processor expanded the images, with the images: vLLM runs the model's processor
+    and expands them itself, to the same ids (tested)."""
+    from vllm.inputs import TokensPrompt
+
+    vision = getattr(prompt, "vision", None)
+    if vision is None:
+        return TokensPrompt(prompt_token_ids=list(prompt))
+    if vision.placeholder_ids is None:
+        raise ConfigError("a prompt's images were not kept for vLLM (a restored rollout); sample it again")
+    return TokensPrompt(prompt_token_ids=list(vision.placeholder_ids), multi_modal_data={"image": vision.load_images()})
+
+
+# vLLM's modules for these vision-language families import transformers' image processors that need
+# torchvision (LLaVA's imports Pixtral's), which a CPU install leaves out (PyPI's torchvision wheels
+# are CUDA builds); the engine would fail to start with a message that does not say so.
+NEEDS_TORCHVISION = ("llava",)
+
+
+def check_vision_support(model_path: str) -> None:
+    config = Path(model_path) / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if model_type in NEEDS_TORCHVISION and importlib.util.find_spec("torchvision") is None:
+        raise ConfigError(
+            f"vLLM's {model_type} implementation imports torchvision, which is not installed here (a CPU install "
+            "leaves it out); install the torchvision built for your torch, or set generation.backend: transformers "
+            "(alignkit's own sampler takes images). Idefics3 / SmolVLM models sample on vLLM without it."
+        )
 
 
 def updates_dir(sync_dir: str | None) -> Path:

@@ -31,7 +31,7 @@ from alignkit.errors import ConfigError
 from alignkit.generation.adapters import adapter_update_copy
 from alignkit.generation.backends import GenerationBackend, TransformersBackend, make_backend
 from alignkit.generation.budget import BudgetedBackend
-from alignkit.generation.decode import SamplingParams, row_seed, sampling_params, thinking_params
+from alignkit.generation.decode import SamplingParams, banned_tokens, row_seed, sampling_params, thinking_params
 from alignkit.logprob_passes import LiveReference
 from alignkit.logprobs import in_segment_order, segment_logps
 from alignkit.losses import online as rl
@@ -288,7 +288,9 @@ class OnlineRecipe:
         self.iterations = method.iterations if method.iterations is not None else cfg.online.iterations
         self.uses_reference = method.uses_reference  # keeps a frozen reference (the initial policy; LoRA: its base)
         self.params = thinking_params(
-            sampling_params(cfg.generation, logprobs="processed"),
+            # a vision-language model's image-layout tokens are never drawn, so the log-probs both
+            # sides compare are of the distribution without them (vLLM's processed ones are)
+            sampling_params(cfg.generation, logprobs="processed").but(banned=tuple(banned_tokens(tokenizer))),
             tokenizer,
             cfg.data.thinking_tags,
             cfg.generation.max_thinking_tokens,
@@ -316,20 +318,19 @@ class OnlineRecipe:
         return self._ctx.autocast if self._ctx is not None else contextlib.nullcontext
 
     def check_images(self) -> None:
-        """Prompts with images sample on alignkit's own sampler in the training process (in lockstep, or
-        one step off or streaming on its copy of the policy): the pixels travel with the prompts' token
-        ids there, not yet to a server, vLLM or an environment."""
+        """Prompts with images sample on alignkit's own sampler or on a vLLM engine in the training
+        process (in lockstep, or one step off or streaming): the images travel with the prompts'
+        token ids there, not yet to a sampling server or an environment."""
         g = self.cfg.generation
         unsupported = [
-            (g.backend != "transformers", f"generation.backend: {g.backend}"),
             (bool(g.sampler_server), "generation.sampler_server"),
             (self.episodes is not None, f"env.name: {self.cfg.env.name}"),
         ]
         found = [name for bad, name in unsupported if bad]
         if found:
             raise ConfigError(
-                f"the prompts hold images, which online training samples with alignkit's own sampler in the "
-                f"training process for now; remove {', '.join(found)} (docs/vision.md)."
+                f"the prompts hold images, which online training samples in the training process for now (alignkit's "
+                f"own sampler or a vLLM engine there); remove {', '.join(found)} (docs/vision.md)."
             )
 
     def prepare(self) -> PreparedData:

@@ -74,7 +74,7 @@ class Rollout:
                     "completions": g.completions,
                     "index": g.index,
                     "masks": g.masks,
-                    "vision": None if g.vision is None else {**vars(g.vision), "tensors": _on_cpu(g.vision.tensors)},
+                    "vision": None if g.vision is None else _on_cpu(g.vision.checkpointed()),
                 }
                 for g in self.groups
             ],
