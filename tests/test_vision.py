@@ -504,11 +504,21 @@ def _family_rows(recipe: str) -> list:
             }
             for p in pairs
         ]
+    if recipe == "negative":  # D2O: the wrong colour is the bad reply; the model's own samples the others
+        return [{"prompt": p["prompt"], "rejected": p["rejected"]} for p in pairs]
     return pairs
 
 
 @pytest.mark.parametrize(
-    "recipe, loss", [("dpo", "simpo"), ("dpo", "orpo"), ("unpaired", "kto"), ("masked", "mask_dpo"), ("dpo", "ipo")]
+    "recipe, loss",
+    [
+        ("dpo", "simpo"),
+        ("dpo", "orpo"),
+        ("unpaired", "kto"),
+        ("masked", "mask_dpo"),
+        ("dpo", "ipo"),
+        ("negative", "d2o"),
+    ],
 )
 def test_the_dpo_family_trains_on_images(vlm_dirs, tmp_path, recipe, loss):
     root, dirs = vlm_dirs
@@ -522,19 +532,36 @@ def test_the_dpo_family_trains_on_images(vlm_dirs, tmp_path, recipe, loss):
         f"loss.name={loss}",
         "train.max_steps=12",
         "train.learning_rate=5e-3",
+        *(["generation.num_samples=2", "generation.max_new_tokens=4"] if recipe == "negative" else []),
     )
     result = loop.train(cfg, progress=False)
     losses = [r["loss"] for r in read_metrics(result.run_dir, "train")]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
 
 
-def test_d2o_refuses_images_with_the_reason(vlm_dirs):
-    from alignkit.data.negative import load_negative_examples
+def test_d2o_samples_with_the_images_and_keys_its_cache_by_their_pixels(vlm_dirs, tmp_path):
+    """D2O's negative records take images (either form); its samples come from the prompts with
+    their images, and the sample cache's key changes when an image's pixels do (same path)."""
+    from alignkit.data.negative import load_negative_examples, sampling_prompt, tokenize_groups
+    from alignkit.generation.cache import samples_key
+    from alignkit.generation.decode import SamplingParams
 
-    root, _ = vlm_dirs
-    path = write_jsonl(root / "neg.jsonl", [{"prompt": image_prompt("red"), "rejected": "blue"}])
-    with pytest.raises(DataError, match=r"neg\.jsonl:1: D2O \(recipe: negative\) .* does not take images"):
-        load_negative_examples(str(path))
+    root, dirs = vlm_dirs
+    rows = [{"prompt": "what is the sky ?", "images": ["red.png"], "rejected": "blue"}]
+    (ex,) = load_negative_examples(str(write_jsonl(root / "neg.jsonl", rows))).examples
+    tok = _tok(dirs["idefics3"])
+    prompt = sampling_prompt(tok, ex)
+    assert isinstance(prompt, list) and prompt[0]["content"][0]["type"] == "image"
+    (group,), _ = tokenize_groups([ex], [["red", "green"]], tok, 128)
+    assert group.vision is not None and group.vision.num_images == 1 and len(group.completions) == 3
+    image = tmp_path / "img.png"
+    key = lambda: samples_key(
+        {"m": 1}, SamplingParams(), 0, [[{**prompt[0], "content": [{"type": "image", "image": str(image)}]}]]
+    )  # noqa: E731
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(image)
+    red = key()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(image)
+    assert key() != red and key() == key()
 
 
 def test_eval_and_generate_take_image_prompts_and_the_report_shows_them(vlm_dirs, tmp_path, capsys):

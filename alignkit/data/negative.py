@@ -2,8 +2,9 @@
 
     {"prompt": "...", "rejected": "..."}
 
-Strings or message lists as in pairs. A pairs file works too (its `chosen` is not read). The
-recipe adds K responses per prompt sampled from the initial model (`generation.num_samples`).
+Strings or message lists as in pairs, images in the prompt too (`alignkit.data.vision`). A pairs
+file works too (its `chosen` is not read). The recipe adds K responses per prompt sampled from the
+initial model (`generation.num_samples`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 
 from alignkit.data.examples import NegativeExample
 from alignkit.data.formats import LoadResult, Record, blank_prompt, check_columns, load_records
-from alignkit.data.tokenize import TokenizeStats, encode_text, render_texts, truncate
-from alignkit.data.vision import IMAGES_FIELD, VisionInputs, has_images
+from alignkit.data.tokenize import TokenizeStats, encode_text, fit, render_texts
+from alignkit.data.vision import IMAGES_FIELD, VisionInputs, has_images, require_vision
 
 NEGATIVE_FIELDS = ("prompt", "rejected")
 
@@ -23,11 +24,8 @@ def parse_negative_record(record: object, location: str, columns: dict | None = 
     columns = check_columns(columns, NEGATIVE_FIELDS, "negative")
     rec = Record(record, location, columns, NEGATIVE_FIELDS)
     prompt, prompt_plain = rec.messages("prompt", rec.get("prompt"), "user")
-    if rec.has(IMAGES_FIELD) or has_images(prompt):
-        raise rec.error(
-            "D2O (recipe: negative) samples its own replies from text prompts and does not take images yet; "
-            "use recipe dpo, unpaired or sft for prompts with images (docs/vision.md)"
-        )
+    if rec.has(IMAGES_FIELD):  # the images column (alignkit.data.vision)
+        prompt, prompt_plain = rec.with_images(prompt), False
     if blank_prompt(prompt):
         raise rec.error(f"the prompt is empty ({rec.label('prompt')})")
     rejected, rejected_plain = rec.messages("rejected", rec.get("rejected"), "assistant")
@@ -55,8 +53,11 @@ class TokenizedGroup:
     vision: VisionInputs | None = None  # the prompt's pixel inputs (vision-language models)
 
 
-def prompt_text(tokenizer, example: NegativeExample) -> str:
-    """The prompt exactly as tokenization renders it (what generation must continue)."""
+def sampling_prompt(tokenizer, example: NegativeExample):
+    """What generation continues: the prompt exactly as tokenization renders it; a prompt with
+    images, its messages (the sampler renders them with the same template and lays out the images)."""
+    if has_images(example.prompt):
+        return list(example.prompt)
     return render_texts(tokenizer, example.prompt, example.rejected, example.plain_text)[0]
 
 
@@ -64,13 +65,17 @@ def tokenize_groups(examples: list, samples: list, tokenizer, max_length: int, m
     """Tokenize each example's negative and its sampled completions (strings) as one group."""
     out, stats = [], TokenizeStats()
     for i, (ex, texts) in enumerate(zip(examples, samples, strict=True)):
+        vision = require_vision(tokenizer, ex.prompt, ex.source)
         completions = [ex.rejected] + [({"role": "assistant", "content": t},) for t in texts]
         ids = []
         for completion in completions:
             p_text, c_text = render_texts(tokenizer, ex.prompt, completion, ex.plain_text)
             prompt, comp = encode_text(tokenizer, p_text, c_text)
             ids.append(comp)
-        prompt, ids, cut = truncate(prompt, ids, max_length, max_prompt_length)
+        pixels = None
+        if vision is not None:  # the processor lays out the prompt's images
+            prompt, pixels = vision.encode_prompt(p_text, ex.prompt, ex.source)
+        prompt, ids, cut = fit(prompt, ids, max_length, max_prompt_length, pixels, ex.source)
         stats.count(ex.source, cut)
-        out.append(TokenizedGroup(prompt, ids, index=i, truncated=cut))
+        out.append(TokenizedGroup(prompt, ids, index=i, truncated=cut, vision=pixels))
     return out, stats

@@ -1,7 +1,7 @@
 """Sampled completions cached on disk, so a resumed or repeated run trains on the same samples.
 
-Keyed by the model's fingerprint, the sampling parameters, the seed and the prompt texts; one JSON
-list of completions per line, in prompt order, written atomically.
+Keyed by the model's fingerprint, the sampling parameters, the seed and the prompts (texts, and the
+pixels of their images); one JSON list of completions per line, in prompt order, written atomically.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from alignkit.data.vision import load_image, prompt_images
 from alignkit.generation.decode import row_seed
 from alignkit.generation.hf import SamplingParams, generate
 
@@ -22,7 +23,9 @@ def samples_key(fingerprint: dict, params: SamplingParams, seed: int, prompts: l
     # "per-prompt seeds": each prompt's samples come from its own seed (see `cached_samples`)
     h.update(json.dumps([fingerprint, dataclasses.asdict(params), seed, "per-prompt seeds"], sort_keys=True).encode())
     for p in prompts:
-        h.update(json.dumps(p).encode())
+        h.update(json.dumps(p, default=lambda o: type(o).__name__).encode())  # bytes or a PIL image: by pixels
+        for i, ref in enumerate(prompt_images(p) if not isinstance(p, str) else []):
+            h.update(hashlib.sha256(load_image(ref, "a sampled prompt", i).tobytes()).digest())  # the pixels
     return h.hexdigest()[:24]
 
 

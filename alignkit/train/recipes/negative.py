@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from alignkit.data.batching import TokenBatch, collate_groups, collate_packed_groups
-from alignkit.data.negative import load_negative_examples, prompt_text, tokenize_groups
+from alignkit.data.negative import load_negative_examples, sampling_prompt, tokenize_groups
 from alignkit.data.splits import PreparedData, example_sources, load_examples
 from alignkit.data.tokenize import explain
 from alignkit.generation.cache import cached_samples
@@ -66,7 +66,7 @@ class NegativeRecipe(OfflineRecipe):
             if not examples:
                 out[split] = []
                 continue
-            prompts = [prompt_text(self.tokenizer, ex) for ex in examples]
+            prompts = [sampling_prompt(self.tokenizer, ex) for ex in examples]
             samples, path = cached_samples(
                 model,
                 self.tokenizer,
