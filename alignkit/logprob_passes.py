@@ -154,23 +154,33 @@ def cached_ref_logps(
     process computes its `shard` of the examples, the shares are `gather`ed into the full table,
     and one process writes the file, under the key a single process would use (a cache made at one
     scale serves another)."""
-    key = cache_key(fingerprint, items, precision)
-    path = cache_dir / f"{key}.safetensors"
+    return disk_cached(
+        cache_dir / f"{cache_key(fingerprint, items, precision)}.safetensors",
+        len(items),
+        lambda: parallel_ref_logps(
+            model, items, collate, batch_size, chunk_size, device, autocast, desc, progress, parallel
+        ),
+        desc,
+        parallel,
+    )
+
+
+def disk_cached(path: Path, rows: int, compute, desc: str, parallel=None) -> torch.Tensor:
+    """The table in `path` when it holds `rows` rows, else `compute()`'s, written there atomically
+    (by one process under torchrun: `compute` runs in every process and returns the whole table)."""
     if path.is_file():
-        table = load_file(str(path))["logps"]
-        if table.shape[0] == len(items):
+        table = load_file(str(path)).get("logps")
+        if table is not None and table.shape[0] == rows:
             note = f"alignkit: {desc}: reusing cache {path}"
             parallel.say(note) if parallel is not None else print(note, flush=True)
             return table
-    table = parallel_ref_logps(
-        model, items, collate, batch_size, chunk_size, device, autocast, desc, progress, parallel
-    )
+    table = compute()
 
     def write():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
-        save_file({"logps": table.contiguous()}, tmp)
+        save_file({"logps": table.contiguous()}, tmp)  # the name every cached table has, log-probs or not
         os.replace(tmp, path)
 
     if parallel is None:

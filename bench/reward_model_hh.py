@@ -13,11 +13,13 @@ than rejected? Last line: `heldout_accuracy=<x> ci95=<lo>,<hi> n=<n>`. `--smoke`
 (examples/smoke.py): the same run in seconds, a tiny model (2 blocks, all frozen) and synthetic pairs.
 
 With `--odin`, a second reward model with the same settings and `reward.disentangle: length`
-(ODIN, arXiv 2402.07319) is trained, and both are scored on the held-out pairs by `alignkit eval`'s
-length-bias section (the ODIN model by its quality head): accuracy overall, when the chosen reply
+(ODIN, arXiv 2402.07319) is trained (one per `--length-coefs` value; head-only runs share the
+trunk outputs the first run cached), and all are scored on the held-out pairs by `alignkit eval`'s
+length-bias section (an ODIN model by its quality head): accuracy overall, when the chosen reply
 is the longer and when it is the shorter one, and the reward's correlation with reply length.
 Last line then: `plain_acc=<a> odin_acc=<b> plain_gap=<c> odin_gap=<d> plain_len_corr=<e>
-odin_len_corr=<f>` (gap: accuracy when chosen is shorter minus when it is longer).
+odin_len_corr=<f>` (gap: accuracy when chosen is shorter minus when it is longer; ODIN: the first
+coefficient's model).
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_reward_model_hh")
     ap.add_argument("--odin", action="store_true", help="also train an ODIN reward model and compare length bias")
     ap.add_argument("--skip-baseline", action="store_true", help="do not score the untrained LM's own ranking")
+    ap.add_argument(
+        "--length-coefs",
+        default="1.0",
+        help="--odin: reward.length_coef of each ODIN model, comma-separated (the last line reports the first)",
+    )
     args = smoke.parse_args(ap, train_rows=8, freeze_layers=2, max_length=64, epochs=1.0, batch_size=4)
     out = ROOT / args.out
     hh = hh_data.smoke_hh(out, n=2 * args.train_rows) if args.smoke else hh_data.require_hh()
@@ -132,11 +139,13 @@ def main() -> None:
     if not args.odin:
         print(f"heldout_accuracy={acc:.3f} ci95={lo:.3f},{hi:.3f} n={n_held}")
         return
-    odin = train(
-        load_config(None, settings + ["reward.disentangle=length", f"output_dir={out / 'odin'}"]), progress=False
-    )
+    coefs = [float(c) for c in args.length_coefs.split(",")]
+    finals = {"plain": result.final_dir}
+    for c in coefs:  # each run reads the trunk outputs the plain run cached
+        odin_settings = ["reward.disentangle=length", f"reward.length_coef={c:g}", f"output_dir={out / f'odin-{c:g}'}"]
+        finals[f"odin {c:g}"] = train(load_config(None, settings + odin_settings), progress=False).final_dir
     biases = {}
-    for name, final in (("plain", result.final_dir), ("odin", odin.final_dir)):
+    for name, final in finals.items():
         from alignkit.rewards import build_reward
 
         report = run_eval(
@@ -160,7 +169,7 @@ def main() -> None:
             f"(n={shorter['n']}) | r(reward, length) {_f(bias['corr_reward_length'])} |",
             flush=True,
         )
-    (p, o) = biases["plain"], biases["odin"]
+    (p, o) = biases["plain"], biases[f"odin {coefs[0]:g}"]
     print(f"total {(time.perf_counter() - start) / 60:.1f} min")
     print(
         f"plain_acc={p[0]:.3f} odin_acc={o[0]:.3f} plain_gap={_f(p[1])} odin_gap={_f(o[1])} "

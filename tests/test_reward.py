@@ -229,6 +229,25 @@ def test_head_only_reward_model_trains_on_cached_trunk_outputs(tiny_model_dir, p
     assert recipe.evaluate(model, data.eval)["loss"] == pytest.approx(ev["loss"], abs=1e-5)
 
 
+def test_head_only_runs_share_the_cached_trunk_outputs(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """The frozen trunk's outputs are cached on disk under the initial model and the tokens: a
+    second head-only run on the same data (another learning rate, ODIN's two heads) reads them, and
+    trains exactly what it trains when it computes them itself (a fresh cache)."""
+    from safetensors.torch import load_file
+
+    head_only = ["model.freeze_layers=2", "train.max_steps=6", "reward.disentangle=length"]
+    loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, "model.freeze_layers=2", "train.max_steps=6"), progress=False)
+    assert "reusing cache" not in capsys.readouterr().out
+    assert len(list((tmp_path / "cache" / "trunk_outputs").glob("*.safetensors"))) == 2  # train and eval
+    cached = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *head_only, out="odin"), progress=False)
+    assert capsys.readouterr().out.count(": reusing cache") == 2  # train and eval
+    fresh_cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, *head_only, f"cache_dir={tmp_path / 'c2'}", out="fresh")
+    fresh = loop.train(fresh_cfg, progress=False)
+    assert ": reusing cache" not in capsys.readouterr().out and (tmp_path / "c2" / "trunk_outputs").is_dir()
+    a, b = load_file(str(cached.final_dir / "model.safetensors")), load_file(str(fresh.final_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_reward_model_pads_with_a_token_other_than_end_of_turn():
     from alignkit.heads import use_distinct_pad
     from alignkit.testing import tiny_tokenizer

@@ -15,6 +15,7 @@ import functools
 import torch
 from tqdm.auto import tqdm
 
+from alignkit import logprob_passes as passes
 from alignkit.data.batching import TokenBatch, collate_packed_groups, collate_pairs
 from alignkit.data.reward import load_reward_examples
 from alignkit.data.splits import PreparedData, example_sources, load_examples
@@ -102,31 +103,46 @@ class RewardRecipe(OfflineRecipe):
             base.config.alignkit_disentangle = "length"
         if is_peft(model) or self.cfg.model.freeze_layers < len(transformer_blocks(model)):
             return data.replace()
-        trunk, _ = reward_trunk_and_head(model)
-        trunk.requires_grad_(False)
-        bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
-        device = next(model.parameters()).device
-        hidden_size = reward_trunk_and_head(model)[1].in_features
+        reward_trunk_and_head(model)[0].requires_grad_(False)
+        pad = self.tokenizer.pad_token_id
         for split, items in (("train", data.train), ("eval", data.eval)):
             if not items:
                 continue
-            feats = torch.zeros(max(it.index for it in items) + 1, 2, hidden_size)
-            starts = ctx.shard(list(range(0, len(items), bs)))  # each process computes its share of the batches
-            for start in tqdm(
-                starts, desc=f"trunk outputs ({split})", disable=not ctx.progress, unit="batch", dynamic_ncols=True
-            ):
-                batch = self.collate(items[start : start + bs]).to(device)
-                with torch.no_grad():
-                    h = pooled_hidden(model, batch, self.tokenizer.pad_token_id).float().cpu()  # [2b, H]
-                b = batch.num_examples
-                feats[batch.example_ids, 0], feats[batch.example_ids, 1] = h[:b], h[b:]
-            self.features[split] = ctx.all_sum(feats)  # the shares fill disjoint rows
+            # the initial model's frozen trunk on these tokens: the same in any run on them (a
+            # sweep over head settings, ODIN's coefficients, computes them once)
+            layout = f"pooled trunk outputs, fp32, pad {pad}, packing {self.cfg.train.packing}"
+            key = passes.cache_key(ctx.fingerprint, items, layout)
+            self.features[split] = passes.disk_cached(
+                ctx.cache_root / "trunk_outputs" / f"{key}.safetensors",
+                max(it.index for it in items) + 1,
+                functools.partial(self._trunk_outputs, model, items, split, ctx),
+                f"trunk outputs ({split})",
+                ctx,
+            )
         self.shard_model = False  # only the head trains, on these features: nothing to shard
         note = (
             f"model.freeze_layers={self.cfg.model.freeze_layers} freezes every block: the trunk's outputs were "
-            f"computed once ({len(data.train)} train, {len(data.eval)} eval pairs) and only the head trains"
+            f"computed once ({len(data.train)} train, {len(data.eval)} eval pairs, cached under "
+            f"{ctx.cache_root / 'trunk_outputs'}) and only the head trains"
         )
         return data.replace(notes=[note])
+
+    @torch.no_grad()
+    def _trunk_outputs(self, model, items: list, split: str, ctx: SetupContext) -> torch.Tensor:
+        """[N, 2, H] each pair's pooled final hidden states (chosen, rejected), every process
+        computing its share of the batches."""
+        bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
+        device = next(model.parameters()).device
+        feats = torch.zeros(max(it.index for it in items) + 1, 2, reward_trunk_and_head(model)[1].in_features)
+        starts = ctx.shard(list(range(0, len(items), bs)))
+        for start in tqdm(
+            starts, desc=f"trunk outputs ({split})", disable=not ctx.progress, unit="batch", dynamic_ncols=True
+        ):
+            batch = self.collate(items[start : start + bs]).to(device)
+            h = pooled_hidden(model, batch, self.tokenizer.pad_token_id).float().cpu()  # [2b, H]
+            b = batch.num_examples
+            feats[batch.example_ids, 0], feats[batch.example_ids, 1] = h[:b], h[b:]
+        return ctx.all_sum(feats)  # the shares fill disjoint rows
 
     def loss(self, model, batch: TokenBatch, split: str):
         if self.features:  # head only, on the frozen trunk's outputs
