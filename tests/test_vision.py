@@ -434,6 +434,39 @@ def test_the_sampler_never_draws_image_layout_tokens(vlm_dirs):
         model, [PixelPrompt(ids, pixels)], params, eos_ids=tok.eos_token_id, pad_id=tok.pad_token_id, tokenizer=tok
     )
     assert not set(s.token_ids) & set(banned) and len(s.token_ids) == 3
+    # processed log-probs with the ban in the settings: of the distribution without those tokens
+    ((p,),) = sample(
+        model,
+        [PixelPrompt(ids, pixels)],
+        params.but(temperature=1.0, logprobs="processed", banned=banned),
+        eos_ids=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        tokenizer=tok,
+        seed=3,
+    )
+    with torch.no_grad():
+        x = torch.tensor([ids + p.token_ids])
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x), **pixels.tensors).logits[0].float()
+    logits[:, list(banned)] = float("-inf")
+    own = torch.log_softmax(logits, -1)[[len(ids) - 1 + j for j in range(3)], p.token_ids]
+    assert p.logprobs == pytest.approx(own.tolist(), abs=1e-5)
+
+
+def test_banned_tokens_travel_to_sampling_servers():
+    """A server samples with the ban (vLLM's server by logit bias; `alignkit sample-serve` reads
+    the same bias back as `SamplingParams.banned`), and takes no other bias."""
+    from alignkit.generation.decode import SamplingParams
+    from alignkit.generation.sampler_server import request_params
+    from alignkit.generation.vllm_engine import _wire_params
+
+    params = SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=20, n=2, banned=(7, 5))
+    body = _wire_params(params)
+    assert body["logit_bias"] == {"7": -100.0, "5": -100.0}
+    back = request_params({**body, "logprobs_mode": "processed"})
+    assert back == params.but(banned=(5, 7), logprobs="processed")
+    assert "logit_bias" not in _wire_params(params.but(banned=()))
+    with pytest.raises(ValueError, match="only bans"):
+        request_params({**body, "logit_bias": {"5": 3.0}})
 
 
 def test_online_image_prompts_refuse_what_does_not_carry_pixels_yet(vlm_dirs, tmp_path):

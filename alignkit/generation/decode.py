@@ -276,6 +276,11 @@ def left_pad(prompts: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Te
     return ids.to(device), mask.to(device)
 
 
+# How a banned token travels to vLLM and to sampling servers: vLLM clamps logit biases to
+# [-100, 100], and the lowest is one no draw survives.
+BAN_BIAS = -100.0
+
+
 def banned_tokens(tokenizer) -> list:
     """Token ids a sampler never draws: a vision-language model's image-layout tokens
     (`VisionProcessor.layout_ids`). A departure from the model's distribution by the probability of

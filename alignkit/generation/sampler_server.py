@@ -36,7 +36,7 @@ import torch
 
 from alignkit.generation.adapters import ADAPTERS_FILE, AdapterBase, AdapterUpdate, is_adapter_update
 from alignkit.generation.backends import load_weights
-from alignkit.generation.decode import SamplingParams, sample
+from alignkit.generation.decode import BAN_BIAS, SamplingParams, sample
 from alignkit.generation.vllm_guard import read_token, update_allowed
 
 
@@ -152,7 +152,11 @@ def completion_choices(groups: list) -> list:
 
 def request_params(body: dict) -> SamplingParams:
     top_k = int(body.get("top_k", -1) or -1)
+    bias = body.get("logit_bias") or {}
+    if any(float(b) != BAN_BIAS for b in bias.values()):  # alignkit's clients send bans only
+        raise ValueError(f"logit_bias: this server takes only bans ({BAN_BIAS}), not {sorted(set(bias.values()))}")
     return SamplingParams(
+        banned=tuple(sorted(int(t) for t in bias)),
         max_new_tokens=int(body.get("max_tokens", 16)),
         temperature=float(body.get("temperature", 1.0)),
         top_p=float(body.get("top_p", 1.0)),

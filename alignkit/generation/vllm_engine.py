@@ -47,7 +47,7 @@ import torch
 from alignkit.data.vision import refuse_pixels
 from alignkit.errors import ConfigError
 from alignkit.generation.adapters import AdapterUpdate, adapter_update, checkpoint_tensors
-from alignkit.generation.decode import Sample, SamplingParams, banned_tokens
+from alignkit.generation.decode import BAN_BIAS, Sample, SamplingParams, banned_tokens
 from alignkit.logprobs import is_model_distribution
 
 INSTALL = (
@@ -165,7 +165,8 @@ def write_weights(state: dict, directory: Path) -> None:
 
 
 def _wire_params(params: SamplingParams) -> dict:
-    """The sampling settings both servers' request bodies carry, in vLLM's names (top-k 0 -> -1: off)."""
+    """The sampling settings both servers' request bodies carry, in vLLM's names (top-k 0 -> -1: off;
+    banned tokens as vLLM's lowest logit bias, see `_settings`)."""
     return {
         "n": params.n,
         "max_tokens": params.max_new_tokens,
@@ -173,6 +174,7 @@ def _wire_params(params: SamplingParams) -> dict:
         "top_p": params.top_p,
         "top_k": params.top_k if params.top_k > 0 else -1,
         "stop": list(params.stop) or None,
+        **({"logit_bias": {str(t): BAN_BIAS for t in params.banned}} if params.banned else {}),
     }
 
 
@@ -183,7 +185,7 @@ def _settings(params: SamplingParams, seed: int, banned: tuple = ()):
     from vllm import SamplingParams as VSamplingParams
 
     return VSamplingParams(
-        logit_bias={int(t): -100.0 for t in banned} or None,
+        logit_bias={int(t): BAN_BIAS for t in banned} or None,
         n=params.n,
         temperature=params.temperature,
         top_p=params.top_p,
