@@ -143,7 +143,7 @@ def main() -> None:
     finals = {"plain": result.final_dir}
     for c in coefs:  # each run reads the trunk outputs the plain run cached
         odin_settings = ["reward.disentangle=length", f"reward.length_coef={c:g}", f"output_dir={out / f'odin-{c:g}'}"]
-        finals[f"odin {c:g}"] = train(load_config(None, settings + odin_settings), progress=False).final_dir
+        finals[f"odin-{c:g}"] = train(load_config(None, settings + odin_settings), progress=False).final_dir
     biases = {}
     for name, final in finals.items():
         from alignkit.rewards import build_reward
@@ -169,7 +169,7 @@ def main() -> None:
             f"(n={shorter['n']}) | r(reward, length) {_f(bias['corr_reward_length'])} |",
             flush=True,
         )
-    (p, o) = biases["plain"], biases[f"odin {coefs[0]:g}"]
+    (p, o) = biases["plain"], biases[f"odin-{coefs[0]:g}"]
     print(f"total {(time.perf_counter() - start) / 60:.1f} min")
     print(
         f"plain_acc={p[0]:.3f} odin_acc={o[0]:.3f} plain_gap={_f(p[1])} odin_gap={_f(o[1])} "

@@ -242,8 +242,10 @@ def chars(prompts, completions, **columns):
 """
 
 
-def _grpo_args(model_dir, tmp_path, *extra) -> list:
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in toy_pairs(24)])
+def _grpo_args(model_dir, tmp_path, *extra, rows: list | None = None) -> list:
+    """GRPO on `rows`' prompts (default: 24 toy prompts) for 3 steps, rewarded by reply length."""
+    rows = rows if rows is not None else toy_pairs(24)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows])
     (tmp_path / "r.py").write_text(REWARD)
     return base_overrides(model_dir, prompts, tmp_path / "run", tmp_path / "cache") + [
         "recipe=grpo",
@@ -1103,27 +1105,18 @@ def test_grpo_on_image_prompts_samples_on_a_colocated_engine(vlm_root, tmp_path,
         vlm_root / "idefics3", write_jsonl(tmp_path / "sft.jsonl", rows), tmp_path / "sft", tmp_path / "c"
     )
     sft_run = loop.train(load_config(None, sft + ["recipe=sft", "train.max_steps=2", "data.eval_fraction=0"]))
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows])
-    (tmp_path / "r.py").write_text(REWARD)
     cfg = load_config(
         None,
-        base_overrides(sft_run.final_dir, prompts, tmp_path / "run", tmp_path / "cache")
-        + [
-            "recipe=grpo",
-            f"online.rewards={tmp_path / 'r.py'}:chars",
+        _grpo_args(
+            sft_run.final_dir,
+            tmp_path,
             "generation.backend=vllm",
             "generation.vllm_kv_cache_gib=0.25",
-            "generation.num_samples=4",
-            "generation.max_new_tokens=6",
             *("generation.temperature=0.7", "generation.top_p=0.9", "generation.top_k=20"),
-            "train.batch_size=2",
-            "train.max_steps=3",
-            "train.learning_rate=1e-2",
-            "data.max_length=128",
-            "data.eval_fraction=0",
             *(["online.async.mode=one_step_off"] if mode == "one_step_off" else []),
             *(["lora.enabled=true", "lora.r=4"] if mode == "lora" else []),
-        ],
+            rows=rows,
+        ),
     )
     rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
     assert [r["step"] for r in rows] == [1, 2, 3]
