@@ -235,19 +235,24 @@ def load_model(
         attn_implementation=cfg.attn_implementation or "sdpa",
         trust_remote_code=cfg.trust_remote_code,
     )
-    if reward_names:
-        kwargs.update(
+    labels = (
+        dict(
             num_labels=len(reward_names),
             id2label=dict(enumerate(reward_names)),
             label2id={n: i for i, n in enumerate(reward_names)},
             pad_token_id=pad_token_id,
         )
+        if reward_names
+        else {}
+    )
     if vision and reward_names:  # the family's classifier, which pools by its text config's pad id
         vision_classifier(config)
-        for key in ("num_labels", "id2label", "label2id", "pad_token_id"):
-            setattr(config, key, kwargs.pop(key))
+        for key, value in labels.items():
+            setattr(config, key, value)
         config.get_text_config().pad_token_id = pad_token_id
         kwargs["config"] = config
+    else:
+        kwargs.update(labels)
     try:
         policy = AutoModelForImageTextToText if vision else AutoModelForCausalLM
         model = (AutoModelForSequenceClassification if reward_names else policy).from_pretrained(path, **kwargs)

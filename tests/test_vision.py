@@ -321,18 +321,23 @@ def test_dpo_learns_what_only_the_image_shows(vlm_dirs, tmp_path, family):
     assert vision_keys and all(torch.equal(start[k], end[k]) for k in vision_keys if k in end)
 
 
+def _full_and_resumed(model_dir, data, tmp_path, monkeypatch, steps: list):
+    """The uninterrupted run, and the same run crashed right after checkpoint 2 and resumed."""
+    full = loop.train(_run(model_dir, data, tmp_path, "full", *steps), progress=False)
+    real_save = crash_after(monkeypatch, 2)
+    cfg = _run(model_dir, data, tmp_path, "crashed", *steps)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    return full, loop.train(cfg, resume=True, progress=False)
+
+
 def test_sft_resume_after_crash_equals_the_uninterrupted_run(vlm_dirs, tmp_path, monkeypatch):
     root, dirs = vlm_dirs
     rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in colour_pairs(12, seed=1)]
     data = write_jsonl(root / "sft.jsonl", rows)
     steps = ["recipe=sft", "train.max_steps=4", "train.save_every=2", "train.learning_rate=5e-3"]
-    full = loop.train(_run(dirs["idefics3"], data, tmp_path, "full", *steps), progress=False)
-    real_save = crash_after(monkeypatch, 2)
-    cfg = _run(dirs["idefics3"], data, tmp_path, "crashed", *steps)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(cfg, progress=False)
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
-    resumed = loop.train(cfg, resume=True, progress=False)
+    full, resumed = _full_and_resumed(dirs["idefics3"], data, tmp_path, monkeypatch, steps)
     a, b = read_metrics(full.run_dir, "train"), read_metrics(resumed.run_dir, "train")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
@@ -506,14 +511,8 @@ def test_one_step_off_with_images_resumes_exactly(vlm_dirs, tmp_path, monkeypatc
         "train.save_every=2",
         "train.learning_rate=2e-2",
     ]
-    full = loop.train(_run(dirs["idefics3"], data, tmp_path, "full", *steps), progress=False)
+    full, resumed = _full_and_resumed(dirs["idefics3"], data, tmp_path, monkeypatch, steps)
     assert [r["async/staleness_mean"] for r in read_metrics(full.run_dir, "train")] == [0, 1, 1, 1]
-    real_save = crash_after(monkeypatch, 2)
-    cfg = _run(dirs["idefics3"], data, tmp_path, "crashed", *steps)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(cfg, progress=False)
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
-    resumed = loop.train(cfg, resume=True, progress=False)
     a, b = read_metrics(full.run_dir, "train"), read_metrics(resumed.run_dir, "train")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["reward"] for r in a] == [r["reward"] for r in b]

@@ -1127,7 +1127,10 @@ def test_grpo_on_image_prompts_samples_on_a_colocated_engine(vlm_root, tmp_path,
         assert rows[0]["logprob_mismatch_max"] < 1e-3 and rows[1]["logprob_mismatch_max"] > 1e-3
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None,
+    reason="torchvision is installed here, so vLLM loads LLaVA and there is no refusal to check",
+)
 def test_llava_on_vllm_without_torchvision_says_why(tmp_path):
     from alignkit.testing import save_tiny_vlm_dir
 

@@ -178,14 +178,14 @@ def _wire_params(params: SamplingParams) -> dict:
     }
 
 
-def _settings(params: SamplingParams, seed: int, banned: tuple = ()):
-    """vLLM's settings for `params`; `banned` token ids get vLLM's lowest logit bias (-100), which
+def _settings(params: SamplingParams, seed: int):
+    """vLLM's settings for `params`; banned token ids get vLLM's lowest logit bias (-100), which
     no draw survives, and which its processed log-probs see as alignkit's trainer does
     (`SamplingParams.banned`; vLLM's raw ones are before any bias, the model's own)."""
     from vllm import SamplingParams as VSamplingParams
 
     return VSamplingParams(
-        logit_bias={int(t): BAN_BIAS for t in banned} or None,
+        logit_bias={int(t): BAN_BIAS for t in params.banned} or None,
         n=params.n,
         temperature=params.temperature,
         top_p=params.top_p,
@@ -285,8 +285,8 @@ class VLLMEngine:
         """`min_version`: unused (the engine in this process always holds the last weights loaded)."""
         check_logprobs(params, self.logprobs, "this vLLM engine", "an engine is started for one kind: start another")
         self.wake_up()
-        b = self.banned
-        sp = [_settings(params, s, b) for s in prompt_seeds] if prompt_seeds is not None else _settings(params, seed, b)
+        params = params.but(banned=params.banned or self.banned)  # inference too never draws layout tokens
+        sp = [_settings(params, s) for s in prompt_seeds] if prompt_seeds is not None else _settings(params, seed)
         outputs = self.llm.generate([engine_prompt(p) for p in prompts], sp, use_tqdm=False, lora_request=self._lora)
         for old in self._lora_dirs[:-1]:  # read by now: only the current adapters' directory is kept
             shutil.rmtree(old, ignore_errors=True)
