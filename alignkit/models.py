@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -323,16 +324,38 @@ def vision_part(model, part: str) -> torch.nn.Module:
     )
 
 
-def lora_targets(model, cfg: LoraConfig):
+def lora_targets(model, cfg: LoraConfig, frozen_blocks: int = 0):
     """peft's target modules: as configured; for a vision-language model with `all-linear`, the
-    linears of its language model (its output head excepted) and of `lora.vision_parts`."""
-    if cfg.target_modules != "all-linear" or not is_vision_config(model.config):
-        if cfg.vision_parts:
-            raise ConfigError("`lora.vision_parts` has no effect: the model is text-only; remove it.")
+    linears of its language model (its output head excepted) and of `lora.vision_parts`. With
+    `frozen_blocks` (`model.freeze_layers`), only the linears of the blocks above them: adapters in
+    a frozen block would train it after all, and the backward pass can stop at the first block that
+    has any."""
+    vision = is_vision_config(model.config)
+    if cfg.vision_parts and not vision:
+        raise ConfigError("`lora.vision_parts` has no effect: the model is text-only; remove it.")
+    if not frozen_blocks and (cfg.target_modules != "all-linear" or not vision):
         return cfg.target_modules
-    parts = [decoder_of(model)] + [vision_part(model, p) for p in cfg.vision_parts]
+    blocks = transformer_blocks(model)
+    if frozen_blocks:
+        parts = list(blocks[frozen_blocks:])
+    else:
+        parts = [decoder_of(model)]
+    parts += [vision_part(model, p) for p in cfg.vision_parts]
     owned = {id(m) for part in parts for m in part.modules()}
-    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) in owned]
+    names = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) in owned]
+    if cfg.target_modules != "all-linear":  # peft's forms: a list of name suffixes, or one regex
+        wanted = cfg.target_modules
+        if isinstance(wanted, str):
+            names = [n for n in names if re.fullmatch(wanted, n)]
+        else:
+            names = [n for n in names if any(n == w or n.endswith("." + w) for w in wanted)]
+    if not names:
+        raise ConfigError(
+            f"model.freeze_layers={frozen_blocks} freezes every block that `lora.target_modules` "
+            f"({cfg.target_modules}) names: LoRA would adapt nothing. Lower `model.freeze_layers`, or "
+            "set `lora.enabled: false` to train the head alone (reward models)."
+        )
+    return names
 
 
 def transformer_blocks(model) -> torch.nn.ModuleList:
@@ -355,9 +378,10 @@ def freeze_bottom(model, n: int) -> None:
         block.requires_grad_(False)
 
 
-def apply_lora(model, cfg: LoraConfig, quantization: str | None = None):
-    """Wrap `model` with fresh LoRA adapters; only adapter weights (and a reward head) train. With
-    `quantization` (nf4, int8), the frozen base's block linears are quantized first (QLoRA, see
+def apply_lora(model, cfg: LoraConfig, quantization: str | None = None, frozen_blocks: int = 0):
+    """Wrap `model` with fresh LoRA adapters; only adapter weights (and a reward head) train; with
+    `frozen_blocks` (`model.freeze_layers`), none in the bottom blocks. With `quantization` (nf4,
+    int8), the frozen base's block linears are quantized first (QLoRA, see
     `alignkit.quantization`)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -370,7 +394,7 @@ def apply_lora(model, cfg: LoraConfig, quantization: str | None = None):
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=lora_targets(model, cfg),
+        target_modules=lora_targets(model, cfg, frozen_blocks),
         # SEQ_CLS also trains the new reward head in full (peft's modules_to_save).
         task_type="SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM",
     )

@@ -2,12 +2,15 @@
 held-out accuracy next to the untrained model's own ranking accuracy (the baseline to beat).
 
     python bench/reward_model_hh.py [--freeze-layers 30] [--max-length 256] [--epochs 10] [--lr 3e-4]
+                                    [--lora-r R]
 
 Data: ../shared/data/hh_rlhf_harmless/dev.jsonl (not shipped; exits with a message when absent).
 Train on its first 1000 rows, evaluate on the remaining 312 (malformed rows are skipped and
 counted). The bottom `--freeze-layers` of the 30 blocks are frozen; at 30 (the default) the whole
 trunk is, so its outputs are computed once and the head trains on them for `--epochs` epochs in
 seconds. (With 20 frozen blocks, one epoch took 38.5 min and reached 0.555 [0.499, 0.609].)
+With `--lora-r R`, the blocks above the frozen ones train LoRA adapters of rank R (alpha 2R)
+instead of all their weights, and the head trains whole.
 Baseline: does the untrained causal LM give chosen a higher summed (or per-token mean) log-prob
 than rejected? Last line: `heldout_accuracy=<x> ci95=<lo>,<hi> n=<n>`. `--smoke`
 (examples/smoke.py): the same run in seconds, a tiny model (2 blocks, all frozen) and synthetic pairs.
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=10.0)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lora-r", type=int, default=0, help="LoRA adapters of this rank on the unfrozen blocks (0: none)")
     ap.add_argument("--out", default="runs/bench_reward_model_hh")
     ap.add_argument("--odin", action="store_true", help="also train an ODIN reward model and compare length bias")
     ap.add_argument("--skip-baseline", action="store_true", help="do not score the untrained LM's own ranking")
@@ -105,6 +109,8 @@ def main() -> None:
         "train.report_to=[]",
         "train.log_every=20",
     ]
+    if args.lora_r:
+        settings += ["lora.enabled=true", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}"]
     cfg = load_config(None, settings + [f"output_dir={out / 'run'}"])
     result = train(cfg, progress=False)
     acc = read_metrics(result.run_dir, "eval")[-1]["accuracy"]
@@ -132,7 +138,8 @@ def main() -> None:
         b = base[key]
         print(f"| {name} | {b['value']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] | {b['n']} |")
     print(
-        f"| reward model ({n_train} pairs, {args.freeze_layers} blocks frozen, {args.epochs:g} epochs) | {acc:.3f} "
+        f"| reward model ({n_train} pairs, {args.freeze_layers} blocks frozen"
+        f"{f', LoRA r={args.lora_r}' if args.lora_r else ''}, {args.epochs:g} epochs) | {acc:.3f} "
         f"[{lo:.3f}, {hi:.3f}] | {n_held} |"
     )
     print(f"total {elapsed / 60:.1f} min (baseline {t_base / 60:.1f} min)")

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import alignkit.api
 from alignkit.config import load_config
+from alignkit.errors import ConfigError
 from alignkit.train import checkpoint as ckpt
 from alignkit.train import loop
 from alignkit.train import steps as train_steps
@@ -202,6 +203,32 @@ def test_lora_trains_adapters_only_and_exports_merged_model(tiny_model_dir, pair
     changed = [k for k in base if not torch.equal(merged[k], base[k])]
     assert changed and all("proj" in k for k in changed)  # only adapted linear layers moved
     assert not any("embed" in k or "norm" in k for k in changed)
+
+
+def test_lora_with_frozen_blocks_adapts_only_the_blocks_above(tiny_model_dir, pairs_file, tmp_path):
+    """`model.freeze_layers` with LoRA: no adapters in the frozen blocks (peft would otherwise train
+    them), so the merged model's bottom block is the base's; freezing every block is an error."""
+    from alignkit.models import transformer_blocks
+
+    args = ["lora.enabled=true", "lora.r=4", "train.max_steps=4", "train.learning_rate=2e-2", "reference=live"]
+    result = loop.train(_cfg(tiny_model_dir, pairs_file, tmp_path, *args, "model.freeze_layers=1"), progress=False)
+    merged, base = _final_params(result.run_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    changed = {k for k in base if not torch.equal(merged[k], base[k])}
+    assert changed and all(".layers.1." in k and "proj" in k for k in changed)
+    session = loop.setup(_cfg(tiny_model_dir, pairs_file, tmp_path, *args, "model.freeze_layers=1", out="s"))
+    adapted = [n for n, p in session.model.named_parameters() if p.requires_grad]
+    assert adapted and all(".layers.1." in n and "lora_" in n for n in adapted)
+    assert len(adapted) == 14  # 7 linears of one block, A and B each
+    # a named subset of the linears, and a regex, are filtered the same way
+    for targets in ("[q_proj,v_proj]", r".*\.(q|v)_proj"):
+        model = loop.setup(
+            _cfg(tiny_model_dir, pairs_file, tmp_path, *args, "model.freeze_layers=1", f"lora.target_modules={targets}", out="t")
+        ).model
+        names = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+        assert names == {f"base_model.model.model.layers.1.self_attn.{m}" for m in ("q_proj", "v_proj")}
+    n = len(transformer_blocks(AutoModelForCausalLM.from_pretrained(tiny_model_dir)))
+    with pytest.raises(ConfigError, match="LoRA would adapt nothing"):
+        loop.setup(_cfg(tiny_model_dir, pairs_file, tmp_path, *args, f"model.freeze_layers={n}", out="all"))
 
 
 def test_resume_with_lora(tiny_model_dir, pairs_file, tmp_path):

@@ -75,7 +75,7 @@ def _assemble(path: Path, module: str, trust_remote_code: bool):
             pad_token_id=tokenizer.pad_token_id,
             reward_names=cfg.reward.head_names() if spec.model_kind == "reward_model" else None,
         )
-        lora = cfg.lora.enabled
+        lora, frozen = cfg.lora.enabled, cfg.model.freeze_layers
     else:  # PPO's value model: a scalar head on the trunk it started from
         init = cfg.model.name_or_path if cfg.critic.init == "policy" else cfg.critic.init
         model = load_model(
@@ -85,9 +85,9 @@ def _assemble(path: Path, module: str, trust_remote_code: bool):
             reward_names=["value"],
             pad_token_id=tokenizer.pad_token_id,
         )
-        lora = cfg.critic.lora
+        lora, frozen = cfg.critic.lora, cfg.critic.freeze_layers
     if lora:
-        model = apply_lora(model, cfg.lora, cfg.model.quantization)
+        model = apply_lora(model, cfg.lora, cfg.model.quantization, frozen)
     if (path / "dcp").is_dir():
         Dist().load_sharded_model(model, path / "dcp", module)
     else:

@@ -133,7 +133,7 @@ def load_policy(cfg: RunConfig, spec, tokenizer, device):
     if cfg.train.disable_dropout:
         disable_dropout(model)
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, cfg.model.quantization)
+        model = apply_lora(model, cfg.lora, cfg.model.quantization, cfg.model.freeze_layers)
     return model
 
 

@@ -96,7 +96,7 @@ class PPO(MethodBase):
                 False
             )  # every block: the final norm too, as for reward models
         if c.lora:
-            value = apply_lora(value, self.cfg.lora, self.cfg.model.quantization)
+            value = apply_lora(value, self.cfg.lora, self.cfg.model.quantization, c.freeze_layers)
         return value
 
     def sampling_models(self) -> tuple:
