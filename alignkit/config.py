@@ -47,7 +47,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     freeze_layers: int = 0
-    """Freeze the input embeddings and the first N transformer blocks: cheaper steps, fewer trained weights (tied output embeddings freeze too)."""
+    """Freeze the input embeddings and the first N transformer blocks: cheaper steps, fewer trained weights (tied output embeddings freeze too); with LoRA, adapters go in the blocks above N only."""
     chat_template: Optional[str] = None
     """A Jinja chat template (a file path, or the template text) used instead of the tokenizer's own: e.g. an append-only template for multi-turn episodes where the model's own cannot be continued turn by turn (docs/reasoning.md)."""
     train_vision: bool = False
@@ -320,9 +320,11 @@ class RewardConfig:
     disentangle: Optional[Literal["length"]] = None
     """ODIN (arXiv 2402.07319): train a `quality` and a `length` head on the trunk, their sum fitted to the preferences, the length head pushed to correlate with response length and the quality head not to; the quality head alone is the reward at use time (docs/reward-hacking.md)."""
     length_coef: float = 1.0
-    """ODIN: weight of |corr(quality head, length)| - corr(length head, length) over each batch's responses."""
+    """ODIN: weight of |corr(quality head, length)| - sign x corr(length head, length) over each batch's responses (the sign: `length_sign`)."""
     orthogonal_coef: float = 1.0
     """ODIN: weight of |w_quality . w_length|, the overlap of the two heads' weight vectors."""
+    length_sign: Literal["auto", "positive", "negative"] = "auto"
+    """ODIN: the sign of the correlation with length the length head is pushed to: `positive` is the paper's (longer replies preferred), `negative` for data that prefers shorter ones, `auto` the one the training pairs show (the chosen reply longer in most pairs whose lengths differ: positive)."""
 
     step_separator: str = "\n"
     """recipe prm: what separates the steps of a reply (a `completion` is split at it; `steps` are joined with it); saved with the model, which scores each step at its last token."""
@@ -818,14 +820,21 @@ def validate(cfg: RunConfig) -> None:
             f"`reward.disentangle: {rw.disentangle}` splits one reward into a quality and a length head; it "
             f"cannot be combined with several reward.objectives ({rw.objectives}). Use one of them."
         )
-    if not rw.disentangle and (rw.length_coef != 1.0 or rw.orthogonal_coef != 1.0):
+    if not rw.disentangle and (rw.length_coef != 1.0 or rw.orthogonal_coef != 1.0 or rw.length_sign != "auto"):
         raise ConfigError(
-            "`reward.length_coef` and `reward.orthogonal_coef` weight ODIN's terms and have no effect without "
-            "`reward.disentangle: length`; set it, or remove them."
+            "`reward.length_coef`, `reward.orthogonal_coef` and `reward.length_sign` set ODIN's terms and have no "
+            "effect without `reward.disentangle: length`; set it, or remove them."
         )
     if rw.length_coef < 0 or rw.orthogonal_coef < 0:
         raise ConfigError(
             f"`reward.length_coef` and `reward.orthogonal_coef` must be >= 0; got {rw.length_coef}, {rw.orthogonal_coef}."
+        )
+    if rw.disentangle and cfg.train.forward_tokens:
+        raise ConfigError(
+            "`reward.disentangle: length` estimates its correlations over a whole micro-batch, and "
+            f"`train.forward_tokens` ({cfg.train.forward_tokens}) would cut it into pieces, each with its own "
+            "estimate from fewer replies. Unset `train.forward_tokens` (to save memory, use "
+            "`model.gradient_checkpointing: true`)."
         )
     bad_parts = [x for x in cfg.lora.vision_parts if x not in ("projector", "vision")]
     if bad_parts or not isinstance(cfg.lora.vision_parts, list):

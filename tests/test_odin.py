@@ -17,7 +17,7 @@ from alignkit.train.metrics import read_metrics
 
 def test_odin_terms_match_a_float64_formula():
     q = torch.tensor([0.5, -1.0, 2.0, 0.25, 1.5, -0.5], dtype=torch.float64)
-    ln = torch.tensor([0.1, 0.4, -0.3, 1.2, 0.8, 0.0], dtype=torch.float64)
+    ln = torch.tensor([0.8, 0.1, 1.2, -0.3, 0.0, 0.4], dtype=torch.float64)
     lengths = torch.tensor([12.0, 30.0, 7.0, 55.0, 41.0, 20.0], dtype=torch.float64)
     wq = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
     wl = torch.tensor([0.5, -0.5, 2.0], dtype=torch.float64)
@@ -25,19 +25,22 @@ def test_odin_terms_match_a_float64_formula():
     rho_q = np.corrcoef(q.numpy(), lengths.numpy())[0, 1]
     rho_l = np.corrcoef(ln.numpy(), lengths.numpy())[0, 1]
     ortho = abs(1.0 * 0.5 + 2.0 * -0.5 + -1.0 * 2.0)  # |w_q . w_l| = |0.5 - 1 - 2| = 2.5
-    assert float(term) == pytest.approx(0.7 * (abs(rho_q) - rho_l) + 0.3 * ortho, abs=1e-9)
+    assert float(term) == pytest.approx(0.7 * (abs(rho_q) - rho_l) + 0.3 * ortho, abs=1e-9)  # the paper's
+    other, _ = odin_terms(q, ln, lengths, wq, wl, length_coef=0.7, orthogonal_coef=0.3, length_sign=-1.0)
+    assert float(other) == pytest.approx(0.7 * (abs(rho_q) + rho_l) + 0.3 * ortho, abs=1e-9)
     assert float(metrics["odin/quality_length_corr"]) == pytest.approx(rho_q, abs=1e-9)
     assert float(metrics["odin/orthogonality"]) == pytest.approx(2.5)
     assert float(pearson(torch.ones(4), torch.arange(4.0))) == 0.0  # a constant has no correlation
 
 
-def _synthetic(n: int, seed: int):
+def _synthetic(n: int, seed: int, length_weight: float = 2.0):
     """Pairs of responses with features [length, quality, noise, noise]; the preference is a known
-    mix of the two (equal weights), so a plain reward model learns length as much as quality."""
+    mix of the two (equal weights; a negative `length_weight` prefers the shorter reply), so a
+    plain reward model learns length as much as quality."""
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(n, 2, 4, generator=g)
     lengths = 40 + 15 * feats[..., 0]
-    logit = 2.0 * (feats[:, 0, 1] - feats[:, 1, 1]) + 2.0 * (feats[:, 0, 0] - feats[:, 1, 0])
+    logit = 2.0 * (feats[:, 0, 1] - feats[:, 1, 1]) + length_weight * (feats[:, 0, 0] - feats[:, 1, 0])
     first_wins = torch.rand(n, generator=g) < torch.sigmoid(logit)
     chosen = torch.where(first_wins[:, None], feats[:, 0], feats[:, 1])
     rejected = torch.where(first_wins[:, None], feats[:, 1], feats[:, 0])
@@ -46,17 +49,19 @@ def _synthetic(n: int, seed: int):
     return chosen, rejected, lc, lr
 
 
-def _fit(odin: bool, steps: int = 400):
+def _fit(odin: bool, steps: int = 400, length_weight: float = 2.0, length_sign: float = 1.0):
     torch.manual_seed(0)
     head = torch.nn.Linear(4, 2 if odin else 1, bias=False)
     opt = torch.optim.Adam(head.parameters(), lr=0.05)
-    chosen, rejected, lc, lr = _synthetic(512, seed=1)
+    chosen, rejected, lc, lr = _synthetic(512, seed=1, length_weight=length_weight)
     for _ in range(steps):
         rc, rr = head(chosen), head(rejected)
         loss = -F.logsigmoid(rc.sum(-1) - rr.sum(-1)).mean()
         if odin:
             heads = torch.cat([rc, rr])
-            term, _ = odin_terms(heads[:, 0], heads[:, 1], torch.cat([lc, lr]), head.weight[0], head.weight[1])
+            term, _ = odin_terms(
+                heads[:, 0], heads[:, 1], torch.cat([lc, lr]), head.weight[0], head.weight[1], length_sign=length_sign
+            )
             loss = loss + term
         opt.zero_grad()
         loss.backward()
@@ -75,6 +80,30 @@ def test_the_quality_head_recovers_the_hidden_quality_and_ignores_length():
     assert abs(float(pearson(quality, lengths))) < 0.05  # the quality head does not
     assert float(pearson(quality, feats[:, 1])) > 0.95  # it reads the hidden quality feature
     assert float(pearson(length_head, lengths)) > 0.95  # and the length head took length
+
+
+def _heldout_accuracy(head, length_weight: float) -> float:
+    chosen, rejected, _, _ = _synthetic(1024, seed=2, length_weight=length_weight)
+    with torch.no_grad():
+        return float((head(chosen).sum(-1) > head(rejected).sum(-1)).float().mean())
+
+
+def test_when_shorter_replies_win_the_length_head_takes_the_negative_sign():
+    """Preferences that favour the shorter reply (as HH-RLHF harmless does): with the sign -1 (what
+    `length_sign: auto` picks on such data) the length head takes length negatively and the quality
+    head still reads quality alone; the paper's +1 forces the length head the wrong way, and the
+    summed reward, which then cannot carry the preference for brevity, fits held-out pairs worse."""
+    chosen, rejected, lc, lr = _synthetic(1024, seed=2, length_weight=-2.0)
+    feats, lengths = torch.cat([chosen, rejected]), torch.cat([lc, lr])
+    negative, positive = _fit(True, length_weight=-2.0, length_sign=-1.0), _fit(True, length_weight=-2.0)
+    with torch.no_grad():
+        heads = negative(feats)
+        assert float(pearson(positive(feats)[:, 1], lengths)) > 0.95  # made to pay for length
+    assert float(pearson(heads[:, 1], lengths)) < -0.95
+    assert abs(float(pearson(heads[:, 0], lengths))) < 0.05 and float(pearson(heads[:, 0], feats[:, 1])) > 0.95
+    plain = _heldout_accuracy(_fit(False, length_weight=-2.0), -2.0)
+    assert _heldout_accuracy(negative, -2.0) > plain - 0.02
+    assert _heldout_accuracy(positive, -2.0) < plain - 0.1
 
 
 @pytest.fixture
@@ -120,7 +149,54 @@ def test_disentangle_settings_that_cannot_work(tiny_model_dir, pairs, tmp_path):
     base = base_overrides(tiny_model_dir, pairs, tmp_path / "r", tmp_path / "c") + ["recipe=reward"]
     with pytest.raises(ConfigError, match="several reward.objectives"):
         load_config(None, base + ["reward.disentangle=length", "reward.objectives=[helpful, harmless]"])
-    with pytest.raises(ConfigError, match="no effect without `reward.disentangle: length`"):
-        load_config(None, base + ["reward.length_coef=2.0"])
+    for key in ("reward.length_coef=2.0", "reward.length_sign=positive"):
+        with pytest.raises(ConfigError, match="no effect without `reward.disentangle: length`"):
+            load_config(None, base + [key])
     with pytest.raises(ConfigError, match="recipe dpo does not read"):
         load_config(None, base + ["recipe=dpo", "reward.disentangle=length"])
+    with pytest.raises(ConfigError, match="forward_tokens.*cut it into pieces"):
+        load_config(None, base + ["reward.disentangle=length", "train.forward_tokens=64"])
+
+
+def test_small_odin_batches_get_a_note(tiny_model_dir, pairs, tmp_path, capsys):
+    from alignkit.train.session import setup
+
+    base = base_overrides(tiny_model_dir, pairs, tmp_path / "r", tmp_path / "c") + ["recipe=reward"]
+
+    def correlation_notes(*extra):
+        capsys.readouterr()
+        setup(load_config(None, base + list(extra)), progress=False)
+        return [line for line in capsys.readouterr().out.splitlines() if "correlation" in line]
+
+    (note,) = correlation_notes("reward.disentangle=length", "train.batch_size=8")
+    assert "16 replies" in note and "0.26" in note and "train.batch_size to 32" in note
+    assert not correlation_notes("reward.disentangle=length", "train.batch_size=32")
+    assert not correlation_notes("train.batch_size=8")
+
+
+def test_the_length_sign_follows_the_training_pairs(tiny_model_dir, tmp_path, capsys):
+    from conftest import toy_pairs, write_jsonl
+
+    from alignkit.train.session import setup
+
+    rows = toy_pairs(16)
+    for r in rows:
+        r["chosen"], r["rejected"] = r["chosen"] + " sorry .", r["rejected"]  # the preferred reply is longer
+    longer = write_jsonl(tmp_path / "longer.jsonl", rows)
+    shorter = write_jsonl(
+        tmp_path / "shorter.jsonl", [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+    )
+
+    def sign(data, *extra):
+        base = base_overrides(tiny_model_dir, data, tmp_path / "r", tmp_path / "c")
+        cfg = load_config(None, base + ["recipe=reward", "reward.disentangle=length", "train.batch_size=32", *extra])
+        capsys.readouterr()
+        recipe = setup(cfg, progress=False).recipe
+        (note,) = [line for line in capsys.readouterr().out.splitlines() if "length head is pushed" in line]
+        return recipe.length_sign, note
+
+    s, note = sign(longer)
+    assert s == 1.0 and "correlate with length" in note and "longer in 15 of the 15" in note  # 1 held out
+    s, note = sign(shorter)
+    assert s == -1.0 and "against length" in note and "longer in 0 of the 15" in note
+    assert sign(shorter, "reward.length_sign=positive")[0] == 1.0  # the paper's sign, when asked for

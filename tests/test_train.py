@@ -222,7 +222,15 @@ def test_lora_with_frozen_blocks_adapts_only_the_blocks_above(tiny_model_dir, pa
     # a named subset of the linears, and a regex, are filtered the same way
     for targets in ("[q_proj,v_proj]", r".*\.(q|v)_proj"):
         model = loop.setup(
-            _cfg(tiny_model_dir, pairs_file, tmp_path, *args, "model.freeze_layers=1", f"lora.target_modules={targets}", out="t")
+            _cfg(
+                tiny_model_dir,
+                pairs_file,
+                tmp_path,
+                *args,
+                "model.freeze_layers=1",
+                f"lora.target_modules={targets}",
+                out="t",
+            )
         ).model
         names = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
         assert names == {f"base_model.model.model.layers.1.self_attn.{m}" for m in ("q_proj", "v_proj")}

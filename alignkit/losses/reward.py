@@ -63,12 +63,15 @@ def odin_terms(
     *,
     length_coef: float = 1.0,
     orthogonal_coef: float = 1.0,
+    length_sign: float = 1.0,
 ) -> tuple[torch.Tensor, dict]:
     """ODIN's disentangling terms (Chen et al., ODIN: Disentangled Reward Mitigates Hacking in RLHF,
     arXiv 2402.07319, Section 5), added to the Bradley-Terry loss of the summed reward
     r = r_Q + r_L:
 
-        L_disentangle = length_coef * (|rho(r_Q, len)| - rho(r_L, len)) + orthogonal_coef * |w_Q . w_L|
+        L_disentangle = length_coef * (|rho(r_Q, len)| - s rho(r_L, len)) + orthogonal_coef * |w_Q . w_L|
+
+    with s = `length_sign`, +1 in the paper.
 
     rho: the Pearson correlation over the batch's responses (chosen and rejected alike) of each
     head's reward with the response length in tokens; w_Q, w_L: the two linear heads' weight
@@ -77,12 +80,21 @@ def odin_terms(
     reward.
 
     Inputs: quality, length_head, lengths [N] (N = 2B responses), w_quality, w_length [H].
-    Returns (the scalar term, metrics). Departure: one coefficient for both correlation terms, as
-    the paper's experiments set them equal."""
+    Returns (the scalar term, metrics). Departures: one coefficient for both correlation terms, as
+    the paper's experiments set them equal; and the sign s. The paper's s = +1 assumes the
+    preferences favour longer replies (its data does); where they favour shorter ones (HH-RLHF
+    harmless: refusals are short) a length head that must grow with length cannot carry that, and
+    the Bradley-Terry loss pushes it into the quality head instead (measured: docs/benchmarks.md).
+    The recipe takes s from the training pairs (`reward.length_sign: auto`). A sign-free
+    -|rho(r_L, len)| does not do: the correlation term outweighs the Bradley-Terry loss early on,
+    so the head keeps whichever sign it started with (tried on tests/test_odin.py's synthetic set,
+    which prefers longer replies: the length head ended at -0.98)."""
+    if length_sign not in (1.0, -1.0):
+        raise ValueError(f"length_sign must be +1 or -1; got {length_sign!r}")
     lengths = lengths.to(quality.dtype)
     rho_q, rho_l = pearson(quality, lengths), pearson(length_head, lengths)
     ortho = (w_quality * w_length).sum().abs()
-    term = length_coef * (rho_q.abs() - rho_l) + orthogonal_coef * ortho
+    term = length_coef * (rho_q.abs() - length_sign * rho_l) + orthogonal_coef * ortho
     metrics = {
         "odin/quality_length_corr": rho_q.detach().reshape(1),
         "odin/length_head_corr": rho_l.detach().reshape(1),

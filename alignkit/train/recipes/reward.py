@@ -11,6 +11,7 @@ packing, rows are padded pairs (chosen rows, then rejected rows).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +28,10 @@ from alignkit.losses.reward import odin_terms
 from alignkit.models import is_peft, transformer_blocks
 from alignkit.train.base import OfflineRecipe, SetupContext
 
+# ODIN's correlations from fewer replies than this get a note: a Pearson correlation's sampling
+# noise is about 1/sqrt(n - 1), 0.13 at 64, against the 0.15 a quality head is meant to stay under.
+SMALL_CORRELATION_SAMPLE = 64
+
 
 class RewardRecipe(OfflineRecipe):
     """Bradley-Terry reward model (`recipe: reward`); held-out accuracy at every evaluation."""
@@ -40,6 +45,7 @@ class RewardRecipe(OfflineRecipe):
         self.terms = resolve_terms(cfg.loss, cfg.losses, data=self.data)
         self.reward_names = list(cfg.reward.objectives)
         self.odin = cfg.reward.disentangle == "length"  # two heads: quality and length (ODIN)
+        self.length_sign = None  # ODIN: +1 or -1, from the training pairs (`_choose_length_sign`)
         self.labels, self.margins, self.lengths, self.probs = {}, {}, {}, {}  # split -> tensors by example index
         self.steps_done, self.total_steps = 0, 1  # the share of training done (`progress`, w2s_confidence)
         reads = {n for t in self.terms for n in t.spec.inputs}
@@ -84,6 +90,16 @@ class RewardRecipe(OfflineRecipe):
             out.append(items)
             if split == "train":
                 notes.append(stats.summary(d.max_length))
+                if self.odin:
+                    notes.append(self._choose_length_sign())
+                n = 2 * self.cfg.train.batch_size
+                if self.odin and n < SMALL_CORRELATION_SAMPLE:
+                    notes.append(
+                        f"reward.disentangle=length estimates each correlation over a micro-batch's {n} replies "
+                        f"(2 x train.batch_size), whose sampling noise is about {1 / math.sqrt(n - 1):.2f}: the "
+                        "|correlation| term then mostly fights noise. Raise train.batch_size to "
+                        f"{SMALL_CORRELATION_SAMPLE // 2} or more (the authors' code gathers 256 replies)."
+                    )
                 if len(self.reward_names) > 1:
                     judged = (self.labels["train"] != 0).sum(0).tolist()
                     notes.append(
@@ -176,6 +192,25 @@ class RewardRecipe(OfflineRecipe):
                 metrics[f"accuracy/{name}"] = correct[judged, k].detach()
         return per_example.sum(), metrics
 
+    def _choose_length_sign(self) -> str:
+        """ODIN's sign for the length head (`reward.length_sign`): `auto` takes the one the training
+        pairs show, +1 when the preferred reply is the longer in at least half the pairs whose
+        lengths differ. Returns the note that says which and why."""
+        lengths, labels = self.lengths["train"], self.labels["train"][:, 0]
+        longer = labels * torch.sign(lengths[:, 0] - lengths[:, 1])  # +1: the preferred reply is longer
+        n_longer, n_differ = int((longer > 0).sum()), int((longer != 0).sum())
+        setting = self.cfg.reward.length_sign
+        if setting == "auto":
+            self.length_sign = 1.0 if 2 * n_longer >= n_differ else -1.0
+        else:
+            self.length_sign = 1.0 if setting == "positive" else -1.0
+        direction = "with" if self.length_sign > 0 else "against"
+        return (
+            f"reward.disentangle=length: the preferred reply is the longer in {n_longer} of the {n_differ} training "
+            f"pairs whose lengths differ; the length head is pushed to correlate {direction} length "
+            f"(reward.length_sign={setting})"
+        )
+
     def _disentangle(self, model, heads: torch.Tensor, batch: TokenBatch, split: str, labels: torch.Tensor):
         """ODIN's terms for this batch (`losses.reward.odin_terms`) and the quality head's accuracy."""
         b, ids = batch.num_examples, batch.example_ids
@@ -192,6 +227,7 @@ class RewardRecipe(OfflineRecipe):
             weight[1],
             length_coef=rw.length_coef,
             orthogonal_coef=rw.orthogonal_coef,
+            length_sign=self.length_sign,
         )
         quality = heads[:, 0]
         metrics["accuracy/quality"] = (labels[:, 0] * (quality[:b] - quality[b:]) > 0).float().detach()
