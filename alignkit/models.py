@@ -335,11 +335,7 @@ def lora_targets(model, cfg: LoraConfig, frozen_blocks: int = 0):
         raise ConfigError("`lora.vision_parts` has no effect: the model is text-only; remove it.")
     if not frozen_blocks and (cfg.target_modules != "all-linear" or not vision):
         return cfg.target_modules
-    blocks = transformer_blocks(model)
-    if frozen_blocks:
-        parts = list(blocks[frozen_blocks:])
-    else:
-        parts = [decoder_of(model)]
+    parts = list(transformer_blocks(model)[frozen_blocks:]) if frozen_blocks else [decoder_of(model)]
     parts += [vision_part(model, p) for p in cfg.vision_parts]
     owned = {id(m) for part in parts for m in part.modules()}
     names = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) in owned]

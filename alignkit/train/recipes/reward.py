@@ -45,7 +45,7 @@ class RewardRecipe(OfflineRecipe):
         self.terms = resolve_terms(cfg.loss, cfg.losses, data=self.data)
         self.reward_names = list(cfg.reward.objectives)
         self.odin = cfg.reward.disentangle == "length"  # two heads: quality and length (ODIN)
-        self.length_sign = None  # ODIN: +1 or -1, from the training pairs (`_choose_length_sign`)
+        self.length_sign = None  # ODIN: +1 or -1, from the training pairs (`_odin_notes`)
         self.labels, self.margins, self.lengths, self.probs = {}, {}, {}, {}  # split -> tensors by example index
         self.steps_done, self.total_steps = 0, 1  # the share of training done (`progress`, w2s_confidence)
         reads = {n for t in self.terms for n in t.spec.inputs}
@@ -91,15 +91,7 @@ class RewardRecipe(OfflineRecipe):
             if split == "train":
                 notes.append(stats.summary(d.max_length))
                 if self.odin:
-                    notes.append(self._choose_length_sign())
-                n = 2 * self.cfg.train.batch_size
-                if self.odin and n < SMALL_CORRELATION_SAMPLE:
-                    notes.append(
-                        f"reward.disentangle=length estimates each correlation over a micro-batch's {n} replies "
-                        f"(2 x train.batch_size), whose sampling noise is about {1 / math.sqrt(n - 1):.2f}: the "
-                        "|correlation| term then mostly fights noise. Raise train.batch_size to "
-                        f"{SMALL_CORRELATION_SAMPLE // 2} or more (the authors' code gathers 256 replies)."
-                    )
+                    notes += self._odin_notes()
                 if len(self.reward_names) > 1:
                     judged = (self.labels["train"] != 0).sum(0).tolist()
                     notes.append(
@@ -192,10 +184,11 @@ class RewardRecipe(OfflineRecipe):
                 metrics[f"accuracy/{name}"] = correct[judged, k].detach()
         return per_example.sum(), metrics
 
-    def _choose_length_sign(self) -> str:
-        """ODIN's sign for the length head (`reward.length_sign`): `auto` takes the one the training
-        pairs show, +1 when the preferred reply is the longer in at least half the pairs whose
-        lengths differ. Returns the note that says which and why."""
+    def _odin_notes(self) -> list:
+        """Sets ODIN's sign for the length head (`reward.length_sign`): `auto` takes the one the
+        training pairs show, +1 when the preferred reply is the longer in at least half the pairs
+        whose lengths differ. Returns the notes that say which and why, and whether a micro-batch
+        has too few replies for the correlations."""
         lengths, labels = self.lengths["train"], self.labels["train"][:, 0]
         longer = labels * torch.sign(lengths[:, 0] - lengths[:, 1])  # +1: the preferred reply is longer
         n_longer, n_differ = int((longer > 0).sum()), int((longer != 0).sum())
@@ -205,11 +198,20 @@ class RewardRecipe(OfflineRecipe):
         else:
             self.length_sign = 1.0 if setting == "positive" else -1.0
         direction = "with" if self.length_sign > 0 else "against"
-        return (
+        notes = [
             f"reward.disentangle=length: the preferred reply is the longer in {n_longer} of the {n_differ} training "
             f"pairs whose lengths differ; the length head is pushed to correlate {direction} length "
             f"(reward.length_sign={setting})"
-        )
+        ]
+        n = 2 * self.cfg.train.batch_size
+        if n < SMALL_CORRELATION_SAMPLE:
+            notes.append(
+                f"reward.disentangle=length estimates each correlation over a micro-batch's {n} replies "
+                f"(2 x train.batch_size), whose sampling noise is about {1 / math.sqrt(n - 1):.2f}: the "
+                "|correlation| term then mostly fights noise. Raise train.batch_size to "
+                f"{SMALL_CORRELATION_SAMPLE // 2} or more (the authors' code gathers 256 replies)."
+            )
+        return notes
 
     def _disentangle(self, model, heads: torch.Tensor, batch: TokenBatch, split: str, labels: torch.Tensor):
         """ODIN's terms for this batch (`losses.reward.odin_terms`) and the quality head's accuracy."""
