@@ -320,7 +320,7 @@ class RewardConfig:
     disentangle: Optional[Literal["length"]] = None
     """ODIN (arXiv 2402.07319): train a `quality` and a `length` head on the trunk, their sum fitted to the preferences, the length head pushed to correlate with response length and the quality head not to; the quality head alone is the reward at use time (docs/reward-hacking.md)."""
     length_coef: float = 1.0
-    """ODIN: weight of |corr(quality head, length)| - sign x corr(length head, length) over each batch's responses (the sign: `length_sign`)."""
+    """ODIN: weight of |corr(quality head, length)| - sign x corr(length head, length) over each micro-batch's replies, or every training reply when only the head trains (the sign: `length_sign`)."""
     orthogonal_coef: float = 1.0
     """ODIN: weight of |w_quality . w_length|, the overlap of the two heads' weight vectors."""
     length_sign: Literal["auto", "positive", "negative"] = "auto"

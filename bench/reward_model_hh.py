@@ -2,7 +2,7 @@
 held-out accuracy next to the untrained model's own ranking accuracy (the baseline to beat).
 
     python bench/reward_model_hh.py [--freeze-layers 30] [--max-length 256] [--epochs 10] [--lr 3e-4]
-                                    [--lora-r R]
+                                    [--lora-r R [--lp-ft]] [--seed S]
 
 Data: ../shared/data/hh_rlhf_harmless/dev.jsonl (not shipped; exits with a message when absent).
 Train on its first 1000 rows, evaluate on the remaining 312 (malformed rows are skipped and
@@ -10,7 +10,9 @@ counted). The bottom `--freeze-layers` of the 30 blocks are frozen; at 30 (the d
 trunk is, so its outputs are computed once and the head trains on them for `--epochs` epochs in
 seconds. (With 20 frozen blocks, one epoch took 38.5 min and reached 0.555 [0.499, 0.609].)
 With `--lora-r R`, the blocks above the frozen ones train LoRA adapters of rank R (alpha 2R)
-instead of all their weights, and the head trains whole.
+instead of all their weights, and the head trains whole; with `--lp-ft` too, each LoRA run starts
+from a model of its kind whose head alone was trained first (LP-FT, Kumar et al., arXiv 2202.10054:
+a fitted head keeps the trunk's features from being bent to serve a random one).
 Baseline: does the untrained causal LM give chosen a higher summed (or per-token mean) log-prob
 than rejected? Last line: `heldout_accuracy=<x> ci95=<lo>,<hi> n=<n>`. `--smoke`
 (examples/smoke.py): the same run in seconds, a tiny model (2 blocks, all frozen) and synthetic pairs.
@@ -48,7 +50,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=10.0)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0, help="the runs' seed (the head's initialisation, the data order)")
     ap.add_argument("--lora-r", type=int, default=0, help="LoRA adapters of this rank on the unfrozen blocks (0: none)")
+    ap.add_argument(
+        "--lp-ft",
+        action="store_true",
+        help="with --lora-r: start each LoRA run from a model of the same kind whose head alone was trained first "
+        "(every block frozen, 10 epochs at lr 3e-4): LP-FT, arXiv 2202.10054",
+    )
     ap.add_argument("--out", default="runs/bench_reward_model_hh")
     ap.add_argument("--odin", action="store_true", help="also train an ODIN reward model and compare length bias")
     ap.add_argument("--skip-baseline", action="store_true", help="do not score the untrained LM's own ranking")
@@ -95,23 +104,42 @@ def main() -> None:
         )["preference"]
     )
     t_base = time.perf_counter() - start
-    settings = [
+    if args.lp_ft and not args.lora_r:
+        sys.exit("--lp-ft starts LoRA runs from head-only models: give --lora-r too")
+    common = [
         "recipe=reward",
-        f"model.name_or_path={model}",
         f"data.train={train_file}",
         f"data.eval={held_file}",
         f"data.max_length={args.max_length}",
-        f"model.freeze_layers={args.freeze_layers}",
-        f"train.epochs={args.epochs}",
-        f"train.learning_rate={args.lr}",
         f"train.batch_size={args.batch_size}",
+        f"seed={args.seed}",
         "train.eval_batch_size=16",
         "train.report_to=[]",
         "train.log_every=20",
     ]
+    settings = common + [
+        f"model.freeze_layers={args.freeze_layers}",
+        f"train.epochs={args.epochs}",
+        f"train.learning_rate={args.lr}",
+    ]
     if args.lora_r:
         settings += ["lora.enabled=true", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}"]
-    cfg = load_config(None, settings + [f"output_dir={out / 'run'}"])
+
+    def initial_model(kind: list, name: str) -> list:
+        """The model a run of this kind starts from: the base, or with --lp-ft the final model of a
+        head-only run of the same kind (its head trained on the cached trunk outputs)."""
+        if not args.lp_ft:
+            return [f"model.name_or_path={model}"]
+        from transformers import AutoConfig
+
+        from alignkit.models import resolve_model_path
+
+        blocks = AutoConfig.from_pretrained(resolve_model_path(model)).num_hidden_layers
+        head_only = common + kind + [f"model.name_or_path={model}", f"model.freeze_layers={blocks}"]
+        head_only += ["train.epochs=10", "train.learning_rate=3e-4", f"output_dir={out / f'head-{name}'}"]
+        return [f"model.name_or_path={train(load_config(None, head_only), progress=False).final_dir}"]
+
+    cfg = load_config(None, settings + initial_model([], "plain") + [f"output_dir={out / 'run'}"])
     result = train(cfg, progress=False)
     acc = read_metrics(result.run_dir, "eval")[-1]["accuracy"]
     lo, hi = wilson_interval(acc * n_held, n_held)
@@ -149,8 +177,9 @@ def main() -> None:
     coefs = [float(c) for c in args.length_coefs.split(",")]
     finals = {"plain": result.final_dir}
     for c in coefs:  # each run reads the trunk outputs the plain run cached
-        odin_settings = ["reward.disentangle=length", f"reward.length_coef={c:g}", f"output_dir={out / f'odin-{c:g}'}"]
-        finals[f"odin-{c:g}"] = train(load_config(None, settings + odin_settings), progress=False).final_dir
+        kind = ["reward.disentangle=length", f"reward.length_coef={c:g}"]
+        odin = settings + kind + initial_model(kind, f"odin-{c:g}") + [f"output_dir={out / f'odin-{c:g}'}"]
+        finals[f"odin-{c:g}"] = train(load_config(None, odin), progress=False).final_dir
     biases = {}
     for name, final in finals.items():
         from alignkit.rewards import build_reward

@@ -75,7 +75,7 @@ SCRIPTS = {
         rf"plain_acc={NUM} odin_acc={NUM} plain_gap=({NUM}|nan) odin_gap=({NUM}|nan) "
         rf"plain_len_corr=({NUM}|nan) odin_len_corr=({NUM}|nan)",
         [],
-        [*OUT, "--odin", "--length-coefs", "1.0,0.1"],
+        [*OUT, "--odin", "--length-coefs", "1.0,0.1", "--freeze-layers", "1", "--lora-r", "2", "--lp-ft"],
         None,
     ),
     "bench/rollout_speed.py": (rf"own_samples_per_s={NUM} vllm_samples_per_s={NUM} ratio={NUM}", ["vllm"], OUT, None),

@@ -200,3 +200,30 @@ def test_the_length_sign_follows_the_training_pairs(tiny_model_dir, tmp_path, ca
     s, note = sign(shorter)
     assert s == -1.0 and "against length" in note and "longer in 0 of the 15" in note
     assert sign(shorter, "reward.length_sign=positive")[0] == 1.0  # the paper's sign, when asked for
+
+
+def test_head_only_odin_takes_its_correlations_over_every_training_reply(tiny_model_dir, pairs, tmp_path, capsys):
+    """With every block frozen the trunk outputs are cached, so ODIN's correlations are the exact
+    ones over the whole training split, not a micro-batch's noisy estimate."""
+    from alignkit.heads import reward_trunk_and_head
+    from alignkit.train.session import setup
+
+    base = base_overrides(tiny_model_dir, pairs, tmp_path / "r", tmp_path / "c")
+    cfg = load_config(None, base + ["recipe=reward", "reward.disentangle=length", "model.freeze_layers=2"])
+    capsys.readouterr()
+    s = setup(cfg, progress=False)
+    (note,) = [line for line in capsys.readouterr().out.splitlines() if "correlation" in line]
+    n = len(s.data.train)
+    assert f"over all {2 * n} training replies" in note and "micro-batch's 16" not in note
+    recipe, head = s.recipe, reward_trunk_and_head(s.model)[1]
+    torch.nn.init.normal_(head.weight)  # a head whose rewards vary with the features
+    batch = recipe.collate(s.data.train[:4])
+    _, metrics = recipe.loss(s.model, batch, "train")
+    ids = torch.tensor([it.index for it in s.data.train])
+    with torch.no_grad():
+        every = head(torch.cat([recipe.features["train"][ids, 0], recipe.features["train"][ids, 1]]))[:, 0]
+        few = head(torch.cat([recipe.features["train"][ids[:4], 0], recipe.features["train"][ids[:4], 1]]))[:, 0]
+    lengths = torch.cat([recipe.lengths["train"][ids, 0], recipe.lengths["train"][ids, 1]])
+    expected = float(pearson(every, lengths))
+    assert float(metrics["odin/quality_length_corr"]) == pytest.approx(expected, abs=1e-5)
+    assert abs(float(pearson(few, lengths[[0, 1, 2, 3, n, n + 1, n + 2, n + 3]])) - expected) > 1e-3

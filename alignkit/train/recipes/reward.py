@@ -47,6 +47,7 @@ class RewardRecipe(OfflineRecipe):
         self.odin = cfg.reward.disentangle == "length"  # two heads: quality and length (ODIN)
         self.length_sign = None  # ODIN: +1 or -1, from the training pairs (`_odin_notes`)
         self.labels, self.margins, self.lengths, self.probs = {}, {}, {}, {}  # split -> tensors by example index
+        self.item_ids = {}  # split -> the example indices its items carry
         self.steps_done, self.total_steps = 0, 1  # the share of training done (`progress`, w2s_confidence)
         reads = {n for t in self.terms for n in t.spec.inputs}
         if "probs" in reads and len(self.reward_names) > 1:
@@ -87,6 +88,7 @@ class RewardRecipe(OfflineRecipe):
             for it in items:  # reply lengths in tokens, what ODIN's length head is fitted to
                 lengths[it.index] = torch.tensor([len(it.chosen_ids), len(it.rejected_ids)], dtype=torch.float32)
             self.lengths[split] = lengths
+            self.item_ids[split] = torch.tensor([it.index for it in items], dtype=torch.long)
             out.append(items)
             if split == "train":
                 notes.append(stats.summary(d.max_length))
@@ -109,8 +111,10 @@ class RewardRecipe(OfflineRecipe):
         if self.odin:  # saved with the model: a reward read from it is the quality head alone
             base = model.get_base_model() if is_peft(model) else model
             base.config.alignkit_disentangle = "length"
-        if is_peft(model) or self.cfg.model.freeze_layers < len(transformer_blocks(model)):
-            return data.replace()
+        head_only = not is_peft(model) and self.cfg.model.freeze_layers >= len(transformer_blocks(model))
+        odin_note = self._correlation_note(head_only, len(data.train)) if self.odin else None
+        if not head_only:
+            return data.replace(notes=[odin_note] if odin_note else [])
         reward_trunk_and_head(model)[0].requires_grad_(False)
         pad = self.tokenizer.pad_token_id
         for split, items in (("train", data.train), ("eval", data.eval)):
@@ -133,7 +137,7 @@ class RewardRecipe(OfflineRecipe):
             f"computed once ({len(data.train)} train, {len(data.eval)} eval pairs, cached under "
             f"{ctx.cache_root / 'trunk_outputs'}) and only the head trains"
         )
-        return data.replace(notes=[note])
+        return data.replace(notes=[note] + ([odin_note] if odin_note else []))
 
     @torch.no_grad()
     def _trunk_outputs(self, model, items: list, split: str, ctx: SetupContext) -> torch.Tensor:
@@ -203,27 +207,51 @@ class RewardRecipe(OfflineRecipe):
             f"pairs whose lengths differ; the length head is pushed to correlate {direction} length "
             f"(reward.length_sign={setting})"
         ]
-        n = 2 * self.cfg.train.batch_size
-        if n < SMALL_CORRELATION_SAMPLE:
-            notes.append(
-                f"reward.disentangle=length estimates each correlation over a micro-batch's {n} replies "
-                f"(2 x train.batch_size), whose sampling noise is about {1 / math.sqrt(n - 1):.2f}: the "
-                "|correlation| term then mostly fights noise. Raise train.batch_size to "
-                f"{SMALL_CORRELATION_SAMPLE // 2} or more (the authors' code gathers 256 replies)."
-            )
         return notes
 
+    def _correlation_note(self, head_only: bool, n_train: int) -> str | None:
+        """Where ODIN's correlations come from: every training reply when only the head trains, a
+        micro-batch's replies otherwise (then a note when they are too few to estimate them)."""
+        if head_only:
+            return (
+                f"reward.disentangle=length: only the head trains, so ODIN's correlations are taken over all "
+                f"{2 * n_train} training replies at every step (their trunk outputs are cached), not a micro-batch's"
+            )
+        n = 2 * self.cfg.train.batch_size
+        if n >= SMALL_CORRELATION_SAMPLE:
+            return None
+        return (
+            f"reward.disentangle=length estimates each correlation over a micro-batch's {n} replies "
+            f"(2 x train.batch_size), whose sampling noise is about {1 / math.sqrt(n - 1):.2f}: the "
+            "|correlation| term then mostly fights noise. Raise train.batch_size to "
+            f"{SMALL_CORRELATION_SAMPLE // 2} or more (the authors' code gathers 256 replies), or train the head "
+            "alone (every block frozen), where the correlations are taken over the whole training set."
+        )
+
     def _disentangle(self, model, heads: torch.Tensor, batch: TokenBatch, split: str, labels: torch.Tensor):
-        """ODIN's terms for this batch (`losses.reward.odin_terms`) and the quality head's accuracy."""
+        """ODIN's terms (`losses.reward.odin_terms`) and the quality head's accuracy on this batch.
+
+        The correlations are sample estimates; over a micro-batch of 8 pairs (16 replies) their
+        noise (about 0.26) is more than the 0.15 a quality head should stay under (the authors
+        gather 256 replies across devices). When only the head trains the trunk outputs are cached,
+        so the terms are taken over every reply of the split at each step: the exact correlations,
+        for one small matmul (on HH-RLHF: gap 0.005 and r 0.016 against 0.089 and 0.059 from
+        micro-batches, docs/benchmarks.md)."""
         b, ids = batch.num_examples, batch.example_ids
+        head = reward_trunk_and_head(model)[1]
         lengths = torch.cat([self.lengths[split][ids, 0], self.lengths[split][ids, 1]]).to(heads.device)
-        weight = reward_trunk_and_head(model)[1].weight  # [2, H]: the quality and the length head
+        weight = head.weight  # [2, H]: the quality and the length head
         if hasattr(weight, "full_tensor"):  # sharded by FSDP2: the whole (differentiable) matrix
             weight = weight.full_tensor()
-        rw = self.cfg.reward
+        rw, corr_heads = self.cfg.reward, heads
+        if self.features:  # head only: every reply of the split
+            every = self.item_ids[split]
+            feats = self.features[split][every].to(weight.device)
+            corr_heads = head(feats.transpose(0, 1).reshape(-1, feats.shape[-1])).float()  # chosen..., rejected...
+            lengths = self.lengths[split][every].transpose(0, 1).reshape(-1).to(heads.device)
         term, metrics = odin_terms(
-            heads[:, 0],
-            heads[:, 1],
+            corr_heads[:, 0],
+            corr_heads[:, 1],
             lengths,
             weight[0],
             weight[1],
