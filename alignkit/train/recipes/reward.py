@@ -47,7 +47,6 @@ class RewardRecipe(OfflineRecipe):
         self.odin = cfg.reward.disentangle == "length"  # two heads: quality and length (ODIN)
         self.length_sign = None  # ODIN: +1 or -1, from the training pairs (`_odin_notes`)
         self.labels, self.margins, self.lengths, self.probs = {}, {}, {}, {}  # split -> tensors by example index
-        self.item_ids = {}  # split -> the example indices its items carry
         self.steps_done, self.total_steps = 0, 1  # the share of training done (`progress`, w2s_confidence)
         reads = {n for t in self.terms for n in t.spec.inputs}
         if "probs" in reads and len(self.reward_names) > 1:
@@ -58,6 +57,7 @@ class RewardRecipe(OfflineRecipe):
         self.reads_probs = "probs" in reads
         self.pad_note = use_distinct_pad(tokenizer)
         self.features = {}  # split -> [N, 2, H] trunk outputs, when only the head trains
+        self.every_reply = {}  # split -> ([2N, H] trunk outputs, [2N] lengths): ODIN's correlations, head only
 
     def prepare(self) -> PreparedData:
         loader = functools.partial(
@@ -88,7 +88,6 @@ class RewardRecipe(OfflineRecipe):
             for it in items:  # reply lengths in tokens, what ODIN's length head is fitted to
                 lengths[it.index] = torch.tensor([len(it.chosen_ids), len(it.rejected_ids)], dtype=torch.float32)
             self.lengths[split] = lengths
-            self.item_ids[split] = torch.tensor([it.index for it in items], dtype=torch.long)
             out.append(items)
             if split == "train":
                 notes.append(stats.summary(d.max_length))
@@ -131,6 +130,13 @@ class RewardRecipe(OfflineRecipe):
                 f"trunk outputs ({split})",
                 ctx,
             )
+            if self.odin:  # every reply of the split (chosen ones, then rejected), for the correlations
+                rows = torch.tensor([it.index for it in items])
+                feats, lengths = self.features[split][rows], self.lengths[split][rows]
+                self.every_reply[split] = (
+                    torch.cat([feats[:, 0], feats[:, 1]]),
+                    torch.cat([lengths[:, 0], lengths[:, 1]]),
+                )
         self.shard_model = False  # only the head trains, on these features: nothing to shard
         note = (
             f"model.freeze_layers={self.cfg.model.freeze_layers} freezes every block: the trunk's outputs were "
@@ -191,8 +197,7 @@ class RewardRecipe(OfflineRecipe):
     def _odin_notes(self) -> list:
         """Sets ODIN's sign for the length head (`reward.length_sign`): `auto` takes the one the
         training pairs show, +1 when the preferred reply is the longer in at least half the pairs
-        whose lengths differ. Returns the notes that say which and why, and whether a micro-batch
-        has too few replies for the correlations."""
+        whose lengths differ. Returns the note that says which and why."""
         lengths, labels = self.lengths["train"], self.labels["train"][:, 0]
         longer = labels * torch.sign(lengths[:, 0] - lengths[:, 1])  # +1: the preferred reply is longer
         n_longer, n_differ = int((longer > 0).sum()), int((longer != 0).sum())
@@ -202,12 +207,11 @@ class RewardRecipe(OfflineRecipe):
         else:
             self.length_sign = 1.0 if setting == "positive" else -1.0
         direction = "with" if self.length_sign > 0 else "against"
-        notes = [
+        return [
             f"reward.disentangle=length: the preferred reply is the longer in {n_longer} of the {n_differ} training "
             f"pairs whose lengths differ; the length head is pushed to correlate {direction} length "
             f"(reward.length_sign={setting})"
         ]
-        return notes
 
     def _correlation_note(self, head_only: bool, n_train: int) -> str | None:
         """Where ODIN's correlations come from: every training reply when only the head trains, a
@@ -239,16 +243,16 @@ class RewardRecipe(OfflineRecipe):
         micro-batches, docs/benchmarks.md)."""
         b, ids = batch.num_examples, batch.example_ids
         head = reward_trunk_and_head(model)[1]
-        lengths = torch.cat([self.lengths[split][ids, 0], self.lengths[split][ids, 1]]).to(heads.device)
         weight = head.weight  # [2, H]: the quality and the length head
         if hasattr(weight, "full_tensor"):  # sharded by FSDP2: the whole (differentiable) matrix
             weight = weight.full_tensor()
-        rw, corr_heads = self.cfg.reward, heads
-        if self.features:  # head only: every reply of the split
-            every = self.item_ids[split]
-            feats = self.features[split][every].to(weight.device)
-            corr_heads = head(feats.transpose(0, 1).reshape(-1, feats.shape[-1])).float()  # chosen..., rejected...
-            lengths = self.lengths[split][every].transpose(0, 1).reshape(-1).to(heads.device)
+        if split in self.every_reply:  # head only: every reply of the split
+            feats, lengths = self.every_reply[split]
+            corr_heads, lengths = head(feats.to(weight.device)).float(), lengths.to(heads.device)
+        else:
+            corr_heads = heads
+            lengths = torch.cat([self.lengths[split][ids, 0], self.lengths[split][ids, 1]]).to(heads.device)
+        rw = self.cfg.reward
         term, metrics = odin_terms(
             corr_heads[:, 0],
             corr_heads[:, 1],
