@@ -879,12 +879,6 @@ def validate(cfg: RunConfig) -> None:
             f"`generation.max_thinking_tokens` ({budget}) must be positive and below `generation.max_new_tokens` "
             f"({g.max_new_tokens}): the answer comes after the reasoning, within max_new_tokens."
         )
-    if budget is not None and (g.backend == "vllm" or g.sampler_server) and cfg.online.async_.mode != "sync":
-        raise ConfigError(
-            "`generation.max_thinking_tokens` on vLLM or a sampling server runs in lockstep only (each sample "
-            "is generated in phases the trainer asks for): set online.async.mode=sync, or "
-            "generation.backend=transformers for the asynchronous modes."
-        )
 
 
 ASYNC_STALENESS = {"sync": 0, "one_step_off": 1, "stream": 2}  # online.async.max_staleness by mode
@@ -956,12 +950,6 @@ def _check_env(cfg: RunConfig) -> None:
             "a multi-turn episode's length is bounded by env.max_tokens",
         ),
         ("generation.stop", bool(g.stop), "a model turn ends at its end-of-turn token"),
-        (
-            "online.async.mode",
-            (g.backend == "vllm" or bool(g.sampler_server)) and cfg.online.async_.mode != "sync",
-            "episodes on vLLM or a sampling server are sampled turn by turn by the trainer, in lockstep "
-            "(online.async.mode=sync); the asynchronous modes sample episodes on alignkit's own sampler",
-        ),
     ):
         if bad:
             raise ConfigError(f"`{key}` cannot be used with `env.name`: {why}. Drop the key.")

@@ -207,11 +207,9 @@ def test_episode_config_errors(tiny_model_dir, tmp_path):
                 "env.max_turns=3",
             ],
         )
-    with pytest.raises(ConfigError, match="`online.async.mode` cannot be used with `env.name`: episodes on vLLM"):
-        _cfg(tiny_model_dir, tmp_path, "generation.backend=vllm", "online.async.mode=one_step_off")
-    with pytest.raises(ConfigError, match="`online.async.mode` cannot be used with `env.name`"):
-        _cfg(tiny_model_dir, tmp_path, "generation.sampler_server=http://127.0.0.1:1", "online.async.mode=stream")
-    _cfg(tiny_model_dir, tmp_path, "generation.backend=vllm")  # episodes on vLLM: turn by turn, in lockstep
+    _cfg(tiny_model_dir, tmp_path, "generation.backend=vllm")  # episodes on vLLM: turn by turn
+    _cfg(tiny_model_dir, tmp_path, "generation.backend=vllm", "online.async.mode=one_step_off")
+    _cfg(tiny_model_dir, tmp_path, "generation.sampler_server=http://127.0.0.1:1", "online.async.mode=stream")
     with pytest.raises(ConfigError, match="env.args"):
         loop.setup(_cfg(tiny_model_dir, tmp_path, "env.args={turns: 2}"), progress=False)
     with pytest.raises(ConfigError, match="has no `tools`"):

@@ -176,3 +176,49 @@ def test_a_prompts_episodes_share_its_prefill_and_sample_the_same():
     for a, b in zip(*runs):
         assert a.token_ids == b.token_ids and a.model_mask == b.model_mask
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+class Scripted:
+    """A token-in, token-out backend that answers each turn with fixed tokens, per-token versions
+    and log-probs, and records the `min_version` every request named."""
+
+    def __init__(self, tok, turns: list):
+        self.eos = tok.convert_tokens_to_ids("<|im_end|>")
+        self.turns, self.asked = list(turns), []
+
+    def sample(self, prompts, params, seed, prompt_seeds=None, min_version=0):
+        from alignkit.generation.decode import Sample
+
+        self.asked.append(min_version)
+        ids, mask, versions = self.turns.pop(0)
+        ids = ids + [self.eos]
+        mask, versions = (mask + [True] if mask else None), (versions + [versions[-1]] if versions else None)
+        logprobs = [-0.5 - i for i, m in enumerate(mask or [True] * len(ids)) if m]
+        return [[Sample(ids, logprobs, "stop", "", mask=mask, versions=versions)] for _ in prompts]
+
+
+def test_served_episodes_name_their_version_and_record_each_model_tokens():
+    """An asynchronous run's episode on a server: every turn asks for the run's version, and each
+    model token records the version that sampled it: the server's label (a weight update mid-turn
+    is a partial rollout), or the version asked for where the server gives none; a thinking
+    budget's forced tokens (mask False) have no log-prob and no version."""
+    from alignkit.generation.multiturn import sample_episodes_on
+
+    tok, _ = _setup()
+    a, b, forced = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("yes", "no", "one"))
+    backend = Scripted(tok, [([a, forced, b], [True, False, True], [3, 3, 4]), ([b, a], None, None)])
+    (ep,) = sample_episodes_on(
+        backend,
+        tok,
+        [Countdown(1)],
+        [[{"role": "user", "content": "yes"}]],
+        SamplingParams(max_new_tokens=8, temperature=1.0),
+        max_turns=3,
+        max_tokens=200,
+        seeds=[0],
+        min_version=3,
+    )
+    assert backend.asked == [3, 3] and ep.turns == 2 and ep.end == "answer"
+    assert len(ep.versions) == len(ep.logprobs) == sum(ep.model_mask) == 6
+    assert ep.versions == [3, 4, 4, 3, 3, 3]  # turn 1 labelled by the server, turn 2 the version asked
+    assert ep.logprobs == [-0.5, -2.5, -3.5, -0.5, -1.5, -2.5]

@@ -316,9 +316,8 @@ def test_thinking_settings_are_checked(tiny_model_dir):
     with pytest.raises(ConfigError, match="data.thinking"):
         load_config(None, base + ["data.thinking=drop"])
     budget = ["generation.max_thinking_tokens=8", "generation.backend=vllm"]
-    with pytest.raises(ConfigError, match="lockstep only"):
-        load_config(None, base + budget + ["online.async.mode=one_step_off"])
-    load_config(None, base + budget)  # on vLLM in lockstep: generated in phases
+    load_config(None, base + budget)  # on vLLM: generated in phases, in lockstep or asynchronously
+    load_config(None, base + budget + ["online.async.mode=one_step_off"])
 
 
 def _reasoning_model_dir(path, template="append_only"):
@@ -444,6 +443,24 @@ def test_budget_on_a_token_backend_generates_in_phases():
         assert scored == pytest.approx(s.logprobs, abs=1e-5)
     plain = params.but(max_thinking_tokens=None)
     assert all(s.mask is None for s in backend.sample([prompt], plain, seed=0)[0])  # no budget: passed through
+
+    class Labelled:  # a server that labels its tokens, and takes a weight update after each request
+        def __init__(self, inner):
+            self.inner, self.asked = inner, []
+
+        def sample(self, prompts, params, seed, prompt_seeds=None, min_version=0):
+            out = self.inner.sample(prompts, params, seed, prompt_seeds)
+            for g in out:
+                for s in g:
+                    s.versions = [min_version + len(self.asked)] * len(s.token_ids)
+            self.asked.append(min_version)
+            return out
+
+    labelled = Labelled(TransformersBackend(model, tok))
+    (served,) = BudgetedBackend(labelled, tok).sample([prompt], params, seed=0, prompt_seeds=[7], min_version=2)
+    assert labelled.asked == [2, 2]  # the reasoning phase, then the answer phase, both at the run's version
+    for s in served:  # phase 1 sampled by version 2 (the inserted tag: its token before's), phase 2 by 3
+        assert s.versions == [2] * 5 + [3] * (len(s.token_ids) - 5)
 
 
 def test_eval_scores_the_answer_after_the_reasoning():

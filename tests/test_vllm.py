@@ -202,21 +202,16 @@ def test_lora_weights_reach_the_engine_under_the_base_names(engine, small_dir):
     engine.sync(_model(small_dir))
 
 
-def test_grpo_one_step_off_with_a_colocated_engine(small_dir, tmp_path):
+@pytest.mark.parametrize("episodes", [False, True])
+def test_grpo_one_step_off_with_a_colocated_engine(small_dir, tmp_path, episodes):
     """online.async with the engine in the training process: rollout t is sampled (in the
-    pipeline's thread) with the weights of step t-1; step 1's samples are its own weights'."""
-    cfg = load_config(
-        None,
-        _grpo_args(
-            small_dir,
-            tmp_path,
-            "generation.backend=vllm",
-            "generation.vllm_kv_cache_gib=0.25",
-            "online.async.mode=one_step_off",
-        ),
-    )
-    rows = read_metrics(loop.train(cfg, progress=False).run_dir, "train")
+    pipeline's thread) with the weights of step t-1; step 1's samples are its own weights'. With
+    `env.name`, the pipeline's thread runs the episodes turn by turn on the engine."""
+    extra = ["generation.backend=vllm", "generation.vllm_kv_cache_gib=0.25", "online.async.mode=one_step_off"]
+    args = (_episode_args if episodes else _grpo_args)(small_dir, tmp_path, *extra)
+    rows = read_metrics(loop.train(load_config(None, args), progress=False).run_dir, "train")
     assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1]
+    assert all(r["episode/turns"] > 1 for r in rows) if episodes else "episode/turns" not in rows[0]
     assert rows[0]["logprob_mismatch_max"] < 1e-4 and rows[1]["logprob_mismatch_max"] > 1e-3
 
 
@@ -973,25 +968,32 @@ def test_episodes_on_the_engine_score_exactly_the_sampled_tokens(engine, small_d
             assert r[-len(header) :] == header and r[-len(header) - len(tool_ids) : -len(header)] == tool_ids
 
 
-def test_grpo_trains_on_episodes_sampled_by_a_vllm_server(server, sync_dir, small_dir, tmp_path):
-    """The online recipes' episodes on `alignkit vllm-serve` (refused before): the trainer's
-    log-probs of the model's tokens are the server's (same weights at step 1), and the run trains."""
+def _episode_args(small_dir, tmp_path, *extra) -> list:
     from test_episodes import ENV
 
     (tmp_path / "quiz.py").write_text(ENV)
-    args = _grpo_args(
+    args = _grpo_args(small_dir, tmp_path, *extra, f"env.name={tmp_path / 'quiz.py'}:Quiz", "env.max_turns=3")
+    return [a for a in args if not a.startswith("online.rewards=")]
+
+
+@pytest.mark.parametrize("mode", ["sync", "one_step_off"])
+def test_grpo_trains_on_episodes_sampled_by_a_vllm_server(server, sync_dir, small_dir, tmp_path, mode):
+    """The online recipes' episodes on `alignkit vllm-serve` (refused before), in lockstep and one
+    step off (every turn of rollout t names step t-1's version): the trainer's log-probs of the
+    model's tokens are the server's at step 1 (same weights), one version behind after."""
+    args = _episode_args(
         small_dir,
         tmp_path,
         "generation.backend=vllm",
         f"generation.vllm_server={server}",
         f"generation.vllm_sync_dir={sync_dir}",
-        f"env.name={tmp_path / 'quiz.py'}:Quiz",
-        "env.max_turns=3",
+        f"online.async.mode={mode}",
     )
-    args = [a for a in args if not a.startswith("online.rewards=")]
     rows = read_metrics(loop.train(load_config(None, args), progress=False).run_dir, "train")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["episode/turns"] > 1 for r in rows) and rows[0]["logprob_mismatch_max"] < 1e-4
+    if mode == "one_step_off":
+        assert [r["async/staleness_mean"] for r in rows] == [0, 1, 1] and rows[1]["logprob_mismatch_max"] > 1e-3
 
 
 def test_a_thinking_budget_on_the_engine_closes_the_block_as_context(engine, small_dir):

@@ -9,6 +9,11 @@ budget, where the closing tag's tokens are appended as context (no log-prob, not
 `Sample.mask`), as the own sampler inserts them. Phase j of row r samples with seed
 `row_seed(seed of r, j)`, so the result does not depend on the batch. The samples are not those
 the own sampler draws (other random streams), only as deterministic.
+
+Every phase names the request's `min_version` (an asynchronous run's), and each token records the
+policy version that sampled it (the backend's label, else `min_version`; an inserted tag, the
+version of the token before it), so phases sampled on either side of a weight update are a
+partial rollout the staleness metrics see.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class BudgetedBackend:
         rows = [list(p) for p in prompts for _ in range(n)]
         think = Thinking(params, rows, lambda ids: self.tokenizer.decode(ids))
         eos = eos_ids(self.tokenizer)
-        out = [Sample([], [], "length", mask=[]) for _ in rows]
+        out = [Sample([], [], "length", mask=[], versions=[]) for _ in rows]
         live, phase = [True] * len(rows), 0
         while any(live):
             asks: dict[tuple, list] = {}
@@ -59,7 +64,7 @@ class BudgetedBackend:
                     min_version,
                 )
                 for r, (s,) in zip(group, got):
-                    self._take(r, s, out[r], think, eos, params, live)
+                    self._take(r, s, out[r], think, eos, params, live, min_version)
             phase += 1
         for r, s in enumerate(out):
             s.text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True).strip()
@@ -67,12 +72,14 @@ class BudgetedBackend:
             s.mask = s.mask if think.cut[r] else None
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def _take(self, r: int, s: Sample, sample: Sample, think: Thinking, eos: set, params, live: list):
+    def _take(self, r: int, s: Sample, sample: Sample, think: Thinking, eos: set, params, live: list, version: int):
         """Append one phase's tokens to row `r`'s sample; decide whether the row goes on."""
-        for tok, lp in zip(s.token_ids, s.logprobs):
+        assert sample.mask is not None and sample.versions is not None  # both built token by token here
+        for tok, lp, v in zip(s.token_ids, s.logprobs, s.versions or [version] * len(s.token_ids)):
             sample.token_ids.append(tok)
             sample.logprobs.append(lp)
             sample.mask.append(True)
+            sample.versions.append(v)
             think.add(r, tok)
         if s.token_ids and s.token_ids[-1] in eos:
             sample.finish_reason, live[r] = "stop", False
@@ -83,6 +90,7 @@ class BudgetedBackend:
                 tok = think.forced(r)
                 sample.token_ids.append(tok)
                 sample.mask.append(False)
+                sample.versions.append(sample.versions[-1] if sample.versions else version)
                 think.add(r, tok)
         if len(sample.token_ids) >= params.max_new_tokens:
             live[r] = False

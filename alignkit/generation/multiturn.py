@@ -32,6 +32,7 @@ class Episode:
     model_mask: list = field(default_factory=list)  # True where the model sampled the token
     logprobs: list = field(default_factory=list)  # one per model token, in order (raw or processed: `params.logprobs`)
     turn_of: list = field(default_factory=list)  # one per model token: the turn (0, 1, ...) it belongs to
+    versions: list = field(default_factory=list)  # one per model token: the policy version that sampled it (servers)
     messages: list = field(default_factory=list)  # the conversation, first messages included
     turn_rewards: list = field(default_factory=list)
     turns: int = 0
@@ -294,6 +295,7 @@ def sample_episodes_on(
     seeds: list,
     tools=None,
     tags=None,
+    min_version: int = 0,
 ) -> list:
     """`sample_episodes` on a generation backend that takes token ids and returns token ids and
     log-probs (a vLLM engine or server, an `alignkit sample-serve`: `generation.backends`). Each
@@ -301,7 +303,13 @@ def sample_episodes_on(
     tokens stay as sampled, the environment's are the template's, as on the KV cache), and the
     engine's prefix cache keeps what earlier turns computed. Turn t of row r samples with seed
     `row_seed(seeds[r], t)`: the episodes do not depend on the batch. A thinking budget is the
-    backend's (`budget.BudgetedBackend`): the tags it inserts come back marked False in `Sample.mask`."""
+    backend's (`budget.BudgetedBackend`): the tags it inserts come back marked False in `Sample.mask`.
+
+    `min_version`: every turn is sampled once the backend holds at least that policy version (an
+    asynchronous run's request); each model token records the version that sampled it
+    (`Episode.versions`), the server's label where it gives one, else `min_version`. Weights that
+    change between two turns (or, on `sample-serve`, between two tokens) are partial rollouts,
+    as for single turns."""
     budget, prompts, episodes = _start(tokenizer, first_messages, max_tokens, tools)
     eos = eos_ids(tokenizer)
     live = [True] * len(envs)
@@ -318,16 +326,19 @@ def sample_episodes_on(
                 params.but(n=1, max_new_tokens=size),
                 seeds[group[0]],
                 prompt_seeds=[row_seed(seeds[r], t) for r in group],
+                min_version=min_version,
             )
             for r, (s,) in zip(group, out):
                 ep, turn, by_eos = episodes[r], [], False
                 logprobs = iter(s.logprobs)  # one per sampled token: a thinking budget's tags have none
-                for tok, sampled in zip(s.token_ids, s.mask or [True] * len(s.token_ids)):
+                versions = s.versions or [min_version] * len(s.token_ids)  # one per token
+                for tok, sampled, version in zip(s.token_ids, s.mask or [True] * len(s.token_ids), versions):
                     turn.append(tok)
                     ep.token_ids.append(tok)
                     ep.model_mask.append(sampled)
                     if sampled:
                         ep.logprobs.append(next(logprobs))
+                        ep.versions.append(version)
                         ep.turn_of.append(ep.turns)
                     if tok in eos:
                         by_eos = True

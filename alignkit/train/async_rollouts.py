@@ -25,6 +25,7 @@ trainer's models compute stay on the main thread.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -34,6 +35,7 @@ import torch
 
 from alignkit.generation.adapters import AdapterUpdate
 from alignkit.generation.decode import Sample
+from alignkit.generation.multiturn import Episode
 from alignkit.generation.vllm_engine import policy_state, weights_for_engine
 
 
@@ -68,6 +70,7 @@ def sample_to_dict(s: Sample) -> dict:
         "reasoning_tokens": s.reasoning_tokens,
         "answer_tokens": s.answer_tokens,
         "thinking_cut": s.thinking_cut,
+        "episode": dataclasses.asdict(s.episode) if isinstance(s.episode, Episode) else None,
     }
 
 
@@ -82,6 +85,7 @@ def sample_from_dict(d: dict) -> Sample:
         reasoning_tokens=d.get("reasoning_tokens"),
         answer_tokens=d.get("answer_tokens"),
         thinking_cut=bool(d.get("thinking_cut", False)),
+        episode=Episode(**d["episode"]) if d.get("episode") is not None else None,
     )
 
 

@@ -154,15 +154,23 @@ class EpisodeSampler:
 
     @torch.no_grad()
     def sample(
-        self, model, examples: list, indices: list, params: SamplingParams, seed: int, batch_size: int, backend=None
+        self,
+        model,
+        examples: list,
+        indices: list,
+        params: SamplingParams,
+        seed: int,
+        batch_size: int,
+        backend=None,
+        min_version: int = 0,
     ) -> tuple[list, torch.Tensor]:
         """`params.n` episodes per example: (samples [P][n] with `mask` and `episode` set, rewards
         [P, n] = each episode's discounted return). Episode k of example i draws from its own
         generator, seeded by (seed, indices[i], k), as single-turn sampling does. `backend`: a
         token-in, token-out generation backend (vLLM, `sample-serve`) that samples each turn instead
-        of `model` on the KV cache (`multiturn.sample_episodes_on`)."""
+        of `model` on the KV cache (`multiturn.sample_episodes_on`; `model` is then unused), once it
+        holds policy version `min_version`; its samples carry each model token's version."""
         e, n = self.env_cfg, params.n
-        device = next(model.parameters()).device
         out: list[list[Sample | None]] = [[None] * n for _ in examples]  # every one filled below
         returns = [[0.0] * n for _ in examples]  # each episode's discounted return G_0
         rows = [(i, k) for i in range(len(examples)) for k in range(n)]
@@ -190,8 +198,11 @@ class EpisodeSampler:
             seeds = [row_seed(seed, indices[i], k) for i, k in chunk]
             common = dict(max_turns=e.max_turns, max_tokens=budgets, tools=tools, tags=self.tags)
             if backend is not None:
-                episodes = sample_episodes_on(backend, self.tokenizer, envs, firsts, params, seeds=seeds, **common)
+                episodes = sample_episodes_on(
+                    backend, self.tokenizer, envs, firsts, params, seeds=seeds, min_version=min_version, **common
+                )
             else:
+                device = next(model.parameters()).device
                 gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
                 episodes = sample_episodes(
                     model, self.tokenizer, envs, firsts, params, generator=gens, group_size=n, **common
@@ -205,6 +216,7 @@ class EpisodeSampler:
                     text,
                     mask=ep.model_mask,
                     episode=ep,
+                    versions=ep.versions or None,  # one per model token (staleness counts the model's tokens)
                     reasoning_tokens=ep.reasoning_tokens,
                     answer_tokens=ep.answer_tokens,
                     thinking_cut=ep.thinking_cut,

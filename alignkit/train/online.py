@@ -419,12 +419,6 @@ class OnlineRecipe:
         a = self.cfg.online.async_
         if a.mode != "sync":
             if isinstance(self.backend, TransformersBackend):  # in this process: a copy samples beside the trainer
-                if ctx.dist.enabled and self.episodes is not None:
-                    raise ConfigError(
-                        f"online.async.mode={a.mode} with `env.name` runs in one process: multi-turn "
-                        "episodes are sampled by a copy of the policy beside the trainer, and sampler "
-                        "servers serve single turns. Run one process, or online.async.mode=sync."
-                    )
                 if ctx.dist.enabled:
                     raise ConfigError(
                         f"online.async.mode={a.mode} with several processes needs a sampler server: start "
@@ -481,7 +475,14 @@ class OnlineRecipe:
             exs = [self.examples[split][it.index] for it in items]
             remote = None if isinstance(backend, TransformersBackend) else backend
             samples, _ = self.episodes.sample(
-                model, exs, [it.index for it in items], params, seed, self.cfg.generation.batch_size, remote
+                model,
+                exs,
+                [it.index for it in items],
+                params,
+                seed,
+                self.cfg.generation.batch_size,
+                remote,
+                min_version=version,
             )
             return samples
         return backend.sample(
