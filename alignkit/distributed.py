@@ -195,6 +195,23 @@ class Dist:
         context group's processes, which computed the same, the first one's)."""
         if not self.enabled:
             return t
+        return torch.cat([p for r, p in enumerate(self._all_parts(t)) if r % self.context == 0])
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """`gather` whose rows from this process are `t` itself, still in its autograd graph (the
+        other processes' rows are copies): a statistic over every process's rows, whose gradient
+        each process takes for its own rows. Every process must call it the same number of times;
+        under context parallelism it is refused (a group's processes hold the same rows)."""
+        if not self.enabled:
+            return t
+        if self.context > 1:
+            raise ValueError("gather_rows under context parallelism: a context group's processes hold the same rows")
+        parts = self._all_parts(t)
+        parts[self.rank] = t
+        return torch.cat(parts)
+
+    def _all_parts(self, t: torch.Tensor) -> list:
+        """[every process's `t`] (detached copies; sizes along dim 0 may differ)."""
         import torch.distributed as tdist
 
         sizes = [int(s) for s in self.gather_objects(int(t.shape[0]))]
@@ -203,7 +220,7 @@ class Dist:
         padded[: t.shape[0]] = t.detach()
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         tdist.all_gather(parts, padded)
-        return torch.cat([p[:n] for r, (p, n) in enumerate(zip(parts, sizes)) if r % self.context == 0])
+        return [p[:n] for p, n in zip(parts, sizes)]
 
     def on_main(self, fn):
         """fn() on the main process only; its result, or the user error it raised, on every process

@@ -66,6 +66,14 @@ RECIPES = {  # the parity runs
     "kto": ("unpaired", ["recipe=unpaired", "loss.name=kto"]),
     "reward": ("pairs", ["recipe=reward"]),
     "reward_head": ("pairs", ["recipe=reward", "model.freeze_layers=2", "train.learning_rate=5e-2"]),  # head only
+    # ODIN's correlations over every process's micro-batch (each process's replies differentiable
+    # on it alone), so 2 processes of 2 pairs train what 1 process of 4 trains; head only, over
+    # every training reply
+    "reward_odin": ("pairs", ["recipe=reward", "reward.disentangle=length"]),
+    "reward_odin_head": (
+        "pairs",
+        ["recipe=reward", "reward.disentangle=length", "model.freeze_layers=2", "train.learning_rate=5e-2"],
+    ),
     "dpo_checkpointing": ("pairs", ["recipe=dpo", "model.gradient_checkpointing=true"]),
     "grpo": ("prompts", ["recipe=grpo", "online.kl_coef=0.05"]),
     "rloo": ("prompts", ["recipe=rloo"]),
@@ -128,7 +136,12 @@ def test_two_processes_train_what_one_process_trains(name, two_process_runs, tin
             assert rb["reward"] == pytest.approx(ra["reward"], abs=1e-6)  # the same samples, the same groups
     pa, pb = _params(one.final_dir), _params(root / f"{name}-2" / "final")
     assert pa.keys() == pb.keys()  # final/ is one consolidated directory (LoRA merged)
-    assert max(float((pa[k] - pb[k]).abs().max()) for k in pa) < 1e-5
+    # ODIN: the gathered replies come in another order ([chosen, rejected] of each process), so
+    # the correlations' float32 sums differ in the last bits, and its steep first steps (gradient
+    # norm 97, clipped) carry that to 1.02e-5 in the weights (measured; each process's micro-batch
+    # alone instead: losses 1.317 against 1.086 at step 1)
+    tol = 1e-4 if name == "reward_odin" else 1e-5
+    assert max(float((pa[k] - pb[k]).abs().max()) for k in pa) < tol
     if name == "ppo":
         va, vb = _params(one.run_dir / "final_value"), _params(root / f"{name}-2" / "final_value")
         assert max(float((va[k] - vb[k]).abs().max()) for k in va) < 1e-5  # the critic, sharded like the policy

@@ -169,7 +169,7 @@ def test_small_odin_batches_get_a_note(tiny_model_dir, pairs, tmp_path, capsys):
         return [line for line in capsys.readouterr().out.splitlines() if "correlation" in line]
 
     (note,) = correlation_notes("reward.disentangle=length", "train.batch_size=8")
-    assert "16 replies" in note and "0.26" in note and "train.batch_size to 32" in note
+    assert "16 replies" in note and "0.26" in note and "train.batch_size x processes to 32 pairs" in note
     assert not correlation_notes("reward.disentangle=length", "train.batch_size=32")
     assert not correlation_notes("train.batch_size=8")
 

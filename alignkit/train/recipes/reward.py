@@ -186,7 +186,7 @@ class RewardRecipe(OfflineRecipe):
         if self.odin:
             term, odin_metrics = self._disentangle(model, heads, batch, split, labels)
             metrics.update(odin_metrics)
-            return per_example.sum() + term * b, metrics  # the batch term counts once per example
+            return per_example.sum() + term, metrics
         if len(self.reward_names) > 1:
             correct = (labels * (rewards[:b] - rewards[b:]) > 0).float()
             for k, name in enumerate(self.reward_names):
@@ -221,37 +221,52 @@ class RewardRecipe(OfflineRecipe):
                 f"reward.disentangle=length: only the head trains, so ODIN's correlations are taken over all "
                 f"{2 * n_train} training replies at every step (their trunk outputs are cached), not a micro-batch's"
             )
-        n = 2 * self.cfg.train.batch_size
+        shares = self.ctx.dist.data_size  # the processes' micro-batches are gathered (`_disentangle`)
+        n = 2 * self.cfg.train.batch_size * shares
         if n >= SMALL_CORRELATION_SAMPLE:
             return None
+        where = f"2 x train.batch_size x {shares} processes" if shares > 1 else "2 x train.batch_size"
         return (
             f"reward.disentangle=length estimates each correlation over a micro-batch's {n} replies "
-            f"(2 x train.batch_size), whose sampling noise is about {1 / math.sqrt(n - 1):.2f}: the "
-            "|correlation| term then mostly fights noise. Raise train.batch_size to "
-            f"{SMALL_CORRELATION_SAMPLE // 2} or more (the authors' code gathers 256 replies), or train the head "
-            "alone (every block frozen), where the correlations are taken over the whole training set."
+            f"({where}), whose sampling noise is about {1 / math.sqrt(n - 1):.2f}: the "
+            "|correlation| term then mostly fights noise. Raise train.batch_size x processes to "
+            f"{SMALL_CORRELATION_SAMPLE // 2} pairs or more (the authors' code gathers 256 replies), "
+            "or train the head alone (every block frozen), where the correlations are taken over the whole "
+            "training set."
         )
 
     def _disentangle(self, model, heads: torch.Tensor, batch: TokenBatch, split: str, labels: torch.Tensor):
-        """ODIN's terms (`losses.reward.odin_terms`) and the quality head's accuracy on this batch.
+        """ODIN's terms (`losses.reward.odin_terms`), counted once per example of the batch (the
+        loss is a sum over examples), and the quality head's accuracy on this batch.
 
         The correlations are sample estimates; over a micro-batch of 8 pairs (16 replies) their
-        noise (about 0.26) is more than the 0.15 a quality head should stay under (the authors
-        gather 256 replies across devices). When only the head trains the trunk outputs are cached,
-        so the terms are taken over every reply of the split at each step: the exact correlations,
-        for one small matmul (on HH-RLHF: gap 0.005 and r 0.016 against 0.089 and 0.059 from
-        micro-batches, docs/benchmarks.md)."""
+        noise (about 0.26) is more than the 0.15 a quality head should stay under. When only the
+        head trains the trunk outputs are cached, so the terms are taken over every reply of the
+        split at each step: the exact correlations, for one small matmul (on HH-RLHF: gap 0.005 and
+        r 0.016 against 0.089 and 0.059 from micro-batches, docs/benchmarks.md). Otherwise, with
+        several processes, over the replies of every process's micro-batch, as the authors' code
+        gathers them across devices: each process holds all of them (its own differentiable), so
+        every process computes the same terms, and the gradient of the correlations reaches each
+        reply through the process that holds it. The loop adds the processes' gradients and
+        divides by the step's examples, so a process weights its own rows' gradient by the
+        micro-batch's examples on every process, B, and the value by its own, b (the values add
+        up to B terms); the orthogonality term, computed alike everywhere, by b. Two processes
+        then train what one process with both micro-batches trains (tests/test_distributed.py)."""
         b, ids = batch.num_examples, batch.example_ids
         head = reward_trunk_and_head(model)[1]
         weight = head.weight  # [2, H]: the quality and the length head
         if hasattr(weight, "full_tensor"):  # sharded by FSDP2: the whole (differentiable) matrix
             weight = weight.full_tensor()
+        lengths = torch.cat([self.lengths[split][ids, 0], self.lengths[split][ids, 1]]).to(heads.device)
+        dist, total = self.ctx.dist, b
         if split in self.every_reply:  # head only: every reply of the split
             feats, lengths = self.every_reply[split]
             corr_heads, lengths = head(feats.to(weight.device)).float(), lengths.to(heads.device)
-        else:
+        elif split == "train" and dist.enabled:  # every process trains one micro-batch at a time
+            corr_heads, lengths = dist.gather_rows(heads), dist.gather(lengths)
+            total = corr_heads.shape[0] // 2
+        else:  # one process; or evaluation, whose batch counts may differ between processes
             corr_heads = heads
-            lengths = torch.cat([self.lengths[split][ids, 0], self.lengths[split][ids, 1]]).to(heads.device)
         rw = self.cfg.reward
         term, metrics = odin_terms(
             corr_heads[:, 0],
@@ -263,9 +278,13 @@ class RewardRecipe(OfflineRecipe):
             orthogonal_coef=rw.orthogonal_coef,
             length_sign=self.length_sign,
         )
+        weighted = term * b
+        if total > b:  # the correlations' gradient for this process's rows, by the examples of all
+            corr = term - rw.orthogonal_coef * (weight[0] * weight[1]).sum().abs()
+            weighted = weighted + (total - b) * (corr - corr.detach())  # adds 0 to the value
         quality = heads[:, 0]
         metrics["accuracy/quality"] = (labels[:, 0] * (quality[:b] - quality[b:]) > 0).float().detach()
-        return term, metrics
+        return weighted, metrics
 
     def schedule(self, items_of, keys: int) -> None:
         self.total_steps = max(1, keys // self.cfg.train.grad_accum)  # keys: micro-batches of the whole run
