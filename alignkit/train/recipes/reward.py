@@ -45,7 +45,7 @@ class RewardRecipe(OfflineRecipe):
         self.terms = resolve_terms(cfg.loss, cfg.losses, data=self.data)
         self.reward_names = list(cfg.reward.objectives)
         self.odin = cfg.reward.disentangle == "length"  # two heads: quality and length (ODIN)
-        self.length_sign = None  # ODIN: +1 or -1, from the training pairs (`_odin_notes`)
+        self.length_sign = None  # ODIN: +1 or -1, from the training pairs (`_choose_length_sign`)
         self.labels, self.margins, self.lengths, self.probs = {}, {}, {}, {}  # split -> tensors by example index
         self.steps_done, self.total_steps = 0, 1  # the share of training done (`progress`, w2s_confidence)
         reads = {n for t in self.terms for n in t.spec.inputs}
@@ -92,7 +92,7 @@ class RewardRecipe(OfflineRecipe):
             if split == "train":
                 notes.append(stats.summary(d.max_length))
                 if self.odin:
-                    notes += self._odin_notes()
+                    notes.append(self._choose_length_sign())
                 if len(self.reward_names) > 1:
                     judged = (self.labels["train"] != 0).sum(0).tolist()
                     notes.append(
@@ -186,7 +186,7 @@ class RewardRecipe(OfflineRecipe):
         if self.odin:
             term, odin_metrics = self._disentangle(model, heads, batch, split, labels)
             metrics.update(odin_metrics)
-            return per_example.sum() + term, metrics
+            return per_example.sum() + term * b, metrics  # the batch term counts once per example
         if len(self.reward_names) > 1:
             correct = (labels * (rewards[:b] - rewards[b:]) > 0).float()
             for k, name in enumerate(self.reward_names):
@@ -194,10 +194,10 @@ class RewardRecipe(OfflineRecipe):
                 metrics[f"accuracy/{name}"] = correct[judged, k].detach()
         return per_example.sum(), metrics
 
-    def _odin_notes(self) -> list:
-        """Sets ODIN's sign for the length head (`reward.length_sign`): `auto` takes the one the
-        training pairs show, +1 when the preferred reply is the longer in at least half the pairs
-        whose lengths differ. Returns the note that says which and why."""
+    def _choose_length_sign(self) -> str:
+        """ODIN's sign for the length head (`reward.length_sign`): `auto` takes the one the training
+        pairs show, +1 when the preferred reply is the longer in at least half the pairs whose
+        lengths differ. Returns the note that says which and why."""
         lengths, labels = self.lengths["train"], self.labels["train"][:, 0]
         longer = labels * torch.sign(lengths[:, 0] - lengths[:, 1])  # +1: the preferred reply is longer
         n_longer, n_differ = int((longer > 0).sum()), int((longer != 0).sum())
@@ -207,11 +207,11 @@ class RewardRecipe(OfflineRecipe):
         else:
             self.length_sign = 1.0 if setting == "positive" else -1.0
         direction = "with" if self.length_sign > 0 else "against"
-        return [
+        return (
             f"reward.disentangle=length: the preferred reply is the longer in {n_longer} of the {n_differ} training "
             f"pairs whose lengths differ; the length head is pushed to correlate {direction} length "
             f"(reward.length_sign={setting})"
-        ]
+        )
 
     def _correlation_note(self, head_only: bool, n_train: int) -> str | None:
         """Where ODIN's correlations come from: every training reply when only the head trains, a
@@ -236,8 +236,7 @@ class RewardRecipe(OfflineRecipe):
         )
 
     def _disentangle(self, model, heads: torch.Tensor, batch: TokenBatch, split: str, labels: torch.Tensor):
-        """ODIN's terms (`losses.reward.odin_terms`), counted once per example of the batch (the
-        loss is a sum over examples), and the quality head's accuracy on this batch.
+        """ODIN's terms for this batch (`losses.reward.odin_terms`) and the quality head's accuracy.
 
         The correlations are sample estimates; over a micro-batch of 8 pairs (16 replies) their
         noise (about 0.26) is more than the 0.15 a quality head should stay under. When only the
@@ -245,46 +244,43 @@ class RewardRecipe(OfflineRecipe):
         split at each step: the exact correlations, for one small matmul (on HH-RLHF: gap 0.005 and
         r 0.016 against 0.089 and 0.059 from micro-batches, docs/benchmarks.md). Otherwise, with
         several processes, over the replies of every process's micro-batch, as the authors' code
-        gathers them across devices: each process holds all of them (its own differentiable), so
-        every process computes the same terms, and the gradient of the correlations reaches each
-        reply through the process that holds it. The loop adds the processes' gradients and
-        divides by the step's examples, so a process weights its own rows' gradient by the
-        micro-batch's examples on every process, B, and the value by its own, b (the values add
-        up to B terms); the orthogonality term, computed alike everywhere, by b. Two processes
-        then train what one process with both micro-batches trains (tests/test_distributed.py)."""
+        gathers them across devices: each process holds all of them (its own differentiable) and
+        computes the same terms. The loss counts the terms once per example of this process's
+        batch (b), and the loop adds the processes' gradients, so the gradient reaching this
+        process's replies is scaled by B / b (B: the replies of every process): the correlations'
+        gradient then counts once per example of the whole micro-batch, as in one process holding
+        it, and the orthogonality term's, computed alike everywhere, once per example too. Two
+        processes train what one process with both micro-batches trains (tests/test_distributed.py)."""
         b, ids = batch.num_examples, batch.example_ids
         head = reward_trunk_and_head(model)[1]
         weight = head.weight  # [2, H]: the quality and the length head
         if hasattr(weight, "full_tensor"):  # sharded by FSDP2: the whole (differentiable) matrix
             weight = weight.full_tensor()
-        lengths = torch.cat([self.lengths[split][ids, 0], self.lengths[split][ids, 1]]).to(heads.device)
-        dist, total = self.ctx.dist, b
+        dist = self.ctx.dist
         if split in self.every_reply:  # head only: every reply of the split
             feats, lengths = self.every_reply[split]
-            corr_heads, lengths = head(feats.to(weight.device)).float(), lengths.to(heads.device)
-        elif split == "train" and dist.enabled:  # every process trains one micro-batch at a time
-            corr_heads, lengths = dist.gather_rows(heads), dist.gather(lengths)
-            total = corr_heads.shape[0] // 2
-        else:  # one process; or evaluation, whose batch counts may differ between processes
+            corr_heads = head(feats.to(weight.device)).float()
+        else:
+            lengths = torch.cat([self.lengths[split][ids, 0], self.lengths[split][ids, 1]])
             corr_heads = heads
+            if split == "train" and dist.enabled:  # evaluation's batch counts may differ between processes
+                corr_heads, lengths = dist.gather_rows(heads), dist.gather(lengths)
+                k = corr_heads.shape[0] / heads.shape[0]
+                corr_heads = corr_heads + (k - 1) * (corr_heads - corr_heads.detach())  # same values, gradient x k
         rw = self.cfg.reward
         term, metrics = odin_terms(
             corr_heads[:, 0],
             corr_heads[:, 1],
-            lengths,
+            lengths.to(heads.device),
             weight[0],
             weight[1],
             length_coef=rw.length_coef,
             orthogonal_coef=rw.orthogonal_coef,
             length_sign=self.length_sign,
         )
-        weighted = term * b
-        if total > b:  # the correlations' gradient for this process's rows, by the examples of all
-            corr = term - rw.orthogonal_coef * (weight[0] * weight[1]).sum().abs()
-            weighted = weighted + (total - b) * (corr - corr.detach())  # adds 0 to the value
         quality = heads[:, 0]
         metrics["accuracy/quality"] = (labels[:, 0] * (quality[:b] - quality[b:]) > 0).float().detach()
-        return weighted, metrics
+        return term, metrics
 
     def schedule(self, items_of, keys: int) -> None:
         self.total_steps = max(1, keys // self.cfg.train.grad_accum)  # keys: micro-batches of the whole run
