@@ -474,6 +474,7 @@ def test_the_server_lets_in_only_its_trainer(server, sync_dir, small_dir, tmp_pa
         {"method": "alignkit_reload_weights", "kwargs": {"weights_path": str(inside / ".." / "x")}},
         {"method": "save_sharded_state", "kwargs": {"path": str(victim)}},
         {"method": "__setattr__", "args": ["x", 1]},
+        {"method": "alignkit_reload_lora", "kwargs": {"lora_int_id": 1, "lora_path": str(inside)}},  # no LoRA here
     ):
         code, text = _call(server, "/collective_rpc", body, token)
         assert code == 403 and "weight update refused" in text, (body, code, text)
@@ -763,6 +764,51 @@ def test_the_server_labels_every_token_with_the_weights_that_sampled_it(server, 
     assert all(s.versions == [4] * len(s.token_ids) for s in after)
 
 
+def test_no_request_after_an_update_reuses_a_prefix_the_old_weights_computed(server, sync_dir, small_dir):
+    """vLLM caches a prompt's KV blocks by their tokens, and cannot drop that cache while a request
+    holds blocks: weights updated with generations in flight (partial rollouts) would leave blocks
+    computed by the old weights for every later request with the same prefix (a shared system
+    prompt: indefinitely, since a stream always has requests in flight). Every token of a request
+    made after the update must be the new model's, over a prompt a generation in flight shares too."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    client = VLLMServer(
+        server, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir), weights_dir=str(sync_dir)
+    )
+    old = _model(small_dir)
+    with torch.no_grad():  # a model that never ends its reply, so the generation in flight runs to its length
+        old.lm_head.weight.mul_(20)
+        old.lm_head.weight[client.tokenizer.eos_token_id] = 0
+    client.load_state(weights_for_engine(old), version=20)
+    prompt = [(7 * i) % 90 + 5 for i in range(140)]  # a full cache block or more, on every CPU block size
+    params = SamplingParams(max_new_tokens=100, temperature=1.0, n=4)
+    client.sample([prompt], params, seed=0, prompt_seeds=[1])  # warm
+    start = time.perf_counter()
+    client.sample([prompt], params, seed=0, prompt_seeds=[2])
+    took = time.perf_counter() - start
+    new = copy.deepcopy(old)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(g=client.sample([prompt], params, seed=0, prompt_seeds=[4])[0]))
+    thread.start()
+    time.sleep(took * 0.25)  # the prompt's blocks are held by the generation in flight
+    client.load_state(weights_for_engine(new), version=21)
+    assert thread.is_alive(), f"the generation ended before the update (it took {took:.2f} s alone)"
+    later = client.sample([prompt], params.but(max_new_tokens=4, n=1), seed=0, prompt_seeds=[5])[0][0]
+    assert later.versions == [21] * 4
+    assert later.logprobs == pytest.approx(_trainer_logps(new, prompt, later.token_ids), abs=1e-3)
+    thread.join(timeout=120)
+    for s in out["g"]:  # the generation in flight: the old model's tokens, then the new model's
+        k = s.versions.count(20)
+        assert 0 < k < len(s.token_ids)
+        assert s.logprobs[:k] == pytest.approx(_trainer_logps(old, prompt, s.token_ids)[:k], abs=1e-3)
+        assert s.logprobs[k:] == pytest.approx(_trainer_logps(new, prompt, s.token_ids)[k:], abs=1e-3)
+
+
 def test_two_training_processes_one_step_off_on_a_vllm_server_equal_one_process(server, sync_dir, small_dir, tmp_path):
     """one_step_off under torchrun with a vLLM server: the first process publishes each version and
     every process's requests wait until the server holds the version they name (`/weight_info`),
@@ -843,68 +889,136 @@ def test_a_lora_run_sends_the_colocated_engine_its_adapters(small_dir, tmp_path,
     assert max(float((final[k] - base[k]).abs().max()) for k in base) > 1e-2  # the adapters moved the policy
 
 
-def test_a_lora_run_sends_a_vllm_server_its_adapters(small_dir, tmp_path, monkeypatch):
-    """`vllm-serve --max-lora-rank`: a LoRA run first sets the server back to its base checkpoint
-    (here a full-weight update had changed it), then sends only adapters, one vLLM adapter per version; the
-    server's samples' log-probs are the trainer's at every step."""
+@pytest.fixture(scope="module")
+def lora_server(small_dir, tmp_path_factory):
+    """`alignkit vllm-serve --max-lora-rank 8` on a copy of the tiny model (a server of its own: its
+    teardown waits for every process that names its model directory): (url, model dir, sync dir)."""
     import shutil
 
+    root = tmp_path_factory.mktemp("lora_serve")
+    base, sync = Path(shutil.copytree(small_dir, root / "base")), root / "sync"
+    with _serving(base, root / "lora_server.log", sync, extra=("--max-lora-rank", "8")) as url:
+        yield url, base, sync
+
+
+def _lora_policy(path, seed: int):
+    """The tiny model with LoRA adapters (r 8) of random, non-zero weights."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    return get_peft_model(_model(path), config).eval()
+
+
+def test_a_lora_run_on_a_vllm_server_has_partial_rollouts(lora_server):
+    """LoRA on `vllm-serve`: each version of the run's adapter is read in place under one vLLM
+    adapter id, so an update reaches the generations in flight as a full-weight one does (paused,
+    labelled, resumed): the tokens labelled with the old version are the old adapter's samples, the
+    later ones the new adapter's (their log-probs are its own, over the whole sequence), and so is
+    every token of a request made after the update."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from alignkit.generation.adapters import adapter_update
+
+    url, base, sync = lora_server
+    client = VLLMServer(url, AutoTokenizer.from_pretrained(base), model_path=str(base), weights_dir=str(sync))
+    client.set_run("partial")
+    old, new = _lora_policy(base, 1), _lora_policy(base, 2)
+    client.load_state(adapter_update(old), version=1)
+    prompt = PROMPTS[0]
+    # the end of sequence banned (vLLM by logit bias, the trainer's distribution without it): every
+    # generation runs to its length
+    params = SamplingParams(
+        max_new_tokens=200, temperature=1.0, n=4, logprobs="processed", banned=(client.tokenizer.eos_token_id,)
+    )
+    client.sample([prompt], params, seed=0, prompt_seeds=[1])  # warm
+    start = time.perf_counter()
+    alone = client.sample([prompt], params, seed=0, prompt_seeds=[2])[0]
+    took = time.perf_counter() - start
+    assert all(s.versions == [1] * 200 for s in alone)
+    assert alone[0].logprobs == pytest.approx(_trainer_logps(old, prompt, alone[0].token_ids, params), abs=1e-3)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(g=client.sample([prompt], params, seed=0, prompt_seeds=[3])[0]))
+    thread.start()
+    time.sleep(took * 0.25)  # a quarter of the way into the generation
+    client.load_state(adapter_update(new), version=2)
+    thread.join(timeout=120)
+    mixed = 0
+    for s in out["g"]:
+        k = s.versions.count(1)  # tokens [0, k) by version 1, [k, n) by version 2
+        assert s.versions == [1] * k + [2] * (len(s.token_ids) - k)
+        assert s.logprobs[:k] == pytest.approx(_trainer_logps(old, prompt, s.token_ids, params)[:k], abs=1e-3)
+        assert s.logprobs[k:] == pytest.approx(_trainer_logps(new, prompt, s.token_ids, params)[k:], abs=1e-3)
+        mixed += 0 < k < len(s.token_ids)
+    assert mixed, f"no sample spans the update (generation took {took:.2f} s alone)"
+    after = client.sample([prompt], params.but(max_new_tokens=6, n=1), seed=0, prompt_seeds=[4])[0][0]
+    assert after.versions == [2] * 6
+    assert after.logprobs == pytest.approx(_trainer_logps(new, prompt, after.token_ids, params), abs=1e-3)
+    link, newest = sync / "alignkit-vllm-weights" / "lora-partial", client._lora_dir
+    assert link.is_symlink() and link.resolve() == newest  # what vLLM reads back after an eviction
+    assert [p.name for p in link.parent.glob("lora-*") if p.is_dir() and not p.is_symlink()] == [newest.name]
+    client.close()
+    assert not link.exists() and not newest.exists()
+
+
+def test_a_lora_run_sends_a_vllm_server_its_adapters(lora_server, tmp_path, monkeypatch):
+    """`vllm-serve --max-lora-rank`: a LoRA run first sets the server back to its base checkpoint
+    (here a full-weight update had changed it), then sends only adapters, each version read in place
+    under the run's one vLLM adapter; the server's samples' log-probs are the trainer's at every step."""
     from transformers import AutoTokenizer
 
     from alignkit.generation import adapters, vllm_engine
 
-    small_dir = Path(shutil.copytree(small_dir, tmp_path / "base"))  # a server of its own (its teardown
-    sync = tmp_path / "sync"  # waits for every process that names its model directory)
-    with _serving(small_dir, tmp_path / "lora_server.log", sync, extra=("--max-lora-rank", "8")) as url:
-        other = _model(small_dir)
-        with torch.no_grad():
-            for p in other.parameters():
-                p.add_(0.05)
-        client = VLLMServer(
-            url, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir), weights_dir=str(sync)
-        )
-        assert client.accepts_adapters and client.lora_rank == 8
-        client.load_state(weights_for_engine(other))  # another run's weights are on the server
-        sent = {"adapters": 0, "weights": 0}
-        real_save, real_write = adapters.AdapterUpdate.save_peft, vllm_engine.write_weights
+    url, small_dir, sync = lora_server
+    other = _model(small_dir)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05)
+    client = VLLMServer(url, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir), weights_dir=str(sync))
+    assert client.accepts_adapters and client.lora_rank == 8
+    client.load_state(weights_for_engine(other))  # another run's weights are on the server
+    sent = {"adapters": 0, "weights": 0}
+    real_save, real_write = adapters.AdapterUpdate.save_peft, vllm_engine.write_weights
 
-        def save(self, directory):
-            sent["adapters"] += 1
-            return real_save(self, directory)
+    def save(self, directory):
+        sent["adapters"] += 1
+        return real_save(self, directory)
 
-        def write(state, directory):
-            sent["weights"] += 1
-            return real_write(state, directory)
+    def write(state, directory):
+        sent["weights"] += 1
+        return real_write(state, directory)
 
-        monkeypatch.setattr(adapters.AdapterUpdate, "save_peft", save)
-        monkeypatch.setattr(vllm_engine, "write_weights", write)
-        args = _grpo_args(
-            small_dir,
-            tmp_path,
-            "generation.backend=vllm",
-            f"generation.vllm_server={url}",
-            f"generation.vllm_sync_dir={sync}",
-            "lora.enabled=true",
-            "lora.r=8",
-            "lora.alpha=16",
-            "train.learning_rate=5e-2",
-        )
-        result = loop.train(load_config(None, args), progress=False)
-        rows = read_metrics(result.run_dir, "train")
-        assert sent["adapters"] >= 3 and sent["weights"] == 1  # the base checkpoint, once
-        assert max(r["logprob_mismatch_max"] for r in rows) < 1e-3
-        base = load_file(str(small_dir / "model.safetensors"))
-        final = load_file(str(result.final_dir / "model.safetensors"))
-        assert max(float((final[k] - base[k]).abs().max()) for k in base) > 1e-2  # the adapters moved the policy
-        # issue 32: under torchrun (refused before), each process gathers the adapters from their
-        # FSDP shards and the first sends them; 2 processes with 1 prompt each train what 1 trains
-        two = [a for a in args if not a.startswith(("output_dir=", "train.batch_size="))]
-        two += [f"output_dir={tmp_path / 'run_two'}", "train.batch_size=1"]
-        proc = torchrun([{"argv": ["train", *two]}], tmp_path)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        assert max(r["logprob_mismatch_max"] for r in read_metrics(tmp_path / "run_two", "train")) < 1e-3
-        both = load_file(str(tmp_path / "run_two" / "final" / "model.safetensors"))
-        assert max(float((final[k] - both[k]).abs().max()) for k in base) < 1e-4
+    monkeypatch.setattr(adapters.AdapterUpdate, "save_peft", save)
+    monkeypatch.setattr(vllm_engine, "write_weights", write)
+    args = _grpo_args(
+        small_dir,
+        tmp_path,
+        "generation.backend=vllm",
+        f"generation.vllm_server={url}",
+        f"generation.vllm_sync_dir={sync}",
+        "lora.enabled=true",
+        "lora.r=8",
+        "lora.alpha=16",
+        "train.learning_rate=5e-2",
+    )
+    result = loop.train(load_config(None, args), progress=False)
+    rows = read_metrics(result.run_dir, "train")
+    assert sent["adapters"] >= 3 and sent["weights"] == 1  # the base checkpoint, once
+    assert max(r["logprob_mismatch_max"] for r in rows) < 1e-3
+    base = load_file(str(small_dir / "model.safetensors"))
+    final = load_file(str(result.final_dir / "model.safetensors"))
+    assert max(float((final[k] - base[k]).abs().max()) for k in base) > 1e-2  # the adapters moved the policy
+    # issue 32: under torchrun (refused before), each process gathers the adapters from their
+    # FSDP shards and the first sends them; 2 processes with 1 prompt each train what 1 trains
+    two = [a for a in args if not a.startswith(("output_dir=", "train.batch_size="))]
+    two += [f"output_dir={tmp_path / 'run_two'}", "train.batch_size=1"]
+    proc = torchrun([{"argv": ["train", *two]}], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert max(r["logprob_mismatch_max"] for r in read_metrics(tmp_path / "run_two", "train")) < 1e-3
+    both = load_file(str(tmp_path / "run_two" / "final" / "model.safetensors"))
+    assert max(float((final[k] - both[k]).abs().max()) for k in base) < 1e-4
 
 
 class _ToolTurns:

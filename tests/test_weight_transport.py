@@ -101,6 +101,42 @@ def test_the_gate_serves_vllms_weight_transfer_routes_only_for_nccl(tmp_path, mo
     assert _ask(guard, "POST", "/update_weights_from_disk", token) == 403  # still an allow-list
 
 
+def test_the_gate_lets_through_alignkit_worker_calls_only(tmp_path):
+    """`/collective_rpc` runs any worker method: the gate passes alignkit's weight reload from inside
+    the sync directory and, on a server that takes LoRA adapters, its in-place adapter reload from
+    there (under a positive integer id) and the listing of adapter ids; nothing else."""
+    from alignkit.generation.vllm_guard import update_allowed
+
+    sync, outside = tmp_path / "sync", tmp_path / "outside"
+    (sync / "w").mkdir(parents=True)
+    outside.mkdir()
+
+    def why(body: dict, lora: bool = True):
+        return update_allowed(json.dumps(body).encode(), str(sync), lora)
+
+    reload_lora = {"method": "alignkit_reload_lora", "kwargs": {"lora_int_id": 3, "lora_path": str(sync / "w")}}
+    assert why({"method": "alignkit_reload_weights", "kwargs": {"weights_path": str(sync / "w")}}, lora=False) is None
+    assert why(reload_lora) is None
+    assert why({"method": "alignkit_lora_ids", "kwargs": {}}) is None
+    assert why({"method": "alignkit_lora_ids"}) is None
+    assert why(reload_lora, lora=False) == "only alignkit_reload_weights is served"  # a server without LoRA
+    assert why({"method": "alignkit_lora_ids"}, lora=False) == "only alignkit_reload_weights is served"
+    in_sync = str(sync / "w")
+    for body, reason in [
+        ({**reload_lora, "kwargs": {"lora_int_id": 3, "lora_path": str(outside)}}, "only from inside the sync"),
+        ({**reload_lora, "kwargs": {"lora_int_id": 3, "lora_path": in_sync + "/../../outside"}}, "only from inside"),
+        ({**reload_lora, "kwargs": {"lora_int_id": "3", "lora_path": in_sync}}, "positive integer"),
+        ({**reload_lora, "kwargs": {"lora_int_id": True, "lora_path": in_sync}}, "positive integer"),
+        ({**reload_lora, "kwargs": {"lora_int_id": 0, "lora_path": in_sync}}, "positive integer"),
+        ({**reload_lora, "kwargs": {"lora_int_id": 3, "lora_path": 7}}, "must be a string"),
+        ({**reload_lora, "kwargs": {"lora_int_id": 3, "lora_path": in_sync, "x": 1}}, "kwargs must be exactly"),
+        ({"method": "alignkit_lora_ids", "kwargs": {"x": "1"}}, "kwargs must be exactly {}"),
+        ({**reload_lora, "args": ["1"]}, "only alignkit_reload_weights, alignkit_lora_ids, alignkit_reload_lora are"),
+        ({"method": "save_sharded_state", "kwargs": {"path": in_sync}}, "only alignkit_reload_weights"),
+    ]:
+        assert reason in (why(body) or "accepted"), body
+
+
 def test_vllm_serve_starts_vllm_with_its_nccl_engine(tmp_path):
     from alignkit.generation.vllm_engine import serve_command
 

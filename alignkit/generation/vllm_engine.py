@@ -55,7 +55,7 @@ INSTALL = (
     "machines; on CUDA machines install `vllm` itself. Or set generation.backend: transformers."
 )
 
-from alignkit.generation.vllm_guard import LOGPROBS_ROUTE, LORA_ROUTE, RELOAD, UNLOAD_LORA_ROUTE  # noqa: E402  (what the gate serves alignkit)
+from alignkit.generation.vllm_guard import LOGPROBS_ROUTE, LORA_IDS, LORA_ROUTE, RELOAD, RELOAD_LORA  # noqa: E402  (what the gate serves alignkit)
 
 # alignkit's methods inside vLLM's workers (alignkit/generation/vllm_worker.py), called by name.
 WORKER_EXTENSION = "alignkit.generation.vllm_worker.WeightSync"
@@ -495,8 +495,10 @@ class VLLMServer:
         # and so does a vLLM server started with --max-lora-rank
         self.lora_rank = None if self.kind == "alignkit" else self._gate_info.get("lora_rank")
         self.accepts_adapters = self.kind == "alignkit" or bool(self.lora_rank)
-        self._lora_name: str | None = None  # the adapter name of this run's current adapters on a vLLM server
-        self._loras: list = []  # (name, directory, version) of the adapters the server holds for this run
+        # a LoRA run on a vLLM server: its adapter's name and vLLM id there, and the directory of its newest version
+        self._lora_name: str | None = None
+        self._lora_id: int | None = None
+        self._lora_dir: Path | None = None
         self.state_fn = state_fn or (policy_state if self.accepts_adapters else weights_for_engine)
         self.version = 0  # the policy version last published to the server
         self.run: str | None = None  # `set_run`: the training run the versions count in
@@ -575,46 +577,80 @@ class VLLMServer:
     def close(self) -> None:
         if self.nccl is not None:  # the server outlives its clients; the broadcast group does not
             self.nccl.close()
+        if self._lora_dir is not None:  # the run's adapter files (the server keeps what it read)
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
+            self._lora_link().unlink(missing_ok=True)
+            self._lora_dir = None
 
     def _load_adapters(self, update: AdapterUpdate) -> None:
-        """A LoRA run's adapters to a vLLM server started with --max-lora-rank: the first time in a
-        run the server's weights are set back to the trainer's base checkpoint (a full-weight run may
-        have changed them), then each update is loaded in place under the run's adapter name, with
-        the generations in flight paused and labelled as for full weights."""
+        """A LoRA run's adapters to a vLLM server started with --max-lora-rank. The first update of a
+        run sets the server's weights back to the trainer's base checkpoint (a full-weight run may
+        have changed them) and loads the adapter under the run's name; each later one is read in
+        place under the id vLLM gave it. Both with the generations in flight paused and labelled as
+        for full weights, so that requests in flight and new ones go on with the new adapter
+        (partial rollouts). vLLM reaches the files through a link that always names the newest
+        version: a worker that evicts the adapter from its cache reads it back from there."""
         r, _ = update.rank_alpha()
         if not self.lora_rank or r > int(self.lora_rank):
             raise ConfigError(
                 f"the vLLM server at {self.url} serves LoRA adapters up to rank {self.lora_rank or 0}, and lora.r "
                 f"is {r}: restart it as `alignkit vllm-serve --max-lora-rank {r}`."
             )
-        if self._lora_name is None:
-            if not self.model_path or not Path(self.model_path).is_dir():
-                raise ConfigError(
-                    f"a LoRA run sends a vLLM server its base weights first, from the trainer's local checkpoint; "
-                    f"{self.model_path!r} is not a directory"
-                )
-            self.load_state(checkpoint_tensors(self.model_path, list(self.expected)), self.version)
+        first = self._lora_id is None
+        if first and (not self.model_path or not Path(self.model_path).is_dir()):
+            raise ConfigError(
+                f"a LoRA run sends a vLLM server its base weights first, from the trainer's local checkpoint; "
+                f"{self.model_path!r} is not a directory"
+            )
         self.weights_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory = Path(tempfile.mkdtemp(prefix="lora-", dir=self.weights_dir))
-        name = self._adapter_name()
         try:
             update.save_peft(directory)
-            self._request(LORA_ROUTE, {"lora_name": name, "lora_path": str(directory)})  # read now
+            with self._paused():
+                if first:
+                    self._reload(checkpoint_tensors(self.model_path, list(self.expected)))
+                    link = self._point_lora_link(directory)
+                    held = self._lora_ids()
+                    self._request(LORA_ROUTE, {"lora_name": self._adapter_name(), "lora_path": str(link)})
+                    new = self._lora_ids() - held
+                    if len(new) != 1:
+                        raise ConfigError(
+                            f"the vLLM server at {self.url} loaded adapter {self._adapter_name()!r} but its workers "
+                            f"hold {len(new)} new adapters: another client loaded adapters at the same time. "
+                            "Give each training run a server of its own."
+                        )
+                    self._lora_id = new.pop()
+                else:
+                    self._point_lora_link(directory)
+                    kwargs = {"lora_int_id": self._lora_id, "lora_path": str(directory)}
+                    self._request("/collective_rpc", {"method": RELOAD_LORA, "kwargs": kwargs})
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        # a request keeps the adapter it was made with (vLLM holds two: the new one, and the one a
-        # request in flight may still use); the one before goes, with its directory
-        self._loras.append((name, directory, self.version))
-        while len(self._loras) > 2:
-            old, old_dir, _ = self._loras.pop(0)
-            self._request(UNLOAD_LORA_ROUTE, {"lora_name": old})
-            shutil.rmtree(old_dir, ignore_errors=True)
-        self._lora_name = name
+        if self._lora_dir is not None:
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
+        self._lora_dir, self._lora_name = directory, self._adapter_name()
+
+    def _lora_ids(self) -> set:
+        """The ids of the LoRA adapters the server's workers hold."""
+        return set(self._request("/collective_rpc", {"method": LORA_IDS, "kwargs": {}})["results"][0])
+
+    def _lora_link(self) -> Path:
+        return self.weights_dir / f"lora-{self.run or 'policy'}"
+
+    def _point_lora_link(self, directory: Path) -> Path:
+        """The run's adapter link, atomically moved to `directory`."""
+        link = self._lora_link()
+        step = link.with_name(link.name + ".next")
+        step.unlink(missing_ok=True)
+        step.symlink_to(directory.name)
+        os.replace(step, link)
+        return link
 
     def _adapter_name(self) -> str:
-        """The vLLM adapter name of this run's current version (the same on every process)."""
-        return f"alignkit-{self.run or 'policy'}-{self.version}"
+        """The vLLM adapter name of this run's adapters (the same on every process; each version is
+        read in place under it)."""
+        return f"alignkit-{self.run or 'policy'}"
 
     def set_run(self, run: str) -> None:
         """Name the training run (the same on all its processes, new on every start): versions are
@@ -707,16 +743,15 @@ class VLLMServer:
                 },
             }
             choices = sorted(self._request("/inference/v1/generate", body)["choices"], key=lambda c: c["index"])
-            return [self._generated(c, asked, lora) for c in choices]
+            return [self._generated(c, asked) for c in choices]
 
         asked = self.version  # the weights the server holds (at least) when the requests go out
-        lora = self._lora_name is not None  # a request keeps its adapter: all its tokens are that version
 
         # concurrent requests: the server batches them, as it batches one call's prompts in-process
         with ThreadPoolExecutor(max_workers=max(1, min(32, len(prompts)))) as pool:
             return list(pool.map(one, range(len(prompts))))
 
-    def _generated(self, choice: dict, asked: int, lora: bool = False) -> Sample:
+    def _generated(self, choice: dict, asked: int) -> Sample:
         """A choice of vLLM's generate route; `versions` from its weight-version spans (tokens before
         the first label: the version the request was made with)."""
         ids = [int(t) for t in choice["token_ids"]]
@@ -724,9 +759,7 @@ class VLLMServer:
         if [int(c["token_id"]) for c in content] != ids:
             raise ConfigError(f"the vLLM server at {self.url} returned log-probs of other tokens than it sampled")
         versions = None
-        if lora:
-            versions = [asked] * len(ids)
-        elif choice.get("weight_versions"):
+        if choice.get("weight_versions"):
             versions = [asked] * len(ids)
             for span in choice["weight_versions"]:
                 v = self._version_of(span["version"])  # vLLM's own label before any update: "default"
@@ -776,25 +809,28 @@ class VLLMServer:
         else:
             state = drop_tied(state, self.expected)
             check_weights(state, self.expected, f"generation.vllm_server={self.url}")
+        if self.kind == "alignkit":
+            return self._reload(state, version=self.version, run=self.run)
+        with self._paused():
             if self.nccl is not None:
-                with self._paused():
-                    self.nccl.send(state, self.version)
-                return
+                self.nccl.send(state, self.version)
+            else:
+                self._reload(state)
+
+    def _reload(self, state, **labels) -> None:
+        """`state` (weights, or adapters for an alignkit server) written under the sync directory
+        and read by the server's workers; `labels`: an alignkit server's version and run."""
         self.weights_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory = Path(tempfile.mkdtemp(prefix="update-", dir=self.weights_dir))
         try:
-            if adapters:
+            if isinstance(state, AdapterUpdate):
                 state.save(directory)
             else:
                 write_weights(state, directory)
             try:
-                kwargs: dict = {"weights_path": str(directory)}
-                if self.kind == "alignkit":
-                    kwargs.update(version=self.version, run=self.run)
-                    self._request("/collective_rpc", {"method": RELOAD, "kwargs": kwargs})
-                else:
-                    with self._paused():
-                        self._request("/collective_rpc", {"method": RELOAD, "kwargs": kwargs})
+                self._request(
+                    "/collective_rpc", {"method": RELOAD, "kwargs": {"weights_path": str(directory), **labels}}
+                )
             except ConfigError as e:
                 raise ConfigError(
                     f"{e}\nThe server loads each update from {directory}; a server on another machine "

@@ -8,7 +8,8 @@ vLLM's dev mode, which weight updates need, also serves routes that run any work
 guards only `/v1/...`. This gate refuses every request without `Authorization: Bearer <secret>`
 (401), serves an allow-list of routes (403 for the rest, dev routes and docs included), and lets
 `/collective_rpc` through only as alignkit's weight reload from a directory inside the sync
-directory the server was started with.
+directory the server was started with (and, on a server that takes LoRA adapters, as alignkit's
+in-place adapter reload from there and the listing of the workers' adapter ids).
 
 Read once in the server process: ALIGNKIT_SERVE_TOKEN_FILE (the secret, one line),
 ALIGNKIT_SERVE_SYNC_DIR (where updates may come from), ALIGNKIT_SERVE_LOGPROBS (the kind of
@@ -26,6 +27,9 @@ import os
 import secrets
 
 RELOAD = "alignkit_reload_weights"
+# a LoRA run's adapter: the ids the workers hold (to learn the one vLLM gave it) and a new version
+# read in place under that id (partial rollouts for LoRA runs); served with --max-lora-rank only
+LORA_IDS, RELOAD_LORA = "alignkit_lora_ids", "alignkit_reload_lora"
 LOGPROBS_ROUTE = "/alignkit/logprobs"  # answered by the gate: {"logprobs": "raw" | "processed", "lora_rank": r}
 LORA_ROUTE, UNLOAD_LORA_ROUTE = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 ROUTES = {
@@ -62,18 +66,29 @@ def read_token(path: str) -> str:
     return token
 
 
-def update_allowed(body: bytes, sync_dir: str) -> str | None:
-    """None if `body` is a reload from inside `sync_dir`; else why it is refused."""
+def update_allowed(body: bytes, sync_dir: str, lora: bool = False) -> str | None:
+    """None if `body` is one of alignkit's worker calls (`lora`: the LoRA ones too) and reads only
+    from inside `sync_dir`; else why it is refused."""
     try:
         req = json.loads(body)
     except ValueError:
         return "the body is not JSON"
-    if not isinstance(req, dict) or req.get("method") != RELOAD or set(req) - {"method", "kwargs", "timeout"}:
-        return f"only {RELOAD} is served"
-    kwargs = req.get("kwargs")
-    if not isinstance(kwargs, dict) or set(kwargs) != {"weights_path"} or not isinstance(kwargs["weights_path"], str):
-        return "kwargs must be exactly {weights_path: <directory>}"
-    return _inside(kwargs["weights_path"], sync_dir)
+    served = {RELOAD: {"weights_path"}} | ({LORA_IDS: set(), RELOAD_LORA: {"lora_int_id", "lora_path"}} if lora else {})
+    if not isinstance(req, dict) or req.get("method") not in served or set(req) - {"method", "kwargs", "timeout"}:
+        return f"only {', '.join(served)} {'is' if len(served) == 1 else 'are'} served"
+    method, kwargs = req["method"], req.get("kwargs", {})
+    if not isinstance(kwargs, dict) or set(kwargs) != served[method]:
+        return f"kwargs must be exactly {{{', '.join(sorted(served[method]))}}}"
+    if method == LORA_IDS:
+        return None
+    if method == RELOAD_LORA:
+        lora_id = kwargs["lora_int_id"]
+        if isinstance(lora_id, bool) or not isinstance(lora_id, int) or lora_id < 1:
+            return "lora_int_id must be a positive integer"
+    path = kwargs["lora_path" if method == RELOAD_LORA else "weights_path"]
+    if not isinstance(path, str):
+        return "the path must be a string"
+    return _inside(path, sync_dir)
 
 
 def _inside(path: str, sync_dir: str) -> str | None:
@@ -144,7 +159,10 @@ class Guard:
             more = message.get("more_body", False)
             if len(body) > MAX_RPC_BODY:
                 return await _answer(send, 413, "request too large")
-        why = update_allowed(body, self.sync_dir) if path == "/collective_rpc" else lora_allowed(body, self.sync_dir)
+        if path == "/collective_rpc":
+            why = update_allowed(body, self.sync_dir, lora=bool(self.lora_rank))
+        else:
+            why = lora_allowed(body, self.sync_dir)
         if why is not None:
             return await _answer(send, 403, f"weight update refused: {why}")
         sent = False

@@ -43,3 +43,20 @@ class WeightSync:
         self.reload_weights(weights_path=weights_path)
         if tied:
             method.process_weights_after_loading(head)
+
+    def alignkit_lora_ids(self) -> list[int]:
+        """The ids of the LoRA adapters this worker holds: vLLM's API does not say which id it gave an
+        adapter it loaded, so the trainer compares this list before and after the load."""
+        return sorted(self.list_loras())
+
+    def alignkit_reload_lora(self, lora_int_id: int, lora_path: str) -> None:
+        """A LoRA run's next adapter read from `lora_path` in place of adapter `lora_int_id`: the
+        requests in flight and the new ones all name that id, so after the resume every one goes on
+        with the new weights (partial rollouts with LoRA, as a full-weight reload gives them).
+
+        Why not vLLM's own in-place load (`load_inplace` through `/v1/load_lora_adapter`): the
+        requests made after it carry the flag, and the worker then reads the adapter from disk
+        again at every engine step; this reads it once."""
+        from vllm.lora.request import LoRARequest
+
+        self.add_lora(LoRARequest(f"alignkit-{lora_int_id}", int(lora_int_id), lora_path, load_inplace=True))
