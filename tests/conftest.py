@@ -94,6 +94,30 @@ def crash_after(monkeypatch, at_step: int):
 DRIVER = Path(__file__).with_name("dist_driver.py")
 
 
+def count_sent(monkeypatch, adapters_as: str = "save_peft", check=None) -> dict:
+    """Counts what a run sends its sampler: adapter updates (written by `AdapterUpdate.<adapters_as>`:
+    `save_peft` for vLLM, `save` for alignkit's samplers; `check(update)` runs on each) and files of
+    full weights (`vllm_engine.write_weights`). Returns the live counts {"adapters", "weights"}."""
+    from alignkit.generation import adapters, vllm_engine
+
+    sent = {"adapters": 0, "weights": 0}
+    real_save, real_write = getattr(adapters.AdapterUpdate, adapters_as), vllm_engine.write_weights
+
+    def save(self, directory):
+        sent["adapters"] += 1
+        if check is not None:
+            check(self)
+        return real_save(self, directory)
+
+    def write(state, directory):
+        sent["weights"] += 1
+        return real_write(state, directory)
+
+    monkeypatch.setattr(adapters.AdapterUpdate, adapters_as, save)
+    monkeypatch.setattr(vllm_engine, "write_weights", write)
+    return sent
+
+
 def torchrun(runs: list, tmp_path: Path, nproc: int = 2, timeout: int = 600, launcher: list | None = None):
     """`runs` ({"argv": [...], ...} each, see dist_driver.py) in one torchrun job of `nproc`
     processes, one thread each; the finished process (its returncode, stdout, stderr)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_overrides, crash_after, torchrun, toy_pairs, write_jsonl
+from conftest import base_overrides, count_sent, crash_after, torchrun, toy_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from alignkit.config import load_config
@@ -448,21 +448,7 @@ def test_lora_runs_publish_adapters_only(root, server, monkeypatch):
     """A LoRA run sends the sampler its adapters (a few percent of the weights), in one_step_off to
     the server and to the copy in the training process alike; both merge them into what the trainer
     holds, so the two runs train the same weights, and step 1's log-probs are the trainer's."""
-    from alignkit.generation import adapters, vllm_engine
-
-    sent = {"adapters": 0, "weights": 0}
-    real_save, real_write = adapters.AdapterUpdate.save, vllm_engine.write_weights
-
-    def save(self, directory):
-        sent["adapters"] += 1
-        return real_save(self, directory)
-
-    def write(state, directory):
-        sent["weights"] += 1
-        return real_write(state, directory)
-
-    monkeypatch.setattr(adapters.AdapterUpdate, "save", save)
-    monkeypatch.setattr(vllm_engine, "write_weights", write)
+    sent = count_sent(monkeypatch, adapters_as="save")
     lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.max_steps=3"]
     served = loop.train(load_config(None, _args(root, "lora_served", *lora, *_served(server, "one_step_off"))))
     assert sent == {"adapters": 3, "weights": 0}  # versions 0, 1, 2 (rollouts 0-1, 2, 3)

