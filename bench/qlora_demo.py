@@ -9,9 +9,17 @@ bootstrap interval of the difference. Together with
 
 it separates what quantization costs from what training gains.
 
-    python bench/qlora_demo.py
+    python bench/qlora_demo.py                      # the NF4 base
+    python bench/qlora_demo.py --scheme int8        # the int8 base (model.quantization: int8)
+    python bench/qlora_demo.py --loftq-rank 16      # NF4 plus the best rank-16 correction (below)
 
-Last line: `qlora_base before=<full precision> nf4=<quantized> diff=<d> ci95=<lo>,<hi> n=<n>`.
+`--loftq-rank R`: the NF4 base plus the rank-R correction LoftQ (Li et al., arXiv 2310.08659)
+would start LoRA adapters from: alternately quantize W - L R and take L R as the top R singular
+directions of what quantization lost (`--loftq-iters` rounds). It asks whether the score NF4 loses
+lies in an error an adapter of that rank could absorb; it prints the relative weight error
+(Frobenius norm over every quantized layer) without and with the correction.
+
+Last line: `qlora_base before=<full precision> <scheme>=<quantized> diff=<d> ci95=<lo>,<hi> n=<n>`.
 `--smoke` (examples/smoke.py): the same code on a tiny model and 4 prompts.
 """
 
@@ -30,6 +38,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a model directory (default: the bundled SmolLM2)")
     ap.add_argument("--heldout", type=int, default=200)
+    ap.add_argument("--scheme", choices=["nf4", "int8"], default="nf4", help="model.quantization's scheme")
+    ap.add_argument("--loftq-rank", type=int, default=0, help="add LoftQ's rank-R correction to the NF4 base")
+    ap.add_argument("--loftq-iters", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = smoke.parse_args(ap, heldout=4)
     import torch
@@ -47,16 +58,50 @@ def main() -> None:
     prompts = [i.messages() for i in heldout]
     before = demo._score(heldout, demo._replies(model, tok, prompts, True, "full precision"))
     layers = quantizable(transformer_blocks(model))
-    quantize_base(layers, "nf4")
-    for _, layer in layers:  # what the QLoRA run computes with: torchao's dequantized NF4 weights
+    if args.loftq_rank and args.scheme != "nf4":
+        ap.error("--loftq-rank corrects the NF4 base: leave --scheme at nf4")
+    original = {name: layer.weight.detach().clone() for name, layer in layers}
+    quantize_base(layers, args.scheme)
+    for _, layer in layers:  # what the QLoRA run computes with: torchao's dequantized weights
         layer.weight = torch.nn.Parameter(dequantized(layer.weight, torch.float32), requires_grad=False)
-    nf4 = demo._score(heldout, demo._replies(model, tok, prompts, True, "nf4 base"))
-    ci = paired_bootstrap(before["passed"], nf4["passed"], seed=0)
-    print(f"by constraint: full {before['by_constraint']}, nf4 {nf4['by_constraint']}")
+    print(f"relative weight error of the {args.scheme} base: {_error(original, layers):.4f}")
+    if args.loftq_rank:
+        for name, layer in layers:
+            layer.weight = torch.nn.Parameter(
+                _loftq(original[name], args.loftq_rank, args.loftq_iters), requires_grad=False
+            )
+        rounds = args.loftq_iters
+        print(f"with LoftQ's rank-{args.loftq_rank} correction ({rounds} rounds): {_error(original, layers):.4f}")
+    label = args.scheme if not args.loftq_rank else f"{args.scheme}+loftq{args.loftq_rank}"
+    quantized = demo._score(heldout, demo._replies(model, tok, prompts, True, f"{label} base"))
+    ci = paired_bootstrap(before["passed"], quantized["passed"], seed=0)
+    print(f"by constraint: full {before['by_constraint']}, {label} {quantized['by_constraint']}")
     print(
-        f"qlora_base before={ci.before:.3f} nf4={ci.after:.3f} diff={ci.diff:+.3f} "
+        f"qlora_base before={ci.before:.3f} {args.scheme}={ci.after:.3f} diff={ci.diff:+.3f} "
         f"ci95={ci.lo:+.3f},{ci.hi:+.3f} n={ci.n}"
     )
+
+
+def _error(original: dict, layers: list) -> float:
+    """||W - W_q||_F / ||W||_F over every quantized layer together."""
+    lost = sum(float((original[n] - layer.weight).pow(2).sum()) for n, layer in layers)
+    return (lost / sum(float(w.pow(2).sum()) for w in original.values())) ** 0.5
+
+
+def _loftq(w, rank: int, rounds: int):
+    """LoftQ's start (arXiv 2310.08659, Algorithm 1) as one weight: Q + L R, where Q is the NF4
+    quantization of W - L R and L R the best rank-`rank` fit of W - Q, alternated `rounds` times."""
+    import torch
+
+    from alignkit.quantization import NF4_BLOCK, dequantized, scaler_block
+    from alignkit.quantization import _torchao as torchao
+
+    lr = torch.zeros_like(w)
+    for _ in range(rounds):
+        q = dequantized(torchao().to_nf4(w - lr, NF4_BLOCK, scaler_block(w.numel() // NF4_BLOCK)), w.dtype)
+        u, sv, vh = torch.linalg.svd(w - q, full_matrices=False)
+        lr = (u[:, :rank] * sv[:rank]) @ vh[:rank]
+    return q + lr
 
 
 if __name__ == "__main__":

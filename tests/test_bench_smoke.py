@@ -32,6 +32,12 @@ def _all_samples(text: str) -> None:  # both frameworks sampled steps x prompts 
     assert text.count("4 samples in 1 steps") == 2, text
 
 
+def _loftq_fits_part_of_the_error(text: str) -> None:  # NF4's relative weight error, then with LoftQ's rank-2 fit
+    nf4 = float(re.search(rf"relative weight error of the nf4 base: ({NUM})", text).group(1))
+    loftq = float(re.search(rf"with LoftQ's rank-2 correction \(5 rounds\): ({NUM})", text).group(1))
+    assert 0.03 < nf4 < 0.2 and 0.5 * nf4 < loftq < nf4, text
+
+
 # script -> (its documented last line, packages it needs beyond alignkit's own, arguments, extra check)
 SCRIPTS = {
     "bench/async_rl.py": (
@@ -70,7 +76,12 @@ SCRIPTS = {
         None,
     ),
     "bench/online_methods.py": (r"methods=3 all_raised=(true|false)", [], OUT, None),
-    "bench/qlora_demo.py": (rf"qlora_base before={NUM} nf4={NUM} diff={NUM} ci95={NUM},{NUM} n=4", [], OUT, None),
+    "bench/qlora_demo.py": (
+        rf"qlora_base before={NUM} nf4={NUM} diff={NUM} ci95={NUM},{NUM} n=4",
+        [],
+        [*OUT, "--loftq-rank", "2"],
+        _loftq_fits_part_of_the_error,
+    ),
     "bench/reward_model_hh.py": (
         rf"plain_acc={NUM} odin_acc={NUM} plain_gap=({NUM}|nan) odin_gap=({NUM}|nan) "
         rf"plain_len_corr=({NUM}|nan) odin_len_corr=({NUM}|nan)",
