@@ -954,6 +954,28 @@ def test_a_lora_run_on_a_vllm_server_has_partial_rollouts(lora_server):
     assert not link.exists() and not newest.exists()
 
 
+def test_a_lora_grpo_run_streams_from_a_vllm_server(lora_server, tmp_path):
+    """`online.async.mode: stream` with LoRA on `vllm-serve`: the sampler's thread keeps requests
+    in flight while the trainer publishes every version in place; each step trains samples within
+    `max_staleness` versions, and the first step's log-probs are the trainer's (version 0 on both)."""
+    url, base, sync = lora_server
+    args = _grpo_args(
+        base,
+        tmp_path,
+        "generation.backend=vllm",
+        f"generation.vllm_server={url}",
+        f"generation.vllm_sync_dir={sync}",
+        *("lora.enabled=true", "lora.r=8", "lora.alpha=16", "train.learning_rate=5e-2"),
+        *("online.async.mode=stream", "online.async.max_staleness=2", "train.max_steps=4"),
+    )
+    result = loop.train(load_config(None, args), progress=False)
+    rows = read_metrics(result.run_dir, "train")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["async/staleness_max"] <= 2 for r in rows) and rows[-1]["async/staleness_mean"] > 0
+    assert rows[0]["async/staleness_max"] == 0 and rows[0]["logprob_mismatch_max"] < 1e-3
+    assert not list((sync / "alignkit-vllm-weights").glob("lora-*"))  # the run's adapter files went with it
+
+
 def test_a_lora_run_sends_a_vllm_server_its_adapters(lora_server, tmp_path, monkeypatch):
     """`vllm-serve --max-lora-rank`: a LoRA run first sets the server back to its base checkpoint
     (here a full-weight update had changed it), then sends only adapters, each version read in place
