@@ -904,6 +904,11 @@ def _check_async(cfg: RunConfig) -> None:
             "server: set generation.backend=vllm and generation.vllm_server (the colocated engine and alignkit's "
             "samplers take weights in memory or from the sync directory)."
         )
+    if g.weight_transport == "nccl" and cfg.lora.enabled:
+        raise ConfigError(
+            "`generation.weight_transport=nccl` broadcasts full weights, and a LoRA run sends only its adapters "
+            "(a few MB), which vLLM reads from the sync directory: leave generation.weight_transport at directory."
+        )
     if g.sampler_server and g.backend != "transformers":
         raise ConfigError(
             "`generation.sampler_server` names an `alignkit sample-serve` (alignkit's own sampler), which "

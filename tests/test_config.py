@@ -167,3 +167,14 @@ def test_masked_importance_sampling_range_is_checked(low, high, key):
     assert (cfg.online.is_mask_low, cfg.online.is_mask_high) == (0.5, 2.0)
     with pytest.raises(ConfigError, match=r"recipe dpo does not read `online.is_mask_high`.*`online.is_mask_low`"):
         load_config(None, ["recipe=dpo", "online.is_mask_low=0.5", "online.is_mask_high=2.0"])
+
+
+def test_every_setting_is_read_by_some_recipe():
+    """A setting no recipe reads can never be set (`check_reads` refuses it as having no effect):
+    `generation.weight_transport` was such a key, so the NCCL transport could not be configured."""
+    from alignkit.config import flat_dict, to_dict
+    from alignkit.registries import recipes as registry
+
+    keys = flat_dict(to_dict(RunConfig()))
+    assert "generation.weight_transport" in keys
+    assert [k for k in keys if not registry.readers(k)] == []

@@ -31,6 +31,10 @@ def test_nccl_needs_a_vllm_server(tiny_model_dir, tmp_path):
         load_config(None, args)
     with pytest.raises(ConfigError, match="generation.weight_transport"):
         load_config(None, args[:-1] + ["generation.weight_transport=gloo"])
+    served = ["generation.backend=vllm", "generation.vllm_server=http://127.0.0.1:1", "lora.enabled=true"]
+    with pytest.raises(ConfigError, match="LoRA run sends only its adapters.*leave generation.weight_transport"):
+        load_config(None, args + served)
+    assert load_config(None, args + served[:2]).generation.weight_transport == "nccl"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

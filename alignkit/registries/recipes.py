@@ -41,6 +41,7 @@ ONLINE = SAMPLING + (
     "generation.vllm_token_file",
     "generation.sampler_server",
     "generation.request_timeout_s",
+    "generation.weight_transport",
     "online.async",
     "online.rewards",
     "online.overlong_buffer",
