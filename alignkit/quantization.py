@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import math
+import types
 
 import torch
 
@@ -104,6 +105,7 @@ def quantize_base(layers: list, scheme: str, shards: int = 1) -> dict:
         elif scheme == "int8":
             layer.weight.requires_grad_(False)
             tq.quantize_(layer, tq.Int8WeightOnlyConfig())
+            layer.forward = types.MethodType(_frozen_forward, layer)
         else:
             raise ModelError(f"model.quantization: unknown scheme {scheme!r}; use nf4 or int8.")
         layer.base_fingerprint = original
@@ -114,6 +116,32 @@ def quantize_base(layers: list, scheme: str, shards: int = 1) -> dict:
             f"(blocks of {NF4_BLOCK} weights must tile each one); train with LoRA alone."
         )
     return {"quantized": n, "kept": kept}
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """`F.linear` with a frozen quantized weight that the backward dequantizes again.
+
+    Why: torchao's int8 weight-only tensor dequantizes inside its linear, under autograd, so the
+    float copy of every layer's weight was saved for the backward, and a training step's peak held
+    the base in float again (bench/memory.py, DPO on SmolLM2-135M: 1.02x LoRA's peak before this,
+    for a base a quarter the size at rest). Only the int8 weight is kept now, as torchao's NF4
+    linear (`linear_nf4`) does for NF4. The weight is frozen: no gradient for it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight, ctx.x_dtype = weight, x.dtype
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = (grad @ dequantized(ctx.weight, grad.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias
+
+
+def _frozen_forward(self, x):
+    """The forward of a linear layer with an int8 base weight (`quantize_base`)."""
+    return _FrozenLinear.apply(x, self.weight, self.bias)
 
 
 def is_quantized(t: torch.Tensor) -> bool:

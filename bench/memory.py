@@ -3,6 +3,10 @@ for DPO and for GRPO, on SmolLM2-135M-Instruct at a sequence length of 1024 toke
 
     python bench/memory.py [--recipes dpo,grpo] [--modes full,lora,qlora] [--seq 1024] [--batch 2]
 
+Modes: `full`, `lora` (r=16 on every linear layer), `qlora` (the same on an NF4 base) and
+`int8` (the same on an int8 base, `model.quantization: int8`); each quantized mode's peak is printed
+as a ratio to LoRA's.
+
 Each (recipe, mode) runs `alignkit train` for 2 steps in its own process; step 2 (the optimizer
 state exists by then) is measured:
 - on a CPU, `live_peak_mib`: the bytes of live tensors at the step's peak, a tensor census (every
@@ -37,6 +41,7 @@ MODES = {
     "full": [],
     "lora": ["lora.enabled=true", "lora.r=16", "lora.alpha=32"],
     "qlora": ["lora.enabled=true", "lora.r=16", "lora.alpha=32", "model.quantization=nf4"],
+    "int8": ["lora.enabled=true", "lora.r=16", "lora.alpha=32", "model.quantization=int8"],
 }
 WORDS = "the a cat dog sat on mat what is plus answer sorry i cannot help".split()
 
@@ -308,13 +313,13 @@ def main() -> None:
                     f"live_at_start_mib={start:.0f} rss_peak_mib={r['rss_peak_mib']:.0f}",
                     flush=True,
                 )
-        ratios = {
-            recipe: results[(recipe, "qlora")]["live_peak_mib"] / results[(recipe, "lora")]["live_peak_mib"]
-            for recipe in args.recipes.split(",")
-            if (recipe, "qlora") in results and (recipe, "lora") in results
-        }
-        for recipe, x in ratios.items():
-            print(f"{recipe}: qlora_vs_lora_peak={x:.3f}")
+        for recipe in args.recipes.split(","):
+            for mode in ("qlora", "int8"):
+                if (recipe, mode) in results and (recipe, "lora") in results:
+                    x = results[(recipe, mode)]["live_peak_mib"] / results[(recipe, "lora")]["live_peak_mib"]
+                    print(f"{recipe}: {mode}_vs_lora_peak={x:.3f}")
+                    if mode == "qlora":
+                        ratios[recipe] = x
     cp_ratio, longest1, longest2 = float("nan"), 0, 0
     if not args.skip_context:
         print(

@@ -32,6 +32,12 @@ def _all_samples(text: str) -> None:  # both frameworks sampled steps x prompts 
     assert text.count("4 samples in 1 steps") == 2, text
 
 
+def _both_quantized_ratios(text: str) -> None:  # NF4's and int8's peaks against LoRA's, for each recipe
+    for recipe in ("dpo", "grpo"):
+        for mode in ("qlora", "int8"):
+            assert re.search(rf"^{recipe}: {mode}_vs_lora_peak={NUM}$", text, re.M), (recipe, mode, text)
+
+
 def _loftq_fits_part_of_the_error(text: str) -> None:  # NF4's relative weight error, then with LoftQ's rank-2 fit
     nf4 = float(re.search(rf"relative weight error of the nf4 base: ({NUM})", text).group(1))
     loftq = float(re.search(rf"with LoftQ's rank-2 correction \(5 rounds\): ({NUM})", text).group(1))
@@ -72,8 +78,8 @@ SCRIPTS = {
     "bench/memory.py": (
         rf"qlora_vs_lora_peak={NUM} cp2_vs_cp1_peak_at_longest={NUM} longest_len_cp1=\d+ longest_len_cp2=\d+",
         [],
-        OUT,
-        None,
+        [*OUT, "--modes", "full,lora,qlora,int8"],
+        _both_quantized_ratios,
     ),
     "bench/online_methods.py": (r"methods=3 all_raised=(true|false)", [], OUT, None),
     "bench/qlora_demo.py": (

@@ -130,6 +130,30 @@ def test_int8_base_is_torchaos_int8_weight():
         assert ((w.dequantize() - before[name]).abs() / per_row).max() <= 0.5 / 127 + 1e-6  # half an int8 step
 
 
+def test_an_int8_layer_keeps_no_float_copy_of_its_weight_for_the_backward():
+    """torchao's int8 linear saved each layer's dequantized float weight for the backward, so a
+    training step held the base in float again; the backward now dequantizes it again: nothing the
+    size of the weight is saved, and output and gradients are those of the dequantized weight."""
+    from alignkit.quantization import dequantized, quantize_base
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    quantize_base([("l", layer)], "int8")
+    w = dequantized(layer.weight, torch.float32)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    saved: list = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    assert all(n < w.numel() for n in saved), saved
+    x2, b2 = x.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(x2, w, b2)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(layer.bias.grad, b2.grad, atol=1e-5)
+
+
 def test_qlora_needs_lora():
     with pytest.raises(ConfigError, match="lora.enabled=true"):
         load_config(None, ["model.quantization=nf4", "data.train=x.jsonl"])
@@ -208,6 +232,27 @@ def test_qlora_reference_is_its_own_and_checkpointing_changes_nothing(model64_di
     assert [r["loss"] for r in ll] == pytest.approx([r["loss"] for r in la], abs=1e-6)
     # the quantized base is what trains: its log-probs are not the full-precision base's
     assert abs(la[0]["logps/chosen"] - lp[0]["logps/chosen"]) > 1e-3
+
+
+def test_an_int8_base_trains_its_adapters_with_and_without_checkpointing(model64_dir, pairs64, tmp_path):
+    """`model.quantization: int8`: DPO's loss falls from log 2 as the adapters train on the int8
+    base, and gradient checkpointing (which re-runs each int8 layer's forward) changes nothing."""
+    a = loop.train(_cfg(model64_dir, pairs64, tmp_path, "train.max_steps=4", "model.quantization=int8"), progress=False)
+    b = loop.train(
+        _cfg(
+            model64_dir,
+            pairs64,
+            tmp_path,
+            "train.max_steps=4",
+            "model.quantization=int8",
+            "model.gradient_checkpointing=true",
+            out="ckpt",
+        ),
+        progress=False,
+    )
+    la, lb = (read_metrics(r.run_dir, "train") for r in (a, b))
+    assert la[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and la[-1]["loss"] < la[0]["loss"] - 0.05
+    assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], abs=1e-6)
 
 
 def test_qlora_trains_a_reward_model_and_a_ppo_value_model(model64_dir, pairs64, tmp_path, monkeypatch):
