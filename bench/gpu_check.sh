@@ -22,7 +22,7 @@
 #   sdpa_mask    which SDPA kernels take a packed batch's additive bf16 mask, and the memory one
 #                attention forward+backward needs with it against plain causal attention
 #   qlora        bench/memory.py's DPO step on the 360M shape (width 960, 32 layers, random init):
-#                torch.cuda.max_memory_allocated of full, LoRA and QLoRA (nf4) at 1024 tokens
+#                torch.cuda.max_memory_allocated of full, LoRA, QLoRA (nf4) and int8 at 1024 tokens
 #   offload      train.activation_offload: a DPO run with activations in pinned host memory equals the
 #                run without (same losses) and allocates less GPU memory at its peak
 set -uo pipefail
@@ -230,10 +230,10 @@ if $PY -c "import trl" 2>/dev/null; then
     --steps 10 --warmup 2 --only alignkit --pack-tokens 1024 2>&1 | grep "tokens/s" | sed 's/^/gpu_check dpo_pack1024: /'
 fi
 
-# qlora: the memory of one DPO step, full / LoRA / QLoRA, on the 360M shape
+# qlora: the memory of one DPO step, full / LoRA / QLoRA / int8, on the 360M shape
 $PY -c "from alignkit.testing import save_tiny_model_dir; save_tiny_model_dir('$WORK/m360', hidden=960, layers=32)"
-timeout 300 $PY bench/memory.py --model "$WORK/m360" --recipes dpo --skip-context --seq 1024 --batch 4 \
-  --out "$WORK/memory" 2>&1 | grep -E "^dpo|qlora_vs_lora" | sed 's/^/gpu_check qlora: /'
+timeout 300 $PY bench/memory.py --model "$WORK/m360" --recipes dpo --skip-context --seq 1024 --batch 4 --modes full,lora,qlora,int8 \
+  --out "$WORK/memory" 2>&1 | grep -E "^dpo|_vs_lora" | sed 's/^/gpu_check qlora: /'
 
 # offload: activations in pinned host memory between forward and backward
 $PY - "$WORK" $COMMON <<'PYEOF' && echo "gpu_check offload: ok" || echo "gpu_check offload: FAILED"
