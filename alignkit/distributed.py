@@ -275,6 +275,7 @@ class Dist:
         if not self.enabled:
             return model
         from alignkit.models import transformer_blocks
+        from alignkit.quantization import unsplittable
 
         if self.strategy == "ddp":
             return model  # replicated: the loop averages its gradients (`average_grads`)
@@ -291,9 +292,15 @@ class Dist:
         common = dict(
             mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()
         )
+        kept = unsplittable(model)  # replicated: every process holds them whole
         for block in transformer_blocks(model):
-            fully_shard(block, reshard_after_forward=self.reshard_after_forward, **common)
-        fully_shard(model, **common)
+            fully_shard(
+                block,
+                reshard_after_forward=self.reshard_after_forward,
+                ignored_params=kept & set(block.parameters()) or None,
+                **common,
+            )
+        fully_shard(model, ignored_params=kept or None, **common)
         return model
 
     @contextlib.contextmanager

@@ -144,6 +144,13 @@ def _frozen_forward(self, x):
     return _FrozenLinear.apply(x, self.weight, self.bias)
 
 
+def unsplittable(model: torch.nn.Module) -> set:
+    """The quantized weights FSDP2 cannot shard: torchao's int8 tensor implements no `split`, so
+    an int8 base is replicated (every process holds it whole, a quarter of float32's bytes); NF4
+    carries FSDP2's hooks and is sharded (FSDP-QLoRA)."""
+    return {p for p in model.parameters() if is_quantized(p) and not hasattr(p, "get_original_weight")}
+
+
 def is_quantized(t: torch.Tensor) -> bool:
     """A torchao quantized weight (a tensor subclass), under a DTensor too."""
     local = t.to_local() if hasattr(t, "to_local") else t

@@ -63,6 +63,10 @@ RECIPES = {  # the parity runs
         "pairs",
         ["recipe=dpo", "lora.enabled=true", "lora.r=4", "model.quantization=nf4", "train.learning_rate=1e-2"],
     ),
+    "dpo_qlora_int8": (  # an int8 base is replicated, not sharded (FSDP2 cannot split torchao's int8 tensor)
+        "pairs",
+        ["recipe=dpo", "lora.enabled=true", "lora.r=4", "model.quantization=int8", "train.learning_rate=1e-2"],
+    ),
     "kto": ("unpaired", ["recipe=unpaired", "loss.name=kto"]),
     "reward": ("pairs", ["recipe=reward"]),
     "reward_head": ("pairs", ["recipe=reward", "model.freeze_layers=2", "train.learning_rate=5e-2"]),  # head only
