@@ -60,6 +60,10 @@ CASES = {  # name -> (data file, overrides)
         "pairs",
         ["recipe=dpo", "lora.enabled=true", "lora.r=4", "model.quantization=nf4", "train.learning_rate=1e-2"],
     ),
+    "dpo_qlora_int8": (
+        "pairs",
+        ["recipe=dpo", "lora.enabled=true", "lora.r=4", "model.quantization=int8", "train.learning_rate=1e-2"],
+    ),
     "kto": ("unpaired", ["recipe=unpaired", "loss.name=kto"]),
     "bco": ("unpaired", ["recipe=unpaired", "loss.name=bco"]),
     "masked": ("masked", ["recipe=masked"]),
