@@ -55,7 +55,8 @@ serve-docs: install
 
 test: install browser lint docs
 	# two workers, whole files each (a file's module fixtures, e.g. one vLLM engine, start once)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	# and the 25 slowest tests listed at the end, to keep the suite inside its time budget
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache
