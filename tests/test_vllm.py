@@ -716,12 +716,25 @@ def test_vllm_serve_loads_float32_on_a_cpu_by_default(small_dir, tmp_path):
     assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
 
 
+def _sampled_across_an_update(sample, update, took: float) -> list:
+    """`sample()` in a thread and `update()` a quarter of the way into it (`took`: the seconds the
+    same generation takes alone): what `sample()` returned."""
+    import threading
+
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(got=sample()))
+    thread.start()
+    time.sleep(took * 0.25)
+    update()
+    thread.join(timeout=120)
+    return out["got"]
+
+
 def test_the_server_labels_every_token_with_the_weights_that_sampled_it(server, sync_dir, small_dir):
     """Partial rollouts on vLLM: an update reaches a generation in flight (vLLM's pause with
     mode=keep, reload, version label, resume), and the client learns from vLLM's weight-version
     spans which tokens each version sampled: the tokens labelled with the old version are exactly
     the old model's samples (their log-probs are its own), the later ones are not."""
-    import threading
 
     from transformers import AutoTokenizer
 
@@ -744,14 +757,13 @@ def test_the_server_labels_every_token_with_the_weights_that_sampled_it(server, 
     with torch.no_grad():
         for p in new.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(g=client.sample(prompt, params, seed=0, prompt_seeds=[6])[0]))
-    thread.start()
-    time.sleep(took * 0.25)  # a quarter of the way into the generation
-    client.load_state(weights_for_engine(new), version=4)
-    thread.join(timeout=120)
     mixed = 0
-    for s in out["g"]:
+    spanning = _sampled_across_an_update(
+        lambda: client.sample(prompt, params, seed=0, prompt_seeds=[6])[0],
+        lambda: client.load_state(weights_for_engine(new), version=4),
+        took,
+    )
+    for s in spanning:
         v = s.versions
         assert len(v) == len(s.token_ids) and v == sorted(v) and set(v) <= {3, 4}
         k = v.count(3)  # tokens [0, k) by version 3, [k, n) by version 4
@@ -908,7 +920,6 @@ def test_a_lora_run_on_a_vllm_server_has_partial_rollouts(lora_server):
     labelled, resumed): the tokens labelled with the old version are the old adapter's samples, the
     later ones the new adapter's (their log-probs are its own, over the whole sequence), and so is
     every token of a request made after the update."""
-    import threading
 
     from transformers import AutoTokenizer
 
@@ -931,14 +942,13 @@ def test_a_lora_run_on_a_vllm_server_has_partial_rollouts(lora_server):
     took = time.perf_counter() - start
     assert all(s.versions == [1] * 200 for s in alone)
     assert alone[0].logprobs == pytest.approx(_trainer_logps(old, prompt, alone[0].token_ids, params), abs=1e-3)
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(g=client.sample([prompt], params, seed=0, prompt_seeds=[3])[0]))
-    thread.start()
-    time.sleep(took * 0.25)  # a quarter of the way into the generation
-    client.load_state(adapter_update(new), version=2)
-    thread.join(timeout=120)
     mixed = 0
-    for s in out["g"]:
+    spanning = _sampled_across_an_update(
+        lambda: client.sample([prompt], params, seed=0, prompt_seeds=[3])[0],
+        lambda: client.load_state(adapter_update(new), version=2),
+        took,
+    )
+    for s in spanning:
         k = s.versions.count(1)  # tokens [0, k) by version 1, [k, n) by version 2
         assert s.versions == [1] * k + [2] * (len(s.token_ids) - k)
         assert s.logprobs[:k] == pytest.approx(_trainer_logps(old, prompt, s.token_ids, params)[:k], abs=1e-3)

@@ -607,9 +607,9 @@ class VLLMServer:
         try:
             update.save_peft(directory)
             with self._paused():
+                link = self._point_lora_link(directory)
                 if first:
                     self._reload(checkpoint_tensors(self.model_path, list(self.expected)))
-                    link = self._point_lora_link(directory)
                     held = self._lora_ids()
                     self._request(LORA_ROUTE, {"lora_name": self._adapter_name(), "lora_path": str(link)})
                     new = self._lora_ids() - held
@@ -621,7 +621,6 @@ class VLLMServer:
                         )
                     self._lora_id = new.pop()
                 else:
-                    self._point_lora_link(directory)
                     kwargs = {"lora_int_id": self._lora_id, "lora_path": str(directory)}
                     self._request("/collective_rpc", {"method": RELOAD_LORA, "kwargs": kwargs})
         except BaseException:

@@ -31,7 +31,7 @@ RELOAD = "alignkit_reload_weights"
 # read in place under that id (partial rollouts for LoRA runs); served with --max-lora-rank only
 LORA_IDS, RELOAD_LORA = "alignkit_lora_ids", "alignkit_reload_lora"
 LOGPROBS_ROUTE = "/alignkit/logprobs"  # answered by the gate: {"logprobs": "raw" | "processed", "lora_rank": r}
-LORA_ROUTE, UNLOAD_LORA_ROUTE = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+LORA_ROUTE = "/v1/load_lora_adapter"
 ROUTES = {
     ("GET", "/v1/models"),
     ("POST", "/v1/completions"),
@@ -104,8 +104,8 @@ def lora_allowed(body: bytes, sync_dir: str) -> str | None:
         req = json.loads(body)
     except ValueError:
         return "the body is not JSON"
-    if not isinstance(req, dict) or set(req) - {"lora_name", "lora_path", "load_inplace"}:
-        return "only lora_name, lora_path and load_inplace are accepted"
+    if not isinstance(req, dict) or set(req) - {"lora_name", "lora_path"}:
+        return "only lora_name and lora_path are accepted"
     if not isinstance(req.get("lora_name"), str) or not isinstance(req.get("lora_path"), str):
         return "lora_name and lora_path must be strings"
     return _inside(req["lora_path"], sync_dir)
@@ -122,8 +122,10 @@ class Guard:
         nccl = os.environ.get("ALIGNKIT_SERVE_TRANSPORT", "directory") == "nccl"
         self.routes = ROUTES | NCCL_ROUTES if nccl else ROUTES
         self.lora_rank = int(os.environ.get("ALIGNKIT_SERVE_LORA_RANK") or 0) or None
-        if self.lora_rank:  # a LoRA run's adapters, loaded (in place) only from inside the sync directory
-            self.routes = self.routes | {("POST", LORA_ROUTE), ("POST", UNLOAD_LORA_ROUTE)}
+        if (
+            self.lora_rank
+        ):  # a LoRA run's adapter, loaded once from inside the sync directory (new versions: RELOAD_LORA)
+            self.routes = self.routes | {("POST", LORA_ROUTE)}
 
     def _authorized(self, scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
