@@ -193,3 +193,31 @@ def test_eval_needs_something_to_do(tiny_model_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         run_eval(EvalConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "e")))
+
+
+def test_a_rewards_length_bias_is_measured_against_the_whole_reply(tiny_model_dir, tmp_path):
+    """A reward reads whole replies, so its length bias is taken against their uncut lengths: a
+    reward that is a reply's word count (one token a word in the tiny vocabulary, plus the same end
+    tokens on every reply) correlates with them at exactly 1. Measured against lengths cut to
+    --max-length 16, every reply longer than the room left would sit at the cap (r 0.66 here)."""
+    from conftest import write_jsonl
+
+    rows = [
+        {"prompt": "what is 2 plus 2 ?", "chosen": " ".join(["the"] * c), "rejected": " ".join(["sorry"] * r)}
+        for c, r in [(2, 5), (30, 3), (4, 40), (25, 60), (7, 1), (50, 9)]
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    words = tmp_path / "words.py"
+    words.write_text(
+        "def count(prompts, completions, **columns):\n    return [float(len(c.split())) for c in completions]\n"
+    )
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(tiny_model_dir), "--data", str(data), "--reward", f"{words}:count"]
+    assert main([*args, "--max-length", "16", "--output-dir", str(out), "--no-progress", "--no-report"]) == 0
+    bias = json.loads((out / "metrics.json").read_text())["length_bias"]
+    assert bias["reward"] == "reward_model"
+    assert bias["corr_reward_length"] == pytest.approx(1.0, abs=1e-9)
+    assert bias["corr_margin_length_diff"] == pytest.approx(1.0, abs=1e-9)
+    # chosen longer in pairs 2, 5, 6 (each ranked right by a reward that counts words), shorter in 1, 3, 4
+    assert bias["accuracy_chosen_longer"]["n"] == 3 and bias["accuracy_chosen_longer"]["value"] == 1.0
+    assert bias["accuracy_chosen_shorter"]["n"] == 3 and bias["accuracy_chosen_shorter"]["value"] == 0.0
