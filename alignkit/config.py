@@ -320,11 +320,13 @@ class RewardConfig:
     disentangle: Optional[Literal["length"]] = None
     """ODIN (arXiv 2402.07319): train a `quality` and a `length` head on the trunk, their sum fitted to the preferences, the length head pushed to correlate with response length and the quality head not to; the quality head alone is the reward at use time (docs/reward-hacking.md)."""
     length_coef: float = 1.0
-    """ODIN: weight of |corr(quality head, length)| - sign x corr(length head, length) over each micro-batch's replies, or every training reply when only the head trains (the sign: `length_sign`)."""
+    """ODIN: weight of |corr(quality head, length)| (or its square: `correlation_penalty`) - sign x corr(length head, length) over each micro-batch's replies, or every training reply when only the head trains (the sign: `length_sign`)."""
     orthogonal_coef: float = 1.0
     """ODIN: weight of |w_quality . w_length|, the overlap of the two heads' weight vectors."""
     length_sign: Literal["auto", "positive", "negative"] = "auto"
     """ODIN: the sign of the correlation with length the length head is pushed to: `positive` is the paper's (longer replies preferred), `negative` for data that prefers shorter ones, `auto` the one the training pairs show (the chosen reply longer in most pairs whose lengths differ: positive)."""
+    correlation_penalty: Literal["auto", "absolute", "squared"] = "auto"
+    """ODIN: how the quality head's correlation with length is penalised: `absolute` |corr| (the paper's), `squared` corr^2 (smooth at zero, so Adam's steps for the preferences do not drown in its sign flips), `auto` squared when only the head trains (the correlations are exact there) and absolute otherwise (docs/reward-hacking.md)."""
 
     step_separator: str = "\n"
     """recipe prm: what separates the steps of a reply (a `completion` is split at it; `steps` are joined with it); saved with the model, which scores each step at its last token."""
@@ -820,10 +822,11 @@ def validate(cfg: RunConfig) -> None:
             f"`reward.disentangle: {rw.disentangle}` splits one reward into a quality and a length head; it "
             f"cannot be combined with several reward.objectives ({rw.objectives}). Use one of them."
         )
-    if not rw.disentangle and (rw.length_coef != 1.0 or rw.orthogonal_coef != 1.0 or rw.length_sign != "auto"):
+    odin_keys = (rw.length_coef, rw.orthogonal_coef, rw.length_sign, rw.correlation_penalty)
+    if not rw.disentangle and odin_keys != (1.0, 1.0, "auto", "auto"):
         raise ConfigError(
-            "`reward.length_coef`, `reward.orthogonal_coef` and `reward.length_sign` set ODIN's terms and have no "
-            "effect without `reward.disentangle: length`; set it, or remove them."
+            "`reward.length_coef`, `reward.orthogonal_coef`, `reward.length_sign` and `reward.correlation_penalty` "
+            "set ODIN's terms and have no effect without `reward.disentangle: length`; set it, or remove them."
         )
     if rw.length_coef < 0 or rw.orthogonal_coef < 0:
         raise ConfigError(

@@ -50,6 +50,7 @@ def cache_key(fingerprint: dict, items: list, precision: str) -> str:
     for it in items:  # every field of a tokenized item (ids, masks, index, pixels) decides its log-probs
         vision = getattr(it, "vision", None)
         fields = dataclasses.asdict(it if vision is None else dataclasses.replace(it, vision=None))
+        fields.pop("uncut", None)  # the replies' lengths before the cut: not what the model reads
         h.update(json.dumps(fields, sort_keys=True).encode())
         for name, tensor in sorted(vision.tensors.items()) if vision is not None else ():
             h.update(name.encode())

@@ -28,6 +28,9 @@ def test_odin_terms_match_a_float64_formula():
     assert float(term) == pytest.approx(0.7 * (abs(rho_q) - rho_l) + 0.3 * ortho, abs=1e-9)  # the paper's
     other, _ = odin_terms(q, ln, lengths, wq, wl, length_coef=0.7, orthogonal_coef=0.3, length_sign=-1.0)
     assert float(other) == pytest.approx(0.7 * (abs(rho_q) + rho_l) + 0.3 * ortho, abs=1e-9)
+    squared, _ = odin_terms(q, ln, lengths, wq, wl, length_coef=0.7, orthogonal_coef=0.3, squared=True)
+    assert float(squared) == pytest.approx(0.7 * (rho_q**2 - rho_l) + 0.3 * ortho, abs=1e-9)
+    assert abs(rho_q) > 0.1  # so the two differ
     assert float(metrics["odin/quality_length_corr"]) == pytest.approx(rho_q, abs=1e-9)
     assert float(metrics["odin/orthogonality"]) == pytest.approx(2.5)
     assert float(pearson(torch.ones(4), torch.arange(4.0))) == 0.0  # a constant has no correlation
@@ -149,7 +152,7 @@ def test_disentangle_settings_that_cannot_work(tiny_model_dir, pairs, tmp_path):
     base = base_overrides(tiny_model_dir, pairs, tmp_path / "r", tmp_path / "c") + ["recipe=reward"]
     with pytest.raises(ConfigError, match="several reward.objectives"):
         load_config(None, base + ["reward.disentangle=length", "reward.objectives=[helpful, harmless]"])
-    for key in ("reward.length_coef=2.0", "reward.length_sign=positive"):
+    for key in ("reward.length_coef=2.0", "reward.length_sign=positive", "reward.correlation_penalty=squared"):
         with pytest.raises(ConfigError, match="no effect without `reward.disentangle: length`"):
             load_config(None, base + [key])
     with pytest.raises(ConfigError, match="recipe dpo does not read"):
@@ -215,6 +218,7 @@ def test_head_only_odin_takes_its_correlations_over_every_training_reply(tiny_mo
     (note,) = [line for line in capsys.readouterr().out.splitlines() if "correlation" in line]
     n = len(s.data.train)
     assert f"over all {2 * n} training replies" in note and "micro-batch's 16" not in note
+    assert "penalised squared (reward.correlation_penalty=auto)" in note and s.recipe.squared
     recipe, head = s.recipe, reward_trunk_and_head(s.model)[1]
     torch.nn.init.normal_(head.weight)  # a head whose rewards vary with the features
     batch = recipe.collate(s.data.train[:4])
@@ -227,3 +231,62 @@ def test_head_only_odin_takes_its_correlations_over_every_training_reply(tiny_mo
     expected = float(pearson(every, lengths))
     assert float(metrics["odin/quality_length_corr"]) == pytest.approx(expected, abs=1e-5)
     assert abs(float(pearson(few, lengths[[0, 1, 2, 3, n, n + 1, n + 2, n + 3]])) - expected) > 1e-3
+
+
+def test_odin_correlates_with_the_replies_whole_lengths(tiny_model_dir, tmp_path):
+    """Replies longer than data.max_length leaves room for are cut, but ODIN's lengths are the
+    whole replies' (what the reward model reads when it is used, and what `alignkit eval` measures
+    its bias against): cut ones would put every long reply at the same length."""
+    from conftest import write_jsonl
+
+    from alignkit.data.reward import load_reward_examples
+    from alignkit.data.splits import load_examples
+    from alignkit.data.tokenize import tokenize_pairs
+    from alignkit.train.session import setup
+
+    rows = [
+        {"prompt": "what is 2 plus 2 ?", "chosen": " ".join(["the"] * c), "rejected": " ".join(["sorry"] * r)}
+        for c, r in [(3, 30), (40, 2), (25, 60), (5, 9), (50, 1), (2, 4)]
+    ]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    base = base_overrides(tiny_model_dir, data, tmp_path / "r", tmp_path / "c")
+    extra = ["recipe=reward", "reward.disentangle=length", "data.max_length=24", "data.eval_fraction=0"]
+    cfg = load_config(None, base + extra)
+    s = setup(cfg, progress=False)
+    assert max(len(it.chosen_ids) for it in s.data.train) < 24 and any(it.truncated for it in s.data.train)
+    examples = load_examples(cfg.data, cfg.seed, load_reward_examples)[0]  # the recipe's order
+    whole, _ = tokenize_pairs([e.pair for e in examples], s.recipe.tokenizer, 10**6)
+    lengths = s.recipe.lengths["train"]
+    for it in s.data.train:
+        ref = whole[it.index]
+        assert lengths[it.index].tolist() == [len(ref.chosen_ids), len(ref.rejected_ids)]
+    assert lengths.max() > 50  # the 60-word reply, at its length
+
+
+@pytest.mark.parametrize(
+    "extra, squared",
+    [
+        (["model.freeze_layers=2"], True),  # head only: exact correlations, squared under auto
+        (["model.freeze_layers=2", "reward.correlation_penalty=absolute"], False),
+        ([], False),  # every weight trains: micro-batch estimates, the paper's |rho| under auto
+        (["reward.correlation_penalty=squared"], True),
+    ],
+)
+def test_the_correlation_penalty_follows_where_the_correlations_come_from(
+    tiny_model_dir, pairs, tmp_path, extra, squared
+):
+    from alignkit.train.session import setup
+
+    base = base_overrides(tiny_model_dir, pairs, tmp_path / "r", tmp_path / "c")
+    s = setup(load_config(None, base + ["recipe=reward", "reward.disentangle=length", *extra]), progress=False)
+    assert s.recipe.squared is squared
+    batch = s.recipe.collate(s.data.train[:4])
+    with torch.no_grad():
+        loss, metrics = s.recipe.loss(s.model, batch, "train")
+        s.recipe.squared = not squared
+        other, _ = s.recipe.loss(s.model, batch, "train")
+    rho = float(metrics["odin/quality_length_corr"])
+    assert 0.01 < abs(rho) < 0.99
+    # the loss counts the term once per example of the batch: the two penalties differ by b (rho^2 - |rho|)
+    diff = batch.num_examples * (rho**2 - abs(rho)) * (1 if squared else -1)
+    assert float(loss - other) == pytest.approx(diff, rel=1e-4)

@@ -100,6 +100,7 @@ def tokenize_masked_pairs(examples: list, tokenizer, max_length: int, max_prompt
             prompt, pixels = vision.encode_prompt(p_text, ex.prompt, ex.source)
         chosen, c_mask = _encode_masked(tokenizer, c_text, ex.chosen[-1]["content"], ex.chosen_spans)
         rejected, r_mask = _encode_masked(tokenizer, r_text, ex.rejected[-1]["content"], ex.rejected_spans)
+        uncut = (len(chosen), len(rejected))
         prompt, (chosen, rejected), cut = fit(
             prompt, [chosen, rejected], max_length, max_prompt_length, pixels, ex.source
         )
@@ -114,6 +115,7 @@ def tokenize_masked_pairs(examples: list, tokenizer, max_length: int, max_prompt
                 chosen_mask=c_mask[: len(chosen)],
                 rejected_mask=r_mask[: len(rejected)],
                 vision=pixels,
+                uncut=uncut,
             )
         )
     return out, stats

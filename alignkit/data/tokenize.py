@@ -26,6 +26,13 @@ class TokenizedPair:
     chosen_mask: list | None = None  # per completion token: scored? (None: all; Mask-DPO sets it)
     rejected_mask: list | None = None
     vision: VisionInputs | None = None  # the prompt's pixel inputs (vision-language models)
+    uncut: tuple | None = None  # (chosen, rejected) reply lengths before any cut; None: never cut
+
+    @property
+    def reply_lengths(self) -> tuple:
+        """The replies' lengths in tokens before `max_length` cut them: what a reward model reads
+        (it scores whole replies) and what ODIN decorrelates its quality head from."""
+        return self.uncut if self.uncut is not None else (len(self.chosen_ids), len(self.rejected_ids))
 
 
 @dataclass
@@ -187,11 +194,12 @@ def tokenize_pairs(examples: list, tokenizer, max_length: int, max_prompt_length
         pixels = None
         if vision is not None:  # the processor expands each image placeholder to the image's tokens
             prompt, pixels = vision.encode_prompt(p_text, ex.prompt, ex.source)
+        uncut = (len(chosen), len(rejected))
         prompt, (chosen, rejected), cut = fit(
             prompt, [chosen, rejected], max_length, max_prompt_length, pixels, ex.source
         )
         stats.count(ex.source, cut)
-        out.append(TokenizedPair(prompt, chosen, rejected, index=i, truncated=cut, vision=pixels))
+        out.append(TokenizedPair(prompt, chosen, rejected, index=i, truncated=cut, vision=pixels, uncut=uncut))
     return out, stats
 
 

@@ -38,7 +38,7 @@ from alignkit.data.batching import TokenBatch, collate_pairs
 from alignkit.data.formats import load_preference_examples
 from alignkit.data.heldout import FILENAME as HELDOUT_FILE
 from alignkit.data.heldout import read_heldout, select_sources
-from alignkit.data.tokenize import encode_text, render_texts, tokenize_pairs
+from alignkit.data.tokenize import tokenize_pairs
 from alignkit.data.vision import has_images, prompt_images, text_of, thumbnail_uri
 from alignkit.errors import ConfigError
 from alignkit.eval import metrics as M
@@ -220,25 +220,13 @@ def preference_section(cfg: EvalConfig, tokenizer, policy, reference, examples: 
         sr = _score(cfg, prompts, [e.rejected[-1]["content"] for e in examples])
         out["reward_accuracy"] = M.ranking_accuracy(sc, sr)
         bias_rewards, kind = (torch.tensor(sc), torch.tensor(sr)), "reward_model"
-        len_c, len_r = reply_lengths(examples, tokenizer)  # what the rewards read: whole replies
+        # a reward reads whole replies, where the policy's tables read them cut to max_length: its
+        # bias is measured against the lengths it read (cut ones would put long replies at the cap)
+        uncut = torch.tensor([it.reply_lengths for it in items], dtype=torch.float64).reshape(-1, 2)
+        len_c, len_r = uncut[:, 0], uncut[:, 1]
     if bias_rewards is not None:
         bias = dict(M.length_bias(bias_rewards[0], bias_rewards[1], len_c, len_r), reward=kind)
     return out, bias, {"items": items, "ref": ref, "examples": examples}
-
-
-def reply_lengths(examples: list, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N] chosen and [N] rejected reply lengths in tokens, uncut. A reward scores the whole reply,
-    while the policy's tables read it cut to `max_length`: the length a reward's bias is measured
-    against must be the length it read (cut lengths would put every long reply at the cap)."""
-    out = []
-    for e in examples:
-        row = []
-        for reply in (e.chosen, e.rejected):
-            p_text, c_text = render_texts(tokenizer, e.prompt, reply, e.plain_text)
-            row.append(len(encode_text(tokenizer, p_text, c_text)[1]))
-        out.append(row)
-    lengths = torch.tensor(out, dtype=torch.float64).reshape(-1, 2)
-    return lengths[:, 0], lengths[:, 1]
 
 
 def _score(cfg: EvalConfig, prompts: list, completions: list) -> list[float]:

@@ -64,6 +64,7 @@ def odin_terms(
     length_coef: float = 1.0,
     orthogonal_coef: float = 1.0,
     length_sign: float = 1.0,
+    squared: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """ODIN's disentangling terms (Chen et al., ODIN: Disentangled Reward Mitigates Hacking in RLHF,
     arXiv 2402.07319, Section 5), added to the Bradley-Terry loss of the summed reward
@@ -71,7 +72,8 @@ def odin_terms(
 
         L_disentangle = length_coef * (|rho(r_Q, len)| - s rho(r_L, len)) + orthogonal_coef * |w_Q . w_L|
 
-    with s = `length_sign`, +1 in the paper.
+    with s = `length_sign`, +1 in the paper; with `squared`, rho(r_Q, len)^2 in place of
+    |rho(r_Q, len)|.
 
     rho: the Pearson correlation over the batch's responses (chosen and rejected alike) of each
     head's reward with the response length in tokens; w_Q, w_L: the two linear heads' weight
@@ -80,8 +82,20 @@ def odin_terms(
     reward.
 
     Inputs: quality, length_head, lengths [N] (N = 2B responses), w_quality, w_length [H].
-    Returns (the scalar term, metrics). Departures: one coefficient for both correlation terms, as
-    the paper's experiments set them equal; and the sign s. The paper's s = +1 assumes the
+    Returns (the scalar term, metrics). Departures: one coefficient for both correlation terms (as
+    the paper's experiments set them equal), the sign s, and the square where asked for.
+
+    The square has the same minimum, at zero, and a gradient that shrinks on the way there:
+    |rho|'s keeps its full size and flips its sign each time rho crosses zero, and Adam's second
+    moment fills with that chatter, which shrinks the steps the Bradley-Terry loss gets. It pays
+    where the correlations are exact (a head trained alone on cached trunk outputs, over every
+    training reply): on HH-RLHF harmless the quality head's held-out accuracy rose from 0.586 to
+    0.624 over five seeds (docs/benchmarks.md). Over a micro-batch's noisy estimates the paper's
+    |rho| did better in the one case measured (bench/length_hacking.py's synthetic task, every weight
+    trained: the policy's replies held at 9 words against 24), so the recipe squares only when the
+    head trains alone (`reward.correlation_penalty: auto`).
+
+    The paper's s = +1 assumes the
     preferences favour longer replies (its data does); where they favour shorter ones (HH-RLHF
     harmless: refusals are short) a length head that must grow with length cannot carry that, and
     the Bradley-Terry loss pushes it into the quality head instead (measured: docs/benchmarks.md).
@@ -94,7 +108,8 @@ def odin_terms(
     lengths = lengths.to(quality.dtype)
     rho_q, rho_l = pearson(quality, lengths), pearson(length_head, lengths)
     ortho = (w_quality * w_length).sum().abs()
-    term = length_coef * (rho_q.abs() - length_sign * rho_l) + orthogonal_coef * ortho
+    penalty = rho_q.square() if squared else rho_q.abs()
+    term = length_coef * (penalty - length_sign * rho_l) + orthogonal_coef * ortho
     metrics = {
         "odin/quality_length_corr": rho_q.detach().reshape(1),
         "odin/length_head_corr": rho_l.detach().reshape(1),

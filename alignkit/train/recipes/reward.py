@@ -46,6 +46,7 @@ class RewardRecipe(OfflineRecipe):
         self.reward_names = list(cfg.reward.objectives)
         self.odin = cfg.reward.disentangle == "length"  # two heads: quality and length (ODIN)
         self.length_sign = None  # ODIN: +1 or -1, from the training pairs (`_choose_length_sign`)
+        self.squared = False  # ODIN: the quality head's correlation penalised squared (`_correlation_note`)
         self.labels, self.margins, self.lengths, self.probs = {}, {}, {}, {}  # split -> tensors by example index
         self.steps_done, self.total_steps = 0, 1  # the share of training done (`progress`, w2s_confidence)
         reads = {n for t in self.terms for n in t.spec.inputs}
@@ -85,8 +86,10 @@ class RewardRecipe(OfflineRecipe):
                     "(or w2s_confidence), or drop `prob` from the data."
                 )
             lengths = torch.zeros(max((it.index for it in items), default=-1) + 1, 2)
-            for it in items:  # reply lengths in tokens, what ODIN's length head is fitted to
-                lengths[it.index] = torch.tensor([len(it.chosen_ids), len(it.rejected_ids)], dtype=torch.float32)
+            for it in items:  # what ODIN's heads are correlated with: the replies' lengths in tokens, before
+                # data.max_length cut them (the model is used on whole replies, and `alignkit eval` measures
+                # a reward's length bias against them; a cut length puts every long reply at the cap)
+                lengths[it.index] = torch.tensor(it.reply_lengths, dtype=torch.float32)
             self.lengths[split] = lengths
             out.append(items)
             if split == "train":
@@ -215,11 +218,17 @@ class RewardRecipe(OfflineRecipe):
 
     def _correlation_note(self, head_only: bool, n_train: int) -> str | None:
         """Where ODIN's correlations come from: every training reply when only the head trains, a
-        micro-batch's replies otherwise (then a note when they are too few to estimate them)."""
+        micro-batch's replies otherwise (then a note when they are too few to estimate them); and
+        whether the quality head's is penalised squared (`reward.correlation_penalty`: `auto`
+        squares the exact ones, `losses.reward.odin_terms` says why)."""
+        setting = self.cfg.reward.correlation_penalty
+        self.squared = setting == "squared" or (setting == "auto" and head_only)
         if head_only:
             return (
                 f"reward.disentangle=length: only the head trains, so ODIN's correlations are taken over all "
-                f"{2 * n_train} training replies at every step (their trunk outputs are cached), not a micro-batch's"
+                f"{2 * n_train} training replies at every step (their trunk outputs are cached), not a micro-batch's; "
+                f"the quality head's is penalised {'squared' if self.squared else 'absolute'} "
+                f"(reward.correlation_penalty={setting})"
             )
         shares = self.ctx.dist.data_size  # the processes' micro-batches are gathered (`_disentangle`)
         n = 2 * self.cfg.train.batch_size * shares
@@ -277,6 +286,7 @@ class RewardRecipe(OfflineRecipe):
             length_coef=rw.length_coef,
             orthogonal_coef=rw.orthogonal_coef,
             length_sign=self.length_sign,
+            squared=self.squared,
         )
         quality = heads[:, 0]
         metrics["accuracy/quality"] = (labels[:, 0] * (quality[:b] - quality[b:]) > 0).float().detach()
