@@ -122,9 +122,8 @@ class Guard:
         nccl = os.environ.get("ALIGNKIT_SERVE_TRANSPORT", "directory") == "nccl"
         self.routes = ROUTES | NCCL_ROUTES if nccl else ROUTES
         self.lora_rank = int(os.environ.get("ALIGNKIT_SERVE_LORA_RANK") or 0) or None
-        if (
-            self.lora_rank
-        ):  # a LoRA run's adapter, loaded once from inside the sync directory (new versions: RELOAD_LORA)
+        # a LoRA run's adapter, loaded once from inside the sync directory (new versions: RELOAD_LORA)
+        if self.lora_rank:
             self.routes = self.routes | {("POST", LORA_ROUTE)}
 
     def _authorized(self, scope) -> bool:

@@ -46,7 +46,7 @@ class RewardRecipe(OfflineRecipe):
         self.reward_names = list(cfg.reward.objectives)
         self.odin = cfg.reward.disentangle == "length"  # two heads: quality and length (ODIN)
         self.length_sign = None  # ODIN: +1 or -1, from the training pairs (`_choose_length_sign`)
-        self.squared = False  # ODIN: the quality head's correlation penalised squared (`_correlation_note`)
+        self.squared = False  # ODIN: the quality head's correlation penalised squared (set in `setup`)
         self.labels, self.margins, self.lengths, self.probs = {}, {}, {}, {}  # split -> tensors by example index
         self.steps_done, self.total_steps = 0, 1  # the share of training done (`progress`, w2s_confidence)
         reads = {n for t in self.terms for n in t.spec.inputs}
@@ -114,6 +114,9 @@ class RewardRecipe(OfflineRecipe):
             base = model.get_base_model() if is_peft(model) else model
             base.config.alignkit_disentangle = "length"
         head_only = not is_peft(model) and self.cfg.model.freeze_layers >= len(transformer_blocks(model))
+        # `auto` squares the exact correlations of a head trained alone (`losses.reward.odin_terms` says why)
+        penalty = self.cfg.reward.correlation_penalty
+        self.squared = penalty == "squared" or (penalty == "auto" and head_only)
         odin_note = self._correlation_note(head_only, len(data.train)) if self.odin else None
         if not head_only:
             return data.replace(notes=[odin_note] if odin_note else [])
@@ -218,17 +221,14 @@ class RewardRecipe(OfflineRecipe):
 
     def _correlation_note(self, head_only: bool, n_train: int) -> str | None:
         """Where ODIN's correlations come from: every training reply when only the head trains, a
-        micro-batch's replies otherwise (then a note when they are too few to estimate them); and
-        whether the quality head's is penalised squared (`reward.correlation_penalty`: `auto`
-        squares the exact ones, `losses.reward.odin_terms` says why)."""
-        setting = self.cfg.reward.correlation_penalty
-        self.squared = setting == "squared" or (setting == "auto" and head_only)
+        micro-batch's replies otherwise (then a note when they are too few to estimate them); and,
+        for the head alone, how the quality head's correlation is penalised."""
         if head_only:
             return (
                 f"reward.disentangle=length: only the head trains, so ODIN's correlations are taken over all "
                 f"{2 * n_train} training replies at every step (their trunk outputs are cached), not a micro-batch's; "
                 f"the quality head's is penalised {'squared' if self.squared else 'absolute'} "
-                f"(reward.correlation_penalty={setting})"
+                f"(reward.correlation_penalty={self.cfg.reward.correlation_penalty})"
             )
         shares = self.ctx.dist.data_size  # the processes' micro-batches are gathered (`_disentangle`)
         n = 2 * self.cfg.train.batch_size * shares
