@@ -44,6 +44,12 @@ def _loftq_fits_part_of_the_error(text: str) -> None:  # NF4's relative weight e
     assert 0.03 < nf4 < 0.2 and 0.5 * nf4 < loftq < nf4, text
 
 
+def _length_free_on_the_training_replies(text: str) -> None:  # the constraint holds where it was imposed
+    free = float(re.search(rf"length-free probe: .*training replies ({NUM})", text).group(1))
+    plain = float(re.search(rf"\nprobe: .*training replies ({NUM})", text).group(1))
+    assert abs(free) < 1e-3 and abs(plain) > 0.05, text
+
+
 # script -> (its documented last line, packages it needs beyond alignkit's own, arguments, extra check)
 SCRIPTS = {
     "bench/async_rl.py": (
@@ -87,6 +93,13 @@ SCRIPTS = {
         [],
         [*OUT, "--loftq-rank", "2"],
         _loftq_fits_part_of_the_error,
+    ),
+    "bench/length_free_probe.py": (
+        rf"probe_acc={NUM} length_free_acc={NUM} probe_len_corr={NUM} length_free_len_corr={NUM} "
+        rf"cv_probe={NUM} cv_length_free={NUM} length_only_acc=({NUM}|nan) heldout_diff={NUM}",
+        [],
+        OUT,
+        _length_free_on_the_training_replies,
     ),
     "bench/reward_model_hh.py": (
         rf"plain_acc={NUM} odin_acc={NUM} plain_gap=({NUM}|nan) odin_gap=({NUM}|nan) "
