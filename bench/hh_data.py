@@ -37,6 +37,23 @@ def usable_rows(path: Path | None = None) -> tuple[list[tuple[int, dict]], list]
     return [(i, r) for i, r in enumerate(rows, start=1) if i in good], result.skipped
 
 
+def write_split(out: Path, train_rows: int, path: Path | None = None) -> tuple[Path, Path, int, int, list]:
+    """The usable rows 1..train_rows of the HH file (or `path`) into OUT/data/train.jsonl, the later
+    ones into OUT/data/heldout.jsonl; returns the two files, their row counts and the skipped
+    (location, reason)s."""
+    rows, skipped = usable_rows(path)
+    train = [r for i, r in rows if i <= train_rows]
+    held = [r for i, r in rows if i > train_rows]
+    out = Path(out) / "data"
+    return (
+        write_rows(out / "train.jsonl", train),
+        write_rows(out / "heldout.jsonl", held),
+        len(train),
+        len(held),
+        skipped,
+    )
+
+
 def write_rows(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

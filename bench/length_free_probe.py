@@ -107,9 +107,7 @@ def main() -> None:
 
     start = time.perf_counter()
     model = smoke.tiny_model_dir(out) if args.smoke else DEFAULT_MODEL
-    rows, skipped = hh_data.usable_rows(hh)
-    train_file = hh_data.write_rows(out / "data" / "train.jsonl", [r for i, r in rows if i <= args.train_rows])
-    held_file = hh_data.write_rows(out / "data" / "heldout.jsonl", [r for i, r in rows if i > args.train_rows])
+    train_file, held_file, _, _, skipped = hh_data.write_split(out, args.train_rows, hh)
     print(f"HH-RLHF harmless: {len(skipped)} malformed rows skipped; the reward recipe's trunk outputs:", flush=True)
     from transformers import AutoConfig
 
