@@ -12,7 +12,8 @@ uncorrelated with the training replies' whole lengths. A linear head's rewards w
 length in proportion to w.c, c the covariance of the features with length, so the constraint is
 w.c = 0: the fit runs in the complement of c. L2 strength is chosen by k-fold cross-validation
 inside the training pairs (the held-out pairs are read once, by the chosen models). Also the
-accuracy of length alone (the shorter or the longer reply, whichever the training pairs prefer).
+accuracy of length alone (the shorter or the longer reply, whichever the training pairs prefer),
+and with `--resplits N` the same comparison on N random train / held-out splits of all the pairs.
 
 Data: as bench/reward_model_hh.py (its first 1000 rows train, the rest are held out). Last line:
 `probe_acc=<a> length_free_acc=<b> probe_len_corr=<c> length_free_len_corr=<d> cv_probe=<e>
@@ -89,11 +90,52 @@ def cross_validate(feats: torch.Tensor, lengths: torch.Tensor, folds: int, lengt
     return scores
 
 
+def standardized(f_tr: torch.Tensor, f_ho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both scaled by the training replies' per-feature mean and spread, so that one L2 strength
+    suits every feature."""
+    x = f_tr.reshape(-1, f_tr.shape[-1])
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    return (f_tr - mu) / sd, (f_ho - mu) / sd
+
+
+def best_heads(f_tr: torch.Tensor, l_tr: torch.Tensor, folds: int) -> dict:
+    """{"probe": ..., "length-free probe": ...}, each (weights, chosen L2, {L2: cross-validation
+    accuracy}): the free and the length-free linear head, L2 chosen inside the training pairs."""
+    heads = {}
+    for name, length_free in (("probe", False), ("length-free probe", True)):
+        scores = cross_validate(f_tr, l_tr, folds, length_free)
+        l2 = max(scores, key=scores.get)
+        away = length_direction(f_tr, l_tr) if length_free else None
+        heads[name] = (fit(f_tr[:, 0] - f_tr[:, 1], l2, away), l2, scores)
+    return heads
+
+
+def resplit_costs(feats: torch.Tensor, lengths: torch.Tensor, n_train: int, folds: int, splits: int) -> list:
+    """The length-free head's held-out accuracy less the free one's on `splits` random train /
+    held-out splits of all the pairs (n_train of them train): how much of the result on the one
+    fixed split is the split."""
+    costs = []
+    for seed in range(splits):
+        perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
+        tr, ho = perm[:n_train], perm[n_train:]
+        f_tr, f_ho = standardized(feats[tr], feats[ho])
+        heads = best_heads(f_tr, lengths[tr], folds)
+        costs.append(accuracy(heads["length-free probe"][0], f_ho) - accuracy(heads["probe"][0], f_ho))
+        print(f"split {seed}: length-free less free {costs[-1]:+.3f}", flush=True)
+    return costs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-rows", type=int, default=1000, help="rows 1..N train, the rest are held out")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument(
+        "--resplits",
+        type=int,
+        default=0,
+        help="also fit both heads on this many random train / held-out splits of all the pairs (same sizes)",
+    )
     ap.add_argument("--out", default="runs/bench_length_free_probe")
     args = smoke.parse_args(ap, train_rows=40, max_length=64)
     out = ROOT / args.out
@@ -141,9 +183,8 @@ def main() -> None:
             flip[:, None], lengths.flip(1), lengths
         )
 
-    (f_tr, l_tr), (f_ho, l_ho) = split("train", session.data.train), split("eval", session.data.eval)
-    mu, sd = f_tr.reshape(-1, f_tr.shape[-1]).mean(0), f_tr.reshape(-1, f_tr.shape[-1]).std(0) + 1e-6
-    f_tr, f_ho = (f_tr - mu) / sd, (f_ho - mu) / sd  # one L2 strength suits every feature
+    (raw_tr, l_tr), (raw_ho, l_ho) = split("train", session.data.train), split("eval", session.data.eval)
+    f_tr, f_ho = standardized(raw_tr, raw_ho)
     n_ho = len(f_ho)
 
     shorter_wins = float((l_tr[:, 0] < l_tr[:, 1]).double().sum()) >= float((l_tr[:, 0] > l_tr[:, 1]).double().sum())
@@ -154,11 +195,7 @@ def main() -> None:
     )
 
     results = {}
-    for name, length_free in (("probe", False), ("length-free probe", True)):
-        scores = cross_validate(f_tr, l_tr, args.folds, length_free)
-        l2 = max(scores, key=scores.get)
-        away = length_direction(f_tr, l_tr) if length_free else None
-        w = fit(f_tr[:, 0] - f_tr[:, 1], l2, away)
+    for name, (w, l2, scores) in best_heads(f_tr, l_tr, args.folds).items():
         acc = accuracy(w, f_ho)
         lo, hi = wilson_interval(acc * n_ho, n_ho)
         rewards_tr = f_tr.reshape(-1, f_tr.shape[-1]) @ w
@@ -185,6 +222,15 @@ def main() -> None:
         f"length-free less free, held-out: {diff:+.3f} [{d_lo:+.3f}, {d_hi:+.3f}] (95% paired bootstrap); "
         f"cross-validation: {q[4] - p[4]:+.3f}"
     )
+    if args.resplits:
+        feats, lengths = torch.cat([raw_tr, raw_ho]), torch.cat([l_tr, l_ho])
+        costs = torch.tensor(resplit_costs(feats, lengths, len(raw_tr), args.folds, args.resplits))
+        print(
+            f"length-free less free over {args.resplits} random splits ({len(raw_tr)} train, {n_ho} held out): "
+            f"mean {float(costs.mean()):+.3f}, sd {float(costs.std()) if len(costs) > 1 else 0.0:.3f}, "
+            f"range {float(costs.min()):+.3f}..{float(costs.max()):+.3f}, within 0.03 in "
+            f"{int((costs >= -0.03).sum())} of {args.resplits}"
+        )
     print(f"total {(time.perf_counter() - start) / 60:.1f} min")
     print(
         f"probe_acc={p[0]:.3f} length_free_acc={q[0]:.3f} probe_len_corr={p[3]:.3f} length_free_len_corr={q[3]:.3f} "

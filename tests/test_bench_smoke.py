@@ -48,6 +48,9 @@ def _length_free_on_the_training_replies(text: str) -> None:  # the constraint h
     free = float(re.search(rf"length-free probe: .*training replies ({NUM})", text).group(1))
     plain = float(re.search(rf"\nprobe: .*training replies ({NUM})", text).group(1))
     assert abs(free) < 1e-3 and abs(plain) > 0.05, text
+    assert re.search(
+        rf"over 2 random splits .* mean {NUM}, sd {NUM}, range {NUM}\.\.{NUM}, within 0.03 in \d of 2", text
+    )
 
 
 # script -> (its documented last line, packages it needs beyond alignkit's own, arguments, extra check)
@@ -98,7 +101,7 @@ SCRIPTS = {
         rf"probe_acc={NUM} length_free_acc={NUM} probe_len_corr={NUM} length_free_len_corr={NUM} "
         rf"cv_probe={NUM} cv_length_free={NUM} length_only_acc=({NUM}|nan) heldout_diff={NUM}",
         [],
-        OUT,
+        [*OUT, "--resplits", "2"],
         _length_free_on_the_training_replies,
     ),
     "bench/reward_model_hh.py": (
