@@ -219,18 +219,21 @@ def test_w2s_on_yes_no_prompts_with_lora(tmp_path, capsys):
     strong = save_tiny_model_dir(tmp_path / "strong", seed=2, extra_words=("zeta", "omega", "Yes", "No"))
     rng = random.Random(0)
     rows = []
-    for _ in range(60):
+    for _ in range(120):
         w = rng.choice(["zeta", "omega"])
         rows.append({"prompt": f"tell me about the {rng.choice(['cat', 'dog', 'sky'])} {w} ?", "label": w == "zeta"})
     rows.append({"prompt": "is this labelled ?", "label": "maybe"})
     bad = write_jsonl(tmp_path / "bad.jsonl", rows)
     out = tmp_path / "w2s"
     argv = ["w2s", "--weak", str(weak), "--strong", str(strong), "--output-dir", str(out), "--no-progress"]
-    argv += ["--set", "train.max_steps=30", "--set", "train.batch_size=8", "--set", "train.learning_rate=3e-2"]
+    # The reward is an interaction (the prompt's word decides which reply wins), which a random-init
+    # trunk learns only with enough steps: 30 steps at 3e-2 on 24 pairs learned it on one CPU and not
+    # on another (float rounding); these settings learned it at each of 10 seeds and at 3e-3 and 1e-2.
+    argv += ["--set", "train.max_steps=120", "--set", "train.batch_size=8", "--set", "train.learning_rate=5e-3"]
     argv += ["--set", "train.report_to=[]", "--set", f"cache_dir={tmp_path / 'cache'}"]
     argv += ["--strong-set", "lora.enabled=true", "--strong-set", "lora.r=8"]
     assert main([*argv, "--data", str(bad)]) != 0
-    assert re.search(r"bad.jsonl:61: `label` must be true/false", capsys.readouterr().err)
+    assert re.search(r"bad.jsonl:121: `label` must be true/false", capsys.readouterr().err)
     data = write_jsonl(tmp_path / "yes_no.jsonl", rows[:-1])
     assert main([*argv, "--data", str(data)]) == 0
     s = json.loads((out / "summary.json").read_text())
