@@ -79,13 +79,11 @@ def accuracy(w: torch.Tensor, feats: torch.Tensor) -> float:
 def cross_validate(feats: torch.Tensor, lengths: torch.Tensor, folds: int, length_free: bool) -> dict:
     """{l2: mean accuracy on the held-back fold} over `folds` interleaved folds."""
     fold = torch.arange(len(feats)) % folds
+    trains = [fold != k for k in range(folds)]
+    aways = [length_direction(feats[tr], lengths[tr]) if length_free else None for tr in trains]
     scores = {}
     for l2 in L2_GRID:
-        accs = []
-        for k in range(folds):
-            tr = fold != k
-            away = length_direction(feats[tr], lengths[tr]) if length_free else None
-            accs.append(accuracy(fit(feats[tr, 0] - feats[tr, 1], l2, away), feats[fold == k]))
+        accs = [accuracy(fit(feats[tr, 0] - feats[tr, 1], l2, away), feats[~tr]) for tr, away in zip(trains, aways)]
         scores[l2] = sum(accs) / folds
     return scores
 
