@@ -9,7 +9,10 @@ The names below are imported when first used (PEP 562), so `import alignkit.erro
 imports from this package root (the version lives in `alignkit.version`).
 """
 
+from alignkit.quiet import install as _install_log_filters
 from alignkit.version import __version__  # noqa: F401
+
+_install_log_filters()  # torchao's import notes on a machine without CUDA (alignkit.quiet)
 
 _LAZY = {
     "RunConfig": "alignkit.config",

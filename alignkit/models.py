@@ -378,7 +378,8 @@ def apply_lora(model, cfg: LoraConfig, quantization: str | None = None, frozen_b
     """Wrap `model` with fresh LoRA adapters; only adapter weights (and a reward head) train; with
     `frozen_blocks` (`model.freeze_layers`), none in the bottom blocks. With `quantization` (nf4,
     int8), the frozen base's block linears are quantized first (QLoRA, see
-    `alignkit.quantization`)."""
+    `alignkit.quantization`), and the wrapped model's `quantization_report` says what that cost
+    (`quantization.describe`; the run's first lines and the model card show it)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -396,7 +397,8 @@ def apply_lora(model, cfg: LoraConfig, quantization: str | None = None, frozen_b
     )
     wrapped = get_peft_model(model, peft_cfg)
     if quantization:  # FSDP2 will split each weight over the processes torchrun started (WORLD_SIZE)
-        quantize_base(layers, quantization, shards=int(os.environ.get("WORLD_SIZE", "1")))
+        report = quantize_base(layers, quantization, shards=int(os.environ.get("WORLD_SIZE", "1")))
+        wrapped.quantization_report = report  # as a layer keeps its `base_fingerprint`: with what it describes
     return wrapped
 
 

@@ -12,9 +12,6 @@ in the paper's released code (`llm_int8_skip_modules=["lm_head"]`) and peft's `a
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import math
 import types
 
@@ -24,23 +21,19 @@ from alignkit.errors import ModelError
 
 NF4_BLOCK = 64  # weights per absmax block (the paper's 64)
 NF4_SCALER_BLOCK = 256  # absmax values per block of the second quantization (the paper's 256)
+# Below this many quantized weights a run is told what NF4 cost a small model (docs/fitting.md):
+# QLoRA's finding that NF4 matches 16-bit fine-tuning is for 7B-65B models
+SMALL = 10**9
 
 
 def _torchao():
-    """Import torchao, whose import logs one warning per CUDA kernel library a CPU build cannot
-    load (harmless: NF4 and int8 weight-only need none of them)."""
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Import torchao's quantization API (what its import logs on a CPU build: `alignkit.quiet`)."""
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            import torchao.quantization as tq
+        import torchao.quantization as tq
     except ImportError:
         raise ModelError(
             "model.quantization needs torchao: pip install 'alignkit[qlora]' (or pip install torchao --no-deps)."
         ) from None
-    finally:
-        logger.setLevel(level)
     return tq
 
 
@@ -84,13 +77,15 @@ def quantizable(blocks) -> list[tuple[str, torch.nn.Linear]]:
 
 def quantize_base(layers: list, scheme: str, shards: int = 1) -> dict:
     """Replace, in place, the weight of every (name, linear layer) of `layers` (`quantizable`) by its
-    frozen `scheme` (nf4 or int8) form; biases stay. Returns {"quantized": n, "kept": [names]}: a
-    layer whose shape cannot be split into whole blocks on `shards` processes keeps its weight.
+    frozen `scheme` (nf4 or int8) form; biases stay. Returns {"scheme", "quantized": n, "weights":
+    their count, "kept": [names], "relative_error"}: a layer whose shape cannot be split into whole
+    blocks on `shards` processes keeps its weight; the error is ||W - dequantized(Q(W))|| / ||W||
+    (Frobenius) over the quantized layers together, what the run's base lost (`describe`).
 
     Quantize after peft wrapped the layers (they are its `base_layer`s): peft then uses its plain
     LoRA layer, whose merge alignkit can run on the dequantized weight (`models.merged_copy`)."""
     tq = _torchao()
-    kept, n = [], 0
+    kept, n, weights, lost, norm = [], 0, 0, 0.0, 0.0
     for name, layer in layers:
         w = layer.weight.detach()
         original = weight_fingerprint(w)
@@ -109,13 +104,52 @@ def quantize_base(layers: list, scheme: str, shards: int = 1) -> dict:
         else:
             raise ModelError(f"model.quantization: unknown scheme {scheme!r}; use nf4 or int8.")
         layer.base_fingerprint = original
+        lost += _squared_distance(dequantized(layer.weight, w.dtype), w)
+        norm += float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2
+        weights += w.numel()
         n += 1
     if n == 0:
         raise ModelError(
             f"model.quantization={scheme}: no linear layer of the transformer blocks could be quantized "
             f"(blocks of {NF4_BLOCK} weights must tile each one); train with LoRA alone."
         )
-    return {"quantized": n, "kept": kept}
+    error = math.sqrt(lost / norm) if norm else 0.0
+    return {"scheme": scheme, "quantized": n, "weights": weights, "kept": kept, "relative_error": error}
+
+
+def _squared_distance(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> float:
+    """sum((a - b)^2) in float64, `rows` rows at a time: a 70B model's largest weight in float32 is
+    about 1 GB, and the error check should not need a few of those at once."""
+    total = 0.0
+    for i in range(0, a.shape[0], rows):
+        d = a[i : i + rows].double() - b[i : i + rows].double()
+        total += float((d * d).sum())
+    return total
+
+
+def describe(report: dict) -> str:
+    """The run's note on its quantized base (`quantize_base`'s report): how far the weights the
+    adapters train on are from the model's own, and which layers stayed in the compute dtype."""
+    scheme, kept = report["scheme"], report["kept"]
+    text = (
+        f"model.quantization={scheme}: {report['quantized']} linear layers of the transformer blocks hold a "
+        f"frozen {'4-bit NormalFloat' if scheme == 'nf4' else 'int8'} base, "
+        f"{report['relative_error']:.2%} from the model's own weights (relative error); the adapters train "
+        "on it and final/ merges them into it"
+    )
+    if kept:
+        shown = ", ".join(kept[:8]) + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")
+        text += (
+            f". {len(kept)} kept in the compute dtype (their weights do not split into whole blocks of "
+            f"{NF4_BLOCK} on every process): {shown}"
+        )
+    if scheme == "nf4" and report["weights"] < SMALL:
+        text += (
+            ". At this size NF4 costs quality before any training: SmolLM2-135M's NF4 base is 9.4% from its "
+            "weights and lost most of the demo's score, its int8 base 0.9% and kept most of it "
+            "(docs/fitting.md#qlora)"
+        )
+    return text + "."
 
 
 class _FrozenLinear(torch.autograd.Function):

@@ -40,11 +40,15 @@ def write_model_card(
     eval_metrics: dict,
     processes: int = 1,
     grad_accum: int | None = None,
+    quantization: dict | None = None,
 ) -> Path:
     """Write `final_dir/README.md`. `processes` and `grad_accum`: what the run used (a resume on another
-    number of processes changes grad_accum to keep the global batch); default: the config's."""
+    number of processes changes grad_accum to keep the global batch); default: the config's.
+    `quantization`: a QLoRA run's report on its base (`alignkit.quantization.quantize_base`)."""
     path = Path(final_dir) / "README.md"
-    path.write_text(model_card(cfg, Path(run_dir), steps, train_metrics, eval_metrics, processes, grad_accum))
+    path.write_text(
+        model_card(cfg, Path(run_dir), steps, train_metrics, eval_metrics, processes, grad_accum, quantization)
+    )
     return path
 
 
@@ -56,6 +60,7 @@ def model_card(
     eval_metrics: dict,
     processes: int = 1,
     grad_accum: int | None = None,
+    quantization: dict | None = None,
 ) -> str:
     spec = registry.get(cfg.recipe)
     meta = metadata(cfg)
@@ -70,7 +75,7 @@ def model_card(
         f"`{cfg.recipe}` ({spec.summary}), for {steps} optimizer steps.",
         "",
     ]
-    out += _training(cfg, spec, steps, processes, grad_accum or cfg.train.grad_accum)
+    out += _training(cfg, spec, steps, processes, grad_accum or cfg.train.grad_accum, quantization)
     out += _data(cfg, run_dir, spec) + _results(train_metrics, eval_metrics) + _reproduce(cfg, run_dir)
     return "\n".join(out) + "\n"
 
@@ -157,7 +162,7 @@ def _row(key: str, value) -> str:
     return f"| {key} | {value} |"
 
 
-def _training(cfg: RunConfig, spec, steps: int, processes: int, grad_accum: int) -> list[str]:
+def _training(cfg: RunConfig, spec, steps: int, processes: int, grad_accum: int, quantization: dict | None) -> list:
     t, lo = cfg.train, cfg.lora
     batch = t.batch_size * grad_accum * processes
     lora = (
@@ -168,6 +173,13 @@ def _training(cfg: RunConfig, spec, steps: int, processes: int, grad_accum: int)
         if lo.enabled
         else "no: all weights trained"
     )
+    if lo.enabled and cfg.model.quantization:  # QLoRA: final/ is the adapters on the dequantized base
+        moved = f"{quantization['relative_error']:.2%} (relative error)" if quantization else "its quantization error"
+        lora += (
+            f"; QLoRA: trained on the base quantized to `{cfg.model.quantization}` and merged into that base "
+            f"dequantized, so the transformer blocks' linear weights differ from the base model's by {moved} "
+            "before the adapters' change"
+        )
     out = [
         "## Training",
         "",

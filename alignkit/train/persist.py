@@ -140,6 +140,7 @@ def save(cfg, result, step, modules: dict, recipe, state: dict, dist: Dist, fina
                 result.eval_metrics,
                 dist.world_size,
                 state["global_accum"] // dist.data_size,
+                getattr(modules["policy"].model, "quantization_report", None),
             )
 
 

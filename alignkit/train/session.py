@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from alignkit import context_parallel
+from alignkit import context_parallel, quantization
 from alignkit.config import RunConfig
 from alignkit.data.splits import PreparedData
 from alignkit.distributed import Dist
@@ -177,6 +177,8 @@ def setup(cfg: RunConfig, progress: bool = True, placement: Placement | None = N
     if not data.train:
         raise ConfigError("no training examples left after loading and splitting; check `data.train`.")
     model = load_policy(cfg, spec, tokenizer, placement.device)
+    if getattr(model, "quantization_report", None):
+        show([quantization.describe(model.quantization_report)])
     ctx = SetupContext(
         placement.device,
         placement.autocast,
