@@ -61,10 +61,10 @@ def main() -> None:
     if args.loftq_rank and args.scheme != "nf4":
         ap.error("--loftq-rank corrects the NF4 base: leave --scheme at nf4")
     original = {name: layer.weight.detach().clone() for name, layer in layers}
-    quantize_base(layers, args.scheme)
+    report = quantize_base(layers, args.scheme)  # its error is the one a QLoRA run's first lines give
     for _, layer in layers:  # what the QLoRA run computes with: torchao's dequantized weights
         layer.weight = torch.nn.Parameter(dequantized(layer.weight, torch.float32), requires_grad=False)
-    print(f"relative weight error of the {args.scheme} base: {_error(original, layers):.4f}")
+    print(f"relative weight error of the {args.scheme} base: {report['relative_error']:.4f}")
     if args.loftq_rank:
         for name, layer in layers:
             layer.weight = torch.nn.Parameter(
@@ -83,7 +83,8 @@ def main() -> None:
 
 
 def _error(original: dict, layers: list) -> float:
-    """||W - W_q||_F / ||W||_F over every quantized layer together."""
+    """||W - W_q||_F / ||W||_F over every layer together, for the LoftQ-corrected weights (the plain
+    quantized base's is `quantize_base`'s report)."""
     lost = sum(float((original[n] - layer.weight).pow(2).sum()) for n, layer in layers)
     return (lost / sum(float(w.pow(2).sum()) for w in original.values())) ** 0.5
 
