@@ -124,7 +124,7 @@ def test_steer_fit_generate_and_sweep(tiny_model_dir, pairs_file, sft_file, tmp_
                 str(pairs_file),
                 "--steer",
                 str(vec),
-                "--steer-sweep=-2,0,1,2",
+                "--steer-sweep=-2,-1,0,1,2",  # 5: more strengths than tanh's 4 parameters
                 "--helpfulness",
                 str(sft_file),
                 "--representation-layers",
@@ -149,10 +149,10 @@ def test_steer_fit_generate_and_sweep(tiny_model_dir, pairs_file, sft_file, tmp_
     m = json.loads((ev / "metrics.json").read_text())
     sw = m["steering"]
     rows = sw["rows"]
-    assert [r["strength"] for r in rows] == [-2.0, 0.0, 1.0, 2.0] and rows[1]["helpfulness_loss"] == 0.0
+    assert [r["strength"] for r in rows] == [-2.0, -1.0, 0.0, 1.0, 2.0] and rows[2]["helpfulness_loss"] == 0.0
     assert sw["judge"].endswith("judge.py:even") and sw["norm"] == "relative" and sw["n_behaviour_prompts"] == 4
     judged = [json.loads(line) for line in seen.read_text().splitlines()]
-    assert len(judged) == 4 and all(len(r) == 4 for r in judged)  # one call per strength, a reply per prompt
+    assert len(judged) == 5 and all(len(r) == 4 for r in judged)  # one call per strength, a reply per prompt
     for row, replies in zip(rows, judged):
         refusals = sum(len(r) % 2 == 0 for r in replies)
         assert row["behaviour"] == pytest.approx((refusals - (4 - refusals)) / 4)
@@ -161,9 +161,12 @@ def test_steer_fit_generate_and_sweep(tiny_model_dir, pairs_file, sft_file, tmp_
     assert rows[0]["norm_by_layer"] == pytest.approx({k: 2.0 * v for k, v in norms.items()}, rel=1e-5)
     assert set(sw["fits"]) == {"behaviour", "accuracy", "margin", "helpfulness_loss"}
     assert set(sw["fits"]["behaviour"]) == {"tanh", "line", "quadratic"}
-    assert set(sw["fits"]["accuracy"]) == {"inverse_quadratic", "line", "quadratic"}
+    assert set(sw["fits"]["accuracy"]) == {"inverse_quadratic", "line", "quadratic"} and sw["unfitted"] is None
     assert m["representation"]["layers"] == [0, 1] and len(m["representation"]["probe_accuracy"]) == 2
     absolute = tmp_path / "ev-abs"
+    helpful = tmp_path / "help.jsonl"  # a bad record among them is skipped (eval's default) and counted
+    helpful.write_text(sft_file.read_text() + json.dumps({"prompt": "no completion here"}) + "\n")
+    capsys.readouterr()
     assert (
         main(
             [
@@ -176,6 +179,8 @@ def test_steer_fit_generate_and_sweep(tiny_model_dir, pairs_file, sft_file, tmp_
                 "0,3",
                 "--steer-norm",
                 "absolute",
+                "--helpfulness",
+                str(helpful),
                 "--accuracy",
                 str(questions),
                 "--output-dir",
@@ -186,7 +191,18 @@ def test_steer_fit_generate_and_sweep(tiny_model_dir, pairs_file, sft_file, tmp_
         )
         == 0
     )
-    rows_abs = json.loads((absolute / "metrics.json").read_text())["steering"]["rows"]
+    sw_abs = json.loads((absolute / "metrics.json").read_text())["steering"]
+    rows_abs = sw_abs["rows"]
+    # 2 strengths: no form has fewer parameters, so none is fitted (a quadratic through 2 points is
+    # not determined), and the run says why
+    assert sw_abs["fits"] == {"accuracy": {}, "helpfulness_loss": {}}
+    assert "inverse_quadratic (2 parameters)" in sw_abs["unfitted"]
+    out = capsys.readouterr().out
+    assert f"alignkit: {sw_abs['unfitted']}" in out
+    assert (
+        f"--helpfulness: loaded 40 examples from {helpful}; skipped 1 bad record ({helpful}:41: field 'completion'"
+        in out
+    )
     assert rows_abs[1]["norm_by_layer"] == pytest.approx({k: 3.0 for k in norms}, rel=1e-5)
     html = (ev / "report.html").read_text()
     assert 'data-plot="steering"' in html and 'data-plot="representation"' in html

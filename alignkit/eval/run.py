@@ -667,11 +667,12 @@ def _run_parts(cfg: EvalConfig, models, tokenizer, policy, examples) -> dict:
         from alignkit.eval.steering import load_questions, steering_sweep
         from alignkit.rewards.refusal import make_judge
 
-        helpful = (
-            load_sft_examples(cfg.helpfulness, on_bad_record="skip").examples[: cfg.num_prompts]
-            if cfg.helpfulness
-            else []
-        )
+        helpful = []
+        if cfg.helpfulness:
+            loaded_help = load_sft_examples(cfg.helpfulness, on_bad_record=cfg.on_bad_record)
+            if loaded_help.skipped:
+                print(f"alignkit: --helpfulness: {loaded_help.summary()}", flush=True)
+            helpful = loaded_help.examples[: cfg.num_prompts]
         harmful = (
             [list(e.prompt) for e in load_prompt_examples(cfg.behaviour_prompts).examples[: cfg.num_prompts]]
             if cfg.behaviour_prompts

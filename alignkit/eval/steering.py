@@ -176,16 +176,38 @@ def fit_inverse_quadratic(s: np.ndarray, y: np.ndarray) -> dict:
     return {"form": "h0 / (1 + k s^2)", "h0": h0, "k": k, "r2": _r2(y, h0 / (1.0 + k * s**2))}
 
 
+# the parameters of each form: a sweep must have more distinct strengths than that for the form's
+# R^2 to say anything (with as many, every curve of the form passes through every point; with
+# fewer, the form is not determined and numpy.polyfit warns that it is poorly conditioned)
+PARAMETERS = {"line": 2, "quadratic": 3, "inverse_quadratic": 2, "tanh": 4}
+
+
 def fits(strengths: list, values: list, paper: str) -> dict:
     """The paper's form (`tanh` for a behaviour rate, `inverse_quadratic` for helpfulness) beside a
-    line and an unconstrained quadratic (numpy.polyfit, highest power first), each with its R^2."""
+    line and an unconstrained quadratic (numpy.polyfit, highest power first), each with its R^2;
+    only the forms with fewer parameters than the sweep has distinct strengths (`unfitted`)."""
     s, y = np.asarray(strengths, dtype=np.float64), np.asarray(values, dtype=np.float64)
-    out = {"line": _fit(s, y, 1), "quadratic": _fit(s, y, 2)}
+    forms = {"line": lambda: _fit(s, y, 1), "quadratic": lambda: _fit(s, y, 2)}
     if paper == "tanh":
-        out["tanh"] = fit_tanh(s, y)
+        forms["tanh"] = lambda: fit_tanh(s, y)
     elif paper == "inverse_quadratic":
-        out["inverse_quadratic"] = fit_inverse_quadratic(s, y)
-    return out
+        forms["inverse_quadratic"] = lambda: fit_inverse_quadratic(s, y)
+    n = len(set(strengths))
+    return {name: fit() for name, fit in forms.items() if n > PARAMETERS[name]}
+
+
+def unfitted(strengths: list, forms: list) -> str | None:
+    """Which of `forms` a sweep of these strengths leaves unfitted (`fits`), as a note; None: none."""
+    n = len(set(strengths))
+    short = [f"{name} ({PARAMETERS[name]} parameters)" for name in forms if n <= PARAMETERS[name]]
+    if not short:
+        return None
+    need = max(PARAMETERS[name] for name in forms) + 1
+    return (
+        f"the steering sweep has {n} distinct strengths, so {', '.join(short)} "
+        f"{'is' if len(short) == 1 else 'are'} not fitted: a form needs more strengths than parameters "
+        f"(give at least {need}, or --steer-sweep paper)"
+    )
 
 
 @torch.no_grad()
@@ -374,6 +396,10 @@ def steering_sweep(
                 row["nll"] = _nll_per_token(model, tokenizer, help_prompts, help_answers, max_length, batch_size)
         rows.append(row)
     xs = [r["strength"] for r in rows]
+    forms = ["line", "quadratic"] + ["tanh"] * bool(behaviour_prompts) + ["inverse_quadratic"] * bool(questions)
+    note = unfitted(xs, forms)
+    if note:
+        print(f"alignkit: {note}", flush=True)
     out_fits = {}
     if behaviour_prompts:
         out_fits["behaviour"] = fits(xs, [r["behaviour"] for r in rows], "tanh")
@@ -399,5 +425,6 @@ def steering_sweep(
         "n_helpfulness": len(help_answers or []),
         "rows": rows,
         "fits": out_fits,
+        "unfitted": note,
         "fingerprint": steering_fingerprint(model),
     }
