@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--sweep", default="paper")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--out", default="runs/bench_steering")
-    args = smoke.parse_args(ap, fit_rows=10, prompts=4, layers=[0, 1], sweep="-1,0,1", max_new_tokens=4)
+    args = smoke.parse_args(ap, fit_rows=10, prompts=4, layers=[0, 1], sweep="-2,-1,0,1,2", max_new_tokens=4)
     out = ROOT / args.out
     hh = hh_data.smoke_hh(out) if args.smoke else hh_data.require_hh()
     gsm8k = hh_data.smoke_gsm8k(out) if args.smoke else hh_data.require_gsm8k()
