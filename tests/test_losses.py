@@ -61,7 +61,7 @@ def test_pair_loss_matches_formula(name, params):
     got, metrics = spec.fn(*(x[k] for k in spec.inputs), **full)
     for i in range(B):
         h = float(_h(x, i).detach())
-        assert abs(float(got[i]) - REFERENCE[name](h, **params)) < 1e-10
+        assert abs(float(got[i].detach()) - REFERENCE[name](h, **params)) < 1e-10
     beta = full["beta"]
     torch.testing.assert_close(metrics["rewards/margins"], beta * _h(x, slice(None)).detach(), rtol=0, atol=1e-12)
     acc = x["policy_chosen_logps"] - x["ref_chosen_logps"] > x["policy_rejected_logps"] - x["ref_rejected_logps"]
