@@ -409,44 +409,37 @@ class Dist:
 
     def save_sharded(self, state: dict, path) -> None:
         """Write {name: {"model": ..., "optimizer": ...}} of sharded states with DCP, every process its shards."""
+        self._dcp("save", state, path)
+
+    def _dcp(self, op: str, state: dict, path) -> None:
+        """DCP's `save` or `load` of `state` at `path`, every process its shards. Without a process
+        group DCP warns that it is "assuming the intent is to load (save) in a single process" even
+        when told so (`no_dist=True`): one process reading a checkpoint written by several is what a
+        resume at another scale and `alignkit export` do, so the warning is dropped here, and only here."""
+        import warnings
+
         import torch.distributed.checkpoint as dcp
 
-        with _single_process_ok(not self.enabled):
-            dcp.save(state, checkpoint_id=str(path), no_dist=not self.enabled)
+        with warnings.catch_warnings():
+            if not self.enabled:
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            getattr(dcp, op)(state, checkpoint_id=str(path), no_dist=not self.enabled)
 
     def load_sharded_model(self, model, path, name: str = "policy") -> None:
         """Load only module `name`'s weights from a DCP checkpoint (to export it)."""
-        import torch.distributed.checkpoint as dcp
-
         state = {name: {"model": self.model_state(model, full=False)}}
-        with _single_process_ok(not self.enabled):
-            dcp.load(state, checkpoint_id=str(path), no_dist=not self.enabled)
+        self._dcp("load", state, path)
         self._set_model_state(model, state[name]["model"])
 
     def load_sharded(self, modules: dict, path) -> None:
         """Load a DCP checkpoint written at any scale into {name: (model, optimizer)}."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         state = {
             name: {"model": self.model_state(m, full=False), "optimizer": self.optimizer_state(m, o, full=False)}
             for name, (m, o) in modules.items()
         }
-        with _single_process_ok(not self.enabled):
-            dcp.load(state, checkpoint_id=str(path), no_dist=not self.enabled)
+        self._dcp("load", state, path)
         for name, (m, o) in modules.items():
             self._set_model_state(m, state[name]["model"])
             set_optimizer_state_dict(m, o, state[name]["optimizer"])
-
-
-@contextlib.contextmanager
-def _single_process_ok(single: bool):
-    """DCP warns that it is "assuming the intent is to load (save) in a single process" even when
-    asked to (`no_dist=True`): one process reading a checkpoint written by several is what a
-    resume at another scale and `alignkit export` do, so the warning is dropped there, and only there."""
-    import warnings
-
-    with warnings.catch_warnings():
-        if single:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield

@@ -192,14 +192,17 @@ def fits(strengths: list, values: list, paper: str) -> dict:
         forms["tanh"] = lambda: fit_tanh(s, y)
     elif paper == "inverse_quadratic":
         forms["inverse_quadratic"] = lambda: fit_inverse_quadratic(s, y)
-    n = len(set(strengths))
-    return {name: fit() for name, fit in forms.items() if n > PARAMETERS[name]}
+    return {name: fit() for name, fit in forms.items() if _determined(name, strengths)}
+
+
+def _determined(form: str, strengths: list) -> bool:
+    return len(set(strengths)) > PARAMETERS[form]
 
 
 def unfitted(strengths: list, forms: list) -> str | None:
     """Which of `forms` a sweep of these strengths leaves unfitted (`fits`), as a note; None: none."""
     n = len(set(strengths))
-    short = [f"{name} ({PARAMETERS[name]} parameters)" for name in forms if n <= PARAMETERS[name]]
+    short = [f"{name} ({PARAMETERS[name]} parameters)" for name in forms if not _determined(name, strengths)]
     if not short:
         return None
     need = max(PARAMETERS[name] for name in forms) + 1

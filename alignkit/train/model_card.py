@@ -162,7 +162,9 @@ def _row(key: str, value) -> str:
     return f"| {key} | {value} |"
 
 
-def _training(cfg: RunConfig, spec, steps: int, processes: int, grad_accum: int, quantization: dict | None) -> list:
+def _training(
+    cfg: RunConfig, spec, steps: int, processes: int, grad_accum: int, quantization: dict | None
+) -> list[str]:
     t, lo = cfg.train, cfg.lora
     batch = t.batch_size * grad_accum * processes
     lora = (
