@@ -104,8 +104,8 @@ def quantize_base(layers: list, scheme: str, shards: int = 1) -> dict:
         else:
             raise ModelError(f"model.quantization: unknown scheme {scheme!r}; use nf4 or int8.")
         layer.base_fingerprint = original
-        lost += _squared_distance(dequantized(layer.weight, w.dtype), w)
-        norm += float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2
+        d2, w2 = _squared_sums(dequantized(layer.weight, w.dtype), w)
+        lost, norm = lost + d2, norm + w2
         weights += w.numel()
         n += 1
     if n == 0:
@@ -117,14 +117,15 @@ def quantize_base(layers: list, scheme: str, shards: int = 1) -> dict:
     return {"scheme": scheme, "quantized": n, "weights": weights, "kept": kept, "relative_error": error}
 
 
-def _squared_distance(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> float:
-    """sum((a - b)^2) in float64, `rows` rows at a time: a 70B model's largest weight in float32 is
-    about 1 GB, and the error check should not need a few of those at once."""
-    total = 0.0
+def _squared_sums(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> tuple[float, float]:
+    """(sum((a - b)^2), sum(b^2)) in float64, `rows` rows at a time: a 70B model's largest weight in
+    float32 is about 1 GB, and the error check should not need a float64 copy of it."""
+    lost = norm = 0.0
     for i in range(0, a.shape[0], rows):
-        d = a[i : i + rows].double() - b[i : i + rows].double()
-        total += float((d * d).sum())
-    return total
+        b64 = b[i : i + rows].double()
+        d = a[i : i + rows].double() - b64
+        lost, norm = lost + float((d * d).sum()), norm + float((b64 * b64).sum())
+    return lost, norm
 
 
 def describe(report: dict) -> str:
