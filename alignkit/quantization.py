@@ -24,6 +24,10 @@ NF4_SCALER_BLOCK = 256  # absmax values per block of the second quantization (th
 # Below this many quantized weights a run is told what NF4 cost a small model (docs/fitting.md):
 # QLoRA's finding that NF4 matches 16-bit fine-tuning is for 7B-65B models
 SMALL = 10**9
+# A base whose 32-weight blocks hold at most 16 distinct values was rounded to 4 bits before
+# (a GGUF Q4 file, GPTQ, AWQ or NF4, de-quantized): the share of blocks that says so, and how many
+# blocks of each layer are looked at (enough to tell, cheap at 70B)
+ROUNDED_BLOCK, ROUNDED_SHARE, ROUNDED_SAMPLE = 32, 0.9, 4096
 
 
 def _torchao():
@@ -85,10 +89,12 @@ def quantize_base(layers: list, scheme: str, shards: int = 1) -> dict:
     Quantize after peft wrapped the layers (they are its `base_layer`s): peft then uses its plain
     LoRA layer, whose merge alignkit can run on the dequantized weight (`models.merged_copy`)."""
     tq = _torchao()
-    kept, n, weights, lost, norm = [], 0, 0, 0.0, 0.0
+    kept, n, weights, lost, norm, rounded, looked = [], 0, 0, 0.0, 0.0, 0, 0
     for name, layer in layers:
         w = layer.weight.detach()
         original = weight_fingerprint(w)
+        few, blocks = few_valued_blocks(w)
+        rounded, looked = rounded + few, looked + blocks
         if scheme == "nf4":
             n_scalers = w.numel() // NF4_BLOCK
             block = scaler_block(n_scalers, shards) if w.numel() % NF4_BLOCK == 0 else 0
@@ -114,7 +120,32 @@ def quantize_base(layers: list, scheme: str, shards: int = 1) -> dict:
             f"(blocks of {NF4_BLOCK} weights must tile each one); train with LoRA alone."
         )
     error = math.sqrt(lost / norm) if norm else 0.0
-    return {"scheme": scheme, "quantized": n, "weights": weights, "kept": kept, "relative_error": error}
+    return {
+        "scheme": scheme,
+        "quantized": n,
+        "weights": weights,
+        "kept": kept,
+        "relative_error": error,
+        "rounded_before": rounded / looked if looked else 0.0,
+    }
+
+
+def few_valued_blocks(w: torch.Tensor, limit: int | None = ROUNDED_SAMPLE) -> tuple[int, int]:
+    """Of `w`'s first `limit` blocks of 32 consecutive weights (all with None), how many hold at most
+    16 distinct values, which weights rounded to 4 bits and de-quantized do and 16- or 32-bit
+    weights almost never (32 draws from a weight's spread rarely collide), and how many were looked
+    at. A weight whose size is not a multiple of 32 gives (0, 0)."""
+    if w.numel() % ROUNDED_BLOCK:
+        return 0, 0
+    blocks = w.detach().reshape(-1, ROUNDED_BLOCK)
+    if limit is not None:
+        blocks = blocks[:limit]
+    few = 0
+    for part in blocks.split(1 << 16):
+        ordered = part.sort(dim=1).values
+        distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(1)
+        few += int((distinct <= 16).sum())
+    return few, blocks.shape[0]
 
 
 def _squared_sums(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> tuple[float, float]:
@@ -143,6 +174,13 @@ def describe(report: dict) -> str:
         text += (
             f". {len(kept)} kept in the compute dtype (their weights do not split into whole blocks of "
             f"{NF4_BLOCK} on every process): {shown}"
+        )
+    if scheme == "nf4" and report.get("rounded_before", 0.0) >= ROUNDED_SHARE:
+        text += (
+            f". This base was rounded to 4 bits before: {report['rounded_before']:.0%} of the 32-weight blocks "
+            "looked at hold at most 16 distinct values, as those of a de-quantized GGUF Q4, GPTQ, AWQ or NF4 "
+            "checkpoint do (the bundled SmolLM2-135M is a Q4_1 GGUF's), so NF4 rounds it a second time, on its "
+            "own grid; start from the model's 16-bit weights if you have them"
         )
     if scheme == "nf4" and report["weights"] < SMALL:
         text += (

@@ -13,11 +13,11 @@ it separates what quantization costs from what training gains.
     python bench/qlora_demo.py --scheme int8        # the int8 base (model.quantization: int8)
     python bench/qlora_demo.py --loftq-rank 16      # NF4 plus the best rank-16 correction (below)
 
-It prints the scheme's relative weight error on the model and on Gaussian weights of the same shapes
-and spread, and first whether the model's block linears are already a 4-bit model de-quantized:
-how many of their 32-weight blocks hold at most 16 evenly spaced values, as every block of a GGUF Q4_1
-file does (the bundled SmolLM2 is one: a QLoRA run on it rounds weights that were rounded to 4 bits
-once already, on another grid).
+It prints first whether the model's block linears were rounded to 4 bits before (how many of their
+32-weight blocks hold at most 16 distinct values, `quantization.few_valued_blocks`: all, for the
+bundled SmolLM2, a GGUF Q4_1 file de-quantized, so a QLoRA run on it rounds its weights to 4 bits a
+second time), then the scheme's relative weight error on the model and on Gaussian weights of the
+same shapes and spread.
 
 `--sensitivity`: where NF4's damage lies. With NF4 in only some layers (the others as they were),
 the extra negative log-likelihood, in nats a token, of the full-precision model's own greedy replies
@@ -65,7 +65,7 @@ def main() -> None:
     from alignkit.config import ModelConfig
     from alignkit.eval.stats import paired_bootstrap
     from alignkit.models import default_model_dir, load_model, load_tokenizer, transformer_blocks
-    from alignkit.quantization import dequantized, quantizable, quantize_base
+    from alignkit.quantization import dequantized, few_valued_blocks, quantizable, quantize_base
 
     path = args.model or (smoke.tiny_model_dir(args.out) if args.smoke else str(default_model_dir()))
     mcfg = ModelConfig(name_or_path=path)
@@ -75,10 +75,10 @@ def main() -> None:
     replies = demo._replies(model, tok, prompts, True, "full precision")
     before = demo._score(heldout, replies)
     layers = quantizable(transformer_blocks(model))
-    on_grid, blocks = _q4_1_blocks([layer.weight.detach() for _, layer in layers])
+    few, blocks = map(sum, zip(*(few_valued_blocks(layer.weight, limit=None) for _, layer in layers)))
     print(
-        "32-weight blocks of the block linears on a 4-bit grid (16 evenly spaced values, as Q4_1's): "
-        f"{on_grid} of {blocks}"
+        "32-weight blocks of the block linears with at most 16 distinct values (rounded to 4 bits before): "
+        f"{few} of {blocks}"
     )
     if args.loftq_rank and args.scheme != "nf4":
         ap.error("--loftq-rank corrects the NF4 base: leave --scheme at nf4")
@@ -109,22 +109,6 @@ def main() -> None:
         f"qlora_base before={ci.before:.3f} {args.scheme}={ci.after:.3f} diff={ci.diff:+.3f} "
         f"ci95={ci.lo:+.3f},{ci.hi:+.3f} n={ci.n}"
     )
-
-
-def _q4_1_blocks(weights: list, size: int = 32) -> tuple[int, int]:
-    """How many of the weights' `size`-weight blocks lie on a grid of 16 evenly spaced values from
-    their minimum to their maximum (what de-quantizing GGUF's Q4_1, min + scale * q with q in 0..15,
-    gives), out of how many."""
-    on, total = 0, 0
-    for w in weights:
-        if w.numel() % size:
-            continue
-        b = w.reshape(-1, size).double()
-        lo, hi = b.min(1, keepdim=True).values, b.max(1, keepdim=True).values
-        q = (b - lo) / ((hi - lo) / 15).clamp_min(1e-30)
-        on += int(((q - q.round()).abs() < 1e-3).all(1).sum())
-        total += b.shape[0]
-    return on, total
 
 
 def _gaussian_error(layers: list, scheme: str) -> float:

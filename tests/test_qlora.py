@@ -144,6 +144,43 @@ def test_the_report_says_how_far_quantization_moved_the_base(scheme):
     assert ("docs/fitting.md#qlora" in note) == (scheme == "nf4")  # the small-model warning is NF4's
 
 
+def test_a_base_rounded_to_4_bits_before_is_recognised():
+    """Weights that gguf's own Q4_1 rounded (as the bundled SmolLM2's were) and then de-quantized hold at
+    most 16 distinct values in every block of 32, and the run's note says NF4 rounds them again;
+    plain float weights, Q8_0's and a model that only some such layers are not taken for one."""
+    gguf = pytest.importorskip("gguf")
+    from alignkit.quantization import few_valued_blocks
+
+    def rounded(w: torch.Tensor, kind) -> torch.Tensor:
+        x = w.detach().numpy()
+        return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x, kind), kind).copy())
+
+    q4_1, q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    assert few_valued_blocks(rounded(w, q4_1)) == (192, 192) and few_valued_blocks(w) == (0, 192)
+    assert few_valued_blocks(rounded(w, q8_0)) == (0, 192) and few_valued_blocks(w, limit=5) == (0, 5)
+    assert few_valued_blocks(torch.zeros(3, 7)) == (0, 0)  # no whole blocks of 32
+    nf4 = tq.to_nf4(w, 64, 8).get_original_weight()  # a de-quantized NF4 checkpoint's weights
+    assert few_valued_blocks(nf4) == (192, 192)
+
+    def model_rounded(share_of_layers: float) -> dict:
+        model = tiny_model(hidden=64, seed=3)
+        layers = quantizable(transformer_blocks(model))
+        for _, layer in layers[: round(share_of_layers * len(layers))]:
+            layer.weight.data.copy_(rounded(layer.weight, q4_1))
+        return quantize_base(layers, "nf4")
+
+    report = model_rounded(1.0)
+    assert report["rounded_before"] == 1.0
+    assert "This base was rounded to 4 bits before: 100% of the 32-weight blocks looked at hold at most 16" in describe(
+        report
+    )
+    assert "rounded to 4 bits before" not in describe({**report, "scheme": "int8"})  # int8 loses 0.9% of it
+    for share in (0.0, 0.5):
+        report = model_rounded(share)
+        assert report["rounded_before"] < 0.9 and "rounded to 4 bits before" not in describe(report)
+
+
 def test_layers_that_do_not_split_into_blocks_are_named():
     """A weight whose size is not a multiple of NF4's block of 64 keeps its float weight, and the
     run's note names it, so no layer stays unquantized unseen."""
