@@ -24,7 +24,7 @@ the extra negative log-likelihood, in nats a token, of the full-precision model'
 to the first `--sensitivity-prompts` held-out prompts: all layers; each kind of linear alone and all
 but it; all but each block. Asks whether keeping a few layers in the compute dtype (bitsandbytes'
 `llm_int8_skip_modules`, mixed-precision 4-bit checkpoints) would save the score. Last line
-before the usual one: `nf4_nll all=<x> worst_kind=<k> all_but_worst_kind=<x> worst_block=<i>
+before the usual one: `<scheme>_nll all=<x> worst_kind=<k> all_but_worst_kind=<x> worst_block=<i>
 all_but_worst_block=<x>`.
 
 `--loftq-rank R`: the NF4 base plus the rank-R correction LoftQ (Li et al., arXiv 2310.08659)
@@ -93,7 +93,7 @@ def main() -> None:
     )
     if args.sensitivity:
         n = args.sensitivity_prompts
-        _sensitivity(model, tok, prompts[:n], replies[:n], layers, original)
+        _sensitivity(model, tok, prompts[:n], replies[:n], layers, original, args.scheme)
     if args.loftq_rank:
         for name, layer in layers:
             layer.weight = torch.nn.Parameter(
@@ -128,9 +128,9 @@ def _gaussian_error(layers: list, scheme: str) -> float:
     return quantize_base(twins, scheme)["relative_error"]
 
 
-def _sensitivity(model, tok, prompts: list, replies: list, layers: list, original: dict) -> None:
-    """The extra NLL (nats a reply token) of the full-precision model's greedy replies with NF4 in
-    only some layers: where the quantized base loses the model."""
+def _sensitivity(model, tok, prompts: list, replies: list, layers: list, original: dict, scheme: str) -> None:
+    """The extra NLL (nats a reply token) of the full-precision model's greedy replies with the
+    `scheme` base in only some layers: where the quantized base loses the model."""
     import torch
 
     from alignkit.generation.hf import render_prompts
@@ -155,7 +155,7 @@ def _sensitivity(model, tok, prompts: list, replies: list, layers: list, origina
     every = {name for name, _ in layers}
     clean = nll(set())
     all_q = nll(every) - clean
-    print(f"NLL of the full model's replies: {clean:.4f} nats a token; with every layer in NF4: {all_q:+.4f}")
+    print(f"NLL of the full model's replies: {clean:.4f} nats a token; with every layer in {scheme}: {all_q:+.4f}")
     kinds = sorted({name.rsplit(".", 1)[-1] for name in every})
     by_kind = {}
     for kind in kinds:
@@ -172,7 +172,7 @@ def _sensitivity(model, tok, prompts: list, replies: list, layers: list, origina
     kind = min(by_kind, key=lambda k: by_kind[k][1])
     block = min(by_block, key=by_block.get)
     print(
-        f"nf4_nll all={all_q:.4f} worst_kind={kind} all_but_worst_kind={by_kind[kind][1]:.4f} "
+        f"{scheme}_nll all={all_q:.4f} worst_kind={kind} all_but_worst_kind={by_kind[kind][1]:.4f} "
         f"worst_block={block} all_but_worst_block={by_block[block]:.4f}"
     )
 
