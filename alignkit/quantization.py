@@ -175,7 +175,7 @@ def describe(report: dict) -> str:
             f". {len(kept)} kept in the compute dtype (their weights do not split into whole blocks of "
             f"{NF4_BLOCK} on every process): {shown}"
         )
-    if scheme == "nf4" and report.get("rounded_before", 0.0) >= ROUNDED_SHARE:
+    if scheme == "nf4" and report["rounded_before"] >= ROUNDED_SHARE:
         text += (
             f". This base was rounded to 4 bits before: {report['rounded_before']:.0%} of the 32-weight blocks "
             "looked at hold at most 16 distinct values, as those of a de-quantized GGUF Q4, GPTQ, AWQ or NF4 "
