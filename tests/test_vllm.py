@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -863,6 +864,13 @@ def test_a_lora_run_sends_the_colocated_engine_its_adapters(small_dir, tmp_path,
         assert update.numel() < 0.2 * full
 
     sent = count_sent(monkeypatch, check=small)
+    made, mkdtemp = [], tempfile.mkdtemp  # the engine's adapter directories (in /dev/shm where it exists)
+
+    def spy(*args, **kwargs):
+        made.append(Path(mkdtemp(*args, **kwargs)))
+        return str(made[-1])
+
+    monkeypatch.setattr(tempfile, "mkdtemp", spy)
     cfg = load_config(
         None,
         _grpo_args(
@@ -880,6 +888,9 @@ def test_a_lora_run_sends_the_colocated_engine_its_adapters(small_dir, tmp_path,
     result = loop.train(cfg, progress=False)
     rows = read_metrics(result.run_dir, "train")
     assert sent["adapters"] >= 3 and sent["weights"] == 0
+    # the closed engine left no adapter in memory (/dev/shm) and none of its processes' sockets
+    own = [d for d in made if d.name.startswith(("alignkit-vllm-adapters-", "alignkit-vllm-sockets-"))]
+    assert len(own) == 2 and not any(d.exists() for d in own), made
     mismatch = max(r["logprob_mismatch_max"] for r in rows)
     print("logprob_mismatch_max", quantization, mismatch)
     if quantization:

@@ -40,10 +40,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import weakref
 from pathlib import Path
 
 import torch
 
+from alignkit import scratch
 from alignkit.data.vision import refuse_pixels
 from alignkit.errors import ConfigError
 from alignkit.generation.adapters import AdapterUpdate, adapter_update, checkpoint_tensors
@@ -199,6 +201,7 @@ def _settings(params: SamplingParams, seed: int):
 
 
 CPU_KV_CACHE_GIB = 1.0
+SOCKETS = "vllm-sockets"  # the `scratch` kind of a vLLM engine's or server's sockets
 
 
 def memory_settings(
@@ -248,6 +251,14 @@ class VLLMEngine:
         max_model_len = min(max_model_len, model_max_len(self.model_path) or max_model_len)
         start = time.perf_counter()
         environ = dict(os.environ)  # vLLM's CPU platform edits it (LD_PRELOAD, LOCAL_WORLD_SIZE, ...) for its workers
+        # vLLM's processes talk over sockets it names in the temporary directory and does not remove
+        # (7 an engine); they go in a directory of the engine's own, removed with it (`close`, or when
+        # the engine is collected or the program ends), unless the user chose the place
+        self._sockets: weakref.finalize | None = None
+        self._lora_files: weakref.finalize | None = None  # see `_load_adapters`
+        if "VLLM_RPC_BASE_PATH" not in os.environ:
+            sockets, self._sockets = scratch.owned(self, SOCKETS)
+            os.environ["VLLM_RPC_BASE_PATH"] = str(sockets)
         try:
             self.llm = vllm.LLM(
                 model=self.model_path,
@@ -263,6 +274,7 @@ class VLLMEngine:
                 **lora_settings(lora_rank),
             )
         except Exception as e:  # vLLM raises many kinds here; the user needs the cause and a way out
+            self._close_files()
             cause = " ".join(str(e).split())  # vLLM's messages span lines and can list hundreds of names
             cause = cause if len(cause) <= 600 else cause[:600] + " ..."
             raise ConfigError(
@@ -278,6 +290,9 @@ class VLLMEngine:
         self.accepts_adapters = lora_rank is not None
         self._lora = None  # the LoRARequest of the adapters loaded last
         self._lora_dirs: list = []  # their directories (vLLM reads one when a request first names it)
+        # where those directories are: removed at `close`, or when the engine is collected or the
+        # program ends without it (a finalizer), so that no adapter is left in /dev/shm's memory
+        self._lora_root: Path | None = None
 
     def sample(
         self, prompts: list, params: SamplingParams, seed: int, prompt_seeds: list | None = None, min_version: int = 0
@@ -316,9 +331,7 @@ class VLLMEngine:
         state = drop_tied(state, self.expected)
         check_weights(state, self.expected, "generation.backend=vllm")
         self.wake_up()
-        directory = Path(
-            tempfile.mkdtemp(prefix="alignkit-vllm-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
-        )
+        directory = scratch.scratch_dir("vllm-update", memory=True)
         try:
             write_weights(state, directory)
             self.llm.collective_rpc(RELOAD, kwargs={"weights_path": str(directory)})
@@ -336,9 +349,9 @@ class VLLMEngine:
             raise ValueError("this vLLM engine was started without LoRA (lora_rank) and takes merged weights")
         if self._lora is None:
             update.check_base(self.model_path, "generation.backend=vllm")
-        directory = Path(
-            tempfile.mkdtemp(prefix="alignkit-lora-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
-        )
+        if self._lora_root is None:
+            self._lora_root, self._lora_files = scratch.owned(self, "vllm-adapters", memory=True)
+        directory = Path(tempfile.mkdtemp(prefix="v", dir=self._lora_root))
         update.save_peft(directory)
         n = self._lora.lora_int_id + 1 if self._lora is not None else 1
         self._lora = LoRARequest(f"policy-{n}", n, str(directory))
@@ -354,6 +367,13 @@ class VLLMEngine:
             core.shutdown()
         del self.llm
         gc.collect()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        """Remove the engine's adapter files (in /dev/shm: memory) and its processes' sockets."""
+        for files in (self._lora_files, self._sockets):
+            if files is not None:
+                files()
 
     def sleep(self) -> None:
         """GPU: free the engine's weights (kept in CPU memory) and KV cache for training (vLLM sleep
@@ -876,6 +896,8 @@ def serve_command(
         ALIGNKIT_SERVE_TRANSPORT=transport,
         ALIGNKIT_SERVE_LORA_RANK=str(lora_rank or ""),
     )
+    if "VLLM_RPC_BASE_PATH" not in env:  # the server's sockets, swept by the next engine or server once it ends
+        env["VLLM_RPC_BASE_PATH"] = str(scratch.scratch_dir(SOCKETS))
     lora = lora_settings(lora_rank)
     if lora:  # LoRA runs load their adapters in place at runtime (vLLM's /v1/load_lora_adapter)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
