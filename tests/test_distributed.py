@@ -182,10 +182,18 @@ def _dpo_args(model_dir, root: Path, out: str, *extra) -> list:
     ]
 
 
-def test_a_killed_process_ends_the_job_and_a_resume_at_the_same_scale_is_exact(tiny_model_dir, tmp_path):
-    _data(tmp_path)
-    full = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "full")]}], tmp_path)
+@pytest.fixture(scope="module")
+def full_dpo(tiny_model_dir, tmp_path_factory) -> Path:
+    """The uninterrupted 2-process run (`_dpo_args`) that the kill-and-resume tests end where."""
+    root = tmp_path_factory.mktemp("full_dpo")
+    _data(root)
+    full = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, root, "full")]}], root)
     assert full.returncode == 0, full.stderr[-4000:]
+    return root / "full"
+
+
+def test_a_killed_process_ends_the_job_and_a_resume_at_the_same_scale_is_exact(full_dpo, tiny_model_dir, tmp_path):
+    _data(tmp_path)
     start = time.perf_counter()
     killed = torchrun(
         [{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "run")], "kill_rank": 1, "kill_after_save": 4}],
@@ -197,16 +205,14 @@ def test_a_killed_process_ends_the_job_and_a_resume_at_the_same_scale_is_exact(t
     resumed = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "run"), "--resume"]}], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout and "checkpoint-4" in resumed.stdout
-    a, b = _params(tmp_path / "full" / "final"), _params(run / "final")
+    a, b = _params(full_dpo / "final"), _params(run / "final")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
-def test_resume_at_another_scale_keeps_the_global_batch(tiny_model_dir, tmp_path):
+def test_resume_at_another_scale_keeps_the_global_batch(full_dpo, tiny_model_dir, tmp_path):
     """2 -> 1: the 1-process resume takes 2 micro-batches per step (grad_accum 2) and ends where the
     2-process run ends; 1 -> 2 likewise."""
     _data(tmp_path)
-    full = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "full")]}], tmp_path)
-    assert full.returncode == 0, full.stderr[-4000:]
     killed = torchrun(
         [{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "two-to-one")], "kill_rank": 0, "kill_after_save": 2}],
         tmp_path,
@@ -215,10 +221,10 @@ def test_resume_at_another_scale_keeps_the_global_batch(tiny_model_dir, tmp_path
     cfg = load_config(None, _dpo_args(tiny_model_dir, tmp_path, "two-to-one"))
     result = loop.train(cfg, resume=True, progress=False)
     assert result.steps == 6
-    a, b = _params(tmp_path / "full" / "final"), _params(tmp_path / "two-to-one" / "final")
+    a, b = _params(full_dpo / "final"), _params(tmp_path / "two-to-one" / "final")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     rows = read_metrics(tmp_path / "two-to-one", "train")
-    assert [r["tokens"] for r in rows] == [r["tokens"] for r in read_metrics(tmp_path / "full", "train")]
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in read_metrics(full_dpo, "train")]
     # one process with grad_accum 2 writes a checkpoint that two processes resume (1 -> 2)
     one = load_config(
         None, _dpo_args(tiny_model_dir, tmp_path, "one-to-two", "train.grad_accum=2", "train.max_steps=2")
@@ -356,14 +362,12 @@ def test_eval_splits_its_log_prob_passes_over_processes(two_process_runs, tmp_pa
     )
 
 
-def test_a_process_dead_in_a_sharded_write_loses_only_that_checkpoint(tiny_model_dir, tmp_path):
+def test_a_process_dead_in_a_sharded_write_loses_only_that_checkpoint(full_dpo, tiny_model_dir, tmp_path):
     """Process 1 dies while the shards of checkpoint-4 are written: checkpoint-2 is the last whole
     one, the half-written directory is removed on resume, and the run ends where it would have."""
     from alignkit.train import checkpoint as ckpt
 
     _data(tmp_path)
-    full = torchrun([{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "full")]}], tmp_path)
-    assert full.returncode == 0, full.stderr[-4000:]
     killed = torchrun(
         [{"argv": ["train", *_dpo_args(tiny_model_dir, tmp_path, "run")], "kill_rank": 1, "kill_in_write": 4}], tmp_path
     )
@@ -377,7 +381,7 @@ def test_a_process_dead_in_a_sharded_write_loses_only_that_checkpoint(tiny_model
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "checkpoint-2 at step 2" in resumed.stdout and (not left or "removed .checkpoint-4.tmp-" in resumed.stdout)
     assert not any(p.name.startswith(".checkpoint-") for p in run.iterdir())
-    a, b = _params(tmp_path / "full" / "final"), _params(run / "final")
+    a, b = _params(full_dpo / "final"), _params(run / "final")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
