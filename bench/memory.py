@@ -282,7 +282,7 @@ def main() -> None:
     ap.add_argument("--skip-context", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("RECIPE", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--one-context", nargs=2, type=int, metavar=("LENGTH", "CP"), help=argparse.SUPPRESS)
-    args = smoke.parse_args(ap, seq=64, batch=1, lengths="64,128", budget_mib=64.0, cp_layers=2)
+    args = smoke.parse_args(ap, seq=64, batch=1, lengths="64", budget_mib=64.0, cp_layers=2)
     if args.smoke and args.model == "smollm2-135m-instruct":
         args.model = smoke.tiny_model_dir(args.out)
     if args.one:
