@@ -123,7 +123,9 @@ def torchrun(runs: list, tmp_path: Path, nproc: int = 2, timeout: int = 600, lau
     processes, one thread each; the finished process (its returncode, stdout, stderr)."""
     spec = tmp_path / f"runs-{time.monotonic_ns()}.json"
     spec.write_text(json.dumps(runs))
-    cmd = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    # torchrun's log directory (it makes one in /tmp for every job and leaves it) in the test's own
+    logs = f"--log-dir={tmp_path / f'torchrun-{time.monotonic_ns()}'}"
+    cmd = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", logs]
     return subprocess.run(
         [*cmd, str(DRIVER), str(spec)],
         env=dict(os.environ, OMP_NUM_THREADS="1"),

@@ -303,6 +303,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_nproc_per_node_starts_torchrun_and_leaves_no_log_directory(tiny_model_dir, tmp_path):
+    """`alignkit train --nproc-per-node 2` (docs/scaling.md) trains on 2 processes; torchrun's log
+    directory, which it makes in the temporary directory for every job and leaves, is removed."""
+    _data(tmp_path)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    args = _args("dpo", tiny_model_dir, tmp_path, tmp_path / "np", 2) + ["train.max_steps=2", "train.save_every=2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "train", "--nproc-per-node", "2", *args],
+        env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in proc.stdout
+    state = json.loads((tmp_path / "np" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and (tmp_path / "np" / "final" / "model.safetensors").is_file()
+    left = [p.name for p in tmp.iterdir() if p.name.startswith(("torchelastic_", "alignkit-torchrun-"))]
+    assert left == []
+
+
 def test_two_nodes_on_one_machine_join_one_rendezvous(tiny_model_dir, tmp_path):
     """Two torchrun launches, one process each, as two machines would run them (--nnodes 2)."""
     _data(tmp_path)

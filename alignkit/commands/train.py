@@ -39,20 +39,29 @@ def launch_torchrun(nproc: int, argv: list) -> int:
     """Run this same `alignkit train` command under torchrun with `nproc` processes on this machine
     (`--standalone`: a local rendezvous on a free port). Several machines: call torchrun yourself
     (docs/scaling.md)."""
+    import shutil
     import subprocess
 
+    from alignkit import scratch
+
+    # torchrun makes a log directory for every job in the temporary directory and never removes it
+    logs = scratch.scratch_dir("torchrun")
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
+        f"--log-dir={logs}",
         "-m",
         "alignkit",
         *argv,
     ]
     print("alignkit: " + " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd)
+    try:
+        return subprocess.call(cmd)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def _without_nproc(argv: list) -> list:

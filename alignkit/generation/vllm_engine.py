@@ -896,8 +896,10 @@ def serve_command(
         ALIGNKIT_SERVE_TRANSPORT=transport,
         ALIGNKIT_SERVE_LORA_RANK=str(lora_rank or ""),
     )
-    if "VLLM_RPC_BASE_PATH" not in env:  # the server's sockets, swept by the next engine or server once it ends
-        env["VLLM_RPC_BASE_PATH"] = str(scratch.scratch_dir(SOCKETS))
+    # the server's temporary files (vLLM's sockets, 7 an engine, and its processes' rendezvous file,
+    # which it never removes) in a directory swept by the next engine or server once the server ends
+    env["TMPDIR"] = str(scratch.scratch_dir(SOCKETS))
+    env.setdefault("VLLM_RPC_BASE_PATH", env["TMPDIR"])
     lora = lora_settings(lora_rank)
     if lora:  # LoRA runs load their adapters in place at runtime (vLLM's /v1/load_lora_adapter)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
