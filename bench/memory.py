@@ -251,6 +251,7 @@ def context_section(args) -> tuple:
                 cmd = [sys.executable, *base, "--one-context", str(length), "1"]
             else:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+                cmd += [f"--log-dir={Path(args.out) / 'torchrun-logs'}"]  # not a new directory in /tmp a job
                 cmd += [*base, "--one-context", str(length), "2"]
             results = _run(cmd, f"context {length}/{cp}")
             peaks[(length, cp)] = max(r["live_peak_mib"] for r in results)  # the fuller process

@@ -43,6 +43,7 @@ def run(nproc: int, out: Path, args: list) -> tuple[float, list]:
             "torch.distributed.run",
             "--standalone",
             f"--nproc_per_node={nproc}",
+            f"--log-dir={out / 'torchrun-logs'}",  # not a new directory in /tmp for every job
             str(WORKER),
             str(out),
             "train",

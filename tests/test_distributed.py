@@ -343,6 +343,7 @@ def test_two_nodes_on_one_machine_join_one_rendezvous(tiny_model_dir, tmp_path):
                 "--rdzv-backend=c10d",
                 f"--rdzv-endpoint=127.0.0.1:{port}",
                 "--rdzv-id=alignkit-test",
+                f"--log-dir={tmp_path / f'torchrun-{r}'}",
                 str(DRIVER),
                 str(runs),
             ],

@@ -27,10 +27,17 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'a
 
 from conftest import base_overrides, count_sent, torchrun, toy_pairs, write_jsonl  # noqa: E402
 
+from alignkit import scratch  # noqa: E402
 from alignkit.config import load_config  # noqa: E402
 from alignkit.errors import ConfigError  # noqa: E402
 from alignkit.generation.decode import SamplingParams, sample  # noqa: E402
-from alignkit.generation.vllm_engine import VLLMEngine, VLLMServer, check_weights, weights_for_engine  # noqa: E402
+from alignkit.generation.vllm_engine import (  # noqa: E402
+    SOCKETS,
+    VLLMEngine,
+    VLLMServer,
+    check_weights,
+    weights_for_engine,
+)
 from alignkit.testing import save_tiny_model_dir  # noqa: E402
 from alignkit.train import loop  # noqa: E402
 from alignkit.train.metrics import read_metrics  # noqa: E402
@@ -347,6 +354,9 @@ def _serving(
                 proc.kill()
                 pytest.fail("alignkit vllm-serve did not start:\n" + log.read_text()[-3000:])
             time.sleep(1)
+    # the server's temporary files (vLLM's sockets among them) are in a directory named for its process
+    (own,) = Path(tempfile.gettempdir()).glob(f"alignkit-{SOCKETS}-{proc.pid}-*")
+    assert any(p.is_socket() for p in own.iterdir()), list(own.iterdir())
     try:
         yield url
     finally:
@@ -358,6 +368,8 @@ def _serving(
         ]:
             assert time.monotonic() < deadline, f"vLLM processes outlived alignkit vllm-serve: {left}"
             time.sleep(1)
+        scratch.sweep(SOCKETS, own.parent)  # what the next engine or server does (or did already)
+        assert not own.exists()  # swept once the server ended
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from alignkit.generation.vllm_engine import import_vllm, serve_command
+    from alignkit import scratch
+    from alignkit.generation.vllm_engine import SOCKETS, import_vllm, serve_command
     from alignkit.models import resolve_model_path
 
     import_vllm()
@@ -89,6 +90,11 @@ def run(args) -> int:
         f"  set generation.backend=vllm generation.vllm_server=http://<this host>:{args.port}",
         flush=True,
     )
+    # the server's temporary files (vLLM's sockets, 7 an engine, and its processes' rendezvous file,
+    # which it never removes) in a directory of this process's, which the server is: the next engine
+    # or server on the machine sweeps it once the server has ended
+    env["TMPDIR"] = str(scratch.scratch_dir(SOCKETS))
+    env.setdefault("VLLM_RPC_BASE_PATH", env["TMPDIR"])
     # exec, not a child: the server is this process, so a signal to it (Ctrl-C, a job scheduler's
     # SIGTERM) stops the server instead of leaving it running without its parent
     os.execve(cmd[0], cmd, env)

@@ -252,13 +252,13 @@ class VLLMEngine:
         start = time.perf_counter()
         environ = dict(os.environ)  # vLLM's CPU platform edits it (LD_PRELOAD, LOCAL_WORLD_SIZE, ...) for its workers
         # vLLM's processes talk over sockets it names in the temporary directory and does not remove
-        # (7 an engine); they go in a directory of the engine's own, removed with it (`close`, or when
-        # the engine is collected or the program ends), unless the user chose the place
-        self._sockets: weakref.finalize | None = None
+        # (7 an engine), and leave other files there when shut down by force (their rendezvous file);
+        # they go in a directory of the engine's own, the temporary directory of its processes,
+        # removed with it (`close`, or when the engine is collected or the program ends)
         self._lora_files: weakref.finalize | None = None  # see `_load_adapters`
-        if "VLLM_RPC_BASE_PATH" not in os.environ:
-            sockets, self._sockets = scratch.owned(self, SOCKETS)
-            os.environ["VLLM_RPC_BASE_PATH"] = str(sockets)
+        sockets, self._sockets = scratch.owned(self, SOCKETS)
+        os.environ["TMPDIR"] = str(sockets)
+        os.environ.setdefault("VLLM_RPC_BASE_PATH", str(sockets))  # unless the user chose the place
         try:
             self.llm = vllm.LLM(
                 model=self.model_path,
@@ -371,9 +371,9 @@ class VLLMEngine:
 
     def _close_files(self) -> None:
         """Remove the engine's adapter files (in /dev/shm: memory) and its processes' sockets."""
-        for files in (self._lora_files, self._sockets):
-            if files is not None:
-                files()
+        self._sockets()
+        if self._lora_files is not None:
+            self._lora_files()
 
     def sleep(self) -> None:
         """GPU: free the engine's weights (kept in CPU memory) and KV cache for training (vLLM sleep
@@ -896,10 +896,6 @@ def serve_command(
         ALIGNKIT_SERVE_TRANSPORT=transport,
         ALIGNKIT_SERVE_LORA_RANK=str(lora_rank or ""),
     )
-    # the server's temporary files (vLLM's sockets, 7 an engine, and its processes' rendezvous file,
-    # which it never removes) in a directory swept by the next engine or server once the server ends
-    env["TMPDIR"] = str(scratch.scratch_dir(SOCKETS))
-    env.setdefault("VLLM_RPC_BASE_PATH", env["TMPDIR"])
     lora = lora_settings(lora_rank)
     if lora:  # LoRA runs load their adapters in place at runtime (vLLM's /v1/load_lora_adapter)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
