@@ -1,8 +1,12 @@
-"""Scratch directories that do not outlive their process: named `alignkit-<kind>-<pid>-<random>`,
-so that the next one made in the same place removes those whose process has ended without removing
-them (killed, or out of memory). What goes there is large or many: a vLLM engine's weights and
-adapters in /dev/shm (memory, until removed) and its processes' sockets (vLLM leaves 7 an engine
-in the temporary directory otherwise)."""
+"""Scratch directories that do not outlive their process: named
+`alignkit-<kind>-<pid>-<pid namespace>-<random>`, so that the next one made in the same place
+removes those whose process has ended without removing them (killed, or out of memory). Only those
+of its own PID namespace: containers that share /dev/shm (Docker's `--ipc=host`, which vLLM's
+docs advise) see other process numbers, and a live process of another one looks ended.
+
+What goes there is large or many: a vLLM engine's weights and adapters in /dev/shm (memory, until
+removed) and its processes' temporary files (vLLM leaves 7 sockets an engine in the temporary
+directory otherwise)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,14 @@ import weakref
 from pathlib import Path
 
 MEMORY = "/dev/shm"  # a RAM-backed file system: writing there costs no disk
+
+
+def _namespace() -> str:
+    """This process's PID namespace (its inode; 0 where /proc does not say)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
 
 
 def _alive(pid: int) -> bool:
@@ -28,7 +40,7 @@ def _alive(pid: int) -> bool:
 
 def sweep(kind: str, parent: str | Path) -> list[Path]:
     """Remove the `kind` directories in `parent` whose process has ended; returns them."""
-    pattern = re.compile(rf"alignkit-{re.escape(kind)}-(\d+)-")
+    pattern = re.compile(rf"alignkit-{re.escape(kind)}-(\d+)-{_namespace()}-")
     removed = []
     for path in Path(parent).glob(f"alignkit-{kind}-*"):
         m = pattern.match(path.name)
@@ -44,7 +56,7 @@ def scratch_dir(kind: str, memory: bool = False) -> Path:
     caller removes it (see `owned`)."""
     parent = MEMORY if memory and Path(MEMORY).is_dir() else tempfile.gettempdir()
     sweep(kind, parent)
-    return Path(tempfile.mkdtemp(prefix=f"alignkit-{kind}-{os.getpid()}-", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=f"alignkit-{kind}-{os.getpid()}-{_namespace()}-", dir=parent))
 
 
 def owned(owner: object, kind: str, memory: bool = False) -> tuple[Path, weakref.finalize]:

@@ -38,9 +38,14 @@ def test_a_killed_process_leaves_its_scratch_to_the_next_one(tmp_path, monkeypat
         alive = tmp_path / os.path.basename(live.stdout.readline().strip())
         other = tmp_path / "alignkit-other-kind-1-x"  # another kind, whatever its process, is not this one's
         other.mkdir()
+        # the dead process's number in another PID namespace (another container sharing /dev/shm) is
+        # another process, which may be alive
+        pid = dead.name.split("-")[3]
+        elsewhere = tmp_path / f"alignkit-test-kind-{pid}-1-x"
+        elsewhere.mkdir()
         mine = scratch.scratch_dir("test-kind")
         assert mine.parent == tmp_path and mine.name.startswith(f"alignkit-test-kind-{os.getpid()}-")
-        assert not dead.exists() and alive.is_dir() and other.is_dir()
+        assert not dead.exists() and alive.is_dir() and other.is_dir() and elsewhere.is_dir()
         assert scratch.sweep("test-kind", tmp_path) == []  # this process's own directory stays too
         assert mine.is_dir()
     finally:
