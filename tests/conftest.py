@@ -121,10 +121,11 @@ def count_sent(monkeypatch, adapters_as: str = "save_peft", check=None) -> dict:
 def torchrun(runs: list, tmp_path: Path, nproc: int = 2, timeout: int = 600, launcher: list | None = None):
     """`runs` ({"argv": [...], ...} each, see dist_driver.py) in one torchrun job of `nproc`
     processes, one thread each; the finished process (its returncode, stdout, stderr)."""
-    spec = tmp_path / f"runs-{time.monotonic_ns()}.json"
+    job = time.monotonic_ns()
+    spec = tmp_path / f"runs-{job}.json"
     spec.write_text(json.dumps(runs))
     # torchrun's log directory (it makes one in /tmp for every job and leaves it) in the test's own
-    logs = f"--log-dir={tmp_path / f'torchrun-{time.monotonic_ns()}'}"
+    logs = f"--log-dir={tmp_path / f'torchrun-{job}'}"
     cmd = launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", logs]
     return subprocess.run(
         [*cmd, str(DRIVER), str(spec)],

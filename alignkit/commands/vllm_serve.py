@@ -53,7 +53,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from alignkit import scratch
-    from alignkit.generation.vllm_engine import SOCKETS, import_vllm, serve_command
+    from alignkit.generation.vllm_engine import SOCKETS, import_vllm, serve_command, temp_files_in
     from alignkit.models import resolve_model_path
 
     import_vllm()
@@ -93,8 +93,7 @@ def run(args) -> int:
     # the server's temporary files (vLLM's sockets, 7 an engine, and its processes' rendezvous file,
     # which it never removes) in a directory of this process's, which the server is: the next engine
     # or server on the machine sweeps it once the server has ended
-    env["TMPDIR"] = str(scratch.scratch_dir(SOCKETS))
-    env.setdefault("VLLM_RPC_BASE_PATH", env["TMPDIR"])
+    temp_files_in(env, scratch.scratch_dir(SOCKETS))
     # exec, not a child: the server is this process, so a signal to it (Ctrl-C, a job scheduler's
     # SIGTERM) stops the server instead of leaving it running without its parent
     os.execve(cmd[0], cmd, env)

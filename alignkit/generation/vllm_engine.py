@@ -204,6 +204,13 @@ CPU_KV_CACHE_GIB = 1.0
 SOCKETS = "vllm-sockets"  # the `scratch` kind of a vLLM engine's or server's sockets
 
 
+def temp_files_in(env, directory: Path) -> None:
+    """Point the vLLM processes that `env` starts at `directory` for their temporary files
+    (`TMPDIR`) and sockets (`VLLM_RPC_BASE_PATH`, unless the user chose the place)."""
+    env["TMPDIR"] = str(directory)
+    env.setdefault("VLLM_RPC_BASE_PATH", str(directory))
+
+
 def memory_settings(
     cuda: bool, kv_cache_gib: float | None, gpu_memory_utilization: float | None, default_share: float
 ) -> dict:
@@ -257,8 +264,7 @@ class VLLMEngine:
         # removed with it (`close`, or when the engine is collected or the program ends)
         self._lora_files: weakref.finalize | None = None  # see `_load_adapters`
         sockets, self._sockets = scratch.owned(self, SOCKETS)
-        os.environ["TMPDIR"] = str(sockets)
-        os.environ.setdefault("VLLM_RPC_BASE_PATH", str(sockets))  # unless the user chose the place
+        temp_files_in(os.environ, sockets)
         try:
             self.llm = vllm.LLM(
                 model=self.model_path,
