@@ -4,32 +4,37 @@ seconds, so that tests/test_bench_smoke.py fails when a change breaks a script.
 Only sizes change: a tiny random-init model instead of SmolLM2-135M-Instruct, a step or two, a
 handful of prompts and samples, and synthetic data in the shared data sets' formats instead of
 ../shared/data (`bench/hh_data.py`). The smoke run calls the same functions and prints the same
-lines, last line included, as the full run; its numbers mean nothing. It writes under `--out` only,
-a fresh temporary directory unless one is given.
+lines, last line included, as the full run; its numbers mean nothing. It writes under `--out` only:
+without one, a fresh temporary directory that is removed when the script ends (pass `--out` to keep
+what it wrote).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
 HELP = (
     "a seconds-long run of this script's code for tests: a tiny random-init model, synthetic data, "
     "the smallest sizes (an option given explicitly still wins), output in a temporary directory "
-    "unless --out is given"
+    "removed at exit unless --out is given"
 )
 
 
 def parse_args(ap: argparse.ArgumentParser, **sizes) -> argparse.Namespace:
     """`ap`'s arguments (which include `--out`) plus `--smoke`; with `--smoke`, `sizes` (option
-    dests) replace the defaults, and `--out`, unless given, is a fresh temporary directory."""
+    dests) replace the defaults, and `--out`, unless given, is a fresh temporary directory that is
+    removed at exit (a smoke run by hand left a model and its runs in /tmp every time)."""
     ap.add_argument("--smoke", action="store_true", help=HELP)
     if ap.parse_known_args()[0].smoke:
         ap.set_defaults(**sizes, out=None)
     args = ap.parse_args()
     if args.smoke and args.out is None:
         args.out = tempfile.mkdtemp(prefix="alignkit_smoke_")
+        atexit.register(shutil.rmtree, args.out, ignore_errors=True)
     return args
 
 

@@ -201,3 +201,23 @@ def test_every_script_has_a_smoke_test():
     }
     assert runnable - set(SCRIPTS) == set(), "scripts without a smoke test: add them to SCRIPTS (and give them --smoke)"
     assert set(SCRIPTS) - runnable == set(), "SCRIPTS names scripts that are gone or no longer runnable"
+
+
+def test_a_smoke_run_without_out_removes_its_temporary_directory(tmp_path):
+    """`--smoke` alone writes to a fresh temporary directory and removes it at exit; `--out` keeps."""
+    code = (
+        "import argparse, sys; sys.path.insert(0, sys.argv[1]); import smoke; "
+        "ap = argparse.ArgumentParser(); ap.add_argument('--out'); ap.add_argument('x'); "
+        "a = smoke.parse_args(ap); import os; os.makedirs(a.out, exist_ok=True); "
+        "open(a.out + '/f', 'w').write('x'); print(a.out)"
+    )
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code, str(ROOT / "examples"), *args], env=env, capture_output=True, text=True
+    )
+    proc = run("--smoke")
+    made = Path(proc.stdout.strip())
+    assert proc.returncode == 0 and made.parent == tmp_path and made.name.startswith("alignkit_smoke_"), proc
+    assert not made.exists() and list(tmp_path.iterdir()) == []
+    proc = run("--smoke", "--out", str(tmp_path / "kept"))
+    assert proc.returncode == 0 and (tmp_path / "kept" / "f").is_file(), proc
