@@ -212,15 +212,13 @@ def temp_files_in(env, directory: Path) -> None:
     the precompiled header of its CPU kernels always there, whatever TORCHINDUCTOR_CACHE_DIR says.
     vLLM compiles a kernel for the log-probs alignkit asks for, so an engine whose temporary
     directory is new would build that 150 MB header again before its first sample (7 s on a
-    2-core CPU, 14 s with the kernel). A link in `directory` to the cache this process would use
-    keeps it where torch keeps it, shared by every engine."""
+    2-core CPU). A link in `directory` (a new scratch directory) to the cache this process would
+    use keeps it where torch keeps it, shared by every engine."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     cache = Path(default_cache_dir())  # under this process's temporary directory, not `directory`
-    cache.mkdir(parents=True, exist_ok=True)
-    link = Path(directory) / cache.name
-    if not link.is_symlink():
-        link.symlink_to(cache, target_is_directory=True)
+    cache.mkdir(parents=True, exist_ok=True)  # torch would make it; the link needs it now
+    (Path(directory) / cache.name).symlink_to(cache, target_is_directory=True)
     env["TMPDIR"] = str(directory)
     env.setdefault("VLLM_RPC_BASE_PATH", str(directory))
 
